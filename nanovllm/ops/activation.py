@@ -1,0 +1,19 @@
+"""SiLU-and-mul, the gate of the SwiGLU MLP: silu(gate) * up.
+
+The gate and up projections are one fused matmul whose output holds
+[gate | up] side by side; this op splits it and combines the halves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 * I] -> [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return silu_and_mul_torch(x)

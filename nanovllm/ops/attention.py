@@ -1,0 +1,108 @@
+"""Paged attention over a mixed batch of prefill chunks and decodes.
+
+The KV cache of one layer is a pool of fixed-size blocks:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+A sequence owns a list of block ids, its *block table*; token i of the
+sequence lives in slot `block_table[i // block_size] * block_size + i % block_size`
+of the flattened pool. Blocks need not be contiguous, which is the whole point
+(PagedAttention): memory is handed out a block at a time, as sequences grow.
+
+One forward pass carries several sequences, flattened into T token rows. For
+sequence b, rows query_start_loc[b]:query_start_loc[b+1] are its new tokens
+(a prefill chunk, or a single token for a decode), and seq_lens[b] counts its
+whole context *including* the new tokens. The new tokens' K and V are first
+written into their slots (`store_kvcache`), then every query reads its
+sequence's context through the block table (`paged_attention`), causally: the
+query at absolute position p sees keys 0..p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner, passed to every attention layer."""
+    query_start_loc: torch.Tensor   # [B + 1] int32: row offsets of each sequence's new tokens
+    seq_lens: torch.Tensor          # [B] int32: context length incl. the new tokens
+    slot_mapping: torch.Tensor      # [T] int64: cache slot of each new token (-1 = padding, skipped)
+    block_tables: torch.Tensor      # [B, max_blocks] int32: block ids, padded with -1
+    max_query_len: int              # the longest chunk of new tokens in the batch
+    max_seq_len: int                # the longest context in the batch
+
+
+def store_kvcache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, Hkv, D] into the caches at slot_mapping [T]; slots < 0 are skipped."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """cache [N, bs, Hkv, D], block_table [..., max_blocks] -> [..., num_blocks * bs, Hkv, D]."""
+    blocks = cache[block_table[..., :num_blocks].clamp(min=0).long()]   # [..., nb, bs, Hkv, D]
+    return blocks.flatten(-4, -3)
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]. GQA: query head h reads KV head h // (Hq // Hkv)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-metadata.max_seq_len // block_size)
+    if metadata.max_query_len == 1:
+        return _decode_attention(q, k_cache, v_cache, metadata, scale, num_blocks)
+
+    out = torch.empty_like(q)
+    starts = metadata.query_start_loc.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    for b, seq_len in enumerate(seq_lens):
+        start, end = starts[b], starts[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        nb = -(-seq_len // block_size)
+        k = _gather_context(k_cache, metadata.block_tables[b], nb)[:seq_len]    # [L, Hkv, D]
+        v = _gather_context(v_cache, metadata.block_tables[b], nb)[:seq_len]
+        # Rows of one KV head's group attend together: [Hkv, group * q_len, D].
+        qb = q[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        qb = qb.reshape(num_kv_heads, group * q_len, head_dim)
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]   # [q_len, L]
+        o = F.scaled_dot_product_attention(qb, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+                                           attn_mask=mask.repeat(group, 1), scale=scale)
+        out[start:end] = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
+            q_len, num_heads, head_dim)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      metadata: AttentionMetadata, scale: float, num_blocks: int) -> torch.Tensor:
+    """All sequences have one new token: attend for the whole batch at once."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    k = _gather_context(k_cache, metadata.block_tables, num_blocks).transpose(1, 2)   # [B, Hkv, L, D]
+    v = _gather_context(v_cache, metadata.block_tables, num_blocks).transpose(1, 2)
+    context = torch.arange(k.shape[2], device=q.device)
+    mask = (context[None, :] < metadata.seq_lens[:, None].to(q.device))[:, None, None, :]   # [B, 1, 1, L]
+    qb = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)                # [B, Hkv, g, D]
+    o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    return o.reshape(batch, num_heads, head_dim)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    return paged_attention_torch(q, k_cache, v_cache, metadata, scale)

@@ -1,0 +1,32 @@
+"""RMSNorm, and the fused "add the residual, then normalize" step.
+
+Each decoder layer does `residual = residual + x; x = rms_norm(residual)` twice.
+Fusing the add into the norm reads the activations once instead of three times.
+RMSNorm itself: x / sqrt(mean(x^2) + eps) * weight, computed in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H], weight: [H] -> [..., H] in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]."""
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_torch(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return add_rms_norm_torch(x, residual, weight, eps)
