@@ -1,0 +1,276 @@
+"""Sampler: one set of tensor ops turns a batch's logits into one token per row.
+
+Every row of the batch may ask for something different (greedy or not, its own
+temperature, top-k, penalties ...). Instead of a Python loop over rows, each
+setting becomes a `[B]` tensor (`SamplingBatch`) and every stage runs on the
+whole `[B, V]` logits at once; a stage no row uses is skipped. The order is
+vLLM's:
+
+    raw logits ─► penalties ─► min_tokens ─► greedy rows: argmax
+                  (repetition on        (EOS and stop_token_ids
+                   prompt+output,        at -inf until the row has
+                   frequency/presence    min_tokens outputs)
+                   on output)
+               ─► / temperature ─► top-k, top-p, min-p masks ─► softmax ─► exponential race
+
+The returned log-probability is that of the raw model distribution
+(log_softmax of the unprocessed logits), as vLLM returns by default.
+
+Reproducible randomness, whatever the batch
+-------------------------------------------
+A seeded request must sample the same tokens alone or in any batch, at any row,
+on the CPU or a GPU. A shared torch.Generator cannot do that (a row's draws
+would depend on how many numbers the rows before it consumed), and one generator
+per row means a Python loop. So the random numbers are *counter based*: each is
+a hash of where it is used,
+
+    u[b, v] = hash(seed[b], output_len[b], v)  ->  uniform in (0, 1)
+
+where `output_len[b]` (tokens the sequence has generated so far) is the counter
+that makes each step's draw fresh. The hash is MurmurHash3's 32-bit finalizer
+(xor-shifts and multiplies that spread every input bit over every output bit),
+done in int64 tensors holding 32-bit values: multiplications are split into
+16-bit halves so nothing ever overflows, and the integer ops give the same bits
+on every device.
+
+A token is then drawn by the exponential race: with E[v] = -log u[v] an
+Exponential(1) variable, argmax_v probs[v] / E[v] is a token drawn with
+probability probs[v] (each token's "arrival time" E[v] / probs[v] is
+exponential with rate probs[v]; the first to arrive wins with probability
+proportional to its rate). It is the Gumbel-max trick in disguise, costs one
+argmax, and a token with probability 0 can never win.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+# Constants of MurmurHash3's fmix32 and a golden-ratio salt per hashed input.
+_FMIX_C1 = 0x85EBCA6B
+_FMIX_C2 = 0xC2B2AE35
+_SALT_SEED = 0x9E3779B9
+_SALT_TOKEN = 0x7F4A7C15
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), with every intermediate below 2**49."""
+    low = x * (c & 0xFFFF)
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer: a bijection of 32-bit values with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _FMIX_C1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _FMIX_C2)
+    return x ^ (x >> 16)
+
+
+def random_uniform(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u[b, v] = hash(seeds[b], output_lens[b], v), uniform in (0, 1); float32 [B, V].
+
+    seeds: int64 [B] (a 64-bit seed in two's complement), output_lens: int64 [B].
+    """
+    row_key = _fmix32((seeds & _MASK32) ^ _SALT_SEED)                 # [B]
+    row_key = _fmix32(row_key ^ ((seeds >> 32) & _MASK32))
+    row_key = _fmix32(row_key ^ (output_lens & _MASK32))
+    token_ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    token_key = _fmix32(token_ids ^ _SALT_TOKEN)                        # [V]
+    bits = _fmix32(row_key[:, None] ^ token_key[None, :])               # [B, V], 32 random bits
+    # The top 24 bits, centred in their interval: exact in float32 and never 0 or 1.
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling settings of B rows as tensors on one device; None = no row uses it."""
+    num_rows: int
+    all_greedy: bool
+    all_random: bool
+    is_greedy: torch.Tensor | None              # [B] bool (mixed batches only)
+    temperature: torch.Tensor | None            # [B] float32, 1.0 on greedy rows
+    top_k: torch.Tensor | None                  # [B] int64, a huge number where off
+    top_p: torch.Tensor | None                  # [B] float32, inf where off
+    min_p: torch.Tensor | None                  # [B] float32, 0 where off
+    seeds: torch.Tensor | None                  # [B] int64
+    output_lens: torch.Tensor | None            # [B] int64, the counter of each row's random stream
+    presence_penalty: torch.Tensor | None       # [B] float32
+    frequency_penalty: torch.Tensor | None      # [B] float32
+    repetition_penalty: torch.Tensor | None     # [B] float32
+    output_token_ids: torch.Tensor | None       # [B, max output len] int64, padded with -1
+    prompt_token_ids: torch.Tensor | None       # [B, max prompt len] int64, padded with -1 (repetition only)
+    suppressed_token_ids: torch.Tensor | None   # [B, S] int64, padded with -1: EOS + stop ids before min_tokens
+    num_logprobs: list[int | None]              # per row: how many top log-probabilities it asked for
+    max_num_logprobs: int | None                # None when no row asked
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], output_lens: list[int],
+              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
+              eos_token_ids: list[int], device: torch.device | str) -> "SamplingBatch":
+        num_rows = len(params)
+        greedy = [p.is_greedy for p in params]
+        all_greedy, all_random = all(greedy), not any(greedy)
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        def ints(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        is_greedy = temperature = top_k = top_p = min_p = seed_tensor = output_len_tensor = None
+        if not all_greedy:
+            is_greedy = None if all_random else torch.tensor(greedy, dtype=torch.bool, device=device)
+            temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
+            if any(p.top_k > 0 and not g for p, g in zip(params, greedy)):
+                top_k = ints([p.top_k if p.top_k > 0 and not g else 1 << 62 for p, g in zip(params, greedy)])
+            if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
+                top_p = floats([p.top_p if p.top_p < 1.0 and not g else float("inf")
+                                for p, g in zip(params, greedy)])
+            if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
+                min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
+            seed_tensor = ints([_to_int64(s) for s in seeds])
+            output_len_tensor = ints(output_lens)
+
+        presence = frequency = repetition = output_ids = prompt_ids = None
+        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+               for p in params):
+            presence = floats([p.presence_penalty for p in params])
+            frequency = floats([p.frequency_penalty for p in params])
+            output_ids = ints(_pad(output_token_ids))
+            if any(p.repetition_penalty != 1.0 for p in params):
+                repetition = floats([p.repetition_penalty for p in params])
+                prompt_ids = ints(_pad(prompt_token_ids))
+
+        suppressed = None
+        if any(n < p.min_tokens for p, n in zip(params, output_lens)):
+            suppressed = ints(_pad([list(eos_token_ids) + p.stop_token_ids if n < p.min_tokens else []
+                                    for p, n in zip(params, output_lens)]))
+
+        num_logprobs = [p.logprobs for p in params]
+        asked = [k for k in num_logprobs if k is not None]
+        return cls(num_rows=num_rows, all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy,
+                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   seeds=seed_tensor, output_lens=output_len_tensor,
+                   presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
+                   output_token_ids=output_ids, prompt_token_ids=prompt_ids, suppressed_token_ids=suppressed,
+                   num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]                          # [B]
+    logprobs: list[float]                         # [B] log-prob of the sampled token, raw distribution
+    top_logprobs: list[dict[int, float]] | None   # per row: top `logprobs` tokens + the sampled one
+
+
+class Sampler:
+    """logits [B, V] float32 + SamplingBatch -> one token per row (see the module docstring)."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        log_normalizer = torch.logsumexp(logits, dim=-1)                  # [B]
+        processed = _apply_penalties(logits, batch)
+        if batch.suppressed_token_ids is not None:
+            processed = processed.masked_fill(_token_counts(batch.suppressed_token_ids, logits.shape[1]) > 0,
+                                              float("-inf"))
+        token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
+        sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer         # [B]
+        token_list = token_ids.tolist()
+        return SamplerOutput(token_ids=token_list, logprobs=sampled_logprobs.tolist(),
+                             top_logprobs=_top_logprobs(logits, log_normalizer, token_list,
+                                                        sampled_logprobs, batch))
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """vLLM's penalties: repetition on prompt+output tokens, then frequency and presence on output."""
+    if batch.output_token_ids is None:
+        return logits
+    vocab_size = logits.shape[1]
+    output_counts = _token_counts(batch.output_token_ids, vocab_size)     # [B, V]
+    output_seen = output_counts > 0                                       # [B, V]
+    if batch.repetition_penalty is not None:
+        seen = output_seen | (_token_counts(batch.prompt_token_ids, vocab_size) > 0)
+        penalty = torch.where(seen, batch.repetition_penalty[:, None], 1.0)   # [B, V]
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return (logits - batch.frequency_penalty[:, None] * output_counts
+            - batch.presence_penalty[:, None] * output_seen)
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """token_ids [B, L] padded with -1 -> float32 [B, V]: how often each token occurs per row."""
+    num_rows = token_ids.shape[0]
+    # Padding (and any id outside the vocabulary) is counted in one extra column, then dropped.
+    index = torch.where((token_ids < 0) | (token_ids >= vocab_size), vocab_size, token_ids)
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=token_ids.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Token ids [B]: argmax on greedy rows, a seeded draw on the others."""
+    scaled = logits / batch.temperature[:, None]                          # [B, V]
+    if batch.top_k is not None or batch.top_p is not None:
+        scaled = _mask_top_k_top_p(scaled, batch.top_k, batch.top_p)
+    if batch.min_p is not None:
+        # Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p).
+        threshold = scaled.max(dim=-1, keepdim=True).values + torch.log(batch.min_p)[:, None]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)                                 # [B, V]
+    exponentials = -torch.log(random_uniform(batch.seeds, batch.output_lens, logits.shape[1]))
+    random_tokens = (probs / exponentials).argmax(dim=-1)                 # [B]
+    if batch.all_random:
+        return random_tokens
+    return torch.where(batch.is_greedy, logits.argmax(dim=-1), random_tokens)
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """One descending sort of every row; rows whose top_k/top_p is off keep everything."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)           # [B, V] each
+    if top_k is not None:
+        rank = torch.arange(logits.shape[1], device=logits.device)        # [V]
+        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
+    if top_p is not None:
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose probability reaches top_p: drop a token once the
+        # more likely tokens before it already sum to top_p. The first token always stays.
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _top_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, token_ids: list[int],
+                  sampled_logprobs: torch.Tensor, batch: SamplingBatch) -> list[dict[int, float]] | None:
+    if batch.max_num_logprobs is None:
+        return None
+    k = min(batch.max_num_logprobs, logits.shape[1])
+    values, ids = logits.topk(k, dim=-1)                                  # [B, k] each
+    values = (values - log_normalizer[:, None]).tolist()
+    ids = ids.tolist()
+    sampled = sampled_logprobs.tolist()
+    rows: list[dict[int, float]] = []
+    for row, num in enumerate(batch.num_logprobs):
+        if num is None:
+            rows.append({})
+            continue
+        top = dict(zip(ids[row][:num], values[row][:num]))
+        top[token_ids[row]] = sampled[row]
+        rows.append(top)
+    return rows
+
+
+def _pad(rows: list[list[int]]) -> list[list[int]]:
+    width = max((len(r) for r in rows), default=0)
+    return [list(r) + [-1] * (width - len(r)) for r in rows]
+
+
+def _to_int64(seed: int) -> int:
+    """Any Python int as the signed 64-bit integer with the same low 64 bits."""
+    seed &= _MASK64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed

@@ -1,0 +1,149 @@
+"""SamplingParams: how one request turns logits into tokens, and when it stops.
+
+The names and defaults are vLLM's (which follow OpenAI's API), so a request
+written for vLLM means the same thing here:
+
+- `temperature` 0 is greedy (argmax); otherwise logits are divided by it and a
+  token is drawn from the softmax, restricted by `top_k` (keep the k most
+  likely), `top_p` (keep the smallest set whose probability reaches p) and
+  `min_p` (keep tokens at least min_p times as likely as the most likely one).
+- penalties reshape the logits of tokens already seen: `repetition_penalty`
+  (prompt and output, multiplicative), `frequency_penalty` (per occurrence in the
+  output) and `presence_penalty` (once, if it occurs in the output).
+- `max_tokens`, `min_tokens`, `stop`, `stop_token_ids` and `ignore_eos` decide
+  when generation ends; `logprobs` asks for the top-k log-probabilities of each
+  step.
+
+Every impossible value raises a `ValueError` whose sentence says what to change,
+when the object is made: before any work is queued.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+# Temperatures below this are treated as greedy: dividing by ~0 only amplifies noise.
+_SAMPLING_EPS = 1e-5
+# The most top log-probabilities a request may ask for per token (OpenAI's cap).
+MAX_LOGPROBS = 20
+
+
+class SamplingType(enum.IntEnum):
+    GREEDY = 0   # argmax of the (penalized) logits
+    RANDOM = 1   # a draw from the processed distribution, from the request's seeded stream
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0                # in (0, 1]; 1 = off
+    top_k: int = 0                    # 0 or -1 = off
+    min_p: float = 0.0                # in [0, 1]; 0 = off
+    presence_penalty: float = 0.0     # in [-2, 2]
+    frequency_penalty: float = 0.0    # in [-2, 2]
+    repetition_penalty: float = 1.0   # > 0; 1 = off
+    seed: int | None = None
+    max_tokens: int | None = 16       # None = up to max_model_len (the engine resolves it)
+    min_tokens: int = 0
+    stop: str | list[str] | None = None          # normalized to list[str]
+    stop_token_ids: list[int] | None = None      # normalized to list[int]
+    ignore_eos: bool = False
+    logprobs: int | None = None       # number of top log-probabilities per token
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.n = _int("n", self.n)
+        self.temperature = _float("temperature", self.temperature)
+        self.top_p = _float("top_p", self.top_p)
+        self.top_k = _int("top_k", self.top_k)
+        self.min_p = _float("min_p", self.min_p)
+        self.presence_penalty = _float("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty)
+        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty)
+        self.seed = None if self.seed is None else _int("seed", self.seed)
+        self.max_tokens = None if self.max_tokens is None else _int("max_tokens", self.max_tokens)
+        self.min_tokens = _int("min_tokens", self.min_tokens)
+        self.logprobs = None if self.logprobs is None else _int("logprobs", self.logprobs)
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1 (the number of samples per prompt), got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive number of tokens, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {value}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1 (or None for up to max_model_len), got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}); "
+                             "raise max_tokens or lower min_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (the number of top tokens "
+                             f"returned per step; None for none), got {self.logprobs}")
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        return SamplingType.GREEDY if self.temperature < _SAMPLING_EPS else SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_type == SamplingType.GREEDY
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty; remove the empty string from stop")
+    return list(stop)
+
+
+def _stop_token_ids(ids: Any) -> list[int]:
+    if ids is None:
+        return []
+    if (not isinstance(ids, (list, tuple))
+            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {ids!r}")
+    return [int(i) for i in ids]
