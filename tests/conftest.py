@@ -100,3 +100,66 @@ def tiny_llama(tiny_model_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen3")
+
+
+class PagedSequence:
+    """Runs one sequence through a model over a paged KV cache, as the engine would, without the engine.
+
+    The block table is deliberately scattered (not contiguous, not increasing)
+    so a test passes only if every read and write goes through it.
+    """
+
+    def __init__(self, model, block_size: int = 8, num_blocks: int = 32, seed: int = 0):
+        config = model.config
+        param = next(model.parameters())
+        generator = torch.Generator().manual_seed(seed)
+        self.model = model
+        self.block_size = block_size
+        self.block_table = torch.randperm(num_blocks, generator=generator).tolist()
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=param.dtype, device=param.device),
+                           torch.zeros(shape, dtype=param.dtype, device=param.device))
+                          for _ in range(config.num_hidden_layers)]
+        self.num_computed_tokens = 0
+
+    @torch.no_grad()
+    def step(self, token_ids: list[int]) -> torch.Tensor:
+        """Feed the next chunk of tokens; -> float32 logits [len(token_ids), V] of every fed position."""
+        from nanovllm.ops.attention import AttentionMetadata
+
+        device = next(self.model.parameters()).device
+        start, num_new = self.num_computed_tokens, len(token_ids)
+        seq_len = start + num_new
+        positions = torch.arange(start, seq_len)
+        slots = [self.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                 for p in positions.tolist()]
+        metadata = AttentionMetadata(
+            query_start_loc=torch.tensor([0, num_new], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor([self.block_table], dtype=torch.int32, device=device),
+            max_query_len=num_new,
+            max_seq_len=seq_len,
+        )
+        hidden = self.model(torch.tensor(token_ids, device=device), positions.to(device), metadata,
+                            self.kv_caches)
+        self.num_computed_tokens = seq_len
+        return self.model.compute_logits(hidden)
+
+    def greedy(self, prompt: list[int], num_steps: int) -> list[int]:
+        """Prefill `prompt`, then decode `num_steps` argmax tokens one at a time."""
+        token = int(self.step(prompt)[-1].argmax())
+        out = [token]
+        while len(out) < num_steps:
+            token = int(self.step([token])[-1].argmax())
+            out.append(token)
+        return out
+
+
+def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-4) -> None:
+    """Max abs difference below `rel` times the reference's largest logit magnitude."""
+    ours, reference = ours.float().cpu(), reference.float().cpu()
+    assert ours.shape == reference.shape
+    scale = reference.abs().max().item()
+    diff = (ours - reference).abs().max().item()
+    assert diff < rel * scale, f"max abs diff {diff:.3g} exceeds {rel} x logit scale {scale:.3g}"
