@@ -42,6 +42,7 @@ argmax, and a token with probability 0 can never win.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,19 +59,32 @@ _SALT_TOKEN = 0x7F4A7C15
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), with every intermediate below 2**49."""
-    low = x * (c & 0xFFFF)
-    high = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+    """(x * c) mod 2**32 for x in [0, 2**32), never overflowing int64.
+
+    With c = c_low + 2**31 * c_top: x * c_low < 2**63, and x * 2**31 mod 2**32
+    only keeps x's lowest bit.
+    """
+    product = x * (c & 0x7FFFFFFF)
+    if c >> 31:
+        product += (x & 1) << 31
+    product &= _MASK32
+    return product
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's finalizer: a bijection of 32-bit values with full avalanche."""
     x = x ^ (x >> 16)
     x = _mul32(x, _FMIX_C1)
-    x = x ^ (x >> 13)
+    x ^= x >> 13
     x = _mul32(x, _FMIX_C2)
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    return x
+
+
+@functools.lru_cache(maxsize=8)
+def _token_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """hash(v) for every token id; int64 [V], made once per vocabulary and device."""
+    return _fmix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ _SALT_TOKEN)
 
 
 def random_uniform(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -78,25 +92,26 @@ def random_uniform(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: i
 
     seeds: int64 [B] (a 64-bit seed in two's complement), output_lens: int64 [B].
     """
-    row_key = _fmix32((seeds & _MASK32) ^ _SALT_SEED)                 # [B]
-    row_key = _fmix32(row_key ^ ((seeds >> 32) & _MASK32))
-    row_key = _fmix32(row_key ^ (output_lens & _MASK32))
-    token_ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    token_key = _fmix32(token_ids ^ _SALT_TOKEN)                        # [V]
-    bits = _fmix32(row_key[:, None] ^ token_key[None, :])               # [B, V], 32 random bits
-    # The top 24 bits, centred in their interval: exact in float32 and never 0 or 1.
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    row_keys = _fmix32((seeds & _MASK32) ^ _SALT_SEED)                # [B]
+    row_keys = _fmix32(row_keys ^ ((seeds >> 32) & _MASK32))
+    row_keys = _fmix32(row_keys ^ (output_lens & _MASK32))
+    bits = _fmix32(row_keys[:, None] ^ _token_keys(vocab_size, seeds.device)[None, :])   # [B, V]
+    # The top 24 of the 32 random bits, centred in their interval: exact in float32, never 0 or 1.
+    uniform = (bits >> 8).to(torch.float32)
+    uniform += 0.5
+    uniform *= 1.0 / (1 << 24)
+    return uniform
 
 
 @dataclass
 class SamplingBatch:
     """The sampling settings of B rows as tensors on one device; None = no row uses it."""
-    num_rows: int
     all_greedy: bool
     all_random: bool
     is_greedy: torch.Tensor | None              # [B] bool (mixed batches only)
     temperature: torch.Tensor | None            # [B] float32, 1.0 on greedy rows
-    top_k: torch.Tensor | None                  # [B] int64, a huge number where off
+    top_k: torch.Tensor | None                  # [B] int64, 0 where off
+    max_top_k: int                              # the largest top_k in use (0: none)
     top_p: torch.Tensor | None                  # [B] float32, inf where off
     min_p: torch.Tensor | None                  # [B] float32, 0 where off
     seeds: torch.Tensor | None                  # [B] int64
@@ -114,7 +129,6 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], seeds: list[int], output_lens: list[int],
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
               eos_token_ids: list[int], device: torch.device | str) -> "SamplingBatch":
-        num_rows = len(params)
         greedy = [p.is_greedy for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
 
@@ -125,11 +139,14 @@ class SamplingBatch:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         is_greedy = temperature = top_k = top_p = min_p = seed_tensor = output_len_tensor = None
+        max_top_k = 0
         if not all_greedy:
             is_greedy = None if all_random else torch.tensor(greedy, dtype=torch.bool, device=device)
             temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
-            if any(p.top_k > 0 and not g for p, g in zip(params, greedy)):
-                top_k = ints([p.top_k if p.top_k > 0 and not g else 1 << 62 for p, g in zip(params, greedy)])
+            top_ks = [0 if g else max(p.top_k, 0) for p, g in zip(params, greedy)]
+            max_top_k = max(top_ks)
+            if max_top_k > 0:
+                top_k = ints(top_ks)
             if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
                 top_p = floats([p.top_p if p.top_p < 1.0 and not g else float("inf")
                                 for p, g in zip(params, greedy)])
@@ -155,8 +172,8 @@ class SamplingBatch:
 
         num_logprobs = [p.logprobs for p in params]
         asked = [k for k in num_logprobs if k is not None]
-        return cls(num_rows=num_rows, all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy,
-                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        return cls(all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy, temperature=temperature,
+                   top_k=top_k, max_top_k=max_top_k, top_p=top_p, min_p=min_p,
                    seeds=seed_tensor, output_lens=output_len_tensor,
                    presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
                    output_token_ids=output_ids, prompt_token_ids=prompt_ids, suppressed_token_ids=suppressed,
@@ -175,19 +192,18 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         log_normalizer = torch.logsumexp(logits, dim=-1)                  # [B]
-        processed = _apply_penalties(logits, batch)
+        processed = apply_penalties(logits, batch)
         if batch.suppressed_token_ids is not None:
             processed = processed.masked_fill(_token_counts(batch.suppressed_token_ids, logits.shape[1]) > 0,
                                               float("-inf"))
         token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
         sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer         # [B]
-        token_list = token_ids.tolist()
-        return SamplerOutput(token_ids=token_list, logprobs=sampled_logprobs.tolist(),
-                             top_logprobs=_top_logprobs(logits, log_normalizer, token_list,
-                                                        sampled_logprobs, batch))
+        token_list, logprob_list = token_ids.tolist(), sampled_logprobs.tolist()
+        return SamplerOutput(token_ids=token_list, logprobs=logprob_list,
+                             top_logprobs=_top_logprobs(logits, log_normalizer, token_list, logprob_list, batch))
 
 
-def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """vLLM's penalties: repetition on prompt+output tokens, then frequency and presence on output."""
     if batch.output_token_ids is None:
         return logits
@@ -215,52 +231,63 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token ids [B]: argmax on greedy rows, a seeded draw on the others."""
     scaled = logits / batch.temperature[:, None]                          # [B, V]
-    if batch.top_k is not None or batch.top_p is not None:
+    if batch.top_p is not None:
         scaled = _mask_top_k_top_p(scaled, batch.top_k, batch.top_p)
+    elif batch.top_k is not None:
+        # Top-k alone needs no full sort: the k largest of each row give its threshold.
+        largest = scaled.topk(min(batch.max_top_k, scaled.shape[1]), dim=-1).values      # [B, max_top_k]
+        scaled = scaled.masked_fill(scaled < _kth_largest(largest, batch.top_k), float("-inf"))
     if batch.min_p is not None:
         # Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p).
         threshold = scaled.max(dim=-1, keepdim=True).values + torch.log(batch.min_p)[:, None]
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)                                 # [B, V]
-    exponentials = -torch.log(random_uniform(batch.seeds, batch.output_lens, logits.shape[1]))
-    random_tokens = (probs / exponentials).argmax(dim=-1)                 # [B]
+    exponentials = random_uniform(batch.seeds, batch.output_lens, logits.shape[1]).log_().neg_()   # [B, V]
+    random_tokens = probs.div_(exponentials).argmax(dim=-1)               # [B]
     if batch.all_random:
         return random_tokens
     return torch.where(batch.is_greedy, logits.argmax(dim=-1), random_tokens)
 
 
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
-                      top_p: torch.Tensor | None) -> torch.Tensor:
+def _kth_largest(descending: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """descending: [B, W] each row's largest logits in order -> [B, 1] the top_k-th, -inf where top_k is 0.
+
+    Masking what lies below it keeps k tokens (more only on exact ties, as in vLLM).
+    """
+    index = (top_k - 1).clamp(0, descending.shape[1] - 1)[:, None]      # [B, 1]
+    return torch.where(top_k[:, None] > 0, descending.gather(1, index), float("-inf"))
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor) -> torch.Tensor:
     """One descending sort of every row; rows whose top_k/top_p is off keep everything."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)           # [B, V] each
     if top_k is not None:
-        rank = torch.arange(logits.shape[1], device=logits.device)        # [V]
-        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
-    if top_p is not None:
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep the smallest prefix whose probability reaches top_p: drop a token once the
-        # more likely tokens before it already sum to top_p. The first token always stays.
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < _kth_largest(sorted_logits, top_k),
+                                                  float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep the smallest prefix whose probability reaches top_p: drop a token once the
+    # more likely tokens before it already sum to top_p. The first token always stays.
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
 def _top_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, token_ids: list[int],
-                  sampled_logprobs: torch.Tensor, batch: SamplingBatch) -> list[dict[int, float]] | None:
+                  sampled_logprobs: list[float], batch: SamplingBatch) -> list[dict[int, float]] | None:
+    """Per row that asked: its `logprobs` most likely tokens under the raw distribution, plus the sampled one."""
     if batch.max_num_logprobs is None:
         return None
     k = min(batch.max_num_logprobs, logits.shape[1])
     values, ids = logits.topk(k, dim=-1)                                  # [B, k] each
     values = (values - log_normalizer[:, None]).tolist()
     ids = ids.tolist()
-    sampled = sampled_logprobs.tolist()
     rows: list[dict[int, float]] = []
     for row, num in enumerate(batch.num_logprobs):
         if num is None:
             rows.append({})
             continue
         top = dict(zip(ids[row][:num], values[row][:num]))
-        top[token_ids[row]] = sampled[row]
+        top[token_ids[row]] = sampled_logprobs[row]
         rows.append(top)
     return rows
 

@@ -1,0 +1,298 @@
+"""The batched Sampler: seeded draws independent of the batch, filters that never leak,
+penalties and min_tokens that change exactly what they should, raw-distribution logprobs."""
+import math
+
+import pytest
+import torch
+
+from nanovllm.runner.sampler import Sampler, SamplingBatch, apply_penalties, random_uniform
+from nanovllm.sampling_params import SamplingParams
+
+sampler = Sampler()
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int] | None = None,
+           output_lens: list[int] | None = None, prompts: list[list[int]] | None = None,
+           outputs: list[list[int]] | None = None, eos: list[int] = (), device: str = "cpu"):
+    rows = len(params)
+    batch = SamplingBatch.build(params, seeds if seeds is not None else list(range(rows)),
+                                output_lens if output_lens is not None else [0] * rows,
+                                prompts if prompts is not None else [[] for _ in range(rows)],
+                                outputs if outputs is not None else [[] for _ in range(rows)],
+                                list(eos), device)
+    return sampler(logits.to(device), batch)
+
+
+def draws(logits_row: torch.Tensor, params: SamplingParams, num_draws: int, output_len: int = 0) -> list[int]:
+    """One token per seed 0..num_draws-1 for the same logits: num_draws independent draws, one batch."""
+    logits = logits_row[None, :].expand(num_draws, -1).contiguous()
+    return sample(logits, [params] * num_draws, seeds=list(range(num_draws)),
+                  output_lens=[output_len] * num_draws).token_ids
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+# chi-square critical values at p = 0.001 (the draws are deterministic: a pass is a pass every time)
+CHI2_CRITICAL_0_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
+
+
+# --- the random stream -------------------------------------------------------------------
+
+def _fmix32_reference(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _uniform_reference(seed: int, output_len: int, token_id: int) -> float:
+    seed &= (1 << 64) - 1
+    key = _fmix32_reference((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    key = _fmix32_reference(key ^ (seed >> 32))
+    key = _fmix32_reference(key ^ output_len)
+    bits = _fmix32_reference(key ^ _fmix32_reference(token_id ^ 0x7F4A7C15))
+    return ((bits >> 8) + 0.5) / (1 << 24)
+
+
+def test_random_stream_is_the_murmur_hash_computed_with_python_integers():
+    seeds = [0, 1, 12345, 2**32 + 7, 2**63 - 1, -1, -(2**40), 2**70 + 3]
+    output_lens = [0, 1, 7, 100, 2**31, 5, 3, 9]
+    vocab_size = 37
+    u = random_uniform(torch.tensor([(s + 2**63) % 2**64 - 2**63 for s in seeds]),
+                       torch.tensor(output_lens), vocab_size)
+    expected = torch.tensor([[_uniform_reference(s, n, v) for v in range(vocab_size)]
+                             for s, n in zip(seeds, output_lens)], dtype=torch.float32)
+    assert torch.equal(u, expected)
+
+
+def test_random_stream_is_uniform_in_the_open_unit_interval():
+    u = random_uniform(torch.arange(64), torch.zeros(64, dtype=torch.int64), 4096)
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    counts = torch.histc(u, bins=16, min=0.0, max=1.0)
+    assert chi_square(counts, torch.full((16,), 1 / 16)) < 37.70   # df 15, p = 0.001
+
+
+# --- reproducibility ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [
+    SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=1234),
+    SamplingParams(top_k=50, seed=1234),
+    SamplingParams(min_p=0.01, seed=1234),
+    SamplingParams(seed=1234, frequency_penalty=0.3),
+])
+def test_seeded_row_samples_the_same_alone_and_in_any_batch(target):
+    torch.manual_seed(0)
+    vocab_size = 500
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=3), SamplingParams(min_p=0.2),
+              SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, logprobs=2),
+              SamplingParams(temperature=1.5, top_p=0.5)]
+    for output_len in range(8):
+        row = torch.randn(vocab_size) * 2
+        alone = sample(row[None], [target], seeds=[1234], output_lens=[output_len],
+                       prompts=[[1, 2]], outputs=[list(range(output_len))]).token_ids[0]
+        for position in range(len(others) + 1):
+            params = others[:position] + [target] + others[position:]
+            logits = torch.randn(len(params), vocab_size) * 2
+            logits[position] = row
+            seeds = [7 + i for i in range(len(params))]
+            seeds[position] = 1234
+            lens = [3 * i for i in range(len(params))]
+            lens[position] = output_len
+            outputs = [list(range(n)) for n in lens]
+            batched = sample(logits, params, seeds=seeds, output_lens=lens, prompts=[[1, 2]] * len(params),
+                             outputs=outputs)
+            assert batched.token_ids[position] == alone
+
+
+def test_different_seeds_draw_different_tokens():
+    tokens = draws(torch.zeros(1000), SamplingParams(), num_draws=64)
+    assert len(set(tokens)) > 50
+
+
+def test_output_len_advances_a_seeds_stream():
+    logits = torch.zeros(8, 1000)
+    tokens = sample(logits, [SamplingParams(seed=5)] * 8, seeds=[5] * 8, output_lens=list(range(8))).token_ids
+    assert len(set(tokens)) >= 7
+    again = sample(logits, [SamplingParams(seed=5)] * 8, seeds=[5] * 8, output_lens=list(range(8))).token_ids
+    assert again == tokens
+
+
+# --- greedy and temperature --------------------------------------------------------------
+
+def test_greedy_takes_the_argmax():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 300)
+    out = sample(logits, [SamplingParams(temperature=0)] * 6)
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_greedy_rows_take_the_argmax_in_a_batch_mixed_with_random_rows():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 300)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=5), SamplingParams(temperature=0),
+              SamplingParams(), SamplingParams(top_p=0.3), SamplingParams(temperature=0)]
+    out = sample(logits, params)
+    for row in (0, 2, 5):
+        assert out.token_ids[row] == int(logits[row].argmax())
+
+
+def test_temperature_towards_zero_becomes_greedy():
+    logits = torch.tensor([0.0, 1.0, 3.0, 2.5, -1.0])
+    assert set(draws(logits, SamplingParams(temperature=1e-6), 200)) == {2}
+    assert set(draws(logits, SamplingParams(temperature=0.02), 200)) == {2}
+    assert len(set(draws(logits, SamplingParams(temperature=1.0), 200))) == 5
+
+
+# --- top-k, top-p, min-p -----------------------------------------------------------------
+
+LOGITS = torch.log(torch.tensor([0.05, 0.30, 0.02, 0.50, 0.08, 0.05]))   # sorted: 3, 1, 4, {0, 5}, 2
+
+
+@pytest.mark.parametrize("params, allowed", [
+    (SamplingParams(top_k=1), {3}),
+    (SamplingParams(top_k=2), {3, 1}),
+    (SamplingParams(top_k=3), {3, 1, 4}),
+    (SamplingParams(top_p=0.45), {3}),
+    (SamplingParams(top_p=0.75), {3, 1}),
+    (SamplingParams(top_p=0.85), {3, 1, 4}),
+    (SamplingParams(min_p=0.5), {3, 1}),
+    (SamplingParams(min_p=0.15), {3, 1, 4}),
+    (SamplingParams(min_p=0.7), {3}),
+    (SamplingParams(top_k=3, top_p=0.75), {3, 1}),
+    (SamplingParams(top_k=2, min_p=0.01), {3, 1}),
+    (SamplingParams(top_p=0.85, min_p=0.2), {3, 1}),
+])
+def test_filters_never_pick_excluded_tokens_and_reach_every_kept_one(params, allowed):
+    assert set(draws(LOGITS, params, 2000)) == allowed
+
+
+@pytest.mark.parametrize("params, kept", [
+    (SamplingParams(), [0, 1, 2, 3, 4, 5]),
+    (SamplingParams(top_k=3), [3, 1, 4]),
+    (SamplingParams(top_p=0.85), [3, 1, 4]),
+    (SamplingParams(min_p=0.09), [3, 1, 4, 0, 5]),
+])
+def test_draws_follow_the_renormalized_distribution(params, kept):
+    tokens = torch.tensor(draws(LOGITS, params, 20000))
+    probs = LOGITS.exp()[kept]
+    probs = probs / probs.sum()
+    counts = torch.stack([(tokens == t).sum() for t in kept]).float()
+    assert counts.sum() == len(tokens)
+    assert chi_square(counts, probs) < CHI2_CRITICAL_0_001[len(kept) - 1]
+
+
+def test_a_seeds_successive_draws_follow_the_distribution_and_are_independent():
+    num_seeds, steps = 500, 20
+    logits = torch.zeros(num_seeds * steps, 2)
+    seeds = [seed for seed in range(num_seeds) for _ in range(steps)]
+    output_lens = list(range(steps)) * num_seeds
+    tokens = torch.tensor(sample(logits, [SamplingParams()] * len(seeds), seeds=seeds,
+                                 output_lens=output_lens).token_ids).view(num_seeds, steps)
+    ones = tokens.sum()
+    assert chi_square(torch.stack([tokens.numel() - ones, ones]).float(), torch.tensor([0.5, 0.5])) < 10.83
+    pairs = 2 * tokens[:, :-1] + tokens[:, 1:]                            # consecutive (a, b) as 0..3
+    counts = torch.stack([(pairs == k).sum() for k in range(4)]).float()
+    assert chi_square(counts, torch.full((4,), 0.25)) < CHI2_CRITICAL_0_001[3]
+
+
+def test_rows_with_a_filter_off_are_unaffected_by_rows_that_use_it():
+    logits = LOGITS[None].expand(4000, -1).contiguous()
+    params = [SamplingParams(top_k=1, top_p=0.3, min_p=0.9) if i % 2 else SamplingParams() for i in range(4000)]
+    tokens = sample(logits, params, seeds=list(range(4000))).token_ids
+    assert set(tokens[1::2]) == {3}
+    assert set(tokens[0::2]) == set(range(6))
+
+
+# --- penalties and min_tokens ------------------------------------------------------------
+
+def test_penalties_change_exactly_the_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5, 3.0]] * 3)
+    params = [SamplingParams(temperature=0, repetition_penalty=2.0),
+              SamplingParams(temperature=0, frequency_penalty=0.5),
+              SamplingParams(temperature=0, presence_penalty=0.25)]
+    prompts, outputs = [[0, 1], [0, 1], [0, 1]], [[2, 2, 3], [2, 2, 3], [2, 2, 3]]
+    batch = SamplingBatch.build(params, [0, 0, 0], [3, 3, 3], prompts, outputs, [], "cpu")
+    penalized = apply_penalties(logits, batch)
+    expected = torch.tensor([
+        [1.0, -4.0, 0.5, -2.0, 0.5, 3.0],    # seen in prompt or output: positive / 2, negative * 2
+        [2.0, -2.0, 0.0, -1.5, 0.5, 3.0],    # output counts 2 and 1, times 0.5
+        [2.0, -2.0, 0.75, -1.25, 0.5, 3.0],  # each output token once, 0.25
+    ])
+    assert torch.allclose(penalized, expected)
+
+
+def test_penalties_steer_the_sampled_token():
+    logits = torch.tensor([[5.0, 4.0, 0.0]] * 2)
+    params = [SamplingParams(temperature=0, frequency_penalty=0.6), SamplingParams(temperature=0)]
+    out = sample(logits, params, outputs=[[0, 0], [0, 0]])
+    assert out.token_ids == [1, 0]
+    out = sample(logits[:1], [SamplingParams(temperature=0, repetition_penalty=1.5)], prompts=[[0]])
+    assert out.token_ids == [1]
+
+
+def test_min_tokens_suppresses_eos_and_stop_token_ids_until_reached():
+    eos = 4
+    logits = torch.tensor([[0.0, 1.0, 2.0, 5.0, 9.0]] * 4)
+    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3]),
+              SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3]),
+              SamplingParams(temperature=0, min_tokens=2, ignore_eos=True),
+              SamplingParams(temperature=0)]
+    out = sample(logits, params, output_lens=[1, 2, 0, 0], eos=[eos])
+    assert out.token_ids == [2, eos, 3, eos]
+    many = logits[:1].expand(500, -1).contiguous()
+    random_rows = sample(many, [SamplingParams(min_tokens=1)] * 500, seeds=list(range(500)), eos=[eos]).token_ids
+    assert eos not in random_rows and {2, 3} <= set(random_rows)
+
+
+# --- logprobs ----------------------------------------------------------------------------
+
+def test_logprobs_are_the_raw_log_softmax_of_the_sampled_tokens():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=3),
+              SamplingParams(repetition_penalty=1.5, temperature=0.5), SamplingParams(min_p=0.3)]
+    out = sample(logits, params, outputs=[[1, 2]] * 4)
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    expected = [float(log_softmax[row, token]) for row, token in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expected, abs=1e-5)
+    assert out.top_logprobs is None
+
+
+def test_top_logprobs_list_the_most_likely_tokens_plus_the_sampled_one():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]] * 3)
+    params = [SamplingParams(temperature=0, logprobs=2, repetition_penalty=100.0), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logprobs=0)]
+    out = sample(logits, params, prompts=[[1], [], []])
+    log_softmax = torch.log_softmax(logits[0], dim=-1)
+    assert out.token_ids == [3, 1, 1]
+    assert out.top_logprobs[0] == pytest.approx({1: float(log_softmax[1]), 3: float(log_softmax[3])})
+    assert out.top_logprobs[1] == {}
+    assert out.top_logprobs[2] == pytest.approx({1: float(log_softmax[1])})
+    out = sample(logits[:1], [SamplingParams(temperature=0, logprobs=1, frequency_penalty=2.0)], outputs=[[1, 1]])
+    assert out.token_ids == [3]
+    assert set(out.top_logprobs[0]) == {1, 3}
+
+
+# --- devices -----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_draws_the_same_tokens_as_the_cpu():
+    torch.manual_seed(4)
+    logits = torch.randn(64, 32000) * 2
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=40), SamplingParams(top_p=0.9),
+              SamplingParams(min_p=0.05, repetition_penalty=1.2, min_tokens=3, logprobs=5)] * 16
+    kwargs = dict(seeds=[i * 7919 for i in range(64)], output_lens=list(range(64)),
+                  prompts=[[1, 2, 3]] * 64, outputs=[[4, 5]] * 64, eos=[2])
+    u_cpu = random_uniform(torch.arange(64), torch.arange(64), 32000)
+    assert torch.equal(random_uniform(torch.arange(64, device="cuda"), torch.arange(64, device="cuda"),
+                                      32000).cpu(), u_cpu)
+    cpu = sample(logits, params, **kwargs)
+    cuda = sample(logits, params, device="cuda", **kwargs)
+    assert cuda.token_ids == cpu.token_ids
+    assert cuda.logprobs == pytest.approx(cpu.logprobs, abs=1e-4)
+    assert math.isclose(sum(cuda.logprobs), sum(cpu.logprobs), abs_tol=1e-3)
