@@ -1,0 +1,56 @@
+"""Command-line flags for EngineConfig, shared by `nano-vllm run`, `serve` and `bench`.
+
+Every EngineConfig field becomes `--field-name` (booleans that default to True
+get a `--no-...` switch). A subcommand may leave some out (`skip=`) when it
+spells them its own way, e.g. `run --kv paged|naive` for kv_policy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from nanovllm.config import DEVICES, DTYPES, KV_POLICIES, EngineConfig
+
+_HELP = {
+    "tokenizer": "tokenizer path (default: the model's own; llama2.c needs tokenizer.bin)",
+    "load_format": "auto | safetensors | gguf | llama2c | dummy (random weights)",
+    "dtype": "auto (float32 on cpu, bfloat16 on cuda) | " + " | ".join(DTYPES),
+    "device": " | ".join(DEVICES),
+    "block_size": "token slots per KV-cache block",
+    "max_num_seqs": "most sequences running at once",
+    "max_num_batched_tokens": "token budget of one step (prefill chunks + decodes)",
+    "max_model_len": "longest prompt + output accepted",
+    "num_kv_blocks": "exact KV pool size in blocks (overrides memory-based sizing)",
+    "kv_cache_memory": "bytes for the KV pool on the CPU",
+    "gpu_memory_utilization": "fraction of the GPU the engine may fill",
+    "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
+    "kv_policy": " | ".join(KV_POLICIES),
+    "enforce_eager": "never capture CUDA graphs",
+    "seed": "seed for requests that bring none",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:
+    group = parser.add_argument_group("engine")
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in skip or field.name == "model":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.default is True:
+            group.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
+                               default=True, help="do not " + _HELP.get(field.name, ""))
+        elif field.default is False:
+            group.add_argument(flag, dest=field.name, action="store_true", default=False,
+                               help=_HELP.get(field.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
+            group.add_argument(flag, dest=field.name, type=kind, default=field.default,
+                               help=_HELP.get(field.name))
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """EngineConfig from the parsed flags present in `args`, then `overrides`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    return EngineConfig(**values)
