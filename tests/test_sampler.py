@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanovllm.runner.sampler import Sampler, SamplingBatch, apply_penalties, random_uniform
+from nanovllm.runner.sampler import Sampler, SamplingBatch, apply_penalties, random_uniform, stream_keys
 from nanovllm.sampling_params import SamplingParams
 
 sampler = Sampler()
@@ -41,36 +41,35 @@ CHI2_CRITICAL_0_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
 
 # --- the random stream -------------------------------------------------------------------
 
-def _fmix32_reference(x: int) -> int:
+def _mix32_reference(x: int) -> int:
     x ^= x >> 16
-    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
 
 
 def _uniform_reference(seed: int, output_len: int, token_id: int) -> float:
     seed &= (1 << 64) - 1
-    key = _fmix32_reference((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
-    key = _fmix32_reference(key ^ (seed >> 32))
-    key = _fmix32_reference(key ^ output_len)
-    bits = _fmix32_reference(key ^ _fmix32_reference(token_id ^ 0x7F4A7C15))
+    key = _mix32_reference((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    key = _mix32_reference(key ^ (seed >> 32))
+    key = _mix32_reference(key ^ output_len)
+    bits = _mix32_reference(key ^ _mix32_reference(token_id ^ 0x7F4A7C15))
     return ((bits >> 8) + 0.5) / (1 << 24)
 
 
-def test_random_stream_is_the_murmur_hash_computed_with_python_integers():
+def test_random_stream_is_the_hash_computed_with_python_integers():
     seeds = [0, 1, 12345, 2**32 + 7, 2**63 - 1, -1, -(2**40), 2**70 + 3]
     output_lens = [0, 1, 7, 100, 2**31, 5, 3, 9]
     vocab_size = 37
-    u = random_uniform(torch.tensor([(s + 2**63) % 2**64 - 2**63 for s in seeds]),
-                       torch.tensor(output_lens), vocab_size)
+    u = random_uniform(torch.from_numpy(stream_keys(seeds, output_lens)), vocab_size)
     expected = torch.tensor([[_uniform_reference(s, n, v) for v in range(vocab_size)]
                              for s, n in zip(seeds, output_lens)], dtype=torch.float32)
     assert torch.equal(u, expected)
 
 
 def test_random_stream_is_uniform_in_the_open_unit_interval():
-    u = random_uniform(torch.arange(64), torch.zeros(64, dtype=torch.int64), 4096)
+    u = random_uniform(torch.from_numpy(stream_keys(list(range(64)), [0] * 64)), 4096)
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0
     counts = torch.histc(u, bins=16, min=0.0, max=1.0)
     assert chi_square(counts, torch.full((16,), 1 / 16)) < 37.70   # df 15, p = 0.001
@@ -288,9 +287,8 @@ def test_cuda_draws_the_same_tokens_as_the_cpu():
               SamplingParams(min_p=0.05, repetition_penalty=1.2, min_tokens=3, logprobs=5)] * 16
     kwargs = dict(seeds=[i * 7919 for i in range(64)], output_lens=list(range(64)),
                   prompts=[[1, 2, 3]] * 64, outputs=[[4, 5]] * 64, eos=[2])
-    u_cpu = random_uniform(torch.arange(64), torch.arange(64), 32000)
-    assert torch.equal(random_uniform(torch.arange(64, device="cuda"), torch.arange(64, device="cuda"),
-                                      32000).cpu(), u_cpu)
+    keys = torch.from_numpy(stream_keys(kwargs["seeds"], kwargs["output_lens"]))
+    assert torch.equal(random_uniform(keys.cuda(), 32000).cpu(), random_uniform(keys, 32000))
     cpu = sample(logits, params, **kwargs)
     cuda = sample(logits, params, device="cuda", **kwargs)
     assert cuda.token_ids == cpu.token_ids

@@ -27,11 +27,12 @@ a hash of where it is used,
     u[b, v] = hash(seed[b], output_len[b], v)  ->  uniform in (0, 1)
 
 where `output_len[b]` (tokens the sequence has generated so far) is the counter
-that makes each step's draw fresh. The hash is MurmurHash3's 32-bit finalizer
-(xor-shifts and multiplies that spread every input bit over every output bit),
-done in int64 tensors holding 32-bit values: multiplications are split into
-16-bit halves so nothing ever overflows, and the integer ops give the same bits
-on every device.
+that makes each step's draw fresh. The hash is a 32-bit integer mixer
+(xor-shift, multiply, xor-shift, multiply, xor-shift: every input bit flips each
+output bit with probability ~1/2), applied first to (seed, output_len) per row,
+on the host, then to (row key, v) over the whole [B, V] batch on the device. The
+32-bit values live in int64 arrays and the multipliers are below 2**31, so no
+product ever overflows: the integer ops give the same bits on every device.
 
 A token is then drawn by the exponential race: with E[v] = -log u[v] an
 Exponential(1) variable, argmax_v probs[v] / E[v] is a token drawn with
@@ -44,60 +45,62 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from nanovllm.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
-# Constants of MurmurHash3's fmix32 and a golden-ratio salt per hashed input.
-_FMIX_C1 = 0x85EBCA6B
-_FMIX_C2 = 0xC2B2AE35
+# A two-round 32-bit mixer with multipliers below 2**31, found by C. Wellons' hash-prospector
+# (bias comparable to MurmurHash3's fmix32), and a salt per hashed input.
+_MIX_C1 = 0x21F0AAAD
+_MIX_C2 = 0x735A2D97
 _SALT_SEED = 0x9E3779B9
 _SALT_TOKEN = 0x7F4A7C15
 
+IntArray = TypeVar("IntArray", torch.Tensor, np.ndarray)
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), never overflowing int64.
 
-    With c = c_low + 2**31 * c_top: x * c_low < 2**63, and x * 2**31 mod 2**32
-    only keeps x's lowest bit.
+def _mix32(x: IntArray) -> IntArray:
+    """A bijection of 32-bit values with full avalanche; x: int64 tensor or array in [0, 2**32).
+
+    Every product is below 2**32 * 2**31 = 2**63, so int64 never overflows.
     """
-    product = x * (c & 0x7FFFFFFF)
-    if c >> 31:
-        product += (x & 1) << 31
-    product &= _MASK32
-    return product
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finalizer: a bijection of 32-bit values with full avalanche."""
     x = x ^ (x >> 16)
-    x = _mul32(x, _FMIX_C1)
-    x ^= x >> 13
-    x = _mul32(x, _FMIX_C2)
-    x ^= x >> 16
+    x *= _MIX_C1
+    x &= _MASK32
+    x ^= x >> 15
+    x *= _MIX_C2
+    x &= _MASK32
+    x ^= x >> 15
     return x
+
+
+def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
+    """hash(seed, output_len) per row: the key of that row's random numbers this step; int64 [B]."""
+    seeds_u64 = np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64)
+    seeds_low = (seeds_u64 & np.uint64(_MASK32)).astype(np.int64)
+    seeds_high = (seeds_u64 >> np.uint64(32)).astype(np.int64)
+    keys = _mix32(seeds_low ^ _SALT_SEED)
+    keys = _mix32(keys ^ seeds_high)
+    return _mix32(keys ^ (np.array(output_lens, dtype=np.int64) & _MASK32))
 
 
 @functools.lru_cache(maxsize=8)
 def _token_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
     """hash(v) for every token id; int64 [V], made once per vocabulary and device."""
-    return _fmix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ _SALT_TOKEN)
+    return _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ _SALT_TOKEN)
 
 
-def random_uniform(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u[b, v] = hash(seeds[b], output_lens[b], v), uniform in (0, 1); float32 [B, V].
-
-    seeds: int64 [B] (a 64-bit seed in two's complement), output_lens: int64 [B].
-    """
-    row_keys = _fmix32((seeds & _MASK32) ^ _SALT_SEED)                # [B]
-    row_keys = _fmix32(row_keys ^ ((seeds >> 32) & _MASK32))
-    row_keys = _fmix32(row_keys ^ (output_lens & _MASK32))
-    bits = _fmix32(row_keys[:, None] ^ _token_keys(vocab_size, seeds.device)[None, :])   # [B, V]
-    # The top 24 of the 32 random bits, centred in their interval: exact in float32, never 0 or 1.
-    uniform = (bits >> 8).to(torch.float32)
+def random_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u[b, v] = hash(keys[b], v), uniform in (0, 1); keys: int64 [B] from `stream_keys` -> float32 [B, V]."""
+    bits = _mix32(keys[:, None] ^ _token_keys(vocab_size, keys.device)[None, :])   # [B, V], 32 random bits
+    # The top 24 of the 32 bits, centred in their interval: exact in float32, never 0 or 1.
+    bits >>= 8
+    uniform = bits.to(torch.float32)
     uniform += 0.5
     uniform *= 1.0 / (1 << 24)
     return uniform
@@ -114,8 +117,7 @@ class SamplingBatch:
     max_top_k: int                              # the largest top_k in use (0: none)
     top_p: torch.Tensor | None                  # [B] float32, inf where off
     min_p: torch.Tensor | None                  # [B] float32, 0 where off
-    seeds: torch.Tensor | None                  # [B] int64
-    output_lens: torch.Tensor | None            # [B] int64, the counter of each row's random stream
+    stream_keys: torch.Tensor | None            # [B] int64, hash(seed, output_len): this step's random stream
     presence_penalty: torch.Tensor | None       # [B] float32
     frequency_penalty: torch.Tensor | None      # [B] float32
     repetition_penalty: torch.Tensor | None     # [B] float32
@@ -138,7 +140,7 @@ class SamplingBatch:
         def ints(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        is_greedy = temperature = top_k = top_p = min_p = seed_tensor = output_len_tensor = None
+        is_greedy = temperature = top_k = top_p = min_p = keys = None
         max_top_k = 0
         if not all_greedy:
             is_greedy = None if all_random else torch.tensor(greedy, dtype=torch.bool, device=device)
@@ -152,29 +154,27 @@ class SamplingBatch:
                                 for p, g in zip(params, greedy)])
             if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
                 min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
-            seed_tensor = ints([_to_int64(s) for s in seeds])
-            output_len_tensor = ints(output_lens)
+            keys = torch.from_numpy(stream_keys(seeds, output_lens)).to(device)
 
         presence = frequency = repetition = output_ids = prompt_ids = None
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
                for p in params):
             presence = floats([p.presence_penalty for p in params])
             frequency = floats([p.frequency_penalty for p in params])
-            output_ids = ints(_pad(output_token_ids))
+            output_ids = _padded(output_token_ids, device)
             if any(p.repetition_penalty != 1.0 for p in params):
                 repetition = floats([p.repetition_penalty for p in params])
-                prompt_ids = ints(_pad(prompt_token_ids))
+                prompt_ids = _padded(prompt_token_ids, device)
 
         suppressed = None
         if any(n < p.min_tokens for p, n in zip(params, output_lens)):
-            suppressed = ints(_pad([list(eos_token_ids) + p.stop_token_ids if n < p.min_tokens else []
-                                    for p, n in zip(params, output_lens)]))
+            suppressed = _padded([list(eos_token_ids) + p.stop_token_ids if n < p.min_tokens else []
+                                  for p, n in zip(params, output_lens)], device)
 
         num_logprobs = [p.logprobs for p in params]
         asked = [k for k in num_logprobs if k is not None]
         return cls(all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy, temperature=temperature,
-                   top_k=top_k, max_top_k=max_top_k, top_p=top_p, min_p=min_p,
-                   seeds=seed_tensor, output_lens=output_len_tensor,
+                   top_k=top_k, max_top_k=max_top_k, top_p=top_p, min_p=min_p, stream_keys=keys,
                    presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
                    output_token_ids=output_ids, prompt_token_ids=prompt_ids, suppressed_token_ids=suppressed,
                    num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None)
@@ -242,7 +242,7 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         threshold = scaled.max(dim=-1, keepdim=True).values + torch.log(batch.min_p)[:, None]
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)                                 # [B, V]
-    exponentials = random_uniform(batch.seeds, batch.output_lens, logits.shape[1]).log_().neg_()   # [B, V]
+    exponentials = random_uniform(batch.stream_keys, logits.shape[1]).log_().neg_()   # [B, V]
     random_tokens = probs.div_(exponentials).argmax(dim=-1)               # [B]
     if batch.all_random:
         return random_tokens
@@ -292,12 +292,9 @@ def _top_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, token_ids:
     return rows
 
 
-def _pad(rows: list[list[int]]) -> list[list[int]]:
-    width = max((len(r) for r in rows), default=0)
-    return [list(r) + [-1] * (width - len(r)) for r in rows]
-
-
-def _to_int64(seed: int) -> int:
-    """Any Python int as the signed 64-bit integer with the same low 64 bits."""
-    seed &= _MASK64
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
+def _padded(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    """Token id lists -> int64 [len(rows), longest row], padded with -1."""
+    padded = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = row
+    return torch.from_numpy(padded).to(device)
