@@ -1,0 +1,120 @@
+"""EngineConfig: every knob of the engine in one dataclass, checked when it is made.
+
+The numbers that shape serving are few:
+
+- `block_size`: token slots per KV-cache block; the unit the block manager hands out.
+- `max_num_batched_tokens`: the token budget of one step. Prefill chunks and
+  decodes (a decode is a chunk of one token) share it, so one long prompt
+  cannot stall everyone else's decoding: it is cut into chunks.
+- `max_num_seqs`: how many sequences may be running (hold KV blocks) at once.
+- `max_model_len`: the longest sequence (prompt + output) the engine accepts.
+- the KV pool: `num_kv_blocks` blocks exactly, or as many as fit in
+  `kv_cache_memory` bytes (CPU) / `gpu_memory_utilization` of the card (CUDA).
+- `kv_policy`: "paged" hands out blocks as sequences grow; "naive" reserves
+  `max_model_len` slots per sequence up front, as servers did before paging,
+  so the visualizer can show the memory it wastes.
+
+Defaults that depend on the device ("auto" values and the `None` sizes) are
+resolved in `__post_init__`; `max_model_len` is resolved against the model by
+`fit_model` once the model's config is known.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanovllm.model.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+KV_POLICIES = ("paged", "naive")
+DEFAULT_MAX_MODEL_LEN = 4096
+
+# Device-dependent defaults: (cpu, cuda).
+_DEFAULT_MAX_NUM_SEQS = (64, 256)
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = (2048, 8192)
+
+
+class EngineArgumentError(TypeError, ValueError):
+    """An engine argument that does not exist. Both a TypeError (Python's usual
+    error for an unknown keyword) and a ValueError (the engine's error for bad input)."""
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None              # HF directory, .gguf, llama2.c .bin; None = the embedded default
+    tokenizer: str | None = None          # None: the model's own tokenizer
+    load_format: str = "auto"             # "auto" | "safetensors" | "gguf" | "llama2c" | "dummy"
+    dtype: str = "auto"                   # "auto" (float32 on cpu, bfloat16 on cuda) | "float32" | "bfloat16" | "float16"
+    device: str = "auto"                  # "auto" (cuda if available) | "cpu" | "cuda"
+    block_size: int = 16
+    max_num_seqs: int | None = None       # None: 64 on cpu, 256 on cuda
+    max_num_batched_tokens: int | None = None   # None: 2048 on cpu, 8192 on cuda
+    max_model_len: int | None = None      # None: min(the model's max_position_embeddings, 4096)
+    num_kv_blocks: int | None = None      # an exact KV pool size, overriding the memory-based sizing
+    kv_cache_memory: int | None = None    # bytes for the KV pool; None: up to 1 GiB on cpu, see gpu_memory_utilization on cuda
+    gpu_memory_utilization: float = 0.9   # the fraction of the card the engine may fill (weights + KV + activations)
+    enable_prefix_caching: bool = True
+    kv_policy: str = "paged"              # "paged" | "naive"
+    enforce_eager: bool = False           # cuda: never capture CUDA graphs
+    seed: int = 0                         # seeds the per-request seeds of requests that give none
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
+        # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise EngineArgumentError(f"unknown engine argument {', '.join(map(repr, unknown))}; "
+                                      f"valid engine arguments are: {valid}")
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu' (or 'auto')")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if self.device == "cuda" else "float32"
+        on_cuda = self.device == "cuda"
+        if self.max_num_seqs is None:
+            self.max_num_seqs = _DEFAULT_MAX_NUM_SEQS[on_cuda]
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = _DEFAULT_MAX_NUM_BATCHED_TOKENS[on_cuda]
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "num_kv_blocks", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is None and name in ("max_model_len", "num_kv_blocks", "kv_cache_memory"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def fit_model(self, model_config: ModelConfig) -> "EngineConfig":
+        """A copy with max_model_len resolved against the model; raises if it asks for more than the model has."""
+        limit = model_config.max_position_embeddings
+        if self.max_model_len is None:
+            return dataclasses.replace(self, max_model_len=min(limit, DEFAULT_MAX_MODEL_LEN))
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({limit}); pass max_model_len={limit} or less")
+        return self
+

@@ -1,0 +1,361 @@
+"""LLMEngine: requests in, a step at a time, outputs out.
+
+    add_request(id, prompt, params)   validate, tokenize, queue n sequences (WAITING)
+    step()                            1. Scheduler.schedule()  -> Batch
+                                      2. ModelRunner.run(batch) -> one sampled token per finishing chunk
+                                      3. Scheduler.postprocess -> append, stop checks, free blocks
+                                      -> RequestOutput for each request that made progress
+    abort_request(id)                 free its blocks now; it ends with finish_reason "abort"
+
+Everything a caller can get wrong is checked in `add_request`, before anything
+is queued. A step that fails (a device error, say) ends the requests it was
+running with finish_reason "error" and the message; the others carry on. No
+request ever ends without a final output.
+
+Observers (`add_step_observer`) see a `StepInfo` after each step: what ran,
+how the KV pool looks, how long each phase took. They cost nothing when none
+is registered.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager, KVCacheUsage
+from nanovllm.engine.scheduler import Batch, Scheduler, is_decode
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.model.llama import LlamaForCausalLM
+from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nanovllm.runner.model_runner import ModelRunner
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class ScheduledChunk:
+    request_id: str
+    seq_id: int
+    num_new_tokens: int
+    is_prefill: bool
+
+
+@dataclass
+class StepInfo:
+    """What one step did, for observers (the visualizer, tracing)."""
+    step: int
+    scheduled: list[ScheduledChunk]
+    preempted: list[str]            # request ids preempted while scheduling this step
+    finished: list[str]             # request ids that finished in this step
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    kv_usage: KVCacheUsage
+    schedule_time: float            # seconds
+    run_time: float
+    postprocess_time: float
+
+
+@dataclass
+class EngineStats:
+    num_running: int                # sequences holding KV blocks
+    num_waiting: int                # sequences queued (incl. preempted and samples waiting for their prompt)
+    num_preemptions: int
+    kv_usage: KVCacheUsage
+    num_steps: int
+    num_requests_finished: int
+    prompt_tokens_total: int        # prompt tokens of the requests added
+    generation_tokens_total: int    # tokens sampled
+    prefill_tokens_total: int       # tokens computed to (re)build context: prompts, recomputation
+    decode_tokens_total: int        # tokens computed one at a time, as decodes
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.kv_usage.prefix_cache_hit_rate
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the pool's blocks in use."""
+        return self.kv_usage.used_blocks / self.kv_usage.num_blocks
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, model: LlamaForCausalLM | None = None,
+                 tokenizer: Tokenizer | None = None):
+        """Load the model and tokenizer named by `config`, or use the ones given
+        (already loaded on config.device in config.dtype, e.g. shared by several engines)."""
+        from nanovllm.model.loader import load_model
+
+        if model is None:
+            model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
+                                             load_format=config.load_format)
+        else:
+            model_config = model.config
+            param = next(model.parameters())
+            if param.device.type != config.device or param.dtype != config.torch_dtype:
+                raise ValueError(f"the model given is on {param.device} in {param.dtype} but the config asks for "
+                                 f"device={config.device!r}, dtype={config.dtype!r}; make them agree")
+        self.config = config = config.fit_model(model_config)
+        self.model_config = model_config
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.load(config.model, config.tokenizer)
+        self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(model_config.eos_token_ids))
+        self.runner = ModelRunner(config, model, model_config, self.eos_token_ids)
+        block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                     config.kv_policy, config.max_model_len)
+        if block_manager.num_reserved_blocks > block_manager.num_blocks:
+            raise ValueError(f"the naive policy reserves {block_manager.num_reserved_blocks} blocks per sequence "
+                             f"(max_model_len={config.max_model_len}) but the KV pool has "
+                             f"{block_manager.num_blocks}; lower max_model_len or give the pool more memory")
+        self.scheduler = Scheduler(block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len, self.eos_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}   # unfinished requests -> their samples
+        self.final_only: set[str] = set()               # requests that want no intermediate outputs
+        self.pending_outputs: list[RequestOutput] = []  # final outputs of requests ended between steps
+        self.step_observers: list[Callable[[StepInfo], None]] = []
+        self.rng = random.Random(config.seed)           # seeds of requests that bring none
+        self.next_seq_id = 0
+        self.num_steps = 0
+        self.num_requests_finished = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.prefill_tokens_total = 0
+        self.decode_tokens_total = 0
+
+    @classmethod
+    def from_engine_args(cls, **engine_args) -> "LLMEngine":
+        return cls(EngineConfig(**engine_args))
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, stream: bool = True) -> None:
+        """Validate and queue a request; ValueError (and nothing queued) if it cannot be served.
+
+        prompt: text, or token ids. stream=False: `step` returns only its final output.
+        """
+        self.add_requests([(request_id, prompt, params)], arrival_time, stream)
+
+    def add_requests(self, requests: list[tuple[str, Prompt, SamplingParams | None]],
+                     arrival_time: float | None = None, stream: bool = True) -> None:
+        """Queue several requests, all or none: any invalid one raises before any is queued."""
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        ids = [request_id for request_id, _, _ in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique; the same id appears twice in one call")
+        prepared = [self._make_sequences(request_id, prompt, params, arrival_time)
+                    for request_id, prompt, params in requests]
+        for request_id, seqs in zip(ids, prepared):
+            self.requests[request_id] = seqs
+            if not stream:
+                self.final_only.add(request_id)
+            self.prompt_tokens_total += seqs[0].num_prompt_tokens
+            self.scheduler.add_sequences(seqs)
+
+    def _make_sequences(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
+                        arrival_time: float) -> list[Sequence]:
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request; "
+                             "pick a unique id")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        prompt_text, prompt_token_ids = self._tokenize(prompt)
+        max_model_len = self.config.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len -
+                                                                                 len(prompt_token_ids), 1)
+        seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        seqs = []
+        for index in range(params.n):
+            seqs.append(Sequence(
+                seq_id=self.next_seq_id + index, request_id=request_id, index=index,
+                prompt_token_ids=prompt_token_ids, sampling_params=params,
+                seed=seed if index == 0 else hash((seed, index)), max_tokens=max_tokens,
+                arrival_time=arrival_time, prompt=prompt_text,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+            ))
+        self.scheduler.check_fits(seqs[0])
+        self.next_seq_id += params.n
+        return seqs
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty; send at least one character")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("the prompt is empty; send at least one token id")
+        vocab_size = self.model_config.vocab_size
+        for token_id in prompt:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+                raise ValueError(f"prompt token id {token_id!r} is not in the vocabulary [0, {vocab_size})")
+        return None, list(prompt)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort")
+        comes with the next step. Unknown or finished ids are ignored."""
+        seqs = self.requests.get(request_id)
+        if seqs is None:
+            return
+        for seq in seqs:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        self.pending_outputs.append(self._finish_request(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self.pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; outputs of the requests that made progress (or ended) in it."""
+        outputs, self.pending_outputs = self.pending_outputs, []
+        t_start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        t_scheduled = time.perf_counter()
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as error:
+            logger.exception("a step failed; its requests end with finish_reason 'error'")
+            return outputs + self._fail_batch(batch, error)
+        t_run = time.perf_counter()
+        self.scheduler.postprocess(batch, sampled)
+        self.num_steps += 1
+        self.generation_tokens_total += len(sampled.token_ids)
+        self.prefill_tokens_total += batch.num_prefill_tokens
+        self.decode_tokens_total += batch.num_decode_tokens
+
+        finished_ids = []
+        for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
+            seqs = self.requests.get(request_id)
+            if seqs is None:   # aborted while the step ran
+                continue
+            if all(seq.is_finished for seq in seqs):
+                finished_ids.append(request_id)
+                outputs.append(self._finish_request(request_id))
+            elif request_id not in self.final_only:
+                outputs.append(self._make_output(request_id, seqs))
+        if self.step_observers:
+            self._notify(batch, finished_ids, t_start, t_scheduled, t_run)
+        return outputs
+
+    def _fail_batch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
+        message = f"{type(error).__name__}: {error}"
+        outputs = []
+        for request_id in dict.fromkeys(seq.request_id for seq, _ in batch.scheduled):
+            if request_id not in self.requests:   # aborted while the step ran
+                continue
+            for seq in self.requests[request_id]:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                seq.error = message
+            outputs.append(self._finish_request(request_id))
+        return outputs
+
+    def _finish_request(self, request_id: str) -> RequestOutput:
+        output = self._make_output(request_id, self.requests.pop(request_id))
+        self.final_only.discard(request_id)
+        self.num_requests_finished += 1
+        return output
+
+    def _make_output(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        first = seqs[0]
+        token_times = [seq.token_times[-1] for seq in seqs if seq.token_times]
+        finish_times = [seq.finish_time for seq in seqs if seq.finish_time is not None]
+        finished = all(seq.is_finished for seq in seqs)
+        return RequestOutput(
+            request_id=request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=[CompletionOutput(
+                index=seq.index,
+                text=_visible_text(seq),
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            ) for seq in seqs],
+            finished=finished,
+            metrics=RequestMetrics(
+                arrival_time=first.arrival_time,
+                first_scheduled_time=min((s.first_scheduled_time for s in seqs
+                                          if s.first_scheduled_time is not None), default=None),
+                first_token_time=min((s.first_token_time for s in seqs if s.first_token_time is not None),
+                                     default=None),
+                last_token_time=max(token_times, default=None),
+                finish_time=max(finish_times) if finished else None,
+                token_times=list(first.token_times),
+            ),
+            num_cached_tokens=first.num_cached_tokens,
+            error=next((seq.error for seq in seqs if seq.error is not None), None),
+        )
+
+    # ---- observation ---------------------------------------------------------------------
+
+    def add_step_observer(self, observer: Callable[[StepInfo], None]) -> None:
+        """Call `observer(StepInfo)` after every step that ran something."""
+        self.step_observers.append(observer)
+
+    def remove_step_observer(self, observer: Callable[[StepInfo], None]) -> None:
+        self.step_observers.remove(observer)
+
+    def _notify(self, batch: Batch, finished_ids: list[str], t_start: float, t_scheduled: float,
+                t_run: float) -> None:
+        info = StepInfo(
+            step=self.num_steps - 1,
+            scheduled=[ScheduledChunk(seq.request_id, seq.seq_id, num_new, not is_decode(seq, num_new))
+                       for seq, num_new in batch.scheduled],
+            preempted=[seq.request_id for seq in batch.preempted],
+            finished=finished_ids,
+            num_prefill_tokens=batch.num_prefill_tokens,
+            num_decode_tokens=batch.num_decode_tokens,
+            kv_usage=self.scheduler.block_manager.usage(),
+            schedule_time=t_scheduled - t_start,
+            run_time=t_run - t_scheduled,
+            postprocess_time=time.perf_counter() - t_run,
+        )
+        for observer in self.step_observers:
+            try:
+                observer(info)
+            except Exception:
+                logger.exception("a step observer failed; the engine goes on")
+
+    def get_stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting) + scheduler.num_held(),
+            num_preemptions=scheduler.num_preemptions,
+            kv_usage=scheduler.block_manager.usage(),
+            num_steps=self.num_steps,
+            num_requests_finished=self.num_requests_finished,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefill_tokens_total=self.prefill_tokens_total,
+            decode_tokens_total=self.decode_tokens_total,
+        )
+
+
+def _visible_text(seq: Sequence) -> str:
+    """The output text, minus a tail that could still turn out to begin a stop string."""
+    stops = seq.sampling_params.stop
+    if seq.is_finished or not stops:
+        return seq.output_text
+    hold = max(len(stop) for stop in stops) - 1
+    return seq.output_text[:max(len(seq.output_text) - hold, 0)]

@@ -1,0 +1,146 @@
+"""ModelRunner: a scheduled batch in, one sampled token per finishing sequence out.
+
+It owns the device side of the engine: the model's weights and the KV cache.
+The cache is one tensor
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+
+and layer l reads it as (k_cache, v_cache) = (kv_cache[l, 0], kv_cache[l, 1]),
+each [num_blocks, block_size, num_kv_heads, head_dim]. Its size is the one
+number that decides how many tokens the engine can keep in flight.
+
+Each step `run(batch)` flattens the scheduled chunks into T token rows:
+
+    input_ids [T], positions [T]          the tokens to compute and where they sit
+    AttentionMetadata                     query_start_loc [B+1], seq_lens [B],
+                                          slot_mapping [T], block_tables [B, max_blocks]
+
+runs the model, keeps the hidden state of the last row of each sequence whose
+chunk reaches its end (a chunk in the middle of a prompt needs no token), and
+samples from those rows' logits. The engine only calls `run` and reads
+`num_blocks`; device-specific work (pinned buffers, CUDA graphs) stays in here.
+"""
+from __future__ import annotations
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.scheduler import Batch
+from nanovllm.model.config import ModelConfig
+from nanovllm.model.llama import LlamaForCausalLM
+from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+
+CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
+
+
+def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of `block_size` tokens in every layer."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return (2 * model_config.num_hidden_layers * block_size * model_config.num_key_value_heads
+            * model_config.head_dim * element_size)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM, model_config: ModelConfig,
+                 eos_token_ids: list[int]):
+        self.config = config
+        self.model = model
+        self.model_config = model_config
+        self.eos_token_ids = eos_token_ids
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_cache = torch.zeros(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
+                                    model_config.num_key_value_heads, model_config.head_dim,
+                                    dtype=config.torch_dtype, device=self.device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
+        self.sampler = Sampler()
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, config.torch_dtype)
+        memory = config.kv_cache_memory
+        if memory is None:
+            memory = self._default_kv_cache_memory(per_block)
+        num_blocks = memory // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget ({memory} bytes) holds no block of {per_block} bytes; "
+                             "raise kv_cache_memory (or gpu_memory_utilization) or lower block_size")
+        return num_blocks
+
+    def _default_kv_cache_memory(self, per_block: int) -> int:
+        config = self.config
+        if self.device.type == "cuda":
+            # What the card may hold beyond what is in use now (weights, other processes),
+            # keeping a tenth of the rest for activations.
+            free, total = torch.cuda.mem_get_info(self.device)
+            allowed = int(config.gpu_memory_utilization * total) - (total - free)
+            return int(allowed * 0.9)
+        # No point in more than every running sequence at full length could use.
+        blocks_per_seq = -(-config.max_model_len // config.block_size)
+        return min(CPU_KV_CACHE_MEMORY, config.max_num_seqs * blocks_per_seq * per_block)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> SamplerOutput:
+        input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
+        hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
+        if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+        logits = self.model.compute_logits(hidden[logits_indices])              # [N, V] float32
+        return self.sampler(logits, self.prepare_sampling(batch))
+
+    def prepare_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """-> input_ids [T], positions [T], metadata, logits_indices [N] (the rows that need a token)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        logits_indices: list[int] = []
+        for seq, num_new in batch.scheduled:
+            start = seq.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(end)
+            block_tables.append(seq.block_table)
+            if end == seq.num_tokens:
+                logits_indices.append(query_start_loc[-1] - 1)
+        max_blocks = max(len(table) for table in block_tables)
+        padded = [table + [-1] * (max_blocks - len(table)) for table in block_tables]
+
+        device = self.device
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=device)              # [T]
+        block_tables_t = torch.tensor(padded, dtype=torch.int32, device=device)              # [B, max_blocks]
+        query_start_loc_t = torch.tensor(query_start_loc, dtype=torch.int32, device=device)  # [B + 1]
+        # Slot of token at position p of row b: block_tables[b, p // block_size] * block_size + p % block_size.
+        row_of_token = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
+                                               query_start_loc_t.diff())                     # [T]
+        block_ids = block_tables_t[row_of_token, positions_t // self.block_size].long()      # [T]
+        slot_mapping = block_ids * self.block_size + positions_t % self.block_size            # [T] int64
+        metadata = AttentionMetadata(
+            query_start_loc=query_start_loc_t,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),               # [B]
+            slot_mapping=slot_mapping,
+            block_tables=block_tables_t,
+            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+            max_seq_len=max(seq_lens),
+        )
+        return (torch.tensor(input_ids, dtype=torch.int64, device=device), positions_t, metadata,
+                torch.tensor(logits_indices, dtype=torch.int64, device=device))
+
+    def prepare_sampling(self, batch: Batch) -> SamplingBatch:
+        seqs = batch.sampling_seqs
+        return SamplingBatch.build(
+            params=[seq.sampling_params for seq in seqs],
+            seeds=[seq.seed for seq in seqs],
+            output_lens=[seq.num_output_tokens for seq in seqs],
+            prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
+            output_token_ids=[seq.output_token_ids for seq in seqs],
+            eos_token_ids=self.eos_token_ids,
+            device=self.device,
+        )
