@@ -1,3 +1,26 @@
 """The kernels. Each op is a plain-torch reference (the CPU backend and the
-oracle in tests) and, where it pays, a Triton kernel with the same signature.
-The public function of each module picks one by the device of its inputs."""
+oracle in tests) and, where it pays, a Triton kernel with the same signature
+in a sibling module (`attention_triton.py` beside `attention.py`, ...).
+The public function of each module picks one by the device of its inputs:
+CUDA tensors go to Triton when it imports, everything else to torch. The
+Triton modules are imported on first use, so the CPU backend never loads Triton.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when x lives on a CUDA device and the Triton kernels can run there."""
+    return x.is_cuda and _triton_importable()

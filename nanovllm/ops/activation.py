@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanovllm.ops import use_triton
+
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2 * I] -> [T, I]."""
@@ -16,4 +18,7 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        from nanovllm.ops.activation_triton import silu_and_mul_triton
+        return silu_and_mul_triton(x)
     return silu_and_mul_torch(x)

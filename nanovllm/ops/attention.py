@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanovllm.ops import use_triton
+
 
 @dataclass
 class AttentionMetadata:
@@ -100,9 +102,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if use_triton(k):
+        from nanovllm.ops.attention_triton import store_kvcache_triton
+        store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
+        return
     store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]; Triton on CUDA (CUDA-graph safe for decodes), torch elsewhere."""
+    if use_triton(q):
+        from nanovllm.ops.attention_triton import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, metadata, scale)
     return paged_attention_torch(q, k_cache, v_cache, metadata, scale)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.ops import use_triton
+
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., H], weight: [H] -> [..., H] in x's dtype."""
@@ -24,9 +26,15 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        from nanovllm.ops.rmsnorm_triton import rms_norm_triton
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton
+        return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_torch(x, residual, weight, eps)

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from nanovllm.ops import use_triton
+from nanovllm.ops.rmsnorm import rms_norm_torch
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """-> [head_dim / 2] float32 angular frequencies, scaled as the config says."""
@@ -62,6 +65,28 @@ def apply_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     return q, k
 
 
+def qk_norm_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, q_norm_weight: torch.Tensor,
+                         k_norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3: RMSNorm each head of q [T, Hq, D] and k [T, Hkv, D] (weights [D]), then rotate; in place."""
+    q.copy_(rms_norm_torch(q, q_norm_weight, eps))
+    k.copy_(rms_norm_torch(k, k_norm_weight, eps))
+    return apply_rotary_torch(q, k, positions, cos_sin_cache)
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from nanovllm.ops.rotary_triton import apply_rotary_triton
+        return apply_rotary_triton(q, k, positions, cos_sin_cache)
     return apply_rotary_torch(q, k, positions, cos_sin_cache)
+
+
+def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass on CUDA for Qwen3's q_norm, k_norm and RoPE; the same result as doing them in turn."""
+    if use_triton(q):
+        from nanovllm.ops.rotary_triton import qk_norm_rotary_triton
+        return qk_norm_rotary_triton(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+    return qk_norm_rotary_torch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)

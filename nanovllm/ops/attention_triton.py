@@ -1,0 +1,322 @@
+"""Paged attention in Triton: one kernel for mixed prefill/decode batches, with an
+optional split of the context (flash-decoding) and a small kernel that merges the splits.
+
+The work is cut into *tiles*. A tile is up to BLOCK_Q consecutive new tokens of one
+sequence times the GROUP query heads that share one KV head (GQA), so a program
+loads each K/V tile once and uses it for BLOCK_Q * GROUP query rows:
+
+    program (tile, kv_head, split):
+        rows    = BLOCK_Q tokens x GROUP heads          (BLOCK_M rows, padded)
+        for each BLOCK_N keys of the context in its split, through the block table:
+            S = Q K^T * scale, causal mask          [BLOCK_M, BLOCK_N]
+            online softmax in fp32 (running max m, running sum l)
+            acc += P V                               [BLOCK_M, D]
+        out = acc / l    (or, with splits: partial out and its log-sum-exp)
+
+Sequence b owns tiles query_start_loc[b] // BLOCK_Q + b and up, so the grid is
+T // BLOCK_Q + B tiles, known from shapes alone; a program finds its sequence by
+counting tile starts, and tiles past the end of a chunk do nothing. A decode
+(BLOCK_Q = 1) has exactly one tile per sequence.
+
+Split-KV: with few sequences and long contexts, B * Hkv programs cannot fill the
+GPU. Each (tile, kv_head) then runs NUM_SPLITS programs over equal slices of its
+context, each writing an output normalized by its own sum plus log2(sum) + max;
+`_merge_splits_kernel` weights the slices by exp2(lse - max lse).
+
+CUDA graphs: nothing here reads device values on the host. The grid depends only
+on tensor shapes and on `max_query_len`, which is 1 for every captured decode
+graph. The number of splits for a decode depends on the batch size, the number of
+KV heads and the *width of the block table* (its capacity in tokens), never on
+`max_seq_len`: a graph captured once stays valid for any context that fits the
+table, and each split covers ceil(seq_len / NUM_SPLITS) keys read on the device.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.ops.attention import AttentionMetadata
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
+        query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+        scale_log2, num_seqs,
+        stride_qt, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_os,
+        stride_lt, stride_lh,
+        stride_bt,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Which sequence owns this tile: the last one whose first tile is <= ours.
+    offs_b = tl.arange(0, BLOCK_B)
+    starts = tl.load(query_start_loc_ptr + offs_b, mask=offs_b < num_seqs, other=1 << 30)
+    if BLOCK_Q == 1:
+        first_tiles = starts
+    else:
+        first_tiles = starts // BLOCK_Q + offs_b
+    seq = tl.sum((first_tiles <= tile).to(tl.int32), axis=0) - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if BLOCK_Q == 1:
+        q_lo = tile - q_start
+    else:
+        q_lo = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q   # first new token of this tile
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len                               # tokens cached before the chunk
+
+    # Rows: token (row // GROUP) of the tile, query head kv_head * GROUP + row % GROUP.
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_lo + offs_m // GROUP                               # position inside the chunk
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = context_len + q_idx                                  # absolute position: sees keys <= q_pos
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q_rows = (q_start + q_idx).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)   # [BLOCK_M, D]
+
+    # Keys this tile needs: up to its last token's position; none for an empty tile.
+    kv_end = context_len + tl.minimum(q_lo + BLOCK_Q, q_len)
+    kv_end = tl.where(q_lo < q_len, kv_end, 0)
+    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = split * split_len
+    kv_hi = tl.minimum(kv_lo + split_len, kv_end)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)          # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start in tl.range(kv_lo, kv_hi, BLOCK_N, num_stages=NUM_STAGES):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_hi
+        block = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
+        block = tl.maximum(block, 0).to(tl.int64)                # padded (-1) entries are never used
+        in_block = offs_n % BLOCK_SIZE
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None]
+                    + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
+        v = tl.load(v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2                                               # [BLOCK_M, BLOCK_N]
+        visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out_rows = (q_start + q_idx).to(tl.int64) * stride_ot + head * stride_oh
+    out_mask = row_valid[:, None] & d_valid[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + (out_rows + split * stride_os)[:, None] + offs_d[None, :], out, mask=out_mask)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        lse_rows = (q_start + q_idx).to(tl.int64) * stride_lt + head * stride_lh + split
+        tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr,
+                         stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_valid = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + token * stride_lt + head * stride_lh + offs_s, mask=s_valid,
+                  other=float("-inf"))                                    # [S]
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)            # a row with no keys
+    weight = tl.exp2(lse - lse_max)
+    weight = weight / tl.maximum(tl.sum(weight, axis=0), 1.0e-30)
+    mask = s_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    partial = tl.load(partial_ptr + token * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
+                      + offs_d[None, :], mask=mask, other=0.0)            # [S, D]
+    out = tl.sum(partial * weight[:, None], axis=0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class AttentionKernelConfig:
+    """Tile sizes and launch options of `_paged_attention_kernel`."""
+    block_m: int        # query rows per program (tokens x group heads), a power of 2 >= 16
+    block_n: int        # keys per step of the inner loop
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_config(group: int) -> AttentionKernelConfig:
+    """One token per tile: the rows are the query heads of one KV head."""
+    return AttentionKernelConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=64,
+                                 num_warps=4, num_stages=3)
+
+
+def prefill_config(group: int) -> AttentionKernelConfig:
+    return AttentionKernelConfig(block_m=max(64, triton.next_power_of_2(group)), block_n=64,
+                                 num_warps=4, num_stages=2)
+
+
+def decode_kv_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """How many slices to cut each decode's context into, from shapes only (CUDA-graph safe).
+
+    Enough programs for about two per multiprocessor, but no slice shorter than 256
+    keys (the merge costs a pass over [B, Hq, splits, D] fp32) and at most 32 slices.
+    """
+    programs = batch * num_kv_heads
+    target = 2 * _sm_count(device) if device.type == "cuda" else programs
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_context, 256), 32))
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           metadata: AttentionMetadata, scale: float, *,
+                           num_kv_splits: int | None = None,
+                           config: AttentionKernelConfig | None = None) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]; the same contract as `paged_attention_torch`.
+
+    num_kv_splits and config override the choices made from the shapes (tests, tuning).
+    Rows of q that belong to no sequence (past query_start_loc[-1]) are left unwritten.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads evenly; "
+                         "num_attention_heads must be a multiple of num_key_value_heads")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    group = num_heads // num_kv_heads
+    num_seqs = metadata.seq_lens.shape[0]
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)   # [T, Hq, D]
+    if num_tokens == 0:
+        return out
+
+    decode = metadata.max_query_len == 1
+    if config is None:
+        config = decode_config(group) if decode else prefill_config(group)
+    if decode:
+        block_q = 1
+    else:
+        block_q = max(1, min(config.block_m // group, metadata.max_query_len))
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    num_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+    if num_kv_splits is None:
+        max_context = metadata.block_tables.shape[1] * block_size
+        num_kv_splits = decode_kv_splits(num_seqs, num_kv_heads, max_context, q.device) if decode else 1
+
+    if num_kv_splits == 1:
+        partial, lse = out, out          # lse is not written with one split
+        partial_strides = (out.stride(0), out.stride(1), 0)
+        lse_strides = (0, 0)
+    else:
+        partial = torch.empty(num_tokens, num_heads, num_kv_splits, head_dim, dtype=torch.float32,
+                              device=q.device)                                    # [T, Hq, S, D]
+        lse = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32,
+                          device=q.device)                                        # [T, Hq, S]
+        partial_strides = (partial.stride(0), partial.stride(1), partial.stride(2))
+        lse_strides = (lse.stride(0), lse.stride(1))
+
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    grid = (num_tiles, num_kv_heads, num_kv_splits)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, partial, lse,
+        metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
+        scale * LOG2_E, num_seqs,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *partial_strides, *lse_strides,
+        metadata.block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        BLOCK_B=triton.next_power_of_2(num_seqs + 1), NUM_SPLITS=num_kv_splits,
+        IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps)
+    if num_kv_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            partial, lse, out,
+            partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_kv_splits, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=1)
+    return out
+
+
+@triton.jit
+def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                          stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                          NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        in_block = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, HEADS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        v = tl.load(v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        k_dst = block * stride_kcb + in_block * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
+        v_dst = block * stride_vcb + in_block * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
+        tl.store(k_cache_ptr + k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, Hkv, D] into the caches at slot_mapping [T]; slots < 0 are skipped."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    if k.stride(2) != 1:
+        k = k.contiguous()
+    if v.stride(2) != 1:
+        v = v.contiguous()
+    _store_kvcache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4)
+

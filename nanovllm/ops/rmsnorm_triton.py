@@ -1,0 +1,86 @@
+"""RMSNorm and fused residual-add + RMSNorm in Triton: one program per row.
+
+A row of H values is read once, its mean square reduced in fp32, and the row written
+once; the fused form also writes the new residual (x + residual) in the same pass.
+Rounding follows `rms_norm_torch` step by step (normalize in fp32, round to the input
+dtype, then multiply by the weight), so both backends agree to the last bit in
+float32 and within one rounding in half precision.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, eps, inner, stride_x0, stride_x1,
+                     HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = (row // inner).to(tl.int64) * stride_x0 + (row % inner) * stride_x1
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < HIDDEN
+    x = tl.load(x_ptr + x_row + offs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * HIDDEN + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
+                         stride_x, stride_r, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    summed = (x.to(tl.float32) + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
+    tl.store(residual_out_ptr + row * HIDDEN + offs, summed, mask=mask)
+    sf = summed.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / HIDDEN + eps)
+    normed = (sf * rstd).to(summed.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * HIDDEN + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_warps(block: int) -> int:
+    return min(16, max(1, block // 256))
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., H], weight: [H] -> [..., H]; x may be a strided view (e.g. q heads of a fused qkv)."""
+    hidden = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x.numel() == 0:
+        return out
+    if x.dim() > 3 or x.stride(-1) != 1:
+        x = x.reshape(-1, hidden).contiguous()
+    if x.dim() == 3:      # [T, heads, D]: rows are (token, head) pairs
+        inner, stride_x0, stride_x1 = x.shape[1], x.stride(0), x.stride(1)
+    else:
+        x = x.reshape(-1, hidden)
+        inner, stride_x0, stride_x1 = 1, x.stride(0), 0
+    block_h = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(out.numel() // hidden,)](x, weight, out, eps, inner, stride_x0, stride_x1,
+                                                HIDDEN=hidden, BLOCK_H=block_h, num_warps=_num_warps(block_h))
+    return out
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]."""
+    num_tokens, hidden = x.shape
+    residual_out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    out = torch.empty(x.shape, dtype=torch.promote_types(residual_out.dtype, weight.dtype), device=x.device)
+    if num_tokens == 0:
+        return out, residual_out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual.stride(1) != 1:
+        residual = residual.contiguous()
+    block_h = triton.next_power_of_2(hidden)
+    _add_rms_norm_kernel[(num_tokens,)](x, residual, weight, out, residual_out, eps, x.stride(0), residual.stride(0),
+                                        HIDDEN=hidden, BLOCK_H=block_h, num_warps=_num_warps(block_h))
+    return out, residual_out

@@ -1,0 +1,310 @@
+"""The Triton kernels compute what their torch references compute, checked on the CPU
+under Triton's interpreter (CI has no GPU).
+
+Triton decides when a kernel (and its own standard library: tl.sum, tl.cdiv, ...) is
+decorated whether it is compiled or interpreted, that is when `triton` is imported.
+So the one test a normal run collects here, `test_triton_kernels_match_references_in_the_interpreter`,
+runs this file again in a fresh Python with TRITON_INTERPRET=1 set from the start;
+there the kernel cases below are collected instead (`@in_interpreter`). Whatever ran
+before, the interpreter is used, and no other test file sees the variable.
+Inside, `torch.empty` in the kernel modules fills floating-point buffers with NaN, so
+an element a kernel forgets to write shows up. float32 and float16 only: bfloat16 is
+broken in the interpreter (it is tested on the GPU, tests/gpu/test_kernels_gpu.py).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanovllm.ops import use_triton
+from nanovllm.ops.activation import silu_and_mul, silu_and_mul_torch
+from nanovllm.ops.attention import (AttentionMetadata, paged_attention, paged_attention_torch, store_kvcache,
+                                    store_kvcache_torch)
+from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
+from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary, qk_norm_rotary_torch,
+                                 rope_cos_sin_cache)
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton")
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def in_interpreter(test):
+    """Collect `test` only in the subprocess that runs with TRITON_INTERPRET=1."""
+    test.__test__ = IN_INTERPRETER
+    return test
+
+
+def test_triton_kernels_match_references_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+test_triton_kernels_match_references_in_the_interpreter.__test__ = not IN_INTERPRETER
+
+
+class _PoisonedTorch:
+    """torch, except that `empty` fills floating-point buffers with NaN."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs) -> torch.Tensor:
+        buffer = torch.empty(*args, **kwargs)
+        if buffer.is_floating_point():
+            buffer.fill_(float("nan"))
+        return buffer
+
+
+@pytest.fixture
+def kernels(monkeypatch) -> SimpleNamespace:
+    """The kernel modules, with poisoned `torch.empty`."""
+    import importlib
+    modules = {name: importlib.import_module(f"nanovllm.ops.{name}") for name in KERNEL_MODULES}
+    for module in modules.values():
+        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+    return SimpleNamespace(**modules)
+
+
+@in_interpreter
+def test_every_kernel_runs_in_the_interpreter(kernels):
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    found = [value for module in vars(kernels).values() for value in vars(module).values()
+             if isinstance(value, (InterpretedFunction, JITFunction))]
+    assert len(found) == 8
+    assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
+
+
+# ---- paged attention -----------------------------------------------------------------------
+
+def make_batch(q_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+               block_size: int, dtype: torch.dtype, seed: int):
+    """A batch over a shuffled block pool. Returns q (a view of a fused qkv buffer), the caches
+    with every slot no sequence owns set to NaN, the same caches with those slots zeroed (for
+    the reference) and the metadata; block tables are padded with -1 past what is needed."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(context_lens, q_lens)]
+    blocks_needed = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_needed) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    block_tables = torch.full((len(q_lens), max(blocks_needed) + 2), -1, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    for b, (seq_len, needed) in enumerate(zip(seq_lens, blocks_needed)):
+        owned, order = order[:needed], order[needed:]
+        block_tables[b, :needed] = torch.tensor(owned, dtype=torch.int32)
+        slots = torch.tensor([owned[i // block_size] * block_size + i % block_size for i in range(seq_len)])
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+    num_tokens = sum(q_lens)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)      # [T, Hq, D], strided
+    query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    metadata = AttentionMetadata(query_start_loc=query_start_loc,
+                                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                                 slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64),
+                                 block_tables=block_tables, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    return q, k_cache, v_cache, k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0), metadata
+
+
+def reference_attention(q, k_clean, v_clean, metadata, scale):
+    return paged_attention_torch(q.float(), k_clean.float(), v_clean.float(), metadata, scale)
+
+
+# (query heads per KV head, KV heads, head_dim): GQA 1, 2, 4, 7; head_dim 80 is not a power of 2.
+GQA_SHAPES = [(1, 3, 80), (2, 2, 64), (4, 1, 32), (7, 1, 64)]
+MIXED_Q_LENS, MIXED_CONTEXTS = [3, 1, 17, 1], [6, 0, 0, 21]     # chunks of 3 and 17, decodes, a fresh prompt
+
+
+def small_tiles(kernels):
+    """16-key steps and 16-row tiles: several inner-loop steps and several tiles per chunk."""
+    return kernels.attention_triton.AttentionKernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
+
+
+@in_interpreter
+@pytest.mark.parametrize("tiles", ["default", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
+def test_paged_attention_kernel_matches_reference_on_mixed_batches(kernels, group, num_kv_heads, head_dim,
+                                                                  block_size, dtype, tiles):
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
+        MIXED_Q_LENS, MIXED_CONTEXTS, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=group)
+    scale = head_dim ** -0.5
+    config = small_tiles(kernels) if tiles == "small" else None
+    out = kernels.attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, scale, config=config)
+    torch.testing.assert_close(out.float(), reference_attention(q, k_clean, v_clean, metadata, scale),
+                               **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
+def test_paged_attention_kernel_matches_reference_on_decodes(kernels, group, num_kv_heads, head_dim, dtype,
+                                                            num_kv_splits):
+    block_size = 4 if group % 2 else 16
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
+        [1, 1, 1], [0, 12, 70], group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=10 + group)
+    scale = head_dim ** -0.5
+    out = kernels.attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, scale,
+                                                              num_kv_splits=num_kv_splits,
+                                                              config=small_tiles(kernels))
+    torch.testing.assert_close(out.float(), reference_attention(q, k_clean, v_clean, metadata, scale),
+                               **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
+def test_split_kv_matches_reference_on_mixed_batches(kernels, group, num_kv_heads, head_dim):
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
+        MIXED_Q_LENS, MIXED_CONTEXTS, group * num_kv_heads, num_kv_heads, head_dim, 4, torch.float32, seed=20)
+    scale = head_dim ** -0.5
+    out = kernels.attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, scale,
+                                                              num_kv_splits=2, config=small_tiles(kernels))
+    torch.testing.assert_close(out, reference_attention(q, k_clean, v_clean, metadata, scale),
+                               **TOLERANCE[torch.float32])
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_store_kvcache_kernel_writes_the_mapped_slots_and_skips_negative_ones(kernels, block_size, dtype):
+    num_blocks, num_kv_heads, head_dim, num_tokens = 5, 3, 80, 9
+    qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim).to(dtype)
+    k = qkv[:, 4 * head_dim:(4 + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, (4 + num_kv_heads) * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+    slot_mapping = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slot_mapping[[2, 7]] = -1
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    kernels.attention_triton.store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
+    store_kvcache_torch(k, v, k_ref, v_ref, slot_mapping)
+    assert torch.equal(k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0))
+    assert torch.equal(v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+
+
+# ---- norms, rotary, activation -------------------------------------------------------------
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [37, 256])
+def test_rms_norm_kernel_matches_reference(kernels, hidden, dtype):
+    x = torch.randn(5, hidden).to(dtype) * 3
+    weight = torch.randn(hidden).to(dtype)
+    out = kernels.rmsnorm_triton.rms_norm_triton(x, weight, 1e-6)
+    torch.testing.assert_close(out, rms_norm_torch(x, weight, 1e-6), **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_kernel_normalizes_each_head_of_a_strided_view(kernels, dtype):
+    qkv = torch.randn(3, 10 * 80).to(dtype)
+    q = qkv[:, :7 * 80].view(3, 7, 80)                     # [T, Hq, D], row stride 800
+    weight = torch.randn(80).to(dtype)
+    out = kernels.rmsnorm_triton.rms_norm_triton(q, weight, 1e-5)
+    torch.testing.assert_close(out, rms_norm_torch(q, weight, 1e-5), **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [37, 256])
+def test_add_rms_norm_kernel_matches_reference(kernels, hidden, dtype):
+    x, residual = torch.randn(2, 7, hidden).to(dtype).unbind(0)
+    weight = torch.randn(hidden).to(dtype)
+    out, new_residual = kernels.rmsnorm_triton.add_rms_norm_triton(x, residual, weight, 1e-6)
+    ref_out, ref_residual = add_rms_norm_torch(x, residual, weight, 1e-6)
+    torch.testing.assert_close(new_residual, ref_residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, **TOLERANCE[dtype])
+
+
+def rotary_inputs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, scaled: bool):
+    num_tokens = 7
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64} if scaled else None
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 300, 10000.0, scaling)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    q = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 300, (num_tokens,))
+    return qkv, q, k, positions, cos_sin_cache
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,scaled", [(7, 1, 64, True), (3, 3, 80, False),
+                                                                     (4, 2, 32, False)])
+def test_rotary_kernel_rotates_q_and_k_in_place_like_the_reference(kernels, num_heads, num_kv_heads,
+                                                                   head_dim, scaled, dtype):
+    qkv, q, k, positions, cos_sin_cache = rotary_inputs(num_heads, num_kv_heads, head_dim, dtype, scaled)
+    qkv_ref = qkv.clone()
+    q_ref = qkv_ref[:, :q.shape[1] * head_dim].view_as(q)
+    k_ref = qkv_ref[:, q.shape[1] * head_dim:(q.shape[1] + k.shape[1]) * head_dim].view_as(k)
+    kernels.rotary_triton.apply_rotary_triton(q, k, positions, cos_sin_cache)
+    apply_rotary_torch(q_ref, k_ref, positions, cos_sin_cache)
+    torch.testing.assert_close(qkv, qkv_ref, **TOLERANCE[dtype])     # v untouched, q and k rotated
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(7, 1, 64), (3, 3, 80)])
+def test_fused_qk_norm_rotary_kernel_matches_norm_then_rotary(kernels, num_heads, num_kv_heads, head_dim,
+                                                              dtype):
+    qkv, q, k, positions, cos_sin_cache = rotary_inputs(num_heads, num_kv_heads, head_dim, dtype, False)
+    q_weight, k_weight = torch.randn(2, head_dim).to(dtype).unbind(0)
+    qkv_ref = qkv.clone()
+    q_ref = qkv_ref[:, :num_heads * head_dim].view_as(q)
+    k_ref = qkv_ref[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view_as(k)
+    kernels.rotary_triton.qk_norm_rotary_triton(q, k, positions, cos_sin_cache, q_weight, k_weight, 1e-6)
+    qk_norm_rotary_torch(q_ref, k_ref, positions, cos_sin_cache, q_weight, k_weight, 1e-6)
+    torch.testing.assert_close(qkv, qkv_ref, **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("intermediate", [45, 1100])
+def test_silu_and_mul_kernel_matches_reference(kernels, intermediate, dtype):
+    x = (torch.randn(3, 2 * intermediate) * 4).to(dtype)
+    out = kernels.activation_triton.silu_and_mul_triton(x)
+    torch.testing.assert_close(out, silu_and_mul_torch(x), **TOLERANCE[dtype])
+
+
+def test_dispatchers_send_cpu_tensors_to_the_torch_references():
+    """On the CPU every public op returns exactly what its reference returns."""
+    assert not use_triton(torch.zeros(1))
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(MIXED_Q_LENS, MIXED_CONTEXTS, 4, 2, 32, 4,
+                                                                 torch.float32, seed=3)
+    assert torch.equal(paged_attention(q, k_clean, v_clean, metadata, 0.2),
+                       paged_attention_torch(q, k_clean, v_clean, metadata, 0.2))
+    k_new, v_new = torch.randn(2, 6, 2, 32).unbind(0)
+    slots = torch.tensor([0, 5, -1, 9, 2, 3])
+    store_kvcache(k_new, v_new, k_clean, v_clean, slots)
+    assert torch.equal(k_clean.view(-1, 2, 32)[slots[slots >= 0]], k_new[slots >= 0])
+    x = torch.randn(4, 37)
+    assert torch.equal(rms_norm(x, torch.ones(37), 1e-6), rms_norm_torch(x, torch.ones(37), 1e-6))
+    assert torch.equal(add_rms_norm(x, x, torch.ones(37), 1e-6)[0], add_rms_norm_torch(x, x, torch.ones(37), 1e-6)[0])
+    assert torch.equal(silu_and_mul(x[:, :36]), silu_and_mul_torch(x[:, :36]))
+    _, q1, k1, positions, cache = rotary_inputs(4, 2, 32, torch.float32, False)
+    q2, k2 = q1.clone(), k1.clone()
+    apply_rotary(q1, k1, positions, cache)
+    apply_rotary_torch(q2, k2, positions, cache)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    weight = torch.randn(32)
+    qk_norm_rotary(q1, k1, positions, cache, weight, weight, 1e-6)
+    qk_norm_rotary_torch(q2, k2, positions, cache, weight, weight, 1e-6)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
