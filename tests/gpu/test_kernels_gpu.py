@@ -1,0 +1,203 @@
+"""The Triton kernels on a CUDA GPU, in bfloat16 at real model sizes, against the torch
+references (attention against a float32 reference, by relative error of the whole output).
+
+Shapes: Llama-3.2-1B (32 query heads, 8 KV heads, head_dim 64), Qwen3-0.6B (16/8/128),
+head_dim 80 and GQA 7; contexts past 4096; decode graphs replayed with new contexts.
+Run on the device machine: `python3 -m pytest -q -m gpu tests/gpu`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanovllm.ops import activation_triton, attention_triton, rmsnorm_triton, rotary_triton
+from nanovllm.ops.activation import silu_and_mul_torch
+from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch, store_kvcache_torch
+from nanovllm.ops.rmsnorm import add_rms_norm_torch, rms_norm_torch
+from nanovllm.ops.rotary import apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEVICE = "cuda"
+BF16 = dict(rtol=1.6e-2, atol=1.6e-2)       # one bfloat16 rounding step of the outputs
+# (query heads, KV heads, head_dim)
+LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80, GQA_7 = (32, 8, 64), (16, 8, 128), (16, 4, 80), (28, 4, 128)
+
+
+class _PoisonedTorch:
+    """torch, except that `empty` fills floating-point buffers with NaN."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs) -> torch.Tensor:
+        buffer = torch.empty(*args, **kwargs)
+        if buffer.is_floating_point():
+            buffer.fill_(float("nan"))
+        return buffer
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    for module in (attention_triton, rmsnorm_triton, rotary_triton, activation_triton):
+        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "the kernel left NaN in its output"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_batch(q_lens: list[int], context_lens: list[int], shape: tuple[int, int, int], block_size: int,
+               spare_blocks: int = 0):
+    """Random bf16 q (a view of a fused qkv buffer) and caches over a shuffled block pool."""
+    num_heads, num_kv_heads, head_dim = shape
+    seq_lens = [c + q for c, q in zip(context_lens, q_lens)]
+    needed = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(needed) + spare_blocks + 1
+    order = torch.randperm(num_blocks, device=DEVICE)
+    block_tables = torch.full((len(q_lens), max(needed) + spare_blocks), -1, dtype=torch.int32, device=DEVICE)
+    used = 0
+    for b, n in enumerate(needed):
+        block_tables[b, :n] = order[used:used + n]
+        used += n
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    num_tokens = sum(q_lens)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE, dtype=torch.bfloat16)
+    q = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    metadata = AttentionMetadata(query_start_loc=query_start_loc,
+                                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                                 slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=DEVICE),
+                                 block_tables=block_tables, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    return q, k_cache, v_cache, metadata
+
+
+def reference(q, k_cache, v_cache, metadata, scale):
+    return paged_attention_torch(q.float(), k_cache.float(), v_cache.float(), metadata, scale)
+
+
+@pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80, GQA_7])
+def test_decode_attention_matches_reference_at_model_sizes(shape):
+    torch.manual_seed(0)
+    context_lens = torch.randint(1, 5000, (48,)).tolist()
+    q, k_cache, v_cache, metadata = make_batch([1] * 48, context_lens, shape, 16)
+    scale = shape[2] ** -0.5
+    out = paged_attention(q, k_cache, v_cache, metadata, scale)
+    assert relative_error(out, reference(q, k_cache, v_cache, metadata, scale)) < 1e-2
+
+
+@pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN3_0_6B])
+def test_long_context_decodes_split_the_context_and_match_reference(shape):
+    torch.manual_seed(1)
+    q, k_cache, v_cache, metadata = make_batch([1, 1], [8191, 5000], shape, 16)
+    splits = attention_triton.decode_kv_splits(2, shape[1], metadata.block_tables.shape[1] * 16, q.device)
+    assert splits > 1
+    scale = shape[2] ** -0.5
+    out = paged_attention(q, k_cache, v_cache, metadata, scale)
+    assert relative_error(out, reference(q, k_cache, v_cache, metadata, scale)) < 1e-2
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80, GQA_7])
+def test_mixed_prefill_and_decode_attention_matches_reference(shape, block_size):
+    torch.manual_seed(2)
+    q_lens, context_lens = [512, 1, 1000, 1, 37], [3000, 4200, 0, 17, 4100]
+    q, k_cache, v_cache, metadata = make_batch(q_lens, context_lens, shape, block_size)
+    scale = shape[2] ** -0.5
+    out = paged_attention(q, k_cache, v_cache, metadata, scale)
+    assert relative_error(out, reference(q, k_cache, v_cache, metadata, scale)) < 1e-2
+
+
+@pytest.mark.parametrize("batch", [2, 64])
+def test_decode_attention_replays_in_a_cuda_graph_with_new_contexts(batch):
+    """The graph is captured once with a block table wide enough for 4096 tokens; replays with
+    other lengths and other blocks give the reference's answer (split path at batch 2)."""
+    torch.manual_seed(3)
+    shape, block_size, width = LLAMA_3_2_1B, 16, 4096 // 16
+    q, k_cache, v_cache, metadata = make_batch([1] * batch, [4095] * batch, shape, block_size)
+    scale = shape[2] ** -0.5
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_attention(q, k_cache, v_cache, metadata, scale)            # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(q, k_cache, v_cache, metadata, scale)
+    for trial in range(3):
+        seq_lens = torch.randint(1, 4097, (batch,), device=DEVICE, dtype=torch.int32)
+        metadata.seq_lens.copy_(seq_lens)
+        metadata.block_tables.copy_(torch.randint(0, k_cache.shape[0], (batch, width), device=DEVICE,
+                                                  dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        now = AttentionMetadata(metadata.query_start_loc, seq_lens, metadata.slot_mapping, metadata.block_tables,
+                                1, int(seq_lens.max()))
+        assert relative_error(out, reference(q, k_cache, v_cache, now, scale)) < 1e-2, f"replay {trial}"
+
+
+def test_cuda_tensors_are_dispatched_to_the_triton_kernel():
+    torch.manual_seed(4)
+    q, k_cache, v_cache, metadata = make_batch([1] * 4, [100, 200, 300, 400], LLAMA_3_2_1B, 16)
+    assert torch.equal(paged_attention(q, k_cache, v_cache, metadata, 0.125),
+                       attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.125))
+
+
+@pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80])
+def test_store_kvcache_writes_exactly_what_the_reference_writes(shape):
+    num_heads, num_kv_heads, head_dim = shape
+    qkv = torch.randn(1000, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k, v = qkv[:, num_heads * head_dim:].view(1000, 2, num_kv_heads, head_dim).unbind(1)
+    slot_mapping = torch.randperm(300 * 16, device=DEVICE)[:1000]
+    slot_mapping[::7] = -1
+    caches = torch.randn(4, 300, 16, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    attention_triton.store_kvcache_triton(k, v, caches[0], caches[1], slot_mapping)
+    store_kvcache_torch(k, v, caches[2], caches[3], slot_mapping)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("hidden", [1024, 2048, 3072])
+def test_rms_norm_and_add_rms_norm_match_reference(hidden):
+    x, residual = torch.randn(2, 777, hidden, device=DEVICE, dtype=torch.bfloat16).unbind(0)
+    weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(rmsnorm_triton.rms_norm_triton(x, weight, 1e-5), rms_norm_torch(x, weight, 1e-5),
+                               **BF16)
+    out, new_residual = rmsnorm_triton.add_rms_norm_triton(x, residual, weight, 1e-5)
+    ref_out, ref_residual = add_rms_norm_torch(x, residual, weight, 1e-5)
+    assert torch.equal(new_residual, ref_residual)
+    torch.testing.assert_close(out, ref_out, **BF16)
+
+
+@pytest.mark.parametrize("shape,scaling", [
+    (LLAMA_3_2_1B, {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}),
+    (QWEN3_0_6B, None), (HEAD_DIM_80, None)])
+def test_rotary_matches_reference_in_place(shape, scaling):
+    num_heads, num_kv_heads, head_dim = shape
+    cache = rope_cos_sin_cache(head_dim, 131072, 500000.0, scaling).to(DEVICE)
+    qkv = torch.randn(513, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE, dtype=torch.bfloat16)
+    ref = qkv.clone()
+    positions = torch.randint(0, 131072, (513,), device=DEVICE)
+
+    def views(buffer):
+        q = buffer[:, :num_heads * head_dim].view(513, num_heads, head_dim)
+        k = buffer[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(513, num_kv_heads, head_dim)
+        return q, k
+
+    rotary_triton.apply_rotary_triton(*views(qkv), positions, cache)
+    apply_rotary_torch(*views(ref), positions, cache)
+    torch.testing.assert_close(qkv, ref, **BF16)
+    weights = torch.randn(2, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    rotary_triton.qk_norm_rotary_triton(*views(qkv), positions, cache, weights[0], weights[1], 1e-6)
+    qk_norm_rotary_torch(*views(ref), positions, cache, weights[0], weights[1], 1e-6)
+    torch.testing.assert_close(qkv, ref, **BF16)
+
+
+@pytest.mark.parametrize("intermediate", [3072, 8192])
+def test_silu_and_mul_matches_reference(intermediate):
+    x = torch.randn(333, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 3
+    torch.testing.assert_close(activation_triton.silu_and_mul_triton(x), silu_and_mul_torch(x), **BF16)
