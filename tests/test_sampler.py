@@ -77,13 +77,18 @@ def test_random_stream_is_uniform_in_the_open_unit_interval():
 
 # --- reproducibility ---------------------------------------------------------------------
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("target", [
     SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=1234),
     SamplingParams(top_k=50, seed=1234),
     SamplingParams(min_p=0.01, seed=1234),
     SamplingParams(seed=1234, frequency_penalty=0.3),
 ])
-def test_seeded_row_samples_the_same_alone_and_in_any_batch(target):
+def test_seeded_row_samples_the_same_alone_and_in_any_batch(target, device):
     torch.manual_seed(0)
     vocab_size = 500
     others = [SamplingParams(temperature=0), SamplingParams(top_k=3), SamplingParams(min_p=0.2),
@@ -92,7 +97,7 @@ def test_seeded_row_samples_the_same_alone_and_in_any_batch(target):
     for output_len in range(8):
         row = torch.randn(vocab_size) * 2
         alone = sample(row[None], [target], seeds=[1234], output_lens=[output_len],
-                       prompts=[[1, 2]], outputs=[list(range(output_len))]).token_ids[0]
+                       prompts=[[1, 2]], outputs=[list(range(output_len))], device=device).token_ids[0]
         for position in range(len(others) + 1):
             params = others[:position] + [target] + others[position:]
             logits = torch.randn(len(params), vocab_size) * 2
@@ -103,7 +108,7 @@ def test_seeded_row_samples_the_same_alone_and_in_any_batch(target):
             lens[position] = output_len
             outputs = [list(range(n)) for n in lens]
             batched = sample(logits, params, seeds=seeds, output_lens=lens, prompts=[[1, 2]] * len(params),
-                             outputs=outputs)
+                             outputs=outputs, device=device)
             assert batched.token_ids[position] == alone
 
 
@@ -204,6 +209,10 @@ def test_rows_with_a_filter_off_are_unaffected_by_rows_that_use_it():
     tokens = sample(logits, params, seeds=list(range(4000))).token_ids
     assert set(tokens[1::2]) == {3}
     assert set(tokens[0::2]) == set(range(6))
+    kinds = [SamplingParams(top_k=1), SamplingParams(top_p=0.85), SamplingParams(top_k=5, top_p=0.75),
+             SamplingParams(temperature=0)]
+    tokens = sample(logits, kinds * 1000, seeds=list(range(4000))).token_ids
+    assert [set(tokens[i::4]) for i in range(4)] == [{3}, {3, 1, 4}, {3, 1}, {3}]
 
 
 # --- penalties and min_tokens ------------------------------------------------------------

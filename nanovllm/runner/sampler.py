@@ -116,6 +116,7 @@ class SamplingBatch:
     top_k: torch.Tensor | None                  # [B] int64, 0 where off
     max_top_k: int                              # the largest top_k in use (0: none)
     top_p: torch.Tensor | None                  # [B] float32, inf where off
+    top_p_needs_full_sort: bool                 # some top-p row has no top-k to bound its candidates
     min_p: torch.Tensor | None                  # [B] float32, 0 where off
     stream_keys: torch.Tensor | None            # [B] int64, hash(seed, output_len): this step's random stream
     presence_penalty: torch.Tensor | None       # [B] float32
@@ -141,7 +142,7 @@ class SamplingBatch:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         is_greedy = temperature = top_k = top_p = min_p = keys = None
-        max_top_k = 0
+        max_top_k, top_p_needs_full_sort = 0, False
         if not all_greedy:
             is_greedy = None if all_random else torch.tensor(greedy, dtype=torch.bool, device=device)
             temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
@@ -149,9 +150,10 @@ class SamplingBatch:
             max_top_k = max(top_ks)
             if max_top_k > 0:
                 top_k = ints(top_ks)
-            if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy)):
-                top_p = floats([p.top_p if p.top_p < 1.0 and not g else float("inf")
-                                for p, g in zip(params, greedy)])
+            top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
+            if min(top_ps) < 1.0:
+                top_p = floats([p if p < 1.0 else float("inf") for p in top_ps])
+                top_p_needs_full_sort = any(p < 1.0 and k == 0 for p, k in zip(top_ps, top_ks))
             if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
                 min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
             keys = torch.from_numpy(stream_keys(seeds, output_lens)).to(device)
@@ -174,7 +176,8 @@ class SamplingBatch:
         num_logprobs = [p.logprobs for p in params]
         asked = [k for k in num_logprobs if k is not None]
         return cls(all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy, temperature=temperature,
-                   top_k=top_k, max_top_k=max_top_k, top_p=top_p, min_p=min_p, stream_keys=keys,
+                   top_k=top_k, max_top_k=max_top_k, top_p=top_p,
+                   top_p_needs_full_sort=top_p_needs_full_sort, min_p=min_p, stream_keys=keys,
                    presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
                    output_token_ids=output_ids, prompt_token_ids=prompt_ids, suppressed_token_ids=suppressed,
                    num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None)
@@ -231,12 +234,8 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token ids [B]: argmax on greedy rows, a seeded draw on the others."""
     scaled = logits / batch.temperature[:, None]                          # [B, V]
-    if batch.top_p is not None:
-        scaled = _mask_top_k_top_p(scaled, batch.top_k, batch.top_p)
-    elif batch.top_k is not None:
-        # Top-k alone needs no full sort: the k largest of each row give its threshold.
-        largest = scaled.topk(min(batch.max_top_k, scaled.shape[1]), dim=-1).values      # [B, max_top_k]
-        scaled = scaled.masked_fill(scaled < _kth_largest(largest, batch.top_k), float("-inf"))
+    if batch.top_k is not None or batch.top_p is not None:
+        scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, batch), float("-inf"))
     if batch.min_p is not None:
         # Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p).
         threshold = scaled.max(dim=-1, keepdim=True).values + torch.log(batch.min_p)[:, None]
@@ -249,27 +248,34 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(batch.is_greedy, logits.argmax(dim=-1), random_tokens)
 
 
-def _kth_largest(descending: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """descending: [B, W] each row's largest logits in order -> [B, 1] the top_k-th, -inf where top_k is 0.
+def _top_k_top_p_threshold(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B, 1]: the smallest logit each row keeps after top-k then top-p; -inf where both are off.
 
-    Masking what lies below it keeps k tokens (more only on exact ties, as in vLLM).
+    Both filters keep a prefix of the row sorted in descending order, so only that
+    order is needed: one sort of the rows, or just the `max_top_k` largest values
+    when every top-p row also has a top-k (top-p then renormalizes over those).
     """
-    index = (top_k - 1).clamp(0, descending.shape[1] - 1)[:, None]      # [B, 1]
-    return torch.where(top_k[:, None] > 0, descending.gather(1, index), float("-inf"))
-
-
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor) -> torch.Tensor:
-    """One descending sort of every row; rows whose top_k/top_p is off keep everything."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)           # [B, V] each
-    if top_k is not None:
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < _kth_largest(sorted_logits, top_k),
-                                                  float("-inf"))
-    sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    # Keep the smallest prefix whose probability reaches top_p: drop a token once the
-    # more likely tokens before it already sum to top_p. The first token always stays.
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if batch.top_p is not None and batch.top_p_needs_full_sort:
+        descending = logits.sort(dim=-1, descending=True).values         # [B, V]
+    else:
+        descending = logits.topk(min(batch.max_top_k, logits.shape[1]), dim=-1).values   # [B, max_top_k]
+    filtered = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)   # [B, 1]
+    if batch.top_k is not None:
+        # Below the k-th largest value goes (ties at it stay, as in vLLM); rows with top_k 0 keep all.
+        uses_top_k = batch.top_k[:, None] > 0                             # [B, 1]
+        index = (batch.top_k - 1).clamp(0, descending.shape[1] - 1)[:, None]
+        kth_largest = torch.where(uses_top_k, descending.gather(1, index), float("-inf"))
+        descending = descending.masked_fill(descending < kth_largest, float("-inf"))
+        filtered |= uses_top_k
+    if batch.top_p is not None:
+        # Drop a token once the more likely tokens before it already sum to top_p:
+        # the smallest prefix whose probability reaches top_p. The first token always stays.
+        probs = torch.softmax(descending, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        descending = descending.masked_fill(mass_before >= batch.top_p[:, None], float("-inf"))
+        filtered |= batch.top_p[:, None] < 1.0
+    num_kept = (descending > float("-inf")).sum(dim=-1, keepdim=True).clamp(min=1)   # [B, 1]
+    return torch.where(filtered, descending.gather(1, num_kept - 1), float("-inf"))
 
 
 def _top_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, token_ids: list[int],
