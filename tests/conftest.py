@@ -163,3 +163,77 @@ def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, rel: float 
     scale = reference.abs().max().item()
     diff = (ours - reference).abs().max().item()
     assert diff < rel * scale, f"max abs diff {diff:.3g} exceeds {rel} x logit scale {scale:.3g}"
+
+
+# HuggingFace name (after `model.layers.N.`) -> llama.cpp name, written out here independently of the loader.
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _llama_cpp_permute(weight, num_heads: int):
+    """What llama.cpp's converter does to q/k rows of llama models: within each head, the rows of the
+    first half and of the second half are interleaved (row i -> 2i, row i + D/2 -> 2i + 1)."""
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    out = weight.copy()
+    for h in range(num_heads):
+        for i in range(head_dim // 2):
+            out[h * head_dim + 2 * i] = weight[h * head_dim + i]
+            out[h * head_dim + 2 * i + 1] = weight[h * head_dim + head_dim // 2 + i]
+    return out
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
+    """Convert a tiny HF model directory to GGUF as llama.cpp would; 2-D weights stored as `qtype`."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = config["model_type"]
+    num_heads, num_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(num_heads)
+    writer.add_head_count_kv(num_kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    quant = gguf.GGMLQuantizationType[qtype]
+    for name, weight in load_file(str(hf_dir / "model.safetensors")).items():
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, suffix = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{suffix}"
+        else:
+            gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                         "lm_head.weight": "output.weight"}[name]
+        weight = weight.astype(np.float32)
+        if arch == "llama" and ".attn_q." in gguf_name:
+            weight = _llama_cpp_permute(weight, num_heads)
+        if arch == "llama" and ".attn_k." in gguf_name:
+            weight = _llama_cpp_permute(weight, num_kv_heads)
+        if weight.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(weight, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(gguf_name, weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
