@@ -81,7 +81,7 @@ def _mix32(x: IntArray) -> IntArray:
 
 def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
     """hash(seed, output_len) per row: the key of that row's random numbers this step; int64 [B]."""
-    seeds_u64 = np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64)
+    seeds_u64 = np.array([int(seed) & _MASK64 for seed in seeds], dtype=np.uint64)
     seeds_low = (seeds_u64 & np.uint64(_MASK32)).astype(np.int64)
     seeds_high = (seeds_u64 >> np.uint64(32)).astype(np.int64)
     keys = _mix32(seeds_low ^ _SALT_SEED)
