@@ -1,0 +1,320 @@
+"""`nano-vllm bench throughput|latency|serve|cpu`: a measured figure beside its limit and a peer's.
+
+    nano-vllm bench throughput --dummy qwen3-0.6b --peer hf          bench.py's workload on a GPU
+    nano-vllm bench latency MODEL                                    TTFT and decode tok/s of one request
+    nano-vllm bench serve --launch --request-rate 1,4,inf           Poisson arrivals against the server
+    nano-vllm bench cpu --peer hf,llama.cpp                          the 2-core CPU workload (embedded model)
+
+Every run first measures the machine (copy bandwidth, matmul FLOP/s) in this
+process, computes the roofline of the exact workload (roofline.py), runs the
+peers and nano-vllm, and prints one table; `--json FILE` keeps every number,
+`--save-dir DIR` writes DIR/<date>-<card or cpu>-<kind>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import gc
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from nanovllm.bench import report
+from nanovllm.bench.latency import DEFAULT_NUM_RUNS, LatencyResult, run_latency
+from nanovllm.bench.peers import PEERS, PeerSettings, PeerUnavailable, make_peer
+from nanovllm.bench.roofline import Ceilings, ModelCost, Roofline, measure_ceilings, workload_roofline
+from nanovllm.bench.serve import DEFAULT_URL, LocalServer, parse_rates, run_serve, served_model_name
+from nanovllm.bench.throughput import ThroughputResult, run_throughput
+from nanovllm.bench.workloads import (DATASETS, Workload, cpu_batch_workload, dataset_workload,
+                                      latency_workload)
+from nanovllm.config import EngineConfig
+from nanovllm.engine_args import add_engine_args, engine_config_from_args
+
+KINDS = ("throughput", "latency", "serve", "cpu")
+DEFAULT_PEERS = {"throughput": "none", "latency": "none", "serve": "none", "cpu": "hf,llama.cpp"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=KINDS, help="the workload (see BENCHMARKS.md)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="HF directory, .gguf or llama2.c .bin (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dummy", metavar="NAME",
+                        help="random weights of a built-in config (qwen3-0.6b, llama-3.2-1b, llama-3.1-8b) "
+                             "or of a config.json / directory holding one")
+    workload = parser.add_argument_group("workload")
+    workload.add_argument("--dataset", choices=DATASETS,
+                          help="throughput/serve requests (default: throughput, or random with --input-len)")
+    workload.add_argument("--num-prompts", type=int, help="requests (default 256)")
+    workload.add_argument("--input-len", type=int, help="prompt tokens of each request (random dataset, latency)")
+    workload.add_argument("--output-len", type=int, help="output tokens of each request")
+    workload.add_argument("--num-runs", type=int, default=DEFAULT_NUM_RUNS, help="timed latency runs (median)")
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--peer", help=f"comma-separated peers to run too: {', '.join(PEERS)} or none "
+                                      f"(default: none; hf,llama.cpp for cpu)")
+    bench.add_argument("--threads", type=int, help="torch (and llama.cpp) CPU threads (default: torch's)")
+    bench.add_argument("--json", metavar="FILE", help="write every number, the machine and versions as JSON")
+    bench.add_argument("--save-dir", metavar="DIR",
+                       help="write DIR/<date>-<card or cpu>-<kind>.json and .md (e.g. benchmarks)")
+    bench.add_argument("--note", action="append", default=[], help="a line for the saved report (repeatable)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    serve = parser.add_argument_group("serve")
+    serve.add_argument("--url", default=None, help=f"the server (default {DEFAULT_URL}, or the launched one)")
+    serve.add_argument("--launch", action="store_true", help="start `nano-vllm serve` with this model first")
+    serve.add_argument("--port", type=int, default=8000, help="port of the launched server")
+    serve.add_argument("--request-rate", default="inf",
+                       help="Poisson arrival rates in requests/s, comma-separated; inf sends all at once")
+    add_engine_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.kind == "cpu" and args.device == "auto":
+        args.device = "cpu"
+    model, load_format = (args.dummy, "dummy") if args.dummy else (args.model, args.load_format)
+    if args.dummy and args.model:
+        raise ValueError("give a MODEL or --dummy NAME, not both")
+    config = engine_config_from_args(args, model=model, load_format=load_format)
+    bench = Bench(args, config)
+    result = bench.run()
+    print()
+    print(result["table"])
+    write_outputs(args, result)
+    return 0
+
+
+class Bench:
+    """One benchmark run: ceilings, rooflines, peers, nano-vllm, figures."""
+
+    def __init__(self, args: argparse.Namespace, config: EngineConfig):
+        from nanovllm.model.loader import load_model_config
+
+        self.args = args
+        self.config = config
+        self.progress = not args.no_progress
+        self.model_config = load_model_config(config.model, config.load_format)
+        self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size())
+        self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
+        self.notes: list[str] = list(args.note)
+        self.ceilings: Ceilings | None = None
+
+    def run(self) -> dict:
+        workloads = self.workloads()
+        print(f"measuring the machine's ceilings on {self.config.device} ...", file=sys.stderr)
+        self.ceilings = ceilings = measure_ceilings(self.config.device, self.config.torch_dtype)
+        print(f"ceilings: copy {ceilings.memory_bandwidth / 1e9:.1f} GB/s, {ceilings.dtype} matmul "
+              f"{ceilings.peak_flops / 1e12:.3g} TFLOP/s on {ceilings.device_name} "
+              f"({ceilings.num_threads} threads)", file=sys.stderr)
+        rooflines = {name: workload_roofline(self.cost, ceilings, w.shape) for name, w in workloads.items()}
+        for name, roofline in rooflines.items():
+            print(f"roofline of {name}: {roofline.time:.4g} s over {roofline.num_steps} steps "
+                  f"({roofline.memory_bound_steps} memory-bound): {roofline.output_throughput:,.1f} output tok/s, "
+                  f"first step {roofline.prefill_time * 1e3:.3g} ms, decode {roofline.decode_throughput:,.1f} tok/s",
+                  file=sys.stderr)
+        if self.args.kind == "serve":
+            measured, peer_results, peer_info = self.serve(workloads), {}, {}
+        else:
+            peer_results, peer_info = self.run_peers(workloads)
+            measured = self.run_nanovllm(workloads)
+        figures = self.figures(workloads, rooflines, measured, peer_results)
+        return self.result(workloads, rooflines, measured, peer_results, peer_info, figures)
+
+    def workloads(self) -> dict[str, Workload]:
+        args, vocab = self.args, self.model_config.vocab_size
+        if args.kind == "latency":
+            return {"latency": latency_workload(vocab, args.input_len or 128, args.output_len or 256)}
+        if args.kind == "cpu":
+            return {"latency": latency_workload(vocab), "batch": cpu_batch_workload(vocab)}
+        dataset = args.dataset or ("random" if args.input_len is not None else "throughput")
+        workload = dataset_workload(dataset, args.num_prompts, args.input_len, args.output_len, vocab)
+        return {workload.name: workload}
+
+    # ---- runs -----------------------------------------------------------------------------
+
+    def run_peers(self, workloads: dict[str, Workload]) -> tuple[dict[str, dict[str, object]], dict[str, dict]]:
+        """Each peer on each workload, before nano-vllm (which then takes the GPU memory it sizes for)."""
+        results: dict[str, dict[str, object]] = {}
+        info: dict[str, dict] = {}
+        settings = PeerSettings(self.config.model, self.config.load_format, self.config.device,
+                                self.config.torch_dtype, torch.get_num_threads())
+        max_context = max(p + o for w in workloads.values() for p, o in w.shape) + 8
+        for peer_name in self.peers:
+            results[peer_name] = {}
+            try:
+                peer = make_peer(peer_name, settings, max_context)
+            except PeerUnavailable as error:
+                self._skip(peer_name, "all workloads", error)
+                info[peer_name] = {"peer": peer_name, "skipped": str(error)}
+                continue
+            except Exception as error:
+                self._skip(peer_name, "all workloads", error)
+                info[peer_name] = {"peer": peer_name, "failed": f"{type(error).__name__}: {error}"}
+                continue
+            info[peer_name] = peer.describe()
+            for name, workload in workloads.items():
+                try:
+                    results[peer_name][name] = (
+                        peer.latency(workload, self.args.num_runs, self.progress) if name == "latency"
+                        else peer.throughput(workload, self.progress))
+                except Exception as error:
+                    self._skip(peer_name, name, error)
+            del peer
+            _release_memory()
+        return results, info
+
+    def _skip(self, peer: str, what: str, error: Exception) -> None:
+        kind = "" if isinstance(error, PeerUnavailable) else f"{type(error).__name__}: "
+        note = f"peer {peer} did not run ({what}): {kind}{error}"
+        print(note, file=sys.stderr)
+        self.notes.append(note)
+
+    def run_nanovllm(self, workloads: dict[str, Workload]) -> dict[str, object]:
+        from nanovllm.llm import LLM
+
+        engine_args = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(EngineConfig)
+                       if f.name != "model"}
+        llm = LLM(self.config.model, **engine_args)
+        measured: dict[str, object] = {}
+        for name, workload in workloads.items():
+            if name == "latency":
+                measured[name] = run_latency(llm, workload, self.args.num_runs, self.progress)
+            else:
+                measured[name] = run_throughput(llm, workload, self.progress)
+            print(measured[name].summary(), file=sys.stderr)
+        del llm
+        _release_memory()
+        return measured
+
+    def serve(self, workloads: dict[str, Workload]) -> dict[str, object]:
+        (workload,) = workloads.values()
+        rates = parse_rates(self.args.request_rate)
+        if self.args.launch:
+            if self.args.url:
+                raise ValueError("--launch starts its own server; leave out --url")
+            with LocalServer(_serve_args(self.args, self.config), self.args.port) as server:
+                return self._serve_rates(server.url, workload, rates)
+        return self._serve_rates((self.args.url or DEFAULT_URL).rstrip("/"), workload, rates)
+
+    def _serve_rates(self, url: str, workload: Workload, rates: list[float]) -> dict[str, object]:
+        model = served_model_name(url)
+        measured: dict[str, object] = {}
+        for rate in rates:
+            result = asyncio.run(run_serve(url, model, workload, rate, use_tqdm=self.progress))
+            print(result.summary(), file=sys.stderr)
+            measured[f"{workload.name}@{rate:g}"] = result
+        return measured
+
+    # ---- the result -----------------------------------------------------------------------
+
+    def figures(self, workloads: dict[str, Workload], rooflines: dict[str, Roofline], measured: dict[str, object],
+                peer_results: dict[str, dict[str, object]]) -> list[report.Figure]:
+        device_name = self.ceilings.device_name
+        figures = []
+        for key, result in measured.items():
+            name = key.split("@")[0]
+            roofline = rooflines[name]
+            peers = {peer: results.get(name) for peer, results in peer_results.items()}
+            label = f"{self.args.kind}/{name}" if self.args.kind == "cpu" else key
+            if isinstance(result, LatencyResult):
+                figures.append(report.Figure(label, device_name, "decode tok/s", result.decode_tokens_per_second,
+                                             roofline.decode_throughput,
+                                             peers={p: r and r.decode_tokens_per_second for p, r in peers.items()}))
+                figures.append(report.Figure(label, device_name, "TTFT ms", result.ttft * 1e3,
+                                             roofline.prefill_time * 1e3, higher_is_better=False,
+                                             peers={p: r and r.ttft * 1e3 for p, r in peers.items()}))
+            elif isinstance(result, ThroughputResult):
+                figures.append(report.Figure(label, device_name, "output tok/s", result.output_tokens_per_second,
+                                             roofline.output_throughput,
+                                             peers={p: r and r.output_tokens_per_second for p, r in peers.items()}))
+            else:   # a serve result: its output throughput against the all-at-once bound of its requests
+                figures.append(report.Figure(label, device_name, "output tok/s",
+                                             result.as_dict()["output_throughput"], roofline.output_throughput))
+        for figure in figures:
+            if figure.fraction > 1:
+                note = (f"{figure.workload} {figure.name} beats its roofline ({figure.fraction:.2f}): a ceiling was "
+                        "under-measured (a busy machine?)")
+                print("warning: " + note, file=sys.stderr)
+                self.notes.append(note)
+        return figures
+
+    def result(self, workloads: dict[str, Workload], rooflines: dict[str, Roofline], measured: dict[str, object],
+               peer_results: dict[str, dict[str, object]], peer_info: dict[str, dict],
+               figures: list[report.Figure]) -> dict:
+        config = self.config
+        return {
+            "kind": self.args.kind,
+            "command": ("nano-vllm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+                        else f"nano-vllm bench {self.args.kind} (called from Python)"),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_commit": report.git_commit(),
+            "machine": report.machine_info(config.device),
+            "versions": report.versions(),
+            "ceilings": self.ceilings.as_dict(),
+            "model": {"name": config.model or "SmolLM2-135M-Instruct (embedded)", "load_format": config.load_format,
+                      "dtype": config.dtype, "params": self.cost.linear_params + self.cost.norm_params
+                      + self.cost.lm_head_params * (1 if self.model_config.tie_word_embeddings else 2),
+                      "config": dataclasses.asdict(self.model_config)},
+            "engine_config": dataclasses.asdict(config),
+            "workloads": {name: {**w.describe(), "roofline": rooflines[name].as_dict()}
+                          for name, w in workloads.items()},
+            "nano_vllm": {name: r.as_dict() for name, r in measured.items()},
+            "peers": peer_info,
+            "peer_results": {peer: {name: r.as_dict() for name, r in results.items()}
+                             for peer, results in peer_results.items()},
+            "figures": [figure.as_dict() for figure in figures],
+            "table": report.format_table(figures),
+            "notes": self.notes,
+        }
+
+
+def write_outputs(args: argparse.Namespace, result: dict) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.save_dir:
+        directory = Path(args.save_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = report.result_stem(result["ceilings"]["device"], result["ceilings"]["device_name"], result["kind"])
+        (directory / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (directory / f"{stem}.md").write_text(report.markdown_report(result))
+        print(f"saved {directory / stem}.json and .md", file=sys.stderr)
+
+
+def _parse_peers(text: str) -> list[str]:
+    peers = [part.strip() for part in text.split(",") if part.strip()]
+    if peers == ["none"]:
+        return []
+    unknown = [peer for peer in peers if peer not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer {', '.join(unknown)}; --peer takes {', '.join(PEERS)} "
+                         "(comma-separated) or none")
+    return peers
+
+
+def _serve_args(args: argparse.Namespace, config: EngineConfig) -> list[str]:
+    """`nano-vllm serve` arguments for the same model and the engine flags that differ from their defaults."""
+    serve_args = [config.model] if config.model else []
+    for f in dataclasses.fields(EngineConfig):
+        value = getattr(args, f.name, None) if f.name != "load_format" else config.load_format
+        if f.name == "model" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is True:
+            serve_args.append("--no-" + f.name.replace("_", "-"))
+        elif f.default is False:
+            serve_args.append(flag)
+        else:
+            serve_args += [flag, str(value)]
+    return serve_args
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,276 @@
+"""The roofline: how fast a workload could possibly run on this machine.
+
+A step of the engine moves bytes (weights, KV cache) and does arithmetic
+(matrix products, attention). Neither can go faster than the machine allows,
+so a step takes at least
+
+    max(bytes / BW, flops / PEAK)
+
+where BW (bytes/s) and PEAK (FLOP/s) are measured here, in the same process,
+just before the benchmark: a large copy (bytes read + written over the time)
+and a large matrix product in the engine's dtype.
+
+What one step costs, for chunks of `num_new_tokens` tokens appended to
+sequences that already hold `num_computed_tokens` in the KV cache:
+
+    bytes = every weight matrix once (layers, final norm, LM head)
+          + the embedding rows gathered (one row per new token)
+          + the KV cache read: every cached token of every sequence, once
+          + the KV written: every new token
+    flops = 2 x linear parameters x new tokens          (the layers' matmuls)
+          + 2 x vocab x hidden x sampled rows           (the LM head runs only on the
+                                                         rows that sample a token)
+          + 4 x head_dim x num_heads x layers x context (attention: QK^T and PV,
+            for each new token, over its context        2 flops per multiply-add)
+
+Activations are not counted: they are small beside weights and KV, and a
+lower bound may leave them out.
+
+A whole workload's bound follows the lower-bound schedule of BENCHMARKS.md:
+all requests prefill together in one step (which samples each request's first
+token), then every request decodes in lock-step, one token a step, leaving when
+it has its output. The sum of the step bounds is the least time the workload can
+take; `output tokens / that time` is the roofline throughput, and a measured
+throughput divided by it is the *fraction of roofline*, in (0, 1].
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanovllm.model.config import ModelConfig
+
+
+# ---- the machine ----------------------------------------------------------------------------
+
+@dataclass
+class Ceilings:
+    """What the machine moved and computed at best, measured in this process."""
+    device: str                    # "cpu" | "cuda"
+    device_name: str               # the card, or the CPU's model name
+    memory_bandwidth: float        # bytes/s: (bytes read + bytes written) / time of a large copy
+    peak_flops: float              # FLOP/s of a large matrix product in `dtype`
+    dtype: str
+    num_threads: int               # torch CPU threads in use
+    copy_bytes: int                # size of the copied buffer
+    matmul_size: int               # n of the n x n x n product
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "device_name": self.device_name,
+                "memory_bandwidth_GBps": self.memory_bandwidth / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
+                "dtype": self.dtype, "num_threads": self.num_threads, "copy_bytes": self.copy_bytes,
+                "matmul_size": self.matmul_size}
+
+
+def cpu_model_name() -> str:
+    """The "model name" line of /proc/cpuinfo (the CPU's marketing name), or the platform's guess."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model_name()
+
+
+def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = None,
+                     matmul_size: int | None = None, repeats: int = 5) -> Ceilings:
+    """Measure copy bandwidth and matmul FLOP/s on `device`; best of `repeats` timed runs after one warm-up.
+
+    Defaults: on CUDA a 1 GiB copy and an 8192^3 product; on the CPU a 256 MiB copy
+    (well past any cache) and a 1536^3 product over torch's threads.
+    """
+    on_cuda = device == "cuda"
+    copy_bytes = copy_bytes or (1 << 30 if on_cuda else 256 << 20)
+    matmul_size = matmul_size or (8192 if on_cuda else 1536)
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)   # [copy_bytes / 4]
+    dst = torch.empty_like(src)
+    copy_time = _best_time(lambda: dst.copy_(src), device, repeats)
+    del src, dst
+    a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
+    b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
+    matmul_time = _best_time(lambda: torch.mm(a, b), device, repeats)
+    return Ceilings(
+        device=device, device_name=device_name(device),
+        memory_bandwidth=2 * copy_bytes / copy_time,
+        peak_flops=2 * matmul_size ** 3 / matmul_time,
+        dtype=str(dtype).removeprefix("torch."), num_threads=torch.get_num_threads(),
+        copy_bytes=copy_bytes, matmul_size=matmul_size,
+    )
+
+
+def _best_time(fn, device: str, repeats: int) -> float:
+    """The shortest of `repeats` timings of fn() (seconds), after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelCost:
+    """The sizes that set a step's bytes and flops, counted from a ModelConfig."""
+    linear_params: int         # weights of the layers' matmuls (q, k, v, o, gate, up, down), biases included
+    norm_params: int           # RMSNorm weights (read, not multiplied)
+    lm_head_params: int        # vocab x hidden
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype_bytes: int) -> "ModelCost":
+        hidden, head_dim = config.hidden_size, config.head_dim
+        q_size = config.num_attention_heads * head_dim
+        kv_size = config.num_key_value_heads * head_dim
+        attention = hidden * (q_size + 2 * kv_size) + q_size * hidden
+        if config.attention_bias:
+            attention += q_size + 2 * kv_size
+        mlp = 3 * hidden * config.intermediate_size
+        norms = 2 * hidden + (2 * head_dim if config.qk_norm else 0)
+        return cls(
+            linear_params=config.num_hidden_layers * (attention + mlp),
+            norm_params=config.num_hidden_layers * norms + hidden,
+            lm_head_params=config.vocab_size * hidden,
+            hidden_size=hidden, num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim, dtype_bytes=dtype_bytes,
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every weight a step reads in full: layers, norms and the LM head (a tied LM head is the
+        embedding matrix, read here in full; the embedding gather is counted per token)."""
+        return (self.linear_params + self.norm_params + self.lm_head_params) * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def attention_flops_per_context_token(self) -> int:
+        """QK^T and PV for one query against one context token, in every layer."""
+        return 4 * self.head_dim * self.num_heads * self.num_layers
+
+
+# ---- steps and schedules --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Chunk:
+    """`num_new_tokens` tokens of one sequence computed in a step, after `num_computed_tokens` cached ones."""
+    num_computed_tokens: int
+    num_new_tokens: int
+    samples: bool = True       # whether the chunk's last token produces an output token (the LM head runs)
+
+
+@dataclass
+class StepCost:
+    bytes: int
+    flops: int
+
+    def seconds(self, ceilings: Ceilings) -> float:
+        return max(self.bytes / ceilings.memory_bandwidth, self.flops / ceilings.peak_flops)
+
+
+def step_cost(cost: ModelCost, chunks: list[Chunk]) -> StepCost:
+    """Bytes moved and flops done by one step running `chunks` (see the module docstring)."""
+    new_tokens = sum(c.num_new_tokens for c in chunks)
+    cached_tokens = sum(c.num_computed_tokens for c in chunks)
+    sampled_rows = sum(c.samples for c in chunks)
+    # Token p (0-based position) attends to p + 1 tokens; a chunk covers positions c .. c + n - 1.
+    context = sum(c.num_new_tokens * c.num_computed_tokens + c.num_new_tokens * (c.num_new_tokens + 1) // 2
+                  for c in chunks)
+    bytes_moved = (cost.weight_bytes
+                   + new_tokens * cost.hidden_size * cost.dtype_bytes
+                   + (cached_tokens + new_tokens) * cost.kv_bytes_per_token)
+    flops = (2 * cost.linear_params * new_tokens
+             + 2 * cost.lm_head_params * sampled_rows
+             + cost.attention_flops_per_context_token * context)
+    return StepCost(bytes=bytes_moved, flops=flops)
+
+
+def lockstep_schedule(requests: list[tuple[int, int]]) -> list[list[Chunk]]:
+    """The lower-bound schedule of (prompt_len, output_len) requests: one step prefills every prompt
+    (sampling each first token), then step k = 1, 2, ... feeds each request's k-th output token
+    while the request still needs more (output_len > k)."""
+    for prompt_len, output_len in requests:
+        if prompt_len < 1 or output_len < 1:
+            raise ValueError(f"a request needs a prompt and an output of at least one token, "
+                             f"got prompt_len={prompt_len}, output_len={output_len}")
+    steps = [[Chunk(0, prompt_len) for prompt_len, _ in requests]]
+    for k in range(1, max(output_len for _, output_len in requests)):
+        steps.append([Chunk(prompt_len + k - 1, 1) for prompt_len, output_len in requests if output_len > k])
+    return steps
+
+
+@dataclass
+class Roofline:
+    """The bound of one workload on one machine."""
+    time: float                    # seconds: the sum of every step's bound
+    prefill_time: float            # the first step's bound (the least time to first token)
+    num_steps: int
+    num_requests: int
+    input_tokens: int
+    output_tokens: int
+    bytes: int                     # over all steps
+    flops: int
+    memory_bound_steps: int        # steps whose bound is bytes / BW
+    step_times: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def output_throughput(self) -> float:
+        """Output tokens/s if every step ran at its bound."""
+        return self.output_tokens / self.time
+
+    @property
+    def decode_throughput(self) -> float:
+        """Tokens/s of the decode steps alone (excluding the first token, which the prefill step samples);
+        the bound on one request's decode speed."""
+        decode_time = self.time - self.prefill_time
+        return (self.output_tokens - self.num_requests) / decode_time if decode_time > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {"time_s": self.time, "prefill_time_s": self.prefill_time, "num_steps": self.num_steps,
+                "num_requests": self.num_requests, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "bytes": self.bytes, "flops": self.flops,
+                "memory_bound_steps": self.memory_bound_steps,
+                "output_tokens_per_second": self.output_throughput,
+                "decode_tokens_per_second": self.decode_throughput}
+
+
+def workload_roofline(cost: ModelCost, ceilings: Ceilings, requests: list[tuple[int, int]]) -> Roofline:
+    """The lower-bound time of (prompt_len, output_len) requests run by the lock-step schedule."""
+    step_times, total_bytes, total_flops, memory_bound = [], 0, 0, 0
+    for chunks in lockstep_schedule(requests):
+        step = step_cost(cost, chunks)
+        memory_time, compute_time = step.bytes / ceilings.memory_bandwidth, step.flops / ceilings.peak_flops
+        step_times.append(max(memory_time, compute_time))
+        memory_bound += memory_time >= compute_time
+        total_bytes += step.bytes
+        total_flops += step.flops
+    return Roofline(
+        time=sum(step_times), prefill_time=step_times[0], num_steps=len(step_times),
+        num_requests=len(requests), input_tokens=sum(p for p, _ in requests),
+        output_tokens=sum(o for _, o in requests), bytes=total_bytes, flops=total_flops,
+        memory_bound_steps=memory_bound, step_times=step_times,
+    )

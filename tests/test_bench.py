@@ -1,0 +1,243 @@
+"""`nano-vllm bench`: the workloads, the roofline checked by hand, the CLI on a tiny model, the serving client."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nanovllm.bench.roofline import Ceilings, ModelCost, lockstep_schedule, workload_roofline
+from nanovllm.bench.serve import RequestRecord, ServeResult, percentile
+from nanovllm.bench.workloads import dataset_workload, throughput_workload
+from nanovllm.cli import main as cli_main
+from nanovllm.model.config import ModelConfig
+
+
+def test_throughput_workload_is_bench_py_workload():
+    workload = throughput_workload()
+    assert len(workload.requests) == 256
+    assert workload.output_tokens == 133_966          # the figure BENCHMARKS.md gives for bench.py's set
+    assert workload.temperature == 0.6
+    assert all(100 <= len(r.prompt_token_ids) <= 1024 and 100 <= r.max_tokens <= 1024 for r in workload.requests)
+    assert all(0 <= t <= 10000 for r in workload.requests for t in r.prompt_token_ids)
+
+
+def test_throughput_fixed_has_the_same_prompts_and_512_token_outputs():
+    fixed = dataset_workload("throughput-fixed", None, None, None, vocab_size=150_000)
+    assert [r.prompt_token_ids for r in fixed.requests] == [r.prompt_token_ids for r in throughput_workload().requests]
+    assert {r.max_tokens for r in fixed.requests} == {512}
+
+
+def test_small_vocabulary_keeps_workload_lengths():
+    workload = throughput_workload(8, vocab_size=320)
+    full = throughput_workload(8)
+    assert workload.shape == full.shape
+    assert max(t for r in workload.requests for t in r.prompt_token_ids) < 320
+
+
+def test_random_dataset_without_lengths_is_a_user_error():
+    with pytest.raises(ValueError, match="--input-len and --output-len"):
+        dataset_workload("random", 4, None, 8, vocab_size=320)
+
+
+# ---- the roofline, checked by hand ----------------------------------------------------------
+
+HAND_CONFIG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=8, intermediate_size=16,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                          max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def test_model_cost_counts_the_parameters_of_the_config_by_hand():
+    cost = ModelCost.from_config(HAND_CONFIG, dtype_bytes=2)
+    # q: 8x8, k and v: 8x4 each, o: 8x8 -> 192; gate, up, down: 3 x 8x16 = 384
+    assert cost.linear_params == 192 + 384
+    assert cost.norm_params == 2 * 8 + 8                     # two norms per layer, one final
+    assert cost.lm_head_params == 32 * 8
+    assert cost.weight_bytes == (576 + 24 + 256) * 2         # 1712
+    assert cost.kv_bytes_per_token == 2 * 1 * 1 * 4 * 2      # K and V, 1 layer, 1 kv head, head_dim 4, bf16
+    assert cost.attention_flops_per_context_token == 4 * 4 * 2 * 1
+
+
+def test_roofline_of_a_tiny_workload_matches_the_hand_computation():
+    """Requests A (prompt 3, output 2) and B (prompt 2, output 1) at 1000 B/s and 2000 FLOP/s.
+
+    Step 0 prefills both and samples their first tokens:
+      bytes = 1712 weights + 5 tokens x 8 x 2 embedding rows + 5 x 16 KV written = 1872   -> 1.872 s
+      flops = 2 x 576 x 5 + 2 x 256 x 2 sampled rows + 32 x (A: 1+2+3, B: 1+2 = 9) = 7072 -> 3.536 s
+    Step 1 decodes A's second token (B is done), with 3 tokens cached:
+      bytes = 1712 + 16 embedding + (3 read + 1 written) x 16 = 1792                      -> 1.792 s
+      flops = 2 x 576 + 2 x 256 + 32 x 4 context = 1792                                   -> 0.896 s
+    Bound: 3.536 + 1.792 = 5.328 s for 3 output tokens.
+    """
+    ceilings = Ceilings(device="cpu", device_name="paper", memory_bandwidth=1000.0, peak_flops=2000.0,
+                        dtype="bfloat16", num_threads=1, copy_bytes=0, matmul_size=0)
+    cost = ModelCost.from_config(HAND_CONFIG, dtype_bytes=2)
+    roofline = workload_roofline(cost, ceilings, [(3, 2), (2, 1)])
+    assert roofline.num_steps == 2
+    assert roofline.bytes == 1872 + 1792
+    assert roofline.flops == 7072 + 1792
+    assert roofline.step_times == pytest.approx([3.536, 1.792])
+    assert roofline.prefill_time == pytest.approx(3.536)
+    assert roofline.time == pytest.approx(5.328)
+    assert roofline.memory_bound_steps == 1
+    assert roofline.output_throughput == pytest.approx(3 / 5.328)
+    assert roofline.decode_throughput == pytest.approx(1 / 1.792)
+
+
+def test_lockstep_schedule_decodes_each_request_until_its_output_is_complete():
+    steps = lockstep_schedule([(3, 2), (2, 1), (5, 4)])
+    assert len(steps) == 4
+    assert [(c.num_computed_tokens, c.num_new_tokens) for c in steps[0]] == [(3 - 3, 3), (0, 2), (0, 5)]
+    assert [(c.num_computed_tokens, c.num_new_tokens) for c in steps[1]] == [(3, 1), (5, 1)]
+    assert [(c.num_computed_tokens, c.num_new_tokens) for c in steps[3]] == [(7, 1)]
+
+
+def test_roofline_of_bench_py_workload_lands_near_the_reference_figure():
+    """BENCHMARKS.md: about 35,300 output tok/s for Qwen3-0.6B on an H200 (4.23 TB/s, 801 TFLOP/s).
+    Our bound runs the LM head only on sampled rows, so it sits a little above."""
+    from nanovllm.model.dummy import dummy_config
+
+    ceilings = Ceilings("cuda", "H200", 4.23e12, 801e12, "bfloat16", 1, 0, 0)
+    roofline = workload_roofline(ModelCost.from_config(dummy_config("qwen3-0.6b"), 2), ceilings,
+                                 throughput_workload().shape)
+    assert 35_300 <= roofline.output_throughput <= 35_300 * 1.03
+
+
+@pytest.mark.parametrize("name", ["llama-gqa4", "llama-mha-hd80", "qwen2", "qwen3"])
+def test_model_cost_counts_every_parameter_of_the_built_model(tiny_model_factory, name):
+    from nanovllm.model.loader import load_model
+
+    model, config = load_model(str(tiny_model_factory(name)))
+    cost = ModelCost.from_config(config, dtype_bytes=4)
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    assert cost.linear_params + cost.norm_params + cost.lm_head_params + embedding == \
+        sum(p.numel() for p in model.parameters())
+
+
+# ---- the command line on a tiny model -------------------------------------------------------
+
+def run_bench(capsys, *argv: str) -> tuple[str, dict]:
+    assert cli_main(["bench", *argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    return out, json.loads(open(argv[argv.index("--json") + 1]).read())
+
+
+def test_throughput_cli_prints_the_table_with_a_fraction_of_roofline(tiny_llama, tmp_path, capsys):
+    out, result = run_bench(capsys, "throughput", str(tiny_llama), "--num-prompts", "4", "--input-len", "16",
+                            "--output-len", "8", "--peer", "hf", "--json", str(tmp_path / "r.json"),
+                            "--save-dir", str(tmp_path / "saved"))
+    header = out.strip().splitlines()[0]
+    for column in ("workload", "device", "figure", "nano-vllm", "roofline", "fraction", "hf", "nano-vllm / hf"):
+        assert f" {column} " in header
+    (figure,) = result["figures"]
+    assert figure["figure"] == "output tok/s" and figure["workload"] == "random"
+    assert 0 < figure["fraction_of_roofline"] <= 1
+    assert figure["peers"]["hf"] > 0 and figure["ratio_to_peer"]["hf"] > 0
+    assert result["nano_vllm"]["random"]["total_output_tokens"] == 4 * 8
+    assert result["peer_results"]["hf"]["random"]["total_output_tokens"] == 4 * 8
+    assert result["ceilings"]["memory_bandwidth_GBps"] > 0 and result["ceilings"]["peak_TFLOPs"] > 0
+    assert result["machine"]["cpu"] in figure["device"]
+    assert {"torch", "transformers", "nano_vllm"} <= set(result["versions"])
+    saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert len(saved) == 2 and saved[0].endswith("-cpu-throughput.json") and saved[1].endswith("-cpu-throughput.md")
+
+
+def test_latency_cli_reports_decode_speed_and_ttft_against_the_roofline(tiny_llama, tmp_path, capsys):
+    out, result = run_bench(capsys, "latency", str(tiny_llama), "--input-len", "8", "--output-len", "6",
+                            "--num-runs", "2", "--json", str(tmp_path / "r.json"))
+    figures = {f["figure"]: f for f in result["figures"]}
+    assert set(figures) == {"decode tok/s", "TTFT ms"}
+    for figure in figures.values():
+        assert 0 < figure["fraction_of_roofline"] <= 1
+    assert figures["decode tok/s"]["measured"] == pytest.approx(
+        result["nano_vllm"]["latency"]["median_decode_tokens_per_second"])
+    assert len(result["nano_vllm"]["latency"]["runs"]) == 2
+    assert all(run["num_output_tokens"] == 6 for run in result["nano_vllm"]["latency"]["runs"])
+    assert "decode tok/s" in out and "TTFT ms" in out
+
+
+def test_unknown_peer_is_a_user_error(tiny_llama, capsys):
+    assert cli_main(["bench", "latency", str(tiny_llama), "--peer", "vllm"]) == 2
+    assert "unknown peer vllm" in capsys.readouterr().err
+
+
+# ---- the serving client ---------------------------------------------------------------------
+
+def test_serve_metrics_follow_vllm_definitions():
+    records = [RequestRecord(prompt_len=4, success=True, output_tokens=5, ttft=0.1, latency=0.5,
+                             itl=[0.1, 0.1, 0.1, 0.1]),
+               RequestRecord(prompt_len=4, success=True, output_tokens=3, ttft=0.3, latency=0.5, itl=[0.1, 0.1]),
+               RequestRecord(prompt_len=4, error="HTTP 500")]
+    metrics = ServeResult(request_rate=2.0, duration=2.0, records=records).as_dict()
+    assert metrics["completed"] == 2 and metrics["failed"] == 1
+    assert metrics["output_throughput"] == pytest.approx(8 / 2.0)
+    assert metrics["mean_ttft_ms"] == pytest.approx(200)
+    assert metrics["mean_tpot_ms"] == pytest.approx(100)      # (0.5-0.1)/4 and (0.5-0.3)/2
+    assert metrics["median_itl_ms"] == pytest.approx(100)
+    assert metrics["errors"] == ["HTTP 500"]
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
+
+
+class FakeCompletionServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/completions that streams one chunk per requested token, >= 2 ms apart."""
+    bodies: list[dict] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._send_json({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeCompletionServer.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(body["max_tokens"]):
+            time.sleep(0.002)
+            self._event({"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]})
+        self._event({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
+                                              "completion_tokens": body["max_tokens"]}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, payload: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+        self.wfile.flush()
+
+    def _send_json(self, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_serve_cli_streams_poisson_requests_from_an_openai_server(tiny_llama, tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletionServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeCompletionServer.bodies = []
+    try:
+        _, result = run_bench(capsys, "serve", str(tiny_llama), "--url", f"http://127.0.0.1:{server.server_port}",
+                              "--dataset", "random", "--num-prompts", "4", "--input-len", "8", "--output-len", "5",
+                              "--request-rate", "inf,200", "--json", str(tmp_path / "r.json"))
+    finally:
+        server.shutdown()
+    assert len(FakeCompletionServer.bodies) == 8
+    body = FakeCompletionServer.bodies[0]
+    assert body["stream"] is True and body["ignore_eos"] is True and body["model"] == "tiny"
+    assert len(body["prompt"]) == 8 and body["max_tokens"] == 5
+    for rate in ("inf", "200"):
+        metrics = result["nano_vllm"][f"random@{rate}"]
+        assert metrics["completed"] == 4 and metrics["total_output_tokens"] == 20
+        assert metrics["request_rate"] == float(rate)
+        assert metrics["mean_ttft_ms"] > 1 and metrics["median_itl_ms"] > 1 and metrics["p99_tpot_ms"] > 1
+    figures = result["figures"]
+    assert [f["workload"] for f in figures] == ["random@inf", "random@200"]
+    assert all(0 < f["fraction_of_roofline"] <= 1 and not math.isnan(f["measured"]) for f in figures)
