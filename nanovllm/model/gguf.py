@@ -10,9 +10,9 @@ scale d, one float16 minimum m and 32 4-bit integers q, meaning d * q + m. The
 Two things differ from a HuggingFace checkpoint besides the names:
 - llama.cpp's RoPE for `llama` models rotates interleaved pairs (x[2i],
   x[2i+1]), ours rotates halves (x[i], x[i + D/2]). Its converter therefore
-  permuted the rows of W_q and W_k within each head; `_unpermute_rows` puts them
-  back. Qwen2/Qwen3 use llama.cpp's "NEOX" (rotate-half) RoPE and are stored
-  unpermuted.
+  permuted the rows of W_q and W_k within each head;
+  `interleaved_to_rotate_half` puts them back. Qwen2/Qwen3 use llama.cpp's
+  "NEOX" (rotate-half) RoPE and are stored unpermuted.
 - A tied LM head is simply absent (`output.weight` missing).
 
 Parsing the header (its vocabulary arrays) and dequantizing take seconds, so the
@@ -39,6 +39,7 @@ import torch
 
 from nanovllm.model.config import ModelConfig, ModelConfigError
 from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.loader import interleaved_to_rotate_half
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")   # general.architecture values we run
 CACHE_VERSION = 1                                   # bump when what we write to the cache changes
@@ -238,9 +239,9 @@ def _dequantized(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Te
                                  "or damaged") from None
         weight = torch.from_numpy(array)
         if config.architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            weight = _unpermute_rows(weight, config.num_attention_heads)
+            weight = interleaved_to_rotate_half(weight, config.num_attention_heads)
         elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            weight = _unpermute_rows(weight, config.num_key_value_heads)
+            weight = interleaved_to_rotate_half(weight, config.num_key_value_heads)
         yield hf_name, weight
 
 
@@ -253,18 +254,6 @@ def _hf_name(gguf_name: str) -> str | None:
         return None
     layer, part, suffix = match.groups()
     return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
-
-
-def _unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation: per head, rows (0, D/2, 1, D/2+1, ...) -> (0, 1, ..., D-1).
-
-    llama.cpp stores row 2i of a head as our row i and row 2i+1 as our row
-    i + D/2, so that its interleaved RoPE rotates the pairs our rotate-half
-    RoPE rotates. weight: [num_heads * D, ...] -> the same shape.
-    """
-    head_dim = weight.shape[0] // num_heads
-    return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
-            .transpose(1, 2).reshape(weight.shape).contiguous())
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------

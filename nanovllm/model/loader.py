@@ -145,6 +145,20 @@ def _open_weights(path: str, fmt: str, config: ModelConfig) -> Weights:
     return llama2c_weights(path, config)
 
 
+def interleaved_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder the q or k rows of each head from interleaved-pair RoPE to rotate-half RoPE.
+
+    Interleaved RoPE (llama2.c, llama.cpp's `llama`, Meta's original code)
+    rotates the output pairs (2i, 2i+1) of a head by angle pos * theta^(-2i/D);
+    ours rotates (i, i + D/2) by the same angle. Moving row 2i to i and row
+    2i+1 to i + D/2 makes our model compute the same q.k scores.
+    weight: [num_heads * D, ...] -> the same shape.
+    """
+    head_dim = weight.shape[0] // num_heads
+    return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape).contiguous())
+
+
 # ---- building the module ---------------------------------------------------------------------
 
 @contextmanager
