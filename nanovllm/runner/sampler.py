@@ -12,6 +12,11 @@ vLLM's:
                    frequency/presence    min_tokens outputs)
                    on output)
                ─► / temperature ─► top-k, top-p, min-p masks ─► softmax ─► exponential race
+                                   (each a per-row threshold;
+                                    one topk or sort of the rows)
+
+An all-greedy batch without penalties (the common decode) costs a logsumexp and
+an argmax.
 
 The returned log-probability is that of the raw model distribution
 (log_softmax of the unprocessed logits), as vLLM returns by default.
