@@ -169,6 +169,23 @@ def test_paged_attention_kernel_matches_reference_on_decodes(kernels, group, num
 
 
 @in_interpreter
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_padding_rows_of_a_graph_batch_come_out_as_zeros(kernels, num_kv_splits):
+    """A CUDA-graph batch padded with dummy sequences (seq_len 0, block table all -1) gives 0 there."""
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch([1, 1, 1], [9, 30, 0], 8, 2, 64, 16,
+                                                                 torch.float32, seed=5)
+    metadata.seq_lens[2] = 0
+    metadata.block_tables[2] = -1
+    out = kernels.attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.125,
+                                                          num_kv_splits=num_kv_splits)
+    real = AttentionMetadata(metadata.query_start_loc[:3], metadata.seq_lens[:2], metadata.slot_mapping[:2],
+                             metadata.block_tables[:2], 1, 31)
+    torch.testing.assert_close(out[:2], reference_attention(q[:2], k_clean, v_clean, real, 0.125),
+                               **TOLERANCE[torch.float32])
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@in_interpreter
 @pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
 def test_split_kv_matches_reference_on_mixed_batches(kernels, group, num_kv_heads, head_dim):
     q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(

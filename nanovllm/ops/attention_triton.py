@@ -29,6 +29,8 @@ graph. The number of splits for a decode depends on the batch size, the number o
 KV heads and the *width of the block table* (its capacity in tokens), never on
 `max_seq_len`: a graph captured once stays valid for any context that fits the
 table, and each split covers ceil(seq_len / NUM_SPLITS) keys read on the device.
+To pad a decode batch up to a captured size, add dummy sequences with seq_len 0,
+a block-table row of -1 and slot -1: their output rows come out as zeros.
 """
 from __future__ import annotations
 
@@ -183,9 +185,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_config(group: int) -> AttentionKernelConfig:
-    """One token per tile: the rows are the query heads of one KV head."""
-    return AttentionKernelConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=64,
-                                 num_warps=4, num_stages=3)
+    """One token per tile: the rows are the query heads of one KV head.
+
+    128 keys per step, 4 warps, 2 stages: 89% of copy bandwidth on an H200 at batch 64,
+    context 4096 (64 keys per step: 81%, 32: 62%; benchmarks/NOTES-kernels.md).
+    """
+    return AttentionKernelConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=128,
+                                 num_warps=4, num_stages=2)
 
 
 def prefill_config(group: int) -> AttentionKernelConfig:
@@ -196,14 +202,15 @@ def prefill_config(group: int) -> AttentionKernelConfig:
 def decode_kv_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """How many slices to cut each decode's context into, from shapes only (CUDA-graph safe).
 
-    Enough programs for about two per multiprocessor, but no slice shorter than 256
-    keys (the merge costs a pass over [B, Hq, splits, D] fp32) and at most 32 slices.
+    Below two programs per multiprocessor, cut into a power of 2 of slices for about eight
+    per multiprocessor, no slice shorter than 256 keys and at most 32 slices. Any split beats
+    none by 3-7x at batch 1-4; the best count is not settled yet (benchmarks/NOTES-kernels.md).
     """
     programs = batch * num_kv_heads
-    target = 2 * _sm_count(device) if device.type == "cuda" else programs
-    if programs >= target:
+    if device.type != "cuda" or programs >= 2 * _sm_count(device):
         return 1
-    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_context, 256), 32))
+    splits = min(triton.cdiv(8 * _sm_count(device), programs), triton.cdiv(max_context, 256), 32)
+    return 1 << (splits.bit_length() - 1)
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -154,7 +154,7 @@ def test_store_kvcache_writes_exactly_what_the_reference_writes(shape):
     k, v = qkv[:, num_heads * head_dim:].view(1000, 2, num_kv_heads, head_dim).unbind(1)
     slot_mapping = torch.randperm(300 * 16, device=DEVICE)[:1000]
     slot_mapping[::7] = -1
-    caches = torch.randn(4, 300, 16, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    caches = torch.randn(2, 300, 16, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16).repeat(2, 1, 1, 1, 1)
     attention_triton.store_kvcache_triton(k, v, caches[0], caches[1], slot_mapping)
     store_kvcache_torch(k, v, caches[2], caches[3], slot_mapping)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
