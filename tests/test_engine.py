@@ -170,7 +170,11 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_others_go_on(make_en
     engine = make_engine()
     engine.add_request("unlucky", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
     real_run = engine.runner.run
-    monkeypatch.setattr(engine.runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("device on fire")))
+
+    def failing_run(batch):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(engine.runner, "run", failing_run)
     [failed] = engine.step()
     assert failed.finished and failed.outputs[0].finish_reason == "error"
     assert "device on fire" in failed.error
