@@ -23,7 +23,7 @@ from nanovllm.model.errors import ModelLoadError
 from nanovllm.ops.activation import silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata, paged_attention, store_kvcache
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
-from nanovllm.ops.rotary import apply_rotary, rope_cos_sin_cache
+from nanovllm.ops.rotary import apply_rotary, qk_norm_rotary, rope_cos_sin_cache
 
 KVCache = tuple[torch.Tensor, torch.Tensor]   # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
 
@@ -66,9 +66,11 @@ class LlamaAttention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)                         # [T, Hq, D]
         k = k.reshape(T, self.num_kv_heads, self.head_dim)                      # [T, Hkv, D]
         v = v.reshape(T, self.num_kv_heads, self.head_dim)                      # [T, Hkv, D]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, positions, self.cos_sin_cache)
+        if self.qk_norm:   # Qwen3: RMSNorm each head of q and k, then RoPE (one kernel on CUDA)
+            q, k = qk_norm_rotary(q, k, positions, self.cos_sin_cache,
+                                  self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        else:
+            q, k = apply_rotary(q, k, positions, self.cos_sin_cache)
         k_cache, v_cache = kv_cache
         store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, metadata, self.scale)          # [T, Hq, D]
