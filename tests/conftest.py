@@ -187,6 +187,27 @@ def _llama_cpp_permute(weight, num_heads: int):
     return out
 
 
+def _llama3_rope_divisors(scaling: dict, head_dim: int, theta: float):
+    """llama.cpp's `rope_freqs` tensor for Llama 3 scaling: what each RoPE frequency is divided by."""
+    import math
+
+    import numpy as np
+
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old_context / high:
+            divisors.append(1.0)
+        elif wavelen > old_context / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
 def write_tiny_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     """Convert a tiny HF model directory to GGUF as llama.cpp would; 2-D weights stored as `qtype`."""
     import gguf
@@ -207,7 +228,11 @@ def write_tiny_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    theta = float(config.get("rope_theta") or rope["rope_theta"])
+    writer.add_rope_freq_base(theta)
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_divisors(rope, head_dim, theta))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     writer.add_bos_token_id(config["bos_token_id"])

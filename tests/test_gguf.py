@@ -13,10 +13,14 @@ import torch
 from conftest import PagedSequence, assert_logits_close, write_tiny_gguf
 
 import nanovllm.model.gguf as gguf_module
+from nanovllm.model.config import ModelConfigError
 from nanovllm.model.loader import load_model, load_model_config, resolve_model
 from nanovllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
-GGUF_MODELS = ["llama-gqa4", "llama-mha-hd80", "qwen2", "qwen3"]   # llama3 rope scaling has no GGUF key
+GGUF_MODELS = ["llama-gqa4", "llama-mha-hd80", "llama3-8k", "qwen2", "qwen3"]
+# Llama 3 RoPE scaling in GGUF is a tensor of divisors, recognised for Llama 3's own constants only.
+LLAMA3_8K_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}
 # Largest error a dequantized weight may have, as a fraction of its row's largest magnitude.
 QUANT_TOLERANCE = {"F16": 1e-3, "BF16": 8e-3, "Q8_0": 1 / 127, "Q4_0": 1 / 8, "Q4_1": 1 / 8}
 
@@ -49,9 +53,15 @@ def fused_reference(theirs, config) -> dict[str, torch.Tensor]:
     return out
 
 
+def tiny_hf_dir(tiny_model_factory, name: str):
+    if name == "llama3-8k":
+        return tiny_model_factory("llama3-scaled", rope_scaling=dict(LLAMA3_8K_SCALING))   # transformers edits it
+    return tiny_model_factory(name)
+
+
 @pytest.mark.parametrize("name", GGUF_MODELS)
 def test_float32_gguf_logits_match_transformers(name, tiny_model_factory, tmp_path, private_cache):
-    hf_dir = tiny_model_factory(name)
+    hf_dir = tiny_hf_dir(tiny_model_factory, name)
     ours, config = load_model(str(write_tiny_gguf(hf_dir, tmp_path / f"{name}.gguf")))
     tokens = torch.randint(0, config.vocab_size, (29,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
@@ -68,6 +78,20 @@ def test_gguf_metadata_gives_the_transformers_config(tiny_model_factory, tmp_pat
                   "tie_word_embeddings", "attention_bias", "qk_norm", "bos_token_id", "eos_token_ids"):
         assert getattr(from_gguf, field) == getattr(from_hf, field), field
     assert from_gguf.rms_norm_eps == pytest.approx(from_hf.rms_norm_eps)
+
+
+def test_llama3_rope_freqs_tensor_becomes_llama3_scaling(tiny_model_factory, tmp_path, private_cache):
+    hf_dir = tiny_hf_dir(tiny_model_factory, "llama3-8k")
+    config = load_model_config(str(write_tiny_gguf(hf_dir, tmp_path / "llama3.gguf")))
+    assert config.rope_scaling == LLAMA3_8K_SCALING
+    hf_scaling = load_model_config(str(hf_dir)).rope_scaling
+    assert {key: hf_scaling[key] for key in LLAMA3_8K_SCALING} == LLAMA3_8K_SCALING
+
+
+def test_rope_freqs_of_other_constants_are_rejected(tiny_model_factory, tmp_path, private_cache):
+    path = write_tiny_gguf(tiny_model_factory("llama3-scaled"), tmp_path / "ctx64.gguf")   # original context 64
+    with pytest.raises(ModelConfigError, match="not Llama 3 RoPE scaling"):
+        load_model_config(str(path))
 
 
 @pytest.mark.parametrize("qtype", sorted(QUANT_TOLERANCE))

@@ -40,10 +40,11 @@ def test_bos_is_added_only_when_the_tokenizer_template_adds_it(tiny_model_factor
     assert tokenizer.encode("hi") == tokenizer.encode("hi", add_special_tokens=False)   # no BOS template
     model_dir = copy_model_dir(tiny_model_factory, tmp_path)
     spec = json.loads((model_dir / "tokenizer.json").read_text())
-    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                                                                       {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                              "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}}
+    spec["post_processor"] = {   # what Llama tokenizers carry: "<s> $A"
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}}
     (model_dir / "tokenizer.json").write_text(json.dumps(spec))
     with_bos = Tokenizer.load(str(model_dir))
     assert with_bos.encode("hi") == [256] + with_bos.encode("hi", add_special_tokens=False)

@@ -142,9 +142,6 @@ def _config_from_metadata(path: str, reader) -> ModelConfig:
         raise ModelConfigError(f"{path}: unsupported GGUF architecture {arch!r}; nano-vllm runs GGUF "
                                f"architectures {', '.join(GGUF_ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ModelConfigError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1+ GGUF) are not "
-                               "supported yet; load the HuggingFace directory of this model instead")
 
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
@@ -159,6 +156,9 @@ def _config_from_metadata(path: str, reader) -> ModelConfig:
         scaling = None
         if key("rope.scaling.type", "none") not in ("none", None):
             scaling = {"rope_type": key("rope.scaling.type"), "factor": float(key("rope.scaling.factor", 1.0))}
+        if "rope_freqs.weight" in tensors:
+            scaling = _llama3_scaling(path, tensors["rope_freqs.weight"], head_dim,
+                                      float(key("rope.freq_base", 10000.0)))
         eos = _field(reader, "tokenizer.ggml.eos_token_id")
         config = ModelConfig(
             architecture=arch,
@@ -192,6 +192,26 @@ def _config_from_metadata(path: str, reader) -> ModelConfig:
     return config
 
 
+def _llama3_scaling(path: str, rope_freqs, head_dim: int, theta: float) -> dict[str, Any]:
+    """Llama 3.1+ GGUFs store RoPE scaling as a tensor of per-frequency divisors (`rope_freqs`) instead
+    of the four numbers HF configs carry. Every Llama 3.x uses low/high frequency factors 1 and 4 and an
+    original context of 8192; only `factor` (the largest divisor) varies. Recover it, and check the
+    whole tensor is what those numbers give."""
+    from gguf import GGMLQuantizationType, quants
+
+    from nanovllm.ops.rotary import rope_inv_freq
+
+    divisors = quants.dequantize(rope_freqs.data, GGMLQuantizationType(rope_freqs.tensor_type)).reshape(-1)
+    scaling = {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    implied = (rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, scaling)).numpy()
+    if divisors.shape != implied.shape or not np.allclose(divisors, implied, rtol=1e-4):
+        raise ModelConfigError(f"{path}: its rope_freqs tensor is not Llama 3 RoPE scaling (low/high frequency "
+                               "factors 1 and 4, original context 8192); load the HuggingFace directory of "
+                               "this model instead")
+    return scaling
+
+
 # ---- weights -----------------------------------------------------------------------------------
 
 def gguf_weights(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -221,6 +241,8 @@ def _dequantized(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Te
 
     reader = open_gguf(path)
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":   # already in config.rope_scaling
+            continue
         hf_name = _hf_name(tensor.name)
         if hf_name is None:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for a Llama-family model")
