@@ -159,6 +159,24 @@ def test_latency_cli_reports_decode_speed_and_ttft_against_the_roofline(tiny_lla
     assert "decode tok/s" in out and "TTFT ms" in out
 
 
+def test_dummy_model_without_tokenizer_runs_with_token_ids_against_hf(tiny_llama, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
+    _, result = run_bench(capsys, "latency", "--dummy", str(tmp_path / "config.json"), "--input-len", "8",
+                          "--output-len", "4", "--num-runs", "1", "--peer", "hf", "--json", str(tmp_path / "r.json"))
+    assert result["model"]["load_format"] == "dummy"
+    assert result["nano_vllm"]["latency"]["runs"][0]["num_output_tokens"] == 4
+    assert result["peer_results"]["hf"]["latency"]["runs"][0]["num_output_tokens"] == 4
+
+
+def test_token_id_tokenizer_decodes_ids_and_refuses_text():
+    from nanovllm.bench.harness import TokenIdTokenizer
+
+    tokenizer = TokenIdTokenizer(vocab_size=100, eos_token_ids=[2])
+    assert tokenizer.decode([5, 17]) == "<5><17>"
+    with pytest.raises(ValueError, match="token ids"):
+        tokenizer.encode("hello")
+
+
 def test_unknown_peer_is_a_user_error(tiny_llama, capsys):
     assert cli_main(["bench", "latency", str(tiny_llama), "--peer", "vllm"]) == 2
     assert "unknown peer vllm" in capsys.readouterr().err

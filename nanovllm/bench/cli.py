@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from nanovllm.bench import report
+from nanovllm.bench.harness import make_engine
 from nanovllm.bench.latency import DEFAULT_NUM_RUNS, LatencyResult, run_latency
 from nanovllm.bench.peers import PEERS, PeerSettings, PeerUnavailable, make_peer
 from nanovllm.bench.roofline import Ceilings, ModelCost, Roofline, measure_ceilings, workload_roofline
@@ -176,19 +177,15 @@ class Bench:
         self.notes.append(note)
 
     def run_nanovllm(self, workloads: dict[str, Workload]) -> dict[str, object]:
-        from nanovllm.llm import LLM
-
-        engine_args = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(EngineConfig)
-                       if f.name != "model"}
-        llm = LLM(self.config.model, **engine_args)
+        engine = make_engine(self.config)
         measured: dict[str, object] = {}
         for name, workload in workloads.items():
             if name == "latency":
-                measured[name] = run_latency(llm, workload, self.args.num_runs, self.progress)
+                measured[name] = run_latency(engine, workload, self.args.num_runs, self.progress)
             else:
-                measured[name] = run_throughput(llm, workload, self.progress)
+                measured[name] = run_throughput(engine, workload, self.progress)
             print(measured[name].summary(), file=sys.stderr)
-        del llm
+        del engine
         _release_memory()
         return measured
 

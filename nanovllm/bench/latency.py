@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from nanovllm.bench.harness import generate
 from nanovllm.bench.workloads import Workload
-from nanovllm.llm import LLM
+from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
 
 DEFAULT_NUM_RUNS = 3
@@ -69,7 +70,7 @@ class LatencyResult:
                 f"(median of {len(self.runs)} runs)")
 
 
-def run_latency(llm: LLM, workload: Workload, num_runs: int = DEFAULT_NUM_RUNS, use_tqdm: bool = True,
+def run_latency(engine: LLMEngine, workload: Workload, num_runs: int = DEFAULT_NUM_RUNS, use_tqdm: bool = True,
                 desc: str = "nano-vllm latency") -> LatencyResult:
     """The workload's single request, greedy with EOS ignored: one warm-up run, then `num_runs` timed ones."""
     if num_runs < 1:
@@ -78,7 +79,7 @@ def run_latency(llm: LLM, workload: Workload, num_runs: int = DEFAULT_NUM_RUNS, 
     params = SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=request.max_tokens)
     runs = []
     for i in tqdm(range(num_runs + 1), desc=desc, disable=not use_tqdm, dynamic_ncols=True):
-        output = llm.generate([request.prompt_token_ids], params, use_tqdm=False)[0]
+        output = generate(engine, [request.prompt_token_ids], [params])[0]
         if i > 0:   # run 0 is the warm-up
             metrics = output.metrics
             runs.append(LatencyRun.from_token_times(metrics.arrival_time, metrics.token_times))

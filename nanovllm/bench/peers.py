@@ -121,13 +121,17 @@ class HFPeer:
         hints = WorkloadHints(max_prompt_length=max(len(r.prompt_token_ids) for r in workload.requests),
                               max_generated_length=max_new_tokens, num_requests=len(workload.requests))
         first = workload.requests[0]
-        with self.model.continuous_batching_context_manager(generation_config=generation_config,
-                                                            workload_hints=hints) as manager:
-            self._cb_run(manager, [(first.prompt_token_ids, min(first.max_tokens, WARMUP_MAX_TOKENS))], False)
-            start = time.perf_counter()
-            generated = self._cb_run(manager, [(r.prompt_token_ids, r.max_tokens) for r in workload.requests],
-                                     use_tqdm)
-            elapsed = time.perf_counter() - start
+        self.model.set_attn_implementation(HF_CUDA_ATTENTION)
+        try:
+            with self.model.continuous_batching_context_manager(generation_config=generation_config,
+                                                                workload_hints=hints) as manager:
+                self._cb_run(manager, [(first.prompt_token_ids, min(first.max_tokens, WARMUP_MAX_TOKENS))], False)
+                start = time.perf_counter()
+                generated = self._cb_run(manager, [(r.prompt_token_ids, r.max_tokens) for r in workload.requests],
+                                         use_tqdm)
+                elapsed = time.perf_counter() - start
+        finally:
+            self.model.set_attn_implementation("sdpa")
         return ThroughputResult(elapsed, len(workload.requests), workload.input_tokens, generated)
 
     @staticmethod
@@ -177,7 +181,7 @@ def load_hf_model(settings: PeerSettings) -> Any:
     from nanovllm.model.loader import load_model_config, resolve_model
 
     device, dtype = settings.device, settings.dtype
-    attention = HF_CUDA_ATTENTION if device == "cuda" else "sdpa"
+    attention = "sdpa"   # generate's; the continuous-batching run switches to HF_CUDA_ATTENTION
     if settings.load_format == "dummy":
         config = load_model_config(settings.model, "dummy")
         with torch.device(device):

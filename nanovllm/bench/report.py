@@ -99,8 +99,11 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout nano-vllm runs from, "+dirty" if it has uncommitted changes; None outside git."""
+    """HEAD of the checkout nano-vllm runs from, "+dirty" if it has uncommitted changes; outside a git
+    checkout (a copy sent to another machine) $NANO_VLLM_GIT_COMMIT, else None."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return os.environ.get("NANO_VLLM_GIT_COMMIT")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from nanovllm.bench.harness import generate
 from nanovllm.bench.workloads import Workload
-from nanovllm.llm import LLM
+from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
 
 WARMUP_MAX_TOKENS = 16
@@ -51,17 +52,16 @@ class ThroughputResult:
                 f"{self.output_tokens_per_second:.2f} output tokens/s")
 
 
-def run_throughput(llm: LLM, workload: Workload, use_tqdm: bool = True) -> ThroughputResult:
+def run_throughput(engine: LLMEngine, workload: Workload, use_tqdm: bool = True) -> ThroughputResult:
     """One warm-up request, then every request of `workload` at once (EOS ignored)."""
     first = workload.requests[0]
-    llm.generate([first.prompt_token_ids], SamplingParams(temperature=workload.temperature, ignore_eos=True,
-                                                          max_tokens=min(first.max_tokens, WARMUP_MAX_TOKENS)),
-                 use_tqdm=False)
+    generate(engine, [first.prompt_token_ids], [SamplingParams(
+        temperature=workload.temperature, ignore_eos=True, max_tokens=min(first.max_tokens, WARMUP_MAX_TOKENS))])
     prompts = [r.prompt_token_ids for r in workload.requests]
     params = [SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens)
               for r in workload.requests]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    outputs = generate(engine, prompts, params, use_tqdm, desc=f"nano-vllm {workload.name}")
     elapsed = time.perf_counter() - start
     generated = sum(len(output.outputs[0].token_ids) for output in outputs)
     if generated != workload.output_tokens:
