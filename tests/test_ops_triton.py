@@ -31,7 +31,7 @@ from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotar
                                  rope_cos_sin_cache)
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton")
+KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
@@ -83,7 +83,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = [value for module in vars(kernels).values() for value in vars(module).values()
              if isinstance(value, (InterpretedFunction, JITFunction))]
-    assert len(found) == 8
+    assert len(found) == 10
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -299,6 +299,21 @@ def test_silu_and_mul_kernel_matches_reference(kernels, intermediate, dtype):
     x = (torch.randn(3, 2 * intermediate) * 4).to(dtype)
     out = kernels.activation_triton.silu_and_mul_triton(x)
     torch.testing.assert_close(out, silu_and_mul_torch(x), **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("vocab_size", [7, 2048, 5001])
+def test_exponential_race_kernel_draws_the_reference_tokens(kernels, vocab_size):
+    from nanovllm.ops.sampling import exponential_race_torch
+    gen = torch.Generator().manual_seed(vocab_size)
+    scores = torch.randn(5, vocab_size, generator=gen) * 3
+    scores[1, : vocab_size // 2] = float("-inf")              # a masked row (top-k / top-p)
+    keys = torch.randint(0, 2**32, (5,), generator=gen, dtype=torch.int64)
+    for step in range(4):
+        keys = (keys * 7 + step) % 2**32
+        expected = exponential_race_torch(scores, keys)
+        assert torch.equal(kernels.sampling_triton.exponential_race_triton(scores, keys), expected)
+    assert expected[1] >= vocab_size // 2
 
 
 def test_dispatchers_send_cpu_tensors_to_the_torch_references():

@@ -29,7 +29,9 @@ from nanovllm.engine.scheduler import Batch
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.runner.cuda_graph import DecodeGraphs
 from nanovllm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+from nanovllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
 
@@ -50,43 +52,90 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.num_blocks = self._num_kv_blocks()
+        self.sampler = Sampler()
+        # On a GPU, measure what a full step needs before handing the rest to the KV cache.
+        activation_bytes = self._profile_activation_bytes() if self.device.type == "cuda" else 0
+        self.num_blocks = self._num_kv_blocks(activation_bytes)
         self.kv_cache = torch.zeros(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     model_config.num_key_value_heads, model_config.head_dim,
                                     dtype=config.torch_dtype, device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
-        self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs, config.max_model_len,
+                                              config.block_size, self.device)
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, activation_bytes: int) -> int:
         config = self.config
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
         per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, config.torch_dtype)
         memory = config.kv_cache_memory
         if memory is None:
-            memory = self._default_kv_cache_memory(per_block)
+            memory = self._default_kv_cache_memory(per_block, activation_bytes)
         num_blocks = memory // per_block
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget ({memory} bytes) holds no block of {per_block} bytes; "
                              "raise kv_cache_memory (or gpu_memory_utilization) or lower block_size")
         return num_blocks
 
-    def _default_kv_cache_memory(self, per_block: int) -> int:
+    def _default_kv_cache_memory(self, per_block: int, activation_bytes: int) -> int:
         config = self.config
         if self.device.type == "cuda":
-            # What the card may hold beyond what is in use now (weights, other processes),
-            # keeping a tenth of the rest for activations.
+            # The card's allowed share, less what is in use now (weights, CUDA context, other
+            # processes) and the peak a full step's activations reached in the profiling run.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            allowed = int(config.gpu_memory_utilization * total) - (total - free)
-            return int(allowed * 0.9)
+            return int(config.gpu_memory_utilization * total) - (total - free) - activation_bytes
         # No point in more than every running sequence at full length could use.
         blocks_per_seq = -(-config.max_model_len // config.block_size)
         return min(CPU_KV_CACHE_MEMORY, config.max_num_seqs * blocks_per_seq * per_block)
 
     @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Run the largest step the scheduler can make (a full token budget of prefill, then
+        logits and sampling for max_num_seqs rows) on a throwaway cache; -> peak extra bytes."""
+        config, mc = self.config, self.model_config
+        num_tokens = config.max_num_batched_tokens
+        seq_len = min(num_tokens, config.max_model_len)
+        lengths = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        blocks_per_seq = -(-seq_len // self.block_size)
+        scratch = torch.zeros(mc.num_hidden_layers, 2, blocks_per_seq * len(lengths), self.block_size,
+                              mc.num_key_value_heads, mc.head_dim, dtype=config.torch_dtype, device=self.device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)                      # [T]
+        tables = torch.arange(blocks_per_seq * len(lengths), dtype=torch.int32).view(len(lengths), -1)
+        starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        slots = tables[rows, positions.cpu() // self.block_size].long() * self.block_size + positions.cpu() % self.block_size
+        metadata = AttentionMetadata(query_start_loc=starts.to(self.device),
+                                     seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
+                                     slot_mapping=slots.to(self.device), block_tables=tables.to(self.device),
+                                     max_query_len=max(lengths), max_seq_len=max(lengths))
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        kv_caches = [(layer[0], layer[1]) for layer in scratch]
+        hidden = self.model(input_ids, positions, metadata, kv_caches)                                # [T, H]
+        num_rows = min(config.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:num_rows])                                          # [N, V]
+        worst = SamplingParams(temperature=1.0, top_p=0.9, logprobs=1)   # the full-sort path of the sampler
+        self.sampler(logits, SamplingBatch.build([worst] * num_rows, list(range(num_rows)), [0] * num_rows,
+                                                 [[0]] * num_rows, [[]] * num_rows, self.eos_token_ids,
+                                                 self.device))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del scratch, kv_caches, hidden, logits, metadata
+        return peak
+
+    @torch.inference_mode()
     def run(self, batch: Batch) -> SamplerOutput:
-        input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
-        hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            hidden = self.decode_graphs.run(batch)                              # [B, H], every row samples
+            logits_indices = slice(None)
+        else:
+            input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
+            hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V] float32

@@ -48,40 +48,13 @@ argmax, and a token with probability 0 can never win.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
 
+from nanovllm.ops.sampling import _MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform
 from nanovllm.sampling_params import SamplingParams
-
-_MASK32 = 0xFFFFFFFF
-_MASK64 = (1 << 64) - 1
-# A two-round 32-bit mixer with multipliers below 2**31, found by C. Wellons' hash-prospector
-# (bias comparable to MurmurHash3's fmix32), and a salt per hashed input.
-_MIX_C1 = 0x21F0AAAD
-_MIX_C2 = 0x735A2D97
-_SALT_SEED = 0x9E3779B9
-_SALT_TOKEN = 0x7F4A7C15
-
-IntArray = TypeVar("IntArray", torch.Tensor, np.ndarray)
-
-
-def _mix32(x: IntArray) -> IntArray:
-    """A bijection of 32-bit values with full avalanche; x: int64 tensor or array in [0, 2**32).
-
-    Every product is below 2**32 * 2**31 = 2**63, so int64 never overflows.
-    """
-    x = x ^ (x >> 16)
-    x *= _MIX_C1
-    x &= _MASK32
-    x ^= x >> 15
-    x *= _MIX_C2
-    x &= _MASK32
-    x ^= x >> 15
-    return x
 
 
 def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
@@ -92,23 +65,6 @@ def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
     keys = _mix32(seeds_low ^ _SALT_SEED)
     keys = _mix32(keys ^ seeds_high)
     return _mix32(keys ^ (np.array(output_lens, dtype=np.int64) & _MASK32))
-
-
-@functools.lru_cache(maxsize=8)
-def _token_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
-    """hash(v) for every token id; int64 [V], made once per vocabulary and device."""
-    return _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ _SALT_TOKEN)
-
-
-def random_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u[b, v] = hash(keys[b], v), uniform in (0, 1); keys: int64 [B] from `stream_keys` -> float32 [B, V]."""
-    bits = _mix32(keys[:, None] ^ _token_keys(vocab_size, keys.device)[None, :])   # [B, V], 32 random bits
-    # The top 24 of the 32 bits, centred in their interval: exact in float32, never 0 or 1.
-    bits >>= 8
-    uniform = bits.to(torch.float32)
-    uniform += 0.5
-    uniform *= 1.0 / (1 << 24)
-    return uniform
 
 
 @dataclass
@@ -245,9 +201,7 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p).
         threshold = scaled.max(dim=-1, keepdim=True).values + torch.log(batch.min_p)[:, None]
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)                                 # [B, V]
-    exponentials = random_uniform(batch.stream_keys, logits.shape[1]).log_().neg_()   # [B, V]
-    random_tokens = probs.div_(exponentials).argmax(dim=-1)               # [B]
+    random_tokens = exponential_race(scaled, batch.stream_keys)           # [B]
     if batch.all_random:
         return random_tokens
     return torch.where(batch.is_greedy, logits.argmax(dim=-1), random_tokens)

@@ -1,0 +1,80 @@
+"""The random half of sampling: counter-based uniform numbers and the exponential race.
+
+u[b, v] = hash(key[b], v) is a uniform number in (0, 1) computed from where it
+is used, not drawn from a generator's state: the same on every device and for a
+row wherever it sits in the batch (runner/sampler.py explains the keys). With
+E[v] = -log u[v] an Exponential(1) variable, argmax_v probs[v] / E[v] draws
+token v with probability probs[v]. In log space that is
+
+    argmax_v  scores[v] - log E[v]        (scores = logits / temperature, masked)
+
+which needs no softmax: the normalizer is the same for every v of a row. On a
+GPU one Triton program per row streams the vocabulary once, hashing, racing and
+keeping the running winner, instead of a dozen [B, V] int64 passes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from nanovllm.ops import use_triton
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+# A two-round 32-bit mixer with multipliers below 2**31, found by C. Wellons' hash-prospector
+# (bias comparable to MurmurHash3's fmix32), and a salt per hashed input.
+_MIX_C1 = 0x21F0AAAD
+_MIX_C2 = 0x735A2D97
+_SALT_SEED = 0x9E3779B9
+_SALT_TOKEN = 0x7F4A7C15
+
+IntArray = TypeVar("IntArray", torch.Tensor, np.ndarray)
+
+
+def _mix32(x: IntArray) -> IntArray:
+    """A bijection of 32-bit values with full avalanche; x: int64 tensor or array in [0, 2**32).
+
+    Every product is below 2**32 * 2**31 = 2**63, so int64 never overflows.
+    """
+    x = x ^ (x >> 16)
+    x *= _MIX_C1
+    x &= _MASK32
+    x ^= x >> 15
+    x *= _MIX_C2
+    x &= _MASK32
+    x ^= x >> 15
+    return x
+
+
+@functools.lru_cache(maxsize=8)
+def _token_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """hash(v) for every token id; int64 [V], made once per vocabulary and device."""
+    return _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ _SALT_TOKEN)
+
+
+def random_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u[b, v] = hash(keys[b], v), uniform in (0, 1); keys: int64 [B] from `stream_keys` -> float32 [B, V]."""
+    bits = _mix32(keys[:, None] ^ _token_keys(vocab_size, keys.device)[None, :])   # [B, V], 32 random bits
+    # The top 24 of the 32 bits, centred in their interval: exact in float32, never 0 or 1.
+    bits >>= 8
+    uniform = bits.to(torch.float32)
+    uniform += 0.5
+    uniform *= 1.0 / (1 << 24)
+    return uniform
+
+
+def exponential_race_torch(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """scores [B, V] float32 (log-probabilities up to a per-row constant, -inf = excluded),
+    keys [B] int64 -> token ids [B] int64."""
+    log_exponentials = random_uniform(keys, scores.shape[1]).log_().neg_().log_()   # [B, V] log E
+    return (scores - log_exponentials).argmax(dim=-1)
+
+
+def exponential_race(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    if use_triton(scores):
+        from nanovllm.ops.sampling_triton import exponential_race_triton
+        return exponential_race_triton(scores, keys)
+    return exponential_race_torch(scores, keys)

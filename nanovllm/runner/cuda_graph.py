@@ -1,0 +1,119 @@
+"""CUDA graphs for decode steps.
+
+A decode step of a 1B model launches several hundred small kernels; from Python
+each launch costs a few microseconds, which adds up to more than the GPU needs
+to read the weights. A CUDA graph records the whole forward pass once and
+replays it with a single launch. A graph is frozen: the same kernels, the same
+grid sizes, the same memory addresses every time. So:
+
+- inputs live in static buffers that each step overwrites (input ids,
+  positions, slot mapping, context lengths, block tables);
+- one graph per batch size in `capture_sizes` (1, 2, 4, 8, 16, 24, ...); a
+  batch of 13 runs in the graph of 16, the 3 padding rows having context length
+  0 and slot -1, so they read nothing and write nothing;
+- the block table is always `ceil(max_model_len / block_size)` wide, so no
+  sequence can outgrow the table a graph was captured with;
+- the attention kernel sizes its grid from tensor shapes only (never from the
+  longest context of the step), see ops/attention_triton.py.
+
+Host-side preparation writes into pinned (page-locked) buffers that are copied
+asynchronously: no allocation per step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nanovllm.engine.scheduler import Batch
+from nanovllm.ops.attention import AttentionMetadata
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (always included)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        width = -(-max_model_len // block_size)
+        rows, i64, i32 = self.max_batch, torch.int64, torch.int32
+        # Device buffers the graphs read. token_rows = [input_ids; positions; slot_mapping].
+        self.token_rows = torch.zeros(3, rows, dtype=i64, device=device)        # [3, max_batch]
+        self.token_rows[2].fill_(-1)
+        self.seq_lens = torch.zeros(rows, dtype=i32, device=device)             # [max_batch]
+        self.block_tables = torch.full((rows, width), -1, dtype=i32, device=device)   # [max_batch, width]
+        self.query_start_loc = torch.arange(rows + 1, dtype=i32, device=device)  # one new token per row
+        # Pinned host mirrors, written through numpy views.
+        self.host_token_rows = torch.zeros(3, rows, dtype=i64).pin_memory()
+        self.host_seq_lens = torch.zeros(rows, dtype=i32).pin_memory()
+        self.host_block_tables = torch.full((rows, width), -1, dtype=i32).pin_memory()
+        self.np_token_rows = self.host_token_rows.numpy()
+        self.np_seq_lens = self.host_seq_lens.numpy()
+        self.np_block_tables = self.host_block_tables.numpy()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}   # hidden states [size, H] each graph writes
+        self._capture()
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=self.seq_lens[:size],
+            slot_mapping=self.token_rows[2, :size],
+            block_tables=self.block_tables[:size],
+            max_query_len=1,
+            max_seq_len=self.block_tables.shape[1] * self.block_size,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.token_rows[0, :size], self.token_rows[1, :size], self._metadata(size),
+                          self.kv_caches)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):   # largest first, so smaller graphs reuse its memory
+            self._forward(size)              # warm-up: compiles the Triton kernels outside the graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, batch: Batch) -> bool:
+        """Only pure decode batches that fit the largest graph."""
+        return batch.num_prefill_tokens == 0 and 0 < len(batch.scheduled) <= self.max_batch
+
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Replay the graph of the smallest captured size >= the batch -> hidden states [B, H]."""
+        num_seqs = len(batch.scheduled)
+        size = next(s for s in self.sizes if s >= num_seqs)
+        token_rows, seq_lens, tables = self.np_token_rows, self.np_seq_lens, self.np_block_tables
+        block_size = self.block_size
+        for i, (seq, _) in enumerate(batch.scheduled):
+            position = seq.num_computed_tokens
+            block_table = seq.block_table
+            token_rows[0, i] = seq.token_ids[position]
+            token_rows[1, i] = position
+            token_rows[2, i] = block_table[position // block_size] * block_size + position % block_size
+            seq_lens[i] = position + 1
+            tables[i, :len(block_table)] = block_table
+        # Padding rows: context 0 and slot -1, so they neither read nor write the cache.
+        token_rows[:, num_seqs:size] = 0
+        token_rows[2, num_seqs:size] = -1
+        seq_lens[num_seqs:size] = 0
+        self.token_rows[:, :size].copy_(self.host_token_rows[:, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
+        self.block_tables[:num_seqs].copy_(self.host_block_tables[:num_seqs], non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:num_seqs]
