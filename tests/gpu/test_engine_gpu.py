@@ -1,0 +1,105 @@
+"""The whole engine on a CUDA GPU: Triton kernels, CUDA graphs for decode, the KV
+cache sized by a profiling step. Greedy tokens must equal transformers' on the same
+weights (float32 on both sides, so the comparison is exact enough to be strict), and
+a decode replayed from a CUDA graph must give what the eager path gives.
+Run on the device machine: `python3 -m pytest -q -m gpu tests/gpu`.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPTS = [[5, 17, 99, 3], list(range(40, 77)), [250] * 9, list(range(1, 130, 3))]
+GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+SMALL_POOL = dict(num_kv_blocks=512)   # so that several engines fit on the card at once
+
+
+def release_gpu_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
+def fresh_gpu_memory():
+    yield
+    release_gpu_memory()
+
+
+def hf_greedy(path, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' argmax, one full forward per token (EOS is just another token here)."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ids.append(int(model(torch.tensor([ids], device="cuda")).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa4", "qwen3", "llama-mha-hd80"])
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_greedy_tokens_equal_transformers_on_gpu(tiny_model_factory, name, enforce_eager):
+    path = tiny_model_factory(name)
+    llm = LLM(str(path), device="cuda", dtype="float32", enforce_eager=enforce_eager, max_num_seqs=8,
+              **SMALL_POOL)
+    assert (llm.engine.runner.decode_graphs is None) == enforce_eager
+    outputs = llm.generate(PROMPTS, GREEDY_32, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(path, prompt, 32)
+
+
+def test_graph_replay_with_padding_rows_matches_eager(tiny_model_factory):
+    """13 sequences run in the graph of 16; their tokens equal the eager engine's."""
+    path = tiny_model_factory("llama-gqa4")
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
+    graphed = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=16, **SMALL_POOL)
+    eager = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=16, enforce_eager=True, **SMALL_POOL)
+    assert 16 in graphed.engine.runner.decode_graphs.graphs
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+
+
+def test_a_prompt_near_max_model_len_decodes_through_the_graph(tiny_model_factory):
+    """The graphs' block tables are max_model_len wide, so the longest context still fits."""
+    path = tiny_model_factory("qwen3")
+    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=256, max_num_seqs=4, **SMALL_POOL)
+    prompt = [(7 * i) % 300 for i in range(250)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    graphed = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert len(graphed.token_ids) == 6 and graphed.finish_reason == "length"
+    eager = LLM(str(path), device="cuda", dtype="float32", max_model_len=256, max_num_seqs=4,
+                enforce_eager=True, **SMALL_POOL)
+    assert eager.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == graphed.token_ids
+
+
+def test_kv_cache_is_sized_from_gpu_memory_utilization(tiny_model_factory):
+    """The pool takes what the utilization allows after weights and a profiled step's activations."""
+    path = tiny_model_factory("llama-gqa4")
+    total = torch.cuda.mem_get_info()[1]
+    kv_bytes = {}
+    for utilization in (0.2, 0.4):
+        llm = LLM(str(path), device="cuda", gpu_memory_utilization=utilization, enforce_eager=True)
+        kv_cache = llm.engine.runner.kv_cache
+        kv_bytes[utilization] = kv_cache.numel() * kv_cache.element_size()
+        assert torch.cuda.memory_allocated() <= utilization * total
+        del llm, kv_cache
+        release_gpu_memory()
+    assert kv_bytes[0.4] - kv_bytes[0.2] == pytest.approx(0.2 * total, rel=0.02)
+
+
+def test_bfloat16_engine_generates_on_gpu(tiny_model_factory):
+    path = tiny_model_factory("qwen3")
+    llm = LLM(str(path), device="cuda", max_num_seqs=32, **SMALL_POOL)
+    assert llm.engine.config.dtype == "bfloat16"
+    outputs = llm.generate(PROMPTS * 8, SamplingParams(temperature=0.6, max_tokens=16, ignore_eos=True),
+                           use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
