@@ -41,8 +41,11 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 }
 
 
-def dummy_config(model: str) -> ModelConfig:
+def dummy_config(model: str | None) -> ModelConfig:
     """A built-in name (BUILTIN_CONFIGS) or a config.json path / a directory holding one."""
+    if model is None:
+        raise ModelLoadError(f"load_format='dummy' needs a model: a built-in name ({', '.join(BUILTIN_CONFIGS)}) "
+                             "or a config.json")
     if model.lower() in BUILTIN_CONFIGS:
         return ModelConfig.from_hf_dict(BUILTIN_CONFIGS[model.lower()], source=f"built-in config {model!r}")
     path = Path(model)

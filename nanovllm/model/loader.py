@@ -68,7 +68,7 @@ def resolve_model(model: str | None) -> str:
     return model
 
 
-def load_model_config(model: str, load_format: str = "auto") -> ModelConfig:
+def load_model_config(model: str | None, load_format: str = "auto") -> ModelConfig:
     """The shape of `model` (a path, or with load_format="dummy" a built-in name), validated."""
     fmt = _format_of(model, load_format)
     if fmt == "dummy":
@@ -84,7 +84,7 @@ def load_model_config(model: str, load_format: str = "auto") -> ModelConfig:
     return llama2c_config(path)
 
 
-def load_model(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                load_format: str = "auto") -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model on `device` with parameters in `dtype`, fill its weights, return it in eval mode.
 
