@@ -219,6 +219,10 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def get_num_waiting(self) -> int:
+        """Sequences queued to run (new, preempted, or samples waiting for their prompt); cheap, unlike get_stats."""
+        return len(self.scheduler.waiting) + self.scheduler.num_held()
+
     # ---- the step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -340,7 +344,7 @@ class LLMEngine:
         scheduler = self.scheduler
         return EngineStats(
             num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting) + scheduler.num_held(),
+            num_waiting=self.get_num_waiting(),
             num_preemptions=scheduler.num_preemptions,
             kv_usage=scheduler.block_manager.usage(),
             num_steps=self.num_steps,

@@ -1,0 +1,178 @@
+"""AsyncLLMEngine in-process on a tiny random model: concurrent callers share steps, a closed stream
+aborts and frees its blocks, the waiting queue is bounded, drain aborts what outlives the grace
+period, and a failing step loop fails its callers instead of leaving them waiting."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, QueueFullError
+from nanovllm.engine.engine import LLMEngine, StepInfo
+from nanovllm.model.loader import load_model
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.tokenizer import Tokenizer
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    return str(tiny_llama), model, Tokenizer.load(str(tiny_llama))
+
+
+@pytest.fixture
+def make_engine(loaded):
+    path, model, tokenizer = loaded
+
+    def make(**engine_args) -> LLMEngine:
+        engine_args.setdefault("max_model_len", 128)
+        return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
+
+    return make
+
+
+def run(coroutine_fn, engine: AsyncLLMEngine):
+    """Run `coroutine_fn()` with the engine's step loop going, then stop the engine."""
+    async def main():
+        engine.start()
+        try:
+            return await coroutine_fn()
+        finally:
+            await engine.stop()
+    return asyncio.run(main())
+
+
+def test_concurrent_callers_share_steps_and_get_what_the_sync_engine_gives(make_engine):
+    reference = make_engine()
+    reference.add_requests([("a", "Hello", greedy(6)), ("b", "World, again", greedy(9))], stream=False)
+    expected = {}
+    while reference.has_unfinished_requests():
+        expected.update({out.request_id: out.outputs[0].token_ids for out in reference.step()})
+
+    engine = make_engine()
+    steps: list[StepInfo] = []
+    engine.add_step_observer(steps.append)
+    async_engine = AsyncLLMEngine(engine)
+
+    async def consume(request_id: str, prompt: str, params: SamplingParams) -> list[list[int]]:
+        return [out.outputs[0].token_ids async for out in async_engine.generate(request_id, prompt, params)]
+
+    streams = run(lambda: asyncio.gather(consume("a", "Hello", greedy(6)), consume("b", "World, again", greedy(9))),
+                  async_engine)
+    assert [stream[-1] for stream in streams] == [expected["a"], expected["b"]]
+    for stream in streams:   # each output is the state so far: token lists only grow
+        assert all(stream[i] == stream[i + 1][:len(stream[i])] for i in range(len(stream) - 1))
+    assert any({chunk.request_id for chunk in step.scheduled} == {"a", "b"} for step in steps)
+    assert async_engine.stats.kv_usage.used_blocks == 0
+
+
+def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(make_engine):
+    async_engine = AsyncLLMEngine(make_engine())
+
+    async def scenario():
+        outputs = await async_engine.add_requests([("long", "Tell me a story", greedy(100))])
+        first = await outputs.get()
+        outputs.close()
+        while async_engine.num_unfinished_requests:
+            await asyncio.sleep(0.01)
+        return first
+
+    first = run(scenario, async_engine)
+    assert not first[0].finished
+    assert async_engine.stats.kv_usage.used_blocks == 0
+    assert async_engine.stats.num_running == async_engine.stats.num_waiting == 0
+    assert not async_engine.engine.has_unfinished_requests()
+
+
+def test_a_cancelled_caller_aborts_its_request(make_engine):
+    async_engine = AsyncLLMEngine(make_engine(max_model_len=512))
+
+    async def scenario():
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in async_engine.generate("long", "Once upon a time", greedy(400)):
+                started.set()
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        while async_engine.num_unfinished_requests:
+            await asyncio.sleep(0.01)
+
+    run(scenario, async_engine)
+    assert async_engine.stats.kv_usage.used_blocks == 0
+    assert async_engine.stats.generation_tokens_total < 400
+
+
+def test_a_full_waiting_queue_refuses_new_requests(make_engine):
+    async_engine = AsyncLLMEngine(make_engine(max_num_seqs=1), max_waiting=2)
+
+    async def scenario():
+        running = await async_engine.add_requests([("r", "Hi", greedy(50))])
+        await running.get()   # "r" runs; the next two wait behind it
+        waiting = await async_engine.add_requests([("w", "Hi", greedy(2, n=2))])
+        with pytest.raises(QueueFullError, match="max_waiting=2"):
+            await async_engine.add_requests([("refused", "Hi", greedy(2))])
+        return [out async for out in running], [out async for out in waiting]
+
+    running, waiting = run(scenario, async_engine)
+    assert running[-1].finished and waiting[-1].finished
+    assert async_engine.stats.num_requests_finished == 2
+
+
+def test_an_invalid_request_raises_and_queues_nothing(make_engine):
+    async_engine = AsyncLLMEngine(make_engine())
+
+    async def scenario():
+        with pytest.raises(ValueError, match="max_model_len"):
+            await async_engine.add_requests([("ok", "Hi", greedy(2)), ("long", "x" * 500, greedy(2))])
+        return [out async for out in await async_engine.add_requests([("ok", "Hi", greedy(2))])]
+
+    outputs = run(scenario, async_engine)
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 2
+    assert async_engine.num_unfinished_requests == 0
+
+
+def test_drain_lets_short_requests_finish_aborts_the_rest_and_refuses_new_ones(make_engine):
+    async_engine = AsyncLLMEngine(make_engine(max_num_seqs=1, max_model_len=512))
+
+    async def scenario():
+        short = await async_engine.add_requests([("short", "Hi", greedy(3))])
+        long = await async_engine.add_requests([("long", "Hi there", greedy(480))])
+        drain = asyncio.create_task(async_engine.drain(timeout=0.3))
+        with_short = [out async for out in short]
+        with_long = [out async for out in long]
+        await drain
+        with pytest.raises(EngineNotRunningError, match="shutting down"):
+            await async_engine.add_requests([("late", "Hi", greedy(2))])
+        return with_short[-1], with_long[-1]
+
+    short, long = run(scenario, async_engine)
+    assert short.outputs[0].finish_reason == "length"
+    assert long.outputs[0].finish_reason == "abort"
+    assert async_engine.stats.kv_usage.used_blocks == 0
+
+
+def test_a_failing_step_loop_fails_its_callers_and_refuses_new_requests(make_engine, monkeypatch):
+    engine = make_engine()
+    async_engine = AsyncLLMEngine(engine)
+
+    def broken_step():
+        raise RuntimeError("scheduler bug")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+
+    async def scenario():
+        outputs = await async_engine.add_requests([("a", "Hi", greedy(3))])
+        with pytest.raises(EngineNotRunningError, match="scheduler bug"):
+            await outputs.get()
+        with pytest.raises(EngineNotRunningError, match="not running"):
+            await async_engine.add_requests([("b", "Hi", greedy(3))])
+
+    run(scenario, async_engine)
+    assert not async_engine.is_running
