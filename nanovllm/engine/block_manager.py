@@ -133,6 +133,8 @@ class BlockManager:
         instead of new blocks.
         """
         table = seq.block_table
+        if not shared_block_ids and num_tokens <= len(table) * self.block_size:
+            return True   # the common decode step: its slot is in the last block already
         num_new = self.num_blocks_for(num_tokens) - len(table) - len(shared_block_ids)
         # Shared blocks with no user are counted as free now; taking them makes them used.
         num_revived = sum(1 for b in shared_block_ids if self.blocks[b].ref_count == 0)

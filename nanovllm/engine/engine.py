@@ -157,6 +157,9 @@ class LLMEngine:
             self.requests[request_id] = seqs
             if not stream:
                 self.final_only.add(request_id)
+                # No stream and no stop strings: no one needs the text before the request ends.
+                for seq in seqs:
+                    seq.detokenize_at_finish = not seq.sampling_params.stop
             self.prompt_tokens_total += seqs[0].num_prompt_tokens
             self.scheduler.add_sequences(seqs)
 

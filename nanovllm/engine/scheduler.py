@@ -126,6 +126,8 @@ class Scheduler:
         seq.status = status
         seq.finish_time = time.time() if now is None else now
         self.block_manager.free(seq)
+        if seq.detokenize_at_finish and seq.detokenizer is not None:
+            seq.output_text = seq.detokenizer.add_tokens(seq.output_token_ids)
 
     # ---- schedule ------------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ class Scheduler:
         params = seq.sampling_params
         token_id = seq.last_token
         new_text = ""
-        if seq.detokenizer is not None:
+        if seq.detokenizer is not None and not seq.detokenize_at_finish:
             new_text = seq.detokenizer.add_tokens([token_id])
             seq.output_text += new_text
         if seq.num_output_tokens >= params.min_tokens:   # the sampler keeps stop tokens out before that

@@ -63,6 +63,7 @@ class Sequence:
     arrival_time: float
     prompt: str | None = None                # the prompt text, when it was given as text
     detokenizer: IncrementalDetokenizer | None = None
+    detokenize_at_finish: bool = False       # nobody reads the text before the end: decode it once then
     # The state the scheduler advances.
     token_ids: list[int] = field(default_factory=list)      # prompt + output
     output_token_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,72 @@
+"""How much of a decode step is the host's, on a GPU.
+
+    python -m nanovllm.bench.host_overhead --dummy llama-3.2-1b --batch-sizes 1 64 256
+
+For each batch size it fills the engine with that many sequences (prompt 128),
+lets them reach the decode phase, then times whole `engine.step()` calls, and
+separately replays the step's CUDA graph alone (the forward pass with nothing
+around it). The difference is what the host adds per step: scheduling, input
+preparation, the LM head and sampling, postprocessing, outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from nanovllm.bench.harness import make_engine
+from nanovllm.config import EngineConfig
+from nanovllm.sampling_params import SamplingParams
+
+
+def measure(engine, batch_size: int, steps: int = 50) -> dict[str, float]:
+    params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
+    ids = [f"overhead-{batch_size}-{i}" for i in range(batch_size)]
+    engine.add_requests([(rid, [(7 * i + j) % 1000 for j in range(128)], params) for i, rid in enumerate(ids)],
+                        stream=False)
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - start) / steps * 1e3
+    graphs = engine.runner.decode_graphs
+    size = next(s for s in graphs.sizes if s >= batch_size)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graphs.graphs[size].replay()
+    torch.cuda.synchronize()
+    forward_ms = (time.perf_counter() - start) / steps * 1e3
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch_size, "step_ms": step_ms, "graph_forward_ms": forward_ms,
+            "host_ms": step_ms - forward_ms, "host_share": (step_ms - forward_ms) / step_ms}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dummy", default="llama-3.2-1b")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    args = parser.parse_args(argv)
+    engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
+                                      max_num_seqs=max(args.batch_sizes)))
+    print(f"card: {torch.cuda.get_device_name()}, model: {args.dummy} (dummy weights, bf16)")
+    print("| batch | engine step ms | graph forward ms | host ms | host share |")
+    print("|------:|---------------:|-----------------:|--------:|-----------:|")
+    for batch_size in args.batch_sizes:
+        r = measure(engine, batch_size)
+        print(f"| {r['batch']} | {r['step_ms']:.3f} | {r['graph_forward_ms']:.3f} | {r['host_ms']:.3f} "
+              f"| {r['host_share']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
