@@ -13,9 +13,11 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 python3 -m pytest -q -m gpu tests/gpu tests/test_sampler.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu-tests.txt"
 
-bench() { python3 -m nanovllm.cli bench "$@" --save-dir "$OUT" --no-progress 2>&1 | grep -v Warning; }
-bench throughput --dummy qwen3-0.6b
-bench throughput --dummy llama-3.2-1b
-bench latency --dummy llama-3.2-1b
-bench throughput --dummy qwen3-0.6b --dataset throughput-fixed --num-prompts 64 --peer hf
+# bench NAME ARGS...: one run, its JSON saved as $OUT/NAME.json, its table appended to $OUT/bench.txt
+bench() { local name=$1; shift; python3 -m nanovllm.cli bench "$@" --json "$OUT/$name.json" --no-progress 2>&1 | grep -v Warning | tee -a "$OUT/bench.txt"; }
+bench throughput-qwen3-0.6b throughput --dummy qwen3-0.6b
+bench throughput-llama-3.2-1b throughput --dummy llama-3.2-1b
+bench latency-llama-3.2-1b latency --dummy llama-3.2-1b
+bench throughput-fixed-64-qwen3-0.6b-vs-hf throughput --dummy qwen3-0.6b --dataset throughput-fixed --num-prompts 64 --peer hf
 python3 -m nanovllm.bench.attention 2>&1 | tee "$OUT/attention.txt"
+python3 -m nanovllm.bench.host_overhead --dummy llama-3.2-1b --batch-sizes 1 64 256 2>&1 | tee "$OUT/host-overhead.txt"
