@@ -24,7 +24,11 @@ sequences that already hold `num_computed_tokens` in the KV cache:
             for each new token, over its context        2 flops per multiply-add)
 
 Activations are not counted: they are small beside weights and KV, and a
-lower bound may leave them out.
+lower bound may leave them out. Counting the LM head on every prompt token
+instead (2 x all parameters x tokens) lowers the roofline of `throughput` by
+1.3% (Qwen3-0.6B) and 4.8% (Llama-3.2-1B), to BENCHMARKS.md's reference
+figures (35,300 and 67,500 output tok/s on an H200); engines skip those rows,
+so the bound here skips them too.
 
 A whole workload's bound follows the lower-bound schedule of BENCHMARKS.md:
 all requests prefill together in one step (which samples each request's first
