@@ -1,0 +1,613 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the async engine.
+
+    POST /v1/completions        prompt(s) -> text          (SSE stream with "stream": true)
+    POST /v1/chat/completions   messages -> assistant turn (rendered by the model's chat template)
+    GET  /v1/models             the one model served, under its served name
+    GET  /health  /version  /metrics        POST /tokenize  /detokenize
+
+A request's life: the body is read (at most `max_request_bytes`, else 413) and
+parsed strictly (else 400 naming the field); the prompt becomes token ids (chat
+messages through the template); `n` samples become one engine request with n
+sequences, a list of prompts one engine request each. Then either the final
+outputs are collected into one JSON response, or each step's news is sent as a
+server-sent event (`data: {...}\\n\\n`, ending `data: [DONE]`), one chunk per
+choice that progressed. Either way a client that disconnects aborts its
+requests, which frees their KV blocks.
+
+Every error is OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
+with OpenAI's status: 400 bad input, 401 bad API key, 404 unknown model or
+route, 413 body too large, 503 queue full or shutting down, 500 a failed step.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nanovllm import __version__
+from nanovllm.config import EngineConfig
+from nanovllm.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, OutputStream, QueueFullError
+from nanovllm.engine.engine import LLMEngine
+from nanovllm.model.loader import EMBEDDED_MODEL
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.server.metrics import StatLogger, make_registry
+from nanovllm.server.protocol import (
+    ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
+    ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse,
+    ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
+)
+
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_WAITING = 1024
+
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str | None = None   # None: the model directory's name / file's stem, or the embedded name
+    api_key: str | None = None             # set: every /v1/ request needs `Authorization: Bearer <api_key>`
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_waiting: int = DEFAULT_MAX_WAITING   # queued sequences beyond which new requests get 503
+    log_interval: float = 5.0              # seconds between stat log lines while busy
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_waiting"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.log_interval > 0:
+            raise ValueError(f"log_interval must be a positive number of seconds, got {self.log_interval!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key is empty; pass a non-empty key or none at all")
+
+
+def default_served_model_name(model: str | None) -> str:
+    if model is None or model == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL
+    path = Path(model)
+    return path.name if path.is_dir() else path.stem
+
+
+class OpenAIError(Exception):
+    """An error answered with OpenAI's error body and status."""
+
+    def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status_code)
+
+
+def build_app(engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None, *,
+              engine: LLMEngine | None = None) -> FastAPI:
+    """The server's ASGI app. Loads the model of `engine_config` now (errors surface here, before
+    any socket is bound), or serves `engine` if given. The step loop runs during the app's lifespan."""
+    if engine is None:
+        engine = LLMEngine(engine_config if engine_config is not None else EngineConfig())
+    server = OpenAIServer(engine, server_config or ServerConfig())
+    app = FastAPI(title="nano-vllm", version=__version__, lifespan=server.lifespan)
+    app.state.server = server
+
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/version", server.version, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/v1/models", server.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", server.retrieve_model, methods=["GET"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+
+    app.add_exception_handler(OpenAIError, _openai_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _internal_error_handler)
+    # The middleware added last runs first: the key is checked before a byte of the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_request_bytes)
+    if server.config.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=server.config.api_key)
+    return app
+
+
+class OpenAIServer:
+    """The endpoints, over one AsyncLLMEngine."""
+
+    def __init__(self, engine: LLMEngine, config: ServerConfig):
+        self.config = config
+        self.model_name = config.served_model_name or default_served_model_name(engine.config.model)
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.model_config.vocab_size
+        self.max_model_len = engine.config.max_model_len
+        self.created = int(time.time())
+        self.async_engine = AsyncLLMEngine(engine, config.max_waiting)
+        self.registry, request_metrics = make_registry(self.async_engine, self.model_name)
+        self.async_engine.on_finished = request_metrics.observe
+        self.stat_logger = StatLogger(self.async_engine, config.log_interval)
+        self._token_texts: dict[int, str] = {}
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.async_engine.start()
+        stat_logger = asyncio.get_running_loop().create_task(self.stat_logger.run())
+        try:
+            yield
+        finally:
+            stat_logger.cancel()
+            await self.async_engine.stop()
+
+    # ---- small endpoints -----------------------------------------------------------------
+
+    async def health(self) -> Response:
+        """200 while the engine runs and accepts requests; 503 once it failed or is shutting down."""
+        healthy = self.async_engine.is_running and self.async_engine.accepting
+        return Response(status_code=200 if healthy else 503)
+
+    async def version(self) -> dict[str, str]:
+        return {"version": __version__}
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
+
+    async def list_models(self) -> dict[str, Any]:
+        return ModelList(data=[self._model_card()]).model_dump()
+
+    async def retrieve_model(self, model_id: str) -> dict[str, Any]:
+        self._check_model(model_id)
+        return self._model_card().model_dump()
+
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body = _parse(TokenizeRequest, await request.body())
+        if body.model is not None:
+            self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "send exactly one of `prompt` (text) and `messages` (a chat)")
+        if body.prompt is not None:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            tokens = self._chat_prompt(body.messages, body.add_generation_prompt)
+        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens).model_dump()
+
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body = _parse(DetokenizeRequest, await request.body())
+        if body.model is not None:
+            self._check_model(body.model)
+        self._check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens)).model_dump()
+
+    # ---- completions ---------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        body = _parse(CompletionRequest, await request.body())
+        self._check_model(body.model)
+        _check_stream_options(body.stream, body.stream_options)
+        if body.echo and body.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, which nano-vllm "
+                              "does not compute; drop one of the two", param="echo")
+        params = _sampling_params(body)
+        prompts = self._completion_prompts(body.prompt)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        outputs = await self._submit([(f"{response_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)],
+                                     stream=bool(body.stream))
+        header = dict(id=response_id, created=int(time.time()), model=self.model_name)
+        if body.stream:
+            return _event_stream(self._completion_chunks(body, params, prompts, outputs, header), outputs,
+                                 _include_usage(body))
+        finals = await _collect_final_outputs(request, outputs)
+        if finals is None:
+            return Response(status_code=499)   # the client left; nobody reads this
+        choices = []
+        for prompt_index, final in enumerate(finals):
+            prompt_text = prompts[prompt_index][0] if body.echo else ""
+            for completion in final.outputs:
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs, _ = self._completion_logprobs(completion, 0, body.logprobs, 0)
+                choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
+                                                text=prompt_text + completion.text, logprobs=logprobs,
+                                                finish_reason=completion.finish_reason))
+        return JSONResponse(CompletionResponse(choices=choices, usage=_usage(finals), **header).model_dump())
+
+    async def _completion_chunks(self, body: CompletionRequest, params: SamplingParams,
+                                 prompts: list[tuple[str, list[int]]], outputs: OutputStream,
+                                 header: dict[str, Any]) -> AsyncIterator[BaseModel]:
+        prompt_index = {request_id: i for i, request_id in enumerate(outputs.request_ids)}
+        progress = {index: _ChoiceProgress() for index in range(len(prompts) * params.n)}
+        if body.echo:
+            for index in progress:
+                yield CompletionResponse(choices=[CompletionChoice(index=index, text=prompts[index // params.n][0])],
+                                         **header)
+        finals: dict[str, RequestOutput] = {}
+        async for output in outputs:
+            _raise_if_failed(output)
+            if output.finished:
+                finals[output.request_id] = output
+            for completion in output.outputs:
+                index = prompt_index[output.request_id] * params.n + completion.index
+                state = progress[index]
+                if state.done or not state.has_news(completion, body.logprobs is not None):
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs, state.text_offset = self._completion_logprobs(completion, state.num_tokens,
+                                                                            body.logprobs, state.text_offset)
+                yield CompletionResponse(choices=[CompletionChoice(
+                    index=index, text=state.advance(completion), logprobs=logprobs,
+                    finish_reason=completion.finish_reason)], **header)
+        if _include_usage(body):
+            yield CompletionResponse(choices=[], usage=_usage([finals[i] for i in outputs.request_ids]), **header)
+
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt of a completions request."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise OpenAIError(400, "prompt is an empty list; send a string, a list of strings or of token ids",
+                              param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        prompts = []
+        for item in prompt:
+            if isinstance(item, str):
+                token_ids = self.tokenizer.encode(item)
+                text = item
+            else:
+                self._check_token_ids(item, "prompt")
+                token_ids, text = item, self.tokenizer.decode(item)
+            self._check_prompt_length(token_ids, "prompt")
+            prompts.append((text, token_ids))
+        return prompts
+
+    def _completion_logprobs(self, completion: CompletionOutput, start: int, num_top: int,
+                             text_offset: int) -> tuple[CompletionLogprobs, int]:
+        """Logprobs of the completion's tokens from `start` on, and the text offset after them."""
+        result = CompletionLogprobs()
+        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
+            token = self._token_text(token_id)
+            result.tokens.append(token)
+            result.token_logprobs.append(entry[token_id])
+            result.top_logprobs.append({self._token_text(t): logprob for t, logprob in _top(entry, num_top)})
+            result.text_offset.append(text_offset)
+            text_offset += len(token)
+        return result, text_offset
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = _parse(ChatCompletionRequest, await request.body())
+        self._check_model(body.model)
+        _check_stream_options(body.stream, body.stream_options)
+        params = _sampling_params(body)
+        prompt_token_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
+        self._check_prompt_length(prompt_token_ids, "messages")
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
+        header = dict(id=response_id, created=int(time.time()), model=self.model_name)
+        if body.stream:
+            return _event_stream(self._chat_chunks(body, params, outputs, header), outputs, _include_usage(body))
+        finals = await _collect_final_outputs(request, outputs)
+        if finals is None:
+            return Response(status_code=499)
+        choices = [ChatCompletionChoice(
+            index=completion.index, message=ChatResponseMessage(content=completion.text),
+            logprobs=self._chat_logprobs(completion, 0, body.top_logprobs or 0) if body.logprobs else None,
+            finish_reason=completion.finish_reason) for completion in finals[0].outputs]
+        return JSONResponse(ChatCompletionResponse(choices=choices, usage=_usage(finals), **header).model_dump())
+
+    async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, outputs: OutputStream,
+                           header: dict[str, Any]) -> AsyncIterator[BaseModel]:
+        progress = {index: _ChoiceProgress() for index in range(params.n)}
+        for index in range(params.n):
+            yield ChatCompletionChunk(choices=[ChatStreamChoice(
+                index=index, delta=ChatDelta(role="assistant", content=""))], **header)
+        final = None
+        async for output in outputs:
+            _raise_if_failed(output)
+            final = output if output.finished else None
+            for completion in output.outputs:
+                state = progress[completion.index]
+                if state.done or not state.has_news(completion, bool(body.logprobs)):
+                    continue
+                logprobs = (self._chat_logprobs(completion, state.num_tokens, body.top_logprobs or 0)
+                            if body.logprobs else None)
+                text = state.advance(completion)
+                yield ChatCompletionChunk(choices=[ChatStreamChoice(
+                    index=completion.index, delta=ChatDelta(content=text or None), logprobs=logprobs,
+                    finish_reason=completion.finish_reason)], **header)
+        if _include_usage(body):
+            yield ChatCompletionChunk(choices=[], usage=_usage([final]), **header)
+
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        conversation = [message.to_template_dict() for message in messages]
+        try:
+            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
+            raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
+
+    def _chat_logprobs(self, completion: CompletionOutput, start: int, num_top: int) -> ChatLogprobs:
+        content = []
+        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
+            token = self._token_text(token_id)
+            content.append(ChatLogprob(
+                token=token, logprob=entry[token_id], bytes=list(token.encode("utf-8")),
+                top_logprobs=[TopLogprob(token=self._token_text(t), logprob=logprob,
+                                         bytes=list(self._token_text(t).encode("utf-8")))
+                              for t, logprob in _top(entry, num_top)]))
+        return ChatLogprobs(content=content)
+
+    # ---- shared --------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                              param="model", code="model_not_found")
+
+    def _check_token_ids(self, token_ids: list[int], param: str) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is not in the vocabulary [0, {self.vocab_size})", param=param)
+
+    def _check_prompt_length(self, prompt_token_ids: list[int], param: str) -> None:
+        if not prompt_token_ids:
+            raise OpenAIError(400, "the prompt is empty; send at least one token", param=param)
+        if len(prompt_token_ids) > self.max_model_len:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                              f"prompt has {len(prompt_token_ids)} tokens; shorten it", param=param,
+                              code="context_length_exceeded")
+
+    async def _submit(self, requests: list[tuple[str, list[int], SamplingParams]], stream: bool) -> OutputStream:
+        try:
+            return await self.async_engine.add_requests(requests, stream=stream)
+        except ValueError as error:
+            raise OpenAIError(400, str(error)) from None
+        except (QueueFullError, EngineNotRunningError) as error:
+            raise OpenAIError(503, f"the server cannot take this request now: {error}", type="server_error",
+                              code="service_unavailable") from None
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+@dataclass
+class _ChoiceProgress:
+    """How much of one choice a stream has sent."""
+    num_chars: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0   # completions logprobs: where the next token's text starts
+    done: bool = False
+
+    def has_news(self, completion: CompletionOutput, with_logprobs: bool) -> bool:
+        """Anything to send: more text, the finish, or (when logprobs are asked) more tokens."""
+        return (completion.finished or len(completion.text) > self.num_chars
+                or (with_logprobs and len(completion.token_ids) > self.num_tokens))
+
+    def advance(self, completion: CompletionOutput) -> str:
+        """The text not sent yet; marks everything as sent."""
+        text = completion.text[self.num_chars:]
+        self.num_chars, self.num_tokens = len(completion.text), len(completion.token_ids)
+        self.done = completion.finished
+        return text
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of one step's logprobs (the entry may also hold the sampled one)."""
+    return sorted(entry.items(), key=lambda item: -item[1])[:k]
+
+
+def _usage(finals: list[RequestOutput]) -> UsageInfo:
+    prompt_tokens = sum(len(final.prompt_token_ids) for final in finals)
+    completion_tokens = sum(len(completion.token_ids) for final in finals for completion in final.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def _parse(model: type[RequestModel], body: bytes) -> RequestModel:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise _validation_error(error) from None
+
+
+def _validation_error(error: ValidationError) -> OpenAIError:
+    """One 400 naming the first field at fault (with every reason when a field allows several shapes)."""
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return OpenAIError(400, f"the request body is not valid JSON: {first['msg']}")
+    if not first["loc"]:
+        return OpenAIError(400, f"the request body must be a JSON object: {first['msg']}")
+    param = str(first["loc"][0])
+    same_field = [e for e in errors if e["loc"] and str(e["loc"][0]) == param]
+    if len(same_field) == 1:
+        where = ".".join(str(part) for part in first["loc"])
+        return OpenAIError(400, f"{where}: {first['msg']}", param=param)
+    reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in same_field)
+    return OpenAIError(400, f"{param} matches none of its accepted forms ({reasons})", param=param)
+
+
+def _sampling_params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    try:
+        return body.to_sampling_params()
+    except ValueError as error:   # SamplingParams' sentences start with the field's name
+        first_word = str(error).split(" ", 1)[0]
+        raise OpenAIError(400, str(error), param=first_word if first_word in type(body).model_fields else None) \
+            from None
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _check_stream_options(stream: bool | None, stream_options: Any) -> None:
+    if stream_options is not None and not stream:
+        raise OpenAIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _raise_if_failed(output: RequestOutput) -> None:
+    if output.error is not None:
+        raise OpenAIError(500, f"generation failed: {output.error}", type="server_error")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect_final_outputs(request: Request, outputs: OutputStream) -> list[RequestOutput] | None:
+    """The final output of each request of `outputs`, in order; None (and the requests aborted)
+    if the client disconnects first."""
+    finals: dict[str, RequestOutput] = {}
+
+    async def collect() -> None:
+        async for output in outputs:
+            if output.finished:
+                finals[output.request_id] = output
+
+    collecting = asyncio.ensure_future(collect())
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({collecting, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+        if not collecting.done():
+            collecting.cancel()
+        outputs.close()
+    if not collecting.done() or collecting.cancelled():
+        return None
+    try:
+        collecting.result()
+    except EngineNotRunningError as error:   # the step loop failed
+        raise OpenAIError(500, str(error), type="server_error") from None
+    results = [finals[request_id] for request_id in outputs.request_ids]
+    for final in results:
+        _raise_if_failed(final)
+    return results
+
+
+def _event_stream(chunks: AsyncIterator[BaseModel], outputs: OutputStream, include_usage: bool) -> StreamingResponse:
+    """Server-sent events: `data: <chunk JSON>` per chunk, then `data: [DONE]`. Chunks carry a `usage`
+    field (null until the last) only with include_usage. An error mid-stream is sent as an OpenAI error body."""
+    exclude = None if include_usage else {"usage"}
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+        except OpenAIError as error:
+            yield f"data: {ErrorResponse(error=error.info).model_dump_json()}\n\n"
+        except EngineNotRunningError as error:
+            info = ErrorInfo(message=str(error), type="server_error")
+            yield f"data: {ErrorResponse(error=info).model_dump_json()}\n\n"
+        finally:
+            outputs.close()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---- errors and middleware -----------------------------------------------------------------
+
+
+async def _openai_error_handler(request: Request, error: OpenAIError) -> JSONResponse:
+    return error.response()
+
+
+async def _http_error_handler(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    message = f"{error.detail}: {request.method} {request.url.path}"
+    return OpenAIError(error.status_code, message, code=None).response()
+
+
+async def _internal_error_handler(request: Request, error: Exception) -> JSONResponse:
+    # Starlette re-raises the error after this response is sent, and uvicorn logs its traceback.
+    return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").response()
+
+
+class ApiKeyMiddleware:
+    """Every /v1/ request must carry `Authorization: Bearer <key>` (401 otherwise); the rest stays open.
+    The comparison takes the same time wherever the first wrong byte is, so timing tells nothing."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = ("Incorrect API key provided" if given else
+                           "No API key provided; send it as `Authorization: Bearer <key>`")
+                await OpenAIError(401, message, code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reads the whole request body before the app sees it, and answers 413 (unparsed) once it
+    exceeds `max_bytes`: by its Content-Length up front, or by counting what actually arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(int(declared), scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(size, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()   # after the body: waits for the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (f"the request body has {size} bytes or more; the server takes at most {self.max_bytes} "
+                   "(its --max-request-bytes)")
+        await OpenAIError(413, message, code="request_too_large").response()(scope, receive, send)
+

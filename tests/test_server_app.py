@@ -1,0 +1,89 @@
+"""The server's app in-process (FastAPI's TestClient, no socket): several apps in one process keep
+their own metrics, a failing step becomes a 500 or an error event while the server goes on, and the
+served name and server settings are derived and checked as documented."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.engine import LLMEngine
+from nanovllm.model.loader import EMBEDDED_MODEL, load_model
+from nanovllm.server.app import ServerConfig, build_app, default_served_model_name
+from nanovllm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def make_app(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    tokenizer = Tokenizer.load(str(tiny_llama))
+
+    def make(**server_args):
+        engine = LLMEngine(EngineConfig(model=str(tiny_llama), max_model_len=128), model=model, tokenizer=tokenizer)
+        return build_app(server_config=ServerConfig(**server_args), engine=engine)
+
+    return make
+
+
+def complete(client: TestClient, **body) -> dict:
+    response = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 3, **body})
+    return {"status": response.status_code, **response.json()}
+
+
+def metric(client: TestClient, name: str) -> float:
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(name + "{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics(make_app):
+    with TestClient(make_app(served_model_name="m")) as first, TestClient(make_app(served_model_name="m")) as second:
+        assert complete(first)["status"] == 200
+        assert complete(first)["status"] == 200
+        assert metric(first, "nanovllm:e2e_request_latency_seconds_count") == 2
+        assert metric(second, "nanovllm:e2e_request_latency_seconds_count") == 0
+        assert metric(first, "nanovllm:generation_tokens_total") == 6
+
+
+def test_a_failing_step_answers_500_or_an_error_event_and_the_server_goes_on(make_app, monkeypatch):
+    app = make_app(served_model_name="m")
+    runner = app.state.server.async_engine.engine.runner
+    with TestClient(app) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("device lost")))
+            failed = complete(client)
+            with client.stream("POST", "/v1/completions",
+                               json={"model": "m", "prompt": "Hi", "max_tokens": 3, "stream": True}) as response:
+                events = response.read().decode().split("\n\n")
+        assert failed["status"] == 500
+        assert failed["error"]["type"] == "server_error" and "device lost" in failed["error"]["message"]
+        assert response.status_code == 200 and events[-2:] == ["data: [DONE]", ""]
+        assert "device lost" in json.loads(events[-3][len("data: "):])["error"]["message"]
+        assert complete(client)["choices"][0]["finish_reason"] == "length"
+        assert client.get("/health").status_code == 200
+
+
+def test_the_api_key_guards_v1_only(make_app):
+    with TestClient(make_app(served_model_name="m", api_key="k")) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert client.get("/health").status_code == 200
+        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+
+
+def test_the_served_name_defaults_to_the_model_directory_or_file_stem(tmp_path, tiny_llama):
+    assert default_served_model_name(str(tiny_llama)) == tiny_llama.name
+    assert default_served_model_name(str(tmp_path / "qwen2.5-0.5b.Q4_K_M.gguf")) == "qwen2.5-0.5b.Q4_K_M"
+    assert default_served_model_name(None) == default_served_model_name(EMBEDDED_MODEL) == EMBEDDED_MODEL
+
+
+@pytest.mark.parametrize("server_args, message", [
+    (dict(max_request_bytes=0), "max_request_bytes must be a positive integer"),
+    (dict(max_waiting=-1), "max_waiting must be a positive integer"),
+    (dict(log_interval=0), "log_interval must be a positive number"),
+    (dict(api_key=""), "the API key is empty"),
+])
+def test_impossible_server_settings_raise_with_a_sentence(server_args, message):
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(**server_args)
