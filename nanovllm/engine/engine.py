@@ -94,7 +94,7 @@ class LLMEngine:
 
         if model is None:
             model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
-                                             load_format=config.load_format)
+                                             load_format=config.load_format, tp_size=config.tensor_parallel_size)
         else:
             model_config = model.config
             param = next(model.parameters())
@@ -126,6 +126,10 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.prefill_tokens_total = 0
         self.decode_tokens_total = 0
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit)."""
+        self.runner.shutdown()
 
     @classmethod
     def from_engine_args(cls, **engine_args) -> "LLMEngine":

@@ -94,6 +94,25 @@ class DecodeGraphs:
         """Only pure decode batches that fit the largest graph."""
         return batch.num_prefill_tokens == 0 and 0 < len(batch.scheduled) <= self.max_batch
 
+    def can_replay(self, metadata: AttentionMetadata) -> bool:
+        """One new token per sequence, as many sequences as the largest graph holds at most."""
+        return metadata.max_query_len == 1 and metadata.seq_lens.shape[0] <= self.max_batch
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """`run` for a step given as device tensors (what tensor-parallel ranks receive) -> hidden [B, H]."""
+        num_seqs = metadata.seq_lens.shape[0]
+        size = next(s for s in self.sizes if s >= num_seqs)
+        self.token_rows[0, :num_seqs].copy_(input_ids)
+        self.token_rows[1, :num_seqs].copy_(positions)
+        self.token_rows[2, :num_seqs].copy_(metadata.slot_mapping)
+        self.token_rows[:2, num_seqs:size] = 0       # padding rows: context 0 and slot -1
+        self.token_rows[2, num_seqs:size] = -1
+        self.seq_lens[:num_seqs].copy_(metadata.seq_lens)
+        self.seq_lens[num_seqs:size] = 0
+        self.block_tables[:num_seqs, :metadata.block_tables.shape[1]].copy_(metadata.block_tables)
+        self.graphs[size].replay()
+        return self.outputs[size][:num_seqs]
+
     def run(self, batch: Batch) -> torch.Tensor:
         """Replay the graph of the smallest captured size >= the batch -> hidden states [B, H]."""
         num_seqs = len(batch.scheduled)
