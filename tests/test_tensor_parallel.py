@@ -1,0 +1,161 @@
+"""Tensor parallelism on the CPU: two gloo ranks give one rank's greedy tokens, shards hold the right
+slices, and the worker processes start and stop cleanly (spawned by the engine or by torchrun)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.config import EngineConfig
+from nanovllm.model.loader import load_model
+
+PROMPTS = ["The capital of France is", "a", "0123456789" * 5]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+ENGINE_ARGS = dict(device="cpu", max_model_len=256, max_num_batched_tokens=32)   # 32: long prompts go in chunks
+
+# (TINY_MODELS name, overrides): GQA 2:1 untied; Qwen3 (q/k norm, tied); a vocabulary that 2 ranks split unevenly.
+SPLITTABLE = {
+    "llama-gqa2": ("llama-gqa4", dict(num_key_value_heads=2)),
+    "qwen3": ("qwen3", {}),
+    "qwen3-vocab321": ("qwen3", dict(vocab_size=321)),
+}
+
+
+def greedy_tokens(llm: LLM) -> list[list[int]]:
+    return [output.outputs[0].token_ids for output in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def assert_no_children_left() -> None:
+    assert multiprocessing.active_children() == []
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("model", SPLITTABLE)
+def test_two_ranks_give_the_greedy_tokens_of_one_and_exit_cleanly(tiny_model_factory, model):
+    name, overrides = SPLITTABLE[model]
+    path = str(tiny_model_factory(name, **overrides))
+    expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        runner = llm.engine.runner
+        assert runner.kv_cache.shape[4] == 1             # 2 KV heads over 2 ranks: one each
+        assert runner.model.lm_head.weight.shape[0] == -(-overrides.get("vocab_size", 320) // 2)
+        assert greedy_tokens(llm) == expected
+        assert greedy_tokens(llm) == expected            # the KV cache and prefix cache stay consistent
+        workers = runner.workers.processes
+        assert len(workers) == 1 and workers[0].is_alive()
+    finally:
+        llm.engine.shutdown()
+    assert workers[0].exitcode == 0                      # left through SHUTDOWN, not killed
+    assert_no_children_left()
+
+
+def test_each_rank_holds_its_heads_features_and_vocabulary_rows(tiny_model_factory):
+    path = tiny_model_factory("qwen3", vocab_size=321)
+    full, config = load_model(str(path))
+    shards = [load_model(str(path), tp_rank=rank, tp_size=2)[0] for rank in range(2)]
+    q, kv, inter = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim, \
+        config.intermediate_size
+    full_qkv = full.layers[1].self_attn.qkv_proj.weight
+    full_q, full_k, full_v = full_qkv.split([q, kv, kv])
+    for rank, shard in enumerate(shards):
+        attn, mlp = shard.layers[1].self_attn, shard.layers[1].mlp
+        rows = lambda size: slice(rank * size // 2, (rank + 1) * size // 2)   # noqa: E731
+        assert torch.equal(attn.qkv_proj.weight, torch.cat([full_q[rows(q)], full_k[rows(kv)], full_v[rows(kv)]]))
+        assert torch.equal(attn.o_proj.weight, full.layers[1].self_attn.o_proj.weight[:, rows(q)])
+        gate, up = full.layers[1].mlp.gate_up_proj.weight.split([inter, inter])
+        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([gate[rows(inter)], up[rows(inter)]]))
+        assert torch.equal(mlp.down_proj.weight, full.layers[1].mlp.down_proj.weight[:, rows(inter)])
+        assert torch.equal(attn.q_norm.weight, full.layers[1].self_attn.q_norm.weight)   # replicated
+        assert all(type(m) is torch.nn.Linear for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    # 321 rows: rank 0 holds 0..160, rank 1 holds 161..320 and one zero padding row; the LM head is tied.
+    embed = full.embed_tokens.weight
+    assert torch.equal(shards[0].embed_tokens.weight, embed[:161])
+    assert torch.equal(shards[1].embed_tokens.weight[:160], embed[161:])
+    assert not shards[1].embed_tokens.weight[160].any()
+    assert shards[1].lm_head.weight is shards[1].embed_tokens.weight
+
+
+def test_safetensors_are_read_as_lazy_slices(tiny_llama):
+    from nanovllm.model.loader import _hf_weights
+
+    name, tensor = next(iter(_hf_weights(Path(tiny_llama))))
+    assert not isinstance(tensor, torch.Tensor) and len(tensor.get_shape()) >= 1   # nothing read yet
+    assert tuple(tensor[0:1].shape)[0] == 1
+
+
+def test_kv_heads_that_do_not_split_evenly_raise_before_any_worker_starts(tiny_llama):
+    with pytest.raises(ValueError, match="does not divide the model's 1 KV heads"):
+        LLM(str(tiny_llama), tensor_parallel_size=2, **ENGINE_ARGS)   # llama-gqa4 has one KV head
+    assert_no_children_left()
+
+
+def test_tensor_parallel_size_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+def test_a_worker_that_dies_fails_the_requests_with_a_clear_error(tiny_model_factory):
+    path = str(tiny_model_factory("qwen3"))
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        [worker] = llm.engine.runner.workers.processes
+        assert greedy_tokens(llm)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"WorkerDiedError: tensor-parallel worker rank 1 .* exited with code -9"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        with pytest.raises(RuntimeError, match="worker rank 1"):   # and every later request, at once
+            llm.generate("again", GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert_no_children_left()
+
+
+def test_a_worker_killed_during_a_step_is_named_in_the_error(tiny_model_factory):
+    path = str(tiny_model_factory("qwen3"))
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    [worker] = llm.engine.runner.workers.processes
+    killed = []
+
+    def kill_before_the_forward(*args):   # the broadcast has gone out; the forward's all-reduce finds no peer
+        if not killed:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=10)
+            killed.append(True)
+        return execute(*args)
+
+    execute = llm.engine.runner._execute
+    llm.engine.runner._execute = kill_before_the_forward
+    try:
+        with pytest.raises(RuntimeError, match="worker rank 1 .* exited with code -9"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert_no_children_left()
+
+
+def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_model_factory, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    path = str(tiny_model_factory("llama-gqa4", num_key_value_heads=2))
+    expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
+    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.runner.tp_worker", path,
+               "--tensor-parallel-size", "2", "--device", "cpu", "--max-model-len", "256",
+               "--max-num-batched-tokens", "32", "--max-tokens", str(GREEDY.max_tokens)]
+    for prompt in PROMPTS:
+        command += ["--prompt", prompt]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = [[int(t) for t in re.findall(r"\d+", line.split("]")[0])]
+               for line in result.stdout.splitlines() if line.startswith("[")]
+    assert printed == expected
