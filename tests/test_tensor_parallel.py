@@ -159,3 +159,28 @@ def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_mo
     printed = [[int(t) for t in re.findall(r"\d+", line.split("]")[0])]
                for line in result.stdout.splitlines() if line.startswith("[")]
     assert printed == expected
+
+
+def test_a_worker_that_fails_to_load_its_shard_stops_the_start_with_its_traceback(tiny_model_factory, tmp_path,
+                                                                                 monkeypatch):
+    from nanovllm.runner import model_runner
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("qwen3"), path)
+    start = model_runner.WorkerGroup.start
+
+    def start_after_damaging_the_weights(*args):   # rank 0 has loaded; the worker will read a truncated file
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return start(*args)
+
+    monkeypatch.setattr(model_runner.WorkerGroup, "start", start_after_damaging_the_weights)
+    with pytest.raises(RuntimeError, match=r"(?s)failed to load its shard.*ModelLoadError.*truncated"):
+        LLM(str(path), tensor_parallel_size=2, **ENGINE_ARGS)
+    assert_no_children_left()
+
+
+def test_a_kv_budget_too_small_for_one_block_raises_and_stops_the_workers(tiny_model_factory):
+    with pytest.raises(ValueError, match="holds no block"):
+        LLM(str(tiny_model_factory("qwen3")), tensor_parallel_size=2, kv_cache_memory=1, **ENGINE_ARGS)
+    assert_no_children_left()

@@ -138,7 +138,7 @@ class WorkerGroup:
         if self.context is not None:
             try:
                 self.context.join(timeout=1.0)
-            except mp.ProcessException as e:
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
                 return f":\n{e}"
         return "; see that rank's log"
 
@@ -214,7 +214,7 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
     while not store.check(started):
         try:
             context.join(timeout=0.05)
-        except mp.ProcessException as e:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             raise RuntimeError(f"a tensor-parallel worker failed to start: {e}") from None
         if time.monotonic() > deadline:
             for process in context.processes:
