@@ -113,6 +113,7 @@ class WorkerGroup:
     context: mp.ProcessContext | None          # None under torchrun: the launcher owns the processes
     owns_process_group: bool
     error: str | None = None                   # why the group stopped, once it has
+    closed: bool = False                       # shut down (a later call must not touch a newer group)
 
     @classmethod
     def start(cls, config: EngineConfig, parallel: ParallelState) -> "WorkerGroup":
@@ -177,8 +178,9 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them (killing any that hang), leave the process group.
         After a failure (error set) no message is sent: the workers get a few seconds, then are killed."""
-        if not dist.is_initialized():
+        if self.closed:
             return
+        self.closed = True
         processes = self.processes
         clean = self.error is None and all(p.is_alive() for p in processes)
         if clean:
