@@ -184,3 +184,20 @@ def test_a_kv_budget_too_small_for_one_block_raises_and_stops_the_workers(tiny_m
     with pytest.raises(ValueError, match="holds no block"):
         LLM(str(tiny_model_factory("qwen3")), tensor_parallel_size=2, kv_cache_memory=1, **ENGINE_ARGS)
     assert_no_children_left()
+
+
+def test_an_engine_started_after_another_shut_down_survives_the_first_being_collected(tiny_model_factory):
+    import gc
+
+    path = str(tiny_model_factory("qwen3"))
+    first = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    expected = greedy_tokens(first)
+    first.engine.shutdown()
+    second = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        del first
+        gc.collect()                                     # the first engine's finalizer runs now
+        assert greedy_tokens(second) == expected
+    finally:
+        second.engine.shutdown()
+    assert_no_children_left()
