@@ -154,8 +154,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V]; with N ranks each computes its V/N columns."""
-        logits = self.parallel.all_gather(self.lm_head(hidden))                 # [N, world_size * V/N]
+        """hidden [N, H] -> float32 logits [N, V]; each tensor-parallel rank computes its vocabulary rows."""
+        logits = self.parallel.all_gather(self.lm_head(hidden))                 # [N, world_size * rows per rank]
         return logits[:, :self.config.vocab_size].float()                       # drop the padding columns
 
     # ---- weights ---------------------------------------------------------------------------
@@ -171,9 +171,10 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         pending = {name: param.numel() for name, param in params.items()}
         vocab_start, vocab_end = self.parallel.vocab_range(self.config.vocab_size)
-        for name in ("embed_tokens.weight", "lm_head.weight"):   # the padding rows stay unfilled
+        for name in ("embed_tokens.weight", "lm_head.weight"):   # rows past this rank's vocabulary: zeros
             if name in pending:
                 pending[name] = (vocab_end - vocab_start) * self.config.hidden_size
+                params[name].data[vocab_end - vocab_start:].zero_()
         for hf_name, tensor in weights:
             if "rotary_emb" in hf_name:
                 continue

@@ -60,7 +60,8 @@ COLLECTIVE_TIMEOUT = timedelta(days=365)
 JOIN_TIMEOUT_S = 30.0                      # for workers to exit after SHUTDOWN before they are killed
 FAILED_JOIN_TIMEOUT_S = 5.0                # for workers to exit after a failure before they are killed
 
-Step = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]   # input_ids, positions, metadata, logits_indices
+# One step as every rank runs it: input_ids [T], positions [T], metadata, logits_indices [N].
+Step = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]
 
 
 class WorkerDiedError(RuntimeError):
