@@ -21,7 +21,8 @@ def make_app(tiny_llama):
     tokenizer = Tokenizer.load(str(tiny_llama))
 
     def make(**server_args):
-        engine = LLMEngine(EngineConfig(model=str(tiny_llama), max_model_len=128), model=model, tokenizer=tokenizer)
+        engine = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", max_model_len=128), model=model,
+                           tokenizer=tokenizer)
         return build_app(server_config=ServerConfig(**server_args), engine=engine)
 
     return make

@@ -31,7 +31,7 @@ def make_engine(loaded):
 
     def make(**engine_args) -> LLMEngine:
         engine_args.setdefault("max_model_len", 128)
-        return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
+        return LLMEngine(EngineConfig(model=path, device="cpu", **engine_args), model=model, tokenizer=tokenizer)
 
     return make
 
