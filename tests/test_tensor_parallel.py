@@ -201,3 +201,17 @@ def test_an_engine_started_after_another_shut_down_survives_the_first_being_coll
     finally:
         second.engine.shutdown()
     assert_no_children_left()
+
+
+def test_a_second_tensor_parallel_engine_in_the_same_process_is_refused_while_the_first_runs(tiny_model_factory):
+    path = str(tiny_model_factory("qwen3"))
+    first = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        expected = greedy_tokens(first)
+        with pytest.raises(RuntimeError, match="process group already exists.*shut down the other"):
+            LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+        assert len(multiprocessing.active_children()) == 1
+        assert greedy_tokens(first) == expected
+    finally:
+        first.engine.shutdown()
+    assert_no_children_left()

@@ -74,8 +74,7 @@ def backend_for(device: str) -> str:
 
 def launched_by_torchrun() -> bool:
     """True when a launcher (torchrun) started this process as one rank of a group."""
-    return dist.is_initialized() or all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                        "MASTER_PORT"))
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def _join_launched_group(config: EngineConfig) -> tuple[int, bool]:
@@ -203,7 +202,7 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
     world_size = config.tensor_parallel_size
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process; shut down the "
-                           "other tensor-parallel engine first (engine.shutdown())")
+                           "other tensor-parallel engine first (engine.shutdown()): one process runs one at a time")
     if config.device == "cuda" and world_size > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size={world_size} needs one GPU per rank but torch sees "
                          f"{torch.cuda.device_count()}; lower it, or start ranks on several machines with torchrun")
