@@ -152,6 +152,7 @@ class OpenAIServer:
         finally:
             stat_logger.cancel()
             await self.async_engine.stop()
+            self.async_engine.engine.shutdown()   # the tensor-parallel workers, if any
 
     # ---- small endpoints -----------------------------------------------------------------
 
