@@ -28,6 +28,7 @@ _HELP = {
     "kv_policy": " | ".join(KV_POLICIES),
     "enforce_eager": "never capture CUDA graphs",
     "seed": "seed for requests that bring none",
+    "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
 }
 
 
