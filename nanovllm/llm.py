@@ -36,6 +36,10 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes now (otherwise done at interpreter exit)."""
+        self.engine.shutdown()
+
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

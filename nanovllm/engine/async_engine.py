@@ -155,6 +155,7 @@ class AsyncLLMEngine:
         if self._loop_task is not None:
             await self._loop_task
         self._executor.shutdown(wait=False)
+        self.engine.shutdown()   # tensor-parallel workers, if any
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; give those in flight `timeout` seconds to finish, then abort them."""
