@@ -138,9 +138,29 @@ def test_live_mode_shows_the_panels_in_a_terminal_while_it_runs():
     assert "Paris" in screen
 
 
+def test_chat_in_a_terminal_keeps_the_conversation_and_finds_its_prefix_in_the_cache():
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(NANO_VLLM, ["run", "--chat", "-n", "12", "-t", "0"], dimensions=(40, 120),
+                          encoding="utf-8", timeout=300, env=environment())
+    child.expect(">>> ")
+    child.sendline("What is the capital of France?")
+    child.expect(">>> ")
+    first = child.before
+    child.sendline("And of Italy?")                           # only answerable with the first turn in context
+    child.expect(">>> ")
+    second = child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "Paris" in first and "Rome" in second
+    hit_rates = [float(rate) for rate in re.findall(r"prefix-cache hit rate ([\d.]+)%", first + second)]
+    assert hit_rates[0] == 0 and hit_rates[1] > 30             # turn 2 reuses turn 1's blocks
+
+
 @pytest.mark.parametrize("args, message", [
     (["/no/such/model", "-i", "hi"], "model path '/no/such/model' does not exist"),
-    (["-i", "word " * 60, "--max-model-len", "32"], "max_model_len is 32; shorten the prompt"),
+    (["-i", "word " * 60, "--max-model-len", "32", "--viz", "plain"], "max_model_len is 32; shorten the prompt"),
     (["-i", "hi", "--viz-layer", "30"], "--viz-layer 30 is out of range: the model has 30 layers (0 to 29)"),
     (["-i", "hi", "--viz-layer", "-1"], "--viz-layer must be 0 or more"),
     pytest.param(["-i", "hi", "--device", "cuda"], "torch sees no CUDA GPU",

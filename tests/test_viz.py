@@ -216,6 +216,21 @@ def test_plain_frames_every_n_steps_agree_with_the_block_manager(make_engine):
     assert any(frame["prefill"] and frame["decode"] for frame in frames) or result.num_steps < 4
 
 
+def test_a_live_frame_fits_the_terminal_height_by_showing_fewer_heat_map_rows(make_engine):
+    from nanovllm.viz.panels import frame
+    from nanovllm.viz.plain import render_plain
+
+    engine = make_engine()
+    visualizer = Visualizer(engine, None, layer=0)
+    run_workload(engine, arrivals("a", "bb", "ccc", max_tokens=12), lambda o: None, visualizer)
+    state = visualizer.snapshot()
+    assert len(render_plain(frame(state)).splitlines()) == 19 + 10 + 3
+    for height in (24, 30):
+        lines = render_plain(frame(state, height=height)).splitlines()
+        assert len(lines) == height - 1                            # a line left for the cursor
+        assert "3. scheduler" in "".join(lines) and lines[-1].startswith("╰")
+
+
 def test_the_visualizer_off_registers_nothing_and_detaches_after_a_run(make_engine):
     engine = make_engine()
     run_workload(engine, arrivals("quiet run"), lambda o: None)

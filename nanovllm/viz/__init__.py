@@ -7,8 +7,9 @@
     plain.py       the same panels as ASCII frames every N steps (logs, pipes)
     report.py      a self-contained HTML page of the run, with matplotlib pictures
     demo.py        the `--demo` scenario: staggered arrivals, a long prompt prefilled in chunks
+    workload.py    arrivals, the step loop, the summary line; the `Visualizer` that ties the above to an engine
     run_command.py `nano-vllm run`
 
-None of it is imported, nor any hook or observer registered, when the
-visualizer is off: the engine's fast path does not know it exists.
+With the visualizer off (and no report) no observer or hook is registered:
+the engine's fast path does not know it exists.
 """

@@ -7,9 +7,10 @@ chunks that share each step with the others' decodes (chunked prefill), and
 nobody stalls. Later requests start while earlier ones are still running, and
 every request begins with the same system prompt, whose full KV blocks are
 found in the prefix cache once the first request has computed them. A small KV
-pool (64 blocks of 16 slots) keeps the memory map readable; with `--kv naive`
-each request reserves max_model_len = 256 slots up front, and the same pool
-holds only four of them at a time.
+pool (40 blocks of 16 slots) keeps the memory map readable. Paged, it never
+holds more than about half of it; with `--kv naive` each request reserves
+max_model_len = 256 slots (16 blocks) up front, so the same pool runs only two
+requests at a time and the others queue (`--kv both` runs the two in turn).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from nanovllm.tokenizer import Tokenizer
 from nanovllm.viz.workload import Arrival
 
 # Engine settings the demo picks unless the command line gives them.
-DEMO_ENGINE_ARGS = {"max_num_batched_tokens": 32, "num_kv_blocks": 64, "max_model_len": 256}
+DEMO_ENGINE_ARGS = {"max_num_batched_tokens": 32, "num_kv_blocks": 40, "max_model_len": 256}
+DEMO_TEMPERATURE = 0.0   # greedy unless -t says otherwise: the demo replays the same every time
 DEMO_VIZ_EVERY = 4
 
 _LONG_TEXT = (

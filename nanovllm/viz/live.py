@@ -2,7 +2,8 @@
 
 The frame is rebuilt from a fresh `VizState` each time; rich diffs nothing, it
 just moves the cursor back up and repaints, which a terminal does in a few
-milliseconds. The last frame stays on the screen when the run ends.
+milliseconds. A short terminal gets fewer heat-map rows, so the whole frame
+fits. The last frame stays on the screen when the run ends.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ class LiveView:
 
     def show(self, state: VizState) -> None:
         if self.live is not None:
-            self.live.update(frame(state), refresh=True)
+            self.live.update(frame(state, height=self.console.size.height), refresh=True)
 
     def stop(self, state: VizState | None = None) -> None:
         if self.live is None:
             return
         if state is not None:
-            self.live.update(frame(state), refresh=True)
+            self.live.update(frame(state, height=self.console.size.height), refresh=True)
         self.live.stop()
         self.live = None

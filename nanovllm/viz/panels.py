@@ -62,8 +62,9 @@ def token_label(text: str, width: int = 12) -> str:
 
 # ---- 1. attention ----------------------------------------------------------------------------
 
-def attention_panel(view: AttentionView | None, num_heads: int = 4) -> Text:
-    """The heat map of the first `num_heads` heads, rows labelled with their tokens' text."""
+def attention_panel(view: AttentionView | None, num_heads: int = 4, max_rows: int | None = None) -> Text:
+    """The heat map of the first `num_heads` heads, rows labelled with their tokens' text
+    (only the last `max_rows` queries if given, to fit a short terminal)."""
     if view is None:
         return Text("(no attention yet: the watched request has not run)", style="grey42")
     key_positions, weights = view.matrix()        # weights: [H, Q, 1 + K]
@@ -75,7 +76,8 @@ def attention_panel(view: AttentionView | None, num_heads: int = 4) -> Text:
     out.append(" " * 19 + "".join(f"head {h}".ljust(cells + 3) for h in heads).rstrip() + "\n")
     header = EARLIER + "".join(str(i % 10) for i in range(len(key_positions)))
     out.append("  pos token      # " + "   ".join(header for _ in heads) + "\n")
-    for i, position in enumerate(view.query_positions):
+    first_row = 0 if max_rows is None else max(0, len(view.query_positions) - max_rows)
+    for i, position in enumerate(view.query_positions[first_row:], start=first_row):
         out.append(f"{position:5d} {token_label(view.tokens[position], 10):<10} {i % 10} ")
         for n, h in enumerate(heads):
             if n:
@@ -84,9 +86,8 @@ def attention_panel(view: AttentionView | None, num_heads: int = 4) -> Text:
                 char, style = shade(weight)
                 out.append(char, style=style)
         out.append("\n")
-    out.append("shades: " + "  ".join(f"{char} <{bound:.0%}" for bound, char, _ in SHADES[:-1])
-               + f"  @ >={SHADES[-2][0]:.0%}   {EARLIER} = all earlier keys, blank = future (masked)",
-               style="grey50")
+    out.append(" ".join(f"{char} <{bound:.0%}" for bound, char, _ in SHADES[:-1])
+               + f" @ >={SHADES[-2][0]:.0%}   {EARLIER}: all earlier keys   blank: future (masked)", style="grey50")
     return out
 
 
@@ -220,13 +221,20 @@ def timeline_grid(history: list[StepRecord], request_ids: list[str], max_columns
 
 # ---- the frame -------------------------------------------------------------------------------
 
-def frame(state: VizState, ascii_only: bool = False) -> Group:
-    """The three panels, boxed (ASCII boxes for plain mode)."""
+# Lines of the frame besides the heat map's rows: the attention panel's borders, title, headers and legend,
+# the KV panel (borders + 7 lines), the scheduler panel's borders and its two budget lines.
+_FRAME_LINES = 6 + 9 + 4
+
+
+def frame(state: VizState, ascii_only: bool = False, height: int | None = None) -> Group:
+    """The three panels, boxed (ASCII boxes for plain mode); fewer heat-map rows if `height` is short."""
     style = box.ASCII if ascii_only else box.ROUNDED
+    max_rows = None if height is None else max(1, height - _FRAME_LINES - len(state.requests) - 1)
     attention_title = "1. attention" + (f" (layer {state.attention.layer} of {state.num_layers})"
                                         if state.attention is not None else "")
     return Group(
-        Panel(attention_panel(state.attention), title=attention_title, title_align="left", box=style),
+        Panel(attention_panel(state.attention, max_rows=max_rows), title=attention_title, title_align="left",
+              box=style),
         Panel(kv_panel(state), title="2. KV cache", title_align="left", box=style),
         Panel(scheduler_panel(state), title=f"3. scheduler (step {state.step})", title_align="left", box=style),
     )

@@ -105,9 +105,10 @@ def _attention_mosaic(result: RunResult):
     mosaic = np.full((len(layers) * (rows + 1), num_heads * (cols + 1)), np.nan)
     for li, layer in enumerate(layers):
         _, weights = result.attention[layer].matrix()                  # [H, Q, 1 + Q]
+        top = li * (rows + 1)
         for h in range(num_heads):
-            block = weights[h].numpy()
-            mosaic[li * (rows + 1):li * (rows + 1) + block.shape[0], h * (cols + 1):h * (cols + 1) + block.shape[1]] = block
+            left = h * (cols + 1)
+            mosaic[top:top + weights.shape[1], left:left + weights.shape[2]] = weights[h].numpy()
     figure = _figure(max(6.0, num_heads * 1.1), max(4.0, len(layers) * 0.45), "attention of every layer and head")
     axes = figure.add_subplot()
     image = axes.imshow(mosaic, cmap=_cmap(), vmin=0, vmax=1, aspect="auto", interpolation="nearest")
@@ -197,6 +198,7 @@ def _batch_figure(result: RunResult) -> str:
     axes.bar(steps, prefill, width=0.9, color="#f0b030", label="prefill tokens")
     axes.bar(steps, decode, width=0.9, bottom=prefill, color="#40a040", label="decode tokens")
     axes.axhline(budget, color="#888888", linestyle="--", linewidth=1, label=f"budget ({budget})")
+    axes.set_ylim(0, budget * 1.15)
     axes.set_xlabel("step")
     axes.set_ylabel("tokens in the step")
     axes.legend(loc="upper right", fontsize=7)

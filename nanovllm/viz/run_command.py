@@ -18,30 +18,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
+import itertools
 import sys
 import time
 from typing import TextIO
 
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+
 from nanovllm.cli import UserError
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.engine_args import add_engine_args, engine_config_from_args
+from nanovllm.model.loader import EMBEDDED_MODEL, load_model_config
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.viz.demo import DEMO_ENGINE_ARGS, DEMO_TEMPERATURE, DEMO_VIZ_EVERY, demo_arrivals
+from nanovllm.viz.live import LiveView
+from nanovllm.viz.panels import timeline_grid
+from nanovllm.viz.plain import PlainView, render_plain
+from nanovllm.viz.report import write_report
 from nanovllm.viz.workload import Arrival, RunResult, Visualizer, run_workload
 
 VIZ_MODES = ("auto", "live", "plain", "off")
 PROMPT_SHOWN = 60   # characters of a prompt shown above its final text
+DEFAULT_TEMPERATURE = 0.7
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="HF directory, .gguf or llama2.c .bin (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("-n", "--max-tokens", type=int, default=64,
+                        help="tokens to generate per prompt (the demo's requests have their own)")
     parser.add_argument("-i", "--prompt", dest="prompts", action="append", default=[],
                         help="a prompt; repeat for several (run as one continuously batched workload)")
     parser.add_argument("--chat", action="store_true",
                         help="apply the model's chat template (without -i in a terminal: an interactive chat)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("-t", "--temperature", type=float, default=None,
+                        help=f"0 = greedy (default {DEFAULT_TEMPERATURE}; greedy for --demo)")
     parser.add_argument("-p", "--top-p", type=float, default=0.95)
     parser.add_argument("--demo", action="store_true",
                         help="replay a scenario: staggered arrivals, a long prompt prefilled in chunks")
@@ -74,13 +89,15 @@ def main(args: argparse.Namespace) -> int:
         _check_report_deps()
     prompts = args.prompts or ([] if interactive or args.demo else [_read_stdin_prompt()])
     viz = _viz_mode(args, interactive)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    temperature = args.temperature
+    if temperature is None:
+        temperature = DEMO_TEMPERATURE if args.demo else DEFAULT_TEMPERATURE
+    params = SamplingParams(temperature=temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     policies = ["paged", "naive"] if args.kv == "both" else [args.kv]
     capture = viz != "off" or bool(args.report)
 
     overrides: dict = {"model": args.model, "kv_policy": policies[0]}
     if args.demo:
-        from nanovllm.viz.demo import DEMO_ENGINE_ARGS
         overrides.update({k: v for k, v in DEMO_ENGINE_ARGS.items() if getattr(args, k) is None})
     if capture:
         overrides["enforce_eager"] = True   # the attention hooks must see every step (no CUDA-graph replay)
@@ -93,7 +110,6 @@ def main(args: argparse.Namespace) -> int:
         return _interactive_chat(engine, args, params, viz, layer)
 
     if args.demo:
-        from nanovllm.viz.demo import demo_arrivals
         arrivals = demo_arrivals(engine.tokenizer, params)
     else:
         arrivals = [_arrival(engine, i, prompt, params, args.chat) for i, prompt in enumerate(prompts)]
@@ -108,7 +124,6 @@ def main(args: argparse.Namespace) -> int:
                       label=policy if len(policies) > 1 else "")
         results.append(result)
     if args.report:
-        from nanovllm.viz.report import write_report
         write_report(args.report, results, title=_title(args, engine))
         print(f"report written to {args.report}", file=sys.stderr)
     return 0
@@ -117,11 +132,9 @@ def main(args: argparse.Namespace) -> int:
 # ---- setup -----------------------------------------------------------------------------------
 
 def _check_report_deps() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         raise UserError("--report draws its pictures with matplotlib, which is not installed; "
-                        "pip install 'nano-vllm[report]'") from None
+                        "pip install 'nano-vllm[report]'")
 
 
 def _read_stdin_prompt() -> str:
@@ -145,7 +158,6 @@ def _check_viz_layer(args: argparse.Namespace, config) -> int | None:
     """Check --viz-layer against the model's depth before the weights are loaded."""
     if args.viz_layer is None:
         return None
-    from nanovllm.model.loader import load_model_config
     num_layers = load_model_config(config.model, config.load_format).num_hidden_layers
     if args.viz_layer >= num_layers:
         raise UserError(f"--viz-layer {args.viz_layer} is out of range: the model has {num_layers} layers "
@@ -154,7 +166,6 @@ def _check_viz_layer(args: argparse.Namespace, config) -> int | None:
 
 
 def _load_engine(config) -> LLMEngine:
-    from nanovllm.model.loader import EMBEDDED_MODEL
     name = config.model or EMBEDDED_MODEL
     print(f"loading {name} on {config.device} ({config.dtype}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -174,7 +185,6 @@ def _arrival(engine: LLMEngine, index: int, prompt: str, params: SamplingParams,
 
 
 def _title(args: argparse.Namespace, engine: LLMEngine) -> str:
-    from nanovllm.model.loader import EMBEDDED_MODEL
     what = "demo" if args.demo else f"{len(args.prompts)} prompt{'s' if len(args.prompts) != 1 else ''}"
     return f"nano-vllm run: {args.model or EMBEDDED_MODEL}, {what}, {engine.config.device}"
 
@@ -195,38 +205,27 @@ def _run(engine: LLMEngine, arrivals: list[Arrival], args: argparse.Namespace, v
         printer.close()
     if not streaming or len(arrivals) > 1:
         print_final_texts(sys.stdout, result)
-    if visualizer is not None:
-        from nanovllm.viz.panels import timeline_grid
-        _print_timeline(result, viz, timeline_grid)
+    if visualizer is not None and visualizer.view is not None:
+        _print_timeline(result, viz)
     print((f"{label}: " if label else "") + result.summary_line(), file=sys.stderr, flush=True)
     return result
 
 
-def _make_view(viz: str, args: argparse.Namespace):
+def _make_view(viz: str, args: argparse.Namespace) -> LiveView | PlainView | None:
     if viz == "live":
-        from nanovllm.viz.live import LiveView
         return LiveView()
     if viz == "plain":
-        from nanovllm.viz.demo import DEMO_VIZ_EVERY
-        from nanovllm.viz.plain import PlainView
         return PlainView(args.viz_every or (DEMO_VIZ_EVERY if args.demo else 1))
     return None
 
 
-def _print_timeline(result: RunResult, viz: str, timeline_grid) -> None:
-    if viz == "off" or result.recorder is None:
-        return
+def _print_timeline(result: RunResult, viz: str) -> None:
     grid = timeline_grid(result.recorder.history, result.recorder.request_ids)
     if viz == "live":
-        from rich.console import Console
-        from rich.panel import Panel
         Console().print(Panel(grid, title="timeline", title_align="left"))
-    else:
-        from nanovllm.viz.plain import render_plain
-        from rich import box
-        from rich.panel import Panel
-        sys.stdout.write(render_plain(Panel(grid, title="timeline", title_align="left", box=box.ASCII)))
-        sys.stdout.flush()
+        return
+    sys.stdout.write(render_plain(Panel(grid, title="timeline", title_align="left", box=box.ASCII)))
+    sys.stdout.flush()
 
 
 class StreamPrinter:
@@ -289,7 +288,7 @@ def _interactive_chat(engine: LLMEngine, args: argparse.Namespace, params: Sampl
           file=sys.stderr, flush=True)
     conversation: list[dict[str, str]] = []
     result = None
-    for turn in range(sys.maxsize):
+    for turn in itertools.count():
         try:
             line = input(">>> ")
         except EOFError:
@@ -309,7 +308,6 @@ def _interactive_chat(engine: LLMEngine, args: argparse.Namespace, params: Sampl
         conversation.append({"role": "assistant", "content": reply})
     print(file=sys.stderr)
     if args.report and result is not None:
-        from nanovllm.viz.report import write_report
         write_report(args.report, [result], title=_title(args, engine) + " (last turn)")
         print(f"report written to {args.report}", file=sys.stderr)
     return 0

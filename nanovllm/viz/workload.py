@@ -94,10 +94,11 @@ class Visualizer:
             self.view.start()
 
     def detach(self) -> None:
+        """Unhook; the view draws the final state (unless nothing ran, e.g. a request was refused)."""
         self.capture.detach()
         self.engine.remove_step_observer(self.recorder)
         if self.view is not None:
-            self.view.stop(self.snapshot())
+            self.view.stop(self.snapshot() if self.recorder.history else None)
 
     def arrived(self, request_id: str, step: int) -> None:
         seq = self.engine.requests[request_id][0]
@@ -170,12 +171,10 @@ def run_workload(engine: LLMEngine, arrivals: list[Arrival], on_output: Callable
                 on_output(output)
                 if output.finished:
                     finals[output.request_id] = output
+        elapsed = time.perf_counter() - start - (visualizer.overhead_s if visualizer is not None else 0.0)
     finally:
         if visualizer is not None:
             visualizer.detach()
-    elapsed = time.perf_counter() - start
-    if visualizer is not None:
-        elapsed -= visualizer.overhead_s
     lookups = block_manager.prefix_cache_queries - lookups_before
     hits = block_manager.prefix_cache_hits - hits_before
     result = RunResult(
