@@ -1,0 +1,338 @@
+"""The teaching chapters in docs/ are tested, so they cannot drift from the code.
+
+A *command* is a line starting with `$ ` inside a fenced code block of docs/*.md,
+continued over the next lines while a quote is open or the line ends with a
+backslash (so a multi-line `python -c "..."` is one command). The lines after
+it, up to the next command or the end of the block, are the output the chapter
+quotes. Each command runs here on the CPU, as printed, and every quoted line
+must still appear in what it prints: compared with runs of spaces collapsed and
+every number replaced by a placeholder, because timings (and counts that follow
+them) vary from run to run; a line that is just `...` marks a cut.
+
+A block right after a `<!-- gpu-only -->` line is not run (it needs a GPU). A
+block right after `<!-- server-only -->` starts with `nano-vllm serve ...`:
+the server is started on a free port, the block's other commands (`curl`
+against it) run, their output is compared the same way, and the server is
+stopped. Any other command must be `nano-vllm ...` or `python ...`, so nothing
+else hides in the docs unrun.
+
+Links are checked too: every relative link in docs/*.md names a path that
+exists, and a link whose text is a backticked name (`Scheduler.schedule`) names
+something defined in the linked file. A backticked call such as
+`BlockManager.allocate_slots()` or `nanovllm/engine/scheduler.py::schedule`
+must be defined in the package.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PACKAGE = ROOT / "nanovllm"
+SERVER_MARKER = "<!-- server-only -->"
+SKIP_MARKERS = ("<!-- gpu-only -->", SERVER_MARKER)
+RUNNABLE = re.compile(r"^(\w+=\S+\s+)*(nano-vllm|python3?)\b")   # optional VAR=value prefixes
+COMMAND_TIMEOUT_S = 300
+PARALLEL_COMMANDS = 2        # the commands are single-threaded: two at a time on two cores
+
+
+@dataclass
+class QuotedCommand:
+    doc: str                  # file name under docs/
+    line: int                 # 1-based line of the `$ ` prompt
+    block: int                # which fenced block of the file (0-based)
+    command: str
+    quoted_output: list[str] = field(default_factory=list)
+    marker: str | None = None  # the `<!-- ... -->` line before its block, if any
+
+    @property
+    def skipped(self) -> bool:
+        """Not run by the per-command test (gpu-only; server-only blocks have their own test)."""
+        return self.marker is not None
+
+    @property
+    def id(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def _is_complete(command: str) -> bool:
+    if command.endswith("\\"):
+        return False
+    try:
+        shlex.split(command)
+    except ValueError:        # an open quote: the command goes on over the next line
+        return False
+    return True
+
+
+def parse_commands(path: Path) -> list[QuotedCommand]:
+    """The `$ ` commands of a markdown file's fenced blocks, each with the output lines quoted after it."""
+    commands: list[QuotedCommand] = []
+    lines = path.read_text().splitlines()
+    in_block = False
+    marker: str | None = None
+    block = -1
+    previous = ""                        # the last non-blank line outside a block
+    current: QuotedCommand | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("```"):
+            if in_block:
+                in_block, current = False, None
+            else:
+                in_block, block = True, block + 1
+                marker = previous.strip() if previous.strip() in SKIP_MARKERS else None
+            i += 1
+            continue
+        if not in_block:
+            if line.strip():
+                previous = line
+            i += 1
+            continue
+        if line.startswith("$ "):
+            start = i
+            command = line[2:]
+            while not _is_complete(command) and i + 1 < len(lines):
+                i += 1
+                command += "\n" + lines[i]
+            current = QuotedCommand(path.name, start + 1, block, command.strip(), marker=marker)
+            commands.append(current)
+        elif current is not None and line.strip():
+            current.quoted_output.append(line)
+        i += 1
+    return commands
+
+
+def chapters() -> list[Path]:
+    return sorted(DOCS.glob("0*.md"))
+
+
+def all_docs() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def all_commands() -> list[QuotedCommand]:
+    return [command for doc in all_docs() for command in parse_commands(doc)]
+
+
+def normalize(line: str) -> str:
+    """Collapse whitespace, put H for every long hex id and N for every number, so timings and ids may change."""
+    line = re.sub(r"[0-9a-f]{16,}", "H", line.strip())
+    line = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", line)
+    return " ".join(line.split())
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")   # the venv's nano-vllm
+    env.pop("NANO_VLLM_DEBUG", None)
+    return env
+
+
+def _run(command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=COMMAND_TIMEOUT_S)
+
+
+def missing_lines(quoted: QuotedCommand, printed_text: str) -> list[str]:
+    """The quoted output lines (but `...` cuts) that the printed text does not contain, numbers aside."""
+    printed = {normalize(line) for line in printed_text.splitlines()}
+    return [line for line in quoted.quoted_output if line.strip() != "..." and normalize(line) not in printed]
+
+
+@functools.cache
+def command_results() -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run every distinct runnable command once (two at a time) and keep what it printed."""
+    unique = list(dict.fromkeys(c.command for c in all_commands() if not c.skipped))
+    with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
+        return dict(zip(unique, pool.map(_run, unique)))
+
+
+RUN_COMMANDS = [c for c in all_commands() if not c.skipped]
+
+
+@pytest.mark.parametrize("quoted", RUN_COMMANDS, ids=[c.id for c in RUN_COMMANDS])
+def test_quoted_command_runs_and_prints_what_the_doc_quotes(quoted: QuotedCommand) -> None:
+    assert RUNNABLE.match(quoted.command), (
+        f"{quoted.id}: `{quoted.command.splitlines()[0]}` is neither nano-vllm nor python; "
+        "run those only, or mark the block <!-- server-only --> / <!-- gpu-only -->")
+    result = command_results()[quoted.command]
+    assert result.returncode == 0, f"{quoted.id}: exit code {result.returncode}\n{result.stdout[-3000:]}"
+    assert any(line.strip() != "..." for line in quoted.quoted_output), \
+        f"{quoted.id}: the doc quotes no output for this command"
+    missing = missing_lines(quoted, result.stdout)
+    assert not missing, (f"{quoted.id}: quoted lines no longer printed:\n" + "\n".join(missing)
+                         + "\n--- the command printed:\n" + result.stdout[-3000:])
+
+
+def server_blocks() -> list[list[QuotedCommand]]:
+    """The commands of each server-only block, in order."""
+    blocks: dict[tuple[str, int], list[QuotedCommand]] = {}
+    for command in all_commands():
+        if command.marker == SERVER_MARKER:
+            blocks.setdefault((command.doc, command.block), []).append(command)
+    return list(blocks.values())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_healthy(server: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited with code {server.returncode} before it was healthy"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the server on port {port} was not healthy after {timeout_s} s")
+
+
+SERVER_BLOCKS = server_blocks()
+
+
+@pytest.mark.parametrize("block", SERVER_BLOCKS, ids=[block[0].id for block in SERVER_BLOCKS])
+def test_quoted_server_answers_the_quoted_requests(block: list[QuotedCommand], tmp_path: Path) -> None:
+    serve, *requests = block
+    doc_port = re.search(r"--port (\d+)", serve.command)
+    assert serve.command.startswith("nano-vllm serve ") and doc_port, \
+        f"{serve.id}: a server-only block starts with `nano-vllm serve ... --port N`"
+    assert requests, f"{serve.id}: the block sends the server no request"
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    port = _free_port()
+
+    def on_free_port(command: str) -> str:
+        return re.sub(rf"(--port |:){doc_port.group(1)}\b", rf"\g<1>{port}", command)
+
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(["bash", "-c", "exec " + on_free_port(serve.command)], cwd=ROOT, env=_env(),
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_healthy(server, port)
+        for request in requests:
+            result = _run(on_free_port(request.command))
+            assert result.returncode == 0, f"{request.id}: exit code {result.returncode}\n{result.stdout[-3000:]}"
+            missing = missing_lines(request, result.stdout)
+            assert not missing, (f"{request.id}: quoted lines no longer printed:\n" + "\n".join(missing)
+                                 + "\n--- the command printed:\n" + result.stdout[-3000:])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    missing = missing_lines(serve, log_path.read_text())
+    assert not missing, f"{serve.id}: the server's quoted lines no longer printed:\n" + "\n".join(missing)
+
+
+def test_every_chapter_quotes_a_command_the_tests_run() -> None:
+    assert chapters(), "no chapters in docs/"
+    for chapter in chapters():
+        runnable = [c for c in parse_commands(chapter) if not c.skipped]
+        assert runnable, f"{chapter.name} quotes no command that this test runs"
+
+
+def test_reading_path_links_every_chapter() -> None:
+    readme = (DOCS / "README.md").read_text()
+    for chapter in chapters():
+        assert f"({chapter.name})" in readme, f"docs/README.md does not link {chapter.name}"
+
+
+def test_parser_joins_a_multiline_command_and_skips_marked_blocks(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text('```console\n$ python -c "\nprint(1)\n"\n1\n```\n\n<!-- gpu-only -->\n'
+                   '```console\n$ nano-vllm bench latency\nTTFT\n```\n')
+    first, second = parse_commands(doc)
+    assert (first.command, first.quoted_output, first.marker) == ('python -c "\nprint(1)\n"', ["1"], None)
+    assert (second.command, second.quoted_output, second.marker) == ("nano-vllm bench latency", ["TTFT"],
+                                                                     "<!-- gpu-only -->")
+
+
+def test_normalize_ignores_numbers_and_spacing() -> None:
+    assert normalize("| # used   24 slots   2.3% |") == normalize("| # used 1008 slots  98.4% |")
+    assert normalize("decode 5.17 tok/s") != normalize("prefill 5.17 tok/s")
+    assert normalize('{"id":"cmpl-238afd521563450b953c093d462781a6"}') == normalize('{"id":"cmpl-9879f31fd91448da92b5b1d6e28b6926"}')
+
+
+# ---- links and names -------------------------------------------------------------------------
+
+LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+NAME = re.compile(r"^`([A-Za-z_][\w.]*)`$")
+CALL = re.compile(r"`([A-Za-z_][\w.]*)\(\)`")
+PATH_NAME = re.compile(r"`([\w/.-]+\.py)::([A-Za-z_][\w.]*)`")
+EXTERNAL = ("torch.", "tl.", "F.", "triton.", "np.", "asyncio.", "os.", "sys.")
+
+
+def defines(source: str, name: str) -> bool:
+    """True if `name` is a function, class, method, field or assignment in the source."""
+    pattern = rf"^\s*(async\s+def|def|class)\s+{re.escape(name)}\b|^\s*{re.escape(name)}\s*[:=]"
+    return re.search(pattern, source, re.MULTILINE) is not None
+
+
+@functools.cache
+def package_sources() -> str:
+    return "\n".join(path.read_text() for path in sorted(PACKAGE.rglob("*.py")))
+
+
+def _links(doc: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.DOTALL)   # code blocks hold no links
+    return LINK.findall(text)
+
+
+@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
+def test_relative_links_point_to_existing_paths(doc: Path) -> None:
+    for text, target in _links(doc):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (doc.parent / target.split("#")[0]).resolve()
+        assert path.exists(), f"{doc.name}: [{text}]({target}) points to a missing path"
+
+
+@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
+def test_linked_names_are_defined_in_the_linked_file(doc: Path) -> None:
+    for text, target in _links(doc):
+        name = NAME.match(text)
+        if name is None or not target.split("#")[0].endswith(".py") or re.match(r"^[a-z]+:", target):
+            continue
+        source = (doc.parent / target.split("#")[0]).read_text()
+        for part in name.group(1).split("."):
+            assert defines(source, part), f"{doc.name}: `{part}` (in [{text}]) is not defined in {target}"
+
+
+@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
+def test_backticked_calls_name_code_that_exists(doc: Path) -> None:
+    text = doc.read_text()
+    for path, name in PATH_NAME.findall(text):
+        source = (ROOT / path).read_text()
+        for part in name.split("."):
+            assert defines(source, part), f"{doc.name}: `{part}` is not defined in {path}"
+    for call in CALL.findall(text):
+        if call.startswith(EXTERNAL):
+            continue
+        for part in call.split("."):
+            assert defines(package_sources(), part), f"{doc.name}: `{call}()` names `{part}`, defined nowhere in nanovllm/"
