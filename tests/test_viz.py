@@ -141,7 +141,7 @@ def test_kv_panel_counts_add_up_and_name_the_naive_waste():
     assert "pool: 10 blocks x 16 slots = 160 slots" in text
     assert re.search(r"# used\s+33 slots\s+20.6%", text)
     assert re.search(r"~ fragmentation\s+15 slots\s+9.4%", text)
-    assert re.search(r". free\s+112 slots\s+70.0%.*32 slots", text)
+    assert re.search(r"\. free\s+112 slots\s+70.0%\s+incl. 32 cached-free slots", text)
     assert "[Req0: 2 blks] [Req1: 1 blks, 1 shared]" in text
     assert "16/40 looked-up tokens found (40.0%)" in text
     naive = kv_panel(VizState(**{**state.__dict__, "kv_policy": "naive"})).plain
@@ -165,7 +165,7 @@ def test_scheduler_panel_splits_the_budget_and_shows_each_state():
 
 
 def test_timeline_grid_has_a_column_per_step_and_merges_columns_when_long():
-    history = [StepRecord(i, usage(0, 0, 10, 0), 0, 0, states, 0.0) for i, states in enumerate(
+    history = [StepRecord(i, usage(0, 0, 10, 0), 0, 0, states) for i, states in enumerate(
         [{"Req0": "P"}, {"Req0": "D", "Req1": "."}, {"Req0": "F", "Req1": "P"}, {"Req1": "D"}, {"Req1": "F"}])]
     rows = {line.split()[0]: line.rstrip() for line in timeline_grid(history, ["Req0", "Req1"]).plain.splitlines()
             if line.startswith("Req")}

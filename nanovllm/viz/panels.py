@@ -75,7 +75,7 @@ def attention_panel(view: AttentionView | None, num_heads: int = 4, max_rows: in
                f"queries (rows) x keys (columns), weight = softmax(q.k / sqrt(d))\n")
     out.append(" " * 19 + "".join(f"head {h}".ljust(cells + 3) for h in heads).rstrip() + "\n")
     header = EARLIER + "".join(str(i % 10) for i in range(len(key_positions)))
-    out.append("  pos token      # " + "   ".join(header for _ in heads) + "\n")
+    out.append("  pos token      i " + "   ".join(header for _ in heads) + "\n")
     first_row = 0 if max_rows is None else max(0, len(view.query_positions) - max_rows)
     for i, position in enumerate(view.query_positions[first_row:], start=first_row):
         out.append(f"{position:5d} {token_label(view.tokens[position], 10):<10} {i % 10} ")
@@ -132,7 +132,7 @@ def kv_panel(state: VizState) -> Text:
     rows = [(USED, "used", usage.used_slots, "slots holding a computed token"),
             (FRAGMENTATION, "fragmentation", usage.fragmentation_slots, waste),
             (FREE, "free", usage.free_slots,
-             f"of which {CACHED} cached-free (findable by prefix hash): {counts[CACHED]} slots")]
+             f"incl. {counts[CACHED]} cached-free slots ({CACHED}): findable by prefix hash")]
     for char, name, slots, note in rows:
         out.append(char, style=KV_STYLES[char])
         out.append(f" {name:<13} {slots:7d} slots {slots / total:6.1%}   {note}\n")

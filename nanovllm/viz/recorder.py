@@ -29,7 +29,6 @@ class StepRecord:
     num_prefill_tokens: int
     num_decode_tokens: int
     states: dict[str, str]            # request id -> timeline character (requests arrived so far)
-    run_time: float                   # seconds in the model for this step
 
 
 @dataclass
@@ -110,7 +109,7 @@ class VizRecorder:
             else:
                 states[request_id] = WAITING
         self.history.append(StepRecord(info.step, info.kv_usage, info.num_prefill_tokens, info.num_decode_tokens,
-                                       states, info.run_time))
+                                       states))
         for callback in self.on_step:
             callback(self)
         self.overhead_s += time.perf_counter() - start_time
