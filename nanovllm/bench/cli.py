@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ class Bench:
         self.ceilings: Ceilings | None = None
 
     def run(self) -> dict:
+        self.load_average_at_start = os.getloadavg()[0]   # other work on the machine skews every figure
         workloads = self.workloads()
         print(f"measuring the machine's ceilings on {self.config.device} ...", file=sys.stderr)
         self.ceilings = ceilings = measure_ceilings(self.config.device, self.config.torch_dtype)
@@ -251,7 +253,8 @@ class Bench:
                         else f"nano-vllm bench {self.args.kind} (called from Python)"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": report.git_commit(),
-            "machine": report.machine_info(config.device),
+            "machine": {**report.machine_info(config.device),
+                        "load_average_1min": {"start": self.load_average_at_start, "end": os.getloadavg()[0]}},
             "versions": report.versions(),
             "ceilings": self.ceilings.as_dict(),
             "model": {"name": config.model or "SmolLM2-135M-Instruct (embedded)", "load_format": config.load_format,

@@ -129,7 +129,9 @@ def markdown_report(result: dict) -> str:
              f"- command: `{result['command']}`",
              f"- date: {result['date']}; git commit {result['git_commit']}",
              f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
-             + (f"; {machine['gpu']}" if "gpu" in machine else ""),
+             + (f"; {machine['gpu']}" if "gpu" in machine else "")
+             + f"; 1-minute load average {machine['load_average_1min']['start']:.1f} at the start, "
+               f"{machine['load_average_1min']['end']:.1f} at the end",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
              f"- ceilings measured in the run: copy {ceilings['memory_bandwidth_GBps']:.1f} GB/s, "
              f"{ceilings['dtype']} matmul {ceilings['peak_TFLOPs'] * 1e3:.1f} GFLOP/s",
