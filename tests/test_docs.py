@@ -156,10 +156,12 @@ def missing_lines(quoted: QuotedCommand, printed_text: str) -> list[str]:
     return [line for line in quoted.quoted_output if line.strip() != "..." and normalize(line) not in printed]
 
 
-@functools.cache
-def command_results() -> dict[str, subprocess.CompletedProcess[str]]:
-    """Run every distinct runnable command once (two at a time) and keep what it printed."""
-    unique = list(dict.fromkeys(c.command for c in all_commands() if not c.skipped))
+@pytest.fixture(scope="module")
+def command_outputs(request: pytest.FixtureRequest) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run each distinct command of the selected tests once, two at a time, and keep what it printed."""
+    selected = [item.callspec.params["quoted"] for item in request.session.items
+                if hasattr(item, "callspec") and "quoted" in item.callspec.params]
+    unique = list(dict.fromkeys(quoted.command for quoted in selected))
     with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
         return dict(zip(unique, pool.map(_run, unique)))
 
@@ -168,11 +170,12 @@ RUN_COMMANDS = [c for c in all_commands() if not c.skipped]
 
 
 @pytest.mark.parametrize("quoted", RUN_COMMANDS, ids=[c.id for c in RUN_COMMANDS])
-def test_quoted_command_runs_and_prints_what_the_doc_quotes(quoted: QuotedCommand) -> None:
+def test_quoted_command_runs_and_prints_what_the_doc_quotes(
+        quoted: QuotedCommand, command_outputs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     assert RUNNABLE.match(quoted.command), (
         f"{quoted.id}: `{quoted.command.splitlines()[0]}` is neither nano-vllm nor python; "
         "run those only, or mark the block <!-- server-only --> / <!-- gpu-only -->")
-    result = command_results()[quoted.command]
+    result = command_outputs[quoted.command]
     assert result.returncode == 0, f"{quoted.id}: exit code {result.returncode}\n{result.stdout[-3000:]}"
     assert any(line.strip() != "..." for line in quoted.quoted_output), \
         f"{quoted.id}: the doc quotes no output for this command"
