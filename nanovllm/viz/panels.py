@@ -69,19 +69,19 @@ def attention_panel(view: AttentionView | None, num_heads: int = 4, max_rows: in
         return Text("(no attention yet: the watched request has not run)", style="grey42")
     key_positions, weights = view.matrix()        # weights: [H, Q, 1 + K]
     heads = range(min(num_heads, view.num_heads))
-    cells = 1 + len(key_positions)
+    width = max(1 + len(key_positions), len(f"head {heads[-1]}"))   # one head's block of cells
     out = Text(no_wrap=True, overflow="crop")
     out.append(f"{view.request_id}, layer {view.layer}, heads {heads[0]}-{heads[-1]} of {view.num_heads}: "
                f"queries (rows) x keys (columns), weight = softmax(q.k / sqrt(d))\n")
-    out.append(" " * 19 + "".join(f"head {h}".ljust(cells + 3) for h in heads).rstrip() + "\n")
-    header = EARLIER + "".join(str(i % 10) for i in range(len(key_positions)))
-    out.append("  pos token      i " + "   ".join(header for _ in heads) + "\n")
+    out.append(" " * 19 + "   ".join(f"head {h}".ljust(width) for h in heads).rstrip() + "\n")
+    header = (EARLIER + "".join(str(i % 10) for i in range(len(key_positions)))).ljust(width)
+    out.append("  pos token      i " + "   ".join(header for _ in heads).rstrip() + "\n")
     first_row = 0 if max_rows is None else max(0, len(view.query_positions) - max_rows)
     for i, position in enumerate(view.query_positions[first_row:], start=first_row):
         out.append(f"{position:5d} {token_label(view.tokens[position], 10):<10} {i % 10} ")
         for n, h in enumerate(heads):
             if n:
-                out.append("   ")
+                out.append(" " * (width - weights.shape[2] + 3))
             for weight in weights[h, i].tolist():
                 char, style = shade(weight)
                 out.append(char, style=style)
