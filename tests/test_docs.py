@@ -161,7 +161,7 @@ def command_outputs(request: pytest.FixtureRequest) -> dict[str, subprocess.Comp
     """Run each distinct command of the selected tests once, two at a time, and keep what it printed."""
     selected = [item.callspec.params["quoted"] for item in request.session.items
                 if hasattr(item, "callspec") and "quoted" in item.callspec.params]
-    unique = list(dict.fromkeys(quoted.command for quoted in selected))
+    unique = list(dict.fromkeys(quoted.command for quoted in selected if RUNNABLE.match(quoted.command)))
     with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
         return dict(zip(unique, pool.map(_run, unique)))
 
@@ -175,7 +175,7 @@ def test_quoted_command_runs_and_prints_what_the_doc_quotes(
     assert RUNNABLE.match(quoted.command), (
         f"{quoted.id}: `{quoted.command.splitlines()[0]}` is neither nano-vllm nor python; "
         "run those only, or mark the block <!-- server-only --> / <!-- gpu-only -->")
-    result = command_outputs[quoted.command]
+    result = command_outputs[quoted.command]   # run by the fixture only when the check above holds
     assert result.returncode == 0, f"{quoted.id}: exit code {result.returncode}\n{result.stdout[-3000:]}"
     assert any(line.strip() != "..." for line in quoted.quoted_output), \
         f"{quoted.id}: the doc quotes no output for this command"
@@ -223,6 +223,8 @@ def test_quoted_server_answers_the_quoted_requests(block: list[QuotedCommand], t
     assert serve.command.startswith("nano-vllm serve ") and doc_port, \
         f"{serve.id}: a server-only block starts with `nano-vllm serve ... --port N`"
     assert requests, f"{serve.id}: the block sends the server no request"
+    for request in requests:
+        assert request.command.startswith("curl "), f"{request.id}: a server-only block sends requests with curl"
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     port = _free_port()
