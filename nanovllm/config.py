@@ -32,6 +32,14 @@ import torch
 from nanovllm.model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU weight-only formats (nanovllm/ops/quant.py) -> the dtype of activations and the KV cache.
+QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
+# dtype="auto" on the CPU for the embedded SmolLM2-135M, chosen by measurement (docs/cpu-fast-path.md,
+# 2-core Xeon with AVX-512/AMX, loaded): int4 decodes 2.2x float32's tokens/s at batch 1 and is the one
+# reduced format inside the quality guard (top-1 agreement with float32 98.8% on the packed path, 100% on
+# the bfloat16 one; int8 per channel 96.1%, bfloat16 activations 95.3%). Other models stay float32 until
+# measured: their exact greedy agreement with transformers is what their tests check.
+CPU_AUTO_DTYPE_EMBEDDED = "int4"
 DEVICES = ("auto", "cpu", "cuda")
 KV_POLICIES = ("paged", "naive")
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -51,7 +59,7 @@ class EngineConfig:
     model: str | None = None              # HF directory, .gguf, llama2.c .bin; None = the embedded default
     tokenizer: str | None = None          # None: the model's own tokenizer
     load_format: str = "auto"             # "auto" | "safetensors" | "gguf" | "llama2c" | "dummy"
-    dtype: str = "auto"                   # "auto" (float32 on cpu, bfloat16 on cuda) | "float32" | "bfloat16" | "float16"
+    dtype: str = "auto"                   # "auto" (cpu: int4 for the embedded model, else float32; cuda: bfloat16) | "float32" | "bfloat16" | "float16" | "int8" | "int4" (cpu)
     device: str = "auto"                  # "auto" (cuda if available) | "cpu" | "cuda"
     block_size: int = 16
     max_num_seqs: int | None = None       # None: 64 on cpu, 256 on cuda
@@ -82,10 +90,15 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu' (or 'auto')")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join([*DTYPES, *QUANTIZED_DTYPES])}, "
+                             f"got {self.dtype!r}")
+        if self.dtype in QUANTIZED_DTYPES and (self.device != "cpu" or self.tensor_parallel_size != 1):
+            raise ValueError(f"dtype={self.dtype!r} is a CPU format for one process; use it with device='cpu' "
+                             "and tensor_parallel_size=1, or pick 'bfloat16'")
         if self.dtype == "auto":
-            self.dtype = "bfloat16" if self.device == "cuda" else "float32"
+            cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if self.model is None and self.tensor_parallel_size == 1 else "float32"
+            self.dtype = "bfloat16" if self.device == "cuda" else cpu_auto
         on_cuda = self.device == "cuda"
         if self.max_num_seqs is None:
             self.max_num_seqs = _DEFAULT_MAX_NUM_SEQS[on_cuda]
@@ -110,7 +123,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype of activations and the KV cache (bfloat16 for the int formats)."""
+        return DTYPES.get(self.dtype) or QUANTIZED_DTYPES[self.dtype]
 
     def fit_model(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with max_model_len resolved against the model; raises if it asks for more than the model has."""

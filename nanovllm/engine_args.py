@@ -10,12 +10,13 @@ import argparse
 import dataclasses
 from typing import Any
 
-from nanovllm.config import DEVICES, DTYPES, KV_POLICIES, EngineConfig
+from nanovllm.config import DEVICES, DTYPES, KV_POLICIES, QUANTIZED_DTYPES, EngineConfig
 
 _HELP = {
     "tokenizer": "tokenizer path (default: the model's own; llama2.c needs tokenizer.bin)",
     "load_format": "auto | safetensors | gguf | llama2c | dummy (random weights)",
-    "dtype": "auto (float32 on cpu, bfloat16 on cuda) | " + " | ".join(DTYPES),
+    "dtype": ("auto (cpu: int4 for the embedded model, else float32; cuda: bfloat16) | "
+              + " | ".join([*DTYPES, *QUANTIZED_DTYPES]) + " (int8, int4: cpu weight formats)"),
     "device": " | ".join(DEVICES),
     "block_size": "token slots per KV-cache block",
     "max_num_seqs": "most sequences running at once",

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from nanovllm.config import EngineConfig
+from nanovllm.config import QUANTIZED_DTYPES, EngineConfig
 from nanovllm.engine.block_manager import BlockManager, KVCacheUsage
 from nanovllm.engine.scheduler import Batch, Scheduler, is_decode
 from nanovllm.engine.sequence import Sequence, SequenceStatus
@@ -91,8 +91,11 @@ class LLMEngine:
         """Load the model and tokenizer named by `config`, or use the ones given
         (already loaded on config.device in config.dtype, e.g. shared by several engines)."""
         from nanovllm.model.loader import load_model
+        from nanovllm.model.quantize import load_quantized_model
 
-        if model is None:
+        if model is None and config.dtype in QUANTIZED_DTYPES:   # CPU weight formats: ops/quant.py
+            model, model_config = load_quantized_model(config.model, config.dtype, config.load_format)
+        elif model is None:
             model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
                                              load_format=config.load_format, tp_size=config.tensor_parallel_size)
         else:

@@ -1,0 +1,180 @@
+"""Weight-only quantized matmuls for the CPU: int8 per output channel, int4 in groups.
+
+Decoding one token at a time multiplies a single row by every weight of the
+model, so a decode step costs the time it takes to *read* the weights: 538 MB
+in float32 for SmolLM2-135M. Storing them in fewer bits reads fewer bytes:
+
+- **int8, per output channel**: row n of W is `q[n, :] * scale[n]`, q in
+  [-127, 127]. 1 byte a weight. torch's `_weight_int8pack_mm` multiplies
+  without widening W in memory.
+- **int4, in groups of 32 along K**: each run of 32 weights of a row has its
+  own scale and zero, `w = (q - 8) * scale + zero`, q in [0, 15]. Half a byte
+  a weight, plus 4 bytes of scale/zero per 32. This is GGUF's Q4_1 (`d * q + m`
+  with scale = d, zero = m + 8 d), so a Q4_1 checkpoint -- the embedded model --
+  is reproduced up to bfloat16 rounding of d and m. torch's
+  `_weight_int4pack_mm_for_cpu` unpacks inside the kernel.
+
+Activations stay bfloat16: both torch kernels take bfloat16 inputs (their
+float32 paths are 10-100x slower on this CPU). Each quantized matmul has a
+plain-torch reference (dequantize, then `F.linear`) that the tests compare the
+kernel against.
+
+The packed kernels walk the weights once per input row, so they win only for
+a few rows (decode); for prefill chunks and large batches the matmul is
+compute-bound and a bfloat16 GEMM (AMX on this CPU) is several times faster.
+`PackedLinear` therefore keeps both: the packed weight for steps of up to
+`max_packed_rows` rows and a bfloat16 copy for larger ones.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZE = 32          # GGUF's block size for Q4_0/Q4_1/Q8_0
+INT8_K_MULTIPLE = 16          # torch 2.13's int8 kernel crashes on other input sizes
+PACKED_MAX_ROWS = 8           # measured crossover, see docs/cpu-fast-path.md
+
+
+# ---- int8, one scale per output channel -----------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (q [N, K] int8 in [-127, 127], scales [N] float32), w ~ q * scales[:, None]."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)   # [N]
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)              # [N, K]
+    return q, scales
+
+
+def int8_linear_torch(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Reference: x [M, K], q [N, K] int8, scales [N] -> x @ (q * scales)^T [M, N] in x's dtype."""
+    return (F.linear(x.float(), q.float()) * scales.float()).to(x.dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, q [N, K] int8 (K a multiple of 16), scales [N] bfloat16 -> [M, N] bfloat16."""
+    return torch._weight_int8pack_mm(x, q, scales)
+
+
+# ---- int4, a scale and a zero per group of 32 along K ---------------------------------------
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (q [N, K] int32 in [0, 15], scale_and_zero [K / group_size, N, 2] float32).
+
+    Each group maps its range [min, max] onto 0..15 (asymmetric, like Q4_1), so
+    a group that was Q4_1 comes back to its own codes.
+    """
+    num_rows, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"int4 needs the input size ({in_features}) to be a multiple of {group_size}; "
+                         "use dtype='int8' or 'bfloat16' for this model")
+    groups = weight.float().reshape(num_rows, in_features // group_size, group_size)   # [N, G, g]
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)                                 # [N, G]
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    zero = low + 8 * scale                                     # so that w = (q - 8) * scale + zero
+    scale_and_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()   # [G, N, 2]
+    return q.to(torch.int32).reshape(num_rows, in_features), scale_and_zero
+
+
+def dequantize_int4(q: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int32, scale_and_zero [G, N, 2] -> w [N, K] float32."""
+    num_rows, in_features = q.shape
+    num_groups = scale_and_zero.shape[0]
+    scale, zero = scale_and_zero.float().transpose(0, 1).unbind(-1)                      # [N, G] each
+    groups = q.float().reshape(num_rows, num_groups, in_features // num_groups)
+    return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(num_rows, in_features)
+
+
+def int4_linear_torch(x: torch.Tensor, q: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """Reference: x [M, K], q [N, K] int32 codes, scale_and_zero [G, N, 2] -> [M, N] in x's dtype."""
+    return F.linear(x.float(), dequantize_int4(q, scale_and_zero)).to(x.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int32 in [0, 15] -> torch's CPU layout for `int4_linear`: [N, K / 2] uint8."""
+    if q.shape[0] % 16:
+        raise ValueError(f"torch's int4 CPU kernel needs the output size ({q.shape[0]}) to be a multiple of 16; "
+                         "use dtype='int8' or 'bfloat16' for this model")
+    return torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, packed [N, K / 2] uint8, scale_and_zero [G, N, 2] bfloat16 -> [M, N] bfloat16."""
+    group_size = x.shape[-1] // scale_and_zero.shape[0]
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+
+
+# ---- the module ---------------------------------------------------------------------------
+
+class PackedLinear(nn.Module):
+    """A linear layer with its weight packed (int8: `packed` int8 [N, K]; int4: uint8 [N, K / 2])
+    for steps of up to `max_packed_rows` rows, and in bfloat16 (`dense`) for larger steps.
+    The format follows from `packed`'s dtype. Inputs and outputs are bfloat16."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+                 bias: torch.Tensor | None = None, max_packed_rows: int = PACKED_MAX_ROWS):
+        super().__init__()
+        self.register_buffer("packed", packed)    # int8 [N, K] | uint8 [N, K / 2]
+        self.register_buffer("scales", scales)    # int8: bfloat16 [N]; int4: bfloat16 [K / 32, N, 2]
+        self.register_buffer("dense", dense)      # bfloat16 [N, K]
+        self.register_buffer("bias", bias)        # bfloat16 [N] or None
+        self.fmt = "int8" if packed.dtype == torch.int8 else "int4"
+        self.max_packed_rows = max_packed_rows
+        self.out_features, self.in_features = dense.shape
+        self._matmul = int8_linear if self.fmt == "int8" else int4_linear
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
+                    max_packed_rows: int = PACKED_MAX_ROWS) -> "PackedLinear":
+        """weight [N, K] (float32 preferred: quantized before any bfloat16 rounding), fmt "int8" | "int4"."""
+        if fmt == "int8":
+            if weight.shape[1] % INT8_K_MULTIPLE:
+                raise ValueError(f"torch's int8 CPU kernel needs the input size ({weight.shape[1]}) to be a "
+                                 f"multiple of {INT8_K_MULTIPLE}; keep this layer in float32")
+            q, scales = quantize_int8(weight)
+            packed, scales = q, scales.to(torch.bfloat16)
+        elif fmt == "int4":
+            q, scale_and_zero = quantize_int4(weight)
+            packed, scales = pack_int4(q), scale_and_zero.to(torch.bfloat16)
+        else:
+            raise ValueError(f"PackedLinear format must be 'int8' or 'int4', got {fmt!r}")
+        return cls(packed, scales, weight.to(torch.bfloat16).contiguous(), bias, max_packed_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N]."""
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= self.max_packed_rows:
+            out = self._matmul(xb, self.packed, self.scales)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = F.linear(xb, self.dense, self.bias)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_packed_rows={self.max_packed_rows}")
+
+
+class RefinedLMHead(nn.Module):
+    """The LM head as a PackedLinear, with the logits of each row's `top_k` candidates recomputed
+    in float32 from the float32 weight.
+
+    The packed kernels return bfloat16, whose 8 significant bits leave a logit of 13 uncertain by
+    0.05: enough to swap the top two tokens wherever they are that close (one position in ten for
+    a 135M model). Recomputing the few logits that compete for the top costs a gather of
+    `top_k` rows per sequence; the rest keep the packed head's precision.
+    """
+
+    def __init__(self, coarse: PackedLinear, weight: torch.Tensor, top_k: int = 32):
+        super().__init__()
+        self.coarse = coarse
+        self.register_buffer("weight", weight)   # float32 [V, H], shared with a tied embedding
+        self.top_k = top_k
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] float32 -> logits [N, V] float32."""
+        logits = self.coarse(hidden).float()                                    # [N, V]
+        candidates = logits.topk(self.top_k, dim=-1).indices                    # [N, k]
+        exact = torch.einsum("nh,nkh->nk", hidden.float(), self.weight[candidates].float())   # [N, k]
+        return logits.scatter_(1, candidates, exact)
