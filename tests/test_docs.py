@@ -47,7 +47,7 @@ SERVER_MARKER = "<!-- server-only -->"
 SKIP_MARKERS = ("<!-- gpu-only -->", SERVER_MARKER)
 RUNNABLE = re.compile(r"^(\w+=\S+\s+)*(nano-vllm|python3?)\b")   # optional VAR=value prefixes
 COMMAND_TIMEOUT_S = 300
-PARALLEL_COMMANDS = 2        # the commands are single-threaded: two at a time on two cores
+PARALLEL_COMMANDS = 2        # two commands at a time (each with OMP_NUM_THREADS=1) on two cores
 
 
 @dataclass
