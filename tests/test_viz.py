@@ -284,6 +284,9 @@ def test_demo_prefills_the_long_prompt_in_chunks_beside_decodes_with_staggered_a
     engine = LLMEngine(EngineConfig(model=path, **engine_args))
     demo = demo_arrivals(engine.tokenizer, SamplingParams(**GREEDY))
     visualizer = Visualizer(engine, None, layer=0)
+    watched = []   # (request whose attention is shown, request watched) after each step
+    visualizer.recorder.on_step.append(
+        lambda recorder: watched.append((visualizer.snapshot().attention.request_id, visualizer.capture.seq.request_id)))
     result = run_workload(engine, demo, lambda o: None, visualizer)
     history = visualizer.recorder.history
     assert set(result.outputs) == {f"Req{i}" for i in range(len(DEMO_REQUESTS))}
@@ -295,6 +298,9 @@ def test_demo_prefills_the_long_prompt_in_chunks_beside_decodes_with_staggered_a
     assert any(set(r.states.values()) >= {"P", "D"} and r.states["Req2"] == "P" for r in long_steps)
     assert all(r.num_prefill_tokens + r.num_decode_tokens <= 32 for r in history)
     assert result.prefix_cache_hit_rate > 0                       # the shared system prompt
+    # The panel follows a running request when the watched one ends, and is never blank meanwhile.
+    assert watched[0] == ("Req0", "Req0") and len({w for _, w in watched}) > 1
+    assert any(shown != now for shown, now in watched)
 
 
 def test_report_page_embeds_a_png_for_every_picture_side_by_side(make_engine, tmp_path):

@@ -77,6 +77,7 @@ class AttentionCapture:
         self.seq: Sequence | None = None
         self.rows: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in layers}   # layer -> position -> row
         self.overhead_s = 0.0          # seconds spent in the hooks
+        self._previous: dict[int, AttentionView | None] = {}   # the last views of the sequence watched before
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._row_of_step: tuple[AttentionMetadata | None, int | None] = (None, None)
 
@@ -91,6 +92,8 @@ class AttentionCapture:
         self._handles.clear()
 
     def watch(self, seq: Sequence) -> None:
+        """Keep `seq`'s attention from now on; until its first rows come, `view` shows the previous one's."""
+        self._previous = {layer: self.view(layer) for layer in self.layers}
         self.seq = seq
         for rows in self.rows.values():
             rows.clear()
@@ -98,7 +101,7 @@ class AttentionCapture:
     def view(self, layer: int) -> AttentionView | None:
         rows = self.rows.get(layer)
         if not rows or self.seq is None:
-            return None
+            return self._previous.get(layer)
         positions = sorted(rows)
         tokens = [self.token_text(token_id) for token_id in self.seq.token_ids[:positions[-1] + 1]]
         return AttentionView(layer=layer, request_id=self.seq.request_id, query_positions=positions,
