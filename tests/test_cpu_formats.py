@@ -179,3 +179,14 @@ def test_quantize_model_replaces_every_linear():
     model, _ = load_model(None)
     quantize_model(model, "int8")
     assert not [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_engine_with_int4_runs_the_packed_model_and_keeps_a_float32_kv_cache():
+    from nanovllm import LLM, SamplingParams
+
+    llm = LLM(dtype="int4", num_kv_blocks=32, max_model_len=256)
+    model = llm.engine.runner.model
+    assert isinstance(model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert llm.engine.runner.kv_cache.dtype == torch.float32
+    [output] = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 4

@@ -14,10 +14,10 @@ in float32 for SmolLM2-135M. Storing them in fewer bits reads fewer bytes:
   is reproduced up to bfloat16 rounding of d and m. torch's
   `_weight_int4pack_mm_for_cpu` unpacks inside the kernel.
 
-Activations stay bfloat16: both torch kernels take bfloat16 inputs (their
-float32 paths are 10-100x slower on this CPU). Each quantized matmul has a
-plain-torch reference (dequantize, then `F.linear`) that the tests compare the
-kernel against.
+Both torch kernels take bfloat16 inputs and return bfloat16 (their float32
+paths are 10-100x slower on this CPU), so `PackedLinear` casts at its edges and
+the model around it stays float32. Each quantized matmul has a plain-torch
+reference (dequantize, then `F.linear`) that the tests compare the kernel against.
 
 The packed kernels walk the weights once per input row, so they win only for
 a few rows (decode); for prefill chunks and large batches the matmul is
@@ -110,7 +110,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Ten
 class PackedLinear(nn.Module):
     """A linear layer with its weight packed (int8: `packed` int8 [N, K]; int4: uint8 [N, K / 2])
     for steps of up to `max_packed_rows` rows, and in bfloat16 (`dense`) for larger steps.
-    The format follows from `packed`'s dtype. Inputs and outputs are bfloat16."""
+    The format follows from `packed`'s dtype. Inputs and outputs keep the caller's dtype."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
                  bias: torch.Tensor | None = None, max_packed_rows: int = PACKED_MAX_ROWS):
@@ -175,6 +175,6 @@ class RefinedLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] float32 -> logits [N, V] float32."""
         logits = self.coarse(hidden).float()                                    # [N, V]
-        candidates = logits.topk(self.top_k, dim=-1).indices                    # [N, k]
+        candidates = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices   # [N, k]
         exact = torch.einsum("nh,nkh->nk", hidden.float(), self.weight[candidates].float())   # [N, k]
         return logits.scatter_(1, candidates, exact)
