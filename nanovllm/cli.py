@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # `nano-vllm run ... | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Import ourselves by name so that `python -m nanovllm.cli` catches the same UserError
+    # class the subcommands raise (this file runs as __main__, a second copy of the module).
+    from nanovllm.cli import main as package_main
+    sys.exit(package_main())

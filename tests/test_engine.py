@@ -281,3 +281,14 @@ def test_engine_config_errors_say_what_to_change(make_engine, loaded):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             EngineConfig(device="cuda")
+
+
+def test_step_observer_reports_a_one_token_prompt_as_prefill(tiny_llama):
+    """A chunk is prefill or decode as scheduled, not as it looks after postprocess."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), num_kv_blocks=32))
+    seen = []
+    engine.add_step_observer(seen.append)
+    engine.add_request("one", [42], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [chunk.is_prefill for info in seen for chunk in info.scheduled] == [True, False, False]

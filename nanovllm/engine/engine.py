@@ -26,7 +26,7 @@ from typing import Callable
 
 from nanovllm.config import QUANTIZED_DTYPES, EngineConfig
 from nanovllm.engine.block_manager import BlockManager, KVCacheUsage
-from nanovllm.engine.scheduler import Batch, Scheduler, is_decode
+from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -333,8 +333,8 @@ class LLMEngine:
                 t_run: float) -> None:
         info = StepInfo(
             step=self.num_steps - 1,
-            scheduled=[ScheduledChunk(seq.request_id, seq.seq_id, num_new, not is_decode(seq, num_new))
-                       for seq, num_new in batch.scheduled],
+            scheduled=[ScheduledChunk(seq.request_id, seq.seq_id, num_new, is_prefill)
+                       for (seq, num_new), is_prefill in zip(batch.scheduled, batch.is_prefill)],
             preempted=[seq.request_id for seq in batch.preempted],
             finished=finished_ids,
             num_prefill_tokens=batch.num_prefill_tokens,

@@ -47,6 +47,7 @@ class Batch:
     """One step's work: (sequence, number of its tokens to compute now), in order."""
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     sampling_seqs: list[Sequence] = field(default_factory=list)   # whose chunk reaches their last token
+    is_prefill: list[bool] = field(default_factory=list)           # per scheduled chunk, decided when scheduled
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: list[Sequence] = field(default_factory=list)       # preempted while building this batch
@@ -180,7 +181,9 @@ class Scheduler:
 
     def _add_to_batch(self, batch: Batch, seq: Sequence, num_new: int) -> None:
         batch.scheduled.append((seq, num_new))
-        if is_decode(seq, num_new):
+        decode = is_decode(seq, num_new)
+        batch.is_prefill.append(not decode)
+        if decode:
             batch.num_decode_tokens += 1
         else:
             batch.num_prefill_tokens += num_new
