@@ -87,6 +87,15 @@ def test_roofline_of_a_tiny_workload_matches_the_hand_computation():
     assert roofline.decode_throughput == pytest.approx(1 / 1.792)
 
 
+def test_best_ceilings_take_the_higher_bandwidth_and_flops_of_two_measurements():
+    first = Ceilings("cpu", "x", memory_bandwidth=10.0, peak_flops=50.0, dtype="float32", num_threads=1,
+                     copy_bytes=0, matmul_size=0)
+    second = Ceilings("cpu", "x", memory_bandwidth=8.0, peak_flops=70.0, dtype="float32", num_threads=1,
+                      copy_bytes=0, matmul_size=0)
+    best = first.best(second)
+    assert (best.memory_bandwidth, best.peak_flops) == (10.0, 70.0)
+
+
 def test_lockstep_schedule_decodes_each_request_until_its_output_is_complete():
     steps = lockstep_schedule([(3, 2), (2, 1), (5, 4)])
     assert len(steps) == 4

@@ -5,9 +5,9 @@
     nano-vllm bench serve --launch --request-rate 1,4,inf           Poisson arrivals against the server
     nano-vllm bench cpu --peer hf,llama.cpp                          the 2-core CPU workload (embedded model)
 
-Every run first measures the machine (copy bandwidth, matmul FLOP/s) in this
-process, computes the roofline of the exact workload (roofline.py), runs the
-peers and nano-vllm, and prints one table; `--json FILE` keeps every number,
+Every run measures the machine (copy bandwidth, matmul FLOP/s) in this process
+before and after the runs, runs the peers and nano-vllm, computes the roofline
+of the exact workload (roofline.py) and prints one table; `--json FILE` keeps every number,
 `--save-dir DIR` writes DIR/<date>-<card or cpu>-<kind>.json and .md.
 """
 from __future__ import annotations
@@ -105,29 +105,36 @@ class Bench:
         self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size())
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
         self.notes: list[str] = list(args.note)
-        self.ceilings: Ceilings | None = None
+        self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs
+        self.ceiling_measurements: dict[str, dict] = {}
 
     def run(self) -> dict:
         self.load_average_at_start = os.getloadavg()[0]   # other work on the machine skews every figure
         workloads = self.workloads()
-        print(f"measuring the machine's ceilings on {self.config.device} ...", file=sys.stderr)
-        self.ceilings = ceilings = measure_ceilings(self.config.device, self.config.torch_dtype)
-        print(f"ceilings: copy {ceilings.memory_bandwidth / 1e9:.1f} GB/s, {ceilings.dtype} matmul "
-              f"{ceilings.peak_flops / 1e12:.3g} TFLOP/s on {ceilings.device_name} "
-              f"({ceilings.num_threads} threads)", file=sys.stderr)
+        before = self.measure_ceilings("before the runs")
+        if self.args.kind == "serve":
+            measured, peer_results, peer_info = self.serve(workloads), {}, {}
+        else:
+            peer_results, peer_info = self.run_peers(workloads)
+            measured = self.run_nanovllm(workloads)
+        after = self.measure_ceilings("after the runs")
+        self.ceiling_measurements = {"before": before.as_dict(), "after": after.as_dict()}
+        self.ceilings = ceilings = before.best(after)
         rooflines = {name: workload_roofline(self.cost, ceilings, w.shape) for name, w in workloads.items()}
         for name, roofline in rooflines.items():
             print(f"roofline of {name}: {roofline.time:.4g} s over {roofline.num_steps} steps "
                   f"({roofline.memory_bound_steps} memory-bound): {roofline.output_throughput:,.1f} output tok/s, "
                   f"first step {roofline.prefill_time * 1e3:.3g} ms, decode {roofline.decode_throughput:,.1f} tok/s",
                   file=sys.stderr)
-        if self.args.kind == "serve":
-            measured, peer_results, peer_info = self.serve(workloads), {}, {}
-        else:
-            peer_results, peer_info = self.run_peers(workloads)
-            measured = self.run_nanovllm(workloads)
         figures = self.figures(workloads, rooflines, measured, peer_results)
         return self.result(workloads, rooflines, measured, peer_results, peer_info, figures)
+
+    def measure_ceilings(self, when: str) -> Ceilings:
+        ceilings = measure_ceilings(self.config.device, self.config.torch_dtype)
+        print(f"ceilings {when}: copy {ceilings.memory_bandwidth / 1e9:.1f} GB/s, {ceilings.dtype} matmul "
+              f"{ceilings.peak_flops / 1e12:.3g} TFLOP/s on {ceilings.device_name} "
+              f"({ceilings.num_threads} threads)", file=sys.stderr)
+        return ceilings
 
     def workloads(self) -> dict[str, Workload]:
         args, vocab = self.args, self.model_config.vocab_size
@@ -257,6 +264,7 @@ class Bench:
                         "load_average_1min": {"start": self.load_average_at_start, "end": os.getloadavg()[0]}},
             "versions": report.versions(),
             "ceilings": self.ceilings.as_dict(),
+            "ceiling_measurements": self.ceiling_measurements,
             "model": {"name": config.model or "SmolLM2-135M-Instruct (embedded)", "load_format": config.load_format,
                       "dtype": config.dtype, "params": self.cost.linear_params + self.cost.norm_params
                       + self.cost.lm_head_params * (1 if self.model_config.tie_word_embeddings else 2),

@@ -133,8 +133,9 @@ def markdown_report(result: dict) -> str:
              + f"; 1-minute load average {machine['load_average_1min']['start']:.1f} at the start, "
                f"{machine['load_average_1min']['end']:.1f} at the end",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
-             f"- ceilings measured in the run: copy {ceilings['memory_bandwidth_GBps']:.1f} GB/s, "
-             f"{ceilings['dtype']} matmul {ceilings['peak_TFLOPs'] * 1e3:.1f} GFLOP/s",
+             f"- ceilings measured in the run (the better of before and after): copy "
+             f"{ceilings['memory_bandwidth_GBps']:.1f} GB/s, {ceilings['dtype']} matmul "
+             f"{ceilings['peak_TFLOPs'] * 1e3:.1f} GFLOP/s",
              f"- model: {result['model']['name']} ({result['model']['load_format']}, {result['model']['dtype']}, "
              f"{result['model']['params'] / 1e6:.1f} M parameters)"]
     for name, workload in result["workloads"].items():

@@ -30,6 +30,10 @@ instead (2 x all parameters x tokens) lowers the roofline of `throughput` by
 figures (35,300 and 67,500 output tok/s on an H200); engines skip those rows,
 so the bound here skips them too.
 
+The ceilings are measured twice, before the benchmark and after it, and the
+better of each is used: on a shared machine a busy moment can only slow a
+measurement down.
+
 A whole workload's bound follows the lower-bound schedule of BENCHMARKS.md:
 all requests prefill together in one step (which samples each request's first
 token), then every request decodes in lock-step, one token a step, leaving when
@@ -39,6 +43,7 @@ throughput divided by it is the *fraction of roofline*, in (0, 1].
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +65,12 @@ class Ceilings:
     num_threads: int               # torch CPU threads in use
     copy_bytes: int                # size of the copied buffer
     matmul_size: int               # n of the n x n x n product
+
+    def best(self, other: "Ceilings") -> "Ceilings":
+        """The higher bandwidth and the higher FLOP/s of two measurements of the same machine: a busy
+        moment can only slow a measurement down, so the best one is the closer to the machine's limit."""
+        return dataclasses.replace(self, memory_bandwidth=max(self.memory_bandwidth, other.memory_bandwidth),
+                                   peak_flops=max(self.peak_flops, other.peak_flops))
 
     def as_dict(self) -> dict:
         return {"device": self.device, "device_name": self.device_name,
@@ -86,7 +97,7 @@ def device_name(device: str) -> str:
 
 
 def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = None,
-                     matmul_size: int | None = None, repeats: int = 5) -> Ceilings:
+                     matmul_size: int | None = None, repeats: int = 10) -> Ceilings:
     """Measure copy bandwidth and matmul FLOP/s on `device`; best of `repeats` timed runs after one warm-up.
 
     Defaults: on CUDA a 1 GiB copy and an 8192^3 product; on the CPU a 256 MiB copy
