@@ -38,6 +38,14 @@ def test_small_vocabulary_keeps_workload_lengths():
     assert max(t for r in workload.requests for t in r.prompt_token_ids) < 320
 
 
+def test_latency_runs_each_have_a_prompt_of_their_own():
+    from nanovllm.bench.workloads import latency_workload
+
+    workload = latency_workload(vocab_size=50_000, num_runs=3)
+    assert workload.shape == [(128, 256)] * 4          # a warm-up and three timed runs
+    assert len({tuple(r.prompt_token_ids) for r in workload.requests}) == 4
+
+
 def test_random_dataset_without_lengths_is_a_user_error():
     with pytest.raises(ValueError, match="--input-len and --output-len"):
         dataset_workload("random", 4, None, 8, vocab_size=320)
@@ -73,7 +81,7 @@ def test_roofline_of_a_tiny_workload_matches_the_hand_computation():
     Bound: 3.536 + 1.792 = 5.328 s for 3 output tokens.
     """
     ceilings = Ceilings(device="cpu", device_name="paper", memory_bandwidth=1000.0, peak_flops=2000.0,
-                        dtype="bfloat16", num_threads=1, copy_bytes=0, matmul_size=0)
+                        dtype="bfloat16", num_threads=1)
     cost = ModelCost.from_config(HAND_CONFIG, dtype_bytes=2)
     roofline = workload_roofline(cost, ceilings, [(3, 2), (2, 1)])
     assert roofline.num_steps == 2
@@ -88,10 +96,8 @@ def test_roofline_of_a_tiny_workload_matches_the_hand_computation():
 
 
 def test_best_ceilings_take_the_higher_bandwidth_and_flops_of_two_measurements():
-    first = Ceilings("cpu", "x", memory_bandwidth=10.0, peak_flops=50.0, dtype="float32", num_threads=1,
-                     copy_bytes=0, matmul_size=0)
-    second = Ceilings("cpu", "x", memory_bandwidth=8.0, peak_flops=70.0, dtype="float32", num_threads=1,
-                      copy_bytes=0, matmul_size=0)
+    first = Ceilings("cpu", "x", memory_bandwidth=10.0, peak_flops=50.0, dtype="float32", num_threads=1)
+    second = Ceilings("cpu", "x", memory_bandwidth=8.0, peak_flops=70.0, dtype="float32", num_threads=1)
     best = first.best(second)
     assert (best.memory_bandwidth, best.peak_flops) == (10.0, 70.0)
 
@@ -109,7 +115,7 @@ def test_roofline_of_bench_py_workload_lands_near_the_reference_figure():
     Our bound runs the LM head only on sampled rows, so it sits a little above."""
     from nanovllm.model.dummy import dummy_config
 
-    ceilings = Ceilings("cuda", "H200", 4.23e12, 801e12, "bfloat16", 1, 0, 0)
+    ceilings = Ceilings("cuda", "H200", memory_bandwidth=4.23e12, peak_flops=801e12, dtype="bfloat16", num_threads=1)
     roofline = workload_roofline(ModelCost.from_config(dummy_config("qwen3-0.6b"), 2), ceilings,
                                  throughput_workload().shape)
     assert 35_300 <= roofline.output_throughput <= 35_300 * 1.03

@@ -120,7 +120,9 @@ class Bench:
         after = self.measure_ceilings("after the runs")
         self.ceiling_measurements = {"before": before.as_dict(), "after": after.as_dict()}
         self.ceilings = ceilings = before.best(after)
-        rooflines = {name: workload_roofline(self.cost, ceilings, w.shape) for name, w in workloads.items()}
+        # A latency workload runs its requests one at a time: the bound is that of one request alone.
+        rooflines = {name: workload_roofline(self.cost, ceilings, w.shape[:1] if name == "latency" else w.shape)
+                     for name, w in workloads.items()}
         for name, roofline in rooflines.items():
             print(f"roofline of {name}: {roofline.time:.4g} s over {roofline.num_steps} steps "
                   f"({roofline.memory_bound_steps} memory-bound): {roofline.output_throughput:,.1f} output tok/s, "
@@ -139,9 +141,10 @@ class Bench:
     def workloads(self) -> dict[str, Workload]:
         args, vocab = self.args, self.model_config.vocab_size
         if args.kind == "latency":
-            return {"latency": latency_workload(vocab, args.input_len or 128, args.output_len or 256)}
+            return {"latency": latency_workload(vocab, args.input_len or 128, args.output_len or 256,
+                                                args.num_runs)}
         if args.kind == "cpu":
-            return {"latency": latency_workload(vocab), "batch": cpu_batch_workload(vocab)}
+            return {"latency": latency_workload(vocab, num_runs=args.num_runs), "batch": cpu_batch_workload(vocab)}
         dataset = args.dataset or ("random" if args.input_len is not None else "throughput")
         workload = dataset_workload(dataset, args.num_prompts, args.input_len, args.output_len, vocab)
         return {workload.name: workload}
@@ -171,7 +174,7 @@ class Bench:
             for name, workload in workloads.items():
                 try:
                     results[peer_name][name] = (
-                        peer.latency(workload, self.args.num_runs, self.progress) if name == "latency"
+                        peer.latency(workload, self.progress) if name == "latency"
                         else peer.throughput(workload, self.progress))
                 except Exception as error:
                     self._skip(peer_name, name, error)
@@ -190,7 +193,7 @@ class Bench:
         measured: dict[str, object] = {}
         for name, workload in workloads.items():
             if name == "latency":
-                measured[name] = run_latency(engine, workload, self.args.num_runs, self.progress)
+                measured[name] = run_latency(engine, workload, self.progress)
             else:
                 measured[name] = run_throughput(engine, workload, self.progress)
             print(measured[name].summary(), file=sys.stderr)

@@ -8,7 +8,8 @@ token costs one decode step, so the decode speed is
 
 which leaves the first token out (it belongs to the prefill). Both are the
 median of several runs after one warm-up run, so a stray hiccup of a shared
-machine does not decide the figure.
+machine does not decide the figure. Every run sends a prompt of its own: a
+repeated prompt would be found in the prefix cache and skip its prefill.
 """
 from __future__ import annotations
 
@@ -70,17 +71,16 @@ class LatencyResult:
                 f"(median of {len(self.runs)} runs)")
 
 
-def run_latency(engine: LLMEngine, workload: Workload, num_runs: int = DEFAULT_NUM_RUNS, use_tqdm: bool = True,
+def run_latency(engine: LLMEngine, workload: Workload, use_tqdm: bool = True,
                 desc: str = "nano-vllm latency") -> LatencyResult:
-    """The workload's single request, greedy with EOS ignored: one warm-up run, then `num_runs` timed ones."""
-    if num_runs < 1:
-        raise ValueError(f"num_runs must be at least 1, got {num_runs}")
-    request = workload.requests[0]
-    params = SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=request.max_tokens)
+    """The workload's requests one at a time, greedy with EOS ignored; the first is the untimed warm-up."""
+    if len(workload.requests) < 2:
+        raise ValueError("a latency workload needs a warm-up request and at least one timed one")
     runs = []
-    for i in tqdm(range(num_runs + 1), desc=desc, disable=not use_tqdm, dynamic_ncols=True):
+    for i, request in enumerate(tqdm(workload.requests, desc=desc, disable=not use_tqdm, dynamic_ncols=True)):
+        params = SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=request.max_tokens)
         output = generate(engine, [request.prompt_token_ids], [params])[0]
-        if i > 0:   # run 0 is the warm-up
+        if i > 0:
             metrics = output.metrics
             runs.append(LatencyRun.from_token_times(metrics.arrival_time, metrics.token_times))
     return LatencyResult(runs)

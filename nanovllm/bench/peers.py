@@ -75,11 +75,11 @@ class HFPeer:
             return self._continuous_batching(workload, use_tqdm)
         return self._generate_batch_cpu(workload)
 
-    def latency(self, workload: Workload, num_runs: int, use_tqdm: bool = True) -> LatencyResult:
-        request = workload.requests[0]
-        input_ids = torch.tensor([request.prompt_token_ids], device=self.settings.device)   # [1, P]
+    def latency(self, workload: Workload, use_tqdm: bool = True) -> LatencyResult:
         runs = []
-        for i in tqdm(range(num_runs + 1), desc="hf latency", disable=not use_tqdm, dynamic_ncols=True):
+        for i, request in enumerate(tqdm(workload.requests, desc="hf latency", disable=not use_tqdm,
+                                         dynamic_ncols=True)):
+            input_ids = torch.tensor([request.prompt_token_ids], device=self.settings.device)   # [1, P]
             streamer = _TokenClock()
             start = time.perf_counter()
             self._generate(input_ids, request.max_tokens, workload.temperature, streamer=streamer)
@@ -254,10 +254,10 @@ class LlamaCppPeer:
         raise PeerUnavailable("llama-cpp-python's high-level API runs one sequence at a time; it is a peer for "
                               "latency only")
 
-    def latency(self, workload: Workload, num_runs: int, use_tqdm: bool = True) -> LatencyResult:
-        request = workload.requests[0]
+    def latency(self, workload: Workload, use_tqdm: bool = True) -> LatencyResult:
         runs = []
-        for i in tqdm(range(num_runs + 1), desc="llama.cpp latency", disable=not use_tqdm, dynamic_ncols=True):
+        for i, request in enumerate(tqdm(workload.requests, desc="llama.cpp latency", disable=not use_tqdm,
+                                         dynamic_ncols=True)):
             self.llm.reset()   # no KV reuse between runs: every run prefills the whole prompt
             token_times = []
             start = time.perf_counter()

@@ -6,9 +6,10 @@ so a step takes at least
 
     max(bytes / BW, flops / PEAK)
 
-where BW (bytes/s) and PEAK (FLOP/s) are measured here, in the same process,
-just before the benchmark: a large copy (bytes read + written over the time)
-and a large matrix product in the engine's dtype.
+where BW (bytes/s) and PEAK (FLOP/s) are measured here, in the same process:
+the better of a large copy (bytes read + written over the time) and a large
+matrix-vector product (whose reads outrun a copy on a CPU), and a large
+matrix product in the engine's dtype.
 
 What one step costs, for chunks of `num_new_tokens` tokens appended to
 sequences that already hold `num_computed_tokens` in the KV cache:
@@ -59,22 +60,28 @@ class Ceilings:
     """What the machine moved and computed at best, measured in this process."""
     device: str                    # "cpu" | "cuda"
     device_name: str               # the card, or the CPU's model name
-    memory_bandwidth: float        # bytes/s: (bytes read + bytes written) / time of a large copy
+    memory_bandwidth: float        # bytes/s the roofline uses: the better of the two below
     peak_flops: float              # FLOP/s of a large matrix product in `dtype`
     dtype: str
     num_threads: int               # torch CPU threads in use
-    copy_bytes: int                # size of the copied buffer
-    matmul_size: int               # n of the n x n x n product
+    copy_bandwidth: float = 0.0    # (bytes read + bytes written) / time of a large copy
+    gemv_bandwidth: float = 0.0    # matrix bytes / time of a large matrix-vector product (reads only)
+    copy_bytes: int = 0            # size of the copied buffer and of the matrix
+    matmul_size: int = 0           # n of the n x n x n product
 
     def best(self, other: "Ceilings") -> "Ceilings":
         """The higher bandwidth and the higher FLOP/s of two measurements of the same machine: a busy
         moment can only slow a measurement down, so the best one is the closer to the machine's limit."""
-        return dataclasses.replace(self, memory_bandwidth=max(self.memory_bandwidth, other.memory_bandwidth),
-                                   peak_flops=max(self.peak_flops, other.peak_flops))
+        return dataclasses.replace(
+            self, memory_bandwidth=max(self.memory_bandwidth, other.memory_bandwidth),
+            peak_flops=max(self.peak_flops, other.peak_flops),
+            copy_bandwidth=max(self.copy_bandwidth, other.copy_bandwidth),
+            gemv_bandwidth=max(self.gemv_bandwidth, other.gemv_bandwidth))
 
     def as_dict(self) -> dict:
         return {"device": self.device, "device_name": self.device_name,
                 "memory_bandwidth_GBps": self.memory_bandwidth / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,
+                "copy_bandwidth_GBps": self.copy_bandwidth / 1e9, "gemv_bandwidth_GBps": self.gemv_bandwidth / 1e9,
                 "dtype": self.dtype, "num_threads": self.num_threads, "copy_bytes": self.copy_bytes,
                 "matmul_size": self.matmul_size}
 
@@ -98,10 +105,15 @@ def device_name(device: str) -> str:
 
 def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = None,
                      matmul_size: int | None = None, repeats: int = 10) -> Ceilings:
-    """Measure copy bandwidth and matmul FLOP/s on `device`; best of `repeats` timed runs after one warm-up.
+    """Measure memory bandwidth and matmul FLOP/s on `device`; best of `repeats` timed runs after one warm-up.
 
-    Defaults: on CUDA a 1 GiB copy and an 8192^3 product; on the CPU a 256 MiB copy
-    (well past any cache) and a 1536^3 product over torch's threads.
+    Bandwidth is the better of a large copy (bytes read + written) and a large
+    matrix-vector product in `dtype` (the matrix's bytes, read once: a decode
+    step's pattern). On a GPU the copy is the higher; on a CPU a copy also reads
+    each destination line before writing it (write-allocate), traffic its
+    read + written count does not see, so reads alone go faster.
+    Defaults: on CUDA 1 GiB buffers and an 8192^3 product; on the CPU 256 MiB
+    (past the caches) and a 1536^3 product over torch's threads.
     """
     on_cuda = device == "cuda"
     copy_bytes = copy_bytes or (1 << 30 if on_cuda else 256 << 20)
@@ -110,14 +122,24 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     dst = torch.empty_like(src)
     copy_time = _best_time(lambda: dst.copy_(src), device, repeats)
     del src, dst
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    cols = 4096
+    rows = copy_bytes // (cols * element_size)
+    matrix = torch.ones(rows, cols, dtype=dtype, device=device)             # [rows, 4096]
+    vector = torch.ones(cols, dtype=dtype, device=device)                   # [4096]
+    gemv_time = _best_time(lambda: torch.mv(matrix, vector), device, repeats)
+    del matrix, vector
     a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
     b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
     matmul_time = _best_time(lambda: torch.mm(a, b), device, repeats)
+    copy_bandwidth = 2 * copy_bytes / copy_time
+    gemv_bandwidth = rows * cols * element_size / gemv_time
     return Ceilings(
         device=device, device_name=device_name(device),
-        memory_bandwidth=2 * copy_bytes / copy_time,
+        memory_bandwidth=max(copy_bandwidth, gemv_bandwidth),
         peak_flops=2 * matmul_size ** 3 / matmul_time,
         dtype=str(dtype).removeprefix("torch."), num_threads=torch.get_num_threads(),
+        copy_bandwidth=copy_bandwidth, gemv_bandwidth=gemv_bandwidth,
         copy_bytes=copy_bytes, matmul_size=matmul_size,
     )
 

@@ -12,7 +12,8 @@ say does not change the speed, and token ids mean the same to every engine.
   Temperature 0.6, all submitted at once.
 - `throughput-fixed`: the same prompts, every output exactly 512 tokens.
 - `random`: `num_prompts` prompts of exactly `input_len` ids, `output_len` each.
-- `latency`: one request, prompt 128, output 256, greedy.
+- `latency`: one request alone, prompt 128, output 256, greedy; one prompt
+  per run (the first a warm-up), so the prefix cache cannot shorten a prefill.
 - `cpu`: on a small CPU: `latency`, then 16 concurrent requests of prompt 64 /
   output 128.
 """
@@ -87,9 +88,10 @@ def random_workload(num_prompts: int, input_len: int, output_len: int, vocab_siz
     return Workload(name, requests, temperature)
 
 
-def latency_workload(vocab_size: int, input_len: int = 128, output_len: int = 256) -> Workload:
-    """One greedy request: the `latency` workload."""
-    return random_workload(1, input_len, output_len, vocab_size, temperature=0.0, name="latency")
+def latency_workload(vocab_size: int, input_len: int = 128, output_len: int = 256, num_runs: int = 1) -> Workload:
+    """The `latency` workload: one greedy request at a time, `num_runs` timed after one warm-up. Each run
+    has a prompt of its own, so none finds the previous run's prompt in the prefix cache."""
+    return random_workload(num_runs + 1, input_len, output_len, vocab_size, temperature=0.0, name="latency")
 
 
 def cpu_batch_workload(vocab_size: int, num_prompts: int = 16, input_len: int = 64, output_len: int = 128) -> Workload:
