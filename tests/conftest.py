@@ -262,3 +262,37 @@ def write_tiny_gguf(hf_dir: Path, out: Path, qtype: str = "F32") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# ---- engines over weights loaded once --------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_llama_loaded(tiny_llama):
+    """(path, model, tokenizer) of the tiny Llama, loaded once for every engine the tests build."""
+    from nanovllm.model.loader import load_model
+    from nanovllm.tokenizer import Tokenizer
+    model, _ = load_model(str(tiny_llama))
+    return str(tiny_llama), model, Tokenizer.load(str(tiny_llama))
+
+
+def engine_over(loaded, **engine_args):
+    """An LLMEngine over already-loaded (path, model, tokenizer): no weights read per engine."""
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.engine import LLMEngine
+    path, model, tokenizer = loaded
+    return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
+
+
+class PoisonedTorch:
+    """torch, except that `empty` fills floating-point buffers with NaN, so an element a
+    kernel forgets to write shows up (monkeypatched into the kernel modules by tests)."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs) -> torch.Tensor:
+        buffer = torch.empty(*args, **kwargs)
+        if buffer.is_floating_point():
+            buffer.fill_(float("nan"))
+        return buffer

@@ -7,28 +7,25 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine, StepInfo
-from nanovllm.model.loader import load_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import Tokenizer
+from conftest import engine_over
 
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    model, _ = load_model(str(tiny_llama))
-    return str(tiny_llama), model, Tokenizer.load(str(tiny_llama))
+@pytest.fixture
+def loaded(tiny_llama_loaded):
+    return tiny_llama_loaded
 
 
 @pytest.fixture
-def make_engine(loaded):
-    """make_engine(**engine_args) -> an engine over the module's tiny Llama (weights loaded once)."""
-    path, model, tokenizer = loaded
-
+def make_engine(tiny_llama_loaded):
+    """make_engine(**engine_args) -> an engine over the tiny Llama (weights loaded once)."""
     def make(**engine_args) -> LLMEngine:
         engine_args.setdefault("max_model_len", 128)
-        return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
+        return engine_over(tiny_llama_loaded, **engine_args)
 
     return make
 

@@ -29,6 +29,7 @@ from nanovllm.ops.attention import (AttentionMetadata, paged_attention, paged_at
 from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
 from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary, qk_norm_rotary_torch,
                                  rope_cos_sin_cache)
+from conftest import PoisonedTorch
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton")
@@ -53,27 +54,13 @@ def test_triton_kernels_match_references_in_the_interpreter():
 test_triton_kernels_match_references_in_the_interpreter.__test__ = not IN_INTERPRETER
 
 
-class _PoisonedTorch:
-    """torch, except that `empty` fills floating-point buffers with NaN."""
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs) -> torch.Tensor:
-        buffer = torch.empty(*args, **kwargs)
-        if buffer.is_floating_point():
-            buffer.fill_(float("nan"))
-        return buffer
-
-
 @pytest.fixture
 def kernels(monkeypatch) -> SimpleNamespace:
     """The kernel modules, with poisoned `torch.empty`."""
     import importlib
     modules = {name: importlib.import_module(f"nanovllm.ops.{name}") for name in KERNEL_MODULES}
     for module in modules.values():
-        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+        monkeypatch.setattr(module, "torch", PoisonedTorch())
     return SimpleNamespace(**modules)
 
 

@@ -7,31 +7,21 @@ import asyncio
 
 import pytest
 
-from nanovllm.config import EngineConfig
 from nanovllm.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, QueueFullError
 from nanovllm.engine.engine import LLMEngine, StepInfo
-from nanovllm.model.loader import load_model
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.tokenizer import Tokenizer
+from conftest import engine_over
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    model, _ = load_model(str(tiny_llama))
-    return str(tiny_llama), model, Tokenizer.load(str(tiny_llama))
-
-
 @pytest.fixture
-def make_engine(loaded):
-    path, model, tokenizer = loaded
-
+def make_engine(tiny_llama_loaded):
     def make(**engine_args) -> LLMEngine:
         engine_args.setdefault("max_model_len", 128)
-        return LLMEngine(EngineConfig(model=path, device="cpu", **engine_args), model=model, tokenizer=tokenizer)
+        return engine_over(tiny_llama_loaded, device="cpu", **engine_args)
 
     return make
 

@@ -13,9 +13,7 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import KVCacheUsage
 from nanovllm.engine.engine import LLMEngine
-from nanovllm.model.loader import load_model
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.tokenizer import Tokenizer
 from nanovllm.viz.attention import AttentionCapture
 from nanovllm.viz.panels import (BAR_WIDTH, SHADES, attention_panel, kv_panel, proportional_bar, scheduler_panel,
                                  shade, timeline_grid, token_label)
@@ -23,25 +21,18 @@ from nanovllm.viz.plain import PlainView
 from nanovllm.viz.recorder import RequestView, StepRecord, VizState
 from nanovllm.viz.run_command import StreamPrinter
 from nanovllm.viz.workload import Arrival, Visualizer, run_workload
+from conftest import engine_over
 
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    model, _ = load_model(str(tiny_llama))
-    return str(tiny_llama), model, Tokenizer.load(str(tiny_llama))
-
-
 @pytest.fixture
-def make_engine(loaded):
-    path, model, tokenizer = loaded
-
+def make_engine(tiny_llama_loaded):
     def make(**engine_args) -> LLMEngine:
         engine_args.setdefault("max_model_len", 256)
         engine_args.setdefault("num_kv_blocks", 64)
         engine_args.setdefault("block_size", 8)
-        return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
+        return engine_over(tiny_llama_loaded, **engine_args)
 
     return make
 

@@ -15,6 +15,7 @@ from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch, store_kvcache_torch
 from nanovllm.ops.rmsnorm import add_rms_norm_torch, rms_norm_torch
 from nanovllm.ops.rotary import apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache
+from conftest import PoisonedTorch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,24 +26,10 @@ BF16 = dict(rtol=1.6e-2, atol=1.6e-2)       # one bfloat16 rounding step of the 
 LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80, GQA_7 = (32, 8, 64), (16, 8, 128), (16, 4, 80), (28, 4, 128)
 
 
-class _PoisonedTorch:
-    """torch, except that `empty` fills floating-point buffers with NaN."""
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs) -> torch.Tensor:
-        buffer = torch.empty(*args, **kwargs)
-        if buffer.is_floating_point():
-            buffer.fill_(float("nan"))
-        return buffer
-
-
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
     for module in (attention_triton, rmsnorm_triton, rotary_triton, activation_triton):
-        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+        monkeypatch.setattr(module, "torch", PoisonedTorch())
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
