@@ -135,7 +135,7 @@ def test_model_cost_counts_every_parameter_of_the_built_model(tiny_model_factory
 # ---- the command line on a tiny model -------------------------------------------------------
 
 def run_bench(capsys, *argv: str) -> tuple[str, dict]:
-    assert cli_main(["bench", *argv, "--no-progress"]) == 0
+    assert cli_main(["bench", *argv, "--no-progress", "--ceiling-repeats", "2"]) == 0
     out = capsys.readouterr().out
     return out, json.loads(open(argv[argv.index("--json") + 1]).read())
 

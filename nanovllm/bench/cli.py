@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--peer", help=f"comma-separated peers to run too: {', '.join(PEERS)} or none "
                                       f"(default: none; hf,llama.cpp for cpu)")
+    bench.add_argument("--ceiling-repeats", type=int, default=None,
+                       help="timed runs of each ceiling probe, best kept (default: 10 on cuda, 30 on cpu)")
     bench.add_argument("--threads", type=int, help="torch (and llama.cpp) CPU threads (default: torch's)")
     bench.add_argument("--json", metavar="FILE", help="write every number, the machine and versions as JSON")
     bench.add_argument("--save-dir", metavar="DIR",
@@ -74,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ceiling_repeats is not None and args.ceiling_repeats < 1:
+        raise ValueError(f"--ceiling-repeats must be at least 1, got {args.ceiling_repeats}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
@@ -132,7 +136,7 @@ class Bench:
         return self.result(workloads, rooflines, measured, peer_results, peer_info, figures)
 
     def measure_ceilings(self, when: str) -> Ceilings:
-        ceilings = measure_ceilings(self.config.device, self.config.torch_dtype)
+        ceilings = measure_ceilings(self.config.device, self.config.torch_dtype, repeats=self.args.ceiling_repeats)
         print(f"ceilings {when}: copy {ceilings.memory_bandwidth / 1e9:.1f} GB/s, {ceilings.dtype} matmul "
               f"{ceilings.peak_flops / 1e12:.3g} TFLOP/s on {ceilings.device_name} "
               f"({ceilings.num_threads} threads)", file=sys.stderr)

@@ -104,8 +104,9 @@ def device_name(device: str) -> str:
 
 
 def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = None,
-                     matmul_size: int | None = None, repeats: int = 10) -> Ceilings:
-    """Measure memory bandwidth and matmul FLOP/s on `device`; best of `repeats` timed runs after one warm-up.
+                     matmul_size: int | None = None, repeats: int | None = None) -> Ceilings:
+    """Measure memory bandwidth and matmul FLOP/s on `device`; best of `repeats` timed runs after one warm-up
+    (default 10 on CUDA, 30 on the CPU, where other processes take time slices from some of them).
 
     Bandwidth is the better of a large copy (bytes read + written) and a large
     matrix-vector product in `dtype` (the matrix's bytes, read once: a decode
@@ -116,6 +117,7 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     (past the caches) and a 1536^3 product over torch's threads.
     """
     on_cuda = device == "cuda"
+    repeats = repeats or (10 if on_cuda else 30)
     copy_bytes = copy_bytes or (1 << 30 if on_cuda else 256 << 20)
     matmul_size = matmul_size or (8192 if on_cuda else 1536)
     src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)   # [copy_bytes / 4]
