@@ -8,6 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from nanovllm.bench.roofline import Ceilings, ModelCost, lockstep_schedule, workload_roofline
 from nanovllm.bench.serve import RequestRecord, ServeResult, percentile
@@ -67,6 +68,15 @@ def test_model_cost_counts_the_parameters_of_the_config_by_hand():
     assert cost.weight_bytes == (576 + 24 + 256) * 2         # 1712
     assert cost.kv_bytes_per_token == 2 * 1 * 1 * 4 * 2      # K and V, 1 layer, 1 kv head, head_dim 4, bf16
     assert cost.attention_flops_per_context_token == 4 * 4 * 2 * 1
+
+
+def test_packed_int4_weights_count_half_a_byte_plus_a_scale_and_zero_per_32():
+    from nanovllm.bench.roofline import WEIGHT_FORMAT_BYTES, matmul_dtype
+
+    cost = ModelCost.from_config(HAND_CONFIG, dtype_bytes=4, matmul_weight_bytes=WEIGHT_FORMAT_BYTES["int4"])
+    assert cost.weight_bytes == (576 + 256) * (0.5 + 4 / 32) + 24 * 4   # matmul weights packed, norms float32
+    assert cost.kv_bytes_per_token == 2 * 1 * 1 * 4 * 4                  # the KV cache stays float32
+    assert matmul_dtype("int4") == torch.bfloat16 and matmul_dtype("float32") == torch.float32
 
 
 def test_roofline_of_a_tiny_workload_matches_the_hand_computation():

@@ -29,7 +29,8 @@ from nanovllm.bench import report
 from nanovllm.bench.harness import make_engine
 from nanovllm.bench.latency import DEFAULT_NUM_RUNS, LatencyResult, run_latency
 from nanovllm.bench.peers import PEERS, PeerSettings, PeerUnavailable, make_peer
-from nanovllm.bench.roofline import Ceilings, ModelCost, Roofline, measure_ceilings, workload_roofline
+from nanovllm.bench.roofline import (WEIGHT_FORMAT_BYTES, Ceilings, ModelCost, Roofline, matmul_dtype,
+                                     measure_ceilings, workload_roofline)
 from nanovllm.bench.serve import DEFAULT_URL, LocalServer, parse_rates, run_serve, served_model_name
 from nanovllm.bench.throughput import ThroughputResult, run_throughput
 from nanovllm.bench.workloads import (DATASETS, Workload, cpu_batch_workload, dataset_workload,
@@ -106,7 +107,8 @@ class Bench:
         self.config = config
         self.progress = not args.no_progress
         self.model_config = load_model_config(config.model, config.load_format)
-        self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size())
+        self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size(),
+                                          WEIGHT_FORMAT_BYTES.get(config.dtype))
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
         self.notes: list[str] = list(args.note)
         self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs
@@ -136,7 +138,8 @@ class Bench:
         return self.result(workloads, rooflines, measured, peer_results, peer_info, figures)
 
     def measure_ceilings(self, when: str) -> Ceilings:
-        ceilings = measure_ceilings(self.config.device, self.config.torch_dtype, repeats=self.args.ceiling_repeats)
+        ceilings = measure_ceilings(self.config.device, matmul_dtype(self.config.dtype),
+                                    repeats=self.args.ceiling_repeats)
         print(f"ceilings {when}: copy {ceilings.memory_bandwidth / 1e9:.1f} GB/s, {ceilings.dtype} matmul "
               f"{ceilings.peak_flops / 1e12:.3g} TFLOP/s on {ceilings.device_name} "
               f"({ceilings.num_threads} threads)", file=sys.stderr)

@@ -124,11 +124,12 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     dst = torch.empty_like(src)
     copy_time = _best_time(lambda: dst.copy_(src), device, repeats)
     del src, dst
-    element_size = torch.tensor([], dtype=dtype).element_size()
+    gemv_dtype = dtype if on_cuda else torch.float32    # torch's fastest matrix-vector product on a CPU
+    element_size = torch.tensor([], dtype=gemv_dtype).element_size()
     cols = 4096
     rows = copy_bytes // (cols * element_size)
-    matrix = torch.ones(rows, cols, dtype=dtype, device=device)             # [rows, 4096]
-    vector = torch.ones(cols, dtype=dtype, device=device)                   # [4096]
+    matrix = torch.ones(rows, cols, dtype=gemv_dtype, device=device)        # [rows, 4096]
+    vector = torch.ones(cols, dtype=gemv_dtype, device=device)              # [4096]
     gemv_time = _best_time(lambda: torch.mv(matrix, vector), device, repeats)
     del matrix, vector
     a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
@@ -163,6 +164,21 @@ def _best_time(fn, device: str, repeats: int) -> float:
 
 # ---- the model ------------------------------------------------------------------------------
 
+# Bytes per weight of the CPU's packed formats (nanovllm/ops/quant.py): int8 one byte (its per-row
+# scale left out); int4 half a byte plus a bfloat16 scale and zero per group of 32. The engine also
+# keeps a bfloat16 copy for steps of many rows; a step that reads it reads more, so counting the
+# packed bytes keeps the bound a bound. Their matmuls run in bfloat16 (see `matmul_dtype`).
+WEIGHT_FORMAT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
+def matmul_dtype(engine_dtype: str) -> torch.dtype:
+    """The dtype the engine's matmuls run in, whose peak the roofline uses: the engine's dtype, or
+    bfloat16 for the packed CPU formats (their kernels and their prefill copy are bfloat16)."""
+    if engine_dtype in WEIGHT_FORMAT_BYTES:
+        return torch.bfloat16
+    return getattr(torch, engine_dtype)
+
+
 @dataclass(frozen=True)
 class ModelCost:
     """The sizes that set a step's bytes and flops, counted from a ModelConfig."""
@@ -174,10 +190,14 @@ class ModelCost:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    dtype_bytes: int
+    dtype_bytes: int                   # activations, KV cache, norms, embedding rows
+    matmul_weight_bytes: float         # per parameter of the linears and the LM head, as stored
 
     @classmethod
-    def from_config(cls, config: ModelConfig, dtype_bytes: int) -> "ModelCost":
+    def from_config(cls, config: ModelConfig, dtype_bytes: int,
+                    matmul_weight_bytes: float | None = None) -> "ModelCost":
+        """matmul_weight_bytes: bytes per matmul weight if stored apart from `dtype_bytes` (a packed
+        CPU format, see WEIGHT_FORMAT_BYTES)."""
         hidden, head_dim = config.hidden_size, config.head_dim
         q_size = config.num_attention_heads * head_dim
         kv_size = config.num_key_value_heads * head_dim
@@ -193,13 +213,15 @@ class ModelCost:
             hidden_size=hidden, num_layers=config.num_hidden_layers,
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
             head_dim=head_dim, dtype_bytes=dtype_bytes,
+            matmul_weight_bytes=dtype_bytes if matmul_weight_bytes is None else matmul_weight_bytes,
         )
 
     @property
     def weight_bytes(self) -> int:
         """Every weight a step reads in full: layers, norms and the LM head (a tied LM head is the
         embedding matrix, read here in full; the embedding gather is counted per token)."""
-        return (self.linear_params + self.norm_params + self.lm_head_params) * self.dtype_bytes
+        return round((self.linear_params + self.lm_head_params) * self.matmul_weight_bytes
+                     + self.norm_params * self.dtype_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
