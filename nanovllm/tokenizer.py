@@ -290,3 +290,8 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         self.text += new_text
         return new_text
+
+    def whole_text(self, output_token_ids: list[int]) -> str:
+        """The text `add_tokens` emits when fed `output_token_ids` one at a time, decoded in one
+        call: a tail that does not decode to complete characters is held back the same way."""
+        return self.tokenizer.decode(output_token_ids, self.skip_special_tokens).rstrip("\ufffd")

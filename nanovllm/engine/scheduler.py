@@ -128,11 +128,7 @@ class Scheduler:
         seq.finish_time = time.time() if now is None else now
         self.block_manager.free(seq)
         if seq.detokenize_at_finish and seq.detokenizer is not None:
-            # The text the token-by-token path would have emitted: it holds back a tail that does not
-            # decode to complete characters, where add_tokens on the whole output would return "".
-            detokenizer = seq.detokenizer
-            text = detokenizer.tokenizer.decode(seq.output_token_ids, detokenizer.skip_special_tokens)
-            seq.output_text = text.rstrip("\ufffd")
+            seq.output_text = seq.detokenizer.whole_text(seq.output_token_ids)
 
     # ---- schedule ------------------------------------------------------------------------
 
