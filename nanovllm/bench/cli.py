@@ -125,7 +125,10 @@ class Bench:
             measured = self.run_nanovllm(workloads)
         after = self.measure_ceilings("after the runs")
         self.ceiling_measurements = {"before": before.as_dict(), "after": after.as_dict()}
-        self.ceilings = ceilings = before.best(after)
+        # Tensor parallel on N cards: the bound of the N cards together (ceilings are measured on one).
+        # CPU ranks share one machine's memory and cores, so their bound stays the machine's.
+        num_cards = self.config.tensor_parallel_size if self.config.device == "cuda" else 1
+        self.ceilings = ceilings = before.best(after).over(num_cards)
         # A latency workload runs its requests one at a time: the bound is that of one request alone.
         rooflines = {name: workload_roofline(self.cost, ceilings, w.shape[:1] if name == "latency" else w.shape)
                      for name, w in workloads.items()}

@@ -78,6 +78,17 @@ class Ceilings:
             copy_bandwidth=max(self.copy_bandwidth, other.copy_bandwidth),
             gemv_bandwidth=max(self.gemv_bandwidth, other.gemv_bandwidth))
 
+    def over(self, num_devices: int) -> "Ceilings":
+        """The ceilings of num_devices such cards working together (tensor parallel: each rank reads
+        and computes 1/N of every step, so the bound is that of one card with N times the rates;
+        the all-reduces between them are not counted, so the bound stays a lower one)."""
+        if num_devices == 1:
+            return self
+        return dataclasses.replace(
+            self, device_name=f"{num_devices} x {self.device_name}",
+            memory_bandwidth=self.memory_bandwidth * num_devices, peak_flops=self.peak_flops * num_devices,
+            copy_bandwidth=self.copy_bandwidth * num_devices, gemv_bandwidth=self.gemv_bandwidth * num_devices)
+
     def as_dict(self) -> dict:
         return {"device": self.device, "device_name": self.device_name,
                 "memory_bandwidth_GBps": self.memory_bandwidth / 1e9, "peak_TFLOPs": self.peak_flops / 1e12,

@@ -181,12 +181,15 @@ class ModelRunner:
         try:
             workers.broadcast_step(input_ids, positions, metadata, logits_indices)
             logits = self._execute(input_ids, positions, metadata, logits_indices)
+            if logits is None:
+                output = SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+            else:
+                output = self.sampler(logits, self.prepare_sampling(batch))
         except RuntimeError:
             workers.check_alive(wait_s=2.0)   # a collective failed: name the worker that died, if one did
             raise
-        if logits is None:
-            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
-        return self.sampler(logits, self.prepare_sampling(batch))
+        workers.check_alive()   # on CUDA a step the watcher aborted may return garbage instead of raising
+        return output
 
     @torch.inference_mode()
     def serve_steps(self) -> None:

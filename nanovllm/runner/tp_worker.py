@@ -128,6 +128,7 @@ class WorkerGroup:
         else:
             group = cls(device, _spawn_workers(config), True)
         parallel.group = dist.group.WORLD
+        group.watch()
         if not all_ranks_agree(True, device):
             group.error = "a tensor-parallel rank failed to load its shard"
             group.shutdown()
@@ -147,10 +148,34 @@ class WorkerGroup:
     def processes(self) -> list[mp.Process]:
         return [] if self.context is None else list(self.context.processes)
 
+    def watch(self) -> None:
+        """On CUDA, watch the spawned workers from a thread. A gloo collective fails when its peer's
+        socket closes, but NCCL waits for a dead peer forever, with rank 0 stuck in a device sync.
+        So when a worker exits unasked, the thread records why and aborts the process group:
+        the pending collective returns, and the step fails with WorkerDiedError."""
+        processes = self.processes
+        if self.device.type != "cuda" or not processes:
+            return
+
+        def abort_when_a_worker_dies() -> None:
+            multiprocessing.connection.wait([p.sentinel for p in processes])
+            if self.closed:   # a shutdown we asked for
+                return
+            rank, process = next((rank, p) for rank, p in enumerate(processes, start=1) if not p.is_alive())
+            self.error = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
+                          f"{process.exitcode}; the engine cannot run without it, start a new one")
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception as error:   # the NCCL watchdog may have torn the group down first
+                print(f"nano-vllm: aborting the NCCL process group: {error}", file=sys.stderr)
+
+        threading.Thread(target=abort_when_a_worker_dies, daemon=True, name="nanovllm-tp-watch").start()
+
     def check_alive(self, wait_s: float = 0.0) -> None:
         """Raise WorkerDiedError (after shutting the others down) if a worker has exited;
         wait_s > 0 gives a dying worker that long to be reaped."""
         if self.error is not None:
+            self.shutdown()
             raise WorkerDiedError(self.error)
         processes = self.processes
         if wait_s > 0 and processes:
@@ -193,7 +218,7 @@ class WorkerGroup:
             if process.is_alive():
                 process.kill()
                 process.join()
-        if self.owns_process_group:
+        if self.owns_process_group and dist.is_initialized():   # (an aborted group is gone already)
             dist.destroy_process_group()
 
 
@@ -224,6 +249,8 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
             raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
     if config.device == "cuda":
         torch.cuda.set_device(0)
+        # On an NCCL error (a dead peer) abort the communicators but let this process, the engine, live.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     return context

@@ -1,0 +1,123 @@
+"""Tensor parallelism on two CUDA GPUs over NCCL: the greedy tokens of one GPU, with CUDA graphs
+(each graph holds the NCCL all-reduces) and without; torchrun; a worker that dies.
+Run on a machine with two GPUs: `python3 -m pytest -q -m gpu tests/gpu/test_tensor_parallel_gpu.py`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanovllm import LLM
+from test_tensor_parallel import GREEDY, PROMPTS, SPLITTABLE, assert_no_children_left, greedy_tokens
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
+
+# float32 on both sides so that the split sums agree to the last greedy token.
+ENGINE_ARGS = dict(device="cuda", dtype="float32", max_model_len=256, max_num_batched_tokens=32, max_num_seqs=8,
+                   num_kv_blocks=256)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+@pytest.mark.parametrize("model", SPLITTABLE)
+def test_two_gpus_give_the_greedy_tokens_of_one(tiny_model_factory, model, enforce_eager):
+    name, overrides = SPLITTABLE[model]
+    path = str(tiny_model_factory(name, **overrides))
+    one = LLM(path, enforce_eager=enforce_eager, **ENGINE_ARGS)
+    expected = greedy_tokens(one)
+    del one
+    llm = LLM(path, tensor_parallel_size=2, enforce_eager=enforce_eager, **ENGINE_ARGS)
+    try:
+        runner = llm.engine.runner
+        assert (runner.decode_graphs is None) == enforce_eager
+        assert runner.kv_cache.shape[4] == 1 and runner.kv_cache.device == torch.device("cuda", 0)
+        assert greedy_tokens(llm) == expected
+        assert greedy_tokens(llm) == expected            # the KV cache and prefix cache stay consistent
+        [worker] = runner.workers.processes
+    finally:
+        llm.engine.shutdown()
+    assert worker.exitcode == 0
+    assert_no_children_left()
+
+
+def test_bfloat16_two_gpus_generate(tiny_model_factory):
+    path = str(tiny_model_factory("qwen3"))
+    llm = LLM(path, tensor_parallel_size=2, **{**ENGINE_ARGS, "dtype": "bfloat16"})
+    try:
+        outputs = greedy_tokens(llm)
+        assert [len(tokens) for tokens in outputs] == [GREEDY.max_tokens] * len(PROMPTS)
+        assert greedy_tokens(llm) == outputs
+    finally:
+        llm.engine.shutdown()
+    assert_no_children_left()
+
+
+def test_torchrun_on_two_gpus_gives_the_greedy_tokens_of_one(tiny_model_factory, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    path = str(tiny_model_factory("llama-gqa4", num_key_value_heads=2))
+    one = LLM(path, **ENGINE_ARGS)
+    expected = greedy_tokens(one)
+    del one
+    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.runner.tp_worker", path,
+               "--tensor-parallel-size", "2", "--device", "cuda", "--dtype", "float32", "--max-model-len", "256",
+               "--max-num-batched-tokens", "32", "--max-num-seqs", "8", "--max-tokens", str(GREEDY.max_tokens)]
+    for prompt in PROMPTS:
+        command += ["--prompt", prompt]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = [[int(t) for t in re.findall(r"\d+", line.split("]")[0])]
+               for line in result.stdout.splitlines() if line.startswith("[")]
+    assert printed == expected
+
+
+def test_a_gpu_worker_that_dies_between_steps_fails_the_requests_with_a_clear_error(tiny_model_factory):
+    llm = LLM(str(tiny_model_factory("qwen3")), tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        [worker] = llm.engine.runner.workers.processes
+        assert greedy_tokens(llm)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"WorkerDiedError: tensor-parallel worker rank 1 .* code -9"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert_no_children_left()
+
+
+KILL_DURING_A_STEP = """
+import os, signal, sys
+from nanovllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, device="cuda", dtype="float32", max_model_len=256,
+          max_num_seqs=8, num_kv_blocks=256)
+[worker] = llm.engine.runner.workers.processes
+execute = llm.engine.runner._execute
+def kill_before_the_forward(*args):   # the step's broadcast has gone out; the all-reduce finds no peer
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(timeout=10)
+    return execute(*args)
+llm.engine.runner._execute = kill_before_the_forward
+try:
+    llm.generate(["a", "b"], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+except RuntimeError as error:
+    print("ERROR:", error, flush=True)
+llm.engine.shutdown()
+print("EXITED", flush=True)
+"""
+
+
+def test_a_gpu_worker_killed_during_a_step_is_named_in_the_error_and_nothing_hangs(tiny_model_factory, tmp_path):
+    """NCCL would wait for the dead peer forever: rank 0 must notice and give up on its own."""
+    path = str(tiny_model_factory("qwen3"))
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_A_STEP, path], capture_output=True, text=True,
+                            timeout=180, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert re.search(r"ERROR: .*worker rank 1 .* exited with code -9", result.stdout), \
+        result.stdout[-2000:] + result.stderr[-3000:]
+    assert "EXITED" in result.stdout and result.returncode == 0, result.stderr[-3000:]
