@@ -207,6 +207,7 @@ class Bench:
             else:
                 measured[name] = run_throughput(engine, workload, self.progress)
             print(measured[name].summary(), file=sys.stderr)
+        engine.shutdown()   # tensor-parallel workers leave before the ceilings are measured again
         del engine
         _release_memory()
         return measured

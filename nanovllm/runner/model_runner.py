@@ -181,6 +181,8 @@ class ModelRunner:
         try:
             workers.broadcast_step(input_ids, positions, metadata, logits_indices)
             logits = self._execute(input_ids, positions, metadata, logits_indices)
+            if self.device.type == "cuda":
+                workers.wait_for_device()   # never block in a sync that a dead NCCL peer would hang
             if logits is None:
                 output = SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
             else:
@@ -188,7 +190,6 @@ class ModelRunner:
         except RuntimeError:
             workers.check_alive(wait_s=2.0)   # a collective failed: name the worker that died, if one did
             raise
-        workers.check_alive()   # on CUDA a step the watcher aborted may return garbage instead of raising
         return output
 
     @torch.inference_mode()

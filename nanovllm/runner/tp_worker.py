@@ -59,6 +59,8 @@ STARTUP_TIMEOUT = timedelta(minutes=5)     # rendezvous of the ranks
 COLLECTIVE_TIMEOUT = timedelta(days=365)
 JOIN_TIMEOUT_S = 30.0                      # for workers to exit after SHUTDOWN before they are killed
 FAILED_JOIN_TIMEOUT_S = 5.0                # for workers to exit after a failure before they are killed
+ABORT_TIMEOUT_S = 10.0                     # for NCCL to abort a group whose peer is gone
+WATCH_INTERVAL_S = 0.05                    # rank 0 checks the workers' processes this often while it polls its GPU
 
 # One step as every rank runs it: input_ids [T], positions [T], metadata, logits_indices [N].
 Step = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]
@@ -128,7 +130,6 @@ class WorkerGroup:
         else:
             group = cls(device, _spawn_workers(config), True)
         parallel.group = dist.group.WORLD
-        group.watch()
         if not all_ranks_agree(True, device):
             group.error = "a tensor-parallel rank failed to load its shard"
             group.shutdown()
@@ -148,28 +149,19 @@ class WorkerGroup:
     def processes(self) -> list[mp.Process]:
         return [] if self.context is None else list(self.context.processes)
 
-    def watch(self) -> None:
-        """On CUDA, watch the spawned workers from a thread. A gloo collective fails when its peer's
-        socket closes, but NCCL waits for a dead peer forever, with rank 0 stuck in a device sync.
-        So when a worker exits unasked, the thread records why and aborts the process group:
-        the pending collective returns, and the step fails with WorkerDiedError."""
-        processes = self.processes
-        if self.device.type != "cuda" or not processes:
-            return
-
-        def abort_when_a_worker_dies() -> None:
-            multiprocessing.connection.wait([p.sentinel for p in processes])
-            if self.closed:   # a shutdown we asked for
-                return
-            rank, process = next((rank, p) for rank, p in enumerate(processes, start=1) if not p.is_alive())
-            self.error = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
-                          f"{process.exitcode}; the engine cannot run without it, start a new one")
-            try:
-                dist.distributed_c10d._abort_process_group()
-            except Exception as error:   # the NCCL watchdog may have torn the group down first
-                print(f"nano-vllm: aborting the NCCL process group: {error}", file=sys.stderr)
-
-        threading.Thread(target=abort_when_a_worker_dies, daemon=True, name="nanovllm-tp-watch").start()
+    def wait_for_device(self) -> None:
+        """Wait for the work queued on this GPU (the step's forward and its NCCL collectives) while
+        watching the workers. A gloo collective fails when its peer's socket closes, but NCCL waits for
+        a dead peer forever: blocking in a device sync would hang the engine. Polling lets rank 0 see
+        the dead worker and raise WorkerDiedError instead."""
+        done = torch.cuda.Event()
+        done.record()
+        next_check = time.monotonic() + WATCH_INTERVAL_S
+        while not done.query():
+            if time.monotonic() >= next_check:
+                self.check_alive()
+                next_check = time.monotonic() + WATCH_INTERVAL_S
+            time.sleep(0)   # let other threads (a server's event loop) run between polls
 
     def check_alive(self, wait_s: float = 0.0) -> None:
         """Raise WorkerDiedError (after shutting the others down) if a worker has exited;
@@ -218,8 +210,30 @@ class WorkerGroup:
             if process.is_alive():
                 process.kill()
                 process.join()
-        if self.owns_process_group and dist.is_initialized():   # (an aborted group is gone already)
-            dist.destroy_process_group()
+        if self.owns_process_group and dist.is_initialized():
+            if clean or self.device.type != "cuda":
+                dist.destroy_process_group()
+            else:
+                _abort_nccl_group()
+
+
+
+
+def _abort_nccl_group() -> None:
+    """Tear down an NCCL group whose peer died: destroying it could wait for that peer forever, an abort
+    does not. Run in a thread so that even a stuck abort cannot hang the engine (then the group leaks)."""
+    def abort() -> None:
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception as error:
+            print(f"nano-vllm: aborting the NCCL process group failed: {error}", file=sys.stderr)
+
+    thread = threading.Thread(target=abort, daemon=True, name="nanovllm-nccl-abort")
+    thread.start()
+    thread.join(ABORT_TIMEOUT_S)
+    if thread.is_alive():
+        print(f"nano-vllm: the NCCL process group did not abort within {ABORT_TIMEOUT_S:.0f} s; left behind",
+              file=sys.stderr)
 
 
 def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
@@ -249,8 +263,9 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
             raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
     if config.device == "cuda":
         torch.cuda.set_device(0)
-        # On an NCCL error (a dead peer) abort the communicators but let this process, the engine, live.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        # Rank 0 handles a dead peer itself (wait_for_device, _abort_nccl_group); NCCL's watchdog must
+        # not tear this process, the engine, down.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     return context
