@@ -166,17 +166,17 @@ def test_a_request_that_outgrows_the_kv_pool_is_refused(make_engine):
 def test_a_failing_step_ends_its_requests_with_an_error_and_others_go_on(make_engine, monkeypatch):
     engine = make_engine()
     engine.add_request("unlucky", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
-    real_run = engine.runner.run
+    real_run = engine.runner.launch
 
     def failing_run(batch):
         raise RuntimeError("device on fire")
 
-    monkeypatch.setattr(engine.runner, "run", failing_run)
+    monkeypatch.setattr(engine.runner, "launch", failing_run)
     [failed] = engine.step()
     assert failed.finished and failed.outputs[0].finish_reason == "error"
     assert "device on fire" in failed.error
     assert engine.get_stats().kv_usage.used_blocks == 0
-    monkeypatch.setattr(engine.runner, "run", real_run)
+    monkeypatch.setattr(engine.runner, "launch", real_run)
     engine.add_request("lucky", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
     assert run_all(engine)["lucky"][-1].outputs[0].finish_reason == "length"
 

@@ -81,7 +81,7 @@ def test_unknown_engine_arguments_raise_instead_of_being_dropped(tiny_llama):
 
 
 def test_a_failed_request_raises_from_generate(llm, monkeypatch):
-    monkeypatch.setattr(llm.engine.runner, "run", lambda batch: 1 / 0)
+    monkeypatch.setattr(llm.engine.runner, "launch", lambda batch: 1 / 0)
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         llm.generate(["doomed"], GREEDY, use_tqdm=False)
     monkeypatch.undo()

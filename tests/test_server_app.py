@@ -52,7 +52,7 @@ def test_a_failing_step_answers_500_or_an_error_event_and_the_server_goes_on(mak
     runner = app.state.server.async_engine.engine.runner
     with TestClient(app) as client:
         with monkeypatch.context() as patch:
-            patch.setattr(runner, "run", lambda batch: (_ for _ in ()).throw(RuntimeError("device lost")))
+            patch.setattr(runner, "launch", lambda batch: (_ for _ in ()).throw(RuntimeError("device lost")))
             failed = complete(client)
             with client.stream("POST", "/v1/completions",
                                json={"model": "m", "prompt": "Hi", "max_tokens": 3, "stream": True}) as response:

@@ -171,7 +171,8 @@ class BlockManager:
         """Make seq's newly full, computed blocks findable by their chain hash."""
         if not self.enable_prefix_caching:
             return
-        num_full_blocks = seq.num_computed_tokens // self.block_size
+        # Computed and known: a placeholder's block waits until the token's id arrives.
+        num_full_blocks = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if num_full_blocks <= seq.num_hashed_blocks:
             return
         hashes = self._block_hashes(seq, num_full_blocks)

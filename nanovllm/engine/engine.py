@@ -1,11 +1,23 @@
 """LLMEngine: requests in, a step at a time, outputs out.
 
     add_request(id, prompt, params)   validate, tokenize, queue n sequences (WAITING)
-    step()                            1. Scheduler.schedule()  -> Batch
-                                      2. ModelRunner.run(batch) -> one sampled token per finishing chunk
-                                      3. Scheduler.postprocess -> append, stop checks, free blocks
+    step()                            1. Scheduler.schedule()     -> Batch
+                                      2. ModelRunner.launch(batch) -> the step queued on the device
+                                      3. Scheduler.advance(batch)  -> counters, token placeholders
+                                      4. Scheduler.complete(...)   -> tokens in, stop checks, free blocks
                                       -> RequestOutput for each request that made progress
     abort_request(id)                 free its blocks now; it ends with finish_reason "abort"
+
+Async scheduling (`async_scheduling`, on by default on one CUDA GPU): step 4
+is done for the *previous* step, after this one is launched. So while the GPU
+computes step n, the host completes step n-1 and schedules step n+1; the
+tokens of step n reach step n+1's inputs on the device (model_runner.py), not
+through the host. The host's work then hides behind the GPU's instead of adding
+to it. Costs: outputs come one step later, and a sequence that ends by a stop
+token or string runs one step too many (its token is dropped; sequences that
+end by length are known in advance and never do). A step with repetition,
+frequency or presence penalties needs every earlier token on the host, so the
+step before it is completed first.
 
 Everything a caller can get wrong is checked in `add_request`, before anything
 is queued. A step that fails (a device error, say) ends the requests it was
@@ -31,6 +43,7 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nanovllm.runner.model_runner import ModelRunner
+from nanovllm.runner.sampler import DeviceSamples, SamplerOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -60,6 +73,17 @@ class StepInfo:
     schedule_time: float            # seconds
     run_time: float
     postprocess_time: float
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device, waiting for `Scheduler.complete`."""
+    batch: Batch
+    samples: DeviceSamples | None       # None: no sequence samples in it
+    needs_tokens_first: bool            # a later step must not be scheduled before this one completes
+    t_start: float                      # perf_counter times: schedule began, ended, launch returned
+    t_scheduled: float
+    t_launched: float
 
 
 @dataclass
@@ -120,6 +144,7 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}   # unfinished requests -> their samples
         self.final_only: set[str] = set()               # requests that want no intermediate outputs
         self.pending_outputs: list[RequestOutput] = []  # final outputs of requests ended between steps
+        self.in_flight: LaunchedStep | None = None      # async scheduling: the step launched, not completed
         self.step_observers: list[Callable[[StepInfo], None]] = []
         self.rng = random.Random(config.seed)           # seeds of requests that bring none
         self.next_seq_id = 0
@@ -236,29 +261,57 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; outputs of the requests that made progress (or ended) in it."""
+        """Run one step; outputs of the requests that made progress (or ended) in it, or, with async
+        scheduling, in the step before it."""
         outputs, self.pending_outputs = self.pending_outputs, []
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None and in_flight.needs_tokens_first:
+            outputs += self._complete(in_flight)
+            in_flight = None
         t_start = time.perf_counter()
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return outputs
-        t_scheduled = time.perf_counter()
+        launched = None
+        if not batch.is_empty:
+            t_scheduled = time.perf_counter()
+            try:
+                samples = self.runner.launch(batch)
+            except Exception as error:
+                logger.exception("a step failed; its requests end with finish_reason 'error'")
+                outputs += self._fail_batch(batch, error)
+            else:
+                self.scheduler.advance(batch)
+                needs_tokens_first = any(seq.reads_own_tokens for seq in batch.sampling_seqs)
+                launched = LaunchedStep(batch, samples, needs_tokens_first, t_start, t_scheduled,
+                                        time.perf_counter())
+        if in_flight is not None:
+            outputs += self._complete(in_flight)
+        if launched is not None:
+            if self.config.async_scheduling:
+                self.in_flight = launched
+            else:
+                outputs += self._complete(launched)
+        return outputs
+
+    def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and apply them; -> outputs of the requests it moved."""
+        batch = launched.batch
         try:
-            sampled = self.runner.run(batch)
+            sampled = (launched.samples.result() if launched.samples is not None
+                       else SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None))
         except Exception as error:
             logger.exception("a step failed; its requests end with finish_reason 'error'")
-            return outputs + self._fail_batch(batch, error)
+            return self._fail_batch(batch, error)
         t_run = time.perf_counter()
-        self.scheduler.postprocess(batch, sampled)
+        self.scheduler.complete(batch, sampled)
         self.num_steps += 1
         self.generation_tokens_total += len(sampled.token_ids)
         self.prefill_tokens_total += batch.num_prefill_tokens
         self.decode_tokens_total += batch.num_decode_tokens
 
-        finished_ids = []
+        outputs, finished_ids = [], []
         for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
             seqs = self.requests.get(request_id)
-            if seqs is None:   # aborted while the step ran
+            if seqs is None:   # aborted, or ended by the step before (async)
                 continue
             if all(seq.is_finished for seq in seqs):
                 finished_ids.append(request_id)
@@ -266,7 +319,7 @@ class LLMEngine:
             elif request_id not in self.final_only:
                 outputs.append(self._make_output(request_id, seqs))
         if self.step_observers:
-            self._notify(batch, finished_ids, t_start, t_scheduled, t_run)
+            self._notify(batch, finished_ids, launched.t_start, launched.t_scheduled, t_run)
         return outputs
 
     def _fail_batch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
@@ -299,7 +352,7 @@ class LLMEngine:
             outputs=[CompletionOutput(
                 index=seq.index,
                 text=_visible_text(seq),
-                token_ids=list(seq.output_token_ids),
+                token_ids=seq.known_output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=None if seq.logprobs is None else list(seq.logprobs),
                 finish_reason=seq.finish_reason,

@@ -16,9 +16,15 @@ computed" (vLLM v1's model).
    for `max_num_seqs`: each first looks up its prefix in the cache (hits need
    no computing), then gets a chunk of the rest.
 
-`postprocess()` takes the sampled tokens back: it advances the counters,
-appends tokens, hashes newly full blocks, applies the stop rules, and frees
-the blocks of finished sequences. A request that could never fit (longer than
+A launched step is settled in two halves. `advance()`, as soon as the step is
+on its way, moves the counters on and gives each sequence that samples a
+placeholder for its token (sequence.py), so the next step can be scheduled
+before this one's tokens arrive (async scheduling, engine.py). `complete()`,
+when they arrive, fills the placeholders, hashes newly full blocks, applies the
+stop rules and frees the blocks of finished sequences. `postprocess()` is the
+two at once. A sequence whose pending token is sure to end it (its max_tokens or
+max_model_len) is not scheduled again; one that ends by a stop token or string
+ran one step too many, and that step's token is dropped. A request that could never fit (longer than
 `max_model_len`, or needing more blocks than the whole pool) is refused by
 `check_fits` before it is queued, so the oldest running sequence can always
 make progress: no deadlock.
@@ -51,6 +57,7 @@ class Batch:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: list[Sequence] = field(default_factory=list)       # preempted while building this batch
+    output_indices: list[int] = field(default_factory=list)       # per sampling seq: its token's output index (advance)
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +123,7 @@ class Scheduler:
         """End seq (any state) with a finished status and free its blocks."""
         if seq.is_finished:
             return
+        seq.drop_placeholders()
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -141,6 +149,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._ends_with_pending_token(seq):
+                i += 1   # the token on its way is its last: complete() will finish it
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]
@@ -212,36 +223,56 @@ class Scheduler:
 
     # ---- postprocess ---------------------------------------------------------------------
 
+    def _ends_with_pending_token(self, seq: Sequence) -> bool:
+        return seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+
     def postprocess(self, batch: Batch, sampled: SampledTokens) -> list[Sequence]:
-        """Apply one step's results; returns the sequences that finished in it."""
-        now = time.time()
+        """Apply one step's results at once (advance, then complete); -> the sequences that finished."""
+        self.advance(batch)
+        return self.complete(batch, sampled)
+
+    def advance(self, batch: Batch) -> None:
+        """What a launched step does, known before its tokens arrive: its tokens are computed, and
+        each sampling sequence holds a placeholder for the token on its way."""
         for seq, num_new in batch.scheduled:
-            if seq.status is SequenceStatus.RUNNING:   # not aborted meanwhile
-                seq.num_computed_tokens += num_new
-                self.block_manager.cache_full_blocks(seq)
-                if seq.num_computed_tokens >= seq.num_prompt_tokens:
-                    self._release_siblings(seq)
-        finished = []
-        for row, seq in enumerate(batch.sampling_seqs):
-            if seq.status is not SequenceStatus.RUNNING:
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._release_siblings(seq)
+        batch.output_indices = [seq.add_placeholder(row) for row, seq in enumerate(batch.sampling_seqs)]
+
+    def complete(self, batch: Batch, sampled: SampledTokens) -> list[Sequence]:
+        """The advanced step's tokens arrived: fill them in, hash full blocks, apply the stop rules;
+        -> the sequences that finished."""
+        now = time.time()
+        filled = []
+        for row, (seq, index) in enumerate(zip(batch.sampling_seqs, batch.output_indices)):
+            if seq.is_finished:   # aborted meanwhile, or stopped by the step before (async)
                 continue
             top = sampled.top_logprobs[row] if sampled.top_logprobs is not None else None
-            seq.append_token(sampled.token_ids[row], sampled.logprobs[row], top, now)
-            status = self._check_stop(seq)
+            seq.fill_token(index, sampled.token_ids[row], sampled.logprobs[row], top, now)
+            filled.append((seq, index))
+        for seq, _ in batch.scheduled:
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
+        finished = []
+        for seq, index in filled:
+            status = self._check_stop(seq, index)
             if status is not None:
                 self.finish(seq, status, now)
                 finished.append(seq)
         return finished
 
-    def _check_stop(self, seq: Sequence) -> SequenceStatus | None:
-        """The stop rules, in order: stop tokens (after min_tokens), stop strings, length."""
+    def _check_stop(self, seq: Sequence, index: int) -> SequenceStatus | None:
+        """The stop rules for output token `index`, in order: stop tokens (after min_tokens), stop
+        strings, length."""
         params = seq.sampling_params
-        token_id = seq.last_token
+        token_id = seq.output_token_ids[index]
+        num_outputs = index + 1
         new_text = ""
         if seq.detokenizer is not None and not seq.detokenize_at_finish:
             new_text = seq.detokenizer.add_tokens([token_id])
             seq.output_text += new_text
-        if seq.num_output_tokens >= params.min_tokens:   # the sampler keeps stop tokens out before that
+        if num_outputs >= params.min_tokens:   # the sampler keeps stop tokens out before that
             if token_id in self.eos_token_ids and not params.ignore_eos:
                 return SequenceStatus.FINISHED_STOPPED
             if token_id in params.stop_token_ids:
@@ -249,7 +280,7 @@ class Scheduler:
                 return SequenceStatus.FINISHED_STOPPED
             if params.stop and new_text and _match_stop_string(seq, len(new_text)):
                 return SequenceStatus.FINISHED_STOPPED
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_outputs >= seq.max_tokens or seq.num_prompt_tokens + num_outputs >= self.max_model_len:
             return SequenceStatus.FINISHED_LENGTH
         return None
 

@@ -9,6 +9,12 @@ known tokens, the model's logits give the next token, which is appended. So a
 prefill is "many tokens not yet computed" and a decode is "one": the same state,
 and no prefill/decode mode anywhere.
 
+With async scheduling (engine.py) a step is scheduled before the previous
+step's tokens reach the host: a sampled token first enters `token_ids` as a
+placeholder (PENDING, -1; `num_pending` counts them, at most 2) that the
+runner fills on the device from the previous step's sampled tensor, and that
+`fill_token` replaces with the real id once it arrives.
+
 The KV of token i lives in block `block_table[i // block_size]`, slot
 `i % block_size`. Preemption frees the blocks and resets `num_computed_tokens`
 to 0: the sequence keeps its tokens and recomputes their KV when it runs again.
@@ -20,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nanovllm.sampling_params import SamplingParams
+
+PENDING = -1   # a sampled token whose id has not reached the host yet
 
 if TYPE_CHECKING:
     from nanovllm.tokenizer import IncrementalDetokenizer
@@ -73,6 +81,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chain hash of each full block of token_ids
     num_hashed_blocks: int = 0               # full computed blocks already offered to the prefix cache
+    reads_own_tokens: bool = False           # its sampling reads its earlier tokens (penalties): see engine.py
+    num_pending: int = 0                     # PENDING placeholders at the end of token_ids
+    pending_row: int = -1                    # where the newest one is: its row in the last launched step's samples
     # What the request sees.
     output_text: str = ""
     stop_reason: str | int | None = None     # the stop string or stop token id that ended it
@@ -87,6 +98,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        params = self.sampling_params
+        self.reads_own_tokens = (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+                                 or params.repetition_penalty != 1.0)
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
 
@@ -114,10 +128,36 @@ class Sequence:
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
 
-    def append_token(self, token_id: int, logprob: float, top_logprobs: dict[int, float] | None,
-                     now: float) -> None:
-        self.token_ids.append(token_id)
-        self.output_token_ids.append(token_id)
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but the pending placeholders)."""
+        return len(self.token_ids) - self.num_pending
+
+    @property
+    def known_output_token_ids(self) -> list[int]:
+        return self.output_token_ids[:len(self.output_token_ids) - self.num_pending]
+
+    def add_placeholder(self, row: int) -> int:
+        """Reserve the next token (sampled at `row` of the step just launched); -> its output index."""
+        self.token_ids.append(PENDING)
+        self.output_token_ids.append(PENDING)
+        self.num_pending += 1
+        self.pending_row = row
+        return len(self.output_token_ids) - 1
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still pending (the sequence ended before they arrived)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            del self.output_token_ids[-self.num_pending:]
+            self.num_pending = 0
+
+    def fill_token(self, output_index: int, token_id: int, logprob: float,
+                   top_logprobs: dict[int, float] | None, now: float) -> None:
+        """The placeholder at output_index (the oldest pending one) gets its sampled id."""
+        self.output_token_ids[output_index] = token_id
+        self.token_ids[self.num_prompt_tokens + output_index] = token_id
+        self.num_pending -= 1
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             entry = dict(top_logprobs) if top_logprobs else {}

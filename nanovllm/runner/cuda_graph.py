@@ -17,7 +17,12 @@ grid sizes, the same memory addresses every time. So:
   longest context of the step), see ops/attention_triton.py.
 
 Host-side preparation writes into pinned (page-locked) buffers that are copied
-asynchronously: no allocation per step.
+asynchronously: no allocation per step. With async scheduling the previous
+step may still be running when the next one is prepared: an event marks when
+the last copy out of the pinned buffers is done, and the host waits for it
+(not for the step) before writing them again. A row whose token is still a
+placeholder (sequence.py) takes it from the previous step's sampled tensor on
+the device, before the replay.
 """
 from __future__ import annotations
 
@@ -54,6 +59,10 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(rows + 1, dtype=i32, device=device)  # one new token per row
         # Pinned host mirrors, written through numpy views.
         self.host_token_rows = torch.zeros(3, rows, dtype=i64).pin_memory()
+        self.host_pending_rows = torch.full((rows,), -1, dtype=i64).pin_memory()   # previous-sample row, or -1
+        self.pending_rows = torch.full((rows,), -1, dtype=i64, device=device)
+        self.np_pending_rows = self.host_pending_rows.numpy()
+        self.inputs_copied: torch.cuda.Event | None = None   # the pinned buffers' last copy
         self.host_seq_lens = torch.zeros(rows, dtype=i32).pin_memory()
         self.host_block_tables = torch.full((rows, width), -1, dtype=i32).pin_memory()
         self.np_token_rows = self.host_token_rows.numpy()
@@ -113,12 +122,17 @@ class DecodeGraphs:
         self.graphs[size].replay()
         return self.outputs[size][:num_seqs]
 
-    def run(self, batch: Batch) -> torch.Tensor:
-        """Replay the graph of the smallest captured size >= the batch -> hidden states [B, H]."""
+    def run(self, batch: Batch, previous_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Replay the graph of the smallest captured size >= the batch -> hidden states [B, H].
+        previous_tokens: the last step's sampled tokens on the device, for rows still pending."""
         num_seqs = len(batch.scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
-        token_rows, seq_lens, tables = self.np_token_rows, self.np_seq_lens, self.np_block_tables
+        if self.inputs_copied is not None:
+            self.inputs_copied.synchronize()   # the last step's copies out of the pinned buffers are done
+        token_rows, seq_lens, tables, pending = (self.np_token_rows, self.np_seq_lens, self.np_block_tables,
+                                                 self.np_pending_rows)
         block_size = self.block_size
+        any_pending = False
         for i, (seq, _) in enumerate(batch.scheduled):
             position = seq.num_computed_tokens
             block_table = seq.block_table
@@ -127,6 +141,8 @@ class DecodeGraphs:
             token_rows[2, i] = block_table[position // block_size] * block_size + position % block_size
             seq_lens[i] = position + 1
             tables[i, :len(block_table)] = block_table
+            pending[i] = seq.pending_row if seq.num_pending else -1
+            any_pending = any_pending or seq.num_pending > 0
         # Padding rows: context 0 and slot -1, so they neither read nor write the cache.
         token_rows[:, num_seqs:size] = 0
         token_rows[2, num_seqs:size] = -1
@@ -134,5 +150,12 @@ class DecodeGraphs:
         self.token_rows[:, :size].copy_(self.host_token_rows[:, :size], non_blocking=True)
         self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
         self.block_tables[:num_seqs].copy_(self.host_block_tables[:num_seqs], non_blocking=True)
+        if any_pending:
+            self.pending_rows[:num_seqs].copy_(self.host_pending_rows[:num_seqs], non_blocking=True)
+            rows = self.pending_rows[:num_seqs]
+            ids = self.token_rows[0, :num_seqs]
+            ids.copy_(torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], ids))
+        self.inputs_copied = torch.cuda.Event()
+        self.inputs_copied.record()
         self.graphs[size].replay()
         return self.outputs[size][:num_seqs]

@@ -17,8 +17,17 @@ Each step `run(batch)` flattens the scheduled chunks into T token rows:
 
 runs the model, keeps the hidden state of the last row of each sequence whose
 chunk reaches its end (a chunk in the middle of a prompt needs no token), and
-samples from those rows' logits. The engine only calls `run` and reads
-`num_blocks`; device-specific work (pinned buffers, CUDA graphs) stays in here.
+samples from those rows' logits. The engine calls `launch` (or `run`, which
+also waits) and reads `num_blocks`; device-specific work (pinned buffers, CUDA
+graphs) stays in here.
+
+`launch` only queues the step on the device and returns its samples still on
+their way (DeviceSamples), so that the host can schedule the next step while
+the GPU computes this one (async scheduling, engine.py). A token sampled by
+the previous step may then still be a placeholder on the host (sequence.py):
+its input row is filled on the device, from the previous step's sampled
+tensor, at the row `seq.pending_row`. Nothing in a launch waits for the GPU:
+host values reach it through pinned memory and asynchronous copies.
 
 Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
 over its shard of the model and its KV heads (Hkv / N of them, the same block
@@ -36,7 +45,7 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.cuda_graph import DecodeGraphs
-from nanovllm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+from nanovllm.runner.sampler import DeviceSamples, Sampler, SamplerOutput, SamplingBatch, host_to_device
 from nanovllm.runner.tp_worker import WorkerGroup, min_over_ranks, receive_step, stop_with
 from nanovllm.sampling_params import SamplingParams
 
@@ -66,6 +75,7 @@ class ModelRunner:
             raise ValueError(f"the model given is shard {self.parallel.rank} of {self.parallel.world_size} but "
                              f"tensor_parallel_size is {config.tensor_parallel_size}; make them agree")
         self.num_kv_heads = model_config.num_key_value_heads // self.parallel.world_size   # this rank's KV heads
+        self.previous_tokens: torch.Tensor | None = None   # [N] the last launched step's sampled tokens, on the device
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
             self.workers = WorkerGroup.start(config, self.parallel)
@@ -158,22 +168,30 @@ class ModelRunner:
         del scratch, kv_caches, hidden, logits, metadata
         return peak
 
-    @torch.inference_mode()
     def run(self, batch: Batch) -> SamplerOutput:
+        """Run one step and wait for its tokens."""
+        samples = self.launch(batch)
+        return samples.result() if samples is not None else SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch) -> DeviceSamples | None:
+        """Queue one step on the device -> its samples, on their way (None: no sequence samples)."""
         if self.workers is not None:
             return self._run_parallel(batch)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
-            hidden = self.decode_graphs.run(batch)                              # [B, H], every row samples
+            hidden = self.decode_graphs.run(batch, self.previous_tokens)       # [B, H], every row samples
             logits_indices = slice(None)
         else:
             input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
             hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
-            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+            return None
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V] float32
-        return self.sampler(logits, self.prepare_sampling(batch))
+        samples = self.sampler.sample(logits, self.prepare_sampling(batch))
+        self.previous_tokens = samples.token_ids
+        return samples
 
-    def _run_parallel(self, batch: Batch) -> SamplerOutput:
+    def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
         """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
         workers = self.workers
         workers.check_alive()
@@ -183,14 +201,11 @@ class ModelRunner:
             logits = self._execute(input_ids, positions, metadata, logits_indices)
             if self.device.type == "cuda":
                 workers.wait_for_device()   # never block in a sync that a dead NCCL peer would hang
-            if logits is None:
-                output = SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
-            else:
-                output = self.sampler(logits, self.prepare_sampling(batch))
+            samples = None if logits is None else self.sampler.sample(logits, self.prepare_sampling(batch))
         except RuntimeError:
             workers.check_alive(wait_s=2.0)   # a collective failed: name the worker that died, if one did
             raise
-        return output
+        return samples
 
     @torch.inference_mode()
     def serve_steps(self) -> None:
@@ -222,6 +237,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         block_tables: list[list[int]] = []
         logits_indices: list[int] = []
+        pending_index: list[int] = []   # rows of input_ids whose token is still on the device ...
+        pending_row: list[int] = []     # ... at these rows of the previous step's samples
         for seq, num_new in batch.scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
@@ -232,28 +249,34 @@ class ModelRunner:
             block_tables.append(seq.block_table)
             if end == seq.num_tokens:
                 logits_indices.append(query_start_loc[-1] - 1)
+                if seq.num_pending:
+                    pending_index.append(query_start_loc[-1] - 1)
+                    pending_row.append(seq.pending_row)
         max_blocks = max(len(table) for table in block_tables)
         padded = [table + [-1] * (max_blocks - len(table)) for table in block_tables]
 
         device = self.device
-        positions_t = torch.tensor(positions, dtype=torch.int64, device=device)              # [T]
-        block_tables_t = torch.tensor(padded, dtype=torch.int32, device=device)              # [B, max_blocks]
-        query_start_loc_t = torch.tensor(query_start_loc, dtype=torch.int32, device=device)  # [B + 1]
+        positions_t = host_to_device(positions, torch.int64, device)                          # [T]
+        block_tables_t = host_to_device(padded, torch.int32, device)                          # [B, max_blocks]
+        query_start_loc_t = host_to_device(query_start_loc, torch.int32, device)              # [B + 1]
         # Slot of token at position p of row b: block_tables[b, p // block_size] * block_size + p % block_size.
         row_of_token = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
-                                               query_start_loc_t.diff())                     # [T]
+                                               query_start_loc_t.diff(), output_size=len(positions))   # [T]
         block_ids = block_tables_t[row_of_token, positions_t // self.block_size].long()      # [T]
         slot_mapping = block_ids * self.block_size + positions_t % self.block_size            # [T] int64
         metadata = AttentionMetadata(
             query_start_loc=query_start_loc_t,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),               # [B]
+            seq_lens=host_to_device(seq_lens, torch.int32, device),                           # [B]
             slot_mapping=slot_mapping,
             block_tables=block_tables_t,
             max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
             max_seq_len=max(seq_lens),
         )
-        return (torch.tensor(input_ids, dtype=torch.int64, device=device), positions_t, metadata,
-                torch.tensor(logits_indices, dtype=torch.int64, device=device))
+        input_ids_t = host_to_device(input_ids, torch.int64, device)                          # [T]
+        if pending_index:
+            input_ids_t[host_to_device(pending_index, torch.int64, device)] = \
+                self.previous_tokens[host_to_device(pending_row, torch.int64, device)]
+        return input_ids_t, positions_t, metadata, host_to_device(logits_indices, torch.int64, device)
 
     def prepare_sampling(self, batch: Batch) -> SamplingBatch:
         seqs = batch.sampling_seqs

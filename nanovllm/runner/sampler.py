@@ -97,15 +97,15 @@ class SamplingBatch:
         all_greedy, all_random = all(greedy), not any(greedy)
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return host_to_device(values, torch.float32, device)
 
         def ints(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return host_to_device(values, torch.int64, device)
 
         is_greedy = temperature = top_k = top_p = min_p = keys = None
         max_top_k, top_p_needs_full_sort = 0, False
         if not all_greedy:
-            is_greedy = None if all_random else torch.tensor(greedy, dtype=torch.bool, device=device)
+            is_greedy = None if all_random else host_to_device(greedy, torch.bool, device)
             temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
             top_ks = [0 if g else max(p.top_k, 0) for p, g in zip(params, greedy)]
             max_top_k = max(top_ks)
@@ -117,7 +117,7 @@ class SamplingBatch:
                 top_p_needs_full_sort = any(p < 1.0 and k == 0 for p, k in zip(top_ps, top_ks))
             if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy)):
                 min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
-            keys = torch.from_numpy(stream_keys(seeds, output_lens)).to(device)
+            keys = host_to_device(stream_keys(seeds, output_lens), torch.int64, device)
 
         presence = frequency = repetition = output_ids = prompt_ids = None
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
@@ -151,10 +151,44 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float]] | None   # per row: top `logprobs` tokens + the sampled one
 
 
+@dataclass
+class DeviceSamples:
+    """A step's samples still on the device (the kernels may still be running), with their copy to
+    the host under way; `result()` waits for that copy only."""
+    token_ids: torch.Tensor                       # [B] int64, on the device: the next step may read it there
+    host: list[torch.Tensor]                      # token ids, logprobs[, top values, top ids] on the host
+    num_logprobs: list[int | None]
+    copied: torch.cuda.Event | None               # recorded after the copies (None on the CPU)
+
+    @classmethod
+    def start_copy(cls, token_ids: torch.Tensor, tensors: list[torch.Tensor],
+                   num_logprobs: list[int | None]) -> "DeviceSamples":
+        if token_ids.device.type != "cuda":
+            return cls(token_ids, tensors, num_logprobs, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(token_ids, host, num_logprobs, copied)
+
+    def result(self) -> SamplerOutput:
+        if self.copied is not None:
+            self.copied.synchronize()
+        token_list, logprob_list = self.host[0].tolist(), self.host[1].tolist()
+        top = None
+        if len(self.host) == 4:
+            top = _top_logprobs(self.host[2].tolist(), self.host[3].tolist(), token_list, logprob_list,
+                                self.num_logprobs)
+        return SamplerOutput(token_ids=token_list, logprobs=logprob_list, top_logprobs=top)
+
+
 class Sampler:
     """logits [B, V] float32 + SamplingBatch -> one token per row (see the module docstring)."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        return self.sample(logits, batch).result()
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSamples:
+        """The same without waiting: the tokens stay on the device, their copy to the host starts."""
         log_normalizer = torch.logsumexp(logits, dim=-1)                  # [B]
         processed = apply_penalties(logits, batch)
         if batch.suppressed_token_ids is not None:
@@ -162,9 +196,11 @@ class Sampler:
                                               float("-inf"))
         token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
         sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer         # [B]
-        token_list, logprob_list = token_ids.tolist(), sampled_logprobs.tolist()
-        return SamplerOutput(token_ids=token_list, logprobs=logprob_list,
-                             top_logprobs=_top_logprobs(logits, log_normalizer, token_list, logprob_list, batch))
+        tensors = [token_ids, sampled_logprobs]
+        if batch.max_num_logprobs is not None:
+            values, ids = logits.topk(min(batch.max_num_logprobs, logits.shape[1]), dim=-1)    # [B, k] each
+            tensors += [values - log_normalizer[:, None], ids]
+        return DeviceSamples.start_copy(token_ids, tensors, batch.num_logprobs)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -237,17 +273,11 @@ def _top_k_top_p_threshold(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     return torch.where(filtered, descending.gather(1, num_kept - 1), float("-inf"))
 
 
-def _top_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, token_ids: list[int],
-                  sampled_logprobs: list[float], batch: SamplingBatch) -> list[dict[int, float]] | None:
+def _top_logprobs(values: list[list[float]], ids: list[list[int]], token_ids: list[int],
+                  sampled_logprobs: list[float], num_logprobs: list[int | None]) -> list[dict[int, float]]:
     """Per row that asked: its `logprobs` most likely tokens under the raw distribution, plus the sampled one."""
-    if batch.max_num_logprobs is None:
-        return None
-    k = min(batch.max_num_logprobs, logits.shape[1])
-    values, ids = logits.topk(k, dim=-1)                                  # [B, k] each
-    values = (values - log_normalizer[:, None]).tolist()
-    ids = ids.tolist()
     rows: list[dict[int, float]] = []
-    for row, num in enumerate(batch.num_logprobs):
+    for row, num in enumerate(num_logprobs):
         if num is None:
             rows.append({})
             continue
@@ -262,4 +292,14 @@ def _padded(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
     padded = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
     for i, row in enumerate(rows):
         padded[i, :len(row)] = row
-    return torch.from_numpy(padded).to(device)
+    return host_to_device(padded, torch.int64, device)
+
+
+def host_to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Host values -> a tensor on `device`, without waiting for the device. On CUDA a plain copy from
+    pageable memory waits for every kernel queued before it; async scheduling needs the host to run
+    ahead, so the values go through pinned memory and an asynchronous copy."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -103,3 +103,27 @@ def test_bfloat16_engine_generates_on_gpu(tiny_model_factory):
     outputs = llm.generate(PROMPTS * 8, SamplingParams(temperature=0.6, max_tokens=16, ignore_eos=True),
                            use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
+
+
+@pytest.mark.parametrize("engine_args", [{}, dict(max_num_batched_tokens=32)])   # all decodes in graphs; mixed steps
+def test_async_scheduling_gives_the_outputs_of_sync_on_gpu(tiny_model_factory, engine_args):
+    """Step n+1 reads step n's tokens on the device (graph inputs, eager inputs): same outputs as sync."""
+    path = tiny_model_factory("qwen3")
+    prompts = PROMPTS * 3 + [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
+    choices = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+               SamplingParams(temperature=0.8, seed=7, max_tokens=33, ignore_eos=True, logprobs=2),
+               SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[5, 17, 99, 250]),
+               SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=21, n=2, ignore_eos=True),
+               SamplingParams(temperature=0.7, seed=1, max_tokens=25, ignore_eos=True, repetition_penalty=1.3)]
+    params = [choices[i % len(choices)] for i in range(len(prompts))]
+    runs = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=32, async_scheduling=async_scheduling,
+                  **SMALL_POOL, **engine_args)
+        assert llm.engine.runner.decode_graphs is not None
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runs[async_scheduling] = [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outputs]
+        assert llm.engine.get_stats().kv_usage.used_blocks == 0
+        del llm
+        release_gpu_memory()
+    assert runs[True] == runs[False]

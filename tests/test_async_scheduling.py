@@ -1,0 +1,132 @@
+"""Async scheduling (engine.py) changes when the host learns a token, never which token it is.
+
+Every request must end with the same tokens, text, finish reason and logprobs whether each step is
+completed before the next is scheduled (sync) or one step later (async): greedy and seeded sampling,
+chunked prefill, preemption, n > 1, stop tokens and strings (which run one step too many), min_tokens,
+penalties (which complete the step before theirs first), aborts while a step is in flight. On the CPU
+the two orders run the same code without the overlap, so this is where their equality is checked.
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import engine_over
+from nanovllm.engine.engine import LLMEngine
+from nanovllm.engine.sequence import PENDING
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+PROMPTS = ["Hello there", "a", "The quick brown fox jumps over the lazy dog. " * 2, "0123456789" * 4, "xyz"]
+
+
+def run(engine: LLMEngine, requests: list[tuple[str, str, SamplingParams]]) -> dict[str, RequestOutput]:
+    """Step until idle; the final output per request id (checking every streamed one on the way)."""
+    engine.add_requests(requests)
+    final: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            for completion in output.outputs:
+                assert PENDING not in completion.token_ids, "a placeholder leaked into an output"
+            if output.finished:
+                final[output.request_id] = output
+    assert engine.scheduler.block_manager.usage().used_blocks == 0
+    return final
+
+
+def summary(outputs: dict[str, RequestOutput]) -> dict:
+    return {rid: [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs, round(c.cumulative_logprob, 4))
+                  for c in out.outputs] for rid, out in outputs.items()}
+
+
+def both(loaded, requests, **engine_args) -> tuple[dict, dict, LLMEngine]:
+    engine_args.setdefault("max_model_len", 160)
+    sync = run(engine_over(loaded, async_scheduling=False, **engine_args), requests)
+    engine = engine_over(loaded, async_scheduling=True, **engine_args)
+    return summary(sync), summary(run(engine, requests)), engine
+
+
+def requests_for(params: list[SamplingParams]) -> list[tuple[str, str, SamplingParams]]:
+    return [(f"r{i}", PROMPTS[i % len(PROMPTS)], p) for i, p in enumerate(params)]
+
+
+@pytest.mark.parametrize("engine_args", [
+    {},
+    dict(max_num_batched_tokens=16),                     # prompts in chunks between others' decodes
+    dict(num_kv_blocks=30, block_size=4, max_num_batched_tokens=32),   # preemption and recomputation
+    dict(enable_prefix_caching=False),
+])
+def test_greedy_and_seeded_sampling_give_the_same_outputs_sync_and_async(tiny_llama_loaded, engine_args):
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=17, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=1.0, min_p=0.05, seed=11, max_tokens=25, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)]
+    sync, async_, engine = both(tiny_llama_loaded, requests_for(params), **engine_args)
+    assert async_ == sync
+    if "num_kv_blocks" in engine_args:
+        assert engine.get_stats().num_preemptions > 0   # the case did preempt
+
+
+def test_stop_tokens_strings_and_min_tokens_end_requests_at_the_same_token(tiny_llama_loaded):
+    probe = run(engine_over(tiny_llama_loaded, max_model_len=128, async_scheduling=False),
+                requests_for([SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)] * 3))
+    tokens = [out.outputs[0].token_ids for out in probe.values()]
+    texts = [out.outputs[0].text for out in probe.values()]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[tokens[0][5]]),
+              SamplingParams(temperature=0.0, max_tokens=24, stop=[texts[1][4:7]]),
+              SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[tokens[2][2]], min_tokens=8),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=24)]   # EOS may end it
+    sync, async_, _ = both(tiny_llama_loaded, requests_for(params))
+    assert async_ == sync
+    assert [sync[rid][0][2] for rid in ("r0", "r1")] == ["stop", "stop"]   # the cases did stop early
+    assert len(sync["r2"][0][0]) >= 8
+
+
+def test_penalties_see_every_earlier_token_under_async_scheduling(tiny_llama_loaded):
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, repetition_penalty=1.5),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=20, ignore_eos=True, frequency_penalty=0.7,
+                             presence_penalty=0.3),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)]
+    sync, async_, _ = both(tiny_llama_loaded, requests_for(params))
+    assert async_ == sync
+
+
+def test_an_abort_while_a_step_is_in_flight_ends_with_known_tokens_only(tiny_llama_loaded):
+    engine = engine_over(tiny_llama_loaded, max_model_len=128, async_scheduling=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    engine.add_requests([("stay", "Hello there", greedy), ("leave", "Hello there", greedy)])
+    for _ in range(6):
+        engine.step()
+    assert engine.in_flight is not None
+    [leaver] = engine.requests["leave"]
+    assert leaver.num_pending == 1                       # its newest token is still on the device
+    engine.abort_request("leave")
+    assert leaver.num_pending == 0 and PENDING not in leaver.token_ids
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    [aborted] = outputs["leave"]
+    assert aborted.outputs[0].finish_reason == "abort" and PENDING not in aborted.outputs[0].token_ids
+    alone = run(engine_over(tiny_llama_loaded, max_model_len=128, async_scheduling=False),
+                [("stay", "Hello there", greedy)])
+    assert outputs["stay"][-1].outputs[0].token_ids == alone["stay"].outputs[0].token_ids
+    assert engine.scheduler.block_manager.usage().used_blocks == 0
+
+
+def test_streamed_outputs_under_async_scheduling_grow_by_one_known_token(tiny_llama_loaded):
+    engine = engine_over(tiny_llama_loaded, max_model_len=128, async_scheduling=True)
+    engine.add_request("a", "Hello there", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    stream = []
+    while engine.has_unfinished_requests():
+        stream += engine.step()
+    assert [len(out.outputs[0].token_ids) for out in stream] == [1, 2, 3, 4, 5, 6]
+    assert [out.finished for out in stream] == [False] * 5 + [True]
+
+
+def test_async_scheduling_is_refused_with_tensor_parallelism():
+    from nanovllm.config import EngineConfig
+
+    with pytest.raises(ValueError, match="async_scheduling runs with tensor_parallel_size=1"):
+        EngineConfig(device="cpu", tensor_parallel_size=2, async_scheduling=True)
+    assert EngineConfig(device="cpu").async_scheduling is False
