@@ -6,9 +6,9 @@ For each batch size it fills the engine with that many sequences (prompt 128),
 lets them reach the decode phase, then times whole `engine.step()` calls, and
 separately replays the step's CUDA graph alone (the forward pass with nothing
 around it). The difference is what the host adds per step: scheduling, input
-preparation, the LM head and sampling, postprocessing, outputs. It does so
-with async scheduling off (the host's work adds to the GPU's) and on (it
-hides behind it; what remains is the LM head, sampling and any host excess).
+preparation, the LM head and sampling, postprocessing, outputs. With async
+scheduling off the host's work adds to the GPU's; on (the default), it hides
+behind it, and what remains is the LM head, sampling and any host excess.
 """
 from __future__ import annotations
 
@@ -58,20 +58,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dummy", default="llama-3.2-1b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--async-scheduling", choices=("on", "off"), default="on",
+                        help="measure with async scheduling on (the default) or off; one engine per process")
     args = parser.parse_args(argv)
+    async_scheduling = args.async_scheduling == "on"
+    engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
+                                      max_num_seqs=max(args.batch_sizes), num_kv_blocks=8192,
+                                      async_scheduling=async_scheduling))
     print(f"card: {torch.cuda.get_device_name()}, model: {args.dummy} (dummy weights, bf16)")
     print("| async scheduling | batch | engine step ms | graph forward ms | step - forward ms | share |")
     print("|------------------|------:|---------------:|-----------------:|------------------:|------:|")
-    for async_scheduling in (False, True):
-        engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
-                                          max_num_seqs=max(args.batch_sizes), num_kv_blocks=8192,
-                                          async_scheduling=async_scheduling))
-        for batch_size in args.batch_sizes:
-            r = measure(engine, batch_size)
-            print(f"| {'on' if async_scheduling else 'off'} | {r['batch']} | {r['step_ms']:.3f} "
-                  f"| {r['graph_forward_ms']:.3f} | {r['host_ms']:.3f} | {r['host_share']:.0%} |")
-        del engine
-        torch.cuda.empty_cache()
+    for batch_size in args.batch_sizes:
+        r = measure(engine, batch_size)
+        print(f"| {args.async_scheduling} | {r['batch']} | {r['step_ms']:.3f} | {r['graph_forward_ms']:.3f} "
+              f"| {r['host_ms']:.3f} | {r['host_share']:.0%} |")
 
 
 if __name__ == "__main__":
