@@ -9,6 +9,7 @@ the two orders run the same code without the overlap, so this is where their equ
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import engine_over
 from nanovllm.engine.engine import LLMEngine
@@ -130,3 +131,41 @@ def test_async_scheduling_is_refused_with_tensor_parallelism():
     with pytest.raises(ValueError, match="async_scheduling runs with tensor_parallel_size=1"):
         EngineConfig(device="cpu", tensor_parallel_size=2, async_scheduling=True)
     assert EngineConfig(device="cpu").async_scheduling is False
+
+
+def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_llama_loaded):
+    """The CUDA-graph path writes its inputs into host buffers it reuses (block-table rows are only
+    rewritten when a row's table changed): across finishing, shifting and preempted sequences they must
+    hold what the eager path computes for the same batch."""
+    from nanovllm.runner.cuda_graph import HostInputs
+
+    engine = engine_over(tiny_llama_loaded, max_model_len=160, async_scheduling=True, num_kv_blocks=40,
+                         block_size=4, max_num_batched_tokens=48)
+    runner = engine.runner
+    host = HostInputs(rows=64, width=40, block_size=4, pin_memory=False)
+    launch, checked = runner.launch, []
+
+    def checking_launch(batch):
+        if batch.num_prefill_tokens == 0:
+            num_seqs = len(batch.scheduled)
+            pending = host.fill(batch, size=num_seqs + 3)
+            input_ids, positions, metadata, _ = runner.prepare_inputs(batch)
+            rows = host.pending_rows[:num_seqs]
+            assert (pending == "none") == bool((rows < 0).all())
+            known = rows < 0
+            assert torch.equal(host.token_rows[0, :num_seqs][known], input_ids[known])
+            assert torch.equal(host.token_rows[1, :num_seqs], positions)
+            assert torch.equal(host.token_rows[2, :num_seqs], metadata.slot_mapping)
+            assert torch.equal(host.seq_lens[:num_seqs], metadata.seq_lens)
+            assert torch.equal(host.token_rows[2, num_seqs:num_seqs + 3], torch.tensor([-1] * 3))   # padding
+            assert not host.seq_lens[num_seqs:num_seqs + 3].any()
+            for row, (seq, _) in enumerate(batch.scheduled):
+                assert host.block_tables[row, :len(seq.block_table)].tolist() == seq.block_table
+            checked.append(pending)
+        return launch(batch)
+
+    runner.launch = checking_launch
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=6 + 7 * i, ignore_eos=True) for i in range(6)]
+    run(engine, requests_for(params))
+    assert engine.get_stats().num_preemptions > 0
+    assert {"all in order", "some"} <= set(checked)

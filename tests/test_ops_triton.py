@@ -70,7 +70,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = [value for module in vars(kernels).values() for value in vars(module).values()
              if isinstance(value, (InterpretedFunction, JITFunction))]
-    assert len(found) == 10
+    assert len(found) == 11
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -301,6 +301,26 @@ def test_exponential_race_kernel_draws_the_reference_tokens(kernels, vocab_size)
         expected = exponential_race_torch(scores, keys)
         assert torch.equal(kernels.sampling_triton.exponential_race_triton(scores, keys), expected)
     assert expected[1] >= vocab_size // 2
+
+
+@in_interpreter
+@pytest.mark.parametrize("vocab_size", [7, 2048, 5001])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_fused_sampling_kernel_gives_the_reference_tokens_and_log_normalizer(kernels, vocab_size, greedy):
+    from nanovllm.ops.sampling import sample_from_logits_torch
+    gen = torch.Generator().manual_seed(vocab_size + greedy)
+    logits = torch.randn(5, vocab_size, generator=gen) * 4 + torch.arange(5)[:, None] * 30.0   # rows far apart
+    logits[3, vocab_size // 3] = 1000.0                                # one dominant token
+    temperature = torch.tensor([0.3, 0.7, 1.0, 1.3, 2.0])
+    keys = torch.randint(0, 2**32, (5,), generator=gen, dtype=torch.int64)
+    for step in range(3):
+        keys = (keys * 7 + step) % 2**32
+        args = (None, None) if greedy else (keys, temperature)
+        tokens, lse = kernels.sampling_triton.sample_from_logits_triton(logits, *args)
+        expected_tokens, expected_lse = sample_from_logits_torch(logits, *args)
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
+    assert not greedy or tokens[3] == vocab_size // 3
 
 
 def test_dispatchers_send_cpu_tensors_to_the_torch_references():

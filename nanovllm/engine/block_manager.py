@@ -163,7 +163,7 @@ class BlockManager:
                     self.cached_free_block_ids[block_id] = None
                 else:
                     self.free_block_ids.append(block_id)
-        seq.block_table.clear()
+        seq.block_table = []   # a new list: a table's identity lasts as long as its blocks (cuda_graph.py relies on it)
         seq.num_hashed_blocks = 0
         self.owners.pop(seq.seq_id, None)
 

@@ -302,14 +302,16 @@ class LLMEngine:
             logger.exception("a step failed; its requests end with finish_reason 'error'")
             return self._fail_batch(batch, error)
         t_run = time.perf_counter()
-        self.scheduler.complete(batch, sampled)
+        finished = self.scheduler.complete(batch, sampled)
         self.num_steps += 1
         self.generation_tokens_total += len(sampled.token_ids)
         self.prefill_tokens_total += batch.num_prefill_tokens
         self.decode_tokens_total += batch.num_decode_tokens
 
+        # Requests that may have ended, and, if any request streams, every request that moved.
+        moved = batch.sampling_seqs if len(self.final_only) < len(self.requests) else finished
         outputs, finished_ids = [], []
-        for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
+        for request_id in dict.fromkeys(seq.request_id for seq in moved):
             seqs = self.requests.get(request_id)
             if seqs is None:   # aborted, or ended by the step before (async)
                 continue

@@ -73,6 +73,24 @@ def exponential_race_torch(scores: torch.Tensor, keys: torch.Tensor) -> torch.Te
     return (scores - log_exponentials).argmax(dim=-1)
 
 
+def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None,
+                             temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's common case in one call: logits [B, V] float32 -> (token ids [B] int64: the argmax
+    when keys is None, else the race over logits / temperature [B]; the log-normalizer [B] of the logits)."""
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    if keys is None:
+        return logits.argmax(dim=-1), log_normalizer
+    return exponential_race_torch(logits / temperature[:, None], keys), log_normalizer
+
+
+def sample_from_logits(logits: torch.Tensor, keys: torch.Tensor | None,
+                       temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(logits):   # one pass over the [B, V] logits instead of five or six
+        from nanovllm.ops.sampling_triton import sample_from_logits_triton
+        return sample_from_logits_triton(logits, keys, temperature)
+    return sample_from_logits_torch(logits, keys, temperature)
+
+
 def exponential_race(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     if use_triton(scores):
         from nanovllm.ops.sampling_triton import exponential_race_triton

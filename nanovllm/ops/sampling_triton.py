@@ -1,7 +1,13 @@
-"""Triton version of ops/sampling.py's exponential race: one program per row streams
+"""Triton versions of ops/sampling.py's exponential race: one program per row streams
 the vocabulary once, hashing each token's uniform number in registers (the same
 32-bit mixer as the torch reference, in uint32 arithmetic that wraps mod 2**32)
-and keeping the running winner of scores - log(-log u)."""
+and keeping the running winner of scores - log(-log u).
+
+`sample_from_logits_triton` is the sampler's common case in the same single pass:
+the winner of logits / temperature (or the argmax, for greedy batches) and, on the
+way, the row's log-normalizer (an online logsumexp: a running max and a sum of
+exponentials rescaled whenever the max grows). The torch path reads and writes the
+[B, V] logits five or six times for the same results."""
 from __future__ import annotations
 
 import torch
@@ -56,3 +62,51 @@ def exponential_race_triton(scores: torch.Tensor, keys: torch.Tensor) -> torch.T
     out = torch.empty(num_rows, dtype=torch.int64, device=scores.device)
     _exponential_race_kernel[(num_rows,)](scores, keys, out, vocab_size, scores.stride(0), BLOCK=2048)
     return out
+
+
+@triton.jit
+def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr, out_ptr, lse_ptr, vocab_size, row_stride,
+                               GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if not GREEDY:
+        key = tl.load(keys_ptr + row).to(tl.uint32)
+        temperature = tl.load(temperature_ptr + row)
+    best_score = tl.full((), float("-inf"), tl.float32)
+    best_token = tl.full((), 0, tl.int64)
+    running_max = tl.full((), float("-inf"), tl.float32)
+    running_sum = tl.full((), 0.0, tl.float32)
+    for start in range(0, vocab_size, BLOCK):
+        tokens = start + tl.arange(0, BLOCK)
+        in_vocab = tokens < vocab_size
+        logits = tl.load(logits_ptr + row * row_stride + tokens, mask=in_vocab, other=float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0)
+        running_max = new_max
+        if GREEDY:
+            race = logits
+        else:
+            bits = _mix32(key ^ _mix32(tokens.to(tl.uint32) ^ _SALT_TOKEN_T))
+            uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            race = tl.math.div_rn(logits, temperature) - tl.log(-tl.log(uniform))   # IEEE division, as torch
+            race = tl.where(in_vocab, race, float("-inf"))
+        block_best = tl.max(race, axis=0)
+        block_token = tl.argmax(race, axis=0).to(tl.int64) + start
+        better = block_best > best_score
+        best_token = tl.where(better, block_token, best_token)
+        best_score = tl.where(better, block_best, best_score)
+    tl.store(out_ptr + row, best_token)
+    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+
+
+def sample_from_logits_triton(logits: torch.Tensor, keys: torch.Tensor | None,
+                              temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] float32 (finite), keys [B] int64 and temperature [B] float32, or both None for the
+    argmax -> (token ids [B] int64, log-normalizer [B] float32); see ops/sampling.py."""
+    num_rows, vocab_size = logits.shape
+    logits = logits.contiguous()
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    lse = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    greedy = keys is None
+    _sample_from_logits_kernel[(num_rows,)](logits, out if greedy else keys, lse if greedy else temperature, out, lse,
+                                            vocab_size, logits.stride(0), GREEDY=greedy, BLOCK=2048)
+    return out, lse

@@ -57,17 +57,9 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(rows, dtype=i32, device=device)             # [max_batch]
         self.block_tables = torch.full((rows, width), -1, dtype=i32, device=device)   # [max_batch, width]
         self.query_start_loc = torch.arange(rows + 1, dtype=i32, device=device)  # one new token per row
-        # Pinned host mirrors, written through numpy views.
-        self.host_token_rows = torch.zeros(3, rows, dtype=i64).pin_memory()
-        self.host_pending_rows = torch.full((rows,), -1, dtype=i64).pin_memory()   # previous-sample row, or -1
         self.pending_rows = torch.full((rows,), -1, dtype=i64, device=device)
-        self.np_pending_rows = self.host_pending_rows.numpy()
-        self.inputs_copied: torch.cuda.Event | None = None   # the pinned buffers' last copy
-        self.host_seq_lens = torch.zeros(rows, dtype=i32).pin_memory()
-        self.host_block_tables = torch.full((rows, width), -1, dtype=i32).pin_memory()
-        self.np_token_rows = self.host_token_rows.numpy()
-        self.np_seq_lens = self.host_seq_lens.numpy()
-        self.np_block_tables = self.host_block_tables.numpy()
+        self.host = HostInputs(rows, width, block_size, pin_memory=True)   # what the next copy brings
+        self.inputs_copied: torch.cuda.Event | None = None                  # the host buffers' last copy
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}   # hidden states [size, H] each graph writes
         self._capture()
@@ -129,33 +121,73 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= num_seqs)
         if self.inputs_copied is not None:
             self.inputs_copied.synchronize()   # the last step's copies out of the pinned buffers are done
-        token_rows, seq_lens, tables, pending = (self.np_token_rows, self.np_seq_lens, self.np_block_tables,
-                                                 self.np_pending_rows)
-        block_size = self.block_size
-        any_pending = False
-        for i, (seq, _) in enumerate(batch.scheduled):
-            position = seq.num_computed_tokens
-            block_table = seq.block_table
-            token_rows[0, i] = seq.token_ids[position]
-            token_rows[1, i] = position
-            token_rows[2, i] = block_table[position // block_size] * block_size + position % block_size
-            seq_lens[i] = position + 1
-            tables[i, :len(block_table)] = block_table
-            pending[i] = seq.pending_row if seq.num_pending else -1
-            any_pending = any_pending or seq.num_pending > 0
-        # Padding rows: context 0 and slot -1, so they neither read nor write the cache.
-        token_rows[:, num_seqs:size] = 0
-        token_rows[2, num_seqs:size] = -1
-        seq_lens[num_seqs:size] = 0
-        self.token_rows[:, :size].copy_(self.host_token_rows[:, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
-        self.block_tables[:num_seqs].copy_(self.host_block_tables[:num_seqs], non_blocking=True)
-        if any_pending:
-            self.pending_rows[:num_seqs].copy_(self.host_pending_rows[:num_seqs], non_blocking=True)
+        host = self.host
+        pending = host.fill(batch, size)
+        self.token_rows[:, :size].copy_(host.token_rows[:, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(host.seq_lens[:size], non_blocking=True)
+        self.block_tables[:num_seqs].copy_(host.block_tables[:num_seqs], non_blocking=True)
+        input_ids = self.token_rows[0, :num_seqs]
+        if pending == "all in order":   # the steady state: row i samples what row i sampled last step
+            input_ids.copy_(previous_tokens[:num_seqs])
+        elif pending == "some":
             rows = self.pending_rows[:num_seqs]
-            ids = self.token_rows[0, :num_seqs]
-            ids.copy_(torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], ids))
+            rows.copy_(host.pending_rows[:num_seqs], non_blocking=True)
+            input_ids.copy_(torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], input_ids))
         self.inputs_copied = torch.cuda.Event()
         self.inputs_copied.record()
         self.graphs[size].replay()
         return self.outputs[size][:num_seqs]
+
+
+class HostInputs:
+    """The host side of a decode graph's inputs: tensors (pinned on CUDA, so that their copies are
+    asynchronous) written through numpy views, one row per sequence."""
+
+    def __init__(self, rows: int, width: int, block_size: int, pin_memory: bool):
+        def buffer(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.pin_memory() if pin_memory else tensor
+
+        self.block_size = block_size
+        self.token_rows = buffer(torch.zeros(3, rows, dtype=torch.int64))          # input ids; positions; slots
+        self.seq_lens = buffer(torch.zeros(rows, dtype=torch.int32))
+        self.block_tables = buffer(torch.full((rows, width), -1, dtype=torch.int32))
+        self.pending_rows = buffer(torch.full((rows,), -1, dtype=torch.int64))    # previous-sample row, or -1
+        self.np_token_rows, self.np_seq_lens, self.np_block_tables, self.np_pending_rows = (
+            t.numpy() for t in (self.token_rows, self.seq_lens, self.block_tables, self.pending_rows))
+        self.row_numbers = np.arange(rows)
+        # The block table each row holds, and its length then: a table only grows while it lives
+        # (block_manager.py), so the same list at the same length needs no rewrite.
+        self.row_tables: list[list[int] | None] = [None] * rows
+        self.row_table_lens = [0] * rows
+
+    def fill(self, batch: Batch, size: int) -> str:
+        """Write a decode batch in (padding rows up to `size`); -> which rows' tokens are pending:
+        "none", "all in order" (row i's is row i of the previous samples) or "some"."""
+        num_seqs = len(batch.scheduled)
+        block_size, tables, row_tables, row_table_lens = (self.block_size, self.np_block_tables, self.row_tables,
+                                                          self.row_table_lens)
+        ids, positions, slots, pending = [], [], [], []
+        for i, (seq, _) in enumerate(batch.scheduled):
+            position = seq.num_computed_tokens
+            table = seq.block_table
+            ids.append(seq.token_ids[position])
+            positions.append(position)
+            slots.append(table[position // block_size] * block_size + position % block_size)
+            pending.append(seq.pending_row if seq.num_pending else -1)
+            if row_tables[i] is not table or row_table_lens[i] != len(table):
+                tables[i, :len(table)] = table
+                row_tables[i], row_table_lens[i] = table, len(table)
+        token_rows, seq_lens, pending_rows = self.np_token_rows, self.np_seq_lens, self.np_pending_rows
+        token_rows[0, :num_seqs] = ids
+        token_rows[1, :num_seqs] = positions
+        token_rows[2, :num_seqs] = slots
+        seq_lens[:num_seqs] = positions
+        seq_lens[:num_seqs] += 1
+        pending_rows[:num_seqs] = pending
+        # Padding rows: context 0 and slot -1, so they neither read nor write the cache.
+        token_rows[:, num_seqs:size] = 0
+        token_rows[2, num_seqs:size] = -1
+        seq_lens[num_seqs:size] = 0
+        if max(pending) < 0:
+            return "none"
+        return "all in order" if np.array_equal(pending_rows[:num_seqs], self.row_numbers[:num_seqs]) else "some"

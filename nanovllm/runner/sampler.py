@@ -15,8 +15,10 @@ vLLM's:
                                    (each a per-row threshold;
                                     one topk or sort of the rows)
 
-An all-greedy batch without penalties (the common decode) costs a logsumexp and
-an argmax.
+A batch that is all greedy, or all plain temperature sampling (no penalties,
+no top-k/top-p/min-p), takes one fused pass over the logits (on a GPU, one
+Triton program per row): the argmax or the race, and the logsumexp the
+log-probabilities need.
 
 The returned log-probability is that of the raw model distribution
 (log_softmax of the unprocessed logits), as vLLM returns by default.
@@ -53,7 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanovllm.ops.sampling import _MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform
+from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform,
+                                   sample_from_logits)
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -189,12 +192,18 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSamples:
         """The same without waiting: the tokens stay on the device, their copy to the host starts."""
-        log_normalizer = torch.logsumexp(logits, dim=-1)                  # [B]
         processed = apply_penalties(logits, batch)
         if batch.suppressed_token_ids is not None:
             processed = processed.masked_fill(_token_counts(batch.suppressed_token_ids, logits.shape[1]) > 0,
                                               float("-inf"))
-        token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
+        plain = (processed is logits and batch.top_k is None and batch.top_p is None and batch.min_p is None
+                 and (batch.all_greedy or batch.all_random))
+        if plain:   # all greedy, or all plain temperature: one fused pass (ops/sampling.py)
+            keys, temperature = (None, None) if batch.all_greedy else (batch.stream_keys, batch.temperature)
+            token_ids, log_normalizer = sample_from_logits(logits, keys, temperature)          # [B] each
+        else:
+            log_normalizer = torch.logsumexp(logits, dim=-1)                                   # [B]
+            token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
         sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer         # [B]
         tensors = [token_ids, sampled_logprobs]
         if batch.max_num_logprobs is not None:
