@@ -23,9 +23,11 @@ bench() { local name=$1; shift; echo "== $name t=$((SECONDS - START))s" >> "$OUT
 bench throughput-llama-3.2-1b throughput --dummy llama-3.2-1b
 bench latency-llama-3.2-1b latency --dummy llama-3.2-1b
 bench throughput-qwen3-0.6b throughput --dummy qwen3-0.6b
-bench throughput-llama-3.2-1b-sync throughput --dummy llama-3.2-1b --async-scheduling off
-overhead off
-cat "$OUT/host-overhead.txt"; grep "^==\|^|\|Latency:\|Throughput:\|rror" "$OUT/bench.txt"
-if [ "${TESTS:-async}" = all ]; then K=""; else K="-k async"; fi
-timeout 120 python3 -m pytest -q -m gpu tests/gpu $K -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
+grep "^==\|^|\|Latency:\|Throughput:\|rror" "$OUT/bench.txt"; cat "$OUT/host-overhead.txt"
+if [ "${TESTS:-async}" = all ]; then SELECT=(tests/gpu tests/test_sampler.py); else SELECT=(tests/gpu -k "async or fused"); fi
+timeout 120 python3 -m pytest -q -m gpu "${SELECT[@]}" -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "tests rc=$? t=$((SECONDS - START))s"; tail -4 "$OUT/gpu-tests.txt"
+bench throughput-llama-3.2-1b-sync throughput --dummy llama-3.2-1b --async-scheduling off
+grep -A4 "^== throughput-llama-3.2-1b-sync" "$OUT/bench.txt" | grep "^|\|Throughput"
+if [ "${OVERHEAD_OFF:-0}" = 1 ]; then overhead off; tail -4 "$OUT/host-overhead.txt"; fi
+echo "done t=$((SECONDS - START))s"
