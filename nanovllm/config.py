@@ -73,7 +73,7 @@ class EngineConfig:
     enforce_eager: bool = False           # cuda: never capture CUDA graphs
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
-    async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n (engine.py); None: on for one CUDA GPU
+    async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n (engine.py); None: off (see there)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
@@ -120,7 +120,7 @@ class EngineConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.async_scheduling is None:
-            self.async_scheduling = on_cuda and self.tensor_parallel_size == 1
+            self.async_scheduling = False   # opt-in until it wins the throughput workload too (engine.py)
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:

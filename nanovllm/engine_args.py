@@ -30,7 +30,7 @@ _HELP = {
     "enforce_eager": "never capture CUDA graphs",
     "seed": "seed for requests that bring none",
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
-    "async_scheduling": "on | off: schedule a step while the GPU runs the one before (default: on for one CUDA GPU)",
+    "async_scheduling": "on | off: schedule a step while the GPU runs the one before (default: off)",
 }
 
 

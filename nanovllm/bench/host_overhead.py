@@ -7,7 +7,7 @@ lets them reach the decode phase, then times whole `engine.step()` calls, and
 separately replays the step's CUDA graph alone (the forward pass with nothing
 around it). The difference is what the host adds per step: scheduling, input
 preparation, the LM head and sampling, postprocessing, outputs. With async
-scheduling off the host's work adds to the GPU's; on (the default), it hides
+scheduling off (the default) the host's work adds to the GPU's; on, it hides
 behind it, and what remains is the LM head, sampling and any host excess.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dummy", default="llama-3.2-1b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--async-scheduling", choices=("on", "off"), default="on",
-                        help="measure with async scheduling on (the default) or off; one engine per process")
+    parser.add_argument("--async-scheduling", choices=("on", "off"), default="off",
+                        help="measure with async scheduling on or off (the engine's default); one engine per process")
     args = parser.parse_args(argv)
     async_scheduling = args.async_scheduling == "on"
     engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",

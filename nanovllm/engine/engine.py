@@ -8,7 +8,7 @@
                                       -> RequestOutput for each request that made progress
     abort_request(id)                 free its blocks now; it ends with finish_reason "abort"
 
-Async scheduling (`async_scheduling`, on by default on one CUDA GPU): step 4
+Async scheduling (`async_scheduling=True`, one CUDA GPU; off by default): step 4
 is done for the *previous* step, after this one is launched. So while the GPU
 computes step n, the host completes step n-1 and schedules step n+1; the
 tokens of step n reach step n+1's inputs on the device (model_runner.py), not
@@ -18,6 +18,12 @@ token or string runs one step too many (its token is dropped; sequences that
 end by length are known in advance and never do). A step with repetition,
 frequency or presence penalties needs every earlier token on the host, so the
 step before it is completed first.
+
+Measured on an H200 (benchmarks/NOTES-kernels.md): it shortens a decode step
+at batch 1 (1.53 -> 1.37 ms, `latency` 51% of its roofline), but the
+`throughput` workload runs slower with it (19,910 against 26,932 tok/s) and
+its step times vary from run to run where sync's do not. Until that is
+understood it stays opt-in.
 
 Everything a caller can get wrong is checked in `add_request`, before anything
 is queued. A step that fails (a device error, say) ends the requests it was
