@@ -105,8 +105,12 @@ def test_tensor_parallel_size_must_be_a_positive_integer():
 
 
 def test_a_worker_that_dies_fails_the_requests_with_a_clear_error(tiny_model_factory):
-    path = str(tiny_model_factory("qwen3"))
-    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    check_a_worker_that_dies_between_steps(str(tiny_model_factory("qwen3")), ENGINE_ARGS)
+
+
+def check_a_worker_that_dies_between_steps(path: str, engine_args: dict) -> None:
+    """(Also run on two GPUs by tests/gpu/test_tensor_parallel_gpu.py.)"""
+    llm = LLM(path, tensor_parallel_size=2, **engine_args)
     try:
         [worker] = llm.engine.runner.workers.processes
         assert greedy_tokens(llm)

@@ -33,6 +33,23 @@ def _mix32(x):
 
 
 @triton.jit
+def _log_exponential(key, tokens):
+    """log E for each token of a block, E = -log u the row's Exponential(1) draw (ops/sampling.py)."""
+    bits = _mix32(key ^ _mix32(tokens.to(tl.uint32) ^ _SALT_TOKEN_T))
+    uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return tl.log(-tl.log(uniform))
+
+
+@triton.jit
+def _keep_best(race, start, best_score, best_token):
+    """The running winner after one block of race values (the first index wins a tie, as in argmax)."""
+    block_best = tl.max(race, axis=0)
+    block_token = tl.argmax(race, axis=0).to(tl.int64) + start
+    better = block_best > best_score
+    return tl.where(better, block_best, best_score), tl.where(better, block_token, best_token)
+
+
+@triton.jit
 def _exponential_race_kernel(scores_ptr, keys_ptr, out_ptr, vocab_size, row_stride,
                              BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -43,15 +60,8 @@ def _exponential_race_kernel(scores_ptr, keys_ptr, out_ptr, vocab_size, row_stri
         tokens = start + tl.arange(0, BLOCK)
         in_vocab = tokens < vocab_size
         scores = tl.load(scores_ptr + row * row_stride + tokens, mask=in_vocab, other=float("-inf"))
-        bits = _mix32(key ^ _mix32(tokens.to(tl.uint32) ^ _SALT_TOKEN_T))
-        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        race = scores - tl.log(-tl.log(uniform))
-        race = tl.where(in_vocab, race, float("-inf"))
-        block_best = tl.max(race, axis=0)
-        block_token = tl.argmax(race, axis=0).to(tl.int64) + start
-        better = block_best > best_score
-        best_token = tl.where(better, block_token, best_token)
-        best_score = tl.where(better, block_best, best_score)
+        race = tl.where(in_vocab, scores - _log_exponential(key, tokens), float("-inf"))
+        best_score, best_token = _keep_best(race, start, best_score, best_token)
     tl.store(out_ptr + row, best_token)
 
 
@@ -84,16 +94,10 @@ def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr, out_ptr, l
         running_max = new_max
         if GREEDY:
             race = logits
-        else:
-            bits = _mix32(key ^ _mix32(tokens.to(tl.uint32) ^ _SALT_TOKEN_T))
-            uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            race = tl.math.div_rn(logits, temperature) - tl.log(-tl.log(uniform))   # IEEE division, as torch
-            race = tl.where(in_vocab, race, float("-inf"))
-        block_best = tl.max(race, axis=0)
-        block_token = tl.argmax(race, axis=0).to(tl.int64) + start
-        better = block_best > best_score
-        best_token = tl.where(better, block_token, best_token)
-        best_score = tl.where(better, block_best, best_score)
+        else:   # IEEE division, as torch's
+            race = tl.where(in_vocab, tl.math.div_rn(logits, temperature) - _log_exponential(key, tokens),
+                            float("-inf"))
+        best_score, best_token = _keep_best(race, start, best_score, best_token)
     tl.store(out_ptr + row, best_token)
     tl.store(lse_ptr + row, running_max + tl.log(running_sum))
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -15,7 +14,8 @@ import pytest
 import torch
 
 from nanovllm import LLM
-from test_tensor_parallel import GREEDY, PROMPTS, SPLITTABLE, assert_no_children_left, greedy_tokens
+from test_tensor_parallel import (GREEDY, PROMPTS, SPLITTABLE, assert_no_children_left,
+                                  check_a_worker_that_dies_between_steps, greedy_tokens)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
@@ -79,17 +79,7 @@ def test_torchrun_on_two_gpus_gives_the_greedy_tokens_of_one(tiny_model_factory,
 
 
 def test_a_gpu_worker_that_dies_between_steps_fails_the_requests_with_a_clear_error(tiny_model_factory):
-    llm = LLM(str(tiny_model_factory("qwen3")), tensor_parallel_size=2, **ENGINE_ARGS)
-    try:
-        [worker] = llm.engine.runner.workers.processes
-        assert greedy_tokens(llm)
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(timeout=10)
-        with pytest.raises(RuntimeError, match=r"WorkerDiedError: tensor-parallel worker rank 1 .* code -9"):
-            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
-    assert_no_children_left()
+    check_a_worker_that_dies_between_steps(str(tiny_model_factory("qwen3")), ENGINE_ARGS)
 
 
 KILL_DURING_A_STEP = """
