@@ -110,7 +110,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.sampling_type == SamplingType.GREEDY
+        return self.temperature < _SAMPLING_EPS   # (read for every row of every step: kept to one comparison)
 
 
 def _float(name: str, value: Any) -> float:
