@@ -30,4 +30,8 @@ echo "tests rc=$? t=$((SECONDS - START))s"; tail -4 "$OUT/gpu-tests.txt"
 bench throughput-llama-3.2-1b-async throughput --dummy llama-3.2-1b --async-scheduling on
 grep -A4 "^== throughput-llama-3.2-1b-async" "$OUT/bench.txt" | grep "^|\|Throughput"
 if [ "${OVERHEAD_ON:-0}" = 1 ]; then overhead on; tail -4 "$OUT/host-overhead.txt"; fi
+# PROFILE=1: where the host's time goes at batch 256, both modes (the open question of NOTES-kernels.md v4)
+if [ "${PROFILE:-0}" = 1 ]; then for mode in off on; do
+  timeout 100 python3 -m nanovllm.bench.host_overhead --batch-sizes 256 --profile --async-scheduling $mode 2>&1 \
+    | grep -v Warning >> "$OUT/host-profile.txt"; done; cat "$OUT/host-profile.txt"; fi
 echo "done t=$((SECONDS - START))s"

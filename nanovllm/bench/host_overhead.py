@@ -22,7 +22,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.sampling_params import SamplingParams
 
 
-def measure(engine, batch_size: int, steps: int = 50) -> dict[str, float]:
+def measure(engine, batch_size: int, steps: int = 50, profile: bool = False) -> dict:
     params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
     ids = [f"overhead-{batch_size}-{i}" for i in range(batch_size)]
     engine.add_requests([(rid, [(7 * i + j) % 1000 for j in range(128)], params) for i, rid in enumerate(ids)],
@@ -46,18 +46,28 @@ def measure(engine, batch_size: int, steps: int = 50) -> dict[str, float]:
         graphs.graphs[size].replay()
     torch.cuda.synchronize()
     forward_ms = (time.perf_counter() - start) / steps * 1e3
+    table = None
+    if profile:   # where the host's time goes: Python ops and CUDA runtime calls (syncs, launches, allocations)
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                engine.step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40)
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch_size, "step_ms": step_ms, "graph_forward_ms": forward_ms,
-            "host_ms": step_ms - forward_ms, "host_share": (step_ms - forward_ms) / step_ms}
+            "host_ms": step_ms - forward_ms, "host_share": (step_ms - forward_ms) / step_ms, "profile": table}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dummy", default="llama-3.2-1b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 20 steps per batch size: the host's busiest calls (CUDA runtime included)")
     parser.add_argument("--async-scheduling", choices=("on", "off"), default="off",
                         help="measure with async scheduling on or off (the engine's default); one engine per process")
     args = parser.parse_args(argv)
@@ -69,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     print("| async scheduling | batch | engine step ms | graph forward ms | step - forward ms | share |")
     print("|------------------|------:|---------------:|-----------------:|------------------:|------:|")
     for batch_size in args.batch_sizes:
-        r = measure(engine, batch_size)
+        r = measure(engine, batch_size, profile=args.profile)
         print(f"| {args.async_scheduling} | {r['batch']} | {r['step_ms']:.3f} | {r['graph_forward_ms']:.3f} "
               f"| {r['host_ms']:.3f} | {r['host_share']:.0%} |")
+        if args.profile:
+            print(r["profile"])
 
 
 if __name__ == "__main__":

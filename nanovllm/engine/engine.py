@@ -87,9 +87,8 @@ class LaunchedStep:
     batch: Batch
     samples: DeviceSamples | None       # None: no sequence samples in it
     needs_tokens_first: bool            # a later step must not be scheduled before this one completes
-    t_start: float                      # perf_counter times: schedule began, ended, launch returned
+    t_start: float                      # perf_counter times: schedule began and ended
     t_scheduled: float
-    t_launched: float
 
 
 @dataclass
@@ -287,8 +286,7 @@ class LLMEngine:
             else:
                 self.scheduler.advance(batch)
                 needs_tokens_first = any(seq.reads_own_tokens for seq in batch.sampling_seqs)
-                launched = LaunchedStep(batch, samples, needs_tokens_first, t_start, t_scheduled,
-                                        time.perf_counter())
+                launched = LaunchedStep(batch, samples, needs_tokens_first, t_start, t_scheduled)
         if in_flight is not None:
             outputs += self._complete(in_flight)
         if launched is not None:
