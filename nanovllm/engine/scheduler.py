@@ -24,10 +24,11 @@ when they arrive, fills the placeholders, hashes newly full blocks, applies the
 stop rules and frees the blocks of finished sequences. `postprocess()` is the
 two at once. A sequence whose pending token is sure to end it (its max_tokens or
 max_model_len) is not scheduled again; one that ends by a stop token or string
-ran one step too many, and that step's token is dropped. A request that could never fit (longer than
-`max_model_len`, or needing more blocks than the whole pool) is refused by
-`check_fits` before it is queued, so the oldest running sequence can always
-make progress: no deadlock.
+ran one step too many, and that step's token is dropped.
+
+A request that could never fit (longer than `max_model_len`, or needing more
+blocks than the whole pool) is refused by `check_fits` before it is queued, so
+the oldest running sequence can always make progress: no deadlock.
 """
 from __future__ import annotations
 
