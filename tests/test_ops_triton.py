@@ -173,6 +173,41 @@ def test_padding_rows_of_a_graph_batch_come_out_as_zeros(kernels, num_kv_splits)
 
 
 @in_interpreter
+def test_a_batch_of_more_sequences_than_one_search_block_finds_every_sequence(kernels):
+    """70 sequences: a program finds its own among the query starts in two 64-wide passes."""
+    q_lens = [1 + (7 * i) % 5 for i in range(70)]                       # chunks of 1-5 tokens, decodes among them
+    contexts = [(11 * i) % 9 for i in range(70)]
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(q_lens, contexts, 4, 2, 32, 4, torch.float32,
+                                                                 seed=70)
+    for config in (None, small_tiles(kernels)):
+        out = kernels.attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.2, config=config)
+        torch.testing.assert_close(out, reference_attention(q, k_clean, v_clean, metadata, 0.2),
+                                   **TOLERANCE[torch.float32])
+
+
+@in_interpreter
+def test_kernel_constants_depend_on_the_model_not_on_the_step(kernels, monkeypatch):
+    """Steps of any number of sequences and chunk lengths launch the same two kernels (prefill, decode)
+    per split count: a new batch shape never waits for a compilation while serving."""
+    launched = []
+    kernel = kernels.attention_triton._paged_attention_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **constants):
+                launched.append(tuple(sorted((k, v) for k, v in constants.items() if k.isupper())))
+                return kernel[grid](*args, **constants)
+            return launch
+
+    monkeypatch.setattr(kernels.attention_triton, "_paged_attention_kernel", Recorder())
+    for num_seqs, q_len in [(1, 3), (2, 17), (5, 2), (9, 40), (33, 1), (3, 1)]:
+        q, k_cache, v_cache, *_, metadata = make_batch([q_len] * num_seqs, [5] * num_seqs, 8, 2, 32, 4,
+                                                       torch.float32, seed=num_seqs)
+        kernels.attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.2, num_kv_splits=1)
+    assert len(set(launched)) == 2
+
+
+@in_interpreter
 @pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
 def test_split_kv_matches_reference_on_mixed_batches(kernels, group, num_kv_heads, head_dim):
     q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(

@@ -16,7 +16,10 @@ loads each K/V tile once and uses it for BLOCK_Q * GROUP query rows:
 Sequence b owns tiles query_start_loc[b] // BLOCK_Q + b and up, so the grid is
 T // BLOCK_Q + B tiles, known from shapes alone; a program finds its sequence by
 counting tile starts, and tiles past the end of a chunk do nothing. A decode
-(BLOCK_Q = 1) has exactly one tile per sequence.
+(BLOCK_Q = 1) has exactly one tile per sequence. BLOCK_Q is fixed per model
+(prefill) or 1 (decode), never taken from the step's chunk lengths, and the
+number of sequences is a plain argument: a step of a shape not seen before runs
+the kernels already compiled instead of stopping to compile new ones.
 
 Split-KV: with few sequences and long contexts, B * Hkv programs cannot fill the
 GPU. Each (tile, kv_head) then runs NUM_SPLITS programs over equal slices of its
@@ -44,9 +47,10 @@ import triton.language as tl
 from nanovllm.ops.attention import AttentionMetadata
 
 LOG2_E = 1.4426950408889634
+SEQUENCE_SEARCH_BLOCK = 64   # query_start_loc entries a program compares at once to find its sequence
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])   # one compiled kernel for any number of sequences
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -65,14 +69,17 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Which sequence owns this tile: the last one whose first tile is <= ours.
-    offs_b = tl.arange(0, BLOCK_B)
-    starts = tl.load(query_start_loc_ptr + offs_b, mask=offs_b < num_seqs, other=1 << 30)
-    if BLOCK_Q == 1:
-        first_tiles = starts
-    else:
-        first_tiles = starts // BLOCK_Q + offs_b
-    seq = tl.sum((first_tiles <= tile).to(tl.int32), axis=0) - 1
+    # Which sequence owns this tile: the last one whose first tile is <= ours (BLOCK_B starts at a time).
+    num_starts_before = tl.full((), 0, tl.int32)
+    for b0 in range(0, num_seqs, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        starts = tl.load(query_start_loc_ptr + offs_b, mask=offs_b < num_seqs, other=1 << 30)
+        if BLOCK_Q == 1:
+            first_tiles = starts
+        else:
+            first_tiles = starts // BLOCK_Q + offs_b
+        num_starts_before += tl.sum((first_tiles <= tile).to(tl.int32), axis=0)
+    seq = num_starts_before - 1
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if BLOCK_Q == 1:
@@ -238,10 +245,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     decode = metadata.max_query_len == 1
     if config is None:
         config = decode_config(group) if decode else prefill_config(group)
-    if decode:
-        block_q = 1
-    else:
-        block_q = max(1, min(config.block_m // group, metadata.max_query_len))
+    # Every compile-time constant below comes from the model's shapes and the config, never from the
+    # step's (number of sequences, chunk lengths): a step of a new shape must not stop to compile a kernel.
+    block_q = 1 if decode else max(1, config.block_m // group)
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
     if num_kv_splits is None:
@@ -273,7 +279,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        BLOCK_B=triton.next_power_of_2(num_seqs + 1), NUM_SPLITS=num_kv_splits,
+        BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages,
         num_warps=config.num_warps)
     if num_kv_splits > 1:
