@@ -21,9 +21,10 @@ step before it is completed first.
 
 Measured on an H200 (benchmarks/NOTES-kernels.md): it shortens a decode step
 at batch 1 (1.53 -> 1.37 ms, `latency` 51% of its roofline), but the
-`throughput` workload runs slower with it (19,910 against 26,932 tok/s) and
-its step times vary from run to run where sync's do not. Until that is
-understood it stays opt-in.
+`throughput` workload ran slower with it (19,910 against 26,932 tok/s; the
+async runs came first and may have paid for kernel compilation that the sync
+runs found cached) and its step times varied from run to run where sync's did
+not. Until both are measured again it stays opt-in.
 
 Everything a caller can get wrong is checked in `add_request`, before anything
 is queued. A step that fails (a device error, say) ends the requests it was
