@@ -53,7 +53,7 @@ def rope_cos_sin_cache(head_dim: int, max_position: int, theta: float,
 
 
 def _rotate_half_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    """[max_position, D] (cos | sin) -> [max_position, 2, D]: (cos | cos) and (-sin | sin) per position,
+    """[max_position, D] (cos | sin) -> [max_position, 2, 1, D]: (cos | cos) and (-sin | sin) per position,
     so that rotating x is x * cos_cos + roll_half(x) * minus_sin_sin (roll_half(x) = x2 | x1).
     Built on first use and kept for the last cache seen (a model's layers all share one, which
     nothing writes to after it is built)."""
@@ -61,7 +61,7 @@ def _rotate_half_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:
     cached_for, table = _last_table
     if cached_for is not cos_sin_cache:
         cos, sin = cos_sin_cache.float().chunk(2, dim=-1)                            # [P, D/2] each
-        table = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)   # [P, 2, D]
+        table = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)[:, :, None]
         _last_table = (cos_sin_cache, table)
     return table
 
@@ -70,31 +70,29 @@ _last_table: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)   # 
 
 
 def _rotate_(x: torch.Tensor, angles: torch.Tensor) -> None:
-    """Rotate x [T, H, D] float32 in place; angles [T, 2, D] from _rotate_half_table.
+    """Rotate x [T, H, D] float32 in place; angles [T, 2, 1, D] from _rotate_half_table.
     x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin: the same products and sums, bit for bit."""
-    cos_cos, minus_sin_sin = angles.unsqueeze(2).unbind(1)                      # [T, 1, D] each
+    cos_cos, minus_sin_sin = angles.unbind(1)                                   # [T, 1, D] each
     rolled = x.roll(x.shape[-1] // 2, dims=-1).mul_(minus_sin_sin)              # [-x2 sin | x1 sin]
     x.mul_(cos_cos).add_(rolled)
 
 
 def _joint_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """q [T, Hq, D] and k [T, Hkv, D] as one view [T, Hq + Hkv, D] when k's heads follow q's in one buffer
-    (the fused qkv projection's output), so that one pass rotates both; else None."""
+    """q [T, Hq, D] and k [T, Hkv, D] as one view [T, Hq + Hkv, D] when k's heads follow q's in memory
+    row by row (the fused qkv projection's output), so that one pass rotates both; else None."""
     num_tokens, num_heads, head_dim = q.shape
-    joint_heads = num_heads + k.shape[1]
     row_stride = q.stride(0)                     # a single row's stride is arbitrary: only check rows > 1
     if (q.stride()[1:] != (head_dim, 1) or k.stride()[1:] != (head_dim, 1)
-            or (num_tokens > 1 and (k.stride(0) != row_stride or row_stride < joint_heads * head_dim))
-            or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
-            or k.storage_offset() != q.storage_offset() + num_heads * head_dim):
+            or k.data_ptr() != q.data_ptr() + num_heads * head_dim * q.element_size()
+            or (num_tokens > 1 and (k.stride(0) != row_stride or row_stride < (num_heads + k.shape[1]) * head_dim))):
         return None
-    return q.as_strided((num_tokens, joint_heads, head_dim), (row_stride, head_dim, 1))
+    return q.as_strided((num_tokens, num_heads + k.shape[1], head_dim), (row_stride, head_dim, 1))
 
 
 def apply_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by positions [T]; returns (q, k)."""
-    angles = _rotate_half_table(cos_sin_cache).index_select(0, positions)      # [T, 2, D]
+    angles = _rotate_half_table(cos_sin_cache).index_select(0, positions)      # [T, 2, 1, D]
     if q.dtype == torch.float32 and k.dtype == torch.float32:
         joint = _joint_qk(q, k)
         for x in (q, k) if joint is None else (joint,):
