@@ -130,6 +130,18 @@ def test_decode_context_is_derived_once_per_step_and_again_for_a_new_step():
     assert longer.decode_context is not context
 
 
+def test_one_sequence_with_consecutive_blocks_is_read_in_place():
+    q, k_cache, v_cache, metadata = _decode_batch([45], 6, 2, 32, 8, seed=3)
+    metadata.block_tables[0, :6] = torch.arange(2, 8, dtype=torch.int32)    # blocks 2..7, in order
+    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.3)
+    assert metadata.decode_context.first_block == 2
+    torch.testing.assert_close(got, plain_decode_attention(q, k_cache, v_cache, metadata, 0.3), rtol=1e-5, atol=1e-5)
+    scattered = AttentionMetadata(metadata.query_start_loc, metadata.seq_lens, metadata.slot_mapping,
+                                  metadata.block_tables[:, [0, 2, 1, 3, 4, 5, 6]], 1, metadata.max_seq_len)
+    paged_attention_torch(q, k_cache, v_cache, scattered, 0.3)
+    assert scattered.decode_context.first_block is None
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_packed_linear_above_max_packed_rows_is_the_bfloat16_matmul_bit_for_bit(fmt):
     torch.manual_seed(0)

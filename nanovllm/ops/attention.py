@@ -50,6 +50,8 @@ class DecodeContext:
     block_ids: torch.Tensor         # [B * num_blocks] int64: each sequence's context blocks in order (padding: 0)
     mask: torch.Tensor | None       # [B, 1, 1, max_seq_len] bool, True where a key is inside the sequence;
                                     # None when every sequence is max_seq_len long (known on the CPU only)
+    first_block: int | None         # one sequence whose blocks are consecutive ids (the usual case when it
+                                    # runs alone): its first block, the context is then read in place
     derived_from: tuple             # (block_tables, seq_lens, max_seq_len, block_size)
 
     @classmethod
@@ -66,11 +68,13 @@ class DecodeContext:
         block_ids = metadata.block_tables[:, :num_blocks].clamp(min=0).flatten().long()
         seq_lens = metadata.seq_lens
         on_cpu = seq_lens.device.type == "cpu"
-        mask = None
+        mask, first_block = None, None
         if not on_cpu or int(seq_lens.min()) < metadata.max_seq_len:
             keys = torch.arange(metadata.max_seq_len, device=seq_lens.device)
             mask = (keys[None, :] < seq_lens[:, None])[:, None, None, :]
-        context = cls(block_ids, mask, inputs)
+        if on_cpu and len(seq_lens) == 1 and bool((block_ids.diff() == 1).all()):
+            first_block = int(block_ids[0])
+        context = cls(block_ids, mask, first_block, inputs)
         if on_cpu:
             metadata.decode_context = context
         return context
@@ -132,8 +136,13 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _, block_size, num_kv_heads, _ = k_cache.shape
     context = DecodeContext.of(metadata, block_size)
     shape = (batch, num_blocks * block_size, num_kv_heads, head_dim)
-    k = k_cache.index_select(0, context.block_ids).view(shape)[:, :metadata.max_seq_len]    # [B, L, Hkv, D]
-    v = v_cache.index_select(0, context.block_ids).view(shape)[:, :metadata.max_seq_len]
+    if context.first_block is not None:   # one sequence, consecutive blocks: a slice of the cache, no copy
+        blocks = slice(context.first_block, context.first_block + num_blocks)
+        k, v = k_cache[blocks].view(shape), v_cache[blocks].view(shape)
+    else:
+        k = k_cache.index_select(0, context.block_ids).view(shape)
+        v = v_cache.index_select(0, context.block_ids).view(shape)
+    k, v = k[:, :metadata.max_seq_len], v[:, :metadata.max_seq_len]                     # [B, L, Hkv, D]
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     qb = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)                # [B, Hkv, g, D]
