@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch
-from nanovllm.ops.quant import PackedLinear
+from nanovllm.ops.quant import PackedLinear, top_k_indices
 from nanovllm.ops.rmsnorm import rms_norm_torch
 from nanovllm.ops.rotary import apply_rotary_torch, rope_cos_sin_cache
 
@@ -151,3 +151,12 @@ def test_packed_linear_above_max_packed_rows_is_the_bfloat16_matmul_bit_for_bit(
         x = torch.randn(rows, 64)
         want = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16), bias).float()
         assert torch.equal(layer(x), want)
+
+
+@pytest.mark.parametrize("rows, vocab_size, k", [(1, 49152, 32), (16, 49152, 32), (3, 4096, 5), (2, 1000, 32)])
+def test_top_k_indices_are_the_top_k_set(rows, vocab_size, k):
+    torch.manual_seed(rows)
+    scores = torch.randn(rows, vocab_size) * 4
+    scores[0, :64] += 20             # a chunk holding many of row 0's best
+    got = top_k_indices(scores, k).sort(dim=-1).values
+    assert torch.equal(got, scores.topk(k, dim=-1).indices.sort(dim=-1).values)
