@@ -55,7 +55,8 @@ def test_rotary_is_the_rotate_half_formula_bit_for_bit(dtype, num_tokens, num_he
         q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
         v_before = v.clone()
     else:
-        q, k = torch.randn(num_tokens, num_heads, head_dim).to(dtype), torch.randn(num_tokens, num_kv_heads, head_dim).to(dtype)
+        q = torch.randn(num_tokens, num_heads, head_dim).to(dtype)
+        k = torch.randn(num_tokens, num_kv_heads, head_dim).to(dtype)
     want_q, want_k = plain_rotary(q, positions, cache), plain_rotary(k, positions, cache)
     got_q, got_k = apply_rotary_torch(q, k, positions, cache)
     assert got_q is q and got_k is k                       # in place

@@ -52,7 +52,7 @@ class DecodeContext:
                                     # None when every sequence is max_seq_len long (known on the CPU only)
     first_block: int | None         # one sequence whose blocks are consecutive ids (the usual case when it
                                     # runs alone): its first block, the context is then read in place
-    derived_from: tuple             # (block_tables, seq_lens, max_seq_len, block_size)
+    derived_from: tuple             # (block_tables, seq_lens, max_seq_len, block_size) it was derived from
 
     @classmethod
     def of(cls, metadata: AttentionMetadata, block_size: int) -> "DecodeContext":
@@ -61,8 +61,7 @@ class DecodeContext:
         reading a value back to the host, so that a CUDA graph can capture it."""
         inputs = (metadata.block_tables, metadata.seq_lens, metadata.max_seq_len, block_size)
         context = metadata.decode_context
-        if context is not None and all(a is b or a == b for a, b in zip(context.derived_from[2:], inputs[2:])) \
-                and all(a is b for a, b in zip(context.derived_from[:2], inputs[:2])):
+        if context is not None and _same_objects_and_values(context.derived_from, inputs):
             return context
         num_blocks = -(-metadata.max_seq_len // block_size)
         block_ids = metadata.block_tables[:, :num_blocks].clamp(min=0).flatten().long()
@@ -78,6 +77,11 @@ class DecodeContext:
         if on_cpu:
             metadata.decode_context = context
         return context
+
+
+def _same_objects_and_values(derived_from: tuple, inputs: tuple) -> bool:
+    """Tensors compared by identity (the same per-step tensors), numbers by value."""
+    return all(a is b or (isinstance(a, int) and a == b) for a, b in zip(derived_from, inputs))
 
 
 def store_kvcache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -3,11 +3,13 @@
 Each pair (x[i], x[i + D/2]) of a query or key head is rotated by the angle
 position * inv_freq[i]. We precompute cos and sin for every position once
 (`rope_cos_sin_cache`) and index them by the tokens' positions at run time.
-On the CPU each op call costs microseconds whatever its size, so the reference
-rotates in four in-place ops, and q and k together when they sit side by side
-in the fused qkv output. Long-context models stretch the low frequencies: `linear` divides every
+Long-context models stretch the low frequencies: `linear` divides every
 frequency by a factor, `llama3` divides only the long wavelengths and blends
 the middle band smoothly (Llama 3.1 / 3.2).
+
+On the CPU each op call costs microseconds whatever its size, so the reference
+rotates in four in-place ops, and q and k together when they sit side by side
+in the fused qkv output.
 """
 from __future__ import annotations
 
