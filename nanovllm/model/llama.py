@@ -71,11 +71,9 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.qkv_proj(x)                                                  # [T, (Hq + 2 Hkv) D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(T, self.num_heads, self.head_dim)                         # [T, Hq, D]
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)                      # [T, Hkv, D]
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)                      # [T, Hkv, D]
+        qkv = self.qkv_proj(x).view(T, -1, self.head_dim)                       # [T, Hq + 2 Hkv, D]
+        # q [T, Hq, D], k and v [T, Hkv, D]: views of qkv's rows
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.qk_norm:   # Qwen3: RMSNorm each head of q and k, then RoPE (one kernel on CUDA)
             q, k = qk_norm_rotary(q, k, positions, self.cos_sin_cache,
                                   self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)

@@ -14,7 +14,7 @@ from nanovllm.ops import use_triton
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2 * I] -> [T, I]."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,16 @@ whole context *including* the new tokens. The new tokens' K and V are first
 written into their slots (`store_kvcache`), then every query reads its
 sequence's context through the block table (`paged_attention`), causally: the
 query at absolute position p sees keys 0..p.
+
+On the CPU a step of decodes (one new token per sequence) gathers each
+sequence's context blocks with one `index_select` per cache and runs one
+`scaled_dot_product_attention` for the whole batch. The gather indices and the
+padding mask depend only on the block tables, so the first layer derives them
+(`DecodeContext`) and the other layers of the step reuse them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +40,64 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # [B, max_blocks] int32: block ids, padded with -1
     max_query_len: int              # the longest chunk of new tokens in the batch
     max_seq_len: int                # the longest context in the batch
+    # Derived from the block tables by the first layer whose attention needs it (CPU decodes).
+    decode_context: DecodeContext | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(slots=True)
+class DecodeContext:
+    """What a decode step's attention reads, the same in every layer."""
+    block_ids: torch.Tensor         # [B * num_blocks] int64: each sequence's context blocks in order (padding: 0)
+    mask: torch.Tensor | None       # [B, 1, 1, max_seq_len] bool, True where a key is inside the sequence;
+                                    # None when every sequence is max_seq_len long (known on the CPU only)
+    first_block: int | None         # one sequence whose blocks are consecutive ids (the usual case when it
+                                    # runs alone): its first block, the context is then read in place
+    derived_from: tuple             # (block_tables, seq_lens, max_seq_len, block_size) it was derived from
+
+    @classmethod
+    def of(cls, metadata: AttentionMetadata, block_size: int) -> "DecodeContext":
+        """metadata's decode context. On the CPU the step's first layer derives it and the others reuse
+        it (a metadata's tensors are not edited once a step has begun); elsewhere it is derived without
+        reading a value back to the host, so that a CUDA graph can capture it."""
+        inputs = (metadata.block_tables, metadata.seq_lens, metadata.max_seq_len, block_size)
+        context = metadata.decode_context
+        if context is not None and _same_objects_and_values(context.derived_from, inputs):
+            return context
+        num_blocks = -(-metadata.max_seq_len // block_size)
+        block_ids = metadata.block_tables[:, :num_blocks].clamp(min=0).flatten().long()
+        seq_lens = metadata.seq_lens
+        on_cpu = seq_lens.device.type == "cpu"
+        mask, first_block = None, None
+        if not on_cpu or int(seq_lens.min()) < metadata.max_seq_len:
+            keys = torch.arange(metadata.max_seq_len, device=seq_lens.device)
+            mask = (keys[None, :] < seq_lens[:, None])[:, None, None, :]
+        if on_cpu and len(seq_lens) == 1 and bool((block_ids.diff() == 1).all()):
+            first_block = int(block_ids[0])
+        context = cls(block_ids, mask, first_block, inputs)
+        if on_cpu:
+            metadata.decode_context = context
+        return context
+
+
+def _same_objects_and_values(derived_from: tuple, inputs: tuple) -> bool:
+    """Tensors compared by identity (the same per-step tensors), numbers by value."""
+    return all(a is b or (isinstance(a, int) and a == b) for a, b in zip(derived_from, inputs))
 
 
 def store_kvcache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write k, v [T, Hkv, D] into the caches at slot_mapping [T]; slots < 0 are skipped."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """cache [N, bs, Hkv, D], block_table [..., max_blocks] -> [..., num_blocks * bs, Hkv, D]."""
-    blocks = cache[block_table[..., :num_blocks].clamp(min=0).long()]   # [..., nb, bs, Hkv, D]
-    return blocks.flatten(-4, -3)
+    """cache [N, bs, Hkv, D], block_table [max_blocks] -> [num_blocks * bs, Hkv, D]."""
+    return cache.index_select(0, block_table[:num_blocks].clamp(min=0)).flatten(0, 1)
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,13 +137,21 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       metadata: AttentionMetadata, scale: float, num_blocks: int) -> torch.Tensor:
     """All sequences have one new token: attend for the whole batch at once."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    k = _gather_context(k_cache, metadata.block_tables, num_blocks).transpose(1, 2)   # [B, Hkv, L, D]
-    v = _gather_context(v_cache, metadata.block_tables, num_blocks).transpose(1, 2)
-    context = torch.arange(k.shape[2], device=q.device)
-    mask = (context[None, :] < metadata.seq_lens[:, None].to(q.device))[:, None, None, :]   # [B, 1, 1, L]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    context = DecodeContext.of(metadata, block_size)
+    shape = (batch, num_blocks * block_size, num_kv_heads, head_dim)
+    if context.first_block is not None:   # one sequence, consecutive blocks: a slice of the cache, no copy
+        blocks = slice(context.first_block, context.first_block + num_blocks)
+        k, v = k_cache[blocks].view(shape), v_cache[blocks].view(shape)
+    else:
+        k = k_cache.index_select(0, context.block_ids).view(shape)
+        v = v_cache.index_select(0, context.block_ids).view(shape)
+    k, v = k[:, :metadata.max_seq_len], v[:, :metadata.max_seq_len]                     # [B, L, Hkv, D]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     qb = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)                # [B, Hkv, g, D]
-    o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=context.mask,
+                                       scale=scale)                                      # [B, Hkv, g, D]
     return o.reshape(batch, num_heads, head_dim)
 
 

@@ -23,9 +23,14 @@ The packed kernels walk the weights once per input row, so they win only for
 a few rows (decode); for prefill chunks and large batches the matmul is
 compute-bound and a bfloat16 GEMM (AMX on this CPU) is several times faster.
 `PackedLinear` therefore keeps both: the packed weight for steps of up to
-`max_packed_rows` rows and a bfloat16 copy for larger ones.
+`max_packed_rows` rows and a bfloat16 copy for larger ones. On the first large
+step the bfloat16 copy is also reordered into oneDNN's blocked layout (when
+torch has oneDNN with bfloat16), which multiplies 1.2-2x faster than
+`F.linear` on the plain copy here, with the same result.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,7 @@ from torch import nn
 INT4_GROUP_SIZE = 32          # GGUF's block size for Q4_0/Q4_1/Q8_0
 INT8_K_MULTIPLE = 16          # torch 2.13's int8 kernel crashes on other input sizes
 PACKED_MAX_ROWS = 8           # measured crossover, see docs/cpu-fast-path.md
+ONEDNN_ROWS_HINT = 16         # the row count oneDNN's weight layout is tuned for (any count works)
 
 
 # ---- int8, one scale per output channel -----------------------------------------------------
@@ -123,6 +129,7 @@ class PackedLinear(nn.Module):
         self.max_packed_rows = max_packed_rows
         self.out_features, self.in_features = dense.shape
         self._matmul = int8_linear if self.fmt == "int8" else int4_linear
+        self._onednn_dense: torch.Tensor | None = None   # `dense` in oneDNN's layout, made on first use
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
@@ -147,6 +154,10 @@ class PackedLinear(nn.Module):
         if x.shape[0] <= self.max_packed_rows:
             out = self._matmul(xb, self.packed, self.scales)
             out = out if self.bias is None else out + self.bias
+        elif _onednn_bfloat16(self.dense):
+            if self._onednn_dense is None:
+                self._onednn_dense = torch.ops.mkldnn._reorder_linear_weight(self.dense, ONEDNN_ROWS_HINT)
+            out = torch.ops.mkldnn._linear_pointwise(xb, self._onednn_dense, self.bias, "none", [], "")
         else:
             out = F.linear(xb, self.dense, self.bias)
         return out.to(x.dtype)
@@ -154,6 +165,34 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"max_packed_rows={self.max_packed_rows}")
+
+
+def _onednn_bfloat16(weight: torch.Tensor) -> bool:
+    """Whether torch's oneDNN can multiply by this bfloat16 CPU weight in its own layout."""
+    return weight.device.type == "cpu" and _onednn_bfloat16_supported()
+
+
+@functools.cache
+def _onednn_bfloat16_supported() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def top_k_indices(scores: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
+    """scores [N, V] -> the indices [N, k] of each row's k largest (in no particular order): the same
+    set as `scores.topk(k).indices` (up to ties), 3x faster on a CPU for a vocabulary-sized row.
+
+    The k largest lie in the k chunks (of `chunk` scores) with the largest maxima: were one in another
+    chunk, k chunks' maxima would all be at least as large, k + 1 scores in all. So: one max per
+    chunk, top-k of the chunks, top-k of their k * chunk scores.
+    """
+    num_rows, size = scores.shape
+    if size % chunk or size < 2 * k * chunk:
+        return scores.topk(k, dim=-1).indices
+    chunks = scores.view(num_rows, size // chunk, chunk)                        # [N, V / c, c]
+    best_chunks = chunks.amax(dim=-1).topk(k, dim=-1).indices                  # [N, k]
+    candidates = chunks.gather(1, best_chunks[..., None].expand(num_rows, k, chunk))   # [N, k, c]
+    best = candidates.view(num_rows, k * chunk).topk(k, dim=-1).indices        # [N, k] into candidates
+    return best_chunks.gather(1, best // chunk) * chunk + best % chunk
 
 
 class RefinedLMHead(nn.Module):
@@ -175,6 +214,6 @@ class RefinedLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] float32 -> logits [N, V] float32."""
         logits = self.coarse(hidden).float()                                    # [N, V]
-        candidates = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices   # [N, k]
+        candidates = top_k_indices(logits, min(self.top_k, logits.shape[-1]))  # [N, k]
         exact = torch.einsum("nh,nkh->nk", hidden.float(), self.weight[candidates].float())   # [N, k]
         return logits.scatter_(1, candidates, exact)

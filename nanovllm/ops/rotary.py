@@ -6,6 +6,10 @@ position * inv_freq[i]. We precompute cos and sin for every position once
 Long-context models stretch the low frequencies: `linear` divides every
 frequency by a factor, `llama3` divides only the long wavelengths and blends
 the middle band smoothly (Llama 3.1 / 3.2).
+
+On the CPU each op call costs microseconds whatever its size, so the reference
+rotates in four in-place ops, and q and k together when they sit side by side
+in the fused qkv output.
 """
 from __future__ import annotations
 
@@ -50,18 +54,56 @@ def rope_cos_sin_cache(head_dim: int, max_position: int, theta: float,
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, 1, D/2]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+def _rotate_half_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """[max_position, D] (cos | sin) -> [max_position, 2, 1, D]: (cos | cos) and (-sin | sin) per position,
+    so that rotating x is x * cos_cos + roll_half(x) * minus_sin_sin (roll_half(x) = x2 | x1).
+    Built on first use and kept for the last cache seen (a model's layers all share one, which
+    nothing writes to after it is built)."""
+    global _last_table
+    cached_for, table = _last_table
+    if cached_for is not cos_sin_cache:
+        cos, sin = cos_sin_cache.float().chunk(2, dim=-1)                            # [P, D/2] each
+        table = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)[:, :, None]
+        _last_table = (cos_sin_cache, table)
+    return table
+
+
+_last_table: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)   # (cos_sin_cache, its table)
+
+
+def _rotate_(x: torch.Tensor, angles: torch.Tensor) -> None:
+    """Rotate x [T, H, D] float32 in place; angles [T, 2, 1, D] from _rotate_half_table.
+    x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin: the same products and sums, bit for bit."""
+    cos_cos, minus_sin_sin = angles.unbind(1)                                   # [T, 1, D] each
+    rolled = x.roll(x.shape[-1] // 2, dims=-1).mul_(minus_sin_sin)              # [-x2 sin | x1 sin]
+    x.mul_(cos_cos).add_(rolled)
+
+
+def _joint_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, Hq, D] and k [T, Hkv, D] as one view [T, Hq + Hkv, D] when k's heads follow q's in memory
+    row by row (the fused qkv projection's output), so that one pass rotates both; else None."""
+    num_tokens, num_heads, head_dim = q.shape
+    row_stride = q.stride(0)                     # a single row's stride is arbitrary: only check rows > 1
+    if (q.stride()[1:] != (head_dim, 1) or k.stride()[1:] != (head_dim, 1)
+            or k.data_ptr() != q.data_ptr() + num_heads * head_dim * q.element_size()
+            or (num_tokens > 1 and (k.stride(0) != row_stride or row_stride < (num_heads + k.shape[1]) * head_dim))):
+        return None
+    return q.as_strided((num_tokens, num_heads + k.shape[1], head_dim), (row_stride, head_dim, 1))
 
 
 def apply_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by positions [T]; returns (q, k)."""
-    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)   # [T, 1, D/2] each
-    q.copy_(_rotate(q, cos, sin))
-    k.copy_(_rotate(k, cos, sin))
+    angles = _rotate_half_table(cos_sin_cache).index_select(0, positions)      # [T, 2, 1, D]
+    if q.dtype == torch.float32 and k.dtype == torch.float32:
+        joint = _joint_qk(q, k)
+        for x in (q, k) if joint is None else (joint,):
+            _rotate_(x, angles)
+        return q, k
+    for x in (q, k):   # other dtypes: rotate in float32, round once
+        xf = x.float()
+        _rotate_(xf, angles)
+        x.copy_(xf)
     return q, k
 
 

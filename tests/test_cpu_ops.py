@@ -1,0 +1,163 @@
+"""The CPU fast paths of the torch ops equal the plain formulas they replace.
+
+The ops in nanovllm/ops/*.py are both the CPU backend and the references the Triton kernels are
+tested against, so a faster way of computing one must give the same numbers: here each is checked
+against the formula written out plainly (bit for bit where the arithmetic is the same).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.ops.activation import silu_and_mul_torch
+from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch
+from nanovllm.ops.quant import PackedLinear, top_k_indices
+from nanovllm.ops.rmsnorm import rms_norm_torch
+from nanovllm.ops.rotary import apply_rotary_torch, rope_cos_sin_cache
+
+
+def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def plain_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (3, 37), (17, 128)])
+def test_rms_norm_of_float32_is_the_formula_bit_for_bit(rows, hidden):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, hidden) * 3, torch.randn(hidden)
+    assert torch.equal(rms_norm_torch(x, weight, 1e-6), plain_rms_norm(x, weight, 1e-6))
+
+
+def test_rms_norm_of_bfloat16_keeps_the_formula():
+    x, weight = torch.randn(5, 64).to(torch.bfloat16), torch.randn(64).to(torch.bfloat16)
+    assert torch.equal(rms_norm_torch(x, weight, 1e-5), plain_rms_norm(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens, num_heads, num_kv_heads, head_dim", [(1, 9, 3, 64), (6, 4, 2, 32), (3, 2, 2, 16)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_rotary_is_the_rotate_half_formula_bit_for_bit(dtype, num_tokens, num_heads, num_kv_heads, head_dim, fused):
+    """q and k as views of one fused qkv row (rotated in one pass) or as separate tensors."""
+    torch.manual_seed(num_tokens)
+    cache = rope_cos_sin_cache(head_dim, 2048, 10000.0, None)
+    positions = torch.randint(0, 2048, (num_tokens,))
+    if fused:
+        qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
+        v_before = v.clone()
+    else:
+        q = torch.randn(num_tokens, num_heads, head_dim).to(dtype)
+        k = torch.randn(num_tokens, num_kv_heads, head_dim).to(dtype)
+    want_q, want_k = plain_rotary(q, positions, cache), plain_rotary(k, positions, cache)
+    got_q, got_k = apply_rotary_torch(q, k, positions, cache)
+    assert got_q is q and got_k is k                       # in place
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    if fused:
+        assert torch.equal(v, v_before)                    # v, beside k in the same rows, is left alone
+
+
+def test_silu_and_mul_is_the_formula_bit_for_bit():
+    x = torch.randn(5, 2 * 48)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(silu_and_mul_torch(x), F.silu(gate) * up)
+
+
+def _decode_batch(context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                  seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen)
+    max_blocks = max(-(-n // block_size) for n in context_lens) + 1
+    block_tables = torch.full((len(context_lens), max_blocks), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(context_lens):
+        needed = -(-n // block_size)
+        block_tables[b, :needed] = order[used:used + needed].to(torch.int32)
+        used += needed
+    batch = len(context_lens)
+    metadata = AttentionMetadata(query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+                                 seq_lens=torch.tensor(context_lens, dtype=torch.int32),
+                                 slot_mapping=torch.zeros(batch, dtype=torch.int64), block_tables=block_tables,
+                                 max_query_len=1, max_seq_len=max(context_lens))
+    q = torch.randn(batch, num_heads, head_dim, generator=gen)
+    return q, k_cache, v_cache, metadata
+
+
+def plain_decode_attention(q, k_cache, v_cache, metadata, scale):
+    """Each sequence's keys read slot by slot through its block table, softmax written out."""
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    out = torch.empty_like(q)
+    for b, seq_len in enumerate(metadata.seq_lens.tolist()):
+        slots = [int(metadata.block_tables[b, i // block_size]) * block_size + i % block_size for i in range(seq_len)]
+        k = k_cache.flatten(0, 1)[slots].repeat_interleave(group, dim=1)     # [L, Hq, D]
+        v = v_cache.flatten(0, 1)[slots].repeat_interleave(group, dim=1)
+        weights = torch.softmax(torch.einsum("hd,lhd->hl", q[b], k) * scale, dim=-1)
+        out[b] = torch.einsum("hl,lhd->hd", weights, v)
+    return out
+
+
+@pytest.mark.parametrize("context_lens, num_heads, num_kv_heads, head_dim, block_size",
+                         [([192], 9, 3, 64, 16), ([5, 40, 17, 33], 4, 2, 32, 4), ([16, 16, 16], 8, 8, 16, 16)])
+def test_decode_attention_matches_the_plain_formula(context_lens, num_heads, num_kv_heads, head_dim, block_size):
+    q, k_cache, v_cache, metadata = _decode_batch(context_lens, num_heads, num_kv_heads, head_dim, block_size, seed=1)
+    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.125)
+    torch.testing.assert_close(got, plain_decode_attention(q, k_cache, v_cache, metadata, 0.125),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_context_is_derived_once_per_step_and_again_for_a_new_step():
+    q, k_cache, v_cache, metadata = _decode_batch([9, 30, 21], 4, 2, 32, 8, seed=2)
+    first = paged_attention_torch(q, k_cache, v_cache, metadata, 0.2)
+    context = metadata.decode_context
+    assert context is not None and context.mask is not None          # lengths differ: a padding mask
+    assert torch.equal(paged_attention_torch(q, k_cache, v_cache, metadata, 0.2), first)
+    assert metadata.decode_context is context                        # the next layer reuses it
+    longer = AttentionMetadata(metadata.query_start_loc, metadata.seq_lens + 1, metadata.slot_mapping,
+                               metadata.block_tables, 1, metadata.max_seq_len + 1)
+    torch.testing.assert_close(paged_attention_torch(q, k_cache, v_cache, longer, 0.2),
+                               plain_decode_attention(q, k_cache, v_cache, longer, 0.2), rtol=1e-5, atol=1e-5)
+    assert longer.decode_context is not context
+
+
+def test_one_sequence_with_consecutive_blocks_is_read_in_place():
+    q, k_cache, v_cache, metadata = _decode_batch([45], 6, 2, 32, 8, seed=3)
+    metadata.block_tables[0, :6] = torch.arange(2, 8, dtype=torch.int32)    # blocks 2..7, in order
+    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.3)
+    assert metadata.decode_context.first_block == 2
+    torch.testing.assert_close(got, plain_decode_attention(q, k_cache, v_cache, metadata, 0.3), rtol=1e-5, atol=1e-5)
+    scattered = AttentionMetadata(metadata.query_start_loc, metadata.seq_lens, metadata.slot_mapping,
+                                  metadata.block_tables[:, [0, 2, 1, 3, 4, 5, 6]], 1, metadata.max_seq_len)
+    paged_attention_torch(q, k_cache, v_cache, scattered, 0.3)
+    assert scattered.decode_context.first_block is None
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_packed_linear_above_max_packed_rows_is_the_bfloat16_matmul_bit_for_bit(fmt):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 64), torch.randn(48).to(torch.bfloat16)
+    layer = PackedLinear.from_weight(weight, fmt, bias=bias, max_packed_rows=2)
+    for rows in (3, 16, 40):
+        x = torch.randn(rows, 64)
+        want = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16), bias).float()
+        assert torch.equal(layer(x), want)
+
+
+@pytest.mark.parametrize("rows, vocab_size, k", [(1, 49152, 32), (16, 49152, 32), (3, 4096, 5), (2, 1000, 32)])
+def test_top_k_indices_are_the_top_k_set(rows, vocab_size, k):
+    torch.manual_seed(rows)
+    scores = torch.randn(rows, vocab_size) * 4
+    scores[0, :64] += 20             # a chunk holding many of row 0's best
+    got = top_k_indices(scores, k).sort(dim=-1).values
+    assert torch.equal(got, scores.topk(k, dim=-1).indices.sort(dim=-1).values)
