@@ -303,3 +303,17 @@ def test_cuda_draws_the_same_tokens_as_the_cpu():
     assert cuda.token_ids == cpu.token_ids
     assert cuda.logprobs == pytest.approx(cpu.logprobs, abs=1e-4)
     assert math.isclose(sum(cuda.logprobs), sum(cpu.logprobs), abs_tol=1e-3)
+
+
+@pytest.mark.parametrize("vocab_size", [49152, 4096, 5001, 300])
+def test_first_argmax_is_argmax_with_ties_and_masked_rows(vocab_size):
+    from nanovllm.ops.sampling import first_argmax
+    gen = torch.Generator().manual_seed(vocab_size)
+    x = torch.randint(-4, 5, (6, vocab_size), generator=gen).float()      # many ties at the maximum
+    x[1] = float("-inf")                                                     # a row with nothing allowed
+    x[2, : vocab_size // 2] = float("-inf")
+    x[3, -1] = 100.0                                                         # the maximum in the last chunk
+    x[4, 0] = 100.0
+    assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+    y = torch.randn(16, vocab_size, generator=gen)
+    assert torch.equal(first_argmax(y), y.argmax(dim=-1))
