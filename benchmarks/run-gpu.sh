@@ -27,7 +27,7 @@ grep "^==\|^|\|Latency:\|Throughput:\|rror" "$OUT/bench.txt"; cat "$OUT/host-ove
 if [ "${TESTS:-async}" = all ]; then SELECT=(tests/gpu tests/test_sampler.py); else SELECT=(tests/gpu -k "async or fused"); fi
 timeout 120 python3 -m pytest -q -m gpu "${SELECT[@]}" -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "tests rc=$? t=$((SECONDS - START))s"; tail -4 "$OUT/gpu-tests.txt"
-bench throughput-llama-3.2-1b-async throughput --dummy llama-3.2-1b --async-scheduling on
+bench throughput-llama-3.2-1b-async throughput --dummy llama-3.2-1b --async-scheduling
 grep -A4 "^== throughput-llama-3.2-1b-async" "$OUT/bench.txt" | grep "^|\|Throughput"
 if [ "${OVERHEAD_ON:-0}" = 1 ]; then overhead on; tail -4 "$OUT/host-overhead.txt"; fi
 # PROFILE=1: where the host's time goes at batch 256, both modes (the open question of NOTES-kernels.md v4)

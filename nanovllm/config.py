@@ -73,7 +73,7 @@ class EngineConfig:
     enforce_eager: bool = False           # cuda: never capture CUDA graphs
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
-    async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n (engine.py); None: off (see there)
+    async_scheduling: bool = False        # schedule step n+1 while the GPU runs step n (engine.py: why it is opt-in)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
@@ -116,13 +116,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.async_scheduling is None:
-            self.async_scheduling = False   # opt-in until it wins the throughput workload too (engine.py)
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling runs with tensor_parallel_size=1 only; turn one of them off")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

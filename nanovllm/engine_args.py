@@ -30,14 +30,8 @@ _HELP = {
     "enforce_eager": "never capture CUDA graphs",
     "seed": "seed for requests that bring none",
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
-    "async_scheduling": "on | off: schedule a step while the GPU runs the one before (default: off)",
+    "async_scheduling": "schedule a step while the GPU runs the one before (one GPU; see engine.py)",
 }
-
-
-def _on_off(value: str) -> bool:
-    if value not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-    return value == "on"
 
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:
@@ -51,9 +45,6 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("m
                                default=True, help="do not " + _HELP.get(field.name, ""))
         elif field.default is False:
             group.add_argument(flag, dest=field.name, action="store_true", default=False,
-                               help=_HELP.get(field.name))
-        elif str(field.type).startswith("bool"):   # bool | None: on, off, or the default's choice
-            group.add_argument(flag, dest=field.name, type=_on_off, default=None, metavar="on|off",
                                help=_HELP.get(field.name))
         else:
             kind = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
