@@ -109,6 +109,11 @@ class SamplingParams:
         return SamplingType.GREEDY if self.temperature < _SAMPLING_EPS else SamplingType.RANDOM
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the sequence's earlier tokens (repetition, frequency, presence)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS   # (read for every row of every step: kept to one comparison)
 

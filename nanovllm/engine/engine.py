@@ -301,8 +301,7 @@ class LLMEngine:
         """Wait for a launched step's tokens and apply them; -> outputs of the requests it moved."""
         batch = launched.batch
         try:
-            sampled = (launched.samples.result() if launched.samples is not None
-                       else SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None))
+            sampled = launched.samples.result() if launched.samples is not None else SamplerOutput.empty()
         except Exception as error:
             logger.exception("a step failed; its requests end with finish_reason 'error'")
             return self._fail_batch(batch, error)

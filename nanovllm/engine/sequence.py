@@ -98,9 +98,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        params = self.sampling_params
-        self.reads_own_tokens = (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-                                 or params.repetition_penalty != 1.0)
+        self.reads_own_tokens = self.sampling_params.has_penalties   # read every step: kept as a plain field
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
 

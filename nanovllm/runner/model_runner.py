@@ -9,7 +9,7 @@ and layer l reads it as (k_cache, v_cache) = (kv_cache[l, 0], kv_cache[l, 1]),
 each [num_blocks, block_size, num_kv_heads, head_dim]. Its size is the one
 number that decides how many tokens the engine can keep in flight.
 
-Each step `run(batch)` flattens the scheduled chunks into T token rows:
+Each step `launch(batch)` flattens the scheduled chunks into T token rows:
 
     input_ids [T], positions [T]          the tokens to compute and where they sit
     AttentionMetadata                     query_start_loc [B+1], seq_lens [B],
@@ -17,9 +17,8 @@ Each step `run(batch)` flattens the scheduled chunks into T token rows:
 
 runs the model, keeps the hidden state of the last row of each sequence whose
 chunk reaches its end (a chunk in the middle of a prompt needs no token), and
-samples from those rows' logits. The engine calls `launch` (or `run`, which
-also waits) and reads `num_blocks`; device-specific work (pinned buffers, CUDA
-graphs) stays in here.
+samples from those rows' logits. The engine calls `launch` and reads
+`num_blocks`; device-specific work (pinned buffers, CUDA graphs) stays in here.
 
 `launch` only queues the step on the device and returns its samples still on
 their way (DeviceSamples), so that the host can schedule the next step while
@@ -45,7 +44,7 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.cuda_graph import DecodeGraphs
-from nanovllm.runner.sampler import DeviceSamples, Sampler, SamplerOutput, SamplingBatch, host_to_device
+from nanovllm.runner.sampler import DeviceSamples, Sampler, SamplingBatch, host_to_device
 from nanovllm.runner.tp_worker import WorkerGroup, min_over_ranks, receive_step, stop_with
 from nanovllm.sampling_params import SamplingParams
 
@@ -167,11 +166,6 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del scratch, kv_caches, hidden, logits, metadata
         return peak
-
-    def run(self, batch: Batch) -> SamplerOutput:
-        """Run one step and wait for its tokens."""
-        samples = self.launch(batch)
-        return samples.result() if samples is not None else SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> DeviceSamples | None:

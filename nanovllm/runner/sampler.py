@@ -123,8 +123,7 @@ class SamplingBatch:
             keys = host_to_device(stream_keys(seeds, output_lens), torch.int64, device)
 
         presence = frequency = repetition = output_ids = prompt_ids = None
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-               for p in params):
+        if any(p.has_penalties for p in params):
             presence = floats([p.presence_penalty for p in params])
             frequency = floats([p.frequency_penalty for p in params])
             output_ids = _padded(output_token_ids, device)
@@ -152,6 +151,11 @@ class SamplerOutput:
     token_ids: list[int]                          # [B]
     logprobs: list[float]                         # [B] log-prob of the sampled token, raw distribution
     top_logprobs: list[dict[int, float]] | None   # per row: top `logprobs` tokens + the sampled one
+
+    @classmethod
+    def empty(cls) -> "SamplerOutput":
+        """A step in which no sequence sampled (only chunks in the middle of prompts)."""
+        return cls(token_ids=[], logprobs=[], top_logprobs=None)
 
 
 @dataclass

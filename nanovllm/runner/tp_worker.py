@@ -217,8 +217,6 @@ class WorkerGroup:
                 _abort_nccl_group()
 
 
-
-
 def _abort_nccl_group() -> None:
     """Tear down an NCCL group whose peer died: destroying it could wait for that peer forever, an abort
     does not. Run in a thread so that even a stuck abort cannot hang the engine (then the group leaks)."""
