@@ -91,6 +91,16 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Destroy the graphs; later steps run eagerly. Tensor parallelism needs this before its
+        process group goes: a graph that captured NCCL collectives holds their communicator, and
+        NCCL's teardown of that communicator waits until every such graph is gone."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.max_batch = 0
+
     def can_run(self, batch: Batch) -> bool:
         """Only pure decode batches that fit the largest graph."""
         return batch.num_prefill_tokens == 0 and 0 < len(batch.scheduled) <= self.max_batch

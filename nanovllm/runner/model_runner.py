@@ -102,6 +102,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs, config.max_model_len,
                                               config.block_size, self.device)
+            if self.workers is not None:
+                self.workers.graphs = self.decode_graphs
 
     def _num_kv_blocks(self, activation_bytes: int) -> int:
         config = self.config

@@ -15,15 +15,14 @@ Two ways to get the ranks:
   comes from the launcher's environment, rank 0 runs the engine and the others
   call `run_worker` (`torchrun ... -m nanovllm.runner.tp_worker` does both).
 
-Each step rank 0 broadcasts the batch as a few small tensors, never pickled
-Python objects:
+Each step rank 0 broadcasts the batch as two int64 tensors, never pickled
+Python objects: a header with the sizes, then one payload with the batch (each
+broadcast costs tens of microseconds of host time on either side, so the
+batch's six tensors travel as one):
 
-    header          int64 [7]       STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len
-    token_rows      int64 [3, T]    input_ids; positions; slot_mapping
-    query_start_loc int32 [B + 1]
-    seq_lens        int32 [B]
-    block_tables    int32 [B, max_blocks]
-    logits_indices  int64 [N]       rows that need logits (not sent when N = 0)
+    header   [7]   STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len
+    payload        input_ids [T]; positions [T]; slot_mapping [T]; query_start_loc [B + 1];
+                   seq_lens [B]; block_tables [B * max_blocks]; logits_indices [N] (rows that need logits)
 
 Start and stop are checked: a rank that fails to load its shard makes every
 rank give up at the first collective (an agreement on "loaded"), and rank 0
@@ -43,6 +42,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,10 @@ import torch.multiprocessing as mp
 from nanovllm.config import EngineConfig
 from nanovllm.model.parallel import ParallelState
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.runner.sampler import host_to_device
+
+if TYPE_CHECKING:
+    from nanovllm.runner.cuda_graph import DecodeGraphs
 
 STEP, SHUTDOWN = 1, 0
 HEADER_SIZE = 7
@@ -116,6 +120,7 @@ class WorkerGroup:
     owns_process_group: bool
     error: str | None = None                   # why the group stopped, once it has
     closed: bool = False                       # shut down (a later call must not touch a newer group)
+    graphs: "DecodeGraphs | None" = None       # rank 0's CUDA graphs, released before the group goes
 
     @classmethod
     def start(cls, config: EngineConfig, parallel: ParallelState) -> "WorkerGroup":
@@ -182,15 +187,12 @@ class WorkerGroup:
     def broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                        logits_indices: torch.Tensor) -> None:
         num_tokens, (num_seqs, max_blocks) = input_ids.shape[0], metadata.block_tables.shape
-        header = torch.tensor([STEP, num_tokens, num_seqs, max_blocks, logits_indices.shape[0],
-                               metadata.max_query_len, metadata.max_seq_len], dtype=torch.int64, device=self.device)
+        header = host_to_device([STEP, num_tokens, num_seqs, max_blocks, logits_indices.shape[0],
+                                 metadata.max_query_len, metadata.max_seq_len], torch.int64, self.device)
         dist.broadcast(header, src=0)
-        dist.broadcast(torch.stack([input_ids, positions, metadata.slot_mapping]), src=0)   # [3, T]
-        dist.broadcast(metadata.query_start_loc, src=0)
-        dist.broadcast(metadata.seq_lens, src=0)
-        dist.broadcast(metadata.block_tables, src=0)
-        if logits_indices.shape[0]:
-            dist.broadcast(logits_indices, src=0)
+        payload = torch.cat([input_ids, positions, metadata.slot_mapping, metadata.query_start_loc,
+                             metadata.seq_lens, metadata.block_tables.flatten(), logits_indices]).to(torch.int64)
+        dist.broadcast(payload, src=0)
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them (killing any that hang), leave the process group.
@@ -203,35 +205,61 @@ class WorkerGroup:
         if clean:
             dist.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER_SIZE - 1), dtype=torch.int64,
                                         device=self.device), src=0)
+            if self.device.type == "cuda":   # the message must be out before the group goes
+                _wait_for_stream(JOIN_TIMEOUT_S)
         self.error = self.error or "the tensor-parallel workers were shut down"
         deadline = time.monotonic() + (JOIN_TIMEOUT_S if clean else FAILED_JOIN_TIMEOUT_S)
+        # Leave the group before waiting for the workers: a worker leaves it as soon as it reads SHUTDOWN,
+        # and NCCL's teardown of a communicator waits for every rank to take part, so rank 0 leaving only
+        # after the workers had exited would wait for them forever (and they for it).
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        if self.owns_process_group and dist.is_initialized():
+            _leave_group(clean, cuda=self.device.type == "cuda")
         for process in processes:
             process.join(timeout=max(deadline - time.monotonic(), 0.1))
             if process.is_alive():
                 process.kill()
                 process.join()
-        if self.owns_process_group and dist.is_initialized():
-            if clean or self.device.type != "cuda":
-                dist.destroy_process_group()
-            else:
-                _abort_nccl_group()
 
 
-def _abort_nccl_group() -> None:
-    """Tear down an NCCL group whose peer died: destroying it could wait for that peer forever, an abort
-    does not. Run in a thread so that even a stuck abort cannot hang the engine (then the group leaks)."""
-    def abort() -> None:
+def _wait_for_stream(timeout_s: float) -> bool:
+    """Poll until the work queued on this GPU is done (True) or timeout_s passes (False)."""
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + timeout_s
+    while not done.query():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _leave_group(clean: bool, cuda: bool) -> None:
+    """Leave the default process group: destroy it after a clean stop; after a failure on CUDA abort
+    it, since destroying an NCCL group whose peer died could wait for that peer forever. On CUDA this
+    runs in a thread with a time limit, so that even a stuck teardown cannot hang the engine: a destroy
+    that does not finish in JOIN_TIMEOUT_S is followed by an abort."""
+    if not cuda:
+        dist.destroy_process_group()
+        return
+
+    def leave(destroy: bool) -> None:
         try:
-            dist.distributed_c10d._abort_process_group()
+            dist.destroy_process_group() if destroy else dist.distributed_c10d._abort_process_group()
         except Exception as error:
-            print(f"nano-vllm: aborting the NCCL process group failed: {error}", file=sys.stderr)
+            print(f"nano-vllm: leaving the NCCL process group failed: {error}", file=sys.stderr)
 
-    thread = threading.Thread(target=abort, daemon=True, name="nanovllm-nccl-abort")
-    thread.start()
-    thread.join(ABORT_TIMEOUT_S)
-    if thread.is_alive():
-        print(f"nano-vllm: the NCCL process group did not abort within {ABORT_TIMEOUT_S:.0f} s; left behind",
-              file=sys.stderr)
+    for destroy in ((True, False) if clean else (False,)):
+        timeout_s = JOIN_TIMEOUT_S if destroy else ABORT_TIMEOUT_S
+        thread = threading.Thread(target=leave, args=(destroy,), daemon=True, name="nanovllm-nccl-leave")
+        thread.start()
+        thread.join(timeout_s)
+        if not thread.is_alive():
+            return
+        print(f"nano-vllm: the NCCL process group did not {'close' if destroy else 'abort'} within "
+              f"{timeout_s:.0f} s", file=sys.stderr)
 
 
 def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
@@ -261,7 +289,7 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
             raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
     if config.device == "cuda":
         torch.cuda.set_device(0)
-        # Rank 0 handles a dead peer itself (wait_for_device, _abort_nccl_group); NCCL's watchdog must
+        # Rank 0 handles a dead peer itself (wait_for_device, _leave_group); NCCL's watchdog must
         # not tear this process, the engine, down.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
@@ -327,7 +355,12 @@ def _serve(config: EngineConfig, rank: int) -> None:
     if not all_ranks_agree(True, device):
         return   # another rank failed to load; it reports why
     model.parallel.group = dist.group.WORLD
-    ModelRunner(config.fit_model(model_config), model, model_config, eos_token_ids=[]).serve_steps()
+    runner = ModelRunner(config.fit_model(model_config), model, model_config, eos_token_ids=[])
+    try:
+        runner.serve_steps()
+    finally:
+        if runner.decode_graphs is not None:   # before the group goes: NCCL waits for graphs that use it
+            runner.decode_graphs.release()
 
 
 def receive_step(device: torch.device) -> Step | None:
@@ -337,15 +370,16 @@ def receive_step(device: torch.device) -> Step | None:
     command, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len = header.tolist()
     if command == SHUTDOWN:
         return None
-    token_rows = torch.empty(3, num_tokens, dtype=torch.int64, device=device)                   # [3, T]
-    query_start_loc = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)               # [B + 1]
-    seq_lens = torch.empty(num_seqs, dtype=torch.int32, device=device)                          # [B]
-    block_tables = torch.empty(num_seqs, max_blocks, dtype=torch.int32, device=device)          # [B, max_blocks]
-    logits_indices = torch.empty(num_logits, dtype=torch.int64, device=device)                  # [N]
-    for tensor in (token_rows, query_start_loc, seq_lens, block_tables):
-        dist.broadcast(tensor, src=0)
-    if num_logits:
-        dist.broadcast(logits_indices, src=0)
+    num_tables = num_seqs * max_blocks
+    payload = torch.empty(3 * num_tokens + 2 * num_seqs + 1 + num_tables + num_logits, dtype=torch.int64,
+                          device=device)
+    dist.broadcast(payload, src=0)
+    token_rows, query_start_loc, seq_lens, block_tables, logits_indices = payload.split(
+        [3 * num_tokens, num_seqs + 1, num_seqs, num_tables, num_logits])
+    token_rows = token_rows.view(3, num_tokens)                                          # [3, T]
+    query_start_loc = query_start_loc.to(torch.int32)                                    # [B + 1]
+    seq_lens = seq_lens.to(torch.int32)                                                  # [B]
+    block_tables = block_tables.view(num_seqs, max_blocks).to(torch.int32)               # [B, max_blocks]
     metadata = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=token_rows[2],
                                  block_tables=block_tables, max_query_len=max_query_len, max_seq_len=max_seq_len)
     return token_rows[0], token_rows[1], metadata, logits_indices
