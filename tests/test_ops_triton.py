@@ -70,7 +70,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = [value for module in vars(kernels).values() for value in vars(module).values()
              if isinstance(value, (InterpretedFunction, JITFunction))]
-    assert len(found) == 13
+    assert len(found) == 14
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -351,11 +351,23 @@ def test_fused_sampling_kernel_gives_the_reference_tokens_and_log_normalizer(ker
     for step in range(3):
         keys = (keys * 7 + step) % 2**32
         args = (None, None) if greedy else (keys, temperature)
-        tokens, lse = kernels.sampling_triton.sample_from_logits_triton(logits, *args)
         expected_tokens, expected_lse = sample_from_logits_torch(logits, *args)
-        assert torch.equal(tokens, expected_tokens)
-        torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
+        for num_splits in (None, 1, 2, 3):     # 5001 tokens: 3 chunks of 2048 at most
+            tokens, lse = kernels.sampling_triton.sample_from_logits_triton(logits, *args, num_splits=num_splits)
+            assert torch.equal(tokens, expected_tokens)
+            torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
     assert not greedy or tokens[3] == vocab_size // 3
+
+
+@in_interpreter
+def test_fused_sampling_splits_break_ties_towards_the_first_token(kernels):
+    """A winner tied across chunks is the lowest token, as torch.argmax's."""
+    logits = torch.zeros(2, 5000)
+    logits[:, [100, 2100, 4500]] = 5.0
+    logits[1, 4500] = 6.0
+    for num_splits in (1, 2, 3):
+        tokens, _ = kernels.sampling_triton.sample_from_logits_triton(logits, None, None, num_splits=num_splits)
+        assert tokens.tolist() == [100, 4500]
 
 
 def test_dispatchers_send_cpu_tensors_to_the_torch_references():

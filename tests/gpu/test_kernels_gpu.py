@@ -192,14 +192,15 @@ def test_silu_and_mul_matches_reference(intermediate):
 
 @pytest.mark.parametrize("vocab_size", [128256, 151936, 5001])
 @pytest.mark.parametrize("greedy", [True, False])
-def test_fused_sampling_kernel_matches_reference_at_model_sizes(vocab_size, greedy):
+@pytest.mark.parametrize("num_rows", [1, 64, 300])    # 64 and 1 rows split each row's vocabulary, 300 do not
+def test_fused_sampling_kernel_matches_reference_at_model_sizes(vocab_size, greedy, num_rows):
     """Tokens exactly (the seeded draw is the CPU's), the log-normalizer to float32 rounding."""
     from nanovllm.ops.sampling import sample_from_logits_torch
     from nanovllm.ops.sampling_triton import sample_from_logits_triton
     gen = torch.Generator(device="cuda").manual_seed(vocab_size)
-    logits = torch.randn(64, vocab_size, device="cuda", generator=gen) * 3
-    temperature = torch.rand(64, device="cuda", generator=gen) + 0.2
-    keys = torch.randint(0, 2**32, (64,), device="cuda", generator=gen, dtype=torch.int64)
+    logits = torch.randn(num_rows, vocab_size, device="cuda", generator=gen) * 3
+    temperature = torch.rand(num_rows, device="cuda", generator=gen) + 0.2
+    keys = torch.randint(0, 2**32, (num_rows,), device="cuda", generator=gen, dtype=torch.int64)
     args = (None, None) if greedy else (keys, temperature)
     tokens, lse = sample_from_logits_triton(logits, *args)
     expected_tokens, expected_lse = sample_from_logits_torch(logits, *args)
