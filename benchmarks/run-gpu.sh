@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one script: the BENCHMARKS.md workloads with the roofline in the same process,
-# async scheduling off (the default) and on, the host share of a decode step, then the GPU tests.
+# async scheduling on (the default on one GPU) and off, the host share of a decode step, then the GPU tests.
 # Usage on a CUDA machine with torch + triton + transformers installed:
 #   OUT=/some/dir bash benchmarks/run-gpu.sh        (TESTS=all for every GPU test, slower)
 # Writes 8 files to $OUT (the device tool brings back at most 8).
@@ -16,7 +16,7 @@ START=$SECONDS
 # First, so that every Triton kernel the benches use is compiled (and cached) before any is timed.
 overhead() { timeout 100 python3 -m nanovllm.bench.host_overhead --dummy llama-3.2-1b --batch-sizes 1 64 256 \
   --async-scheduling "$1" 2>&1 | grep "^|\\|card" >> "$OUT/host-overhead.txt"; }
-overhead off
+overhead on
 # bench NAME ARGS...: one run, its JSON saved as $OUT/NAME.json, its table appended to $OUT/bench.txt
 bench() { local name=$1; shift; echo "== $name t=$((SECONDS - START))s" >> "$OUT/bench.txt"
   timeout 120 python3 -m nanovllm.cli bench "$@" --json "$OUT/$name.json" --no-progress 2>&1 | grep -v Warning >> "$OUT/bench.txt"; }
@@ -27,9 +27,9 @@ grep "^==\|^|\|Latency:\|Throughput:\|rror" "$OUT/bench.txt"; cat "$OUT/host-ove
 if [ "${TESTS:-async}" = all ]; then SELECT=(tests/gpu tests/test_sampler.py); else SELECT=(tests/gpu -k "async or fused"); fi
 timeout 120 python3 -m pytest -q -m gpu "${SELECT[@]}" -p no:cacheprovider > "$OUT/gpu-tests.txt" 2>&1
 echo "tests rc=$? t=$((SECONDS - START))s"; tail -4 "$OUT/gpu-tests.txt"
-bench throughput-llama-3.2-1b-async throughput --dummy llama-3.2-1b --async-scheduling
-grep -A4 "^== throughput-llama-3.2-1b-async" "$OUT/bench.txt" | grep "^|\|Throughput"
-if [ "${OVERHEAD_ON:-0}" = 1 ]; then overhead on; tail -4 "$OUT/host-overhead.txt"; fi
+bench throughput-llama-3.2-1b-sync throughput --dummy llama-3.2-1b --no-async-scheduling
+grep -A4 "^== throughput-llama-3.2-1b-sync" "$OUT/bench.txt" | grep "^|\|Throughput"
+if [ "${OVERHEAD_OFF:-0}" = 1 ]; then overhead off; tail -4 "$OUT/host-overhead.txt"; fi
 # PROFILE=1: where the host's time goes at batch 256, both modes (the open question of NOTES-kernels.md v4)
 if [ "${PROFILE:-0}" = 1 ]; then for mode in off on; do
   timeout 100 python3 -m nanovllm.bench.host_overhead --batch-sizes 256 --profile --async-scheduling $mode 2>&1 \

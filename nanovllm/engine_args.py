@@ -1,7 +1,7 @@
 """Command-line flags for EngineConfig, shared by `nano-vllm run`, `serve` and `bench`.
 
 Every EngineConfig field becomes `--field-name` (booleans that default to True
-get a `--no-...` switch). A subcommand may leave some out (`skip=`) when it
+get a `--no-...` switch; those that default to None, "the engine decides", get both). A subcommand may leave some out (`skip=`) when it
 spells them its own way, e.g. `run --kv paged|naive` for kv_policy.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ _HELP = {
     "enforce_eager": "never capture CUDA graphs",
     "seed": "seed for requests that bring none",
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
-    "async_scheduling": "schedule a step while the GPU runs the one before (one GPU; see engine.py)",
+    "async_scheduling": "schedule a step while the GPU runs the one before (default: on with one CUDA GPU)",
 }
 
 
@@ -43,6 +43,9 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("m
         if field.default is True:
             group.add_argument("--no-" + field.name.replace("_", "-"), dest=field.name, action="store_false",
                                default=True, help="do not " + _HELP.get(field.name, ""))
+        elif field.type == "bool | None":   # None: the engine decides; --flag / --no-flag decide
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=_HELP.get(field.name))
         elif field.default is False:
             group.add_argument(flag, dest=field.name, action="store_true", default=False,
                                help=_HELP.get(field.name))

@@ -133,6 +133,26 @@ def test_async_scheduling_is_refused_with_tensor_parallelism():
     assert EngineConfig(device="cpu").async_scheduling is False
 
 
+def test_async_scheduling_is_on_by_default_with_one_gpu_only(monkeypatch):
+    """None (the default) means: on with one CUDA GPU, off on the CPU and with tensor parallelism."""
+    import argparse
+
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine_args import add_engine_args, engine_config_from_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the config only asks
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert EngineConfig(device="cuda").async_scheduling is True
+    assert EngineConfig(device="cuda", tensor_parallel_size=2).async_scheduling is False
+    assert EngineConfig(device="cuda", async_scheduling=False).async_scheduling is False
+    assert EngineConfig(device="cpu").async_scheduling is False
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for flags, expected in (([], True), (["--no-async-scheduling"], False), (["--async-scheduling"], True)):
+        assert engine_config_from_args(parser.parse_args(flags), device="cuda").async_scheduling is expected
+    assert engine_config_from_args(parser.parse_args(["--async-scheduling"]), device="cpu").async_scheduling
+
+
 def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_llama_loaded):
     """The CUDA-graph path writes its inputs into host buffers it reuses (block-table rows are only
     rewritten when a row's table changed): across finishing, shifting and preempted sequences they must

@@ -8,23 +8,23 @@
                                       -> RequestOutput for each request that made progress
     abort_request(id)                 free its blocks now; it ends with finish_reason "abort"
 
-Async scheduling (`async_scheduling=True`, one CUDA GPU; off by default): step 4
-is done for the *previous* step, after this one is launched. So while the GPU
-computes step n, the host completes step n-1 and schedules step n+1; the
-tokens of step n reach step n+1's inputs on the device (model_runner.py), not
-through the host. The host's work then hides behind the GPU's instead of adding
-to it. Costs: outputs come one step later, and a sequence that ends by a stop
-token or string runs one step too many (its token is dropped; sequences that
-end by length are known in advance and never do). A step with repetition,
-frequency or presence penalties needs every earlier token on the host, so the
-step before it is completed first.
+Async scheduling (on by default with one CUDA GPU; `async_scheduling=False`
+turns it off): step 4 is done for the *previous* step, after this one is
+launched. So while the GPU computes step n, the host completes step n-1 and
+schedules step n+1; the tokens of step n reach step n+1's inputs on the
+device (model_runner.py), not through the host. The host's work then hides
+behind the GPU's instead of adding to it. Costs: outputs come one step later,
+and a sequence that ends by a stop token or string runs one step too many
+(its token is dropped; sequences that end by length are known in advance and
+never do). A step with repetition, frequency or presence penalties needs
+every earlier token on the host, so the step before it is completed first.
+On the CPU the forward runs inside `launch`, so there is nothing to overlap
+and only the extra steps would remain: it is off there by default, as with
+tensor parallelism (the workers would need the tokens too).
 
-Measured on an H200 (benchmarks/NOTES-kernels.md): it shortens a decode step
-at batch 1 (1.53 -> 1.37 ms, `latency` 51% of its roofline), but the
-`throughput` workload ran slower with it (19,910 against 26,932 tok/s; the
-async runs came first and may have paid for kernel compilation that the sync
-runs found cached) and its step times varied from run to run where sync's did
-not. Until both are measured again it stays opt-in.
+Measured on an H200 with warm kernel caches (benchmarks/NOTES-kernels.md):
+`throughput` Llama-3.2-1B 40,882 tok/s on against 33,319 off, Qwen3-0.6B
+22,621 against 18,766; a decode step at batch 1 1.37 against 1.53 ms.
 
 Everything a caller can get wrong is checked in `add_request`, before anything
 is queued. A step that fails (a device error, say) ends the requests it was
