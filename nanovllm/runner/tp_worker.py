@@ -209,9 +209,9 @@ class WorkerGroup:
                 _wait_for_stream(JOIN_TIMEOUT_S)
         self.error = self.error or "the tensor-parallel workers were shut down"
         deadline = time.monotonic() + (JOIN_TIMEOUT_S if clean else FAILED_JOIN_TIMEOUT_S)
-        # Leave the group before waiting for the workers: a worker leaves it as soon as it reads SHUTDOWN,
-        # and NCCL's teardown of a communicator waits for every rank to take part, so rank 0 leaving only
-        # after the workers had exited would wait for them forever (and they for it).
+        # Release the graphs, then leave the group, before waiting for the workers, which do the same as soon
+        # as they read SHUTDOWN. NCCL's teardown of a communicator waits until every graph that captured one
+        # of its collectives is gone: with the graphs alive, destroy and abort hung on two H200s.
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
@@ -224,16 +224,13 @@ class WorkerGroup:
                 process.join()
 
 
-def _wait_for_stream(timeout_s: float) -> bool:
-    """Poll until the work queued on this GPU is done (True) or timeout_s passes (False)."""
+def _wait_for_stream(timeout_s: float) -> None:
+    """Poll until the work queued on this GPU is done, for timeout_s at most (never block in a sync)."""
     done = torch.cuda.Event()
     done.record()
     deadline = time.monotonic() + timeout_s
-    while not done.query():
-        if time.monotonic() > deadline:
-            return False
+    while not done.query() and time.monotonic() < deadline:
         time.sleep(0.001)
-    return True
 
 
 def _leave_group(clean: bool, cuda: bool) -> None:
