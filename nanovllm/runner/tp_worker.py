@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import multiprocessing.connection
 import os
 import sys
@@ -42,7 +43,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -159,14 +160,7 @@ class WorkerGroup:
         watching the workers. A gloo collective fails when its peer's socket closes, but NCCL waits for
         a dead peer forever: blocking in a device sync would hang the engine. Polling lets rank 0 see
         the dead worker and raise WorkerDiedError instead."""
-        done = torch.cuda.Event()
-        done.record()
-        next_check = time.monotonic() + WATCH_INTERVAL_S
-        while not done.query():
-            if time.monotonic() >= next_check:
-                self.check_alive()
-                next_check = time.monotonic() + WATCH_INTERVAL_S
-            time.sleep(0)   # let other threads (a server's event loop) run between polls
+        _poll_device(watch=self.check_alive)
 
     def check_alive(self, wait_s: float = 0.0) -> None:
         """Raise WorkerDiedError (after shutting the others down) if a worker has exited;
@@ -206,7 +200,7 @@ class WorkerGroup:
             dist.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER_SIZE - 1), dtype=torch.int64,
                                         device=self.device), src=0)
             if self.device.type == "cuda":   # the message must be out before the group goes
-                _wait_for_stream(JOIN_TIMEOUT_S)
+                _poll_device(timeout_s=JOIN_TIMEOUT_S)
         self.error = self.error or "the tensor-parallel workers were shut down"
         deadline = time.monotonic() + (JOIN_TIMEOUT_S if clean else FAILED_JOIN_TIMEOUT_S)
         # Release the graphs, then leave the group, before waiting for the workers, which do the same as soon
@@ -224,13 +218,19 @@ class WorkerGroup:
                 process.join()
 
 
-def _wait_for_stream(timeout_s: float) -> None:
-    """Poll until the work queued on this GPU is done, for timeout_s at most (never block in a sync)."""
+def _poll_device(watch: Callable[[], None] | None = None, timeout_s: float = math.inf) -> None:
+    """Wait for the work queued on this GPU by polling its completion, never in a device sync (an NCCL
+    collective whose peer died never completes): call `watch` (which may raise) every WATCH_INTERVAL_S,
+    and give up after timeout_s."""
     done = torch.cuda.Event()
     done.record()
     deadline = time.monotonic() + timeout_s
+    next_check = time.monotonic() + WATCH_INTERVAL_S
     while not done.query() and time.monotonic() < deadline:
-        time.sleep(0.001)
+        if watch is not None and time.monotonic() >= next_check:
+            watch()
+            next_check = time.monotonic() + WATCH_INTERVAL_S
+        time.sleep(0)   # let other threads (a server's event loop) run between polls
 
 
 def _leave_group(clean: bool, cuda: bool) -> None:
