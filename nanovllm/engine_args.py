@@ -1,8 +1,9 @@
 """Command-line flags for EngineConfig, shared by `nano-vllm run`, `serve` and `bench`.
 
 Every EngineConfig field becomes `--field-name` (booleans that default to True
-get a `--no-...` switch; those that default to None, "the engine decides", get both). A subcommand may leave some out (`skip=`) when it
-spells them its own way, e.g. `run --kv paged|naive` for kv_policy.
+get a `--no-...` switch; those that default to None, "the engine decides", get
+both). A subcommand may leave some out (`skip=`) when it spells them its own
+way, e.g. `run --kv paged|naive` for kv_policy.
 """
 from __future__ import annotations
 

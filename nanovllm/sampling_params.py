@@ -106,7 +106,7 @@ class SamplingParams:
 
     @property
     def sampling_type(self) -> SamplingType:
-        return SamplingType.GREEDY if self.temperature < _SAMPLING_EPS else SamplingType.RANDOM
+        return SamplingType.GREEDY if self.is_greedy else SamplingType.RANDOM
 
     @property
     def has_penalties(self) -> bool:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanovllm.config import DTYPES
 from nanovllm.model.config import ModelConfig
 
 
@@ -187,7 +188,7 @@ def matmul_dtype(engine_dtype: str) -> torch.dtype:
     bfloat16 for the packed CPU formats (their kernels and their prefill copy are bfloat16)."""
     if engine_dtype in WEIGHT_FORMAT_BYTES:
         return torch.bfloat16
-    return getattr(torch, engine_dtype)
+    return DTYPES[engine_dtype]
 
 
 @dataclass(frozen=True)

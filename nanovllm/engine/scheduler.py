@@ -225,7 +225,11 @@ class Scheduler:
     # ---- postprocess ---------------------------------------------------------------------
 
     def _ends_with_pending_token(self, seq: Sequence) -> bool:
-        return seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        return self._reaches_length_limit(seq, seq.num_output_tokens)
+
+    def _reaches_length_limit(self, seq: Sequence, num_outputs: int) -> bool:
+        """Whether a sequence with num_outputs output tokens has reached max_tokens or max_model_len."""
+        return num_outputs >= seq.max_tokens or seq.num_prompt_tokens + num_outputs >= self.max_model_len
 
     def postprocess(self, batch: Batch, sampled: SampledTokens) -> list[Sequence]:
         """Apply one step's results at once (advance, then complete); -> the sequences that finished."""
@@ -281,7 +285,7 @@ class Scheduler:
                 return SequenceStatus.FINISHED_STOPPED
             if params.stop and new_text and _match_stop_string(seq, len(new_text)):
                 return SequenceStatus.FINISHED_STOPPED
-        if num_outputs >= seq.max_tokens or seq.num_prompt_tokens + num_outputs >= self.max_model_len:
+        if self._reaches_length_limit(seq, num_outputs):
             return SequenceStatus.FINISHED_LENGTH
         return None
 

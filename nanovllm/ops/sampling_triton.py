@@ -21,6 +21,7 @@ from nanovllm.ops.sampling import _MIX_C1, _MIX_C2, _SALT_TOKEN
 _MIX_C1_T = tl.constexpr(_MIX_C1)
 _MIX_C2_T = tl.constexpr(_MIX_C2)
 _SALT_TOKEN_T = tl.constexpr(_SALT_TOKEN)
+BLOCK = 2048             # vocabulary entries a program loads at once
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def exponential_race_triton(scores: torch.Tensor, keys: torch.Tensor) -> torch.T
     num_rows, vocab_size = scores.shape
     scores = scores.contiguous()
     out = torch.empty(num_rows, dtype=torch.int64, device=scores.device)
-    _exponential_race_kernel[(num_rows,)](scores, keys, out, vocab_size, scores.stride(0), BLOCK=2048)
+    _exponential_race_kernel[(num_rows,)](scores, keys, out, vocab_size, scores.stride(0), BLOCK=BLOCK)
     return out
 
 
@@ -80,7 +81,6 @@ def exponential_race_triton(scores: torch.Tensor, keys: torch.Tensor) -> torch.T
 # (one program per row would leave a batch-1 step's 128k-token row to a single SM: ~180 us on an H200).
 TARGET_PROGRAMS = 264    # about two programs per SM of an H100/H200
 MAX_SPLITS = 64          # chunks per row at most (the combine kernel loads them in one block)
-BLOCK = 2048
 
 
 @triton.jit(do_not_specialize=["chunk_size", "num_splits"])

@@ -30,7 +30,7 @@ host values reach it through pinned memory and asynchronous copies.
 
 Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
 over its shard of the model and its KV heads (Hkv / N of them, the same block
-ids on every rank). Rank 0's `run` broadcasts the flat tensors above to the
+ids on every rank). Rank 0's `launch` broadcasts the flat tensors above to the
 workers (tp_worker.py) and runs the same forward; the workers run it in
 `serve_steps`. The ranks agree on one num_blocks (the smallest). Only rank 0 samples.
 """

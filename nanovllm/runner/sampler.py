@@ -16,9 +16,9 @@ vLLM's:
                                     one topk or sort of the rows)
 
 A batch that is all greedy, or all plain temperature sampling (no penalties,
-no top-k/top-p/min-p), takes one fused pass over the logits (on a GPU, one
-Triton program per row): the argmax or the race, and the logsumexp the
-log-probabilities need.
+no top-k/top-p/min-p), takes one fused pass over the logits (on a GPU, Triton
+programs over chunks of each row, then one that combines a row's chunks): the
+argmax or the race, and the logsumexp the log-probabilities need.
 
 The returned log-probability is that of the raw model distribution
 (log_softmax of the unprocessed logits), as vLLM returns by default.
