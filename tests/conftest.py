@@ -144,7 +144,7 @@ class PagedSequence:
         hidden = self.model(torch.tensor(token_ids, device=device), positions.to(device), metadata,
                             self.kv_caches)
         self.num_computed_tokens = seq_len
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden).float()
 
     def greedy(self, prompt: list[int], num_steps: int) -> list[int]:
         """Prefill `prompt`, then decode `num_steps` argmax tokens one at a time."""

@@ -126,7 +126,7 @@ def _prompt_logits(model, token_ids: list[int], dtype: torch.dtype) -> torch.Ten
         max_query_len=num_tokens, max_seq_len=num_tokens)
     with torch.inference_mode():
         hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), metadata, kv_caches)   # [T, H]
-        return model.compute_logits(hidden)
+        return model.compute_logits(hidden).float()
 
 
 def _guard_figures(logits: torch.Tensor, reference: torch.Tensor, token_ids: list[int]) -> tuple[float, float]:

@@ -9,8 +9,8 @@ token v with probability probs[v]. In log space that is
     argmax_v  scores[v] - log E[v]        (scores = logits / temperature, masked)
 
 which needs no softmax: the normalizer is the same for every v of a row. On a
-GPU one Triton program per row streams the vocabulary once, hashing, racing and
-keeping the running winner, instead of a dozen [B, V] int64 passes.
+GPU Triton programs stream the vocabulary once, hashing, racing and keeping the
+running winner, instead of a dozen [B, V] int64 passes.
 """
 from __future__ import annotations
 
@@ -89,17 +89,22 @@ def exponential_race_torch(scores: torch.Tensor, keys: torch.Tensor) -> torch.Te
 
 
 def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None,
-                             temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler's common case in one call: logits [B, V] float32 -> (token ids [B] int64: the argmax
-    when keys is None, else the race over logits / temperature [B]; the log-normalizer [B] of the logits)."""
+                             temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampler's common case in one call: logits [B, V] (any float dtype, computed on in float32)
+    -> (token ids [B] int64: the argmax when keys is None, else the race over logits / temperature [B];
+    their log-probabilities [B]; the log-normalizer [B] of the logits)."""
+    logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1)
     if keys is None:
-        return first_argmax(logits), log_normalizer
-    return exponential_race_torch(logits / temperature[:, None], keys), log_normalizer
+        token_ids = first_argmax(logits)
+    else:
+        token_ids = exponential_race_torch(logits / temperature[:, None], keys)
+    logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer
+    return token_ids, logprobs, log_normalizer
 
 
 def sample_from_logits(logits: torch.Tensor, keys: torch.Tensor | None,
-                       temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(logits):   # one pass over the [B, V] logits instead of five or six
         from nanovllm.ops.sampling_triton import sample_from_logits_triton
         return sample_from_logits_triton(logits, keys, temperature)

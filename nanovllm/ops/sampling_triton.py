@@ -1,15 +1,17 @@
-"""Triton versions of ops/sampling.py's exponential race: one program per row streams
-the vocabulary once, hashing each token's uniform number in registers (the same
-32-bit mixer as the torch reference, in uint32 arithmetic that wraps mod 2**32)
-and keeping the running winner of scores - log(-log u).
+"""Triton version of ops/sampling.py's fused sampling pass: the vocabulary is streamed
+once, each token's uniform number hashed in registers (the same 32-bit mixer as the
+torch reference, in uint32 arithmetic that wraps mod 2**32), and the running winner
+of logits / temperature - log(-log u) kept (or of the logits alone, for greedy rows).
 
-`sample_from_logits_triton` is the sampler's common case in the same single pass:
-the winner of logits / temperature (or the argmax, for greedy batches) and, on the
-way, the row's log-normalizer (an online logsumexp: a running max and a sum of
-exponentials rescaled whenever the max grows). The torch path reads and writes the
-[B, V] logits five or six times for the same results. Its rows are split into
-chunks, each chunk's winner and (max, sum) found by its own program, and a second
-small kernel combines a row's chunks."""
+On the way it finds the row's log-normalizer (an online logsumexp: a running max and
+a sum of exponentials rescaled whenever the max grows) and the winner's raw logit, so
+that the sampled token's log-probability costs nothing extra. The logits are read in
+the model's dtype: at batch 256 a float32 copy of them alone took longer than this
+whole pass. The torch path reads and writes the [B, V] logits five or six times for
+the same results. Rows are split into chunks, each chunk's winner and (max, sum)
+found by its own program, and a second small kernel combines a row's chunks.
+The top-k / top-p path's race over masked scores is the same pass without a
+temperature."""
 from __future__ import annotations
 
 import torch
@@ -21,7 +23,7 @@ from nanovllm.ops.sampling import _MIX_C1, _MIX_C2, _SALT_TOKEN
 _MIX_C1_T = tl.constexpr(_MIX_C1)
 _MIX_C2_T = tl.constexpr(_MIX_C2)
 _SALT_TOKEN_T = tl.constexpr(_SALT_TOKEN)
-BLOCK = 2048             # vocabulary entries a program loads at once
+BLOCK = 1024             # vocabulary entries a program loads at once (8 bf16 per thread: one 16-byte load)
 
 
 @triton.jit
@@ -43,109 +45,105 @@ def _log_exponential(key, tokens):
     return tl.log(-tl.log(uniform))
 
 
-@triton.jit
-def _keep_best(race, start, best_score, best_token):
-    """The running winner after one block of race values (the first index wins a tie, as in argmax)."""
-    block_best = tl.max(race, axis=0)
-    block_token = tl.argmax(race, axis=0).to(tl.int64) + start
-    better = block_best > best_score
-    return tl.where(better, block_best, best_score), tl.where(better, block_token, best_token)
-
-
-@triton.jit
-def _exponential_race_kernel(scores_ptr, keys_ptr, out_ptr, vocab_size, row_stride,
-                             BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    key = tl.load(keys_ptr + row).to(tl.uint32)
-    best_score = tl.full((), float("-inf"), tl.float32)
-    best_token = tl.full((), 0, tl.int64)
-    for start in range(0, vocab_size, BLOCK):
-        tokens = start + tl.arange(0, BLOCK)
-        in_vocab = tokens < vocab_size
-        scores = tl.load(scores_ptr + row * row_stride + tokens, mask=in_vocab, other=float("-inf"))
-        race = tl.where(in_vocab, scores - _log_exponential(key, tokens), float("-inf"))
-        best_score, best_token = _keep_best(race, start, best_score, best_token)
-    tl.store(out_ptr + row, best_token)
-
-
-def exponential_race_triton(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """scores [B, V] float32, keys [B] int64 -> token ids [B] int64 (see ops/sampling.py)."""
-    num_rows, vocab_size = scores.shape
-    scores = scores.contiguous()
-    out = torch.empty(num_rows, dtype=torch.int64, device=scores.device)
-    _exponential_race_kernel[(num_rows,)](scores, keys, out, vocab_size, scores.stride(0), BLOCK=BLOCK)
-    return out
-
-
-# The fused pass splits each row's vocabulary into chunks so that a small batch still fills the GPU
-# (one program per row would leave a batch-1 step's 128k-token row to a single SM: ~180 us on an H200).
+# Rows are split into chunks so that a small batch still fills the GPU (one program per row would leave
+# a batch-1 step's 128k-token row to a single SM: ~180 us on an H200).
 TARGET_PROGRAMS = 264    # about two programs per SM of an H100/H200
 MAX_SPLITS = 64          # chunks per row at most (the combine kernel loads them in one block)
 
 
 @triton.jit(do_not_specialize=["chunk_size", "num_splits"])
-def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr, score_ptr, token_ptr, max_ptr, sum_ptr,
+def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr,
+                               score_ptr, token_ptr, logit_ptr, max_ptr, sum_ptr,
                                vocab_size, row_stride, chunk_size, num_splits,
-                               GREEDY: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, split): the winner and the online logsumexp of one chunk of one row."""
-    row = tl.program_id(0)
+                               GREEDY: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, split): over one chunk of one row, the race's winner (its race value, token and
+    logit) and the chunk's (max, sum of exponentials).
+
+    Each of the BLOCK lanes keeps its own running values over the tokens it visits (start + lane,
+    start + BLOCK + lane, ...): its best race value, that token and its logit, and an online
+    logsumexp (max m, sum s of exp(x - m)). The lanes are reduced once, at the end: reducing the
+    block at every step (four cross-warp reductions per 2,048 tokens) made the pass ~10x slower
+    than reading the logits."""
+    row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if not GREEDY:
         key = tl.load(keys_ptr + row).to(tl.uint32)
-        temperature = tl.load(temperature_ptr + row)
-    best_score = tl.full((), float("-inf"), tl.float32)
-    best_token = tl.full((), 0, tl.int64)
-    running_max = tl.full((), float("-inf"), tl.float32)
-    running_sum = tl.full((), 0.0, tl.float32)
+        if SCALED:
+            temperature = tl.load(temperature_ptr + row)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = tl.zeros([BLOCK], tl.int32)
+    best_logit = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK], tl.float32)
     chunk_start = split * chunk_size                      # chunk_size is a multiple of BLOCK
     chunk_end = tl.minimum(chunk_start + chunk_size, vocab_size)
+    row_ptr = logits_ptr + row * row_stride
     for start in range(chunk_start, chunk_end, BLOCK):
-        tokens = start + tl.arange(0, BLOCK)
+        tokens = start + lanes
         in_vocab = tokens < vocab_size
-        logits = tl.load(logits_ptr + row * row_stride + tokens, mask=in_vocab, other=float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0)
-        running_max = new_max
+        x = tl.load(row_ptr + tokens, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        # Online logsumexp with one exponential per token: of exp(m - x) and exp(x - m) one is 1.
+        new_max = tl.maximum(lane_max, x)
+        e = tl.exp(tl.minimum(lane_max, x) - new_max)
+        e = tl.where(new_max == float("-inf"), 0.0, e)     # nothing finite seen yet (masked tokens)
+        lane_sum = tl.where(x > lane_max, lane_sum * e + 1.0, lane_sum + e)
+        lane_max = new_max
         if GREEDY:
-            race = logits
-        else:   # IEEE division, as torch's
-            race = tl.where(in_vocab, tl.math.div_rn(logits, temperature) - _log_exponential(key, tokens),
-                            float("-inf"))
-        best_score, best_token = _keep_best(race, start, best_score, best_token)
+            race = x
+        elif SCALED:   # IEEE division, as torch's
+            race = tl.where(in_vocab, tl.math.div_rn(x, temperature) - _log_exponential(key, tokens), float("-inf"))
+        else:
+            race = tl.where(in_vocab, x - _log_exponential(key, tokens), float("-inf"))
+        better = race > best                               # strict: a lane's earlier token keeps a tie
+        best = tl.where(better, race, best)
+        best_token = tl.where(better, tokens, best_token)
+        best_logit = tl.where(better, x, best_logit)
+    # The winner over lanes: the best value, and of the lanes holding it the lowest token (as argmax).
+    chunk_best = tl.max(best, axis=0)
+    token = tl.min(tl.where(best == chunk_best, best_token, 2147483647), axis=0)
+    logit = tl.max(tl.where(best_token == token, best_logit, float("-inf")), axis=0)
+    chunk_max = tl.max(lane_max, axis=0)
+    chunk_sum = tl.sum(tl.where(lane_max == float("-inf"), 0.0, lane_sum * tl.exp(lane_max - chunk_max)), axis=0)
     slot = row * num_splits + split
-    tl.store(score_ptr + slot, best_score)
-    tl.store(token_ptr + slot, best_token)
-    tl.store(max_ptr + slot, running_max)
-    tl.store(sum_ptr + slot, running_sum)
+    tl.store(score_ptr + slot, chunk_best)
+    tl.store(token_ptr + slot, token.to(tl.int64))
+    tl.store(logit_ptr + slot, logit)
+    tl.store(max_ptr + slot, chunk_max)
+    tl.store(sum_ptr + slot, chunk_sum)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _combine_splits_kernel(score_ptr, token_ptr, max_ptr, sum_ptr, out_ptr, lse_ptr, num_splits,
-                           MAX_SPLITS: tl.constexpr):
+def _combine_splits_kernel(score_ptr, token_ptr, logit_ptr, max_ptr, sum_ptr, out_ptr, logprob_ptr, lse_ptr,
+                           num_splits, MAX_SPLITS: tl.constexpr):
     """Program row: the row's winner over its chunks (the first chunk wins a tie, so the lowest token
-    does, as in argmax) and its log-normalizer from the chunks' (max, sum of exponentials)."""
-    row = tl.program_id(0)
+    does, as in argmax), its log-normalizer from the chunks' (max, sum of exponentials), and the
+    winner's log-probability under the raw logits."""
+    row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, MAX_SPLITS)
     valid = splits < num_splits
     slots = row * num_splits + splits
     scores = tl.load(score_ptr + slots, mask=valid, other=float("-inf"))
-    tokens = tl.load(token_ptr + slots, mask=valid, other=0)
     winner = tl.argmax(scores, axis=0)
-    tl.store(out_ptr + row, tl.sum(tl.where(splits == winner, tokens, 0), axis=0))
+    tl.store(out_ptr + row, tl.load(token_ptr + row * num_splits + winner))
     maxes = tl.load(max_ptr + slots, mask=valid, other=float("-inf"))
     sums = tl.load(sum_ptr + slots, mask=valid, other=0.0)
     row_max = tl.max(maxes, axis=0)
-    total = tl.sum(tl.where(valid, sums * tl.exp(maxes - row_max), 0.0), axis=0)
-    tl.store(lse_ptr + row, row_max + tl.log(total))
+    total = tl.sum(tl.where(maxes == float("-inf"), 0.0, sums * tl.exp(maxes - row_max)), axis=0)
+    lse = row_max + tl.log(total)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logprob_ptr + row, tl.load(logit_ptr + row * num_splits + winner) - lse)
 
 
 def sample_from_logits_triton(logits: torch.Tensor, keys: torch.Tensor | None, temperature: torch.Tensor | None,
-                              num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] float32 (finite), keys [B] int64 and temperature [B] float32, or both None for the
-    argmax -> (token ids [B] int64, log-normalizer [B] float32); see ops/sampling.py.
-    num_splits: chunks per row (default: enough for about TARGET_PROGRAMS programs in all)."""
+                              num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V] (any float dtype, read as they are; rows may be strided), keys [B] int64 and
+    temperature [B] float32 (or None: no scaling), or both None for the argmax
+    -> (token ids [B] int64, their log-probabilities [B] float32, the log-normalizer [B] float32);
+    see ops/sampling.py. num_splits: chunks per row (default: enough for about TARGET_PROGRAMS programs)."""
     num_rows, vocab_size = logits.shape
-    logits = logits.contiguous()
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
     num_blocks = triton.cdiv(vocab_size, BLOCK)
     if num_splits is None:
         num_splits = triton.cdiv(TARGET_PROGRAMS, num_rows)
@@ -153,16 +151,23 @@ def sample_from_logits_triton(logits: torch.Tensor, keys: torch.Tensor | None, t
     chunk_size = triton.cdiv(num_blocks, num_splits) * BLOCK
     num_splits = triton.cdiv(vocab_size, chunk_size)      # no empty chunk
     device = logits.device
-    score = torch.empty(num_rows, num_splits, dtype=torch.float32, device=device)   # [B, S] each
+    score, logit, part_max, part_sum = (torch.empty(num_rows, num_splits, dtype=torch.float32, device=device)
+                                        for _ in range(4))                                   # [B, S] each
     token = torch.empty(num_rows, num_splits, dtype=torch.int64, device=device)
-    part_max = torch.empty(num_rows, num_splits, dtype=torch.float32, device=device)
-    part_sum = torch.empty(num_rows, num_splits, dtype=torch.float32, device=device)
-    greedy = keys is None
+    greedy, scaled = keys is None, temperature is not None
     _sample_from_logits_kernel[(num_rows, num_splits)](
-        logits, token if greedy else keys, score if greedy else temperature, score, token, part_max, part_sum,
-        vocab_size, logits.stride(0), chunk_size, num_splits, GREEDY=greedy, BLOCK=BLOCK)
+        logits, token if greedy else keys, temperature if scaled else score, score, token, logit, part_max, part_sum,
+        vocab_size, logits.stride(0), chunk_size, num_splits, GREEDY=greedy, SCALED=scaled, BLOCK=BLOCK,
+        num_warps=4)
     out = torch.empty(num_rows, dtype=torch.int64, device=device)
+    logprob = torch.empty(num_rows, dtype=torch.float32, device=device)
     lse = torch.empty(num_rows, dtype=torch.float32, device=device)
-    _combine_splits_kernel[(num_rows,)](score, token, part_max, part_sum, out, lse, num_splits,
+    _combine_splits_kernel[(num_rows,)](score, token, logit, part_max, part_sum, out, logprob, lse, num_splits,
                                         MAX_SPLITS=MAX_SPLITS)
-    return out, lse
+    return out, logprob, lse
+
+
+def exponential_race_triton(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """scores [B, V] float32 (-inf = excluded), keys [B] int64 -> token ids [B] int64 (see ops/sampling.py):
+    the fused pass without a temperature."""
+    return sample_from_logits_triton(scores, keys, None)[0]

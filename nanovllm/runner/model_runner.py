@@ -182,7 +182,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return None
-        logits = self.model.compute_logits(hidden[logits_indices])              # [N, V] float32
+        logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
         samples = self.sampler.sample(logits, self.prepare_sampling(batch))
         self.previous_tokens = samples.token_ids
         return samples
@@ -218,7 +218,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
         if logits_indices.shape[0] == 0:
             return None
-        return self.model.compute_logits(hidden[logits_indices])                  # [N, V] float32
+        return self.model.compute_logits(hidden[logits_indices])                  # [N, V], the model dtype
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (nothing to do with one rank)."""

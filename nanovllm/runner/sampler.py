@@ -189,26 +189,29 @@ class DeviceSamples:
 
 
 class Sampler:
-    """logits [B, V] float32 + SamplingBatch -> one token per row (see the module docstring)."""
+    """logits [B, V] (the model's dtype) + SamplingBatch -> one token per row (see the module docstring)."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         return self.sample(logits, batch).result()
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSamples:
         """The same without waiting: the tokens stay on the device, their copy to the host starts."""
-        processed = apply_penalties(logits, batch)
-        if batch.suppressed_token_ids is not None:
-            processed = processed.masked_fill(_token_counts(batch.suppressed_token_ids, logits.shape[1]) > 0,
-                                              float("-inf"))
-        plain = (processed is logits and batch.top_k is None and batch.top_p is None and batch.min_p is None
-                 and (batch.all_greedy or batch.all_random))
-        if plain:   # all greedy, or all plain temperature: one fused pass (ops/sampling.py)
+        plain = (batch.output_token_ids is None and batch.suppressed_token_ids is None and batch.top_k is None
+                 and batch.top_p is None and batch.min_p is None and (batch.all_greedy or batch.all_random))
+        if plain:   # all greedy, or all plain temperature: one fused pass over the logits as they are
             keys, temperature = (None, None) if batch.all_greedy else (batch.stream_keys, batch.temperature)
-            token_ids, log_normalizer = sample_from_logits(logits, keys, temperature)          # [B] each
+            token_ids, sampled_logprobs, log_normalizer = sample_from_logits(logits, keys, temperature)   # [B] each
+            if batch.max_num_logprobs is not None:
+                logits = logits.float()
         else:
+            logits = logits.float()
+            processed = apply_penalties(logits, batch)
+            if batch.suppressed_token_ids is not None:
+                processed = processed.masked_fill(_token_counts(batch.suppressed_token_ids, logits.shape[1]) > 0,
+                                                  float("-inf"))
             log_normalizer = torch.logsumexp(logits, dim=-1)                                   # [B]
             token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
-        sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer         # [B]
+            sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer     # [B]
         tensors = [token_ids, sampled_logprobs]
         if batch.max_num_logprobs is not None:
             values, ids = logits.topk(min(batch.max_num_logprobs, logits.shape[1]), dim=-1)    # [B, k] each
