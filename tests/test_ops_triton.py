@@ -24,11 +24,10 @@ import torch
 
 from nanovllm.ops import use_triton
 from nanovllm.ops.activation import silu_and_mul, silu_and_mul_torch
-from nanovllm.ops.attention import (AttentionMetadata, paged_attention, paged_attention_torch, store_kvcache,
-                                    store_kvcache_torch)
+from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch
 from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
 from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary, qk_norm_rotary_torch,
-                                 rope_cos_sin_cache)
+                                 rope_cos_sin_cache, rotary_and_store_kv, rotary_and_store_kv_torch)
 from conftest import PoisonedTorch
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -70,7 +69,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = [value for module in vars(kernels).values() for value in vars(module).values()
              if isinstance(value, (InterpretedFunction, JITFunction))]
-    assert len(found) == 14
+    assert len(found) == 11
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -219,25 +218,6 @@ def test_split_kv_matches_reference_on_mixed_batches(kernels, group, num_kv_head
                                **TOLERANCE[torch.float32])
 
 
-@in_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block_size", [4, 16])
-def test_store_kvcache_kernel_writes_the_mapped_slots_and_skips_negative_ones(kernels, block_size, dtype):
-    num_blocks, num_kv_heads, head_dim, num_tokens = 5, 3, 80, 9
-    qkv = torch.randn(num_tokens, (4 + 2 * num_kv_heads) * head_dim).to(dtype)
-    k = qkv[:, 4 * head_dim:(4 + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
-    v = qkv[:, (4 + num_kv_heads) * head_dim:].view(num_tokens, num_kv_heads, head_dim)
-    slot_mapping = torch.randperm(num_blocks * block_size)[:num_tokens]
-    slot_mapping[[2, 7]] = -1
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    v_cache = k_cache.clone()
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    kernels.attention_triton.store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
-    store_kvcache_torch(k, v, k_ref, v_ref, slot_mapping)
-    assert torch.equal(k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0))
-    assert torch.equal(v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
-
-
 # ---- norms, rotary, activation -------------------------------------------------------------
 
 @in_interpreter
@@ -314,6 +294,50 @@ def test_fused_qk_norm_rotary_kernel_matches_norm_then_rotary(kernels, num_heads
     torch.testing.assert_close(qkv, qkv_ref, **TOLERANCE[dtype])
 
 
+def rotary_and_store_inputs(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                            dtype: torch.dtype, seed: int):
+    """What a decoder layer hands `rotary_and_store_kv`: q, k, v split from one qkv buffer
+    [T, Hq + 2 Hkv, D] as llama.py splits it, positions that are a strided view, and a slot
+    mapping with padding rows (-1). The caches are random and sit behind a guard block, so a
+    write meant to be skipped (slot -1 lands just before the cache) shows up in the buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens, num_blocks = 9, 5
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 300, 10000.0, None)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    positions = torch.randint(0, 300, (2 * num_tokens,), generator=gen)[::2]        # [T], stride 2
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slot_mapping[[2, 7]] = -1
+    cache_buffers = torch.randn(2, 1 + num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    return qkv, positions, cos_sin_cache, slot_mapping, cache_buffers
+
+
+@in_interpreter
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(7, 1, 64), (3, 3, 80)])
+def test_rotary_and_store_kv_kernel_matches_rotary_then_store(kernels, num_heads, num_kv_heads, head_dim,
+                                                              block_size, dtype, qk_norm):
+    """q and k rotated in place (after the per-head norm for Qwen3), rotated k and v written at
+    their slots, padding rows (-1) and every other cache row left as they were."""
+    qkv, positions, cos_sin_cache, slot_mapping, cache_buffers = rotary_and_store_inputs(
+        num_heads, num_kv_heads, head_dim, block_size, dtype, seed=block_size + num_heads)
+    norm = (*torch.randn(2, head_dim).to(dtype).unbind(0), 1e-6) if qk_norm else ()
+    qkv_ref, cache_buffers_ref = qkv.clone(), cache_buffers.clone()
+    for buffer, caches, op in [(qkv, cache_buffers, kernels.rotary_triton.rotary_and_store_kv_triton),
+                               (qkv_ref, cache_buffers_ref, rotary_and_store_kv_torch)]:
+        q, k, v = buffer.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        k_cache, v_cache = caches[:, 1:]                                        # behind the guard block
+        q_out, k_out = op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, *norm)
+        assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(qkv, qkv_ref, **TOLERANCE[dtype])                 # q, k rotated; v untouched
+    torch.testing.assert_close(cache_buffers[0], cache_buffers_ref[0], **TOLERANCE[dtype])   # k cache
+    assert torch.equal(cache_buffers[1], cache_buffers_ref[1])                                # v cache
+    written = torch.zeros(cache_buffers.shape[1:3], dtype=torch.bool)
+    written[1:].view(-1)[slot_mapping[slot_mapping >= 0]] = True
+    assert torch.equal(cache_buffers[:, ~written], cache_buffers_ref[:, ~written])   # the rest, bit for bit
+
+
 @in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("intermediate", [45, 1100])
@@ -330,18 +354,19 @@ def test_exponential_race_kernel_draws_the_reference_tokens(kernels, vocab_size)
     gen = torch.Generator().manual_seed(vocab_size)
     scores = torch.randn(5, vocab_size, generator=gen) * 3
     scores[1, : vocab_size // 2] = float("-inf")              # a masked row (top-k / top-p)
+    scores[2, :-1] = float("-inf")                             # only the last token left
     keys = torch.randint(0, 2**32, (5,), generator=gen, dtype=torch.int64)
     for step in range(4):
         keys = (keys * 7 + step) % 2**32
         expected = exponential_race_torch(scores, keys)
         assert torch.equal(kernels.sampling_triton.exponential_race_triton(scores, keys), expected)
-    assert expected[1] >= vocab_size // 2
+    assert expected[1] >= vocab_size // 2 and expected[2] == vocab_size - 1
 
 
 @in_interpreter
 @pytest.mark.parametrize("vocab_size", [7, 2048, 5001])
 @pytest.mark.parametrize("greedy", [True, False])
-def test_fused_sampling_kernel_gives_the_reference_tokens_and_log_normalizer(kernels, vocab_size, greedy):
+def test_fused_sampling_kernel_gives_the_reference_tokens_logprobs_and_log_normalizer(kernels, vocab_size, greedy):
     from nanovllm.ops.sampling import sample_from_logits_torch
     gen = torch.Generator().manual_seed(vocab_size + greedy)
     logits = torch.randn(5, vocab_size, generator=gen) * 4 + torch.arange(5)[:, None] * 30.0   # rows far apart
@@ -351,23 +376,44 @@ def test_fused_sampling_kernel_gives_the_reference_tokens_and_log_normalizer(ker
     for step in range(3):
         keys = (keys * 7 + step) % 2**32
         args = (None, None) if greedy else (keys, temperature)
-        expected_tokens, expected_lse = sample_from_logits_torch(logits, *args)
-        for num_splits in (None, 1, 2, 3):     # 5001 tokens: 3 chunks of 2048 at most
-            tokens, lse = kernels.sampling_triton.sample_from_logits_triton(logits, *args, num_splits=num_splits)
+        expected_tokens, expected_logprobs, expected_lse = sample_from_logits_torch(logits, *args)
+        for num_splits in (None, 1, 2, 3):     # 5001 tokens: 5 chunks of 1024 at most
+            tokens, logprobs, lse = kernels.sampling_triton.sample_from_logits_triton(logits, *args,
+                                                                                      num_splits=num_splits)
             assert torch.equal(tokens, expected_tokens)
             torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-6, atol=1e-5)
     assert not greedy or tokens[3] == vocab_size // 3
 
 
 @in_interpreter
-def test_fused_sampling_splits_break_ties_towards_the_first_token(kernels):
-    """A winner tied across chunks is the lowest token, as torch.argmax's."""
-    logits = torch.zeros(2, 5000)
-    logits[:, [100, 2100, 4500]] = 5.0
+@pytest.mark.parametrize("greedy", [True, False])
+def test_fused_sampling_kernel_reads_half_precision_logits_with_strided_rows(kernels, greedy):
+    """The model's logits as they come: float16 here (bfloat16 on the GPU), rows of a wider buffer
+    (tensor parallelism pads the vocabulary); the same results as the float32 reference."""
+    from nanovllm.ops.sampling import sample_from_logits_torch
+    gen = torch.Generator().manual_seed(7)
+    padded = (torch.randn(4, 3000 + 13, generator=gen) * 4).half()
+    logits = padded[:, :3000]                                          # [4, 3000], row stride 3013
+    keys = torch.randint(0, 2**32, (4,), generator=gen, dtype=torch.int64)
+    args = (None, None) if greedy else (keys, torch.tensor([0.5, 0.8, 1.0, 1.7]))
+    tokens, logprobs, lse = kernels.sampling_triton.sample_from_logits_triton(logits, *args)
+    expected_tokens, expected_logprobs, expected_lse = sample_from_logits_torch(logits, *args)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-6, atol=1e-5)
+
+
+@in_interpreter
+def test_fused_sampling_breaks_ties_towards_the_first_token(kernels):
+    """A winner tied across chunks, or across the lanes of one chunk, is the lowest token, as torch.argmax's."""
+    logits = torch.zeros(3, 5000)
+    logits[:2, [100, 2100, 4500]] = 5.0
     logits[1, 4500] = 6.0
-    for num_splits in (1, 2, 3):
-        tokens, _ = kernels.sampling_triton.sample_from_logits_triton(logits, None, None, num_splits=num_splits)
-        assert tokens.tolist() == [100, 4500]
+    logits[2, [1500, 500, 2548]] = 3.0     # tokens 500 and 2548 share a lane (1024 apart twice), 1500 another
+    for num_splits in (1, 2, 3, 5):
+        tokens, _, _ = kernels.sampling_triton.sample_from_logits_triton(logits, None, None, num_splits=num_splits)
+        assert tokens.tolist() == [100, 4500, 500]
 
 
 def test_dispatchers_send_cpu_tensors_to_the_torch_references():
@@ -377,10 +423,6 @@ def test_dispatchers_send_cpu_tensors_to_the_torch_references():
                                                                  torch.float32, seed=3)
     assert torch.equal(paged_attention(q, k_clean, v_clean, metadata, 0.2),
                        paged_attention_torch(q, k_clean, v_clean, metadata, 0.2))
-    k_new, v_new = torch.randn(2, 6, 2, 32).unbind(0)
-    slots = torch.tensor([0, 5, -1, 9, 2, 3])
-    store_kvcache(k_new, v_new, k_clean, v_clean, slots)
-    assert torch.equal(k_clean.view(-1, 2, 32)[slots[slots >= 0]], k_new[slots >= 0])
     x = torch.randn(4, 37)
     assert torch.equal(rms_norm(x, torch.ones(37), 1e-6), rms_norm_torch(x, torch.ones(37), 1e-6))
     assert torch.equal(add_rms_norm(x, x, torch.ones(37), 1e-6)[0], add_rms_norm_torch(x, x, torch.ones(37), 1e-6)[0])
@@ -394,3 +436,12 @@ def test_dispatchers_send_cpu_tensors_to_the_torch_references():
     qk_norm_rotary(q1, k1, positions, cache, weight, weight, 1e-6)
     qk_norm_rotary_torch(q2, k2, positions, cache, weight, weight, 1e-6)
     assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    qkv, positions, cos_sin, slots, caches = rotary_and_store_inputs(4, 2, 32, 4, torch.float32, seed=3)
+    for norm in [(), (weight, weight, 1e-6)]:
+        outputs = []
+        for op in (rotary_and_store_kv, rotary_and_store_kv_torch):
+            buffer, cache_buffers = qkv.clone(), caches.clone()
+            q, k, v = buffer.split([4, 2, 2], dim=1)
+            op(q, k, v, positions, cos_sin, *cache_buffers[:, 1:], slots, *norm)
+            outputs.append((buffer, cache_buffers))
+        assert all(torch.equal(a, b) for a, b in zip(*outputs))

@@ -28,9 +28,9 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
 from nanovllm.ops.activation import silu_and_mul
-from nanovllm.ops.attention import AttentionMetadata, paged_attention, store_kvcache
+from nanovllm.ops.attention import AttentionMetadata, paged_attention
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
-from nanovllm.ops.rotary import apply_rotary, qk_norm_rotary, rope_cos_sin_cache
+from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_and_store_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]   # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
 
@@ -74,13 +74,13 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x).view(T, -1, self.head_dim)                       # [T, Hq + 2 Hkv, D]
         # q [T, Hq, D], k and v [T, Hkv, D]: views of qkv's rows
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        if self.qk_norm:   # Qwen3: RMSNorm each head of q and k, then RoPE (one kernel on CUDA)
-            q, k = qk_norm_rotary(q, k, positions, self.cos_sin_cache,
-                                  self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        else:
-            q, k = apply_rotary(q, k, positions, self.cos_sin_cache)
         k_cache, v_cache = kv_cache
-        store_kvcache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        # Qwen3 RMSNorms each head of q and k before RoPE; the other models have no norm weights.
+        q_norm_weight, k_norm_weight, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                                             if self.qk_norm else (None, None, 0.0))
+        # RoPE on q and k in place, then the new tokens' k and v into their cache slots: one kernel on CUDA.
+        q, k = rotary_and_store_kv(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache,
+                                   metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
         o = paged_attention(q, k_cache, v_cache, metadata, self.scale)          # [T, Hq, D]
         return self.parallel.all_reduce(self.o_proj(o.reshape(T, self.q_size)))  # [T, H]
 
@@ -152,9 +152,11 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> float32 logits [N, V]; each tensor-parallel rank computes its vocabulary rows."""
+        """hidden [N, H] -> logits [N, V] in the model's dtype (a view: rows may be padded); each
+        tensor-parallel rank computes its vocabulary rows. The sampler reads them as they are: a
+        float32 copy of a [256, 128256] batch would cost more than the whole sampling pass."""
         logits = self.parallel.all_gather(self.lm_head(hidden))                 # [N, world_size * rows per rank]
-        return logits[:, :self.config.vocab_size].float()                       # drop the padding columns
+        return logits[:, :self.config.vocab_size]                               # drop the padding columns
 
     # ---- weights ---------------------------------------------------------------------------
 

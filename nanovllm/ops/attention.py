@@ -11,7 +11,8 @@ One forward pass carries several sequences, flattened into T token rows. For
 sequence b, rows query_start_loc[b]:query_start_loc[b+1] are its new tokens
 (a prefill chunk, or a single token for a decode), and seq_lens[b] counts its
 whole context *including* the new tokens. The new tokens' K and V are first
-written into their slots (`store_kvcache`), then every query reads its
+written into their slots (`store_kvcache_torch`; on CUDA the rotary kernel writes
+them, `rotary_and_store_kv` in rotary.py), then every query reads its
 sequence's context through the block table (`paged_attention`), causally: the
 query at absolute position p sees keys 0..p.
 
@@ -153,15 +154,6 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=context.mask,
                                        scale=scale)                                      # [B, Hkv, g, D]
     return o.reshape(batch, num_heads, head_dim)
-
-
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    if use_triton(k):
-        from nanovllm.ops.attention_triton import store_kvcache_triton
-        store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
-        return
-    store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -63,29 +63,38 @@ def _paged_attention_kernel(
         stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
         IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Which sequence owns this tile: the last one whose first tile is <= ours (BLOCK_B starts at a time).
-    num_starts_before = tl.full((), 0, tl.int32)
-    for b0 in range(0, num_seqs, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        starts = tl.load(query_start_loc_ptr + offs_b, mask=offs_b < num_seqs, other=1 << 30)
-        if BLOCK_Q == 1:
-            first_tiles = starts
-        else:
-            first_tiles = starts // BLOCK_Q + offs_b
-        num_starts_before += tl.sum((first_tiles <= tile).to(tl.int32), axis=0)
-    seq = num_starts_before - 1
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if BLOCK_Q == 1:
-        q_lo = tile - q_start
+    if DECODE:
+        # A decode step: every sequence has exactly one new token, so tile = token = sequence. Nothing
+        # to search, and the sequence's length is the first load (at batch 1 each dependent load
+        # before the first key is a visible share of the kernel's few microseconds).
+        seq = tile
+        q_start = tile
+        q_len = 1
+        q_lo = 0
     else:
-        q_lo = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q   # first new token of this tile
+        # Which sequence owns this tile: the last one whose first tile is <= ours (BLOCK_B starts at a time).
+        num_starts_before = tl.full((), 0, tl.int32)
+        for b0 in range(0, num_seqs, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            starts = tl.load(query_start_loc_ptr + offs_b, mask=offs_b < num_seqs, other=1 << 30)
+            if BLOCK_Q == 1:
+                first_tiles = starts
+            else:
+                first_tiles = starts // BLOCK_Q + offs_b
+            num_starts_before += tl.sum((first_tiles <= tile).to(tl.int32), axis=0)
+        seq = num_starts_before - 1
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        if BLOCK_Q == 1:
+            q_lo = tile - q_start
+        else:
+            q_lo = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q   # first new token of this tile
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len                               # tokens cached before the chunk
 
@@ -279,7 +288,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         metadata.block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits,
+        BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages,
         num_warps=config.num_warps)
     if num_kv_splits > 1:
@@ -290,46 +299,4 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             NUM_SPLITS=num_kv_splits, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=1)
     return out
-
-
-@triton.jit
-def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                          stride_kt, stride_kh, stride_vt, stride_vh,
-                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                          NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token)
-    if slot >= 0:
-        block = slot // BLOCK_SIZE
-        in_block = slot % BLOCK_SIZE
-        offs_h = tl.arange(0, HEADS_PAD)
-        offs_d = tl.arange(0, HEAD_DIM_PAD)
-        mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-        v = tl.load(v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-        k_dst = block * stride_kcb + in_block * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
-        v_dst = block * stride_vcb + in_block * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
-        tl.store(k_cache_ptr + k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def store_kvcache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write k, v [T, Hkv, D] into the caches at slot_mapping [T]; slots < 0 are skipped."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    if k.stride(2) != 1:
-        k = k.contiguous()
-    if v.stride(2) != 1:
-        v = v.contiguous()
-    _store_kvcache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4)
 

@@ -10,6 +10,10 @@ the middle band smoothly (Llama 3.1 / 3.2).
 On the CPU each op call costs microseconds whatever its size, so the reference
 rotates in four in-place ops, and q and k together when they sit side by side
 in the fused qkv output.
+
+A decoder layer calls `rotary_and_store_kv`: (Qwen3's per-head norm,) RoPE, then
+the write of the new tokens' K and V into the paged cache. On CUDA that is one
+kernel; the torch reference runs the steps in turn.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from nanovllm.ops import use_triton
+from nanovllm.ops.attention import store_kvcache_torch
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 
@@ -116,6 +121,22 @@ def qk_norm_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tens
     return apply_rotary_torch(q, k, positions, cos_sin_cache)
 
 
+def rotary_and_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                              k_norm_weight: torch.Tensor | None = None,
+                              eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (first RMSNorm each head when the norm
+    weights [D] are given), then write k and v [T, Hkv, D] into k_cache, v_cache
+    [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slots < 0 skipped); returns (q, k)."""
+    if q_norm_weight is not None:
+        qk_norm_rotary_torch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+    else:
+        apply_rotary_torch(q, k, positions, cos_sin_cache)
+    store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(q):
@@ -132,3 +153,18 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
         from nanovllm.ops.rotary_triton import qk_norm_rotary_triton
         return qk_norm_rotary_triton(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
     return qk_norm_rotary_torch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+
+
+def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                        k_norm_weight: torch.Tensor | None = None,
+                        eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Norm and) rotate q and k in place, then write k and v into the caches at slot_mapping;
+    one kernel on CUDA. See rotary_and_store_kv_torch for the shapes."""
+    if use_triton(q):
+        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
+        return rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                          q_norm_weight, k_norm_weight, eps)
+    return rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                     q_norm_weight, k_norm_weight, eps)

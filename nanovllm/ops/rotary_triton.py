@@ -1,11 +1,17 @@
-"""RoPE in Triton, in place on q and k, optionally fused with Qwen3's per-head RMSNorm.
+"""RoPE in Triton, in place on q and k, optionally fused with Qwen3's per-head RMSNorm
+and with the write of the token's K and V into the paged KV cache.
 
 One program per token rotates every query and key head of that token: the cos/sin
 row of its position is read once, and q and k are read and written once each.
 With the norm fused, each head is normalized (fp32 mean square over D) before it
 is rotated, so Qwen3's q_norm -> k_norm -> rotary is one pass instead of three.
+With the store fused (`rotary_and_store_kv_triton`, what a decoder layer runs), the
+same program then writes the rotated k, still in registers, and the token's v into
+the caches at its slot (slot < 0: a padding row, nothing written): a decoder layer
+launches one kernel for norm + RoPE + cache write, where a separate store kernel
+would cost a launch and a re-read of k per layer.
 Rounding follows the torch references (norm rounded to the dtype, then rotated in
-fp32 and rounded again).
+fp32 and rounded again; the cache gets that rounded k, cast to the cache's dtype).
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import triton.language as tl
 def _rotate_heads(x_ptr, stride_h, cos, sin, weight_ptr, eps,
                   NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Rotate (and first normalize) the [NUM_HEADS, 2 * HALF] heads at x_ptr in place."""
+    """Rotate (and first normalize) the [NUM_HEADS, 2 * HALF] heads at x_ptr in place.
+    Returns the rotated halves as stored (in x's dtype), [HEADS_PAD, HALF_PAD] each."""
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HALF_PAD)
     mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
@@ -35,16 +42,22 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, weight_ptr, eps,
         x2f = (x2f * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]
         x1f = x1f.to(x1.dtype).to(tl.float32)
         x2f = x2f.to(x1.dtype).to(tl.float32)
-    tl.store(ptr1, (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype), mask=mask)
-    tl.store(ptr1 + HALF, (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype), mask=mask)
+    out1 = (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype)
+    out2 = (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype)
+    tl.store(ptr1, out1, mask=mask)
+    tl.store(ptr1 + HALF, out2, mask=mask)
+    return out1, out2
 
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
+                   v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, stride_vt, stride_vh,
+                   stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                    NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr):
+                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
+                   STORE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
@@ -52,12 +65,33 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_wei
     sin = tl.load(cos_sin_ptr + position * stride_cache + HALF + offs_d, mask=offs_d < HALF, other=0.0)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, q_weight_ptr, eps,
                   NUM_Q_HEADS, Q_HEADS_PAD, HALF, HALF_PAD, HAS_NORM)
-    _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, k_weight_ptr, eps,
-                  NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD, HAS_NORM)
+    k1, k2 = _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, k_weight_ptr, eps,
+                           NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD, HAS_NORM)
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:   # slot -1: a padding row (e.g. of a CUDA-graph batch), nothing to write
+            block = slot // BLOCK_SIZE
+            in_block = slot % BLOCK_SIZE
+            offs_h = tl.arange(0, KV_HEADS_PAD)
+            mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+            v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]   # first halves
+            v1 = tl.load(v_src, mask=mask)
+            v2 = tl.load(v_src + HALF, mask=mask)
+            k_dst = (k_cache_ptr + block * stride_kcb + in_block * stride_kcs
+                     + offs_h[:, None] * stride_kch + offs_d[None, :])
+            v_dst = (v_cache_ptr + block * stride_vcb + in_block * stride_vcs
+                     + offs_h[:, None] * stride_vch + offs_d[None, :])
+            tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-            q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float) -> None:
+            q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+            v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+            v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None) -> None:
+    """Rotate q and k in place; with v given, also write k and v into the caches at slot_mapping."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
@@ -65,15 +99,32 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     if q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError("rotary embedding works in place and needs q and k with a unit stride "
                          "along head_dim; pass views of a row-major qkv buffer")
+    positions = positions.contiguous()    # a program reads its token's entry at positions_ptr + token
     half = head_dim // 2
     has_norm = q_norm_weight is not None
+    store_kv = v is not None
+    if store_kv:
+        if v.stride(2) != 1:
+            v = v.contiguous()
+        slot_mapping = slot_mapping.contiguous()
+        if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+            raise ValueError("the KV caches need a unit stride along head_dim")
+        cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+        block_size = k_cache.shape[1]
+    else:   # the store's arguments are unused: any valid pointer and stride will do
+        v, k_cache, v_cache, slot_mapping = k, k, k, positions
+        cache_strides = (0,) * 6
+        block_size = 1
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos_sin_cache,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        v, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), v.stride(0), v.stride(1),
+        *cache_strides,
         NUM_Q_HEADS=num_heads, Q_HEADS_PAD=triton.next_power_of_2(num_heads),
         NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=has_norm,
+        STORE_KV=store_kv, BLOCK_SIZE=block_size, num_warps=4)
 
 
 def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -88,4 +139,16 @@ def qk_norm_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Ten
                           k_norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm each head of q [T, Hq, D] and k [T, Hkv, D] (weights [D]), then rotate; in place."""
     _launch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+    return q, k
+
+
+def rotary_and_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                               cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                               k_norm_weight: torch.Tensor | None = None,
+                               eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (first RMSNorm each head when the norm
+    weights [D] are given), then write k and v [T, Hkv, D] into k_cache, v_cache
+    [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slots < 0 skipped); returns (q, k)."""
+    _launch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps, v, k_cache, v_cache, slot_mapping)
     return q, k

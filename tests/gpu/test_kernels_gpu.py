@@ -12,9 +12,9 @@ import torch
 
 from nanovllm.ops import activation_triton, attention_triton, rmsnorm_triton, rotary_triton
 from nanovllm.ops.activation import silu_and_mul_torch
-from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch, store_kvcache_torch
+from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch
 from nanovllm.ops.rmsnorm import add_rms_norm_torch, rms_norm_torch
-from nanovllm.ops.rotary import apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache
+from nanovllm.ops.rotary import apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache, rotary_and_store_kv_torch
 from conftest import PoisonedTorch
 
 pytestmark = [pytest.mark.gpu,
@@ -134,17 +134,30 @@ def test_cuda_tensors_are_dispatched_to_the_triton_kernel():
                        attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.125))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80])
-def test_store_kvcache_writes_exactly_what_the_reference_writes(shape):
+def test_rotary_and_store_kv_matches_rotary_then_store(shape, qk_norm):
+    """The fused op against the references in turn: q, k and the k cache to bf16 rounding (the
+    rotation), v and every cache row not written (slot -1 rows among them) exactly."""
     num_heads, num_kv_heads, head_dim = shape
-    qkv = torch.randn(1000, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE, dtype=torch.bfloat16)
-    k, v = qkv[:, num_heads * head_dim:].view(1000, 2, num_kv_heads, head_dim).unbind(1)
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 8192, 500000.0, None).to(DEVICE)
+    qkv = torch.randn(1000, num_heads + 2 * num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    positions = torch.randint(0, 8192, (1000,), device=DEVICE)
     slot_mapping = torch.randperm(300 * 16, device=DEVICE)[:1000]
     slot_mapping[::7] = -1
-    caches = torch.randn(2, 300, 16, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16).repeat(2, 1, 1, 1, 1)
-    attention_triton.store_kvcache_triton(k, v, caches[0], caches[1], slot_mapping)
-    store_kvcache_torch(k, v, caches[2], caches[3], slot_mapping)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    norm = (*torch.randn(2, head_dim, device=DEVICE, dtype=torch.bfloat16).unbind(0), 1e-6) if qk_norm else ()
+    caches = torch.randn(2, 300, 16, num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    ref, ref_caches = qkv.clone(), caches.clone()
+    rotary_triton.rotary_and_store_kv_triton(*qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1),
+                                             positions, cos_sin_cache, *caches, slot_mapping, *norm)
+    rotary_and_store_kv_torch(*ref.split([num_heads, num_kv_heads, num_kv_heads], dim=1),
+                              positions, cos_sin_cache, *ref_caches, slot_mapping, *norm)
+    torch.testing.assert_close(qkv, ref, **BF16)
+    torch.testing.assert_close(caches[0], ref_caches[0], **BF16)
+    assert torch.equal(caches[1], ref_caches[1])
+    written = torch.zeros(300 * 16, dtype=torch.bool, device=DEVICE)
+    written[slot_mapping[slot_mapping >= 0]] = True
+    assert torch.equal(caches.flatten(1, 2)[:, ~written], ref_caches.flatten(1, 2)[:, ~written])
 
 
 @pytest.mark.parametrize("hidden", [1024, 2048, 3072])
@@ -193,18 +206,21 @@ def test_silu_and_mul_matches_reference(intermediate):
 @pytest.mark.parametrize("vocab_size", [128256, 151936, 5001])
 @pytest.mark.parametrize("greedy", [True, False])
 @pytest.mark.parametrize("num_rows", [1, 64, 300])    # 64 and 1 rows split each row's vocabulary, 300 do not
-def test_fused_sampling_kernel_matches_reference_at_model_sizes(vocab_size, greedy, num_rows):
-    """Tokens exactly (the seeded draw is the CPU's), the log-normalizer to float32 rounding."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_sampling_kernel_matches_reference_at_model_sizes(vocab_size, greedy, num_rows, dtype):
+    """Tokens exactly (the seeded draw is the CPU's), log-probabilities and the log-normalizer to
+    float32 rounding; bfloat16 is how the engine hands the logits over."""
     from nanovllm.ops.sampling import sample_from_logits_torch
     from nanovllm.ops.sampling_triton import sample_from_logits_triton
     gen = torch.Generator(device="cuda").manual_seed(vocab_size)
-    logits = torch.randn(num_rows, vocab_size, device="cuda", generator=gen) * 3
+    logits = (torch.randn(num_rows, vocab_size, device="cuda", generator=gen) * 3).to(dtype)
     temperature = torch.rand(num_rows, device="cuda", generator=gen) + 0.2
     keys = torch.randint(0, 2**32, (num_rows,), device="cuda", generator=gen, dtype=torch.int64)
     args = (None, None) if greedy else (keys, temperature)
-    tokens, lse = sample_from_logits_triton(logits, *args)
-    expected_tokens, expected_lse = sample_from_logits_torch(logits, *args)
+    tokens, logprobs, lse = sample_from_logits_triton(logits, *args)
+    expected_tokens, expected_logprobs, expected_lse = sample_from_logits_torch(logits, *args)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
-    cpu_tokens, _ = sample_from_logits_torch(logits.cpu(), *(a if a is None else a.cpu() for a in args))
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-6, atol=1e-5)
+    cpu_tokens, _, _ = sample_from_logits_torch(logits.cpu(), *(a if a is None else a.cpu() for a in args))
     assert torch.equal(tokens.cpu(), cpu_tokens)
