@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.bench.graph_timing import graph_time_us
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_triton import paged_attention_triton
 
@@ -36,22 +37,9 @@ def main() -> None:
                 block_tables=tables, max_query_len=1, max_seq_len=width * block)
             cells = []
             for splits in splits_list:
-                def run():
-                    for _ in range(16):
-                        paged_attention_triton(q, k_cache, v_cache, metadata, 0.125, num_kv_splits=splits)
-                run()
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                graph.replay()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(50):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                cells.append(f"{start.elapsed_time(end) * 1e3 / (50 * 16):.2f}")
+                us = graph_time_us(lambda: paged_attention_triton(q, k_cache, v_cache, metadata, 0.125,
+                                                                  num_kv_splits=splits), calls=16)
+                cells.append(f"{us:.2f}")
             print(f"| {batch} | {context} | " + " | ".join(cells) + " |")
 
 

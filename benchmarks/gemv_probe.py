@@ -12,25 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanovllm.bench.graph_timing import graph_time_us
+
 SHAPES = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (16384, 2048),
           "down_proj": (2048, 8192), "lm_head": (128256, 2048)}
-
-
-def graph_time_us(fn, calls: int = 50, replays: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def main() -> None:
@@ -49,7 +34,7 @@ def main() -> None:
             torch.backends.cuda.preferred_blas_library(backend)
             cells = []
             for way in ways.values():
-                us = graph_time_us((lambda: way(x, w)) if way is not None else (lambda: x @ wt))
+                us = graph_time_us((lambda: way(x, w)) if way is not None else (lambda: x @ wt), calls=50, replays=20)
                 cells.append(f"{us:.2f} us {mb / us:.2f} TB/s")
             print(f"| {name} {n}x{k} | {mb:.1f} | {backend} | " + " | ".join(cells) + " |")
     torch.backends.cuda.preferred_blas_library("cublas")

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.bench.graph_timing import graph_time_us
+
 
 @triton.jit
 def _scale_norm_kernel(x_ptr, w_ptr, out_ptr, N: tl.constexpr, USE_GDC: tl.constexpr):
@@ -38,23 +40,6 @@ def norm(x: torch.Tensor, w: torch.Tensor, pdl: bool) -> torch.Tensor:
     else:
         _scale_norm_kernel[(1,)](x, w, out, N=x.shape[-1], USE_GDC=False, num_warps=8)
     return out
-
-
-def time_graph(fn, replays: int = 200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays * 1e3   # us per replay
 
 
 def main() -> None:
@@ -86,9 +71,9 @@ def main() -> None:
         return run
 
     for name, make in (("16 layers of 4 matmuls + 4 norms", layers), ("128 norms alone", norms)):
-        plain = time_graph(make(False))
+        plain = graph_time_us(make(False), replays=200)
         try:
-            with_pdl = time_graph(make(True))
+            with_pdl = graph_time_us(make(True), replays=200)
         except Exception as error:   # an older Triton or driver without PDL
             print(f"{name}: plain {plain:.1f} us per replay; PDL failed: {type(error).__name__}: {error}")
             continue
