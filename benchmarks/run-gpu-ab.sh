@@ -42,9 +42,11 @@ bench() { local tree=$1 name=$2; shift 2; say "$name $tree"
 overhead new; overhead base
 bench base latency-llama-3.2-1b latency --dummy llama-3.2-1b
 bench new latency-llama-3.2-1b latency --dummy llama-3.2-1b
-bench new throughput-llama-3.2-1b throughput --dummy llama-3.2-1b
-bench base throughput-llama-3.2-1b throughput --dummy llama-3.2-1b
-bench base throughput-qwen3-0.6b throughput --dummy qwen3-0.6b
-bench new throughput-qwen3-0.6b throughput --dummy qwen3-0.6b
+if [ "${THROUGHPUT:-1}" = 1 ]; then   # THROUGHPUT=0: host_overhead and latency only
+  bench new throughput-llama-3.2-1b throughput --dummy llama-3.2-1b
+  bench base throughput-llama-3.2-1b throughput --dummy llama-3.2-1b
+  bench base throughput-qwen3-0.6b throughput --dummy qwen3-0.6b
+  bench new throughput-qwen3-0.6b throughput --dummy qwen3-0.6b
+fi
 say done
 grep -v "^==" "$LOG" | tail -40

@@ -30,14 +30,15 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, weight_ptr, eps,
     offs_d = tl.arange(0, HALF_PAD)
     mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
     ptr1 = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+    if HAS_NORM:   # loaded before the reduction, so that it travels with x's load
+        w1 = tl.load(weight_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
     x1 = tl.load(ptr1, mask=mask, other=0.0)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF) + eps)
-        w1 = tl.load(weight_ptr + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(weight_ptr + HALF + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
         x1f = (x1f * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]
         x2f = (x2f * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]
         x1f = x1f.to(x1.dtype).to(tl.float32)
@@ -61,6 +62,13 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_wei
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
+    if STORE_KV:   # the loads that depend on nothing else go first, to overlap the cos/sin loads
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        offs_h = tl.arange(0, KV_HEADS_PAD)
+        mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+        v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]   # first halves
+        v1 = tl.load(v_src, mask=mask)
+        v2 = tl.load(v_src + HALF, mask=mask)
     cos = tl.load(cos_sin_ptr + position * stride_cache + offs_d, mask=offs_d < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + position * stride_cache + HALF + offs_d, mask=offs_d < HALF, other=0.0)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, q_weight_ptr, eps,
@@ -68,15 +76,9 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_wei
     k1, k2 = _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, k_weight_ptr, eps,
                            NUM_KV_HEADS, KV_HEADS_PAD, HALF, HALF_PAD, HAS_NORM)
     if STORE_KV:
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:   # slot -1: a padding row (e.g. of a CUDA-graph batch), nothing to write
             block = slot // BLOCK_SIZE
             in_block = slot % BLOCK_SIZE
-            offs_h = tl.arange(0, KV_HEADS_PAD)
-            mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
-            v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]   # first halves
-            v1 = tl.load(v_src, mask=mask)
-            v2 = tl.load(v_src + HALF, mask=mask)
             k_dst = (k_cache_ptr + block * stride_kcb + in_block * stride_kcs
                      + offs_h[:, None] * stride_kch + offs_d[None, :])
             v_dst = (v_cache_ptr + block * stride_vcb + in_block * stride_vcs
