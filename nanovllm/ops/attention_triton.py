@@ -16,7 +16,8 @@ loads each K/V tile once and uses it for BLOCK_Q * GROUP query rows:
 Sequence b owns tiles query_start_loc[b] // BLOCK_Q + b and up, so the grid is
 T // BLOCK_Q + B tiles, known from shapes alone; a program finds its sequence by
 counting tile starts, and tiles past the end of a chunk do nothing. A decode
-(BLOCK_Q = 1) has exactly one tile per sequence. BLOCK_Q is fixed per model
+(BLOCK_Q = 1) has exactly one tile per sequence, so its program skips the count
+(DECODE: tile = sequence). BLOCK_Q is fixed per model
 (prefill) or 1 (decode), never taken from the step's chunk lengths, and the
 number of sequences is a plain argument: a step of a shape not seen before runs
 the kernels already compiled instead of stopping to compile new ones.
