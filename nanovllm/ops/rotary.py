@@ -145,16 +145,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return apply_rotary_torch(q, k, positions, cos_sin_cache)
 
 
-def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                   q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass on CUDA for Qwen3's q_norm, k_norm and RoPE; the same result as doing them in turn."""
-    if use_triton(q):
-        from nanovllm.ops.rotary_triton import qk_norm_rotary_triton
-        return qk_norm_rotary_triton(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
-    return qk_norm_rotary_torch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
-
-
 def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
