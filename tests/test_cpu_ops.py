@@ -161,3 +161,36 @@ def test_top_k_indices_are_the_top_k_set(rows, vocab_size, k):
     scores[0, :64] += 20             # a chunk holding many of row 0's best
     got = top_k_indices(scores, k).sort(dim=-1).values
     assert torch.equal(got, scores.topk(k, dim=-1).indices.sort(dim=-1).values)
+
+
+# ---- products split along K (ops/linear.py) ------------------------------------------------
+
+@pytest.mark.parametrize("rows,n,k,splits", [(1, 37, 64, 4), (3, 5, 96, 8), (8, 130, 256, 2)])
+def test_split_k_partial_products_add_up_to_the_product(rows, n, k, splits):
+    from nanovllm.ops.linear import linear_partials
+    x, weight = torch.randn(rows, k), torch.randn(n, k)
+    partials = linear_partials(x, weight, splits)
+    assert partials.shape == (splits, rows, n) and partials.dtype == torch.float32
+    torch.testing.assert_close(partials.sum(0), x @ weight.T, rtol=1e-5, atol=1e-4)
+
+
+def test_split_k_count_splits_only_few_row_products_with_too_few_tiles_on_a_gpu(monkeypatch):
+    import nanovllm.ops.linear as linear
+    monkeypatch.setattr(linear, "_sm_count", lambda index: 132)                   # an H200
+    gpu = torch.device("cuda", 0)
+    # Llama-3.2-1B at batch 1: qkv (48 tiles of 64 columns), o and down (32) split; gate_up (256) does not
+    assert [linear.split_k_count(1, n, k, gpu) for n, k in [(3072, 2048), (2048, 2048), (2048, 8192),
+                                                            (16384, 2048)]] == [4, 8, 8, 1]
+    assert linear.split_k_count(linear.SPLIT_K_MAX_ROWS + 1, 2048, 2048, gpu) == 1     # enough rows: plain
+    assert linear.split_k_count(1, 2048, 2048, torch.device("cpu")) == 1               # never on the CPU
+    assert linear.split_k_count(1, 64, 768, gpu) == 2          # slices of K stay >= 256 and divide K
+    assert linear.split_k_count(1, 64, 300, gpu) == 1
+
+
+def test_linear_or_partials_leaves_biased_and_quantized_layers_whole(monkeypatch):
+    import nanovllm.ops.linear as linear
+    monkeypatch.setattr(linear, "split_k_count", lambda rows, n, k, device: 4)
+    x = torch.randn(2, 64)
+    plain, biased = torch.nn.Linear(64, 8, bias=False), torch.nn.Linear(64, 8)
+    assert linear.linear_or_partials(x, plain).shape == (4, 2, 8)
+    assert linear.linear_or_partials(x, biased).shape == (2, 8)

@@ -54,6 +54,30 @@ def test_each_decode_step_matches_transformers(models):
         assert_logits_close(sequence.step([tokens[position]])[0], expected[position])
 
 
+def test_decode_steps_with_products_split_along_k_match_transformers(models, monkeypatch):
+    """At a few rows on a GPU, o_proj and down_proj return partial products over slices of K that
+    the next add_rms_norm adds up (ops/linear.py). Forced here on the CPU for every step of up to
+    8 rows: the same logits as transformers'."""
+    import nanovllm.ops.linear as linear
+    split = []
+
+    def four_slices_at_few_rows(rows, n, k, device):
+        if rows > 8 or k % 4:
+            return 1
+        split.append(rows)
+        return 4
+
+    monkeypatch.setattr(linear, "split_k_count", four_slices_at_few_rows)
+    ours, theirs = models
+    tokens = random_tokens(PROMPT_LEN + 4, ours.config.vocab_size, seed=5)
+    expected = reference_logits(theirs, tokens)
+    sequence = PagedSequence(ours)
+    sequence.step(tokens[:PROMPT_LEN])                  # 21 rows: not split
+    for position in range(PROMPT_LEN, len(tokens)):
+        assert_logits_close(sequence.step([tokens[position]])[0], expected[position])
+    assert len(split) == 4 * 2 * ours.config.num_hidden_layers      # o_proj and down_proj of every decode step
+
+
 def test_chunked_prefill_matches_transformers(models):
     ours, theirs = models
     tokens = random_tokens(PROMPT_LEN + 7, ours.config.vocab_size, seed=3)

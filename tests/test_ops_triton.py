@@ -252,6 +252,23 @@ def test_add_rms_norm_kernel_matches_reference(kernels, hidden, dtype):
     torch.testing.assert_close(out, ref_out, **TOLERANCE[dtype])
 
 
+@in_interpreter
+@pytest.mark.parametrize("num_partials", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm_kernel_adds_float32_partial_sums_of_x(kernels, num_partials, dtype):
+    """x as S partial products of a split-K matmul (ops/linear.py): summed in float32 with the
+    residual and rounded once to the residual's dtype."""
+    partials = torch.randn(num_partials, 5, 37)                                      # float32, as bmm writes them
+    residual, weight = torch.randn(5, 37).to(dtype), torch.randn(37).to(dtype)
+    out, new_residual = kernels.rmsnorm_triton.add_rms_norm_triton(partials, residual, weight, 1e-6)
+    ref_out, ref_residual = add_rms_norm_torch(partials, residual, weight, 1e-6)
+    assert new_residual.dtype == out.dtype == dtype
+    torch.testing.assert_close(new_residual, ref_residual, **TOLERANCE[dtype])
+    torch.testing.assert_close(out, ref_out, **TOLERANCE[dtype])
+    plain = (partials.double().sum(0) + residual.double()).to(dtype)                # the sum, rounded once
+    torch.testing.assert_close(new_residual, plain, **TOLERANCE[dtype])
+
+
 def rotary_inputs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, scaled: bool):
     num_tokens = 7
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -10,6 +10,8 @@ The variants differ by config only: Qwen2 adds a bias to q/k/v, Qwen3 normalizes
 each head of q and k before RoPE, Llama 3.1+ scales RoPE's long wavelengths.
 q/k/v are one fused matmul (`qkv_proj`) and so are gate/up (`gate_up_proj`):
 fewer, larger ops. `load_weights` maps HuggingFace tensor names onto them.
+At a few rows on the GPU, o_proj and down_proj return partial sums over slices
+of K (ops/linear.py), which the residual-add + RMSNorm after them adds up.
 
 Tensor parallel (see parallel.py): built with a ParallelState of N ranks, each
 layer holds 1/N of the heads and MLP features (shapes below are per rank:
@@ -29,6 +31,7 @@ from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
 from nanovllm.ops.activation import silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata, paged_attention
+from nanovllm.ops.linear import linear_or_partials
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_and_store_kv
 
@@ -82,7 +85,8 @@ class LlamaAttention(nn.Module):
         q, k = rotary_and_store_kv(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache,
                                    metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
         o = paged_attention(q, k_cache, v_cache, metadata, self.scale)          # [T, Hq, D]
-        return self.parallel.all_reduce(self.o_proj(o.reshape(T, self.q_size)))  # [T, H]
+        # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
+        return self.parallel.all_reduce(linear_or_partials(o.reshape(T, self.q_size), self.o_proj))
 
 
 class LlamaMLP(nn.Module):
@@ -94,8 +98,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)          # row-parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.down_proj(silu_and_mul(self.gate_up_proj(x)))                  # [T, 2I] -> [T, I] -> [T, H]
-        return self.parallel.all_reduce(x)                                      # partial sums -> [T, H]
+        x = silu_and_mul(self.gate_up_proj(x))                                  # [T, 2I] -> [T, I]
+        x = linear_or_partials(x, self.down_proj)                               # [T, H] or [S, T, H], as o_proj's
+        return self.parallel.all_reduce(x)                                      # ranks' partial sums -> their sum
 
 
 class LlamaDecoderLayer(nn.Module):

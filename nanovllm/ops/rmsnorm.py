@@ -3,6 +3,8 @@
 Each decoder layer does `residual = residual + x; x = rms_norm(residual)` twice.
 Fusing the add into the norm reads the activations once instead of three times.
 RMSNorm itself: x / sqrt(mean(x^2) + eps) * weight, computed in float32.
+The x of the fused step may come as partial sums [S, T, H] (a product split along K,
+ops/linear.py): they are added in float32 with the residual, and rounded once.
 For float32 inputs the reference calls torch's `F.rms_norm`, which computes
 exactly this formula in fewer dispatched ops (the CPU backend's hot path).
 """
@@ -25,8 +27,12 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]."""
-    residual = x + residual
+    """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]. x may also be
+    float32 partial sums [S, T, H]: then x + residual is their sum plus residual, in residual's dtype."""
+    if x.dim() == 3:
+        residual = (x.sum(0) + residual.float()).to(residual.dtype)
+    else:
+        residual = x + residual
     return rms_norm_torch(residual, weight, eps), residual
 
 

@@ -1,7 +1,9 @@
 """RMSNorm and fused residual-add + RMSNorm in Triton: one program per row.
 
 A row of H values is read once, its mean square reduced in fp32, and the row written
-once; the fused form also writes the new residual (x + residual) in the same pass.
+once; the fused form also writes the new residual (x + residual) in the same pass,
+and takes x as one row or as S float32 partial sums of it (a product split along K,
+ops/linear.py), which it adds as it loads them.
 Rounding follows `rms_norm_torch` step by step (normalize in fp32, round to the input
 dtype, then multiply by the weight), so both backends agree to the last bit in
 float32 and within one rounding in half precision.
@@ -30,16 +32,19 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, eps, inner, stride_x0, stride_x
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
-                         stride_x, stride_r, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
+                         stride_xs, stride_x, stride_r, NUM_PARTIALS: tl.constexpr,
+                         HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < HIDDEN
     # Every load first: the weight loaded after the reduction would cost a second trip to memory,
     # a visible share of this kernel's ~2 us at batch 1.
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
-    summed = (x.to(tl.float32) + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
+    xf = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, NUM_PARTIALS):     # unrolled: every partial's load in flight at once
+        xf += tl.load(x_ptr + s * stride_xs + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    summed = (xf + r.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
     tl.store(residual_out_ptr + row * HIDDEN + offs, summed, mask=mask)
     sf = summed.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / HIDDEN + eps)
@@ -72,17 +77,21 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]."""
-    num_tokens, hidden = x.shape
-    residual_out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-    out = torch.empty(x.shape, dtype=torch.promote_types(residual_out.dtype, weight.dtype), device=x.device)
+    """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]. x may also be
+    float32 partial sums [S, T, H]: then x + residual is their sum plus residual, in residual's dtype."""
+    partials = x if x.dim() == 3 else x[None]                         # [S, T, H]
+    num_tokens, hidden = residual.shape
+    res_dtype = residual.dtype if x.dim() == 3 else torch.promote_types(x.dtype, residual.dtype)
+    residual_out = torch.empty((num_tokens, hidden), dtype=res_dtype, device=x.device)
+    out = torch.empty((num_tokens, hidden), dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
     if num_tokens == 0:
         return out, residual_out
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    if partials.stride(2) != 1:
+        partials = partials.contiguous()
     if residual.stride(1) != 1:
         residual = residual.contiguous()
     block_h = triton.next_power_of_2(hidden)
-    _add_rms_norm_kernel[(num_tokens,)](x, residual, weight, out, residual_out, eps, x.stride(0), residual.stride(0),
+    _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, out, residual_out, eps, partials.stride(0),
+                                        partials.stride(1), residual.stride(0), NUM_PARTIALS=partials.shape[0],
                                         HIDDEN=hidden, BLOCK_H=block_h, num_warps=_num_warps(block_h))
     return out, residual_out

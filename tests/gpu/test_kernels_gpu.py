@@ -13,6 +13,7 @@ import torch
 from nanovllm.ops import activation_triton, attention_triton, rmsnorm_triton, rotary_triton
 from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch
+from nanovllm.ops.linear import linear_partials, split_k_count
 from nanovllm.ops.rmsnorm import add_rms_norm_torch, rms_norm_torch
 from nanovllm.ops.rotary import apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache, rotary_and_store_kv_torch
 from conftest import PoisonedTorch
@@ -170,6 +171,31 @@ def test_rms_norm_and_add_rms_norm_match_reference(hidden):
     ref_out, ref_residual = add_rms_norm_torch(x, residual, weight, 1e-5)
     assert torch.equal(new_residual, ref_residual)
     torch.testing.assert_close(out, ref_out, **BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_add_rms_norm_adds_the_partial_products_of_a_split_k_matmul(rows):
+    partials = torch.randn(8, rows, 2048, device=DEVICE)                  # float32, as the split bmm writes them
+    residual = torch.randn(rows, 2048, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(2048, device=DEVICE, dtype=torch.bfloat16)
+    out, new_residual = rmsnorm_triton.add_rms_norm_triton(partials, residual, weight, 1e-5)
+    ref_out, ref_residual = add_rms_norm_torch(partials, residual, weight, 1e-5)
+    assert new_residual.dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(new_residual, ref_residual, **BF16)
+    torch.testing.assert_close(out, ref_out, **BF16)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 2048), (2048, 8192), (1024, 3072)])
+def test_split_k_partial_products_add_up_to_the_product(n, k, rows):
+    """Llama-3.2-1B's qkv, o and down products and Qwen3-0.6B's down, split as the model splits them."""
+    x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+    splits = split_k_count(rows, n, k, x.device)
+    assert splits > 1
+    partials = linear_partials(x, weight, splits)
+    assert partials.shape == (splits, rows, n) and partials.dtype == torch.float32
+    assert relative_error(partials.sum(0), x.float() @ weight.float().T) < 1e-5
 
 
 @pytest.mark.parametrize("shape,scaling", [

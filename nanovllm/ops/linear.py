@@ -1,0 +1,64 @@
+"""Matrix products of a few rows: split K so that cuBLAS keeps every SM reading the weight.
+
+A decode step of a few sequences multiplies a few rows by each weight matrix, so a product takes
+as long as reading its weight. cuBLAS tiles the output 64 columns a tile at batch 1: o_proj of
+Llama-3.2-1B (2048 x 2048) is 32 tiles, so 32 of an H200's 132 SMs do all the reading, at 1.7 of
+its 4.2 TB/s (benchmarks/NOTES-kernels.md, v7). Splitting K into S slices makes S times as many
+tiles: one strided batched GEMM (`torch.bmm` over views of x and W, nothing copied) returns the
+S partial products [S, T, N] in float32, and the kernel that reads the product next adds them up
+as it loads them (`add_rms_norm` and `rotary_and_store_kv` accept partials), so the split costs
+no extra kernel. The products stay cuBLAS's; only the shape of the call is ours.
+
+On the CPU, and for more rows than SPLIT_K_MAX_ROWS, nothing is split: there the tiles already
+fill the machine.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+SPLIT_K_MAX_ROWS = 8       # splitting pays while the output has too few tiles: a handful of rows
+_TILE_COLUMNS = 64         # the output columns of one cuBLAS tile at batch 1 (its kernel names: 64x8)
+_MAX_SPLITS = 8            # each slice adds T x N float32 that the consumer reads back
+_MIN_SLICE = 256           # a slice of K shorter than this is not worth a tile
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_k_count(num_rows: int, n: int, k: int, device: torch.device) -> int:
+    """How many slices of K to split a [num_rows, k] x [k, n] product into: the most (a power of 2,
+    up to 8) that keeps the tiles within two per SM; 1 means a plain product."""
+    if device.type != "cuda" or num_rows > SPLIT_K_MAX_ROWS:
+        return 1
+    tiles, budget = -(-n // _TILE_COLUMNS), 2 * _sm_count(device.index or 0)
+    splits = 1
+    while (splits < _MAX_SPLITS and tiles * splits * 2 <= budget
+           and k % (splits * 2) == 0 and k // (splits * 2) >= _MIN_SLICE):
+        splits *= 2
+    return splits
+
+
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """x [T, K] times weight [N, K] transposed, as `splits` partial products over slices of K:
+    [S, T, N] float32, whose sum over S is x @ weight.T."""
+    (t, k), n = x.shape, weight.shape[0]
+    xs = x.view(t, splits, k // splits).transpose(0, 1)                  # [S, T, K/S]
+    ws = weight.view(n, splits, k // splits).permute(1, 2, 0)            # [S, K/S, N]: W's slices, transposed views
+    if x.is_cuda:
+        return torch.bmm(xs, ws, out_dtype=torch.float32)                # cuBLAS accumulates and writes in float32
+    return torch.bmm(xs.float(), ws.float())                             # the CPU has no bmm with out_dtype
+
+
+def linear_or_partials(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(x) [T, N]; or, for a plain bias-free nn.Linear where splitting K pays, the partial
+    products [S, T, N] float32, for a consumer that adds them up (add_rms_norm, rotary_and_store_kv)."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        splits = split_k_count(x.shape[0], *layer.weight.shape, x.device)
+        if splits > 1:
+            return linear_partials(x.contiguous(), layer.weight, splits)
+    return layer(x)
