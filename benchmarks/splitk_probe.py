@@ -4,9 +4,11 @@ we split K ourselves?
 At batch 1 cuBLAS reaches only 1.7-2.5 TB/s on qkv_proj and o_proj (NOTES-kernels.md v6): a
 3072 x 2048 product has too few output tiles to keep 132 SMs reading. Splitting K into S slices and
 calling one strided batched GEMM (`torch.bmm` over views, no copy) gives S times the tiles; the S
-partial sums are then added (here by `sum(0)`; in the model the next fused kernel could do it).
+partial sums are added by the kernel that reads the product next; its extra cost is timed last.
 Also timed at M = 2, 4, 8, 16 rows: where does the split stop paying?
-Every figure is 50 calls inside one CUDA graph (no launch overhead), microseconds per call.
+Every figure is the mean over calls inside one CUDA graph (no launch overhead), each call on
+another copy of the weight so that it comes from HBM. (The first version of this probe reused one
+weight, which then sat in L2: it overstated every rate and understated the gain, NOTES v7.)
 
     python benchmarks/splitk_probe.py
 """
@@ -29,28 +31,37 @@ def split_k_views(x: torch.Tensor, w: torch.Tensor, splits: int) -> tuple[torch.
 
 def main() -> None:
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("weights cycled through copies totalling >= 200 MB, so each call reads its weight from HBM, "
+          "not from the 50 MB L2 (a model's 16 layers never find their weights in L2 either)")
     for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        mb = w.numel() * 2 / 1e6
+        mb = n * k * 2 / 1e6
+        copies = max(1, int(200 // mb) + 1)
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         for m in (1, 2, 4, 8, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            us = graph_time_us(lambda: F.linear(x, w), calls=50, replays=20)
+
+            def cycle(product):
+                return lambda: [product(w) for w in weights]
+
+            us = graph_time_us(cycle(lambda w: F.linear(x, w)), calls=2, replays=20) / copies
             cells = [f"linear {us:.2f} us ({mb / us:.2f} TB/s)"]
-            if m <= 16:
-                for s in (2, 4, 8):
-                    xs, ws = split_k_views(x, w, s)
-                    ref = F.linear(x.float(), w.float())
-                    err = (torch.bmm(xs, ws).float().sum(0) - ref).abs().max().item()
-                    bmm = graph_time_us(lambda: torch.bmm(xs, ws), calls=50, replays=20)
-                    both = graph_time_us(lambda: torch.bmm(xs, ws).sum(0), calls=50, replays=20)
-                    cell = f"S={s}: bmm {bmm:.2f} / +sum {both:.2f} us (err {err:.3f})"
-                    try:
-                        f32 = graph_time_us(lambda: torch.bmm(xs, ws, out_dtype=torch.float32), calls=50, replays=20)
-                        cell += f" / fp32-out bmm {f32:.2f}"
-                    except (RuntimeError, TypeError) as e:
-                        cell += f" / fp32-out: {type(e).__name__}"
-                    cells.append(cell)
+            for s in (2, 4, 8):
+                bmm = graph_time_us(cycle(lambda w: torch.bmm(*split_k_views(x, w, s), out_dtype=torch.float32)),
+                                    calls=2, replays=20) / copies
+                cells.append(f"S={s} {bmm:.2f} us ({mb / bmm:.2f} TB/s)")
             print(f"{name} {n}x{k} {mb:.1f} MB M={m}: " + " | ".join(cells), flush=True)
+    consumers()
+
+
+def consumers() -> None:
+    """What adding the partials costs the kernels that read them, at batch 1 (Llama-3.2-1B)."""
+    from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton
+    residual, weight = torch.randn(2, 1, 2048, device="cuda", dtype=torch.bfloat16).unbind(0)
+    weight = weight[0]
+    for s in (1, 4, 8):
+        x = torch.randn(s, 1, 2048, device="cuda") if s > 1 else torch.randn(1, 2048, device="cuda").bfloat16()
+        us = graph_time_us(lambda: add_rms_norm_triton(x, residual, weight, 1e-5), calls=50, replays=20)
+        print(f"add_rms_norm T=1 H=2048, {s} partial(s): {us:.2f} us")
 
 
 if __name__ == "__main__":

@@ -178,11 +178,12 @@ def test_split_k_count_splits_only_few_row_products_with_too_few_tiles_on_a_gpu(
     import nanovllm.ops.linear as linear
     monkeypatch.setattr(linear, "_sm_count", lambda index: 132)                   # an H200
     gpu = torch.device("cuda", 0)
-    # Llama-3.2-1B at batch 1: qkv (48 tiles of 64 columns), o and down (32) split; gate_up (256) does not
-    assert [linear.split_k_count(1, n, k, gpu) for n, k in [(3072, 2048), (2048, 2048), (2048, 8192),
-                                                            (16384, 2048)]] == [4, 8, 8, 1]
+    # Llama-3.2-1B at batch 1: o and down (32 tiles of 64 columns) split 4 ways; gate_up (256) not at all
+    assert [linear.split_k_count(1, n, k, gpu) for n, k in [(2048, 2048), (2048, 8192), (16384, 2048)]] == [4, 4, 1]
+    assert linear.split_k_count(1, 1024, 3072, gpu) == 8                     # Qwen3-0.6B's down: 16 tiles
     assert linear.split_k_count(linear.SPLIT_K_MAX_ROWS + 1, 2048, 2048, gpu) == 1     # enough rows: plain
     assert linear.split_k_count(1, 2048, 2048, torch.device("cpu")) == 1               # never on the CPU
+    assert linear.split_k_count(16, 2048, 2048, gpu) == 4
     assert linear.split_k_count(1, 64, 768, gpu) == 2          # slices of K stay >= 256 and divide K
     assert linear.split_k_count(1, 64, 300, gpu) == 1
 

@@ -2,15 +2,17 @@
 
 A decode step of a few sequences multiplies a few rows by each weight matrix, so a product takes
 as long as reading its weight. cuBLAS tiles the output 64 columns a tile at batch 1: o_proj of
-Llama-3.2-1B (2048 x 2048) is 32 tiles, so 32 of an H200's 132 SMs do all the reading, at 1.7 of
+Llama-3.2-1B (2048 x 2048) is 32 tiles, so 32 of an H200's 132 SMs do all the reading, at 1.4 of
 its 4.2 TB/s (benchmarks/NOTES-kernels.md, v7). Splitting K into S slices makes S times as many
 tiles: one strided batched GEMM (`torch.bmm` over views of x and W, nothing copied) returns the
 S partial products [S, T, N] in float32, and the kernel that reads the product next adds them up
-as it loads them (`add_rms_norm` and `rotary_and_store_kv` accept partials), so the split costs
-no extra kernel. The products stay cuBLAS's; only the shape of the call is ours.
+as it loads them (`add_rms_norm` accepts partials), so the split costs no extra kernel. The
+products stay cuBLAS's; only the shape of the call is ours.
 
-On the CPU, and for more rows than SPLIT_K_MAX_ROWS, nothing is split: there the tiles already
-fill the machine.
+Where it is used: o_proj and down_proj, whose next kernel is the residual-add + RMSNorm. Not
+qkv_proj: its 48 tiles gain less (6.1 -> 5.6 us) than reading the partials back costs the RoPE
+kernel after it (+0.7 us), and not gate_up_proj, which already has 256 tiles.
+On the CPU, and for more rows than SPLIT_K_MAX_ROWS, nothing is split.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import functools
 import torch
 from torch import nn
 
-SPLIT_K_MAX_ROWS = 8       # splitting pays while the output has too few tiles: a handful of rows
+SPLIT_K_MAX_ROWS = 16      # measured to pay up to 16 rows (NOTES-kernels.md, v7)
 _TILE_COLUMNS = 64         # the output columns of one cuBLAS tile at batch 1 (its kernel names: 64x8)
-_MAX_SPLITS = 8            # each slice adds T x N float32 that the consumer reads back
+_MAX_SPLITS = 8            # each slice adds T x N float32 that the consumer reads back (~0.1 us per
+                           # slice for 2048 columns: one program per row reads them all)
 _MIN_SLICE = 256           # a slice of K shorter than this is not worth a tile
 
 
@@ -32,12 +35,13 @@ def _sm_count(device_index: int) -> int:
 
 def split_k_count(num_rows: int, n: int, k: int, device: torch.device) -> int:
     """How many slices of K to split a [num_rows, k] x [k, n] product into: the most (a power of 2,
-    up to 8) that keeps the tiles within two per SM; 1 means a plain product."""
+    up to 8) that keeps the tiles within one per SM; 1 means a plain product. (Up to two tiles per
+    SM split as far, but the consumer's extra reads then ate the gain: v7.)"""
     if device.type != "cuda" or num_rows > SPLIT_K_MAX_ROWS:
         return 1
-    tiles, budget = -(-n // _TILE_COLUMNS), 2 * _sm_count(device.index or 0)
+    tiles, sms = -(-n // _TILE_COLUMNS), _sm_count(device.index or 0)
     splits = 1
-    while (splits < _MAX_SPLITS and tiles * splits * 2 <= budget
+    while (splits < _MAX_SPLITS and tiles * splits * 2 <= sms
            and k % (splits * 2) == 0 and k // (splits * 2) >= _MIN_SLICE):
         splits *= 2
     return splits
@@ -56,7 +60,7 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch
 
 def linear_or_partials(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """layer(x) [T, N]; or, for a plain bias-free nn.Linear where splitting K pays, the partial
-    products [S, T, N] float32, for a consumer that adds them up (add_rms_norm, rotary_and_store_kv)."""
+    products [S, T, N] float32, for a consumer that adds them up (add_rms_norm)."""
     if type(layer) is nn.Linear and layer.bias is None:
         splits = split_k_count(x.shape[0], *layer.weight.shape, x.device)
         if splits > 1:
