@@ -27,7 +27,8 @@ from nanovllm.ops.activation import silu_and_mul, silu_and_mul_torch
 from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch
 from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
 from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache,
-                                 rotary_and_store_kv, rotary_and_store_kv_torch)
+                                 rotary_and_store_kv, rotary_and_store_kv_torch, rotary_store_and_attend,
+                                 rotary_store_and_attend_torch)
 from conftest import PoisonedTorch
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,7 +70,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = [value for module in vars(kernels).values() for value in vars(module).values()
              if isinstance(value, (InterpretedFunction, JITFunction))]
-    assert len(found) == 11
+    assert len(found) == 12
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -169,6 +170,107 @@ def test_padding_rows_of_a_graph_batch_come_out_as_zeros(kernels, num_kv_splits)
     torch.testing.assert_close(out[:2], reference_attention(q[:2], k_clean, v_clean, real, 0.125),
                                **TOLERANCE[torch.float32])
     assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+def decode_step_before_rope(group: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                            context_lens: list[int], seed: int):
+    """A decode step as a decoder layer hands it to `rotary_store_and_attend`: q, k, v split from one
+    qkv buffer, before RoPE; each sequence's new slot in the caches poisoned (NaN), since the
+    kernel must take the new key from registers, not from a slot it has not written yet."""
+    num_heads = group * num_kv_heads
+    _, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
+        [1] * len(context_lens), context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(len(context_lens), num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    positions = metadata.seq_lens.long() - 1
+    tables = metadata.block_tables
+    slots = torch.stack([tables[b, p // block_size].long() * block_size + p % block_size
+                         for b, p in enumerate(positions.tolist())])
+    metadata.slot_mapping = slots
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_kv_heads, head_dim)[slots] = float("nan")
+    return qkv, positions, k_cache, v_cache, k_clean, v_clean, metadata
+
+
+@in_interpreter
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
+def test_fused_decode_rotary_store_and_attention_matches_the_steps_in_turn(kernels, group, num_kv_heads, head_dim,
+                                                                          dtype, num_kv_splits, qk_norm):
+    """One kernel for a decode step: the output of RoPE, then the cache write, then attention; the
+    new K and V in their slots; q, k, v and every other slot of the caches left as they were."""
+    block_size = 4 if group % 2 else 16
+    qkv, positions, k_cache, v_cache, k_clean, v_clean, metadata = decode_step_before_rope(
+        group, num_kv_heads, head_dim, block_size, dtype, [0, 12, 70, 5], seed=30 + group)
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 128, 10000.0, None)
+    norm = (*torch.randn(2, head_dim).to(dtype).unbind(0), 1e-6) if qk_norm else ()
+    split = [group * num_kv_heads, num_kv_heads, num_kv_heads]
+    scale = head_dim ** -0.5
+    before, caches_before = qkv.clone(), (k_cache.clone(), v_cache.clone())
+    out = kernels.attention_triton.rotary_store_and_attend_triton(
+        *qkv.split(split, dim=1), positions, cos_sin_cache, k_cache, v_cache, metadata, scale, *norm,
+        num_kv_splits=num_kv_splits, fused=True)
+    q_ref, k_ref, v_ref = qkv.clone().split(split, dim=1)
+    rotary_and_store_kv_torch(q_ref, k_ref, v_ref, positions, cos_sin_cache, k_clean, v_clean,
+                              metadata.slot_mapping, *norm)
+    torch.testing.assert_close(out.float(), reference_attention(q_ref, k_clean, v_clean, metadata, scale),
+                               **TOLERANCE[dtype])
+    assert torch.equal(qkv, before)
+    slots = metadata.slot_mapping
+    for cache, ref, old in zip((k_cache, v_cache), (k_clean, v_clean), caches_before):
+        flat, flat_ref, flat_old = (c.view(-1, num_kv_heads, head_dim) for c in (cache, ref, old))
+        torch.testing.assert_close(flat[slots], flat_ref[slots], **TOLERANCE[dtype])
+        others = torch.ones(flat.shape[0], dtype=torch.bool)
+        others[slots] = False
+        assert torch.equal(flat[others].nan_to_num(7.0), flat_old[others].nan_to_num(7.0))
+
+
+@in_interpreter
+def test_only_decodes_that_split_their_contexts_take_the_fused_kernel(kernels, monkeypatch):
+    """Few sequences (split contexts): one kernel; a full grid, or prefill chunks: RoPE, then attention."""
+    fused = []
+    attention = kernels.attention_triton._attention
+
+    def recording_attention(*args):
+        fused.append(args[-1] is not None)                      # the decode's un-rotated k, v given
+        return attention(*args)
+
+    monkeypatch.setattr(kernels.attention_triton, "_attention", recording_attention)
+    qkv, positions, _, _, k_clean, v_clean, metadata = decode_step_before_rope(2, 2, 32, 4, torch.float32, [3, 9], 7)
+    cos_sin_cache = rope_cos_sin_cache(32, 64, 10000.0, None)
+    for splits in (1, 3):
+        kernels.attention_triton.rotary_store_and_attend_triton(
+            *qkv.clone().split([4, 2, 2], dim=1), positions, cos_sin_cache, k_clean.clone(), v_clean.clone(),
+            metadata, 0.2, num_kv_splits=splits)
+    metadata.max_query_len = 2                                  # as if a prefill chunk were in the step
+    with pytest.raises(ValueError, match="decode steps only"):
+        kernels.attention_triton.rotary_store_and_attend_triton(
+            *qkv.split([4, 2, 2], dim=1), positions, cos_sin_cache, k_clean, v_clean, metadata, 0.2, fused=True)
+    assert fused == [False, True]
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_fused_decode_leaves_padding_rows_zero_and_writes_nothing_for_them(kernels, num_kv_splits):
+    qkv, positions, k_cache, v_cache, k_clean, v_clean, metadata = decode_step_before_rope(
+        2, 2, 64, 16, torch.float32, [9, 30, 0], seed=6)
+    metadata.seq_lens[2] = 0                                  # a dummy row of a padded graph batch
+    metadata.block_tables[2] = -1
+    metadata.slot_mapping[2] = -1
+    positions[2] = 0
+    caches_before = (k_cache.clone(), v_cache.clone())
+    out = kernels.attention_triton.rotary_store_and_attend_triton(
+        *qkv.split([4, 2, 2], dim=1), positions, rope_cos_sin_cache(64, 64, 10000.0, None), k_cache, v_cache,
+        metadata, 0.125, num_kv_splits=num_kv_splits, fused=True)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    written = torch.zeros(k_cache.shape[0] * k_cache.shape[1], dtype=torch.bool)
+    written[metadata.slot_mapping[:2]] = True
+    for cache, old in zip((k_cache, v_cache), caches_before):
+        flat, flat_old = cache.view(written.shape[0], -1), old.view(written.shape[0], -1)
+        assert torch.equal(flat[~written].nan_to_num(7.0), flat_old[~written].nan_to_num(7.0))
+        assert not flat[written].isnan().any()
 
 
 @in_interpreter
@@ -459,3 +561,10 @@ def test_dispatchers_send_cpu_tensors_to_the_torch_references():
             op(q, k, v, positions, cos_sin, *cache_buffers[:, 1:], slots, *norm)
             outputs.append((buffer, cache_buffers))
         assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    qkv, positions, _, _, k_clean, v_clean, metadata = decode_step_before_rope(2, 2, 32, 4, torch.float32, [3, 9], 4)
+    outputs = []
+    for op in (rotary_store_and_attend, rotary_store_and_attend_torch):
+        caches = (k_clean.clone(), v_clean.clone())
+        outputs.append((op(*qkv.clone().split([4, 2, 2], dim=1), positions, cos_sin, *caches, metadata, 0.2),
+                        *caches))
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))

@@ -10,7 +10,7 @@ The variants differ by config only: Qwen2 adds a bias to q/k/v, Qwen3 normalizes
 each head of q and k before RoPE, Llama 3.1+ scales RoPE's long wavelengths.
 q/k/v are one fused matmul (`qkv_proj`) and so are gate/up (`gate_up_proj`):
 fewer, larger ops. `load_weights` maps HuggingFace tensor names onto them.
-At a few rows on the GPU, o_proj and down_proj return partial sums over slices
+At a few rows on one GPU, o_proj and down_proj return partial sums over slices
 of K (ops/linear.py), which the residual-add + RMSNorm after them adds up.
 
 Tensor parallel (see parallel.py): built with a ParallelState of N ranks, each
@@ -30,10 +30,10 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
 from nanovllm.ops.activation import silu_and_mul
-from nanovllm.ops.attention import AttentionMetadata, paged_attention
+from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.linear import linear_or_partials
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
-from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_and_store_kv
+from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend
 
 KVCache = tuple[torch.Tensor, torch.Tensor]   # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
 
@@ -81,12 +81,13 @@ class LlamaAttention(nn.Module):
         # Qwen3 RMSNorms each head of q and k before RoPE; the other models have no norm weights.
         q_norm_weight, k_norm_weight, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
                                              if self.qk_norm else (None, None, 0.0))
-        # RoPE on q and k in place, then the new tokens' k and v into their cache slots: one kernel on CUDA.
-        q, k = rotary_and_store_kv(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache,
-                                   metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
-        o = paged_attention(q, k_cache, v_cache, metadata, self.scale)          # [T, Hq, D]
+        # RoPE on q and k, the new tokens' k and v into their cache slots, attention over the cache;
+        # on CUDA one kernel for a decode step (two for a step with prefill chunks).
+        o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
+                                    self.scale, q_norm_weight, k_norm_weight, eps)   # [T, Hq, D]
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
-        return self.parallel.all_reduce(linear_or_partials(o.reshape(T, self.q_size), self.o_proj))
+        o = linear_or_partials(o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
+        return self.parallel.all_reduce(o)
 
 
 class LlamaMLP(nn.Module):
@@ -99,7 +100,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = silu_and_mul(self.gate_up_proj(x))                                  # [T, 2I] -> [T, I]
-        x = linear_or_partials(x, self.down_proj)                               # [T, H] or [S, T, H], as o_proj's
+        x = linear_or_partials(x, self.down_proj, self.parallel.world_size == 1)   # [T, H] or [S, T, H]
         return self.parallel.all_reduce(x)                                      # ranks' partial sums -> their sum
 
 

@@ -51,6 +51,26 @@ LOG2_E = 1.4426950408889634
 SEQUENCE_SEARCH_BLOCK = 64   # query_start_loc entries a program compares at once to find its sequence
 
 
+@triton.jit
+def _rope_rows(row_ptrs, offs_d, partner, mask, cos, sin, norm_ptr, eps,
+               HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+    """The heads starting at row_ptrs [R], rotated (after Qwen3's per-head RMSNorm when HAS_NORM):
+    x * cos + partner(x) * sin with the signs folded into sin, rounded as `rotary_and_store_kv_torch`
+    rounds -> [R, HEAD_DIM_PAD] in the heads' dtype."""
+    x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    xp = tl.load(row_ptrs[:, None] + partner[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    xpf = xp.to(tl.float32)
+    if HAS_NORM:
+        d_valid = offs_d < HEAD_DIM
+        w = tl.load(norm_ptr + offs_d, mask=d_valid, other=0.0).to(tl.float32)
+        wp = tl.load(norm_ptr + partner, mask=d_valid, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)
+        xf = ((xf * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]).to(x.dtype).to(tl.float32)
+        xpf = ((xpf * rstd[:, None]).to(x.dtype).to(tl.float32) * wp[None, :]).to(x.dtype).to(tl.float32)
+    return (xf * cos[None, :] + xpf * sin[None, :]).to(x.dtype)
+
+
 @triton.jit(do_not_specialize=["num_seqs"])   # one compiled kernel for any number of sequences
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
@@ -62,10 +82,12 @@ def _paged_attention_kernel(
         stride_ot, stride_oh, stride_os,
         stride_lt, stride_lh,
         stride_bt,
+        k_new_ptr, v_new_ptr, positions_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr, eps,
+        stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
-        IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,8 +130,6 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
     q_rows = (q_start + q_idx).to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)   # [BLOCK_M, D]
 
     # Keys this tile needs: up to its last token's position; none for an empty tile.
     kv_end = context_len + tl.minimum(q_lo + BLOCK_Q, q_len)
@@ -118,13 +138,47 @@ def _paged_attention_kernel(
     kv_lo = split * split_len
     kv_hi = tl.minimum(kv_lo + split_len, kv_end)
 
+    if ROPE:
+        # A decode given its token's q, k, v before RoPE (rotary_store_and_attend): rotate q here; the
+        # split that holds the token's own position (kv_end - 1) rotates k, writes k and v into the
+        # cache and takes them as its last key from registers, so no other kernel runs in between.
+        new_pos = kv_end - 1
+        has_new = (new_pos >= kv_lo) & (new_pos < kv_hi)
+        loop_hi = tl.minimum(kv_hi, new_pos)
+        half = HEAD_DIM // 2
+        partner = tl.where(offs_d < half, offs_d + half, offs_d - half)       # rotate-half: x1 <-> x2
+        position = tl.load(positions_ptr + q_start).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + position * stride_cs + offs_d % half, mask=d_valid, other=0.0)
+        sin = tl.load(cos_sin_ptr + position * stride_cs + half + offs_d % half, mask=d_valid, other=0.0)
+        sin = tl.where(offs_d < half, -sin, sin)                              # x1 cos - x2 sin | x2 cos + x1 sin
+        new_mask = offs_d[None, :] < tl.where(has_new, HEAD_DIM, 0)          # [1, D]: all of d, or none
+        new_row = tl.zeros([1], dtype=tl.int64) + q_start.to(tl.int64) * stride_knt + kv_head * stride_knh
+        k_new = _rope_rows(k_new_ptr + new_row, offs_d, partner, new_mask, cos, sin, k_norm_ptr, eps,
+                           HEAD_DIM, HAS_NORM).to(k_cache_ptr.dtype.element_ty)              # [1, D]
+        v_row = tl.zeros([1], dtype=tl.int64) + q_start.to(tl.int64) * stride_vnt + kv_head * stride_vnh
+        v_new = tl.load(v_new_ptr + v_row[:, None] + offs_d[None, :], mask=new_mask, other=0.0)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)                                          # [1, D]
+        q = _rope_rows(q_ptr + q_rows, offs_d, partner, row_valid[:, None] & d_valid[None, :], cos, sin,
+                       q_norm_ptr, eps, HEAD_DIM, HAS_NORM)                                      # [BLOCK_M, D]
+        slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)             # -1: a padding row, no write
+        store_mask = offs_d[None, :] < tl.where(has_new & (slot >= 0), HEAD_DIM, 0)
+        block_of_slot, slot_in_block = tl.maximum(slot, 0) // BLOCK_SIZE, tl.maximum(slot, 0) % BLOCK_SIZE
+        k_slot = block_of_slot * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
+        v_slot = block_of_slot * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
+        tl.store(k_cache_ptr + k_slot + offs_d[None, :], k_new, mask=store_mask)
+        tl.store(v_cache_ptr + v_slot + offs_d[None, :], v_new, mask=store_mask)
+    else:
+        loop_hi = kv_hi
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)   # [BLOCK_M, D]
+
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)          # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running sum of exp2
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in tl.range(kv_lo, kv_hi, BLOCK_N, num_stages=NUM_STAGES):
+    for start in tl.range(kv_lo, loop_hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_hi
+        n_valid = offs_n < loop_hi
         block = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0)
         block = tl.maximum(block, 0).to(tl.int64)                # padded (-1) entries are never used
         in_block = offs_n % BLOCK_SIZE
@@ -148,6 +202,15 @@ def _paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if ROPE:   # the token's own key, last (exp2(-inf) = 0 leaves a split without it unchanged)
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale_log2           # [BLOCK_M]
+        s_new = tl.where(has_new, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s_new - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)
         m_i = m_new
 
     has_keys = l_i > 0.0
@@ -239,6 +302,48 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_kv_splits and config override the choices made from the shapes (tests, tuning).
     Rows of q that belong to no sequence (past query_start_loc[-1]) are left unwritten.
     """
+    return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, config, None)
+
+
+def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                   cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   metadata: AttentionMetadata, scale: float,
+                                   q_norm_weight: torch.Tensor | None = None,
+                                   k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
+                                   num_kv_splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
+    """`rotary_store_and_attend_torch` (ops/rotary.py). A decode step of few sequences runs as one
+    kernel, which rotates q and k, writes k and v into the cache and attends, leaving q, k and v as
+    they were; any other step as the RoPE + cache-write kernel, then attention.
+
+    Few sequences: the attention splits each context (fewer programs than two per SM), so each
+    program is a chain of dependent loads and a kernel less saves its launch and ramp (-2 us a
+    layer at batch 1 on an H200). With a full grid the RoPE work inside every attention program
+    cost more than the separate kernel (+7 us a layer at batch 256): NOTES-kernels.md, v7.
+    fused: force the choice (tests)."""
+    decode = metadata.max_query_len == 1
+    if num_kv_splits is None and decode:
+        max_context = metadata.block_tables.shape[1] * k_cache.shape[1]
+        num_kv_splits = decode_kv_splits(metadata.seq_lens.shape[0], k_cache.shape[2], max_context, q.device)
+    if fused is None:
+        fused = decode and num_kv_splits > 1
+    if not fused:
+        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
+        q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
+                                          metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
+        return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, None, None)
+    if not decode:
+        raise ValueError("the fused kernel takes decode steps only (one new token per sequence)")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    new_token = (k, v, positions.contiguous(), cos_sin_cache, q_norm_weight, k_norm_weight, eps)
+    return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, None, new_token)
+
+
+def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
+               scale: float, num_kv_splits: int | None, config: AttentionKernelConfig | None,
+               new_token: tuple | None) -> torch.Tensor:
+    """Launch the attention kernel (and the merge of its splits). new_token: a decode's un-rotated
+    (k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps), for the kernel's ROPE path."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
@@ -276,6 +381,17 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partial_strides = (partial.stride(0), partial.stride(1), partial.stride(2))
         lse_strides = (lse.stride(0), lse.stride(1))
 
+    rope = new_token is not None
+    if rope:
+        k_new, v_new, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps = new_token
+        has_norm = q_norm_weight is not None
+        rope_args = (k_new, v_new, positions, cos_sin_cache, q_norm_weight if has_norm else q,
+                     k_norm_weight if has_norm else q, metadata.slot_mapping, eps,
+                     k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_sin_cache.stride(0))
+    else:   # unused: any valid pointer will do
+        has_norm = False
+        rope_args = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0)
+
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     grid = (num_tiles, num_kv_heads, num_kv_splits)
     _paged_attention_kernel[grid](
@@ -287,9 +403,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         *partial_strides, *lse_strides,
         metadata.block_tables.stride(0),
+        *rope_args,
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode,
+        BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages,
         num_warps=config.num_warps)
     if num_kv_splits > 1:
@@ -300,4 +417,3 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             NUM_SPLITS=num_kv_splits, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=1)
     return out
-

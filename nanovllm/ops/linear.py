@@ -58,10 +58,11 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch
     return torch.bmm(xs.float(), ws.float())                             # the CPU has no bmm with out_dtype
 
 
-def linear_or_partials(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def linear_or_partials(x: torch.Tensor, layer: nn.Module, may_split: bool = True) -> torch.Tensor:
     """layer(x) [T, N]; or, for a plain bias-free nn.Linear where splitting K pays, the partial
-    products [S, T, N] float32, for a consumer that adds them up (add_rms_norm)."""
-    if type(layer) is nn.Linear and layer.bias is None:
+    products [S, T, N] float32, for a consumer that adds them up (add_rms_norm). may_split=False:
+    always layer(x) (tensor parallelism, whose all-reduce would carry S float32 copies instead of one)."""
+    if may_split and type(layer) is nn.Linear and layer.bias is None:
         splits = split_k_count(x.shape[0], *layer.weight.shape, x.device)
         if splits > 1:
             return linear_partials(x.contiguous(), layer.weight, splits)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nanovllm.ops import use_triton
-from nanovllm.ops.attention import store_kvcache_torch
+from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch, store_kvcache_torch
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 
@@ -158,3 +158,31 @@ def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
                                           q_norm_weight, k_norm_weight, eps)
     return rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                                      q_norm_weight, k_norm_weight, eps)
+
+
+def rotary_store_and_attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  metadata: AttentionMetadata, scale: float,
+                                  q_norm_weight: torch.Tensor | None = None,
+                                  k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """A decoder layer's attention core: `rotary_and_store_kv_torch` on q [T, Hq, D], k, v [T, Hkv, D]
+    (the metadata's slot mapping), then `paged_attention_torch` -> out [T, Hq, D]."""
+    q, _ = rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata.slot_mapping,
+                                     q_norm_weight, k_norm_weight, eps)
+    return paged_attention_torch(q, k_cache, v_cache, metadata, scale)
+
+
+def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            metadata: AttentionMetadata, scale: float, q_norm_weight: torch.Tensor | None = None,
+                            k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """(Norm and) RoPE, the cache write of the new tokens' K and V, and paged attention. On CUDA a
+    decode step runs it as one kernel (the attention kernel rotates the token's q and k itself and
+    takes its own key from registers), a step with prefill chunks as two; the torch reference runs
+    the steps in turn (and rotates q and k in place, which the kernel need not do)."""
+    if use_triton(q):
+        from nanovllm.ops.attention_triton import rotary_store_and_attend_triton
+        return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
+                                              q_norm_weight, k_norm_weight, eps)
+    return rotary_store_and_attend_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
+                                         q_norm_weight, k_norm_weight, eps)

@@ -161,6 +161,40 @@ def test_rotary_and_store_kv_matches_rotary_then_store(shape, qk_norm):
     assert torch.equal(caches.flatten(1, 2)[:, ~written], ref_caches.flatten(1, 2)[:, ~written])
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("shape,batch", [(LLAMA_3_2_1B, 1), (LLAMA_3_2_1B, 4), (QWEN3_0_6B, 3), (HEAD_DIM_80, 48)])
+def test_fused_decode_rotary_store_and_attention_matches_the_steps_in_turn(shape, batch, qk_norm):
+    """A decode step in one kernel (RoPE on q and k, the cache write, attention with the new key from
+    registers) against the references in turn; batch 1 and 4 take the split-KV path at these contexts,
+    batch 48 one program per sequence and KV head (where the engine would not fuse).
+    Each new slot starts as NaN: the kernel must not read it before writing it."""
+    torch.manual_seed(batch)
+    num_heads, num_kv_heads, head_dim = shape
+    context_lens = torch.randint(1, 5000, (batch,)).tolist()
+    _, k_cache, v_cache, metadata = make_batch([1] * batch, context_lens, shape, 16)
+    qkv = torch.randn(batch, num_heads + 2 * num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    positions = metadata.seq_lens.long() - 1
+    blocks = metadata.block_tables[torch.arange(batch, device=DEVICE), positions // 16].long()
+    metadata.slot_mapping = blocks * 16 + positions % 16
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 8192, 500000.0, None).to(DEVICE)
+    norm = (*torch.randn(2, head_dim, device=DEVICE, dtype=torch.bfloat16).unbind(0), 1e-6) if qk_norm else ()
+    ref_caches = (k_cache.clone(), v_cache.clone())
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_kv_heads, head_dim)[metadata.slot_mapping] = float("nan")
+    split = [num_heads, num_kv_heads, num_kv_heads]
+    before = qkv.clone()
+    out = attention_triton.rotary_store_and_attend_triton(*qkv.split(split, dim=1), positions, cos_sin_cache,
+                                                          k_cache, v_cache, metadata, head_dim ** -0.5, *norm,
+                                                          fused=True)
+    q_ref, k_ref, v_ref = qkv.clone().split(split, dim=1)
+    rotary_and_store_kv_torch(q_ref, k_ref, v_ref, positions, cos_sin_cache, *ref_caches, metadata.slot_mapping,
+                              *norm)
+    assert relative_error(out, reference(q_ref, *ref_caches, metadata, head_dim ** -0.5)) < 1e-2
+    assert torch.equal(qkv, before)
+    torch.testing.assert_close(k_cache, ref_caches[0], **BF16)
+    assert torch.equal(v_cache, ref_caches[1])
+
+
 @pytest.mark.parametrize("hidden", [1024, 2048, 3072])
 def test_rms_norm_and_add_rms_norm_match_reference(hidden):
     x, residual = torch.randn(2, 777, hidden, device=DEVICE, dtype=torch.bfloat16).unbind(0)
