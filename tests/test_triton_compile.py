@@ -1,0 +1,96 @@
+"""Every Triton kernel compiles for Hopper (sm_90), here on a machine without a GPU.
+
+The interpreter tests (test_ops_triton.py) run a kernel's Python line by line, so some errors
+only the compiler sees pass them: a variable that changes type inside a loop, a constexpr used
+as a value, a layout it cannot lower. One such error cost a device run once (NOTES-kernels.md,
+v7). triton.compile lowers a kernel to a cubin for a named target without a driver, so CI
+compiles each kernel in the configurations the engine launches (bfloat16 at Llama-3.2-1B's
+and Qwen3-0.6B's shapes).
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from nanovllm.ops import (activation_triton, attention_triton, rmsnorm_triton,  # noqa: E402
+                          rotary_triton, sampling_triton)
+
+POINTER_TYPES = {   # pointer arguments that are not bfloat16 tensors
+    "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32",
+    "positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "keys_ptr": "*i64", "token_ptr": "*i64",
+    "out_ptr": "*fp32", "lse_ptr": "*fp32", "partial_ptr": "*fp32", "cos_sin_ptr": "*fp32",
+    "temperature_ptr": "*fp32", "score_ptr": "*fp32", "logit_ptr": "*fp32", "max_ptr": "*fp32",
+    "sum_ptr": "*fp32", "logprob_ptr": "*fp32",
+}
+FLOAT_ARGS = {"scale_log2", "eps"}
+
+
+def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None):
+    """triton.compile `kernel` with these constexprs for sm_90 -> the compiled kernel (its cubin)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = dict(POINTER_TYPES, **(pointer_types or {}))
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {}
+    for name in params:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = types.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(params.index(name),): value for name, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+
+LLAMA = dict(GROUP=4, HEAD_DIM=64, HEAD_DIM_PAD=64)      # Llama-3.2-1B: 32 query heads on 8 KV heads
+QWEN3 = dict(GROUP=2, HEAD_DIM=128, HEAD_DIM_PAD=128)    # Qwen3-0.6B: 16 on 8, per-head q/k norm
+DECODE = dict(BLOCK_SIZE=16, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=128, BLOCK_B=64, DECODE=True, IEEE=False, NUM_STAGES=2)
+
+
+@pytest.mark.parametrize("model,rope,num_splits", [(LLAMA, True, 32), (LLAMA, False, 1), (QWEN3, True, 8)])
+def test_decode_attention_compiles(model, rope, num_splits):
+    kernel = compile_for_hopper(attention_triton._paged_attention_kernel,
+                                dict(**model, **DECODE, NUM_SPLITS=num_splits, ROPE=rope,
+                                     HAS_NORM=rope and model is QWEN3))
+    assert kernel.asm["cubin"]
+    compile_for_hopper(attention_triton._merge_splits_kernel,
+                       dict(NUM_SPLITS=num_splits, SPLITS_PAD=num_splits, HEAD_DIM=model["HEAD_DIM"],
+                            HEAD_DIM_PAD=model["HEAD_DIM_PAD"]), {"out_ptr": "*bf16"})
+
+
+def test_prefill_attention_compiles():
+    assert compile_for_hopper(attention_triton._paged_attention_kernel,
+                              dict(**LLAMA, BLOCK_SIZE=16, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64, BLOCK_B=64,
+                                   NUM_SPLITS=1, DECODE=False, ROPE=False, HAS_NORM=False, IEEE=False,
+                                   NUM_STAGES=2), {"out_ptr": "*bf16"}).asm["cubin"]
+
+
+@pytest.mark.parametrize("num_partials", [1, 4])
+def test_norm_kernels_compile(num_partials):
+    compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048), {"out_ptr": "*bf16"})
+    compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
+                       dict(NUM_PARTIALS=num_partials, HIDDEN=2048, BLOCK_H=2048),
+                       {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", "out_ptr": "*bf16"})
+
+
+@pytest.mark.parametrize("has_norm,store_kv", [(False, True), (True, True), (True, False)])
+def test_rotary_kernel_compiles(has_norm, store_kv):
+    compile_for_hopper(rotary_triton._rotary_kernel,
+                       dict(NUM_Q_HEADS=16, Q_HEADS_PAD=16, NUM_KV_HEADS=8, KV_HEADS_PAD=8, HALF=64, HALF_PAD=64,
+                            HAS_NORM=has_norm, STORE_KV=store_kv, BLOCK_SIZE=16))
+
+
+def test_activation_and_sampling_kernels_compile():
+    compile_for_hopper(activation_triton._silu_and_mul_kernel, dict(INTERMEDIATE=8192, BLOCK=1024),
+                       {"out_ptr": "*bf16"})
+    for greedy, scaled in [(True, False), (False, True), (False, False)]:
+        compile_for_hopper(sampling_triton._sample_from_logits_kernel,
+                           dict(GREEDY=greedy, SCALED=scaled, BLOCK=sampling_triton.BLOCK))
+    compile_for_hopper(sampling_triton._combine_splits_kernel, dict(MAX_SPLITS=sampling_triton.MAX_SPLITS),
+                       {"out_ptr": "*i64"})
