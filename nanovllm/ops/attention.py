@@ -12,7 +12,8 @@ sequence b, rows query_start_loc[b]:query_start_loc[b+1] are its new tokens
 (a prefill chunk, or a single token for a decode), and seq_lens[b] counts its
 whole context *including* the new tokens. The new tokens' K and V are first
 written into their slots (`store_kvcache_torch`; on CUDA the rotary kernel writes
-them, `rotary_and_store_kv` in rotary.py), then every query reads its
+them, `rotary_and_store_kv` in rotary.py, or for a decode of a few sequences the
+attention kernel itself, `rotary_store_and_attend`), then every query reads its
 sequence's context through the block table (`paged_attention`), causally: the
 query at absolute position p sees keys 0..p.
 

@@ -27,6 +27,12 @@ GPU. Each (tile, kv_head) then runs NUM_SPLITS programs over equal slices of its
 context, each writing an output normalized by its own sum plus log2(sum) + max;
 `_merge_splits_kernel` weights the slices by exp2(lse - max lse).
 
+A decode of a few sequences (the split-KV case) can hand the kernel its token's q, k and v
+before RoPE (`rotary_store_and_attend_triton`, ROPE): each program rotates its q heads as it
+loads them, and the program of the split that holds the token's position rotates k, writes k
+and v into the cache and adds them to its softmax last, from registers; its loop over the
+cache stops before that slot. One kernel where the layer would otherwise run two.
+
 CUDA graphs: nothing here reads device values on the host. The grid depends only
 on tensor shapes and on `max_query_len`, which is 1 for every captured decode
 graph. The number of splits for a decode depends on the batch size, the number of

@@ -10,8 +10,8 @@ as it loads them (`add_rms_norm` accepts partials), so the split costs no extra 
 products stay cuBLAS's; only the shape of the call is ours.
 
 Where it is used: o_proj and down_proj, whose next kernel is the residual-add + RMSNorm. Not
-qkv_proj: its 48 tiles gain less (6.1 -> 5.6 us) than reading the partials back costs the RoPE
-kernel after it (+0.7 us), and not gate_up_proj, which already has 256 tiles.
+qkv_proj: its 48 tiles gain less (6.1 -> 5.6 us) than reading the partials back cost the RoPE
+kernel after it when tried (+0.7 us), and not gate_up_proj, which already has 256 tiles.
 On the CPU, and for more rows than SPLIT_K_MAX_ROWS, nothing is split.
 """
 from __future__ import annotations

@@ -11,9 +11,11 @@ On the CPU each op call costs microseconds whatever its size, so the reference
 rotates in four in-place ops, and q and k together when they sit side by side
 in the fused qkv output.
 
-A decoder layer calls `rotary_and_store_kv`: (Qwen3's per-head norm,) RoPE, then
-the write of the new tokens' K and V into the paged cache. On CUDA that is one
-kernel; the torch reference runs the steps in turn.
+A decoder layer calls `rotary_store_and_attend`: (Qwen3's per-head norm,) RoPE,
+the write of the new tokens' K and V into the paged cache (`rotary_and_store_kv`),
+then paged attention. On CUDA the first two are one kernel, and for a decode of a
+few sequences all three are (attention_triton.py); the torch reference runs the
+steps in turn.
 """
 from __future__ import annotations
 
