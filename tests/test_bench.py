@@ -6,10 +6,12 @@ import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
 
+from nanovllm.bench import report
 from nanovllm.bench.roofline import Ceilings, ModelCost, lockstep_schedule, workload_roofline
 from nanovllm.bench.serve import RequestRecord, ServeResult, percentile
 from nanovllm.bench.workloads import dataset_workload, throughput_workload
@@ -166,6 +168,7 @@ def test_throughput_cli_prints_the_table_with_a_fraction_of_roofline(tiny_llama,
     assert result["ceilings"]["memory_bandwidth_GBps"] > 0 and result["ceilings"]["peak_TFLOPs"] > 0
     assert result["machine"]["cpu"] in figure["device"]
     assert {"torch", "transformers", "nano_vllm"} <= set(result["versions"])
+    assert result["source_digest"] == report.source_digest()
     saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
     assert len(saved) == 2 and saved[0].endswith("-cpu-throughput.json") and saved[1].endswith("-cpu-throughput.md")
 
@@ -284,3 +287,14 @@ def test_serve_cli_streams_poisson_requests_from_an_openai_server(tiny_llama, tm
     figures = result["figures"]
     assert [f["workload"] for f in figures] == ["random@inf", "random@200"]
     assert all(0 < f["fraction_of_roofline"] <= 1 and not math.isnan(f["measured"]) for f in figures)
+
+
+def test_source_digest_names_the_package_code_and_changes_with_it(tmp_path):
+    """The digest a result records identifies the code that ran, whatever the git metadata says."""
+    import shutil
+    package = Path(report.__file__).resolve().parents[1]
+    copy = tmp_path / "nanovllm"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert report.source_digest(copy) == report.source_digest()
+    (copy / "ops" / "linear.py").write_text((copy / "ops" / "linear.py").read_text() + "\n# changed\n")
+    assert report.source_digest(copy) != report.source_digest()

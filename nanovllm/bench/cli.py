@@ -274,6 +274,7 @@ class Bench:
                         else f"nano-vllm bench {self.args.kind} (called from Python)"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": report.git_commit(),
+            "source_digest": report.source_digest(),
             "machine": {**report.machine_info(config.device),
                         "load_average_1min": {"start": self.load_average_at_start, "end": os.getloadavg()[0]}},
             "versions": report.versions(),

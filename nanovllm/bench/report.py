@@ -9,6 +9,7 @@ roofline / measured and the ratio peer / measured: both stay "higher is better".
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import re
@@ -114,6 +115,18 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def source_digest(package: Path | None = None) -> str:
+    """sha256 (first 16 hex digits) of the nanovllm package's .py files, path and content, in path
+    order: names the code a result ran, also where the checkout's git metadata does not (a working
+    tree copied to another machine reports its base commit "+dirty"). `git stash; python -c "from
+    nanovllm.bench.report import source_digest; print(source_digest())"` recomputes it for any tree."""
+    package = package or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def result_stem(device: str, device_name: str, workload: str, date: datetime.date | None = None) -> str:
     """<YYYY-MM-DD>-<card or "cpu">-<workload>, e.g. 2026-11-28-nvidia-h100-80gb-hbm3-throughput."""
     date = date or datetime.date.today()
@@ -127,12 +140,13 @@ def markdown_report(result: dict) -> str:
     lines = [f"# nano-vllm bench {result['kind']}: {result['model']['name']} on {ceilings['device_name']}", "",
              result["table"], "",
              f"- command: `{result['command']}`",
-             f"- date: {result['date']}; git commit {result['git_commit']}",
+             f"- date: {result['date']}; git commit {result['git_commit']}, "
+             f"source digest {result.get('source_digest')}",
              f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
              + (f"; {machine['gpu']}" if "gpu" in machine else "")
              + f"; 1-minute load average {machine['load_average_1min']['start']:.1f} at the start, "
                f"{machine['load_average_1min']['end']:.1f} at the end",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
              f"- ceilings measured in the run (the better of before and after): copy "
              f"{ceilings['memory_bandwidth_GBps']:.1f} GB/s, {ceilings['dtype']} matmul "
              f"{ceilings['peak_TFLOPs'] * 1e3:.1f} GFLOP/s",
