@@ -193,5 +193,8 @@ def test_linear_or_partials_leaves_biased_and_quantized_layers_whole(monkeypatch
     monkeypatch.setattr(linear, "split_k_count", lambda rows, n, k, device: 4)
     x = torch.randn(2, 64)
     plain, biased = torch.nn.Linear(64, 8, bias=False), torch.nn.Linear(64, 8)
+    packed = PackedLinear.from_weight(torch.randn(8, 64), "int8")
     assert linear.linear_or_partials(x, plain).shape == (4, 2, 8)
     assert linear.linear_or_partials(x, biased).shape == (2, 8)
+    assert linear.linear_or_partials(x, packed).shape == (2, 8)
+    assert linear.linear_or_partials(x, plain, may_split=False).shape == (2, 8)     # tensor parallel
