@@ -299,6 +299,14 @@ def decode_kv_splits(batch: int, num_kv_heads: int, max_context: int, device: to
     return 1 << (splits.bit_length() - 1)
 
 
+def _step_kv_splits(metadata: AttentionMetadata, k_cache: torch.Tensor, device: torch.device) -> int:
+    """The split count a step gets from its shapes: decode_kv_splits for a decode, else 1."""
+    if metadata.max_query_len != 1:
+        return 1
+    max_context = metadata.block_tables.shape[1] * k_cache.shape[1]     # the table's capacity in tokens
+    return decode_kv_splits(metadata.seq_lens.shape[0], k_cache.shape[2], max_context, device)
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            metadata: AttentionMetadata, scale: float, *,
                            num_kv_splits: int | None = None,
@@ -327,9 +335,8 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     cost more than the separate kernel (+7 us a layer at batch 256): NOTES-kernels.md, v7.
     fused: force the choice (tests)."""
     decode = metadata.max_query_len == 1
-    if num_kv_splits is None and decode:
-        max_context = metadata.block_tables.shape[1] * k_cache.shape[1]
-        num_kv_splits = decode_kv_splits(metadata.seq_lens.shape[0], k_cache.shape[2], max_context, q.device)
+    if num_kv_splits is None:
+        num_kv_splits = _step_kv_splits(metadata, k_cache, q.device)
     if fused is None:
         fused = decode and num_kv_splits > 1
     if not fused:
@@ -372,8 +379,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
     if num_kv_splits is None:
-        max_context = metadata.block_tables.shape[1] * block_size
-        num_kv_splits = decode_kv_splits(num_seqs, num_kv_heads, max_context, q.device) if decode else 1
+        num_kv_splits = _step_kv_splits(metadata, k_cache, q.device)
 
     if num_kv_splits == 1:
         partial, lse = out, out          # lse is not written with one split
