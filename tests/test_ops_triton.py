@@ -524,6 +524,44 @@ def test_fused_sampling_kernel_reads_half_precision_logits_with_strided_rows(ker
 
 
 @in_interpreter
+def test_fused_sampling_takes_the_argmax_on_rows_of_temperature_zero(kernels):
+    """A decode graph samples greedy and random rows in one pass: temperature 0 marks a greedy row."""
+    from nanovllm.ops.sampling import first_argmax, sample_from_logits_torch
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 3000, generator=gen) * 3
+    keys = torch.randint(0, 2**32, (6,), generator=gen, dtype=torch.int64)
+    temperature = torch.tensor([0.0, 0.7, 0.0, 1.0, 1.5, 0.0])
+    expected_tokens, expected_logprobs, expected_lse = sample_from_logits_torch(logits, keys, temperature)
+    greedy = temperature == 0
+    assert torch.equal(expected_tokens[greedy], first_argmax(logits)[greedy])
+    random_rows = sample_from_logits_torch(logits[~greedy], keys[~greedy], temperature[~greedy])[0]
+    assert torch.equal(expected_tokens[~greedy], random_rows)
+    tokens, logprobs, lse = kernels.sampling_triton.sample_from_logits_triton(logits, keys, temperature)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-6, atol=1e-5)
+
+
+@in_interpreter
+def test_fused_sampling_writes_into_the_buffers_it_is_given(kernels):
+    """The runner's SampleBuffers: token ids and float32 log-probabilities packed in one int64 tensor;
+    the kernel fills the views it is handed (poisoned first) and returns them."""
+    from nanovllm.ops.sampling import sample_from_logits_torch
+    from nanovllm.runner.sampler import SampleBuffers
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 2500, generator=gen) * 3
+    buffers = SampleBuffers(8, "cpu")
+    buffers.packed.fill_(-7)
+    out = (buffers.token_ids[:3], buffers.logprobs[:3])
+    tokens, logprobs, _ = kernels.sampling_triton.sample_from_logits_triton(logits, None, None, out=out)
+    expected_tokens, expected_logprobs, _ = sample_from_logits_torch(logits, None, None)
+    assert tokens.data_ptr() == out[0].data_ptr() and logprobs.data_ptr() == out[1].data_ptr()
+    assert torch.equal(buffers.token_ids[:3], expected_tokens)
+    torch.testing.assert_close(buffers.logprobs[:3], expected_logprobs, rtol=1e-6, atol=1e-5)
+    assert (buffers.token_ids[3:] == -7).all()                          # rows past the batch untouched
+
+
+@in_interpreter
 def test_fused_sampling_breaks_ties_towards_the_first_token(kernels):
     """A winner tied across chunks, or across the lanes of one chunk, is the lowest token, as torch.argmax's."""
     logits = torch.zeros(3, 5000)

@@ -88,27 +88,36 @@ def exponential_race_torch(scores: torch.Tensor, keys: torch.Tensor) -> torch.Te
     return first_argmax(scores - log_exponentials)
 
 
-def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None,
-                             temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, temperature: torch.Tensor | None,
+                             out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampler's common case in one call: logits [B, V] (any float dtype, computed on in float32)
-    -> (token ids [B] int64: the argmax when keys is None, else the race over logits / temperature [B];
-    their log-probabilities [B]; the log-normalizer [B] of the logits)."""
+    -> (token ids [B] int64: the argmax when keys is None, else the race over logits / temperature [B]
+    (a row of temperature 0 takes the argmax); their log-probabilities [B]; the log-normalizer [B] of
+    the logits). out: tensors to write the token ids and log-probabilities into (and return), e.g.
+    views of the runner's SampleBuffers."""
     logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1)
     if keys is None:
         token_ids = first_argmax(logits)
     else:
-        token_ids = exponential_race_torch(logits / temperature[:, None], keys)
+        greedy = temperature == 0
+        token_ids = exponential_race_torch(logits / torch.where(greedy, 1.0, temperature)[:, None], keys)
+        if greedy.any():
+            token_ids = torch.where(greedy, first_argmax(logits), token_ids)
     logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer
+    if out is not None:
+        token_ids, logprobs = out[0].copy_(token_ids), out[1].copy_(logprobs)
     return token_ids, logprobs, log_normalizer
 
 
-def sample_from_logits(logits: torch.Tensor, keys: torch.Tensor | None,
-                       temperature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_from_logits(logits: torch.Tensor, keys: torch.Tensor | None, temperature: torch.Tensor | None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(logits):   # one pass over the [B, V] logits instead of five or six
         from nanovllm.ops.sampling_triton import sample_from_logits_triton
-        return sample_from_logits_triton(logits, keys, temperature)
-    return sample_from_logits_torch(logits, keys, temperature)
+        return sample_from_logits_triton(logits, keys, temperature, out=out)
+    return sample_from_logits_torch(logits, keys, temperature, out=out)
 
 
 def exponential_race(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ def _log_exponential(key, tokens):
 # Rows are split into chunks so that a small batch still fills the GPU (one program per row would leave
 # a batch-1 step's 128k-token row to a single SM: ~180 us on an H200).
 TARGET_PROGRAMS = 264    # about two programs per SM of an H100/H200
-MAX_SPLITS = 64          # chunks per row at most (the combine kernel loads them in one block)
+MAX_SPLITS = 128         # chunks per row at most (the combine kernel loads them in one block): a
+                         # 128k vocabulary at batch 1 is then 126 programs of one block each
 
 
 @triton.jit(do_not_specialize=["chunk_size", "num_splits"])
@@ -91,8 +92,12 @@ def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr,
         lane_max = new_max
         if GREEDY:
             race = x
-        elif SCALED:   # IEEE division, as torch's
-            race = tl.where(in_vocab, tl.math.div_rn(x, temperature) - _log_exponential(key, tokens), float("-inf"))
+        elif SCALED:   # IEEE division, as torch's; a row of temperature 0 is greedy (a mixed batch)
+            if temperature > 0.0:
+                race = tl.where(in_vocab, tl.math.div_rn(x, temperature) - _log_exponential(key, tokens),
+                                float("-inf"))
+            else:
+                race = x
         else:
             race = tl.where(in_vocab, x - _log_exponential(key, tokens), float("-inf"))
         better = race > best                               # strict: a lane's earlier token keeps a tie
@@ -123,24 +128,29 @@ def _combine_splits_kernel(score_ptr, token_ptr, logit_ptr, max_ptr, sum_ptr, ou
     splits = tl.arange(0, MAX_SPLITS)
     valid = splits < num_splits
     slots = row * num_splits + splits
+    # Every load at once, none behind the argmax: at batch 1 this kernel is a few round trips to memory.
     scores = tl.load(score_ptr + slots, mask=valid, other=float("-inf"))
-    winner = tl.argmax(scores, axis=0)
-    tl.store(out_ptr + row, tl.load(token_ptr + row * num_splits + winner))
+    tokens = tl.load(token_ptr + slots, mask=valid, other=0)
+    logits = tl.load(logit_ptr + slots, mask=valid, other=0.0)
     maxes = tl.load(max_ptr + slots, mask=valid, other=float("-inf"))
     sums = tl.load(sum_ptr + slots, mask=valid, other=0.0)
+    winner = splits == tl.argmax(scores, axis=0)
     row_max = tl.max(maxes, axis=0)
     total = tl.sum(tl.where(maxes == float("-inf"), 0.0, sums * tl.exp(maxes - row_max)), axis=0)
     lse = row_max + tl.log(total)
+    tl.store(out_ptr + row, tl.sum(tl.where(winner, tokens, 0), axis=0))
     tl.store(lse_ptr + row, lse)
-    tl.store(logprob_ptr + row, tl.load(logit_ptr + row * num_splits + winner) - lse)
+    tl.store(logprob_ptr + row, tl.sum(tl.where(winner, logits, 0.0), axis=0) - lse)
 
 
 def sample_from_logits_triton(logits: torch.Tensor, keys: torch.Tensor | None, temperature: torch.Tensor | None,
-                              num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              num_splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype, read as they are; rows may be strided), keys [B] int64 and
-    temperature [B] float32 (or None: no scaling), or both None for the argmax
+    temperature [B] float32 (or None: no scaling; 0 on a row: its argmax), or both None for the argmax
     -> (token ids [B] int64, their log-probabilities [B] float32, the log-normalizer [B] float32);
-    see ops/sampling.py. num_splits: chunks per row (default: enough for about TARGET_PROGRAMS programs)."""
+    see ops/sampling.py. num_splits: chunks per row (default: enough for about TARGET_PROGRAMS programs);
+    out: contiguous [B] int64 and float32 tensors for the token ids and log-probabilities."""
     num_rows, vocab_size = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -159,8 +169,10 @@ def sample_from_logits_triton(logits: torch.Tensor, keys: torch.Tensor | None, t
         logits, token if greedy else keys, temperature if scaled else score, score, token, logit, part_max, part_sum,
         vocab_size, logits.stride(0), chunk_size, num_splits, GREEDY=greedy, SCALED=scaled, BLOCK=BLOCK,
         num_warps=4)
-    out = torch.empty(num_rows, dtype=torch.int64, device=device)
-    logprob = torch.empty(num_rows, dtype=torch.float32, device=device)
+    if out is None:
+        out = (torch.empty(num_rows, dtype=torch.int64, device=device),
+               torch.empty(num_rows, dtype=torch.float32, device=device))
+    out, logprob = out
     lse = torch.empty(num_rows, dtype=torch.float32, device=device)
     _combine_splits_kernel[(num_rows,)](score, token, logit, part_max, part_sum, out, logprob, lse, num_splits,
                                         MAX_SPLITS=MAX_SPLITS)
