@@ -114,6 +114,14 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def is_plain(self) -> bool:
+        """Whether a token needs nothing but the step's logits and the temperature: no penalty, no
+        top-k / top-p / min-p filter, no top log-probabilities (the fused sampling pass; a decode
+        step samples inside its CUDA graph when every row is plain and past its min_tokens)."""
+        return (not self.has_penalties and self.logprobs is None
+                and (self.is_greedy or (self.top_k <= 0 and self.top_p >= 1.0 and self.min_p == 0.0)))
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS   # (read for every row of every step: kept to one comparison)
 

@@ -155,37 +155,77 @@ def test_async_scheduling_is_on_by_default_with_one_gpu_only(monkeypatch):
 
 def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_llama_loaded):
     """The CUDA-graph path writes its inputs into host buffers it reuses (block-table rows are only
-    rewritten when a row's table changed): across finishing, shifting and preempted sequences they must
-    hold what the eager path computes for the same batch."""
+    rewritten, and copied, when a row's table changed): across finishing, shifting and preempted
+    sequences they must hold what the eager path computes for the same batch, and a device copy made
+    only on the steps that report a changed table must too."""
     from nanovllm.runner.cuda_graph import HostInputs
 
     engine = engine_over(tiny_llama_loaded, max_model_len=160, async_scheduling=True, num_kv_blocks=40,
                          block_size=4, max_num_batched_tokens=48)
     runner = engine.runner
     host = HostInputs(rows=64, width=40, block_size=4, pin_memory=False)
+    device_tables = host.block_tables.clone()   # what the graphs would read: copied only when changed
     launch, checked = runner.launch, []
 
     def checking_launch(batch):
         if batch.num_prefill_tokens == 0:
             num_seqs = len(batch.scheduled)
-            pending = host.fill(batch, size=num_seqs + 3)
+            pending, tables_changed, plain = host.fill(batch, size=num_seqs + 3, sampling=True)
+            if tables_changed:
+                device_tables[:num_seqs] = host.block_tables[:num_seqs]
             input_ids, positions, metadata, _ = runner.prepare_inputs(batch)
-            rows = host.pending_rows[:num_seqs]
-            assert (pending == "none") == bool((rows < 0).all())
-            known = rows < 0
-            assert torch.equal(host.token_rows[0, :num_seqs][known], input_ids[known])
-            assert torch.equal(host.token_rows[1, :num_seqs], positions)
-            assert torch.equal(host.token_rows[2, :num_seqs], metadata.slot_mapping)
-            assert torch.equal(host.seq_lens[:num_seqs], metadata.seq_lens)
-            assert torch.equal(host.token_rows[2, num_seqs:num_seqs + 3], torch.tensor([-1] * 3))   # padding
-            assert not host.seq_lens[num_seqs:num_seqs + 3].any()
+            rows = host.rows
+            known = rows.pending_rows[:num_seqs] < 0
+            assert (pending == "none") == bool(known.all())
+            assert torch.equal(rows.input_ids[:num_seqs][known], input_ids[known])
+            assert torch.equal(rows.positions[:num_seqs], positions)
+            assert torch.equal(rows.slot_mapping[:num_seqs], metadata.slot_mapping)
+            assert torch.equal(rows.seq_lens[:num_seqs], metadata.seq_lens)
+            assert torch.equal(rows.slot_mapping[num_seqs:num_seqs + 3], torch.tensor([-1] * 3))   # padding
+            assert torch.equal(rows.pending_rows[num_seqs:num_seqs + 3], torch.tensor([-1] * 3))
+            assert not rows.seq_lens[num_seqs:num_seqs + 3].any()
             for row, (seq, _) in enumerate(batch.scheduled):
                 assert host.block_tables[row, :len(seq.block_table)].tolist() == seq.block_table
-            checked.append(pending)
+                assert device_tables[row, :len(seq.block_table)].tolist() == seq.block_table
+            # The sampling settings the graph's own sampling pass reads: the eager sampler's.
+            sampling = runner.prepare_sampling(batch)
+            seqs = [seq for seq, _ in batch.scheduled]
+            greedy = torch.tensor([seq.sampling_params.is_greedy for seq in seqs])
+            assert torch.equal(rows.temperature[:num_seqs] == 0, greedy)
+            if sampling.stream_keys is not None:
+                assert torch.equal(rows.keys[:num_seqs][~greedy], sampling.stream_keys[~greedy])
+                assert torch.equal(rows.temperature[:num_seqs][~greedy], sampling.temperature[~greedy])
+            assert plain == all(seq.sampling_params.is_plain and seq.num_output_tokens >= seq.sampling_params.min_tokens
+                                for seq in seqs)
+            checked.append((pending, tables_changed, plain))
         return launch(batch)
 
     runner.launch = checking_launch
     params = [SamplingParams(temperature=0.8, seed=i, max_tokens=6 + 7 * i, ignore_eos=True) for i in range(6)]
+    params[1] = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)                # greedy
+    params[3] = SamplingParams(temperature=0.5, top_k=5, seed=3, max_tokens=27, ignore_eos=True)   # not plain
+    params[4] = SamplingParams(temperature=0.9, seed=4, min_tokens=20, max_tokens=34, ignore_eos=True)
     run(engine, requests_for(params))
     assert engine.get_stats().num_preemptions > 0
-    assert {"all in order", "some"} <= set(checked)
+    assert {"all in order", "some"} <= {pending for pending, _, _ in checked}
+    assert {True, False} == {changed for _, changed, _ in checked}   # most steps copy no table
+    assert {True, False} == {plain for _, _, plain in checked}
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256])
+def test_step_rows_pack_every_input_into_one_tensor_without_overlap(rows):
+    """One copy moves a decode step's per-row inputs: each is a view of StepRows.flat, none overlaps
+    another, and padding defaults (slot -1, no pending token) hold from the start."""
+    from nanovllm.runner.cuda_graph import StepRows
+    step = StepRows(rows, "cpu")
+    views = [step.input_ids, step.positions, step.slot_mapping, step.pending_rows, step.keys, step.seq_lens,
+             step.temperature]
+    assert all(view.shape == (rows,) and view.untyped_storage().data_ptr() == step.flat.untyped_storage().data_ptr()
+               for view in views)
+    assert step.seq_lens.dtype == torch.int32 and step.temperature.dtype == torch.float32
+    assert step.slot_mapping.dtype == torch.int64 and step.keys.dtype == torch.int64
+    assert (step.slot_mapping == -1).all() and (step.pending_rows == -1).all() and not step.seq_lens.any()
+    for value, view in enumerate(views, start=1):
+        view.fill_(value)
+    assert [view.unique().tolist() for view in views] == [[1], [2], [3], [4], [5], [6], [7]]
+    assert step.flat.numel() * 8 == sum(view.numel() * view.element_size() for view in views)

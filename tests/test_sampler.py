@@ -285,6 +285,38 @@ def test_top_logprobs_list_the_most_likely_tokens_plus_the_sampled_one():
     assert set(out.top_logprobs[0]) == {1, 3}
 
 
+def test_plain_params_need_only_the_logits_and_the_temperature():
+    assert SamplingParams(temperature=0).is_plain and SamplingParams(temperature=0.7, seed=3).is_plain
+    assert SamplingParams(temperature=0, top_k=5, top_p=0.5).is_plain        # filters do nothing to an argmax
+    for params in (SamplingParams(top_k=5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.1),
+                   SamplingParams(temperature=0, repetition_penalty=1.1), SamplingParams(presence_penalty=0.5),
+                   SamplingParams(temperature=0, logprobs=2)):
+        assert not params.is_plain
+
+
+def test_samples_land_in_the_given_buffers_and_each_step_keeps_its_own():
+    """The runner's SampleBuffers are reused every step (the next step's pending tokens are read there);
+    a step's DeviceSamples still give that step's tokens after a later step overwrote the buffers."""
+    from nanovllm.runner.sampler import SampleBuffers
+    buffers = SampleBuffers(6, "cpu")
+    params = [SamplingParams(temperature=0)] * 3
+    batch = SamplingBatch.build(params, [0] * 3, [0] * 3, [[]] * 3, [[]] * 3, [], "cpu")
+    first = sampler.sample(torch.tensor([[0.0, 5.0, 1.0]] * 3), batch, buffers)
+    assert buffers.token_ids[:3].tolist() == [1, 1, 1]
+    second = sampler.sample(torch.tensor([[6.0, 5.0, 1.0]] * 3), batch, buffers)   # the plain path
+    penalties = [SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0)] * 3
+    mixed = SamplingBatch.build(penalties, [0] * 3, [0] * 3, [[]] * 3, [[0]] * 3, [], "cpu")
+    third = sampler.sample(torch.tensor([[6.0, 5.0, 1.0]] * 3), mixed, buffers)    # the torch path
+    assert buffers.token_ids[:3].tolist() == [1, 1, 1]
+    assert first.result().token_ids == [1, 1, 1]
+    assert second.result().token_ids == [0, 0, 0]
+    out = third.result()
+    assert out.token_ids == [1, 1, 1]
+    expected = float(torch.log_softmax(torch.tensor([6.0, 5.0, 1.0]), dim=0)[1])   # raw logits
+    assert out.logprobs == pytest.approx([expected] * 3, abs=1e-6)
+    assert buffers.logprobs[:3].tolist() == pytest.approx([expected] * 3, abs=1e-6)
+
+
 # --- devices -----------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -3,11 +3,17 @@
 A decode step of a 1B model launches several hundred small kernels; from Python
 each launch costs a few microseconds, which adds up to more than the GPU needs
 to read the weights. A CUDA graph records the whole forward pass once and
-replays it with a single launch. A graph is frozen: the same kernels, the same
-grid sizes, the same memory addresses every time. So:
+replays it with a single launch. On one GPU it records the LM head and the fused
+sampling pass too (greedy and plain temperature rows; ops/sampling.py), so that
+a decode step is one copy in, one replay and one copy out. A step whose rows need
+more (penalties, top-k/top-p/min-p, top log-probabilities, min_tokens not yet
+reached) samples again from the graph's logits with the full sampler. A graph is
+frozen: the same kernels, the same grid sizes, the same memory addresses every
+time. So:
 
 - inputs live in static buffers that each step overwrites (input ids,
-  positions, slot mapping, context lengths, block tables);
+  positions, slot mapping, context lengths, block tables, each row's
+  temperature and random-stream key);
 - one graph per batch size in `capture_sizes` (1, 2, 4, 8, 16, 24, ...); a
   batch of 13 runs in the graph of 16, the 3 padding rows having context length
   0 and slot -1, so they read nothing and write nothing;
@@ -17,12 +23,20 @@ grid sizes, the same memory addresses every time. So:
   longest context of the step), see ops/attention_triton.py.
 
 Host-side preparation writes into pinned (page-locked) buffers that are copied
-asynchronously: no allocation per step. With async scheduling the previous
-step may still be running when the next one is prepared: an event marks when
-the last copy out of the pinned buffers is done, and the host waits for it
-(not for the step) before writing them again. A row whose token is still a
-placeholder (sequence.py) takes it from the previous step's sampled tensor on
-the device, before the replay.
+asynchronously: no allocation per step, and one copy per step (StepRows packs the
+per-row inputs into one tensor; the block tables follow only when one grew,
+every block_size tokens). With async scheduling the previous step may still be
+running when the next one is prepared: an event marks when the last copy out of
+the pinned buffers is done, and the host waits for it (not for the step) before
+writing them again.
+
+A row whose token is still a placeholder (sequence.py) needs the previous step's
+sample, which is on the device. The graphs read their input ids from the buffer
+every step samples into (the runner's SampleBuffers), so in the steady state,
+where row i's next input is what row i sampled, it is already in place; only when
+the batch changed are pending tokens moved to their new rows before the replay.
+Every copy or small kernel between two graph replays costs the GPU 1-3 us of
+gap at batch 1 (benchmarks/step_timeline_probe.py).
 """
 from __future__ import annotations
 
@@ -31,6 +45,8 @@ import torch
 
 from nanovllm.engine.scheduler import Batch
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.sampling import sample_from_logits
+from nanovllm.runner.sampler import SampleBuffers, stream_keys
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -41,42 +57,71 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+class StepRows:
+    """A decode step's per-sequence inputs for up to `rows` rows in one flat int64 tensor, so that one
+    copy moves them all: input ids, positions, slot mapping, pending rows and sampling keys (each int64
+    [rows]), then the context lengths (int32 [rows]) and temperatures (float32 [rows]), two to an
+    entry. The same layout on the host (pinned) and on the device."""
+
+    def __init__(self, rows: int, device: torch.device | str, pin_memory: bool = False):
+        self.flat = torch.zeros(6 * rows, dtype=torch.int64, device=device)
+        if pin_memory:
+            self.flat = self.flat.pin_memory()
+        (self.input_ids, self.positions, self.slot_mapping, self.pending_rows,
+         self.keys) = self.flat[:5 * rows].view(5, rows)
+        tail = self.flat[5 * rows:].view(torch.int32)                 # [2 * rows]
+        self.seq_lens = tail[:rows]
+        self.temperature = tail[rows:].view(torch.float32)
+        self.slot_mapping.fill_(-1)
+        self.pending_rows.fill_(-1)
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device):
+                 max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
+                 samples: SampleBuffers | None = None):
+        """samples: where every step's sampler writes (the runner's SampleBuffers). Given, each graph
+        goes on past the forward: LM head and the fused sampling pass into `samples`, and reads its
+        input ids from there. None (tensor parallelism): the graphs end at the hidden states."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sizes = capture_sizes(max_num_seqs)
-        self.max_batch = self.sizes[-1]
+        self.max_batch = rows = self.sizes[-1]
         width = -(-max_model_len // block_size)
-        rows, i64, i32 = self.max_batch, torch.int64, torch.int32
-        # Device buffers the graphs read. token_rows = [input_ids; positions; slot_mapping].
-        self.token_rows = torch.zeros(3, rows, dtype=i64, device=device)        # [3, max_batch]
-        self.token_rows[2].fill_(-1)
-        self.seq_lens = torch.zeros(rows, dtype=i32, device=device)             # [max_batch]
-        self.block_tables = torch.full((rows, width), -1, dtype=i32, device=device)   # [max_batch, width]
-        self.query_start_loc = torch.arange(rows + 1, dtype=i32, device=device)  # one new token per row
-        self.pending_rows = torch.full((rows,), -1, dtype=i64, device=device)
+        self.samples = samples
+        # Device buffers the graphs read. The input ids are the last step's samples, in place: in the
+        # steady state row i's next input is what row i sampled, and nothing needs copying.
+        self.rows = StepRows(rows, device)                                        # positions, slots, lengths
+        self.input_ids = self.rows.input_ids if samples is None else samples.token_ids[:rows]
+        self.block_tables = torch.full((rows, width), -1, dtype=torch.int32, device=device)   # [max_batch, width]
+        self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one new token per row
         self.host = HostInputs(rows, width, block_size, pin_memory=True)   # what the next copy brings
         self.inputs_copied: torch.cuda.Event | None = None                  # the host buffers' last copy
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}   # hidden states [size, H] each graph writes
+        self.outputs: dict[int, torch.Tensor] = {}   # what each graph writes: logits [size, V] or hidden [size, H]
         self._capture()
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[:size + 1],
-            seq_lens=self.seq_lens[:size],
-            slot_mapping=self.token_rows[2, :size],
+            seq_lens=self.rows.seq_lens[:size],
+            slot_mapping=self.rows.slot_mapping[:size],
             block_tables=self.block_tables[:size],
             max_query_len=1,
             max_seq_len=self.block_tables.shape[1] * self.block_size,
         )
 
     def _forward(self, size: int) -> torch.Tensor:
-        return self.model(self.token_rows[0, :size], self.token_rows[1, :size], self._metadata(size),
-                          self.kv_caches)
+        """The captured work: the forward (hidden [size, H]); with samples, then the LM head and the
+        fused sampling pass (greedy rows at temperature 0) -> logits [size, V]."""
+        hidden = self.model(self.input_ids[:size], self.rows.positions[:size], self._metadata(size), self.kv_caches)
+        if self.samples is None:
+            return hidden
+        logits = self.model.compute_logits(hidden)
+        sample_from_logits(logits, self.rows.keys[:size], self.rows.temperature[:size],
+                           out=(self.samples.token_ids[:size], self.samples.logprobs[:size]))
+        return logits
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -113,70 +158,81 @@ class DecodeGraphs:
         """`run` for a step given as device tensors (what tensor-parallel ranks receive) -> hidden [B, H]."""
         num_seqs = metadata.seq_lens.shape[0]
         size = next(s for s in self.sizes if s >= num_seqs)
-        self.token_rows[0, :num_seqs].copy_(input_ids)
-        self.token_rows[1, :num_seqs].copy_(positions)
-        self.token_rows[2, :num_seqs].copy_(metadata.slot_mapping)
-        self.token_rows[:2, num_seqs:size] = 0       # padding rows: context 0 and slot -1
-        self.token_rows[2, num_seqs:size] = -1
-        self.seq_lens[:num_seqs].copy_(metadata.seq_lens)
-        self.seq_lens[num_seqs:size] = 0
+        rows = self.rows
+        self.input_ids[:num_seqs].copy_(input_ids)
+        rows.positions[:num_seqs].copy_(positions)
+        rows.slot_mapping[:num_seqs].copy_(metadata.slot_mapping)
+        rows.seq_lens[:num_seqs].copy_(metadata.seq_lens)
+        self.input_ids[num_seqs:size] = 0          # padding rows: context 0 and slot -1
+        rows.positions[num_seqs:size] = 0
+        rows.slot_mapping[num_seqs:size] = -1
+        rows.seq_lens[num_seqs:size] = 0
         self.block_tables[:num_seqs, :metadata.block_tables.shape[1]].copy_(metadata.block_tables)
+        self.host.forget_tables()                  # the device tables no longer hold what the host wrote
         self.graphs[size].replay()
         return self.outputs[size][:num_seqs]
 
-    def run(self, batch: Batch, previous_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Replay the graph of the smallest captured size >= the batch -> hidden states [B, H].
-        previous_tokens: the last step's sampled tokens on the device, for rows still pending."""
+    def run(self, batch: Batch) -> tuple[torch.Tensor, bool]:
+        """Replay the graph of the smallest captured size >= the batch -> (logits [B, V], whether the
+        graph's samples stand: every row plain and past its min_tokens; else the caller samples from
+        the logits). Rows whose token is still pending read it where the last step sampled it."""
         num_seqs = len(batch.scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
         if self.inputs_copied is not None:
             self.inputs_copied.synchronize()   # the last step's copies out of the pinned buffers are done
         host = self.host
-        pending = host.fill(batch, size)
-        self.token_rows[:, :size].copy_(host.token_rows[:, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(host.seq_lens[:size], non_blocking=True)
-        self.block_tables[:num_seqs].copy_(host.block_tables[:num_seqs], non_blocking=True)
-        input_ids = self.token_rows[0, :num_seqs]
-        if pending == "all in order":   # the steady state: row i samples what row i sampled last step
-            input_ids.copy_(previous_tokens[:num_seqs])
-        elif pending == "some":
-            rows = self.pending_rows[:num_seqs]
-            rows.copy_(host.pending_rows[:num_seqs], non_blocking=True)
-            input_ids.copy_(torch.where(rows >= 0, previous_tokens[rows.clamp(min=0)], input_ids))
+        pending, tables_changed, plain = host.fill(batch, size, sampling=True)
+        self.rows.flat.copy_(host.rows.flat, non_blocking=True)          # one copy: ids, positions, slots, ...
+        if tables_changed:   # a table grows by a block every block_size tokens: most steps copy none
+            self.block_tables[:num_seqs].copy_(host.block_tables[:num_seqs], non_blocking=True)
         self.inputs_copied = torch.cuda.Event()
         self.inputs_copied.record()
+        if pending == "none":                  # every token known on the host
+            self.input_ids[:size].copy_(self.rows.input_ids[:size])
+        elif pending == "some":                # the batch changed: move pending tokens to their new rows
+            rows = self.rows.pending_rows[:size]
+            self.input_ids[:size].copy_(torch.where(rows >= 0, self.input_ids[rows.clamp(min=0)],
+                                                    self.rows.input_ids[:size]))
+        # "all in order" (the steady state): row i's input is what row i sampled, already in place.
         self.graphs[size].replay()
-        return self.outputs[size][:num_seqs]
+        return self.outputs[size][:num_seqs], plain
 
 
 class HostInputs:
-    """The host side of a decode graph's inputs: tensors (pinned on CUDA, so that their copies are
-    asynchronous) written through numpy views, one row per sequence."""
+    """The host side of a decode graph's inputs: StepRows and block tables (pinned on CUDA, so that
+    their copies are asynchronous) written through numpy views, one row per sequence."""
 
     def __init__(self, rows: int, width: int, block_size: int, pin_memory: bool):
-        def buffer(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.pin_memory() if pin_memory else tensor
-
         self.block_size = block_size
-        self.token_rows = buffer(torch.zeros(3, rows, dtype=torch.int64))          # input ids; positions; slots
-        self.seq_lens = buffer(torch.zeros(rows, dtype=torch.int32))
-        self.block_tables = buffer(torch.full((rows, width), -1, dtype=torch.int32))
-        self.pending_rows = buffer(torch.full((rows,), -1, dtype=torch.int64))    # previous-sample row, or -1
-        self.np_token_rows, self.np_seq_lens, self.np_block_tables, self.np_pending_rows = (
-            t.numpy() for t in (self.token_rows, self.seq_lens, self.block_tables, self.pending_rows))
+        self.rows = StepRows(rows, "cpu", pin_memory)
+        self.block_tables = torch.full((rows, width), -1, dtype=torch.int32)
+        if pin_memory:
+            self.block_tables = self.block_tables.pin_memory()
+        self.np_token_rows = self.rows.flat[:5 * rows].view(5, rows).numpy()   # ids; positions; slots; pending; keys
+        self.np_seq_lens = self.rows.seq_lens.numpy()
+        self.np_temperature = self.rows.temperature.numpy()
+        self.np_block_tables = self.block_tables.numpy()
         self.row_numbers = np.arange(rows)
         # The block table each row holds, and its length then: a table only grows while it lives
-        # (block_manager.py), so the same list at the same length needs no rewrite.
+        # (block_manager.py), so the same list at the same length needs no rewrite (and no copy).
         self.row_tables: list[list[int] | None] = [None] * rows
         self.row_table_lens = [0] * rows
 
-    def fill(self, batch: Batch, size: int) -> str:
-        """Write a decode batch in (padding rows up to `size`); -> which rows' tokens are pending:
-        "none", "all in order" (row i's is row i of the previous samples) or "some"."""
+    def forget_tables(self) -> None:
+        """The device's tables were written by another path: rewrite (and copy) every row next time."""
+        self.row_tables = [None] * len(self.row_tables)
+
+    def fill(self, batch: Batch, size: int, sampling: bool = False) -> tuple[str, bool, bool]:
+        """Write a decode batch in (padding rows up to `size`) -> (which rows' tokens are pending: "none",
+        "all in order" (row i's is row i of the last samples) or "some"; whether a block table changed;
+        with `sampling`, whether every row is plain (SamplingParams.is_plain) and past its min_tokens,
+        each row's temperature (0: greedy) and random-stream key written in)."""
         num_seqs = len(batch.scheduled)
         block_size, tables, row_tables, row_table_lens = (self.block_size, self.np_block_tables, self.row_tables,
                                                           self.row_table_lens)
         ids, positions, slots, pending = [], [], [], []
+        temperatures, seeds, output_lens = [], [], []
+        tables_changed, plain = False, sampling
         for i, (seq, _) in enumerate(batch.scheduled):
             position = seq.num_computed_tokens
             table = seq.block_table
@@ -187,17 +243,31 @@ class HostInputs:
             if row_tables[i] is not table or row_table_lens[i] != len(table):
                 tables[i, :len(table)] = table
                 row_tables[i], row_table_lens[i] = table, len(table)
-        token_rows, seq_lens, pending_rows = self.np_token_rows, self.np_seq_lens, self.np_pending_rows
+                tables_changed = True
+            if sampling:
+                params = seq.sampling_params
+                output_len = seq.num_output_tokens
+                plain = plain and params.is_plain and output_len >= params.min_tokens
+                temperatures.append(0.0 if params.is_greedy else params.temperature)
+                seeds.append(seq.seed)
+                output_lens.append(output_len)
+        if sampling:
+            self.np_temperature[:num_seqs] = temperatures
+            self.np_temperature[num_seqs:size] = 0.0
+            if max(temperatures) > 0.0:   # a random row: this step's keys (greedy rows ignore theirs)
+                self.np_token_rows[4, :num_seqs] = stream_keys(seeds, output_lens)
+        token_rows, seq_lens = self.np_token_rows, self.np_seq_lens
         token_rows[0, :num_seqs] = ids
         token_rows[1, :num_seqs] = positions
         token_rows[2, :num_seqs] = slots
+        token_rows[3, :num_seqs] = pending
         seq_lens[:num_seqs] = positions
         seq_lens[:num_seqs] += 1
-        pending_rows[:num_seqs] = pending
-        # Padding rows: context 0 and slot -1, so they neither read nor write the cache.
+        # Padding rows: token 0, context 0 and slot -1, so they neither read nor write the cache.
         token_rows[:, num_seqs:size] = 0
-        token_rows[2, num_seqs:size] = -1
+        token_rows[2:4, num_seqs:size] = -1
         seq_lens[num_seqs:size] = 0
         if max(pending) < 0:
-            return "none"
-        return "all in order" if np.array_equal(pending_rows[:num_seqs], self.row_numbers[:num_seqs]) else "some"
+            return "none", tables_changed, plain
+        in_order = np.array_equal(token_rows[3, :num_seqs], self.row_numbers[:num_seqs])
+        return ("all in order" if in_order else "some"), tables_changed, plain

@@ -44,7 +44,7 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.cuda_graph import DecodeGraphs
-from nanovllm.runner.sampler import DeviceSamples, Sampler, SamplingBatch, host_to_device
+from nanovllm.runner.sampler import DeviceSamples, SampleBuffers, Sampler, SamplingBatch, host_to_device
 from nanovllm.runner.tp_worker import WorkerGroup, min_over_ranks, receive_step, stop_with
 from nanovllm.sampling_params import SamplingParams
 
@@ -74,7 +74,9 @@ class ModelRunner:
             raise ValueError(f"the model given is shard {self.parallel.rank} of {self.parallel.world_size} but "
                              f"tensor_parallel_size is {config.tensor_parallel_size}; make them agree")
         self.num_kv_heads = model_config.num_key_value_heads // self.parallel.world_size   # this rank's KV heads
-        self.previous_tokens: torch.Tensor | None = None   # [N] the last launched step's sampled tokens, on the device
+        # Every step samples into these device buffers: the last step's tokens are there for rows whose
+        # input is still pending (and are the decode graphs' input ids), and one copy brings them home.
+        self.samples = SampleBuffers(config.max_num_seqs, self.device)
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
             self.workers = WorkerGroup.start(config, self.parallel)
@@ -100,8 +102,10 @@ class ModelRunner:
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
+            # One GPU: the graphs run the LM head and sampling too. Tensor parallelism: the forward only.
+            samples = self.samples if self.parallel.world_size == 1 else None
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs, config.max_model_len,
-                                              config.block_size, self.device)
+                                              config.block_size, self.device, samples)
             if self.workers is not None:
                 self.workers.graphs = self.decode_graphs
 
@@ -175,17 +179,16 @@ class ModelRunner:
         if self.workers is not None:
             return self._run_parallel(batch)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
-            hidden = self.decode_graphs.run(batch, self.previous_tokens)       # [B, H], every row samples
-            logits_indices = slice(None)
-        else:
-            input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
-            hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
+            logits, sampled = self.decode_graphs.run(batch)                    # [B, V], every row samples
+            if sampled:   # the graph's own sampling pass stands: only the copy home is left to queue
+                return DeviceSamples.start_copy(self.samples, logits.shape[0], None, [None] * logits.shape[0])
+            return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
+        input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
+        hidden = self.model(input_ids, positions, metadata, self.kv_caches)        # [T, H]
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return None
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
-        samples = self.sampler.sample(logits, self.prepare_sampling(batch))
-        self.previous_tokens = samples.token_ids
-        return samples
+        return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
 
     def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
         """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
@@ -197,7 +200,8 @@ class ModelRunner:
             logits = self._execute(input_ids, positions, metadata, logits_indices)
             if self.device.type == "cuda":
                 workers.wait_for_device()   # never block in a sync that a dead NCCL peer would hang
-            samples = None if logits is None else self.sampler.sample(logits, self.prepare_sampling(batch))
+            samples = None if logits is None else self.sampler.sample(logits, self.prepare_sampling(batch),
+                                                                      self.samples)
         except RuntimeError:
             workers.check_alive(wait_s=2.0)   # a collective failed: name the worker that died, if one did
             raise
@@ -271,7 +275,7 @@ class ModelRunner:
         input_ids_t = host_to_device(input_ids, torch.int64, device)                          # [T]
         if pending_index:
             input_ids_t[host_to_device(pending_index, torch.int64, device)] = \
-                self.previous_tokens[host_to_device(pending_row, torch.int64, device)]
+                self.samples.token_ids[host_to_device(pending_row, torch.int64, device)]
         return input_ids_t, positions_t, metadata, host_to_device(logits_indices, torch.int64, device)
 
     def prepare_sampling(self, batch: Batch) -> SamplingBatch:

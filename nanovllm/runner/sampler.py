@@ -15,8 +15,8 @@ vLLM's:
                                    (each a per-row threshold;
                                     one topk or sort of the rows)
 
-A batch that is all greedy, or all plain temperature sampling (no penalties,
-no top-k/top-p/min-p), takes one fused pass over the logits (on a GPU, Triton
+A batch of greedy and plain temperature rows (no penalties, no
+top-k/top-p/min-p) takes one fused pass over the logits (on a GPU, Triton
 programs over chunks of each row, then one that combines a row's chunks): the
 argmax or the race, and the logsumexp the log-probabilities need.
 
@@ -158,32 +158,52 @@ class SamplerOutput:
         return cls(token_ids=[], logprobs=[], top_logprobs=None)
 
 
+class SampleBuffers:
+    """Where a step's samples land on the device: one int64 tensor holding the token ids of up to
+    `rows` rows, then their float32 log-probabilities packed two to an entry, so that one copy
+    brings both to the host. The runner keeps one for good: its token ids are where the next
+    decode step's CUDA graph reads the input ids of rows whose token is still pending."""
+
+    def __init__(self, rows: int, device: torch.device | str):
+        self.rows = rows
+        self.packed = torch.zeros(2 * rows, dtype=torch.int64, device=device)
+        self.token_ids = self.packed[:rows]                                   # [rows] int64
+        self.logprobs = self.packed[rows:].view(torch.float32)[:rows]         # [rows] float32
+
+
 @dataclass
 class DeviceSamples:
     """A step's samples still on the device (the kernels may still be running), with their copy to
     the host under way; `result()` waits for that copy only."""
     token_ids: torch.Tensor                       # [B] int64, on the device: the next step may read it there
-    host: list[torch.Tensor]                      # token ids, logprobs[, top values, top ids] on the host
+    num_rows: int                                 # B
+    host: torch.Tensor                            # SampleBuffers.packed on the host (pinned), or a copy
+    top: list[torch.Tensor] | None                # top log-probabilities [B, k] and their ids, on the host
     num_logprobs: list[int | None]
     copied: torch.cuda.Event | None               # recorded after the copies (None on the CPU)
 
     @classmethod
-    def start_copy(cls, token_ids: torch.Tensor, tensors: list[torch.Tensor],
+    def start_copy(cls, buffers: SampleBuffers, num_rows: int, top: list[torch.Tensor] | None,
                    num_logprobs: list[int | None]) -> "DeviceSamples":
-        if token_ids.device.type != "cuda":
-            return cls(token_ids, tensors, num_logprobs, None)
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+        """Copy the packed buffer (and the top log-probabilities, if asked for) to the host, without waiting."""
+        token_ids = buffers.token_ids[:num_rows]
+        if buffers.packed.device.type != "cuda":   # the buffers are reused next step: keep this step's values
+            return cls(token_ids, num_rows, buffers.packed.clone(), top, num_logprobs, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in [buffers.packed] + (top or [])]
         copied = torch.cuda.Event()
         copied.record()
-        return cls(token_ids, host, num_logprobs, copied)
+        return cls(token_ids, num_rows, host[0], host[1:] or None, num_logprobs, copied)
 
     def result(self) -> SamplerOutput:
         if self.copied is not None:
             self.copied.synchronize()
-        token_list, logprob_list = self.host[0].tolist(), self.host[1].tolist()
+        rows, n = self.host.shape[0] // 2, self.num_rows
+        token_list = self.host[:n].tolist()
+        logprob_list = self.host[rows:].view(torch.float32)[:n].tolist()
         top = None
-        if len(self.host) == 4:
-            top = _top_logprobs(self.host[2].tolist(), self.host[3].tolist(), token_list, logprob_list,
+        if self.top is not None:
+            top = _top_logprobs(self.top[0].tolist(), self.top[1].tolist(), token_list, logprob_list,
                                 self.num_logprobs)
         return SamplerOutput(token_ids=token_list, logprobs=logprob_list, top_logprobs=top)
 
@@ -194,13 +214,20 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         return self.sample(logits, batch).result()
 
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSamples:
-        """The same without waiting: the tokens stay on the device, their copy to the host starts."""
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, out: SampleBuffers | None = None) -> DeviceSamples:
+        """The same without waiting: the tokens stay on the device (in `out`, or in new buffers), their
+        copy to the host starts."""
+        num_rows = logits.shape[0]
+        if out is None:
+            out = SampleBuffers(num_rows, logits.device)
+        out_tokens, out_logprobs = out.token_ids[:num_rows], out.logprobs[:num_rows]
         plain = (batch.output_token_ids is None and batch.suppressed_token_ids is None and batch.top_k is None
-                 and batch.top_p is None and batch.min_p is None and (batch.all_greedy or batch.all_random))
-        if plain:   # all greedy, or all plain temperature: one fused pass over the logits as they are
+                 and batch.top_p is None and batch.min_p is None)
+        if plain:   # greedy or plain temperature rows: one fused pass over the logits as they are
             keys, temperature = (None, None) if batch.all_greedy else (batch.stream_keys, batch.temperature)
-            token_ids, sampled_logprobs, log_normalizer = sample_from_logits(logits, keys, temperature)   # [B] each
+            if batch.is_greedy is not None:   # a mixed batch: temperature 0 makes a row greedy in the pass
+                temperature = torch.where(batch.is_greedy, 0.0, temperature)
+            _, _, log_normalizer = sample_from_logits(logits, keys, temperature, out=(out_tokens, out_logprobs))
             if batch.max_num_logprobs is not None:
                 logits = logits.float()
         else:
@@ -211,12 +238,13 @@ class Sampler:
                                                   float("-inf"))
             log_normalizer = torch.logsumexp(logits, dim=-1)                                   # [B]
             token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
-            sampled_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer     # [B]
-        tensors = [token_ids, sampled_logprobs]
+            out_tokens.copy_(token_ids)
+            torch.sub(logits.gather(1, token_ids[:, None]).squeeze(1), log_normalizer, out=out_logprobs)   # [B]
+        top = None
         if batch.max_num_logprobs is not None:
             values, ids = logits.topk(min(batch.max_num_logprobs, logits.shape[1]), dim=-1)    # [B, k] each
-            tensors += [values - log_normalizer[:, None], ids]
-        return DeviceSamples.start_copy(token_ids, tensors, batch.num_logprobs)
+            top = [values - log_normalizer[:, None], ids]
+        return DeviceSamples.start_copy(out, num_rows, top, batch.num_logprobs)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -68,6 +68,41 @@ def test_graph_replay_with_padding_rows_matches_eager(tiny_model_factory):
     assert got == want
 
 
+def test_sampling_inside_the_graph_matches_the_eager_sampler(tiny_model_factory):
+    """Decode graphs sample greedy and temperature rows together in the graph; a step with a row that
+    needs the full sampler (min_tokens not reached, top log-probabilities) samples again from the
+    graph's logits. Tokens and log-probabilities equal the eager engine's, and once those rows are
+    done the steps sample in the graph alone."""
+    path = tiny_model_factory("llama-gqa4")
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.2, seed=2, max_tokens=16, min_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0.5, seed=5, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=28, ignore_eos=True)]
+    graphed = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=8, **SMALL_POOL)
+    eager = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=8, enforce_eager=True, **SMALL_POOL)
+    runner, calls = graphed.engine.runner, {"launch": 0, "sampler": 0}
+    launch, sample = runner.launch, runner.sampler.sample
+
+    def counting_launch(batch):
+        calls["launch"] += 1
+        return launch(batch)
+
+    def counting_sample(*args, **kwargs):
+        calls["sampler"] += 1
+        return sample(*args, **kwargs)
+    runner.launch, runner.sampler.sample = counting_launch, counting_sample
+    got = graphed.generate(prompts, params, use_tqdm=False)
+    want = eager.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for g, w in zip(got, want):
+        assert g.outputs[0].cumulative_logprob == pytest.approx(w.outputs[0].cumulative_logprob, abs=1e-4)
+    assert got[3].outputs[0].logprobs == [pytest.approx(step, abs=1e-4) for step in want[3].outputs[0].logprobs]
+    assert calls["sampler"] < calls["launch"] - 10     # the plain steps never reached the eager sampler
+
+
 def test_a_prompt_near_max_model_len_decodes_through_the_graph(tiny_model_factory):
     """The graphs' block tables are max_model_len wide, so the longest context still fits."""
     path = tiny_model_factory("qwen3")
