@@ -92,7 +92,7 @@ def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, te
                              out: tuple[torch.Tensor, torch.Tensor] | None = None,
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampler's common case in one call: logits [B, V] (any float dtype, computed on in float32)
-    -> (token ids [B] int64: the argmax when keys is None, else the race over logits / temperature [B]
+    -> (token ids [B] int64: the argmax when keys is None, else the race over logits * (1 / temperature [B])
     (a row of temperature 0 takes the argmax); their log-probabilities [B]; the log-normalizer [B] of
     the logits). out: tensors to write the token ids and log-probabilities into (and return), e.g.
     views of the runner's SampleBuffers."""
@@ -102,7 +102,7 @@ def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, te
         token_ids = first_argmax(logits)
     else:
         greedy = temperature == 0
-        token_ids = exponential_race_torch(logits / torch.where(greedy, 1.0, temperature)[:, None], keys)
+        token_ids = exponential_race_torch(logits * torch.where(greedy, 1.0, 1.0 / temperature)[:, None], keys)
         if greedy.any():
             token_ids = torch.where(greedy, first_argmax(logits), token_ids)
     logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_normalizer

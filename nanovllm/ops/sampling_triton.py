@@ -69,8 +69,12 @@ def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr,
     split = tl.program_id(1)
     if not GREEDY:
         key = tl.load(keys_ptr + row).to(tl.uint32)
+        inv_temperature = 1.0     # race = x * inv_temperature - noise * log E: noise 0 makes a greedy row
+        noise = 1.0
         if SCALED:
             temperature = tl.load(temperature_ptr + row)
+            inv_temperature = tl.where(temperature > 0.0, tl.math.div_rn(1.0, temperature), 1.0)
+            noise = tl.where(temperature > 0.0, 1.0, 0.0)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_token = tl.zeros([BLOCK], tl.int32)
@@ -92,12 +96,8 @@ def _sample_from_logits_kernel(logits_ptr, keys_ptr, temperature_ptr,
         lane_max = new_max
         if GREEDY:
             race = x
-        elif SCALED:   # IEEE division, as torch's; a row of temperature 0 is greedy (a mixed batch)
-            if temperature > 0.0:
-                race = tl.where(in_vocab, tl.math.div_rn(x, temperature) - _log_exponential(key, tokens),
-                                float("-inf"))
-            else:
-                race = x
+        elif SCALED:   # rounded as torch rounds (x * 1/t, then the subtraction: no fused multiply-add)
+            race = tl.where(in_vocab, x * inv_temperature - noise * _log_exponential(key, tokens), float("-inf"))
         else:
             race = tl.where(in_vocab, x - _log_exponential(key, tokens), float("-inf"))
         better = race > best                               # strict: a lane's earlier token keeps a tie
@@ -168,7 +168,7 @@ def sample_from_logits_triton(logits: torch.Tensor, keys: torch.Tensor | None, t
     _sample_from_logits_kernel[(num_rows, num_splits)](
         logits, token if greedy else keys, temperature if scaled else score, score, token, logit, part_max, part_sum,
         vocab_size, logits.stride(0), chunk_size, num_splits, GREEDY=greedy, SCALED=scaled, BLOCK=BLOCK,
-        num_warps=4)
+        num_warps=4, enable_fp_fusion=False)   # the race's rounding must be torch's, or near-ties could differ
     if out is None:
         out = (torch.empty(num_rows, dtype=torch.int64, device=device),
                torch.empty(num_rows, dtype=torch.float32, device=device))

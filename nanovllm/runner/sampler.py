@@ -274,7 +274,7 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Token ids [B]: argmax on greedy rows, a seeded draw on the others."""
-    scaled = logits / batch.temperature[:, None]                          # [B, V]
+    scaled = logits * (1.0 / batch.temperature)[:, None]                  # [B, V], as the fused pass scales
     if batch.top_k is not None or batch.top_p is not None:
         scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, batch), float("-inf"))
     if batch.min_p is not None:
