@@ -1,12 +1,13 @@
-"""Probe: one decode step's GPU timeline at batch 1 (the `latency` workload's shape), gaps included.
+"""Probe: one decode step's GPU timeline (batch 1 by default: the `latency` workload's shape), gaps included.
 
 `host_overhead` gives the step's wall time and the graph's replay alone; the difference is the
 LM head, sampling and copies outside the graph, plus any time the GPU waits. This traces a few
-greedy steps of one sequence (prompt 128, as `latency`), lists every GPU event of one step in
+greedy steps of one sequence (prompt 128, as `latency`; --batch N: N sequences at temperature 0.6,
+as `throughput`), lists every GPU event of one step in
 order with the idle time before it, and sums busy and idle time per step, so that the GPU's
 waiting is seen where it happens rather than inferred.
 
-    python benchmarks/step_timeline_probe.py [--dummy llama-3.2-1b] [--steps 6]
+    python benchmarks/step_timeline_probe.py [--dummy llama-3.2-1b] [--steps 6] [--batch 1]
 """
 from __future__ import annotations
 
@@ -48,11 +49,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dummy", default="llama-3.2-1b")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda", max_num_seqs=8,
-                                      num_kv_blocks=2048))
-    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
-    engine.add_requests([("timeline", [(7 * j) % 1000 for j in range(128)], params)], stream=False)
+    engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
+                                      max_num_seqs=max(8, args.batch), num_kv_blocks=max(2048, 40 * args.batch)))
+    params = SamplingParams(temperature=0.0 if args.batch == 1 else 0.6, max_tokens=10_000, ignore_eos=True)
+    ids = [f"timeline-{i}" for i in range(args.batch)]
+    engine.add_requests([(rid, [(7 * i + j) % 1000 for j in range(128)], params) for i, rid in enumerate(ids)],
+                        stream=False)
     for _ in range(40):   # prefill, then decode until every kernel has run (and compiled) once
         engine.step()
     torch.cuda.synchronize()
@@ -63,7 +67,8 @@ def main() -> None:
         torch.cuda.synchronize()
     path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
-    engine.abort_request("timeline")
+    for rid in ids:
+        engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
     engine.shutdown()
@@ -78,8 +83,8 @@ def main() -> None:
         steps[-1].append(event)
         previous = event[2]
     full = steps[1:-1]   # the first and last may be cut by the profiler's window
-    print(f"card: {torch.cuda.get_device_name()}, model: {args.dummy}, batch 1, greedy, "
-          f"{len(full)} whole steps traced")
+    print(f"card: {torch.cuda.get_device_name()}, model: {args.dummy}, batch {args.batch}, "
+          f"temperature {params.temperature}, {len(full)} whole steps traced")
     for i, step in enumerate(full):
         busy = sum(event[1] for event in step)
         span = step[-1][0] + step[-1][1] - step[0][0]
