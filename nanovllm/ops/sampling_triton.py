@@ -47,7 +47,7 @@ def _log_exponential(key, tokens):
 
 # Rows are split into chunks so that a small batch still fills the GPU (one program per row would leave
 # a batch-1 step's 128k-token row to a single SM: ~180 us on an H200).
-TARGET_PROGRAMS = 264    # about two programs per SM of an H100/H200
+TARGET_PROGRAMS = 4096   # batch 256: 16 chunks a row (benchmarks/sampling_probe.py, NOTES v8)
 MAX_SPLITS = 128         # chunks per row at most (the combine kernel loads them in one block): a
                          # 128k vocabulary at batch 1 is then 126 programs of one block each
 
