@@ -24,9 +24,11 @@ samples from those rows' logits. The engine calls `launch` and reads
 their way (DeviceSamples), so that the host can schedule the next step while
 the GPU computes this one (async scheduling, engine.py). A token sampled by
 the previous step may then still be a placeholder on the host (sequence.py):
-its input row is filled on the device, from the previous step's sampled
-tensor, at the row `seq.pending_row`. Nothing in a launch waits for the GPU:
-host values reach it through pinned memory and asynchronous copies.
+its input row is filled on the device from `SampleBuffers`, the one buffer
+every step samples into, at the row `seq.pending_row`. Nothing in a launch
+waits for the GPU: host values reach it through pinned memory and asynchronous
+copies. A pure decode step on one GPU is a CUDA graph that runs the forward,
+the LM head and the sampling pass (cuda_graph.py).
 
 Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
 over its shard of the model and its KV heads (Hkv / N of them, the same block
