@@ -176,7 +176,7 @@ def test_split_k_partial_products_add_up_to_the_product(rows, n, k, splits):
 
 def test_split_k_count_splits_only_few_row_products_with_too_few_tiles_on_a_gpu(monkeypatch):
     import nanovllm.ops.linear as linear
-    monkeypatch.setattr(linear, "_sm_count", lambda index: 132)                   # an H200
+    monkeypatch.setattr(linear, "sm_count", lambda device: 132)                   # an H200
     gpu = torch.device("cuda", 0)
     # Llama-3.2-1B at batch 1: o and down (32 tiles of 64 columns) split 4 ways; gate_up (256) not at all
     assert [linear.split_k_count(1, n, k, gpu) for n, k in [(2048, 2048), (2048, 8192), (16384, 2048)]] == [4, 4, 1]

@@ -24,3 +24,9 @@ def _triton_importable() -> bool:
 def use_triton(x: torch.Tensor) -> bool:
     """True when x lives on a CUDA device and the Triton kernels can run there."""
     return x.is_cuda and _triton_importable()
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The number of multiprocessors of a CUDA device: the kernels size their grids and splits by it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

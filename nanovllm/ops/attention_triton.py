@@ -44,13 +44,13 @@ a block-table row of -1 and slot -1: their output rows come out as zeros.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm.ops import sm_count
 from nanovllm.ops.attention import AttentionMetadata
 
 LOG2_E = 1.4426950408889634
@@ -265,11 +265,6 @@ class AttentionKernelConfig:
     num_stages: int
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def decode_config(group: int) -> AttentionKernelConfig:
     """One token per tile: the rows are the query heads of one KV head.
 
@@ -293,9 +288,9 @@ def decode_kv_splits(batch: int, num_kv_heads: int, max_context: int, device: to
     none by 3-7x at batch 1-4; the best count is not settled yet (benchmarks/NOTES-kernels.md).
     """
     programs = batch * num_kv_heads
-    if device.type != "cuda" or programs >= 2 * _sm_count(device):
+    if device.type != "cuda" or programs >= 2 * sm_count(device):
         return 1
-    splits = min(triton.cdiv(8 * _sm_count(device), programs), triton.cdiv(max_context, 256), 32)
+    splits = min(triton.cdiv(8 * sm_count(device), programs), triton.cdiv(max_context, 256), 32)
     return 1 << (splits.bit_length() - 1)
 
 

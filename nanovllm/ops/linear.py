@@ -16,10 +16,10 @@ On the CPU, and for more rows than SPLIT_K_MAX_ROWS, nothing is split.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
+
+from nanovllm.ops import sm_count
 
 SPLIT_K_MAX_ROWS = 16      # measured to pay up to 16 rows (NOTES-kernels.md, v7)
 _TILE_COLUMNS = 64         # the output columns of one cuBLAS tile at batch 1 (its kernel names: 64x8)
@@ -28,18 +28,13 @@ _MAX_SPLITS = 8            # each slice adds T x N float32 that the consumer rea
 _MIN_SLICE = 256           # a slice of K shorter than this is not worth a tile
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def split_k_count(num_rows: int, n: int, k: int, device: torch.device) -> int:
     """How many slices of K to split a [num_rows, k] x [k, n] product into: the most (a power of 2,
     up to 8) that keeps the tiles within one per SM; 1 means a plain product. (Up to two tiles per
     SM split as far, but the consumer's extra reads then ate the gain: v7.)"""
     if device.type != "cuda" or num_rows > SPLIT_K_MAX_ROWS:
         return 1
-    tiles, sms = -(-n // _TILE_COLUMNS), _sm_count(device.index or 0)
+    tiles, sms = -(-n // _TILE_COLUMNS), sm_count(device)
     splits = 1
     while (splits < _MAX_SPLITS and tiles * splits * 2 <= sms
            and k % (splits * 2) == 0 and k // (splits * 2) >= _MIN_SLICE):
