@@ -7,6 +7,7 @@ compared with transformers loading the very same file.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -125,10 +126,37 @@ def test_second_load_reads_the_cache_not_the_gguf(tiny_model_factory, tmp_path, 
 def test_a_modified_gguf_gets_a_new_cache_entry(tiny_model_factory, tmp_path, private_cache):
     path = write_tiny_gguf(tiny_model_factory("qwen3"), tmp_path / "qwen3.gguf")
     before = gguf_module.cache_entry(str(path))
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                      # one byte of the last tensor
+    path.write_bytes(bytes(data))
     assert gguf_module.cache_entry(str(path)) != before
     assert before.parent == gguf_module.cache_dir()
+
+
+def test_copies_of_one_gguf_share_a_cache_entry(tiny_model_factory, tmp_path, private_cache):
+    """A fresh virtual environment holds a new copy of the embedded GGUF: it must not add a new
+    entry (about 1 GB for SmolLM2) to the cache each time. A touched file keeps its entry too."""
+    path = write_tiny_gguf(tiny_model_factory("qwen3"), tmp_path / "qwen3.gguf")
+    entry = gguf_module.cache_entry(str(path))
+    (tmp_path / "venv2").mkdir()
+    copy = shutil.copy(path, tmp_path / "venv2" / "qwen3.gguf")
+    assert gguf_module.cache_entry(str(copy)) == entry
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert gguf_module.cache_entry(str(path)) == entry
+
+
+def test_the_file_is_hashed_once_per_path_size_and_mtime(tiny_model_factory, tmp_path, private_cache):
+    path = write_tiny_gguf(tiny_model_factory("qwen3"), tmp_path / "qwen3.gguf")
+    entry = gguf_module.cache_entry(str(path))
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF                      # same size, and the mtime is put back below
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    gguf_module._content_digest.cache_clear()          # a new process: only the note on disk is left
+    assert gguf_module.cache_entry(str(path)) == entry, "the file was hashed again"
+    assert len(list((gguf_module.cache_dir() / "by-path").iterdir())) == 1
 
 
 # ---- the embedded SmolLM2-135M-Instruct GGUF against transformers on the same file -------------------

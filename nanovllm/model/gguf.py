@@ -17,8 +17,9 @@ Two things differ from a HuggingFace checkpoint besides the names:
 
 Parsing the header (its vocabulary arrays) and dequantizing take seconds, so the
 first load writes the float weights (safetensors), the config (json) and the
-tokenizer (tokenizer.json, built by transformers) to a cache directory keyed
-by the file's path, size and modification time; later loads memory-map them.
+tokenizer (tokenizer.json, built by transformers) to a cache directory named
+by a hash of the file's bytes; later loads memory-map them. Deleting the cache
+directory is always safe: the next load writes it again.
 """
 from __future__ import annotations
 
@@ -74,11 +75,33 @@ def cache_dir() -> Path:
 
 
 def cache_entry(path: str) -> Path:
-    """The cache folder of one GGUF file; a changed file (size or mtime) gets a new folder."""
+    """The cache folder of one GGUF file, named by its content.
+
+    Two copies of one file (the same package in two virtual environments) share a folder,
+    and a changed file gets a new one. The file is hashed once per path, size and mtime:
+    the digest is kept in a small note under `by-path/`, so later loads skip the hash.
+    """
     resolved = Path(path).resolve()
     stat = resolved.stat()
-    key = f"{CACHE_VERSION}:{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
-    return cache_dir() / f"{resolved.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return cache_dir() / f"{resolved.stem}-{_content_digest(str(resolved), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """First 16 hex digits of sha256(CACHE_VERSION, file bytes), remembered per (path, size, mtime)."""
+    note_key = hashlib.sha256(f"{path}:{size}:{mtime_ns}".encode()).hexdigest()[:16]
+    note = cache_dir() / "by-path" / note_key
+    try:
+        return note.read_text().strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256(f"{CACHE_VERSION}:".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    _publish(note.parent, note.name, lambda tmp: tmp.write_text(value))
+    return value
 
 
 def _publish(entry: Path, name: str, write) -> Path | None:
