@@ -128,7 +128,10 @@ def test_a_modified_gguf_gets_a_new_cache_entry(tiny_model_factory, tmp_path, pr
     before = gguf_module.cache_entry(str(path))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF                      # one byte of the last tensor
+    stat = path.stat()
     path.write_bytes(bytes(data))
+    # The kernel's file clock ticks coarsely; a real edit comes later than this test's rewrite.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert gguf_module.cache_entry(str(path)) != before
     assert before.parent == gguf_module.cache_dir()
 
