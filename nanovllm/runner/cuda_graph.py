@@ -67,8 +67,8 @@ class StepRows:
         self.flat = torch.zeros(6 * rows, dtype=torch.int64, device=device)
         if pin_memory:
             self.flat = self.flat.pin_memory()
-        (self.input_ids, self.positions, self.slot_mapping, self.pending_rows,
-         self.keys) = self.flat[:5 * rows].view(5, rows)
+        self.int64_rows = self.flat[:5 * rows].view(5, rows)          # [5, rows]: the five below
+        self.input_ids, self.positions, self.slot_mapping, self.pending_rows, self.keys = self.int64_rows
         tail = self.flat[5 * rows:].view(torch.int32)                 # [2 * rows]
         self.seq_lens = tail[:rows]
         self.temperature = tail[rows:].view(torch.float32)
@@ -208,7 +208,7 @@ class HostInputs:
         self.block_tables = torch.full((rows, width), -1, dtype=torch.int32)
         if pin_memory:
             self.block_tables = self.block_tables.pin_memory()
-        self.np_token_rows = self.rows.flat[:5 * rows].view(5, rows).numpy()   # ids; positions; slots; pending; keys
+        self.np_token_rows = self.rows.int64_rows.numpy()   # ids; positions; slots; pending; keys
         self.np_seq_lens = self.rows.seq_lens.numpy()
         self.np_temperature = self.rows.temperature.numpy()
         self.np_block_tables = self.block_tables.numpy()

@@ -175,7 +175,6 @@ class SampleBuffers:
 class DeviceSamples:
     """A step's samples still on the device (the kernels may still be running), with their copy to
     the host under way; `result()` waits for that copy only."""
-    token_ids: torch.Tensor                       # [B] int64, on the device: the next step may read it there
     num_rows: int                                 # B
     host: torch.Tensor                            # SampleBuffers.packed on the host (pinned), or a copy
     top: list[torch.Tensor] | None                # top log-probabilities [B, k] and their ids, on the host
@@ -186,14 +185,13 @@ class DeviceSamples:
     def start_copy(cls, buffers: SampleBuffers, num_rows: int, top: list[torch.Tensor] | None,
                    num_logprobs: list[int | None]) -> "DeviceSamples":
         """Copy the packed buffer (and the top log-probabilities, if asked for) to the host, without waiting."""
-        token_ids = buffers.token_ids[:num_rows]
         if buffers.packed.device.type != "cuda":   # the buffers are reused next step: keep this step's values
-            return cls(token_ids, num_rows, buffers.packed.clone(), top, num_logprobs, None)
+            return cls(num_rows, buffers.packed.clone(), top, num_logprobs, None)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in [buffers.packed] + (top or [])]
         copied = torch.cuda.Event()
         copied.record()
-        return cls(token_ids, num_rows, host[0], host[1:] or None, num_logprobs, copied)
+        return cls(num_rows, host[0], host[1:] or None, num_logprobs, copied)
 
     def result(self) -> SamplerOutput:
         if self.copied is not None:
