@@ -28,7 +28,9 @@ Measured on an H200 with warm kernel caches (benchmarks/NOTES-kernels.md):
 
 Everything a caller can get wrong is checked in `add_request`, before anything
 is queued. A step that fails (a device error, say) ends the requests it was
-running with finish_reason "error" and the message; the others carry on. No
+running with finish_reason "error" and the message; the others carry on. When
+the fault lies in some requests' own sampling parameters (their rows cannot
+be built alone), only those end, and the rest of the batch runs next step. No
 request ever ends without a final output.
 
 Observers (`add_step_observer`) see a `StepInfo` after each step: what ran,
@@ -212,6 +214,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
+        vocab_size = self.model_config.vocab_size
+        outside = [token_id for token_id in params.stop_token_ids if token_id >= vocab_size]
+        if outside:
+            raise ValueError(f"stop_token_ids {outside} are not in the vocabulary [0, {vocab_size}); "
+                             "remove them")
         max_model_len = self.config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len -
                                                                                  len(prompt_token_ids), 1)
@@ -282,8 +289,7 @@ class LLMEngine:
             try:
                 samples = self.runner.launch(batch)
             except Exception as error:
-                logger.exception("a step failed; its requests end with finish_reason 'error'")
-                outputs += self._fail_batch(batch, error)
+                outputs += self._fail_launch(batch, error)
             else:
                 self.scheduler.advance(batch)
                 needs_tokens_first = any(seq.reads_own_tokens for seq in batch.sampling_seqs)
@@ -326,6 +332,32 @@ class LLMEngine:
                 outputs.append(self._make_output(request_id, seqs))
         if self.step_observers:
             self._notify(batch, finished_ids, launched.t_start, launched.t_scheduled, t_run)
+        return outputs
+
+    def _fail_launch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
+        """A step failed before it was launched. When some requests' own sampling rows cannot be built
+        (the rest's can), the fault is theirs: they end alone with their error, and the others are
+        scheduled again next step (nothing of this step was applied to them). Otherwise every request
+        of the batch ends with the step's error."""
+        faults: dict[str, Exception] = {}
+        for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
+            seqs = [seq for seq in batch.sampling_seqs if seq.request_id == request_id]
+            try:
+                self.runner.prepare_sampling(Batch(sampling_seqs=seqs))
+            except Exception as fault:
+                faults[request_id] = fault
+        if not faults or len(faults) == len({seq.request_id for seq, _ in batch.scheduled}):
+            logger.exception("a step failed; its requests end with finish_reason 'error'")
+            return self._fail_batch(batch, error)
+        logger.error("a step failed on the sampling parameters of request(s) %s; they end with an error, "
+                     "the others run next step", sorted(faults), exc_info=error)
+        outputs = []
+        for request_id, fault in faults.items():
+            if request_id in self.requests:
+                for seq in self.requests[request_id]:
+                    self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                    seq.error = f"{type(fault).__name__}: {fault}"
+                outputs.append(self._finish_request(request_id))
         return outputs
 
     def _fail_batch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
