@@ -73,7 +73,7 @@ class ServerProcess:
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics by name (labels joined in), e.g. 'nanovllm:kv_cache_used_blocks'."""
         samples = {}
-        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", headers=auth()).text):
             for sample in family.samples:
                 extra = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
                 samples[sample.name + (f"{{{extra}}}" if extra else "")] = sample.value
@@ -132,7 +132,7 @@ def test_a_greedy_completion_is_deterministic_and_counts_its_tokens(server, clie
     assert first.object == "text_completion" and first.id.startswith("cmpl-") and first.id != second.id
     assert first.choices[0].text == second.choices[0].text
     assert first.choices[0].finish_reason == "length" and first.choices[0].index == 0
-    prompt_tokens = len(httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello, my name is"}).json()["tokens"])
+    prompt_tokens = len(httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello, my name is"}, headers=auth()).json()["tokens"])
     usage = first.usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt_tokens, 12, prompt_tokens + 12)
 
@@ -166,7 +166,7 @@ def test_chat_completion_and_its_stream_agree(server, client):
     whole = client.chat.completions.create(model=server.model, messages=messages, max_tokens=10, **GREEDY)
     assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
     assert whole.choices[0].message.role == "assistant" and whole.choices[0].finish_reason == "length"
-    template_ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    template_ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, headers=auth()).json()["tokens"]
     assert whole.usage.prompt_tokens == len(template_ids) and whole.usage.completion_tokens == 10
 
     chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=10, stream=True,
@@ -250,13 +250,13 @@ def test_a_seed_makes_sampling_reproducible(server, client):
 
 
 def test_token_id_prompts_and_echo(server, client):
-    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Token ids"}).json()["tokens"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Token ids"}, headers=auth()).json()["tokens"]
     by_text = client.completions.create(model=server.model, prompt="Token ids", max_tokens=6, **GREEDY)
     by_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=6, **GREEDY)
     assert by_ids.choices[0].text == by_text.choices[0].text
     echoed = client.completions.create(model=server.model, prompt="Token ids", max_tokens=6, echo=True, **GREEDY)
     assert echoed.choices[0].text == "Token ids" + by_text.choices[0].text
-    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "Token ids"}
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}, headers=auth()).json() == {"prompt": "Token ids"}
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_the_client_sees_an_unknown_model_as_not_found(server, client):
 # ---- access ----------------------------------------------------------------------------------
 
 
-def test_without_the_right_key_v1_answers_401_and_health_stays_open(server):
+def test_without_the_right_key_the_api_answers_401_and_health_stays_open(server):
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": API_KEY}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions")):
             response = httpx.request(method, f"{server.url}{path}", headers=headers,
@@ -339,7 +339,7 @@ def test_without_the_right_key_v1_answers_401_and_health_stays_open(server):
     right = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     assert right.models.list().data[0].id == server.model
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/version").json()["version"]
+    assert httpx.get(f"{server.url}/version", headers=auth()).json()["version"]
 
 
 # ---- load, disconnects, metrics --------------------------------------------------------------

@@ -65,12 +65,13 @@ def test_a_failing_step_answers_500_or_an_error_event_and_the_server_goes_on(mak
         assert client.get("/health").status_code == 200
 
 
-def test_the_api_key_guards_v1_only(make_app):
+def test_the_api_key_guards_every_route_but_health(make_app):
     with TestClient(make_app(served_model_name="m", api_key="k")) as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
         assert client.get("/health").status_code == 200
-        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 401
+        assert client.post("/tokenize", json={"prompt": "hi"}, headers={"Authorization": "Bearer k"}).status_code == 200
 
 
 def test_the_served_name_defaults_to_the_model_directory_or_file_stem(tmp_path, tiny_llama):

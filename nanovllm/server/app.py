@@ -16,16 +16,17 @@ requests, which frees their KV blocks.
 
 Every error is OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
 with OpenAI's status: 400 bad input, 401 bad API key, 404 unknown model or
-route, 413 body too large, 503 queue full or shutting down, 500 a failed step.
+route, 413 body too large, 503 queue full or shutting down, 500 a failed step;
+the guards of security.py add 400 unknown Host, 403 foreign web origin, 408
+body too slow and 415 a POST that is not JSON.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, TypeVar
 
@@ -44,6 +45,7 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
+from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -61,10 +63,11 @@ RequestModel = TypeVar("RequestModel", bound=BaseModel)
 @dataclass
 class ServerConfig:
     served_model_name: str | None = None   # None: the model directory's name / file's stem, or the embedded name
-    api_key: str | None = None             # set: every /v1/ request needs `Authorization: Bearer <api_key>`
+    api_key: str | None = None             # set: every route but /health needs `Authorization: Bearer <api_key>`
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_waiting: int = DEFAULT_MAX_WAITING   # queued sequences beyond which new requests get 503
     log_interval: float = 5.0              # seconds between stat log lines while busy
+    security: SecurityConfig = field(default_factory=SecurityConfig)   # hosts, origins, timeouts
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_waiting"):
@@ -120,10 +123,10 @@ def build_app(engine_config: EngineConfig | None = None, server_config: ServerCo
     app.add_exception_handler(OpenAIError, _openai_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _internal_error_handler)
-    # The middleware added last runs first: the key is checked before a byte of the body is read.
+    # The middleware added last runs first: host, origin and key are checked before a byte of the body is read.
+    app.add_middleware(JsonContentTypeMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_request_bytes)
-    if server.config.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=server.config.api_key)
+    add_security_middleware(app, server.config.security, server.config.api_key)
     return app
 
 
@@ -206,7 +209,7 @@ class OpenAIServer:
             raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, which nano-vllm "
                               "does not compute; drop one of the two", param="echo")
         params = _sampling_params(body)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = self._completion_prompts(body.prompt, params.max_tokens)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(f"{response_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)],
                                      stream=bool(body.stream))
@@ -258,7 +261,8 @@ class OpenAIServer:
         if _include_usage(body):
             yield CompletionResponse(choices=[], usage=_usage([finals[i] for i in outputs.request_ids]), **header)
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]],
+                            max_tokens: int | None) -> list[tuple[str, list[int]]]:
         """(text, token ids) of each prompt of a completions request."""
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -275,7 +279,7 @@ class OpenAIServer:
             else:
                 self._check_token_ids(item, "prompt")
                 token_ids, text = item, self.tokenizer.decode(item)
-            self._check_prompt_length(token_ids, "prompt")
+            self._check_prompt_length(token_ids, "prompt", max_tokens)
             prompts.append((text, token_ids))
         return prompts
 
@@ -300,7 +304,7 @@ class OpenAIServer:
         _check_stream_options(body.stream, body.stream_options)
         params = _sampling_params(body)
         prompt_token_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
-        self._check_prompt_length(prompt_token_ids, "messages")
+        self._check_prompt_length(prompt_token_ids, "messages", params.max_tokens)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
         header = dict(id=response_id, created=int(time.time()), model=self.model_name)
@@ -368,13 +372,18 @@ class OpenAIServer:
         if bad is not None:
             raise OpenAIError(400, f"token id {bad} is not in the vocabulary [0, {self.vocab_size})", param=param)
 
-    def _check_prompt_length(self, prompt_token_ids: list[int], param: str) -> None:
+    def _check_prompt_length(self, prompt_token_ids: list[int], param: str, max_tokens: int | None) -> None:
         if not prompt_token_ids:
             raise OpenAIError(400, "the prompt is empty; send at least one token", param=param)
         if len(prompt_token_ids) > self.max_model_len:
             raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
                               f"prompt has {len(prompt_token_ids)} tokens; shorten it", param=param,
                               code="context_length_exceeded")
+        if max_tokens is not None and len(prompt_token_ids) + max_tokens > self.max_model_len:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but "
+                              f"{len(prompt_token_ids) + max_tokens} were requested ({len(prompt_token_ids)} in the "
+                              f"prompt, {max_tokens} in max_tokens); shorten the prompt or lower max_tokens",
+                              param="max_tokens", code="context_length_exceeded")
 
     async def _submit(self, requests: list[tuple[str, list[int], SamplingParams]], stream: bool) -> OutputStream:
         try:
@@ -545,26 +554,6 @@ async def _http_error_handler(request: Request, error: StarletteHTTPException) -
 async def _internal_error_handler(request: Request, error: Exception) -> JSONResponse:
     # Starlette re-raises the error after this response is sent, and uvicorn logs its traceback.
     return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").response()
-
-
-class ApiKeyMiddleware:
-    """Every /v1/ request must carry `Authorization: Bearer <key>` (401 otherwise); the rest stays open.
-    The comparison takes the same time wherever the first wrong byte is, so timing tells nothing."""
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                message = ("Incorrect API key provided" if given else
-                           "No API key provided; send it as `Authorization: Bearer <key>`")
-                await OpenAIError(401, message, code="invalid_api_key").response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

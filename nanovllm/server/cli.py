@@ -31,6 +31,7 @@ API_KEY_ENV = "NANO_VLLM_API_KEY"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nanovllm.engine_args import add_engine_args
     from nanovllm.server.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
+    from nanovllm.server.security import add_security_arguments
 
     parser.add_argument("model", nargs="?", default=None,
                         help="HF directory, .gguf or llama2.c .bin (default: the embedded SmolLM2-135M-Instruct)")
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--served-model-name", default=None,
                         help="the name clients put in `model` (default: the model's directory or file stem)")
     server.add_argument("--api-key", default=None,
-                        help=f"require `Authorization: Bearer KEY` on /v1/ (or set {API_KEY_ENV})")
+                        help=f"require `Authorization: Bearer KEY` on every route but /health (or set {API_KEY_ENV})")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                         help="larger request bodies get 413 before they are parsed")
     server.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between throughput log lines while busy")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds requests in flight may take to finish before they are aborted")
+    add_security_arguments(server)
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     server.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_engine_args(parser)
@@ -57,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from nanovllm.engine_args import engine_config_from_args
     from nanovllm.server.app import ServerConfig, build_app
+    from nanovllm.server.security import security_config_from_args, uvicorn_settings
 
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
@@ -64,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     server_config = ServerConfig(served_model_name=args.served_model_name, api_key=api_key,
                                  max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting,
-                                 log_interval=args.log_interval)
+                                 log_interval=args.log_interval, security=security_config_from_args(args))
     app = build_app(engine_config_from_args(args, model=args.model), server_config)
     log = logging.getLogger("nanovllm.server")
     if not _is_loopback(args.host) and api_key is None:
@@ -74,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
     log.info("serving %s as %r (max_model_len %d) on http://%s:%d/v1", server.async_engine.engine.config.model or
              "the embedded model", server.model_name, server.max_model_len, args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=args.access_log, timeout_graceful_shutdown=int(args.shutdown_timeout) + 5)
+                            access_log=args.access_log, timeout_graceful_shutdown=int(args.shutdown_timeout) + 5,
+                            **uvicorn_settings(server_config.security))
     GracefulServer(config, drain=server.async_engine.drain, shutdown_timeout=args.shutdown_timeout).run()
     return 0
 
