@@ -296,3 +296,37 @@ class PoisonedTorch:
         if buffer.is_floating_point():
             buffer.fill_(float("nan"))
         return buffer
+
+
+# ---- a live server in this process -----------------------------------------------------------
+
+def serving(app, **uvicorn_settings):
+    """A context manager: `app` under uvicorn on a free loopback port in a background thread, yielding
+    (host, port); real sockets without a subprocess (the model is already loaded)."""
+    import socket
+    import threading
+    import time
+    from contextlib import contextmanager
+
+    import uvicorn
+
+    @contextmanager
+    def run():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                               **uvicorn_settings))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+            time.sleep(0.05)
+        try:
+            yield "127.0.0.1", port
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+    return run()

@@ -5,13 +5,11 @@ real socket, against uvicorn running the app with the server's own protocol sett
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from nanovllm.config import EngineConfig
@@ -21,6 +19,7 @@ from nanovllm.server import security
 from nanovllm.server.app import ServerConfig, build_app
 from nanovllm.server.security import SecurityConfig, default_allowed_hosts, uvicorn_settings
 from nanovllm.tokenizer import Tokenizer
+from conftest import serving
 
 KEY = "s3cret-key"
 
@@ -153,21 +152,8 @@ TIMEOUT = 0.6
 @pytest.fixture(scope="module")
 def live_url(make_app) -> Iterator[tuple[str, int]]:
     settings = SecurityConfig(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
-    app = make_app(security=settings)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           **uvicorn_settings(settings)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
-        time.sleep(0.05)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(make_app(security=settings), **uvicorn_settings(settings)) as address:
+        yield address
 
 
 @contextmanager
