@@ -72,3 +72,45 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_at_admission(tiny_lla
     with pytest.raises(ValueError, match=rf"stop_token_ids \[{vocab_size}\] are not in the vocabulary"):
         engine.add_request("r", [1, 2], SamplingParams(stop_token_ids=[1, vocab_size]))
     assert not engine.has_unfinished_requests()
+
+
+def test_poisoned_requests_over_http_get_400_while_four_streams_finish(tiny_llama_loaded):
+    import asyncio
+
+    import openai
+
+    from nanovllm.server.app import ServerConfig, build_app
+    from conftest import serving
+
+    engine = engine_over(tiny_llama_loaded, device="cpu", max_model_len=128)
+    app = build_app(server_config=ServerConfig(served_model_name="m"), engine=engine)
+    poisons = [{"top_k": 2**63}, {"min_tokens": 1, "stop_token_ids": [2**63]},
+               {"stop_token_ids": [engine.model_config.vocab_size]}, {"seed": 2**64}]
+
+    async def scenario(url: str) -> tuple[list[tuple[str, int]], list[int]]:
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
+            async def healthy(index: int) -> tuple[str, int]:
+                stream = await client.completions.create(
+                    model="m", prompt=f"stream {index}", max_tokens=24, stream=True, temperature=0.8,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "top_k": 20})
+                finish, tokens = None, None
+                async for chunk in stream:
+                    finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+                    tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+                return finish, tokens
+
+            async def poisoned(fields: dict) -> int:
+                await asyncio.sleep(0.05)   # while the streams run
+                try:
+                    await client.completions.create(model="m", prompt="poison", max_tokens=8, extra_body=fields)
+                except openai.APIStatusError as error:
+                    return error.status_code
+                return 200
+
+            results = await asyncio.gather(*[healthy(i) for i in range(4)], *[poisoned(p) for p in poisons])
+            return results[:4], results[4:]
+
+    with serving(app) as (host, port):
+        streams, statuses = asyncio.run(scenario(f"http://{host}:{port}/v1"))
+    assert streams == [("length", 24)] * 4
+    assert statuses == [400] * len(poisons)
