@@ -46,6 +46,7 @@ from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
 from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
+from nanovllm.tokenizer import TokenOffsets
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -226,7 +227,8 @@ class OpenAIServer:
             for completion in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, _ = self._completion_logprobs(completion, 0, body.logprobs, 0)
+                    logprobs = self._completion_logprobs(completion, 0, body.logprobs,
+                                                         TokenOffsets(self.tokenizer, params.skip_special_tokens))
                 choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
                                                 text=prompt_text + completion.text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason))
@@ -253,8 +255,8 @@ class OpenAIServer:
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, state.text_offset = self._completion_logprobs(completion, state.num_tokens,
-                                                                            body.logprobs, state.text_offset)
+                    state.offsets = state.offsets or TokenOffsets(self.tokenizer, params.skip_special_tokens)
+                    logprobs = self._completion_logprobs(completion, state.num_tokens, body.logprobs, state.offsets)
                 yield CompletionResponse(choices=[CompletionChoice(
                     index=index, text=state.advance(completion), logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)
@@ -284,17 +286,18 @@ class OpenAIServer:
         return prompts
 
     def _completion_logprobs(self, completion: CompletionOutput, start: int, num_top: int,
-                             text_offset: int) -> tuple[CompletionLogprobs, int]:
-        """Logprobs of the completion's tokens from `start` on, and the text offset after them."""
+                             offsets: TokenOffsets) -> CompletionLogprobs:
+        """Logprobs of the completion's tokens from `start` on (`offsets` has seen the tokens before)."""
         result = CompletionLogprobs()
-        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
-            token = self._token_text(token_id)
-            result.tokens.append(token)
+        token_ids = completion.token_ids[start:]
+        result.text_offset = offsets.add(token_ids)
+        if completion.finished:   # a stop string cut the text: its tokens start at the end
+            result.text_offset = [min(offset, len(completion.text)) for offset in result.text_offset]
+        for token_id, entry in zip(token_ids, completion.logprobs[start:]):
+            result.tokens.append(self._token_text(token_id))
             result.token_logprobs.append(entry[token_id])
             result.top_logprobs.append({self._token_text(t): logprob for t, logprob in _top(entry, num_top)})
-            result.text_offset.append(text_offset)
-            text_offset += len(token)
-        return result, text_offset
+        return result
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -352,11 +355,11 @@ class OpenAIServer:
     def _chat_logprobs(self, completion: CompletionOutput, start: int, num_top: int) -> ChatLogprobs:
         content = []
         for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
-            token = self._token_text(token_id)
             content.append(ChatLogprob(
-                token=token, logprob=entry[token_id], bytes=list(token.encode("utf-8")),
+                token=self._token_text(token_id), logprob=entry[token_id],
+                bytes=list(self.tokenizer.token_bytes(token_id)),
                 top_logprobs=[TopLogprob(token=self._token_text(t), logprob=logprob,
-                                         bytes=list(self._token_text(t).encode("utf-8")))
+                                         bytes=list(self.tokenizer.token_bytes(t)))
                               for t, logprob in _top(entry, num_top)]))
         return ChatLogprobs(content=content)
 
@@ -397,7 +400,7 @@ class OpenAIServer:
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = self._token_texts[token_id] = self.tokenizer.token_text(token_id)
         return text
 
 
@@ -406,7 +409,7 @@ class _ChoiceProgress:
     """How much of one choice a stream has sent."""
     num_chars: int = 0
     num_tokens: int = 0
-    text_offset: int = 0   # completions logprobs: where the next token's text starts
+    offsets: TokenOffsets | None = None   # completions logprobs: where each token's text starts
     done: bool = False
 
     def has_news(self, completion: CompletionOutput, with_logprobs: bool) -> bool:
