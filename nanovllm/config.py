@@ -134,10 +134,15 @@ class EngineConfig:
     def fit_model(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with max_model_len resolved against the model; raises if it asks for more than the model has."""
         limit = model_config.max_position_embeddings
+        window = model_config.sliding_window
         if self.max_model_len is None:
-            return dataclasses.replace(self, max_model_len=min(limit, DEFAULT_MAX_MODEL_LEN))
+            return dataclasses.replace(self, max_model_len=min(limit, window or limit, DEFAULT_MAX_MODEL_LEN))
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
                              f"({limit}); pass max_model_len={limit} or less")
+        if window is not None and self.max_model_len > window:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window ({window}): "
+                             "nano-vllm has no sliding-window attention yet, so past that many tokens it would "
+                             f"attend where the model never did; pass max_model_len={window} or less")
         return self
 
