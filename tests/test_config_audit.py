@@ -104,3 +104,9 @@ def test_gguf_metadata_that_changes_the_math_is_refused_and_its_window_read():
     for key, value in (("llama.expert_count", 8), ("llama.final_logit_softcapping", 30.0), ("llama.logit_scale", 0.5)):
         with pytest.raises(ModelConfigError, match=rf"{key}={value!r} changes the model's math"):
             _config_from_metadata("m.gguf", FakeGGUF(**{key: value}))
+
+
+def test_a_qwen_window_left_in_the_file_but_switched_off_is_full_attention():
+    config = hf_dict("Qwen2Config")
+    config.update(use_sliding_window=False, sliding_window=4096)   # as Qwen2.5's published config.json has it
+    assert ModelConfig.from_hf_dict(config).sliding_window is None
