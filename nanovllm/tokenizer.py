@@ -130,6 +130,8 @@ class HFTokenizer(Tokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._hf.convert_ids_to_tokens(token_id)
+        if piece is None:   # the model's vocabulary is padded past the tokenizer's: such ids stand for nothing
+            return b""
         if token_id in self._hf.added_tokens_decoder:
             return piece.encode("utf-8")
         byte = _BYTE_FALLBACK.fullmatch(piece)

@@ -100,3 +100,9 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def test_ids_past_the_tokenizers_vocabulary_stand_for_no_bytes(byte_tokenizer):
+    # The tiny model's vocabulary (320) is padded past its tokenizer's, as real models' often are.
+    assert byte_tokenizer.token_bytes(byte_tokenizer.vocab_size + 5) == b""
+    assert byte_tokenizer.token_text(byte_tokenizer.vocab_size + 5) == ""
