@@ -205,3 +205,22 @@ def test_an_idle_keep_alive_connection_is_closed_and_a_prompt_one_is_served(live
         sock.sendall(request)
         received, seconds = read_until_closed(sock)   # served, then closed once idle
     assert received.startswith(b"HTTP/1.1 200 ") and b'"finish_reason":"length"' in received
+
+
+@pytest.mark.parametrize("argv, hosts, origins", [
+    (["--host", "127.0.0.1"], {"localhost", "127.0.0.1", "::1"}, []),
+    (["--host", "0.0.0.0"], {"*"}, []),
+    (["--host", "10.0.0.7", "--allowed-hosts", "llm.example, 10.0.0.7", "--allowed-origins", "https://app.example"],
+     {"llm.example", "10.0.0.7"}, ["https://app.example"]),
+])
+def test_serve_flags_make_the_security_settings(argv, hosts, origins):
+    import argparse
+
+    from nanovllm.server.cli import add_arguments
+    from nanovllm.server.security import security_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = security_config_from_args(parser.parse_args([*argv, "--header-timeout", "3"]))
+    assert set(config.allowed_hosts) == hosts and config.allowed_origins == origins
+    assert config.header_timeout == 3 and config.body_timeout == SecurityConfig().body_timeout
