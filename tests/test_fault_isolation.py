@@ -25,17 +25,22 @@ def run_to_end(engine) -> dict[str, RequestOutput]:
     return finals
 
 
+@pytest.fixture(scope="module")
+def alone(tiny_llama_loaded) -> dict[int, list[int]]:
+    """The tokens each healthy request samples with the engine to itself."""
+    engine = engine_over(tiny_llama_loaded, device="cpu", max_model_len=128)
+    tokens = {}
+    for index, prompt in enumerate(HEALTHY_PROMPTS):
+        engine.add_request(f"alone-{index}", prompt, healthy_params(index))
+        tokens[index] = run_to_end(engine)[f"alone-{index}"].outputs[0].token_ids
+    return tokens
+
+
 @pytest.mark.parametrize("poison", [
     dict(top_k=2**63),                                   # the top_k row overflows int64
     dict(min_tokens=4, stop_token_ids=[2**63]),          # the suppressed-token row overflows int64
 ])
-def test_a_poisoned_request_ends_alone_and_four_healthy_ones_finish_as_alone(tiny_llama_loaded, poison):
-    alone = {}
-    for index, prompt in enumerate(HEALTHY_PROMPTS):
-        engine = engine_over(tiny_llama_loaded, device="cpu", max_model_len=128)
-        engine.add_request("alone", prompt, healthy_params(index))
-        alone[index] = run_to_end(engine)["alone"].outputs[0].token_ids
-
+def test_a_poisoned_request_ends_alone_and_four_healthy_ones_finish_as_alone(tiny_llama_loaded, alone, poison):
     engine = engine_over(tiny_llama_loaded, device="cpu", max_model_len=128)
     poisoned = SamplingParams(temperature=0.8, top_k=5, min_tokens=4, max_tokens=12, seed=1)
     for index, prompt in enumerate(HEALTHY_PROMPTS[:2]):
