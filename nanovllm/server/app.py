@@ -45,14 +45,14 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
-from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
-from nanovllm.tokenizer import TokenOffsets
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse,
     ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
 )
+from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
+from nanovllm.tokenizer import TokenOffsets
 
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
