@@ -151,7 +151,8 @@ TIMEOUT = 0.6
 
 @pytest.fixture(scope="module")
 def live_url(make_app) -> Iterator[tuple[str, int]]:
-    settings = SecurityConfig(header_timeout=TIMEOUT, body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
+    settings = SecurityConfig(allowed_hosts=default_allowed_hosts("127.0.0.1"), header_timeout=TIMEOUT,
+                              body_timeout=TIMEOUT, keep_alive_timeout=TIMEOUT)
     with serving(make_app(security=settings), **uvicorn_settings(settings)) as address:
         yield address
 
@@ -224,3 +225,18 @@ def test_serve_flags_make_the_security_settings(argv, hosts, origins):
     config = security_config_from_args(parser.parse_args([*argv, "--header-timeout", "3"]))
     assert set(config.allowed_hosts) == hosts and config.allowed_origins == origins
     assert config.header_timeout == 3 and config.body_timeout == SecurityConfig().body_timeout
+
+
+def test_a_web_pages_requests_are_refused_on_a_real_socket(live_url):
+    import httpx
+
+    host, port = live_url
+    url = f"http://{host}:{port}/v1/completions"
+    body = b'{"model": "m", "prompt": "Hi", "max_tokens": 2}'
+    # The simple cross-origin POST a page can send without a preflight, and the same page's rebinding.
+    page = httpx.post(url, content=body, headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    rebound = httpx.post(url, content=body, headers={"Content-Type": "application/json",
+                                                     "Host": f"evil.example:{port}"})
+    plain = httpx.post(url, content=body, headers={"Content-Type": "text/plain"})
+    assert (page.status_code, rebound.status_code, plain.status_code) == (403, 400, 415)
+    assert httpx.post(url, content=body, headers={"Content-Type": "application/json"}).status_code == 200
