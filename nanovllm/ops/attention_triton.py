@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import sm_count
-from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.attention_metadata import AttentionMetadata
 
 LOG2_E = 1.4426950408889634
 SEQUENCE_SEARCH_BLOCK = 64   # query_start_loc entries a program compares at once to find its sequence
