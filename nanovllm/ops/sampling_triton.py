@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops.sampling import _MIX_C1, _MIX_C2, _SALT_TOKEN
+from nanovllm.ops.sampling_hash import _MIX_C1, _MIX_C2, _SALT_TOKEN
 
 _MIX_C1_T = tl.constexpr(_MIX_C1)
 _MIX_C2_T = tl.constexpr(_MIX_C2)
