@@ -152,7 +152,7 @@ def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_mo
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     path = str(tiny_model_factory("llama-gqa4", num_key_value_heads=2))
     expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
-    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.runner.tp_worker", path,
+    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.tp_main", path,
                "--tensor-parallel-size", "2", "--device", "cpu", "--max-model-len", "256",
                "--max-num-batched-tokens", "32", "--max-tokens", str(GREEDY.max_tokens)]
     for prompt in PROMPTS:

@@ -40,13 +40,17 @@ gap at batch 1 (benchmarks/step_timeline_probe.py).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from nanovllm.engine.scheduler import Batch
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.sampling import sample_from_logits
 from nanovllm.runner.sampler import SampleBuffers, stream_keys
+
+if TYPE_CHECKING:   # the engine's batch, read here by its fields
+    from nanovllm.engine.scheduler import Batch
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
