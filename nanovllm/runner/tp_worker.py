@@ -42,9 +42,10 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -275,8 +276,9 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank) -> mp.ProcessCon
                          f"{torch.cuda.device_count()}; lower it, or start ranks on several machines with torchrun")
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=STARTUP_TIMEOUT,
                           wait_for_workers=False)
-    context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid(), serve_rank), nprocs=world_size - 1,
-                                 join=False, daemon=True, start_method="spawn")
+    with _main_not_rerun_in_workers():
+        context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid(), serve_rank),
+                                     nprocs=world_size - 1, join=False, daemon=True, start_method="spawn")
     # Wait for every worker to reach the store, noticing at once one that dies on the way.
     started = [f"started/{rank}" for rank in range(1, world_size)]
     deadline = time.monotonic() + STARTUP_TIMEOUT.total_seconds()
@@ -297,6 +299,24 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank) -> mp.ProcessCon
     dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     return context
+
+
+@contextmanager
+def _main_not_rerun_in_workers() -> Iterator[None]:
+    """A spawned process first re-runs the parent's `__main__` script from its file. A script read from
+    stdin (`python - < script.py`) has no file (its `__file__` is '<stdin>'), so every worker would die
+    before it starts. The workers need nothing from `__main__` (their entry and arguments live in this
+    package), so while they start, a `__main__` without a real file is not named to them."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def stop_with(owner: object, workers: WorkerGroup) -> None:
