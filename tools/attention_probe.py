@@ -5,7 +5,7 @@ times `paged_attention_triton` for Llama-3.2-1B shapes (32 query heads, 8 KV hea
 block 16) at batch B and context L for each split count (the merge kernel included when splits > 1),
 16 calls per CUDA graph, and prints microseconds per call.
 
-    python benchmarks/attention_probe.py
+    python tools/attention_probe.py
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Probe: how fast are cuBLAS's batch-1 products for Llama-3.2-1B's weight shapes, called different ways?
 
 At batch 1 a decode step's matmuls are matrix-vector products that must read every weight once; the
-graph profile (NOTES-kernels.md v6) shows the small ones at ~40% of copy bandwidth. This times each
+graph profile shows the small ones at ~40% of copy bandwidth. This times each
 shape as F.linear, as torch.mv, as W @ x^T and with the weight stored transposed, under each BLAS backend torch offers, 50 calls inside
 one CUDA graph (no launch overhead), and prints time and achieved bandwidth.
 
-    python benchmarks/gemv_probe.py
+    python tools/gemv_probe.py
 """
 from __future__ import annotations
 

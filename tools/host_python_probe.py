@@ -1,12 +1,12 @@
 """Probe: the host's per-step Python for a decode step of 256 sequences, without a model or a GPU.
 
 At batch 256 the engine's host work per step (schedule, input preparation, sampling settings,
-completion) is about as long as the GPU's forward pass (NOTES-kernels.md, v6 and v7), so a slow
+completion) is about as long as the GPU's forward pass, so a slow
 host can bind `throughput`. This times the same code the GPU path runs, on any CPU: Scheduler
 .schedule / .advance / .complete, the CUDA-graph input filling (HostInputs.fill, unpinned here)
 and SamplingBatch.build (CPU tensors here), medians over 250 decode steps.
 
-    python benchmarks/host_python_probe.py
+    python tools/host_python_probe.py
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ CUDA graph, with and without PDL on the small Triton kernels, and times the repl
     16 x [ mm(x, W_qkv) -> norm -> mm(., W_o) -> norm -> mm(., W_up) -> norm -> mm(., W_down) -> norm ]
     and a chain of 128 norms alone (the pure kernel-to-kernel gap)
 
-    python benchmarks/pdl_probe.py
+    python tools/pdl_probe.py
 """
 from __future__ import annotations
 

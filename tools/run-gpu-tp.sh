@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Tensor parallelism on two GPUs in one script: Llama-3.1-8B (dummy weights) `latency` and `throughput`
 # at TP=1 and TP=2, each with the roofline of the cards it ran on, then the NCCL tests.
-# Usage on a machine with two CUDA GPUs:  OUT=/some/dir bash benchmarks/run-gpu-tp.sh
+# Usage on a machine with two CUDA GPUs:  OUT=/some/dir bash tools/run-gpu-tp.sh
 #   TPS="2" runs the TP=2 benches alone; PROFILE=1 adds the host/GPU profile of a TP=2 decode step.
-# Writes at most 8 files to $OUT (the device tool's limit). A command that outlives its limit gets SIGABRT,
+# Writes at most 8 files to $OUT. A command that outlives its limit gets SIGABRT,
 # so that Python's faulthandler prints where it hung into the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-OUT=${OUT:-benchmarks}
+OUT=${OUT:?set OUT to a folder for the logs and results}
 mkdir -p "$OUT"
 START=$SECONDS
 LOG=$OUT/gpu-tp-log.txt

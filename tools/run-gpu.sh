@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU session in one script: the BENCHMARKS.md workloads with the roofline in the same process,
+# The GPU runs in one script: the docs/benchmarks.md workloads with the roofline in the same process,
 # async scheduling on (the default on one GPU) and off, the host share of a decode step, then the GPU tests.
 # Usage on a CUDA machine with torch + triton + transformers installed:
-#   OUT=/some/dir bash benchmarks/run-gpu.sh        (TESTS=all for every GPU test, slower)
-# Writes 8 files to $OUT (the device tool brings back at most 8).
+#   OUT=/some/dir bash tools/run-gpu.sh        (TESTS=all for every GPU test, slower)
+# Writes 8 files to $OUT; copy the JSON results into benchmarks/results/ and run `nano-vllm bench report`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-benchmarks}
+OUT=${OUT:?set OUT to a folder for the logs and results}
 mkdir -p "$OUT"
 START=$SECONDS
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -30,7 +30,7 @@ echo "tests rc=$? t=$((SECONDS - START))s"; tail -4 "$OUT/gpu-tests.txt"
 bench throughput-llama-3.2-1b-sync throughput --dummy llama-3.2-1b --no-async-scheduling
 grep -A4 "^== throughput-llama-3.2-1b-sync" "$OUT/bench.txt" | grep "^|\|Throughput"
 if [ "${OVERHEAD_OFF:-0}" = 1 ]; then overhead off; tail -4 "$OUT/host-overhead.txt"; fi
-# PROFILE=1: where the host's time goes at batch 256, both modes (the open question of NOTES-kernels.md v4)
+# PROFILE=1: where the host's time goes at batch 256, both modes
 if [ "${PROFILE:-0}" = 1 ]; then for mode in off on; do
   timeout 100 python3 -m nanovllm.bench.host_overhead --batch-sizes 256 --profile --async-scheduling $mode 2>&1 \
     | grep -v Warning >> "$OUT/host-profile.txt"; done; cat "$OUT/host-profile.txt"; fi

@@ -9,9 +9,9 @@ for a 128k vocabulary in bfloat16 (the logits as the LM head leaves them).
 
 Each call is timed from the host, wrapper included: below ~70 us a call on an H200 host the
 figures are the wrapper's Python (tensor allocations, two launches), not the GPU's time, so
-only the batch-256 temperature rows measure the kernel (NOTES-kernels.md, v8).
+only the batch-256 temperature rows measure the kernel.
 
-    python benchmarks/sampling_probe.py
+    python tools/sampling_probe.py
 """
 from __future__ import annotations
 

@@ -1,16 +1,16 @@
 """Probe: can cuBLAS's small-batch products for Llama-3.2-1B's shapes get closer to copy bandwidth if
 we split K ourselves?
 
-At batch 1 cuBLAS reaches only 1.7-2.5 TB/s on qkv_proj and o_proj (NOTES-kernels.md v6): a
+At batch 1 cuBLAS reaches only 1.7-2.5 TB/s on qkv_proj and o_proj: a
 3072 x 2048 product has too few output tiles to keep 132 SMs reading. Splitting K into S slices and
 calling one strided batched GEMM (`torch.bmm` over views, no copy) gives S times the tiles; the S
 partial sums are added by the kernel that reads the product next; its extra cost is timed last.
 Also timed at M = 2, 4, 8, 16 rows: where does the split stop paying?
 Every figure is the mean over calls inside one CUDA graph (no launch overhead), each call on
 another copy of the weight so that it comes from HBM. (The first version of this probe reused one
-weight, which then sat in L2: it overstated every rate and understated the gain, NOTES v7.)
+weight, which then sat in L2: it overstated every rate and understated the gain.)
 
-    python benchmarks/splitk_probe.py
+    python tools/splitk_probe.py
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ as `throughput`), lists every GPU event of one step in
 order with the idle time before it, and sums busy and idle time per step, so that the GPU's
 waiting is seen where it happens rather than inferred.
 
-    python benchmarks/step_timeline_probe.py [--dummy llama-3.2-1b] [--steps 6] [--batch 1]
+    python tools/step_timeline_probe.py [--dummy llama-3.2-1b] [--steps 6] [--batch 1]
 """
 from __future__ import annotations
 
