@@ -16,11 +16,17 @@ against it) run, their output is compared the same way, and the server is
 stopped. Any other command must be `nano-vllm ...` or `python ...`, so nothing
 else hides in the docs unrun.
 
-Links are checked too: every relative link in docs/*.md names a path that
-exists, and a link whose text is a backticked name (`Scheduler.schedule`) names
-something defined in the linked file. A backticked call such as
-`BlockManager.allocate_slots()` or `nanovllm/engine/scheduler.py::schedule`
-must be defined in the package.
+Links are checked too, in docs/ (with docs/reference/), README.md,
+CHANGELOG.md and benchmarks/README.md: every relative link names a path that
+exists inside the repository (a fresh clone has nothing beside it), every
+backticked repository path (`nanovllm/ops/quant.py`, `tools/run-gpu.sh`) and
+`python -m` module exists, and a link whose text is a backticked name
+(`Scheduler.schedule`) names something defined in the linked file. A backticked
+call such as `BlockManager.allocate_slots()` or
+`nanovllm/engine/scheduler.py::schedule` must be defined in the package.
+README.md's own commands are checked without running them: each
+`nano-vllm ...` parses with the real command line (a real subcommand, flags it
+accepts) and each `make ...` names a target of the Makefile.
 """
 from __future__ import annotations
 
@@ -110,7 +116,7 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
             while not _is_complete(command) and i + 1 < len(lines):
                 i += 1
                 command += "\n" + lines[i]
-            current = QuotedCommand(path.name, start + 1, block, command.strip(), marker=marker)
+            current = QuotedCommand(_doc_name(path), start + 1, block, command.strip(), marker=marker)
             commands.append(current)
         elif current is not None and line.strip():
             current.quoted_output.append(line)
@@ -118,12 +124,23 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
     return commands
 
 
+def _doc_name(path: Path) -> str:
+    """The file's path under docs/ (reference/x.md), or its name if it lies elsewhere."""
+    return path.relative_to(DOCS).as_posix() if path.is_relative_to(DOCS) else path.name
+
+
 def chapters() -> list[Path]:
     return sorted(DOCS.glob("0*.md"))
 
 
 def all_docs() -> list[Path]:
-    return sorted(DOCS.glob("*.md"))
+    return sorted(DOCS.rglob("*.md"))
+
+
+def linked_files() -> list[Path]:
+    """Every Markdown file a reader of the repository follows links in."""
+    return all_docs() + [path for path in (ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md")
+                         if path.exists()]
 
 
 def all_commands() -> list[QuotedCommand]:
@@ -309,16 +326,87 @@ def _links(doc: Path) -> list[tuple[str, str]]:
     return LINK.findall(text)
 
 
-@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
-def test_relative_links_point_to_existing_paths(doc: Path) -> None:
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("doc", linked_files(), ids=_name)
+def test_relative_links_point_to_existing_paths_inside_the_repository(doc: Path) -> None:
     for text, target in _links(doc):
         if re.match(r"^[a-z]+:", target) or target.startswith("#"):
             continue
         path = (doc.parent / target.split("#")[0]).resolve()
-        assert path.exists(), f"{doc.name}: [{text}]({target}) points to a missing path"
+        assert path.is_relative_to(ROOT), f"{_name(doc)}: [{text}]({target}) leads out of the repository"
+        assert path.exists(), f"{_name(doc)}: [{text}]({target}) points to a missing path"
 
 
-@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
+CITED_PATH = re.compile(r"(?<![\w/.~-])((?:nanovllm|tests|tools|benchmarks|docs)/[\w./-]*[\w/])")
+CITED_MODULE = re.compile(r"python3? -m (nanovllm[\w.]*)")
+
+
+def _backticked(doc: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.DOTALL)
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+@pytest.mark.parametrize("doc", linked_files(), ids=_name)
+def test_cited_repository_paths_and_modules_exist(doc: Path) -> None:
+    text = doc.read_text()
+    for span in _backticked(doc):
+        for cited in CITED_PATH.findall(span):
+            assert (ROOT / cited.split("::")[0]).exists(), f"{_name(doc)}: `{span}` cites {cited}, which does not exist"
+    for module in CITED_MODULE.findall(text):
+        parts = module.split(".")
+        assert (ROOT.joinpath(*parts).with_suffix(".py").exists() or (ROOT.joinpath(*parts) / "__init__.py").exists()), \
+            f"{_name(doc)}: `python -m {module}` names no module of the package"
+
+
+def readme_commands() -> list[str]:
+    """The `nano-vllm ...` and `make ...` commands README.md shows, in code blocks and inline."""
+    text = (ROOT / "README.md").read_text()
+    commands, in_block = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        elif in_block:
+            commands.append(line.removeprefix("$ ").split("  #")[0].strip())
+    commands += re.findall(r"`((?:nano-vllm|make)(?: [^`]*)?)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+    return [command for command in dict.fromkeys(commands) if re.match(r"^(nano-vllm|make)\b", command)]
+
+
+def check_command(command: str) -> None:
+    """Raise AssertionError unless the command parses as a real `nano-vllm` subcommand or `make` target."""
+    from nanovllm.cli import SUBCOMMANDS, build_parser
+
+    program, *argv = shlex.split(command)
+    if program == "make":
+        targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
+        missing = [arg for arg in argv if "=" not in arg and arg not in targets]
+        assert not missing, f"`{command}`: no Makefile target {missing}"
+        return
+    assert argv and argv[0] in SUBCOMMANDS, f"`{command}`: no nano-vllm subcommand {argv[:1]}"
+    if len(argv) == 1:   # the subcommand named, as in "`nano-vllm bench` measures ..."
+        return
+    parser, _ = build_parser(argv)
+    try:
+        parser.parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"`{command}` does not parse: a flag or value the command line does not accept") from None
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_names_a_real_subcommand_with_valid_flags(command: str) -> None:
+    check_command(command)
+
+
+@pytest.mark.parametrize("command", ["nano-vllm bench lateny", "nano-vllm run --demoo", "make tests",
+                                     "nano-vllm runn -i x", "nano-vllm bench report --chek"])
+def test_the_command_check_refuses_a_misspelt_command(command: str, capsys) -> None:
+    with pytest.raises(AssertionError):
+        check_command(command)
+
+
+@pytest.mark.parametrize("doc", linked_files(), ids=_name)
 def test_linked_names_are_defined_in_the_linked_file(doc: Path) -> None:
     for text, target in _links(doc):
         name = NAME.match(text)
