@@ -5,15 +5,22 @@ continued over the next lines while a quote is open or the line ends with a
 backslash (so a multi-line `python -c "..."` is one command). The lines after
 it, up to the next command or the end of the block, are the output the chapter
 quotes. Each command runs here on the CPU, as printed, and every quoted line
-must still appear in what it prints: compared with runs of spaces collapsed and
-every number replaced by a placeholder, because timings (and counts that follow
-them) vary from run to run; a line that is just `...` marks a cut.
+must still appear in what it prints, in the order quoted, with runs of spaces
+collapsed and long hex ids (request ids) left out; a line that is just `...`
+marks a cut. Numbers must match: a run on the CPU is deterministic (greedy
+tokens, shapes, block counts, probabilities). Only marked blocks are relaxed:
+in a block marked `<!-- timings vary -->` each time and rate (a number before
+s, ms, us, tok/s, tokens/s, GB/s or TFLOP/s) is replaced by a placeholder, and
+in a block marked `<!-- numbers vary -->` (a benchmark, whose every figure
+follows from timings) every number is.
 
-A block right after a `<!-- gpu-only -->` line is not run (it needs a GPU). A
-block right after `<!-- server-only -->` starts with `nano-vllm serve ...`:
+Markers are HTML comments on the lines right before a block, one per line. A
+block marked `<!-- gpu-only -->` is not run (it needs a GPU). A
+block marked `<!-- server-only -->` starts with `nano-vllm serve ...`:
 the server is started on a free port, the block's other commands (`curl`
 against it) run, their output is compared the same way, and the server is
-stopped. Any other command must be `nano-vllm ...` or `python ...`, so nothing
+stopped; its numbers vary (the server's log lines and responses carry the
+time). Any other command must be `nano-vllm ...` or `python ...`, so nothing
 else hides in the docs unrun.
 
 Links are checked too, in docs/ (with docs/reference/), README.md,
@@ -51,6 +58,12 @@ DOCS = ROOT / "docs"
 PACKAGE = ROOT / "nanovllm"
 SERVER_MARKER = "<!-- server-only -->"
 SKIP_MARKERS = ("<!-- gpu-only -->", SERVER_MARKER)
+NUMBER = r"\d+(\.\d+)?(e[-+]?\d+)?"
+VARYING = {   # marker -> the numbers it lets vary
+    "<!-- numbers vary -->": re.compile(NUMBER),
+    "<!-- timings vary -->": re.compile(NUMBER + r"(?=\s?(s|ms|us|µs|tok/s|tokens/s|GB/s|TFLOP/s)(\W|$))"),
+}
+MARKER = re.compile(r"^<!--.*-->$")
 RUNNABLE = re.compile(r"^(\w+=\S+\s+)*(nano-vllm|python3?)\b")   # optional VAR=value prefixes
 COMMAND_TIMEOUT_S = 300
 PARALLEL_COMMANDS = 2        # two commands at a time (each with OMP_NUM_THREADS=1) on two cores
@@ -63,7 +76,8 @@ class QuotedCommand:
     block: int                # which fenced block of the file (0-based)
     command: str
     quoted_output: list[str] = field(default_factory=list)
-    marker: str | None = None  # the `<!-- ... -->` line before its block, if any
+    marker: str | None = None  # the gpu-only or server-only marker of its block, if any
+    varying: re.Pattern[str] | None = None   # the numbers its block's marker lets vary (VARYING)
 
     @property
     def skipped(self) -> bool:
@@ -90,9 +104,10 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
     commands: list[QuotedCommand] = []
     lines = path.read_text().splitlines()
     in_block = False
+    markers: list[str] = []              # the marker lines since the last prose line or block
     marker: str | None = None
+    varying: re.Pattern[str] | None = None
     block = -1
-    previous = ""                        # the last non-blank line outside a block
     current: QuotedCommand | None = None
     i = 0
     while i < len(lines):
@@ -102,12 +117,18 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
                 in_block, current = False, None
             else:
                 in_block, block = True, block + 1
-                marker = previous.strip() if previous.strip() in SKIP_MARKERS else None
+                marker = next((m for m in markers if m in SKIP_MARKERS), None)
+                varying = next((VARYING[m] for m in markers if m in VARYING), None)
+                if marker == SERVER_MARKER:   # a server's log lines and responses carry the time
+                    varying = VARYING["<!-- numbers vary -->"]
+                markers = []
             i += 1
             continue
         if not in_block:
-            if line.strip():
-                previous = line
+            if MARKER.match(line.strip()):
+                markers.append(line.strip())
+            elif line.strip():
+                markers = []
             i += 1
             continue
         if line.startswith("$ "):
@@ -116,7 +137,8 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
             while not _is_complete(command) and i + 1 < len(lines):
                 i += 1
                 command += "\n" + lines[i]
-            current = QuotedCommand(_doc_name(path), start + 1, block, command.strip(), marker=marker)
+            current = QuotedCommand(_doc_name(path), start + 1, block, command.strip(), marker=marker,
+                                    varying=varying)
             commands.append(current)
         elif current is not None and line.strip():
             current.quoted_output.append(line)
@@ -147,10 +169,11 @@ def all_commands() -> list[QuotedCommand]:
     return [command for doc in all_docs() for command in parse_commands(doc)]
 
 
-def normalize(line: str) -> str:
-    """Collapse whitespace, put H for every long hex id and N for every number, so timings and ids may change."""
+def normalize(line: str, varying: re.Pattern[str] | None = None) -> str:
+    """Collapse whitespace, put H for every long hex id (request ids) and N for every number `varying` matches."""
     line = re.sub(r"[0-9a-f]{16,}", "H", line.strip())
-    line = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", line)
+    if varying is not None:
+        line = varying.sub("N", line)
     return " ".join(line.split())
 
 
@@ -168,9 +191,19 @@ def _run(command: str) -> subprocess.CompletedProcess[str]:
 
 
 def missing_lines(quoted: QuotedCommand, printed_text: str) -> list[str]:
-    """The quoted output lines (but `...` cuts) that the printed text does not contain, numbers aside."""
-    printed = {normalize(line) for line in printed_text.splitlines()}
-    return [line for line in quoted.quoted_output if line.strip() != "..." and normalize(line) not in printed]
+    """The quoted output lines (but `...` cuts) that the printed text does not contain in the quoted order:
+    each must come after the line the one before it matched."""
+    printed = [normalize(line, quoted.varying) for line in printed_text.splitlines()]
+    missing, position = [], 0
+    for line in quoted.quoted_output:
+        if line.strip() == "...":
+            continue
+        wanted = normalize(line, quoted.varying)
+        if wanted in printed[position:]:
+            position += printed[position:].index(wanted) + 1
+        else:
+            missing.append(line)
+    return missing
 
 
 @pytest.fixture(scope="module")
@@ -295,10 +328,38 @@ def test_parser_joins_a_multiline_command_and_skips_marked_blocks(tmp_path: Path
                                                                      "<!-- gpu-only -->")
 
 
-def test_normalize_ignores_numbers_and_spacing() -> None:
-    assert normalize("| # used   24 slots   2.3% |") == normalize("| # used 1008 slots  98.4% |")
-    assert normalize("decode 5.17 tok/s") != normalize("prefill 5.17 tok/s")
+def test_markers_on_consecutive_lines_all_apply_and_prose_clears_them(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("<!-- gpu-only -->\n<!-- numbers vary -->\n```console\n$ nano-vllm bench latency\nTTFT\n```\n\n"
+                   "<!-- numbers vary -->\nSome prose.\n\n```console\n$ python x\n1\n```\n")
+    marked, plain = parse_commands(doc)
+    assert (marked.marker, marked.varying) == ("<!-- gpu-only -->", VARYING["<!-- numbers vary -->"])
+    assert (plain.marker, plain.varying) == (None, None)
+
+
+def test_normalize_keeps_numbers_unless_they_vary_and_ignores_spacing_and_ids() -> None:
+    assert normalize("| # used   24 slots   2.3% |") == normalize("| # used 24 slots 2.3% |")
+    assert normalize("| # used   24 slots   2.3% |") != normalize("| # used 1008 slots  98.4% |")
+    numbers, timings = VARYING["<!-- numbers vary -->"], VARYING["<!-- timings vary -->"]
+    assert normalize("decode 5.17 tok/s", numbers) == normalize("decode 9.9 tok/s", numbers)
+    assert normalize("decode 5.17 tok/s", numbers) != normalize("prefill 5.17 tok/s", numbers)
+    assert normalize("48 tokens in 1.36 s (8 steps) | 31.2 tok/s", timings) == \
+        normalize("48 tokens in 2.47 s (8 steps) | 19.3 tok/s", timings)
+    assert normalize("48 tokens in 1.36 s (8 steps)", timings) != normalize("48 tokens in 1.36 s (16 steps)", timings)
+    assert normalize("peak KV 9.4% (6/64 blocks)", timings) != normalize("peak KV 100.0% (64/64 blocks)", timings)
     assert normalize('{"id":"cmpl-238afd521563450b953c093d462781a6"}') == normalize('{"id":"cmpl-9879f31fd91448da92b5b1d6e28b6926"}')
+
+
+def test_quoted_lines_must_appear_in_their_order_with_their_numbers(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("```console\n$ python x\ntop_k=2 [0.716, 0.284]\n...\ntop_p=0.8 [0.627]\n```\n\n"
+                   "<!-- numbers vary -->\n```console\n$ python y\ndecode 5.17 tok/s\n```\n")
+    exact, varying = parse_commands(doc)
+    assert not missing_lines(exact, "top_k=2 [0.716, 0.284]\nmore\ntop_p=0.8 [0.627]\n")
+    assert missing_lines(exact, "top_k=2 [0.716, 0.284]\ntop_p=0.8 [0.600]\n") == ["top_p=0.8 [0.627]"]
+    assert missing_lines(exact, "top_p=0.8 [0.627]\ntop_k=2 [0.716, 0.284]\n") == ["top_p=0.8 [0.627]"]
+    assert (exact.varying, varying.varying) == (None, VARYING["<!-- numbers vary -->"])
+    assert not missing_lines(varying, "decode 6.02 tok/s\n")
 
 
 # ---- links and names -------------------------------------------------------------------------

@@ -311,7 +311,7 @@ def write_outputs(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.save or args.save_dir:
-        directory = Path(args.save_dir) if args.save_dir else report.REPOSITORY / report.RESULTS_DIR
+        directory = Path(args.save_dir) if args.save_dir else report.repository_root() / report.RESULTS_DIR
         path = report.save_result(result, directory)
         print(f"saved {path}; `nano-vllm bench report` puts it in the tables", file=sys.stderr)
 
@@ -320,7 +320,7 @@ def report_main(check: bool) -> int:
     """`nano-vllm bench report [--check]`."""
     stale = report.write_report(check=check)
     for path in stale:
-        print(f"{path.relative_to(report.REPOSITORY)}: {'out of date' if check else 'regenerated'}")
+        print(f"{path.relative_to(report.repository_root())}: {'out of date' if check else 'regenerated'}")
     if check and stale:
         print("run `nano-vllm bench report` to regenerate them", file=sys.stderr)
         return 1
