@@ -20,7 +20,7 @@ MACHINE_PATH = re.compile(r"(?<![\w.~:/$-])/(work|tmp|root|home|Users)/")
 MAKING_WORDS = re.compile(
     r"""(?<![."=])(?<!per\ )\bsessions?\b(?![."])   # "session 6", "this session" (not pytest's sessions)
       | \bleases?\b | \bleased\b
-      | \bdevice[ -](machine|tool)s?\b
+      | \bdevice[ -](machine|tool)s?\b | \bnvidia-[ahb]\d+-x\d\b   # the lending machines and their kinds
       | \bissues?\ \#?\d+
       | \bthe\ lead\b | \blead's\b | \bhelpers'?\ test
       | (?-i:\bNOTES\b) | \(v\d\) | \bv\d\ to\ v\d\b""",
@@ -71,6 +71,7 @@ def test_the_words_are_the_products():
     ("the figures of session 6", True),
     ("results of this GPU session", True),
     ("Run on the device machine: `pytest`", True),
+    ("on an nvidia-h200-x2 machine", True),
     ("one lease to the next", True),
     ("see issue 23", True),
     ("NOTES v8 item 5", True),
