@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-# On a machine with a CUDA GPU and torch/triton already installed (the device machine).
+# On a machine with a CUDA GPU and torch/triton already installed.
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 

@@ -15,7 +15,7 @@ The numbers that shape serving are few:
   so the visualizer can show the memory it wastes.
 - `tensor_parallel_size`: how many processes (one per GPU) split each layer's
   weights and the KV cache; the engine starts the others itself, or they come
-  from `torchrun` (see docs/tensor-parallel.md).
+  from `torchrun` (see docs/reference/tensor-parallel.md).
 
 Defaults that depend on the device ("auto" values and the `None` sizes) are
 resolved in `__post_init__`; `max_model_len` is resolved against the model by
@@ -30,11 +30,12 @@ from typing import Any
 import torch
 
 from nanovllm.model.config import ModelConfig
+from nanovllm.model.embedded import is_embedded_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU weight-only formats (nanovllm/ops/quant.py) -> the dtype of activations and the KV cache.
 QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
-# dtype="auto" on the CPU for the embedded SmolLM2-135M, chosen by measurement (docs/cpu-fast-path.md,
+# dtype="auto" on the CPU for the embedded SmolLM2-135M, chosen by measurement (docs/reference/cpu-fast-path.md,
 # 2-core Xeon with AVX-512/AMX, loaded): int4 decodes 2.2x float32's tokens/s at batch 1 and is the one
 # reduced format inside the quality guard (top-1 agreement with float32 98.8% on the packed path, 100% on
 # the bfloat16 one; int8 per channel 96.1%, bfloat16 activations 95.3%). Other models stay float32 until
@@ -98,7 +99,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is a CPU format for one process; use it with device='cpu' "
                              "and tensor_parallel_size=1, or pick 'bfloat16'")
         if self.dtype == "auto":
-            cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if self.model is None and self.tensor_parallel_size == 1 else "float32"
+            embedded = self.tensor_parallel_size == 1 and is_embedded_model(self.model)
+            cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if embedded else "float32"
             self.dtype = "bfloat16" if self.device == "cuda" else cpu_auto
         on_cuda = self.device == "cuda"
         if self.max_num_seqs is None:

@@ -152,7 +152,7 @@ def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_mo
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     path = str(tiny_model_factory("llama-gqa4", num_key_value_heads=2))
     expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
-    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.runner.tp_worker", path,
+    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.tp_main", path,
                "--tensor-parallel-size", "2", "--device", "cpu", "--max-model-len", "256",
                "--max-num-batched-tokens", "32", "--max-tokens", str(GREEDY.max_tokens)]
     for prompt in PROMPTS:
@@ -219,3 +219,19 @@ def test_a_second_tensor_parallel_engine_in_the_same_process_is_refused_while_th
     finally:
         first.engine.shutdown()
     assert_no_children_left()
+
+
+def test_a_script_read_from_stdin_starts_its_workers(tiny_model_factory, tmp_path):
+    """`python - < script.py` has no `__main__` file for a spawned worker to re-run; the workers start anyway."""
+    path = str(tiny_model_factory("qwen3"))
+    expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
+    script = (f"from nanovllm import LLM, SamplingParams\n"
+              f"llm = LLM({path!r}, tensor_parallel_size=2, **{ENGINE_ARGS!r})\n"
+              f"outputs = llm.generate({PROMPTS!r}, SamplingParams(temperature=0.0, max_tokens={GREEDY.max_tokens}, "
+              f"ignore_eos=True), use_tqdm=False)\n"
+              f"print([output.outputs[0].token_ids for output in outputs])\n"
+              f"llm.engine.shutdown()\n")
+    result = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=180,
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(expected)

@@ -1,14 +1,17 @@
-"""`nano-vllm bench throughput|latency|serve|cpu`: a measured figure beside its limit and a peer's.
+"""`nano-vllm bench throughput|latency|serve|cpu|report`: a measured figure beside its limit and a peer's.
 
     nano-vllm bench throughput --dummy qwen3-0.6b --peer hf          bench.py's workload on a GPU
     nano-vllm bench latency MODEL                                    TTFT and decode tok/s of one request
     nano-vllm bench serve --launch --request-rate 1,4,inf           Poisson arrivals against the server
     nano-vllm bench cpu --peer hf,llama.cpp                          the 2-core CPU workload (embedded model)
+    nano-vllm bench report                                           the results tables, from benchmarks/results/
 
 Every run measures the machine (copy bandwidth, matmul FLOP/s) in this process
 before and after the runs, runs the peers and nano-vllm, computes the roofline
-of the exact workload (roofline.py) and prints one table; `--json FILE` keeps every number,
-`--save-dir DIR` writes DIR/<date>-<card or cpu>-<kind>.json and .md.
+of the exact workload (roofline.py) and prints one table; `--save` keeps every number as one
+JSON file in benchmarks/results/ (`--save-dir DIR` elsewhere, `--json FILE` as FILE), whose
+fields docs/benchmarks.md describes. `report` regenerates benchmarks/README.md and the README's
+performance table from those files (`--check`: only say whether they are current).
 """
 from __future__ import annotations
 
@@ -38,12 +41,12 @@ from nanovllm.bench.workloads import (DATASETS, Workload, cpu_batch_workload, da
 from nanovllm.config import EngineConfig
 from nanovllm.engine_args import add_engine_args, engine_config_from_args
 
-KINDS = ("throughput", "latency", "serve", "cpu")
+KINDS = ("throughput", "latency", "serve", "cpu", "report")
 DEFAULT_PEERS = {"throughput": "none", "latency": "none", "serve": "none", "cpu": "hf,llama.cpp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=KINDS, help="the workload (see BENCHMARKS.md)")
+    parser.add_argument("kind", choices=KINDS, help="the workload (see docs/benchmarks.md), or report")
     parser.add_argument("model", nargs="?", default=None,
                         help="HF directory, .gguf or llama2.c .bin (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dummy", metavar="NAME",
@@ -63,9 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="timed runs of each ceiling probe, best kept (default: 10 on cuda, 30 on cpu)")
     bench.add_argument("--threads", type=int, help="torch (and llama.cpp) CPU threads (default: torch's)")
     bench.add_argument("--json", metavar="FILE", help="write every number, the machine and versions as JSON")
-    bench.add_argument("--save-dir", metavar="DIR",
-                       help="write DIR/<date>-<card or cpu>-<kind>.json and .md (e.g. benchmarks)")
-    bench.add_argument("--note", action="append", default=[], help="a line for the saved report (repeatable)")
+    bench.add_argument("--save", action="store_true",
+                       help=f"keep the run as {report.RESULTS_DIR}/<date>-<card>-<kind>-<model>.json")
+    bench.add_argument("--save-dir", metavar="DIR", help="keep the run as DIR/<date>-<card>-<kind>-<model>.json")
+    bench.add_argument("--note", action="append", default=[], help="a line for the saved result (repeatable)")
+    bench.add_argument("--check", action="store_true",
+                       help="with report: change nothing, exit 1 if a generated table is out of date")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     serve = parser.add_argument_group("serve")
     serve.add_argument("--url", default=None, help=f"the server (default {DEFAULT_URL}, or the launched one)")
@@ -77,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.kind == "report":
+        return report_main(args.check)
     if args.ceiling_repeats is not None and args.ceiling_repeats < 1:
         raise ValueError(f"--ceiling-repeats must be at least 1, got {args.ceiling_repeats}")
     if args.threads is not None:
@@ -247,7 +255,7 @@ class Bench:
                                              roofline.decode_throughput,
                                              peers={p: r and r.decode_tokens_per_second for p, r in peers.items()}))
                 figures.append(report.Figure(label, device_name, "TTFT ms", result.ttft * 1e3,
-                                             roofline.prefill_time * 1e3, higher_is_better=False,
+                                             roofline.prefill_time * 1e3, higher_is_better=False, headline=False,
                                              peers={p: r and r.ttft * 1e3 for p, r in peers.items()}))
             elif isinstance(result, ThroughputResult):
                 figures.append(report.Figure(label, device_name, "output tok/s", result.output_tokens_per_second,
@@ -269,10 +277,12 @@ class Bench:
                figures: list[report.Figure]) -> dict:
         config = self.config
         return {
+            "schema": report.SCHEMA,
             "kind": self.args.kind,
             "command": ("nano-vllm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
                         else f"nano-vllm bench {self.args.kind} (called from Python)"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "card": report.card_name(config.device, self.ceilings.device_name, torch.get_num_threads()),
             "git_commit": report.git_commit(),
             "source_digest": report.source_digest(),
             "machine": {**report.machine_info(config.device),
@@ -300,13 +310,23 @@ class Bench:
 def write_outputs(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.save_dir:
-        directory = Path(args.save_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = report.result_stem(result["ceilings"]["device"], result["ceilings"]["device_name"], result["kind"])
-        (directory / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (directory / f"{stem}.md").write_text(report.markdown_report(result))
-        print(f"saved {directory / stem}.json and .md", file=sys.stderr)
+    if args.save or args.save_dir:
+        directory = Path(args.save_dir) if args.save_dir else report.repository_root() / report.RESULTS_DIR
+        path = report.save_result(result, directory)
+        print(f"saved {path}; `nano-vllm bench report` puts it in the tables", file=sys.stderr)
+
+
+def report_main(check: bool) -> int:
+    """`nano-vllm bench report [--check]`."""
+    stale = report.write_report(check=check)
+    for path in stale:
+        print(f"{path.relative_to(report.repository_root())}: {'out of date' if check else 'regenerated'}")
+    if check and stale:
+        print("run `nano-vllm bench report` to regenerate them", file=sys.stderr)
+        return 1
+    if not stale:
+        print("the tables are current")
+    return 0
 
 
 def _parse_peers(text: str) -> list[str]:

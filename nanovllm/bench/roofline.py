@@ -27,7 +27,7 @@ sequences that already hold `num_computed_tokens` in the KV cache:
 Activations are not counted: they are small beside weights and KV, and a
 lower bound may leave them out. Counting the LM head on every prompt token
 instead (2 x all parameters x tokens) lowers the roofline of `throughput` by
-1.3% (Qwen3-0.6B) and 4.8% (Llama-3.2-1B), to BENCHMARKS.md's reference
+1.3% (Qwen3-0.6B) and 4.8% (Llama-3.2-1B), to docs/benchmarks.md's reference
 figures (35,300 and 67,500 output tok/s on an H200); engines skip those rows,
 so the bound here skips them too.
 
@@ -35,7 +35,7 @@ The ceilings are measured twice, before the benchmark and after it, and the
 better of each is used: on a shared machine a busy moment can only slow a
 measurement down.
 
-A whole workload's bound follows the lower-bound schedule of BENCHMARKS.md:
+A whole workload's bound follows the lower-bound schedule of docs/benchmarks.md:
 all requests prefill together in one step (which samples each request's first
 token), then every request decodes in lock-step, one token a step, leaving when
 it has its output. The sum of the step bounds is the least time the workload can

@@ -22,7 +22,7 @@ On the CPU the forward runs inside `launch`, so there is nothing to overlap
 and only the extra steps would remain: it is off there by default, as with
 tensor parallelism (the workers would need the tokens too).
 
-Measured on an H200 with warm kernel caches (benchmarks/NOTES-kernels.md):
+Measured on an H200 with warm kernel caches (docs/reference/gpu-kernels.md):
 `throughput` Llama-3.2-1B 40,882 tok/s on against 33,319 off, Qwen3-0.6B
 22,621 against 18,766; a decode step at batch 1 1.37 against 1.53 ms.
 

@@ -40,7 +40,7 @@ import torch
 
 from nanovllm.model.config import UNSUPPORTED_GGUF_KEYS, ModelConfig, ModelConfigError, refuse_unsupported
 from nanovllm.model.errors import ModelLoadError
-from nanovllm.model.loader import interleaved_to_rotate_half
+from nanovllm.model.weight_utils import interleaved_to_rotate_half
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")   # general.architecture values we run
 CACHE_VERSION = 1                                   # bump when what we write to the cache changes

@@ -38,7 +38,7 @@ from torch import nn
 
 INT4_GROUP_SIZE = 32          # GGUF's block size for Q4_0/Q4_1/Q8_0
 INT8_K_MULTIPLE = 16          # torch 2.13's int8 kernel crashes on other input sizes
-PACKED_MAX_ROWS = 8           # measured crossover, see docs/cpu-fast-path.md
+PACKED_MAX_ROWS = 8           # measured crossover, see docs/reference/cpu-fast-path.md
 ONEDNN_ROWS_HINT = 16         # the row count oneDNN's weight layout is tuned for (any count works)
 
 

@@ -21,15 +21,7 @@ import numpy as np
 import torch
 
 from nanovllm.ops import use_triton
-
-_MASK32 = 0xFFFFFFFF
-_MASK64 = (1 << 64) - 1
-# A two-round 32-bit mixer with multipliers below 2**31, found by C. Wellons' hash-prospector
-# (bias comparable to MurmurHash3's fmix32), and a salt per hashed input.
-_MIX_C1 = 0x21F0AAAD
-_MIX_C2 = 0x735A2D97
-_SALT_SEED = 0x9E3779B9
-_SALT_TOKEN = 0x7F4A7C15
+from nanovllm.ops.sampling_hash import _MASK32, _MASK64, _MIX_C1, _MIX_C2, _SALT_SEED, _SALT_TOKEN
 
 IntArray = TypeVar("IntArray", torch.Tensor, np.ndarray)
 

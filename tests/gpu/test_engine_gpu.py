@@ -2,7 +2,7 @@
 cache sized by a profiling step. Greedy tokens must equal transformers' on the same
 weights (float32 on both sides, so the comparison is exact enough to be strict), and
 a decode replayed from a CUDA graph must give what the eager path gives.
-Run on the device machine: `python3 -m pytest -q -m gpu tests/gpu`.
+Run on a CUDA machine: `python3 -m pytest -q -m gpu tests/gpu`.
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def test_torchrun_on_two_gpus_gives_the_greedy_tokens_of_one(tiny_model_factory,
     one = LLM(path, **ENGINE_ARGS)
     expected = greedy_tokens(one)
     del one
-    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.runner.tp_worker", path,
+    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.tp_main", path,
                "--tensor-parallel-size", "2", "--device", "cuda", "--dtype", "float32", "--max-model-len", "256",
                "--max-num-batched-tokens", "32", "--max-num-seqs", "8", "--max-tokens", str(GREEDY.max_tokens)]
     for prompt in PROMPTS:
