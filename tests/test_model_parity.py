@@ -2,7 +2,8 @@
 
 Each TINY_MODELS entry is written by transformers as safetensors, loaded by
 both, and compared on full-prompt logits, on 16 decode steps, on a chunked
-prefill, and on 32 greedy tokens. The prompt (21 tokens, blocks of 8) ends in
+prefill, and on 32 greedy tokens (the fixture guarantees sharp attention and
+varied greedy tokens, so these comparisons can fail), plus `linear` RoPE scaling. The prompt (21 tokens, blocks of 8) ends in
 the middle of a block, and the block table is scattered.
 """
 from __future__ import annotations
@@ -96,6 +97,22 @@ def test_greedy_tokens_match_transformers_for_32_steps(models):
     generated = theirs.generate(torch.tensor([prompt]), max_new_tokens=NUM_GREEDY_STEPS, do_sample=False,
                                 pad_token_id=0)
     assert PagedSequence(ours).greedy(prompt, NUM_GREEDY_STEPS) == generated[0, PROMPT_LEN:].tolist()
+
+
+@pytest.mark.parametrize("factor", [2.0, 8.0])
+def test_linear_rope_scaling_matches_transformers(tiny_model_factory, factor):
+    """`linear` divides every RoPE frequency by the factor (llama3-scaled covers the other kind)."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_factory("llama-gqa4", rope_scaling={"rope_type": "linear", "factor": factor})
+    ours, _ = load_model(str(path))
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = random_tokens(PROMPT_LEN + 4, ours.config.vocab_size, seed=6)
+    expected = reference_logits(theirs, tokens)
+    sequence = PagedSequence(ours)
+    assert_logits_close(sequence.step(tokens[:PROMPT_LEN]), expected[:PROMPT_LEN])
+    for position in range(PROMPT_LEN, len(tokens)):
+        assert_logits_close(sequence.step([tokens[position]])[0], expected[position])
 
 
 def test_tiny_models_cover_the_variants_the_issue_names():
