@@ -49,7 +49,8 @@ def test_streamed_outputs_grow_by_one_token_and_end_finished(make_engine):
     assert final.outputs[0].finish_reason == "length"
     assert final.prompt == "Hello there"
     assert final.prompt_token_ids == engine.tokenizer.encode("Hello there")
-    assert final.outputs[0].text == engine.tokenizer.decode(final.outputs[0].token_ids)
+    # The text holds back a trailing incomplete UTF-8 character (the tiny model emits raw bytes).
+    assert final.outputs[0].text == engine.tokenizer.decode(final.outputs[0].token_ids).rstrip("\ufffd")
     for out in stream:
         assert final.outputs[0].text.startswith(out.outputs[0].text)
     metrics = final.metrics
