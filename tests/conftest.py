@@ -179,17 +179,20 @@ class PagedSequence:
     so a test passes only if every read and write goes through it.
     """
 
-    def __init__(self, model, block_size: int = 8, num_blocks: int = 32, seed: int = 0):
+    def __init__(self, model, block_size: int = 8, num_blocks: int = 32, seed: int = 0,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 block_table: list[int] | None = None):
+        """A cache of its own, or (kv_caches, block_table): blocks of a cache that other sequences share."""
         config = model.config
         param = next(model.parameters())
         generator = torch.Generator().manual_seed(seed)
         self.model = model
         self.block_size = block_size
-        self.block_table = torch.randperm(num_blocks, generator=generator).tolist()
+        self.block_table = block_table or torch.randperm(num_blocks, generator=generator).tolist()
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=param.dtype, device=param.device),
-                           torch.zeros(shape, dtype=param.dtype, device=param.device))
-                          for _ in range(config.num_hidden_layers)]
+        self.kv_caches = kv_caches or [(torch.zeros(shape, dtype=param.dtype, device=param.device),
+                                        torch.zeros(shape, dtype=param.dtype, device=param.device))
+                                       for _ in range(config.num_hidden_layers)]
         self.num_computed_tokens = 0
 
     @torch.no_grad()
@@ -224,6 +227,35 @@ class PagedSequence:
             token = int(self.step([token])[-1].argmax())
             out.append(token)
         return out
+
+
+@torch.no_grad()
+def decode_together(sequences: list[PagedSequence], token_ids: list[int]) -> torch.Tensor:
+    """One decode step of several sequences over one shared cache, batched as the engine batches
+    them (a key mask when their lengths differ); -> float32 logits [B, V]."""
+    from nanovllm.ops.attention import AttentionMetadata
+
+    model = sequences[0].model
+    device = next(model.parameters()).device
+    block_size = sequences[0].block_size
+    positions = [s.num_computed_tokens for s in sequences]
+    seq_lens = [p + 1 for p in positions]
+    slots = [s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(sequences, positions)]
+    width = max(len(s.block_table) for s in sequences)
+    block_tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in sequences]
+    metadata = AttentionMetadata(
+        query_start_loc=torch.arange(len(sequences) + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(block_tables, dtype=torch.int32, device=device),
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+    )
+    hidden = model(torch.tensor(token_ids, device=device), torch.tensor(positions, device=device), metadata,
+                   sequences[0].kv_caches)
+    for sequence in sequences:
+        sequence.num_computed_tokens += 1
+    return model.compute_logits(hidden).float()
 
 
 def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODELS, PagedSequence, assert_logits_close
+from conftest import TINY_MODELS, PagedSequence, assert_logits_close, decode_together
 
 from nanovllm.model.loader import load_model
 
@@ -77,6 +77,26 @@ def test_decode_steps_with_products_split_along_k_match_transformers(models, mon
     for position in range(PROMPT_LEN, len(tokens)):
         assert_logits_close(sequence.step([tokens[position]])[0], expected[position])
     assert len(split) == 4 * 2 * ours.config.num_hidden_layers      # o_proj and down_proj of every decode step
+
+
+def test_a_decode_batch_of_different_lengths_matches_transformers(models):
+    """Three sequences (5, 21 and 12 tokens, the shorter ones ending mid-block) prefilled alone, then
+    decoded together for 4 steps over one cache whose blocks they share out: each row must see exactly
+    its own keys, no slot past its end (stale KV sits there) and none short of it."""
+    ours, theirs = models
+    lengths, num_steps, block_size = [5, 21, 12], 4, 8
+    tokens = [random_tokens(n + num_steps, ours.config.vocab_size, seed=7 + i) for i, n in enumerate(lengths)]
+    blocks = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    shared = PagedSequence(ours, block_size, num_blocks=12)
+    shared.kv_caches = [(k.normal_(), v.normal_()) for k, v in shared.kv_caches]   # stale KV everywhere
+    sequences = [PagedSequence(ours, block_size, kv_caches=shared.kv_caches, block_table=blocks[4 * i:4 * i + 4])
+                 for i in range(len(lengths))]
+    for sequence, ids, n in zip(sequences, tokens, lengths):
+        sequence.step(ids[:n])
+    for step in range(num_steps):
+        logits = decode_together(sequences, [ids[n + step] for ids, n in zip(tokens, lengths)])
+        for row, (ids, n) in enumerate(zip(tokens, lengths)):
+            assert_logits_close(logits[row], reference_logits(theirs, ids[:n + step + 1])[-1])
 
 
 def test_chunked_prefill_matches_transformers(models):
