@@ -168,6 +168,35 @@ def test_usage_counts_a_shared_block_once():
 
 # ---- property test -----------------------------------------------------------------------
 
+class PrefixKV:
+    """A stand-in KV cache. The key and value a model writes at position p depend on every token up to
+    p (attention mixes them in), so slot (block, offset) holds the tuple of those tokens: equal
+    contents mean equal KV, and a block shared under a wrong hash shows a prefix of another sequence."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def compute(self, seq: Sequence, start: int, end: int) -> None:
+        """seq computes positions start..end-1: write their KV into its blocks."""
+        for position in range(start, end):
+            slot = (seq.block_table[position // BLOCK_SIZE], position % BLOCK_SIZE)
+            self.slots[slot] = tuple(seq.token_ids[:position + 1])
+
+    def check(self, manager: BlockManager, live: list[Sequence]) -> None:
+        """Every computed position of a live sequence reads the KV of its own prefix, whoever wrote it;
+        every block in the prefix cache holds one prefix, ending in the tokens it was hashed with."""
+        for seq in live:
+            for position in range(seq.num_computed_tokens):
+                slot = (seq.block_table[position // BLOCK_SIZE], position % BLOCK_SIZE)
+                assert self.slots.get(slot) == tuple(seq.token_ids[:position + 1]), (
+                    f"seq {seq.seq_id} position {position} reads the KV of another prefix")
+        for block_id in manager.cached_block_map.values():
+            last = self.slots[(block_id, BLOCK_SIZE - 1)]
+            assert len(last) % BLOCK_SIZE == 0 and last[-BLOCK_SIZE:] == manager.blocks[block_id].token_ids
+            for offset in range(BLOCK_SIZE - 1):
+                assert self.slots[(block_id, offset)] == last[:len(last) - BLOCK_SIZE + offset + 1]
+
+
 operations = st.lists(
     st.tuples(st.sampled_from(["add", "grow", "free"]), st.integers(0, 10**6), st.integers(1, 12)),
     min_size=1, max_size=60)
@@ -176,7 +205,9 @@ operations = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(ops=operations, num_blocks=st.integers(3, 12), caching=st.booleans(), naive=st.booleans())
 def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, caching, naive):
+    """...and every block, shared or cached, holds the KV of the prefix that reads it."""
     manager = BlockManager(num_blocks, BLOCK_SIZE, caching, "naive" if naive else "paged", max_model_len=12)
+    kv = PrefixKV()
     live: list[Sequence] = []
     next_id = 0
     for op, pick, size in ops:
@@ -187,6 +218,7 @@ def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, ca
             next_id += 1
             shared = manager.find_cached_prefix(seq)
             if manager.allocate_slots(seq, seq.num_tokens, shared):
+                kv.compute(seq, len(shared) * BLOCK_SIZE, seq.num_tokens)
                 seq.num_computed_tokens = seq.num_tokens
                 manager.cache_full_blocks(seq)
                 live.append(seq)
@@ -196,11 +228,13 @@ def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, ca
                 seq.token_ids.append(pick % 5)
                 seq.output_token_ids.append(pick % 5)
                 if manager.allocate_slots(seq, seq.num_tokens):
+                    kv.compute(seq, seq.num_computed_tokens, seq.num_tokens)
                     seq.num_computed_tokens = seq.num_tokens
                     manager.cache_full_blocks(seq)
         elif live and op == "free":
             manager.free(live.pop(pick % len(live)))
         check_invariants(manager, live)
+        kv.check(manager, live)
     for seq in live:
         manager.free(seq)
     check_invariants(manager, [])
