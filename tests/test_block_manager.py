@@ -166,6 +166,84 @@ def test_usage_counts_a_shared_block_once():
     assert manager.block_tables() == {0: a.block_table, 1: b.block_table}
 
 
+def test_shared_cached_blocks_count_against_the_free_pool_when_revived():
+    """Blocks found in the prefix cache that no sequence holds are free blocks about to be taken
+    back: a request fits only if its new blocks fit in what remains beside them."""
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    prefix = list(range(8))                               # two full blocks, cached when freed
+    first = make_seq(0, prefix + [99])
+    admit(manager, first)
+    manager.free(first)                                   # 2 cached free + 2 free blocks
+    too_long = make_seq(1, prefix + list(range(50, 59)))  # 2 shared + 3 new blocks: one too many
+    shared = manager.find_cached_prefix(too_long)
+    assert len(shared) == 2
+    assert not manager.allocate_slots(too_long, too_long.num_tokens, shared)
+    assert manager.num_free_blocks == 4 and too_long.block_table == []
+    fits = make_seq(2, prefix + list(range(50, 58)))      # 2 shared + 2 new blocks: exactly the pool
+    assert manager.allocate_slots(fits, fits.num_tokens, manager.find_cached_prefix(fits))
+    assert fits.block_table[:2] == shared and manager.num_free_blocks == 0
+    check_invariants(manager, [fits])
+
+
+def test_blocks_filled_by_decoding_are_cached_and_found_again():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
+    seq = make_seq(0, [5, 6, 7, 8, 9])
+    compute(manager, seq, 5)
+    for token in [10, 11, 12, 13]:                        # decode to the end of the third block
+        seq.token_ids.append(token)
+        seq.output_token_ids.append(token)
+        compute(manager, seq, seq.num_tokens)
+    assert seq.num_hashed_blocks == 2
+    full_blocks = seq.block_table[:2]
+    manager.free(seq)
+    again = make_seq(1, [5, 6, 7, 8, 9, 10, 11, 12, 13])
+    assert manager.find_cached_prefix(again) == full_blocks
+
+
+def test_a_preempted_sequence_rehashes_its_blocks_when_it_runs_again():
+    manager = BlockManager(num_blocks=3, block_size=BLOCK_SIZE)
+    seq = make_seq(0, list(range(9)))
+    compute(manager, seq, 9)
+    manager.free(seq)                                     # preempted: its blocks wait in the cache
+    other = make_seq(1, list(range(100, 112)))
+    compute(manager, other, 12)                           # evicts them all
+    manager.free(other)
+    assert manager.find_cached_prefix(make_seq(2, list(range(9)))) == []
+    compute(manager, seq, 9)                              # recomputed from the start
+    assert len(manager.find_cached_prefix(make_seq(3, list(range(9))))) == 2
+
+
+def test_a_freed_sequence_leaves_the_block_map_and_freeing_twice_is_harmless():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    seq = make_seq(0, [1, 2, 3])
+    compute(manager, seq, 3)
+    assert manager.block_tables() == {0: seq.block_table}
+    manager.free(seq)
+    manager.free(seq)
+    manager.free(make_seq(1, [4]))                        # never allocated
+    assert manager.block_tables() == {} and manager.num_free_blocks == 4
+
+
+def test_prefix_lookups_add_up_to_the_hit_rate():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    assert (manager.usage().prefix_cache_queries, manager.usage().prefix_cache_hits) == (0, 0)
+    manager.record_prefix_lookup(10, 4)
+    manager.record_prefix_lookup(6, 4)
+    usage = manager.usage()
+    assert (usage.prefix_cache_queries, usage.prefix_cache_hits) == (16, 8)
+    assert usage.prefix_cache_hit_rate == 0.5
+    off = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    off.record_prefix_lookup(10, 4)
+    assert off.usage().prefix_cache_queries == 0
+
+
+def test_the_paged_policy_reserves_nothing_and_a_bad_policy_is_named():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    assert manager.num_reserved_blocks == 0 and manager.num_blocks_for(0) == 0
+    with pytest.raises(ValueError, match="policy must be 'paged' or 'naive', got 'lazy'"):
+        BlockManager(num_blocks=4, block_size=BLOCK_SIZE, policy="lazy")
+
+
 # ---- property test -----------------------------------------------------------------------
 
 class PrefixKV:
