@@ -150,7 +150,8 @@ def test_naive_policy_reserves_max_model_len_and_reports_it_as_fragmentation():
 
 
 def test_naive_policy_needs_max_model_len():
-    with pytest.raises(ValueError, match="max_model_len"):
+    message = "^the naive policy reserves max_model_len slots per sequence: pass max_model_len$"
+    with pytest.raises(ValueError, match=message):
         BlockManager(num_blocks=4, block_size=BLOCK_SIZE, policy="naive")
 
 

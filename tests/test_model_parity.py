@@ -1,9 +1,10 @@
 """Our decoder over a paged KV cache computes what transformers computes, for every tiny model family.
 
 Each TINY_MODELS entry is written by transformers as safetensors, loaded by
-both, and compared on full-prompt logits, on 16 decode steps, on a chunked
-prefill, and on 32 greedy tokens (the fixture guarantees sharp attention and
-varied greedy tokens, so these comparisons can fail), plus `linear` RoPE scaling. The prompt (21 tokens, blocks of 8) ends in
+both, and compared on full-prompt logits, on 16 decode steps, on a decode
+batch of different lengths, on a chunked prefill, and on 32 greedy tokens (the
+fixture guarantees sharp attention and varied greedy tokens, so these
+comparisons can fail); `linear` RoPE scaling too. The prompt (21 tokens, blocks of 8) ends in
 the middle of a block, and the block table is scattered.
 """
 from __future__ import annotations
