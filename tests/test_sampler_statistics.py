@@ -62,6 +62,8 @@ SETTINGS = [
     Setting("t1.2-all-filters", SamplingParams(temperature=1.2, top_k=25, top_p=0.9, min_p=0.02)),
     Setting("t0.7-penalties", SamplingParams(temperature=0.7, repetition_penalty=1.4, frequency_penalty=0.4,
                                              presence_penalty=0.9), PROMPT, OUTPUT),
+    Setting("t1.1-presence-frequency", SamplingParams(temperature=1.1, presence_penalty=0.7, frequency_penalty=-0.2),
+            PROMPT, OUTPUT),                                   # mild: the penalised tokens stay likely
     Setting("t2-penalties-top_p0.9", SamplingParams(temperature=2.0, top_p=0.9, repetition_penalty=0.8,
                                                     frequency_penalty=-0.3, presence_penalty=0.5), PROMPT, OUTPUT),
 ]
