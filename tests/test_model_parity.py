@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODELS, PagedSequence, assert_logits_close, decode_together
+from conftest import (TINY_MODELS, TINY_VOCAB, PagedSequence, assert_discriminates, assert_logits_close,
+                      decode_together)
 
 from nanovllm.model.loader import load_model
 
@@ -134,6 +135,21 @@ def test_linear_rope_scaling_matches_transformers(tiny_model_factory, factor):
     assert_logits_close(sequence.step(tokens[:PROMPT_LEN]), expected[:PROMPT_LEN])
     for position in range(PROMPT_LEN, len(tokens)):
         assert_logits_close(sequence.step([tokens[position]])[0], expected[position])
+
+
+@pytest.mark.parametrize("name", ["llama-mha-hd80", "qwen3"])
+def test_the_fixture_check_rejects_default_initialised_weights(name):
+    """transformers' own initialisation gives near-uniform attention and, when tied, greedy tokens
+    that copy the input: the check every tiny model passes must refuse it."""
+    import transformers
+
+    config_cls, shape = TINY_MODELS[name]
+    config = getattr(transformers, config_cls)(vocab_size=TINY_VOCAB, intermediate_size=256, num_hidden_layers=2,
+                                               **shape)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(AssertionError, match="near uniform|input token"):
+        assert_discriminates(model)
 
 
 def test_tiny_models_cover_the_variants_the_issue_names():
