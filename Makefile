@@ -34,3 +34,8 @@ test-gpu:
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Mutation testing of the module that pyproject.toml's [tool.mutmut] names, one worker (tests/MUTANTS.md).
+.PHONY: mutants
+mutants: $(STAMP)
+	nice -n 10 $(BIN)/mutmut run --max-children 1; $(BIN)/mutmut results

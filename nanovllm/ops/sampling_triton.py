@@ -41,7 +41,7 @@ def _mix32(x):
 def _log_exponential(key, tokens):
     """log E for each token of a block, E = -log u the row's Exponential(1) draw (ops/sampling.py)."""
     bits = _mix32(key ^ _mix32(tokens.to(tl.uint32) ^ _SALT_TOKEN_T))
-    uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    uniform = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 1.0 - 1.0 / 16777216.0)
     return tl.log(-tl.log(uniform))
 
 
