@@ -47,6 +47,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"      # the dtype the weights were published in
+    quantization_config: dict[str, Any] | None = None   # config.json's, for a quantized checkpoint
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -87,6 +88,7 @@ class ModelConfig:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+                quantization_config=d.get("quantization_config"),
             )
         except KeyError as e:
             raise ModelConfigError(f"{source}: missing required field {e.args[0]!r}") from None

@@ -1,0 +1,58 @@
+"""Online quantization: a float checkpoint (or dummy weights) quantized once loaded.
+
+- **fp8** (vLLM's `quantization="fp8"`): each row (output channel) of a linear weight gets
+  the scale amax(|row|) / 448, so its largest weight lands on e4m3's largest value;
+  activations are quantized per row at run time. No calibration data is needed.
+- **w4a16**: round-to-nearest 4-bit codes in groups of 128 along K, symmetric (zero 8):
+  scale = amax(|group|) / 7.5. No calibration either; GPTQ and AWQ checkpoints lose less
+  quality, this is for measuring the format's speed on any model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear
+from nanovllm.model.quantization.method import QuantizationMethod
+from nanovllm.ops.quant_linear import pack_int4, quantize_fp8_per_channel
+
+W4_GROUP_SIZE = 128
+
+
+def _float_weight(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    weight = tensors["weight"]
+    if not weight.is_floating_point() or weight.dim() != 2:
+        raise ModelLoadError(f"{module}.weight is {weight.dtype} of shape {tuple(weight.shape)}; online "
+                             "quantization needs a float checkpoint")
+    return weight
+
+
+class OnlineFp8(QuantizationMethod):
+    name = "fp8"
+    online = True
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return Fp8Linear(in_features, out_features, bias)
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        quantized, scale = quantize_fp8_per_channel(_float_weight(module, tensors))
+        return {"weight": quantized, "weight_scale": scale}
+
+
+class OnlineW4A16(QuantizationMethod):
+    name = "w4a16"
+    online = True
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return W4A16Linear(in_features, out_features, min(W4_GROUP_SIZE, in_features), bias)
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = _float_weight(module, tensors).float()
+        num_rows, in_features = weight.shape
+        group_size = min(W4_GROUP_SIZE, in_features)
+        groups = weight.view(num_rows, in_features // group_size, group_size)                    # [N, G, g]
+        scales = (groups.abs().amax(dim=-1) / 7.5).clamp(min=torch.finfo(torch.float32).tiny)   # [N, G]
+        codes = (torch.round(groups / scales[..., None]) + 8).clamp(0, 15)                      # [N, G, g]
+        return {"qweight": pack_int4(codes.view(num_rows, in_features)), "scales": scales,
+                "zeros": torch.full(scales.shape, 8, dtype=torch.uint8, device=weight.device)}
