@@ -6,8 +6,8 @@ config.json's `quantization_config` lists `config_groups`, each a scheme for the
 - **float-quantized** (FP8 W8A8, FP8-dynamic): `weight` float8_e4m3fn [N, K] and
   `weight_scale` float32, [N, 1] for strategy "channel" or one value for "tensor"
   (then per channel here: q, k and v each bring their own into one fused layer).
-  Activations are quantized per token at run time. A static `input_scale` (strategy
-  "tensor") is read past: per-token scales are at least as accurate.
+  Activations are quantized per token at run time (`input_activations` dynamic, strategy
+  "token"); static activation scales are not supported.
 - **pack-quantized** (W4A16, 4-bit integers): `weight_packed` int32 [N, K / 8], code k in
   bits 4 (k % 8) of word k // 8, stored as q + 8 for q in [-8, 7]; `weight_scale` [N, K / group];
   `weight_shape` [2]; asymmetric schemes add `weight_zero_point` [N / 8, K / group], packed
@@ -34,7 +34,6 @@ class CompressedTensors(QuantizationMethod):
         self.fmt = fmt                         # "float-quantized" | "pack-quantized"
         self.weights = weights                 # the scheme's `weights` arguments
         self.symmetric = bool(weights.get("symmetric", True))
-        self.ignored = frozenset({"input_scale"}) if fmt == "float-quantized" else frozenset()
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str) -> "CompressedTensors":
@@ -47,10 +46,15 @@ class CompressedTensors(QuantizationMethod):
         fmt = group.get("format") or config.get("format")
         weights = group.get("weights") or {}
         kind = (weights.get("type"), weights.get("num_bits"))
+        activations = group.get("input_activations") or {}
         if fmt == "float-quantized" and kind == ("float", 8) and weights.get("strategy") in ("tensor", "channel"):
+            if not (activations.get("dynamic") and activations.get("strategy") == "token"):
+                raise ModelLoadError(f"{source}: FP8 with {'static' if activations else 'no'} activation scales is "
+                                     "not supported; nano-vllm runs FP8 with dynamic per-token activation scales "
+                                     "(the FP8_DYNAMIC scheme)")
             return cls(fmt, weights)
         if (fmt == "pack-quantized" and kind == ("int", 4) and weights.get("strategy") in ("group", "channel")
-                and not (group.get("input_activations") or None)):
+                and not activations):
             return cls(fmt, weights)
         raise ModelLoadError(f"{source}: compressed-tensors format {fmt!r} with {kind[1]}-bit {kind[0]} weights "
                              f"({weights.get('strategy')}) is not supported; nano-vllm runs float-quantized FP8 "
