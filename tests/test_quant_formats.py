@@ -130,3 +130,147 @@ def test_compressed_tensors_checkpoint_matches_the_library(compressed, model_nam
     assert type(ours.layers[0].self_attn.qkv_proj).__name__ == layer
     assert type(ours.layers[-1].mlp.down_proj).__name__ == layer
     _assert_matches_reference(ours, _reference(reference))
+
+
+# ---- GPTQ and AWQ, packed by transcriptions of their packers ------------------------------
+
+GROUP_SIZE = 64
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _pack_gptq_rows(intweight):
+    """AutoGPTQ's QuantLinear.pack: [K, N] codes -> [K / 8, N], input j of a run of 8 in bits 4 (j - i)."""
+    import numpy as np
+
+    qweight = np.zeros((intweight.shape[0] // 8, intweight.shape[1]), dtype=np.uint32)
+    i = row = 0
+    while row < qweight.shape[0]:
+        for j in range(i, i + 8):
+            qweight[row] |= intweight[j] << (4 * (j - i))
+        i += 8
+        row += 1
+    return qweight
+
+
+def _pack_gptq_columns(zeros):
+    """AutoGPTQ's qzeros packing: [G, N] -> [G, N / 8]."""
+    import numpy as np
+
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
+    i = col = 0
+    while col < qzeros.shape[1]:
+        for j in range(i, i + 8):
+            qzeros[:, col] |= zeros[:, j] << (4 * (j - i))
+        i += 8
+        col += 1
+    return qzeros
+
+
+def _pack_awq(intweight):
+    """AutoAWQ's WQLinear_GEMM.from_linear: [R, N] -> [R, N / 8] in the order 0, 2, 4, 6, 1, 3, 5, 7."""
+    import numpy as np
+
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    qweight = np.zeros((intweight.shape[0], intweight.shape[1] // 8), dtype=np.uint32)
+    for col in range(intweight.shape[1] // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + order_map[i]] << (i * 4)
+    return qweight
+
+
+def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False) -> tuple[Path, Path]:
+    """Quantize every decoder linear of the model at `src` to 4 bits (random codes, zeros and scales
+    near the weights' range) in `method`'s packing; -> (checkpoint, float model of the same weights)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    tensors: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}      # one act order per input (q/k/v share theirs, as GPTQ makes them)
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        n, k = module.weight.shape
+        groups = k // GROUP_SIZE
+        codes = torch.randint(0, 16, (n, k), generator=generator)
+        zeros = torch.randint(1, 16, (groups, n), generator=generator)
+        scales = (torch.rand(groups, n, generator=generator) + 0.5) * module.weight.abs().max() / 8
+        scales = scales.half()
+        g_idx = torch.arange(k) // GROUP_SIZE
+        if desc_act:
+            layer, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+            order = orders.setdefault(f"{layer}.{SHARED_INPUT.get(leaf, leaf)}", torch.randperm(k, generator=generator))
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[order] = torch.arange(k) // GROUP_SIZE
+        dequantized = (codes - zeros[g_idx].T) * scales.float()[g_idx].T                  # [N, K]
+        module.weight.data.copy_(dequantized)
+        if method == "gptq":
+            qweight = _pack_gptq_rows(codes.T.numpy().astype(np.uint32))
+            qzeros = _pack_gptq_columns((zeros - 1).numpy().astype(np.uint32))
+            tensors[f"{name}.g_idx"] = g_idx.to(torch.int32)
+        else:
+            qweight = _pack_awq(codes.T.numpy().astype(np.uint32))
+            qzeros = _pack_awq(zeros.numpy().astype(np.uint32))
+        tensors[f"{name}.qweight"] = torch.from_numpy(qweight.view(np.int32))
+        tensors[f"{name}.qzeros"] = torch.from_numpy(qzeros.view(np.int32))
+        tensors[f"{name}.scales"] = scales
+    reference = out.with_name("dequantized")
+    model.save_pretrained(reference)
+    for name, value in model.state_dict().items():
+        if not (".layers." in name and name.endswith("proj.weight")):
+            tensors[name] = value.clone()     # a tied head shares the embedding's storage
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((reference / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": desc_act, "sym": False,
+         "checkpoint_format": "gptq"} if method == "gptq" else
+        {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out, reference
+
+
+@pytest.mark.parametrize("model_name,method,desc_act", [
+    ("llama-gqa4", "gptq", False), ("qwen3", "gptq", True), ("llama-gqa4", "awq", False),
+])
+def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(tmp_path, model_name, method, desc_act):
+    src = write_tiny_model(tmp_path / "float", model_name)
+    path, reference = write_four_bit(src, tmp_path / "quantized", method, desc_act)
+    ours = _load(path)
+    layer = ours.layers[0].self_attn.qkv_proj
+    assert type(layer).__name__ == "W4A16Linear" and (layer.input_perm is not None) == desc_act
+    _assert_matches_reference(ours, _reference(reference))
+
+
+# ---- online quantization and errors -------------------------------------------------------
+
+@pytest.mark.parametrize("method,layer,rel", [("fp8", "Fp8Linear", 0.03), ("w4a16", "W4A16Linear", 0.1)])
+def test_online_quantization_stays_near_the_float_model(tiny_llama, method, layer, rel):
+    """e4m3 rounds weights and activations to 3 mantissa bits (relative error up to 2^-4 each,
+    averaging out over a dot product); 4-bit round-to-nearest errs by up to a 15th of a group's
+    range. The bounds are those errors carried to the logits, with margin (observed: 0.6% and 2%)."""
+    float_model, quantized = _load(tiny_llama), _load(tiny_llama, quantization=method)
+    assert type(quantized.layers[1].mlp.gate_up_proj).__name__ == layer
+    assert_logits_close(PagedSequence(quantized).step(PROMPT), PagedSequence(float_model).step(PROMPT), rel=rel)
+
+
+def test_unknown_quantization_method_is_named_in_the_error(tiny_llama, tmp_path):
+    from nanovllm.model.errors import ModelLoadError
+
+    path = tmp_path / "model"
+    path.mkdir()
+    for item in tiny_llama.iterdir():
+        (path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="quantization method 'bitsandbytes' is not supported"):
+        _load(path)
+
+
+def test_online_quantization_rejects_an_unknown_name_and_a_quantized_checkpoint(tiny_llama, compressed):
+    with pytest.raises(ValueError, match="quantization='int3' is not supported"):
+        _load(tiny_llama, quantization="int3")
+    with pytest.raises(ValueError, match="already quantized"):
+        _load(compressed("llama-gqa4", "W4A16")[0], quantization="fp8")
