@@ -1,0 +1,174 @@
+"""FP8 W8A8 and W4A16 matmuls in Triton, the same arguments as their references in quant_linear.py.
+
+Both are tiled matmuls, out[M, N] = x[M, K] @ W[N, K]^T, with a program per [BLOCK_M, BLOCK_N]
+tile of the output walking K in BLOCK_K steps; what differs is what a step loads:
+
+- **FP8**: the activations are first quantized per row by `_quantize_fp8_rows_kernel` (one
+  program a row: its amax, then the e4m3 codes); the GEMM multiplies e4m3 tiles on the tensor
+  cores (`tl.dot` on fp8e4nv, float32 accumulators) and applies scale_x[m] * scale_w[n] (and
+  the bias) once, in the epilogue. The weight is read as stored: one byte a weight.
+- **W4A16**: each step loads [BLOCK_N, BLOCK_K / 8] int32 words of codes, shifts the eight
+  nibbles of each word apart in registers, subtracts the group's zero and multiplies by its
+  scale (BLOCK_K divides the group, so one scale and zero per row per step), and hands the
+  16-bit tile to `tl.dot`. The dequantization happens in registers between the load and the
+  product: the weight crosses memory at half a byte a weight (Marlin's idea, in Triton).
+
+Tile shapes follow the row count: a decode step (M <= 16) is a matrix-vector product bound by
+reading W, so narrow tiles (BLOCK_N 32) spread the N rows over more programs than there are SMs;
+larger M gets square tiles for the tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.ops.quant_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, PACK_FACTOR, w4a16_linear_torch
+
+
+def _tiles(num_rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for M = num_rows."""
+    if num_rows <= 16:
+        return 16, 32, 4, 4
+    if num_rows <= 64:
+        return 64, 64, 4, 4
+    return 128, 128, 8, 3
+
+
+# ---- FP8 -------------------------------------------------------------------------------------
+
+@triton.jit
+def _quantize_fp8_rows_kernel(x_ptr, xq_ptr, scale_ptr, stride_x, K, FP8_MAX: tl.constexpr,
+                              MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        tl.store(xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K)
+
+
+def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M] float32), as quantize_fp8_per_token_torch."""
+    num_rows, in_features = x.shape
+    xq = torch.empty(num_rows, in_features, dtype=FP8_DTYPE, device=x.device)      # [M, K]
+    scale = torch.empty(num_rows, dtype=torch.float32, device=x.device)            # [M]
+    if num_rows:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        block = min(2048, triton.next_power_of_2(in_features))
+        _quantize_fp8_rows_kernel[(num_rows,)](x, xq, scale, x.stride(0), in_features, FP8_MAX=FP8_MAX,
+                                               MIN_SCALE=FP8_MIN_SCALE, BLOCK_K=block, num_warps=4)
+    return xq, scale
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * K                               # [BLOCK_M, 1]
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = acc * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or None -> [M, N]."""
+    (num_rows, in_features), out_features = x.shape, weight.shape[0]
+    out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)      # [M, N]
+    if num_rows == 0:
+        return out
+    xq, x_scale = quantize_fp8_per_token_triton(x)
+    block_m, block_n, num_warps, num_stages = _tiles(num_rows)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n))
+    _fp8_gemm_kernel[grid](xq, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
+                           num_rows, out_features, in_features, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                           BLOCK_N=block_n, BLOCK_K=128, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+# ---- W4A16 -----------------------------------------------------------------------------------
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
+                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8) * 4
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = K // GROUP_SIZE
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x                         # [BLOCK_M, 1]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * (K // 8)                   # [BLOCK_N, 1]
+    group_rows = offs_n.to(tl.int64) * num_groups                                    # [BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):                                                  # K % BLOCK_K == 0
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)                # [BM, BK]
+        words = tl.load(w_rows + k0 // 8 + offs_word[None, :], mask=mask_n[:, None], other=0)       # [BN, BK/8]
+        codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF                                 # [BN, BK/8, 8]
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))                                              # code of k0 + k
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.int32)          # [BN]
+        w = ((codes - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)                  # [BN, BK]
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w4a16_block_k(group_size: int) -> int:
+    """The largest power of two up to 128 that divides the group (0: none of at least 16, tl.dot's minimum)."""
+    block = 128
+    while block >= 16 and group_size % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
+def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8, bias [N] or None -> [M, N]."""
+    (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
+    group_size = in_features // num_groups
+    block_k = w4a16_block_k(group_size)
+    if block_k == 0:      # a group of an odd size (one group a row, K not a multiple of 16)
+        return w4a16_linear_torch(x, qweight, scales, zeros, bias)
+    out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)      # [M, N]
+    if num_rows == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    block_m, block_n, num_warps, num_stages = _tiles(num_rows)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n))
+    _w4a16_gemm_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows,
+                             out_features, in_features, x.stride(0), GROUP_SIZE=group_size,
+                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+__all__ = ["fp8_linear_triton", "quantize_fp8_per_token_triton", "w4a16_linear_triton", "PACK_FACTOR"]
