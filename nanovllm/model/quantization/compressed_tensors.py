@@ -34,6 +34,8 @@ class CompressedTensors(QuantizationMethod):
         self.fmt = fmt                         # "float-quantized" | "pack-quantized"
         self.weights = weights                 # the scheme's `weights` arguments
         self.symmetric = bool(weights.get("symmetric", True))
+        if fmt == "pack-quantized":
+            self.group_size = int(weights.get("group_size") or -1)   # -1: one group a row (strategy "channel")
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str) -> "CompressedTensors":
@@ -69,8 +71,7 @@ class CompressedTensors(QuantizationMethod):
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if self.fmt == "float-quantized":
             return Fp8Linear(in_features, out_features, bias)
-        group_size = self.weights.get("group_size") or in_features    # strategy "channel": one group per row
-        return W4A16Linear(in_features, out_features, int(group_size), bias)
+        return W4A16Linear(in_features, out_features, in_features if self.group_size == -1 else self.group_size, bias)
 
     def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.fmt == "float-quantized":

@@ -43,6 +43,7 @@ class OnlineFp8(QuantizationMethod):
 class OnlineW4A16(QuantizationMethod):
     name = "w4a16"
     online = True
+    group_size = W4_GROUP_SIZE
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return W4A16Linear(in_features, out_features, min(W4_GROUP_SIZE, in_features), bias)
