@@ -106,7 +106,7 @@ def test_fp8_row_quantization_kernel_matches_reference(num_rows, in_features):
 
 # ---- compiled for Hopper -------------------------------------------------------------------
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 32), (64, 64), (128, 128)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (128, 128)])   # decode and large-batch tiles
 def test_quant_kernels_compile_for_hopper(block_m, block_n):
     pytest.importorskip("triton")
     from test_triton_compile import compile_for_hopper
