@@ -14,25 +14,58 @@ tile of the output walking K in BLOCK_K steps; what differs is what a step loads
   product: the weight crosses memory at half a byte a weight (Marlin's idea, in Triton).
 
 Tile shapes follow the row count: a decode step (M <= 16) is a matrix-vector product bound by
-reading W, so narrow tiles (BLOCK_N 32) spread the N rows over more programs than there are SMs;
-larger M gets square tiles for the tensor cores.
+reading W, so it takes narrow tiles (BLOCK_N 32) and splits K over several programs (SPLIT_K)
+until there are a few programs per SM, each adding its partial product into a float32 output
+(`tl.atomic_add`) that is rounded to the model's dtype after; larger M gets square tiles for the
+tensor cores and no split.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops.quant_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, PACK_FACTOR, w4a16_linear_torch
+from nanovllm.ops import sm_count
+from nanovllm.ops.quant_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, w4a16_linear_torch
+
+PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
 
 
-def _tiles(num_rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for M = num_rows."""
-    if num_rows <= 16:
-        return 16, 32, 4, 4
-    if num_rows <= 64:
-        return 64, 64, 4, 4
-    return 128, 128, 8, 3
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
+    """The tiles of an [M, K] x [K, N] product whose K is k_steps steps of block_k."""
+    if num_rows > 64:
+        return Tiles(128, 128, block_k, num_warps=8, num_stages=3)
+    if num_rows > 16:
+        return Tiles(64, 64, block_k)
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    programs, target = triton.cdiv(out_features, 32), PROGRAMS_PER_SM * sms
+    split_k = 1
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= target:
+        split_k *= 2
+    return Tiles(16, 32, block_k, split_k)
+
+
+def _launch_grid(num_rows: int, out_features: int, tiles: Tiles) -> tuple[int, int, int]:
+    return triton.cdiv(num_rows, tiles.block_m), triton.cdiv(out_features, tiles.block_n), tiles.split_k
+
+
+def _output(num_rows: int, out_features: int, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """[M, N] in x's dtype, or float32 zeros that the split programs add into."""
+    if tiles.split_k > 1:
+        return torch.zeros(num_rows, out_features, dtype=torch.float32, device=x.device)
+    return torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
 
 
 # ---- FP8 -------------------------------------------------------------------------------------
@@ -69,8 +102,9 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
+                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -78,7 +112,8 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * K                               # [BLOCK_M, 1]
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         mask_k = k0 + offs_k < K
         a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -86,34 +121,55 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
     a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * a_scale[:, None] * b_scale[None, :]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """Write a float32 output tile (plus the bias): stored in out's dtype, or with K split, added
+    into float32 out (the first split adds the bias)."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if tl.program_id(2) == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
 
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or None -> [M, N]."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
-    out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)      # [M, N]
     if num_rows == 0:
-        return out
+        return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, x.device)
+    return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
+
+
+def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                     tiles: Tiles) -> torch.Tensor:
+    """fp8_linear_triton with the tiles given (tools/gpu_quant.sh times several)."""
+    (num_rows, in_features), out_features = x.shape, weight.shape[0]
     xq, x_scale = quantize_fp8_per_token_triton(x)
-    block_m, block_n, num_warps, num_stages = _tiles(num_rows)
-    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n))
-    _fp8_gemm_kernel[grid](xq, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
-                           num_rows, out_features, in_features, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                           BLOCK_N=block_n, BLOCK_K=128, num_warps=num_warps, num_stages=num_stages)
-    return out
+    out = _output(num_rows, out_features, x, tiles)                                # [M, N]
+    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+    _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
+        xq, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
+        in_features, k_per_split, HAS_BIAS=bias is not None, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out.to(x.dtype)
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------
 
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
-                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, K_PER_SPLIT,
+                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -125,7 +181,8 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * (K // 8)                   # [BLOCK_N, 1]
     group_rows = offs_n.to(tl.int64) * num_groups                                    # [BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):                                                  # K % BLOCK_K == 0
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
         x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)                # [BM, BK]
         words = tl.load(w_rows + k0 // 8 + offs_word[None, :], mask=mask_n[:, None], other=0)       # [BN, BK/8]
         codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF                                 # [BN, BK/8, 8]
@@ -135,10 +192,7 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.int32)          # [BN]
         w = ((codes - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)                  # [BN, BK]
         acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, SPLIT_K)
 
 
 def w4a16_block_k(group_size: int) -> int:
@@ -157,18 +211,23 @@ def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     block_k = w4a16_block_k(group_size)
     if block_k == 0:      # a group of an odd size (one group a row, K not a multiple of 16)
         return w4a16_linear_torch(x, qweight, scales, zeros, bias)
-    out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)      # [M, N]
     if num_rows == 0:
-        return out
+        return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    tiles = choose_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
+    return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
+
+
+def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
+    """w4a16_linear_triton with the tiles given (tiles.block_k must divide the group)."""
+    (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    block_m, block_n, num_warps, num_stages = _tiles(num_rows)
-    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n))
-    _w4a16_gemm_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows,
-                             out_features, in_features, x.stride(0), GROUP_SIZE=group_size,
-                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             num_warps=num_warps, num_stages=num_stages)
-    return out
-
-
-__all__ = ["fp8_linear_triton", "quantize_fp8_per_token_triton", "w4a16_linear_triton", "PACK_FACTOR"]
+    out = _output(num_rows, out_features, x, tiles)                                # [M, N]
+    k_per_split = triton.cdiv(in_features // tiles.block_k, tiles.split_k) * tiles.block_k
+    _w4a16_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
+        x.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups, HAS_BIAS=bias is not None,
+        SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out.to(x.dtype)
