@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Quantized weights on one GPU: the kernel tests, a kernel timing against cuBLAS bf16 and
-# torch._scaled_mm, and `nano-vllm bench` latency / throughput for bf16, fp8 and w4a16 in the
-# same run (Llama-3.2-1B shape, then Llama-3.1-8B latency), each result as JSON under $OUT.
+# torch._scaled_mm (with a sweep of decode tiles), and `nano-vllm bench` latency / throughput for
+# bf16, fp8 and w4a16 in the same run (Llama-3.2-1B shape, then Llama-3.1-8B latency), each
+# result as JSON under $OUT.
 # Usage, from the repository root on a machine with a CUDA GPU:  OUT=/some/dir bash tools/gpu_quant.sh
-# At most 8 minutes (the sum of the steps' limits); each step has its own time limit and a failed step does not stop the rest.
+# At most 8 minutes (the sum of the steps' limits); each step has its own time limit and a failed
+# step does not stop the rest.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
@@ -12,6 +14,7 @@ PY="${PYTHON:-python3}"
 log="$OUT/gpu_quant.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
+git rev-parse HEAD 2>/dev/null | tee -a "$log"
 
 step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
     local name=$1 limit=$2; shift 2
@@ -22,16 +25,17 @@ step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit
     tail -3 "$OUT/$name.txt" | tee -a "$log"
 }
 
-step tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
+step tests 85 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
 
-step kernel-timing 40 $PY - "$OUT/kernel-timing.json" <<'PYEOF'
+step kernel-timing 60 $PY - "$OUT/kernel-timing.json" <<'PYEOF'
 import json, sys
 import torch
 import torch.nn.functional as F
 from nanovllm.ops.quant_linear import pack_int4, quantize_fp8_per_channel, quantize_fp8_per_token_torch
-from nanovllm.ops.quant_linear_triton import fp8_linear_triton, w4a16_linear_triton
+from nanovllm.ops.quant_linear_triton import (Tiles, choose_tiles, fp8_linear_tiles, fp8_linear_triton,
+                                              w4a16_linear_tiles, w4a16_linear_triton)
 
-def time_us(fn, repeats=50):
+def time_us(fn, repeats=20):
     fn(); torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -44,29 +48,40 @@ def time_us(fn, repeats=50):
     end.record(); torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / repeats / 10
 
-rows = []
-for n, k in ((3072, 2048), (2048, 8192), (16384, 2048), (6144, 4096), (28672, 4096), (4096, 14336)):
+rows, sweeps = [], []
+shapes = ((3072, 2048), (2048, 8192), (16384, 2048), (6144, 4096), (28672, 4096), (4096, 14336))
+for n, k in shapes:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     wq, ws = quantize_fp8_per_channel(w)
-    codes = torch.randint(0, 16, (n, k), device="cuda")
-    qweight, scales = pack_int4(codes), torch.rand(n, k // 128, device="cuda", dtype=torch.bfloat16) * 0.01
+    qweight = pack_int4(torch.randint(0, 16, (n, k), device="cuda"))
+    scales = torch.rand(n, k // 128, device="cuda", dtype=torch.bfloat16) * 0.01
     zeros = torch.full((n, k // 128), 8, dtype=torch.uint8, device="cuda")
     for m in (1, 7, 64, 256):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         xq, xs = quantize_fp8_per_token_torch(x)
-        row = {"n": n, "k": k, "m": m,
+        row = {"n": n, "k": k, "m": m, "tiles": str(choose_tiles(m, n, k // 128, 128, x.device)),
                "bf16_us": time_us(lambda: F.linear(x, w)),
                "fp8_us": time_us(lambda: fp8_linear_triton(x, wq, ws)),
                "scaled_mm_us": time_us(lambda: torch._scaled_mm(xq, wq.T, scale_a=xs[:, None], scale_b=ws[None, :],
                                                                 out_dtype=torch.bfloat16)),
                "w4a16_us": time_us(lambda: w4a16_linear_triton(x, qweight, scales, zeros))}
-        row["bf16_weight_GBps"] = n * k * 2 / row["bf16_us"] / 1e3
-        row["fp8_weight_GBps"] = n * k / row["fp8_us"] / 1e3
-        row["w4a16_weight_GBps"] = n * k * (0.5 + 3 / 128) / row["w4a16_us"] / 1e3
+        row["bf16_GBps"] = n * k * 2 / row["bf16_us"] / 1e3
+        row["fp8_GBps"] = n * k / row["fp8_us"] / 1e3
+        row["w4a16_GBps"] = n * k * (0.5 + 3 / 128) / row["w4a16_us"] / 1e3
         rows.append(row)
         print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                        for key, value in row.items()), flush=True)
-json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(sys.argv[1], "w"), indent=1)
+        if m == 1 and (n, k) in shapes[:3]:      # decode tiles: what other choices would give
+            for block_n in (16, 32, 64):
+                for split_k in (1, 4, 16):
+                    tiles = Tiles(16, block_n, 128, split_k)
+                    sweep = {"n": n, "k": k, "m": m, "block_n": block_n, "split_k": split_k,
+                             "fp8_us": time_us(lambda: fp8_linear_tiles(x, wq, ws, None, tiles)),
+                             "w4a16_us": time_us(lambda: w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles))}
+                    sweeps.append(sweep)
+                    print("  sweep", sweep, flush=True)
+json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "decode_tile_sweep": sweeps},
+          open(sys.argv[1], "w"), indent=1)
 PYEOF
 
 for q in bf16 fp8 w4a16; do
@@ -81,7 +96,7 @@ for q in bf16 fp8; do   # w4a16 is a decode (few rows) format; at 256 rows it is
 done
 for q in bf16 fp8 w4a16; do
     flag=(); [ "$q" != bf16 ] && flag=(--quantization "$q")
-    step "latency-llama-3.1-8b-$q" 45 $PY -m nanovllm.cli bench latency --dummy llama-3.1-8b "${flag[@]}" \
+    step "latency-llama-3.1-8b-$q" 40 $PY -m nanovllm.cli bench latency --dummy llama-3.1-8b "${flag[@]}" \
         --peer none --no-progress --num-runs 1 --json "$OUT/latency-llama-3.1-8b-$q.json"
 done
 echo "done in ${SECONDS}s" | tee -a "$log"
