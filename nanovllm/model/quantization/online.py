@@ -3,9 +3,11 @@
 - **fp8** (vLLM's `quantization="fp8"`): each row (output channel) of a linear weight gets
   the scale amax(|row|) / 448, so its largest weight lands on e4m3's largest value;
   activations are quantized per row at run time. No calibration data is needed.
-- **w4a16**: round-to-nearest 4-bit codes in groups of 128 along K, symmetric (zero 8):
-  scale = amax(|group|) / 7.5. No calibration either; GPTQ and AWQ checkpoints lose less
-  quality, this is for measuring the format's speed on any model.
+- **w4a16**: round-to-nearest 4-bit codes in groups of 128 along K (64 or 32 where 128 does
+  not divide K), asymmetric like compressed-tensors' W4A16_ASYM: each group's range [min, max]
+  (widened to hold 0) maps onto 0..15 with scale (max - min) / 15 and an integer zero. No
+  calibration either; GPTQ and AWQ checkpoints lose less quality, this is for measuring the
+  format's speed on any model.
 """
 from __future__ import annotations
 
@@ -46,14 +48,21 @@ class OnlineW4A16(QuantizationMethod):
     group_size = W4_GROUP_SIZE
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        return W4A16Linear(in_features, out_features, min(W4_GROUP_SIZE, in_features), bias)
+        return W4A16Linear(in_features, out_features, _group_size(in_features), bias)
 
     def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = _float_weight(module, tensors).float()
         num_rows, in_features = weight.shape
-        group_size = min(W4_GROUP_SIZE, in_features)
+        group_size = _group_size(in_features)
         groups = weight.view(num_rows, in_features // group_size, group_size)                    # [N, G, g]
-        scales = (groups.abs().amax(dim=-1) / 7.5).clamp(min=torch.finfo(torch.float32).tiny)   # [N, G]
-        codes = (torch.round(groups / scales[..., None]) + 8).clamp(0, 15)                      # [N, G, g]
+        low, high = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)          # [N, G]
+        scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)                 # [N, G]
+        zeros = torch.round(-low / scales).clamp(0, 15)                                          # [N, G]
+        codes = torch.round(groups / scales[..., None] + zeros[..., None]).clamp(0, 15)         # [N, G, g]
         return {"qweight": pack_int4(codes.view(num_rows, in_features)), "scales": scales,
-                "zeros": torch.full(scales.shape, 8, dtype=torch.uint8, device=weight.device)}
+                "zeros": zeros.to(torch.uint8)}
+
+
+def _group_size(in_features: int) -> int:
+    """128, or the largest of 64 and 32 that divides in_features (SmolLM2's 576), else all of K."""
+    return next((size for size in (W4_GROUP_SIZE, 64, 32) if in_features % size == 0), in_features)
