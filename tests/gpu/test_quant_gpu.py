@@ -70,3 +70,20 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
     gpu, _ = load_model(str(tiny_llama), device=DEVICE, dtype=torch.bfloat16, quantization=method)
     cpu, _ = load_model(str(tiny_llama), device="cpu", dtype=torch.bfloat16, quantization=method)
     assert relative_error(PagedSequence(gpu).step(prompt).cpu(), PagedSequence(cpu).step(prompt)) < 3e-2
+
+
+@pytest.mark.parametrize("method", ["fp8", "w4a16"])
+def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, method):
+    """13 sequences: the decode graph (batch 16, K split at these few rows) gives the eager tokens."""
+    from nanovllm import LLM, SamplingParams
+
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = []
+    for enforce_eager in (False, True):
+        llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization=method, max_num_seqs=16,
+                  enforce_eager=enforce_eager, num_kv_blocks=64)
+        assert (llm.engine.runner.decode_graphs is None) == enforce_eager
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+    assert tokens[0] == tokens[1]
