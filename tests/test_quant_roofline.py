@@ -1,6 +1,7 @@
 """The roofline counts a quantized model's weights at their stored size: FP8 linears at one byte
 a weight, 4-bit ones at half a byte plus a 16-bit scale and an 8-bit zero per group; the LM
-head, norms and KV cache stay at the model's dtype."""
+head at its own (16-bit for checkpoints, quantized by the online methods); norms and KV cache
+at the model's dtype."""
 from __future__ import annotations
 
 from nanovllm.bench.roofline import ModelCost
@@ -8,7 +9,7 @@ from nanovllm.model.dummy import dummy_config
 from nanovllm.model.quantization import quantization_method
 
 
-def test_quantized_linears_count_their_stored_bytes_and_the_head_stays_bfloat16():
+def test_quantized_linears_count_their_stored_bytes_and_a_float_head_its_dtype():
     config = dummy_config("llama-3.2-1b")
     bf16 = ModelCost.from_config(config, 2)
     fp8 = ModelCost.from_config(config, 2, linear_weight_bytes=quantization_method(None, "fp8").bytes_per_weight)
@@ -29,3 +30,12 @@ def test_checkpoint_methods_know_their_group_size():
         "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
         "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}}}})
     assert ct.bytes_per_weight == 1.0
+
+
+def test_an_online_quantized_head_counts_at_its_stored_size():
+    config = dummy_config("llama-3.2-1b")
+    method = quantization_method(None, "fp8")
+    assert method.quantizes_lm_head
+    bf16 = ModelCost.from_config(config, 2)
+    fp8 = ModelCost.from_config(config, 2, linear_weight_bytes=1.0, lm_head_weight_bytes=1.0)
+    assert fp8.weight_bytes == bf16.linear_params + bf16.lm_head_params + bf16.norm_params * 2

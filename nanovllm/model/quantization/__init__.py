@@ -77,8 +77,12 @@ def load_quantized_checkpoint(model: nn.Module, method: QuantizationMethod,
 
 
 def quantize_loaded_model(model: nn.Module, method: QuantizationMethod) -> None:
-    """Replace each float linear layer of the decoder by `method`'s layer of its weight, in place."""
-    for parent, attr, linear in _linears(model):
+    """Replace each float linear layer of the decoder (and the LM head if `method` says so) by
+    `method`'s layer of its weight, in place."""
+    linears = list(_linears(model))
+    if method.quantizes_lm_head:
+        linears.append((model, "lm_head", model.lm_head))
+    for parent, attr, linear in linears:
         with _like(linear.weight):
             layer = method.make_layer(linear.in_features, linear.out_features, linear.bias is not None)
         for name, value in method.convert(attr, {"weight": linear.weight.data}).items():
@@ -89,6 +93,7 @@ def quantize_loaded_model(model: nn.Module, method: QuantizationMethod) -> None:
 
 
 def _linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(parent module, attribute, nn.Linear) of each linear layer of the decoder."""
     for layer in model.layers:
         for parent_name, attr in _LINEARS:
             parent = getattr(layer, parent_name)

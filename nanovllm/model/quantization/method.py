@@ -19,6 +19,7 @@ class QuantizationMethod:
 
     name: str = ""
     online: bool = False                     # True: converts a loaded float model (quantize_loaded_model)
+    quantizes_lm_head: bool = False          # the LM head too (a fifth of Llama-3.2-1B's bytes in bfloat16)
     ignored: frozenset[str] = frozenset()    # tensors the method reads past (e.g. GPTQ's trivial g_idx)
 
     @property
