@@ -276,3 +276,30 @@ def test_online_quantization_rejects_an_unknown_name_and_a_quantized_checkpoint(
         _load(tiny_llama, quantization="int3")
     with pytest.raises(ValueError, match="already quantized"):
         _load(compressed("llama-gqa4", "W4A16")[0], quantization="fp8")
+
+
+def test_a_checkpoint_missing_a_quantized_tensor_names_the_module(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nanovllm.model.errors import ModelLoadError
+
+    path, _ = write_four_bit(write_tiny_model(tmp_path / "float", "llama-gqa4"), tmp_path / "quantized", "awq")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj lacks the tensor\(s\) qzeros"):
+        _load(path)
+
+
+def test_settings_nano_vllm_cannot_run_are_refused_up_front():
+    from nanovllm.model.errors import ModelLoadError
+    from nanovllm.model.quantization import quantization_method
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        quantization_method(None, "fp8", tp_size=2)
+    with pytest.raises(ModelLoadError, match="8-bit weights is not supported"):
+        quantization_method({"quant_method": "gptq", "bits": 8, "group_size": 128})
+    with pytest.raises(ModelLoadError, match="quantizes lm_head"):
+        quantization_method({"quant_method": "compressed-tensors", "ignore": [], "config_groups": {"g": {
+            "targets": ["Linear"], "format": "pack-quantized",
+            "weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}}}})
