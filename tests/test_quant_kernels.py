@@ -58,20 +58,26 @@ def four_bit_weight(num_rows: int, in_features: int, group_size: int, dtype: tor
     (1, 37, 256, 128, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False), (70, 45, 64, 64, True),
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias):
-    from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_tiles, w4a16_linear_triton
+    from nanovllm.ops.quant_linear_triton import (Tiles, sum_partials, w4a16_linear_partials_triton,
+                                                  w4a16_linear_tiles, w4a16_linear_triton)
 
     x = torch.randn(num_rows, in_features, dtype=dtype)
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, dtype)
     b = torch.randn(out_features, dtype=dtype) if bias else None
     expected = w4a16_linear_torch(x, qweight, scales, zeros, b)
     torch.testing.assert_close(w4a16_linear_triton(x, qweight, scales, zeros, b), expected, **TOLERANCE[dtype])
+    partials = w4a16_linear_partials_triton(x, qweight, scales, zeros, b)    # [S, M, N] float32 at a few rows
+    torch.testing.assert_close(sum_partials(partials, dtype), expected, **TOLERANCE[dtype])
     split = Tiles(16, 16, 16, split_k=3)      # K split unevenly: the last split has fewer steps, or none
-    torch.testing.assert_close(w4a16_linear_tiles(x, qweight, scales, zeros, b, split), expected, **TOLERANCE[dtype])
+    partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
+    assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
+    torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
 
 
 @in_interpreter
 @pytest.mark.parametrize("num_rows,out_features,in_features,bias,split_k", [
     (1, 37, 200, False, 1), (1, 37, 200, True, 2), (7, 50, 96, True, 1), (5, 50, 300, False, 3),
+    (5, 50, 96, False, 4),   # 3 steps of K over 4 splits: the last split has none and writes zeros
     (33, 19, 130, False, 1), (70, 45, 64, True, 1),
 ])
 def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, bias, split_k):
@@ -86,12 +92,12 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
     xq, x_scale = quantize_fp8_per_token_torch(x)
     tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 32), 32, x.device)
     tiles = type(tiles)(tiles.block_m, tiles.block_n, 32, split_k)
-    out = torch.zeros(num_rows, out_features) if split_k > 1 else torch.full((num_rows, out_features), float("nan"))
+    out = torch.full((split_k, num_rows, out_features), float("nan"))      # every split writes its partial
     k_per_split = triton.cdiv(triton.cdiv(in_features, 32), split_k) * 32
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         xq, x_scale, weight, weight_scale, b if bias else weight_scale, out, num_rows, out_features, in_features,
-        k_per_split, HAS_BIAS=bias, SPLIT_K=split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
-    torch.testing.assert_close(out, fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+        k_per_split, HAS_BIAS=bias, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
+    torch.testing.assert_close(out.sum(0), fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
 
 
 @in_interpreter
@@ -121,20 +127,20 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
 
     fp8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
            "bias_ptr": "*bf16", "out_ptr": "*bf16"}
-    split_k = 4 if block_m == 16 else 1   # decode tiles split K and add into float32
-    fp8["out_ptr"] = out_type = "*fp32" if split_k > 1 else "*bf16"
+    fp8["out_ptr"] = out_type = "*fp32" if block_m == 16 else "*bf16"   # decode tiles write float32 partials
     compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
-                                  dict(HAS_BIAS=False, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128),
-                                  fp8)
+                                  dict(HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8)
     assert compiled.asm["cubin"]
     w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": out_type}
     assert compile_for_hopper(kernels._w4a16_gemm_kernel,
-                              dict(GROUP_SIZE=128, HAS_BIAS=True, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n,
-                                   BLOCK_K=128), w4).asm["cubin"]
+                              dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128),
+                              w4).asm["cubin"]
     if block_m == 16:
         assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
                                   dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
                                   {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}).asm["cubin"]
+        assert compile_for_hopper(kernels._sum_partials_kernel, dict(NUM_PARTIALS=4, BLOCK=1024),
+                                  {"partial_ptr": "*fp32", "out_ptr": "*bf16"}).asm["cubin"]
 
 
 test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER

@@ -17,7 +17,9 @@ bandwidth. Storing a weight in 8 or 4 bits reads a half or a quarter of bfloat16
 
 Each function here is the torch reference (the CPU path, and the oracle of the Triton
 kernels in quant_linear_triton.py, which take the same arguments); `fp8_linear` and
-`w4a16_linear` pick the kernel by the device of their input.
+`w4a16_linear` pick the kernel by the device of their input. `*_linear_or_partials` may
+instead return float32 partial products [S, M, N] over slices of K (the kernels split K at a
+few rows), for a consumer that adds them up (ops/linear.py).
 """
 from __future__ import annotations
 
@@ -66,6 +68,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return fp8_linear_torch(x, weight, weight_scale, bias)
 
 
+def fp8_linear_or_partials(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import fp8_linear_partials_triton
+        return fp8_linear_partials_triton(x, weight, weight_scale, bias)
+    return fp8_linear_torch(x, weight, weight_scale, bias)
+
+
 # ---- W4A16 -----------------------------------------------------------------------------------
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -108,4 +119,13 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if use_triton(x):
         from nanovllm.ops.quant_linear_triton import w4a16_linear_triton
         return w4a16_linear_triton(x, qweight, scales, zeros, bias)
+    return w4a16_linear_torch(x, qweight, scales, zeros, bias)
+
+
+def w4a16_linear_or_partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """w4a16_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
+        return w4a16_linear_partials_triton(x, qweight, scales, zeros, bias)
     return w4a16_linear_torch(x, qweight, scales, zeros, bias)

@@ -15,9 +15,11 @@ tile of the output walking K in BLOCK_K steps; what differs is what a step loads
 
 Tile shapes follow the row count: a decode step (M <= 16) is a matrix-vector product bound by
 reading W, so it takes narrow tiles (BLOCK_N 32) and splits K over several programs (SPLIT_K)
-until there are a few programs per SM, each adding its partial product into a float32 output
-(`tl.atomic_add`) that is rounded to the model's dtype after; larger M gets square tiles for the
-tensor cores and no split.
+until there are a few programs per SM, each writing its partial product [M, N] in float32.
+`*_linear_partials_triton` hands the S partials [S, M, N] on to a consumer that adds them up as
+it loads them (o_proj and down_proj: the residual-add + RMSNorm after them, as ops/linear.py
+does for bfloat16); `*_linear_triton` adds them up itself, in one more small kernel. Larger M
+gets square tiles for the tensor cores and no split.
 """
 from __future__ import annotations
 
@@ -62,10 +64,31 @@ def _launch_grid(num_rows: int, out_features: int, tiles: Tiles) -> tuple[int, i
 
 
 def _output(num_rows: int, out_features: int, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
-    """[M, N] in x's dtype, or float32 zeros that the split programs add into."""
+    """[M, N] in x's dtype, or with K split the float32 partials [S, M, N]."""
     if tiles.split_k > 1:
-        return torch.zeros(num_rows, out_features, dtype=torch.float32, device=x.device)
+        return torch.empty(tiles.split_k, num_rows, out_features, dtype=torch.float32, device=x.device)
     return torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, size, NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(NUM_PARTIALS):
+        acc += tl.load(partial_ptr + s * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_partials(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] float32 partials -> their sum [M, N] in dtype; an [M, N] output passes through."""
+    if out.dim() == 2:
+        return out
+    summed = torch.empty(out.shape[1:], dtype=dtype, device=out.device)                 # [M, N]
+    block = 1024
+    _sum_partials_kernel[(triton.cdiv(summed.numel(), block),)](out, summed, summed.numel(),
+                                                                NUM_PARTIALS=out.shape[0], BLOCK=block)
+    return summed
 
 
 # ---- FP8 -------------------------------------------------------------------------------------
@@ -103,7 +126,7 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
-                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,28 +144,30 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
     a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * a_scale[:, None] * b_scale[None, :]
-    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, SPLIT_K)
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
 @triton.jit
-def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS: tl.constexpr,
-                SPLIT_K: tl.constexpr):
-    """Write a float32 output tile (plus the bias): stored in out's dtype, or with K split, added
-    into float32 out (the first split adds the bias)."""
+def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS: tl.constexpr):
+    """Write a float32 output tile (plus the bias) in out's dtype; with K split, as this split's
+    partial in float32 (the first split adds the bias)."""
     if HAS_BIAS:
         if tl.program_id(2) == 0:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc, mask=mask)
+    split = tl.program_id(2).to(tl.int64)
+    out = out_ptr + split * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or None -> [M, N]."""
+    return sum_partials(fp8_linear_partials_triton(x, weight, weight_scale, bias), x.dtype)
+
+
+def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As fp8_linear_triton, but with K split: the float32 partial products [S, M, N]."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
@@ -152,23 +177,24 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                      tiles: Tiles) -> torch.Tensor:
-    """fp8_linear_triton with the tiles given (tools/gpu_quant.sh times several)."""
+    """The product with the tiles given (tools/gpu_quant.sh times several): [M, N] in x's dtype, or
+    with K split the partials [S, M, N] float32."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     xq, x_scale = quantize_fp8_per_token_triton(x)
-    out = _output(num_rows, out_features, x, tiles)                                # [M, N]
+    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         xq, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
-        in_features, k_per_split, HAS_BIAS=bias is not None, SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m,
+        in_features, k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return out.to(x.dtype)
+    return out
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------
 
 @triton.jit
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, K_PER_SPLIT,
-                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,7 +218,7 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.int32)          # [BN]
         w = ((codes - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)                  # [BN, BK]
         acc = tl.dot(x, tl.trans(w), acc)
-    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, SPLIT_K)
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
 def w4a16_block_k(group_size: int) -> int:
@@ -206,6 +232,12 @@ def w4a16_block_k(group_size: int) -> int:
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8, bias [N] or None -> [M, N]."""
+    return sum_partials(w4a16_linear_partials_triton(x, qweight, scales, zeros, bias), x.dtype)
+
+
+def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As w4a16_linear_triton, but with K split: the float32 partial products [S, M, N]."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     group_size = in_features // num_groups
     block_k = w4a16_block_k(group_size)
@@ -219,15 +251,16 @@ def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
-    """w4a16_linear_triton with the tiles given (tiles.block_k must divide the group)."""
+    """The product with the tiles given (tiles.block_k must divide the group): [M, N] in x's dtype,
+    or with K split the partials [S, M, N] float32."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = _output(num_rows, out_features, x, tiles)                                # [M, N]
+    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = triton.cdiv(in_features // tiles.block_k, tiles.split_k) * tiles.block_k
     _w4a16_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
         x.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups, HAS_BIAS=bias is not None,
-        SPLIT_K=tiles.split_k, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return out.to(x.dtype)
+    return out

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.ops.quant_linear import FP8_DTYPE, PACK_FACTOR, fp8_linear, w4a16_linear
+from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials, w4a16_linear,
+                                       w4a16_linear_or_partials)
 
 
 class Fp8Linear(nn.Module):
@@ -33,6 +34,10 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
+        return fp8_linear_or_partials(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"fp8, in_features={self.in_features}, out_features={self.out_features}"
@@ -61,6 +66,12 @@ class W4A16Linear(nn.Module):
         if self.input_perm is not None:
             x = x[:, self.input_perm]                                             # [M, K] in group order
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias)
+
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]
+        return w4a16_linear_or_partials(x, self.qweight, self.scales, self.zeros, self.bias)
 
     def extra_repr(self) -> str:
         return (f"w4a16, in_features={self.in_features}, out_features={self.out_features}, "
