@@ -100,7 +100,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is a CPU format for one process; use it with device='cpu' "
                              "and tensor_parallel_size=1, or pick 'bfloat16'")
         if self.dtype == "auto":
-            cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if self.model is None and self.tensor_parallel_size == 1 else "float32"
+            cpu_auto = (CPU_AUTO_DTYPE_EMBEDDED if self.model is None and self.tensor_parallel_size == 1
+                        and self.quantization is None else "float32")
             self.dtype = "bfloat16" if self.device == "cuda" else cpu_auto
         on_cuda = self.device == "cuda"
         if self.max_num_seqs is None:

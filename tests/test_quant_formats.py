@@ -303,3 +303,11 @@ def test_settings_nano_vllm_cannot_run_are_refused_up_front():
         quantization_method({"quant_method": "compressed-tensors", "ignore": [], "config_groups": {"g": {
             "targets": ["Linear"], "format": "pack-quantized",
             "weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}}}})
+
+
+def test_engine_config_takes_an_online_method_with_a_float_dtype():
+    from nanovllm.config import EngineConfig
+
+    assert EngineConfig(quantization="fp8", device="cpu").dtype == "float32"   # not the CPU's int4 default
+    with pytest.raises(ValueError, match="quantization must be one of fp8, w4a16"):
+        EngineConfig(quantization="fp8", dtype="int4", device="cpu")
