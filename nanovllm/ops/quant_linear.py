@@ -104,7 +104,7 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 def w4a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K], qweight [N, K / 8] int32, scales [N, K / group] (x's dtype), zeros [N, K / group]
+    """x [M, K], qweight [N, K / 8] int32, scales [N, K / group] float32, zeros [N, K / group]
     uint8, bias [N] or None -> [M, N] in x's dtype. The weight is rounded to x's dtype once dequantized,
     as the kernel's tensor-core product needs; the products add up in float32."""
     weight = dequantize_w4(qweight, scales, zeros).to(x.dtype)                              # [N, K]

@@ -53,7 +53,7 @@ def test_w4a16_kernel_matches_reference(num_rows, out_features, in_features):
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
     codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
     groups = in_features // 128
-    scales = (torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.01).to(torch.bfloat16)
+    scales = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.01
     zeros = torch.randint(0, 16, (out_features, groups), device=DEVICE, generator=generator).to(torch.uint8)
     qweight = pack_int4(codes)
     out = w4a16_linear_triton(x, qweight, scales, zeros)

@@ -13,7 +13,8 @@ tensors of quantized modules are converted and copied into their (fused) layer, 
 others go on to `LlamaForCausalLM.load_weights` unchanged. An online method converts the
 loaded model's float layers instead (`quantize_loaded_model`).
 
-The embeddings, norms and the LM head stay in the model's dtype.
+The embeddings and norms stay in the model's dtype, and so does the LM head, except under
+online fp8 (online.py).
 """
 from __future__ import annotations
 

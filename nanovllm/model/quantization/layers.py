@@ -6,7 +6,8 @@ into one layer by rows exactly as float weights do (model/llama.py):
 
     Fp8Linear     weight [N, K] float8_e4m3fn, weight_scale [N] float32
     W4A16Linear   qweight [N, K / 8] int32 (4-bit codes, low nibble first), scales [N, K / group]
-                  in the model's dtype, zeros [N, K / group] uint8; input_perm [K] when the
+                  float32 (a checkpoint's float16 scales would lose 3 bits in bfloat16), zeros
+                  [N, K / group] uint8; input_perm [K] when the
                   checkpoint ordered its groups by activation (GPTQ desc_act)
 
 The tensors are buffers, not parameters: `LlamaForCausalLM.load_weights` fills the float
@@ -56,7 +57,7 @@ class W4A16Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         num_groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // PACK_FACTOR, dtype=torch.int32))
-        self.register_buffer("scales", torch.empty(out_features, num_groups))                          # [N, G]
+        self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=torch.float32))    # [N, G]
         self.register_buffer("zeros", torch.empty(out_features, num_groups, dtype=torch.uint8))       # [N, G]
         # GPTQ desc_act: the input channels reordered so that each group is contiguous; x is gathered to match
         self.register_buffer("input_perm", torch.empty(in_features, dtype=torch.int64) if act_order else None)

@@ -25,11 +25,11 @@ class QuantizationMethod:
     @property
     def bytes_per_weight(self) -> float:
         """What one weight of a quantized layer costs in memory, its share of scales and zeros
-        included (16-bit scales); the per-row float32 scales of FP8 (4 bytes a row) are left out."""
+        included; the per-row float32 scales of FP8 (4 bytes a row) are left out."""
         group_size = getattr(self, "group_size", None)
         if group_size is None:
             return 1.0                                   # e4m3
-        return 0.5 + 3 / group_size if group_size > 0 else 0.5   # codes, a 2-byte scale and 1-byte zero a group
+        return 0.5 + 5 / group_size if group_size > 0 else 0.5   # codes, a float32 scale and a uint8 zero a group
 
     def required(self) -> frozenset[str]:
         """The tensors one quantized HF module must have in the checkpoint."""
