@@ -311,3 +311,18 @@ def test_engine_config_takes_an_online_method_with_a_float_dtype():
     assert EngineConfig(quantization="fp8", device="cpu").dtype == "float32"   # not the CPU's int4 default
     with pytest.raises(ValueError, match="quantization must be one of fp8, w4a16"):
         EngineConfig(quantization="fp8", dtype="int4", device="cpu")
+
+
+def test_the_engine_serves_a_quantized_checkpoint(compressed):
+    """Through LLM.generate (continuous batching, chunked prefill, prefix caching): the same greedy
+    tokens as the model run alone, for two requests sharing a prefix."""
+    from nanovllm import LLM, SamplingParams
+
+    path, _ = compressed("llama-gqa4", "W4A16")
+    prompts = [PROMPT, PROMPT[:6] + [11, 12, 13]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", max_num_batched_tokens=8, max_model_len=64)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    ours = _load(path)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == PagedSequence(ours).greedy(prompt, 8)
