@@ -39,6 +39,8 @@ def test_fp8_kernel_matches_reference_and_scaled_mm(num_rows, out_features, in_f
     assert (xq.float() != ref_q.float()).float().mean() < 1e-3      # division order may flip a rare tie
     out = fp8_linear_triton(x, weight, weight_scale)
     assert relative_error(out, fp8_linear_torch(x, weight, weight_scale)) < 1e-2
+    if num_rows <= 16:   # some torch versions' rowwise fp8 cuBLAS path wants more than 16 rows (vLLM pads to 17)
+        return
     scaled_mm = torch._scaled_mm(ref_q, weight.T, scale_a=ref_scale[:, None], scale_b=weight_scale[None, :],
                                  out_dtype=torch.bfloat16)
     assert relative_error(out, scaled_mm) < 1e-2
