@@ -58,20 +58,25 @@ def four_bit_weight(num_rows: int, in_features: int, group_size: int, seed: int 
     (1, 37, 256, 128, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False), (70, 45, 64, 64, True),
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias):
-    from nanovllm.ops.quant_linear_triton import (Tiles, sum_partials, w4a16_linear_partials_triton,
+    """tl.dot multiplies the weight rounded to x's dtype, as the reference does; the GEMV kernel
+    (a few rows) multiplies it in float32, as the reference does given float32 x."""
+    from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, w4a16_linear_partials_triton,
                                                   w4a16_linear_tiles, w4a16_linear_triton)
 
     x = torch.randn(num_rows, in_features, dtype=dtype)
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size)
     b = torch.randn(out_features, dtype=dtype) if bias else None
-    expected = w4a16_linear_torch(x, qweight, scales, zeros, b)
+    by_dot = w4a16_linear_torch(x, qweight, scales, zeros, b)
+    by_gemv = w4a16_linear_torch(x.float(), qweight, scales, zeros, b).to(dtype)
+    expected = by_gemv if num_rows <= GEMV_MAX_ROWS else by_dot
     torch.testing.assert_close(w4a16_linear_triton(x, qweight, scales, zeros, b), expected, **TOLERANCE[dtype])
     partials = w4a16_linear_partials_triton(x, qweight, scales, zeros, b)    # [S, M, N] float32 at a few rows
     torch.testing.assert_close(sum_partials(partials, dtype), expected, **TOLERANCE[dtype])
-    split = Tiles(16, 16, 16, split_k=3)      # K split unevenly: the last split has fewer steps, or none
-    partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
-    assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
-    torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
+    for block_m, expected in ((4, by_gemv), (16, by_dot)):     # the GEMV kernel, 4 rows at a time; tl.dot's
+        split = Tiles(block_m, 16, 16, split_k=3)     # K split unevenly: the last split has fewer steps, or none
+        partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
+        assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
+        torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
 
 
 @in_interpreter
@@ -135,6 +140,10 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
     w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": out_type}
     assert compile_for_hopper(kernels._w4a16_gemm_kernel,
                               dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128),
+                              w4).asm["cubin"]
+    gemv_rows = 1 if block_m == 16 else kernels.GEMV_MAX_ROWS
+    assert compile_for_hopper(kernels._w4a16_gemv_kernel,
+                              dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128),
                               w4).asm["cubin"]
     if block_m == 16:
         assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,

@@ -192,32 +192,88 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
 # ---- W4A16 -----------------------------------------------------------------------------------
 
+GEMV_MAX_ROWS = 4       # up to this many rows the W4A16 product runs on the FMA units, not tl.dot
+MAGIC = tl.constexpr(0x4B000000)      # float32 2^23: OR-ing a code q < 2^23 into its mantissa gives the float 2^23 + q
+
+
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, K_PER_SPLIT,
-                       GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
+    loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
+    on the FMA units. A code becomes a float without a conversion: OR-ed into the mantissa of
+    2^23 where it stands (bits 4 j of the word), it gives the float 2^23 + q 2^(4 j), exactly,
+    and subtracting 2^23 + z 2^(4 j) leaves (q - z) 2^(4 j); x is scaled by 2^(-4 j) instead
+    (one multiply per x, not per weight). Nibbles 5..7 are shifted down once per word first, as
+    bit 23 is the exponent's. The group's scale is applied once a step:
+    sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_word = tl.arange(0, WORDS)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = K // GROUP_SIZE
+    x_cols = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_x + 8 * offs_word[None, None, :]  # [BM, 1, W]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None] * stride_w + offs_word[None, None, :]  # [1, BN, W]
+    group_rows = offs_n.to(tl.int64)[None, :, None] * num_groups                                 # [1, BN, 1]
+    mask_n3 = mask_n[None, :, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
+        words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)           # [1, BN, W]
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n3, other=0.0).to(tl.float32)   # [1, BN, 1]
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n3, other=0).to(tl.float32)       # [1, BN, 1]
+        high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
+        step = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            plane = 4 * (j % 5)                    # nibble j's bits: in the word, or from 5 on in high
+            if j < 5:
+                code = (words & (0xF << plane)) | MAGIC                    # the float 2^23 + q 2^plane
+            else:
+                code = (high & (0xF << plane)) | MAGIC
+            w = code.to(tl.float32, bitcast=True) - (8388608.0 + zero * (1 << plane))   # (q - z) 2^plane, exact
+            x = tl.load(x_cols + k0 + j, mask=mask_m[:, None, None], other=0.0).to(tl.float32)    # [BM, 1, W]
+            step += (x * (1.0 / (1 << plane))) * w                                                 # [BM, BN, W]
+        acc += step * scale
+    _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """More rows: each step expands [BLOCK_N, BLOCK_K / 8] words into the [BLOCK_N, BLOCK_K]
+    16-bit tile in registers and hands it to tl.dot. The eight nibble planes are joined
+    pairwise (tl.join puts its new axis last, innermost), so that the reshape lays code j of
+    word w at column 8 w + j without moving data between threads."""
+    WORDS: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_word = tl.arange(0, BLOCK_K // 8)
-    shifts = tl.arange(0, 8) * 4
+    offs_word = tl.arange(0, WORDS)
     mask_m, mask_n = offs_m < M, offs_n < N
     num_groups = K // GROUP_SIZE
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x                         # [BLOCK_M, 1]
-    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * (K // 8)                   # [BLOCK_N, 1]
-    group_rows = offs_n.to(tl.int64) * num_groups                                    # [BLOCK_N]
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + offs_k[None, :]                   # [BM, BK]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_word[None, :]             # [BN, W]
+    group_rows = offs_n.to(tl.int64) * num_groups                                                # [BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
-        x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)                # [BM, BK]
-        words = tl.load(w_rows + k0 // 8 + offs_word[None, :], mask=mask_n[:, None], other=0)       # [BN, BK/8]
-        codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF                                 # [BN, BK/8, 8]
+        x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)                                  # [BM, BK]
+        words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n[:, None], other=0)    # [BN, W]
+        # slot a + 2b + 4c of the joins lands at column 4a + 2b + c of its word: nibble 4a + 2b + c
+        codes = tl.join(tl.join(tl.join(words & 0xF, (words >> 16) & 0xF),
+                                tl.join((words >> 8) & 0xF, (words >> 24) & 0xF)),
+                        tl.join(tl.join((words >> 4) & 0xF, (words >> 20) & 0xF),
+                                tl.join((words >> 12) & 0xF, (words >> 28) & 0xF)))               # [BN, W, 2, 2, 2]
         codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))                                              # code of k0 + k
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
-        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.int32)          # [BN]
-        w = ((codes - zero[:, None]).to(tl.float32) * scale[:, None]).to(x.dtype)                  # [BN, BK]
-        acc = tl.dot(x, tl.trans(w), acc)
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
+        w = (codes | MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + zero)[:, None]             # q - z, exact
+        acc = tl.dot(x, tl.trans((w * scale[:, None]).to(x.dtype)), acc)                           # [BN, BK] -> 16 bits
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
@@ -227,6 +283,19 @@ def w4a16_block_k(group_size: int) -> int:
     while block >= 16 and group_size % block:
         block //= 2
     return block if block >= 16 else 0
+
+
+def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
+    """choose_tiles, but up to GEMV_MAX_ROWS rows a GEMV tile: all the rows, BLOCK_N 64."""
+    if num_rows > GEMV_MAX_ROWS:
+        return choose_tiles(num_rows, out_features, k_steps, block_k, device)
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    block_n = 64
+    programs, target = triton.cdiv(out_features, block_n), PROGRAMS_PER_SM * sms
+    split_k = 1
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= target:
+        split_k *= 2
+    return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -245,22 +314,23 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
         return w4a16_linear_torch(x, qweight, scales, zeros, bias)
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
-    tiles = choose_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
+    tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
 
 def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
-    """The product with the tiles given (tiles.block_k must divide the group): [M, N] in x's dtype,
-    or with K split the partials [S, M, N] float32."""
+    """The product with the tiles given (tiles.block_k must divide the group; a block_m up to
+    GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = triton.cdiv(in_features // tiles.block_k, tiles.split_k) * tiles.block_k
-    _w4a16_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
+    kernel = _w4a16_gemv_kernel if tiles.block_m <= GEMV_MAX_ROWS else _w4a16_gemm_kernel
+    kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
-        x.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups, HAS_BIAS=bias is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups,
+        HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
