@@ -101,8 +101,28 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
     k_per_split = triton.cdiv(triton.cdiv(in_features, 32), split_k) * 32
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         xq, x_scale, weight, weight_scale, b if bias else weight_scale, out, num_rows, out_features, in_features,
-        k_per_split, HAS_BIAS=bias, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
+        xq.stride(0), k_per_split, HAS_BIAS=bias, QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
     torch.testing.assert_close(out.sum(0), fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_rows,out_features,in_features,split_k", [(1, 37, 200, 2), (5, 50, 300, 3)])
+def test_fp8_gemm_quantizes_activations_in_its_prologue(num_rows, out_features, in_features, split_k):
+    """The fused path, on activations whose quantization is exact (each row: e4m3 values times a power
+    of two, one of them 448), so the interpreter's cast is not in question."""
+    from nanovllm.ops.quant_linear_triton import Tiles, fp8_linear_tiles, sum_partials
+
+    generator = torch.Generator().manual_seed(num_rows)
+    codes = (torch.randn(num_rows, in_features, generator=generator) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes[:, -1] = 448.0          # in the last split of K: every split must see the whole row
+    x = codes.float() * 2.0 ** torch.arange(-6, -6 + num_rows)[:, None]
+    x[0, 7:11] = 0.0
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    b = torch.randn(out_features, generator=generator)
+    tiles = Tiles(16, 32, 32, split_k, quantize_x=True)
+    out = sum_partials(fp8_linear_tiles(x, weight, weight_scale, b, tiles), x.dtype)
+    torch.testing.assert_close(out, fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
 
 
 @in_interpreter
@@ -134,9 +154,12 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
     fp8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
            "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     fp8["out_ptr"] = out_type = "*fp32" if block_m == 16 else "*bf16"   # decode tiles write float32 partials
-    compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
-                                  dict(HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8)
-    assert compiled.asm["cubin"]
+    for quantize in (False, True) if block_m == 16 else (False,):     # decode tiles may quantize x themselves
+        fp8["a_ptr"] = "*bf16" if quantize else "*fp8e4nv"
+        compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
+                                      dict(HAS_BIAS=False, QUANTIZE_A=quantize, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
+                                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8)
+        assert compiled.asm["cubin"]
     w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": out_type}
     assert compile_for_hopper(kernels._w4a16_gemm_kernel,
                               dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128),

@@ -23,7 +23,7 @@ gets square tiles for the tensor cores and no split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -33,6 +33,9 @@ from nanovllm.ops import sm_count
 from nanovllm.ops.quant_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, w4a16_linear_torch
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
+# FP8 quantizes the activations inside the GEMM when every program reading its rows' amax over
+# all of K costs at most this many bytes in all (from L2, about a microsecond): a kernel launch saved
+FUSED_QUANTIZATION_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Tiles:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -125,23 +129,35 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a, K_PER_SPLIT,
+                     HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, FP8_MAX: tl.constexpr,
+                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a is e4m3 with its row scales, or with QUANTIZE_A the 16-bit activations themselves: the
+    prologue then reads the program's rows over all of K for their amax, and each step quantizes
+    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * K                               # [BLOCK_M, 1]
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a                        # [BLOCK_M, 1]
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
+    if QUANTIZE_A:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        a_scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)                            # [BLOCK_M]
+    else:
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         mask_k = k0 + offs_k < K
         a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if QUANTIZE_A:
+            a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX).to(b_ptr.dtype.element_ty)
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * a_scale[:, None] * b_scale[None, :]
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
@@ -172,6 +188,9 @@ def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_sca
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
     tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, x.device)
+    programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
+    if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
+        tiles = replace(tiles, quantize_x=True)
     return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
 
 
@@ -180,13 +199,19 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     """The product with the tiles given (tools/gpu_quant.sh times several): [M, N] in x's dtype, or
     with K split the partials [S, M, N] float32."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
-    xq, x_scale = quantize_fp8_per_token_triton(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if tiles.quantize_x:
+        a, a_scale = x, weight_scale          # a_scale is not read
+    else:
+        a, a_scale = quantize_fp8_per_token_triton(x)
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
-        xq, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
-        in_features, k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        a, a_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
+        in_features, a.stride(0), k_per_split, HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -286,11 +311,12 @@ def w4a16_block_k(group_size: int) -> int:
 
 
 def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
-    """choose_tiles, but up to GEMV_MAX_ROWS rows a GEMV tile: all the rows, BLOCK_N 64."""
+    """choose_tiles, but up to GEMV_MAX_ROWS rows a GEMV tile: all the rows, BLOCK_N 64 (32 above
+    two rows, where each thread keeps a partial sum per row)."""
     if num_rows > GEMV_MAX_ROWS:
         return choose_tiles(num_rows, out_features, k_steps, block_k, device)
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
-    block_n = 64
+    block_n = 64 if num_rows <= 2 else 32
     programs, target = triton.cdiv(out_features, block_n), PROGRAMS_PER_SM * sms
     split_k = 1
     while split_k * 2 <= k_steps and programs * split_k * 2 <= target:
