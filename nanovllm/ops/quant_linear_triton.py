@@ -241,15 +241,16 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     num_groups = K // GROUP_SIZE
     x_cols = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_x + 8 * offs_word[None, None, :]  # [BM, 1, W]
     w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None] * stride_w + offs_word[None, None, :]  # [1, BN, W]
-    group_rows = offs_n.to(tl.int64)[None, :, None] * num_groups                                 # [1, BN, 1]
+    group_rows = offs_n.to(tl.int64) * num_groups                                                # [BN]
     mask_n3 = mask_n[None, :, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
         words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)           # [1, BN, W]
         group = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n3, other=0.0).to(tl.float32)   # [1, BN, 1]
-        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n3, other=0).to(tl.float32)       # [1, BN, 1]
+        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
+        zero = zero[None, :, None]                                                                 # [1, BN, 1]
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
         step = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
         for j in tl.static_range(8):
@@ -261,8 +262,8 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
             w = code.to(tl.float32, bitcast=True) - (8388608.0 + zero * (1 << plane))   # (q - z) 2^plane, exact
             x = tl.load(x_cols + k0 + j, mask=mask_m[:, None, None], other=0.0).to(tl.float32)    # [BM, 1, W]
             step += (x * (1.0 / (1 << plane))) * w                                                 # [BM, BN, W]
-        acc += step * scale
-    _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+        acc += tl.sum(step, axis=2) * scale[None, :]                                               # [BM, BN]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
 @triton.jit
