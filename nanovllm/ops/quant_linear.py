@@ -106,7 +106,8 @@ def w4a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], qweight [N, K / 8] int32, scales [N, K / group] float32, zeros [N, K / group]
     uint8, bias [N] or None -> [M, N] in x's dtype. The weight is rounded to x's dtype once dequantized,
-    as the kernel's tensor-core product needs; the products add up in float32."""
+    as the tensor-core kernel's product needs (the GPU's few-row kernel multiplies it in float32, as
+    this does given float32 x); the products add up in float32."""
     weight = dequantize_w4(qweight, scales, zeros).to(x.dtype)                              # [N, K]
     out = F.linear(x.float(), weight.float())                                               # [M, N]
     if bias is not None:

@@ -1,25 +1,33 @@
 """FP8 W8A8 and W4A16 matmuls in Triton, the same arguments as their references in quant_linear.py.
 
-Both are tiled matmuls, out[M, N] = x[M, K] @ W[N, K]^T, with a program per [BLOCK_M, BLOCK_N]
-tile of the output walking K in BLOCK_K steps; what differs is what a step loads:
+All compute out[M, N] = x[M, K] @ W[N, K]^T, a program per [BLOCK_M, BLOCK_N] tile of the
+output walking K in BLOCK_K steps; what differs is what a step loads and who multiplies:
 
-- **FP8**: the activations are first quantized per row by `_quantize_fp8_rows_kernel` (one
-  program a row: its amax, then the e4m3 codes); the GEMM multiplies e4m3 tiles on the tensor
-  cores (`tl.dot` on fp8e4nv, float32 accumulators) and applies scale_x[m] * scale_w[n] (and
-  the bias) once, in the epilogue. The weight is read as stored: one byte a weight.
-- **W4A16**: each step loads [BLOCK_N, BLOCK_K / 8] int32 words of codes, shifts the eight
-  nibbles of each word apart in registers, subtracts the group's zero and multiplies by its
-  scale (BLOCK_K divides the group, so one scale and zero per row per step), and hands the
-  16-bit tile to `tl.dot`. The dequantization happens in registers between the load and the
-  product: the weight crosses memory at half a byte a weight (Marlin's idea, in Triton).
+- **FP8**: the GEMM multiplies e4m3 tiles on the tensor cores (`tl.dot` on fp8e4nv, float32
+  accumulators) and applies scale_x[m] * scale_w[n] (and the bias) once, in the epilogue. The
+  weight is read as stored: one byte a weight. The activations are quantized per row (amax /
+  448, then e4m3 codes) either by `_quantize_fp8_rows_kernel` first, or, at a few rows, by the
+  GEMM itself: its prologue reads the program's rows over all of K for their amax, and each
+  step quantizes its x tile in registers. That saves a kernel launch a linear, and costs every
+  program a re-read of its rows from L2, so it is taken only while those re-reads stay small.
+- **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
+  bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
+  words, 16 contiguous bytes a thread along K, and multiplies nibble j of each word by
+  x[k0 + 8 w + j] in float32; a code becomes a float by an OR into the mantissa of 2^23
+  (no int -> float conversion), and the group's scale is applied once a step.
+- **W4A16, more rows** (`_w4a16_gemm_kernel`): the same words expanded in registers into the
+  [BLOCK_N, BLOCK_K] 16-bit tile (`tl.join` of the eight nibble planes, then a reshape that
+  moves no data), dequantized, and handed to `tl.dot`. Either way the weight crosses memory
+  at half a byte a weight (Marlin's idea, in Triton), in the layout the checkpoint loaders
+  produce ([N, K / 8], K contiguous: no repacking).
 
-Tile shapes follow the row count: a decode step (M <= 16) is a matrix-vector product bound by
-reading W, so it takes narrow tiles (BLOCK_N 32) and splits K over several programs (SPLIT_K)
-until there are a few programs per SM, each writing its partial product [M, N] in float32.
-`*_linear_partials_triton` hands the S partials [S, M, N] on to a consumer that adds them up as
-it loads them (o_proj and down_proj: the residual-add + RMSNorm after them, as ops/linear.py
-does for bfloat16); `*_linear_triton` adds them up itself, in one more small kernel. Larger M
-gets square tiles for the tensor cores and no split.
+Tile shapes follow the row count: a decode step (M <= 16) is bound by reading W, so it takes
+narrow tiles and splits K over several programs (SPLIT_K) until there are a few programs per
+SM, each writing its partial product [M, N] in float32. `*_linear_partials_triton` hands the S
+partials [S, M, N] on to a consumer that adds them up as it loads them (o_proj and down_proj:
+the residual-add + RMSNorm after them, as ops/linear.py does for bfloat16); `*_linear_triton`
+adds them up itself, in one more small kernel. Larger M gets square tiles for the tensor cores
+and no split.
 """
 from __future__ import annotations
 
