@@ -163,7 +163,8 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
         mask_k = k0 + offs_k < K
         a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if QUANTIZE_A:
-            a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX).to(b_ptr.dtype.element_ty)
+            a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX)
+            a = a.to(b_ptr.dtype.element_ty)                                          # e4m3 codes
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
