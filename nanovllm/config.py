@@ -31,6 +31,7 @@ import torch
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.embedded import is_embedded_model
+from nanovllm.model.quantization import ONLINE_METHODS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU weight-only formats (nanovllm/ops/quant.py) -> the dtype of activations and the KV cache.
@@ -75,6 +76,7 @@ class EngineConfig:
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
     async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n; None: on for one CUDA GPU
+    quantization: str | None = None       # "fp8" | "w4a16": quantize a float checkpoint's linear layers at load
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
@@ -99,7 +101,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is a CPU format for one process; use it with device='cpu' "
                              "and tensor_parallel_size=1, or pick 'bfloat16'")
         if self.dtype == "auto":
-            embedded = self.tensor_parallel_size == 1 and is_embedded_model(self.model)
+            embedded = (self.tensor_parallel_size == 1 and self.quantization is None
+                        and is_embedded_model(self.model))
             cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if embedded else "float32"
             self.dtype = "bfloat16" if self.device == "cuda" else cpu_auto
         on_cuda = self.device == "cuda"
@@ -125,6 +128,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling runs with tensor_parallel_size=1 only; turn one of them off")
+        if self.quantization is not None and (self.quantization not in ONLINE_METHODS or self.dtype in QUANTIZED_DTYPES):
+            raise ValueError(f"quantization must be one of {', '.join(ONLINE_METHODS)} with a float dtype, got "
+                             f"{self.quantization!r} with dtype={self.dtype!r}; quantized checkpoints need none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

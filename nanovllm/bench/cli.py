@@ -110,13 +110,19 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, config: EngineConfig):
         from nanovllm.model.loader import load_model_config
+        from nanovllm.model.quantization import quantization_method
 
         self.args = args
         self.config = config
         self.progress = not args.no_progress
         self.model_config = load_model_config(config.model, config.load_format)
+        quantized = quantization_method(None if config.load_format == "dummy" else self.model_config.quantization_config,
+                                        config.quantization)
         self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size(),
-                                          WEIGHT_FORMAT_BYTES.get(config.dtype))
+                                          WEIGHT_FORMAT_BYTES.get(config.dtype),
+                                          None if quantized is None else quantized.bytes_per_weight,
+                                          quantized.bytes_per_weight if quantized and quantized.quantizes_lm_head
+                                          else None)
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
         self.notes: list[str] = list(args.note)
         self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs

@@ -204,12 +204,18 @@ class ModelCost:
     head_dim: int
     dtype_bytes: int                   # activations, KV cache, norms, embedding rows
     matmul_weight_bytes: float         # per parameter of the linears and the LM head, as stored
+    linear_weight_bytes: float | None = None   # per parameter of the layers' linears if quantized apart (GPU
+                                               # formats: FP8, 4-bit)
+    lm_head_weight_bytes: float | None = None  # per parameter of the LM head if quantized with them
 
     @classmethod
-    def from_config(cls, config: ModelConfig, dtype_bytes: int,
-                    matmul_weight_bytes: float | None = None) -> "ModelCost":
+    def from_config(cls, config: ModelConfig, dtype_bytes: int, matmul_weight_bytes: float | None = None,
+                    linear_weight_bytes: float | None = None,
+                    lm_head_weight_bytes: float | None = None) -> "ModelCost":
         """matmul_weight_bytes: bytes per matmul weight if stored apart from `dtype_bytes` (a packed
-        CPU format, see WEIGHT_FORMAT_BYTES)."""
+        CPU format, see WEIGHT_FORMAT_BYTES); linear_weight_bytes and lm_head_weight_bytes: bytes per
+        weight of the decoder's linear layers and of the LM head as a quantized GPU model stores them
+        (QuantizationMethod.bytes_per_weight), None where they keep matmul_weight_bytes."""
         hidden, head_dim = config.hidden_size, config.head_dim
         q_size = config.num_attention_heads * head_dim
         kv_size = config.num_key_value_heads * head_dim
@@ -226,13 +232,17 @@ class ModelCost:
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
             head_dim=head_dim, dtype_bytes=dtype_bytes,
             matmul_weight_bytes=dtype_bytes if matmul_weight_bytes is None else matmul_weight_bytes,
+            linear_weight_bytes=linear_weight_bytes, lm_head_weight_bytes=lm_head_weight_bytes,
         )
 
     @property
     def weight_bytes(self) -> int:
         """Every weight a step reads in full: layers, norms and the LM head (a tied LM head is the
-        embedding matrix, read here in full; the embedding gather is counted per token)."""
-        return round((self.linear_params + self.lm_head_params) * self.matmul_weight_bytes
+        embedding matrix, read here in full; the embedding gather is counted per token). Each at its
+        stored size: a quantized model's linears at linear_weight_bytes."""
+        linear_bytes = self.matmul_weight_bytes if self.linear_weight_bytes is None else self.linear_weight_bytes
+        head_bytes = self.matmul_weight_bytes if self.lm_head_weight_bytes is None else self.lm_head_weight_bytes
+        return round(self.linear_params * linear_bytes + self.lm_head_params * head_bytes
                      + self.norm_params * self.dtype_bytes)
 
     @property

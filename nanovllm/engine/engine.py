@@ -129,7 +129,8 @@ class LLMEngine:
             model, model_config = load_quantized_model(config.model, config.dtype, config.load_format)
         elif model is None:
             model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
-                                             load_format=config.load_format, tp_size=config.tensor_parallel_size)
+                                             load_format=config.load_format, tp_size=config.tensor_parallel_size,
+                                             quantization=config.quantization)
         else:
             model_config = model.config
             param = next(model.parameters())

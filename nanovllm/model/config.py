@@ -90,6 +90,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"      # the dtype the weights were published in
     sliding_window: int | None = None  # each token attends to the last this many (Mistral); None: all
+    quantization_config: dict[str, Any] | None = None   # config.json's, for a quantized checkpoint
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -132,6 +133,7 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
                 sliding_window=_hf_sliding_window(d, source),
+                quantization_config=d.get("quantization_config"),
             )
         except KeyError as e:
             raise ModelConfigError(f"{source}: missing required field {e.args[0]!r}") from None

@@ -45,6 +45,7 @@ from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.parallel import ParallelState
 from nanovllm.model.weight_utils import read_json
+from nanovllm.model.quantization import load_quantized_checkpoint, quantization_method, quantize_loaded_model
 
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "llama2c", "dummy")
@@ -87,10 +88,11 @@ def load_model_config(model: str | None, load_format: str = "auto") -> ModelConf
 
 
 def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               load_format: str = "auto", tp_rank: int = 0,
-               tp_size: int = 1) -> tuple[LlamaForCausalLM, ModelConfig]:
+               load_format: str = "auto", tp_rank: int = 0, tp_size: int = 1,
+               quantization: str | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model on `device` with parameters in `dtype`, fill its weights, return it in eval mode.
-    With tp_size > 1: only the shard of tensor-parallel rank tp_rank.
+    With tp_size > 1: only the shard of tensor-parallel rank tp_rank. A quantized checkpoint loads
+    quantized; quantization="fp8" | "w4a16" quantizes a float one (model/quantization).
 
     The model is built directly on the device under `dtype` as the default
     dtype (never `.to(dtype)` afterwards: the RoPE table must stay float32).
@@ -98,6 +100,7 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     fmt = _format_of(model, load_format)
     config = load_model_config(model, fmt)
     parallel = ParallelState(rank=tp_rank, world_size=tp_size)
+    method = quantization_method(None if fmt == "dummy" else config.quantization_config, quantization, tp_size)
     if fmt == "dummy":
         from nanovllm.model.dummy import init_dummy_weights
         llm = _build(config, device, dtype, parallel)
@@ -106,12 +109,16 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
         path = resolve_model(model)
         weights = _open_weights(path, fmt, config)
         llm = _build(config, device, dtype, parallel)
+        if method is not None and not method.online:
+            weights = load_quantized_checkpoint(llm, method, weights)
         try:
             llm.load_weights(weights)
         except ModelLoadError as e:
             if str(e).startswith(path):   # the reader already named the file
                 raise
             raise ModelLoadError(f"{path}: {e}") from None
+    if method is not None and method.online:
+        quantize_loaded_model(llm, method)
     llm.eval().requires_grad_(False)
     return llm, config
 

@@ -57,6 +57,8 @@ def linear_or_partials(x: torch.Tensor, layer: nn.Module, may_split: bool = True
     """layer(x) [T, N]; or, for a plain bias-free nn.Linear where splitting K pays, the partial
     products [S, T, N] float32, for a consumer that adds them up (add_rms_norm). may_split=False:
     always layer(x) (tensor parallelism, whose all-reduce would carry S float32 copies instead of one)."""
+    if may_split and hasattr(layer, "forward_or_partials"):   # quantized layers split K in their own kernels
+        return layer.forward_or_partials(x)
     if may_split and type(layer) is nn.Linear and layer.bias is None:
         splits = split_k_count(x.shape[0], *layer.weight.shape, x.device)
         if splits > 1:

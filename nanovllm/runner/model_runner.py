@@ -321,7 +321,7 @@ def serve_rank(config: EngineConfig, rank: int) -> None:
     try:
         model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
                                          load_format=config.load_format, tp_rank=rank,
-                                         tp_size=config.tensor_parallel_size)
+                                         tp_size=config.tensor_parallel_size, quantization=config.quantization)
     except BaseException:
         all_ranks_agree(False, device)   # release the other ranks, then fail with our own traceback
         raise
