@@ -31,7 +31,9 @@ import torch
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.embedded import is_embedded_model
-from nanovllm.model.quantization import ONLINE_METHODS
+
+# Weight formats a float checkpoint can be quantized into as it loads (nanovllm/model/quantization/).
+ONLINE_METHODS = ("fp8", "w4a16")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU weight-only formats (nanovllm/ops/quant.py) -> the dtype of activations and the KV cache.

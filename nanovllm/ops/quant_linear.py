@@ -27,11 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, PACK_FACTOR, w4a16_block_k
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0                    # the largest finite e4m3fn value
-FP8_MIN_SCALE = 1e-12 / FP8_MAX    # keeps an all-zero row's scale positive (vLLM's floor)
-PACK_FACTOR = 8                    # 4-bit codes per int32
 
 
 # ---- FP8 -------------------------------------------------------------------------------------
@@ -115,9 +112,15 @@ def w4a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return out.to(x.dtype)
 
 
+def _w4a16_tiles_fit(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this weight: its group splits into tiles of at least 16 along K
+    (a group of an odd size, one group a row with K not a multiple of 16, stays on the reference)."""
+    return w4a16_block_k(x.shape[-1] // scales.shape[-1]) > 0
+
+
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x) and _w4a16_tiles_fit(x, scales):
         from nanovllm.ops.quant_linear_triton import w4a16_linear_triton
         return w4a16_linear_triton(x, qweight, scales, zeros, bias)
     return w4a16_linear_torch(x, qweight, scales, zeros, bias)
@@ -126,7 +129,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 def w4a16_linear_or_partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                              bias: torch.Tensor | None = None) -> torch.Tensor:
     """w4a16_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
-    if use_triton(x):
+    if use_triton(x) and _w4a16_tiles_fit(x, scales):
         from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
         return w4a16_linear_partials_triton(x, qweight, scales, zeros, bias)
     return w4a16_linear_torch(x, qweight, scales, zeros, bias)

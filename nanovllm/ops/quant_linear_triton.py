@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import sm_count
-from nanovllm.ops.quant_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, w4a16_linear_torch
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, w4a16_block_k
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
 # FP8 quantizes the activations inside the GEMM when every program reading its rows' amax over
@@ -312,14 +312,6 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
-def w4a16_block_k(group_size: int) -> int:
-    """The largest power of two up to 128 that divides the group (0: none of at least 16, tl.dot's minimum)."""
-    block = 128
-    while block >= 16 and group_size % block:
-        block //= 2
-    return block if block >= 16 else 0
-
-
 def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
     """choose_tiles, but up to GEMV_MAX_ROWS rows a GEMV tile: all the rows, BLOCK_N 64 (32 above
     two rows, where each thread keeps a partial sum per row)."""
@@ -346,8 +338,9 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     group_size = in_features // num_groups
     block_k = w4a16_block_k(group_size)
-    if block_k == 0:      # a group of an odd size (one group a row, K not a multiple of 16)
-        return w4a16_linear_torch(x, qweight, scales, zeros, bias)
+    if block_k == 0:
+        raise ValueError(f"a group of {group_size} does not split into tiles of at least 16; "
+                         "w4a16_linear runs such weights through the torch reference")
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)

@@ -27,7 +27,7 @@ from torch import nn
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.method import QuantizationMethod, quantized_weights
 
-ONLINE_METHODS = ("fp8", "w4a16")
+from nanovllm.config import ONLINE_METHODS
 CHECKPOINT_METHODS = ("compressed-tensors", "gptq", "awq")
 _LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
