@@ -1,0 +1,78 @@
+"""Paged attention on the CPU, compiled by numba: one query at a time, in one order.
+
+The torch reference (`paged_attention_torch` in attention.py) runs a decode
+step as one padded `scaled_dot_product_attention` for the whole batch and a
+prefill chunk as another, and SDPA's CPU kernel tiles the keys by sizes that
+depend on the batch's longest context and the chunk's length. The same query
+then rounds differently alone, in a batch, in a prefill or in a decode: enough
+to change a greedy token of an int4 model (whose activations are rounded to
+bfloat16 at every matmul) after a few dozen tokens.
+
+Here every (query row, head) is computed by the same loop, over exactly its
+own keys 0..p in order: scores q.k_j * scale, their maximum, exp(s_j - max)
+summed in order, then the weighted sum of v_j in order. Nothing depends on the
+other rows of the step, so a query gives the same bits whatever it is batched
+with and whichever step computes it. The work is split across cores by
+(row, head). `cache=True`: the compiled code is kept on disk for the next start.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from nanovllm.ops.attention import AttentionMetadata
+
+
+def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] float32 -> out [T, Hq, D]; the signature and result of `paged_attention_torch`
+    (float32 caches [num_blocks, block_size, Hkv, D]), batch-invariant."""
+    out = torch.empty_like(q)                                                   # [T, Hq, D]
+    _paged_attention(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                     metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
+                     np.float32(scale), metadata.max_seq_len, out.numpy())
+    return out
+
+
+@njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_seq_len, out):
+    """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
+    seq_lens [B], block_tables [B, max_blocks] int32."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    row_seq = np.full(num_tokens, -1, np.int64)       # [T]: the sequence of each query row (-1: padding)
+    for b in range(seq_lens.shape[0]):
+        for t in range(query_start_loc[b], query_start_loc[b + 1]):
+            row_seq[t] = b
+    scores = np.empty((num_tokens * num_heads, max_seq_len), np.float32)
+    for item in prange(num_tokens * num_heads):
+        t, h = item // num_heads, item % num_heads
+        b = row_seq[t]
+        o = out[t, h]
+        o[:] = 0.0
+        if b < 0:
+            continue
+        kv_head = h // group
+        # This row's absolute position: it sees keys 0..position.
+        position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
+        s = scores[item]
+        for j in range(position + 1):
+            key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
+            dot = np.float32(0.0)
+            for d in range(head_dim):
+                dot += q[t, h, d] * key[d]
+            s[j] = dot * scale
+        best = s[0]
+        for j in range(1, position + 1):
+            best = max(best, s[j])
+        total = np.float32(0.0)
+        for j in range(position + 1):
+            s[j] = np.exp(s[j] - best)
+            total += s[j]
+        for j in range(position + 1):
+            value = v_cache[block_tables[b, j // block_size], j % block_size, kv_head]
+            weight = s[j] / total
+            for d in range(head_dim):
+                o[d] += weight * value[d]
