@@ -14,14 +14,24 @@ summed in order, then the weighted sum of v_j in order. Nothing depends on the
 other rows of the step, so a query gives the same bits whatever it is batched
 with and whichever step computes it. The work is split across cores by
 (row, head). `cache=True`: the compiled code is kept on disk for the next start.
+
+numba's thread pool is its `workqueue` layer unless NUMBA_THREADING_LAYER says
+otherwise: its idle workers sleep, where a second OpenMP runtime beside torch's
+would spin on the same cores between the two libraries' parallel regions.
 """
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from nanovllm.ops.attention import AttentionMetadata
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
