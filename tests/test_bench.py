@@ -298,3 +298,17 @@ def test_source_digest_names_the_package_code_and_changes_with_it(tmp_path):
     assert report.source_digest(copy) == report.source_digest()
     (copy / "ops" / "linear.py").write_text((copy / "ops" / "linear.py").read_text() + "\n# changed\n")
     assert report.source_digest(copy) != report.source_digest()
+
+
+def test_step_overhead_splits_a_decode_step_into_model_and_host_time(tiny_llama):
+    from nanovllm.bench.harness import make_engine
+    from nanovllm.bench.step_overhead import measure_step_overhead
+    from nanovllm.config import EngineConfig
+
+    engine = make_engine(EngineConfig(model=str(tiny_llama), device="cpu", max_model_len=64))
+    overhead = measure_step_overhead(engine, batch_size=3, steps=4, prompt_len=8)
+    assert 0 < overhead.model_ms < overhead.step_ms
+    assert 0 < overhead.host_fraction < 1
+    assert "load average" in overhead.summary() and len(overhead.load_average) == 3
+    assert not engine.has_unfinished_requests()
+    assert "forward" not in vars(engine.runner.model), "the model's own forward again"
