@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("numba")
 
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
-from nanovllm.ops.attention_numba import paged_attention_numba  # noqa: E402
+from nanovllm.ops.attention_numba import paged_attention_numba, rotary_store_and_attend_numba  # noqa: E402
+from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend_torch  # noqa: E402
 
 
 def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
@@ -68,3 +69,33 @@ def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched
                                 torch.zeros(29, dtype=torch.int64), alone.block_tables, 29, 29)
     rows = torch.cat([torch.randn(28, 6, 32), q])
     assert torch.equal(paged_attention_numba(rows, k_cache, v_cache, prefill, 0.2)[-1:], want)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("query_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size", [
+    ([1, 1], [19, 3], 4, 2, 16, 4),                # decodes
+    ([6, 1], [11, 30], 6, 3, 40, 8),               # a chunk on top of cached context beside a decode
+])
+def test_numba_rotary_store_and_attend_matches_the_torch_reference(qk_norm, query_lens, context_lens, num_heads,
+                                                                   num_kv_heads, head_dim, block_size):
+    _, k_cache, v_cache, metadata = _random_step(query_lens, context_lens, num_heads, num_kv_heads, head_dim,
+                                                 block_size, seed=len(context_lens) + head_dim)
+    starts = metadata.query_start_loc.tolist()
+    positions = torch.cat([torch.arange(length - (end - start), length)
+                           for start, end, length in zip(starts, starts[1:], context_lens)])
+    slots = torch.tensor([int(metadata.block_tables[b, p // block_size]) * block_size + p % block_size
+                          for b, (start, end) in enumerate(zip(starts, starts[1:]))
+                          for p in positions[start:end].tolist()])
+    slots[-1] = -1                                  # a padding row: its k and v are not stored
+    metadata.slot_mapping = slots
+    qkv = torch.randn(len(positions), num_heads + 2 * num_kv_heads, head_dim)   # the fused projection's rows
+    cos_sin = rope_cos_sin_cache(head_dim, 64, 10000.0, None)
+    norms = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6) if qk_norm else (None, None, 0.0)
+    results = []
+    for attend in (rotary_store_and_attend_torch, rotary_store_and_attend_numba):
+        caches = (k_cache.clone(), v_cache.clone())
+        q, k, v = qkv.clone().split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        results.append((attend(q, k, v, positions, cos_sin, *caches, metadata, head_dim ** -0.5, *norms), *caches))
+    (want, want_k, want_v), (got, got_k, got_v) = results
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)   # RoPE and the store: the same bits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

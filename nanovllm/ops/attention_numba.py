@@ -15,6 +15,11 @@ other rows of the step, so a query gives the same bits whatever it is batched
 with and whichever step computes it. The work is split across cores by
 (row, head). `cache=True`: the compiled code is kept on disk for the next start.
 
+A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the
+store of k and v into their cache slots in one compiled loop (the formula of
+rotary.py, bit for bit), then the attention: two calls where the torch
+reference dispatches about a dozen ops.
+
 numba's thread pool is its `workqueue` layer unless NUMBA_THREADING_LAYER says
 otherwise: its idle workers sleep, where a second OpenMP runtime beside torch's
 would spin on the same cores between the two libraries' parallel regions.
@@ -29,9 +34,57 @@ import torch
 from numba import njit, prange
 
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.rotary import rotary_and_store_kv_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+
+def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  metadata: AttentionMetadata, scale: float,
+                                  q_norm_weight: torch.Tensor | None = None,
+                                  k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """The signature and result of `rotary_store_and_attend_torch` for float32 q [T, Hq, D], k, v
+    [T, Hkv, D] and caches: (Qwen3's per-head norm through torch,) RoPE and the store of the new
+    tokens' k and v at the metadata's slots, then paged attention -> out [T, Hq, D]. q and k are
+    left as they came (the reference rotates them in place; nothing reads them afterwards)."""
+    if q_norm_weight is not None:
+        q, _ = rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata.slot_mapping,
+                                         q_norm_weight, k_norm_weight, eps)
+        return paged_attention_numba(q, k_cache, v_cache, metadata, scale)
+    rotated_q = torch.empty(q.shape, dtype=q.dtype)                             # [T, Hq, D]
+    _rotary_store(q.numpy(), k.numpy(), v.numpy(), positions.numpy(), cos_sin_cache.numpy(), k_cache.numpy(),
+                  v_cache.numpy(), metadata.slot_mapping.numpy(), rotated_q.numpy())
+    return paged_attention_numba(rotated_q, k_cache, v_cache, metadata, scale)
+
+
+@njit(cache=True, boundscheck=False)
+def _rotate(x, cos_sin, out):
+    """out = x rotated by the angles of one position, cos_sin [D] (cos | sin): rotary.py's formula."""
+    half = x.shape[0] // 2
+    for i in range(half):
+        x1, x2 = x[i], x[i + half]
+        cos, sin = cos_sin[i], cos_sin[i + half]
+        out[i] = x1 * cos + x2 * -sin
+        out[i + half] = x2 * cos + x1 * sin
+
+
+@njit(cache=True, boundscheck=False)
+def _rotary_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, rotated_q):
+    """q, rotated_q [T, Hq, D]; k, v [T, Hkv, D]; positions, slot_mapping [T] int64 (slot < 0: no store)."""
+    block_size = k_cache.shape[1]
+    for t in range(q.shape[0]):
+        cos_sin = cos_sin_cache[positions[t]]
+        for h in range(q.shape[1]):
+            _rotate(q[t, h], cos_sin, rotated_q[t, h])
+        slot = slot_mapping[t]
+        if slot < 0:
+            continue
+        block, offset = slot // block_size, slot % block_size
+        for h in range(k.shape[1]):
+            _rotate(k[t, h], cos_sin, k_cache[block, offset, h])
+            v_cache[block, offset, h, :] = v[t, h]
 
 
 def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -188,9 +188,8 @@ def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                               q_norm_weight, k_norm_weight, eps)
     if use_numba(q, k_cache):   # batch-invariant attention (attention_numba.py)
-        from nanovllm.ops.attention_numba import paged_attention_numba
-        q, _ = rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata.slot_mapping,
-                                         q_norm_weight, k_norm_weight, eps)
-        return paged_attention_numba(q, k_cache, v_cache, metadata, scale)
+        from nanovllm.ops.attention_numba import rotary_store_and_attend_numba
+        return rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
+                                             q_norm_weight, k_norm_weight, eps)
     return rotary_store_and_attend_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                          q_norm_weight, k_norm_weight, eps)
