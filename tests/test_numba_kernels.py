@@ -2,6 +2,8 @@
 property it exists for: a row's result does not depend on the rows beside it."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -69,6 +71,24 @@ def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched
                                 torch.zeros(29, dtype=torch.int64), alone.block_tables, 29, 29)
     rows = torch.cat([torch.randn(28, 6, 32), q])
     assert torch.equal(paged_attention_numba(rows, k_cache, v_cache, prefill, 0.2)[-1:], want)
+
+
+def test_numba_paged_attention_runs_from_several_threads_at_once():
+    # Engines may step in threads of one process; numba's workqueue pool takes one kernel at a time.
+    q, k_cache, v_cache, metadata = _random_step([3, 1], [40, 17], 4, 2, 16, 4, seed=5)
+    want = paged_attention_numba(q, k_cache, v_cache, metadata, 0.25)
+    results: list[bool] = []
+
+    def attend() -> None:
+        results.extend(torch.equal(paged_attention_numba(q, k_cache, v_cache, metadata, 0.25), want)
+                       for _ in range(40))
+
+    threads = [threading.Thread(target=attend) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 120
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])

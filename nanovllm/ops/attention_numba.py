@@ -22,11 +22,14 @@ reference dispatches about a dozen ops.
 
 numba's thread pool is its `workqueue` layer unless NUMBA_THREADING_LAYER says
 otherwise: its idle workers sleep, where a second OpenMP runtime beside torch's
-would spin on the same cores between the two libraries' parallel regions.
+would spin on the same cores between the two libraries' parallel regions. The
+workqueue runs one parallel kernel at a time (a second launch from another
+thread would abort the process), so launches take `_launch_lock`.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -38,6 +41,7 @@ from nanovllm.ops.rotary import rotary_and_store_kv_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+_launch_lock = threading.Lock()   # one parallel kernel at a time (engines may step in several threads)
 
 
 def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -92,9 +96,10 @@ def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """q [T, Hq, D] float32 -> out [T, Hq, D]; the signature and result of `paged_attention_torch`
     (float32 caches [num_blocks, block_size, Hkv, D]), batch-invariant."""
     out = torch.empty_like(q)                                                   # [T, Hq, D]
-    _paged_attention(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
-                     metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
-                     np.float32(scale), metadata.max_seq_len, out.numpy())
+    with _launch_lock:
+        _paged_attention(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                         metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
+                         np.float32(scale), metadata.max_seq_len, out.numpy())
     return out
 
 
