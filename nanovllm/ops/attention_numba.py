@@ -99,12 +99,12 @@ def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     with _launch_lock:
         _paged_attention(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
                          metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
-                         np.float32(scale), metadata.max_seq_len, out.numpy())
+                         np.float32(scale), out.numpy())
     return out
 
 
 @njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_seq_len, out):
+def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
     seq_lens [B], block_tables [B, max_blocks] int32."""
     num_tokens, num_heads, head_dim = q.shape
@@ -114,7 +114,6 @@ def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
     for b in range(seq_lens.shape[0]):
         for t in range(query_start_loc[b], query_start_loc[b + 1]):
             row_seq[t] = b
-    scores = np.empty((num_tokens * num_heads, max_seq_len), np.float32)
     for item in prange(num_tokens * num_heads):
         t, h = item // num_heads, item % num_heads
         b = row_seq[t]
@@ -125,7 +124,7 @@ def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
         kv_head = h // group
         # This row's absolute position: it sees keys 0..position.
         position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
-        s = scores[item]
+        s = np.empty(position + 1, np.float32)       # [position + 1]: scores, then their exponentials
         for j in range(position + 1):
             key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
             dot = np.float32(0.0)
