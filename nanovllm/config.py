@@ -40,8 +40,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
 # dtype="auto" on the CPU for the embedded SmolLM2-135M, chosen by measurement (docs/reference/cpu-fast-path.md,
 # 2-core Xeon with AVX-512/AMX, loaded): int4 decodes 2.2x float32's tokens/s at batch 1 and is the one
-# reduced format inside the quality guard (top-1 agreement with float32 98.8% on the packed path, 100% on
-# the bfloat16 one; int8 per channel 96.1%, bfloat16 activations 95.3%). Other models stay float32 until
+# reduced format inside the quality guard (top-1 agreement with float32 98.8% through its packed kernel, which
+# it uses for every step so that greedy output does not depend on the batch, docs/reference/cpu-kernels.md;
+# int8 per channel 96.1%, bfloat16 activations 95.3%). Other models stay float32 until
 # measured: their exact greedy agreement with transformers is what their tests check.
 CPU_AUTO_DTYPE_EMBEDDED = "int4"
 DEVICES = ("auto", "cpu", "cuda")

@@ -374,3 +374,17 @@ def test_a_second_run_of_the_same_day_gets_its_own_file(tmp_path):
 
 def test_bench_report_check_passes_on_the_repository():
     assert cli_main(["bench", "report", "--check"]) == 0
+
+
+def test_step_overhead_splits_a_decode_step_into_model_and_host_time(tiny_llama):
+    from nanovllm.bench.harness import make_engine
+    from nanovllm.bench.step_overhead import measure_step_overhead
+    from nanovllm.config import EngineConfig
+
+    engine = make_engine(EngineConfig(model=str(tiny_llama), device="cpu", max_model_len=64))
+    overhead = measure_step_overhead(engine, batch_size=3, steps=4, prompt_len=8)
+    assert 0 < overhead.model_ms < overhead.step_ms
+    assert 0 < overhead.host_fraction < 1
+    assert "load average" in overhead.summary() and len(overhead.load_average) == 3
+    assert not engine.has_unfinished_requests()
+    assert "forward" not in vars(engine.runner.model), "the model's own forward again"

@@ -12,6 +12,9 @@ of the exact workload (roofline.py) and prints one table; `--save` keeps every n
 JSON file in benchmarks/results/ (`--save-dir DIR` elsewhere, `--json FILE` as FILE), whose
 fields docs/benchmarks.md describes. `report` regenerates benchmarks/README.md and the README's
 performance table from those files (`--check`: only say whether they are current).
+Each result is printed with the load average beside it, and `bench cpu` also splits a
+decode step at batch 1 and 16 into the model's time and the host overhead around it
+(step_overhead.py).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 from nanovllm.bench import report
 from nanovllm.bench.harness import make_engine
 from nanovllm.bench.latency import DEFAULT_NUM_RUNS, LatencyResult, run_latency
+from nanovllm.bench.step_overhead import StepOverhead, load_average_text, measure_step_overhead
 from nanovllm.bench.peers import PEERS, PeerSettings, PeerUnavailable, make_peer
 from nanovllm.bench.roofline import (WEIGHT_FORMAT_BYTES, Ceilings, ModelCost, Roofline, matmul_dtype,
                                      measure_ceilings, workload_roofline)
@@ -127,6 +131,7 @@ class Bench:
         self.notes: list[str] = list(args.note)
         self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs
         self.ceiling_measurements: dict[str, dict] = {}
+        self.step_overheads: list[StepOverhead] = []   # bench cpu: decode steps split into model and host
 
     def run(self) -> dict:
         self.load_average_at_start = os.getloadavg()[0]   # other work on the machine skews every figure
@@ -200,6 +205,8 @@ class Bench:
                     results[peer_name][name] = (
                         peer.latency(workload, self.progress) if name == "latency"
                         else peer.throughput(workload, self.progress))
+                    print(f"{peer_name} {name}: {results[peer_name][name].summary()}; {load_average_text()}",
+                          file=sys.stderr)
                 except Exception as error:
                     self._skip(peer_name, name, error)
             del peer
@@ -220,7 +227,13 @@ class Bench:
                 measured[name] = run_latency(engine, workload, self.progress)
             else:
                 measured[name] = run_throughput(engine, workload, self.progress)
-            print(measured[name].summary(), file=sys.stderr)
+            print(f"{measured[name].summary()}; {load_average_text()}", file=sys.stderr)
+        if self.args.kind == "cpu":
+            for batch_size in (1, 16):
+                overhead = measure_step_overhead(engine, batch_size)
+                print(overhead.summary(), file=sys.stderr)
+                self.step_overheads.append(overhead)
+                self.notes.append(overhead.summary())
         engine.shutdown()   # tensor-parallel workers leave before the ceilings are measured again
         del engine
         _release_memory()
@@ -304,6 +317,7 @@ class Bench:
             "workloads": {name: {**w.describe(), "roofline": rooflines[name].as_dict()}
                           for name, w in workloads.items()},
             "nano_vllm": {name: r.as_dict() for name, r in measured.items()},
+            "step_overhead": [overhead.as_dict() for overhead in self.step_overheads],
             "peers": peer_info,
             "peer_results": {peer: {name: r.as_dict() for name, r in results.items()}
                              for peer, results in peer_results.items()},
