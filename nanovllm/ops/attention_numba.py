@@ -37,7 +37,7 @@ import torch
 from numba import njit, prange
 
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.rotary import rotary_and_store_kv_torch
+from nanovllm.ops.rmsnorm import rms_norm_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
@@ -53,10 +53,8 @@ def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     [T, Hkv, D] and caches: (Qwen3's per-head norm through torch,) RoPE and the store of the new
     tokens' k and v at the metadata's slots, then paged attention -> out [T, Hq, D]. q and k are
     left as they came (the reference rotates them in place; nothing reads them afterwards)."""
-    if q_norm_weight is not None:
-        q, _ = rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata.slot_mapping,
-                                         q_norm_weight, k_norm_weight, eps)
-        return paged_attention_numba(q, k_cache, v_cache, metadata, scale)
+    if q_norm_weight is not None:   # Qwen3: each head of q and k normalized first, as rotary.py's reference does
+        q, k = rms_norm_torch(q, q_norm_weight, eps), rms_norm_torch(k, k_norm_weight, eps)
     rotated_q = torch.empty(q.shape, dtype=q.dtype)                             # [T, Hq, D]
     _rotary_store(q.numpy(), k.numpy(), v.numpy(), positions.numpy(), cos_sin_cache.numpy(), k_cache.numpy(),
                   v_cache.numpy(), metadata.slot_mapping.numpy(), rotated_q.numpy())
