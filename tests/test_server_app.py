@@ -49,7 +49,7 @@ def test_two_apps_in_one_process_keep_their_own_metrics(make_app):
 
 def test_a_failing_step_answers_500_or_an_error_event_and_the_server_goes_on(make_app, monkeypatch):
     app = make_app(served_model_name="m")
-    runner = app.state.server.async_engine.engine.runner
+    runner = app.state.server.async_engine.thread.engine.runner   # the core runs in a thread here
     with TestClient(app) as client:
         with monkeypatch.context() as patch:
             patch.setattr(runner, "launch", lambda batch: (_ for _ in ()).throw(RuntimeError("device lost")))

@@ -44,6 +44,7 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
+from nanovllm.tokenizer import Tokenizer
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -54,6 +55,7 @@ from nanovllm.server.protocol import (
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_WAITING = 1024
+RETRY_AFTER_SECONDS = 1
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -94,16 +96,31 @@ class OpenAIError(Exception):
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status_code)
+        # A 503 is temporary (a full queue, a restart): Retry-After tells clients when to come back.
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status_code == 503 else None
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status_code,
+                            headers=headers)
 
 
 def build_app(engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None, *,
               engine: LLMEngine | None = None) -> FastAPI:
-    """The server's ASGI app. Loads the model of `engine_config` now (errors surface here, before
-    any socket is bound), or serves `engine` if given. The step loop runs during the app's lifespan."""
+    """The server's ASGI app. Starts an engine core process for `engine_config` and waits for its
+    model to load (errors surface here, before any socket is bound: EngineStartupError), or serves
+    `engine` from a core loop in a thread of this process if given."""
+    server_config = server_config or ServerConfig()
     if engine is None:
-        engine = LLMEngine(engine_config if engine_config is not None else EngineConfig())
-    server = OpenAIServer(engine, server_config or ServerConfig())
+        async_engine = AsyncLLMEngine.launch(engine_config if engine_config is not None else EngineConfig(),
+                                             server_config.max_waiting)
+        tokenizer = Tokenizer.load(async_engine.info.model, async_engine.info.tokenizer)
+    else:
+        async_engine = AsyncLLMEngine.from_engine(engine, server_config.max_waiting)
+        tokenizer = engine.tokenizer
+    return build_app_for(async_engine, tokenizer, server_config)
+
+
+def build_app_for(async_engine: AsyncLLMEngine, tokenizer: Tokenizer, server_config: ServerConfig) -> FastAPI:
+    """The routes and middleware over a started engine core."""
+    server = OpenAIServer(async_engine, tokenizer, server_config)
     app = FastAPI(title="nano-vllm", version=__version__, lifespan=server.lifespan)
     app.state.server = server
 
@@ -130,14 +147,15 @@ def build_app(engine_config: EngineConfig | None = None, server_config: ServerCo
 class OpenAIServer:
     """The endpoints, over one AsyncLLMEngine."""
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig):
+    def __init__(self, async_engine: AsyncLLMEngine, tokenizer: Tokenizer, config: ServerConfig):
+        info = async_engine.info
         self.config = config
-        self.model_name = config.served_model_name or default_served_model_name(engine.config.model)
-        self.tokenizer = engine.tokenizer
-        self.vocab_size = engine.model_config.vocab_size
-        self.max_model_len = engine.config.max_model_len
+        self.model_name = config.served_model_name or default_served_model_name(info.model)
+        self.tokenizer = tokenizer
+        self.vocab_size = info.vocab_size
+        self.max_model_len = info.max_model_len
         self.created = int(time.time())
-        self.async_engine = AsyncLLMEngine(engine, config.max_waiting)
+        self.async_engine = async_engine
         self.registry, request_metrics = make_registry(self.async_engine, self.model_name)
         self.async_engine.on_finished = request_metrics.observe
         self.stat_logger = StatLogger(self.async_engine, config.log_interval)
@@ -152,7 +170,6 @@ class OpenAIServer:
         finally:
             stat_logger.cancel()
             await self.async_engine.stop()
-            self.async_engine.engine.shutdown()   # the tensor-parallel workers, if any
 
     # ---- small endpoints -----------------------------------------------------------------
 
@@ -223,7 +240,7 @@ class OpenAIServer:
             for completion in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, _ = self._completion_logprobs(completion, 0, body.logprobs, 0)
+                    logprobs, _ = self._completion_logprobs(completion, body.logprobs, 0)
                 choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
                                                 text=prompt_text + completion.text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason))
@@ -238,11 +255,8 @@ class OpenAIServer:
             for index in progress:
                 yield CompletionResponse(choices=[CompletionChoice(index=index, text=prompts[index // params.n][0])],
                                          **header)
-        finals: dict[str, RequestOutput] = {}
         async for output in outputs:
             _raise_if_failed(output)
-            if output.finished:
-                finals[output.request_id] = output
             for completion in output.outputs:
                 index = prompt_index[output.request_id] * params.n + completion.index
                 state = progress[index]
@@ -250,13 +264,15 @@ class OpenAIServer:
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, state.text_offset = self._completion_logprobs(completion, state.num_tokens,
-                                                                            body.logprobs, state.text_offset)
+                    logprobs, state.text_offset = self._completion_logprobs(completion, body.logprobs,
+                                                                            state.text_offset)
+                state.advance(completion)
                 yield CompletionResponse(choices=[CompletionChoice(
-                    index=index, text=state.advance(completion), logprobs=logprobs,
+                    index=index, text=completion.text, logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)
         if _include_usage(body):
-            yield CompletionResponse(choices=[], usage=_usage([finals[i] for i in outputs.request_ids]), **header)
+            prompt_tokens = sum(len(token_ids) for _, token_ids in prompts) * params.n
+            yield CompletionResponse(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
         """(text, token ids) of each prompt of a completions request."""
@@ -279,11 +295,11 @@ class OpenAIServer:
             prompts.append((text, token_ids))
         return prompts
 
-    def _completion_logprobs(self, completion: CompletionOutput, start: int, num_top: int,
+    def _completion_logprobs(self, completion: CompletionOutput, num_top: int,
                              text_offset: int) -> tuple[CompletionLogprobs, int]:
-        """Logprobs of the completion's tokens from `start` on, and the text offset after them."""
+        """Logprobs of the completion's tokens, and the text offset after them."""
         result = CompletionLogprobs()
-        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
+        for token_id, entry in zip(completion.token_ids, completion.logprobs):
             token = self._token_text(token_id)
             result.tokens.append(token)
             result.token_logprobs.append(entry[token_id])
@@ -305,38 +321,36 @@ class OpenAIServer:
         outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
         header = dict(id=response_id, created=int(time.time()), model=self.model_name)
         if body.stream:
-            return _event_stream(self._chat_chunks(body, params, outputs, header), outputs, _include_usage(body))
+            return _event_stream(self._chat_chunks(body, params, len(prompt_token_ids), outputs, header), outputs,
+                                 _include_usage(body))
         finals = await _collect_final_outputs(request, outputs)
         if finals is None:
             return Response(status_code=499)
         choices = [ChatCompletionChoice(
             index=completion.index, message=ChatResponseMessage(content=completion.text),
-            logprobs=self._chat_logprobs(completion, 0, body.top_logprobs or 0) if body.logprobs else None,
+            logprobs=self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None,
             finish_reason=completion.finish_reason) for completion in finals[0].outputs]
         return JSONResponse(ChatCompletionResponse(choices=choices, usage=_usage(finals), **header).model_dump())
 
-    async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, outputs: OutputStream,
-                           header: dict[str, Any]) -> AsyncIterator[BaseModel]:
+    async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, prompt_tokens: int,
+                           outputs: OutputStream, header: dict[str, Any]) -> AsyncIterator[BaseModel]:
         progress = {index: _ChoiceProgress() for index in range(params.n)}
         for index in range(params.n):
             yield ChatCompletionChunk(choices=[ChatStreamChoice(
                 index=index, delta=ChatDelta(role="assistant", content=""))], **header)
-        final = None
         async for output in outputs:
             _raise_if_failed(output)
-            final = output if output.finished else None
             for completion in output.outputs:
                 state = progress[completion.index]
                 if state.done or not state.has_news(completion, bool(body.logprobs)):
                     continue
-                logprobs = (self._chat_logprobs(completion, state.num_tokens, body.top_logprobs or 0)
-                            if body.logprobs else None)
-                text = state.advance(completion)
+                logprobs = self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None
+                state.advance(completion)
                 yield ChatCompletionChunk(choices=[ChatStreamChoice(
-                    index=completion.index, delta=ChatDelta(content=text or None), logprobs=logprobs,
+                    index=completion.index, delta=ChatDelta(content=completion.text or None), logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)
         if _include_usage(body):
-            yield ChatCompletionChunk(choices=[], usage=_usage([final]), **header)
+            yield ChatCompletionChunk(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
     def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
         conversation = [message.to_template_dict() for message in messages]
@@ -345,9 +359,9 @@ class OpenAIServer:
         except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
             raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
 
-    def _chat_logprobs(self, completion: CompletionOutput, start: int, num_top: int) -> ChatLogprobs:
+    def _chat_logprobs(self, completion: CompletionOutput, num_top: int) -> ChatLogprobs:
         content = []
-        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
+        for token_id, entry in zip(completion.token_ids, completion.logprobs):
             token = self._token_text(token_id)
             content.append(ChatLogprob(
                 token=token, logprob=entry[token_id], bytes=list(token.encode("utf-8")),
@@ -395,22 +409,17 @@ class OpenAIServer:
 @dataclass
 class _ChoiceProgress:
     """How much of one choice a stream has sent."""
-    num_chars: int = 0
     num_tokens: int = 0
     text_offset: int = 0   # completions logprobs: where the next token's text starts
     done: bool = False
 
-    def has_news(self, completion: CompletionOutput, with_logprobs: bool) -> bool:
+    def has_news(self, delta: CompletionOutput, with_logprobs: bool) -> bool:
         """Anything to send: more text, the finish, or (when logprobs are asked) more tokens."""
-        return (completion.finished or len(completion.text) > self.num_chars
-                or (with_logprobs and len(completion.token_ids) > self.num_tokens))
+        return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))
 
-    def advance(self, completion: CompletionOutput) -> str:
-        """The text not sent yet; marks everything as sent."""
-        text = completion.text[self.num_chars:]
-        self.num_chars, self.num_tokens = len(completion.text), len(completion.token_ids)
-        self.done = completion.finished
-        return text
+    def advance(self, delta: CompletionOutput) -> None:
+        self.num_tokens += len(delta.token_ids)
+        self.done = delta.finished
 
 
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
@@ -421,6 +430,12 @@ def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
 def _usage(finals: list[RequestOutput]) -> UsageInfo:
     prompt_tokens = sum(len(final.prompt_token_ids) for final in finals)
     completion_tokens = sum(len(completion.token_ids) for final in finals for completion in final.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def _streamed_usage(prompt_tokens: int, progress: dict[int, _ChoiceProgress]) -> UsageInfo:
+    completion_tokens = sum(state.num_tokens for state in progress.values())
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
@@ -468,8 +483,13 @@ def _check_stream_options(stream: bool | None, stream_options: Any) -> None:
 
 
 def _raise_if_failed(output: RequestOutput) -> None:
+    """A failed request is a 500; one the server aborted (its client is still here: shutdown) a 503,
+    never an "abort" finish reason, which OpenAI's API does not have."""
     if output.error is not None:
         raise OpenAIError(500, f"generation failed: {output.error}", type="server_error")
+    if any(completion.finish_reason == "abort" for completion in output.outputs):
+        raise OpenAIError(503, "the server is shutting down and stopped this request before it finished; "
+                          "retry it", type="server_error", code="service_unavailable")
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -501,7 +521,7 @@ async def _collect_final_outputs(request: Request, outputs: OutputStream) -> lis
         return None
     try:
         collecting.result()
-    except EngineNotRunningError as error:   # the step loop failed
+    except EngineNotRunningError as error:   # the engine core is gone
         raise OpenAIError(500, str(error), type="server_error") from None
     results = [finals[request_id] for request_id in outputs.request_ids]
     for final in results:

@@ -7,10 +7,15 @@ It binds 127.0.0.1 unless told otherwise (`--host 0.0.0.0` opens it to the
 network; give it an `--api-key` then). The key may also come from the
 NANO_VLLM_API_KEY environment variable, which keeps it out of `ps`.
 
+The model runs in an engine core process of its own (engine/core.py); this
+process does HTTP. A core that cannot start (a bad model file, no GPU) is
+reported in one line and the command exits 2; a core that dies while serving
+ends every open request with an error and the server exits 1.
+
 SIGTERM (or Ctrl-C) shuts down gracefully: the listening socket closes, new
 requests are refused, requests in flight get `--shutdown-timeout` seconds to
-finish and are then aborted (their streams end with finish_reason "abort"),
-and the process exits 0. A second Ctrl-C quits at once.
+finish and are then ended with an error (a 503, or an error event in a
+stream), the core stops, and the process exits 0. A second Ctrl-C quits at once.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from nanovllm.engine.async_engine import EngineStartupError
     from nanovllm.engine_args import engine_config_from_args
     from nanovllm.server.app import ServerConfig, build_app
 
@@ -65,17 +71,25 @@ def main(args: argparse.Namespace) -> int:
     server_config = ServerConfig(served_model_name=args.served_model_name, api_key=api_key,
                                  max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting,
                                  log_interval=args.log_interval)
-    app = build_app(engine_config_from_args(args, model=args.model), server_config)
+    try:
+        app = build_app(engine_config_from_args(args, model=args.model), server_config)
+    except EngineStartupError as error:
+        raise ValueError(f"the engine could not start: {error}") from None
     log = logging.getLogger("nanovllm.server")
     if not _is_loopback(args.host) and api_key is None:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model; "
                     "pass --api-key or set %s", args.host, API_KEY_ENV)
     server = app.state.server
-    log.info("serving %s as %r (max_model_len %d) on http://%s:%d/v1", server.async_engine.engine.config.model or
+    log.info("serving %s as %r (max_model_len %d) on http://%s:%d/v1", server.async_engine.info.model or
              "the embedded model", server.model_name, server.max_model_len, args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, timeout_graceful_shutdown=int(args.shutdown_timeout) + 5)
-    GracefulServer(config, drain=server.async_engine.drain, shutdown_timeout=args.shutdown_timeout).run()
+    graceful = GracefulServer(config, drain=server.async_engine.drain, shutdown_timeout=args.shutdown_timeout)
+    server.async_engine.on_dead = graceful.stop_on_engine_death
+    graceful.run()
+    if graceful.engine_died:
+        log.error("the engine core died; the server stopped")
+        return 1
     return 0
 
 
@@ -90,6 +104,12 @@ class GracefulServer(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self.engine_died = False
+
+    def stop_on_engine_death(self) -> None:
+        """The core is gone (its requests have their errors already): stop serving, exit non-zero."""
+        self.engine_died = True
+        self.should_exit = True
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
