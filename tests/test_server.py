@@ -427,7 +427,8 @@ def test_metrics_and_the_log_line_report_the_work(server, client):
 # ---- overload and shutdown -------------------------------------------------------------------
 
 
-def test_a_full_queue_answers_503_and_sigterm_aborts_what_is_in_flight_then_exits_0(tiny_model_factory, tmp_path):
+def test_a_full_queue_answers_503_and_sigterm_ends_what_is_in_flight_with_an_error_then_exits_0(
+        tiny_model_factory, tmp_path):
     server = ServerProcess([str(tiny_model_factory("llama-gqa4")), "--max-model-len", "512", "--max-num-seqs", "1",
                             "--max-waiting", "1", "--shutdown-timeout", "0"], tmp_path / "server.log")
     server.wait_ready()
@@ -446,6 +447,9 @@ def test_a_full_queue_answers_503_and_sigterm_aborts_what_is_in_flight_then_exit
             with pytest.raises(openai.APIStatusError) as refused:
                 await client.completions.create(model=model, prompt="One too many", max_tokens=2)
             assert refused.value.status_code == 503 and refused.value.code == "service_unavailable"
+            assert refused.value.response.headers["retry-after"] == "1"
+            with pytest.raises(openai.BadRequestError, match="at most 1 may ever wait"):   # retrying cannot help
+                await client.completions.create(model=model, prompt="Never fits", max_tokens=2, n=2)
 
             server.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
@@ -460,21 +464,23 @@ def test_a_full_queue_answers_503_and_sigterm_aborts_what_is_in_flight_then_exit
             else:
                 pytest.fail("the server still accepts connections after SIGTERM")
 
-            reasons = []
-            for stream in (running, waiting):            # both streams end cleanly, with [DONE]
-                finish = None
-                async for chunk in stream:
-                    finish = chunk.choices[0].finish_reason or finish
-                reasons.append(finish)
-            return reasons
+            endings = []
+            for stream in (running, waiting):            # each ends with an error event, never "abort"
+                try:
+                    async for chunk in stream:
+                        assert chunk.choices[0].finish_reason != "abort"
+                    endings.append("finished")
+                except openai.APIError as error:
+                    endings.append(str(error))
+            return endings
 
     try:
-        reasons = asyncio.run(scenario())
+        endings = asyncio.run(scenario())
         assert server.process.wait(timeout=30) == 0, server.log()
     finally:
         server.stop()
-    # No grace: what is in flight is aborted at once (the waiting one had not even started).
-    assert set(reasons) <= {"length", "abort"} and reasons[1] == "abort"
+    # No grace: what is in flight is ended at once (the waiting one had not even started).
+    assert "shutting down" in endings[1] and endings[0] in ("finished", endings[1])
     assert re.search(r"aborting [12] unfinished request", server.log())
 
 

@@ -214,6 +214,7 @@ class AsyncLLMEngine:
         if info.error is not None:
             process.join()
             raise EngineStartupError(info.error)
+        logger.info("engine core process %d is ready", process.pid)
         return cls(info, addresses, max_waiting, process=process)
 
     @classmethod

@@ -260,13 +260,12 @@ class OpenAIServer:
             for completion in output.outputs:
                 index = prompt_index[output.request_id] * params.n + completion.index
                 state = progress[index]
-                if state.done or not state.has_news(completion, body.logprobs is not None):
+                if not state.advance(completion, body.logprobs is not None):
                     continue
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs, state.text_offset = self._completion_logprobs(completion, body.logprobs,
                                                                             state.text_offset)
-                state.advance(completion)
                 yield CompletionResponse(choices=[CompletionChoice(
                     index=index, text=completion.text, logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)
@@ -341,11 +340,9 @@ class OpenAIServer:
         async for output in outputs:
             _raise_if_failed(output)
             for completion in output.outputs:
-                state = progress[completion.index]
-                if state.done or not state.has_news(completion, bool(body.logprobs)):
+                if not progress[completion.index].advance(completion, bool(body.logprobs)):
                     continue
                 logprobs = self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None
-                state.advance(completion)
                 yield ChatCompletionChunk(choices=[ChatStreamChoice(
                     index=completion.index, delta=ChatDelta(content=completion.text or None), logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)
@@ -413,13 +410,14 @@ class _ChoiceProgress:
     text_offset: int = 0   # completions logprobs: where the next token's text starts
     done: bool = False
 
-    def has_news(self, delta: CompletionOutput, with_logprobs: bool) -> bool:
-        """Anything to send: more text, the finish, or (when logprobs are asked) more tokens."""
-        return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))
-
-    def advance(self, delta: CompletionOutput) -> None:
+    def advance(self, delta: CompletionOutput, with_logprobs: bool) -> bool:
+        """Count a delta in; -> whether it has anything to send: more text, the finish, or (when
+        logprobs are asked) more tokens."""
+        if self.done:
+            return False
         self.num_tokens += len(delta.token_ids)
         self.done = delta.finished
+        return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))
 
 
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
