@@ -32,6 +32,7 @@ _HELP = {
     "seed": "seed for requests that bring none",
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
     "async_scheduling": "schedule a step while the GPU runs the one before (default: on with one CUDA GPU)",
+    "skip_tokenizer_init": "load no tokenizer: prompts are token ids, outputs token ids with empty text",
 }
 
 

@@ -42,6 +42,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import EngineStats, LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.tokenizer import TokenIdTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ class CoreInfo:
     vocab_size: int
     stats: EngineStats | None          # None only with an error
     error: str | None = None           # the start-up failure, one line: no other field is meaningful then
+    load_format: str = "auto"
+    token_ids_only: bool = False       # the engine has no tokenizer: the API process must not load one either
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
 
 
 @dataclass
@@ -205,8 +210,11 @@ class EngineCore:
 
 def core_info(engine: LLMEngine) -> CoreInfo:
     config = engine.config
+    tokenizer = engine.tokenizer
     return CoreInfo(model=config.model, tokenizer=config.tokenizer, max_model_len=config.max_model_len,
-                    vocab_size=engine.model_config.vocab_size, stats=engine.get_stats())
+                    vocab_size=engine.model_config.vocab_size, stats=engine.get_stats(), load_format=config.load_format,
+                    token_ids_only=isinstance(tokenizer, TokenIdTokenizer), eos_token_ids=tokenizer.eos_token_ids,
+                    bos_token_id=tokenizer.bos_token_id)
 
 
 def run_engine_core(engine_config: EngineConfig, addresses: CoreAddresses, ready: Connection,
@@ -214,9 +222,11 @@ def run_engine_core(engine_config: EngineConfig, addresses: CoreAddresses, ready
     """The core process's entry point: load the model, report `CoreInfo` (or the failure, one line)
     through `ready`, then run the busy loop until Shutdown or until the server process is gone.
 
-    Ctrl-C in a terminal reaches every process of the group; the core ignores it and lets the API
-    process drain the requests, then stop it."""
+    Ctrl-C in a terminal, or a service manager's SIGTERM, may reach every process of the group; the
+    core ignores both and lets the API process drain the requests, then stop it (or, should the API
+    process vanish, stops on its own)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s %(name)s (core): %(message)s")
     parent_pid = os.getppid()
     encoder = msgspec.msgpack.Encoder()

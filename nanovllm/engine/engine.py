@@ -46,18 +46,20 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from nanovllm.config import QUANTIZED_DTYPES, EngineConfig
 from nanovllm.engine.block_manager import BlockManager, KVCacheUsage
 from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.runner.sampler import DeviceSamples, SamplerOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.tokenizer import IncrementalDetokenizer, Tokenizer
+from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ class LLMEngine:
                                  f"device={config.device!r}, dtype={config.dtype!r}; make them agree")
         self.config = config = config.fit_model(model_config)
         self.model_config = model_config
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.load(config.model, config.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config, model_config)
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(model_config.eos_token_ids))
         self.runner = ModelRunner(config, model, model_config, self.eos_token_ids)
         block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
@@ -220,6 +222,9 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.config.skip_tokenizer_init:
+            raise ValueError("stop strings need the text, and skip_tokenizer_init makes none; "
+                             "use stop_token_ids instead")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         max_model_len = self.config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len -
@@ -232,7 +237,8 @@ class LLMEngine:
                 prompt_token_ids=prompt_token_ids, sampling_params=params,
                 seed=seed if index == 0 else hash((seed, index)), max_tokens=max_tokens,
                 arrival_time=arrival_time, prompt=prompt_text,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                detokenizer=None if self.config.skip_tokenizer_init else
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             ))
         self.scheduler.check_fits(seqs[0])
         self.next_seq_id += params.n
@@ -426,6 +432,26 @@ class LLMEngine:
             prefill_tokens_total=self.prefill_tokens_total,
             decode_tokens_total=self.decode_tokens_total,
         )
+
+
+def load_tokenizer(config: EngineConfig, model_config: ModelConfig) -> Tokenizer:
+    """The model's tokenizer, or a token-id-only stand-in (TokenIdTokenizer: text prompts are refused)
+    with skip_tokenizer_init or for a model that brings none: dummy weights of a built-in shape, or a
+    HF directory without tokenizer files (then with a warning)."""
+    def ids_only() -> Tokenizer:
+        return TokenIdTokenizer(model_config.vocab_size, model_config.eos_token_ids, model_config.bos_token_id)
+
+    if config.skip_tokenizer_init:
+        return ids_only()
+    if config.tokenizer is None and config.model is not None:
+        path = Path(config.model)
+        builtin_shape = config.load_format == "dummy" and not path.exists()
+        if builtin_shape or (path.is_dir() and not (path / "tokenizer.json").is_file()):
+            if not builtin_shape:
+                logger.warning("%s has no tokenizer.json: prompts must be token ids, outputs are decoded as "
+                               "<id>; pass tokenizer=PATH for text", config.model)
+            return ids_only()
+    return Tokenizer.load(config.model, config.tokenizer)
 
 
 def _whole_completion(seq: Sequence) -> CompletionOutput:

@@ -24,10 +24,11 @@ import asyncio
 import hmac
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,7 +45,7 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
-from nanovllm.tokenizer import Tokenizer
+from nanovllm.tokenizer import TokenIdTokenizer, Tokenizer
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -56,6 +57,8 @@ from nanovllm.server.protocol import (
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_WAITING = 1024
 RETRY_AFTER_SECONDS = 1
+MAX_CHARS_PER_TOKEN = 256         # longer than any token of the vocabularies we serve: a bound, not an estimate
+TOKENIZE_SLOTS_PER_CLIENT = 2     # a client's texts tokenized at once; its others wait their turn
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -79,10 +82,12 @@ class ServerConfig:
             raise ValueError("the API key is empty; pass a non-empty key or none at all")
 
 
-def default_served_model_name(model: str | None) -> str:
+def default_served_model_name(model: str | None, load_format: str = "auto") -> str:
     if model is None or model == EMBEDDED_MODEL:
         return EMBEDDED_MODEL
     path = Path(model)
+    if load_format == "dummy" and not path.exists():   # a built-in shape's name, e.g. qwen3-0.6b
+        return model
     return path.name if path.is_dir() else path.stem
 
 
@@ -111,7 +116,9 @@ def build_app(engine_config: EngineConfig | None = None, server_config: ServerCo
     if engine is None:
         async_engine = AsyncLLMEngine.launch(engine_config if engine_config is not None else EngineConfig(),
                                              server_config.max_waiting)
-        tokenizer = Tokenizer.load(async_engine.info.model, async_engine.info.tokenizer)
+        info = async_engine.info
+        tokenizer = (TokenIdTokenizer(info.vocab_size, info.eos_token_ids, info.bos_token_id) if info.token_ids_only
+                     else Tokenizer.load(info.model, info.tokenizer))
     else:
         async_engine = AsyncLLMEngine.from_engine(engine, server_config.max_waiting)
         tokenizer = engine.tokenizer
@@ -150,7 +157,7 @@ class OpenAIServer:
     def __init__(self, async_engine: AsyncLLMEngine, tokenizer: Tokenizer, config: ServerConfig):
         info = async_engine.info
         self.config = config
-        self.model_name = config.served_model_name or default_served_model_name(info.model)
+        self.model_name = config.served_model_name or default_served_model_name(info.model, info.load_format)
         self.tokenizer = tokenizer
         self.vocab_size = info.vocab_size
         self.max_model_len = info.max_model_len
@@ -160,6 +167,8 @@ class OpenAIServer:
         self.async_engine.on_finished = request_metrics.observe
         self.stat_logger = StatLogger(self.async_engine, config.log_interval)
         self._token_texts: dict[int, str] = {}
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanovllm-tokenize")
+        self._tokenize_slots: dict[str, _ClientSlots] = {}   # client address -> its share of the pool
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +179,7 @@ class OpenAIServer:
         finally:
             stat_logger.cancel()
             await self.async_engine.stop()
+            self._tokenize_pool.shutdown(wait=False)
 
     # ---- small endpoints -----------------------------------------------------------------
 
@@ -201,9 +211,10 @@ class OpenAIServer:
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError(400, "send exactly one of `prompt` (text) and `messages` (a chat)")
         if body.prompt is not None:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self._tokenize(request, body.prompt, "prompt", lambda: self.tokenizer.encode(
+                body.prompt, add_special_tokens=body.add_special_tokens))
         else:
-            tokens = self._chat_prompt(body.messages, body.add_generation_prompt)
+            tokens = await self._chat_prompt(request, body.messages, body.add_generation_prompt)
         return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens).model_dump()
 
     async def detokenize(self, request: Request) -> dict[str, Any]:
@@ -223,7 +234,7 @@ class OpenAIServer:
             raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, which nano-vllm "
                               "does not compute; drop one of the two", param="echo")
         params = _sampling_params(body)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(request, body.prompt)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(f"{response_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)],
                                      stream=bool(body.stream))
@@ -273,7 +284,8 @@ class OpenAIServer:
             prompt_tokens = sum(len(token_ids) for _, token_ids in prompts) * params.n
             yield CompletionResponse(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
+    async def _completion_prompts(self, request: Request, prompt: str | list[str] | list[int] | list[list[int]]
+                                  ) -> list[tuple[str, list[int]]]:
         """(text, token ids) of each prompt of a completions request."""
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -285,7 +297,7 @@ class OpenAIServer:
         prompts = []
         for item in prompt:
             if isinstance(item, str):
-                token_ids = self.tokenizer.encode(item)
+                token_ids = await self._tokenize(request, item, "prompt", lambda text=item: self.tokenizer.encode(text))
                 text = item
             else:
                 self._check_token_ids(item, "prompt")
@@ -314,7 +326,7 @@ class OpenAIServer:
         self._check_model(body.model)
         _check_stream_options(body.stream, body.stream_options)
         params = _sampling_params(body)
-        prompt_token_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
+        prompt_token_ids = await self._chat_prompt(request, body.messages, add_generation_prompt=True)
         self._check_prompt_length(prompt_token_ids, "messages")
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
@@ -349,12 +361,17 @@ class OpenAIServer:
         if _include_usage(body):
             yield ChatCompletionChunk(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def _chat_prompt(self, request: Request, messages: list[ChatMessage],
+                           add_generation_prompt: bool) -> list[int]:
         conversation = [message.to_template_dict() for message in messages]
-        try:
-            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-        except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
-            raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
+
+        def render() -> list[int]:
+            try:
+                return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
+                raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
+
+        return await self._tokenize(request, conversation, "messages", render)
 
     def _chat_logprobs(self, completion: CompletionOutput, num_top: int) -> ChatLogprobs:
         content = []
@@ -368,6 +385,33 @@ class OpenAIServer:
         return ChatLogprobs(content=content)
 
     # ---- shared --------------------------------------------------------------------------
+
+    async def _tokenize(self, request: Request, text: Any, param: str, work: Callable[[], list[int]]) -> list[int]:
+        """Run `work` (tokenizing or rendering `text`, a string or a conversation) off the event loop.
+
+        Bounded before it starts: no token is longer than MAX_CHARS_PER_TOKEN characters, so a text
+        longer than max_model_len of them cannot fit and is refused unread. And each client (by
+        address) has at most TOKENIZE_SLOTS_PER_CLIENT texts in the pool at once, so one client's
+        burst of large prompts queues behind itself, not in front of everyone else's."""
+        num_chars = _text_length(text)
+        if num_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                              f"{param} has {num_chars} characters, which cannot fit; shorten it", param=param,
+                              code="context_length_exceeded")
+        client = request.client.host if request.client is not None else ""
+        slots = self._tokenize_slots.get(client)
+        if slots is None:
+            slots = self._tokenize_slots[client] = _ClientSlots(asyncio.Semaphore(TOKENIZE_SLOTS_PER_CLIENT))
+        slots.users += 1
+        try:
+            async with slots.semaphore:
+                return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work)
+        except ValueError as error:   # e.g. a model without a tokenizer given text
+            raise OpenAIError(400, str(error), param=param) from None
+        finally:
+            slots.users -= 1
+            if not slots.users:
+                del self._tokenize_slots[client]
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -404,6 +448,12 @@ class OpenAIServer:
 
 
 @dataclass
+class _ClientSlots:
+    semaphore: asyncio.Semaphore
+    users: int = 0   # requests holding or waiting for a slot
+
+
+@dataclass
 class _ChoiceProgress:
     """How much of one choice a stream has sent."""
     num_tokens: int = 0
@@ -418,6 +468,17 @@ class _ChoiceProgress:
         self.num_tokens += len(delta.token_ids)
         self.done = delta.finished
         return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))
+
+
+def _text_length(text: Any) -> int:
+    """Characters of a string, or of every string inside a conversation (lists and dicts)."""
+    if isinstance(text, str):
+        return len(text)
+    if isinstance(text, dict):
+        return sum(_text_length(value) for value in text.values())
+    if isinstance(text, list):
+        return sum(_text_length(item) for item in text)
+    return 0
 
 
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
