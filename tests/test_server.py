@@ -430,6 +430,34 @@ def test_64_streams_of_which_16_drop_leave_no_kv_in_use_and_the_others_finish(se
     assert generated < 16 * 240
 
 
+def test_a_4_mb_prompt_is_refused_unread_without_delaying_another_stream(server):
+    async def scenario() -> tuple[httpx.Response, list[float], float, float]:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth(), timeout=60) as http:
+            arrivals: list[float] = []
+
+            async def stream() -> None:
+                body = {"model": server.model, "prompt": "Keep streaming", "max_tokens": 200, "stream": True,
+                        "ignore_eos": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for _ in response.aiter_lines():
+                        arrivals.append(time.monotonic())
+
+            streaming = asyncio.ensure_future(stream())
+            while len(arrivals) < 10:
+                await asyncio.sleep(0.01)
+            big = json.dumps({"model": server.model, "prompt": "a" * (4 * 10**6), "max_tokens": 1})
+            sent = time.monotonic()
+            response = await http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+            answered = time.monotonic()
+            await streaming
+            return response, arrivals, sent, answered
+
+    response, arrivals, sent, answered = asyncio.run(scenario())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:]) if later > sent and earlier < answered]
+    assert gaps and max(gaps) < 0.1, f"the stream stalled {max(gaps) * 1e3:.0f} ms while the big body was handled"
+
+
 def test_metrics_and_the_log_line_report_the_work(server, client):
     client.completions.create(model=server.model, prompt="Measure me", max_tokens=4, **GREEDY)
     metrics = server.wait_idle()
