@@ -553,12 +553,18 @@ def test_sigterm_under_load_lets_the_streams_finish_then_exits_0(server):
     assert not Path(f"/proc/{core_pid}").exists(), "the engine core outlived the server"
 
 
-def test_a_killed_engine_core_ends_every_open_request_with_an_error_and_the_server_exits_1(
+def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_request_with_an_error_then_exit_1(
         tiny_model_factory, tmp_path):
-    server = ServerProcess([str(tiny_model_factory("llama-gqa4")), "--max-model-len", "512"], tmp_path / "server.log")
+    server = ServerProcess([str(tiny_model_factory("llama-gqa4")), "--max-model-len", "512", "--api-server-count",
+                            "2"], tmp_path / "server.log")
     server.wait_ready()
     model = tiny_model_factory("llama-gqa4").name
     core_pid = int(re.search(r"engine core process (\d+) is ready", server.log()).group(1))
+    assert "with 2 API process(es)" in server.log()
+    # Each connection lands on one of the two; every one is served.
+    served = [httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": f"Hi {i}", "max_tokens": 2})
+              for i in range(8)]
+    assert [response.json()["usage"]["completion_tokens"] for response in served] == [2] * 8
 
     async def scenario() -> tuple[list[str], int]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
@@ -581,8 +587,7 @@ def test_a_killed_engine_core_ends_every_open_request_with_an_error_and_the_serv
 
             requests = [asyncio.ensure_future(stream_until_error()) for _ in range(3)]
             requests.append(asyncio.ensure_future(whole_until_error()))
-            while server.metrics()["nanovllm:num_unfinished_requests"] < 4:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)   # all four are streaming (each API process counts only its own)
             killed_at = time.monotonic()
             os.kill(core_pid, signal.SIGKILL)
             endings = await asyncio.gather(*requests)
@@ -593,7 +598,7 @@ def test_a_killed_engine_core_ends_every_open_request_with_an_error_and_the_serv
         endings, seconds = asyncio.run(scenario())
     finally:
         server.stop()
-    assert all("engine core process exited" in ending for ending in endings), endings
+    assert all("the engine core" in ending for ending in endings), endings   # "exited with code -9" or "went away"
     assert endings[-1].startswith("500")
     assert server.process.returncode == 1 and seconds < 10
 

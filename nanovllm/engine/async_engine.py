@@ -56,6 +56,7 @@ from nanovllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 RequestSpec = tuple[str, list[int], SamplingParams]   # (request id, prompt token ids, sampling params)
+PEER_STOP_TIMEOUT = 120   # seconds the first API process waits for the others to drain at shutdown
 
 
 class QueueFullError(RuntimeError):
@@ -177,6 +178,7 @@ class AsyncLLMEngine:
         self.client_index = client_index
         self.on_finished = on_finished
         self.on_dead: Callable[[], None] | None = None   # called once if the core dies unasked
+        self.peers: list[multiprocessing.Process] = []   # other API processes of this core (client 0 waits for them)
         self.stats: EngineStats = info.stats
         self.num_waiting = 0                   # the core's waiting sequences, as of its last message
         self._num_sent_seqs = 0                # sequences sent since, not yet acknowledged
@@ -186,6 +188,7 @@ class AsyncLLMEngine:
         self._input: zmq.asyncio.Socket | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self.accepting = True
         self.error: BaseException | None = None   # why the core is gone, if it died
@@ -241,15 +244,24 @@ class AsyncLLMEngine:
         self._reader = loop.create_task(self._read(output), name="nanovllm-core-reader")
         if self.process is not None:
             loop.add_reader(self.process.sentinel, self._on_process_exit)
+        elif self.thread is None:   # another API process owns the core: its socket closing is the sign
+            self._watcher = loop.create_task(self._watch_core(output.get_monitor_socket(zmq.EVENT_DISCONNECTED)))
 
     async def stop(self) -> None:
         """Refuse new requests, abort those in flight, stop the core and wait for it to exit."""
         self.accepting = False
         self._stopping = True
         self._fail_pending_adds(EngineNotRunningError("the engine is stopping"))
+        for peer in self.peers:   # they drain their own requests first (or, with the core gone, fail them)
+            timeout = PEER_STOP_TIMEOUT if self.error is None else 2.0
+            await asyncio.get_running_loop().run_in_executor(None, peer.join, timeout)
+            if peer.exitcode is None:
+                logger.warning("API process %d did not stop in %d s; killing it", peer.pid, PEER_STOP_TIMEOUT)
+                peer.kill()
         if self.error is None and self._input is not None:
             self.abort(list(self._streams))
-            await self._input.send(self._encoder.encode(Shutdown()))
+            if self.process is not None or self.thread is not None:   # the owner stops the core
+                await self._input.send(self._encoder.encode(Shutdown()))
         if self.process is not None:
             self._loop.remove_reader(self.process.sentinel)
             await asyncio.get_running_loop().run_in_executor(None, self.process.join, 30)
@@ -259,11 +271,20 @@ class AsyncLLMEngine:
                 self.process.join()
         if self.thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 30)
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
         if self._context is not None:
             self._context.destroy(linger=0)
         _remove_ipc_files(self.addresses)
+
+    def kill_processes(self) -> None:
+        """Kill the core and API processes this handle started that are still alive (after `stop`,
+        none are): the last resort of a server that failed, so that nothing outlives it."""
+        for process in [*self.peers, *([self.process] if self.process is not None else [])]:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; give those in flight `timeout` seconds to finish, then abort them."""
@@ -396,6 +417,10 @@ class AsyncLLMEngine:
         self._num_sent_seqs = 0
 
     # ---- a core that dies ----------------------------------------------------------------
+
+    async def _watch_core(self, monitor: zmq.asyncio.Socket) -> None:
+        await monitor.recv_multipart()   # the one event asked for: the core's end of the socket closed
+        self._core_died("the engine core went away")
 
     def _on_process_exit(self) -> None:
         self._loop.remove_reader(self.process.sentinel)

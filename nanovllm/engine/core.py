@@ -200,12 +200,17 @@ class EngineCore:
             stats, self.stats_time = self.engine.get_stats(), now
         num_waiting = self.engine.get_num_waiting()
         for client, socket in enumerate(self.output_sockets):
-            if not (per_client[client] or self.accepted[client] or self.rejected[client] or stats is not None):
+            news = per_client[client] or self.accepted[client] or self.rejected[client]
+            if not news and stats is None:
                 continue
-            message = StepOutputs(per_client[client], self.accepted[client], self.rejected[client],
-                                  num_waiting, stats)
-            socket.send(self.encoder.encode(message), copy=False)
+            message = self.encoder.encode(StepOutputs(per_client[client], self.accepted[client],
+                                                      self.rejected[client], num_waiting, stats))
             self.accepted[client], self.rejected[client] = [], []
+            try:
+                # Only stats for an API process not connected yet (still starting): skip, never wait.
+                socket.send(message, copy=False, flags=0 if news else zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
 
 def core_info(engine: LLMEngine) -> CoreInfo:

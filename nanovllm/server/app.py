@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nanovllm import __version__
 from nanovllm.config import EngineConfig
 from nanovllm.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, OutputStream, QueueFullError
+from nanovllm.engine.core import CoreInfo
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
@@ -116,13 +117,18 @@ def build_app(engine_config: EngineConfig | None = None, server_config: ServerCo
     if engine is None:
         async_engine = AsyncLLMEngine.launch(engine_config if engine_config is not None else EngineConfig(),
                                              server_config.max_waiting)
-        info = async_engine.info
-        tokenizer = (TokenIdTokenizer(info.vocab_size, info.eos_token_ids, info.bos_token_id) if info.token_ids_only
-                     else Tokenizer.load(info.model, info.tokenizer))
+        tokenizer = tokenizer_for(async_engine.info)
     else:
         async_engine = AsyncLLMEngine.from_engine(engine, server_config.max_waiting)
         tokenizer = engine.tokenizer
     return build_app_for(async_engine, tokenizer, server_config)
+
+
+def tokenizer_for(info: CoreInfo) -> Tokenizer:
+    """The API process's tokenizer: the engine's, or the same token-id stand-in when it has none."""
+    if info.token_ids_only:
+        return TokenIdTokenizer(info.vocab_size, info.eos_token_ids, info.bos_token_id)
+    return Tokenizer.load(info.model, info.tokenizer)
 
 
 def build_app_for(async_engine: AsyncLLMEngine, tokenizer: Tokenizer, server_config: ServerConfig) -> FastAPI:
@@ -173,11 +179,14 @@ class OpenAIServer:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self.async_engine.start()
-        stat_logger = asyncio.get_running_loop().create_task(self.stat_logger.run())
+        stat_logger = None
+        if self.async_engine.client_index == 0:   # one log line for the whole server, from the first API process
+            stat_logger = asyncio.get_running_loop().create_task(self.stat_logger.run())
         try:
             yield
         finally:
-            stat_logger.cancel()
+            if stat_logger is not None:
+                stat_logger.cancel()
             await self.async_engine.stop()
             self._tokenize_pool.shutdown(wait=False)
 
