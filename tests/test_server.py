@@ -560,11 +560,6 @@ def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_requ
     server.wait_ready()
     model = tiny_model_factory("llama-gqa4").name
     core_pid = int(re.search(r"engine core process (\d+) is ready", server.log()).group(1))
-    assert "with 2 API process(es)" in server.log()
-    # Each connection lands on one of the two; every one is served.
-    served = [httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": f"Hi {i}", "max_tokens": 2})
-              for i in range(8)]
-    assert [response.json()["usage"]["completion_tokens"] for response in served] == [2] * 8
 
     async def scenario() -> tuple[list[str], int]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
@@ -595,6 +590,11 @@ def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_requ
             return endings, time.monotonic() - killed_at
 
     try:
+        assert "with 2 API process(es)" in server.log()
+        # Each connection lands on one of the two; every one is served.
+        served = [httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": f"Hi {i}",
+                                                                   "max_tokens": 2}) for i in range(8)]
+        assert [response.json()["usage"]["completion_tokens"] for response in served] == [2] * 8
         endings, seconds = asyncio.run(scenario())
     finally:
         server.stop()
