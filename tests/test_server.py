@@ -439,8 +439,9 @@ def test_a_4_mb_prompt_is_refused_unread_without_delaying_another_stream(server)
                 body = {"model": server.model, "prompt": "Keep streaming", "max_tokens": 200, "stream": True,
                         "ignore_eos": True}
                 async with http.stream("POST", "/v1/completions", json=body) as response:
-                    async for _ in response.aiter_lines():
-                        arrivals.append(time.monotonic())
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            arrivals.append(time.monotonic())
 
             streaming = asyncio.ensure_future(stream())
             while len(arrivals) < 10:
@@ -454,8 +455,13 @@ def test_a_4_mb_prompt_is_refused_unread_without_delaying_another_stream(server)
 
     response, arrivals, sent, answered = asyncio.run(scenario())
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:]) if later > sent and earlier < answered]
-    assert gaps and max(gaps) < 0.1, f"the stream stalled {max(gaps) * 1e3:.0f} ms while the big body was handled"
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    during = [gap for gap, later, earlier in zip(gaps, arrivals[1:], arrivals) if later > sent and earlier < answered]
+    before = [gap for gap, later in zip(gaps, arrivals[1:]) if later <= sent]
+    # 100 ms beyond the stream's own pace before the big body (slow only on a machine busy with other work).
+    allowed = 0.1 + max(before)
+    assert during and max(during) < allowed, \
+        f"the stream stalled {max(during) * 1e3:.0f} ms (allowed {allowed * 1e3:.0f}) while the big body was handled"
 
 
 def test_metrics_and_the_log_line_report_the_work(server, client):

@@ -184,6 +184,7 @@ class AsyncLLMEngine:
         self._num_sent_seqs = 0                # sequences sent since, not yet acknowledged
         self._streams: dict[str, OutputStream] = {}   # unfinished request id -> its caller's stream
         self._pending_adds: dict[str, tuple[asyncio.Future[None], int]] = {}   # first id -> (verdict, seqs)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._context: zmq.asyncio.Context | None = None
         self._input: zmq.asyncio.Socket | None = None
         self._encoder = msgspec.msgpack.Encoder()
@@ -428,7 +429,7 @@ class AsyncLLMEngine:
         self._core_died(f"the engine core process exited with code {self.process.exitcode}")
 
     def _on_core_thread_exit(self, error: BaseException | None) -> None:
-        if error is not None:
+        if error is not None and self._loop is not None:
             reason = f"the engine core failed: {type(error).__name__}: {error}"
             self._loop.call_soon_threadsafe(self._core_died, reason)
 
