@@ -60,9 +60,9 @@ def test_concurrent_callers_share_steps_and_get_what_the_sync_engine_gives(make_
 
     streams = run(lambda: asyncio.gather(consume("a", ids("Hello"), greedy(6)),
                                          consume("b", ids("World, again"), greedy(9))), async_engine)
-    # Each output is a delta: the new tokens only, which add up to the whole.
+    # Each output is a delta: the new tokens only, which add up to the whole (cumulative outputs would
+    # add up to more; a reader that falls behind gets the deltas it missed joined, never dropped).
     assert [sum(stream, []) for stream in streams] == [expected["a"], expected["b"]]
-    assert all(len(stream) > 1 for stream in streams)
     assert any({chunk.request_id for chunk in step.scheduled} == {"a", "b"} for step in steps)
     assert async_engine.stats.kv_usage.used_blocks == 0
 
@@ -163,8 +163,8 @@ def test_a_failing_core_fails_its_callers_and_refuses_new_requests(make_engine, 
     monkeypatch.setattr(engine, "step", broken_step)
 
     async def scenario():
-        outputs = await async_engine.add_requests([("a", ids("Hi"), greedy(3))])
-        with pytest.raises(EngineNotRunningError, match="scheduler bug"):
+        with pytest.raises(EngineNotRunningError, match="scheduler bug"):   # at once, or from the stream
+            outputs = await async_engine.add_requests([("a", ids("Hi"), greedy(3))])
             await outputs.get()
         with pytest.raises(EngineNotRunningError, match="not running"):
             await async_engine.add_requests([("b", ids("Hi"), greedy(3))])
