@@ -307,9 +307,10 @@ class AsyncLLMEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def add_requests(self, requests: list[RequestSpec], stream: bool = True) -> OutputStream:
+    async def add_requests(self, requests: list[RequestSpec], stream: bool = True,
+                           detokenize: bool = True) -> OutputStream:
         """Queue requests (all or none) and return the stream of their outputs: deltas when stream,
-        else one final output each.
+        else one final output each. detokenize=False: token ids only, no text (the caller decodes).
 
         Raises ValueError if the engine rejects one (nothing is queued then), QueueFullError if
         too many sequences wait, EngineNotRunningError while shutting down or with the core gone.
@@ -337,7 +338,8 @@ class AsyncLLMEngine:
         self._num_sent_seqs += num_seqs
         now = time.time()
         message = AddRequests(self.client_index, [EngineRequest(rid, list(ids), params, now)
-                                                  for rid, ids, params in requests], stream=stream, delta=stream)
+                                                  for rid, ids, params in requests], stream=stream, delta=stream,
+                               detokenize=detokenize)
         await self._input.send(self._encoder.encode(message))
         try:
             await verdict

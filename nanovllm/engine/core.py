@@ -64,6 +64,7 @@ class AddRequests(msgspec.Struct, tag=True, array_like=True):
     requests: list[EngineRequest]
     stream: bool                       # False: only final outputs
     delta: bool                        # True: outputs carry only what is new
+    detokenize: bool = True            # False: token ids only, the API process decodes them
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):
@@ -177,7 +178,8 @@ class EngineCore:
         request_ids = [r.request_id for r in message.requests]
         arrival_time = min(r.arrival_time for r in message.requests)
         try:
-            self.engine.add_requests(requests, arrival_time, stream=message.stream, delta=message.delta)
+            self.engine.add_requests(requests, arrival_time, stream=message.stream, delta=message.delta,
+                                     detokenize=message.detokenize)
         except Exception as error:   # ValueError: cannot be served; nothing was queued
             self.rejected[message.client_index].append((request_ids[0], str(error)))
             return

@@ -192,13 +192,17 @@ class LLMEngine:
         self.add_requests([(request_id, prompt, params)], arrival_time, stream, delta)
 
     def add_requests(self, requests: list[tuple[str, Prompt, SamplingParams | None]],
-                     arrival_time: float | None = None, stream: bool = True, delta: bool = False) -> None:
-        """Queue several requests, all or none: any invalid one raises before any is queued."""
+                     arrival_time: float | None = None, stream: bool = True, delta: bool = False,
+                     detokenize: bool = True) -> None:
+        """Queue several requests, all or none: any invalid one raises before any is queued.
+
+        detokenize=False: outputs carry token ids and no text (the caller decodes them, as the
+        server's API process does); not with stop strings, which are matched in the text."""
         arrival_time = time.time() if arrival_time is None else arrival_time
         ids = [request_id for request_id, _, _ in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique; the same id appears twice in one call")
-        prepared = [self._make_sequences(request_id, prompt, params, arrival_time)
+        prepared = [self._make_sequences(request_id, prompt, params, arrival_time, detokenize)
                     for request_id, prompt, params in requests]
         for request_id, seqs in zip(ids, prepared):
             self.requests[request_id] = seqs
@@ -213,7 +217,7 @@ class LLMEngine:
             self.scheduler.add_sequences(seqs)
 
     def _make_sequences(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
-                        arrival_time: float) -> list[Sequence]:
+                        arrival_time: float, detokenize: bool = True) -> list[Sequence]:
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
         if request_id in self.requests:
@@ -225,6 +229,8 @@ class LLMEngine:
         if params.stop and self.config.skip_tokenizer_init:
             raise ValueError("stop strings need the text, and skip_tokenizer_init makes none; "
                              "use stop_token_ids instead")
+        if params.stop and not detokenize:
+            raise ValueError("stop strings are matched in the text: a request with them must be detokenized")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         max_model_len = self.config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len -
@@ -237,7 +243,7 @@ class LLMEngine:
                 prompt_token_ids=prompt_token_ids, sampling_params=params,
                 seed=seed if index == 0 else hash((seed, index)), max_tokens=max_tokens,
                 arrival_time=arrival_time, prompt=prompt_text,
-                detokenizer=None if self.config.skip_tokenizer_init else
+                detokenizer=None if self.config.skip_tokenizer_init or not detokenize else
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
             ))
         self.scheduler.check_fits(seqs[0])

@@ -46,7 +46,7 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
-from nanovllm.tokenizer import TokenIdTokenizer, Tokenizer
+from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -270,7 +270,7 @@ class OpenAIServer:
                                  prompts: list[tuple[str, list[int]]], outputs: OutputStream,
                                  header: dict[str, Any]) -> AsyncIterator[BaseModel]:
         prompt_index = {request_id: i for i, request_id in enumerate(outputs.request_ids)}
-        progress = {index: _ChoiceProgress() for index in range(len(prompts) * params.n)}
+        progress = {index: self._choice_progress(params, stream=True) for index in range(len(prompts) * params.n)}
         if body.echo:
             for index in progress:
                 yield CompletionResponse(choices=[CompletionChoice(index=index, text=prompts[index // params.n][0])],
@@ -354,7 +354,7 @@ class OpenAIServer:
 
     async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, prompt_tokens: int,
                            outputs: OutputStream, header: dict[str, Any]) -> AsyncIterator[BaseModel]:
-        progress = {index: _ChoiceProgress() for index in range(params.n)}
+        progress = {index: self._choice_progress(params, stream=True) for index in range(params.n)}
         for index in range(params.n):
             yield ChatCompletionChunk(choices=[ChatStreamChoice(
                 index=index, delta=ChatDelta(role="assistant", content=""))], **header)
@@ -440,9 +440,21 @@ class OpenAIServer:
                               f"prompt has {len(prompt_token_ids)} tokens; shorten it", param=param,
                               code="context_length_exceeded")
 
+    def _decodes_here(self, params: SamplingParams, stream: bool) -> bool:
+        """Whether this process, not the engine core, turns a request's tokens into text: a stream
+        without stop strings (the core matches those in the text), when there is a tokenizer. Each
+        token decoded here is work taken off the core's loop."""
+        return stream and not params.stop and not self.async_engine.info.token_ids_only
+
+    def _choice_progress(self, params: SamplingParams, stream: bool) -> _ChoiceProgress:
+        if not self._decodes_here(params, stream):
+            return _ChoiceProgress()
+        return _ChoiceProgress(IncrementalDetokenizer(self.tokenizer, [], params.skip_special_tokens))
+
     async def _submit(self, requests: list[tuple[str, list[int], SamplingParams]], stream: bool) -> OutputStream:
+        detokenize = not self._decodes_here(requests[0][2], stream)
         try:
-            return await self.async_engine.add_requests(requests, stream=stream)
+            return await self.async_engine.add_requests(requests, stream=stream, detokenize=detokenize)
         except ValueError as error:
             raise OpenAIError(400, str(error)) from None
         except (QueueFullError, EngineNotRunningError) as error:
@@ -465,15 +477,18 @@ class _ClientSlots:
 @dataclass
 class _ChoiceProgress:
     """How much of one choice a stream has sent."""
+    detokenizer: IncrementalDetokenizer | None = None   # set: the deltas carry token ids only, decoded here
     num_tokens: int = 0
     text_offset: int = 0   # completions logprobs: where the next token's text starts
     done: bool = False
 
     def advance(self, delta: CompletionOutput, with_logprobs: bool) -> bool:
-        """Count a delta in; -> whether it has anything to send: more text, the finish, or (when
-        logprobs are asked) more tokens."""
+        """Count a delta in (giving it its text, when decoded here); -> whether it has anything to
+        send: more text, the finish, or (when logprobs are asked) more tokens."""
         if self.done:
             return False
+        if self.detokenizer is not None and delta.token_ids:
+            delta.text = self.detokenizer.add_tokens(delta.token_ids)
         self.num_tokens += len(delta.token_ids)
         self.done = delta.finished
         return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))
