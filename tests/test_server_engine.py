@@ -171,3 +171,37 @@ def test_a_failing_core_fails_its_callers_and_refuses_new_requests(make_engine, 
 
     run(scenario, async_engine)
     assert not async_engine.is_running
+
+
+def test_the_core_aborts_the_requests_of_an_api_process_that_is_gone(make_engine, tmp_path):
+    import threading
+    import time
+
+    import msgspec
+    import zmq
+
+    from nanovllm.engine.core import AddRequests, CoreAddresses, EngineCore, EngineRequest, Shutdown, StepOutputs
+
+    engine = make_engine()
+    addresses = CoreAddresses(f"ipc://{tmp_path}/in", [f"ipc://{tmp_path}/out0", f"ipc://{tmp_path}/out1"])
+    context = zmq.Context()
+    core = EngineCore(engine, context, addresses)
+    loop = threading.Thread(target=core.run_busy_loop)
+    requests, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    outputs.setsockopt(zmq.RCVTIMEO, 30_000)   # a core stuck on the missing process fails the test, not hangs it
+    requests.connect(addresses.input)
+    outputs.connect(addresses.outputs[0])   # API process 1 never connects: it is gone
+    encode, decode = msgspec.msgpack.encode, msgspec.msgpack.Decoder(StepOutputs).decode
+    requests.send(encode(AddRequests(1, [EngineRequest("orphan", ids("Hi"), greedy(50), time.time())], True, True)))
+    requests.send(encode(AddRequests(0, [EngineRequest("kept", ids("Hi"), greedy(5), time.time())], True, True)))
+    loop.start()
+    finished = []
+    while not finished:
+        finished = [out for out in decode(outputs.recv()).outputs if out.finished]
+    requests.send(encode(Shutdown()))
+    loop.join(timeout=30)
+    core.close()
+    context.destroy(linger=0)
+    assert [out.request_id for out in finished] == ["kept"] and finished[0].outputs[0].finish_reason == "length"
+    assert not engine.has_unfinished_requests()   # the orphan was aborted, not left running for no one
+    assert engine.scheduler.block_manager.usage().used_blocks == 0

@@ -120,6 +120,7 @@ class EngineCore:
         self.output_sockets = []
         for address in addresses.outputs:
             socket = context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.SNDHWM, 0)   # never full: a send fails only when no API process is there
             socket.bind(address)
             self.output_sockets.append(socket)
         self.decoder = msgspec.msgpack.Decoder(CoreInput)
@@ -209,10 +210,19 @@ class EngineCore:
                                                       self.rejected[client], num_waiting, stats))
             self.accepted[client], self.rejected[client] = [], []
             try:
-                # Only stats for an API process not connected yet (still starting): skip, never wait.
-                socket.send(message, copy=False, flags=0 if news else zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+                socket.send(message, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:   # that API process is not there: still starting (stats only), or gone
+                if news:
+                    self._abort_client(client)
+
+    def _abort_client(self, client: int) -> None:
+        """An API process vanished with requests in flight: abort them, so that the core goes on for
+        the others and their KV blocks are freed."""
+        request_ids = [request_id for request_id, owner in self.client_of.items() if owner == client]
+        logger.warning("API process %d is gone; aborting its %d request(s)", client, len(request_ids))
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+            del self.client_of[request_id]
 
 
 def core_info(engine: LLMEngine) -> CoreInfo:
