@@ -186,6 +186,7 @@ def test_the_core_aborts_the_requests_of_an_api_process_that_is_gone(make_engine
     addresses = CoreAddresses(f"ipc://{tmp_path}/in", [f"ipc://{tmp_path}/out0", f"ipc://{tmp_path}/out1"])
     context = zmq.Context()
     core = EngineCore(engine, context, addresses)
+    core.unreachable_grace = 0.0   # gone at once (a starting API process would get a few seconds)
     loop = threading.Thread(target=core.run_busy_loop)
     requests, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
     outputs.setsockopt(zmq.RCVTIMEO, 30_000)   # a core stuck on the missing process fails the test, not hangs it

@@ -47,6 +47,7 @@ from nanovllm.tokenizer import TokenIdTokenizer
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL = 0.5   # seconds between stats snapshots while busy (a snapshot walks every block table)
+UNREACHABLE_GRACE = 5.0   # seconds an API process may stay unconnected with messages waiting for it
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -129,6 +130,9 @@ class EngineCore:
         self.accepted: list[list[str]] = [[] for _ in self.output_sockets]
         self.rejected: list[list[tuple[str, str]]] = [[] for _ in self.output_sockets]
         self.stats_time = 0.0
+        self.backlog: list[list[bytes]] = [[] for _ in self.output_sockets]   # messages not sent yet, per client
+        self.unreachable_since: dict[int, float] = {}   # client -> when a send to it first failed
+        self.unreachable_grace = UNREACHABLE_GRACE
         self.running = True
 
     def close(self) -> None:
@@ -145,10 +149,13 @@ class EngineCore:
         while self.running:
             idle = not engine.has_unfinished_requests()
             if idle and not self._has_news():
-                if not poller.poll(timeout=1000):
+                waiting_messages = any(self.backlog)
+                if not poller.poll(timeout=10 if waiting_messages else 1000):
                     if parent_pid is not None and os.getppid() != parent_pid:
                         logger.warning("the server process is gone; the engine core stops")
                         return
+                    if waiting_messages:
+                        self._send([])
                     continue
             self._take_inputs()
             if self._has_news():   # verdicts go out before the step: a caller's response may start now
@@ -209,11 +216,32 @@ class EngineCore:
             message = self.encoder.encode(StepOutputs(per_client[client], self.accepted[client],
                                                       self.rejected[client], num_waiting, stats))
             self.accepted[client], self.rejected[client] = [], []
+            if news:
+                self.backlog[client].append(message)
+            elif not self.backlog[client]:
+                try:
+                    socket.send(message, copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:   # not connected yet: stats can wait for the next snapshot
+                    pass
+        for client, backlog in enumerate(self.backlog):
+            if backlog:
+                self._flush(client, now)
+
+    def _flush(self, client: int, now: float) -> None:
+        """Send a client's messages in order, never waiting: one that cannot be sent (the API process
+        is not connected) stays queued, and after UNREACHABLE_GRACE seconds the process counts as
+        gone and its requests are aborted, so the core goes on for the others."""
+        backlog = self.backlog[client]
+        while backlog:
             try:
-                socket.send(message, copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:   # that API process is not there: still starting (stats only), or gone
-                if news:
+                self.output_sockets[client].send(backlog[0], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                since = self.unreachable_since.setdefault(client, now)
+                if now - since >= self.unreachable_grace:
                     self._abort_client(client)
+                return
+            backlog.pop(0)
+        self.unreachable_since.pop(client, None)
 
     def _abort_client(self, client: int) -> None:
         """An API process vanished with requests in flight: abort them, so that the core goes on for
@@ -223,6 +251,8 @@ class EngineCore:
         for request_id in request_ids:
             self.engine.abort_request(request_id)
             del self.client_of[request_id]
+        self.backlog[client].clear()
+        self.unreachable_since.pop(client, None)
 
 
 def core_info(engine: LLMEngine) -> CoreInfo:
