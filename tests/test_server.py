@@ -597,6 +597,9 @@ def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_requ
 
     try:
         assert "with 2 API process(es)" in server.log()
+        deadline = time.monotonic() + 30   # /health answered by one; wait for the other too
+        while server.log().count("Application startup complete") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         # Each connection lands on one of the two; every one is served.
         served = [httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": f"Hi {i}",
                                                                    "max_tokens": 2}) for i in range(8)]

@@ -487,8 +487,11 @@ class _ChoiceProgress:
         send: more text, the finish, or (when logprobs are asked) more tokens."""
         if self.done:
             return False
-        if self.detokenizer is not None and delta.token_ids:
-            delta.text = self.detokenizer.add_tokens(delta.token_ids)
+        if self.detokenizer is not None:
+            detokenizer = self.detokenizer
+            delta.text = detokenizer.add_tokens(delta.token_ids) if delta.token_ids else ""
+            if delta.finished:   # text held back for a character still incomplete: what a whole decode keeps
+                delta.text += detokenizer.whole_text(detokenizer.token_ids)[len(detokenizer.text):]
         self.num_tokens += len(delta.token_ids)
         self.done = delta.finished
         return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))

@@ -36,6 +36,8 @@ import uvicorn
 from nanovllm.engine.core import CoreAddresses, CoreInfo
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from nanovllm.engine.async_engine import AsyncLLMEngine
     from nanovllm.server.app import ServerConfig, default_served_model_name
 
@@ -112,6 +114,7 @@ def _serve_all(async_engine: AsyncLLMEngine, args: argparse.Namespace, server_co
                                                                      async_engine.info.load_format),
         async_engine.info.max_model_len, args.host, args.port, args.api_server_count)
     options = ServeOptions(args.host, args.port, args.log_level, args.access_log, args.shutdown_timeout)
+    app = _build_app(async_engine, server_config)   # before the others start: this one serves at once then
     context = multiprocessing.get_context("spawn")
     ready = [context.Event() for _ in range(1, args.api_server_count)]
     async_engine.peers = [context.Process(target=run_api_server, name=f"nanovllm-api-{index}",
@@ -125,7 +128,7 @@ def _serve_all(async_engine: AsyncLLMEngine, args: argparse.Namespace, server_co
             if not peer.is_alive():
                 raise ValueError(f"API process {peer.name} exited with code {peer.exitcode} while starting; "
                                  "its log above says why")
-    return serve(async_engine, server_config, options, listen)
+    return serve(async_engine, app, options, listen)
 
 
 @dataclass
@@ -137,12 +140,15 @@ class ServeOptions:
     shutdown_timeout: float
 
 
-def serve(async_engine: AsyncLLMEngine, server_config: ServerConfig, options: ServeOptions,
-          listen: socket.socket, on_started: Callable[[], None] = lambda: None) -> int:
-    """Run one API process's HTTP server on `listen` until shutdown; -> the exit status."""
+def _build_app(async_engine: AsyncLLMEngine, server_config: ServerConfig) -> FastAPI:
     from nanovllm.server.app import build_app_for, tokenizer_for
 
-    app = build_app_for(async_engine, tokenizer_for(async_engine.info), server_config)
+    return build_app_for(async_engine, tokenizer_for(async_engine.info), server_config)
+
+
+def serve(async_engine: AsyncLLMEngine, app: FastAPI, options: ServeOptions, listen: socket.socket,
+          on_started: Callable[[], None] = lambda: None) -> int:
+    """Run one API process's HTTP server on `listen` until shutdown; -> the exit status."""
     log = logging.getLogger("nanovllm.server")
     config = uvicorn.Config(app, log_level=options.log_level, access_log=options.access_log,
                             timeout_graceful_shutdown=int(options.shutdown_timeout) + 5)
@@ -168,7 +174,8 @@ def run_api_server(info: CoreInfo, addresses: CoreAddresses, client_index: int, 
     logging.basicConfig(level=options.log_level.upper(), format=LOG_FORMAT)
     async_engine = AsyncLLMEngine(info, addresses, server_config.max_waiting, client_index=client_index)
     listen = _listening_socket(options.host, options.port, shared=True)
-    raise SystemExit(serve(async_engine, server_config, options, listen, on_started=started.set))
+    raise SystemExit(serve(async_engine, _build_app(async_engine, server_config), options, listen,
+                           on_started=started.set))
 
 
 def _listening_socket(host: str, port: int, shared: bool) -> socket.socket:
