@@ -80,6 +80,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
     async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n; None: on for one CUDA GPU
     quantization: str | None = None       # "fp8" | "w4a16": quantize a float checkpoint's linear layers at load
+    skip_tokenizer_init: bool = False     # no tokenizer: prompts are token ids, outputs token ids with text ""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.

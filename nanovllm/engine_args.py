@@ -34,6 +34,7 @@ _HELP = {
     "quantization": "fp8 | w4a16: quantize a float checkpoint's linear layers as it loads (GPU kernels; quantized "
                     "checkpoints, compressed-tensors, GPTQ, AWQ, load quantized without it)",
     "async_scheduling": "schedule a step while the GPU runs the one before (default: on with one CUDA GPU)",
+    "skip_tokenizer_init": "load no tokenizer: prompts are token ids, outputs token ids with empty text",
 }
 
 

@@ -288,6 +288,7 @@ def test_serve_cli_streams_poisson_requests_from_an_openai_server(tiny_llama, tm
         assert metrics["completed"] == 4 and metrics["total_output_tokens"] == 20
         assert metrics["request_rate"] == float(rate)
         assert metrics["mean_ttft_ms"] > 1 and metrics["median_itl_ms"] > 1 and metrics["p99_tpot_ms"] > 1
+        assert metrics["client_ceiling_output_throughput"] > 0   # the same requests against a stub server
     figures = result["figures"]
     assert [f["workload"] for f in figures] == ["random@inf", "random@200"]
     assert all(0 < f["fraction_of_roofline"] <= 1 and not math.isnan(f["measured"]) for f in figures)
@@ -388,3 +389,16 @@ def test_step_overhead_splits_a_decode_step_into_model_and_host_time(tiny_llama)
     assert "load average" in overhead.summary() and len(overhead.load_average) == 3
     assert not engine.has_unfinished_requests()
     assert "forward" not in vars(engine.runner.model), "the model's own forward again"
+
+
+def test_a_client_spread_over_two_processes_sends_every_request_once():
+    from nanovllm.bench.serve import StubServer, run_serve_processes
+    from nanovllm.bench.workloads import Request, Workload
+
+    workload = Workload("tiny", [Request([1, 2, 3], 5 + i) for i in range(6)], temperature=0.0)
+    with StubServer() as stub:
+        result = run_serve_processes(stub.url, StubServer.MODEL, workload, float("inf"), num_processes=2,
+                                     use_tqdm=False)
+    metrics = result.as_dict()
+    assert metrics["completed"] == 6 and metrics["total_output_tokens"] == sum(5 + i for i in range(6))
+    assert sorted(len(r.itl) + 1 for r in result.records) == [5 + i for i in range(6)]

@@ -19,7 +19,6 @@ decode step at batch 1 and 16 into the model's time and the host overhead around
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime
 import gc
@@ -38,7 +37,9 @@ from nanovllm.bench.step_overhead import StepOverhead, load_average_text, measur
 from nanovllm.bench.peers import PEERS, PeerSettings, PeerUnavailable, make_peer
 from nanovllm.bench.roofline import (WEIGHT_FORMAT_BYTES, Ceilings, ModelCost, Roofline, matmul_dtype,
                                      measure_ceilings, workload_roofline)
-from nanovllm.bench.serve import DEFAULT_URL, LocalServer, parse_rates, run_serve, served_model_name
+from nanovllm.bench.serve import (
+    DEFAULT_URL, LocalServer, measure_client_ceiling, parse_rates, run_serve_processes, served_model_name,
+)
 from nanovllm.bench.throughput import ThroughputResult, run_throughput
 from nanovllm.bench.workloads import (DATASETS, Workload, cpu_batch_workload, dataset_workload,
                                       latency_workload)
@@ -83,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port of the launched server")
     serve.add_argument("--request-rate", default="inf",
                        help="Poisson arrival rates in requests/s, comma-separated; inf sends all at once")
+    serve.add_argument("--client-processes", type=int, default=1,
+                       help="spread the client over this many processes (when one cannot keep up)")
+    serve.add_argument("--no-client-ceiling", action="store_true",
+                       help="skip measuring the client's own ceiling against a stub server")
     add_engine_args(parser)
 
 
@@ -251,9 +256,18 @@ class Bench:
 
     def _serve_rates(self, url: str, workload: Workload, rates: list[float]) -> dict[str, object]:
         model = served_model_name(url)
+        processes = self.args.client_processes
+        if processes < 1:
+            raise ValueError(f"--client-processes must be at least 1, got {processes}")
+        ceiling = None
+        if not self.args.no_client_ceiling:
+            ceiling = measure_client_ceiling(workload, processes, use_tqdm=self.progress)
+            print(f"client ceiling ({processes} process(es), stub server): {ceiling:.0f} output tok/s",
+                  file=sys.stderr)
         measured: dict[str, object] = {}
         for rate in rates:
-            result = asyncio.run(run_serve(url, model, workload, rate, use_tqdm=self.progress))
+            result = run_serve_processes(url, model, workload, rate, processes, use_tqdm=self.progress)
+            result.client_ceiling = ceiling
             print(result.summary(), file=sys.stderr)
             measured[f"{workload.name}@{rate:g}"] = result
         return measured

@@ -90,6 +90,8 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None   # per output token: sampled + top-k, when asked
     cumulative_logprob: float = 0.0
     error: str | None = None
+    num_sent_tokens: int = 0                 # delta outputs: output tokens and text characters already reported
+    num_sent_chars: int = 0
     # Timing (time.time() seconds).
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
