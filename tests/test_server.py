@@ -168,8 +168,7 @@ def test_the_two_process_server_streams_the_tokens_of_the_offline_engine(server,
         chunks = list(client.completions.create(model=server.model, prompt=prompt, max_tokens=24, stream=True,
                                                 logprobs=0, **GREEDY))
         streamed_tokens = [token for chunk in chunks for token in chunk.choices[0].logprobs.tokens]
-        assert streamed_tokens == [llm.get_tokenizer().decode([t], skip_special_tokens=False)
-                                   for t in offline.token_ids]
+        assert streamed_tokens == [llm.get_tokenizer().token_text(t) for t in offline.token_ids]
         assert "".join(chunk.choices[0].text for chunk in chunks) == offline.text
 
 
@@ -570,11 +569,13 @@ def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_requ
     async def scenario() -> tuple[list[str], int]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
                                       timeout=60) as client:
-            async def stream_until_error() -> str:
+            streaming = [asyncio.Event() for _ in range(3)]
+
+            async def stream_until_error(started: asyncio.Event) -> str:
                 try:
                     async for _ in await client.completions.create(model=model, prompt="Doomed", max_tokens=480,
                                                                    stream=True, **GREEDY):
-                        pass
+                        started.set()
                 except openai.APIError as error:
                     return str(error)
                 return "finished"
@@ -586,9 +587,10 @@ def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_requ
                     return f"{error.status_code} {error}"
                 return "finished"
 
-            requests = [asyncio.ensure_future(stream_until_error()) for _ in range(3)]
-            requests.append(asyncio.ensure_future(whole_until_error()))
-            await asyncio.sleep(1.0)   # all four are streaming (each API process counts only its own)
+            requests = [asyncio.ensure_future(whole_until_error())]
+            requests += [asyncio.ensure_future(stream_until_error(started)) for started in streaming]
+            for started in streaming:   # all four are in the engine (each API process counts only its own)
+                await asyncio.wait_for(started.wait(), timeout=30)
             killed_at = time.monotonic()
             os.kill(core_pid, signal.SIGKILL)
             endings = await asyncio.gather(*requests)
@@ -608,7 +610,7 @@ def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_requ
     finally:
         server.stop()
     assert all("the engine core" in ending for ending in endings), endings   # "exited with code -9" or "went away"
-    assert endings[-1].startswith("500")
+    assert endings[0].startswith("500")
     assert server.process.returncode == 1 and seconds < 10
 
 
