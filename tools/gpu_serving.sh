@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Serving at engine speed, on one GPU: for each model (dummy weights, the `throughput` workload),
 # the offline throughput, the benchmark client's own ceiling (against a stub server), and
-# `bench serve` at request rates 8, 32 and inf, in the same run on the same machine.
+# `bench serve` at request rates inf, 32 and 8, in the same run on the same machine. The rates run in
+# that order on one server so that the figure compared with offline (rate inf) meets a cold prefix
+# cache, as the offline run does: the workload's prompts are the same at every rate.
 #
 #   OUT=/some/dir bash tools/gpu_serving.sh        # JSON and logs land in $OUT; about 6 minutes on an H200
+#   MODELS="llama-3.2-1b" API_SERVERS=2 ...        # one model; the server's --api-server-count
 #
 # The GPU machine has no internet. If the server's packages are missing, install them from wheels
 # fetched beforehand on a machine with internet (Python 3.12, x86-64):
@@ -27,14 +30,14 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; uptime; git log -1 --oneline; } >"$OUT/machine.txt" 2>&1
 
 status=0
-for model in llama-3.2-1b qwen3-0.6b; do
+for model in ${MODELS:-llama-3.2-1b qwen3-0.6b}; do
     echo "== $model: offline throughput"
     timeout 150 "$PYTHON" -m nanovllm.cli bench throughput --dummy "$model" --no-progress --ceiling-repeats 3 \
         --json "$OUT/throughput-$model.json" >"$OUT/throughput-$model.log" 2>&1 || { echo "failed: see $OUT/throughput-$model.log"; status=1; }
     tail -4 "$OUT/throughput-$model.log"
     echo "== $model: client ceiling and bench serve at 8, 32, inf req/s"
     timeout 210 "$PYTHON" -m nanovllm.cli bench serve --dummy "$model" --launch --port 18000 --no-progress \
-        --ceiling-repeats 3 --request-rate 8,32,inf --client-processes 4 \
+        --ceiling-repeats 3 --request-rate inf,32,8 --client-processes 4 --api-server-count "${API_SERVERS:-1}" \
         --json "$OUT/serve-$model.json" >"$OUT/serve-$model.log" 2>&1 || { echo "failed: see $OUT/serve-$model.log"; status=1; }
     grep -E "client ceiling|Output token throughput|Median TPOT|Request rate" "$OUT/serve-$model.log"
 done

@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--url", default=None, help=f"the server (default {DEFAULT_URL}, or the launched one)")
     serve.add_argument("--launch", action="store_true", help="start `nano-vllm serve` with this model first")
     serve.add_argument("--port", type=int, default=8000, help="port of the launched server")
+    serve.add_argument("--api-server-count", type=int, default=1,
+                       help="HTTP processes of the launched server (its --api-server-count)")
     serve.add_argument("--request-rate", default="inf",
                        help="Poisson arrival rates in requests/s, comma-separated; inf sends all at once")
     serve.add_argument("--client-processes", type=int, default=1,
@@ -250,7 +252,8 @@ class Bench:
         if self.args.launch:
             if self.args.url:
                 raise ValueError("--launch starts its own server; leave out --url")
-            with LocalServer(_serve_args(self.args, self.config), self.args.port) as server:
+            serve_args = _serve_args(self.args, self.config) + ["--api-server-count", str(self.args.api_server_count)]
+            with LocalServer(serve_args, self.args.port) as server:
                 return self._serve_rates(server.url, workload, rates)
         return self._serve_rates((self.args.url or DEFAULT_URL).rstrip("/"), workload, rates)
 
