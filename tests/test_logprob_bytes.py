@@ -54,7 +54,7 @@ def client_with_output(tiny_llama, byte_tokenizer, monkeypatch):
     async_engine = app.state.server.async_engine
     ids = byte_tokenizer.encode(TEXT, add_special_tokens=False)
 
-    async def answer(requests, stream=True):
+    async def answer(requests, stream=True, detokenize=True):
         outputs = OutputStream(async_engine, [request_id for request_id, _, _ in requests])
         for request_id, prompt, _ in requests:
             logprobs = [{token_id: -0.5, (token_id + 1) % 256: -1.5} for token_id in ids]

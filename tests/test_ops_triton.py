@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanovllm.ops import use_triton
+from nanovllm.ops import use_numba, use_triton
 from nanovllm.ops.activation import silu_and_mul, silu_and_mul_torch
 from nanovllm.ops.attention import AttentionMetadata, paged_attention, paged_attention_torch
 from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
@@ -605,4 +605,11 @@ def test_dispatchers_send_cpu_tensors_to_the_torch_references():
         caches = (k_clean.clone(), v_clean.clone())
         outputs.append((op(*qkv.clone().split([4, 2, 2], dim=1), positions, cos_sin, *caches, metadata, 0.2),
                         *caches))
-    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    # With numba installed, float32 attention on the CPU is attention_numba's (batch-invariant): the
+    # caches it writes are the reference's bit for bit, its softmax sums in its own order.
+    (out, k_cache, v_cache), (out_ref, k_ref, v_ref) = outputs
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    if use_numba(out, k_cache):
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(out, out_ref)

@@ -37,9 +37,9 @@ def capture(app, monkeypatch):
     captured: list[SamplingParams] = []
     add_requests = engine.add_requests
 
-    async def recording(requests, stream=True):
+    async def recording(requests, stream=True, **options):
         captured.extend(params for _, _, params in requests)
-        return await add_requests(requests, stream)
+        return await add_requests(requests, stream, **options)
 
     monkeypatch.setattr(engine, "add_requests", recording)
     return captured
