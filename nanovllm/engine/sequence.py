@@ -30,6 +30,7 @@ from nanovllm.sampling_params import SamplingParams
 PENDING = -1   # a sampled token whose id has not reached the host yet
 
 if TYPE_CHECKING:
+    from nanovllm.structured.grammar import GrammarState
     from nanovllm.tokenizer import IncrementalDetokenizer
 
 
@@ -72,6 +73,7 @@ class Sequence:
     prompt: str | None = None                # the prompt text, when it was given as text
     detokenizer: IncrementalDetokenizer | None = None
     detokenize_at_finish: bool = False       # nobody reads the text before the end: decode it once then
+    grammar: GrammarState | None = None      # structured outputs: its matcher (nanovllm/structured)
     # The state the scheduler advances.
     token_ids: list[int] = field(default_factory=list)      # prompt + output
     output_token_ids: list[int] = field(default_factory=list)
@@ -98,7 +100,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        self.reads_own_tokens = self.sampling_params.has_penalties   # read every step: kept as a plain field
+        # Read every step: kept as a plain field. A grammar's matcher takes each token before the next step.
+        self.reads_own_tokens = self.sampling_params.has_penalties or self.grammar is not None
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
 

@@ -290,4 +290,5 @@ class ModelRunner:
             output_token_ids=[seq.output_token_ids for seq in seqs],
             eos_token_ids=self.eos_token_ids,
             device=self.device,
+            grammars=[seq.grammar for seq in seqs],
         )
