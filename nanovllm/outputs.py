@@ -57,3 +57,6 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0                   # prompt tokens found in the prefix cache
     error: str | None = None                     # why the request failed (finish_reason "error")
+    # Per prompt token: its log-probability given the tokens before it, with the top-k alternatives
+    # (None for the first token); None unless SamplingParams.prompt_logprobs asked.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -235,8 +235,10 @@ class LLMEngine:
 
     def _grammar_states(self, params: SamplingParams) -> list[GrammarState | None]:
         """One grammar matcher per sample of a structured-outputs request (compiled now, off the step
-        loop, and cached by constraint); Nones otherwise. Also checks logit_bias against the vocabulary."""
+        loop, and cached by constraint); Nones otherwise. Also checks logit_bias and prompt_logprobs."""
         vocab_size = self.model_config.vocab_size
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise ValueError("prompt_logprobs needs tensor_parallel_size 1; leave it out or run on one device")
         if params.logit_bias and max(params.logit_bias) >= vocab_size:
             raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary "
                              f"[0, {vocab_size})")
@@ -393,6 +395,7 @@ class LLMEngine:
                 token_times=list(first.token_times),
             ),
             num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
             error=next((seq.error for seq in seqs if seq.error is not None), None),
         )
 

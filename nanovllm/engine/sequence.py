@@ -92,6 +92,9 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None   # per output token: sampled + top-k, when asked
     cumulative_logprob: float = 0.0
     error: str | None = None
+    # Prompt log-probabilities (SamplingParams.prompt_logprobs; the first sample of a request only): entry i is
+    # token i's given tokens 0..i-1 with the top-k alternatives, None for token 0; filled as prefill chunks run.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     # Timing (time.time() seconds).
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -104,6 +107,8 @@ class Sequence:
         self.reads_own_tokens = self.sampling_params.has_penalties or self.grammar is not None
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -128,6 +133,12 @@ class Sequence:
     @property
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some prompt token's log-probability is still to be computed (so its prefix is recomputed,
+        not taken from the prefix cache, which holds K and V but no logits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_known_tokens(self) -> int:

@@ -51,6 +51,7 @@ from nanovllm.runner.tp_worker import WorkerGroup, min_over_ranks, receive_step,
 from nanovllm.sampling_params import SamplingParams
 
 CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
+PROMPT_LOGPROBS_ROWS = 256      # prompt rows whose logits are computed at once for prompt_logprobs
 
 
 def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -187,10 +188,45 @@ class ModelRunner:
             return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, metadata, self.kv_caches)        # [T, H]
+        self._record_prompt_logprobs(batch, hidden)
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return None
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
         return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
+
+    def _record_prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> None:
+        """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
+        holds the logits of token p + 1. Entries already known (a chunk recomputed after preemption) are
+        skipped, so each prompt token gets exactly one, whatever the chunking or the cache."""
+        rows: list[int] = []        # rows of hidden
+        targets: list[int] = []     # the prompt token each row's logits score
+        owners: list = []           # the sequence each row's entry goes to
+        row_start = 0
+        for seq, num_new in batch.scheduled:
+            if seq.needs_prompt_logprobs:
+                start = seq.num_computed_tokens
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                for position in range(first, min(start + num_new, seq.num_prompt_tokens - 1)):
+                    rows.append(row_start + position - start)
+                    targets.append(seq.token_ids[position + 1])
+                    owners.append(seq)
+            row_start += num_new
+        if not rows:
+            return
+        num_top = max(seq.sampling_params.prompt_logprobs for seq in owners)
+        for begin in range(0, len(rows), PROMPT_LOGPROBS_ROWS):   # bounded [rows, V] float32 buffers
+            index = slice(begin, begin + PROMPT_LOGPROBS_ROWS)
+            logits = self.model.compute_logits(hidden[host_to_device(rows[index], torch.int64, self.device)])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)                           # [n, V]
+            target_ids = torch.tensor(targets[index], device=self.device)
+            chosen = logprobs.gather(1, target_ids[:, None]).squeeze(1).tolist()          # [n]
+            top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0],) * 2
+            for seq, target, value, values, ids in zip(owners[index], targets[index], chosen,
+                                                       top_values.tolist(), top_ids.tolist()):
+                k = seq.sampling_params.prompt_logprobs
+                entry = dict(zip(ids[:k], values[:k]))
+                entry[target] = value
+                seq.prompt_logprobs.append(entry)
 
     def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
         """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
