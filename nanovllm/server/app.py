@@ -44,12 +44,16 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
+from nanovllm.server.openai_extras import (ChatReply, IgnoredFieldsMiddleware, ToolSetup, echo_logprobs,
+                                           note_ignored_fields, structured_outputs_of)
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse,
     ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
 )
+from nanovllm.server.reasoning import REASONING_PARSERS
+from nanovllm.server.tool_parsers import get_tool_parser
 
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -65,6 +69,9 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_waiting: int = DEFAULT_MAX_WAITING   # queued sequences beyond which new requests get 503
     log_interval: float = 5.0              # seconds between stat log lines while busy
+    chat_template: str | None = None       # Jinja text replacing the model's chat template (--chat-template)
+    reasoning_parser: str | None = None    # "qwen3": <think> text goes to reasoning_content
+    tool_call_parser: str = "hermes"       # how tool_choice "auto" reads calls back (server/tool_parsers.py)
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_waiting"):
@@ -75,6 +82,9 @@ class ServerConfig:
             raise ValueError(f"log_interval must be a positive number of seconds, got {self.log_interval!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty; pass a non-empty key or none at all")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; choose one of {REASONING_PARSERS}")
+        get_tool_parser(self.tool_call_parser)   # raises, naming the parsers, if unknown
 
 
 def default_served_model_name(model: str | None) -> str:
@@ -122,6 +132,7 @@ def build_app(engine_config: EngineConfig | None = None, server_config: ServerCo
     app.add_exception_handler(Exception, _internal_error_handler)
     # The middleware added last runs first: the key is checked before a byte of the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_request_bytes)
+    app.add_middleware(IgnoredFieldsMiddleware)
     if server.config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=server.config.api_key)
     return app
@@ -200,11 +211,12 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         body = _parse(CompletionRequest, await request.body())
+        note_ignored_fields(request, body)
         self._check_model(body.model)
         _check_stream_options(body.stream, body.stream_options)
-        if body.echo and body.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, which nano-vllm "
-                              "does not compute; drop one of the two", param="echo")
+        if body.echo and body.logprobs is not None and body.stream:
+            raise OpenAIError(400, "echo with logprobs (the prompt's log-probabilities) is served without "
+                              "streaming; set stream to false", param="echo")
         params = _sampling_params(body)
         prompts = self._completion_prompts(body.prompt)
         response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -223,7 +235,9 @@ class OpenAIServer:
             for completion in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, _ = self._completion_logprobs(completion, 0, body.logprobs, 0)
+                    logprobs, _ = self._completion_logprobs(completion, 0, body.logprobs, len(prompt_text))
+                    if body.echo:
+                        logprobs = echo_logprobs(final, body.logprobs, self._token_text, logprobs)
                 choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
                                                 text=prompt_text + completion.text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason))
@@ -296,28 +310,42 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         body = _parse(ChatCompletionRequest, await request.body())
+        note_ignored_fields(request, body)
         self._check_model(body.model)
         _check_stream_options(body.stream, body.stream_options)
-        params = _sampling_params(body)
-        prompt_token_ids = self._chat_prompt(body.messages, add_generation_prompt=True)
+        try:
+            tools = ToolSetup.of(body, self.config.tool_call_parser)
+        except ValueError as error:
+            raise OpenAIError(400, str(error), param="tool_choice") from None
+        params = _sampling_params(body, tools)
+        prompt_token_ids = self._chat_prompt(
+            body.messages, add_generation_prompt=body.add_generation_prompt,
+            tools=tools.tools if tools.mode != "none" else None,
+            continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
         self._check_prompt_length(prompt_token_ids, "messages")
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
         header = dict(id=response_id, created=int(time.time()), model=self.model_name)
+        reasoning = self.config.reasoning_parser is not None
         if body.stream:
-            return _event_stream(self._chat_chunks(body, params, outputs, header), outputs, _include_usage(body))
+            return _event_stream(self._chat_chunks(body, params, outputs, header, tools), outputs,
+                                 _include_usage(body))
         finals = await _collect_final_outputs(request, outputs)
         if finals is None:
             return Response(status_code=499)
-        choices = [ChatCompletionChoice(
-            index=completion.index, message=ChatResponseMessage(content=completion.text),
-            logprobs=self._chat_logprobs(completion, 0, body.top_logprobs or 0) if body.logprobs else None,
-            finish_reason=completion.finish_reason) for completion in finals[0].outputs]
+        choices = []
+        for completion in finals[0].outputs:
+            message, finish_reason = ChatReply(tools, reasoning).message(completion.text, completion.finish_reason)
+            choices.append(ChatCompletionChoice(
+                index=completion.index, message=ChatResponseMessage(**message),
+                logprobs=self._chat_logprobs(completion, 0, body.top_logprobs or 0) if body.logprobs else None,
+                finish_reason=finish_reason))
         return JSONResponse(ChatCompletionResponse(choices=choices, usage=_usage(finals), **header).model_dump())
 
     async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, outputs: OutputStream,
-                           header: dict[str, Any]) -> AsyncIterator[BaseModel]:
+                           header: dict[str, Any], tools: ToolSetup) -> AsyncIterator[BaseModel]:
         progress = {index: _ChoiceProgress() for index in range(params.n)}
+        replies = {index: ChatReply(tools, self.config.reasoning_parser is not None) for index in range(params.n)}
         for index in range(params.n):
             yield ChatCompletionChunk(choices=[ChatStreamChoice(
                 index=index, delta=ChatDelta(role="assistant", content=""))], **header)
@@ -331,17 +359,21 @@ class OpenAIServer:
                     continue
                 logprobs = (self._chat_logprobs(completion, state.num_tokens, body.top_logprobs or 0)
                             if body.logprobs else None)
-                text = state.advance(completion)
+                state.advance(completion)
+                delta, finish_reason = replies[completion.index].delta(completion.text, completion.finished,
+                                                                       completion.finish_reason)
                 yield ChatCompletionChunk(choices=[ChatStreamChoice(
-                    index=completion.index, delta=ChatDelta(content=text or None), logprobs=logprobs,
-                    finish_reason=completion.finish_reason)], **header)
+                    index=completion.index, delta=ChatDelta(**delta), logprobs=logprobs,
+                    finish_reason=finish_reason)], **header)
         if _include_usage(body):
             yield ChatCompletionChunk(choices=[], usage=_usage([final]), **header)
 
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, **options: Any) -> list[int]:
+        """options: tools, continue_final_message and the template's own keyword arguments."""
         conversation = [message.to_template_dict() for message in messages]
         try:
-            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                      chat_template=self.config.chat_template, **options)
         except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
             raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
 
@@ -449,9 +481,15 @@ def _validation_error(error: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param} matches none of its accepted forms ({reasons})", param=param)
 
 
-def _sampling_params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def _sampling_params(body: CompletionRequest | ChatCompletionRequest, tools: ToolSetup | None = None,
+                     ) -> SamplingParams:
     try:
-        return body.to_sampling_params()
+        constraint = structured_outputs_of(body)
+        tool_constraint = None if tools is None else tools.constraint(body.parallel_tool_calls)
+        if constraint is not None and tool_constraint is not None:
+            raise ValueError("tool_choice required or a named function is itself an output constraint; "
+                             "drop response_format (or the guided_* field)")
+        return body.to_sampling_params(structured_outputs=tool_constraint or constraint)
     except ValueError as error:   # SamplingParams' sentences start with the field's name
         first_word = str(error).split(" ", 1)[0]
         raise OpenAIError(400, str(error), param=first_word if first_word in type(body).model_fields else None) \
