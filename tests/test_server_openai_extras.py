@@ -152,7 +152,7 @@ def test_auto_reads_a_hermes_call_and_the_stream_concatenates_to_the_same_reply(
     client, _ = embedded
     # The small model does not write tool calls of its own accord: a regex makes it write one in Hermes form.
     request = dict(model="m", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER_TOOL],
-                   max_tokens=60, temperature=0, extra_body={"guided_regex": "Checking. " + HERMES_CALL_REGEX})
+                   max_tokens=100, temperature=0, extra_body={"guided_regex": r"Checking\. " + HERMES_CALL_REGEX})
     whole = client.chat.completions.create(**request).choices[0]
     [call] = whole.message.tool_calls
     assert whole.finish_reason == "tool_calls" and whole.message.content == "Checking. "
