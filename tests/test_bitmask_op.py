@@ -62,3 +62,19 @@ def test_kernel_case(num_rows, vocab_size, masked_rows):
     apply_token_bitmask_torch(expected, bitmask, rows)
     apply_token_bitmask_triton(got, bitmask, rows)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows, vocab_size, masked_rows", [(3, 33, [2, 0]), (256, 128256, list(range(0, 256, 2))),
+                                                               (1, 151936, [0])])
+def test_the_kernel_on_a_gpu_matches_the_reference(num_rows, vocab_size, masked_rows, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    logits, bitmask, rows = _case(num_rows, vocab_size, masked_rows, seed=3)
+    logits = logits.to(dtype)
+    expected = logits.clone()
+    apply_token_bitmask_torch(expected, bitmask, rows)
+    got = logits.cuda()
+    apply_token_bitmask(got, bitmask.cuda(), rows.cuda())
+    assert torch.equal(got.cpu(), expected)
