@@ -67,7 +67,7 @@ from nanovllm.ops.bitmask import apply_token_bitmask
 from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform,
                                    sample_from_logits)
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import GrammarState
+from nanovllm.structured.grammar import GrammarState, grammar_bitmask
 
 
 def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
@@ -172,10 +172,8 @@ def _grammar_bitmask(grammars: list[GrammarState | None], output_token_ids: list
     rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
     if not rows:
         return None, None
-    bitmask = torch.zeros(len(rows), grammars[rows[0]].bitmask_width, dtype=torch.int32)   # [R, W] on the host
-    for masked_row, row in enumerate(rows):
-        grammars[row].catch_up(output_token_ids[row])
-        grammars[row].fill_bitmask(bitmask, masked_row, eos_token_ids)
+    bitmask = grammar_bitmask([grammars[row] for row in rows], [output_token_ids[row] for row in rows],
+                              eos_token_ids)                                                  # [R, W] on the host
     return host_to_device(bitmask, torch.int32, device), host_to_device(rows, torch.int64, device)
 
 

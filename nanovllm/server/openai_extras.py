@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nanovllm.outputs import RequestOutput
+from nanovllm.server.protocol import CompletionLogprobs
 from nanovllm.server.reasoning import split_reasoning
 from nanovllm.server.tool_parsers import ToolCall, get_tool_parser
 from nanovllm.structured import StructuredOutputsParams
@@ -232,11 +234,10 @@ def _partial_marker_len(text: str, marker: str) -> int:
 
 # ---- echo + logprobs ----------------------------------------------------------------------
 
-def echo_logprobs(final: Any, num_top: int, token_text: Any, completion_logprobs: Any) -> Any:
+def echo_logprobs(final: RequestOutput, num_top: int, token_text: Callable[[int], str],
+                  completion_logprobs: CompletionLogprobs) -> CompletionLogprobs:
     """Completions logprobs of the prompt (from RequestOutput.prompt_logprobs; the first token has
     none) followed by the completion's own: what lm-evaluation-harness reads for a log-likelihood."""
-    from nanovllm.server.protocol import CompletionLogprobs
-
     result = CompletionLogprobs()
     text_offset = 0
     for token_id, entry in zip(final.prompt_token_ids, final.prompt_logprobs or []):
