@@ -16,21 +16,22 @@ from nanovllm.structured import StructuredOutputsParams
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
-# Nested objects, arrays, enums, required fields; short keys and bounded values keep samples short.
+# Nested objects, arrays, enums, required fields; one-letter keys and bounded values keep samples short
+# (the 150 samples below are the costliest CPU test of structured outputs).
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 5},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "home": {
+        "n": {"type": "string", "maxLength": 4},
+        "r": {"enum": ["admin", "user", "guest"]},
+        "h": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 5},
-                           "zip": {"type": "integer", "minimum": 0, "maximum": 999}},
-            "required": ["city", "zip"],
+            "properties": {"c": {"type": "string", "maxLength": 4},
+                           "z": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["c", "z"],
         },
-        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
+        "t": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
     },
-    "required": ["name", "role", "home", "tags"],
+    "required": ["n", "r", "h", "t"],
 }
 PROMPT = "Here is a user record:"
 
@@ -126,3 +127,11 @@ def test_the_sampler_masks_only_the_constrained_rows_and_adds_the_bias_to_its_ro
     batch.bitmask, batch.bitmask_rows = bitmask, torch.tensor([2])
     tokens = Sampler()(logits.clone(), batch).token_ids
     assert tokens == [3, int(logits[1].argmax()), 37]
+
+
+def test_with_async_scheduling_each_constrained_step_waits_for_the_token_its_matcher_needs():
+    llm = LLM(async_scheduling=True)
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=16, structured_outputs={"regex": REGEX})
+              for seed in range(6)]
+    for output in llm.generate([PROMPT] * len(params), params, use_tqdm=False):
+        assert re.fullmatch(REGEX, output.outputs[0].text), output.outputs[0].text

@@ -198,6 +198,8 @@ class ModelRunner:
         """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
         holds the logits of token p + 1. Entries already known (a chunk recomputed after preemption) are
         skipped, so each prompt token gets exactly one, whatever the chunking or the cache."""
+        if batch.num_prefill_tokens == 0:   # decodes only: no prompt row in the step
+            return
         rows: list[int] = []        # rows of hidden
         targets: list[int] = []     # the prompt token each row's logits score
         owners: list = []           # the sequence each row's entry goes to
