@@ -103,8 +103,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
-        # Read every step: kept as a plain field. A grammar's matcher takes each token before the next step.
-        self.reads_own_tokens = self.sampling_params.has_penalties or self.grammar is not None
+        self.reads_own_tokens = self.sampling_params.has_penalties   # read every step: kept as a plain field
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
         if self.sampling_params.prompt_logprobs is not None and self.index == 0:

@@ -42,6 +42,7 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.scheduler import Batch
+from nanovllm.engine.sequence import PENDING, Sequence
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
@@ -80,6 +81,7 @@ class ModelRunner:
         # Every step samples into these device buffers: the last step's tokens are there for rows whose
         # input is still pending (and are the decode graphs' input ids), and one copy brings them home.
         self.samples = SampleBuffers(config.max_num_seqs, self.device)
+        self.last_samples: DeviceSamples | None = None   # the last step that sampled: its pending tokens
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
             self.workers = WorkerGroup.start(config, self.parallel)
@@ -179,6 +181,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: Batch) -> DeviceSamples | None:
         """Queue one step on the device -> its samples, on their way (None: no sequence samples)."""
+        samples = self._launch(batch)
+        if samples is not None:
+            self.last_samples = samples
+        return samples
+
+    def _launch(self, batch: Batch) -> DeviceSamples | None:
         if self.workers is not None:
             return self._run_parallel(batch)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
@@ -193,6 +201,17 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
         return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
+
+    def _pending_token(self, seq: Sequence) -> int:
+        """The id of seq's newest token, still pending on the host (async scheduling): a grammar's matcher
+        needs it for this step's mask. This step's forward is queued already; the host waits only for
+        the last step's samples to reach it, while the device computes."""
+        last = self.last_samples
+        if seq.num_pending != 1 or last is None:   # not the last step's token: the matcher waits at PENDING
+            return PENDING
+        if last.copied is not None:
+            last.copied.synchronize()
+        return int(last.host[seq.pending_row])
 
     def _record_prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> None:
         """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
@@ -320,12 +339,16 @@ class ModelRunner:
 
     def prepare_sampling(self, batch: Batch) -> SamplingBatch:
         seqs = batch.sampling_seqs
+        output_token_ids = [seq.output_token_ids for seq in seqs]
+        for row, seq in enumerate(seqs):
+            if seq.grammar is not None and seq.num_pending:
+                output_token_ids[row] = seq.output_token_ids[:-1] + [self._pending_token(seq)]
         return SamplingBatch.build(
             params=[seq.sampling_params for seq in seqs],
             seeds=[seq.seed for seq in seqs],
             output_lens=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
-            output_token_ids=[seq.output_token_ids for seq in seqs],
+            output_token_ids=output_token_ids,
             eos_token_ids=self.eos_token_ids,
             device=self.device,
             grammars=[seq.grammar for seq in seqs],
