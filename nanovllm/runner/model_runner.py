@@ -221,7 +221,7 @@ class ModelRunner:
             return
         rows: list[int] = []        # rows of hidden
         targets: list[int] = []     # the prompt token each row's logits score
-        owners: list = []           # the sequence each row's entry goes to
+        owners: list[Sequence] = []  # the sequence each row's entry goes to
         row_start = 0
         for seq, num_new in batch.scheduled:
             if seq.needs_prompt_logprobs:
