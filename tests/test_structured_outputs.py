@@ -135,3 +135,14 @@ def test_with_async_scheduling_each_constrained_step_waits_for_the_token_its_mat
               for seed in range(6)]
     for output in llm.generate([PROMPT] * len(params), params, use_tqdm=False):
         assert re.fullmatch(REGEX, output.outputs[0].text), output.outputs[0].text
+
+
+def test_a_masked_token_never_wins_the_race_even_where_its_exponential_rounds_to_zero(monkeypatch):
+    import nanovllm.ops.sampling as sampling
+    vocab_size = 2048
+    scores = torch.full((1, vocab_size), float("-inf"))
+    scores[0, 7] = 0.0                                   # the one token the mask allows
+    uniform = torch.full((1, vocab_size), 0.5)
+    uniform[0, 1500] = 1.0                               # CPU log rounds u just below 1 to log u = 0
+    monkeypatch.setattr(sampling, "random_uniform", lambda keys, size: uniform.clone())
+    assert sampling.exponential_race_torch(scores, torch.tensor([1])).tolist() == [7]
