@@ -130,7 +130,7 @@ def test_a_forced_tool_call_then_its_result_then_the_final_answer(embedded):
     [call] = first.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and call.type == "function" and call.id
     jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
-    messages += [first.choices[0].message.model_dump(exclude_none=True),
+    messages += [first.choices[0].message.model_dump(),   # as clients send it back: refusal, audio, ... too
                  {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
     final = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL], max_tokens=20,
                                            temperature=0)

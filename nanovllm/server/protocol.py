@@ -114,6 +114,8 @@ class TextContentPart(_Request):
 
 
 class ChatMessage(_Request):
+    # A client sends back the assistant message it received, with fields we leave out (refusal, audio, ...).
+    model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
