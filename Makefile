@@ -28,9 +28,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
-# On a machine with a CUDA GPU and torch/triton already installed (the device machine).
+# On a machine with a CUDA GPU and torch/triton already installed.
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Mutation testing of the module that pyproject.toml's [tool.mutmut] names, one worker (tests/MUTANTS.md).
+.PHONY: mutants
+mutants: $(STAMP)
+	nice -n 10 $(BIN)/mutmut run --max-children 1; $(BIN)/mutmut results

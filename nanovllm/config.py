@@ -15,7 +15,7 @@ The numbers that shape serving are few:
   so the visualizer can show the memory it wastes.
 - `tensor_parallel_size`: how many processes (one per GPU) split each layer's
   weights and the KV cache; the engine starts the others itself, or they come
-  from `torchrun` (see docs/tensor-parallel.md).
+  from `torchrun` (see docs/reference/tensor-parallel.md).
 
 Defaults that depend on the device ("auto" values and the `None` sizes) are
 resolved in `__post_init__`; `max_model_len` is resolved against the model by
@@ -30,14 +30,19 @@ from typing import Any
 import torch
 
 from nanovllm.model.config import ModelConfig
+from nanovllm.model.embedded import is_embedded_model
+
+# Weight formats a float checkpoint can be quantized into as it loads (nanovllm/model/quantization/).
+ONLINE_METHODS = ("fp8", "w4a16")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU weight-only formats (nanovllm/ops/quant.py) -> the dtype of activations and the KV cache.
 QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
-# dtype="auto" on the CPU for the embedded SmolLM2-135M, chosen by measurement (docs/cpu-fast-path.md,
+# dtype="auto" on the CPU for the embedded SmolLM2-135M, chosen by measurement (docs/reference/cpu-fast-path.md,
 # 2-core Xeon with AVX-512/AMX, loaded): int4 decodes 2.2x float32's tokens/s at batch 1 and is the one
-# reduced format inside the quality guard (top-1 agreement with float32 98.8% on the packed path, 100% on
-# the bfloat16 one; int8 per channel 96.1%, bfloat16 activations 95.3%). Other models stay float32 until
+# reduced format inside the quality guard (top-1 agreement with float32 98.8% through its packed kernel, which
+# it uses for every step so that greedy output does not depend on the batch, docs/reference/cpu-kernels.md;
+# int8 per channel 96.1%, bfloat16 activations 95.3%). Other models stay float32 until
 # measured: their exact greedy agreement with transformers is what their tests check.
 CPU_AUTO_DTYPE_EMBEDDED = "int4"
 DEVICES = ("auto", "cpu", "cuda")
@@ -74,6 +79,8 @@ class EngineConfig:
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
     async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n; None: on for one CUDA GPU
+    quantization: str | None = None       # "fp8" | "w4a16": quantize a float checkpoint's linear layers at load
+    skip_tokenizer_init: bool = False     # no tokenizer: prompts are token ids, outputs token ids with text ""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
@@ -98,7 +105,9 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is a CPU format for one process; use it with device='cpu' "
                              "and tensor_parallel_size=1, or pick 'bfloat16'")
         if self.dtype == "auto":
-            cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if self.model is None and self.tensor_parallel_size == 1 else "float32"
+            embedded = (self.tensor_parallel_size == 1 and self.quantization is None
+                        and is_embedded_model(self.model))
+            cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if embedded else "float32"
             self.dtype = "bfloat16" if self.device == "cuda" else cpu_auto
         on_cuda = self.device == "cuda"
         if self.max_num_seqs is None:
@@ -123,6 +132,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling runs with tensor_parallel_size=1 only; turn one of them off")
+        if self.quantization is not None and (self.quantization not in ONLINE_METHODS or self.dtype in QUANTIZED_DTYPES):
+            raise ValueError(f"quantization must be one of {', '.join(ONLINE_METHODS)} with a float dtype, got "
+                             f"{self.quantization!r} with dtype={self.dtype!r}; quantized checkpoints need none")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -134,10 +146,15 @@ class EngineConfig:
     def fit_model(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with max_model_len resolved against the model; raises if it asks for more than the model has."""
         limit = model_config.max_position_embeddings
+        window = model_config.sliding_window
         if self.max_model_len is None:
-            return dataclasses.replace(self, max_model_len=min(limit, DEFAULT_MAX_MODEL_LEN))
+            return dataclasses.replace(self, max_model_len=min(limit, window or limit, DEFAULT_MAX_MODEL_LEN))
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
                              f"({limit}); pass max_model_len={limit} or less")
+        if window is not None and self.max_model_len > window:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding_window ({window}): "
+                             "nano-vllm has no sliding-window attention yet, so past that many tokens it would "
+                             f"attend where the model never did; pass max_model_len={window} or less")
         return self
 

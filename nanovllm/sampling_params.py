@@ -37,6 +37,12 @@ from nanovllm.structured.params import StructuredOutputsParams
 _SAMPLING_EPS = 1e-5
 # The most top log-probabilities a request may ask for per token (OpenAI's cap).
 MAX_LOGPROBS = 20
+# The most samples one request may ask for (each is a sequence with its own KV).
+MAX_N = 1024
+# Integers reach the sampler as int64 tensors; anything outside that range would overflow there.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# A seed is any 64-bit pattern, written signed (vLLM, torch) or unsigned; nothing wraps.
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
 
 
 class SamplingType(enum.IntEnum):
@@ -69,18 +75,20 @@ class SamplingParams:
     prompt_logprobs: int | None = None            # top-k per prompt position (0: the prompt token's only)
 
     def __post_init__(self) -> None:
-        self.n = _int("n", self.n)
+        self.n = _int("n", self.n, 1, MAX_N, "the number of samples per prompt")
         self.temperature = _float("temperature", self.temperature)
         self.top_p = _float("top_p", self.top_p)
-        self.top_k = _int("top_k", self.top_k)
+        self.top_k = _int("top_k", self.top_k, -1, INT64_MAX, "-1 or 0 turn it off")
         self.min_p = _float("min_p", self.min_p)
         self.presence_penalty = _float("presence_penalty", self.presence_penalty)
         self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty)
         self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty)
-        self.seed = None if self.seed is None else _int("seed", self.seed)
-        self.max_tokens = None if self.max_tokens is None else _int("max_tokens", self.max_tokens)
-        self.min_tokens = _int("min_tokens", self.min_tokens)
-        self.logprobs = None if self.logprobs is None else _int("logprobs", self.logprobs)
+        self.seed = None if self.seed is None else _int("seed", self.seed, SEED_MIN, SEED_MAX, "a 64-bit integer")
+        self.max_tokens = None if self.max_tokens is None else _int(
+            "max_tokens", self.max_tokens, 1, INT64_MAX, "or None for up to max_model_len")
+        self.min_tokens = _int("min_tokens", self.min_tokens, 0, INT64_MAX, "0 turns it off")
+        self.logprobs = None if self.logprobs is None else _int(
+            "logprobs", self.logprobs, 0, MAX_LOGPROBS, "the number of top tokens returned per step; None for none")
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
@@ -100,14 +108,10 @@ class SamplingParams:
                                  f"returned per prompt position; None for none), got {self.prompt_logprobs}")
 
     def _check_ranges(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1 (the number of samples per prompt), got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (off) or a positive number of tokens, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -116,16 +120,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {value}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1 (or None for up to max_model_len), got {self.max_tokens}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}); "
                              "raise max_tokens or lower min_tokens")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (the number of top tokens "
-                             f"returned per step; None for none), got {self.logprobs}")
 
     @property
     def sampling_type(self) -> SamplingType:
@@ -158,9 +155,11 @@ def _float(name: str, value: Any) -> float:
     return value
 
 
-def _int(name: str, value: Any) -> int:
+def _int(name: str, value: Any, low: int, high: int, meaning: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high} ({meaning}), got {value}")
     return int(value)
 
 
@@ -201,6 +200,8 @@ def _stop_token_ids(ids: Any) -> list[int]:
     if ids is None:
         return []
     if (not isinstance(ids, (list, tuple))
-            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids)):
-        raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {ids!r}")
+            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i <= INT64_MAX
+                       for i in ids)):
+        raise ValueError(f"stop_token_ids must be a list of token ids (integers from 0 up to the vocabulary "
+                         f"size), got {ids!r}")
     return [int(i) for i in ids]

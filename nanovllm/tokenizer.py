@@ -78,6 +78,21 @@ class Tokenizer:
         message open for the model to continue, instead of opening a new assistant turn."""
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as the tokenizer's decoder concatenates them: the raw byte of
+        a byte-fallback token (`<0xF0>`, or a byte-level BPE's one-byte token), which alone is not
+        UTF-8, and a word-start marker ("▁") as its space."""
+        raise NotImplementedError
+
+    def token_text(self, token_id: int) -> str:
+        """The token as log-probabilities show it: its bytes as text, or, when they are not whole UTF-8
+        characters (a piece of an emoji), OpenAI's form of them, `bytes:\\xf0\\x9f`."""
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
+
     @property
     def all_special_ids(self) -> set[int]:
         raise NotImplementedError
@@ -118,6 +133,28 @@ class HFTokenizer(Tokenizer):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._hf.convert_ids_to_tokens(token_id)
+        if piece is None:   # the model's vocabulary is padded past the tokenizer's: such ids stand for nothing
+            return b""
+        if token_id in self._hf.added_tokens_decoder:
+            return piece.encode("utf-8")
+        byte = _BYTE_FALLBACK.fullmatch(piece)
+        if byte is not None:
+            return bytes([int(byte.group(1), 16)])
+        if self._is_byte_level:
+            return bytes(_BYTE_LEVEL_DECODER[char] for char in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @property
+    def _is_byte_level(self) -> bool:
+        """Whether the decoder maps each character of a piece back to one byte (GPT-2's byte-level BPE)."""
+        if not hasattr(self, "_byte_level"):
+            decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+            parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+            self._byte_level = any(part.get("type") == "ByteLevel" for part in parts)
+        return self._byte_level
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
                             tools: list[dict] | None = None, continue_final_message: bool = False,
                             chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
@@ -137,6 +174,26 @@ class HFTokenizer(Tokenizer):
     def all_special_ids(self) -> set[int]:
         added = self._hf.added_tokens_decoder
         return set(self._hf.all_special_ids) | {i for i, token in added.items() if token.special}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character: printable Latin-1 bytes as
+    themselves, the others as the characters from U+0100 on, in byte order. -> character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL_DECODER = _byte_level_alphabet()
 
 
 def _json_eos(path: Path) -> list[int]:
@@ -263,6 +320,11 @@ class Llama2cTokenizer(Tokenizer):
             previous = token_id
         return out.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.pieces[token_id]
+        byte = self._BYTE_PIECE.fullmatch(piece)
+        return bytes([int(byte.group(1), 16)]) if byte else piece
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
                             tools: list[dict] | None = None, continue_final_message: bool = False,
                             chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
@@ -271,6 +333,32 @@ class Llama2cTokenizer(Tokenizer):
     @property
     def all_special_ids(self) -> set[int]:
         return {self.UNK, self.BOS, self.EOS}
+
+
+class TokenIdTokenizer(Tokenizer):
+    """A stand-in tokenizer for models that have none: ids only, each decoded as "<id>"."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], bos_token_id: int | None = None):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.bos_token_id = bos_token_id
+        self.has_chat_template = False
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("this model has no tokenizer (dummy weights); send prompts as token ids, or pass "
+                         "--tokenizer PATH")
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{token_id}>" for token_id in token_ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        raise ValueError("this model has no tokenizer (dummy weights) and so no chat template")
+
+    @property
+    def all_special_ids(self) -> set[int]:
+        return set(self.eos_token_ids)
 
 
 class IncrementalDetokenizer:
@@ -309,3 +397,21 @@ class IncrementalDetokenizer:
         """The text `add_tokens` emits when fed `output_token_ids` one at a time, decoded in one
         call: a tail that does not decode to complete characters is held back the same way."""
         return self.tokenizer.decode(output_token_ids, self.skip_special_tokens).rstrip("\ufffd")
+
+
+class TokenOffsets:
+    """Where each output token's text starts in the output text, token after token: the length of the
+    text the tokens before it decode to (`IncrementalDetokenizer`'s, so it indexes exactly the text the
+    engine returns). The bytes of a character split over several tokens count once, at the token that
+    completes it: the tokens before it start where the character does."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, [], skip_special_tokens)
+
+    def add(self, token_ids: list[int]) -> list[int]:
+        """The offsets of the next tokens of the output."""
+        offsets = []
+        for token_id in token_ids:
+            offsets.append(len(self.detokenizer.text))
+            self.detokenizer.add_tokens([token_id])
+        return offsets

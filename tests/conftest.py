@@ -4,10 +4,18 @@ No model can be downloaded here, so tests build their own: a few layers of
 random weights in the exact HuggingFace format (config.json, model.safetensors,
 tokenizer.json with a byte-level BPE and a ChatML template), small enough that
 the whole suite runs on a 2-core CPU.
+
+Default random initialisation makes useless oracles: attention is nearly
+uniform (a masking or position bug barely moves a logit) and a tied model's
+greedy token is its input token (32 "matching" greedy tokens compare a repeated
+token with itself). So the weights are redrawn at scales that make attention
+sharp and continuations vary, and `write_tiny_model` checks both properties
+on every model it writes, so the fixtures cannot silently degrade.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -68,14 +76,76 @@ def write_tiny_model(path: Path, name: str = "llama-gqa4", num_layers: int = 2, 
     kwargs.update(overrides)
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    # Random init gives near-uniform logits; widen them so greedy choices are not near-ties.
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0, 1.0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    draw_discriminating_weights(model, seed)
+    assert_discriminates(model)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     save_byte_tokenizer(path)
     return path
+
+
+QK_GAIN = 2.0            # query and key scale: attention scores of std ~4, so each query attends to a few keys
+TIED_EMBEDDING_STD = 0.1  # small, so a tied model's residual stream is not dominated by its input token
+LOGIT_STD = 3.0          # logits spread enough that greedy choices are not near-ties
+
+
+@torch.no_grad()
+def draw_discriminating_weights(model, seed: int) -> None:
+    """Redraw every weight of a transformers model: matrices at 1/sqrt(fan_in) (so each layer's output is
+    of the size of its input), queries and keys QK_GAIN times more, norms and biases off their defaults
+    (so a loader that drops them is caught), and the output scaled to logits of std LOGIT_STD."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    tied = config.tie_word_embeddings
+    embedding_std = TIED_EMBEDDING_STD if tied else 1.0
+
+    def normal(shape: torch.Size, std: float, mean: float = 0.0) -> torch.Tensor:
+        return mean + std * torch.randn(shape, generator=generator)
+
+    for name, weight in model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            weight.copy_(normal(weight.shape, embedding_std))
+        elif name.endswith("lm_head.weight"):
+            if not tied:
+                weight.copy_(normal(weight.shape, LOGIT_STD / math.sqrt(config.hidden_size)))
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            weight.copy_(normal(weight.shape, 0.1 * QK_GAIN, mean=QK_GAIN))   # Qwen3 scales q and k here
+        elif name == "model.norm.weight":
+            # A tied head multiplies by the small embeddings: the final norm brings the logits back up.
+            gain = LOGIT_STD / (embedding_std * math.sqrt(config.hidden_size)) if tied else 1.0
+            weight.copy_(normal(weight.shape, 0.1 * gain, mean=gain))
+        elif name.endswith("norm.weight"):
+            weight.copy_(normal(weight.shape, 0.1, mean=1.0))
+        elif name.endswith(".bias"):
+            weight.copy_(normal(weight.shape, 0.1))
+        else:
+            gain = QK_GAIN if ".q_proj." in name or ".k_proj." in name else 1.0
+            weight.copy_(normal(weight.shape, gain / math.sqrt(weight.shape[1])))
+
+
+@torch.no_grad()
+def assert_discriminates(model) -> None:
+    """Fail if the tiny model would make a weak oracle: attention near uniform, greedy tokens copying
+    the input, or a greedy continuation stuck on a few tokens."""
+    num_queries = 40
+    token_ids = torch.randint(0, 256, (4, num_queries), generator=torch.Generator().manual_seed(1))
+    out = model(token_ids, output_attentions=True)
+    for layer, attention in enumerate(out.attentions):      # [B, H, T, T]
+        last_query = attention[:, :, -1, :]                  # [B, H, T]
+        entropy = -(last_query * last_query.clamp_min(1e-30).log()).sum(-1).mean().item()
+        assert entropy < 0.6 * math.log(num_queries), (
+            f"layer {layer}: last-query attention entropy {entropy:.2f} is near uniform "
+            f"({math.log(num_queries):.2f}); attention must be sharp")
+    greedy = out.logits.argmax(-1)                           # [B, T]
+    copied = (greedy == token_ids).float().mean().item()
+    assert copied < 0.1, f"the greedy token equals the input token at {copied:.0%} of positions"
+    assert greedy.unique().numel() > 50, "greedy predictions concentrate on a few tokens"
+    sequence = token_ids[0, :10].tolist()
+    for _ in range(32):
+        sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    continuation = sequence[10:]
+    assert len(set(continuation)) >= 12, f"greedy continuation {continuation} barely varies"
 
 
 @pytest.fixture(scope="session")
@@ -109,17 +179,20 @@ class PagedSequence:
     so a test passes only if every read and write goes through it.
     """
 
-    def __init__(self, model, block_size: int = 8, num_blocks: int = 32, seed: int = 0):
+    def __init__(self, model, block_size: int = 8, num_blocks: int = 32, seed: int = 0,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 block_table: list[int] | None = None):
+        """A cache of its own, or (kv_caches, block_table): blocks of a cache that other sequences share."""
         config = model.config
         param = next(model.parameters())
         generator = torch.Generator().manual_seed(seed)
         self.model = model
         self.block_size = block_size
-        self.block_table = torch.randperm(num_blocks, generator=generator).tolist()
+        self.block_table = block_table or torch.randperm(num_blocks, generator=generator).tolist()
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=param.dtype, device=param.device),
-                           torch.zeros(shape, dtype=param.dtype, device=param.device))
-                          for _ in range(config.num_hidden_layers)]
+        self.kv_caches = kv_caches or [(torch.zeros(shape, dtype=param.dtype, device=param.device),
+                                        torch.zeros(shape, dtype=param.dtype, device=param.device))
+                                       for _ in range(config.num_hidden_layers)]
         self.num_computed_tokens = 0
 
     @torch.no_grad()
@@ -156,8 +229,41 @@ class PagedSequence:
         return out
 
 
-def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-4) -> None:
-    """Max abs difference below `rel` times the reference's largest logit magnitude."""
+@torch.no_grad()
+def decode_together(sequences: list[PagedSequence], token_ids: list[int]) -> torch.Tensor:
+    """One decode step of several sequences over one shared cache, batched as the engine batches
+    them (a key mask when their lengths differ); -> float32 logits [B, V]."""
+    from nanovllm.ops.attention import AttentionMetadata
+
+    model = sequences[0].model
+    device = next(model.parameters()).device
+    block_size = sequences[0].block_size
+    positions = [s.num_computed_tokens for s in sequences]
+    seq_lens = [p + 1 for p in positions]
+    slots = [s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(sequences, positions)]
+    width = max(len(s.block_table) for s in sequences)
+    block_tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in sequences]
+    metadata = AttentionMetadata(
+        query_start_loc=torch.arange(len(sequences) + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(block_tables, dtype=torch.int32, device=device),
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+    )
+    hidden = model(torch.tensor(token_ids, device=device), torch.tensor(positions, device=device), metadata,
+                   sequences[0].kv_caches)
+    for sequence in sequences:
+        sequence.num_computed_tokens += 1
+    return model.compute_logits(hidden).float()
+
+
+def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:
+    """Max abs difference below `rel` times the reference's largest logit magnitude.
+
+    1e-5 is measured, not guessed: on the tiny models, correct float32 code stays within 4e-6 of
+    transformers (transformers' own float32 logits are 1e-6 to 3e-6 from its float64 ones), while a
+    wrong RoPE constant or a mask off by one key moves them by 1e-3 or more."""
     ours, reference = ours.float().cpu(), reference.float().cpu()
     assert ours.shape == reference.shape
     scale = reference.abs().max().item()
@@ -296,3 +402,37 @@ class PoisonedTorch:
         if buffer.is_floating_point():
             buffer.fill_(float("nan"))
         return buffer
+
+
+# ---- a live server in this process -----------------------------------------------------------
+
+def serving(app, **uvicorn_settings):
+    """A context manager: `app` under uvicorn on a free loopback port in a background thread, yielding
+    (host, port); real sockets without a subprocess (the model is already loaded)."""
+    import socket
+    import threading
+    import time
+    from contextlib import contextmanager
+
+    import uvicorn
+
+    @contextmanager
+    def run():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                               **uvicorn_settings))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+            time.sleep(0.05)
+        try:
+            yield "127.0.0.1", port
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+    return run()

@@ -22,7 +22,7 @@ from nanovllm.model.config import ModelConfig
 def test_throughput_workload_is_bench_py_workload():
     workload = throughput_workload()
     assert len(workload.requests) == 256
-    assert workload.output_tokens == 133_966          # the figure BENCHMARKS.md gives for bench.py's set
+    assert workload.output_tokens == 133_966          # the figure docs/benchmarks.md gives for bench.py's set
     assert workload.temperature == 0.6
     assert all(100 <= len(r.prompt_token_ids) <= 1024 and 100 <= r.max_tokens <= 1024 for r in workload.requests)
     assert all(0 <= t <= 10000 for r in workload.requests for t in r.prompt_token_ids)
@@ -123,7 +123,7 @@ def test_lockstep_schedule_decodes_each_request_until_its_output_is_complete():
 
 
 def test_roofline_of_bench_py_workload_lands_near_the_reference_figure():
-    """BENCHMARKS.md: about 35,300 output tok/s for Qwen3-0.6B on an H200 (4.23 TB/s, 801 TFLOP/s).
+    """docs/benchmarks.md: about 35,300 output tok/s for Qwen3-0.6B on an H200 (4.23 TB/s, 801 TFLOP/s).
     Our bound runs the LM head only on sampled rows, so it sits a little above."""
     from nanovllm.model.dummy import dummy_config
 
@@ -169,8 +169,12 @@ def test_throughput_cli_prints_the_table_with_a_fraction_of_roofline(tiny_llama,
     assert result["machine"]["cpu"] in figure["device"]
     assert {"torch", "transformers", "nano_vllm"} <= set(result["versions"])
     assert result["source_digest"] == report.source_digest()
-    saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
-    assert len(saved) == 2 and saved[0].endswith("-cpu-throughput.json") and saved[1].endswith("-cpu-throughput.md")
+    (saved,) = (tmp_path / "saved").iterdir()
+    assert saved.name.endswith("-throughput-" + tiny_llama.name.lower() + ".json")
+    assert json.loads(saved.read_text()) == result                  # the same schema-1 result as --json writes
+    assert result["schema"] == report.SCHEMA and result["card"].startswith(result["machine"]["cpu"])
+    (row,) = report.result_rows(report.load_results(tmp_path / "saved"))
+    assert (row.workload, row.figure, row.measured) == ("random", "output tok/s", figure["measured"])
 
 
 def test_latency_cli_reports_decode_speed_and_ttft_against_the_roofline(tiny_llama, tmp_path, capsys):
@@ -284,6 +288,7 @@ def test_serve_cli_streams_poisson_requests_from_an_openai_server(tiny_llama, tm
         assert metrics["completed"] == 4 and metrics["total_output_tokens"] == 20
         assert metrics["request_rate"] == float(rate)
         assert metrics["mean_ttft_ms"] > 1 and metrics["median_itl_ms"] > 1 and metrics["p99_tpot_ms"] > 1
+        assert metrics["client_ceiling_output_throughput"] > 0   # the same requests against a stub server
     figures = result["figures"]
     assert [f["workload"] for f in figures] == ["random@inf", "random@200"]
     assert all(0 < f["fraction_of_roofline"] <= 1 and not math.isnan(f["measured"]) for f in figures)
@@ -298,3 +303,102 @@ def test_source_digest_names_the_package_code_and_changes_with_it(tmp_path):
     assert report.source_digest(copy) == report.source_digest()
     (copy / "ops" / "linear.py").write_text((copy / "ops" / "linear.py").read_text() + "\n# changed\n")
     assert report.source_digest(copy) != report.source_digest()
+
+
+# ---- the tables generated from benchmarks/results/ -------------------------------------------
+
+def test_the_committed_tables_are_what_bench_report_generates():
+    """`nano-vllm bench report` regenerates benchmarks/README.md and the README's table byte for byte."""
+    stale = report.write_report(check=True)
+    assert not stale, f"out of date: {[str(p) for p in stale]}; run `nano-vllm bench report`"
+
+
+def a_result(date: str, measured: float, card: str = "NVIDIA H200", workload: str = "serve", **figure) -> dict:
+    """A minimal schema-1 result, as a program other than `nano-vllm bench` may write one."""
+    return {"schema": 1, "date": date, "card": card, "kind": workload, "model": {"name": "m", "dtype": "int8"},
+            "git_commit": "0123456789abcdef", "source_digest": None, "command": "x",
+            "figures": [{"workload": workload, "figure": "output tok/s", "measured": measured, "roofline": 200.0,
+                         "fraction_of_roofline": measured / 200.0, "higher_is_better": True, "peers": {}, **figure}]}
+
+
+def write_tree(root: Path, results: list[dict]) -> None:
+    (root / "benchmarks").mkdir()
+    for result in results:
+        report.save_result(result, root / "benchmarks" / "results")
+    (root / "README.md").write_text(f"# x\n\n{report.TABLE_BEGIN}\nold\n{report.TABLE_END}\n\nafter\n")
+
+
+def test_report_shows_a_new_kind_of_result_and_only_the_latest_run_of_each_figure(tmp_path):
+    write_tree(tmp_path, [a_result("2026-12-01T10:00:00", 50.5), a_result("2026-12-02T10:00:00", 150.0,
+                                                                          peers={"vllm": 100.0}),
+                          a_result("2026-12-03", 99.0, card="2 x NVIDIA H200")])
+    assert len(report.write_report(tmp_path)) == 2
+    readme = (tmp_path / "README.md").read_text()
+    table = readme.split(report.TABLE_BEGIN)[1].split(report.TABLE_END)[0]
+    assert "150 output tok/s" in table and "75.0%" in table and "vllm 100 (x1.50)" in table
+    assert "50.5" not in table and "99 output tok/s" in table and "m, int8" in table
+    assert readme.endswith(f"{report.TABLE_END}\n\nafter\n")
+    every = (tmp_path / "benchmarks" / "README.md").read_text()
+    assert every.index("| 99 |") < every.index("| 150 |") < every.index("| 50.5 |")   # newest first
+    assert report.write_report(tmp_path, check=True) == []                                # now current
+
+
+def test_report_check_finds_a_stale_table_and_changes_nothing(tmp_path, capsys):
+    write_tree(tmp_path, [a_result("2026-12-01", 50.0)])
+    report.write_report(tmp_path)
+    report.save_result(a_result("2026-12-02", 60.0), tmp_path / "benchmarks" / "results")
+    before = (tmp_path / "README.md").read_text()
+    assert report.write_report(tmp_path, check=True) == [tmp_path / "benchmarks" / "README.md", tmp_path / "README.md"]
+    assert (tmp_path / "README.md").read_text() == before
+
+
+def test_a_figure_marked_not_headline_stays_out_of_the_readme_table(tmp_path):
+    write_tree(tmp_path, [a_result("2026-12-01", 50.5, headline=False)])
+    report.write_report(tmp_path)
+    assert "50.5" not in (tmp_path / "README.md").read_text()
+    assert "| 50.5 |" in (tmp_path / "benchmarks" / "README.md").read_text()
+
+
+def test_a_result_without_a_required_field_is_refused_with_its_name(tmp_path):
+    result = a_result("2026-12-01", 50.0)
+    del result["figures"][0]["roofline"]
+    write_tree(tmp_path, [result])
+    with pytest.raises(ValueError, match=r"figures\[0\]\.roofline.*docs/benchmarks.md"):
+        report.write_report(tmp_path)
+
+
+def test_a_second_run_of_the_same_day_gets_its_own_file(tmp_path):
+    first = report.save_result(a_result("2026-12-01", 50.0), tmp_path)
+    second = report.save_result(a_result("2026-12-01", 60.0), tmp_path)
+    assert first != second and second.name.endswith("-run2.json") and len(list(tmp_path.iterdir())) == 2
+
+
+def test_bench_report_check_passes_on_the_repository():
+    assert cli_main(["bench", "report", "--check"]) == 0
+
+
+def test_step_overhead_splits_a_decode_step_into_model_and_host_time(tiny_llama):
+    from nanovllm.bench.harness import make_engine
+    from nanovllm.bench.step_overhead import measure_step_overhead
+    from nanovllm.config import EngineConfig
+
+    engine = make_engine(EngineConfig(model=str(tiny_llama), device="cpu", max_model_len=64))
+    overhead = measure_step_overhead(engine, batch_size=3, steps=4, prompt_len=8)
+    assert 0 < overhead.model_ms < overhead.step_ms
+    assert 0 < overhead.host_fraction < 1
+    assert "load average" in overhead.summary() and len(overhead.load_average) == 3
+    assert not engine.has_unfinished_requests()
+    assert "forward" not in vars(engine.runner.model), "the model's own forward again"
+
+
+def test_a_client_spread_over_two_processes_sends_every_request_once():
+    from nanovllm.bench.serve import StubServer, run_serve_processes
+    from nanovllm.bench.workloads import Request, Workload
+
+    workload = Workload("tiny", [Request([1, 2, 3], 5 + i) for i in range(6)], temperature=0.0)
+    with StubServer() as stub:
+        result = run_serve_processes(stub.url, StubServer.MODEL, workload, float("inf"), num_processes=2,
+                                     use_tqdm=False)
+    metrics = result.as_dict()
+    assert metrics["completed"] == 6 and metrics["total_output_tokens"] == sum(5 + i for i in range(6))
+    assert sorted(len(r.itl) + 1 for r in result.records) == [5 + i for i in range(6)]

@@ -150,7 +150,8 @@ def test_naive_policy_reserves_max_model_len_and_reports_it_as_fragmentation():
 
 
 def test_naive_policy_needs_max_model_len():
-    with pytest.raises(ValueError, match="max_model_len"):
+    message = "^the naive policy reserves max_model_len slots per sequence: pass max_model_len$"
+    with pytest.raises(ValueError, match=message):
         BlockManager(num_blocks=4, block_size=BLOCK_SIZE, policy="naive")
 
 
@@ -166,7 +167,114 @@ def test_usage_counts_a_shared_block_once():
     assert manager.block_tables() == {0: a.block_table, 1: b.block_table}
 
 
+def test_shared_cached_blocks_count_against_the_free_pool_when_revived():
+    """Blocks found in the prefix cache that no sequence holds are free blocks about to be taken
+    back: a request fits only if its new blocks fit in what remains beside them."""
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    prefix = list(range(8))                               # two full blocks, cached when freed
+    first = make_seq(0, prefix + [99])
+    admit(manager, first)
+    manager.free(first)                                   # 2 cached free + 2 free blocks
+    too_long = make_seq(1, prefix + list(range(50, 59)))  # 2 shared + 3 new blocks: one too many
+    shared = manager.find_cached_prefix(too_long)
+    assert len(shared) == 2
+    assert not manager.allocate_slots(too_long, too_long.num_tokens, shared)
+    assert manager.num_free_blocks == 4 and too_long.block_table == []
+    fits = make_seq(2, prefix + list(range(50, 58)))      # 2 shared + 2 new blocks: exactly the pool
+    assert manager.allocate_slots(fits, fits.num_tokens, manager.find_cached_prefix(fits))
+    assert fits.block_table[:2] == shared and manager.num_free_blocks == 0
+    check_invariants(manager, [fits])
+
+
+def test_blocks_filled_by_decoding_are_cached_and_found_again():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
+    seq = make_seq(0, [5, 6, 7, 8, 9])
+    compute(manager, seq, 5)
+    for token in [10, 11, 12, 13]:                        # decode to the end of the third block
+        seq.token_ids.append(token)
+        seq.output_token_ids.append(token)
+        compute(manager, seq, seq.num_tokens)
+    assert seq.num_hashed_blocks == 2
+    full_blocks = seq.block_table[:2]
+    manager.free(seq)
+    again = make_seq(1, [5, 6, 7, 8, 9, 10, 11, 12, 13])
+    assert manager.find_cached_prefix(again) == full_blocks
+
+
+def test_a_preempted_sequence_rehashes_its_blocks_when_it_runs_again():
+    manager = BlockManager(num_blocks=3, block_size=BLOCK_SIZE)
+    seq = make_seq(0, list(range(9)))
+    compute(manager, seq, 9)
+    manager.free(seq)                                     # preempted: its blocks wait in the cache
+    other = make_seq(1, list(range(100, 112)))
+    compute(manager, other, 12)                           # evicts them all
+    manager.free(other)
+    assert manager.find_cached_prefix(make_seq(2, list(range(9)))) == []
+    compute(manager, seq, 9)                              # recomputed from the start
+    assert len(manager.find_cached_prefix(make_seq(3, list(range(9))))) == 2
+
+
+def test_a_freed_sequence_leaves_the_block_map_and_freeing_twice_is_harmless():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    seq = make_seq(0, [1, 2, 3])
+    compute(manager, seq, 3)
+    assert manager.block_tables() == {0: seq.block_table}
+    manager.free(seq)
+    manager.free(seq)
+    manager.free(make_seq(1, [4]))                        # never allocated
+    assert manager.block_tables() == {} and manager.num_free_blocks == 4
+
+
+def test_prefix_lookups_add_up_to_the_hit_rate():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    assert (manager.usage().prefix_cache_queries, manager.usage().prefix_cache_hits) == (0, 0)
+    manager.record_prefix_lookup(10, 4)
+    manager.record_prefix_lookup(6, 4)
+    usage = manager.usage()
+    assert (usage.prefix_cache_queries, usage.prefix_cache_hits) == (16, 8)
+    assert usage.prefix_cache_hit_rate == 0.5
+    off = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    off.record_prefix_lookup(10, 4)
+    assert off.usage().prefix_cache_queries == 0
+
+
+def test_the_paged_policy_reserves_nothing_and_a_bad_policy_is_named():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK_SIZE)
+    assert manager.num_reserved_blocks == 0 and manager.num_blocks_for(0) == 0
+    with pytest.raises(ValueError, match="policy must be 'paged' or 'naive', got 'lazy'"):
+        BlockManager(num_blocks=4, block_size=BLOCK_SIZE, policy="lazy")
+
+
 # ---- property test -----------------------------------------------------------------------
+
+class PrefixKV:
+    """A stand-in KV cache. The key and value a model writes at position p depend on every token up to
+    p (attention mixes them in), so slot (block, offset) holds the tuple of those tokens: equal
+    contents mean equal KV, and a block shared under a wrong hash shows a prefix of another sequence."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def compute(self, seq: Sequence, start: int, end: int) -> None:
+        """seq computes positions start..end-1: write their KV into its blocks."""
+        for position in range(start, end):
+            slot = (seq.block_table[position // BLOCK_SIZE], position % BLOCK_SIZE)
+            self.slots[slot] = tuple(seq.token_ids[:position + 1])
+
+    def check(self, manager: BlockManager, live: list[Sequence]) -> None:
+        """Every computed position of a live sequence reads the KV of its own prefix, whoever wrote it;
+        every block in the prefix cache holds one prefix, ending in the tokens it was hashed with."""
+        for seq in live:
+            for position in range(seq.num_computed_tokens):
+                slot = (seq.block_table[position // BLOCK_SIZE], position % BLOCK_SIZE)
+                assert self.slots.get(slot) == tuple(seq.token_ids[:position + 1]), (
+                    f"seq {seq.seq_id} position {position} reads the KV of another prefix")
+        for block_id in manager.cached_block_map.values():
+            last = self.slots[(block_id, BLOCK_SIZE - 1)]
+            assert len(last) % BLOCK_SIZE == 0 and last[-BLOCK_SIZE:] == manager.blocks[block_id].token_ids
+            for offset in range(BLOCK_SIZE - 1):
+                assert self.slots[(block_id, offset)] == last[:len(last) - BLOCK_SIZE + offset + 1]
+
 
 operations = st.lists(
     st.tuples(st.sampled_from(["add", "grow", "free"]), st.integers(0, 10**6), st.integers(1, 12)),
@@ -176,7 +284,9 @@ operations = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(ops=operations, num_blocks=st.integers(3, 12), caching=st.booleans(), naive=st.booleans())
 def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, caching, naive):
+    """...and every block, shared or cached, holds the KV of the prefix that reads it."""
     manager = BlockManager(num_blocks, BLOCK_SIZE, caching, "naive" if naive else "paged", max_model_len=12)
+    kv = PrefixKV()
     live: list[Sequence] = []
     next_id = 0
     for op, pick, size in ops:
@@ -187,6 +297,7 @@ def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, ca
             next_id += 1
             shared = manager.find_cached_prefix(seq)
             if manager.allocate_slots(seq, seq.num_tokens, shared):
+                kv.compute(seq, len(shared) * BLOCK_SIZE, seq.num_tokens)
                 seq.num_computed_tokens = seq.num_tokens
                 manager.cache_full_blocks(seq)
                 live.append(seq)
@@ -196,11 +307,13 @@ def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, ca
                 seq.token_ids.append(pick % 5)
                 seq.output_token_ids.append(pick % 5)
                 if manager.allocate_slots(seq, seq.num_tokens):
+                    kv.compute(seq, seq.num_computed_tokens, seq.num_tokens)
                     seq.num_computed_tokens = seq.num_tokens
                     manager.cache_full_blocks(seq)
         elif live and op == "free":
             manager.free(live.pop(pick % len(live)))
         check_invariants(manager, live)
+        kv.check(manager, live)
     for seq in live:
         manager.free(seq)
     check_invariants(manager, [])

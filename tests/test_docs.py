@@ -5,22 +5,35 @@ continued over the next lines while a quote is open or the line ends with a
 backslash (so a multi-line `python -c "..."` is one command). The lines after
 it, up to the next command or the end of the block, are the output the chapter
 quotes. Each command runs here on the CPU, as printed, and every quoted line
-must still appear in what it prints: compared with runs of spaces collapsed and
-every number replaced by a placeholder, because timings (and counts that follow
-them) vary from run to run; a line that is just `...` marks a cut.
+must still appear in what it prints, in the order quoted, with runs of spaces
+collapsed and long hex ids (request ids) left out; a line that is just `...`
+marks a cut. Numbers must match: a run on the CPU is deterministic (greedy
+tokens, shapes, block counts, probabilities). Only marked blocks are relaxed:
+in a block marked `<!-- timings vary -->` each time and rate (a number before
+s, ms, us, tok/s, tokens/s, GB/s or TFLOP/s) is replaced by a placeholder, and
+in a block marked `<!-- numbers vary -->` (a benchmark, whose every figure
+follows from timings) every number is.
 
-A block right after a `<!-- gpu-only -->` line is not run (it needs a GPU). A
-block right after `<!-- server-only -->` starts with `nano-vllm serve ...`:
+Markers are HTML comments on the lines right before a block, one per line. A
+block marked `<!-- gpu-only -->` is not run (it needs a GPU). A
+block marked `<!-- server-only -->` starts with `nano-vllm serve ...`:
 the server is started on a free port, the block's other commands (`curl`
 against it) run, their output is compared the same way, and the server is
-stopped. Any other command must be `nano-vllm ...` or `python ...`, so nothing
+stopped; its numbers vary (the server's log lines and responses carry the
+time). Any other command must be `nano-vllm ...` or `python ...`, so nothing
 else hides in the docs unrun.
 
-Links are checked too: every relative link in docs/*.md names a path that
-exists, and a link whose text is a backticked name (`Scheduler.schedule`) names
-something defined in the linked file. A backticked call such as
-`BlockManager.allocate_slots()` or `nanovllm/engine/scheduler.py::schedule`
-must be defined in the package.
+Links are checked too, in docs/ (with docs/reference/), README.md,
+CHANGELOG.md and benchmarks/README.md: every relative link names a path that
+exists inside the repository (a fresh clone has nothing beside it), every
+backticked repository path (`nanovllm/ops/quant.py`, `tools/run-gpu.sh`) and
+`python -m` module exists, and a link whose text is a backticked name
+(`Scheduler.schedule`) names something defined in the linked file. A backticked
+call such as `BlockManager.allocate_slots()` or
+`nanovllm/engine/scheduler.py::schedule` must be defined in the package.
+README.md's own commands are checked without running them: each
+`nano-vllm ...` parses with the real command line (a real subcommand, flags it
+accepts) and each `make ...` names a target of the Makefile.
 """
 from __future__ import annotations
 
@@ -45,6 +58,12 @@ DOCS = ROOT / "docs"
 PACKAGE = ROOT / "nanovllm"
 SERVER_MARKER = "<!-- server-only -->"
 SKIP_MARKERS = ("<!-- gpu-only -->", SERVER_MARKER)
+NUMBER = r"\d+(\.\d+)?(e[-+]?\d+)?"
+VARYING = {   # marker -> the numbers it lets vary
+    "<!-- numbers vary -->": re.compile(NUMBER),
+    "<!-- timings vary -->": re.compile(NUMBER + r"(?=\s?(s|ms|us|µs|tok/s|tokens/s|GB/s|TFLOP/s)(\W|$))"),
+}
+MARKER = re.compile(r"^<!--.*-->$")
 RUNNABLE = re.compile(r"^(\w+=\S+\s+)*(nano-vllm|python3?)\b")   # optional VAR=value prefixes
 COMMAND_TIMEOUT_S = 300
 PARALLEL_COMMANDS = 2        # two commands at a time (each with OMP_NUM_THREADS=1) on two cores
@@ -57,7 +76,8 @@ class QuotedCommand:
     block: int                # which fenced block of the file (0-based)
     command: str
     quoted_output: list[str] = field(default_factory=list)
-    marker: str | None = None  # the `<!-- ... -->` line before its block, if any
+    marker: str | None = None  # the gpu-only or server-only marker of its block, if any
+    varying: re.Pattern[str] | None = None   # the numbers its block's marker lets vary (VARYING)
 
     @property
     def skipped(self) -> bool:
@@ -84,9 +104,10 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
     commands: list[QuotedCommand] = []
     lines = path.read_text().splitlines()
     in_block = False
+    markers: list[str] = []              # the marker lines since the last prose line or block
     marker: str | None = None
+    varying: re.Pattern[str] | None = None
     block = -1
-    previous = ""                        # the last non-blank line outside a block
     current: QuotedCommand | None = None
     i = 0
     while i < len(lines):
@@ -96,12 +117,18 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
                 in_block, current = False, None
             else:
                 in_block, block = True, block + 1
-                marker = previous.strip() if previous.strip() in SKIP_MARKERS else None
+                marker = next((m for m in markers if m in SKIP_MARKERS), None)
+                varying = next((VARYING[m] for m in markers if m in VARYING), None)
+                if marker == SERVER_MARKER:   # a server's log lines and responses carry the time
+                    varying = VARYING["<!-- numbers vary -->"]
+                markers = []
             i += 1
             continue
         if not in_block:
-            if line.strip():
-                previous = line
+            if MARKER.match(line.strip()):
+                markers.append(line.strip())
+            elif line.strip():
+                markers = []
             i += 1
             continue
         if line.startswith("$ "):
@@ -110,7 +137,8 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
             while not _is_complete(command) and i + 1 < len(lines):
                 i += 1
                 command += "\n" + lines[i]
-            current = QuotedCommand(path.name, start + 1, block, command.strip(), marker=marker)
+            current = QuotedCommand(_doc_name(path), start + 1, block, command.strip(), marker=marker,
+                                    varying=varying)
             commands.append(current)
         elif current is not None and line.strip():
             current.quoted_output.append(line)
@@ -118,22 +146,34 @@ def parse_commands(path: Path) -> list[QuotedCommand]:
     return commands
 
 
+def _doc_name(path: Path) -> str:
+    """The file's path under docs/ (reference/x.md), or its name if it lies elsewhere."""
+    return path.relative_to(DOCS).as_posix() if path.is_relative_to(DOCS) else path.name
+
+
 def chapters() -> list[Path]:
     return sorted(DOCS.glob("0*.md"))
 
 
 def all_docs() -> list[Path]:
-    return sorted(DOCS.glob("*.md"))
+    return sorted(DOCS.rglob("*.md"))
+
+
+def linked_files() -> list[Path]:
+    """Every Markdown file a reader of the repository follows links in."""
+    return all_docs() + [path for path in (ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md")
+                         if path.exists()]
 
 
 def all_commands() -> list[QuotedCommand]:
     return [command for doc in all_docs() for command in parse_commands(doc)]
 
 
-def normalize(line: str) -> str:
-    """Collapse whitespace, put H for every long hex id and N for every number, so timings and ids may change."""
+def normalize(line: str, varying: re.Pattern[str] | None = None) -> str:
+    """Collapse whitespace, put H for every long hex id (request ids) and N for every number `varying` matches."""
     line = re.sub(r"[0-9a-f]{16,}", "H", line.strip())
-    line = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", line)
+    if varying is not None:
+        line = varying.sub("N", line)
     return " ".join(line.split())
 
 
@@ -151,9 +191,19 @@ def _run(command: str) -> subprocess.CompletedProcess[str]:
 
 
 def missing_lines(quoted: QuotedCommand, printed_text: str) -> list[str]:
-    """The quoted output lines (but `...` cuts) that the printed text does not contain, numbers aside."""
-    printed = {normalize(line) for line in printed_text.splitlines()}
-    return [line for line in quoted.quoted_output if line.strip() != "..." and normalize(line) not in printed]
+    """The quoted output lines (but `...` cuts) that the printed text does not contain in the quoted order:
+    each must come after the line the one before it matched."""
+    printed = [normalize(line, quoted.varying) for line in printed_text.splitlines()]
+    missing, position = [], 0
+    for line in quoted.quoted_output:
+        if line.strip() == "...":
+            continue
+        wanted = normalize(line, quoted.varying)
+        if wanted in printed[position:]:
+            position += printed[position:].index(wanted) + 1
+        else:
+            missing.append(line)
+    return missing
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +328,38 @@ def test_parser_joins_a_multiline_command_and_skips_marked_blocks(tmp_path: Path
                                                                      "<!-- gpu-only -->")
 
 
-def test_normalize_ignores_numbers_and_spacing() -> None:
-    assert normalize("| # used   24 slots   2.3% |") == normalize("| # used 1008 slots  98.4% |")
-    assert normalize("decode 5.17 tok/s") != normalize("prefill 5.17 tok/s")
+def test_markers_on_consecutive_lines_all_apply_and_prose_clears_them(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("<!-- gpu-only -->\n<!-- numbers vary -->\n```console\n$ nano-vllm bench latency\nTTFT\n```\n\n"
+                   "<!-- numbers vary -->\nSome prose.\n\n```console\n$ python x\n1\n```\n")
+    marked, plain = parse_commands(doc)
+    assert (marked.marker, marked.varying) == ("<!-- gpu-only -->", VARYING["<!-- numbers vary -->"])
+    assert (plain.marker, plain.varying) == (None, None)
+
+
+def test_normalize_keeps_numbers_unless_they_vary_and_ignores_spacing_and_ids() -> None:
+    assert normalize("| # used   24 slots   2.3% |") == normalize("| # used 24 slots 2.3% |")
+    assert normalize("| # used   24 slots   2.3% |") != normalize("| # used 1008 slots  98.4% |")
+    numbers, timings = VARYING["<!-- numbers vary -->"], VARYING["<!-- timings vary -->"]
+    assert normalize("decode 5.17 tok/s", numbers) == normalize("decode 9.9 tok/s", numbers)
+    assert normalize("decode 5.17 tok/s", numbers) != normalize("prefill 5.17 tok/s", numbers)
+    assert normalize("48 tokens in 1.36 s (8 steps) | 31.2 tok/s", timings) == \
+        normalize("48 tokens in 2.47 s (8 steps) | 19.3 tok/s", timings)
+    assert normalize("48 tokens in 1.36 s (8 steps)", timings) != normalize("48 tokens in 1.36 s (16 steps)", timings)
+    assert normalize("peak KV 9.4% (6/64 blocks)", timings) != normalize("peak KV 100.0% (64/64 blocks)", timings)
     assert normalize('{"id":"cmpl-238afd521563450b953c093d462781a6"}') == normalize('{"id":"cmpl-9879f31fd91448da92b5b1d6e28b6926"}')
+
+
+def test_quoted_lines_must_appear_in_their_order_with_their_numbers(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("```console\n$ python x\ntop_k=2 [0.716, 0.284]\n...\ntop_p=0.8 [0.627]\n```\n\n"
+                   "<!-- numbers vary -->\n```console\n$ python y\ndecode 5.17 tok/s\n```\n")
+    exact, varying = parse_commands(doc)
+    assert not missing_lines(exact, "top_k=2 [0.716, 0.284]\nmore\ntop_p=0.8 [0.627]\n")
+    assert missing_lines(exact, "top_k=2 [0.716, 0.284]\ntop_p=0.8 [0.600]\n") == ["top_p=0.8 [0.627]"]
+    assert missing_lines(exact, "top_p=0.8 [0.627]\ntop_k=2 [0.716, 0.284]\n") == ["top_p=0.8 [0.627]"]
+    assert (exact.varying, varying.varying) == (None, VARYING["<!-- numbers vary -->"])
+    assert not missing_lines(varying, "decode 6.02 tok/s\n")
 
 
 # ---- links and names -------------------------------------------------------------------------
@@ -309,16 +387,87 @@ def _links(doc: Path) -> list[tuple[str, str]]:
     return LINK.findall(text)
 
 
-@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
-def test_relative_links_point_to_existing_paths(doc: Path) -> None:
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("doc", linked_files(), ids=_name)
+def test_relative_links_point_to_existing_paths_inside_the_repository(doc: Path) -> None:
     for text, target in _links(doc):
         if re.match(r"^[a-z]+:", target) or target.startswith("#"):
             continue
         path = (doc.parent / target.split("#")[0]).resolve()
-        assert path.exists(), f"{doc.name}: [{text}]({target}) points to a missing path"
+        assert path.is_relative_to(ROOT), f"{_name(doc)}: [{text}]({target}) leads out of the repository"
+        assert path.exists(), f"{_name(doc)}: [{text}]({target}) points to a missing path"
 
 
-@pytest.mark.parametrize("doc", all_docs(), ids=lambda p: p.name)
+CITED_PATH = re.compile(r"(?<![\w/.~-])((?:nanovllm|tests|tools|benchmarks|docs)/[\w./-]*[\w/])")
+CITED_MODULE = re.compile(r"python3? -m (nanovllm[\w.]*)")
+
+
+def _backticked(doc: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.DOTALL)
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+@pytest.mark.parametrize("doc", linked_files(), ids=_name)
+def test_cited_repository_paths_and_modules_exist(doc: Path) -> None:
+    text = doc.read_text()
+    for span in _backticked(doc):
+        for cited in CITED_PATH.findall(span):
+            assert (ROOT / cited.split("::")[0]).exists(), f"{_name(doc)}: `{span}` cites {cited}, which does not exist"
+    for module in CITED_MODULE.findall(text):
+        parts = module.split(".")
+        assert (ROOT.joinpath(*parts).with_suffix(".py").exists() or (ROOT.joinpath(*parts) / "__init__.py").exists()), \
+            f"{_name(doc)}: `python -m {module}` names no module of the package"
+
+
+def readme_commands() -> list[str]:
+    """The `nano-vllm ...` and `make ...` commands README.md shows, in code blocks and inline."""
+    text = (ROOT / "README.md").read_text()
+    commands, in_block = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        elif in_block:
+            commands.append(line.removeprefix("$ ").split("  #")[0].strip())
+    commands += re.findall(r"`((?:nano-vllm|make)(?: [^`]*)?)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+    return [command for command in dict.fromkeys(commands) if re.match(r"^(nano-vllm|make)\b", command)]
+
+
+def check_command(command: str) -> None:
+    """Raise AssertionError unless the command parses as a real `nano-vllm` subcommand or `make` target."""
+    from nanovllm.cli import SUBCOMMANDS, build_parser
+
+    program, *argv = shlex.split(command)
+    if program == "make":
+        targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
+        missing = [arg for arg in argv if "=" not in arg and arg not in targets]
+        assert not missing, f"`{command}`: no Makefile target {missing}"
+        return
+    assert argv and argv[0] in SUBCOMMANDS, f"`{command}`: no nano-vllm subcommand {argv[:1]}"
+    if len(argv) == 1:   # the subcommand named, as in "`nano-vllm bench` measures ..."
+        return
+    parser, _ = build_parser(argv)
+    try:
+        parser.parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"`{command}` does not parse: a flag or value the command line does not accept") from None
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_names_a_real_subcommand_with_valid_flags(command: str) -> None:
+    check_command(command)
+
+
+@pytest.mark.parametrize("command", ["nano-vllm bench lateny", "nano-vllm run --demoo", "make tests",
+                                     "nano-vllm runn -i x", "nano-vllm bench report --chek"])
+def test_the_command_check_refuses_a_misspelt_command(command: str, capsys) -> None:
+    with pytest.raises(AssertionError):
+        check_command(command)
+
+
+@pytest.mark.parametrize("doc", linked_files(), ids=_name)
 def test_linked_names_are_defined_in_the_linked_file(doc: Path) -> None:
     for text, target in _links(doc):
         name = NAME.match(text)

@@ -4,7 +4,9 @@ Each prompt's greedy continuation must be the same token for token whether it
 runs (a) alone, (b) in a batch of mixed lengths, (c) chunked by a 16-token
 budget between other requests' decodes, (d) preempted and recomputed under a
 tiny KV pool, (e) on top of prefix-cache hits, and (f) under the naive policy.
-Checked on tiny random models and on the embedded SmolLM2-135M.
+Checked on tiny random models and on the embedded SmolLM2-135M. The log-probabilities
+of the chosen and top-2 tokens must agree too (to float32 summation-order noise): a
+wrong token can hide behind a right argmax, a wrong log-probability cannot.
 """
 from __future__ import annotations
 
@@ -38,19 +40,35 @@ class Case:
     tokenizer: Tokenizer
     prompts: list[list[int]]
     params: SamplingParams
-    alone: list[list[int]]          # each prompt's greedy output, run by itself
+    alone: list[Completion]         # each prompt's greedy output, run by itself
 
     def engine(self, **engine_args) -> LLMEngine:
         engine_args.setdefault("max_model_len", 256)
         return LLMEngine(EngineConfig(model=self.path, **engine_args), model=self.model, tokenizer=self.tokenizer)
 
 
-def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+LOGPROB_ATOL = 1e-4   # batching and chunking reorder float32 sums: measured well below this
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[dict[int, float]]     # per token: the chosen and top-2 tokens' log-probabilities
+
+    def __eq__(self, other: object) -> bool:
+        """Same tokens, same top-2 candidates, log-probabilities within LOGPROB_ATOL."""
+        if not isinstance(other, Completion) or self.token_ids != other.token_ids:
+            return False
+        return all(mine.keys() == theirs.keys() and all(abs(mine[t] - theirs[t]) < LOGPROB_ATOL for t in mine)
+                   for mine, theirs in zip(self.logprobs, other.logprobs, strict=True))
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
     engine.add_requests([(str(i), prompt, params) for i, prompt in enumerate(prompts)], stream=False)
-    results: dict[str, list[int]] = {}
+    results: dict[str, Completion] = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
-            results[output.request_id] = output.outputs[0].token_ids
+            results[output.request_id] = Completion(output.outputs[0].token_ids, output.outputs[0].logprobs)
     return [results[str(i)] for i in range(len(prompts))]
 
 
@@ -73,12 +91,12 @@ def case(request, tiny_model_factory) -> Case:
         path = resolve_model(None)   # installed: a failure to resolve it is a failure, not a skip
         tokenizer = Tokenizer.load(path)
         prompts = [tokenizer.encode(text) for text in SMOLLM2_PROMPTS]
-        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
     else:
         path = str(tiny_model_factory(request.param))
         tokenizer = Tokenizer.load(path)
         prompts = tiny_prompts(seed=len(request.param))
-        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     model, _ = load_model(path)
     case = Case(path, model, tokenizer, prompts, params, alone=[])
     engine = case.engine(enable_prefix_caching=False)

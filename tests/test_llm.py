@@ -86,3 +86,36 @@ def test_a_failed_request_raises_from_generate(llm, monkeypatch):
         llm.generate(["doomed"], GREEDY, use_tqdm=False)
     monkeypatch.undo()
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_model_without_a_tokenizer_takes_token_ids_and_skip_tokenizer_init_gives_empty_text(tiny_llama, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama, bare)
+    (bare / "tokenizer.json").unlink()
+    with_ids = LLM(str(bare), max_model_len=64)
+    reference = LLM(str(tiny_llama), max_model_len=64)
+    prompt = reference.get_tokenizer().encode("Hello there")
+    [output] = with_ids.generate([prompt], GREEDY, use_tqdm=False)
+    assert output.outputs[0].token_ids == reference.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert output.outputs[0].text == "".join(f"<{t}>" for t in output.outputs[0].token_ids)
+    with pytest.raises(ValueError, match="send prompts as token ids"):
+        with_ids.generate("Hello there", GREEDY, use_tqdm=False)
+
+    skipped = LLM(str(tiny_llama), max_model_len=64, skip_tokenizer_init=True)
+    [output] = skipped.generate([prompt], GREEDY, use_tqdm=False)
+    assert output.outputs[0].text == "" and len(output.outputs[0].token_ids) == 12
+    with pytest.raises(ValueError, match="use stop_token_ids"):
+        skipped.generate([prompt], SamplingParams(stop=["."]), use_tqdm=False)
+
+
+def test_dummy_weights_of_a_builtin_shape_need_no_tokenizer(monkeypatch):
+    from nanovllm.model import dummy
+
+    small = dict(dummy.BUILTIN_CONFIGS["qwen3-0.6b"], vocab_size=512, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    monkeypatch.setitem(dummy.BUILTIN_CONFIGS, "qwen3-0.6b", small)   # the real shape, smaller
+    llm = LLM("qwen3-0.6b", load_format="dummy", max_model_len=64)
+    [output] = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 4

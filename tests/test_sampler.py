@@ -55,7 +55,7 @@ def _uniform_reference(seed: int, output_len: int, token_id: int) -> float:
     key = _mix32_reference(key ^ (seed >> 32))
     key = _mix32_reference(key ^ output_len)
     bits = _mix32_reference(key ^ _mix32_reference(token_id ^ 0x7F4A7C15))
-    return ((bits >> 8) + 0.5) / (1 << 24)
+    return min(((bits >> 8) + 0.5) / (1 << 24), 1 - 2 ** -24)   # the top value would round to 1 in float32
 
 
 def test_random_stream_is_the_hash_computed_with_python_integers():
@@ -66,6 +66,16 @@ def test_random_stream_is_the_hash_computed_with_python_integers():
     expected = torch.tensor([[_uniform_reference(s, n, v) for v in range(vocab_size)]
                              for s, n in zip(seeds, output_lens)], dtype=torch.float32)
     assert torch.equal(u, expected)
+
+
+def test_the_largest_random_number_stays_below_one_so_a_masked_token_never_wins():
+    """Seed 376 at output length 0 hashes token 11727 to the top 24-bit value, whose centre rounds to 1
+    in float32: log(-log 1) = -inf made a masked (-inf) token's race score NaN, and argmax took it."""
+    keys = torch.from_numpy(stream_keys([376], [0]))
+    assert float(random_uniform(keys, 32_000)[0, 11727]) == 1 - 2 ** -24
+    logits = torch.zeros(1, 32_000)
+    logits[0, :5] = 10.0                                   # top_k=5 keeps tokens 0..4 only
+    assert sample(logits, [SamplingParams(temperature=1.0, top_k=5)], seeds=[376]).token_ids[0] < 5
 
 
 def test_random_stream_is_uniform_in_the_open_unit_interval():

@@ -1,7 +1,7 @@
 """SamplingParams: vLLM's names and defaults, and a clear ValueError for every impossible value."""
 import pytest
 
-from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingType
+from nanovllm.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams, SamplingType
 
 
 def test_defaults_are_vllms():
@@ -37,6 +37,7 @@ def test_edge_values_that_are_possible_are_accepted():
     SamplingParams(max_tokens=None, min_tokens=1000)
     SamplingParams(max_tokens=5, min_tokens=5, logprobs=0)
     SamplingParams(logprobs=MAX_LOGPROBS, seed=-3)
+    SamplingParams(seed=2**64 - 1, top_k=2**63 - 1, n=MAX_N, stop_token_ids=[2**63 - 1])
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -46,9 +47,17 @@ def test_edge_values_that_are_possible_are_accepted():
     ({"top_k": -2}, ["top_k", "-2"]),
     ({"min_p": -0.1}, ["min_p", "[0, 1]"]),
     ({"min_p": 1.1}, ["min_p", "[0, 1]"]),
-    ({"n": 0}, ["n must be at least 1", "got 0"]),
-    ({"max_tokens": 0}, ["max_tokens", "at least 1"]),
-    ({"min_tokens": -1}, ["min_tokens", ">= 0"]),
+    ({"n": 0}, ["n must be between 1 and", "got 0"]),
+    ({"n": MAX_N + 1}, ["n must be between 1 and", str(MAX_N)]),
+    ({"max_tokens": 0}, ["max_tokens", "between 1 and"]),
+    ({"min_tokens": -1}, ["min_tokens", "between 0 and"]),
+    # Each of these overflowed int64 when the sampling batch was built, failing every request batched with it.
+    ({"top_k": 2**63}, ["top_k", str(2**63 - 1)]),
+    ({"min_tokens": 2**63, "max_tokens": None}, ["min_tokens", str(2**63 - 1)]),
+    ({"max_tokens": 2**63}, ["max_tokens", str(2**63 - 1)]),
+    ({"stop_token_ids": [2**63]}, ["stop_token_ids", "token ids"]),
+    ({"seed": 2**64}, ["seed", "64-bit", str(2**64 - 1)]),
+    ({"seed": -2**63 - 1}, ["seed", "64-bit"]),
     ({"max_tokens": 4, "min_tokens": 5}, ["min_tokens (5)", "max_tokens (4)"]),
     ({"logprobs": -1}, ["logprobs", "between 0 and"]),
     ({"logprobs": MAX_LOGPROBS + 1}, ["logprobs", str(MAX_LOGPROBS)]),
@@ -76,7 +85,7 @@ def test_impossible_value_raises_a_sentence_naming_it(kwargs, words):
     ({"stop": [1]}, ["stop must be a string or a list of strings"]),
     ({"stop": 5}, ["stop must be a string or a list of strings"]),
     ({"stop_token_ids": ["a"]}, ["stop_token_ids"]),
-    ({"stop_token_ids": [-1]}, ["stop_token_ids", "non-negative"]),
+    ({"stop_token_ids": [-1]}, ["stop_token_ids", "token ids"]),
     ({"ignore_eos": "yes"}, ["ignore_eos must be True or False"]),
     ({"skip_special_tokens": 1}, ["skip_special_tokens must be True or False"]),
 ])

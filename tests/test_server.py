@@ -73,7 +73,7 @@ class ServerProcess:
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics by name (labels joined in), e.g. 'nanovllm:kv_cache_used_blocks'."""
         samples = {}
-        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", headers=auth()).text):
             for sample in family.samples:
                 extra = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
                 samples[sample.name + (f"{{{extra}}}" if extra else "")] = sample.value
@@ -98,7 +98,7 @@ def server(tiny_model_factory, tmp_path_factory):
     process = ServerProcess([str(model), "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "512",
                              "--log-interval", "0.5"], tmp_path_factory.mktemp("server") / "server.log",
                             env={"NANO_VLLM_API_KEY": API_KEY})
-    process.model = model.name
+    process.model, process.model_path = model.name, model
     process.wait_ready()
     yield process
     assert process.stop() == 0, process.log()
@@ -132,7 +132,7 @@ def test_a_greedy_completion_is_deterministic_and_counts_its_tokens(server, clie
     assert first.object == "text_completion" and first.id.startswith("cmpl-") and first.id != second.id
     assert first.choices[0].text == second.choices[0].text
     assert first.choices[0].finish_reason == "length" and first.choices[0].index == 0
-    prompt_tokens = len(httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello, my name is"}).json()["tokens"])
+    prompt_tokens = len(httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello, my name is"}, headers=auth()).json()["tokens"])
     usage = first.usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt_tokens, 12, prompt_tokens + 12)
 
@@ -148,6 +148,28 @@ def test_a_streamed_completion_adds_up_to_the_same_text_and_ends_with_usage(serv
     assert len({chunk.id for chunk in chunks}) == 1
     assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 16
     assert usage_chunk.usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_the_two_process_server_streams_the_tokens_of_the_offline_engine(server, client):
+    import torch
+
+    from nanovllm import LLM, SamplingParams
+
+    prompts = ["The engine core", "runs in a process of its own"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the server's core runs: the same reduction order, the same greedy choices
+    try:
+        llm = LLM(str(server.model_path), max_model_len=MAX_MODEL_LEN, num_kv_blocks=512)
+        expected = [llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0),
+                                 use_tqdm=False)[0].outputs[0] for prompt in prompts]
+    finally:
+        torch.set_num_threads(threads)
+    for prompt, offline in zip(prompts, expected):
+        chunks = list(client.completions.create(model=server.model, prompt=prompt, max_tokens=24, stream=True,
+                                                logprobs=0, **GREEDY))
+        streamed_tokens = [token for chunk in chunks for token in chunk.choices[0].logprobs.tokens]
+        assert streamed_tokens == [llm.get_tokenizer().token_text(t) for t in offline.token_ids]
+        assert "".join(chunk.choices[0].text for chunk in chunks) == offline.text
 
 
 def test_the_raw_stream_is_server_sent_events_ending_in_done(server):
@@ -166,7 +188,7 @@ def test_chat_completion_and_its_stream_agree(server, client):
     whole = client.chat.completions.create(model=server.model, messages=messages, max_tokens=10, **GREEDY)
     assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
     assert whole.choices[0].message.role == "assistant" and whole.choices[0].finish_reason == "length"
-    template_ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    template_ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, headers=auth()).json()["tokens"]
     assert whole.usage.prompt_tokens == len(template_ids) and whole.usage.completion_tokens == 10
 
     chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=10, stream=True,
@@ -250,13 +272,13 @@ def test_a_seed_makes_sampling_reproducible(server, client):
 
 
 def test_token_id_prompts_and_echo(server, client):
-    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Token ids"}).json()["tokens"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Token ids"}, headers=auth()).json()["tokens"]
     by_text = client.completions.create(model=server.model, prompt="Token ids", max_tokens=6, **GREEDY)
     by_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=6, **GREEDY)
     assert by_ids.choices[0].text == by_text.choices[0].text
     echoed = client.completions.create(model=server.model, prompt="Token ids", max_tokens=6, echo=True, **GREEDY)
     assert echoed.choices[0].text == "Token ids" + by_text.choices[0].text
-    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "Token ids"}
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}, headers=auth()).json() == {"prompt": "Token ids"}
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -326,7 +348,7 @@ def test_the_client_sees_an_unknown_model_as_not_found(server, client):
 # ---- access ----------------------------------------------------------------------------------
 
 
-def test_without_the_right_key_v1_answers_401_and_health_stays_open(server):
+def test_without_the_right_key_the_api_answers_401_and_health_stays_open(server):
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": API_KEY}):
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions")):
             response = httpx.request(method, f"{server.url}{path}", headers=headers,
@@ -339,7 +361,7 @@ def test_without_the_right_key_v1_answers_401_and_health_stays_open(server):
     right = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     assert right.models.list().data[0].id == server.model
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/version").json()["version"]
+    assert httpx.get(f"{server.url}/version", headers=auth()).json()["version"]
 
 
 # ---- load, disconnects, metrics --------------------------------------------------------------
@@ -380,7 +402,7 @@ def test_200_concurrent_streams_all_finish_share_steps_and_leak_nothing(server):
     assert growth < 64 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over a second wave of 200 requests"
 
 
-def test_clients_that_drop_mid_stream_free_their_blocks_and_others_finish(server):
+def test_64_streams_of_which_16_drop_leave_no_kv_in_use_and_the_others_finish(server):
     async def scenario() -> list[tuple[str, int]]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
                                       timeout=120) as client:
@@ -394,17 +416,51 @@ def test_clients_that_drop_mid_stream_free_their_blocks_and_others_finish(server
                         break
                 await stream.close()
 
-            finishers = [stream_completion(client, server.model, f"Stay {i}", 6) for i in range(5)]
-            results = await asyncio.gather(*(drop_after_two_chunks(i) for i in range(20)), *finishers)
-            return results[20:]
+            finishers = [stream_completion(client, server.model, f"Stay {i}", 6) for i in range(48)]
+            results = await asyncio.gather(*(drop_after_two_chunks(i) for i in range(16)), *finishers)
+            return results[16:]
 
     before = server.wait_idle()
-    assert asyncio.run(scenario()) == [("length", 6)] * 5
-    after = server.wait_idle()
+    assert asyncio.run(scenario()) == [("length", 6)] * 48
+    after = server.wait_idle()   # KV blocks in use, running and unfinished requests: all 0
     aborted = 'nanovllm:request_success_total{finished_reason=abort}'
-    assert after[aborted] - before.get(aborted, 0) == 20
+    assert after[aborted] - before.get(aborted, 0) == 16
     generated = after["nanovllm:generation_tokens_total"] - before["nanovllm:generation_tokens_total"]
-    assert generated < 20 * 240
+    assert generated < 16 * 240
+
+
+def test_a_4_mb_prompt_is_refused_unread_without_delaying_another_stream(server):
+    async def scenario() -> tuple[httpx.Response, list[float], float, float]:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth(), timeout=60) as http:
+            arrivals: list[float] = []
+
+            async def stream() -> None:
+                body = {"model": server.model, "prompt": "Keep streaming", "max_tokens": 200, "stream": True,
+                        "ignore_eos": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            arrivals.append(time.monotonic())
+
+            streaming = asyncio.ensure_future(stream())
+            while len(arrivals) < 10:
+                await asyncio.sleep(0.01)
+            big = json.dumps({"model": server.model, "prompt": "a" * (4 * 10**6), "max_tokens": 1})
+            sent = time.monotonic()
+            response = await http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+            answered = time.monotonic()
+            await streaming
+            return response, arrivals, sent, answered
+
+    response, arrivals, sent, answered = asyncio.run(scenario())
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    during = [gap for gap, later, earlier in zip(gaps, arrivals[1:], arrivals) if later > sent and earlier < answered]
+    before = [gap for gap, later in zip(gaps, arrivals[1:]) if later <= sent]
+    # 100 ms beyond the stream's own pace before the big body (slow only on a machine busy with other work).
+    allowed = 0.1 + max(before)
+    assert during and max(during) < allowed, \
+        f"the stream stalled {max(during) * 1e3:.0f} ms (allowed {allowed * 1e3:.0f}) while the big body was handled"
 
 
 def test_metrics_and_the_log_line_report_the_work(server, client):
@@ -427,7 +483,8 @@ def test_metrics_and_the_log_line_report_the_work(server, client):
 # ---- overload and shutdown -------------------------------------------------------------------
 
 
-def test_a_full_queue_answers_503_and_sigterm_aborts_what_is_in_flight_then_exits_0(tiny_model_factory, tmp_path):
+def test_a_full_queue_answers_503_and_sigterm_ends_what_is_in_flight_with_an_error_then_exits_0(
+        tiny_model_factory, tmp_path):
     server = ServerProcess([str(tiny_model_factory("llama-gqa4")), "--max-model-len", "512", "--max-num-seqs", "1",
                             "--max-waiting", "1", "--shutdown-timeout", "0"], tmp_path / "server.log")
     server.wait_ready()
@@ -446,6 +503,9 @@ def test_a_full_queue_answers_503_and_sigterm_aborts_what_is_in_flight_then_exit
             with pytest.raises(openai.APIStatusError) as refused:
                 await client.completions.create(model=model, prompt="One too many", max_tokens=2)
             assert refused.value.status_code == 503 and refused.value.code == "service_unavailable"
+            assert refused.value.response.headers["retry-after"] == "1"
+            with pytest.raises(openai.BadRequestError, match="at most 1 may ever wait"):   # retrying cannot help
+                await client.completions.create(model=model, prompt="Never fits", max_tokens=2, n=2)
 
             server.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
@@ -460,22 +520,98 @@ def test_a_full_queue_answers_503_and_sigterm_aborts_what_is_in_flight_then_exit
             else:
                 pytest.fail("the server still accepts connections after SIGTERM")
 
-            reasons = []
-            for stream in (running, waiting):            # both streams end cleanly, with [DONE]
-                finish = None
-                async for chunk in stream:
-                    finish = chunk.choices[0].finish_reason or finish
-                reasons.append(finish)
-            return reasons
+            endings = []
+            for stream in (running, waiting):            # each ends with an error event, never "abort"
+                try:
+                    async for chunk in stream:
+                        assert chunk.choices[0].finish_reason != "abort"
+                    endings.append("finished")
+                except openai.APIError as error:
+                    endings.append(str(error))
+            return endings
 
     try:
-        reasons = asyncio.run(scenario())
+        endings = asyncio.run(scenario())
         assert server.process.wait(timeout=30) == 0, server.log()
     finally:
         server.stop()
-    # No grace: what is in flight is aborted at once (the waiting one had not even started).
-    assert set(reasons) <= {"length", "abort"} and reasons[1] == "abort"
+    # No grace: what is in flight is ended at once (the waiting one had not even started).
+    assert "shutting down" in endings[1] and endings[0] in ("finished", endings[1])
     assert re.search(r"aborting [12] unfinished request", server.log())
+
+
+def test_sigterm_under_load_lets_the_streams_finish_then_exits_0(server):
+    """The module's last test on its server: the shutdown drains both processes."""
+    async def scenario() -> list[tuple[str, int]]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=120) as client:
+            streams = [asyncio.ensure_future(stream_completion(client, server.model, f"Drain {i}", 40))
+                       for i in range(8)]
+            while server.metrics()["nanovllm:num_unfinished_requests"] < 8:
+                await asyncio.sleep(0.05)
+            server.process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*streams)
+
+    assert asyncio.run(scenario()) == [("length", 40)] * 8
+    assert server.process.wait(timeout=30) == 0, server.log()
+    core_pid = int(re.search(r"engine core process (\d+) is ready", server.log()).group(1))
+    assert not Path(f"/proc/{core_pid}").exists(), "the engine core outlived the server"
+
+
+def test_two_api_processes_share_the_port_and_a_killed_core_ends_every_open_request_with_an_error_then_exit_1(
+        tiny_model_factory, tmp_path):
+    server = ServerProcess([str(tiny_model_factory("llama-gqa4")), "--max-model-len", "512", "--api-server-count",
+                            "2"], tmp_path / "server.log")
+    server.wait_ready()
+    model = tiny_model_factory("llama-gqa4").name
+    core_pid = int(re.search(r"engine core process (\d+) is ready", server.log()).group(1))
+
+    async def scenario() -> tuple[list[str], int]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                                      timeout=60) as client:
+            streaming = [asyncio.Event() for _ in range(3)]
+
+            async def stream_until_error(started: asyncio.Event) -> str:
+                try:
+                    async for _ in await client.completions.create(model=model, prompt="Doomed", max_tokens=480,
+                                                                   stream=True, **GREEDY):
+                        started.set()
+                except openai.APIError as error:
+                    return str(error)
+                return "finished"
+
+            async def whole_until_error() -> str:
+                try:
+                    await client.completions.create(model=model, prompt="Doomed too", max_tokens=480, **GREEDY)
+                except openai.APIStatusError as error:
+                    return f"{error.status_code} {error}"
+                return "finished"
+
+            requests = [asyncio.ensure_future(whole_until_error())]
+            requests += [asyncio.ensure_future(stream_until_error(started)) for started in streaming]
+            for started in streaming:   # all four are in the engine (each API process counts only its own)
+                await asyncio.wait_for(started.wait(), timeout=30)
+            killed_at = time.monotonic()
+            os.kill(core_pid, signal.SIGKILL)
+            endings = await asyncio.gather(*requests)
+            server.process.wait(timeout=10)
+            return endings, time.monotonic() - killed_at
+
+    try:
+        assert "with 2 API process(es)" in server.log()
+        deadline = time.monotonic() + 30   # /health answered by one; wait for the other too
+        while server.log().count("Application startup complete") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Each connection lands on one of the two; every one is served.
+        served = [httpx.post(f"{server.url}/v1/completions", json={"model": model, "prompt": f"Hi {i}",
+                                                                   "max_tokens": 2}) for i in range(8)]
+        assert [response.json()["usage"]["completion_tokens"] for response in served] == [2] * 8
+        endings, seconds = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert all("the engine core" in ending for ending in endings), endings   # "exited with code -9" or "went away"
+    assert endings[0].startswith("500")
+    assert server.process.returncode == 1 and seconds < 10
 
 
 # ---- the embedded model ----------------------------------------------------------------------

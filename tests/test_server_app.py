@@ -49,7 +49,7 @@ def test_two_apps_in_one_process_keep_their_own_metrics(make_app):
 
 def test_a_failing_step_answers_500_or_an_error_event_and_the_server_goes_on(make_app, monkeypatch):
     app = make_app(served_model_name="m")
-    runner = app.state.server.async_engine.engine.runner
+    runner = app.state.server.async_engine.thread.engine.runner   # the core runs in a thread here
     with TestClient(app) as client:
         with monkeypatch.context() as patch:
             patch.setattr(runner, "launch", lambda batch: (_ for _ in ()).throw(RuntimeError("device lost")))
@@ -65,12 +65,13 @@ def test_a_failing_step_answers_500_or_an_error_event_and_the_server_goes_on(mak
         assert client.get("/health").status_code == 200
 
 
-def test_the_api_key_guards_v1_only(make_app):
+def test_the_api_key_guards_every_route_but_health(make_app):
     with TestClient(make_app(served_model_name="m", api_key="k")) as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
         assert client.get("/health").status_code == 200
-        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 401
+        assert client.post("/tokenize", json={"prompt": "hi"}, headers={"Authorization": "Bearer k"}).status_code == 200
 
 
 def test_the_served_name_defaults_to_the_model_directory_or_file_stem(tmp_path, tiny_llama):
@@ -88,3 +89,20 @@ def test_the_served_name_defaults_to_the_model_directory_or_file_stem(tmp_path, 
 def test_impossible_server_settings_raise_with_a_sentence(server_args, message):
     with pytest.raises(ValueError, match=message):
         ServerConfig(**server_args)
+
+
+def test_a_dummy_model_is_served_under_its_builtin_name(tiny_llama):
+    assert default_served_model_name("qwen3-0.6b", load_format="dummy") == "qwen3-0.6b"
+
+
+def test_a_model_without_a_tokenizer_serves_token_ids_and_refuses_text_with_a_400(tiny_llama, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama, bare)
+    (bare / "tokenizer.json").unlink()
+    app = build_app(EngineConfig(model=str(bare), device="cpu", max_model_len=64), ServerConfig(served_model_name="m"))
+    with TestClient(app) as client:
+        assert complete(client, prompt=[5, 6, 7])["status"] == 200
+        refused = complete(client, prompt="text")
+        assert refused["status"] == 400 and "send prompts as token ids" in refused["error"]["message"]

@@ -1,6 +1,7 @@
-"""AsyncLLMEngine in-process on a tiny random model: concurrent callers share steps, a closed stream
-aborts and frees its blocks, the waiting queue is bounded, drain aborts what outlives the grace
-period, and a failing step loop fails its callers instead of leaving them waiting."""
+"""AsyncLLMEngine over an engine core in a thread, on a tiny random model: concurrent callers share
+steps and their deltas add up to what the sync engine gives, a closed stream aborts and frees its
+blocks, the waiting queue is bounded, drain aborts what outlives the grace period, and a failing
+core fails its callers instead of leaving them waiting."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,11 @@ from nanovllm.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, 
 from nanovllm.engine.engine import LLMEngine, StepInfo
 from nanovllm.sampling_params import SamplingParams
 from conftest import engine_over
+
+
+def ids(text: str) -> list[int]:
+    """A prompt as the API process sends it: token ids (any ids of the tiny vocabulary will do)."""
+    return [3 + ord(char) % 90 for char in text]
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
@@ -39,7 +45,7 @@ def run(coroutine_fn, engine: AsyncLLMEngine):
 
 def test_concurrent_callers_share_steps_and_get_what_the_sync_engine_gives(make_engine):
     reference = make_engine()
-    reference.add_requests([("a", "Hello", greedy(6)), ("b", "World, again", greedy(9))], stream=False)
+    reference.add_requests([("a", ids("Hello"), greedy(6)), ("b", ids("World, again"), greedy(9))], stream=False)
     expected = {}
     while reference.has_unfinished_requests():
         expected.update({out.request_id: out.outputs[0].token_ids for out in reference.step()})
@@ -47,25 +53,25 @@ def test_concurrent_callers_share_steps_and_get_what_the_sync_engine_gives(make_
     engine = make_engine()
     steps: list[StepInfo] = []
     engine.add_step_observer(steps.append)
-    async_engine = AsyncLLMEngine(engine)
+    async_engine = AsyncLLMEngine.from_engine(engine)
 
-    async def consume(request_id: str, prompt: str, params: SamplingParams) -> list[list[int]]:
+    async def consume(request_id: str, prompt: list[int], params: SamplingParams) -> list[list[int]]:
         return [out.outputs[0].token_ids async for out in async_engine.generate(request_id, prompt, params)]
 
-    streams = run(lambda: asyncio.gather(consume("a", "Hello", greedy(6)), consume("b", "World, again", greedy(9))),
-                  async_engine)
-    assert [stream[-1] for stream in streams] == [expected["a"], expected["b"]]
-    for stream in streams:   # each output is the state so far: token lists only grow
-        assert all(stream[i] == stream[i + 1][:len(stream[i])] for i in range(len(stream) - 1))
+    streams = run(lambda: asyncio.gather(consume("a", ids("Hello"), greedy(6)),
+                                         consume("b", ids("World, again"), greedy(9))), async_engine)
+    # Each output is a delta: the new tokens only, which add up to the whole (cumulative outputs would
+    # add up to more; a reader that falls behind gets the deltas it missed joined, never dropped).
+    assert [sum(stream, []) for stream in streams] == [expected["a"], expected["b"]]
     assert any({chunk.request_id for chunk in step.scheduled} == {"a", "b"} for step in steps)
     assert async_engine.stats.kv_usage.used_blocks == 0
 
 
 def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(make_engine):
-    async_engine = AsyncLLMEngine(make_engine())
+    async_engine = AsyncLLMEngine.from_engine(make_engine())
 
     async def scenario():
-        outputs = await async_engine.add_requests([("long", "Tell me a story", greedy(100))])
+        outputs = await async_engine.add_requests([("long", ids("Tell me a story"), greedy(100))])
         first = await outputs.get()
         outputs.close()
         while async_engine.num_unfinished_requests:
@@ -76,17 +82,16 @@ def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(make_engine):
     assert not first[0].finished
     assert async_engine.stats.kv_usage.used_blocks == 0
     assert async_engine.stats.num_running == async_engine.stats.num_waiting == 0
-    assert not async_engine.engine.has_unfinished_requests()
 
 
 def test_a_cancelled_caller_aborts_its_request(make_engine):
-    async_engine = AsyncLLMEngine(make_engine(max_model_len=512))
+    async_engine = AsyncLLMEngine.from_engine(make_engine(max_model_len=512))
 
     async def scenario():
         started = asyncio.Event()
 
         async def consume():
-            async for _ in async_engine.generate("long", "Once upon a time", greedy(400)):
+            async for _ in async_engine.generate("long", ids("Once upon a time"), greedy(400)):
                 started.set()
         task = asyncio.create_task(consume())
         await started.wait()
@@ -100,14 +105,14 @@ def test_a_cancelled_caller_aborts_its_request(make_engine):
 
 
 def test_a_full_waiting_queue_refuses_new_requests(make_engine):
-    async_engine = AsyncLLMEngine(make_engine(max_num_seqs=1), max_waiting=2)
+    async_engine = AsyncLLMEngine.from_engine(make_engine(max_num_seqs=1), max_waiting=2)
 
     async def scenario():
-        running = await async_engine.add_requests([("r", "Hi", greedy(50))])
+        running = await async_engine.add_requests([("r", ids("Hi"), greedy(50))])
         await running.get()   # "r" runs; the next two wait behind it
-        waiting = await async_engine.add_requests([("w", "Hi", greedy(2, n=2))])
+        waiting = await async_engine.add_requests([("w", ids("Hi"), greedy(2, n=2))])
         with pytest.raises(QueueFullError, match="max_waiting=2"):
-            await async_engine.add_requests([("refused", "Hi", greedy(2))])
+            await async_engine.add_requests([("refused", ids("Hi"), greedy(2))])
         return [out async for out in running], [out async for out in waiting]
 
     running, waiting = run(scenario, async_engine)
@@ -116,30 +121,30 @@ def test_a_full_waiting_queue_refuses_new_requests(make_engine):
 
 
 def test_an_invalid_request_raises_and_queues_nothing(make_engine):
-    async_engine = AsyncLLMEngine(make_engine())
+    async_engine = AsyncLLMEngine.from_engine(make_engine())
 
     async def scenario():
         with pytest.raises(ValueError, match="max_model_len"):
-            await async_engine.add_requests([("ok", "Hi", greedy(2)), ("long", "x" * 500, greedy(2))])
-        return [out async for out in await async_engine.add_requests([("ok", "Hi", greedy(2))])]
+            await async_engine.add_requests([("ok", ids("Hi"), greedy(2)), ("long", [5] * 500, greedy(2))])
+        return [out async for out in await async_engine.add_requests([("ok", ids("Hi"), greedy(2))])]
 
     outputs = run(scenario, async_engine)
-    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 2
+    assert outputs[-1].finished and sum(len(out.outputs[0].token_ids) for out in outputs) == 2
     assert async_engine.num_unfinished_requests == 0
 
 
 def test_drain_lets_short_requests_finish_aborts_the_rest_and_refuses_new_ones(make_engine):
-    async_engine = AsyncLLMEngine(make_engine(max_num_seqs=1, max_model_len=512))
+    async_engine = AsyncLLMEngine.from_engine(make_engine(max_num_seqs=1, max_model_len=512))
 
     async def scenario():
-        short = await async_engine.add_requests([("short", "Hi", greedy(3))])
-        long = await async_engine.add_requests([("long", "Hi there", greedy(480))])
+        short = await async_engine.add_requests([("short", ids("Hi"), greedy(3))])
+        long = await async_engine.add_requests([("long", ids("Hi there"), greedy(480))])
         drain = asyncio.create_task(async_engine.drain(timeout=0.3))
         with_short = [out async for out in short]
         with_long = [out async for out in long]
         await drain
         with pytest.raises(EngineNotRunningError, match="shutting down"):
-            await async_engine.add_requests([("late", "Hi", greedy(2))])
+            await async_engine.add_requests([("late", ids("Hi"), greedy(2))])
         return with_short[-1], with_long[-1]
 
     short, long = run(scenario, async_engine)
@@ -148,9 +153,9 @@ def test_drain_lets_short_requests_finish_aborts_the_rest_and_refuses_new_ones(m
     assert async_engine.stats.kv_usage.used_blocks == 0
 
 
-def test_a_failing_step_loop_fails_its_callers_and_refuses_new_requests(make_engine, monkeypatch):
+def test_a_failing_core_fails_its_callers_and_refuses_new_requests(make_engine, monkeypatch):
     engine = make_engine()
-    async_engine = AsyncLLMEngine(engine)
+    async_engine = AsyncLLMEngine.from_engine(engine)
 
     def broken_step():
         raise RuntimeError("scheduler bug")
@@ -158,11 +163,46 @@ def test_a_failing_step_loop_fails_its_callers_and_refuses_new_requests(make_eng
     monkeypatch.setattr(engine, "step", broken_step)
 
     async def scenario():
-        outputs = await async_engine.add_requests([("a", "Hi", greedy(3))])
-        with pytest.raises(EngineNotRunningError, match="scheduler bug"):
+        with pytest.raises(EngineNotRunningError, match="scheduler bug"):   # at once, or from the stream
+            outputs = await async_engine.add_requests([("a", ids("Hi"), greedy(3))])
             await outputs.get()
         with pytest.raises(EngineNotRunningError, match="not running"):
-            await async_engine.add_requests([("b", "Hi", greedy(3))])
+            await async_engine.add_requests([("b", ids("Hi"), greedy(3))])
 
     run(scenario, async_engine)
     assert not async_engine.is_running
+
+
+def test_the_core_aborts_the_requests_of_an_api_process_that_is_gone(make_engine, tmp_path):
+    import threading
+    import time
+
+    import msgspec
+    import zmq
+
+    from nanovllm.engine.core import AddRequests, CoreAddresses, EngineCore, EngineRequest, Shutdown, StepOutputs
+
+    engine = make_engine()
+    addresses = CoreAddresses(f"ipc://{tmp_path}/in", [f"ipc://{tmp_path}/out0", f"ipc://{tmp_path}/out1"])
+    context = zmq.Context()
+    core = EngineCore(engine, context, addresses)
+    core.unreachable_grace = 0.0   # gone at once (a starting API process would get a few seconds)
+    loop = threading.Thread(target=core.run_busy_loop)
+    requests, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    outputs.setsockopt(zmq.RCVTIMEO, 30_000)   # a core stuck on the missing process fails the test, not hangs it
+    requests.connect(addresses.input)
+    outputs.connect(addresses.outputs[0])   # API process 1 never connects: it is gone
+    encode, decode = msgspec.msgpack.encode, msgspec.msgpack.Decoder(StepOutputs).decode
+    requests.send(encode(AddRequests(1, [EngineRequest("orphan", ids("Hi"), greedy(50), time.time())], True, True)))
+    requests.send(encode(AddRequests(0, [EngineRequest("kept", ids("Hi"), greedy(5), time.time())], True, True)))
+    loop.start()
+    finished = []
+    while not finished:
+        finished = [out for out in decode(outputs.recv()).outputs if out.finished]
+    requests.send(encode(Shutdown()))
+    loop.join(timeout=30)
+    core.close()
+    context.destroy(linger=0)
+    assert [out.request_id for out in finished] == ["kept"] and finished[0].outputs[0].finish_reason == "length"
+    assert not engine.has_unfinished_requests()   # the orphan was aborted, not left running for no one
+    assert engine.scheduler.block_manager.usage().used_blocks == 0

@@ -1,5 +1,9 @@
-"""Tensor parallelism on the CPU: two gloo ranks give one rank's greedy tokens, shards hold the right
-slices, and the worker processes start and stop cleanly (spawned by the engine or by torchrun)."""
+"""Tensor parallelism on the CPU: two gloo ranks give one rank's greedy tokens and log-probabilities,
+shards hold the right slices, and the worker processes start and stop cleanly (spawned by the engine
+or by torchrun).
+
+Tokens alone are a weak oracle: a rank that skips an all-reduce can still pick the same argmax. The
+log-probabilities of the sampled and top-3 tokens must agree too, to float32 summation-order noise."""
 from __future__ import annotations
 
 import multiprocessing
@@ -30,8 +34,27 @@ SPLITTABLE = {
 }
 
 
+GREEDY_LOGPROBS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+LOGPROB_ATOL = 1e-4   # two float32 ranks sum in another order: measured under 1e-5 apart
+
+
 def greedy_tokens(llm: LLM) -> list[list[int]]:
     return [output.outputs[0].token_ids for output in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def greedy_logprobs(llm: LLM) -> list[list[dict[int, float]]]:
+    """Per prompt, per generated token: {token id: log-probability} of the sampled and top-3 tokens."""
+    return [output.outputs[0].logprobs for output in llm.generate(PROMPTS, GREEDY_LOGPROBS, use_tqdm=False)]
+
+
+def assert_logprobs_close(actual: list[list[dict[int, float]]], expected: list[list[dict[int, float]]],
+                          atol: float = LOGPROB_ATOL) -> None:
+    assert len(actual) == len(expected)
+    for prompt, (ours, theirs) in enumerate(zip(actual, expected)):
+        assert [sorted(step) for step in ours] == [sorted(step) for step in theirs], f"prompt {prompt}: tokens"
+        for step, (a, b) in enumerate(zip(ours, theirs)):
+            worst = max(abs(a[token] - b[token]) for token in b)
+            assert worst < atol, f"prompt {prompt}, step {step}: log-probabilities {worst:.3g} apart"
 
 
 def assert_no_children_left() -> None:
@@ -43,14 +66,15 @@ def assert_no_children_left() -> None:
 def test_two_ranks_give_the_greedy_tokens_of_one_and_exit_cleanly(tiny_model_factory, model):
     name, overrides = SPLITTABLE[model]
     path = str(tiny_model_factory(name, **overrides))
-    expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
+    one = LLM(path, **ENGINE_ARGS)
+    expected, expected_logprobs = greedy_tokens(one), greedy_logprobs(one)
     llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
     try:
         runner = llm.engine.runner
         assert runner.kv_cache.shape[4] == 1             # 2 KV heads over 2 ranks: one each
         assert runner.model.lm_head.weight.shape[0] == -(-overrides.get("vocab_size", 320) // 2)
         assert greedy_tokens(llm) == expected
-        assert greedy_tokens(llm) == expected            # the KV cache and prefix cache stay consistent
+        assert_logprobs_close(greedy_logprobs(llm), expected_logprobs)   # the KV and prefix caches stay consistent
         workers = runner.workers.processes
         assert len(workers) == 1 and workers[0].is_alive()
     finally:
@@ -152,7 +176,7 @@ def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_mo
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     path = str(tiny_model_factory("llama-gqa4", num_key_value_heads=2))
     expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
-    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.runner.tp_worker", path,
+    command = [torchrun, "--nproc-per-node", "2", "-m", "nanovllm.tp_main", path,
                "--tensor-parallel-size", "2", "--device", "cpu", "--max-model-len", "256",
                "--max-num-batched-tokens", "32", "--max-tokens", str(GREEDY.max_tokens)]
     for prompt in PROMPTS:
@@ -219,3 +243,19 @@ def test_a_second_tensor_parallel_engine_in_the_same_process_is_refused_while_th
     finally:
         first.engine.shutdown()
     assert_no_children_left()
+
+
+def test_a_script_read_from_stdin_starts_its_workers(tiny_model_factory, tmp_path):
+    """`python - < script.py` has no `__main__` file for a spawned worker to re-run; the workers start anyway."""
+    path = str(tiny_model_factory("qwen3"))
+    expected = greedy_tokens(LLM(path, **ENGINE_ARGS))
+    script = (f"from nanovllm import LLM, SamplingParams\n"
+              f"llm = LLM({path!r}, tensor_parallel_size=2, **{ENGINE_ARGS!r})\n"
+              f"outputs = llm.generate({PROMPTS!r}, SamplingParams(temperature=0.0, max_tokens={GREEDY.max_tokens}, "
+              f"ignore_eos=True), use_tqdm=False)\n"
+              f"print([output.outputs[0].token_ids for output in outputs])\n"
+              f"llm.engine.shutdown()\n")
+    result = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=180,
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(expected)

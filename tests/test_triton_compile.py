@@ -2,8 +2,8 @@
 
 The interpreter tests (test_ops_triton.py) run a kernel's Python line by line, so some errors
 only the compiler sees pass them: a variable that changes type inside a loop, a constexpr used
-as a value, a layout it cannot lower. One such error cost a device run once (NOTES-kernels.md,
-v7). triton.compile lowers a kernel to a cubin for a named target without a driver, so CI
+as a value, a layout it cannot lower. One such error once cost a whole GPU run
+(docs/reference/gpu-kernels.md). triton.compile lowers a kernel to a cubin for a named target without a driver, so CI
 compiles each kernel in the configurations the engine launches (bfloat16 at Llama-3.2-1B's
 and Qwen3-0.6B's shapes).
 """

@@ -1,19 +1,24 @@
-"""`nano-vllm bench throughput|latency|serve|cpu`: a measured figure beside its limit and a peer's.
+"""`nano-vllm bench throughput|latency|serve|cpu|report`: a measured figure beside its limit and a peer's.
 
     nano-vllm bench throughput --dummy qwen3-0.6b --peer hf          bench.py's workload on a GPU
     nano-vllm bench latency MODEL                                    TTFT and decode tok/s of one request
     nano-vllm bench serve --launch --request-rate 1,4,inf           Poisson arrivals against the server
     nano-vllm bench cpu --peer hf,llama.cpp                          the 2-core CPU workload (embedded model)
+    nano-vllm bench report                                           the results tables, from benchmarks/results/
 
 Every run measures the machine (copy bandwidth, matmul FLOP/s) in this process
 before and after the runs, runs the peers and nano-vllm, computes the roofline
-of the exact workload (roofline.py) and prints one table; `--json FILE` keeps every number,
-`--save-dir DIR` writes DIR/<date>-<card or cpu>-<kind>.json and .md.
+of the exact workload (roofline.py) and prints one table; `--save` keeps every number as one
+JSON file in benchmarks/results/ (`--save-dir DIR` elsewhere, `--json FILE` as FILE), whose
+fields docs/benchmarks.md describes. `report` regenerates benchmarks/README.md and the README's
+performance table from those files (`--check`: only say whether they are current).
+Each result is printed with the load average beside it, and `bench cpu` also splits a
+decode step at batch 1 and 16 into the model's time and the host overhead around it
+(step_overhead.py).
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime
 import gc
@@ -28,22 +33,25 @@ import torch
 from nanovllm.bench import report
 from nanovllm.bench.harness import make_engine
 from nanovllm.bench.latency import DEFAULT_NUM_RUNS, LatencyResult, run_latency
+from nanovllm.bench.step_overhead import StepOverhead, load_average_text, measure_step_overhead
 from nanovllm.bench.peers import PEERS, PeerSettings, PeerUnavailable, make_peer
 from nanovllm.bench.roofline import (WEIGHT_FORMAT_BYTES, Ceilings, ModelCost, Roofline, matmul_dtype,
                                      measure_ceilings, workload_roofline)
-from nanovllm.bench.serve import DEFAULT_URL, LocalServer, parse_rates, run_serve, served_model_name
+from nanovllm.bench.serve import (
+    DEFAULT_URL, LocalServer, measure_client_ceiling, parse_rates, run_serve_processes, served_model_name,
+)
 from nanovllm.bench.throughput import ThroughputResult, run_throughput
 from nanovllm.bench.workloads import (DATASETS, Workload, cpu_batch_workload, dataset_workload,
                                       latency_workload)
 from nanovllm.config import EngineConfig
 from nanovllm.engine_args import add_engine_args, engine_config_from_args
 
-KINDS = ("throughput", "latency", "serve", "cpu")
+KINDS = ("throughput", "latency", "serve", "cpu", "report")
 DEFAULT_PEERS = {"throughput": "none", "latency": "none", "serve": "none", "cpu": "hf,llama.cpp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=KINDS, help="the workload (see BENCHMARKS.md)")
+    parser.add_argument("kind", choices=KINDS, help="the workload (see docs/benchmarks.md), or report")
     parser.add_argument("model", nargs="?", default=None,
                         help="HF directory, .gguf or llama2.c .bin (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dummy", metavar="NAME",
@@ -63,9 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="timed runs of each ceiling probe, best kept (default: 10 on cuda, 30 on cpu)")
     bench.add_argument("--threads", type=int, help="torch (and llama.cpp) CPU threads (default: torch's)")
     bench.add_argument("--json", metavar="FILE", help="write every number, the machine and versions as JSON")
-    bench.add_argument("--save-dir", metavar="DIR",
-                       help="write DIR/<date>-<card or cpu>-<kind>.json and .md (e.g. benchmarks)")
-    bench.add_argument("--note", action="append", default=[], help="a line for the saved report (repeatable)")
+    bench.add_argument("--save", action="store_true",
+                       help=f"keep the run as {report.RESULTS_DIR}/<date>-<card>-<kind>-<model>.json")
+    bench.add_argument("--save-dir", metavar="DIR", help="keep the run as DIR/<date>-<card>-<kind>-<model>.json")
+    bench.add_argument("--note", action="append", default=[], help="a line for the saved result (repeatable)")
+    bench.add_argument("--check", action="store_true",
+                       help="with report: change nothing, exit 1 if a generated table is out of date")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     serve = parser.add_argument_group("serve")
     serve.add_argument("--url", default=None, help=f"the server (default {DEFAULT_URL}, or the launched one)")
@@ -73,10 +84,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port of the launched server")
     serve.add_argument("--request-rate", default="inf",
                        help="Poisson arrival rates in requests/s, comma-separated; inf sends all at once")
+    serve.add_argument("--client-processes", type=int, default=1,
+                       help="spread the client over this many processes (when one cannot keep up)")
+    serve.add_argument("--no-client-ceiling", action="store_true",
+                       help="skip measuring the client's own ceiling against a stub server")
     add_engine_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.kind == "report":
+        return report_main(args.check)
     if args.ceiling_repeats is not None and args.ceiling_repeats < 1:
         raise ValueError(f"--ceiling-repeats must be at least 1, got {args.ceiling_repeats}")
     if args.threads is not None:
@@ -102,17 +119,24 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, config: EngineConfig):
         from nanovllm.model.loader import load_model_config
+        from nanovllm.model.quantization import quantization_method
 
         self.args = args
         self.config = config
         self.progress = not args.no_progress
         self.model_config = load_model_config(config.model, config.load_format)
+        quantized = quantization_method(None if config.load_format == "dummy" else self.model_config.quantization_config,
+                                        config.quantization)
         self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size(),
-                                          WEIGHT_FORMAT_BYTES.get(config.dtype))
+                                          WEIGHT_FORMAT_BYTES.get(config.dtype),
+                                          None if quantized is None else quantized.bytes_per_weight,
+                                          quantized.bytes_per_weight if quantized and quantized.quantizes_lm_head
+                                          else None)
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
         self.notes: list[str] = list(args.note)
         self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs
         self.ceiling_measurements: dict[str, dict] = {}
+        self.step_overheads: list[StepOverhead] = []   # bench cpu: decode steps split into model and host
 
     def run(self) -> dict:
         self.load_average_at_start = os.getloadavg()[0]   # other work on the machine skews every figure
@@ -186,6 +210,8 @@ class Bench:
                     results[peer_name][name] = (
                         peer.latency(workload, self.progress) if name == "latency"
                         else peer.throughput(workload, self.progress))
+                    print(f"{peer_name} {name}: {results[peer_name][name].summary()}; {load_average_text()}",
+                          file=sys.stderr)
                 except Exception as error:
                     self._skip(peer_name, name, error)
             del peer
@@ -206,7 +232,13 @@ class Bench:
                 measured[name] = run_latency(engine, workload, self.progress)
             else:
                 measured[name] = run_throughput(engine, workload, self.progress)
-            print(measured[name].summary(), file=sys.stderr)
+            print(f"{measured[name].summary()}; {load_average_text()}", file=sys.stderr)
+        if self.args.kind == "cpu":
+            for batch_size in (1, 16):
+                overhead = measure_step_overhead(engine, batch_size)
+                print(overhead.summary(), file=sys.stderr)
+                self.step_overheads.append(overhead)
+                self.notes.append(overhead.summary())
         engine.shutdown()   # tensor-parallel workers leave before the ceilings are measured again
         del engine
         _release_memory()
@@ -224,9 +256,18 @@ class Bench:
 
     def _serve_rates(self, url: str, workload: Workload, rates: list[float]) -> dict[str, object]:
         model = served_model_name(url)
+        processes = self.args.client_processes
+        if processes < 1:
+            raise ValueError(f"--client-processes must be at least 1, got {processes}")
+        ceiling = None
+        if not self.args.no_client_ceiling:
+            ceiling = measure_client_ceiling(workload, processes, use_tqdm=self.progress)
+            print(f"client ceiling ({processes} process(es), stub server): {ceiling:.0f} output tok/s",
+                  file=sys.stderr)
         measured: dict[str, object] = {}
         for rate in rates:
-            result = asyncio.run(run_serve(url, model, workload, rate, use_tqdm=self.progress))
+            result = run_serve_processes(url, model, workload, rate, processes, use_tqdm=self.progress)
+            result.client_ceiling = ceiling
             print(result.summary(), file=sys.stderr)
             measured[f"{workload.name}@{rate:g}"] = result
         return measured
@@ -247,7 +288,7 @@ class Bench:
                                              roofline.decode_throughput,
                                              peers={p: r and r.decode_tokens_per_second for p, r in peers.items()}))
                 figures.append(report.Figure(label, device_name, "TTFT ms", result.ttft * 1e3,
-                                             roofline.prefill_time * 1e3, higher_is_better=False,
+                                             roofline.prefill_time * 1e3, higher_is_better=False, headline=False,
                                              peers={p: r and r.ttft * 1e3 for p, r in peers.items()}))
             elif isinstance(result, ThroughputResult):
                 figures.append(report.Figure(label, device_name, "output tok/s", result.output_tokens_per_second,
@@ -269,10 +310,12 @@ class Bench:
                figures: list[report.Figure]) -> dict:
         config = self.config
         return {
+            "schema": report.SCHEMA,
             "kind": self.args.kind,
             "command": ("nano-vllm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
                         else f"nano-vllm bench {self.args.kind} (called from Python)"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "card": report.card_name(config.device, self.ceilings.device_name, torch.get_num_threads()),
             "git_commit": report.git_commit(),
             "source_digest": report.source_digest(),
             "machine": {**report.machine_info(config.device),
@@ -288,6 +331,7 @@ class Bench:
             "workloads": {name: {**w.describe(), "roofline": rooflines[name].as_dict()}
                           for name, w in workloads.items()},
             "nano_vllm": {name: r.as_dict() for name, r in measured.items()},
+            "step_overhead": [overhead.as_dict() for overhead in self.step_overheads],
             "peers": peer_info,
             "peer_results": {peer: {name: r.as_dict() for name, r in results.items()}
                              for peer, results in peer_results.items()},
@@ -300,13 +344,23 @@ class Bench:
 def write_outputs(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.save_dir:
-        directory = Path(args.save_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = report.result_stem(result["ceilings"]["device"], result["ceilings"]["device_name"], result["kind"])
-        (directory / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (directory / f"{stem}.md").write_text(report.markdown_report(result))
-        print(f"saved {directory / stem}.json and .md", file=sys.stderr)
+    if args.save or args.save_dir:
+        directory = Path(args.save_dir) if args.save_dir else report.repository_root() / report.RESULTS_DIR
+        path = report.save_result(result, directory)
+        print(f"saved {path}; `nano-vllm bench report` puts it in the tables", file=sys.stderr)
+
+
+def report_main(check: bool) -> int:
+    """`nano-vllm bench report [--check]`."""
+    stale = report.write_report(check=check)
+    for path in stale:
+        print(f"{path.relative_to(report.repository_root())}: {'out of date' if check else 'regenerated'}")
+    if check and stale:
+        print("run `nano-vllm bench report` to regenerate them", file=sys.stderr)
+        return 1
+    if not stale:
+        print("the tables are current")
+    return 0
 
 
 def _parse_peers(text: str) -> list[str]:

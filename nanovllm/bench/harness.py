@@ -17,33 +17,9 @@ from nanovllm.engine.engine import LLMEngine
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.tokenizer import Tokenizer
+from nanovllm.tokenizer import TokenIdTokenizer, Tokenizer
 
 _request_ids = itertools.count()
-
-
-class TokenIdTokenizer(Tokenizer):
-    """A stand-in tokenizer for models that have none: ids only, each decoded as "<id>"."""
-
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], bos_token_id: int | None = None):
-        self.vocab_size = vocab_size
-        self.eos_token_ids = list(eos_token_ids)
-        self.bos_token_id = bos_token_id
-        self.has_chat_template = False
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise ValueError("this model has no tokenizer (dummy weights); send prompts as token ids, or pass "
-                         "--tokenizer PATH")
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(f"<{token_id}>" for token_id in token_ids)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        raise ValueError("this model has no tokenizer (dummy weights) and so no chat template")
-
-    @property
-    def all_special_ids(self) -> set[int]:
-        return set(self.eos_token_ids)
 
 
 def make_engine(config: EngineConfig) -> LLMEngine:

@@ -1,15 +1,21 @@
-"""The benchmark's output: one table, and a JSON file with every number behind it.
+"""The benchmark's output: one table, a JSON file with every number behind it, and the tables of all runs.
 
 Each row of the table is one figure of one workload on one device: nano-vllm's
 measured value, the roofline's value, the fraction of the roofline reached, and
 each peer's value with nano-vllm's speed relative to it (x1.50 = nano-vllm is
 1.5 times as fast). For times (TTFT) lower is better, so the fraction is
 roofline / measured and the ratio peer / measured: both stay "higher is better".
+
+A saved run is one JSON file in benchmarks/results/ (its fields: docs/benchmarks.md).
+`nano-vllm bench report` turns every such file into benchmarks/README.md (all
+runs) and the project README's performance table (the latest run of each
+workload, model, card and figure), byte for byte the same from the same files.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import platform
 import re
@@ -30,6 +36,7 @@ class Figure:
     roofline: float
     higher_is_better: bool = True
     peers: dict[str, float | None] = field(default_factory=dict)   # peer -> its value (None: did not run)
+    headline: bool = True          # False: listed in benchmarks/README.md only, not in the project README
 
     @property
     def fraction(self) -> float:
@@ -47,7 +54,7 @@ class Figure:
         return {"workload": self.workload, "device": self.device_name, "figure": self.name,
                 "measured": self.measured, "roofline": self.roofline, "fraction_of_roofline": self.fraction,
                 "higher_is_better": self.higher_is_better, "peers": dict(self.peers),
-                "ratio_to_peer": {peer: self.ratio(peer) for peer in self.peers}}
+                "ratio_to_peer": {peer: self.ratio(peer) for peer in self.peers}, "headline": self.headline}
 
 
 TABLE_COLUMNS = ("workload", "device", "figure", "nano-vllm", "roofline", "fraction")
@@ -127,38 +134,195 @@ def source_digest(package: Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def result_stem(device: str, device_name: str, workload: str, date: datetime.date | None = None) -> str:
-    """<YYYY-MM-DD>-<card or "cpu">-<workload>, e.g. 2026-11-28-nvidia-h100-80gb-hbm3-throughput."""
-    date = date or datetime.date.today()
-    machine = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    return f"{date.isoformat()}-{machine}-{workload}"
+def card_name(device: str, device_name: str, num_threads: int) -> str:
+    """What ran a result, as the tables print it: "NVIDIA H200", "2 x NVIDIA H200" (the ceilings' name of
+    a tensor-parallel group), "<CPU model> (2 threads)"."""
+    return f"{device_name} ({num_threads} threads)" if device == "cpu" else device_name
 
 
-def markdown_report(result: dict) -> str:
-    """The .md beside a saved JSON: the table, how to reproduce it, what it ran on."""
-    machine, ceilings = result["machine"], result["ceilings"]
-    lines = [f"# nano-vllm bench {result['kind']}: {result['model']['name']} on {ceilings['device_name']}", "",
-             result["table"], "",
-             f"- command: `{result['command']}`",
-             f"- date: {result['date']}; git commit {result['git_commit']}, "
-             f"source digest {result.get('source_digest')}",
-             f"- machine: {machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
-             + (f"; {machine['gpu']}" if "gpu" in machine else "")
-             + f"; 1-minute load average {machine['load_average_1min']['start']:.1f} at the start, "
-               f"{machine['load_average_1min']['end']:.1f} at the end",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
-             f"- ceilings measured in the run (the better of before and after): copy "
-             f"{ceilings['memory_bandwidth_GBps']:.1f} GB/s, {ceilings['dtype']} matmul "
-             f"{ceilings['peak_TFLOPs'] * 1e3:.1f} GFLOP/s",
-             f"- model: {result['model']['name']} ({result['model']['load_format']}, {result['model']['dtype']}, "
-             f"{result['model']['params'] / 1e6:.1f} M parameters)"]
-    for name, workload in result["workloads"].items():
-        roofline = workload["roofline"]
-        lines.append(f"- workload {name}: {workload['num_requests']} requests, {workload['input_tokens']} prompt "
-                     f"and {workload['output_tokens']} output tokens; roofline {roofline['time_s']:.3g} s over "
-                     f"{roofline['num_steps']} steps ({roofline['memory_bound_steps']} memory-bound)")
-    for peer, info in result["peers"].items():
-        lines.append(f"- peer {peer}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "peer"))
-    for note in result.get("notes", []):
-        lines.append(f"- note: {note}")
-    return "\n".join(lines) + "\n"
+def result_stem(result: dict) -> str:
+    """<YYYY-MM-DD>-<card>-<kind>-<model>, e.g. 2026-11-28-nvidia-h200-throughput-llama-3.2-1b."""
+    model = Path(result["model"]["name"]).name   # a model given as a path: its folder or file name
+    return "-".join([result["date"][:10]] + [_slug(part) for part in (result["card"], result["kind"], model)])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower().replace("(r)", "")).strip("-.") or "x"
+
+
+def save_result(result: dict, directory: Path) -> Path:
+    """Write result to directory/<stem>.json, never over an earlier run (-run2, -run3, ... on a clash)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem, run = result_stem(result), 1
+    path = directory / f"{stem}.json"
+    while path.exists():
+        run += 1
+        path = directory / f"{stem}-run{run}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+# ---- the tables of every saved run ---------------------------------------------------------
+
+RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def repository_root() -> Path:
+    """The checkout nano-vllm runs from (where benchmarks/ lies), else the current directory."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "benchmarks").is_dir() else Path.cwd()
+
+
+TABLE_BEGIN = "<!-- performance-table: generated by `nano-vllm bench report` from benchmarks/results/ -->"
+TABLE_END = "<!-- /performance-table -->"
+SCHEMA = 1
+REQUIRED = ("schema", "date", "card", "kind", "model", "git_commit", "source_digest", "command", "figures")
+FIGURE_REQUIRED = ("workload", "figure", "measured", "roofline", "fraction_of_roofline", "higher_is_better", "peers")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure of one saved run, as the generated tables print it."""
+    date: str
+    workload: str
+    model: str
+    card: str
+    figure: str
+    measured: float
+    roofline: float
+    fraction: float
+    peers: str
+    commit: str
+    file: str
+    headline: bool
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.workload, self.model, self.card, self.figure)
+
+
+def load_results(directory: Path) -> list[tuple[str, dict]]:
+    """(file name, result) of every JSON file in directory, in name order; ValueError names a bad file."""
+    results = []
+    for path in sorted(directory.glob("*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        missing = [key for key in REQUIRED if key not in result]
+        missing += [f"figures[{i}].{key}" for i, figure in enumerate(result.get("figures", []))
+                    for key in FIGURE_REQUIRED if key not in figure]
+        if missing or result["schema"] != SCHEMA or "name" not in result["model"]:
+            raise ValueError(f"{path}: not a schema-{SCHEMA} result (missing {', '.join(missing) or 'model.name'}); "
+                             "see docs/benchmarks.md for the fields a result needs")
+        results.append((path.name, result))
+    return results
+
+
+def model_label(model: dict) -> str:
+    """"llama-3.2-1b, dummy weights, bfloat16": the name and, where known, the weights and their dtype."""
+    load_format = model.get("load_format")
+    details = ["dummy weights" if load_format == "dummy" else None, model.get("dtype")]
+    return ", ".join([model["name"]] + [detail for detail in details if detail not in (None, "auto")])
+
+
+def result_rows(results: list[tuple[str, dict]]) -> list[Row]:
+    rows = []
+    for file, result in results:
+        for figure in result["figures"]:
+            rows.append(Row(date=result["date"], workload=figure["workload"], model=model_label(result["model"]),
+                            card=result["card"], figure=figure["figure"], measured=figure["measured"],
+                            roofline=figure["roofline"], fraction=figure["fraction_of_roofline"],
+                            peers=_peer_text(figure), commit=(result["git_commit"] or "")[:7]
+                            + ("+dirty" if (result["git_commit"] or "").endswith("+dirty") else ""),
+                            file=file, headline=figure.get("headline", True)))
+    return rows
+
+
+def _peer_text(figure: dict) -> str:
+    """"hf 17.5 (x2.33), llama.cpp 63.7 (x0.64)": each peer's value and nano-vllm's speed relative to it."""
+    parts = []
+    for peer, value in figure["peers"].items():
+        if value is None:
+            continue
+        ratio = figure["measured"] / value if figure["higher_is_better"] else value / figure["measured"]
+        parts.append(f"{peer} {_number(value)} (x{ratio:.2f})")
+    return ", ".join(parts)
+
+
+def _pipe_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def latest_rows(rows: list[Row]) -> list[Row]:
+    """The latest headline row of each (workload, model, card, figure), ordered by model, card, workload."""
+    latest: dict[tuple[str, str, str, str], Row] = {}
+    for row in rows:
+        if row.headline and (row.key not in latest or row.date >= latest[row.key].date):
+            latest[row.key] = row
+    return sorted(latest.values(), key=lambda row: (row.model.lower(), row.card, row.workload, row.figure))
+
+
+def performance_table(rows: list[Row], link_prefix: str) -> str:
+    """The project README's table: the latest run of each workload, with a link to its file."""
+    return _pipe_table(
+        ["workload", "model", "card", "nano-vllm", "roofline", "fraction", "peer", "run"],
+        [[f"`{row.workload}`", row.model, row.card, f"{_number(row.measured)} {row.figure}", _number(row.roofline),
+          f"{row.fraction:.1%}", row.peers, f"[{row.date[:10]}]({link_prefix}{row.file})"]
+         for row in latest_rows(rows)])
+
+
+def results_readme(rows: list[Row]) -> str:
+    """benchmarks/README.md: what the folder holds, then every saved figure, newest first."""
+    every = sorted(rows, key=lambda row: (row.date, row.file), reverse=True)
+    return "\n".join([
+        "# Benchmark results",
+        "",
+        "Generated by `nano-vllm bench report` from the files in [results/](results/): one JSON file per",
+        "measured run, its fields described in [docs/benchmarks.md](../docs/benchmarks.md), which also",
+        "defines the workloads and the roofline. Do not edit this file by hand; add a result",
+        "(`nano-vllm bench KIND ... --save`) and run `nano-vllm bench report`.",
+        "",
+        "## Latest run of each workload",
+        "",
+        performance_table(rows, "results/"),
+        "",
+        "## Every run, newest first",
+        "",
+        _pipe_table(["date", "workload", "model", "card", "figure", "nano-vllm", "roofline", "fraction", "peer",
+                     "commit", "file"],
+                    [[row.date[:16].replace("T", " "), f"`{row.workload}`", row.model, row.card, row.figure,
+                      _number(row.measured), _number(row.roofline), f"{row.fraction:.1%}", row.peers,
+                      f"`{row.commit}`" if row.commit else "", f"[{row.file}](results/{row.file})"]
+                     for row in every]),
+        "",
+    ])
+
+
+def with_performance_table(readme: str, table: str) -> str:
+    """readme with the text between the performance-table markers replaced by table."""
+    if TABLE_BEGIN not in readme or TABLE_END not in readme:
+        raise ValueError(f"README.md has no performance-table markers; put {TABLE_BEGIN} and {TABLE_END} "
+                         "on lines of their own where the table goes")
+    head, rest = readme.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}"
+
+
+def generated_files(root: Path | None = None) -> dict[Path, str]:
+    """Each file `nano-vllm bench report` writes under root (the repository), with the text it should hold."""
+    root = root or repository_root()
+    rows = result_rows(load_results(root / RESULTS_DIR))
+    readme = root / "README.md"
+    return {root / "benchmarks" / "README.md": results_readme(rows),
+            readme: with_performance_table(readme.read_text(encoding="utf-8"), performance_table(rows, f"{RESULTS_DIR}/"))}
+
+
+def write_report(root: Path | None = None, check: bool = False) -> list[Path]:
+    """Regenerate the tables (or, with check, only compare them); -> the files that were (or are) out of date."""
+    stale = []
+    for path, text in generated_files(root).items():
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            stale.append(path)
+            if not check:
+                path.write_text(text, encoding="utf-8")
+    return stale

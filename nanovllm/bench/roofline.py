@@ -27,7 +27,7 @@ sequences that already hold `num_computed_tokens` in the KV cache:
 Activations are not counted: they are small beside weights and KV, and a
 lower bound may leave them out. Counting the LM head on every prompt token
 instead (2 x all parameters x tokens) lowers the roofline of `throughput` by
-1.3% (Qwen3-0.6B) and 4.8% (Llama-3.2-1B), to BENCHMARKS.md's reference
+1.3% (Qwen3-0.6B) and 4.8% (Llama-3.2-1B), to docs/benchmarks.md's reference
 figures (35,300 and 67,500 output tok/s on an H200); engines skip those rows,
 so the bound here skips them too.
 
@@ -35,7 +35,7 @@ The ceilings are measured twice, before the benchmark and after it, and the
 better of each is used: on a shared machine a busy moment can only slow a
 measurement down.
 
-A whole workload's bound follows the lower-bound schedule of BENCHMARKS.md:
+A whole workload's bound follows the lower-bound schedule of docs/benchmarks.md:
 all requests prefill together in one step (which samples each request's first
 token), then every request decodes in lock-step, one token a step, leaving when
 it has its output. The sum of the step bounds is the least time the workload can
@@ -204,12 +204,18 @@ class ModelCost:
     head_dim: int
     dtype_bytes: int                   # activations, KV cache, norms, embedding rows
     matmul_weight_bytes: float         # per parameter of the linears and the LM head, as stored
+    linear_weight_bytes: float | None = None   # per parameter of the layers' linears if quantized apart (GPU
+                                               # formats: FP8, 4-bit)
+    lm_head_weight_bytes: float | None = None  # per parameter of the LM head if quantized with them
 
     @classmethod
-    def from_config(cls, config: ModelConfig, dtype_bytes: int,
-                    matmul_weight_bytes: float | None = None) -> "ModelCost":
+    def from_config(cls, config: ModelConfig, dtype_bytes: int, matmul_weight_bytes: float | None = None,
+                    linear_weight_bytes: float | None = None,
+                    lm_head_weight_bytes: float | None = None) -> "ModelCost":
         """matmul_weight_bytes: bytes per matmul weight if stored apart from `dtype_bytes` (a packed
-        CPU format, see WEIGHT_FORMAT_BYTES)."""
+        CPU format, see WEIGHT_FORMAT_BYTES); linear_weight_bytes and lm_head_weight_bytes: bytes per
+        weight of the decoder's linear layers and of the LM head as a quantized GPU model stores them
+        (QuantizationMethod.bytes_per_weight), None where they keep matmul_weight_bytes."""
         hidden, head_dim = config.hidden_size, config.head_dim
         q_size = config.num_attention_heads * head_dim
         kv_size = config.num_key_value_heads * head_dim
@@ -226,13 +232,17 @@ class ModelCost:
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
             head_dim=head_dim, dtype_bytes=dtype_bytes,
             matmul_weight_bytes=dtype_bytes if matmul_weight_bytes is None else matmul_weight_bytes,
+            linear_weight_bytes=linear_weight_bytes, lm_head_weight_bytes=lm_head_weight_bytes,
         )
 
     @property
     def weight_bytes(self) -> int:
         """Every weight a step reads in full: layers, norms and the LM head (a tied LM head is the
-        embedding matrix, read here in full; the embedding gather is counted per token)."""
-        return round((self.linear_params + self.lm_head_params) * self.matmul_weight_bytes
+        embedding matrix, read here in full; the embedding gather is counted per token). Each at its
+        stored size: a quantized model's linears at linear_weight_bytes."""
+        linear_bytes = self.matmul_weight_bytes if self.linear_weight_bytes is None else self.linear_weight_bytes
+        head_bytes = self.matmul_weight_bytes if self.lm_head_weight_bytes is None else self.lm_head_weight_bytes
+        return round(self.linear_params * linear_bytes + self.lm_head_params * head_bytes
                      + self.norm_params * self.dtype_bytes)
 
     @property

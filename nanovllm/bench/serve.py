@@ -14,6 +14,14 @@ and the client notes when every chunk arrives:
 
 Each as mean, median and p99, under the names vLLM's serving benchmark prints.
 The client only measures; `--launch` starts the local server first.
+
+A client written in Python can itself be the bottleneck: parsing thousands of
+SSE chunks a second costs CPU. So before the real runs the client measures its
+own *ceiling*: the same requests, all at once, against a stub server
+(`StubServer`) that streams tokens as fast as it can. The figure is printed
+beside the result: a server measured near the ceiling is limited by the client,
+not by itself. `--client-processes N` spreads the requests over N client
+processes (each its share, at its share of the rate) when one cannot keep up.
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ class ServeResult:
     request_rate: float
     duration: float                                     # seconds, first send to last response
     records: list[RequestRecord]
+    client_ceiling: float | None = None                 # output tok/s this client reaches against a stub server
 
     def as_dict(self) -> dict:
         """vLLM's names (benchmark_serving's JSON)."""
@@ -59,7 +68,8 @@ class ServeResult:
                    "failed": len(self.records) - len(done), "total_input_tokens": input_tokens,
                    "total_output_tokens": output_tokens, "request_throughput": len(done) / self.duration,
                    "output_throughput": output_tokens / self.duration,
-                   "total_token_throughput": (input_tokens + output_tokens) / self.duration}
+                   "total_token_throughput": (input_tokens + output_tokens) / self.duration,
+                   "client_ceiling_output_throughput": self.client_ceiling}
         samples = {"ttft": [r.ttft for r in done],
                    "tpot": [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1],
                    "itl": [gap for r in done for gap in r.itl],
@@ -86,6 +96,8 @@ class ServeResult:
                  f"{'Request throughput (req/s):':<40}{m['request_throughput']:<10.2f}",
                  f"{'Output token throughput (tok/s):':<40}{m['output_throughput']:<10.2f}",
                  f"{'Total Token throughput (tok/s):':<40}{m['total_token_throughput']:<10.2f}"]
+        if self.client_ceiling is not None:
+            lines.append(f"{'Client ceiling, stub server (tok/s):':<40}{self.client_ceiling:<10.2f}")
         for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
                             ("itl", "Inter-token Latency")):
             lines.append("{s:{c}^50}".format(s=title, c="-"))
@@ -163,30 +175,132 @@ async def send_request(client, url: str, model: str, request: Request, temperatu
 async def run_serve(url: str, model: str, workload: Workload, request_rate: float, seed: int = 0,
                     use_tqdm: bool = True) -> ServeResult:
     """Send every request of `workload` at Poisson times of rate `request_rate`; wait for all."""
+    records, start, end = await _send_all(url, model, workload.requests, workload.temperature, request_rate, seed,
+                                          use_tqdm)
+    return ServeResult(request_rate, end - start, records)
+
+
+async def _send_all(url: str, model: str, requests: list[Request], temperature: float, request_rate: float,
+                    seed: int, use_tqdm: bool) -> tuple[list[RequestRecord], float, float]:
+    """-> the records, and the wall-clock times (time.time()) of the first send and the last response."""
     import httpx
 
     rng = random.Random(seed)
     timeout = httpx.Timeout(None, connect=30.0)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    bar = tqdm(total=len(workload.requests), desc=f"serve @ {request_rate} req/s", disable=not use_tqdm,
+    bar = tqdm(total=len(requests), desc=f"serve @ {request_rate} req/s", disable=not use_tqdm,
                dynamic_ncols=True)
 
     async def tracked(client, request: Request) -> RequestRecord:
-        record = await send_request(client, url, model, request, workload.temperature)
+        record = await send_request(client, url, model, request, temperature)
         bar.update(1)
         return record
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        start = time.perf_counter()
+        start = time.time()
         tasks = []
-        for i, request in enumerate(workload.requests):
+        for i, request in enumerate(requests):
             if i > 0 and request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(request_rate))
             tasks.append(asyncio.create_task(tracked(client, request)))
         records = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        end = time.time()
     bar.close()
-    return ServeResult(request_rate, duration, list(records))
+    return list(records), start, end
+
+
+def run_serve_processes(url: str, model: str, workload: Workload, request_rate: float, num_processes: int,
+                        seed: int = 0, use_tqdm: bool = True) -> ServeResult:
+    """`run_serve` spread over `num_processes` client processes: process i sends requests i, i + N, ...
+    at rate request_rate / N (a Poisson process split N ways is N Poisson processes)."""
+    if num_processes == 1:
+        return asyncio.run(run_serve(url, model, workload, request_rate, seed, use_tqdm))
+    import multiprocessing
+
+    shares = [(url, model, workload.requests[i::num_processes], workload.temperature, request_rate / num_processes,
+               seed + i) for i in range(num_processes)]
+    with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+        results = pool.starmap(_send_share, shares)
+    records = [record for share_records, _, _ in results for record in share_records]
+    start, end = min(r[1] for r in results), max(r[2] for r in results)
+    return ServeResult(request_rate, end - start, records)
+
+
+def _send_share(url: str, model: str, requests: list[Request], temperature: float, request_rate: float,
+                seed: int) -> tuple[list[RequestRecord], float, float]:
+    return asyncio.run(_send_all(url, model, requests, temperature, request_rate, seed, use_tqdm=False))
+
+
+def measure_client_ceiling(workload: Workload, num_processes: int, use_tqdm: bool = True) -> float:
+    """Output tok/s of this client sending `workload` all at once to a stub server that streams as fast
+    as it can: above this the client, not the server, would be the limit."""
+    with StubServer() as stub:
+        result = run_serve_processes(stub.url, StubServer.MODEL, workload, float("inf"), num_processes,
+                                     use_tqdm=use_tqdm)
+    if result.as_dict()["failed"]:
+        raise RuntimeError(f"the stub server failed requests: {result.as_dict().get('errors')}")
+    return result.as_dict()["output_throughput"]
+
+
+class StubServer:
+    """An OpenAI-shaped server in a child process that does no work: each streamed completion is
+    `max_tokens` one-token SSE chunks, sent as fast as the event loop allows."""
+
+    MODEL = "stub"
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "StubServer":
+        import httpx
+
+        self.process = subprocess.Popen([sys.executable, "-m", "uvicorn", "nanovllm.bench.serve:stub_app",
+                                         "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/v1/models", timeout=1.0)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("the stub server did not start within 60 s")
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+
+
+async def stub_app(scope, receive, send) -> None:
+    """The stub server's ASGI app (plain ASGI: the framework would cost more than the stub)."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/v1/models":
+        body = json.dumps({"object": "list", "data": [{"id": StubServer.MODEL, "object": "model"}]}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    max_tokens = json.loads(b"".join(chunks))["max_tokens"]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    token = b'data: {"id":"stub","object":"text_completion","choices":[{"index":0,"text":"x","finish_reason":null}]}\n\n'
+    for _ in range(max_tokens - 1):
+        await send({"type": "http.response.body", "body": token, "more_body": True})
+    last = ('data: {"id":"stub","object":"text_completion","choices":[{"index":0,"text":"x","finish_reason":"length"}],'
+            f'"usage":{{"prompt_tokens":1,"completion_tokens":{max_tokens},"total_tokens":{max_tokens + 1}}}}}\n\n'
+            'data: [DONE]\n\n')
+    await send({"type": "http.response.body", "body": last.encode()})
 
 
 def served_model_name(url: str) -> str:

@@ -4,7 +4,7 @@ This is what a batch job sees: the engine may order and batch the requests as
 it likes (continuous batching, chunked prefill), and only the wall time from
 submitting the first request to receiving the last token counts. The figures
 carry the names of vLLM's `benchmark_throughput`: requests/s, total tokens/s
-(prompt + output) and output tokens/s, the one BENCHMARKS.md compares.
+(prompt + output) and output tokens/s, the one docs/benchmarks.md compares.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The benchmark workloads of BENCHMARKS.md, as lists of requests.
+"""The benchmark workloads of docs/benchmarks.md, as lists of requests.
 
 A request here is only what sets the work: the prompt's token ids and how many
 tokens to generate (EOS is ignored, so every request produces exactly

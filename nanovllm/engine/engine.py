@@ -8,6 +8,11 @@
                                       -> RequestOutput for each request that made progress
     abort_request(id)                 free its blocks now; it ends with finish_reason "abort"
 
+A request's outputs come in one of three kinds (outputs.py): the whole state so
+far at every step, only what is new since its last output (`delta=True`, what a
+server streams: a step then costs the same at token 10 and at token 10,000), or
+one final output (`stream=False`).
+
 Async scheduling (on by default with one CUDA GPU; `async_scheduling=False`
 turns it off): step 4 is done for the *previous* step, after this one is
 launched. So while the GPU computes step n, the host completes step n-1 and
@@ -22,13 +27,15 @@ On the CPU the forward runs inside `launch`, so there is nothing to overlap
 and only the extra steps would remain: it is off there by default, as with
 tensor parallelism (the workers would need the tokens too).
 
-Measured on an H200 with warm kernel caches (benchmarks/NOTES-kernels.md):
+Measured on an H200 with warm kernel caches (docs/reference/gpu-kernels.md):
 `throughput` Llama-3.2-1B 40,882 tok/s on against 33,319 off, Qwen3-0.6B
 22,621 against 18,766; a decode step at batch 1 1.37 against 1.53 ms.
 
 Everything a caller can get wrong is checked in `add_request`, before anything
 is queued. A step that fails (a device error, say) ends the requests it was
-running with finish_reason "error" and the message; the others carry on. No
+running with finish_reason "error" and the message; the others carry on. When
+the fault lies in some requests' own sampling parameters (their rows cannot
+be built alone), only those end, and the rest of the batch runs next step. No
 request ever ends without a final output.
 
 Observers (`add_step_observer`) see a `StepInfo` after each step: what ran,
@@ -41,19 +48,21 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from nanovllm.config import QUANTIZED_DTYPES, EngineConfig
 from nanovllm.engine.block_manager import BlockManager, KVCacheUsage
 from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.runner.sampler import DeviceSamples, SamplerOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import GrammarCompiler, GrammarState
-from nanovllm.tokenizer import IncrementalDetokenizer, Tokenizer
+from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +137,8 @@ class LLMEngine:
             model, model_config = load_quantized_model(config.model, config.dtype, config.load_format)
         elif model is None:
             model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
-                                             load_format=config.load_format, tp_size=config.tensor_parallel_size)
+                                             load_format=config.load_format, tp_size=config.tensor_parallel_size,
+                                             quantization=config.quantization)
         else:
             model_config = model.config
             param = next(model.parameters())
@@ -137,7 +147,7 @@ class LLMEngine:
                                  f"device={config.device!r}, dtype={config.dtype!r}; make them agree")
         self.config = config = config.fit_model(model_config)
         self.model_config = model_config
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.load(config.model, config.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config, model_config)
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(model_config.eos_token_ids))
         self.runner = ModelRunner(config, model, model_config, self.eos_token_ids)
         block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
@@ -150,6 +160,7 @@ class LLMEngine:
                                    config.max_model_len, self.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}   # unfinished requests -> their samples
         self.final_only: set[str] = set()               # requests that want no intermediate outputs
+        self.delta_only: set[str] = set()               # requests whose outputs carry only what is new
         self.pending_outputs: list[RequestOutput] = []  # final outputs of requests ended between steps
         self.in_flight: LaunchedStep | None = None      # async scheduling: the step launched, not completed
         self.step_observers: list[Callable[[StepInfo], None]] = []
@@ -177,21 +188,26 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, stream: bool = True) -> None:
+                    arrival_time: float | None = None, stream: bool = True, delta: bool = False) -> None:
         """Validate and queue a request; ValueError (and nothing queued) if it cannot be served.
 
         prompt: text, or token ids. stream=False: `step` returns only its final output.
+        delta=True: each output carries only what is new since the request's previous one.
         """
-        self.add_requests([(request_id, prompt, params)], arrival_time, stream)
+        self.add_requests([(request_id, prompt, params)], arrival_time, stream, delta)
 
     def add_requests(self, requests: list[tuple[str, Prompt, SamplingParams | None]],
-                     arrival_time: float | None = None, stream: bool = True) -> None:
-        """Queue several requests, all or none: any invalid one raises before any is queued."""
+                     arrival_time: float | None = None, stream: bool = True, delta: bool = False,
+                     detokenize: bool = True) -> None:
+        """Queue several requests, all or none: any invalid one raises before any is queued.
+
+        detokenize=False: outputs carry token ids and no text (the caller decodes them, as the
+        server's API process does); not with stop strings, which are matched in the text."""
         arrival_time = time.time() if arrival_time is None else arrival_time
         ids = [request_id for request_id, _, _ in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique; the same id appears twice in one call")
-        prepared = [self._make_sequences(request_id, prompt, params, arrival_time)
+        prepared = [self._make_sequences(request_id, prompt, params, arrival_time, detokenize)
                     for request_id, prompt, params in requests]
         for request_id, seqs in zip(ids, prepared):
             self.requests[request_id] = seqs
@@ -200,11 +216,13 @@ class LLMEngine:
                 # No stream and no stop strings: no one needs the text before the request ends.
                 for seq in seqs:
                     seq.detokenize_at_finish = not seq.sampling_params.stop
+            elif delta:
+                self.delta_only.add(request_id)
             self.prompt_tokens_total += seqs[0].num_prompt_tokens
             self.scheduler.add_sequences(seqs)
 
     def _make_sequences(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
-                        arrival_time: float) -> list[Sequence]:
+                        arrival_time: float, detokenize: bool = True) -> list[Sequence]:
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
         if request_id in self.requests:
@@ -213,7 +231,17 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.config.skip_tokenizer_init:
+            raise ValueError("stop strings need the text, and skip_tokenizer_init makes none; "
+                             "use stop_token_ids instead")
+        if params.stop and not detokenize:
+            raise ValueError("stop strings are matched in the text: a request with them must be detokenized")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
+        vocab_size = self.model_config.vocab_size
+        outside = [token_id for token_id in params.stop_token_ids if token_id >= vocab_size]
+        if outside:
+            raise ValueError(f"stop_token_ids {outside} are not in the vocabulary [0, {vocab_size}); "
+                             "remove them")
         max_model_len = self.config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len -
                                                                                  len(prompt_token_ids), 1)
@@ -226,7 +254,8 @@ class LLMEngine:
                 prompt_token_ids=prompt_token_ids, sampling_params=params,
                 seed=seed if index == 0 else hash((seed, index)), max_tokens=max_tokens,
                 arrival_time=arrival_time, prompt=prompt_text,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                detokenizer=None if self.config.skip_tokenizer_init or not detokenize else
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
                 grammar=grammars[index],
             ))
         self.scheduler.check_fits(seqs[0])
@@ -301,8 +330,7 @@ class LLMEngine:
             try:
                 samples = self.runner.launch(batch)
             except Exception as error:
-                logger.exception("a step failed; its requests end with finish_reason 'error'")
-                outputs += self._fail_batch(batch, error)
+                outputs += self._fail_launch(batch, error)
             else:
                 self.scheduler.advance(batch)
                 needs_tokens_first = any(seq.reads_own_tokens for seq in batch.sampling_seqs)
@@ -347,6 +375,32 @@ class LLMEngine:
             self._notify(batch, finished_ids, launched.t_start, launched.t_scheduled, t_run)
         return outputs
 
+    def _fail_launch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
+        """A step failed before it was launched. When some requests' own sampling rows cannot be built
+        (the rest's can), the fault is theirs: they end alone with their error, and the others are
+        scheduled again next step (nothing of this step was applied to them). Otherwise every request
+        of the batch ends with the step's error."""
+        faults: dict[str, Exception] = {}
+        for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
+            seqs = [seq for seq in batch.sampling_seqs if seq.request_id == request_id]
+            try:
+                self.runner.prepare_sampling(Batch(sampling_seqs=seqs))
+            except Exception as fault:
+                faults[request_id] = fault
+        if not faults or len(faults) == len({seq.request_id for seq, _ in batch.scheduled}):
+            logger.exception("a step failed; its requests end with finish_reason 'error'")
+            return self._fail_batch(batch, error)
+        logger.error("a step failed on the sampling parameters of request(s) %s; they end with an error, "
+                     "the others run next step", sorted(faults), exc_info=error)
+        outputs = []
+        for request_id, fault in faults.items():
+            if request_id in self.requests:
+                for seq in self.requests[request_id]:
+                    self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                    seq.error = f"{type(fault).__name__}: {fault}"
+                outputs.append(self._finish_request(request_id))
+        return outputs
+
     def _fail_batch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
         message = f"{type(error).__name__}: {error}"
         outputs = []
@@ -362,6 +416,7 @@ class LLMEngine:
     def _finish_request(self, request_id: str) -> RequestOutput:
         output = self._make_output(request_id, self.requests.pop(request_id))
         self.final_only.discard(request_id)
+        self.delta_only.discard(request_id)
         self.num_requests_finished += 1
         return output
 
@@ -370,19 +425,12 @@ class LLMEngine:
         token_times = [seq.token_times[-1] for seq in seqs if seq.token_times]
         finish_times = [seq.finish_time for seq in seqs if seq.finish_time is not None]
         finished = all(seq.is_finished for seq in seqs)
+        delta = request_id in self.delta_only
         return RequestOutput(
             request_id=request_id,
-            prompt=first.prompt,
-            prompt_token_ids=first.prompt_token_ids,
-            outputs=[CompletionOutput(
-                index=seq.index,
-                text=_visible_text(seq),
-                token_ids=seq.known_output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=None if seq.logprobs is None else list(seq.logprobs),
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            ) for seq in seqs],
+            prompt=first.prompt if finished or not delta else None,
+            prompt_token_ids=first.prompt_token_ids if finished or not delta else [],
+            outputs=[_delta_completion(seq) if delta else _whole_completion(seq) for seq in seqs],
             finished=finished,
             metrics=RequestMetrics(
                 arrival_time=first.arrival_time,
@@ -392,10 +440,12 @@ class LLMEngine:
                                      default=None),
                 last_token_time=max(token_times, default=None),
                 finish_time=max(finish_times) if finished else None,
-                token_times=list(first.token_times),
+                token_times=list(first.token_times) if finished or not delta else [],
             ),
             num_cached_tokens=first.num_cached_tokens,
-            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
+            # like the prompt, sent once to a delta stream (in its final output)
+            prompt_logprobs=None if first.prompt_logprobs is None or (delta and not finished)
+            else list(first.prompt_logprobs),
             error=next((seq.error for seq in seqs if seq.error is not None), None),
         )
 
@@ -445,10 +495,60 @@ class LLMEngine:
         )
 
 
-def _visible_text(seq: Sequence) -> str:
-    """The output text, minus a tail that could still turn out to begin a stop string."""
+def load_tokenizer(config: EngineConfig, model_config: ModelConfig) -> Tokenizer:
+    """The model's tokenizer, or a token-id-only stand-in (TokenIdTokenizer: text prompts are refused)
+    with skip_tokenizer_init or for a model that brings none: dummy weights of a built-in shape, or a
+    HF directory without tokenizer files (then with a warning)."""
+    def ids_only() -> Tokenizer:
+        return TokenIdTokenizer(model_config.vocab_size, model_config.eos_token_ids, model_config.bos_token_id)
+
+    if config.skip_tokenizer_init:
+        return ids_only()
+    if config.tokenizer is None and config.model is not None:
+        path = Path(config.model)
+        builtin_shape = config.load_format == "dummy" and not path.exists()
+        if builtin_shape or (path.is_dir() and not (path / "tokenizer.json").is_file()):
+            if not builtin_shape:
+                logger.warning("%s has no tokenizer.json: prompts must be token ids, outputs are decoded as "
+                               "<id>; pass tokenizer=PATH for text", config.model)
+            return ids_only()
+    return Tokenizer.load(config.model, config.tokenizer)
+
+
+def _whole_completion(seq: Sequence) -> CompletionOutput:
+    """Everything the sample has so far (copies its history: O(length) a call)."""
+    return CompletionOutput(
+        index=seq.index,
+        text=seq.output_text[:_visible_length(seq)],
+        token_ids=seq.known_output_token_ids,
+        cumulative_logprob=seq.cumulative_logprob,
+        logprobs=None if seq.logprobs is None else list(seq.logprobs),
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+
+
+def _delta_completion(seq: Sequence) -> CompletionOutput:
+    """What the sample gained since its previous delta (O(new) a call); marks it as sent."""
+    num_known = len(seq.output_token_ids) - seq.num_pending
+    visible_length = _visible_length(seq)
+    output = CompletionOutput(
+        index=seq.index,
+        text=seq.output_text[seq.num_sent_chars:visible_length],
+        token_ids=seq.output_token_ids[seq.num_sent_tokens:num_known],
+        cumulative_logprob=seq.cumulative_logprob,
+        logprobs=None if seq.logprobs is None else seq.logprobs[seq.num_sent_tokens:num_known],
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+    seq.num_sent_tokens, seq.num_sent_chars = num_known, visible_length
+    return output
+
+
+def _visible_length(seq: Sequence) -> int:
+    """How much of the output text may be shown: all but a tail that could still begin a stop string."""
     stops = seq.sampling_params.stop
     if seq.is_finished or not stops:
-        return seq.output_text
+        return len(seq.output_text)
     hold = max(len(stop) for stop in stops) - 1
-    return seq.output_text[:max(len(seq.output_text) - hold, 0)]
+    return max(len(seq.output_text) - hold, 0)

@@ -13,6 +13,7 @@ import torch
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.weight_utils import read_json
 
 # The published config.json fields of each model, as shipped by its authors.
 BUILTIN_CONFIGS: dict[str, dict] = {
@@ -55,7 +56,6 @@ def dummy_config(model: str | None) -> ModelConfig:
         raise ModelLoadError(
             f"dummy model {model!r} is neither a built-in name ({', '.join(BUILTIN_CONFIGS)}) nor an "
             "existing config.json or directory holding one")
-    from nanovllm.model.loader import read_json
     return ModelConfig.from_hf_dict(read_json(path), source=str(path))
 
 

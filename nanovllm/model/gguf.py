@@ -38,9 +38,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from nanovllm.model.config import ModelConfig, ModelConfigError
+from nanovllm.model.config import UNSUPPORTED_GGUF_KEYS, ModelConfig, ModelConfigError, refuse_unsupported
 from nanovllm.model.errors import ModelLoadError
-from nanovllm.model.loader import interleaved_to_rotate_half
+from nanovllm.model.weight_utils import interleaved_to_rotate_half
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")   # general.architecture values we run
 CACHE_VERSION = 1                                   # bump when what we write to the cache changes
@@ -169,6 +169,9 @@ def _config_from_metadata(path: str, reader) -> ModelConfig:
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
 
+    refuse_unsupported(path, {f"{arch}.{name}": key(name) for name in UNSUPPORTED_GGUF_KEYS},
+                       {f"{arch}.{name}": neutral for name, neutral in UNSUPPORTED_GGUF_KEYS.items()})
+
     try:
         num_heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
@@ -202,6 +205,7 @@ def _config_from_metadata(path: str, reader) -> ModelConfig:
             bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=[] if eos is None else [int(eos)],
             torch_dtype="float32",
+            sliding_window=None if key("attention.sliding_window") is None else int(key("attention.sliding_window")),
         )
     except KeyError as e:
         raise ModelConfigError(f"{path}: missing metadata or tensor {e.args[0]!r}; the GGUF is incomplete") from None

@@ -28,7 +28,7 @@ import torch
 
 from nanovllm.model.config import ModelConfig, ModelConfigError
 from nanovllm.model.errors import ModelLoadError
-from nanovllm.model.loader import interleaved_to_rotate_half
+from nanovllm.model.weight_utils import interleaved_to_rotate_half
 
 HEADER = struct.Struct("<7i")
 VERSIONED_MAGIC = 0x616B3432   # "ak42": llama2.c's later export versions, a different layout

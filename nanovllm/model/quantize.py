@@ -6,8 +6,10 @@
                embedded Q4_1 model keeps its own weights
 
 Only the matmul weights change: q/k/v, o, gate/up, down and the LM head (95% of
-the bytes a decode step reads). Each becomes a PackedLinear: packed weights for
-decode steps, a bfloat16 copy for prefill and large batches. The LM head is
+the bytes a decode step reads). Each becomes a PackedLinear: int4 multiplies every
+step with its packed weights (the same rounding for a row whatever the batch, so
+greedy output does not depend on the load); int8 keeps a bfloat16 copy for prefill
+and large batches. The LM head is
 packed int4 with its top candidates' logits recomputed in float32 from the
 float32 weight (RefinedLMHead); a tied head shares that weight with the
 embedding. Activations, norms, attention and the KV cache stay float32: with
@@ -32,7 +34,7 @@ from nanovllm.ops.quant import INT4_GROUP_SIZE, INT8_K_MULTIPLE, PackedLinear, R
 QUANTIZED_FORMATS = ("int8", "int4")
 
 _LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-CACHE_VERSION = 1     # bump when what is written to the cache changes
+CACHE_VERSION = 2     # bump when what is written to the cache changes
 
 
 def quantize_model(model: LlamaForCausalLM, fmt: str) -> LlamaForCausalLM:
@@ -109,7 +111,7 @@ def load_quantized(path: Path, config: ModelConfig) -> LlamaForCausalLM | None:
 
 
 def _packed_from_state(state: dict[str, torch.Tensor], prefix: str) -> PackedLinear:
-    return PackedLinear(state[f"{prefix}.packed"], state[f"{prefix}.scales"], state[f"{prefix}.dense"],
+    return PackedLinear(state[f"{prefix}.packed"], state[f"{prefix}.scales"], state.get(f"{prefix}.dense"),
                         state.get(f"{prefix}.bias"))
 
 

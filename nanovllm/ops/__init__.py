@@ -2,8 +2,10 @@
 oracle in tests) and, where it pays, a Triton kernel with the same signature
 in a sibling module (`attention_triton.py` beside `attention.py`, ...).
 The public function of each module picks one by the device of its inputs:
-CUDA tensors go to Triton when it imports, everything else to torch. The
-Triton modules are imported on first use, so the CPU backend never loads Triton.
+CUDA tensors go to Triton when it imports; float32 CPU tensors go to a kernel
+compiled by numba where one exists (`attention_numba.py`) and numba imports;
+everything else to torch. The Triton and numba modules are imported on first
+use, so the CPU backend never loads Triton.
 """
 from __future__ import annotations
 
@@ -24,6 +26,21 @@ def _triton_importable() -> bool:
 def use_triton(x: torch.Tensor) -> bool:
     """True when x lives on a CUDA device and the Triton kernels can run there."""
     return x.is_cuda and _triton_importable()
+
+
+@functools.cache
+def _numba_importable() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_numba(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is float32 on the CPU and numba imports: the CPU kernels it compiles
+    take float32 numpy views of torch's tensors."""
+    return all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors) and _numba_importable()
 
 
 @functools.cache

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import sm_count
-from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.attention_metadata import AttentionMetadata
 
 LOG2_E = 1.4426950408889634
 SEQUENCE_SEARCH_BLOCK = 64   # query_start_loc entries a program compares at once to find its sequence
@@ -269,7 +269,7 @@ def decode_config(group: int) -> AttentionKernelConfig:
     """One token per tile: the rows are the query heads of one KV head.
 
     128 keys per step, 4 warps, 2 stages: 89% of copy bandwidth on an H200 at batch 64,
-    context 4096 (64 keys per step: 81%, 32: 62%; benchmarks/NOTES-kernels.md).
+    context 4096 (64 keys per step: 81%, 32: 62%; docs/reference/gpu-kernels.md).
     """
     return AttentionKernelConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=128,
                                  num_warps=4, num_stages=2)
@@ -285,7 +285,7 @@ def decode_kv_splits(batch: int, num_kv_heads: int, max_context: int, device: to
 
     Below two programs per multiprocessor, cut into a power of 2 of slices for about eight
     per multiprocessor, no slice shorter than 256 keys and at most 32 slices. Any split beats
-    none by 3-7x at batch 1-4; the best count is not settled yet (benchmarks/NOTES-kernels.md).
+    none by 3-7x at batch 1-4; the best count is not settled yet (docs/reference/gpu-kernels.md).
     """
     programs = batch * num_kv_heads
     if device.type != "cuda" or programs >= 2 * sm_count(device):
@@ -327,7 +327,7 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     Few sequences: the attention splits each context (fewer programs than two per SM), so each
     program is a chain of dependent loads and a kernel less saves its launch and ramp (-2 us a
     layer at batch 1 on an H200). With a full grid the RoPE work inside every attention program
-    cost more than the separate kernel (+7 us a layer at batch 256): NOTES-kernels.md, v7.
+    cost more than the separate kernel (+7 us a layer at batch 256): docs/reference/gpu-kernels.md.
     fused: force the choice (tests)."""
     decode = metadata.max_query_len == 1
     if num_kv_splits is None:

@@ -3,7 +3,7 @@
 A decode step of a few sequences multiplies a few rows by each weight matrix, so a product takes
 as long as reading its weight. cuBLAS tiles the output 64 columns a tile at batch 1: o_proj of
 Llama-3.2-1B (2048 x 2048) is 32 tiles, so 32 of an H200's 132 SMs do all the reading, at 1.4 of
-its 4.2 TB/s (benchmarks/NOTES-kernels.md, v7). Splitting K into S slices makes S times as many
+its 4.2 TB/s (docs/reference/gpu-kernels.md). Splitting K into S slices makes S times as many
 tiles: one strided batched GEMM (`torch.bmm` over views of x and W, nothing copied) returns the
 S partial products [S, T, N] in float32, and the kernel that reads the product next adds them up
 as it loads them (`add_rms_norm` accepts partials), so the split costs no extra kernel. The
@@ -21,7 +21,7 @@ from torch import nn
 
 from nanovllm.ops import sm_count
 
-SPLIT_K_MAX_ROWS = 16      # measured to pay up to 16 rows (NOTES-kernels.md, v7)
+SPLIT_K_MAX_ROWS = 16      # measured to pay up to 16 rows (tools/splitk_probe.py)
 _TILE_COLUMNS = 64         # the output columns of one cuBLAS tile at batch 1 (its kernel names: 64x8)
 _MAX_SPLITS = 8            # each slice adds T x N float32 that the consumer reads back (~0.1 us per
                            # slice for 2048 columns: one program per row reads them all)
@@ -31,7 +31,7 @@ _MIN_SLICE = 256           # a slice of K shorter than this is not worth a tile
 def split_k_count(num_rows: int, n: int, k: int, device: torch.device) -> int:
     """How many slices of K to split a [num_rows, k] x [k, n] product into: the most (a power of 2,
     up to 8) that keeps the tiles within one per SM; 1 means a plain product. (Up to two tiles per
-    SM split as far, but the consumer's extra reads then ate the gain: v7.)"""
+    SM split as far, but the consumer's extra reads then ate the gain.)"""
     if device.type != "cuda" or num_rows > SPLIT_K_MAX_ROWS:
         return 1
     tiles, sms = -(-n // _TILE_COLUMNS), sm_count(device)
@@ -57,6 +57,8 @@ def linear_or_partials(x: torch.Tensor, layer: nn.Module, may_split: bool = True
     """layer(x) [T, N]; or, for a plain bias-free nn.Linear where splitting K pays, the partial
     products [S, T, N] float32, for a consumer that adds them up (add_rms_norm). may_split=False:
     always layer(x) (tensor parallelism, whose all-reduce would carry S float32 copies instead of one)."""
+    if may_split and hasattr(layer, "forward_or_partials"):   # quantized layers split K in their own kernels
+        return layer.forward_or_partials(x)
     if may_split and type(layer) is nn.Linear and layer.bias is None:
         splits = split_k_count(x.shape[0], *layer.weight.shape, x.device)
         if splits > 1:

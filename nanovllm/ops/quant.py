@@ -19,14 +19,24 @@ paths are 10-100x slower on this CPU), so `PackedLinear` casts at its edges and
 the model around it stays float32. Each quantized matmul has a plain-torch
 reference (dequantize, then `F.linear`) that the tests compare the kernel against.
 
-The packed kernels walk the weights once per input row, so they win only for
-a few rows (decode); for prefill chunks and large batches the matmul is
-compute-bound and a bfloat16 GEMM (AMX on this CPU) is several times faster.
-`PackedLinear` therefore keeps both: the packed weight for steps of up to
-`max_packed_rows` rows and a bfloat16 copy for larger ones. On the first large
-step the bfloat16 copy is also reordered into oneDNN's blocked layout (when
-torch has oneDNN with bfloat16), which multiplies 1.2-2x faster than
-`F.linear` on the plain copy here, with the same result.
+**Batch invariance.** torch's int4 kernel computes each output row the same
+way whatever the number of rows beside it (its K loop runs in one order per
+output; rows are tiled, never reduced together), so an int4 layer uses it for
+every step, one row or a 512-token prefill chunk: a request's greedy text then
+does not depend on what it is batched with, how its prompt is chunked, or
+whether its prefix came from the cache. The cost is prefill: at 64 rows the
+packed kernel multiplies about 2.5x slower than a bfloat16 GEMM on this CPU
+(docs/reference/cpu-kernels.md).
+
+int8 keeps two paths: its packed kernel walks the weights once per input row,
+so it wins only for a few rows (decode); for prefill chunks and large batches
+the matmul is compute-bound and a bfloat16 GEMM (AMX on this CPU) is several
+times faster. An int8 `PackedLinear` therefore keeps both: the packed weight
+for steps of up to `max_packed_rows` rows and a bfloat16 copy for larger ones.
+On the first large step the bfloat16 copy is also reordered into oneDNN's
+blocked layout (when torch has oneDNN with bfloat16), which multiplies 1.2-2x
+faster than `F.linear` on the plain copy here, with the same result. The two
+paths round differently, so int8's greedy output can change with the load.
 """
 from __future__ import annotations
 
@@ -38,7 +48,7 @@ from torch import nn
 
 INT4_GROUP_SIZE = 32          # GGUF's block size for Q4_0/Q4_1/Q8_0
 INT8_K_MULTIPLE = 16          # torch 2.13's int8 kernel crashes on other input sizes
-PACKED_MAX_ROWS = 8           # measured crossover, see docs/cpu-fast-path.md
+PACKED_MAX_ROWS = 8           # measured crossover, see docs/reference/cpu-fast-path.md
 ONEDNN_ROWS_HINT = 16         # the row count oneDNN's weight layout is tuned for (any count works)
 
 
@@ -114,20 +124,24 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Ten
 # ---- the module ---------------------------------------------------------------------------
 
 class PackedLinear(nn.Module):
-    """A linear layer with its weight packed (int8: `packed` int8 [N, K]; int4: uint8 [N, K / 2])
-    for steps of up to `max_packed_rows` rows, and in bfloat16 (`dense`) for larger steps.
+    """A linear layer with its weight packed (int8: `packed` int8 [N, K]; int4: uint8 [N, K / 2]).
+    int4 multiplies every step through the packed kernel (batch-invariant); int8 does so for steps
+    of up to `max_packed_rows` rows and through a bfloat16 copy (`dense`) for larger steps.
     The format follows from `packed`'s dtype. Inputs and outputs keep the caller's dtype."""
 
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor | None,
                  bias: torch.Tensor | None = None, max_packed_rows: int = PACKED_MAX_ROWS):
         super().__init__()
         self.register_buffer("packed", packed)    # int8 [N, K] | uint8 [N, K / 2]
         self.register_buffer("scales", scales)    # int8: bfloat16 [N]; int4: bfloat16 [K / 32, N, 2]
-        self.register_buffer("dense", dense)      # bfloat16 [N, K]
+        self.register_buffer("dense", dense)      # int8: bfloat16 [N, K]; int4: None
         self.register_buffer("bias", bias)        # bfloat16 [N] or None
         self.fmt = "int8" if packed.dtype == torch.int8 else "int4"
-        self.max_packed_rows = max_packed_rows
-        self.out_features, self.in_features = dense.shape
+        if self.fmt == "int8" and dense is None:
+            raise ValueError("an int8 PackedLinear needs its bfloat16 copy (dense) for steps of many rows")
+        self.max_packed_rows = max_packed_rows if self.fmt == "int8" else None   # int4: every step packed
+        self.out_features = scales.shape[-1] if self.fmt == "int8" else scales.shape[1]
+        self.in_features = packed.shape[1] if self.fmt == "int8" else 2 * packed.shape[1]
         self._matmul = int8_linear if self.fmt == "int8" else int4_linear
         self._onednn_dense: torch.Tensor | None = None   # `dense` in oneDNN's layout, made on first use
 
@@ -140,18 +154,16 @@ class PackedLinear(nn.Module):
                 raise ValueError(f"torch's int8 CPU kernel needs the input size ({weight.shape[1]}) to be a "
                                  f"multiple of {INT8_K_MULTIPLE}; keep this layer in float32")
             q, scales = quantize_int8(weight)
-            packed, scales = q, scales.to(torch.bfloat16)
-        elif fmt == "int4":
+            return cls(q, scales.to(torch.bfloat16), weight.to(torch.bfloat16).contiguous(), bias, max_packed_rows)
+        if fmt == "int4":
             q, scale_and_zero = quantize_int4(weight)
-            packed, scales = pack_int4(q), scale_and_zero.to(torch.bfloat16)
-        else:
-            raise ValueError(f"PackedLinear format must be 'int8' or 'int4', got {fmt!r}")
-        return cls(packed, scales, weight.to(torch.bfloat16).contiguous(), bias, max_packed_rows)
+            return cls(pack_int4(q), scale_and_zero.to(torch.bfloat16), None, bias)
+        raise ValueError(f"PackedLinear format must be 'int8' or 'int4', got {fmt!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N]."""
         xb = x.to(torch.bfloat16)
-        if x.shape[0] <= self.max_packed_rows:
+        if self.max_packed_rows is None or x.shape[0] <= self.max_packed_rows:
             out = self._matmul(xb, self.packed, self.scales)
             out = out if self.bias is None else out + self.bias
         elif _onednn_bfloat16(self.dense):

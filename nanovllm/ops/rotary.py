@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nanovllm.ops import use_triton
+from nanovllm.ops import use_numba, use_triton
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch, store_kvcache_torch
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
@@ -181,10 +181,15 @@ def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     """(Norm and) RoPE, the cache write of the new tokens' K and V, and paged attention. On CUDA a
     decode step runs it as one kernel (the attention kernel rotates the token's q and k itself and
     takes its own key from registers), a step with prefill chunks as two; the torch reference runs
-    the steps in turn (and rotates q and k in place, which the kernel need not do)."""
+    the steps in turn (and rotates q and k in place, which the kernel need not do). On the CPU in
+    float32 the attention is numba's, whose result for a query does not depend on the batch."""
     if use_triton(q):
         from nanovllm.ops.attention_triton import rotary_store_and_attend_triton
         return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                               q_norm_weight, k_norm_weight, eps)
+    if use_numba(q, k_cache):   # batch-invariant attention (attention_numba.py)
+        from nanovllm.ops.attention_numba import rotary_store_and_attend_numba
+        return rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
+                                             q_norm_weight, k_norm_weight, eps)
     return rotary_store_and_attend_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                          q_norm_weight, k_norm_weight, eps)

@@ -21,15 +21,9 @@ import numpy as np
 import torch
 
 from nanovllm.ops import use_triton
+from nanovllm.ops.sampling_hash import _MASK32, _MASK64, _MIX_C1, _MIX_C2, _SALT_SEED, _SALT_TOKEN
 
-_MASK32 = 0xFFFFFFFF
-_MASK64 = (1 << 64) - 1
-# A two-round 32-bit mixer with multipliers below 2**31, found by C. Wellons' hash-prospector
-# (bias comparable to MurmurHash3's fmix32), and a salt per hashed input.
-_MIX_C1 = 0x21F0AAAD
-_MIX_C2 = 0x735A2D97
-_SALT_SEED = 0x9E3779B9
-_SALT_TOKEN = 0x7F4A7C15
+_LARGEST_BELOW_ONE = 1.0 - 2.0 ** -24   # float32's largest value below 1
 
 IntArray = TypeVar("IntArray", torch.Tensor, np.ndarray)
 
@@ -58,12 +52,14 @@ def _token_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
 def random_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """u[b, v] = hash(keys[b], v), uniform in (0, 1); keys: int64 [B] from `stream_keys` -> float32 [B, V]."""
     bits = _mix32(keys[:, None] ^ _token_keys(vocab_size, keys.device)[None, :])   # [B, V], 32 random bits
-    # The top 24 of the 32 bits, centred in their interval: exact in float32, never 0 or 1.
+    # The top 24 of the 32 bits, centred in their interval: never 0. Above 2**23 float32 has no room
+    # for the half, and the largest value rounds up to 1, where log(-log u) = -inf would make the token
+    # win the race even if it is masked out: it is clamped to the largest float32 below 1.
     bits >>= 8
     uniform = bits.to(torch.float32)
     uniform += 0.5
     uniform *= 1.0 / (1 << 24)
-    return uniform
+    return uniform.clamp_(max=_LARGEST_BELOW_ONE)
 
 
 def first_argmax(x: torch.Tensor, chunk: int = 512) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops.sampling import _MIX_C1, _MIX_C2, _SALT_TOKEN
+from nanovllm.ops.sampling_hash import _MIX_C1, _MIX_C2, _SALT_TOKEN
 
 _MIX_C1_T = tl.constexpr(_MIX_C1)
 _MIX_C2_T = tl.constexpr(_MIX_C2)
@@ -41,7 +41,7 @@ def _mix32(x):
 def _log_exponential(key, tokens):
     """log E for each token of a block, E = -log u the row's Exponential(1) draw (ops/sampling.py)."""
     bits = _mix32(key ^ _mix32(tokens.to(tl.uint32) ^ _SALT_TOKEN_T))
-    uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    uniform = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 1.0 - 1.0 / 16777216.0)
     return tl.log(-tl.log(uniform))
 
 
@@ -49,7 +49,7 @@ def _log_exponential(key, tokens):
 # a batch-1 step's 128k-token row to a single SM: ~180 us on an H200), and so that a large one has
 # enough warps per SM to hide its instructions' latency: the pass hashes and takes two logarithms per
 # token, and at batch 256 2 chunks a row (512 programs) took 174 us, 16 chunks 139 us.
-TARGET_PROGRAMS = 4096   # batch 256: 16 chunks a row (benchmarks/sampling_probe.py, NOTES v8)
+TARGET_PROGRAMS = 4096   # batch 256: 16 chunks a row (tools/sampling_probe.py)
 MAX_SPLITS = 128         # chunks per row at most (the combine kernel loads them in one block): a
                          # 128k vocabulary at batch 1 is then 126 programs of one block each
 

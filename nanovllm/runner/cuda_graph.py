@@ -36,17 +36,21 @@ every step samples into (the runner's SampleBuffers), so in the steady state,
 where row i's next input is what row i sampled, it is already in place; only when
 the batch changed are pending tokens moved to their new rows before the replay.
 Every copy or small kernel between two graph replays costs the GPU 1-3 us of
-gap at batch 1 (benchmarks/step_timeline_probe.py).
+gap at batch 1 (tools/step_timeline_probe.py).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from nanovllm.engine.scheduler import Batch
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.sampling import sample_from_logits
 from nanovllm.runner.sampler import SampleBuffers, stream_keys
+
+if TYPE_CHECKING:   # the engine's batch, read here by its fields
+    from nanovllm.engine.scheduler import Batch
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

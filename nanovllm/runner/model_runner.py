@@ -34,22 +34,29 @@ Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
 over its shard of the model and its KV heads (Hkv / N of them, the same block
 ids on every rank). Rank 0's `launch` broadcasts the flat tensors above to the
 workers (tp_worker.py) and runs the same forward; the workers run it in
-`serve_steps`. The ranks agree on one num_blocks (the smallest). Only rank 0 samples.
+`serve_steps` (`serve_rank` below, or `run_worker` under torchrun). The ranks agree on one num_blocks (the smallest). Only rank 0 samples.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.scheduler import Batch
-from nanovllm.engine.sequence import PENDING, Sequence
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
+from nanovllm.model.loader import load_model
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.cuda_graph import DecodeGraphs
 from nanovllm.runner.sampler import DeviceSamples, SampleBuffers, Sampler, SamplingBatch, host_to_device
-from nanovllm.runner.tp_worker import WorkerGroup, min_over_ranks, receive_step, stop_with
+from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
+                                      receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:   # the engine's batch, read here by its fields
+    from nanovllm.engine.scheduler import Batch
+    from nanovllm.engine.sequence import Sequence
 
 CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
 PROMPT_LOGPROBS_ROWS = 256      # prompt rows whose logits are computed at once for prompt_logprobs
@@ -84,7 +91,7 @@ class ModelRunner:
         self.last_samples: DeviceSamples | None = None   # the last step that sampled: its pending tokens
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
-            self.workers = WorkerGroup.start(config, self.parallel)
+            self.workers = WorkerGroup.start(config, self.parallel, serve_rank)
             stop_with(self, self.workers)
         try:
             self._allocate(config, model, model_config)
@@ -208,7 +215,7 @@ class ModelRunner:
         the last step's samples to reach it, while the device computes."""
         last = self.last_samples
         if seq.num_pending != 1 or last is None:   # not the last step's token: the matcher waits at PENDING
-            return PENDING
+            return seq.output_token_ids[-1]   # still the placeholder
         if last.copied is not None:
             last.copied.synchronize()
         return int(last.host[seq.pending_row])
@@ -353,3 +360,39 @@ class ModelRunner:
             device=self.device,
             grammars=[seq.grammar for seq in seqs],
         )
+
+
+# ---- ranks 1..N-1 ----------------------------------------------------------------------------
+
+def run_worker(config: EngineConfig) -> None:
+    """Under torchrun, on every rank but 0: load this rank's shard, then run steps until rank 0 shuts down."""
+    rank, created = join_launched_group(config)
+    if rank == 0:
+        raise ValueError("rank 0 runs the engine (LLM / LLMEngine), not run_worker")
+    try:
+        serve_rank(config, rank)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def serve_rank(config: EngineConfig, rank: int) -> None:
+    """On a rank other than 0, inside its process group: load this rank's shard, then run steps until
+    rank 0 shuts down."""
+    device = torch.device(config.device)
+    try:
+        model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
+                                         load_format=config.load_format, tp_rank=rank,
+                                         tp_size=config.tensor_parallel_size, quantization=config.quantization)
+    except BaseException:
+        all_ranks_agree(False, device)   # release the other ranks, then fail with our own traceback
+        raise
+    if not all_ranks_agree(True, device):
+        return   # another rank failed to load; it reports why
+    model.parallel.group = dist.group.WORLD
+    runner = ModelRunner(config.fit_model(model_config), model, model_config, eos_token_ids=[])
+    try:
+        runner.serve_steps()
+    finally:
+        if runner.decode_graphs is not None:   # before the group goes: NCCL waits for graphs that use it
+            runner.decode_graphs.release()

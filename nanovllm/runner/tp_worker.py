@@ -13,7 +13,10 @@ Two ways to get the ranks:
   CUDA (rank r uses GPU r);
 - `torchrun` starts every rank (on one machine or several): the process group
   comes from the launcher's environment, rank 0 runs the engine and the others
-  call `run_worker` (`torchrun ... -m nanovllm.runner.tp_worker` does both).
+  call `model_runner.run_worker` (`torchrun ... -m nanovllm.tp_main` does both).
+
+What a rank other than 0 runs (`model_runner.serve_rank`) is handed to
+`WorkerGroup.start`, so that this module never imports the model runner.
 
 Each step rank 0 broadcasts the batch as two int64 tensors, never pickled
 Python objects: a header with the sizes, then one payload with the batch (each
@@ -32,8 +35,6 @@ down; a worker whose engine process is gone exits by itself.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import multiprocessing.connection
 import os
@@ -41,9 +42,10 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,9 @@ WATCH_INTERVAL_S = 0.05                    # rank 0 checks the workers' processe
 
 # One step as every rank runs it: input_ids [T], positions [T], metadata, logits_indices [N].
 Step = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]
+# What a rank other than 0 runs once it has joined the group (model_runner.serve_rank); passed in, so
+# that this module, which the model runner imports, never imports the model runner.
+ServeRank = Callable[[EngineConfig, int], None]
 
 
 class WorkerDiedError(RuntimeError):
@@ -84,7 +89,7 @@ def launched_by_torchrun() -> bool:
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def _join_launched_group(config: EngineConfig) -> tuple[int, bool]:
+def join_launched_group(config: EngineConfig) -> tuple[int, bool]:
     """Join the group described by torchrun's environment (or the one already made);
     -> (this rank, whether we created the group and so must destroy it)."""
     created = not dist.is_initialized()
@@ -124,17 +129,18 @@ class WorkerGroup:
     graphs: "DecodeGraphs | None" = None       # rank 0's CUDA graphs, released before the group goes
 
     @classmethod
-    def start(cls, config: EngineConfig, parallel: ParallelState) -> "WorkerGroup":
-        """Start (or, under torchrun, join) ranks 1..N-1 and wait until every rank has loaded its shard."""
+    def start(cls, config: EngineConfig, parallel: ParallelState, serve_rank: ServeRank) -> "WorkerGroup":
+        """Start (or, under torchrun, join) ranks 1..N-1 and wait until every rank has loaded its shard;
+        a spawned rank runs serve_rank(config, rank)."""
         device = torch.device(config.device)
         if launched_by_torchrun():
-            rank, created = _join_launched_group(config)
+            rank, created = join_launched_group(config)
             if rank != 0:
                 raise ValueError(f"rank {rank} called the engine; under torchrun only rank 0 runs the engine, "
-                                 "the others call nanovllm.runner.tp_worker.run_worker(config)")
+                                 "the others call nanovllm.runner.model_runner.run_worker(config)")
             group = cls(device, None, created)
         else:
-            group = cls(device, _spawn_workers(config), True)
+            group = cls(device, _spawn_workers(config, serve_rank), True)
         parallel.group = dist.group.WORLD
         if not all_ranks_agree(True, device):
             group.error = "a tensor-parallel rank failed to load its shard"
@@ -259,7 +265,7 @@ def _leave_group(clean: bool, cuda: bool) -> None:
               f"{timeout_s:.0f} s", file=sys.stderr)
 
 
-def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
+def _spawn_workers(config: EngineConfig, serve_rank: ServeRank) -> mp.ProcessContext:
     """Start ranks 1..N-1 on this machine and join the process group with them as rank 0."""
     world_size = config.tensor_parallel_size
     if dist.is_initialized():
@@ -270,8 +276,9 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
                          f"{torch.cuda.device_count()}; lower it, or start ranks on several machines with torchrun")
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=STARTUP_TIMEOUT,
                           wait_for_workers=False)
-    context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid()), nprocs=world_size - 1,
-                                 join=False, daemon=True, start_method="spawn")
+    with _main_not_rerun_in_workers():
+        context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid(), serve_rank),
+                                     nprocs=world_size - 1, join=False, daemon=True, start_method="spawn")
     # Wait for every worker to reach the store, noticing at once one that dies on the way.
     started = [f"started/{rank}" for rank in range(1, world_size)]
     deadline = time.monotonic() + STARTUP_TIMEOUT.total_seconds()
@@ -294,6 +301,24 @@ def _spawn_workers(config: EngineConfig) -> mp.ProcessContext:
     return context
 
 
+@contextmanager
+def _main_not_rerun_in_workers() -> Iterator[None]:
+    """A spawned process first re-runs the parent's `__main__` script from its file. A script read from
+    stdin (`python - < script.py`) has no file (its `__file__` is '<stdin>'), so every worker would die
+    before it starts. The workers need nothing from `__main__` (their entry and arguments live in this
+    package), so while they start, a `__main__` without a real file is not named to them."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is not None or path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def stop_with(owner: object, workers: WorkerGroup) -> None:
     """Shut the workers down when `owner` is garbage-collected or the interpreter exits."""
     weakref.finalize(owner, workers.shutdown)
@@ -301,7 +326,8 @@ def stop_with(owner: object, workers: WorkerGroup) -> None:
 
 # ---- ranks 1..N-1 ----------------------------------------------------------------------------
 
-def _worker_process(index: int, config: EngineConfig, store_port: int, engine_pid: int) -> None:
+def _worker_process(index: int, config: EngineConfig, store_port: int, engine_pid: int,
+                    serve_rank: ServeRank) -> None:
     """Entry of a spawned worker: rank index + 1."""
     rank = index + 1
     threading.Thread(target=_exit_when_engine_is_gone, args=(engine_pid,), daemon=True).start()
@@ -313,7 +339,7 @@ def _worker_process(index: int, config: EngineConfig, store_port: int, engine_pi
     dist.init_process_group(backend_for(config.device), store=store, rank=rank,
                             world_size=config.tensor_parallel_size, timeout=COLLECTIVE_TIMEOUT)
     try:
-        _serve(config, rank)
+        serve_rank(config, rank)
     finally:
         dist.destroy_process_group()
 
@@ -323,41 +349,6 @@ def _exit_when_engine_is_gone(engine_pid: int) -> None:
     while os.getppid() == engine_pid:
         time.sleep(1.0)
     os._exit(1)
-
-
-def run_worker(config: EngineConfig) -> None:
-    """Under torchrun, on every rank but 0: load this rank's shard, then run steps until rank 0 shuts down."""
-    rank, created = _join_launched_group(config)
-    if rank == 0:
-        raise ValueError("rank 0 runs the engine (LLM / LLMEngine), not run_worker")
-    try:
-        _serve(config, rank)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _serve(config: EngineConfig, rank: int) -> None:
-    from nanovllm.model.loader import load_model
-    from nanovllm.runner.model_runner import ModelRunner
-
-    device = torch.device(config.device)
-    try:
-        model, model_config = load_model(config.model, device=config.device, dtype=config.torch_dtype,
-                                         load_format=config.load_format, tp_rank=rank,
-                                         tp_size=config.tensor_parallel_size)
-    except BaseException:
-        all_ranks_agree(False, device)   # release the other ranks, then fail with our own traceback
-        raise
-    if not all_ranks_agree(True, device):
-        return   # another rank failed to load; it reports why
-    model.parallel.group = dist.group.WORLD
-    runner = ModelRunner(config.fit_model(model_config), model, model_config, eos_token_ids=[])
-    try:
-        runner.serve_steps()
-    finally:
-        if runner.decode_graphs is not None:   # before the group goes: NCCL waits for graphs that use it
-            runner.decode_graphs.release()
 
 
 def receive_step(device: torch.device) -> Step | None:
@@ -380,37 +371,3 @@ def receive_step(device: torch.device) -> Step | None:
     metadata = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=token_rows[2],
                                  block_tables=block_tables, max_query_len=max_query_len, max_seq_len=max_seq_len)
     return token_rows[0], token_rows[1], metadata, logits_indices
-
-
-# ---- torchrun entry --------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m nanovllm.runner.tp_worker MODEL --tensor-parallel-size N --prompt ...`:
-    rank 0 generates greedily and prints each completion's token ids and text; the other ranks serve it."""
-    from nanovllm.engine_args import add_engine_args, engine_config_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m nanovllm.runner.tp_worker", description=main.__doc__)
-    parser.add_argument("model", nargs="?", default=None)
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    add_engine_args(parser)
-    args = parser.parse_args(argv)
-    config = engine_config_from_args(args, model=args.model)
-    if not launched_by_torchrun():
-        parser.error("start this module with torchrun (it reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
-    if int(os.environ.get("RANK", "0")) != 0:
-        run_worker(config)
-        return 0
-    from nanovllm import LLM, SamplingParams
-
-    llm = LLM(**dataclasses.asdict(config))
-    outputs = llm.generate(args.prompt, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
-                           use_tqdm=False)
-    for output in outputs:
-        print(f"{output.outputs[0].token_ids} {output.outputs[0].text!r}", flush=True)
-    llm.engine.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,18 +16,20 @@ requests, which frees their KV blocks.
 
 Every error is OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
 with OpenAI's status: 400 bad input, 401 bad API key, 404 unknown model or
-route, 413 body too large, 503 queue full or shutting down, 500 a failed step.
+route, 413 body too large, 503 queue full or shutting down, 500 a failed step;
+the guards of security.py add 400 unknown Host, 403 foreign web origin, 408
+body too slow and 415 a POST that is not JSON.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nanovllm import __version__
 from nanovllm.config import EngineConfig
 from nanovllm.engine.async_engine import AsyncLLMEngine, EngineNotRunningError, OutputStream, QueueFullError
+from nanovllm.engine.core import CoreInfo
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
@@ -46,6 +49,7 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
 from nanovllm.server.openai_extras import (ChatReply, IgnoredFieldsMiddleware, ToolSetup, echo_logprobs,
                                            note_ignored_fields, structured_outputs_of)
+from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs,
@@ -54,10 +58,15 @@ from nanovllm.server.protocol import (
 )
 from nanovllm.server.reasoning import REASONING_PARSERS
 from nanovllm.server.tool_parsers import get_tool_parser
+from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
+from nanovllm.tokenizer import TokenOffsets
 
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_WAITING = 1024
+RETRY_AFTER_SECONDS = 1
+MAX_CHARS_PER_TOKEN = 256         # longer than any token of the vocabularies we serve: a bound, not an estimate
+TOKENIZE_SLOTS_PER_CLIENT = 2     # a client's texts tokenized at once; its others wait their turn
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -65,13 +74,14 @@ RequestModel = TypeVar("RequestModel", bound=BaseModel)
 @dataclass
 class ServerConfig:
     served_model_name: str | None = None   # None: the model directory's name / file's stem, or the embedded name
-    api_key: str | None = None             # set: every /v1/ request needs `Authorization: Bearer <api_key>`
+    api_key: str | None = None             # set: every route but /health needs `Authorization: Bearer <api_key>`
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_waiting: int = DEFAULT_MAX_WAITING   # queued sequences beyond which new requests get 503
     log_interval: float = 5.0              # seconds between stat log lines while busy
     chat_template: str | None = None       # Jinja text replacing the model's chat template (--chat-template)
     reasoning_parser: str | None = None    # "qwen3": <think> text goes to reasoning_content
     tool_call_parser: str = "hermes"       # how tool_choice "auto" reads calls back (server/tool_parsers.py)
+    security: SecurityConfig = field(default_factory=SecurityConfig)   # hosts, origins, timeouts
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_waiting"):
@@ -87,10 +97,12 @@ class ServerConfig:
         get_tool_parser(self.tool_call_parser)   # raises, naming the parsers, if unknown
 
 
-def default_served_model_name(model: str | None) -> str:
+def default_served_model_name(model: str | None, load_format: str = "auto") -> str:
     if model is None or model == EMBEDDED_MODEL:
         return EMBEDDED_MODEL
     path = Path(model)
+    if load_format == "dummy" and not path.exists():   # a built-in shape's name, e.g. qwen3-0.6b
+        return model
     return path.name if path.is_dir() else path.stem
 
 
@@ -104,16 +116,38 @@ class OpenAIError(Exception):
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status_code)
+        # A 503 is temporary (a full queue, a restart): Retry-After tells clients when to come back.
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status_code == 503 else None
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status_code,
+                            headers=headers)
 
 
 def build_app(engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None, *,
               engine: LLMEngine | None = None) -> FastAPI:
-    """The server's ASGI app. Loads the model of `engine_config` now (errors surface here, before
-    any socket is bound), or serves `engine` if given. The step loop runs during the app's lifespan."""
+    """The server's ASGI app. Starts an engine core process for `engine_config` and waits for its
+    model to load (errors surface here, before any socket is bound: EngineStartupError), or serves
+    `engine` from a core loop in a thread of this process if given."""
+    server_config = server_config or ServerConfig()
     if engine is None:
-        engine = LLMEngine(engine_config if engine_config is not None else EngineConfig())
-    server = OpenAIServer(engine, server_config or ServerConfig())
+        async_engine = AsyncLLMEngine.launch(engine_config if engine_config is not None else EngineConfig(),
+                                             server_config.max_waiting)
+        tokenizer = tokenizer_for(async_engine.info)
+    else:
+        async_engine = AsyncLLMEngine.from_engine(engine, server_config.max_waiting)
+        tokenizer = engine.tokenizer
+    return build_app_for(async_engine, tokenizer, server_config)
+
+
+def tokenizer_for(info: CoreInfo) -> Tokenizer:
+    """The API process's tokenizer: the engine's, or the same token-id stand-in when it has none."""
+    if info.token_ids_only:
+        return TokenIdTokenizer(info.vocab_size, info.eos_token_ids, info.bos_token_id)
+    return Tokenizer.load(info.model, info.tokenizer)
+
+
+def build_app_for(async_engine: AsyncLLMEngine, tokenizer: Tokenizer, server_config: ServerConfig) -> FastAPI:
+    """The routes and middleware over a started engine core."""
+    server = OpenAIServer(async_engine, tokenizer, server_config)
     app = FastAPI(title="nano-vllm", version=__version__, lifespan=server.lifespan)
     app.state.server = server
 
@@ -130,40 +164,46 @@ def build_app(engine_config: EngineConfig | None = None, server_config: ServerCo
     app.add_exception_handler(OpenAIError, _openai_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _internal_error_handler)
-    # The middleware added last runs first: the key is checked before a byte of the body is read.
+    # The middleware added last runs first: host, origin and key are checked before a byte of the body is read.
+    app.add_middleware(JsonContentTypeMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_request_bytes)
     app.add_middleware(IgnoredFieldsMiddleware)
-    if server.config.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=server.config.api_key)
+    add_security_middleware(app, server.config.security, server.config.api_key)
     return app
 
 
 class OpenAIServer:
     """The endpoints, over one AsyncLLMEngine."""
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig):
+    def __init__(self, async_engine: AsyncLLMEngine, tokenizer: Tokenizer, config: ServerConfig):
+        info = async_engine.info
         self.config = config
-        self.model_name = config.served_model_name or default_served_model_name(engine.config.model)
-        self.tokenizer = engine.tokenizer
-        self.vocab_size = engine.model_config.vocab_size
-        self.max_model_len = engine.config.max_model_len
+        self.model_name = config.served_model_name or default_served_model_name(info.model, info.load_format)
+        self.tokenizer = tokenizer
+        self.vocab_size = info.vocab_size
+        self.max_model_len = info.max_model_len
         self.created = int(time.time())
-        self.async_engine = AsyncLLMEngine(engine, config.max_waiting)
+        self.async_engine = async_engine
         self.registry, request_metrics = make_registry(self.async_engine, self.model_name)
         self.async_engine.on_finished = request_metrics.observe
         self.stat_logger = StatLogger(self.async_engine, config.log_interval)
         self._token_texts: dict[int, str] = {}
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nanovllm-tokenize")
+        self._tokenize_slots: dict[str, _ClientSlots] = {}   # client address -> its share of the pool
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self.async_engine.start()
-        stat_logger = asyncio.get_running_loop().create_task(self.stat_logger.run())
+        stat_logger = None
+        if self.async_engine.client_index == 0:   # one log line for the whole server, from the first API process
+            stat_logger = asyncio.get_running_loop().create_task(self.stat_logger.run())
         try:
             yield
         finally:
-            stat_logger.cancel()
+            if stat_logger is not None:
+                stat_logger.cancel()
             await self.async_engine.stop()
-            self.async_engine.engine.shutdown()   # the tensor-parallel workers, if any
+            self._tokenize_pool.shutdown(wait=False)
 
     # ---- small endpoints -----------------------------------------------------------------
 
@@ -195,9 +235,10 @@ class OpenAIServer:
         if (body.prompt is None) == (body.messages is None):
             raise OpenAIError(400, "send exactly one of `prompt` (text) and `messages` (a chat)")
         if body.prompt is not None:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self._tokenize(request, body.prompt, "prompt", lambda: self.tokenizer.encode(
+                body.prompt, add_special_tokens=body.add_special_tokens))
         else:
-            tokens = self._chat_prompt(body.messages, body.add_generation_prompt)
+            tokens = await self._chat_prompt(request, body.messages, body.add_generation_prompt)
         return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens).model_dump()
 
     async def detokenize(self, request: Request) -> dict[str, Any]:
@@ -218,7 +259,7 @@ class OpenAIServer:
             raise OpenAIError(400, "echo with logprobs (the prompt's log-probabilities) is served without "
                               "streaming; set stream to false", param="echo")
         params = _sampling_params(body)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(request, body.prompt, params.max_tokens)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(f"{response_id}-{i}", ids, params) for i, (_, ids) in enumerate(prompts)],
                                      stream=bool(body.stream))
@@ -235,8 +276,11 @@ class OpenAIServer:
             for completion in final.outputs:
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, _ = self._completion_logprobs(completion, 0, body.logprobs, len(prompt_text))
-                    if body.echo:
+                    logprobs = self._completion_logprobs(completion, body.logprobs,
+                                                         TokenOffsets(self.tokenizer, params.skip_special_tokens),
+                                                         len(completion.text))
+                    if body.echo:   # the completion's text follows the prompt's; the prompt's logprobs first
+                        logprobs.text_offset = [len(prompt_text) + offset for offset in logprobs.text_offset]
                         logprobs = echo_logprobs(final, body.logprobs, self._token_text, logprobs)
                 choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
                                                 text=prompt_text + completion.text, logprobs=logprobs,
@@ -247,32 +291,31 @@ class OpenAIServer:
                                  prompts: list[tuple[str, list[int]]], outputs: OutputStream,
                                  header: dict[str, Any]) -> AsyncIterator[BaseModel]:
         prompt_index = {request_id: i for i, request_id in enumerate(outputs.request_ids)}
-        progress = {index: _ChoiceProgress() for index in range(len(prompts) * params.n)}
+        progress = {index: self._choice_progress(params, stream=True) for index in range(len(prompts) * params.n)}
         if body.echo:
             for index in progress:
                 yield CompletionResponse(choices=[CompletionChoice(index=index, text=prompts[index // params.n][0])],
                                          **header)
-        finals: dict[str, RequestOutput] = {}
         async for output in outputs:
             _raise_if_failed(output)
-            if output.finished:
-                finals[output.request_id] = output
             for completion in output.outputs:
                 index = prompt_index[output.request_id] * params.n + completion.index
                 state = progress[index]
-                if state.done or not state.has_news(completion, body.logprobs is not None):
+                if not state.advance(completion, body.logprobs is not None):
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, state.text_offset = self._completion_logprobs(completion, state.num_tokens,
-                                                                            body.logprobs, state.text_offset)
+                    state.offsets = state.offsets or TokenOffsets(self.tokenizer, params.skip_special_tokens)
+                    logprobs = self._completion_logprobs(completion, body.logprobs, state.offsets, state.text_length)
                 yield CompletionResponse(choices=[CompletionChoice(
-                    index=index, text=state.advance(completion), logprobs=logprobs,
+                    index=index, text=completion.text, logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)
         if _include_usage(body):
-            yield CompletionResponse(choices=[], usage=_usage([finals[i] for i in outputs.request_ids]), **header)
+            prompt_tokens = sum(len(token_ids) for _, token_ids in prompts) * params.n
+            yield CompletionResponse(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, list[int]]]:
+    async def _completion_prompts(self, request: Request, prompt: str | list[str] | list[int] | list[list[int]],
+                                  max_tokens: int | None) -> list[tuple[str, list[int]]]:
         """(text, token ids) of each prompt of a completions request."""
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -284,27 +327,28 @@ class OpenAIServer:
         prompts = []
         for item in prompt:
             if isinstance(item, str):
-                token_ids = self.tokenizer.encode(item)
+                token_ids = await self._tokenize(request, item, "prompt", lambda text=item: self.tokenizer.encode(text))
                 text = item
             else:
                 self._check_token_ids(item, "prompt")
                 token_ids, text = item, self.tokenizer.decode(item)
-            self._check_prompt_length(token_ids, "prompt")
+            self._check_prompt_length(token_ids, "prompt", max_tokens)
             prompts.append((text, token_ids))
         return prompts
 
-    def _completion_logprobs(self, completion: CompletionOutput, start: int, num_top: int,
-                             text_offset: int) -> tuple[CompletionLogprobs, int]:
-        """Logprobs of the completion's tokens from `start` on, and the text offset after them."""
+    def _completion_logprobs(self, completion: CompletionOutput, num_top: int, offsets: TokenOffsets,
+                             text_length: int) -> CompletionLogprobs:
+        """Logprobs of the completion's (delta's) tokens; `offsets` has seen the tokens before them, and
+        `text_length` is the length of the text sent so far, this delta's included."""
         result = CompletionLogprobs()
-        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
-            token = self._token_text(token_id)
-            result.tokens.append(token)
+        result.text_offset = offsets.add(completion.token_ids)
+        if completion.finished:   # a stop string cut the text: its tokens start at the end
+            result.text_offset = [min(offset, text_length) for offset in result.text_offset]
+        for token_id, entry in zip(completion.token_ids, completion.logprobs):
+            result.tokens.append(self._token_text(token_id))
             result.token_logprobs.append(entry[token_id])
             result.top_logprobs.append({self._token_text(t): logprob for t, logprob in _top(entry, num_top)})
-            result.text_offset.append(text_offset)
-            text_offset += len(token)
-        return result, text_offset
+        return result
 
     # ---- chat ----------------------------------------------------------------------------
 
@@ -318,17 +362,18 @@ class OpenAIServer:
         except ValueError as error:
             raise OpenAIError(400, str(error), param="tool_choice") from None
         params = _sampling_params(body, tools)
-        prompt_token_ids = self._chat_prompt(
-            body.messages, add_generation_prompt=body.add_generation_prompt,
+        prompt_token_ids = await self._chat_prompt(
+            request, body.messages, add_generation_prompt=body.add_generation_prompt,
             tools=tools.tools if tools.mode != "none" else None,
             continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
-        self._check_prompt_length(prompt_token_ids, "messages")
+        self._check_prompt_length(prompt_token_ids, "messages", params.max_tokens)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
         header = dict(id=response_id, created=int(time.time()), model=self.model_name)
         reasoning = self.config.reasoning_parser is not None
         if body.stream:
-            return _event_stream(self._chat_chunks(body, params, outputs, header, tools), outputs,
+            return _event_stream(self._chat_chunks(body, params, len(prompt_token_ids), outputs, header, tools),
+                                 outputs,
                                  _include_usage(body))
         finals = await _collect_final_outputs(request, outputs)
         if finals is None:
@@ -338,57 +383,85 @@ class OpenAIServer:
             message, finish_reason = ChatReply(tools, reasoning).message(completion.text, completion.finish_reason)
             choices.append(ChatCompletionChoice(
                 index=completion.index, message=ChatResponseMessage(**message),
-                logprobs=self._chat_logprobs(completion, 0, body.top_logprobs or 0) if body.logprobs else None,
+                logprobs=self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None,
                 finish_reason=finish_reason))
         return JSONResponse(ChatCompletionResponse(choices=choices, usage=_usage(finals), **header).model_dump())
 
-    async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, outputs: OutputStream,
-                           header: dict[str, Any], tools: ToolSetup) -> AsyncIterator[BaseModel]:
-        progress = {index: _ChoiceProgress() for index in range(params.n)}
+    async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, prompt_tokens: int,
+                           outputs: OutputStream, header: dict[str, Any],
+                           tools: ToolSetup) -> AsyncIterator[BaseModel]:
+        progress = {index: self._choice_progress(params, stream=True) for index in range(params.n)}
         replies = {index: ChatReply(tools, self.config.reasoning_parser is not None) for index in range(params.n)}
         for index in range(params.n):
             yield ChatCompletionChunk(choices=[ChatStreamChoice(
                 index=index, delta=ChatDelta(role="assistant", content=""))], **header)
-        final = None
         async for output in outputs:
             _raise_if_failed(output)
-            final = output if output.finished else None
             for completion in output.outputs:
-                state = progress[completion.index]
-                if state.done or not state.has_news(completion, bool(body.logprobs)):
+                if not progress[completion.index].advance(completion, bool(body.logprobs)):
                     continue
-                logprobs = (self._chat_logprobs(completion, state.num_tokens, body.top_logprobs or 0)
-                            if body.logprobs else None)
-                state.advance(completion)
+                logprobs = self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None
                 delta, finish_reason = replies[completion.index].delta(completion.text, completion.finished,
                                                                        completion.finish_reason)
                 yield ChatCompletionChunk(choices=[ChatStreamChoice(
                     index=completion.index, delta=ChatDelta(**delta), logprobs=logprobs,
                     finish_reason=finish_reason)], **header)
         if _include_usage(body):
-            yield ChatCompletionChunk(choices=[], usage=_usage([final]), **header)
+            yield ChatCompletionChunk(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
-    def _chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool, **options: Any) -> list[int]:
+    async def _chat_prompt(self, request: Request, messages: list[ChatMessage], add_generation_prompt: bool,
+                           **options: Any) -> list[int]:
         """options: tools, continue_final_message and the template's own keyword arguments."""
         conversation = [message.to_template_dict() for message in messages]
-        try:
-            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                      chat_template=self.config.chat_template, **options)
-        except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
-            raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
 
-    def _chat_logprobs(self, completion: CompletionOutput, start: int, num_top: int) -> ChatLogprobs:
+        def render() -> list[int]:
+            try:
+                return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                          chat_template=self.config.chat_template, **options)
+            except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
+                raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
+
+        return await self._tokenize(request, conversation, "messages", render)
+
+    def _chat_logprobs(self, completion: CompletionOutput, num_top: int) -> ChatLogprobs:
         content = []
-        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
-            token = self._token_text(token_id)
+        for token_id, entry in zip(completion.token_ids, completion.logprobs):
             content.append(ChatLogprob(
-                token=token, logprob=entry[token_id], bytes=list(token.encode("utf-8")),
+                token=self._token_text(token_id), logprob=entry[token_id],
+                bytes=list(self.tokenizer.token_bytes(token_id)),
                 top_logprobs=[TopLogprob(token=self._token_text(t), logprob=logprob,
-                                         bytes=list(self._token_text(t).encode("utf-8")))
+                                         bytes=list(self.tokenizer.token_bytes(t)))
                               for t, logprob in _top(entry, num_top)]))
         return ChatLogprobs(content=content)
 
     # ---- shared --------------------------------------------------------------------------
+
+    async def _tokenize(self, request: Request, text: Any, param: str, work: Callable[[], list[int]]) -> list[int]:
+        """Run `work` (tokenizing or rendering `text`, a string or a conversation) off the event loop.
+
+        Bounded before it starts: no token is longer than MAX_CHARS_PER_TOKEN characters, so a text
+        longer than max_model_len of them cannot fit and is refused unread. And each client (by
+        address) has at most TOKENIZE_SLOTS_PER_CLIENT texts in the pool at once, so one client's
+        burst of large prompts queues behind itself, not in front of everyone else's."""
+        num_chars = _text_length(text)
+        if num_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                              f"{param} has {num_chars} characters, which cannot fit; shorten it", param=param,
+                              code="context_length_exceeded")
+        client = request.client.host if request.client is not None else ""
+        slots = self._tokenize_slots.get(client)
+        if slots is None:
+            slots = self._tokenize_slots[client] = _ClientSlots(asyncio.Semaphore(TOKENIZE_SLOTS_PER_CLIENT))
+        slots.users += 1
+        try:
+            async with slots.semaphore:
+                return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, work)
+        except ValueError as error:   # e.g. a model without a tokenizer given text
+            raise OpenAIError(400, str(error), param=param) from None
+        finally:
+            slots.users -= 1
+            if not slots.users:
+                del self._tokenize_slots[client]
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -400,17 +473,34 @@ class OpenAIServer:
         if bad is not None:
             raise OpenAIError(400, f"token id {bad} is not in the vocabulary [0, {self.vocab_size})", param=param)
 
-    def _check_prompt_length(self, prompt_token_ids: list[int], param: str) -> None:
+    def _check_prompt_length(self, prompt_token_ids: list[int], param: str, max_tokens: int | None) -> None:
         if not prompt_token_ids:
             raise OpenAIError(400, "the prompt is empty; send at least one token", param=param)
         if len(prompt_token_ids) > self.max_model_len:
             raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
                               f"prompt has {len(prompt_token_ids)} tokens; shorten it", param=param,
                               code="context_length_exceeded")
+        if max_tokens is not None and len(prompt_token_ids) + max_tokens > self.max_model_len:
+            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but "
+                              f"{len(prompt_token_ids) + max_tokens} were requested ({len(prompt_token_ids)} in the "
+                              f"prompt, {max_tokens} in max_tokens); shorten the prompt or lower max_tokens",
+                              param="max_tokens", code="context_length_exceeded")
+
+    def _decodes_here(self, params: SamplingParams, stream: bool) -> bool:
+        """Whether this process, not the engine core, turns a request's tokens into text: a stream
+        without stop strings (the core matches those in the text), when there is a tokenizer. Each
+        token decoded here is work taken off the core's loop."""
+        return stream and not params.stop and not self.async_engine.info.token_ids_only
+
+    def _choice_progress(self, params: SamplingParams, stream: bool) -> _ChoiceProgress:
+        if not self._decodes_here(params, stream):
+            return _ChoiceProgress()
+        return _ChoiceProgress(IncrementalDetokenizer(self.tokenizer, [], params.skip_special_tokens))
 
     async def _submit(self, requests: list[tuple[str, list[int], SamplingParams]], stream: bool) -> OutputStream:
+        detokenize = not self._decodes_here(requests[0][2], stream)
         try:
-            return await self.async_engine.add_requests(requests, stream=stream)
+            return await self.async_engine.add_requests(requests, stream=stream, detokenize=detokenize)
         except ValueError as error:
             raise OpenAIError(400, str(error)) from None
         except (QueueFullError, EngineNotRunningError) as error:
@@ -420,29 +510,50 @@ class OpenAIServer:
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = self._token_texts[token_id] = self.tokenizer.token_text(token_id)
         return text
+
+
+@dataclass
+class _ClientSlots:
+    semaphore: asyncio.Semaphore
+    users: int = 0   # requests holding or waiting for a slot
 
 
 @dataclass
 class _ChoiceProgress:
     """How much of one choice a stream has sent."""
-    num_chars: int = 0
+    detokenizer: IncrementalDetokenizer | None = None   # set: the deltas carry token ids only, decoded here
     num_tokens: int = 0
-    text_offset: int = 0   # completions logprobs: where the next token's text starts
+    text_length: int = 0                  # characters of text sent
+    offsets: TokenOffsets | None = None   # completions logprobs: where each token's text starts
     done: bool = False
 
-    def has_news(self, completion: CompletionOutput, with_logprobs: bool) -> bool:
-        """Anything to send: more text, the finish, or (when logprobs are asked) more tokens."""
-        return (completion.finished or len(completion.text) > self.num_chars
-                or (with_logprobs and len(completion.token_ids) > self.num_tokens))
+    def advance(self, delta: CompletionOutput, with_logprobs: bool) -> bool:
+        """Count a delta in (giving it its text, when decoded here); -> whether it has anything to
+        send: more text, the finish, or (when logprobs are asked) more tokens."""
+        if self.done:
+            return False
+        if self.detokenizer is not None:
+            detokenizer = self.detokenizer
+            delta.text = detokenizer.add_tokens(delta.token_ids) if delta.token_ids else ""
+            if delta.finished:   # text held back for a character still incomplete: what a whole decode keeps
+                delta.text += detokenizer.whole_text(detokenizer.token_ids)[len(detokenizer.text):]
+        self.num_tokens += len(delta.token_ids)
+        self.text_length += len(delta.text)
+        self.done = delta.finished
+        return delta.finished or bool(delta.text) or (with_logprobs and bool(delta.token_ids))
 
-    def advance(self, completion: CompletionOutput) -> str:
-        """The text not sent yet; marks everything as sent."""
-        text = completion.text[self.num_chars:]
-        self.num_chars, self.num_tokens = len(completion.text), len(completion.token_ids)
-        self.done = completion.finished
-        return text
+
+def _text_length(text: Any) -> int:
+    """Characters of a string, or of every string inside a conversation (lists and dicts)."""
+    if isinstance(text, str):
+        return len(text)
+    if isinstance(text, dict):
+        return sum(_text_length(value) for value in text.values())
+    if isinstance(text, list):
+        return sum(_text_length(item) for item in text)
+    return 0
 
 
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
@@ -453,6 +564,12 @@ def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
 def _usage(finals: list[RequestOutput]) -> UsageInfo:
     prompt_tokens = sum(len(final.prompt_token_ids) for final in finals)
     completion_tokens = sum(len(completion.token_ids) for final in finals for completion in final.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def _streamed_usage(prompt_tokens: int, progress: dict[int, _ChoiceProgress]) -> UsageInfo:
+    completion_tokens = sum(state.num_tokens for state in progress.values())
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens)
 
@@ -506,8 +623,13 @@ def _check_stream_options(stream: bool | None, stream_options: Any) -> None:
 
 
 def _raise_if_failed(output: RequestOutput) -> None:
+    """A failed request is a 500; one the server aborted (its client is still here: shutdown) a 503,
+    never an "abort" finish reason, which OpenAI's API does not have."""
     if output.error is not None:
         raise OpenAIError(500, f"generation failed: {output.error}", type="server_error")
+    if any(completion.finish_reason == "abort" for completion in output.outputs):
+        raise OpenAIError(503, "the server is shutting down and stopped this request before it finished; "
+                          "retry it", type="server_error", code="service_unavailable")
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -539,7 +661,7 @@ async def _collect_final_outputs(request: Request, outputs: OutputStream) -> lis
         return None
     try:
         collecting.result()
-    except EngineNotRunningError as error:   # the step loop failed
+    except EngineNotRunningError as error:   # the engine core is gone
         raise OpenAIError(500, str(error), type="server_error") from None
     results = [finals[request_id] for request_id in outputs.request_ids]
     for final in results:
@@ -583,26 +705,6 @@ async def _http_error_handler(request: Request, error: StarletteHTTPException) -
 async def _internal_error_handler(request: Request, error: Exception) -> JSONResponse:
     # Starlette re-raises the error after this response is sent, and uvicorn logs its traceback.
     return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").response()
-
-
-class ApiKeyMiddleware:
-    """Every /v1/ request must carry `Authorization: Bearer <key>` (401 otherwise); the rest stays open.
-    The comparison takes the same time wherever the first wrong byte is, so timing tells nothing."""
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                message = ("Incorrect API key provided" if given else
-                           "No API key provided; send it as `Authorization: Bearer <key>`")
-                await OpenAIError(401, message, code="invalid_api_key").response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -180,6 +180,7 @@ class ChatReply:
     """One choice's text -> OpenAI's message fields, whole or as stream deltas."""
     tools: ToolSetup
     reasoning: bool                                       # --reasoning-parser given
+    text: str = ""                                        # a stream's text so far (the deltas joined)
     sent_reasoning: int = 0                               # characters of each part a stream has sent
     sent_content: int = 0
 
@@ -192,8 +193,11 @@ class ChatReply:
         return {"content": content, "reasoning_content": reasoning,
                 "tool_calls": [call.to_openai() for call in calls]}, finish_reason
 
-    def delta(self, text: str, finished: bool, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """The delta fields for the text generated so far (and the finish_reason, once finished)."""
+    def delta(self, new_text: str, finished: bool, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The delta fields once `new_text` (an output delta's text) joins the text before it (and the
+        finish_reason, once finished): reasoning and tool calls are parsed from the whole text so far."""
+        self.text += new_text
+        text = self.text
         if finished:
             message, finish_reason = self.message(text, finish_reason)
             content = message["content"] or ""

@@ -5,9 +5,11 @@ Requests are parsed strictly: a field of the wrong JSON type (`"n": "2"`,
 it with a 400 naming the field, as OpenAI does. A top-level field we do not
 implement (`store`, `metadata`, ...) is accepted and ignored, as vLLM does:
 clients send them by default; the server logs each name once and lists them in
-a response header (openai_extras.py). Ranges that OpenAI documents (`n >= 1`, `max_tokens >= 1`, penalties in
-[-2, 2], ...) are checked here too; everything else about sampling is checked
-once more by `SamplingParams`, the engine's own gate.
+a response header (openai_extras.py). Ranges that OpenAI documents (`n >= 1`,
+`max_tokens >= 1`, penalties in [-2, 2], ...) are checked here too, and every
+integer is bounded (token ids and counts by int64, seeds to 64 bits), so no
+number wraps or overflows on its way to the sampler; everything else about
+sampling is checked once more by `SamplingParams`, the engine's own gate.
 
 Beside OpenAI's fields the requests take vLLM's sampling extras (`top_k`,
 `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
@@ -20,11 +22,18 @@ body `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanovllm.sampling_params import INT64_MAX, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+
+# OpenAI's default max_tokens for completions, also when the request sends `"max_tokens": null`.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+# A token id as JSON may carry it: bounded here so no number reaches the engine that int64 cannot hold
+# (the server checks it against the model's vocabulary next).
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 # ---- errors ------------------------------------------------------------------------------
 
@@ -63,19 +72,19 @@ class _SamplingRequest(_TopLevelRequest):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=INT64_MAX)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     # Structured outputs and logit bias (server/openai_extras.py turns them into SamplingParams fields)
@@ -97,15 +106,16 @@ class _SamplingRequest(_TopLevelRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]   # text, texts, token ids, or lists of token ids
-    max_tokens: int | None = Field(16, ge=1)                 # OpenAI's default for completions
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]   # text, texts, token ids, or lists of ids
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1, le=INT64_MAX)   # null: the default
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
 
     def to_sampling_params(self, **extras: Any) -> SamplingParams:
+        max_tokens = self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         # echo + logprobs: the prompt's log-probabilities too (lm-evaluation-harness's log-likelihood).
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs=prompt_logprobs, **extras)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs=prompt_logprobs, **extras)
 
 
 class TextContentPart(_Request):
@@ -124,7 +134,7 @@ class ChatMessage(_Request):
 
     def to_template_dict(self) -> dict[str, Any]:
         """{"role", "content", ...} as chat templates expect it (text parts joined, "developer" read as
-        "system", tool-call arguments as objects, as HF templates render them)."""
+        "system", tool-call arguments as objects, as HF templates render them; "name" when the message has one)."""
         content = self.content if isinstance(self.content, str) else "".join(
             part.text for part in self.content or [])
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
@@ -149,8 +159,8 @@ def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)               # None: up to the context length
-    max_completion_tokens: int | None = Field(None, ge=1)    # OpenAI's newer name for max_tokens
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)              # None: up to the context length
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)   # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Tools and the chat template
@@ -178,7 +188,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # ---- responses ---------------------------------------------------------------------------

@@ -54,8 +54,10 @@ def shade(weight: float) -> tuple[str, str]:
 
 
 def token_label(text: str, width: int = 12) -> str:
-    """A token's text, quoted, escaped to ASCII and cut to `width` characters."""
-    escaped = text.encode("ascii", "backslashreplace").decode().replace("\n", "\\n").replace("\t", "\\t")
+    """A token's text, quoted, escaped to ASCII (control characters too: a raw \\r or \\x1b would break
+    the frame) and cut to `width` characters."""
+    unprintable_escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+    escaped = unprintable_escaped.encode("ascii", "backslashreplace").decode()
     label = "'" + escaped + "'"
     return label if len(label) <= width else label[:width - 3] + "..'"
 

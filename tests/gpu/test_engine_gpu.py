@@ -2,7 +2,7 @@
 cache sized by a profiling step. Greedy tokens must equal transformers' on the same
 weights (float32 on both sides, so the comparison is exact enough to be strict), and
 a decode replayed from a CUDA graph must give what the eager path gives.
-Run on the device machine: `python3 -m pytest -q -m gpu tests/gpu`.
+Run on a CUDA machine: `python3 -m pytest -q -m gpu tests/gpu`.
 """
 from __future__ import annotations
 
@@ -56,16 +56,18 @@ def test_greedy_tokens_equal_transformers_on_gpu(tiny_model_factory, name, enfor
 
 
 def test_graph_replay_with_padding_rows_matches_eager(tiny_model_factory):
-    """13 sequences run in the graph of 16; their tokens equal the eager engine's."""
+    """13 sequences run in the graph of 16; their tokens and log-probabilities equal the eager engine's."""
     path = tiny_model_factory("llama-gqa4")
     prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
-    params = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True, logprobs=2)
     graphed = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=16, **SMALL_POOL)
     eager = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=16, enforce_eager=True, **SMALL_POOL)
     assert 16 in graphed.engine.runner.decode_graphs.graphs
-    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
-    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
-    assert got == want
+    got = [o.outputs[0] for o in graphed.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0] for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    for g, w in zip(got, want):
+        assert g.logprobs == [pytest.approx(step, abs=1e-4) for step in w.logprobs]
 
 
 def test_sampling_inside_the_graph_matches_the_eager_sampler(tiny_model_factory):

@@ -3,7 +3,7 @@ references (attention against a float32 reference, by relative error of the whol
 
 Shapes: Llama-3.2-1B (32 query heads, 8 KV heads, head_dim 64), Qwen3-0.6B (16/8/128),
 head_dim 80 and GQA 7; contexts past 4096; decode graphs replayed with new contexts.
-Run on the device machine: `python3 -m pytest -q -m gpu tests/gpu`.
+Run on a CUDA machine: `python3 -m pytest -q -m gpu tests/gpu`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,113 @@
+"""`compressed-tensors` checkpoints (llmcompressor's output; RedHatAI / neuralmagic models).
+
+config.json's `quantization_config` lists `config_groups`, each a scheme for the modules its
+`targets` name (here: "Linear"), minus the `ignore` list (usually `lm_head`). Two schemes run:
+
+- **float-quantized** (FP8 W8A8, FP8-dynamic): `weight` float8_e4m3fn [N, K] and
+  `weight_scale` float32, [N, 1] for strategy "channel" or one value for "tensor"
+  (then per channel here: q, k and v each bring their own into one fused layer).
+  Activations are quantized per token at run time (`input_activations` dynamic, strategy
+  "token"); static activation scales are not supported.
+- **pack-quantized** (W4A16, 4-bit integers): `weight_packed` int32 [N, K / 8], code k in
+  bits 4 (k % 8) of word k // 8, stored as q + 8 for q in [-8, 7]; `weight_scale` [N, K / group];
+  `weight_shape` [2]; asymmetric schemes add `weight_zero_point` [N / 8, K / group], packed
+  the same way along N. w = (q - zero) * scale, the layout of W4A16Linear after the +8.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear
+from nanovllm.model.quantization.method import QUANTIZED_MODULES, QuantizationMethod
+from nanovllm.ops.quant_linear import FP8_DTYPE, unpack_int4
+
+
+class CompressedTensors(QuantizationMethod):
+    name = "compressed-tensors"
+
+    def __init__(self, fmt: str, weights: dict[str, Any]):
+        self.fmt = fmt                         # "float-quantized" | "pack-quantized"
+        self.weights = weights                 # the scheme's `weights` arguments
+        self.symmetric = bool(weights.get("symmetric", True))
+        if fmt == "pack-quantized":
+            self.group_size = int(weights.get("group_size") or -1)   # -1: one group a row (strategy "channel")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str) -> "CompressedTensors":
+        groups = [g for g in (config.get("config_groups") or {}).values() if "Linear" in (g.get("targets") or [])]
+        if len(groups) != 1:
+            raise ModelLoadError(f"{source}: nano-vllm runs compressed-tensors checkpoints with one scheme for "
+                                 f"every Linear; this one has {len(groups)}")
+        _check_ignore(config.get("ignore") or [], source)
+        group = groups[0]
+        fmt = group.get("format") or config.get("format")
+        weights = group.get("weights") or {}
+        kind = (weights.get("type"), weights.get("num_bits"))
+        activations = group.get("input_activations") or {}
+        if fmt == "float-quantized" and kind == ("float", 8) and weights.get("strategy") in ("tensor", "channel"):
+            if not (activations.get("dynamic") and activations.get("strategy") == "token"):
+                raise ModelLoadError(f"{source}: FP8 with {'static' if activations else 'no'} activation scales is "
+                                     "not supported; nano-vllm runs FP8 with dynamic per-token activation scales "
+                                     "(the FP8_DYNAMIC scheme)")
+            return cls(fmt, weights)
+        if (fmt == "pack-quantized" and kind == ("int", 4) and weights.get("strategy") in ("group", "channel")
+                and not activations):
+            return cls(fmt, weights)
+        raise ModelLoadError(f"{source}: compressed-tensors format {fmt!r} with {kind[1]}-bit {kind[0]} weights "
+                             f"({weights.get('strategy')}) is not supported; nano-vllm runs float-quantized FP8 "
+                             "(per-tensor or per-channel) and pack-quantized 4-bit weights (W4A16)")
+
+    def required(self) -> frozenset[str]:
+        if self.fmt == "float-quantized":
+            return frozenset({"weight", "weight_scale"})
+        names = {"weight_packed", "weight_scale", "weight_shape"}
+        return frozenset(names if self.symmetric else names | {"weight_zero_point"})
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        if self.fmt == "float-quantized":
+            return Fp8Linear(in_features, out_features, bias)
+        return W4A16Linear(in_features, out_features, in_features if self.group_size == -1 else self.group_size, bias)
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.fmt == "float-quantized":
+            weight, scale = tensors["weight"], tensors["weight_scale"].float()
+            if weight.dtype != FP8_DTYPE:
+                raise ModelLoadError(f"{module}.weight is {weight.dtype}; an FP8 checkpoint stores float8_e4m3fn")
+            if scale.numel() not in (1, weight.shape[0]):
+                raise ModelLoadError(f"{module}.weight_scale has {scale.numel()} values; expected 1 (per tensor) "
+                                     f"or {weight.shape[0]} (per channel)")
+            return {"weight": weight, "weight_scale": scale.reshape(-1).expand(weight.shape[0]).contiguous()}
+        out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
+        packed, scales = tensors["weight_packed"], tensors["weight_scale"]
+        if packed.dtype != torch.int32 or tuple(packed.shape) != (out_features, in_features // 8):
+            raise ModelLoadError(f"{module}.weight_packed is {packed.dtype} {tuple(packed.shape)}; expected int32 "
+                                 f"{(out_features, in_features // 8)} for a weight of shape "
+                                 f"{(out_features, in_features)}")
+        if "weight_zero_point" in tensors:
+            # stored as zero + 8 in 4 bits, packed along N: unpack the transposed words -> [G, N] -> [N, G]
+            zeros = unpack_int4(tensors["weight_zero_point"].T.contiguous()).T[:out_features]
+        else:
+            zeros = torch.full(scales.shape, 8, dtype=torch.uint8)
+        return {"qweight": packed, "scales": scales, "zeros": zeros.contiguous()}
+
+
+def _check_ignore(ignore: list[str], source: str) -> None:
+    """The decoder's linear layers must all be quantized (each fuses with its neighbours); only the
+    LM head may be left out, and it must be (it stays in the model's dtype here)."""
+    def matches(entry: str, name: str) -> bool:
+        return bool(re.fullmatch(entry[3:], name)) if entry.startswith("re:") else entry == name
+
+    probes = [f"model.layers.0.{'mlp' if m in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{m}"
+              for m in QUANTIZED_MODULES]
+    for entry in ignore:
+        if entry.rsplit(".", 1)[-1] in QUANTIZED_MODULES or any(matches(entry, probe) for probe in probes):
+            raise ModelLoadError(f"{source}: the checkpoint leaves {entry!r} unquantized; nano-vllm needs every "
+                                 "linear layer of the decoder quantized alike")
+    if not any(matches(entry, "lm_head") for entry in ignore):
+        raise ModelLoadError(f"{source}: the checkpoint quantizes lm_head; nano-vllm keeps the LM head in 16 bits "
+                             "and loads compressed-tensors checkpoints that ignore it")

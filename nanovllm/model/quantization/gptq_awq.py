@@ -1,0 +1,139 @@
+"""GPTQ and AWQ checkpoints: 4-bit codes in groups, each with its own packing.
+
+Both store, per HF linear module with weight [N, K] (N outputs, K inputs) and G = K / group_size:
+
+    GPTQ (AutoGPTQ / GPTQModel, "gptq" checkpoint format):
+        qweight int32 [K / 8, N]   packed along K: code of input k in bits 4 (k % 8) of row k // 8
+        qzeros  int32 [G, N / 8]   packed along N: zero of output n in bits 4 (n % 8) of column n // 8,
+                                   stored minus one (the format's historical offset; "gptq_v2" stores
+                                   the zero itself)
+        scales  fp16  [G, N]
+        g_idx   int32 [K]          the group of each input; with desc_act ("act order") inputs were
+                                   quantized in order of decreasing activation, so g_idx is a shuffled
+                                   k // group_size. We sort the inputs by group once (input_perm) so
+                                   that groups are contiguous, and gather x the same way at run time.
+    AWQ (AutoAWQ, version "gemm"):
+        qweight int32 [K, N / 8]   packed along N, eight outputs per word in the order
+                                   0, 2, 4, 6, 1, 3, 5, 7 (nibble j holds output 8 c + order[j])
+        qzeros  int32 [G, N / 8]   the same packing, zeros as they are
+        scales  fp16  [G, N]
+
+w[n, k] = (code - zero) * scale for both: W4A16Linear's layout once transposed and repacked.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.quantization.layers import W4A16Linear
+from nanovllm.model.quantization.method import QuantizationMethod
+from nanovllm.ops.quant_linear import PACK_FACTOR, pack_int4, unpack_int4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)      # output 8 c + AWQ_ORDER[j] sits in nibble j of word c
+
+
+class _FourBit(QuantizationMethod):
+    def __init__(self, group_size: int):
+        self.group_size = group_size       # -1: one group spans all of K
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        group_size = in_features if self.group_size == -1 else self.group_size
+        return W4A16Linear(in_features, out_features, group_size, bias, act_order=getattr(self, "desc_act", False))
+
+    @staticmethod
+    def _check(module: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+        if tensor.dtype != torch.int32 or tuple(tensor.shape) != shape:
+            raise ModelLoadError(f"{module}.{name} is {tensor.dtype} {tuple(tensor.shape)}; expected int32 {shape}")
+
+
+def _four_bit_config(config: dict[str, Any], method: str, source: str) -> int:
+    bits = config.get("bits", config.get("w_bit"))
+    if bits != 4:
+        raise ModelLoadError(f"{source}: {method} with {bits}-bit weights is not supported; nano-vllm runs 4-bit")
+    return int(config.get("group_size", config.get("q_group_size", 128)))
+
+
+class Gptq(_FourBit):
+    name = "gptq"
+
+    def __init__(self, group_size: int, desc_act: bool, zero_offset: int):
+        super().__init__(group_size)
+        self.desc_act = desc_act
+        self.zero_offset = zero_offset     # 1 for the "gptq" format, whose zeros are stored minus one
+        self.ignored = frozenset() if desc_act else frozenset({"g_idx"})
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str) -> "Gptq":
+        group_size = _four_bit_config(config, "GPTQ", source)
+        fmt = config.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ModelLoadError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported; nano-vllm reads "
+                                 "'gptq' and 'gptq_v2'")
+        return cls(group_size, bool(config.get("desc_act", False)), 1 if fmt == "gptq" else 0)
+
+    def required(self) -> frozenset[str]:
+        names = {"qweight", "qzeros", "scales"}
+        return frozenset(names | {"g_idx"} if self.desc_act else names)
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scales = tensors["scales"]
+        num_groups, out_features = scales.shape
+        in_features = tensors["qweight"].shape[0] * PACK_FACTOR
+        self._check(module, "qweight", tensors["qweight"], (in_features // PACK_FACTOR, out_features))
+        self._check(module, "qzeros", tensors["qzeros"], (num_groups, out_features // PACK_FACTOR))
+        codes = unpack_int4(tensors["qweight"].T.contiguous())                           # [N, K]
+        zeros = unpack_int4(tensors["qzeros"]).to(torch.int16) + self.zero_offset        # [G, N]
+        out = {"scales": scales.T.contiguous(), "zeros": zeros.clamp(0, 15).to(torch.uint8).T.contiguous()}
+        if self.desc_act:
+            g_idx = tensors["g_idx"].to(torch.int64)                                     # [K]
+            perm = torch.argsort(g_idx, stable=True)                                     # inputs by group
+            group_size = in_features // num_groups
+            if not torch.equal(g_idx[perm], torch.arange(in_features) // group_size):
+                raise ModelLoadError(f"{module}.g_idx does not put {group_size} inputs in each group; the "
+                                     "checkpoint is damaged")
+            codes, out["input_perm"] = codes[:, perm], perm
+        out["qweight"] = pack_int4(codes)
+        return out
+
+
+class Awq(_FourBit):
+    name = "awq"
+
+    def __init__(self, group_size: int, zero_point: bool):
+        super().__init__(group_size)
+        self.zero_point = zero_point
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str) -> "Awq":
+        group_size = _four_bit_config(config, "AWQ", source)
+        version = str(config.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ModelLoadError(f"{source}: AWQ version {version!r} is not supported; nano-vllm reads the 'gemm' "
+                                 "packing")
+        return cls(group_size, bool(config.get("zero_point", True)))
+
+    def required(self) -> frozenset[str]:
+        return frozenset({"qweight", "qzeros", "scales"})
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scales = tensors["scales"]
+        num_groups, out_features = scales.shape
+        in_features = tensors["qweight"].shape[0]
+        self._check(module, "qweight", tensors["qweight"], (in_features, out_features // PACK_FACTOR))
+        self._check(module, "qzeros", tensors["qzeros"], (num_groups, out_features // PACK_FACTOR))
+        codes = _awq_unpack(tensors["qweight"])                                          # [K, N]
+        zeros = _awq_unpack(tensors["qzeros"])                                           # [G, N]
+        return {"qweight": pack_int4(codes.T.contiguous()), "scales": scales.T.contiguous(),
+                "zeros": zeros.T.contiguous()}
+
+
+def _awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """[R, N / 8] int32 in AWQ's order -> codes [R, N] uint8 by output."""
+    nibbles = unpack_int4(packed).view(packed.shape[0], -1, PACK_FACTOR)                # [R, N / 8, 8] by nibble
+    order = torch.tensor(AWQ_ORDER)
+    by_output = torch.empty_like(nibbles)
+    by_output[..., order] = nibbles                                                     # output order[j] <- nibble j
+    return by_output.view(packed.shape[0], -1)

@@ -1,0 +1,79 @@
+"""The linear layers a quantized checkpoint becomes: one per stored format, whatever file it came from.
+
+Every loader (compressed-tensors, GPTQ, AWQ, online fp8) converts its tensors to one of
+these two layouts, with output channels along dim 0, so that q/k/v and gate/up fuse
+into one layer by rows exactly as float weights do (model/llama.py):
+
+    Fp8Linear     weight [N, K] float8_e4m3fn, weight_scale [N] float32
+    W4A16Linear   qweight [N, K / 8] int32 (4-bit codes, low nibble first), scales [N, K / group]
+                  float32 (a checkpoint's float16 scales would lose 3 bits in bfloat16), zeros
+                  [N, K / group] uint8; input_perm [K] when the
+                  checkpoint ordered its groups by activation (GPTQ desc_act)
+
+The tensors are buffers, not parameters: `LlamaForCausalLM.load_weights` fills the float
+parameters (norms, embeddings, biases), the quantization loader fills these.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials, w4a16_linear,
+                                       w4a16_linear_or_partials)
+
+
+class Fp8Linear(nn.Module):
+    """x [M, K] -> [M, N]: an e4m3 weight with a scale per output channel, activations
+    quantized per row on the fly (ops/quant_linear.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE))       # [N, K]
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))          # [N]
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
+        return fp8_linear_or_partials(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"fp8, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class W4A16Linear(nn.Module):
+    """x [M, K] -> [M, N]: 4-bit weight codes with a scale and a zero per group of `group_size`
+    along K, dequantized inside the matmul (ops/quant_linear.py)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 act_order: bool = False):
+        super().__init__()
+        if in_features % PACK_FACTOR or in_features % group_size:
+            raise ValueError(f"a 4-bit layer needs its input size ({in_features}) to be a multiple of 8 and of "
+                             f"the group size ({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        num_groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // PACK_FACTOR, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=torch.float32))    # [N, G]
+        self.register_buffer("zeros", torch.empty(out_features, num_groups, dtype=torch.uint8))       # [N, G]
+        # GPTQ desc_act: the input channels reordered so that each group is contiguous; x is gathered to match
+        self.register_buffer("input_perm", torch.empty(in_features, dtype=torch.int64) if act_order else None)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]                                             # [M, K] in group order
+        return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias)
+
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]
+        return w4a16_linear_or_partials(x, self.qweight, self.scales, self.zeros, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"w4a16, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, act_order={self.input_perm is not None}")

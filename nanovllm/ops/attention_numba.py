@@ -1,0 +1,143 @@
+"""Paged attention on the CPU, compiled by numba: one query at a time, in one order.
+
+The torch reference (`paged_attention_torch` in attention.py) runs a decode
+step as one padded `scaled_dot_product_attention` for the whole batch and a
+prefill chunk as another, and SDPA's CPU kernel tiles the keys by sizes that
+depend on the batch's longest context and the chunk's length. The same query
+then rounds differently alone, in a batch, in a prefill or in a decode: enough
+to change a greedy token of an int4 model (whose activations are rounded to
+bfloat16 at every matmul) after a few dozen tokens.
+
+Here every (query row, head) is computed by the same loop, over exactly its
+own keys 0..p in order: scores q.k_j * scale, their maximum, exp(s_j - max)
+summed in order, then the weighted sum of v_j in order. Nothing depends on the
+other rows of the step, so a query gives the same bits whatever it is batched
+with and whichever step computes it. The work is split across cores by
+(row, head). `cache=True`: the compiled code is kept on disk for the next start.
+
+A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the
+store of k and v into their cache slots in one compiled loop (the formula of
+rotary.py, bit for bit), then the attention: two calls where the torch
+reference dispatches about a dozen ops.
+
+numba's thread pool is its `workqueue` layer unless NUMBA_THREADING_LAYER says
+otherwise: its idle workers sleep, where a second OpenMP runtime beside torch's
+would spin on the same cores between the two libraries' parallel regions. The
+workqueue runs one parallel kernel at a time (a second launch from another
+thread would abort the process), so launches take `_launch_lock`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.rmsnorm import rms_norm_torch
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_launch_lock = threading.Lock()   # one parallel kernel at a time (engines may step in several threads)
+
+
+def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  metadata: AttentionMetadata, scale: float,
+                                  q_norm_weight: torch.Tensor | None = None,
+                                  k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """The signature and result of `rotary_store_and_attend_torch` for float32 q [T, Hq, D], k, v
+    [T, Hkv, D] and caches: (Qwen3's per-head norm through torch,) RoPE and the store of the new
+    tokens' k and v at the metadata's slots, then paged attention -> out [T, Hq, D]. q and k are
+    left as they came (the reference rotates them in place; nothing reads them afterwards)."""
+    if q_norm_weight is not None:   # Qwen3: each head of q and k normalized first, as rotary.py's reference does
+        q, k = rms_norm_torch(q, q_norm_weight, eps), rms_norm_torch(k, k_norm_weight, eps)
+    rotated_q = torch.empty(q.shape, dtype=q.dtype)                             # [T, Hq, D]
+    _rotary_store(q.numpy(), k.numpy(), v.numpy(), positions.numpy(), cos_sin_cache.numpy(), k_cache.numpy(),
+                  v_cache.numpy(), metadata.slot_mapping.numpy(), rotated_q.numpy())
+    return paged_attention_numba(rotated_q, k_cache, v_cache, metadata, scale)
+
+
+@njit(cache=True, boundscheck=False)
+def _rotate(x, cos_sin, out):
+    """out = x rotated by the angles of one position, cos_sin [D] (cos | sin): rotary.py's formula."""
+    half = x.shape[0] // 2
+    for i in range(half):
+        x1, x2 = x[i], x[i + half]
+        cos, sin = cos_sin[i], cos_sin[i + half]
+        out[i] = x1 * cos + x2 * -sin
+        out[i + half] = x2 * cos + x1 * sin
+
+
+@njit(cache=True, boundscheck=False)
+def _rotary_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, rotated_q):
+    """q, rotated_q [T, Hq, D]; k, v [T, Hkv, D]; positions, slot_mapping [T] int64 (slot < 0: no store)."""
+    block_size = k_cache.shape[1]
+    for t in range(q.shape[0]):
+        cos_sin = cos_sin_cache[positions[t]]
+        for h in range(q.shape[1]):
+            _rotate(q[t, h], cos_sin, rotated_q[t, h])
+        slot = slot_mapping[t]
+        if slot < 0:
+            continue
+        block, offset = slot // block_size, slot % block_size
+        for h in range(k.shape[1]):
+            _rotate(k[t, h], cos_sin, k_cache[block, offset, h])
+            v_cache[block, offset, h, :] = v[t, h]
+
+
+def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] float32 -> out [T, Hq, D]; the signature and result of `paged_attention_torch`
+    (float32 caches [num_blocks, block_size, Hkv, D]), batch-invariant."""
+    out = torch.empty_like(q)                                                   # [T, Hq, D]
+    with _launch_lock:
+        _paged_attention(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                         metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
+                         np.float32(scale), out.numpy())
+    return out
+
+
+@njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
+def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
+    """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
+    seq_lens [B], block_tables [B, max_blocks] int32."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    row_seq = np.full(num_tokens, -1, np.int64)       # [T]: the sequence of each query row (-1: padding)
+    for b in range(seq_lens.shape[0]):
+        for t in range(query_start_loc[b], query_start_loc[b + 1]):
+            row_seq[t] = b
+    for item in prange(num_tokens * num_heads):
+        t, h = item // num_heads, item % num_heads
+        b = row_seq[t]
+        o = out[t, h]
+        o[:] = 0.0
+        if b < 0:
+            continue
+        kv_head = h // group
+        # This row's absolute position: it sees keys 0..position.
+        position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
+        s = np.empty(position + 1, np.float32)       # [position + 1]: scores, then their exponentials
+        for j in range(position + 1):
+            key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
+            dot = np.float32(0.0)
+            for d in range(head_dim):
+                dot += q[t, h, d] * key[d]
+            s[j] = dot * scale
+        best = s[0]
+        for j in range(1, position + 1):
+            best = max(best, s[j])
+        total = np.float32(0.0)
+        for j in range(position + 1):
+            s[j] = np.exp(s[j] - best)
+            total += s[j]
+        for j in range(position + 1):
+            value = v_cache[block_tables[b, j // block_size], j % block_size, kv_head]
+            weight = s[j] / total
+            for d in range(head_dim):
+                o[d] += weight * value[d]

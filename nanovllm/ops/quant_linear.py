@@ -1,0 +1,135 @@
+"""Matmuls with quantized weights, as checkpoints store them: FP8 W8A8 and 4-bit W4A16.
+
+A decode step reads every weight once, so its time is the weight bytes over the memory
+bandwidth. Storing a weight in 8 or 4 bits reads a half or a quarter of bfloat16's bytes.
+
+- **FP8 W8A8** (float8 e4m3, as `compressed-tensors` FP8-dynamic checkpoints and vLLM's
+  online `fp8` store it): weight [N, K] e4m3 with one float32 scale per output channel;
+  each row of the activations is quantized on the fly to e4m3 with its own scale
+  (amax / 448, 448 being e4m3's largest value). The product of the two fp8 matrices is
+  accumulated in float32 and scaled by scale_x[m] * scale_w[n] afterwards:
+  out[m, n] = scale_x[m] * scale_w[n] * sum_k xq[m, k] * wq[n, k].
+- **W4A16** (`compressed-tensors` pack-quantized, GPTQ and AWQ all end here after loading):
+  codes q in 0..15, eight to an int32 along K (code k of a row in bits 4 (k % 8) .. of
+  word k // 8, the low nibble first), with a scale and an integer zero point per group of
+  `group_size` weights along K: w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g], g = k // group_size.
+  A symmetric checkpoint has zero 8. The activations stay in 16 bits.
+
+Each function here is the torch reference (the CPU path, and the oracle of the Triton
+kernels in quant_linear_triton.py, which take the same arguments); `fp8_linear` and
+`w4a16_linear` pick the kernel by the device of their input. `*_linear_or_partials` may
+instead return float32 partial products [S, M, N] over slices of K (the kernels split K at a
+few rows), for a consumer that adds them up (ops/linear.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.ops import use_triton
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, PACK_FACTOR, w4a16_block_k
+
+
+
+# ---- FP8 -------------------------------------------------------------------------------------
+
+def quantize_fp8_per_token_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M] float32), x ~ xq * scale[:, None]."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)                   # [M]
+    xq = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)                     # [M, K]
+    return xq, scale
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (wq [N, K] float8_e4m3fn, scale [N] float32): the online `fp8` format."""
+    return quantize_fp8_per_token_torch(weight)
+
+
+def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (16 or 32 bits), weight [N, K] float8_e4m3fn, weight_scale [N] float32,
+    bias [N] or None -> [M, N] in x's dtype. x is quantized per row to e4m3 first."""
+    xq, x_scale = quantize_fp8_per_token_torch(x)
+    out = xq.float() @ weight.float().T * x_scale[:, None] * weight_scale.float()[None, :]   # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import fp8_linear_triton
+        return fp8_linear_triton(x, weight, weight_scale, bias)
+    return fp8_linear_torch(x, weight, weight_scale, bias)
+
+
+def fp8_linear_or_partials(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import fp8_linear_partials_triton
+        return fp8_linear_partials_triton(x, weight, weight_scale, bias)
+    return fp8_linear_torch(x, weight, weight_scale, bias)
+
+
+# ---- W4A16 -----------------------------------------------------------------------------------
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] integers in 0..15 (K a multiple of 8) -> [N, K / 8] int32, code k in bits 4 (k % 8)."""
+    num_rows, in_features = codes.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)                # [8]
+    words = (codes.to(torch.int64).view(num_rows, in_features // PACK_FACTOR, PACK_FACTOR) << shifts).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)   # the same 32 bits, signed
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K / 8] int32 -> codes [N, K] uint8 in 0..15 (the inverse of pack_int4)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)               # [8]
+    codes = (packed[..., None] >> shifts) & 0xF                                             # [N, K / 8, 8]
+    return codes.reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8 -> w [N, K] float32."""
+    codes = unpack_int4(qweight).float()                                                    # [N, K]
+    group_size = codes.shape[1] // scales.shape[1]
+    zero = zeros.float().repeat_interleave(group_size, dim=1)                               # [N, K]
+    return (codes - zero) * scales.float().repeat_interleave(group_size, dim=1)
+
+
+def w4a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], qweight [N, K / 8] int32, scales [N, K / group] float32, zeros [N, K / group]
+    uint8, bias [N] or None -> [M, N] in x's dtype. The weight is rounded to x's dtype once dequantized,
+    as the tensor-core kernel's product needs (the GPU's few-row kernel multiplies it in float32, as
+    this does given float32 x); the products add up in float32."""
+    weight = dequantize_w4(qweight, scales, zeros).to(x.dtype)                              # [N, K]
+    out = F.linear(x.float(), weight.float())                                               # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def _w4a16_tiles_fit(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the Triton kernels take this weight: its group splits into tiles of at least 16 along K
+    (a group of an odd size, one group a row with K not a multiple of 16, stays on the reference)."""
+    return w4a16_block_k(x.shape[-1] // scales.shape[-1]) > 0
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x) and _w4a16_tiles_fit(x, scales):
+        from nanovllm.ops.quant_linear_triton import w4a16_linear_triton
+        return w4a16_linear_triton(x, qweight, scales, zeros, bias)
+    return w4a16_linear_torch(x, qweight, scales, zeros, bias)
+
+
+def w4a16_linear_or_partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """w4a16_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
+    if use_triton(x) and _w4a16_tiles_fit(x, scales):
+        from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
+        return w4a16_linear_partials_triton(x, qweight, scales, zeros, bias)
+    return w4a16_linear_torch(x, qweight, scales, zeros, bias)

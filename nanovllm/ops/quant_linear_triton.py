@@ -1,0 +1,365 @@
+"""FP8 W8A8 and W4A16 matmuls in Triton, the same arguments as their references in quant_linear.py.
+
+All compute out[M, N] = x[M, K] @ W[N, K]^T, a program per [BLOCK_M, BLOCK_N] tile of the
+output walking K in BLOCK_K steps; what differs is what a step loads and who multiplies:
+
+- **FP8**: the GEMM multiplies e4m3 tiles on the tensor cores (`tl.dot` on fp8e4nv, float32
+  accumulators) and applies scale_x[m] * scale_w[n] (and the bias) once, in the epilogue. The
+  weight is read as stored: one byte a weight. The activations are quantized per row (amax /
+  448, then e4m3 codes) either by `_quantize_fp8_rows_kernel` first, or, at a few rows, by the
+  GEMM itself: its prologue reads the program's rows over all of K for their amax, and each
+  step quantizes its x tile in registers. That saves a kernel launch a linear, and costs every
+  program a re-read of its rows from L2, so it is taken only while those re-reads stay small.
+- **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
+  bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
+  words, 16 contiguous bytes a thread along K, and multiplies nibble j of each word by
+  x[k0 + 8 w + j] in float32; a code becomes a float by an OR into the mantissa of 2^23
+  (no int -> float conversion), and the group's scale is applied once a step.
+- **W4A16, more rows** (`_w4a16_gemm_kernel`): the same words expanded in registers into the
+  [BLOCK_N, BLOCK_K] 16-bit tile (`tl.join` of the eight nibble planes, then a reshape that
+  moves no data), dequantized, and handed to `tl.dot`. Either way the weight crosses memory
+  at half a byte a weight (Marlin's idea, in Triton), in the layout the checkpoint loaders
+  produce ([N, K / 8], K contiguous: no repacking).
+
+Tile shapes follow the row count: a decode step (M <= 16) is bound by reading W, so it takes
+narrow tiles and splits K over several programs (SPLIT_K) until there are a few programs per
+SM, each writing its partial product [M, N] in float32. `*_linear_partials_triton` hands the S
+partials [S, M, N] on to a consumer that adds them up as it loads them (o_proj and down_proj:
+the residual-add + RMSNorm after them, as ops/linear.py does for bfloat16); `*_linear_triton`
+adds them up itself, in one more small kernel. Larger M gets square tiles for the tensor cores
+and no split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.ops import sm_count
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, w4a16_block_k
+
+PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
+# FP8 quantizes the activations inside the GEMM when every program reading its rows' amax over
+# all of K costs at most this many bytes in all (from L2, about a microsecond): a kernel launch saved
+FUSED_QUANTIZATION_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
+
+
+def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
+    """The tiles of an [M, K] x [K, N] product whose K is k_steps steps of block_k."""
+    if num_rows > 64:
+        return Tiles(128, 128, block_k, num_warps=8, num_stages=3)
+    if num_rows > 16:
+        return Tiles(64, 64, block_k)
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    programs, target = triton.cdiv(out_features, 32), PROGRAMS_PER_SM * sms
+    split_k = 1
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= target:
+        split_k *= 2
+    return Tiles(16, 32, block_k, split_k)
+
+
+def _launch_grid(num_rows: int, out_features: int, tiles: Tiles) -> tuple[int, int, int]:
+    return triton.cdiv(num_rows, tiles.block_m), triton.cdiv(out_features, tiles.block_n), tiles.split_k
+
+
+def _output(num_rows: int, out_features: int, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """[M, N] in x's dtype, or with K split the float32 partials [S, M, N]."""
+    if tiles.split_k > 1:
+        return torch.empty(tiles.split_k, num_rows, out_features, dtype=torch.float32, device=x.device)
+    return torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, size, NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(NUM_PARTIALS):
+        acc += tl.load(partial_ptr + s * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_partials(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] float32 partials -> their sum [M, N] in dtype; an [M, N] output passes through."""
+    if out.dim() == 2:
+        return out
+    summed = torch.empty(out.shape[1:], dtype=dtype, device=out.device)                 # [M, N]
+    block = 1024
+    _sum_partials_kernel[(triton.cdiv(summed.numel(), block),)](out, summed, summed.numel(),
+                                                                NUM_PARTIALS=out.shape[0], BLOCK=block)
+    return summed
+
+
+# ---- FP8 -------------------------------------------------------------------------------------
+
+@triton.jit
+def _quantize_fp8_rows_kernel(x_ptr, xq_ptr, scale_ptr, stride_x, K, FP8_MAX: tl.constexpr,
+                              MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        tl.store(xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K)
+
+
+def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M] float32), as quantize_fp8_per_token_torch."""
+    num_rows, in_features = x.shape
+    xq = torch.empty(num_rows, in_features, dtype=FP8_DTYPE, device=x.device)      # [M, K]
+    scale = torch.empty(num_rows, dtype=torch.float32, device=x.device)            # [M]
+    if num_rows:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        block = min(2048, triton.next_power_of_2(in_features))
+        _quantize_fp8_rows_kernel[(num_rows,)](x, xq, scale, x.stride(0), in_features, FP8_MAX=FP8_MAX,
+                                               MIN_SCALE=FP8_MIN_SCALE, BLOCK_K=block, num_warps=4)
+    return xq, scale
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a, K_PER_SPLIT,
+                     HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, FP8_MAX: tl.constexpr,
+                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a is e4m3 with its row scales, or with QUANTIZE_A the 16-bit activations themselves: the
+    prologue then reads the program's rows over all of K for their amax, and each step quantizes
+    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a                        # [BLOCK_M, 1]
+    b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
+    if QUANTIZE_A:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        a_scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)                            # [BLOCK_M]
+    else:
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        mask_k = k0 + offs_k < K
+        a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if QUANTIZE_A:
+            a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX)
+            a = a.to(b_ptr.dtype.element_ty)                                          # e4m3 codes
+        b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = acc * a_scale[:, None] * b_scale[None, :]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS: tl.constexpr):
+    """Write a float32 output tile (plus the bias) in out's dtype; with K split, as this split's
+    partial in float32 (the first split adds the bias)."""
+    if HAS_BIAS:
+        if tl.program_id(2) == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    split = tl.program_id(2).to(tl.int64)
+    out = out_ptr + split * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or None -> [M, N]."""
+    return sum_partials(fp8_linear_partials_triton(x, weight, weight_scale, bias), x.dtype)
+
+
+def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As fp8_linear_triton, but with K split: the float32 partial products [S, M, N]."""
+    (num_rows, in_features), out_features = x.shape, weight.shape[0]
+    if num_rows == 0:
+        return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, x.device)
+    programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
+    if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
+        tiles = replace(tiles, quantize_x=True)
+    return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
+
+
+def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                     tiles: Tiles) -> torch.Tensor:
+    """The product with the tiles given (tools/gpu_quant.sh times several): [M, N] in x's dtype, or
+    with K split the partials [S, M, N] float32."""
+    (num_rows, in_features), out_features = x.shape, weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if tiles.quantize_x:
+        a, a_scale = x, weight_scale          # a_scale is not read
+    else:
+        a, a_scale = quantize_fp8_per_token_triton(x)
+    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
+    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+    _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
+        a, a_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
+        in_features, a.stride(0), k_per_split, HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out
+
+
+# ---- W4A16 -----------------------------------------------------------------------------------
+
+GEMV_MAX_ROWS = 4       # up to this many rows the W4A16 product runs on the FMA units, not tl.dot
+MAGIC = tl.constexpr(0x4B000000)      # float32 2^23: OR-ing a code q < 2^23 into its mantissa gives the float 2^23 + q
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
+    loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
+    on the FMA units. A code becomes a float without a conversion: OR-ed into the mantissa of
+    2^23 where it stands (bits 4 j of the word), it gives the float 2^23 + q 2^(4 j), exactly,
+    and subtracting 2^23 + z 2^(4 j) leaves (q - z) 2^(4 j); x is scaled by 2^(-4 j) instead
+    (one multiply per x, not per weight). Nibbles 5..7 are shifted down once per word first, as
+    bit 23 is the exponent's. The group's scale is applied once a step:
+    sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_word = tl.arange(0, WORDS)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = K // GROUP_SIZE
+    x_cols = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_x + 8 * offs_word[None, None, :]  # [BM, 1, W]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None] * stride_w + offs_word[None, None, :]  # [1, BN, W]
+    group_rows = offs_n.to(tl.int64) * num_groups                                                # [BN]
+    mask_n3 = mask_n[None, :, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
+        words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)           # [1, BN, W]
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
+        zero = zero[None, :, None]                                                                 # [1, BN, 1]
+        high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
+        step = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+        for j in tl.static_range(8):
+            plane = 4 * (j % 5)                    # nibble j's bits: in the word, or from 5 on in high
+            if j < 5:
+                code = (words & (0xF << plane)) | MAGIC                    # the float 2^23 + q 2^plane
+            else:
+                code = (high & (0xF << plane)) | MAGIC
+            w = code.to(tl.float32, bitcast=True) - (8388608.0 + zero * (1 << plane))   # (q - z) 2^plane, exact
+            x = tl.load(x_cols + k0 + j, mask=mask_m[:, None, None], other=0.0).to(tl.float32)    # [BM, 1, W]
+            step += (x * (1.0 / (1 << plane))) * w                                                 # [BM, BN, W]
+        acc += tl.sum(step, axis=2) * scale[None, :]                                               # [BM, BN]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """More rows: each step expands [BLOCK_N, BLOCK_K / 8] words into the [BLOCK_N, BLOCK_K]
+    16-bit tile in registers and hands it to tl.dot. The eight nibble planes are joined
+    pairwise (tl.join puts its new axis last, innermost), so that the reshape lays code j of
+    word w at column 8 w + j without moving data between threads."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_word = tl.arange(0, WORDS)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = K // GROUP_SIZE
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + offs_k[None, :]                   # [BM, BK]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_word[None, :]             # [BN, W]
+    group_rows = offs_n.to(tl.int64) * num_groups                                                # [BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
+        x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)                                  # [BM, BK]
+        words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n[:, None], other=0)    # [BN, W]
+        # slot a + 2b + 4c of the joins lands at column 4a + 2b + c of its word: nibble 4a + 2b + c
+        codes = tl.join(tl.join(tl.join(words & 0xF, (words >> 16) & 0xF),
+                                tl.join((words >> 8) & 0xF, (words >> 24) & 0xF)),
+                        tl.join(tl.join((words >> 4) & 0xF, (words >> 20) & 0xF),
+                                tl.join((words >> 12) & 0xF, (words >> 28) & 0xF)))               # [BN, W, 2, 2, 2]
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))                                              # code of k0 + k
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
+        w = (codes | MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + zero)[:, None]             # q - z, exact
+        acc = tl.dot(x, tl.trans((w * scale[:, None]).to(x.dtype)), acc)                           # [BN, BK] -> 16 bits
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
+    """choose_tiles, but up to GEMV_MAX_ROWS rows a GEMV tile: all the rows, BLOCK_N 64 (32 above
+    two rows, where each thread keeps a partial sum per row)."""
+    if num_rows > GEMV_MAX_ROWS:
+        return choose_tiles(num_rows, out_features, k_steps, block_k, device)
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    block_n = 64 if num_rows <= 2 else 32
+    programs, target = triton.cdiv(out_features, block_n), PROGRAMS_PER_SM * sms
+    split_k = 1
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= target:
+        split_k *= 2
+    return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=3)
+
+
+def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8, bias [N] or None -> [M, N]."""
+    return sum_partials(w4a16_linear_partials_triton(x, qweight, scales, zeros, bias), x.dtype)
+
+
+def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As w4a16_linear_triton, but with K split: the float32 partial products [S, M, N]."""
+    (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
+    group_size = in_features // num_groups
+    block_k = w4a16_block_k(group_size)
+    if block_k == 0:
+        raise ValueError(f"a group of {group_size} does not split into tiles of at least 16; "
+                         "w4a16_linear runs such weights through the torch reference")
+    if num_rows == 0:
+        return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
+    return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
+
+
+def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
+    """The product with the tiles given (tiles.block_k must divide the group; a block_m up to
+    GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
+    (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
+    k_per_split = triton.cdiv(in_features // tiles.block_k, tiles.split_k) * tiles.block_k
+    kernel = _w4a16_gemv_kernel if tiles.block_m <= GEMV_MAX_ROWS else _w4a16_gemm_kernel
+    kernel[_launch_grid(num_rows, out_features, tiles)](
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
+        x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups,
+        HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out

@@ -1,0 +1,121 @@
+"""Each numba CPU kernel against its torch reference, on random inputs of odd sizes, and the
+property it exists for: a row's result does not depend on the rows beside it."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
+from nanovllm.ops.attention_numba import paged_attention_numba, rotary_store_and_attend_numba  # noqa: E402
+from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend_torch  # noqa: E402
+
+
+def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
+                 head_dim: int, block_size: int, seed: int):
+    """A step of sequences with query_lens new tokens each, contexts of context_lens tokens (new ones
+    included), their blocks scattered over a pool; -> (q [T, Hq, D], k_cache, v_cache, metadata)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-length // block_size) for length in context_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=generator).to(torch.int32)
+    block_tables = torch.full((len(context_lens), max(blocks_per_seq) + 1), -1, dtype=torch.int32)
+    used = 0
+    for b, count in enumerate(blocks_per_seq):
+        block_tables[b, :count] = order[used:used + count]
+        used += count
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    metadata = AttentionMetadata(query_start_loc=query_start_loc,
+                                 seq_lens=torch.tensor(context_lens, dtype=torch.int32),
+                                 slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64),
+                                 block_tables=block_tables, max_query_len=max(query_lens),
+                                 max_seq_len=max(context_lens))
+    return q, k_cache, v_cache, metadata
+
+
+@pytest.mark.parametrize("query_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size", [
+    ([1], [1], 1, 1, 8, 4),                        # a single key
+    ([1, 1, 1], [37, 5, 64], 6, 2, 24, 8),         # decodes of ragged contexts, GQA
+    ([7], [7], 3, 3, 40, 16),                      # a prompt in one chunk
+    ([5, 1, 13], [21, 9, 13], 9, 3, 64, 4),        # chunks on top of cached context beside a decode
+])
+def test_numba_paged_attention_matches_the_torch_reference(query_lens, context_lens, num_heads, num_kv_heads,
+                                                           head_dim, block_size):
+    q, k_cache, v_cache, metadata = _random_step(query_lens, context_lens, num_heads, num_kv_heads, head_dim,
+                                                 block_size, seed=sum(context_lens))
+    want = paged_attention_torch(q, k_cache, v_cache, metadata, head_dim ** -0.5)
+    got = paged_attention_numba(q, k_cache, v_cache, metadata, head_dim ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled():
+    # Sequence 0 has 29 tokens. Its last query, decoded alone...
+    q, k_cache, v_cache, alone = _random_step([1], [29], 6, 2, 32, 4, seed=1)
+    want = paged_attention_numba(q, k_cache, v_cache, alone, 0.2)
+    # ...beside two longer decodes (a padded batch for SDPA)...
+    others = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, -1], [7, 6, 5, 4, 3, 2, 1, 0, -1]], dtype=torch.int32)
+    tables = torch.cat([alone.block_tables, others])
+    batch = AttentionMetadata(torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+                              torch.tensor([29, 32, 31], dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
+                              tables, 1, 32)
+    batched = paged_attention_numba(torch.cat([q, torch.randn(2, 6, 32)]), k_cache, v_cache, batch, 0.2)
+    assert torch.equal(batched[:1], want)
+    # ...and as the last row of a 29-token prefill.
+    prefill = AttentionMetadata(torch.tensor([0, 29], dtype=torch.int32), torch.tensor([29], dtype=torch.int32),
+                                torch.zeros(29, dtype=torch.int64), alone.block_tables, 29, 29)
+    rows = torch.cat([torch.randn(28, 6, 32), q])
+    assert torch.equal(paged_attention_numba(rows, k_cache, v_cache, prefill, 0.2)[-1:], want)
+
+
+def test_numba_paged_attention_runs_from_several_threads_at_once():
+    # Engines may step in threads of one process; numba's workqueue pool takes one kernel at a time.
+    q, k_cache, v_cache, metadata = _random_step([3, 1], [40, 17], 4, 2, 16, 4, seed=5)
+    want = paged_attention_numba(q, k_cache, v_cache, metadata, 0.25)
+    results: list[bool] = []
+
+    def attend() -> None:
+        results.extend(torch.equal(paged_attention_numba(q, k_cache, v_cache, metadata, 0.25), want)
+                       for _ in range(40))
+
+    threads = [threading.Thread(target=attend) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 120
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("query_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size", [
+    ([1, 1], [19, 3], 4, 2, 16, 4),                # decodes
+    ([6, 1], [11, 30], 6, 3, 40, 8),               # a chunk on top of cached context beside a decode
+])
+def test_numba_rotary_store_and_attend_matches_the_torch_reference(qk_norm, query_lens, context_lens, num_heads,
+                                                                   num_kv_heads, head_dim, block_size):
+    _, k_cache, v_cache, metadata = _random_step(query_lens, context_lens, num_heads, num_kv_heads, head_dim,
+                                                 block_size, seed=len(context_lens) + head_dim)
+    starts = metadata.query_start_loc.tolist()
+    positions = torch.cat([torch.arange(length - (end - start), length)
+                           for start, end, length in zip(starts, starts[1:], context_lens)])
+    slots = torch.tensor([int(metadata.block_tables[b, p // block_size]) * block_size + p % block_size
+                          for b, (start, end) in enumerate(zip(starts, starts[1:]))
+                          for p in positions[start:end].tolist()])
+    slots[-1] = -1                                  # a padding row: its k and v are not stored
+    metadata.slot_mapping = slots
+    qkv = torch.randn(len(positions), num_heads + 2 * num_kv_heads, head_dim)   # the fused projection's rows
+    cos_sin = rope_cos_sin_cache(head_dim, 64, 10000.0, None)
+    norms = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6) if qk_norm else (None, None, 0.0)
+    results = []
+    for attend in (rotary_store_and_attend_torch, rotary_store_and_attend_numba):
+        caches = (k_cache.clone(), v_cache.clone())
+        q, k, v = qkv.clone().split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        results.append((attend(q, k, v, positions, cos_sin, *caches, metadata, head_dim ** -0.5, *norms), *caches))
+    (want, want_k, want_v), (got, got_k, got_v) = results
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)   # RoPE and the store: the same bits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

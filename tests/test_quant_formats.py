@@ -1,0 +1,341 @@
+"""Quantized checkpoints load quantized and compute what their format's own library computes.
+
+The oracles are libraries we did not write:
+- `compressed-tensors` quantizes tiny random Llama and Qwen3 models (FP8 weights per channel
+  or per tensor with dynamic per-token activations, W4A16 symmetric and asymmetric in groups
+  of 128) and packs them; transformers loads the files through compressed-tensors, whose
+  forward dequantizes the weights and quantizes each activation row as ours does (FP8). For
+  W4A16 the reference is the float model with the weights compressed-tensors' `fake_quantize`
+  gives back (transformers cannot load its asymmetric packing: packed zero points).
+  Tolerance 1e-4 of the logit scale: both sides multiply the same float32 weights and
+  activation codes, and differ only by float32 summation order (observed below 1e-6).
+- GPTQ and AWQ files are packed here by transcriptions of AutoGPTQ's and AutoAWQ's packing
+  loops (their published packers, independent of our unpacking); transformers runs the
+  dequantized weights as a float model.
+Greedy tokens are equal for 32 steps.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PagedSequence, assert_logits_close, write_tiny_model
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+
+PROMPT = [256, 17, 99, 3, 250, 64, 7, 180, 42, 5]
+NUM_GREEDY_STEPS = 32
+
+
+def write_compressed_tensors(src: Path, out: Path, scheme_name: str) -> tuple[Path, Path]:
+    """Quantize the HF model at `src` with compressed-tensors' preset `scheme_name`, every Linear but
+    lm_head, min-max weight ranges (what llmcompressor's default observer picks), and save it at `out`.
+    -> (out, the model to compare with: `out` itself for FP8, else a float model of the dequantized weights)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    scheme = preset_name_to_scheme(scheme_name.removesuffix("_PER_TENSOR"), ["Linear"])
+    if scheme_name.endswith("_PER_TENSOR"):
+        scheme.weights.strategy = "tensor"
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    for module in model.modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        args, weight = module.quantization_scheme.weights, module.weight.data
+        if args.strategy == "group":
+            grouped = weight.reshape(weight.shape[0], -1, args.group_size)
+            low, high = grouped.amin(-1), grouped.amax(-1)
+        elif args.strategy == "channel":
+            low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+        else:
+            low, high = weight.amin().reshape(1), weight.amax().reshape(1)
+        scale, zero = calculate_qparams(low, high, args)
+        module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype).reshape(
+                module.weight_zero_point.shape)
+    dequantized = {name: fake_quantize(module.weight.data, module.weight_scale.data,
+                                       getattr(module, "weight_zero_point", None), module.quantization_scheme.weights)
+                   for name, module in model.named_modules() if hasattr(module, "weight_scale")}
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).is_file():
+            (out / name).write_bytes((src / name).read_bytes())
+    if scheme_name.startswith("FP8"):
+        return out, out
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, weight in dequantized.items():
+        reference.get_submodule(name).weight.data.copy_(weight)
+    reference.save_pretrained(out.with_name("dequantized"))
+    return out, out.with_name("dequantized")
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    cache: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def make(model_name: str, scheme_name: str) -> tuple[Path, Path]:
+        if (model_name, scheme_name) not in cache:
+            root = tmp_path_factory.mktemp(f"{model_name}-{scheme_name}")
+            src = write_tiny_model(root / "float", model_name)
+            cache[model_name, scheme_name] = write_compressed_tensors(src, root / "quantized", scheme_name)
+        return cache[model_name, scheme_name]
+
+    return make
+
+
+def _reference(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _load(path: Path, **kwargs):
+    from nanovllm.model.loader import load_model
+
+    return load_model(str(path), **kwargs)[0]
+
+
+def _assert_matches_reference(ours, reference) -> None:
+    with torch.no_grad():
+        theirs = reference(torch.tensor([PROMPT])).logits[0]
+        assert_logits_close(PagedSequence(ours).step(PROMPT), theirs)
+        generated = reference.generate(torch.tensor([PROMPT]), max_new_tokens=NUM_GREEDY_STEPS, do_sample=False,
+                                       pad_token_id=0)
+    theirs = generated[0, len(PROMPT):].tolist()   # transformers stops at EOS; our greedy runs on
+    assert theirs and (len(theirs) == NUM_GREEDY_STEPS or theirs[-1] == reference.config.eos_token_id)
+    assert PagedSequence(ours).greedy(PROMPT, NUM_GREEDY_STEPS)[:len(theirs)] == theirs
+
+
+@pytest.mark.parametrize("model_name,scheme_name,layer", [
+    ("llama-gqa4", "FP8_DYNAMIC_PER_TENSOR", "Fp8Linear"),
+    ("llama-gqa4", "W4A16", "W4A16Linear"),
+    ("qwen3", "FP8_DYNAMIC", "Fp8Linear"),
+    ("qwen3", "W4A16_ASYM", "W4A16Linear"),
+])
+def test_compressed_tensors_checkpoint_matches_the_library(compressed, model_name, scheme_name, layer):
+    path, reference = compressed(model_name, scheme_name)
+    ours = _load(path)
+    assert type(ours.layers[0].self_attn.qkv_proj).__name__ == layer
+    assert type(ours.layers[-1].mlp.down_proj).__name__ == layer
+    _assert_matches_reference(ours, _reference(reference))
+
+
+# ---- GPTQ and AWQ, packed by transcriptions of their packers ------------------------------
+
+GROUP_SIZE = 64
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _pack_gptq_rows(intweight):
+    """AutoGPTQ's QuantLinear.pack: [K, N] codes -> [K / 8, N], input j of a run of 8 in bits 4 (j - i)."""
+    import numpy as np
+
+    qweight = np.zeros((intweight.shape[0] // 8, intweight.shape[1]), dtype=np.uint32)
+    i = row = 0
+    while row < qweight.shape[0]:
+        for j in range(i, i + 8):
+            qweight[row] |= intweight[j] << (4 * (j - i))
+        i += 8
+        row += 1
+    return qweight
+
+
+def _pack_gptq_columns(zeros):
+    """AutoGPTQ's qzeros packing: [G, N] -> [G, N / 8]."""
+    import numpy as np
+
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
+    i = col = 0
+    while col < qzeros.shape[1]:
+        for j in range(i, i + 8):
+            qzeros[:, col] |= zeros[:, j] << (4 * (j - i))
+        i += 8
+        col += 1
+    return qzeros
+
+
+def _pack_awq(intweight):
+    """AutoAWQ's WQLinear_GEMM.from_linear: [R, N] -> [R, N / 8] in the order 0, 2, 4, 6, 1, 3, 5, 7."""
+    import numpy as np
+
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    qweight = np.zeros((intweight.shape[0], intweight.shape[1] // 8), dtype=np.uint32)
+    for col in range(intweight.shape[1] // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + order_map[i]] << (i * 4)
+    return qweight
+
+
+def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False) -> tuple[Path, Path]:
+    """Quantize every decoder linear of the model at `src` to 4 bits (random codes, zeros and scales
+    near the weights' range) in `method`'s packing; -> (checkpoint, float model of the same weights)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    tensors: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}      # one act order per input (q/k/v share theirs, as GPTQ makes them)
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        n, k = module.weight.shape
+        groups = k // GROUP_SIZE
+        codes = torch.randint(0, 16, (n, k), generator=generator)
+        zeros = torch.randint(1, 16, (groups, n), generator=generator)
+        scales = (torch.rand(groups, n, generator=generator) + 0.5) * module.weight.abs().max() / 8
+        scales = scales.half()
+        g_idx = torch.arange(k) // GROUP_SIZE
+        if desc_act:
+            layer, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]
+            order = orders.setdefault(f"{layer}.{SHARED_INPUT.get(leaf, leaf)}", torch.randperm(k, generator=generator))
+            g_idx = torch.empty(k, dtype=torch.int64)
+            g_idx[order] = torch.arange(k) // GROUP_SIZE
+        dequantized = (codes - zeros[g_idx].T) * scales.float()[g_idx].T                  # [N, K]
+        module.weight.data.copy_(dequantized)
+        if method == "gptq":
+            qweight = _pack_gptq_rows(codes.T.numpy().astype(np.uint32))
+            qzeros = _pack_gptq_columns((zeros - 1).numpy().astype(np.uint32))
+            tensors[f"{name}.g_idx"] = g_idx.to(torch.int32)
+        else:
+            qweight = _pack_awq(codes.T.numpy().astype(np.uint32))
+            qzeros = _pack_awq(zeros.numpy().astype(np.uint32))
+        tensors[f"{name}.qweight"] = torch.from_numpy(qweight.view(np.int32))
+        tensors[f"{name}.qzeros"] = torch.from_numpy(qzeros.view(np.int32))
+        tensors[f"{name}.scales"] = scales
+    reference = out.with_name("dequantized")
+    model.save_pretrained(reference)
+    for name, value in model.state_dict().items():
+        if not (".layers." in name and name.endswith("proj.weight")):
+            tensors[name] = value.clone()     # a tied head shares the embedding's storage
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((reference / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": desc_act, "sym": False,
+         "checkpoint_format": "gptq"} if method == "gptq" else
+        {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out, reference
+
+
+@pytest.mark.parametrize("model_name,method,desc_act", [
+    ("llama-gqa4", "gptq", False), ("qwen3", "gptq", True), ("llama-gqa4", "awq", False),
+])
+def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(tmp_path, model_name, method, desc_act):
+    src = write_tiny_model(tmp_path / "float", model_name)
+    path, reference = write_four_bit(src, tmp_path / "quantized", method, desc_act)
+    ours = _load(path)
+    layer = ours.layers[0].self_attn.qkv_proj
+    assert type(layer).__name__ == "W4A16Linear" and (layer.input_perm is not None) == desc_act
+    _assert_matches_reference(ours, _reference(reference))
+
+
+# ---- online quantization and errors -------------------------------------------------------
+
+@pytest.mark.parametrize("method,layer,head,rel", [("fp8", "Fp8Linear", "Fp8Linear", 0.25),
+                                                   ("w4a16", "W4A16Linear", "Linear", 0.55)])
+def test_online_quantization_stays_near_the_float_model(tiny_llama, method, layer, head, rel):
+    """e4m3 rounds weights and activations to 3 mantissa bits (relative error up to 2^-4 each, partly
+    averaging out over a dot product), the LM head's included; 4-bit round-to-nearest errs by up to
+    half a step of a group's 16. The tiny models' sharp attention amplifies both: the bounds are twice
+    the errors observed in the logits (12% and 27% of the largest logit). The library-oracle tests above
+    hold the formats to the rounding itself; this one catches a wrong scale or a shifted code, which
+    moves the logits by several times the largest logit."""
+    float_model, quantized = _load(tiny_llama), _load(tiny_llama, quantization=method)
+    assert type(quantized.layers[1].mlp.gate_up_proj).__name__ == layer
+    assert type(quantized.lm_head).__name__ == head
+    assert_logits_close(PagedSequence(quantized).step(PROMPT), PagedSequence(float_model).step(PROMPT), rel=rel)
+
+
+def test_unknown_quantization_method_is_named_in_the_error(tiny_llama, tmp_path):
+    from nanovllm.model.errors import ModelLoadError
+
+    path = tmp_path / "model"
+    path.mkdir()
+    for item in tiny_llama.iterdir():
+        (path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="quantization method 'bitsandbytes' is not supported"):
+        _load(path)
+
+
+def test_online_quantization_rejects_an_unknown_name_and_a_quantized_checkpoint(tiny_llama, compressed):
+    with pytest.raises(ValueError, match="quantization='int3' is not supported"):
+        _load(tiny_llama, quantization="int3")
+    with pytest.raises(ValueError, match="already quantized"):
+        _load(compressed("llama-gqa4", "W4A16")[0], quantization="fp8")
+
+
+def test_a_checkpoint_missing_a_quantized_tensor_names_the_module(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nanovllm.model.errors import ModelLoadError
+
+    path, _ = write_four_bit(write_tiny_model(tmp_path / "float", "llama-gqa4"), tmp_path / "quantized", "awq")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj lacks the tensor\(s\) qzeros"):
+        _load(path)
+
+
+def test_settings_nano_vllm_cannot_run_are_refused_up_front():
+    from nanovllm.model.errors import ModelLoadError
+    from nanovllm.model.quantization import quantization_method
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        quantization_method(None, "fp8", tp_size=2)
+    with pytest.raises(ModelLoadError, match="8-bit weights is not supported"):
+        quantization_method({"quant_method": "gptq", "bits": 8, "group_size": 128})
+    with pytest.raises(ModelLoadError, match="quantizes lm_head"):
+        quantization_method({"quant_method": "compressed-tensors", "ignore": [], "config_groups": {"g": {
+            "targets": ["Linear"], "format": "pack-quantized",
+            "weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}}}})
+
+
+def test_engine_config_takes_an_online_method_with_a_float_dtype():
+    from nanovllm.config import EngineConfig
+
+    assert EngineConfig(quantization="fp8", device="cpu").dtype == "float32"   # not the CPU's int4 default
+    with pytest.raises(ValueError, match="quantization must be one of fp8, w4a16"):
+        EngineConfig(quantization="fp8", dtype="int4", device="cpu")
+
+
+def test_the_engine_serves_a_quantized_checkpoint(compressed):
+    """Through LLM.generate (continuous batching, chunked prefill, prefix caching): the same greedy
+    tokens as the model run alone, for two requests sharing a prefix."""
+    from nanovllm import LLM, SamplingParams
+
+    path, _ = compressed("llama-gqa4", "W4A16")
+    prompts = [PROMPT, PROMPT[:6] + [11, 12, 13]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(path), device="cpu", max_num_batched_tokens=8, max_model_len=64)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    ours = _load(path)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == PagedSequence(ours).greedy(prompt, 8)
+
+
+def test_online_w4a16_rounds_as_compressed_tensors_does(tiny_llama, tmp_path):
+    """Online w4a16 (asymmetric min-max groups of 128) gives the logits of the weights that
+    compressed-tensors' W4A16_ASYM preset rounds to: the library is the oracle for each code and zero."""
+    _, dequantized = write_compressed_tensors(tiny_llama, tmp_path / "quantized", "W4A16_ASYM")
+    ours = _load(tiny_llama, quantization="w4a16")
+    reference = _load(dequantized)
+    assert_logits_close(PagedSequence(ours).step(PROMPT), PagedSequence(reference).step(PROMPT), rel=1e-4)

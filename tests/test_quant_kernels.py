@@ -1,0 +1,231 @@
+"""The FP8 and W4A16 Triton kernels compute what their torch references compute: under
+Triton's interpreter at small odd shapes (this file runs itself again with TRITON_INTERPRET=1,
+as test_ops_triton.py does), and compiled for Hopper (sm_90) without a GPU.
+
+The interpreter's float -> e4m3 cast drops the carry when a value rounds up to a power of
+two (124.7 becomes 64, not 128) and rounds subnormals (below 2^-6) down; the GPU's cast does
+neither. So the interpreter checks the per-row quantization kernel's scales exactly and its
+codes wherever the reference code is a normal number and not a power of two, and the FP8 GEMM
+on codes quantized by torch; tests/gpu/test_quant_gpu.py checks the whole op.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
+                                       quantize_fp8_per_token_torch, w4a16_linear_torch)
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def in_interpreter(test):
+    test.__test__ = IN_INTERPRETER
+    return test
+
+
+def test_quant_kernels_match_references_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+test_quant_kernels_match_references_in_the_interpreter.__test__ = not IN_INTERPRETER
+
+
+def four_bit_weight(num_rows: int, in_features: int, group_size: int, seed: int = 0):
+    """Random (qweight [N, K / 8] int32, scales [N, G] float32, zeros [N, G] uint8)."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (num_rows, in_features), generator=generator)
+    groups = in_features // group_size
+    scales = torch.rand(num_rows, groups, generator=generator) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (num_rows, groups), generator=generator).to(torch.uint8)
+    return pack_int4(codes), scales, zeros
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_rows,out_features,in_features,group_size,bias", [
+    (1, 37, 256, 128, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False), (70, 45, 64, 64, True),
+])
+def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias):
+    """tl.dot multiplies the weight rounded to x's dtype, as the reference does; the GEMV kernel
+    (a few rows) multiplies it in float32, as the reference does given float32 x."""
+    from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, w4a16_linear_partials_triton,
+                                                  w4a16_linear_tiles, w4a16_linear_triton)
+
+    x = torch.randn(num_rows, in_features, dtype=dtype)
+    qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size)
+    b = torch.randn(out_features, dtype=dtype) if bias else None
+    by_dot = w4a16_linear_torch(x, qweight, scales, zeros, b)
+    by_gemv = w4a16_linear_torch(x.float(), qweight, scales, zeros, b).to(dtype)
+    expected = by_gemv if num_rows <= GEMV_MAX_ROWS else by_dot
+    torch.testing.assert_close(w4a16_linear_triton(x, qweight, scales, zeros, b), expected, **TOLERANCE[dtype])
+    partials = w4a16_linear_partials_triton(x, qweight, scales, zeros, b)    # [S, M, N] float32 at a few rows
+    torch.testing.assert_close(sum_partials(partials, dtype), expected, **TOLERANCE[dtype])
+    for block_m, expected in ((4, by_gemv), (16, by_dot)):     # the GEMV kernel, 4 rows at a time; tl.dot's
+        split = Tiles(block_m, 16, 16, split_k=3)     # K split unevenly: the last split has fewer steps, or none
+        partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
+        assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
+        torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_rows,out_features,in_features,bias,split_k", [
+    (1, 37, 200, False, 1), (1, 37, 200, True, 2), (7, 50, 96, True, 1), (5, 50, 300, False, 3),
+    (5, 50, 96, False, 4),   # 3 steps of K over 4 splits: the last split has none and writes zeros
+    (33, 19, 130, False, 1), (70, 45, 64, True, 1),
+])
+def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, bias, split_k):
+    """The GEMM alone, on codes quantized by torch (see the module docstring)."""
+    import triton
+
+    from nanovllm.ops.quant_linear_triton import _fp8_gemm_kernel, _launch_grid, choose_tiles
+
+    x = torch.randn(num_rows, in_features)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features))
+    b = torch.randn(out_features) if bias else None
+    xq, x_scale = quantize_fp8_per_token_torch(x)
+    tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 32), 32, x.device)
+    tiles = type(tiles)(tiles.block_m, tiles.block_n, 32, split_k)
+    out = torch.full((split_k, num_rows, out_features), float("nan"))      # every split writes its partial
+    k_per_split = triton.cdiv(triton.cdiv(in_features, 32), split_k) * 32
+    _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
+        xq, x_scale, weight, weight_scale, b if bias else weight_scale, out, num_rows, out_features, in_features,
+        xq.stride(0), k_per_split, HAS_BIAS=bias, QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
+    torch.testing.assert_close(out.sum(0), fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_rows,out_features,in_features,split_k", [(1, 37, 200, 2), (5, 50, 300, 3)])
+def test_fp8_gemm_quantizes_activations_in_its_prologue(num_rows, out_features, in_features, split_k):
+    """The fused path, on activations whose quantization is exact (each row: e4m3 values times a power
+    of two, one of them 448), so the interpreter's cast is not in question."""
+    from nanovllm.ops.quant_linear_triton import Tiles, fp8_linear_tiles, sum_partials
+
+    generator = torch.Generator().manual_seed(num_rows)
+    codes = (torch.randn(num_rows, in_features, generator=generator) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes[:, -1] = 448.0          # in the last split of K: every split must see the whole row
+    x = codes.float() * 2.0 ** torch.arange(-6, -6 + num_rows)[:, None]
+    x[0, 7:11] = 0.0
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    b = torch.randn(out_features, generator=generator)
+    tiles = Tiles(16, 32, 32, split_k, quantize_x=True)
+    out = sum_partials(fp8_linear_tiles(x, weight, weight_scale, b, tiles), x.dtype)
+    torch.testing.assert_close(out, fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_rows,in_features", [(1, 200), (5, 4099)])
+def test_fp8_row_quantization_kernel_matches_reference(num_rows, in_features):
+    from nanovllm.ops.quant_linear_triton import quantize_fp8_per_token_triton
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, generator=generator) * torch.linspace(0.1, 10, num_rows)[:, None]
+    x[0, :7] = 0.0
+    codes, scale = quantize_fp8_per_token_triton(x)
+    ref_codes, ref_scale = quantize_fp8_per_token_torch(x)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    ref = ref_codes.float()
+    exact = (torch.frexp(ref.abs()).mantissa != 0.5) & (ref.abs() >= 2 ** -6)   # where the interpreter rounds right
+    assert exact.float().mean() > 0.5
+    torch.testing.assert_close(codes.float()[exact], ref[exact], rtol=0, atol=0)
+
+
+# ---- compiled for Hopper -------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (128, 128)])   # decode and large-batch tiles
+def test_quant_kernels_compile_for_hopper(block_m, block_n):
+    pytest.importorskip("triton")
+    from test_triton_compile import compile_for_hopper
+
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    fp8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+           "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    fp8["out_ptr"] = out_type = "*fp32" if block_m == 16 else "*bf16"   # decode tiles write float32 partials
+    for quantize in (False, True) if block_m == 16 else (False,):     # decode tiles may quantize x themselves
+        fp8["a_ptr"] = "*bf16" if quantize else "*fp8e4nv"
+        compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
+                                      dict(HAS_BIAS=False, QUANTIZE_A=quantize, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
+                                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8)
+        assert compiled.asm["cubin"]
+    w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": out_type}
+    assert compile_for_hopper(kernels._w4a16_gemm_kernel,
+                              dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128),
+                              w4).asm["cubin"]
+    gemv_rows = 1 if block_m == 16 else kernels.GEMV_MAX_ROWS
+    assert compile_for_hopper(kernels._w4a16_gemv_kernel,
+                              dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128),
+                              w4).asm["cubin"]
+    if block_m == 16:
+        assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
+                                  dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
+                                  {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}).asm["cubin"]
+        assert compile_for_hopper(kernels._sum_partials_kernel, dict(NUM_PARTIALS=4, BLOCK=1024),
+                                  {"partial_ptr": "*fp32", "out_ptr": "*bf16"}).asm["cubin"]
+
+
+test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER
+
+
+LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the engine launches them
+    ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3), ("_w4a16_gemm_kernel", 16, 32, 4, 4),
+    ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
+    ("_fp8_gemm_kernel", 16, 32, 4, 4), ("_fp8_gemm_kernel", 128, 128, 8, 3),
+]
+
+
+@pytest.mark.parametrize("name,block_m,block_n,num_warps,num_stages", LAUNCHED_TILES)
+def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, num_warps, num_stages, tmp_path):
+    """Compiled as a launch at Llama's shapes specializes them (pointers, K and the strides multiples
+    of 16), no thread spills registers to local memory: a spilling tile reads its own stack from
+    memory on every step (the first W4A16 kernel spilled 1.5 KB a thread at 128 x 128)."""
+    triton = pytest.importorskip("triton")
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this Triton ships no cuobjdump")
+    kernel = getattr(kernels, name)
+    constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
+    if name == "_fp8_gemm_kernel":
+        constexprs.update(QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448)
+        types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
+    else:
+        constexprs.update(GROUP_SIZE=128)
+        types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
+    types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {param: "constexpr" if param in constexprs else types.get(param, "*bf16") if param.endswith("_ptr")
+                 else "i32" for param in params}
+    multiples_of_16 = {(index,): [["tt.divisibility", 16]] for index, param in enumerate(params)
+                       if param not in constexprs and (param.endswith("_ptr") or param.startswith("stride")
+                                                       or param in ("K", "K_PER_SPLIT"))}
+    source = ASTSource(fn=kernel, signature=signature, attrs=multiples_of_16,
+                       constexprs={(params.index(param),): value for param, value in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
+
+
+test_quant_kernels_do_not_spill_registers_on_hopper.__test__ = not IN_INTERPRETER
