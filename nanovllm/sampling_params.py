@@ -70,7 +70,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Structured outputs, logit bias, prompt log-probabilities.
-    structured_outputs: StructuredOutputsParams | dict | None = None
+    structured_outputs: StructuredOutputsParams | None = None   # a dict with its fields is taken too
     logit_bias: dict[int, float] | None = None    # token id -> added to its logit, in [-100, 100]
     prompt_logprobs: int | None = None            # top-k per prompt position (0: the prompt token's only)
 
@@ -102,10 +102,8 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.logit_bias = _logit_bias(self.logit_bias)
         if self.prompt_logprobs is not None:
-            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs)
-            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS} (the number of top tokens "
-                                 f"returned per prompt position; None for none), got {self.prompt_logprobs}")
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
+                                        "the number of top tokens returned per prompt position; None for none")
 
     def _check_ranges(self) -> None:
         if self.temperature < 0:
