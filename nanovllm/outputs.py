@@ -74,6 +74,9 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0                   # prompt tokens found in the prefix cache
     error: str | None = None                     # why the request failed (finish_reason "error")
+    # Per prompt token: its log-probability given the tokens before it, with the top-k alternatives
+    # (None for the first token); None unless SamplingParams.prompt_logprobs asked.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def merge(self, later: RequestOutput) -> None:
         """Append a later delta output of the same request to this one (a slow reader gets one joined
@@ -82,5 +85,7 @@ class RequestOutput:
             completion.merge(later_completion)
         if later.finished:
             self.prompt, self.prompt_token_ids = later.prompt, later.prompt_token_ids
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = later.prompt_logprobs
         self.finished, self.metrics = later.finished, later.metrics
         self.num_cached_tokens, self.error = later.num_cached_tokens, later.error

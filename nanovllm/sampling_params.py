@@ -13,6 +13,12 @@ written for vLLM means the same thing here:
 - `max_tokens`, `min_tokens`, `stop`, `stop_token_ids` and `ignore_eos` decide
   when generation ends; `logprobs` asks for the top-k log-probabilities of each
   step.
+- structured outputs, logit bias and prompt log-probabilities (their own block
+  below): `structured_outputs` constrains the output to a JSON schema, any JSON
+  object, a regex, a choice or a grammar (nanovllm/structured); `logit_bias`
+  adds a number to given tokens' logits before sampling (OpenAI's, in
+  [-100, 100]); `prompt_logprobs` asks for the log-probability of each prompt
+  token given the ones before it, with the top-k alternatives.
 
 Every impossible value raises a `ValueError` whose sentence says what to change,
 when the object is made: before any work is queued.
@@ -24,6 +30,8 @@ import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from nanovllm.structured.params import StructuredOutputsParams
 
 # Temperatures below this are treated as greedy: dividing by ~0 only amplifies noise.
 _SAMPLING_EPS = 1e-5
@@ -61,6 +69,10 @@ class SamplingParams:
     logprobs: int | None = None       # number of top log-probabilities per token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs, logit bias, prompt log-probabilities.
+    structured_outputs: StructuredOutputsParams | None = None   # a dict with its fields is taken too
+    logit_bias: dict[int, float] | None = None    # token id -> added to its logit, in [-100, 100]
+    prompt_logprobs: int | None = None            # top-k per prompt position (0: the prompt token's only)
 
     def __post_init__(self) -> None:
         self.n = _int("n", self.n, 1, MAX_N, "the number of samples per prompt")
@@ -83,6 +95,15 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_ranges()
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
+                                        "the number of top tokens returned per prompt position; None for none")
 
     def _check_ranges(self) -> None:
         if self.temperature < 0:
@@ -113,10 +134,10 @@ class SamplingParams:
     @property
     def is_plain(self) -> bool:
         """Whether a token needs nothing but the step's logits and the temperature: no penalty, no
-        top-k / top-p / min-p filter, no top log-probabilities (the fused sampling pass; a decode
+        top-k / top-p / min-p filter, no top log-probabilities, no grammar, no logit bias (the fused sampling pass; a decode
         step samples inside its CUDA graph when every row is plain and past its min_tokens)."""
-        return (not self.has_penalties and self.logprobs is None
-                and (self.is_greedy or (self.top_k <= 0 and self.top_p >= 1.0 and self.min_p == 0.0)))
+        return (not self.has_penalties and self.logprobs is None and self.structured_outputs is None
+                and self.logit_bias is None and (self.is_greedy or (self.top_k <= 0 and self.top_p >= 1.0 and self.min_p == 0.0)))
 
     @property
     def is_greedy(self) -> bool:
@@ -150,6 +171,27 @@ def _stop_strings(stop: Any) -> list[str]:
     if any(s == "" for s in stop):
         raise ValueError("stop strings must not be empty; remove the empty string from stop")
     return list(stop)
+
+
+def _logit_bias(bias: Any) -> dict[int, float] | None:
+    """{token id: bias}; keys may be strings of digits (as JSON object keys are), values in [-100, 100]."""
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    normalized = {}
+    for token, value in bias.items():
+        try:
+            token_id = int(token) if not isinstance(token, bool) else -1
+        except (TypeError, ValueError):
+            token_id = -1
+        if token_id < 0:
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {token!r}")
+        value = _float(f"logit_bias[{token_id}]", value)
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token_id}")
+        normalized[token_id] = value
+    return normalized
 
 
 def _stop_token_ids(ids: Any) -> list[int]:

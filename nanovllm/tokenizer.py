@@ -69,8 +69,13 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat rendered by the model's template; ValueError if it has none."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat rendered by the model's template (or `chat_template`, Jinja text);
+        ValueError if there is none. `tools` (OpenAI function specs) and `template_kwargs` (e.g.
+        Qwen3's enable_thinking) are passed to the template; continue_final_message leaves the last
+        message open for the model to continue, instead of opening a new assistant turn."""
         raise NotImplementedError
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -150,12 +155,19 @@ class HFTokenizer(Tokenizer):
             self._byte_level = any(part.get("type") == "ByteLevel" for part in parts)
         return self._byte_level
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not self.has_chat_template:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        if not self.has_chat_template and chat_template is None:
             raise ValueError(f"{self.source} has no chat template; send a plain prompt (completions) instead "
-                             "of chat messages")
+                             "of chat messages, or give the server one with --chat-template FILE")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true; set "
+                             "add_generation_prompt to false to continue the last message")
         # The template writes any BOS itself, so encode its text without adding specials again.
-        text = self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self._hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            tools=tools, continue_final_message=continue_final_message,
+                                            chat_template=chat_template, **template_kwargs)
         return self.encode(text, add_special_tokens=False)
 
     @property
@@ -313,7 +325,9 @@ class Llama2cTokenizer(Tokenizer):
         byte = self._BYTE_PIECE.fullmatch(piece)
         return bytes([int(byte.group(1), 16)]) if byte else piece
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
         raise ValueError(f"{self.source}: a llama2.c tokenizer has no chat template; send a plain prompt")
 
     @property
@@ -337,7 +351,9 @@ class TokenIdTokenizer(Tokenizer):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(f"<{token_id}>" for token_id in token_ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
         raise ValueError("this model has no tokenizer (dummy weights) and so no chat template")
 
     @property

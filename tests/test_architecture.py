@@ -16,11 +16,11 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("interfaces", ("nanovllm.cli", "nanovllm.server", "nanovllm.viz", "nanovllm.bench", "nanovllm.engine_args",
                     "nanovllm.tp_main")),
     ("engine", ("nanovllm", "nanovllm.llm", "nanovllm.engine", "nanovllm.tokenizer")),
-    ("runner", ("nanovllm.runner",)),
+    ("runner", ("nanovllm.runner", "nanovllm.structured")),
     ("model", ("nanovllm.model",)),
     ("ops", ("nanovllm.ops",)),
     ("values", ("nanovllm.config", "nanovllm.sampling_params", "nanovllm.outputs", "nanovllm.model.config",
-                "nanovllm.model.errors", "nanovllm.model.embedded")),
+                "nanovllm.model.errors", "nanovllm.model.embedded", "nanovllm.structured.params")),
 ]
 
 

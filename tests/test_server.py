@@ -290,7 +290,7 @@ BAD_REQUESTS = {
     "a body that is not an object": (COMPLETIONS, b"[1, 2]", 400, None, None),
     "prompt of the wrong type": (COMPLETIONS, {"prompt": 5}, 400, "prompt", None),
     "max_tokens as a string": (COMPLETIONS, {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens", None),
-    "an unknown field": (COMPLETIONS, {"prompt": "hi", "frobnicate": True}, 400, "frobnicate", None),
+    "a logit_bias out of range": (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias", None),
     "an unknown model": (COMPLETIONS, {"prompt": "hi", "model": "gpt-5"}, 404, "model", "model_not_found"),
     "a prompt over the context": (COMPLETIONS, {"prompt": "x" * (MAX_MODEL_LEN + 10)}, 400, "prompt",
                                   "context_length_exceeded"),

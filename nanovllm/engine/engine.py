@@ -61,6 +61,7 @@ from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.runner.sampler import DeviceSamples, SamplerOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import GrammarCompiler, GrammarState
 from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class LLMEngine:
         self.in_flight: LaunchedStep | None = None      # async scheduling: the step launched, not completed
         self.step_observers: list[Callable[[StepInfo], None]] = []
         self.rng = random.Random(config.seed)           # seeds of requests that bring none
+        self.grammar_compiler: GrammarCompiler | None = None   # made by the first structured-outputs request
         self.next_seq_id = 0
         self.num_steps = 0
         self.num_requests_finished = 0
@@ -244,6 +246,7 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_model_len -
                                                                                  len(prompt_token_ids), 1)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        grammars = self._grammar_states(params)
         seqs = []
         for index in range(params.n):
             seqs.append(Sequence(
@@ -253,10 +256,26 @@ class LLMEngine:
                 arrival_time=arrival_time, prompt=prompt_text,
                 detokenizer=None if self.config.skip_tokenizer_init or not detokenize else
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                grammar=grammars[index],
             ))
         self.scheduler.check_fits(seqs[0])
         self.next_seq_id += params.n
         return seqs
+
+    def _grammar_states(self, params: SamplingParams) -> list[GrammarState | None]:
+        """One grammar matcher per sample of a structured-outputs request (compiled now, off the step
+        loop, and cached by constraint); Nones otherwise. Also checks logit_bias and prompt_logprobs."""
+        vocab_size = self.model_config.vocab_size
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise ValueError("prompt_logprobs needs tensor_parallel_size 1; leave it out or run on one device")
+        if params.logit_bias and max(params.logit_bias) >= vocab_size:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary "
+                             f"[0, {vocab_size})")
+        if params.structured_outputs is None:
+            return [None] * params.n
+        if self.grammar_compiler is None:
+            self.grammar_compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
+        return [self.grammar_compiler.new_state(params.structured_outputs) for _ in range(params.n)]
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -424,6 +443,9 @@ class LLMEngine:
                 token_times=list(first.token_times) if finished or not delta else [],
             ),
             num_cached_tokens=first.num_cached_tokens,
+            # like the prompt, sent once to a delta stream (in its final output)
+            prompt_logprobs=None if first.prompt_logprobs is None or (delta and not finished)
+            else list(first.prompt_logprobs),
             error=next((seq.error for seq in seqs if seq.error is not None), None),
         )
 

@@ -200,6 +200,8 @@ class Scheduler:
 
     def _shared_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of seq's prefix that are computed already: prefix-cache hits, or its leader's prompt."""
+        if seq.needs_prompt_logprobs:   # the cache holds no logits: the prompt is recomputed
+            return []
         shared = self.block_manager.find_cached_prefix(seq)
         leader = self.leaders.get(seq.seq_id)
         if not shared and leader is not None and leader.status is SequenceStatus.RUNNING:

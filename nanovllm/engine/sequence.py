@@ -30,6 +30,7 @@ from nanovllm.sampling_params import SamplingParams
 PENDING = -1   # a sampled token whose id has not reached the host yet
 
 if TYPE_CHECKING:
+    from nanovllm.structured.grammar import GrammarState
     from nanovllm.tokenizer import IncrementalDetokenizer
 
 
@@ -72,6 +73,7 @@ class Sequence:
     prompt: str | None = None                # the prompt text, when it was given as text
     detokenizer: IncrementalDetokenizer | None = None
     detokenize_at_finish: bool = False       # nobody reads the text before the end: decode it once then
+    grammar: GrammarState | None = None      # structured outputs: its matcher (nanovllm/structured)
     # The state the scheduler advances.
     token_ids: list[int] = field(default_factory=list)      # prompt + output
     output_token_ids: list[int] = field(default_factory=list)
@@ -90,6 +92,9 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None   # per output token: sampled + top-k, when asked
     cumulative_logprob: float = 0.0
     error: str | None = None
+    # Prompt log-probabilities (SamplingParams.prompt_logprobs; the first sample of a request only): entry i is
+    # token i's given tokens 0..i-1 with the top-k alternatives, None for token 0; filled as prefill chunks run.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_sent_tokens: int = 0                 # delta outputs: output tokens and text characters already reported
     num_sent_chars: int = 0
     # Timing (time.time() seconds).
@@ -103,6 +108,8 @@ class Sequence:
         self.reads_own_tokens = self.sampling_params.has_penalties   # read every step: kept as a plain field
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +134,12 @@ class Sequence:
     @property
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some prompt token's log-probability is still to be computed (so its prefix is recomputed,
+        not taken from the prefix cache, which holds K and V but no logits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_known_tokens(self) -> int:

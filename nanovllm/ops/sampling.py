@@ -80,7 +80,9 @@ def first_argmax(x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
 def exponential_race_torch(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """scores [B, V] float32 (log-probabilities up to a per-row constant, -inf = excluded),
     keys [B] int64 -> token ids [B] int64."""
-    log_exponentials = random_uniform(keys, scores.shape[1]).log_().neg_().log_()   # [B, V] log E
+    # E = -log u is at least 2**-25 for the largest u; CPU log rounds some of those to E = 0, and log E = -inf
+    # would turn an excluded token's -inf score into NaN, which wins every argmax.
+    log_exponentials = random_uniform(keys, scores.shape[1]).log_().neg_().clamp_(min=2.0 ** -25).log_()   # [B, V]
     return first_argmax(scores - log_exponentials)
 
 

@@ -56,8 +56,10 @@ from nanovllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:   # the engine's batch, read here by its fields
     from nanovllm.engine.scheduler import Batch
+    from nanovllm.engine.sequence import Sequence
 
 CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
+PROMPT_LOGPROBS_ROWS = 256      # prompt rows whose logits are computed at once for prompt_logprobs
 
 
 def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -86,6 +88,7 @@ class ModelRunner:
         # Every step samples into these device buffers: the last step's tokens are there for rows whose
         # input is still pending (and are the decode graphs' input ids), and one copy brings them home.
         self.samples = SampleBuffers(config.max_num_seqs, self.device)
+        self.last_samples: DeviceSamples | None = None   # the last step that sampled: its pending tokens
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
             self.workers = WorkerGroup.start(config, self.parallel, serve_rank)
@@ -185,6 +188,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: Batch) -> DeviceSamples | None:
         """Queue one step on the device -> its samples, on their way (None: no sequence samples)."""
+        samples = self._launch(batch)
+        if samples is not None:
+            self.last_samples = samples
+        return samples
+
+    def _launch(self, batch: Batch) -> DeviceSamples | None:
         if self.workers is not None:
             return self._run_parallel(batch)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
@@ -194,10 +203,58 @@ class ModelRunner:
             return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, metadata, self.kv_caches)        # [T, H]
+        self._record_prompt_logprobs(batch, hidden)
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return None
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
         return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
+
+    def _pending_token(self, seq: Sequence) -> int:
+        """The id of seq's newest token, still pending on the host (async scheduling): a grammar's matcher
+        needs it for this step's mask. This step's forward is queued already; the host waits only for
+        the last step's samples to reach it, while the device computes."""
+        last = self.last_samples
+        if seq.num_pending != 1 or last is None:   # not the last step's token: the matcher waits at PENDING
+            return seq.output_token_ids[-1]   # still the placeholder
+        if last.copied is not None:
+            last.copied.synchronize()
+        return int(last.host[seq.pending_row])
+
+    def _record_prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> None:
+        """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
+        holds the logits of token p + 1. Entries already known (a chunk recomputed after preemption) are
+        skipped, so each prompt token gets exactly one, whatever the chunking or the cache."""
+        if batch.num_prefill_tokens == 0:   # decodes only: no prompt row in the step
+            return
+        rows: list[int] = []        # rows of hidden
+        targets: list[int] = []     # the prompt token each row's logits score
+        owners: list[Sequence] = []  # the sequence each row's entry goes to
+        row_start = 0
+        for seq, num_new in batch.scheduled:
+            if seq.needs_prompt_logprobs:
+                start = seq.num_computed_tokens
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                for position in range(first, min(start + num_new, seq.num_prompt_tokens - 1)):
+                    rows.append(row_start + position - start)
+                    targets.append(seq.token_ids[position + 1])
+                    owners.append(seq)
+            row_start += num_new
+        if not rows:
+            return
+        num_top = max(seq.sampling_params.prompt_logprobs for seq in owners)
+        for begin in range(0, len(rows), PROMPT_LOGPROBS_ROWS):   # bounded [rows, V] float32 buffers
+            index = slice(begin, begin + PROMPT_LOGPROBS_ROWS)
+            logits = self.model.compute_logits(hidden[host_to_device(rows[index], torch.int64, self.device)])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)                           # [n, V]
+            target_ids = torch.tensor(targets[index], device=self.device)
+            chosen = logprobs.gather(1, target_ids[:, None]).squeeze(1).tolist()          # [n]
+            top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0],) * 2
+            for seq, target, value, values, ids in zip(owners[index], targets[index], chosen,
+                                                       top_values.tolist(), top_ids.tolist()):
+                k = seq.sampling_params.prompt_logprobs
+                entry = dict(zip(ids[:k], values[:k]))
+                entry[target] = value
+                seq.prompt_logprobs.append(entry)
 
     def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
         """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
@@ -289,14 +346,19 @@ class ModelRunner:
 
     def prepare_sampling(self, batch: Batch) -> SamplingBatch:
         seqs = batch.sampling_seqs
+        output_token_ids = [seq.output_token_ids for seq in seqs]
+        for row, seq in enumerate(seqs):
+            if seq.grammar is not None and seq.num_pending:
+                output_token_ids[row] = seq.output_token_ids[:-1] + [self._pending_token(seq)]
         return SamplingBatch.build(
             params=[seq.sampling_params for seq in seqs],
             seeds=[seq.seed for seq in seqs],
             output_lens=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
-            output_token_ids=[seq.output_token_ids for seq in seqs],
+            output_token_ids=output_token_ids,
             eos_token_ids=self.eos_token_ids,
             device=self.device,
+            grammars=[seq.grammar for seq in seqs],
         )
 
 

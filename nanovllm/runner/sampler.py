@@ -6,7 +6,7 @@ setting becomes a `[B]` tensor (`SamplingBatch`) and every stage runs on the
 whole `[B, V]` logits at once; a stage no row uses is skipped. The order is
 vLLM's:
 
-    raw logits ─► penalties ─► min_tokens ─► greedy rows: argmax
+    raw logits ─► logit_bias ─► grammar mask ─► penalties ─► min_tokens ─► greedy rows: argmax
                   (repetition on        (EOS and stop_token_ids
                    prompt+output,        at -inf until the row has
                    frequency/presence    min_tokens outputs)
@@ -20,8 +20,16 @@ top-k/top-p/min-p) takes one fused pass over the logits (on a GPU, Triton
 programs over chunks of each row, then one that combines a row's chunks): the
 argmax or the race, and the logsumexp the log-probabilities need.
 
-The returned log-probability is that of the raw model distribution
-(log_softmax of the unprocessed logits), as vLLM returns by default.
+The returned log-probability is that of the model distribution before the
+penalties and filters (log_softmax of the logits), as vLLM returns by default;
+logit_bias and a grammar's mask come first, so they shape it.
+
+Structured outputs: each constrained row brings a bitmask of the tokens its
+grammar allows next (nanovllm/structured); the masks of the R constrained rows
+form one [R, ceil(V / 32)] tensor that sets the other tokens' logits to -inf
+(ops/bitmask.py), and logit_bias is a list of (row, token, bias) triples added
+in one scatter. A batch without either skips both, and the unconstrained rows
+of a batch with them are never read.
 
 Reproducible randomness, whatever the batch
 -------------------------------------------
@@ -55,9 +63,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nanovllm.ops.bitmask import apply_token_bitmask
 from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform,
                                    sample_from_logits)
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import GrammarState, grammar_bitmask
 
 
 def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
@@ -91,11 +101,17 @@ class SamplingBatch:
     suppressed_token_ids: torch.Tensor | None   # [B, S] int64, padded with -1: EOS + stop ids before min_tokens
     num_logprobs: list[int | None]              # per row: how many top log-probabilities it asked for
     max_num_logprobs: int | None                # None when no row asked
+    bitmask: torch.Tensor | None = None         # [R, ceil(V/32)] int32: the tokens each constrained row allows
+    bitmask_rows: torch.Tensor | None = None    # [R] int64: which rows those are
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # rows, token ids, biases [N] each
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], output_lens: list[int],
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-              eos_token_ids: list[int], device: torch.device | str) -> "SamplingBatch":
+              eos_token_ids: list[int], device: torch.device | str,
+              grammars: list[GrammarState | None] | None = None) -> "SamplingBatch":
+        """grammars: per row, the sequence's grammar matcher (None: unconstrained); each is first fed the
+        row's output tokens it has not seen."""
         greedy = [p.is_greedy for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
 
@@ -138,12 +154,39 @@ class SamplingBatch:
 
         num_logprobs = [p.logprobs for p in params]
         asked = [k for k in num_logprobs if k is not None]
+        bitmask, bitmask_rows = (None, None) if grammars is None else _grammar_bitmask(grammars, output_token_ids,
+                                                                                      eos_token_ids, device)
         return cls(all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy, temperature=temperature,
                    top_k=top_k, max_top_k=max_top_k, top_p=top_p,
                    top_p_needs_full_sort=top_p_needs_full_sort, min_p=min_p, stream_keys=keys,
                    presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
                    output_token_ids=output_ids, prompt_token_ids=prompt_ids, suppressed_token_ids=suppressed,
-                   num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None)
+                   num_logprobs=num_logprobs, max_num_logprobs=max(asked) if asked else None,
+                   bitmask=bitmask, bitmask_rows=bitmask_rows, logit_bias=_logit_bias(params, device))
+
+
+def _grammar_bitmask(grammars: list[GrammarState | None], output_token_ids: list[list[int]],
+                     eos_token_ids: list[int], device: torch.device | str,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """-> (bitmask [R, ceil(V/32)] int32, rows [R] int64) of the constrained rows; (None, None) if none is."""
+    rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+    if not rows:
+        return None, None
+    bitmask = grammar_bitmask([grammars[row] for row in rows], [output_token_ids[row] for row in rows],
+                              eos_token_ids)                                                  # [R, W] on the host
+    return host_to_device(bitmask, torch.int32, device), host_to_device(rows, torch.int64, device)
+
+
+def _logit_bias(params: list[SamplingParams], device: torch.device | str,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The (row, token id, bias) triples of every row's logit_bias, as three [N] tensors; None if none has one."""
+    triples = [(row, token_id, bias) for row, p in enumerate(params) if p.logit_bias
+               for token_id, bias in p.logit_bias.items()]
+    if not triples:
+        return None
+    rows, token_ids, biases = zip(*triples)
+    return (host_to_device(rows, torch.int64, device), host_to_device(token_ids, torch.int64, device),
+            host_to_device(biases, torch.float32, device))
 
 
 @dataclass
@@ -219,6 +262,13 @@ class Sampler:
         if out is None:
             out = SampleBuffers(num_rows, logits.device)
         out_tokens, out_logprobs = out.token_ids[:num_rows], out.logprobs[:num_rows]
+        if batch.logit_bias is not None or batch.bitmask is not None:
+            logits = logits.float()   # written in place: the model's logits are not read again
+            if batch.logit_bias is not None:
+                rows, token_ids, biases = batch.logit_bias
+                logits.index_put_((rows, token_ids), biases, accumulate=True)
+            if batch.bitmask is not None:
+                apply_token_bitmask(logits, batch.bitmask, batch.bitmask_rows)
         plain = (batch.output_token_ids is None and batch.suppressed_token_ids is None and batch.top_k is None
                  and batch.top_p is None and batch.min_p is None)
         if plain:   # greedy or plain temperature rows: one fused pass over the logits as they are

@@ -47,6 +47,8 @@ from nanovllm.model.loader import EMBEDDED_MODEL
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import StatLogger, make_registry
+from nanovllm.server.openai_extras import (ChatReply, IgnoredFieldsMiddleware, ToolSetup, echo_logprobs,
+                                           note_ignored_fields, structured_outputs_of)
 from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 from nanovllm.server.protocol import (
     ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
@@ -54,6 +56,8 @@ from nanovllm.server.protocol import (
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse,
     ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TopLogprob, UsageInfo,
 )
+from nanovllm.server.reasoning import REASONING_PARSERS
+from nanovllm.server.tool_parsers import get_tool_parser
 from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
 from nanovllm.tokenizer import TokenOffsets
 
@@ -74,6 +78,9 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_waiting: int = DEFAULT_MAX_WAITING   # queued sequences beyond which new requests get 503
     log_interval: float = 5.0              # seconds between stat log lines while busy
+    chat_template: str | None = None       # Jinja text replacing the model's chat template (--chat-template)
+    reasoning_parser: str | None = None    # "qwen3": <think> text goes to reasoning_content
+    tool_call_parser: str = "hermes"       # how tool_choice "auto" reads calls back (server/tool_parsers.py)
     security: SecurityConfig = field(default_factory=SecurityConfig)   # hosts, origins, timeouts
 
     def __post_init__(self) -> None:
@@ -85,6 +92,9 @@ class ServerConfig:
             raise ValueError(f"log_interval must be a positive number of seconds, got {self.log_interval!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty; pass a non-empty key or none at all")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; choose one of {REASONING_PARSERS}")
+        get_tool_parser(self.tool_call_parser)   # raises, naming the parsers, if unknown
 
 
 def default_served_model_name(model: str | None, load_format: str = "auto") -> str:
@@ -157,6 +167,7 @@ def build_app_for(async_engine: AsyncLLMEngine, tokenizer: Tokenizer, server_con
     # The middleware added last runs first: host, origin and key are checked before a byte of the body is read.
     app.add_middleware(JsonContentTypeMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_request_bytes)
+    app.add_middleware(IgnoredFieldsMiddleware)
     add_security_middleware(app, server.config.security, server.config.api_key)
     return app
 
@@ -241,11 +252,12 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         body = _parse(CompletionRequest, await request.body())
+        note_ignored_fields(request, body)
         self._check_model(body.model)
         _check_stream_options(body.stream, body.stream_options)
-        if body.echo and body.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs needs the prompt's log-probabilities, which nano-vllm "
-                              "does not compute; drop one of the two", param="echo")
+        if body.echo and body.logprobs is not None and body.stream:
+            raise OpenAIError(400, "echo with logprobs (the prompt's log-probabilities) is served without "
+                              "streaming; set stream to false", param="echo")
         params = _sampling_params(body)
         prompts = await self._completion_prompts(request, body.prompt, params.max_tokens)
         response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -267,6 +279,9 @@ class OpenAIServer:
                     logprobs = self._completion_logprobs(completion, body.logprobs,
                                                          TokenOffsets(self.tokenizer, params.skip_special_tokens),
                                                          len(completion.text))
+                    if body.echo:   # the completion's text follows the prompt's; the prompt's logprobs first
+                        logprobs.text_offset = [len(prompt_text) + offset for offset in logprobs.text_offset]
+                        logprobs = echo_logprobs(final, body.logprobs, self._token_text, logprobs)
                 choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
                                                 text=prompt_text + completion.text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason))
@@ -339,29 +354,44 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         body = _parse(ChatCompletionRequest, await request.body())
+        note_ignored_fields(request, body)
         self._check_model(body.model)
         _check_stream_options(body.stream, body.stream_options)
-        params = _sampling_params(body)
-        prompt_token_ids = await self._chat_prompt(request, body.messages, add_generation_prompt=True)
+        try:
+            tools = ToolSetup.of(body, self.config.tool_call_parser)
+        except ValueError as error:
+            raise OpenAIError(400, str(error), param="tool_choice") from None
+        params = _sampling_params(body, tools)
+        prompt_token_ids = await self._chat_prompt(
+            request, body.messages, add_generation_prompt=body.add_generation_prompt,
+            tools=tools.tools if tools.mode != "none" else None,
+            continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
         self._check_prompt_length(prompt_token_ids, "messages", params.max_tokens)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         outputs = await self._submit([(response_id, prompt_token_ids, params)], stream=bool(body.stream))
         header = dict(id=response_id, created=int(time.time()), model=self.model_name)
+        reasoning = self.config.reasoning_parser is not None
         if body.stream:
-            return _event_stream(self._chat_chunks(body, params, len(prompt_token_ids), outputs, header), outputs,
+            return _event_stream(self._chat_chunks(body, params, len(prompt_token_ids), outputs, header, tools),
+                                 outputs,
                                  _include_usage(body))
         finals = await _collect_final_outputs(request, outputs)
         if finals is None:
             return Response(status_code=499)
-        choices = [ChatCompletionChoice(
-            index=completion.index, message=ChatResponseMessage(content=completion.text),
-            logprobs=self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None,
-            finish_reason=completion.finish_reason) for completion in finals[0].outputs]
+        choices = []
+        for completion in finals[0].outputs:
+            message, finish_reason = ChatReply(tools, reasoning).message(completion.text, completion.finish_reason)
+            choices.append(ChatCompletionChoice(
+                index=completion.index, message=ChatResponseMessage(**message),
+                logprobs=self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None,
+                finish_reason=finish_reason))
         return JSONResponse(ChatCompletionResponse(choices=choices, usage=_usage(finals), **header).model_dump())
 
     async def _chat_chunks(self, body: ChatCompletionRequest, params: SamplingParams, prompt_tokens: int,
-                           outputs: OutputStream, header: dict[str, Any]) -> AsyncIterator[BaseModel]:
+                           outputs: OutputStream, header: dict[str, Any],
+                           tools: ToolSetup) -> AsyncIterator[BaseModel]:
         progress = {index: self._choice_progress(params, stream=True) for index in range(params.n)}
+        replies = {index: ChatReply(tools, self.config.reasoning_parser is not None) for index in range(params.n)}
         for index in range(params.n):
             yield ChatCompletionChunk(choices=[ChatStreamChoice(
                 index=index, delta=ChatDelta(role="assistant", content=""))], **header)
@@ -371,19 +401,23 @@ class OpenAIServer:
                 if not progress[completion.index].advance(completion, bool(body.logprobs)):
                     continue
                 logprobs = self._chat_logprobs(completion, body.top_logprobs or 0) if body.logprobs else None
+                delta, finish_reason = replies[completion.index].delta(completion.text, completion.finished,
+                                                                       completion.finish_reason)
                 yield ChatCompletionChunk(choices=[ChatStreamChoice(
-                    index=completion.index, delta=ChatDelta(content=completion.text or None), logprobs=logprobs,
-                    finish_reason=completion.finish_reason)], **header)
+                    index=completion.index, delta=ChatDelta(**delta), logprobs=logprobs,
+                    finish_reason=finish_reason)], **header)
         if _include_usage(body):
             yield ChatCompletionChunk(choices=[], usage=_streamed_usage(prompt_tokens, progress), **header)
 
-    async def _chat_prompt(self, request: Request, messages: list[ChatMessage],
-                           add_generation_prompt: bool) -> list[int]:
+    async def _chat_prompt(self, request: Request, messages: list[ChatMessage], add_generation_prompt: bool,
+                           **options: Any) -> list[int]:
+        """options: tools, continue_final_message and the template's own keyword arguments."""
         conversation = [message.to_template_dict() for message in messages]
 
         def render() -> list[int]:
             try:
-                return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+                return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                          chat_template=self.config.chat_template, **options)
             except Exception as error:   # no template, or the template rejects the conversation (jinja raises)
                 raise OpenAIError(400, f"the chat cannot be rendered: {error}", param="messages") from None
 
@@ -564,9 +598,15 @@ def _validation_error(error: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param} matches none of its accepted forms ({reasons})", param=param)
 
 
-def _sampling_params(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def _sampling_params(body: CompletionRequest | ChatCompletionRequest, tools: ToolSetup | None = None,
+                     ) -> SamplingParams:
     try:
-        return body.to_sampling_params()
+        constraint = structured_outputs_of(body)
+        tool_constraint = None if tools is None else tools.constraint(body.parallel_tool_calls)
+        if constraint is not None and tool_constraint is not None:
+            raise ValueError("tool_choice required or a named function is itself an output constraint; "
+                             "drop response_format (or the guided_* field)")
+        return body.to_sampling_params(structured_outputs=tool_constraint or constraint)
     except ValueError as error:   # SamplingParams' sentences start with the field's name
         first_word = str(error).split(" ", 1)[0]
         raise OpenAIError(400, str(error), param=first_word if first_word in type(body).model_fields else None) \

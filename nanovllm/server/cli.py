@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import socket
+from pathlib import Path
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Awaitable, Callable
@@ -73,7 +74,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP processes sharing the port (tokenizing, detokenized JSON, SSE) over one engine core")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     server.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    server.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template to use instead of the model's")
+    server.add_argument("--reasoning-parser", default=None, choices=["qwen3"],
+                        help="move <think> text to reasoning_content in chat replies")
+    server.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
+                        help='how tool_choice "auto" reads tool calls from the reply (default: hermes)')
     add_engine_args(parser)
+
+
+def _read_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ValueError(f"--chat-template {path}: cannot read it ({error.strerror})") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -90,7 +106,9 @@ def main(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     server_config = ServerConfig(served_model_name=args.served_model_name, api_key=api_key,
                                  max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting,
-                                 log_interval=args.log_interval, security=security_config_from_args(args))
+                                 log_interval=args.log_interval, security=security_config_from_args(args),
+                                 chat_template=_read_chat_template(args.chat_template),
+                                 reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)
     log = logging.getLogger("nanovllm.server")
     if not _is_loopback(args.host) and api_key is None:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model; "

@@ -1,0 +1,80 @@
+"""The grammar bitmask op: the Triton kernel writes exactly what the torch reference writes (checked
+on the CPU under Triton's interpreter, in a fresh Python with TRITON_INTERPRET=1, as in
+test_ops_triton.py), and the reference itself agrees with a bit-by-bit reading of the mask."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm.ops.bitmask import apply_token_bitmask, apply_token_bitmask_torch
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _case(num_rows: int, vocab_size: int, masked_rows: list[int], seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_rows, vocab_size, generator=generator)                            # [B, V]
+    words = -(-vocab_size // 32)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(masked_rows), words), dtype=torch.int32,
+                            generator=generator)                                              # [R, W]
+    return logits, bitmask, torch.tensor(masked_rows, dtype=torch.int64)
+
+
+def test_the_reference_masks_each_token_whose_bit_is_zero_and_nothing_else():
+    logits, bitmask, rows = _case(4, 77, [3, 1], seed=0)
+    masked = logits.clone()
+    apply_token_bitmask_torch(masked, bitmask, rows)
+    for masked_row, row in enumerate(rows.tolist()):
+        for token in range(77):
+            allowed = (int(bitmask[masked_row, token // 32]) >> (token % 32)) & 1
+            assert masked[row, token].item() == (logits[row, token].item() if allowed else float("-inf"))
+    assert torch.equal(masked[[0, 2]], logits[[0, 2]])
+
+
+def test_a_bitmask_too_narrow_for_the_vocabulary_is_refused():
+    logits, bitmask, rows = _case(2, 65, [0], seed=1)
+    with pytest.raises(ValueError, match="ceil"):
+        apply_token_bitmask(logits, bitmask[:, :2], rows)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="the subprocess itself")
+def test_the_triton_kernel_matches_the_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "kernel_case"], env=env, cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+@pytest.mark.parametrize("num_rows, vocab_size, masked_rows", [(1, 1, [0]), (3, 31, [2]), (5, 33, [4, 0, 2]),
+                                                               (2, 4097, [1]), (4, 5003, [0, 1, 2, 3])])
+def test_kernel_case(num_rows, vocab_size, masked_rows):
+    from nanovllm.ops.bitmask_triton import apply_token_bitmask_triton
+    logits, bitmask, rows = _case(num_rows, vocab_size, masked_rows, seed=vocab_size)
+    expected, got = logits.clone(), logits.clone()
+    apply_token_bitmask_torch(expected, bitmask, rows)
+    apply_token_bitmask_triton(got, bitmask, rows)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows, vocab_size, masked_rows", [(3, 33, [2, 0]), (256, 128256, list(range(0, 256, 2))),
+                                                               (1, 151936, [0])])
+def test_the_kernel_on_a_gpu_matches_the_reference(num_rows, vocab_size, masked_rows, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    logits, bitmask, rows = _case(num_rows, vocab_size, masked_rows, seed=3)
+    logits = logits.to(dtype)
+    expected = logits.clone()
+    apply_token_bitmask_torch(expected, bitmask, rows)
+    got = logits.cuda()
+    apply_token_bitmask(got, bitmask.cuda(), rows.cuda())
+    assert torch.equal(got.cpu(), expected)

@@ -1,0 +1,148 @@
+"""Structured outputs on the embedded model: every sample obeys its constraint, checked by
+oracles we did not write (jsonschema, Python's re), and the constraint of one row changes
+nothing for the other rows of its batch."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.runner.sampler import Sampler, SamplingBatch
+from nanovllm.structured import StructuredOutputsParams
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("xgrammar")
+
+# Nested objects, arrays, enums, required fields; one-letter keys and bounded values keep samples short
+# (the 150 samples below are the costliest CPU test of structured outputs).
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "n": {"type": "string", "maxLength": 4},
+        "r": {"enum": ["admin", "user", "guest"]},
+        "h": {
+            "type": "object",
+            "properties": {"c": {"type": "string", "maxLength": 4},
+                           "z": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["c", "z"],
+        },
+        "t": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
+    },
+    "required": ["n", "r", "h", "t"],
+}
+PROMPT = "Here is a user record:"
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(max_num_seqs=160)
+
+
+REGEX = r"[A-Z][a-z]{1,3}-[0-9]{2,3}"
+CHOICES = ["red", "green", "dark blue", 'say "hi"']
+NUM_SAMPLES = 50
+
+
+@pytest.fixture(scope="module")
+def samples(llm) -> dict[str, list]:
+    """50 samples at temperature 1.0 under each of a JSON schema, a regex and a choice, in one batch."""
+    constraints = {"json": {"json": PERSON_SCHEMA}, "regex": StructuredOutputsParams(regex=REGEX),
+                   "choice": {"choice": CHOICES}}
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=80, structured_outputs=constraint)
+              for constraint in constraints.values() for seed in range(NUM_SAMPLES)]
+    outputs = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
+    return {kind: [o.outputs[0] for o in outputs[i * NUM_SAMPLES:(i + 1) * NUM_SAMPLES]]
+            for i, kind in enumerate(constraints)}
+
+
+def test_fifty_samples_at_temperature_one_validate_against_the_json_schema(samples):
+    for output in samples["json"]:
+        assert output.finish_reason == "stop", output.text
+        jsonschema.validate(json.loads(output.text), PERSON_SCHEMA)
+
+
+def test_fifty_samples_match_the_regex_in_full(samples):
+    for output in samples["regex"]:
+        assert output.finish_reason == "stop" and re.fullmatch(REGEX, output.text), output.text
+
+
+def test_fifty_samples_are_one_of_the_choices(samples):
+    texts = [output.text for output in samples["choice"]]
+    assert all(output.finish_reason == "stop" for output in samples["choice"])
+    assert set(texts) <= set(CHOICES) and len(set(texts)) > 1, texts
+
+
+def test_json_object_mode_starts_a_json_object(llm):
+    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs={"json_object": True})
+    assert llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].text.startswith("{")
+
+
+def test_unconstrained_rows_sample_the_same_tokens_beside_constrained_ones(llm):
+    free = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=1.0, seed=7, max_tokens=12)]
+    alone = llm.generate([PROMPT, "Once upon a time"], free, use_tqdm=False)
+    constrained = SamplingParams(temperature=1.0, seed=1, max_tokens=12, structured_outputs={"regex": "[0-9]+"})
+    mixed = llm.generate([PROMPT, PROMPT, "Once upon a time", PROMPT],
+                         [constrained, free[0], free[1], constrained], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    assert mixed[2].outputs[0].token_ids == alone[1].outputs[0].token_ids
+    assert re.fullmatch("[0-9]+", mixed[0].outputs[0].text)
+
+
+def test_a_constraint_that_does_not_compile_is_refused_before_anything_runs(llm):
+    with pytest.raises(ValueError, match="regex does not compile"):
+        llm.generate([PROMPT], SamplingParams(structured_outputs={"regex": "(unclosed"}), use_tqdm=False)
+    with pytest.raises(ValueError, match="exactly one of"):
+        SamplingParams(structured_outputs={"regex": "a", "choice": ["a"]})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SamplingParams(structured_outputs={"json": "{nope"})
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_logit_bias_of_100_forces_a_token_and_minus_100_forbids_one(llm):
+    tokenizer = llm.get_tokenizer()
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=4, logit_bias={str(forced): 100})
+    assert llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids == [forced] * 4
+    greedy = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    first = greedy[0].outputs[0].token_ids[0]
+    banned = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1, logit_bias={first: -100}),
+                          use_tqdm=False)
+    assert banned[0].outputs[0].token_ids[0] != first
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([PROMPT], SamplingParams(logit_bias={10**7: 1.0}), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"\[-100, 100\]"):
+        SamplingParams(logit_bias={1: 101})
+
+
+def test_the_sampler_masks_only_the_constrained_rows_and_adds_the_bias_to_its_row():
+    vocab_size = 70
+    logits = torch.randn(3, vocab_size, generator=torch.Generator().manual_seed(0))
+    bitmask = torch.zeros(1, 3, dtype=torch.int32)
+    bitmask[0, 1] = 1 << 5                                  # row 2 may take token 37 only
+    batch = SamplingBatch.build([SamplingParams(temperature=0, logit_bias={3: 50.0})] + [SamplingParams(temperature=0)] * 2,
+                                [0, 0, 0], [0, 0, 0], [[1]] * 3, [[]] * 3, [0], "cpu")
+    batch.bitmask, batch.bitmask_rows = bitmask, torch.tensor([2])
+    tokens = Sampler()(logits.clone(), batch).token_ids
+    assert tokens == [3, int(logits[1].argmax()), 37]
+
+
+def test_with_async_scheduling_each_constrained_step_waits_for_the_token_its_matcher_needs():
+    llm = LLM(async_scheduling=True)
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=16, structured_outputs={"regex": REGEX})
+              for seed in range(6)]
+    for output in llm.generate([PROMPT] * len(params), params, use_tqdm=False):
+        assert re.fullmatch(REGEX, output.outputs[0].text), output.outputs[0].text
+
+
+def test_a_masked_token_never_wins_the_race_even_where_its_exponential_rounds_to_zero(monkeypatch):
+    import nanovllm.ops.sampling as sampling
+    vocab_size = 2048
+    scores = torch.full((1, vocab_size), float("-inf"))
+    scores[0, 7] = 0.0                                   # the one token the mask allows
+    uniform = torch.full((1, vocab_size), 0.5)
+    uniform[0, 1500] = 1.0                               # CPU log rounds u just below 1 to log u = 0
+    monkeypatch.setattr(sampling, "random_uniform", lambda keys, size: uniform.clone())
+    assert sampling.exponential_race_torch(scores, torch.tensor([1])).tolist() == [7]
