@@ -545,14 +545,18 @@ def test_sigterm_under_load_lets_the_streams_finish_then_exits_0(server):
     async def scenario() -> list[tuple[str, int]]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
                                       timeout=120) as client:
-            streams = [asyncio.ensure_future(stream_completion(client, server.model, f"Drain {i}", 40))
+            # Long enough that none can finish before all 8 are in (a quiet CPU decodes 40 tokens of the tiny
+            # model within one poll), and a deadline rather than a wait that never ends.
+            streams = [asyncio.ensure_future(stream_completion(client, server.model, f"Drain {i}", 200))
                        for i in range(8)]
+            deadline = time.monotonic() + 30
             while server.metrics()["nanovllm:num_unfinished_requests"] < 8:
+                assert time.monotonic() < deadline, "the 8 streams never were in the engine at once"
                 await asyncio.sleep(0.05)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*streams)
 
-    assert asyncio.run(scenario()) == [("length", 40)] * 8
+    assert asyncio.run(scenario()) == [("length", 200)] * 8
     assert server.process.wait(timeout=30) == 0, server.log()
     core_pid = int(re.search(r"engine core process (\d+) is ready", server.log()).group(1))
     assert not Path(f"/proc/{core_pid}").exists(), "the engine core outlived the server"
