@@ -16,12 +16,35 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 TINY_VOCAB = 320   # 256 byte tokens + 3 specials, rounded up like real vocabularies
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"   # this process runs Triton kernels on the CPU
+
+
+def in_interpreter(test):
+    """Collect `test` only in the subprocess that runs with TRITON_INTERPRET=1."""
+    test.__test__ = IN_INTERPRETER
+    return test
+
+
+def run_in_interpreter(test_file: str, *pytest_args: str) -> str:
+    """Run pytest on `test_file` in a subprocess with TRITON_INTERPRET=1 (the interpreter must be set
+    before triton is imported, hence the subprocess); fail unless it passed. -> its stdout."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *pytest_args],
+                         env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-6000:] + run.stderr[-3000:]
+    return run.stdout
+
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -3,17 +3,13 @@ on the CPU under Triton's interpreter, in a fresh Python with TRITON_INTERPRET=1
 test_ops_triton.py), and the reference itself agrees with a bit-by-bit reading of the mask."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from nanovllm.ops.bitmask import apply_token_bitmask, apply_token_bitmask_torch
+from conftest import IN_INTERPRETER, run_in_interpreter
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _case(num_rows: int, vocab_size: int, masked_rows: list[int], seed: int):
@@ -44,12 +40,7 @@ def test_a_bitmask_too_narrow_for_the_vocabulary_is_refused():
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="the subprocess itself")
 def test_the_triton_kernel_matches_the_reference_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "kernel_case"], env=env, cwd=Path(__file__).parent.parent, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    run_in_interpreter(__file__, "-k", "kernel_case")
 
 
 @pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")

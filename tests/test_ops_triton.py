@@ -13,10 +13,6 @@ broken in the interpreter (it is tested on the GPU, tests/gpu/test_kernels_gpu.p
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,26 +25,15 @@ from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms
 from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache,
                                  rotary_and_store_kv, rotary_and_store_kv_torch, rotary_store_and_attend,
                                  rotary_store_and_attend_torch)
-from conftest import PoisonedTorch
+from conftest import IN_INTERPRETER, PoisonedTorch, in_interpreter, run_in_interpreter
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
-def in_interpreter(test):
-    """Collect `test` only in the subprocess that runs with TRITON_INTERPRET=1."""
-    test.__test__ = IN_INTERPRETER
-    return test
-
-
 def test_triton_kernels_match_references_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    stdout = run_in_interpreter(__file__)
+    assert "skipped" not in stdout, stdout[-2000:]
 
 
 test_triton_kernels_match_references_in_the_interpreter.__test__ = not IN_INTERPRETER

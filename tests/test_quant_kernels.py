@@ -10,9 +10,7 @@ on codes quantized by torch; tests/gpu/test_quant_gpu.py checks the whole op.
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,23 +18,14 @@ import torch
 
 from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, w4a16_linear_torch)
+from conftest import IN_INTERPRETER, in_interpreter, run_in_interpreter
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
-def in_interpreter(test):
-    test.__test__ = IN_INTERPRETER
-    return test
-
-
 def test_quant_kernels_match_references_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    stdout = run_in_interpreter(__file__)
+    assert "skipped" not in stdout, stdout[-2000:]
 
 
 test_quant_kernels_match_references_in_the_interpreter.__test__ = not IN_INTERPRETER
