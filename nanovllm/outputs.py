@@ -74,6 +74,8 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0                   # prompt tokens found in the prefix cache
     error: str | None = None                     # why the request failed (finish_reason "error")
+    error_in_request: bool = False               # ... because of its own parameters or inputs (a client
+                                                 # error, HTTP 400), not the engine's (500)
     # Per prompt token: its log-probability given the tokens before it, with the top-k alternatives
     # (None for the first token); None unless SamplingParams.prompt_logprobs asked.
     prompt_logprobs: list[dict[int, float] | None] | None = None
@@ -89,3 +91,4 @@ class RequestOutput:
             self.prompt_logprobs = later.prompt_logprobs
         self.finished, self.metrics = later.finished, later.metrics
         self.num_cached_tokens, self.error = later.num_cached_tokens, later.error
+        self.error_in_request = later.error_in_request

@@ -53,7 +53,7 @@ def test_a_poisoned_request_ends_alone_and_four_healthy_ones_finish_as_alone(tin
     finals = run_to_end(engine)
 
     assert finals["poisoned"].outputs[0].finish_reason == "error"
-    assert finals["poisoned"].error
+    assert finals["poisoned"].error and finals["poisoned"].error_in_request   # its own fault: a client error
     for index in range(len(HEALTHY_PROMPTS)):
         final = finals[f"healthy-{index}"]
         assert final.error is None and final.outputs[0].finish_reason == "length"
@@ -69,6 +69,7 @@ def test_a_step_that_fails_for_everyone_still_fails_everyone(tiny_llama_loaded, 
     finals = run_to_end(engine)
     assert {final.outputs[0].finish_reason for final in finals.values()} == {"error"}
     assert all("device lost" in final.error for final in finals.values())
+    assert not any(final.error_in_request for final in finals.values())      # the engine's fault, not theirs
 
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused_at_admission(tiny_llama_loaded):
@@ -119,3 +120,53 @@ def test_poisoned_requests_over_http_get_400_while_four_streams_finish(tiny_llam
         streams, statuses = asyncio.run(scenario(f"http://{host}:{port}/v1"))
     assert streams == [("length", 24)] * 4
     assert statuses == [400] * len(poisons)
+
+
+def test_a_request_that_fails_inside_a_step_gets_400_over_http_and_the_streams_beside_it_finish(
+        tiny_llama_loaded, monkeypatch):
+    """A fault admission did not see (here: building the request's sampling row raises) ends that request
+    with a 400, not a 500 the openai client would retry, and the four streams batched with it go on."""
+    import asyncio
+
+    import openai
+
+    from nanovllm.server.app import ServerConfig, build_app
+    from conftest import serving
+
+    engine = engine_over(tiny_llama_loaded, device="cpu", max_model_len=128)
+    prepare = engine.runner.prepare_sampling
+
+    def prepare_failing_on_seed_7(batch):
+        if any(seq.sampling_params.seed == 7 for seq in batch.sampling_seqs):
+            raise OverflowError("Python int too large to convert to C long")
+        return prepare(batch)
+
+    monkeypatch.setattr(engine.runner, "prepare_sampling", prepare_failing_on_seed_7)
+    app = build_app(server_config=ServerConfig(served_model_name="m"), engine=engine)
+
+    async def scenario(url: str):
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
+            async def healthy(index: int) -> tuple[str, int]:
+                stream = await client.completions.create(
+                    model="m", prompt=f"stream {index}", max_tokens=24, stream=True, temperature=0.8,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "top_k": 20})
+                finish, tokens = None, None
+                async for chunk in stream:
+                    finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+                    tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+                return finish, tokens
+
+            async def failing() -> tuple[int, str]:
+                await asyncio.sleep(0.05)   # while the streams run
+                try:
+                    await client.completions.create(model="m", prompt="fails", max_tokens=8, seed=7)
+                except openai.APIStatusError as error:
+                    return error.status_code, error.body["type"]
+                return 200, ""
+
+            return await asyncio.gather(*[healthy(i) for i in range(4)], failing())
+
+    with serving(app) as (host, port):
+        results = asyncio.run(scenario(f"http://{host}:{port}/v1"))
+    assert results[:4] == [("length", 24)] * 4
+    assert results[4] == (400, "invalid_request_error")

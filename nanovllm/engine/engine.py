@@ -398,6 +398,7 @@ class LLMEngine:
                 for seq in self.requests[request_id]:
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
                     seq.error = f"{type(fault).__name__}: {fault}"
+                    seq.error_in_request = True
                 outputs.append(self._finish_request(request_id))
         return outputs
 
@@ -447,6 +448,7 @@ class LLMEngine:
             prompt_logprobs=None if first.prompt_logprobs is None or (delta and not finished)
             else list(first.prompt_logprobs),
             error=next((seq.error for seq in seqs if seq.error is not None), None),
+            error_in_request=any(seq.error_in_request for seq in seqs),
         )
 
     # ---- observation ---------------------------------------------------------------------

@@ -92,6 +92,7 @@ class Sequence:
     logprobs: list[dict[int, float]] | None = None   # per output token: sampled + top-k, when asked
     cumulative_logprob: float = 0.0
     error: str | None = None
+    error_in_request: bool = False           # the request's own parameters or inputs failed (a client error)
     # Prompt log-probabilities (SamplingParams.prompt_logprobs; the first sample of a request only): entry i is
     # token i's given tokens 0..i-1 with the top-k alternatives, None for token 0; filled as prefill chunks run.
     prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -16,7 +16,8 @@ requests, which frees their KV blocks.
 
 Every error is OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
 with OpenAI's status: 400 bad input, 401 bad API key, 404 unknown model or
-route, 413 body too large, 503 queue full or shutting down, 500 a failed step;
+route, 413 body too large, 503 queue full or shutting down, 500 a failed step
+(400 when the step failed on the request's own parameters);
 the guards of security.py add 400 unknown Host, 403 foreign web origin, 408
 body too slow and 415 a POST that is not JSON.
 """
@@ -623,8 +624,11 @@ def _check_stream_options(stream: bool | None, stream_options: Any) -> None:
 
 
 def _raise_if_failed(output: RequestOutput) -> None:
-    """A failed request is a 500; one the server aborted (its client is still here: shutdown) a 503,
-    never an "abort" finish reason, which OpenAI's API does not have."""
+    """A request that failed on its own parameters or inputs is a 400, one the engine failed (a device
+    error) a 500; one the server aborted (its client is still here: shutdown) a 503, never an "abort"
+    finish reason, which OpenAI's API does not have."""
+    if output.error is not None and output.error_in_request:
+        raise OpenAIError(400, f"this request's parameters could not be run: {output.error}")
     if output.error is not None:
         raise OpenAIError(500, f"generation failed: {output.error}", type="server_error")
     if any(completion.finish_reason == "abort" for completion in output.outputs):
