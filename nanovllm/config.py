@@ -81,6 +81,8 @@ class EngineConfig:
     async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n; None: on for one CUDA GPU
     quantization: str | None = None       # "fp8" | "w4a16": quantize a float checkpoint's linear layers at load
     skip_tokenizer_init: bool = False     # no tokenizer: prompts are token ids, outputs token ids with text ""
+    batch_invariant: bool = False         # a request's tokens and logprobs do not depend on its batch (cuda: fixed-
+                                          # tile kernels, at a cost; cpu: int4 and float32 are so already)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EngineConfig":
         # Python's own TypeError for an unknown keyword does not list the valid ones; say them.
@@ -135,8 +137,23 @@ class EngineConfig:
         if self.quantization is not None and (self.quantization not in ONLINE_METHODS or self.dtype in QUANTIZED_DTYPES):
             raise ValueError(f"quantization must be one of {', '.join(ONLINE_METHODS)} with a float dtype, got "
                              f"{self.quantization!r} with dtype={self.dtype!r}; quantized checkpoints need none")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.batch_invariant:
+            self._check_batch_invariant()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _check_batch_invariant(self) -> None:
+        """Refuse the combinations that have no batch-invariant kernels, rather than run them variant."""
+        if self.device == "cpu" and self.dtype not in ("int4", "float32"):
+            raise ValueError(f"batch_invariant on the CPU needs dtype 'int4' or 'float32' (their kernels give a row "
+                             f"the same result in any batch); {self.dtype!r} has no such kernels")
+        if self.device == "cuda" and self.quantization is not None:
+            raise ValueError("batch_invariant has GPU kernels for float weights only; drop quantization "
+                             f"({self.quantization!r}) or batch_invariant")
+        if self.tensor_parallel_size > 1:
+            raise ValueError("batch_invariant runs with tensor_parallel_size=1 only")
 
     @property
     def torch_dtype(self) -> torch.dtype:

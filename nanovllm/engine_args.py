@@ -35,6 +35,8 @@ _HELP = {
                     "checkpoints, compressed-tensors, GPTQ, AWQ, load quantized without it)",
     "async_scheduling": "schedule a step while the GPU runs the one before (default: on with one CUDA GPU)",
     "skip_tokenizer_init": "load no tokenizer: prompts are token ids, outputs token ids with empty text",
+    "batch_invariant": ("a request's tokens and log-probabilities do not depend on what it is batched with "
+                        "(GPU: fixed-tile kernels, slower; CPU: int4 and float32 are invariant already)"),
 }
 
 

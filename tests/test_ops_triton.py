@@ -27,7 +27,8 @@ from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotar
                                  rotary_store_and_attend_torch)
 from conftest import IN_INTERPRETER, PoisonedTorch, in_interpreter, run_in_interpreter
 
-KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton")
+KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton",
+                  "matmul_triton")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
@@ -55,7 +56,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = [value for module in vars(kernels).values() for value in vars(module).values()
              if isinstance(value, (InterpretedFunction, JITFunction))]
-    assert len(found) == 12
+    assert len(found) == 13
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -155,6 +156,48 @@ def test_padding_rows_of_a_graph_batch_come_out_as_zeros(kernels, num_kv_splits)
     torch.testing.assert_close(out[:2], reference_attention(q[:2], k_clean, v_clean, real, 0.125),
                                **TOLERANCE[torch.float32])
     assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
+def test_batch_invariant_attention_gives_a_query_the_same_bits_decoded_or_beside_chunks(kernels, group, num_kv_heads,
+                                                                                         head_dim, dtype):
+    """batch_invariant: the reference's result, and for each query the same bits whether its sequence is
+    decoded alone or sits beside prefill chunks (one kernel configuration, keys in the same tiles)."""
+    q_lens, contexts = [3, 1, 17, 1], [6, 130, 0, 201]     # decodes past two tiles of keys
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
+        q_lens, contexts, group * num_kv_heads, num_kv_heads, head_dim, 16, dtype, seed=40 + group)
+    scale = head_dim ** -0.5
+    attend = kernels.attention_triton.paged_attention_triton
+    mixed = attend(q, k_cache, v_cache, metadata, scale, batch_invariant=True)
+    torch.testing.assert_close(mixed.float(), reference_attention(q, k_clean, v_clean, metadata, scale),
+                               **TOLERANCE[dtype])
+    starts = metadata.query_start_loc.tolist()
+    for b in range(len(q_lens)):   # each sequence in a step of its own
+        rows = slice(starts[b], starts[b + 1])
+        alone = AttentionMetadata(torch.tensor([0, q_lens[b]], dtype=torch.int32), metadata.seq_lens[b:b + 1],
+                                  metadata.slot_mapping[rows], metadata.block_tables[b:b + 1], q_lens[b],
+                                  int(metadata.seq_lens[b]))
+        assert torch.equal(attend(q[rows], k_cache, v_cache, alone, scale, batch_invariant=True), mixed[rows]), b
+
+
+@in_interpreter
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k", [(100, 150), (64, 64), (130, 40)])   # tails in N and K
+def test_batch_invariant_matmul_matches_torch_and_gives_a_row_the_same_bits_in_any_batch(kernels, n, k, dtype, bias):
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(70, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    matmul = kernels.matmul_triton.matmul_batch_invariant_triton
+    full = matmul(x, w, b)
+    want = x.float() @ w.float().T + (b.float() if bias else 0.0)
+    torch.testing.assert_close(full.float(), want, **TOLERANCE[dtype])
+    for rows in (1, 5, 64, 65):
+        assert torch.equal(matmul(x[:rows], w, b), full[:rows]), f"rows={rows}"
+    assert matmul(x.view(7, 10, k), w, b).shape == (7, 10, n)
 
 
 def decode_step_before_rope(group: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,

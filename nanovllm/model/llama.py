@@ -31,7 +31,7 @@ from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
 from nanovllm.ops.activation import silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.linear import linear_or_partials
+from nanovllm.ops.linear import BatchInvariantLinear, linear_or_partials
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend
 
@@ -69,6 +69,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        self.batch_invariant = False                  # use_batch_invariant_kernels sets it
         self.cos_sin_cache = cos_sin_cache            # [max_position, D] float32, shared by all layers
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata,
@@ -84,7 +85,8 @@ class LlamaAttention(nn.Module):
         # RoPE on q and k, the new tokens' k and v into their cache slots, attention over the cache;
         # on CUDA one kernel for a decode step (two for a step with prefill chunks).
         o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
-                                    self.scale, q_norm_weight, k_norm_weight, eps)   # [T, Hq, D]
+                                    self.scale, q_norm_weight, k_norm_weight, eps,
+                                    batch_invariant=self.batch_invariant)            # [T, Hq, D]
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
         o = linear_or_partials(o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
         return self.parallel.all_reduce(o)
@@ -128,6 +130,7 @@ class LlamaForCausalLM(nn.Module):
 
     parallel: this process's rank among tensor-parallel ranks (default: the only one).
     """
+    batch_invariant = False   # use_batch_invariant_kernels: every row's result independent of its batch
 
     def __init__(self, config: ModelConfig, parallel: ParallelState | None = None):
         super().__init__()
@@ -163,6 +166,25 @@ class LlamaForCausalLM(nn.Module):
         float32 copy of a [256, 128256] batch would cost more than the whole sampling pass."""
         logits = self.parallel.all_gather(self.lm_head(hidden))                 # [N, world_size * rows per rank]
         return logits[:, :self.config.vocab_size]                               # drop the padding columns
+
+    def use_batch_invariant_kernels(self) -> None:
+        """`--batch-invariant`: make every row's result independent of the rest of its batch. Each plain
+        linear layer (the LM head too) becomes a fixed-tile product that never splits K
+        (ops/matmul_triton.py), and attention runs one kernel configuration for decodes and prefill
+        chunks alike, with no split of the context (attention_triton.py). The other kernels (RMSNorm,
+        RoPE, SiLU, sampling) already work row by row."""
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, BatchInvariantLinear.of(child))
+        quantized = sorted({type(m).__name__ for m in self.modules() if hasattr(m, "forward_or_partials")
+                            and not isinstance(m, BatchInvariantLinear)})
+        if quantized:
+            raise ValueError(f"batch_invariant has kernels for float weights only; this model's {', '.join(quantized)} "
+                             "layers have none (load a bfloat16 checkpoint, or drop batch_invariant)")
+        for layer in self.layers:
+            layer.self_attn.batch_invariant = True
+        self.batch_invariant = True
 
     # ---- weights ---------------------------------------------------------------------------
 

@@ -305,12 +305,17 @@ def _step_kv_splits(metadata: AttentionMetadata, k_cache: torch.Tensor, device: 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            metadata: AttentionMetadata, scale: float, *,
                            num_kv_splits: int | None = None,
-                           config: AttentionKernelConfig | None = None) -> torch.Tensor:
+                           config: AttentionKernelConfig | None = None,
+                           batch_invariant: bool = False) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; the same contract as `paged_attention_torch`.
 
     num_kv_splits and config override the choices made from the shapes (tests, tuning).
-    Rows of q that belong to no sequence (past query_start_loc[-1]) are left unwritten.
+    batch_invariant: one split and the prefill configuration for every step (see
+    `rotary_store_and_attend_triton`). Rows of q that belong to no sequence (past
+    query_start_loc[-1]) are left unwritten.
     """
+    if batch_invariant:
+        return _attention(q, k_cache, v_cache, metadata, scale, 1, None, None, batch_invariant=True)
     return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, config, None)
 
 
@@ -319,7 +324,8 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    metadata: AttentionMetadata, scale: float,
                                    q_norm_weight: torch.Tensor | None = None,
                                    k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
-                                   num_kv_splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                                   num_kv_splits: int | None = None, fused: bool | None = None,
+                                   batch_invariant: bool = False) -> torch.Tensor:
     """`rotary_store_and_attend_torch` (ops/rotary.py). A decode step of few sequences runs as one
     kernel, which rotates q and k, writes k and v into the cache and attends, leaving q, k and v as
     they were; any other step as the RoPE + cache-write kernel, then attention.
@@ -328,8 +334,19 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     program is a chain of dependent loads and a kernel less saves its launch and ramp (-2 us a
     layer at batch 1 on an H200). With a full grid the RoPE work inside every attention program
     cost more than the separate kernel (+7 us a layer at batch 256): docs/reference/gpu-kernels.md.
-    fused: force the choice (tests)."""
-    decode = metadata.max_query_len == 1
+    fused: force the choice (tests).
+
+    batch_invariant: a query's result must not depend on the rest of the step. Then every step, decode
+    or not, runs the separate RoPE kernel and the attention kernel in its prefill configuration (the
+    same tiles: BLOCK_N keys at a time from key 0, in order, a decode's token alone in its tile), with
+    one split. Keys past a row's position add exact zeros to its sums, so a token gets the same bits
+    in a decode step, in a prefill chunk of any length or beside any other sequences."""
+    if batch_invariant:
+        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
+        q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
+                                          metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
+        return _attention(q, k_cache, v_cache, metadata, scale, 1, None, None, batch_invariant=True)
+    decode = metadata.max_query_len == 1 and not batch_invariant
     if num_kv_splits is None:
         num_kv_splits = _step_kv_splits(metadata, k_cache, q.device)
     if fused is None:
@@ -349,9 +366,10 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
                scale: float, num_kv_splits: int | None, config: AttentionKernelConfig | None,
-               new_token: tuple | None) -> torch.Tensor:
+               new_token: tuple | None, batch_invariant: bool = False) -> torch.Tensor:
     """Launch the attention kernel (and the merge of its splits). new_token: a decode's un-rotated
-    (k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps), for the kernel's ROPE path."""
+    (k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps), for the kernel's ROPE path.
+    batch_invariant: the prefill configuration for decode steps too."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
@@ -365,7 +383,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
     if num_tokens == 0:
         return out
 
-    decode = metadata.max_query_len == 1
+    decode = metadata.max_query_len == 1 and not batch_invariant
     if config is None:
         config = decode_config(group) if decode else prefill_config(group)
     # Every compile-time constant below comes from the model's shapes and the config, never from the

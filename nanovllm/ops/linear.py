@@ -13,6 +13,9 @@ Where it is used: o_proj and down_proj, whose next kernel is the residual-add + 
 qkv_proj: its 48 tiles gain less (6.1 -> 5.6 us) than reading the partials back cost the RoPE
 kernel after it when tried (+0.7 us), and not gate_up_proj, which already has 256 tiles.
 On the CPU, and for more rows than SPLIT_K_MAX_ROWS, nothing is split.
+
+Batch-invariant layers (`BatchInvariantLinear`, `--batch-invariant`) never split: how many slices a
+product gets depends on its number of rows, and so would the rounding of every row.
 """
 from __future__ import annotations
 
@@ -26,6 +29,27 @@ _TILE_COLUMNS = 64         # the output columns of one cuBLAS tile at batch 1 (i
 _MAX_SPLITS = 8            # each slice adds T x N float32 that the consumer reads back (~0.1 us per
                            # slice for 2048 columns: one program per row reads them all)
 _MIN_SLICE = 256           # a slice of K shorter than this is not worth a tile
+
+
+class BatchInvariantLinear(nn.Linear):
+    """An nn.Linear whose output row for an input row is the same bits whatever else is in the batch:
+    on CUDA the fixed-tile Triton product (ops/matmul_triton.py), never split; elsewhere nn.Linear's."""
+
+    @classmethod
+    def of(cls, layer: nn.Linear) -> "BatchInvariantLinear":
+        """A batch-invariant layer over `layer`'s own parameters (tied weights stay tied)."""
+        invariant = cls(layer.in_features, layer.out_features, bias=False, device="meta")
+        invariant.weight, invariant.bias = layer.weight, layer.bias
+        return invariant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from nanovllm.ops.matmul_triton import matmul_batch_invariant_triton
+            return matmul_batch_invariant_triton(x, self.weight, self.bias)
+        return super().forward(x)
+
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)   # whole rows, never partial sums over a split of K
 
 
 def split_k_count(num_rows: int, n: int, k: int, device: torch.device) -> int:

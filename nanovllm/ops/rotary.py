@@ -177,16 +177,19 @@ def rotary_store_and_attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                             cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             metadata: AttentionMetadata, scale: float, q_norm_weight: torch.Tensor | None = None,
-                            k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                            k_norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                            batch_invariant: bool = False) -> torch.Tensor:
     """(Norm and) RoPE, the cache write of the new tokens' K and V, and paged attention. On CUDA a
     decode step runs it as one kernel (the attention kernel rotates the token's q and k itself and
     takes its own key from registers), a step with prefill chunks as two; the torch reference runs
     the steps in turn (and rotates q and k in place, which the kernel need not do). On the CPU in
-    float32 the attention is numba's, whose result for a query does not depend on the batch."""
+    float32 the attention is numba's, whose result for a query does not depend on the batch.
+    batch_invariant: on CUDA, always two kernels, and attention in the one configuration of
+    `rotary_store_and_attend_triton` whose result for a query does not depend on the batch either."""
     if use_triton(q):
         from nanovllm.ops.attention_triton import rotary_store_and_attend_triton
         return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
-                                              q_norm_weight, k_norm_weight, eps)
+                                              q_norm_weight, k_norm_weight, eps, batch_invariant=batch_invariant)
     if use_numba(q, k_cache):   # batch-invariant attention (attention_numba.py)
         from nanovllm.ops.attention_numba import rotary_store_and_attend_numba
         return rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,

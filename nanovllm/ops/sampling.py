@@ -110,11 +110,14 @@ def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, te
 
 
 def sample_from_logits(logits: torch.Tensor, keys: torch.Tensor | None, temperature: torch.Tensor | None,
-                       out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None, batch_invariant: bool = False,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_invariant: on CUDA, cut every row into the same chunks whatever the batch size, so that a
+    row's log-normalizer (and log-probabilities) has the same bits alone or batched."""
     if use_triton(logits):   # one pass over the [B, V] logits instead of five or six
-        from nanovllm.ops.sampling_triton import sample_from_logits_triton
-        return sample_from_logits_triton(logits, keys, temperature, out=out)
+        from nanovllm.ops.sampling_triton import BATCH_INVARIANT_SPLITS, sample_from_logits_triton
+        return sample_from_logits_triton(logits, keys, temperature, out=out,
+                                         num_splits=BATCH_INVARIANT_SPLITS if batch_invariant else None)
     return sample_from_logits_torch(logits, keys, temperature, out=out)
 
 

@@ -50,6 +50,8 @@ def _log_exponential(key, tokens):
 # enough warps per SM to hide its instructions' latency: the pass hashes and takes two logarithms per
 # token, and at batch 256 2 chunks a row (512 programs) took 174 us, 16 chunks 139 us.
 TARGET_PROGRAMS = 4096   # batch 256: 16 chunks a row (tools/sampling_probe.py)
+BATCH_INVARIANT_SPLITS = 16   # --batch-invariant: chunks a row whatever the batch (a row's log-normalizer
+                              # adds its chunks up, so their number must not follow the batch size)
 MAX_SPLITS = 128         # chunks per row at most (the combine kernel loads them in one block): a
                          # 128k vocabulary at batch 1 is then 126 programs of one block each
 

@@ -124,7 +124,8 @@ class DecodeGraphs:
             return hidden
         logits = self.model.compute_logits(hidden)
         sample_from_logits(logits, self.rows.keys[:size], self.rows.temperature[:size],
-                           out=(self.samples.token_ids[:size], self.samples.logprobs[:size]))
+                           out=(self.samples.token_ids[:size], self.samples.logprobs[:size]),
+                           batch_invariant=self.model.batch_invariant)
         return logits
 
     @torch.inference_mode()

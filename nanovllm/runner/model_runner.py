@@ -79,7 +79,9 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.sampler = Sampler()
+        if config.batch_invariant and self.device.type == "cuda":   # the CPU's invariant formats need nothing
+            model.use_batch_invariant_kernels()
+        self.sampler = Sampler(batch_invariant=model.batch_invariant)
         self.parallel = model.parallel
         if self.parallel.world_size != config.tensor_parallel_size:
             raise ValueError(f"the model given is shard {self.parallel.rank} of {self.parallel.world_size} but "

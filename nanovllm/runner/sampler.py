@@ -250,7 +250,14 @@ class DeviceSamples:
 
 
 class Sampler:
-    """logits [B, V] (the model's dtype) + SamplingBatch -> one token per row (see the module docstring)."""
+    """logits [B, V] (the model's dtype) + SamplingBatch -> one token per row (see the module docstring).
+
+    batch_invariant: a row's log-probabilities must not depend on the batch size: the log-normalizer
+    comes from the fused pass with a fixed cut of the vocabulary, never from torch's reduction, whose
+    split of a row follows the number of rows."""
+
+    def __init__(self, batch_invariant: bool = False):
+        self.batch_invariant = batch_invariant
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         return self.sample(logits, batch).result()
@@ -275,7 +282,8 @@ class Sampler:
             keys, temperature = (None, None) if batch.all_greedy else (batch.stream_keys, batch.temperature)
             if batch.is_greedy is not None:   # a mixed batch: temperature 0 makes a row greedy in the pass
                 temperature = torch.where(batch.is_greedy, 0.0, temperature)
-            _, _, log_normalizer = sample_from_logits(logits, keys, temperature, out=(out_tokens, out_logprobs))
+            _, _, log_normalizer = sample_from_logits(logits, keys, temperature, out=(out_tokens, out_logprobs),
+                                                      batch_invariant=self.batch_invariant)
             if batch.max_num_logprobs is not None:
                 logits = logits.float()
         else:
@@ -284,7 +292,10 @@ class Sampler:
             if batch.suppressed_token_ids is not None:
                 processed = processed.masked_fill(_token_counts(batch.suppressed_token_ids, logits.shape[1]) > 0,
                                                   float("-inf"))
-            log_normalizer = torch.logsumexp(logits, dim=-1)                                   # [B]
+            if self.batch_invariant and logits.is_cuda:   # the greedy pass finds it on its way
+                log_normalizer = sample_from_logits(logits, None, None, batch_invariant=True)[2]   # [B]
+            else:
+                log_normalizer = torch.logsumexp(logits, dim=-1)                               # [B]
             token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
             out_tokens.copy_(token_ids)
             torch.sub(logits.gather(1, token_ids[:, None]).squeeze(1), log_normalizer, out=out_logprobs)   # [B]
