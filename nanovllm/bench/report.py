@@ -141,9 +141,15 @@ def card_name(device: str, device_name: str, num_threads: int) -> str:
 
 
 def result_stem(result: dict) -> str:
-    """<YYYY-MM-DD>-<card>-<kind>-<model>, e.g. 2026-11-28-nvidia-h200-throughput-llama-3.2-1b."""
+    """<YYYY-MM-DD>-<card>-<kind>-<model>, e.g. 2026-11-28-nvidia-h200-throughput-llama-3.2-1b
+    (-batch-invariant after it for a run with --batch-invariant)."""
     model = Path(result["model"]["name"]).name   # a model given as a path: its folder or file name
-    return "-".join([result["date"][:10]] + [_slug(part) for part in (result["card"], result["kind"], model)])
+    parts = [result["card"], result["kind"], model] + (["batch-invariant"] if _batch_invariant(result) else [])
+    return "-".join([result["date"][:10]] + [_slug(part) for part in parts])
+
+
+def _batch_invariant(result: dict) -> bool:
+    return bool((result.get("engine_config") or {}).get("batch_invariant"))
 
 
 def _slug(text: str) -> str:
@@ -216,10 +222,12 @@ def load_results(directory: Path) -> list[tuple[str, dict]]:
     return results
 
 
-def model_label(model: dict) -> str:
-    """"llama-3.2-1b, dummy weights, bfloat16": the name and, where known, the weights and their dtype."""
+def model_label(model: dict, batch_invariant: bool = False) -> str:
+    """"llama-3.2-1b, dummy weights, bfloat16": the name and, where known, the weights and their dtype
+    (and "batch-invariant" for a run with --batch-invariant)."""
     load_format = model.get("load_format")
-    details = ["dummy weights" if load_format == "dummy" else None, model.get("dtype")]
+    details = ["dummy weights" if load_format == "dummy" else None, model.get("dtype"),
+               "batch-invariant" if batch_invariant else None]
     return ", ".join([model["name"]] + [detail for detail in details if detail not in (None, "auto")])
 
 
@@ -227,7 +235,7 @@ def result_rows(results: list[tuple[str, dict]]) -> list[Row]:
     rows = []
     for file, result in results:
         for figure in result["figures"]:
-            rows.append(Row(date=result["date"], workload=figure["workload"], model=model_label(result["model"]),
+            rows.append(Row(date=result["date"], workload=figure["workload"], model=model_label(result["model"], _batch_invariant(result)),
                             card=result["card"], figure=figure["figure"], measured=figure["measured"],
                             roofline=figure["roofline"], fraction=figure["fraction_of_roofline"],
                             peers=_peer_text(figure), commit=(result["git_commit"] or "")[:7]

@@ -71,21 +71,45 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
     prompt = [256, 17, 99, 3, 250, 64, 7, 180, 42, 5]
     gpu, _ = load_model(str(tiny_llama), device=DEVICE, dtype=torch.bfloat16, quantization=method)
     cpu, _ = load_model(str(tiny_llama), device="cpu", dtype=torch.bfloat16, quantization=method)
-    assert relative_error(PagedSequence(gpu).step(prompt).cpu(), PagedSequence(cpu).step(prompt)) < 3e-2
+    unquantized, _ = load_model(str(tiny_llama), device="cpu", dtype=torch.bfloat16)
+    on_cpu = PagedSequence(cpu).step(prompt)
+    # The two sides round activations (fp8) and sums in different orders, and the tiny model's sharp
+    # attention carries a flipped rounding far; a loading or packing bug is off by the whole output.
+    # So the bound is relative to what quantizing costs: the GPU must be much nearer the CPU's
+    # quantized model than that model is to the unquantized one.
+    quantization_error = relative_error(on_cpu, PagedSequence(unquantized).step(prompt))
+    error = relative_error(PagedSequence(gpu).step(prompt).cpu(), on_cpu)
+    assert error < max(3e-2, 0.5 * quantization_error), (error, quantization_error)
+
+
+NEAR_TIE = 0.05   # nats between the two best tokens, under which bfloat16 rounding may pick either
 
 
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])
 def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, method):
-    """13 sequences: the decode graph (batch 16, K split at these few rows) gives the eager tokens."""
+    """13 sequences: the decode graph (batch 16, K split at these few rows) gives the eager tokens and
+    log-probabilities. The graph's padded batch splits K differently from the eager batch of 13, so in
+    bfloat16 the two may part at a near-tie (the two best tokens within NEAR_TIE): each sequence must
+    match up to its first difference, and that difference must be a near-tie on both sides."""
     from nanovllm import LLM, SamplingParams
 
     prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    tokens = []
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    runs = []
     for enforce_eager in (False, True):
         llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization=method, max_num_seqs=16,
                   enforce_eager=enforce_eager, num_kv_blocks=64)
         assert (llm.engine.runner.decode_graphs is None) == enforce_eager
-        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        runs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
         del llm
-    assert tokens[0] == tokens[1]
+    parted = 0
+    for index, (graphed, eager) in enumerate(zip(*runs)):
+        for step, (token, want) in enumerate(zip(graphed.token_ids, eager.token_ids)):
+            mine, theirs = graphed.logprobs[step], eager.logprobs[step]
+            if token != want:
+                gaps = [abs(a - b) for a, b in (sorted(lp.values(), reverse=True)[:2] for lp in (mine, theirs))]
+                assert max(gaps) < NEAR_TIE, f"sequence {index} step {step}: {mine} vs {theirs}"
+                parted += 1
+                break
+            assert mine[token] == pytest.approx(theirs[want], abs=5e-2), f"sequence {index} step {step}"
+    assert parted <= 3, f"{parted} of 13 sequences parted at a near-tie"
