@@ -402,3 +402,12 @@ def test_a_client_spread_over_two_processes_sends_every_request_once():
     metrics = result.as_dict()
     assert metrics["completed"] == 6 and metrics["total_output_tokens"] == sum(5 + i for i in range(6))
     assert sorted(len(r.itl) + 1 for r in result.records) == [5 + i for i in range(6)]
+
+
+def test_a_saved_command_carries_no_machine_paths(tmp_path, monkeypatch):
+    from nanovllm.bench.cli import portable_arguments
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "latency", f"{tmp_path}/models/tiny", "--json", "/elsewhere/out/run.json",
+            f"--save-dir={tmp_path}/results", "--dummy", "llama-3.2-1b"]
+    assert portable_arguments(argv) == ["bench", "latency", "models/tiny", "--json", ".../run.json",
+                                        "--save-dir=results", "--dummy", "llama-3.2-1b"]

@@ -315,7 +315,7 @@ class Bench:
         return {
             "schema": report.SCHEMA,
             "kind": self.args.kind,
-            "command": ("nano-vllm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+            "command": ("nano-vllm " + shlex.join(portable_arguments(sys.argv[1:])) if sys.argv[1:2] == ["bench"]
                         else f"nano-vllm bench {self.args.kind} (called from Python)"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "card": report.card_name(config.device, self.ceilings.device_name, torch.get_num_threads()),
@@ -398,3 +398,19 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def portable_arguments(argv: list[str]) -> list[str]:
+    """The arguments as typed, with absolute paths made portable (results are committed; a machine's
+    paths must not be): relative to the working directory when inside it, else `.../<name>`."""
+    def portable(path: str) -> str:
+        relative = os.path.relpath(path)
+        return relative if not relative.startswith("..") else ".../" + os.path.basename(path.rstrip("/"))
+
+    out = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if os.path.isabs(value):
+            arg = flag + equals + portable(value)
+        out.append(arg)
+    return out
