@@ -387,6 +387,10 @@ class AsyncLLMEngine:
         self.num_waiting = message.num_waiting
         if message.stats is not None:
             self.stats = message.stats
+        for output in message.deltas.outputs():
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put(output)
         for output in message.outputs:
             stream = self._streams.get(output.request_id)
             if output.finished:
