@@ -258,3 +258,43 @@ def test_each_api_process_gets_the_deltas_of_its_own_requests_only(make_engine, 
     core.close()
     context.destroy(linger=0)
     assert tokens == expected and len(set(map(tuple, expected.values()))) == len(lengths)
+
+
+def test_the_reader_lets_streams_read_while_the_core_keeps_sending(make_engine, tmp_path):
+    """Awaiting a message that is already there does not yield to the event loop: a reader that only
+    awaited would hand a stream nothing until the core paused, then everything at once."""
+    import time
+
+    import msgspec
+    import zmq
+
+    from nanovllm.engine.async_engine import MAX_MESSAGES_PER_TURN, OutputStream
+    from nanovllm.engine.core import CoreAddresses, StepOutputs, core_info
+    from nanovllm.outputs import StepDeltas
+
+    addresses = CoreAddresses(f"ipc://{tmp_path}/in", [f"ipc://{tmp_path}/out0"])
+    context = zmq.Context()
+    core_side = context.socket(zmq.PUSH)
+    core_side.bind(addresses.outputs[0])
+    num_messages = 3 * MAX_MESSAGES_PER_TURN
+    client = AsyncLLMEngine(core_info(make_engine()), addresses)
+
+    async def scenario():
+        client.start()   # the reader task starts at the next await
+        stream = client._streams["r"] = OutputStream(client, ["r"])
+        for step in range(num_messages):   # a busy core: every step's message waits before the reader runs
+            deltas = StepDeltas()
+            deltas.add("r", [step], "", 0.0, None)
+            core_side.send(msgspec.msgpack.encode(StepOutputs([], deltas, [], [], 0)))
+        time.sleep(0.5)   # delivered to the reader's socket, without yielding to the event loop
+        reads = []
+        while sum(reads) < num_messages:
+            reads.append(sum(len(output.outputs[0].token_ids) for output in await stream.get()))
+        client._reader.cancel()
+        client._context.destroy(linger=0)
+        return reads
+
+    reads = asyncio.run(scenario())
+    core_side.close(linger=0)
+    context.term()
+    assert sum(reads) == num_messages and len(reads) >= 3 and max(reads) <= MAX_MESSAGES_PER_TURN
