@@ -218,7 +218,8 @@ def test_each_api_process_gets_the_deltas_of_its_own_requests_only(make_engine, 
     from nanovllm.engine.core import AddRequests, CoreAddresses, EngineCore, EngineRequest, Shutdown, StepOutputs
 
     lengths = {"a0": 5, "b0": 3, "a1": 4, "b1": 6}   # request id -> max_tokens; the digit is its API process
-    specs = [(request_id, ids(f"Hi {request_id}"), greedy(max_tokens, n=2)) for request_id, max_tokens in lengths.items()]
+    specs = [(request_id, ids(f"Hi {request_id}"), greedy(max_tokens, n=2))
+             for request_id, max_tokens in lengths.items()]
     reference = make_engine()
     reference.add_requests(specs, stream=False)
     expected = {}

@@ -238,8 +238,9 @@ class EngineCore:
             end = start + deltas.num_tokens[row]
             client = self.client_of.get(request_id)
             if client is not None:
+                logprobs = None if deltas.logprobs is None else deltas.logprobs[row]
                 parts[client].add(request_id, deltas.token_ids[start:end], deltas.texts[row],
-                                  deltas.cumulative_logprobs[row], None if deltas.logprobs is None else deltas.logprobs[row])
+                                  deltas.cumulative_logprobs[row], logprobs)
             start = end
         return parts
 
