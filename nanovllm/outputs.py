@@ -14,6 +14,13 @@ new since its previous output, the prompt fields and `metrics.token_times` are
 empty until the final output, which carries them whole. Joining a request's
 deltas in order (`RequestOutput.merge`) gives what the cumulative output would
 have said.
+
+A server streams hundreds of requests at once, and one object per request per
+step is most of a step's host time at that size. So the intermediate outputs
+of delta streams travel as `StepDeltas`: one step's new tokens of all of them
+in a few flat columns (vLLM v1's engine core outputs are the same idea);
+`StepDeltas.outputs()` turns them into the `RequestOutput`s they stand for,
+whose `metrics` is None (the final output carries the request's metrics whole).
 """
 from __future__ import annotations
 
@@ -71,7 +78,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: RequestMetrics
+    metrics: RequestMetrics | None               # None in a delta stream's intermediate outputs
     num_cached_tokens: int = 0                   # prompt tokens found in the prefix cache
     error: str | None = None                     # why the request failed (finish_reason "error")
     error_in_request: bool = False               # ... because of its own parameters or inputs (a client
@@ -92,3 +99,52 @@ class RequestOutput:
         self.finished, self.metrics = later.finished, later.metrics
         self.num_cached_tokens, self.error = later.num_cached_tokens, later.error
         self.error_in_request = later.error_in_request
+
+
+@dataclass(slots=True)
+class StepDeltas:
+    """What one step added to the unfinished delta streams, as columns: one row per sample, the n
+    samples of a request in consecutive rows in index order (every sample of a request that moved,
+    even one that gained nothing). Final outputs are never here: they are whole `RequestOutput`s."""
+    request_ids: list[str] = field(default_factory=list)              # [R]
+    num_tokens: list[int] = field(default_factory=list)               # [R] new tokens of each row
+    token_ids: list[int] = field(default_factory=list)                # [sum(num_tokens)] every row's, in row order
+    texts: list[str] = field(default_factory=list)                    # [R] new text ("" when the caller decodes)
+    cumulative_logprobs: list[float] = field(default_factory=list)    # [R]
+    # [R] the new tokens' logprobs where the request asked for them, else None; None for no row at all.
+    logprobs: list[list[dict[int, float]] | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def add(self, request_id: str, token_ids: list[int], text: str, cumulative_logprob: float,
+            logprobs: list[dict[int, float]] | None) -> None:
+        """Append a row: sample 0 of `request_id`, or its next sample when the row before is of the same request."""
+        if logprobs is not None and self.logprobs is None:
+            self.logprobs = [None] * len(self.request_ids)
+        self.request_ids.append(request_id)
+        self.num_tokens.append(len(token_ids))
+        self.token_ids += token_ids
+        self.texts.append(text)
+        self.cumulative_logprobs.append(cumulative_logprob)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
+
+    def outputs(self) -> list[RequestOutput]:
+        """One delta RequestOutput per request, in row order."""
+        outputs: list[RequestOutput] = []
+        start = 0
+        previous = None
+        for row, request_id in enumerate(self.request_ids):
+            end = start + self.num_tokens[row]
+            if request_id == previous:
+                completions = outputs[-1].outputs
+            else:
+                completions = []
+                outputs.append(RequestOutput(request_id, None, [], completions, False, None))
+                previous = request_id
+            completions.append(CompletionOutput(
+                len(completions), self.texts[row], self.token_ids[start:end], self.cumulative_logprobs[row],
+                None if self.logprobs is None else self.logprobs[row]))
+            start = end
+        return outputs

@@ -63,6 +63,39 @@ def test_streamed_outputs_grow_by_one_token_and_end_finished(make_engine):
     assert len(metrics.token_times) == 6 and metrics.time_in_queue >= 0
 
 
+def test_delta_streams_join_to_the_final_output_and_travel_as_columns_until_it(make_engine):
+    requests = [("one", [5, 6, 7], SamplingParams(max_tokens=7, temperature=0.8, seed=1, ignore_eos=True)),
+                ("two", [9, 8], SamplingParams(n=2, max_tokens=5, temperature=1.0, seed=2, ignore_eos=True)),
+                ("lp", [1, 2, 3], SamplingParams(max_tokens=6, logprobs=2, temperature=0.8, seed=3, ignore_eos=True))]
+    reference = make_engine()
+    reference.add_requests(requests, stream=False)
+    finals = {request_id: outputs[-1] for request_id, outputs in run_all(reference).items()}
+
+    engine = make_engine()
+    engine.add_requests(requests, stream=True, delta=True)
+    joined: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        outputs, deltas = engine.step_with_deltas()
+        assert all(output.finished for output in outputs), "only final outputs are whole objects"
+        for output in deltas.outputs():
+            assert not output.finished and output.metrics is None and output.prompt_token_ids == []
+            assert [completion.index for completion in output.outputs] == list(range(len(output.outputs)))
+        for output in deltas.outputs() + outputs:
+            if output.request_id in joined:
+                joined[output.request_id].merge(output)
+            else:
+                joined[output.request_id] = output
+    for request_id, final in finals.items():
+        stream = joined[request_id]
+        assert stream.finished and stream.prompt_token_ids == final.prompt_token_ids
+        assert stream.metrics.finish_time is not None
+        for streamed, whole in zip(stream.outputs, final.outputs, strict=True):
+            assert streamed.token_ids == whole.token_ids and streamed.text == whole.text
+            assert streamed.logprobs == whole.logprobs and streamed.finish_reason == whole.finish_reason
+            assert streamed.cumulative_logprob == pytest.approx(whole.cumulative_logprob)
+    assert finals["two"].outputs[0].token_ids != finals["two"].outputs[1].token_ids, "the samples are told apart"
+
+
 def test_requests_without_streaming_get_only_their_final_output(make_engine):
     engine = make_engine()
     engine.add_request("quiet", [5, 6, 7], SamplingParams(max_tokens=4, **GREEDY), stream=False)

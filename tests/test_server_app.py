@@ -106,3 +106,29 @@ def test_a_model_without_a_tokenizer_serves_token_ids_and_refuses_text_with_a_40
         assert complete(client, prompt=[5, 6, 7])["status"] == 200
         refused = complete(client, prompt="text")
         assert refused["status"] == 400 and "send prompts as token ids" in refused["error"]["message"]
+
+
+@pytest.mark.parametrize("skip_tokenizer_init", [False, True])
+def test_a_stream_without_a_tokenizer_is_decoded_by_the_api_process_as_the_engine_decodes_it_whole(
+        tiny_llama, tmp_path, monkeypatch, skip_tokenizer_init):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_llama, bare)
+    (bare / "tokenizer.json").unlink()   # token ids decoded as "<id>"; with skip_tokenizer_init no text at all
+    model, _ = load_model(str(bare))
+    engine = LLMEngine(EngineConfig(model=str(bare), device="cpu", max_model_len=64,
+                                    skip_tokenizer_init=skip_tokenizer_init), model=model)
+    asked_for_text = []
+    add_requests = engine.add_requests
+    monkeypatch.setattr(engine, "add_requests", lambda *args, **kwargs: (
+        asked_for_text.append(kwargs["detokenize"]), add_requests(*args, **kwargs))[1])
+    body = {"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with TestClient(build_app(server_config=ServerConfig(served_model_name="m"), engine=engine)) as client:
+        whole = complete(client, **body)["choices"][0]["text"]
+        with client.stream("POST", "/v1/completions", json={"model": "m", **body, "stream": True}) as response:
+            events = [json.loads(event[len("data: "):]) for event in response.read().decode().split("\n\n")
+                      if event.startswith("data: {")]
+    streamed = "".join(choice["text"] for event in events for choice in event["choices"])
+    assert streamed == whole and whole.count("<") == (0 if skip_tokenizer_init else 6)
+    assert asked_for_text == [True, skip_tokenizer_init], "the stream's text is made in the API process"

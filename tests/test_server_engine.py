@@ -160,7 +160,7 @@ def test_a_failing_core_fails_its_callers_and_refuses_new_requests(make_engine, 
     def broken_step():
         raise RuntimeError("scheduler bug")
 
-    monkeypatch.setattr(engine, "step", broken_step)
+    monkeypatch.setattr(engine, "step_with_deltas", broken_step)   # what the core loop calls
 
     async def scenario():
         with pytest.raises(EngineNotRunningError, match="scheduler bug"):   # at once, or from the stream
@@ -206,3 +206,96 @@ def test_the_core_aborts_the_requests_of_an_api_process_that_is_gone(make_engine
     assert [out.request_id for out in finished] == ["kept"] and finished[0].outputs[0].finish_reason == "length"
     assert not engine.has_unfinished_requests()   # the orphan was aborted, not left running for no one
     assert engine.scheduler.block_manager.usage().used_blocks == 0
+
+
+def test_each_api_process_gets_the_deltas_of_its_own_requests_only(make_engine, tmp_path):
+    import threading
+    import time
+
+    import msgspec
+    import zmq
+
+    from nanovllm.engine.core import AddRequests, CoreAddresses, EngineCore, EngineRequest, Shutdown, StepOutputs
+
+    lengths = {"a0": 5, "b0": 3, "a1": 4, "b1": 6}   # request id -> max_tokens; the digit is its API process
+    specs = [(request_id, ids(f"Hi {request_id}"), greedy(max_tokens, n=2))
+             for request_id, max_tokens in lengths.items()]
+    reference = make_engine()
+    reference.add_requests(specs, stream=False)
+    expected = {}
+    while reference.has_unfinished_requests():
+        expected.update({(out.request_id, completion.index): completion.token_ids
+                         for out in reference.step() for completion in out.outputs})
+
+    engine = make_engine()
+    addresses = CoreAddresses(f"ipc://{tmp_path}/in", [f"ipc://{tmp_path}/out0", f"ipc://{tmp_path}/out1"])
+    context = zmq.Context()
+    core = EngineCore(engine, context, addresses)
+    requests = context.socket(zmq.PUSH)
+    requests.connect(addresses.input)
+    clients = [context.socket(zmq.PULL) for _ in addresses.outputs]
+    for client, address in zip(clients, addresses.outputs):
+        client.setsockopt(zmq.RCVTIMEO, 30_000)
+        client.connect(address)
+    encode, decode = msgspec.msgpack.encode, msgspec.msgpack.Decoder(StepOutputs).decode
+    for request_id, prompt, params in specs:
+        requests.send(encode(AddRequests(int(request_id[1]), [EngineRequest(request_id, prompt, params, time.time())],
+                                         stream=True, delta=True)))
+    loop = threading.Thread(target=core.run_busy_loop)
+    loop.start()
+    tokens: dict[tuple[str, int], list[int]] = {}   # (request id, sample) -> tokens its API process received
+    for index, client in enumerate(clients):
+        unfinished = {request_id for request_id in lengths if request_id.endswith(str(index))}
+        while unfinished:
+            message = decode(client.recv())
+            for output in message.deltas.outputs() + message.outputs:
+                assert output.request_id.endswith(str(index)), "a delta went to another API process"
+                for completion in output.outputs:
+                    tokens.setdefault((output.request_id, completion.index), []).extend(completion.token_ids)
+                if output.finished:
+                    unfinished.remove(output.request_id)
+    requests.send(encode(Shutdown()))
+    loop.join(timeout=30)
+    core.close()
+    context.destroy(linger=0)
+    assert tokens == expected and len(set(map(tuple, expected.values()))) == len(lengths)
+
+
+def test_the_reader_lets_streams_read_while_the_core_keeps_sending(make_engine, tmp_path):
+    """Awaiting a message that is already there does not yield to the event loop: a reader that only
+    awaited would hand a stream nothing until the core paused, then everything at once."""
+    import time
+
+    import msgspec
+    import zmq
+
+    from nanovllm.engine.async_engine import MAX_MESSAGES_PER_TURN, OutputStream
+    from nanovllm.engine.core import CoreAddresses, StepOutputs, core_info
+    from nanovllm.outputs import StepDeltas
+
+    addresses = CoreAddresses(f"ipc://{tmp_path}/in", [f"ipc://{tmp_path}/out0"])
+    context = zmq.Context()
+    core_side = context.socket(zmq.PUSH)
+    core_side.bind(addresses.outputs[0])
+    num_messages = 3 * MAX_MESSAGES_PER_TURN
+    client = AsyncLLMEngine(core_info(make_engine()), addresses)
+
+    async def scenario():
+        client.start()   # the reader task starts at the next await
+        stream = client._streams["r"] = OutputStream(client, ["r"])
+        for step in range(num_messages):   # a busy core: every step's message waits before the reader runs
+            deltas = StepDeltas()
+            deltas.add("r", [step], "", 0.0, None)
+            core_side.send(msgspec.msgpack.encode(StepOutputs([], deltas, [], [], 0)))
+        time.sleep(0.5)   # delivered to the reader's socket, without yielding to the event loop
+        reads = []
+        while sum(reads) < num_messages:
+            reads.append(sum(len(output.outputs[0].token_ids) for output in await stream.get()))
+        client._reader.cancel()
+        client._context.destroy(linger=0)
+        return reads
+
+    reads = asyncio.run(scenario())
+    core_side.close(linger=0)
+    context.term()
+    assert sum(reads) == num_messages and len(reads) >= 3 and max(reads) <= MAX_MESSAGES_PER_TURN

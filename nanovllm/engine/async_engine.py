@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 RequestSpec = tuple[str, list[int], SamplingParams]   # (request id, prompt token ids, sampling params)
 PEER_STOP_TIMEOUT = 120   # seconds the first API process waits for the others to drain at shutdown
+MAX_MESSAGES_PER_TURN = 16   # core messages dispatched before the callers' tasks get their turn
 
 
 class QueueFullError(RuntimeError):
@@ -375,9 +376,17 @@ class AsyncLLMEngine:
     # ---- the core's messages -------------------------------------------------------------
 
     async def _read(self, socket: zmq.asyncio.Socket) -> None:
+        """Dispatch the core's messages: those waiting at once (their deltas join in the streams), then
+        let the callers' tasks run. Awaiting a message already there does not yield to the event loop,
+        so a reader that did not yield here would starve every stream for as long as the core is busy."""
         decoder = msgspec.msgpack.Decoder(StepOutputs)
         while True:
             self._dispatch(decoder.decode(await socket.recv()))
+            for _ in range(MAX_MESSAGES_PER_TURN - 1):
+                if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    break
+                self._dispatch(decoder.decode(await socket.recv()))
+            await asyncio.sleep(0)
 
     def _dispatch(self, message: StepOutputs) -> None:
         for request_id, reason in message.rejected:
@@ -387,6 +396,10 @@ class AsyncLLMEngine:
         self.num_waiting = message.num_waiting
         if message.stats is not None:
             self.stats = message.stats
+        for output in message.deltas.outputs():
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put(output)
         for output in message.outputs:
             stream = self._streams.get(output.request_id)
             if output.finished:

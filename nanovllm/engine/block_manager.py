@@ -200,11 +200,16 @@ class BlockManager:
         return {seq_id: list(seq.block_table) for seq_id, seq in self.owners.items()}
 
     def usage(self) -> KVCacheUsage:
-        filled: dict[int, int] = {}   # block id -> computed tokens in it
+        filled: dict[int, int] = {}   # block id -> computed tokens in it (the most any of its users computed)
+        block_size = self.block_size
         for seq in self.owners.values():
-            for i, block_id in enumerate(seq.block_table):
-                in_block = min(max(seq.num_computed_tokens - i * self.block_size, 0), self.block_size)
-                filled[block_id] = max(filled.get(block_id, 0), in_block)
+            table = seq.block_table
+            num_full, in_last = divmod(min(seq.num_computed_tokens, len(table) * block_size), block_size)
+            filled.update(dict.fromkeys(table[:num_full], block_size))   # whole blocks, in C: stats stay cheap
+            if num_full < len(table):
+                filled[table[num_full]] = max(filled.get(table[num_full], 0), in_last)
+                for block_id in table[num_full + 1:]:   # reserved, nothing computed (the naive policy)
+                    filled.setdefault(block_id, 0)
         used = sum(filled.values())
         live_slots = len(filled) * self.block_size
         return KVCacheUsage(

@@ -9,9 +9,9 @@ processes* (async_engine.py). They talk over ZeroMQ sockets, in messages
 encoded by msgspec (typed, compact, no pickle):
 
     API process ──PUSH──► core input socket    AddRequests, Abort, Shutdown
-    API process ◄──PULL── core output socket   one StepOutputs per step: every one of
-                          (one per API process) its requests' new tokens and text (deltas),
-                                               finish reasons, rejected requests, stats
+    API process ◄──PULL── core output socket   one StepOutputs per step: its requests' new
+                          (one per API process) tokens (StepDeltas: flat columns, not an object
+                                               per request), final outputs, verdicts, stats
 
 The loop, `EngineCore.run_busy_loop`:
 
@@ -19,7 +19,7 @@ The loop, `EngineCore.run_busy_loop`:
         take every message waiting (block only when there is no work at all)
         add requests (a request the engine refuses is answered alone: `rejected`),
         apply aborts (the blocks are free before the next schedule); send the verdicts
-        step the engine; send each API process one message with its requests' deltas
+        step the engine (step_with_deltas); send each API process one message with its requests' news
 
 Outputs are deltas (outputs.py): a message's size is the step's new tokens,
 not the requests' histories. The same loop runs in a thread with in-process
@@ -40,7 +40,7 @@ import zmq
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import EngineStats, LLMEngine
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import RequestOutput, StepDeltas
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import TokenIdTokenizer
 
@@ -81,7 +81,8 @@ CoreInput = Union[AddRequests, Abort, Shutdown]
 
 class StepOutputs(msgspec.Struct, array_like=True):
     """Everything one step did for one API process's requests."""
-    outputs: list[RequestOutput]       # delta (or final-only) outputs of the requests that moved
+    outputs: list[RequestOutput]       # final outputs (and those of requests not streamed as deltas)
+    deltas: StepDeltas                 # the new tokens of the unfinished delta streams, as columns
     accepted: list[str]                # request ids queued since the last message
     rejected: list[tuple[str, str]]    # (first request id of an AddRequests, why): nothing of it was queued
     num_waiting: int                   # sequences waiting in the engine, for the API's queue bound
@@ -99,6 +100,7 @@ class CoreInfo:
     error: str | None = None           # the start-up failure, one line: no other field is meaningful then
     load_format: str = "auto"
     token_ids_only: bool = False       # the engine has no tokenizer: the API process must not load one either
+    makes_text: bool = True            # False with skip_tokenizer_init: outputs carry token ids and empty text
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
 
@@ -155,13 +157,13 @@ class EngineCore:
                         logger.warning("the server process is gone; the engine core stops")
                         return
                     if waiting_messages:
-                        self._send([])
+                        self._send([], StepDeltas())
                     continue
             self._take_inputs()
             if self._has_news():   # verdicts go out before the step: a caller's response may start now
-                self._send([])
+                self._send([], StepDeltas())
             if engine.has_unfinished_requests():
-                self._send(engine.step())
+                self._send(*engine.step_with_deltas())
 
     def _has_news(self) -> bool:
         return any(self.accepted) or any(self.rejected)
@@ -195,7 +197,7 @@ class EngineCore:
             self.client_of[request_id] = message.client_index
         self.accepted[message.client_index].extend(request_ids)
 
-    def _send(self, outputs: list[RequestOutput]) -> None:
+    def _send(self, outputs: list[RequestOutput], deltas: StepDeltas) -> None:
         per_client: list[list[RequestOutput]] = [[] for _ in self.output_sockets]
         for output in outputs:
             client = self.client_of.get(output.request_id)
@@ -204,16 +206,17 @@ class EngineCore:
             if output.finished:
                 del self.client_of[output.request_id]
             per_client[client].append(output)
+        client_deltas = [deltas] if len(self.output_sockets) == 1 else self._split(deltas)
         stats = None
         now = time.monotonic()
         if not self.engine.has_unfinished_requests() or now - self.stats_time >= STATS_INTERVAL:
             stats, self.stats_time = self.engine.get_stats(), now
         num_waiting = self.engine.get_num_waiting()
         for client, socket in enumerate(self.output_sockets):
-            news = per_client[client] or self.accepted[client] or self.rejected[client]
+            news = per_client[client] or client_deltas[client] or self.accepted[client] or self.rejected[client]
             if not news and stats is None:
                 continue
-            message = self.encoder.encode(StepOutputs(per_client[client], self.accepted[client],
+            message = self.encoder.encode(StepOutputs(per_client[client], client_deltas[client], self.accepted[client],
                                                       self.rejected[client], num_waiting, stats))
             self.accepted[client], self.rejected[client] = [], []
             if news:
@@ -226,6 +229,20 @@ class EngineCore:
         for client, backlog in enumerate(self.backlog):
             if backlog:
                 self._flush(client, now)
+
+    def _split(self, deltas: StepDeltas) -> list[StepDeltas]:
+        """Each API process's rows of `deltas` (a row whose request is unknown here, aborted, is dropped)."""
+        parts = [StepDeltas() for _ in self.output_sockets]
+        start = 0
+        for row, request_id in enumerate(deltas.request_ids):
+            end = start + deltas.num_tokens[row]
+            client = self.client_of.get(request_id)
+            if client is not None:
+                logprobs = None if deltas.logprobs is None else deltas.logprobs[row]
+                parts[client].add(request_id, deltas.token_ids[start:end], deltas.texts[row],
+                                  deltas.cumulative_logprobs[row], logprobs)
+            start = end
+        return parts
 
     def _flush(self, client: int, now: float) -> None:
         """Send a client's messages in order, never waiting: one that cannot be sent (the API process
@@ -261,7 +278,7 @@ def core_info(engine: LLMEngine) -> CoreInfo:
     return CoreInfo(model=config.model, tokenizer=config.tokenizer, max_model_len=config.max_model_len,
                     vocab_size=engine.model_config.vocab_size, stats=engine.get_stats(), load_format=config.load_format,
                     token_ids_only=isinstance(tokenizer, TokenIdTokenizer), eos_token_ids=tokenizer.eos_token_ids,
-                    bos_token_id=tokenizer.bos_token_id)
+                    bos_token_id=tokenizer.bos_token_id, makes_text=not config.skip_tokenizer_init)
 
 
 def run_engine_core(engine_config: EngineConfig, addresses: CoreAddresses, ready: Connection,

@@ -6,12 +6,16 @@
                                       3. Scheduler.advance(batch)  -> counters, token placeholders
                                       4. Scheduler.complete(...)   -> tokens in, stop checks, free blocks
                                       -> RequestOutput for each request that made progress
+    step_with_deltas()                the same, with delta streams' news left as columns (the server's)
     abort_request(id)                 free its blocks now; it ends with finish_reason "abort"
 
 A request's outputs come in one of three kinds (outputs.py): the whole state so
 far at every step, only what is new since its last output (`delta=True`, what a
 server streams: a step then costs the same at token 10 and at token 10,000), or
-one final output (`stream=False`).
+one final output (`stream=False`). Until their final output, delta streams
+report in the columns of one `StepDeltas` per step rather than in an object
+per request: at batch 256 those objects cost the server's engine core more
+host time than the rest of the step (tools/core_loop_probe.py).
 
 Async scheduling (on by default with one CUDA GPU; `async_scheduling=False`
 turns it off): step 4 is done for the *previous* step, after this one is
@@ -57,7 +61,7 @@ from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
-from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepDeltas
 from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.runner.sampler import DeviceSamples, SamplerOutput
 from nanovllm.sampling_params import SamplingParams
@@ -317,10 +321,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; outputs of the requests that made progress (or ended) in it, or, with async
         scheduling, in the step before it."""
+        outputs, deltas = self.step_with_deltas()
+        return outputs + deltas.outputs() if deltas else outputs
+
+    def step_with_deltas(self) -> tuple[list[RequestOutput], StepDeltas]:
+        """`step`, with the intermediate outputs of delta streams left as columns (outputs.py): what the
+        server's engine core sends on, without an object per request per step."""
         outputs, self.pending_outputs = self.pending_outputs, []
+        deltas = StepDeltas()
         in_flight, self.in_flight = self.in_flight, None
         if in_flight is not None and in_flight.needs_tokens_first:
-            outputs += self._complete(in_flight)
+            self._complete(in_flight, outputs, deltas)
             in_flight = None
         t_start = time.perf_counter()
         batch = self.scheduler.schedule()
@@ -336,22 +347,24 @@ class LLMEngine:
                 needs_tokens_first = any(seq.reads_own_tokens for seq in batch.sampling_seqs)
                 launched = LaunchedStep(batch, samples, needs_tokens_first, t_start, t_scheduled)
         if in_flight is not None:
-            outputs += self._complete(in_flight)
+            self._complete(in_flight, outputs, deltas)
         if launched is not None:
             if self.config.async_scheduling:
                 self.in_flight = launched
             else:
-                outputs += self._complete(launched)
-        return outputs
+                self._complete(launched, outputs, deltas)
+        return outputs, deltas
 
-    def _complete(self, launched: LaunchedStep) -> list[RequestOutput]:
-        """Wait for a launched step's tokens and apply them; -> outputs of the requests it moved."""
+    def _complete(self, launched: LaunchedStep, outputs: list[RequestOutput], deltas: StepDeltas) -> None:
+        """Wait for a launched step's tokens and apply them. The requests it moved report to `outputs`,
+        or, unfinished delta streams, to `deltas`."""
         batch = launched.batch
         try:
             sampled = launched.samples.result() if launched.samples is not None else SamplerOutput.empty()
         except Exception as error:
             logger.exception("a step failed; its requests end with finish_reason 'error'")
-            return self._fail_batch(batch, error)
+            outputs += self._fail_batch(batch, error)
+            return
         t_run = time.perf_counter()
         finished = self.scheduler.complete(batch, sampled)
         self.num_steps += 1
@@ -361,19 +374,29 @@ class LLMEngine:
 
         # Requests that may have ended, and, if any request streams, every request that moved.
         moved = batch.sampling_seqs if len(self.final_only) < len(self.requests) else finished
-        outputs, finished_ids = [], []
-        for request_id in dict.fromkeys(seq.request_id for seq in moved):
+        ended = {seq.request_id for seq in finished}
+        finished_ids: list[str] = []
+        reported: set[str] = set()   # requests of several samples already seen in this step
+        for seq in moved:
+            request_id = seq.request_id
             seqs = self.requests.get(request_id)
-            if seqs is None:   # aborted, or ended by the step before (async)
+            if seqs is None:   # aborted, or ended by the step before (async) or by a sample before this one
                 continue
-            if all(seq.is_finished for seq in seqs):
+            if len(seqs) > 1:
+                if request_id in reported:
+                    continue
+                reported.add(request_id)
+            if request_id in ended and all(sample.is_finished for sample in seqs):
                 finished_ids.append(request_id)
                 outputs.append(self._finish_request(request_id))
+            elif request_id in self.delta_only:
+                for sample in seqs:
+                    token_ids, text, logprobs = _take_new(sample)
+                    deltas.add(request_id, token_ids, text, sample.cumulative_logprob, logprobs)
             elif request_id not in self.final_only:
                 outputs.append(self._make_output(request_id, seqs))
         if self.step_observers:
             self._notify(batch, finished_ids, launched.t_start, launched.t_scheduled, t_run)
-        return outputs
 
     def _fail_launch(self, batch: Batch, error: Exception) -> list[RequestOutput]:
         """A step failed before it was launched. When some requests' own sampling rows cannot be built
@@ -532,25 +555,25 @@ def _whole_completion(seq: Sequence) -> CompletionOutput:
 
 def _delta_completion(seq: Sequence) -> CompletionOutput:
     """What the sample gained since its previous delta (O(new) a call); marks it as sent."""
+    token_ids, text, logprobs = _take_new(seq)
+    return CompletionOutput(index=seq.index, text=text, token_ids=token_ids, cumulative_logprob=seq.cumulative_logprob,
+                            logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+
+
+def _take_new(seq: Sequence) -> tuple[list[int], str, list[dict[int, float]] | None]:
+    """The token ids, text and logprobs the sample gained since its previous delta; marks them as sent."""
     num_known = len(seq.output_token_ids) - seq.num_pending
     visible_length = _visible_length(seq)
-    output = CompletionOutput(
-        index=seq.index,
-        text=seq.output_text[seq.num_sent_chars:visible_length],
-        token_ids=seq.output_token_ids[seq.num_sent_tokens:num_known],
-        cumulative_logprob=seq.cumulative_logprob,
-        logprobs=None if seq.logprobs is None else seq.logprobs[seq.num_sent_tokens:num_known],
-        finish_reason=seq.finish_reason,
-        stop_reason=seq.stop_reason,
-    )
+    new = (seq.output_token_ids[seq.num_sent_tokens:num_known], seq.output_text[seq.num_sent_chars:visible_length],
+           None if seq.logprobs is None else seq.logprobs[seq.num_sent_tokens:num_known])
     seq.num_sent_tokens, seq.num_sent_chars = num_known, visible_length
-    return output
+    return new
 
 
 def _visible_length(seq: Sequence) -> int:
     """How much of the output text may be shown: all but a tail that could still begin a stop string."""
     stops = seq.sampling_params.stop
-    if seq.is_finished or not stops:
+    if not stops or seq.is_finished:
         return len(seq.output_text)
     hold = max(len(stop) for stop in stops) - 1
     return max(len(seq.output_text) - hold, 0)

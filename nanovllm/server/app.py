@@ -489,9 +489,9 @@ class OpenAIServer:
 
     def _decodes_here(self, params: SamplingParams, stream: bool) -> bool:
         """Whether this process, not the engine core, turns a request's tokens into text: a stream
-        without stop strings (the core matches those in the text), when there is a tokenizer. Each
-        token decoded here is work taken off the core's loop."""
-        return stream and not params.stop and not self.async_engine.info.token_ids_only
+        without stop strings (the core matches those in the text), when the engine makes text at all
+        (not with skip_tokenizer_init). Each token decoded here is work taken off the core's loop."""
+        return stream and not params.stop and self.async_engine.info.makes_text
 
     def _choice_progress(self, params: SamplingParams, stream: bool) -> _ChoiceProgress:
         if not self._decodes_here(params, stream):
