@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps.
+"""CUDA graphs for decode steps, and for steps with prefill chunks (`MixedGraphs`, at the end).
 
 A decode step of a 1B model launches several hundred small kernels; from Python
 each launch costs a few microseconds, which adds up to more than the GPU needs
@@ -130,14 +130,14 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        pool = None
+        self.pool = None                     # the memory pool of the graphs (MixedGraphs shares it)
         for size in reversed(self.sizes):   # largest first, so smaller graphs reuse its memory
             self._forward(size)              # warm-up: compiles the Triton kernels outside the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[size] = self._forward(size)
-            pool = graph.pool()
+            self.pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
@@ -276,3 +276,103 @@ class HostInputs:
             return "none", tables_changed, plain
         in_order = np.array_equal(token_rows[3, :num_seqs], self.row_numbers[:num_seqs])
         return ("all in order" if in_order else "some"), tables_changed, plain
+
+
+def token_buckets(max_num_batched_tokens: int, smallest: int = 64) -> list[int]:
+    """64, 128, 256, ... up to max_num_batched_tokens (always included): the token counts mixed graphs
+    are captured for."""
+    sizes = []
+    size = smallest
+    while size < max_num_batched_tokens:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_num_batched_tokens]
+
+
+class MixedGraphs:
+    """CUDA graphs of the forward for steps that carry prefill chunks (with or without decodes).
+
+    Run eagerly, such a step launches its kernels one by one from Python: about 7.7 ms for one prompt
+    joining 40 decodes of Llama-3.2-1B on an H200, against 1.5 ms for the decode step around it
+    (tools/mixed_step_probe.py), so every arrival stalls every stream for several steps' worth. The
+    forward of a mixed step fits a graph as well as a decode's: the attention kernel sizes its grid
+    from shapes (tokens // BLOCK_Q + sequences) and reads everything else on the device. So one graph
+    per token bucket (`token_buckets`), each captured with `max_num_seqs` sequences:
+
+    - a step of T tokens and B sequences replays the smallest bucket >= T; its inputs are copied into
+      the static buffers, tokens T.. get slot -1 (nothing written to the cache) and sequences B.. an
+      empty chunk at the end (query_start_loc = T), context 0 and a table of -1 (nothing read);
+    - the graph ends at the hidden states [bucket, H]: rows T.. are garbage and never read; the LM head
+      and sampling run after it, on the rows that sample (few kernels);
+    - one memory pool with the decode graphs (they never run at once).
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
+                 device: torch.device, pool=None):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sizes = token_buckets(max_num_batched_tokens)
+        tokens, self.max_seqs = self.sizes[-1], max_num_seqs
+        width = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((tokens,), -1, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_num_seqs, width), -1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}   # hidden [size, H]
+        self.pool = pool
+        self._capture()
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(query_start_loc=self.query_start_loc, seq_lens=self.seq_lens,
+                                 slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables,
+                                 max_query_len=2,   # not 1: the prefill configuration of attention
+                                 max_seq_len=self.block_tables.shape[1] * self.block_size)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.input_ids[:size], self.positions[:size], self._metadata(size), self.kv_caches)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        for size in reversed(self.sizes):   # largest first, so smaller graphs reuse its memory
+            self._forward(size)              # warm-up: compiles the Triton kernels outside the graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[size] = self._forward(size)
+            self.pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def release(self) -> None:
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
+    def can_replay(self, metadata: AttentionMetadata) -> bool:
+        return (bool(self.graphs) and metadata.slot_mapping.shape[0] <= self.sizes[-1]
+                and metadata.seq_lens.shape[0] <= self.max_seqs
+                and metadata.block_tables.shape[1] <= self.block_tables.shape[1])
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """The forward of a step given as device tensors -> hidden [T, H] (a view of the graph's output)."""
+        num_tokens, (num_seqs, width) = input_ids.shape[0], metadata.block_tables.shape
+        size = next(s for s in self.sizes if s >= num_tokens)
+        self.input_ids[:num_tokens].copy_(input_ids)
+        self.positions[:num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(metadata.slot_mapping)
+        self.slot_mapping[num_tokens:size] = -1                       # padding tokens write nothing
+        self.query_start_loc[:num_seqs + 1].copy_(metadata.query_start_loc)
+        self.query_start_loc[num_seqs + 1:] = num_tokens              # padding sequences: empty chunks
+        self.seq_lens[:num_seqs].copy_(metadata.seq_lens)
+        self.seq_lens[num_seqs:] = 0
+        self.block_tables[:num_seqs, :width].copy_(metadata.block_tables)
+        self.block_tables[:num_seqs, width:] = -1
+        self.block_tables[num_seqs:] = -1
+        self.graphs[size].replay()
+        return self.outputs[size][:num_tokens]

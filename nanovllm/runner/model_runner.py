@@ -48,7 +48,7 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.runner.cuda_graph import DecodeGraphs
+from nanovllm.runner.cuda_graph import DecodeGraphs, MixedGraphs
 from nanovllm.runner.sampler import DeviceSamples, SampleBuffers, Sampler, SamplingBatch, host_to_device
 from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
                                       receive_step, stop_with)
@@ -115,11 +115,16 @@ class ModelRunner:
                                     dtype=config.torch_dtype, device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             # One GPU: the graphs run the LM head and sampling too. Tensor parallelism: the forward only.
             samples = self.samples if self.parallel.world_size == 1 else None
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs, config.max_model_len,
                                               config.block_size, self.device, samples)
+            if self.parallel.world_size == 1:   # steps with prefill chunks too (the ranks' collectives: eager)
+                self.mixed_graphs = MixedGraphs(model, self.kv_caches, config.max_num_seqs,
+                                                config.max_num_batched_tokens, config.max_model_len,
+                                                config.block_size, self.device, self.decode_graphs.pool)
             if self.workers is not None:
                 self.workers.graphs = self.decode_graphs
 
@@ -204,7 +209,10 @@ class ModelRunner:
                 return DeviceSamples.start_copy(self.samples, logits.shape[0], None, [None] * logits.shape[0])
             return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
-        hidden = self.model(input_ids, positions, metadata, self.kv_caches)        # [T, H]
+        if self.mixed_graphs is not None and self.mixed_graphs.can_replay(metadata):
+            hidden = self.mixed_graphs.replay(input_ids, positions, metadata)    # [T, H]
+        else:
+            hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
         self._record_prompt_logprobs(batch, hidden)
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return None

@@ -172,3 +172,40 @@ def test_async_scheduling_gives_the_outputs_of_sync_on_gpu(tiny_model_factory, e
             for got_step, want_step in zip(got_logprobs or [], want_logprobs or []):
                 assert got_step.keys() == want_step.keys()
                 assert list(got_step.values()) == pytest.approx(list(want_step.values()), rel=1e-3, abs=1e-3)
+
+
+def test_steps_with_prefill_chunks_replay_graphs_that_give_the_eager_outputs(tiny_model_factory):
+    """Prompts chunked by a 48-token budget while others decode: every step with a prefill chunk replays
+    a mixed graph (padded to its token bucket, sequences padded to max_num_seqs) and gives the tokens and
+    log-probabilities of the eager forward (float32: the same kernels, so equal to float32 noise)."""
+    path = tiny_model_factory("llama-gqa4")
+    prompts = PROMPTS + [list(range(3 + i, 20 + 7 * i)) for i in range(9)]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=17, ignore_eos=True, logprobs=1)]
+    runs = {}
+    for enforce_eager in (False, True):
+        llm = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=16, max_num_batched_tokens=48,
+                  enforce_eager=enforce_eager, **SMALL_POOL)
+        replays = []
+        if not enforce_eager:
+            graphs = llm.engine.runner.mixed_graphs
+            assert graphs is not None and graphs.sizes == [48]
+            replay = graphs.replay
+            graphs.replay = lambda *args: replays.append(args[0].shape[0]) or replay(*args)
+        outputs = llm.generate(prompts, [params[i % 2] for i in range(len(prompts))], use_tqdm=False)
+        runs[enforce_eager] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
+        if not enforce_eager:
+            assert len(replays) >= 5 and min(replays) < 48   # several mixed steps, some padded
+        del llm
+        release_gpu_memory()
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(runs[False], runs[True]):
+        assert tokens == want_tokens
+        for got, want in zip(logprobs, want_logprobs):
+            assert got.keys() == want.keys()
+            assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-4, abs=1e-4)
+
+
+def test_mixed_graph_buckets():
+    from nanovllm.runner.cuda_graph import token_buckets
+    assert token_buckets(8192) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert token_buckets(48) == [48] and token_buckets(100) == [64, 100]
