@@ -146,3 +146,19 @@ def test_a_masked_token_never_wins_the_race_even_where_its_exponential_rounds_to
     uniform[0, 1500] = 1.0                               # CPU log rounds u just below 1 to log u = 0
     monkeypatch.setattr(sampling, "random_uniform", lambda keys, size: uniform.clone())
     assert sampling.exponential_race_torch(scores, torch.tensor([1])).tolist() == [7]
+
+
+def test_a_constrained_row_never_takes_a_padding_column_of_a_wider_lm_head(llm):
+    from nanovllm.structured.grammar import GrammarCompiler
+    tokenizer = llm.get_tokenizer()
+    eos = llm.engine.eos_token_ids
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size + 100, eos)   # logits 100 columns wider
+    assert compiler.vocab_size == tokenizer.vocab_size                       # the mask covers the tokenizer's only
+    state = compiler.new_state(StructuredOutputsParams(regex="[a-z]+"))
+    logits = torch.zeros(2, tokenizer.vocab_size + 100)
+    logits[:, tokenizer.vocab_size:] = 50.0                                  # the padding columns lead
+    batch = SamplingBatch.build([SamplingParams(temperature=0)] * 2, [0, 0], [0, 0], [[1]] * 2, [[], []], eos,
+                                "cpu", grammars=[None, state])
+    free, constrained = Sampler()(logits, batch).token_ids
+    assert free >= tokenizer.vocab_size
+    assert re.fullmatch("[a-z]+", tokenizer.decode([constrained]).strip()), constrained

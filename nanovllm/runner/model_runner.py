@@ -53,6 +53,7 @@ from nanovllm.runner.sampler import DeviceSamples, SampleBuffers, Sampler, Sampl
 from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
                                       receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import GrammarBitmask
 
 if TYPE_CHECKING:   # the engine's batch, read here by its fields
     from nanovllm.engine.scheduler import Batch
@@ -89,6 +90,7 @@ class ModelRunner:
         # input is still pending (and are the decode graphs' input ids), and one copy brings them home.
         self.samples = SampleBuffers(config.max_num_seqs, self.device)
         self.last_samples: DeviceSamples | None = None   # the last step that sampled: its pending tokens
+        self.grammar_masks: GrammarBitmask | None = None  # structured outputs: made by the first constrained step
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
             self.workers = WorkerGroup.start(config, self.parallel, serve_rank)
@@ -209,16 +211,22 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
         return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
 
-    def _pending_token(self, seq: Sequence) -> int:
-        """The id of seq's newest token, still pending on the host (async scheduling): a grammar's matcher
-        needs it for this step's mask. This step's forward is queued already; the host waits only for
-        the last step's samples to reach it, while the device computes."""
+    def _newest_token_ids(self, seqs: list[Sequence]) -> list[int] | None:
+        """Per row, the id of a constrained sequence's newest token while the host holds only its
+        placeholder (async scheduling), else -1; None if no row needs one. A grammar's matcher needs
+        it for this step's mask. This step's forward is queued already: the host waits only for the
+        last step's samples to reach it, while the device computes."""
         last = self.last_samples
-        if seq.num_pending != 1 or last is None:   # not the last step's token: the matcher waits at PENDING
-            return seq.output_token_ids[-1]   # still the placeholder
+        rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None and seq.num_pending == 1]
+        if not rows or last is None:   # no token of the last step pending: the matchers wait at the placeholder
+            return None
         if last.copied is not None:
             last.copied.synchronize()
-        return int(last.host[seq.pending_row])
+        sampled = last.host[:last.num_rows].tolist()
+        newest = [-1] * len(seqs)
+        for row in rows:
+            newest[row] = sampled[seqs[row].pending_row]
+        return newest
 
     def _record_prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> None:
         """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
@@ -346,19 +354,21 @@ class ModelRunner:
 
     def prepare_sampling(self, batch: Batch) -> SamplingBatch:
         seqs = batch.sampling_seqs
-        output_token_ids = [seq.output_token_ids for seq in seqs]
-        for row, seq in enumerate(seqs):
-            if seq.grammar is not None and seq.num_pending:
-                output_token_ids[row] = seq.output_token_ids[:-1] + [self._pending_token(seq)]
+        grammars = [seq.grammar for seq in seqs]
+        has_grammar = any(grammar is not None for grammar in grammars)
+        if has_grammar and self.grammar_masks is None:
+            self.grammar_masks = GrammarBitmask(self.config.max_num_seqs, self.eos_token_ids, self.device)
         return SamplingBatch.build(
             params=[seq.sampling_params for seq in seqs],
             seeds=[seq.seed for seq in seqs],
             output_lens=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
-            output_token_ids=output_token_ids,
+            output_token_ids=[seq.output_token_ids for seq in seqs],
             eos_token_ids=self.eos_token_ids,
             device=self.device,
-            grammars=[seq.grammar for seq in seqs],
+            grammars=grammars if has_grammar else None,
+            grammar_masks=self.grammar_masks,
+            newest_token_ids=self._newest_token_ids(seqs) if has_grammar else None,
         )
 
 
