@@ -11,7 +11,7 @@ join two of its tokens (so the grammar has as many tokens to sort as Llama 3's),
 --vocab padded the 49,152 tokens alone padded to 128,256 as the throughput benchmark runs.
 Runs on the CPU, or on a GPU with --device cuda (the copy and the apply then time the device).
 
-    python tools/structured_probe.py [--rows 256] [--steps 128] [--device cuda]
+    python tools/structured_probe.py [--rows 256] [--steps 128] [--threads 1,4,8] [--device cuda]
 """
 from __future__ import annotations
 
@@ -68,15 +68,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--vocab", choices=["joined", "padded"], default="joined")
-    parser.add_argument("--threads", type=int, default=None, help="fill threads (default: the engine's choice)")
+    parser.add_argument("--threads", default="0", help="fill threads, comma-separated (0: the engine's choice)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    device = torch.device(args.device)
     compiled, mask_vocab, eos = compiled_schema(args.vocab)
-    rows = list(range(0, args.rows, 2))                          # the constrained rows
+    for threads in [int(t) for t in args.threads.split(",")]:
+        probe(compiled, mask_vocab, eos, args.rows, args.steps, threads or None, torch.device(args.device),
+              args.vocab)
+
+
+def probe(compiled: object, mask_vocab: int, eos: int, num_rows: int, num_steps: int, threads: int | None,
+          device: torch.device, vocab: str) -> None:
+    rows = list(range(0, num_rows, 2))                          # the constrained rows
     states = [GrammarState(compiled, mask_vocab) for _ in rows]
-    masks = GrammarBitmask(args.rows, [eos], device, threads=args.threads)
-    logits = torch.randn(args.rows, VOCAB_SIZE, device=device)   # [B, V]
+    masks = GrammarBitmask(num_rows, [eos], device, threads=threads)
+    logits = torch.randn(num_rows, VOCAB_SIZE, device=device)   # [B, V]
     rng = np.random.default_rng(0)
     outputs: list[list[int]] = [[] for _ in rows]
     times: dict[str, list[float]] = {"accept": [], "fill": [], "copy": [], "apply": []}
@@ -85,7 +91,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.steps):
+    for _ in range(num_steps):
         t0 = time.perf_counter()
         masks.accept(states, outputs)
         t1 = time.perf_counter()
@@ -103,9 +109,9 @@ def main() -> None:
         for output, allowed in zip(outputs, bits):
             output.append(int(rng.choice(np.flatnonzero(allowed))))
     done = sum(state.is_done for state in states)
-    print(f"{args.rows} rows, {len(rows)} under a JSON schema, {args.steps} steps, vocabulary {args.vocab} "
-          f"({mask_vocab} tokens, {VOCAB_SIZE} logits), {masks.threads} fill "
-          f"threads, {args.device}; {done} grammars finished")
+    print(f"{num_rows} rows, {len(rows)} under a JSON schema, {num_steps} steps, vocabulary {vocab} "
+          f"({mask_vocab} tokens, {VOCAB_SIZE} logits), {masks.threads} fill threads, {device.type}; "
+          f"{done} grammars finished")
     for name, values in times.items():
         print(f"  {name:7s} median {statistics.median(values):8.0f} us/step   mean {statistics.mean(values):8.0f}")
 
