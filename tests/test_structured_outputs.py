@@ -129,11 +129,17 @@ def test_the_sampler_masks_only_the_constrained_rows_and_adds_the_bias_to_its_ro
     assert tokens == [3, int(logits[1].argmax()), 37]
 
 
-def test_with_async_scheduling_each_constrained_step_waits_for_the_token_its_matcher_needs(llm, monkeypatch):
-    monkeypatch.setattr(llm.engine.config, "async_scheduling", True)   # read by every step: the same engine
+def test_with_async_scheduling_constrained_rows_sample_what_they_sample_without(llm, monkeypatch):
+    # Each step's masks wait for the last step's tokens, and its sampling for its masks (DeferredSamples):
+    # the same tokens either way, every one of them allowed.
     params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=16, structured_outputs={"regex": REGEX})
-              for seed in range(6)]
-    for output in llm.generate([PROMPT] * len(params), params, use_tqdm=False):
+              for seed in range(6)] + [SamplingParams(temperature=1.0, seed=9, max_tokens=16)]
+    prompts = [PROMPT] * 6 + ["Once upon a time"]
+    plain = llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(llm.engine.config, "async_scheduling", True)   # read by every step: the same engine
+    overlapped = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in overlapped] == [o.outputs[0].token_ids for o in plain]
+    for output in overlapped[:6]:
         assert re.fullmatch(REGEX, output.outputs[0].text), output.outputs[0].text
 
 

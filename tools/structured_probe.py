@@ -93,7 +93,7 @@ def probe(compiled: object, mask_vocab: int, eos: int, num_rows: int, num_steps:
 
     for _ in range(num_steps):
         t0 = time.perf_counter()
-        masks.accept(states, outputs)
+        masks.accept(states, [state.unseen_tokens(output) for state, output in zip(states, outputs)])
         t1 = time.perf_counter()
         host = masks.fill(states)
         t2 = time.perf_counter()

@@ -59,6 +59,7 @@ argmax, and a token with probability 0 can never win.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -251,6 +252,34 @@ class DeviceSamples:
             top = _top_logprobs(self.top[0].tolist(), self.top[1].tolist(), token_list, logprob_list,
                                 self.num_logprobs)
         return SamplerOutput(token_ids=token_list, logprobs=logprob_list, top_logprobs=top)
+
+
+class DeferredSamples:
+    """A step whose sampling waits for its grammar masks: its forward is queued, the masks are being
+    filled on the host (GrammarBitmask.start), and `finish` queues the masked sampling -> the step's
+    DeviceSamples. The runner finishes it at the start of the next launch (nothing of that step may
+    reach the device before these tokens), or `result` does."""
+
+    def __init__(self, queue_sampling: Callable[[], DeviceSamples]):
+        self._queue_sampling: Callable[[], DeviceSamples] | None = queue_sampling
+        self._samples: DeviceSamples | None = None
+        self._error: Exception | None = None
+
+    def finish(self) -> DeviceSamples | None:
+        """Queue the sampling (once) -> its DeviceSamples; None if that failed (`result` raises why)."""
+        if self._queue_sampling is not None:
+            queue_sampling, self._queue_sampling = self._queue_sampling, None
+            try:
+                self._samples = queue_sampling()
+            except Exception as error:   # this step's fault: its own result raises it, not the next launch
+                self._error = error
+        return self._samples
+
+    def result(self) -> SamplerOutput:
+        samples = self.finish()
+        if samples is None:
+            raise self._error
+        return samples.result()
 
 
 class Sampler:

@@ -18,7 +18,8 @@ tokens (EOS), so the sequence ends with finish_reason "stop".
 
 Each step costs the host, per constrained row, one accepted token and one mask
 fill; `GrammarBitmask` does both for the whole batch in batched xgrammar calls
-(the fill on several threads), into buffers made once. Measured with
+(the fill on several threads), into buffers made once, on a thread of its own
+while the engine does its other work (`start`, `finish`). Measured with
 tools/structured_probe.py (128 rows under a JSON schema, inside a string, one
 fill thread, 2-core CPU): about 8 us a row to accept, and to fill ~15 us a row
 on the embedded model's 49,152 tokens, ~190 us on a 128,256-token vocabulary.
@@ -31,7 +32,8 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -125,15 +127,9 @@ class GrammarState:
         self.num_accepted = 0    # output tokens the matcher has taken
         self.failed = False      # a token the grammar rejects was appended: only a stop token may follow
 
-    def unseen_tokens(self, output_token_ids: list[int], newest_token_id: int = PENDING) -> list[int]:
-        """The output tokens the matcher has not taken yet, up to the first placeholder (PENDING);
-        newest_token_id stands for the last one when the host holds only its placeholder."""
-        if self.num_accepted >= len(output_token_ids):
-            return []
-        unseen = output_token_ids[self.num_accepted:]
-        if newest_token_id != PENDING and unseen[-1] == PENDING:
-            unseen[-1] = newest_token_id
-        return unseen[:unseen.index(PENDING)] if PENDING in unseen else unseen
+    def unseen_tokens(self, output_token_ids: list[int]) -> list[int]:
+        """A copy of the output tokens the matcher has not taken yet (placeholders, PENDING, included)."""
+        return output_token_ids[self.num_accepted:]
 
     def reject(self, token_id: int) -> None:
         """The matcher refused token_id: the sequence may only stop now."""
@@ -175,6 +171,7 @@ class GrammarBitmask:
         self.device = torch.device(device)
         self.threads = threads or fill_threads()
         self.batch_matcher = _xgrammar().BatchGrammarMatcher(max_threads=self.threads)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")   # see start
         self.width = 0                          # W: the buffers are made by the first fill
         self.copied: torch.cuda.Event | None = None   # the last copy out of the host buffers
 
@@ -194,18 +191,38 @@ class GrammarBitmask:
               newest_token_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """states[r] (the grammar of logits row rows[r]) takes its unseen tokens, then -> (bitmask [R, W]
         int32, rows [R] int64) on the device, their copy queued."""
-        self.accept(states, output_token_ids, newest_token_ids)
+        self.accept(states, [state.unseen_tokens(ids) for state, ids in zip(states, output_token_ids)],
+                    newest_token_ids)
         self.fill(states)
         return self.to_device(rows)
 
-    def accept(self, states: list[GrammarState], output_token_ids: list[list[int]],
+    def start(self, states: list[GrammarState], output_token_ids: list[list[int]],
+              newest_token_ids: Callable[[], list[int] | None]) -> Future:
+        """`build`'s accept and fill on the mask thread, so that the host's other work goes on meanwhile
+        (xgrammar lets go of the GIL while it fills); `finish` waits for them and queues the copy. The
+        unseen tokens are read now (the engine appends to the lists meanwhile); newest_token_ids is
+        called on the thread (it may wait for the device)."""
+        unseen = [state.unseen_tokens(ids) for state, ids in zip(states, output_token_ids)]
+
+        def accept_and_fill() -> None:
+            self.accept(states, unseen, newest_token_ids())
+            self.fill(states)
+        return self.thread.submit(accept_and_fill)
+
+    def finish(self, started: Future, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for `start`'s work (raising what it raised) -> `to_device(rows)`."""
+        started.result()
+        return self.to_device(rows)
+
+    def accept(self, states: list[GrammarState], unseen: list[list[int]],
                newest_token_ids: list[int] | None = None) -> None:
-        """Each state takes its output tokens not seen yet (newest_token_ids[r]: the id behind the last
-        placeholder of output_token_ids[r], or PENDING). One xgrammar call per token position: one in
-        the steady state, where each row brings one new token."""
+        """Each state takes its unseen tokens (GrammarState.unseen_tokens) up to the first placeholder;
+        newest_token_ids[r], unless PENDING, is the id behind a last placeholder (a token the host has
+        not written in yet). One xgrammar call per token position: one in the steady state, where each
+        row brings one new token."""
         newest = newest_token_ids or [PENDING] * len(states)
-        backlog = [(state, tokens) for state, token_ids, newest_id in zip(states, output_token_ids, newest)
-                   if (tokens := state.unseen_tokens(token_ids, newest_id))]
+        backlog = [(state, tokens) for state, tail, newest_id in zip(states, unseen, newest)
+                   if (tokens := _known(tail, newest_id))]
         position = 0
         while backlog:
             live = [(state, tokens[position]) for state, tokens in backlog if not state.is_done]
@@ -253,6 +270,13 @@ class GrammarBitmask:
         self.copied = torch.cuda.Event()
         self.copied.record()
         return self.bitmask[:num_rows], self.rows[:num_rows]
+
+
+def _known(tokens: list[int], newest_token_id: int) -> list[int]:
+    """tokens up to the first placeholder, a last placeholder first replaced by newest_token_id."""
+    if tokens and tokens[-1] == PENDING and newest_token_id != PENDING:
+        tokens = tokens[:-1] + [newest_token_id]
+    return tokens[:tokens.index(PENDING)] if PENDING in tokens else tokens
 
 
 def _bit(index: int) -> int:
