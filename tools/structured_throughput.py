@@ -85,6 +85,7 @@ def main() -> None:
             rounds[name].append(run(params))
     best = {name: max(values) for name, values in rounds.items()}
     loss = 1 - best["half"] / best["none"]
+    print(f"tokenizer {tokenizer} ({vocab} tokens under {engine.model_config.vocab_size} logits)")
     print(f"{'none constrained':>18s} {'half constrained':>18s} {'loss':>8s}   (output tok/s, best of {args.rounds})")
     print(f"{best['none']:18,.0f} {best['half']:18,.0f} {100 * loss:7.1f}%   (target: at most 10%)")
     print("rounds: " + "; ".join(f"{name} " + ", ".join(f"{v:,.0f}" for v in values)
