@@ -11,7 +11,8 @@ Copying a whole history every step costs O(length) a step, O(length^2) a
 request. So a request added with `delta=True` (what the server does) gets
 *delta* outputs instead: `text`, `token_ids` and `logprobs` hold only what is
 new since its previous output, the prompt fields and `metrics.token_times` are
-empty until the final output, which carries them whole. Joining a request's
+empty until the final output, which carries them whole (`prompt_logprobs` come
+once, with the first token, so that an echoed prompt can lead a stream). Joining a request's
 deltas in order (`RequestOutput.merge`) gives what the cumulative output would
 have said.
 

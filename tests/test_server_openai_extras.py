@@ -112,6 +112,30 @@ def test_echo_logprobs_log_likelihood_equals_transformers(tiny, tiny_llama, warm
     assert math.fsum(token_logprobs[num_context:len(ids)]) == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_streamed_echo_with_logprobs_joins_up_to_the_reply_and_leads_with_the_prompt(tiny):
+    client, _ = tiny
+    request = dict(model="m", prompt=["The quick brown fox", "A tiny llama"], max_tokens=5, echo=True, logprobs=2,
+                   temperature=0, stop=[" lazy"])
+    reply = client.completions.create(**request)
+    joined: dict[int, dict[str, list]] = {}
+    for chunk in client.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            if choice.index not in joined:   # the first chunk of a choice: the prompt, with its logprobs
+                assert choice.text == request["prompt"][choice.index] and choice.logprobs.token_logprobs[0] is None
+            parts = joined.setdefault(choice.index, {"text": [], "tokens": [], "token_logprobs": [],
+                                                     "top_logprobs": [], "text_offset": []})
+            parts["text"].append(choice.text)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                parts[name] += getattr(choice.logprobs, name) if choice.logprobs else []
+    for choice in reply.choices:
+        parts = joined[choice.index]
+        assert "".join(parts["text"]) == choice.text
+        assert parts["tokens"] == choice.logprobs.tokens and parts["text_offset"] == choice.logprobs.text_offset
+        assert parts["token_logprobs"] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+        assert [sorted(top) if top else top for top in parts["top_logprobs"]] == \
+            [sorted(top) if top else top for top in choice.logprobs.top_logprobs]
+
+
 def test_a_json_schema_response_format_gives_valid_json(embedded):
     client, _ = embedded
     schema = WEATHER_TOOL["function"]["parameters"]

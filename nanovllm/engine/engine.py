@@ -467,9 +467,7 @@ class LLMEngine:
                 token_times=list(first.token_times) if finished or not delta else [],
             ),
             num_cached_tokens=first.num_cached_tokens,
-            # like the prompt, sent once to a delta stream (in its final output)
-            prompt_logprobs=None if first.prompt_logprobs is None or (delta and not finished)
-            else list(first.prompt_logprobs),
+            prompt_logprobs=_prompt_logprobs(first, delta),
             error=next((seq.error for seq in seqs if seq.error is not None), None),
             error_in_request=any(seq.error_in_request for seq in seqs),
         )
@@ -538,6 +536,19 @@ def load_tokenizer(config: EngineConfig, model_config: ModelConfig) -> Tokenizer
                                "<id>; pass tokenizer=PATH for text", config.model)
             return ids_only()
     return Tokenizer.load(config.model, config.tokenizer)
+
+
+def _prompt_logprobs(seq: Sequence, delta: bool) -> list[dict[int, float] | None] | None:
+    """The prompt's log-probabilities so far; a delta stream gets them once, in the first output after
+    they are all known (the one with the first token, so that a server can send the echoed prompt
+    with them before the completion), or in the final output if the request ends before that."""
+    if seq.prompt_logprobs is None:
+        return None
+    if delta:
+        if seq.prompt_logprobs_sent or (seq.needs_prompt_logprobs and not seq.is_finished):
+            return None
+        seq.prompt_logprobs_sent = True
+    return list(seq.prompt_logprobs)
 
 
 def _whole_completion(seq: Sequence) -> CompletionOutput:

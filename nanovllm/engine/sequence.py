@@ -96,6 +96,7 @@ class Sequence:
     # Prompt log-probabilities (SamplingParams.prompt_logprobs; the first sample of a request only): entry i is
     # token i's given tokens 0..i-1 with the top-k alternatives, None for token 0; filled as prefill chunks run.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs_sent: bool = False       # delta outputs: they went out once, with the first token
     num_sent_tokens: int = 0                 # delta outputs: output tokens and text characters already reported
     num_sent_chars: int = 0
     # Timing (time.time() seconds).

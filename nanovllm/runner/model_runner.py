@@ -27,7 +27,8 @@ the previous step may then still be a placeholder on the host (sequence.py):
 its input row is filled on the device from `SampleBuffers`, the one buffer
 every step samples into, at the row `seq.pending_row`. Nothing in a launch
 waits for the GPU: host values reach it through pinned memory and asynchronous
-copies. A pure decode step on one GPU is a CUDA graph that runs the forward,
+copies. A step with grammar rows leaves its sampling to the next launch
+(DeferredSamples), its masks being filled on another thread meanwhile. A pure decode step on one GPU is a CUDA graph that runs the forward,
 the LM head and the sampling pass (cuda_graph.py).
 
 Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
@@ -49,10 +50,12 @@ from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.cuda_graph import DecodeGraphs, MixedGraphs
-from nanovllm.runner.sampler import DeviceSamples, SampleBuffers, Sampler, SamplingBatch, host_to_device
+from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
+                                     host_to_device)
 from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
                                       receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import GrammarBitmask
 
 if TYPE_CHECKING:   # the engine's batch, read here by its fields
     from nanovllm.engine.scheduler import Batch
@@ -91,6 +94,7 @@ class ModelRunner:
         # input is still pending (and are the decode graphs' input ids), and one copy brings them home.
         self.samples = SampleBuffers(config.max_num_seqs, self.device)
         self.last_samples: DeviceSamples | None = None   # the last step that sampled: its pending tokens
+        self.grammar_masks: GrammarBitmask | None = None  # structured outputs: made by the first constrained step
         self.workers: WorkerGroup | None = None
         if self.parallel.world_size > 1 and self.parallel.rank == 0:
             self.workers = WorkerGroup.start(config, self.parallel, serve_rank)
@@ -193,21 +197,23 @@ class ModelRunner:
         return peak
 
     @torch.inference_mode()
-    def launch(self, batch: Batch) -> DeviceSamples | None:
+    def launch(self, batch: Batch) -> DeviceSamples | DeferredSamples | None:
         """Queue one step on the device -> its samples, on their way (None: no sequence samples)."""
+        if isinstance(self.last_samples, DeferredSamples):   # its tokens first: this step may read them
+            self.last_samples = self.last_samples.finish()
         samples = self._launch(batch)
         if samples is not None:
             self.last_samples = samples
         return samples
 
-    def _launch(self, batch: Batch) -> DeviceSamples | None:
+    def _launch(self, batch: Batch) -> DeviceSamples | DeferredSamples | None:
         if self.workers is not None:
             return self._run_parallel(batch)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits, sampled = self.decode_graphs.run(batch)                    # [B, V], every row samples
             if sampled:   # the graph's own sampling pass stands: only the copy home is left to queue
                 return DeviceSamples.start_copy(self.samples, logits.shape[0], None, [None] * logits.shape[0])
-            return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
+            return self._sample(logits, batch)
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
         if self.mixed_graphs is not None and self.mixed_graphs.can_replay(metadata):
             hidden = self.mixed_graphs.replay(input_ids, positions, metadata)    # [T, H]
@@ -217,18 +223,34 @@ class ModelRunner:
         if not batch.sampling_seqs:   # only chunks in the middle of prompts: KV written, no token due
             return None
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
-        return self.sampler.sample(logits, self.prepare_sampling(batch), self.samples)
+        return self._sample(logits, batch)
 
-    def _pending_token(self, seq: Sequence) -> int:
-        """The id of seq's newest token, still pending on the host (async scheduling): a grammar's matcher
-        needs it for this step's mask. This step's forward is queued already; the host waits only for
-        the last step's samples to reach it, while the device computes."""
-        last = self.last_samples
-        if seq.num_pending != 1 or last is None:   # not the last step's token: the matcher waits at PENDING
-            return seq.output_token_ids[-1]   # still the placeholder
-        if last.copied is not None:
-            last.copied.synchronize()
-        return int(last.host[seq.pending_row])
+    def _sample(self, logits: torch.Tensor, batch: Batch) -> DeviceSamples | DeferredSamples:
+        """Queue the sampling of the step's logits [B, V]. With grammar rows, once their masks are
+        filled: the fill starts now on the mask thread and the next launch queues the sampling
+        (DeferredSamples). Meanwhile the engine completes the last step and schedules the next, so
+        the fill hides behind that host work, as behind this step's forward on the device."""
+        seqs = batch.sampling_seqs
+        sampling = self.prepare_sampling(batch, with_grammar=False)   # a request's bad settings raise now
+        rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return self.sampler.sample(logits, sampling, self.samples)
+        masks, last = self._grammar_masks(), self.last_samples
+        constrained = [seqs[row] for row in rows]
+        pending = _pending_rows(constrained)   # read now: the engine moves the placeholders on meanwhile
+        started = masks.start([seq.grammar for seq in constrained], [seq.output_token_ids for seq in constrained],
+                              lambda: _newest_token_ids(last, pending, len(constrained)))
+
+        @torch.inference_mode()   # called by the next launch, or by the engine through result()
+        def queue_sampling() -> DeviceSamples:
+            sampling.bitmask, sampling.bitmask_rows = masks.finish(started, rows)
+            return self.sampler.sample(logits, sampling, self.samples)
+        return DeferredSamples(queue_sampling)
+
+    def _grammar_masks(self) -> GrammarBitmask:
+        if self.grammar_masks is None:
+            self.grammar_masks = GrammarBitmask(self.config.max_num_seqs, self.eos_token_ids, self.device)
+        return self.grammar_masks
 
     def _record_prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> None:
         """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
@@ -354,22 +376,46 @@ class ModelRunner:
                 self.samples.token_ids[host_to_device(pending_row, torch.int64, device)]
         return input_ids_t, positions_t, metadata, host_to_device(logits_indices, torch.int64, device)
 
-    def prepare_sampling(self, batch: Batch) -> SamplingBatch:
+    def prepare_sampling(self, batch: Batch, with_grammar: bool = True) -> SamplingBatch:
+        """The batch's sampling settings; with_grammar: the grammar rows' masks too, built now (their
+        matchers take the tokens they have not seen, waiting for the last step's if need be)."""
         seqs = batch.sampling_seqs
-        output_token_ids = [seq.output_token_ids for seq in seqs]
-        for row, seq in enumerate(seqs):
-            if seq.grammar is not None and seq.num_pending:
-                output_token_ids[row] = seq.output_token_ids[:-1] + [self._pending_token(seq)]
+        grammars = [seq.grammar for seq in seqs]
+        with_grammar = with_grammar and any(grammar is not None for grammar in grammars)
         return SamplingBatch.build(
             params=[seq.sampling_params for seq in seqs],
             seeds=[seq.seed for seq in seqs],
             output_lens=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
-            output_token_ids=output_token_ids,
+            output_token_ids=[seq.output_token_ids for seq in seqs],
             eos_token_ids=self.eos_token_ids,
             device=self.device,
-            grammars=[seq.grammar for seq in seqs],
+            grammars=grammars if with_grammar else None,
+            grammar_masks=self._grammar_masks() if with_grammar else None,
+            newest_token_ids=_newest_token_ids(self.last_samples, _pending_rows(seqs), len(seqs))
+            if with_grammar else None,
         )
+
+
+def _pending_rows(seqs: list[Sequence]) -> list[tuple[int, int]]:
+    """(row, its row in the last step's samples) of each constrained sequence whose newest token is
+    the last step's, still a placeholder on the host (async scheduling)."""
+    return [(row, seq.pending_row) for row, seq in enumerate(seqs) if seq.grammar is not None and seq.num_pending == 1]
+
+
+def _newest_token_ids(last: DeviceSamples | None, pending: list[tuple[int, int]], num_rows: int) -> list[int] | None:
+    """Per row, the id of its newest token where it is pending (`_pending_rows`), else -1; None if no
+    row's is. A grammar's matcher needs it for this step's mask. This step's forward is queued
+    already: the host waits only for the last step's samples to reach it, while the device computes."""
+    if not pending or last is None:   # the matchers wait at the placeholder
+        return None
+    if last.copied is not None:
+        last.copied.synchronize()
+    sampled = last.host[:last.num_rows].tolist()
+    newest = [-1] * num_rows
+    for row, sample_row in pending:
+        newest[row] = sampled[sample_row]
+    return newest
 
 
 # ---- ranks 1..N-1 ----------------------------------------------------------------------------

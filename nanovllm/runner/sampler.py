@@ -59,6 +59,7 @@ argmax, and a token with probability 0 can never win.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ from nanovllm.ops.bitmask import apply_token_bitmask
 from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform,
                                    sample_from_logits)
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import GrammarState, grammar_bitmask
+from nanovllm.structured.grammar import GrammarBitmask, GrammarState
 
 
 def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
@@ -109,9 +110,12 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], seeds: list[int], output_lens: list[int],
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
               eos_token_ids: list[int], device: torch.device | str,
-              grammars: list[GrammarState | None] | None = None) -> "SamplingBatch":
+              grammars: list[GrammarState | None] | None = None, grammar_masks: GrammarBitmask | None = None,
+              newest_token_ids: list[int] | None = None) -> "SamplingBatch":
         """grammars: per row, the sequence's grammar matcher (None: unconstrained); each is first fed the
-        row's output tokens it has not seen."""
+        row's output tokens it has not seen, then fills its row of `grammar_masks` (the runner's buffers;
+        new ones if None). newest_token_ids: per row, the id behind its last output placeholder when the
+        host holds only that (async scheduling), else -1."""
         greedy = [p.is_greedy for p in params]
         all_greedy, all_random = all(greedy), not any(greedy)
 
@@ -154,8 +158,8 @@ class SamplingBatch:
 
         num_logprobs = [p.logprobs for p in params]
         asked = [k for k in num_logprobs if k is not None]
-        bitmask, bitmask_rows = (None, None) if grammars is None else _grammar_bitmask(grammars, output_token_ids,
-                                                                                      eos_token_ids, device)
+        bitmask, bitmask_rows = (None, None) if grammars is None else _grammar_bitmask(
+            grammars, output_token_ids, newest_token_ids, eos_token_ids, device, grammar_masks)
         return cls(all_greedy=all_greedy, all_random=all_random, is_greedy=is_greedy, temperature=temperature,
                    top_k=top_k, max_top_k=max_top_k, top_p=top_p,
                    top_p_needs_full_sort=top_p_needs_full_sort, min_p=min_p, stream_keys=keys,
@@ -166,15 +170,16 @@ class SamplingBatch:
 
 
 def _grammar_bitmask(grammars: list[GrammarState | None], output_token_ids: list[list[int]],
-                     eos_token_ids: list[int], device: torch.device | str,
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """-> (bitmask [R, ceil(V/32)] int32, rows [R] int64) of the constrained rows; (None, None) if none is."""
+                     newest_token_ids: list[int] | None, eos_token_ids: list[int], device: torch.device | str,
+                     masks: GrammarBitmask | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """-> (bitmask [R, W] int32, rows [R] int64) of the constrained rows; (None, None) if none is."""
     rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
     if not rows:
         return None, None
-    bitmask = grammar_bitmask([grammars[row] for row in rows], [output_token_ids[row] for row in rows],
-                              eos_token_ids)                                                  # [R, W] on the host
-    return host_to_device(bitmask, torch.int32, device), host_to_device(rows, torch.int64, device)
+    if masks is None:
+        masks = GrammarBitmask(len(rows), eos_token_ids, device)
+    newest = None if newest_token_ids is None else [newest_token_ids[row] for row in rows]
+    return masks.build([grammars[row] for row in rows], [output_token_ids[row] for row in rows], rows, newest)
 
 
 def _logit_bias(params: list[SamplingParams], device: torch.device | str,
@@ -249,6 +254,34 @@ class DeviceSamples:
         return SamplerOutput(token_ids=token_list, logprobs=logprob_list, top_logprobs=top)
 
 
+class DeferredSamples:
+    """A step whose sampling waits for its grammar masks: its forward is queued, the masks are being
+    filled on the host (GrammarBitmask.start), and `finish` queues the masked sampling -> the step's
+    DeviceSamples. The runner finishes it at the start of the next launch (nothing of that step may
+    reach the device before these tokens), or `result` does."""
+
+    def __init__(self, queue_sampling: Callable[[], DeviceSamples]):
+        self._queue_sampling: Callable[[], DeviceSamples] | None = queue_sampling
+        self._samples: DeviceSamples | None = None
+        self._error: Exception | None = None
+
+    def finish(self) -> DeviceSamples | None:
+        """Queue the sampling (once) -> its DeviceSamples; None if that failed (`result` raises why)."""
+        if self._queue_sampling is not None:
+            queue_sampling, self._queue_sampling = self._queue_sampling, None
+            try:
+                self._samples = queue_sampling()
+            except Exception as error:   # this step's fault: its own result raises it, not the next launch
+                self._error = error
+        return self._samples
+
+    def result(self) -> SamplerOutput:
+        samples = self.finish()
+        if samples is None:
+            raise self._error
+        return samples.result()
+
+
 class Sampler:
     """logits [B, V] (the model's dtype) + SamplingBatch -> one token per row (see the module docstring).
 
@@ -269,13 +302,13 @@ class Sampler:
         if out is None:
             out = SampleBuffers(num_rows, logits.device)
         out_tokens, out_logprobs = out.token_ids[:num_rows], out.logprobs[:num_rows]
-        if batch.logit_bias is not None or batch.bitmask is not None:
-            logits = logits.float()   # written in place: the model's logits are not read again
-            if batch.logit_bias is not None:
-                rows, token_ids, biases = batch.logit_bias
-                logits.index_put_((rows, token_ids), biases, accumulate=True)
-            if batch.bitmask is not None:
-                apply_token_bitmask(logits, batch.bitmask, batch.bitmask_rows)
+        # Both are written in place: the model's logits are not read again.
+        if batch.logit_bias is not None:
+            logits = logits.float()   # a bias added in bfloat16 would round
+            rows, token_ids, biases = batch.logit_bias
+            logits.index_put_((rows, token_ids), biases, accumulate=True)
+        if batch.bitmask is not None:   # -inf is exact in any dtype: no float32 copy of [B, V]
+            apply_token_bitmask(logits, batch.bitmask, batch.bitmask_rows)
         plain = (batch.output_token_ids is None and batch.suppressed_token_ids is None and batch.top_k is None
                  and batch.top_p is None and batch.min_p is None)
         if plain:   # greedy or plain temperature rows: one fused pass over the logits as they are

@@ -256,9 +256,6 @@ class OpenAIServer:
         note_ignored_fields(request, body)
         self._check_model(body.model)
         _check_stream_options(body.stream, body.stream_options)
-        if body.echo and body.logprobs is not None and body.stream:
-            raise OpenAIError(400, "echo with logprobs (the prompt's log-probabilities) is served without "
-                              "streaming; set stream to false", param="echo")
         params = _sampling_params(body)
         prompts = await self._completion_prompts(request, body.prompt, params.max_tokens)
         response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -282,7 +279,8 @@ class OpenAIServer:
                                                          len(completion.text))
                     if body.echo:   # the completion's text follows the prompt's; the prompt's logprobs first
                         logprobs.text_offset = [len(prompt_text) + offset for offset in logprobs.text_offset]
-                        logprobs = echo_logprobs(final, body.logprobs, self._token_text, logprobs)
+                        logprobs = echo_logprobs(final.prompt_token_ids, final.prompt_logprobs, body.logprobs,
+                                                 self._token_text, logprobs)
                 choices.append(CompletionChoice(index=prompt_index * params.n + completion.index,
                                                 text=prompt_text + completion.text, logprobs=logprobs,
                                                 finish_reason=completion.finish_reason))
@@ -293,12 +291,20 @@ class OpenAIServer:
                                  header: dict[str, Any]) -> AsyncIterator[BaseModel]:
         prompt_index = {request_id: i for i, request_id in enumerate(outputs.request_ids)}
         progress = {index: self._choice_progress(params, stream=True) for index in range(len(prompts) * params.n)}
-        if body.echo:
+        if body.echo and body.logprobs is None:
             for index in progress:
                 yield CompletionResponse(choices=[CompletionChoice(index=index, text=prompts[index // params.n][0])],
                                          **header)
         async for output in outputs:
             _raise_if_failed(output)
+            if body.echo and body.logprobs is not None and output.prompt_logprobs is not None:
+                # The prompt's log-probabilities come once, with the first token: the echo leads each choice.
+                text, token_ids = prompts[prompt_index[output.request_id]]
+                echoed = echo_logprobs(token_ids, output.prompt_logprobs, body.logprobs, self._token_text)
+                for sample in range(params.n):
+                    yield CompletionResponse(choices=[CompletionChoice(
+                        index=prompt_index[output.request_id] * params.n + sample, text=text, logprobs=echoed)],
+                        **header)
             for completion in output.outputs:
                 index = prompt_index[output.request_id] * params.n + completion.index
                 state = progress[index]
@@ -308,6 +314,9 @@ class OpenAIServer:
                 if body.logprobs is not None:
                     state.offsets = state.offsets or TokenOffsets(self.tokenizer, params.skip_special_tokens)
                     logprobs = self._completion_logprobs(completion, body.logprobs, state.offsets, state.text_length)
+                    if body.echo:   # offsets in the choice's text, which begins with the prompt's
+                        prompt_length = len(prompts[index // params.n][0])
+                        logprobs.text_offset = [prompt_length + offset for offset in logprobs.text_offset]
                 yield CompletionResponse(choices=[CompletionChoice(
                     index=index, text=completion.text, logprobs=logprobs,
                     finish_reason=completion.finish_reason)], **header)

@@ -28,7 +28,6 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nanovllm.outputs import RequestOutput
 from nanovllm.server.protocol import CompletionLogprobs
 from nanovllm.server.reasoning import split_reasoning
 from nanovllm.server.tool_parsers import ToolCall, get_tool_parser
@@ -238,13 +237,15 @@ def _partial_marker_len(text: str, marker: str) -> int:
 
 # ---- echo + logprobs ----------------------------------------------------------------------
 
-def echo_logprobs(final: RequestOutput, num_top: int, token_text: Callable[[int], str],
-                  completion_logprobs: CompletionLogprobs) -> CompletionLogprobs:
-    """Completions logprobs of the prompt (from RequestOutput.prompt_logprobs; the first token has
-    none) followed by the completion's own: what lm-evaluation-harness reads for a log-likelihood."""
+def echo_logprobs(prompt_token_ids: list[int], prompt_logprobs: list[dict[int, float] | None] | None,
+                  num_top: int, token_text: Callable[[int], str],
+                  completion_logprobs: CompletionLogprobs | None = None) -> CompletionLogprobs:
+    """Completions logprobs of the prompt (RequestOutput.prompt_logprobs; the first token has none)
+    followed by the completion's own, if given: what lm-evaluation-harness reads for a log-likelihood.
+    A stream sends the prompt's alone, in its first chunk."""
     result = CompletionLogprobs()
     text_offset = 0
-    for token_id, entry in zip(final.prompt_token_ids, final.prompt_logprobs or []):
+    for token_id, entry in zip(prompt_token_ids, prompt_logprobs or []):
         token = token_text(token_id)
         result.tokens.append(token)
         result.token_logprobs.append(None if entry is None else entry[token_id])
@@ -252,6 +253,7 @@ def echo_logprobs(final: RequestOutput, num_top: int, token_text: Callable[[int]
             token_text(t): logprob for t, logprob in sorted(entry.items(), key=lambda item: -item[1])[:num_top]})
         result.text_offset.append(text_offset)
         text_offset += len(token)
-    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-        getattr(result, name).extend(getattr(completion_logprobs, name))
+    if completion_logprobs is not None:
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(result, name).extend(getattr(completion_logprobs, name))
     return result
