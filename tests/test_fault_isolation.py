@@ -136,10 +136,10 @@ def test_a_request_that_fails_inside_a_step_gets_400_over_http_and_the_streams_b
     engine = engine_over(tiny_llama_loaded, device="cpu", max_model_len=128)
     prepare = engine.runner.prepare_sampling
 
-    def prepare_failing_on_seed_7(batch):
+    def prepare_failing_on_seed_7(batch, **kwargs):
         if any(seq.sampling_params.seed == 7 for seq in batch.sampling_seqs):
             raise OverflowError("Python int too large to convert to C long")
-        return prepare(batch)
+        return prepare(batch, **kwargs)
 
     monkeypatch.setattr(engine.runner, "prepare_sampling", prepare_failing_on_seed_7)
     app = build_app(server_config=ServerConfig(served_model_name="m"), engine=engine)
