@@ -219,7 +219,7 @@ class WorkerGroup:
         parts = [input_ids, positions, metadata.slot_mapping, metadata.query_start_loc, metadata.seq_lens,
                  metadata.block_tables.flatten(), logits_indices]
         if self.steps is not None:
-            if self.device.type == "cuda":   # one copy home; it waits for the tokens sampled last step
+            if self.device.type == "cuda":   # one copy home, which waits for the step's own copies to the GPU
                 parts = [torch.cat(parts).to(torch.int64).cpu()]
             self.steps.write([torch.tensor(header), *parts], watch=self.check_alive)
             return
