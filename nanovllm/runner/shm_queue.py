@@ -24,8 +24,9 @@ writer (the writer owns the slot table, reader r its row), so no lock is needed,
 only that the stores become visible in the order they were made (a fence).
 
 Waiting spins for SPIN_S (a step's next message usually arrives within it),
-then sleeps BACKOFF_S between polls, so that an idle engine does not keep a
-core busy. While waiting each side checks the other's process: a reader whose
+then sleeps BACKOFF_S between polls, and IDLE_BACKOFF_S once the wait has
+lasted IDLE_S, so that an idle engine does not keep a core busy (the first
+step after a second of idleness may then arrive up to a millisecond late). While waiting each side checks the other's process: a reader whose
 writer has died raises WriterDiedError, a writer whose reader has died raises
 ReaderDiedError, instead of waiting forever.
 
@@ -48,7 +49,9 @@ import torch
 
 INT64_BYTES = 8
 SPIN_S = 1e-3            # poll without sleeping for this long, then ...
-BACKOFF_S = 100e-6       # ... sleep this long between polls
+BACKOFF_S = 100e-6       # ... sleep this long between polls, and once a wait has lasted ...
+IDLE_S = 1.0             # ... this long (an idle engine) ...
+IDLE_BACKOFF_S = 1e-3    # ... this long
 LIVENESS_S = 0.05        # check the peer's process this often while waiting
 DEFAULT_NUM_SLOTS = 4
 
@@ -147,7 +150,8 @@ class _Waiter:
             self.next_check = now + LIVENESS_S
             if self.deadline is not None and now >= self.deadline:
                 raise QueueTimeoutError(f"{self.what} for {now - self.start:.1f} s; gave up")
-        time.sleep(0 if now - self.start < SPIN_S else BACKOFF_S)
+        waited = now - self.start
+        time.sleep(0 if waited < SPIN_S else BACKOFF_S if waited < IDLE_S else IDLE_BACKOFF_S)
 
 
 class ShmQueueWriter:
