@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,26 @@ def test_a_worker_killed_during_a_step_is_named_in_the_error(tiny_model_factory)
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         llm.engine.shutdown()
+    assert_no_children_left()
+
+
+def test_spawned_workers_read_their_steps_from_shared_memory_which_goes_with_them(tiny_model_factory, monkeypatch):
+    path = str(tiny_model_factory("qwen3"))
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    steps = llm.engine.runner.workers.steps
+
+    def no_broadcast(*args, **kwargs):
+        raise AssertionError("rank 0 broadcast a step; spawned workers read theirs from the shared-memory queue")
+
+    monkeypatch.setattr(torch.distributed, "broadcast", no_broadcast)
+    try:
+        assert greedy_tokens(llm)
+        assert steps.num_written >= GREEDY.max_tokens
+    finally:
+        llm.engine.shutdown()
+    assert steps.closed
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name=steps.name)
     assert_no_children_left()
 
 

@@ -18,14 +18,23 @@ Two ways to get the ranks:
 What a rank other than 0 runs (`model_runner.serve_rank`) is handed to
 `WorkerGroup.start`, so that this module never imports the model runner.
 
-Each step rank 0 broadcasts the batch as two int64 tensors, never pickled
-Python objects: a header with the sizes, then one payload with the batch (each
-broadcast costs tens of microseconds of host time on either side, so the
-batch's six tensors travel as one):
+Each step rank 0 sends the batch to the other ranks as int64 numbers, never
+pickled Python objects: a header with the sizes, then one payload with the
+batch's six tensors joined:
 
     header   [7]   STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len
     payload        input_ids [T]; positions [T]; slot_mapping [T]; query_start_loc [B + 1];
                    seq_lens [B]; block_tables [B * max_blocks]; logits_indices [N] (rows that need logits)
+
+How they travel depends on where the ranks are:
+
+- spawned workers share this machine: rank 0 writes header and payload as one
+  message into a shared-memory ring buffer (shm_queue.py), which every worker
+  polls; a worker copies the payload to its device itself. Its slots hold the
+  largest step the config allows (`max_step_ints`), computed, not guessed;
+- under torchrun the ranks may be on several machines: two torch.distributed
+  broadcasts, the header then the payload (each costs tens of microseconds of
+  host time on either side, so the six tensors travel as one).
 
 Start and stop are checked: a rank that fails to load its shard makes every
 rank give up at the first collective (an agreement on "loaded"), and rank 0
@@ -55,6 +64,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.model.parallel import ParallelState
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.runner.sampler import host_to_device
+from nanovllm.runner.shm_queue import QueueTimeoutError, ReaderDiedError, ShmQueueReader, ShmQueueWriter
 
 if TYPE_CHECKING:
     from nanovllm.runner.cuda_graph import DecodeGraphs
@@ -78,6 +88,14 @@ ServeRank = Callable[[EngineConfig, int], None]
 
 class WorkerDiedError(RuntimeError):
     """A tensor-parallel rank is gone; the engine cannot run a step without it."""
+
+
+def max_step_ints(config: EngineConfig) -> int:
+    """The longest step message the config allows, in int64s: header and payload with T, B and max_blocks at
+    their limits (N <= B, since a sequence has at most one row that needs logits)."""
+    num_tokens, num_seqs = config.max_num_batched_tokens, config.max_num_seqs
+    max_blocks = -(-config.max_model_len // config.block_size)
+    return HEADER_SIZE + 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * max_blocks + num_seqs
 
 
 def backend_for(device: str) -> str:
@@ -127,6 +145,7 @@ class WorkerGroup:
     error: str | None = None                   # why the group stopped, once it has
     closed: bool = False                       # shut down (a later call must not touch a newer group)
     graphs: "DecodeGraphs | None" = None       # rank 0's CUDA graphs, released before the group goes
+    steps: ShmQueueWriter | None = None        # spawned workers read their steps here; None: broadcasts
 
     @classmethod
     def start(cls, config: EngineConfig, parallel: ParallelState, serve_rank: ServeRank) -> "WorkerGroup":
@@ -140,7 +159,14 @@ class WorkerGroup:
                                  "the others call nanovllm.runner.model_runner.run_worker(config)")
             group = cls(device, None, created)
         else:
-            group = cls(device, _spawn_workers(config, serve_rank), True)
+            steps = ShmQueueWriter(num_readers=config.tensor_parallel_size - 1,
+                                   capacity_bytes=max_step_ints(config) * 8)
+            try:
+                context = _spawn_workers(config, serve_rank, steps.name)
+            except BaseException:
+                steps.close()
+                raise
+            group = cls(device, context, True, steps=steps)
         parallel.group = dist.group.WORLD
         if not all_ranks_agree(True, device):
             group.error = "a tensor-parallel rank failed to load its shard"
@@ -186,13 +212,33 @@ class WorkerGroup:
 
     def broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                        logits_indices: torch.Tensor) -> None:
+        """Send one step to every worker: through the shared-memory queue, or broadcast (torchrun)."""
         num_tokens, (num_seqs, max_blocks) = input_ids.shape[0], metadata.block_tables.shape
-        header = host_to_device([STEP, num_tokens, num_seqs, max_blocks, logits_indices.shape[0],
-                                 metadata.max_query_len, metadata.max_seq_len], torch.int64, self.device)
-        dist.broadcast(header, src=0)
-        payload = torch.cat([input_ids, positions, metadata.slot_mapping, metadata.query_start_loc,
-                             metadata.seq_lens, metadata.block_tables.flatten(), logits_indices]).to(torch.int64)
-        dist.broadcast(payload, src=0)
+        header = [STEP, num_tokens, num_seqs, max_blocks, logits_indices.shape[0],
+                  metadata.max_query_len, metadata.max_seq_len]
+        parts = [input_ids, positions, metadata.slot_mapping, metadata.query_start_loc, metadata.seq_lens,
+                 metadata.block_tables.flatten(), logits_indices]
+        if self.steps is not None:
+            if self.device.type == "cuda":   # one copy home, which waits for the step's own copies to the GPU
+                parts = [torch.cat(parts).to(torch.int64).cpu()]
+            self.steps.write([torch.tensor(header), *parts], watch=self.check_alive)
+            return
+        dist.broadcast(host_to_device(header, torch.int64, self.device), src=0)
+        dist.broadcast(torch.cat(parts).to(torch.int64), src=0)
+
+    def _send_shutdown(self) -> bool:
+        """Send SHUTDOWN to every worker -> whether it went out."""
+        header = torch.tensor([SHUTDOWN] + [0] * (HEADER_SIZE - 1), dtype=torch.int64)   # [HEADER_SIZE]
+        if self.steps is not None:
+            try:
+                self.steps.write([header], timeout_s=JOIN_TIMEOUT_S)
+            except (ReaderDiedError, QueueTimeoutError):
+                return False
+            return True
+        dist.broadcast(header.to(self.device), src=0)
+        if self.device.type == "cuda":   # the message must be out before the group goes
+            _poll_device(timeout_s=JOIN_TIMEOUT_S)
+        return True
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them (killing any that hang), leave the process group.
@@ -203,10 +249,7 @@ class WorkerGroup:
         processes = self.processes
         clean = self.error is None and all(p.is_alive() for p in processes)
         if clean:
-            dist.broadcast(torch.tensor([SHUTDOWN] + [0] * (HEADER_SIZE - 1), dtype=torch.int64,
-                                        device=self.device), src=0)
-            if self.device.type == "cuda":   # the message must be out before the group goes
-                _poll_device(timeout_s=JOIN_TIMEOUT_S)
+            clean = self._send_shutdown()
         self.error = self.error or "the tensor-parallel workers were shut down"
         deadline = time.monotonic() + (JOIN_TIMEOUT_S if clean else FAILED_JOIN_TIMEOUT_S)
         # Release the graphs, then leave the group, before waiting for the workers, which do the same as soon
@@ -222,6 +265,8 @@ class WorkerGroup:
             if process.is_alive():
                 process.kill()
                 process.join()
+        if self.steps is not None:
+            self.steps.close()
 
 
 def _poll_device(watch: Callable[[], None] | None = None, timeout_s: float = math.inf) -> None:
@@ -265,8 +310,9 @@ def _leave_group(clean: bool, cuda: bool) -> None:
               f"{timeout_s:.0f} s", file=sys.stderr)
 
 
-def _spawn_workers(config: EngineConfig, serve_rank: ServeRank) -> mp.ProcessContext:
-    """Start ranks 1..N-1 on this machine and join the process group with them as rank 0."""
+def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str) -> mp.ProcessContext:
+    """Start ranks 1..N-1 on this machine, each reading its steps from shared-memory queue `steps_name`,
+    and join the process group with them as rank 0."""
     world_size = config.tensor_parallel_size
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process; shut down the "
@@ -277,7 +323,7 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank) -> mp.ProcessCon
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=STARTUP_TIMEOUT,
                           wait_for_workers=False)
     with _main_not_rerun_in_workers():
-        context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid(), serve_rank),
+        context = mp.start_processes(_worker_process, args=(config, store.port, os.getpid(), serve_rank, steps_name),
                                      nprocs=world_size - 1, join=False, daemon=True, start_method="spawn")
     # Wait for every worker to reach the store, noticing at once one that dies on the way.
     started = [f"started/{rank}" for rank in range(1, world_size)]
@@ -326,11 +372,18 @@ def stop_with(owner: object, workers: WorkerGroup) -> None:
 
 # ---- ranks 1..N-1 ----------------------------------------------------------------------------
 
+# A spawned worker reads its steps from the engine's shared-memory queue (attached in _worker_process);
+# under torchrun this stays None and the steps come by broadcast.
+_steps_from_engine: ShmQueueReader | None = None
+
+
 def _worker_process(index: int, config: EngineConfig, store_port: int, engine_pid: int,
-                    serve_rank: ServeRank) -> None:
-    """Entry of a spawned worker: rank index + 1."""
+                    serve_rank: ServeRank, steps_name: str) -> None:
+    """Entry of a spawned worker: rank index + 1, reader `index` of the engine's step queue."""
+    global _steps_from_engine
     rank = index + 1
     threading.Thread(target=_exit_when_engine_is_gone, args=(engine_pid,), daemon=True).start()
+    _steps_from_engine = ShmQueueReader(steps_name, index)
     if config.device == "cuda":
         torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, is_master=False,
@@ -342,26 +395,57 @@ def _worker_process(index: int, config: EngineConfig, store_port: int, engine_pi
         serve_rank(config, rank)
     finally:
         dist.destroy_process_group()
+        _steps_from_engine.close()
 
 
 def _exit_when_engine_is_gone(engine_pid: int) -> None:
-    """A worker blocked in a collective cannot notice its engine died (NCCL waits); this thread can."""
+    """A worker blocked in a collective cannot notice its engine died (NCCL waits); this thread can.
+    (A worker waiting for its next step notices by itself: the queue checks its writer.)"""
     while os.getppid() == engine_pid:
         time.sleep(1.0)
     os._exit(1)
 
 
 def receive_step(device: torch.device) -> Step | None:
-    """The next step broadcast by rank 0, or None for SHUTDOWN."""
-    header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
-    dist.broadcast(header, src=0)
-    command, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len = header.tolist()
-    if command == SHUTDOWN:
+    """The next step sent by rank 0, or None for SHUTDOWN."""
+    if _steps_from_engine is not None:
+        with _steps_from_engine.next_message() as message:                  # [HEADER_SIZE + payload] int64
+            header = message[:HEADER_SIZE].tolist()
+            if header[0] == SHUTDOWN:
+                return None
+            if message.shape[0] != HEADER_SIZE + _payload_size(header):
+                raise RuntimeError(f"a step message of {message.shape[0]} int64s does not match its header {header}")
+            payload = _copy_to_device(message[HEADER_SIZE:], device)       # the slot is reused after this block
+        return _unpack_step(header, payload)
+    header_tensor = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
+    dist.broadcast(header_tensor, src=0)
+    header = header_tensor.tolist()
+    if header[0] == SHUTDOWN:
         return None
-    num_tables = num_seqs * max_blocks
-    payload = torch.empty(3 * num_tokens + 2 * num_seqs + 1 + num_tables + num_logits, dtype=torch.int64,
-                          device=device)
+    payload = torch.empty(_payload_size(header), dtype=torch.int64, device=device)
     dist.broadcast(payload, src=0)
+    return _unpack_step(header, payload)
+
+
+def _payload_size(header: list[int]) -> int:
+    _, num_tokens, num_seqs, max_blocks, num_logits, _, _ = header
+    return 3 * num_tokens + 2 * num_seqs + 1 + num_seqs * max_blocks + num_logits
+
+
+def _copy_to_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of a queue slot's int64s on `device`; on CUDA through pinned memory, so that the copy to the GPU
+    is asynchronous (the caching host allocator keeps the pinned block until that copy is done)."""
+    if device.type != "cuda":
+        return view.clone()
+    staging = torch.empty(view.shape, dtype=torch.int64, pin_memory=True)     # [n]
+    staging.copy_(view)
+    return staging.to(device, non_blocking=True)
+
+
+def _unpack_step(header: list[int], payload: torch.Tensor) -> Step:
+    """header and payload (wire format above) -> the step's tensors, views of the payload or int32 copies."""
+    _, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len = header
+    num_tables = num_seqs * max_blocks
     token_rows, query_start_loc, seq_lens, block_tables, logits_indices = payload.split(
         [3 * num_tokens, num_seqs + 1, num_seqs, num_tables, num_logits])
     token_rows = token_rows.view(3, num_tokens)                                          # [3, T]
