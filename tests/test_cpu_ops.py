@@ -6,15 +6,17 @@ against the formula written out plainly (bit for bit where the arithmetic is the
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanovllm.ops.activation import silu_and_mul_torch
-from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch
+from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch, store_kvcache_torch
 from nanovllm.ops.quant import PackedLinear, top_k_indices
 from nanovllm.ops.rmsnorm import rms_norm_torch
-from nanovllm.ops.rotary import apply_rotary_torch, rope_cos_sin_cache
+from nanovllm.ops.rotary import _joint_qk, apply_rotary_torch, rope_cos_sin_cache, rope_inv_freq
 
 
 def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,6 +65,69 @@ def test_rotary_is_the_rotate_half_formula_bit_for_bit(dtype, num_tokens, num_he
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
     if fused:
         assert torch.equal(v, v_before)                    # v, beside k in the same rows, is left alone
+
+
+def llama3_inv_freq_reference(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                              high_freq_factor: float, old_context: float) -> list[float]:
+    """Meta's `apply_scaling` (Llama 3.1), one frequency at a time in float64."""
+    scaled = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high_freq_factor:
+            scaled.append(freq)
+        elif wavelen > old_context / low_freq_factor:
+            scaled.append(freq / factor)
+        else:
+            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            scaled.append((1 - smooth) * freq / factor + smooth * freq)
+    return scaled
+
+
+@pytest.mark.parametrize("scaling, reference", [
+    (None, (64, 500000.0, 1.0, 1.0, 4.0, 8192.0)),
+    ({"rope_type": "llama3", "factor": 32.0}, (64, 500000.0, 32.0, 1.0, 4.0, 8192.0)),     # the defaults
+    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 2, "high_freq_factor": 8,
+      "original_max_position_embeddings": 4096}, (64, 500000.0, 8.0, 2.0, 8.0, 4096.0)),
+])
+def test_llama3_rope_frequencies_are_metas_formula(scaling, reference):
+    want = torch.tensor(llama3_inv_freq_reference(*reference), dtype=torch.float64)
+    got = rope_inv_freq(64, 500000.0, scaling)
+    assert got.dtype == torch.float32 and got.shape == (32,)
+    if scaling is not None:      # every band is present: unscaled, smoothed and divided by the factor
+        wavelen = 2 * math.pi / want
+        assert (wavelen < 8192 / 8).any() and (wavelen > 8192).any()
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0.0)
+
+
+def test_linear_rope_divides_every_frequency_and_other_types_are_refused():
+    plain = rope_inv_freq(16, 10000.0, None)
+    assert torch.equal(rope_inv_freq(16, 10000.0, {"rope_type": "linear", "factor": 4}), plain / 4.0)
+    with pytest.raises(ValueError, match=r"rope_scaling type 'yarn' is not supported \(supported: llama3, linear\)"):
+        rope_inv_freq(16, 10000.0, {"rope_type": "yarn", "factor": 4})
+
+
+def test_the_cos_sin_cache_holds_cos_then_sin_of_position_times_frequency():
+    cache = rope_cos_sin_cache(8, 5, 100.0, None)
+    angles = torch.arange(5, dtype=torch.float64)[:, None] * (1.0 / 100.0 ** (torch.arange(0, 8, 2) / 8))[None, :]
+    assert cache.shape == (5, 8) and cache.dtype == torch.float32
+    torch.testing.assert_close(cache.double(), torch.cat([angles.cos(), angles.sin()], dim=-1), rtol=1e-6, atol=1e-6)
+
+
+def test_q_and_k_are_rotated_as_one_view_only_when_k_follows_q_in_every_row():
+    qkv = torch.randn(3, (4 + 2 + 2) * 8)
+    q, k, _ = (t.view(3, -1, 8) for t in qkv.split([32, 16, 16], dim=-1))
+    joint = _joint_qk(q, k)
+    assert joint is not None and joint.shape == (3, 6, 8) and torch.equal(joint, torch.cat([q, k], dim=1))
+    assert _joint_qk(q[:1], k[:1]) is not None                            # one row: its stride is arbitrary
+    assert _joint_qk(q, torch.randn(3, 2, 8)) is None                     # k elsewhere
+    assert _joint_qk(q, qkv[:, 40:56].view(3, 2, 8)) is None              # k not right after q
+    assert _joint_qk(q[:, :, :4], k[:, :, :4]) is None                    # heads not contiguous
+    exact = torch.randn(3, 2 * 8 + 8)                                     # rows holding just q and k
+    assert _joint_qk(exact[:, :16].view(3, 2, 8), exact[:, 16:].view(3, 1, 8)) is not None
+    flat = torch.randn(3 * 16 + 8)                                        # k after q, but rows overlap
+    overlapping_q = flat.as_strided((3, 2, 8), (16, 8, 1))
+    assert _joint_qk(overlapping_q, flat[16:].as_strided((3, 1, 8), (16, 8, 1))) is None
 
 
 def test_silu_and_mul_is_the_formula_bit_for_bit():
@@ -141,6 +206,45 @@ def test_one_sequence_with_consecutive_blocks_is_read_in_place():
                                   metadata.block_tables[:, [0, 2, 1, 3, 4, 5, 6]], 1, metadata.max_seq_len)
     paged_attention_torch(q, k_cache, v_cache, scattered, 0.3)
     assert scattered.decode_context.first_block is None
+
+
+def test_prefill_chunks_attend_causally_to_their_whole_context_through_the_block_table():
+    """A mixed step: a whole prompt, a chunk after 15 cached tokens, a decode, and a sequence with no new
+    token; GQA with 2 query heads per KV head."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens, query_lens, block_size, num_heads, num_kv_heads, head_dim = [7, 20, 9, 6], [7, 5, 1, 0], 4, 4, 2, 16
+    k_cache = torch.randn(24, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(24, block_size, num_kv_heads, head_dim, generator=gen)
+    block_tables = torch.randperm(24, generator=gen)[:4 * 6].view(4, 6).to(torch.int32)
+    block_tables[0, 2:] = -1                                              # padding past a sequence's blocks
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    metadata = AttentionMetadata(query_start_loc=torch.tensor(starts, dtype=torch.int32),
+                                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                                 slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), block_tables=block_tables,
+                                 max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    q = torch.randn(starts[-1], num_heads, head_dim, generator=gen)
+    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.25)
+    for b, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
+        slots = [int(block_tables[b, i // block_size]) * block_size + i % block_size for i in range(seq_len)]
+        k = k_cache.flatten(0, 1)[slots].repeat_interleave(2, dim=1)     # [L, Hq, D]
+        v = v_cache.flatten(0, 1)[slots].repeat_interleave(2, dim=1)
+        for i in range(q_len):
+            position = seq_len - q_len + i                                # sees keys 0..position
+            weights = torch.softmax(torch.einsum("hd,lhd->hl", q[starts[b] + i], k[:position + 1]) * 0.25, dim=-1)
+            want = torch.einsum("hl,lhd->hd", weights, v[:position + 1])
+            torch.testing.assert_close(got[starts[b] + i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_new_keys_and_values_land_in_their_slots_and_padding_slots_are_skipped():
+    k_cache, v_cache = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    store_kvcache_torch(k, v, k_cache, v_cache, torch.tensor([5, -1, 0, 11]))
+    assert torch.equal(k_cache.view(12, 2, 8)[[5, 0, 11]], k[[0, 2, 3]])
+    assert torch.equal(v_cache.view(12, 2, 8)[[5, 0, 11]], v[[0, 2, 3]])
+    assert int((k_cache.view(12, -1).abs().sum(-1) > 0).sum()) == 3
+    store_kvcache_torch(k[:0], v[:0], k_cache, v_cache, torch.tensor([], dtype=torch.int64))   # an empty step
 
 
 def test_int8_packed_linear_above_max_packed_rows_is_the_bfloat16_matmul_bit_for_bit():
