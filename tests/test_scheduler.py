@@ -244,11 +244,12 @@ def test_decodes_and_prompt_chunks_are_counted_apart_even_a_one_token_chunk():
 
 
 def test_a_spent_budget_schedules_no_empty_chunk():
-    scheduler = make_scheduler(max_num_batched_tokens=2)
+    scheduler = make_scheduler(max_num_batched_tokens=3)
     seqs = [make_request(scheduler, [1], request_id=str(i), max_tokens=9)[0] for i in range(3)]
     batch = step(scheduler)
-    assert chunks(batch) == [(seqs[0].seq_id, 1), (seqs[1].seq_id, 1)]
-    batch = step(scheduler)                               # two decodes spend the budget; the third waits
+    assert chunks(batch) == [(seq.seq_id, 1) for seq in seqs]
+    scheduler.max_num_batched_tokens = 2                  # three running sequences, a budget of two
+    batch = step(scheduler)
     assert chunks(batch) == [(seqs[0].seq_id, 1), (seqs[1].seq_id, 1)]
 
 
@@ -318,11 +319,12 @@ def test_tokens_arrive_into_placeholders_and_a_finished_sequence_drops_the_pendi
 
 def test_a_sequence_whose_pending_token_is_its_last_is_not_scheduled_again():
     scheduler = make_scheduler()
-    [short] = make_request(scheduler, [1, 2], request_id="short", max_tokens=1)
-    [long] = make_request(scheduler, [3], request_id="long", max_tokens=5)
+    [long] = make_request(scheduler, [3], arrival=0, request_id="long", max_tokens=5)
+    [short] = make_request(scheduler, [1, 2], arrival=1, request_id="short", max_tokens=1)
+    [later] = make_request(scheduler, [4], arrival=2, request_id="later", max_tokens=5)
     scheduler.advance(scheduler.schedule())
     batch = scheduler.schedule()
-    assert [seq for seq, _ in batch.scheduled] == [long]
+    assert [seq for seq, _ in batch.scheduled] == [long, later]
 
 
 def test_log_probabilities_add_up_and_each_entry_holds_the_top_ones_and_the_sampled_token():
@@ -344,6 +346,9 @@ def test_a_sequence_records_when_it_was_scheduled_sampled_and_finished(monkeypat
         step(scheduler)                                   # schedule() then complete() read the clock
     assert seq.first_scheduled_time == 100.0 and seq.first_token_time == 101.0
     assert seq.token_times == [101.0, 103.0, 105.0] and seq.finish_time == 105.0
+    [aborted] = make_request(scheduler, [1], max_tokens=3)
+    scheduler.finish(aborted, SequenceStatus.FINISHED_ABORTED)   # no time given: finish() reads the clock
+    assert aborted.finish_time == 106.0
 
 
 def test_the_first_admission_alone_sets_the_scheduled_time_and_cached_tokens():
@@ -404,6 +409,18 @@ def test_stop_strings_in_one_tokens_text_cut_at_the_earliest_match(stop, text, r
     [seq] = make_request(scheduler, [1], detokenizer=Words, max_tokens=3, stop=stop, include_stop_str_in_output=True)
     step(scheduler)
     assert seq.output_text == text and seq.stop_reason == reason
+
+
+def test_placeholders_are_filled_in_order_after_the_prompt_and_dropped_from_the_end():
+    seq = Sequence(seq_id=0, request_id="r", index=0, prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(),
+                   seed=0, max_tokens=8, arrival_time=0.0)
+    first, second = seq.add_placeholder(0), seq.add_placeholder(0)
+    seq.fill_token(first, 7, -1.0, None, 0.0)
+    seq.fill_token(second, 8, -1.0, None, 0.0)
+    assert seq.token_ids == [1, 2, 3, 7, 8] and seq.output_token_ids == [7, 8]
+    seq.add_placeholder(0)
+    seq.drop_placeholders()
+    assert seq.token_ids == [1, 2, 3, 7, 8] and seq.output_token_ids == [7, 8] and seq.num_pending == 0
 
 
 def test_a_sequence_sets_up_its_log_probability_records_from_its_parameters():
