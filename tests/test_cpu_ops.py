@@ -31,16 +31,17 @@ def plain_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-@pytest.mark.parametrize("rows, hidden", [(1, 576), (3, 37), (17, 128)])
-def test_rms_norm_of_float32_is_the_formula_bit_for_bit(rows, hidden):
-    torch.manual_seed(rows)
-    x, weight = torch.randn(rows, hidden) * 3, torch.randn(hidden)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 37), (17, 128), (4, 3, 16)])   # [T, H] or per head [T, Hq, D]
+def test_rms_norm_of_float32_is_the_formula_bit_for_bit(shape):
+    torch.manual_seed(shape[0])
+    x, weight = torch.randn(shape) * 3, torch.randn(shape[-1])
     assert torch.equal(rms_norm_torch(x, weight, 1e-6), plain_rms_norm(x, weight, 1e-6))
 
 
-def test_rms_norm_of_bfloat16_keeps_the_formula():
-    x, weight = torch.randn(5, 64).to(torch.bfloat16), torch.randn(64).to(torch.bfloat16)
-    assert torch.equal(rms_norm_torch(x, weight, 1e-5), plain_rms_norm(x, weight, 1e-5))
+@pytest.mark.parametrize("shape, eps", [((5, 64), 1e-5), ((4, 3, 16), 0.5)])   # a large eps shows where it is added
+def test_rms_norm_of_bfloat16_keeps_the_formula(shape, eps):
+    x, weight = (torch.randn(shape) * 0.5).to(torch.bfloat16), torch.randn(shape[-1]).to(torch.bfloat16)
+    assert torch.equal(rms_norm_torch(x, weight, eps), plain_rms_norm(x, weight, eps))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -108,8 +109,8 @@ def test_linear_rope_divides_every_frequency_and_other_types_are_refused():
 
 
 def test_the_cos_sin_cache_holds_cos_then_sin_of_position_times_frequency():
-    cache = rope_cos_sin_cache(8, 5, 100.0, None)
-    angles = torch.arange(5, dtype=torch.float64)[:, None] * (1.0 / 100.0 ** (torch.arange(0, 8, 2) / 8))[None, :]
+    cache = rope_cos_sin_cache(8, 5, 100.0, {"rope_type": "linear", "factor": 2.0})
+    angles = torch.arange(5, dtype=torch.float64)[:, None] * (0.5 / 100.0 ** (torch.arange(0, 8, 2) / 8))[None, :]
     assert cache.shape == (5, 8) and cache.dtype == torch.float32
     torch.testing.assert_close(cache.double(), torch.cat([angles.cos(), angles.sin()], dim=-1), rtol=1e-6, atol=1e-6)
 
@@ -194,6 +195,20 @@ def test_decode_context_is_derived_once_per_step_and_again_for_a_new_step():
     torch.testing.assert_close(paged_attention_torch(q, k_cache, v_cache, longer, 0.2),
                                plain_decode_attention(q, k_cache, v_cache, longer, 0.2), rtol=1e-5, atol=1e-5)
     assert longer.decode_context is not context
+    shorter = AttentionMetadata(longer.query_start_loc, longer.seq_lens, longer.slot_mapping, longer.block_tables, 1,
+                                longer.max_seq_len - 1)                  # the same tensors, another max_seq_len
+    shorter.decode_context = longer.decode_context
+    paged_attention_torch(q, k_cache, v_cache, shorter, 0.2)
+    assert shorter.decode_context is not longer.decode_context
+
+
+def test_decode_attention_reads_a_bfloat16_cache_for_float32_queries():
+    q, k_cache, v_cache, metadata = _decode_batch([9, 30, 21], 4, 2, 32, 8, seed=4)
+    k_cache, v_cache = k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16)
+    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.2)
+    want = plain_decode_attention(q, k_cache.float(), v_cache.float(), metadata, 0.2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_one_sequence_with_consecutive_blocks_is_read_in_place():
@@ -289,6 +304,11 @@ def test_split_k_count_splits_only_few_row_products_with_too_few_tiles_on_a_gpu(
     assert linear.split_k_count(16, 2048, 2048, gpu) == 4
     assert linear.split_k_count(1, 64, 768, gpu) == 2          # slices of K stay >= 256 and divide K
     assert linear.split_k_count(1, 64, 300, gpu) == 1
+    assert linear.split_k_count(1, 64, 1024, gpu) == 4         # slices of exactly 256
+    assert [linear.split_k_count(1, 64, k, gpu) for k in (1025, 1026)] == [1, 2]   # odd K; K / 2 odd
+    assert linear.split_k_count(1, 256, 8192, gpu) == 8        # 4 tiles: 8 slices at most
+    assert linear.split_k_count(1, 2112, 2048, gpu) == 4       # 33 tiles: 4 slices fill the 132 SMs exactly
+    assert linear.split_k_count(1, 1025, 4096, gpu) == 4       # 1025 columns are 17 tiles, not 16.02
 
 
 def test_linear_or_partials_leaves_biased_and_quantized_layers_whole(monkeypatch):
@@ -301,3 +321,11 @@ def test_linear_or_partials_leaves_biased_and_quantized_layers_whole(monkeypatch
     assert linear.linear_or_partials(x, biased).shape == (2, 8)
     assert linear.linear_or_partials(x, packed).shape == (2, 8)
     assert linear.linear_or_partials(x, plain, may_split=False).shape == (2, 8)     # tensor parallel
+    monkeypatch.setattr(linear, "split_k_count", lambda rows, n, k, device: 2)
+    assert linear.linear_or_partials(x, plain).shape == (2, 2, 8)
+
+
+def test_linear_or_partials_on_the_cpu_is_the_layer_itself():
+    from nanovllm.ops.linear import linear_or_partials
+    layer, x = torch.nn.Linear(64, 8, bias=False), torch.randn(2, 64)
+    assert torch.equal(linear_or_partials(x, layer), layer(x))

@@ -261,6 +261,8 @@ def test_penalties_change_exactly_the_logits_of_seen_tokens():
         [1.0, -2.0, 1.0, -1.0, 0.5, 1.25],   # shorter lists: their padding is no token
     ])
     assert torch.allclose(penalized, expected)
+    alone = SamplingBatch.build(params[:1], [0], [1], [[0]], [[5]], [], "cpu")   # every row's penalty is 2.0
+    assert torch.equal(apply_penalties(logits[:1], alone), torch.tensor([[1.0, -2.0, 1.0, -1.0, 0.5, 1.5]]))
 
 
 def test_penalties_steer_the_sampled_token():
