@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanovllm.runner.sampler import Sampler, SamplingBatch, apply_penalties, random_uniform, stream_keys
+from nanovllm.runner.sampler import (Sampler, SamplerOutput, SamplingBatch, apply_penalties, random_uniform,
+                                     stream_keys)
 from nanovllm.sampling_params import SamplingParams
 
 sampler = Sampler()
@@ -356,6 +357,30 @@ def test_a_grammar_bitmask_masks_its_own_rows_only():
     out = sampler(logits.clone(), batch)
     assert out.token_ids == [2, 0, 3]
     assert out.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], dim=-1)[0]), abs=1e-6)
+
+
+def test_build_asks_the_grammars_of_the_constrained_rows_for_their_bitmask(monkeypatch):
+    calls = []
+
+    def fake_grammar_bitmask(states, output_token_ids, stop_token_ids):
+        calls.append((states, output_token_ids, stop_token_ids))
+        return torch.tensor([[0b1000]], dtype=torch.int32)               # token 3 only
+
+    monkeypatch.setattr("nanovllm.runner.sampler.grammar_bitmask", fake_grammar_bitmask)
+    grammar = object()
+    params = [SamplingParams(temperature=0)] * 3
+    batch = SamplingBatch.build(params, [0] * 3, [1, 2, 1], [[]] * 3, [[5], [6, 7], [8]], [2], "cpu",
+                                grammars=[None, grammar, None])
+    assert calls == [([grammar], [[6, 7]], [2])]
+    assert batch.bitmask.dtype == torch.int32 and batch.bitmask.tolist() == [[8]] and batch.bitmask_rows.tolist() == [1]
+    assert sampler(torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3), batch).token_ids == [0, 3, 0]
+    unconstrained = SamplingBatch.build(params, [0] * 3, [1, 2, 1], [[]] * 3, [[5], [6, 7], [8]], [2], "cpu",
+                                        grammars=[None] * 3)
+    assert unconstrained.bitmask is None and unconstrained.bitmask_rows is None and len(calls) == 1
+
+
+def test_a_step_without_samples_has_an_empty_output():
+    assert SamplerOutput.empty() == SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
 
 
 def test_plain_params_need_only_the_logits_and_the_temperature():
