@@ -127,8 +127,52 @@ def test_q_and_k_are_rotated_as_one_view_only_when_k_follows_q_in_every_row():
     exact = torch.randn(3, 2 * 8 + 8)                                     # rows holding just q and k
     assert _joint_qk(exact[:, :16].view(3, 2, 8), exact[:, 16:].view(3, 1, 8)) is not None
     flat = torch.randn(3 * 16 + 8)                                        # k after q, but rows overlap
-    overlapping_q = flat.as_strided((3, 2, 8), (16, 8, 1))
-    assert _joint_qk(overlapping_q, flat[16:].as_strided((3, 1, 8), (16, 8, 1))) is None
+    for rows in (3, 2):
+        overlapping_q = flat.as_strided((rows, 2, 8), (16, 8, 1))
+        assert _joint_qk(overlapping_q, flat[16:].as_strided((rows, 1, 8), (16, 8, 1))) is None
+    spread_q = flat.as_strided((3, 2, 4), (16, 8, 1))                    # heads 8 apart, 4 wide; k right after
+    assert _joint_qk(spread_q, flat.as_strided((3, 1, 4), (16, 4, 1), storage_offset=8)) is None
+
+
+def test_qwen3_head_norm_then_rotary_is_the_formula():
+    from nanovllm.ops.rotary import qk_norm_rotary_torch
+    torch.manual_seed(6)
+    cache = rope_cos_sin_cache(16, 64, 10000.0, None)
+    q, k, positions = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.tensor([0, 3, 9, 10, 63])
+    q_weight, k_weight = torch.randn(16), torch.randn(16)
+    want_q = plain_rotary(plain_rms_norm(q, q_weight, 0.5), positions, cache)
+    want_k = plain_rotary(plain_rms_norm(k, k_weight, 0.5), positions, cache)
+    qk_norm_rotary_torch(q, k, positions, cache, q_weight, k_weight, 0.5)
+    torch.testing.assert_close(q, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, want_k, rtol=1e-6, atol=1e-6)
+
+
+def test_the_fused_residual_add_and_norm_takes_a_sum_or_partial_sums():
+    from nanovllm.ops.rmsnorm import add_rms_norm_torch
+    torch.manual_seed(7)
+    x, residual, weight = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32)
+    normed, summed = add_rms_norm_torch(x, residual, weight, 0.5)
+    assert torch.equal(summed, x + residual) and torch.equal(normed, plain_rms_norm(x + residual, weight, 0.5))
+    partials, residual16 = torch.randn(4, 3, 32), residual.to(torch.bfloat16)
+    normed, summed = add_rms_norm_torch(partials, residual16, weight.to(torch.bfloat16), 0.5)
+    assert summed.dtype == torch.bfloat16
+    assert torch.equal(summed, (partials.sum(0) + residual16.float()).to(torch.bfloat16))
+    assert torch.equal(normed, plain_rms_norm(summed, weight.to(torch.bfloat16), 0.5))
+
+
+def test_rotary_store_and_attend_is_rotary_and_store_then_paged_attention():
+    from nanovllm.ops.rotary import rotary_and_store_kv_torch, rotary_store_and_attend_torch
+    q_rest, k_cache, v_cache, metadata = _decode_batch([9, 30, 21], 4, 2, 16, 8, seed=8)
+    cache, positions = rope_cos_sin_cache(16, 64, 10000.0, None), metadata.seq_lens.long() - 1
+    metadata.slot_mapping = torch.tensor([int(metadata.block_tables[b, (n - 1) // 8]) * 8 + (n - 1) % 8
+                                          for b, n in enumerate(metadata.seq_lens.tolist())])
+    k, v = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    want_caches = k_cache.clone(), v_cache.clone()
+    want_q, _ = rotary_and_store_kv_torch(q_rest.clone(), k.clone(), v, positions, cache, *want_caches,
+                                          metadata.slot_mapping)
+    want = paged_attention_torch(want_q, *want_caches, metadata, 0.3)
+    got = rotary_store_and_attend_torch(q_rest.clone(), k.clone(), v, positions, cache, k_cache, v_cache, metadata, 0.3)
+    assert torch.equal(got, want) and torch.equal(k_cache, want_caches[0])
 
 
 def test_silu_and_mul_is_the_formula_bit_for_bit():
@@ -223,13 +267,14 @@ def test_one_sequence_with_consecutive_blocks_is_read_in_place():
     assert scattered.decode_context.first_block is None
 
 
-def test_prefill_chunks_attend_causally_to_their_whole_context_through_the_block_table():
-    """A mixed step: a whole prompt, a chunk after 15 cached tokens, a decode, and a sequence with no new
-    token; GQA with 2 query heads per KV head."""
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_chunks_attend_causally_to_their_whole_context_through_the_block_table(cache_dtype):
+    """A mixed step: a whole prompt, a sequence with no new token, a chunk after 15 cached tokens and a
+    decode; GQA with 2 query heads per KV head; the cache in float32 or bfloat16, the queries in float32."""
     gen = torch.Generator().manual_seed(5)
-    seq_lens, query_lens, block_size, num_heads, num_kv_heads, head_dim = [7, 20, 9, 6], [7, 5, 1, 0], 4, 4, 2, 16
-    k_cache = torch.randn(24, block_size, num_kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(24, block_size, num_kv_heads, head_dim, generator=gen)
+    seq_lens, query_lens, block_size, num_heads, num_kv_heads, head_dim = [7, 6, 20, 9], [7, 0, 5, 1], 4, 4, 2, 16
+    k_cache = torch.randn(24, block_size, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(24, block_size, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
     block_tables = torch.randperm(24, generator=gen)[:4 * 6].view(4, 6).to(torch.int32)
     block_tables[0, 2:] = -1                                              # padding past a sequence's blocks
     starts = [0]
@@ -240,24 +285,25 @@ def test_prefill_chunks_attend_causally_to_their_whole_context_through_the_block
                                  slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), block_tables=block_tables,
                                  max_query_len=max(query_lens), max_seq_len=max(seq_lens))
     q = torch.randn(starts[-1], num_heads, head_dim, generator=gen)
-    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.25)
+    got = paged_attention_torch(q, k_cache, v_cache, metadata, 0.3)
     for b, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
         slots = [int(block_tables[b, i // block_size]) * block_size + i % block_size for i in range(seq_len)]
-        k = k_cache.flatten(0, 1)[slots].repeat_interleave(2, dim=1)     # [L, Hq, D]
-        v = v_cache.flatten(0, 1)[slots].repeat_interleave(2, dim=1)
+        k = k_cache.flatten(0, 1)[slots].float().repeat_interleave(2, dim=1)     # [L, Hq, D]
+        v = v_cache.flatten(0, 1)[slots].float().repeat_interleave(2, dim=1)
         for i in range(q_len):
             position = seq_len - q_len + i                                # sees keys 0..position
-            weights = torch.softmax(torch.einsum("hd,lhd->hl", q[starts[b] + i], k[:position + 1]) * 0.25, dim=-1)
+            weights = torch.softmax(torch.einsum("hd,lhd->hl", q[starts[b] + i], k[:position + 1]) * 0.3, dim=-1)
             want = torch.einsum("hl,lhd->hd", weights, v[:position + 1])
             torch.testing.assert_close(got[starts[b] + i], want, rtol=1e-5, atol=1e-5)
 
 
-def test_new_keys_and_values_land_in_their_slots_and_padding_slots_are_skipped():
-    k_cache, v_cache = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_new_keys_and_values_land_in_their_slots_and_padding_slots_are_skipped(cache_dtype):
+    k_cache, v_cache = torch.zeros(3, 4, 2, 8, dtype=cache_dtype), torch.zeros(3, 4, 2, 8, dtype=cache_dtype)
     k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
     store_kvcache_torch(k, v, k_cache, v_cache, torch.tensor([5, -1, 0, 11]))
-    assert torch.equal(k_cache.view(12, 2, 8)[[5, 0, 11]], k[[0, 2, 3]])
-    assert torch.equal(v_cache.view(12, 2, 8)[[5, 0, 11]], v[[0, 2, 3]])
+    assert torch.equal(k_cache.view(12, 2, 8)[[5, 0, 11]], k[[0, 2, 3]].to(cache_dtype))
+    assert torch.equal(v_cache.view(12, 2, 8)[[5, 0, 11]], v[[0, 2, 3]].to(cache_dtype))
     assert int((k_cache.view(12, -1).abs().sum(-1) > 0).sum()) == 3
     store_kvcache_torch(k[:0], v[:0], k_cache, v_cache, torch.tensor([], dtype=torch.int64))   # an empty step
 
