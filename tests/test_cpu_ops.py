@@ -370,6 +370,12 @@ def test_linear_or_partials_leaves_biased_and_quantized_layers_whole(monkeypatch
     monkeypatch.setattr(linear, "split_k_count", lambda rows, n, k, device: 2)
     assert linear.linear_or_partials(x, plain).shape == (2, 2, 8)
 
+    class SplitsItself(torch.nn.Module):                  # a quantized layer decides its own split
+        def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+            return x[None].expand(3, -1, -1)
+
+    assert torch.equal(linear.linear_or_partials(x, SplitsItself()), x[None].expand(3, -1, -1))
+
 
 def test_linear_or_partials_on_the_cpu_is_the_layer_itself():
     from nanovllm.ops.linear import linear_or_partials
