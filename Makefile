@@ -38,4 +38,4 @@ clean:
 # Mutation testing of the module that pyproject.toml's [tool.mutmut] names, one worker (tests/MUTANTS.md).
 .PHONY: mutants
 mutants: $(STAMP)
-	nice -n 10 $(BIN)/mutmut run --max-children 1; $(BIN)/mutmut results
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 1; $(BIN)/mutmut results

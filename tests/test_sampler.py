@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanovllm.runner.sampler import Sampler, SamplingBatch, apply_penalties, random_uniform, stream_keys
+from nanovllm.runner.sampler import (Sampler, SamplerOutput, SamplingBatch, apply_penalties, random_uniform,
+                                     stream_keys)
 from nanovllm.sampling_params import SamplingParams
 
 sampler = Sampler()
@@ -189,10 +190,12 @@ def test_filters_never_pick_excluded_tokens_and_reach_every_kept_one(params, all
     (SamplingParams(top_k=3), [3, 1, 4]),
     (SamplingParams(top_p=0.85), [3, 1, 4]),
     (SamplingParams(min_p=0.09), [3, 1, 4, 0, 5]),
+    (SamplingParams(temperature=0.5, top_k=3), [3, 1, 4]),            # tempered: probabilities squared
+    (SamplingParams(temperature=2.0, min_p=0.3), [3, 1, 4, 0, 5]),
 ])
 def test_draws_follow_the_renormalized_distribution(params, kept):
     tokens = torch.tensor(draws(LOGITS, params, 20000))
-    probs = LOGITS.exp()[kept]
+    probs = (LOGITS / params.temperature).exp()[kept]
     probs = probs / probs.sum()
     counts = torch.stack([(tokens == t).sum() for t in kept]).float()
     assert counts.sum() == len(tokens)
@@ -225,22 +228,42 @@ def test_rows_with_a_filter_off_are_unaffected_by_rows_that_use_it():
     assert [set(tokens[i::4]) for i in range(4)] == [{3}, {3, 1, 4}, {3, 1}, {3}]
 
 
+def test_top_k_above_the_vocabulary_size_keeps_every_token():
+    for params in (SamplingParams(top_k=50), SamplingParams(top_k=50, top_p=0.99)):
+        assert set(draws(LOGITS, params, 2000)) == set(range(6))
+
+
+def test_top_p_drops_the_token_whose_preceding_mass_equals_it_exactly():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    probs = torch.softmax(logits, dim=-1)
+    top_p = float((torch.cumsum(probs, dim=-1) - probs)[2])       # the mass before token 2, as float32 computes it
+    assert set(draws(logits, SamplingParams(top_p=top_p), 2000)) == {0, 1}
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token():
+    assert set(draws(LOGITS, SamplingParams(min_p=1.0), 500)) == {3}
+
+
 # --- penalties and min_tokens ------------------------------------------------------------
 
 def test_penalties_change_exactly_the_logits_of_seen_tokens():
-    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5, 3.0]] * 3)
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5, 3.0]] * 4)
     params = [SamplingParams(temperature=0, repetition_penalty=2.0),
               SamplingParams(temperature=0, frequency_penalty=0.5),
-              SamplingParams(temperature=0, presence_penalty=0.25)]
-    prompts, outputs = [[0, 1], [0, 1], [0, 1]], [[2, 2, 3], [2, 2, 3], [2, 2, 3]]
-    batch = SamplingBatch.build(params, [0, 0, 0], [3, 3, 3], prompts, outputs, [], "cpu")
+              SamplingParams(temperature=0, presence_penalty=0.25),
+              SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.25)]
+    prompts, outputs = [[0, 1], [0, 1], [0, 1], [0]], [[2, 2, 3], [2, 2, 3], [2, 2, 3], [5]]
+    batch = SamplingBatch.build(params, [0] * 4, [3, 3, 3, 1], prompts, outputs, [], "cpu")
     penalized = apply_penalties(logits, batch)
     expected = torch.tensor([
         [1.0, -4.0, 0.5, -2.0, 0.5, 3.0],    # seen in prompt or output: positive / 2, negative * 2
         [2.0, -2.0, 0.0, -1.5, 0.5, 3.0],    # output counts 2 and 1, times 0.5
         [2.0, -2.0, 0.75, -1.25, 0.5, 3.0],  # each output token once, 0.25
+        [1.0, -2.0, 1.0, -1.0, 0.5, 1.25],   # shorter lists: their padding is no token
     ])
     assert torch.allclose(penalized, expected)
+    alone = SamplingBatch.build(params[:1], [0], [1], [[0]], [[5]], [], "cpu")   # every row's penalty is 2.0
+    assert torch.equal(apply_penalties(logits[:1], alone), torch.tensor([[1.0, -2.0, 1.0, -1.0, 0.5, 1.5]]))
 
 
 def test_penalties_steer_the_sampled_token():
@@ -293,6 +316,71 @@ def test_top_logprobs_list_the_most_likely_tokens_plus_the_sampled_one():
     out = sample(logits[:1], [SamplingParams(temperature=0, logprobs=1, frequency_penalty=2.0)], outputs=[[1, 1]])
     assert out.token_ids == [3]
     assert set(out.top_logprobs[0]) == {1, 3}
+
+
+def test_a_plain_batch_gives_top_logprobs_of_bfloat16_logits_in_float32():
+    torch.manual_seed(4)
+    logits = (torch.randn(3, 40) * 4).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(), SamplingParams(temperature=0.7, logprobs=1)]
+    out = sample(logits, params)
+    log_softmax = torch.log_softmax(logits.float(), dim=-1)
+    for row, num in ((0, 3), (2, 1)):
+        values, ids = log_softmax[row].topk(num)
+        expected = dict(zip(ids.tolist(), values.tolist())) | {out.token_ids[row]: float(log_softmax[row, out.token_ids[row]])}
+        assert out.top_logprobs[row] == pytest.approx(expected, abs=1e-6)
+    assert out.top_logprobs[1] == {}
+
+
+def test_greedy_rows_of_a_plain_mixed_batch_take_the_argmax_whatever_the_seed():
+    logits = LOGITS[None].expand(400, -1).contiguous()
+    params = [SamplingParams(temperature=0) if i % 2 else SamplingParams() for i in range(400)]
+    tokens = sample(logits, params, seeds=list(range(400))).token_ids
+    assert set(tokens[1::2]) == {3} and set(tokens[0::2]) == set(range(6))
+
+
+def test_logit_bias_is_added_to_its_own_rows_logits_only():
+    logits = torch.tensor([[5.0, 0.0, 1.0, -2.0]] * 2)
+    out = sample(logits.clone(), [SamplingParams(temperature=0, logit_bias={2: 4.5, 3: -1.0}),
+                                  SamplingParams(temperature=0)])                   # the sampler writes in place
+    biased = torch.log_softmax(logits[0] + torch.tensor([0.0, 0.0, 4.5, -1.0]), dim=-1)
+    assert out.token_ids == [2, 0]
+    assert out.logprobs == pytest.approx([float(biased[2]), float(torch.log_softmax(logits[1], dim=-1)[0])],
+                                         abs=1e-6)
+
+
+def test_a_grammar_bitmask_masks_its_own_rows_only():
+    logits = torch.tensor([[5.0, 0.0, 1.0, 2.0]] * 3)
+    params = [SamplingParams(temperature=0)] * 3
+    batch = SamplingBatch.build(params, [0, 1, 2], [0] * 3, [[]] * 3, [[]] * 3, [], "cpu")
+    batch.bitmask = torch.tensor([[0b0100], [0b1010]], dtype=torch.int32)   # row 0 allows token 2, row 2: 1 and 3
+    batch.bitmask_rows = torch.tensor([0, 2])
+    out = sampler(logits.clone(), batch)
+    assert out.token_ids == [2, 0, 3]
+    assert out.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], dim=-1)[0]), abs=1e-6)
+
+
+def test_build_asks_the_grammars_of_the_constrained_rows_for_their_bitmask(monkeypatch):
+    calls = []
+
+    def fake_grammar_bitmask(states, output_token_ids, stop_token_ids):
+        calls.append((states, output_token_ids, stop_token_ids))
+        return torch.tensor([[0b1000]], dtype=torch.int32)               # token 3 only
+
+    monkeypatch.setattr("nanovllm.runner.sampler.grammar_bitmask", fake_grammar_bitmask)
+    grammar = object()
+    params = [SamplingParams(temperature=0)] * 3
+    batch = SamplingBatch.build(params, [0] * 3, [1, 2, 1], [[]] * 3, [[5], [6, 7], [8]], [2], "cpu",
+                                grammars=[None, grammar, None])
+    assert calls == [([grammar], [[6, 7]], [2])]
+    assert batch.bitmask.dtype == torch.int32 and batch.bitmask.tolist() == [[8]] and batch.bitmask_rows.tolist() == [1]
+    assert sampler(torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3), batch).token_ids == [0, 3, 0]
+    unconstrained = SamplingBatch.build(params, [0] * 3, [1, 2, 1], [[]] * 3, [[5], [6, 7], [8]], [2], "cpu",
+                                        grammars=[None] * 3)
+    assert unconstrained.bitmask is None and unconstrained.bitmask_rows is None and len(calls) == 1
+
+
+def test_a_step_without_samples_has_an_empty_output():
+    assert SamplerOutput.empty() == SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
 
 
 def test_plain_params_need_only_the_logits_and_the_temperature():

@@ -213,6 +213,228 @@ def test_finishing_a_request_in_any_state_frees_its_blocks():
     assert all(seq.finish_reason == "abort" for seq in running + [waiting])
 
 
+def test_a_finished_waiting_sibling_is_never_released_and_no_longer_held():
+    scheduler = make_scheduler()
+    leader, sibling = make_request(scheduler, list(range(1, 10)), n=2, max_tokens=3)
+    assert scheduler.num_held() == 1
+    scheduler.finish(sibling, SequenceStatus.FINISHED_ABORTED)
+    assert scheduler.num_held() == 0 and scheduler.leaders == {}
+    step(scheduler)                                       # the leader computes its prompt
+    assert sibling not in scheduler.waiting and sibling not in scheduler.running
+    while scheduler.has_unfinished():
+        step(scheduler)
+    assert sibling.num_output_tokens == 0 and leader.num_output_tokens == 3
+
+
+def test_decodes_and_prompt_chunks_are_counted_apart_even_a_one_token_chunk():
+    scheduler = make_scheduler(max_num_batched_tokens=5)
+    [a] = make_request(scheduler, [1, 2], request_id="a", max_tokens=5)
+    [b] = make_request(scheduler, [3, 4], request_id="b", max_tokens=5)
+    step(scheduler)                                       # a and b: their prompts, 4 tokens
+    [c] = make_request(scheduler, [5, 6, 7, 8, 9], request_id="c", max_tokens=5)
+    batch = step(scheduler)                               # a, b decode; c gets the 3 tokens left
+    assert chunks(batch) == [(a.seq_id, 1), (b.seq_id, 1), (c.seq_id, 3)]
+    assert batch.is_prefill == [False, False, True]
+    assert (batch.num_decode_tokens, batch.num_prefill_tokens) == (2, 3)
+    [d] = make_request(scheduler, [1, 9, 9, 9], request_id="d", max_tokens=5)
+    batch = step(scheduler)                               # a, b, c decode... c: its last 2 prompt tokens
+    assert chunks(batch) == [(a.seq_id, 1), (b.seq_id, 1), (c.seq_id, 2), (d.seq_id, 1)]
+    assert batch.is_prefill == [False, False, True, True], "a one-token prompt chunk is no decode"
+    assert (batch.num_decode_tokens, batch.num_prefill_tokens) == (2, 3)
+
+
+def test_a_spent_budget_schedules_no_empty_chunk():
+    scheduler = make_scheduler(max_num_batched_tokens=3)
+    seqs = [make_request(scheduler, [1], request_id=str(i), max_tokens=9)[0] for i in range(3)]
+    batch = step(scheduler)
+    assert chunks(batch) == [(seq.seq_id, 1) for seq in seqs]
+    scheduler.max_num_batched_tokens = 2                  # three running sequences, a budget of two
+    batch = step(scheduler)
+    assert chunks(batch) == [(seqs[0].seq_id, 1), (seqs[1].seq_id, 1)]
+
+
+def test_the_newest_of_three_running_sequences_is_the_one_preempted():
+    scheduler = make_scheduler(num_blocks=3, max_model_len=16)
+    seqs = [make_request(scheduler, [1, 2, 3], arrival=i, request_id=str(i), max_tokens=8, ignore_eos=True)[0]
+            for i in range(3)]
+    step(scheduler)                                       # one block each: the pool is full
+    batch = step(scheduler)                               # the 4th tokens fit; the 5th need new blocks
+    batch = step(scheduler)
+    assert batch.preempted == [seqs[2], seqs[1]] and scheduler.num_preemptions == 2
+    assert seqs[0].status is SequenceStatus.RUNNING
+
+
+def test_requests_that_just_fit_the_pool_or_max_model_len_are_accepted():
+    scheduler = make_scheduler(num_blocks=4, max_model_len=32)   # 16 slots
+    make_request(scheduler, list(range(1, 11)), max_tokens=7)    # 16 tokens computed, the 17th only sampled
+    with pytest.raises(ValueError) as refused:
+        make_request(scheduler, list(range(1, 11)), max_tokens=8)
+    assert str(refused.value) == ("the request needs 5 KV blocks (17 tokens) but the pool has 4; lower "
+                                  "max_tokens, shorten the prompt or give the engine more KV cache memory")
+    at_the_limit = make_scheduler(num_blocks=4, max_model_len=16)
+    [seq] = make_request(at_the_limit, list(range(1, 17)), max_tokens=10)   # one token, computed in 16 slots
+    step(at_the_limit)
+    assert seq.finish_reason == "length" and seq.num_output_tokens == 1
+    with pytest.raises(ValueError, match="needs 5 KV blocks"):
+        make_request(make_scheduler(num_blocks=4, max_model_len=17), list(range(1, 18)), max_tokens=10)
+
+
+def test_samples_without_prefix_caching_share_every_full_block_of_the_prompt():
+    scheduler = make_scheduler(caching=False)
+    seqs = make_request(scheduler, list(range(1, 10)), n=2, max_tokens=4)   # 9 tokens: 2 full blocks
+    step(scheduler)
+    batch = step(scheduler)
+    assert chunks(batch)[1:] == [(seqs[1].seq_id, 1)]
+    assert seqs[1].block_table[:2] == seqs[0].block_table[:2]
+
+
+def test_a_running_prompts_full_blocks_are_cached_for_the_next_request():
+    scheduler = make_scheduler()
+    [first] = make_request(scheduler, list(range(1, 10)), request_id="first", max_tokens=5)
+    step(scheduler)
+    assert first.num_cached_tokens == 0 and first.status is SequenceStatus.RUNNING
+    [second] = make_request(scheduler, list(range(1, 10)), request_id="second", max_tokens=5)
+    step(scheduler)
+    assert second.num_cached_tokens == 8 and second.num_computed_tokens == 9
+
+
+def test_tokens_arrive_into_placeholders_and_a_finished_sequence_drops_the_pending_ones():
+    scheduler = make_scheduler()
+    [seq] = make_request(scheduler, [1, 2, 3], max_tokens=5, ignore_eos=True)
+    [other] = make_request(scheduler, [4], request_id="other", max_tokens=5, ignore_eos=True)
+    first = scheduler.schedule()
+    scheduler.advance(first)                              # launched; its tokens are on their way
+    assert seq.token_ids == [1, 2, 3, -1] and seq.num_pending == 1 and seq.num_known_tokens == 3
+    assert (seq.pending_row, other.pending_row) == (0, 1) and first.output_indices == [0, 0]
+    second = scheduler.schedule()                         # scheduled before the first step's tokens arrive
+    scheduler.advance(second)
+    assert seq.output_token_ids == [-1, -1] and seq.num_pending == 2 and seq.known_output_token_ids == []
+    scheduler.complete(first, SamplerOutput([7, 8], [-0.5, -1.0], None))
+    assert seq.token_ids == [1, 2, 3, 7, -1] and seq.num_pending == 1
+    scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+    assert seq.token_ids == [1, 2, 3, 7] and seq.output_token_ids == [7] and seq.num_pending == 0
+    assert scheduler.complete(second, SamplerOutput([9, 9], [-1.0, -1.0], None)) == []
+    assert other.output_token_ids == [8, 9]
+
+
+def test_a_sequence_whose_pending_token_is_its_last_is_not_scheduled_again():
+    scheduler = make_scheduler()
+    [long] = make_request(scheduler, [3], arrival=0, request_id="long", max_tokens=5)
+    [short] = make_request(scheduler, [1, 2], arrival=1, request_id="short", max_tokens=1)
+    [later] = make_request(scheduler, [4], arrival=2, request_id="later", max_tokens=5)
+    scheduler.advance(scheduler.schedule())
+    batch = scheduler.schedule()
+    assert [seq for seq, _ in batch.scheduled] == [long, later]
+
+
+def test_log_probabilities_add_up_and_each_entry_holds_the_top_ones_and_the_sampled_token():
+    scheduler = make_scheduler()
+    [seq] = make_request(scheduler, [1, 2], max_tokens=2, logprobs=1, ignore_eos=True)
+    for token, logprob, top in [(7, -0.5, {3: -0.25}), (8, -1.5, None)]:
+        batch = scheduler.schedule()
+        finished = scheduler.postprocess(batch, SamplerOutput([token], [logprob], [top]))
+    assert seq.logprobs == [{3: -0.25, 7: -0.5}, {8: -1.5}] and seq.cumulative_logprob == -2.0
+    assert finished == [seq]
+
+
+def test_a_sequence_records_when_it_was_scheduled_sampled_and_finished(monkeypatch):
+    clock = iter(range(100, 200))
+    monkeypatch.setattr("nanovllm.engine.scheduler.time.time", lambda: float(next(clock)))
+    scheduler = make_scheduler(num_blocks=2, max_model_len=8)
+    [seq] = make_request(scheduler, [1, 2, 3], max_tokens=3, ignore_eos=True)
+    for _ in range(3):
+        step(scheduler)                                   # schedule() then complete() read the clock
+    assert seq.first_scheduled_time == 100.0 and seq.first_token_time == 101.0
+    assert seq.token_times == [101.0, 103.0, 105.0] and seq.finish_time == 105.0
+    [aborted] = make_request(scheduler, [1], max_tokens=3)
+    scheduler.finish(aborted, SequenceStatus.FINISHED_ABORTED)   # no time given: finish() reads the clock
+    assert aborted.finish_time == 106.0
+
+
+def test_the_first_admission_alone_sets_the_scheduled_time_and_cached_tokens():
+    scheduler = make_scheduler(num_blocks=4, max_model_len=16)
+    [old] = make_request(scheduler, [1, 2, 3, 4, 5, 6, 7], arrival=0, request_id="old", max_tokens=8, ignore_eos=True)
+    [new] = make_request(scheduler, [1, 2, 3, 4, 5], arrival=1, request_id="new", max_tokens=8, ignore_eos=True)
+    step(scheduler)
+    scheduled_at = new.first_scheduled_time
+    assert new.num_cached_tokens == 0
+    while new.status is not SequenceStatus.PREEMPTED:
+        step(scheduler)
+    while old.status is SequenceStatus.RUNNING:
+        step(scheduler)
+    step(scheduler)                                       # new again, finding old's blocks in the cache
+    assert new.first_scheduled_time == scheduled_at and new.num_cached_tokens == 0
+
+
+def test_finishing_decodes_the_whole_text_at_once_when_asked():
+    class WholeText(CharDetokenizer):
+        def whole_text(self, token_ids: list[int]) -> str:
+            return "".join(chr(ord("a") + t) for t in token_ids)
+
+    scheduler = make_scheduler()
+    [seq] = make_request(scheduler, [1], detokenizer=WholeText, max_tokens=3, ignore_eos=True)
+    seq.detokenize_at_finish = True
+    for token in [1, 2, 3]:
+        step(scheduler, token)
+    assert seq.output_text == "bcd"
+
+
+@pytest.mark.parametrize("stop, tokens, text, reason", [
+    (["b"], [1, 5], "", "b"),                             # a stop string at the very start of the output
+    (["x"], [23, 6, 7], "xgh", None),                     # seen before min_tokens: only a new one stops
+    (["xy"], [23, 24, 6], "xyg", None),
+])
+def test_a_stop_string_counts_only_where_it_ends_in_the_new_text(stop, tokens, text, reason):
+    scheduler = make_scheduler()
+    min_tokens = 1 if reason == "b" else 3
+    [seq] = make_request(scheduler, [1], detokenizer=CharDetokenizer, max_tokens=3, stop=stop,
+                         min_tokens=min_tokens, ignore_eos=True)
+    for token in tokens:
+        step(scheduler, token)
+        if seq.is_finished:
+            break
+    assert (seq.output_text, seq.stop_reason) == (text, reason)
+
+
+@pytest.mark.parametrize("stop, text, reason", [
+    (["x"], "ax", "x"),                                   # twice in the new text: the first
+    (["xb", "x"], "axb", "xb"),                           # two at one position: the first listed
+])
+def test_stop_strings_in_one_tokens_text_cut_at_the_earliest_match(stop, text, reason):
+    class Words(CharDetokenizer):
+        def add_tokens(self, token_ids: list[int]) -> str:
+            return "axbxc"
+
+    scheduler = make_scheduler()
+    [seq] = make_request(scheduler, [1], detokenizer=Words, max_tokens=3, stop=stop, include_stop_str_in_output=True)
+    step(scheduler)
+    assert seq.output_text == text and seq.stop_reason == reason
+
+
+def test_placeholders_are_filled_in_order_after_the_prompt_and_dropped_from_the_end():
+    seq = Sequence(seq_id=0, request_id="r", index=0, prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(),
+                   seed=0, max_tokens=8, arrival_time=0.0)
+    first, second = seq.add_placeholder(0), seq.add_placeholder(0)
+    seq.fill_token(first, 7, -1.0, None, 0.0)
+    seq.fill_token(second, 8, -1.0, None, 0.0)
+    assert seq.token_ids == [1, 2, 3, 7, 8] and seq.output_token_ids == [7, 8]
+    seq.add_placeholder(0)
+    seq.drop_placeholders()
+    assert seq.token_ids == [1, 2, 3, 7, 8] and seq.output_token_ids == [7, 8] and seq.num_pending == 0
+
+
+def test_a_sequence_sets_up_its_log_probability_records_from_its_parameters():
+    def make(index: int = 0, **params) -> Sequence:
+        sampling = SamplingParams(**params)
+        return Sequence(seq_id=0, request_id="r", index=index, prompt_token_ids=[1, 2], sampling_params=sampling,
+                        seed=0, max_tokens=sampling.max_tokens, arrival_time=0.0)
+
+    assert make().logprobs is None and make(logprobs=0).logprobs == []
+    assert make(prompt_logprobs=1).prompt_logprobs == [None]
+    assert make(index=1, prompt_logprobs=1).prompt_logprobs is None and make().prompt_logprobs is None
+    assert make(presence_penalty=0.5).reads_own_tokens is True and make().reads_own_tokens is False
+
+
 # ---- property test -----------------------------------------------------------------------
 
 def check_scheduler_invariants(scheduler: Scheduler, batch: Batch, live: list[Sequence]) -> None:
