@@ -359,23 +359,23 @@ def test_a_grammar_bitmask_masks_its_own_rows_only():
     assert out.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], dim=-1)[0]), abs=1e-6)
 
 
-def test_build_asks_the_grammars_of_the_constrained_rows_for_their_bitmask(monkeypatch):
+def test_build_asks_the_grammars_of_the_constrained_rows_for_their_bitmask():
     calls = []
 
-    def fake_grammar_bitmask(states, output_token_ids, stop_token_ids):
-        calls.append((states, output_token_ids, stop_token_ids))
-        return torch.tensor([[0b1000]], dtype=torch.int32)               # token 3 only
+    class FakeMasks:   # the runner's GrammarBitmask, as SamplingBatch.build uses it
+        def build(self, states, output_token_ids, rows, newest_token_ids=None):
+            calls.append((states, output_token_ids, rows))
+            return torch.tensor([[0b1000]], dtype=torch.int32), torch.tensor(rows)   # token 3 only
 
-    monkeypatch.setattr("nanovllm.runner.sampler.grammar_bitmask", fake_grammar_bitmask)
     grammar = object()
     params = [SamplingParams(temperature=0)] * 3
     batch = SamplingBatch.build(params, [0] * 3, [1, 2, 1], [[]] * 3, [[5], [6, 7], [8]], [2], "cpu",
-                                grammars=[None, grammar, None])
-    assert calls == [([grammar], [[6, 7]], [2])]
+                                grammars=[None, grammar, None], grammar_masks=FakeMasks())
+    assert calls == [([grammar], [[6, 7]], [1])]
     assert batch.bitmask.dtype == torch.int32 and batch.bitmask.tolist() == [[8]] and batch.bitmask_rows.tolist() == [1]
     assert sampler(torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3), batch).token_ids == [0, 3, 0]
     unconstrained = SamplingBatch.build(params, [0] * 3, [1, 2, 1], [[]] * 3, [[5], [6, 7], [8]], [2], "cpu",
-                                        grammars=[None] * 3)
+                                        grammars=[None] * 3, grammar_masks=FakeMasks())
     assert unconstrained.bitmask is None and unconstrained.bitmask_rows is None and len(calls) == 1
 
 
