@@ -389,7 +389,7 @@ class LLMEngine:
             if request_id in ended and all(sample.is_finished for sample in seqs):
                 finished_ids.append(request_id)
                 outputs.append(self._finish_request(request_id))
-            elif request_id in self.delta_only:
+            elif request_id in self.delta_only and not _owes_prompt_logprobs(seqs[0]):
                 for sample in seqs:
                     token_ids, text, logprobs = _take_new(sample)
                     deltas.add(request_id, token_ids, text, sample.cumulative_logprob, logprobs)
@@ -536,6 +536,12 @@ def load_tokenizer(config: EngineConfig, model_config: ModelConfig) -> Tokenizer
                                "<id>; pass tokenizer=PATH for text", config.model)
             return ids_only()
     return Tokenizer.load(config.model, config.tokenizer)
+
+
+def _owes_prompt_logprobs(seq: Sequence) -> bool:
+    """A delta stream whose prompt log-probabilities have not gone out yet: its next output is a whole
+    RequestOutput (they ride with its first token), not a row of StepDeltas."""
+    return seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent
 
 
 def _prompt_logprobs(seq: Sequence, delta: bool) -> list[dict[int, float] | None] | None:
