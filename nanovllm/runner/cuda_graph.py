@@ -61,6 +61,24 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def capture_graphs(sizes: list[int], forward, pool=None) -> tuple[dict, dict, object]:
+    """One CUDA graph of `forward(size)` per size, largest first so that the smaller ones reuse its
+    memory, each after a warm-up run that compiles the Triton kernels outside the graph
+    -> (graph per size, what each graph writes, the memory pool, to share with other graphs)."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    for size in reversed(sizes):
+        forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs, pool
+
+
 class StepRows:
     """A decode step's per-sequence inputs for up to `rows` rows in one flat int64 tensor, so that one
     copy moves them all: input ids, positions, slot mapping, pending rows and sampling keys (each int64
@@ -130,16 +148,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        self.pool = None                     # the memory pool of the graphs (MixedGraphs shares it)
-        for size in reversed(self.sizes):   # largest first, so smaller graphs reuse its memory
-            self._forward(size)              # warm-up: compiles the Triton kernels outside the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[size] = self._forward(size)
-            self.pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+        # self.pool: the memory pool of the graphs (MixedGraphs shares it)
+        self.graphs, self.outputs, self.pool = capture_graphs(self.sizes, self._forward)
 
     def release(self) -> None:
         """Destroy the graphs; later steps run eagerly. Tensor parallelism needs this before its
@@ -338,15 +348,7 @@ class MixedGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        for size in reversed(self.sizes):   # largest first, so smaller graphs reuse its memory
-            self._forward(size)              # warm-up: compiles the Triton kernels outside the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[size] = self._forward(size)
-            self.pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs, self.pool = capture_graphs(self.sizes, self._forward, self.pool)
 
     def release(self) -> None:
         for graph in self.graphs.values():
