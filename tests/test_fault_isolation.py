@@ -80,6 +80,18 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_at_admission(tiny_lla
     assert not engine.has_unfinished_requests()
 
 
+async def healthy_stream(client, index: int) -> tuple[str, int]:
+    """A sampled 24-token stream beside the faulty request -> (its finish reason, its completion tokens)."""
+    stream = await client.completions.create(
+        model="m", prompt=f"stream {index}", max_tokens=24, stream=True, temperature=0.8,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "top_k": 20})
+    finish, tokens = None, None
+    async for chunk in stream:
+        finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+        tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+    return finish, tokens
+
+
 def test_poisoned_requests_over_http_get_400_while_four_streams_finish(tiny_llama_loaded):
     import asyncio
 
@@ -95,16 +107,6 @@ def test_poisoned_requests_over_http_get_400_while_four_streams_finish(tiny_llam
 
     async def scenario(url: str) -> tuple[list[tuple[str, int]], list[int]]:
         async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
-            async def healthy(index: int) -> tuple[str, int]:
-                stream = await client.completions.create(
-                    model="m", prompt=f"stream {index}", max_tokens=24, stream=True, temperature=0.8,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "top_k": 20})
-                finish, tokens = None, None
-                async for chunk in stream:
-                    finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-                    tokens = chunk.usage.completion_tokens if chunk.usage else tokens
-                return finish, tokens
-
             async def poisoned(fields: dict) -> int:
                 await asyncio.sleep(0.05)   # while the streams run
                 try:
@@ -113,7 +115,8 @@ def test_poisoned_requests_over_http_get_400_while_four_streams_finish(tiny_llam
                     return error.status_code
                 return 200
 
-            results = await asyncio.gather(*[healthy(i) for i in range(4)], *[poisoned(p) for p in poisons])
+            results = await asyncio.gather(*[healthy_stream(client, i) for i in range(4)],
+                                           *[poisoned(p) for p in poisons])
             return results[:4], results[4:]
 
     with serving(app) as (host, port):
@@ -146,16 +149,6 @@ def test_a_request_that_fails_inside_a_step_gets_400_over_http_and_the_streams_b
 
     async def scenario(url: str):
         async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
-            async def healthy(index: int) -> tuple[str, int]:
-                stream = await client.completions.create(
-                    model="m", prompt=f"stream {index}", max_tokens=24, stream=True, temperature=0.8,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "top_k": 20})
-                finish, tokens = None, None
-                async for chunk in stream:
-                    finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-                    tokens = chunk.usage.completion_tokens if chunk.usage else tokens
-                return finish, tokens
-
             async def failing() -> tuple[int, str]:
                 await asyncio.sleep(0.05)   # while the streams run
                 try:
@@ -164,7 +157,7 @@ def test_a_request_that_fails_inside_a_step_gets_400_over_http_and_the_streams_b
                     return error.status_code, error.body["type"]
                 return 200, ""
 
-            return await asyncio.gather(*[healthy(i) for i in range(4)], failing())
+            return await asyncio.gather(*[healthy_stream(client, i) for i in range(4)], failing())
 
     with serving(app) as (host, port):
         results = asyncio.run(scenario(f"http://{host}:{port}/v1"))
