@@ -41,9 +41,11 @@ from nanovllm.ops import sm_count
 from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, w4a16_block_k
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
-# FP8 quantizes the activations inside the GEMM when every program reading its rows' amax over
-# all of K costs at most this many bytes in all (from L2, about a microsecond): a kernel launch saved
-FUSED_QUANTIZATION_BYTES = 8 << 20
+# FP8 may quantize the activations inside the GEMM (each program reads its rows' amax over all of K
+# first) when that costs at most this many bytes in all. Off: on an H200 the fused form measured
+# slower than the separate quantization kernel it saves (Llama-3.2-1B batch-1 decode 688 against
+# 1,099 tok/s); tools/gpu_fp8_fusion.sh measures both.
+FUSED_QUANTIZATION_BYTES = 0
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,10 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
     assert error < max(3e-2, 0.75 * quantization_error), (error, quantization_error)
 
 
-NEAR_TIE = 0.05   # nats between the two best tokens, under which bfloat16 rounding may pick either
+# Nats between the two best tokens under which bfloat16 rounding may pick either: logits of 8 to 16
+# are spaced 0.0625 apart in bfloat16, so two tokens one or two steps apart are a tie to rounding
+# (an H200 parted graph and eager runs at a gap of 0.0625).
+NEAR_TIE = 0.13
 
 
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])
