@@ -154,6 +154,20 @@ def test_a_masked_token_never_wins_the_race_even_where_its_exponential_rounds_to
     assert sampling.exponential_race_torch(scores, torch.tensor([1])).tolist() == [7]
 
 
+def test_a_stop_id_past_the_tokenizer_does_not_widen_the_mask_while_another_fits(llm):
+    """Dummy weights of a big model beside a small tokenizer: the config's EOS ids lie past the
+    tokenizer; the grammar ends on the tokenizer's own, and the mask stays the tokenizer's width
+    (reaching the far ids made xgrammar sort every column between, ten times the work a step)."""
+    from nanovllm.structured.grammar import GrammarCompiler
+    tokenizer = llm.get_tokenizer()
+    inside = list(llm.engine.eos_token_ids)
+    far = tokenizer.vocab_size + 5000
+    compiler = GrammarCompiler(tokenizer, far + 1000, inside + [far])
+    assert compiler.vocab_size == tokenizer.vocab_size
+    only_far = GrammarCompiler(tokenizer, far + 1000, [far])     # no stop id fits: the mask reaches it
+    assert only_far.vocab_size == far + 1
+
+
 def test_a_constrained_row_never_takes_a_padding_column_of_a_wider_lm_head(llm):
     from nanovllm.structured.grammar import GrammarCompiler
     tokenizer = llm.get_tokenizer()
@@ -168,3 +182,22 @@ def test_a_constrained_row_never_takes_a_padding_column_of_a_wider_lm_head(llm):
     free, constrained = Sampler()(logits, batch).token_ids
     assert free >= tokenizer.vocab_size
     assert re.fullmatch("[a-z]+", tokenizer.decode([constrained]).strip()), constrained
+
+
+def test_the_accept_cut_across_threads_gives_each_row_its_own_verdict(llm):
+    """40 rows take their tokens in slices on 4 threads: each row's matcher takes its own token, and the
+    rows whose token the grammar rejects (every third) are the ones ended, as with one thread."""
+    from nanovllm.structured.grammar import GrammarBitmask, GrammarCompiler
+    tokenizer = llm.get_tokenizer()
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, llm.engine.eos_token_ids)
+    digit, letter = tokenizer.encode("7", add_special_tokens=False)[0], tokenizer.encode("q", add_special_tokens=False)[0]
+    tokens = [[letter if row % 3 == 0 else digit] for row in range(40)]
+    verdicts = []
+    for threads in (1, 4):
+        masks = GrammarBitmask(64, llm.engine.eos_token_ids, "cpu", threads=threads)
+        states = [compiler.new_state(StructuredOutputsParams(regex="[0-9]+")) for _ in range(40)]
+        masks.accept(states, tokens)
+        host = masks.fill(states)
+        verdicts.append(([state.failed for state in states], host.clone()))
+    assert verdicts[1][0] == [row % 3 == 0 for row in range(40)]
+    assert verdicts[0][0] == verdicts[1][0] and torch.equal(verdicts[0][1], verdicts[1][1])

@@ -75,9 +75,16 @@ class GrammarCompiler:
         # (padded, or a small tokenizer on a big model); its extra columns are no token, and xgrammar
         # would reject each of them one by one every step (49,152 tokens padded to 128,256: ~30x the
         # fill time). The mask leaves them out, and a token past it is never allowed (ops/bitmask.py).
-        self.vocab_size = min(vocab_size, max(len(hf_tokenizer), max(stop_token_ids, default=0) + 1))
-        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size,
-                                                  stop_token_ids=list(stop_token_ids))
+        # A stop id past the tokenizer's tokens (a model config's EOS that its tokenizer lacks: dummy
+        # weights beside a borrowed tokenizer) is left out while another stop id fits: widening the
+        # mask to reach it would bring the extra columns back.
+        tokens = len(hf_tokenizer)
+        stops = [token_id for token_id in stop_token_ids if token_id < tokens] or list(stop_token_ids)
+        if len(stops) < len(stop_token_ids):
+            logger.warning("stop token ids %s lie past the tokenizer's %d tokens; grammars end on %s",
+                           sorted(set(stop_token_ids) - set(stops)), tokens, stops)
+        self.vocab_size = min(vocab_size, max(tokens, max(stops, default=0) + 1))
+        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=stops)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -142,8 +149,11 @@ class GrammarState:
         return self.failed or self.matcher.is_terminated()
 
 
+ACCEPT_ROWS_PER_THREAD = 16   # the batched accept is cut into slices of at least this many rows
+
+
 def fill_threads() -> int:
-    """Threads for the batched mask fill: half the cores this process may run on, at most 16
+    """Threads for the batched mask fill and accept: half the cores this process may run on, at most 16
     (xgrammar's own default halves std::thread::hardware_concurrency(), which may count cores
     outside the process's CPU set)."""
     return max(1, min(len(os.sched_getaffinity(0)) // 2, 16))
@@ -172,6 +182,7 @@ class GrammarBitmask:
         self.threads = threads or fill_threads()
         self.batch_matcher = _xgrammar().BatchGrammarMatcher(max_threads=self.threads)
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")   # see start
+        self.accept_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grammar-accept")
         self.width = 0                          # W: the buffers are made by the first fill
         self.copied: torch.cuda.Event | None = None   # the last copy out of the host buffers
 
@@ -229,13 +240,25 @@ class GrammarBitmask:
             for state, _ in backlog:
                 state.num_accepted += 1
             if live:
-                accepted = _xgrammar().BatchGrammarMatcher.batch_accept_token(
-                    [state.matcher for state, _ in live], [token_id for _, token_id in live])
+                accepted = self._accept_tokens([state.matcher for state, _ in live], [token_id for _, token_id in live])
                 for (state, token_id), ok in zip(live, accepted):
                     if not ok:
                         state.reject(token_id)
             position += 1
             backlog = [(state, tokens) for state, tokens in backlog if len(tokens) > position]
+
+    def _accept_tokens(self, matchers: list[Any], token_ids: list[int]) -> list[bool]:
+        """matchers[r] takes token_ids[r] -> whether each took it: xgrammar's batched accept, cut into one
+        slice a thread when there are rows enough (it lets go of the GIL; at 128 rows one thread's
+        accept took longer than the fill on eight)."""
+        accept = _xgrammar().BatchGrammarMatcher.batch_accept_token
+        slices = min(self.threads, len(matchers) // ACCEPT_ROWS_PER_THREAD)
+        if slices <= 1:
+            return accept(matchers, token_ids)
+        bounds = [len(matchers) * i // slices for i in range(slices + 1)]
+        parts = self.accept_pool.map(lambda i: accept(matchers[bounds[i]:bounds[i + 1]],
+                                                      token_ids[bounds[i]:bounds[i + 1]]), range(slices))
+        return [ok for part in parts for ok in part]
 
     def fill(self, states: list[GrammarState]) -> torch.Tensor:
         """Row r of the host buffer <- the tokens states[r] allows next; -> those rows [R, W]."""

@@ -1,0 +1,76 @@
+"""Probe: where a step's time goes when half the batch is under a JSON schema.
+
+Runs tools/structured_throughput.py's two workloads once each (after a warm-up) with timers
+around the grammar work: the matchers' accept and fill (on the mask thread), the wait for the
+last step's samples before the accept, the wait of the next launch for the fill (finish), and
+engine.step as a whole. Prints per-step means.
+
+    python tools/structured_breakdown.py --dummy llama-3.2-1b --tokenizer DIR
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import time
+
+import nanovllm.runner.model_runner as model_runner
+from nanovllm.bench.harness import generate
+from nanovllm.config import EngineConfig
+from nanovllm.engine.engine import LLMEngine
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import GrammarBitmask
+
+SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
+                                           "notes": {"type": "array", "items": {"type": "string"}},
+                                           "score": {"type": "integer"}},
+          "required": ["title", "notes", "score"]}
+TIMES: dict[str, float] = collections.defaultdict(float)
+COUNTS: dict[str, int] = collections.defaultdict(int)
+
+
+def timed(name, function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            TIMES[name] += time.perf_counter() - start
+            COUNTS[name] += 1
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dummy", default="llama-3.2-1b")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    args = parser.parse_args()
+    engine = LLMEngine(EngineConfig(model=args.dummy, load_format="dummy", tokenizer=args.tokenizer))
+    GrammarBitmask.accept = timed("accept", GrammarBitmask.accept)
+    GrammarBitmask.fill = timed("fill", GrammarBitmask.fill)
+    GrammarBitmask.finish = timed("finish (launch waits for fill)", GrammarBitmask.finish)
+    model_runner._newest_token_ids = timed("wait last samples", model_runner._newest_token_ids)
+    engine.step = timed("engine.step", engine.step)
+    vocab = min(engine.tokenizer.vocab_size, engine.model_config.vocab_size)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(vocab) for _ in range(256)] for _ in range(args.num_requests)]
+    for share in (0, 2, 0, 2):
+        params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
+                                 structured_outputs={"json": SCHEMA} if share and i % share == 0 else None)
+                  for i in range(args.num_requests)]
+        TIMES.clear(); COUNTS.clear()
+        start = time.perf_counter()
+        outputs = generate(engine, prompts, params)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        steps = COUNTS["engine.step"]
+        print(f"share {share}: {tokens / elapsed:,.0f} tok/s, {elapsed:.2f} s, {steps} steps, "
+              f"{1e3 * elapsed / steps:.2f} ms/step")
+        for name in TIMES:
+            print(f"   {name:34s} {1e3 * TIMES[name] / max(steps, 1):7.3f} ms/step  ({COUNTS[name]} calls)")
+
+
+if __name__ == "__main__":
+    main()
