@@ -84,6 +84,25 @@ def test_two_ranks_give_the_greedy_tokens_of_one_and_exit_cleanly(tiny_model_fac
     assert_no_children_left()
 
 
+def test_two_ranks_give_the_prompt_logprobs_of_one(tiny_model_factory):
+    """Prompt log-probabilities ride in the step's logits pass on every rank (the vocabulary is split):
+    a 50-token prompt in chunks of 32, beside a prompt that samples, gives one rank's entries."""
+    path = str(tiny_model_factory("qwen3", vocab_size=321))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=3)
+
+    def prompt_logprobs(llm: LLM) -> list[list[dict[int, float]]]:
+        outputs = llm.generate(PROMPTS, [params, GREEDY, params], use_tqdm=False)
+        return [output.prompt_logprobs[1:] for output in outputs if output.prompt_logprobs]
+
+    expected = prompt_logprobs(LLM(path, **ENGINE_ARGS))
+    assert [len(entries) for entries in expected] == [len("The capital of France is") - 1, 49]
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        assert_logprobs_close(prompt_logprobs(llm), expected)
+    finally:
+        llm.engine.shutdown()
+
+
 def test_each_rank_holds_its_heads_features_and_vocabulary_rows(tiny_model_factory):
     path = tiny_model_factory("qwen3", vocab_size=321)
     full, config = load_model(str(path))

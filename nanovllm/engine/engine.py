@@ -268,10 +268,8 @@ class LLMEngine:
 
     def _grammar_states(self, params: SamplingParams) -> list[GrammarState | None]:
         """One grammar matcher per sample of a structured-outputs request (compiled now, off the step
-        loop, and cached by constraint); Nones otherwise. Also checks logit_bias and prompt_logprobs."""
+        loop, and cached by constraint); Nones otherwise. Also checks logit_bias."""
         vocab_size = self.model_config.vocab_size
-        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
-            raise ValueError("prompt_logprobs needs tensor_parallel_size 1; leave it out or run on one device")
         if params.logit_bias and max(params.logit_bias) >= vocab_size:
             raise ValueError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary "
                              f"[0, {vocab_size})")

@@ -256,9 +256,18 @@ class ModelRunner:
         """Append to `seq.prompt_logprobs` the entries this step's rows give: the row of prompt position p
         holds the logits of token p + 1. Entries already known (a chunk recomputed after preemption) are
         skipped, so each prompt token gets exactly one, whatever the chunking or the cache."""
-        if batch.num_prefill_tokens == 0:   # decodes only: no prompt row in the step
-            return
+        rows, targets, owners = self._prompt_logprob_rows(batch)
+        for begin in range(0, len(rows), PROMPT_LOGPROBS_ROWS):   # bounded [rows, V] float32 buffers
+            index = slice(begin, begin + PROMPT_LOGPROBS_ROWS)
+            logits = self.model.compute_logits(hidden[host_to_device(rows[index], torch.int64, self.device)])
+            self._append_prompt_logprobs(logits, targets[index], owners[index])
+
+    def _prompt_logprob_rows(self, batch: Batch) -> tuple[list[int], list[int], list[Sequence]]:
+        """-> (the rows of the step's hidden states whose logits score a prompt token, that token, the
+        sequence its entry goes to), for the sequences that asked for prompt log-probabilities."""
         rows: list[int] = []        # rows of hidden
+        if batch.num_prefill_tokens == 0:   # decodes only: no prompt row in the step
+            return rows, [], []
         targets: list[int] = []     # the prompt token each row's logits score
         owners: list[Sequence] = []  # the sequence each row's entry goes to
         row_start = 0
@@ -271,33 +280,40 @@ class ModelRunner:
                     targets.append(seq.token_ids[position + 1])
                     owners.append(seq)
             row_start += num_new
-        if not rows:
-            return
+        return rows, targets, owners
+
+    def _append_prompt_logprobs(self, logits: torch.Tensor, targets: list[int], owners: list[Sequence]) -> None:
+        """owners[i] gets the entry of logits row i [n, V]: its prompt token's log-probability, and the top k."""
         num_top = max(seq.sampling_params.prompt_logprobs for seq in owners)
-        for begin in range(0, len(rows), PROMPT_LOGPROBS_ROWS):   # bounded [rows, V] float32 buffers
-            index = slice(begin, begin + PROMPT_LOGPROBS_ROWS)
-            logits = self.model.compute_logits(hidden[host_to_device(rows[index], torch.int64, self.device)])
-            logprobs = torch.log_softmax(logits.float(), dim=-1)                           # [n, V]
-            target_ids = torch.tensor(targets[index], device=self.device)
-            chosen = logprobs.gather(1, target_ids[:, None]).squeeze(1).tolist()          # [n]
-            top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0],) * 2
-            for seq, target, value, values, ids in zip(owners[index], targets[index], chosen,
-                                                       top_values.tolist(), top_ids.tolist()):
-                k = seq.sampling_params.prompt_logprobs
-                entry = dict(zip(ids[:k], values[:k]))
-                entry[target] = value
-                seq.prompt_logprobs.append(entry)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)                           # [n, V]
+        target_ids = torch.tensor(targets, device=logits.device)
+        chosen = logprobs.gather(1, target_ids[:, None]).squeeze(1).tolist()          # [n]
+        top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0],) * 2
+        for seq, target, value, values, ids in zip(owners, targets, chosen, top_values.tolist(), top_ids.tolist()):
+            k = seq.sampling_params.prompt_logprobs
+            entry = dict(zip(ids[:k], values[:k]))
+            entry[target] = value
+            seq.prompt_logprobs.append(entry)
 
     def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
         """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
         workers = self.workers
         workers.check_alive()
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
+        # Prompt rows whose log-probabilities are asked for ride in the same pass (the vocabulary is split
+        # over the ranks, so every rank computes their logits): after the rows that sample.
+        prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
+        num_sampling = logits_indices.shape[0]
+        if prompt_rows:
+            logits_indices = torch.cat([logits_indices, host_to_device(prompt_rows, torch.int64, self.device)])
         try:
             workers.broadcast_step(input_ids, positions, metadata, logits_indices)
             logits = self._execute(input_ids, positions, metadata, logits_indices)
             if self.device.type == "cuda":
                 workers.wait_for_device()   # never block in a sync that a dead NCCL peer would hang
+            if prompt_rows:
+                self._append_prompt_logprobs(logits[num_sampling:], targets, owners)
+                logits = logits[:num_sampling] if num_sampling else None
             samples = None if logits is None else self.sampler.sample(logits, self.prepare_sampling(batch),
                                                                       self.samples)
         except RuntimeError:

@@ -92,10 +92,11 @@ class WorkerDiedError(RuntimeError):
 
 def max_step_ints(config: EngineConfig) -> int:
     """The longest step message the config allows, in int64s: header and payload with T, B and max_blocks at
-    their limits (N <= B, since a sequence has at most one row that needs logits)."""
+    their limits (N <= B + T: a row per sequence that samples, plus the prompt rows whose log-probabilities
+    are asked for)."""
     num_tokens, num_seqs = config.max_num_batched_tokens, config.max_num_seqs
     max_blocks = -(-config.max_model_len // config.block_size)
-    return HEADER_SIZE + 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * max_blocks + num_seqs
+    return HEADER_SIZE + 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * max_blocks + num_seqs + num_tokens
 
 
 def backend_for(device: str) -> str:
