@@ -177,6 +177,44 @@ def test_throughput_cli_prints_the_table_with_a_fraction_of_roofline(tiny_llama,
     assert (row.workload, row.figure, row.measured) == ("random", "output tok/s", figure["measured"])
 
 
+def test_a_structured_output_ratio_puts_that_share_under_the_schema_and_names_the_result(tiny_llama, tmp_path, capsys,
+                                                                                         monkeypatch):
+    from nanovllm.bench import throughput
+    runs = []
+
+    def recording_generate(engine, prompts, params, *args, **kwargs):
+        outputs = generate(engine, prompts, params, *args, **kwargs)
+        runs.append((params, outputs))
+        return outputs
+    generate = throughput.generate
+    monkeypatch.setattr(throughput, "generate", recording_generate)
+    _, result = run_bench(capsys, "throughput", str(tiny_llama), "--num-prompts", "4", "--input-len", "16",
+                          "--output-len", "24", "--structured-output-ratio", "0.5", "--peer", "none",
+                          "--json", str(tmp_path / "r.json"), "--save-dir", str(tmp_path / "saved"))
+    params, outputs = runs[-1]                                   # the timed run (the first is the warm-up)
+    assert [p.structured_outputs is not None for p in params] == [False, True, False, True]
+    for p, output in zip(params, outputs):
+        text = output.outputs[0].text
+        assert len(output.outputs[0].token_ids) == 24                        # EOS ignored: the workload's count
+        assert text.startswith('{"') == (p.structured_outputs is not None), text
+    assert result["workloads"]["random"]["structured_output_ratio"] == 0.5
+    (saved,) = (tmp_path / "saved").iterdir()
+    assert saved.name.endswith("-json-schema-50.json")
+    (row,) = report.result_rows(report.load_results(tmp_path / "saved"))
+    assert row.model.endswith("50% under a JSON schema")
+
+
+def test_a_structured_output_ratio_spreads_its_share_evenly_and_is_checked(tiny_llama, capsys):
+    workload = dataset_workload("random", 8, 4, 4, vocab_size=320)
+    for ratio, expected in ((0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)):
+        workload.structured_output_ratio = ratio
+        chosen = [i for i in range(8) if workload.constrained(i)]
+        assert len(chosen) == expected and (ratio != 0.5 or chosen == [1, 3, 5, 7])
+    assert cli_main(["bench", "latency", str(tiny_llama), "--structured-output-ratio", "0.5"]) == 2
+    assert cli_main(["bench", "throughput", str(tiny_llama), "--structured-output-ratio", "1.5"]) == 2
+    assert "--structured-output-ratio is a share from 0 to 1" in capsys.readouterr().err
+
+
 def test_latency_cli_reports_decode_speed_and_ttft_against_the_roofline(tiny_llama, tmp_path, capsys):
     out, result = run_bench(capsys, "latency", str(tiny_llama), "--input-len", "8", "--output-len", "6",
                             "--num-runs", "2", "--json", str(tmp_path / "r.json"))

@@ -201,3 +201,24 @@ def test_the_accept_cut_across_threads_gives_each_row_its_own_verdict(llm):
         verdicts.append(([state.failed for state in states], host.clone()))
     assert verdicts[1][0] == [row % 3 == 0 for row in range(40)]
     assert verdicts[0][0] == verdicts[1][0] and torch.equal(verdicts[0][1], verdicts[1][1])
+
+
+def test_the_mask_never_allows_a_token_past_the_vocabulary_whatever_xgrammar_fills(llm, monkeypatch):
+    """xgrammar may set the bits past the vocabulary in the last word of a row (a state that allows
+    every token); the filled rows keep only the vocabulary's bits, so a padding column of a wider LM head
+    stays out of reach."""
+    from nanovllm.structured.grammar import GrammarBitmask, GrammarCompiler
+    tokenizer = llm.get_tokenizer()
+    vocab_size = tokenizer.vocab_size - 3                      # a vocabulary that ends inside a word
+    compiler = GrammarCompiler(tokenizer, vocab_size, llm.engine.eos_token_ids)
+    states = [compiler.new_state(StructuredOutputsParams(regex="[a-z]+")) for _ in range(2)]
+    masks = GrammarBitmask(4, llm.engine.eos_token_ids, "cpu", threads=1)
+
+    class EveryToken:   # xgrammar's batched fill, setting every bit of its rows
+        def batch_fill_next_token_bitmask(self, matchers, bitmask, rows):
+            bitmask[rows] = -1
+    masks.fill(states)
+    masks.batch_matcher = EveryToken()
+    host = masks.fill(states)
+    allowed = [(word >> bit) & 1 for word in host[0].tolist() for bit in range(32)]
+    assert allowed[:vocab_size] == [1] * vocab_size and not any(allowed[vocab_size:])

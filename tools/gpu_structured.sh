@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Structured outputs on one CUDA GPU: the bitmask kernel tests, the per-step cost of the masks
-# (tools/structured_probe.py: accept, fill at 1, 4, 8 threads and the engine's default, copy,
-# apply), then throughput with half the requests under a JSON schema against none constrained,
-# side by side (tools/structured_throughput.py; target: at most 10% loss).
+# Structured outputs on one CUDA GPU: the bitmask kernel tests, where a step's time goes with half the
+# batch under a JSON schema (tools/structured_breakdown.py), then `nano-vllm bench throughput` with half
+# the requests under the schema and with none, in the same run (target: at most 10% loss), and the
+# alternating-rounds comparison of tools/structured_throughput.py.
 #
-#   OUT=/some/dir bash tools/gpu_structured.sh     # about 3 minutes on an H200
+#   OUT=/some/dir TOKENIZER=DIR bash tools/gpu_structured.sh     # about 4 minutes on an H200
 #
-# Needs torch, triton, transformers and xgrammar; without network, xgrammar's wheel is installed
-# from $WHEELS (default .whl/) when it is missing. Writes machine.txt, gpu-tests.txt, probe.txt,
-# structured-throughput.txt and structured-throughput.json to $OUT.
+# TOKENIZER: a HuggingFace tokenizer directory for the grammars (SmolLM2's: its tokenizer.json and
+# tokenizer_config.json); dummy weights have none. Needs torch, triton, transformers and xgrammar;
+# without network, xgrammar's wheel is installed from $WHEELS (default .whl/) when it is missing.
 set -uo pipefail
 OUT=${OUT:?set OUT to the directory for the results}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
+TOKENIZER=${TOKENIZER:?set TOKENIZER to a HuggingFace tokenizer directory}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 START=$SECONDS
 
@@ -30,14 +31,21 @@ echo "== bitmask kernel tests"
 timeout 150 "$PYTHON" -m pytest -q -m gpu tests/test_bitmask_op.py -p no:cacheprovider >"$OUT/gpu-tests.txt" 2>&1 || status=1
 tail -1 "$OUT/gpu-tests.txt"; echo "t=$((SECONDS - START))s"
 
-echo "== per-step cost of the masks: 256 rows, 128 under a JSON schema"
-{ timeout 120 "$PYTHON" tools/structured_probe.py --device cuda --steps 64 --vocab joined --threads 1,4,8,0
-  timeout 60 "$PYTHON" tools/structured_probe.py --device cuda --steps 64 --vocab padded; } \
-    2>&1 | grep -v Warning >"$OUT/probe.txt" || status=1
-cat "$OUT/probe.txt"; echo "t=$((SECONDS - START))s"
+echo "== where a step's time goes: 512 requests of 256/256, half under a JSON schema"
+timeout 150 "$PYTHON" tools/structured_breakdown.py --dummy llama-3.2-1b --tokenizer "$TOKENIZER" 2>&1 \
+    | grep -v Warning >"$OUT/breakdown.txt" || status=1
+cat "$OUT/breakdown.txt"; echo "t=$((SECONDS - START))s"
 
-echo "== throughput: none against half constrained (Llama-3.2-1B shape, dummy weights)"
-timeout 300 "$PYTHON" tools/structured_throughput.py --dummy llama-3.2-1b --json "$OUT/structured-throughput.json" \
-    2>&1 | grep -v Warning >"$OUT/structured-throughput.txt" || status=1
+for ratio in 0 0.5; do
+    echo "== nano-vllm bench throughput, --structured-output-ratio $ratio"
+    timeout 150 "$PYTHON" -m nanovllm.cli bench throughput --dummy llama-3.2-1b --tokenizer "$TOKENIZER" \
+        --dataset random --num-prompts 512 --input-len 256 --output-len 256 --structured-output-ratio "$ratio" \
+        --no-progress --json "$OUT/throughput-ratio-$ratio.json" >"$OUT/throughput-ratio-$ratio.txt" 2>&1 || status=1
+    tail -3 "$OUT/throughput-ratio-$ratio.txt"; echo "t=$((SECONDS - START))s"
+done
+
+echo "== throughput, alternating rounds: none against half constrained"
+timeout 200 "$PYTHON" tools/structured_throughput.py --dummy llama-3.2-1b --tokenizer "$TOKENIZER" \
+    --json "$OUT/structured-throughput.json" 2>&1 | grep -v Warning >"$OUT/structured-throughput.txt" || status=1
 tail -4 "$OUT/structured-throughput.txt"; echo "t=$((SECONDS - START))s"
 exit $status

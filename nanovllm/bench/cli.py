@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--input-len", type=int, help="prompt tokens of each request (random dataset, latency)")
     workload.add_argument("--output-len", type=int, help="output tokens of each request")
     workload.add_argument("--num-runs", type=int, default=DEFAULT_NUM_RUNS, help="timed latency runs (median)")
+    workload.add_argument("--structured-output-ratio", type=float, default=0.0, metavar="R",
+                          help="throughput: the share of requests under a JSON schema (0.5: every second)")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--peer", help=f"comma-separated peers to run too: {', '.join(PEERS)} or none "
                                       f"(default: none; hf,llama.cpp for cpu)")
@@ -96,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.kind == "report":
         return report_main(args.check)
+    if not 0.0 <= args.structured_output_ratio <= 1.0 or (args.structured_output_ratio and args.kind != "throughput"):
+        raise ValueError("--structured-output-ratio is a share from 0 to 1, for the throughput benchmark, got "
+                         f"{args.structured_output_ratio} for {args.kind}")
     if args.ceiling_repeats is not None and args.ceiling_repeats < 1:
         raise ValueError(f"--ceiling-repeats must be at least 1, got {args.ceiling_repeats}")
     if args.threads is not None:
@@ -183,6 +188,7 @@ class Bench:
             return {"latency": latency_workload(vocab, num_runs=args.num_runs), "batch": cpu_batch_workload(vocab)}
         dataset = args.dataset or ("random" if args.input_len is not None else "throughput")
         workload = dataset_workload(dataset, args.num_prompts, args.input_len, args.output_len, vocab)
+        workload.structured_output_ratio = args.structured_output_ratio
         return {workload.name: workload}
 
     # ---- runs -----------------------------------------------------------------------------

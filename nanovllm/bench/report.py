@@ -142,14 +142,22 @@ def card_name(device: str, device_name: str, num_threads: int) -> str:
 
 def result_stem(result: dict) -> str:
     """<YYYY-MM-DD>-<card>-<kind>-<model>, e.g. 2026-11-28-nvidia-h200-throughput-llama-3.2-1b
-    (-batch-invariant after it for a run with --batch-invariant)."""
+    (-batch-invariant after it for a run with --batch-invariant, -json-schema-50 for one with half its
+    requests under a JSON schema)."""
     model = Path(result["model"]["name"]).name   # a model given as a path: its folder or file name
-    parts = [result["card"], result["kind"], model] + (["batch-invariant"] if _batch_invariant(result) else [])
+    ratio = _structured_output_ratio(result)
+    parts = [result["card"], result["kind"], model] + (["batch-invariant"] if _batch_invariant(result) else []) \
+        + ([f"json-schema-{round(100 * ratio)}"] if ratio else [])
     return "-".join([result["date"][:10]] + [_slug(part) for part in parts])
 
 
 def _batch_invariant(result: dict) -> bool:
     return bool((result.get("engine_config") or {}).get("batch_invariant"))
+
+
+def _structured_output_ratio(result: dict) -> float:
+    return max((workload.get("structured_output_ratio", 0.0) for workload in (result.get("workloads") or {}).values()),
+               default=0.0)
 
 
 def _slug(text: str) -> str:
@@ -222,20 +230,23 @@ def load_results(directory: Path) -> list[tuple[str, dict]]:
     return results
 
 
-def model_label(model: dict, batch_invariant: bool = False) -> str:
+def model_label(model: dict, batch_invariant: bool = False, structured_output_ratio: float = 0.0) -> str:
     """"llama-3.2-1b, dummy weights, bfloat16": the name and, where known, the weights and their dtype
-    (and "batch-invariant" for a run with --batch-invariant)."""
+    (and "batch-invariant" for a run with --batch-invariant, "50% under a JSON schema" for a run with
+    --structured-output-ratio 0.5)."""
     load_format = model.get("load_format")
     details = ["dummy weights" if load_format == "dummy" else None, model.get("dtype"),
-               "batch-invariant" if batch_invariant else None]
+               "batch-invariant" if batch_invariant else None,
+               f"{structured_output_ratio:.0%} under a JSON schema" if structured_output_ratio else None]
     return ", ".join([model["name"]] + [detail for detail in details if detail not in (None, "auto")])
 
 
 def result_rows(results: list[tuple[str, dict]]) -> list[Row]:
     rows = []
     for file, result in results:
+        model = model_label(result["model"], _batch_invariant(result), _structured_output_ratio(result))
         for figure in result["figures"]:
-            rows.append(Row(date=result["date"], workload=figure["workload"], model=model_label(result["model"], _batch_invariant(result)),
+            rows.append(Row(date=result["date"], workload=figure["workload"], model=model,
                             card=result["card"], figure=figure["figure"], measured=figure["measured"],
                             roofline=figure["roofline"], fraction=figure["fraction_of_roofline"],
                             peers=_peer_text(figure), commit=(result["git_commit"] or "")[:7]

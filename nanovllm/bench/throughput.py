@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from nanovllm.bench.harness import generate
-from nanovllm.bench.workloads import Workload
+from nanovllm.bench.workloads import BENCH_JSON_SCHEMA, Workload
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
 
@@ -53,13 +53,15 @@ class ThroughputResult:
 
 
 def run_throughput(engine: LLMEngine, workload: Workload, use_tqdm: bool = True) -> ThroughputResult:
-    """One warm-up request, then every request of `workload` at once (EOS ignored)."""
+    """One warm-up request, then every request of `workload` at once (EOS ignored; its share under the JSON
+    schema constrained)."""
     first = workload.requests[0]
     generate(engine, [first.prompt_token_ids], [SamplingParams(
         temperature=workload.temperature, ignore_eos=True, max_tokens=min(first.max_tokens, WARMUP_MAX_TOKENS))])
     prompts = [r.prompt_token_ids for r in workload.requests]
-    params = [SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens)
-              for r in workload.requests]
+    params = [SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens,
+                             structured_outputs={"json": BENCH_JSON_SCHEMA} if workload.constrained(i) else None)
+              for i, r in enumerate(workload.requests)]
     start = time.perf_counter()
     outputs = generate(engine, prompts, params, use_tqdm, desc=f"nano-vllm {workload.name}")
     elapsed = time.perf_counter() - start

@@ -16,6 +16,11 @@ say does not change the speed, and token ids mean the same to every engine.
   per run (the first a warm-up), so the prefix cache cannot shorten a prefill.
 - `cpu`: on a small CPU: `latency`, then 16 concurrent requests of prompt 64 /
   output 128.
+
+`--structured-output-ratio R` puts a share R of a `throughput` or `random`
+workload's requests under `BENCH_JSON_SCHEMA` (spread evenly: 0.5 is every
+second request); the grammar's end allows only EOS, which is ignored, so the
+token count stays the workload's.
 """
 from __future__ import annotations
 
@@ -26,6 +31,10 @@ DATASETS = ("throughput", "throughput-fixed", "random")
 THROUGHPUT_NUM_PROMPTS = 256
 THROUGHPUT_TEMPERATURE = 0.6
 MAX_TOKEN_ID = 10000          # bench.py draws prompt ids from [0, 10000]
+BENCH_JSON_SCHEMA = {"type": "object",
+                     "properties": {"title": {"type": "string"}, "notes": {"type": "array", "items": {"type": "string"}},
+                                    "score": {"type": "integer"}},
+                     "required": ["title", "notes", "score"]}
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,12 @@ class Workload:
     name: str
     requests: list[Request]
     temperature: float
+    structured_output_ratio: float = 0.0   # the share of requests under BENCH_JSON_SCHEMA
+
+    def constrained(self, index: int) -> bool:
+        """Whether request `index` runs under the schema: the ratio's share, spread evenly."""
+        ratio = self.structured_output_ratio
+        return int((index + 1) * ratio) > int(index * ratio)
 
     @property
     def shape(self) -> list[tuple[int, int]]:
@@ -56,9 +71,12 @@ class Workload:
     def describe(self) -> dict:
         lengths = [len(r.prompt_token_ids) for r in self.requests]
         outputs = [r.max_tokens for r in self.requests]
-        return {"name": self.name, "num_requests": len(self.requests), "temperature": self.temperature,
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "prompt_len_range": [min(lengths), max(lengths)], "output_len_range": [min(outputs), max(outputs)]}
+        described = {"name": self.name, "num_requests": len(self.requests), "temperature": self.temperature,
+                     "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                     "prompt_len_range": [min(lengths), max(lengths)], "output_len_range": [min(outputs), max(outputs)]}
+        if self.structured_output_ratio:
+            described["structured_output_ratio"] = self.structured_output_ratio
+        return described
 
 
 def throughput_workload(num_prompts: int = THROUGHPUT_NUM_PROMPTS, vocab_size: int | None = None,

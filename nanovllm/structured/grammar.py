@@ -126,10 +126,11 @@ class GrammarCompiler:
 class GrammarState:
     """One sequence's place in its grammar: an xgrammar GrammarMatcher fed the sequence's output tokens."""
 
-    __slots__ = ("matcher", "bitmask_width", "num_accepted", "failed")
+    __slots__ = ("matcher", "vocab_size", "bitmask_width", "num_accepted", "failed")
 
     def __init__(self, compiled_grammar: Any, vocab_size: int):
         self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
+        self.vocab_size = vocab_size                # the tokens its grammar sorts
         self.bitmask_width = -(-vocab_size // 32)   # int32 words of its bitmask row
         self.num_accepted = 0    # output tokens the matcher has taken
         self.failed = False      # a token the grammar rejects was appended: only a stop token may follow
@@ -183,20 +184,23 @@ class GrammarBitmask:
         self.batch_matcher = _xgrammar().BatchGrammarMatcher(max_threads=self.threads)
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")   # see start
         self.accept_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grammar-accept")
-        self.width = 0                          # W: the buffers are made by the first fill
+        self.vocab_size = 0                     # the buffers are made by the first fill, W words a row
         self.copied: torch.cuda.Event | None = None   # the last copy out of the host buffers
 
-    def _allocate(self, width: int) -> None:
+    def _allocate(self, vocab_size: int) -> None:
         pin = self.device.type == "cuda"
-        self.width = width
+        self.vocab_size, width = vocab_size, -(-vocab_size // 32)
         self.host = torch.zeros(self.max_rows, width, dtype=torch.int32, pin_memory=pin)        # [max_rows, W]
         self.host_rows = torch.zeros(self.max_rows, dtype=torch.int64, pin_memory=pin)          # [max_rows]
         self.bitmask = torch.zeros_like(self.host, device=self.device) if pin else self.host    # [max_rows, W]
         self.rows = torch.zeros_like(self.host_rows, device=self.device) if pin else self.host_rows
         self.stop_row = torch.zeros(width, dtype=torch.int32)                                    # [W]
         for token_id in self.stop_token_ids:
-            if token_id < 32 * width:
+            if token_id < vocab_size:
                 self.stop_row[token_id // 32] |= _bit(token_id % 32)
+        # The bits of the last word's tokens: xgrammar may set the bits past the vocabulary (a state
+        # that allows every token), which would let a row take a padding column of the LM head.
+        self.last_word = sum(_bit(index) for index in range(vocab_size - 32 * (width - 1)))
 
     def build(self, states: list[GrammarState], output_token_ids: list[list[int]], rows: list[int],
               newest_token_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,11 +266,11 @@ class GrammarBitmask:
 
     def fill(self, states: list[GrammarState]) -> torch.Tensor:
         """Row r of the host buffer <- the tokens states[r] allows next; -> those rows [R, W]."""
-        num_rows, width = len(states), states[0].bitmask_width
+        num_rows, vocab_size = len(states), states[0].vocab_size
         if num_rows > self.max_rows:
             raise ValueError(f"{num_rows} constrained rows in one step; the grammar masks hold {self.max_rows}")
-        if width != self.width:
-            self._allocate(width)
+        if vocab_size != self.vocab_size:
+            self._allocate(vocab_size)
         if self.copied is not None:
             self.copied.synchronize()   # the last step's copy out of the host buffers is done
         host = self.host[:num_rows]                                                             # [R, W]
@@ -279,6 +283,7 @@ class GrammarBitmask:
                 live_rows.append(row)
         if live_matchers:
             self.batch_matcher.batch_fill_next_token_bitmask(live_matchers, self.host, live_rows)
+            host[:, -1] &= self.last_word
         return host
 
     def to_device(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
