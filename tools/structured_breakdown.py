@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import random
+import sys
 import time
 
 import nanovllm.runner.model_runner as model_runner
@@ -19,6 +20,7 @@ from nanovllm.bench.harness import generate
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
+import nanovllm.structured.grammar as grammar
 from nanovllm.structured.grammar import GrammarBitmask
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
@@ -46,7 +48,12 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this run")
+    parser.add_argument("--shares", default="0,2,0,2", help="every k-th request constrained, one run each (0: none)")
     args = parser.parse_args()
+    if args.switch_interval is not None:   # the interval grammar masks set (a longer one than the default: kept)
+        grammar.SWITCH_INTERVAL_S = args.switch_interval
+        sys.setswitchinterval(args.switch_interval)
     engine = LLMEngine(EngineConfig(model=args.dummy, load_format="dummy", tokenizer=args.tokenizer))
     GrammarBitmask.accept = timed("accept", GrammarBitmask.accept)
     GrammarBitmask.fill = timed("fill", GrammarBitmask.fill)
@@ -56,7 +63,7 @@ def main() -> None:
     vocab = min(engine.tokenizer.vocab_size, engine.model_config.vocab_size)
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(256)] for _ in range(args.num_requests)]
-    for share in (0, 2, 0, 2):
+    for share in [int(k) for k in args.shares.split(",")]:
         params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
                                  structured_outputs={"json": SCHEMA} if share and i % share == 0 else None)
                   for i in range(args.num_requests)]

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 256   # compiled grammars kept (least recently used dropped first)
 PENDING = -1       # a sampled token not on the host yet (engine/sequence.py's placeholder)
+# The mask thread lets go of the GIL in each xgrammar call and must take it back after; while the
+# engine's thread runs Python it waits for the interpreter's switch interval (5 ms by default) to
+# come round. A process that builds grammar masks switches at least this often.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _xgrammar() -> Any:
@@ -84,6 +89,7 @@ class GrammarCompiler:
             logger.warning("stop token ids %s lie past the tokenizer's %d tokens; grammars end on %s",
                            sorted(set(stop_token_ids) - set(stops)), tokens, stops)
         self.vocab_size = min(vocab_size, max(tokens, max(stops, default=0) + 1))
+        self.stop_token_ids = frozenset(stops)
         info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=stops)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -91,7 +97,7 @@ class GrammarCompiler:
 
     def new_state(self, params: StructuredOutputsParams) -> "GrammarState":
         """A fresh matcher for one sequence (compiling the constraint if it is not cached)."""
-        return GrammarState(self.compile(params), self.vocab_size)
+        return GrammarState(self.compile(params), self.vocab_size, self.stop_token_ids)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """-> an xgrammar CompiledGrammar; ValueError (saying what is wrong) if it does not compile."""
@@ -126,14 +132,16 @@ class GrammarCompiler:
 class GrammarState:
     """One sequence's place in its grammar: an xgrammar GrammarMatcher fed the sequence's output tokens."""
 
-    __slots__ = ("matcher", "vocab_size", "bitmask_width", "num_accepted", "failed")
+    __slots__ = ("matcher", "vocab_size", "stop_token_ids", "bitmask_width", "num_accepted", "failed", "terminated")
 
-    def __init__(self, compiled_grammar: Any, vocab_size: int):
+    def __init__(self, compiled_grammar: Any, vocab_size: int, stop_token_ids: frozenset[int]):
         self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
         self.vocab_size = vocab_size                # the tokens its grammar sorts
+        self.stop_token_ids = stop_token_ids        # the grammar's stop tokens
         self.bitmask_width = -(-vocab_size // 32)   # int32 words of its bitmask row
         self.num_accepted = 0    # output tokens the matcher has taken
         self.failed = False      # a token the grammar rejects was appended: only a stop token may follow
+        self.terminated = False  # the matcher took a stop token (its is_terminated(), kept here: see accept_tokens)
 
     def unseen_tokens(self, output_token_ids: list[int]) -> list[int]:
         """A copy of the output tokens the matcher has not taken yet (placeholders, PENDING, included)."""
@@ -147,14 +155,11 @@ class GrammarState:
     @property
     def is_done(self) -> bool:
         """The grammar accepted a whole output (or a rejected token ended it): only a stop token may follow."""
-        return self.failed or self.matcher.is_terminated()
-
-
-ACCEPT_ROWS_PER_THREAD = 16   # the batched accept is cut into slices of at least this many rows
+        return self.failed or self.terminated
 
 
 def fill_threads() -> int:
-    """Threads for the batched mask fill and accept: half the cores this process may run on, at most 16
+    """Threads for the batched mask fill: half the cores this process may run on, at most 16
     (xgrammar's own default halves std::thread::hardware_concurrency(), which may count cores
     outside the process's CPU set)."""
     return max(1, min(len(os.sched_getaffinity(0)) // 2, 16))
@@ -183,7 +188,8 @@ class GrammarBitmask:
         self.threads = threads or fill_threads()
         self.batch_matcher = _xgrammar().BatchGrammarMatcher(max_threads=self.threads)
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")   # see start
-        self.accept_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grammar-accept")
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.vocab_size = 0                     # the buffers are made by the first fill, W words a row
         self.copied: torch.cuda.Event | None = None   # the last copy out of the host buffers
 
@@ -244,25 +250,14 @@ class GrammarBitmask:
             for state, _ in backlog:
                 state.num_accepted += 1
             if live:
-                accepted = self._accept_tokens([state.matcher for state, _ in live], [token_id for _, token_id in live])
+                accepted = accept_tokens([state.matcher for state, _ in live], [token_id for _, token_id in live])
                 for (state, token_id), ok in zip(live, accepted):
                     if not ok:
                         state.reject(token_id)
+                    elif token_id in state.stop_token_ids:
+                        state.terminated = True   # xgrammar's matcher ends on an accepted stop token
             position += 1
             backlog = [(state, tokens) for state, tokens in backlog if len(tokens) > position]
-
-    def _accept_tokens(self, matchers: list[Any], token_ids: list[int]) -> list[bool]:
-        """matchers[r] takes token_ids[r] -> whether each took it: xgrammar's batched accept, cut into one
-        slice a thread when there are rows enough (it lets go of the GIL; at 128 rows one thread's
-        accept took longer than the fill on eight)."""
-        accept = _xgrammar().BatchGrammarMatcher.batch_accept_token
-        slices = min(self.threads, len(matchers) // ACCEPT_ROWS_PER_THREAD)
-        if slices <= 1:
-            return accept(matchers, token_ids)
-        bounds = [len(matchers) * i // slices for i in range(slices + 1)]
-        parts = self.accept_pool.map(lambda i: accept(matchers[bounds[i]:bounds[i + 1]],
-                                                      token_ids[bounds[i]:bounds[i + 1]]), range(slices))
-        return [ok for part in parts for ok in part]
 
     def fill(self, states: list[GrammarState]) -> torch.Tensor:
         """Row r of the host buffer <- the tokens states[r] allows next; -> those rows [R, W]."""
@@ -298,6 +293,27 @@ class GrammarBitmask:
         self.copied = torch.cuda.Event()
         self.copied.record()
         return self.bitmask[:num_rows], self.rows[:num_rows]
+
+
+def accept_tokens(matchers: list[Any], token_ids: list[int]) -> list[bool]:
+    """matchers[r] takes token_ids[r] -> whether each took it, in one xgrammar call.
+
+    xgrammar's public batch_accept_token reads its verdicts back one foreign-function call each, and
+    each call lets go of the GIL and must take it back: on the mask thread, beside the engine's busy
+    thread, every one of them waits its turn (on the host of an H200, 2.1 us a token alone, over a
+    millisecond beside a thread running Python). So the call goes to xgrammar's core, and one `0 in verdicts` (one call) says
+    whether any token was refused; only then are the verdicts read one by one. Where xgrammar's
+    internals differ, the public call."""
+    xgr = _xgrammar()
+    try:
+        from xgrammar.base import _core
+        handles = [matcher._handle for matcher in matchers]
+    except (ImportError, AttributeError):
+        return xgr.BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+    verdicts = _core.BatchGrammarMatcher.batch_accept_token(handles, token_ids, False)
+    if 0 not in verdicts:
+        return [True] * len(matchers)
+    return [bool(verdict) for verdict in verdicts]
 
 
 def _known(tokens: list[int], newest_token_id: int) -> list[int]:
