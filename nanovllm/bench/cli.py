@@ -133,7 +133,9 @@ class Bench:
                                           WEIGHT_FORMAT_BYTES.get(config.dtype),
                                           None if quantized is None else quantized.bytes_per_weight,
                                           quantized.bytes_per_weight if quantized and quantized.quantizes_lm_head
-                                          else None)
+                                          else None,
+                                          config.kv_cache_torch_dtype.itemsize
+                                          if config.kv_cache_torch_dtype != config.torch_dtype else None)
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
         self.notes: list[str] = list(args.note)
         self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs

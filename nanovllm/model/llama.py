@@ -71,6 +71,9 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.batch_invariant = False                  # use_batch_invariant_kernels sets it
         self.cos_sin_cache = cos_sin_cache            # [max_position, D] float32, shared by all layers
+        # An FP8 KV cache stores k / k_scale and v / v_scale; 1.0 as vLLM when the checkpoint brings none.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
@@ -86,7 +89,8 @@ class LlamaAttention(nn.Module):
         # on CUDA one kernel for a decode step (two for a step with prefill chunks).
         o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
                                     self.scale, q_norm_weight, k_norm_weight, eps,
-                                    batch_invariant=self.batch_invariant)            # [T, Hq, D]
+                                    batch_invariant=self.batch_invariant, k_scale=self.k_scale,
+                                    v_scale=self.v_scale)                              # [T, Hq, D]
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
         o = linear_or_partials(o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
         return self.parallel.all_reduce(o)
