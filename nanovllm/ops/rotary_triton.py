@@ -26,12 +26,31 @@ from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX
 _FP8_MAX = tl.constexpr(FP8_MAX)   # a kernel reads module constants only as constexpr
 
 @triton.jit
+def _round_to_e4m3(x):
+    """fp32 x, |x| <= 448 -> the nearest e4m3 value (ties to even), still fp32, so that the cast after it
+    is exact. Rounded here rather than by the cast because Triton's interpreter rounds that cast
+    otherwise (no carry into the exponent, no subnormals) and the CPU tests compare bytes."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum((bits >> 23) & 0xFF, 121)                  # biased; 121 = 2^-6, e4m3's least normal
+    step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)       # e4m3's spacing there: 2^(e - 3)
+    inverse_step = ((257 - exponent) << 23).to(tl.float32, bitcast=True)
+    y = tl.abs(x) * inverse_step                                      # exact: a power of 2; y < 16
+    low = tl.floor(y)
+    rest = y - low
+    up = (rest > 0.5) | ((rest == 0.5) & ((low.to(tl.int32) & 1) == 1))
+    rounded = (low + up.to(tl.float32)) * step
+    return tl.where(bits < 0, -rounded, rounded)                      # the sign bit: -0.0 stays -0.0
+
+
+@triton.jit
 def to_cache(x, scale, cache_ptr, FP8: tl.constexpr):
     """K or V values x (any float dtype) -> what the cache at cache_ptr stores: x in the cache's dtype,
-    or with FP8 x / scale in fp32, clamped to the e4m3 range and rounded (attention.py's quantize_kv)."""
+    or with FP8 x / scale in fp32 (IEEE division, as torch's), clamped to the e4m3 range and rounded
+    to nearest even (attention.py's quantize_kv, bit for bit)."""
     if FP8:
-        xs = x.to(tl.float32) / scale
-        return tl.minimum(tl.maximum(xs, -_FP8_MAX), _FP8_MAX).to(cache_ptr.dtype.element_ty)
+        xs = tl.math.div_rn(x.to(tl.float32), scale)
+        xs = tl.minimum(tl.maximum(xs, -_FP8_MAX), _FP8_MAX)
+        return _round_to_e4m3(xs).to(cache_ptr.dtype.element_ty)
     return x.to(cache_ptr.dtype.element_ty)
 
 
