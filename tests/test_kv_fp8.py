@@ -32,11 +32,15 @@ from test_ops_triton import (GQA_SHAPES, MIXED_CONTEXTS, MIXED_Q_LENS, TOLERANCE
 K_SCALE, V_SCALE = 0.02, 0.011   # not powers of two, and small enough that values of 3 sigma clamp at 448
 
 
+def outside_interpreter(test):
+    """Collect `test` only in the normal run (the interpreter's subprocess runs the kernel cases)."""
+    test.__test__ = not IN_INTERPRETER
+    return test
+
+
+@outside_interpreter
 def test_fp8_kernels_match_the_reference_in_the_interpreter():
     run_in_interpreter(__file__)
-
-
-test_fp8_kernels_match_the_reference_in_the_interpreter.__test__ = not IN_INTERPRETER
 
 
 def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +50,7 @@ def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tens
 
 # ---- the torch reference -----------------------------------------------------------------------
 
+@outside_interpreter
 def test_quantize_kv_divides_by_the_scale_clamps_at_448_and_rounds_to_e4m3():
     x = torch.tensor([0.0, 1.0, -2.5, 0.3, 1000.0, -1000.0, 17.0, 0.001])
     stored = quantize_kv(x, FP8_DTYPE, 0.5)
@@ -58,6 +63,7 @@ def test_quantize_kv_divides_by_the_scale_clamps_at_448_and_rounds_to_e4m3():
     assert torch.equal(quantize_kv(x, torch.float16, 0.5), x.half())   # a float cache ignores the scale
 
 
+@outside_interpreter
 def test_store_writes_the_quantized_k_and_v_at_their_slots_and_skips_padding():
     gen = torch.Generator().manual_seed(0)
     k, v = 3 * torch.randn(5, 2, 16, generator=gen), 3 * torch.randn(5, 2, 16, generator=gen)
@@ -73,6 +79,7 @@ def test_store_writes_the_quantized_k_and_v_at_their_slots_and_skips_padding():
         assert cache.view(16, 2, 16)[untouched].float().isnan().all()
 
 
+@outside_interpreter
 @pytest.mark.parametrize("q_lens,contexts", [(MIXED_Q_LENS, MIXED_CONTEXTS), ([1, 1, 1], [0, 12, 70])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_attention_on_an_fp8_cache_is_attention_on_its_dequantized_copy(q_lens, contexts, dtype):
@@ -188,16 +195,20 @@ def test_fused_decode_quantizes_its_token_and_attends_to_it_as_stored(kernels, g
 
 # ---- the engine --------------------------------------------------------------------------------
 
+ENGINE_K_SCALE, ENGINE_V_SCALE = 0.3, 0.07     # every layer's, set on the model by the engine test
+
+
 @pytest.fixture
 def fp8_rounded_float_kv(monkeypatch):
-    """Make the float32 engine's KV writes round through FP8 (quantize, then dequantize into the float32
-    cache): what an FP8 cache reads back. The torch reference runs (numba writes its own cache)."""
+    """Make the float32 engine's KV writes round through FP8 at ENGINE_K_SCALE, ENGINE_V_SCALE (quantize,
+    then dequantize into the float32 cache): what an FP8 cache reads back. The torch reference runs
+    (numba writes its own cache)."""
     import nanovllm.ops.rotary as rotary
     store = rotary.store_kvcache_torch
 
-    def rounded_store(k, v, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0):
-        k = dequantize_kv(quantize_kv(k, FP8_DTYPE, k_scale), k_scale, k.dtype)
-        v = dequantize_kv(quantize_kv(v, FP8_DTYPE, v_scale), v_scale, v.dtype)
+    def rounded_store(k, v, k_cache, v_cache, slot_mapping, **scales):
+        k = dequantize_kv(quantize_kv(k, FP8_DTYPE, ENGINE_K_SCALE), ENGINE_K_SCALE, k.dtype)
+        v = dequantize_kv(quantize_kv(v, FP8_DTYPE, ENGINE_V_SCALE), ENGINE_V_SCALE, v.dtype)
         store(k, v, k_cache, v_cache, slot_mapping)
 
     monkeypatch.setattr(rotary, "store_kvcache_torch", rounded_store)
@@ -218,22 +229,23 @@ SHARED = list(range(40, 64))                                                   #
 PROMPTS = [SHARED + [7, 9, 11], SHARED + [200, 3], SHARED[:16] + [5] * 9, [90, 91, 92, 93, 94]]
 
 
+@outside_interpreter
 def test_fp8_engine_gives_the_tokens_of_float_kv_rounded_through_fp8_with_prefix_caching_and_preemption(
         tiny_llama_loaded, monkeypatch, request):
     """Exact, over every step: the same model with its K and V rounded to e4m3 at scales that are not 1.
     The pool is small (preemptions) and the prompts share blocks (prefix-cache hits)."""
     _, model, _ = tiny_llama_loaded
-    for i, layer in enumerate(model.layers):
-        monkeypatch.setattr(layer.self_attn, "k_scale", 0.3 + 0.1 * i)
-        monkeypatch.setattr(layer.self_attn, "v_scale", 0.07)
+    for layer in model.layers:
+        monkeypatch.setattr(layer.self_attn, "k_scale", ENGINE_K_SCALE)
+        monkeypatch.setattr(layer.self_attn, "v_scale", ENGINE_V_SCALE)
     settings = dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=24, max_model_len=96)
     engine = engine_over(tiny_llama_loaded, kv_cache_dtype="fp8", **settings)
     assert engine.runner.kv_cache.dtype == FP8_DTYPE
-    fp8_tokens = run_greedy(engine, PROMPTS, 40)
+    fp8_tokens = run_greedy(engine, PROMPTS, 24)
     stats = engine.get_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0
     request.getfixturevalue("fp8_rounded_float_kv")
-    float_tokens = run_greedy(engine_over(tiny_llama_loaded, **settings), PROMPTS, 40)
+    float_tokens = run_greedy(engine_over(tiny_llama_loaded, **settings), PROMPTS, 24)
     assert fp8_tokens == float_tokens
 
 
@@ -248,6 +260,7 @@ def prompt_logprobs(engine, tokens: list[int]) -> torch.Tensor:
     return torch.tensor([entry[token] for entry, token in zip(final.prompt_logprobs[1:], tokens[1:])])
 
 
+@outside_interpreter
 def test_fp8_kv_stays_within_a_measured_bound_of_float_kv(tiny_llama_loaded):
     """Scales of 1.0 (no checkpoint scales): the log-probabilities of a 120-token text, teacher-forced, move
     by 0.18 on average and 0.85 at most on this model (measured; its attention is made sharp on purpose,
@@ -262,6 +275,7 @@ def test_fp8_kv_stays_within_a_measured_bound_of_float_kv(tiny_llama_loaded):
 
 # ---- the pool ----------------------------------------------------------------------------------
 
+@outside_interpreter
 def test_an_fp8_block_takes_half_the_bytes_of_bfloat16_and_float16():
     from nanovllm.model.config import ModelConfig
     config = ModelConfig(architecture="llama", vocab_size=320, hidden_size=256, intermediate_size=512,
@@ -273,6 +287,7 @@ def test_an_fp8_block_takes_half_the_bytes_of_bfloat16_and_float16():
         config, 16, torch.float16) == 2 * fp8
 
 
+@outside_interpreter
 def test_the_same_memory_holds_four_times_the_float32_blocks_in_fp8(tiny_llama_loaded):
     memory = 3 << 20
     blocks = {dtype: engine_over(tiny_llama_loaded, kv_cache_dtype=dtype, kv_cache_memory=memory,
@@ -282,6 +297,7 @@ def test_the_same_memory_holds_four_times_the_float32_blocks_in_fp8(tiny_llama_l
 
 # ---- configuration -----------------------------------------------------------------------------
 
+@outside_interpreter
 def test_kv_cache_dtype_is_checked_and_named():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, got 'int8'"):
         EngineConfig(device="cpu", kv_cache_dtype="int8")
@@ -291,6 +307,7 @@ def test_kv_cache_dtype_is_checked_and_named():
         EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="fp8", batch_invariant=True)
 
 
+@outside_interpreter
 def test_the_command_line_takes_kv_cache_dtype():
     import argparse
     from nanovllm.engine_args import add_engine_args, engine_config_from_args
