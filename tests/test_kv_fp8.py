@@ -288,6 +288,18 @@ def test_an_fp8_block_takes_half_the_bytes_of_bfloat16_and_float16():
 
 
 @outside_interpreter
+def test_the_roofline_reads_fp8_kv_at_one_byte_an_element():
+    from nanovllm.bench.roofline import ModelCost
+    from nanovllm.model.config import ModelConfig
+    config = ModelConfig(architecture="llama", vocab_size=320, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=128)
+    bf16, fp8 = ModelCost.from_config(config, 2), ModelCost.from_config(config, 2, kv_element_bytes=1)
+    assert bf16.kv_bytes_per_token == 2 * fp8.kv_bytes_per_token == 2 * (2 * 3 * 2 * 64)
+    assert bf16.weight_bytes == fp8.weight_bytes
+
+
+@outside_interpreter
 def test_the_same_memory_holds_four_times_the_float32_blocks_in_fp8(tiny_llama_loaded):
     memory = 3 << 20
     blocks = {dtype: engine_over(tiny_llama_loaded, kv_cache_dtype=dtype, kv_cache_memory=memory,

@@ -124,7 +124,7 @@ def kv_panel(state: VizState) -> Text:
     naive = state.kv_policy == "naive"
     out = Text(no_wrap=True, overflow="crop")
     stored = f"{state.kv_cache_dtype} KV, " if state.kv_cache_dtype else ""
-    out.append(f"pool: {usage.num_blocks} blocks x {usage.block_size} slots = {total} slots (tokens), "
+    out.append(f"pool: {usage.num_blocks} blocks x {usage.block_size} slots = {total} slots, "
                f"{stored}policy {state.kv_policy}\n")
     out.append("[")
     for char in proportional_bar(counts):
