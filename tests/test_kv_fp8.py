@@ -307,6 +307,29 @@ def test_the_same_memory_holds_four_times_the_float32_blocks_in_fp8(tiny_llama_l
     assert blocks["fp8"] == 4 * blocks["auto"] > 0
 
 
+@outside_interpreter
+def test_a_checkpoints_kv_scales_are_read_into_their_layers(tiny_llama, tmp_path):
+    """compressed-tensors' kv_cache_scheme writes `model.layers.{i}.self_attn.k_scale` and `v_scale`."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from nanovllm.model.errors import ModelLoadError
+    from nanovllm.model.loader import load_model
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    weights_file = tmp_path / "model" / "model.safetensors"
+    weights = load_file(weights_file)
+    weights.update({"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+                    "model.layers.1.self_attn.k_scale": torch.tensor([0.25]),
+                    "model.layers.1.self_attn.v_scale": torch.tensor([0.125])})
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    model, _ = load_model(str(tmp_path / "model"))
+    assert [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in model.layers] == [(0.5, 1.0),
+                                                                                             (0.25, 0.125)]
+    weights["model.layers.1.self_attn.v_scale"] = torch.tensor([0.1, 0.2])
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="v_scale must be one positive scale"):
+        load_model(str(tmp_path / "model"))
+
+
 # ---- configuration -----------------------------------------------------------------------------
 
 @outside_interpreter
