@@ -59,7 +59,7 @@ import triton.language as tl
 from nanovllm.ops import sm_count
 from nanovllm.ops.attention_metadata import AttentionMetadata
 from nanovllm.ops.quant_format import FP8_DTYPE
-from nanovllm.ops.rotary_triton import to_cache
+from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton, to_cache
 
 LOG2_E = 1.4426950408889634
 SEQUENCE_SEARCH_BLOCK = 64   # query_start_loc entries a program compares at once to find its sequence
@@ -371,7 +371,6 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     k_scale, v_scale: an FP8 cache's scales; every path quantizes the new k and v by them."""
     scales = (k_scale, v_scale)
     if batch_invariant:
-        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
         q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
                                           metadata.slot_mapping, q_norm_weight, k_norm_weight, eps,
                                           k_scale=k_scale, v_scale=v_scale)
@@ -382,7 +381,6 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if fused is None:
         fused = decode and num_kv_splits > 1
     if not fused:
-        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
         q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
                                           metadata.slot_mapping, q_norm_weight, k_norm_weight, eps,
                                           k_scale=k_scale, v_scale=v_scale)
