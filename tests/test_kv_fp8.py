@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.ops.attention import (AttentionMetadata, dequantize_kv, paged_attention_torch, quantize_kv,
-                                    store_kvcache_torch)
+from nanovllm.ops.attention import dequantize_kv, paged_attention_torch, quantize_kv, store_kvcache_torch
 from nanovllm.ops.quant_format import FP8_DTYPE
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_and_store_kv_torch
 from nanovllm.runner.model_runner import kv_cache_bytes_per_block
