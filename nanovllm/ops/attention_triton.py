@@ -88,8 +88,8 @@ def _rope_rows(row_ptrs, offs_d, partner, mask, cos, sin, norm_ptr, eps,
 @triton.jit
 def _from_cache(x, scale, dtype: tl.constexpr, FP8: tl.constexpr):
     """Stored K or V -> dtype: with FP8, times its scale in fp32 first (attention.py's dequantize_kv)."""
-    if FP8:
-        return (x.to(tl.float32) * scale).to(dtype)
+    if FP8:   # one return: the compiler types every return of a function alike, taken or not
+        x = (x.to(tl.float32) * scale).to(dtype)
     return x
 
 
