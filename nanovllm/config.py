@@ -10,6 +10,10 @@ The numbers that shape serving are few:
 - `max_model_len`: the longest sequence (prompt + output) the engine accepts.
 - the KV pool: `num_kv_blocks` blocks exactly, or as many as fit in
   `kv_cache_memory` bytes (CPU) / `gpu_memory_utilization` of the card (CUDA).
+- `kv_cache_dtype`: what the KV cache stores. "auto" is the model's dtype; "fp8"
+  stores K and V as float8 e4m3 with a scale per layer (1.0, as vLLM uses when the
+  checkpoint brings none), one byte an element: twice the tokens of bfloat16 in
+  the same memory, at the cost of 3 mantissa bits.
 - `kv_policy`: "paged" hands out blocks as sequences grow; "naive" reserves
   `max_model_len` slots per sequence up front, as servers did before paging,
   so the visualizer can show the memory it wastes.
@@ -47,6 +51,8 @@ QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
 CPU_AUTO_DTYPE_EMBEDDED = "int4"
 DEVICES = ("auto", "cpu", "cuda")
 KV_POLICIES = ("paged", "naive")
+# kv_cache_dtype -> what the cache stores (None: the model's dtype). vLLM's spellings.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 DEFAULT_MAX_MODEL_LEN = 4096
 
 # Device-dependent defaults: (cpu, cuda).
@@ -75,6 +81,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9   # the fraction of the card the engine may fill (weights + KV + activations)
     enable_prefix_caching: bool = True
     kv_policy: str = "paged"              # "paged" | "naive"
+    kv_cache_dtype: str = "auto"          # "auto" (the model's dtype) | "fp8" (float8 e4m3, a scale per layer)
     enforce_eager: bool = False           # cuda: never capture CUDA graphs
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
@@ -127,6 +134,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.async_scheduling is None:   # where it pays (engine.py): one GPU; a CPU step has nothing to overlap
             self.async_scheduling = on_cuda and self.tensor_parallel_size == 1
         for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling"):
@@ -154,11 +163,25 @@ class EngineConfig:
                              f"({self.quantization!r}) or batch_invariant")
         if self.tensor_parallel_size > 1:
             raise ValueError("batch_invariant runs with tensor_parallel_size=1 only")
+        if self.device == "cpu" and self.kv_cache_torch_dtype != self.torch_dtype:
+            raise ValueError(f"batch_invariant on the CPU needs a float32 KV cache (its attention kernel, "
+                             f"ops/attention_numba.py, reads no other); drop kv_cache_dtype={self.kv_cache_dtype!r} "
+                             "or batch_invariant")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of activations and the KV cache (bfloat16 for the int formats)."""
         return DTYPES.get(self.dtype) or QUANTIZED_DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """The dtype the KV cache stores: torch_dtype, or float8_e4m3fn for kv_cache_dtype="fp8"."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.torch_dtype
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        """What the KV cache stores, as torch names it ("bfloat16", "float8_e4m3fn"): for the visualizer and /metrics."""
+        return str(self.kv_cache_torch_dtype).removeprefix("torch.")
 
     def fit_model(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with max_model_len resolved against the model; raises if it asks for more than the model has."""

@@ -472,6 +472,8 @@ def test_metrics_and_the_log_line_report_the_work(server, client):
                  "nanovllm:e2e_request_latency_seconds_count"):
         assert name in metrics
     assert metrics["nanovllm:kv_cache_free_blocks"] == metrics["nanovllm:kv_cache_num_blocks"] == 512
+    assert metrics["nanovllm:kv_cache_capacity_tokens"] == 512 * 16
+    assert metrics["nanovllm:cache_config_info{block_size=16,cache_dtype=float32}"] == 1
     assert metrics["nanovllm:e2e_request_latency_seconds_count"] >= 1
     assert metrics["nanovllm:generation_tokens_total"] >= 4
     deadline = time.monotonic() + 10

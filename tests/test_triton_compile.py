@@ -25,7 +25,8 @@ POINTER_TYPES = {   # pointer arguments that are not bfloat16 tensors
     "temperature_ptr": "*fp32", "score_ptr": "*fp32", "logit_ptr": "*fp32", "max_ptr": "*fp32",
     "sum_ptr": "*fp32", "logprob_ptr": "*fp32",
 }
-FLOAT_ARGS = {"scale_log2", "eps"}
+FLOAT_ARGS = {"scale_log2", "eps", "k_scale", "v_scale"}
+FP8_CACHE = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype="fp8"
 
 
 def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None):
@@ -53,22 +54,26 @@ QWEN3 = dict(GROUP=2, HEAD_DIM=128, HEAD_DIM_PAD=128)    # Qwen3-0.6B: 16 on 8, 
 DECODE = dict(BLOCK_SIZE=16, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=128, BLOCK_B=64, DECODE=True, IEEE=False, NUM_STAGES=2)
 
 
+@pytest.mark.parametrize("fp8_kv", [False, True])
 @pytest.mark.parametrize("model,rope,num_splits", [(LLAMA, True, 32), (LLAMA, False, 1), (QWEN3, True, 8)])
-def test_decode_attention_compiles(model, rope, num_splits):
+def test_decode_attention_compiles(model, rope, num_splits, fp8_kv):
     kernel = compile_for_hopper(attention_triton._paged_attention_kernel,
                                 dict(**model, **DECODE, NUM_SPLITS=num_splits, ROPE=rope,
-                                     HAS_NORM=rope and model is QWEN3))
+                                     HAS_NORM=rope and model is QWEN3, FP8_KV=fp8_kv),
+                                FP8_CACHE if fp8_kv else None)
     assert kernel.asm["cubin"]
     compile_for_hopper(attention_triton._merge_splits_kernel,
                        dict(NUM_SPLITS=num_splits, SPLITS_PAD=num_splits, HEAD_DIM=model["HEAD_DIM"],
                             HEAD_DIM_PAD=model["HEAD_DIM_PAD"]), {"out_ptr": "*bf16"})
 
 
-def test_prefill_attention_compiles():
+@pytest.mark.parametrize("fp8_kv", [False, True])
+def test_prefill_attention_compiles(fp8_kv):
     assert compile_for_hopper(attention_triton._paged_attention_kernel,
                               dict(**LLAMA, BLOCK_SIZE=16, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64, BLOCK_B=64,
                                    NUM_SPLITS=1, DECODE=False, ROPE=False, HAS_NORM=False, IEEE=False,
-                                   NUM_STAGES=2), {"out_ptr": "*bf16"}).asm["cubin"]
+                                   NUM_STAGES=2, FP8_KV=fp8_kv),
+                              {"out_ptr": "*bf16", **(FP8_CACHE if fp8_kv else {})}).asm["cubin"]
 
 
 @pytest.mark.parametrize("num_partials", [1, 4])
@@ -79,11 +84,13 @@ def test_norm_kernels_compile(num_partials):
                        {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", "out_ptr": "*bf16"})
 
 
-@pytest.mark.parametrize("has_norm,store_kv", [(False, True), (True, True), (True, False)])
-def test_rotary_kernel_compiles(has_norm, store_kv):
+@pytest.mark.parametrize("has_norm,store_kv,fp8_kv", [(False, True, False), (True, True, False), (True, False, False),
+                                                    (False, True, True)])
+def test_rotary_kernel_compiles(has_norm, store_kv, fp8_kv):
     compile_for_hopper(rotary_triton._rotary_kernel,
                        dict(NUM_Q_HEADS=16, Q_HEADS_PAD=16, NUM_KV_HEADS=8, KV_HEADS_PAD=8, HALF=64, HALF_PAD=64,
-                            HAS_NORM=has_norm, STORE_KV=store_kv, BLOCK_SIZE=16))
+                            HAS_NORM=has_norm, STORE_KV=store_kv, BLOCK_SIZE=16, FP8_KV=fp8_kv),
+                       FP8_CACHE if fp8_kv else None)
 
 
 def test_activation_and_sampling_kernels_compile():

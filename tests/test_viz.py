@@ -137,6 +137,8 @@ def test_kv_panel_counts_add_up_and_name_the_naive_waste():
     assert "16/40 looked-up tokens found (40.0%)" in text
     naive = kv_panel(VizState(**{**state.__dict__, "kv_policy": "naive"})).plain
     assert "max_model_len slots reserved per sequence" in naive
+    fp8 = kv_panel(VizState(**{**state.__dict__, "kv_cache_dtype": "float8_e4m3fn"})).plain
+    assert "= 160 slots, float8_e4m3fn KV, policy paged" in fp8
 
 
 def test_scheduler_panel_splits_the_budget_and_shows_each_state():

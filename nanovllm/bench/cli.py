@@ -138,12 +138,15 @@ class Bench:
                                           WEIGHT_FORMAT_BYTES.get(config.dtype),
                                           None if quantized is None else quantized.bytes_per_weight,
                                           quantized.bytes_per_weight if quantized and quantized.quantizes_lm_head
-                                          else None)
+                                          else None,
+                                          config.kv_cache_torch_dtype.itemsize
+                                          if config.kv_cache_torch_dtype != config.torch_dtype else None)
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])
         self.notes: list[str] = list(args.note)
         self.ceilings: Ceilings | None = None     # the best of the measurements before and after the runs
         self.ceiling_measurements: dict[str, dict] = {}
         self.step_overheads: list[StepOverhead] = []   # bench cpu: decode steps split into model and host
+        self.kv_pool: dict | None = None              # the engine's KV pool (dtype, blocks, tokens); None for serve
 
     def run(self) -> dict:
         self.load_average_at_start = os.getloadavg()[0]   # other work on the machine skews every figure
@@ -234,6 +237,11 @@ class Bench:
 
     def run_nanovllm(self, workloads: dict[str, Workload]) -> dict[str, object]:
         engine = make_engine(self.config)
+        block_size = engine.config.block_size
+        self.kv_pool = {"dtype": engine.config.kv_cache_dtype_name, "num_blocks": engine.runner.num_blocks,
+                        "block_size": block_size, "capacity_tokens": engine.runner.num_blocks * block_size}
+        print(f"KV pool: {self.kv_pool['num_blocks']} blocks x {block_size} = {self.kv_pool['capacity_tokens']} "
+              f"tokens of {self.kv_pool['dtype']}", file=sys.stderr)
         measured: dict[str, object] = {}
         for name, workload in workloads.items():
             if name == "latency":
@@ -337,6 +345,7 @@ class Bench:
                       + self.cost.lm_head_params * (1 if self.model_config.tie_word_embeddings else 2),
                       "config": dataclasses.asdict(self.model_config)},
             "engine_config": dataclasses.asdict(config),
+            "kv_pool": self.kv_pool,
             "workloads": {name: {**w.describe(), "roofline": rooflines[name].as_dict()}
                           for name, w in workloads.items()},
             "nano_vllm": {name: r.as_dict() for name, r in measured.items()},

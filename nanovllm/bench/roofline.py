@@ -17,7 +17,8 @@ sequences that already hold `num_computed_tokens` in the KV cache:
     bytes = every weight matrix once (layers, final norm, LM head)
           + the embedding rows gathered (one row per new token)
           + the KV cache read: every cached token of every sequence, once
-          + the KV written: every new token
+          + the KV written: every new token     (KV at its stored size: 1 byte an
+                                                 element for an FP8 cache)
     flops = 2 x linear parameters x new tokens          (the layers' matmuls)
           + 2 x vocab x hidden x sampled rows           (the LM head runs only on the
                                                          rows that sample a token)
@@ -207,15 +208,19 @@ class ModelCost:
     linear_weight_bytes: float | None = None   # per parameter of the layers' linears if quantized apart (GPU
                                                # formats: FP8, 4-bit)
     lm_head_weight_bytes: float | None = None  # per parameter of the LM head if quantized with them
+    kv_element_bytes: int | None = None        # per element of the KV cache if stored apart from dtype_bytes
+                                               # (kv_cache_dtype="fp8": 1)
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype_bytes: int, matmul_weight_bytes: float | None = None,
                     linear_weight_bytes: float | None = None,
-                    lm_head_weight_bytes: float | None = None) -> "ModelCost":
+                    lm_head_weight_bytes: float | None = None,
+                    kv_element_bytes: int | None = None) -> "ModelCost":
         """matmul_weight_bytes: bytes per matmul weight if stored apart from `dtype_bytes` (a packed
         CPU format, see WEIGHT_FORMAT_BYTES); linear_weight_bytes and lm_head_weight_bytes: bytes per
         weight of the decoder's linear layers and of the LM head as a quantized GPU model stores them
-        (QuantizationMethod.bytes_per_weight), None where they keep matmul_weight_bytes."""
+        (QuantizationMethod.bytes_per_weight), None where they keep matmul_weight_bytes;
+        kv_element_bytes: bytes per KV-cache element when the cache stores another dtype (FP8)."""
         hidden, head_dim = config.hidden_size, config.head_dim
         q_size = config.num_attention_heads * head_dim
         kv_size = config.num_key_value_heads * head_dim
@@ -233,6 +238,7 @@ class ModelCost:
             head_dim=head_dim, dtype_bytes=dtype_bytes,
             matmul_weight_bytes=dtype_bytes if matmul_weight_bytes is None else matmul_weight_bytes,
             linear_weight_bytes=linear_weight_bytes, lm_head_weight_bytes=lm_head_weight_bytes,
+            kv_element_bytes=kv_element_bytes,
         )
 
     @property
@@ -247,8 +253,9 @@ class ModelCost:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token in every layer."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K and V of one token in every layer, at the cache's stored size."""
+        element_bytes = self.dtype_bytes if self.kv_element_bytes is None else self.kv_element_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
 
     @property
     def attention_flops_per_context_token(self) -> int:

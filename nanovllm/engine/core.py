@@ -103,6 +103,7 @@ class CoreInfo:
     makes_text: bool = True            # False with skip_tokenizer_init: outputs carry token ids and empty text
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    kv_cache_dtype: str = ""           # what the KV pool stores ("bfloat16", "float8_e4m3fn"), for /metrics
 
 
 @dataclass
@@ -278,7 +279,8 @@ def core_info(engine: LLMEngine) -> CoreInfo:
     return CoreInfo(model=config.model, tokenizer=config.tokenizer, max_model_len=config.max_model_len,
                     vocab_size=engine.model_config.vocab_size, stats=engine.get_stats(), load_format=config.load_format,
                     token_ids_only=isinstance(tokenizer, TokenIdTokenizer), eos_token_ids=tokenizer.eos_token_ids,
-                    bos_token_id=tokenizer.bos_token_id, makes_text=not config.skip_tokenizer_init)
+                    bos_token_id=tokenizer.bos_token_id, makes_text=not config.skip_tokenizer_init,
+                    kv_cache_dtype=config.kv_cache_dtype_name)
 
 
 def run_engine_core(engine_config: EngineConfig, addresses: CoreAddresses, ready: Connection,

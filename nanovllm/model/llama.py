@@ -71,6 +71,9 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.batch_invariant = False                  # use_batch_invariant_kernels sets it
         self.cos_sin_cache = cos_sin_cache            # [max_position, D] float32, shared by all layers
+        # An FP8 KV cache stores k / k_scale and v / v_scale; 1.0 as vLLM when the checkpoint brings none.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
@@ -86,7 +89,8 @@ class LlamaAttention(nn.Module):
         # on CUDA one kernel for a decode step (two for a step with prefill chunks).
         o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
                                     self.scale, q_norm_weight, k_norm_weight, eps,
-                                    batch_invariant=self.batch_invariant)            # [T, Hq, D]
+                                    batch_invariant=self.batch_invariant, k_scale=self.k_scale,
+                                    v_scale=self.v_scale)                              # [T, Hq, D]
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
         o = linear_or_partials(o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
         return self.parallel.all_reduce(o)
@@ -208,6 +212,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            if hf_name.endswith((".self_attn.k_scale", ".self_attn.v_scale")):
+                self._load_kv_scale(hf_name, tensor)
+                continue
             slot = self._param_slot(hf_name)
             if slot.name not in params:
                 raise ModelLoadError(f"unexpected tensor {hf_name!r}: the model has no such weight")
@@ -233,6 +240,19 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ModelLoadError(f"missing weights: {shown}")
+
+    def _load_kv_scale(self, hf_name: str, tensor: torch.Tensor | SafetensorsSlice) -> None:
+        """An FP8 KV-cache scale a checkpoint carries (compressed-tensors' `kv_cache_scheme`, as vLLM reads
+        it): `layers.{i}.self_attn.k_scale` or `v_scale`, one value, the same on every rank. A float cache
+        ignores it."""
+        parts = hf_name.removeprefix("model.").split(".")           # layers, i, self_attn, k_scale
+        value = tensor if isinstance(tensor, torch.Tensor) else tensor[...] if not tensor.get_shape() else tensor[:]
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(self.layers):
+            raise ModelLoadError(f"unexpected tensor {hf_name!r}: the model has no such layer")
+        if value.numel() != 1 or not float(value) > 0:
+            raise ModelLoadError(f"{hf_name} must be one positive scale (a per-tensor KV-cache scale), got "
+                                 f"{value.numel()} values")
+        setattr(self.layers[int(parts[1])].self_attn, parts[3], float(value))
 
     def _param_slot(self, hf_name: str) -> WeightSlot:
         """Where (this rank's part of) a HuggingFace tensor goes."""

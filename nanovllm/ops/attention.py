@@ -22,6 +22,11 @@ sequence's context blocks with one `index_select` per cache and runs one
 `scaled_dot_product_attention` for the whole batch. The gather indices and the
 padding mask depend only on the block tables, so the first layer derives them
 (`DecodeContext`) and the other layers of the step reuse them.
+
+An FP8 cache (`kv_cache_dtype="fp8"`) stores K and V as float8 e4m3 with one scale
+per layer and tensor, as vLLM does: a write stores x / scale, clamped to the format's
+largest value (448) and rounded to e4m3 (`quantize_kv`); a read multiplies the stored
+value by the scale in float32 (`dequantize_kv`). A float cache ignores the scales.
 """
 from __future__ import annotations
 
@@ -30,17 +35,42 @@ import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
 from nanovllm.ops.attention_metadata import AttentionMetadata, DecodeContext
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8_DTYPE
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x [..., D] -> what a cache of cache_dtype stores: for FP8, x / scale in float32, clamped to
+    +-448 and rounded to e4m3; for a float cache, x cast to its dtype (the scale unused)."""
+    if cache_dtype != FP8_DTYPE:
+        return x.to(cache_dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_kv(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Stored K or V -> dtype: an FP8 value times its scale in float32, then rounded to dtype."""
+    if cache.dtype != FP8_DTYPE:
+        return cache.to(dtype)
+    return (cache.float() * scale).to(dtype)
 
 
 def store_kvcache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write k, v [T, Hkv, D] into the caches at slot_mapping [T]; slots < 0 are skipped."""
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Write k, v [T, Hkv, D] into the caches at slot_mapping [T]; slots < 0 are skipped.
+    An FP8 cache stores them quantized by k_scale and v_scale (`quantize_kv`)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     if slot_mapping.numel() and int(slot_mapping.min()) < 0:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        stored = quantize_kv(x, cache.dtype, scale)                              # [T, Hkv, D]
+        if is_fp8_cache(cache):   # torch's CPU index_copy_ has no float8: copy the bytes
+            cache, stored = cache.view(torch.uint8), stored.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, stored)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -49,14 +79,16 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: 
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, Hq, D] -> out [T, Hq, D]. GQA: query head h reads KV head h // (Hq // Hkv)."""
+                          metadata: AttentionMetadata, scale: float, *,
+                          k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]. GQA: query head h reads KV head h // (Hq // Hkv).
+    An FP8 cache's keys and values are read as stored x k_scale, v_scale (`dequantize_kv`)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     num_blocks = -(-metadata.max_seq_len // block_size)
     if metadata.max_query_len == 1:
-        return _decode_attention(q, k_cache, v_cache, metadata, scale, num_blocks)
+        return _decode_attention(q, k_cache, v_cache, metadata, scale, num_blocks, k_scale, v_scale)
 
     out = torch.empty_like(q)
     starts = metadata.query_start_loc.tolist()
@@ -74,7 +106,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         qb = qb.reshape(num_kv_heads, group * q_len, head_dim)
         query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]   # [q_len, L]
-        o = F.scaled_dot_product_attention(qb, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
+        o = F.scaled_dot_product_attention(qb, k.transpose(0, 1), v.transpose(0, 1),
                                            attn_mask=mask.repeat(group, 1), scale=scale)
         out[start:end] = o.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
             q_len, num_heads, head_dim)
@@ -82,7 +115,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      metadata: AttentionMetadata, scale: float, num_blocks: int) -> torch.Tensor:
+                      metadata: AttentionMetadata, scale: float, num_blocks: int,
+                      k_scale: float, v_scale: float) -> torch.Tensor:
     """All sequences have one new token: attend for the whole batch at once."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -96,7 +130,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         v = v_cache.index_select(0, context.block_ids).view(shape)
     k, v = k[:, :metadata.max_seq_len], v[:, :metadata.max_seq_len]                     # [B, L, Hkv, D]
     if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     qb = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)                # [B, Hkv, g, D]
     o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=context.mask,
                                        scale=scale)                                      # [B, Hkv, g, D]
@@ -104,9 +138,10 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                    metadata: AttentionMetadata, scale: float, *,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; Triton on CUDA (CUDA-graph safe for decodes), torch elsewhere."""
     if use_triton(q):
         from nanovllm.ops.attention_triton import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, metadata, scale)
-    return paged_attention_torch(q, k_cache, v_cache, metadata, scale)
+        return paged_attention_triton(q, k_cache, v_cache, metadata, scale, k_scale=k_scale, v_scale=v_scale)
+    return paged_attention_torch(q, k_cache, v_cache, metadata, scale, k_scale=k_scale, v_scale=v_scale)

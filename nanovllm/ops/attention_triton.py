@@ -41,6 +41,12 @@ KV heads and the *width of the block table* (its capacity in tokens), never on
 table, and each split covers ceil(seq_len / NUM_SPLITS) keys read on the device.
 To pad a decode batch up to a captured size, add dummy sequences with seq_len 0,
 a block-table row of -1 and slot -1: their output rows come out as zeros.
+
+An FP8 cache (float8 e4m3, FP8_KV): each K and V tile is multiplied by its layer's scale
+in fp32 as it is loaded and rounded to q's dtype, as the torch reference's `dequantize_kv`
+does, so the dot products and the softmax run as with a float cache on half the bytes.
+The ROPE path quantizes the token's k and v as it writes them (`to_cache`) and takes
+them from registers dequantized the same way, as a later step would read them back.
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ import triton.language as tl
 
 from nanovllm.ops import sm_count
 from nanovllm.ops.attention_metadata import AttentionMetadata
+from nanovllm.ops.quant_format import FP8_DTYPE
+from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton, to_cache
 
 LOG2_E = 1.4426950408889634
 SEQUENCE_SEARCH_BLOCK = 64   # query_start_loc entries a program compares at once to find its sequence
@@ -77,11 +85,19 @@ def _rope_rows(row_ptrs, offs_d, partner, mask, cos, sin, norm_ptr, eps,
     return (xf * cos[None, :] + xpf * sin[None, :]).to(x.dtype)
 
 
+@triton.jit
+def _from_cache(x, scale, dtype: tl.constexpr, FP8: tl.constexpr):
+    """Stored K or V -> dtype: with FP8, times its scale in fp32 first (attention.py's dequantize_kv)."""
+    if FP8:   # one return: the compiler types every return of a function alike, taken or not
+        x = (x.to(tl.float32) * scale).to(dtype)
+    return x
+
+
 @triton.jit(do_not_specialize=["num_seqs"])   # one compiled kernel for any number of sequences
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-        scale_log2, num_seqs,
+        scale_log2, num_seqs, k_scale, v_scale,
         stride_qt, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -93,7 +109,8 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
-        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
+        FP8_KV: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -160,10 +177,14 @@ def _paged_attention_kernel(
         new_mask = offs_d[None, :] < tl.where(has_new, HEAD_DIM, 0)          # [1, D]: all of d, or none
         new_row = tl.zeros([1], dtype=tl.int64) + q_start.to(tl.int64) * stride_knt + kv_head * stride_knh
         k_new = _rope_rows(k_new_ptr + new_row, offs_d, partner, new_mask, cos, sin, k_norm_ptr, eps,
-                           HEAD_DIM, HAS_NORM).to(k_cache_ptr.dtype.element_ty)              # [1, D]
+                           HEAD_DIM, HAS_NORM)                                                  # [1, D]
+        k_stored = to_cache(k_new, k_scale, k_cache_ptr, FP8_KV)
         v_row = tl.zeros([1], dtype=tl.int64) + q_start.to(tl.int64) * stride_vnt + kv_head * stride_vnh
         v_new = tl.load(v_new_ptr + v_row[:, None] + offs_d[None, :], mask=new_mask, other=0.0)
-        v_new = v_new.to(v_cache_ptr.dtype.element_ty)                                          # [1, D]
+        v_stored = to_cache(v_new, v_scale, v_cache_ptr, FP8_KV)                               # [1, D]
+        # What a later step reads back from the cache: the token's key and value as stored.
+        k_new = _from_cache(k_stored, k_scale, q_ptr.dtype.element_ty, FP8_KV)
+        v_new = _from_cache(v_stored, v_scale, q_ptr.dtype.element_ty, FP8_KV)
         q = _rope_rows(q_ptr + q_rows, offs_d, partner, row_valid[:, None] & d_valid[None, :], cos, sin,
                        q_norm_ptr, eps, HEAD_DIM, HAS_NORM)                                      # [BLOCK_M, D]
         slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)             # -1: a padding row, no write
@@ -171,8 +192,8 @@ def _paged_attention_kernel(
         block_of_slot, slot_in_block = tl.maximum(slot, 0) // BLOCK_SIZE, tl.maximum(slot, 0) % BLOCK_SIZE
         k_slot = block_of_slot * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
         v_slot = block_of_slot * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
-        tl.store(k_cache_ptr + k_slot + offs_d[None, :], k_new, mask=store_mask)
-        tl.store(v_cache_ptr + v_slot + offs_d[None, :], v_new, mask=store_mask)
+        tl.store(k_cache_ptr + k_slot + offs_d[None, :], k_stored, mask=store_mask)
+        tl.store(v_cache_ptr + v_slot + offs_d[None, :], v_stored, mask=store_mask)
     else:
         loop_hi = kv_hi
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
@@ -193,6 +214,8 @@ def _paged_attention_kernel(
                     + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
         v = tl.load(v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None]
                     + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
+        k = _from_cache(k, k_scale, q_ptr.dtype.element_ty, FP8_KV)
+        v = _from_cache(v, v_scale, q_ptr.dtype.element_ty, FP8_KV)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -306,17 +329,19 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            metadata: AttentionMetadata, scale: float, *,
                            num_kv_splits: int | None = None,
                            config: AttentionKernelConfig | None = None,
-                           batch_invariant: bool = False) -> torch.Tensor:
+                           batch_invariant: bool = False, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; the same contract as `paged_attention_torch`.
 
     num_kv_splits and config override the choices made from the shapes (tests, tuning).
     batch_invariant: one split and the prefill configuration for every step (see
     `rotary_store_and_attend_triton`). Rows of q that belong to no sequence (past
-    query_start_loc[-1]) are left unwritten.
+    query_start_loc[-1]) are left unwritten. k_scale, v_scale: an FP8 cache's scales.
     """
+    scales = (k_scale, v_scale)
     if batch_invariant:
-        return _attention(q, k_cache, v_cache, metadata, scale, 1, None, None, batch_invariant=True)
-    return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, config, None)
+        return _attention(q, k_cache, v_cache, metadata, scale, scales, 1, None, None, batch_invariant=True)
+    return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, config, None)
 
 
 def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -325,7 +350,8 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    q_norm_weight: torch.Tensor | None = None,
                                    k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
                                    num_kv_splits: int | None = None, fused: bool | None = None,
-                                   batch_invariant: bool = False) -> torch.Tensor:
+                                   batch_invariant: bool = False, k_scale: float = 1.0,
+                                   v_scale: float = 1.0) -> torch.Tensor:
     """`rotary_store_and_attend_torch` (ops/rotary.py). A decode step of few sequences runs as one
     kernel, which rotates q and k, writes k and v into the cache and attends, leaving q, k and v as
     they were; any other step as the RoPE + cache-write kernel, then attention.
@@ -340,34 +366,39 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     or not, runs the separate RoPE kernel and the attention kernel in its prefill configuration (the
     same tiles: BLOCK_N keys at a time from key 0, in order, a decode's token alone in its tile), with
     one split. Keys past a row's position add exact zeros to its sums, so a token gets the same bits
-    in a decode step, in a prefill chunk of any length or beside any other sequences."""
+    in a decode step, in a prefill chunk of any length or beside any other sequences.
+
+    k_scale, v_scale: an FP8 cache's scales; every path quantizes the new k and v by them."""
+    scales = (k_scale, v_scale)
     if batch_invariant:
-        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
         q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
-                                          metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
-        return _attention(q, k_cache, v_cache, metadata, scale, 1, None, None, batch_invariant=True)
+                                          metadata.slot_mapping, q_norm_weight, k_norm_weight, eps,
+                                          k_scale=k_scale, v_scale=v_scale)
+        return _attention(q, k_cache, v_cache, metadata, scale, scales, 1, None, None, batch_invariant=True)
     decode = metadata.max_query_len == 1 and not batch_invariant
     if num_kv_splits is None:
         num_kv_splits = _step_kv_splits(metadata, k_cache, q.device)
     if fused is None:
         fused = decode and num_kv_splits > 1
     if not fused:
-        from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
         q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
-                                          metadata.slot_mapping, q_norm_weight, k_norm_weight, eps)
-        return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, None, None)
+                                          metadata.slot_mapping, q_norm_weight, k_norm_weight, eps,
+                                          k_scale=k_scale, v_scale=v_scale)
+        return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, None, None)
     if not decode:
         raise ValueError("the fused kernel takes decode steps only (one new token per sequence)")
     if k.stride(2) != 1 or v.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     new_token = (k, v, positions.contiguous(), cos_sin_cache, q_norm_weight, k_norm_weight, eps)
-    return _attention(q, k_cache, v_cache, metadata, scale, num_kv_splits, None, new_token)
+    return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, None, new_token)
 
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
-               scale: float, num_kv_splits: int | None, config: AttentionKernelConfig | None,
-               new_token: tuple | None, batch_invariant: bool = False) -> torch.Tensor:
-    """Launch the attention kernel (and the merge of its splits). new_token: a decode's un-rotated
+               scale: float, kv_scales: tuple[float, float], num_kv_splits: int | None,
+               config: AttentionKernelConfig | None, new_token: tuple | None,
+               batch_invariant: bool = False) -> torch.Tensor:
+    """Launch the attention kernel (and the merge of its splits). kv_scales: (k_scale, v_scale), an FP8
+    cache's. new_token: a decode's un-rotated
     (k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps), for the kernel's ROPE path.
     batch_invariant: the prefill configuration for decode steps too."""
     num_tokens, num_heads, head_dim = q.shape
@@ -422,7 +453,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, partial, lse,
         metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
-        scale * LOG2_E, num_seqs,
+        scale * LOG2_E, num_seqs, *kv_scales,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -432,7 +463,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
-        IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages,
+        IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages, FP8_KV=k_cache.dtype == FP8_DTYPE,
         num_warps=config.num_warps)
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -126,16 +126,17 @@ def qk_norm_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tens
 def rotary_and_store_kv_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                               cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
-                              k_norm_weight: torch.Tensor | None = None,
-                              eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                              k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
+                              k_scale: float = 1.0, v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (first RMSNorm each head when the norm
     weights [D] are given), then write k and v [T, Hkv, D] into k_cache, v_cache
-    [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slots < 0 skipped); returns (q, k)."""
+    [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slots < 0 skipped; an FP8 cache gets
+    them quantized by k_scale, v_scale); returns (q, k)."""
     if q_norm_weight is not None:
         qk_norm_rotary_torch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps)
     else:
         apply_rotary_torch(q, k, positions, cos_sin_cache)
-    store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)
+    store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     return q, k
 
 
@@ -150,49 +151,55 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
-                        k_norm_weight: torch.Tensor | None = None,
-                        eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(Norm and) rotate q and k in place, then write k and v into the caches at slot_mapping;
     one kernel on CUDA. See rotary_and_store_kv_torch for the shapes."""
     if use_triton(q):
         from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton
         return rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                                          q_norm_weight, k_norm_weight, eps)
+                                          q_norm_weight, k_norm_weight, eps, k_scale=k_scale, v_scale=v_scale)
     return rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                                     q_norm_weight, k_norm_weight, eps)
+                                     q_norm_weight, k_norm_weight, eps, k_scale=k_scale, v_scale=v_scale)
 
 
 def rotary_store_and_attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                                   cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   metadata: AttentionMetadata, scale: float,
                                   q_norm_weight: torch.Tensor | None = None,
-                                  k_norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                                  k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
+                                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """A decoder layer's attention core: `rotary_and_store_kv_torch` on q [T, Hq, D], k, v [T, Hkv, D]
-    (the metadata's slot mapping), then `paged_attention_torch` -> out [T, Hq, D]."""
+    (the metadata's slot mapping), then `paged_attention_torch` -> out [T, Hq, D]. k_scale, v_scale:
+    an FP8 cache's scales (attention.py)."""
     q, _ = rotary_and_store_kv_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata.slot_mapping,
-                                     q_norm_weight, k_norm_weight, eps)
-    return paged_attention_torch(q, k_cache, v_cache, metadata, scale)
+                                     q_norm_weight, k_norm_weight, eps, k_scale=k_scale, v_scale=v_scale)
+    return paged_attention_torch(q, k_cache, v_cache, metadata, scale, k_scale=k_scale, v_scale=v_scale)
 
 
 def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                             cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             metadata: AttentionMetadata, scale: float, q_norm_weight: torch.Tensor | None = None,
                             k_norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                            batch_invariant: bool = False) -> torch.Tensor:
+                            batch_invariant: bool = False, *, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """(Norm and) RoPE, the cache write of the new tokens' K and V, and paged attention. On CUDA a
     decode step runs it as one kernel (the attention kernel rotates the token's q and k itself and
     takes its own key from registers), a step with prefill chunks as two; the torch reference runs
     the steps in turn (and rotates q and k in place, which the kernel need not do). On the CPU in
     float32 the attention is numba's, whose result for a query does not depend on the batch.
     batch_invariant: on CUDA, always two kernels, and attention in the one configuration of
-    `rotary_store_and_attend_triton` whose result for a query does not depend on the batch either."""
+    `rotary_store_and_attend_triton` whose result for a query does not depend on the batch either.
+    An FP8 cache (k_scale, v_scale: its scales) runs the Triton kernels on CUDA and the torch reference
+    on the CPU: the numba kernel reads float32 caches only."""
     if use_triton(q):
         from nanovllm.ops.attention_triton import rotary_store_and_attend_triton
         return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
-                                              q_norm_weight, k_norm_weight, eps, batch_invariant=batch_invariant)
+                                              q_norm_weight, k_norm_weight, eps, batch_invariant=batch_invariant,
+                                              k_scale=k_scale, v_scale=v_scale)
     if use_numba(q, k_cache):   # batch-invariant attention (attention_numba.py)
         from nanovllm.ops.attention_numba import rotary_store_and_attend_numba
         return rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                              q_norm_weight, k_norm_weight, eps)
     return rotary_store_and_attend_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
-                                         q_norm_weight, k_norm_weight, eps)
+                                         q_norm_weight, k_norm_weight, eps, k_scale=k_scale, v_scale=v_scale)

@@ -11,13 +11,47 @@ the caches at its slot (slot < 0: a padding row, nothing written): a decoder lay
 launches one kernel for norm + RoPE + cache write, where a separate store kernel
 would cost a launch and a re-read of k per layer.
 Rounding follows the torch references (norm rounded to the dtype, then rotated in
-fp32 and rounded again; the cache gets that rounded k, cast to the cache's dtype).
+fp32 and rounded again; the cache gets that rounded k, cast to the cache's dtype, or
+for an FP8 cache divided by its scale in fp32, clamped to +-448 and rounded to e4m3:
+`quantize_kv` in attention.py, `to_cache` here).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX
+
+_FP8_MAX = tl.constexpr(FP8_MAX)   # a kernel reads module constants only as constexpr
+
+@triton.jit
+def _round_to_e4m3(x):
+    """fp32 x, |x| <= 448 -> the nearest e4m3 value (ties to even), still fp32, so that the cast after it
+    is exact. Rounded here rather than by the cast because Triton's interpreter rounds that cast
+    otherwise (no carry into the exponent, no subnormals) and the CPU tests compare bytes."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum((bits >> 23) & 0xFF, 121)                  # biased; 121 = 2^-6, e4m3's least normal
+    step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)       # e4m3's spacing there: 2^(e - 3)
+    inverse_step = ((257 - exponent) << 23).to(tl.float32, bitcast=True)
+    y = tl.abs(x) * inverse_step                                      # exact: a power of 2; y < 16
+    low = tl.floor(y)
+    rest = y - low
+    up = (rest > 0.5) | ((rest == 0.5) & ((low.to(tl.int32) & 1) == 1))
+    rounded = (low + up.to(tl.float32)) * step
+    return tl.where(bits < 0, -rounded, rounded)                      # the sign bit: -0.0 stays -0.0
+
+
+@triton.jit
+def to_cache(x, scale, cache_ptr, FP8: tl.constexpr):
+    """K or V values x (any float dtype) -> what the cache at cache_ptr stores: x in the cache's dtype,
+    or with FP8 x / scale in fp32 (IEEE division, as torch's), clamped to the e4m3 range and rounded
+    to nearest even (attention.py's quantize_kv, bit for bit)."""
+    if FP8:
+        xs = tl.math.div_rn(x.to(tl.float32), scale)
+        xs = tl.minimum(tl.maximum(xs, -_FP8_MAX), _FP8_MAX)
+        return _round_to_e4m3(xs).to(cache_ptr.dtype.element_ty)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -52,13 +86,13 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, weight_ptr, eps,
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
-                   v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                   v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, stride_vt, stride_vh,
                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                    NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
-                   STORE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                   STORE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_KV: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
@@ -83,17 +117,19 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_wei
                      + offs_h[:, None] * stride_kch + offs_d[None, :])
             v_dst = (v_cache_ptr + block * stride_vcb + in_block * stride_vcs
                      + offs_h[:, None] * stride_vch + offs_d[None, :])
-            tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_dst, to_cache(k1, k_scale, k_cache_ptr, FP8_KV), mask=mask)
+            tl.store(k_dst + HALF, to_cache(k2, k_scale, k_cache_ptr, FP8_KV), mask=mask)
+            tl.store(v_dst, to_cache(v1, v_scale, v_cache_ptr, FP8_KV), mask=mask)
+            tl.store(v_dst + HALF, to_cache(v2, v_scale, v_cache_ptr, FP8_KV), mask=mask)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
             q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
             v: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-            v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None) -> None:
-    """Rotate q and k in place; with v given, also write k and v into the caches at slot_mapping."""
+            v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+            k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Rotate q and k in place; with v given, also write k and v into the caches at slot_mapping
+    (an FP8 cache: quantized by k_scale, v_scale)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
@@ -120,13 +156,13 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos_sin_cache,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
-        v, k_cache, v_cache, slot_mapping,
+        v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), v.stride(0), v.stride(1),
         *cache_strides,
         NUM_Q_HEADS=num_heads, Q_HEADS_PAD=triton.next_power_of_2(num_heads),
         NUM_KV_HEADS=num_kv_heads, KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), HAS_NORM=has_norm,
-        STORE_KV=store_kv, BLOCK_SIZE=block_size, num_warps=4)
+        STORE_KV=store_kv, BLOCK_SIZE=block_size, FP8_KV=store_kv and k_cache.dtype == FP8_DTYPE, num_warps=4)
 
 
 def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -147,10 +183,12 @@ def qk_norm_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Ten
 def rotary_and_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                                cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
-                               k_norm_weight: torch.Tensor | None = None,
-                               eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                               k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
+                               k_scale: float = 1.0, v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (first RMSNorm each head when the norm
     weights [D] are given), then write k and v [T, Hkv, D] into k_cache, v_cache
-    [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slots < 0 skipped); returns (q, k)."""
-    _launch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps, v, k_cache, v_cache, slot_mapping)
+    [num_blocks, block_size, Hkv, D] at slot_mapping [T] (slots < 0 skipped; an FP8 cache gets
+    them quantized by k_scale, v_scale); returns (q, k)."""
+    _launch(q, k, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps, v, k_cache, v_cache, slot_mapping,
+            k_scale, v_scale)
     return q, k

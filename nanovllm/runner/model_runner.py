@@ -7,7 +7,10 @@ The cache is one tensor
 
 and layer l reads it as (k_cache, v_cache) = (kv_cache[l, 0], kv_cache[l, 1]),
 each [num_blocks, block_size, num_kv_heads, head_dim]. Its size is the one
-number that decides how many tokens the engine can keep in flight.
+number that decides how many tokens the engine can keep in flight: blocks are
+counted from the bytes a token takes at the stored size, so an FP8 cache
+(`kv_cache_dtype="fp8"`, one byte an element) holds twice the tokens of a
+bfloat16 one in the same memory.
 
 Each step `launch(batch)` flattens the scheduled chunks into T token rows:
 
@@ -116,7 +119,7 @@ class ModelRunner:
             self.num_blocks = min_over_ranks(self.num_blocks, self.device)
         self.kv_cache = torch.zeros(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     self.num_kv_heads, model_config.head_dim,
-                                    dtype=config.torch_dtype, device=self.device)
+                                    dtype=config.kv_cache_torch_dtype, device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
@@ -136,7 +139,7 @@ class ModelRunner:
         config = self.config
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
-        per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, config.torch_dtype,
+        per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, config.kv_cache_torch_dtype,
                                              self.parallel.world_size)
         memory = config.kv_cache_memory
         if memory is None:
@@ -169,7 +172,7 @@ class ModelRunner:
         lengths = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         blocks_per_seq = -(-seq_len // self.block_size)
         scratch = torch.zeros(mc.num_hidden_layers, 2, blocks_per_seq * len(lengths), self.block_size,
-                              self.num_kv_heads, mc.head_dim, dtype=config.torch_dtype, device=self.device)
+                              self.num_kv_heads, mc.head_dim, dtype=config.kv_cache_torch_dtype, device=self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)

@@ -65,6 +65,12 @@ class EngineCollector(Collector):
         yield gauge("kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (1 = full).",
                     stats.kv_cache_usage)
         yield gauge("kv_cache_num_blocks", "KV-cache blocks in the pool.", kv.num_blocks)
+        yield gauge("kv_cache_capacity_tokens", "Tokens the KV-cache pool holds (blocks x block size).",
+                    kv.total_slots)
+        info = GaugeMetricFamily("nanovllm:cache_config_info", "The KV cache's configuration, in its labels.",
+                                 labels=["model_name", "cache_dtype", "block_size"])
+        info.add_metric([self.model_name, self.engine.info.kv_cache_dtype, str(kv.block_size)], 1)
+        yield info
         yield gauge("kv_cache_used_blocks", "KV-cache blocks held by live sequences.", kv.used_blocks)
         yield gauge("kv_cache_free_blocks", "KV-cache blocks free (including cached prefixes kept for reuse).",
                     kv.free_blocks)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nanovllm.engine.sequence import Sequence
-from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.attention import AttentionMetadata, dequantize_kv
 from nanovllm.ops.rotary import apply_rotary
 
 DEFAULT_WINDOW = 10
@@ -152,9 +152,10 @@ class AttentionCapture:
         block_size = k_cache.shape[1]
         num_blocks = -(-seq_len // block_size)
         block_ids = metadata.block_tables[b, :num_blocks].long()
-        keys = k_cache[block_ids].flatten(0, 1)[:seq_len]                        # [L, Hkv, D]
+        keys = k_cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]        # [L, Hkv, D] as stored
+        keys = dequantize_kv(keys, module.k_scale, torch.float32)                 # an FP8 cache: x its scale
         keys = keys.repeat_interleave(module.num_heads // module.num_kv_heads, dim=1)   # [L, Hq, D]
-        scores = torch.einsum("qhd,lhd->hql", q.float(), keys.float()) * module.scale   # [Hq, n, L]
+        scores = torch.einsum("qhd,lhd->hql", q.float(), keys) * module.scale     # [Hq, n, L]
         future = torch.arange(seq_len, device=scores.device)[None, :] > query_positions[:, None]   # [n, L]
         weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1).cpu()   # [Hq, n, L]
 

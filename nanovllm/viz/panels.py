@@ -123,8 +123,9 @@ def kv_panel(state: VizState) -> Text:
     counts = kv_counts(usage)
     naive = state.kv_policy == "naive"
     out = Text(no_wrap=True, overflow="crop")
+    stored = f"{state.kv_cache_dtype} KV, " if state.kv_cache_dtype else ""
     out.append(f"pool: {usage.num_blocks} blocks x {usage.block_size} slots = {total} slots, "
-               f"policy {state.kv_policy}\n")
+               f"{stored}policy {state.kv_policy}\n")
     out.append("[")
     for char in proportional_bar(counts):
         out.append(char, style=KV_STYLES[char])

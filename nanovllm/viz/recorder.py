@@ -60,6 +60,7 @@ class VizState:
     requests: list[RequestView]
     attention: AttentionView | None = None
     num_layers: int = 0
+    kv_cache_dtype: str = ""          # what the pool stores ("float32", "float8_e4m3fn", ...)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class VizRecorder:
     block_manager: BlockManager
     kv_policy: str
     max_num_batched_tokens: int
+    kv_cache_dtype: str = ""          # what the pool stores, shown beside its size
     history: list[StepRecord] = field(default_factory=list)
     tracked: dict[str, _Tracked] = field(default_factory=dict)   # in arrival order
     overhead_s: float = 0.0           # seconds spent recording (and in `on_step` callbacks)
@@ -141,6 +143,7 @@ class VizRecorder:
             requests=requests,
             attention=attention,
             num_layers=num_layers,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     @staticmethod

@@ -172,7 +172,8 @@ def _load_engine(config) -> LLMEngine:
     engine = LLMEngine(config)
     c = engine.config
     print(f"loaded in {time.perf_counter() - start:.1f} s: {engine.model_config.num_hidden_layers} layers, "
-          f"KV pool {engine.runner.num_blocks} blocks x {c.block_size} tokens, step budget "
+          f"KV pool {engine.runner.num_blocks} blocks x {c.block_size} tokens "
+          f"= {engine.runner.num_blocks * c.block_size} tokens of {c.kv_cache_dtype_name}, step budget "
           f"{c.max_num_batched_tokens} tokens, max_model_len {c.max_model_len}", file=sys.stderr, flush=True)
     return engine
 

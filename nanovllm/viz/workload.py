@@ -76,7 +76,8 @@ class Visualizer:
         self.layer = layer
         self.num_layers = engine.model_config.num_hidden_layers
         block_manager = engine.scheduler.block_manager
-        self.recorder = VizRecorder(block_manager, engine.config.kv_policy, engine.config.max_num_batched_tokens)
+        self.recorder = VizRecorder(block_manager, engine.config.kv_policy, engine.config.max_num_batched_tokens,
+                                    engine.config.kv_cache_dtype_name)
         layers = list(range(self.num_layers)) if capture_all_layers else [layer]
         tokenizer = engine.tokenizer
         self.capture = AttentionCapture(engine.runner.model, layers,

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The FP8 KV cache on one GPU: its GPU tests, then `nano-vllm bench throughput` on Llama-3.2-1B (random
+# weights) with the model-dtype cache (bf16) and with --kv-cache-dtype fp8 in the same run: the default
+# workload, a long-context one (4096-token prompts, 256 outputs), and the long-context one again with the
+# pool held to 1 GiB, where the cache's capacity, not its bandwidth, limits the batch. Each run's JSON
+# (figures and kv_pool: dtype, blocks, token capacity) and output, in $OUT/gpu_kv_fp8.tar.gz; a table of
+# them in $OUT/summary.txt and the steps' tails in $OUT/gpu_kv_fp8.log (three files in all).
+# Usage, from the repository root on a machine with a CUDA GPU:  OUT=/some/dir bash tools/gpu_kv_fp8.sh
+# Expected under 4 minutes on an H200 (the steps' time limits add up to 320 s); a failed step does not stop the rest.
+set -u
+OUT="${OUT:?set OUT to a directory for the results}"
+RUNS="$OUT/runs"
+mkdir -p "$RUNS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+log="$OUT/gpu_kv_fp8.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
+git rev-parse HEAD 2>/dev/null | tee -a "$log"
+WHEELS=${WHEELS:-.whl}   # the engine's serving dependencies (pyzmq, msgspec, ...), installed if missing
+if ! $PY -c "import zmq, msgspec" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl >> "$log" 2>&1
+fi
+
+step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$RUNS/$name.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
+    tail -3 "$RUNS/$name.txt" | tee -a "$log"
+}
+
+step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/gpu/test_kv_fp8_gpu.py
+
+bench() {   # bench NAME SECONDS FLAGS...: both caches, one JSON each
+    local name=$1 limit=$2; shift 2
+    for kv in auto fp8; do
+        step "$name-$kv" "$limit" $PY -m nanovllm.cli bench throughput --dummy llama-3.2-1b --kv-cache-dtype "$kv" \
+            --peer none --no-progress --ceiling-repeats 3 "$@" --json "$RUNS/$name-$kv.json"
+    done
+}
+bench throughput 40
+bench long-context 35 --dataset random --input-len 4096 --output-len 256 --num-prompts 64 --max-model-len 8192
+bench long-context-1gib 35 --dataset random --input-len 4096 --output-len 256 --num-prompts 64 --max-model-len 8192 \
+    --kv-cache-memory $((1 << 30))
+
+$PY - "$RUNS" > "$OUT/summary.txt" 2>&1 <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print(f"{'run':<24} {'KV dtype':<14} {'blocks':>8} {'tokens':>10} {'output tok/s':>13} {'of roofline':>12}")
+for path in sorted(out.glob("*.json")):
+    result = json.loads(path.read_text())
+    pool, figure = result.get("kv_pool") or {}, result["figures"][0]
+    print(f"{path.stem:<24} {pool.get('dtype', '?'):<14} {pool.get('num_blocks', 0):>8} "
+          f"{pool.get('capacity_tokens', 0):>10} {figure['measured']:>13.0f} {figure['fraction_of_roofline']:>12.2f}")
+PYEOF
+tee -a "$log" < "$OUT/summary.txt"
+echo "done in ${SECONDS}s" | tee -a "$log"
+tar czf "$OUT/gpu_kv_fp8.tar.gz" -C "$OUT" runs && rm -r "$RUNS"   # every run's output and JSON in one file
