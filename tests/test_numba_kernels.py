@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("numba")
 
-from nanovllm.ops import int4_numba_supported, quant_numba  # noqa: E402
+from nanovllm.ops import attention_numba, int4_numba_supported, quant_numba  # noqa: E402
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
 from nanovllm.ops.attention_numba import paged_attention_numba, rotary_store_and_attend_numba  # noqa: E402
 from nanovllm.ops.quant import PackedLinear, pack_int4  # noqa: E402
@@ -77,7 +77,16 @@ def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched
     assert torch.equal(paged_attention_numba(rows, k_cache, v_cache, prefill, 0.2)[-1:], want)
 
 
-def test_numba_paged_attention_runs_from_several_threads_at_once():
+def test_numba_paged_attention_gives_the_same_bits_on_one_thread_or_split_over_threads(monkeypatch):
+    # A small step runs serially (a parallel launch costs more than its work); a large one is split.
+    q, k_cache, v_cache, metadata = _random_step([4, 1, 1], [40, 17, 33], 6, 2, 32, 4, seed=9)
+    serial = paged_attention_numba(q, k_cache, v_cache, metadata, 0.2)
+    monkeypatch.setattr(attention_numba, "PARALLEL_MIN_WORK", 0)
+    assert torch.equal(paged_attention_numba(q, k_cache, v_cache, metadata, 0.2), serial)
+
+
+def test_numba_paged_attention_runs_from_several_threads_at_once(monkeypatch):
+    monkeypatch.setattr(attention_numba, "PARALLEL_MIN_WORK", 0)      # the parallel kernel, which takes a lock
     # Engines may step in threads of one process; numba's workqueue pool takes one kernel at a time.
     q, k_cache, v_cache, metadata = _random_step([3, 1], [40, 17], 4, 2, 16, 4, seed=5)
     want = paged_attention_numba(q, k_cache, v_cache, metadata, 0.25)
