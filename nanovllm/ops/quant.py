@@ -185,16 +185,23 @@ class PackedLinear(nn.Module):
         return out.to(x.dtype)
 
     def _forward_numba(self, x: torch.Tensor) -> torch.Tensor:
-        from nanovllm.ops.quant_numba import int4_linear_numba, tiles_from_torch_int4
         if self._int4_tiles is None:
+            from nanovllm.ops.quant_numba import tiles_from_torch_int4
             self._int4_tiles = tiles_from_torch_int4(self.packed, self.scales)
-        out = int4_linear_numba(x, self._int4_tiles)                            # [M, N] float32
-        out = out if self.bias is None else out + self.bias
-        return out.to(x.dtype)
+        out = _int4_linear_numba()(x, self._int4_tiles)                        # [M, N] float32
+        if self.bias is not None:
+            out += self.bias
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.fmt}, kernel={self.kernel}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"max_packed_rows={self.max_packed_rows}")
+
+
+@functools.cache
+def _int4_linear_numba():
+    from nanovllm.ops.quant_numba import int4_linear_numba
+    return int4_linear_numba
 
 
 def _int4_numba_fits(packed: torch.Tensor) -> bool:

@@ -127,15 +127,14 @@ def int4_linear_q8_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
 
 def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles) -> torch.Tensor:
     """x [M, K] float32 -> x @ w^T [M, N] float32 (activations rounded to int16 per group of 32)."""
-    x = x.float().contiguous()
-    num_tokens = x.shape[0]
-    out = torch.empty(num_tokens, tiles.out_features)                               # [M, N]
-    if num_tokens * tiles.out_features * tiles.in_features < PARALLEL_MIN_MACS:
-        _int4_matmul_serial(x.numpy(), tiles.weight, tiles.scale, tiles.low, out.numpy())
-    else:
-        with _launch_lock:
-            _int4_matmul_parallel(x.numpy(), tiles.weight, tiles.scale, tiles.low, out.numpy())
-    return out
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if x.shape[0] * tiles.out_features * tiles.in_features < PARALLEL_MIN_MACS:
+        return torch.from_numpy(_int4_matmul_serial(x.numpy(), tiles.weight, tiles.scale, tiles.low,
+                                                    tiles.out_features))
+    with _launch_lock:
+        return torch.from_numpy(_int4_matmul_parallel(x.numpy(), tiles.weight, tiles.scale, tiles.low,
+                                                      tiles.out_features))
 
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -228,21 +227,26 @@ def _tile(t, xq, dx, sx, weight, scale, low, out):
 
 
 @njit(cache=True, boundscheck=False)
-def _int4_matmul_serial(x, weight, scale, low, out):
+def _int4_matmul_serial(x, weight, scale, low, out_features):
+    """x [M, K] float32 -> out [M, N] float32, on the calling thread."""
+    out = np.empty((x.shape[0], out_features), np.float32)
     num_groups = x.shape[1] // 32
     xq = np.empty(x.shape, np.int16)
     dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
     _quantize_activation(x, xq, dx, sx)
     for t in range(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
+    return out
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
-def _int4_matmul_parallel(x, weight, scale, low, out):
+def _int4_matmul_parallel(x, weight, scale, low, out_features):
+    """x [M, K] float32 -> out [M, N] float32, the tiles split over numba's threads."""
+    out = np.empty((x.shape[0], out_features), np.float32)
     num_groups = x.shape[1] // 32
     xq = np.empty(x.shape, np.int16)
     dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
     _quantize_activation(x, xq, dx, sx)
     for t in prange(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
-
+    return out
