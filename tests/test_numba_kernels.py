@@ -13,7 +13,7 @@ from nanovllm.ops import attention_numba, int4_numba_supported, quant_numba  # n
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
 from nanovllm.ops.attention_numba import paged_attention_numba, rotary_store_and_attend_numba  # noqa: E402
 from nanovllm.ops.quant import PackedLinear, pack_int4  # noqa: E402
-from nanovllm.ops.quant_numba import (int4_linear_numba, int4_linear_q8_torch, tiles_from_codes,  # noqa: E402
+from nanovllm.ops.quant_numba import (int4_linear_numba, int4_linear_int16_torch, tiles_from_codes,  # noqa: E402
                                       unpack_torch_int4)
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend_torch  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_numba_int4_linear_matches_its_reference(rows, out_features, in_features
     x = torch.randn(rows, in_features) * 3
     x[0, :32] = 0.0                                 # an all-zero group of the activation
     got = int4_linear_numba(x, tiles_from_codes(q, scale, low))
-    want = int4_linear_q8_torch(x, q, scale, low)
+    want = int4_linear_int16_torch(x, q, scale, low)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     # The int16 activation keeps the product within 1e-4 of the float32 one.
     exact = x @ (q.float().reshape(out_features, -1, 32) * scale[..., None] + low[..., None]).reshape(
@@ -194,7 +194,7 @@ def test_packed_linear_int4_runs_numba_and_matches_the_reference():
     assert layer.kernel == "numba"
     x = torch.randn(4, 160)
     scale, zero = layer.scales.float().transpose(0, 1).unbind(-1)
-    want = int4_linear_q8_torch(x, unpack_torch_int4(layer.packed, 160), scale, zero - 8 * scale) + layer.bias
+    want = int4_linear_int16_torch(x, unpack_torch_int4(layer.packed, 160), scale, zero - 8 * scale) + layer.bias
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
     layer.kernel = "torch"                          # torch's packed kernel: the same weights, bfloat16 activations
     torch.testing.assert_close(layer(x), want, rtol=0.02, atol=0.05 * want.abs().max().item())

@@ -21,8 +21,9 @@ reference (dequantize, then `F.linear`) that the tests compare the kernel agains
 
 **numba's int4 kernel** (quant_numba.py) replaces torch's where the CPU has
 AVX-512 VNNI: it rounds the activation to int16 per group of 32 (not to
-bfloat16) and multiplies in integers, 1.2-3x faster at one row here
-(docs/reference/cpu-fast-path.md). `PackedLinear.kernel` says which one a layer runs.
+bfloat16) and multiplies in integers, at one row 1.0-1.8x torch's speed per
+shape on a loaded machine (docs/reference/cpu-kernels.md). It is
+batch-invariant too. `PackedLinear.kernel` says which one a layer runs.
 
 **Batch invariance.** torch's int4 kernel computes each output row the same
 way whatever the number of rows beside it (its K loop runs in one order per

@@ -25,7 +25,7 @@ intrinsics of its own; `_dot_group_vnni` writes this in LLVM IR.
 
 Every output row is computed by the same loop (its groups in order, the same
 operations) whatever the rows beside it, serial or split over threads by tile:
-the matmul stays batch-invariant, like torch's kernel. `int4_linear_q8_torch`
+the matmul stays batch-invariant, like torch's kernel. `int4_linear_int16_torch`
 is the reference. Used where `int4_numba_supported()` (numba imports, the CPU
 has AVX-512 VNNI) and the layer has a multiple of 64 outputs (torch's packed
 layout is unpacked for those; other layers keep torch's kernel).
@@ -111,7 +111,7 @@ def quantize_activation_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return xq.to(torch.int16).reshape(x.shape), dx, groups.sum(dim=-1)
 
 
-def int4_linear_q8_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+def int4_linear_int16_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """Reference: x [M, K] float32, q [N, K] codes, scale and low [N, K / 32] -> [M, N] float32, the
     formula of the module docstring in float64."""
     xq, dx, sx = quantize_activation_torch(x)
