@@ -21,7 +21,7 @@ of K (lane r, byte i: code k = 8c + i in the low nibble, 8c + 4 + i in the
 high one). A shift and a mask turn a lane's 4 bytes into two int16 codes at a
 time, and the sixteen rows of a tile fill the sixteen lanes, so a group ends
 in one vector of 16 sums with no horizontal reduction. numba has no SIMD
-intrinsics of its own; `_dot_group_vnni` writes this in LLVM IR.
+intrinsics of its own; `_dot_group_codegen` writes this in LLVM IR.
 
 Every output row is computed by the same loop (its groups in order, the same
 operations) whatever the rows beside it, serial or split over threads by tile:
@@ -156,44 +156,69 @@ def _address(context, builder: ir.IRBuilder, array_type, array: ir.Value, offset
     return builder.bitcast(builder.gep(data, [offset]), element_type.as_pointer())
 
 
-@intrinsic
-def _dot_group_vnni(typingctx, weight, w_at, xq, x_at, scale, low, s_at, dx, sx, out, o_at):
-    """out[o_at:o_at + 16] += (q . xq) * scale * dx + low * sx for the 16 rows of one tile and one
-    group: weight[w_at:w_at + 256] the tile's codes, xq[x_at:x_at + 32] the group's int16 activation
-    in `_SLOT` order, scale and low [s_at:s_at + 16]."""
-    sig = types.void(weight, types.int64, xq, types.int64, scale, low, types.int64, types.float32,
-                     types.float32, out, types.int64)
+def _dot_group_codegen(num_rows: int):
+    """The LLVM IR of `_dot_group_vnni` for num_rows rows of the activation at once: the tile's codes
+    are unpacked once and kept in registers for every row. Each row's arithmetic is the same
+    whatever num_rows (exact integer sums, then the same float operations in the same order)."""
 
     def codegen(context, builder, signature, args):
-        weight_, w_at_, xq_, x_at_, scale_, low_, s_at_, dx_, sx_, out_, o_at_ = args
-        weight_t, _, xq_t, _, scale_t, low_t, _, _, _, out_t, _ = signature.args
+        weight_, w_at_, xq_, x_at_, x_stride_, scale_, low_, s_at_, dx_, sx_, d_at_, d_stride_, out_, o_at_, \
+            o_stride_ = args
+        weight_t, _, xq_t, _, _, scale_t, low_t, _, dx_t, sx_t, _, _, out_t, _, _ = signature.args
         w_ptr = _address(context, builder, weight_t, weight_, w_at_, _I8)
-        x_ptr = _address(context, builder, xq_t, xq_, x_at_, _I16)
         dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
                                                 "llvm.x86.avx512.vpdpwssd.512")
         two_nibbles = ir.Constant(_INTS16, [0x000F000F] * 16)
-        sums = [ir.Constant(_INTS16, [0] * 16) for _ in range(4)]
-        for run in range(4):             # 8 values of K each, 4 bytes a row: low nibbles k 0-3, high 4-7
-            codes = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(_I32, 64 * run)]),
-                                                 _INTS16.as_pointer()), align=1)
-            # each int32 lane -> two int16 codes: k (0, 2), (1, 3), (4, 6), (5, 7) of the run
-            for pair, shift in enumerate((0, 8, 4, 12)):
-                shifted = builder.lshr(codes, ir.Constant(_INTS16, [shift] * 16)) if shift else codes
-                x2 = builder.load(builder.bitcast(builder.gep(x_ptr, [ir.Constant(_I32, 8 * run + 2 * pair)]),
-                                                  _I32.as_pointer()), align=2)
-                sums[pair] = builder.call(dpwssd, [sums[pair], builder.and_(shifted, two_nibbles),
-                                                   _splat(builder, x2, _INTS16)])
-        total = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
-        dot = builder.sitofp(total, _FLOATS16)             # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
+        codes = []               # 16 vectors: run c (8 values of K, 4 bytes a row), pair (k 0,2 | 1,3 | 4,6 | 5,7)
+        for run in range(4):
+            packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(_I32, 64 * run)]),
+                                                  _INTS16.as_pointer()), align=1)
+            for shift in (0, 8, 4, 12):
+                shifted = builder.lshr(packed, ir.Constant(_INTS16, [shift] * 16)) if shift else packed
+                codes.append(builder.and_(shifted, two_nibbles))
         scale_v = builder.load(_address(context, builder, scale_t, scale_, s_at_, _FLOATS16), align=4)
         low_v = builder.load(_address(context, builder, low_t, low_, s_at_, _FLOATS16), align=4)
-        out_ptr = _address(context, builder, out_t, out_, o_at_, _FLOATS16)
-        term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, _splat(builder, dx_, _FLOATS16))),
-                            builder.fmul(low_v, _splat(builder, sx_, _FLOATS16)))
-        builder.store(builder.fadd(builder.load(out_ptr, align=4), term), out_ptr, align=4)
+        for row in range(num_rows):
+            step = ir.Constant(ir.IntType(64), row)
+            x_ptr = _address(context, builder, xq_t, xq_, builder.add(x_at_, builder.mul(step, x_stride_)), _I16)
+            d_at = builder.add(d_at_, builder.mul(step, d_stride_))
+            dx = builder.load(_address(context, builder, dx_t, dx_, d_at, _F32))
+            sx = builder.load(_address(context, builder, sx_t, sx_, d_at, _F32))
+            sums = [ir.Constant(_INTS16, [0] * 16) for _ in range(4)]
+            for index, code in enumerate(codes):
+                run, pair = divmod(index, 4)
+                x2 = builder.load(builder.bitcast(builder.gep(x_ptr, [ir.Constant(_I32, 8 * run + 2 * pair)]),
+                                                  _I32.as_pointer()), align=2)
+                sums[pair] = builder.call(dpwssd, [sums[pair], code, _splat(builder, x2, _INTS16)])
+            total = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
+            dot = builder.sitofp(total, _FLOATS16)         # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
+            term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, _splat(builder, dx, _FLOATS16))),
+                                builder.fmul(low_v, _splat(builder, sx, _FLOATS16)))
+            out_ptr = _address(context, builder, out_t, out_, builder.add(o_at_, builder.mul(step, o_stride_)),
+                               _FLOATS16)
+            builder.store(builder.fadd(builder.load(out_ptr, align=4), term), out_ptr, align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _dot_group_intrinsic(num_rows: int):
+    """For rows m .. m + num_rows - 1 of the flattened activation: out[m, tile] += (q . xq[m, group])
+    * scale * dx[m, g] + low * sx[m, g] for the 16 rows of one tile and one group. weight[w_at:w_at
+    + 256] the tile's codes, xq[x_at + m K ...] the group's int16 activation in `_SLOT` order, scale
+    and low [s_at:s_at + 16], dx and sx at d_at + m G, out at o_at + m N (strides K, G, N given)."""
+
+    def typer(typingctx, weight, w_at, xq, x_at, x_stride, scale, low, s_at, dx, sx, d_at, d_stride, out,
+              o_at, o_stride):
+        i64 = types.int64
+        sig = types.void(weight, i64, xq, i64, i64, scale, low, i64, dx, sx, i64, i64, out, i64, i64)
+        return sig, _dot_group_codegen(num_rows)
+
+    return intrinsic(typer)
+
+
+_dot_group_1 = _dot_group_intrinsic(1)
+_dot_group_4 = _dot_group_intrinsic(4)
 
 
 @njit(cache=True, boundscheck=False)
@@ -216,14 +241,23 @@ def _quantize_activation(x, xq, dx, sx):
 
 @njit(cache=True, boundscheck=False)
 def _tile(t, xq, dx, sx, weight, scale, low, out):
-    """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]."""
-    num_groups = dx.shape[1]
-    for m in range(xq.shape[0]):
-        out[m, t * 16:t * 16 + 16] = 0.0
-        for g in range(num_groups):
-            at = t * num_groups + g
-            _dot_group_vnni(weight, at * 256, xq[m], g * 32, scale, low, at * 16, dx[m, g], sx[m, g],
-                            out[m], t * 16)
+    """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: four rows of xq at a
+    time through `_dot_group_4`, the rest one by one (the same arithmetic for each row)."""
+    num_tokens, in_features = xq.shape
+    num_groups, out_features = dx.shape[1], out.shape[1]
+    xq_flat, dx_flat, sx_flat, out_flat = xq.reshape(-1), dx.reshape(-1), sx.reshape(-1), out.reshape(-1)
+    out[:, t * 16:t * 16 + 16] = 0.0
+    first_single = num_tokens - num_tokens % 4
+    for g in range(num_groups):
+        at = t * num_groups + g
+        for m in range(0, first_single, 4):
+            _dot_group_4(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
+                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
+                         out_features)
+        for m in range(first_single, num_tokens):
+            _dot_group_1(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
+                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
+                         out_features)
 
 
 @njit(cache=True, boundscheck=False)
