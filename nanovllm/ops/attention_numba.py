@@ -15,7 +15,8 @@ other rows of the step, so a query gives the same bits whatever it is batched
 with and whichever step computes it. The work is split across cores by
 (row, head), except in a small step (a decode of a few sequences), which runs
 on the calling thread: a workqueue launch costs 50-150 us here, more than the
-work. Both drivers call the same `_attend`, so the bits do not change. `cache=True`: the compiled code is kept on disk for the next start.
+work. Both drivers call the same `_attend`, so the bits do not change.
+`cache=True`: the compiled code is kept on disk for the next start.
 
 A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the
 store of k and v into their cache slots in one compiled loop (the formula of

@@ -157,9 +157,10 @@ def _address(context, builder: ir.IRBuilder, array_type, array: ir.Value, offset
 
 
 def _dot_group_codegen(num_rows: int):
-    """The LLVM IR of `_dot_group_vnni` for num_rows rows of the activation at once: the tile's codes
-    are unpacked once and kept in registers for every row. Each row's arithmetic is the same
-    whatever num_rows (exact integer sums, then the same float operations in the same order)."""
+    """The LLVM IR of one group call (`_dot_group_intrinsic`) for num_rows rows of the activation at
+    once: the tile's codes are unpacked once and kept in registers for every row. Each row's
+    arithmetic is the same whatever num_rows (exact integer sums, then the same float operations
+    in the same order)."""
 
     def codegen(context, builder, signature, args):
         weight_, w_at_, xq_, x_at_, x_stride_, scale_, low_, s_at_, dx_, sx_, d_at_, d_stride_, out_, o_at_, \
