@@ -9,8 +9,12 @@ import torch
 
 pytest.importorskip("numba")
 
+from nanovllm.ops import attention_numba, int4_numba_supported, quant_numba  # noqa: E402
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
 from nanovllm.ops.attention_numba import paged_attention_numba, rotary_store_and_attend_numba  # noqa: E402
+from nanovllm.ops.quant import PackedLinear, pack_int4  # noqa: E402
+from nanovllm.ops.quant_numba import (int4_linear_numba, int4_linear_int16_torch, tiles_from_codes,  # noqa: E402
+                                      unpack_torch_int4)
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend_torch  # noqa: E402
 
 
@@ -73,7 +77,16 @@ def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched
     assert torch.equal(paged_attention_numba(rows, k_cache, v_cache, prefill, 0.2)[-1:], want)
 
 
-def test_numba_paged_attention_runs_from_several_threads_at_once():
+def test_numba_paged_attention_gives_the_same_bits_on_one_thread_or_split_over_threads(monkeypatch):
+    # A small step runs serially (a parallel launch costs more than its work); a large one is split.
+    q, k_cache, v_cache, metadata = _random_step([4, 1, 1], [40, 17, 33], 6, 2, 32, 4, seed=9)
+    serial = paged_attention_numba(q, k_cache, v_cache, metadata, 0.2)
+    monkeypatch.setattr(attention_numba, "PARALLEL_MIN_WORK", 0)
+    assert torch.equal(paged_attention_numba(q, k_cache, v_cache, metadata, 0.2), serial)
+
+
+def test_numba_paged_attention_runs_from_several_threads_at_once(monkeypatch):
+    monkeypatch.setattr(attention_numba, "PARALLEL_MIN_WORK", 0)      # the parallel kernel, which takes a lock
     # Engines may step in threads of one process; numba's workqueue pool takes one kernel at a time.
     q, k_cache, v_cache, metadata = _random_step([3, 1], [40, 17], 4, 2, 16, 4, seed=5)
     want = paged_attention_numba(q, k_cache, v_cache, metadata, 0.25)
@@ -119,3 +132,69 @@ def test_numba_rotary_store_and_attend_matches_the_torch_reference(qk_norm, quer
     (want, want_k, want_v), (got, got_k, got_v) = results
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)   # RoPE and the store: the same bits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the int4 matmul (quant_numba.py) ----------------------------------------------------------
+
+int4_kernel = pytest.mark.skipif(not int4_numba_supported(), reason="numba's int4 kernel needs AVX-512 VNNI")
+
+
+def _random_int4(out_features: int, in_features: int, seed: int):
+    """-> (codes [N, K] in 0..15, scale, low [N, K / 32]) of a random Q4_1-style weight."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_features, in_features), generator=generator)
+    scale = torch.rand(out_features, in_features // 32, generator=generator) * 0.1
+    low = torch.randn(out_features, in_features // 32, generator=generator) * 0.2
+    return q, scale, low
+
+
+@int4_kernel
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 16, 32),          # one tile, one group
+    (3, 48, 96),          # three tiles
+    (1, 192, 576),        # the embedded model's k/v projection
+    (7, 80, 1536),        # ragged batch, down_proj's K
+])
+def test_numba_int4_linear_matches_its_reference(rows, out_features, in_features):
+    q, scale, low = _random_int4(out_features, in_features, seed=rows + out_features)
+    x = torch.randn(rows, in_features) * 3
+    x[0, :32] = 0.0                                 # an all-zero group of the activation
+    got = int4_linear_numba(x, tiles_from_codes(q, scale, low))
+    want = int4_linear_int16_torch(x, q, scale, low)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # The int16 activation keeps the product within 1e-4 of the float32 one.
+    exact = x @ (q.float().reshape(out_features, -1, 32) * scale[..., None] + low[..., None]).reshape(
+        out_features, in_features).T
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-4 * exact.abs().max().item())
+
+
+@int4_kernel
+@pytest.mark.parametrize("out_features, in_features", [(64, 32), (192, 96), (576, 64)])
+def test_torch_int4_layout_unpacks_to_its_codes(out_features, in_features):
+    q, _, _ = _random_int4(out_features, in_features, seed=in_features)
+    assert torch.equal(unpack_torch_int4(pack_int4(q.to(torch.int32)), in_features), q.to(torch.uint8))
+
+
+@int4_kernel
+def test_numba_int4_linear_gives_a_row_the_same_bits_serial_or_parallel_and_whatever_the_batch(monkeypatch):
+    q, scale, low = _random_int4(64, 96, seed=7)
+    tiles = tiles_from_codes(q, scale, low)
+    x = torch.randn(9, 96)
+    alone = torch.cat([int4_linear_numba(x[i:i + 1], tiles) for i in range(9)])    # serial, one row each
+    monkeypatch.setattr(quant_numba, "PARALLEL_MIN_MACS", 0)                        # every call parallel
+    for rows in (1, 2, 5, 9):
+        assert torch.equal(int4_linear_numba(x[:rows], tiles), alone[:rows]), f"rows={rows}"
+
+
+@int4_kernel
+def test_packed_linear_int4_runs_numba_and_matches_the_reference():
+    torch.manual_seed(3)
+    weight = torch.randn(128, 160)
+    layer = PackedLinear.from_weight(weight, "int4", bias=torch.randn(128).to(torch.bfloat16))
+    assert layer.kernel == "numba"
+    x = torch.randn(4, 160)
+    scale, zero = layer.scales.float().transpose(0, 1).unbind(-1)
+    want = int4_linear_int16_torch(x, unpack_torch_int4(layer.packed, 160), scale, zero - 8 * scale) + layer.bias
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+    layer.kernel = "torch"                          # torch's packed kernel: the same weights, bfloat16 activations
+    torch.testing.assert_close(layer(x), want, rtol=0.02, atol=0.05 * want.abs().max().item())

@@ -10,6 +10,7 @@ use, so the CPU backend never loads Triton.
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -35,6 +36,17 @@ def _numba_importable() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def int4_numba_supported() -> bool:
+    """Whether the numba int4 matmul (quant_numba.py) can run here: numba imports and the CPU is
+    x86-64 with AVX-512 VNNI, whose `vpdpbusd` the kernel is written with."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _numba_importable():
+        return False
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
 
 
 def use_numba(*tensors: torch.Tensor) -> bool:

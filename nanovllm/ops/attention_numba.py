@@ -13,7 +13,10 @@ own keys 0..p in order: scores q.k_j * scale, their maximum, exp(s_j - max)
 summed in order, then the weighted sum of v_j in order. Nothing depends on the
 other rows of the step, so a query gives the same bits whatever it is batched
 with and whichever step computes it. The work is split across cores by
-(row, head). `cache=True`: the compiled code is kept on disk for the next start.
+(row, head), except in a small step (a decode of a few sequences), which runs
+on the calling thread: a workqueue launch costs 50-150 us here, more than the
+work. Both drivers call the same `_attend`, so the bits do not change.
+`cache=True`: the compiled code is kept on disk for the next start.
 
 A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the
 store of k and v into their cache slots in one compiled loop (the formula of
@@ -42,6 +45,9 @@ from nanovllm.ops.rmsnorm import rms_norm_torch
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _launch_lock = threading.Lock()   # one parallel kernel at a time (engines may step in several threads)
+# Below this many query-key-dimension products a step runs on one thread: a workqueue launch costs
+# 50-150 us here (docs/reference/cpu-fast-path.md), a decode of one sequence over 300 positions ~30 us.
+PARALLEL_MIN_WORK = 1 << 22
 
 
 def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -92,52 +98,76 @@ def _rotary_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapp
 def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           metadata: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D] float32 -> out [T, Hq, D]; the signature and result of `paged_attention_torch`
-    (float32 caches [num_blocks, block_size, Hkv, D]), batch-invariant."""
+    (float32 caches [num_blocks, block_size, Hkv, D]), batch-invariant. A small step (a decode of a
+    few sequences) runs on one thread: a parallel launch costs more than its work."""
     out = torch.empty_like(q)                                                   # [T, Hq, D]
+    args = (q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(), metadata.query_start_loc.numpy(),
+            metadata.seq_lens.numpy(), metadata.block_tables.numpy(), np.float32(scale), out.numpy())
+    if q.shape[0] * q.shape[1] * q.shape[2] * metadata.max_seq_len < PARALLEL_MIN_WORK:
+        _paged_attention_serial(*args)
+        return out
     with _launch_lock:
-        _paged_attention(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
-                         metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
-                         np.float32(scale), out.numpy())
+        _paged_attention(*args)
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=True, boundscheck=False)
-def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
-    """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
-    seq_lens [B], block_tables [B, max_blocks] int32."""
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    row_seq = np.full(num_tokens, -1, np.int64)       # [T]: the sequence of each query row (-1: padding)
+@njit(cache=True, boundscheck=False)
+def _row_sequences(num_tokens, query_start_loc, seq_lens):
+    """-> [T]: the sequence of each query row (-1: padding)."""
+    row_seq = np.full(num_tokens, -1, np.int64)
     for b in range(seq_lens.shape[0]):
         for t in range(query_start_loc[b], query_start_loc[b + 1]):
             row_seq[t] = b
-    for item in prange(num_tokens * num_heads):
-        t, h = item // num_heads, item % num_heads
-        b = row_seq[t]
-        o = out[t, h]
-        o[:] = 0.0
-        if b < 0:
-            continue
-        kv_head = h // group
-        # This row's absolute position: it sees keys 0..position.
-        position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
-        s = np.empty(position + 1, np.float32)       # [position + 1]: scores, then their exponentials
-        for j in range(position + 1):
-            key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += q[t, h, d] * key[d]
-            s[j] = dot * scale
-        best = s[0]
-        for j in range(1, position + 1):
-            best = max(best, s[j])
-        total = np.float32(0.0)
-        for j in range(position + 1):
-            s[j] = np.exp(s[j] - best)
-            total += s[j]
-        for j in range(position + 1):
-            value = v_cache[block_tables[b, j // block_size], j % block_size, kv_head]
-            weight = s[j] / total
-            for d in range(head_dim):
-                o[d] += weight * value[d]
+    return row_seq
+
+
+@njit(cache=True, fastmath=True, boundscheck=False)
+def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
+    """out[t, h] for item = t * Hq + h: the one loop every (query row, head) runs, serial or parallel."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    t, h = item // num_heads, item % num_heads
+    b = row_seq[t]
+    o = out[t, h]
+    o[:] = 0.0
+    if b < 0:
+        return
+    kv_head = h // (num_heads // num_kv_heads)
+    # This row's absolute position: it sees keys 0..position.
+    position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
+    s = np.empty(position + 1, np.float32)       # [position + 1]: scores, then their exponentials
+    for j in range(position + 1):
+        key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
+        dot = np.float32(0.0)
+        for d in range(head_dim):
+            dot += q[t, h, d] * key[d]
+        s[j] = dot * scale
+    best = s[0]
+    for j in range(1, position + 1):
+        best = max(best, s[j])
+    total = np.float32(0.0)
+    for j in range(position + 1):
+        s[j] = np.exp(s[j] - best)
+        total += s[j]
+    for j in range(position + 1):
+        value = v_cache[block_tables[b, j // block_size], j % block_size, kv_head]
+        weight = s[j] / total
+        for d in range(head_dim):
+            o[d] += weight * value[d]
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
+    """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
+    seq_lens [B], block_tables [B, max_blocks] int32."""
+    row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)
+    for item in prange(q.shape[0] * q.shape[1]):
+        _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
+
+
+@njit(cache=True, boundscheck=False)
+def _paged_attention_serial(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
+    """`_paged_attention` on the calling thread."""
+    row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)
+    for item in range(q.shape[0] * q.shape[1]):
+        _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)

@@ -1,0 +1,287 @@
+"""The int4 matmul on the CPU, compiled by numba: integer activations, integer dot products.
+
+torch's packed int4 kernel (`int4_linear` in quant.py) widens each weight to
+bfloat16 and multiplies in floating point. llama.cpp instead quantizes the
+*activation* too, once per matmul input: each run of 32 values of a row x gets
+its own scale, x ~ dx * xq. A group of 32 weights w = d * q + low (q in 0..15,
+Q4_1) then meets it in one integer dot product,
+
+    sum_k w_k x_k ~ d dx (sum_k q_k xq_k) + low (sum_k x_k),
+
+where the sum of q * xq is exact in int32 and two float multiplies remain per
+group. llama.cpp's int8 xq (Q8_1) fails our quality guard (92% top-1 agreement
+with float32 on its text, against 98% required); int16 xq (dx = amax / 32767)
+passes with 99.6%, so xq is int16. On a CPU with AVX-512 VNNI one `vpdpwssd`
+multiplies 32 pairs of int16 (the codes, the activation) and adds each pair's
+products into sixteen int32 lanes.
+
+The weights are repacked once for that instruction: tiles of 16 output rows,
+and in each group of 32 along K four runs of 64 bytes, one for every 8 values
+of K (lane r, byte i: code k = 8c + i in the low nibble, 8c + 4 + i in the
+high one). A shift and a mask turn a lane's 4 bytes into two int16 codes at a
+time, and the sixteen rows of a tile fill the sixteen lanes, so a group ends
+in one vector of 16 sums with no horizontal reduction. numba has no SIMD
+intrinsics of its own; `_dot_group_codegen` writes this in LLVM IR.
+
+Every output row is computed by the same loop (its groups in order, the same
+operations) whatever the rows beside it, serial or split over threads by tile:
+the matmul stays batch-invariant, like torch's kernel. `int4_linear_int16_torch`
+is the reference. Used where `int4_numba_supported()` (numba imports, the CPU
+has AVX-512 VNNI) and the layer has a multiple of 64 outputs (torch's packed
+layout is unpacked for those; other layers keep torch's kernel).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from nanovllm.ops.attention_numba import _launch_lock
+
+GROUP_SIZE = 32            # values of K per scale: Q4_1's and Q8_1's block
+TILE_ROWS = 16             # output rows per tile: the int32 lanes of one AVX-512 vector
+TORCH_BLOCK_ROWS = 64      # torch's packed int4 CPU layout interleaves rows in blocks of 64
+ACTIVATION_LEVELS = 32767     # int16 activations: int8 (127) fails the quality guard (92% top-1)
+PARALLEL_MIN_MACS = 1 << 24   # below this many multiply-adds one thread is quicker than a parallel launch
+
+
+@dataclasses.dataclass(slots=True)
+class Int4Tiles:
+    """An int4 weight [N, K] in the kernel's layout (N a multiple of 16, K of 32, G = K / 32)."""
+    weight: np.ndarray      # uint8 [N / 16 * G * 256]: tile t, group g, run c, row r, byte i
+    scale: np.ndarray       # float32 [N / 16 * G * 16]: d of (t, g, r)
+    low: np.ndarray         # float32 [N / 16 * G * 16]: low of (t, g, r)
+    out_features: int
+    in_features: int
+
+
+def tiles_from_codes(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> Int4Tiles:
+    """q [N, K] codes in 0..15, scale and low [N, K / 32] (w = scale * q + low) -> Int4Tiles."""
+    num_rows, in_features = q.shape
+    if num_rows % TILE_ROWS or in_features % GROUP_SIZE:
+        raise ValueError(f"the numba int4 kernel needs N % {TILE_ROWS} == 0 and K % {GROUP_SIZE} == 0, "
+                         f"got [{num_rows}, {in_features}]")
+    num_tiles, num_groups = num_rows // TILE_ROWS, in_features // GROUP_SIZE
+    codes = q.to(torch.uint8).reshape(num_tiles, TILE_ROWS, num_groups, 4, 2, 4)   # [t, r, g, c, half, i]
+    packed = codes[..., 0, :] | (codes[..., 1, :] << 4)                             # [t, r, g, c, i]
+    weight = packed.permute(0, 2, 3, 1, 4).contiguous()                              # [t, g, c, r, i]
+
+    def per_tile(x: torch.Tensor) -> np.ndarray:                                     # [N, G] -> [t, g, r]
+        x = x.float().reshape(num_tiles, TILE_ROWS, num_groups).permute(0, 2, 1)
+        return x.contiguous().reshape(-1).numpy()
+
+    return Int4Tiles(weight.reshape(-1).numpy(), per_tile(scale), per_tile(low), num_rows, in_features)
+
+
+def unpack_torch_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """torch's CPU int4 layout [N, K / 2] uint8 (N a multiple of 64) -> codes [N, K] uint8.
+    Per block of 64 rows and each k, 32 bytes: row j in the low nibble, row 32 + j in the high one."""
+    num_rows = packed.shape[0]
+    if num_rows % TORCH_BLOCK_ROWS:
+        raise ValueError(f"torch's int4 layout is unpacked here for multiples of {TORCH_BLOCK_ROWS} rows, "
+                         f"got {num_rows}")
+    blocks = packed.reshape(num_rows // TORCH_BLOCK_ROWS, in_features, TORCH_BLOCK_ROWS // 2)   # [b, K, 32]
+    rows = torch.cat([blocks & 15, blocks >> 4], dim=2)                                         # [b, K, 64]
+    return rows.permute(0, 2, 1).reshape(num_rows, in_features)
+
+
+def tiles_from_torch_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor) -> Int4Tiles:
+    """A PackedLinear's int4 buffers (packed [N, K / 2], scale_and_zero [G, N, 2], w = (q - 8) * scale
+    + zero) -> Int4Tiles of the same weights (low = zero - 8 * scale, in float32)."""
+    num_groups = scale_and_zero.shape[0]
+    scale, zero = scale_and_zero.float().transpose(0, 1).unbind(-1)               # [N, G] each
+    q = unpack_torch_int4(packed, num_groups * GROUP_SIZE)
+    return tiles_from_codes(q, scale, zero - 8 * scale)
+
+
+# ---- the reference ---------------------------------------------------------------------------
+
+def quantize_activation_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (xq [M, K] int16, dx [M, K / 32], sx [M, K / 32]): per group of 32,
+    dx = amax / 32767, xq = round(x / dx) (0 where the group is all zeros), sx = the sum of x."""
+    groups = x.float().reshape(x.shape[0], -1, GROUP_SIZE)                          # [M, G, 32]
+    dx = groups.abs().amax(dim=-1) / ACTIVATION_LEVELS                              # [M, G]
+    safe = torch.where(dx > 0, dx, torch.ones_like(dx))
+    xq = torch.where(dx[..., None] > 0, torch.round(groups / safe[..., None]), torch.zeros_like(groups))
+    return xq.to(torch.int16).reshape(x.shape), dx, groups.sum(dim=-1)
+
+
+def int4_linear_int16_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Reference: x [M, K] float32, q [N, K] codes, scale and low [N, K / 32] -> [M, N] float32, the
+    formula of the module docstring in float64."""
+    xq, dx, sx = quantize_activation_torch(x)
+    num_rows, in_features = q.shape
+    groups = in_features // GROUP_SIZE
+    dots = torch.einsum("mgk,ngk->mng", xq.double().reshape(-1, groups, GROUP_SIZE),
+                        q.double().reshape(num_rows, groups, GROUP_SIZE))               # [M, N, G], exact
+    out = dots * scale.double()[None] * dx.double()[:, None] + low.double()[None] * sx.double()[:, None]
+    return out.sum(dim=-1).float()
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles) -> torch.Tensor:
+    """x [M, K] float32 -> x @ w^T [M, N] float32 (activations rounded to int16 per group of 32)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if x.shape[0] * tiles.out_features * tiles.in_features < PARALLEL_MIN_MACS:
+        return torch.from_numpy(_int4_matmul_serial(x.numpy(), tiles.weight, tiles.scale, tiles.low,
+                                                    tiles.out_features))
+    with _launch_lock:
+        return torch.from_numpy(_int4_matmul_parallel(x.numpy(), tiles.weight, tiles.scale, tiles.low,
+                                                      tiles.out_features))
+
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_INTS16, _FLOATS16 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_SLOT = np.array([0, 2, 1, 3, 4, 6, 5, 7])   # where value i of a run of 8 sits in the int16 activation
+
+
+def _splat(builder: ir.IRBuilder, scalar: ir.Value, vector_type: ir.VectorType) -> ir.Value:
+    undef = ir.Constant(vector_type, ir.Undefined)
+    one = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vector_type.count),
+                                                          [0] * vector_type.count))
+
+
+def _address(context, builder: ir.IRBuilder, array_type, array: ir.Value, offset: ir.Value,
+             element_type: ir.Type) -> ir.Value:
+    """A pointer to array[offset] (a 1-D numba array) as element_type*."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [offset]), element_type.as_pointer())
+
+
+def _dot_group_codegen(num_rows: int):
+    """The LLVM IR of one group call (`_dot_group_intrinsic`) for num_rows rows of the activation at
+    once: the tile's codes are unpacked once and kept in registers for every row. Each row's
+    arithmetic is the same whatever num_rows (exact integer sums, then the same float operations
+    in the same order)."""
+
+    def codegen(context, builder, signature, args):
+        weight_, w_at_, xq_, x_at_, x_stride_, scale_, low_, s_at_, dx_, sx_, d_at_, d_stride_, out_, o_at_, \
+            o_stride_ = args
+        weight_t, _, xq_t, _, _, scale_t, low_t, _, dx_t, sx_t, _, _, out_t, _, _ = signature.args
+        w_ptr = _address(context, builder, weight_t, weight_, w_at_, _I8)
+        dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
+                                                "llvm.x86.avx512.vpdpwssd.512")
+        two_nibbles = ir.Constant(_INTS16, [0x000F000F] * 16)
+        codes = []               # 16 vectors: run c (8 values of K, 4 bytes a row), pair (k 0,2 | 1,3 | 4,6 | 5,7)
+        for run in range(4):
+            packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(_I32, 64 * run)]),
+                                                  _INTS16.as_pointer()), align=1)
+            for shift in (0, 8, 4, 12):
+                shifted = builder.lshr(packed, ir.Constant(_INTS16, [shift] * 16)) if shift else packed
+                codes.append(builder.and_(shifted, two_nibbles))
+        scale_v = builder.load(_address(context, builder, scale_t, scale_, s_at_, _FLOATS16), align=4)
+        low_v = builder.load(_address(context, builder, low_t, low_, s_at_, _FLOATS16), align=4)
+        for row in range(num_rows):
+            step = ir.Constant(ir.IntType(64), row)
+            x_ptr = _address(context, builder, xq_t, xq_, builder.add(x_at_, builder.mul(step, x_stride_)), _I16)
+            d_at = builder.add(d_at_, builder.mul(step, d_stride_))
+            dx = builder.load(_address(context, builder, dx_t, dx_, d_at, _F32))
+            sx = builder.load(_address(context, builder, sx_t, sx_, d_at, _F32))
+            sums = [ir.Constant(_INTS16, [0] * 16) for _ in range(4)]
+            for index, code in enumerate(codes):
+                run, pair = divmod(index, 4)
+                x2 = builder.load(builder.bitcast(builder.gep(x_ptr, [ir.Constant(_I32, 8 * run + 2 * pair)]),
+                                                  _I32.as_pointer()), align=2)
+                sums[pair] = builder.call(dpwssd, [sums[pair], code, _splat(builder, x2, _INTS16)])
+            total = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
+            dot = builder.sitofp(total, _FLOATS16)         # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
+            term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, _splat(builder, dx, _FLOATS16))),
+                                builder.fmul(low_v, _splat(builder, sx, _FLOATS16)))
+            out_ptr = _address(context, builder, out_t, out_, builder.add(o_at_, builder.mul(step, o_stride_)),
+                               _FLOATS16)
+            builder.store(builder.fadd(builder.load(out_ptr, align=4), term), out_ptr, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _dot_group_intrinsic(num_rows: int):
+    """For rows m .. m + num_rows - 1 of the flattened activation: out[m, tile] += (q . xq[m, group])
+    * scale * dx[m, g] + low * sx[m, g] for the 16 rows of one tile and one group. weight[w_at:w_at
+    + 256] the tile's codes, xq[x_at + m K ...] the group's int16 activation in `_SLOT` order, scale
+    and low [s_at:s_at + 16], dx and sx at d_at + m G, out at o_at + m N (strides K, G, N given)."""
+
+    def typer(typingctx, weight, w_at, xq, x_at, x_stride, scale, low, s_at, dx, sx, d_at, d_stride, out,
+              o_at, o_stride):
+        i64 = types.int64
+        sig = types.void(weight, i64, xq, i64, i64, scale, low, i64, dx, sx, i64, i64, out, i64, i64)
+        return sig, _dot_group_codegen(num_rows)
+
+    return intrinsic(typer)
+
+
+_dot_group_1 = _dot_group_intrinsic(1)
+_dot_group_4 = _dot_group_intrinsic(4)
+
+
+@njit(cache=True, boundscheck=False)
+def _quantize_activation(x, xq, dx, sx):
+    """x [M, K] float32 -> xq [M, K] int16 (each run of 8 in `_SLOT` order), dx, sx [M, K / 32]:
+    quantize_activation_torch's formula."""
+    for m in range(x.shape[0]):
+        for g in range(dx.shape[1]):
+            amax = np.float32(0.0)
+            total = np.float32(0.0)
+            for k in range(g * 32, g * 32 + 32):
+                amax = max(amax, abs(x[m, k]))
+                total += x[m, k]
+            scale = amax / np.float32(ACTIVATION_LEVELS)
+            dx[m, g], sx[m, g] = scale, total
+            for k in range(g * 32, g * 32 + 32):
+                slot = k - k % 8 + _SLOT[k % 8]
+                xq[m, slot] = np.int16(np.round(x[m, k] / scale)) if scale > 0 else np.int16(0)
+
+
+@njit(cache=True, boundscheck=False)
+def _tile(t, xq, dx, sx, weight, scale, low, out):
+    """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: four rows of xq at a
+    time through `_dot_group_4`, the rest one by one (the same arithmetic for each row)."""
+    num_tokens, in_features = xq.shape
+    num_groups, out_features = dx.shape[1], out.shape[1]
+    xq_flat, dx_flat, sx_flat, out_flat = xq.reshape(-1), dx.reshape(-1), sx.reshape(-1), out.reshape(-1)
+    out[:, t * 16:t * 16 + 16] = 0.0
+    first_single = num_tokens - num_tokens % 4
+    for g in range(num_groups):
+        at = t * num_groups + g
+        for m in range(0, first_single, 4):
+            _dot_group_4(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
+                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
+                         out_features)
+        for m in range(first_single, num_tokens):
+            _dot_group_1(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
+                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
+                         out_features)
+
+
+@njit(cache=True, boundscheck=False)
+def _int4_matmul_serial(x, weight, scale, low, out_features):
+    """x [M, K] float32 -> out [M, N] float32, on the calling thread."""
+    out = np.empty((x.shape[0], out_features), np.float32)
+    num_groups = x.shape[1] // 32
+    xq = np.empty(x.shape, np.int16)
+    dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
+    _quantize_activation(x, xq, dx, sx)
+    for t in range(out.shape[1] // 16):
+        _tile(t, xq, dx, sx, weight, scale, low, out)
+    return out
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def _int4_matmul_parallel(x, weight, scale, low, out_features):
+    """x [M, K] float32 -> out [M, N] float32, the tiles split over numba's threads."""
+    out = np.empty((x.shape[0], out_features), np.float32)
+    num_groups = x.shape[1] // 32
+    xq = np.empty(x.shape, np.int16)
+    dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
+    _quantize_activation(x, xq, dx, sx)
+    for t in prange(out.shape[1] // 16):
+        _tile(t, xq, dx, sx, weight, scale, low, out)
+    return out
