@@ -15,8 +15,8 @@ from nanovllm.config import EngineConfig
 from nanovllm.model.loader import load_model
 from nanovllm.model.quantize import load_quantized, load_quantized_model, quantize_model, save_quantized
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.quant import (PackedLinear, dequantize_int4, int4_linear, int4_linear_torch, int8_linear,
-                                int8_linear_torch, pack_int4, quantize_int4, quantize_int8)
+from nanovllm.ops.quant import (PackedLinear, RefinedLMHead, dequantize_int4, int4_linear, int4_linear_torch,
+                                int8_linear, int8_linear_torch, pack_int4, quantize_int4, quantize_int8)
 from nanovllm.tokenizer import Tokenizer
 
 GUARD_TEXT = (
@@ -97,6 +97,38 @@ def test_int8_packed_linear_takes_the_bfloat16_path_above_max_packed_rows():
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 32)
         torch.testing.assert_close(got, x @ weight.T + bias, rtol=0.1, atol=0.15 * (x @ weight.T).abs().max().item())
+
+
+def test_the_references_return_the_inputs_dtype():
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 64), torch.randn(3, 64).to(torch.bfloat16)
+    q8, scales = quantize_int8(weight)
+    q4, scale_and_zero = quantize_int4(weight)
+    assert int8_linear_torch(x, q8, scales.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert int4_linear_torch(x, q4, scale_and_zero.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_int8_large_steps_use_onednns_layout_exactly_where_torch_supports_it():
+    from nanovllm.ops.quant import _onednn_bfloat16_supported
+    layer = PackedLinear.from_weight(torch.randn(32, 64), "int8", max_packed_rows=2)
+    layer(torch.randn(2, 64))
+    assert layer._onednn_dense is None, "a packed step needs no dense layout"
+    layer(torch.randn(3, 64))
+    assert (layer._onednn_dense is not None) == _onednn_bfloat16_supported()
+
+
+def test_the_refined_lm_head_recomputes_each_rows_top_k_logits_in_float32():
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(512, 64), torch.randn(3, 64)
+    head = RefinedLMHead(PackedLinear.from_weight(weight, "int4"), weight, top_k=8)
+    logits, exact = head(hidden), hidden @ weight.T                              # [3, 512]
+    coarse = head.coarse(hidden).float()                                        # the packed head's logits
+    for row in range(3):
+        top = coarse[row].topk(8).indices
+        torch.testing.assert_close(logits[row, top], exact[row, top], rtol=1e-6, atol=1e-5)
+        rest = torch.ones(512, dtype=torch.bool)
+        rest[top] = False
+        assert (logits[row, rest] - exact[row, rest]).abs().max() > 1e-3, "the rest keep the packed head's logits"
 
 
 def test_cpu_formats_need_the_cpu_and_one_process():
