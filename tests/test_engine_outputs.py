@@ -1,0 +1,203 @@
+"""What LLMEngine reports, step by step, checked exactly: one output per request per step whatever
+its number of samples, metrics from a clock that ticks once a call, counters, the text a stream
+holds back for its stop strings, delta streams that owe their prompt log-probabilities, outputs
+that later steps leave alone, and a step whose tokens fail to arrive.
+
+Each test builds its engine over the tiny Llama loaded once (conftest.engine_over) and runs a few
+steps: together they take a second or two, so that a mutation run over engine.py can afford them.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.engine import LLMEngine
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+from conftest import engine_over
+from test_engine import LetterTokenizer, run_all
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture
+def make_engine(tiny_llama_loaded):
+    def make(**engine_args) -> LLMEngine:
+        engine_args.setdefault("max_model_len", 128)
+        return engine_over(tiny_llama_loaded, **engine_args)
+
+    return make
+
+
+@pytest.fixture
+def letter_engine(tiny_llama_loaded):
+    """An engine whose every token is one printable character: text length = token count."""
+    path, model, _ = tiny_llama_loaded
+    return LLMEngine(EngineConfig(model=path, max_model_len=128), model=model, tokenizer=LetterTokenizer())
+
+
+class TickingClock:
+    """time.time() for the scheduler: 1.0, 2.0, 3.0, ... one tick per call."""
+
+    def __init__(self):
+        self.ticks = itertools.count(1)
+
+    def time(self) -> float:
+        return float(next(self.ticks))
+
+
+def probe_two_samples(make_engine, params: SamplingParams) -> list[list[int]]:
+    engine = make_engine()
+    engine.add_request("probe", [7, 8, 9], params)
+    return [out.token_ids for out in run_all(engine)["probe"][-1].outputs]
+
+
+def early_stop_token(samples: list[list[int]]) -> tuple[int, int]:
+    """(a token of sample 1 that sample 0 never draws and sample 1 draws first at position p, p)."""
+    for position, token in enumerate(samples[1][:-2]):
+        if token not in samples[0] and token not in samples[1][:position]:
+            return token, position
+    raise AssertionError(f"no early stop token in {samples}")
+
+
+def test_samples_that_end_apart_give_one_output_a_step_and_the_last_ones_times(make_engine, monkeypatch):
+    params = dict(n=2, max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    samples = probe_two_samples(make_engine, SamplingParams(**params))
+    stop, position = early_stop_token(samples)
+
+    clock = TickingClock()
+    monkeypatch.setattr("nanovllm.engine.scheduler.time", clock)
+    engine = make_engine()
+    engine.add_request("two", [7, 8, 9], SamplingParams(stop_token_ids=[stop], **params), arrival_time=0.5)
+    stream = run_all(engine)["two"]
+    assert len(stream) == 8, "one output a step, not one per sample"
+    assert [out.finished for out in stream] == [False] * 7 + [True]
+    for step, out in enumerate(stream, start=1):
+        first, second = out.outputs
+        assert first.token_ids == samples[0][:step]
+        assert second.token_ids == samples[1][:min(step - 1, position + 1)]   # it waits a step for the prompt
+        assert second.finish_reason == (None if step <= position + 1 else "stop")
+        assert out.metrics.finish_time is None or out.finished
+    final = stream[-1]
+    assert final.outputs[1].stop_reason == stop and final.outputs[0].finish_reason == "length"
+    metrics = final.metrics
+    # schedule() ticks once a step (first at 1.0) and complete() once (its token time); finish() reads it.
+    assert metrics.arrival_time == 0.5 and metrics.first_scheduled_time == 1.0
+    assert metrics.token_times == [2.0 * step for step in range(1, 9)]
+    assert metrics.first_token_time == 2.0
+    assert metrics.last_token_time == 16.0, "the latest sample's last token"
+    assert metrics.finish_time == 16.0, "the last sample to finish"
+    assert final.num_cached_tokens == 0
+
+
+def test_a_stream_holds_back_the_text_that_could_begin_its_longest_stop_string(letter_engine):
+    letter_engine.add_request("held", [40, 41], SamplingParams(max_tokens=6, ignore_eos=True, stop=["\n", "\n\n\n"],
+                                                               **GREEDY))
+    stream = run_all(letter_engine)["held"]
+    full = stream[-1].outputs[0].text
+    assert len(full) == 6 and "\n" not in full
+    assert [out.outputs[0].text for out in stream] == [full[:max(k - 2, 0)] for k in range(1, 6)] + [full]
+
+
+def test_streamed_outputs_keep_their_own_copies_as_later_steps_run(make_engine):
+    engine = make_engine()
+    engine.add_request("lp", [1, 2, 3], SamplingParams(max_tokens=4, logprobs=1, ignore_eos=True, **GREEDY))
+    stream = run_all(engine)["lp"]
+    assert [len(out.outputs[0].logprobs) for out in stream] == [1, 2, 3, 4]
+    assert [len(out.outputs[0].token_ids) for out in stream] == [1, 2, 3, 4]
+    assert [len(out.metrics.token_times) for out in stream] == [1, 2, 3, 4]
+    assert stream[0].metrics.last_token_time < stream[-1].metrics.last_token_time
+
+
+def test_a_delta_stream_gets_its_prompt_logprobs_once_with_its_first_token(make_engine):
+    reference = make_engine()
+    reference.add_request("whole", [5, 6, 7, 8], SamplingParams(max_tokens=4, prompt_logprobs=1, ignore_eos=True,
+                                                                **GREEDY))
+    whole = run_all(reference)["whole"]
+    assert all(out.prompt_logprobs == whole[-1].prompt_logprobs for out in whole), "every whole output has them"
+    assert len(whole[-1].prompt_logprobs) == 4 and whole[-1].prompt_logprobs[0] is None
+
+    engine = make_engine()
+    engine.add_request("delta", [5, 6, 7, 8], SamplingParams(max_tokens=4, prompt_logprobs=1, ignore_eos=True,
+                                                             **GREEDY), delta=True)
+    first_outputs, first_deltas = engine.step_with_deltas()
+    assert not first_deltas.outputs()
+    [first] = first_outputs
+    assert not first.finished and first.prompt_logprobs == whole[-1].prompt_logprobs
+    assert first.prompt is None and first.prompt_token_ids == [] and first.metrics.token_times == []
+    assert first.outputs[0].token_ids == whole[0].outputs[0].token_ids
+    later = []
+    while engine.has_unfinished_requests():
+        outputs, deltas = engine.step_with_deltas()
+        later += outputs + deltas.outputs()
+    assert [out.prompt_logprobs for out in later] == [None] * len(later)
+    assert [out.outputs[0].token_ids for out in later] == [[token] for token in whole[-1].outputs[0].token_ids[1:]]
+    final = later[-1]
+    assert final.finished and final.prompt_token_ids == [5, 6, 7, 8] and len(final.metrics.token_times) == 4
+
+
+def test_a_delta_stream_that_ends_before_its_prompt_logprobs_are_sent_gets_them_in_its_final_output(make_engine):
+    engine = make_engine(max_num_batched_tokens=8)
+    engine.add_request("cut", list(range(1, 21)), SamplingParams(max_tokens=4, prompt_logprobs=1, **GREEDY),
+                       delta=True)
+    assert engine.step() == []            # the first chunk of the prompt: nothing to report yet
+    engine.abort_request("cut")
+    assert engine.has_unfinished_requests(), "the abort's final output is still to come"
+    [final] = engine.step()
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert final.prompt_logprobs is not None and len(final.prompt_logprobs) == 9   # the chunk's and None first
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_request_without_streaming_still_stops_at_its_stop_string(letter_engine):
+    letter_engine.add_request("free", [40, 41], SamplingParams(max_tokens=8, ignore_eos=True, **GREEDY))
+    free = run_all(letter_engine)["free"][-1].outputs[0].text
+    stop = free[3:5]
+    letter_engine.add_request("quiet", [40, 41], SamplingParams(max_tokens=8, ignore_eos=True, stop=[stop], **GREEDY),
+                              stream=False, delta=True)
+    [final] = run_all(letter_engine)["quiet"]
+    assert final.finished and final.outputs[0].finish_reason == "stop"
+    assert final.outputs[0].text == free[:free.index(stop)]
+    assert final.prompt_token_ids == [40, 41] and len(final.metrics.token_times) == len(final.outputs[0].token_ids)
+
+
+def test_quiet_and_streamed_requests_side_by_side_each_report_as_asked(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY)
+    engine.add_request("quiet", [1, 2], params, stream=False)
+    engine.add_request("loud", [3, 4], params)
+    outputs = run_all(engine)
+    assert [out.finished for out in outputs["quiet"]] == [True]
+    assert [out.finished for out in outputs["loud"]] == [False, False, True]
+
+
+def test_counters_add_up_the_tokens_of_every_step(make_engine):
+    engine = make_engine(max_num_batched_tokens=8)
+    engine.add_request("a", list(range(1, 13)), SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY))
+    engine.add_request("b", [5, 6, 7], SamplingParams(n=2, max_tokens=2, temperature=1.0, seed=1, ignore_eos=True))
+    run_all(engine)
+    stats = engine.get_stats()
+    assert stats.prompt_tokens_total == 12 + 3, "a request's prompt counts once, however many samples"
+    assert stats.generation_tokens_total == 4 + 2 * 2
+    # The samples of "b" compute its prompt each (no full block to share) and decode once each.
+    assert stats.prefill_tokens_total == 12 + 2 * 3 and stats.decode_tokens_total == 3 + 2 * 1
+    assert stats.num_requests_finished == 2
+    assert stats.num_steps == engine.num_steps and stats.num_steps >= 5
+
+
+def test_a_step_whose_tokens_never_arrive_ends_its_requests_with_the_error(make_engine, monkeypatch):
+    engine = make_engine()
+    engine.add_request("doomed", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
+    real_launch = engine.runner.launch
+
+    class LostSamples:
+        def result(self):
+            raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(engine.runner, "launch", lambda batch: (real_launch(batch), LostSamples())[1])
+    [failed] = engine.step()
+    assert failed.finished and failed.outputs[0].finish_reason == "error"
+    assert failed.error == "RuntimeError: the device went away" and not failed.error_in_request
+    assert engine.get_stats().kv_usage.used_blocks == 0 and not engine.has_unfinished_requests()
