@@ -187,17 +187,64 @@ def test_counters_add_up_the_tokens_of_every_step(make_engine):
     assert stats.num_steps == engine.num_steps and stats.num_steps >= 5
 
 
-def test_a_step_whose_tokens_never_arrive_ends_its_requests_with_the_error(make_engine, monkeypatch):
+def test_a_delta_stream_of_two_samples_ends_with_each_samples_index_and_stop_reason(make_engine):
+    params = dict(n=2, max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    samples = probe_two_samples(make_engine, SamplingParams(**params))
+    stop, position = early_stop_token(samples)
+    engine = make_engine()
+    engine.add_request("two", [7, 8, 9], SamplingParams(stop_token_ids=[stop], **params), delta=True)
+    stream = run_all(engine)["two"]
+    assert all([completion.index for completion in out.outputs] == [0, 1] for out in stream)
+    joined = stream[0]
+    for out in stream[1:]:
+        joined.merge(out)
+    assert [completion.token_ids for completion in joined.outputs] == [samples[0], samples[1][:position + 1]]
+    assert [completion.stop_reason for completion in joined.outputs] == [None, stop]
+
+
+def test_delta_streams_under_async_scheduling_carry_known_tokens_only(make_engine):
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, logprobs=1, ignore_eos=True)
+    finals = {}
+    for async_scheduling in (False, True):
+        engine = make_engine(async_scheduling=async_scheduling)
+        engine.add_request("d", [4, 5, 6], params, delta=True)
+        stream = run_all(engine)["d"]
+        for out in stream:
+            assert all(token >= 0 for token in out.outputs[0].token_ids), "a placeholder went out"
+            assert len(out.outputs[0].logprobs) == len(out.outputs[0].token_ids)
+        joined = stream[0]
+        for out in stream[1:]:
+            joined.merge(out)
+        finals[async_scheduling] = joined.outputs[0].token_ids
+    assert finals[True] == finals[False] and len(finals[True]) == 6
+
+
+def test_a_step_that_fails_after_an_abort_ends_every_other_request_of_it(make_engine):
+    engine = make_engine(async_scheduling=True)
+    for request_id in ("gone", "left", "right"):
+        engine.add_request(request_id, [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY))
+    assert engine.step() == []                    # launched, not completed
+    engine.abort_request("gone")
+    engine.in_flight.samples = LostSamples()
+    outputs = {out.request_id: out for out in engine.step()}
+    assert outputs["gone"].outputs[0].finish_reason == "abort"
+    for request_id in ("left", "right"):
+        assert outputs[request_id].outputs[0].finish_reason == "error"
+    assert not engine.has_unfinished_requests()
+
+
+class LostSamples:
+    def result(self):
+        raise RuntimeError("the device went away")
+
+
+def test_a_step_whose_tokens_never_arrive_ends_its_requests_with_the_error(make_engine, monkeypatch, caplog):
     engine = make_engine()
     engine.add_request("doomed", [1, 2, 3], SamplingParams(max_tokens=3, **GREEDY))
     real_launch = engine.runner.launch
-
-    class LostSamples:
-        def result(self):
-            raise RuntimeError("the device went away")
-
     monkeypatch.setattr(engine.runner, "launch", lambda batch: (real_launch(batch), LostSamples())[1])
     [failed] = engine.step()
     assert failed.finished and failed.outputs[0].finish_reason == "error"
     assert failed.error == "RuntimeError: the device went away" and not failed.error_in_request
     assert engine.get_stats().kv_usage.used_blocks == 0 and not engine.has_unfinished_requests()
+    assert "a step failed; its requests end with finish_reason 'error'" in caplog.messages
