@@ -17,7 +17,7 @@ from nanovllm.engine.engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from conftest import engine_over
-from test_engine import LetterTokenizer, run_all
+from test_engine import LetterTokenizer
 
 GREEDY = dict(temperature=0.0)
 
@@ -36,6 +36,17 @@ def letter_engine(tiny_llama_loaded):
     """An engine whose every token is one printable character: text length = token count."""
     path, model, _ = tiny_llama_loaded
     return LLMEngine(EngineConfig(model=path, max_model_len=128), model=model, tokenizer=LetterTokenizer())
+
+
+def run_all(engine: LLMEngine, max_steps: int = 100) -> dict[str, list[RequestOutput]]:
+    """Step until idle (failing after max_steps: a request that never ends); every output per request id."""
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return outputs
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    raise AssertionError(f"requests still unfinished after {max_steps} steps: {sorted(engine.requests)}")
 
 
 class TickingClock:
@@ -231,6 +242,26 @@ def test_a_step_that_fails_after_an_abort_ends_every_other_request_of_it(make_en
     for request_id in ("left", "right"):
         assert outputs[request_id].outputs[0].finish_reason == "error"
     assert not engine.has_unfinished_requests()
+
+
+def test_requests_after_an_aborted_one_in_a_step_still_report(make_engine):
+    engine = make_engine(async_scheduling=True)
+    params = SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY)
+    engine.add_requests([("gone", [1, 2, 3], params), ("kept", [4, 5, 6], params)])
+    assert engine.step() == []                    # launched, not completed
+    engine.abort_request("gone")
+    outputs = run_all(engine)
+    assert [out.outputs[0].finish_reason for out in outputs["gone"]] == ["abort"]
+    assert [len(out.outputs[0].token_ids) for out in outputs["kept"]] == [1, 2, 3, 4]
+
+
+def test_requests_after_one_of_several_samples_in_a_step_still_report(make_engine):
+    engine = make_engine()
+    engine.add_request("pair", [1, 2, 3], SamplingParams(n=2, max_tokens=6, temperature=1.0, seed=1, ignore_eos=True))
+    engine.step()
+    engine.step()                                 # both samples are running now
+    engine.add_request("late", [4, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
+    assert [len(out.outputs[0].token_ids) for out in run_all(engine)["late"]] == [1, 2, 3]
 
 
 class LostSamples:
