@@ -220,9 +220,12 @@ def test_delta_streams_under_async_scheduling_carry_known_tokens_only(make_engin
         engine = make_engine(async_scheduling=async_scheduling)
         engine.add_request("d", [4, 5, 6], params, delta=True)
         stream = run_all(engine)["d"]
+        total = 0.0
         for out in stream:
             assert all(token >= 0 for token in out.outputs[0].token_ids), "a placeholder went out"
             assert len(out.outputs[0].logprobs) == len(out.outputs[0].token_ids)
+            total += sum(entry[token] for token, entry in zip(out.outputs[0].token_ids, out.outputs[0].logprobs))
+            assert out.outputs[0].cumulative_logprob == pytest.approx(total)
         joined = stream[0]
         for out in stream[1:]:
             joined.merge(out)
@@ -262,6 +265,52 @@ def test_requests_after_one_of_several_samples_in_a_step_still_report(make_engin
     engine.step()                                 # both samples are running now
     engine.add_request("late", [4, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))
     assert [len(out.outputs[0].token_ids) for out in run_all(engine)["late"]] == [1, 2, 3]
+
+
+def test_a_finished_requests_reporting_mode_is_forgotten_with_it(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY)
+    engine.add_request("x", [1, 2], params, stream=False)
+    run_all(engine)
+    engine.add_request("y", [1, 2], params, delta=True)
+    run_all(engine)
+    engine.add_request("y", [1, 2], params)          # the id again, now a whole stream
+    stream = run_all(engine)["y"]
+    assert [len(out.outputs[0].token_ids) for out in stream] == [1, 2, 3]
+    assert all(out.prompt_token_ids == [1, 2] for out in stream)
+
+
+def test_outputs_count_the_prompt_tokens_found_in_the_prefix_cache(make_engine):
+    engine = make_engine(enable_prefix_caching=True, block_size=16)
+    params = SamplingParams(max_tokens=2, ignore_eos=True, **GREEDY)
+    for request_id, cached in (("cold", 0), ("warm", 16)):
+        engine.add_request(request_id, list(range(1, 21)), params)
+        assert run_all(engine)[request_id][-1].num_cached_tokens == cached
+
+
+def test_a_request_aborted_before_it_ran_ends_with_empty_metrics(make_engine):
+    engine = make_engine()
+    engine.add_request("never", [1, 2, 3], SamplingParams(max_tokens=3))
+    engine.abort_request("never")
+    [final] = engine.step()
+    assert final.finished and final.outputs[0].finish_reason == "abort" and final.outputs[0].token_ids == []
+    metrics = final.metrics
+    assert metrics.first_scheduled_time is metrics.first_token_time is metrics.last_token_time is None
+    assert metrics.finish_time is not None and metrics.token_times == []
+
+
+def test_a_step_that_fails_to_launch_still_returns_the_aborts_before_it(make_engine, monkeypatch):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=3, **GREEDY)
+    engine.add_requests([("gone", [1, 2], params), ("doomed", [3, 4], params)])
+    engine.abort_request("gone")
+
+    def failing_launch(batch):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(engine.runner, "launch", failing_launch)
+    outputs = {out.request_id: out.outputs[0].finish_reason for out in engine.step()}
+    assert outputs == {"gone": "abort", "doomed": "error"}
 
 
 class LostSamples:
