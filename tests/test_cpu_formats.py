@@ -8,6 +8,8 @@ that decodes too.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -82,10 +84,43 @@ def test_int8_quantization_error_is_half_a_step_per_channel():
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_pack():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match=re.escape("int4 needs the input size (40) to be a multiple of 32; "
+                                                   "use dtype='int8' or 'bfloat16' for this model")):
         quantize_int4(torch.randn(16, 40))
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match=re.escape("torch's int4 CPU kernel needs the output size (8) to be a "
+                                                   "multiple of 16; use dtype='int8' or 'bfloat16' for this model")):
         pack_int4(torch.zeros(8, 32, dtype=torch.int32))
+
+
+def test_packed_linear_refuses_what_it_cannot_run_in_a_sentence():
+    with pytest.raises(ValueError, match=re.escape("torch's int8 CPU kernel needs the input size (40) to be a "
+                                                   "multiple of 16; keep this layer in float32")):
+        PackedLinear.from_weight(torch.randn(16, 40), "int8")
+    with pytest.raises(ValueError, match=re.escape("PackedLinear format must be 'int8' or 'int4', got 'int2'")):
+        PackedLinear.from_weight(torch.randn(16, 32), "int2")
+    q, scales = quantize_int8(torch.randn(16, 32))
+    with pytest.raises(ValueError, match=re.escape("an int8 PackedLinear needs its bfloat16 copy (dense) for "
+                                                   "steps of many rows")):
+        PackedLinear(q, scales.to(torch.bfloat16), None)
+
+
+def test_packed_linears_describe_their_format_and_shape():
+    int8 = PackedLinear.from_weight(torch.randn(48, 64), "int8", max_packed_rows=4)
+    int4 = PackedLinear.from_weight(torch.randn(48, 64), "int4")
+    assert repr(int8) == "PackedLinear(int8, in_features=64, out_features=48, max_packed_rows=4)"
+    assert repr(int4) == "PackedLinear(int4, in_features=64, out_features=48, max_packed_rows=None)"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_packed_steps_are_the_packed_kernel_plus_the_bias_bit_for_bit(fmt):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(32, 64), torch.randn(32).to(torch.bfloat16)
+    layer = PackedLinear.from_weight(weight, fmt, bias=bias, max_packed_rows=3)
+    matmul = int8_linear if fmt == "int8" else int4_linear
+    for rows in (1, 3):                     # up to and at max_packed_rows: the packed kernel, bias added
+        x = torch.randn(rows, 64)
+        want = (matmul(x.to(torch.bfloat16), layer.packed, layer.scales) + bias).float()
+        assert torch.equal(layer(x), want)
 
 
 def test_int8_packed_linear_takes_the_bfloat16_path_above_max_packed_rows():
