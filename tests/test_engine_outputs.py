@@ -124,14 +124,16 @@ def test_streamed_outputs_keep_their_own_copies_as_later_steps_run(make_engine):
 
 def test_a_delta_stream_gets_its_prompt_logprobs_once_with_its_first_token(make_engine):
     reference = make_engine()
-    reference.add_request("whole", [5, 6, 7, 8], SamplingParams(max_tokens=4, prompt_logprobs=1, ignore_eos=True,
+    reference.add_request("whole", "Hi!!", SamplingParams(max_tokens=4, prompt_logprobs=1, ignore_eos=True,
                                                                 **GREEDY))
     whole = run_all(reference)["whole"]
     assert all(out.prompt_logprobs == whole[-1].prompt_logprobs for out in whole), "every whole output has them"
-    assert len(whole[-1].prompt_logprobs) == 4 and whole[-1].prompt_logprobs[0] is None
+    assert all(out.prompt == "Hi!!" and out.prompt_token_ids == whole[-1].prompt_token_ids for out in whole)
+    assert len(whole[-1].prompt_logprobs) == len(whole[-1].prompt_token_ids) == 4
+    assert whole[-1].prompt_logprobs[0] is None
 
     engine = make_engine()
-    engine.add_request("delta", [5, 6, 7, 8], SamplingParams(max_tokens=4, prompt_logprobs=1, ignore_eos=True,
+    engine.add_request("delta", "Hi!!", SamplingParams(max_tokens=4, prompt_logprobs=1, ignore_eos=True,
                                                              **GREEDY), delta=True)
     first_outputs, first_deltas = engine.step_with_deltas()
     assert not first_deltas.outputs()
@@ -146,7 +148,8 @@ def test_a_delta_stream_gets_its_prompt_logprobs_once_with_its_first_token(make_
     assert [out.prompt_logprobs for out in later] == [None] * len(later)
     assert [out.outputs[0].token_ids for out in later] == [[token] for token in whole[-1].outputs[0].token_ids[1:]]
     final = later[-1]
-    assert final.finished and final.prompt_token_ids == [5, 6, 7, 8] and len(final.metrics.token_times) == 4
+    assert final.finished and final.prompt == "Hi!!" and final.prompt_token_ids == whole[-1].prompt_token_ids
+    assert len(final.metrics.token_times) == 4
 
 
 def test_a_delta_stream_that_ends_before_its_prompt_logprobs_are_sent_gets_them_in_its_final_output(make_engine):
@@ -311,6 +314,24 @@ def test_a_step_that_fails_to_launch_still_returns_the_aborts_before_it(make_eng
     monkeypatch.setattr(engine.runner, "launch", failing_launch)
     outputs = {out.request_id: out.outputs[0].finish_reason for out in engine.step()}
     assert outputs == {"gone": "abort", "doomed": "error"}
+
+
+def test_under_async_scheduling_a_step_with_penalties_waits_for_the_tokens_before_it(make_engine):
+    engine = make_engine(async_scheduling=True)
+    pending_at_launch = []
+    real_launch = engine.runner.launch
+
+    def launch(batch):
+        pending_at_launch.append({seq.request_id: seq.num_pending for seq in batch.sampling_seqs})
+        return real_launch(batch)
+
+    engine.runner.launch = launch
+    engine.add_request("penalised", [1, 2, 3], SamplingParams(max_tokens=4, repetition_penalty=1.3, ignore_eos=True,
+                                                              **GREEDY), delta=True)
+    engine.add_request("plain", [4, 5, 6], SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY))
+    outputs = run_all(engine)
+    assert [pending["penalised"] for pending in pending_at_launch] == [0, 0, 0, 0]
+    assert sum(len(out.outputs[0].token_ids) for out in outputs["penalised"]) == 4
 
 
 class LostSamples:
