@@ -9,6 +9,7 @@ steps: together they take a second or two, so that a mutation run over engine.py
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -332,6 +333,20 @@ def test_under_async_scheduling_a_step_with_penalties_waits_for_the_tokens_befor
     outputs = run_all(engine)
     assert [pending["penalised"] for pending in pending_at_launch] == [0, 0, 0, 0]
     assert sum(len(out.outputs[0].token_ids) for out in outputs["penalised"]) == 4
+
+
+def test_requests_added_without_detokenizing_carry_token_ids_and_no_text(make_engine):
+    engine = make_engine()
+    engine.add_requests([("ids", "Hello", SamplingParams(max_tokens=3, ignore_eos=True, **GREEDY))], detokenize=False)
+    final = run_all(engine)["ids"][-1].outputs[0]
+    assert len(final.token_ids) == 3 and final.text == ""
+
+
+def test_a_repeated_id_in_one_call_is_refused_in_a_sentence(make_engine):
+    engine = make_engine()
+    request = ("twice", [1, 2], None)
+    with pytest.raises(ValueError, match=re.escape("request ids must be unique; the same id appears twice in one call")):
+        engine.add_requests([request, request])
 
 
 class LostSamples:
