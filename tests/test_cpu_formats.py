@@ -83,24 +83,29 @@ def test_int8_quantization_error_is_half_a_step_per_channel():
     assert (q.float() * scales[:, None] - weight).abs().le(scales[:, None] / 2 + 1e-7).all()
 
 
+def exactly(sentence: str) -> str:
+    """A `pytest.raises` pattern matching the whole message, not a part of it."""
+    return f"^{re.escape(sentence)}$"
+
+
 def test_int4_rejects_shapes_the_kernel_cannot_pack():
-    with pytest.raises(ValueError, match=re.escape("int4 needs the input size (40) to be a multiple of 32; "
-                                                   "use dtype='int8' or 'bfloat16' for this model")):
+    with pytest.raises(ValueError, match=exactly("int4 needs the input size (40) to be a multiple of 32; "
+                                                 "use dtype='int8' or 'bfloat16' for this model")):
         quantize_int4(torch.randn(16, 40))
-    with pytest.raises(ValueError, match=re.escape("torch's int4 CPU kernel needs the output size (8) to be a "
-                                                   "multiple of 16; use dtype='int8' or 'bfloat16' for this model")):
+    with pytest.raises(ValueError, match=exactly("torch's int4 CPU kernel needs the output size (8) to be a "
+                                                 "multiple of 16; use dtype='int8' or 'bfloat16' for this model")):
         pack_int4(torch.zeros(8, 32, dtype=torch.int32))
 
 
 def test_packed_linear_refuses_what_it_cannot_run_in_a_sentence():
-    with pytest.raises(ValueError, match=re.escape("torch's int8 CPU kernel needs the input size (40) to be a "
-                                                   "multiple of 16; keep this layer in float32")):
+    with pytest.raises(ValueError, match=exactly("torch's int8 CPU kernel needs the input size (40) to be a "
+                                                 "multiple of 16; keep this layer in float32")):
         PackedLinear.from_weight(torch.randn(16, 40), "int8")
-    with pytest.raises(ValueError, match=re.escape("PackedLinear format must be 'int8' or 'int4', got 'int2'")):
+    with pytest.raises(ValueError, match=exactly("PackedLinear format must be 'int8' or 'int4', got 'int2'")):
         PackedLinear.from_weight(torch.randn(16, 32), "int2")
     q, scales = quantize_int8(torch.randn(16, 32))
-    with pytest.raises(ValueError, match=re.escape("an int8 PackedLinear needs its bfloat16 copy (dense) for "
-                                                   "steps of many rows")):
+    with pytest.raises(ValueError, match=exactly("an int8 PackedLinear needs its bfloat16 copy (dense) for "
+                                                 "steps of many rows")):
         PackedLinear(q, scales.to(torch.bfloat16), None)
 
 

@@ -345,7 +345,8 @@ def test_requests_added_without_detokenizing_carry_token_ids_and_no_text(make_en
 def test_a_repeated_id_in_one_call_is_refused_in_a_sentence(make_engine):
     engine = make_engine()
     request = ("twice", [1, 2], None)
-    with pytest.raises(ValueError, match=re.escape("request ids must be unique; the same id appears twice in one call")):
+    sentence = "request ids must be unique; the same id appears twice in one call"
+    with pytest.raises(ValueError, match=f"^{re.escape(sentence)}$"):   # the whole message
         engine.add_requests([request, request])
 
 
