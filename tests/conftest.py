@@ -14,9 +14,11 @@ on every model it writes, so the fixtures cannot silently degrade.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,9 @@ import pytest
 import torch
 
 TINY_VOCAB = 320   # 256 byte tokens + 3 specials, rounded up like real vocabularies
+# A folder that keeps the tiny models between pytest runs (opt-in): a mutation run starts pytest once
+# per mutant, and writing the models again would cost each mutant seconds. Keyed by this file's text.
+TINY_MODEL_CACHE = os.environ.get("NANOVLLM_TINY_MODEL_CACHE")
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"   # this process runs Triton kernels on the CPU
 
@@ -178,8 +183,17 @@ def tiny_model_factory(tmp_path_factory):
 
     def make(name: str = "llama-gqa4", **overrides) -> Path:
         key = json.dumps([name, overrides], sort_keys=True, default=str)
-        if key not in cache:
+        if key not in cache and TINY_MODEL_CACHE is None:
             cache[key] = write_tiny_model(tmp_path_factory.mktemp(name), name, **overrides)
+        elif key not in cache:
+            digest = hashlib.sha256((key + Path(__file__).read_text()).encode()).hexdigest()[:16]
+            path = Path(TINY_MODEL_CACHE) / f"{name}-{digest}"
+            if not path.is_dir():   # written aside, then renamed: a half-written model is never found
+                written = write_tiny_model(tmp_path_factory.mktemp(name), name, **overrides)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(written, path.with_name(path.name + f".{os.getpid()}"))
+                os.replace(path.with_name(path.name + f".{os.getpid()}"), path)
+            cache[key] = path
         return cache[key]
 
     return make

@@ -8,6 +8,8 @@ that decodes too.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -15,8 +17,8 @@ from nanovllm.config import EngineConfig
 from nanovllm.model.loader import load_model
 from nanovllm.model.quantize import load_quantized, load_quantized_model, quantize_model, save_quantized
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.quant import (PackedLinear, dequantize_int4, int4_linear, int4_linear_torch, int8_linear,
-                                int8_linear_torch, pack_int4, quantize_int4, quantize_int8)
+from nanovllm.ops.quant import (PackedLinear, RefinedLMHead, dequantize_int4, int4_linear, int4_linear_torch,
+                                int8_linear, int8_linear_torch, pack_int4, quantize_int4, quantize_int8)
 from nanovllm.tokenizer import Tokenizer
 
 GUARD_TEXT = (
@@ -81,11 +83,49 @@ def test_int8_quantization_error_is_half_a_step_per_channel():
     assert (q.float() * scales[:, None] - weight).abs().le(scales[:, None] / 2 + 1e-7).all()
 
 
+def exactly(sentence: str) -> str:
+    """A `pytest.raises` pattern matching the whole message, not a part of it."""
+    return f"^{re.escape(sentence)}$"
+
+
 def test_int4_rejects_shapes_the_kernel_cannot_pack():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match=exactly("int4 needs the input size (40) to be a multiple of 32; "
+                                                 "use dtype='int8' or 'bfloat16' for this model")):
         quantize_int4(torch.randn(16, 40))
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match=exactly("torch's int4 CPU kernel needs the output size (8) to be a "
+                                                 "multiple of 16; use dtype='int8' or 'bfloat16' for this model")):
         pack_int4(torch.zeros(8, 32, dtype=torch.int32))
+
+
+def test_packed_linear_refuses_what_it_cannot_run_in_a_sentence():
+    with pytest.raises(ValueError, match=exactly("torch's int8 CPU kernel needs the input size (40) to be a "
+                                                 "multiple of 16; keep this layer in float32")):
+        PackedLinear.from_weight(torch.randn(16, 40), "int8")
+    with pytest.raises(ValueError, match=exactly("PackedLinear format must be 'int8' or 'int4', got 'int2'")):
+        PackedLinear.from_weight(torch.randn(16, 32), "int2")
+    q, scales = quantize_int8(torch.randn(16, 32))
+    with pytest.raises(ValueError, match=exactly("an int8 PackedLinear needs its bfloat16 copy (dense) for "
+                                                 "steps of many rows")):
+        PackedLinear(q, scales.to(torch.bfloat16), None)
+
+
+def test_packed_linears_describe_their_format_and_shape():
+    int8 = PackedLinear.from_weight(torch.randn(48, 64), "int8", max_packed_rows=4)
+    int4 = PackedLinear.from_weight(torch.randn(48, 64), "int4")
+    assert repr(int8) == "PackedLinear(int8, in_features=64, out_features=48, max_packed_rows=4)"
+    assert repr(int4) == "PackedLinear(int4, in_features=64, out_features=48, max_packed_rows=None)"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_packed_steps_are_the_packed_kernel_plus_the_bias_bit_for_bit(fmt):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(32, 64), torch.randn(32).to(torch.bfloat16)
+    layer = PackedLinear.from_weight(weight, fmt, bias=bias, max_packed_rows=3)
+    matmul = int8_linear if fmt == "int8" else int4_linear
+    for rows in (1, 3):                     # up to and at max_packed_rows: the packed kernel, bias added
+        x = torch.randn(rows, 64)
+        want = (matmul(x.to(torch.bfloat16), layer.packed, layer.scales) + bias).float()
+        assert torch.equal(layer(x), want)
 
 
 def test_int8_packed_linear_takes_the_bfloat16_path_above_max_packed_rows():
@@ -97,6 +137,38 @@ def test_int8_packed_linear_takes_the_bfloat16_path_above_max_packed_rows():
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 32)
         torch.testing.assert_close(got, x @ weight.T + bias, rtol=0.1, atol=0.15 * (x @ weight.T).abs().max().item())
+
+
+def test_the_references_return_the_inputs_dtype():
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 64), torch.randn(3, 64).to(torch.bfloat16)
+    q8, scales = quantize_int8(weight)
+    q4, scale_and_zero = quantize_int4(weight)
+    assert int8_linear_torch(x, q8, scales.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert int4_linear_torch(x, q4, scale_and_zero.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_int8_large_steps_use_onednns_layout_exactly_where_torch_supports_it():
+    from nanovllm.ops.quant import _onednn_bfloat16_supported
+    layer = PackedLinear.from_weight(torch.randn(32, 64), "int8", max_packed_rows=2)
+    layer(torch.randn(2, 64))
+    assert layer._onednn_dense is None, "a packed step needs no dense layout"
+    layer(torch.randn(3, 64))
+    assert (layer._onednn_dense is not None) == _onednn_bfloat16_supported()
+
+
+def test_the_refined_lm_head_recomputes_each_rows_top_k_logits_in_float32():
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(512, 64), torch.randn(3, 64)
+    head = RefinedLMHead(PackedLinear.from_weight(weight, "int4"), weight, top_k=8)
+    logits, exact = head(hidden), hidden @ weight.T                              # [3, 512]
+    coarse = head.coarse(hidden).float()                                        # the packed head's logits
+    for row in range(3):
+        top = coarse[row].topk(8).indices
+        torch.testing.assert_close(logits[row, top], exact[row, top], rtol=1e-6, atol=1e-5)
+        rest = torch.ones(512, dtype=torch.bool)
+        rest[top] = False
+        assert (logits[row, rest] - exact[row, rest]).abs().max() > 1e-3, "the rest keep the packed head's logits"
 
 
 def test_cpu_formats_need_the_cpu_and_one_process():

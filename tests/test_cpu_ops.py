@@ -318,7 +318,8 @@ def test_int8_packed_linear_above_max_packed_rows_is_the_bfloat16_matmul_bit_for
         assert torch.equal(layer(x), want)
 
 
-@pytest.mark.parametrize("rows, vocab_size, k", [(1, 49152, 32), (16, 49152, 32), (3, 4096, 5), (2, 1000, 32)])
+@pytest.mark.parametrize("rows, vocab_size, k", [(1, 49152, 32), (16, 49152, 32), (3, 4096, 5), (2, 1000, 32),
+                                                (2, 512, 32)])   # 8 chunks for 32 tokens: no chunked search
 def test_top_k_indices_are_the_top_k_set(rows, vocab_size, k):
     torch.manual_seed(rows)
     scores = torch.randn(rows, vocab_size) * 4

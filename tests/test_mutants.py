@@ -1,4 +1,4 @@
-"""A dozen planted bugs that the fast tests must keep catching (tests/MUTANTS.md has the full mutmut runs).
+"""Sixteen planted bugs that the fast tests must keep catching (tests/MUTANTS.md has the full mutmut runs).
 
 Each row is a one-line bug of a kind mutmut made and a test once missed: the source line as it is, the
 line with the bug, and the tests that must now fail. The test copies the package into a temporary
@@ -63,10 +63,20 @@ MUTANTS = [
            ("tests/test_cpu_ops.py::test_decode_context_is_derived_once_per_step_and_again_for_a_new_step",)),
     Mutant("ops/rotary.py", "x.mul_(cos_cos).add_(rolled)", "x.mul_(cos_cos).sub_(rolled)",
            ("tests/test_cpu_ops.py::test_rotary_is_the_rotate_half_formula_bit_for_bit[True-6-4-2-32-dtype0]",)),
+    Mutant("engine/engine.py", "if request_id in ended and all(sample.is_finished for sample in seqs):",
+           "if request_id in ended and any(sample.is_finished for sample in seqs):",
+           ("tests/test_engine_outputs.py::test_samples_that_end_apart_give_one_output_a_step_and_the_last_ones_times",)),
+    Mutant("ops/quant_linear.py", "weight = dequantize_w4(qweight, scales, zeros).to(x.dtype)",
+           "weight = dequantize_w4(qweight, scales, zeros)",
+           ("tests/test_quant_references.py::test_w4a16_reference_rounds_the_weight_to_xs_dtype_and_adds_up_in_float32"
+            "[False-dtype1]",)),
+    Mutant("ops/quant.py", "candidates = top_k_indices(logits, min(self.top_k, logits.shape[-1]))",
+           "candidates = top_k_indices(logits, min(self.top_k, logits.shape[-2]))",
+           ("tests/test_cpu_formats.py::test_the_refined_lm_head_recomputes_each_rows_top_k_logits_in_float32",)),
 ]
 
 
-def _run_against_mutant(mutant: Mutant, folder: Path) -> subprocess.CompletedProcess:
+def _run_against_mutant(mutant: Mutant, folder: Path, model_cache: Path) -> subprocess.CompletedProcess:
     package = folder / "nanovllm"
     shutil.copytree(REPO / "nanovllm", package, ignore=shutil.ignore_patterns("__pycache__"))
     source_file = package / mutant.path
@@ -74,15 +84,21 @@ def _run_against_mutant(mutant: Mutant, folder: Path) -> subprocess.CompletedPro
     assert source.count(mutant.original) == 1, f"{mutant.path} no longer holds exactly one {mutant.original!r}"
     source_file.write_text(source.replace(mutant.original, mutant.mutated))
     # -P keeps the working directory (the repository, whose nanovllm is unmutated) off sys.path.
-    env = dict(os.environ, PYTHONPATH=str(folder), OMP_NUM_THREADS="1")
+    # The engine's tests write their tiny model once for every row (conftest.TINY_MODEL_CACHE).
+    env = dict(os.environ, PYTHONPATH=str(folder), OMP_NUM_THREADS="1", NANOVLLM_TINY_MODEL_CACHE=str(model_cache))
     return subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *mutant.killed_by], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
-def test_the_named_tests_kill_the_planted_bug(mutant: Mutant, tmp_path: Path):
-    result = _run_against_mutant(mutant, tmp_path)
+def test_the_named_tests_kill_the_planted_bug(mutant: Mutant, tmp_path: Path, model_cache: Path):
+    result = _run_against_mutant(mutant, tmp_path, model_cache)
     summary = result.stdout.strip().splitlines()[-1:] or ["no output"]
     assert result.returncode == 1, (f"{mutant.name}: pytest exited {result.returncode} ({summary[0]}); "
                                     "1 means the bug was caught, 0 that it survived\n" + result.stdout[-2000:])
