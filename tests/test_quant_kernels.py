@@ -57,7 +57,7 @@ def poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,bias", [
-    (1, 37, 256, 128, False), (3, 37, 96, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
+    (1, 37, 256, 128, False), (3, 37, 256, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
     (70, 45, 64, 64, True),
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias, offsets,
@@ -81,6 +81,9 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
         assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
         torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
+    if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a word
+        partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3))
+        torch.testing.assert_close(partials.sum(0).to(dtype), by_gemv, **TOLERANCE[dtype])
 
 
 def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: bool, seed: int = 0):
@@ -211,9 +214,10 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
         assert compile_for_hopper(kernels._w4a16_gemm_kernel,
                                   dict(GROUP_SIZE=128, ZERO_IS_OFFSET=offsets, HAS_BIAS=True, BLOCK_M=block_m,
                                        BLOCK_N=block_n, BLOCK_K=128), w4).asm["cubin"]
-        assert compile_for_hopper(kernels._w4a16_gemv_kernel,
-                                  dict(GROUP_SIZE=32, ZERO_IS_OFFSET=offsets, HAS_BIAS=True, BLOCK_M=gemv_rows,
-                                       BLOCK_N=64, BLOCK_K=32), w4).asm["cubin"]
+        for group_size in (128, 32):     # a scale a step; a scale a word (GGUF's groups of 32)
+            assert compile_for_hopper(kernels._w4a16_gemv_kernel,
+                                      dict(GROUP_SIZE=group_size, ZERO_IS_OFFSET=offsets, HAS_BIAS=True,
+                                           BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128), w4).asm["cubin"]
         w8 = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32", "x_ptr": "*bf16",
               "out_ptr": out_type}
         for rows, use_dot in ((gemv_rows, False), (block_m, True)):
@@ -233,7 +237,8 @@ test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER
 
 
 LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the engine launches them
-    ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3), ("_w4a16_gemm_kernel", 16, 32, 4, 4),
+    ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3),
+    ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 32, 4, 4), ("_fp8_gemm_kernel", 128, 128, 8, 3),
     ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
@@ -257,6 +262,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.exists():
         pytest.skip("this Triton ships no cuobjdump")
+    name, _, variant = name.partition("/")
     kernel = getattr(kernels, name)
     constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
     if name == "_fp8_gemm_kernel":
@@ -265,6 +271,9 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     elif name == "_w8a16_kernel":     # Q6_K's groups of 16, with the offsets of a mixed layer
         constexprs.update(GROUP_SIZE=16, HAS_OFFSETS=True, USE_DOT=block_m > kernels.GEMV_MAX_ROWS)
         types = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32"}
+    elif variant == "gguf":           # Q4_K: a scale and an offset a word
+        constexprs.update(GROUP_SIZE=32, ZERO_IS_OFFSET=True)
+        types = {"qweight_ptr": "*i32", "zeros_ptr": "*fp32", "scales_ptr": "*fp32"}
     else:
         constexprs.update(GROUP_SIZE=128, ZERO_IS_OFFSET=False)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}

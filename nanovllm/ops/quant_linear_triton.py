@@ -231,6 +231,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 # ---- W4A16 -----------------------------------------------------------------------------------
 
 GEMV_MAX_ROWS = 4       # up to this many rows the W4A16 product runs on the FMA units, not tl.dot
+GEMV_BLOCK_K = 128      # the GEMV's K step for groups smaller than that (a scale a word): 64 bytes of a row
 MAGIC = tl.constexpr(0x4B000000)      # float32 2^23: OR-ing a code q < 2^23 into its mantissa gives the float 2^23 + q
 
 
@@ -245,7 +246,8 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     and subtracting 2^23 + z 2^(4 j) leaves (q - z) 2^(4 j); x is scaled by 2^(-4 j) instead
     (one multiply per x, not per weight). Nibbles 5..7 are shifted down once per word first, as
     bit 23 is the exponent's. The group's scale is applied once a step:
-    sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z). With ZERO_IS_OFFSET (GGUF's w = q s - m)
+    sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z); with groups smaller than a step (GGUF's 32),
+    once a word, each word's codes lying in one group. With ZERO_IS_OFFSET (GGUF's w = q s - m)
     zeros holds the float offsets m: the codes are taken with z = 0, and m times the step's sum
     of x is subtracted: sum_k x_k (q_k s - m) = s * sum_k x_k q_k - m * sum_k x_k."""
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -262,15 +264,20 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     k_start = tl.program_id(2) * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
         words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)           # [1, BN, W]
-        group = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
-        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
+        if GROUP_SIZE < BLOCK_K:    # several groups a step: each word's own scale and zero
+            groups = group_rows[None, :, None] + ((k0 + 8 * offs_word) // GROUP_SIZE)[None, None, :]
+            scale = tl.load(scales_ptr + groups, mask=mask_n3, other=0.0).to(tl.float32)          # [1, BN, W]
+            zero = tl.load(zeros_ptr + groups, mask=mask_n3, other=0).to(tl.float32)              # [1, BN, W]
+        else:
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
+            zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)
+            zero = zero[None, :, None]                                                             # [1, BN, 1]
         if ZERO_IS_OFFSET:
-            offset, zero = zero, tl.zeros_like(zero)                                               # [BN]
-        zero = zero[None, :, None]                                                                 # [1, BN, 1]
+            offset, zero = zero, tl.zeros_like(zero)                                               # [1, BN, 1 | W]
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
         step = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_M, 1, WORDS], dtype=tl.float32)
         for j in tl.static_range(8):
             plane = 4 * (j % 5)                    # nibble j's bits: in the word, or from 5 on in high
             if j < 5:
@@ -281,10 +288,13 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
             x = tl.load(x_cols + k0 + j, mask=mask_m[:, None, None], other=0.0).to(tl.float32)    # [BM, 1, W]
             step += (x * (1.0 / (1 << plane))) * w                                                 # [BM, BN, W]
             if ZERO_IS_OFFSET:
-                x_sum += tl.sum(x, axis=2)                                                         # [BM, 1]
-        acc += tl.sum(step, axis=2) * scale[None, :]                                               # [BM, BN]
+                x_sum += x                                                                         # [BM, 1, W]
+        if GROUP_SIZE < BLOCK_K:
+            acc += tl.sum(step * scale, axis=2)                                                    # [BM, BN]
+        else:
+            acc += tl.sum(step, axis=2) * scale[None, :]                                           # [BM, BN]
         if ZERO_IS_OFFSET:
-            acc -= x_sum * offset[None, :]
+            acc -= tl.sum(x_sum * offset, axis=2)
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
@@ -363,14 +373,16 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
                          "w4a16_linear runs such weights through the torch reference")
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    if num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0:
+        block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (group_size is a multiple of 16)
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
 
 def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
-    """The product with the tiles given (tiles.block_k must divide the group; a block_m up to
-    GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
+    """The product with the tiles given (tiles.block_k must divide the group, or for the GEMV be a
+    multiple of it; a block_m up to GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
