@@ -97,8 +97,8 @@ def q4_k_m(gguf_name: str) -> str:
 MIXES = {"q4_k_m": q4_k_m, "q8_0": "Q8_0", "q4_k": "Q4_K"}
 
 
-@pytest.mark.parametrize("mix", MIXES)
-@pytest.mark.parametrize("name", ["llama-gqa4", "qwen2"])   # llama's q/k rows permuted; qwen2's biases
+# llama's q/k rows permuted; qwen2's biases (and rows of 128: mostly Q8_0, see below)
+@pytest.mark.parametrize("name,mix", [("llama-gqa4", mix) for mix in MIXES] + [("qwen2", "q4_k_m")])
 def test_quantized_load_gives_the_logits_and_greedy_tokens_of_the_dequantized_load(
         name, mix, tiny_model_factory, tmp_path, private_cache):
     """Float32 activations: the references multiply by the dequantized weight in float32, as the
@@ -136,6 +136,16 @@ def test_the_embedded_gguf_loads_through_the_quantized_path_with_the_same_logits
     assert torch.equal(PagedSequence(dequantized).step(prompt), expected)
 
 
+def test_a_quantized_load_writes_no_float_weights(tiny_model_factory, tmp_path, private_cache):
+    from nanovllm.model.gguf import cache_entry
+
+    path = str(write_tiny_gguf(tiny_model_factory("llama-gqa4"), tmp_path / "q4_k.gguf", "Q4_K"))
+    load_model(path, quantization="gguf")
+    assert not (cache_entry(path) / "model.safetensors").exists()
+    load_model(path)
+    assert (cache_entry(path) / "model.safetensors").exists()      # the dequantized load caches its floats
+
+
 def test_cuda_keeps_the_blocks_by_default_and_none_or_the_cpu_do_not(tiny_model_factory, tmp_path, private_cache):
     path = str(write_tiny_gguf(tiny_model_factory("llama-gqa4"), tmp_path / "q4_k.gguf", "Q4_K"))
     float_path = str(write_tiny_gguf(tiny_model_factory("llama-gqa4"), tmp_path / "f16.gguf", "F16"))
@@ -150,6 +160,8 @@ def test_cuda_keeps_the_blocks_by_default_and_none_or_the_cpu_do_not(tiny_model_
         keeps_gguf_blocks(path, "auto", "gguf", "cuda", tp_size=2)
     with pytest.raises(ValueError, match="loads as safetensors"):
         keeps_gguf_blocks(str(tiny_model_factory("llama-gqa4")), "auto", "gguf", "cpu")
+    with pytest.raises(ValueError, match="loads as dummy"):
+        load_model("llama-3.2-1b", load_format="dummy", quantization="gguf")
 
 
 def test_the_roofline_counts_the_linear_weights_as_loaded(tiny_model_factory, tmp_path, private_cache):

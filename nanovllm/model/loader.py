@@ -107,13 +107,14 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     parallel = ParallelState(rank=tp_rank, world_size=tp_size)
     online = None if quantization in GGUF_CHOICES else quantization
     method = quantization_method(None if fmt == "dummy" else config.quantization_config, online, tp_size)
+    keep_gguf_blocks = keeps_gguf_blocks(model, fmt, quantization, device, tp_size)
     if fmt == "dummy":
         from nanovllm.model.dummy import init_dummy_weights
         llm = _build(config, device, dtype, parallel)
         init_dummy_weights(llm, seed=tp_rank)
     else:
         path = resolve_model(model)
-        if keeps_gguf_blocks(model, fmt, quantization, device, tp_size):
+        if keep_gguf_blocks:
             from nanovllm.model.quantization.gguf import load_gguf_quantized
             llm = _build(config, device, dtype, parallel)
             weights = load_gguf_quantized(llm, path, config)
