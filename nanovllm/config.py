@@ -37,7 +37,10 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.embedded import is_embedded_model
 
 # Weight formats a float checkpoint can be quantized into as it loads (nanovllm/model/quantization/).
-ONLINE_METHODS = ("fp8", "w4a16")
+ONLINE_METHODS = ("fp8", "w4a16", "gguf-q8_0", "gguf-q4_k")
+# For a GGUF file: "gguf" keeps its Q8_0 / Q4_K / Q6_K blocks quantized (the default on CUDA), "none"
+# dequantizes them to the model's dtype (the default on the CPU).
+GGUF_CHOICES = ("gguf", "none")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU weight-only formats (nanovllm/ops/quant.py) -> the dtype of activations and the KV cache.
@@ -86,7 +89,9 @@ class EngineConfig:
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
     async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n; None: on for one CUDA GPU
-    quantization: str | None = None       # "fp8" | "w4a16": quantize a float checkpoint's linear layers at load
+    quantization: str | None = None       # "fp8" | "w4a16" | "gguf-q8_0" | "gguf-q4_k": quantize a float
+                                          # checkpoint's linear layers at load; "gguf" | "none": keep a GGUF's
+                                          # blocks quantized (None: on cuda) or not
     skip_tokenizer_init: bool = False     # no tokenizer: prompts are token ids, outputs token ids with text ""
     batch_invariant: bool = False         # a request's tokens and logprobs do not depend on its batch (cuda: fixed-
                                           # tile kernels, at a cost; cpu: int4 and float32 are so already)
@@ -114,7 +119,7 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r} is a CPU format for one process; use it with device='cpu' "
                              "and tensor_parallel_size=1, or pick 'bfloat16'")
         if self.dtype == "auto":
-            embedded = (self.tensor_parallel_size == 1 and self.quantization is None
+            embedded = (self.tensor_parallel_size == 1 and self.quantization in (None, "none")
                         and is_embedded_model(self.model))
             cpu_auto = CPU_AUTO_DTYPE_EMBEDDED if embedded else "float32"
             self.dtype = "bfloat16" if self.device == "cuda" else cpu_auto
@@ -143,12 +148,16 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling runs with tensor_parallel_size=1 only; turn one of them off")
-        if self.quantization is not None and (self.quantization not in ONLINE_METHODS or self.dtype in QUANTIZED_DTYPES):
-            raise ValueError(f"quantization must be one of {', '.join(ONLINE_METHODS)} with a float dtype, got "
-                             f"{self.quantization!r} with dtype={self.dtype!r}; quantized checkpoints need none")
+        if self.quantization not in (None, "none") and (self.quantization not in (*ONLINE_METHODS, *GGUF_CHOICES)
+                                                        or self.dtype in QUANTIZED_DTYPES):
+            raise ValueError(f"quantization must be one of {', '.join((*ONLINE_METHODS, *GGUF_CHOICES))} with a float "
+                             f"dtype, got {self.quantization!r} with dtype={self.dtype!r}; quantized checkpoints "
+                             "need none")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
         if self.batch_invariant:
+            if self.device == "cuda" and self.quantization is None:
+                self.quantization = "none"     # a GGUF's blocks dequantized: the invariant kernels are float
             self._check_batch_invariant()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -158,7 +167,7 @@ class EngineConfig:
         if self.device == "cpu" and self.dtype not in ("int4", "float32"):
             raise ValueError(f"batch_invariant on the CPU needs dtype 'int4' or 'float32' (their kernels give a row "
                              f"the same result in any batch); {self.dtype!r} has no such kernels")
-        if self.device == "cuda" and self.quantization is not None:
+        if self.device == "cuda" and self.quantization != "none":
             raise ValueError("batch_invariant has GPU kernels for float weights only; drop quantization "
                              f"({self.quantization!r}) or batch_invariant")
         if self.tensor_parallel_size > 1:

@@ -1,4 +1,4 @@
-"""The FP8 and W4A16 Triton kernels compute what their torch references compute: under
+"""The FP8, W4A16 and W8A16 Triton kernels compute what their torch references compute: under
 Triton's interpreter at small odd shapes (this file runs itself again with TRITON_INTERPRET=1,
 as test_ops_triton.py does), and compiled for Hopper (sm_90) without a GPU.
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
-                                       quantize_fp8_per_token_torch, w4a16_linear_torch)
+                                       quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
 from conftest import IN_INTERPRETER, in_interpreter, run_in_interpreter
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -31,29 +31,44 @@ def test_quant_kernels_match_references_in_the_interpreter():
 test_quant_kernels_match_references_in_the_interpreter.__test__ = not IN_INTERPRETER
 
 
-def four_bit_weight(num_rows: int, in_features: int, group_size: int, seed: int = 0):
-    """Random (qweight [N, K / 8] int32, scales [N, G] float32, zeros [N, G] uint8)."""
+def four_bit_weight(num_rows: int, in_features: int, group_size: int, seed: int = 0, offsets: bool = False):
+    """Random (qweight [N, K / 8] int32, scales [N, G] float32, zeros [N, G] uint8, or with
+    offsets float32 offsets as GGUF's 4-bit blocks have)."""
     generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (num_rows, in_features), generator=generator)
     groups = in_features // group_size
     scales = torch.rand(num_rows, groups, generator=generator) * 0.1 + 0.01
     zeros = torch.randint(0, 16, (num_rows, groups), generator=generator).to(torch.uint8)
+    if offsets:
+        zeros = zeros.float() * scales + torch.rand(num_rows, groups, generator=generator) * 0.01
     return pack_int4(codes), scales, zeros
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """The kernels' outputs start as NaN, so that an element no program writes fails the comparison."""
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    make = kernels._output
+    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
+
+
 @in_interpreter
+@pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,bias", [
-    (1, 37, 256, 128, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False), (70, 45, 64, 64, True),
+    (1, 37, 256, 128, False), (3, 37, 256, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
+    (70, 45, 64, 64, True),
 ])
-def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias):
+def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias, offsets,
+                                        poisoned_outputs):
     """tl.dot multiplies the weight rounded to x's dtype, as the reference does; the GEMV kernel
     (a few rows) multiplies it in float32, as the reference does given float32 x."""
     from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, w4a16_linear_partials_triton,
                                                   w4a16_linear_tiles, w4a16_linear_triton)
 
     x = torch.randn(num_rows, in_features, dtype=dtype)
-    qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size)
+    qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
     b = torch.randn(out_features, dtype=dtype) if bias else None
     by_dot = w4a16_linear_torch(x, qweight, scales, zeros, b)
     by_gemv = w4a16_linear_torch(x.float(), qweight, scales, zeros, b).to(dtype)
@@ -64,6 +79,49 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
     for block_m, expected in ((4, by_gemv), (16, by_dot)):     # the GEMV kernel, 4 rows at a time; tl.dot's
         split = Tiles(block_m, 16, 16, split_k=3)     # K split unevenly: the last split has fewer steps, or none
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
+        assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
+        torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
+    if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a word
+        partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3))
+        torch.testing.assert_close(partials.sum(0).to(dtype), by_gemv, **TOLERANCE[dtype])
+
+
+def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: bool, seed: int = 0):
+    """Random (qweight [N, K] int8, scales [N, G] float32, offsets [N, G] float32 or None)."""
+    generator = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-128, 128, (num_rows, in_features), generator=generator).to(torch.int8)
+    groups = in_features // group_size
+    scales = torch.rand(num_rows, groups, generator=generator) * 0.01 + 0.001
+    return qweight, scales, torch.randn(num_rows, groups, generator=generator) * 0.1 if offsets else None
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_rows,out_features,in_features,group_size,offsets,bias", [
+    (1, 37, 96, 32, False, False),      # Q8_0: K three groups, less than one step
+    (3, 19, 224, 32, False, True),      # seven groups: two steps, the second one masked along K
+    (7, 37, 768, 16, False, False),     # Q6_K: three superblocks of 256
+    (64, 19, 144, 16, True, True),      # Q4_K's groups split in two, with offsets (a mixed layer)
+    (1, 50, 272, 16, True, False),
+])
+def test_w8a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, offsets, bias,
+                                        poisoned_outputs):
+    """As the W4A16 kernels: tl.dot multiplies the weight rounded to x's dtype, the few-row path in float32."""
+    from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, w8a16_linear_partials_triton,
+                                                  w8a16_linear_tiles, w8a16_linear_triton)
+
+    x = torch.randn(num_rows, in_features, dtype=dtype)
+    qweight, scales, offset = eight_bit_weight(out_features, in_features, group_size, offsets)
+    b = torch.randn(out_features, dtype=dtype) if bias else None
+    by_dot = w8a16_linear_torch(x, qweight, scales, offset, b)
+    by_fma = w8a16_linear_torch(x.float(), qweight, scales, offset, b).to(dtype)
+    expected = by_fma if num_rows <= GEMV_MAX_ROWS else by_dot
+    torch.testing.assert_close(w8a16_linear_triton(x, qweight, scales, offset, b), expected, **TOLERANCE[dtype])
+    partials = w8a16_linear_partials_triton(x, qweight, scales, offset, b)    # [S, M, N] float32 at a few rows
+    torch.testing.assert_close(sum_partials(partials, dtype), expected, **TOLERANCE[dtype])
+    for block_m, expected in ((4, by_fma), (16, by_dot)):     # the FMA path, 4 rows at a time; tl.dot's
+        split = Tiles(block_m, 16, 32, split_k=3)     # K split unevenly: the last split has fewer steps, or none
+        partials = w8a16_linear_tiles(x, qweight, scales, offset, b, split)
         assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
         torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
 
@@ -149,14 +207,24 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                       dict(HAS_BIAS=False, QUANTIZE_A=quantize, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8)
         assert compiled.asm["cubin"]
-    w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32", "x_ptr": "*bf16", "out_ptr": out_type}
-    assert compile_for_hopper(kernels._w4a16_gemm_kernel,
-                              dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128),
-                              w4).asm["cubin"]
     gemv_rows = 1 if block_m == 16 else kernels.GEMV_MAX_ROWS
-    assert compile_for_hopper(kernels._w4a16_gemv_kernel,
-                              dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128),
-                              w4).asm["cubin"]
+    for offsets in (False, True):     # integer zero points; GGUF's float offsets
+        w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*fp32" if offsets else "*u8", "scales_ptr": "*fp32",
+              "x_ptr": "*bf16", "out_ptr": out_type}
+        assert compile_for_hopper(kernels._w4a16_gemm_kernel,
+                                  dict(GROUP_SIZE=128, ZERO_IS_OFFSET=offsets, HAS_BIAS=True, BLOCK_M=block_m,
+                                       BLOCK_N=block_n, BLOCK_K=128), w4).asm["cubin"]
+        for group_size in (128, 32):     # a scale a step; a scale a word (GGUF's groups of 32)
+            assert compile_for_hopper(kernels._w4a16_gemv_kernel,
+                                      dict(GROUP_SIZE=group_size, ZERO_IS_OFFSET=offsets, HAS_BIAS=True,
+                                           BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128), w4).asm["cubin"]
+        w8 = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32", "x_ptr": "*bf16",
+              "out_ptr": out_type}
+        for rows, use_dot in ((gemv_rows, False), (block_m, True)):
+            assert compile_for_hopper(kernels._w8a16_kernel,
+                                      dict(GROUP_SIZE=16, HAS_OFFSETS=offsets, HAS_BIAS=True, USE_DOT=use_dot,
+                                           BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
+                                      w8).asm["cubin"]
     if block_m == 16:
         assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
                                   dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
@@ -169,9 +237,12 @@ test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER
 
 
 LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the engine launches them
-    ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3), ("_w4a16_gemm_kernel", 16, 32, 4, 4),
+    ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3),
+    ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 32, 4, 4), ("_fp8_gemm_kernel", 128, 128, 8, 3),
+    ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
+    ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
 ]
 
 
@@ -191,13 +262,20 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.exists():
         pytest.skip("this Triton ships no cuobjdump")
+    name, _, variant = name.partition("/")
     kernel = getattr(kernels, name)
     constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
     if name == "_fp8_gemm_kernel":
         constexprs.update(QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448)
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
+    elif name == "_w8a16_kernel":     # Q6_K's groups of 16, with the offsets of a mixed layer
+        constexprs.update(GROUP_SIZE=16, HAS_OFFSETS=True, USE_DOT=block_m > kernels.GEMV_MAX_ROWS)
+        types = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32"}
+    elif variant == "gguf":           # Q4_K: a scale and an offset a word
+        constexprs.update(GROUP_SIZE=32, ZERO_IS_OFFSET=True)
+        types = {"qweight_ptr": "*i32", "zeros_ptr": "*fp32", "scales_ptr": "*fp32"}
     else:
-        constexprs.update(GROUP_SIZE=128)
+        constexprs.update(GROUP_SIZE=128, ZERO_IS_OFFSET=False)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     params = list(inspect.signature(kernel.fn).parameters)

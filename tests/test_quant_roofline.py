@@ -1,5 +1,6 @@
 """The roofline counts a quantized model's weights at their stored size: FP8 linears at one byte
-a weight, 4-bit ones at half a byte plus a float32 scale and a uint8 zero per group; the LM
+a weight, 4-bit ones at half a byte plus a float32 scale and a uint8 zero per group (GGUF's layouts:
+tests/test_gguf_quantized.py); the LM
 head at its own (16-bit for checkpoints, quantized by the online methods); norms and KV cache
 at the model's dtype."""
 from __future__ import annotations
@@ -39,3 +40,10 @@ def test_an_online_quantized_head_counts_at_its_stored_size():
     bf16 = ModelCost.from_config(config, 2)
     fp8 = ModelCost.from_config(config, 2, linear_weight_bytes=1.0, lm_head_weight_bytes=1.0)
     assert fp8.weight_bytes == bf16.linear_params + bf16.lm_head_params + bf16.norm_params * 2
+
+
+def test_online_gguf_layouts_count_their_stored_bytes():
+    """int8 codes and a float32 scale per 32 (Q8_0); 4-bit codes, a float32 scale and offset per 32 (Q4_K)."""
+    assert quantization_method(None, "gguf-q8_0").bytes_per_weight == 1 + 4 / 32
+    assert quantization_method(None, "gguf-q4_k").bytes_per_weight == 0.5 + 8 / 32
+    assert not quantization_method(None, "gguf-q4_k").quantizes_lm_head

@@ -125,18 +125,24 @@ class Bench:
     """One benchmark run: ceilings, rooflines, peers, nano-vllm, figures."""
 
     def __init__(self, args: argparse.Namespace, config: EngineConfig):
-        from nanovllm.model.loader import load_model_config
+        from nanovllm.config import GGUF_CHOICES
+        from nanovllm.model.loader import keeps_gguf_blocks, load_model_config, resolve_model
         from nanovllm.model.quantization import quantization_method
 
         self.args = args
         self.config = config
         self.progress = not args.no_progress
         self.model_config = load_model_config(config.model, config.load_format)
+        online = None if config.quantization in GGUF_CHOICES else config.quantization
         quantized = quantization_method(None if config.load_format == "dummy" else self.model_config.quantization_config,
-                                        config.quantization)
+                                        online)
+        linear_bytes = None if quantized is None else quantized.bytes_per_weight
+        if config.load_format != "dummy" and keeps_gguf_blocks(config.model, config.load_format, config.quantization,
+                                                               config.device, config.tensor_parallel_size):
+            from nanovllm.model.quantization.gguf import gguf_bytes_per_weight
+            linear_bytes = gguf_bytes_per_weight(resolve_model(config.model))   # as loaded, not as in the file
         self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size(),
-                                          WEIGHT_FORMAT_BYTES.get(config.dtype),
-                                          None if quantized is None else quantized.bytes_per_weight,
+                                          WEIGHT_FORMAT_BYTES.get(config.dtype), linear_bytes,
                                           quantized.bytes_per_weight if quantized and quantized.quantizes_lm_head
                                           else None,
                                           config.kv_cache_torch_dtype.itemsize

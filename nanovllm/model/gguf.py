@@ -19,7 +19,9 @@ Parsing the header (its vocabulary arrays) and dequantizing take seconds, so the
 first load writes the float weights (safetensors), the config (json) and the
 tokenizer (tokenizer.json, built by transformers) to a cache directory named
 by a hash of the file's bytes; later loads memory-map them. Deleting the cache
-directory is always safe: the next load writes it again.
+directory is always safe: the next load writes it again. A load that keeps the
+Q8_0 / Q4_K / Q6_K blocks quantized (on CUDA by default, model/quantization/gguf.py)
+writes no float weights: it reads the file tensor by tensor (`gguf_tensors`).
 """
 from __future__ import annotations
 
@@ -264,34 +266,55 @@ def gguf_weights(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Te
 
 
 def _dequantized(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf import GGMLQuantizationType, quants
+    for hf_name, tensor in gguf_tensors(path):
+        yield hf_name, rotate_half_rows(hf_name, dequantize_tensor(path, tensor), config)
 
-    reader = open_gguf(path)
-    for tensor in reader.tensors:
+
+def gguf_tensors(path: str) -> Iterator[tuple[str, Any]]:
+    """(HuggingFace name, the reader's tensor) of every weight in the file, in its order (the
+    reader's tensors are memory-mapped: nothing is read until a tensor's data is)."""
+    for tensor in open_gguf(path).tensors:
         if tensor.name == "rope_freqs.weight":   # already in config.rope_scaling
             continue
         hf_name = _hf_name(tensor.name)
         if hf_name is None:
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r} for a Llama-family model")
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))   # GGUF lists dims fastest-first
-        try:
-            array = quants.dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
-            array = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
-            if not array.flags.writeable:   # F32 tensors come back as views of the read-only file
-                array = array.copy()
-        except NotImplementedError:
-            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has quantization "
-                                 f"{GGMLQuantizationType(tensor.tensor_type).name}, which the gguf package "
-                                 "cannot dequantize") from None
-        except ValueError as e:
-            raise ModelLoadError(f"{path}: tensor {tensor.name!r} cannot be read ({e}); the file is truncated "
-                                 "or damaged") from None
-        weight = torch.from_numpy(array)
-        if config.architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            weight = interleaved_to_rotate_half(weight, config.num_attention_heads)
-        elif config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            weight = interleaved_to_rotate_half(weight, config.num_key_value_heads)
-        yield hf_name, weight
+        yield hf_name, tensor
+
+
+def tensor_shape(tensor) -> tuple[int, ...]:
+    """The torch shape of a reader's tensor: [out_features, in_features] for a weight (GGUF lists
+    dims fastest-first)."""
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+
+
+def dequantize_tensor(path: str, tensor) -> torch.Tensor:
+    """One reader's tensor dequantized by the gguf package -> float32, in its torch shape."""
+    from gguf import GGMLQuantizationType, quants
+
+    try:
+        array = quants.dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+        array = np.ascontiguousarray(array, dtype=np.float32).reshape(tensor_shape(tensor))
+        if not array.flags.writeable:   # F32 tensors come back as views of the read-only file
+            array = array.copy()
+    except NotImplementedError:
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} has quantization "
+                             f"{GGMLQuantizationType(tensor.tensor_type).name}, which the gguf package "
+                             "cannot dequantize") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: tensor {tensor.name!r} cannot be read ({e}); the file is truncated "
+                             "or damaged") from None
+    return torch.from_numpy(array)
+
+
+def rotate_half_rows(hf_name: str, weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A `llama` GGUF's q and k rows (weights, biases, or any tensor with a row per output) put back
+    in rotate-half order; every other tensor as it is."""
+    if config.architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return interleaved_to_rotate_half(weight, config.num_attention_heads)
+    if config.architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return interleaved_to_rotate_half(weight, config.num_key_value_heads)
+    return weight
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -10,9 +10,11 @@ differ only in where those two live:
 - **GGUF** (llama.cpp's single file): a header of typed key/values
   (`llama.block_count`, `tokenizer.ggml.tokens`, ...) then tensors named
   `blk.3.attn_q.weight`, most of them quantized in blocks (Q4_1: 32 weights
-  share one scale and one offset). We dequantize to float once and cache the
-  result. llama.cpp rotates interleaved pairs in RoPE, so its converter
-  permutes the rows of q and k of `llama` models; we undo that. See gguf.py.
+  share one scale and one offset). On the CPU we dequantize to float once and
+  cache the result; on CUDA, Q8_0, Q4_K and Q6_K blocks load as they are, into
+  quantized layers, tensor by tensor (quantization/gguf.py; "none" dequantizes).
+  llama.cpp rotates interleaved pairs in RoPE, so its converter permutes the
+  rows of q and k of `llama` models; we undo that. See gguf.py.
 - **llama2.c** (`stories15M.bin`): seven int32s (dim, hidden_dim, n_layers,
   n_heads, n_kv_heads, vocab_size, max_seq_len), then raw float32 (or
   float16) arrays in a fixed order. Its tokenizer is a separate
@@ -39,6 +41,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from nanovllm.config import GGUF_CHOICES
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.embedded import EMBEDDED_GGUF, EMBEDDED_MODEL, embedded_gguf_path
 from nanovllm.model.errors import ModelLoadError
@@ -92,7 +95,9 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
                quantization: str | None = None) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Build the model on `device` with parameters in `dtype`, fill its weights, return it in eval mode.
     With tp_size > 1: only the shard of tensor-parallel rank tp_rank. A quantized checkpoint loads
-    quantized; quantization="fp8" | "w4a16" quantizes a float one (model/quantization).
+    quantized; quantization="fp8" | "w4a16" | "gguf-q8_0" | "gguf-q4_k" quantizes a float one
+    (model/quantization). A GGUF's Q8_0 / Q4_K / Q6_K blocks stay quantized with quantization="gguf",
+    or by default on CUDA (keeps_gguf_blocks); "none" dequantizes them.
 
     The model is built directly on the device under `dtype` as the default
     dtype (never `.to(dtype)` afterwards: the RoPE table must stay float32).
@@ -100,15 +105,22 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     fmt = _format_of(model, load_format)
     config = load_model_config(model, fmt)
     parallel = ParallelState(rank=tp_rank, world_size=tp_size)
-    method = quantization_method(None if fmt == "dummy" else config.quantization_config, quantization, tp_size)
+    online = None if quantization in GGUF_CHOICES else quantization
+    method = quantization_method(None if fmt == "dummy" else config.quantization_config, online, tp_size)
+    keep_gguf_blocks = keeps_gguf_blocks(model, fmt, quantization, device, tp_size)
     if fmt == "dummy":
         from nanovllm.model.dummy import init_dummy_weights
         llm = _build(config, device, dtype, parallel)
         init_dummy_weights(llm, seed=tp_rank)
     else:
         path = resolve_model(model)
-        weights = _open_weights(path, fmt, config)
-        llm = _build(config, device, dtype, parallel)
+        if keep_gguf_blocks:
+            from nanovllm.model.quantization.gguf import load_gguf_quantized
+            llm = _build(config, device, dtype, parallel)
+            weights = load_gguf_quantized(llm, path, config)
+        else:
+            weights = _open_weights(path, fmt, config)
+            llm = _build(config, device, dtype, parallel)
         if method is not None and not method.online:
             weights = load_quantized_checkpoint(llm, method, weights)
         try:
@@ -121,6 +133,26 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
         quantize_loaded_model(llm, method)
     llm.eval().requires_grad_(False)
     return llm, config
+
+
+def keeps_gguf_blocks(model: str | None, load_format: str, quantization: str | None, device: str | torch.device,
+                      tp_size: int = 1) -> bool:
+    """Whether `model` loads as a GGUF whose Q8_0 / Q4_K / Q6_K blocks stay quantized: with
+    quantization="gguf" (an error for any other format, or several ranks), and by default (None)
+    on CUDA with one rank when any linear layer has one of those types; never with "none" or an
+    online method."""
+    fmt = _format_of(model, load_format)
+    if quantization == "gguf" and fmt != "gguf":
+        raise ValueError(f"quantization='gguf' keeps a GGUF file's blocks quantized; {model!r} loads as {fmt}")
+    if quantization == "gguf" and tp_size > 1:
+        raise ValueError("a GGUF's quantized blocks run on one GPU here; use tensor_parallel_size=1 or "
+                         "quantization='none'")
+    if quantization == "gguf":
+        return True
+    if quantization is not None or fmt != "gguf" or tp_size > 1 or torch.device(device).type != "cuda":
+        return False
+    from nanovllm.model.quantization.gguf import keeps_blocks
+    return keeps_blocks(resolve_model(model))
 
 
 # ---- format detection ------------------------------------------------------------------------

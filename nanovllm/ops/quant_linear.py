@@ -1,4 +1,4 @@
-"""Matmuls with quantized weights, as checkpoints store them: FP8 W8A8 and 4-bit W4A16.
+"""Matmuls with quantized weights, as checkpoints store them: FP8 W8A8, 4-bit W4A16 and 8-bit W8A16.
 
 A decode step reads every weight once, so its time is the weight bytes over the memory
 bandwidth. Storing a weight in 8 or 4 bits reads a half or a quarter of bfloat16's bytes.
@@ -13,11 +13,17 @@ bandwidth. Storing a weight in 8 or 4 bits reads a half or a quarter of bfloat16
   codes q in 0..15, eight to an int32 along K (code k of a row in bits 4 (k % 8) .. of
   word k // 8, the low nibble first), with a scale and an integer zero point per group of
   `group_size` weights along K: w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g], g = k // group_size.
-  A symmetric checkpoint has zero 8. The activations stay in 16 bits.
+  A symmetric checkpoint has zero 8. The activations stay in 16 bits. GGUF's 4-bit blocks
+  (Q4_K, Q4_0, Q4_1: w = d * q - m) need a float offset instead of an integer zero point: with
+  `zeros` float32 the weight is w[n, k] = q[n, k] * scale[n, g] - offset[n, g] (the format follows
+  from zeros' dtype).
+- **W8A16** (GGUF's Q8_0 and Q6_K after loading, model/quantization/gguf.py): int8 codes [N, K]
+  with a float32 scale per group of `group_size` along K (Q8_0: 32, Q6_K: 16), and optionally a
+  float32 offset per group: w[n, k] = q[n, k] * scale[n, g] - offset[n, g].
 
 Each function here is the torch reference (the CPU path, and the oracle of the Triton
-kernels in quant_linear_triton.py, which take the same arguments); `fp8_linear` and
-`w4a16_linear` pick the kernel by the device of their input. `*_linear_or_partials` may
+kernels in quant_linear_triton.py, which take the same arguments); `fp8_linear`,
+`w4a16_linear` and `w8a16_linear` pick the kernel by the device of their input. `*_linear_or_partials` may
 instead return float32 partial products [S, M, N] over slices of K (the kernels split K at a
 few rows), for a consumer that adds them up (ops/linear.py).
 """
@@ -92,17 +98,21 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8 -> w [N, K] float32."""
+    """qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8 (zero points) or float32
+    (offsets) -> w [N, K] float32."""
     codes = unpack_int4(qweight).float()                                                    # [N, K]
     group_size = codes.shape[1] // scales.shape[1]
     zero = zeros.float().repeat_interleave(group_size, dim=1)                               # [N, K]
-    return (codes - zero) * scales.float().repeat_interleave(group_size, dim=1)
+    scale = scales.float().repeat_interleave(group_size, dim=1)                             # [N, K]
+    if zeros.is_floating_point():
+        return codes * scale - zero
+    return (codes - zero) * scale
 
 
 def w4a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], qweight [N, K / 8] int32, scales [N, K / group] float32, zeros [N, K / group]
-    uint8, bias [N] or None -> [M, N] in x's dtype. The weight is rounded to x's dtype once dequantized,
+    uint8 (or float32 offsets), bias [N] or None -> [M, N] in x's dtype. The weight is rounded to x's dtype once dequantized,
     as the tensor-core kernel's product needs (the GPU's few-row kernel multiplies it in float32, as
     this does given float32 x); the products add up in float32."""
     weight = dequantize_w4(qweight, scales, zeros).to(x.dtype)                              # [N, K]
@@ -133,3 +143,43 @@ def w4a16_linear_or_partials(x: torch.Tensor, qweight: torch.Tensor, scales: tor
         from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
         return w4a16_linear_partials_triton(x, qweight, scales, zeros, bias)
     return w4a16_linear_torch(x, qweight, scales, zeros, bias)
+
+
+# ---- W8A16 -----------------------------------------------------------------------------------
+
+def dequantize_w8(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """qweight [N, K] int8, scales [N, G] float32, offsets [N, G] float32 or None -> w [N, K] float32."""
+    group_size = qweight.shape[1] // scales.shape[1]
+    weight = qweight.float() * scales.float().repeat_interleave(group_size, dim=1)          # [N, K]
+    if offsets is not None:
+        weight = weight - offsets.float().repeat_interleave(group_size, dim=1)
+    return weight
+
+
+def w8a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       offsets: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], qweight [N, K] int8, scales [N, K / group] float32, offsets as scales or None,
+    bias [N] or None -> [M, N] in x's dtype. As w4a16_linear_torch: the weight is rounded to x's
+    dtype once dequantized, and the products add up in float32."""
+    weight = dequantize_w8(qweight, scales, offsets).to(x.dtype)                            # [N, K]
+    out = F.linear(x.float(), weight.float())                                               # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 offsets: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import w8a16_linear_triton
+        return w8a16_linear_triton(x, qweight, scales, offsets, bias)
+    return w8a16_linear_torch(x, qweight, scales, offsets, bias)
+
+
+def w8a16_linear_or_partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             offsets: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """w8a16_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import w8a16_linear_partials_triton
+        return w8a16_linear_partials_triton(x, qweight, scales, offsets, bias)
+    return w8a16_linear_torch(x, qweight, scales, offsets, bias)

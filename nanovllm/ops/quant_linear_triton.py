@@ -1,4 +1,4 @@
-"""FP8 W8A8 and W4A16 matmuls in Triton, the same arguments as their references in quant_linear.py.
+"""FP8 W8A8, W4A16 and W8A16 matmuls in Triton, the same arguments as their references in quant_linear.py.
 
 All compute out[M, N] = x[M, K] @ W[N, K]^T, a program per [BLOCK_M, BLOCK_N] tile of the
 output walking K in BLOCK_K steps; what differs is what a step loads and who multiplies:
@@ -19,7 +19,11 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   [BLOCK_N, BLOCK_K] 16-bit tile (`tl.join` of the eight nibble planes, then a reshape that
   moves no data), dequantized, and handed to `tl.dot`. Either way the weight crosses memory
   at half a byte a weight (Marlin's idea, in Triton), in the layout the checkpoint loaders
-  produce ([N, K / 8], K contiguous: no repacking).
+  produce ([N, K / 8], K contiguous: no repacking). GGUF's 4-bit blocks (w = q s - m) take the
+  same kernels with a float offset in place of the integer zero point.
+- **W8A16** (`_w8a16_kernel`, GGUF's Q8_0 and Q6_K): int8 codes, one byte a weight, scaled (and
+  offset) per group of 16 or 32 in registers, then multiplied on the FMA units at a few rows or
+  by `tl.dot` at more.
 
 Tile shapes follow the row count: a decode step (M <= 16) is bound by reading W, so it takes
 narrow tiles and splits K over several programs (SPLIT_K) until there are a few programs per
@@ -229,12 +233,13 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 # ---- W4A16 -----------------------------------------------------------------------------------
 
 GEMV_MAX_ROWS = 4       # up to this many rows the W4A16 product runs on the FMA units, not tl.dot
+GEMV_BLOCK_K = 128      # the GEMV's K step for groups smaller than that (a scale a word): 64 bytes of a row
 MAGIC = tl.constexpr(0x4B000000)      # float32 2^23: OR-ing a code q < 2^23 into its mantissa gives the float 2^23 + q
 
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
-                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
     loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
@@ -243,7 +248,10 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     and subtracting 2^23 + z 2^(4 j) leaves (q - z) 2^(4 j); x is scaled by 2^(-4 j) instead
     (one multiply per x, not per weight). Nibbles 5..7 are shifted down once per word first, as
     bit 23 is the exponent's. The group's scale is applied once a step:
-    sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z)."""
+    sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z); with groups smaller than a step (GGUF's 32),
+    once a word, each word's codes lying in one group. With ZERO_IS_OFFSET (GGUF's w = q s - m)
+    zeros holds the float offsets m: the codes are taken with z = 0, and m times the step's sum
+    of x is subtracted: sum_k x_k (q_k s - m) = s * sum_k x_k q_k - m * sum_k x_k."""
     WORDS: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -258,12 +266,20 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     k_start = tl.program_id(2) * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
         words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)           # [1, BN, W]
-        group = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
-        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
-        zero = zero[None, :, None]                                                                 # [1, BN, 1]
+        if GROUP_SIZE < BLOCK_K:    # several groups a step: each word's own scale and zero
+            groups = group_rows[None, :, None] + ((k0 + 8 * offs_word) // GROUP_SIZE)[None, None, :]
+            scale = tl.load(scales_ptr + groups, mask=mask_n3, other=0.0).to(tl.float32)          # [1, BN, W]
+            zero = tl.load(zeros_ptr + groups, mask=mask_n3, other=0).to(tl.float32)              # [1, BN, W]
+        else:
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
+            zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)
+            zero = zero[None, :, None]                                                             # [1, BN, 1]
+        if ZERO_IS_OFFSET:
+            offset, zero = zero, tl.zeros_like(zero)                                               # [1, BN, 1 | W]
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
         step = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_M, 1, WORDS], dtype=tl.float32)
         for j in tl.static_range(8):
             plane = 4 * (j % 5)                    # nibble j's bits: in the word, or from 5 on in high
             if j < 5:
@@ -273,18 +289,26 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
             w = code.to(tl.float32, bitcast=True) - (8388608.0 + zero * (1 << plane))   # (q - z) 2^plane, exact
             x = tl.load(x_cols + k0 + j, mask=mask_m[:, None, None], other=0.0).to(tl.float32)    # [BM, 1, W]
             step += (x * (1.0 / (1 << plane))) * w                                                 # [BM, BN, W]
-        acc += tl.sum(step, axis=2) * scale[None, :]                                               # [BM, BN]
+            if ZERO_IS_OFFSET:
+                x_sum += x                                                                         # [BM, 1, W]
+        if GROUP_SIZE < BLOCK_K:
+            acc += tl.sum(step * scale, axis=2)                                                    # [BM, BN]
+        else:
+            acc += tl.sum(step, axis=2) * scale[None, :]                                           # [BM, BN]
+        if ZERO_IS_OFFSET:
+            acc -= tl.sum(x_sum * offset, axis=2)
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
 @triton.jit
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
-                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """More rows: each step expands [BLOCK_N, BLOCK_K / 8] words into the [BLOCK_N, BLOCK_K]
     16-bit tile in registers and hands it to tl.dot. The eight nibble planes are joined
     pairwise (tl.join puts its new axis last, innermost), so that the reshape lays code j of
-    word w at column 8 w + j without moving data between threads."""
+    word w at column 8 w + j without moving data between threads. With ZERO_IS_OFFSET the tile is
+    q s - m, m the group's float offset (zeros)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,8 +333,13 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0).to(tl.float32)    # [BN]
         zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
-        w = (codes | MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + zero)[:, None]             # q - z, exact
-        acc = tl.dot(x, tl.trans((w * scale[:, None]).to(x.dtype)), acc)                           # [BN, BK] -> 16 bits
+        if ZERO_IS_OFFSET:
+            w = (codes | MAGIC).to(tl.float32, bitcast=True) - 8388608.0                           # q, exact
+            w = w * scale[:, None] - zero[:, None]                                                 # q s - m
+        else:
+            w = (codes | MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + zero)[:, None]         # q - z, exact
+            w = w * scale[:, None]
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)                                              # [BN, BK] -> 16 bits
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
@@ -330,7 +359,8 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
 
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K], qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8, bias [N] or None -> [M, N]."""
+    """x [M, K], qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8 (or float32 offsets),
+    bias [N] or None -> [M, N]."""
     return sum_partials(w4a16_linear_partials_triton(x, qweight, scales, zeros, bias), x.dtype)
 
 
@@ -345,14 +375,16 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
                          "w4a16_linear runs such weights through the torch reference")
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    if num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0:
+        block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (group_size is a multiple of 16)
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
 
 def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
-    """The product with the tiles given (tiles.block_k must divide the group; a block_m up to
-    GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
+    """The product with the tiles given (tiles.block_k must divide the group, or for the GEMV be a
+    multiple of it; a block_m up to GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -362,6 +394,83 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
         x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups,
-        HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        ZERO_IS_OFFSET=zeros.is_floating_point(), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out
+
+
+# ---- W8A16 -----------------------------------------------------------------------------------
+
+@triton.jit
+def _w8a16_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
+                  K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each step loads a [BLOCK_N, BLOCK_K] tile of int8 codes (one byte a weight, contiguous
+    along K), dequantizes it in registers with each weight's group scale (and offset), and
+    multiplies: by tl.dot in x's dtype (USE_DOT, more rows), or for a few rows on the FMA units
+    in float32. A step may span several groups (of 16 or 32) and K need not be a multiple of
+    BLOCK_K: the loads are masked along K."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = K // GROUP_SIZE
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + offs_k[None, :]                   # [BM, BK]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :]              # [BN, BK]
+    group_rows = offs_n.to(tl.int64)[:, None] * num_groups                                       # [BN, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        mask_k = (k0 + offs_k < K)[None, :]                                                      # [1, BK]
+        x = tl.load(x_rows + k0, mask=mask_m[:, None] & mask_k, other=0.0)                       # [BM, BK]
+        w_mask = mask_n[:, None] & mask_k
+        codes = tl.load(w_rows + k0, mask=w_mask, other=0)                                       # [BN, BK] int8
+        groups = group_rows + ((k0 + offs_k) // GROUP_SIZE)[None, :]                             # [BN, BK]
+        w = codes.to(tl.float32) * tl.load(scales_ptr + groups, mask=w_mask, other=0.0)
+        if HAS_OFFSETS:
+            w -= tl.load(offsets_ptr + groups, mask=w_mask, other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)                                       # 16 bits -> float32
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)                  # [BM, BN]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+W8A16_BLOCK_K = 128     # 128 bytes of a weight row a step
+
+
+def w8a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        offsets: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], qweight [N, K] int8, scales [N, G] float32, offsets [N, G] float32 or None,
+    bias [N] or None -> [M, N]."""
+    return sum_partials(w8a16_linear_partials_triton(x, qweight, scales, offsets, bias), x.dtype)
+
+
+def w8a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                 offsets: torch.Tensor | None = None,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As w8a16_linear_triton, but with K split: the float32 partial products [S, M, N]."""
+    (num_rows, in_features), out_features = x.shape, qweight.shape[0]
+    if num_rows == 0:
+        return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    tiles = choose_w4a16_tiles(num_rows, out_features, triton.cdiv(in_features, W8A16_BLOCK_K), W8A16_BLOCK_K,
+                               x.device)
+    return w8a16_linear_tiles(x, qweight, scales, offsets, bias, tiles)
+
+
+def w8a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                       bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
+    """The product with the tiles given (a block_m up to GEMV_MAX_ROWS multiplies on the FMA units,
+    a larger one by tl.dot): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
+    (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
+    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+    _w8a16_kernel[_launch_grid(num_rows, out_features, tiles)](
+        x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else scales, out,
+        num_rows, out_features, in_features, x.stride(0), qweight.stride(0), k_per_split,
+        GROUP_SIZE=in_features // num_groups, HAS_OFFSETS=offsets is not None, HAS_BIAS=bias is not None,
+        USE_DOT=tiles.block_m > GEMV_MAX_ROWS, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

@@ -3,9 +3,11 @@
 A quantized checkpoint says how it was made in config.json's `quantization_config`
 (`quant_method`: "compressed-tensors", "gptq", "awq"); a float checkpoint can also be
 quantized once loaded (`quantization="fp8"`, as vLLM's online fp8, or "w4a16": 4-bit
-round-to-nearest in groups of 128, for trying the format's speed; GPTQ and AWQ lose less). Whatever the method,
-the linear layers of the decoder (q/k/v, o, gate/up, down) become one of two layers
-(layers.py): Fp8Linear (e4m3 weights, per-channel scales) or W4A16Linear (4-bit codes in
+round-to-nearest in groups of 128, for trying the format's speed; GPTQ and AWQ lose less; "gguf-q8_0"
+and "gguf-q4_k" likewise give the layouts of GGUF's blocks). A GGUF file's Q8_0, Q4_K and Q6_K
+blocks load as they are (gguf.py; on CUDA by default). Whatever the method, the linear layers of
+the decoder (q/k/v, o, gate/up, down) become one of three layers (layers.py): Fp8Linear (e4m3
+weights, per-channel scales), W4A16Linear (4-bit codes in groups) or W8A16Linear (int8 codes in
 groups). Each method is a `QuantizationMethod` that names the layer it builds and turns
 the checkpoint's tensors of one HuggingFace linear module (`...q_proj.qweight`,
 `...q_proj.scales`, ...) into that layer's tensors. `quantized_weights` does the routing:
@@ -51,8 +53,8 @@ def _method(quantization_config: dict[str, Any] | None, online: str | None,
         if quantization_config is not None:
             raise ValueError(f"the checkpoint is already quantized ({quantization_config.get('quant_method')!r}); "
                              f"leave quantization={online!r} out")
-        from nanovllm.model.quantization.online import OnlineFp8, OnlineW4A16
-        return OnlineFp8() if online == "fp8" else OnlineW4A16()
+        from nanovllm.model.quantization.online import OnlineFp8, OnlineQ4_K, OnlineQ8_0, OnlineW4A16
+        return {"fp8": OnlineFp8, "w4a16": OnlineW4A16, "gguf-q8_0": OnlineQ8_0, "gguf-q4_k": OnlineQ4_K}[online]()
     if quantization_config is None:
         return None
     name = str(quantization_config.get("quant_method", "")).lower()

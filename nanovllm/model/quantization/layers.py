@@ -1,14 +1,16 @@
 """The linear layers a quantized checkpoint becomes: one per stored format, whatever file it came from.
 
-Every loader (compressed-tensors, GPTQ, AWQ, online fp8) converts its tensors to one of
-these two layouts, with output channels along dim 0, so that q/k/v and gate/up fuse
+Every loader (compressed-tensors, GPTQ, AWQ, GGUF, online fp8) converts its tensors to one of
+these three layouts, with output channels along dim 0, so that q/k/v and gate/up fuse
 into one layer by rows exactly as float weights do (model/llama.py):
 
     Fp8Linear     weight [N, K] float8_e4m3fn, weight_scale [N] float32
     W4A16Linear   qweight [N, K / 8] int32 (4-bit codes, low nibble first), scales [N, K / group]
                   float32 (a checkpoint's float16 scales would lose 3 bits in bfloat16), zeros
-                  [N, K / group] uint8; input_perm [K] when the
-                  checkpoint ordered its groups by activation (GPTQ desc_act)
+                  [N, K / group] uint8 (GGUF's 4-bit blocks: float32 offsets, w = q s - m);
+                  input_perm [K] when the checkpoint ordered its groups by activation (GPTQ desc_act)
+    W8A16Linear   qweight [N, K] int8, scales [N, K / group] float32, offsets [N, K / group]
+                  float32 or None (GGUF's Q8_0 and Q6_K, and layers that mix them with Q4_K)
 
 The tensors are buffers, not parameters: `LlamaForCausalLM.load_weights` fills the float
 parameters (norms, embeddings, biases), the quantization loader fills these.
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials, w4a16_linear,
-                                       w4a16_linear_or_partials)
+                                       w4a16_linear_or_partials, w8a16_linear, w8a16_linear_or_partials)
 
 
 class Fp8Linear(nn.Module):
@@ -46,10 +48,11 @@ class Fp8Linear(nn.Module):
 
 class W4A16Linear(nn.Module):
     """x [M, K] -> [M, N]: 4-bit weight codes with a scale and a zero per group of `group_size`
-    along K, dequantized inside the matmul (ops/quant_linear.py)."""
+    along K, dequantized inside the matmul (ops/quant_linear.py). offsets=True: the zeros are
+    float offsets (w = q s - m, GGUF's Q4_K)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 act_order: bool = False):
+                 act_order: bool = False, offsets: bool = False):
         super().__init__()
         if in_features % PACK_FACTOR or in_features % group_size:
             raise ValueError(f"a 4-bit layer needs its input size ({in_features}) to be a multiple of 8 and of "
@@ -58,7 +61,8 @@ class W4A16Linear(nn.Module):
         num_groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // PACK_FACTOR, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=torch.float32))    # [N, G]
-        self.register_buffer("zeros", torch.empty(out_features, num_groups, dtype=torch.uint8))       # [N, G]
+        zeros_dtype = torch.float32 if offsets else torch.uint8
+        self.register_buffer("zeros", torch.empty(out_features, num_groups, dtype=zeros_dtype))       # [N, G]
         # GPTQ desc_act: the input channels reordered so that each group is contiguous; x is gathered to match
         self.register_buffer("input_perm", torch.empty(in_features, dtype=torch.int64) if act_order else None)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
@@ -76,4 +80,35 @@ class W4A16Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"w4a16, in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, act_order={self.input_perm is not None}")
+                f"group_size={self.group_size}, act_order={self.input_perm is not None}, "
+                f"offsets={self.zeros.is_floating_point()}")
+
+
+class W8A16Linear(nn.Module):
+    """x [M, K] -> [M, N]: int8 weight codes with a float scale (and with offsets=True a float
+    offset) per group of `group_size` along K, dequantized inside the matmul (ops/quant_linear.py)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 offsets: bool = False):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"an 8-bit layer needs its input size ({in_features}) to be a multiple of the group "
+                             f"size ({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        num_groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))     # [N, K]
+        self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=torch.float32))    # [N, G]
+        self.register_buffer("offsets", torch.empty(out_features, num_groups, dtype=torch.float32)   # [N, G]
+                             if offsets else None)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a16_linear(x, self.qweight, self.scales, self.offsets, self.bias)
+
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
+        return w8a16_linear_or_partials(x, self.qweight, self.scales, self.offsets, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"w8a16, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, offsets={self.offsets is not None}")

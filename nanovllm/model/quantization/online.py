@@ -13,6 +13,11 @@ its own e4m3 copy; the embedding stays 16-bit for its lookups. w4a16 keeps the h
   (widened to hold 0) maps onto 0..15 with scale (max - min) / 15 and an integer zero. No
   calibration either; GPTQ and AWQ checkpoints lose less quality, this is for measuring the
   format's speed on any model.
+- **gguf-q8_0**, **gguf-q4_k**: the layouts GGUF's Q8_0 and Q4_K files load into (gguf.py), by
+  round-to-nearest: int8 codes with a scale per 32 (stored in float16, as Q8_0 stores it), and
+  4-bit codes with a float scale and offset per 32 (each group's [min, max], widened to hold 0,
+  onto 0..15). Not llama.cpp's quantizer (its 6-bit sub-scales): for timing a GGUF's kernels on
+  any model, e.g. `nano-vllm bench latency --dummy llama-3.2-1b --quantization gguf-q4_k`.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 from torch import nn
 
 from nanovllm.model.errors import ModelLoadError
-from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear
+from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear, W8A16Linear
 from nanovllm.model.quantization.method import QuantizationMethod
 from nanovllm.ops.quant_linear import pack_int4, quantize_fp8_per_channel
 
@@ -72,3 +77,47 @@ class OnlineW4A16(QuantizationMethod):
 def _group_size(in_features: int) -> int:
     """128, or the largest of 64 and 32 that divides in_features (SmolLM2's 576), else all of K."""
     return next((size for size in (W4_GROUP_SIZE, 64, 32) if in_features % size == 0), in_features)
+
+
+GGUF_GROUP_SIZE = 32
+
+
+class OnlineQ8_0(QuantizationMethod):
+    name = "gguf-q8_0"
+    online = True
+    bytes_per_weight = 1 + 4 / GGUF_GROUP_SIZE           # int8 codes and a float32 scale per 32
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return W8A16Linear(in_features, out_features, GGUF_GROUP_SIZE, bias)
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        groups = _gguf_groups(module, tensors)                                                   # [N, G, 32]
+        scales = (groups.abs().amax(dim=-1) / 127).half().float().clamp(min=torch.finfo(torch.float32).tiny)
+        codes = torch.round(groups / scales[..., None]).clamp(-127, 127)                          # [N, G, 32]
+        return {"qweight": codes.flatten(1).to(torch.int8), "scales": scales}
+
+
+class OnlineQ4_K(QuantizationMethod):
+    name = "gguf-q4_k"
+    online = True
+    bytes_per_weight = 0.5 + 8 / GGUF_GROUP_SIZE         # 4-bit codes, a float32 scale and offset per 32
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return W4A16Linear(in_features, out_features, GGUF_GROUP_SIZE, bias, offsets=True)
+
+    def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        groups = _gguf_groups(module, tensors)                                                   # [N, G, 32]
+        low, high = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)          # [N, G]
+        scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)                 # [N, G]
+        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)         # [N, G, 32]
+        return {"qweight": pack_int4(codes.flatten(1)), "scales": scales, "zeros": -low}
+
+
+def _gguf_groups(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A float weight [N, K] as groups of 32 along K: [N, K / 32, 32] float32."""
+    weight = _float_weight(module, tensors).float()
+    num_rows, in_features = weight.shape
+    if in_features % GGUF_GROUP_SIZE:
+        raise ModelLoadError(f"{module}: its input size {in_features} is not a multiple of {GGUF_GROUP_SIZE}, "
+                             "the group of GGUF's block formats")
+    return weight.view(num_rows, in_features // GGUF_GROUP_SIZE, GGUF_GROUP_SIZE)
