@@ -112,8 +112,11 @@ def test_packed_linear_refuses_what_it_cannot_run_in_a_sentence():
 def test_packed_linears_describe_their_format_and_shape():
     int8 = PackedLinear.from_weight(torch.randn(48, 64), "int8", max_packed_rows=4)
     int4 = PackedLinear.from_weight(torch.randn(48, 64), "int4")
-    assert repr(int8) == "PackedLinear(int8, in_features=64, out_features=48, max_packed_rows=4)"
-    assert repr(int4) == "PackedLinear(int4, in_features=64, out_features=48, max_packed_rows=None)"
+    assert repr(int8) == "PackedLinear(int8, kernel=torch, in_features=64, out_features=48, max_packed_rows=4)"
+    assert repr(int4) == "PackedLinear(int4, kernel=torch, in_features=64, out_features=48, max_packed_rows=None)"
+    assert repr(PackedLinear.from_weight(torch.randn(64, 64), "int4")) == \
+        f"PackedLinear(int4, kernel={PackedLinear.from_weight(torch.randn(64, 64), 'int4').kernel}, in_features=64, " \
+        "out_features=64, max_packed_rows=None)"
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
