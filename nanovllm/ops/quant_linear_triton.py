@@ -437,6 +437,9 @@ def _w8a16_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, out_ptr
 
 
 W8A16_BLOCK_K = 128     # 128 bytes of a weight row a step
+# tl.dot tiles take half that: at 128 their pipelined stages need 288 to 416 KB of shared memory
+# (an H200 has 227 KB a block)
+W8A16_DOT_BLOCK_K = 64
 
 
 def w8a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -453,8 +456,8 @@ def w8a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     (num_rows, in_features), out_features = x.shape, qweight.shape[0]
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
-    tiles = choose_w4a16_tiles(num_rows, out_features, triton.cdiv(in_features, W8A16_BLOCK_K), W8A16_BLOCK_K,
-                               x.device)
+    block_k = W8A16_BLOCK_K if num_rows <= GEMV_MAX_ROWS else W8A16_DOT_BLOCK_K
+    tiles = choose_w4a16_tiles(num_rows, out_features, triton.cdiv(in_features, block_k), block_k, x.device)
     return w8a16_linear_tiles(x, qweight, scales, offsets, bias, tiles)
 
 

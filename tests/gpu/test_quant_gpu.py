@@ -144,7 +144,10 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
 # Nats between the two best tokens under which bfloat16 rounding may pick either: logits of 8 to 16
 # are spaced 0.0625 apart in bfloat16, so two tokens one or two steps apart are a tie to rounding
 # (an H200 parted graph and eager runs at a gap of 0.0625).
-NEAR_TIE = 0.13
+# With fp8 the activations are quantized per token too: the graph's padded batch moved a log-probability
+# by up to 0.11 on an H200, so a tie within twice that may part (a gap of 0.25 against 0.0 was seen).
+NEAR_TIE = {"w4a16": 0.13, "fp8": 0.3}
+LOGPROB_APART = {"w4a16": 0.1, "fp8": 0.5}   # graph against eager, a token's log-probability (below)
 
 
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])
@@ -170,9 +173,11 @@ def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, metho
             mine, theirs = graphed.logprobs[step], eager.logprobs[step]
             if token != want:
                 gaps = [abs(a - b) for a, b in (sorted(lp.values(), reverse=True)[:2] for lp in (mine, theirs))]
-                assert max(gaps) < NEAR_TIE, f"sequence {index} step {step}: {mine} vs {theirs}"
+                assert max(gaps) < NEAR_TIE[method], f"sequence {index} step {step}: {mine} vs {theirs}"
                 parted += 1
                 break
-            # bfloat16 activations, fp8 codes that flip with them: 0.056 apart at most, measured on an H200
-            assert mine[token] == pytest.approx(theirs[want], abs=0.1), f"sequence {index} step {step}"
+            # bfloat16 activations, and with fp8 activation codes 6% apart that flip with them: on an H200
+            # 0.056 apart at most with w4a16; with fp8 0.056, 0.109 and 0.27 in three runs (the graph's padded
+            # batch splits K otherwise, and this sharp model magnifies a flipped code)
+            assert mine[token] == pytest.approx(theirs[want], abs=LOGPROB_APART[method]), f"sequence {index} step {step}"
     assert parted <= 3, f"{parted} of 13 sequences parted at a near-tie"
