@@ -230,12 +230,18 @@ def load_results(directory: Path) -> list[tuple[str, dict]]:
     return results
 
 
-def model_label(model: dict, batch_invariant: bool = False, structured_output_ratio: float = 0.0) -> str:
+def model_label(model: dict, batch_invariant: bool = False, structured_output_ratio: float = 0.0,
+                engine_config: dict | None = None) -> str:
     """"llama-3.2-1b, dummy weights, bfloat16": the name and, where known, the weights and their dtype
     (and "batch-invariant" for a run with --batch-invariant, "50% under a JSON schema" for a run with
-    --structured-output-ratio 0.5)."""
-    load_format = model.get("load_format")
-    details = ["dummy weights" if load_format == "dummy" else None, model.get("dtype"),
+    --structured-output-ratio 0.5, the quantization and the KV cache's dtype where the engine's
+    configuration names them and the dtype does not)."""
+    load_format, dtype = model.get("load_format"), model.get("dtype") or ""
+    quantization = (engine_config or {}).get("quantization")
+    kv_cache_dtype = (engine_config or {}).get("kv_cache_dtype")
+    details = ["dummy weights" if load_format == "dummy" else None, dtype or None,
+               f"{quantization} weights" if quantization not in (None, "none") and quantization not in dtype else None,
+               f"{kv_cache_dtype} KV cache" if kv_cache_dtype not in (None, "auto") else None,
                "batch-invariant" if batch_invariant else None,
                f"{structured_output_ratio:.0%} under a JSON schema" if structured_output_ratio else None]
     return ", ".join([model["name"]] + [detail for detail in details if detail not in (None, "auto")])
@@ -244,7 +250,8 @@ def model_label(model: dict, batch_invariant: bool = False, structured_output_ra
 def result_rows(results: list[tuple[str, dict]]) -> list[Row]:
     rows = []
     for file, result in results:
-        model = model_label(result["model"], _batch_invariant(result), _structured_output_ratio(result))
+        model = model_label(result["model"], _batch_invariant(result), _structured_output_ratio(result),
+                            result.get("engine_config"))
         for figure in result["figures"]:
             rows.append(Row(date=result["date"], workload=figure["workload"], model=model,
                             card=result["card"], figure=figure["figure"], measured=figure["measured"],
