@@ -42,9 +42,9 @@ def fp8(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, tor
     return quantize_kv(3 * k_cache, FP8_DTYPE, K_SCALE), quantize_kv(3 * v_cache, FP8_DTYPE, V_SCALE)
 
 
-def reference(q, k8, v8, metadata, scale):
+def reference(q, k_fp8, v_fp8, metadata, scale):
     """float32 attention over the FP8 cache dequantized as the kernel does (to q's dtype)."""
-    k, v = dequantize_kv(k8, K_SCALE, q.dtype).float(), dequantize_kv(v8, V_SCALE, q.dtype).float()
+    k, v = dequantize_kv(k_fp8, K_SCALE, q.dtype).float(), dequantize_kv(v_fp8, V_SCALE, q.dtype).float()
     return paged_attention_torch(q.float(), k, v, metadata, scale)
 
 
@@ -58,10 +58,10 @@ def test_attention_on_an_fp8_cache_matches_the_reference(shape, q_lens, context_
     if context_lens == "random":
         context_lens = torch.randint(1, 5000, (len(q_lens),)).tolist()
     q, k_cache, v_cache, metadata = make_batch(q_lens, context_lens, shape, 16)
-    k8, v8 = fp8(k_cache, v_cache)
+    k_fp8, v_fp8 = fp8(k_cache, v_cache)
     scale = shape[2] ** -0.5
-    out = paged_attention(q, k8, v8, metadata, scale, k_scale=K_SCALE, v_scale=V_SCALE)
-    assert relative_error(out, reference(q, k8, v8, metadata, scale)) < 1e-2
+    out = paged_attention(q, k_fp8, v_fp8, metadata, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    assert relative_error(out, reference(q, k_fp8, v_fp8, metadata, scale)) < 1e-2
 
 
 def signed_zero(cache: torch.Tensor) -> torch.Tensor:
@@ -104,24 +104,24 @@ def test_fused_decode_on_an_fp8_cache_matches_the_steps_in_turn(shape, batch):
     num_heads, num_kv_heads, head_dim = shape
     context_lens = torch.randint(1, 5000, (batch,)).tolist()
     _, k_cache, v_cache, metadata = make_batch([1] * batch, context_lens, shape, 16)
-    k8, v8 = fp8(k_cache, v_cache)
+    k_fp8, v_fp8 = fp8(k_cache, v_cache)
     qkv = 3 * torch.randn(batch, num_heads + 2 * num_kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
     positions = metadata.seq_lens.long() - 1
     blocks = metadata.block_tables[torch.arange(batch, device=DEVICE), positions // 16].long()
     metadata.slot_mapping = blocks * 16 + positions % 16
     cos_sin_cache = rope_cos_sin_cache(head_dim, 8192, 500000.0, None).to(DEVICE)
-    ref_caches = (k8.clone(), v8.clone())
+    ref_caches = (k_fp8.clone(), v_fp8.clone())
     split = [num_heads, num_kv_heads, num_kv_heads]
     out = attention_triton.rotary_store_and_attend_triton(*qkv.split(split, dim=1), positions, cos_sin_cache,
-                                                          k8, v8, metadata, head_dim ** -0.5, fused=True,
+                                                          k_fp8, v_fp8, metadata, head_dim ** -0.5, fused=True,
                                                           k_scale=K_SCALE, v_scale=V_SCALE)
     q_ref, k_ref, v_ref = qkv.clone().split(split, dim=1)
     rotary_and_store_kv_torch(q_ref, k_ref, v_ref, positions, cos_sin_cache, *ref_caches, metadata.slot_mapping,
                               k_scale=K_SCALE, v_scale=V_SCALE)
-    k_bytes, k_ref_bytes = signed_zero(k8), signed_zero(ref_caches[0])
+    k_bytes, k_ref_bytes = signed_zero(k_fp8), signed_zero(ref_caches[0])
     assert (k_bytes.int() - k_ref_bytes.int()).abs().max() <= 1
-    assert torch.equal(signed_zero(v8), signed_zero(ref_caches[1]))
-    assert relative_error(out, reference(q_ref, k8, v8, metadata, head_dim ** -0.5)) < 1e-2
+    assert torch.equal(signed_zero(v_fp8), signed_zero(ref_caches[1]))
+    assert relative_error(out, reference(q_ref, k_fp8, v_fp8, metadata, head_dim ** -0.5)) < 1e-2
 
 
 # Nats between the two best tokens under which bfloat16 rounding may pick either (tests/gpu/test_quant_gpu.py)
