@@ -83,6 +83,23 @@ def test_twenty_unimplemented_openai_fields_get_200_and_a_header_naming_them(tin
     assert IGNORED_FIELDS_HEADER not in plain.headers
 
 
+def test_unknown_field_names_the_header_cannot_carry_are_escaped_and_many_are_cut(tiny):
+    """A field name is the client's text: a newline, a control character or a non-ASCII letter goes
+    into the header as a JSON string in ASCII (raw, it failed the response), and 100 names are cut to
+    the first 32 and a count."""
+    client, _ = tiny
+    odd = {"a\nb": 1, "caf\u00e9": 2, "tab\tx": 3, "plain_name": 4}
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body=odd)
+    assert raw.http_response.status_code == 200
+    assert raw.headers[IGNORED_FIELDS_HEADER] == '"a\\nb", "caf\\u00e9", plain_name, "tab\\tx"'
+    many = {f"f{i:03d}": i for i in range(100)}
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body=many)
+    names = raw.headers[IGNORED_FIELDS_HEADER].split(", ")
+    assert names == [f"f{i:03d}" for i in range(32)] + ["... and 68 more"]
+
+
 @pytest.mark.parametrize("field, value", [("logit_bias", {"5": 500}), ("response_format", {"type": "xml"}),
                                           ("guided_regex", "(unclosed"), ("logit_bias", {"99999": 1})])
 def test_known_fields_with_bad_values_still_get_a_400(tiny, field, value):

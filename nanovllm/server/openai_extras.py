@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,7 +37,10 @@ from nanovllm.structured import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 IGNORED_FIELDS_HEADER = "X-Ignored-Fields"
+MAX_HEADER_FIELDS = 32        # names the header lists; "... and N more" after them
+MAX_LOGGED_FIELDS = 1024      # names remembered as logged; a client sending ever new ones does not grow it
 _logged_ignored_fields: set[str] = set()
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 # ---- fields we ignore ----------------------------------------------------------------------
@@ -47,10 +51,25 @@ def note_ignored_fields(request: Request, body: Any) -> None:
     if not names:
         return
     new = [name for name in names if name not in _logged_ignored_fields]
-    if new:
+    if new and len(_logged_ignored_fields) < MAX_LOGGED_FIELDS:
         _logged_ignored_fields.update(new)
-        logger.warning("ignoring request fields nano-vllm does not implement: %s", ", ".join(new))
+        logger.warning("ignoring request fields nano-vllm does not implement: %s",
+                       ", ".join(_header_name(name) for name in new[:MAX_HEADER_FIELDS]))
     request.state.ignored_fields = names
+
+
+def ignored_fields_header(names: list[str]) -> str:
+    """The header's value: the names, each as itself if plain (letters, digits, _ . -) else as a JSON
+    string in ASCII (a field name is the client's text: a newline or a non-ASCII letter in a header
+    would fail the response), at most MAX_HEADER_FIELDS of them."""
+    shown = [_header_name(name) for name in names[:MAX_HEADER_FIELDS]]
+    if len(names) > MAX_HEADER_FIELDS:
+        shown.append(f"... and {len(names) - MAX_HEADER_FIELDS} more")
+    return ", ".join(shown)
+
+
+def _header_name(name: str) -> str:
+    return name if _PLAIN_NAME.fullmatch(name) else json.dumps(name[:64])
 
 
 class IgnoredFieldsMiddleware:
@@ -68,7 +87,7 @@ class IgnoredFieldsMiddleware:
             names = scope.get("state", {}).get("ignored_fields")
             if message["type"] == "http.response.start" and names:
                 message["headers"] = list(message.get("headers", [])) + [
-                    (IGNORED_FIELDS_HEADER.lower().encode(), ", ".join(names).encode())]
+                    (IGNORED_FIELDS_HEADER.lower().encode(), ignored_fields_header(names).encode())]
             await send(message)
 
         await self.app(scope, receive, send_with_header)
