@@ -223,9 +223,12 @@ _dot_group_4 = _dot_group_intrinsic(4)
 
 
 @njit(cache=True, boundscheck=False)
-def _quantize_activation(x, xq, dx, sx):
-    """x [M, K] float32 -> xq [M, K] int16 (each run of 8 in `_SLOT` order), dx, sx [M, K / 32]:
+def _quantize_activation(x):
+    """x [M, K] float32 -> (xq [M, K] int16 (each run of 8 in `_SLOT` order), dx, sx [M, K / 32]):
     quantize_activation_torch's formula."""
+    num_groups = x.shape[1] // 32
+    xq = np.empty(x.shape, np.int16)
+    dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
     for m in range(x.shape[0]):
         for g in range(dx.shape[1]):
             amax = np.float32(0.0)
@@ -238,6 +241,7 @@ def _quantize_activation(x, xq, dx, sx):
             for k in range(g * 32, g * 32 + 32):
                 slot = k - k % 8 + _SLOT[k % 8]
                 xq[m, slot] = np.int16(np.round(x[m, k] / scale)) if scale > 0 else np.int16(0)
+    return xq, dx, sx
 
 
 @njit(cache=True, boundscheck=False)
@@ -265,10 +269,7 @@ def _tile(t, xq, dx, sx, weight, scale, low, out):
 def _int4_matmul_serial(x, weight, scale, low, out_features):
     """x [M, K] float32 -> out [M, N] float32, on the calling thread."""
     out = np.empty((x.shape[0], out_features), np.float32)
-    num_groups = x.shape[1] // 32
-    xq = np.empty(x.shape, np.int16)
-    dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
-    _quantize_activation(x, xq, dx, sx)
+    xq, dx, sx = _quantize_activation(x)
     for t in range(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
     return out
@@ -278,10 +279,7 @@ def _int4_matmul_serial(x, weight, scale, low, out_features):
 def _int4_matmul_parallel(x, weight, scale, low, out_features):
     """x [M, K] float32 -> out [M, N] float32, the tiles split over numba's threads."""
     out = np.empty((x.shape[0], out_features), np.float32)
-    num_groups = x.shape[1] // 32
-    xq = np.empty(x.shape, np.int16)
-    dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
-    _quantize_activation(x, xq, dx, sx)
+    xq, dx, sx = _quantize_activation(x)
     for t in prange(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
     return out
