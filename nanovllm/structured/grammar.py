@@ -132,13 +132,12 @@ class GrammarCompiler:
 class GrammarState:
     """One sequence's place in its grammar: an xgrammar GrammarMatcher fed the sequence's output tokens."""
 
-    __slots__ = ("matcher", "vocab_size", "stop_token_ids", "bitmask_width", "num_accepted", "failed", "terminated")
+    __slots__ = ("matcher", "vocab_size", "stop_token_ids", "num_accepted", "failed", "terminated")
 
     def __init__(self, compiled_grammar: Any, vocab_size: int, stop_token_ids: frozenset[int]):
         self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
-        self.vocab_size = vocab_size                # the tokens its grammar sorts
+        self.vocab_size = vocab_size                # the tokens its grammar sorts: a mask row of ceil(V / 32) words
         self.stop_token_ids = stop_token_ids        # the grammar's stop tokens
-        self.bitmask_width = -(-vocab_size // 32)   # int32 words of its bitmask row
         self.num_accepted = 0    # output tokens the matcher has taken
         self.failed = False      # a token the grammar rejects was appended: only a stop token may follow
         self.terminated = False  # the matcher took a stop token (its is_terminated(), kept here: see accept_tokens)
@@ -301,9 +300,9 @@ def accept_tokens(matchers: list[Any], token_ids: list[int]) -> list[bool]:
     xgrammar's public batch_accept_token reads its verdicts back one foreign-function call each, and
     each call lets go of the GIL and must take it back: on the mask thread, beside the engine's busy
     thread, every one of them waits its turn (on the host of an H200, 2.1 us a token alone, over a
-    millisecond beside a thread running Python). So the call goes to xgrammar's core, and one `0 in verdicts` (one call) says
-    whether any token was refused; only then are the verdicts read one by one. Where xgrammar's
-    internals differ, the public call."""
+    millisecond beside a thread running Python). So the call goes to xgrammar's core, and one
+    `0 in verdicts` (one call) says whether any token was refused; only then are the verdicts read
+    one by one. Where xgrammar's internals differ, the public call."""
     xgr = _xgrammar()
     try:
         from xgrammar.base import _core
