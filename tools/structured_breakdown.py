@@ -16,17 +16,14 @@ import sys
 import time
 
 import nanovllm.runner.model_runner as model_runner
+import nanovllm.structured.grammar as grammar
 from nanovllm.bench.harness import generate
+from nanovllm.bench.workloads import BENCH_JSON_SCHEMA
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
-import nanovllm.structured.grammar as grammar
 from nanovllm.structured.grammar import GrammarBitmask
 
-SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
-                                           "notes": {"type": "array", "items": {"type": "string"}},
-                                           "score": {"type": "integer"}},
-          "required": ["title", "notes", "score"]}
 TIMES: dict[str, float] = collections.defaultdict(float)
 COUNTS: dict[str, int] = collections.defaultdict(int)
 
@@ -65,7 +62,7 @@ def main() -> None:
     prompts = [[rng.randrange(vocab) for _ in range(256)] for _ in range(args.num_requests)]
     for share in [int(k) for k in args.shares.split(",")]:
         params = [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
-                                 structured_outputs={"json": SCHEMA} if share and i % share == 0 else None)
+                                 structured_outputs={"json": BENCH_JSON_SCHEMA} if share and i % share == 0 else None)
                   for i in range(args.num_requests)]
         TIMES.clear(); COUNTS.clear()
         start = time.perf_counter()

@@ -25,14 +25,11 @@ import time
 import numpy as np
 import torch
 
+from nanovllm.bench.workloads import BENCH_JSON_SCHEMA
 from nanovllm.ops.bitmask import apply_token_bitmask
 from nanovllm.structured.grammar import GrammarBitmask, GrammarState
 
 VOCAB_SIZE = 128256   # Llama 3's logits
-SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
-                                           "notes": {"type": "array", "items": {"type": "string"}},
-                                           "score": {"type": "integer"}},
-          "required": ["title", "notes", "score"]}
 
 
 def compiled_schema(vocab: str) -> tuple[object, int, int]:
@@ -56,7 +53,7 @@ def compiled_schema(vocab: str) -> tuple[object, int, int]:
         eos = hf.eos_token_id
         if vocab == "padded":   # the engine's own compiler, as the benchmark runs it
             compiler = GrammarCompiler(tokenizer, VOCAB_SIZE, [eos])
-            return compiler.compile(StructuredOutputsParams(json=SCHEMA)), compiler.vocab_size, eos
+            return compiler.compile(StructuredOutputsParams(json=BENCH_JSON_SCHEMA)), compiler.vocab_size, eos
         decoded = list(xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=len(hf)).decoded_vocab)
     ordinary = [i for i, token in enumerate(decoded) if token and i != eos]
     rng = random.Random(0)
@@ -68,7 +65,7 @@ def compiled_schema(vocab: str) -> tuple[object, int, int]:
             decoded.append(token)
     info = xgrammar.TokenizerInfo(decoded, xgrammar.VocabType.RAW, vocab_size=VOCAB_SIZE, stop_token_ids=[eos])
     compiler = xgrammar.GrammarCompiler(info, max_threads=2)
-    return compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False), VOCAB_SIZE, eos
+    return compiler.compile_json_schema(json.dumps(BENCH_JSON_SCHEMA), any_whitespace=False), VOCAB_SIZE, eos
 
 
 def main() -> None:
@@ -88,7 +85,7 @@ def main() -> None:
 def probe(compiled: object, mask_vocab: int, eos: int, num_rows: int, num_steps: int, threads: int | None,
           device: torch.device, vocab: str) -> None:
     rows = list(range(0, num_rows, 2))                          # the constrained rows
-    states = [GrammarState(compiled, mask_vocab) for _ in rows]
+    states = [GrammarState(compiled, mask_vocab, frozenset([eos])) for _ in rows]
     masks = GrammarBitmask(num_rows, [eos], device, threads=threads)
     logits = torch.randn(num_rows, VOCAB_SIZE, device=device)   # [B, V]
     rng = np.random.default_rng(0)

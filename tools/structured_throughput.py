@@ -24,14 +24,11 @@ import time
 from pathlib import Path
 
 from nanovllm.bench.harness import generate
+from nanovllm.bench.workloads import BENCH_JSON_SCHEMA
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
 
-SCHEMA = {"type": "object", "properties": {"title": {"type": "string"},
-                                           "notes": {"type": "array", "items": {"type": "string"}},
-                                           "score": {"type": "integer"}},
-          "required": ["title", "notes", "score"]}
 
 
 def tokenizer_path() -> str:
@@ -65,7 +62,7 @@ def main() -> None:
     def workload(constrained_share: int) -> list[SamplingParams]:
         """Every `constrained_share`-th request under the schema (0: none)."""
         return [SamplingParams(temperature=1.0, seed=i, max_tokens=args.output_len, ignore_eos=True,
-                               structured_outputs={"json": SCHEMA}
+                               structured_outputs={"json": BENCH_JSON_SCHEMA}
                                if constrained_share and i % constrained_share == 0 else None)
                 for i in range(args.num_requests)]
 

@@ -32,7 +32,8 @@ THROUGHPUT_NUM_PROMPTS = 256
 THROUGHPUT_TEMPERATURE = 0.6
 MAX_TOKEN_ID = 10000          # bench.py draws prompt ids from [0, 10000]
 BENCH_JSON_SCHEMA = {"type": "object",
-                     "properties": {"title": {"type": "string"}, "notes": {"type": "array", "items": {"type": "string"}},
+                     "properties": {"title": {"type": "string"},
+                                    "notes": {"type": "array", "items": {"type": "string"}},
                                     "score": {"type": "integer"}},
                      "required": ["title", "notes", "score"]}
 
