@@ -473,6 +473,17 @@ def engine_over(loaded, **engine_args):
     return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
 
 
+@pytest.fixture
+def make_engine(tiny_llama_loaded):
+    """make_engine(**engine_args) -> an engine over the tiny Llama (weights loaded once), max_model_len 128
+    unless given (test files with other defaults define their own)."""
+    def make(**engine_args):
+        engine_args.setdefault("max_model_len", 128)
+        return engine_over(tiny_llama_loaded, **engine_args)
+
+    return make
+
+
 class PoisonedTorch:
     """torch, except that `empty` fills floating-point buffers with NaN, so an element a
     kernel forgets to write shows up (monkeypatched into the kernel modules by tests)."""

@@ -15,7 +15,6 @@ from nanovllm.engine.engine import LLMEngine, StepInfo
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import Tokenizer
-from conftest import engine_over
 
 GREEDY = dict(temperature=0.0)
 
@@ -23,16 +22,6 @@ GREEDY = dict(temperature=0.0)
 @pytest.fixture
 def loaded(tiny_llama_loaded):
     return tiny_llama_loaded
-
-
-@pytest.fixture
-def make_engine(tiny_llama_loaded):
-    """make_engine(**engine_args) -> an engine over the tiny Llama (weights loaded once)."""
-    def make(**engine_args) -> LLMEngine:
-        engine_args.setdefault("max_model_len", 128)
-        return engine_over(tiny_llama_loaded, **engine_args)
-
-    return make
 
 
 def run_all(engine: LLMEngine) -> dict[str, list[RequestOutput]]:

@@ -3,7 +3,7 @@ its number of samples, metrics from a clock that ticks once a call, counters, th
 holds back for its stop strings, delta streams that owe their prompt log-probabilities, outputs
 that later steps leave alone, and a step whose tokens fail to arrive.
 
-Each test builds its engine over the tiny Llama loaded once (conftest.engine_over) and runs a few
+Each test builds its engine over the tiny Llama loaded once (conftest.make_engine) and runs a few
 steps: together they take a second or two, so that a mutation run over engine.py can afford them.
 """
 from __future__ import annotations
@@ -17,19 +17,9 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from conftest import engine_over
 from test_engine import LetterTokenizer
 
 GREEDY = dict(temperature=0.0)
-
-
-@pytest.fixture
-def make_engine(tiny_llama_loaded):
-    def make(**engine_args) -> LLMEngine:
-        engine_args.setdefault("max_model_len", 128)
-        return engine_over(tiny_llama_loaded, **engine_args)
-
-    return make
 
 
 @pytest.fixture
