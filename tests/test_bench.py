@@ -174,7 +174,7 @@ def test_throughput_cli_prints_the_table_with_a_fraction_of_roofline(tiny_llama,
     assert json.loads(saved.read_text()) == result                  # the same schema-1 result as --json writes
     assert result["schema"] == report.SCHEMA and result["card"].startswith(result["machine"]["cpu"])
     (row,) = report.result_rows(report.load_results(tmp_path / "saved"))
-    assert (row.workload, row.figure, row.measured) == ("random", "output tok/s", figure["measured"])
+    assert (row.workload, row.figure, row.measured) == ("random 4 x 16/8", "output tok/s", figure["measured"])
 
 
 def test_a_structured_output_ratio_puts_that_share_under_the_schema_and_names_the_result(tiny_llama, tmp_path, capsys,

@@ -247,13 +247,25 @@ def model_label(model: dict, batch_invariant: bool = False, structured_output_ra
     return ", ".join([model["name"]] + [detail for detail in details if detail not in (None, "auto")])
 
 
+def workload_label(name: str, result: dict) -> str:
+    """"random 512 x 256/256" for the `random` dataset, whose runs differ only in their shape (requests x
+    prompt/output tokens), so that runs of different shapes get rows of their own; any other name as it is."""
+    workload = (result.get("workloads") or {}).get(name) or {}
+    prompt_lens, output_lens = workload.get("prompt_len_range"), workload.get("output_len_range")
+    if name != "random" or not prompt_lens or not output_lens:
+        return name
+    prompt_len = prompt_lens[0] if prompt_lens[0] == prompt_lens[1] else "{}-{}".format(*prompt_lens)
+    output_len = output_lens[0] if output_lens[0] == output_lens[1] else "{}-{}".format(*output_lens)
+    return f"{name} {workload['num_requests']} x {prompt_len}/{output_len}"
+
+
 def result_rows(results: list[tuple[str, dict]]) -> list[Row]:
     rows = []
     for file, result in results:
         model = model_label(result["model"], _batch_invariant(result), _structured_output_ratio(result),
                             result.get("engine_config"))
         for figure in result["figures"]:
-            rows.append(Row(date=result["date"], workload=figure["workload"], model=model,
+            rows.append(Row(date=result["date"], workload=workload_label(figure["workload"], result), model=model,
                             card=result["card"], figure=figure["figure"], measured=figure["measured"],
                             roofline=figure["roofline"], fraction=figure["fraction_of_roofline"],
                             peers=_peer_text(figure), commit=(result["git_commit"] or "")[:7]
