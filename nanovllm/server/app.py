@@ -59,7 +59,8 @@ from nanovllm.server.protocol import (
 )
 from nanovllm.server.reasoning import REASONING_PARSERS
 from nanovllm.server.tool_parsers import get_tool_parser
-from nanovllm.server.security import JsonContentTypeMiddleware, SecurityConfig, add_security_middleware
+from nanovllm.server.security import (JsonContentTypeMiddleware, SecurityConfig, add_security_middleware,
+                                      error_response)
 from nanovllm.tokenizer import TokenOffsets
 
 
@@ -119,8 +120,7 @@ class OpenAIError(Exception):
     def response(self) -> JSONResponse:
         # A 503 is temporary (a full queue, a restart): Retry-After tells clients when to come back.
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status_code == 503 else None
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status_code,
-                            headers=headers)
+        return error_response(self.status_code, **self.info.model_dump(), headers=headers)
 
 
 def build_app(engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None, *,

@@ -40,6 +40,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanovllm.server.protocol import ErrorInfo, ErrorResponse
+
 # Paths open without the API key: a load balancer's liveness probe carries none.
 OPEN_PATHS = frozenset({"/health"})
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -112,10 +114,11 @@ def uvicorn_settings(config: SecurityConfig) -> dict[str, Any]:
 
 
 def error_response(status_code: int, message: str, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """OpenAI's error body (the server's protocol module holds the same shape)."""
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": code}}, status_code=status_code, headers=headers)
+                   headers: dict[str, str] | None = None, type: str = "invalid_request_error",
+                   param: str | None = None) -> JSONResponse:
+    """OpenAI's error body ({"error": {message, type, param, code}}, protocol.ErrorResponse) and status."""
+    error = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+    return JSONResponse(error.model_dump(), status_code=status_code, headers=headers)
 
 
 class HostCheckMiddleware:
