@@ -29,7 +29,8 @@ step tests 70 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_g
 
 # each decode linear of Llama-3.1-8B and -3.2-1B at 1 and 4 rows against cuBLAS bf16, weights cycled past L2,
 # and a sweep of the one-row tiles (FP8 GEMV widths / steps / splits, W4A16 GEMV widths / splits)
-step kernel-timing 90 $PY tools/quant_gemv_probe.py --sweep --json "$OUT/kernel-timing.json"
+# (OLD=path/to/another/quant_linear_triton.py also times that file's kernels: before/after)
+step kernel-timing 90 $PY tools/quant_gemv_probe.py --sweep ${OLD:+--old "$OLD"} --json "$OUT/kernel-timing.json"
 
 for model in llama-3.2-1b llama-3.1-8b; do
     for q in bf16 fp8 w4a16; do
