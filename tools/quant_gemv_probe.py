@@ -85,27 +85,27 @@ def main() -> None:
                 rows.append(row)
                 print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                for key, value in row.items()), flush=True)
-                if args.sweep and name != "lm_head" and m == 1:
+                if args.sweep and m == 1:
                     sweep(rows, model, name, n, k, m, x, fp8, w4)
     if args.json:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
 
 
 def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4) -> None:
-    Tiles, sms = kernels.Tiles, kernels.sm_count(x.device)
-    block_m = 1 if m == 1 else 4
+    """One row: the FP8 GEMV's and the W4A16 GEMV's tiles, each timed with the sum of its partials."""
+    Tiles, sms, block_m = kernels.Tiles, kernels.sm_count(x.device), 1
     for block_n, block_k, warps in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8),
                                     (64, 256, 8)):
-        if m > 1 and block_n * block_k > 4096 * warps // 4:
-            continue
-        for split_k in (1, 2, 4, 8):
-            if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
+        for split_k in (1, 2, 4, 8):     # any width unsplit (the LM head's too), splits up to 8 programs an SM
+            if split_k > 1 and math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
                 continue
             tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
             us = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: kernels.sum_partials(
                 kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
             rows.append({"model": model, "layer": name, "m": m, "fp8_tiles": str(tiles), "fp8_us": us})
             print(f"  sweep fp8 {name} m={m} {tiles}: {us:.2f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
+    if name == "lm_head":     # W4A16 leaves the head in e4m3
+        return
     for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 8), (64, 256, 8), (16, 256, 4)):
         for split_k in (1, 2, 4, 8):
             if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
