@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
-                                       quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
+from nanovllm.ops.quant_linear import (fp8_w8a8_linear_torch, fp8_weight_only_linear_torch, pack_int4,
+                                       quantize_fp8_per_channel, quantize_fp8_per_token_torch, w4a16_linear_torch,
+                                       w8a16_linear_torch)
 from conftest import IN_INTERPRETER, in_interpreter, run_in_interpreter
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -150,7 +151,7 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
         xq, x_scale, weight, weight_scale, b if bias else weight_scale, out, num_rows, out_features, in_features,
         xq.stride(0), k_per_split, HAS_BIAS=bias, QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
-    torch.testing.assert_close(out.sum(0), fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.sum(0), fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
 
 
 @in_interpreter
@@ -169,7 +170,49 @@ def test_fp8_gemm_quantizes_activations_in_its_prologue(num_rows, out_features, 
     b = torch.randn(out_features, generator=generator)
     tiles = Tiles(16, 32, 32, split_k, quantize_x=True)
     out = sum_partials(fp8_linear_tiles(x, weight, weight_scale, b, tiles), x.dtype)
-    torch.testing.assert_close(out, fp8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_rows,out_features,in_features,bias", [
+    (1, 37, 200, False), (1, 50, 1100, True), (3, 19, 96, True),    # 3 rows: a program each
+])
+def test_fp8_gemv_kernel_matches_the_weight_only_reference(dtype, num_rows, out_features, in_features, bias,
+                                                           poisoned_outputs):
+    """One row is weight-only: x is not quantized, the e4m3 weight times its channel's scale
+    multiplies it in float32. K not a multiple of the step (masked), and split unevenly."""
+    from nanovllm.ops.quant_linear_triton import Tiles, fp8_linear_tiles, fp8_linear_triton
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = (torch.randn(num_rows, in_features, generator=generator) * 4).to(dtype)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    expected = fp8_weight_only_linear_torch(x, weight, weight_scale, b)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else TOLERANCE[dtype]   # sums of ~1,000 terms
+    if num_rows == 1:     # as the engine launches it
+        torch.testing.assert_close(fp8_linear_triton(x, weight, weight_scale, b), expected, **tolerance)
+    for block_n, block_k, split_k in ((8, 64, 3), (16, 32, 1)):    # 3 splits: the last has fewer steps, or none
+        partials = fp8_linear_tiles(x, weight, weight_scale, b, Tiles(1, block_n, block_k, split_k))
+        assert partials.shape[-2:] == (num_rows, out_features)
+        summed = partials.sum(0) if split_k > 1 else partials.float()
+        torch.testing.assert_close(summed.to(dtype), expected, **tolerance)
+
+
+@in_interpreter
+@pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
+def test_w4a16_gemv_keeps_its_products_normal_over_the_range_of_activations(offsets, poisoned_outputs):
+    """The GEMV multiplies x 2^(EXP_X - 4 j) by subnormal codes: activations from 2^-40 to 2^30
+    (a row each) still give the reference's products, each row to float32 rounding."""
+    from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_tiles
+
+    qweight, scales, zeros = four_bit_weight(21, 256, 128, seed=3, offsets=offsets)
+    generator = torch.Generator().manual_seed(7)
+    magnitudes = torch.tensor([2.0 ** -40, 2.0 ** -12, 1.0, 2.0 ** 30])[:, None]
+    x = torch.randn(4, 256, generator=generator) * magnitudes
+    out = w4a16_linear_tiles(x, qweight, scales, zeros, None, Tiles(4, 16, 128, split_k=1))
+    expected = w4a16_linear_torch(x, qweight, scales, zeros)
+    torch.testing.assert_close(out / magnitudes, expected / magnitudes, rtol=1e-5, atol=1e-5)
 
 
 @in_interpreter
@@ -226,6 +269,10 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                            BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
                                       w8).asm["cubin"]
     if block_m == 16:
+        for block_n, block_k in ((8, 512), (32, 256)):     # the FP8 GEMV's two tiles
+            assert compile_for_hopper(kernels._fp8_gemv_kernel,
+                                      dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k),
+                                      {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": out_type}).asm["cubin"]
         assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
                                   dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
                                   {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}).asm["cubin"]
@@ -241,6 +288,7 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 32, 4, 4), ("_fp8_gemm_kernel", 128, 128, 8, 3),
+    ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k256", 1, 32, 4, 1),
     ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
     ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
 ]
@@ -265,7 +313,10 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     name, _, variant = name.partition("/")
     kernel = getattr(kernels, name)
     constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
-    if name == "_fp8_gemm_kernel":
+    if name == "_fp8_gemv_kernel":
+        constexprs.update(BLOCK_K=int(variant[1:]))
+        types = {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}
+    elif name == "_fp8_gemm_kernel":
         constexprs.update(QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448)
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
     elif name == "_w8a16_kernel":     # Q6_K's groups of 16, with the offsets of a mixed layer

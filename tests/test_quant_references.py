@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from nanovllm.ops.quant_linear import (_w4a16_tiles_fit, dequantize_w4, fp8_linear, fp8_linear_or_partials,
-                                       fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
+                                       fp8_linear_torch, fp8_w8a8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, unpack_int4, w4a16_linear,
                                        w4a16_linear_or_partials, w4a16_linear_torch)
 
@@ -141,3 +141,16 @@ def test_fp8_reference_multiplies_the_codes_and_scales_both_sides_per_row_and_ch
     torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-5, atol=1e-5)
     for on_the_cpu in (fp8_linear, fp8_linear_or_partials):                 # the CPU takes the reference
         assert torch.equal(on_the_cpu(x, wq, w_scale, b), got)
+
+
+def test_fp8_weight_only_reference_skips_the_activation_rounding():
+    """At one row the reference multiplies x as it is; at two it quantizes each row to e4m3 first."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, generator=generator)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(9, 64, generator=generator))
+    exact = x @ (weight.float() * weight_scale[:, None]).T
+    torch.testing.assert_close(fp8_linear_torch(x[:1], weight, weight_scale), exact[:1], rtol=1e-5, atol=1e-5)
+    w8a8 = fp8_linear_torch(x, weight, weight_scale)
+    assert torch.equal(w8a8, fp8_w8a8_linear_torch(x, weight, weight_scale))
+    assert torch.equal(fp8_linear(x[:1], weight, weight_scale), fp8_linear_torch(x[:1], weight, weight_scale))
+    assert (w8a8[:1] - exact[:1]).abs().max() > 1e-3      # e4m3 activations: 3 mantissa bits

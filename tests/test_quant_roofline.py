@@ -42,6 +42,13 @@ def test_an_online_quantized_head_counts_at_its_stored_size():
     assert fp8.weight_bytes == bf16.linear_params + bf16.lm_head_params + bf16.norm_params * 2
 
 
+def test_online_w4a16_keeps_its_head_in_e4m3_and_counts_it_at_one_byte():
+    method = quantization_method(None, "w4a16")
+    head = method.lm_head_method()
+    assert head is not None and head.name == "fp8" and head.bytes_per_weight == 1.0
+    assert method.bytes_per_weight == 0.5 + 5 / 128
+
+
 def test_online_gguf_layouts_count_their_stored_bytes():
     """int8 codes and a float32 scale per 32 (Q8_0); 4-bit codes, a float32 scale and offset per 32 (Q4_K)."""
     assert quantization_method(None, "gguf-q8_0").bytes_per_weight == 1 + 4 / 32

@@ -143,8 +143,8 @@ class Bench:
             linear_bytes = gguf_bytes_per_weight(resolve_model(config.model))   # as loaded, not as in the file
         self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size(),
                                           WEIGHT_FORMAT_BYTES.get(config.dtype), linear_bytes,
-                                          quantized.bytes_per_weight if quantized and quantized.quantizes_lm_head
-                                          else None,
+                                          quantized.lm_head_method().bytes_per_weight
+                                          if quantized and quantized.lm_head_method() else None,
                                           config.kv_cache_torch_dtype.itemsize
                                           if config.kv_cache_torch_dtype != config.torch_dtype else None)
         self.peers = _parse_peers(args.peer if args.peer is not None else DEFAULT_PEERS[args.kind])

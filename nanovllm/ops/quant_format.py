@@ -11,6 +11,8 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                    # the largest finite e4m3fn value
 FP8_MIN_SCALE = 1e-12 / FP8_MAX    # keeps an all-zero row's scale positive (vLLM's floor)
+# Up to this many rows an FP8 product is weight-only (W8A16): the activations are not quantized
+FP8_WEIGHT_ONLY_MAX_ROWS = 1
 PACK_FACTOR = 8                    # 4-bit codes per int32
 
 

@@ -9,6 +9,11 @@ bandwidth. Storing a weight in 8 or 4 bits reads a half or a quarter of bfloat16
   (amax / 448, 448 being e4m3's largest value). The product of the two fp8 matrices is
   accumulated in float32 and scaled by scale_x[m] * scale_w[n] afterwards:
   out[m, n] = scale_x[m] * scale_w[n] * sum_k xq[m, k] * wq[n, k].
+  A product of one row (FP8_WEIGHT_ONLY_MAX_ROWS: a decode step of one sequence) is
+  weight-only instead (W8A16): out[n] = scale_w[n] * sum_k x[k] * wq[n, k], x unrounded. It
+  reads the same weight bytes, needs no quantization of x (on the GPU: no kernel launch before
+  each product, which at one row reads the weight in a few microseconds), and loses less: the
+  e4m3 rounding of the activations is most of FP8's error (docs/reference/quantization.md).
 - **W4A16** (`compressed-tensors` pack-quantized, GPTQ and AWQ all end here after loading):
   codes q in 0..15, eight to an int32 along K (code k of a row in bits 4 (k % 8) .. of
   word k // 8, the low nibble first), with a scale and an integer zero point per group of
@@ -33,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
-from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, PACK_FACTOR, w4a16_block_k
+from nanovllm.ops.quant_format import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, PACK_FACTOR,
+                                       w4a16_block_k)
 
 
 
@@ -55,9 +61,28 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
 def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (16 or 32 bits), weight [N, K] float8_e4m3fn, weight_scale [N] float32,
-    bias [N] or None -> [M, N] in x's dtype. x is quantized per row to e4m3 first."""
+    bias [N] or None -> [M, N] in x's dtype. x is quantized per row to e4m3 first (W8A8), except
+    at up to FP8_WEIGHT_ONLY_MAX_ROWS rows (a decode step of one sequence), where the weight
+    multiplies x as it is (W8A16, fp8_weight_only_linear_torch)."""
+    if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
+        return fp8_weight_only_linear_torch(x, weight, weight_scale, bias)
+    return fp8_w8a8_linear_torch(x, weight, weight_scale, bias)
+
+
+def fp8_w8a8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As fp8_linear_torch at any number of rows: x quantized per row to e4m3 (W8A8)."""
     xq, x_scale = quantize_fp8_per_token_torch(x)
     out = xq.float() @ weight.float().T * x_scale[:, None] * weight_scale.float()[None, :]   # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def fp8_weight_only_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As fp8_linear_torch, but x is not quantized: out = x @ (e4m3 weight * scale)^T in float32."""
+    out = x.float() @ weight.float().T * weight_scale.float()[None, :]                      # [M, N]
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

@@ -146,8 +146,10 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
 # (an H200 parted graph and eager runs at a gap of 0.0625).
 # With fp8 the activations are quantized per token too: the graph's padded batch moved a log-probability
 # by up to 0.11 on an H200, so a tie within twice that may part (a gap of 0.25 against 0.0 was seen).
-NEAR_TIE = {"w4a16": 0.13, "fp8": 0.3}
-LOGPROB_APART = {"w4a16": 0.1, "fp8": 0.5}   # graph against eager, a token's log-probability (below)
+# w4a16's LM head is e4m3 as well (quantized per token at these 13 to 16 rows), so its log-probabilities
+# move as fp8's do (0.137 seen on an H200 where the bound for a bfloat16 head had been 0.1).
+NEAR_TIE = {"w4a16": 0.3, "fp8": 0.3}
+LOGPROB_APART = {"w4a16": 0.5, "fp8": 0.5}   # graph against eager, a token's log-probability (below)
 
 
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])

@@ -80,15 +80,16 @@ def load_quantized_checkpoint(model: nn.Module, method: QuantizationMethod,
 
 
 def quantize_loaded_model(model: nn.Module, method: QuantizationMethod) -> None:
-    """Replace each float linear layer of the decoder (and the LM head if `method` says so) by
-    `method`'s layer of its weight, in place."""
-    linears = list(_linears(model))
-    if method.quantizes_lm_head:
-        linears.append((model, "lm_head", model.lm_head))
-    for parent, attr, linear in linears:
+    """Replace each float linear layer of the decoder by `method`'s layer of its weight, and the LM
+    head by its `lm_head_method`'s (if any), in place."""
+    linears = [(parent, attr, linear, method) for parent, attr, linear in _linears(model)]
+    head_method = method.lm_head_method()
+    if head_method is not None:
+        linears.append((model, "lm_head", model.lm_head, head_method))
+    for parent, attr, linear, layer_method in linears:
         with _like(linear.weight):
-            layer = method.make_layer(linear.in_features, linear.out_features, linear.bias is not None)
-        for name, value in method.convert(attr, {"weight": linear.weight.data}).items():
+            layer = layer_method.make_layer(linear.in_features, linear.out_features, linear.bias is not None)
+        for name, value in layer_method.convert(attr, {"weight": linear.weight.data}).items():
             getattr(layer, name).copy_(value)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.data)

@@ -31,6 +31,11 @@ class QuantizationMethod:
             return 1.0                                   # e4m3
         return 0.5 + 5 / group_size if group_size > 0 else 0.5   # codes, a float32 scale and a uint8 zero a group
 
+    def lm_head_method(self) -> QuantizationMethod | None:
+        """The method that quantizes the LM head (an online method's quantize_loaded_model), or None
+        to keep it in the model's dtype: this one, unless a subclass stores the head another way."""
+        return self if self.quantizes_lm_head else None
+
     def required(self) -> frozenset[str]:
         """The tensors one quantized HF module must have in the checkpoint."""
         raise NotImplementedError

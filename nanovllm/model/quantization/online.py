@@ -1,9 +1,11 @@
 """Online quantization: a float checkpoint (or dummy weights) quantized once loaded.
 
-fp8 quantizes the LM head as well as the decoder's linear layers: decode reads it every step,
-and in 16 bits it would be a fifth of Llama-3.2-1B's bytes. A head tied to the embedding gets
-its own e4m3 copy; the embedding stays 16-bit for its lookups. w4a16 keeps the head in 16 bits
-(4-bit round-to-nearest moved the tiny test model's logits by 10% of their range, e4m3 by 4%).
+fp8 and w4a16 quantize the LM head as well as the decoder's linear layers: decode reads it every
+step, and in 16 bits it would be a fifth of Llama-3.2-1B's bytes. Both store it in e4m3 (w4a16
+too: 4-bit round-to-nearest moved the tiny test model's logits by 10% of their range, e4m3 by
+4%); a decode step of one sequence multiplies it weight-only, its activations unrounded
+(ops/quant_linear.py). A head tied to the embedding gets its own e4m3 copy; the embedding stays
+16-bit for its lookups.
 
 - **fp8** (vLLM's `quantization="fp8"`): each row (output channel) of a linear weight gets
   the scale amax(|row|) / 448, so its largest weight lands on e4m3's largest value;
@@ -57,6 +59,10 @@ class OnlineW4A16(QuantizationMethod):
     name = "w4a16"
     online = True
     group_size = W4_GROUP_SIZE
+    quantizes_lm_head = True
+
+    def lm_head_method(self) -> QuantizationMethod:
+        return OnlineFp8()          # the head in e4m3, not in 4 bits (see the module docstring)
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return W4A16Linear(in_features, out_features, _group_size(in_features), bias)

@@ -1,0 +1,121 @@
+"""Probe: where does a batch-1 decode step of a quantized Llama spend its time, linear by linear?
+
+Times each linear of Llama-3.1-8B and Llama-3.2-1B at 1 and 4 rows as the engine runs it (the
+whole op: FP8's activation quantization and the sum of K's partial products included), inside
+CUDA graphs (no launch overhead between the calls of one replay), each call on another copy of
+the weight so that it comes from HBM and not from the 60 MB L2; against cuBLAS bfloat16, and
+with a sweep of the few-row tiles. Prints microseconds and the weight bytes read per second.
+`--old PATH` also times the kernels of another checkout's quant_linear_triton.py (before/after).
+
+    python tools/quant_gemv_probe.py [--old ../nanovllm/ops/quant_linear_triton.py] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.bench.graph_timing import graph_time_us
+from nanovllm.ops import quant_linear_triton as kernels
+from nanovllm.ops.quant_linear import pack_int4, quantize_fp8_per_channel
+
+SHAPES = {"llama-3.1-8b": {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
+                           "down_proj": (4096, 14336), "lm_head": (128256, 4096)},
+          "llama-3.2-1b": {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (16384, 2048),
+                           "down_proj": (2048, 8192), "lm_head": (128256, 2048)}}
+L2_BYTES = 200e6          # weights cycled through copies of at least this many bytes
+
+
+def cycled_us(make_call, bytes_per_copy: float) -> float:
+    """Mean microseconds of one call, each call on its own copy of the weight (make_call(i) -> fn)."""
+    copies = max(1, math.ceil(L2_BYTES / bytes_per_copy))
+    calls = [make_call(i) for i in range(copies)]
+    try:
+        return graph_time_us(lambda: [call() for call in calls], replays=10, warmup=2) / copies
+    except Exception as error:        # a tile over shared memory, a compile error
+        print("  not timed:", str(error).splitlines()[0][:200], flush=True)
+        return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--old", help="another quant_linear_triton.py to time beside this one")
+    parser.add_argument("--json")
+    parser.add_argument("--sweep", action="store_true", help="also a sweep of the few-row tiles")
+    args = parser.parse_args()
+    old = None
+    if args.old:
+        spec = importlib.util.spec_from_file_location("old_quant_linear_triton", args.old)
+        old = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = old          # dataclasses look their module up there
+        spec.loader.exec_module(old)
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    rows = []
+    for model, shapes in SHAPES.items():
+        for name, (n, k) in shapes.items():
+            bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02]
+            fp8 = [quantize_fp8_per_channel(bf16[0])]
+            w4 = [(pack_int4(torch.randint(0, 16, (n, k), device="cuda")),
+                   torch.rand(n, k // 128, device="cuda") * 0.01,
+                   torch.randint(0, 16, (n, k // 128), device="cuda").to(torch.uint8))]
+            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5)):    # distinct copies, so that L2 holds none
+                while len(copies) < math.ceil(L2_BYTES / (n * k * nbytes)):
+                    first = copies[0]
+                    copies.append(first.clone() if isinstance(first, torch.Tensor) else tuple(t.clone() for t in first))
+            for m in (1, 4):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {"model": model, "layer": name, "n": n, "k": k, "m": m}
+                fp8_op, w4a16_op = kernels.fp8_linear_triton, kernels.w4a16_linear_triton
+                row["bf16_us"] = cycled_us(lambda i: (lambda w=bf16[i % len(bf16)]: F.linear(x, w)), 2 * n * k)
+                row["fp8_us"] = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: fp8_op(x, *w)), n * k)
+                row["w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: w4a16_op(x, *w)), n * k / 2)
+                if old is not None:
+                    old_fp8, old_w4a16 = old.fp8_linear_triton, old.w4a16_linear_triton
+                    row["old_fp8_us"] = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: old_fp8(x, *w)), n * k)
+                    row["old_w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: old_w4a16(x, *w)), n * k / 2)
+                for key, nbytes in (("bf16", 2), ("fp8", 1), ("w4a16", 0.5 + 5 / 128), ("old_fp8", 1),
+                                    ("old_w4a16", 0.5 + 5 / 128)):
+                    if f"{key}_us" in row:
+                        row[f"{key}_TBps"] = round(n * k * nbytes / row[f"{key}_us"] / 1e6, 3)
+                rows.append(row)
+                print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                               for key, value in row.items()), flush=True)
+                if args.sweep and m == 1:
+                    sweep(rows, model, name, n, k, m, x, fp8, w4)
+    if args.json:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
+
+
+def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4) -> None:
+    """One row: the FP8 GEMV's and the W4A16 GEMV's tiles, each timed with the sum of its partials."""
+    Tiles, sms, block_m = kernels.Tiles, kernels.sm_count(x.device), 1
+    for block_n, block_k, warps in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8),
+                                    (64, 256, 8)):
+        for split_k in (1, 2, 4, 8):     # any width unsplit (the LM head's too), splits up to 8 programs an SM
+            if split_k > 1 and math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
+                continue
+            tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
+            us = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: kernels.sum_partials(
+                kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
+            rows.append({"model": model, "layer": name, "m": m, "fp8_tiles": str(tiles), "fp8_us": us})
+            print(f"  sweep fp8 {name} m={m} {tiles}: {us:.2f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
+    if name == "lm_head":     # W4A16 leaves the head in e4m3
+        return
+    for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 8), (64, 256, 8), (16, 256, 4)):
+        for split_k in (1, 2, 4, 8):
+            if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
+                continue
+            tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
+            us = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: kernels.sum_partials(
+                kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
+            rows.append({"model": model, "layer": name, "m": m, "w4a16_tiles": str(tiles), "w4a16_us": us})
+            print(f"  sweep w4a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 0.539 / us / 1e6:.2f} TB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
