@@ -277,6 +277,7 @@ class LLMEngine:
             return [None] * params.n
         if self.grammar_compiler is None:
             self.grammar_compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
+            self.runner.grammar_masks_for(self.grammar_compiler)   # its process starts now, before any step
         return [self.grammar_compiler.new_state(params.structured_outputs) for _ in range(params.n)]
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:

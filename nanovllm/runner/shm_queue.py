@@ -134,7 +134,7 @@ def _unlink(memory: shared_memory.SharedMemory) -> None:
         pass
 
 
-class _Waiter:
+class Waiter:
     """Spin, then back off; check a peer every LIVENESS_S; give up at the deadline."""
 
     def __init__(self, timeout_s: float | None, what: str):
@@ -200,7 +200,7 @@ class ShmQueueWriter:
         readers = self.segment.readers
         if number < 1 or readers[:, 1].min() >= number:
             return
-        waiter = _Waiter(timeout_s, f"the writer waited for its readers to read message {number}")
+        waiter = Waiter(timeout_s, f"the writer waited for its readers to read message {number}")
 
         def check() -> None:
             if watch is not None:
@@ -248,7 +248,7 @@ class ShmQueueReader:
         number = self.num_read + 1
         slot = (number - 1) % segment.num_slots
         if segment.slots[slot, 0] != number:
-            waiter = _Waiter(timeout_s, f"reader {self.index} waited for message {number}")
+            waiter = Waiter(timeout_s, f"reader {self.index} waited for message {number}")
             while segment.slots[slot, 0] != number:
                 waiter.pause(self._check_writer)
         memory_fence()                 # the number before the message it publishes
