@@ -207,3 +207,29 @@ def test_the_compiler_made_from_its_spec_compiles_the_same_grammar(compiler):
     again = GrammarCompiler.from_spec(json.loads(json.dumps(compiler.spec())))
     assert again.vocab_size == compiler.vocab_size and again.stop_token_ids == compiler.stop_token_ids
     assert again.compile(SCHEMA.key).serialize_json() == compiler.compile(SCHEMA.key).serialize_json()
+
+
+def test_a_request_the_process_fails_raises_its_error_and_the_next_request_is_served(compiler, masks):
+    stray = compiler.new_state(DIGITS)
+    masks.build([stray], [[]], [0])
+    stray.slot += 10**6                       # a matcher the process never made
+    with pytest.raises(GrammarProcessError, match="failed on request .*KeyError"):
+        masks.build([stray], [[]], [0])
+    state = compiler.new_state(DIGITS)
+    bitmask, _ = masks.build([state], [[]], [0])
+    assert compiler.tokenizer_info.decoded_vocab.index(b"7") in allowed(bitmask[0], compiler.vocab_size)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_masks_reach_the_device_from_the_pinned_shared_rows(compiler):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    masks = GrammarBitmask(4, compiler, "cuda", threads=2)
+    letter = compiler.tokenizer_info.decoded_vocab.index(b"q")
+    states = [compiler.new_state(DIGITS) for _ in range(2)]
+    bitmask, rows = masks.build(states, [[], [letter]], [3, 1])
+    host = masks.host[:2].clone()
+    torch.cuda.synchronize()
+    assert bitmask.is_cuda and rows.tolist() == [3, 1] and torch.equal(bitmask.cpu(), host)
+    assert allowed(host[1], compiler.vocab_size) == sorted(compiler.stop_token_ids) != allowed(host[0], compiler.vocab_size)
+    masks.close()

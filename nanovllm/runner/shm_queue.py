@@ -135,9 +135,10 @@ def _unlink(memory: shared_memory.SharedMemory) -> None:
 
 
 class Waiter:
-    """Spin, then back off; check a peer every LIVENESS_S; give up at the deadline."""
+    """Spin (for spin_s), then back off; check a peer every LIVENESS_S; give up at the deadline."""
 
-    def __init__(self, timeout_s: float | None, what: str):
+    def __init__(self, timeout_s: float | None, what: str, spin_s: float = SPIN_S):
+        self.spin_s = spin_s
         self.start = time.monotonic()
         self.deadline = None if timeout_s is None else self.start + timeout_s
         self.next_check = self.start + LIVENESS_S
@@ -151,7 +152,7 @@ class Waiter:
             if self.deadline is not None and now >= self.deadline:
                 raise QueueTimeoutError(f"{self.what} for {now - self.start:.1f} s; gave up")
         waited = now - self.start
-        time.sleep(0 if waited < SPIN_S else BACKOFF_S if waited < IDLE_S else IDLE_BACKOFF_S)
+        time.sleep(0 if waited < self.spin_s else BACKOFF_S if waited < IDLE_S else IDLE_BACKOFF_S)
 
 
 class ShmQueueWriter:

@@ -17,12 +17,14 @@ When the grammar has accepted a complete output, its mask allows only the stop
 tokens (EOS), so the sequence ends with finish_reason "stop".
 
 Each step costs the host, per constrained row, one accepted token and one mask
-fill; `GrammarBitmask` does both for the whole batch in batched xgrammar calls
-(the fill on several threads), into buffers made once, on a thread of its own
-while the engine does its other work (`start`, `finish`). Measured with
-tools/structured_probe.py (128 rows under a JSON schema, inside a string, one
-fill thread, 2-core CPU): about 8 us a row to accept, and to fill ~15 us a row
-on the embedded model's 49,152 tokens, ~190 us on a 128,256-token vocabulary.
+fill; `MaskFiller` does both for the whole batch in batched xgrammar calls (the
+fill on several threads). It runs in the grammar process (grammar_process.py),
+which owns every sequence's matcher (`MatcherState`); the engine keeps for each
+sequence a `GrammarState` that counts the tokens sent and mirrors what the
+process reported. Measured with tools/structured_probe.py (128 rows under a JSON
+schema, inside a string, one fill thread, 2-core CPU): about 8 us a row to accept,
+and to fill ~15 us a row on the embedded model's 49,152 tokens, ~190 us on a
+128,256-token vocabulary.
 """
 from __future__ import annotations
 
@@ -256,9 +258,8 @@ def accept_tokens(matchers: list[Any], token_ids: list[int]) -> list[bool]:
     """matchers[r] takes token_ids[r] -> whether each took it, in one xgrammar call.
 
     xgrammar's public batch_accept_token reads its verdicts back one foreign-function call each, and
-    each call lets go of the GIL and must take it back: on the mask thread, beside the engine's busy
-    thread, every one of them waits its turn (on the host of an H200, 2.1 us a token alone, over a
-    millisecond beside a thread running Python). So the call goes to xgrammar's core, and one
+    each call lets go of the GIL and must take it back (on the host of an H200, 2.1 us a token alone,
+    over a millisecond beside another thread running Python). So the call goes to xgrammar's core, and one
     `0 in verdicts` (one call) says whether any token was refused; only then are the verdicts read
     one by one. Where xgrammar's internals differ, the public call."""
     xgr = _xgrammar()

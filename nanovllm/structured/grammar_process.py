@@ -8,7 +8,8 @@ constrained rows spent more time waiting for the GIL than working (on the host o
 and fill ~2 ms a step against ~0.3 ms alone). So one process of its own (spawned: the engine's
 has CUDA) owns the matchers, and the engine talks to it through shared memory:
 
-    header   [8] int64          the request number, the number done, rows, fill?, ready, error, pids
+    header   [10] int64         the request number, the number done, rows, fill?, ready, error, pids,
+                                the process's time spent accepting and filling (ns, cumulative)
     slots    [max_rows] int64   per row of the request: its matcher's id (GrammarState.slot)
     counts   [max_rows] int64   how many new tokens the row brings (at most MAX_TOKENS_PER_ROW) ...
     tokens   [max_rows, K] int64  ... and which
@@ -32,9 +33,11 @@ the GrammarBitmask is collected).
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
+import time
 import traceback
 import weakref
 from multiprocessing import shared_memory
@@ -51,10 +54,16 @@ logger = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_ROW = 4   # new tokens a row brings in one request (a longer backlog takes several)
 STEP_TIMEOUT_S = 60.0    # a request the living process has not answered by then is an error
+# Polling without sleeping: the engine for up to ENGINE_SPIN_S (its wait is on the step's critical path),
+# the process for PROCESS_SPIN_S after each request (the next one comes a step later); sleeping polls after.
+ENGINE_SPIN_S = 0.02
+PROCESS_SPIN_S = 0.005
+PAGE = 4096
 TERMINATED, FAILED = 1, 2   # status codes
 
 # header fields
-REQUEST, DONE, NUM_ROWS, FILL, READY, ERROR, PARENT_PID, WORKER_PID = range(8)
+REQUEST, DONE, NUM_ROWS, FILL, READY, ERROR, PARENT_PID, WORKER_PID, ACCEPT_NS, FILL_NS = range(10)
+HEADER_SIZE = 10
 
 
 class _Views:
@@ -68,18 +77,18 @@ class _Views:
             array = np.ndarray(shape, dtype, buf, offset)
             offset += array.nbytes
             return array
-        self.header = take((8,), np.int64)                                  # [8]
+        self.header = take((HEADER_SIZE,), np.int64)                        # [HEADER_SIZE]
         self.slots = take((max_rows,), np.int64)                            # [max_rows]
         self.counts = take((max_rows,), np.int64)                           # [max_rows]
         self.tokens = take((max_rows, MAX_TOKENS_PER_ROW), np.int64)        # [max_rows, K]
         self.status = take((max_rows,), np.int64)                           # [max_rows]
-        self.bitmask_offset = offset
+        offset = -(-offset // PAGE) * PAGE   # page-aligned: the CUDA driver pins whole pages
         self.bitmask = torch.frombuffer(buf, dtype=torch.int32, offset=offset,
                                         count=max_rows * width).view(max_rows, width)   # [max_rows, W]
 
     @staticmethod
     def nbytes(max_rows: int, width: int) -> int:
-        return 8 * (8 + max_rows * (3 + MAX_TOKENS_PER_ROW)) + 4 * max_rows * width
+        return -(-8 * (HEADER_SIZE + max_rows * (3 + MAX_TOKENS_PER_ROW)) // PAGE) * PAGE + 4 * max_rows * width
 
 
 class GrammarProcessError(RuntimeError):
@@ -107,16 +116,22 @@ class GrammarBitmask:
         self.memory = shared_memory.SharedMemory(create=True, size=_Views.nbytes(max_rows, width))
         self.views = _Views(self.memory.buf, max_rows, width)
         self.views.header[PARENT_PID] = os.getpid()
+        # The compiler's tokenizer (megabytes of JSON) goes through a segment of its own: spawn writes a
+        # process's arguments into a pipe and waits until the child has read them all, forever if it died.
+        spec = json.dumps(compiler.spec()).encode()
+        self.spec_memory = shared_memory.SharedMemory(create=True, size=len(spec))
+        self.spec_memory.buf[:len(spec)] = spec
         context = multiprocessing.get_context("spawn")
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(target=serve, name="grammar-masks", daemon=True,
-                                       args=(self.memory.name, max_rows, width, compiler.spec(), threads, child_conn))
+                                       args=(self.memory.name, max_rows, width, self.spec_memory.name, len(spec),
+                                             threads, child_conn))
         self.process.start()
         child_conn.close()
         self.host = self.views.bitmask                                                          # [max_rows, W]
         pin = self.device.type == "cuda"
         registered = pin and _register_pinned(self.host)
-        self._finalizer = weakref.finalize(self, _shut_down, self.process, self.conn, self.memory,
+        self._finalizer = weakref.finalize(self, _shut_down, self.process, self.conn, [self.memory, self.spec_memory],
                                            self.host.data_ptr() if registered else None)
         self.host_rows = torch.zeros(max_rows, dtype=torch.int64, pin_memory=pin)                # [max_rows]
         self.bitmask = torch.zeros_like(self.host, device=self.device) if pin else self.host     # [max_rows, W]
@@ -177,6 +192,11 @@ class GrammarBitmask:
         self.copied.record()
         return self.bitmask[:num_rows], self.rows[:num_rows]
 
+    def busy_seconds(self) -> tuple[float, float]:
+        """The grammar process's time so far accepting tokens and filling masks (seconds)."""
+        header = self.views.header
+        return header[ACCEPT_NS] * 1e-9, header[FILL_NS] * 1e-9
+
     def close(self) -> None:
         """End the grammar process and remove the shared segment."""
         self._finalizer()
@@ -235,7 +255,7 @@ class GrammarBitmask:
             while header[DONE] < number:
                 if waiter is None or (header[READY] and waiter.deadline is None):   # the timeout once it runs
                     waiter = Waiter(STEP_TIMEOUT_S if header[READY] else None,
-                                    f"the engine waited for the grammar masks of request {number}")
+                                    f"the engine waited for the grammar masks of request {number}", ENGINE_SPIN_S)
                 waiter.pause(self._check_alive)
         memory_fence()                 # the number before the rows it publishes
         if header[ERROR] == number:
@@ -264,30 +284,49 @@ def _register_pinned(host: torch.Tensor) -> bool:
     return True
 
 
-def _shut_down(process: multiprocessing.Process, conn: Connection, memory: shared_memory.SharedMemory,
+def _shut_down(process: multiprocessing.Process, conn: Connection, segments: list[shared_memory.SharedMemory],
                registered: int | None) -> None:
     try:
         conn.send(None)   # stop
     except OSError:
         pass
-    process.join(timeout=2.0)
+    process.join(timeout=5.0)
     if process.is_alive():
         process.terminate()
         process.join(timeout=2.0)
     conn.close()
     if registered is not None:
         torch.cuda.cudart().cudaHostUnregister(registered)
-    try:
-        memory.unlink()
-    except FileNotFoundError:
-        pass
+    for memory in segments:
+        try:
+            memory.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # ---- the grammar process ---------------------------------------------------------------------
 
-def serve(name: str, max_rows: int, width: int, compiler_spec: tuple[str, int, list[int]], threads: int | None,
+def serve(name: str, max_rows: int, width: int, spec_name: str, spec_size: int, threads: int | None,
           conn: Connection) -> None:
+    """The process's main: `_serve`, then exit at once (os._exit): nothing of it needs tearing down
+    (the engine removes the segments), and the interpreter's teardown of torch takes a second."""
+    code = 0
+    try:
+        _serve(name, max_rows, width, spec_name, spec_size, threads, conn)
+    except SystemExit:
+        pass
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    os._exit(code)
+
+
+def _serve(name: str, max_rows: int, width: int, spec_name: str, spec_size: int, threads: int | None,
+           conn: Connection) -> None:
     """The process's loop: keep the matchers (lifecycle messages on conn), answer each request."""
+    spec_memory = shared_memory.SharedMemory(name=spec_name)
+    compiler_spec = json.loads(bytes(spec_memory.buf[:spec_size]))
+    spec_memory.close()
     memory = shared_memory.SharedMemory(name=name)
     views = _Views(memory.buf, max_rows, width)
     header = views.header
@@ -318,30 +357,24 @@ def serve(name: str, max_rows: int, width: int, compiler_spec: tuple[str, int, l
     header[WORKER_PID] = os.getpid()
     header[READY] = 1
     done = int(header[DONE])
-    try:
-        while True:
-            waiter = Waiter(None, "the grammar process waited for a request")
-            while header[REQUEST] <= done:
-                if not read_messages():
-                    return
-                waiter.pause(check_parent)
-            number = int(header[REQUEST])
-            memory_fence()             # the number before the rows it publishes
-            try:
-                if not read_messages():   # the messages sent before this request are all on the pipe now
-                    return
-                _answer(views, matchers, filler)
-            except Exception:
-                conn.send(traceback.format_exc())
-                header[ERROR] = number
-            memory_fence()             # the rows and status before the number
-            header[DONE] = done = number
-    finally:
-        views = header = None
+    while True:
+        waiter = Waiter(None, "the grammar process waited for a request", PROCESS_SPIN_S)
+        while header[REQUEST] <= done:
+            if not read_messages():
+                return
+            waiter.pause(check_parent)
+        number = int(header[REQUEST])
+        memory_fence()             # the number before the rows it publishes
         try:
-            memory.close()
-        except BufferError:
-            pass
+            if not read_messages():   # the messages sent before this request are all on the pipe now
+                return
+            _answer(views, matchers, filler)
+        except Exception as error:   # the traceback to the process's stderr, the error to the engine
+            traceback.print_exc()
+            conn.send(f"{type(error).__name__}: {error}")
+            header[ERROR] = number
+        memory_fence()             # the rows and status before the number
+        header[DONE] = done = number
 
 
 def _answer(views: _Views, matchers: dict[int, Any], filler: MaskFiller) -> None:
@@ -350,8 +383,12 @@ def _answer(views: _Views, matchers: dict[int, Any], filler: MaskFiller) -> None
     states = [matchers[slot] for slot in views.slots[:num_rows].tolist()]
     counts = views.counts[:num_rows].tolist()
     tokens = [row[:count] for row, count in zip(views.tokens[:num_rows].tolist(), counts)]
+    start = time.perf_counter_ns()
     filler.accept(states, tokens)
+    accepted = time.perf_counter_ns()
     if views.header[FILL]:
         filler.fill(states, views.bitmask)
+    views.header[ACCEPT_NS] += accepted - start
+    views.header[FILL_NS] += time.perf_counter_ns() - accepted
     views.status[:num_rows] = [FAILED if state.failed else TERMINATED if state.terminated else 0
                                for state in states]
