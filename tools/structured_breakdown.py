@@ -69,6 +69,7 @@ def main() -> None:
         if masks is not None:
             accept, fill = masks.busy_seconds()
             TIMES["grammar process: accept"], TIMES["grammar process: fill"] = accept - busy[0], fill - busy[1]
+            COUNTS["grammar process: accept"] = COUNTS["grammar process: fill"] = COUNTS["finish (launch waits for masks)"]
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         steps = COUNTS["engine.step"]
         print(f"share {share}: {tokens / elapsed:,.0f} tok/s, {elapsed:.2f} s, {steps} steps, "
