@@ -145,15 +145,15 @@ def test_a_rejected_token_ends_its_row_alone(compiler, masks):
     assert digit in allowed(bitmask[0], compiler.vocab_size) and torch.equal(bitmask[0], bitmask[2])
 
 
-def test_each_row_takes_its_tokens_in_order_across_requests(compiler, masks):
-    """"12" then "3" is a number the regex takes; "3" before "12" would be the same digits in another
-    order and a different state: a fourth digit is refused only if the order held."""
-    one, two, three = (compiler.tokenizer_info.decoded_vocab.index(text) for text in (b"1", b"2", b"3"))
-    state = compiler.new_state(DIGITS)
-    masks.build([state], [[one, two]], [0])
-    bitmask, _ = masks.build([state], [[one, two, three]], [0])
-    assert state.num_accepted == 3 and not state.is_done
-    assert allowed(bitmask[0], compiler.vocab_size) == sorted(compiler.stop_token_ids)   # three digits: only stop
+def test_each_row_takes_its_tokens_in_order_within_and_across_requests(compiler, masks):
+    """A letter, a digit, a letter: the two tokens of the first request in any other order would be
+    refused, and after the third only a stop token may follow."""
+    letter_a, one, letter_b = (compiler.tokenizer_info.decoded_vocab.index(text) for text in (b"a", b"1", b"b"))
+    state = compiler.new_state(StructuredOutputsParams(regex="[a-z][0-9][a-z]"))
+    masks.build([state], [[letter_a, one]], [0])
+    bitmask, _ = masks.build([state], [[letter_a, one, letter_b]], [0])
+    assert state.num_accepted == 3 and not state.failed
+    assert allowed(bitmask[0], compiler.vocab_size) == sorted(compiler.stop_token_ids)
 
 
 def test_a_dead_grammar_process_raises_a_clear_error_at_once_not_a_hang(compiler):
