@@ -199,6 +199,7 @@ def test_a_dead_grammar_process_ends_the_constrained_requests_with_an_error_and_
                 finals[output.request_id] = output
     assert finals["constrained"].outputs[0].finish_reason == "error"
     assert "grammar process exited" in finals["constrained"].error
+    assert not finals["constrained"].error_in_request   # the engine's fault (HTTP 500), not the request's
     assert finals["free"].outputs[0].finish_reason == "length" and len(finals["free"].outputs[0].token_ids) == 6
     engine.shutdown()
 
