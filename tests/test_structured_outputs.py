@@ -198,13 +198,13 @@ def test_the_batched_accept_gives_each_row_its_own_verdict(llm, monkeypatch):
         if not fast:   # xgrammar's internals missing: the public call
             monkeypatch.setattr(grammar, "accept_tokens", lambda matchers, token_ids: grammar._xgrammar()
                                 .BatchGrammarMatcher.batch_accept_token(matchers, token_ids))
-        masks = grammar.GrammarBitmask(64, llm.engine.eos_token_ids, "cpu", threads=1)
-        states = [compiler.new_state(StructuredOutputsParams(regex="[0-9]+")) for _ in range(40)]
-        masks.accept(states, tokens)
-        host = masks.fill(states)
+        filler = grammar.MaskFiller(compiler.vocab_size, compiler.stop_token_ids, threads=1)
+        states = [compiler.new_matcher(StructuredOutputsParams(regex="[0-9]+").key) for _ in range(40)]
+        filler.accept(states, tokens)
+        host = filler.fill(states, torch.zeros(64, -(-compiler.vocab_size // 32), dtype=torch.int32))
         verdicts.append(([state.failed for state in states], host.clone()))
         stop = min(compiler.stop_token_ids)
-        masks.accept(states[1:2], [[stop]])
+        filler.accept(states[1:2], [[stop]])
         assert states[1].is_done and states[1].matcher.is_terminated() and not states[1].failed
     assert verdicts[0][0] == [row % 3 == 0 for row in range(40)]
     assert verdicts[0][0] == verdicts[1][0] and torch.equal(verdicts[0][1], verdicts[1][1])
@@ -214,18 +214,17 @@ def test_the_mask_never_allows_a_token_past_the_vocabulary_whatever_xgrammar_fil
     """xgrammar may set the bits past the vocabulary in the last word of a row (a state that allows
     every token); the filled rows keep only the vocabulary's bits, so a padding column of a wider LM head
     stays out of reach."""
-    from nanovllm.structured.grammar import GrammarBitmask, GrammarCompiler
+    from nanovllm.structured.grammar import GrammarCompiler, MaskFiller
     tokenizer = llm.get_tokenizer()
     vocab_size = tokenizer.vocab_size - 3                      # a vocabulary that ends inside a word
     compiler = GrammarCompiler(tokenizer, vocab_size, llm.engine.eos_token_ids)
-    states = [compiler.new_state(StructuredOutputsParams(regex="[a-z]+")) for _ in range(2)]
-    masks = GrammarBitmask(4, llm.engine.eos_token_ids, "cpu", threads=1)
+    states = [compiler.new_matcher(StructuredOutputsParams(regex="[a-z]+").key) for _ in range(2)]
+    filler = MaskFiller(compiler.vocab_size, compiler.stop_token_ids, threads=1)
 
     class EveryToken:   # xgrammar's batched fill, setting every bit of its rows
         def batch_fill_next_token_bitmask(self, matchers, bitmask, rows):
             bitmask[rows] = -1
-    masks.fill(states)
-    masks.batch_matcher = EveryToken()
-    host = masks.fill(states)
+    filler.batch_matcher = EveryToken()
+    host = filler.fill(states, torch.zeros(4, -(-vocab_size // 32), dtype=torch.int32))
     allowed = [(word >> bit) & 1 for word in host[0].tolist() for bit in range(32)]
     assert allowed[:vocab_size] == [1] * vocab_size and not any(allowed[vocab_size:])

@@ -1,9 +1,11 @@
 """Probe: where a step's time goes when half the batch is under a JSON schema.
 
 Runs tools/structured_throughput.py's two workloads once each (after a warm-up) with timers
-around the grammar work: the matchers' accept and fill (on the mask thread), the wait for the
-last step's samples before the accept, the wait of the next launch for the fill (finish), and
-engine.step as a whole. Prints per-step means.
+around the grammar work: on the engine's side the wait for the last step's samples (their
+tokens are sent to the grammar process), the sending of the step's tokens (start), the wait of
+the next launch for the masks (finish, which queues their copy), and engine.step as a whole; in
+the grammar process its accepting and filling (structured/grammar_process.py). Prints per-step
+means.
 
     python tools/structured_breakdown.py --dummy llama-3.2-1b --tokenizer DIR
 """
@@ -12,17 +14,15 @@ from __future__ import annotations
 import argparse
 import collections
 import random
-import sys
 import time
 
 import nanovllm.runner.model_runner as model_runner
-import nanovllm.structured.grammar as grammar
 from nanovllm.bench.harness import generate
 from nanovllm.bench.workloads import BENCH_JSON_SCHEMA
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import GrammarBitmask
+from nanovllm.structured.grammar_process import GrammarBitmask
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 COUNTS: dict[str, int] = collections.defaultdict(int)
@@ -45,16 +45,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for this run")
     parser.add_argument("--shares", default="0,2,0,2", help="every k-th request constrained, one run each (0: none)")
     args = parser.parse_args()
-    if args.switch_interval is not None:   # the interval grammar masks set (a longer one than the default: kept)
-        grammar.SWITCH_INTERVAL_S = args.switch_interval
-        sys.setswitchinterval(args.switch_interval)
     engine = LLMEngine(EngineConfig(model=args.dummy, load_format="dummy", tokenizer=args.tokenizer))
-    GrammarBitmask.accept = timed("accept", GrammarBitmask.accept)
-    GrammarBitmask.fill = timed("fill", GrammarBitmask.fill)
-    GrammarBitmask.finish = timed("finish (launch waits for fill)", GrammarBitmask.finish)
+    GrammarBitmask.start = timed("start (send the step's tokens)", GrammarBitmask.start)
+    GrammarBitmask.finish = timed("finish (launch waits for masks)", GrammarBitmask.finish)
     model_runner._newest_token_ids = timed("wait last samples", model_runner._newest_token_ids)
     engine.step = timed("engine.step", engine.step)
     vocab = min(engine.tokenizer.vocab_size, engine.model_config.vocab_size)
@@ -65,9 +60,16 @@ def main() -> None:
                                  structured_outputs={"json": BENCH_JSON_SCHEMA} if share and i % share == 0 else None)
                   for i in range(args.num_requests)]
         TIMES.clear(); COUNTS.clear()
+        masks = engine.runner.grammar_masks
+        busy = masks.busy_seconds() if masks is not None else (0.0, 0.0)
         start = time.perf_counter()
         outputs = generate(engine, prompts, params)
         elapsed = time.perf_counter() - start
+        masks = engine.runner.grammar_masks
+        if masks is not None:
+            accept, fill = masks.busy_seconds()
+            TIMES["grammar process: accept"], TIMES["grammar process: fill"] = accept - busy[0], fill - busy[1]
+            COUNTS["grammar process: accept"] = COUNTS["grammar process: fill"] = COUNTS["finish (launch waits for masks)"]
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         steps = COUNTS["engine.step"]
         print(f"share {share}: {tokens / elapsed:,.0f} tok/s, {elapsed:.2f} s, {steps} steps, "

@@ -54,10 +54,13 @@ class ThroughputResult:
 
 def run_throughput(engine: LLMEngine, workload: Workload, use_tqdm: bool = True) -> ThroughputResult:
     """One warm-up request, then every request of `workload` at once (EOS ignored; its share under the JSON
-    schema constrained)."""
+    schema constrained). The warm-up is under the schema too when some requests are, so that the grammar
+    process has started (seconds: it imports torch and xgrammar) and compiled it before the clock starts."""
     first = workload.requests[0]
+    constrained = workload.structured_output_ratio > 0
     generate(engine, [first.prompt_token_ids], [SamplingParams(
-        temperature=workload.temperature, ignore_eos=True, max_tokens=min(first.max_tokens, WARMUP_MAX_TOKENS))])
+        temperature=workload.temperature, ignore_eos=True, max_tokens=min(first.max_tokens, WARMUP_MAX_TOKENS),
+        structured_outputs={"json": BENCH_JSON_SCHEMA} if constrained else None)])
     prompts = [r.prompt_token_ids for r in workload.requests]
     params = [SamplingParams(temperature=workload.temperature, ignore_eos=True, max_tokens=r.max_tokens,
                              structured_outputs={"json": BENCH_JSON_SCHEMA} if workload.constrained(i) else None)

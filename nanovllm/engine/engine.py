@@ -66,6 +66,7 @@ from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.runner.sampler import DeviceSamples, SamplerOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import GrammarCompiler, GrammarState
+from nanovllm.structured.grammar_process import GrammarProcessError
 from nanovllm.tokenizer import IncrementalDetokenizer, TokenIdTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -277,6 +278,7 @@ class LLMEngine:
             return [None] * params.n
         if self.grammar_compiler is None:
             self.grammar_compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
+            self.runner.grammar_masks_for(self.grammar_compiler)   # its process starts now, before any step
         return [self.grammar_compiler.new_state(params.structured_outputs) for _ in range(params.n)]
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -419,7 +421,7 @@ class LLMEngine:
                 for seq in self.requests[request_id]:
                     self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
                     seq.error = f"{type(fault).__name__}: {fault}"
-                    seq.error_in_request = True
+                    seq.error_in_request = not isinstance(fault, GrammarProcessError)   # that one is ours
                 outputs.append(self._finish_request(request_id))
         return outputs
 

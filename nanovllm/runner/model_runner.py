@@ -31,7 +31,8 @@ its input row is filled on the device from `SampleBuffers`, the one buffer
 every step samples into, at the row `seq.pending_row`. Nothing in a launch
 waits for the GPU: host values reach it through pinned memory and asynchronous
 copies. A step with grammar rows leaves its sampling to the next launch
-(DeferredSamples), its masks being filled on another thread meanwhile. A pure decode step on one GPU is a CUDA graph that runs the forward,
+(DeferredSamples), its masks being filled by the grammar process meanwhile
+(structured/grammar_process.py). A pure decode step on one GPU is a CUDA graph that runs the forward,
 the LM head and the sampling pass (cuda_graph.py).
 
 Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
@@ -58,7 +59,8 @@ from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffe
 from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
                                       receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import GrammarBitmask
+from nanovllm.structured.grammar import GrammarCompiler, GrammarState
+from nanovllm.structured.grammar_process import GrammarBitmask
 
 if TYPE_CHECKING:   # the engine's batch, read here by its fields
     from nanovllm.engine.scheduler import Batch
@@ -230,7 +232,7 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, batch: Batch) -> DeviceSamples | DeferredSamples:
         """Queue the sampling of the step's logits [B, V]. With grammar rows, once their masks are
-        filled: the fill starts now on the mask thread and the next launch queues the sampling
+        filled: the grammar process starts on them now and the next launch queues the sampling
         (DeferredSamples). Meanwhile the engine completes the last step and schedules the next, so
         the fill hides behind that host work, as behind this step's forward on the device."""
         seqs = batch.sampling_seqs
@@ -238,11 +240,12 @@ class ModelRunner:
         rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
         if not rows:
             return self.sampler.sample(logits, sampling, self.samples)
-        masks, last = self._grammar_masks(), self.last_samples
         constrained = [seqs[row] for row in rows]
-        pending = _pending_rows(constrained)   # read now: the engine moves the placeholders on meanwhile
+        masks = self.grammar_masks_for(constrained[0].grammar.compiler)
+        # The last step's tokens: the engine waits for them next anyway (it completes that step now).
+        newest = _newest_token_ids(self.last_samples, _pending_rows(constrained), len(constrained))
         started = masks.start([seq.grammar for seq in constrained], [seq.output_token_ids for seq in constrained],
-                              lambda: _newest_token_ids(last, pending, len(constrained)))
+                              newest)
 
         @torch.inference_mode()   # called by the next launch, or by the engine through result()
         def queue_sampling() -> DeviceSamples:
@@ -250,9 +253,11 @@ class ModelRunner:
             return self.sampler.sample(logits, sampling, self.samples)
         return DeferredSamples(queue_sampling)
 
-    def _grammar_masks(self) -> GrammarBitmask:
+    def grammar_masks_for(self, compiler: GrammarCompiler) -> GrammarBitmask:
+        """The grammar masks (and their process, started by the first call: the engine calls this when
+        its first structured-outputs request arrives, so the process starts before any step needs it)."""
         if self.grammar_masks is None:
-            self.grammar_masks = GrammarBitmask(self.config.max_num_seqs, self.eos_token_ids, self.device)
+            self.grammar_masks = GrammarBitmask(self.config.max_num_seqs, compiler, self.device)
         return self.grammar_masks
 
     def _record_prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> None:
@@ -342,7 +347,9 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logits_indices])                  # [N, V], the model dtype
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+        """Stop the tensor-parallel workers and the grammar process, if any."""
+        if self.grammar_masks is not None:
+            self.grammar_masks.close()
         if self.workers is not None:
             self.workers.shutdown()
 
@@ -410,10 +417,14 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             device=self.device,
             grammars=grammars if with_grammar else None,
-            grammar_masks=self._grammar_masks() if with_grammar else None,
+            grammar_masks=self.grammar_masks_for(_first(grammars).compiler) if with_grammar else None,
             newest_token_ids=_newest_token_ids(self.last_samples, _pending_rows(seqs), len(seqs))
             if with_grammar else None,
         )
+
+
+def _first(grammars: list[GrammarState | None]) -> GrammarState:
+    return next(grammar for grammar in grammars if grammar is not None)
 
 
 def _pending_rows(seqs: list[Sequence]) -> list[tuple[int, int]]:

@@ -68,7 +68,8 @@ from nanovllm.ops.bitmask import apply_token_bitmask
 from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform,
                                    sample_from_logits)
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import GrammarBitmask, GrammarState
+from nanovllm.structured.grammar import GrammarState
+from nanovllm.structured.grammar_process import GrammarBitmask
 
 
 def stream_keys(seeds: list[int], output_lens: list[int]) -> np.ndarray:
@@ -176,8 +177,8 @@ def _grammar_bitmask(grammars: list[GrammarState | None], output_token_ids: list
     rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
     if not rows:
         return None, None
-    if masks is None:
-        masks = GrammarBitmask(len(rows), eos_token_ids, device)
+    if masks is None:   # a grammar process for these rows alone
+        masks = GrammarBitmask(len(rows), grammars[rows[0]].compiler, device)
     newest = None if newest_token_ids is None else [newest_token_ids[row] for row in rows]
     return masks.build([grammars[row] for row in rows], [output_token_ids[row] for row in rows], rows, newest)
 
@@ -256,7 +257,7 @@ class DeviceSamples:
 
 class DeferredSamples:
     """A step whose sampling waits for its grammar masks: its forward is queued, the masks are being
-    filled on the host (GrammarBitmask.start), and `finish` queues the masked sampling -> the step's
+    filled by the grammar process (GrammarBitmask.start), and `finish` queues the masked sampling -> the step's
     DeviceSamples. The runner finishes it at the start of the next launch (nothing of that step may
     reach the device before these tokens), or `result` does."""
 

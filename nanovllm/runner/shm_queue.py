@@ -134,10 +134,11 @@ def _unlink(memory: shared_memory.SharedMemory) -> None:
         pass
 
 
-class _Waiter:
-    """Spin, then back off; check a peer every LIVENESS_S; give up at the deadline."""
+class Waiter:
+    """Spin (for spin_s), then back off; check a peer every LIVENESS_S; give up at the deadline."""
 
-    def __init__(self, timeout_s: float | None, what: str):
+    def __init__(self, timeout_s: float | None, what: str, spin_s: float = SPIN_S):
+        self.spin_s = spin_s
         self.start = time.monotonic()
         self.deadline = None if timeout_s is None else self.start + timeout_s
         self.next_check = self.start + LIVENESS_S
@@ -151,7 +152,7 @@ class _Waiter:
             if self.deadline is not None and now >= self.deadline:
                 raise QueueTimeoutError(f"{self.what} for {now - self.start:.1f} s; gave up")
         waited = now - self.start
-        time.sleep(0 if waited < SPIN_S else BACKOFF_S if waited < IDLE_S else IDLE_BACKOFF_S)
+        time.sleep(0 if waited < self.spin_s else BACKOFF_S if waited < IDLE_S else IDLE_BACKOFF_S)
 
 
 class ShmQueueWriter:
@@ -200,7 +201,7 @@ class ShmQueueWriter:
         readers = self.segment.readers
         if number < 1 or readers[:, 1].min() >= number:
             return
-        waiter = _Waiter(timeout_s, f"the writer waited for its readers to read message {number}")
+        waiter = Waiter(timeout_s, f"the writer waited for its readers to read message {number}")
 
         def check() -> None:
             if watch is not None:
@@ -248,7 +249,7 @@ class ShmQueueReader:
         number = self.num_read + 1
         slot = (number - 1) % segment.num_slots
         if segment.slots[slot, 0] != number:
-            waiter = _Waiter(timeout_s, f"reader {self.index} waited for message {number}")
+            waiter = Waiter(timeout_s, f"reader {self.index} waited for message {number}")
             while segment.slots[slot, 0] != number:
                 waiter.pause(self._check_writer)
         memory_fence()                 # the number before the message it publishes

@@ -17,12 +17,14 @@ When the grammar has accepted a complete output, its mask allows only the stop
 tokens (EOS), so the sequence ends with finish_reason "stop".
 
 Each step costs the host, per constrained row, one accepted token and one mask
-fill; `GrammarBitmask` does both for the whole batch in batched xgrammar calls
-(the fill on several threads), into buffers made once, on a thread of its own
-while the engine does its other work (`start`, `finish`). Measured with
-tools/structured_probe.py (128 rows under a JSON schema, inside a string, one
-fill thread, 2-core CPU): about 8 us a row to accept, and to fill ~15 us a row
-on the embedded model's 49,152 tokens, ~190 us on a 128,256-token vocabulary.
+fill; `MaskFiller` does both for the whole batch in batched xgrammar calls (the
+fill on several threads). It runs in the grammar process (grammar_process.py),
+which owns every sequence's matcher (`MatcherState`); the engine keeps for each
+sequence a `GrammarState` that counts the tokens sent and mirrors what the
+process reported. Measured with tools/structured_probe.py (128 rows under a JSON
+schema, inside a string, one fill thread, 2-core CPU): about 8 us a row to accept,
+and to fill ~15 us a row on the embedded model's 49,152 tokens, ~190 us on a
+128,256-token vocabulary.
 """
 from __future__ import annotations
 
@@ -30,11 +32,9 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,10 +47,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 256   # compiled grammars kept (least recently used dropped first)
 PENDING = -1       # a sampled token not on the host yet (engine/sequence.py's placeholder)
-# The mask thread lets go of the GIL in each xgrammar call and must take it back after; while the
-# engine's thread runs Python it waits for the interpreter's switch interval (5 ms by default) to
-# come round. A process that builds grammar masks switches at least this often.
-SWITCH_INTERVAL_S = 0.0005
 
 
 def _xgrammar() -> Any:
@@ -88,20 +84,42 @@ class GrammarCompiler:
         if len(stops) < len(stop_token_ids):
             logger.warning("stop token ids %s lie past the tokenizer's %d tokens; grammars end on %s",
                            sorted(set(stop_token_ids) - set(stops)), tokens, stops)
-        self.vocab_size = min(vocab_size, max(tokens, max(stops, default=0) + 1))
-        self.stop_token_ids = frozenset(stops)
-        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=self.vocab_size, stop_token_ids=stops)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        vocab_size = min(vocab_size, max(tokens, max(stops, default=0) + 1))
+        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
+        self._setup(info, vocab_size, stops)
+
+    def _setup(self, info: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size                        # the tokens a grammar sorts: ceil(V / 32) words a mask row
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.tokenizer_info = info
+        self._compiler = _xgrammar().GrammarCompiler(info, max_threads=2)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def new_state(self, params: StructuredOutputsParams) -> "GrammarState":
-        """A fresh matcher for one sequence (compiling the constraint if it is not cached)."""
-        return GrammarState(self.compile(params), self.vocab_size, self.stop_token_ids)
+    def spec(self) -> tuple[str, int, list[int]]:
+        """What another process needs to make the same compiler (`from_spec`): plain text and ints."""
+        return self.tokenizer_info.serialize_json(), self.vocab_size, sorted(self.stop_token_ids)
 
-    def compile(self, params: StructuredOutputsParams) -> Any:
-        """-> an xgrammar CompiledGrammar; ValueError (saying what is wrong) if it does not compile."""
-        key = params.key
+    @classmethod
+    def from_spec(cls, spec: tuple[str, int, list[int]]) -> "GrammarCompiler":
+        info_json, vocab_size, stop_token_ids = spec
+        compiler = cls.__new__(cls)
+        compiler._setup(_xgrammar().TokenizerInfo.deserialize_json(info_json), vocab_size, stop_token_ids)
+        return compiler
+
+    def new_state(self, params: StructuredOutputsParams) -> GrammarState:
+        """One sequence's grammar (compiling the constraint now if it is not cached, so that a bad one
+        raises here); its matcher is made in the grammar process."""
+        self.compile(params.key)
+        return GrammarState(self, params.key)
+
+    def new_matcher(self, key: tuple[str, str]) -> MatcherState:
+        """A fresh matcher of the grammar of `key` (StructuredOutputsParams.key)."""
+        return MatcherState(self.compile(key), self.stop_token_ids)
+
+    def compile(self, key: tuple[str, str]) -> Any:
+        """The constraint of StructuredOutputsParams.key -> an xgrammar CompiledGrammar; ValueError (saying
+        what is wrong) if it does not compile."""
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
@@ -116,7 +134,7 @@ class GrammarCompiler:
             elif kind == "regex":
                 compiled = self._compiler.compile_regex(text)
             elif kind == "choice":
-                compiled = self._compiler.compile_grammar(choice_grammar(params.choice))
+                compiled = self._compiler.compile_grammar(choice_grammar(json.loads(text)))
             else:
                 compiled = self._compiler.compile_grammar(text)
         except (RuntimeError, ValueError, TypeError) as e:
@@ -130,30 +148,43 @@ class GrammarCompiler:
 
 
 class GrammarState:
-    """One sequence's place in its grammar: an xgrammar GrammarMatcher fed the sequence's output tokens."""
+    """One sequence's place in its grammar, as the engine keeps it. The matcher itself lives in the
+    grammar process (grammar_process.py) under `slot`; this side counts the output tokens sent to it
+    and mirrors what it reported back."""
 
-    __slots__ = ("matcher", "vocab_size", "stop_token_ids", "num_accepted", "failed", "terminated")
+    __slots__ = ("compiler", "key", "slot", "num_accepted", "failed", "terminated", "__weakref__")
 
-    def __init__(self, compiled_grammar: Any, vocab_size: int, stop_token_ids: frozenset[int]):
-        self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
-        self.vocab_size = vocab_size                # the tokens its grammar sorts: a mask row of ceil(V / 32) words
-        self.stop_token_ids = stop_token_ids        # the grammar's stop tokens
-        self.num_accepted = 0    # output tokens the matcher has taken
-        self.failed = False      # a token the grammar rejects was appended: only a stop token may follow
-        self.terminated = False  # the matcher took a stop token (its is_terminated(), kept here: see accept_tokens)
+    def __init__(self, compiler: GrammarCompiler, key: tuple[str, str]):
+        self.compiler = compiler       # the compiler whose tokenizer the grammar sorts
+        self.key = key                 # StructuredOutputsParams.key: the grammar process compiles it again
+        self.slot: int | None = None   # the matcher's id in the grammar process (given at its first step)
+        self.num_accepted = 0          # output tokens sent to the matcher
+        self.failed = False            # a token the grammar rejects was appended: only a stop token may follow
+        self.terminated = False        # the matcher took a stop token
 
     def unseen_tokens(self, output_token_ids: list[int]) -> list[int]:
         """A copy of the output tokens the matcher has not taken yet (placeholders, PENDING, included)."""
         return output_token_ids[self.num_accepted:]
 
-    def reject(self, token_id: int) -> None:
-        """The matcher refused token_id: the sequence may only stop now."""
-        logger.warning("a constrained sequence took token %d, which its grammar rejects; it is ended", token_id)
-        self.failed = True
-
     @property
     def is_done(self) -> bool:
         """The grammar accepted a whole output (or a rejected token ended it): only a stop token may follow."""
+        return self.failed or self.terminated
+
+
+class MatcherState:
+    """A matcher and what it has told: the grammar process keeps one per constrained sequence."""
+
+    __slots__ = ("matcher", "stop_token_ids", "failed", "terminated")
+
+    def __init__(self, compiled_grammar: Any, stop_token_ids: frozenset[int]):
+        self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
+        self.stop_token_ids = stop_token_ids   # the grammar's stop tokens
+        self.failed = False       # it refused a token: only a stop token may follow
+        self.terminated = False   # it took a stop token (kept here: see accept_tokens)
+
+    @property
+    def is_done(self) -> bool:
         return self.failed or self.terminated
 
 
@@ -164,143 +195,71 @@ def fill_threads() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) // 2, 16))
 
 
-class GrammarBitmask:
-    """The masks of a step's constrained rows, built without allocating anything per step.
+class MaskFiller:
+    """The grammar process's step: matchers take their new tokens, then fill their mask rows.
 
-        host     [max_rows, W] int32    xgrammar fills row r for the r-th constrained row (pinned on CUDA)
-        bitmask  [max_rows, W] int32    the same on the device: one asynchronous copy a step
-        rows     [max_rows] int64       which row of the batch's logits each mask row masks (host and device)
+        host    [max_rows, W] int32    row r <- the tokens the r-th matcher allows next
 
-    W = ceil(tokenizer vocabulary / 32). Each step the matchers take the tokens sampled since
-    they last ran (`accept`, one batched call), xgrammar fills the rows of the matchers still
-    running on several threads, rows whose grammar is done get the stop-tokens-only row (`fill`),
-    and one copy takes them to the device (`to_device`). On a GPU the runner does this after
-    queueing the step's forward, so the host fills the masks while the device computes. The host
-    buffers are written again only once the last copy out of them is done (an event).
+    W = ceil(vocab_size / 32). `accept` feeds every row its tokens in one batched xgrammar call
+    per token position; `fill` fills the rows of the matchers still running with xgrammar's batch
+    fill on several threads, gives the rows whose grammar is done the stop-tokens-only row, and
+    clears the bits past the vocabulary in the last word.
     """
 
-    def __init__(self, max_rows: int, stop_token_ids: list[int], device: torch.device | str,
-                 threads: int | None = None):
-        self.max_rows = max_rows
-        self.stop_token_ids = list(stop_token_ids)
-        self.device = torch.device(device)
+    def __init__(self, vocab_size: int, stop_token_ids: list[int] | frozenset[int], threads: int | None = None):
+        self.vocab_size, width = vocab_size, -(-vocab_size // 32)
         self.threads = threads or fill_threads()
         self.batch_matcher = _xgrammar().BatchGrammarMatcher(max_threads=self.threads)
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")   # see start
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.vocab_size = 0                     # the buffers are made by the first fill, W words a row
-        self.copied: torch.cuda.Event | None = None   # the last copy out of the host buffers
-
-    def _allocate(self, vocab_size: int) -> None:
-        pin = self.device.type == "cuda"
-        self.vocab_size, width = vocab_size, -(-vocab_size // 32)
-        self.host = torch.zeros(self.max_rows, width, dtype=torch.int32, pin_memory=pin)        # [max_rows, W]
-        self.host_rows = torch.zeros(self.max_rows, dtype=torch.int64, pin_memory=pin)          # [max_rows]
-        self.bitmask = torch.zeros_like(self.host, device=self.device) if pin else self.host    # [max_rows, W]
-        self.rows = torch.zeros_like(self.host_rows, device=self.device) if pin else self.host_rows
         self.stop_row = torch.zeros(width, dtype=torch.int32)                                    # [W]
-        for token_id in self.stop_token_ids:
+        for token_id in stop_token_ids:
             if token_id < vocab_size:
                 self.stop_row[token_id // 32] |= _bit(token_id % 32)
         # The bits of the last word's tokens: xgrammar may set the bits past the vocabulary (a state
         # that allows every token), which would let a row take a padding column of the LM head.
         self.last_word = sum(_bit(index) for index in range(vocab_size - 32 * (width - 1)))
 
-    def build(self, states: list[GrammarState], output_token_ids: list[list[int]], rows: list[int],
-              newest_token_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """states[r] (the grammar of logits row rows[r]) takes its unseen tokens, then -> (bitmask [R, W]
-        int32, rows [R] int64) on the device, their copy queued."""
-        self.accept(states, [state.unseen_tokens(ids) for state, ids in zip(states, output_token_ids)],
-                    newest_token_ids)
-        self.fill(states)
-        return self.to_device(rows)
-
-    def start(self, states: list[GrammarState], output_token_ids: list[list[int]],
-              newest_token_ids: Callable[[], list[int] | None]) -> Future:
-        """`build`'s accept and fill on the mask thread, so that the host's other work goes on meanwhile
-        (xgrammar lets go of the GIL while it fills); `finish` waits for them and queues the copy. The
-        unseen tokens are read now (the engine appends to the lists meanwhile); newest_token_ids is
-        called on the thread (it may wait for the device)."""
-        unseen = [state.unseen_tokens(ids) for state, ids in zip(states, output_token_ids)]
-
-        def accept_and_fill() -> None:
-            self.accept(states, unseen, newest_token_ids())
-            self.fill(states)
-        return self.thread.submit(accept_and_fill)
-
-    def finish(self, started: Future, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for `start`'s work (raising what it raised) -> `to_device(rows)`."""
-        started.result()
-        return self.to_device(rows)
-
-    def accept(self, states: list[GrammarState], unseen: list[list[int]],
-               newest_token_ids: list[int] | None = None) -> None:
-        """Each state takes its unseen tokens (GrammarState.unseen_tokens) up to the first placeholder;
-        newest_token_ids[r], unless PENDING, is the id behind a last placeholder (a token the host has
-        not written in yet). One xgrammar call per token position: one in the steady state, where each
-        row brings one new token."""
-        newest = newest_token_ids or [PENDING] * len(states)
-        backlog = [(state, tokens) for state, tail, newest_id in zip(states, unseen, newest)
-                   if (tokens := _known(tail, newest_id))]
+    def accept(self, states: list[MatcherState], tokens: list[list[int]]) -> None:
+        """states[r] takes tokens[r] in order (a matcher already done takes nothing); one xgrammar call
+        per token position: one in the steady state, where each row brings one new token."""
+        backlog = [(state, row_tokens) for state, row_tokens in zip(states, tokens) if row_tokens]
         position = 0
         while backlog:
-            live = [(state, tokens[position]) for state, tokens in backlog if not state.is_done]
-            for state, _ in backlog:
-                state.num_accepted += 1
+            live = [(state, row_tokens[position]) for state, row_tokens in backlog if not state.is_done]
             if live:
                 accepted = accept_tokens([state.matcher for state, _ in live], [token_id for _, token_id in live])
                 for (state, token_id), ok in zip(live, accepted):
                     if not ok:
-                        state.reject(token_id)
+                        state.failed = True
                     elif token_id in state.stop_token_ids:
                         state.terminated = True   # xgrammar's matcher ends on an accepted stop token
             position += 1
-            backlog = [(state, tokens) for state, tokens in backlog if len(tokens) > position]
+            backlog = [(state, row_tokens) for state, row_tokens in backlog if len(row_tokens) > position]
 
-    def fill(self, states: list[GrammarState]) -> torch.Tensor:
-        """Row r of the host buffer <- the tokens states[r] allows next; -> those rows [R, W]."""
-        num_rows, vocab_size = len(states), states[0].vocab_size
-        if num_rows > self.max_rows:
-            raise ValueError(f"{num_rows} constrained rows in one step; the grammar masks hold {self.max_rows}")
-        if vocab_size != self.vocab_size:
-            self._allocate(vocab_size)
-        if self.copied is not None:
-            self.copied.synchronize()   # the last step's copy out of the host buffers is done
-        host = self.host[:num_rows]                                                             # [R, W]
+    def fill(self, states: list[MatcherState], host: torch.Tensor) -> torch.Tensor:
+        """Row r of host [max_rows, W] <- the tokens states[r] allows next; -> those rows [R, W]."""
+        num_rows = len(states)
+        if num_rows > host.shape[0]:
+            raise ValueError(f"{num_rows} constrained rows in one step; the grammar masks hold {host.shape[0]}")
+        rows = host[:num_rows]                                                                  # [R, W]
         live_matchers, live_rows = [], []
         for row, state in enumerate(states):
             if state.is_done:
-                host[row] = self.stop_row
+                rows[row] = self.stop_row
             else:
                 live_matchers.append(state.matcher)
                 live_rows.append(row)
         if live_matchers:
-            self.batch_matcher.batch_fill_next_token_bitmask(live_matchers, self.host, live_rows)
-            host[:, -1] &= self.last_word
-        return host
-
-    def to_device(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue the copy of the filled rows and of the logits rows they mask -> (bitmask [R, W],
-        rows [R]) on the device."""
-        num_rows = len(rows)
-        self.host_rows[:num_rows] = torch.as_tensor(rows, dtype=torch.int64)
-        if self.device.type != "cuda":
-            return self.host[:num_rows], self.host_rows[:num_rows]
-        self.bitmask[:num_rows].copy_(self.host[:num_rows], non_blocking=True)
-        self.rows[:num_rows].copy_(self.host_rows[:num_rows], non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
-        return self.bitmask[:num_rows], self.rows[:num_rows]
+            self.batch_matcher.batch_fill_next_token_bitmask(live_matchers, host, live_rows)
+            rows[:, -1] &= self.last_word
+        return rows
 
 
 def accept_tokens(matchers: list[Any], token_ids: list[int]) -> list[bool]:
     """matchers[r] takes token_ids[r] -> whether each took it, in one xgrammar call.
 
     xgrammar's public batch_accept_token reads its verdicts back one foreign-function call each, and
-    each call lets go of the GIL and must take it back: on the mask thread, beside the engine's busy
-    thread, every one of them waits its turn (on the host of an H200, 2.1 us a token alone, over a
-    millisecond beside a thread running Python). So the call goes to xgrammar's core, and one
+    each call lets go of the GIL and must take it back (on the host of an H200, 2.1 us a token alone,
+    over a millisecond beside another thread running Python). So the call goes to xgrammar's core, and one
     `0 in verdicts` (one call) says whether any token was refused; only then are the verdicts read
     one by one. Where xgrammar's internals differ, the public call."""
     xgr = _xgrammar()
