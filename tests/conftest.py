@@ -466,10 +466,14 @@ def tiny_llama_loaded(tiny_llama):
 
 
 def engine_over(loaded, **engine_args):
-    """An LLMEngine over already-loaded (path, model, tokenizer): no weights read per engine."""
+    """An LLMEngine over already-loaded (path, model, tokenizer): no weights read per engine; on the
+    model's device and dtype unless given (a machine with a GPU would default to it)."""
     from nanovllm.config import EngineConfig
     from nanovllm.engine.engine import LLMEngine
     path, model, tokenizer = loaded
+    param = next(model.parameters())
+    engine_args.setdefault("device", param.device.type)
+    engine_args.setdefault("dtype", str(param.dtype).removeprefix("torch."))
     return LLMEngine(EngineConfig(model=path, **engine_args), model=model, tokenizer=tokenizer)
 
 
