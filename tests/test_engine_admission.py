@@ -88,19 +88,26 @@ def test_a_model_directory_without_tokenizer_json_gets_an_ids_only_tokenizer_and
         "pass tokenizer=PATH for text"]
 
 
+def assert_the_tiny_llamas_tokenizer(tokenizer, tiny_llama_loaded) -> None:
+    """The tiny Llama's own tokenizer (not, say, the embedded model's, which Tokenizer.load(None) gives)."""
+    reference = tiny_llama_loaded[2]
+    assert isinstance(tokenizer, HFTokenizer)
+    assert tokenizer.eos_token_ids == reference.eos_token_ids
+    assert tokenizer.encode("hello world") == reference.encode("hello world")
+
+
 @pytest.mark.parametrize("load_format", ["auto", "dummy"])
-def test_a_model_directory_with_tokenizer_json_brings_its_tokenizer_whatever_the_weights(tiny_llama, load_format):
+def test_a_model_directory_with_tokenizer_json_brings_its_tokenizer_whatever_the_weights(
+        tiny_llama, tiny_llama_loaded, load_format):
     tokenizer = load_tokenizer(EngineConfig(model=str(tiny_llama), load_format=load_format),
                                load_model_config(str(tiny_llama)))
-    assert isinstance(tokenizer, HFTokenizer)
-    assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
+    assert_the_tiny_llamas_tokenizer(tokenizer, tiny_llama_loaded)
 
 
-def test_a_tokenizer_path_is_used_for_a_model_directory_that_has_none(tiny_llama, bare_model):
+def test_a_tokenizer_path_is_used_for_a_model_directory_that_has_none(tiny_llama, tiny_llama_loaded, bare_model):
     tokenizer = load_tokenizer(EngineConfig(model=str(bare_model), tokenizer=str(tiny_llama)),
                                load_model_config(str(bare_model)))
-    assert isinstance(tokenizer, HFTokenizer)
-    assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
+    assert_the_tiny_llamas_tokenizer(tokenizer, tiny_llama_loaded)
 
 
 # ---- waiting, observers ----------------------------------------------------------------------
@@ -346,6 +353,8 @@ def test_the_first_sample_draws_with_the_requests_seed_and_each_other_sample_wit
     first, second, third = outputs["three"][-1].outputs
     assert first.token_ids == alone.token_ids
     assert len({tuple(first.token_ids), tuple(second.token_ids), tuple(third.token_ids)}) == 3
+    engine.add_request("again", [7, 8, 9], SamplingParams(n=3, **params))
+    assert [seq.seed for seq in engine.requests["again"]] == [21, hash((21, 1)), hash((21, 2))]
 
 
 def test_unseeded_requests_draw_the_same_tokens_in_engines_of_the_same_seed(make_engine):
