@@ -19,24 +19,13 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine, StepInfo, load_tokenizer
 from nanovllm.model.loader import load_model_config
-from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import HFTokenizer, TokenIdTokenizer
 from test_engine import LetterTokenizer
+from test_engine_outputs import run_all
 
 GREEDY = dict(temperature=0.0)
 ENGINE_LOGGER = "nanovllm.engine.engine"
-
-
-def run_all(engine: LLMEngine, max_steps: int = 100) -> dict[str, list[RequestOutput]]:
-    """Step until idle (failing after max_steps: a request that never ends); every output per request id."""
-    outputs: dict[str, list[RequestOutput]] = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished_requests():
-            return outputs
-        for output in engine.step():
-            outputs.setdefault(output.request_id, []).append(output)
-    raise AssertionError(f"requests still unfinished after {max_steps} steps: {sorted(engine.requests)}")
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
