@@ -172,9 +172,14 @@ class EngineCore:
     def _take_inputs(self) -> None:
         while True:
             try:
-                message = self.decoder.decode(self.input_socket.recv(zmq.NOBLOCK))
+                data = self.input_socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            try:
+                message = self.decoder.decode(data)
+            except msgspec.DecodeError as error:   # not from an API process of this server: serve on
+                logger.error("dropped a message the engine core cannot read: %s", error)
+                continue
             if isinstance(message, AddRequests):
                 self._add(message)
             elif isinstance(message, Abort):
