@@ -457,3 +457,443 @@ def test_core_info_tells_the_api_process_what_it_needs_of_the_engine():
     engine.config.skip_tokenizer_init = False
     info = core_info(engine)
     assert info.token_ids_only and info.makes_text
+
+
+# ---- the API side: AsyncLLMEngine against a core played by the test --------------------------------
+
+INFO = CoreInfo(model="m", tokenizer=None, max_model_len=64, vocab_size=320, stats=stats(0))
+
+
+class FakeCore:
+    """The core's end of the sockets (real ZeroMQ, ipc files): the test reads what the API process
+    sends and decides what the core answers."""
+
+    def __init__(self, num_clients: int = 1):
+        self.addresses = _new_addresses(num_clients)
+        self.context = zmq.asyncio.Context()
+        self.input = self.context.socket(zmq.PULL)
+        self.input.bind(self.addresses.input)
+        self.outputs = []
+        for address in self.addresses.outputs:
+            self.outputs.append(self.context.socket(zmq.PUSH))
+            self.outputs[-1].bind(address)
+        self.decoder = msgspec.msgpack.Decoder(core_module.CoreInput)
+
+    async def receive(self):
+        return self.decoder.decode(await asyncio.wait_for(self.input.recv(), 5))
+
+    async def nothing_received(self) -> bool:
+        await asyncio.sleep(0.02)
+        return not await self.input.poll(timeout=0)
+
+    async def send(self, outputs=(), deltas: StepDeltas | None = None, accepted=(), rejected=(), num_waiting=0,
+                   stats: EngineStats | None = None, client: int = 0) -> None:
+        message = StepOutputs(list(outputs), deltas or StepDeltas(), list(accepted), list(rejected), num_waiting,
+                              stats)
+        await self.outputs[client].send(encode(message))
+        await asyncio.sleep(0.02)   # the reader dispatches it
+
+    def close(self) -> None:
+        self.context.destroy(linger=0)
+        _remove_ipc_files(self.addresses)
+
+
+def delta(*rows: tuple[str, list[int]]) -> StepDeltas:
+    deltas = StepDeltas()
+    for request_id, token_ids in rows:
+        deltas.add(request_id, token_ids, "".join(f"<{t}>" for t in token_ids), -1.0, None)
+    return deltas
+
+
+def against_core(body, **engine_args):
+    """Run `body(core, handle)` with an AsyncLLMEngine connected to a FakeCore, then stop both."""
+    async def main():
+        core = FakeCore()
+        handle = AsyncLLMEngine(INFO, core.addresses, **engine_args)
+        handle.start()
+        try:
+            return await asyncio.wait_for(body(core, handle), 10)
+        finally:
+            await handle.stop()
+            core.close()
+    return asyncio.run(main())
+
+
+async def added(core: FakeCore, handle: AsyncLLMEngine, requests, **options) -> OutputStream:
+    """add_requests, with the core accepting them."""
+    task = asyncio.create_task(handle.add_requests(requests, **options))
+    message = await core.receive()
+    await core.send(accepted=[r.request_id for r in message.requests])
+    return await task
+
+
+def test_add_requests_sends_one_message_and_returns_once_the_core_accepts():
+    async def body(core, handle):
+        task = asyncio.create_task(handle.add_requests([("a", [1, 2], greedy(3)), ("b", [3], greedy(2, n=2))],
+                                                       stream=False, detokenize=False))
+        message = await core.receive()
+        assert not task.done()   # no verdict yet
+        await core.send(accepted=["a", "b"])
+        return message, await task
+
+    message, stream = against_core(body)
+    assert isinstance(message, AddRequests) and message.client_index == 0
+    assert [(r.request_id, r.prompt_token_ids, r.params) for r in message.requests] == [
+        ("a", [1, 2], greedy(3)), ("b", [3], greedy(2, n=2))]
+    assert (message.stream, message.delta, message.detokenize) == (False, False, False)
+    assert message.requests[0].arrival_time == message.requests[1].arrival_time > 1e9   # time.time()
+    assert stream.request_ids == ["a", "b"] and stream.unfinished == {"a", "b"} and not stream.finished
+
+
+def test_add_requests_streams_deltas_and_detokenizes_by_default_and_says_which_api_process_it_is():
+    async def body(core, handle):
+        task = asyncio.create_task(handle.add_requests([("a", [1], greedy(3))]))
+        message = await core.receive()
+        task.cancel()
+        return message
+
+    async def main():
+        core = FakeCore(num_clients=2)
+        handle = AsyncLLMEngine(INFO, core.addresses, client_index=1)
+        handle.start()
+        try:
+            return await body(core, handle)
+        finally:
+            await handle.stop()
+            core.close()
+
+    message = asyncio.run(main())
+    assert (message.client_index, message.stream, message.delta, message.detokenize) == (1, True, True, True)
+
+
+def test_a_request_the_core_rejects_raises_its_sentence_and_leaves_its_id_free():
+    async def body(core, handle):
+        task = asyncio.create_task(handle.add_requests([("a", [1], greedy(3)), ("b", [1], greedy(3))]))
+        await core.receive()
+        await core.send(rejected=[("a", "prompt b is too long")])
+        with pytest.raises(ValueError, match=r"^prompt b is too long$"):
+            await task
+        assert handle.num_unfinished_requests == 0
+        return await added(core, handle, [("b", [1], greedy(3))])
+
+    assert against_core(body).request_ids == ["b"]
+
+
+def test_request_ids_in_use_are_refused_before_anything_is_sent():
+    sentence = r"^a request id is already in use by an unfinished request; pick unique ids$"
+
+    async def body(core, handle):
+        with pytest.raises(ValueError, match=sentence):
+            await handle.add_requests([("a", [1], greedy(3)), ("a", [2], greedy(3))])
+        await added(core, handle, [("a", [1], greedy(3))])
+        with pytest.raises(ValueError, match=sentence):
+            await handle.add_requests([("b", [1], greedy(3)), ("a", [2], greedy(3))])
+        return await core.nothing_received()
+
+    assert against_core(body)
+
+
+def test_the_waiting_queue_counts_the_cores_waiting_and_the_sequences_sent_since():
+    async def body(core, handle):
+        with pytest.raises(ValueError, match=r"^the request has 5 sequences \(prompts times n\) but at most 4 may "
+                                             r"ever wait \(max_waiting\); send fewer at once$"):
+            await handle.add_requests([("a", [1], greedy(3, n=2)), ("b", [1], greedy(3, n=3))])
+        first = asyncio.create_task(handle.add_requests([("a", [1], greedy(3, n=3))]))
+        await core.receive()   # three sequences sent, not yet acknowledged
+        with pytest.raises(QueueFullError, match=r"^3 sequences are already waiting \(max_waiting=4\); retry later$"):
+            await handle.add_requests([("b", [1], greedy(3, n=2))])
+        second = asyncio.create_task(handle.add_requests([("b", [1], greedy(3))]))   # exactly full
+        await core.receive()
+        await core.send(accepted=["a"], rejected=[("b", "no")], num_waiting=1)
+        await first
+        with pytest.raises(ValueError):
+            await second
+        third = asyncio.create_task(handle.add_requests([("c", [1], greedy(3, n=3))]))   # 1 waiting + 3
+        await core.receive()
+        await core.send(accepted=["c"], num_waiting=2)
+        await third
+        with pytest.raises(QueueFullError, match=r"^2 sequences"):
+            await handle.add_requests([("d", [1], greedy(3, n=3))])
+        return handle.num_waiting
+
+    assert against_core(body, max_waiting=4) == 2
+
+
+@pytest.mark.parametrize("max_waiting", [0, -1, True, 2.0, "8"])
+def test_max_waiting_must_be_a_positive_integer(max_waiting):
+    with pytest.raises(ValueError, match=rf"^max_waiting must be a positive integer, got {max_waiting!r}$"):
+        AsyncLLMEngine(INFO, CoreAddresses("ipc://in", ["ipc://out"]), max_waiting)
+
+
+def test_a_handle_starts_from_what_the_core_reported():
+    handle = AsyncLLMEngine(INFO, CoreAddresses("ipc://in", ["ipc://out"]), 1)
+    assert handle.stats is INFO.stats and handle.info is INFO and handle.max_waiting == 1
+    assert handle.num_waiting == 0 and handle.num_unfinished_requests == 0
+    assert handle.accepting and not handle.is_running and handle.error is None
+
+
+def test_each_stream_gets_its_own_deltas_joined_until_read_and_its_final_output_ends_it():
+    finished = []
+
+    async def body(core, handle):
+        ab = await added(core, handle, [("a", [1], greedy(3)), ("b", [1], greedy(3))])
+        c = await added(core, handle, [("c", [1], greedy(3))])
+        await core.send(deltas=delta(("a", [5]), ("c", [7]), ("stranger", [1])))
+        await core.send(deltas=delta(("a", [6]), ("b", [8, 9])), outputs=[final("nobody", [1])])
+        first = {output.request_id: output.outputs[0].token_ids for output in await ab.get()}
+        texts = [output.outputs[0].text for output in c._unread.values()]
+        await core.send(outputs=[final("a", [4])])
+        a_final = await ab.get()
+        assert ab.unfinished == {"b"} and handle.num_unfinished_requests == 2
+        await core.send(outputs=[final("b", [3]), final("c", [2])])
+        rest = [output async for output in ab]
+        return first, texts, a_final, rest, [output async for output in c]
+
+    first, texts, a_final, rest, c_outputs = against_core(body, on_finished=finished.append)
+    assert first == {"a": [5, 6], "b": [8, 9]} and texts == ["<7>"]
+    assert [(o.request_id, o.finished, o.outputs[0].token_ids) for o in a_final] == [("a", True, [4])]
+    assert [(o.request_id, o.outputs[0].token_ids) for o in rest] == [("b", [3])]
+    assert [o.outputs[0].token_ids for o in c_outputs] == [[7, 2]]
+    assert [output.request_id for output in finished] == ["nobody", "a", "b", "c"]
+
+
+def test_a_failing_on_finished_is_logged_and_the_outputs_still_arrive(caplog):
+    def on_finished(output):
+        raise RuntimeError("metrics broke")
+
+    async def body(core, handle):
+        stream = await added(core, handle, [("a", [1], greedy(3)), ("b", [1], greedy(3))])
+        with caplog.at_level(logging.ERROR, logger="nanovllm.engine.async_engine"):
+            await core.send(outputs=[final("a", [4]), final("b", [5])])
+        return [output.request_id async for output in stream], handle.num_unfinished_requests
+
+    assert against_core(body, on_finished=on_finished) == (["a", "b"], 0)
+    assert caplog.messages == ["on_finished failed; the server goes on"] * 2
+
+
+def test_stats_and_the_waiting_count_follow_the_cores_last_message():
+    async def body(core, handle):
+        await core.send(num_waiting=5, stats=stats(3))
+        seen = (handle.num_waiting, handle.stats.num_steps)
+        await core.send(num_waiting=0)   # no snapshot in this one: the last stays
+        return seen, (handle.num_waiting, handle.stats.num_steps)
+
+    assert against_core(body) == ((5, 3), (0, 3))
+
+
+def test_closing_a_stream_aborts_its_unfinished_requests_only_and_unknown_ids_send_nothing():
+    async def body(core, handle):
+        stream = await added(core, handle, [("b", [1], greedy(3)), ("a", [1], greedy(3)), ("c", [1], greedy(3))])
+        await core.send(outputs=[final("c", [1])])
+        await stream.get()
+        stream.close()
+        abort = await core.receive()
+        handle.abort(["nobody", "stranger"])
+        nothing = await core.nothing_received()
+        await core.send(outputs=[final("a", [1], "abort"), final("b", [1], "abort")])
+        outputs = await stream.get()
+        stream.close()   # all finished: nothing more to abort
+        return abort, nothing, outputs, await core.nothing_received()
+
+    abort, nothing, outputs, nothing_after = against_core(body)
+    assert abort == Abort(["a", "b"]) and nothing and nothing_after
+    assert sorted(o.outputs[0].finish_reason for o in outputs) == ["abort", "abort"]
+
+
+def test_leaving_generate_early_aborts_its_request():
+    async def main():
+        core = FakeCore()
+        handle = AsyncLLMEngine(INFO, core.addresses)
+        handle.start()
+        try:
+            generator = handle.generate("g", [1], greedy(9))
+            step = asyncio.create_task(generator.__anext__())
+            await core.receive()
+            await core.send(accepted=["g"])
+            await core.send(deltas=delta(("g", [4])))
+            first = await step
+            await generator.aclose()
+            return first, await core.receive()
+        finally:
+            await handle.stop()
+            core.close()
+
+    first, abort = asyncio.run(main())
+    assert first.outputs[0].token_ids == [4] and abort == Abort(["g"])
+
+
+def test_a_caller_cancelled_while_waiting_for_the_verdict_aborts_and_forgets_its_requests():
+    async def body(core, handle):
+        task = asyncio.create_task(handle.add_requests([("a", [1], greedy(3)), ("b", [1], greedy(3))]))
+        await core.receive()
+        task.cancel()
+        abort = await core.receive()
+        await core.send(accepted=["a"])   # the verdict comes late: no one waits for it
+        return abort, handle.num_unfinished_requests, task.cancelled(), await added(core, handle, [("a", [1],
+                                                                                                   greedy(3))])
+
+    abort, unfinished, cancelled, again = against_core(body)
+    assert abort == Abort(["a", "b"]) and unfinished == 0 and cancelled and again.request_ids == ["a"]
+
+
+def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and_calls_on_dead_once():
+    dead = []
+
+    async def body(core, handle):
+        handle.on_dead = lambda: dead.append(True)
+        stream = await added(core, handle, [("a", [1], greedy(3))])
+        waiting = asyncio.create_task(handle.add_requests([("b", [1], greedy(3))]))
+        await core.receive()
+        core.outputs[0].close(linger=0)   # the core's end closes: the process is gone
+        with pytest.raises(EngineDeadError, match=r"^the engine core went away$"):
+            await stream.get()
+        with pytest.raises(EngineDeadError, match=r"^the engine core went away$"):
+            await waiting
+        with pytest.raises(EngineNotRunningError, match=r"^the engine is not running \(the engine core went away\)$"):
+            await handle.add_requests([("c", [1], greedy(3))])
+        stream.close()   # nothing to abort on a dead core
+        handle.abort(["a", "b"])
+        handle._core_died("again")   # a second sign of the same death changes nothing
+        return await core.nothing_received(), handle.is_running, handle.num_unfinished_requests, str(handle.error)
+
+    assert against_core(body) == (True, False, 0, "the engine core went away")
+    assert dead == [True]
+
+
+def test_a_core_thread_that_fails_ends_the_callers_with_its_error_and_one_that_returns_does_not():
+    async def body(core, handle):
+        stream = await added(core, handle, [("a", [1], greedy(3))])
+        handle._on_core_thread_exit(None)
+        await asyncio.sleep(0.02)
+        alive = handle.is_running
+        handle._on_core_thread_exit(RuntimeError("scheduler bug"))
+        with pytest.raises(EngineDeadError, match=r"^the engine core failed: RuntimeError: scheduler bug$"):
+            await stream.get()
+        return alive, handle.is_running
+
+    assert against_core(body) == (True, False)
+
+
+def test_stop_fails_waiting_callers_aborts_the_requests_in_flight_and_refuses_new_ones():
+    async def main():
+        core = FakeCore()
+        handle = AsyncLLMEngine(INFO, core.addresses)
+        handle.start()
+        stream = await added(core, handle, [("a", [1], greedy(3)), ("b", [1], greedy(3))])
+        waiting = asyncio.create_task(handle.add_requests([("c", [1], greedy(3))]))
+        await core.receive()
+        await handle.stop()
+        with pytest.raises(EngineNotRunningError, match=r"^the engine is stopping$"):
+            await waiting
+        with pytest.raises(EngineNotRunningError, match=r"^the engine is not running \(stopped\)$"):
+            await handle.add_requests([("d", [1], greedy(3))])
+        handle._core_died("the core exits after a stop")   # expected: not a death
+        abort = await core.receive()
+        core.close()
+        return abort, stream, handle
+
+    abort, stream, handle = asyncio.run(main())
+    assert abort == Abort(["a", "b", "c"]) and not handle.accepting and not handle.is_running
+    assert handle.error is None and stream._error is None
+    assert not any(os.path.exists(a.removeprefix("ipc://")) for a in [handle.addresses.input,
+                                                                      *handle.addresses.outputs])
+
+
+def test_drain_waits_for_the_requests_in_flight_then_aborts_the_rest(caplog):
+    async def body(core, handle):
+        quick = await added(core, handle, [("quick", [1], greedy(3))])
+        drain = asyncio.create_task(handle.drain(timeout=10))
+        await asyncio.sleep(0.1)
+        with pytest.raises(EngineNotRunningError, match=r"^the server is shutting down and takes no new requests$"):
+            await handle.add_requests([("late", [1], greedy(3))])
+        assert not drain.done()
+        await core.send(outputs=[final("quick", [1])])
+        await asyncio.wait_for(drain, 1)   # done as soon as nothing is in flight
+        assert [o.finished async for o in quick] == [True] and await core.nothing_received()
+        handle.accepting = True
+        slow = await added(core, handle, [("slow", [1], greedy(3))])
+        with caplog.at_level(logging.WARNING, logger="nanovllm.engine.async_engine"):
+            await handle.drain(timeout=0.05)
+        return await core.receive(), slow.unfinished
+
+    assert against_core(body) == (Abort(["slow"]), {"slow"})
+    assert caplog.messages == ["shutdown grace period over: aborting 1 unfinished request(s)"]
+
+
+def test_the_reader_hands_streams_at_most_a_turns_worth_of_messages_at_a_time():
+    async def body(core, handle):
+        stream = await added(core, handle, [("r", [1], greedy(3))])
+        num_messages = 3 * async_module.MAX_MESSAGES_PER_TURN
+        for step in range(num_messages):   # a busy core: every message waits before the reader runs
+            core.outputs[0].send(encode(StepOutputs([], delta(("r", [step])), [], [], 0)))
+        await asyncio.sleep(0)
+        import time
+        time.sleep(0.3)   # all delivered to the reader's socket, without yielding to the event loop
+        reads = []
+        while sum(reads) < num_messages:
+            reads.append(sum(len(output.outputs[0].token_ids) for output in await stream.get()))
+        return reads
+
+    reads = against_core(body)
+    assert reads[0] == async_module.MAX_MESSAGES_PER_TURN and max(reads) == async_module.MAX_MESSAGES_PER_TURN
+
+
+def test_new_addresses_name_one_input_and_one_output_per_api_process_and_stop_removes_their_files():
+    addresses = _new_addresses(3)
+    base = addresses.input.removesuffix("-in")
+    assert base.startswith("ipc://") and f"nanovllm-{os.getpid()}-" in base
+    assert addresses.outputs == [f"{base}-out0", f"{base}-out1", f"{base}-out2"]
+    assert _new_addresses(1).input != addresses.input
+    for address in [addresses.input, *addresses.outputs[:2]]:
+        open(address.removeprefix("ipc://"), "w").close()
+    _remove_ipc_files(addresses)   # the third was never made: ignored
+    assert not any(os.path.exists(a.removeprefix("ipc://")) for a in [addresses.input, *addresses.outputs])
+
+
+class ServedEngine(FakeEngine):
+    """A FakeEngine with what `core_info` reads, for `AsyncLLMEngine.from_engine`."""
+    config = SimpleNamespace(model="m", tokenizer=None, max_model_len=64, load_format="auto",
+                             skip_tokenizer_init=False, kv_cache_dtype_name="bfloat16")
+    tokenizer = SimpleNamespace(eos_token_ids=[2], bos_token_id=None)
+    model_config = SimpleNamespace(vocab_size=320)
+
+
+def test_from_engine_serves_the_engine_from_a_core_thread_and_stop_ends_it():
+    engine = ServedEngine()
+
+    async def main():
+        handle = AsyncLLMEngine.from_engine(engine, max_waiting=5)
+        handle.start()
+        try:
+            streams = [sum([o.outputs[0].token_ids async for o in handle.generate(request_id, [1], greedy(3))], [])
+                       for request_id in ("a", "b")]
+        finally:
+            await handle.stop()
+        return handle, streams
+
+    handle, streams = asyncio.run(main())
+    assert streams == [[0, 1, 2]] * 2 and handle.max_waiting == 5 and handle.info.vocab_size == 320
+    assert not handle.thread.thread.is_alive()   # stopped by Shutdown
+
+
+def test_a_core_thread_whose_engine_fails_ends_its_callers_with_the_error():
+    engine = ServedEngine()
+
+    def broken_step():
+        raise RuntimeError("scheduler bug")
+
+    engine.step_with_deltas = broken_step
+
+    async def main():
+        handle = AsyncLLMEngine.from_engine(engine)
+        handle.start()
+        try:
+            with pytest.raises(EngineNotRunningError, match="^the engine core failed: RuntimeError: scheduler bug$"):
+                stream = await handle.add_requests([("a", [1], greedy(3))])
+                await asyncio.wait_for(stream.get(), 5)
+        finally:
+            await handle.stop()
+        return handle
+
+    handle = asyncio.run(main())
+    assert not handle.is_running and not handle.thread.thread.is_alive()
