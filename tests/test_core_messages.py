@@ -76,6 +76,7 @@ class FakeSocket:
 
     def send(self, data, copy: bool = True, flags: int = 0) -> None:
         assert flags == zmq.NOBLOCK, "the core must never block on a send"
+        assert copy is False, "the core hands its encoded messages to ZeroMQ without a copy"
         if not self.connected:
             raise zmq.Again()
         self.sent.append(bytes(data))
@@ -322,16 +323,21 @@ def test_shutdown_stops_the_loop_and_leaves_the_messages_after_it_unread(monkeyp
 
 def test_an_unreadable_message_is_dropped_with_a_log_and_the_loop_serves_on(monkeypatch, caplog):
     core = make_core()
+    unreadable = [b"\x93not msgpack", encode(["Abort", "not a list"])]
+    errors = []
+    for data in unreadable:
+        with pytest.raises(msgspec.DecodeError) as error:
+            msgspec.msgpack.Decoder(core_module.CoreInput).decode(data)
+        errors.append(str(error.value))
     with caplog.at_level(logging.ERROR, logger="nanovllm.engine.core"):
-        run_loop(core, b"\x93not msgpack", encode(["Abort", "not a list"]), add(0, "a"), monkeypatch=monkeypatch)
+        run_loop(core, *unreadable, add(0, "a"), monkeypatch=monkeypatch)
     assert tokens_by_request(received(core)) == {"a": [0, 1]}
-    assert len(caplog.records) == 2
-    assert all(message.startswith("dropped a message the engine core cannot read: ") for message in caplog.messages)
+    assert caplog.messages == [f"dropped a message the engine core cannot read: {error}" for error in errors]
 
 
 def test_the_idle_core_waits_a_second_for_input_or_10_ms_while_messages_wait_to_be_sent(monkeypatch):
-    core = make_core()
-    core.output_sockets[0].connected = False   # the API process has not connected yet
+    core = make_core(num_clients=2)
+    core.output_sockets[0].connected = False   # API process 0 has not connected yet; 1 has
     poller = FakePoller([])
     polls = []
 
@@ -348,8 +354,10 @@ def test_the_idle_core_waits_a_second_for_input_or_10_ms_while_messages_wait_to_
     core.input_socket.inbox.append(add(0, "a", max_tokens=1))
     core.run_busy_loop()
     assert polls == [1000, 10, 10, 1000, 1000]   # the third poll's retry sends the backlog
-    assert [m.accepted for m in received(core)] == [["a"], []]
-    assert core.backlog == [[]]
+    assert [m.accepted for m in received(core, 0)] == [["a"], []]
+    idle_stats = received(core, 1)   # each retry also brings client 1 a fresh snapshot
+    assert len(idle_stats) == 4 and all(m.stats is not None and len(m.deltas) == 0 for m in idle_stats)
+    assert core.backlog == [[], []]
 
 
 def test_the_loop_stops_when_its_parent_process_is_gone_and_not_before(monkeypatch, caplog):
