@@ -335,6 +335,13 @@ def test_an_unreadable_message_is_dropped_with_a_log_and_the_loop_serves_on(monk
     assert caplog.messages == [f"dropped a message the engine core cannot read: {error}" for error in errors]
 
 
+def test_one_turn_takes_every_message_waiting_past_an_unreadable_one():
+    core = make_core()
+    core.input_socket.inbox.extend([add(0, "a"), b"\xc1", add(0, "b")])   # 0xc1: never valid msgpack
+    core._take_inputs()
+    assert core.accepted == [["a", "b"]] and core.input_socket.inbox == []
+
+
 def test_the_idle_core_waits_a_second_for_input_or_10_ms_while_messages_wait_to_be_sent(monkeypatch):
     core = make_core(num_clients=2)
     core.output_sockets[0].connected = False   # API process 0 has not connected yet; 1 has
@@ -488,7 +495,7 @@ class FakeCore:
         self.decoder = msgspec.msgpack.Decoder(core_module.CoreInput)
 
     async def receive(self):
-        return self.decoder.decode(await asyncio.wait_for(self.input.recv(), 5))
+        return self.decoder.decode(await asyncio.wait_for(self.input.recv(), 1))
 
     async def nothing_received(self) -> bool:
         await asyncio.sleep(0.02)
@@ -520,7 +527,7 @@ def against_core(body, **engine_args):
         handle = AsyncLLMEngine(INFO, core.addresses, **engine_args)
         handle.start()
         try:
-            return await asyncio.wait_for(body(core, handle), 10)
+            return await asyncio.wait_for(body(core, handle), 3)
         finally:
             await handle.stop()
             core.close()
@@ -716,17 +723,18 @@ def test_leaving_generate_early_aborts_its_request():
         try:
             generator = handle.generate("g", [1], greedy(9))
             step = asyncio.create_task(generator.__anext__())
-            await core.receive()
+            add = await core.receive()
             await core.send(accepted=["g"])
             await core.send(deltas=delta(("g", [4])))
             first = await step
             await generator.aclose()
-            return first, await core.receive()
+            return add, first, await core.receive()
         finally:
             await handle.stop()
             core.close()
 
-    first, abort = asyncio.run(main())
+    add, first, abort = asyncio.run(main())
+    assert add.stream and add.delta   # generate streams deltas unless told otherwise
     assert first.outputs[0].token_ids == [4] and abort == Abort(["g"])
 
 
@@ -744,7 +752,7 @@ def test_a_caller_cancelled_while_waiting_for_the_verdict_aborts_and_forgets_its
     assert abort == Abort(["a", "b"]) and unfinished == 0 and cancelled and again.request_ids == ["a"]
 
 
-def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and_calls_on_dead_once():
+def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and_calls_on_dead_once(caplog):
     dead = []
 
     async def body(core, handle):
@@ -752,7 +760,9 @@ def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and
         stream = await added(core, handle, [("a", [1], greedy(3))])
         waiting = asyncio.create_task(handle.add_requests([("b", [1], greedy(3))]))
         await core.receive()
-        core.outputs[0].close(linger=0)   # the core's end closes: the process is gone
+        with caplog.at_level(logging.ERROR, logger="nanovllm.engine.async_engine"):
+            core.outputs[0].close(linger=0)   # the core's end closes: the process is gone
+            await asyncio.sleep(0.1)
         with pytest.raises(EngineDeadError, match=r"^the engine core went away$"):
             await stream.get()
         with pytest.raises(EngineDeadError, match=r"^the engine core went away$"):
@@ -766,6 +776,7 @@ def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and
 
     assert against_core(body) == (True, False, 0, "the engine core went away")
     assert dead == [True]
+    assert caplog.messages == ["the engine core went away; every request in flight ends with an error"]
 
 
 def test_a_core_thread_that_fails_ends_the_callers_with_its_error_and_one_that_returns_does_not():
@@ -816,7 +827,7 @@ def test_drain_waits_for_the_requests_in_flight_then_aborts_the_rest(caplog):
             await handle.add_requests([("late", [1], greedy(3))])
         assert not drain.done()
         await core.send(outputs=[final("quick", [1])])
-        await asyncio.wait_for(drain, 1)   # done as soon as nothing is in flight
+        await asyncio.wait_for(drain, 0.5)   # done soon after nothing is in flight
         assert [o.finished async for o in quick] == [True] and await core.nothing_received()
         handle.accepting = True
         slow = await added(core, handle, [("slow", [1], greedy(3))])
@@ -881,10 +892,12 @@ def test_from_engine_serves_the_engine_from_a_core_thread_and_stop_ends_it():
 
     handle, streams = asyncio.run(main())
     assert streams == [[0, 1, 2]] * 2 and handle.max_waiting == 5 and handle.info.vocab_size == 320
+    assert len(handle.addresses.outputs) == 1 and handle.client_index == 0
+    assert handle.thread.thread.name == "nanovllm-engine-core" and handle.thread.thread.daemon
     assert not handle.thread.thread.is_alive()   # stopped by Shutdown
 
 
-def test_a_core_thread_whose_engine_fails_ends_its_callers_with_the_error():
+def test_a_core_thread_whose_engine_fails_ends_its_callers_with_the_error(caplog):
     engine = ServedEngine()
 
     def broken_step():
@@ -898,10 +911,12 @@ def test_a_core_thread_whose_engine_fails_ends_its_callers_with_the_error():
         try:
             with pytest.raises(EngineNotRunningError, match="^the engine core failed: RuntimeError: scheduler bug$"):
                 stream = await handle.add_requests([("a", [1], greedy(3))])
-                await asyncio.wait_for(stream.get(), 5)
+                await asyncio.wait_for(stream.get(), 3)
         finally:
             await handle.stop()
         return handle
 
-    handle = asyncio.run(main())
+    with caplog.at_level(logging.ERROR, logger="nanovllm.engine.async_engine"):
+        handle = asyncio.run(main())
     assert not handle.is_running and not handle.thread.thread.is_alive()
+    assert caplog.messages[0] == "the engine core failed" and "scheduler bug" in caplog.text   # with the traceback
