@@ -47,6 +47,11 @@ def final(request_id: str, token_ids: list[int], reason: str = "length", n: int 
     return RequestOutput(request_id, None, [1, 2], completions, True, RequestMetrics(arrival_time=0.0))
 
 
+def logged(caplog, module: str) -> list[str]:
+    """The messages logged by nanovllm.engine.`module` (not asyncio's notes about other tests' leftovers)."""
+    return [record.getMessage() for record in caplog.records if record.name == f"nanovllm.engine.{module}"]
+
+
 # ---- the core side: fake sockets, a fake engine ---------------------------------------------------
 
 class FakeSocket:
@@ -332,7 +337,7 @@ def test_an_unreadable_message_is_dropped_with_a_log_and_the_loop_serves_on(monk
     with caplog.at_level(logging.ERROR, logger="nanovllm.engine.core"):
         run_loop(core, *unreadable, add(0, "a"), monkeypatch=monkeypatch)
     assert tokens_by_request(received(core)) == {"a": [0, 1]}
-    assert caplog.messages == [f"dropped a message the engine core cannot read: {error}" for error in errors]
+    assert logged(caplog, "core") == [f"dropped a message the engine core cannot read: {error}" for error in errors]
 
 
 def test_one_turn_takes_every_message_waiting_past_an_unreadable_one():
@@ -371,11 +376,11 @@ def test_the_loop_stops_when_its_parent_process_is_gone_and_not_before(monkeypat
     core = make_core()
     with caplog.at_level(logging.WARNING, logger="nanovllm.engine.core"):
         run_loop(core, parent_pid=os.getppid(), monkeypatch=monkeypatch)   # its parent is alive: Shutdown stops it
-        assert not core.running and caplog.messages == []
+        assert not core.running and logged(caplog, "core") == []
         core.running = True
         run_loop(core, parent_pid=-1, monkeypatch=monkeypatch)   # no process has that id: gone
     assert core.running   # it returned at the idle poll, before reading the Shutdown queued there
-    assert caplog.messages == ["the server process is gone; the engine core stops"]
+    assert logged(caplog, "core") == ["the server process is gone; the engine core stops"]
 
 
 def test_stats_go_out_when_idle_and_at_most_every_interval_while_busy(monkeypatch):
@@ -453,7 +458,7 @@ def test_an_api_process_unreachable_for_the_grace_period_is_gone_and_its_request
     with caplog.at_level(logging.WARNING, logger="nanovllm.engine.core"):
         core._send(*engine.step_with_deltas())
     assert engine.calls[-2:] == [("abort", "a"), ("abort", "b")]
-    assert caplog.messages == ["API process 1 is gone; aborting its 2 request(s)"]
+    assert logged(caplog, "core") == ["API process 1 is gone; aborting its 2 request(s)"]
     assert core.client_of == {"kept": 0} and core.backlog == [[], []] and core.unreachable_since == {}
     core._send(*engine.step_with_deltas())   # the aborts' final outputs are for no one now
     assert core.backlog == [[], []] and len(received(core, 0)) == 4
@@ -619,6 +624,8 @@ def test_the_waiting_queue_counts_the_cores_waiting_and_the_sequences_sent_since
             await handle.add_requests([("b", [1], greedy(3, n=2))])
         second = asyncio.create_task(handle.add_requests([("b", [1], greedy(3))]))   # exactly full
         await core.receive()
+        with pytest.raises(QueueFullError, match=r"^4 sequences are already waiting"):
+            await handle.add_requests([("b2", [1], greedy(3))])
         await core.send(accepted=["a"], rejected=[("b", "no")], num_waiting=1)
         await first
         with pytest.raises(ValueError):
@@ -632,6 +639,13 @@ def test_the_waiting_queue_counts_the_cores_waiting_and_the_sequences_sent_since
         return handle.num_waiting
 
     assert against_core(body, max_waiting=4) == 2
+
+
+def test_a_request_of_exactly_max_waiting_sequences_fits_an_empty_queue():
+    async def body(core, handle):
+        return (await added(core, handle, [("a", [1], greedy(3, n=2))])).request_ids
+
+    assert against_core(body, max_waiting=2) == ["a"]
 
 
 @pytest.mark.parametrize("max_waiting", [0, -1, True, 2.0, "8"])
@@ -683,7 +697,7 @@ def test_a_failing_on_finished_is_logged_and_the_outputs_still_arrive(caplog):
         return [output.request_id async for output in stream], handle.num_unfinished_requests
 
     assert against_core(body, on_finished=on_finished) == (["a", "b"], 0)
-    assert caplog.messages == ["on_finished failed; the server goes on"] * 2
+    assert logged(caplog, "async_engine") == ["on_finished failed; the server goes on"] * 2
 
 
 def test_stats_and_the_waiting_count_follow_the_cores_last_message():
@@ -738,6 +752,16 @@ def test_leaving_generate_early_aborts_its_request():
     assert first.outputs[0].token_ids == [4] and abort == Abort(["g"])
 
 
+def test_generate_without_streaming_asks_for_the_final_output_only():
+    async def body(core, handle):
+        waiting = asyncio.create_task(handle.generate("q", [1], greedy(9), stream=False).__anext__())
+        message = await core.receive()
+        waiting.cancel()
+        return message.stream, message.delta
+
+    assert against_core(body) == (False, False)
+
+
 def test_a_caller_cancelled_while_waiting_for_the_verdict_aborts_and_forgets_its_requests():
     async def body(core, handle):
         task = asyncio.create_task(handle.add_requests([("a", [1], greedy(3)), ("b", [1], greedy(3))]))
@@ -776,7 +800,7 @@ def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and
 
     assert against_core(body) == (True, False, 0, "the engine core went away")
     assert dead == [True]
-    assert caplog.messages == ["the engine core went away; every request in flight ends with an error"]
+    assert logged(caplog, "async_engine") == ["the engine core went away; every request in flight ends with an error"]
 
 
 def test_a_core_thread_that_fails_ends_the_callers_with_its_error_and_one_that_returns_does_not():
@@ -836,7 +860,7 @@ def test_drain_waits_for_the_requests_in_flight_then_aborts_the_rest(caplog):
         return await core.receive(), slow.unfinished
 
     assert against_core(body) == (Abort(["slow"]), {"slow"})
-    assert caplog.messages == ["shutdown grace period over: aborting 1 unfinished request(s)"]
+    assert logged(caplog, "async_engine") == ["shutdown grace period over: aborting 1 unfinished request(s)"]
 
 
 def test_the_reader_hands_streams_at_most_a_turns_worth_of_messages_at_a_time():
@@ -919,4 +943,4 @@ def test_a_core_thread_whose_engine_fails_ends_its_callers_with_the_error(caplog
     with caplog.at_level(logging.ERROR, logger="nanovllm.engine.async_engine"):
         handle = asyncio.run(main())
     assert not handle.is_running and not handle.thread.thread.is_alive()
-    assert caplog.messages[0] == "the engine core failed" and "scheduler bug" in caplog.text   # with the traceback
+    assert logged(caplog, "async_engine")[0] == "the engine core failed" and "scheduler bug" in caplog.text   # with the traceback
