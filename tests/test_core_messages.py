@@ -9,8 +9,11 @@ decides what each message says. The multi-process tests (test_server*.py) cover 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
+import re
+import tempfile
 from types import SimpleNamespace
 
 import msgspec
@@ -659,6 +662,14 @@ def test_a_handle_starts_from_what_the_core_reported():
     assert handle.stats is INFO.stats and handle.info is INFO and handle.max_waiting == 1
     assert handle.num_waiting == 0 and handle.num_unfinished_requests == 0
     assert handle.accepting and not handle.is_running and handle.error is None
+    assert AsyncLLMEngine(INFO, handle.addresses).max_waiting == 1024
+
+
+def test_a_handle_never_started_stops_quietly_and_ignores_a_core_threads_end():
+    handle = AsyncLLMEngine(INFO, _new_addresses(1))
+    handle._on_core_thread_exit(RuntimeError("no loop to tell yet"))
+    asyncio.run(handle.stop())
+    assert handle.error is None and not handle.is_running
 
 
 def test_each_stream_gets_its_own_deltas_joined_until_read_and_its_final_output_ends_it():
@@ -806,6 +817,7 @@ def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and
 def test_a_core_thread_that_fails_ends_the_callers_with_its_error_and_one_that_returns_does_not():
     async def body(core, handle):
         stream = await added(core, handle, [("a", [1], greedy(3))])
+        assert handle._reader.get_name() == "nanovllm-core-reader"
         handle._on_core_thread_exit(None)
         await asyncio.sleep(0.02)
         alive = handle.is_running
@@ -832,11 +844,12 @@ def test_stop_fails_waiting_callers_aborts_the_requests_in_flight_and_refuses_ne
             await handle.add_requests([("d", [1], greedy(3))])
         handle._core_died("the core exits after a stop")   # expected: not a death
         abort = await core.receive()
+        more = await core.input.poll(timeout=100)   # a Shutdown is the owner's to send: this handle has none
         core.close()
-        return abort, stream, handle
+        return abort, more, stream, handle
 
-    abort, stream, handle = asyncio.run(main())
-    assert abort == Abort(["a", "b", "c"]) and not handle.accepting and not handle.is_running
+    abort, more, stream, handle = asyncio.run(main())
+    assert abort == Abort(["a", "b", "c"]) and not more and not handle.accepting and not handle.is_running
     assert handle.error is None and stream._error is None
     assert not any(os.path.exists(a.removeprefix("ipc://")) for a in [handle.addresses.input,
                                                                       *handle.addresses.outputs])
@@ -884,7 +897,7 @@ def test_the_reader_hands_streams_at_most_a_turns_worth_of_messages_at_a_time():
 def test_new_addresses_name_one_input_and_one_output_per_api_process_and_stop_removes_their_files():
     addresses = _new_addresses(3)
     base = addresses.input.removesuffix("-in")
-    assert base.startswith("ipc://") and f"nanovllm-{os.getpid()}-" in base
+    assert re.fullmatch(f"ipc://{re.escape(tempfile.gettempdir())}/nanovllm-{os.getpid()}-[0-9a-f]{{8}}", base)
     assert addresses.outputs == [f"{base}-out0", f"{base}-out1", f"{base}-out2"]
     assert _new_addresses(1).input != addresses.input
     for address in [addresses.input, *addresses.outputs[:2]]:
@@ -917,6 +930,7 @@ def test_from_engine_serves_the_engine_from_a_core_thread_and_stop_ends_it():
     handle, streams = asyncio.run(main())
     assert streams == [[0, 1, 2]] * 2 and handle.max_waiting == 5 and handle.info.vocab_size == 320
     assert len(handle.addresses.outputs) == 1 and handle.client_index == 0
+    assert inspect.signature(AsyncLLMEngine.from_engine).parameters["max_waiting"].default == 1024
     assert handle.thread.thread.name == "nanovllm-engine-core" and handle.thread.thread.daemon
     assert not handle.thread.thread.is_alive()   # stopped by Shutdown
 
