@@ -488,9 +488,12 @@ INFO = CoreInfo(model="m", tokenizer=None, max_model_len=64, vocab_size=320, sta
 
 class FakeCore:
     """The core's end of the sockets (real ZeroMQ, ipc files): the test reads what the API process
-    sends and decides what the core answers."""
+    sends and decides what the core answers. `serve(handle)` starts the handle; `send` then returns
+    once the handle has dispatched the message."""
 
     def __init__(self, num_clients: int = 1):
+        self.num_sent = 0
+        self.num_dispatched = 0
         self.addresses = _new_addresses(num_clients)
         self.context = zmq.asyncio.Context()
         self.input = self.context.socket(zmq.PULL)
@@ -500,6 +503,16 @@ class FakeCore:
             self.outputs.append(self.context.socket(zmq.PUSH))
             self.outputs[-1].bind(address)
         self.decoder = msgspec.msgpack.Decoder(core_module.CoreInput)
+
+    def serve(self, handle: AsyncLLMEngine) -> None:
+        dispatch = handle._dispatch
+
+        def counted(message: StepOutputs) -> None:
+            dispatch(message)
+            self.num_dispatched += 1
+
+        handle._dispatch = counted
+        handle.start()
 
     async def receive(self):
         return self.decoder.decode(await asyncio.wait_for(self.input.recv(), 1))
@@ -513,7 +526,10 @@ class FakeCore:
         message = StepOutputs(list(outputs), deltas or StepDeltas(), list(accepted), list(rejected), num_waiting,
                               stats)
         await self.outputs[client].send(encode(message))
-        await asyncio.sleep(0.02)   # the reader dispatches it
+        self.num_sent += 1
+        async with asyncio.timeout(2):   # the reader dispatches it
+            while self.num_dispatched < self.num_sent:
+                await asyncio.sleep(0.002)
 
     def close(self) -> None:
         self.context.destroy(linger=0)
@@ -532,7 +548,7 @@ def against_core(body, **engine_args):
     async def main():
         core = FakeCore()
         handle = AsyncLLMEngine(INFO, core.addresses, **engine_args)
-        handle.start()
+        core.serve(handle)
         try:
             return await asyncio.wait_for(body(core, handle), 3)
         finally:
@@ -743,7 +759,7 @@ def test_leaving_generate_early_aborts_its_request():
     async def main():
         core = FakeCore()
         handle = AsyncLLMEngine(INFO, core.addresses)
-        handle.start()
+        core.serve(handle)
         try:
             generator = handle.generate("g", [1], greedy(9))
             step = asyncio.create_task(generator.__anext__())
@@ -832,7 +848,7 @@ def test_stop_fails_waiting_callers_aborts_the_requests_in_flight_and_refuses_ne
     async def main():
         core = FakeCore()
         handle = AsyncLLMEngine(INFO, core.addresses)
-        handle.start()
+        core.serve(handle)
         stream = await added(core, handle, [("a", [1], greedy(3)), ("b", [1], greedy(3))])
         waiting = asyncio.create_task(handle.add_requests([("c", [1], greedy(3))]))
         await core.receive()
