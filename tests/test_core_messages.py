@@ -830,7 +830,12 @@ def test_a_core_that_goes_away_fails_every_stream_and_waiting_caller_at_once_and
 
 
 def test_a_core_thread_that_fails_ends_the_callers_with_its_error_and_one_that_returns_does_not():
+    failed_callbacks = []
+
     async def body(core, handle):
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: failed_callbacks.append(context["message"])
+            if context["message"].startswith("Exception in callback") else None)
         stream = await added(core, handle, [("a", [1], greedy(3))])
         assert handle._reader.get_name() == "nanovllm-core-reader"
         handle._on_core_thread_exit(None)
@@ -839,9 +844,11 @@ def test_a_core_thread_that_fails_ends_the_callers_with_its_error_and_one_that_r
         handle._on_core_thread_exit(RuntimeError("scheduler bug"))
         with pytest.raises(EngineDeadError, match=r"^the engine core failed: RuntimeError: scheduler bug$"):
             await stream.get()
+        await asyncio.sleep(0.02)
         return alive, handle.is_running
 
     assert against_core(body) == (True, False)
+    assert failed_callbacks == []   # no on_dead was set: the death is reported without one
 
 
 def test_stop_fails_waiting_callers_aborts_the_requests_in_flight_and_refuses_new_ones():
