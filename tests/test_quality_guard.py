@@ -5,8 +5,9 @@ tested against).
 
 The checkpoints here are the engine's own quantizers, made in seconds as the model loads: GGUF's
 Q8_0 and Q4_K layouts (`quantization="gguf-q8_0" | "gguf-q4_k"`, round-to-nearest; the layouts
-decode bit for bit as the gguf package's blocks, tests/test_gguf_quantized.py). CI reads the
-first PREFIX_TOKENS predictions of the text (one prefill a format, about 15 s each on 2 cores);
+GGUF's blocks load into, checked bit for bit against the gguf package in
+tests/test_gguf_quantized.py). CI reads the first PREFIX_TOKENS predictions of the text (one
+prefill a format, 20 to 40 CPU-seconds each);
 tools/quality_guard.py measures all 2,000, with checkpoints written by llmcompressor and the gguf
 package (docs/reference/quantization.md, "What it costs in quality").
 
@@ -14,7 +15,8 @@ Two caveats the figures carry. The embedded weights are Q4_1 (4-bit codes per 32
 and an offset), so a 4-bit format with float offsets per 32, as Q4_K's, re-expresses them almost
 exactly: this guards the quantizer and the reference, not 4-bit quality in general. And FP8 W8A8
 is not here because it misses its 2% on this model (+2.6% for llmcompressor's FP8-dynamic
-checkpoint): rounding the activations to e4m3 per token costs more than the weights' +0.8%.
+checkpoint): rounding the activations to e4m3 per token costs more than the weights' +0.8%, and
+no 4-bit format with integer zero points (W4A16, GPTQ, AWQ) comes within 6% of these weights.
 """
 from __future__ import annotations
 
