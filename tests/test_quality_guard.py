@@ -13,10 +13,11 @@ package (docs/reference/quantization.md, "What it costs in quality").
 
 Two caveats the figures carry. The embedded weights are Q4_1 (4-bit codes per 32 with a scale
 and an offset), so a 4-bit format with float offsets per 32, as Q4_K's, re-expresses them almost
-exactly: this guards the quantizer and the reference, not 4-bit quality in general. And FP8 W8A8
-is not here because it misses its 2% on this model (+2.6% for llmcompressor's FP8-dynamic
-checkpoint): rounding the activations to e4m3 per token costs more than the weights' +0.8%, and
-no 4-bit format with integer zero points (W4A16, GPTQ, AWQ) comes within 6% of these weights.
+exactly: this guards the quantizer and the reference, not 4-bit quality in general. And two
+formats are not here because they miss their bounds on this model: FP8 W8A8 (+2.6% for
+llmcompressor's FP8-dynamic checkpoint; the e4m3 weights alone cost +0.8%, the per-token e4m3
+activations the rest) and W4A16 with integer zero points (+12% for llmcompressor's GPTQ in
+groups of 32: a zero point cannot hold Q4_1's float offsets).
 """
 from __future__ import annotations
 
