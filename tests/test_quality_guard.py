@@ -6,10 +6,9 @@ tested against).
 The checkpoints here are the engine's own quantizers, made in seconds as the model loads: GGUF's
 Q8_0 and Q4_K layouts (`quantization="gguf-q8_0" | "gguf-q4_k"`, round-to-nearest; the layouts
 GGUF's blocks load into, checked bit for bit against the gguf package in
-tests/test_gguf_quantized.py). CI reads the first PREFIX_TOKENS predictions of the text (one
-prefill a format, 20 to 40 CPU-seconds each);
-tools/quality_guard.py measures all 2,000, with checkpoints written by llmcompressor and the gguf
-package (docs/reference/quantization.md, "What it costs in quality").
+tests/test_gguf_quantized.py). One prefill of the text's first 2,000 predictions a format, about
+20 s each on 2 cores; tools/quality_guard.py measures the same text with checkpoints written by
+llmcompressor and the gguf package (docs/reference/quantization.md, "What it costs in quality").
 
 Two caveats the figures carry. The embedded weights are Q4_1 (4-bit codes per 32 with a scale
 and an offset), so a 4-bit format with float offsets per 32, as Q4_K's, re-expresses them almost
@@ -27,14 +26,16 @@ import torch
 from nanovllm.model.loader import load_model
 from tests.conftest import perplexity, prompt_logits, quality_tokens
 
-PREFIX_TOKENS = 512
+pytestmark = pytest.mark.slow   # a 135M-parameter prefill of 2,000 tokens per format
+
+NUM_PREDICTIONS = 2000
 BOUNDS = {"gguf-q8_0": 0.02, "gguf-q4_k": 0.06}     # the most perplexity may grow over bfloat16's
 
 
 @pytest.fixture(scope="module")
 def guard_text():
-    """(token ids, bfloat16 perplexity) of the text's first PREFIX_TOKENS predictions."""
-    token_ids = quality_tokens(PREFIX_TOKENS)
+    """(token ids, bfloat16 perplexity) of the text's first NUM_PREDICTIONS predictions."""
+    token_ids = quality_tokens(NUM_PREDICTIONS)
     model, _ = load_model(None, dtype=torch.bfloat16)
     return token_ids, perplexity(prompt_logits(model, token_ids, torch.bfloat16), token_ids)
 
