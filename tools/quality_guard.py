@@ -29,7 +29,7 @@ The GGUF files keep the embedding in float32 (the LM head is tied to it), so eac
 measures the format's linear layers. Run from the repository root, in an environment with
 llmcompressor for the ct-* rows (a separate venv: it pins its own transformers):
 
-    python tools/quality_guard.py                       # every format; about 2 min a format on 2 cores
+    python tools/quality_guard.py                       # every format: 20-60 s each on 2 cores, GPTQ ~20 min
     python tools/quality_guard.py --formats bf16 fp8    # some of them
 
 It prints one line a format: perplexity, its change from bfloat16, top-1 agreement with bfloat16.
