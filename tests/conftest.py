@@ -295,6 +295,48 @@ def decode_together(sequences: list[PagedSequence], token_ids: list[int]) -> tor
     return model.compute_logits(hidden).float()
 
 
+# English prose written for the project (tests/data/quality_text.txt), 2,350 tokens of the embedded
+# tokenizer: the text the quantization quality guard measures perplexity on.
+QUALITY_TEXT = Path(__file__).parent / "data" / "quality_text.txt"
+
+
+def quality_tokens(num_predictions: int = 2000) -> list[int]:
+    """The first num_predictions + 1 tokens of QUALITY_TEXT under the embedded model's tokenizer."""
+    from nanovllm.tokenizer import Tokenizer
+
+    token_ids = Tokenizer.load(None).encode(QUALITY_TEXT.read_text())[:num_predictions + 1]
+    if len(token_ids) != num_predictions + 1:
+        raise ValueError(f"{QUALITY_TEXT.name} has {len(token_ids)} tokens; {num_predictions + 1} are needed")
+    return token_ids
+
+
+def prompt_logits(model, token_ids: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
+    """One prefill of token_ids through `model` (a fresh paged cache of kv_dtype) -> float32 logits
+    [T, V] of every position."""
+    from nanovllm.ops.attention import AttentionMetadata
+
+    config = model.config
+    num_tokens, block_size = len(token_ids), 16
+    num_blocks = -(-num_tokens // block_size)
+    kv_caches = [tuple(torch.zeros(num_blocks, block_size, config.num_key_value_heads, config.head_dim,
+                                   dtype=kv_dtype) for _ in range(2)) for _ in range(config.num_hidden_layers)]
+    metadata = AttentionMetadata(
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
+        slot_mapping=torch.arange(num_tokens),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+        max_query_len=num_tokens, max_seq_len=num_tokens)
+    with torch.inference_mode():
+        hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), metadata, kv_caches)   # [T, H]
+        return model.compute_logits(hidden).float()
+
+
+def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
+    """exp(mean negative log-likelihood of token t + 1 under logits [T, V] at position t)."""
+    next_ids = torch.tensor(token_ids[1:])[:, None]
+    return math.exp(-logits[:-1].log_softmax(-1).gather(1, next_ids).mean().item())
+
+
 def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:
     """Max abs difference below `rel` times the reference's largest logit magnitude.
 

@@ -16,10 +16,10 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.model.loader import load_model
 from nanovllm.model.quantize import load_quantized, load_quantized_model, quantize_model, save_quantized
-from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.quant import (PackedLinear, RefinedLMHead, dequantize_int4, int4_linear, int4_linear_torch,
                                 int8_linear, int8_linear_torch, pack_int4, quantize_int4, quantize_int8)
 from nanovllm.tokenizer import Tokenizer
+from tests.conftest import prompt_logits
 
 GUARD_TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small tin of oil and a "
@@ -186,24 +186,6 @@ def test_auto_picks_a_guarded_format_for_the_embedded_model_and_float32_for_othe
 
 # ---- the embedded model ----------------------------------------------------------------------
 
-def _prompt_logits(model, token_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """One prefill of token_ids -> float32 logits [T, V] of every position."""
-    config = model.config
-    num_tokens, block_size = len(token_ids), 16
-    num_blocks = -(-num_tokens // block_size)
-    kv_caches = [tuple(torch.zeros(num_blocks, block_size, config.num_key_value_heads, config.head_dim,
-                                   dtype=dtype) for _ in range(2)) for _ in range(config.num_hidden_layers)]
-    metadata = AttentionMetadata(
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
-        slot_mapping=torch.arange(num_tokens),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
-        max_query_len=num_tokens, max_seq_len=num_tokens)
-    with torch.inference_mode():
-        hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), metadata, kv_caches)   # [T, H]
-        return model.compute_logits(hidden).float()
-
-
 def _guard_figures(logits: torch.Tensor, reference: torch.Tensor, token_ids: list[int]) -> tuple[float, float]:
     """-> (fraction of positions whose top-1 matches the reference, mean log-likelihood of the text)."""
     next_ids = torch.tensor(token_ids[1:])[:, None]
@@ -217,14 +199,14 @@ def guard_reference():
     token_ids = Tokenizer.load(None).encode(GUARD_TEXT)[:GUARD_TOKENS + 1]
     assert len(token_ids) == GUARD_TOKENS + 1
     model, _ = load_model(None)
-    return token_ids, _prompt_logits(model, token_ids, torch.float32)
+    return token_ids, prompt_logits(model, token_ids, torch.float32)
 
 
 @pytest.mark.parametrize("fmt", GUARDED_FORMATS)
 def test_reduced_format_meets_the_quality_guard(fmt, guard_reference):
     token_ids, reference = guard_reference
     model, _ = load_quantized_model(None, fmt)
-    agreement, log_likelihood = _guard_figures(_prompt_logits(model, token_ids, torch.float32), reference,
+    agreement, log_likelihood = _guard_figures(prompt_logits(model, token_ids, torch.float32), reference,
                                                token_ids)
     _, reference_log_likelihood = _guard_figures(reference, reference, token_ids)
     assert agreement >= 0.98
