@@ -458,3 +458,16 @@ def test_a_saved_command_carries_no_machine_paths(tmp_path, monkeypatch):
             f"--save-dir={tmp_path}/results", "--dummy", "llama-3.2-1b"]
     assert portable_arguments(argv) == ["bench", "latency", "models/tiny", "--json", ".../run.json",
                                         "--save-dir=results", "--dummy", "llama-3.2-1b"]
+
+
+def test_report_rows_name_a_short_throughput_run_and_read_older_quantization_labels():
+    def result(num_requests: int, dtype: str, quantization: str | None) -> dict:
+        return {"workloads": {"throughput": {"num_requests": num_requests}},
+                "model": {"name": "llama-3.1-8b", "load_format": "dummy", "dtype": dtype},
+                "engine_config": {"quantization": quantization}}
+    assert report.workload_label("throughput", result(256, "bfloat16", None)) == "throughput"
+    assert report.workload_label("throughput", result(64, "bfloat16", None)) == "throughput, 64 requests"
+    older = result(256, "bfloat16, fp8 weights (quantized at load)", "fp8")
+    newer = result(256, "bfloat16", "fp8")
+    labels = {report.model_label(r["model"], engine_config=r["engine_config"]) for r in (older, newer)}
+    assert labels == {"llama-3.1-8b, dummy weights, bfloat16, fp8 weights"}

@@ -16,7 +16,8 @@ from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from nanovllm.ops.quant_linear import (_w4a16_tiles_fit, dequantize_w4, fp8_linear, fp8_linear_or_partials,
                                        fp8_linear_torch, fp8_w8a8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, unpack_int4, w4a16_linear,
-                                       w4a16_linear_or_partials, w4a16_linear_torch)
+                                       w4a16_linear_or_partials, w4a16_linear_torch, w8a16_linear,
+                                       w8a16_linear_or_partials, w8a16_linear_torch)
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------
@@ -64,6 +65,17 @@ def test_dequantize_w4_subtracts_each_groups_zero_and_multiplies_by_its_scale():
     got = dequantize_w4(qweight, scales, zeros)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_dequantize_w4_with_float_offsets_multiplies_by_the_scale_then_subtracts_the_offset():
+    """GGUF Q4_K's layout: a float offset per group (float zeros) instead of an integer zero point."""
+    codes, qweight, scales, _ = four_bit_weight(3, 48, 16)
+    offsets = torch.rand(3, 3, generator=torch.Generator().manual_seed(4)) + 0.5             # [N, G] float32
+    want = torch.empty(3, 48)
+    for n in range(3):
+        for k in range(48):
+            want[n, k] = codes[n, k].item() * scales[n, k // 16].item() - offsets[n, k // 16].item()
+    torch.testing.assert_close(dequantize_w4(qweight, scales, offsets), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -154,3 +166,38 @@ def test_fp8_weight_only_reference_skips_the_activation_rounding():
     assert torch.equal(w8a8, fp8_w8a8_linear_torch(x, weight, weight_scale))
     assert torch.equal(fp8_linear(x[:1], weight, weight_scale), fp8_linear_torch(x[:1], weight, weight_scale))
     assert (w8a8[:1] - exact[:1]).abs().max() > 1e-3      # e4m3 activations: 3 mantissa bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_weight_only_reference_adds_the_bias_and_answers_in_xs_dtype(dtype):
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 48, generator=generator).to(dtype)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(5, 48, generator=generator))
+    bias = (torch.randn(5, generator=generator) * 10).to(dtype)
+    want = x.float() @ (weight.float() * weight_scale[:, None]).T + bias.float()             # [1, 5]
+    got = fp8_linear_torch(x, weight, weight_scale, bias)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want.to(dtype), rtol=1e-5, atol=1e-5)
+
+
+# ---- W8A16 -----------------------------------------------------------------------------------
+
+def test_w8a16_reference_rounds_the_weight_to_xs_dtype_and_answers_in_it():
+    """The dequantized int8 weight (code x scale - offset per group of 16) is rounded to x's dtype before
+    the float32 products: in bfloat16 the result is that of the rounded weight, not the exact one."""
+    generator = torch.Generator().manual_seed(7)
+    qweight = torch.randint(-127, 128, (6, 64), dtype=torch.int8, generator=generator)
+    scales = torch.rand(6, 4, generator=generator) * 0.01 + 0.001
+    offsets = torch.rand(6, 4, generator=generator) * 0.01
+    x = torch.randn(3, 64, generator=generator).to(torch.bfloat16)
+    exact = qweight.float() * scales.repeat_interleave(16, dim=1) - offsets.repeat_interleave(16, dim=1)
+    want = (x.float() @ exact.to(torch.bfloat16).float().T).to(torch.bfloat16)               # [3, 6]
+    got = w8a16_linear_torch(x, qweight, scales, offsets)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, (x.float() @ exact.T).to(torch.bfloat16))   # the rounding shows
+    bias = torch.randn(6, generator=generator).to(torch.bfloat16)
+    with_bias = w8a16_linear_torch(x, qweight, scales, offsets, bias)
+    torch.testing.assert_close(with_bias, (want.float() + bias.float()).to(torch.bfloat16), rtol=0.01, atol=0.01)
+    for on_the_cpu in (w8a16_linear, w8a16_linear_or_partials):            # the CPU takes the reference
+        assert torch.equal(on_the_cpu(x, qweight, scales, offsets, bias), with_bias)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from nanovllm.bench.workloads import THROUGHPUT_NUM_PROMPTS
+
 
 @dataclass
 class Figure:
@@ -237,6 +239,7 @@ def model_label(model: dict, batch_invariant: bool = False, structured_output_ra
     --structured-output-ratio 0.5, the quantization and the KV cache's dtype where the engine's
     configuration names them and the dtype does not)."""
     load_format, dtype = model.get("load_format"), model.get("dtype") or ""
+    dtype = dtype.replace(" (quantized at load)", "")   # how earlier results wrote "fp8 weights"
     quantization = (engine_config or {}).get("quantization")
     kv_cache_dtype = (engine_config or {}).get("kv_cache_dtype")
     details = ["dummy weights" if load_format == "dummy" else None, dtype or None,
@@ -249,8 +252,12 @@ def model_label(model: dict, batch_invariant: bool = False, structured_output_ra
 
 def workload_label(name: str, result: dict) -> str:
     """"random 512 x 256/256" for the `random` dataset, whose runs differ only in their shape (requests x
-    prompt/output tokens), so that runs of different shapes get rows of their own; any other name as it is."""
+    prompt/output tokens), and "throughput, 64 requests" for bench.py's workload cut short, so that runs
+    of different shapes get rows of their own; any other name as it is."""
     workload = (result.get("workloads") or {}).get(name) or {}
+    num_requests = workload.get("num_requests", THROUGHPUT_NUM_PROMPTS)
+    if name in ("throughput", "throughput-fixed") and num_requests != THROUGHPUT_NUM_PROMPTS:
+        return f"{name}, {num_requests} requests"
     prompt_lens, output_lens = workload.get("prompt_len_range"), workload.get("output_len_range")
     if name != "random" or not prompt_lens or not output_lens:
         return name
