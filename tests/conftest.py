@@ -14,6 +14,7 @@ on every model it writes, so the fixtures cannot silently degrade.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -25,6 +26,16 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def collect_engines_at_module_end():
+    """After each test module, collect the engines its tests dropped: an engine's grammar process
+    (structured outputs) ends when the engine is collected, and one kept alive in a reference cycle
+    would poll its shared memory, idle, through the rest of the run."""
+    yield
+    gc.collect()
+
 
 TINY_VOCAB = 320   # 256 byte tokens + 3 specials, rounded up like real vocabularies
 # A folder that keeps the tiny models between pytest runs (opt-in): a mutation run starts pytest once

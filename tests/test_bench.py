@@ -210,7 +210,7 @@ def test_a_result_label_names_the_quantization_and_kv_cache_its_engine_ran():
         "llama-3.2-1b, dummy weights, bfloat16, gguf-q4_k weights, fp8 KV cache"
     named = {**model, "dtype": "bfloat16, fp8 weights (quantized at load)"}       # the dtype names it already
     assert report.model_label(named, engine_config={"quantization": "fp8", "kv_cache_dtype": "auto"}) == \
-        "llama-3.2-1b, dummy weights, bfloat16, fp8 weights (quantized at load)"
+        "llama-3.2-1b, dummy weights, bfloat16, fp8 weights"
 
 
 def test_a_structured_output_ratio_spreads_its_share_evenly_and_is_checked(tiny_llama, capsys):

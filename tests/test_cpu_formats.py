@@ -19,7 +19,7 @@ from nanovllm.model.quantize import load_quantized, load_quantized_model, quanti
 from nanovllm.ops.quant import (PackedLinear, RefinedLMHead, dequantize_int4, int4_linear, int4_linear_torch,
                                 int8_linear, int8_linear_torch, pack_int4, quantize_int4, quantize_int8)
 from nanovllm.tokenizer import Tokenizer
-from tests.conftest import prompt_logits
+from conftest import prompt_logits
 
 GUARD_TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small tin of oil and a "

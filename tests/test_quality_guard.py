@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from nanovllm.model.loader import load_model
-from tests.conftest import perplexity, prompt_logits, quality_tokens
+from conftest import perplexity, prompt_logits, quality_tokens
 
 pytestmark = pytest.mark.slow   # a 135M-parameter prefill of 2,000 tokens per format
 

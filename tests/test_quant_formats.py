@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PagedSequence, assert_logits_close, write_tiny_model
+from conftest import PagedSequence, assert_logits_close, write_tiny_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
