@@ -50,6 +50,7 @@ from nanovllm.ops import sm_count
 from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, w4a16_block_k
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
+GEMV_PROGRAMS_PER_SM = 8    # the weight-only GEMVs (FP8, W4A16) split K up to this many programs per SM
 # FP8 may quantize the activations inside the GEMM (each program reads its rows' amax over all of K
 # first) when that costs at most this many bytes in all. Off: on an H200 the fused form measured
 # slower than the separate quantization kernel it saves (Llama-3.2-1B batch-1 decode 688 against
@@ -84,6 +85,11 @@ def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, d
 
 def _launch_grid(num_rows: int, out_features: int, tiles: Tiles) -> tuple[int, int, int]:
     return triton.cdiv(num_rows, tiles.block_m), triton.cdiv(out_features, tiles.block_n), tiles.split_k
+
+
+def _k_per_split(in_features: int, tiles: Tiles) -> int:
+    """The length of K each split program covers: a whole number of block_k steps."""
+    return triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
 
 
 def _output(num_rows: int, out_features: int, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
@@ -226,7 +232,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         x = x.contiguous()
     if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
         out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
-        k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+        k_per_split = _k_per_split(in_features, tiles)
         _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
             in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
@@ -237,7 +243,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     else:
         a, a_scale = quantize_fp8_per_token_triton(x)
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
-    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+    k_per_split = _k_per_split(in_features, tiles)
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         a, a_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
         in_features, a.stride(0), k_per_split, HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x,
@@ -283,7 +289,7 @@ def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, de
     (tools/quant_gemv_probe.py --sweep): 8B qkv_proj 12.7 -> 10.3 us and o_proj 10.9 -> 9.0 us
     against [32, 256] everywhere."""
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
-    max_programs = FP8_GEMV_PROGRAMS_PER_SM * sms
+    max_programs = GEMV_PROGRAMS_PER_SM * sms
     block_n, block_k = 8, 512
     if triton.cdiv(out_features, block_n) > max_programs:
         block_n, block_k = 32, 256
@@ -292,8 +298,6 @@ def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, de
         split_k *= 2
     return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=1)
 
-
-FP8_GEMV_PROGRAMS_PER_SM = 8
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------
@@ -436,7 +440,6 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
     return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
-GEMV_PROGRAMS_PER_SM = 8
 GEMV_MAX_SPLITS = 8
 
 
@@ -472,7 +475,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
-    k_per_split = triton.cdiv(in_features // tiles.block_k, tiles.split_k) * tiles.block_k
+    k_per_split = _k_per_split(in_features, tiles)
     kernel = _w4a16_gemv_kernel if tiles.block_m <= GEMV_MAX_ROWS else _w4a16_gemm_kernel
     kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
@@ -552,7 +555,7 @@ def w8a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
-    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+    k_per_split = _k_per_split(in_features, tiles)
     _w8a16_kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else scales, out,
         num_rows, out_features, in_features, x.stride(0), qweight.stride(0), k_per_split,
