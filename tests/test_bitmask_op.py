@@ -50,6 +50,7 @@ def test_a_bitmask_wider_than_the_vocabulary_or_of_other_rows_is_refused():
         apply_token_bitmask(logits, bitmask, torch.tensor([0, 1]))
 
 
+@pytest.mark.interpreter_run("-k", "kernel_case")
 @pytest.mark.skipif(IN_INTERPRETER, reason="the subprocess itself")
 def test_the_triton_kernel_matches_the_reference_in_the_interpreter():
     run_in_interpreter(__file__, "-k", "kernel_case")

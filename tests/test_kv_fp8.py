@@ -37,6 +37,7 @@ def outside_interpreter(test):
     return test
 
 
+@pytest.mark.interpreter_run
 @outside_interpreter
 def test_fp8_kernels_match_the_reference_in_the_interpreter():
     run_in_interpreter(__file__)

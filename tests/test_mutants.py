@@ -92,13 +92,23 @@ def _run_against_mutant(mutant: Mutant, folder: Path, model_cache: Path) -> subp
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny-models")
+def mutant_runs(request, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Each selected row's run, two at a time (a run is one interpreter on one thread, mostly starting
+    up, so two share the two cores of a small machine): row name -> its pytest run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [item.callspec.params["mutant"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
+    model_cache = tmp_path_factory.mktemp("tiny-models")
+    folders = [tmp_path_factory.mktemp("mutant") for _ in selected]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = pool.map(lambda mutant, folder: _run_against_mutant(mutant, folder, model_cache), selected, folders)
+        return {mutant.name: run for mutant, run in zip(selected, runs)}
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
-def test_the_named_tests_kill_the_planted_bug(mutant: Mutant, tmp_path: Path, model_cache: Path):
-    result = _run_against_mutant(mutant, tmp_path, model_cache)
+def test_the_named_tests_kill_the_planted_bug(mutant: Mutant, mutant_runs: dict[str, subprocess.CompletedProcess]):
+    result = mutant_runs[mutant.name]
     summary = result.stdout.strip().splitlines()[-1:] or ["no output"]
     assert result.returncode == 1, (f"{mutant.name}: pytest exited {result.returncode} ({summary[0]}); "
                                     "1 means the bug was caught, 0 that it survived\n" + result.stdout[-2000:])

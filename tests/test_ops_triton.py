@@ -32,6 +32,7 @@ KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activa
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
+@pytest.mark.interpreter_run
 def test_triton_kernels_match_references_in_the_interpreter():
     stdout = run_in_interpreter(__file__)
     assert "skipped" not in stdout, stdout[-2000:]

@@ -24,6 +24,7 @@ from conftest import IN_INTERPRETER, in_interpreter, run_in_interpreter
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
+@pytest.mark.interpreter_run
 def test_quant_kernels_match_references_in_the_interpreter():
     stdout = run_in_interpreter(__file__)
     assert "skipped" not in stdout, stdout[-2000:]
@@ -244,11 +245,13 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
     fp8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
            "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     fp8["out_ptr"] = out_type = "*fp32" if block_m == 16 else "*bf16"   # decode tiles write float32 partials
+    tile = dict(num_warps=4, num_stages=4) if block_m == 16 else dict(num_warps=8, num_stages=3)   # as launched
+    gemv = dict(num_warps=4, num_stages=3)
     for quantize in (False, True) if block_m == 16 else (False,):     # decode tiles may quantize x themselves
         fp8["a_ptr"] = "*bf16" if quantize else "*fp8e4nv"
         compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
                                       dict(HAS_BIAS=False, QUANTIZE_A=quantize, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
-                                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8)
+                                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8, **tile)
         assert compiled.asm["cubin"]
     gemv_rows = 1 if block_m == 16 else kernels.GEMV_MAX_ROWS
     for offsets in (False, True):     # integer zero points; GGUF's float offsets
@@ -256,26 +259,27 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
               "x_ptr": "*bf16", "out_ptr": out_type}
         assert compile_for_hopper(kernels._w4a16_gemm_kernel,
                                   dict(GROUP_SIZE=128, ZERO_IS_OFFSET=offsets, HAS_BIAS=True, BLOCK_M=block_m,
-                                       BLOCK_N=block_n, BLOCK_K=128), w4).asm["cubin"]
+                                       BLOCK_N=block_n, BLOCK_K=128), w4, **tile).asm["cubin"]
         for group_size in (128, 32):     # a scale a step; a scale a word (GGUF's groups of 32)
             assert compile_for_hopper(kernels._w4a16_gemv_kernel,
                                       dict(GROUP_SIZE=group_size, ZERO_IS_OFFSET=offsets, HAS_BIAS=True,
-                                           BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128), w4).asm["cubin"]
+                                           BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128), w4, **gemv).asm["cubin"]
         w8 = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32", "x_ptr": "*bf16",
               "out_ptr": out_type}
         for rows, use_dot in ((gemv_rows, False), (block_m, True)):
             assert compile_for_hopper(kernels._w8a16_kernel,
                                       dict(GROUP_SIZE=16, HAS_OFFSETS=offsets, HAS_BIAS=True, USE_DOT=use_dot,
                                            BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
-                                      w8).asm["cubin"]
+                                      w8, **(tile if use_dot else gemv)).asm["cubin"]
     if block_m == 16:
         for block_n, block_k in ((8, 512), (32, 256)):     # the FP8 GEMV's two tiles
             assert compile_for_hopper(kernels._fp8_gemv_kernel,
                                       dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k),
-                                      {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": out_type}).asm["cubin"]
+                                      {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": out_type},
+                                      num_warps=4, num_stages=1).asm["cubin"]
         assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
                                   dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
-                                  {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}).asm["cubin"]
+                                  {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}, num_warps=4).asm["cubin"]
         assert compile_for_hopper(kernels._sum_partials_kernel, dict(NUM_PARTIALS=4, BLOCK=1024),
                                   {"partial_ptr": "*fp32", "out_ptr": "*bf16"}).asm["cubin"]
 
@@ -285,7 +289,8 @@ test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER
 
 LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the engine launches them
     ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3),
-    ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets ("_w4a16_gemm_kernel", 16, 32, 4, 4),
+    ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
+    ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 32, 4, 4), ("_fp8_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k256", 1, 32, 4, 1),

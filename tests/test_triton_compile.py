@@ -29,8 +29,9 @@ FLOAT_ARGS = {"scale_log2", "eps", "k_scale", "v_scale"}
 FP8_CACHE = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype="fp8"
 
 
-def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None):
-    """triton.compile `kernel` with these constexprs for sm_90 -> the compiled kernel (its cubin)."""
+def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None, **options):
+    """triton.compile `kernel` with these constexprs for sm_90 -> the compiled kernel (its cubin).
+    options: num_warps and num_stages as the engine launches the kernel (Triton's defaults otherwise)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -46,7 +47,7 @@ def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = No
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(params.index(name),): value for name, value in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 LLAMA = dict(GROUP=4, HEAD_DIM=64, HEAD_DIM_PAD=64)      # Llama-3.2-1B: 32 query heads on 8 KV heads
