@@ -219,6 +219,51 @@ def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_ll
     assert {"graph", "masked", "sampler"} == {sampling_kind for _, _, sampling_kind in checked}
 
 
+def test_a_decode_graph_writes_its_host_inputs_before_the_deferred_sampling_and_copies_them_after(
+        tiny_llama_loaded, monkeypatch):
+    """With grammar rows, a step's sampling waits for its masks until the next launch queues it, before
+    anything of that launch reaches the device (its inputs are the sampled tokens). A decode graph's
+    host inputs are written first, while the masks may still be filling; its copies and replay come
+    after. A stand-in for DecodeGraphs (the CPU has no CUDA graphs) records the order and runs the
+    eager forward, whose inputs read the last step's samples: the tokens are the eager engine's."""
+    pytest.importorskip("xgrammar")
+    from nanovllm.runner.cuda_graph import DecodeStep
+    from nanovllm.runner.sampler import DeferredSamples
+
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True,
+                             structured_outputs={"regex": "[a-z ]+"} if i % 2 else None) for i in range(4)]
+    want = summary(run(engine_over(tiny_llama_loaded, async_scheduling=True, max_model_len=160),
+                       requests_for(params)))
+    engine = engine_over(tiny_llama_loaded, async_scheduling=True, max_model_len=160)
+    runner, events = engine.runner, []
+
+    class RecordingGraphs:
+        def can_run(self, batch) -> bool:
+            return batch.num_prefill_tokens == 0
+
+        def prepare(self, batch) -> DecodeStep:
+            events.append("prepare")
+            self.batch = batch
+            return DecodeStep(len(batch.scheduled), len(batch.scheduled), "some", False, "sampler")
+
+        def run(self, step: DecodeStep) -> torch.Tensor:
+            events.append("run")
+            input_ids, positions, metadata, logits_indices = runner.prepare_inputs(self.batch)
+            hidden = runner.model(input_ids, positions, metadata, runner.kv_caches)
+            return runner.model.compute_logits(hidden[logits_indices])
+
+    finish = DeferredSamples.finish
+
+    def recording_finish(self):
+        if self._queue_sampling is not None:
+            events.append("finish")
+        return finish(self)
+    monkeypatch.setattr(DeferredSamples, "finish", recording_finish)
+    runner.decode_graphs = RecordingGraphs()
+    assert summary(run(engine, requests_for(params))) == want
+    assert events.count("run") >= 10 and " ".join(events).count("prepare finish run") == events.count("run")
+
+
 @pytest.mark.parametrize("rows", [1, 7, 256])
 def test_step_rows_pack_every_input_into_one_tensor_without_overlap(rows):
     """One copy moves a decode step's per-row inputs: each is a view of StepRows.flat, none overlaps

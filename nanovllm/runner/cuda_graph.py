@@ -44,6 +44,7 @@ gap at batch 1 (tools/step_timeline_probe.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -191,42 +192,56 @@ class DecodeGraphs:
         self.graphs[size].replay()
         return self.outputs[size][:num_seqs]
 
-    def run(self, batch: Batch) -> tuple[torch.Tensor, str]:
-        """Replay the graph of the smallest captured size >= the batch -> (logits [B, V], how the step
-        samples: "graph" (the graph's samples stand: every row plain and past its min_tokens), "masked"
-        (the same but for grammar rows: `plain_sampling` samples again once their masks are applied)
-        or "sampler" (the caller samples from the logits with the full sampler)). Rows whose token is
-        still pending read it where the last step sampled it."""
+    def prepare(self, batch: Batch) -> DecodeStep:
+        """Write the batch's inputs into the host buffers (nothing reaches the device yet) -> the step,
+        for `run`."""
         num_seqs = len(batch.scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
         if self.inputs_copied is not None:
             self.inputs_copied.synchronize()   # the last step's copies out of the pinned buffers are done
-        host = self.host
-        pending, tables_changed, sampling = host.fill(batch, size, sampling=True)
+        pending, tables_changed, sampling = self.host.fill(batch, size, sampling=True)
+        return DecodeStep(num_seqs, size, pending, tables_changed, sampling)
+
+    def run(self, step: DecodeStep) -> torch.Tensor:
+        """Copy a prepared step's inputs and replay the graph of the smallest captured size >= its batch
+        -> logits [B, V]. Rows whose token is still pending read it where the last step sampled it."""
+        num_seqs, size, host = step.num_seqs, step.size, self.host
         self.rows.flat.copy_(host.rows.flat, non_blocking=True)          # one copy: ids, positions, slots, ...
-        if tables_changed:   # a table grows by a block every block_size tokens: most steps copy none
+        if step.tables_changed:   # a table grows by a block every block_size tokens: most steps copy none
             self.block_tables[:num_seqs].copy_(host.block_tables[:num_seqs], non_blocking=True)
         self.inputs_copied = torch.cuda.Event()
         self.inputs_copied.record()
-        if pending == "none":                  # every token known on the host
+        if step.pending == "none":                  # every token known on the host
             self.input_ids[:size].copy_(self.rows.input_ids[:size])
-        elif pending == "some":                # the batch changed: move pending tokens to their new rows
+        elif step.pending == "some":                # the batch changed: move pending tokens to their new rows
             rows = self.rows.pending_rows[:size]
             self.input_ids[:size].copy_(torch.where(rows >= 0, self.input_ids[rows.clamp(min=0)],
                                                     self.rows.input_ids[:size]))
         # "all in order" (the steady state): row i's input is what row i sampled, already in place.
         self.graphs[size].replay()
-        return self.outputs[size][:num_seqs], sampling
+        return self.outputs[size][:num_seqs]
 
     def plain_sampling(self, num_seqs: int) -> SamplingBatch:
         """The sampling settings of the last replay's rows for the fused pass, as the graph read them:
-        its temperatures (0 on greedy rows) and random-stream keys on the device. These buffers are
-        rewritten by the next `run`, so the sampling must be queued before it."""
+        its temperatures (0 on greedy rows) and random-stream keys on the device. The next `run`
+        rewrites these buffers, so the sampling must be queued before it."""
         temperature = self.host.np_temperature[:num_seqs]
         all_greedy = not temperature.any()
         return SamplingBatch.plain(num_seqs, None if all_greedy else self.rows.temperature[:num_seqs],
                                    None if all_greedy else self.rows.keys[:num_seqs],
                                    all_random=bool(temperature.all()))
+
+
+@dataclass(slots=True)
+class DecodeStep:
+    """A decode step whose inputs are in the host buffers (DecodeGraphs.prepare), not yet on the device."""
+    num_seqs: int
+    size: int               # the captured batch size it replays
+    pending: str            # HostInputs.fill's: "none", "all in order" or "some"
+    tables_changed: bool
+    sampling: str           # how it samples: "graph" (the graph's samples stand: every row plain and past
+                            # its min_tokens), "masked" (the same but for grammar rows: `plain_sampling`
+                            # samples again once their masks are applied) or "sampler" (the full sampler)
 
 
 class HostInputs:
@@ -256,7 +271,7 @@ class HostInputs:
     def fill(self, batch: Batch, size: int, sampling: bool = False) -> tuple[str, bool, str]:
         """Write a decode batch in (padding rows up to `size`) -> (which rows' tokens are pending: "none",
         "all in order" (row i's is row i of the last samples) or "some"; whether a block table changed;
-        how the step samples (DecodeGraphs.run): "graph" when every row is plain (SamplingParams.is_plain)
+        how the step samples (DecodeStep.sampling): "graph" when every row is plain (SamplingParams.is_plain)
         and past its min_tokens, "masked" when that holds but for the rows' grammars, else "sampler").
         With `sampling`, each row's temperature (0: greedy) and random-stream key are written in."""
         num_seqs = len(batch.scheduled)

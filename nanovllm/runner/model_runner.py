@@ -53,7 +53,7 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.runner.cuda_graph import DecodeGraphs, MixedGraphs
+from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
                                      host_to_device)
 from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
@@ -203,23 +203,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> DeviceSamples | DeferredSamples | None:
-        """Queue one step on the device -> its samples, on their way (None: no sequence samples)."""
+        """Queue one step on the device -> its samples, on their way (None: no sequence samples). The
+        last step's deferred sampling is queued first (this step may read its tokens); a decode graph's
+        host inputs are written before that, while the grammar process may still be on its masks."""
+        decode = None
+        if self.workers is None and self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            decode = self.decode_graphs.prepare(batch)
         if isinstance(self.last_samples, DeferredSamples):   # its tokens first: this step may read them
             self.last_samples = self.last_samples.finish()
-        samples = self._launch(batch)
+        samples = self._launch(batch, decode)
         if samples is not None:
             self.last_samples = samples
         return samples
 
-    def _launch(self, batch: Batch) -> DeviceSamples | DeferredSamples | None:
+    def _launch(self, batch: Batch, decode: DecodeStep | None) -> DeviceSamples | DeferredSamples | None:
         if self.workers is not None:
             return self._run_parallel(batch)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
-            logits, sampling = self.decode_graphs.run(batch)                   # [B, V], every row samples
+        if decode is not None:
+            logits = self.decode_graphs.run(decode)                              # [B, V], every row samples
             num_rows = logits.shape[0]
-            if sampling == "graph":   # the graph's own sampling pass stands: only the copy home is left to queue
+            if decode.sampling == "graph":   # the graph's own sampling pass stands: only the copy home is left
                 return DeviceSamples.start_copy(self.samples, num_rows, None, [None] * num_rows)
-            if sampling == "masked":   # the same pass once the grammar rows are masked, on the graph's settings
+            if decode.sampling == "masked":   # the same pass once the grammar rows are masked, on its settings
                 return self._sample(logits, batch, self.decode_graphs.plain_sampling(num_rows))
             return self._sample(logits, batch)
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
