@@ -298,12 +298,12 @@ class GrammarBitmask:
         if header[ERROR] == number:
             message = self.conn.recv() if self.conn.poll(1.0) else "no message"
             raise GrammarProcessError(f"the grammar process failed on request {number}: {message}")
-        status = self.views.status[:len(states)]
-        for row in np.flatnonzero(status).tolist():
-            state = states[row]
-            if status[row] == FAILED and not state.failed:
+        for state, code in zip(states, self.views.status[:len(states)].tolist()):
+            if not code or (state.terminated if code == TERMINATED else state.failed):
+                continue   # running, or its end mirrored already (a finished grammar reports it every step)
+            if code == FAILED:
                 logger.warning("a constrained sequence took a token its grammar rejects; it is ended")
-            state.failed, state.terminated = status[row] == FAILED, status[row] == TERMINATED
+            state.failed, state.terminated = code == FAILED, code == TERMINATED
 
     def _check_alive(self) -> None:
         if not self.process.is_alive():
