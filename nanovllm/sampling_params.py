@@ -136,8 +136,15 @@ class SamplingParams:
         """Whether a token needs nothing but the step's logits and the temperature: no penalty, no
         top-k / top-p / min-p filter, no top log-probabilities, no grammar, no logit bias (the fused sampling pass; a decode
         step samples inside its CUDA graph when every row is plain and past its min_tokens)."""
-        return (not self.has_penalties and self.logprobs is None and self.structured_outputs is None
-                and self.logit_bias is None and (self.is_greedy or (self.top_k <= 0 and self.top_p >= 1.0 and self.min_p == 0.0)))
+        return self.is_plain_or_masked and self.structured_outputs is None
+
+    @property
+    def is_plain_or_masked(self) -> bool:
+        """`is_plain`, or would be but for a grammar: the fused sampling pass over the logits once its
+        mask has set the tokens it forbids to -inf (a decode step's graph then keeps its logits,
+        temperatures and random-stream keys for that pass, see runner/cuda_graph.py)."""
+        return (not self.has_penalties and self.logprobs is None and self.logit_bias is None
+                and (self.is_greedy or (self.top_k <= 0 and self.top_p >= 1.0 and self.min_p == 0.0)))
 
     @property
     def is_greedy(self) -> bool:

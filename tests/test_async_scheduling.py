@@ -170,7 +170,7 @@ def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_ll
     def checking_launch(batch):
         if batch.num_prefill_tokens == 0:
             num_seqs = len(batch.scheduled)
-            pending, tables_changed, plain = host.fill(batch, size=num_seqs + 3, sampling=True)
+            pending, tables_changed, sampling_kind = host.fill(batch, size=num_seqs + 3, sampling=True)
             if tables_changed:
                 device_tables[:num_seqs] = host.block_tables[:num_seqs]
             input_ids, positions, metadata, _ = runner.prepare_inputs(batch)
@@ -188,16 +188,21 @@ def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_ll
                 assert host.block_tables[row, :len(seq.block_table)].tolist() == seq.block_table
                 assert device_tables[row, :len(seq.block_table)].tolist() == seq.block_table
             # The sampling settings the graph's own sampling pass reads: the eager sampler's.
-            sampling = runner.prepare_sampling(batch)
+            sampling = runner.prepare_sampling(batch, with_grammar=False)
             seqs = [seq for seq, _ in batch.scheduled]
             greedy = torch.tensor([seq.sampling_params.is_greedy for seq in seqs])
             assert torch.equal(rows.temperature[:num_seqs] == 0, greedy)
             if sampling.stream_keys is not None:
                 assert torch.equal(rows.keys[:num_seqs][~greedy], sampling.stream_keys[~greedy])
                 assert torch.equal(rows.temperature[:num_seqs][~greedy], sampling.temperature[~greedy])
-            assert plain == all(seq.sampling_params.is_plain and seq.num_output_tokens >= seq.sampling_params.min_tokens
-                                for seq in seqs)
-            checked.append((pending, tables_changed, plain))
+            past_min_tokens = [seq.num_output_tokens >= seq.sampling_params.min_tokens for seq in seqs]
+            if all(seq.sampling_params.is_plain and past for seq, past in zip(seqs, past_min_tokens)):
+                assert sampling_kind == "graph"
+            elif all(seq.sampling_params.is_plain_or_masked and past for seq, past in zip(seqs, past_min_tokens)):
+                assert sampling_kind == "masked" and any(seq.grammar is not None for seq in seqs)
+            else:
+                assert sampling_kind == "sampler"
+            checked.append((pending, tables_changed, sampling_kind))
         return launch(batch)
 
     runner.launch = checking_launch
@@ -205,11 +210,58 @@ def test_decode_graph_host_inputs_match_the_eager_inputs_step_after_step(tiny_ll
     params[1] = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)                # greedy
     params[3] = SamplingParams(temperature=0.5, top_k=5, seed=3, max_tokens=27, ignore_eos=True)   # not plain
     params[4] = SamplingParams(temperature=0.9, seed=4, min_tokens=20, max_tokens=34, ignore_eos=True)
+    params.append(SamplingParams(temperature=0.8, seed=6, max_tokens=37, ignore_eos=True,   # a grammar row
+                                 structured_outputs={"regex": "[a-z]+"}))
     run(engine, requests_for(params))
     assert engine.get_stats().num_preemptions > 0
     assert {"all in order", "some"} <= {pending for pending, _, _ in checked}
     assert {True, False} == {changed for _, changed, _ in checked}   # most steps copy no table
-    assert {True, False} == {plain for _, _, plain in checked}
+    assert {"graph", "masked", "sampler"} == {sampling_kind for _, _, sampling_kind in checked}
+
+
+def test_a_decode_graph_writes_its_host_inputs_before_the_deferred_sampling_and_copies_them_after(
+        tiny_llama_loaded, monkeypatch):
+    """With grammar rows, a step's sampling waits for its masks until the next launch queues it, before
+    anything of that launch reaches the device (its inputs are the sampled tokens). A decode graph's
+    host inputs are written first, while the masks may still be filling; its copies and replay come
+    after. A stand-in for DecodeGraphs (the CPU has no CUDA graphs) records the order and runs the
+    eager forward, whose inputs read the last step's samples: the tokens are the eager engine's."""
+    pytest.importorskip("xgrammar")
+    from nanovllm.runner.cuda_graph import DecodeStep
+    from nanovllm.runner.sampler import DeferredSamples
+
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True,
+                             structured_outputs={"regex": "[a-z ]+"} if i % 2 else None) for i in range(4)]
+    want = summary(run(engine_over(tiny_llama_loaded, async_scheduling=True, max_model_len=160),
+                       requests_for(params)))
+    engine = engine_over(tiny_llama_loaded, async_scheduling=True, max_model_len=160)
+    runner, events = engine.runner, []
+
+    class RecordingGraphs:
+        def can_run(self, batch) -> bool:
+            return batch.num_prefill_tokens == 0
+
+        def prepare(self, batch) -> DecodeStep:
+            events.append("prepare")
+            self.batch = batch
+            return DecodeStep(len(batch.scheduled), len(batch.scheduled), "some", False, "sampler")
+
+        def run(self, step: DecodeStep) -> torch.Tensor:
+            events.append("run")
+            input_ids, positions, metadata, logits_indices = runner.prepare_inputs(self.batch)
+            hidden = runner.model(input_ids, positions, metadata, runner.kv_caches)
+            return runner.model.compute_logits(hidden[logits_indices])
+
+    finish = DeferredSamples.finish
+
+    def recording_finish(self):
+        if self._queue_sampling is not None:
+            events.append("finish")
+        return finish(self)
+    monkeypatch.setattr(DeferredSamples, "finish", recording_finish)
+    runner.decode_graphs = RecordingGraphs()
+    assert summary(run(engine, requests_for(params))) == want
+    assert events.count("run") >= 10 and " ".join(events).count("prepare finish run") == events.count("run")
 
 
 @pytest.mark.parametrize("rows", [1, 7, 256])

@@ -392,6 +392,35 @@ def test_plain_params_need_only_the_logits_and_the_temperature():
         assert not params.is_plain
 
 
+def test_a_grammar_alone_leaves_params_plain_but_for_their_mask():
+    constrained = SamplingParams(temperature=0.7, seed=3, structured_outputs={"regex": "[a-z]+"})
+    assert constrained.is_plain_or_masked and not constrained.is_plain
+    assert SamplingParams(temperature=0.7).is_plain_or_masked
+    for params in (SamplingParams(top_k=5, structured_outputs={"regex": "[a-z]+"}), SamplingParams(logprobs=1),
+                   SamplingParams(temperature=0, presence_penalty=0.5), SamplingParams(logit_bias={3: 1.0})):
+        assert not params.is_plain_or_masked
+
+
+@pytest.mark.parametrize("temperatures", [[0.0, 0.7, 1.3, 0.0, 0.9], [0.0] * 5, [0.8, 1.0, 0.6, 1.2, 0.7]])
+def test_plain_settings_from_device_buffers_sample_what_the_built_ones_do(temperatures):
+    """SamplingBatch.plain (a decode graph's temperatures, 0 on greedy rows, and keys) and `build` over
+    the same plain rows draw the same tokens with the same log-probabilities."""
+    logits = torch.randn(5, 97, generator=torch.Generator().manual_seed(7)) * 3
+    params = [SamplingParams(temperature=t, seed=row) for row, t in enumerate(temperatures)]
+    seeds, output_lens = list(range(5)), [4, 0, 9, 2, 31]
+    built = SamplingBatch.build(params, seeds, output_lens, [[]] * 5, [[]] * 5, [], "cpu")
+    all_greedy = not any(temperatures)
+    plain = SamplingBatch.plain(5, None if all_greedy else torch.tensor(temperatures),
+                                None if all_greedy else torch.as_tensor(stream_keys(seeds, output_lens)),
+                                all_random=all(temperatures))
+    want, got = sampler(logits.clone(), built), sampler(logits.clone(), plain)
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+    if not all_greedy:   # the random rows did draw: another key changes some token
+        other = SamplingBatch.plain(5, torch.tensor(temperatures),
+                                    torch.as_tensor(stream_keys([s + 1 for s in seeds], output_lens)), False)
+        assert sampler(logits.clone(), other).token_ids != want.token_ids
+
+
 def test_samples_land_in_the_given_buffers_and_each_step_keeps_its_own():
     """The runner's SampleBuffers are reused every step (the next step's pending tokens are read there);
     a step's DeviceSamples still give that step's tokens after a later step overwrote the buffers."""

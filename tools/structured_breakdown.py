@@ -4,8 +4,11 @@ Runs tools/structured_throughput.py's two workloads once each (after a warm-up) 
 around the grammar work: on the engine's side the wait for the last step's samples (their
 tokens are sent to the grammar process), the sending of the step's tokens (start), the wait of
 the next launch for the masks (finish, which queues their copy), and engine.step as a whole; in
-the grammar process its accepting and filling (structured/grammar_process.py). Prints per-step
-means.
+the grammar process its accepting and filling (structured/grammar_process.py). Around the rest of
+the engine thread's work too (nested timers overlap: a launch holds the graph's and the
+sampler's): scheduling, the decode graph's host inputs and its copies and replay, the sampling
+settings built on the host, the deferred sampling queued by the next launch, and completing a
+step. Prints per-step means.
 
     python tools/structured_breakdown.py --dummy llama-3.2-1b --tokenizer DIR
 """
@@ -18,6 +21,10 @@ import time
 
 import nanovllm.runner.model_runner as model_runner
 from nanovllm.bench.harness import generate
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.runner.cuda_graph import DecodeGraphs
+from nanovllm.runner.model_runner import ModelRunner
+from nanovllm.runner.sampler import DeferredSamples, Sampler
 from nanovllm.bench.workloads import BENCH_JSON_SCHEMA
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine
@@ -52,6 +59,14 @@ def main() -> None:
     GrammarBitmask.finish = timed("finish (launch waits for masks)", GrammarBitmask.finish)
     model_runner._newest_token_ids = timed("wait last samples", model_runner._newest_token_ids)
     engine.step = timed("engine.step", engine.step)
+    for owner, name, label in [(Scheduler, "schedule", "schedule"), (ModelRunner, "launch", "launch (all of it)"),
+                               (DecodeGraphs, "prepare", "  graph: host inputs"),
+                               (DecodeGraphs, "run", "  graph: copies, replay"),
+                               (ModelRunner, "prepare_sampling", "  sampling settings built"),
+                               (DeferredSamples, "finish", "  deferred sampling queued"),
+                               (Sampler, "sample", "    sampler queued"),
+                               (LLMEngine, "_complete", "complete (tokens in, stop checks)")]:
+        setattr(owner, name, timed(label, getattr(owner, name)))
     vocab = min(engine.tokenizer.vocab_size, engine.model_config.vocab_size)
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(256)] for _ in range(args.num_requests)]

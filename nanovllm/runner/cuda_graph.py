@@ -5,9 +5,13 @@ each launch costs a few microseconds, which adds up to more than the GPU needs
 to read the weights. A CUDA graph records the whole forward pass once and
 replays it with a single launch. On one GPU it records the LM head and the fused
 sampling pass too (greedy and plain temperature rows; ops/sampling.py), so that
-a decode step is one copy in, one replay and one copy out. A step whose rows need
-more (penalties, top-k/top-p/min-p, top log-probabilities, min_tokens not yet
-reached) samples again from the graph's logits with the full sampler. A graph is
+a decode step is one copy in, one replay and one copy out. A step with grammar
+rows (structured outputs) that is otherwise plain runs the same pass again once
+their masks are applied to the graph's logits, with the temperatures and keys the
+graph read (`plain_sampling`: no sampling settings built on the host); a step
+whose rows need more (penalties, top-k/top-p/min-p, top log-probabilities,
+min_tokens not yet reached) samples again from the graph's logits with the full
+sampler. A graph is
 frozen: the same kernels, the same grid sizes, the same memory addresses every
 time. So:
 
@@ -40,6 +44,7 @@ gap at batch 1 (tools/step_timeline_probe.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,7 +52,7 @@ import torch
 
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.sampling import sample_from_logits
-from nanovllm.runner.sampler import SampleBuffers, stream_keys
+from nanovllm.runner.sampler import SampleBuffers, SamplingBatch, stream_keys
 
 if TYPE_CHECKING:   # the engine's batch, read here by its fields
     from nanovllm.engine.scheduler import Batch
@@ -187,30 +192,56 @@ class DecodeGraphs:
         self.graphs[size].replay()
         return self.outputs[size][:num_seqs]
 
-    def run(self, batch: Batch) -> tuple[torch.Tensor, bool]:
-        """Replay the graph of the smallest captured size >= the batch -> (logits [B, V], whether the
-        graph's samples stand: every row plain and past its min_tokens; else the caller samples from
-        the logits). Rows whose token is still pending read it where the last step sampled it."""
+    def prepare(self, batch: Batch) -> DecodeStep:
+        """Write the batch's inputs into the host buffers (nothing reaches the device yet) -> the step,
+        for `run`."""
         num_seqs = len(batch.scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
         if self.inputs_copied is not None:
             self.inputs_copied.synchronize()   # the last step's copies out of the pinned buffers are done
-        host = self.host
-        pending, tables_changed, plain = host.fill(batch, size, sampling=True)
+        pending, tables_changed, sampling = self.host.fill(batch, size, sampling=True)
+        return DecodeStep(num_seqs, size, pending, tables_changed, sampling)
+
+    def run(self, step: DecodeStep) -> torch.Tensor:
+        """Copy a prepared step's inputs and replay the graph of the smallest captured size >= its batch
+        -> logits [B, V]. Rows whose token is still pending read it where the last step sampled it."""
+        num_seqs, size, host = step.num_seqs, step.size, self.host
         self.rows.flat.copy_(host.rows.flat, non_blocking=True)          # one copy: ids, positions, slots, ...
-        if tables_changed:   # a table grows by a block every block_size tokens: most steps copy none
+        if step.tables_changed:   # a table grows by a block every block_size tokens: most steps copy none
             self.block_tables[:num_seqs].copy_(host.block_tables[:num_seqs], non_blocking=True)
         self.inputs_copied = torch.cuda.Event()
         self.inputs_copied.record()
-        if pending == "none":                  # every token known on the host
+        if step.pending == "none":                  # every token known on the host
             self.input_ids[:size].copy_(self.rows.input_ids[:size])
-        elif pending == "some":                # the batch changed: move pending tokens to their new rows
+        elif step.pending == "some":                # the batch changed: move pending tokens to their new rows
             rows = self.rows.pending_rows[:size]
             self.input_ids[:size].copy_(torch.where(rows >= 0, self.input_ids[rows.clamp(min=0)],
                                                     self.rows.input_ids[:size]))
         # "all in order" (the steady state): row i's input is what row i sampled, already in place.
         self.graphs[size].replay()
-        return self.outputs[size][:num_seqs], plain
+        return self.outputs[size][:num_seqs]
+
+    def plain_sampling(self, num_seqs: int) -> SamplingBatch:
+        """The sampling settings of the last replay's rows for the fused pass, as the graph read them:
+        its temperatures (0 on greedy rows) and random-stream keys on the device. The next `run`
+        rewrites these buffers, so the sampling must be queued before it."""
+        temperature = self.host.np_temperature[:num_seqs]
+        all_greedy = not temperature.any()
+        return SamplingBatch.plain(num_seqs, None if all_greedy else self.rows.temperature[:num_seqs],
+                                   None if all_greedy else self.rows.keys[:num_seqs],
+                                   all_random=bool(temperature.all()))
+
+
+@dataclass(slots=True)
+class DecodeStep:
+    """A decode step whose inputs are in the host buffers (DecodeGraphs.prepare), not yet on the device."""
+    num_seqs: int
+    size: int               # the captured batch size it replays
+    pending: str            # HostInputs.fill's: "none", "all in order" or "some"
+    tables_changed: bool
+    sampling: str           # how it samples: "graph" (the graph's samples stand: every row plain and past
+                            # its min_tokens), "masked" (the same but for grammar rows: `plain_sampling`
+                            # samples again once their masks are applied) or "sampler" (the full sampler)
 
 
 class HostInputs:
@@ -237,17 +268,18 @@ class HostInputs:
         """The device's tables were written by another path: rewrite (and copy) every row next time."""
         self.row_tables = [None] * len(self.row_tables)
 
-    def fill(self, batch: Batch, size: int, sampling: bool = False) -> tuple[str, bool, bool]:
+    def fill(self, batch: Batch, size: int, sampling: bool = False) -> tuple[str, bool, str]:
         """Write a decode batch in (padding rows up to `size`) -> (which rows' tokens are pending: "none",
         "all in order" (row i's is row i of the last samples) or "some"; whether a block table changed;
-        with `sampling`, whether every row is plain (SamplingParams.is_plain) and past its min_tokens,
-        each row's temperature (0: greedy) and random-stream key written in)."""
+        how the step samples (DecodeStep.sampling): "graph" when every row is plain (SamplingParams.is_plain)
+        and past its min_tokens, "masked" when that holds but for the rows' grammars, else "sampler").
+        With `sampling`, each row's temperature (0: greedy) and random-stream key are written in."""
         num_seqs = len(batch.scheduled)
         block_size, tables, row_tables, row_table_lens = (self.block_size, self.np_block_tables, self.row_tables,
                                                           self.row_table_lens)
         ids, positions, slots, pending = [], [], [], []
         temperatures, seeds, output_lens = [], [], []
-        tables_changed, plain = False, sampling
+        tables_changed, plain, masked = False, sampling, False
         for i, (seq, _) in enumerate(batch.scheduled):
             position = seq.num_computed_tokens
             table = seq.block_table
@@ -262,7 +294,8 @@ class HostInputs:
             if sampling:
                 params = seq.sampling_params
                 output_len = seq.num_output_tokens
-                plain = plain and params.is_plain and output_len >= params.min_tokens
+                plain = plain and params.is_plain_or_masked and output_len >= params.min_tokens
+                masked = masked or seq.grammar is not None
                 temperatures.append(0.0 if params.is_greedy else params.temperature)
                 seeds.append(seq.seed)
                 output_lens.append(output_len)
@@ -282,10 +315,11 @@ class HostInputs:
         token_rows[:, num_seqs:size] = 0
         token_rows[2:4, num_seqs:size] = -1
         seq_lens[num_seqs:size] = 0
+        how = "sampler" if not plain else "masked" if masked else "graph"
         if max(pending) < 0:
-            return "none", tables_changed, plain
+            return "none", tables_changed, how
         in_order = np.array_equal(token_rows[3, :num_seqs], self.row_numbers[:num_seqs])
-        return ("all in order" if in_order else "some"), tables_changed, plain
+        return ("all in order" if in_order else "some"), tables_changed, how
 
 
 def token_buckets(max_num_batched_tokens: int, smallest: int = 64) -> list[int]:

@@ -53,13 +53,13 @@ from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.runner.cuda_graph import DecodeGraphs, MixedGraphs
+from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
                                      host_to_device)
 from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
                                       receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import GrammarCompiler, GrammarState
+from nanovllm.structured.grammar import PENDING, GrammarCompiler, GrammarState
 from nanovllm.structured.grammar_process import GrammarBitmask
 
 if TYPE_CHECKING:   # the engine's batch, read here by its fields
@@ -203,21 +203,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> DeviceSamples | DeferredSamples | None:
-        """Queue one step on the device -> its samples, on their way (None: no sequence samples)."""
+        """Queue one step on the device -> its samples, on their way (None: no sequence samples). The
+        last step's deferred sampling is queued first (this step may read its tokens); a decode graph's
+        host inputs are written before that, while the grammar process may still be on its masks."""
+        decode = None
+        if self.workers is None and self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            decode = self.decode_graphs.prepare(batch)
         if isinstance(self.last_samples, DeferredSamples):   # its tokens first: this step may read them
             self.last_samples = self.last_samples.finish()
-        samples = self._launch(batch)
+        samples = self._launch(batch, decode)
         if samples is not None:
             self.last_samples = samples
         return samples
 
-    def _launch(self, batch: Batch) -> DeviceSamples | DeferredSamples | None:
+    def _launch(self, batch: Batch, decode: DecodeStep | None) -> DeviceSamples | DeferredSamples | None:
         if self.workers is not None:
             return self._run_parallel(batch)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
-            logits, sampled = self.decode_graphs.run(batch)                    # [B, V], every row samples
-            if sampled:   # the graph's own sampling pass stands: only the copy home is left to queue
-                return DeviceSamples.start_copy(self.samples, logits.shape[0], None, [None] * logits.shape[0])
+        if decode is not None:
+            logits = self.decode_graphs.run(decode)                              # [B, V], every row samples
+            num_rows = logits.shape[0]
+            if decode.sampling == "graph":   # the graph's own sampling pass stands: only the copy home is left
+                return DeviceSamples.start_copy(self.samples, num_rows, None, [None] * num_rows)
+            if decode.sampling == "masked":   # the same pass once the grammar rows are masked, on its settings
+                return self._sample(logits, batch, self.decode_graphs.plain_sampling(num_rows))
             return self._sample(logits, batch)
         input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
         if self.mixed_graphs is not None and self.mixed_graphs.can_replay(metadata):
@@ -230,20 +238,23 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])              # [N, V], the model dtype
         return self._sample(logits, batch)
 
-    def _sample(self, logits: torch.Tensor, batch: Batch) -> DeviceSamples | DeferredSamples:
-        """Queue the sampling of the step's logits [B, V]. With grammar rows, once their masks are
-        filled: the grammar process starts on them now and the next launch queues the sampling
-        (DeferredSamples). Meanwhile the engine completes the last step and schedules the next, so
-        the fill hides behind that host work, as behind this step's forward on the device."""
+    def _sample(self, logits: torch.Tensor, batch: Batch,
+                sampling: SamplingBatch | None = None) -> DeviceSamples | DeferredSamples:
+        """Queue the sampling of the step's logits [B, V] (with `sampling`, or the batch's settings built
+        now). With grammar rows, once their masks are filled: the grammar process starts on them now
+        and the next launch queues the sampling (DeferredSamples). Meanwhile the engine completes the
+        last step and schedules the next, so the fill hides behind that host work, as behind this
+        step's forward on the device."""
         seqs = batch.sampling_seqs
-        sampling = self.prepare_sampling(batch, with_grammar=False)   # a request's bad settings raise now
+        if sampling is None:
+            sampling = self.prepare_sampling(batch, with_grammar=False)   # a request's bad settings raise now
         rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
         if not rows:
             return self.sampler.sample(logits, sampling, self.samples)
         constrained = [seqs[row] for row in rows]
         masks = self.grammar_masks_for(constrained[0].grammar.compiler)
         # The last step's tokens: the engine waits for them next anyway (it completes that step now).
-        newest = _newest_token_ids(self.last_samples, _pending_rows(constrained), len(constrained))
+        newest = _newest_token_ids(self.last_samples, constrained)
         started = masks.start([seq.grammar for seq in constrained], [seq.output_token_ids for seq in constrained],
                               newest)
 
@@ -418,8 +429,7 @@ class ModelRunner:
             device=self.device,
             grammars=grammars if with_grammar else None,
             grammar_masks=self.grammar_masks_for(_first(grammars).compiler) if with_grammar else None,
-            newest_token_ids=_newest_token_ids(self.last_samples, _pending_rows(seqs), len(seqs))
-            if with_grammar else None,
+            newest_token_ids=_newest_token_ids(self.last_samples, seqs) if with_grammar else None,
         )
 
 
@@ -427,25 +437,18 @@ def _first(grammars: list[GrammarState | None]) -> GrammarState:
     return next(grammar for grammar in grammars if grammar is not None)
 
 
-def _pending_rows(seqs: list[Sequence]) -> list[tuple[int, int]]:
-    """(row, its row in the last step's samples) of each constrained sequence whose newest token is
-    the last step's, still a placeholder on the host (async scheduling)."""
-    return [(row, seq.pending_row) for row, seq in enumerate(seqs) if seq.grammar is not None and seq.num_pending == 1]
-
-
-def _newest_token_ids(last: DeviceSamples | None, pending: list[tuple[int, int]], num_rows: int) -> list[int] | None:
-    """Per row, the id of its newest token where it is pending (`_pending_rows`), else -1; None if no
-    row's is. A grammar's matcher needs it for this step's mask. This step's forward is queued
-    already: the host waits only for the last step's samples to reach it, while the device computes."""
-    if not pending or last is None:   # the matchers wait at the placeholder
-        return None
+def _newest_token_ids(last: DeviceSamples | None, seqs: list[Sequence]) -> list[int] | None:
+    """Per sequence, the id of its newest token where that is the last step's, still a placeholder on
+    the host (async scheduling), and it has a grammar; else -1. None if no row's is. A grammar's matcher
+    needs it for this step's mask. This step's forward is queued already: the host waits only for the
+    last step's samples to reach it, while the device computes."""
+    if last is None or not any(seq.num_pending == 1 and seq.grammar is not None for seq in seqs):
+        return None   # the matchers wait at the placeholder
     if last.copied is not None:
         last.copied.synchronize()
     sampled = last.host[:last.num_rows].tolist()
-    newest = [-1] * num_rows
-    for row, sample_row in pending:
-        newest[row] = sampled[sample_row]
-    return newest
+    return [sampled[seq.pending_row] if seq.num_pending == 1 and seq.grammar is not None else PENDING
+            for seq in seqs]
 
 
 # ---- ranks 1..N-1 ----------------------------------------------------------------------------

@@ -170,6 +170,19 @@ class SamplingBatch:
                    bitmask=bitmask, bitmask_rows=bitmask_rows, logit_bias=_logit_bias(params, device))
 
 
+    @classmethod
+    def plain(cls, num_rows: int, temperature: torch.Tensor | None, stream_keys: torch.Tensor | None,
+              all_random: bool) -> "SamplingBatch":
+        """Rows that need only the fused pass (SamplingParams.is_plain_or_masked): temperature [B] float32
+        (0 on greedy rows) and stream_keys [B] int64 already on the device; both None when every row is
+        greedy. What `build` makes of such rows, without a pass over them on the host."""
+        return cls(all_greedy=temperature is None, all_random=all_random, is_greedy=None, temperature=temperature,
+                   top_k=None, max_top_k=0, top_p=None, top_p_needs_full_sort=False, min_p=None,
+                   stream_keys=stream_keys, presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
+                   output_token_ids=None, prompt_token_ids=None, suppressed_token_ids=None,
+                   num_logprobs=[None] * num_rows, max_num_logprobs=None)
+
+
 def _grammar_bitmask(grammars: list[GrammarState | None], output_token_ids: list[list[int]],
                      newest_token_ids: list[int] | None, eos_token_ids: list[int], device: torch.device | str,
                      masks: GrammarBitmask | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -142,6 +142,10 @@ class GrammarBitmask:
         self.released: list[int] = []   # slots of collected GrammarStates, to forget (weakref callbacks)
         self.num_requests = 0
         self.in_flight: list[GrammarState] | None = None     # the states of the request not yet finished
+        # While a batch keeps its rows (most steps), no state needs its slot told and the logits rows
+        # the masks go to are on the device already.
+        self.published_states: list[GrammarState] = []        # the states of the last request, in order
+        self.copied_rows: list[int] = []                      # the logits rows self.rows holds
 
     def build(self, states: list[GrammarState], output_token_ids: list[list[int]], rows: list[int],
               newest_token_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,10 +164,17 @@ class GrammarBitmask:
         if self.in_flight is not None:   # a request whose masks no one took (its step failed): drop them
             self._wait(self.num_requests)
         self._check_alive()
+        if states != self.published_states:   # a new state's slot (or a released one) goes before the request
+            self._send_lifecycle(states)
+        elif self.released:
+            self._send_lifecycle([])
+        if (newest_token_ids is not None and PENDING not in newest_token_ids
+                and all(len(ids) == state.num_accepted + 1 for state, ids in zip(states, output_token_ids))):
+            # The steady state: each row's one unseen token is its newest, a placeholder here.
+            return self._publish_newest(states, newest_token_ids)
         newest = newest_token_ids or [PENDING] * num_rows
         tokens = [_known(state.unseen_tokens(ids), newest_id)
                   for state, ids, newest_id in zip(states, output_token_ids, newest)]
-        self._send_lifecycle(states)
         while max(map(len, tokens), default=0) > MAX_TOKENS_PER_ROW:   # a long backlog: accept-only rounds
             self._publish(states, [row[:MAX_TOKENS_PER_ROW] for row in tokens], fill=False)
             self._wait(self.num_requests)
@@ -180,14 +191,16 @@ class GrammarBitmask:
         return self.to_device(rows)
 
     def to_device(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue the copy of the filled rows and of the logits rows they mask -> (bitmask [R, W],
-        rows [R]) on the device."""
+        """Queue the copy of the filled rows and of the logits rows they mask (unless the device holds
+        them from the last call) -> (bitmask [R, W], rows [R]) on the device."""
         num_rows = len(rows)
-        self.host_rows[:num_rows] = torch.as_tensor(rows, dtype=torch.int64)
         if self.device.type != "cuda":   # a copy: the shared rows are rewritten next step, and unmapped at close
-            return self.host[:num_rows].clone(), self.host_rows[:num_rows].clone()
+            return self.host[:num_rows].clone(), torch.tensor(rows, dtype=torch.int64)
         self.bitmask[:num_rows].copy_(self.host[:num_rows], non_blocking=True)
-        self.rows[:num_rows].copy_(self.host_rows[:num_rows], non_blocking=True)
+        if rows != self.copied_rows:
+            self.host_rows[:num_rows] = torch.as_tensor(rows, dtype=torch.int64)
+            self.rows[:num_rows].copy_(self.host_rows[:num_rows], non_blocking=True)
+            self.copied_rows = list(rows)
         self.copied = torch.cuda.Event()
         self.copied.record()
         return self.bitmask[:num_rows], self.rows[:num_rows]
@@ -227,10 +240,9 @@ class GrammarBitmask:
                 raise
 
     def _publish(self, states: list[GrammarState], tokens: list[list[int]], fill: bool) -> int:
+        """Write the request's rows (states[r] takes tokens[r]) and publish it -> its number."""
         views, num_rows = self.views, len(states)
-        if self.copied is not None:
-            self.copied.synchronize()   # the last copy out of the host rows is done before they are rewritten
-        views.slots[:num_rows] = [state.slot for state in states]
+        self._write_slots(states)
         counts = [len(row) for row in tokens]
         views.counts[:num_rows] = counts
         width = max(counts, default=0)
@@ -238,7 +250,32 @@ class GrammarBitmask:
             views.tokens[:num_rows, :width] = [row + [0] * (width - len(row)) for row in tokens]
         for state, count in zip(states, counts):
             state.num_accepted += count
-        views.header[NUM_ROWS] = num_rows
+        return self._request(states, fill)
+
+    def _publish_newest(self, states: list[GrammarState], newest_token_ids: list[int]) -> int:
+        """`_publish` where states[r] takes the one token newest_token_ids[r] (the steady state): one
+        column of the token rows, no list per row."""
+        views, num_rows = self.views, len(states)
+        self._write_slots(states)
+        views.counts[:num_rows] = 1
+        views.tokens[:num_rows, 0] = newest_token_ids
+        for state in states:
+            state.num_accepted += 1
+        return self._request(states, fill=True)
+
+    def _write_slots(self, states: list[GrammarState]) -> None:
+        """The rows' matcher slots into the segment, once the last copy out of the segment's mask rows
+        is done (they are rewritten next)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        self.views.slots[:len(states)] = [state.slot for state in states]
+        if states != self.published_states:
+            self.published_states = list(states)
+
+    def _request(self, states: list[GrammarState], fill: bool) -> int:
+        """Publish the request whose rows are written -> its number."""
+        views = self.views
+        views.header[NUM_ROWS] = len(states)
         views.header[FILL] = fill
         self.num_requests += 1
         self.in_flight = states
@@ -261,12 +298,12 @@ class GrammarBitmask:
         if header[ERROR] == number:
             message = self.conn.recv() if self.conn.poll(1.0) else "no message"
             raise GrammarProcessError(f"the grammar process failed on request {number}: {message}")
-        status = self.views.status[:len(states)]
-        for row in np.flatnonzero(status).tolist():
-            state = states[row]
-            if status[row] == FAILED and not state.failed:
+        for state, code in zip(states, self.views.status[:len(states)].tolist()):
+            if not code or (state.terminated if code == TERMINATED else state.failed):
+                continue   # running, or its end mirrored already (a finished grammar reports it every step)
+            if code == FAILED:
                 logger.warning("a constrained sequence took a token its grammar rejects; it is ended")
-            state.failed, state.terminated = status[row] == FAILED, status[row] == TERMINATED
+            state.failed, state.terminated = code == FAILED, code == TERMINATED
 
     def _check_alive(self) -> None:
         if not self.process.is_alive():

@@ -105,6 +105,38 @@ def test_sampling_inside_the_graph_matches_the_eager_sampler(tiny_model_factory)
     assert calls["sampler"] < calls["launch"] - 10     # the plain steps never reached the eager sampler
 
 
+def test_grammar_rows_sample_after_the_graph_on_its_settings_as_the_eager_engine_does(tiny_model_factory):
+    """A decode step whose rows are plain but for some rows' grammars samples again from the graph's
+    logits once the masks are applied, with the temperatures and keys the graph read (no sampling
+    settings built on the host): tokens and log-probabilities equal the eager engine's, constrained
+    rows and the rest alike, and those steps never build the batch's sampling settings."""
+    pytest.importorskip("xgrammar")
+    path = tiny_model_factory("llama-gqa4")
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(8)]
+    regex = {"regex": "[a-z]{4,12}( [a-z]{2,9}){1,4}"}
+    params = [SamplingParams(temperature=[0.0, 0.8, 1.1][i % 3], seed=i, max_tokens=24 + i, ignore_eos=True,
+                             structured_outputs=regex if i % 2 else None) for i in range(8)]
+    graphed = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=8, **SMALL_POOL)
+    eager = LLM(str(path), device="cuda", dtype="float32", max_num_seqs=8, enforce_eager=True, **SMALL_POOL)
+    runner, calls = graphed.engine.runner, {"launch": 0, "settings built": 0}
+    launch, prepare_sampling = runner.launch, runner.prepare_sampling
+
+    def counting_launch(batch):
+        calls["launch"] += 1
+        return launch(batch)
+
+    def counting_prepare_sampling(*args, **kwargs):
+        calls["settings built"] += 1
+        return prepare_sampling(*args, **kwargs)
+    runner.launch, runner.prepare_sampling = counting_launch, counting_prepare_sampling
+    got = graphed.generate(prompts, params, use_tqdm=False)
+    want = eager.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for g, w in zip(got, want):
+        assert g.outputs[0].cumulative_logprob == pytest.approx(w.outputs[0].cumulative_logprob, abs=1e-4)
+    assert calls["settings built"] < calls["launch"] - 10   # the decode steps took the graph's settings
+
+
 def test_a_prompt_near_max_model_len_decodes_through_the_graph(tiny_model_factory):
     """The graphs' block tables are max_model_len wide, so the longest context still fits."""
     path = tiny_model_factory("qwen3")
