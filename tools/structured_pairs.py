@@ -1,23 +1,25 @@
 """Throughput with half the requests under a JSON schema against none, in alternation, in one engine.
 
 `nano-vllm bench throughput --dummy llama-3.2-1b --tokenizer DIR --dataset random --num-prompts 512
---input-len 256 --output-len 256 --structured-output-ratio R` for R = 0 and 0.5, run as the bench
-runs them (`run_throughput`: the same workload, warm-up and token check), but alternating in one
+--input-len 256 --output-len 256 --structured-output-ratio R` for R = 0 and 0.5, run as the bench runs
+them (`run_throughput`: the same kind of workload, warm-up and token check), but alternating in one
 process (0, 0.5, 0, 0.5, ...) so that a slow stretch of the machine touches both figures alike; one
-untimed round of each first. Single runs of either vary by 10% or more from one process to the next,
-so the loss is the ratio of the medians (and, beside it, the median of each pair's loss).
+untimed round of each first. Each run draws prompts of its own, so that none is served from the prefix
+cache. Single runs of either vary by 10% or more from one process to the next, so the loss is the ratio
+of the medians (and, beside it, the median of each pair's loss).
 
     python tools/structured_pairs.py --tokenizer DIR [--rounds 3] [--json OUT.json]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
 from nanovllm.bench.harness import make_engine
 from nanovllm.bench.throughput import run_throughput
-from nanovllm.bench.workloads import dataset_workload
+from nanovllm.bench.workloads import random_workload
 from nanovllm.config import EngineConfig
 
 RATIOS = (0.0, 0.5)
@@ -34,11 +36,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", tokenizer=args.tokenizer))
-    workload = dataset_workload("random", args.num_prompts, args.input_len, args.output_len,
-                                engine.model_config.vocab_size)
+    seeds = itertools.count(1)
 
     def run(ratio: float) -> float:
-        """-> output tokens per second of one run at `ratio`."""
+        """-> output tokens per second of one run at `ratio`, on prompts of its own: a run on the prompts
+        of an earlier one would find them in the prefix cache and skip their prefill."""
+        workload = random_workload(args.num_prompts, args.input_len, args.output_len, engine.model_config.vocab_size,
+                                   seed=next(seeds))
         workload.structured_output_ratio = ratio
         return run_throughput(engine, workload, use_tqdm=False).output_tokens_per_second
 
