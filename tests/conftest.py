@@ -53,12 +53,22 @@ def in_interpreter(test):
 
 
 # The interpreter runs (a subprocess each, a few minutes of one core in all) start as soon as the tests
-# are collected, at low priority, so that they use the time the main run leaves a core idle (waiting on
-# servers, spawned engines and subprocesses); the test that asked for one then waits for its result.
+# are collected, at idle priority, so that they use only the time the main run leaves a core idle
+# (waiting on servers, spawned engines and subprocesses); the test that asked for one then waits for
+# its result. Idle priority (SCHED_IDLE), not a nice value: a niced process still takes turns beside the
+# main run's torch threads, and each of their parallel regions then waits for the thread it displaced.
 _INTERPRETER_RUNS: dict[tuple[str, ...], tuple[subprocess.Popen, Path]] = {}
 
 
-def _start_interpreter_run(test_file: str, *pytest_args: str, nice: int = 0) -> tuple[subprocess.Popen, Path]:
+def _idle_priority() -> None:
+    """In the child, before it runs: the CPU only when nothing else wants it."""
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19)
+
+
+def _start_interpreter_run(test_file: str, *pytest_args: str, idle: bool = False) -> tuple[subprocess.Popen, Path]:
     import tempfile
 
     log = Path(tempfile.mkstemp(prefix="interpreter-", suffix=".log")[1])
@@ -66,7 +76,7 @@ def _start_interpreter_run(test_file: str, *pytest_args: str, nice: int = 0) -> 
     with log.open("w") as stdout:
         process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file,
                                     *pytest_args], env=env, cwd=Path(__file__).parent.parent, stdout=stdout,
-                                   stderr=subprocess.STDOUT, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                   stderr=subprocess.STDOUT, preexec_fn=_idle_priority if idle else None)
     return process, log
 
 
@@ -95,7 +105,7 @@ def pytest_collection_modifyitems(items):
         marker = item.get_closest_marker("interpreter_run")
         key = (str(item.path.resolve()), *marker.args) if marker else None
         if marker and key not in _INTERPRETER_RUNS and importlib.util.find_spec("triton") is not None:
-            _INTERPRETER_RUNS[key] = _start_interpreter_run(str(item.path), *marker.args, nice=10)
+            _INTERPRETER_RUNS[key] = _start_interpreter_run(str(item.path), *marker.args, idle=True)
 
 
 def pytest_sessionfinish():
