@@ -41,21 +41,33 @@ with NANOVLLM_FUSED_CPU=0, llama.py's forward runs.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import queue
+import threading
+import weakref
 
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from nanovllm.model.llama import KVCache, LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention_numba import _attend, _launch_lock, _rotary_store, _row_sequences
+from nanovllm.ops.attention_numba import _attend, _rotary_store, _row_sequences
 from nanovllm.ops.quant import PackedLinear
-from nanovllm.ops.quant_numba import GROUP_SIZE, TILE_ROWS, _quantize_activation_into, _tile, tiles_from_torch_int4
+from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 
-# Steps of at least this many rows run the parallel driver. Below it the six workqueue launches per
-# layer cost more than the second core gives back (measured in docs/reference/cpu-kernels.md).
-PARALLEL_MIN_ROWS = 24
+_torch_threads: list[int] = []   # torch's thread count before the first fused decoder set it to one
+
+
+def _step_threads() -> int:
+    """The threads a step runs on: torch's count, as the process had it before a fused decoder took it."""
+    if torch.get_num_threads() > 1 or not _torch_threads:
+        _torch_threads[:] = [torch.get_num_threads()]
+    return max(1, min(_torch_threads[0], os.cpu_count() or 1))
 
 
 def fused_cpu_enabled() -> bool:
@@ -84,8 +96,21 @@ class FusedDecoder:
         self.o = _stacked([layer.self_attn.o_proj for layer in model.layers])
         self.gate_up = _stacked([layer.mlp.gate_up_proj for layer in model.layers])
         self.down = _stacked([layer.mlp.down_proj for layer in model.layers])
-        self.capacity = 0                           # rows the scratch buffers hold
-        self.scratch: tuple[np.ndarray, ...] = ()
+        # The forward runs on num_ranks threads (torch's thread count when the decoder is made): this one
+        # and num_ranks - 1 started here, which meet at `self._counter` (see `_forward_rank`).
+        self.num_ranks = _step_threads()
+        self._ranks = _RankThreads(self.num_ranks)
+        weakref.finalize(self, self._ranks.close)
+        # torch keeps one thread for what is left of a step (the LM head's refinement, sampling): small
+        # ops that, on more threads, wake its OpenMP pool each time, and on a loaded machine wait for a
+        # core at each (a batch-1 decode step: median 28 ms on one thread, 72 ms on two, load average 3).
+        torch.set_num_threads(1)
+        self._counter = np.zeros(1, np.int64)
+        self._lock = threading.Lock()     # one step at a time (engines may step from several threads)
+        self._compiled = False
+        self.capacity = 0                 # rows the scratch buffers hold
+        self._private: list[list[np.ndarray]] = []
+        self._shared: list[np.ndarray] = []
         self._kv_caches: list[KVCache] | None = None
         self._kv_cache: np.ndarray | None = None   # [L, 2, num_blocks, block_size, Hkv, D] float32
 
@@ -115,44 +140,81 @@ class FusedDecoder:
         self._kv_caches, self._kv_cache = kv_caches, base.numpy() if ok else None
         return self._kv_cache
 
-    def _scratch(self, num_rows: int) -> tuple[np.ndarray, ...]:
-        """Flat float32/int16 buffers for num_rows rows (made again, twice as large, when outgrown)."""
+    def _buffers(self, num_rows: int) -> list[tuple[np.ndarray, ...]]:
+        """Each rank's arguments after the weights: its private buffers, then the shared ones, as
+        [T, ...] views of flat buffers (made again, twice as large, when a step outgrows them)."""
         if num_rows > self.capacity:
             self.capacity = max(num_rows, 2 * self.capacity)
-            rows = self.capacity
-            hidden, q_size = self.hidden_size, self.num_heads * self.head_dim
-            qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-            widest = max(hidden, q_size, self.intermediate_size)
-            self.scratch = (
-                np.empty(rows * hidden, np.float32),                   # h: the residual stream [T, H]
-                np.empty(rows * hidden, np.float32),                   # x: a normed or projected [T, H]
-                np.empty(rows * widest, np.int16),                     # xq: an int16 activation [T, K]
-                np.empty(rows * widest // GROUP_SIZE, np.float32),     # dx: its scales [T, K / 32]
-                np.empty(rows * widest // GROUP_SIZE, np.float32),     # sx: its group sums [T, K / 32]
-                np.empty(rows * qkv_size, np.float32),                 # qkv [T, Hq + 2 Hkv, D]
-                np.empty(rows * q_size, np.float32),                   # q after RoPE [T, Hq, D]
-                np.empty(rows * q_size, np.float32),                   # attention [T, Hq, D]
-                np.empty(rows * 2 * self.intermediate_size, np.float32),   # gate | up [T, 2I]
-                np.empty(rows * self.intermediate_size, np.float32),   # silu(gate) * up [T, I]
-            )
-        return self.scratch
+            widths = self._private_widths()
+            self._private = [[np.empty(self.capacity * width, dtype) for width, dtype in widths]
+                             for _ in range(self.num_ranks)]
+            self._shared = [np.empty(self.capacity * width, np.float32) for width in self._shared_widths()]
+        shaped = lambda flat, width: flat[:num_rows * width].reshape(num_rows, width)
+        shared = tuple(shaped(flat, width) for flat, width in zip(self._shared, self._shared_widths()))
+        return [tuple(shaped(flat, width) for flat, (width, _) in zip(private, self._private_widths())) + shared
+                for private in self._private]
+
+    def _private_widths(self) -> list[tuple[int, type]]:
+        """Row widths of `_forward_rank`'s private buffers, in its argument order (h ... act)."""
+        hidden, q_size, intermediate = self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size
+        return [(hidden, np.float32), (hidden, np.float32),                                  # h, x
+                (hidden, np.int16), (hidden // GROUP_SIZE, np.float32), (hidden // GROUP_SIZE, np.float32),
+                (q_size, np.int16), (q_size // GROUP_SIZE, np.float32), (q_size // GROUP_SIZE, np.float32),
+                (intermediate, np.int16), (intermediate // GROUP_SIZE, np.float32),
+                (intermediate // GROUP_SIZE, np.float32),                                    # xq, dx, sx of h, q, I
+                (q_size, np.float32), (intermediate, np.float32)]                            # rq, act
+
+    def _shared_widths(self) -> list[int]:
+        """Row widths of the shared buffers: qkv, attn, proj, gu."""
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return [qkv_size, self.num_heads * self.head_dim, self.hidden_size, 2 * self.intermediate_size]
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                  kv_cache: np.ndarray) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, H] after the final norm, like llama.py's forward."""
         num_rows = input_ids.shape[0]
         out = np.empty((num_rows, self.hidden_size), np.float32)                              # [T, H]
-        args = (input_ids.numpy(), positions.numpy(), metadata.slot_mapping.numpy(),
+        step = (input_ids.numpy(), positions.numpy(), metadata.slot_mapping.numpy(),
                 metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
                 self.embed, self.norms, self.final_norm, self.eps, self.cos_sin, kv_cache, self.scale,
-                self.num_heads, self.num_kv_heads, *self.qkv, *self.o, *self.gate_up, *self.down,
-                *self._scratch(num_rows), out)
-        if num_rows < PARALLEL_MIN_ROWS:
-            _forward_serial(*args)
-        else:
-            with _launch_lock:
-                _forward_parallel(*args)
+                self.num_heads, self.num_kv_heads, *self.qkv, *self.o, *self.gate_up, *self.down)
+        with self._lock:
+            buffers = self._buffers(num_rows)
+            num_ranks = self.num_ranks if self._compiled else 1    # compile on this thread first
+            base = int(self._counter[0])     # every rank has arrived at every earlier meeting
+            for rank in range(1, num_ranks):
+                self._ranks.jobs[rank - 1].put((rank, num_ranks, self._counter, base, *step, *buffers[rank], out))
+            _forward_rank(0, num_ranks, self._counter, base, *step, *buffers[0], out)
+            self._compiled = True
         return torch.from_numpy(out)
+
+
+class _RankThreads:
+    """Threads 1 .. R - 1 of the fused forward (the caller's thread is rank 0): each waits for a step's
+    arguments and runs `_forward_rank` on them, outside the GIL. Started once; they end with the
+    process or when the decoder is collected."""
+
+    def __init__(self, num_ranks: int):
+        self.jobs = [queue.SimpleQueue() for _ in range(num_ranks - 1)]
+        self.threads = [threading.Thread(target=_serve_rank, args=(jobs,), daemon=True, name="fused-decoder-rank")
+                        for jobs in self.jobs]
+        for thread in self.threads:
+            thread.start()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the threads (after the step they run, if any)."""
+        for jobs in self.jobs:
+            jobs.put(None)
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        self.jobs, self.threads = [], []
+
+
+def _serve_rank(jobs: queue.SimpleQueue) -> None:
+    while (args := jobs.get()) is not None:
+        _forward_rank(*args)
 
 
 def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -204,113 +266,127 @@ def _add_rows(x, h):
             h[t, j] = x[t, j] + h[t, j]
 
 
-@njit(cache=True, boundscheck=False)
-def _views(num_rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, h_buf, x_buf, xq_buf, dx_buf,
-           sx_buf, qkv_buf, rq_buf, attn_buf, gu_buf, act_buf):
-    """The scratch buffers as [T, ...] arrays of this step."""
-    q_size = num_heads * head_dim
-    groups_h, groups_q, groups_i = hidden // 32, q_size // 32, intermediate // 32
-    return (h_buf[:num_rows * hidden].reshape((num_rows, hidden)),
-            x_buf[:num_rows * hidden].reshape((num_rows, hidden)),
-            (xq_buf[:num_rows * hidden].reshape((num_rows, hidden)),
-             dx_buf[:num_rows * groups_h].reshape((num_rows, groups_h)),
-             sx_buf[:num_rows * groups_h].reshape((num_rows, groups_h))),
-            (xq_buf[:num_rows * q_size].reshape((num_rows, q_size)),
-             dx_buf[:num_rows * groups_q].reshape((num_rows, groups_q)),
-             sx_buf[:num_rows * groups_q].reshape((num_rows, groups_q))),
-            (xq_buf[:num_rows * intermediate].reshape((num_rows, intermediate)),
-             dx_buf[:num_rows * groups_i].reshape((num_rows, groups_i)),
-             sx_buf[:num_rows * groups_i].reshape((num_rows, groups_i))),
-            qkv_buf[:num_rows * (num_heads + 2 * num_kv_heads) * head_dim].reshape(
-                (num_rows, num_heads + 2 * num_kv_heads, head_dim)),
-            rq_buf[:num_rows * q_size].reshape((num_rows, num_heads, head_dim)),
-            attn_buf[:num_rows * q_size].reshape((num_rows, num_heads, head_dim)),
-            gu_buf[:num_rows * 2 * intermediate].reshape((num_rows, 2 * intermediate)),
-            act_buf[:num_rows * intermediate].reshape((num_rows, intermediate)))
+# ---- the ranks' meeting point -----------------------------------------------------------------
+
+@intrinsic
+def _arrive(typingctx, counter):
+    """counter[0] += 1 atomically (sequentially consistent: this rank's writes before it are seen by
+    any rank that reads the new count); returns the new count."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, signature.args[0], array,
+                                           [ir.Constant(ir.IntType(64), 0)])
+        old = builder.atomic_rmw("add", pointer, ir.Constant(ir.IntType(64), 1), "seq_cst")
+        return builder.add(old, ir.Constant(ir.IntType(64), 1))
+    return types.int64(counter), codegen
+
+
+@intrinsic
+def _count(typingctx, counter):
+    """counter[0], read atomically (acquire: what a rank wrote before arriving is visible after)."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, signature.args[0], array,
+                                           [ir.Constant(ir.IntType(64), 0)])
+        return builder.load_atomic(pointer, "acquire", 8)
+    return types.int64(counter), codegen
+
+
+@intrinsic
+def _pause_or_yield(typingctx, spins):
+    """A spin-wait's step: the CPU's `pause` hint, and every 256th spin `sched_yield()`, which gives
+    the core to a rank (or another process) waiting for it on a loaded machine."""
+    def codegen(context, builder, signature, args):
+        pause = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                               "llvm.x86.sse2.pause")
+        builder.call(pause, [])
+        sched_yield = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                     "sched_yield")
+        every = builder.icmp_unsigned("==", builder.and_(args[0], ir.Constant(ir.IntType(64), 15)),
+                                      ir.Constant(ir.IntType(64), 15))
+        with builder.if_then(every, likely=False):
+            builder.call(sched_yield, [])
+        return context.get_dummy_value()
+    return types.void(spins), codegen
 
 
 @njit(cache=True, boundscheck=False)
-def _forward_serial(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, embed, norms,
-                    final_norm, eps, cos_sin, kv_cache, scale, num_heads, num_kv_heads, qkv_w, qkv_s, qkv_l,
-                    o_w, o_s, o_l, gu_w, gu_s, gu_l, down_w, down_s, down_l, h_buf, x_buf, xq_buf, dx_buf,
-                    sx_buf, qkv_buf, rq_buf, attn_buf, gu_buf, act_buf, out):
-    """The module docstring's forward on the calling thread; out [T, H] the final hidden states."""
+def _barrier(counter, target):
+    """Arrive, then wait until every rank has: counter[0] reaches target (base + ranks * barriers)."""
+    _arrive(counter)
+    spins = 0
+    while _count(counter) < target:
+        _pause_or_yield(spins)
+        spins += 1
+
+
+@njit(cache=True, boundscheck=False)
+def _share(size, rank, num_ranks):
+    """Rank `rank`'s part [start, stop) of range(size), contiguous."""
+    return size * rank // num_ranks, size * (rank + 1) // num_ranks
+
+
+# ---- the compiled forward ------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
+                  block_tables, embed, norms, final_norm, eps, cos_sin, kv_cache, scale, num_heads, num_kv_heads,
+                  qkv_w, qkv_s, qkv_l, o_w, o_s, o_l, gu_w, gu_s, gu_l, down_w, down_s, down_l,
+                  h, x, xq_h, dx_h, sx_h, xq_q, dx_q, sx_q, xq_i, dx_i, sx_i, rq, act, qkv, attn, proj, gu, out):
+    """One rank's part of the module docstring's forward; every rank runs it on its own thread, each
+    computing its share of every matmul's tiles and of the attention's (row, head) items, and they meet
+    (`_barrier` on counter, whose count was `base` when the step began) after each shared stage.
+
+    Private to the rank (each computes them in full, the same bits): h the residual stream [T, H], x
+    its norm [T, H], the int16 activations xq_* [T, K] with dx_*, sx_* [T, K / 32], rq the rotated q
+    [T, Hq, D], act [T, I]. Shared: qkv [T, (Hq + 2 Hkv) D], attn [T, Hq, D], proj [T, H] (o_proj's,
+    then down's output), gu [T, 2I]; out [T, H] (written by rank 0). Every rank stores the new k and v
+    into the cache (the same values at the same addresses), so each reads its own stores back in
+    the attention without waiting for another rank."""
     num_rows, hidden = out.shape
     head_dim = cos_sin.shape[1]
-    intermediate = act_buf.shape[0] // (h_buf.shape[0] // hidden)
-    h, x, xq_h, xq_q, xq_i, qkv, rq, attn, gu, act = _views(
-        num_rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, h_buf, x_buf, xq_buf, dx_buf, sx_buf,
-        qkv_buf, rq_buf, attn_buf, gu_buf, act_buf)
+    q_size = num_heads * head_dim
+    qkv3 = qkv.reshape((num_rows, num_heads + 2 * num_kv_heads, head_dim))
+    attn3 = attn.reshape((num_rows, num_heads, head_dim))
+    rq3 = rq.reshape((num_rows, num_heads, head_dim))
     row_seq = _row_sequences(num_rows, query_start_loc, seq_lens)              # [T]
     _embed_rows(input_ids, embed, h)
-    q_size = num_heads * head_dim
-    attn_flat = attn_buf[:num_rows * q_size].reshape((num_rows, q_size))
+    meetings = 0
+    qkv_tiles, hidden_tiles, gu_tiles = _share(qkv.shape[1] // 16, rank, num_ranks), \
+        _share(hidden // 16, rank, num_ranks), _share(gu.shape[1] // 16, rank, num_ranks)
+    items = _share(num_rows * num_heads, rank, num_ranks)
     for layer in range(norms.shape[0]):
         k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]
         _rms_norm_rows(h, norms[layer, 0], eps, x)
-        _quantize_activation_into(x, xq_h[0], xq_h[1], xq_h[2])
-        qkv2 = qkv.reshape((num_rows, qkv.shape[1] * head_dim))
-        for tile in range(qkv2.shape[1] // 16):
-            _tile(tile, xq_h[0], xq_h[1], xq_h[2], qkv_w[layer], qkv_s[layer], qkv_l[layer], qkv2)
-        _rotary_store(qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads],
-                      qkv[:, num_heads + num_kv_heads:], positions, cos_sin, k_cache, v_cache, slot_mapping, rq)
-        for item in range(num_rows * num_heads):
-            _attend(item, row_seq, rq, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, attn)
-        _quantize_activation_into(attn_flat, xq_q[0], xq_q[1], xq_q[2])
-        for tile in range(hidden // 16):
-            _tile(tile, xq_q[0], xq_q[1], xq_q[2], o_w[layer], o_s[layer], o_l[layer], x)
-        _add_rows(x, h)
+        _quantize_activation_into(x, xq_h, dx_h, sx_h)
+        for tile in range(qkv_tiles[0], qkv_tiles[1]):
+            _tile(tile, xq_h, dx_h, sx_h, qkv_w[layer], qkv_s[layer], qkv_l[layer], qkv)
+        meetings += 1
+        _barrier(counter, base + num_ranks * meetings)
+        _rotary_store(qkv3[:, :num_heads], qkv3[:, num_heads:num_heads + num_kv_heads],
+                      qkv3[:, num_heads + num_kv_heads:], positions, cos_sin, k_cache, v_cache, slot_mapping, rq3)
+        for item in range(items[0], items[1]):
+            _attend(item, row_seq, rq3, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, attn3)
+        meetings += 1
+        _barrier(counter, base + num_ranks * meetings)
+        _quantize_activation_into(attn, xq_q, dx_q, sx_q)
+        for tile in range(hidden_tiles[0], hidden_tiles[1]):
+            _tile(tile, xq_q, dx_q, sx_q, o_w[layer], o_s[layer], o_l[layer], proj)
+        meetings += 1
+        _barrier(counter, base + num_ranks * meetings)
+        _add_rows(proj, h)
         _rms_norm_rows(h, norms[layer, 1], eps, x)
-        _quantize_activation_into(x, xq_h[0], xq_h[1], xq_h[2])
-        for tile in range(gu.shape[1] // 16):
-            _tile(tile, xq_h[0], xq_h[1], xq_h[2], gu_w[layer], gu_s[layer], gu_l[layer], gu)
+        _quantize_activation_into(x, xq_h, dx_h, sx_h)
+        for tile in range(gu_tiles[0], gu_tiles[1]):
+            _tile(tile, xq_h, dx_h, sx_h, gu_w[layer], gu_s[layer], gu_l[layer], gu)
+        meetings += 1
+        _barrier(counter, base + num_ranks * meetings)
         _silu_and_mul_rows(gu, act)
-        _quantize_activation_into(act, xq_i[0], xq_i[1], xq_i[2])
-        for tile in range(hidden // 16):
-            _tile(tile, xq_i[0], xq_i[1], xq_i[2], down_w[layer], down_s[layer], down_l[layer], x)
-        _add_rows(x, h)
-    _rms_norm_rows(h, final_norm, eps, out)
-
-
-@njit(parallel=True, cache=True, boundscheck=False)
-def _forward_parallel(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, embed, norms,
-                      final_norm, eps, cos_sin, kv_cache, scale, num_heads, num_kv_heads, qkv_w, qkv_s, qkv_l,
-                      o_w, o_s, o_l, gu_w, gu_s, gu_l, down_w, down_s, down_l, h_buf, x_buf, xq_buf, dx_buf,
-                      sx_buf, qkv_buf, rq_buf, attn_buf, gu_buf, act_buf, out):
-    """`_forward_serial` with the matmuls split by tiles and the attention by (row, head) over numba's
-    threads: the same per-item code, so the same bits."""
-    num_rows, hidden = out.shape
-    head_dim = cos_sin.shape[1]
-    intermediate = act_buf.shape[0] // (h_buf.shape[0] // hidden)
-    h, x, xq_h, xq_q, xq_i, qkv, rq, attn, gu, act = _views(
-        num_rows, hidden, num_heads, num_kv_heads, head_dim, intermediate, h_buf, x_buf, xq_buf, dx_buf, sx_buf,
-        qkv_buf, rq_buf, attn_buf, gu_buf, act_buf)
-    row_seq = _row_sequences(num_rows, query_start_loc, seq_lens)              # [T]
-    _embed_rows(input_ids, embed, h)
-    q_size = num_heads * head_dim
-    attn_flat = attn_buf[:num_rows * q_size].reshape((num_rows, q_size))
-    for layer in range(norms.shape[0]):
-        k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]
-        _rms_norm_rows(h, norms[layer, 0], eps, x)
-        _quantize_activation_into(x, xq_h[0], xq_h[1], xq_h[2])
-        qkv2 = qkv.reshape((num_rows, qkv.shape[1] * head_dim))
-        for tile in prange(qkv2.shape[1] // 16):
-            _tile(tile, xq_h[0], xq_h[1], xq_h[2], qkv_w[layer], qkv_s[layer], qkv_l[layer], qkv2)
-        _rotary_store(qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads],
-                      qkv[:, num_heads + num_kv_heads:], positions, cos_sin, k_cache, v_cache, slot_mapping, rq)
-        for item in prange(num_rows * num_heads):
-            _attend(item, row_seq, rq, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, attn)
-        _quantize_activation_into(attn_flat, xq_q[0], xq_q[1], xq_q[2])
-        for tile in prange(hidden // 16):
-            _tile(tile, xq_q[0], xq_q[1], xq_q[2], o_w[layer], o_s[layer], o_l[layer], x)
-        _add_rows(x, h)
-        _rms_norm_rows(h, norms[layer, 1], eps, x)
-        _quantize_activation_into(x, xq_h[0], xq_h[1], xq_h[2])
-        for tile in prange(gu.shape[1] // 16):
-            _tile(tile, xq_h[0], xq_h[1], xq_h[2], gu_w[layer], gu_s[layer], gu_l[layer], gu)
-        _silu_and_mul_rows(gu, act)
-        _quantize_activation_into(act, xq_i[0], xq_i[1], xq_i[2])
-        for tile in prange(hidden // 16):
-            _tile(tile, xq_i[0], xq_i[1], xq_i[2], down_w[layer], down_s[layer], down_l[layer], x)
-        _add_rows(x, h)
-    _rms_norm_rows(h, final_norm, eps, out)
+        _quantize_activation_into(act, xq_i, dx_i, sx_i)
+        for tile in range(hidden_tiles[0], hidden_tiles[1]):
+            _tile(tile, xq_i, dx_i, sx_i, down_w[layer], down_s[layer], down_l[layer], proj)
+        meetings += 1
+        _barrier(counter, base + num_ranks * meetings)
+        _add_rows(proj, h)
+    if rank == 0:
+        _rms_norm_rows(h, final_norm, eps, out)
