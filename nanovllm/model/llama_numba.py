@@ -117,7 +117,8 @@ class FusedDecoder:
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> "FusedDecoder | None":
         """The fused decoder of `model`, or None where the compiled forward does not cover it."""
-        if not fused_cpu_enabled() or model.parallel.world_size != 1 or model.config.qk_norm:
+        config = model.config
+        if not fused_cpu_enabled() or model.parallel.world_size != 1 or config.qk_norm or config.sliding_window:
             return None
         if model.embed_tokens.weight.device.type != "cpu" or model.batch_invariant:
             return None
