@@ -102,8 +102,8 @@ def test_fused_forward_matches_the_llama_forward_and_writes_the_same_cache(model
     for got, want in zip(fused, reference):
         # The activations are rounded to int16 per group of 32 (a step of 3e-5 of the group's largest);
         # a last-bit difference in RMSNorm or SiLU moves some of them by one step.
-        assert (got - want).abs().max() <= 2e-3 * want.abs().max()
-    assert (fused_cache - reference_cache).abs().max() <= 2e-3 * reference_cache.abs().max()
+        assert (got - want).abs().max() <= 1e-3 * want.abs().max()     # measured: 1.6e-4
+    assert (fused_cache - reference_cache).abs().max() <= 1e-3 * reference_cache.abs().max()
     assert fused_cache.abs().sum() > 0
 
 
