@@ -112,11 +112,23 @@ def test_fused_forward_gives_a_row_the_same_bits_alone_in_a_batch_and_on_two_thr
     alone, _ = _run(model, fused=True, steps=[[(0, 5)], [(5, 1)]], tables=TABLES[:1])
     batched, _ = _run(model, fused=True)
     monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
+    monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
     two_threads, _ = _run(model, fused=True)
     assert model._fused.num_ranks == 2
     for step in range(2):
         assert torch.equal(batched[step][:alone[step].shape[0]], alone[step])
         assert torch.equal(two_threads[step], batched[step])
+
+
+def test_thread_choice_takes_the_faster_count_per_step_size_and_keeps_trying_the_other():
+    choice = llama_numba.ThreadChoice(2)
+    assert [choice.pick(1), choice.pick(1)] == [1, 1]          # untried: one thread first
+    choice.record(1, 1, 0.010)
+    assert choice.pick(1) == 2                                 # then the other
+    choice.record(1, 2, 0.013)
+    picks = [choice.pick(1) for _ in range(32)]
+    assert picks.count(2) == 2 and picks.count(1) == 30        # the faster, and every 16th step the other
+    assert choice.pick(16) == 1 and llama_numba.ThreadChoice(1).pick(16) == 1   # each size learns on its own
 
 
 def test_fused_decoder_is_not_used_where_it_does_not_apply(model, monkeypatch):

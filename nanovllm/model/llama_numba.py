@@ -101,6 +101,7 @@ class FusedDecoder:
         # and num_ranks - 1 started here, which meet at `self._counter` (see `_forward_rank`).
         self.num_ranks = _step_threads()
         self._ranks = _RankThreads(self.num_ranks)
+        self.threads = ThreadChoice(self.num_ranks)
         weakref.finalize(self, self._ranks.close)
         # torch keeps one thread for what is left of a step (the LM head's refinement, sampling): small
         # ops that, on more threads, wake its OpenMP pool each time, and on a loaded machine wait for a
@@ -183,15 +184,48 @@ class FusedDecoder:
                 self.num_heads, self.num_kv_heads, *self.qkv, *self.o, *self.gate_up, *self.down)
         with self._lock:
             buffers = self._buffers(num_rows)
-            num_ranks = self.num_ranks if self._compiled else 1    # compile on this thread first
+            num_ranks = self.threads.pick(num_rows) if self._compiled else 1    # compile on this thread first
             base = int(self._counter[0])     # every rank has arrived at every earlier meeting
             for rank in range(1, num_ranks):
                 self._ranks.jobs[rank - 1].put((rank, num_ranks, self._counter, base, *step, *buffers[rank], out))
             start = time.perf_counter()
             _forward_rank(0, num_ranks, self._counter, base, *step, *buffers[0], out)
-            self.compiled_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.compiled_seconds += seconds
+            if self._compiled:
+                self.threads.record(num_rows, num_ranks, seconds)
             self._compiled = True
         return torch.from_numpy(out)
+
+
+class ThreadChoice:
+    """How many threads run a step of T rows: 1 or all of them, whichever has been faster for steps of
+    about that size (T in [2^(b-1), 2^b)), by a running mean of their times; every 16th step of a size
+    tries the other. A split step meets five times a layer, and on a loaded machine each meeting may
+    wait for a descheduled thread (measured on 2 cores at load average 3: a batch-1 forward 10.8 ms on
+    one thread, 13.3 ms on two); on an idle one the second core reads half the weights. The bits of a
+    row are the same either way, so only the time depends on the choice."""
+
+    def __init__(self, max_threads: int):
+        self.max_threads = max_threads
+        self.seconds: dict[tuple[int, int], float] = {}   # (size class, threads) -> running mean of a step
+        self.steps: dict[int, int] = {}                    # size class -> steps picked
+
+    def pick(self, num_rows: int) -> int:
+        if self.max_threads == 1:
+            return 1
+        size = num_rows.bit_length()
+        count = self.steps[size] = self.steps.get(size, 0) + 1
+        options = (1, self.max_threads)
+        untried = [threads for threads in options if (size, threads) not in self.seconds]
+        if untried:
+            return untried[0]
+        best = min(options, key=lambda threads: self.seconds[size, threads])
+        return best if count % 16 else options[best == options[0]]
+
+    def record(self, num_rows: int, threads: int, seconds: float) -> None:
+        key = (num_rows.bit_length(), threads)
+        self.seconds[key] = seconds if key not in self.seconds else 0.75 * self.seconds[key] + 0.25 * seconds
 
 
 class _RankThreads:
