@@ -26,13 +26,18 @@ attention) by the same loop whatever the rows beside it, so a step's result
 for a row does not depend on its batch: prefill chunks and decodes run the
 same code, and `int4` stays batch-invariant.
 
-Two drivers run it: `_forward_serial` on the calling thread and
-`_forward_parallel`, which splits every matmul by tiles and the attention by
-(row, head) over numba's threads. A parallel region costs a workqueue launch
-(50-150 us on a 2-core VM, docs/reference/cpu-kernels.md) and a step has six
-per layer, so small steps (decodes of a few sequences) run serially
-(`PARALLEL_MIN_ROWS`). Scratch buffers are made once and grown when a step
-has more rows than any before.
+Threads. numba's parallel loops cost a workqueue launch each (50-150 us on a
+2-core VM, docs/reference/cpu-kernels.md), and a step would need five per
+layer. Instead the step's R threads (the calling one and R - 1 started once,
+`_RankThreads`) each run the whole forward (`_forward_rank`) and take their
+share of every matmul's tiles and of the attention's (row, head) items; they
+meet at an atomic counter after each shared stage, five times a layer, and
+compute the cheap row-wise stages (RMSNorm, SiLU, the int16 rounding) each in
+full, privately. One wake per helper thread per step. On a loaded machine a
+meeting can wait for a descheduled thread, so `ThreadChoice` runs each step
+size on one thread or on all, whichever has been faster. torch is set to one
+thread for what is left of a step (LM-head refinement, sampling). Scratch
+buffers are made once and grown when a step has more rows than any before.
 
 Used where `FusedDecoder.of(model)` accepts the model: one CPU process, every
 decoder matmul an int4 `PackedLinear` on numba's kernel without bias, no
