@@ -131,6 +131,19 @@ def test_thread_choice_takes_the_faster_count_per_step_size_and_keeps_trying_the
     assert choice.pick(16) == 1 and llama_numba.ThreadChoice(1).pick(16) == 1   # each size learns on its own
 
 
+@torch.no_grad()
+def test_a_step_with_a_forward_hook_on_a_layer_runs_the_modules(model):
+    calls = []
+    handle = model.layers[1].self_attn.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    try:
+        hooked, _ = _run(model, fused=True)
+    finally:
+        handle.remove()
+    assert len(calls) == len(STEPS)
+    reference, _ = _run(model, fused=False)
+    assert all(torch.equal(a, b) for a, b in zip(hooked, reference))
+
+
 def test_fused_decoder_is_not_used_where_it_does_not_apply(model, monkeypatch):
     monkeypatch.setenv("NANOVLLM_FUSED_CPU", "0")
     assert llama_numba.FusedDecoder.of(model) is None
