@@ -185,3 +185,28 @@ def test_embedded_model_greedy_tokens_are_the_same_fused_or_not(monkeypatch):
     monkeypatch.setenv("NANOVLLM_FUSED_CPU", "0")
     assert generate() == fused and len(fused) == 32
     assert embedded._fused is False
+
+
+@torch.no_grad()
+def test_a_forked_child_runs_the_fused_forward_on_threads_of_its_own(model, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
+    monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
+    parent, _ = _run(model, fused=True)
+    fused = model._fused
+
+    def child(results) -> None:
+        model._fused = fused
+        cache, kv_caches = _kv_caches()
+        results.put([model(*_step(chunks, TABLES, seed), kv_caches).tolist() for seed, chunks in enumerate(STEPS)])
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    process = context.Process(target=child, args=(results,))
+    process.start()
+    try:
+        got = results.get(timeout=20)      # a child waiting for its parent's threads would never answer
+    finally:
+        process.kill()
+    assert len(got) == len(parent) and all(torch.equal(torch.tensor(g), p) for g, p in zip(got, parent))

@@ -106,8 +106,9 @@ class FusedDecoder:
         # and num_ranks - 1 started here, which meet at `self._counter` (see `_forward_rank`).
         self.num_ranks = _step_threads()
         self._ranks = _RankThreads(self.num_ranks)
+        self._all_ranks = [self._ranks]       # closed when the decoder is collected
         self.threads = ThreadChoice(self.num_ranks)
-        weakref.finalize(self, self._ranks.close)
+        weakref.finalize(self, _close_all, self._all_ranks)
         # torch keeps one thread for what is left of a step (the LM head's refinement, sampling): small
         # ops that, on more threads, wake its OpenMP pool each time, and on a loaded machine wait for a
         # core at each (a batch-1 decode step: median 28 ms on one thread, 72 ms on two, load average 3).
@@ -188,6 +189,9 @@ class FusedDecoder:
                 self.embed, self.norms, self.final_norm, self.eps, self.cos_sin, kv_cache, self.scale,
                 self.num_heads, self.num_kv_heads, *self.qkv, *self.o, *self.gate_up, *self.down)
         with self._lock:
+            if self._ranks.pid != os.getpid():      # a forked child has none of its parent's threads
+                self._ranks = _RankThreads(self.num_ranks)
+                self._all_ranks.append(self._ranks)
             buffers = self._buffers(num_rows)
             num_ranks = self.threads.pick(num_rows) if self._compiled else 1    # compile on this thread first
             base = int(self._counter[0])     # every rank has arrived at every earlier meeting
@@ -239,6 +243,7 @@ class _RankThreads:
     process or when the decoder is collected."""
 
     def __init__(self, num_ranks: int):
+        self.pid = os.getpid()
         self.jobs = [queue.SimpleQueue() for _ in range(num_ranks - 1)]
         self.threads = [threading.Thread(target=_serve_rank, args=(jobs,), daemon=True, name="fused-decoder-rank")
                         for jobs in self.jobs]
@@ -247,13 +252,20 @@ class _RankThreads:
         atexit.register(self.close)
 
     def close(self) -> None:
-        """End the threads (after the step they run, if any)."""
+        """End the threads (after the step they run, if any); in a forked child there are none."""
+        if self.pid != os.getpid():
+            return
         for jobs in self.jobs:
             jobs.put(None)
         for thread in self.threads:
             if thread is not threading.current_thread():
                 thread.join()
         self.jobs, self.threads = [], []
+
+
+def _close_all(all_ranks: list[_RankThreads]) -> None:
+    for ranks in all_ranks:
+        ranks.close()
 
 
 def _serve_rank(jobs: queue.SimpleQueue) -> None:
