@@ -62,7 +62,7 @@ from numba.extending import intrinsic
 
 from nanovllm.model.llama import KVCache, LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention_numba import _attend, _rotary_store, _row_sequences
+from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
 from nanovllm.ops.quant import PackedLinear
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 
@@ -120,6 +120,7 @@ class FusedDecoder:
         self.capacity = 0                 # rows the scratch buffers hold
         self._private: list[list[np.ndarray]] = []
         self._shared: list[np.ndarray] = []
+        self._score_rows: list[np.ndarray] = []
         self._kv_caches: list[KVCache] | None = None
         self._kv_cache: np.ndarray | None = None   # [L, 2, num_blocks, block_size, Hkv, D] float32
 
@@ -150,9 +151,13 @@ class FusedDecoder:
         self._kv_caches, self._kv_cache = kv_caches, base.numpy() if ok else None
         return self._kv_cache
 
-    def _buffers(self, num_rows: int) -> list[tuple[np.ndarray, ...]]:
-        """Each rank's arguments after the weights: its private buffers, then the shared ones, as
-        [T, ...] views of flat buffers (made again, twice as large, when a step outgrows them)."""
+    def _buffers(self, num_rows: int, max_seq_len: int) -> list[tuple[np.ndarray, ...]]:
+        """Each rank's arguments after the weights: its private buffers, its attention scores row, then
+        the shared buffers, as [T, ...] views of flat buffers (made again, twice as large, when a step
+        outgrows them)."""
+        if not self._score_rows or self._score_rows[0].shape[0] < max_seq_len:
+            self._score_rows = [np.empty(max(max_seq_len, 2 * self._score_rows[0].shape[0] if self._score_rows
+                                             else 256), np.float32) for _ in range(self.num_ranks)]
         if num_rows > self.capacity:
             self.capacity = max(num_rows, 2 * self.capacity)
             widths = self._private_widths()
@@ -161,8 +166,8 @@ class FusedDecoder:
             self._shared = [np.empty(self.capacity * width, np.float32) for width in self._shared_widths()]
         shaped = lambda flat, width: flat[:num_rows * width].reshape(num_rows, width)
         shared = tuple(shaped(flat, width) for flat, width in zip(self._shared, self._shared_widths()))
-        return [tuple(shaped(flat, width) for flat, (width, _) in zip(private, self._private_widths())) + shared
-                for private in self._private]
+        return [tuple(shaped(flat, width) for flat, (width, _) in zip(private, self._private_widths()))
+                + (scores,) + shared for private, scores in zip(self._private, self._score_rows)]
 
     def _private_widths(self) -> list[tuple[int, type]]:
         """Row widths of `_forward_rank`'s private buffers, in its argument order (h ... act)."""
@@ -184,15 +189,16 @@ class FusedDecoder:
         """input_ids, positions [T] -> hidden states [T, H] after the final norm, like llama.py's forward."""
         num_rows = input_ids.shape[0]
         out = np.empty((num_rows, self.hidden_size), np.float32)                              # [T, H]
+        seq_lens = metadata.seq_lens.numpy()                                                   # [B]
         step = (input_ids.numpy(), positions.numpy(), metadata.slot_mapping.numpy(),
-                metadata.query_start_loc.numpy(), metadata.seq_lens.numpy(), metadata.block_tables.numpy(),
+                metadata.query_start_loc.numpy(), seq_lens, metadata.block_tables.numpy(),
                 self.embed, self.norms, self.final_norm, self.eps, self.cos_sin, kv_cache, self.scale,
                 self.num_heads, self.num_kv_heads, *self.qkv, *self.o, *self.gate_up, *self.down)
         with self._lock:
             if self._ranks.pid != os.getpid():      # a forked child has none of its parent's threads
                 self._ranks = _RankThreads(self.num_ranks)
                 self._all_ranks.append(self._ranks)
-            buffers = self._buffers(num_rows)
+            buffers = self._buffers(num_rows, int(seq_lens.max()))
             num_ranks = self.threads.pick(num_rows) if self._compiled else 1    # compile on this thread first
             base = int(self._counter[0])     # every rank has arrived at every earlier meeting
             for rank in range(1, num_ranks):
@@ -388,15 +394,17 @@ def _share(size, rank, num_ranks):
 def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
                   block_tables, embed, norms, final_norm, eps, cos_sin, kv_cache, scale, num_heads, num_kv_heads,
                   qkv_w, qkv_s, qkv_l, o_w, o_s, o_l, gu_w, gu_s, gu_l, down_w, down_s, down_l,
-                  h, x, xq_h, dx_h, sx_h, xq_q, dx_q, sx_q, xq_i, dx_i, sx_i, rq, act, qkv, attn, proj, gu, out):
+                  h, x, xq_h, dx_h, sx_h, xq_q, dx_q, sx_q, xq_i, dx_i, sx_i, rq, act, scores, qkv, attn, proj, gu,
+                  out):
     """One rank's part of the module docstring's forward; every rank runs it on its own thread, each
     computing its share of every matmul's tiles and of the attention's (row, head) items, and they meet
     (`_barrier` on counter, whose count was `base` when the step began) after each shared stage.
 
     Private to the rank (each computes them in full, the same bits): h the residual stream [T, H], x
     its norm [T, H], the int16 activations xq_* [T, K] with dx_*, sx_* [T, K / 32], rq the rotated q
-    [T, Hq, D], act [T, I]. Shared: qkv [T, (Hq + 2 Hkv) D], attn [T, Hq, D], proj [T, H] (o_proj's,
-    then down's output), gu [T, 2I]; out [T, H] (written by rank 0). Every rank stores the new k and v
+    [T, Hq, D], act [T, I], scores [>= the longest context] (an attention row's). Shared: qkv
+    [T, (Hq + 2 Hkv) D], attn [T, Hq, D], proj [T, H] (o_proj's, then down's output), gu [T, 2I];
+    out [T, H] (written by rank 0). Every rank stores the new k and v
     into the cache (the same values at the same addresses), so each reads its own stores back in
     the attention without waiting for another rank."""
     num_rows, hidden = out.shape
@@ -422,7 +430,8 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
         _rotary_store(qkv3[:, :num_heads], qkv3[:, num_heads:num_heads + num_kv_heads],
                       qkv3[:, num_heads + num_kv_heads:], positions, cos_sin, k_cache, v_cache, slot_mapping, rq3)
         for item in range(items[0], items[1]):
-            _attend(item, row_seq, rq3, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, attn3)
+            _attend_into(item, row_seq, rq3, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, attn3,
+                         scores)
         meetings += 1
         _barrier(counter, base + num_ranks * meetings)
         _quantize_activation_into(attn, xq_q, dx_q, sx_q)
