@@ -126,7 +126,8 @@ class FusedDecoder:
 
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> "FusedDecoder | None":
-        """The fused decoder of `model`, or None where the compiled forward does not cover it."""
+        """The fused decoder of `model`, or None where the compiled forward does not cover it (the
+        caller, llama.py, also runs its modules in a step where one of them has a forward hook)."""
         config = model.config
         if not fused_cpu_enabled() or model.parallel.world_size != 1 or config.qk_norm or config.sliding_window:
             return None
@@ -155,9 +156,9 @@ class FusedDecoder:
         """Each rank's arguments after the weights: its private buffers, its attention scores row, then
         the shared buffers, as [T, ...] views of flat buffers (made again, twice as large, when a step
         outgrows them)."""
-        if not self._score_rows or self._score_rows[0].shape[0] < max_seq_len:
-            self._score_rows = [np.empty(max(max_seq_len, 2 * self._score_rows[0].shape[0] if self._score_rows
-                                             else 256), np.float32) for _ in range(self.num_ranks)]
+        held = len(self._score_rows[0]) if self._score_rows else 0
+        if held < max_seq_len:
+            self._score_rows = [np.empty(max(max_seq_len, 2 * held, 256), np.float32) for _ in range(self.num_ranks)]
         if num_rows > self.capacity:
             self.capacity = max(num_rows, 2 * self.capacity)
             widths = self._private_widths()
