@@ -87,7 +87,8 @@ class FusedDecoder:
     def __init__(self, model: LlamaForCausalLM):
         config = model.config
         attention = model.layers[0].self_attn
-        self.num_heads, self.num_kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        self.num_heads, self.num_kv_heads = attention.num_heads, attention.num_kv_heads
+        self.head_dim = attention.head_dim
         self.hidden_size, self.intermediate_size = config.hidden_size, config.intermediate_size
         self.scale = np.float32(attention.scale)
         self.eps = np.float32(model.norm.eps)
