@@ -66,14 +66,11 @@ from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_seque
 from nanovllm.ops.quant import PackedLinear
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 
-_torch_threads: list[int] = []   # torch's thread count before the first fused decoder set it to one
 
 
 def _step_threads() -> int:
-    """The threads a step runs on: torch's count, as the process had it before a fused decoder took it."""
-    if torch.get_num_threads() > 1 or not _torch_threads:
-        _torch_threads[:] = [torch.get_num_threads()]
-    return max(1, min(_torch_threads[0], os.cpu_count() or 1))
+    """The threads a step runs on: torch's count (`--threads`, or torch's default)."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def fused_cpu_enabled() -> bool:
@@ -110,10 +107,6 @@ class FusedDecoder:
         self._all_ranks = [self._ranks]       # closed when the decoder is collected
         self.threads = ThreadChoice(self.num_ranks)
         weakref.finalize(self, _close_all, self._all_ranks)
-        # torch keeps one thread for what is left of a step (the LM head's refinement, sampling): small
-        # ops that, on more threads, wake its OpenMP pool each time, and on a loaded machine wait for a
-        # core at each (a batch-1 decode step: median 28 ms on one thread, 72 ms on two, load average 3).
-        torch.set_num_threads(1)
         self._counter = np.zeros(1, np.int64)
         self._lock = threading.Lock()     # one step at a time (engines may step from several threads)
         self._compiled = False
