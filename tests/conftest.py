@@ -388,8 +388,11 @@ def prompt_logits(model, token_ids: list[int], kv_dtype: torch.dtype) -> torch.T
     config = model.config
     num_tokens, block_size = len(token_ids), 16
     num_blocks = -(-num_tokens // block_size)
-    kv_caches = [tuple(torch.zeros(num_blocks, block_size, config.num_key_value_heads, config.head_dim,
-                                   dtype=kv_dtype) for _ in range(2)) for _ in range(config.num_hidden_layers)]
+    # One pool tensor with a (k, v) view per layer, as the model runner allocates it (the fused CPU
+    # forward, llama_numba.py, runs on such a pool only).
+    pool = torch.zeros(config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads,
+                       config.head_dim, dtype=kv_dtype)
+    kv_caches = [(layer[0], layer[1]) for layer in pool]
     metadata = AttentionMetadata(
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
         seq_lens=torch.tensor([num_tokens], dtype=torch.int32),

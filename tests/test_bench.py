@@ -436,6 +436,15 @@ def test_step_overhead_splits_a_decode_step_into_model_and_host_time(tiny_llama)
     assert "load average" in overhead.summary() and len(overhead.load_average) == 3
     assert not engine.has_unfinished_requests()
     assert "forward" not in vars(engine.runner.model), "the model's own forward again"
+    assert overhead.compiled_ms is None and "compiled" not in overhead.summary()   # float32: llama.py's forward
+
+
+def test_step_overhead_shows_the_time_outside_the_fused_forwards_compiled_call():
+    from nanovllm.bench.step_overhead import StepOverhead
+
+    overhead = StepOverhead(1, step_ms=10.0, model_ms=9.0, load_average=(1.0, 1.0, 1.0), compiled_ms=8.5)
+    assert overhead.outside_compiled_ms == 1.5 and overhead.as_dict()["outside_compiled_ms"] == 1.5
+    assert "outside the compiled forward 1.50 ms (15.0%)" in overhead.summary()
 
 
 def test_a_client_spread_over_two_processes_sends_every_request_once():

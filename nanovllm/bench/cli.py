@@ -157,12 +157,14 @@ class Bench:
     def run(self) -> dict:
         self.load_average_at_start = os.getloadavg()[0]   # other work on the machine skews every figure
         workloads = self.workloads()
+        threads = torch.get_num_threads()
         before = self.measure_ceilings("before the runs")
         if self.args.kind == "serve":
             measured, peer_results, peer_info = self.serve(workloads), {}, {}
         else:
             peer_results, peer_info = self.run_peers(workloads)
             measured = self.run_nanovllm(workloads)
+        torch.set_num_threads(threads)   # the fused CPU forward (model/llama_numba.py) leaves torch one thread
         after = self.measure_ceilings("after the runs")
         self.ceiling_measurements = {"before": before.as_dict(), "after": after.as_dict()}
         # Tensor parallel on N cards: the bound of the N cards together (ceilings are measured on one).

@@ -7,7 +7,10 @@ kernels, and the Python that calls them) plus the engine's host work around it
 reach the decode phase, then times whole `engine.step()` calls and, through
 timers around the model's `forward` and `compute_logits`, the model's share.
 What is left is the step's host overhead; it should stay a small fraction of
-the step (under 10%), or the kernels' speed does not reach the user.
+the step (under 10%), or the kernels' speed does not reach the user. Where the
+model runs the fused CPU forward (model/llama_numba.py), the time inside its
+compiled call is measured too: the rest of the step is Python and torch
+around compiled code (the LM head, sampling, the engine).
 
 The load average is printed beside the figures: on a shared machine another
 job's threads take cores from the kernels, and every figure moves with it.
@@ -28,6 +31,7 @@ class StepOverhead:
     step_ms: float           # mean wall time of a decode step
     model_ms: float          # of which the model's forward pass and LM head
     load_average: tuple[float, float, float]   # 1, 5 and 15 minutes, at the end of the measurement
+    compiled_ms: float | None = None   # of model_ms, inside the fused forward's compiled call (None: not fused)
 
     @property
     def host_ms(self) -> float:
@@ -37,12 +41,22 @@ class StepOverhead:
     def host_fraction(self) -> float:
         return self.host_ms / self.step_ms
 
+    @property
+    def outside_compiled_ms(self) -> float | None:
+        """The step's time outside the fused forward's compiled call (None: the model does not run it)."""
+        return None if self.compiled_ms is None else self.step_ms - self.compiled_ms
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "host_ms": self.host_ms, "host_fraction": self.host_fraction}
+        return {**asdict(self), "host_ms": self.host_ms, "host_fraction": self.host_fraction,
+                "outside_compiled_ms": self.outside_compiled_ms}
 
     def summary(self) -> str:
+        compiled = ("" if self.compiled_ms is None else
+                    f", outside the compiled forward {self.outside_compiled_ms:.2f} ms "
+                    f"({self.outside_compiled_ms / self.step_ms:.1%})")
         return (f"decode step at batch {self.batch_size}: {self.step_ms:.2f} ms, of which host work outside the "
-                f"model {self.host_ms:.2f} ms ({self.host_fraction:.1%}); {load_average_text(self.load_average)}")
+                f"model {self.host_ms:.2f} ms ({self.host_fraction:.1%}){compiled}; "
+                f"{load_average_text(self.load_average)}")
 
 
 def load_average_text(load: tuple[float, float, float] | None = None) -> str:
@@ -76,6 +90,8 @@ def measure_step_overhead(engine: LLMEngine, batch_size: int, steps: int = 30,
         return run
 
     model.forward, model.compute_logits = timed(model.forward), timed(model.compute_logits)
+    fused = getattr(model, "_fused", None) or None          # a llama_numba.FusedDecoder, once a step made it
+    compiled_before = fused.compiled_seconds if fused is not None else 0.0
     try:
         start = time.perf_counter()
         for _ in range(steps):
@@ -87,4 +103,6 @@ def measure_step_overhead(engine: LLMEngine, batch_size: int, steps: int = 30,
         engine.abort_request(request_id)
     while engine.has_unfinished_requests():
         engine.step()
-    return StepOverhead(batch_size, elapsed / steps * 1e3, model_seconds[0] / steps * 1e3, os.getloadavg())
+    compiled_ms = None if fused is None else (fused.compiled_seconds - compiled_before) / steps * 1e3
+    return StepOverhead(batch_size, elapsed / steps * 1e3, model_seconds[0] / steps * 1e3, os.getloadavg(),
+                        compiled_ms)

@@ -135,6 +135,7 @@ class LlamaForCausalLM(nn.Module):
     parallel: this process's rank among tensor-parallel ranks (default: the only one).
     """
     batch_invariant = False   # use_batch_invariant_kernels: every row's result independent of its batch
+    _fused = None             # llama_numba.FusedDecoder, or False where it does not apply (set on the first CPU step)
 
     def __init__(self, config: ModelConfig, parallel: ParallelState | None = None):
         super().__init__()
@@ -157,12 +158,35 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, H] (before the LM head)."""
+        if input_ids.device.type == "cpu":
+            hidden = self._fused_cpu_forward(input_ids, positions, metadata, kv_caches)
+            if hidden is not None:
+                return hidden
         x = self.embed_tokens(input_ids)                                        # [T, H]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, metadata, kv_cache)
         x, _ = self.norm(x, residual)
         return x
+
+    def _fused_cpu_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                           kv_caches: list[KVCache]) -> torch.Tensor | None:
+        """This forward as one compiled numba call (llama_numba.py) where that covers the model (int4
+        on numba's kernel) and the cache (one float32 tensor); None where it does not, and in a step
+        where a layer's module has a forward hook (the compiled call runs no module: --viz's attention
+        capture hooks them)."""
+        if self._fused is None:     # decided on the first CPU step, after quantize_model
+            self._fused = False
+            if any(getattr(module, "kernel", None) == "numba" for module in self.layers.modules()):
+                from nanovllm.model.llama_numba import FusedDecoder
+                self._fused = FusedDecoder.of(self) or False
+                self._layer_modules = list(self.layers.modules())
+        if self._fused is False or _hooked(self._layer_modules):
+            return None
+        kv_cache = self._fused.kv_cache_of(kv_caches)
+        if kv_cache is None:
+            return None
+        return self._fused(input_ids, positions, metadata, kv_cache)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in the model's dtype (a view: rows may be padded); each
@@ -280,6 +304,15 @@ class LlamaForCausalLM(nn.Module):
         module, rows, split_dim, full_size = layout[parts[-2]]
         part = (vocab_start, vocab_end) if module in ("embed_tokens", "lm_head") else parallel.shard(full_size)
         return WeightSlot(".".join(parts[:-2] + [module, parts[-1]]), rows, split_dim, full_size, part)
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward hook would run on any of these modules (its own, or a global one)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class SafetensorsSlice(Protocol):

@@ -55,6 +55,7 @@ def quantize_model(model: LlamaForCausalLM, fmt: str) -> LlamaForCausalLM:
         tied = model.lm_head.weight is model.embed_tokens.weight
         model.lm_head = RefinedLMHead(_packed(model.lm_head, head_fmt),
                                       model.embed_tokens.weight if tied else model.lm_head.weight.data)
+    model._fused = None       # the next CPU step decides on the fused forward (llama_numba.py) again
     return model
 
 

@@ -121,9 +121,17 @@ def _row_sequences(num_tokens, query_start_loc, seq_lens):
     return row_seq
 
 
-@njit(cache=True, fastmath=True, boundscheck=False)
+@njit(cache=True, boundscheck=False)
 def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """out[t, h] for item = t * Hq + h: the one loop every (query row, head) runs, serial or parallel."""
+    b = row_seq[item // q.shape[1]]
+    scores = np.empty(seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
+    _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores)
+
+
+@njit(cache=True, fastmath=True, boundscheck=False)
+def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
+    """`_attend` with its scores in a given buffer (at least the row's position + 1 long)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     t, h = item // num_heads, item % num_heads
@@ -135,7 +143,7 @@ def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block
     kv_head = h // (num_heads // num_kv_heads)
     # This row's absolute position: it sees keys 0..position.
     position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
-    s = np.empty(position + 1, np.float32)       # [position + 1]: scores, then their exponentials
+    s = scores[:position + 1]                     # [position + 1]: scores, then their exponentials
     for j in range(position + 1):
         key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
         dot = np.float32(0.0)

