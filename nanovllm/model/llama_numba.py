@@ -52,6 +52,7 @@ import queue
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,11 +61,13 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nanovllm.model.llama import KVCache, LlamaForCausalLM
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
 from nanovllm.ops.quant import PackedLinear
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
+
+if TYPE_CHECKING:     # llama.py imports this module where its forward takes the fused path
+    from nanovllm.model.llama import KVCache, LlamaForCausalLM
 
 
 
