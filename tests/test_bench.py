@@ -280,7 +280,7 @@ def test_serve_metrics_follow_vllm_definitions():
 
 
 class FakeCompletionServer(BaseHTTPRequestHandler):
-    """An OpenAI-compatible /v1/completions that streams one chunk per requested token, >= 2 ms apart."""
+    """An OpenAI-compatible /v1/completions that streams one chunk per requested token, >= 10 ms apart."""
     bodies: list[dict] = []
 
     def log_message(self, *args) -> None:
@@ -296,7 +296,7 @@ class FakeCompletionServer(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         for i in range(body["max_tokens"]):
-            time.sleep(0.002)
+            time.sleep(0.01)
             self._event({"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]})
         self._event({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
                                               "completion_tokens": body["max_tokens"]}})
@@ -334,7 +334,9 @@ def test_serve_cli_streams_poisson_requests_from_an_openai_server(tiny_llama, tm
         metrics = result["nano_vllm"][f"random@{rate}"]
         assert metrics["completed"] == 4 and metrics["total_output_tokens"] == 20
         assert metrics["request_rate"] == float(rate)
-        assert metrics["mean_ttft_ms"] > 1 and metrics["median_itl_ms"] > 1 and metrics["p99_tpot_ms"] > 1
+        # A client that falls behind on a busy machine reads two chunks at once, and that gap
+        # is ~0; the mean of a request's gaps is its last read minus its first, so it stays.
+        assert metrics["mean_ttft_ms"] > 1 and metrics["mean_itl_ms"] > 1 and metrics["p99_tpot_ms"] > 1
         assert metrics["client_ceiling_output_throughput"] > 0   # the same requests against a stub server
     figures = result["figures"]
     assert [f["workload"] for f in figures] == ["random@inf", "random@200"]
