@@ -446,7 +446,7 @@ def test_step_overhead_shows_the_time_outside_the_fused_forwards_compiled_call()
 
     overhead = StepOverhead(1, step_ms=10.0, model_ms=9.0, load_average=(1.0, 1.0, 1.0), compiled_ms=8.5)
     assert overhead.outside_compiled_ms == 1.5 and overhead.as_dict()["outside_compiled_ms"] == 1.5
-    assert "outside the compiled forward 1.50 ms (15.0%)" in overhead.summary()
+    assert "outside the compiled calls 1.50 ms (15.0%)" in overhead.summary()
 
 
 def test_a_client_spread_over_two_processes_sends_every_request_once():

@@ -9,6 +9,7 @@ split the step.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -210,3 +211,59 @@ def test_a_forked_child_runs_the_fused_forward_on_threads_of_its_own(model, monk
     finally:
         process.kill()
     assert len(got) == len(parent) and all(torch.equal(torch.tensor(g), p) for g, p in zip(got, parent))
+
+
+# ---- the LM head -----------------------------------------------------------------------------
+
+HEAD_CONFIG = dataclasses.replace(CONFIG, vocab_size=448)   # 7 x 64 rows: an int4 head on numba's kernel
+
+
+@pytest.fixture(scope="module")
+def head_model() -> LlamaForCausalLM:
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(HEAD_CONFIG)
+    init_dummy_weights(model, std=0.08, seed=5)
+    return quantize_model(model, "int4").eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_rows", [1, 3, 17])
+def test_fused_lm_head_gives_the_refined_heads_logits_alone_batched_and_on_two_threads(head_model, num_rows,
+                                                                                       monkeypatch):
+    fused = llama_numba.FusedDecoder.of(head_model)
+    assert fused.head is not None
+    hidden = torch.randn(num_rows, HEAD_CONFIG.hidden_size, generator=torch.Generator().manual_seed(num_rows))
+    reference = head_model.lm_head(hidden)                               # RefinedLMHead.forward, in torch
+    got = fused.logits(hidden)
+    # The same int4 tiles give the other logits bit for bit; the top_k are recomputed in float32 (here
+    # summed in float64), so the two agree to a float32 rounding there and a refined set that differed
+    # by one token would differ by the int4 error (~1e-2) at two places.
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
+    exact = (hidden.double() @ head_model.lm_head.weight.double().T).float()
+    refined = got == exact
+    assert (refined.sum(dim=1) >= head_model.lm_head.top_k - 1).all()   # one may round the other way
+    assert torch.equal(got[~refined], head_model.lm_head.coarse(hidden)[~refined])
+    for row in range(num_rows):
+        assert torch.equal(fused.logits(hidden[row:row + 1])[0], got[row])
+    monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
+    monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
+    two = llama_numba.FusedDecoder.of(head_model)
+    assert two.num_ranks == 2 and torch.equal(two.logits(hidden), got)
+
+
+@torch.no_grad()
+def test_compute_logits_runs_the_fused_head_unless_the_head_is_hooked(head_model, monkeypatch):
+    head_model._fused = None
+    cache, kv_caches = _kv_caches()
+    hidden = head_model(*_step(STEPS[0], TABLES), kv_caches)
+    fused = head_model._fused
+    calls = []
+    monkeypatch.setattr(fused, "logits", lambda h: calls.append(h.shape) or llama_numba.FusedDecoder.logits(fused, h))
+    logits = head_model.compute_logits(hidden)
+    assert calls == [hidden.shape] and logits.shape == (hidden.shape[0], HEAD_CONFIG.vocab_size)
+    handle = head_model.lm_head.register_forward_hook(lambda module, args, out: calls.append("hook"))
+    try:
+        torch.testing.assert_close(head_model.compute_logits(hidden), logits, rtol=1e-6, atol=1e-6)
+    finally:
+        handle.remove()
+    assert calls == [hidden.shape, "hook"]

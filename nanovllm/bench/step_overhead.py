@@ -9,8 +9,9 @@ timers around the model's `forward` and `compute_logits`, the model's share.
 What is left is the step's host overhead; it should stay a small fraction of
 the step (under 10%), or the kernels' speed does not reach the user. Where the
 model runs the fused CPU forward (model/llama_numba.py), the time inside its
-compiled call is measured too: the rest of the step is Python and torch
-around compiled code (the LM head, sampling, the engine).
+compiled calls (the forward, and the LM head where it is fused too) is
+measured as well: the rest of the step is Python and torch around compiled
+code (sampling, the engine).
 
 The load average is printed beside the figures: on a shared machine another
 job's threads take cores from the kernels, and every figure moves with it.
@@ -31,7 +32,7 @@ class StepOverhead:
     step_ms: float           # mean wall time of a decode step
     model_ms: float          # of which the model's forward pass and LM head
     load_average: tuple[float, float, float]   # 1, 5 and 15 minutes, at the end of the measurement
-    compiled_ms: float | None = None   # of model_ms, inside the fused forward's compiled call (None: not fused)
+    compiled_ms: float | None = None   # of model_ms, inside the fused forward's compiled calls (None: not fused)
 
     @property
     def host_ms(self) -> float:
@@ -43,7 +44,7 @@ class StepOverhead:
 
     @property
     def outside_compiled_ms(self) -> float | None:
-        """The step's time outside the fused forward's compiled call (None: the model does not run it)."""
+        """The step's time outside the fused forward's compiled calls (None: the model does not run it)."""
         return None if self.compiled_ms is None else self.step_ms - self.compiled_ms
 
     def as_dict(self) -> dict:
@@ -52,7 +53,7 @@ class StepOverhead:
 
     def summary(self) -> str:
         compiled = ("" if self.compiled_ms is None else
-                    f", outside the compiled forward {self.outside_compiled_ms:.2f} ms "
+                    f", outside the compiled calls {self.outside_compiled_ms:.2f} ms "
                     f"({self.outside_compiled_ms / self.step_ms:.1%})")
         return (f"decode step at batch {self.batch_size}: {self.step_ms:.2f} ms, of which host work outside the "
                 f"model {self.host_ms:.2f} ms ({self.host_fraction:.1%}){compiled}; "

@@ -181,6 +181,7 @@ class LlamaForCausalLM(nn.Module):
                 from nanovllm.model.llama_numba import FusedDecoder
                 self._fused = FusedDecoder.of(self) or False
                 self._layer_modules = list(self.layers.modules())
+                self._head_modules = list(self.lm_head.modules())
         if self._fused is False or _hooked(self._layer_modules):
             return None
         kv_cache = self._fused.kv_cache_of(kv_caches)
@@ -192,7 +193,11 @@ class LlamaForCausalLM(nn.Module):
         """hidden [N, H] -> logits [N, V] in the model's dtype (a view: rows may be padded); each
         tensor-parallel rank computes its vocabulary rows. The sampler reads them as they are: a
         float32 copy of a [256, 128256] batch would cost more than the whole sampling pass."""
-        logits = self.parallel.all_gather(self.lm_head(hidden))                 # [N, world_size * rows per rank]
+        fused = self._fused
+        if fused and fused.head is not None and hidden.device.type == "cpu" and not _hooked(self._head_modules):
+            logits = fused.logits(hidden)                                       # one compiled call (llama_numba.py)
+        else:
+            logits = self.parallel.all_gather(self.lm_head(hidden))             # [N, world_size * rows per rank]
         return logits[:, :self.config.vocab_size]                               # drop the padding columns
 
     def use_batch_invariant_kernels(self) -> None:

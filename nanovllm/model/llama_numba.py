@@ -35,9 +35,15 @@ meet at an atomic counter after each shared stage, five times a layer, and
 compute the cheap row-wise stages (RMSNorm, SiLU, the int16 rounding) each in
 full, privately. One wake per helper thread per step. On a loaded machine a
 meeting can wait for a descheduled thread, so `ThreadChoice` runs each step
-size on one thread or on all, whichever has been faster. torch is set to one
-thread for what is left of a step (LM-head refinement, sampling). Scratch
-buffers are made once and grown when a step has more rows than any before.
+size on one thread or on all, whichever has been faster. Scratch buffers are
+made once and grown when a step has more rows than any before.
+
+The LM head. Where it is a `RefinedLMHead` on numba's int4 kernel, its step
+is one compiled call on the same threads too (`FusedDecoder.logits`,
+`_lm_head_rank`): the ranks share the vocabulary's tiles, meet, then each
+takes its rows, finds each row's top_k logits in one pass and recomputes them
+from the float32 weight (RefinedLMHead.forward's result, the candidates' dot
+products summed in float64 and rounded to float32).
 
 Used where `FusedDecoder.of(model)` accepts the model: one CPU process, every
 decoder matmul an int4 `PackedLinear` on numba's kernel without bias, no
@@ -63,7 +69,7 @@ from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
-from nanovllm.ops.quant import PackedLinear
+from nanovllm.ops.quant import PackedLinear, RefinedLMHead
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 
 if TYPE_CHECKING:     # llama.py imports this module where its forward takes the fused path
@@ -103,17 +109,19 @@ class FusedDecoder:
         self.o = _stacked([layer.self_attn.o_proj for layer in model.layers])
         self.gate_up = _stacked([layer.mlp.gate_up_proj for layer in model.layers])
         self.down = _stacked([layer.mlp.down_proj for layer in model.layers])
+        self.head = _head_of(model.lm_head)     # (codes, scales, lows, float32 weight [V, H], top_k) or None
         # The forward runs on num_ranks threads (torch's thread count when the decoder is made): this one
         # and num_ranks - 1 started here, which meet at `self._counter` (see `_forward_rank`).
         self.num_ranks = _step_threads()
         self._ranks = _RankThreads(self.num_ranks)
         self._all_ranks = [self._ranks]       # closed when the decoder is collected
         self.threads = ThreadChoice(self.num_ranks)
+        self.head_threads = ThreadChoice(self.num_ranks)
         weakref.finalize(self, _close_all, self._all_ranks)
         self._counter = np.zeros(1, np.int64)
         self._lock = threading.Lock()     # one step at a time (engines may step from several threads)
-        self._compiled = False
-        self.compiled_seconds = 0.0       # time spent in the compiled forward (bench cpu's step overhead reads it)
+        self._compiled = self._head_compiled = False
+        self.compiled_seconds = 0.0       # time in the compiled forward and LM head (bench cpu's step overhead reads it)
         self.capacity = 0                 # rows the scratch buffers hold
         self._private: list[list[np.ndarray]] = []
         self._shared: list[np.ndarray] = []
@@ -193,14 +201,13 @@ class FusedDecoder:
                 self.embed, self.norms, self.final_norm, self.eps, self.cos_sin, kv_cache, self.scale,
                 self.num_heads, self.num_kv_heads, *self.qkv, *self.o, *self.gate_up, *self.down)
         with self._lock:
-            if self._ranks.pid != os.getpid():      # a forked child has none of its parent's threads
-                self._ranks = _RankThreads(self.num_ranks)
-                self._all_ranks.append(self._ranks)
+            self._check_ranks()
             buffers = self._buffers(num_rows, int(seq_lens.max()))
             num_ranks = self.threads.pick(num_rows) if self._compiled else 1    # compile on this thread first
             base = int(self._counter[0])     # every rank has arrived at every earlier meeting
             for rank in range(1, num_ranks):
-                self._ranks.jobs[rank - 1].put((rank, num_ranks, self._counter, base, *step, *buffers[rank], out))
+                self._ranks.jobs[rank - 1].put((_forward_rank, (rank, num_ranks, self._counter, base, *step,
+                                                                *buffers[rank], out)))
             start = time.perf_counter()
             _forward_rank(0, num_ranks, self._counter, base, *step, *buffers[0], out)
             seconds = time.perf_counter() - start
@@ -209,6 +216,35 @@ class FusedDecoder:
                 self.threads.record(num_rows, num_ranks, seconds)
             self._compiled = True
         return torch.from_numpy(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, V] float32: the RefinedLMHead's forward as one compiled call
+        (`_lm_head_rank`). Only where `self.head` is set (llama.py's compute_logits checks)."""
+        codes, scales, lows, weight, top_k = self.head
+        x = hidden.float().contiguous().numpy()
+        num_rows = x.shape[0]
+        logits = np.empty((num_rows, weight.shape[0]), np.float32)
+        with self._lock:
+            self._check_ranks()
+            num_ranks = self.head_threads.pick(num_rows) if self._head_compiled else 1
+            base = int(self._counter[0])
+            step = (x, codes, scales, lows, weight, top_k, logits)
+            for rank in range(1, num_ranks):
+                self._ranks.jobs[rank - 1].put((_lm_head_rank, (rank, num_ranks, self._counter, base, *step)))
+            start = time.perf_counter()
+            _lm_head_rank(0, num_ranks, self._counter, base, *step)
+            seconds = time.perf_counter() - start
+            self.compiled_seconds += seconds
+            if self._head_compiled:
+                self.head_threads.record(num_rows, num_ranks, seconds)
+            self._head_compiled = True
+        return torch.from_numpy(logits)
+
+    def _check_ranks(self) -> None:
+        """Start the helper threads again in a forked child, which has none of its parent's."""
+        if self._ranks.pid != os.getpid():
+            self._ranks = _RankThreads(self.num_ranks)
+            self._all_ranks.append(self._ranks)
 
 
 class ThreadChoice:
@@ -273,8 +309,24 @@ def _close_all(all_ranks: list[_RankThreads]) -> None:
 
 
 def _serve_rank(jobs: queue.SimpleQueue) -> None:
-    while (args := jobs.get()) is not None:
-        _forward_rank(*args)
+    while (job := jobs.get()) is not None:
+        function, args = job
+        function(*args)
+
+
+def _head_of(head) -> tuple | None:
+    """A RefinedLMHead on numba's int4 kernel as (codes, scales, lows, float32 weight [V, H], top_k)
+    for `_lm_head_rank`; None for any other head (llama.py's compute_logits runs it)."""
+    if not isinstance(head, RefinedLMHead):
+        return None
+    coarse = head.coarse
+    if coarse.kernel != "numba" or coarse.bias is not None or coarse.out_features != head.weight.shape[0]:
+        return None
+    if head.weight.dtype != torch.float32 or not head.weight.is_contiguous():
+        return None
+    tiles = coarse._int4_tiles if coarse._int4_tiles is not None else tiles_from_torch_int4(coarse.packed,
+                                                                                              coarse.scales)
+    return tiles.weight, tiles.scale, tiles.low, head.weight.detach().numpy(), min(head.top_k, tiles.out_features)
 
 
 def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -453,3 +505,52 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
         _add_rows(proj, h)
     if rank == 0:
         _rms_norm_rows(h, final_norm, eps, out)
+
+
+# ---- the compiled LM head ------------------------------------------------------------------------
+
+@njit(cache=True, boundscheck=False)
+def _top_k_into(row, index):
+    """index[:] = the positions of row's len(index) largest values, in no particular order (one pass
+    that keeps the k best so far and replaces the least of them)."""
+    k = index.shape[0]
+    values = np.empty(k, np.float32)
+    for i in range(k):
+        values[i], index[i] = row[i], i
+    least = 0
+    for i in range(1, k):
+        if values[i] < values[least]:
+            least = i
+    for j in range(k, row.shape[0]):
+        if row[j] > values[least]:
+            values[least], index[least] = row[j], j
+            for i in range(k):
+                if values[i] < values[least]:
+                    least = i
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _lm_head_rank(rank, num_ranks, counter, base, x, codes, scales, lows, weight, top_k, logits):
+    """One rank's part of RefinedLMHead's forward: x [N, H] float32 -> logits [N, V] float32. The
+    ranks share the int4 tiles of the vocabulary (quant_numba._tile, activations rounded to int16),
+    meet, then each takes its rows: the top_k logits of a row are recomputed from the float32 weight
+    [V, H] (the dot product summed in float64) and written over the int4 ones. Every row by the same
+    loops whatever the rows beside it."""
+    num_rows = x.shape[0]
+    xq, dx, sx = np.empty(x.shape, np.int16), np.empty((num_rows, x.shape[1] // 32), np.float32), \
+        np.empty((num_rows, x.shape[1] // 32), np.float32)
+    _quantize_activation_into(x, xq, dx, sx)
+    tiles = _share(logits.shape[1] // 16, rank, num_ranks)
+    for tile in range(tiles[0], tiles[1]):
+        _tile(tile, xq, dx, sx, codes, scales, lows, logits)
+    _barrier(counter, base + num_ranks)
+    rows = _share(num_rows, rank, num_ranks)
+    candidates = np.empty(top_k, np.int64)
+    for row in range(rows[0], rows[1]):
+        _top_k_into(logits[row], candidates)
+        for j in candidates:
+            total = 0.0
+            for h in range(x.shape[1]):
+                total += np.float64(x[row, h]) * np.float64(weight[j, h])
+            logits[row, j] = np.float32(total)
+    _barrier(counter, base + 2 * num_ranks)
