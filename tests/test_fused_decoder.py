@@ -267,3 +267,25 @@ def test_compute_logits_runs_the_fused_head_unless_the_head_is_hooked(head_model
     finally:
         handle.remove()
     assert calls == [hidden.shape, "hook"]
+
+
+@torch.no_grad()
+def test_a_fused_step_runs_torch_on_one_thread_and_gives_the_count_back(model, monkeypatch):
+    from nanovllm.config import EngineConfig
+    from nanovllm.engine.engine import LLMEngine
+    from nanovllm.sampling_params import SamplingParams
+
+    torch.set_num_threads(2)
+    model._fused = None
+    engine = LLMEngine(EngineConfig(dtype="int4", device="cpu", max_model_len=64), model=model, tokenizer=None)
+    seen = []
+    sample = engine.runner.sampler.sample
+    monkeypatch.setattr(engine.runner.sampler, "sample",
+                        lambda *args, **kwargs: seen.append(torch.get_num_threads()) or sample(*args, **kwargs))
+    engine.add_requests([("0", [5, 7, 11, 13], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))],
+                        stream=False)
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert torch.get_num_threads() == 2          # given back after every step
+    assert isinstance(model._fused, llama_numba.FusedDecoder) and model._fused.num_ranks == 2
+    assert seen == [2, 1, 1, 1]     # the first step makes the decoder (on torch's count); the rest sample on one
