@@ -476,3 +476,7 @@ def test_first_argmax_is_argmax_with_ties_and_masked_rows(vocab_size):
     assert torch.equal(first_argmax(x), x.argmax(dim=-1))
     y = torch.randn(16, vocab_size, generator=gen)
     assert torch.equal(first_argmax(y), y.argmax(dim=-1))
+    for rows in (x, y):     # float32 goes to numpy's argmax; bfloat16 (ties aplenty) through chunk maxima
+        half = rows.bfloat16()
+        assert torch.equal(first_argmax(half), half.argmax(dim=-1))
+        assert torch.equal(first_argmax(rows[:, ::3]), rows[:, ::3].argmax(dim=-1))   # a strided view

@@ -11,8 +11,12 @@ weights and requests it says how the engine's choices pay. Two peers:
   `generate`, one padded-free batch of equal-length prompts.
 - **llama.cpp** through `llama-cpp-python`, on the GGUF file itself (as stored,
   e.g. Q4_1), when that package is installed (it compiles from source:
-  `pip install llama-cpp-python`). Its high-level API runs one sequence at a
-  time, so it is a peer for `latency` only.
+  `pip install llama-cpp-python`, about 5 minutes on 2 cores with
+  `CMAKE_ARGS="-DLLAVA_BUILD=OFF"`). On a CPU with AMX, its default native
+  build runs ggml's AMX kernel, which has crashed on the first prompt in a VM;
+  docs/reference/cpu-kernels.md gives the flags of a build without it. Its
+  high-level API runs one sequence at a time, so it is a peer for `latency`
+  only.
 
 Every peer ignores EOS and produces exactly the tokens each request asks for.
 """

