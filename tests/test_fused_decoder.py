@@ -289,3 +289,43 @@ def test_a_fused_step_runs_torch_on_one_thread_and_gives_the_count_back(model, m
         assert torch.get_num_threads() == 2          # given back after every step
     assert isinstance(model._fused, llama_numba.FusedDecoder) and model._fused.num_ranks == 2
     assert seen == [2, 1, 1, 1]     # the first step makes the decoder (on torch's count); the rest sample on one
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("failing_rank", [1, 0])
+def test_a_rank_that_raises_fails_its_step_at_once_and_later_steps_run_the_modules(model, monkeypatch, failing_rank):
+    import threading
+
+    monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
+    monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
+    compiled = llama_numba._forward_rank
+
+    def forward_rank(rank, *args):
+        if rank == failing_rank:
+            raise ValueError("planted")
+        return compiled(rank, *args)
+
+    _run(model, fused=True)                 # compiled, on two threads
+    fused = model._fused
+    monkeypatch.setattr(llama_numba, "_forward_rank", forward_rank)
+    result = {}
+
+    def step() -> None:
+        cache, kv_caches = _kv_caches()
+        try:
+            model(*_step(STEPS[0], TABLES), kv_caches)
+        except RuntimeError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    thread.join(timeout=20)                 # a rank left waiting for the failed one would never return
+    assert not thread.is_alive()
+    assert "fused CPU decoder failed" in str(result["error"]) and "planted" in repr(result["error"].__cause__)
+    assert fused._ranks.finished == fused._ranks.submitted     # no helper still in the failed step
+    monkeypatch.setattr(llama_numba, "_forward_rank", compiled)
+    reference, _ = _run(model, fused=False)
+    model._fused = fused                    # the failed decoder stays: llama.py's forward runs instead
+    cache, kv_caches = _kv_caches()
+    after = [model(*_step(chunks, TABLES, seed), kv_caches) for seed, chunks in enumerate(STEPS)]
+    assert all(torch.equal(a, b) for a, b in zip(after, reference))

@@ -173,9 +173,9 @@ class LlamaForCausalLM(nn.Module):
     def _fused_cpu_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                            kv_caches: list[KVCache]) -> torch.Tensor | None:
         """This forward as one compiled numba call (llama_numba.py) where that covers the model (int4
-        on numba's kernel) and the cache (one float32 tensor); None where it does not, and in a step
-        where a layer's module has a forward hook (the compiled call runs no module: --viz's attention
-        capture hooks them)."""
+        on numba's kernel) and the cache (one float32 tensor); None where it does not, once a step of
+        it has failed, and in a step where a layer's module has a forward hook (the compiled call runs
+        no module: --viz's attention capture hooks them)."""
         if self._fused is None:     # decided on the first CPU step, after quantize_model
             self._fused = False
             if any(getattr(module, "kernel", None) == "numba" for module in self.layers.modules()):
@@ -183,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
                 self._fused = FusedDecoder.of(self) or False
                 self._layer_hooks = _hook_tables(self.layers.modules())
                 self._head_hooks = _hook_tables(self.lm_head.modules())
-        if self._fused is False or _hooked(self._layer_hooks):
+        if self._fused is False or self._fused.failed is not None or _hooked(self._layer_hooks):
             return None
         kv_cache = self._fused.kv_cache_of(kv_caches)
         if kv_cache is None:
@@ -195,7 +195,8 @@ class LlamaForCausalLM(nn.Module):
         tensor-parallel rank computes its vocabulary rows. The sampler reads them as they are: a
         float32 copy of a [256, 128256] batch would cost more than the whole sampling pass."""
         fused = self._fused
-        if fused and fused.head is not None and hidden.device.type == "cpu" and not _hooked(self._head_hooks):
+        if (fused and fused.head is not None and fused.failed is None and hidden.device.type == "cpu"
+                and not _hooked(self._head_hooks)):
             logits = fused.logits(hidden)                                       # one compiled call (llama_numba.py)
         else:
             logits = self.parallel.all_gather(self.lm_head(hidden))             # [N, world_size * rows per rank]

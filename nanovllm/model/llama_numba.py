@@ -33,9 +33,10 @@ layer. Instead the step's R threads (the calling one and R - 1 started once,
 share of every matmul's tiles and of the attention's (row, head) items; they
 meet at an atomic counter after each shared stage, five times a layer, and
 compute the cheap row-wise stages (RMSNorm, SiLU, the int16 rounding) each in
-full, privately. One wake per helper thread per step. On a loaded machine a
-meeting can wait for a descheduled thread, so `ThreadChoice` runs each step
-size on one thread or on all, whichever has been faster. Scratch buffers are
+full, privately. One wake per helper thread per step; a rank whose call
+raises ends every rank's waits (counter[1]), and the step raises. On a loaded
+machine a meeting can wait for a descheduled thread, so `ThreadChoice` runs
+each step size on one thread or on all, whichever has been faster. Scratch buffers are
 made once and grown when a step has more rows than any before.
 
 The LM head. Where it is a `RefinedLMHead` on numba's int4 kernel, its step
@@ -118,7 +119,9 @@ class FusedDecoder:
         self.threads = ThreadChoice(self.num_ranks)
         self.head_threads = ThreadChoice(self.num_ranks)
         weakref.finalize(self, _close_all, self._all_ranks)
-        self._counter = np.zeros(1, np.int64)
+        # [0]: the meetings' count; [1]: set when a rank's call raised, which ends every wait (`_barrier`).
+        self._counter = np.zeros(2, np.int64)
+        self.failed: BaseException | None = None   # a rank's error: llama.py then runs its own forward
         self._lock = threading.Lock()     # one step at a time (engines may step from several threads)
         self._compiled = self._head_compiled = False
         self.compiled_seconds = 0.0       # time in the compiled forward and LM head (bench cpu's step overhead reads it)
@@ -204,14 +207,7 @@ class FusedDecoder:
             self._check_ranks()
             buffers = self._buffers(num_rows, int(seq_lens.max()))
             num_ranks = self.threads.pick(num_rows) if self._compiled else 1    # compile on this thread first
-            base = int(self._counter[0])     # every rank has arrived at every earlier meeting
-            for rank in range(1, num_ranks):
-                self._ranks.jobs[rank - 1].put((_forward_rank, (rank, num_ranks, self._counter, base, *step,
-                                                                *buffers[rank], out)))
-            start = time.perf_counter()
-            _forward_rank(0, num_ranks, self._counter, base, *step, *buffers[0], out)
-            seconds = time.perf_counter() - start
-            self.compiled_seconds += seconds
+            seconds = self._run_ranks(_forward_rank, num_ranks, lambda rank: (*step, *buffers[rank], out))
             if self._compiled:
                 self.threads.record(num_rows, num_ranks, seconds)
             self._compiled = True
@@ -227,18 +223,37 @@ class FusedDecoder:
         with self._lock:
             self._check_ranks()
             num_ranks = self.head_threads.pick(num_rows) if self._head_compiled else 1
-            base = int(self._counter[0])
             step = (x, codes, scales, lows, weight, top_k, logits)
-            for rank in range(1, num_ranks):
-                self._ranks.jobs[rank - 1].put((_lm_head_rank, (rank, num_ranks, self._counter, base, *step)))
-            start = time.perf_counter()
-            _lm_head_rank(0, num_ranks, self._counter, base, *step)
-            seconds = time.perf_counter() - start
-            self.compiled_seconds += seconds
+            seconds = self._run_ranks(_lm_head_rank, num_ranks, lambda rank: step)
             if self._head_compiled:
                 self.head_threads.record(num_rows, num_ranks, seconds)
             self._head_compiled = True
         return torch.from_numpy(logits)
+
+    def _run_ranks(self, function, num_ranks: int, rank_args) -> float:
+        """function(rank, num_ranks, counter, base, *rank_args(rank)) on ranks 1 .. num_ranks - 1 (the
+        helper threads) and rank 0 (this thread) -> rank 0's seconds. A rank that raises sets counter[1],
+        so no rank waits for it; once every helper is out of its call, the step raises, and the decoder
+        is marked failed (llama.py runs its own forward from then on)."""
+        if self.failed is not None:
+            raise RuntimeError("the fused CPU decoder failed on an earlier step") from self.failed
+        base = int(self._counter[0])     # every rank has arrived at every earlier meeting
+        for rank in range(1, num_ranks):
+            self._ranks.submit(rank, (function, (rank, num_ranks, self._counter, base, *rank_args(rank))))
+        start = time.perf_counter()
+        try:
+            function(0, num_ranks, self._counter, base, *rank_args(0))
+        except BaseException as error:
+            self._counter[1] = 1
+            self._ranks.errors.append(error)
+        seconds = time.perf_counter() - start
+        self.compiled_seconds += seconds
+        if self._counter[1]:
+            self._ranks.wait_until_idle()
+            self.failed = self._ranks.errors[0]
+            raise RuntimeError(f"a thread of the fused CPU decoder failed ({self.failed!r}); the model runs "
+                               "its unfused forward from now on") from self.failed
+        return seconds
 
     def _check_ranks(self) -> None:
         """Start the helper threads again in a forked child, which has none of its parent's."""
@@ -279,17 +294,46 @@ class ThreadChoice:
 
 class _RankThreads:
     """Threads 1 .. R - 1 of the fused forward (the caller's thread is rank 0): each waits for a step's
-    arguments and runs `_forward_rank` on them, outside the GIL. Started once; they end with the
-    process or when the decoder is collected."""
+    rank function and arguments (`_forward_rank`, `_lm_head_rank`) and runs it, outside the GIL.
+    Started once; they end with the process or when the decoder is collected."""
 
     def __init__(self, num_ranks: int):
         self.pid = os.getpid()
         self.jobs = [queue.SimpleQueue() for _ in range(num_ranks - 1)]
-        self.threads = [threading.Thread(target=_serve_rank, args=(jobs,), daemon=True, name="fused-decoder-rank")
-                        for jobs in self.jobs]
+        self.submitted = [0] * (num_ranks - 1)    # jobs given to each thread, and jobs it has finished
+        self.finished = [0] * (num_ranks - 1)
+        self.errors: list[BaseException] = []     # what a rank's call raised
+        self.threads = [threading.Thread(target=self._serve, args=(index,), daemon=True, name="fused-decoder-rank")
+                        for index in range(num_ranks - 1)]
         for thread in self.threads:
             thread.start()
         atexit.register(self.close)
+
+    def submit(self, rank: int, job: tuple) -> None:
+        self.submitted[rank - 1] += 1
+        self.jobs[rank - 1].put(job)
+
+    def _serve(self, index: int) -> None:
+        """Thread index + 1: run each job's function(*args); every rank function takes (rank, num_ranks,
+        counter, ...), and a raise sets counter[1] so that the other ranks stop waiting for this one."""
+        while (job := self.jobs[index].get()) is not None:
+            function, args = job
+            try:
+                function(*args)
+            except BaseException as error:
+                self.errors.append(error)
+                args[2][1] = 1
+            finally:
+                self.finished[index] += 1
+
+    def wait_until_idle(self, timeout: float = 30.0) -> None:
+        """Wait until every thread has finished every job given to it (after a failed step: none may
+        still write into the cache when the next step runs)."""
+        deadline = time.monotonic() + timeout
+        while self.finished != self.submitted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the fused CPU decoder's threads did not finish their step in {timeout:.0f} s")
+            time.sleep(0.001)
 
     def close(self) -> None:
         """End the threads (after the step they run, if any); in a forked child there are none."""
@@ -306,12 +350,6 @@ class _RankThreads:
 def _close_all(all_ranks: list[_RankThreads]) -> None:
     for ranks in all_ranks:
         ranks.close()
-
-
-def _serve_rank(jobs: queue.SimpleQueue) -> None:
-    while (job := jobs.get()) is not None:
-        function, args = job
-        function(*args)
 
 
 def _head_of(head) -> tuple | None:
@@ -405,8 +443,19 @@ def _count(typingctx, counter):
 
 
 @intrinsic
+def _failed(typingctx, counter):
+    """counter[1], read atomically: nonzero once a rank's call has raised."""
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, signature.args[0], array,
+                                           [ir.Constant(ir.IntType(64), 1)])
+        return builder.load_atomic(pointer, "acquire", 8)
+    return types.int64(counter), codegen
+
+
+@intrinsic
 def _pause_or_yield(typingctx, spins):
-    """A spin-wait's step: the CPU's `pause` hint, and every 256th spin `sched_yield()`, which gives
+    """A spin-wait's step: the CPU's `pause` hint, and every 16th spin `sched_yield()`, which gives
     the core to a rank (or another process) waiting for it on a loaded machine."""
     def codegen(context, builder, signature, args):
         pause = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
@@ -424,10 +473,11 @@ def _pause_or_yield(typingctx, spins):
 
 @njit(cache=True, boundscheck=False)
 def _barrier(counter, target):
-    """Arrive, then wait until every rank has: counter[0] reaches target (base + ranks * barriers)."""
+    """Arrive, then wait until every rank has: counter[0] reaches target (base + ranks * barriers), or
+    counter[1] says that a rank's call raised (it will not arrive)."""
     _arrive(counter)
     spins = 0
-    while _count(counter) < target:
+    while _count(counter) < target and _failed(counter) == 0:
         _pause_or_yield(spins)
         spins += 1
 
