@@ -220,7 +220,6 @@ def _dot_group_intrinsic(num_rows: int):
 
 _dot_group_1 = _dot_group_intrinsic(1)
 _dot_group_4 = _dot_group_intrinsic(4)
-_dot_group_8 = _dot_group_intrinsic(8)
 
 
 @njit(cache=True, boundscheck=False)
@@ -253,23 +252,16 @@ def _quantize_activation_into(x, xq, dx, sx):
 
 @njit(cache=True, boundscheck=False)
 def _tile(t, xq, dx, sx, weight, scale, low, out):
-    """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: eight rows of xq at a
-    time through `_dot_group_8`, then four through `_dot_group_4`, the rest one by one (the same
-    arithmetic for each row; eight rows share one unpacking of the tile's codes, which at 16 rows
-    made the matmul 10-20% faster than four did, [3072, 576] on a 2-core Xeon)."""
+    """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: four rows of xq at a
+    time through `_dot_group_4`, the rest one by one (the same arithmetic for each row)."""
     num_tokens, in_features = xq.shape
     num_groups, out_features = dx.shape[1], out.shape[1]
     xq_flat, dx_flat, sx_flat, out_flat = xq.reshape(-1), dx.reshape(-1), sx.reshape(-1), out.reshape(-1)
     out[:, t * 16:t * 16 + 16] = 0.0
-    first_four = num_tokens - num_tokens % 8
     first_single = num_tokens - num_tokens % 4
     for g in range(num_groups):
         at = t * num_groups + g
-        for m in range(0, first_four, 8):
-            _dot_group_8(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
-                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
-                         out_features)
-        for m in range(first_four, first_single, 4):
+        for m in range(0, first_single, 4):
             _dot_group_4(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
                          dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
                          out_features)
