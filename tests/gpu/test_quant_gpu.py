@@ -141,25 +141,19 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
     assert error < max(3e-2, 0.75 * quantization_error), (error, quantization_error)
 
 
-# Nats between the two best tokens under which bfloat16 rounding may pick either: logits of 8 to 16
-# are spaced 0.0625 apart in bfloat16, so two tokens one or two steps apart are a tie to rounding
-# (an H200 parted graph and eager runs at a gap of 0.0625).
-# With fp8 the activations are quantized per token too: the graph's padded batch moved a log-probability
-# by up to 0.11 on an H200, so a tie within twice that may part (a gap of 0.25 against 0.0 was seen).
-# w4a16's LM head is e4m3 as well (quantized per token at these 13 to 16 rows), so its log-probabilities
-# move as fp8's do (0.137 seen on an H200 where the bound for a bfloat16 head had been 0.1).
-NEAR_TIE = {"w4a16": 0.3, "fp8": 0.3}
-LOGPROB_APART = {"w4a16": 0.5, "fp8": 0.5}   # graph against eager, a token's log-probability (below)
-
-
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])
-def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, method):
-    """13 sequences: the decode graph (batch 16, K split at these few rows) gives the eager tokens and
-    log-probabilities. The graph's padded batch splits K differently from the eager batch of 13, so in
-    bfloat16 the two may part at a near-tie (the two best tokens within NEAR_TIE): each sequence must
-    match up to its first difference, and that difference must be a near-tie on both sides."""
+def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, method, monkeypatch):
+    """13 sequences: the decode graph (batch 16, the 3 padding rows zeros) gives the eager tokens, and
+    their log-probabilities to float32 rounding. A row's quantized products do not depend on the other
+    rows (13 and 16 rows take the same tiles, and FP8 quantizes each row's activations alone), so the
+    two runs must agree exactly, not merely to a near-tie. Attention is held to one split of the
+    context in both: the graph's split count follows the block table's width and the eager step's its
+    context (a different summation order on purpose, which the attention tests bound), and this
+    sharp bfloat16 model turns one flipped rounding there into a different token."""
     from nanovllm import LLM, SamplingParams
+    from nanovllm.ops import attention_triton
 
+    monkeypatch.setattr(attention_triton, "_step_kv_splits", lambda *args: 1)
     prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     runs = []
@@ -169,17 +163,9 @@ def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, metho
         assert (llm.engine.runner.decode_graphs is None) == enforce_eager
         runs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
         del llm
-    parted = 0
     for index, (graphed, eager) in enumerate(zip(*runs)):
-        for step, (token, want) in enumerate(zip(graphed.token_ids, eager.token_ids)):
-            mine, theirs = graphed.logprobs[step], eager.logprobs[step]
-            if token != want:
-                gaps = [abs(a - b) for a, b in (sorted(lp.values(), reverse=True)[:2] for lp in (mine, theirs))]
-                assert max(gaps) < NEAR_TIE[method], f"sequence {index} step {step}: {mine} vs {theirs}"
-                parted += 1
-                break
-            # bfloat16 activations, and with fp8 activation codes 6% apart that flip with them: on an H200
-            # 0.056 apart at most with w4a16; with fp8 0.056, 0.109 and 0.27 in three runs (the graph's padded
-            # batch splits K otherwise, and this sharp model magnifies a flipped code)
-            assert mine[token] == pytest.approx(theirs[want], abs=LOGPROB_APART[method]), f"sequence {index} step {step}"
-    assert parted <= 3, f"{parted} of 13 sequences parted at a near-tie"
+        assert graphed.token_ids == eager.token_ids, f"sequence {index}"
+        for step, (mine, theirs) in enumerate(zip(graphed.logprobs, eager.logprobs)):
+            assert mine.keys() == theirs.keys(), f"sequence {index} step {step}"
+            assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-4), \
+                f"sequence {index} step {step}"
