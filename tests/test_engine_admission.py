@@ -230,6 +230,34 @@ def test_a_launch_failure_that_is_no_ones_own_or_everyones_ends_every_request_of
     assert record.exc_info[1] is launch_error
 
 
+
+def test_a_launch_failing_beside_a_constrained_request_waiting_on_its_masks_ends_only_the_faulty_one(
+        make_engine, monkeypatch):
+    """A step fails before it launches while a structured-outputs request's last sampling is still
+    deferred (its newest token a placeholder, its masks in the grammar process). Telling whose fault
+    it was builds each request's sampling row without grammar masks, so the constrained request is
+    not blamed (it had ended with an AttributeError from the deferred samples) and runs on to a choice."""
+    pytest.importorskip("xgrammar")
+    from nanovllm.runner.sampler import DeferredSamples
+    engine = make_engine(async_scheduling=True)    # as on a GPU: a step is completed after the next one launches
+    choices = ["abcdefghijklmnop", "qrstuvwxyz"]
+    engine.add_request("constrained", [1, 2, 3], SamplingParams(max_tokens=32, structured_outputs={"choice": choices},
+                                                                 **GREEDY))
+    outputs = {}
+    for _ in range(2):
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    [seq] = engine.requests["constrained"]
+    assert isinstance(engine.runner.last_samples, DeferredSamples) and seq.num_pending == 1
+    fail_launches_with(engine, monkeypatch, {"bad"})
+    engine.add_request("bad", [4, 5, 6], SamplingParams(max_tokens=3, **GREEDY))
+    for request_id, more in run_all(engine).items():
+        outputs.setdefault(request_id, []).extend(more)
+    assert outputs["bad"][-1].error == "ValueError: row of bad overflows"
+    final = outputs["constrained"][-1]
+    assert final.error is None and final.outputs[0].text in choices and final.outputs[0].finish_reason == "stop"
+
+
 # ---- grammar matchers and logit_bias ---------------------------------------------------------
 
 

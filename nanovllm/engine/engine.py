@@ -406,8 +406,8 @@ class LLMEngine:
         faults: dict[str, Exception] = {}
         for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
             seqs = [seq for seq in batch.sampling_seqs if seq.request_id == request_id]
-            try:
-                self.runner.prepare_sampling(Batch(sampling_seqs=seqs))
+            try:   # the request's own settings only: its grammar masks may wait on a sampling not yet queued
+                self.runner.prepare_sampling(Batch(sampling_seqs=seqs), with_grammar=False)
             except Exception as fault:
                 faults[request_id] = fault
         if not faults or len(faults) == len({seq.request_id for seq, _ in batch.scheduled}):
