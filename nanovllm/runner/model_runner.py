@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -392,20 +393,21 @@ class ModelRunner:
         max_blocks = max(len(table) for table in block_tables)
         padded = [table + [-1] * (max_blocks - len(table)) for table in block_tables]
 
+        # Slot of token at position p of row b: block_tables[b, p // block_size] * block_size + p % block_size,
+        # in numpy on the host (a few microseconds; as torch ops, a decode step's largest host cost on the CPU).
         device = self.device
-        positions_t = host_to_device(positions, torch.int64, device)                          # [T]
-        block_tables_t = host_to_device(padded, torch.int32, device)                          # [B, max_blocks]
-        query_start_loc_t = host_to_device(query_start_loc, torch.int32, device)              # [B + 1]
-        # Slot of token at position p of row b: block_tables[b, p // block_size] * block_size + p % block_size.
-        row_of_token = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
-                                               query_start_loc_t.diff(), output_size=len(positions))   # [T]
-        block_ids = block_tables_t[row_of_token, positions_t // self.block_size].long()      # [T]
-        slot_mapping = block_ids * self.block_size + positions_t % self.block_size            # [T] int64
+        positions_np = np.asarray(positions, dtype=np.int64)                                  # [T]
+        tables_np = np.asarray(padded, dtype=np.int64)                                        # [B, max_blocks]
+        starts = np.asarray(query_start_loc)                                                  # [B + 1]
+        row_of_token = np.repeat(np.arange(len(seq_lens)), starts[1:] - starts[:-1])          # [T]
+        slot_mapping = tables_np[row_of_token, positions_np // self.block_size] * self.block_size \
+            + positions_np % self.block_size                                                  # [T]
+        positions_t = host_to_device(positions_np, torch.int64, device)                       # [T]
         metadata = AttentionMetadata(
-            query_start_loc=query_start_loc_t,
+            query_start_loc=host_to_device(query_start_loc, torch.int32, device),             # [B + 1]
             seq_lens=host_to_device(seq_lens, torch.int32, device),                           # [B]
-            slot_mapping=slot_mapping,
-            block_tables=block_tables_t,
+            slot_mapping=host_to_device(slot_mapping, torch.int64, device),                   # [T]
+            block_tables=host_to_device(tables_np, torch.int32, device),                      # [B, max_blocks]
             max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
             max_seq_len=max(seq_lens),
         )
