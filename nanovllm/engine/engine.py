@@ -402,11 +402,16 @@ class LLMEngine:
         """A step failed before it was launched. When some requests' own sampling rows cannot be built
         (the rest's can), the fault is theirs: they end alone with their error, and the others are
         scheduled again next step (nothing of this step was applied to them). Otherwise every request
-        of the batch ends with the step's error."""
+        of the batch ends with the step's error. A dead grammar process is the fault of the requests
+        with structured outputs: they end, and the others run on. The rows are built without grammar
+        masks: a constrained row's masks may wait on the last step's sampling, not queued yet."""
         faults: dict[str, Exception] = {}
         for request_id in dict.fromkeys(seq.request_id for seq in batch.sampling_seqs):
             seqs = [seq for seq in batch.sampling_seqs if seq.request_id == request_id]
-            try:   # the request's own settings only: its grammar masks may wait on a sampling not yet queued
+            if isinstance(error, GrammarProcessError) and any(seq.grammar is not None for seq in seqs):
+                faults[request_id] = error
+                continue
+            try:
                 self.runner.prepare_sampling(Batch(sampling_seqs=seqs), with_grammar=False)
             except Exception as fault:
                 faults[request_id] = fault
