@@ -191,15 +191,20 @@ def test_a_dead_grammar_process_ends_the_constrained_requests_with_an_error_and_
     engine.runner.grammar_masks.process.join(5.0)
     engine.add_request("free", [5, 6, 7], free)
     engine.add_request("constrained", [5, 6, 7], constrained)
-    finals = {}
+    engine.add_request("constrained too", [8, 9], constrained)
+    finals, ended_at = {}, {}
     begin = time.monotonic()
-    while engine.has_unfinished_requests() and time.monotonic() - begin < 60:
+    for step in range(100):
+        if not engine.has_unfinished_requests() or time.monotonic() - begin > 60:
+            break
         for output in engine.step():
             if output.finished:
-                finals[output.request_id] = output
-    assert finals["constrained"].outputs[0].finish_reason == "error"
-    assert "grammar process exited" in finals["constrained"].error
-    assert not finals["constrained"].error_in_request   # the engine's fault (HTTP 500), not the request's
+                finals[output.request_id], ended_at[output.request_id] = output, step
+    for request_id in ("constrained", "constrained too"):
+        assert finals[request_id].outputs[0].finish_reason == "error"
+        assert "grammar process exited" in finals[request_id].error
+        assert not finals[request_id].error_in_request   # the engine's fault (HTTP 500), not the request's
+    assert ended_at["constrained"] == ended_at["constrained too"]   # the step that found the process dead
     assert finals["free"].outputs[0].finish_reason == "length" and len(finals["free"].outputs[0].token_ids) == 6
     engine.shutdown()
 
