@@ -191,7 +191,13 @@ def test_the_core_aborts_the_requests_of_an_api_process_that_is_gone(make_engine
     requests, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
     outputs.setsockopt(zmq.RCVTIMEO, 30_000)   # a core stuck on the missing process fails the test, not hangs it
     requests.connect(addresses.input)
-    outputs.connect(addresses.outputs[0])   # API process 1 never connects: it is gone
+    # API process 0 connects, and the loop starts only once its connection is up: with no grace, a
+    # connection still under way on a busy machine would count as gone too. API process 1 never connects.
+    monitor = core.output_sockets[0].get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    outputs.connect(addresses.outputs[0])
+    assert monitor.poll(30_000), "API process 0 never connected"
+    core.output_sockets[0].disable_monitor()
+    monitor.close(linger=0)
     encode, decode = msgspec.msgpack.encode, msgspec.msgpack.Decoder(StepOutputs).decode
     requests.send(encode(AddRequests(1, [EngineRequest("orphan", ids("Hi"), greedy(50), time.time())], True, True)))
     requests.send(encode(AddRequests(0, [EngineRequest("kept", ids("Hi"), greedy(5), time.time())], True, True)))
