@@ -418,39 +418,41 @@ def _add_rows(x, h):
 
 # ---- the ranks' meeting point -----------------------------------------------------------------
 
+def _counter_slot(context, builder, signature, args, index: int):
+    """A pointer to counter[index], the int64 array that is an intrinsic's first argument."""
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, signature.args[0], array, [ir.Constant(ir.IntType(64), index)])
+
+
+def _load_acquire(index: int):
+    """The codegen of an atomic read of counter[index] (acquire: what a rank wrote before it stored
+    there is visible after)."""
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_counter_slot(context, builder, signature, args, index), "acquire", 8)
+    return codegen
+
+
 @intrinsic
 def _arrive(typingctx, counter):
     """counter[0] += 1 atomically (sequentially consistent: this rank's writes before it are seen by
     any rank that reads the new count); returns the new count."""
     def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, signature.args[0], array,
-                                           [ir.Constant(ir.IntType(64), 0)])
-        old = builder.atomic_rmw("add", pointer, ir.Constant(ir.IntType(64), 1), "seq_cst")
+        old = builder.atomic_rmw("add", _counter_slot(context, builder, signature, args, 0),
+                                 ir.Constant(ir.IntType(64), 1), "seq_cst")
         return builder.add(old, ir.Constant(ir.IntType(64), 1))
     return types.int64(counter), codegen
 
 
 @intrinsic
 def _count(typingctx, counter):
-    """counter[0], read atomically (acquire: what a rank wrote before arriving is visible after)."""
-    def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, signature.args[0], array,
-                                           [ir.Constant(ir.IntType(64), 0)])
-        return builder.load_atomic(pointer, "acquire", 8)
-    return types.int64(counter), codegen
+    """counter[0], read atomically: the meetings' count."""
+    return types.int64(counter), _load_acquire(0)
 
 
 @intrinsic
 def _failed(typingctx, counter):
     """counter[1], read atomically: nonzero once a rank's call has raised."""
-    def codegen(context, builder, signature, args):
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, signature.args[0], array,
-                                           [ir.Constant(ir.IntType(64), 1)])
-        return builder.load_atomic(pointer, "acquire", 8)
-    return types.int64(counter), codegen
+    return types.int64(counter), _load_acquire(1)
 
 
 @intrinsic
