@@ -399,7 +399,8 @@ class ModelRunner:
         positions_np = np.asarray(positions, dtype=np.int64)                                  # [T]
         tables_np = np.asarray(padded, dtype=np.int64)                                        # [B, max_blocks]
         starts = np.asarray(query_start_loc)                                                  # [B + 1]
-        row_of_token = np.repeat(np.arange(len(seq_lens)), starts[1:] - starts[:-1])          # [T]
+        query_lens = starts[1:] - starts[:-1]                                                 # [B]
+        row_of_token = np.repeat(np.arange(len(seq_lens)), query_lens)                       # [T]
         slot_mapping = tables_np[row_of_token, positions_np // self.block_size] * self.block_size \
             + positions_np % self.block_size                                                  # [T]
         positions_t = host_to_device(positions_np, torch.int64, device)                       # [T]
@@ -408,7 +409,7 @@ class ModelRunner:
             seq_lens=host_to_device(seq_lens, torch.int32, device),                           # [B]
             slot_mapping=host_to_device(slot_mapping, torch.int64, device),                   # [T]
             block_tables=host_to_device(tables_np, torch.int32, device),                      # [B, max_blocks]
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+            max_query_len=int(query_lens.max()),
             max_seq_len=max(seq_lens),
         )
         input_ids_t = host_to_device(input_ids, torch.int64, device)                          # [T]
