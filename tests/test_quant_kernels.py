@@ -78,13 +78,14 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
     torch.testing.assert_close(w4a16_linear_triton(x, qweight, scales, zeros, b), expected, **TOLERANCE[dtype])
     partials = w4a16_linear_partials_triton(x, qweight, scales, zeros, b)    # [S, M, N] float32 at a few rows
     torch.testing.assert_close(sum_partials(partials, dtype), expected, **TOLERANCE[dtype])
-    for block_m, expected in ((4, by_gemv), (16, by_dot)):     # the GEMV kernel, 4 rows at a time; tl.dot's
-        split = Tiles(block_m, 16, 16, split_k=3)     # K split unevenly: the last split has fewer steps, or none
+    # the GEMV kernel, 4 rows at a time (loading each step's words ahead, or not); tl.dot's
+    for block_m, expected, prefetch in ((4, by_gemv, False), (4, by_gemv, True), (16, by_dot, False)):
+        split = Tiles(block_m, 16, 16, split_k=3, prefetch=prefetch)   # K split unevenly: the last split has fewer steps, or none
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
         assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
         torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
     if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a word
-        partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3))
+        partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3, prefetch=True))
         torch.testing.assert_close(partials.sum(0).to(dtype), by_gemv, **TOLERANCE[dtype])
 
 
@@ -138,13 +139,13 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
     """The GEMM alone, on codes quantized by torch (see the module docstring)."""
     import triton
 
-    from nanovllm.ops.quant_linear_triton import _fp8_gemm_kernel, _launch_grid, choose_tiles
+    from nanovllm.ops.quant_linear_triton import _fp8_gemm_kernel, _launch_grid, choose_fp8_gemm_tiles
 
     x = torch.randn(num_rows, in_features)
     weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features))
     b = torch.randn(out_features) if bias else None
     xq, x_scale = quantize_fp8_per_token_torch(x)
-    tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 32), 32, x.device)
+    tiles = choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)     # the launch's tile sizes
     tiles = type(tiles)(tiles.block_m, tiles.block_n, 32, split_k)
     out = torch.full((split_k, num_rows, out_features), float("nan"))      # every split writes its partial
     k_per_split = triton.cdiv(triton.cdiv(in_features, 32), split_k) * 32
@@ -263,7 +264,8 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
         for group_size in (128, 32):     # a scale a step; a scale a word (GGUF's groups of 32)
             assert compile_for_hopper(kernels._w4a16_gemv_kernel,
                                       dict(GROUP_SIZE=group_size, ZERO_IS_OFFSET=offsets, HAS_BIAS=True,
-                                           BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128), w4, **gemv).asm["cubin"]
+                                           BLOCK_M=gemv_rows, BLOCK_N=64, BLOCK_K=128, PREFETCH=True),
+                                      w4, **gemv).asm["cubin"]
         w8 = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32", "x_ptr": "*bf16",
               "out_ptr": out_type}
         for rows, use_dot in ((gemv_rows, False), (block_m, True)):
@@ -272,7 +274,7 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                            BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
                                       w8, **(tile if use_dot else gemv)).asm["cubin"]
     if block_m == 16:
-        for block_n, block_k in ((8, 512), (32, 256)):     # the FP8 GEMV's two tiles
+        for block_n, block_k in ((8, 512), (8, 1024), (4, 1024)):     # the FP8 GEMV's tiles
             assert compile_for_hopper(kernels._fp8_gemv_kernel,
                                       dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k),
                                       {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": out_type},
@@ -292,8 +294,10 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
-    ("_fp8_gemm_kernel", 16, 32, 4, 4), ("_fp8_gemm_kernel", 128, 128, 8, 3),
-    ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k256", 1, 32, 4, 1),
+    ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),
+    ("_fp8_gemm_kernel", 32, 128, 4, 3), ("_fp8_gemm_kernel", 64, 128, 4, 3), ("_fp8_gemm_kernel", 128, 128, 8, 3),
+    ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k1024", 1, 8, 4, 1),
+    ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1),
     ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
     ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
 ]
@@ -333,6 +337,8 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     else:
         constexprs.update(GROUP_SIZE=128, ZERO_IS_OFFSET=False)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
+    if name == "_w4a16_gemv_kernel":
+        constexprs.update(PREFETCH=kernels.GEMV_PREFETCH)
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     params = list(inspect.signature(kernel.fn).parameters)
     signature = {param: "constexpr" if param in constexprs else types.get(param, "*bf16") if param.endswith("_ptr")

@@ -46,7 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--old", help="another quant_linear_triton.py to time beside this one")
     parser.add_argument("--json")
-    parser.add_argument("--sweep", action="store_true", help="also a sweep of the few-row tiles")
+    parser.add_argument("--sweep", action="store_true", help="also a sweep of the one-row GEMV tiles")
+    parser.add_argument("--sweep-formats", default="fp8,w4a16", help="the formats --sweep covers")
+    parser.add_argument("--gemm", action="store_true", help="also a sweep of FP8 W8A8 tiles at 8 to 64 rows (8B)")
     args = parser.parse_args()
     old = None
     if args.old:
@@ -86,16 +88,19 @@ def main() -> None:
                 print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                for key, value in row.items()), flush=True)
                 if args.sweep and m == 1:
-                    sweep(rows, model, name, n, k, m, x, fp8, w4)
+                    sweep(rows, model, name, n, k, m, x, fp8, w4, args.sweep_formats)
+            if args.gemm and model == "llama-3.1-8b" and name != "lm_head":
+                sweep_fp8_gemm(rows, model, name, n, k, fp8, bf16)
     if args.json:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
 
 
-def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4) -> None:
-    """One row: the FP8 GEMV's and the W4A16 GEMV's tiles, each timed with the sum of its partials."""
+def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4, formats: str) -> None:
+    """One row: the FP8 GEMV's tiles, and the W4A16 GEMV's with and without the prefetch of the next
+    step's words, each timed with the sum of its partials."""
     Tiles, sms, block_m = kernels.Tiles, kernels.sm_count(x.device), 1
-    for block_n, block_k, warps in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8),
-                                    (64, 256, 8)):
+    for block_n, block_k, warps in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 512, 8),
+                                    (8, 1024, 4), (8, 1024, 8), (4, 1024, 4)) if "fp8" in formats else ():
         for split_k in (1, 2, 4, 8):     # any width unsplit (the LM head's too), splits up to 8 programs an SM
             if split_k > 1 and math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
                 continue
@@ -104,17 +109,42 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4)
                 kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
             rows.append({"model": model, "layer": name, "m": m, "fp8_tiles": str(tiles), "fp8_us": us})
             print(f"  sweep fp8 {name} m={m} {tiles}: {us:.2f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
-    if name == "lm_head":     # W4A16 leaves the head in e4m3
-        return
-    for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 8), (64, 256, 8), (16, 256, 4)):
+    for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8),
+                                    (256, 128, 8)) if "w4a16" in formats else ():
         for split_k in (1, 2, 4, 8):
             if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
                 continue
-            tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
-            us = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: kernels.sum_partials(
-                kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
-            rows.append({"model": model, "layer": name, "m": m, "w4a16_tiles": str(tiles), "w4a16_us": us})
-            print(f"  sweep w4a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 0.539 / us / 1e6:.2f} TB/s", flush=True)
+            for prefetch in (False, True):
+                tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1, prefetch=prefetch)
+                us = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: kernels.sum_partials(
+                    kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
+                rows.append({"model": model, "layer": name, "m": m, "w4a16_tiles": str(tiles), "w4a16_us": us})
+                print(f"  sweep w4a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 0.539 / us / 1e6:.2f} TB/s",
+                      flush=True)
+
+
+def sweep_fp8_gemm(rows: list, model: str, name: str, n: int, k: int, fp8, bf16) -> None:
+    """FP8 W8A8 at a decode batch's rows (8 to 64): the tiles and splits of K, against cuBLAS bfloat16
+    and the tiles choose_tiles picks (the activation quantization and the partials' sum included)."""
+    Tiles, sms = kernels.Tiles, kernels.sm_count(torch.device("cuda"))
+    for m in (8, 16, 32, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bf16_us = cycled_us(lambda i: (lambda w=bf16[i % len(bf16)]: F.linear(x, w)), 2 * n * k)
+        chosen_us = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: kernels.fp8_linear_triton(x, *w)), n * k)
+        print(f"  gemm fp8 {model} {name} m={m}: bf16 {bf16_us:.2f} us, chosen tiles {chosen_us:.2f} us", flush=True)
+        rows.append({"model": model, "layer": name, "m": m, "bf16_us": bf16_us, "fp8_chosen_us": chosen_us})
+        for block_m, block_n, warps, stages in ((16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
+                                                (64, 128, 4, 3), (32, 128, 4, 3)):
+            if not max(16, m // 2) <= block_m <= max(16, m):
+                continue
+            for split_k in (1, 2, 4, 8):
+                if split_k > 1 and math.ceil(m / block_m) * math.ceil(n / block_n) * split_k > 8 * sms:
+                    continue
+                tiles = Tiles(block_m, block_n, 128, split_k, num_warps=warps, num_stages=stages)
+                us = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: kernels.sum_partials(
+                    kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
+                rows.append({"model": model, "layer": name, "m": m, "fp8_gemm_tiles": str(tiles), "fp8_us": us})
+                print(f"  gemm fp8 {name} m={m} {tiles}: {us:.2f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":

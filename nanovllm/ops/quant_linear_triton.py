@@ -67,6 +67,7 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 4
     quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
+    prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -216,7 +217,7 @@ def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_sca
     if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:       # weight-only, as fp8_linear_torch at this many rows
         return fp8_linear_tiles(x, weight, weight_scale, bias, choose_fp8_gemv_tiles(num_rows, out_features,
                                                                                      in_features, x.device))
-    tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, x.device)
+    tiles = choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
     programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
     if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
         tiles = replace(tiles, quantize_x=True)
@@ -282,21 +283,40 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stri
 
 
 def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
-    """The FP8 GEMV's tile (one row): [8, 512] bytes of weight a step, 32 bytes a thread, so that
-    even o_proj of Llama-3.2-1B has 256 programs; K is split while a program would take more than
-    8 steps and the programs stay within 8 per SM. Layers with more programs than that
-    (gate_up_proj, the LM head) take [32, 256]. Measured on an H200 at Llama's shapes
-    (tools/quant_gemv_probe.py --sweep): 8B qkv_proj 12.7 -> 10.3 us and o_proj 10.9 -> 9.0 us
-    against [32, 256] everywhere."""
+    """The FP8 GEMV's tile (one row): 16 contiguous bytes of weight a thread, [8, 512] bytes a step,
+    or for layers of at most 4,096 outputs (fewer programs) [8, 1024], and [4, 1024] at most 3,072:
+    fewer, longer steps. K is split only while a program would take more than 16 steps. Measured on
+    an H200 at Llama's shapes (tools/quant_gemv_probe.py --sweep, microseconds): Llama-3.1-8B
+    o_proj 9.1 -> 7.5, down_proj 19.9 -> 18.5, gate_up_proj 44.3 -> 36.5 and the LM head
+    171 -> 139 (their [32, 256] tile before); Llama-3.2-1B qkv_proj 5.3 -> 4.4, o_proj 4.9 -> 3.9,
+    down_proj 10.5 -> 8.8. Splitting K or loading the next step ahead measured slower."""
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
-    max_programs = GEMV_PROGRAMS_PER_SM * sms
-    block_n, block_k = 8, 512
-    if triton.cdiv(out_features, block_n) > max_programs:
-        block_n, block_k = 32, 256
+    block_n = 4 if out_features <= 3072 else 8
+    block_k = 1024 if out_features <= 4096 else 512
     programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
-    while k_steps > 8 * split_k and programs * split_k * 2 <= max_programs:
+    while k_steps > 16 * split_k and programs * split_k * 2 <= GEMV_PROGRAMS_PER_SM * sms:
         split_k *= 2
     return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=1)
+
+
+def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
+    """The W8A8 GEMM's tiles at a decode batch's rows (2 to 64): all the rows in one tile of 16 to 64,
+    64 outputs (128 where there are many programs: gate_up_proj, the LM head), and K split until
+    there are about 3 programs per SM; more rows take choose_tiles'. Measured on an H200 at
+    Llama-3.1-8B's shapes and 32 rows (tools/quant_gemv_probe.py --gemm, microseconds, against the
+    unsplit [64, 64] tile before): qkv_proj 15.6 -> 14.3, o_proj 14.6 -> 12.1, gate_up_proj
+    43.1 -> 37.3, down_proj 42.2 -> 27.6."""
+    if num_rows > 64:
+        return choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, device)
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    block_n, num_stages = 64, 4
+    if block_m >= 32 and triton.cdiv(out_features, 64) >= 2 * sms:
+        block_n, num_stages = 128, 3
+    programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, 128), 1
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= 3 * sms:
+        split_k *= 2
+    return Tiles(block_m, block_n, 128, split_k, num_warps=4, num_stages=num_stages)
 
 
 
@@ -321,9 +341,27 @@ def _w4_fma(products, x, words, j: tl.constexpr):
 
 
 @triton.jit
+def _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m, mask_n3, offs_word, k0,
+                      GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The W4A16 GEMV's step at k0: words [1, BN, W], their scales and zeros (a word's own where a
+    step spans several groups, else the row's [1, BN, 1]) and x [BM, BK], as stored: converted
+    where they are used, so that a prefetch does not wait for its data."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)               # [1, BN, W]
+    if GROUP_SIZE < BLOCK_K:    # several groups a step: each word's own scale and zero
+        groups = group_rows + ((k0 + 8 * offs_word) // GROUP_SIZE)[None, None, :]                  # [1, BN, W]
+    else:
+        groups = group_rows + k0 // GROUP_SIZE                                                     # [1, BN, 1]
+    scale = tl.load(scales_ptr + groups, mask=mask_n3, other=0.0)
+    zero = tl.load(zeros_ptr + groups, mask=mask_n3, other=0)
+    x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)                                      # [BM, BK]
+    return words, scale, zero, x
+
+
+@triton.jit
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
                        K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
     loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
     on the FMA units: two instructions a weight, an AND and a fused multiply-add. The AND leaves
@@ -348,19 +386,24 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     mask_n3 = mask_n[None, :, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):       # K % BLOCK_K == 0
-        words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)           # [1, BN, W]
-        if GROUP_SIZE < BLOCK_K:    # several groups a step: each word's own scale and zero
-            groups = group_rows + ((k0 + 8 * offs_word) // GROUP_SIZE)[None, None, :]              # [1, BN, W]
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PREFETCH:    # (a split past K loads the last step, and uses nothing)
+        words, scale, zero, x = _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m, mask_n3,
+                                                  offs_word, tl.minimum(k_start, K - BLOCK_K), GROUP_SIZE, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
+        if PREFETCH:    # the next step's words are in flight while this step's are multiplied (the last step
+            # loads itself again rather than read past its split: no mask along K, so the loads stay 16 bytes wide)
+            words_next, scale_next, zero_next, x_next = _w4a16_gemv_loads(
+                x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m, mask_n3, offs_word,
+                tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), GROUP_SIZE, BLOCK_K)
         else:
-            groups = group_rows + k0 // GROUP_SIZE                                                 # [1, BN, 1]
-        scale = tl.load(scales_ptr + groups, mask=mask_n3, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + groups, mask=mask_n3, other=0).to(tl.float32)
+            words, scale, zero, x = _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m,
+                                                      mask_n3, offs_word, k0, GROUP_SIZE, BLOCK_K)
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
         products = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
-        x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0).to(tl.float32)                  # [BM, BK]
         # x[k0 + 8 w + j] for each j: [BM, 1, W] each, split off the last axis (4 a + 2 b + c)
-        x_a0, x_a1 = tl.split(tl.reshape(x, [BLOCK_M, 1, WORDS, 2, 4], can_reorder=False).permute(0, 1, 2, 4, 3))
+        x_a0, x_a1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_M, 1, WORDS, 2, 4], can_reorder=False)
+                              .permute(0, 1, 2, 4, 3))
         x_a0b0, x_a0b1 = tl.split(tl.reshape(x_a0, [BLOCK_M, 1, WORDS, 2, 2]).permute(0, 1, 2, 4, 3))
         x_a1b0, x_a1b1 = tl.split(tl.reshape(x_a1, [BLOCK_M, 1, WORDS, 2, 2]).permute(0, 1, 2, 4, 3))
         x0, x1 = tl.split(x_a0b0)
@@ -376,8 +419,11 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         products = _w4_fma(products, x6, high, 6)
         products = _w4_fma(products, x7, high, 7)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-        acc += products * (scale * PRODUCT_SCALE)
-        acc -= x_sum * (zero if ZERO_IS_OFFSET else zero * scale)
+        scale_f, zero_f = scale.to(tl.float32), zero.to(tl.float32)
+        acc += products * (scale_f * PRODUCT_SCALE)
+        acc -= x_sum * (zero_f if ZERO_IS_OFFSET else zero_f * scale_f)
+        if PREFETCH:
+            words, scale, zero, x = words_next, scale_next, zero_next, x_next
     _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
@@ -437,10 +483,12 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
     split_k = 1
     while split_k * 2 <= min(k_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
         split_k *= 2
-    return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=3)
+    return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=3,
+                 prefetch=GEMV_PREFETCH)
 
 
 GEMV_MAX_SPLITS = 8
+GEMV_PREFETCH = True
 
 
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -476,12 +524,16 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         x = x.contiguous()
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
-    kernel = _w4a16_gemv_kernel if tiles.block_m <= GEMV_MAX_ROWS else _w4a16_gemm_kernel
+    if tiles.block_m <= GEMV_MAX_ROWS:
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch}
+    else:
+        kernel, options = _w4a16_gemm_kernel, {}
     kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
         x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups,
         ZERO_IS_OFFSET=zeros.is_floating_point(), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **options)
     return out
 
 
