@@ -234,7 +234,8 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
         out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
         k_per_split = _k_per_split(in_features, tiles)
-        _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
+        kernel = _fp8_gemv_lanes_kernel if FP8_GEMV_LANE_SUMS else _fp8_gemv_kernel
+        kernel[_launch_grid(num_rows, out_features, tiles)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
             in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -280,6 +281,37 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stri
     w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
     _store_tile(tl.sum(acc, axis=2) * w_scale[None, :], bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
                 HAS_BIAS)
+
+
+@triton.jit
+def _fp8_gemv_lanes_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x, K_PER_SPLIT,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """_fp8_gemv_kernel with the step's tile viewed as [BLOCK_N, BLOCK_K / 16, 16]: each thread's 16
+    contiguous bytes are summed in the thread at every step, so the accumulator keeps one float per
+    16 bytes ([BLOCK_M, BLOCK_N, BLOCK_K / 16]), not one per byte: fewer registers a thread, more
+    programs resident on an SM, more weight bytes in flight."""
+    VEC: tl.constexpr = 16
+    LANES: tl.constexpr = BLOCK_K // VEC
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]                       # [L, V]
+    mask_m, mask_n = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_x + offs_k[None, None, :, :]  # [BM, 1, L, V]
+    w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None, None] * K + offs_k[None, None, :, :]         # [1, BN, L, V]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, LANES], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        mask_k = (k0 + offs_k < K)[None, None, :, :]
+        w = tl.load(w_rows + k0, mask=mask_n[None, :, None, None] & mask_k, other=0.0)            # [1, BN, L, V] e4m3
+        x = tl.load(x_rows + k0, mask=mask_m[:, None, None, None] & mask_k, other=0.0)            # [BM, 1, L, V]
+        acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=3)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    _store_tile(tl.sum(acc, axis=2) * w_scale[None, :], bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                HAS_BIAS)
+
+
+FP8_GEMV_LANE_SUMS = True
 
 
 def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
