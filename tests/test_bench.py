@@ -482,3 +482,15 @@ def test_report_rows_name_a_short_throughput_run_and_read_older_quantization_lab
     newer = result(256, "bfloat16", "fp8")
     labels = {report.model_label(r["model"], engine_config=r["engine_config"]) for r in (older, newer)}
     assert labels == {"llama-3.1-8b, dummy weights, bfloat16, fp8 weights"}
+
+
+def test_an_ab_baseline_run_is_listed_but_never_the_latest_of_its_workload():
+    """A baseline measured after the product (the order of an A/B in one call) must not replace it."""
+    def row(date: str, measured: float, baseline: bool) -> report.Row:
+        return report.Row(date=date, workload="latency", model="llama-3.1-8b, dummy weights, bfloat16, fp8 weights",
+                          card="NVIDIA H200", figure="decode tok/s", measured=measured, roofline=500.0, fraction=0.6,
+                          peers="", commit="abc1234", file=f"{date}.json", headline=True, baseline=baseline)
+
+    rows = [row("2026-12-03T12:00", 339.0, False), row("2026-12-03T12:01", 322.0, True)]
+    assert [r.measured for r in report.latest_rows(rows)] == [339.0]
+    assert [r.measured for r in report.latest_rows(rows + [row("2026-12-03T12:02", 341.0, False)])] == [341.0]

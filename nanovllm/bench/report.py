@@ -211,6 +211,7 @@ class Row:
     commit: str
     file: str
     headline: bool
+    baseline: bool = False      # the run is another tree or setting measured beside the product for an A/B
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -277,7 +278,8 @@ def result_rows(results: list[tuple[str, dict]]) -> list[Row]:
                             roofline=figure["roofline"], fraction=figure["fraction_of_roofline"],
                             peers=_peer_text(figure), commit=(result["git_commit"] or "")[:7]
                             + ("+dirty" if (result["git_commit"] or "").endswith("+dirty") else ""),
-                            file=file, headline=figure.get("headline", True)))
+                            file=file, headline=figure.get("headline", True),
+                            baseline=bool(result.get("baseline"))))
     return rows
 
 
@@ -299,10 +301,11 @@ def _pipe_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def latest_rows(rows: list[Row]) -> list[Row]:
-    """The latest headline row of each (workload, model, card, figure), ordered by model, card, workload."""
+    """The latest headline row of each (workload, model, card, figure), ordered by model, card, workload;
+    an A/B baseline (a result with "baseline" set) is never the latest, whenever it ran."""
     latest: dict[tuple[str, str, str, str], Row] = {}
     for row in rows:
-        if row.headline and (row.key not in latest or row.date >= latest[row.key].date):
+        if row.headline and not row.baseline and (row.key not in latest or row.date >= latest[row.key].date):
             latest[row.key] = row
     return sorted(latest.values(), key=lambda row: (row.model.lower(), row.card, row.workload, row.figure))
 
@@ -337,7 +340,8 @@ def results_readme(rows: list[Row]) -> str:
                      "commit", "file"],
                     [[row.date[:16].replace("T", " "), f"`{row.workload}`", row.model, row.card, row.figure,
                       _number(row.measured), _number(row.roofline), f"{row.fraction:.1%}", row.peers,
-                      f"`{row.commit}`" if row.commit else "", f"[{row.file}](results/{row.file})"]
+                      (f"`{row.commit}`" if row.commit else "") + (" (A/B baseline)" if row.baseline else ""),
+                      f"[{row.file}](results/{row.file})"]
                      for row in every]),
         "",
     ])
