@@ -68,6 +68,7 @@ class Tiles:
     num_stages: int = 4
     quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
     prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
+    weight_only: bool = False   # the FP8 GEMM: x multiplied as it is (16 bits), the weight widened to its dtype
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -157,17 +158,23 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a, K_PER_SPLIT,
                      HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, FP8_MAX: tl.constexpr,
-                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     WEIGHT_ONLY: tl.constexpr = False):
     """a is e4m3 with its row scales, or with QUANTIZE_A the 16-bit activations themselves: the
     prologue then reads the program's rows over all of K for their amax, and each step quantizes
-    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would."""
+    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would.
+    With WEIGHT_ONLY a is the 16-bit activations, multiplied as they are: each weight tile is widened
+    to a's dtype in registers (exactly: e4m3 fits in 16 bits) for tl.dot, and only the weight's
+    scale meets the sum."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a                        # [BLOCK_M, 1]
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
-    if QUANTIZE_A:
+    if WEIGHT_ONLY:
+        a_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    elif QUANTIZE_A:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
@@ -184,6 +191,8 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
             a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX)
             a = a.to(b_ptr.dtype.element_ty)                                          # e4m3 codes
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if WEIGHT_ONLY:
+            b = b.to(a.dtype)                                                        # e4m3 -> 16 bits, exact
         acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * a_scale[:, None] * b_scale[None, :]
@@ -214,10 +223,15 @@ def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_sca
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
-    if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:       # weight-only, as fp8_linear_torch at this many rows
+    if num_rows == 1 and FP8_WEIGHT_ONLY_MAX_ROWS >= 1:       # weight-only, as fp8_linear_torch at this many rows
         return fp8_linear_tiles(x, weight, weight_scale, bias, choose_fp8_gemv_tiles(num_rows, out_features,
                                                                                      in_features, x.device))
     tiles = choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
+    if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:
+        if x.dtype == torch.float32:    # tl.dot would round float32 to tf32: the GEMV, a program per row
+            return fp8_linear_tiles(x, weight, weight_scale, bias,
+                                    choose_fp8_gemv_tiles(1, out_features, in_features, x.device))
+        return fp8_linear_tiles(x, weight, weight_scale, bias, replace(tiles, weight_only=True))
     programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
     if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
         tiles = replace(tiles, quantize_x=True)
@@ -231,7 +245,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
+    if tiles.block_m == 1:     # the weight-only GEMV: x as it is
         out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
         k_per_split = _k_per_split(in_features, tiles)
         kernel = _fp8_gemv_lanes_kernel if FP8_GEMV_LANE_SUMS else _fp8_gemv_kernel
@@ -240,7 +254,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
             in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         return out
-    if tiles.quantize_x:
+    if tiles.quantize_x or tiles.weight_only:
         a, a_scale = x, weight_scale          # a_scale is not read
     else:
         a, a_scale = quantize_fp8_per_token_triton(x)
@@ -250,7 +264,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         a, a_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
         in_features, a.stride(0), k_per_split, HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        BLOCK_K=tiles.block_k, WEIGHT_ONLY=tiles.weight_only, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
