@@ -68,7 +68,6 @@ class Tiles:
     num_stages: int = 4
     quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
     prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
-    weight_only: bool = False   # the FP8 GEMM: x multiplied as it is (16 bits), the weight widened to its dtype
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -158,23 +157,17 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a, K_PER_SPLIT,
                      HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, FP8_MAX: tl.constexpr,
-                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     WEIGHT_ONLY: tl.constexpr = False):
+                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """a is e4m3 with its row scales, or with QUANTIZE_A the 16-bit activations themselves: the
     prologue then reads the program's rows over all of K for their amax, and each step quantizes
-    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would.
-    With WEIGHT_ONLY a is the 16-bit activations, multiplied as they are: each weight tile is widened
-    to a's dtype in registers (exactly: e4m3 fits in 16 bits) for tl.dot, and only the weight's
-    scale meets the sum."""
+    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a                        # [BLOCK_M, 1]
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
-    if WEIGHT_ONLY:
-        a_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    elif QUANTIZE_A:
+    if QUANTIZE_A:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
@@ -191,8 +184,6 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
             a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX)
             a = a.to(b_ptr.dtype.element_ty)                                          # e4m3 codes
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if WEIGHT_ONLY:
-            b = b.to(a.dtype)                                                        # e4m3 -> 16 bits, exact
         acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * a_scale[:, None] * b_scale[None, :]
@@ -223,15 +214,10 @@ def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_sca
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
-    if num_rows == 1 and FP8_WEIGHT_ONLY_MAX_ROWS >= 1:       # weight-only, as fp8_linear_torch at this many rows
+    if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:       # weight-only, as fp8_linear_torch at this many rows
         return fp8_linear_tiles(x, weight, weight_scale, bias, choose_fp8_gemv_tiles(num_rows, out_features,
                                                                                      in_features, x.device))
     tiles = choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
-    if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:
-        if x.dtype == torch.float32:    # tl.dot would round float32 to tf32: the GEMV, a program per row
-            return fp8_linear_tiles(x, weight, weight_scale, bias,
-                                    choose_fp8_gemv_tiles(1, out_features, in_features, x.device))
-        return fp8_linear_tiles(x, weight, weight_scale, bias, replace(tiles, weight_only=True))
     programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
     if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
         tiles = replace(tiles, quantize_x=True)
@@ -245,16 +231,15 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if tiles.block_m == 1:     # the weight-only GEMV: x as it is
+    if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
         out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
         k_per_split = _k_per_split(in_features, tiles)
-        kernel = _fp8_gemv_lanes_kernel if FP8_GEMV_LANE_SUMS else _fp8_gemv_kernel
-        kernel[_launch_grid(num_rows, out_features, tiles)](
+        _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
             in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         return out
-    if tiles.quantize_x or tiles.weight_only:
+    if tiles.quantize_x:
         a, a_scale = x, weight_scale          # a_scale is not read
     else:
         a, a_scale = quantize_fp8_per_token_triton(x)
@@ -264,7 +249,7 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         a, a_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
         in_features, a.stride(0), k_per_split, HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, WEIGHT_ONLY=tiles.weight_only, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -295,37 +280,6 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stri
     w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
     _store_tile(tl.sum(acc, axis=2) * w_scale[None, :], bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
                 HAS_BIAS)
-
-
-@triton.jit
-def _fp8_gemv_lanes_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x, K_PER_SPLIT,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-    """_fp8_gemv_kernel with the step's tile viewed as [BLOCK_N, BLOCK_K / 16, 16]: each thread's 16
-    contiguous bytes are summed in the thread at every step, so the accumulator keeps one float per
-    16 bytes ([BLOCK_M, BLOCK_N, BLOCK_K / 16]), not one per byte: fewer registers a thread, more
-    programs resident on an SM, more weight bytes in flight."""
-    VEC: tl.constexpr = 16
-    LANES: tl.constexpr = BLOCK_K // VEC
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]                       # [L, V]
-    mask_m, mask_n = offs_m < M, offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_x + offs_k[None, None, :, :]  # [BM, 1, L, V]
-    w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None, None] * K + offs_k[None, None, :, :]         # [1, BN, L, V]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, LANES], dtype=tl.float32)
-    k_start = tl.program_id(2) * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        mask_k = (k0 + offs_k < K)[None, None, :, :]
-        w = tl.load(w_rows + k0, mask=mask_n[None, :, None, None] & mask_k, other=0.0)            # [1, BN, L, V] e4m3
-        x = tl.load(x_rows + k0, mask=mask_m[:, None, None, None] & mask_k, other=0.0)            # [BM, 1, L, V]
-        acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=3)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    _store_tile(tl.sum(acc, axis=2) * w_scale[None, :], bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-                HAS_BIAS)
-
-
-FP8_GEMV_LANE_SUMS = True
 
 
 def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
