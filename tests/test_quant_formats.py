@@ -12,7 +12,10 @@ The oracles are libraries we did not write:
 - GPTQ and AWQ files are packed here by transcriptions of AutoGPTQ's and AutoAWQ's packing
   loops (their published packers, independent of our unpacking); transformers runs the
   dequantized weights as a float model.
-Greedy tokens are equal for 32 steps.
+Greedy tokens are equal for 32 steps. FP8's one-row steps are weight-only in the engine
+(fp8_linear_torch), so after the prompt (compressed-tensors' own forward) the oracle of each
+token is the float model of compressed-tensors' dequantized weights, on the KV cache the prompt
+left.
 """
 from __future__ import annotations
 
@@ -73,13 +76,11 @@ def write_compressed_tensors(src: Path, out: Path, scheme_name: str) -> tuple[Pa
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (src / name).is_file():
             (out / name).write_bytes((src / name).read_bytes())
-    if scheme_name.startswith("FP8"):
-        return out, out
     reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     for name, weight in dequantized.items():
         reference.get_submodule(name).weight.data.copy_(weight)
-    reference.save_pretrained(out.with_name("dequantized"))
-    return out, out.with_name("dequantized")
+    reference.save_pretrained(out.with_name("dequantized"))     # FP8 too: the oracle of one-row steps
+    return out, out if scheme_name.startswith("FP8") else out.with_name("dequantized")
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +109,34 @@ def _load(path: Path, **kwargs):
     return load_model(str(path), **kwargs)[0]
 
 
-def _assert_matches_reference(ours, reference) -> None:
+def _assert_matches_reference(ours, reference, decode_reference=None) -> None:
+    """The prompt's logits, then 32 greedy tokens. decode_reference: the model that computes the one-token
+    steps after the prompt, on the KV cache reference left (FP8: the engine multiplies one row by the
+    dequantized weights, x as it is, where compressed-tensors' forward would round x to e4m3)."""
     with torch.no_grad():
         theirs = reference(torch.tensor([PROMPT])).logits[0]
         assert_logits_close(PagedSequence(ours).step(PROMPT), theirs)
+        if decode_reference is not None:
+            assert PagedSequence(ours).greedy(PROMPT, NUM_GREEDY_STEPS) == _prefill_then_decode(reference,
+                                                                                                  decode_reference)
+            return
         generated = reference.generate(torch.tensor([PROMPT]), max_new_tokens=NUM_GREEDY_STEPS, do_sample=False,
                                        pad_token_id=0)
     theirs = generated[0, len(PROMPT):].tolist()   # transformers stops at EOS; our greedy runs on
     assert theirs and (len(theirs) == NUM_GREEDY_STEPS or theirs[-1] == reference.config.eos_token_id)
     assert PagedSequence(ours).greedy(PROMPT, NUM_GREEDY_STEPS)[:len(theirs)] == theirs
+
+
+def _prefill_then_decode(prefill, decode) -> list[int]:
+    """NUM_GREEDY_STEPS greedy tokens: the prompt through `prefill`, each later token through `decode`,
+    which reads and extends the KV cache that `prefill` left."""
+    out = prefill(torch.tensor([PROMPT]), use_cache=True)
+    cache, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+    while len(tokens) < NUM_GREEDY_STEPS:
+        out = decode(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
 
 
 @pytest.mark.parametrize("model_name,scheme_name,layer", [
@@ -130,7 +150,8 @@ def test_compressed_tensors_checkpoint_matches_the_library(compressed, model_nam
     ours = _load(path)
     assert type(ours.layers[0].self_attn.qkv_proj).__name__ == layer
     assert type(ours.layers[-1].mlp.down_proj).__name__ == layer
-    _assert_matches_reference(ours, _reference(reference))
+    one_row = _reference(path.with_name("dequantized")) if scheme_name.startswith("FP8") else None
+    _assert_matches_reference(ours, _reference(reference), one_row)
 
 
 # ---- GPTQ and AWQ, packed by transcriptions of their packers ------------------------------
@@ -334,8 +355,11 @@ def test_the_engine_serves_a_quantized_checkpoint(compressed):
 
 def test_online_w4a16_rounds_as_compressed_tensors_does(tiny_llama, tmp_path):
     """Online w4a16 (asymmetric min-max groups of 128) gives the logits of the weights that
-    compressed-tensors' W4A16_ASYM preset rounds to: the library is the oracle for each code and zero."""
+    compressed-tensors' W4A16_ASYM preset rounds to: the library is the oracle for each code and zero
+    of the decoder's layers (both sides take the engine's e4m3 LM head, held to the library by the
+    FP8 tests)."""
     _, dequantized = write_compressed_tensors(tiny_llama, tmp_path / "quantized", "W4A16_ASYM")
     ours = _load(tiny_llama, quantization="w4a16")
     reference = _load(dequantized)
+    reference.lm_head = ours.lm_head    # online w4a16 keeps the head in e4m3: the same head on both sides
     assert_logits_close(PagedSequence(ours).step(PROMPT), PagedSequence(reference).step(PROMPT), rel=1e-4)
