@@ -51,6 +51,7 @@ from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEI
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
 GEMV_PROGRAMS_PER_SM = 8    # the weight-only GEMVs (FP8, W4A16) split K up to this many programs per SM
+FP8_GEMM_PROGRAMS_PER_SM = 3    # FP8's W8A8 GEMM at a decode batch's rows (2 to 64) splits K up to about this many
 # FP8 may quantize the activations inside the GEMM (each program reads its rows' amax over all of K
 # first) when that costs at most this many bytes in all. Off: on an H200 the fused form measured
 # slower than the separate quantization kernel it saves (Llama-3.2-1B batch-1 decode 688 against
@@ -315,7 +316,7 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     if block_m >= 32 and triton.cdiv(out_features, 64) >= 2 * sms:
         block_n, num_stages = 128, 3
     programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, 128), 1
-    while split_k * 2 <= k_steps and programs * split_k * 2 <= 3 * sms:
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= FP8_GEMM_PROGRAMS_PER_SM * sms:
         split_k *= 2
     return Tiles(block_m, block_n, 128, split_k, num_warps=4, num_stages=num_stages)
 
