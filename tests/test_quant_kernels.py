@@ -202,6 +202,40 @@ def test_fp8_gemv_kernel_matches_the_weight_only_reference(dtype, num_rows, out_
 
 
 @in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("intermediate,in_features", [(37, 200), (21, 1100)])
+def test_fp8_gated_gemv_is_silu_and_mul_of_the_gemv(dtype, intermediate, in_features, poisoned_outputs):
+    """gate_up_proj's one-row GEMV with silu(gate) * up in its epilogue: the same bits as the GEMV
+    followed by the SiLU-and-mul kernel (each rounding where the two kernels round), and the torch
+    reference. The gate's values reach both signs and a few units, where silu bends; rows past the
+    last full tile (37, 21) and K past the last full step (200, 1100) are masked; the up rows sit
+    `intermediate` rows below their gate rows."""
+    from nanovllm.ops.activation import silu_and_mul_torch
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+    from nanovllm.ops.quant_linear_triton import Tiles, fp8_linear_silu_and_mul_triton, fp8_linear_tiles
+
+    generator = torch.Generator().manual_seed(intermediate)
+    x = torch.randn(1, in_features, generator=generator).to(dtype)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(2 * intermediate, in_features, generator=generator)
+                                                    / in_features ** 0.5 * 3)
+    fused = fp8_linear_silu_and_mul_triton(x, weight, weight_scale)
+    expected = silu_and_mul_torch(fp8_weight_only_linear_torch(x, weight, weight_scale))
+    assert fused.shape == (1, intermediate) and fused.dtype == dtype
+    torch.testing.assert_close(fused, expected, **TOLERANCE[dtype])
+    for block_n, block_k in ((4, 64), (8, 128)):
+        gated = fp8_linear_tiles(x, weight, weight_scale, None, Tiles(1, block_n, block_k), gated=True)
+        plain = fp8_linear_tiles(x, weight, weight_scale, None, Tiles(1, 2 * block_n, block_k))
+        assert torch.equal(gated, silu_and_mul_triton(plain))
+    assert (expected < 0).any() and (expected > 0).any()
+    with pytest.raises(ValueError, match="unsplit"):
+        fp8_linear_tiles(x, weight, weight_scale, None, Tiles(1, 4, 64, split_k=2), gated=True)
+    bias = torch.randn(2 * intermediate, generator=generator).to(dtype)     # not fused: GEMV, then SiLU-and-mul
+    torch.testing.assert_close(fp8_linear_silu_and_mul_triton(x, weight, weight_scale, bias),
+                               silu_and_mul_torch(fp8_weight_only_linear_torch(x, weight, weight_scale, bias)),
+                               **TOLERANCE[dtype])
+
+
+@in_interpreter
 @pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
 def test_w4a16_gemv_keeps_its_products_normal_over_the_range_of_activations(offsets, poisoned_outputs):
     """The GEMV multiplies x 2^(EXP_X - 4 j) by subnormal codes: activations from 2^-40 to 2^30
@@ -279,6 +313,13 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                       dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k),
                                       {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": out_type},
                                       num_warps=4, num_stages=1).asm["cubin"]
+        for gated in (False, True):     # launched after the kernel before it (PDL); gate_up_proj with its SiLU
+            compiled = compile_for_hopper(kernels._fp8_gemv_kernel,
+                                          dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, GATED=gated,
+                                               USE_PDL=True),
+                                          {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": "*bf16"},
+                                          num_warps=4, num_stages=1, launch_pdl=True)
+            assert "griddepcontrol.wait" in compiled.asm["ptx"]
         assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
                                   dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
                                   {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}, num_warps=4).asm["cubin"]
@@ -297,7 +338,7 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),
     ("_fp8_gemm_kernel", 32, 128, 4, 3), ("_fp8_gemm_kernel", 64, 128, 4, 3), ("_fp8_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k1024", 1, 8, 4, 1),
-    ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1),
+    ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1), ("_fp8_gemv_kernel/gated-k512", 1, 4, 4, 1),   # gate_up_proj + SiLU
     ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
     ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
 ]
@@ -323,7 +364,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     kernel = getattr(kernels, name)
     constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
     if name == "_fp8_gemv_kernel":
-        constexprs.update(BLOCK_K=int(variant[1:]))
+        constexprs.update(BLOCK_K=int(variant.rpartition("k")[2]), GATED=variant.startswith("gated"), USE_PDL=True)
         types = {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}
     elif name == "_fp8_gemm_kernel":
         constexprs.update(QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448)
@@ -338,9 +379,12 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         constexprs.update(GROUP_SIZE=128, ZERO_IS_OFFSET=False)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     if name == "_w4a16_gemv_kernel":
-        constexprs.update(PREFETCH=kernels.GEMV_PREFETCH)
+        constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
-    params = list(inspect.signature(kernel.fn).parameters)
+    parameters = inspect.signature(kernel.fn).parameters
+    params = list(parameters)
+    constexprs = {**{param: p.default for param, p in parameters.items() if p.default is not inspect.Parameter.empty},
+                  **constexprs}
     signature = {param: "constexpr" if param in constexprs else types.get(param, "*bf16") if param.endswith("_ptr")
                  else "i32" for param in params}
     multiples_of_16 = {(index,): [["tt.divisibility", 16]] for index, param in enumerate(params)

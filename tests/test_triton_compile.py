@@ -36,7 +36,10 @@ def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = No
     from triton.compiler import ASTSource
 
     types = dict(POINTER_TYPES, **(pointer_types or {}))
-    params = list(inspect.signature(kernel.fn).parameters)
+    parameters = inspect.signature(kernel.fn).parameters
+    params = list(parameters)
+    constexprs = {**{name: p.default for name, p in parameters.items()          # constexprs left at their defaults
+                     if p.default is not inspect.Parameter.empty}, **constexprs}
     signature = {}
     for name in params:
         if name in constexprs:
@@ -83,6 +86,25 @@ def test_norm_kernels_compile(num_partials):
     compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
                        dict(NUM_PARTIALS=num_partials, HIDDEN=2048, BLOCK_H=2048),
                        {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", "out_ptr": "*bf16"})
+
+
+def test_kernels_before_a_gemv_let_it_launch_early():
+    """With PDL the norms, SiLU-and-mul and the attention's merge let the next kernel launch from
+    their first instruction (the FP8 GEMV after them waits for their outputs itself)."""
+    kernels = [compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048, PDL=True),
+                                  {"out_ptr": "*bf16"}),
+               compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
+                                  dict(NUM_PARTIALS=2, HIDDEN=2048, BLOCK_H=2048, PDL=True),
+                                  {"x_ptr": "*fp32", "out_ptr": "*bf16"}),
+               compile_for_hopper(activation_triton._silu_and_mul_kernel,
+                                  dict(INTERMEDIATE=8192, BLOCK=1024, PDL=True), {"out_ptr": "*bf16"}),
+               compile_for_hopper(attention_triton._merge_splits_kernel,
+                                  dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=64, HEAD_DIM_PAD=64, PDL=True),
+                                  {"out_ptr": "*bf16"})]
+    for kernel in kernels:
+        assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
+    plain = compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048), {"out_ptr": "*bf16"})
+    assert "griddepcontrol" not in plain.asm["ptx"]
 
 
 @pytest.mark.parametrize("has_norm,store_kv,fp8_kv", [(False, True, False), (True, True, False), (True, False, False),

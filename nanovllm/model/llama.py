@@ -30,7 +30,7 @@ from torch.nn.modules import module as torch_module
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
-from nanovllm.ops.activation import silu_and_mul
+from nanovllm.ops.activation import linear_silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.linear import BatchInvariantLinear, linear_or_partials
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
@@ -106,7 +106,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)          # row-parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = silu_and_mul(self.gate_up_proj(x))                                  # [T, 2I] -> [T, I]
+        x = linear_silu_and_mul(x, self.gate_up_proj)                           # [T, 2I] -> [T, I]
         x = linear_or_partials(x, self.down_proj, self.parallel.world_size == 1)   # [T, H] or [S, T, H]
         return self.parallel.all_reduce(x)                                      # ranks' partial sums -> their sum
 

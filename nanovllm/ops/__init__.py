@@ -59,3 +59,23 @@ def use_numba(*tensors: torch.Tensor) -> bool:
 def sm_count(device: torch.device) -> int:
     """The number of multiprocessors of a CUDA device: the kernels size their grids and splits by it."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Programmatic dependent launch (Hopper and later): the FP8 GEMV of a one-sequence decode step is
+# launched while the kernel before it still runs, loads its first weight tile (which no kernel
+# writes), and waits (`gdc_wait`) for that kernel's outputs only then; the kernels before GEMVs
+# (the norms, SiLU-and-mul, the attention's merge) let it launch from their first instruction
+# (`gdc_launch_dependents`). Measured by tools/pdl_probe.py and the latency benchmark.
+PDL = True
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device take part in programmatic dependent launch: PDL is on and the
+    device is a CUDA GPU of compute capability 9 or later (the interpreter's CPU tensors never)."""
+    return PDL and x.is_cuda and _pdl_capable(x.device.index if x.device.index is not None
+                                              else torch.cuda.current_device())

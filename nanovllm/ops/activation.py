@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nanovllm.ops import use_triton
 
@@ -22,3 +23,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from nanovllm.ops.activation_triton import silu_and_mul_triton
         return silu_and_mul_triton(x)
     return silu_and_mul_torch(x)
+
+
+def linear_silu_and_mul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """silu_and_mul(layer(x)) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
+    (Fp8Linear: one kernel at one row) computes both."""
+    fused = getattr(layer, "forward_silu_and_mul", None)
+    return fused(x) if fused is not None else silu_and_mul(layer(x))

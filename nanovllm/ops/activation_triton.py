@@ -9,9 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.ops import use_pdl
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTERMEDIATE
@@ -34,6 +39,6 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 2 * intermediate)
     block = min(1024, triton.next_power_of_2(intermediate))
     grid = (x.shape[0], triton.cdiv(intermediate, block))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block,
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, PDL=use_pdl(x),
                                num_warps=max(1, block // 256))
     return out

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops import sm_count
+from nanovllm.ops import sm_count, use_pdl
 from nanovllm.ops.attention_metadata import AttentionMetadata
 from nanovllm.ops.quant_format import FP8_DTYPE
 from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton, to_cache
@@ -259,7 +259,9 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr,
                          stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -471,5 +473,5 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
             partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             NUM_SPLITS=num_kv_splits, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=1)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PDL=use_pdl(out), num_warps=1)
     return out

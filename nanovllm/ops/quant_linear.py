@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
+from nanovllm.ops.activation import silu_and_mul
 from nanovllm.ops.quant_format import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, PACK_FACTOR,
                                        w4a16_block_k)
 
@@ -103,6 +104,16 @@ def fp8_linear_or_partials(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
         from nanovllm.ops.quant_linear_triton import fp8_linear_partials_triton
         return fp8_linear_partials_triton(x, weight, weight_scale, bias)
     return fp8_linear_torch(x, weight, weight_scale, bias)
+
+
+def fp8_linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(fp8_linear(x, ...)) for gate_up_proj's [gate | up] weight: [M, 2 I] -> [M, I];
+    on the GPU at one row in one kernel (quant_linear_triton.py)."""
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import fp8_linear_silu_and_mul_triton
+        return fp8_linear_silu_and_mul_triton(x, weight, weight_scale, bias)
+    return silu_and_mul(fp8_linear_torch(x, weight, weight_scale, bias))
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops import sm_count
+from nanovllm.ops import sm_count, use_pdl
 from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, w4a16_block_k
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
@@ -225,21 +225,51 @@ def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_sca
     return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
 
 
+# gate_up_proj's one-row FP8 GEMV writes silu(gate) * up itself, instead of [gate | up] for a
+# SiLU-and-mul kernel after it (fp8_linear_silu_and_mul_triton).
+FUSED_SILU = True
+
+
+def fp8_linear_silu_and_mul_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(fp8_linear_triton(x, weight, weight_scale, bias)): x [M, K], weight [2 I, K]
+    ([gate | up]) -> [M, I]. At one row (the weight-only GEMV) in one kernel, the gate's rows and
+    the up rows beside them in each program; the tile has half the usual rows of each, so a step
+    reads as many bytes as the plain GEMV's."""
+    (num_rows, in_features), out_features = x.shape, weight.shape[0]
+    if FUSED_SILU and 0 < num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS and bias is None:
+        tiles = choose_fp8_gemv_tiles(num_rows, out_features, in_features, x.device)
+        if tiles.split_k == 1:
+            return fp8_linear_tiles(x, weight, weight_scale, None, replace(tiles, block_n=max(1, tiles.block_n // 2)),
+                                    gated=True)
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+    return silu_and_mul_triton(fp8_linear_triton(x, weight, weight_scale, bias))
+
+
 def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                     tiles: Tiles) -> torch.Tensor:
+                     tiles: Tiles, gated: bool = False) -> torch.Tensor:
     """The product with the tiles given (tools/gpu_quant.sh times several): [M, N] in x's dtype, or
-    with K split the partials [S, M, N] float32."""
+    with K split the partials [S, M, N] float32. gated (the GEMV's tiles, unsplit, no bias): the
+    weight is gate_up_proj's [gate | up], and the result silu(gate) * up [M, N / 2]."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
     if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
+        if gated:
+            if tiles.split_k > 1 or bias is not None:
+                raise ValueError("the gated FP8 GEMV takes an unsplit product without a bias")
+            out_features //= 2                          # [gate | up] -> silu(gate) * up
         out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
         k_per_split = _k_per_split(in_features, tiles)
+        pdl = {"launch_pdl": True} if use_pdl(x) else {}
         _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
             in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, USE_PDL=bool(pdl),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl)
         return out
+    if gated:
+        raise ValueError("only the FP8 GEMV (one row) is gated")
     if tiles.quantize_x:
         a, a_scale = x, weight_scale          # a_scale is not read
     else:
@@ -258,29 +288,60 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x, K_PER_SPLIT,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GATED: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Weight-only (W8A16; BLOCK_M 1 as the engine launches it): each step loads a [BLOCK_N,
     BLOCK_K] tile of e4m3 codes, 16 contiguous bytes a thread along K, widens them to float32 in
     registers and multiplies them by x in float32 on the FMA units; the products add up in a
     [BLOCK_M, BLOCK_N, BLOCK_K] accumulator that is reduced along K once, after the loop (no
     shuffles in the loop), and the channel's scale is applied once, to the sum. x stays in its
-    own precision: no quantization kernel before the product, and no e4m3 rounding of it."""
+    own precision: no quantization kernel before the product, and no e4m3 rounding of it.
+
+    GATED (gate_up_proj, unsplit, no bias): the weight is [gate | up], 2 N rows; the program
+    multiplies gate rows n and up rows N + n and writes silu(gate) * up [M, N], each rounded to
+    out's dtype where silu_and_mul would round it, so no SiLU-and-mul kernel follows.
+    USE_PDL (launched with launch_pdl): the first step's weights are loaded before the kernel waits
+    for the one before it (gdc_wait), which wrote x."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_x + offs_k[None, None, :]        # [BM, 1, BK]
     w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None] * K + offs_k[None, None, :]               # [1, BN, BK]
+    up_rows = w_ptr + (offs_n.to(tl.int64) + N)[None, :, None] * K + offs_k[None, None, :]       # GATED: row N + n
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)       # GATED only
     k_start = tl.program_id(2) * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    # The first step apart: its weights are in flight before x can be read.
+    mask_k = (k_start + offs_k < k_end)[None, None, :]
+    w = tl.load(w_rows + k_start, mask=mask_n[None, :, None] & mask_k, other=0.0)                 # [1, BN, BK] e4m3
+    if GATED:
+        w_up = tl.load(up_rows + k_start, mask=mask_n[None, :, None] & mask_k, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(x_rows + k_start, mask=mask_m[:, None, None] & mask_k, other=0.0).to(tl.float32)  # [BM, 1, BK]
+    acc += x * w.to(tl.float32)
+    if GATED:
+        acc_up += x * w_up.to(tl.float32)
+    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
         mask_k = (k0 + offs_k < K)[None, None, :]
-        w = tl.load(w_rows + k0, mask=mask_n[None, :, None] & mask_k, other=0.0)                  # [1, BN, BK] e4m3
-        x = tl.load(x_rows + k0, mask=mask_m[:, None, None] & mask_k, other=0.0)                  # [BM, 1, BK]
-        acc += x.to(tl.float32) * w.to(tl.float32)
+        w = tl.load(w_rows + k0, mask=mask_n[None, :, None] & mask_k, other=0.0)
+        if GATED:
+            w_up = tl.load(up_rows + k0, mask=mask_n[None, :, None] & mask_k, other=0.0)
+        x = tl.load(x_rows + k0, mask=mask_m[:, None, None] & mask_k, other=0.0).to(tl.float32)
+        acc += x * w.to(tl.float32)
+        if GATED:
+            acc_up += x * w_up.to(tl.float32)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    _store_tile(tl.sum(acc, axis=2) * w_scale[None, :], bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
-                HAS_BIAS)
+    out = tl.sum(acc, axis=2) * w_scale[None, :]                                                    # [BM, BN]
+    if GATED:
+        up_scale = tl.load(w_scale_ptr + N + offs_n, mask=mask_n, other=0.0)
+        gate = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = (tl.sum(acc_up, axis=2) * up_scale[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
+        out = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32) * up
+    _store_tile(out, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
 def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
@@ -343,11 +404,11 @@ def _w4_fma(products, x, words, j: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m, mask_n3, offs_word, k0,
+def _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3, offs_word, k0,
                       GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The W4A16 GEMV's step at k0: words [1, BN, W], their scales and zeros (a word's own where a
-    step spans several groups, else the row's [1, BN, 1]) and x [BM, BK], as stored: converted
-    where they are used, so that a prefetch does not wait for its data."""
+    """The W4A16 GEMV's weights at step k0: words [1, BN, W], their scales and zeros (a word's own
+    where a step spans several groups, else the row's [1, BN, 1]), as stored: converted where they
+    are used, so that a prefetch does not wait for its data."""
     WORDS: tl.constexpr = BLOCK_K // 8
     words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)               # [1, BN, W]
     if GROUP_SIZE < BLOCK_K:    # several groups a step: each word's own scale and zero
@@ -356,14 +417,14 @@ def _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m,
         groups = group_rows + k0 // GROUP_SIZE                                                     # [1, BN, 1]
     scale = tl.load(scales_ptr + groups, mask=mask_n3, other=0.0)
     zero = tl.load(zeros_ptr + groups, mask=mask_n3, other=0)
-    x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)                                      # [BM, BK]
-    return words, scale, zero, x
+    return words, scale, zero
 
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
                        K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
     """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
     loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
     on the FMA units: two instructions a weight, an AND and a fused multiply-add. The AND leaves
@@ -376,7 +437,9 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     scale once ([BLOCK_M, BLOCK_N, W] accumulators, reduced over W after the loop). With
     ZERO_IS_OFFSET (GGUF's w = q s - m) zeros holds the float offsets m:
     sum_k x_k (q_k s - m) = s sum_k x_k q_k - m sum_k x_k. With PREFETCH the loads of step k + 1
-    are issued before step k's multiplications, so that they are in flight meanwhile."""
+    are issued before step k's multiplications, so that they are in flight meanwhile. USE_PDL
+    (launched with launch_pdl): the kernel waits for the one before it (which wrote x) only after
+    loading its first step's weights (with PREFETCH; else at once)."""
     WORDS: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -390,18 +453,26 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    if PREFETCH:    # (a split past K loads the last step, and uses nothing)
-        words, scale, zero, x = _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m, mask_n3,
-                                                  offs_word, tl.minimum(k_start, K - BLOCK_K), GROUP_SIZE, BLOCK_K)
+    k_first = tl.minimum(k_start, K - BLOCK_K)      # (a split past K loads the last step, and uses nothing)
+    if PREFETCH:
+        words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3, offs_word,
+                                               k_first, GROUP_SIZE, BLOCK_K)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
+        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH:
+        x = tl.load(x_rows + k_first, mask=mask_m[:, None], other=0.0)                             # [BM, BK]
     for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
         if PREFETCH:    # the next step's words are in flight while this step's are multiplied (the last step
             # loads itself again rather than read past its split: no mask along K, so the loads stay 16 bytes wide)
-            words_next, scale_next, zero_next, x_next = _w4a16_gemv_loads(
-                x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m, mask_n3, offs_word,
-                tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), GROUP_SIZE, BLOCK_K)
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            words_next, scale_next, zero_next = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3,
+                                                                  offs_word, k_next, GROUP_SIZE, BLOCK_K)
+            x_next = tl.load(x_rows + k_next, mask=mask_m[:, None], other=0.0)
         else:
-            words, scale, zero, x = _w4a16_gemv_loads(x_rows, w_rows, scales_ptr, zeros_ptr, group_rows, mask_m,
-                                                      mask_n3, offs_word, k0, GROUP_SIZE, BLOCK_K)
+            words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3, offs_word, k0,
+                                                   GROUP_SIZE, BLOCK_K)
+            x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
         products = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
         # x[k0 + 8 w + j] for each j: [BM, 1, W] each, split off the last axis (4 a + 2 b + c)
@@ -530,7 +601,9 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
     if tiles.block_m <= GEMV_MAX_ROWS:
-        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch}
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "USE_PDL": use_pdl(x)}
+        if options["USE_PDL"]:
+            options["launch_pdl"] = True
     else:
         kernel, options = _w4a16_gemm_kernel, {}
     kernel[_launch_grid(num_rows, out_features, tiles)](

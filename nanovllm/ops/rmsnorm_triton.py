@@ -14,10 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.ops import use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, eps, inner, stride_x0, stride_x1,
-                     HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
+                     HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     x_row = (row // inner).to(tl.int64) * stride_x0 + (row % inner) * stride_x1
     offs = tl.arange(0, BLOCK_H)
@@ -33,7 +37,9 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, eps, inner, stride_x0, stride_x
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
                          stride_xs, stride_x, stride_r, NUM_PARTIALS: tl.constexpr,
-                         HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
+                         HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < HIDDEN
@@ -71,7 +77,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         inner, stride_x0, stride_x1 = 1, x.stride(0), 0
     block_h = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(out.numel() // hidden,)](x, weight, out, eps, inner, stride_x0, stride_x1,
-                                                HIDDEN=hidden, BLOCK_H=block_h, num_warps=_num_warps(block_h))
+                                                HIDDEN=hidden, BLOCK_H=block_h, PDL=use_pdl(x), num_warps=_num_warps(block_h))
     return out
 
 
@@ -93,5 +99,6 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     block_h = triton.next_power_of_2(hidden)
     _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, out, residual_out, eps, partials.stride(0),
                                         partials.stride(1), residual.stride(0), NUM_PARTIALS=partials.shape[0],
-                                        HIDDEN=hidden, BLOCK_H=block_h, num_warps=_num_warps(block_h))
+                                        HIDDEN=hidden, BLOCK_H=block_h, PDL=use_pdl(x),
+                                        num_warps=_num_warps(block_h))
     return out, residual_out

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanovllm.ops.activation import silu_and_mul_torch
+from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
 
@@ -45,6 +47,55 @@ def test_fp8_kernel_matches_reference_and_scaled_mm(num_rows, out_features, in_f
     scaled_mm = torch._scaled_mm(ref_q, weight.T, scale_a=ref_scale[:, None], scale_b=weight_scale[None, :],
                                  out_dtype=torch.bfloat16)
     assert relative_error(out, scaled_mm) < 1e-2
+
+
+@pytest.mark.parametrize("intermediate,hidden", [(8192, 2048), (14336, 4096)])    # Llama-3.2-1B, Llama-3.1-8B
+def test_fp8_gated_gemv_is_the_gemv_then_silu_and_mul(intermediate, hidden):
+    """gate_up_proj's one-row GEMV with the SiLU in its epilogue gives the bits of the plain GEMV
+    followed by the SiLU-and-mul kernel."""
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+    from nanovllm.ops.quant_linear_triton import fp8_linear_silu_and_mul_triton, fp8_linear_triton
+
+    x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(2 * intermediate, hidden, device=DEVICE) * 0.05)
+    fused = fp8_linear_silu_and_mul_triton(x, weight, weight_scale)
+    assert torch.equal(fused, silu_and_mul_triton(fp8_linear_triton(x, weight, weight_scale)))
+    assert relative_error(fused, silu_and_mul_torch(fp8_linear_torch(x, weight, weight_scale))) < 1e-2
+
+
+@pytest.mark.parametrize("gemv", ["fp8", "fp8-gated", "w4a16"])
+def test_gemv_launched_early_waits_for_its_input(gemv):
+    """In a CUDA graph the one-row GEMVs are launched with PDL while the RMSNorm before them runs
+    (the norm lets them start at once): they may load weights early, but must read the norm's output,
+    not what the buffer held before. Each replay normalizes a new input; every result must be the
+    eager one. (A GEMV that read x before its gdc_wait would see the last replay's x.)"""
+    from nanovllm.ops import use_pdl
+    from nanovllm.ops.quant_linear_triton import (fp8_linear_silu_and_mul_triton, fp8_linear_triton,
+                                                  w4a16_linear_triton)
+    from nanovllm.ops.rmsnorm_triton import rms_norm_triton
+
+    hidden, out_features = 4096, 28672
+    if gemv == "w4a16":
+        codes = torch.randint(0, 16, (out_features, hidden), device=DEVICE)
+        weights = (pack_int4(codes), torch.rand(out_features, hidden // 128, device=DEVICE) * 0.01,
+                   torch.full((out_features, hidden // 128), 8, dtype=torch.uint8, device=DEVICE))
+        product = w4a16_linear_triton
+    else:
+        weights = quantize_fp8_per_channel(torch.randn(out_features, hidden, device=DEVICE) * 0.02)
+        product = fp8_linear_silu_and_mul_triton if gemv == "fp8-gated" else fp8_linear_triton
+    norm_weight = torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    step = lambda x: product(rms_norm_triton(x, norm_weight, 1e-5), *weights)   # noqa: E731
+    assert use_pdl(norm_weight) == (torch.cuda.get_device_capability()[0] >= 9)
+    static_x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16)
+    step(static_x)                                                     # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_x)
+    for i in range(20):
+        x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16) * (1 + i)
+        static_x.copy_(x)
+        graph.replay()
+        assert torch.equal(static_out, step(x)), f"replay {i}"
 
 
 @pytest.mark.parametrize("num_rows", (1, 3) + BATCHES[1:])     # 3: the GEMV kernel with a masked row
@@ -141,20 +192,22 @@ def test_quantized_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, 
     assert error < max(3e-2, 0.75 * quantization_error), (error, quantization_error)
 
 
+@pytest.mark.parametrize("num_seqs", [1, 13])
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])
-def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, method, monkeypatch):
+def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, method, num_seqs, monkeypatch):
     """13 sequences: the decode graph (batch 16, the 3 padding rows zeros) gives the eager tokens, and
     their log-probabilities to float32 rounding. A row's quantized products do not depend on the other
     rows (13 and 16 rows take the same tiles, and FP8 quantizes each row's activations alone), so the
     two runs must agree exactly, not merely to a near-tie. Attention is held to one split of the
     context in both: the graph's split count follows the block table's width and the eager step's its
     context (a different summation order on purpose, which the attention tests bound), and this
-    sharp bfloat16 model turns one flipped rounding there into a different token."""
+    sharp bfloat16 model turns one flipped rounding there into a different token. One sequence: the
+    one-row kernels (FP8: the weight-only GEMVs launched early with PDL, gate_up_proj's with its SiLU)."""
     from nanovllm import LLM, SamplingParams
     from nanovllm.ops import attention_triton
 
     monkeypatch.setattr(attention_triton, "_step_kv_splits", lambda *args: 1)
-    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(num_seqs)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     runs = []
     for enforce_eager in (False, True):

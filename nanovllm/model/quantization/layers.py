@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials, w4a16_linear,
+from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials,
+                                       fp8_linear_silu_and_mul, w4a16_linear,
                                        w4a16_linear_or_partials, w8a16_linear, w8a16_linear_or_partials)
 
 
@@ -41,6 +42,10 @@ class Fp8Linear(nn.Module):
     def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
         return fp8_linear_or_partials(x, self.weight, self.weight_scale, self.bias)
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul(forward(x)) for gate_up_proj, fused where the kernel can (ops/activation.py)."""
+        return fp8_linear_silu_and_mul(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"fp8, in_features={self.in_features}, out_features={self.out_features}"
