@@ -314,7 +314,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stri
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     # The first step apart: its weights are in flight before x can be read.
-    mask_k = (k_start + offs_k < k_end)[None, None, :]
+    mask_k = (k_start + offs_k < K)[None, None, :]      # (a whole step lies in the split, or past K)
     w = tl.load(w_rows + k_start, mask=mask_n[None, :, None] & mask_k, other=0.0)                 # [1, BN, BK] e4m3
     if GATED:
         w_up = tl.load(up_rows + k_start, mask=mask_n[None, :, None] & mask_k, other=0.0)
