@@ -17,6 +17,8 @@ from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8
                                        quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 DEVICE = "cuda"
 BATCHES = (1, 7, 64, 256)
@@ -63,12 +65,34 @@ def test_fp8_gated_gemv_is_the_gemv_then_silu_and_mul(intermediate, hidden):
     assert relative_error(fused, silu_and_mul_torch(fp8_linear_torch(x, weight, weight_scale))) < 1e-2
 
 
+@triton.jit
+def _slow_copy_kernel(src_ptr, dst_ptr, N, SPINS: tl.constexpr, BLOCK: tl.constexpr):
+    """dst = src, written only after SPINS dependent float steps (t = t / 2 + v / 2 = v, exactly),
+    having let the next kernel launch from its first instruction, as the norms do."""
+    tl.extra.cuda.gdc_launch_dependents()
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    t = v
+    for _ in range(SPINS):
+        t = t * 0.5 + v * 0.5
+    tl.store(dst_ptr + offs, t.to(dst_ptr.dtype.element_ty), mask=offs < N)
+
+
+def slow_copy(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _slow_copy_kernel[(1,)](x, out, x.numel(), SPINS=20000, BLOCK=triton.next_power_of_2(x.numel()), num_warps=8)
+    return out
+
+
+@pytest.mark.parametrize("before", ["rms-norm", "slow-copy"])
 @pytest.mark.parametrize("gemv", ["fp8", "fp8-gated", "w4a16"])
-def test_gemv_launched_early_waits_for_its_input(gemv):
-    """In a CUDA graph the one-row GEMVs are launched with PDL while the RMSNorm before them runs
-    (the norm lets them start at once): they may load weights early, but must read the norm's output,
-    not what the buffer held before. Each replay normalizes a new input; every result must be the
-    eager one. (A GEMV that read x before its gdc_wait would see the last replay's x.)"""
+def test_gemv_launched_early_waits_for_its_input(gemv, before):
+    """In a CUDA graph the one-row GEMVs are launched with PDL while the kernel before them runs (the
+    norms let them start at once): they may load weights early, but must read that kernel's output,
+    not what the buffer held before. Each replay writes a new input; every result must be the eager
+    one. (A GEMV that read x before its gdc_wait would see the last replay's x.) Before them: the
+    RMSNorm, as in the model, and a copy that writes x only after tens of microseconds, so that an
+    early read cannot be in time by luck."""
     from nanovllm.ops import use_pdl
     from nanovllm.ops.quant_linear_triton import (fp8_linear_silu_and_mul_triton, fp8_linear_triton,
                                                   w4a16_linear_triton)
@@ -84,7 +108,10 @@ def test_gemv_launched_early_waits_for_its_input(gemv):
         weights = quantize_fp8_per_channel(torch.randn(out_features, hidden, device=DEVICE) * 0.02)
         product = fp8_linear_silu_and_mul_triton if gemv == "fp8-gated" else fp8_linear_triton
     norm_weight = torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5
-    step = lambda x: product(rms_norm_triton(x, norm_weight, 1e-5), *weights)   # noqa: E731
+    if before == "rms-norm":
+        step = lambda x: product(rms_norm_triton(x, norm_weight, 1e-5), *weights)   # noqa: E731
+    else:
+        step = lambda x: product(slow_copy(x), *weights)                            # noqa: E731
     assert use_pdl(norm_weight) == (torch.cuda.get_device_capability()[0] >= 9)
     static_x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16)
     step(static_x)                                                     # compile outside the capture
