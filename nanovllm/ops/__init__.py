@@ -61,11 +61,11 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Programmatic dependent launch (Hopper and later): the FP8 GEMV of a one-sequence decode step is
-# launched while the kernel before it still runs, loads its first weight tile (which no kernel
-# writes), and waits (`gdc_wait`) for that kernel's outputs only then; the kernels before GEMVs
-# (the norms, SiLU-and-mul, the attention's merge) let it launch from their first instruction
-# (`gdc_launch_dependents`). Measured by tools/pdl_probe.py and the latency benchmark.
+# Programmatic dependent launch (Hopper and later): the FP8 and W4A16 GEMVs of a one-sequence decode
+# step are launched while the kernel before them still runs, load their first weight step (which no
+# kernel writes), and only then wait (`gdc_wait`) for that kernel's outputs; the kernels before GEMVs
+# (the norms, SiLU-and-mul, the attention's merge) let them launch from their first instruction
+# (`gdc_launch_dependents`). Figures: docs/reference/gpu-kernels.md.
 PDL = True
 
 

@@ -7,6 +7,9 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   reference defines it at that many rows. Each step loads a [BLOCK_N, BLOCK_K] tile of e4m3
   codes, 16 contiguous bytes a thread, widens them to float32 in registers and multiplies them
   by x on the FMA units; the channel's scale multiplies the sum. No kernel quantizes x first.
+  gate_up_proj's takes the gate's rows and the up rows beside them, and writes silu(gate) * up
+  (fp8_linear_silu_and_mul_triton). On Hopper the one-row GEMVs (FP8, W4A16) are launched early
+  (launch_pdl): the first step's weights are loaded before waiting for the kernel that wrote x.
 - **FP8, more rows**: the GEMM multiplies e4m3 tiles on the tensor cores (`tl.dot` on fp8e4nv,
   float32 accumulators) and applies scale_x[m] * scale_w[n] (and the bias) once, in the
   epilogue. The weight is read as stored: one byte a weight. The activations are quantized per
