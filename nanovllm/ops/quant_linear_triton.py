@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import sm_count, use_pdl
+from nanovllm.ops.activation_triton import silu_and_mul_triton
 from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, w4a16_block_k
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
@@ -95,6 +96,12 @@ def _launch_grid(num_rows: int, out_features: int, tiles: Tiles) -> tuple[int, i
 def _k_per_split(in_features: int, tiles: Tiles) -> int:
     """The length of K each split program covers: a whole number of block_k steps."""
     return triton.cdiv(triton.cdiv(in_features, tiles.block_k), tiles.split_k) * tiles.block_k
+
+
+def _pdl_options(x: torch.Tensor) -> dict:
+    """The launch options of a GEMV that may start before the kernel writing x ends: USE_PDL, and
+    launch_pdl where the device takes part (ops/__init__.py)."""
+    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(x) else {"USE_PDL": False}
 
 
 def _output(num_rows: int, out_features: int, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
@@ -245,7 +252,6 @@ def fp8_linear_silu_and_mul_triton(x: torch.Tensor, weight: torch.Tensor, weight
         if tiles.split_k == 1:
             return fp8_linear_tiles(x, weight, weight_scale, None, replace(tiles, block_n=max(1, tiles.block_n // 2)),
                                     gated=True)
-    from nanovllm.ops.activation_triton import silu_and_mul_triton
     return silu_and_mul_triton(fp8_linear_triton(x, weight, weight_scale, bias))
 
 
@@ -264,12 +270,11 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
             out_features //= 2                          # [gate | up] -> silu(gate) * up
         out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
         k_per_split = _k_per_split(in_features, tiles)
-        pdl = {"launch_pdl": True} if use_pdl(x) else {}
         _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
             x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
             in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, USE_PDL=bool(pdl),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl)
+            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages, **_pdl_options(x))
         return out
     if gated:
         raise ValueError("only the FP8 GEMV (one row) is gated")
@@ -287,6 +292,27 @@ def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     return out
 
 
+
+
+@triton.jit
+def _fp8_gemv_weights(w_rows, up_rows, k0, mask, GATED: tl.constexpr):
+    """The FP8 GEMV's e4m3 tiles [1, BN, BK] at step k0: the rows', and with GATED the up rows' (else
+    the rows' again, unused)."""
+    w = tl.load(w_rows + k0, mask=mask, other=0.0)
+    w_up = w
+    if GATED:
+        w_up = tl.load(up_rows + k0, mask=mask, other=0.0)
+    return w, w_up
+
+
+@triton.jit
+def _fp8_gemv_accumulate(acc, acc_up, x_rows, k0, mask, w, w_up, GATED: tl.constexpr):
+    """Load x [BM, 1, BK] at step k0 and add its products with the step's tiles to the accumulators."""
+    x = tl.load(x_rows + k0, mask=mask, other=0.0).to(tl.float32)
+    acc += x * w.to(tl.float32)
+    if GATED:
+        acc_up += x * w_up.to(tl.float32)
+    return acc, acc_up
 
 
 @triton.jit
@@ -312,31 +338,22 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stri
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_x + offs_k[None, None, :]        # [BM, 1, BK]
     w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None] * K + offs_k[None, None, :]               # [1, BN, BK]
     up_rows = w_ptr + (offs_n.to(tl.int64) + N)[None, :, None] * K + offs_k[None, None, :]       # GATED: row N + n
+    mask_m3, mask_n3 = mask_m[:, None, None], mask_n[None, :, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)       # GATED only
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     # The first step apart: its weights are in flight before x can be read.
     mask_k = (k_start + offs_k < K)[None, None, :]      # (a whole step lies in the split, or past K)
-    w = tl.load(w_rows + k_start, mask=mask_n[None, :, None] & mask_k, other=0.0)                 # [1, BN, BK] e4m3
-    if GATED:
-        w_up = tl.load(up_rows + k_start, mask=mask_n[None, :, None] & mask_k, other=0.0)
+    w, w_up = _fp8_gemv_weights(w_rows, up_rows, k_start, mask_n3 & mask_k, GATED)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
         tl.extra.cuda.gdc_launch_dependents()
-    x = tl.load(x_rows + k_start, mask=mask_m[:, None, None] & mask_k, other=0.0).to(tl.float32)  # [BM, 1, BK]
-    acc += x * w.to(tl.float32)
-    if GATED:
-        acc_up += x * w_up.to(tl.float32)
+    acc, acc_up = _fp8_gemv_accumulate(acc, acc_up, x_rows, k_start, mask_m3 & mask_k, w, w_up, GATED)
     for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
         mask_k = (k0 + offs_k < K)[None, None, :]
-        w = tl.load(w_rows + k0, mask=mask_n[None, :, None] & mask_k, other=0.0)
-        if GATED:
-            w_up = tl.load(up_rows + k0, mask=mask_n[None, :, None] & mask_k, other=0.0)
-        x = tl.load(x_rows + k0, mask=mask_m[:, None, None] & mask_k, other=0.0).to(tl.float32)
-        acc += x * w.to(tl.float32)
-        if GATED:
-            acc_up += x * w_up.to(tl.float32)
+        w, w_up = _fp8_gemv_weights(w_rows, up_rows, k0, mask_n3 & mask_k, GATED)
+        acc, acc_up = _fp8_gemv_accumulate(acc, acc_up, x_rows, k0, mask_m3 & mask_k, w, w_up, GATED)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
     out = tl.sum(acc, axis=2) * w_scale[None, :]                                                    # [BM, BN]
     if GATED:
@@ -604,9 +621,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
     if tiles.block_m <= GEMV_MAX_ROWS:
-        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "USE_PDL": use_pdl(x)}
-        if options["USE_PDL"]:
-            options["launch_pdl"] = True
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, **_pdl_options(x)}
     else:
         kernel, options = _w4a16_gemm_kernel, {}
     kernel[_launch_grid(num_rows, out_features, tiles)](

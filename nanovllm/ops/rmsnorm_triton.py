@@ -77,7 +77,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         inner, stride_x0, stride_x1 = 1, x.stride(0), 0
     block_h = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(out.numel() // hidden,)](x, weight, out, eps, inner, stride_x0, stride_x1,
-                                                HIDDEN=hidden, BLOCK_H=block_h, PDL=use_pdl(x), num_warps=_num_warps(block_h))
+                                                HIDDEN=hidden, BLOCK_H=block_h, PDL=use_pdl(x),
+                                                num_warps=_num_warps(block_h))
     return out
 
 
