@@ -350,10 +350,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     of 16), no thread spills registers to local memory: a spilling tile reads its own stack from
     memory on every step (the first W4A16 kernel spilled 1.5 KB a thread at 128 x 128)."""
     triton = pytest.importorskip("triton")
-    import inspect
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from test_triton_compile import compile_for_hopper
 
     from nanovllm.ops import quant_linear_triton as kernels
 
@@ -381,19 +378,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
-    parameters = inspect.signature(kernel.fn).parameters
-    params = list(parameters)
-    constexprs = {**{param: p.default for param, p in parameters.items() if p.default is not inspect.Parameter.empty},
-                  **constexprs}
-    signature = {param: "constexpr" if param in constexprs else types.get(param, "*bf16") if param.endswith("_ptr")
-                 else "i32" for param in params}
-    multiples_of_16 = {(index,): [["tt.divisibility", 16]] for index, param in enumerate(params)
-                       if param not in constexprs and (param.endswith("_ptr") or param.startswith("stride")
-                                                       or param in ("K", "K_PER_SPLIT"))}
-    source = ASTSource(fn=kernel, signature=signature, attrs=multiples_of_16,
-                       constexprs={(params.index(param),): value for param, value in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,

@@ -29,9 +29,12 @@ FLOAT_ARGS = {"scale_log2", "eps", "k_scale", "v_scale"}
 FP8_CACHE = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype="fp8"
 
 
-def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None, **options):
+def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None, aligned: bool = False,
+                       **options):
     """triton.compile `kernel` with these constexprs for sm_90 -> the compiled kernel (its cubin).
-    options: num_warps and num_stages as the engine launches the kernel (Triton's defaults otherwise)."""
+    aligned: the pointers, the strides, K and K_PER_SPLIT are multiples of 16, as a launch at Llama's
+    shapes specializes them. options: num_warps and num_stages as the engine launches the kernel
+    (Triton's defaults otherwise)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -48,7 +51,10 @@ def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = No
             signature[name] = types.get(name, "*bf16")
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    source = ASTSource(fn=kernel, signature=signature,
+    multiples_of_16 = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(params)
+                       if aligned and name not in constexprs
+                       and (name.endswith("_ptr") or name.startswith("stride") or name in ("K", "K_PER_SPLIT"))}
+    source = ASTSource(fn=kernel, signature=signature, attrs=multiples_of_16,
                        constexprs={(params.index(name),): value for name, value in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from nanovllm.ops.activation import silu_and_mul_torch
-from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
 
@@ -108,10 +107,8 @@ def test_gemv_launched_early_waits_for_its_input(gemv, before):
         weights = quantize_fp8_per_channel(torch.randn(out_features, hidden, device=DEVICE) * 0.02)
         product = fp8_linear_silu_and_mul_triton if gemv == "fp8-gated" else fp8_linear_triton
     norm_weight = torch.rand(hidden, device=DEVICE, dtype=torch.bfloat16) + 0.5
-    if before == "rms-norm":
-        step = lambda x: product(rms_norm_triton(x, norm_weight, 1e-5), *weights)   # noqa: E731
-    else:
-        step = lambda x: product(slow_copy(x), *weights)                            # noqa: E731
+    first = slow_copy if before == "slow-copy" else lambda x: rms_norm_triton(x, norm_weight, 1e-5)
+    step = lambda x: product(first(x), *weights)                                   # noqa: E731
     assert use_pdl(norm_weight) == (torch.cuda.get_device_capability()[0] >= 9)
     static_x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16)
     step(static_x)                                                     # compile outside the capture
