@@ -28,7 +28,7 @@ from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotar
 from conftest import IN_INTERPRETER, PoisonedTorch, in_interpreter, run_in_interpreter
 
 KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton",
-                  "matmul_triton")
+                  "matmul_triton", "fp8_rows_triton")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
@@ -57,7 +57,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = list({id(value): value for module in vars(kernels).values() for value in vars(module).values()
                   if isinstance(value, (InterpretedFunction, JITFunction))}.values())   # once each, if imported
-    assert len(found) == 16
+    assert len(found) == 20
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -493,6 +493,40 @@ def test_silu_and_mul_kernel_matches_reference(kernels, intermediate, dtype):
     x = (torch.randn(3, 2 * intermediate) * 4).to(dtype)
     out = kernels.activation_triton.silu_and_mul_triton(x)
     torch.testing.assert_close(out, silu_and_mul_torch(x), **TOLERANCE[dtype])
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("features", [37, 1100])
+def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, features, dtype):
+    """fp8=True: the kernel writes the e4m3 codes and row scales that quantizing its 16-bit output
+    would give (quantize_fp8_rows_triton, itself tested against the torch reference in
+    test_quant_kernels.py): the same bits, a row of zeros included."""
+    from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
+
+    def assert_same_rows(rows, plain):
+        expected = quantize_fp8_rows_triton(plain)
+        assert rows.dtype == plain.dtype and rows.codes.shape == plain.shape
+        assert torch.equal(rows.scale, expected.scale)
+        assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
+
+    generator = torch.Generator().manual_seed(features)
+    x = (torch.randn(5, features, generator=generator) * torch.linspace(0.5, 8, 5)[:, None]).to(dtype)
+    x[2] = 0.0
+    weight = torch.randn(features, generator=generator).to(dtype)
+    norms = kernels.rmsnorm_triton
+    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, fp8=True), norms.rms_norm_triton(x, weight, 1e-6))
+    partials = torch.randn(3, 5, features, generator=generator)                     # float32 partial sums of x
+    residual = torch.randn(5, features, generator=generator).to(dtype)
+    for given in (x, partials):
+        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, fp8=True)
+        plain, plain_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6)
+        assert_same_rows(rows, plain)
+        assert torch.equal(new_residual, plain_residual)
+    gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
+    gate_up[4] = 0.0
+    silu = kernels.activation_triton.silu_and_mul_triton
+    assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
 
 
 @in_interpreter

@@ -282,6 +282,33 @@ def test_online_quantization_stays_near_the_float_model(tiny_llama, method, laye
     assert_logits_close(PagedSequence(quantized).step(PROMPT), PagedSequence(float_model).step(PROMPT), rel=rel)
 
 
+def test_fp8_products_take_their_rows_quantized_by_the_kernel_before(tiny_llama, monkeypatch):
+    """In an FP8 model the norms hand qkv_proj and gate_up_proj their rows already quantized
+    (Fp8Rows), and SiLU-and-mul hands down_proj its; o_proj, after the attention, quantizes its
+    own. Quantizing where the rows are computed is the same rounding as in the product, so the
+    prompt's and a decode step's logits are the same bits with and without it."""
+    from nanovllm.model.quantization import layers
+    from nanovllm.ops import quant_linear
+    from nanovllm.ops.quant_format import Fp8Rows
+
+    model = _load(tiny_llama, quantization="fp8")
+    taken = []      # whether each product was given Fp8Rows, in the order of the calls
+    for name in ("fp8_linear", "fp8_linear_or_partials", "fp8_linear_silu_and_mul"):
+        product = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda x, *args, product=product: taken.append(isinstance(x, Fp8Rows))
+                            or product(x, *args))
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(quant_linear, "FP8_ROWS_FROM_PRODUCER", fused)
+        taken.clear()
+        sequence = PagedSequence(model)
+        runs.append((sequence.step(PROMPT), sequence.step([11])))
+        per_layer = taken[:4]                    # the first layer's prompt: qkv, o, gate_up, down
+        assert per_layer == ([True, False, True, True] if fused else [False] * 4)
+    for fused, unfused in zip(*runs):
+        assert torch.equal(fused, unfused)
+
+
 def test_unknown_quantization_method_is_named_in_the_error(tiny_llama, tmp_path):
     from nanovllm.model.errors import ModelLoadError
 

@@ -10,8 +10,6 @@ on codes quantized by torch; tests/gpu/test_quant_gpu.py checks the whole op.
 """
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -151,7 +149,7 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
     k_per_split = triton.cdiv(triton.cdiv(in_features, 32), split_k) * 32
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         xq, x_scale, weight, weight_scale, b if bias else weight_scale, out, num_rows, out_features, in_features,
-        xq.stride(0), k_per_split, HAS_BIAS=bias, QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
+        xq.stride(0), k_per_split, HAS_BIAS=bias, QUANTIZE_A=False,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
     torch.testing.assert_close(out.sum(0), fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
 
@@ -275,6 +273,7 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
     pytest.importorskip("triton")
     from test_triton_compile import compile_for_hopper
 
+    from nanovllm.ops import fp8_rows_triton
     from nanovllm.ops import quant_linear_triton as kernels
 
     fp8 = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
@@ -285,7 +284,7 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
     for quantize in (False, True) if block_m == 16 else (False,):     # decode tiles may quantize x themselves
         fp8["a_ptr"] = "*bf16" if quantize else "*fp8e4nv"
         compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
-                                      dict(HAS_BIAS=False, QUANTIZE_A=quantize, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448,
+                                      dict(HAS_BIAS=False, QUANTIZE_A=quantize,
                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8, **tile)
         assert compiled.asm["cubin"]
     gemv_rows = 1 if block_m == 16 else kernels.GEMV_MAX_ROWS
@@ -320,8 +319,7 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                           {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": "*bf16"},
                                           num_warps=4, num_stages=1, launch_pdl=True)
             assert "griddepcontrol.wait" in compiled.asm["ptx"]
-        assert compile_for_hopper(kernels._quantize_fp8_rows_kernel,
-                                  dict(FP8_MAX=448.0, MIN_SCALE=1e-12 / 448, BLOCK_K=2048),
+        assert compile_for_hopper(fp8_rows_triton._quantize_fp8_rows_kernel, dict(BLOCK_K=2048),
                                   {"x_ptr": "*bf16", "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}, num_warps=4).asm["cubin"]
         assert compile_for_hopper(kernels._sum_partials_kernel, dict(NUM_PARTIALS=4, BLOCK=1024),
                                   {"partial_ptr": "*fp32", "out_ptr": "*bf16"}).asm["cubin"]
@@ -337,6 +335,7 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),
     ("_fp8_gemm_kernel", 32, 128, 4, 3), ("_fp8_gemm_kernel", 64, 128, 4, 3), ("_fp8_gemm_kernel", 128, 128, 8, 3),
+    ("_fp8_gemm_kernel/k256", 64, 64, 4, 4),      # 33 to 64 rows, 64 outputs: steps of 256 along K
     ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k1024", 1, 8, 4, 1),
     ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1), ("_fp8_gemv_kernel/gated-k512", 1, 4, 4, 1),   # gate_up_proj + SiLU
     ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
@@ -349,14 +348,11 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     """Compiled as a launch at Llama's shapes specializes them (pointers, K and the strides multiples
     of 16), no thread spills registers to local memory: a spilling tile reads its own stack from
     memory on every step (the first W4A16 kernel spilled 1.5 KB a thread at 128 x 128)."""
-    triton = pytest.importorskip("triton")
-    from test_triton_compile import compile_for_hopper
+    pytest.importorskip("triton")
+    from test_triton_compile import compile_for_hopper, resource_usage
 
     from nanovllm.ops import quant_linear_triton as kernels
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("this Triton ships no cuobjdump")
     name, _, variant = name.partition("/")
     kernel = getattr(kernels, name)
     constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
@@ -364,7 +360,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         constexprs.update(BLOCK_K=int(variant.rpartition("k")[2]), GATED=variant.startswith("gated"), USE_PDL=True)
         types = {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}
     elif name == "_fp8_gemm_kernel":
-        constexprs.update(QUANTIZE_A=False, FP8_MAX=448.0, MIN_SCALE=1e-12 / 448)
+        constexprs.update(QUANTIZE_A=False, BLOCK_K=256 if variant == "k256" else 128)
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
     elif name == "_w8a16_kernel":     # Q6_K's groups of 16, with the offsets of a mixed layer
         constexprs.update(GROUP_SIZE=16, HAS_OFFSETS=True, USE_DOT=block_m > kernels.GEMV_MAX_ROWS)
@@ -379,10 +375,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
+    usage = resource_usage(compiled, tmp_path)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
 
 

@@ -14,6 +14,7 @@ import inspect
 import pytest
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 from nanovllm.ops import (activation_triton, attention_triton, rmsnorm_triton,  # noqa: E402
                           rotary_triton, sampling_triton)
@@ -59,6 +60,20 @@ def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = No
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def resource_usage(compiled, tmp_path) -> str:
+    """cuobjdump's resource usage of a compiled kernel (registers, STACK and LOCAL bytes a thread)."""
+    import subprocess
+    from pathlib import Path
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this Triton ships no cuobjdump")
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    return subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 LLAMA = dict(GROUP=4, HEAD_DIM=64, HEAD_DIM_PAD=64)      # Llama-3.2-1B: 32 query heads on 8 KV heads
 QWEN3 = dict(GROUP=2, HEAD_DIM=128, HEAD_DIM_PAD=128)    # Qwen3-0.6B: 16 on 8, per-head q/k norm
 DECODE = dict(BLOCK_SIZE=16, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=128, BLOCK_B=64, DECODE=True, IEEE=False, NUM_STAGES=2)
@@ -86,21 +101,37 @@ def test_prefill_attention_compiles(fp8_kv):
                               {"out_ptr": "*bf16", **(FP8_CACHE if fp8_kv else {})}).asm["cubin"]
 
 
+ROWS_OUT = {False: {"out_ptr": "*bf16"}, True: {"out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}}   # by FP8_OUT
+
+
+@pytest.mark.parametrize("fp8_out", [False, True])
 @pytest.mark.parametrize("num_partials", [1, 4])
-def test_norm_kernels_compile(num_partials):
-    compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048), {"out_ptr": "*bf16"})
+def test_norm_kernels_compile(num_partials, fp8_out):
+    compile_for_hopper(rmsnorm_triton._rms_norm_kernel,
+                       dict(HIDDEN=4096, BLOCK_H=4096, ROUND_TO=tl.bfloat16, FP8_OUT=fp8_out), ROWS_OUT[fp8_out])
     compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
-                       dict(NUM_PARTIALS=num_partials, HIDDEN=2048, BLOCK_H=2048),
-                       {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", "out_ptr": "*bf16"})
+                       dict(NUM_PARTIALS=num_partials, HIDDEN=4096, BLOCK_H=4096, ROUND_TO=tl.bfloat16,
+                            FP8_OUT=fp8_out),
+                       {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", **ROWS_OUT[fp8_out]})
+
+
+def test_silu_and_mul_writing_fp8_rows_compiles_without_spills(tmp_path):
+    """One program a row of Llama-3.1-8B's 14,336 features (BLOCK 16,384, 16 warps, as the engine
+    launches it): the row's gate and up stay in registers for its amax."""
+    kernel = compile_for_hopper(activation_triton._silu_and_mul_kernel,
+                                dict(INTERMEDIATE=14336, BLOCK=16384, FP8_OUT=True, PDL=True), ROWS_OUT[True],
+                                aligned=True, num_warps=16)
+    usage = resource_usage(kernel, tmp_path)
+    assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
 
 
 def test_kernels_before_a_gemv_let_it_launch_early():
     """With PDL the norms, SiLU-and-mul and the attention's merge let the next kernel launch from
     their first instruction (the FP8 GEMV after them waits for their outputs itself)."""
-    kernels = [compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048, PDL=True),
-                                  {"out_ptr": "*bf16"}),
+    kernels = [compile_for_hopper(rmsnorm_triton._rms_norm_kernel,
+                                  dict(HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, PDL=True), {"out_ptr": "*bf16"}),
                compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
-                                  dict(NUM_PARTIALS=2, HIDDEN=2048, BLOCK_H=2048, PDL=True),
+                                  dict(NUM_PARTIALS=2, HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, PDL=True),
                                   {"x_ptr": "*fp32", "out_ptr": "*bf16"}),
                compile_for_hopper(activation_triton._silu_and_mul_kernel,
                                   dict(INTERMEDIATE=8192, BLOCK=1024, PDL=True), {"out_ptr": "*bf16"}),
@@ -109,7 +140,8 @@ def test_kernels_before_a_gemv_let_it_launch_early():
                                   {"out_ptr": "*bf16"})]
     for kernel in kernels:
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
-    plain = compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048), {"out_ptr": "*bf16"})
+    plain = compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16),
+                               {"out_ptr": "*bf16"})
     assert "griddepcontrol" not in plain.asm["ptx"]
 
 

@@ -2,6 +2,8 @@
 
 The gate and up projections are one fused matmul whose output holds
 [gate | up] side by side; this op splits it and combines the halves.
+fp8=True returns the result quantized per row (`Fp8Rows`) for down_proj's FP8 W8A8
+product: on the GPU the kernel writes the codes itself (activation_triton.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.ops import use_triton
+from nanovllm.ops.quant_format import Fp8Rows, quantize_fp8_rows_torch
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
@@ -18,15 +21,16 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     if use_triton(x):
         from nanovllm.ops.activation_triton import silu_and_mul_triton
-        return silu_and_mul_triton(x)
-    return silu_and_mul_torch(x)
+        return silu_and_mul_triton(x, fp8)
+    out = silu_and_mul_torch(x)
+    return quantize_fp8_rows_torch(out) if fp8 else out
 
 
-def linear_silu_and_mul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """silu_and_mul(layer(x)) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
+def linear_silu_and_mul(x: torch.Tensor | Fp8Rows, layer: nn.Module, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """silu_and_mul(layer(x), fp8) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
     (Fp8Linear: one kernel at one row) computes both."""
     fused = getattr(layer, "forward_silu_and_mul", None)
-    return fused(x) if fused is not None else silu_and_mul(layer(x))
+    return fused(x, fp8) if fused is not None else silu_and_mul(layer(x), fp8)

@@ -1,10 +1,12 @@
 """The stored formats of quantized weights, shared by the torch references (quant_linear.py) and the
 Triton kernels (quant_linear_triton.py), which both import from here.
 
-FP8 is e4m3fn with float32 scales; W4A16 packs eight 4-bit codes into each int32 along K, with a
-scale and a zero point per group of K.
+FP8 is e4m3fn with float32 scales (the activations' one a row: `quantize_fp8_per_token_torch`);
+W4A16 packs eight 4-bit codes into each int32 along K, with a scale and a zero point per group of K.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +16,38 @@ FP8_MIN_SCALE = 1e-12 / FP8_MAX    # keeps an all-zero row's scale positive (vLL
 # Up to this many rows an FP8 product is weight-only (W8A16): the activations are not quantized
 FP8_WEIGHT_ONLY_MAX_ROWS = 1
 PACK_FACTOR = 8                    # 4-bit codes per int32
+
+
+class Fp8Rows(NamedTuple):
+    """Activations already quantized per row for an FP8 W8A8 product, by the kernel that computed
+    them (an RMSNorm, SiLU-and-mul), so that the product needs no quantization kernel of its own:
+    codes [M, K] float8_e4m3fn, scale [M] float32 (x ~ codes * scale[:, None]), and dtype, the
+    dtype x had and the product's output takes."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    # as the unquantized rows' (the kernels' wrappers size their outputs by them)
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+def quantize_fp8_per_token_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M] float32), x ~ xq * scale[:, None]."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)                   # [M]
+    xq = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)                     # [M, K]
+    return xq, scale
+
+
+def quantize_fp8_rows_torch(x: torch.Tensor) -> Fp8Rows:
+    """x [M, K] -> its rows quantized for an FP8 W8A8 product (quantize_fp8_per_token_torch)."""
+    return Fp8Rows(*quantize_fp8_per_token_torch(x), x.dtype)
 
 
 def w4a16_block_k(group_size: int) -> int:

@@ -39,19 +39,30 @@ import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
 from nanovllm.ops.activation import silu_and_mul
-from nanovllm.ops.quant_format import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, PACK_FACTOR,
-                                       w4a16_block_k)
+from nanovllm.ops.quant_format import (FP8_DTYPE, FP8_WEIGHT_ONLY_MAX_ROWS, PACK_FACTOR, Fp8Rows,  # noqa: F401
+                                       quantize_fp8_per_token_torch, quantize_fp8_rows_torch, w4a16_block_k)
 
 
 
 # ---- FP8 -------------------------------------------------------------------------------------
 
-def quantize_fp8_per_token_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M] float32), x ~ xq * scale[:, None]."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)                   # [M]
-    xq = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)                     # [M, K]
-    return xq, scale
+def quantize_fp8_rows(x: torch.Tensor) -> Fp8Rows:
+    if use_triton(x):
+        from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
+        return quantize_fp8_rows_triton(x)
+    return quantize_fp8_rows_torch(x)
+
+
+# The kernel that writes an FP8 W8A8 product's input (RMSNorm, SiLU-and-mul) quantizes it too, when
+# the layer asks for Fp8Rows (takes_fp8_rows): one kernel launch and one pass over x fewer a product.
+FP8_ROWS_FROM_PRODUCER = True
+
+
+def takes_fp8_rows(layer, num_rows: int) -> bool:
+    """Whether `layer` at num_rows rows would quantize its input per row (an Fp8Linear's W8A8 product),
+    so that the kernel before it should hand it Fp8Rows instead of 16-bit rows."""
+    wants = getattr(layer, "takes_fp8_rows", None)
+    return FP8_ROWS_FROM_PRODUCER and wants is not None and wants(num_rows)
 
 
 def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +70,14 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
     return quantize_fp8_per_token_torch(weight)
 
 
-def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear_torch(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (16 or 32 bits), weight [N, K] float8_e4m3fn, weight_scale [N] float32,
     bias [N] or None -> [M, N] in x's dtype. x is quantized per row to e4m3 first (W8A8), except
     at up to FP8_WEIGHT_ONLY_MAX_ROWS rows (a decode step of one sequence), where the weight
-    multiplies x as it is (W8A16, fp8_weight_only_linear_torch)."""
+    multiplies x as it is (W8A16, fp8_weight_only_linear_torch). x may come quantized (Fp8Rows)."""
+    if isinstance(x, Fp8Rows):
+        return fp8_rows_linear_torch(x, weight, weight_scale, bias)
     if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
         return fp8_weight_only_linear_torch(x, weight, weight_scale, bias)
     return fp8_w8a8_linear_torch(x, weight, weight_scale, bias)
@@ -73,11 +86,16 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 def fp8_w8a8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """As fp8_linear_torch at any number of rows: x quantized per row to e4m3 (W8A8)."""
-    xq, x_scale = quantize_fp8_per_token_torch(x)
-    out = xq.float() @ weight.float().T * x_scale[:, None] * weight_scale.float()[None, :]   # [M, N]
+    return fp8_rows_linear_torch(quantize_fp8_rows_torch(x), weight, weight_scale, bias)
+
+
+def fp8_rows_linear_torch(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The W8A8 product of rows already quantized: [M, N] in the rows' dtype."""
+    out = rows.codes.float() @ weight.float().T * rows.scale[:, None] * weight_scale.float()[None, :]   # [M, N]
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(rows.dtype)
 
 
 def fp8_weight_only_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -89,31 +107,36 @@ def fp8_weight_only_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_s
     return out.to(x.dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def _rows_data(x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    """The tensor whose device picks the kernel: x, or an Fp8Rows' codes."""
+    return x.codes if isinstance(x, Fp8Rows) else x
+
+
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(_rows_data(x)):
         from nanovllm.ops.quant_linear_triton import fp8_linear_triton
         return fp8_linear_triton(x, weight, weight_scale, bias)
     return fp8_linear_torch(x, weight, weight_scale, bias)
 
 
-def fp8_linear_or_partials(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear_or_partials(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
-    if use_triton(x):
+    if use_triton(_rows_data(x)):
         from nanovllm.ops.quant_linear_triton import fp8_linear_partials_triton
         return fp8_linear_partials_triton(x, weight, weight_scale, bias)
     return fp8_linear_torch(x, weight, weight_scale, bias)
 
 
-def fp8_linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu_and_mul(fp8_linear(x, ...)) for gate_up_proj's [gate | up] weight: [M, 2 I] -> [M, I];
+def fp8_linear_silu_and_mul(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """silu_and_mul(fp8_linear(x, ...), fp8) for gate_up_proj's [gate | up] weight: [M, 2 I] -> [M, I];
     on the GPU at one row in one kernel (quant_linear_triton.py)."""
-    if use_triton(x):
+    if use_triton(_rows_data(x)):
         from nanovllm.ops.quant_linear_triton import fp8_linear_silu_and_mul_triton
-        return fp8_linear_silu_and_mul_triton(x, weight, weight_scale, bias)
-    return silu_and_mul(fp8_linear_torch(x, weight, weight_scale, bias))
+        return fp8_linear_silu_and_mul_triton(x, weight, weight_scale, bias, fp8)
+    return silu_and_mul(fp8_linear_torch(x, weight, weight_scale, bias), fp8)
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ import triton.language as tl
 
 from nanovllm.ops import sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
-from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, FP8_WEIGHT_ONLY_MAX_ROWS, w4a16_block_k
+from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
+from nanovllm.ops.quant_format import FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, w4a16_block_k
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
 GEMV_PROGRAMS_PER_SM = 8    # the weight-only GEMVs (FP8, W4A16) split K up to this many programs per SM
@@ -104,8 +105,9 @@ def _pdl_options(x: torch.Tensor) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if use_pdl(x) else {"USE_PDL": False}
 
 
-def _output(num_rows: int, out_features: int, x: torch.Tensor, tiles: Tiles) -> torch.Tensor:
-    """[M, N] in x's dtype, or with K split the float32 partials [S, M, N]."""
+def _output(num_rows: int, out_features: int, x: torch.Tensor | Fp8Rows, tiles: Tiles) -> torch.Tensor:
+    """[M, N] in x's dtype (Fp8Rows: the rows' unquantized dtype), or with K split the float32
+    partials [S, M, N]."""
     if tiles.split_k > 1:
         return torch.empty(tiles.split_k, num_rows, out_features, dtype=torch.float32, device=x.device)
     return torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
@@ -134,41 +136,16 @@ def sum_partials(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ---- FP8 -------------------------------------------------------------------------------------
 
-@triton.jit
-def _quantize_fp8_rows_kernel(x_ptr, xq_ptr, scale_ptr, stride_x, K, FP8_MAX: tl.constexpr,
-                              MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
-    tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-        tl.store(xq_ptr + row * K + k0 + offs, q.to(xq_ptr.dtype.element_ty), mask=k0 + offs < K)
-
-
 def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq [M, K] float8_e4m3fn, scale [M] float32), as quantize_fp8_per_token_torch."""
-    num_rows, in_features = x.shape
-    xq = torch.empty(num_rows, in_features, dtype=FP8_DTYPE, device=x.device)      # [M, K]
-    scale = torch.empty(num_rows, dtype=torch.float32, device=x.device)            # [M]
-    if num_rows:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        block = min(2048, triton.next_power_of_2(in_features))
-        _quantize_fp8_rows_kernel[(num_rows,)](x, xq, scale, x.stride(0), in_features, FP8_MAX=FP8_MAX,
-                                               MIN_SCALE=FP8_MIN_SCALE, BLOCK_K=block, num_warps=4)
-    return xq, scale
+    rows = quantize_fp8_rows_triton(x)
+    return rows.codes, rows.scale
 
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a, K_PER_SPLIT,
-                     HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, FP8_MAX: tl.constexpr,
-                     MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """a is e4m3 with its row scales, or with QUANTIZE_A the 16-bit activations themselves: the
     prologue then reads the program's rows over all of K for their amax, and each step quantizes
     its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would."""
@@ -183,7 +160,7 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        a_scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)                            # [BLOCK_M]
+        a_scale = fp8_row_scale(amax)                                               # [BLOCK_M]
     else:
         a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -192,8 +169,7 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
         mask_k = k0 + offs_k < K
         a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if QUANTIZE_A:
-            a = tl.minimum(tl.maximum(a.to(tl.float32) / a_scale[:, None], -FP8_MAX), FP8_MAX)
-            a = a.to(b_ptr.dtype.element_ty)                                          # e4m3 codes
+            a = fp8_codes(a.to(tl.float32), a_scale[:, None], b_ptr.dtype.element_ty)   # e4m3 codes
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -213,18 +189,22 @@ def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HA
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear_triton(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K], weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or None -> [M, N]."""
+    """x [M, K] (or its Fp8Rows), weight [N, K] float8_e4m3fn, weight_scale [N] float32, bias [N] or
+    None -> [M, N]."""
     return sum_partials(fp8_linear_partials_triton(x, weight, weight_scale, bias), x.dtype)
 
 
-def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear_partials_triton(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                                bias: torch.Tensor | None = None) -> torch.Tensor:
     """As fp8_linear_triton, but with K split: the float32 partial products [S, M, N]."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if num_rows == 0:
-        return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+        return torch.empty(0, out_features, dtype=x.dtype, device=weight.device)
+    if isinstance(x, Fp8Rows):                     # quantized by the kernel that wrote them
+        return fp8_linear_tiles(x, weight, weight_scale, bias,
+                                choose_fp8_gemm_tiles(num_rows, out_features, in_features, weight.device))
     if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:       # weight-only, as fp8_linear_torch at this many rows
         return fp8_linear_tiles(x, weight, weight_scale, bias, choose_fp8_gemv_tiles(num_rows, out_features,
                                                                                      in_features, x.device))
@@ -240,58 +220,61 @@ def fp8_linear_partials_triton(x: torch.Tensor, weight: torch.Tensor, weight_sca
 FUSED_SILU = True
 
 
-def fp8_linear_silu_and_mul_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu_and_mul(fp8_linear_triton(x, weight, weight_scale, bias)): x [M, K], weight [2 I, K]
-    ([gate | up]) -> [M, I]. At one row (the weight-only GEMV) in one kernel, the gate's rows and
-    the up rows beside them in each program; the tile has half the usual rows of each, so a step
-    reads as many bytes as the plain GEMV's."""
+def fp8_linear_silu_and_mul_triton(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                                   bias: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """silu_and_mul(fp8_linear_triton(x, weight, weight_scale, bias), fp8): x [M, K], weight [2 I, K]
+    ([gate | up]) -> [M, I] (fp8: its Fp8Rows). At one row (the weight-only GEMV) in one kernel, the
+    gate's rows and the up rows beside them in each program; the tile has half the usual rows of
+    each, so a step reads as many bytes as the plain GEMV's."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
-    if FUSED_SILU and 0 < num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS and bias is None:
+    if (FUSED_SILU and 0 < num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS and bias is None and not fp8
+            and not isinstance(x, Fp8Rows)):
         tiles = choose_fp8_gemv_tiles(num_rows, out_features, in_features, x.device)
         if tiles.split_k == 1:
             return fp8_linear_tiles(x, weight, weight_scale, None, replace(tiles, block_n=max(1, tiles.block_n // 2)),
                                     gated=True)
-    return silu_and_mul_triton(fp8_linear_triton(x, weight, weight_scale, bias))
+    return silu_and_mul_triton(fp8_linear_triton(x, weight, weight_scale, bias), fp8)
 
 
-def fp8_linear_tiles(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                     tiles: Tiles, gated: bool = False) -> torch.Tensor:
+def fp8_linear_tiles(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None, tiles: Tiles, gated: bool = False) -> torch.Tensor:
     """The product with the tiles given (tools/gpu_quant.sh times several): [M, N] in x's dtype, or
     with K split the partials [S, M, N] float32. gated (the GEMV's tiles, unsplit, no bias): the
-    weight is gate_up_proj's [gate | up], and the result silu(gate) * up [M, N / 2]."""
+    weight is gate_up_proj's [gate | up], and the result silu(gate) * up [M, N / 2]. x may be
+    Fp8Rows (the W8A8 GEMM's tiles only)."""
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
-        if gated:
-            if tiles.split_k > 1 or bias is not None:
-                raise ValueError("the gated FP8 GEMV takes an unsplit product without a bias")
-            out_features //= 2                          # [gate | up] -> silu(gate) * up
-        out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
-        k_per_split = _k_per_split(in_features, tiles)
-        _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
-            x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
-            in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages, **_pdl_options(x))
-        return out
-    if gated:
-        raise ValueError("only the FP8 GEMV (one row) is gated")
-    if tiles.quantize_x:
-        a, a_scale = x, weight_scale          # a_scale is not read
+    if isinstance(x, Fp8Rows):
+        if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS or tiles.quantize_x or gated:
+            raise ValueError("Fp8Rows go to the W8A8 GEMM, which quantizes nothing itself")
+        rows = x
     else:
-        a, a_scale = quantize_fp8_per_token_triton(x)
-    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
+            if gated:
+                if tiles.split_k > 1 or bias is not None:
+                    raise ValueError("the gated FP8 GEMV takes an unsplit product without a bias")
+                out_features //= 2                          # [gate | up] -> silu(gate) * up
+            out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
+            k_per_split = _k_per_split(in_features, tiles)
+            _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
+                x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
+                in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+                BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages, **_pdl_options(x))
+            return out
+        if gated:
+            raise ValueError("only the FP8 GEMV (one row) is gated")
+        # with quantize_x the GEMM reads x itself (its scale argument is then not read)
+        rows = Fp8Rows(x, weight_scale, x.dtype) if tiles.quantize_x else quantize_fp8_rows_triton(x)
+    out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
-        a, a_scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
-        in_features, a.stride(0), k_per_split, HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        rows.codes, rows.scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows,
+        out_features, in_features, rows.codes.stride(0), k_per_split, HAS_BIAS=bias is not None,
+        QUANTIZE_A=tiles.quantize_x, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
-
-
 
 
 @triton.jit
@@ -388,18 +371,22 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     there are about 3 programs per SM; more rows take choose_tiles'. Measured on an H200 at
     Llama-3.1-8B's shapes and 32 rows (tools/quant_gemv_probe.py --gemm, microseconds, against the
     unsplit [64, 64] tile before): qkv_proj 15.6 -> 14.3, o_proj 14.6 -> 12.1, gate_up_proj
-    43.1 -> 37.3, down_proj 42.2 -> 27.6."""
+    43.1 -> 37.3, down_proj 42.2 -> 27.6. A tile of 64 rows and 64 outputs steps 256 along K
+    instead, split to about one program per SM (tools/fp8_gemm_probe.py, 64 rows: qkv_proj 12.0
+    -> 10.9, o_proj 10.1 -> 9.5, down_proj 21.8 -> 20.5)."""
     if num_rows > 64:
         return choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, device)
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
-    block_n, num_stages = 64, 4
+    block_n, block_k, num_stages, programs_per_sm = 64, 128, 4, FP8_GEMM_PROGRAMS_PER_SM
     if block_m >= 32 and triton.cdiv(out_features, 64) >= 2 * sms:
         block_n, num_stages = 128, 3
-    programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, 128), 1
-    while split_k * 2 <= k_steps and programs * split_k * 2 <= FP8_GEMM_PROGRAMS_PER_SM * sms:
+    elif block_m == 64:
+        block_k, programs_per_sm = 256, 1
+    programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
+    while split_k * 2 <= k_steps and programs * split_k * 2 <= programs_per_sm * sms:
         split_k *= 2
-    return Tiles(block_m, block_n, 128, split_k, num_warps=4, num_stages=num_stages)
+    return Tiles(block_m, block_n, block_k, split_k, num_warps=4, num_stages=num_stages)
 
 
 

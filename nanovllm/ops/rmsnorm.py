@@ -7,6 +7,8 @@ The x of the fused step may come as partial sums [S, T, H] (a product split alon
 ops/linear.py): they are added in float32 with the residual, and rounded once.
 For float32 inputs the reference calls torch's `F.rms_norm`, which computes
 exactly this formula in fewer dispatched ops (the CPU backend's hot path).
+fp8=True returns the normalized rows quantized per row (`Fp8Rows`) for the FP8 W8A8 product
+after the norm: on the GPU the norm's kernel writes the codes itself (rmsnorm_triton.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
+from nanovllm.ops.quant_format import Fp8Rows, quantize_fp8_rows_torch
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,16 +39,18 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm_torch(residual, weight, eps), residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     if use_triton(x):
         from nanovllm.ops.rmsnorm_triton import rms_norm_triton
-        return rms_norm_triton(x, weight, eps)
-    return rms_norm_torch(x, weight, eps)
+        return rms_norm_triton(x, weight, eps, fp8)
+    out = rms_norm_torch(x, weight, eps)
+    return quantize_fp8_rows_torch(out) if fp8 else out
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
     if use_triton(x):
         from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton
-        return add_rms_norm_triton(x, residual, weight, eps)
-    return add_rms_norm_torch(x, residual, weight, eps)
+        return add_rms_norm_triton(x, residual, weight, eps, fp8)
+    out, residual = add_rms_norm_torch(x, residual, weight, eps)
+    return (quantize_fp8_rows_torch(out) if fp8 else out), residual

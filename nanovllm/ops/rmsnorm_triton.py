@@ -7,6 +7,9 @@ ops/linear.py), which it adds as it loads them.
 Rounding follows `rms_norm_torch` step by step (normalize in fp32, round to the input
 dtype, then multiply by the weight), so both backends agree to the last bit in
 float32 and within one rounding in half precision.
+With fp8=True a norm writes its rows as e4m3 codes and a scale a row (`Fp8Rows`) for the FP8
+W8A8 product after it, the codes `quantize_fp8_per_token` would give of its 16-bit output
+(ops/fp8_rows_triton.py).
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import use_pdl
+from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_fp8_rows, store_row
+from nanovllm.ops.quant_format import Fp8Rows
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, eps, inner, stride_x0, stride_x1,
-                     HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, scale_ptr, eps, inner, stride_x0, stride_x1,
+                     HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_TO: tl.constexpr,
+                     FP8_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
@@ -31,13 +37,14 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, eps, inner, stride_x0, stride_x
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * HIDDEN + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    store_row(normed * w, out_ptr + row.to(tl.int64) * HIDDEN, scale_ptr, row, offs, mask, FP8_OUT, ROUND_TO)
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, residual_out_ptr, eps,
                          stride_xs, stride_x, stride_r, NUM_PARTIALS: tl.constexpr,
-                         HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+                         HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_TO: tl.constexpr,
+                         FP8_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -55,17 +62,26 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_
     sf = summed.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / HIDDEN + eps)
     normed = (sf * rstd).to(summed.dtype).to(tl.float32)
-    tl.store(out_ptr + row * HIDDEN + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    store_row(normed * w, out_ptr + row * HIDDEN, scale_ptr, row, offs, mask, FP8_OUT, ROUND_TO)
 
 
 def _num_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., H], weight: [H] -> [..., H]; x may be a strided view (e.g. q heads of a fused qkv)."""
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """x: [..., H], weight: [H] -> [..., H]; x may be a strided view (e.g. q heads of a fused qkv).
+    fp8 (x [T, H]): the rows as Fp8Rows instead."""
     hidden = x.shape[-1]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if fp8:
+        if x.dim() != 2:
+            raise ValueError(f"fp8 rows are [T, H]; got a {tuple(x.shape)} input")
+        out = empty_fp8_rows(x.shape[0], hidden, dtype, x.device)
+    else:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    codes = out.codes if fp8 else out
     if x.numel() == 0:
         return out
     if x.dim() > 3 or x.stride(-1) != 1:
@@ -76,21 +92,26 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         x = x.reshape(-1, hidden)
         inner, stride_x0, stride_x1 = 1, x.stride(0), 0
     block_h = triton.next_power_of_2(hidden)
-    _rms_norm_kernel[(out.numel() // hidden,)](x, weight, out, eps, inner, stride_x0, stride_x1,
-                                                HIDDEN=hidden, BLOCK_H=block_h, PDL=use_pdl(x),
-                                                num_warps=_num_warps(block_h))
+    _rms_norm_kernel[(codes.numel() // hidden,)](x, weight, codes, out.scale if fp8 else codes, eps, inner,
+                                                  stride_x0, stride_x1, HIDDEN=hidden, BLOCK_H=block_h,
+                                                  ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8, PDL=use_pdl(x),
+                                                  num_warps=_num_warps(block_h))
     return out
 
 
-def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]. x may also be
-    float32 partial sums [S, T, H]: then x + residual is their sum plus residual, in residual's dtype."""
+    float32 partial sums [S, T, H]: then x + residual is their sum plus residual, in residual's dtype.
+    fp8: the normalized rows as Fp8Rows."""
     partials = x if x.dim() == 3 else x[None]                         # [S, T, H]
     num_tokens, hidden = residual.shape
     res_dtype = residual.dtype if x.dim() == 3 else torch.promote_types(x.dtype, residual.dtype)
     residual_out = torch.empty((num_tokens, hidden), dtype=res_dtype, device=x.device)
-    out = torch.empty((num_tokens, hidden), dtype=torch.promote_types(res_dtype, weight.dtype), device=x.device)
+    dtype = torch.promote_types(res_dtype, weight.dtype)
+    out = (empty_fp8_rows(num_tokens, hidden, dtype, x.device) if fp8
+           else torch.empty((num_tokens, hidden), dtype=dtype, device=x.device))
+    codes = out.codes if fp8 else out
     if num_tokens == 0:
         return out, residual_out
     if partials.stride(2) != 1:
@@ -98,8 +119,9 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     if residual.stride(1) != 1:
         residual = residual.contiguous()
     block_h = triton.next_power_of_2(hidden)
-    _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, out, residual_out, eps, partials.stride(0),
-                                        partials.stride(1), residual.stride(0), NUM_PARTIALS=partials.shape[0],
-                                        HIDDEN=hidden, BLOCK_H=block_h, PDL=use_pdl(x),
-                                        num_warps=_num_warps(block_h))
+    _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, codes, out.scale if fp8 else codes,
+                                        residual_out, eps, partials.stride(0), partials.stride(1),
+                                        residual.stride(0), NUM_PARTIALS=partials.shape[0], HIDDEN=hidden,
+                                        BLOCK_H=block_h, ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8,
+                                        PDL=use_pdl(x), num_warps=_num_warps(block_h))
     return out, residual_out

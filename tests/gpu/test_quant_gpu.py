@@ -273,3 +273,56 @@ def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama,
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].logprobs == runs[1].logprobs
     assert len(set(runs[0].token_ids)) > 4        # neither constant nor a short loop
+
+
+@pytest.mark.parametrize("hidden,intermediate", [(2048, 8192), (4096, 14336)])   # Llama-3.2-1B, Llama-3.1-8B
+@pytest.mark.parametrize("num_rows", (2, 7, 64, 256))
+def test_norms_and_silu_and_mul_write_the_fp8_rows_the_row_quantization_would(num_rows, hidden, intermediate):
+    """On the GPU's own e4m3 cast, in bfloat16: the fp8=True norms and SiLU-and-mul write the codes
+    and scales of quantize_fp8_rows_triton on their plain output, bit for bit."""
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+    from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
+    from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton, rms_norm_triton
+
+    def assert_same_rows(rows, plain):
+        expected = quantize_fp8_rows_triton(plain)
+        assert torch.equal(rows.scale, expected.scale)
+        assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
+
+    torch.manual_seed(num_rows)
+    x = torch.randn(num_rows, hidden, device=DEVICE, dtype=torch.bfloat16) * 3
+    residual = torch.randn_like(x)
+    weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
+    assert_same_rows(rms_norm_triton(x, weight, 1e-5, fp8=True), rms_norm_triton(x, weight, 1e-5))
+    partials = torch.randn(4, num_rows, hidden, device=DEVICE)
+    for given in (x, partials):
+        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, fp8=True)
+        plain, plain_residual = add_rms_norm_triton(given, residual, weight, 1e-5)
+        assert_same_rows(rows, plain)
+        assert torch.equal(new_residual, plain_residual)
+    gate_up = torch.randn(num_rows, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 4
+    assert_same_rows(silu_and_mul_triton(gate_up, fp8=True), silu_and_mul_triton(gate_up))
+
+
+@pytest.mark.parametrize("method", ["fp8"])
+def test_a_batch_decodes_the_same_with_its_rows_quantized_by_the_norms(tiny_llama, method, monkeypatch):
+    """Thirteen sequences through the CUDA graphs, their W8A8 products given rows that the norms
+    and SiLU-and-mul quantized, or quantizing their rows themselves: the same codes into the same
+    GEMM, so the same tokens and log-probabilities, to the bit."""
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.ops import quant_linear
+
+    prompts = [list(range(3 + i, 20 + 3 * i)) for i in range(13)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(quant_linear, "FP8_ROWS_FROM_PRODUCER", fused)
+        llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization=method, max_num_seqs=16,
+                  num_kv_blocks=64)
+        assert llm.engine.runner.decode_graphs is not None
+        runs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+    for fused, unfused in zip(*runs):
+        assert fused.token_ids == unfused.token_ids
+        assert fused.logprobs == unfused.logprobs
+    assert len({token for run in runs[0] for token in run.token_ids}) > 8      # neither constant nor one loop

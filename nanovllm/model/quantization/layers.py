@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanovllm.ops.quant_format import FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows
 from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials,
                                        fp8_linear_silu_and_mul, w4a16_linear,
                                        w4a16_linear_or_partials, w8a16_linear, w8a16_linear_or_partials)
@@ -27,7 +28,8 @@ from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_l
 
 class Fp8Linear(nn.Module):
     """x [M, K] -> [M, N]: an e4m3 weight with a scale per output channel, activations
-    quantized per row on the fly (ops/quant_linear.py)."""
+    quantized per row on the fly (ops/quant_linear.py), or already quantized by the kernel
+    before (x given as Fp8Rows: see takes_fp8_rows)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -36,16 +38,21 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))          # [N]
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_fp8_rows(self, num_rows: int) -> bool:
+        """Whether forward quantizes x per row at this many rows (W8A8; one row is weight-only), so
+        that the kernel writing x may quantize it instead and pass Fp8Rows (ops/quant_linear.py)."""
+        return num_rows > FP8_WEIGHT_ONLY_MAX_ROWS
+
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
-    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_or_partials(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
         return fp8_linear_or_partials(x, self.weight, self.weight_scale, self.bias)
 
-    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """silu_and_mul(forward(x)) for gate_up_proj, fused where the kernel can (ops/activation.py)."""
-        return fp8_linear_silu_and_mul(x, self.weight, self.weight_scale, self.bias)
+    def forward_silu_and_mul(self, x: torch.Tensor | Fp8Rows, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+        """silu_and_mul(forward(x), fp8) for gate_up_proj, fused where the kernel can (ops/activation.py)."""
+        return fp8_linear_silu_and_mul(x, self.weight, self.weight_scale, self.bias, fp8)
 
     def extra_repr(self) -> str:
         return f"fp8, in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,88 @@
+"""Probe: the FP8 W8A8 GEMM's tiles at a decode batch of 64 rows, Llama-3.1-8B's layers.
+
+Times `fp8_linear_tiles` on rows already quantized (Fp8Rows, as the norms and SiLU-and-mul hand
+them over), the sum of K's partial products included, for tiles of 64 rows and several widths,
+K steps, stages, warps and splits of K, against the tiles `choose_fp8_gemm_tiles` picks and cuBLAS
+bfloat16; each call on another copy of the weight, so that it comes from HBM and not from the
+60 MB L2. Prints microseconds and weight bytes read per second; `--json PATH` writes every timing
+and the fastest tiles of each layer.
+
+    python tools/fp8_gemm_probe.py [--rows 64] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.bench.graph_timing import graph_time_us
+from nanovllm.ops import quant_linear_triton as kernels
+from nanovllm.ops.quant_linear import quantize_fp8_per_channel, quantize_fp8_rows_torch
+
+LAYERS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
+          "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
+TILES = ((64, 128, 4, 4), (64, 128, 4, 5), (64, 128, 4, 6), (64, 256, 4, 3), (64, 256, 4, 4),
+         (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+         (256, 128, 8, 4), (32, 128, 4, 4), (32, 256, 4, 4))      # (block_n, block_k, warps, stages)
+L2_BYTES = 200e6
+
+
+def cycled_us(calls_for_copy, copies: int) -> float:
+    try:
+        return graph_time_us(lambda: [calls_for_copy(i) for i in range(copies)], replays=10, warmup=2) / copies
+    except Exception as error:        # over shared memory, a compile error
+        print("  not timed:", str(error).splitlines()[0][:160], flush=True)
+        return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    m, sms = args.rows, kernels.sm_count(torch.device("cuda"))
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, {m} rows", flush=True)
+    timings, best = [], {}
+    for name, (n, k) in LAYERS.items():
+        copies = max(1, math.ceil(L2_BYTES / (n * k)))
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        fp8 = [quantize_fp8_per_channel(weight)] + [None] * (copies - 1)
+        fp8[1:] = [tuple(t.clone() for t in fp8[0]) for _ in range(copies - 1)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        rows = quantize_fp8_rows_torch(x)
+        bf16_copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
+        bf16 = [weight] + [weight.clone() for _ in range(bf16_copies - 1)]
+        bf16_us = cycled_us(lambda i: F.linear(x, bf16[i]), bf16_copies)
+        chosen = kernels.choose_fp8_gemm_tiles(m, n, k, x.device)
+        chosen_us = cycled_us(lambda i: kernels.sum_partials(kernels.fp8_linear_tiles(rows, *fp8[i], None, chosen),
+                                                             x.dtype), copies)
+        print(f"{name} [{n}, {k}]: cuBLAS bf16 {bf16_us:.1f} us, chosen {chosen} {chosen_us:.1f} us "
+              f"{n * k / chosen_us / 1e6:.2f} TB/s", flush=True)
+        fastest = (chosen_us, chosen)
+        for block_n, block_k, warps, stages in TILES:
+            for split_k in (1, 2, 4, 8):
+                programs = math.ceil(n / block_n) * split_k
+                if split_k > 1 and (programs > 8 * sms or k // block_k < 2 * split_k):
+                    continue
+                tiles = kernels.Tiles(64, block_n, block_k, split_k, num_warps=warps, num_stages=stages)
+                us = cycled_us(lambda i: kernels.sum_partials(kernels.fp8_linear_tiles(rows, *fp8[i], None, tiles),
+                                                              x.dtype), copies)
+                timings.append({"layer": name, "n": n, "k": k, "m": m, "tiles": str(tiles), "us": us})
+                print(f"  {tiles}: {us:.1f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
+                if us < fastest[0]:
+                    fastest = (us, tiles)
+        best[f"{n},{k}"] = {"layer": name, "us": fastest[0], "chosen_us": chosen_us, "bf16_us": bf16_us,
+                            **{f: getattr(fastest[1], f) for f in ("block_m", "block_n", "block_k", "split_k",
+                                                                   "num_warps", "num_stages")}}
+        print(f"  fastest: {fastest[1]} {fastest[0]:.1f} us (chosen {chosen_us:.1f}, cuBLAS bf16 {bf16_us:.1f})",
+              flush=True)
+    if args.json:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": m, "timings": timings, "best": best},
+                  open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
