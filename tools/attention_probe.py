@@ -6,18 +6,67 @@ block 16) at batch B and context L for each split count (the merge kernel includ
 16 calls per CUDA graph, and prints microseconds per call.
 
     python tools/attention_probe.py
+    python tools/attention_probe.py --configs     # tile configurations of a decode batch (below)
+
+--configs: Llama-3.1-8B's shapes (32 query heads, 8 KV heads, head_dim 128, block 16) at batch 64
+and 256 and contexts of 128 to 2048 keys, one split, for several tile configurations (keys a
+step, pipeline stages, warps); each call reads another layer's cache, so that the keys come from
+HBM and not from the 60 MB L2. Prints microseconds per call and the KV bytes read per second.
 """
 from __future__ import annotations
+
+import argparse
+import math
 
 import torch
 
 from nanovllm.bench.graph_timing import graph_time_us
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention_triton import paged_attention_triton
+from nanovllm.ops.attention_triton import AttentionKernelConfig, decode_config, paged_attention_triton
+
+CONFIGS = ((128, 2, 4), (64, 2, 4), (64, 3, 4), (32, 2, 4), (32, 3, 4), (128, 1, 4), (64, 1, 4), (64, 2, 8),
+           (128, 2, 8))     # (keys a step, stages, warps)
+
+
+def decode_configs() -> None:
+    heads, kv_heads, dim, block = 32, 8, 128, 16
+    print(f"card: {torch.cuda.get_device_name()}; the engine's decode tile now: {decode_config(heads // kv_heads, dim)}")
+    print("| batch | context | " + " | ".join(f"{n} keys, {s} stages, {w} warps" for n, s, w in CONFIGS) + " |")
+    for batch in (64, 256):
+        for context in (128, 512, 1024, 2048):
+            width = context // block
+            kv_bytes = 2 * batch * context * kv_heads * dim * 2
+            layers = max(1, math.ceil(200e6 / kv_bytes))             # caches cycled past the L2
+            caches = [(torch.randn(batch * width, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(batch * width, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
+                      for _ in range(layers)]
+            tables = torch.randperm(batch * width, dtype=torch.int32, device="cuda").view(batch, width)
+            q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+            metadata = AttentionMetadata(
+                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
+                seq_lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
+                slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
+                block_tables=tables, max_query_len=1, max_seq_len=context)
+            cells = []
+            for block_n, stages, warps in CONFIGS:
+                config = AttentionKernelConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    us = graph_time_us(lambda: [paged_attention_triton(q, k, v, metadata, 0.088, num_kv_splits=1,
+                                                                       config=config) for k, v in caches],
+                                       replays=20) / layers
+                    cells.append(f"{us:.1f} us {kv_bytes / us / 1e6:.2f} TB/s")
+                except Exception as error:    # over shared memory
+                    cells.append("failed: " + str(error).splitlines()[0][:60])
+            print(f"| {batch} | {context} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", action="store_true", help="tile configurations of a decode batch")
     torch.manual_seed(0)
+    if parser.parse_args().configs:
+        decode_configs()
+        return
     heads, kv_heads, dim, block = 32, 8, 64, 16
     width = 4096 // block
     print(f"card: {torch.cuda.get_device_name()}")

@@ -78,7 +78,7 @@ def check_against_reference(batch: DecodeBatch) -> float:
 def sweep(batch: DecodeBatch, copy_gbps: float) -> None:
     from nanovllm.ops.attention_triton import AttentionKernelConfig, decode_config, decode_kv_splits
     group = batch.q.shape[1] // batch.k_cache.shape[2]
-    default = decode_config(group)
+    default = decode_config(group, batch.q.shape[-1])
     rows = []
     for block_n in (32, 64, 128):
         for num_warps in (2, 4):
