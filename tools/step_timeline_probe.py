@@ -50,15 +50,17 @@ def main() -> None:
     parser.add_argument("--dummy", default="llama-3.2-1b")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens in each prompt")
     parser.add_argument("--quantization", default=None, help="fp8, w4a16, ...: quantize the dummy weights as they load")
     args = parser.parse_args()
     engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
-                                      max_num_seqs=max(8, args.batch), num_kv_blocks=max(2048, 40 * args.batch),
+                                      max_num_seqs=max(8, args.batch),
+                                      num_kv_blocks=max(2048, (args.prompt_len // 16 + 40) * args.batch),
                                       quantization=args.quantization))
     params = SamplingParams(temperature=0.0 if args.batch == 1 else 0.6, max_tokens=10_000, ignore_eos=True)
     ids = [f"timeline-{i}" for i in range(args.batch)]
-    engine.add_requests([(rid, [(7 * i + j) % 1000 for j in range(128)], params) for i, rid in enumerate(ids)],
-                        stream=False)
+    engine.add_requests([(rid, [(7 * i + j) % 1000 for j in range(args.prompt_len)], params)
+                         for i, rid in enumerate(ids)], stream=False)
     for _ in range(40):   # prefill, then decode until every kernel has run (and compiled) once
         engine.step()
     torch.cuda.synchronize()
