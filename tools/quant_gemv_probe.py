@@ -109,12 +109,13 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
                 kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
             rows.append({"model": model, "layer": name, "m": m, "fp8_tiles": str(tiles), "fp8_us": us})
             print(f"  sweep fp8 {name} m={m} {tiles}: {us:.2f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
-    for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8),
-                                    (256, 128, 8)) if "w4a16" in formats else ():
+    # K steps past the group size (256, 512) load a scale and a zero a word, as GGUF's groups of 32 do
+    for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8),
+                                    (32, 256, 4), (64, 256, 4), (16, 512, 4), (32, 512, 4)) if "w4a16" in formats else ():
         for split_k in (1, 2, 4, 8):
             if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
                 continue
-            for prefetch in (False, True):
+            for prefetch in (False, True) if block_k == 128 else (True,):
                 tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1, prefetch=prefetch)
                 us = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: kernels.sum_partials(
                     kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
