@@ -498,10 +498,11 @@ def test_silu_and_mul_kernel_matches_reference(kernels, intermediate, dtype):
 @in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("features", [37, 1100])
-def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, features, dtype):
+def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, features, dtype, monkeypatch):
     """fp8=True: the kernel writes the e4m3 codes and row scales that quantizing its 16-bit output
     would give (quantize_fp8_rows_triton, itself tested against the torch reference in
-    test_quant_kernels.py): the same bits, a row of zeros included."""
+    test_quant_kernels.py): the same bits, a row of zeros included; SiLU-and-mul's rows wider than
+    one program takes go through the two kernels."""
     from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
 
     def assert_same_rows(rows, plain):
@@ -526,6 +527,8 @@ def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, feat
     gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
     gate_up[4] = 0.0
     silu = kernels.activation_triton.silu_and_mul_triton
+    assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
+    monkeypatch.setattr(kernels.activation_triton, "FP8_MAX_FEATURES", 32)
     assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
 
 

@@ -155,6 +155,25 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
 
 
 @in_interpreter
+@pytest.mark.parametrize("num_rows,out_features,in_features", [(2, 37, 200), (5, 50, 300), (33, 19, 520)])
+def test_fp8_products_given_fp8_rows_are_the_products_of_x(num_rows, out_features, in_features, poisoned_outputs):
+    """fp8_linear_triton and its partials given x's Fp8Rows (as a norm hands them over) are the
+    same bits as given x, which they quantize with quantize_fp8_rows_triton first."""
+    from nanovllm.ops.fp8_rows_triton import quantize_fp8_rows_triton
+    from nanovllm.ops.quant_linear_triton import fp8_linear_partials_triton, fp8_linear_triton
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, generator=generator)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    bias = torch.randn(out_features, generator=generator)
+    rows = quantize_fp8_rows_triton(x)
+    assert torch.equal(fp8_linear_triton(rows, weight, weight_scale, bias),
+                       fp8_linear_triton(x, weight, weight_scale, bias))
+    assert torch.equal(fp8_linear_partials_triton(rows, weight, weight_scale),
+                       fp8_linear_partials_triton(x, weight, weight_scale))
+
+
+@in_interpreter
 @pytest.mark.parametrize("num_rows,out_features,in_features,split_k", [(1, 37, 200, 2), (5, 50, 300, 3)])
 def test_fp8_gemm_quantizes_activations_in_its_prologue(num_rows, out_features, in_features, split_k):
     """The fused path, on activations whose quantization is exact (each row: e4m3 values times a power

@@ -38,7 +38,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, INTERMEDIATE: tl.c
 def silu_and_mul_triton(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     """x: [T, 2 * I] -> [T, I]; fp8 (x [T, 2 I]): as Fp8Rows."""
     intermediate = x.shape[-1] // 2
-    if fp8 and (x.dim() != 2 or intermediate > FP8_MAX_FEATURES):
+    if fp8 and x.dim() != 2:
+        raise ValueError(f"fp8 rows are [T, I]; got a {tuple(x.shape)} input")
+    if fp8 and intermediate > FP8_MAX_FEATURES:
         return quantize_fp8_rows_triton(silu_and_mul_triton(x))      # wider rows: two kernels
     out = (empty_fp8_rows(x.shape[0], intermediate, x.dtype, x.device) if fp8
            else torch.empty(*x.shape[:-1], intermediate, dtype=x.dtype, device=x.device))   # [T, I]

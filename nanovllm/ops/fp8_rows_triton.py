@@ -4,8 +4,8 @@ An FP8 W8A8 product multiplies e4m3 codes of x, one float32 scale a row (amax / 
 that computes x may as well write those codes: it holds the whole row in registers, so its amax
 costs a reduction, and the product then needs no quantization kernel of its own (one launch and
 one read and write of x fewer for each). The RMSNorms and SiLU-and-mul do this when the layer
-after them asks for `Fp8Rows` (model/llama.py); `_quantize_fp8_rows_kernel` (quant_linear_triton.py)
-quantizes rows that some other kernel wrote. All of them round as `quantize_fp8_per_token_torch`:
+after them asks for `Fp8Rows` (model/llama.py); `quantize_fp8_rows_triton` quantizes rows that
+some other kernel wrote (o_proj's, from the attention). All of them round as `quantize_fp8_per_token_torch`:
 the row as its 16-bit output would hold it, divided by its scale, clamped to +-448.
 """
 from __future__ import annotations

@@ -46,13 +46,6 @@ from nanovllm.ops.quant_format import (FP8_DTYPE, FP8_WEIGHT_ONLY_MAX_ROWS, PACK
 
 # ---- FP8 -------------------------------------------------------------------------------------
 
-def quantize_fp8_rows(x: torch.Tensor) -> Fp8Rows:
-    if use_triton(x):
-        from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
-        return quantize_fp8_rows_triton(x)
-    return quantize_fp8_rows_torch(x)
-
-
 # The kernel that writes an FP8 W8A8 product's input (RMSNorm, SiLU-and-mul) quantizes it too, when
 # the layer asks for Fp8Rows (takes_fp8_rows): one kernel launch and one pass over x fewer a product.
 FP8_ROWS_FROM_PRODUCER = True

@@ -13,8 +13,9 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
 - **FP8, more rows**: the GEMM multiplies e4m3 tiles on the tensor cores (`tl.dot` on fp8e4nv,
   float32 accumulators) and applies scale_x[m] * scale_w[n] (and the bias) once, in the
   epilogue. The weight is read as stored: one byte a weight. The activations are quantized per
-  row (amax / 448, then e4m3 codes) either by `_quantize_fp8_rows_kernel` first, or by the GEMM
-  itself: its prologue reads the program's rows over all of K for their amax, and each step
+  row (amax / 448, then e4m3 codes) by the kernel that computed them (x given as `Fp8Rows`: the
+  norms, SiLU-and-mul; fp8_rows_triton.py), else by `quantize_fp8_rows_triton` first, or by the
+  GEMM itself: its prologue reads the program's rows over all of K for their amax, and each step
   quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower).
 - **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
   bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
@@ -242,38 +243,43 @@ def fp8_linear_tiles(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_sca
     with K split the partials [S, M, N] float32. gated (the GEMV's tiles, unsplit, no bias): the
     weight is gate_up_proj's [gate | up], and the result silu(gate) * up [M, N / 2]. x may be
     Fp8Rows (the W8A8 GEMM's tiles only)."""
-    (num_rows, in_features), out_features = x.shape, weight.shape[0]
     if isinstance(x, Fp8Rows):
         if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS or tiles.quantize_x or gated:
             raise ValueError("Fp8Rows go to the W8A8 GEMM, which quantizes nothing itself")
-        rows = x
-    else:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS:     # the weight-only GEMV: x as it is
-            if gated:
-                if tiles.split_k > 1 or bias is not None:
-                    raise ValueError("the gated FP8 GEMV takes an unsplit product without a bias")
-                out_features //= 2                          # [gate | up] -> silu(gate) * up
-            out = _output(num_rows, out_features, x, tiles)                 # [M, N], or [S, M, N] float32
-            k_per_split = _k_per_split(in_features, tiles)
-            _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
-                x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
-                in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
-                BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages, **_pdl_options(x))
-            return out
+        return _fp8_gemm(x, weight, weight_scale, bias, tiles)
+    (num_rows, in_features), out_features = x.shape, weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if tiles.block_m > FP8_WEIGHT_ONLY_MAX_ROWS:
         if gated:
             raise ValueError("only the FP8 GEMV (one row) is gated")
         # with quantize_x the GEMM reads x itself (its scale argument is then not read)
-        rows = Fp8Rows(x, weight_scale, x.dtype) if tiles.quantize_x else quantize_fp8_rows_triton(x)
-    out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
+        return _fp8_gemm(Fp8Rows(x, weight_scale, x.dtype) if tiles.quantize_x else quantize_fp8_rows_triton(x),
+                         weight, weight_scale, bias, tiles)
+    if gated:                                           # the weight-only GEMV: x as it is
+        if tiles.split_k > 1 or bias is not None:
+            raise ValueError("the gated FP8 GEMV takes an unsplit product without a bias")
+        out_features //= 2                              # [gate | up] -> silu(gate) * up
+    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
+    _fp8_gemv_kernel[_launch_grid(num_rows, out_features, tiles)](
+        x, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
+        in_features, x.stride(0), k_per_split, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GATED=gated, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **_pdl_options(x))
+    return out
+
+
+def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+              tiles: Tiles) -> torch.Tensor:
+    """The W8A8 GEMM of rows quantized already (or with tiles.quantize_x, of 16-bit rows)."""
+    (num_rows, in_features), out_features = rows.shape, weight.shape[0]
+    out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         rows.codes, rows.scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows,
-        out_features, in_features, rows.codes.stride(0), k_per_split, HAS_BIAS=bias is not None,
-        QUANTIZE_A=tiles.quantize_x, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        out_features, in_features, rows.codes.stride(0), _k_per_split(in_features, tiles),
+        HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
