@@ -28,6 +28,15 @@ CONFIGS = ((128, 2, 4), (64, 2, 4), (64, 3, 4), (32, 2, 4), (32, 3, 4), (128, 1,
            (128, 2, 8))     # (keys a step, stages, warps)
 
 
+def decode_metadata(batch: int, context: int, tables: torch.Tensor, max_seq_len: int | None = None):
+    """A decode step of `batch` sequences of `context` keys each, through the block tables given."""
+    return AttentionMetadata(
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
+        slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
+        block_tables=tables, max_query_len=1, max_seq_len=max_seq_len or context)
+
+
 def decode_configs() -> None:
     heads, kv_heads, dim, block = 32, 8, 128, 16
     print(f"card: {torch.cuda.get_device_name()}; the engine's decode tile now: {decode_config(heads // kv_heads, dim)}")
@@ -42,11 +51,7 @@ def decode_configs() -> None:
                       for _ in range(layers)]
             tables = torch.randperm(batch * width, dtype=torch.int32, device="cuda").view(batch, width)
             q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
-            metadata = AttentionMetadata(
-                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
-                seq_lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
-                slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
-                block_tables=tables, max_query_len=1, max_seq_len=context)
+            metadata = decode_metadata(batch, context, tables)
             cells = []
             for block_n, stages, warps in CONFIGS:
                 config = AttentionKernelConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
@@ -79,11 +84,7 @@ def main() -> None:
         tables = torch.arange(num_blocks, dtype=torch.int32, device="cuda").view(batch, width)
         q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
         for context in (128, 384, 1024, 4096):
-            metadata = AttentionMetadata(
-                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
-                seq_lens=torch.full((batch,), context, dtype=torch.int32, device="cuda"),
-                slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
-                block_tables=tables, max_query_len=1, max_seq_len=width * block)
+            metadata = decode_metadata(batch, context, tables, max_seq_len=width * block)
             cells = []
             for splits in splits_list:
                 us = graph_time_us(lambda: paged_attention_triton(q, k_cache, v_cache, metadata, 0.125,

@@ -17,8 +17,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from quant_gemv_probe import L2_BYTES, cycled_us      # tools/, beside this file
 
-from nanovllm.bench.graph_timing import graph_time_us
 from nanovllm.ops import quant_linear_triton as kernels
 from nanovllm.ops.quant_linear import quantize_fp8_per_channel, quantize_fp8_rows_torch
 
@@ -27,17 +27,6 @@ LAYERS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (286
 TILES = ((64, 128, 4, 4), (64, 128, 4, 5), (64, 128, 4, 6), (64, 256, 4, 3), (64, 256, 4, 4),
          (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3),
          (256, 128, 8, 4), (32, 128, 4, 4), (32, 256, 4, 4))      # (block_n, block_k, warps, stages)
-L2_BYTES = 200e6
-
-
-def cycled_us(calls_for_copy, copies: int) -> float:
-    try:
-        return graph_time_us(lambda: [calls_for_copy(i) for i in range(copies)], replays=10, warmup=2) / copies
-    except Exception as error:        # over shared memory, a compile error
-        print("  not timed:", str(error).splitlines()[0][:160], flush=True)
-        return float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -49,16 +38,20 @@ def main() -> None:
     for name, (n, k) in LAYERS.items():
         copies = max(1, math.ceil(L2_BYTES / (n * k)))
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        fp8 = [quantize_fp8_per_channel(weight)] + [None] * (copies - 1)
-        fp8[1:] = [tuple(t.clone() for t in fp8[0]) for _ in range(copies - 1)]
+        first = quantize_fp8_per_channel(weight)
+        fp8 = [first] + [tuple(t.clone() for t in first) for _ in range(copies - 1)]   # as many as cycled_us takes
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         rows = quantize_fp8_rows_torch(x)
         bf16_copies = max(1, math.ceil(L2_BYTES / (2 * n * k)))
         bf16 = [weight] + [weight.clone() for _ in range(bf16_copies - 1)]
-        bf16_us = cycled_us(lambda i: F.linear(x, bf16[i]), bf16_copies)
+        bf16_us = cycled_us(lambda i: (lambda w=bf16[i]: F.linear(x, w)), 2 * n * k)
+
+        def timed(tiles) -> float:         # microseconds a call of the product with these tiles
+            return cycled_us(lambda i: (lambda w=fp8[i]: kernels.sum_partials(
+                kernels.fp8_linear_tiles(rows, *w, None, tiles), x.dtype)), n * k)
+
         chosen = kernels.choose_fp8_gemm_tiles(m, n, k, x.device)
-        chosen_us = cycled_us(lambda i: kernels.sum_partials(kernels.fp8_linear_tiles(rows, *fp8[i], None, chosen),
-                                                             x.dtype), copies)
+        chosen_us = timed(chosen)
         print(f"{name} [{n}, {k}]: cuBLAS bf16 {bf16_us:.1f} us, chosen {chosen} {chosen_us:.1f} us "
               f"{n * k / chosen_us / 1e6:.2f} TB/s", flush=True)
         fastest = (chosen_us, chosen)
@@ -68,8 +61,7 @@ def main() -> None:
                 if split_k > 1 and (programs > 8 * sms or k // block_k < 2 * split_k):
                     continue
                 tiles = kernels.Tiles(64, block_n, block_k, split_k, num_warps=warps, num_stages=stages)
-                us = cycled_us(lambda i: kernels.sum_partials(kernels.fp8_linear_tiles(rows, *fp8[i], None, tiles),
-                                                              x.dtype), copies)
+                us = timed(tiles)
                 timings.append({"layer": name, "n": n, "k": k, "m": m, "tiles": str(tiles), "us": us})
                 print(f"  {tiles}: {us:.1f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
                 if us < fastest[0]:

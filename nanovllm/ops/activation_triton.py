@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import use_pdl
-from nanovllm.ops.fp8_rows_triton import empty_fp8_rows, quantize_fp8_rows_triton, store_row
+from nanovllm.ops.fp8_rows_triton import empty_rows, quantize_fp8_rows_triton, store_row
 from nanovllm.ops.quant_format import Fp8Rows
 
 FP8_MAX_FEATURES = 16384     # the widest row one program quantizes (16 warps, 32 values of gate and up a thread)
@@ -38,20 +38,16 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, INTERMEDIATE: tl.c
 def silu_and_mul_triton(x: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     """x: [T, 2 * I] -> [T, I]; fp8 (x [T, 2 I]): as Fp8Rows."""
     intermediate = x.shape[-1] // 2
-    if fp8 and x.dim() != 2:
-        raise ValueError(f"fp8 rows are [T, I]; got a {tuple(x.shape)} input")
-    if fp8 and intermediate > FP8_MAX_FEATURES:
+    if fp8 and intermediate > FP8_MAX_FEATURES and x.dim() == 2:
         return quantize_fp8_rows_triton(silu_and_mul_triton(x))      # wider rows: two kernels
-    out = (empty_fp8_rows(x.shape[0], intermediate, x.dtype, x.device) if fp8
-           else torch.empty(*x.shape[:-1], intermediate, dtype=x.dtype, device=x.device))   # [T, I]
-    codes = out.codes if fp8 else out
-    if codes.numel() == 0:
+    out, out_arg, scale_arg = empty_rows((*x.shape[:-1], intermediate), x.dtype, x.device, fp8)   # [T, I]
+    if out_arg.numel() == 0:
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
     x = x.reshape(-1, 2 * intermediate)
     block = triton.next_power_of_2(intermediate) if fp8 else min(1024, triton.next_power_of_2(intermediate))
     grid = (x.shape[0], triton.cdiv(intermediate, block))
-    _silu_and_mul_kernel[grid](x, codes, out.scale if fp8 else codes, x.stride(0), INTERMEDIATE=intermediate,
+    _silu_and_mul_kernel[grid](x, out_arg, scale_arg, x.stride(0), INTERMEDIATE=intermediate,
                                BLOCK=block, FP8_OUT=fp8, PDL=use_pdl(x), num_warps=min(16, max(1, block // 256)))
     return out

@@ -56,6 +56,20 @@ def empty_fp8_rows(num_rows: int, features: int, dtype: torch.dtype, device: tor
                    torch.empty(num_rows, dtype=torch.float32, device=device), dtype)
 
 
+def empty_rows(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               fp8: bool) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor, torch.Tensor]:
+    """The output of a kernel that writes rows of dtype (store_row): a tensor of shape, or with fp8
+    its Fp8Rows (shape [T, K]); and the two pointers the kernel takes for it, out_ptr and
+    scale_ptr (out_ptr again where no scale is written)."""
+    if not fp8:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out, out, out
+    if len(shape) != 2:
+        raise ValueError(f"fp8 rows are [T, K]; got a {tuple(shape)} output")
+    rows = empty_fp8_rows(*shape, dtype, device)
+    return rows, rows.codes, rows.scale
+
+
 @triton.jit
 def _quantize_fp8_rows_kernel(x_ptr, xq_ptr, scale_ptr, stride_x, K, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.ops import use_pdl
-from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_fp8_rows, store_row
+from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_rows, store_row
 from nanovllm.ops.quant_format import Fp8Rows
 
 
@@ -75,13 +75,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     fp8 (x [T, H]): the rows as Fp8Rows instead."""
     hidden = x.shape[-1]
     dtype = torch.promote_types(x.dtype, weight.dtype)
-    if fp8:
-        if x.dim() != 2:
-            raise ValueError(f"fp8 rows are [T, H]; got a {tuple(x.shape)} input")
-        out = empty_fp8_rows(x.shape[0], hidden, dtype, x.device)
-    else:
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    codes = out.codes if fp8 else out
+    out, out_arg, scale_arg = empty_rows(x.shape, dtype, x.device, fp8)
     if x.numel() == 0:
         return out
     if x.dim() > 3 or x.stride(-1) != 1:
@@ -92,7 +86,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x = x.reshape(-1, hidden)
         inner, stride_x0, stride_x1 = 1, x.stride(0), 0
     block_h = triton.next_power_of_2(hidden)
-    _rms_norm_kernel[(codes.numel() // hidden,)](x, weight, codes, out.scale if fp8 else codes, eps, inner,
+    _rms_norm_kernel[(out_arg.numel() // hidden,)](x, weight, out_arg, scale_arg, eps, inner,
                                                   stride_x0, stride_x1, HIDDEN=hidden, BLOCK_H=block_h,
                                                   ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8, PDL=use_pdl(x),
                                                   num_warps=_num_warps(block_h))
@@ -109,9 +103,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     res_dtype = residual.dtype if x.dim() == 3 else torch.promote_types(x.dtype, residual.dtype)
     residual_out = torch.empty((num_tokens, hidden), dtype=res_dtype, device=x.device)
     dtype = torch.promote_types(res_dtype, weight.dtype)
-    out = (empty_fp8_rows(num_tokens, hidden, dtype, x.device) if fp8
-           else torch.empty((num_tokens, hidden), dtype=dtype, device=x.device))
-    codes = out.codes if fp8 else out
+    out, out_arg, scale_arg = empty_rows((num_tokens, hidden), dtype, x.device, fp8)
     if num_tokens == 0:
         return out, residual_out
     if partials.stride(2) != 1:
@@ -119,9 +111,9 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     if residual.stride(1) != 1:
         residual = residual.contiguous()
     block_h = triton.next_power_of_2(hidden)
-    _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, codes, out.scale if fp8 else codes,
-                                        residual_out, eps, partials.stride(0), partials.stride(1),
-                                        residual.stride(0), NUM_PARTIALS=partials.shape[0], HIDDEN=hidden,
+    _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, out_arg, scale_arg, residual_out, eps,
+                                        partials.stride(0), partials.stride(1), residual.stride(0),
+                                        NUM_PARTIALS=partials.shape[0], HIDDEN=hidden,
                                         BLOCK_H=block_h, ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8,
                                         PDL=use_pdl(x), num_warps=_num_warps(block_h))
     return out, residual_out
