@@ -18,10 +18,12 @@ products into sixteen int32 lanes.
 The weights are repacked once for that instruction: tiles of 16 output rows,
 and in each group of 32 along K four runs of 64 bytes, one for every 8 values
 of K (lane r, byte i: code k = 8c + i in the low nibble, 8c + 4 + i in the
-high one). A shift and a mask turn a lane's 4 bytes into two int16 codes at a
-time, and the sixteen rows of a tile fill the sixteen lanes, so a group ends
-in one vector of 16 sums with no horizontal reduction. numba has no SIMD
-intrinsics of its own; `_dot_group_codegen` writes this in LLVM IR.
+high one). A mask (or a 16-bit shift) takes two int16 codes at a time from a
+lane's 4 bytes, and the sixteen rows of a tile fill the sixteen lanes, so a
+group ends in one vector of 16 sums with no horizontal reduction. One call
+runs a tile's whole row of groups for one or four activation rows, the float
+sums in registers (`_tile_rows_codegen`); numba has no SIMD intrinsics of its
+own, so it is written in LLVM IR.
 
 Every output row is computed by the same loop (its groups in order, the same
 operations) whatever the rows beside it, serial or split over threads by tile:
@@ -48,6 +50,7 @@ TILE_ROWS = 16             # output rows per tile: the int32 lanes of one AVX-51
 TORCH_BLOCK_ROWS = 64      # torch's packed int4 CPU layout interleaves rows in blocks of 64
 ACTIVATION_LEVELS = 32767     # int16 activations: int8 (127) fails the quality guard (92% top-1)
 PARALLEL_MIN_MACS = 1 << 24   # below this many multiply-adds one thread is quicker than a parallel launch
+PREFETCH_BYTES = 2048         # how far ahead in a tile's codes the kernel asks for the next groups
 
 
 @dataclasses.dataclass(slots=True)
@@ -137,8 +140,8 @@ def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles) -> torch.Tensor:
                                                       tiles.out_features))
 
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-_INTS16, _FLOATS16 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_INTS16, _SHORTS32, _FLOATS16 = ir.VectorType(_I32, 16), ir.VectorType(_I16, 32), ir.VectorType(_F32, 16)
 _SLOT = np.array([0, 2, 1, 3, 4, 6, 5, 7])   # where value i of a run of 8 sits in the int16 activation
 
 
@@ -156,70 +159,99 @@ def _address(context, builder: ir.IRBuilder, array_type, array: ir.Value, offset
     return builder.bitcast(builder.gep(data, [offset]), element_type.as_pointer())
 
 
-def _dot_group_codegen(num_rows: int):
-    """The LLVM IR of one group call (`_dot_group_intrinsic`) for num_rows rows of the activation at
-    once: the tile's codes are unpacked once and kept in registers for every row. Each row's
-    arithmetic is the same whatever num_rows (exact integer sums, then the same float operations
-    in the same order)."""
+def _tile_rows_codegen(num_rows: int):
+    """The LLVM IR of `_tile_rows_intrinsic(num_rows)`: num_rows rows of the activation against one tile,
+    every group of K in a loop, each row's 16 outputs summed in registers and stored once.
+
+    Per group and run of 8 values of K, the 64 bytes of the tile's codes are loaded once and give four
+    vectors of int16 pairs for every row: `and` with 0x000F000F takes codes (k0, k2), with 0x0F000F00
+    (k1, k3) times 256, with 0x00F000F0 (k4, k6) times 16, and a 16-bit shift by 12 takes (k5, k7).
+    The pairs times 16 and 256 go into sums of their own, which are shifted back exactly before the
+    group's total (|sum| <= 8 * 15 * 32767 * 256 < 2^31). So each row's arithmetic is the same whatever
+    num_rows: exact integer sums, then the same float operations in the same order, group after group."""
 
     def codegen(context, builder, signature, args):
         weight_, w_at_, xq_, x_at_, x_stride_, scale_, low_, s_at_, dx_, sx_, d_at_, d_stride_, out_, o_at_, \
-            o_stride_ = args
-        weight_t, _, xq_t, _, _, scale_t, low_t, _, dx_t, sx_t, _, _, out_t, _, _ = signature.args
-        w_ptr = _address(context, builder, weight_t, weight_, w_at_, _I8)
+            o_stride_, num_groups_ = args
+        weight_t, _, xq_t, _, _, scale_t, low_t, _, dx_t, sx_t, _, _, out_t, _, _, _ = signature.args
         dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
                                                 "llvm.x86.avx512.vpdpwssd.512")
-        two_nibbles = ir.Constant(_INTS16, [0x000F000F] * 16)
-        codes = []               # 16 vectors: run c (8 values of K, 4 bytes a row), pair (k 0,2 | 1,3 | 4,6 | 5,7)
-        for run in range(4):
-            packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(_I32, 64 * run)]),
-                                                  _INTS16.as_pointer()), align=1)
-            for shift in (0, 8, 4, 12):
-                shifted = builder.lshr(packed, ir.Constant(_INTS16, [shift] * 16)) if shift else packed
-                codes.append(builder.and_(shifted, two_nibbles))
-        scale_v = builder.load(_address(context, builder, scale_t, scale_, s_at_, _FLOATS16), align=4)
-        low_v = builder.load(_address(context, builder, low_t, low_, s_at_, _FLOATS16), align=4)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
+        masks = [ir.Constant(_INTS16, [mask] * 16) for mask in (0x000F000F, 0x0F000F00, 0x00F000F0)]
+        top_nibble = ir.Constant(_SHORTS32, [12] * 32)
+        zero = ir.Constant(_INTS16, [0] * 16)
+        sums_of = [cgutils.alloca_once_value(builder, ir.Constant(_FLOATS16, [0.0] * 16)) for _ in range(num_rows)]
+
+        def i64(value: int) -> ir.Constant:
+            return ir.Constant(_I64, value)
+
+        def prefetch_at(pointer: ir.Value) -> None:    # read, keep in all cache levels, data
+            builder.call(prefetch, [builder.bitcast(pointer, _I8.as_pointer()), ir.Constant(_I32, 0),
+                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+        with cgutils.for_range(builder, num_groups_) as loop:
+            g = loop.index
+            w_ptr = _address(context, builder, weight_t, weight_, builder.add(w_at_, builder.mul(g, i64(256))), _I8)
+            s_at = builder.add(s_at_, builder.mul(g, i64(16)))
+            for offset in range(0, 256, 64):        # the codes, scales and lows PREFETCH_BYTES of codes ahead
+                prefetch_at(builder.gep(w_ptr, [ir.Constant(_I32, PREFETCH_BYTES + offset)]))
+            for array_t, array in ((scale_t, scale_), (low_t, low_)):
+                prefetch_at(_address(context, builder, array_t, array, builder.add(s_at, i64(PREFETCH_BYTES // 16)), _F32))
+            scale_v = builder.load(_address(context, builder, scale_t, scale_, s_at, _FLOATS16), align=4)
+            low_v = builder.load(_address(context, builder, low_t, low_, s_at, _FLOATS16), align=4)
+            x_ptrs = [_address(context, builder, xq_t, xq_, builder.add(builder.add(x_at_, builder.mul(i64(row), x_stride_)),
+                                                                          builder.mul(g, i64(GROUP_SIZE))), _I16)
+                      for row in range(num_rows)]
+            sums = [[zero, zero, zero] for _ in range(num_rows)]     # pairs times 1, 256, 16
+            for run in range(4):
+                packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(_I32, 64 * run)]),
+                                                      _INTS16.as_pointer()), align=1)
+                top = builder.bitcast(builder.lshr(builder.bitcast(packed, _SHORTS32), top_nibble), _INTS16)
+                codes = [builder.and_(packed, masks[0]), builder.and_(packed, masks[1]), builder.and_(packed, masks[2]),
+                         top]
+                for row in range(num_rows):
+                    for pair, code in enumerate(codes):
+                        x2 = builder.load(builder.bitcast(builder.gep(x_ptrs[row], [ir.Constant(_I32, 8 * run + 2 * pair)]),
+                                                          _I32.as_pointer()), align=2)
+                        slot = 0 if pair == 3 else pair
+                        sums[row][slot] = builder.call(dpwssd, [sums[row][slot], code, _splat(builder, x2, _INTS16)])
+            for row in range(num_rows):
+                ones, times_256, times_16 = sums[row]
+                total = builder.add(builder.add(ones, builder.ashr(times_256, ir.Constant(_INTS16, [8] * 16))),
+                                    builder.ashr(times_16, ir.Constant(_INTS16, [4] * 16)))
+                dot = builder.sitofp(total, _FLOATS16)         # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
+                d_at = builder.add(builder.add(d_at_, builder.mul(i64(row), d_stride_)), g)
+                dx = builder.load(_address(context, builder, dx_t, dx_, d_at, _F32))
+                sx = builder.load(_address(context, builder, sx_t, sx_, d_at, _F32))
+                term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, _splat(builder, dx, _FLOATS16))),
+                                    builder.fmul(low_v, _splat(builder, sx, _FLOATS16)))
+                builder.store(builder.fadd(builder.load(sums_of[row]), term), sums_of[row])
         for row in range(num_rows):
-            step = ir.Constant(ir.IntType(64), row)
-            x_ptr = _address(context, builder, xq_t, xq_, builder.add(x_at_, builder.mul(step, x_stride_)), _I16)
-            d_at = builder.add(d_at_, builder.mul(step, d_stride_))
-            dx = builder.load(_address(context, builder, dx_t, dx_, d_at, _F32))
-            sx = builder.load(_address(context, builder, sx_t, sx_, d_at, _F32))
-            sums = [ir.Constant(_INTS16, [0] * 16) for _ in range(4)]
-            for index, code in enumerate(codes):
-                run, pair = divmod(index, 4)
-                x2 = builder.load(builder.bitcast(builder.gep(x_ptr, [ir.Constant(_I32, 8 * run + 2 * pair)]),
-                                                  _I32.as_pointer()), align=2)
-                sums[pair] = builder.call(dpwssd, [sums[pair], code, _splat(builder, x2, _INTS16)])
-            total = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
-            dot = builder.sitofp(total, _FLOATS16)         # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
-            term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, _splat(builder, dx, _FLOATS16))),
-                                builder.fmul(low_v, _splat(builder, sx, _FLOATS16)))
-            out_ptr = _address(context, builder, out_t, out_, builder.add(o_at_, builder.mul(step, o_stride_)),
-                               _FLOATS16)
-            builder.store(builder.fadd(builder.load(out_ptr, align=4), term), out_ptr, align=4)
+            o_at = builder.add(o_at_, builder.mul(i64(row), o_stride_))
+            builder.store(builder.load(sums_of[row]), _address(context, builder, out_t, out_, o_at, _FLOATS16), align=4)
         return context.get_dummy_value()
 
     return codegen
 
 
-def _dot_group_intrinsic(num_rows: int):
-    """For rows m .. m + num_rows - 1 of the flattened activation: out[m, tile] += (q . xq[m, group])
-    * scale * dx[m, g] + low * sx[m, g] for the 16 rows of one tile and one group. weight[w_at:w_at
-    + 256] the tile's codes, xq[x_at + m K ...] the group's int16 activation in `_SLOT` order, scale
-    and low [s_at:s_at + 16], dx and sx at d_at + m G, out at o_at + m N (strides K, G, N given)."""
+def _tile_rows_intrinsic(num_rows: int):
+    """For rows m .. m + num_rows - 1 of the flattened activation: out[m, tile] = sum over the groups g of
+    (q . xq[m, g]) * scale * dx[m, g] + low * sx[m, g], for the 16 rows of one tile. weight[w_at + 256 g:]
+    group g's codes, xq[x_at + m K + 32 g ...] its int16 activation in `_SLOT` order, scale and low
+    [s_at + 16 g:][:16], dx and sx at d_at + m G + g, out at o_at + m N (strides K, G, N given)."""
 
     def typer(typingctx, weight, w_at, xq, x_at, x_stride, scale, low, s_at, dx, sx, d_at, d_stride, out,
-              o_at, o_stride):
+              o_at, o_stride, num_groups):
         i64 = types.int64
-        sig = types.void(weight, i64, xq, i64, i64, scale, low, i64, dx, sx, i64, i64, out, i64, i64)
-        return sig, _dot_group_codegen(num_rows)
+        sig = types.void(weight, i64, xq, i64, i64, scale, low, i64, dx, sx, i64, i64, out, i64, i64, i64)
+        return sig, _tile_rows_codegen(num_rows)
 
     return intrinsic(typer)
 
 
-_dot_group_1 = _dot_group_intrinsic(1)
-_dot_group_4 = _dot_group_intrinsic(4)
+_tile_rows_1 = _tile_rows_intrinsic(1)
+_tile_rows_4 = _tile_rows_intrinsic(4)
 
 
 @njit(cache=True, boundscheck=False)
@@ -253,22 +285,19 @@ def _quantize_activation_into(x, xq, dx, sx):
 @njit(cache=True, boundscheck=False)
 def _tile(t, xq, dx, sx, weight, scale, low, out):
     """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: four rows of xq at a
-    time through `_dot_group_4`, the rest one by one (the same arithmetic for each row)."""
+    time through `_tile_rows_4` (the tile's codes unpacked once for the four), the rest one by one
+    (the same arithmetic for each row)."""
     num_tokens, in_features = xq.shape
     num_groups, out_features = dx.shape[1], out.shape[1]
     xq_flat, dx_flat, sx_flat, out_flat = xq.reshape(-1), dx.reshape(-1), sx.reshape(-1), out.reshape(-1)
-    out[:, t * 16:t * 16 + 16] = 0.0
+    at = t * num_groups
     first_single = num_tokens - num_tokens % 4
-    for g in range(num_groups):
-        at = t * num_groups + g
-        for m in range(0, first_single, 4):
-            _dot_group_4(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
-                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
-                         out_features)
-        for m in range(first_single, num_tokens):
-            _dot_group_1(weight, at * 256, xq_flat, m * in_features + g * 32, in_features, scale, low, at * 16,
-                         dx_flat, sx_flat, m * num_groups + g, num_groups, out_flat, m * out_features + t * 16,
-                         out_features)
+    for m in range(0, first_single, 4):
+        _tile_rows_4(weight, at * 256, xq_flat, m * in_features, in_features, scale, low, at * 16, dx_flat, sx_flat,
+                     m * num_groups, num_groups, out_flat, m * out_features + t * 16, out_features, num_groups)
+    for m in range(first_single, num_tokens):
+        _tile_rows_1(weight, at * 256, xq_flat, m * in_features, in_features, scale, low, at * 16, dx_flat, sx_flat,
+                     m * num_groups, num_groups, out_flat, m * out_features + t * 16, out_features, num_groups)
 
 
 @njit(cache=True, boundscheck=False)
