@@ -165,8 +165,9 @@ class FusedDecoder:
         the shared buffers, as [T, ...] views of flat buffers (made again, twice as large, when a step
         outgrows them)."""
         held = len(self._score_rows[0]) if self._score_rows else 0
-        if held < max_seq_len:
-            self._score_rows = [np.empty(max(max_seq_len, 2 * held, 256), np.float32) for _ in range(self.num_ranks)]
+        if held < 2 * max_seq_len:
+            self._score_rows = [np.empty(max(2 * max_seq_len, 2 * held, 512), np.float32)
+                                for _ in range(self.num_ranks)]
         if num_rows > self.capacity:
             self.capacity = max(num_rows, 2 * self.capacity)
             widths = self._private_widths()
@@ -504,14 +505,13 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
 
     Private to the rank (each computes them in full, the same bits): h the residual stream [T, H], x
     its norm [T, H], the int16 activations xq_* [T, K] with dx_*, sx_* [T, K / 32], rq the rotated q
-    [T, Hq, D], act [T, I], scores [>= the longest context] (an attention row's). Shared: qkv
+    [T, Hq, D], act [T, I], scores [>= twice the longest context] (an attention row's scratch). Shared: qkv
     [T, (Hq + 2 Hkv) D], attn [T, Hq, D], proj [T, H] (o_proj's, then down's output), gu [T, 2I];
     out [T, H] (written by rank 0). Every rank stores the new k and v
     into the cache (the same values at the same addresses), so each reads its own stores back in
     the attention without waiting for another rank."""
     num_rows, hidden = out.shape
     head_dim = cos_sin.shape[1]
-    q_size = num_heads * head_dim
     qkv3 = qkv.reshape((num_rows, num_heads + 2 * num_kv_heads, head_dim))
     attn3 = attn.reshape((num_rows, num_heads, head_dim))
     rq3 = rq.reshape((num_rows, num_heads, head_dim))

@@ -125,13 +125,39 @@ def _row_sequences(num_tokens, query_start_loc, seq_lens):
 def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """out[t, h] for item = t * Hq + h: the one loop every (query row, head) runs, serial or parallel."""
     b = row_seq[item // q.shape[1]]
-    scores = np.empty(seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
+    scores = np.empty(2 * seq_lens[b] if b >= 0 else 0, np.float32)     # 2 (position + 1) at least
     _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores)
+
+
+# exp(x) = 2^k exp(r): k = round(x / ln 2), r = x - k ln 2 with ln 2 in two parts (Cody and Waite: k ln2_hi
+# is exact, so r keeps its bits), |r| <= ln(2) / 2; exp(r) by its Taylor series to degree 7 (truncation
+# error 5e-9 of the value, under float32's rounding).
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_TAYLOR = tuple(np.float32(1.0 / c) for c in (1, 2, 6, 24, 120, 720, 5040))     # 1/1! .. 1/7!
+
+
+@njit(cache=True, fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
+def _exp_shifted_into(s, best, powers):
+    """s[j] = exp(s[j] - best) for s[j] <= best, in loops the compiler vectorizes (numba's np.exp is a
+    call per value): the polynomial of exp(r) in s, then 2^k built from its bits in powers (int32,
+    len(s)) and multiplied in. Arguments below -87 give exp(-87) (1.6e-38) instead of underflowing."""
+    c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
+    for j in range(s.shape[0]):
+        x = max(s[j] - best, np.float32(-87.0))
+        k = np.floor(x * _LOG2E + np.float32(0.5))
+        r = (x - k * _LN2_HI) - k * _LN2_LO
+        s[j] = np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
+        powers[j] = (np.int32(k) + 127) << 23          # the float32 bits of 2^k
+    scales = powers.view(np.float32)
+    for j in range(s.shape[0]):
+        s[j] = s[j] * scales[j]
 
 
 @njit(cache=True, fastmath=True, boundscheck=False)
 def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
-    """`_attend` with its scores in a given buffer (at least the row's position + 1 long)."""
+    """`_attend` with its scratch in a given buffer (at least 2 (position + 1) long: the row's scores, then
+    `_exp_shifted_into`'s powers of two). Keys are visited block by block: no division per key."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     t, h = item // num_heads, item % num_heads
@@ -143,25 +169,31 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
     kv_head = h // (num_heads // num_kv_heads)
     # This row's absolute position: it sees keys 0..position.
     position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
-    s = scores[:position + 1]                     # [position + 1]: scores, then their exponentials
-    for j in range(position + 1):
-        key = k_cache[block_tables[b, j // block_size], j % block_size, kv_head]
-        dot = np.float32(0.0)
-        for d in range(head_dim):
-            dot += q[t, h, d] * key[d]
-        s[j] = dot * scale
+    num_keys = position + 1
+    s = scores[:num_keys]                         # scores, then their exponentials
+    query = q[t, h]
+    for first in range(0, num_keys, block_size):
+        block = block_tables[b, first // block_size]
+        for j in range(first, min(first + block_size, num_keys)):
+            key = k_cache[block, j - first, kv_head]
+            dot = np.float32(0.0)
+            for d in range(head_dim):
+                dot += query[d] * key[d]
+            s[j] = dot * scale
     best = s[0]
-    for j in range(1, position + 1):
+    for j in range(1, num_keys):
         best = max(best, s[j])
+    _exp_shifted_into(s, best, scores[num_keys:2 * num_keys].view(np.int32))
     total = np.float32(0.0)
-    for j in range(position + 1):
-        s[j] = np.exp(s[j] - best)
+    for j in range(num_keys):
         total += s[j]
-    for j in range(position + 1):
-        value = v_cache[block_tables[b, j // block_size], j % block_size, kv_head]
-        weight = s[j] / total
-        for d in range(head_dim):
-            o[d] += weight * value[d]
+    for first in range(0, num_keys, block_size):
+        block = block_tables[b, first // block_size]
+        for j in range(first, min(first + block_size, num_keys)):
+            value = v_cache[block, j - first, kv_head]
+            weight = s[j] / total
+            for d in range(head_dim):
+                o[d] += weight * value[d]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
