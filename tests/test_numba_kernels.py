@@ -58,20 +58,25 @@ def test_numba_paged_attention_matches_the_torch_reference(query_lens, context_l
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_attention_exp_matches_torch_within_float32_rounding():
-    """The softmax's exp (a polynomial and a power of two, vectorized) against torch.exp, over the range
-    a shifted score takes, 37 values a call (odd), with ones past the end that it must not touch."""
+def test_the_vectorized_exp_matches_torch_within_float32_rounding():
+    """exp_shifted_into (a polynomial and a power of two, vectorized; the softmax's and SiLU's exp) against
+    torch.exp, over the range it keeps, on slices of odd lengths (values past a slice's end untouched),
+    and clamped beyond that range."""
     import numpy as np
-    x = torch.cat([torch.linspace(-100.0, 0.0, 3997), torch.tensor([0.0, -1e-7, -0.5, -0.6931, -86.9])])
-    for start in range(0, x.numel() - 37, 37):
-        scratch = np.full(80, 7.0, np.float32)
-        scores = scratch[:37]
-        scores[:] = x[start:start + 37].numpy()
-        attention_numba._exp_shifted_into(scores, np.float32(0.0), scratch[40:77].view(np.int32))
-        want = torch.exp(x[start:start + 37].double()).clamp(min=float(np.exp(-87.0)))
-        got = torch.from_numpy(scores.copy()).double()
-        assert torch.allclose(got, want, rtol=4e-7, atol=0.0), (got - want).abs().div(want).max()
-        assert (scratch[37:40] == 7.0).all() and (scratch[77:] == 7.0).all()
+    x = torch.cat([torch.linspace(-87.0, 88.0, 7001), torch.tensor([0.0, -1e-7, 1e-7, -0.5, 0.6931, -86.9])])
+    for length in (1, 37, 64, 130):
+        for start in range(0, x.numel() - length, 7 * length):
+            buffer = np.full(length + 3, 7.0, np.float32)
+            buffer[:length] = x[start:start + length].numpy() + 2.0
+            want = torch.from_numpy(buffer[:length].copy()).double().sub(2.0).exp()      # of the float32 inputs
+            attention_numba.exp_shifted_into(buffer[:length], np.float32(2.0))
+            got = torch.from_numpy(buffer[:length].copy()).double()
+            assert torch.allclose(got, want, rtol=4e-7, atol=0.0), (got - want).abs().div(want).max()
+            assert (buffer[length:] == 7.0).all()
+    edges = np.array([-200.0, -87.0, 88.0, 500.0], np.float32)
+    attention_numba.exp_shifted_into(edges, np.float32(0.0))
+    assert torch.allclose(torch.from_numpy(edges).double(), torch.tensor([-87.0, -87.0, 88.0, 88.0]).double().exp(),
+                          rtol=1e-6)
 
 
 def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled():

@@ -69,7 +69,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
+from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences, exp_shifted_into
 from nanovllm.ops.quant import PackedLinear, RefinedLMHead
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 
@@ -165,9 +165,8 @@ class FusedDecoder:
         the shared buffers, as [T, ...] views of flat buffers (made again, twice as large, when a step
         outgrows them)."""
         held = len(self._score_rows[0]) if self._score_rows else 0
-        if held < 2 * max_seq_len:
-            self._score_rows = [np.empty(max(2 * max_seq_len, 2 * held, 512), np.float32)
-                                for _ in range(self.num_ranks)]
+        if held < max_seq_len:
+            self._score_rows = [np.empty(max(max_seq_len, 2 * held, 256), np.float32) for _ in range(self.num_ranks)]
         if num_rows > self.capacity:
             self.capacity = max(num_rows, 2 * self.capacity)
             widths = self._private_widths()
@@ -396,9 +395,12 @@ def _silu_and_mul_rows(gate_up, out):
     """out [T, I] = silu(gate) * up for gate_up [T, 2I] = [gate | up]."""
     size = out.shape[1]
     for t in range(out.shape[0]):
+        gate, up, row = gate_up[t, :size], gate_up[t, size:], out[t]     # slices: the loops vectorize
         for j in range(size):
-            gate = gate_up[t, j]
-            out[t, j] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[t, size + j]
+            row[j] = -gate[j]
+        exp_shifted_into(row, np.float32(0.0))                    # exp(-gate)
+        for j in range(size):
+            row[j] = gate[j] / (np.float32(1.0) + row[j]) * up[j]
 
 
 @njit(cache=True, boundscheck=False)
@@ -505,7 +507,7 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
 
     Private to the rank (each computes them in full, the same bits): h the residual stream [T, H], x
     its norm [T, H], the int16 activations xq_* [T, K] with dx_*, sx_* [T, K / 32], rq the rotated q
-    [T, Hq, D], act [T, I], scores [>= twice the longest context] (an attention row's scratch). Shared: qkv
+    [T, Hq, D], act [T, I], scores [>= the longest context] (an attention row's). Shared: qkv
     [T, (Hq + 2 Hkv) D], attn [T, Hq, D], proj [T, H] (o_proj's, then down's output), gu [T, 2I];
     out [T, H] (written by rank 0). Every rank stores the new k and v
     into the cache (the same values at the same addresses), so each reads its own stores back in

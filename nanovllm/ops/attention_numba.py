@@ -125,7 +125,7 @@ def _row_sequences(num_tokens, query_start_loc, seq_lens):
 def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """out[t, h] for item = t * Hq + h: the one loop every (query row, head) runs, serial or parallel."""
     b = row_seq[item // q.shape[1]]
-    scores = np.empty(2 * seq_lens[b] if b >= 0 else 0, np.float32)     # 2 (position + 1) at least
+    scores = np.empty(seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
     _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores)
 
 
@@ -137,27 +137,33 @@ _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
 _EXP_TAYLOR = tuple(np.float32(1.0 / c) for c in (1, 2, 6, 24, 120, 720, 5040))     # 1/1! .. 1/7!
 
 
+_EXP_CHUNK = 64     # values per pass of exp_shifted_into (its powers of two live in a buffer this long)
+
+
 @njit(cache=True, fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
-def _exp_shifted_into(s, best, powers):
-    """s[j] = exp(s[j] - best) for s[j] <= best, in loops the compiler vectorizes (numba's np.exp is a
-    call per value): the polynomial of exp(r) in s, then 2^k built from its bits in powers (int32,
-    len(s)) and multiplied in. Arguments below -87 give exp(-87) (1.6e-38) instead of underflowing."""
+def exp_shifted_into(s, shift):
+    """s[j] = exp(s[j] - shift), in loops the compiler vectorizes (numba's np.exp is a call per value):
+    per chunk of 64, the polynomial of exp(r), then 2^k built from its bits and multiplied in.
+    Arguments are clamped to [-87, 88] (exp 1.6e-38 .. 1.7e38: no underflow, no infinity)."""
     c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
-    for j in range(s.shape[0]):
-        x = max(s[j] - best, np.float32(-87.0))
-        k = np.floor(x * _LOG2E + np.float32(0.5))
-        r = (x - k * _LN2_HI) - k * _LN2_LO
-        s[j] = np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
-        powers[j] = (np.int32(k) + 127) << 23          # the float32 bits of 2^k
+    powers = np.empty(_EXP_CHUNK, np.int32)
     scales = powers.view(np.float32)
-    for j in range(s.shape[0]):
-        s[j] = s[j] * scales[j]
+    for first in range(0, s.shape[0], _EXP_CHUNK):
+        chunk = s[first:first + _EXP_CHUNK]
+        for i in range(chunk.shape[0]):
+            x = min(max(chunk[i] - shift, np.float32(-87.0)), np.float32(88.0))
+            k = np.floor(x * _LOG2E + np.float32(0.5))
+            r = (x - k * _LN2_HI) - k * _LN2_LO
+            chunk[i] = np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
+            powers[i] = (np.int32(k) + 127) << 23          # the float32 bits of 2^k
+        for i in range(chunk.shape[0]):
+            chunk[i] = chunk[i] * scales[i]
 
 
 @njit(cache=True, fastmath=True, boundscheck=False)
 def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
-    """`_attend` with its scratch in a given buffer (at least 2 (position + 1) long: the row's scores, then
-    `_exp_shifted_into`'s powers of two). Keys are visited block by block: no division per key."""
+    """`_attend` with its scores in a given buffer (at least the row's position + 1 long). Keys are visited
+    block by block: no division per key."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     t, h = item // num_heads, item % num_heads
@@ -183,7 +189,7 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
     best = s[0]
     for j in range(1, num_keys):
         best = max(best, s[j])
-    _exp_shifted_into(s, best, scores[num_keys:2 * num_keys].view(np.int32))
+    exp_shifted_into(s, best)
     total = np.float32(0.0)
     for j in range(num_keys):
         total += s[j]
