@@ -37,7 +37,9 @@ import threading
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.rmsnorm import rms_norm_torch
@@ -137,27 +139,26 @@ _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
 _EXP_TAYLOR = tuple(np.float32(1.0 / c) for c in (1, 2, 6, 24, 120, 720, 5040))     # 1/1! .. 1/7!
 
 
-_EXP_CHUNK = 64     # values per pass of exp_shifted_into (its powers of two live in a buffer this long)
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 `bits` (a bitcast, which vectorizes with the loop around it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
 
 
 @njit(cache=True, fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
 def exp_shifted_into(s, shift):
-    """s[j] = exp(s[j] - shift), in loops the compiler vectorizes (numba's np.exp is a call per value):
-    per chunk of 64, the polynomial of exp(r), then 2^k built from its bits and multiplied in.
-    Arguments are clamped to [-87, 88] (exp 1.6e-38 .. 1.7e38: no underflow, no infinity)."""
+    """s[j] = exp(s[j] - shift) in one loop the compiler vectorizes (numba's np.exp is a call per value):
+    the polynomial of exp(r) times 2^k made from its bits. Arguments are clamped to [-87, 88]
+    (exp 1.6e-38 .. 1.7e38: no underflow, no infinity)."""
     c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
-    powers = np.empty(_EXP_CHUNK, np.int32)
-    scales = powers.view(np.float32)
-    for first in range(0, s.shape[0], _EXP_CHUNK):
-        chunk = s[first:first + _EXP_CHUNK]
-        for i in range(chunk.shape[0]):
-            x = min(max(chunk[i] - shift, np.float32(-87.0)), np.float32(88.0))
-            k = np.floor(x * _LOG2E + np.float32(0.5))
-            r = (x - k * _LN2_HI) - k * _LN2_LO
-            chunk[i] = np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
-            powers[i] = (np.int32(k) + 127) << 23          # the float32 bits of 2^k
-        for i in range(chunk.shape[0]):
-            chunk[i] = chunk[i] * scales[i]
+    for j in range(s.shape[0]):
+        x = min(max(s[j] - shift, np.float32(-87.0)), np.float32(88.0))
+        k = np.floor(x * _LOG2E + np.float32(0.5))
+        r = (x - k * _LN2_HI) - k * _LN2_LO
+        power = _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))     # 2^k
+        s[j] = (np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))) * power
 
 
 @njit(cache=True, fastmath=True, boundscheck=False)
