@@ -28,13 +28,21 @@ resolved in `__post_init__`; `max_model_len` is resolved against the model by
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.embedded import is_embedded_model
+
+def cache_dir() -> Path:
+    """Where nano-vllm keeps what it makes once and reuses (dequantized GGUF weights, compiled CPU
+    kernels): $NANO_VLLM_CACHE, else ~/.cache/nano-vllm."""
+    return Path(os.environ.get("NANO_VLLM_CACHE") or Path.home() / ".cache" / "nano-vllm")
+
 
 # Weight formats a float checkpoint can be quantized into as it loads (nanovllm/model/quantization/).
 ONLINE_METHODS = ("fp8", "w4a16", "gguf-q8_0", "gguf-q4_k")

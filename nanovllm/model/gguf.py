@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from nanovllm.config import cache_dir
 from nanovllm.model.config import UNSUPPORTED_GGUF_KEYS, ModelConfig, ModelConfigError, refuse_unsupported
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.weight_utils import interleaved_to_rotate_half
@@ -70,11 +71,6 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 # ---- the cache ---------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """$NANO_VLLM_CACHE, else ~/.cache/nano-vllm."""
-    return Path(os.environ.get("NANO_VLLM_CACHE") or Path.home() / ".cache" / "nano-vllm")
-
 
 def cache_entry(path: str) -> Path:
     """The cache folder of one GGUF file, named by its content.

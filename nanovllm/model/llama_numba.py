@@ -64,12 +64,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences, exp_shifted_into
+from nanovllm.ops.numba_cache import kernel
 from nanovllm.ops.quant import PackedLinear, RefinedLMHead
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 
@@ -378,7 +379,7 @@ def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 # ---- the compiled forward ----------------------------------------------------------------------
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _rms_norm_rows(x, weight, eps, out):
     """out [T, H] = x / sqrt(mean(x^2) + eps) * weight, row by row, in float32."""
     for t in range(x.shape[0]):
@@ -390,7 +391,7 @@ def _rms_norm_rows(x, weight, eps, out):
             out[t, j] = x[t, j] * inverse * weight[j]
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _silu_and_mul_rows(gate_up, out):
     """out [T, I] = silu(gate) * up for gate_up [T, 2I] = [gate | up]."""
     size = out.shape[1]
@@ -403,7 +404,7 @@ def _silu_and_mul_rows(gate_up, out):
             row[j] = gate[j] / (np.float32(1.0) + row[j]) * up[j]
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _embed_rows(input_ids, embed, h):
     """h [T, H] = embed[input_ids]: the embedding lookup."""
     for t in range(h.shape[0]):
@@ -411,7 +412,7 @@ def _embed_rows(input_ids, embed, h):
             h[t, j] = embed[input_ids[t], j]
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _add_rows(x, h):
     """h [T, H] += x [T, H]: the residual add."""
     for t in range(h.shape[0]):
@@ -476,7 +477,7 @@ def _pause_or_yield(typingctx, spins):
     return types.void(spins), codegen
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _barrier(counter, target):
     """Arrive, then wait until every rank has: counter[0] reaches target (base + ranks * barriers), or
     counter[1] says that a rank's call raised (it will not arrive)."""
@@ -487,7 +488,7 @@ def _barrier(counter, target):
         spins += 1
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _share(size, rank, num_ranks):
     """Rank `rank`'s part [start, stop) of range(size), contiguous."""
     return size * rank // num_ranks, size * (rank + 1) // num_ranks
@@ -495,7 +496,7 @@ def _share(size, rank, num_ranks):
 
 # ---- the compiled forward ------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@kernel(nogil=True, boundscheck=False)
 def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_mapping, query_start_loc, seq_lens,
                   block_tables, embed, norms, final_norm, eps, cos_sin, kv_cache, scale, num_heads, num_kv_heads,
                   qkv_w, qkv_s, qkv_l, o_w, o_s, o_l, gu_w, gu_s, gu_l, down_w, down_s, down_l,
@@ -563,7 +564,7 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
 
 # ---- the compiled LM head ------------------------------------------------------------------------
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _top_k_into(row, index):
     """index[:] = the positions of row's len(index) largest values, in no particular order (one pass
     that keeps the k best so far and replaces the least of them)."""
@@ -583,7 +584,7 @@ def _top_k_into(row, index):
                     least = i
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@kernel(nogil=True, boundscheck=False)
 def _lm_head_rank(rank, num_ranks, counter, base, x, codes, scales, lows, weight, top_k, logits):
     """One rank's part of RefinedLMHead's forward: x [N, H] float32 -> logits [N, V] float32. The
     ranks share the int4 tiles of the vocabulary (quant_numba._tile, activations rounded to int16),

@@ -16,7 +16,7 @@ with and whichever step computes it. The work is split across cores by
 (row, head), except in a small step (a decode of a few sequences), which runs
 on the calling thread: a workqueue launch costs 50-150 us here, more than the
 work. Both drivers call the same `_attend`, so the bits do not change.
-`cache=True`: the compiled code is kept on disk for the next start.
+`kernel` (numba_cache.py) keeps the compiled code on disk for the next start.
 
 A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the
 store of k and v into their cache slots in one compiled loop (the formula of
@@ -38,10 +38,11 @@ import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.numba_cache import kernel
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -69,7 +70,7 @@ def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return paged_attention_numba(rotated_q, k_cache, v_cache, metadata, scale)
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _rotate(x, cos_sin, out):
     """out = x rotated by the angles of one position, cos_sin [D] (cos | sin): rotary.py's formula."""
     half = x.shape[0] // 2
@@ -80,7 +81,7 @@ def _rotate(x, cos_sin, out):
         out[i + half] = x2 * cos + x1 * sin
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _rotary_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, rotated_q):
     """q, rotated_q [T, Hq, D]; k, v [T, Hkv, D]; positions, slot_mapping [T] int64 (slot < 0: no store)."""
     block_size = k_cache.shape[1]
@@ -113,7 +114,7 @@ def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _row_sequences(num_tokens, query_start_loc, seq_lens):
     """-> [T]: the sequence of each query row (-1: padding)."""
     row_seq = np.full(num_tokens, -1, np.int64)
@@ -123,7 +124,7 @@ def _row_sequences(num_tokens, query_start_loc, seq_lens):
     return row_seq
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """out[t, h] for item = t * Hq + h: the one loop every (query row, head) runs, serial or parallel."""
     b = row_seq[item // q.shape[1]]
@@ -147,7 +148,7 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@njit(cache=True, fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
+@kernel(fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
 def exp_shifted_into(s, shift):
     """s[j] = exp(s[j] - shift) in one loop the compiler vectorizes (numba's np.exp is a call per value):
     the polynomial of exp(r) times 2^k made from its bits. Arguments are clamped to [-87, 88]
@@ -161,7 +162,7 @@ def exp_shifted_into(s, shift):
         s[j] = (np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))) * power
 
 
-@njit(cache=True, fastmath=True, boundscheck=False)
+@kernel(fastmath=True, boundscheck=False)
 def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
     """`_attend` with its scores in a given buffer (at least the row's position + 1 long). Keys are visited
     block by block: no division per key."""
@@ -203,7 +204,7 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
                 o[d] += weight * value[d]
 
 
-@njit(parallel=True, cache=True, boundscheck=False)
+@kernel(parallel=True, boundscheck=False)
 def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
     seq_lens [B], block_tables [B, max_blocks] int32."""
@@ -212,7 +213,7 @@ def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
         _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _paged_attention_serial(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """`_paged_attention` on the calling thread."""
     row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)

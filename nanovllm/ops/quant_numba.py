@@ -39,11 +39,12 @@ import dataclasses
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention_numba import _launch_lock
+from nanovllm.ops.numba_cache import kernel
 
 GROUP_SIZE = 32            # values of K per scale: Q4_1's and Q8_1's block
 TILE_ROWS = 16             # output rows per tile: the int32 lanes of one AVX-512 vector
@@ -254,7 +255,7 @@ _tile_rows_1 = _tile_rows_intrinsic(1)
 _tile_rows_4 = _tile_rows_intrinsic(4)
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _quantize_activation(x):
     """x [M, K] float32 -> (xq [M, K] int16 (each run of 8 in `_SLOT` order), dx, sx [M, K / 32]):
     quantize_activation_torch's formula."""
@@ -265,7 +266,7 @@ def _quantize_activation(x):
     return xq, dx, sx
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _quantize_activation_into(x, xq, dx, sx):
     """`_quantize_activation` into given arrays xq [M, K] int16, dx and sx [M, K / 32] float32."""
     for m in range(x.shape[0]):
@@ -282,7 +283,7 @@ def _quantize_activation_into(x, xq, dx, sx):
                 xq[m, slot] = np.int16(np.round(x[m, k] / scale)) if scale > 0 else np.int16(0)
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _tile(t, xq, dx, sx, weight, scale, low, out):
     """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: four rows of xq at a
     time through `_tile_rows_4` (the tile's codes unpacked once for the four), the rest one by one
@@ -300,7 +301,7 @@ def _tile(t, xq, dx, sx, weight, scale, low, out):
                      m * num_groups, num_groups, out_flat, m * out_features + t * 16, out_features, num_groups)
 
 
-@njit(cache=True, boundscheck=False)
+@kernel(boundscheck=False)
 def _int4_matmul_serial(x, weight, scale, low, out_features):
     """x [M, K] float32 -> out [M, N] float32, on the calling thread."""
     out = np.empty((x.shape[0], out_features), np.float32)
@@ -310,7 +311,7 @@ def _int4_matmul_serial(x, weight, scale, low, out_features):
     return out
 
 
-@njit(parallel=True, cache=True, boundscheck=False)
+@kernel(parallel=True, boundscheck=False)
 def _int4_matmul_parallel(x, weight, scale, low, out_features):
     """x [M, K] float32 -> out [M, N] float32, the tiles split over numba's threads."""
     out = np.empty((x.shape[0], out_features), np.float32)

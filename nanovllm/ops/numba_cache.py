@@ -1,0 +1,50 @@
+"""The compiled CPU kernels' disk cache, made anew whenever any kernel source changes.
+
+numba's `cache=True` stamps a function's cache with the time and size of the file that defines it, and
+nothing else. Our kernels compile functions of other files into themselves: `llama_numba._forward_rank`
+inlines `quant_numba._tile` and `attention_numba._attend_into`. After an edit of quant_numba.py alone
+(or an update that rewrites it), the cached forward would still run the old tile. So `kernel(...)`,
+numba's `njit(cache=True, ...)`, puts the cache in a folder named by a digest of every kernel source
+file (`KERNEL_SOURCES`): a change to any of them starts an empty folder, and the first call compiles.
+The folders sit under numba's own cache folder where one is set ($NUMBA_CACHE_DIR), else under
+nano-vllm's (`config.cache_dir()`), at a few MB each.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numba
+
+from nanovllm.config import cache_dir
+
+PACKAGE = Path(__file__).resolve().parent.parent
+KERNEL_SOURCES = ("ops/numba_cache.py", "ops/attention_numba.py", "ops/quant_numba.py", "model/llama_numba.py")
+
+
+def sources_digest(root: Path = PACKAGE, names: tuple[str, ...] = KERNEL_SOURCES) -> str:
+    """The first 16 hex digits of sha256 over the kernel sources under root, name and bytes."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def kernel_cache_dir() -> str:
+    """Where this tree's kernels are cached: <$NUMBA_CACHE_DIR or cache_dir()/numba>/<sources_digest()>."""
+    return str(Path(numba.config.CACHE_DIR or cache_dir() / "numba") / sources_digest())
+
+
+def kernel(**options):
+    """`numba.njit(cache=True, **options)`, cached in `kernel_cache_dir()`. numba picks a function's
+    cache folder when it is decorated, from `numba.config.CACHE_DIR`, which is set for that moment only."""
+    def compile_cached(function):
+        previous = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = kernel_cache_dir()
+        try:
+            return numba.njit(cache=True, **options)(function)
+        finally:
+            numba.config.CACHE_DIR = previous
+    return compile_cached
