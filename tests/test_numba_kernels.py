@@ -169,6 +169,23 @@ def _random_int4(out_features: int, in_features: int, seed: int):
     return q, scale, low
 
 
+@pytest.mark.parametrize("rows, in_features", [(1, 32), (3, 96), (5, 1536)])
+def test_numba_activation_rounding_matches_its_reference(rows, in_features):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator) * 3
+    x[0, :32] = 0.0                                          # an all-zero group: dx 0, xq 0
+    x[-1, -32:] = torch.tensor([32767.0, 2.5, 3.5, -2.5, -0.5, 1e-3] + [0.25] * 26)   # dx 1: ties to even
+    xq, dx, sx = quant_numba._quantize_activation(x.numpy())
+    want_xq, want_dx, want_sx = quant_numba.quantize_activation_torch(x)
+    slot = torch.as_tensor(quant_numba._SLOT)
+    natural = torch.from_numpy(xq).reshape(rows, -1, 8)[..., slot].reshape(rows, in_features)    # _SLOT is its own inverse
+    assert torch.equal(natural, want_xq)
+    assert torch.equal(torch.from_numpy(dx), want_dx)
+    # sx is summed by halves (the reference in another order): within float32 rounding of the sum of |x|.
+    bound = 4e-7 * x.abs().reshape(rows, -1, 32).sum(dim=-1)
+    assert (torch.from_numpy(sx) - want_sx).abs().le(bound).all()
+
+
 @int4_kernel
 @pytest.mark.parametrize("rows, out_features, in_features", [
     (1, 16, 32),          # one tile, one group

@@ -266,21 +266,65 @@ def _quantize_activation(x):
     return xq, dx, sx
 
 
+def _quantize_group_codegen(context, builder, signature, args):
+    """The LLVM IR of `_quantize_group`: the group's 32 values as two vectors of 16, their absolute
+    maximum (an unsigned maximum of the bits without the sign), their sum by halves (16 + 16, then 8 + 8
+    down to 1 + 1: a fixed order, the same for every row), then each value divided by the scale, rounded
+    to the nearest integer (ties to even, as np.round) and narrowed to int16, the runs of 8 in `_SLOT`
+    order, all 32 stored at once."""
+    x_, x_at, xq_, q_at, dx_, sx_, d_at = args
+    x_t, _, xq_t, _, dx_t, sx_t, _ = signature.args
+    ints16, shorts16 = ir.VectorType(_I32, 16), ir.VectorType(_I16, 16)
+    module = builder.module
+    umax = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, [ints16]), "llvm.vector.reduce.umax.v16i32")
+    rint = cgutils.get_or_insert_function(module, ir.FunctionType(_FLOATS16, [_FLOATS16]), "llvm.rint.v16f32")
+    pointer = _address(context, builder, x_t, x_, x_at, _F32)
+    halves = [builder.load(builder.bitcast(builder.gep(pointer, [ir.Constant(_I32, 16 * half)]),
+                                           _FLOATS16.as_pointer()), align=4) for half in (0, 1)]
+    magnitude = ir.Constant(ints16, [0x7FFFFFFF] * 16)
+    bits = [builder.and_(builder.bitcast(half, ints16), magnitude) for half in halves]
+    larger = builder.select(builder.icmp_unsigned(">", bits[0], bits[1]), bits[0], bits[1])
+    amax = builder.bitcast(builder.call(umax, [larger]), _F32)
+    total = builder.fadd(halves[0], halves[1])
+    for width in (8, 4, 2, 1):                     # the low half plus the high half, down to one value
+        low_half = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+        high_half = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, width),
+                                                                     list(range(width, 2 * width))))
+        total = builder.fadd(low_half, high_half)
+    scale = builder.fdiv(amax, ir.Constant(_F32, float(ACTIVATION_LEVELS)))
+    builder.store(scale, _address(context, builder, dx_t, dx_, d_at, _F32))
+    builder.store(builder.extract_element(total, ir.Constant(_I32, 0)), _address(context, builder, sx_t, sx_, d_at, _F32))
+    positive = builder.fcmp_ordered(">", scale, ir.Constant(_F32, 0.0))
+    codes = []
+    for half in halves:
+        rounded = builder.call(rint, [builder.fdiv(half, _splat(builder, scale, _FLOATS16))])
+        codes.append(builder.select(positive, builder.trunc(builder.fptosi(rounded, ints16), shorts16),
+                                    ir.Constant(shorts16, [0] * 16)))
+    order = [8 * run + int(slot) for run in range(4) for slot in _SLOT]     # both halves joined, runs of 8 in _SLOT order
+    joined = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(_I32, 32), order))
+    builder.store(joined, builder.bitcast(_address(context, builder, xq_t, xq_, q_at, _I16), _SHORTS32.as_pointer()),
+                  align=2)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _quantize_group(typingctx, x, x_at, xq, q_at, dx, sx, d_at):
+    """One group of quantize_activation_torch's formula: x[x_at:][:32] float32 -> xq[q_at:][:32] int16 (the
+    runs of 8 in `_SLOT` order), dx[d_at] = amax / 32767 and sx[d_at] = the sum; 1-D arrays."""
+    i64 = types.int64
+    return types.void(x, i64, xq, i64, dx, sx, i64), _quantize_group_codegen
+
+
 @kernel(boundscheck=False)
 def _quantize_activation_into(x, xq, dx, sx):
-    """`_quantize_activation` into given arrays xq [M, K] int16, dx and sx [M, K / 32] float32."""
+    """`_quantize_activation` into given arrays xq [M, K] int16, dx and sx [M, K / 32] float32 (x, xq C
+    contiguous)."""
+    x_flat, xq_flat, dx_flat, sx_flat = x.reshape(-1), xq.reshape(-1), dx.reshape(-1), sx.reshape(-1)
+    num_groups = dx.shape[1]
     for m in range(x.shape[0]):
-        for g in range(dx.shape[1]):
-            amax = np.float32(0.0)
-            total = np.float32(0.0)
-            for k in range(g * 32, g * 32 + 32):
-                amax = max(amax, abs(x[m, k]))
-                total += x[m, k]
-            scale = amax / np.float32(ACTIVATION_LEVELS)
-            dx[m, g], sx[m, g] = scale, total
-            for k in range(g * 32, g * 32 + 32):
-                slot = k - k % 8 + _SLOT[k % 8]
-                xq[m, slot] = np.int16(np.round(x[m, k] / scale)) if scale > 0 else np.int16(0)
+        for g in range(num_groups):
+            _quantize_group(x_flat, m * x.shape[1] + g * GROUP_SIZE, xq_flat, m * xq.shape[1] + g * GROUP_SIZE,
+                            dx_flat, sx_flat, m * num_groups + g)
 
 
 @kernel(boundscheck=False)
