@@ -123,13 +123,13 @@ def test_fused_forward_gives_a_row_the_same_bits_alone_in_a_batch_and_on_two_thr
 
 def test_thread_choice_takes_the_faster_count_per_step_size_and_keeps_trying_the_other():
     choice = llama_numba.ThreadChoice(2)
-    assert [choice.pick(1), choice.pick(1)] == [1, 1]          # untried: one thread first
-    choice.record(1, 1, 0.010)
-    assert choice.pick(1) == 2                                 # then the other
+    assert [choice.pick(1), choice.pick(1)] == [2, 2]          # untried: all threads first
     choice.record(1, 2, 0.013)
+    assert choice.pick(1) == 1                                 # then the other
+    choice.record(1, 1, 0.010)
     picks = [choice.pick(1) for _ in range(32)]
     assert picks.count(2) == 2 and picks.count(1) == 30        # the faster, and every 16th step the other
-    assert choice.pick(16) == 1 and llama_numba.ThreadChoice(1).pick(16) == 1   # each size learns on its own
+    assert choice.pick(16) == 2 and llama_numba.ThreadChoice(1).pick(16) == 1   # each size learns on its own
 
 
 @torch.no_grad()
