@@ -381,9 +381,11 @@ def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.nd
 
 # ---- the compiled forward ----------------------------------------------------------------------
 
-@kernel(boundscheck=False)
+@kernel(boundscheck=False, fastmath={"reassoc"})
 def _rms_norm_rows(x, weight, eps, out):
-    """out [T, H] = x / sqrt(mean(x^2) + eps) * weight, row by row, in float32."""
+    """out [T, H] = x / sqrt(mean(x^2) + eps) * weight, row by row, in float32. The sum of squares may
+    be reassociated, so it is summed in vector lanes (a fixed order, the same for every row); in
+    order, each addition waits for the one before (0.5 ms a batch-16 step)."""
     for t in range(x.shape[0]):
         total = np.float32(0.0)
         for j in range(x.shape[1]):
