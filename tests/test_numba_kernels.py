@@ -48,6 +48,7 @@ def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int,
     ([1, 1, 1], [37, 5, 64], 6, 2, 24, 8),         # decodes of ragged contexts, GQA
     ([7], [7], 3, 3, 40, 16),                      # a prompt in one chunk
     ([5, 1, 13], [21, 9, 13], 9, 3, 64, 4),        # chunks on top of cached context beside a decode
+    ([3, 1], [19, 40], 4, 2, 128, 16),             # head_dim 128 (the vector path), a block cut short
 ])
 def test_numba_paged_attention_matches_the_torch_reference(query_lens, context_lens, num_heads, num_kv_heads,
                                                            head_dim, block_size):

@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.numba_cache import kernel
+from nanovllm.ops.numba_ir import F32, FLOATS16, I32, address, float32_from_bits, load_floats16, splat, sum_lanes
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -140,14 +142,6 @@ _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
 _EXP_TAYLOR = tuple(np.float32(1.0 / c) for c in (1, 2, 6, 24, 120, 720, 5040))     # 1/1! .. 1/7!
 
 
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose bits are the int32 `bits` (a bitcast, which vectorizes with the loop around it)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
 @kernel(fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
 def exp_shifted_into(s, shift):
     """s[j] = exp(s[j] - shift) in one loop the compiler vectorizes (numba's np.exp is a call per value):
@@ -158,14 +152,93 @@ def exp_shifted_into(s, shift):
         x = min(max(s[j] - shift, np.float32(-87.0)), np.float32(88.0))
         k = np.floor(x * _LOG2E + np.float32(0.5))
         r = (x - k * _LN2_HI) - k * _LN2_LO
-        power = _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))     # 2^k
+        power = float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))     # 2^k
         s[j] = (np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))) * power
+
+
+def _key_scores_codegen(chunks: int):
+    """The LLVM IR of `_key_scores[chunks]`: a head of 16 * chunks values, the query held in `chunks`
+    vectors of 16; per key, its vectors multiplied and added into one (fused multiply-adds, in chunk
+    order), the 16 lanes summed by halves, times scale."""
+    def codegen(context, builder, signature, args):
+        k_, k_at, key_stride, count, q_, q_at, scale, s_, s_at = args
+        k_t, _, _, _, q_t, _, _, s_t, _ = signature.args
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(FLOATS16, [FLOATS16] * 3), "llvm.fma.v16f32")
+        q_ptr = address(context, builder, q_t, q_, q_at, F32)
+        query = [load_floats16(builder, q_ptr, 16 * c) for c in range(chunks)]
+        k_ptr = address(context, builder, k_t, k_, k_at, F32)
+        s_ptr = address(context, builder, s_t, s_, s_at, F32)
+        with cgutils.for_range(builder, count) as loop:
+            key = builder.gep(k_ptr, [builder.mul(loop.index, key_stride)])
+            total = builder.fmul(query[0], load_floats16(builder, key))
+            for c in range(1, chunks):
+                total = builder.call(fma, [query[c], load_floats16(builder, key, 16 * c), total])
+            builder.store(builder.fmul(sum_lanes(builder, total), scale), builder.gep(s_ptr, [loop.index]))
+        return context.get_dummy_value()
+    return codegen
+
+
+def _weighted_values_codegen(chunks: int):
+    """The LLVM IR of `_weighted_values[chunks]`: the output's 16 * chunks values held in `chunks`
+    vectors while the keys go by, each adding its weight times its value vectors (fused multiply-adds,
+    key after key), and stored once."""
+    def codegen(context, builder, signature, args):
+        v_, v_at, key_stride, count, s_, s_at, inverse_total, o_, o_at = args
+        v_t, _, _, _, s_t, _, _, o_t, _ = signature.args
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(FLOATS16, [FLOATS16] * 3), "llvm.fma.v16f32")
+        o_ptr = address(context, builder, o_t, o_, o_at, F32)
+        sums = [cgutils.alloca_once_value(builder, load_floats16(builder, o_ptr, 16 * c)) for c in range(chunks)]
+        v_ptr = address(context, builder, v_t, v_, v_at, F32)
+        s_ptr = address(context, builder, s_t, s_, s_at, F32)
+        with cgutils.for_range(builder, count) as loop:
+            value = builder.gep(v_ptr, [builder.mul(loop.index, key_stride)])
+            weight = splat(builder, builder.fmul(builder.load(builder.gep(s_ptr, [loop.index])), inverse_total), FLOATS16)
+            for c in range(chunks):
+                builder.store(builder.call(fma, [weight, load_floats16(builder, value, 16 * c), builder.load(sums[c])]),
+                              sums[c])
+        for c in range(chunks):
+            builder.store(builder.load(sums[c]), builder.bitcast(builder.gep(o_ptr, [ir.Constant(I32, 16 * c)]),
+                                                                 FLOATS16.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _key_scores_intrinsic(chunks: int):
+    """scores[s_at + j] = scale * sum_d q[q_at + d] k[k_at + j key_stride + d], d < 16 * chunks, for
+    j < count (offsets in elements from each array's data)."""
+    def typer(typingctx, k, k_at, key_stride, count, q, q_at, scale, scores, s_at):
+        i64 = types.int64
+        return types.void(k, i64, i64, i64, q, i64, types.float32, scores, i64), _key_scores_codegen(chunks)
+    return intrinsic(typer)
+
+
+def _weighted_values_intrinsic(chunks: int):
+    """out[o_at + d] += sum_j (scores[s_at + j] * inverse_total) v[v_at + j key_stride + d], d < 16 * chunks,
+    j < count in order."""
+    def typer(typingctx, v, v_at, key_stride, count, scores, s_at, inverse_total, out, o_at):
+        i64 = types.int64
+        return (types.void(v, i64, i64, i64, scores, i64, types.float32, out, i64),
+                _weighted_values_codegen(chunks))
+    return intrinsic(typer)
+
+
+_key_scores_4, _weighted_values_4 = _key_scores_intrinsic(4), _weighted_values_intrinsic(4)    # head_dim 64
+_key_scores_8, _weighted_values_8 = _key_scores_intrinsic(8), _weighted_values_intrinsic(8)    # head_dim 128
+
+
+@kernel(boundscheck=False)
+def _vectors_fit(head_dim, q, k_cache, v_cache, out):
+    """Whether the key-block intrinsics take this head: head_dim 64 or 128, each head's values contiguous."""
+    return ((head_dim == 64 or head_dim == 128) and q.strides[2] == 4 and k_cache.strides[3] == 4
+            and v_cache.strides[3] == 4 and out.strides[2] == 4)
 
 
 @kernel(fastmath=True, boundscheck=False)
 def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
     """`_attend` with its scores in a given buffer (at least the row's position + 1 long). Keys are visited
-    block by block: no division per key."""
+    block by block: no division per key. At head_dim 64 and 128 each block's keys go through one
+    intrinsic call for the scores and one for the weighted values, the query and the output in
+    registers (the loops of other sizes re-read and re-store the output at every key)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     t, h = item // num_heads, item % num_heads
@@ -180,9 +253,20 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
     num_keys = position + 1
     s = scores[:num_keys]                         # scores, then their exponentials
     query = q[t, h]
+    vectors = _vectors_fit(head_dim, q, k_cache, v_cache, out)
+    q_at, o_at = (t * q.strides[0] + h * q.strides[1]) // 4, (t * out.strides[0] + h * out.strides[1]) // 4
+    k_step, v_step = k_cache.strides[1] // 4, v_cache.strides[1] // 4
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
-        for j in range(first, min(first + block_size, num_keys)):
+        count = min(block_size, num_keys - first)
+        if vectors:
+            k_at = (block * k_cache.strides[0] + kv_head * k_cache.strides[2]) // 4
+            if head_dim == 64:
+                _key_scores_4(k_cache, k_at, k_step, count, q, q_at, scale, scores, first)
+            else:
+                _key_scores_8(k_cache, k_at, k_step, count, q, q_at, scale, scores, first)
+            continue
+        for j in range(first, first + count):
             key = k_cache[block, j - first, kv_head]
             dot = np.float32(0.0)
             for d in range(head_dim):
@@ -195,11 +279,20 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
     total = np.float32(0.0)
     for j in range(num_keys):
         total += s[j]
+    inverse_total = np.float32(1.0) / total
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
-        for j in range(first, min(first + block_size, num_keys)):
+        count = min(block_size, num_keys - first)
+        if vectors:
+            v_at = (block * v_cache.strides[0] + kv_head * v_cache.strides[2]) // 4
+            if head_dim == 64:
+                _weighted_values_4(v_cache, v_at, v_step, count, scores, first, inverse_total, out, o_at)
+            else:
+                _weighted_values_8(v_cache, v_at, v_step, count, scores, first, inverse_total, out, o_at)
+            continue
+        for j in range(first, first + count):
             value = v_cache[block, j - first, kv_head]
-            weight = s[j] / total
+            weight = s[j] * inverse_total
             for d in range(head_dim):
                 o[d] += weight * value[d]
 

@@ -44,6 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention_numba import _launch_lock
+from nanovllm.ops.numba_ir import F32, FLOATS16, I8, I16, I32, I64, INTS16, SHORTS32, address, splat, sum_lanes
 from nanovllm.ops.numba_cache import kernel
 
 GROUP_SIZE = 32            # values of K per scale: Q4_1's and Q8_1's block
@@ -141,23 +142,7 @@ def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles) -> torch.Tensor:
                                                       tiles.out_features))
 
 
-_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_INTS16, _SHORTS32, _FLOATS16 = ir.VectorType(_I32, 16), ir.VectorType(_I16, 32), ir.VectorType(_F32, 16)
 _SLOT = np.array([0, 2, 1, 3, 4, 6, 5, 7])   # where value i of a run of 8 sits in the int16 activation
-
-
-def _splat(builder: ir.IRBuilder, scalar: ir.Value, vector_type: ir.VectorType) -> ir.Value:
-    undef = ir.Constant(vector_type, ir.Undefined)
-    one = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vector_type.count),
-                                                          [0] * vector_type.count))
-
-
-def _address(context, builder: ir.IRBuilder, array_type, array: ir.Value, offset: ir.Value,
-             element_type: ir.Type) -> ir.Value:
-    """A pointer to array[offset] (a 1-D numba array) as element_type*."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [offset]), element_type.as_pointer())
 
 
 def _tile_rows_codegen(num_rows: int):
@@ -175,62 +160,62 @@ def _tile_rows_codegen(num_rows: int):
         weight_, w_at_, xq_, x_at_, x_stride_, scale_, low_, s_at_, dx_, sx_, d_at_, d_stride_, out_, o_at_, \
             o_stride_, num_groups_ = args
         weight_t, _, xq_t, _, _, scale_t, low_t, _, dx_t, sx_t, _, _, out_t, _, _, _ = signature.args
-        dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_INTS16, [_INTS16] * 3),
+        dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(INTS16, [INTS16] * 3),
                                                 "llvm.x86.avx512.vpdpwssd.512")
         prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
-        masks = [ir.Constant(_INTS16, [mask] * 16) for mask in (0x000F000F, 0x0F000F00, 0x00F000F0)]
-        top_nibble = ir.Constant(_SHORTS32, [12] * 32)
-        zero = ir.Constant(_INTS16, [0] * 16)
-        sums_of = [cgutils.alloca_once_value(builder, ir.Constant(_FLOATS16, [0.0] * 16)) for _ in range(num_rows)]
+            builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
+        masks = [ir.Constant(INTS16, [mask] * 16) for mask in (0x000F000F, 0x0F000F00, 0x00F000F0)]
+        top_nibble = ir.Constant(SHORTS32, [12] * 32)
+        zero = ir.Constant(INTS16, [0] * 16)
+        sums_of = [cgutils.alloca_once_value(builder, ir.Constant(FLOATS16, [0.0] * 16)) for _ in range(num_rows)]
 
         def i64(value: int) -> ir.Constant:
-            return ir.Constant(_I64, value)
+            return ir.Constant(I64, value)
 
         def prefetch_at(pointer: ir.Value) -> None:    # read, keep in all cache levels, data
-            builder.call(prefetch, [builder.bitcast(pointer, _I8.as_pointer()), ir.Constant(_I32, 0),
-                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            builder.call(prefetch, [builder.bitcast(pointer, I8.as_pointer()), ir.Constant(I32, 0),
+                                    ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
         with cgutils.for_range(builder, num_groups_) as loop:
             g = loop.index
-            w_ptr = _address(context, builder, weight_t, weight_, builder.add(w_at_, builder.mul(g, i64(256))), _I8)
+            w_ptr = address(context, builder, weight_t, weight_, builder.add(w_at_, builder.mul(g, i64(256))), I8)
             s_at = builder.add(s_at_, builder.mul(g, i64(16)))
             for offset in range(0, 256, 64):        # the codes, scales and lows PREFETCH_BYTES of codes ahead
-                prefetch_at(builder.gep(w_ptr, [ir.Constant(_I32, PREFETCH_BYTES + offset)]))
+                prefetch_at(builder.gep(w_ptr, [ir.Constant(I32, PREFETCH_BYTES + offset)]))
             for array_t, array in ((scale_t, scale_), (low_t, low_)):
-                prefetch_at(_address(context, builder, array_t, array, builder.add(s_at, i64(PREFETCH_BYTES // 16)), _F32))
-            scale_v = builder.load(_address(context, builder, scale_t, scale_, s_at, _FLOATS16), align=4)
-            low_v = builder.load(_address(context, builder, low_t, low_, s_at, _FLOATS16), align=4)
-            x_ptrs = [_address(context, builder, xq_t, xq_, builder.add(builder.add(x_at_, builder.mul(i64(row), x_stride_)),
-                                                                          builder.mul(g, i64(GROUP_SIZE))), _I16)
+                prefetch_at(address(context, builder, array_t, array, builder.add(s_at, i64(PREFETCH_BYTES // 16)), F32))
+            scale_v = builder.load(address(context, builder, scale_t, scale_, s_at, FLOATS16), align=4)
+            low_v = builder.load(address(context, builder, low_t, low_, s_at, FLOATS16), align=4)
+            x_ptrs = [address(context, builder, xq_t, xq_, builder.add(builder.add(x_at_, builder.mul(i64(row), x_stride_)),
+                                                                          builder.mul(g, i64(GROUP_SIZE))), I16)
                       for row in range(num_rows)]
             sums = [[zero, zero, zero] for _ in range(num_rows)]     # pairs times 1, 256, 16
             for run in range(4):
-                packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(_I32, 64 * run)]),
-                                                      _INTS16.as_pointer()), align=1)
-                top = builder.bitcast(builder.lshr(builder.bitcast(packed, _SHORTS32), top_nibble), _INTS16)
+                packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(I32, 64 * run)]),
+                                                      INTS16.as_pointer()), align=1)
+                top = builder.bitcast(builder.lshr(builder.bitcast(packed, SHORTS32), top_nibble), INTS16)
                 codes = [builder.and_(packed, masks[0]), builder.and_(packed, masks[1]), builder.and_(packed, masks[2]),
                          top]
                 for row in range(num_rows):
                     for pair, code in enumerate(codes):
-                        x2 = builder.load(builder.bitcast(builder.gep(x_ptrs[row], [ir.Constant(_I32, 8 * run + 2 * pair)]),
-                                                          _I32.as_pointer()), align=2)
+                        x2 = builder.load(builder.bitcast(builder.gep(x_ptrs[row], [ir.Constant(I32, 8 * run + 2 * pair)]),
+                                                          I32.as_pointer()), align=2)
                         slot = 0 if pair == 3 else pair
-                        sums[row][slot] = builder.call(dpwssd, [sums[row][slot], code, _splat(builder, x2, _INTS16)])
+                        sums[row][slot] = builder.call(dpwssd, [sums[row][slot], code, splat(builder, x2, INTS16)])
             for row in range(num_rows):
                 ones, times_256, times_16 = sums[row]
-                total = builder.add(builder.add(ones, builder.ashr(times_256, ir.Constant(_INTS16, [8] * 16))),
-                                    builder.ashr(times_16, ir.Constant(_INTS16, [4] * 16)))
-                dot = builder.sitofp(total, _FLOATS16)         # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
+                total = builder.add(builder.add(ones, builder.ashr(times_256, ir.Constant(INTS16, [8] * 16))),
+                                    builder.ashr(times_16, ir.Constant(INTS16, [4] * 16)))
+                dot = builder.sitofp(total, FLOATS16)         # [16], exact: |q . xq| <= 32 * 15 * 32767 < 2^24
                 d_at = builder.add(builder.add(d_at_, builder.mul(i64(row), d_stride_)), g)
-                dx = builder.load(_address(context, builder, dx_t, dx_, d_at, _F32))
-                sx = builder.load(_address(context, builder, sx_t, sx_, d_at, _F32))
-                term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, _splat(builder, dx, _FLOATS16))),
-                                    builder.fmul(low_v, _splat(builder, sx, _FLOATS16)))
+                dx = builder.load(address(context, builder, dx_t, dx_, d_at, F32))
+                sx = builder.load(address(context, builder, sx_t, sx_, d_at, F32))
+                term = builder.fadd(builder.fmul(dot, builder.fmul(scale_v, splat(builder, dx, FLOATS16))),
+                                    builder.fmul(low_v, splat(builder, sx, FLOATS16)))
                 builder.store(builder.fadd(builder.load(sums_of[row]), term), sums_of[row])
         for row in range(num_rows):
             o_at = builder.add(o_at_, builder.mul(i64(row), o_stride_))
-            builder.store(builder.load(sums_of[row]), _address(context, builder, out_t, out_, o_at, _FLOATS16), align=4)
+            builder.store(builder.load(sums_of[row]), address(context, builder, out_t, out_, o_at, FLOATS16), align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -274,35 +259,30 @@ def _quantize_group_codegen(context, builder, signature, args):
     order, all 32 stored at once."""
     x_, x_at, xq_, q_at, dx_, sx_, d_at = args
     x_t, _, xq_t, _, dx_t, sx_t, _ = signature.args
-    ints16, shorts16 = ir.VectorType(_I32, 16), ir.VectorType(_I16, 16)
+    ints16, shorts16 = ir.VectorType(I32, 16), ir.VectorType(I16, 16)
     module = builder.module
-    umax = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, [ints16]), "llvm.vector.reduce.umax.v16i32")
-    rint = cgutils.get_or_insert_function(module, ir.FunctionType(_FLOATS16, [_FLOATS16]), "llvm.rint.v16f32")
-    pointer = _address(context, builder, x_t, x_, x_at, _F32)
-    halves = [builder.load(builder.bitcast(builder.gep(pointer, [ir.Constant(_I32, 16 * half)]),
-                                           _FLOATS16.as_pointer()), align=4) for half in (0, 1)]
+    umax = cgutils.get_or_insert_function(module, ir.FunctionType(I32, [ints16]), "llvm.vector.reduce.umax.v16i32")
+    rint = cgutils.get_or_insert_function(module, ir.FunctionType(FLOATS16, [FLOATS16]), "llvm.rint.v16f32")
+    pointer = address(context, builder, x_t, x_, x_at, F32)
+    halves = [builder.load(builder.bitcast(builder.gep(pointer, [ir.Constant(I32, 16 * half)]),
+                                           FLOATS16.as_pointer()), align=4) for half in (0, 1)]
     magnitude = ir.Constant(ints16, [0x7FFFFFFF] * 16)
     bits = [builder.and_(builder.bitcast(half, ints16), magnitude) for half in halves]
     larger = builder.select(builder.icmp_unsigned(">", bits[0], bits[1]), bits[0], bits[1])
-    amax = builder.bitcast(builder.call(umax, [larger]), _F32)
-    total = builder.fadd(halves[0], halves[1])
-    for width in (8, 4, 2, 1):                     # the low half plus the high half, down to one value
-        low_half = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-        high_half = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_I32, width),
-                                                                     list(range(width, 2 * width))))
-        total = builder.fadd(low_half, high_half)
-    scale = builder.fdiv(amax, ir.Constant(_F32, float(ACTIVATION_LEVELS)))
-    builder.store(scale, _address(context, builder, dx_t, dx_, d_at, _F32))
-    builder.store(builder.extract_element(total, ir.Constant(_I32, 0)), _address(context, builder, sx_t, sx_, d_at, _F32))
-    positive = builder.fcmp_ordered(">", scale, ir.Constant(_F32, 0.0))
+    amax = builder.bitcast(builder.call(umax, [larger]), F32)
+    total = sum_lanes(builder, builder.fadd(halves[0], halves[1]))
+    scale = builder.fdiv(amax, ir.Constant(F32, float(ACTIVATION_LEVELS)))
+    builder.store(scale, address(context, builder, dx_t, dx_, d_at, F32))
+    builder.store(total, address(context, builder, sx_t, sx_, d_at, F32))
+    positive = builder.fcmp_ordered(">", scale, ir.Constant(F32, 0.0))
     codes = []
     for half in halves:
-        rounded = builder.call(rint, [builder.fdiv(half, _splat(builder, scale, _FLOATS16))])
+        rounded = builder.call(rint, [builder.fdiv(half, splat(builder, scale, FLOATS16))])
         codes.append(builder.select(positive, builder.trunc(builder.fptosi(rounded, ints16), shorts16),
                                     ir.Constant(shorts16, [0] * 16)))
     order = [8 * run + int(slot) for run in range(4) for slot in _SLOT]     # both halves joined, runs of 8 in _SLOT order
-    joined = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(_I32, 32), order))
-    builder.store(joined, builder.bitcast(_address(context, builder, xq_t, xq_, q_at, _I16), _SHORTS32.as_pointer()),
+    joined = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(I32, 32), order))
+    builder.store(joined, builder.bitcast(address(context, builder, xq_t, xq_, q_at, I16), SHORTS32.as_pointer()),
                   align=2)
     return context.get_dummy_value()
 
