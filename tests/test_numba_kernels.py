@@ -9,13 +9,14 @@ import torch
 
 pytest.importorskip("numba")
 
-from nanovllm.ops import attention_numba, int4_numba_supported, quant_numba  # noqa: E402
+from nanovllm.ops import attention_numba, int4_numba_supported, numba_ir, quant_numba  # noqa: E402
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
 from nanovllm.ops.attention_numba import paged_attention_numba, rotary_store_and_attend_numba  # noqa: E402
 from nanovllm.ops.quant import PackedLinear, pack_int4  # noqa: E402
 from nanovllm.ops.quant_numba import (int4_linear_numba, int4_linear_int16_torch, tiles_from_codes,  # noqa: E402
                                       unpack_torch_int4)
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend_torch  # noqa: E402
+from nanovllm.ops.sampling_numba import log_normalizer_numba  # noqa: E402
 
 
 def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
@@ -70,14 +71,29 @@ def test_the_vectorized_exp_matches_torch_within_float32_rounding():
             buffer = np.full(length + 3, 7.0, np.float32)
             buffer[:length] = x[start:start + length].numpy() + 2.0
             want = torch.from_numpy(buffer[:length].copy()).double().sub(2.0).exp()      # of the float32 inputs
-            attention_numba.exp_shifted_into(buffer[:length], np.float32(2.0))
+            numba_ir.exp_shifted_into(buffer[:length], np.float32(2.0))
             got = torch.from_numpy(buffer[:length].copy()).double()
             assert torch.allclose(got, want, rtol=4e-7, atol=0.0), (got - want).abs().div(want).max()
             assert (buffer[length:] == 7.0).all()
     edges = np.array([-200.0, -87.0, 88.0, 500.0], np.float32)
-    attention_numba.exp_shifted_into(edges, np.float32(0.0))
+    numba_ir.exp_shifted_into(edges, np.float32(0.0))
     assert torch.allclose(torch.from_numpy(edges).double(), torch.tensor([-87.0, -87.0, 88.0, 88.0]).double().exp(),
                           rtol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_size", [1, 7, 49157])
+def test_numba_log_normalizer_matches_torch_logsumexp(vocab_size):
+    generator = torch.Generator().manual_seed(vocab_size)
+    logits = torch.randn(6, vocab_size, generator=generator) * 8
+    logits[1, ::2] = float("-inf")                           # masked tokens
+    logits[2] = float("-inf")                                # every token masked: -inf
+    logits[3, -1] = float("inf")                             # +inf
+    logits[4, 0] = float("nan")                              # NaN anywhere: NaN
+    logits[5] += 500.0                                       # far from 0: only the differences count
+    want = torch.logsumexp(logits, dim=-1)
+    got = log_normalizer_numba(logits)
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=0, equal_nan=True)
+    assert torch.equal(log_normalizer_numba(logits[5:]), got[5:])     # a row alone: the same bits
 
 
 def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled():

@@ -69,8 +69,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences, exp_shifted_into
+from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
 from nanovllm.ops.numba_cache import kernel
+from nanovllm.ops.numba_ir import exp_shifted_into
 from nanovllm.ops.quant import PackedLinear, RefinedLMHead
 from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
 

@@ -44,7 +44,7 @@ from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.numba_cache import kernel
-from nanovllm.ops.numba_ir import F32, FLOATS16, I32, address, float32_from_bits, load_floats16, splat, sum_lanes
+from nanovllm.ops.numba_ir import F32, FLOATS16, I32, address, exp_shifted_into, load_floats16, splat, sum_lanes
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -132,28 +132,6 @@ def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block
     b = row_seq[item // q.shape[1]]
     scores = np.empty(seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
     _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores)
-
-
-# exp(x) = 2^k exp(r): k = round(x / ln 2), r = x - k ln 2 with ln 2 in two parts (Cody and Waite: k ln2_hi
-# is exact, so r keeps its bits), |r| <= ln(2) / 2; exp(r) by its Taylor series to degree 7 (truncation
-# error 5e-9 of the value, under float32's rounding).
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
-_EXP_TAYLOR = tuple(np.float32(1.0 / c) for c in (1, 2, 6, 24, 120, 720, 5040))     # 1/1! .. 1/7!
-
-
-@kernel(fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
-def exp_shifted_into(s, shift):
-    """s[j] = exp(s[j] - shift) in one loop the compiler vectorizes (numba's np.exp is a call per value):
-    the polynomial of exp(r) times 2^k made from its bits. Arguments are clamped to [-87, 88]
-    (exp 1.6e-38 .. 1.7e38: no underflow, no infinity)."""
-    c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
-    for j in range(s.shape[0]):
-        x = min(max(s[j] - shift, np.float32(-87.0)), np.float32(88.0))
-        k = np.floor(x * _LOG2E + np.float32(0.5))
-        r = (x - k * _LN2_HI) - k * _LN2_LO
-        power = float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))     # 2^k
-        s[j] = (np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))) * power
 
 
 def _key_scores_codegen(chunks: int):

@@ -20,7 +20,8 @@ import numba
 from nanovllm.config import cache_dir
 
 PACKAGE = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = ("ops/numba_cache.py", "ops/numba_ir.py", "ops/attention_numba.py", "ops/quant_numba.py", "model/llama_numba.py")
+KERNEL_SOURCES = ("ops/numba_cache.py", "ops/numba_ir.py", "ops/attention_numba.py", "ops/quant_numba.py",
+                  "ops/sampling_numba.py", "model/llama_numba.py")
 
 
 def sources_digest(root: Path = PACKAGE, names: tuple[str, ...] = KERNEL_SOURCES) -> str:

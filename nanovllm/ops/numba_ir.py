@@ -1,11 +1,15 @@
-"""Pieces of LLVM IR shared by the numba kernels that are written as intrinsics (quant_numba's int4
-tile and activation rounding, attention_numba's key blocks): numba has no SIMD types of its own, so
-those kernels build vectors of 16 float32 or int32 lanes (one AVX-512 register) directly."""
+"""What the numba kernels share: pieces of LLVM IR for those written as intrinsics (quant_numba's int4
+tile and activation rounding, attention_numba's key blocks; numba has no SIMD types of its own, so they
+build vectors of 16 float32 or int32 lanes, one AVX-512 register, directly), and a vectorized exp (the
+attention's softmax, SiLU, the sampler's log-normalizer)."""
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+from nanovllm.ops.numba_cache import kernel
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 INTS16, SHORTS32, FLOATS16 = ir.VectorType(I32, 16), ir.VectorType(I16, 32), ir.VectorType(F32, 16)
@@ -51,3 +55,40 @@ def float32_from_bits(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], F32)
     return types.float32(types.int32), codegen
+
+
+# exp(x) = 2^k exp(r): k = round(x / ln 2), r = x - k ln 2 with ln 2 in two parts (Cody and Waite: k ln2_hi
+# is exact, so r keeps its bits), |r| <= ln(2) / 2; exp(r) by its Taylor series to degree 7 (truncation
+# error 5e-9 of the value, under float32's rounding).
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_TAYLOR = tuple(np.float32(1.0 / c) for c in (1, 2, 6, 24, 120, 720, 5040))     # 1/1! .. 1/7!
+
+
+@kernel(fastmath={"nnan", "ninf", "nsz", "contract"}, boundscheck=False)   # no reassociation: r's two steps stay
+def exp_clamped(x):
+    """exp(x) for x clamped to [-87, 88] (exp 1.6e-38 .. 1.7e38: no underflow, no infinity): the
+    polynomial of exp(r) times 2^k made from its bits. A loop of calls vectorizes (numba's np.exp is
+    a call per value that does not)."""
+    c1, c2, c3, c4, c5, c6, c7 = _EXP_TAYLOR
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    k = np.floor(x * _LOG2E + np.float32(0.5))
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    power = float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))     # 2^k
+    return (np.float32(1.0) + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))) * power
+
+
+@kernel(boundscheck=False)
+def exp_shifted_into(s, shift):
+    """s[j] = exp_clamped(s[j] - shift), in one vectorized loop."""
+    for j in range(s.shape[0]):
+        s[j] = exp_clamped(s[j] - shift)
+
+
+@kernel(boundscheck=False, fastmath={"reassoc"})
+def exp_shifted_sum(s, shift):
+    """sum_j exp_clamped(s[j] - shift), summed in vector lanes (one vectorized loop, s unchanged)."""
+    total = np.float32(0.0)
+    for j in range(s.shape[0]):
+        total += exp_clamped(s[j] - shift)
+    return total

@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from nanovllm.ops import use_triton
+from nanovllm.ops import use_numba, use_triton
 from nanovllm.ops.sampling_hash import _MASK32, _MASK64, _MIX_C1, _MIX_C2, _SALT_SEED, _SALT_TOKEN
 
 _LARGEST_BELOW_ONE = 1.0 - 2.0 ** -24   # float32's largest value below 1
@@ -90,6 +90,15 @@ def exponential_race_torch(scores: torch.Tensor, keys: torch.Tensor) -> torch.Te
     return first_argmax(scores - log_exponentials)
 
 
+def log_normalizer_of(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] float32: log sum_v exp(logits), torch's `logsumexp` in float32, or for float32
+    CPU logits the numba kernel of sampling_numba.py (at [16, 49152] 0.26 ms against 0.4-1.5 ms)."""
+    if use_numba(logits) and logits.dim() == 2 and logits.shape[1] > 0:
+        from nanovllm.ops.sampling_numba import log_normalizer_numba
+        return log_normalizer_numba(logits)
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
 def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, temperature: torch.Tensor | None,
                              out: tuple[torch.Tensor, torch.Tensor] | None = None,
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +108,7 @@ def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, te
     the logits). out: tensors to write the token ids and log-probabilities into (and return), e.g.
     views of the runner's SampleBuffers."""
     logits = logits.float()
-    log_normalizer = torch.logsumexp(logits, dim=-1)
+    log_normalizer = log_normalizer_of(logits)
     if keys is None:
         token_ids = first_argmax(logits)
     else:

@@ -65,8 +65,8 @@ import numpy as np
 import torch
 
 from nanovllm.ops.bitmask import apply_token_bitmask
-from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, random_uniform,
-                                   sample_from_logits)
+from nanovllm.ops.sampling import (_MASK32, _MASK64, _SALT_SEED, _mix32, exponential_race, log_normalizer_of,
+                                   random_uniform, sample_from_logits)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import GrammarState
 from nanovllm.structured.grammar_process import GrammarBitmask
@@ -342,7 +342,7 @@ class Sampler:
             if self.batch_invariant and logits.is_cuda:   # the greedy pass finds it on its way
                 log_normalizer = sample_from_logits(logits, None, None, batch_invariant=True)[2]   # [B]
             else:
-                log_normalizer = torch.logsumexp(logits, dim=-1)                               # [B]
+                log_normalizer = log_normalizer_of(logits)                                     # [B]
             token_ids = processed.argmax(dim=-1) if batch.all_greedy else _sample(processed, batch)   # [B]
             out_tokens.copy_(token_ids)
             torch.sub(logits.gather(1, token_ids[:, None]).squeeze(1), log_normalizer, out=out_logprobs)   # [B]
