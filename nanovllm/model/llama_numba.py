@@ -68,6 +68,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from nanovllm.memory import advise_huge_pages
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
 from nanovllm.ops.numba_cache import kernel
@@ -376,8 +377,11 @@ def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.nd
     scales and lows [L, N / 16 * G * 16] float32."""
     tiles = [m._int4_tiles if m._int4_tiles is not None else tiles_from_torch_int4(m.packed, m.scales)
              for m in linears]
-    return (np.stack([t.weight for t in tiles]), np.stack([t.scale for t in tiles]),
-            np.stack([t.low for t in tiles]))
+    stacked = (np.stack([t.weight for t in tiles]), np.stack([t.scale for t in tiles]),
+               np.stack([t.low for t in tiles]))
+    for array in stacked:
+        advise_huge_pages(torch.from_numpy(array), collapse=True)     # fewer TLB misses (memory.py)
+    return stacked
 
 
 # ---- the compiled forward ----------------------------------------------------------------------

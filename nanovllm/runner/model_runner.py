@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
+from nanovllm.memory import advise_huge_pages
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
@@ -121,9 +122,11 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(activation_bytes)
         if self.parallel.world_size > 1:   # the block manager (rank 0) hands out block ids valid on every rank
             self.num_blocks = min_over_ranks(self.num_blocks, self.device)
-        self.kv_cache = torch.zeros(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
+        self.kv_cache = torch.empty(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     self.num_kv_heads, model_config.head_dim,
                                     dtype=config.kv_cache_torch_dtype, device=self.device)
+        advise_huge_pages(self.kv_cache)   # CPU: 2 MB pages from its first write on (memory.py)
+        self.kv_cache.zero_()
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
