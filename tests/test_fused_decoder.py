@@ -127,8 +127,9 @@ def test_thread_choice_takes_the_faster_count_per_step_size_and_keeps_trying_the
     choice.record(1, 2, 0.013)
     assert choice.pick(1) == 1                                 # then the other
     choice.record(1, 1, 0.010)
-    picks = [choice.pick(1) for _ in range(32)]
-    assert picks.count(2) == 2 and picks.count(1) == 30        # the faster, and every 16th step the other
+    every = llama_numba.EXPLORE_EVERY
+    picks = [choice.pick(1) for _ in range(2 * every)]
+    assert picks.count(2) == 2 and picks.count(1) == 2 * every - 2    # the faster, now and then the other
     assert choice.pick(16) == 2 and llama_numba.ThreadChoice(1).pick(16) == 1   # each size learns on its own
 
 
