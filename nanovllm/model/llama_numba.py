@@ -21,7 +21,7 @@ its tiles, activations rounded to int16 per group of 32) and the RoPE, KV
 store and attention of attention_numba.py, so a row's arithmetic is the one of
 the unfused numba path except for RMSNorm and SiLU, which are plain loops here
 instead of torch's vectorized ones (last-bit differences). Every stage computes
-each row (or each tile of 16 output features, or each (row, head) of the
+each row (or each tile of 16 output features, or each (row, KV head) of the
 attention) by the same loop whatever the rows beside it, so a step's result
 for a row does not depend on its batch: prefill chunks and decodes run the
 same code, and `int4` stays batch-invariant.
@@ -30,7 +30,7 @@ Threads. numba's parallel loops cost a workqueue launch each (50-150 us on a
 2-core VM, docs/reference/cpu-kernels.md), and a step would need five per
 layer. Instead the step's R threads (the calling one and R - 1 started once,
 `_RankThreads`) each run the whole forward (`_forward_rank`) and take their
-share of every matmul's tiles and of the attention's (row, head) items; they
+share of every matmul's tiles and of the attention's (row, KV head) items; they
 meet at an atomic counter after each shared stage, five times a layer, and
 compute the cheap row-wise stages (RMSNorm, SiLU, the int16 rounding) each in
 full, privately. One wake per helper thread per step; a rank whose call
@@ -168,8 +168,9 @@ class FusedDecoder:
         the shared buffers, as [T, ...] views of flat buffers (made again, twice as large, when a step
         outgrows them)."""
         held = len(self._score_rows[0]) if self._score_rows else 0
-        if held < max_seq_len:
-            self._score_rows = [np.empty(max(max_seq_len, 2 * held, 256), np.float32) for _ in range(self.num_ranks)]
+        needed = self.num_heads // self.num_kv_heads * max_seq_len       # a row for each head of a KV group
+        if held < needed:
+            self._score_rows = [np.empty(max(needed, 2 * held, 256), np.float32) for _ in range(self.num_ranks)]
         if num_rows > self.capacity:
             self.capacity = max(num_rows, 2 * self.capacity)
             widths = self._private_widths()
@@ -517,12 +518,12 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
                   h, x, xq_h, dx_h, sx_h, xq_q, dx_q, sx_q, xq_i, dx_i, sx_i, rq, act, scores, qkv, attn, proj, gu,
                   out):
     """One rank's part of the module docstring's forward; every rank runs it on its own thread, each
-    computing its share of every matmul's tiles and of the attention's (row, head) items, and they meet
+    computing its share of every matmul's tiles and of the attention's (row, KV head) items, and they meet
     (`_barrier` on counter, whose count was `base` when the step began) after each shared stage.
 
     Private to the rank (each computes them in full, the same bits): h the residual stream [T, H], x
     its norm [T, H], the int16 activations xq_* [T, K] with dx_*, sx_* [T, K / 32], rq the rotated q
-    [T, Hq, D], act [T, I], scores [>= the longest context] (an attention row's). Shared: qkv
+    [T, Hq, D], act [T, I], scores [>= group * the longest context] (a KV group's). Shared: qkv
     [T, (Hq + 2 Hkv) D], attn [T, Hq, D], proj [T, H] (o_proj's, then down's output), gu [T, 2I];
     out [T, H] (written by rank 0). Every rank stores the new k and v
     into the cache (the same values at the same addresses), so each reads its own stores back in
@@ -537,7 +538,7 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
     meetings = 0
     qkv_tiles, hidden_tiles, gu_tiles = _share(qkv.shape[1] // 16, rank, num_ranks), \
         _share(hidden // 16, rank, num_ranks), _share(gu.shape[1] // 16, rank, num_ranks)
-    items = _share(num_rows * num_heads, rank, num_ranks)
+    items = _share(num_rows * num_kv_heads, rank, num_ranks)
     for layer in range(norms.shape[0]):
         k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]
         _rms_norm_rows(h, norms[layer, 0], eps, x)

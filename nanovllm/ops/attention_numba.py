@@ -12,8 +12,9 @@ Here every (query row, head) is computed by the same loop, over exactly its
 own keys 0..p in order: scores q.k_j * scale, their maximum, exp(s_j - max)
 summed in order, then the weighted sum of v_j in order. Nothing depends on the
 other rows of the step, so a query gives the same bits whatever it is batched
-with and whichever step computes it. The work is split across cores by
-(row, head), except in a small step (a decode of a few sequences), which runs
+with and whichever step computes it. The heads that share a KV head go
+together, block by block, so each block of keys and values is read from memory
+once for them. The work is split across cores by (row, KV head), except in a small step (a decode of a few sequences), which runs
 on the calling thread: a workqueue launch costs 50-150 us here, more than the
 work. Both drivers call the same `_attend`, so the bits do not change.
 `kernel` (numba_cache.py) keeps the compiled code on disk for the next start.
@@ -128,9 +129,11 @@ def _row_sequences(num_tokens, query_start_loc, seq_lens):
 
 @kernel(boundscheck=False)
 def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
-    """out[t, h] for item = t * Hq + h: the one loop every (query row, head) runs, serial or parallel."""
-    b = row_seq[item // q.shape[1]]
-    scores = np.empty(seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
+    """out[t, h] for the heads h of KV head g, item = t * Hkv + g: the one loop every (query row, KV head)
+    runs, serial or parallel."""
+    b = row_seq[item // k_cache.shape[2]]
+    group = q.shape[1] // k_cache.shape[2]
+    scores = np.empty(group * seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
     _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores)
 
 
@@ -213,66 +216,80 @@ def _vectors_fit(head_dim, q, k_cache, v_cache, out):
 
 @kernel(fastmath=True, boundscheck=False)
 def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
-    """`_attend` with its scores in a given buffer (at least the row's position + 1 long). Keys are visited
-    block by block: no division per key. At head_dim 64 and 128 each block's keys go through one
-    intrinsic call for the scores and one for the weighted values, the query and the output in
-    registers (the loops of other sizes re-read and re-store the output at every key)."""
+    """out[t, h] for the query heads h that share KV head g, item = t * Hkv + g, with their scores in a
+    given buffer (at least group * (the row's position + 1) long: head i of the group at i * stride).
+    Keys are visited block by block (no division per key), and each block's keys by every head of the
+    group in turn, so a block is read from memory once for the group and from the core's cache by the
+    rest. Each head's arithmetic is its own and in the same order whichever heads are beside it. At
+    head_dim 64 and 128 a block's keys go through one intrinsic call a head for the scores and one
+    for the weighted values, the query and the output in registers (the loops of other sizes re-read
+    and re-store the output at every key)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    t, h = item // num_heads, item % num_heads
+    group = num_heads // num_kv_heads
+    t, kv_head = item // num_kv_heads, item % num_kv_heads
+    head0 = kv_head * group                              # the group's heads: head0 .. head0 + group - 1
     b = row_seq[t]
-    o = out[t, h]
-    o[:] = 0.0
+    for h in range(head0, head0 + group):
+        out[t, h, :] = 0.0
     if b < 0:
         return
-    kv_head = h // (num_heads // num_kv_heads)
     # This row's absolute position: it sees keys 0..position.
     position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
     num_keys = position + 1
-    s = scores[:num_keys]                         # scores, then their exponentials
-    query = q[t, h]
+    stride = scores.shape[0] // group                     # head i's scores, then exponentials, at i * stride
     vectors = _vectors_fit(head_dim, q, k_cache, v_cache, out)
-    q_at, o_at = (t * q.strides[0] + h * q.strides[1]) // 4, (t * out.strides[0] + h * out.strides[1]) // 4
     k_step, v_step = k_cache.strides[1] // 4, v_cache.strides[1] // 4
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
         count = min(block_size, num_keys - first)
-        if vectors:
-            k_at = (block * k_cache.strides[0] + kv_head * k_cache.strides[2]) // 4
-            if head_dim == 64:
-                _key_scores_4(k_cache, k_at, k_step, count, q, q_at, scale, scores, first)
-            else:
-                _key_scores_8(k_cache, k_at, k_step, count, q, q_at, scale, scores, first)
-            continue
-        for j in range(first, first + count):
-            key = k_cache[block, j - first, kv_head]
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += query[d] * key[d]
-            s[j] = dot * scale
-    best = s[0]
-    for j in range(1, num_keys):
-        best = max(best, s[j])
-    exp_shifted_into(s, best)
-    total = np.float32(0.0)
-    for j in range(num_keys):
-        total += s[j]
-    inverse_total = np.float32(1.0) / total
+        k_at = (block * k_cache.strides[0] + kv_head * k_cache.strides[2]) // 4
+        for i in range(group):
+            h, s_at = head0 + i, i * stride + first
+            if vectors:
+                q_at = (t * q.strides[0] + h * q.strides[1]) // 4
+                if head_dim == 64:
+                    _key_scores_4(k_cache, k_at, k_step, count, q, q_at, scale, scores, s_at)
+                else:
+                    _key_scores_8(k_cache, k_at, k_step, count, q, q_at, scale, scores, s_at)
+                continue
+            query = q[t, h]
+            for j in range(count):
+                key = k_cache[block, j, kv_head]
+                dot = np.float32(0.0)
+                for d in range(head_dim):
+                    dot += query[d] * key[d]
+                scores[s_at + j] = dot * scale
+    inverse_totals = np.empty(group, np.float32)
+    for i in range(group):
+        s = scores[i * stride:i * stride + num_keys]
+        best = s[0]
+        for j in range(1, num_keys):
+            best = max(best, s[j])
+        exp_shifted_into(s, best)
+        total = np.float32(0.0)
+        for j in range(num_keys):
+            total += s[j]
+        inverse_totals[i] = np.float32(1.0) / total
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
         count = min(block_size, num_keys - first)
-        if vectors:
-            v_at = (block * v_cache.strides[0] + kv_head * v_cache.strides[2]) // 4
-            if head_dim == 64:
-                _weighted_values_4(v_cache, v_at, v_step, count, scores, first, inverse_total, out, o_at)
-            else:
-                _weighted_values_8(v_cache, v_at, v_step, count, scores, first, inverse_total, out, o_at)
-            continue
-        for j in range(first, first + count):
-            value = v_cache[block, j - first, kv_head]
-            weight = s[j] * inverse_total
-            for d in range(head_dim):
-                o[d] += weight * value[d]
+        v_at = (block * v_cache.strides[0] + kv_head * v_cache.strides[2]) // 4
+        for i in range(group):
+            h, s_at = head0 + i, i * stride + first
+            if vectors:
+                o_at = (t * out.strides[0] + h * out.strides[1]) // 4
+                if head_dim == 64:
+                    _weighted_values_4(v_cache, v_at, v_step, count, scores, s_at, inverse_totals[i], out, o_at)
+                else:
+                    _weighted_values_8(v_cache, v_at, v_step, count, scores, s_at, inverse_totals[i], out, o_at)
+                continue
+            o = out[t, h]
+            for j in range(count):
+                value = v_cache[block, j, kv_head]
+                weight = scores[s_at + j] * inverse_totals[i]
+                for d in range(head_dim):
+                    o[d] += weight * value[d]
 
 
 @kernel(parallel=True, boundscheck=False)
@@ -280,7 +297,7 @@ def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
     """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
     seq_lens [B], block_tables [B, max_blocks] int32."""
     row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)
-    for item in prange(q.shape[0] * q.shape[1]):
+    for item in prange(q.shape[0] * k_cache.shape[2]):
         _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
 
 
@@ -288,5 +305,5 @@ def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
 def _paged_attention_serial(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """`_paged_attention` on the calling thread."""
     row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)
-    for item in range(q.shape[0] * q.shape[1]):
+    for item in range(q.shape[0] * k_cache.shape[2]):
         _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
