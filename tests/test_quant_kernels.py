@@ -58,21 +58,24 @@ def poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,bias", [
     (1, 37, 256, 128, False), (3, 37, 256, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
-    (70, 45, 64, 64, True),
+    (70, 45, 64, 64, True), (9, 21, 384, 128, True),
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias, offsets,
                                         poisoned_outputs):
-    """tl.dot multiplies the weight rounded to x's dtype, as the reference does; the GEMV kernel
-    (a few rows) multiplies it in float32, as the reference does given float32 x."""
-    from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, w4a16_linear_partials_triton,
-                                                  w4a16_linear_tiles, w4a16_linear_triton)
+    """tl.dot multiplies the weight rounded to x's dtype, as the reference does; the GEMV kernels
+    (a few rows: on the FMA units, or on the tensor cores with the weight q - z exact in 16 bits and
+    the group's scale applied to the float32 sum) multiply it as the reference does given float32 x.
+    The tensor-core GEMV is checked in float16 only: the interpreter's bfloat16 tl.dot is wrong."""
+    from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, takes_w4a16_dot_gemv,
+                                                  w4a16_linear_partials_triton, w4a16_linear_tiles,
+                                                  w4a16_linear_triton)
 
     x = torch.randn(num_rows, in_features, dtype=dtype)
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
     b = torch.randn(out_features, dtype=dtype) if bias else None
     by_dot = w4a16_linear_torch(x, qweight, scales, zeros, b)
     by_gemv = w4a16_linear_torch(x.float(), qweight, scales, zeros, b).to(dtype)
-    expected = by_gemv if num_rows <= GEMV_MAX_ROWS else by_dot
+    expected = by_gemv if num_rows <= GEMV_MAX_ROWS or takes_w4a16_dot_gemv(x, zeros, group_size) else by_dot
     torch.testing.assert_close(w4a16_linear_triton(x, qweight, scales, zeros, b), expected, **TOLERANCE[dtype])
     partials = w4a16_linear_partials_triton(x, qweight, scales, zeros, b)    # [S, M, N] float32 at a few rows
     torch.testing.assert_close(sum_partials(partials, dtype), expected, **TOLERANCE[dtype])
@@ -85,6 +88,10 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
     if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a word
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3, prefetch=True))
         torch.testing.assert_close(partials.sum(0).to(dtype), by_gemv, **TOLERANCE[dtype])
+    if dtype == torch.float16 and not offsets and group_size % 128 == 0:   # the tensor-core GEMV, up to 16 rows
+        for split_k in (1, 3):
+            out = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(16, 16, 128, split_k, planes=True))
+            torch.testing.assert_close(out.sum(0).to(dtype) if split_k > 1 else out, by_gemv, **TOLERANCE[dtype])
 
 
 def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: bool, seed: int = 0):
@@ -313,6 +320,12 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
         assert compile_for_hopper(kernels._w4a16_gemm_kernel,
                                   dict(GROUP_SIZE=128, ZERO_IS_OFFSET=offsets, HAS_BIAS=True, BLOCK_M=block_m,
                                        BLOCK_N=block_n, BLOCK_K=128), w4, **tile).asm["cubin"]
+        if not offsets:     # the tensor-core GEMV (integer zero points only), its planes made by PTX
+            compiled = compile_for_hopper(kernels._w4a16_dot_gemv_kernel,
+                                          dict(GROUP_SIZE=128, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128,
+                                               USE_ASM=True, USE_PDL=True),
+                                          w4, num_warps=4, num_stages=3, launch_pdl=True)
+            assert "sub.rn.bf16x2" in compiled.asm["ptx"] and "mma.sync" in compiled.asm["ptx"]
         for group_size in (128, 32):     # a scale a step; a scale a word (GGUF's groups of 32)
             assert compile_for_hopper(kernels._w4a16_gemv_kernel,
                                       dict(GROUP_SIZE=group_size, ZERO_IS_OFFSET=offsets, HAS_BIAS=True,
@@ -350,6 +363,7 @@ test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER
 LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the engine launches them
     ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3),
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
+    ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),
@@ -387,6 +401,9 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     elif variant == "gguf":           # Q4_K: a scale and an offset a word
         constexprs.update(GROUP_SIZE=32, ZERO_IS_OFFSET=True)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*fp32", "scales_ptr": "*fp32"}
+    elif name == "_w4a16_dot_gemv_kernel":
+        constexprs.update(GROUP_SIZE=128, USE_ASM=True, USE_PDL=True)
+        types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     else:
         constexprs.update(GROUP_SIZE=128, ZERO_IS_OFFSET=False)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}

@@ -23,6 +23,12 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   x[k0 + 8 w + j] in float32: an AND leaves the code in place, and its bits read as a float32
   are a subnormal number proportional to it (no int -> float conversion, no subtraction), so a
   weight costs two instructions; the zero point and the group's scale are applied once a word.
+- **W4A16, 3 to 16 rows** (`_w4a16_dot_gemv_kernel`): x padded to 16 rows on the tensor cores.
+  The words are cut into eight planes (code j of each word), each one tl.dot over the words
+  with x's columns 8 w + j, so nothing is repacked; a plane's codes become q - z in 16 bits with
+  the magic-number trick, two words a register (PTX: PRMT, SHF, LOP3, a bf16x2 subtraction),
+  and the group's scale multiplies the float32 sum. One and two rows stay on the FMA GEMV,
+  which measured faster there.
 - **W4A16, more rows** (`_w4a16_gemm_kernel`): the same words expanded in registers into the
   [BLOCK_N, BLOCK_K] 16-bit tile (`tl.join` of the eight nibble planes, then a reshape that
   moves no data), dequantized, and handed to `tl.dot`. Either way the weight crosses memory
@@ -75,6 +81,7 @@ class Tiles:
     num_stages: int = 4
     quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
     prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
+    planes: bool = False        # W4A16 at a few rows on the tensor cores, a nibble plane a tl.dot (_w4a16_dot_gemv_kernel)
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -514,6 +521,131 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
+def _planes_asm(magic: str, sub: str) -> str:
+    """PTX for _w4a16_planes: two words a and b ($8, $9) -> the eight registers (m + q_j(a) - o,
+    m + q_j(b) - o) as 16-bit pairs ($0..$7, nibble j of both words), o = m + z the pair $10."""
+    lines = ["{", ".reg .b32 lo, hi, t, mask, magic;", "mov.b32 mask, 0x000F000F;", f"mov.b32 magic, {magic};",
+             "prmt.b32 lo, $8, $9, 0x5410;",      # the low halves of a and b: nibbles 0..3 of each
+             "prmt.b32 hi, $8, $9, 0x7632;"]      # the high halves: nibbles 4..7
+    for j in range(8):
+        half = "lo" if j < 4 else "hi"
+        shift = 4 * (j % 4)
+        if shift:
+            lines.append(f"shr.b32 t, {half}, {shift};")
+        lines.append(f"lop3.b32 t, {'t' if shift else half}, mask, magic, 0xEA;")     # (t & mask) | magic
+        lines.append(f"{sub} ${j}, t, $10;")
+    return "\n".join(lines + ["}"])
+
+
+# The codes of nibble j of two words, OR-ed into the mantissa of a 16-bit float m (bfloat16 128, float16 1024,
+# whose last mantissa bit is 1), read m + q; minus m + z it is q - z, exact (|q - z| <= 15)
+PLANES_ASM_BF16 = tl.constexpr(_planes_asm("0x43004300", "sub.rn.bf16x2"))
+PLANES_ASM_F16 = tl.constexpr(_planes_asm("0x64006400", "sub.rn.f16x2"))
+
+
+@triton.jit
+def _w4a16_plane(words, zero, j: tl.constexpr, DTYPE: tl.constexpr):
+    """q_j - z in DTYPE for nibble j of words [BN, W] (zero [BN, 1] float32): _w4a16_planes' arithmetic,
+    one element at a time (the interpreter's: it runs no PTX)."""
+    return (((words >> (4 * j)) & 0xF).to(tl.float32) - zero).to(DTYPE)
+
+
+@triton.jit
+def _w4a16_planes(words, zero, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """The eight [BN, W] tiles q_j - z of words [BN, W] int32, nibble j of each (zero [BN, 1] float32
+    zero points), exact in DTYPE (16 bits). USE_ASM: two words a register, so that a shift, a LOP3
+    and a packed subtraction make two weights, after two PRMTs a pair of words: see _planes_asm."""
+    if USE_ASM:
+        if DTYPE == tl.bfloat16:
+            planes = tl.inline_asm_elementwise(PLANES_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                               [words, tl.broadcast_to((128.0 + zero).to(DTYPE), words.shape)],
+                                               dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            planes = tl.inline_asm_elementwise(PLANES_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                               [words, tl.broadcast_to((1024.0 + zero).to(DTYPE), words.shape)],
+                                               dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    else:
+        planes = (_w4a16_plane(words, zero, 0, DTYPE), _w4a16_plane(words, zero, 1, DTYPE),
+                  _w4a16_plane(words, zero, 2, DTYPE), _w4a16_plane(words, zero, 3, DTYPE),
+                  _w4a16_plane(words, zero, 4, DTYPE), _w4a16_plane(words, zero, 5, DTYPE),
+                  _w4a16_plane(words, zero, 6, DTYPE), _w4a16_plane(words, zero, 7, DTYPE))
+    return planes
+
+
+@triton.jit
+def _x_planes(x, BLOCK_M: tl.constexpr, WORDS: tl.constexpr):
+    """x [BM, BK] -> the eight [BM, W] planes x[:, 8 w + j], j = 0..7 (split off the last axis, 4 a + 2 b + c)."""
+    x_a0, x_a1 = tl.split(tl.reshape(x, [BLOCK_M, WORDS, 2, 4], can_reorder=False).permute(0, 1, 3, 2))
+    x_a0b0, x_a0b1 = tl.split(tl.reshape(x_a0, [BLOCK_M, WORDS, 2, 2]).permute(0, 1, 3, 2))
+    x_a1b0, x_a1b1 = tl.split(tl.reshape(x_a1, [BLOCK_M, WORDS, 2, 2]).permute(0, 1, 3, 2))
+    x0, x1 = tl.split(x_a0b0)
+    x2, x3 = tl.split(x_a0b1)
+    x4, x5 = tl.split(x_a1b0)
+    x6, x7 = tl.split(x_a1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _prefetch_l2(pointers):
+    """Ask L2 for the lines at pointers, keeping nothing in registers (a load would wait for them)."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pointers],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _w4a16_dot_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
+                           stride_w, K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           USE_ASM: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """A few rows on the tensor cores (x padded to BLOCK_M = 16 rows with zeros). A step loads
+    [BLOCK_N, BLOCK_K / 8] words, as the GEMV does, and cuts them into eight planes: plane j holds
+    code j of every word, the weights of columns 8 w + j. Plane j times x's columns 8 w + j is a
+    tl.dot over W = BLOCK_K / 8 (16 at BLOCK_K 128), and the eight dots add up to the step's
+    product: the order of K inside a dot is free, so the words need no repacking and no shuffle
+    into tl.dot's layout beyond what a load gives (the layout is the words', not the weights').
+    Each plane is q - z exactly in 16 bits (_w4a16_planes); the step's sum, in float32, meets
+    the group's scale once (BLOCK_K divides the group). So the weight is not rounded: the result
+    is the reference's given float32 x, to float32 rounding. USE_PDL: this split's first weights
+    are asked of L2 before waiting for the kernel that writes x."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_word = tl.arange(0, WORDS)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_groups = K // GROUP_SIZE
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + tl.arange(0, BLOCK_K)[None, :]      # [BM, BK]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_word[None, :]             # [BN, W]
+    group_rows = offs_n.to(tl.int64) * num_groups                                                # [BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if USE_PDL:     # the first four steps' words: a 128-byte line a row for two steps
+        lines = (qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + k_start // 8
+                 + 2 * WORDS * tl.arange(0, 2)[None, :])                                          # [BN, 2]
+        _prefetch_l2(tl.where(mask_n[:, None] & (k_start + 2 * BLOCK_K * tl.arange(0, 2)[None, :] < k_end),
+                              lines, qweight_ptr))
+        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
+        tl.extra.cuda.gdc_launch_dependents()
+    for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
+        words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n[:, None], other=0)    # [BN, W]
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group_rows + group, mask=mask_n, other=0.0)                   # [BN]
+        zero = tl.load(zeros_ptr + group_rows + group, mask=mask_n, other=0).to(tl.float32)        # [BN]
+        x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)                                  # [BM, BK]
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x, BLOCK_M, WORDS)                              # [BM, W] each
+        w0, w1, w2, w3, w4, w5, w6, w7 = _w4a16_planes(words, zero[:, None], x.dtype, USE_ASM)      # [BN, W] each
+        step = tl.dot(x0, tl.trans(w0))
+        step = tl.dot(x1, tl.trans(w1), step)
+        step = tl.dot(x2, tl.trans(w2), step)
+        step = tl.dot(x3, tl.trans(w3), step)
+        step = tl.dot(x4, tl.trans(w4), step)
+        step = tl.dot(x5, tl.trans(w5), step)
+        step = tl.dot(x6, tl.trans(w6), step)
+        step = tl.dot(x7, tl.trans(w7), step)                                                      # [BM, BN]
+        acc += step * scale.to(tl.float32)[None, :]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
 @triton.jit
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
                        K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -574,6 +706,36 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
                  prefetch=GEMV_PREFETCH)
 
 
+def choose_w4a16_dot_tiles(num_rows: int, out_features: int, k_steps: int, device: torch.device) -> Tiles:
+    """The tiles of _w4a16_dot_gemv_kernel: the rows padded to 16, DOT_GEMV_BLOCK_N outputs, steps
+    of 128 along K, K split up to 8 ways while the programs stay within GEMV_PROGRAMS_PER_SM an SM
+    and each split keeps at least DOT_GEMV_MIN_STEPS steps (twice that where the outputs alone give
+    half as many programs as SMs). Measured on an H200 at 4 rows (tools/w4a16_probe.py): Llama-3.2-1B's
+    gate_up_proj 15.4 us unsplit, 16.6 in 2, 19.3 in 4; Llama-3.1-8B's 64.3, 51.7, 48.3; its
+    down_proj 97.7 unsplit, 26.9 in 8."""
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    programs, target = triton.cdiv(out_features, DOT_GEMV_BLOCK_N), GEMV_PROGRAMS_PER_SM * sms
+    min_steps = DOT_GEMV_MIN_STEPS * (2 if 2 * programs >= sms else 1)
+    split_k = 1
+    while split_k * 2 <= min(k_steps // min_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
+        split_k *= 2
+    return Tiles(16, DOT_GEMV_BLOCK_N, GEMV_BLOCK_K, split_k, num_warps=4, num_stages=3, planes=True)
+
+
+def takes_w4a16_dot_gemv(x: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
+    """Whether a product takes _w4a16_dot_gemv_kernel: DOT_GEMV_MIN_ROWS to DOT_GEMV_MAX_ROWS rows of
+    16-bit x, integer zero points, and groups that steps of 128 divide."""
+    return (DOT_GEMV_MIN_ROWS <= x.shape[0] <= DOT_GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and not zeros.is_floating_point() and group_size % GEMV_BLOCK_K == 0)
+
+
+# The tensor-core GEMV's rows. One and two rows stay on the FMA GEMV: on an H200 the tensor-core one
+# took 42.3 against 32.1 us at Llama-3.1-8B's gate_up_proj at one row, 48.7 against 47.0 at two, and
+# 48.2 against 105.3 at three (tools/w4a16_probe.py); it costs the same at 3 rows as at 16
+DOT_GEMV_MIN_ROWS = 3
+DOT_GEMV_MAX_ROWS = 16
+DOT_GEMV_BLOCK_N = 128
+DOT_GEMV_MIN_STEPS = 4
 GEMV_MAX_SPLITS = 8
 # The W4A16 GEMV loads each next step's words ahead (Tiles.prefetch). On an H200: Llama-3.1-8B batch-1
 # decode 350 against 341 tok/s without, up to 10% on a layer (tools/quant_gemv_probe.py --sweep).
@@ -598,6 +760,9 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
                          "w4a16_linear runs such weights through the torch reference")
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
+    if takes_w4a16_dot_gemv(x, zeros, group_size):
+        tiles = choose_w4a16_dot_tiles(num_rows, out_features, in_features // GEMV_BLOCK_K, x.device)
+        return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
     if num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0:
         block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (group_size is a multiple of 16)
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
@@ -607,20 +772,26 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
 def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
     """The product with the tiles given (tiles.block_k must divide the group, or for the GEMV be a
-    multiple of it; a block_m up to GEMV_MAX_ROWS takes the GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
+    multiple of it; tiles.planes takes the tensor-core GEMV, else a block_m up to GEMV_MAX_ROWS the
+    GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
-    if tiles.block_m <= GEMV_MAX_ROWS:
-        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, **_pdl_options(x)}
+    zero_is_offset = {"ZERO_IS_OFFSET": zeros.is_floating_point()}
+    if tiles.planes:
+        if zeros.is_floating_point():
+            raise ValueError("the tensor-core GEMV takes integer zero points, not float offsets")
+        kernel, options = _w4a16_dot_gemv_kernel, {"USE_ASM": x.is_cuda, **_pdl_options(x)}  # CPU: the interpreter
+    elif tiles.block_m <= GEMV_MAX_ROWS:
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, **zero_is_offset, **_pdl_options(x)}
     else:
-        kernel, options = _w4a16_gemm_kernel, {}
+        kernel, options = _w4a16_gemm_kernel, zero_is_offset
     kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
         x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups,
-        ZERO_IS_OFFSET=zeros.is_floating_point(), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+        HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **options)
     return out

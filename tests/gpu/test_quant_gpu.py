@@ -8,6 +8,8 @@ Run on a GPU machine: `python3 -m pytest -q -m gpu tests/gpu/test_quant_gpu.py`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -136,6 +138,30 @@ def test_w4a16_kernel_matches_reference(num_rows, out_features, in_features):
     qweight = pack_int4(codes)
     out = w4a16_linear_triton(x, qweight, scales, zeros)
     assert relative_error(out, w4a16_linear_torch(x, qweight, scales, zeros)) < 1e-2
+
+
+@pytest.mark.parametrize("num_rows", (3, 16))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+def test_w4a16_tensor_core_gemv_matches_the_reference_given_float32_x(num_rows, dtype, out_features, in_features,
+                                                                       monkeypatch):
+    """The tensor-core GEMV multiplies q - z exactly in 16 bits and applies each group's scale to the
+    float32 sum, so its float32 partials are the reference's given float32 x to float32 rounding (1e-5),
+    not to the weight's 16-bit rounding; every partial written (the outputs start as NaN)."""
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    generator = torch.Generator(device=DEVICE).manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, device=DEVICE, dtype=dtype, generator=generator)
+    codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
+    scales = torch.rand(out_features, in_features // 128, device=DEVICE, generator=generator) * 0.01
+    zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
+    qweight = pack_int4(codes)
+    assert kernels.takes_w4a16_dot_gemv(x, zeros, 128)
+    tiles = replace(kernels.choose_w4a16_dot_tiles(num_rows, out_features, in_features // 128, x.device), split_k=4)
+    make = kernels._output
+    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
+    out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles)                    # [4, M, N]
+    assert relative_error(out.sum(0), w4a16_linear_torch(x.float(), qweight, scales, zeros)) < 1e-5
 
 
 GGUF_SHAPES = SHAPES[:4]     # Llama-3.2-1B's
