@@ -68,9 +68,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nanovllm.memory import advise_huge_pages
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
+from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.ops.numba_cache import kernel
 from nanovllm.ops.numba_ir import exp_shifted_into
 from nanovllm.ops.quant import PackedLinear, RefinedLMHead
@@ -386,7 +386,7 @@ def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.nd
     stacked = (np.stack([t.weight for t in tiles]), np.stack([t.scale for t in tiles]),
                np.stack([t.low for t in tiles]))
     for array in stacked:
-        advise_huge_pages(torch.from_numpy(array), collapse=True)     # fewer TLB misses (memory.py)
+        advise_huge_pages(torch.from_numpy(array), collapse=True)     # fewer TLB misses (ops/huge_pages.py)
     return stacked
 
 

@@ -51,11 +51,11 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
-from nanovllm.memory import advise_huge_pages
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
                                      host_to_device)
@@ -125,7 +125,7 @@ class ModelRunner:
         self.kv_cache = torch.empty(model_config.num_hidden_layers, 2, self.num_blocks, self.block_size,
                                     self.num_kv_heads, model_config.head_dim,
                                     dtype=config.kv_cache_torch_dtype, device=self.device)
-        advise_huge_pages(self.kv_cache)   # CPU: 2 MB pages from its first write on (memory.py)
+        advise_huge_pages(self.kv_cache)   # CPU: 2 MB pages from its first write on (ops/huge_pages.py)
         self.kv_cache.zero_()
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None

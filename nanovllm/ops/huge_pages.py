@@ -2,11 +2,12 @@
 
 With 4 KB pages a decode step of 16 sequences touches tens of MB of a KV pool of about 1 GB, each
 sequence's blocks anywhere in it, and misses the TLB over and over (its 3,072 entries map 12 MB).
-Linux backs memory with 2 MB pages where it is asked to (`madvise(MADV_HUGEPAGE)`; this machine's
-transparent_hugepage setting is "madvise", so nothing is by default): memory not yet touched gets
-them as it is first written, and `MADV_COLLAPSE` (Linux 6.1) moves what is already written. On the
-2-core AMD EPYC a batch-16 forward at 195 positions went from 26.3 to 22.7 ms (median of 30) on two
-threads. Anywhere else, or if the kernel says no, nothing changes: the advice is only advice.
+Linux backs memory with 2 MB pages where it is asked to (`madvise(MADV_HUGEPAGE)`; where its
+transparent_hugepage setting is "madvise", a common default, nothing else gets them): memory not
+yet touched gets them as it is first written, and `MADV_COLLAPSE` (Linux 6.1) moves what is
+already written. On the 2-core AMD EPYC a batch-16 forward at 195 positions went from 26.3 to 22.7
+ms (median of 30) on two threads. Anywhere else, or if the kernel says no, nothing changes: the
+advice is only advice.
 """
 from __future__ import annotations
 
