@@ -579,10 +579,15 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
 
 # ---- the compiled LM head ------------------------------------------------------------------------
 
+TOP_K_RUN = 64     # values of a row _top_k_into tests against the k-th best at once
+
+
 @kernel(boundscheck=False)
 def _top_k_into(row, index):
     """index[:] = the positions of row's len(index) largest values, in no particular order (one pass
-    that keeps the k best so far and replaces the least of them)."""
+    that keeps the k best so far and replaces the least of them). Runs of TOP_K_RUN values are first
+    counted against the least of the k (a loop that vectorizes); a run with none above it is skipped,
+    which is most of them once the k are good, and the rest go value by value as before."""
     k = index.shape[0]
     values = np.empty(k, np.float32)
     for i in range(k):
@@ -591,12 +596,28 @@ def _top_k_into(row, index):
     for i in range(1, k):
         if values[i] < values[least]:
             least = i
-    for j in range(k, row.shape[0]):
-        if row[j] > values[least]:
-            values[least], index[least] = row[j], j
-            for i in range(k):
-                if values[i] < values[least]:
-                    least = i
+    for first in range(k, row.shape[0], TOP_K_RUN):
+        stop = min(first + TOP_K_RUN, row.shape[0])
+        above = 0
+        for j in range(first, stop):
+            above += row[j] > values[least]
+        if above == 0:
+            continue
+        for j in range(first, stop):
+            if row[j] > values[least]:
+                values[least], index[least] = row[j], j
+                for i in range(k):
+                    if values[i] < values[least]:
+                        least = i
+
+
+@kernel(boundscheck=False, fastmath={"reassoc", "contract"})
+def _dot_float64(x, w):
+    """sum_h x[h] w[h] in float64 (a row's refined logit), summed in vector lanes."""
+    total = 0.0
+    for h in range(x.shape[0]):
+        total += np.float64(x[h]) * np.float64(w[h])
+    return total
 
 
 @kernel(nogil=True, boundscheck=False)
@@ -619,8 +640,5 @@ def _lm_head_rank(rank, num_ranks, counter, base, x, codes, scales, lows, weight
     for row in range(rows[0], rows[1]):
         _top_k_into(logits[row], candidates)
         for j in candidates:
-            total = 0.0
-            for h in range(x.shape[1]):
-                total += np.float64(x[row, h]) * np.float64(weight[j, h])
-            logits[row, j] = np.float32(total)
+            logits[row, j] = np.float32(_dot_float64(x[row], weight[j]))
     _barrier(counter, base + 2 * num_ranks)
