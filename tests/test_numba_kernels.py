@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,16 +187,22 @@ def _random_int4(out_features: int, in_features: int, seed: int):
     return q, scale, low
 
 
+@pytest.mark.parametrize("levels", [quant_numba.ACTIVATION_LEVELS, quant_numba.INT8_LEVELS])
 @pytest.mark.parametrize("rows, in_features", [(1, 32), (3, 96), (5, 1536)])
-def test_numba_activation_rounding_matches_its_reference(rows, in_features):
+def test_numba_activation_rounding_matches_its_reference(rows, in_features, levels):
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=generator) * 3
     x[0, :32] = 0.0                                          # an all-zero group: dx 0, xq 0
-    x[-1, -32:] = torch.tensor([32767.0, 2.5, 3.5, -2.5, -0.5, 1e-3] + [0.25] * 26)   # dx 1: ties to even
-    xq, dx, sx = quant_numba._quantize_activation(x.numpy())
-    want_xq, want_dx, want_sx = quant_numba.quantize_activation_torch(x)
-    slot = torch.as_tensor(quant_numba._SLOT)
-    natural = torch.from_numpy(xq).reshape(rows, -1, 8)[..., slot].reshape(rows, in_features)    # _SLOT is its own inverse
+    x[-1, -32:] = torch.tensor([float(levels), 2.5, 3.5, -2.5, -0.5, 1e-3] + [0.25] * 26)   # dx 1: ties to even
+    int16 = levels == quant_numba.ACTIVATION_LEVELS
+    xq = np.empty((rows, in_features), np.int16 if int16 else np.int8)
+    dx, sx = np.empty((rows, in_features // 32), np.float32), np.empty((rows, in_features // 32), np.float32)
+    quant_numba._quantize_activation_into(x.numpy(), xq, dx, sx)
+    want_xq, want_dx, want_sx = quant_numba.quantize_activation_torch(x, levels)
+    natural = torch.from_numpy(xq)
+    if int16:                                                # runs of 8 in _SLOT order (its own inverse)
+        slot = torch.as_tensor(quant_numba._SLOT)
+        natural = natural.reshape(rows, -1, 8)[..., slot].reshape(rows, in_features)
     assert torch.equal(natural, want_xq)
     assert torch.equal(torch.from_numpy(dx), want_dx)
     # sx is summed by halves (the reference in another order): within float32 rounding of the sum of |x|.
@@ -210,17 +217,19 @@ def test_numba_activation_rounding_matches_its_reference(rows, in_features):
     (1, 192, 576),        # the embedded model's k/v projection
     (7, 80, 1536),        # ragged batch, down_proj's K
 ])
-def test_numba_int4_linear_matches_its_reference(rows, out_features, in_features):
+@pytest.mark.parametrize("activation_bits, error", [(16, 1e-4), (8, 2e-2)])
+def test_numba_int4_linear_matches_its_reference(rows, out_features, in_features, activation_bits, error):
     q, scale, low = _random_int4(out_features, in_features, seed=rows + out_features)
     x = torch.randn(rows, in_features) * 3
     x[0, :32] = 0.0                                 # an all-zero group of the activation
-    got = int4_linear_numba(x, tiles_from_codes(q, scale, low))
-    want = int4_linear_int16_torch(x, q, scale, low)
+    got = int4_linear_numba(x, tiles_from_codes(q, scale, low), activation_bits)
+    levels = quant_numba.ACTIVATION_LEVELS if activation_bits == 16 else quant_numba.INT8_LEVELS
+    want = int4_linear_int16_torch(x, q, scale, low, levels)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    # The int16 activation keeps the product within 1e-4 of the float32 one.
+    # The int16 activation keeps the product within 1e-4 of the float32 one, int8 within 2e-2.
     exact = x @ (q.float().reshape(out_features, -1, 32) * scale[..., None] + low[..., None]).reshape(
         out_features, in_features).T
-    torch.testing.assert_close(got, exact, rtol=0, atol=1e-4 * exact.abs().max().item())
+    torch.testing.assert_close(got, exact, rtol=0, atol=error * exact.abs().max().item())
 
 
 @int4_kernel

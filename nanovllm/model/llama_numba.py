@@ -113,7 +113,7 @@ class FusedDecoder:
         self.o = _stacked([layer.self_attn.o_proj for layer in model.layers])
         self.gate_up = _stacked([layer.mlp.gate_up_proj for layer in model.layers])
         self.down = _stacked([layer.mlp.down_proj for layer in model.layers])
-        self.head = _head_of(model.lm_head)     # (codes, scales, lows, float32 weight [V, H], top_k) or None
+        self.head = _head_of(model.lm_head)     # (codes, scales, lows, float32 weight [V, H], top_k, dtype) or None
         # The forward runs on num_ranks threads (torch's thread count when the decoder is made): this one
         # and num_ranks - 1 started here, which meet at `self._counter` (see `_forward_rank`).
         self.num_ranks = _step_threads()
@@ -220,7 +220,7 @@ class FusedDecoder:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] float32: the RefinedLMHead's forward as one compiled call
         (`_lm_head_rank`). Only where `self.head` is set (llama.py's compute_logits checks)."""
-        codes, scales, lows, weight, top_k = self.head
+        codes, scales, lows, weight, top_k, activation_dtype = self.head
         x = hidden.float().contiguous().numpy()
         num_rows = x.shape[0]
         logits = np.empty((num_rows, weight.shape[0]), np.float32)
@@ -228,7 +228,8 @@ class FusedDecoder:
             self._check_ranks()
             num_ranks = self.head_threads.pick(num_rows) if self._head_compiled else 1
             step = (x, codes, scales, lows, weight, top_k, logits)
-            seconds = self._run_ranks(_lm_head_rank, num_ranks, lambda rank: step)
+            rounded = [np.empty(x.shape, activation_dtype) for _ in range(num_ranks)]    # each rank's xq
+            seconds = self._run_ranks(_lm_head_rank, num_ranks, lambda rank: (*step, rounded[rank]))
             if self._head_compiled:
                 self.head_threads.record(num_rows, num_ranks, seconds)
             self._head_compiled = True
@@ -364,8 +365,9 @@ def _close_all(all_ranks: list[_RankThreads]) -> None:
 
 
 def _head_of(head) -> tuple | None:
-    """A RefinedLMHead on numba's int4 kernel as (codes, scales, lows, float32 weight [V, H], top_k)
-    for `_lm_head_rank`; None for any other head (llama.py's compute_logits runs it)."""
+    """A RefinedLMHead on numba's int4 kernel as (codes, scales, lows, float32 weight [V, H], top_k, the
+    dtype its activations are rounded to) for `_lm_head_rank`; None for any other head (llama.py's
+    compute_logits runs it)."""
     if not isinstance(head, RefinedLMHead):
         return None
     coarse = head.coarse
@@ -375,7 +377,8 @@ def _head_of(head) -> tuple | None:
         return None
     tiles = coarse._int4_tiles if coarse._int4_tiles is not None else tiles_from_torch_int4(coarse.packed,
                                                                                               coarse.scales)
-    return tiles.weight, tiles.scale, tiles.low, head.weight.detach().numpy(), min(head.top_k, tiles.out_features)
+    return (tiles.weight, tiles.scale, tiles.low, head.weight.detach().numpy(), min(head.top_k, tiles.out_features),
+            np.int8 if coarse.activation_bits == 8 else np.int16)
 
 
 def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -621,15 +624,14 @@ def _dot_float64(x, w):
 
 
 @kernel(nogil=True, boundscheck=False)
-def _lm_head_rank(rank, num_ranks, counter, base, x, codes, scales, lows, weight, top_k, logits):
+def _lm_head_rank(rank, num_ranks, counter, base, x, codes, scales, lows, weight, top_k, logits, xq):
     """One rank's part of RefinedLMHead's forward: x [N, H] float32 -> logits [N, V] float32. The
-    ranks share the int4 tiles of the vocabulary (quant_numba._tile, activations rounded to int16),
-    meet, then each takes its rows: the top_k logits of a row are recomputed from the float32 weight
-    [V, H] (the dot product summed in float64) and written over the int4 ones. Every row by the same
-    loops whatever the rows beside it."""
+    ranks share the int4 tiles of the vocabulary (quant_numba._tile, activations rounded into the
+    rank's xq [N, H], int8 or int16 as the coarse layer's), meet, then each takes its rows: the top_k
+    logits of a row are recomputed from the float32 weight [V, H] (the dot product summed in float64)
+    and written over the int4 ones. Every row by the same loops whatever the rows beside it."""
     num_rows = x.shape[0]
-    xq, dx, sx = np.empty(x.shape, np.int16), np.empty((num_rows, x.shape[1] // 32), np.float32), \
-        np.empty((num_rows, x.shape[1] // 32), np.float32)
+    dx, sx = np.empty((num_rows, x.shape[1] // 32), np.float32), np.empty((num_rows, x.shape[1] // 32), np.float32)
     _quantize_activation_into(x, xq, dx, sx)
     tiles = _share(logits.shape[1] // 16, rank, num_ranks)
     for tile in range(tiles[0], tiles[1]):

@@ -153,6 +153,7 @@ class PackedLinear(nn.Module):
         # int4: numba's kernel (quant_numba.py) where it runs, for every step (batch-invariant too)
         self.kernel = "numba" if self.fmt == "int4" and _int4_numba_fits(packed) else "torch"
         self._int4_tiles = None                           # the weight in numba's layout, made on first use
+        self.activation_bits = 16     # numba's kernel rounds x to int16 per group of 32 (8: int8, RefinedLMHead's)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
@@ -189,7 +190,7 @@ class PackedLinear(nn.Module):
         if self._int4_tiles is None:
             from nanovllm.ops.quant_numba import tiles_from_torch_int4
             self._int4_tiles = tiles_from_torch_int4(self.packed, self.scales)
-        out = _int4_linear_numba()(x, self._int4_tiles)                        # [M, N] float32
+        out = _int4_linear_numba()(x, self._int4_tiles, self.activation_bits)   # [M, N] float32
         if self.bias is not None:
             out += self.bias
         return out if x.dtype == torch.float32 else out.to(x.dtype)
@@ -248,11 +249,17 @@ class RefinedLMHead(nn.Module):
     0.05: enough to swap the top two tokens wherever they are that close (one position in ten for
     a 135M model). Recomputing the few logits that compete for the top costs a gather of
     `top_k` rows per sequence; the rest keep the packed head's precision.
+
+    On numba's kernel the coarse pass rounds x to int8 per group of 32, not int16 as the decoder's
+    layers do: its job is to rank the candidates, whose logits are then recomputed, and its other
+    logits already carry the int4 weights' error, which is larger (a batch-16 head on one thread
+    5.7 -> 4.0 ms on a 2-core AMD EPYC; the quality guard of tests/test_cpu_formats.py holds).
     """
 
     def __init__(self, coarse: PackedLinear, weight: torch.Tensor, top_k: int = 32):
         super().__init__()
         self.coarse = coarse
+        coarse.activation_bits = 8
         self.register_buffer("weight", weight)   # float32 [V, H], shared with a tied embedding
         self.top_k = top_k
 

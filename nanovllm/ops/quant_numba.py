@@ -51,6 +51,7 @@ GROUP_SIZE = 32            # values of K per scale: Q4_1's and Q8_1's block
 TILE_ROWS = 16             # output rows per tile: the int32 lanes of one AVX-512 vector
 TORCH_BLOCK_ROWS = 64      # torch's packed int4 CPU layout interleaves rows in blocks of 64
 ACTIVATION_LEVELS = 32767     # int16 activations: int8 (127) fails the quality guard (92% top-1)
+INT8_LEVELS = 127             # int8 activations: the refined LM head's coarse pass (quant.RefinedLMHead)
 PARALLEL_MIN_MACS = 1 << 24   # below this many multiply-adds one thread is quicker than a parallel launch
 PREFETCH_BYTES = 2048         # how far ahead in a tile's codes the kernel asks for the next groups
 
@@ -106,20 +107,23 @@ def tiles_from_torch_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor) ->
 
 # ---- the reference ---------------------------------------------------------------------------
 
-def quantize_activation_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] float32 -> (xq [M, K] int16, dx [M, K / 32], sx [M, K / 32]): per group of 32,
-    dx = amax / 32767, xq = round(x / dx) (0 where the group is all zeros), sx = the sum of x."""
+def quantize_activation_torch(x: torch.Tensor, levels: int = ACTIVATION_LEVELS
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (xq [M, K], dx [M, K / 32], sx [M, K / 32]): per group of 32, dx = amax /
+    levels, xq = round(x / dx) (0 where the group is all zeros), sx = the sum of x. xq is int16 for
+    ACTIVATION_LEVELS, int8 for INT8_LEVELS."""
     groups = x.float().reshape(x.shape[0], -1, GROUP_SIZE)                          # [M, G, 32]
-    dx = groups.abs().amax(dim=-1) / ACTIVATION_LEVELS                              # [M, G]
+    dx = groups.abs().amax(dim=-1) / levels                                         # [M, G]
     safe = torch.where(dx > 0, dx, torch.ones_like(dx))
     xq = torch.where(dx[..., None] > 0, torch.round(groups / safe[..., None]), torch.zeros_like(groups))
-    return xq.to(torch.int16).reshape(x.shape), dx, groups.sum(dim=-1)
+    return xq.to(torch.int16 if levels > INT8_LEVELS else torch.int8).reshape(x.shape), dx, groups.sum(dim=-1)
 
 
-def int4_linear_int16_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+def int4_linear_int16_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                            levels: int = ACTIVATION_LEVELS) -> torch.Tensor:
     """Reference: x [M, K] float32, q [N, K] codes, scale and low [N, K / 32] -> [M, N] float32, the
-    formula of the module docstring in float64."""
-    xq, dx, sx = quantize_activation_torch(x)
+    formula of the module docstring in float64 (x rounded to int16, or to int8 at INT8_LEVELS)."""
+    xq, dx, sx = quantize_activation_torch(x, levels)
     num_rows, in_features = q.shape
     groups = in_features // GROUP_SIZE
     dots = torch.einsum("mgk,ngk->mng", xq.double().reshape(-1, groups, GROUP_SIZE),
@@ -130,24 +134,31 @@ def int4_linear_int16_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
 
 # ---- the kernel ------------------------------------------------------------------------------
 
-def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles) -> torch.Tensor:
-    """x [M, K] float32 -> x @ w^T [M, N] float32 (activations rounded to int16 per group of 32)."""
+def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles, activation_bits: int = 16) -> torch.Tensor:
+    """x [M, K] float32 -> x @ w^T [M, N] float32 (activations rounded to int16 per group of 32, or
+    to int8 where activation_bits is 8)."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
+    xq = np.empty(x.shape, np.int16 if activation_bits == 16 else np.int8)
     if x.shape[0] * tiles.out_features * tiles.in_features < PARALLEL_MIN_MACS:
-        return torch.from_numpy(_int4_matmul_serial(x.numpy(), tiles.weight, tiles.scale, tiles.low,
+        return torch.from_numpy(_int4_matmul_serial(x.numpy(), xq, tiles.weight, tiles.scale, tiles.low,
                                                     tiles.out_features))
     with _launch_lock:
-        return torch.from_numpy(_int4_matmul_parallel(x.numpy(), tiles.weight, tiles.scale, tiles.low,
+        return torch.from_numpy(_int4_matmul_parallel(x.numpy(), xq, tiles.weight, tiles.scale, tiles.low,
                                                       tiles.out_features))
 
 
 _SLOT = np.array([0, 2, 1, 3, 4, 6, 5, 7])   # where value i of a run of 8 sits in the int16 activation
 
 
-def _tile_rows_codegen(num_rows: int):
+def _tile_rows_codegen(num_rows: int, int8: bool = False):
     """The LLVM IR of `_tile_rows_intrinsic(num_rows)`: num_rows rows of the activation against one tile,
     every group of K in a loop, each row's 16 outputs summed in registers and stored once.
+
+    int8 activations (in their own order): `vpdpbusd` multiplies four unsigned bytes by four signed
+    ones per lane, so a run's 64 bytes of codes give two vectors, the low nibbles (k0..k3 of each
+    row) and the high ones (k4..k7), each against x's four bytes at 8 run (+ 4): half the
+    instructions of the int16 path, one exact int32 sum per row (|sum| <= 32 * 15 * 127).
 
     Per group and run of 8 values of K, the 64 bytes of the tile's codes are loaded once and give four
     vectors of int16 pairs for every row: `and` with 0x000F000F takes codes (k0, k2), with 0x0F000F00
@@ -162,6 +173,9 @@ def _tile_rows_codegen(num_rows: int):
         weight_t, _, xq_t, _, _, scale_t, low_t, _, dx_t, sx_t, _, _, out_t, _, _, _ = signature.args
         dpwssd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(INTS16, [INTS16] * 3),
                                                 "llvm.x86.avx512.vpdpwssd.512")
+        dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(INTS16, [INTS16] * 3),
+                                                "llvm.x86.avx512.vpdpbusd.512")
+        nibbles = ir.Constant(INTS16, [0x0F0F0F0F] * 16)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
         masks = [ir.Constant(INTS16, [mask] * 16) for mask in (0x000F000F, 0x0F000F00, 0x00F000F0)]
@@ -187,10 +201,20 @@ def _tile_rows_codegen(num_rows: int):
             scale_v = builder.load(address(context, builder, scale_t, scale_, s_at, FLOATS16), align=4)
             low_v = builder.load(address(context, builder, low_t, low_, s_at, FLOATS16), align=4)
             x_ptrs = [address(context, builder, xq_t, xq_, builder.add(builder.add(x_at_, builder.mul(i64(row), x_stride_)),
-                                                                          builder.mul(g, i64(GROUP_SIZE))), I16)
+                                                                          builder.mul(g, i64(GROUP_SIZE))), I8 if int8 else I16)
                       for row in range(num_rows)]
-            sums = [[zero, zero, zero] for _ in range(num_rows)]     # pairs times 1, 256, 16
-            for run in range(4):
+            sums = [[zero, zero, zero] for _ in range(num_rows)]     # pairs times 1, 256, 16 (int8: the first only)
+            for run in range(4 if int8 else 0):
+                packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(I32, 64 * run)]),
+                                                      INTS16.as_pointer()), align=1)
+                codes = [builder.and_(packed, nibbles), builder.and_(builder.lshr(packed, ir.Constant(INTS16, [4] * 16)),
+                                                                     nibbles)]
+                for row in range(num_rows):
+                    for half, code in enumerate(codes):
+                        x4 = builder.load(builder.bitcast(builder.gep(x_ptrs[row], [ir.Constant(I32, 8 * run + 4 * half)]),
+                                                          I32.as_pointer()), align=1)
+                        sums[row][0] = builder.call(dpbusd, [sums[row][0], code, splat(builder, x4, INTS16)])
+            for run in range(0 if int8 else 4):
                 packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(I32, 64 * run)]),
                                                       INTS16.as_pointer()), align=1)
                 top = builder.bitcast(builder.lshr(builder.bitcast(packed, SHORTS32), top_nibble), INTS16)
@@ -231,7 +255,7 @@ def _tile_rows_intrinsic(num_rows: int):
               o_at, o_stride, num_groups):
         i64 = types.int64
         sig = types.void(weight, i64, xq, i64, i64, scale, low, i64, dx, sx, i64, i64, out, i64, i64, i64)
-        return sig, _tile_rows_codegen(num_rows)
+        return sig, _tile_rows_codegen(num_rows, int8=xq.dtype == types.int8)
 
     return intrinsic(typer)
 
@@ -240,64 +264,60 @@ _tile_rows_1 = _tile_rows_intrinsic(1)
 _tile_rows_4 = _tile_rows_intrinsic(4)
 
 
-@kernel(boundscheck=False)
-def _quantize_activation(x):
-    """x [M, K] float32 -> (xq [M, K] int16 (each run of 8 in `_SLOT` order), dx, sx [M, K / 32]):
-    quantize_activation_torch's formula."""
-    num_groups = x.shape[1] // 32
-    xq = np.empty(x.shape, np.int16)
-    dx, sx = np.empty((x.shape[0], num_groups), np.float32), np.empty((x.shape[0], num_groups), np.float32)
-    _quantize_activation_into(x, xq, dx, sx)
-    return xq, dx, sx
-
-
-def _quantize_group_codegen(context, builder, signature, args):
+def _quantize_group_codegen(int8: bool):
     """The LLVM IR of `_quantize_group`: the group's 32 values as two vectors of 16, their absolute
     maximum (an unsigned maximum of the bits without the sign), their sum by halves (16 + 16, then 8 + 8
     down to 1 + 1: a fixed order, the same for every row), then each value divided by the scale, rounded
-    to the nearest integer (ties to even, as np.round) and narrowed to int16, the runs of 8 in `_SLOT`
-    order, all 32 stored at once."""
-    x_, x_at, xq_, q_at, dx_, sx_, d_at = args
-    x_t, _, xq_t, _, dx_t, sx_t, _ = signature.args
-    ints16, shorts16 = ir.VectorType(I32, 16), ir.VectorType(I16, 16)
-    module = builder.module
-    umax = cgutils.get_or_insert_function(module, ir.FunctionType(I32, [ints16]), "llvm.vector.reduce.umax.v16i32")
-    rint = cgutils.get_or_insert_function(module, ir.FunctionType(FLOATS16, [FLOATS16]), "llvm.rint.v16f32")
-    pointer = address(context, builder, x_t, x_, x_at, F32)
-    halves = [builder.load(builder.bitcast(builder.gep(pointer, [ir.Constant(I32, 16 * half)]),
-                                           FLOATS16.as_pointer()), align=4) for half in (0, 1)]
-    magnitude = ir.Constant(ints16, [0x7FFFFFFF] * 16)
-    bits = [builder.and_(builder.bitcast(half, ints16), magnitude) for half in halves]
-    larger = builder.select(builder.icmp_unsigned(">", bits[0], bits[1]), bits[0], bits[1])
-    amax = builder.bitcast(builder.call(umax, [larger]), F32)
-    total = sum_lanes(builder, builder.fadd(halves[0], halves[1]))
-    scale = builder.fdiv(amax, ir.Constant(F32, float(ACTIVATION_LEVELS)))
-    builder.store(scale, address(context, builder, dx_t, dx_, d_at, F32))
-    builder.store(total, address(context, builder, sx_t, sx_, d_at, F32))
-    positive = builder.fcmp_ordered(">", scale, ir.Constant(F32, 0.0))
-    codes = []
-    for half in halves:
-        rounded = builder.call(rint, [builder.fdiv(half, splat(builder, scale, FLOATS16))])
-        codes.append(builder.select(positive, builder.trunc(builder.fptosi(rounded, ints16), shorts16),
-                                    ir.Constant(shorts16, [0] * 16)))
-    order = [8 * run + int(slot) for run in range(4) for slot in _SLOT]     # both halves joined, runs of 8 in _SLOT order
-    joined = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(I32, 32), order))
-    builder.store(joined, builder.bitcast(address(context, builder, xq_t, xq_, q_at, I16), SHORTS32.as_pointer()),
-                  align=2)
-    return context.get_dummy_value()
+    to the nearest integer (ties to even, as np.round) and narrowed, all 32 stored at once: to int16 with
+    the runs of 8 in `_SLOT` order, or (int8) to int8 in their own order."""
+    levels, narrow = (INT8_LEVELS, I8) if int8 else (ACTIVATION_LEVELS, I16)
+
+    def codegen(context, builder, signature, args):
+        x_, x_at, xq_, q_at, dx_, sx_, d_at = args
+        x_t, _, xq_t, _, dx_t, sx_t, _ = signature.args
+        ints16, narrow16 = ir.VectorType(I32, 16), ir.VectorType(narrow, 16)
+        module = builder.module
+        umax = cgutils.get_or_insert_function(module, ir.FunctionType(I32, [ints16]), "llvm.vector.reduce.umax.v16i32")
+        rint = cgutils.get_or_insert_function(module, ir.FunctionType(FLOATS16, [FLOATS16]), "llvm.rint.v16f32")
+        pointer = address(context, builder, x_t, x_, x_at, F32)
+        halves = [builder.load(builder.bitcast(builder.gep(pointer, [ir.Constant(I32, 16 * half)]),
+                                               FLOATS16.as_pointer()), align=4) for half in (0, 1)]
+        magnitude = ir.Constant(ints16, [0x7FFFFFFF] * 16)
+        bits = [builder.and_(builder.bitcast(half, ints16), magnitude) for half in halves]
+        larger = builder.select(builder.icmp_unsigned(">", bits[0], bits[1]), bits[0], bits[1])
+        amax = builder.bitcast(builder.call(umax, [larger]), F32)
+        total = sum_lanes(builder, builder.fadd(halves[0], halves[1]))
+        scale = builder.fdiv(amax, ir.Constant(F32, float(levels)))
+        builder.store(scale, address(context, builder, dx_t, dx_, d_at, F32))
+        builder.store(total, address(context, builder, sx_t, sx_, d_at, F32))
+        positive = builder.fcmp_ordered(">", scale, ir.Constant(F32, 0.0))
+        codes = []
+        for half in halves:
+            rounded = builder.call(rint, [builder.fdiv(half, splat(builder, scale, FLOATS16))])
+            codes.append(builder.select(positive, builder.trunc(builder.fptosi(rounded, ints16), narrow16),
+                                        ir.Constant(narrow16, [0] * 16)))
+        order = list(range(32)) if int8 else [8 * run + int(slot) for run in range(4) for slot in _SLOT]
+        joined = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(I32, 32), order))
+        builder.store(joined, builder.bitcast(address(context, builder, xq_t, xq_, q_at, narrow),
+                                              ir.VectorType(narrow, 32).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 @intrinsic
 def _quantize_group(typingctx, x, x_at, xq, q_at, dx, sx, d_at):
-    """One group of quantize_activation_torch's formula: x[x_at:][:32] float32 -> xq[q_at:][:32] int16 (the
-    runs of 8 in `_SLOT` order), dx[d_at] = amax / 32767 and sx[d_at] = the sum; 1-D arrays."""
+    """One group of quantize_activation_torch's formula: x[x_at:][:32] float32 -> xq[q_at:][:32] (int16,
+    the runs of 8 in `_SLOT` order; or int8 at INT8_LEVELS, in order), dx[d_at] = amax / levels and
+    sx[d_at] = the sum; 1-D arrays."""
     i64 = types.int64
-    return types.void(x, i64, xq, i64, dx, sx, i64), _quantize_group_codegen
+    return types.void(x, i64, xq, i64, dx, sx, i64), _quantize_group_codegen(xq.dtype == types.int8)
 
 
 @kernel(boundscheck=False)
 def _quantize_activation_into(x, xq, dx, sx):
-    """`_quantize_activation` into given arrays xq [M, K] int16, dx and sx [M, K / 32] float32 (x, xq C
+    """quantize_activation_torch's formula, x [M, K] float32 -> xq [M, K] (int16, each run of 8 in
+    `_SLOT` order; or int8, in order, at INT8_LEVELS), dx and sx [M, K / 32] float32 (x and xq C
     contiguous)."""
     x_flat, xq_flat, dx_flat, sx_flat = x.reshape(-1), xq.reshape(-1), dx.reshape(-1), sx.reshape(-1)
     num_groups = dx.shape[1]
@@ -326,20 +346,23 @@ def _tile(t, xq, dx, sx, weight, scale, low, out):
 
 
 @kernel(boundscheck=False)
-def _int4_matmul_serial(x, weight, scale, low, out_features):
-    """x [M, K] float32 -> out [M, N] float32, on the calling thread."""
+def _int4_matmul_serial(x, xq, weight, scale, low, out_features):
+    """x [M, K] float32 -> out [M, N] float32, on the calling thread; xq [M, K] (int16 or int8) takes
+    the rounded activation."""
     out = np.empty((x.shape[0], out_features), np.float32)
-    xq, dx, sx = _quantize_activation(x)
+    dx, sx = np.empty((x.shape[0], x.shape[1] // 32), np.float32), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    _quantize_activation_into(x, xq, dx, sx)
     for t in range(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
     return out
 
 
 @kernel(parallel=True, boundscheck=False)
-def _int4_matmul_parallel(x, weight, scale, low, out_features):
-    """x [M, K] float32 -> out [M, N] float32, the tiles split over numba's threads."""
+def _int4_matmul_parallel(x, xq, weight, scale, low, out_features):
+    """`_int4_matmul_serial` with the tiles split over numba's threads."""
     out = np.empty((x.shape[0], out_features), np.float32)
-    xq, dx, sx = _quantize_activation(x)
+    dx, sx = np.empty((x.shape[0], x.shape[1] // 32), np.float32), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    _quantize_activation_into(x, xq, dx, sx)
     for t in prange(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
     return out
