@@ -97,9 +97,10 @@ def test_numba_log_normalizer_matches_torch_logsumexp(vocab_size):
     assert torch.equal(log_normalizer_numba(logits[5:]), got[5:])     # a row alone: the same bits
 
 
-def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled():
+@pytest.mark.parametrize("head_dim", [32, 64])      # the loops, and the vector path
+def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled(head_dim):
     # Sequence 0 has 29 tokens. Its last query, decoded alone...
-    q, k_cache, v_cache, alone = _random_step([1], [29], 6, 2, 32, 4, seed=1)
+    q, k_cache, v_cache, alone = _random_step([1], [29], 6, 2, head_dim, 4, seed=1)
     want = paged_attention_numba(q, k_cache, v_cache, alone, 0.2)
     # ...beside two longer decodes (a padded batch for SDPA)...
     others = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, -1], [7, 6, 5, 4, 3, 2, 1, 0, -1]], dtype=torch.int32)
@@ -107,18 +108,19 @@ def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched
     batch = AttentionMetadata(torch.tensor([0, 1, 2, 3], dtype=torch.int32),
                               torch.tensor([29, 32, 31], dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
                               tables, 1, 32)
-    batched = paged_attention_numba(torch.cat([q, torch.randn(2, 6, 32)]), k_cache, v_cache, batch, 0.2)
+    batched = paged_attention_numba(torch.cat([q, torch.randn(2, 6, head_dim)]), k_cache, v_cache, batch, 0.2)
     assert torch.equal(batched[:1], want)
     # ...and as the last row of a 29-token prefill.
     prefill = AttentionMetadata(torch.tensor([0, 29], dtype=torch.int32), torch.tensor([29], dtype=torch.int32),
                                 torch.zeros(29, dtype=torch.int64), alone.block_tables, 29, 29)
-    rows = torch.cat([torch.randn(28, 6, 32), q])
+    rows = torch.cat([torch.randn(28, 6, head_dim), q])
     assert torch.equal(paged_attention_numba(rows, k_cache, v_cache, prefill, 0.2)[-1:], want)
 
 
-def test_numba_paged_attention_gives_the_same_bits_on_one_thread_or_split_over_threads(monkeypatch):
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_numba_paged_attention_gives_the_same_bits_on_one_thread_or_split_over_threads(monkeypatch, head_dim):
     # A small step runs serially (a parallel launch costs more than its work); a large one is split.
-    q, k_cache, v_cache, metadata = _random_step([4, 1, 1], [40, 17, 33], 6, 2, 32, 4, seed=9)
+    q, k_cache, v_cache, metadata = _random_step([4, 1, 1], [40, 17, 33], 6, 2, head_dim, 4, seed=9)
     serial = paged_attention_numba(q, k_cache, v_cache, metadata, 0.2)
     monkeypatch.setattr(attention_numba, "PARALLEL_MIN_WORK", 0)
     assert torch.equal(paged_attention_numba(q, k_cache, v_cache, metadata, 0.2), serial)
