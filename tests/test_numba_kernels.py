@@ -89,7 +89,7 @@ def test_numba_log_normalizer_matches_torch_logsumexp(vocab_size):
     logits[1, ::2] = float("-inf")                           # masked tokens
     logits[2] = float("-inf")                                # every token masked: -inf
     logits[3, -1] = float("inf")                             # +inf
-    logits[4, 0] = float("nan")                              # NaN anywhere: NaN
+    logits[4, 0] = -float("nan")                             # NaN anywhere, of either sign: NaN
     logits[5] += 500.0                                       # far from 0: only the differences count
     want = torch.logsumexp(logits, dim=-1)
     got = log_normalizer_numba(logits)
