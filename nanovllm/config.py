@@ -38,6 +38,7 @@ import torch
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.embedded import is_embedded_model
 
+
 def cache_dir() -> Path:
     """Where nano-vllm keeps what it makes once and reuses (dequantized GGUF weights, compiled CPU
     kernels): $NANO_VLLM_CACHE, else ~/.cache/nano-vllm."""

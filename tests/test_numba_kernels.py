@@ -234,6 +234,12 @@ def test_numba_int4_linear_matches_its_reference(rows, out_features, in_features
     torch.testing.assert_close(got, exact, rtol=0, atol=error * exact.abs().max().item())
 
 
+def test_activation_widths_other_than_8_and_16_bits_are_refused():
+    assert quant_numba.activation_dtype(16) is np.int16 and quant_numba.activation_dtype(8) is np.int8
+    with pytest.raises(ValueError, match="8 or 16 bits"):
+        quant_numba.activation_dtype(4)
+
+
 @int4_kernel
 @pytest.mark.parametrize("out_features, in_features", [(64, 32), (192, 96), (576, 64)])
 def test_torch_int4_layout_unpacks_to_its_codes(out_features, in_features):

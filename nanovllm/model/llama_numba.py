@@ -74,7 +74,8 @@ from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.ops.numba_cache import kernel
 from nanovllm.ops.numba_ir import exp_shifted_into
 from nanovllm.ops.quant import PackedLinear, RefinedLMHead
-from nanovllm.ops.quant_numba import GROUP_SIZE, _quantize_activation_into, _tile, tiles_from_torch_int4
+from nanovllm.ops.quant_numba import (GROUP_SIZE, _quantize_activation, _quantize_activation_into, _tile,
+                                      activation_dtype, tiles_from_torch_int4)
 
 if TYPE_CHECKING:     # llama.py imports this module where its forward takes the fused path
     from nanovllm.model.llama import KVCache, LlamaForCausalLM
@@ -275,12 +276,13 @@ EXPLORE_EVERY = 64
 class ThreadChoice:
     """How many threads run a step of T rows: all of them or 1, whichever has been faster for steps of
     about that size (T in [2^(b-1), 2^b)), by a running mean of their times; every EXPLORE_EVERY-th
-    step of a size tries the other. A split step meets five times a layer, and on a loaded machine each meeting may
-    wait for a descheduled thread (measured on 2 cores at load average 3: a batch-1 forward 10.8 ms on
-    one thread, 13.3 ms on two); on an idle one the second core reads half the weights. An untried size
-    takes all threads first: a batch's prefill is often the only step of its size, and it is bound by
-    the multiplications (1,024 prompt tokens: 1.0 s on two threads, 1.6-1.8 s on one, on the 2-core
-    AMD EPYC). The bits of a row are the same either way, so only the time depends on the choice."""
+    step of a size tries the other. A split step meets five times a layer, and on a loaded machine
+    each meeting may wait for a descheduled thread (measured on 2 cores at load average 3: a batch-1
+    forward 10.8 ms on one thread, 13.3 ms on two); on an idle one the second core reads half the
+    weights. An untried size takes all threads first: a batch's prefill is often the only step of its
+    size, and it is bound by the multiplications (1,024 prompt tokens: 1.0 s on two threads, 1.6-1.8 s
+    on one, on the 2-core AMD EPYC). The bits of a row are the same either way, so only the time
+    depends on the choice."""
 
     def __init__(self, max_threads: int):
         self.max_threads = max_threads
@@ -378,7 +380,7 @@ def _head_of(head) -> tuple | None:
     tiles = coarse._int4_tiles if coarse._int4_tiles is not None else tiles_from_torch_int4(coarse.packed,
                                                                                               coarse.scales)
     return (tiles.weight, tiles.scale, tiles.low, head.weight.detach().numpy(), min(head.top_k, tiles.out_features),
-            np.int8 if coarse.activation_bits == 8 else np.int16)
+            activation_dtype(coarse.activation_bits))
 
 
 def _stacked(linears: list[PackedLinear]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -631,8 +633,7 @@ def _lm_head_rank(rank, num_ranks, counter, base, x, codes, scales, lows, weight
     logits of a row are recomputed from the float32 weight [V, H] (the dot product summed in float64)
     and written over the int4 ones. Every row by the same loops whatever the rows beside it."""
     num_rows = x.shape[0]
-    dx, sx = np.empty((num_rows, x.shape[1] // 32), np.float32), np.empty((num_rows, x.shape[1] // 32), np.float32)
-    _quantize_activation_into(x, xq, dx, sx)
+    dx, sx = _quantize_activation(x, xq)
     tiles = _share(logits.shape[1] // 16, rank, num_ranks)
     for tile in range(tiles[0], tiles[1]):
         _tile(tile, xq, dx, sx, codes, scales, lows, logits)

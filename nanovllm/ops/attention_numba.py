@@ -14,9 +14,9 @@ summed in order, then the weighted sum of v_j in order. Nothing depends on the
 other rows of the step, so a query gives the same bits whatever it is batched
 with and whichever step computes it. The heads that share a KV head go
 together, block by block, so each block of keys and values is read from memory
-once for them. The work is split across cores by (row, KV head), except in a small step (a decode of a few sequences), which runs
-on the calling thread: a workqueue launch costs 50-150 us here, more than the
-work. Both drivers call the same `_attend`, so the bits do not change.
+once for them. The work is split across cores by (row, KV head), except in a
+small step (a decode of a few sequences), which runs on the calling thread: a
+workqueue launch costs 50-150 us here, more than the work. Both drivers call the same `_attend`, so the bits do not change.
 `kernel` (numba_cache.py) keeps the compiled code on disk for the next start.
 
 A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the

@@ -44,8 +44,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention_numba import _launch_lock
-from nanovllm.ops.numba_ir import F32, FLOATS16, I8, I16, I32, I64, INTS16, SHORTS32, address, splat, sum_lanes
 from nanovllm.ops.numba_cache import kernel
+from nanovllm.ops.numba_ir import F32, FLOATS16, I8, I16, I32, I64, INTS16, SHORTS32, address, splat, sum_lanes
 
 GROUP_SIZE = 32            # values of K per scale: Q4_1's and Q8_1's block
 TILE_ROWS = 16             # output rows per tile: the int32 lanes of one AVX-512 vector
@@ -134,12 +134,20 @@ def int4_linear_int16_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
 
 # ---- the kernel ------------------------------------------------------------------------------
 
+def activation_dtype(activation_bits: int) -> type:
+    """The dtype the kernels round activations to: np.int16 (16 bits) or np.int8 (8); the intrinsics
+    pick their arithmetic from it."""
+    if activation_bits not in (8, 16):
+        raise ValueError(f"activations are rounded to 8 or 16 bits, got {activation_bits}")
+    return np.int16 if activation_bits == 16 else np.int8
+
+
 def int4_linear_numba(x: torch.Tensor, tiles: Int4Tiles, activation_bits: int = 16) -> torch.Tensor:
     """x [M, K] float32 -> x @ w^T [M, N] float32 (activations rounded to int16 per group of 32, or
     to int8 where activation_bits is 8)."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
-    xq = np.empty(x.shape, np.int16 if activation_bits == 16 else np.int8)
+    xq = np.empty(x.shape, activation_dtype(activation_bits))
     if x.shape[0] * tiles.out_features * tiles.in_features < PARALLEL_MIN_MACS:
         return torch.from_numpy(_int4_matmul_serial(x.numpy(), xq, tiles.weight, tiles.scale, tiles.low,
                                                     tiles.out_features))
@@ -204,19 +212,18 @@ def _tile_rows_codegen(num_rows: int, int8: bool = False):
                                                                           builder.mul(g, i64(GROUP_SIZE))), I8 if int8 else I16)
                       for row in range(num_rows)]
             sums = [[zero, zero, zero] for _ in range(num_rows)]     # pairs times 1, 256, 16 (int8: the first only)
-            for run in range(4 if int8 else 0):
+            for run in range(4):
                 packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(I32, 64 * run)]),
                                                       INTS16.as_pointer()), align=1)
-                codes = [builder.and_(packed, nibbles), builder.and_(builder.lshr(packed, ir.Constant(INTS16, [4] * 16)),
-                                                                     nibbles)]
-                for row in range(num_rows):
-                    for half, code in enumerate(codes):
-                        x4 = builder.load(builder.bitcast(builder.gep(x_ptrs[row], [ir.Constant(I32, 8 * run + 4 * half)]),
-                                                          I32.as_pointer()), align=1)
-                        sums[row][0] = builder.call(dpbusd, [sums[row][0], code, splat(builder, x4, INTS16)])
-            for run in range(0 if int8 else 4):
-                packed = builder.load(builder.bitcast(builder.gep(w_ptr, [ir.Constant(I32, 64 * run)]),
-                                                      INTS16.as_pointer()), align=1)
+                if int8:
+                    codes = [builder.and_(packed, nibbles), builder.and_(builder.lshr(packed, ir.Constant(INTS16, [4] * 16)),
+                                                                         nibbles)]
+                    for row in range(num_rows):
+                        for half, code in enumerate(codes):
+                            x4 = builder.load(builder.bitcast(builder.gep(x_ptrs[row], [ir.Constant(I32, 8 * run + 4 * half)]),
+                                                              I32.as_pointer()), align=1)
+                            sums[row][0] = builder.call(dpbusd, [sums[row][0], code, splat(builder, x4, INTS16)])
+                    continue
                 top = builder.bitcast(builder.lshr(builder.bitcast(packed, SHORTS32), top_nibble), INTS16)
                 codes = [builder.and_(packed, masks[0]), builder.and_(packed, masks[1]), builder.and_(packed, masks[2]),
                          top]
@@ -248,7 +255,7 @@ def _tile_rows_codegen(num_rows: int, int8: bool = False):
 def _tile_rows_intrinsic(num_rows: int):
     """For rows m .. m + num_rows - 1 of the flattened activation: out[m, tile] = sum over the groups g of
     (q . xq[m, g]) * scale * dx[m, g] + low * sx[m, g], for the 16 rows of one tile. weight[w_at + 256 g:]
-    group g's codes, xq[x_at + m K + 32 g ...] its int16 activation in `_SLOT` order, scale and low
+    group g's codes, xq[x_at + m K + 32 g ...] its activation (int16 in `_SLOT` order, or int8 in order), scale and low
     [s_at + 16 g:][:16], dx and sx at d_at + m G + g, out at o_at + m N (strides K, G, N given)."""
 
     def typer(typingctx, weight, w_at, xq, x_at, x_stride, scale, low, s_at, dx, sx, d_at, d_stride, out,
@@ -275,15 +282,15 @@ def _quantize_group_codegen(int8: bool):
     def codegen(context, builder, signature, args):
         x_, x_at, xq_, q_at, dx_, sx_, d_at = args
         x_t, _, xq_t, _, dx_t, sx_t, _ = signature.args
-        ints16, narrow16 = ir.VectorType(I32, 16), ir.VectorType(narrow, 16)
+        narrow16 = ir.VectorType(narrow, 16)
         module = builder.module
-        umax = cgutils.get_or_insert_function(module, ir.FunctionType(I32, [ints16]), "llvm.vector.reduce.umax.v16i32")
+        umax = cgutils.get_or_insert_function(module, ir.FunctionType(I32, [INTS16]), "llvm.vector.reduce.umax.v16i32")
         rint = cgutils.get_or_insert_function(module, ir.FunctionType(FLOATS16, [FLOATS16]), "llvm.rint.v16f32")
         pointer = address(context, builder, x_t, x_, x_at, F32)
         halves = [builder.load(builder.bitcast(builder.gep(pointer, [ir.Constant(I32, 16 * half)]),
                                                FLOATS16.as_pointer()), align=4) for half in (0, 1)]
-        magnitude = ir.Constant(ints16, [0x7FFFFFFF] * 16)
-        bits = [builder.and_(builder.bitcast(half, ints16), magnitude) for half in halves]
+        magnitude = ir.Constant(INTS16, [0x7FFFFFFF] * 16)
+        bits = [builder.and_(builder.bitcast(half, INTS16), magnitude) for half in halves]
         larger = builder.select(builder.icmp_unsigned(">", bits[0], bits[1]), bits[0], bits[1])
         amax = builder.bitcast(builder.call(umax, [larger]), F32)
         total = sum_lanes(builder, builder.fadd(halves[0], halves[1]))
@@ -294,7 +301,7 @@ def _quantize_group_codegen(int8: bool):
         codes = []
         for half in halves:
             rounded = builder.call(rint, [builder.fdiv(half, splat(builder, scale, FLOATS16))])
-            codes.append(builder.select(positive, builder.trunc(builder.fptosi(rounded, ints16), narrow16),
+            codes.append(builder.select(positive, builder.trunc(builder.fptosi(rounded, INTS16), narrow16),
                                         ir.Constant(narrow16, [0] * 16)))
         order = list(range(32)) if int8 else [8 * run + int(slot) for run in range(4) for slot in _SLOT]
         joined = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(I32, 32), order))
@@ -328,6 +335,14 @@ def _quantize_activation_into(x, xq, dx, sx):
 
 
 @kernel(boundscheck=False)
+def _quantize_activation(x, xq):
+    """`_quantize_activation_into` x into xq, with new dx and sx [M, K / 32] float32 -> (dx, sx)."""
+    dx, sx = np.empty((x.shape[0], x.shape[1] // 32), np.float32), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    _quantize_activation_into(x, xq, dx, sx)
+    return dx, sx
+
+
+@kernel(boundscheck=False)
 def _tile(t, xq, dx, sx, weight, scale, low, out):
     """Rows t * 16 .. t * 16 + 15 of out [M, N] for every row of xq [M, K]: four rows of xq at a
     time through `_tile_rows_4` (the tile's codes unpacked once for the four), the rest one by one
@@ -350,8 +365,7 @@ def _int4_matmul_serial(x, xq, weight, scale, low, out_features):
     """x [M, K] float32 -> out [M, N] float32, on the calling thread; xq [M, K] (int16 or int8) takes
     the rounded activation."""
     out = np.empty((x.shape[0], out_features), np.float32)
-    dx, sx = np.empty((x.shape[0], x.shape[1] // 32), np.float32), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
-    _quantize_activation_into(x, xq, dx, sx)
+    dx, sx = _quantize_activation(x, xq)
     for t in range(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
     return out
@@ -361,8 +375,7 @@ def _int4_matmul_serial(x, xq, weight, scale, low, out_features):
 def _int4_matmul_parallel(x, xq, weight, scale, low, out_features):
     """`_int4_matmul_serial` with the tiles split over numba's threads."""
     out = np.empty((x.shape[0], out_features), np.float32)
-    dx, sx = np.empty((x.shape[0], x.shape[1] // 32), np.float32), np.empty((x.shape[0], x.shape[1] // 32), np.float32)
-    _quantize_activation_into(x, xq, dx, sx)
+    dx, sx = _quantize_activation(x, xq)
     for t in prange(out.shape[1] // 16):
         _tile(t, xq, dx, sx, weight, scale, low, out)
     return out
