@@ -10,10 +10,12 @@ The numbers that shape serving are few:
 - `max_model_len`: the longest sequence (prompt + output) the engine accepts.
 - the KV pool: `num_kv_blocks` blocks exactly, or as many as fit in
   `kv_cache_memory` bytes (CPU) / `gpu_memory_utilization` of the card (CUDA).
-- `kv_cache_dtype`: what the KV cache stores. "auto" is the model's dtype; "fp8"
+- `kv_cache_dtype`: what the KV cache stores. "auto" is the model's dtype (float16
+  for the CPU's int4 and int8 weights, whose activations are float32); "fp8"
   stores K and V as float8 e4m3 with a scale per layer (1.0, as vLLM uses when the
   checkpoint brings none), one byte an element: twice the tokens of bfloat16 in
-  the same memory, at the cost of 3 mantissa bits.
+  the same memory, at the cost of 3 mantissa bits. On the CPU, "float16" halves a
+  float32 cache (llama.cpp's default cache type); "float32" asks for float32.
 - `kv_policy`: "paged" hands out blocks as sequences grow; "naive" reserves
   `max_model_len` slots per sequence up front, as servers did before paging,
   so the visualizer can show the memory it wastes.
@@ -63,8 +65,17 @@ QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
 CPU_AUTO_DTYPE_EMBEDDED = "int4"
 DEVICES = ("auto", "cpu", "cuda")
 KV_POLICIES = ("paged", "naive")
-# kv_cache_dtype -> what the cache stores (None: the model's dtype). vLLM's spellings.
-KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+# kv_cache_dtype -> what the cache stores (None: the model's dtype). vLLM's spellings, and two float
+# caches for the CPU, whose activations are float32 (the numba attention reads float32 and float16).
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                   "float16": torch.float16, "float32": torch.float32}
+CPU_KV_CACHE_DTYPES = ("float16", "float32")
+# kv_cache_dtype="auto" with the CPU's int formats: float16, as llama.cpp's cache. A batch-16 decode step
+# reads the cache once per layer, and float32 made it a third of the step's bytes; float16 halves them
+# within the quality guard (top-1 agreement with float32 99.61% either way, log-likelihood 0.17% from
+# float32's; docs/reference/cpu-kernels.md). Float models keep their dtype: their tests hold them to
+# transformers within 1e-6.
+QUANTIZED_KV_CACHE_DTYPE = torch.float16
 DEFAULT_MAX_MODEL_LEN = 4096
 
 # Device-dependent defaults: (cpu, cuda).
@@ -93,7 +104,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9   # the fraction of the card the engine may fill (weights + KV + activations)
     enable_prefix_caching: bool = True
     kv_policy: str = "paged"              # "paged" | "naive"
-    kv_cache_dtype: str = "auto"          # "auto" (the model's dtype) | "fp8" (float8 e4m3, a scale per layer)
+    kv_cache_dtype: str = "auto"          # "auto" (the model's dtype; float16 for int4/int8) | "fp8" (float8
+                                          # e4m3, a scale per layer) | "float16" | "float32" (cpu)
     enforce_eager: bool = False           # cuda: never capture CUDA graphs
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
@@ -150,6 +162,10 @@ class EngineConfig:
             raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if (self.kv_cache_dtype in CPU_KV_CACHE_DTYPES and on_cuda
+                and self.kv_cache_torch_dtype != self.torch_dtype):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is a CPU cache format; on the GPU the cache "
+                             f"stores the model's dtype ({self.dtype}) or fp8: pass 'auto' or 'fp8'")
         if self.async_scheduling is None:   # where it pays (engine.py): one GPU; a CPU step has nothing to overlap
             self.async_scheduling = on_cuda and self.tensor_parallel_size == 1
         for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling"):
@@ -181,8 +197,8 @@ class EngineConfig:
                              f"({self.quantization!r}) or batch_invariant")
         if self.tensor_parallel_size > 1:
             raise ValueError("batch_invariant runs with tensor_parallel_size=1 only")
-        if self.device == "cpu" and self.kv_cache_torch_dtype != self.torch_dtype:
-            raise ValueError(f"batch_invariant on the CPU needs a float32 KV cache (its attention kernel, "
+        if self.device == "cpu" and self.kv_cache_torch_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"batch_invariant on the CPU needs a float32 or float16 KV cache (its attention kernel, "
                              f"ops/attention_numba.py, reads no other); drop kv_cache_dtype={self.kv_cache_dtype!r} "
                              "or batch_invariant")
 
@@ -193,8 +209,12 @@ class EngineConfig:
 
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:
-        """The dtype the KV cache stores: torch_dtype, or float8_e4m3fn for kv_cache_dtype="fp8"."""
-        return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.torch_dtype
+        """The dtype the KV cache stores: the one kv_cache_dtype names, else (auto) torch_dtype, or float16
+        for the CPU's int formats."""
+        named = KV_CACHE_DTYPES[self.kv_cache_dtype]
+        if named is None and self.dtype in QUANTIZED_DTYPES:
+            return QUANTIZED_KV_CACHE_DTYPE
+        return named or self.torch_dtype
 
     @property
     def kv_cache_dtype_name(self) -> str:

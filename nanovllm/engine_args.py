@@ -29,7 +29,7 @@ _HELP = {
     "enable_prefix_caching": "share KV blocks of identical prompt prefixes",
     "kv_policy": " | ".join(KV_POLICIES),
     "kv_cache_dtype": ("auto (the model's dtype) | fp8: K and V stored as float8 e4m3 with a scale per layer, "
-                       "twice the tokens in the same memory"),
+                       "twice the tokens in the same memory | float16, float32: CPU caches"),
     "enforce_eager": "never capture CUDA graphs",
     "seed": "seed for requests that bring none",
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",

@@ -204,10 +204,12 @@ def guard_reference():
 
 @pytest.mark.parametrize("fmt", GUARDED_FORMATS)
 def test_reduced_format_meets_the_quality_guard(fmt, guard_reference):
+    """Through the KV cache the format gets by default (float16 for the int formats)."""
     token_ids, reference = guard_reference
     model, _ = load_quantized_model(None, fmt)
-    agreement, log_likelihood = _guard_figures(prompt_logits(model, token_ids, torch.float32), reference,
-                                               token_ids)
+    kv_dtype = EngineConfig(dtype=fmt, device="cpu").kv_cache_torch_dtype
+    assert kv_dtype == torch.float16
+    agreement, log_likelihood = _guard_figures(prompt_logits(model, token_ids, kv_dtype), reference, token_ids)
     _, reference_log_likelihood = _guard_figures(reference, reference, token_ids)
     assert agreement >= 0.98
     assert abs(log_likelihood - reference_log_likelihood) <= 0.02 * abs(reference_log_likelihood)
@@ -233,12 +235,12 @@ def test_quantize_model_replaces_every_linear():
     assert not [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def test_engine_with_int4_runs_the_packed_model_and_keeps_a_float32_kv_cache():
+def test_engine_with_int4_runs_the_packed_model_and_keeps_a_float16_kv_cache():
     from nanovllm import LLM, SamplingParams
 
     llm = LLM(dtype="int4", num_kv_blocks=32, max_model_len=256)
     model = llm.engine.runner.model
     assert isinstance(model.layers[0].mlp.gate_up_proj, PackedLinear)
-    assert llm.engine.runner.kv_cache.dtype == torch.float32
+    assert llm.engine.runner.kv_cache.dtype == torch.float16
     [output] = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 4

@@ -54,10 +54,11 @@ def model() -> LlamaForCausalLM:
     return quantize_model(model, "int4").eval()
 
 
-def _kv_caches(num_blocks: int = 12) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _kv_caches(num_blocks: int = 12, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """A pool as the model runner allocates it: one tensor [L, 2, blocks, block_size, Hkv, D], views per layer."""
     cache = torch.zeros(CONFIG.num_hidden_layers, 2, num_blocks, BLOCK_SIZE, CONFIG.num_key_value_heads,
-                        CONFIG.head_dim)
+                        CONFIG.head_dim, dtype=dtype)
     return cache, [(layer[0], layer[1]) for layer in cache]
 
 
@@ -87,19 +88,26 @@ STEPS = [[(0, 5), (0, 9)],        # two prefills
          [(5, 1), (9, 4)]]        # a decode beside a prefill chunk
 
 
-def _run(model: LlamaForCausalLM, fused: bool, steps=STEPS, tables=TABLES) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _run(model: LlamaForCausalLM, fused: bool, steps=STEPS, tables=TABLES,
+         cache_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The hidden states of each step and the cache after them, through the fused forward or llama.py's."""
     model._fused = None if fused else False
-    cache, kv_caches = _kv_caches()
+    cache, kv_caches = _kv_caches(dtype=cache_dtype)
     hidden = [model(*_step(chunks, tables, seed), kv_caches) for seed, chunks in enumerate(steps)]
     assert isinstance(model._fused, llama_numba.FusedDecoder) == fused
     return hidden, cache
 
 
+CACHE_DTYPES = pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+
+
+@CACHE_DTYPES
 @torch.no_grad()
-def test_fused_forward_matches_the_llama_forward_and_writes_the_same_cache(model):
-    reference, reference_cache = _run(model, fused=False)
-    fused, fused_cache = _run(model, fused=True)
+def test_fused_forward_matches_the_llama_forward_and_writes_the_same_cache(model, cache_dtype):
+    reference, reference_cache = _run(model, fused=False, cache_dtype=cache_dtype)
+    fused, fused_cache = _run(model, fused=True, cache_dtype=cache_dtype)
+    assert fused_cache.dtype == cache_dtype
+    fused_cache, reference_cache = fused_cache.float(), reference_cache.float()
     for got, want in zip(fused, reference):
         # The activations are rounded to int16 per group of 32 (a step of 3e-5 of the group's largest);
         # a last-bit difference in RMSNorm or SiLU moves some of them by one step.
@@ -108,17 +116,24 @@ def test_fused_forward_matches_the_llama_forward_and_writes_the_same_cache(model
     assert fused_cache.abs().sum() > 0
 
 
+@CACHE_DTYPES
 @torch.no_grad()
-def test_fused_forward_gives_a_row_the_same_bits_alone_in_a_batch_and_on_two_threads(model, monkeypatch):
-    alone, _ = _run(model, fused=True, steps=[[(0, 5)], [(5, 1)]], tables=TABLES[:1])
-    batched, _ = _run(model, fused=True)
+def test_fused_forward_gives_a_row_the_same_bits_alone_in_a_batch_and_on_two_threads(model, monkeypatch,
+                                                                                      cache_dtype):
+    # Two threads take whole rows of attention in the batched steps and (row, KV head) items in the
+    # decode of one sequence alone (attention_numba.kv_heads_per_item).
+    alone, _ = _run(model, fused=True, steps=[[(0, 5)], [(5, 1)]], tables=TABLES[:1], cache_dtype=cache_dtype)
+    batched, _ = _run(model, fused=True, cache_dtype=cache_dtype)
     monkeypatch.setattr(llama_numba, "_step_threads", lambda: 2)
     monkeypatch.setattr(llama_numba.ThreadChoice, "pick", lambda self, num_rows: 2)
-    two_threads, _ = _run(model, fused=True)
+    two_threads, _ = _run(model, fused=True, cache_dtype=cache_dtype)
+    alone_two_threads, _ = _run(model, fused=True, steps=[[(0, 5)], [(5, 1)]], tables=TABLES[:1],
+                                cache_dtype=cache_dtype)
     assert model._fused.num_ranks == 2
     for step in range(2):
         assert torch.equal(batched[step][:alone[step].shape[0]], alone[step])
         assert torch.equal(two_threads[step], batched[step])
+        assert torch.equal(alone_two_threads[step], alone[step])
 
 
 def test_thread_choice_takes_the_faster_count_per_step_size_and_keeps_trying_the_other():

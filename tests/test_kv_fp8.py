@@ -334,12 +334,25 @@ def test_a_checkpoints_kv_scales_are_read_into_their_layers(tiny_llama, tmp_path
 
 @outside_interpreter
 def test_kv_cache_dtype_is_checked_and_named():
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, got 'int8'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, float16, float32, "
+                                         "got 'int8'"):
         EngineConfig(device="cpu", kv_cache_dtype="int8")
     assert EngineConfig(device="cpu", dtype="float32").kv_cache_dtype_name == "float32"
+    assert EngineConfig(device="cpu", dtype="int4").kv_cache_dtype_name == "float16"       # auto for int formats
+    assert EngineConfig(device="cpu", dtype="int8").kv_cache_dtype_name == "float16"
+    assert EngineConfig(device="cpu", dtype="int4", kv_cache_dtype="float32").kv_cache_dtype_name == "float32"
     assert EngineConfig(device="cpu", kv_cache_dtype="fp8_e4m3").kv_cache_torch_dtype == FP8_DTYPE
-    with pytest.raises(ValueError, match="batch_invariant on the CPU needs a float32 KV cache"):
+    with pytest.raises(ValueError, match="batch_invariant on the CPU needs a float32 or float16 KV cache"):
         EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="fp8", batch_invariant=True)
+    assert EngineConfig(device="cpu", dtype="int4", batch_invariant=True).kv_cache_dtype_name == "float16"
+
+
+@outside_interpreter
+def test_the_cpu_cache_formats_are_refused_on_the_gpu_unless_they_are_the_models_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="kv_cache_dtype='float16' is a CPU cache format"):
+        EngineConfig(device="cuda", kv_cache_dtype="float16")                 # bfloat16 weights
+    assert EngineConfig(device="cuda", dtype="float16", kv_cache_dtype="float16").kv_cache_dtype_name == "float16"
 
 
 @outside_interpreter

@@ -52,10 +52,12 @@ def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int,
     ([5, 1, 13], [21, 9, 13], 9, 3, 64, 4),        # chunks on top of cached context beside a decode
     ([3, 1], [19, 40], 4, 2, 128, 16),             # head_dim 128 (the vector path), a block cut short
 ])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_numba_paged_attention_matches_the_torch_reference(query_lens, context_lens, num_heads, num_kv_heads,
-                                                           head_dim, block_size):
+                                                           head_dim, block_size, cache_dtype):
     q, k_cache, v_cache, metadata = _random_step(query_lens, context_lens, num_heads, num_kv_heads, head_dim,
                                                  block_size, seed=sum(context_lens))
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)    # the reference widens them to q's
     want = paged_attention_torch(q, k_cache, v_cache, metadata, head_dim ** -0.5)
     got = paged_attention_numba(q, k_cache, v_cache, metadata, head_dim ** -0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -97,10 +99,12 @@ def test_numba_log_normalizer_matches_torch_logsumexp(vocab_size):
     assert torch.equal(log_normalizer_numba(logits[5:]), got[5:])     # a row alone: the same bits
 
 
-@pytest.mark.parametrize("head_dim", [32, 64])      # the loops, and the vector path
-def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled(head_dim):
+@pytest.mark.parametrize("head_dim, cache_dtype", [(32, torch.float32), (64, torch.float32), (64, torch.float16)])
+def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched_or_prefilled(head_dim,
+                                                                                              cache_dtype):
     # Sequence 0 has 29 tokens. Its last query, decoded alone...
     q, k_cache, v_cache, alone = _random_step([1], [29], 6, 2, head_dim, 4, seed=1)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     want = paged_attention_numba(q, k_cache, v_cache, alone, 0.2)
     # ...beside two longer decodes (a padded batch for SDPA)...
     others = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, -1], [7, 6, 5, 4, 3, 2, 1, 0, -1]], dtype=torch.int32)
@@ -118,12 +122,21 @@ def test_numba_paged_attention_gives_a_query_the_same_bits_decoded_alone_batched
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
-def test_numba_paged_attention_gives_the_same_bits_on_one_thread_or_split_over_threads(monkeypatch, head_dim):
-    # A small step runs serially (a parallel launch costs more than its work); a large one is split.
-    q, k_cache, v_cache, metadata = _random_step([4, 1, 1], [40, 17, 33], 6, 2, head_dim, 4, seed=9)
+@pytest.mark.parametrize("query_lens, context_lens", [([4, 1, 1], [40, 17, 33]), ([1], [40])])
+def test_numba_paged_attention_gives_the_same_bits_on_one_thread_or_split_over_threads(monkeypatch, head_dim,
+                                                                                       query_lens, context_lens):
+    # A small step runs serially (a parallel launch costs more than its work), a row at a time; a large one
+    # is split, by rows where there are enough of them and else by (row, KV head) (kv_heads_per_item).
+    q, k_cache, v_cache, metadata = _random_step(query_lens, context_lens, 6, 2, head_dim, 4, seed=9)
     serial = paged_attention_numba(q, k_cache, v_cache, metadata, 0.2)
     monkeypatch.setattr(attention_numba, "PARALLEL_MIN_WORK", 0)
     assert torch.equal(paged_attention_numba(q, k_cache, v_cache, metadata, 0.2), serial)
+
+
+def test_attention_items_are_whole_rows_only_where_the_rows_keep_every_worker_busy():
+    assert attention_numba.kv_heads_per_item(8, 3, 4) == 3
+    assert attention_numba.kv_heads_per_item(7, 3, 4) == 1
+    assert attention_numba.kv_heads_per_item(1, 3, 1) == 1
 
 
 def test_numba_paged_attention_runs_from_several_threads_at_once(monkeypatch):
@@ -146,14 +159,16 @@ def test_numba_paged_attention_runs_from_several_threads_at_once(monkeypatch):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("query_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size", [
-    ([1, 1], [19, 3], 4, 2, 16, 4),                # decodes
-    ([6, 1], [11, 30], 6, 3, 40, 8),               # a chunk on top of cached context beside a decode
+@pytest.mark.parametrize("query_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, cache_dtype", [
+    ([1, 1], [19, 3], 4, 2, 16, 4, torch.float32),                # decodes
+    ([6, 1], [11, 30], 6, 3, 40, 8, torch.float32),               # a chunk on top of cached context beside a decode
+    ([6, 1], [11, 30], 6, 3, 64, 8, torch.float16),               # the same into a float16 cache, vector path
 ])
 def test_numba_rotary_store_and_attend_matches_the_torch_reference(qk_norm, query_lens, context_lens, num_heads,
-                                                                   num_kv_heads, head_dim, block_size):
+                                                                   num_kv_heads, head_dim, block_size, cache_dtype):
     _, k_cache, v_cache, metadata = _random_step(query_lens, context_lens, num_heads, num_kv_heads, head_dim,
                                                  block_size, seed=len(context_lens) + head_dim)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     starts = metadata.query_start_loc.tolist()
     positions = torch.cat([torch.arange(length - (end - start), length)
                            for start, end, length in zip(starts, starts[1:], context_lens)])
@@ -163,6 +178,7 @@ def test_numba_rotary_store_and_attend_matches_the_torch_reference(qk_norm, quer
     slots[-1] = -1                                  # a padding row: its k and v are not stored
     metadata.slot_mapping = slots
     qkv = torch.randn(len(positions), num_heads + 2 * num_kv_heads, head_dim)   # the fused projection's rows
+    qkv[0, num_heads + num_kv_heads:] *= 1e4      # v near float16's top (65504), where its steps are 16 and 32
     cos_sin = rope_cos_sin_cache(head_dim, 64, 10000.0, None)
     norms = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6) if qk_norm else (None, None, 0.0)
     results = []

@@ -48,7 +48,7 @@ products summed in float64 and rounded to float32).
 
 Used where `FusedDecoder.of(model)` accepts the model: one CPU process, every
 decoder matmul an int4 `PackedLinear` on numba's kernel without bias, no
-per-head q/k norm (Qwen3), a float32 KV cache in one tensor. Otherwise, or
+per-head q/k norm (Qwen3), a float32 or float16 KV cache in one tensor. Otherwise, or
 with NANOVLLM_FUSED_CPU=0, llama.py's forward runs.
 """
 from __future__ import annotations
@@ -69,7 +69,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences
+from nanovllm.ops import NUMBA_CACHE_DTYPES
+from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences, cache_array, kv_heads_per_item
 from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.ops.numba_cache import kernel
 from nanovllm.ops.numba_ir import exp_shifted_into
@@ -134,7 +135,7 @@ class FusedDecoder:
         self._shared: list[np.ndarray] = []
         self._score_rows: list[np.ndarray] = []
         self._kv_caches: list[KVCache] | None = None
-        self._kv_cache: np.ndarray | None = None   # [L, 2, num_blocks, block_size, Hkv, D] float32
+        self._kv_cache: np.ndarray | None = None   # [L, 2, num_blocks, block_size, Hkv, D] (cache_array)
 
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> "FusedDecoder | None":
@@ -152,16 +153,17 @@ class FusedDecoder:
         return cls(model)
 
     def kv_cache_of(self, kv_caches: list[KVCache]) -> np.ndarray | None:
-        """The one float32 tensor [L, 2, ...] whose views the runner passes as (k_cache, v_cache) per
-        layer (model_runner.py allocates it so), as numpy; None if they are separate tensors."""
+        """The one float32 or float16 tensor [L, 2, ...] whose views the runner passes as (k_cache,
+        v_cache) per layer (model_runner.py allocates it so), as the kernels take it (float16 as int16
+        bits, attention_numba.cache_array); None if they are separate tensors."""
         if kv_caches is self._kv_caches:
             return self._kv_cache
         base = kv_caches[0][0]._base
-        ok = (base is not None and base.dtype == torch.float32 and base.dim() == 6 and base.shape[0] == len(kv_caches)
+        ok = (base is not None and base.dtype in NUMBA_CACHE_DTYPES and base.dim() == 6 and base.shape[0] == len(kv_caches)
               and base.shape[1] == 2 and base.is_contiguous()
               and all(k.data_ptr() == base[i, 0].data_ptr() and v.data_ptr() == base[i, 1].data_ptr()
                       for i, (k, v) in enumerate(kv_caches)))
-        self._kv_caches, self._kv_cache = kv_caches, base.numpy() if ok else None
+        self._kv_caches, self._kv_cache = kv_caches, cache_array(base) if ok else None
         return self._kv_cache
 
     def _buffers(self, num_rows: int, max_seq_len: int) -> list[tuple[np.ndarray, ...]]:
@@ -169,7 +171,7 @@ class FusedDecoder:
         the shared buffers, as [T, ...] views of flat buffers (made again, twice as large, when a step
         outgrows them)."""
         held = len(self._score_rows[0]) if self._score_rows else 0
-        needed = self.num_heads // self.num_kv_heads * max_seq_len       # a row for each head of a KV group
+        needed = self.num_heads * max_seq_len         # a row for each head of an attention item (a whole row's)
         if held < needed:
             self._score_rows = [np.empty(max(needed, 2 * held, 256), np.float32) for _ in range(self.num_ranks)]
         if num_rows > self.capacity:
@@ -543,7 +545,8 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
     meetings = 0
     qkv_tiles, hidden_tiles, gu_tiles = _share(qkv.shape[1] // 16, rank, num_ranks), \
         _share(hidden // 16, rank, num_ranks), _share(gu.shape[1] // 16, rank, num_ranks)
-    items = _share(num_rows * num_kv_heads, rank, num_ranks)
+    kv_per_item = kv_heads_per_item(num_rows, num_kv_heads, num_ranks)
+    items = _share(num_rows * (num_kv_heads // kv_per_item), rank, num_ranks)
     for layer in range(norms.shape[0]):
         k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]
         _rms_norm_rows(h, norms[layer, 0], eps, x)
@@ -555,8 +558,8 @@ def _forward_rank(rank, num_ranks, counter, base, input_ids, positions, slot_map
         _rotary_store(qkv3[:, :num_heads], qkv3[:, num_heads:num_heads + num_kv_heads],
                       qkv3[:, num_heads + num_kv_heads:], positions, cos_sin, k_cache, v_cache, slot_mapping, rq3)
         for item in range(items[0], items[1]):
-            _attend_into(item, row_seq, rq3, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, attn3,
-                         scores)
+            _attend_into(item, kv_per_item, row_seq, rq3, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                         scale, attn3, scores)
         meetings += 1
         _barrier(counter, base + num_ranks * meetings)
         _quantize_activation_into(attn, xq_q, dx_q, sx_q)

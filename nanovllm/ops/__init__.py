@@ -3,8 +3,8 @@ oracle in tests) and, where it pays, a Triton kernel with the same signature
 in a sibling module (`attention_triton.py` beside `attention.py`, ...).
 The public function of each module picks one by the device of its inputs:
 CUDA tensors go to Triton when it imports; float32 CPU tensors go to a kernel
-compiled by numba where one exists (`attention_numba.py`) and numba imports;
-everything else to torch. The Triton and numba modules are imported on first
+compiled by numba where one exists (`attention_numba.py`, which also reads a
+float16 KV cache) and numba imports; everything else to torch. The Triton and numba modules are imported on first
 use, so the CPU backend never loads Triton.
 """
 from __future__ import annotations
@@ -47,6 +47,9 @@ def int4_numba_supported() -> bool:
     import llvmlite.binding as llvm
     features = llvm.get_host_cpu_features()
     return bool(features.get("avx512vnni") and features.get("avx512bw"))
+
+
+NUMBA_CACHE_DTYPES = (torch.float32, torch.float16)   # the KV caches attention_numba.py reads and writes
 
 
 def use_numba(*tensors: torch.Tensor) -> bool:

@@ -12,12 +12,21 @@ Here every (query row, head) is computed by the same loop, over exactly its
 own keys 0..p in order: scores q.k_j * scale, their maximum, exp(s_j - max)
 summed in order, then the weighted sum of v_j in order. Nothing depends on the
 other rows of the step, so a query gives the same bits whatever it is batched
-with and whichever step computes it. The heads that share a KV head go
-together, block by block, so each block of keys and values is read from memory
-once for them. The work is split across cores by (row, KV head), except in a
-small step (a decode of a few sequences), which runs on the calling thread: a
-workqueue launch costs 50-150 us here, more than the work. Both drivers call the same `_attend`, so the bits do not change.
-`kernel` (numba_cache.py) keeps the compiled code on disk for the next start.
+with and whichever step computes it. A work item is a row's heads, all of them
+or those of one KV head, visited block by block, so each block of keys and
+values is read from memory once for the heads that share it. The work is split
+across cores by rows where there are enough of them and else by (row, KV head),
+except in a small step (a decode of a few sequences), which runs on the calling
+thread: a workqueue launch costs 50-150 us here, more than the work. Both
+drivers call the same `_attend`, so the bits do not change. `kernel`
+(numba_cache.py) keeps the compiled code on disk for the next start.
+
+The cache is float32 or float16 (kv_cache_dtype="float16", the default for the
+int formats: a batch of decodes reads every layer's cache once a step, so it
+halves the attention's bytes). numba has no float16 on the CPU; a float16 cache
+is passed as int16 bits (`cache_array`), rounded once as it is stored and
+widened exactly as it is read (numba_ir's `as_stored`, `as_float32`), so the
+attention reads the very values torch's reference reads.
 
 A decoder layer calls `rotary_store_and_attend_numba`: RoPE on q and k and the
 store of k and v into their cache slots in one compiled loop (the formula of
@@ -43,9 +52,11 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from nanovllm.ops import NUMBA_CACHE_DTYPES
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.numba_cache import kernel
-from nanovllm.ops.numba_ir import F32, FLOATS16, I32, address, exp_shifted_into, load_floats16, splat, sum_lanes
+from nanovllm.ops.numba_ir import (F32, FLOATS16, I32, address, as_float32, as_stored, element_of, exp_shifted_into,
+                                   load_floats16, splat, sum_lanes)
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -68,25 +79,35 @@ def rotary_store_and_attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if q_norm_weight is not None:   # Qwen3: each head of q and k normalized first, as rotary.py's reference does
         q, k = rms_norm_torch(q, q_norm_weight, eps), rms_norm_torch(k, k_norm_weight, eps)
     rotated_q = torch.empty(q.shape, dtype=q.dtype)                             # [T, Hq, D]
-    _rotary_store(q.numpy(), k.numpy(), v.numpy(), positions.numpy(), cos_sin_cache.numpy(), k_cache.numpy(),
-                  v_cache.numpy(), metadata.slot_mapping.numpy(), rotated_q.numpy())
+    _rotary_store(q.numpy(), k.numpy(), v.numpy(), positions.numpy(), cos_sin_cache.numpy(), cache_array(k_cache),
+                  cache_array(v_cache), metadata.slot_mapping.numpy(), rotated_q.numpy())
     return paged_attention_numba(rotated_q, k_cache, v_cache, metadata, scale)
+
+
+def cache_array(cache: torch.Tensor) -> np.ndarray:
+    """A KV cache as the kernels take it: float32 as it is, float16 as int16 (numba has no float16 on the
+    CPU; numba_ir's `as_float32` and `as_stored` read and write the bits)."""
+    if cache.dtype not in NUMBA_CACHE_DTYPES:
+        raise ValueError(f"the numba attention reads float32 or float16 caches, not {cache.dtype}")
+    return cache.view(torch.int16).numpy() if cache.dtype == torch.float16 else cache.numpy()
 
 
 @kernel(boundscheck=False)
 def _rotate(x, cos_sin, out):
-    """out = x rotated by the angles of one position, cos_sin [D] (cos | sin): rotary.py's formula."""
+    """out = x rotated by the angles of one position, cos_sin [D] (cos | sin): rotary.py's formula in
+    float32, stored as out stores it (rounded once to float16 in a float16 cache)."""
     half = x.shape[0] // 2
     for i in range(half):
         x1, x2 = x[i], x[i + half]
         cos, sin = cos_sin[i], cos_sin[i + half]
-        out[i] = x1 * cos + x2 * -sin
-        out[i + half] = x2 * cos + x1 * sin
+        out[i] = as_stored(x1 * cos + x2 * -sin, out)
+        out[i + half] = as_stored(x2 * cos + x1 * sin, out)
 
 
 @kernel(boundscheck=False)
 def _rotary_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, rotated_q):
-    """q, rotated_q [T, Hq, D]; k, v [T, Hkv, D]; positions, slot_mapping [T] int64 (slot < 0: no store)."""
+    """q, rotated_q [T, Hq, D]; k, v [T, Hkv, D]; positions, slot_mapping [T] int64 (slot < 0: no store);
+    the caches float32 or float16 bits (`cache_array`)."""
     block_size = k_cache.shape[1]
     for t in range(q.shape[0]):
         cos_sin = cos_sin_cache[positions[t]]
@@ -98,22 +119,24 @@ def _rotary_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapp
         block, offset = slot // block_size, slot % block_size
         for h in range(k.shape[1]):
             _rotate(k[t, h], cos_sin, k_cache[block, offset, h])
-            v_cache[block, offset, h, :] = v[t, h]
+            stored = v_cache[block, offset, h]
+            for d in range(stored.shape[0]):
+                stored[d] = as_stored(v[t, h, d], stored)
 
 
 def paged_attention_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           metadata: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D] float32 -> out [T, Hq, D]; the signature and result of `paged_attention_torch`
-    (float32 caches [num_blocks, block_size, Hkv, D]), batch-invariant. A small step (a decode of a
-    few sequences) runs on one thread: a parallel launch costs more than its work."""
+    (float32 or float16 caches [num_blocks, block_size, Hkv, D]), batch-invariant. A small step (a decode
+    of a few sequences) runs on one thread: a parallel launch costs more than its work."""
     out = torch.empty_like(q)                                                   # [T, Hq, D]
-    args = (q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(), metadata.query_start_loc.numpy(),
+    args = (q.contiguous().numpy(), cache_array(k_cache), cache_array(v_cache), metadata.query_start_loc.numpy(),
             metadata.seq_lens.numpy(), metadata.block_tables.numpy(), np.float32(scale), out.numpy())
     if q.shape[0] * q.shape[1] * q.shape[2] * metadata.max_seq_len < PARALLEL_MIN_WORK:
         _paged_attention_serial(*args)
         return out
     with _launch_lock:
-        _paged_attention(*args)
+        _paged_attention(*args, kv_heads_per_item(q.shape[0], k_cache.shape[2], numba.get_num_threads()))
     return out
 
 
@@ -128,13 +151,14 @@ def _row_sequences(num_tokens, query_start_loc, seq_lens):
 
 
 @kernel(boundscheck=False)
-def _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
-    """out[t, h] for the heads h of KV head g, item = t * Hkv + g: the one loop every (query row, KV head)
-    runs, serial or parallel."""
-    b = row_seq[item // k_cache.shape[2]]
-    group = q.shape[1] // k_cache.shape[2]
-    scores = np.empty(group * seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
-    _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores)
+def _attend(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
+    """`_attend_into` with a scores buffer of its own: the one loop every work item runs, serial or
+    parallel."""
+    b = row_seq[item // (k_cache.shape[2] // kv_per_item)]
+    heads = kv_per_item * (q.shape[1] // k_cache.shape[2])
+    scores = np.empty(heads * seq_lens[b] if b >= 0 else 0, np.float32)     # the sequence's length >= position + 1
+    _attend_into(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                 out, scores)
 
 
 def _key_scores_codegen(chunks: int):
@@ -147,7 +171,7 @@ def _key_scores_codegen(chunks: int):
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(FLOATS16, [FLOATS16] * 3), "llvm.fma.v16f32")
         q_ptr = address(context, builder, q_t, q_, q_at, F32)
         query = [load_floats16(builder, q_ptr, 16 * c) for c in range(chunks)]
-        k_ptr = address(context, builder, k_t, k_, k_at, F32)
+        k_ptr = address(context, builder, k_t, k_, k_at, element_of(k_t))
         s_ptr = address(context, builder, s_t, s_, s_at, F32)
         with cgutils.for_range(builder, count) as loop:
             key = builder.gep(k_ptr, [builder.mul(loop.index, key_stride)])
@@ -169,7 +193,7 @@ def _weighted_values_codegen(chunks: int):
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(FLOATS16, [FLOATS16] * 3), "llvm.fma.v16f32")
         o_ptr = address(context, builder, o_t, o_, o_at, F32)
         sums = [cgutils.alloca_once_value(builder, load_floats16(builder, o_ptr, 16 * c)) for c in range(chunks)]
-        v_ptr = address(context, builder, v_t, v_, v_at, F32)
+        v_ptr = address(context, builder, v_t, v_, v_at, element_of(v_t))
         s_ptr = address(context, builder, s_t, s_, s_at, F32)
         with cgutils.for_range(builder, count) as loop:
             value = builder.gep(v_ptr, [builder.mul(loop.index, key_stride)])
@@ -210,43 +234,56 @@ _key_scores_8, _weighted_values_8 = _key_scores_intrinsic(8), _weighted_values_i
 @kernel(boundscheck=False)
 def _vectors_fit(head_dim, q, k_cache, v_cache, out):
     """Whether the key-block intrinsics take this head: head_dim 64 or 128, each head's values contiguous."""
-    return ((head_dim == 64 or head_dim == 128) and q.strides[2] == 4 and k_cache.strides[3] == 4
-            and v_cache.strides[3] == 4 and out.strides[2] == 4)
+    return ((head_dim == 64 or head_dim == 128) and q.strides[2] == 4 and k_cache.strides[3] == k_cache.itemsize
+            and v_cache.strides[3] == v_cache.itemsize and out.strides[2] == 4)
+
+
+@kernel(boundscheck=False)
+def kv_heads_per_item(num_rows, num_kv_heads, num_workers):
+    """The KV heads one work item takes: all of a row's where the rows alone keep every worker busy
+    (each block of the cache, every KV head's keys side by side, is then read front to back: a stream
+    the prefetcher follows), one where there are too few rows (a decode of a few sequences)."""
+    return num_kv_heads if num_rows >= 2 * num_workers else 1
 
 
 @kernel(fastmath=True, boundscheck=False)
-def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, scores):
-    """out[t, h] for the query heads h that share KV head g, item = t * Hkv + g, with their scores in a
-    given buffer (at least group * (the row's position + 1) long: head i of the group at i * stride).
-    Keys are visited block by block (no division per key), and each block's keys by every head of the
-    group in turn, so a block is read from memory once for the group and from the core's cache by the
-    rest. Each head's arithmetic is its own and in the same order whichever heads are beside it. At
-    head_dim 64 and 128 a block's keys go through one intrinsic call a head for the scores and one
-    for the weighted values, the query and the output in registers (the loops of other sizes re-read
-    and re-store the output at every key)."""
+def _attend_into(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                 out, scores):
+    """out[t, h] for the query heads h of KV heads g .. g + kv_per_item - 1, item = t * (Hkv / kv_per_item)
+    + g / kv_per_item, with their scores in a given buffer (at least heads * (the row's position + 1)
+    long: the item's head i at i * stride). Keys are visited block by block (no division per key), and
+    each block's keys by every head of the item in turn, so a block is read from memory once for the
+    heads that share it and from the core's cache by the rest. Each head's arithmetic is its own and in
+    the same order whichever heads are beside it, so kv_per_item changes no bits. At head_dim 64 and
+    128 a block's keys go through one intrinsic call a head for the scores and one for the weighted
+    values, the query and the output in registers (the loops of other sizes re-read and re-store the
+    output at every key)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    t, kv_head = item // num_kv_heads, item % num_kv_heads
-    head0 = kv_head * group                              # the group's heads: head0 .. head0 + group - 1
+    items_per_row = num_kv_heads // kv_per_item
+    t = item // items_per_row
+    heads = kv_per_item * group
+    head0 = item % items_per_row * heads                 # the item's heads: head0 .. head0 + heads - 1
     b = row_seq[t]
-    for h in range(head0, head0 + group):
+    for h in range(head0, head0 + heads):
         out[t, h, :] = 0.0
     if b < 0:
         return
     # This row's absolute position: it sees keys 0..position.
     position = seq_lens[b] - (query_start_loc[b + 1] - query_start_loc[b]) + (t - query_start_loc[b])
     num_keys = position + 1
-    stride = scores.shape[0] // group                     # head i's scores, then exponentials, at i * stride
+    stride = scores.shape[0] // heads                     # head i's scores, then exponentials, at i * stride
     vectors = _vectors_fit(head_dim, q, k_cache, v_cache, out)
-    k_step, v_step = k_cache.strides[1] // 4, v_cache.strides[1] // 4
+    k_step, v_step = k_cache.strides[1] // k_cache.itemsize, v_cache.strides[1] // v_cache.itemsize
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
         count = min(block_size, num_keys - first)
-        k_at = (block * k_cache.strides[0] + kv_head * k_cache.strides[2]) // 4
-        for i in range(group):
+        for i in range(heads):
             h, s_at = head0 + i, i * stride + first
+            kv_head = h // group
             if vectors:
+                k_at = (block * k_cache.strides[0] + kv_head * k_cache.strides[2]) // k_cache.itemsize
                 q_at = (t * q.strides[0] + h * q.strides[1]) // 4
                 if head_dim == 64:
                     _key_scores_4(k_cache, k_at, k_step, count, q, q_at, scale, scores, s_at)
@@ -258,10 +295,10 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
                 key = k_cache[block, j, kv_head]
                 dot = np.float32(0.0)
                 for d in range(head_dim):
-                    dot += query[d] * key[d]
+                    dot += query[d] * as_float32(key[d])
                 scores[s_at + j] = dot * scale
-    inverse_totals = np.empty(group, np.float32)
-    for i in range(group):
+    inverse_totals = np.empty(heads, np.float32)
+    for i in range(heads):
         s = scores[i * stride:i * stride + num_keys]
         best = s[0]
         for j in range(1, num_keys):
@@ -274,10 +311,11 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
         count = min(block_size, num_keys - first)
-        v_at = (block * v_cache.strides[0] + kv_head * v_cache.strides[2]) // 4
-        for i in range(group):
+        for i in range(heads):
             h, s_at = head0 + i, i * stride + first
+            kv_head = h // group
             if vectors:
+                v_at = (block * v_cache.strides[0] + kv_head * v_cache.strides[2]) // v_cache.itemsize
                 o_at = (t * out.strides[0] + h * out.strides[1]) // 4
                 if head_dim == 64:
                     _weighted_values_4(v_cache, v_at, v_step, count, scores, s_at, inverse_totals[i], out, o_at)
@@ -289,21 +327,23 @@ def _attend_into(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, 
                 value = v_cache[block, j, kv_head]
                 weight = scores[s_at + j] * inverse_totals[i]
                 for d in range(head_dim):
-                    o[d] += weight * value[d]
+                    o[d] += weight * as_float32(value[d])
 
 
 @kernel(parallel=True, boundscheck=False)
-def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
-    """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32; query_start_loc [B + 1],
-    seq_lens [B], block_tables [B, max_blocks] int32."""
+def _paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out, kv_per_item):
+    """q, out [T, Hq, D] float32; k_cache, v_cache [N, bs, Hkv, D] float32 or float16 bits (int16);
+    query_start_loc [B + 1], seq_lens [B], block_tables [B, max_blocks] int32; kv_per_item: the KV heads
+    of a work item (`kv_heads_per_item`)."""
     row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)
-    for item in prange(q.shape[0] * k_cache.shape[2]):
-        _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
+    for item in prange(q.shape[0] * (k_cache.shape[2] // kv_per_item)):
+        _attend(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
 
 
 @kernel(boundscheck=False)
 def _paged_attention_serial(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out):
     """`_paged_attention` on the calling thread."""
     row_seq = _row_sequences(q.shape[0], query_start_loc, seq_lens)
-    for item in range(q.shape[0] * k_cache.shape[2]):
-        _attend(item, row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out)
+    for item in range(q.shape[0]):
+        _attend(item, k_cache.shape[2], row_seq, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                out)

@@ -1,7 +1,12 @@
 """What the numba kernels share: pieces of LLVM IR for those written as intrinsics (quant_numba's int4
 tile and activation rounding, attention_numba's key blocks; numba has no SIMD types of its own, so they
-build vectors of 16 float32 or int32 lanes, one AVX-512 register, directly), and a vectorized exp (the
-attention's softmax, SiLU, the sampler's log-normalizer)."""
+build vectors of 16 float32 or int32 lanes, one AVX-512 register, directly), float16 as numba can hold
+it, and a vectorized exp (the attention's softmax, SiLU, the sampler's log-normalizer).
+
+numba has no float16 type on the CPU. A float16 array (the KV cache of kv_cache_dtype="float16") is
+passed to it as int16, the same bits, and read and written through `as_float32` and `as_stored`: LLVM's
+half conversions, which are exact one way and round to nearest even the other, as torch's `.to()`;
+on x86 with F16C they are one instruction per 16 values (vcvtph2ps, vcvtps2ph)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +17,9 @@ from numba.extending import intrinsic
 from nanovllm.ops.numba_cache import kernel
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+HALF = ir.HalfType()
 INTS16, SHORTS32, FLOATS16 = ir.VectorType(I32, 16), ir.VectorType(I16, 32), ir.VectorType(F32, 16)
+HALVES16 = ir.VectorType(HALF, 16)
 
 
 def splat(builder: ir.IRBuilder, scalar: ir.Value, vector_type: ir.VectorType) -> ir.Value:
@@ -30,9 +37,17 @@ def address(context, builder: ir.IRBuilder, array_type, array: ir.Value, offset:
     return builder.bitcast(builder.gep(data, [offset]), element_type.as_pointer())
 
 
+def element_of(array_type) -> ir.Type:
+    """The IR type of a numba array's elements as the kernels address them: float, or i16 for float16 bits."""
+    return I16 if array_type.dtype == types.int16 else F32
+
+
 def load_floats16(builder: ir.IRBuilder, pointer: ir.Value, offset: int = 0) -> ir.Value:
-    """The 16 float32 at pointer + offset (a float*), alignment 4."""
+    """The 16 values at pointer + offset as 16 float32: a float* loaded as is (alignment 4), an i16*
+    read as float16 and widened (exactly)."""
     at = builder.gep(pointer, [ir.Constant(I32, offset)]) if offset else pointer
+    if pointer.type.pointee == I16:
+        return builder.fpext(builder.load(builder.bitcast(at, HALVES16.as_pointer()), align=2), FLOATS16)
     return builder.load(builder.bitcast(at, FLOATS16.as_pointer()), align=4)
 
 
@@ -55,6 +70,32 @@ def float32_from_bits(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], F32)
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def as_float32(typingctx, value):
+    """An element of a kernel's float array as float32: float32 as it is, int16 as the bits of a float16
+    (widened exactly)."""
+    if value == types.int16:
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], HALF), F32)
+        return types.float32(types.int16), codegen
+    if value == types.float32:
+        return types.float32(types.float32), lambda context, builder, signature, args: args[0]
+    return None
+
+
+@intrinsic
+def as_stored(typingctx, value, array):
+    """The float32 `value` as `array` stores it: itself in a float32 array, in an int16 one the bits of
+    the nearest float16 (ties to even, as torch rounds; beyond 65504 infinity)."""
+    if array.dtype == types.int16:
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], HALF), I16)
+        return types.int16(types.float32, array), codegen
+    if array.dtype == types.float32:
+        return types.float32(types.float32, array), lambda context, builder, signature, args: args[0]
+    return None
 
 
 # exp(x) = 2^k exp(r): k = round(x / ln 2), r = x - k ln 2 with ln 2 in two parts (Cody and Waite: k ln2_hi

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nanovllm.ops import use_numba, use_triton
+from nanovllm.ops import NUMBA_CACHE_DTYPES, use_numba, use_triton
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch, store_kvcache_torch
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
@@ -187,17 +187,18 @@ def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     decode step runs it as one kernel (the attention kernel rotates the token's q and k itself and
     takes its own key from registers), a step with prefill chunks as two; the torch reference runs
     the steps in turn (and rotates q and k in place, which the kernel need not do). On the CPU in
-    float32 the attention is numba's, whose result for a query does not depend on the batch.
+    float32 (with a float32 or float16 cache) the attention is numba's, whose result for a query does
+    not depend on the batch.
     batch_invariant: on CUDA, always two kernels, and attention in the one configuration of
     `rotary_store_and_attend_triton` whose result for a query does not depend on the batch either.
     An FP8 cache (k_scale, v_scale: its scales) runs the Triton kernels on CUDA and the torch reference
-    on the CPU: the numba kernel reads float32 caches only."""
+    on the CPU: the numba kernel reads float32 and float16 caches only."""
     if use_triton(q):
         from nanovllm.ops.attention_triton import rotary_store_and_attend_triton
         return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                               q_norm_weight, k_norm_weight, eps, batch_invariant=batch_invariant,
                                               k_scale=k_scale, v_scale=v_scale)
-    if use_numba(q, k_cache):   # batch-invariant attention (attention_numba.py)
+    if use_numba(q) and k_cache.dtype in NUMBA_CACHE_DTYPES:   # batch-invariant attention (attention_numba.py)
         from nanovllm.ops.attention_numba import rotary_store_and_attend_numba
         return rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                              q_norm_weight, k_norm_weight, eps)
