@@ -17,7 +17,7 @@ from nanovllm.ops.quant import PackedLinear, pack_int4  # noqa: E402
 from nanovllm.ops.quant_numba import (int4_linear_numba, int4_linear_int16_torch, tiles_from_codes,  # noqa: E402
                                       unpack_torch_int4)
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend_torch  # noqa: E402
-from nanovllm.ops.sampling_numba import log_normalizer_numba  # noqa: E402
+from nanovllm.ops.sampling_numba import greedy_sample_numba, log_normalizer_numba  # noqa: E402
 
 
 def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
@@ -97,6 +97,29 @@ def test_numba_log_normalizer_matches_torch_logsumexp(vocab_size):
     got = log_normalizer_numba(logits)
     torch.testing.assert_close(got, want, rtol=2e-7, atol=0, equal_nan=True)
     assert torch.equal(log_normalizer_numba(logits[5:]), got[5:])     # a row alone: the same bits
+
+
+@pytest.mark.parametrize("vocab_size", [1, 7, 200, 49157])
+def test_numba_greedy_sampling_gives_the_torch_paths_tokens_logprobs_and_normalizers(vocab_size):
+    generator = torch.Generator().manual_seed(vocab_size)
+    logits = torch.randn(7, vocab_size, generator=generator) * 8
+    logits[1, 3 * vocab_size // 4:] = float("nan")           # NaNs: the first NaN, as torch's argmax
+    logits[1, vocab_size // 3] = float("nan")
+    logits[2] = float("-inf")                                # every token masked but a tie: the first
+    logits[2, [vocab_size // 2, vocab_size - 1]] = 2.0
+    logits[3, -1] = float("inf")                             # +inf
+    logits[4, -1] = 1e4                                      # the maximum in the last run of values
+    logits[5] += 500.0
+    logits[6, 0] = 1e4                                       # ... and in the first
+    tokens, logprobs, normalizers = greedy_sample_numba(logits)
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    assert torch.equal(normalizers.nan_to_num(7.0), log_normalizer_numba(logits).nan_to_num(7.0))
+    want = logits.gather(1, tokens[:, None]).squeeze(1) - normalizers
+    assert torch.equal(logprobs.nan_to_num(7.0), want.nan_to_num(7.0))
+    out = torch.full((9,), -5, dtype=torch.int64), torch.full((9,), -5.0)     # the sampler's buffers
+    alone = greedy_sample_numba(logits[4:5], (out[0][2:3], out[1][2:3]))
+    assert alone[0].data_ptr() == out[0][2:3].data_ptr() and out[0].tolist() == [-5, -5, int(tokens[4])] + [-5] * 6
+    assert torch.equal(out[1][2:3], logprobs[4:5])                          # a row alone: the same bits
 
 
 @pytest.mark.parametrize("head_dim, cache_dtype", [(32, torch.float32), (64, torch.float32), (64, torch.float16)])

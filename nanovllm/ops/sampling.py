@@ -107,6 +107,9 @@ def sample_from_logits_torch(logits: torch.Tensor, keys: torch.Tensor | None, te
     (a row of temperature 0 takes the argmax); their log-probabilities [B]; the log-normalizer [B] of
     the logits). out: tensors to write the token ids and log-probabilities into (and return), e.g.
     views of the runner's SampleBuffers."""
+    if keys is None and use_numba(logits) and logits.dim() == 2 and logits.shape[1] > 0:
+        from nanovllm.ops.sampling_numba import greedy_sample_numba
+        return greedy_sample_numba(logits, out)     # the same values in one compiled call
     logits = logits.float()
     log_normalizer = log_normalizer_of(logits)
     if keys is None:
