@@ -318,3 +318,16 @@ def test_random_allocations_never_leak_or_double_own_a_block(ops, num_blocks, ca
         manager.free(seq)
     check_invariants(manager, [])
     assert manager.num_free_blocks == num_blocks
+
+
+@settings(max_examples=200, deadline=None)
+@given(block_size=st.integers(1, 9), start=st.integers(0, 40), length=st.integers(1, 40), seed=st.integers(0, 99))
+def test_the_runners_slots_are_the_block_table_formula(block_size, start, length, seed):
+    """model_runner._slots (runs of a block's consecutive slots) against the formula slot =
+    block_table[p // block_size] * block_size + p % block_size."""
+    import random
+    from nanovllm.runner.model_runner import _slots
+    end = start + length
+    table = random.Random(seed).sample(range(100), -(-end // block_size))
+    want = [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    assert _slots(table, start, end, block_size) == want
