@@ -51,6 +51,8 @@ def _random_step(query_lens: list[int], context_lens: list[int], num_heads: int,
     ([7], [7], 3, 3, 40, 16),                      # a prompt in one chunk
     ([5, 1, 13], [21, 9, 13], 9, 3, 64, 4),        # chunks on top of cached context beside a decode
     ([3, 1], [19, 40], 4, 2, 128, 16),             # head_dim 128 (the vector path), a block cut short
+    ([2, 1], [9, 23], 10, 2, 64, 8),               # 5 heads a KV head: runs of 4 and 1
+    ([1, 2], [30, 17], 12, 2, 128, 8),             # 6 heads a KV head at 128: runs of 2
 ])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_numba_paged_attention_matches_the_torch_reference(query_lens, context_lens, num_heads, num_kv_heads,

@@ -55,7 +55,7 @@ from numba.extending import intrinsic
 from nanovllm.ops import NUMBA_CACHE_DTYPES
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.numba_cache import kernel
-from nanovllm.ops.numba_ir import (F32, FLOATS16, I32, address, as_float32, as_stored, element_of, exp_shifted_into,
+from nanovllm.ops.numba_ir import (F32, FLOATS16, I32, I64, address, as_float32, as_stored, element_of, exp_shifted_into,
                                    load_floats16, splat, sum_lanes)
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
@@ -161,68 +161,106 @@ def _attend(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_loc, se
                  out, scores)
 
 
+def _for_each_head_count(builder: ir.IRBuilder, count: ir.Value, most: int, emit) -> None:
+    """emit(heads) for the runtime `count` of heads (1 .. most): one unrolled body per count, chosen by
+    a switch (the intrinsics keep every head's vectors in registers, so the count must be known to the
+    code)."""
+    done = builder.append_basic_block("heads_done")
+    switch = builder.switch(count, done)
+    for heads in range(1, most + 1):
+        body = builder.append_basic_block(f"heads_{heads}")
+        switch.add_case(ir.Constant(count.type, heads), body)
+        builder.position_at_end(body)
+        emit(heads)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
 def _key_scores_codegen(chunks: int):
-    """The LLVM IR of `_key_scores[chunks]`: a head of 16 * chunks values, the query held in `chunks`
-    vectors of 16; per key, its vectors multiplied and added into one (fused multiply-adds, in chunk
-    order), the 16 lanes summed by halves, times scale."""
+    """The LLVM IR of `_key_scores[chunks]`: heads of 16 * chunks values that share their keys, each
+    query held in `chunks` vectors of 16; per key, its vectors are loaded once and, for each head,
+    multiplied and added into one (fused multiply-adds, in chunk order), the 16 lanes summed by halves,
+    times scale."""
     def codegen(context, builder, signature, args):
-        k_, k_at, key_stride, count, q_, q_at, scale, s_, s_at = args
-        k_t, _, _, _, q_t, _, _, s_t, _ = signature.args
+        k_, k_at, key_stride, count, q_, q_at, q_step, num_heads, scale, s_, s_at, s_step = args
+        k_t, q_t, s_t = signature.args[0], signature.args[4], signature.args[9]
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(FLOATS16, [FLOATS16] * 3), "llvm.fma.v16f32")
         q_ptr = address(context, builder, q_t, q_, q_at, F32)
-        query = [load_floats16(builder, q_ptr, 16 * c) for c in range(chunks)]
         k_ptr = address(context, builder, k_t, k_, k_at, element_of(k_t))
         s_ptr = address(context, builder, s_t, s_, s_at, F32)
-        with cgutils.for_range(builder, count) as loop:
-            key = builder.gep(k_ptr, [builder.mul(loop.index, key_stride)])
-            total = builder.fmul(query[0], load_floats16(builder, key))
-            for c in range(1, chunks):
-                total = builder.call(fma, [query[c], load_floats16(builder, key, 16 * c), total])
-            builder.store(builder.fmul(sum_lanes(builder, total), scale), builder.gep(s_ptr, [loop.index]))
+
+        def emit(heads: int) -> None:
+            queries = [[load_floats16(builder, builder.gep(q_ptr, [builder.mul(ir.Constant(I64, h), q_step)]), 16 * c)
+                        for c in range(chunks)] for h in range(heads)]
+            with cgutils.for_range(builder, count) as loop:
+                key_at = builder.gep(k_ptr, [builder.mul(loop.index, key_stride)])
+                key = [load_floats16(builder, key_at, 16 * c) for c in range(chunks)]
+                for h, query in enumerate(queries):
+                    total = builder.fmul(query[0], key[0])
+                    for c in range(1, chunks):
+                        total = builder.call(fma, [query[c], key[c], total])
+                    score_at = builder.add(builder.mul(ir.Constant(I64, h), s_step), loop.index)
+                    builder.store(builder.fmul(sum_lanes(builder, total), scale), builder.gep(s_ptr, [score_at]))
+        _for_each_head_count(builder, num_heads, 16 // chunks, emit)
         return context.get_dummy_value()
     return codegen
 
 
 def _weighted_values_codegen(chunks: int):
-    """The LLVM IR of `_weighted_values[chunks]`: the output's 16 * chunks values held in `chunks`
-    vectors while the keys go by, each adding its weight times its value vectors (fused multiply-adds,
-    key after key), and stored once."""
+    """The LLVM IR of `_weighted_values[chunks]`: heads that share their values, each output's 16 * chunks
+    values held in `chunks` vectors while the keys go by; a key's value vectors are loaded once and
+    each head adds its weight times them (fused multiply-adds, key after key); stored once."""
     def codegen(context, builder, signature, args):
-        v_, v_at, key_stride, count, s_, s_at, inverse_total, o_, o_at = args
-        v_t, _, _, _, s_t, _, _, o_t, _ = signature.args
+        v_, v_at, key_stride, count, s_, s_at, s_step, num_heads, inv_, inv_at, o_, o_at, o_step = args
+        v_t, s_t, inv_t, o_t = signature.args[0], signature.args[4], signature.args[8], signature.args[10]
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(FLOATS16, [FLOATS16] * 3), "llvm.fma.v16f32")
         o_ptr = address(context, builder, o_t, o_, o_at, F32)
-        sums = [cgutils.alloca_once_value(builder, load_floats16(builder, o_ptr, 16 * c)) for c in range(chunks)]
         v_ptr = address(context, builder, v_t, v_, v_at, element_of(v_t))
         s_ptr = address(context, builder, s_t, s_, s_at, F32)
-        with cgutils.for_range(builder, count) as loop:
-            value = builder.gep(v_ptr, [builder.mul(loop.index, key_stride)])
-            weight = splat(builder, builder.fmul(builder.load(builder.gep(s_ptr, [loop.index])), inverse_total), FLOATS16)
-            for c in range(chunks):
-                builder.store(builder.call(fma, [weight, load_floats16(builder, value, 16 * c), builder.load(sums[c])]),
-                              sums[c])
-        for c in range(chunks):
-            builder.store(builder.load(sums[c]), builder.bitcast(builder.gep(o_ptr, [ir.Constant(I32, 16 * c)]),
-                                                                 FLOATS16.as_pointer()), align=4)
+        inv_ptr = address(context, builder, inv_t, inv_, inv_at, F32)
+
+        def emit(heads: int) -> None:
+            outs = [builder.gep(o_ptr, [builder.mul(ir.Constant(I64, h), o_step)]) for h in range(heads)]
+            sums = [[cgutils.alloca_once_value(builder, load_floats16(builder, outs[h], 16 * c)) for c in range(chunks)]
+                    for h in range(heads)]
+            inverse = [builder.load(builder.gep(inv_ptr, [ir.Constant(I64, h)])) for h in range(heads)]
+            with cgutils.for_range(builder, count) as loop:
+                value_at = builder.gep(v_ptr, [builder.mul(loop.index, key_stride)])
+                value = [load_floats16(builder, value_at, 16 * c) for c in range(chunks)]
+                for h in range(heads):
+                    score_at = builder.add(builder.mul(ir.Constant(I64, h), s_step), loop.index)
+                    weight = splat(builder, builder.fmul(builder.load(builder.gep(s_ptr, [score_at])), inverse[h]),
+                                   FLOATS16)
+                    for c in range(chunks):
+                        builder.store(builder.call(fma, [weight, value[c], builder.load(sums[h][c])]), sums[h][c])
+            for h in range(heads):
+                for c in range(chunks):
+                    builder.store(builder.load(sums[h][c]), builder.bitcast(
+                        builder.gep(outs[h], [ir.Constant(I32, 16 * c)]), FLOATS16.as_pointer()), align=4)
+        _for_each_head_count(builder, num_heads, 16 // chunks, emit)
         return context.get_dummy_value()
     return codegen
 
 
 def _key_scores_intrinsic(chunks: int):
-    """scores[s_at + j] = scale * sum_d q[q_at + d] k[k_at + j key_stride + d], d < 16 * chunks, for
-    j < count (offsets in elements from each array's data)."""
-    def typer(typingctx, k, k_at, key_stride, count, q, q_at, scale, scores, s_at):
+    """For heads i < num_heads (at most 16 / chunks) that share their keys: scores[s_at + i s_step + j] =
+    scale * sum_d q[q_at + i q_step + d] k[k_at + j key_stride + d], d < 16 * chunks, for j < count
+    (offsets in elements from each array's data)."""
+    def typer(typingctx, k, k_at, key_stride, count, q, q_at, q_step, num_heads, scale, scores, s_at, s_step):
         i64 = types.int64
-        return types.void(k, i64, i64, i64, q, i64, types.float32, scores, i64), _key_scores_codegen(chunks)
+        return (types.void(k, i64, i64, i64, q, i64, i64, i64, types.float32, scores, i64, i64),
+                _key_scores_codegen(chunks))
     return intrinsic(typer)
 
 
 def _weighted_values_intrinsic(chunks: int):
-    """out[o_at + d] += sum_j (scores[s_at + j] * inverse_total) v[v_at + j key_stride + d], d < 16 * chunks,
-    j < count in order."""
-    def typer(typingctx, v, v_at, key_stride, count, scores, s_at, inverse_total, out, o_at):
+    """For heads i < num_heads (at most 16 / chunks) that share their values: out[o_at + i o_step + d] +=
+    sum_j (scores[s_at + i s_step + j] * inverse_totals[inv_at + i]) v[v_at + j key_stride + d],
+    d < 16 * chunks, j < count in order."""
+    def typer(typingctx, v, v_at, key_stride, count, scores, s_at, s_step, num_heads, inverse_totals, inv_at, out,
+              o_at, o_step):
         i64 = types.int64
-        return (types.void(v, i64, i64, i64, scores, i64, types.float32, out, i64),
+        return (types.void(v, i64, i64, i64, scores, i64, i64, i64, inverse_totals, i64, out, i64, i64),
                 _weighted_values_codegen(chunks))
     return intrinsic(typer)
 
@@ -255,9 +293,10 @@ def _attend_into(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_lo
     each block's keys by every head of the item in turn, so a block is read from memory once for the
     heads that share it and from the core's cache by the rest. Each head's arithmetic is its own and in
     the same order whichever heads are beside it, so kv_per_item changes no bits. At head_dim 64 and
-    128 a block's keys go through one intrinsic call a head for the scores and one for the weighted
-    values, the query and the output in registers (the loops of other sizes re-read and re-store the
-    output at every key)."""
+    128 a block's keys go through one intrinsic call for the scores and one for the weighted values
+    per run of up to 4 (head_dim 64) or 2 (128) heads of a KV head: each key's vectors are loaded once
+    for the run, the queries and the outputs stay in registers (the loops of other sizes re-read and
+    re-store the output at every key)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -276,20 +315,28 @@ def _attend_into(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_lo
     stride = scores.shape[0] // heads                     # head i's scores, then exponentials, at i * stride
     vectors = _vectors_fit(head_dim, q, k_cache, v_cache, out)
     k_step, v_step = k_cache.strides[1] // k_cache.itemsize, v_cache.strides[1] // v_cache.itemsize
+    q_step, o_step = q.strides[1] // 4, out.strides[1] // 4
+    most = 256 // head_dim             # heads an intrinsic call holds in registers: 16 vectors of 16 values
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
         count = min(block_size, num_keys - first)
-        for i in range(heads):
-            h, s_at = head0 + i, i * stride + first
-            kv_head = h // group
-            if vectors:
+        if vectors:
+            for i in range(heads):
+                if i % group % most:                      # calls for runs of `most` heads of one KV head
+                    continue
+                h, kv_head, run = head0 + i, (head0 + i) // group, min(most, group - i % group)
                 k_at = (block * k_cache.strides[0] + kv_head * k_cache.strides[2]) // k_cache.itemsize
                 q_at = (t * q.strides[0] + h * q.strides[1]) // 4
                 if head_dim == 64:
-                    _key_scores_4(k_cache, k_at, k_step, count, q, q_at, scale, scores, s_at)
+                    _key_scores_4(k_cache, k_at, k_step, count, q, q_at, q_step, run, scale, scores, i * stride + first,
+                                  stride)
                 else:
-                    _key_scores_8(k_cache, k_at, k_step, count, q, q_at, scale, scores, s_at)
-                continue
+                    _key_scores_8(k_cache, k_at, k_step, count, q, q_at, q_step, run, scale, scores, i * stride + first,
+                                  stride)
+            continue
+        for i in range(heads):
+            h, s_at = head0 + i, i * stride + first
+            kv_head = h // group
             query = q[t, h]
             for j in range(count):
                 key = k_cache[block, j, kv_head]
@@ -311,17 +358,23 @@ def _attend_into(item, kv_per_item, row_seq, q, k_cache, v_cache, query_start_lo
     for first in range(0, num_keys, block_size):
         block = block_tables[b, first // block_size]
         count = min(block_size, num_keys - first)
-        for i in range(heads):
-            h, s_at = head0 + i, i * stride + first
-            kv_head = h // group
-            if vectors:
+        if vectors:
+            for i in range(heads):
+                if i % group % most:
+                    continue
+                h, kv_head, run = head0 + i, (head0 + i) // group, min(most, group - i % group)
                 v_at = (block * v_cache.strides[0] + kv_head * v_cache.strides[2]) // v_cache.itemsize
                 o_at = (t * out.strides[0] + h * out.strides[1]) // 4
                 if head_dim == 64:
-                    _weighted_values_4(v_cache, v_at, v_step, count, scores, s_at, inverse_totals[i], out, o_at)
+                    _weighted_values_4(v_cache, v_at, v_step, count, scores, i * stride + first, stride, run,
+                                       inverse_totals, i, out, o_at, o_step)
                 else:
-                    _weighted_values_8(v_cache, v_at, v_step, count, scores, s_at, inverse_totals[i], out, o_at)
-                continue
+                    _weighted_values_8(v_cache, v_at, v_step, count, scores, i * stride + first, stride, run,
+                                       inverse_totals, i, out, o_at, o_step)
+            continue
+        for i in range(heads):
+            h, s_at = head0 + i, i * stride + first
+            kv_head = h // group
             o = out[t, h]
             for j in range(count):
                 value = v_cache[block, j, kv_head]
