@@ -459,6 +459,19 @@ def test_a_request_stops_at_the_tokenizers_eos_and_at_the_models_and_min_tokens_
         assert eos not in out.token_ids[:2]
 
 
+def test_min_tokens_holds_back_the_stop_token_of_a_greedy_request_with_nothing_else_set(tiny_llama_loaded):
+    # Such a request samples through the plain greedy pass (runner.prepare_sampling): its stop tokens
+    # are suppressed all the same until min_tokens.
+    path, model, _ = tiny_llama_loaded
+    engine = LLMEngine(EngineConfig(model=path, max_model_len=64), model=model)
+    engine.add_request("probe", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY))
+    first = run_all(engine)["probe"][-1].outputs[0].token_ids[0]
+    engine.add_request("held", [1, 2, 3], SamplingParams(max_tokens=8, min_tokens=3, stop_token_ids=[first],
+                                                         ignore_eos=True, **GREEDY))
+    out = run_all(engine)["held"][-1].outputs[0]
+    assert len(out.token_ids) >= 3 and first not in out.token_ids[:3]
+
+
 def test_the_naive_policy_serves_a_pool_of_exactly_the_blocks_one_sequence_reserves(make_engine):
     engine = make_engine(kv_policy="naive", max_model_len=64, block_size=16, num_kv_blocks=4)
     assert engine.scheduler.block_manager.num_reserved_blocks == 4

@@ -419,6 +419,9 @@ class ModelRunner:
         """The batch's sampling settings; with_grammar: the grammar rows' masks too, built now (their
         matchers take the tokens they have not seen, waiting for the last step's if need be)."""
         seqs = batch.sampling_seqs
+        if all(seq.grammar is None and seq.sampling_params.is_plain and seq.sampling_params.is_greedy
+               and seq.num_output_tokens >= seq.sampling_params.min_tokens for seq in seqs):
+            return SamplingBatch.plain(len(seqs), None, None, all_random=False)   # what build makes of them
         grammars = [seq.grammar for seq in seqs]
         with_grammar = with_grammar and any(grammar is not None for grammar in grammars)
         return SamplingBatch.build(

@@ -231,6 +231,15 @@ class SampleBuffers:
         self.packed = torch.zeros(2 * rows, dtype=torch.int64, device=device)
         self.token_ids = self.packed[:rows]                                   # [rows] int64
         self.logprobs = self.packed[rows:].view(torch.float32)[:rows]         # [rows] float32
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def first(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token_ids[:num_rows], logprobs[:num_rows]), made once per row count: a step's sampling writes
+        into them, and on the CPU each slicing op costs several microseconds after a forward."""
+        views = self._views.get(num_rows)
+        if views is None:
+            views = self._views[num_rows] = (self.token_ids[:num_rows], self.logprobs[:num_rows])
+        return views
 
 
 @dataclass
@@ -315,7 +324,7 @@ class Sampler:
         num_rows = logits.shape[0]
         if out is None:
             out = SampleBuffers(num_rows, logits.device)
-        out_tokens, out_logprobs = out.token_ids[:num_rows], out.logprobs[:num_rows]
+        out_tokens, out_logprobs = out.first(num_rows)
         # Both are written in place: the model's logits are not read again.
         if batch.logit_bias is not None:
             logits = logits.float()   # a bias added in bfloat16 would round
