@@ -197,10 +197,12 @@ class EngineConfig:
                              f"({self.quantization!r}) or batch_invariant")
         if self.tensor_parallel_size > 1:
             raise ValueError("batch_invariant runs with tensor_parallel_size=1 only")
-        if self.device == "cpu" and self.kv_cache_torch_dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"batch_invariant on the CPU needs a float32 or float16 KV cache (its attention kernel, "
-                             f"ops/attention_numba.py, reads no other); drop kv_cache_dtype={self.kv_cache_dtype!r} "
-                             "or batch_invariant")
+        # The numba attention reads float32 and float16 caches. A float16 cache rounds what it stores, so a
+        # last-bit difference in k or v can become a float16 step: only int4's exact kernels keep it invariant.
+        float16_ok = self.dtype == "int4" and self.kv_cache_torch_dtype == torch.float16
+        if self.device == "cpu" and self.kv_cache_torch_dtype != torch.float32 and not float16_ok:
+            raise ValueError(f"batch_invariant on the CPU needs a float32 KV cache (int4 weights: float32 or "
+                             f"float16); drop kv_cache_dtype={self.kv_cache_dtype!r} or batch_invariant")
 
     @property
     def torch_dtype(self) -> torch.dtype:

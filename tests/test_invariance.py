@@ -44,6 +44,7 @@ class Case:
 
     def engine(self, **engine_args) -> LLMEngine:
         engine_args.setdefault("max_model_len", 256)
+        engine_args.setdefault("dtype", "float32")    # the model handed over (auto would name int4 for SmolLM2)
         return LLMEngine(EngineConfig(model=self.path, **engine_args), model=self.model, tokenizer=self.tokenizer)
 
 

@@ -342,8 +342,10 @@ def test_kv_cache_dtype_is_checked_and_named():
     assert EngineConfig(device="cpu", dtype="int8").kv_cache_dtype_name == "float16"
     assert EngineConfig(device="cpu", dtype="int4", kv_cache_dtype="float32").kv_cache_dtype_name == "float32"
     assert EngineConfig(device="cpu", kv_cache_dtype="fp8_e4m3").kv_cache_torch_dtype == FP8_DTYPE
-    with pytest.raises(ValueError, match="batch_invariant on the CPU needs a float32 or float16 KV cache"):
+    with pytest.raises(ValueError, match="batch_invariant on the CPU needs a float32 KV cache"):
         EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="fp8", batch_invariant=True)
+    with pytest.raises(ValueError, match="batch_invariant on the CPU needs a float32 KV cache"):
+        EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="float16", batch_invariant=True)
     assert EngineConfig(device="cpu", dtype="int4", batch_invariant=True).kv_cache_dtype_name == "float16"
 
 
