@@ -480,3 +480,15 @@ def test_first_argmax_is_argmax_with_ties_and_masked_rows(vocab_size):
         half = rows.bfloat16()
         assert torch.equal(first_argmax(half), half.argmax(dim=-1))
         assert torch.equal(first_argmax(rows[:, ::3]), rows[:, ::3].argmax(dim=-1))   # a strided view
+
+
+@pytest.mark.parametrize("size", [3, 65, 1000])
+def test_host_values_become_the_tensor_torch_makes_of_them_long_lists_through_numpy(size):
+    from nanovllm.runner.sampler import host_to_device
+    ints, floats = [(7 * i) % 1000 - 300 for i in range(size)], [0.1 * i - 3.3 for i in range(size)]
+    for values, dtype in ((ints, torch.int64), (ints, torch.int32), (floats, torch.float32),
+                          ([i % 3 == 0 for i in range(size)], torch.bool), ([ints[:4]] * size, torch.int32)):
+        got = host_to_device(values, dtype, "cpu")
+        assert got.dtype == dtype and torch.equal(got, torch.tensor(values, dtype=dtype))
+    with pytest.raises((OverflowError, ValueError)):     # an int beyond int64 is an error, never wrapped
+        host_to_device(ints + [2 ** 63], torch.int64, "cpu")
