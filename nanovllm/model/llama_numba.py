@@ -68,8 +68,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops import NUMBA_CACHE_DTYPES
+from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.attention_numba import _attend_into, _rotary_store, _row_sequences, cache_array, kv_heads_per_item
 from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.ops.numba_cache import kernel
@@ -160,8 +160,8 @@ class FusedDecoder:
         if kv_caches is self._kv_caches:
             return self._kv_cache
         base = kv_caches[0][0]._base
-        ok = (base is not None and base.dtype in NUMBA_CACHE_DTYPES and base.dim() == 6 and base.shape[0] == len(kv_caches)
-              and base.shape[1] == 2 and base.is_contiguous()
+        ok = (base is not None and base.dtype in NUMBA_CACHE_DTYPES and base.dim() == 6
+              and base.shape[0] == len(kv_caches) and base.shape[1] == 2 and base.is_contiguous()
               and all(k.data_ptr() == base[i, 0].data_ptr() and v.data_ptr() == base[i, 1].data_ptr()
                       for i, (k, v) in enumerate(kv_caches)))
         self._kv_caches, self._kv_cache = kv_caches, cache_array(base) if ok else None

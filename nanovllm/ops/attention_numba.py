@@ -55,8 +55,8 @@ from numba.extending import intrinsic
 from nanovllm.ops import NUMBA_CACHE_DTYPES
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.numba_cache import kernel
-from nanovllm.ops.numba_ir import (F32, FLOATS16, I32, I64, address, as_float32, as_stored, element_of, exp_shifted_into,
-                                   load_floats16, splat, sum_lanes)
+from nanovllm.ops.numba_ir import (F32, FLOATS16, I32, I64, address, as_float32, as_stored, element_of,
+                                   exp_shifted_into, load_floats16, splat, sum_lanes)
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
