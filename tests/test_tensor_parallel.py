@@ -305,3 +305,50 @@ def test_a_script_read_from_stdin_starts_its_workers(tiny_model_factory, tmp_pat
                             cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(expected)
+
+
+def _host_steps():
+    """Steps of every shape the wire format carries: one decode row; a prefill chunk beside decodes, with
+    block tables of unequal length padded with -1; prompt rows asked to score their prompt after the rows
+    that sample."""
+    from nanovllm.runner.tp_worker import HostStep
+
+    yield HostStep(input_ids=[41], positions=[9], slot_mapping=[25], query_start_loc=[0, 1], seq_lens=[10],
+                   block_tables=[[3]], logits_indices=[0], max_query_len=1)
+    yield HostStep(input_ids=[5, 6, 7, 8, 11, 12], positions=[16, 17, 18, 19, 4, 40],
+                   slot_mapping=[96, 97, 98, 99, 36, 136], query_start_loc=[0, 4, 5, 6], seq_lens=[20, 5, 41],
+                   block_tables=[[2, 5], [4], [7, 1, 8]],
+                   logits_indices=[3, 4, 5, 0, 1], max_query_len=4)
+
+
+@pytest.mark.parametrize("step", list(_host_steps()), ids=["decode", "mixed"])
+def test_rank_0_and_the_worker_unpack_the_tensors_the_step_lists_say(step):
+    from nanovllm.runner import tp_worker
+    from nanovllm.runner.shm_queue import ShmQueueReader, ShmQueueWriter
+
+    max_blocks = max(len(table) for table in step.block_tables)
+    step = step._replace(block_tables=[table + [-1] * (max_blocks - len(table)) for table in step.block_tables])
+    writer = ShmQueueWriter(num_readers=1, capacity_bytes=4096)
+    reader = ShmQueueReader(writer.name, 0)
+    group = tp_worker.WorkerGroup(torch.device("cpu"), None, False, steps=writer)
+    old_reader, tp_worker._steps_from_engine = tp_worker._steps_from_engine, reader
+    try:
+        ours = group.send_step(step)
+        theirs = tp_worker.receive_step(torch.device("cpu"))
+    finally:
+        tp_worker._steps_from_engine = old_reader
+        reader.close()
+        writer.close()
+    expected = {"input_ids": torch.tensor(step.input_ids), "positions": torch.tensor(step.positions),
+                "slot_mapping": torch.tensor(step.slot_mapping),
+                "query_start_loc": torch.tensor(step.query_start_loc, dtype=torch.int32),
+                "seq_lens": torch.tensor(step.seq_lens, dtype=torch.int32),
+                "block_tables": torch.tensor(step.block_tables, dtype=torch.int32),
+                "logits_indices": torch.tensor(step.logits_indices)}
+    for rank, (input_ids, positions, metadata, logits_indices) in (("rank 0", ours), ("worker", theirs)):
+        got = {"input_ids": input_ids, "positions": positions, "slot_mapping": metadata.slot_mapping,
+               "query_start_loc": metadata.query_start_loc, "seq_lens": metadata.seq_lens,
+               "block_tables": metadata.block_tables, "logits_indices": logits_indices}
+        for name, tensor in expected.items():
+            assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{rank}: {name}"
+        assert (metadata.max_query_len, metadata.max_seq_len) == (step.max_query_len, max(step.seq_lens)), rank

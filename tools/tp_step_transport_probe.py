@@ -1,10 +1,11 @@
 """Probe: the host time to get one decode step from rank 0 to a worker, through the shared-memory queue
 and through two gloo broadcasts, on the CPU, without a model.
 
-Two processes run the engine's own code: rank 0 calls WorkerGroup.broadcast_step, the worker calls
-receive_step, and after each step both join one gloo all-reduce of one number (the forward's all-reduces
+Two processes run the engine's own code: rank 0 calls WorkerGroup.send_step (the step's lists to a
+message, sent, and rank 0's own tensors unpacked from it), the worker calls receive_step, and after each
+step both join one gloo all-reduce of one number (the forward's all-reduces
 keep the real ranks in step the same way). Per step it reports, as medians over STEPS steps:
-the time inside broadcast_step on rank 0 ("send"); inside receive_step on the worker, which enters it
+the time inside send_step on rank 0 ("send"); inside receive_step on the worker, which enters it
 as rank 0 starts sending ("receive": rank 0's send, the transfer, the unpacking); and the whole round
 less a round of the all-reduce alone ("step less the all-reduce"). On a busy machine the last two
 count the waits for a core too; so the queue's two calls are also timed in one process, back to back,
@@ -22,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanovllm.ops.attention_metadata import AttentionMetadata
 from nanovllm.runner import tp_worker
 from nanovllm.runner.shm_queue import ShmQueueReader, ShmQueueWriter
 
@@ -31,14 +31,14 @@ BATCHES = (1, 256)
 MAX_BLOCKS = 32          # a context of up to 512 tokens in blocks of 16
 
 
-def decode_step(batch: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-    """A decode step of `batch` sequences as rank 0's prepare_inputs makes it."""
-    seq_lens = torch.full((batch,), 500, dtype=torch.int32)                                          # [B]
-    metadata = AttentionMetadata(query_start_loc=torch.arange(batch + 1, dtype=torch.int32),        # [B + 1]
-                                 seq_lens=seq_lens, slot_mapping=torch.arange(batch) * 512 + 499,   # [B]
-                                 block_tables=torch.arange(batch * MAX_BLOCKS, dtype=torch.int32).view(batch, -1),
-                                 max_query_len=1, max_seq_len=500)
-    return torch.arange(batch), torch.full((batch,), 499), metadata, torch.arange(batch)
+def decode_step(batch: int) -> tp_worker.HostStep:
+    """A decode step of `batch` sequences as rank 0's host_inputs makes it."""
+    return tp_worker.HostStep(input_ids=list(range(batch)), positions=[499] * batch,
+                              slot_mapping=[row * 512 + 499 for row in range(batch)],
+                              query_start_loc=list(range(batch + 1)), seq_lens=[500] * batch,
+                              block_tables=[[row * MAX_BLOCKS + block for block in range(MAX_BLOCKS)]
+                                            for row in range(batch)],
+                              logits_indices=list(range(batch)), max_query_len=1)
 
 
 def join_group(rank: int, port: int) -> None:
@@ -70,7 +70,7 @@ def worker(index: int, port: int, queue_name: str, results: mp.Queue) -> None:
 
 
 def queue_calls_in_one_process(batch: int) -> tuple[float, float]:
-    """(broadcast_step, receive_step) through the queue, writer and reader in this process -> medians in us."""
+    """(send_step, receive_step) through the queue, writer and reader in this process -> medians in us."""
     writer = ShmQueueWriter(num_readers=1, capacity_bytes=1 << 20)
     tp_worker._steps_from_engine = reader = ShmQueueReader(writer.name, 0)
     group = tp_worker.WorkerGroup(torch.device("cpu"), None, False, steps=writer)
@@ -78,7 +78,7 @@ def queue_calls_in_one_process(batch: int) -> tuple[float, float]:
     send, receive = [], []
     for _ in range(WARMUP + STEPS):
         start = time.perf_counter()
-        group.broadcast_step(*step)
+        group.send_step(step)
         sent = time.perf_counter()
         tp_worker.receive_step(torch.device("cpu"))
         send.append(sent - start)
@@ -106,7 +106,7 @@ def main() -> None:
                 ack()
                 start = time.perf_counter()
                 if transport != "none":
-                    group.broadcast_step(*step)
+                    group.send_step(step)
                 sent = time.perf_counter()
                 ack()
                 send.append(sent - start)

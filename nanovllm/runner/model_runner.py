@@ -37,8 +37,9 @@ the LM head and the sampling pass (cuda_graph.py).
 
 Tensor parallel (tensor_parallel_size N > 1): every rank has a ModelRunner
 over its shard of the model and its KV heads (Hkv / N of them, the same block
-ids on every rank). Rank 0's `launch` broadcasts the flat tensors above to the
-workers (tp_worker.py) and runs the same forward; the workers run it in
+ids on every rank). Rank 0's `launch` sends the step's inputs to the workers as
+one message of int64s made from its lists (tp_worker.py), unpacks its own tensors
+from the same message and runs the same forward; the workers run it in
 `serve_steps` (`serve_rank` below, or `run_worker` under torchrun). The ranks agree on one num_blocks (the smallest). Only rank 0 samples.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
                                      host_to_device)
-from nanovllm.runner.tp_worker import (WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
+from nanovllm.runner.tp_worker import (HostStep, WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
                                       receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import PENDING, GrammarCompiler, GrammarState
@@ -320,19 +321,21 @@ class ModelRunner:
             seq.prompt_logprobs.append(entry)
 
     def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
-        """Rank 0 of N: send the step's tensors to the workers, run the same forward, sample."""
+        """Rank 0 of N: send the step to the workers, run the same forward, sample. The workers get the step
+        from the host's lists before rank 0 makes its own tensors, so that their copies to their GPUs and
+        rank 0's overlap, and rank 0 runs the tensors every worker unpacks from the same message."""
         workers = self.workers
         workers.check_alive()
-        input_ids, positions, metadata, logits_indices = self.prepare_inputs(batch)
+        step, pending_index, _ = self.host_inputs(batch)
+        assert not pending_index, "tensor parallelism schedules synchronously: every input token is known"
         # Prompt rows whose log-probabilities are asked for ride in the same pass (the vocabulary is split
         # over the ranks, so every rank computes their logits): after the rows that sample.
         prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
-        num_sampling = logits_indices.shape[0]
+        num_sampling = len(step.logits_indices)
         if prompt_rows:
-            logits_indices = torch.cat([logits_indices, host_to_device(prompt_rows, torch.int64, self.device)])
+            step = step._replace(logits_indices=step.logits_indices + prompt_rows)
         try:
-            workers.broadcast_step(input_ids, positions, metadata, logits_indices)
-            logits = self._execute(input_ids, positions, metadata, logits_indices)
+            logits = self._execute(*workers.send_step(step))
             if self.device.type == "cuda":
                 workers.wait_for_device()   # never block in a sync that a dead NCCL peer would hang
             if prompt_rows:
@@ -370,10 +373,30 @@ class ModelRunner:
             self.workers.shutdown()
 
     def prepare_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """-> input_ids [T], positions [T], metadata, logits_indices [N] (the rows that need a token).
-        Plain Python lists until the tensors: a decode step's inputs are a few values a sequence, and
-        after a CPU forward that streamed the weights through every cache each numpy or torch call on
-        them took 10-50 us (a batch-1 step's numpy version: 0.18 ms of 6.5)."""
+        """-> input_ids [T], positions [T], metadata, logits_indices [N] (the rows that need a token)."""
+        step, pending_index, pending_row = self.host_inputs(batch)
+        device = self.device
+        metadata = AttentionMetadata(
+            query_start_loc=host_to_device(step.query_start_loc, torch.int32, device),        # [B + 1]
+            seq_lens=host_to_device(step.seq_lens, torch.int32, device),                      # [B]
+            slot_mapping=host_to_device(step.slot_mapping, torch.int64, device),              # [T]
+            block_tables=host_to_device(step.block_tables, torch.int32, device),              # [B, max_blocks]
+            max_query_len=step.max_query_len,
+            max_seq_len=max(step.seq_lens),
+        )
+        input_ids = host_to_device(step.input_ids, torch.int64, device)                       # [T]
+        if pending_index:
+            input_ids[host_to_device(pending_index, torch.int64, device)] = \
+                self.samples.token_ids[host_to_device(pending_row, torch.int64, device)]
+        return (input_ids, host_to_device(step.positions, torch.int64, device), metadata,
+                host_to_device(step.logits_indices, torch.int64, device))
+
+    def host_inputs(self, batch: Batch) -> tuple[HostStep, list[int], list[int]]:
+        """-> the step's inputs as plain Python lists, and the rows of input_ids whose token is still on the
+        device (async scheduling) with the rows of the previous step's samples that hold them.
+        Plain lists until the tensors: a decode step's inputs are a few values a sequence, and after a CPU
+        forward that streamed the weights through every cache each numpy or torch call on them took
+        10-50 us (a batch-1 step's numpy version: 0.18 ms of 6.5)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -399,21 +422,9 @@ class ModelRunner:
                     pending_row.append(seq.pending_row)
         max_blocks = max(len(table) for table in block_tables)
         padded = [table + [-1] * (max_blocks - len(table)) for table in block_tables]
-        device = self.device
-        metadata = AttentionMetadata(
-            query_start_loc=host_to_device(query_start_loc, torch.int32, device),             # [B + 1]
-            seq_lens=host_to_device(seq_lens, torch.int32, device),                           # [B]
-            slot_mapping=host_to_device(slot_mapping, torch.int64, device),                   # [T]
-            block_tables=host_to_device(padded, torch.int32, device),                         # [B, max_blocks]
-            max_query_len=max(num_new for _, num_new in batch.scheduled),
-            max_seq_len=max(seq_lens),
-        )
-        input_ids_t = host_to_device(input_ids, torch.int64, device)                          # [T]
-        if pending_index:
-            input_ids_t[host_to_device(pending_index, torch.int64, device)] = \
-                self.samples.token_ids[host_to_device(pending_row, torch.int64, device)]
-        return (input_ids_t, host_to_device(positions, torch.int64, device), metadata,
-                host_to_device(logits_indices, torch.int64, device))
+        step = HostStep(input_ids, positions, slot_mapping, query_start_loc, seq_lens, padded, logits_indices,
+                        max_query_len=max(num_new for _, num_new in batch.scheduled))
+        return step, pending_index, pending_row
 
     def prepare_sampling(self, batch: Batch, with_grammar: bool = True) -> SamplingBatch:
         """The batch's sampling settings; with_grammar: the grammar rows' masks too, built now (their

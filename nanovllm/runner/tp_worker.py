@@ -28,9 +28,12 @@ batch's six tensors joined:
 
 How they travel depends on where the ranks are:
 
-- spawned workers share this machine: rank 0 writes header and payload as one
-  message into a shared-memory ring buffer (shm_queue.py), which every worker
-  polls; a worker copies the payload to its device itself. Its slots hold the
+- spawned workers share this machine: rank 0 makes header and payload, as one
+  message, straight from the step's Python lists (`step_message`) and writes it
+  into a shared-memory ring buffer (shm_queue.py), which every worker polls; a
+  worker copies the payload to its device itself. Rank 0 then copies the same
+  payload to its own device and unpacks it as the workers do, so every rank
+  runs tensors made the same way, and the workers start before rank 0's copy. Its slots hold the
   largest step the config allows (`max_step_ints`), computed, not guessed;
 - under torchrun the ranks may be on several machines: two torch.distributed
   broadcasts, the header then the payload (each costs tens of microseconds of
@@ -44,6 +47,7 @@ down; a worker whose engine process is gone exits by itself.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing.connection
 import os
@@ -54,8 +58,9 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,7 +68,6 @@ import torch.multiprocessing as mp
 from nanovllm.config import EngineConfig
 from nanovllm.model.parallel import ParallelState
 from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.runner.sampler import host_to_device
 from nanovllm.runner.shm_queue import QueueTimeoutError, ReaderDiedError, ShmQueueReader, ShmQueueWriter
 
 if TYPE_CHECKING:
@@ -97,6 +101,29 @@ def max_step_ints(config: EngineConfig) -> int:
     num_tokens, num_seqs = config.max_num_batched_tokens, config.max_num_seqs
     max_blocks = -(-config.max_model_len // config.block_size)
     return HEADER_SIZE + 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * max_blocks + num_seqs + num_tokens
+
+
+class HostStep(NamedTuple):
+    """One step's inputs as plain Python lists on the host, as rank 0 schedules them (model_runner.host_inputs)."""
+    input_ids: list[int]            # [T]
+    positions: list[int]            # [T]
+    slot_mapping: list[int]         # [T]
+    query_start_loc: list[int]      # [B + 1]
+    seq_lens: list[int]             # [B]
+    block_tables: list[list[int]]   # [B][max_blocks], padded with -1
+    logits_indices: list[int]       # [N]
+    max_query_len: int
+
+
+def step_message(step: HostStep) -> np.ndarray:
+    """The step as one message of int64s, header then payload (the wire format above), in one pass over the lists."""
+    num_tokens, num_seqs = len(step.input_ids), len(step.seq_lens)
+    max_blocks = len(step.block_tables[0])
+    header = [STEP, num_tokens, num_seqs, max_blocks, len(step.logits_indices), step.max_query_len,
+              max(step.seq_lens)]
+    numbers = itertools.chain(header, step.input_ids, step.positions, step.slot_mapping, step.query_start_loc,
+                              step.seq_lens, itertools.chain.from_iterable(step.block_tables), step.logits_indices)
+    return np.fromiter(numbers, dtype=np.int64, count=HEADER_SIZE + _payload_size(header))
 
 
 def backend_for(device: str) -> str:
@@ -211,21 +238,18 @@ class WorkerGroup:
                 self.shutdown()
                 raise WorkerDiedError(self.error)
 
-    def broadcast_step(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
-                       logits_indices: torch.Tensor) -> None:
-        """Send one step to every worker: through the shared-memory queue, or broadcast (torchrun)."""
-        num_tokens, (num_seqs, max_blocks) = input_ids.shape[0], metadata.block_tables.shape
-        header = [STEP, num_tokens, num_seqs, max_blocks, logits_indices.shape[0],
-                  metadata.max_query_len, metadata.max_seq_len]
-        parts = [input_ids, positions, metadata.slot_mapping, metadata.query_start_loc, metadata.seq_lens,
-                 metadata.block_tables.flatten(), logits_indices]
+    def send_step(self, step: HostStep) -> Step:
+        """Send one step to every worker, through the shared-memory queue or broadcast (torchrun) -> rank 0's
+        tensors of it, unpacked from the same message as the workers'."""
+        message = step_message(step)                                     # [HEADER_SIZE + payload] int64
+        header = message[:HEADER_SIZE].tolist()
         if self.steps is not None:
-            if self.device.type == "cuda":   # one copy home, which waits for the step's own copies to the GPU
-                parts = [torch.cat(parts).to(torch.int64).cpu()]
-            self.steps.write([torch.tensor(header), *parts], watch=self.check_alive)
-            return
-        dist.broadcast(host_to_device(header, torch.int64, self.device), src=0)
-        dist.broadcast(torch.cat(parts).to(torch.int64), src=0)
+            self.steps.write([torch.from_numpy(message)], watch=self.check_alive)
+            return _unpack_step(header, _copy_to_device(torch.from_numpy(message[HEADER_SIZE:]), self.device))
+        dist.broadcast(torch.from_numpy(message[:HEADER_SIZE]).to(self.device), src=0)
+        payload = torch.from_numpy(message[HEADER_SIZE:]).to(self.device)
+        dist.broadcast(payload, src=0)
+        return _unpack_step(header, payload)
 
     def _send_shutdown(self) -> bool:
         """Send SHUTDOWN to every worker -> whether it went out."""
