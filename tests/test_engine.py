@@ -3,6 +3,7 @@ failures inside a step, observers and counters, n > 1, seeded sampling, and the 
 cache holds."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine import LLMEngine, StepInfo
+from nanovllm.model.quantize import quantize_model
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.tokenizer import Tokenizer
@@ -303,6 +305,14 @@ def test_engine_config_errors_say_what_to_change(make_engine, loaded):
     path, model, tokenizer = loaded
     with pytest.raises(ValueError, match="make them agree"):
         LLMEngine(EngineConfig(model=path, dtype="bfloat16", device="cpu"), model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="with float linear weights .* dtype='int4'; make them agree"):
+        LLMEngine(EngineConfig(model=path, dtype="int4", device="cpu"), model=model, tokenizer=tokenizer)
+    packed = quantize_model(copy.deepcopy(model), "int4")
+    with pytest.raises(ValueError, match="with int4 linear weights .* dtype='int8'; make them agree"):
+        LLMEngine(EngineConfig(model=path, dtype="int8", device="cpu"), model=packed, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="with int4 linear weights .* dtype='float32'; make them agree"):
+        LLMEngine(EngineConfig(model=path, dtype="float32", device="cpu"), model=packed, tokenizer=tokenizer)
+    assert LLMEngine(EngineConfig(model=path, dtype="int4", device="cpu"), model=packed, tokenizer=tokenizer)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             EngineConfig(device="cuda")

@@ -136,7 +136,7 @@ class LLMEngine:
         """Load the model and tokenizer named by `config`, or use the ones given
         (already loaded on config.device in config.dtype, e.g. shared by several engines)."""
         from nanovllm.model.loader import load_model
-        from nanovllm.model.quantize import load_quantized_model
+        from nanovllm.model.quantize import load_quantized_model, packed_format
 
         if model is None and config.dtype in QUANTIZED_DTYPES:   # CPU weight formats: ops/quant.py
             model, model_config = load_quantized_model(config.model, config.dtype, config.load_format)
@@ -147,9 +147,12 @@ class LLMEngine:
         else:
             model_config = model.config
             param = next(model.parameters())
-            if param.device.type != config.device or param.dtype != config.torch_dtype:
-                raise ValueError(f"the model given is on {param.device} in {param.dtype} but the config asks for "
-                                 f"device={config.device!r}, dtype={config.dtype!r}; make them agree")
+            weights = packed_format(model) or "float"
+            asked = config.dtype if config.dtype in QUANTIZED_DTYPES else "float"
+            if param.device.type != config.device or param.dtype != config.torch_dtype or weights != asked:
+                raise ValueError(f"the model given is on {param.device} in {param.dtype} with {weights} linear "
+                                 f"weights but the config asks for device={config.device!r}, dtype={config.dtype!r}; "
+                                 "make them agree")
         self.config = config = config.fit_model(model_config)
         self.model_config = model_config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config, model_config)

@@ -37,6 +37,11 @@ _LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", 
 CACHE_VERSION = 2     # bump when what is written to the cache changes
 
 
+def packed_format(model: nn.Module) -> str | None:
+    """The CPU weight format of the model's linear layers ("int8" | "int4"), None when they are not packed."""
+    return next((module.fmt for module in model.modules() if isinstance(module, PackedLinear)), None)
+
+
 def quantize_model(model: LlamaForCausalLM, fmt: str) -> LlamaForCausalLM:
     """Replace the model's linear layers by PackedLinear in `fmt` ("int8" | "int4") in place, the
     LM head by a RefinedLMHead; everything else stays float32. Returns the model."""
