@@ -45,3 +45,24 @@ def test_kernels_are_cached_in_the_digested_folder_and_numbas_setting_is_left_al
     before = numba.config.CACHE_DIR
     numba_cache.kernel(boundscheck=False)(lambda x: x + 1)
     assert numba.config.CACHE_DIR == before != kernel_cache_dir()    # other numba users keep their cache
+
+
+def test_the_folder_in_use_is_touched_and_digest_folders_unused_for_30_days_are_removed(tmp_path):
+    day = 86400.0
+    now = numba_cache.time.time()
+    folders = {name: tmp_path / name for name in ("0123456789abcdef", "fedcba9876543210", "00000000000000aa",
+                                                     "not-a-digest", "0123456789abcdeg")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "index").write_bytes(b"x")
+        old = now - 31 * day if name != "00000000000000aa" else now - 29 * day
+        numba_cache.os.utime(folder, (old, old))
+    (tmp_path / "ffffffffffffffff").write_bytes(b"a file, not a folder")
+    numba_cache.os.utime(tmp_path / "ffffffffffffffff", (now - 40 * day, now - 40 * day))
+    in_use = folders["0123456789abcdef"]
+    numba_cache.prune_stale(in_use)
+    left = {path.name for path in tmp_path.iterdir()}
+    assert left == {"0123456789abcdef", "00000000000000aa", "not-a-digest", "0123456789abcdeg", "ffffffffffffffff"}
+    assert in_use.stat().st_mtime > now - day and (in_use / "index").exists()
+    numba_cache.prune_stale(tmp_path / "1111111111111111")    # a new folder is made
+    assert (tmp_path / "1111111111111111").is_dir()
