@@ -352,3 +352,24 @@ def test_rank_0_and_the_worker_unpack_the_tensors_the_step_lists_say(step):
         for name, tensor in expected.items():
             assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{rank}: {name}"
         assert (metadata.max_query_len, metadata.max_seq_len) == (step.max_query_len, max(step.seq_lens)), rank
+
+
+def test_the_int64_parts_of_a_step_stay_16_byte_aligned_on_the_device_whatever_the_token_count():
+    """The ranks run input_ids, positions, slot_mapping and logits_indices as views of the copied payload; a
+    Triton kernel compiles another copy of itself for a pointer that is only 8-byte aligned."""
+    from nanovllm.runner import tp_worker
+
+    for num_tokens in (1, 2, 3, 7):
+        step = tp_worker.HostStep(input_ids=list(range(num_tokens)), positions=list(range(num_tokens)),
+                                  slot_mapping=list(range(num_tokens)), query_start_loc=[0, num_tokens],
+                                  seq_lens=[num_tokens], block_tables=[[0]], logits_indices=[num_tokens - 1],
+                                  max_query_len=num_tokens)
+        message = tp_worker.step_message(step)
+        payload = torch.from_numpy(message[tp_worker.HEADER_SIZE:]).clone()    # a fresh, aligned allocation
+        input_ids, positions, metadata, logits_indices = tp_worker._unpack_step(
+            message[:tp_worker.HEADER_SIZE].tolist(), payload)
+        for name, tensor in (("input_ids", input_ids), ("positions", positions),
+                             ("slot_mapping", metadata.slot_mapping), ("logits_indices", logits_indices)):
+            assert (tensor.data_ptr() - payload.data_ptr()) % 16 == 0, (num_tokens, name)
+            assert tensor.is_contiguous()
+        assert torch.equal(input_ids, torch.arange(num_tokens)) and logits_indices.tolist() == [num_tokens - 1]

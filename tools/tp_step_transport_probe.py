@@ -126,7 +126,7 @@ def main() -> None:
     for transport in ("shm", "gloo"):
         for batch in BATCHES:
             send, whole = rows[transport, batch]
-            payload = 8 * (tp_worker.HEADER_SIZE + 5 * batch + 1 + batch * MAX_BLOCKS)
+            payload = 8 * len(tp_worker.step_message(decode_step(batch)))
             extra = us(whole) - us(rows["none", batch][1])
             print(f"| {transport} | {batch} | {payload} | {us(send):.1f} | {us(received[transport, batch]):.1f} | "
                   f"{extra:.1f} |")

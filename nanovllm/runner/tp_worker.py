@@ -23,8 +23,13 @@ pickled Python objects: a header with the sizes, then one payload with the
 batch's six tensors joined:
 
     header   [7]   STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len
-    payload        input_ids [T]; positions [T]; slot_mapping [T]; query_start_loc [B + 1];
-                   seq_lens [B]; block_tables [B * max_blocks]; logits_indices [N] (rows that need logits)
+    payload        input_ids [T']; positions [T']; slot_mapping [T']; logits_indices [N] (rows that need
+                   logits); query_start_loc [B + 1]; seq_lens [B]; block_tables [B * max_blocks]
+
+T' is T rounded up to even, so that the four int64 parts, which the ranks run as views of the payload
+on the device, start a multiple of 16 bytes into it: a Triton kernel specializes on its pointers' alignment, and an
+8-byte-aligned view would compile another copy of it in the middle of serving. The three int32 parts
+become copies.
 
 How they travel depends on where the ranks are:
 
@@ -100,7 +105,8 @@ def max_step_ints(config: EngineConfig) -> int:
     are asked for)."""
     num_tokens, num_seqs = config.max_num_batched_tokens, config.max_num_seqs
     max_blocks = -(-config.max_model_len // config.block_size)
-    return HEADER_SIZE + 3 * num_tokens + (num_seqs + 1) + num_seqs + num_seqs * max_blocks + num_seqs + num_tokens
+    num_logits = num_seqs + num_tokens
+    return HEADER_SIZE + 3 * _even(num_tokens) + num_logits + (num_seqs + 1) + num_seqs + num_seqs * max_blocks
 
 
 class HostStep(NamedTuple):
@@ -121,8 +127,10 @@ def step_message(step: HostStep) -> np.ndarray:
     max_blocks = len(step.block_tables[0])
     header = [STEP, num_tokens, num_seqs, max_blocks, len(step.logits_indices), step.max_query_len,
               max(step.seq_lens)]
-    numbers = itertools.chain(header, step.input_ids, step.positions, step.slot_mapping, step.query_start_loc,
-                              step.seq_lens, itertools.chain.from_iterable(step.block_tables), step.logits_indices)
+    pad = [0] * (_even(num_tokens) - num_tokens)
+    numbers = itertools.chain(header, step.input_ids, pad, step.positions, pad, step.slot_mapping, pad,
+                              step.logits_indices, step.query_start_loc, step.seq_lens,
+                              itertools.chain.from_iterable(step.block_tables))
     return np.fromiter(numbers, dtype=np.int64, count=HEADER_SIZE + _payload_size(header))
 
 
@@ -242,14 +250,15 @@ class WorkerGroup:
         """Send one step to every worker, through the shared-memory queue or broadcast (torchrun) -> rank 0's
         tensors of it, unpacked from the same message as the workers'."""
         message = step_message(step)                                     # [HEADER_SIZE + payload] int64
-        header = message[:HEADER_SIZE].tolist()
-        if self.steps is not None:
+        header, payload = message[:HEADER_SIZE], torch.from_numpy(message[HEADER_SIZE:])
+        if self.steps is not None:     # the workers' copies start before rank 0's own
             self.steps.write([torch.from_numpy(message)], watch=self.check_alive)
-            return _unpack_step(header, _copy_to_device(torch.from_numpy(message[HEADER_SIZE:]), self.device))
-        dist.broadcast(torch.from_numpy(message[:HEADER_SIZE]).to(self.device), src=0)
-        payload = torch.from_numpy(message[HEADER_SIZE:]).to(self.device)
-        dist.broadcast(payload, src=0)
-        return _unpack_step(header, payload)
+        if self.device.type != "cpu":
+            payload = _copy_to_device(payload, self.device)
+        if self.steps is None:
+            dist.broadcast(_copy_to_device(torch.from_numpy(header), self.device), src=0)
+            dist.broadcast(payload, src=0)
+        return _unpack_step(header.tolist(), payload)
 
     def _send_shutdown(self) -> bool:
         """Send SHUTDOWN to every worker -> whether it went out."""
@@ -454,7 +463,12 @@ def receive_step(device: torch.device) -> Step | None:
 
 def _payload_size(header: list[int]) -> int:
     _, num_tokens, num_seqs, max_blocks, num_logits, _, _ = header
-    return 3 * num_tokens + 2 * num_seqs + 1 + num_seqs * max_blocks + num_logits
+    return 3 * _even(num_tokens) + num_logits + 2 * num_seqs + 1 + num_seqs * max_blocks
+
+
+def _even(num_tokens: int) -> int:
+    """T' of the wire format: T rounded up to even."""
+    return num_tokens + num_tokens % 2
 
 
 def _copy_to_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -470,10 +484,9 @@ def _copy_to_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _unpack_step(header: list[int], payload: torch.Tensor) -> Step:
     """header and payload (wire format above) -> the step's tensors, views of the payload or int32 copies."""
     _, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len = header
-    num_tables = num_seqs * max_blocks
-    token_rows, query_start_loc, seq_lens, block_tables, logits_indices = payload.split(
-        [3 * num_tokens, num_seqs + 1, num_seqs, num_tables, num_logits])
-    token_rows = token_rows.view(3, num_tokens)                                          # [3, T]
+    token_rows, logits_indices, query_start_loc, seq_lens, block_tables = payload.split(
+        [3 * _even(num_tokens), num_logits, num_seqs + 1, num_seqs, num_seqs * max_blocks])
+    token_rows = token_rows.view(3, -1)[:, :num_tokens]                                  # [3, T]
     query_start_loc = query_start_loc.to(torch.int32)                                    # [B + 1]
     seq_lens = seq_lens.to(torch.int32)                                                  # [B]
     block_tables = block_tables.view(num_seqs, max_blocks).to(torch.int32)               # [B, max_blocks]
