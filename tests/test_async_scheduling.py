@@ -136,12 +136,12 @@ def test_streamed_outputs_under_async_scheduling_grow_by_one_known_token(tiny_ll
     assert [out.finished for out in stream] == [False] * 5 + [True]
 
 
-def test_async_scheduling_is_refused_with_tensor_parallelism():
+def test_async_scheduling_is_off_on_the_cpu_unless_asked_for():
     from nanovllm.config import EngineConfig
 
-    with pytest.raises(ValueError, match="async_scheduling runs with tensor_parallel_size=1"):
-        EngineConfig(device="cpu", tensor_parallel_size=2, async_scheduling=True)
     assert EngineConfig(device="cpu").async_scheduling is False
+    assert EngineConfig(device="cpu", tensor_parallel_size=2).async_scheduling is False
+    assert EngineConfig(device="cpu", tensor_parallel_size=2, async_scheduling=True).async_scheduling is True
 
 
 def test_async_scheduling_is_on_by_default_with_one_gpu_only(monkeypatch):

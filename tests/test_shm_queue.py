@@ -188,11 +188,11 @@ def test_a_slot_holds_the_largest_step_of_the_config():
     from nanovllm.runner.tp_worker import max_step_ints
 
     config = EngineConfig(device="cpu", max_num_batched_tokens=8192, max_num_seqs=256, max_model_len=8192)
-    # header 7; input_ids, positions, slot_mapping 3 x 8192; query_start_loc 257; seq_lens 256; block tables
-    # 256 x 512; logits_indices 256 + 8192 (sampling rows, then prompt rows scored for prompt_logprobs)
-    # (docs/reference/tensor-parallel.md quotes the bytes)
-    assert max_step_ints(config) == 7 + 3 * 8192 + 257 + 256 + 256 * 512 + 256 + 8192
-    assert max_step_ints(config) * 8 == 1_316_928
+    # header 8; input_ids, positions, slot_mapping 3 x 8192; query_start_loc 257; seq_lens 256; block tables
+    # 256 x 512; logits_indices 256 + 8192 (sampling rows, then prompt rows scored for prompt_logprobs);
+    # pending_index and pending_row 2 x 256 (docs/reference/tensor-parallel.md quotes the bytes)
+    assert max_step_ints(config) == 8 + 3 * 8192 + 257 + 256 + 256 * 512 + 256 + 8192 + 2 * 256
+    assert max_step_ints(config) * 8 == 1_321_032
 
 
 def test_a_zombie_process_does_not_count_as_alive():

@@ -109,6 +109,51 @@ def test_two_ranks_give_the_prompt_logprobs_of_one(tiny_model_factory):
         llm.engine.shutdown()
 
 
+def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_model_factory):
+    """With async scheduling the newest token of each decode row is still on rank 0 when the next step goes
+    out; every rank takes it from one broadcast of rank 0's sample buffer. Greedy, seeded and n=2 sampling,
+    penalties (which complete the step before theirs first), a stop string (one step too many), prompt
+    log-probabilities, prompts in chunks: the outputs of one rank, scheduled synchronously."""
+    path = str(tiny_model_factory("qwen3", vocab_size=321))
+    # Requests that end at different steps, so that a row of the last step's samples is not the row of
+    # input_ids its sequence takes next (a penalty runs its steps synchronously, so it ends early)
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=5, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, repetition_penalty=1.5),
+              SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True, prompt_logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)]
+    prompts = PROMPTS + ["xyz", "hello"]
+
+    def outputs(llm: LLM) -> list:
+        return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs] + [out.prompt_logprobs]
+                for out in llm.generate(prompts, params, use_tqdm=False)]
+
+    one = outputs(LLM(path, **ENGINE_ARGS))
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE_ARGS)
+    seen_pending = []
+    execute_step = llm.engine.runner._execute_step
+
+    def counting(step):
+        seen_pending.append(step.pending_index.shape[0])
+        return execute_step(step)
+
+    llm.engine.runner._execute_step = counting
+    try:
+        two = outputs(llm)
+    finally:
+        llm.engine.shutdown()
+    assert max(seen_pending) > 0, "no step took a token still on the device: async scheduling did not run"
+    assert len(two) == len(one)
+    for ours, theirs in zip(two, one):
+        assert [c[:3] for c in ours[:-1]] == [c[:3] for c in theirs[:-1]]
+        for a, b in zip(ours[:-1], theirs[:-1]):
+            if b[3] is not None:
+                assert_logprobs_close([a[3]], [b[3]])
+        if theirs[-1] is not None:
+            assert_logprobs_close([ours[-1][1:]], [theirs[-1][1:]])
+    assert_no_children_left()
+
+
 def test_each_rank_holds_its_heads_features_and_vocabulary_rows(tiny_model_factory):
     path = tiny_model_factory("qwen3", vocab_size=321)
     full, config = load_model(str(path))
@@ -309,16 +354,16 @@ def test_a_script_read_from_stdin_starts_its_workers(tiny_model_factory, tmp_pat
 
 def _host_steps():
     """Steps of every shape the wire format carries: one decode row; a prefill chunk beside decodes, with
-    block tables of unequal length padded with -1; prompt rows asked to score their prompt after the rows
-    that sample."""
+    block tables of unequal length padded with -1, prompt rows asked to score their prompt after the rows
+    that sample, and decode rows whose token is still on rank 0's device (async scheduling)."""
     from nanovllm.runner.tp_worker import HostStep
 
     yield HostStep(input_ids=[41], positions=[9], slot_mapping=[25], query_start_loc=[0, 1], seq_lens=[10],
-                   block_tables=[[3]], logits_indices=[0], max_query_len=1)
+                   block_tables=[[3]], logits_indices=[0], max_query_len=1, pending_index=[], pending_row=[])
     yield HostStep(input_ids=[5, 6, 7, 8, 11, 12], positions=[16, 17, 18, 19, 4, 40],
                    slot_mapping=[96, 97, 98, 99, 36, 136], query_start_loc=[0, 4, 5, 6], seq_lens=[20, 5, 41],
                    block_tables=[[2, 5], [4], [7, 1, 8]],
-                   logits_indices=[3, 4, 5, 0, 1], max_query_len=4)
+                   logits_indices=[3, 4, 5, 0, 1], max_query_len=4, pending_index=[4, 5], pending_row=[2, 0])
 
 
 @pytest.mark.parametrize("step", list(_host_steps()), ids=["decode", "mixed"])
@@ -344,11 +389,15 @@ def test_rank_0_and_the_worker_unpack_the_tensors_the_step_lists_say(step):
                 "query_start_loc": torch.tensor(step.query_start_loc, dtype=torch.int32),
                 "seq_lens": torch.tensor(step.seq_lens, dtype=torch.int32),
                 "block_tables": torch.tensor(step.block_tables, dtype=torch.int32),
-                "logits_indices": torch.tensor(step.logits_indices)}
-    for rank, (input_ids, positions, metadata, logits_indices) in (("rank 0", ours), ("worker", theirs)):
+                "logits_indices": torch.tensor(step.logits_indices),
+                "pending_index": torch.tensor(step.pending_index, dtype=torch.int64),
+                "pending_row": torch.tensor(step.pending_row, dtype=torch.int64)}
+    for rank, (input_ids, positions, metadata, logits_indices, pending_index, pending_row) in (("rank 0", ours),
+                                                                                               ("worker", theirs)):
         got = {"input_ids": input_ids, "positions": positions, "slot_mapping": metadata.slot_mapping,
                "query_start_loc": metadata.query_start_loc, "seq_lens": metadata.seq_lens,
-               "block_tables": metadata.block_tables, "logits_indices": logits_indices}
+               "block_tables": metadata.block_tables, "logits_indices": logits_indices,
+               "pending_index": pending_index, "pending_row": pending_row}
         for name, tensor in expected.items():
             assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{rank}: {name}"
         assert (metadata.max_query_len, metadata.max_seq_len) == (step.max_query_len, max(step.seq_lens)), rank
@@ -363,10 +412,10 @@ def test_the_int64_parts_of_a_step_stay_16_byte_aligned_on_the_device_whatever_t
         step = tp_worker.HostStep(input_ids=list(range(num_tokens)), positions=list(range(num_tokens)),
                                   slot_mapping=list(range(num_tokens)), query_start_loc=[0, num_tokens],
                                   seq_lens=[num_tokens], block_tables=[[0]], logits_indices=[num_tokens - 1],
-                                  max_query_len=num_tokens)
+                                  max_query_len=num_tokens, pending_index=[], pending_row=[])
         message = tp_worker.step_message(step)
         payload = torch.from_numpy(message[tp_worker.HEADER_SIZE:]).clone()    # a fresh, aligned allocation
-        input_ids, positions, metadata, logits_indices = tp_worker._unpack_step(
+        input_ids, positions, metadata, logits_indices, _, _ = tp_worker._unpack_step(
             message[:tp_worker.HEADER_SIZE].tolist(), payload)
         for name, tensor in (("input_ids", input_ids), ("positions", positions),
                              ("slot_mapping", metadata.slot_mapping), ("logits_indices", logits_indices)):

@@ -2,7 +2,8 @@
 # Tensor parallelism on two GPUs in one script: Llama-3.1-8B (dummy weights) `latency` and `throughput`
 # at TP=1 and TP=2, each with the roofline of the cards it ran on, then the NCCL tests.
 # Usage on a machine with two CUDA GPUs:  OUT=/some/dir bash tools/run-gpu-tp.sh
-#   TPS="2" runs the TP=2 benches alone; PROFILE=1 adds the host/GPU profile of a TP=2 decode step.
+#   TPS="2" runs the TP=2 benches alone; PROFILE=1 adds the host/GPU profile of a TP=2 decode step;
+#   ASYNC=1 adds the TP=2 benches with async scheduling (two more files: pair it with TPS="2").
 # Writes at most 8 files to $OUT. A command that outlives its limit gets SIGABRT,
 # so that Python's faulthandler prints where it hung into the log.
 set -uo pipefail
@@ -30,6 +31,10 @@ for tp in ${TPS:-1 2}; do
   bench "latency-llama-3.1-8b-tp$tp" latency --dummy llama-3.1-8b --tensor-parallel-size $tp
   bench "throughput-llama-3.1-8b-tp$tp" throughput --dummy llama-3.1-8b --tensor-parallel-size $tp
 done
+if [ "${ASYNC:-0}" = 1 ]; then
+  bench "latency-llama-3.1-8b-tp2-async" latency --dummy llama-3.1-8b --tensor-parallel-size 2 --async-scheduling
+  bench "throughput-llama-3.1-8b-tp2-async" throughput --dummy llama-3.1-8b --tensor-parallel-size 2 --async-scheduling
+fi
 grep -v Warning "$OUT/bench-tp.txt" | grep "^|\|Latency\|Throughput"
 if [ "${PROFILE:-0}" = 1 ]; then echo "== profile (t=$((SECONDS - START))s)" >> "$LOG"
   timeout -s ABRT -k 10 150 python3 -m nanovllm.bench.host_overhead --dummy llama-3.1-8b --batch-sizes 1 64 \

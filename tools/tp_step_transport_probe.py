@@ -38,7 +38,8 @@ def decode_step(batch: int) -> tp_worker.HostStep:
                               query_start_loc=list(range(batch + 1)), seq_lens=[500] * batch,
                               block_tables=[[row * MAX_BLOCKS + block for block in range(MAX_BLOCKS)]
                                             for row in range(batch)],
-                              logits_indices=list(range(batch)), max_query_len=1)
+                              logits_indices=list(range(batch)), max_query_len=1, pending_index=[],
+                              pending_row=[])
 
 
 def join_group(rank: int, port: int) -> None:

@@ -28,8 +28,10 @@ and a sequence that ends by a stop token or string runs one step too many
 never do). A step with repetition, frequency or presence penalties needs
 every earlier token on the host, so the step before it is completed first.
 On the CPU the forward runs inside `launch`, so there is nothing to overlap
-and only the extra steps would remain: it is off there by default, as with
-tensor parallelism (the workers would need the tokens too).
+and only the extra steps would remain: it is off there by default. With
+tensor parallelism it runs when asked for (`async_scheduling=True`; off by
+default until measured on GPUs): every rank takes the tokens still on rank 0's
+device from one broadcast of its sample buffer (model_runner.py).
 
 Measured on an H200 with warm kernel caches (docs/reference/gpu-kernels.md):
 `throughput` Llama-3.2-1B 40,882 tok/s on against 33,319 off, Qwen3-0.6B

@@ -59,8 +59,8 @@ from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
                                      host_to_device)
-from nanovllm.runner.tp_worker import (HostStep, WorkerGroup, all_ranks_agree, join_launched_group, min_over_ranks,
-                                      receive_step, stop_with)
+from nanovllm.runner.tp_worker import (HostStep, Step, WorkerGroup, all_ranks_agree, join_launched_group,
+                                      min_over_ranks, receive_step, stop_with)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import PENDING, GrammarCompiler, GrammarState
 from nanovllm.structured.grammar_process import GrammarBitmask
@@ -323,20 +323,21 @@ class ModelRunner:
     def _run_parallel(self, batch: Batch) -> DeviceSamples | None:
         """Rank 0 of N: send the step to the workers, run the same forward, sample. The workers get the step
         from the host's lists before rank 0 makes its own tensors, so that their copies to their GPUs and
-        rank 0's overlap, and rank 0 runs the tensors every worker unpacks from the same message."""
+        rank 0's overlap, and rank 0 runs the tensors every worker unpacks from the same message. With
+        async scheduling nothing here waits for the GPU: the samples' `result` does, watching the workers."""
         workers = self.workers
         workers.check_alive()
-        step, pending_index, _ = self.host_inputs(batch)
-        assert not pending_index, "tensor parallelism schedules synchronously: every input token is known"
+        step = self.host_inputs(batch)
         # Prompt rows whose log-probabilities are asked for ride in the same pass (the vocabulary is split
         # over the ranks, so every rank computes their logits): after the rows that sample.
         prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
         num_sampling = len(step.logits_indices)
         if prompt_rows:
             step = step._replace(logits_indices=step.logits_indices + prompt_rows)
+        cuda = self.device.type == "cuda"
         try:
-            logits = self._execute(*workers.send_step(step))
-            if self.device.type == "cuda":
+            logits = self._execute_step(workers.send_step(step))
+            if cuda and (prompt_rows or not self.config.async_scheduling):
                 workers.wait_for_device()   # never block in a sync that a dead NCCL peer would hang
             if prompt_rows:
                 self._append_prompt_logprobs(logits[num_sampling:], targets, owners)
@@ -346,13 +347,24 @@ class ModelRunner:
         except RuntimeError:
             workers.check_alive(wait_s=2.0)   # a collective failed: name the worker that died, if one did
             raise
+        if samples is not None and cuda:
+            samples.wait = workers.wait_for
         return samples
 
     @torch.inference_mode()
     def serve_steps(self) -> None:
-        """Ranks 1..N-1: run each step rank 0 broadcasts, until it sends SHUTDOWN."""
+        """Ranks 1..N-1: run each step rank 0 sends, until it sends SHUTDOWN."""
         while (step := receive_step(self.device)) is not None:
-            self._execute(*step)
+            self._execute_step(step)
+
+    def _execute_step(self, step: Step) -> torch.Tensor | None:
+        """One tensor-parallel step as every rank runs it -> logits [N, V] (None when N = 0). Rows whose token
+        the last step sampled on rank 0's device (async scheduling) take it from a broadcast of rank 0's
+        sample buffer into every rank's own, queued after that sampling on the device."""
+        if step.pending_index.shape[0]:
+            dist.broadcast(self.samples.token_ids, src=0)
+            step.input_ids[step.pending_index] = self.samples.token_ids[step.pending_row]
+        return self._execute(step.input_ids, step.positions, step.metadata, step.logits_indices)
 
     def _execute(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
                  logits_indices: torch.Tensor) -> torch.Tensor | None:
@@ -374,7 +386,7 @@ class ModelRunner:
 
     def prepare_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """-> input_ids [T], positions [T], metadata, logits_indices [N] (the rows that need a token)."""
-        step, pending_index, pending_row = self.host_inputs(batch)
+        step = self.host_inputs(batch)
         device = self.device
         metadata = AttentionMetadata(
             query_start_loc=host_to_device(step.query_start_loc, torch.int32, device),        # [B + 1]
@@ -385,15 +397,15 @@ class ModelRunner:
             max_seq_len=max(step.seq_lens),
         )
         input_ids = host_to_device(step.input_ids, torch.int64, device)                       # [T]
-        if pending_index:
-            input_ids[host_to_device(pending_index, torch.int64, device)] = \
-                self.samples.token_ids[host_to_device(pending_row, torch.int64, device)]
+        if step.pending_index:
+            input_ids[host_to_device(step.pending_index, torch.int64, device)] = \
+                self.samples.token_ids[host_to_device(step.pending_row, torch.int64, device)]
         return (input_ids, host_to_device(step.positions, torch.int64, device), metadata,
                 host_to_device(step.logits_indices, torch.int64, device))
 
-    def host_inputs(self, batch: Batch) -> tuple[HostStep, list[int], list[int]]:
-        """-> the step's inputs as plain Python lists, and the rows of input_ids whose token is still on the
-        device (async scheduling) with the rows of the previous step's samples that hold them.
+    def host_inputs(self, batch: Batch) -> HostStep:
+        """-> the step's inputs as plain Python lists, with the rows of input_ids whose token is still on the
+        device (async scheduling) and the rows of the previous step's samples that hold them.
         Plain lists until the tensors: a decode step's inputs are a few values a sequence, and after a CPU
         forward that streamed the weights through every cache each numpy or torch call on them took
         10-50 us (a batch-1 step's numpy version: 0.18 ms of 6.5)."""
@@ -422,9 +434,8 @@ class ModelRunner:
                     pending_row.append(seq.pending_row)
         max_blocks = max(len(table) for table in block_tables)
         padded = [table + [-1] * (max_blocks - len(table)) for table in block_tables]
-        step = HostStep(input_ids, positions, slot_mapping, query_start_loc, seq_lens, padded, logits_indices,
-                        max_query_len=max(num_new for _, num_new in batch.scheduled))
-        return step, pending_index, pending_row
+        return HostStep(input_ids, positions, slot_mapping, query_start_loc, seq_lens, padded, logits_indices,
+                        max(num_new for _, num_new in batch.scheduled), pending_index, pending_row)
 
     def prepare_sampling(self, batch: Batch, with_grammar: bool = True) -> SamplingBatch:
         """The batch's sampling settings; with_grammar: the grammar rows' masks too, built now (their

@@ -251,6 +251,9 @@ class DeviceSamples:
     top: list[torch.Tensor] | None                # top log-probabilities [B, k] and their ids, on the host
     num_logprobs: list[int | None]
     copied: torch.cuda.Event | None               # recorded after the copies (None on the CPU)
+    # How `result` waits for `copied`: its synchronize(), or with tensor parallelism a poll that watches the
+    # other ranks (an NCCL collective whose peer died never completes, and a sync on it never returns)
+    wait: Callable[[torch.cuda.Event], None] | None = None
 
     @classmethod
     def start_copy(cls, buffers: SampleBuffers, num_rows: int, top: list[torch.Tensor] | None,
@@ -266,7 +269,7 @@ class DeviceSamples:
 
     def result(self) -> SamplerOutput:
         if self.copied is not None:
-            self.copied.synchronize()
+            (self.wait or torch.cuda.Event.synchronize)(self.copied)
         rows, n = self.host.shape[0] // 2, self.num_rows
         token_list = self.host[:n].tolist()
         logprob_list = self.host[rows:].view(torch.float32)[:n].tolist()

@@ -22,14 +22,18 @@ Each step rank 0 sends the batch to the other ranks as int64 numbers, never
 pickled Python objects: a header with the sizes, then one payload with the
 batch's six tensors joined:
 
-    header   [7]   STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len
+    header   [8]   STEP or SHUTDOWN, T, B, max_blocks, N, max_query_len, max_seq_len, P
     payload        input_ids [T']; positions [T']; slot_mapping [T']; logits_indices [N] (rows that need
-                   logits); query_start_loc [B + 1]; seq_lens [B]; block_tables [B * max_blocks]
+                   logits); query_start_loc [B + 1]; seq_lens [B]; block_tables [B * max_blocks];
+                   pending_index [P]; pending_row [P]
 
 T' is T rounded up to even, so that the four int64 parts, which the ranks run as views of the payload
 on the device, start a multiple of 16 bytes into it: a Triton kernel specializes on its pointers' alignment, and an
 8-byte-aligned view would compile another copy of it in the middle of serving. The three int32 parts
-become copies.
+become copies. With async scheduling (engine.py) the newest token of a decode row may still be on
+rank 0's device: pending_index lists those rows of input_ids, pending_row the rows of the last step's
+samples that hold them, and every rank takes them from one broadcast of rank 0's sample buffer
+(model_runner.py), queued after the sampling on the device, so that no host waits for it.
 
 How they travel depends on where the ranks are:
 
@@ -79,7 +83,7 @@ if TYPE_CHECKING:
     from nanovllm.runner.cuda_graph import DecodeGraphs
 
 STEP, SHUTDOWN = 1, 0
-HEADER_SIZE = 7
+HEADER_SIZE = 8
 STARTUP_TIMEOUT = timedelta(minutes=5)     # rendezvous of the ranks
 # A worker waits in a broadcast for the next step, however long the engine stays idle.
 COLLECTIVE_TIMEOUT = timedelta(days=365)
@@ -88,8 +92,18 @@ FAILED_JOIN_TIMEOUT_S = 5.0                # for workers to exit after a failure
 ABORT_TIMEOUT_S = 10.0                     # for NCCL to abort a group whose peer is gone
 WATCH_INTERVAL_S = 0.05                    # rank 0 checks the workers' processes this often while it polls its GPU
 
-# One step as every rank runs it: input_ids [T], positions [T], metadata, logits_indices [N].
-Step = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]
+
+
+class Step(NamedTuple):
+    """One step as every rank runs it."""
+    input_ids: torch.Tensor           # [T]
+    positions: torch.Tensor           # [T]
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor      # [N]
+    pending_index: torch.Tensor       # [P] rows of input_ids whose token is still on rank 0's device ...
+    pending_row: torch.Tensor         # [P] ... at these rows of its sample buffer (async scheduling)
+
+
 # What a rank other than 0 runs once it has joined the group (model_runner.serve_rank); passed in, so
 # that this module, which the model runner imports, never imports the model runner.
 ServeRank = Callable[[EngineConfig, int], None]
@@ -105,8 +119,9 @@ def max_step_ints(config: EngineConfig) -> int:
     are asked for)."""
     num_tokens, num_seqs = config.max_num_batched_tokens, config.max_num_seqs
     max_blocks = -(-config.max_model_len // config.block_size)
-    num_logits = num_seqs + num_tokens
-    return HEADER_SIZE + 3 * _even(num_tokens) + num_logits + (num_seqs + 1) + num_seqs + num_seqs * max_blocks
+    num_logits, num_pending = num_seqs + num_tokens, num_seqs
+    return (HEADER_SIZE + 3 * _even(num_tokens) + num_logits + (num_seqs + 1) + num_seqs + num_seqs * max_blocks
+            + 2 * num_pending)
 
 
 class HostStep(NamedTuple):
@@ -119,6 +134,8 @@ class HostStep(NamedTuple):
     block_tables: list[list[int]]   # [B][max_blocks], padded with -1
     logits_indices: list[int]       # [N]
     max_query_len: int
+    pending_index: list[int]        # [P] rows of input_ids whose token is still on the device (async scheduling) ...
+    pending_row: list[int]          # [P] ... at these rows of the last step's samples
 
 
 def step_message(step: HostStep) -> np.ndarray:
@@ -126,11 +143,12 @@ def step_message(step: HostStep) -> np.ndarray:
     num_tokens, num_seqs = len(step.input_ids), len(step.seq_lens)
     max_blocks = len(step.block_tables[0])
     header = [STEP, num_tokens, num_seqs, max_blocks, len(step.logits_indices), step.max_query_len,
-              max(step.seq_lens)]
+              max(step.seq_lens), len(step.pending_index)]
     pad = [0] * (_even(num_tokens) - num_tokens)
     numbers = itertools.chain(header, step.input_ids, pad, step.positions, pad, step.slot_mapping, pad,
                               step.logits_indices, step.query_start_loc, step.seq_lens,
-                              itertools.chain.from_iterable(step.block_tables))
+                              itertools.chain.from_iterable(step.block_tables), step.pending_index,
+                              step.pending_row)
     return np.fromiter(numbers, dtype=np.int64, count=HEADER_SIZE + _payload_size(header))
 
 
@@ -230,6 +248,10 @@ class WorkerGroup:
         the dead worker and raise WorkerDiedError instead."""
         _poll_device(watch=self.check_alive)
 
+    def wait_for(self, event: torch.cuda.Event) -> None:
+        """Wait until `event` (recorded on this GPU) has completed, watching the workers (wait_for_device)."""
+        _poll_device(watch=self.check_alive, event=event)
+
     def check_alive(self, wait_s: float = 0.0) -> None:
         """Raise WorkerDiedError (after shutting the others down) if a worker has exited;
         wait_s > 0 gives a dying worker that long to be reaped."""
@@ -303,12 +325,15 @@ class WorkerGroup:
             self.steps.close()
 
 
-def _poll_device(watch: Callable[[], None] | None = None, timeout_s: float = math.inf) -> None:
-    """Wait for the work queued on this GPU by polling its completion, never in a device sync (an NCCL
-    collective whose peer died never completes): call `watch` (which may raise) every WATCH_INTERVAL_S,
-    and give up after timeout_s."""
-    done = torch.cuda.Event()
-    done.record()
+def _poll_device(watch: Callable[[], None] | None = None, timeout_s: float = math.inf,
+                 event: torch.cuda.Event | None = None) -> None:
+    """Wait for the work queued on this GPU (or only for `event`) by polling its completion, never in a
+    device sync (an NCCL collective whose peer died never completes): call `watch` (which may raise)
+    every WATCH_INTERVAL_S, and give up after timeout_s."""
+    done = event
+    if done is None:
+        done = torch.cuda.Event()
+        done.record()
     deadline = time.monotonic() + timeout_s
     next_check = time.monotonic() + WATCH_INTERVAL_S
     while not done.query() and time.monotonic() < deadline:
@@ -462,8 +487,8 @@ def receive_step(device: torch.device) -> Step | None:
 
 
 def _payload_size(header: list[int]) -> int:
-    _, num_tokens, num_seqs, max_blocks, num_logits, _, _ = header
-    return 3 * _even(num_tokens) + num_logits + 2 * num_seqs + 1 + num_seqs * max_blocks
+    _, num_tokens, num_seqs, max_blocks, num_logits, _, _, num_pending = header
+    return 3 * _even(num_tokens) + num_logits + 2 * num_seqs + 1 + num_seqs * max_blocks + 2 * num_pending
 
 
 def _even(num_tokens: int) -> int:
@@ -483,13 +508,13 @@ def _copy_to_device(view: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _unpack_step(header: list[int], payload: torch.Tensor) -> Step:
     """header and payload (wire format above) -> the step's tensors, views of the payload or int32 copies."""
-    _, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len = header
-    token_rows, logits_indices, query_start_loc, seq_lens, block_tables = payload.split(
-        [3 * _even(num_tokens), num_logits, num_seqs + 1, num_seqs, num_seqs * max_blocks])
+    _, num_tokens, num_seqs, max_blocks, num_logits, max_query_len, max_seq_len, num_pending = header
+    token_rows, logits_indices, query_start_loc, seq_lens, block_tables, pending_index, pending_row = payload.split(
+        [3 * _even(num_tokens), num_logits, num_seqs + 1, num_seqs, num_seqs * max_blocks, num_pending, num_pending])
     token_rows = token_rows.view(3, -1)[:, :num_tokens]                                  # [3, T]
     query_start_loc = query_start_loc.to(torch.int32)                                    # [B + 1]
     seq_lens = seq_lens.to(torch.int32)                                                  # [B]
     block_tables = block_tables.view(num_seqs, max_blocks).to(torch.int32)               # [B, max_blocks]
     metadata = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=token_rows[2],
                                  block_tables=block_tables, max_query_len=max_query_len, max_seq_len=max_seq_len)
-    return token_rows[0], token_rows[1], metadata, logits_indices
+    return Step(token_rows[0], token_rows[1], metadata, logits_indices, pending_index, pending_row)

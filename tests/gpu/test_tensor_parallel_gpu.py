@@ -1,5 +1,5 @@
 """Tensor parallelism on two CUDA GPUs over NCCL: the greedy tokens of one GPU, with CUDA graphs
-(each graph holds the NCCL all-reduces) and without; torchrun; a worker that dies.
+(each graph holds the NCCL all-reduces) and without, with async scheduling; torchrun; a worker that dies.
 Run on a machine with two GPUs: `python3 -m pytest -q -m gpu tests/gpu/test_tensor_parallel_gpu.py`.
 """
 from __future__ import annotations
@@ -44,6 +44,24 @@ def test_two_gpus_give_the_greedy_tokens_of_one(tiny_model_factory, model, enfor
     finally:
         llm.engine.shutdown()
     assert worker.exitcode == 0
+    assert_no_children_left()
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_scheduling_on_two_gpus_gives_the_greedy_tokens_of_one(tiny_model_factory, enforce_eager):
+    """The newest tokens stay on rank 0's GPU between steps and reach every rank through one NCCL
+    broadcast queued after the sampling; nothing waits in a device sync."""
+    path = str(tiny_model_factory("qwen3"))
+    one = LLM(path, enforce_eager=enforce_eager, **ENGINE_ARGS)
+    expected, expected_logprobs = greedy_tokens(one), greedy_logprobs(one)
+    del one
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, enforce_eager=enforce_eager, **ENGINE_ARGS)
+    try:
+        assert llm.engine.config.async_scheduling
+        assert greedy_tokens(llm) == expected
+        assert_logprobs_close(greedy_logprobs(llm), expected_logprobs, atol=1e-3)
+    finally:
+        llm.engine.shutdown()
     assert_no_children_left()
 
 
