@@ -112,8 +112,9 @@ def test_two_ranks_give_the_prompt_logprobs_of_one(tiny_model_factory):
 def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_model_factory):
     """With async scheduling the newest token of each decode row is still on rank 0 when the next step goes
     out; every rank takes it from one broadcast of rank 0's sample buffer. Greedy, seeded and n=2 sampling,
-    penalties (which complete the step before theirs first), a stop string (one step too many), prompt
-    log-probabilities, prompts in chunks: the outputs of one rank, scheduled synchronously."""
+    penalties (which complete the step before theirs first), prompt log-probabilities, a regular
+    expression (its masks read the newest token), prompts in chunks: the outputs of one rank, scheduled
+    synchronously."""
     path = str(tiny_model_factory("qwen3", vocab_size=321))
     # Requests that end at different steps, so that a row of the last step's samples is not the row of
     # input_ids its sequence takes next (a penalty runs its steps synchronously, so it ends early)
@@ -121,8 +122,9 @@ def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_mode
               SamplingParams(temperature=0.9, seed=7, max_tokens=5, ignore_eos=True, n=2),
               SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, repetition_penalty=1.5),
               SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True, prompt_logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)]
-    prompts = PROMPTS + ["xyz", "hello"]
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=1, max_tokens=12, structured_outputs={"regex": "[0-9]+"})]
+    prompts = PROMPTS + ["xyz", "hello", "digits:"]
 
     def outputs(llm: LLM) -> list:
         return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs] + [out.prompt_logprobs]
