@@ -201,8 +201,10 @@ def test_tensor_parallel_size_must_be_a_positive_integer():
         EngineConfig(tensor_parallel_size=0)
 
 
-def test_a_worker_that_dies_fails_the_requests_with_a_clear_error(tiny_model_factory):
-    check_a_worker_that_dies_between_steps(str(tiny_model_factory("qwen3")), ENGINE_ARGS)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_worker_that_dies_fails_the_requests_with_a_clear_error(tiny_model_factory, async_scheduling):
+    check_a_worker_that_dies_between_steps(str(tiny_model_factory("qwen3")),
+                                           dict(ENGINE_ARGS, async_scheduling=async_scheduling))
 
 
 def check_a_worker_that_dies_between_steps(path: str, engine_args: dict) -> None:
@@ -222,9 +224,10 @@ def check_a_worker_that_dies_between_steps(path: str, engine_args: dict) -> None
     assert_no_children_left()
 
 
-def test_a_worker_killed_during_a_step_is_named_in_the_error(tiny_model_factory):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_worker_killed_during_a_step_is_named_in_the_error(tiny_model_factory, async_scheduling):
     path = str(tiny_model_factory("qwen3"))
-    llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=async_scheduling, **ENGINE_ARGS)
     [worker] = llm.engine.runner.workers.processes
     killed = []
 

@@ -96,15 +96,18 @@ def test_torchrun_on_two_gpus_gives_the_greedy_tokens_of_one(tiny_model_factory,
     assert printed == expected
 
 
-def test_a_gpu_worker_that_dies_between_steps_fails_the_requests_with_a_clear_error(tiny_model_factory):
-    check_a_worker_that_dies_between_steps(str(tiny_model_factory("qwen3")), ENGINE_ARGS)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_gpu_worker_that_dies_between_steps_fails_the_requests_with_a_clear_error(tiny_model_factory,
+                                                                                     async_scheduling):
+    check_a_worker_that_dies_between_steps(str(tiny_model_factory("qwen3")),
+                                           dict(ENGINE_ARGS, async_scheduling=async_scheduling))
 
 
 KILL_DURING_A_STEP = """
 import os, signal, sys
 from nanovllm import LLM, SamplingParams
 llm = LLM(sys.argv[1], tensor_parallel_size=2, device="cuda", dtype="float32", max_model_len=256,
-          max_num_seqs=8, num_kv_blocks=256)
+          max_num_seqs=8, num_kv_blocks=256, async_scheduling=sys.argv[2] == "async")
 [worker] = llm.engine.runner.workers.processes
 execute = llm.engine.runner._execute
 def kill_before_the_forward(*args):   # the step's broadcast has gone out; the all-reduce finds no peer
@@ -121,11 +124,14 @@ print("EXITED", flush=True)
 """
 
 
-def test_a_gpu_worker_killed_during_a_step_is_named_in_the_error_and_nothing_hangs(tiny_model_factory, tmp_path):
-    """NCCL would wait for the dead peer forever: rank 0 must notice and give up on its own."""
+@pytest.mark.parametrize("scheduling", ["sync", "async"])
+def test_a_gpu_worker_killed_during_a_step_is_named_in_the_error_and_nothing_hangs(tiny_model_factory, tmp_path,
+                                                                                   scheduling):
+    """NCCL would wait for the dead peer forever: rank 0 must notice and give up on its own (with async
+    scheduling, in the wait for the step's samples)."""
     path = str(tiny_model_factory("qwen3"))
-    result = subprocess.run([sys.executable, "-c", KILL_DURING_A_STEP, path], capture_output=True, text=True,
-                            timeout=180, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_A_STEP, path, scheduling], capture_output=True,
+                            text=True, timeout=180, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert re.search(r"ERROR: .*worker rank 1 .* exited with code -9", result.stdout), \
         result.stdout[-2000:] + result.stderr[-3000:]
     assert "EXITED" in result.stdout and result.returncode == 0, result.stderr[-3000:]
