@@ -109,7 +109,8 @@ def test_two_ranks_give_the_prompt_logprobs_of_one(tiny_model_factory):
         llm.engine.shutdown()
 
 
-def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_model_factory):
+@pytest.mark.parametrize("engine_args", [{}, dict(num_kv_blocks=24, block_size=4)], ids=["", "preempting"])
+def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_model_factory, engine_args):
     """With async scheduling the newest token of each decode row is still on rank 0 when the next step goes
     out; every rank takes it from one broadcast of rank 0's sample buffer. Greedy, seeded and n=2 sampling,
     penalties (which complete the step before theirs first), prompt log-probabilities, a regular
@@ -130,8 +131,8 @@ def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_mode
         return [[(c.token_ids, c.text, c.finish_reason, c.logprobs) for c in out.outputs] + [out.prompt_logprobs]
                 for out in llm.generate(prompts, params, use_tqdm=False)]
 
-    one = outputs(LLM(path, **ENGINE_ARGS))
-    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE_ARGS)
+    one = outputs(LLM(path, **ENGINE_ARGS, **engine_args))
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE_ARGS, **engine_args)
     seen_pending = []
     execute_step = llm.engine.runner._execute_step
 
@@ -142,9 +143,11 @@ def test_async_scheduling_with_two_ranks_gives_the_outputs_of_one_rank(tiny_mode
     llm.engine.runner._execute_step = counting
     try:
         two = outputs(llm)
+        preemptions = llm.engine.get_stats().num_preemptions
     finally:
         llm.engine.shutdown()
     assert max(seen_pending) > 0, "no step took a token still on the device: async scheduling did not run"
+    assert (preemptions > 0) == bool(engine_args), "the preempting case did not preempt"
     assert len(two) == len(one)
     for ours, theirs in zip(two, one):
         assert [c[:3] for c in ours[:-1]] == [c[:3] for c in theirs[:-1]]
