@@ -77,6 +77,7 @@ import torch.multiprocessing as mp
 from nanovllm.config import EngineConfig
 from nanovllm.model.parallel import ParallelState
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.runner.sampler import host_to_device
 from nanovllm.runner.shm_queue import QueueTimeoutError, ReaderDiedError, ShmQueueReader, ShmQueueWriter
 
 if TYPE_CHECKING:
@@ -91,7 +92,6 @@ JOIN_TIMEOUT_S = 30.0                      # for workers to exit after SHUTDOWN 
 FAILED_JOIN_TIMEOUT_S = 5.0                # for workers to exit after a failure before they are killed
 ABORT_TIMEOUT_S = 10.0                     # for NCCL to abort a group whose peer is gone
 WATCH_INTERVAL_S = 0.05                    # rank 0 checks the workers' processes this often while it polls its GPU
-
 
 
 class Step(NamedTuple):
@@ -119,9 +119,8 @@ def max_step_ints(config: EngineConfig) -> int:
     are asked for)."""
     num_tokens, num_seqs = config.max_num_batched_tokens, config.max_num_seqs
     max_blocks = -(-config.max_model_len // config.block_size)
-    num_logits, num_pending = num_seqs + num_tokens, num_seqs
-    return (HEADER_SIZE + 3 * _even(num_tokens) + num_logits + (num_seqs + 1) + num_seqs + num_seqs * max_blocks
-            + 2 * num_pending)
+    # the header of that step: N = B + T logits rows, and P = B pending rows
+    return HEADER_SIZE + _payload_size([STEP, num_tokens, num_seqs, max_blocks, num_seqs + num_tokens, 0, 0, num_seqs])
 
 
 class HostStep(NamedTuple):
@@ -275,10 +274,9 @@ class WorkerGroup:
         header, payload = message[:HEADER_SIZE], torch.from_numpy(message[HEADER_SIZE:])
         if self.steps is not None:     # the workers' copies start before rank 0's own
             self.steps.write([torch.from_numpy(message)], watch=self.check_alive)
-        if self.device.type != "cpu":
-            payload = _copy_to_device(payload, self.device)
+        payload = host_to_device(payload, torch.int64, self.device)      # on the CPU, the message's own view
         if self.steps is None:
-            dist.broadcast(_copy_to_device(torch.from_numpy(header), self.device), src=0)
+            dist.broadcast(host_to_device(torch.from_numpy(header), torch.int64, self.device), src=0)
             dist.broadcast(payload, src=0)
         return _unpack_step(header.tolist(), payload)
 
