@@ -467,28 +467,34 @@ def _llama3_rope_divisors(scaling: dict, head_dim: int, theta: float):
 
 
 def quantize_k_blocks(weight, qtype: str):
-    """weight [N, K] float32 (K a multiple of 256) -> GGUF Q4_K or Q6_K blocks [N, K / 256 * block bytes]
-    uint8, by round-to-nearest (the gguf package quantizes neither; its dequantize is the oracle of
-    what the bytes mean). Q4_K: per 32, [min, max] (widened to hold 0) onto 0..15, the 8 scales
-    and mins in 6 bits under fp16 d and dmin; Q6_K: per 16, a symmetric int8 scale under fp16 d."""
+    """weight [N, K] float32 (K a multiple of 256) -> GGUF Q4_K, Q5_K or Q6_K blocks [N, K / 256 *
+    block bytes] uint8, by round-to-nearest (the gguf package quantizes none of them; its dequantize
+    is the oracle of what the bytes mean). Q4_K (Q5_K): per 32, [min, max] (widened to hold 0) onto
+    0..15 (0..31), the 8 scales and mins in 6 bits under fp16 d and dmin; Q6_K: per 16, a symmetric
+    int8 scale under fp16 d."""
     import numpy as np
 
     rows, cols = weight.shape
     blocks = weight.astype(np.float32).reshape(-1, 256)                                   # [B, 256]
-    if qtype == "Q4_K":
+    if qtype in ("Q4_K", "Q5_K"):
+        top = 15 if qtype == "Q4_K" else 31
         groups = blocks.reshape(-1, 8, 32)
         low, high = np.minimum(groups.min(-1), 0), np.maximum(groups.max(-1), 0)         # [B, 8]
-        d = ((high - low).max(-1) / 15 / 63).astype(np.float16)                          # [B]
+        d = ((high - low).max(-1) / top / 63).astype(np.float16)                         # [B]
         dmin = ((-low).max(-1) / 63).astype(np.float16)
-        sc = np.clip(np.ceil((high - low) / 15 / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 1, 63)
+        sc = np.clip(np.ceil((high - low) / top / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 1, 63)
         m = np.clip(np.ceil(-low / np.maximum(dmin.astype(np.float32), 1e-30)[:, None]), 0, 63)
         scale, offset = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * m
-        q = np.clip(np.round((groups + offset[..., None]) / np.maximum(scale, 1e-30)[..., None]), 0, 15)
+        q = np.clip(np.round((groups + offset[..., None]) / np.maximum(scale, 1e-30)[..., None]), 0, top)
         sc, m, q = sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8).reshape(-1, 4, 2, 32)
         packed = np.concatenate([(sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6), (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6),
                                  (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)    # [B, 12]
-        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)     # byte l of each 32: weights l and l + 32 of 64
-        out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, qs], 1)
+        qs = ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).reshape(-1, 128)   # byte l of each 32: weights l, l + 32 of 64
+        head = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed]
+        if qtype == "Q5_K":       # bit j of byte l: the fifth bit of weight 32 j + l
+            fifth = (q.reshape(-1, 8, 32) >> 4).astype(np.uint16) << np.arange(8, dtype=np.uint16).reshape(1, 8, 1)
+            head.append(fifth.sum(1).astype(np.uint8))                                    # [B, 32]
+        out = np.concatenate(head + [qs], 1)
     elif qtype == "Q6_K":
         groups = blocks.reshape(-1, 16, 16)
         scale = np.abs(groups).max(-1) / 31                                              # [B, 16]
@@ -509,7 +515,7 @@ def quantize_k_blocks(weight, qtype: str):
 def write_tiny_gguf(hf_dir: Path, out: Path, qtype="F32") -> Path:
     """Convert a tiny HF model directory to GGUF as llama.cpp would; 2-D weights stored as `qtype`
     (a type name, or a function of the GGUF tensor name giving one). As llama.cpp does, a weight whose
-    rows are not whole superblocks of 256 falls back from Q4_K / Q6_K to Q8_0."""
+    rows are not whole superblocks of 256 falls back from Q4_K / Q5_K / Q6_K to Q8_0."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -554,9 +560,9 @@ def write_tiny_gguf(hf_dir: Path, out: Path, qtype="F32") -> Path:
         if arch == "llama" and ".attn_k." in gguf_name:
             weight = _llama_cpp_permute(weight, num_kv_heads)
         quant = gguf.GGMLQuantizationType[qtype_of(gguf_name)]
-        if quant.name in ("Q4_K", "Q6_K") and weight.shape[-1] % 256:
+        if quant.name in ("Q4_K", "Q5_K", "Q6_K") and weight.shape[-1] % 256:
             quant = gguf.GGMLQuantizationType.Q8_0
-        if weight.ndim == 2 and quant.name in ("Q4_K", "Q6_K"):
+        if weight.ndim == 2 and quant.name in ("Q4_K", "Q5_K", "Q6_K"):
             writer.add_tensor(gguf_name, quantize_k_blocks(weight, quant.name), raw_dtype=quant)
         elif weight.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, gguf.quants.quantize(weight, quant), raw_dtype=quant)

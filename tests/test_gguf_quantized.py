@@ -1,11 +1,11 @@
-"""GGUF's Q8_0, Q4_K and Q6_K blocks load quantized (model/quantization/gguf.py): each block decodes
-to the very floats the gguf package dequantizes it to, and so does each layer's buffers through
-the torch references; a tiny model loaded that way on the CPU gives the logits and greedy tokens
-of the dequantized load of the same file.
+"""GGUF's quantized blocks load quantized (model/quantization/gguf.py): each block decodes to the
+very floats the gguf package dequantizes it to, and so does each layer's buffers through the
+torch references; a tiny model loaded that way on the CPU gives the logits and greedy tokens of
+the dequantized load of the same file.
 
-The gguf package writes Q8_0 but not Q4_K or Q6_K, so those blocks are made by
-conftest.quantize_k_blocks, or are random bytes: either way gguf.quants.dequantize of the same
-bytes is the oracle.
+The gguf package writes the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) but no k-quant, so
+Q4_K, Q5_K and Q6_K blocks are made by conftest.quantize_k_blocks, and Q2_K and Q3_K are random
+bytes only: either way gguf.quants.dequantize of the same bytes is the oracle.
 """
 from __future__ import annotations
 
@@ -27,21 +27,29 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NANO_VLLM_CACHE", str(tmp_path / "cache"))
 
 
+WRITTEN_BY_GGUF = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+WRITTEN_BY_CONFTEST = ("Q4_K", "Q5_K", "Q6_K")
+GROUP_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 16, "Q3_K": 16, "Q4_K": 32,
+              "Q5_K": 32, "Q6_K": 16}
+HAS_OFFSETS = {"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"}
+
+
 def gguf_blocks(qtype: str, seed: int = 0, random_bytes: bool = False) -> np.ndarray:
     """[N, K / block * bytes] uint8 blocks of `qtype` for a weight of SHAPE: a quantized random
-    weight, or random bytes (every code, scale and min bit pattern) with finite fp16 d (and dmin)."""
+    weight, or random bytes (every code, scale and min bit pattern) with finite fp16 d (and dmin, m)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(SHAPE).astype(np.float32) * 0.05
     if not random_bytes:
-        if qtype == "Q8_0":
-            return gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+        if qtype in WRITTEN_BY_GGUF:
+            return gguf.quants.quantize(weight, gguf.GGMLQuantizationType[qtype])
         return quantize_k_blocks(weight, qtype)
     block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
     blocks = rng.integers(0, 256, (SHAPE[0] * SHAPE[1] // block_size, type_size), dtype=np.uint8)
-    halves = (rng.random((blocks.shape[0], 2)) * 0.01).astype(np.float16).view(np.uint8)   # d (and dmin)
-    columns = {"Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [type_size - 2]}[qtype]
+    halves = (rng.standard_normal((blocks.shape[0], 2)) * 0.01).astype(np.float16).view(np.uint8)  # d (and dmin, m)
+    columns = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[qtype]
     for index, column in enumerate(columns):
         blocks[:, column:column + 2] = halves[:, 2 * index:2 * index + 2]
     return blocks.reshape(SHAPE[0], -1)
@@ -55,27 +63,34 @@ def oracle(blocks: np.ndarray, qtype: str) -> torch.Tensor:
 @pytest.mark.parametrize("random_bytes", [False, True], ids=["quantized", "random-bytes"])
 @pytest.mark.parametrize("qtype", KEPT_TYPES)
 def test_blocks_decode_to_what_gguf_dequantizes_bit_for_bit(qtype, random_bytes):
+    if not random_bytes and qtype not in WRITTEN_BY_GGUF + WRITTEN_BY_CONFTEST:
+        pytest.skip(f"nothing here writes {qtype} but random bytes")
     blocks = gguf_blocks(qtype, random_bytes=random_bytes)
     weight = decode_blocks(blocks, qtype, SHAPE)
     expected = oracle(blocks, qtype)
-    assert weight.group_size == {"Q8_0": 32, "Q4_K": 32, "Q6_K": 16}[qtype]
-    assert (weight.offsets is not None) == (qtype == "Q4_K")
+    assert weight.group_size == GROUP_SIZE[qtype]
+    assert (weight.offsets is not None) == (qtype in HAS_OFFSETS)
     assert torch.equal(weight.dequantize(), expected)
 
 
 @pytest.mark.parametrize("qtypes", [{"Q8_0"}, {"Q6_K"}, {"Q4_K"}, {"Q8_0", "Q6_K"}, {"Q4_K", "Q6_K"},
-                                    {"Q4_K", "Q8_0"}])
+                                    {"Q4_K", "Q8_0"}, {"Q4_0"}, {"Q4_1"}, {"Q4_0", "Q4_K"}, {"Q4_0", "Q8_0"},
+                                    {"Q5_0"}, {"Q5_1"}, {"Q5_K", "Q6_K"}, {"Q3_K", "Q4_K", "Q5_K"}, {"Q2_K"}])
 def test_each_layout_holds_each_of_its_parts_bit_for_bit(qtypes):
     """The layer buffers, dequantized by the torch references of the kernels, are gguf's floats:
-    a layer of Q4_K alone packs 4-bit codes with offsets; one with Q8_0 or Q6_K holds int8 codes in
-    the smallest group of its parts, with offsets when a part is Q4_K."""
+    a layer of 4-bit types alone packs 4-bit codes (Q4_0 alone with its zero point 8, else with
+    offsets); any other holds int8 codes in the smallest group of its parts, with offsets when a
+    part has them."""
     layout = Layout.of(qtypes)
-    assert layout.kind == ("w4a16" if qtypes == {"Q4_K"} else "w8a16")
-    assert layout.group_size == (16 if "Q6_K" in qtypes else 32)
+    four_bit = qtypes <= {"Q4_0", "Q4_1", "Q4_K"}
+    assert layout.kind == ("w4a16" if four_bit else "w8a16")
+    assert layout.group_size == min(GROUP_SIZE[qtype] for qtype in qtypes)
+    assert layout.offsets == bool(qtypes & HAS_OFFSETS)
     for seed, qtype in enumerate(sorted(qtypes)):
         blocks = gguf_blocks(qtype, seed=seed, random_bytes=True)
         buffers = layout.buffers(decode_blocks(blocks, qtype, SHAPE))
         if layout.kind == "w4a16":
+            assert buffers["zeros"].dtype == (torch.float32 if layout.offsets else torch.uint8)
             weight = dequantize_w4(buffers["qweight"], buffers["scales"], buffers["zeros"])
         else:
             weight = dequantize_w8(buffers["qweight"], buffers["scales"], buffers.get("offsets"))
@@ -84,7 +99,8 @@ def test_each_layout_holds_each_of_its_parts_bit_for_bit(qtypes):
 
 
 def test_other_types_stay_float():
-    assert Layout.of({"Q4_K", "F16"}) is None and Layout.of({"Q4_0"}) is None and Layout.of({"Q5_K"}) is None
+    assert Layout.of({"Q4_K", "F16"}) is None and Layout.of({"IQ4_XS"}) is None and Layout.of({"Q4_0", "IQ4_NL"}) is None
+    assert Layout.of({"F32"}) is None and Layout.of(set()) is None
 
 
 def q4_k_m(gguf_name: str) -> str:
@@ -94,7 +110,13 @@ def q4_k_m(gguf_name: str) -> str:
     return "Q6_K" if ".attn_v." in gguf_name or ".ffn_down." in gguf_name else "Q4_K"
 
 
-MIXES = {"q4_k_m": q4_k_m, "q8_0": "Q8_0", "q4_k": "Q4_K"}
+def q5_k_m(gguf_name: str) -> str:
+    """A Q5_K_M-like file: v and down in Q6_K, the other linears in Q5_K."""
+    return "Q8_0" if gguf_name.startswith(("token_embd", "output")) else q4_k_m(gguf_name).replace("Q4_K", "Q5_K")
+
+
+MIXES = {"q4_k_m": q4_k_m, "q8_0": "Q8_0", "q4_k": "Q4_K", "q5_k_m": q5_k_m, "q4_0": "Q4_0", "q4_1": "Q4_1",
+         "q5_0": "Q5_0", "q5_1": "Q5_1"}
 
 
 # llama's q/k rows permuted; qwen2's biases (and rows of 128: mostly Q8_0, see below)
@@ -110,19 +132,23 @@ def test_quantized_load_gives_the_logits_and_greedy_tokens_of_the_dequantized_lo
               for parent, kind in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
                                    ("mlp", "down_proj"))}
     expected = {"q4_k_m": (W8A16Linear, W4A16Linear, W4A16Linear, W8A16Linear),
-                "q8_0": (W8A16Linear,) * 4, "q4_k": (W4A16Linear,) * 4}[mix]
+                "q4_k": (W4A16Linear,) * 4, "q4_0": (W4A16Linear,) * 4, "q4_1": (W4A16Linear,) * 4}.get(
+        mix, (W8A16Linear,) * 4)
     if name == "qwen2":   # hidden size 128: all but down_proj fall back to Q8_0 (write_tiny_gguf)
         expected = (W8A16Linear,) * 3 + expected[3:]
     assert tuple(layers.values()) == expected
     assert type(dequantized.layers[0].self_attn.qkv_proj) is torch.nn.Linear
+    if mix == "q4_0":     # Q4_0 alone: the integer zero point 8, no float offsets
+        assert quantized.layers[0].mlp.down_proj.zeros.dtype == torch.uint8
     prompt = torch.randint(0, config.vocab_size, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     assert_logits_close(PagedSequence(quantized).step(prompt), PagedSequence(dequantized).step(prompt))
     assert PagedSequence(quantized).greedy(prompt, 32) == PagedSequence(dequantized).greedy(prompt, 32)
 
 
 def test_the_embedded_gguf_loads_through_the_quantized_path_with_the_same_logits(private_cache):
-    """SmolLM2's linears are Q4_1 (not kept: dequantized tensor by tensor, without the float cache)
-    and its embedding Q8_0 (dequantized, as every embedding): the same floats as the cached load."""
+    """SmolLM2's linears are Q4_1 (kept: 4-bit codes with float offsets, w = d q - (-m)) and its
+    embedding Q8_0 (dequantized, as every embedding): float32 activations through the torch
+    reference give the very logits of the dequantized, cached load."""
     from nanovllm.model.embedded import embedded_gguf_path
 
     path = embedded_gguf_path()
@@ -130,6 +156,7 @@ def test_the_embedded_gguf_loads_through_the_quantized_path_with_the_same_logits
         pytest.skip("the embedded model is not installed")
     prompt = [1, 504, 3458, 314, 253, 1345, 28, 2495, 30]
     quantized, _ = load_model(str(path), quantization="gguf")
+    assert all(type(layer.mlp.gate_up_proj) is W4A16Linear for layer in quantized.layers)
     expected = PagedSequence(quantized).step(prompt)
     del quantized
     dequantized, _ = load_model(str(path))
@@ -169,6 +196,8 @@ def test_the_roofline_counts_the_linear_weights_as_loaded(tiny_model_factory, tm
     assert gguf_bytes_per_weight(str(write_tiny_gguf(hf_dir, tmp_path / "a.gguf", "Q4_K"))) == 0.5 + 8 / 32
     assert gguf_bytes_per_weight(str(write_tiny_gguf(hf_dir, tmp_path / "b.gguf", "Q8_0"))) == 1 + 4 / 32
     assert gguf_bytes_per_weight(str(write_tiny_gguf(hf_dir, tmp_path / "c.gguf", "F16"))) == 2.0
+    assert gguf_bytes_per_weight(str(write_tiny_gguf(hf_dir, tmp_path / "e.gguf", "Q4_0"))) == 0.5 + 5 / 32
+    assert gguf_bytes_per_weight(str(write_tiny_gguf(hf_dir, tmp_path / "f.gguf", "Q5_1"))) == 1 + 8 / 32
     # Q4_K_M-like, hidden and intermediate 256, 4 q heads and 1 kv head of 64: qkv 384 rows in
     # w8a16 with offsets (groups of 16), o 256 and gate/up 512 in w4a16, down 256 in w8a16 (groups of 16)
     mixed = gguf_bytes_per_weight(str(write_tiny_gguf(hf_dir, tmp_path / "d.gguf", q4_k_m)))

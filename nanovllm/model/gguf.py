@@ -20,7 +20,7 @@ first load writes the float weights (safetensors), the config (json) and the
 tokenizer (tokenizer.json, built by transformers) to a cache directory named
 by a hash of the file's bytes; later loads memory-map them. Deleting the cache
 directory is always safe: the next load writes it again. A load that keeps the
-Q8_0 / Q4_K / Q6_K blocks quantized (on CUDA by default, model/quantization/gguf.py)
+legacy and k-quant blocks quantized (on CUDA by default, model/quantization/gguf.py)
 writes no float weights: it reads the file tensor by tensor (`gguf_tensors`).
 """
 from __future__ import annotations

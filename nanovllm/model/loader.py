@@ -11,8 +11,9 @@ differ only in where those two live:
   (`llama.block_count`, `tokenizer.ggml.tokens`, ...) then tensors named
   `blk.3.attn_q.weight`, most of them quantized in blocks (Q4_1: 32 weights
   share one scale and one offset). On the CPU we dequantize to float once and
-  cache the result; on CUDA, Q8_0, Q4_K and Q6_K blocks load as they are, into
-  quantized layers, tensor by tensor (quantization/gguf.py; "none" dequantizes).
+  cache the result; on CUDA, the legacy (Q4_0 ... Q8_0) and k-quant (Q2_K ... Q6_K)
+  blocks load as they are, into quantized layers, tensor by tensor
+  (quantization/gguf.py; "none" dequantizes).
   llama.cpp rotates interleaved pairs in RoPE, so its converter permutes the
   rows of q and k of `llama` models; we undo that. See gguf.py.
 - **llama2.c** (`stories15M.bin`): seven int32s (dim, hidden_dim, n_layers,
@@ -96,7 +97,7 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     """Build the model on `device` with parameters in `dtype`, fill its weights, return it in eval mode.
     With tp_size > 1: only the shard of tensor-parallel rank tp_rank. A quantized checkpoint loads
     quantized; quantization="fp8" | "w4a16" | "gguf-q8_0" | "gguf-q4_k" quantizes a float one
-    (model/quantization). A GGUF's Q8_0 / Q4_K / Q6_K blocks stay quantized with quantization="gguf",
+    (model/quantization). A GGUF's quantized blocks (KEPT_TYPES) stay quantized with quantization="gguf",
     or by default on CUDA (keeps_gguf_blocks); "none" dequantizes them.
 
     The model is built directly on the device under `dtype` as the default
@@ -137,7 +138,7 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
 
 def keeps_gguf_blocks(model: str | None, load_format: str, quantization: str | None, device: str | torch.device,
                       tp_size: int = 1) -> bool:
-    """Whether `model` loads as a GGUF whose Q8_0 / Q4_K / Q6_K blocks stay quantized: with
+    """Whether `model` loads as a GGUF whose quantized blocks (KEPT_TYPES) stay quantized: with
     quantization="gguf" (an error for any other format, or several ranks), and by default (None)
     on CUDA with one rank when any linear layer has one of those types; never with "none" or an
     online method."""

@@ -18,12 +18,12 @@ bandwidth. Storing a weight in 8 or 4 bits reads a half or a quarter of bfloat16
   codes q in 0..15, eight to an int32 along K (code k of a row in bits 4 (k % 8) .. of
   word k // 8, the low nibble first), with a scale and an integer zero point per group of
   `group_size` weights along K: w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g], g = k // group_size.
-  A symmetric checkpoint has zero 8. The activations stay in 16 bits. GGUF's 4-bit blocks
-  (Q4_K, Q4_0, Q4_1: w = d * q - m) need a float offset instead of an integer zero point: with
+  A symmetric checkpoint has zero 8 (as has GGUF's Q4_0). The activations stay in 16 bits.
+  GGUF's Q4_1 and Q4_K blocks (w = d * q - m) need a float offset instead of an integer zero point: with
   `zeros` float32 the weight is w[n, k] = q[n, k] * scale[n, g] - offset[n, g] (the format follows
   from zeros' dtype).
-- **W8A16** (GGUF's Q8_0 and Q6_K after loading, model/quantization/gguf.py): int8 codes [N, K]
-  with a float32 scale per group of `group_size` along K (Q8_0: 32, Q6_K: 16), and optionally a
+- **W8A16** (GGUF's 8-, 6-, 5-, 3- and 2-bit blocks after loading, model/quantization/gguf.py): int8
+  codes [N, K] with a float32 scale per group of `group_size` along K (Q8_0: 32, Q6_K: 16), and optionally a
   float32 offset per group: w[n, k] = q[n, k] * scale[n, g] - offset[n, g].
 
 Each function here is the torch reference (the CPU path, and the oracle of the Triton

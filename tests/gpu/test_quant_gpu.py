@@ -2,8 +2,8 @@
 Llama-3.1-8B's layer shapes, at batch 1, 7, 64 and 256, against the torch references
 (by relative error of the whole output: one bfloat16 rounding of the outputs, 1e-2, allowing
 for float32 summation order). FP8 is also held to torch._scaled_mm on the same codes, and a
-tiny model loaded with quantization="fp8" / "w4a16" runs on the GPU as on the CPU, as does a
-tiny GGUF of Q4_K, Q6_K and Q8_0 blocks (kept quantized, the default on CUDA).
+tiny model loaded with quantization="fp8" / "w4a16" runs on the GPU as on the CPU, as do tiny
+GGUFs of Q4_K, Q5_K, Q4_0 or Q4_1 blocks beside Q6_K and Q8_0 (kept quantized, the default on CUDA).
 Run on a GPU machine: `python3 -m pytest -q -m gpu tests/gpu/test_quant_gpu.py`.
 """
 from __future__ import annotations
@@ -169,20 +169,23 @@ GGUF_SHAPES = SHAPES[:4]     # Llama-3.2-1B's
 
 @pytest.mark.parametrize("num_rows", (1, 3) + BATCHES[1:])
 @pytest.mark.parametrize("out_features,in_features", GGUF_SHAPES)
-@pytest.mark.parametrize("layout", ["q4_k", "q8_0", "q6_k", "q6_k+q4_k"])
+@pytest.mark.parametrize("layout", ["q4_k", "q4_0", "q8_0", "q6_k", "q6_k+q4_k"])
 def test_gguf_layouts_match_reference(layout, num_rows, out_features, in_features):
-    """GGUF's layouts: Q4_K as W4A16 codes with float offsets per 32, Q8_0 and Q6_K as int8 codes
-    with a scale per 32 or 16, a layer mixing Q6_K and Q4_K with offsets as well."""
+    """GGUF's layouts: Q4_K as W4A16 codes with float offsets per 32, Q4_0 with the zero point 8
+    per 32, Q8_0 and Q6_K as int8 codes with a scale per 32 or 16, a layer mixing Q6_K and Q4_K
+    with offsets as well."""
     from nanovllm.ops.quant_linear_triton import w4a16_linear_triton, w8a16_linear_triton
 
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
-    group_size = 32 if layout in ("q4_k", "q8_0") else 16
+    group_size = 32 if layout in ("q4_k", "q4_0", "q8_0") else 16
     groups = in_features // group_size
     scales = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.01
     offsets = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.05
-    if layout == "q4_k":
+    if layout in ("q4_k", "q4_0"):
         qweight = pack_int4(torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator))
+        if layout == "q4_0":
+            offsets = torch.full((out_features, groups), 8, device=DEVICE, dtype=torch.uint8)
         out = w4a16_linear_triton(x, qweight, scales, offsets)
         reference = w4a16_linear_torch(x, qweight, scales, offsets)
     else:
@@ -194,9 +197,12 @@ def test_gguf_layouts_match_reference(layout, num_rows, out_features, in_feature
     assert relative_error(out, reference) < 1e-2
 
 
-def test_gguf_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, tmp_path, monkeypatch):
-    """A Q4_K_M-like GGUF (v and down in Q6_K, the rest Q4_K, the embedding Q8_0) loads quantized by
-    default on CUDA, and runs as the torch references run it on the CPU (bfloat16 on both sides)."""
+@pytest.mark.parametrize("main_type", ["Q4_K", "Q5_K", "Q4_0", "Q4_1"])
+def test_gguf_tiny_model_on_the_gpu_matches_the_cpu_references(main_type, tiny_llama, tmp_path, monkeypatch):
+    """A "_M"-like GGUF (v and down in Q6_K, the rest `main_type`, the embedding Q8_0) loads
+    quantized by default on CUDA, and runs as the torch references run it on the CPU (bfloat16 on
+    both sides). gate_up_proj: Q4_K and Q4_1 as 4-bit codes with float offsets, Q4_0 with the
+    integer zero point 8, Q5_K as int8 codes with offsets."""
     from conftest import PagedSequence, write_tiny_gguf
 
     from nanovllm.model.loader import load_model
@@ -204,16 +210,16 @@ def test_gguf_tiny_model_on_the_gpu_matches_the_cpu_references(tiny_llama, tmp_p
 
     monkeypatch.setenv("NANO_VLLM_CACHE", str(tmp_path / "cache"))
 
-    def q4_k_m(name: str) -> str:
+    def mix(name: str) -> str:
         if name.startswith(("token_embd", "output")):
             return "Q8_0"
-        return "Q6_K" if ".attn_v." in name or ".ffn_down." in name else "Q4_K"
+        return "Q6_K" if ".attn_v." in name or ".ffn_down." in name else main_type
 
-    path = str(write_tiny_gguf(tiny_llama, tmp_path / "q4_k_m.gguf", q4_k_m))
+    path = str(write_tiny_gguf(tiny_llama, tmp_path / f"{main_type}-mix.gguf", mix))
     prompt = [256, 17, 99, 3, 250, 64, 7, 180, 42, 5]
     gpu, _ = load_model(path, device=DEVICE, dtype=torch.bfloat16)
     assert isinstance(gpu.layers[0].self_attn.qkv_proj, W8A16Linear)
-    assert isinstance(gpu.layers[0].mlp.gate_up_proj, W4A16Linear)
+    assert isinstance(gpu.layers[0].mlp.gate_up_proj, W8A16Linear if main_type == "Q5_K" else W4A16Linear)
     cpu, _ = load_model(path, device="cpu", dtype=torch.bfloat16, quantization="gguf")
     on_cpu = PagedSequence(cpu).step(prompt)
     # bfloat16 activations rounded in different orders, carried far by the tiny model's sharp attention

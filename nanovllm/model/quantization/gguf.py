@@ -1,28 +1,44 @@
-"""GGUF's Q8_0, Q6_K and Q4_K blocks kept quantized: each re-expressed exactly in a GPU layout.
+"""GGUF's quantized blocks kept quantized: each type re-expressed exactly in a GPU layout.
 
-llama.cpp stores a weight row by row (a row per output), each row a run of blocks along K. Three
-block types cover most downloads (a "Q4_K_M" file is Q4_K with some Q6_K layers, "Q8_0" is what it
-says):
+llama.cpp stores a weight row by row (a row per output), each row a run of blocks along K. The
+"legacy" types have blocks of 32 weights, the k-quants superblocks of 256 with a scale (and
+min) per sub-block; a download names its main type, with some layers in another ("Q4_K_M" is
+Q4_K with v and down in Q6_K, "Q5_K_M" Q5_K with Q6_K, "Q3_K_M" Q3_K with Q4_K and Q5_K):
 
-    Q8_0   32 weights: fp16 d, int8 q                               w = d q
-    Q6_K   256 weights: fp16 d; 16 sub-blocks of 16, each an int8 scale sc; 6-bit q
-                                                                    w = (d sc) (q - 32)
-    Q4_K   256 weights: fp16 d and dmin; 8 sub-blocks of 32, each a 6-bit scale sc and min m; 4-bit q
+    Q4_0   32: fp16 d, 4-bit q                                      w = d (q - 8)
+    Q4_1   32: fp16 d and m, 4-bit q                                w = d q + m
+    Q5_0   32: fp16 d, 5-bit q (a word of high bits)                w = d (q - 16)
+    Q5_1   32: fp16 d and m, 5-bit q                                w = d q + m
+    Q8_0   32: fp16 d, int8 q                                       w = d q
+    Q2_K   256: fp16 d and dmin; 16 sub-blocks of 16, each a 4-bit scale sc and min m; 2-bit q
                                                                     w = (d sc) q - (dmin m)
+    Q3_K   256: fp16 d; 16 sub-blocks of 16, each a 6-bit scale sc; 3-bit q (a high-bit mask)
+                                                                    w = (d (sc - 32)) (q - 4)
+    Q4_K   256: fp16 d and dmin; 8 sub-blocks of 32, each a 6-bit scale sc and min m; 4-bit q
+                                                                    w = (d sc) q - (dmin m)
+    Q5_K   as Q4_K with 5-bit q                                     w = (d sc) q - (dmin m)
+    Q6_K   256: fp16 d; 16 sub-blocks of 16, each an int8 scale sc; 6-bit q
+                                                                    w = (d sc) (q - 32)
 
-So each is integer codes times a float scale per group along K (Q8_0: 32, Q6_K: 16, Q4_K: 32), and
-Q4_K minus a float offset per group. d sc and dmin m are exact in float32 (11 + 8 significant bits
-at most), so the layouts below dequantize to the very bits the gguf package gives. A fused layer
+So each is integer codes times a float scale per group along K (16 or 32), some minus a float
+offset per group. The scales and offsets are exact in float32 (fp16 times an integer of at most
+8 bits), so the layouts below dequantize to the very bits the gguf package gives. A fused layer
 (q/k/v, gate/up) takes one layout for the GGUF types of its parts:
 
-    all Q4_K             -> W4A16Linear, groups of 32, float offsets: 4-bit codes packed as ours
-    Q8_0, Q6_K (+ Q4_K)  -> W8A16Linear, groups of 32 (16 with any Q6_K), int8 codes, offsets if any
-                            part is Q4_K (a Q4_K_M file's q and k in Q4_K beside v in Q6_K)
-    any other type       -> the float layer, dequantized tensor by tensor (F16, Q4_0, Q5_K, ...)
+    only 4-bit types (Q4_0, Q4_1, Q4_K)
+                         -> W4A16Linear, groups of 32: 4-bit codes packed as ours; Q4_0 alone
+                            with the integer zero point 8, else float offsets (Q4_0's: 8 d)
+    any other kept type  -> W8A16Linear, int8 codes, groups of 32 (16 with any Q2_K, Q3_K or
+                            Q6_K part), float offsets when a part has them (a Q4_K_M file's q
+                            and k in Q4_K beside v in Q6_K)
+    any other type       -> the float layer, dequantized tensor by tensor (F16, the IQ types, ...)
 
-The scales (and offsets) are kept in float32: 0.75 bytes a weight for Q4_K (GGUF: 0.56), 1.125
-for Q8_0 (1.06), 1.25 for Q6_K (0.82). The embeddings, norms and LM head stay in the model's dtype.
-Everything goes tensor by tensor from the memory-mapped file: there is no float copy of the model.
+The scales (and offsets) are kept in float32: 0.75 bytes a weight for Q4_K and Q4_1 (GGUF: 0.56,
+0.63), 0.66 for Q4_0 (0.56), 1.125 for Q8_0 and Q5_0 (1.06, 0.69), 1.25 for Q5_1, Q5_K and Q6_K
+(0.75, 0.69, 0.82), 1.25 for Q3_K (0.43) and 1.5 for Q2_K (0.33): the low-bit k-quants take the
+8-bit kernels, at the bytes of Q6_K but still below bfloat16's 2. The embeddings, norms and LM
+head stay in the model's dtype. Everything goes tensor by tensor from the memory-mapped file:
+there is no float copy of the model.
 """
 from __future__ import annotations
 
@@ -39,9 +55,13 @@ from nanovllm.model.quantization.layers import W4A16Linear, W8A16Linear
 from nanovllm.model.quantization.method import _copy_into_layer, _split_name
 from nanovllm.ops.quant_linear import pack_int4
 
-Q8_0, Q4_K, Q6_K = "Q8_0", "Q4_K", "Q6_K"
-KEPT_TYPES = (Q8_0, Q4_K, Q6_K)              # the GGUF types that load quantized
-GROUP_SIZE = {Q8_0: 32, Q6_K: 16, Q4_K: 32}   # weights per scale along K
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"
+KEPT_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the GGUF types that load quantized
+GROUP_SIZE = {Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q8_0: 32,             # weights per scale along K
+              Q2_K: 16, Q3_K: 16, Q4_K: 32, Q5_K: 32, Q6_K: 16}
+FOUR_BIT_TYPES = {Q4_0, Q4_1, Q4_K}                                         # those the 4-bit layout holds
+OFFSET_TYPES = {Q4_1, Q5_1, Q2_K, Q4_K, Q5_K}                               # w = d q + offset
 
 
 @dataclass
@@ -89,10 +109,108 @@ def decode_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int]) -> Group
                         None if offsets is None else torch.from_numpy(offsets).reshape(num_rows, -1))
 
 
+def _halves(column: np.ndarray) -> np.ndarray:
+    """[B, 2] bytes of fp16 -> [B, 1] float32."""
+    return np.ascontiguousarray(column).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[B, 16] bytes of a 32-weight block -> [B, 32] uint8: byte l holds weight l (low nibble) and l + 16."""
+    return ((qs[:, None, :] >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F).reshape(-1, 32)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[B, 4] bytes, one little-endian word whose bit l is weight l's fifth bit -> [B, 32] uint8 of 0 or 16."""
+    bits = np.ascontiguousarray(qh).view("<u4") >> np.arange(32, dtype=np.uint32)            # [B, 32]
+    return ((bits & 1) << 4).astype(np.uint8)
+
+
+def _decode_q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """[B, 18]: fp16 d, 16 bytes of 4-bit q. Codes q - 8 (-8..7)."""
+    d, qs = np.hsplit(blocks, [2])
+    return _nibbles(qs).astype(np.int8) - np.int8(8), _halves(d), None
+
+
+def _decode_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B, 20]: fp16 d and m, 16 bytes of 4-bit q. Offsets -m."""
+    d, m, qs = np.split(blocks, [2, 4], axis=1)
+    return _nibbles(qs).astype(np.int8), _halves(d), -_halves(m)
+
+
+def _decode_q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """[B, 22]: fp16 d, a word of fifth bits, 16 bytes of low nibbles. Codes q - 16 (-16..15)."""
+    d, qh, qs = np.split(blocks, [2, 6], axis=1)
+    return (_nibbles(qs) | _fifth_bits(qh)).astype(np.int8) - np.int8(16), _halves(d), None
+
+
+def _decode_q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B, 24]: fp16 d and m, a word of fifth bits, 16 bytes of low nibbles. Offsets -m."""
+    d, m, qh, qs = np.split(blocks, [2, 4, 8], axis=1)
+    return (_nibbles(qs) | _fifth_bits(qh)).astype(np.int8), _halves(d), -_halves(m)
+
+
 def _decode_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
     """[B, 34]: fp16 d, 32 int8 q."""
     d, q = np.hsplit(blocks, [2])
-    return q.view(np.int8).copy(), d.view(np.float16).astype(np.float32), None   # a copy: the file is read-only
+    return q.view(np.int8).copy(), _halves(d), None   # a copy: the file is read-only
+
+
+def _decode_q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B, 84]: 16 bytes of (scale, min) nibbles, 64 bytes of 2-bit q, fp16 d, fp16 dmin. Within each
+    half of 128 weights, byte l of its 32 holds weights l, l + 32, l + 64, l + 96 (2 bits each, low first)."""
+    num_blocks = blocks.shape[0]
+    sc, qs, d, dmin = np.split(blocks, [16, 80, 82], axis=1)
+    q = (qs.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    scales = _halves(d) * (sc & 0x0F).astype(np.float32)                                  # [B, 16]
+    offsets = _halves(dmin) * (sc >> 4).astype(np.float32)
+    return q.reshape(num_blocks, 256).astype(np.int8), scales, offsets
+
+
+def _decode_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """[B, 110]: 32 bytes of high-bit mask, 64 bytes of 2-bit low q, 12 bytes of sixteen 6-bit scales,
+    fp16 d. Low bits as Q2_K's; bit j of mask byte l is weight 32 j + l's high bit, and a clear bit
+    subtracts 4. Codes -4..3; scales d (sc - 32)."""
+    num_blocks = blocks.shape[0]
+    hmask, qs, packed, d = np.split(blocks, [32, 96, 108], axis=1)
+    low = (qs.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    high = (hmask.reshape(num_blocks, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01   # [B, 8, 32]
+    codes = low.reshape(num_blocks, 256).astype(np.int8) - (4 * (1 - high)).reshape(num_blocks, 256).astype(np.int8)
+    # scale j: its low 4 bits in byte j % 8 (low nibble for j < 8, high after), its high 2 in byte 8 + j % 4
+    low_sc = (packed[:, None, :8] >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F          # [B, 2, 8]
+    high_sc = (packed[:, None, 8:] >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & 0x03   # [B, 4, 4]
+    sc = low_sc.reshape(num_blocks, 16) | (high_sc.reshape(num_blocks, 16) << 4)                         # 0..63
+    return codes, _halves(d) * (sc.astype(np.float32) - 32), None
+
+
+def _decode_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B, 144]: fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of codes:
+    byte l of each run of 32 holds weight l (low nibble) and l + 32 (high) of its 64."""
+    num_blocks = blocks.shape[0]
+    d, dmin, packed, qs = np.split(blocks, [2, 4, 16], axis=1)
+    codes = (qs.reshape(num_blocks, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    scales, offsets = _k_scales(d, dmin, packed)
+    return codes.reshape(num_blocks, 256).astype(np.int8), scales, offsets
+
+
+def _decode_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[B, 176]: Q4_K's d, dmin and scales, then 32 bytes of fifth bits (bit j of byte l: weight
+    32 j + l), then Q4_K's 128 bytes of low nibbles."""
+    num_blocks = blocks.shape[0]
+    d, dmin, packed, qh, qs = np.split(blocks, [2, 4, 16, 48], axis=1)
+    low = (qs.reshape(num_blocks, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    high = (qh.reshape(num_blocks, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01
+    codes = low.reshape(num_blocks, 256) | (high.reshape(num_blocks, 256) << 4)
+    scales, offsets = _k_scales(d, dmin, packed)
+    return codes.astype(np.int8), scales, offsets
+
+
+def _k_scales(d: np.ndarray, dmin: np.ndarray, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's fp16 d and dmin and 12 bytes of eight 6-bit (scale, min) pairs -> [B, 8]
+    scales d sc and offsets dmin m."""
+    from gguf.quants import Q4_K as gguf_q4_k
+
+    sc, m = gguf_q4_k.get_scale_min(packed)                                              # [B, 8] each, 0..63
+    return _halves(d) * sc.astype(np.float32), _halves(dmin) * m.astype(np.float32)
 
 
 def _decode_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
@@ -105,25 +223,12 @@ def _decode_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
     high = (qh.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
     q = low.reshape(num_blocks, 2, 4, 32) | (high << 4)                                 # [B, half, quarter, 32]
     codes = q.reshape(num_blocks, 256).astype(np.int8) - np.int8(32)                    # -32..31
-    scales = d.view(np.float16).astype(np.float32) * sc.view(np.int8).astype(np.float32)   # [B, 16]
+    scales = _halves(d) * sc.view(np.int8).astype(np.float32)                           # [B, 16]
     return codes, scales, None
 
 
-def _decode_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[B, 144]: fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of codes:
-    byte l of each run of 32 holds weight l (low nibble) and l + 32 (high) of its 64."""
-    from gguf.quants import Q4_K as gguf_q4_k
-
-    num_blocks = blocks.shape[0]
-    d, dmin, packed_scales, qs = np.split(blocks, [2, 4, 16], axis=1)
-    sc, m = gguf_q4_k.get_scale_min(packed_scales)                                      # [B, 8] each, 0..63
-    codes = (qs.reshape(num_blocks, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-    scales = d.view(np.float16).astype(np.float32) * sc.astype(np.float32)             # [B, 8]
-    offsets = dmin.view(np.float16).astype(np.float32) * m.astype(np.float32)          # [B, 8]
-    return codes.reshape(num_blocks, 256).astype(np.int8), scales, offsets
-
-
-_DECODERS = {Q8_0: _decode_q8_0, Q6_K: _decode_q6_k, Q4_K: _decode_q4_k}
+_DECODERS = {Q4_0: _decode_q4_0, Q4_1: _decode_q4_1, Q5_0: _decode_q5_0, Q5_1: _decode_q5_1, Q8_0: _decode_q8_0,
+             Q2_K: _decode_q2_k, Q3_K: _decode_q3_k, Q4_K: _decode_q4_k, Q5_K: _decode_q5_k, Q6_K: _decode_q6_k}
 
 
 # ---- layouts -------------------------------------------------------------------------------------
@@ -140,24 +245,30 @@ class Layout:
         """The layout for a layer whose parts have these GGUF types; None: keep it float."""
         if not qtypes or not qtypes <= set(KEPT_TYPES):
             return None
-        if qtypes == {Q4_K}:
-            return cls("w4a16", GROUP_SIZE[Q4_K], offsets=True)
-        return cls("w8a16", min(GROUP_SIZE[t] for t in qtypes), offsets=Q4_K in qtypes)
+        offsets = bool(qtypes & OFFSET_TYPES)
+        if qtypes <= FOUR_BIT_TYPES:
+            return cls("w4a16", 32, offsets)
+        return cls("w8a16", min(GROUP_SIZE[t] for t in qtypes), offsets)
 
     @property
     def bytes_per_weight(self) -> float:
+        """Codes, plus a float32 scale per group and a float32 offset (or, 4-bit, a byte's zero point)."""
         code_bytes = 0.5 if self.kind == "w4a16" else 1.0
-        return code_bytes + 4 * (1 + self.offsets) / self.group_size
+        zero_bytes = 4 if self.offsets else (1 if self.kind == "w4a16" else 0)
+        return code_bytes + (4 + zero_bytes) / self.group_size
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if self.kind == "w4a16":
-            return W4A16Linear(in_features, out_features, self.group_size, bias, offsets=True)
+            return W4A16Linear(in_features, out_features, self.group_size, bias, offsets=self.offsets)
         return W8A16Linear(in_features, out_features, self.group_size, bias, offsets=self.offsets)
 
     def buffers(self, weight: GroupedCodes) -> dict[str, torch.Tensor]:
         """One part's GroupedCodes -> the layer's buffers (its rows)."""
         if self.kind == "w4a16":
-            return {"qweight": pack_int4(weight.codes), "scales": weight.scales, "zeros": weight.offsets}
+            if weight.offsets is None:    # Q4_0: codes -8..7 become 0..15 with the zero point 8
+                weight = GroupedCodes(weight.codes + 8, weight.scales, 8 * weight.scales if self.offsets else None)
+            zeros = weight.offsets if self.offsets else torch.full(weight.scales.shape, 8, dtype=torch.uint8)
+            return {"qweight": pack_int4(weight.codes), "scales": weight.scales, "zeros": zeros}
         if weight.group_size != self.group_size or (self.offsets and weight.offsets is None):
             weight = weight.regrouped(self.group_size)
         buffers = {"qweight": weight.codes, "scales": weight.scales}

@@ -7,10 +7,10 @@ into one layer by rows exactly as float weights do (model/llama.py):
     Fp8Linear     weight [N, K] float8_e4m3fn, weight_scale [N] float32
     W4A16Linear   qweight [N, K / 8] int32 (4-bit codes, low nibble first), scales [N, K / group]
                   float32 (a checkpoint's float16 scales would lose 3 bits in bfloat16), zeros
-                  [N, K / group] uint8 (GGUF's 4-bit blocks: float32 offsets, w = q s - m);
+                  [N, K / group] uint8 (GGUF's Q4_1 and Q4_K: float32 offsets, w = q s - m);
                   input_perm [K] when the checkpoint ordered its groups by activation (GPTQ desc_act)
     W8A16Linear   qweight [N, K] int8, scales [N, K / group] float32, offsets [N, K / group]
-                  float32 or None (GGUF's Q8_0 and Q6_K, and layers that mix them with Q4_K)
+                  float32 or None (GGUF's other types, and layers that mix them with 4-bit ones)
 
 The tensors are buffers, not parameters: `LlamaForCausalLM.load_weights` fills the float
 parameters (norms, embeddings, biases), the quantization loader fills these.
@@ -61,7 +61,7 @@ class Fp8Linear(nn.Module):
 class W4A16Linear(nn.Module):
     """x [M, K] -> [M, N]: 4-bit weight codes with a scale and a zero per group of `group_size`
     along K, dequantized inside the matmul (ops/quant_linear.py). offsets=True: the zeros are
-    float offsets (w = q s - m, GGUF's Q4_K)."""
+    float offsets (w = q s - m, GGUF's Q4_1 and Q4_K)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  act_order: bool = False, offsets: bool = False):
