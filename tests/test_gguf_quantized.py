@@ -180,11 +180,8 @@ def test_cuda_keeps_the_blocks_by_default_and_none_or_the_cpu_do_not(tiny_model_
     assert not keeps_gguf_blocks(path, "auto", None, "cpu")
     assert not keeps_gguf_blocks(path, "auto", "none", "cuda")
     assert not keeps_gguf_blocks(path, "auto", "fp8", "cuda")
-    assert not keeps_gguf_blocks(path, "auto", None, "cuda", tp_size=2)
     assert not keeps_gguf_blocks(float_path, "auto", None, "cuda")
     assert keeps_gguf_blocks(path, "auto", "gguf", "cpu")
-    with pytest.raises(ValueError, match="one GPU"):
-        keeps_gguf_blocks(path, "auto", "gguf", "cuda", tp_size=2)
     with pytest.raises(ValueError, match="loads as safetensors"):
         keeps_gguf_blocks(str(tiny_model_factory("llama-gqa4")), "auto", "gguf", "cpu")
     with pytest.raises(ValueError, match="loads as dummy"):

@@ -347,8 +347,9 @@ def test_settings_nano_vllm_cannot_run_are_refused_up_front():
     from nanovllm.model.errors import ModelLoadError
     from nanovllm.model.quantization import quantization_method
 
-    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        quantization_method(None, "fp8", tp_size=2)
+    with pytest.raises(ValueError, match="act order.*tensor_parallel_size=1"):
+        quantization_method({"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}, tp_size=2)
+    assert quantization_method({"quant_method": "gptq", "bits": 4, "group_size": 64}, tp_size=2).name == "gptq"
     with pytest.raises(ModelLoadError, match="8-bit weights is not supported"):
         quantization_method({"quant_method": "gptq", "bits": 8, "group_size": 128})
     with pytest.raises(ModelLoadError, match="quantizes lm_head"):

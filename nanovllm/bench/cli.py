@@ -138,7 +138,7 @@ class Bench:
                                         online)
         linear_bytes = None if quantized is None else quantized.bytes_per_weight
         if config.load_format != "dummy" and keeps_gguf_blocks(config.model, config.load_format, config.quantization,
-                                                               config.device, config.tensor_parallel_size):
+                                                               config.device):
             from nanovllm.model.quantization.gguf import gguf_bytes_per_weight
             linear_bytes = gguf_bytes_per_weight(resolve_model(config.model))   # as loaded, not as in the file
         self.cost = ModelCost.from_config(self.model_config, torch.tensor([], dtype=config.torch_dtype).element_size(),

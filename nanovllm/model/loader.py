@@ -108,7 +108,7 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     parallel = ParallelState(rank=tp_rank, world_size=tp_size)
     online = None if quantization in GGUF_CHOICES else quantization
     method = quantization_method(None if fmt == "dummy" else config.quantization_config, online, tp_size)
-    keep_gguf_blocks = keeps_gguf_blocks(model, fmt, quantization, device, tp_size)
+    keep_gguf_blocks = keeps_gguf_blocks(model, fmt, quantization, device)
     if fmt == "dummy":
         from nanovllm.model.dummy import init_dummy_weights
         llm = _build(config, device, dtype, parallel)
@@ -136,21 +136,18 @@ def load_model(model: str | None, *, device: str | torch.device = "cpu", dtype: 
     return llm, config
 
 
-def keeps_gguf_blocks(model: str | None, load_format: str, quantization: str | None, device: str | torch.device,
-                      tp_size: int = 1) -> bool:
+def keeps_gguf_blocks(model: str | None, load_format: str, quantization: str | None,
+                      device: str | torch.device) -> bool:
     """Whether `model` loads as a GGUF whose quantized blocks (KEPT_TYPES) stay quantized: with
-    quantization="gguf" (an error for any other format, or several ranks), and by default (None)
-    on CUDA with one rank when any linear layer has one of those types; never with "none" or an
-    online method."""
+    quantization="gguf" (an error for any other format), and by default (None) on CUDA when any
+    linear layer has one of those types; never with "none" or an online method. With several
+    ranks each keeps its share of the blocks."""
     fmt = _format_of(model, load_format)
     if quantization == "gguf" and fmt != "gguf":
         raise ValueError(f"quantization='gguf' keeps a GGUF file's blocks quantized; {model!r} loads as {fmt}")
-    if quantization == "gguf" and tp_size > 1:
-        raise ValueError("a GGUF's quantized blocks run on one GPU here; use tensor_parallel_size=1 or "
-                         "quantization='none'")
     if quantization == "gguf":
         return True
-    if quantization is not None or fmt != "gguf" or tp_size > 1 or torch.device(device).type != "cuda":
+    if quantization is not None or fmt != "gguf" or torch.device(device).type != "cuda":
         return False
     from nanovllm.model.quantization.gguf import keeps_blocks
     return keeps_blocks(resolve_model(model))

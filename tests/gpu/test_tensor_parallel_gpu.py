@@ -1,5 +1,6 @@
 """Tensor parallelism on two CUDA GPUs over NCCL: the greedy tokens of one GPU, with CUDA graphs
-(each graph holds the NCCL all-reduces) and without, with async scheduling; torchrun; a worker that dies.
+(each graph holds the NCCL all-reduces) and without, with async scheduling; quantized models;
+torchrun; a worker that dies.
 Run on a machine with two GPUs: `python3 -m pytest -q -m gpu tests/gpu/test_tensor_parallel_gpu.py`.
 """
 from __future__ import annotations
@@ -70,6 +71,36 @@ def test_bfloat16_two_gpus_generate(tiny_model_factory):
     llm = LLM(path, tensor_parallel_size=2, **{**ENGINE_ARGS, "dtype": "bfloat16"})
     try:
         outputs = greedy_tokens(llm)
+        assert [len(tokens) for tokens in outputs] == [GREEDY.max_tokens] * len(PROMPTS)
+        assert greedy_tokens(llm) == outputs
+    finally:
+        llm.engine.shutdown()
+    assert_no_children_left()
+
+
+@pytest.mark.parametrize("fmt", ["gguf-q4_k_m", "online-fp8"])
+def test_quantized_models_on_two_gpus_start_as_one_does(fmt, tiny_model_factory, tmp_path, monkeypatch):
+    """bfloat16, CUDA graphs: a Q4_K_M-like GGUF (kept quantized by default on CUDA: W8A16 and W4A16
+    kernels) and online FP8 (W8A8 at prefill, the one-row GEMV at decode) split over two GPUs.
+    Rounding differs from one GPU (bfloat16 partial sums; FP8 rounds each rank's half of o_proj's
+    and down_proj's input rows), so only each prompt's first token is held to one GPU's; the rest
+    must be full and the same when run again."""
+    from test_tensor_parallel_quantized import MODEL, checkpoint
+
+    monkeypatch.setenv("NANO_VLLM_CACHE", str(tmp_path / "cache"))
+    src = tiny_model_factory(MODEL[0], **MODEL[1])
+    path, kwargs = checkpoint(fmt, src, tmp_path)
+    kwargs = {key: value for key, value in kwargs.items() if value != "gguf"}   # CUDA keeps the blocks itself
+    engine_args = {**ENGINE_ARGS, "dtype": "bfloat16", "tokenizer": str(src), **kwargs}
+    one = LLM(path, **engine_args)
+    expected = greedy_tokens(one)
+    del one
+    llm = LLM(path, tensor_parallel_size=2, **engine_args)
+    try:
+        layer = type(llm.engine.runner.model.layers[0].mlp.gate_up_proj).__name__
+        assert layer == {"gguf-q4_k_m": "W4A16Linear", "online-fp8": "Fp8Linear"}[fmt]
+        outputs = greedy_tokens(llm)
+        assert [tokens[0] for tokens in outputs] == [tokens[0] for tokens in expected]
         assert [len(tokens) for tokens in outputs] == [GREEDY.max_tokens] * len(PROMPTS)
         assert greedy_tokens(llm) == outputs
     finally:

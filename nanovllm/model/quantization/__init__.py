@@ -39,8 +39,9 @@ def quantization_method(quantization_config: dict[str, Any] | None, online: str 
     """The method of a checkpoint's `quantization_config`, or the online method `online`; None
     for a float model. ValueError or ModelLoadError for a method or a setting nano-vllm cannot run."""
     method = _method(quantization_config, online, source)
-    if method is not None and tp_size > 1:
-        raise ValueError(f"{method.name} weights run on one GPU here; use tensor_parallel_size=1")
+    if getattr(method, "desc_act", False) and tp_size > 1:
+        raise ValueError("a GPTQ checkpoint with act order (desc_act) runs with tensor_parallel_size=1: its "
+                         "groups gather inputs from every rank's share of o_proj and down_proj")
     return method
 
 
@@ -74,7 +75,7 @@ def load_quantized_checkpoint(model: nn.Module, method: QuantizationMethod,
     """Give `model` (built, weights empty) `method`'s layers; -> the checkpoint's tensors that
     `load_weights` fills, the quantized ones being copied into those layers on the way."""
     for parent, attr, linear in _linears(model):
-        with _like(linear.weight):
+        with _like(linear.weight), _naming_the_shard(model):
             setattr(parent, attr, method.make_layer(linear.in_features, linear.out_features, linear.bias is not None))
     return quantized_weights(model, method, weights)
 
@@ -87,7 +88,7 @@ def quantize_loaded_model(model: nn.Module, method: QuantizationMethod) -> None:
     if head_method is not None:
         linears.append((model, "lm_head", model.lm_head, head_method))
     for parent, attr, linear, layer_method in linears:
-        with _like(linear.weight):
+        with _like(linear.weight), _naming_the_shard(model):
             layer = layer_method.make_layer(linear.in_features, linear.out_features, linear.bias is not None)
         for name, value in layer_method.convert(attr, {"weight": linear.weight.data}).items():
             getattr(layer, name).copy_(value)
@@ -102,6 +103,20 @@ def _linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
         for parent_name, attr in _LINEARS:
             parent = getattr(layer, parent_name)
             yield parent, attr, getattr(parent, attr)
+
+
+@contextmanager
+def _naming_the_shard(model: nn.Module):
+    """A layer's ValueError (a group size that does not divide its inputs) says, under tensor
+    parallelism, that the inputs are this rank's share."""
+    try:
+        yield
+    except ValueError as e:
+        world_size = model.parallel.world_size
+        if world_size == 1:
+            raise
+        raise ValueError(f"{e} (each rank's share of the layer's inputs with tensor_parallel_size={world_size}; "
+                         "use a smaller one)") from None
 
 
 @contextmanager

@@ -98,6 +98,8 @@ def quantized_weights(model: nn.Module, method: QuantizationMethod,
 
 def _copy_into_layer(model: nn.Module, module: str, buffers: dict[str, torch.Tensor],
                      rows_left: dict[str, int], perms: dict[str, torch.Tensor]) -> None:
+    """Copy one HF module's converted buffers (all its rows and inputs) into this rank's part of the
+    fused layer it belongs to."""
     slot = model._param_slot(f"{module}.weight")          # where this module's rows sit in the fused layer
     layer_name = slot.name.removesuffix(".weight")
     layer = model.get_submodule(layer_name)
@@ -107,6 +109,8 @@ def _copy_into_layer(model: nn.Module, module: str, buffers: dict[str, torch.Ten
         if target is None:
             raise ModelLoadError(f"{module}: the checkpoint has {buffer_name!r}, which this model's layer "
                                  "does not take")
+        if buffer_name != "input_perm":
+            value = _this_ranks_part(value, slot)
         if buffer_name == "input_perm":   # one input order for the whole fused layer
             if layer_name in perms and not torch.equal(perms[layer_name], value):
                 raise ModelLoadError(f"{module}: its act-order (g_idx) differs from the other modules fused into "
@@ -120,3 +124,20 @@ def _copy_into_layer(model: nn.Module, module: str, buffers: dict[str, torch.Ten
                                  f"implies {tuple(target.shape)}")
         target.copy_(value)
     rows_left[layer_name] -= end - start
+
+
+def _this_ranks_part(value: torch.Tensor, slot: Any) -> torch.Tensor:
+    """This tensor-parallel rank's part of one converted buffer (slot: `LlamaForCausalLM._param_slot`).
+    Column-parallel modules (q/k/v, gate/up) split their output channels, every buffer's dim 0.
+    Row-parallel ones (o, down) split K: a 2-D buffer's dim 1 runs along K, a column for every
+    K / columns inputs (1 for codes and e4m3 weights, 8 for packed words, the group size for
+    scales, zeros and offsets); the layer built for the rank's share of K has already refused a
+    share that is not whole groups. A 1-D buffer (a scale per output channel) serves every rank
+    whole. With one rank: the buffer itself."""
+    first, last = slot.part
+    if slot.split_dim == 0:
+        return value[first:last]
+    if slot.split_dim != 1 or value.dim() != 2:
+        return value
+    inputs_per_column = slot.full_size // value.shape[1]
+    return value[:, first // inputs_per_column:last // inputs_per_column]
