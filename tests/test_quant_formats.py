@@ -44,10 +44,16 @@ def write_compressed_tensors(src: Path, out: Path, scheme_name: str) -> tuple[Pa
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    scheme = preset_name_to_scheme(scheme_name.removesuffix("_PER_TENSOR"), ["Linear"])
+    preset = scheme_name.removesuffix("_PER_TENSOR")
+    asymmetric = preset not in PRESET_SCHEMES and preset.endswith("_ASYM")   # e.g. W6A16_ASYM: W6A16 with zeros
+    scheme = preset_name_to_scheme(preset.removesuffix("_ASYM") if asymmetric else preset, ["Linear"])
     if scheme_name.endswith("_PER_TENSOR"):
         scheme.weights.strategy = "tensor"
+    if asymmetric:
+        scheme.weights.symmetric = False
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
     apply_quantization_config(model, config)
     for module in model.modules():
@@ -144,12 +150,18 @@ def _prefill_then_decode(prefill, decode) -> list[int]:
     ("llama-gqa4", "W4A16", "W4A16Linear"),
     ("qwen3", "FP8_DYNAMIC", "Fp8Linear"),
     ("qwen3", "W4A16_ASYM", "W4A16Linear"),
+    ("llama-gqa4", "W8A16", "W8A16Linear"),        # 8-bit codes, four a word
+    ("qwen3", "W8A8", "W8A16Linear"),              # int8 [N, K] as stored; activations kept in 16 bits
+    ("llama-gqa4", "W3A16", "W8A16Linear"),        # codes that straddle two words
+    ("qwen3", "W6A16_ASYM", "W8A16Linear"),        # and zero points packed so along N
 ])
 def test_compressed_tensors_checkpoint_matches_the_library(compressed, model_name, scheme_name, layer):
     path, reference = compressed(model_name, scheme_name)
     ours = _load(path)
     assert type(ours.layers[0].self_attn.qkv_proj).__name__ == layer
     assert type(ours.layers[-1].mlp.down_proj).__name__ == layer
+    if layer == "W8A16Linear":     # an asymmetric scheme's zero points become offsets
+        assert (ours.layers[0].self_attn.qkv_proj.offsets is not None) == scheme_name.endswith("_ASYM")
     one_row = _reference(path.with_name("dequantized")) if scheme_name.startswith("FP8") else None
     _assert_matches_reference(ours, _reference(reference), one_row)
 
