@@ -37,9 +37,10 @@ def checkpoint(fmt: str, src: Path, root: Path) -> tuple[str, dict]:
     if fmt in ("gptq", "awq"):
         from test_quant_formats import write_four_bit      # (it needs compressed-tensors, which the GPU tests do not)
         return str(write_four_bit(src, root / fmt, fmt)[0]), {}
-    if fmt in ("compressed-w4a16", "compressed-fp8"):
+    if fmt.startswith("compressed-"):
         from test_quant_formats import write_compressed_tensors
-        scheme = {"compressed-w4a16": "W4A16", "compressed-fp8": "FP8_DYNAMIC"}[fmt]
+        scheme = {"compressed-w4a16": "W4A16", "compressed-fp8": "FP8_DYNAMIC", "compressed-w8a8": "W8A8",
+                  "compressed-w6a16-asym": "W6A16_ASYM"}[fmt]
         return str(write_compressed_tensors(src, root / "quantized", scheme)[0]), {}
     return str(src), dict(quantization=fmt.removeprefix("online-"))
 
@@ -58,7 +59,8 @@ def dense(layer: torch.nn.Module) -> torch.Tensor:
 FORMATS = {   # format -> the layer types of qkv_proj and down_proj
     "gguf-q4_k_m": (W8A16Linear, W8A16Linear), "gptq": (W4A16Linear, W4A16Linear),
     "awq": (W4A16Linear, W4A16Linear), "compressed-w4a16": (W4A16Linear, W4A16Linear),
-    "compressed-fp8": (Fp8Linear, Fp8Linear), "online-w4a16": (W4A16Linear, W4A16Linear),
+    "compressed-fp8": (Fp8Linear, Fp8Linear), "compressed-w8a8": (W8A16Linear, W8A16Linear),
+    "compressed-w6a16-asym": (W8A16Linear, W8A16Linear), "online-w4a16": (W4A16Linear, W4A16Linear),
 }
 
 

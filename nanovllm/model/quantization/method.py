@@ -132,12 +132,13 @@ def _this_ranks_part(value: torch.Tensor, slot: Any) -> torch.Tensor:
     Row-parallel ones (o, down) split K: a 2-D buffer's dim 1 runs along K, a column for every
     K / columns inputs (1 for codes and e4m3 weights, 8 for packed words, the group size for
     scales, zeros and offsets); the layer built for the rank's share of K has already refused a
-    share that is not whole groups. A 1-D buffer (a scale per output channel) serves every rank
-    whole. With one rank: the buffer itself."""
+    share that is not whole groups, except one group a row (per-channel scales [N, 1]), which
+    every rank takes. A 1-D buffer (a scale per output channel) serves every rank whole too.
+    With one rank: the buffer itself."""
     first, last = slot.part
     if slot.split_dim == 0:
         return value[first:last]
     if slot.split_dim != 1 or value.dim() != 2:
         return value
     inputs_per_column = slot.full_size // value.shape[1]
-    return value[:, first // inputs_per_column:last // inputs_per_column]
+    return value[:, first // inputs_per_column:-(-last // inputs_per_column)]
