@@ -111,6 +111,7 @@ def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: 
     (7, 37, 768, 16, False, False),     # Q6_K: three superblocks of 256
     (64, 19, 144, 16, True, True),      # Q4_K's groups split in two, with offsets (a mixed layer)
     (1, 50, 272, 16, True, False),
+    (5, 21, 320, 320, True, False),     # one group a row (compressed-tensors' channel scales), with offsets
 ])
 def test_w8a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, offsets, bias,
                                         poisoned_outputs):
