@@ -169,16 +169,17 @@ GGUF_SHAPES = SHAPES[:4]     # Llama-3.2-1B's
 
 @pytest.mark.parametrize("num_rows", (1, 3) + BATCHES[1:])
 @pytest.mark.parametrize("out_features,in_features", GGUF_SHAPES)
-@pytest.mark.parametrize("layout", ["q4_k", "q4_0", "q8_0", "q6_k", "q6_k+q4_k"])
+@pytest.mark.parametrize("layout", ["q4_k", "q4_0", "q8_0", "q6_k", "q6_k+q4_k", "int8-channel"])
 def test_gguf_layouts_match_reference(layout, num_rows, out_features, in_features):
     """GGUF's layouts: Q4_K as W4A16 codes with float offsets per 32, Q4_0 with the zero point 8
     per 32, Q8_0 and Q6_K as int8 codes with a scale per 32 or 16, a layer mixing Q6_K and Q4_K
-    with offsets as well."""
+    with offsets as well; int8 codes with one scale a row (compressed-tensors' W8A8, channel-wise
+    W8A16)."""
     from nanovllm.ops.quant_linear_triton import w4a16_linear_triton, w8a16_linear_triton
 
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
-    group_size = 32 if layout in ("q4_k", "q4_0", "q8_0") else 16
+    group_size = {"q4_k": 32, "q4_0": 32, "q8_0": 32, "int8-channel": in_features}.get(layout, 16)
     groups = in_features // group_size
     scales = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.01
     offsets = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.05
