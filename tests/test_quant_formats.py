@@ -172,30 +172,33 @@ GROUP_SIZE = 64
 SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
-def _pack_gptq_rows(intweight):
-    """AutoGPTQ's QuantLinear.pack: [K, N] codes -> [K / 8, N], input j of a run of 8 in bits 4 (j - i)."""
+def _pack_gptq_rows(intweight, bits=4):
+    """AutoGPTQ's QuantLinear.pack (bits 4 or 8): [K, N] codes -> [K / (32 / bits), N], input j of a
+    run of 32 / bits in bits `bits` (j - i)."""
     import numpy as np
 
-    qweight = np.zeros((intweight.shape[0] // 8, intweight.shape[1]), dtype=np.uint32)
+    per_word = 32 // bits
+    qweight = np.zeros((intweight.shape[0] // per_word, intweight.shape[1]), dtype=np.uint32)
     i = row = 0
     while row < qweight.shape[0]:
-        for j in range(i, i + 8):
-            qweight[row] |= intweight[j] << (4 * (j - i))
-        i += 8
+        for j in range(i, i + per_word):
+            qweight[row] |= intweight[j] << (bits * (j - i))
+        i += per_word
         row += 1
     return qweight
 
 
-def _pack_gptq_columns(zeros):
-    """AutoGPTQ's qzeros packing: [G, N] -> [G, N / 8]."""
+def _pack_gptq_columns(zeros, bits=4):
+    """AutoGPTQ's qzeros packing: [G, N] -> [G, N / (32 / bits)]."""
     import numpy as np
 
-    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // 8), dtype=np.uint32)
+    per_word = 32 // bits
+    qzeros = np.zeros((zeros.shape[0], zeros.shape[1] // per_word), dtype=np.uint32)
     i = col = 0
     while col < qzeros.shape[1]:
-        for j in range(i, i + 8):
-            qzeros[:, col] |= zeros[:, j] << (4 * (j - i))
-        i += 8
+        for j in range(i, i + per_word):
+            qzeros[:, col] |= zeros[:, j] << (bits * (j - i))
+        i += per_word
         col += 1
     return qzeros
 
@@ -212,9 +215,10 @@ def _pack_awq(intweight):
     return qweight
 
 
-def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False) -> tuple[Path, Path]:
-    """Quantize every decoder linear of the model at `src` to 4 bits (random codes, zeros and scales
-    near the weights' range) in `method`'s packing; -> (checkpoint, float model of the same weights)."""
+def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False, bits: int = 4) -> tuple[Path, Path]:
+    """Quantize every decoder linear of the model at `src` to 4 bits (GPTQ: or 8; random codes, zeros
+    and scales near the weights' range) in `method`'s packing; -> (checkpoint, float model of the
+    same weights)."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -227,9 +231,10 @@ def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False) ->
             continue
         n, k = module.weight.shape
         groups = k // GROUP_SIZE
-        codes = torch.randint(0, 16, (n, k), generator=generator)
-        zeros = torch.randint(1, 16, (groups, n), generator=generator)
-        scales = (torch.rand(groups, n, generator=generator) + 0.5) * module.weight.abs().max() / 8
+        levels = 1 << bits
+        codes = torch.randint(0, levels, (n, k), generator=generator)
+        zeros = torch.randint(1, levels, (groups, n), generator=generator)
+        scales = (torch.rand(groups, n, generator=generator) + 0.5) * module.weight.abs().max() / (levels // 2)
         scales = scales.half()
         g_idx = torch.arange(k) // GROUP_SIZE
         if desc_act:
@@ -240,8 +245,8 @@ def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False) ->
         dequantized = (codes - zeros[g_idx].T) * scales.float()[g_idx].T                  # [N, K]
         module.weight.data.copy_(dequantized)
         if method == "gptq":
-            qweight = _pack_gptq_rows(codes.T.numpy().astype(np.uint32))
-            qzeros = _pack_gptq_columns((zeros - 1).numpy().astype(np.uint32))
+            qweight = _pack_gptq_rows(codes.T.numpy().astype(np.uint32), bits)
+            qzeros = _pack_gptq_columns((zeros - 1).numpy().astype(np.uint32), bits)
             tensors[f"{name}.g_idx"] = g_idx.to(torch.int32)
         else:
             qweight = _pack_awq(codes.T.numpy().astype(np.uint32))
@@ -258,22 +263,24 @@ def write_four_bit(src: Path, out: Path, method: str, desc_act: bool = False) ->
     save_file(tensors, out / "model.safetensors")
     config = json.loads((reference / "config.json").read_text())
     config["quantization_config"] = (
-        {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": desc_act, "sym": False,
+        {"quant_method": "gptq", "bits": bits, "group_size": GROUP_SIZE, "desc_act": desc_act, "sym": False,
          "checkpoint_format": "gptq"} if method == "gptq" else
         {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"})
     (out / "config.json").write_text(json.dumps(config))
     return out, reference
 
 
-@pytest.mark.parametrize("model_name,method,desc_act", [
-    ("llama-gqa4", "gptq", False), ("qwen3", "gptq", True), ("llama-gqa4", "awq", False),
+@pytest.mark.parametrize("model_name,method,desc_act,bits", [
+    ("llama-gqa4", "gptq", False, 4), ("qwen3", "gptq", True, 4), ("llama-gqa4", "awq", False, 4),
+    ("llama-gqa4", "gptq", False, 8), ("qwen3", "gptq", True, 8),
 ])
-def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(tmp_path, model_name, method, desc_act):
+def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(tmp_path, model_name, method, desc_act, bits):
     src = write_tiny_model(tmp_path / "float", model_name)
-    path, reference = write_four_bit(src, tmp_path / "quantized", method, desc_act)
+    path, reference = write_four_bit(src, tmp_path / "quantized", method, desc_act, bits)
     ours = _load(path)
     layer = ours.layers[0].self_attn.qkv_proj
-    assert type(layer).__name__ == "W4A16Linear" and (layer.input_perm is not None) == desc_act
+    assert type(layer).__name__ == {4: "W4A16Linear", 8: "W8A16Linear"}[bits]
+    assert (layer.input_perm is not None) == desc_act
     _assert_matches_reference(ours, _reference(reference))
 
 
@@ -362,8 +369,10 @@ def test_settings_nano_vllm_cannot_run_are_refused_up_front():
     with pytest.raises(ValueError, match="act order.*tensor_parallel_size=1"):
         quantization_method({"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True}, tp_size=2)
     assert quantization_method({"quant_method": "gptq", "bits": 4, "group_size": 64}, tp_size=2).name == "gptq"
-    with pytest.raises(ModelLoadError, match="8-bit weights is not supported"):
-        quantization_method({"quant_method": "gptq", "bits": 8, "group_size": 128})
+    with pytest.raises(ModelLoadError, match="3-bit weights is not supported; nano-vllm runs 4 and 8-bit GPTQ"):
+        quantization_method({"quant_method": "gptq", "bits": 3, "group_size": 128})
+    with pytest.raises(ModelLoadError, match="8-bit weights is not supported; nano-vllm runs 4-bit AWQ"):
+        quantization_method({"quant_method": "awq", "bits": 8, "group_size": 128})
     with pytest.raises(ModelLoadError, match="quantizes lm_head"):
         quantization_method({"quant_method": "compressed-tensors", "ignore": [], "config_groups": {"g": {
             "targets": ["Linear"], "format": "pack-quantized",

@@ -34,9 +34,9 @@ def checkpoint(fmt: str, src: Path, root: Path) -> tuple[str, dict]:
     """(path, load_model keyword arguments) of the tiny model at `src` in format `fmt`."""
     if fmt == "gguf-q4_k_m":
         return str(write_tiny_gguf(src, root / "q4_k_m.gguf", q4_k_m)), dict(quantization="gguf")
-    if fmt in ("gptq", "awq"):
+    if fmt in ("gptq", "awq", "gptq-int8"):
         from test_quant_formats import write_four_bit      # (it needs compressed-tensors, which the GPU tests do not)
-        return str(write_four_bit(src, root / fmt, fmt)[0]), {}
+        return str(write_four_bit(src, root / fmt, fmt.removesuffix("-int8"), bits=8 if "int8" in fmt else 4)[0]), {}
     if fmt.startswith("compressed-"):
         from test_quant_formats import write_compressed_tensors
         scheme = {"compressed-w4a16": "W4A16", "compressed-fp8": "FP8_DYNAMIC", "compressed-w8a8": "W8A8",
@@ -58,7 +58,8 @@ def dense(layer: torch.nn.Module) -> torch.Tensor:
 
 FORMATS = {   # format -> the layer types of qkv_proj and down_proj
     "gguf-q4_k_m": (W8A16Linear, W8A16Linear), "gptq": (W4A16Linear, W4A16Linear),
-    "awq": (W4A16Linear, W4A16Linear), "compressed-w4a16": (W4A16Linear, W4A16Linear),
+    "awq": (W4A16Linear, W4A16Linear), "gptq-int8": (W8A16Linear, W8A16Linear),
+    "compressed-w4a16": (W4A16Linear, W4A16Linear),
     "compressed-fp8": (Fp8Linear, Fp8Linear), "compressed-w8a8": (W8A16Linear, W8A16Linear),
     "compressed-w6a16-asym": (W8A16Linear, W8A16Linear), "online-w4a16": (W4A16Linear, W4A16Linear),
 }

@@ -10,7 +10,8 @@ into one layer by rows exactly as float weights do (model/llama.py):
                   [N, K / group] uint8 (GGUF's Q4_1 and Q4_K: float32 offsets, w = q s - m);
                   input_perm [K] when the checkpoint ordered its groups by activation (GPTQ desc_act)
     W8A16Linear   qweight [N, K] int8, scales [N, K / group] float32, offsets [N, K / group]
-                  float32 or None (GGUF's other types, and layers that mix them with 4-bit ones)
+                  float32 or None (GGUF's other types, and layers that mix them with 4-bit ones;
+                  8-bit GPTQ and compressed-tensors); input_perm [K] as W4A16Linear's
 
 The tensors are buffers, not parameters: `LlamaForCausalLM.load_weights` fills the float
 parameters (norms, embeddings, biases), the quantization loader fills these.
@@ -101,7 +102,7 @@ class W8A16Linear(nn.Module):
     offset) per group of `group_size` along K, dequantized inside the matmul (ops/quant_linear.py)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 offsets: bool = False):
+                 offsets: bool = False, act_order: bool = False):
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"an 8-bit layer needs its input size ({in_features}) to be a multiple of the group "
@@ -112,15 +113,22 @@ class W8A16Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=torch.float32))    # [N, G]
         self.register_buffer("offsets", torch.empty(out_features, num_groups, dtype=torch.float32)   # [N, G]
                              if offsets else None)
+        # GPTQ desc_act, as W4A16Linear's
+        self.register_buffer("input_perm", torch.empty(in_features, dtype=torch.int64) if act_order else None)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]
         return w8a16_linear(x, self.qweight, self.scales, self.offsets, self.bias)
 
     def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]
         return w8a16_linear_or_partials(x, self.qweight, self.scales, self.offsets, self.bias)
 
     def extra_repr(self) -> str:
         return (f"w8a16, in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, offsets={self.offsets is not None}")
+                f"group_size={self.group_size}, offsets={self.offsets is not None}, "
+                f"act_order={self.input_perm is not None}")
