@@ -65,6 +65,11 @@ def write_compressed_tensors(src: Path, out: Path, scheme_name: str) -> tuple[Pa
             low, high = grouped.amin(-1), grouped.amax(-1)
         elif args.strategy == "channel":
             low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+        elif args.strategy == "block":      # rows padded with zeros to whole blocks (absmax is unchanged)
+            (rows, cols), (block_rows, block_cols) = weight.shape, args.block_structure
+            padded = torch.nn.functional.pad(weight, (0, -cols % block_cols, 0, -rows % block_rows))
+            blocks = padded.reshape(padded.shape[0] // block_rows, block_rows, -1, block_cols)
+            low, high = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
         else:
             low, high = weight.amin().reshape(1), weight.amax().reshape(1)
         scale, zero = calculate_qparams(low, high, args)
@@ -86,7 +91,8 @@ def write_compressed_tensors(src: Path, out: Path, scheme_name: str) -> tuple[Pa
     for name, weight in dequantized.items():
         reference.get_submodule(name).weight.data.copy_(weight)
     reference.save_pretrained(out.with_name("dequantized"))     # FP8 too: the oracle of one-row steps
-    return out, out if scheme_name.startswith("FP8") else out.with_name("dequantized")
+    weight_only = not scheme_name.startswith("FP8") or scheme_name == "FP8_BLOCK"   # the engine's compute
+    return out, out.with_name("dequantized") if weight_only else out
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +160,7 @@ def _prefill_then_decode(prefill, decode) -> list[int]:
     ("qwen3", "W8A8", "W8A16Linear"),              # int8 [N, K] as stored; activations kept in 16 bits
     ("llama-gqa4", "W3A16", "W8A16Linear"),        # codes that straddle two words
     ("qwen3", "W6A16_ASYM", "W8A16Linear"),        # and zero points packed so along N
+    ("llama-gqa4", "FP8_BLOCK", "W8A16Linear"),    # e4m3 codes, a scale per 128 x 128 (k_proj: 64 rows)
 ])
 def test_compressed_tensors_checkpoint_matches_the_library(compressed, model_name, scheme_name, layer):
     path, reference = compressed(model_name, scheme_name)
@@ -162,7 +169,7 @@ def test_compressed_tensors_checkpoint_matches_the_library(compressed, model_nam
     assert type(ours.layers[-1].mlp.down_proj).__name__ == layer
     if layer == "W8A16Linear":     # an asymmetric scheme's zero points become offsets
         assert (ours.layers[0].self_attn.qkv_proj.offsets is not None) == scheme_name.endswith("_ASYM")
-    one_row = _reference(path.with_name("dequantized")) if scheme_name.startswith("FP8") else None
+    one_row = _reference(path.with_name("dequantized")) if reference == path else None
     _assert_matches_reference(ours, _reference(reference), one_row)
 
 
@@ -282,6 +289,62 @@ def test_gptq_and_awq_checkpoints_match_their_dequantized_weights(tmp_path, mode
     assert type(layer).__name__ == {4: "W4A16Linear", 8: "W8A16Linear"}[bits]
     assert (layer.input_perm is not None) == desc_act
     _assert_matches_reference(ours, _reference(reference))
+
+
+# ---- transformers' fine-grained FP8, written as its quantizer writes it --------------------
+
+def write_fp8_block(src: Path, out: Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """Every decoder linear of the model at `src` as e4m3 with a float32 scale per block (the
+    block's largest magnitude / 448, as transformers' FP8 quantizer computes it: `weight_scale_inv`),
+    the LM head left out; transformers loads the file (dequantizing it on a machine without a GPU)."""
+    from safetensors.torch import save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tensors = {name: value.clone() for name, value in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in name):
+            continue
+        weight = module.weight.data
+        (rows, cols), (block_rows, block_cols) = weight.shape, block
+        padded = torch.nn.functional.pad(weight, (0, -cols % block_cols, 0, -rows % block_rows))
+        blocks = padded.reshape(padded.shape[0] // block_rows, block_rows, -1, block_cols)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448                                       # [N / bn, K / bk]
+        expanded = scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
+        tensors[f"{name}.weight"] = (weight / expanded).clamp(-448, 448).to(torch.float8_e4m3fn)
+        tensors[f"{name}.weight_scale_inv"] = scale
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block), "modules_to_not_convert": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("model_name", ["llama-gqa4", "qwen3"])
+def test_block_fp8_checkpoints_match_transformers(tmp_path, model_name):
+    """transformers dequantizes the blocks on a machine without a GPU (its kernels run activations in
+    e4m3 on one): the float model of the same weights, which is what the engine computes."""
+    src = write_tiny_model(tmp_path / "float", model_name)
+    path = write_fp8_block(src, tmp_path / "quantized")
+    ours = _load(path)
+    layer = ours.layers[0].self_attn.qkv_proj
+    assert type(layer).__name__ == "W8A16Linear" and layer.qweight.dtype == torch.float8_e4m3fn
+    _assert_matches_reference(ours, _reference(path))
+
+
+def test_block_fp8_settings_nano_vllm_cannot_run_are_refused():
+    from nanovllm.model.errors import ModelLoadError
+    from nanovllm.model.quantization import quantization_method
+
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    assert quantization_method(fp8).block == (128, 128)
+    with pytest.raises(ModelLoadError, match="without a weight_block_size"):
+        quantization_method({**fp8, "weight_block_size": None})
+    with pytest.raises(ModelLoadError, match="static activation scales"):
+        quantization_method({**fp8, "activation_scheme": "static"})
+    with pytest.raises(ModelLoadError, match="leaves 'model.layers.0.mlp.down_proj' unquantized"):
+        quantization_method({**fp8, "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.down_proj"]})
 
 
 # ---- online quantization and errors -------------------------------------------------------

@@ -113,14 +113,19 @@ def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: 
     (1, 50, 272, 16, True, False),
     (5, 21, 320, 320, True, False),     # one group a row (compressed-tensors' channel scales), with offsets
 ])
-def test_w8a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, offsets, bias,
+@pytest.mark.parametrize("codes", ["int8", "e4m3"])
+def test_w8a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, offsets, bias, codes,
                                         poisoned_outputs):
-    """As the W4A16 kernels: tl.dot multiplies the weight rounded to x's dtype, the few-row path in float32."""
+    """As the W4A16 kernels: tl.dot multiplies the weight rounded to x's dtype, the few-row path in float32.
+    The codes are int8, or e4m3 (block-scaled FP8 checkpoints; the same int values, all exact in e4m3
+    up to 16, and larger ones rounded as the file would hold them)."""
     from nanovllm.ops.quant_linear_triton import (GEMV_MAX_ROWS, Tiles, sum_partials, w8a16_linear_partials_triton,
                                                   w8a16_linear_tiles, w8a16_linear_triton)
 
     x = torch.randn(num_rows, in_features, dtype=dtype)
     qweight, scales, offset = eight_bit_weight(out_features, in_features, group_size, offsets)
+    if codes == "e4m3":
+        qweight = qweight.to(torch.float8_e4m3fn)
     b = torch.randn(out_features, dtype=dtype) if bias else None
     by_dot = w8a16_linear_torch(x, qweight, scales, offset, b)
     by_fma = w8a16_linear_torch(x.float(), qweight, scales, offset, b).to(dtype)
@@ -339,6 +344,12 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                       dict(GROUP_SIZE=16, HAS_OFFSETS=offsets, HAS_BIAS=True, USE_DOT=use_dot,
                                            BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
                                       w8, **(tile if use_dot else gemv)).asm["cubin"]
+            if not offsets:   # e4m3 codes with a scale per 128 (block-scaled FP8 checkpoints)
+                assert compile_for_hopper(kernels._w8a16_kernel,
+                                          dict(GROUP_SIZE=128, HAS_OFFSETS=False, HAS_BIAS=True, USE_DOT=use_dot,
+                                               BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
+                                          {**w8, "qweight_ptr": "*fp8e4nv"}, **(tile if use_dot else gemv)
+                                          ).asm["cubin"]
     if block_m == 16:
         for block_n, block_k in ((8, 512), (8, 1024), (4, 1024)):     # the FP8 GEMV's tiles
             assert compile_for_hopper(kernels._fp8_gemv_kernel,

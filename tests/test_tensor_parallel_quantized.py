@@ -37,6 +37,9 @@ def checkpoint(fmt: str, src: Path, root: Path) -> tuple[str, dict]:
     if fmt in ("gptq", "awq", "gptq-int8"):
         from test_quant_formats import write_four_bit      # (it needs compressed-tensors, which the GPU tests do not)
         return str(write_four_bit(src, root / fmt, fmt.removesuffix("-int8"), bits=8 if "int8" in fmt else 4)[0]), {}
+    if fmt == "fp8-block":
+        from test_quant_formats import write_fp8_block
+        return str(write_fp8_block(src, root / fmt)), {}
     if fmt.startswith("compressed-"):
         from test_quant_formats import write_compressed_tensors
         scheme = {"compressed-w4a16": "W4A16", "compressed-fp8": "FP8_DYNAMIC", "compressed-w8a8": "W8A8",
@@ -61,7 +64,8 @@ FORMATS = {   # format -> the layer types of qkv_proj and down_proj
     "awq": (W4A16Linear, W4A16Linear), "gptq-int8": (W8A16Linear, W8A16Linear),
     "compressed-w4a16": (W4A16Linear, W4A16Linear),
     "compressed-fp8": (Fp8Linear, Fp8Linear), "compressed-w8a8": (W8A16Linear, W8A16Linear),
-    "compressed-w6a16-asym": (W8A16Linear, W8A16Linear), "online-w4a16": (W4A16Linear, W4A16Linear),
+    "compressed-w6a16-asym": (W8A16Linear, W8A16Linear), "fp8-block": (W8A16Linear, W8A16Linear),
+    "online-w4a16": (W4A16Linear, W4A16Linear),
 }
 
 

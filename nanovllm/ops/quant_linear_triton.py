@@ -822,7 +822,7 @@ def _w8a16_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, out_ptr
         mask_k = (k0 + offs_k < K)[None, :]                                                      # [1, BK]
         x = tl.load(x_rows + k0, mask=mask_m[:, None] & mask_k, other=0.0)                       # [BM, BK]
         w_mask = mask_n[:, None] & mask_k
-        codes = tl.load(w_rows + k0, mask=w_mask, other=0)                                       # [BN, BK] int8
+        codes = tl.load(w_rows + k0, mask=w_mask, other=0.0)                                     # [BN, BK] int8 or e4m3
         groups = group_rows + ((k0 + offs_k) // GROUP_SIZE)[None, :]                             # [BN, BK]
         w = codes.to(tl.float32) * tl.load(scales_ptr + groups, mask=w_mask, other=0.0)
         if HAS_OFFSETS:

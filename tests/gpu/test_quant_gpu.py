@@ -169,17 +169,17 @@ GGUF_SHAPES = SHAPES[:4]     # Llama-3.2-1B's
 
 @pytest.mark.parametrize("num_rows", (1, 3) + BATCHES[1:])
 @pytest.mark.parametrize("out_features,in_features", GGUF_SHAPES)
-@pytest.mark.parametrize("layout", ["q4_k", "q4_0", "q8_0", "q6_k", "q6_k+q4_k", "int8-channel"])
+@pytest.mark.parametrize("layout", ["q4_k", "q4_0", "q8_0", "q6_k", "q6_k+q4_k", "int8-channel", "e4m3-block"])
 def test_gguf_layouts_match_reference(layout, num_rows, out_features, in_features):
     """GGUF's layouts: Q4_K as W4A16 codes with float offsets per 32, Q4_0 with the zero point 8
     per 32, Q8_0 and Q6_K as int8 codes with a scale per 32 or 16, a layer mixing Q6_K and Q4_K
     with offsets as well; int8 codes with one scale a row (compressed-tensors' W8A8, channel-wise
-    W8A16)."""
+    W8A16); e4m3 codes with a scale per 128 (block-scaled FP8 checkpoints)."""
     from nanovllm.ops.quant_linear_triton import w4a16_linear_triton, w8a16_linear_triton
 
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
-    group_size = {"q4_k": 32, "q4_0": 32, "q8_0": 32, "int8-channel": in_features}.get(layout, 16)
+    group_size = {"q4_k": 32, "q4_0": 32, "q8_0": 32, "int8-channel": in_features, "e4m3-block": 128}.get(layout, 16)
     groups = in_features // group_size
     scales = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.01
     offsets = torch.rand(out_features, groups, device=DEVICE, generator=generator) * 0.05
@@ -193,6 +193,8 @@ def test_gguf_layouts_match_reference(layout, num_rows, out_features, in_feature
         qweight = torch.randint(-128, 128, (out_features, in_features), device=DEVICE,
                                 generator=generator).to(torch.int8)
         offsets = offsets if layout == "q6_k+q4_k" else None
+        if layout == "e4m3-block":
+            qweight = qweight.to(torch.float8_e4m3fn)
         out = w8a16_linear_triton(x, qweight, scales, offsets)
         reference = w8a16_linear_torch(x, qweight, scales, offsets)
     assert relative_error(out, reference) < 1e-2

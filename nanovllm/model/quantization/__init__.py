@@ -1,14 +1,14 @@
 """Quantized checkpoints: which method a model uses, and how its weights get into the model.
 
 A quantized checkpoint says how it was made in config.json's `quantization_config`
-(`quant_method`: "compressed-tensors", "gptq", "awq"); a float checkpoint can also be
+(`quant_method`: "compressed-tensors", "gptq", "awq", "fp8" with block scales); a float checkpoint can also be
 quantized once loaded (`quantization="fp8"`, as vLLM's online fp8, or "w4a16": 4-bit
 round-to-nearest in groups of 128, for trying the format's speed; GPTQ and AWQ lose less; "gguf-q8_0"
 and "gguf-q4_k" likewise give the layouts of GGUF's blocks). A GGUF file's legacy (Q4_0 ... Q8_0)
 and k-quant (Q2_K ... Q6_K) blocks load as they are (gguf.py; on CUDA by default). Whatever the
 method, the linear layers of the decoder (q/k/v, o, gate/up, down) become one of three layers
 (layers.py): Fp8Linear (e4m3 weights, per-channel scales), W4A16Linear (4-bit codes in groups) or
-W8A16Linear (int8 codes in groups). Each method is a `QuantizationMethod` that names the layer it builds and turns
+W8A16Linear (int8 or e4m3 codes in groups). Each method is a `QuantizationMethod` that names the layer it builds and turns
 the checkpoint's tensors of one HuggingFace linear module (`...q_proj.qweight`,
 `...q_proj.scales`, ...) into that layer's tensors. `quantized_weights` does the routing:
 tensors of quantized modules are converted and copied into their (fused) layer, all
@@ -30,7 +30,7 @@ from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.method import QuantizationMethod, quantized_weights
 
 from nanovllm.config import ONLINE_METHODS
-CHECKPOINT_METHODS = ("compressed-tensors", "gptq", "awq")
+CHECKPOINT_METHODS = ("compressed-tensors", "gptq", "awq", "fp8")
 _LINEARS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
@@ -62,6 +62,9 @@ def _method(quantization_config: dict[str, Any] | None, online: str | None,
     if name == "compressed-tensors":
         from nanovllm.model.quantization.compressed_tensors import CompressedTensors
         return CompressedTensors.from_config(quantization_config, source)
+    if name == "fp8":
+        from nanovllm.model.quantization.fp8_block import Fp8Block
+        return Fp8Block.from_config(quantization_config, source)
     if name in ("gptq", "awq"):
         from nanovllm.model.quantization.gptq_awq import Awq, Gptq
         return (Gptq if name == "gptq" else Awq).from_config(quantization_config, source)

@@ -8,6 +8,8 @@ config.json's `quantization_config` lists `config_groups`, each a scheme for the
   (then per channel here: q, k and v each bring their own into one fused layer).
   Activations are quantized per token at run time (`input_activations` dynamic, strategy
   "token"); static activation scales are not supported.
+- **float-quantized, strategy "block"** (FP8_BLOCK): `weight` e4m3 [N, K] and `weight_scale` per
+  block of 128 x 128, as transformers' fine-grained FP8 (fp8_block.py): W8A16Linear with e4m3 codes.
 - **pack-quantized** (W4A16, 4-bit integers): `weight_packed` int32 [N, K / 8], code k in
   bits 4 (k % 8) of word k // 8, stored as q + 8 for q in [-8, 7]; `weight_scale` [N, K / group];
   `weight_shape` [2]; asymmetric schemes add `weight_zero_point` [N / 8, K / group], packed
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from nanovllm.model.errors import ModelLoadError
+from nanovllm.model.quantization.fp8_block import block_scaled_weight
 from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear, W8A16Linear
 from nanovllm.model.quantization.method import QUANTIZED_MODULES, QuantizationMethod
 from nanovllm.ops.quant_linear import FP8_DTYPE, unpack_int4
@@ -48,6 +51,8 @@ class CompressedTensors(QuantizationMethod):
 
     @property
     def bytes_per_weight(self) -> float:
+        if self.block is not None:
+            return 1.0 + 4 / self.block[1]
         if self.fmt == "float-quantized" or self.num_bits == 4:
             return super().bytes_per_weight
         return 1.0 + (4 + 4 * (not self.symmetric)) / self.group_size if self.group_size > 0 else 1.0
@@ -64,6 +69,13 @@ class CompressedTensors(QuantizationMethod):
         weights = group.get("weights") or {}
         kind = (weights.get("type"), weights.get("num_bits"))
         activations = group.get("input_activations") or {}
+        if fmt == "float-quantized" and kind == ("float", 8) and weights.get("strategy") == "block":
+            block = weights.get("block_structure") or []
+            if len(block) != 2 or (activations and not activations.get("dynamic")):
+                raise ModelLoadError(f"{source}: FP8 blocks of {block!r} with {'static' if activations else 'no'} "
+                                     "activation scales are not supported; nano-vllm runs FP8_BLOCK (two block "
+                                     "sizes, dynamic activations)")
+            return cls(fmt, weights)
         if fmt == "float-quantized" and kind == ("float", 8) and weights.get("strategy") in ("tensor", "channel"):
             if not (activations.get("dynamic") and activations.get("strategy") == "token"):
                 raise ModelLoadError(f"{source}: FP8 with {'static' if activations else 'no'} activation scales is "
@@ -90,7 +102,15 @@ class CompressedTensors(QuantizationMethod):
         names = {"weight_packed", "weight_scale", "weight_shape"}
         return frozenset(names if self.symmetric else names | {"weight_zero_point"})
 
+    @property
+    def block(self) -> tuple[int, int] | None:
+        """FP8_BLOCK's (rows, inputs) a scale covers; None for the other schemes."""
+        block = self.weights.get("block_structure") if self.weights.get("strategy") == "block" else None
+        return None if block is None else (int(block[0]), int(block[1]))
+
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        if self.block is not None:
+            return W8A16Linear(in_features, out_features, self.block[1], bias, fp8=True)
         if self.fmt == "float-quantized":
             return Fp8Linear(in_features, out_features, bias)
         group_size = in_features if self.group_size == -1 else self.group_size
@@ -99,6 +119,8 @@ class CompressedTensors(QuantizationMethod):
         return W8A16Linear(in_features, out_features, group_size, bias, offsets=not self.symmetric)
 
     def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.block is not None:
+            return block_scaled_weight(module, tensors["weight"], tensors["weight_scale"], self.block)
         if self.fmt == "float-quantized":
             weight, scale = tensors["weight"], tensors["weight_scale"].float()
             if weight.dtype != FP8_DTYPE:

@@ -9,7 +9,7 @@ into one layer by rows exactly as float weights do (model/llama.py):
                   float32 (a checkpoint's float16 scales would lose 3 bits in bfloat16), zeros
                   [N, K / group] uint8 (GGUF's Q4_1 and Q4_K: float32 offsets, w = q s - m);
                   input_perm [K] when the checkpoint ordered its groups by activation (GPTQ desc_act)
-    W8A16Linear   qweight [N, K] int8, scales [N, K / group] float32, offsets [N, K / group]
+    W8A16Linear   qweight [N, K] int8 (or e4m3), scales [N, K / group] float32, offsets [N, K / group]
                   float32 or None (GGUF's other types, and layers that mix them with 4-bit ones;
                   8-bit GPTQ and compressed-tensors); input_perm [K] as W4A16Linear's
 
@@ -99,17 +99,20 @@ class W4A16Linear(nn.Module):
 
 class W8A16Linear(nn.Module):
     """x [M, K] -> [M, N]: int8 weight codes with a float scale (and with offsets=True a float
-    offset) per group of `group_size` along K, dequantized inside the matmul (ops/quant_linear.py)."""
+    offset) per group of `group_size` along K, dequantized inside the matmul (ops/quant_linear.py).
+    fp8=True: the codes are float8 e4m3 (FP8 checkpoints with a scale per 128 x 128 block), the
+    same kernels, x kept in 16 bits."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 offsets: bool = False, act_order: bool = False):
+                 offsets: bool = False, act_order: bool = False, fp8: bool = False):
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"an 8-bit layer needs its input size ({in_features}) to be a multiple of the group "
                              f"size ({group_size})")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         num_groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))     # [N, K]
+        code_dtype = FP8_DTYPE if fp8 else torch.int8       # fp8: e4m3 codes (block-scaled FP8 checkpoints)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=code_dtype))     # [N, K]
         self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=torch.float32))    # [N, G]
         self.register_buffer("offsets", torch.empty(out_features, num_groups, dtype=torch.float32)   # [N, G]
                              if offsets else None)
@@ -131,4 +134,4 @@ class W8A16Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"w8a16, in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, offsets={self.offsets is not None}, "
-                f"act_order={self.input_perm is not None}")
+                f"act_order={self.input_perm is not None}, codes={str(self.qweight.dtype).removeprefix('torch.')}")
