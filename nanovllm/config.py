@@ -49,8 +49,8 @@ def cache_dir() -> Path:
 
 # Weight formats a float checkpoint can be quantized into as it loads (nanovllm/model/quantization/).
 ONLINE_METHODS = ("fp8", "w4a16", "gguf-q8_0", "gguf-q4_k")
-# For a GGUF file: "gguf" keeps its quantized blocks (Q4_0 ... Q8_0, Q2_K ... Q6_K) quantized (the
-# default on CUDA), "none" dequantizes them to the model's dtype (the default on the CPU).
+# For a GGUF file: "gguf" keeps its quantized blocks (Q4_0 ... Q8_0, Q2_K ... Q6_K, IQ4) quantized
+# (the default on CUDA), "none" dequantizes them to the model's dtype (the default on the CPU).
 GGUF_CHOICES = ("gguf", "none")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -35,8 +35,8 @@ _HELP = {
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
     "quantization": ("fp8 | w4a16 | gguf-q8_0 | gguf-q4_k: quantize a float checkpoint's linear layers as it "
                      "loads (GPU kernels; quantized checkpoints, compressed-tensors, GPTQ, AWQ, load quantized "
-                     "without it); gguf | none: keep a GGUF's Q4_0..Q8_0 and Q2_K..Q6_K blocks quantized (default on cuda) "
-                     "or dequantize them (default on cpu)"),
+                     "without it); gguf | none: keep a GGUF's Q4_0..Q8_0, Q2_K..Q6_K and IQ4 blocks quantized "
+                     "(default on cuda) or dequantize them (default on cpu)"),
     "async_scheduling": "schedule a step while the GPU runs the one before (default: on with one CUDA GPU)",
     "skip_tokenizer_init": "load no tokenizer: prompts are token ids, outputs token ids with empty text",
     "batch_invariant": ("a request's tokens and log-probabilities do not depend on what it is batched with "

@@ -4,8 +4,8 @@ torch references; a tiny model loaded that way on the CPU gives the logits and g
 the dequantized load of the same file.
 
 The gguf package writes the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) but no k-quant, so
-Q4_K, Q5_K and Q6_K blocks are made by conftest.quantize_k_blocks, and Q2_K and Q3_K are random
-bytes only: either way gguf.quants.dequantize of the same bytes is the oracle.
+Q4_K, Q5_K and Q6_K blocks are made by conftest.quantize_k_blocks, and Q2_K, Q3_K, IQ4_NL and
+IQ4_XS are random bytes only: either way gguf.quants.dequantize of the same bytes is the oracle.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def private_cache(tmp_path, monkeypatch):
 WRITTEN_BY_GGUF = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 WRITTEN_BY_CONFTEST = ("Q4_K", "Q5_K", "Q6_K")
 GROUP_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 16, "Q3_K": 16, "Q4_K": 32,
-              "Q5_K": 32, "Q6_K": 16}
+              "Q5_K": 32, "Q6_K": 16, "IQ4_NL": 32, "IQ4_XS": 32}
 HAS_OFFSETS = {"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"}
 
 
@@ -49,7 +49,7 @@ def gguf_blocks(qtype: str, seed: int = 0, random_bytes: bool = False) -> np.nda
     blocks = rng.integers(0, 256, (SHAPE[0] * SHAPE[1] // block_size, type_size), dtype=np.uint8)
     halves = (rng.standard_normal((blocks.shape[0], 2)) * 0.01).astype(np.float16).view(np.uint8)  # d (and dmin, m)
     columns = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[qtype]
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}[qtype]
     for index, column in enumerate(columns):
         blocks[:, column:column + 2] = halves[:, 2 * index:2 * index + 2]
     return blocks.reshape(SHAPE[0], -1)
@@ -75,7 +75,8 @@ def test_blocks_decode_to_what_gguf_dequantizes_bit_for_bit(qtype, random_bytes)
 
 @pytest.mark.parametrize("qtypes", [{"Q8_0"}, {"Q6_K"}, {"Q4_K"}, {"Q8_0", "Q6_K"}, {"Q4_K", "Q6_K"},
                                     {"Q4_K", "Q8_0"}, {"Q4_0"}, {"Q4_1"}, {"Q4_0", "Q4_K"}, {"Q4_0", "Q8_0"},
-                                    {"Q5_0"}, {"Q5_1"}, {"Q5_K", "Q6_K"}, {"Q3_K", "Q4_K", "Q5_K"}, {"Q2_K"}])
+                                    {"Q5_0"}, {"Q5_1"}, {"Q5_K", "Q6_K"}, {"Q3_K", "Q4_K", "Q5_K"}, {"Q2_K"},
+                                    {"IQ4_NL"}, {"IQ4_XS", "Q6_K"}])
 def test_each_layout_holds_each_of_its_parts_bit_for_bit(qtypes):
     """The layer buffers, dequantized by the torch references of the kernels, are gguf's floats:
     a layer of 4-bit types alone packs 4-bit codes (Q4_0 alone with its zero point 8, else with
@@ -99,7 +100,7 @@ def test_each_layout_holds_each_of_its_parts_bit_for_bit(qtypes):
 
 
 def test_other_types_stay_float():
-    assert Layout.of({"Q4_K", "F16"}) is None and Layout.of({"IQ4_XS"}) is None and Layout.of({"Q4_0", "IQ4_NL"}) is None
+    assert Layout.of({"Q4_K", "F16"}) is None and Layout.of({"IQ2_XXS"}) is None and Layout.of({"Q4_0", "IQ3_S"}) is None
     assert Layout.of({"F32"}) is None and Layout.of(set()) is None
 
 

@@ -11,7 +11,7 @@ differ only in where those two live:
   (`llama.block_count`, `tokenizer.ggml.tokens`, ...) then tensors named
   `blk.3.attn_q.weight`, most of them quantized in blocks (Q4_1: 32 weights
   share one scale and one offset). On the CPU we dequantize to float once and
-  cache the result; on CUDA, the legacy (Q4_0 ... Q8_0) and k-quant (Q2_K ... Q6_K)
+  cache the result; on CUDA, the legacy (Q4_0 ... Q8_0), k-quant (Q2_K ... Q6_K) and IQ4
   blocks load as they are, into quantized layers, tensor by tensor
   (quantization/gguf.py; "none" dequantizes).
   llama.cpp rotates interleaved pairs in RoPE, so its converter permutes the

@@ -4,8 +4,8 @@ A quantized checkpoint says how it was made in config.json's `quantization_confi
 (`quant_method`: "compressed-tensors", "gptq", "awq", "fp8" with block scales); a float checkpoint can also be
 quantized once loaded (`quantization="fp8"`, as vLLM's online fp8, or "w4a16": 4-bit
 round-to-nearest in groups of 128, for trying the format's speed; GPTQ and AWQ lose less; "gguf-q8_0"
-and "gguf-q4_k" likewise give the layouts of GGUF's blocks). A GGUF file's legacy (Q4_0 ... Q8_0)
-and k-quant (Q2_K ... Q6_K) blocks load as they are (gguf.py; on CUDA by default). Whatever the
+and "gguf-q4_k" likewise give the layouts of GGUF's blocks). A GGUF file's legacy (Q4_0 ... Q8_0),
+k-quant (Q2_K ... Q6_K) and IQ4 blocks load as they are (gguf.py; on CUDA by default). Whatever the
 method, the linear layers of the decoder (q/k/v, o, gate/up, down) become one of three layers
 (layers.py): Fp8Linear (e4m3 weights, per-channel scales), W4A16Linear (4-bit codes in groups) or
 W8A16Linear (int8 or e4m3 codes in groups). Each method is a `QuantizationMethod` that names the layer it builds and turns

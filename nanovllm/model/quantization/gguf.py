@@ -19,9 +19,12 @@ Q4_K with v and down in Q6_K, "Q5_K_M" Q5_K with Q6_K, "Q3_K_M" Q3_K with Q4_K a
     Q5_K   as Q4_K with 5-bit q                                     w = (d sc) q - (dmin m)
     Q6_K   256: fp16 d; 16 sub-blocks of 16, each an int8 scale sc; 6-bit q
                                                                     w = (d sc) (q - 32)
+    IQ4_NL 32: fp16 d, 4-bit index i into 16 int8 levels L           w = d L[i]
+    IQ4_XS 256: fp16 d; 8 sub-blocks of 32, each a 6-bit scale sc; 4-bit index i
+                                                                    w = (d (sc - 32)) L[i]
 
-So each is integer codes times a float scale per group along K (16 or 32), some minus a float
-offset per group. The scales and offsets are exact in float32 (fp16 times an integer of at most
+So each is integer codes (IQ4's: the levels its indices pick) times a float scale per group along
+K (16 or 32), some minus a float offset per group. The scales and offsets are exact in float32 (fp16 times an integer of at most
 8 bits), so the layouts below dequantize to the very bits the gguf package gives. A fused layer
 (q/k/v, gate/up) takes one layout for the GGUF types of its parts:
 
@@ -31,13 +34,15 @@ offset per group. The scales and offsets are exact in float32 (fp16 times an int
     any other kept type  -> W8A16Linear, int8 codes, groups of 32 (16 with any Q2_K, Q3_K or
                             Q6_K part), float offsets when a part has them (a Q4_K_M file's q
                             and k in Q4_K beside v in Q6_K)
-    any other type       -> the float layer, dequantized tensor by tensor (F16, the IQ types, ...)
+    any other type       -> the float layer, dequantized tensor by tensor (F16, the IQ1 to IQ3
+                            types, ...)
 
 The scales (and offsets) are kept in float32: 0.75 bytes a weight for Q4_K and Q4_1 (GGUF: 0.56,
 0.63), 0.66 for Q4_0 (0.56), 1.125 for Q8_0 and Q5_0 (1.06, 0.69), 1.25 for Q5_1, Q5_K and Q6_K
-(0.75, 0.69, 0.82), 1.25 for Q3_K (0.43) and 1.5 for Q2_K (0.33): the low-bit k-quants take the
-8-bit kernels, at the bytes of Q6_K but still below bfloat16's 2. The embeddings, norms and LM
-head stay in the model's dtype. Everything goes tensor by tensor from the memory-mapped file:
+(0.75, 0.69, 0.82), 1.125 for IQ4_NL and IQ4_XS (0.56, 0.53), 1.25 for Q3_K (0.43) and 1.5 for
+Q2_K (0.33). IQ4's levels are not a linear code, and the low-bit k-quants take the 8-bit kernels:
+more bytes than the file, still below bfloat16's 2. The embeddings, norms and LM head stay in the
+model's dtype. Everything goes tensor by tensor from the memory-mapped file:
 there is no float copy of the model.
 """
 from __future__ import annotations
@@ -57,9 +62,13 @@ from nanovllm.ops.quant_linear import pack_int4
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"
-KEPT_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the GGUF types that load quantized
+IQ4_NL, IQ4_XS = "IQ4_NL", "IQ4_XS"
+KEPT_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,   # the GGUF types that load quantized
+              IQ4_NL, IQ4_XS)
 GROUP_SIZE = {Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q8_0: 32,             # weights per scale along K
-              Q2_K: 16, Q3_K: 16, Q4_K: 32, Q5_K: 32, Q6_K: 16}
+              Q2_K: 16, Q3_K: 16, Q4_K: 32, Q5_K: 32, Q6_K: 16, IQ4_NL: 32, IQ4_XS: 32}
+# IQ4's 16 levels: a 4-bit index into this table of int8 values, times the scale (not a linear code)
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 FOUR_BIT_TYPES = {Q4_0, Q4_1, Q4_K}                                         # those the 4-bit layout holds
 OFFSET_TYPES = {Q4_1, Q5_1, Q2_K, Q4_K, Q5_K}                               # w = d q + offset
 
@@ -213,6 +222,25 @@ def _k_scales(d: np.ndarray, dmin: np.ndarray, packed: np.ndarray) -> tuple[np.n
     return _halves(d) * sc.astype(np.float32), _halves(dmin) * m.astype(np.float32)
 
 
+def _decode_iq4_nl(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """[B, 18]: fp16 d, 16 bytes of 4-bit indices laid out as Q4_0's. Codes IQ4_LEVELS[index]."""
+    d, qs = np.hsplit(blocks, [2])
+    return IQ4_LEVELS[_nibbles(qs)], _halves(d), None
+
+
+def _decode_iq4_xs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """[B, 136]: fp16 d, a uint16 of eight scales' high 2 bits (sub-block j at bits 2 j), 4 bytes of
+    their low 4 bits (sub-block j in byte j // 2, low nibble first), then 8 runs of 16 bytes of
+    indices, each laid out as IQ4_NL's block. Codes IQ4_LEVELS[index]; scales d (sc - 32) per 32."""
+    num_blocks = blocks.shape[0]
+    d, high, low, qs = np.split(blocks, [2, 4, 8], axis=1)
+    low_sc = (low[:, :, None] >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)) & 0x0F               # [B, 4, 2]
+    high_sc = (np.ascontiguousarray(high).view("<u2") >> (2 * np.arange(8, dtype=np.uint16))) & 0x03      # [B, 8]
+    sc = low_sc.reshape(num_blocks, 8) | (high_sc.astype(np.uint8) << 4)                                   # 0..63
+    codes = IQ4_LEVELS[_nibbles(qs.reshape(num_blocks * 8, 16))].reshape(num_blocks, 256)
+    return codes, _halves(d) * (sc.astype(np.float32) - 32), None
+
+
 def _decode_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
     """[B, 210]: ql (the low 4 bits, 128 bytes), qh (the high 2 bits, 64 bytes), 16 int8 scales, fp16 d.
     Within each half of 128 weights, ql byte l holds weights l (low nibble) and l + 64 (high), byte
@@ -228,7 +256,8 @@ def _decode_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
 
 
 _DECODERS = {Q4_0: _decode_q4_0, Q4_1: _decode_q4_1, Q5_0: _decode_q5_0, Q5_1: _decode_q5_1, Q8_0: _decode_q8_0,
-             Q2_K: _decode_q2_k, Q3_K: _decode_q3_k, Q4_K: _decode_q4_k, Q5_K: _decode_q5_k, Q6_K: _decode_q6_k}
+             Q2_K: _decode_q2_k, Q3_K: _decode_q3_k, Q4_K: _decode_q4_k, Q5_K: _decode_q5_k, Q6_K: _decode_q6_k,
+             IQ4_NL: _decode_iq4_nl, IQ4_XS: _decode_iq4_xs}
 
 
 # ---- layouts -------------------------------------------------------------------------------------
