@@ -489,7 +489,7 @@ def quantize_k_blocks(weight, qtype: str):
         sc, m, q = sc.astype(np.uint8), m.astype(np.uint8), q.astype(np.uint8).reshape(-1, 4, 2, 32)
         packed = np.concatenate([(sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6), (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6),
                                  (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)    # [B, 12]
-        qs = ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).reshape(-1, 128)   # byte l of each 32: weights l, l + 32 of 64
+        qs = ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).reshape(-1, 128)   # byte l of a 32: weights l, l + 32
         head = [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed]
         if qtype == "Q5_K":       # bit j of byte l: the fifth bit of weight 32 j + l
             fifth = (q.reshape(-1, 8, 32) >> 4).astype(np.uint16) << np.arange(8, dtype=np.uint16).reshape(1, 8, 1)

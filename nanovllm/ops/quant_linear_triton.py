@@ -35,9 +35,10 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   at half a byte a weight (Marlin's idea, in Triton), in the layout the checkpoint loaders
   produce ([N, K / 8], K contiguous: no repacking). GGUF's 4-bit blocks (w = q s - m) take the
   same kernels with a float offset in place of the integer zero point.
-- **W8A16** (`_w8a16_kernel`, GGUF's Q8_0, Q6_K and the other non-4-bit types): int8 codes, one byte a weight, scaled (and
-  offset) per group of 16 or 32 in registers, then multiplied on the FMA units at a few rows or
-  by `tl.dot` at more.
+- **W8A16** (`_w8a16_kernel`, GGUF's Q8_0, Q6_K and the other non-4-bit types, 8-bit GPTQ and
+  compressed-tensors, block-scaled FP8): int8 or e4m3 codes, one byte a weight, scaled (and
+  offset) per group (16, 32, 128 or a whole row) in registers, then multiplied on the FMA units at
+  a few rows or by `tl.dot` at more.
 
 Tile shapes follow the row count: a decode step (M <= 16) is bound by reading W, so it takes
 narrow tiles and splits K over several programs (SPLIT_K) until there are a few programs per

@@ -1,18 +1,19 @@
 """Quantized checkpoints: which method a model uses, and how its weights get into the model.
 
 A quantized checkpoint says how it was made in config.json's `quantization_config`
-(`quant_method`: "compressed-tensors", "gptq", "awq", "fp8" with block scales); a float checkpoint can also be
-quantized once loaded (`quantization="fp8"`, as vLLM's online fp8, or "w4a16": 4-bit
-round-to-nearest in groups of 128, for trying the format's speed; GPTQ and AWQ lose less; "gguf-q8_0"
-and "gguf-q4_k" likewise give the layouts of GGUF's blocks). A GGUF file's legacy (Q4_0 ... Q8_0),
-k-quant (Q2_K ... Q6_K) and IQ4 blocks load as they are (gguf.py; on CUDA by default). Whatever the
-method, the linear layers of the decoder (q/k/v, o, gate/up, down) become one of three layers
-(layers.py): Fp8Linear (e4m3 weights, per-channel scales), W4A16Linear (4-bit codes in groups) or
-W8A16Linear (int8 or e4m3 codes in groups). Each method is a `QuantizationMethod` that names the layer it builds and turns
-the checkpoint's tensors of one HuggingFace linear module (`...q_proj.qweight`,
-`...q_proj.scales`, ...) into that layer's tensors. `quantized_weights` does the routing:
-tensors of quantized modules are converted and copied into their (fused) layer, all
-others go on to `LlamaForCausalLM.load_weights` unchanged. An online method converts the
+(`quant_method`: "compressed-tensors", "gptq", "awq", "fp8" with block scales); a float
+checkpoint can also be quantized once loaded (`quantization="fp8"`, as vLLM's online fp8, or
+"w4a16": 4-bit round-to-nearest in groups of 128, for trying the format's speed; GPTQ and AWQ lose
+less; "gguf-q8_0" and "gguf-q4_k" likewise give the layouts of GGUF's blocks). A GGUF file's
+legacy (Q4_0 ... Q8_0), k-quant (Q2_K ... Q6_K) and IQ4 blocks load as they are (gguf.py; on CUDA
+by default). Whatever the method, the linear layers of the decoder (q/k/v, o, gate/up, down)
+become one of three layers (layers.py): Fp8Linear (e4m3 weights, per-channel scales), W4A16Linear
+(4-bit codes in groups) or W8A16Linear (int8 or e4m3 codes in groups). Each method is a
+`QuantizationMethod` that names the layer it builds and turns the checkpoint's tensors of one
+HuggingFace linear module (`...q_proj.qweight`, `...q_proj.scales`, ...) into that layer's
+tensors. `quantized_weights` does the routing: tensors of quantized modules are converted and
+copied into their (fused) layer (this rank's share of it under tensor parallelism), all others
+go on to `LlamaForCausalLM.load_weights` unchanged. An online method converts the
 loaded model's float layers instead (`quantize_loaded_model`).
 
 The embeddings and norms stay in the model's dtype, and so does the LM head, except under

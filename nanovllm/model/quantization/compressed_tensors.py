@@ -72,9 +72,9 @@ class CompressedTensors(QuantizationMethod):
         if fmt == "float-quantized" and kind == ("float", 8) and weights.get("strategy") == "block":
             block = weights.get("block_structure") or []
             if len(block) != 2 or (activations and not activations.get("dynamic")):
-                raise ModelLoadError(f"{source}: FP8 blocks of {block!r} with {'static' if activations else 'no'} "
-                                     "activation scales are not supported; nano-vllm runs FP8_BLOCK (two block "
-                                     "sizes, dynamic activations)")
+                raise ModelLoadError(f"{source}: FP8 blocks of {block!r}, activations {activations or 'none'}, are "
+                                     "not supported; nano-vllm runs FP8_BLOCK (two block sizes, dynamic "
+                                     "activations)")
             return cls(fmt, weights)
         if fmt == "float-quantized" and kind == ("float", 8) and weights.get("strategy") in ("tensor", "channel"):
             if not (activations.get("dynamic") and activations.get("strategy") == "token"):

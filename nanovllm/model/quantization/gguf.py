@@ -24,9 +24,9 @@ Q4_K with v and down in Q6_K, "Q5_K_M" Q5_K with Q6_K, "Q3_K_M" Q3_K with Q4_K a
                                                                     w = (d (sc - 32)) L[i]
 
 So each is integer codes (IQ4's: the levels its indices pick) times a float scale per group along
-K (16 or 32), some minus a float offset per group. The scales and offsets are exact in float32 (fp16 times an integer of at most
-8 bits), so the layouts below dequantize to the very bits the gguf package gives. A fused layer
-(q/k/v, gate/up) takes one layout for the GGUF types of its parts:
+K (16 or 32), some minus a float offset per group. The scales and offsets are exact in float32
+(fp16 times an integer of at most 8 bits), so the layouts below dequantize to the very bits the
+gguf package gives. A fused layer (q/k/v, gate/up) takes one layout for the GGUF types of its parts:
 
     only 4-bit types (Q4_0, Q4_1, Q4_K)
                          -> W4A16Linear, groups of 32: 4-bit codes packed as ours; Q4_0 alone
