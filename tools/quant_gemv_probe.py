@@ -4,7 +4,8 @@ Times each linear of Llama-3.1-8B and Llama-3.2-1B at 1 and 4 rows as the engine
 whole op: FP8's activation quantization and the sum of K's partial products included), inside
 CUDA graphs (no launch overhead between the calls of one replay), each call on another copy of
 the weight so that it comes from HBM and not from the 60 MB L2; against cuBLAS bfloat16, and
-with a sweep of the few-row tiles. Prints microseconds and the weight bytes read per second.
+with a sweep of the few-row tiles; W8A16 with int8 codes (GGUF's Q8_0) and e4m3 codes (block-scaled
+FP8) beside them. Prints microseconds and the weight bytes read per second.
 `--old PATH` also times the kernels of another checkout's quant_linear_triton.py (before/after).
 
     python tools/quant_gemv_probe.py [--old ../nanovllm/ops/quant_linear_triton.py] [--json out.json]
@@ -65,7 +66,12 @@ def main() -> None:
             w4 = [(pack_int4(torch.randint(0, 16, (n, k), device="cuda")),
                    torch.rand(n, k // 128, device="cuda") * 0.01,
                    torch.randint(0, 16, (n, k // 128), device="cuda").to(torch.uint8))]
-            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5)):    # distinct copies, so that L2 holds none
+            # W8A16 as GGUF's Q8_0 loads (int8, a scale per 32) and as block-scaled FP8 does (e4m3, a scale per 128)
+            w8 = [(torch.randint(-127, 128, (n, k), device="cuda").to(torch.int8),
+                   torch.rand(n, k // 32, device="cuda") * 0.01)]
+            w8_e4m3 = [(bf16[0].float().mul(100).clamp(-448, 448).to(torch.float8_e4m3fn),
+                        torch.rand(n, k // 128, device="cuda") * 0.01)]
+            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5), (w8, 1), (w8_e4m3, 1)):   # distinct copies: L2 holds none
                 while len(copies) < math.ceil(L2_BYTES / (n * k * nbytes)):
                     first = copies[0]
                     copies.append(first.clone() if isinstance(first, torch.Tensor) else tuple(t.clone() for t in first))
@@ -76,12 +82,15 @@ def main() -> None:
                 row["bf16_us"] = cycled_us(lambda i: (lambda w=bf16[i % len(bf16)]: F.linear(x, w)), 2 * n * k)
                 row["fp8_us"] = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: fp8_op(x, *w)), n * k)
                 row["w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: w4a16_op(x, *w)), n * k / 2)
+                w8a16_op = kernels.w8a16_linear_triton
+                row["w8a16_us"] = cycled_us(lambda i: (lambda w=w8[i % len(w8)]: w8a16_op(x, *w)), n * k)
+                row["w8a16_e4m3_us"] = cycled_us(lambda i: (lambda w=w8_e4m3[i % len(w8_e4m3)]: w8a16_op(x, *w)), n * k)
                 if old is not None:
                     old_fp8, old_w4a16 = old.fp8_linear_triton, old.w4a16_linear_triton
                     row["old_fp8_us"] = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: old_fp8(x, *w)), n * k)
                     row["old_w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: old_w4a16(x, *w)), n * k / 2)
-                for key, nbytes in (("bf16", 2), ("fp8", 1), ("w4a16", 0.5 + 5 / 128), ("old_fp8", 1),
-                                    ("old_w4a16", 0.5 + 5 / 128)):
+                for key, nbytes in (("bf16", 2), ("fp8", 1), ("w4a16", 0.5 + 5 / 128), ("w8a16", 1 + 4 / 32),
+                                    ("w8a16_e4m3", 1 + 4 / 128), ("old_fp8", 1), ("old_w4a16", 0.5 + 5 / 128)):
                     if f"{key}_us" in row:
                         row[f"{key}_TBps"] = round(n * k * nbytes / row[f"{key}_us"] / 1e6, 3)
                 rows.append(row)
