@@ -33,6 +33,28 @@ def test_checkpoint_methods_know_their_group_size():
     assert ct.bytes_per_weight == 1.0
 
 
+def test_the_eight_bit_layouts_count_a_byte_a_code_and_their_scales_and_offsets():
+    def compressed(weights: dict, fmt: str = "pack-quantized", activations: dict | None = None):
+        return quantization_method({"quant_method": "compressed-tensors", "ignore": ["lm_head"], "config_groups": {
+            "g": {"targets": ["Linear"], "format": fmt, "weights": weights, "input_activations": activations}}})
+
+    gptq8 = quantization_method({"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False})
+    assert gptq8.bytes_per_weight == 1 + 8 / 128                    # int8 codes, a float32 scale and offset
+    w6 = compressed({"type": "int", "num_bits": 6, "strategy": "group", "group_size": 128, "symmetric": False})
+    assert w6.bytes_per_weight == 1 + 8 / 128
+    w8 = compressed({"type": "int", "num_bits": 8, "strategy": "group", "group_size": 64})
+    assert w8.bytes_per_weight == 1 + 4 / 64
+    w8a8 = compressed({"type": "int", "num_bits": 8, "strategy": "channel"}, "int-quantized",
+                      {"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True})
+    assert w8a8.bytes_per_weight == 1.0                             # a scale a row, left out as FP8's
+    block = compressed({"type": "float", "num_bits": 8, "strategy": "block", "block_structure": [128, 128]},
+                       "float-quantized", {"type": "float", "num_bits": 8, "strategy": "group", "dynamic": True})
+    assert block.bytes_per_weight == 1 + 4 / 128
+    hf_fp8 = quantization_method({"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]})
+    assert hf_fp8.bytes_per_weight == 1 + 4 / 128
+
+
 def test_an_online_quantized_head_counts_at_its_stored_size():
     config = dummy_config("llama-3.2-1b")
     method = quantization_method(None, "fp8")
