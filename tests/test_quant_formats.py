@@ -425,6 +425,39 @@ def test_a_checkpoint_missing_a_quantized_tensor_names_the_module(tmp_path):
         _load(path)
 
 
+@pytest.mark.parametrize("damage", ["scale-shape", "weight-dtype", "packed-shape", "gptq8-shape"])
+def test_a_damaged_eight_bit_tensor_is_named_in_one_clear_error(tmp_path, damage):
+    """Block-scaled FP8 with scales that do not tile the weight, or a weight not in e4m3; dense-packed
+    codes and 8-bit GPTQ words of the wrong shape: a ModelLoadError naming the module and the shapes."""
+    from safetensors.torch import load_file, save_file
+
+    from nanovllm.model.errors import ModelLoadError
+
+    src = write_tiny_model(tmp_path / "float", "llama-gqa4")
+    if damage in ("scale-shape", "weight-dtype"):
+        path = write_fp8_block(src, tmp_path / "quantized")
+    elif damage == "packed-shape":
+        path = write_compressed_tensors(src, tmp_path / "quantized", "W6A16")[0]
+    else:
+        path = write_four_bit(src, tmp_path / "quantized", "gptq", bits=8)[0]
+    tensors = load_file(path / "model.safetensors")
+    module = "model.layers.1.mlp.up_proj"
+    if damage == "scale-shape":
+        name, value, words = "weight_scale_inv", torch.ones(3, 2), r"\(3, 2\) block scales .* expected \(2, 2\)"
+    elif damage == "weight-dtype":
+        name, value, words = "weight", tensors[f"{module}.weight"].float(), "torch.float32; an FP8 checkpoint stores"
+    elif damage == "packed-shape":
+        name, value = "weight_packed", tensors[f"{module}.weight_packed"][:, :-1].contiguous()
+        words = r"weight_packed is torch.int32 \(256, 47\); expected int32 \(256, 48\) for 6-bit codes"
+    else:
+        name, value = "qweight", tensors[f"{module}.qweight"][:-1].contiguous()
+        words = r"qweight: converted to shape \(256, 252\), the config implies \(256, 256\)"
+    tensors[f"{module}.{name}"] = value
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=rf"{module}.*{words}"):
+        _load(path)
+
+
 def test_settings_nano_vllm_cannot_run_are_refused_up_front():
     from nanovllm.model.errors import ModelLoadError
     from nanovllm.model.quantization import quantization_method
