@@ -13,8 +13,10 @@ from those dequantized weights by the format's own tool:
                      932 tokens). Groups of 64, not 128: SmolLM2's hidden size 576 is no multiple of 128.
     ct-w4a16-asym-gptq   the same with zero points (asymmetric) in groups of 32
     ct-w4a16-asym-rtn    asymmetric groups of 32 by round-to-nearest (QuantizationModifier, no calibration)
-    gguf-q8_0        the gguf package's quantizer (`gguf.quants.quantize`), every linear layer
-    gguf-q4_k/q6_k   tests/conftest.py's `quantize_k_blocks` (round-to-nearest, not llama.cpp's
+    gguf-q8_0, gguf-q4_0, gguf-q4_1, gguf-q5_0, gguf-q5_1
+                     the gguf package's quantizer (`gguf.quants.quantize`), every linear layer
+    gguf-q4_k/q5_k/q6_k
+                     tests/conftest.py's `quantize_k_blocks` (round-to-nearest, not llama.cpp's
                      search); only down_proj (K = 1536) can hold 256-weight superblocks, the 576-wide
                      layers fall back to Q8_0 as tests/conftest.py's writer does (llama.cpp falls
                      back too: Q4_K to Q5_0, Q6_K to Q8_0)
@@ -56,7 +58,8 @@ from tests.conftest import QUALITY_TEXT, perplexity, prompt_logits, quality_toke
 CALIBRATION_TEXT = ROOT / "tests" / "data" / "calibration_text.txt"
 FORMATS = ("float32", "bf16", "fp8", "w4a16", "online-gguf-q8_0", "online-gguf-q4_k", "ct-fp8-dynamic",
            "ct-fp8-dynamic-weights-only", "ct-fp8-dynamic-down-a16", "ct-w4a16-gptq", "ct-w4a16-asym-gptq",
-           "ct-w4a16-asym-rtn", "gguf-q8_0", "gguf-q4_k", "gguf-q6_k")
+           "ct-w4a16-asym-rtn", "gguf-q8_0", "gguf-q4_k", "gguf-q6_k", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0",
+           "gguf-q5_1", "gguf-q5_k")
 # compressed-tensors 4-bit schemes: (symmetric, group size); SmolLM2's 576 inputs are no multiple of 128
 W4A16_SCHEMES = {"w4a16-gptq": (True, 64), "w4a16-asym-gptq": (False, 32), "w4a16-asym-rtn": (False, 32)}
 
