@@ -151,6 +151,20 @@ def _prefill_then_decode(prefill, decode) -> list[int]:
     return tokens
 
 
+@pytest.mark.parametrize("num_bits", [2, 3, 5, 6, 7, 8])
+@pytest.mark.parametrize("count", [1, 31, 32, 33, 100])
+def test_dense_codes_unpack_as_compressed_tensors_packs_them(num_bits, count):
+    """unpack_dense against the library's own pack_to_int32, every bit width the loader reads, rows
+    whose codes end inside a word and codes that straddle two."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from nanovllm.model.quantization.compressed_tensors import unpack_dense
+
+    offset = 1 << (num_bits - 1)
+    codes = torch.randint(-offset, offset, (5, count), generator=torch.Generator().manual_seed(count)).to(torch.int8)
+    assert torch.equal(unpack_dense(pack_to_int32(codes, num_bits), num_bits, count), codes.to(torch.int32) + offset)
+
+
 @pytest.mark.parametrize("model_name,scheme_name,layer", [
     ("llama-gqa4", "FP8_DYNAMIC_PER_TENSOR", "Fp8Linear"),
     ("llama-gqa4", "W4A16", "W4A16Linear"),
