@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_tiny_gguf
+from test_gguf_quantized import q4_k_m
 from test_tensor_parallel import (ENGINE_ARGS, assert_logprobs_close, assert_no_children_left, greedy_logprobs,
                                   greedy_tokens)
 
@@ -24,12 +25,6 @@ from nanovllm.ops.quant_linear import dequantize_w4, dequantize_w8
 
 # llama-gqa4 with 2 KV heads: hidden 256, 4 q heads of 64, intermediate 256 (each rank: 128 inputs of o and down)
 MODEL = ("llama-gqa4", dict(num_key_value_heads=2))
-
-
-def q4_k_m(gguf_name: str) -> str:
-    if gguf_name.startswith(("token_embd", "output")):
-        return "Q8_0"
-    return "Q6_K" if ".attn_v." in gguf_name or ".ffn_down." in gguf_name else "Q4_K"
 
 
 def checkpoint(fmt: str, src: Path, root: Path) -> tuple[str, dict]:
