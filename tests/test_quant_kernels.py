@@ -70,7 +70,7 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
                                                   w4a16_linear_partials_triton, w4a16_linear_tiles,
                                                   w4a16_linear_triton)
 
-    x = torch.randn(num_rows, in_features, dtype=dtype)
+    x = torch.randn(num_rows, in_features, dtype=dtype, generator=torch.Generator().manual_seed(num_rows))
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
     b = torch.randn(out_features, dtype=dtype) if bias else None
     by_dot = w4a16_linear_torch(x, qweight, scales, zeros, b)
