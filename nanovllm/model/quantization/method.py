@@ -109,8 +109,6 @@ def _copy_into_layer(model: nn.Module, module: str, buffers: dict[str, torch.Ten
         if target is None:
             raise ModelLoadError(f"{module}: the checkpoint has {buffer_name!r}, which this model's layer "
                                  "does not take")
-        if buffer_name != "input_perm":
-            value = _this_ranks_part(value, slot)
         if buffer_name == "input_perm":   # one input order for the whole fused layer
             if layer_name in perms and not torch.equal(perms[layer_name], value):
                 raise ModelLoadError(f"{module}: its act-order (g_idx) differs from the other modules fused into "
@@ -118,6 +116,7 @@ def _copy_into_layer(model: nn.Module, module: str, buffers: dict[str, torch.Ten
             perms[layer_name] = value
             target.copy_(value)
             continue
+        value = _this_ranks_part(value, slot)
         target = target[start:end]
         if tuple(value.shape) != tuple(target.shape):
             raise ModelLoadError(f"{module}.{buffer_name}: converted to shape {tuple(value.shape)}, the config "
