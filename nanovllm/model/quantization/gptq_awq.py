@@ -103,14 +103,9 @@ class Gptq(_FourBit):
         in_features = tensors["qweight"].shape[0] * per_word
         self._check(module, "qweight", tensors["qweight"], (in_features // per_word, out_features))
         self._check(module, "qzeros", tensors["qzeros"], (num_groups, out_features // per_word))
-        if self.bits == 8:
-            codes = _bytes(tensors["qweight"].T.contiguous())                            # [N, K]
-            zeros = _bytes(tensors["qzeros"]).to(torch.int16) + self.zero_offset        # [G, N]
-            zeros = zeros.clamp(0, 255)
-        else:
-            codes = unpack_int4(tensors["qweight"].T.contiguous())                       # [N, K]
-            zeros = unpack_int4(tensors["qzeros"]).to(torch.int16) + self.zero_offset    # [G, N]
-            zeros = zeros.clamp(0, 15)
+        unpack = _bytes if self.bits == 8 else unpack_int4
+        codes = unpack(tensors["qweight"].T.contiguous())                                # [N, K]
+        zeros = (unpack(tensors["qzeros"]).to(torch.int16) + self.zero_offset).clamp(0, (1 << self.bits) - 1)  # [G, N]
         out = {}
         if self.desc_act:
             g_idx = tensors["g_idx"].to(torch.int64)                                     # [K]
