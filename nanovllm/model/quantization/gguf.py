@@ -134,6 +134,26 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     return ((bits & 1) << 4).astype(np.uint8)
 
 
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[B, 128] bytes of a k-quant superblock's low 4 bits -> [B, 256] uint8: byte l of each run of 32
+    holds weight l (low nibble) and l + 32 (high) of its 64 (Q4_K, Q5_K)."""
+    shifts = np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return ((qs.reshape(-1, 4, 1, 32) >> shifts) & 0x0F).reshape(-1, 256)
+
+
+def _k_crumbs(qs: np.ndarray) -> np.ndarray:
+    """[B, 64] bytes of a k-quant superblock's low 2 bits -> [B, 256] uint8: within each half of 128
+    weights, byte l of its 32 holds weights l, l + 32, l + 64, l + 96, low bits first (Q2_K, Q3_K)."""
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 0x03).reshape(-1, 256)
+
+
+def _k_bit_planes(bits: np.ndarray) -> np.ndarray:
+    """[B, 32] bytes -> [B, 256] uint8 of 0 or 1: bit j of byte l is weight 32 j + l's (Q3_K's high-bit
+    mask, Q5_K's fifth bits)."""
+    return ((bits.reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01).reshape(-1, 256)
+
+
 def _decode_q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
     """[B, 18]: fp16 d, 16 bytes of 4-bit q. Codes q - 8 (-8..7)."""
     d, qs = np.hsplit(blocks, [2])
@@ -167,12 +187,10 @@ def _decode_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
 def _decode_q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[B, 84]: 16 bytes of (scale, min) nibbles, 64 bytes of 2-bit q, fp16 d, fp16 dmin. Within each
     half of 128 weights, byte l of its 32 holds weights l, l + 32, l + 64, l + 96 (2 bits each, low first)."""
-    num_blocks = blocks.shape[0]
     sc, qs, d, dmin = np.split(blocks, [16, 80, 82], axis=1)
-    q = (qs.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
     scales = _halves(d) * (sc & 0x0F).astype(np.float32)                                  # [B, 16]
     offsets = _halves(dmin) * (sc >> 4).astype(np.float32)
-    return q.reshape(num_blocks, 256).astype(np.int8), scales, offsets
+    return _k_crumbs(qs).astype(np.int8), scales, offsets
 
 
 def _decode_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
@@ -181,9 +199,7 @@ def _decode_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
     subtracts 4. Codes -4..3; scales d (sc - 32)."""
     num_blocks = blocks.shape[0]
     hmask, qs, packed, d = np.split(blocks, [32, 96, 108], axis=1)
-    low = (qs.reshape(num_blocks, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
-    high = (hmask.reshape(num_blocks, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01   # [B, 8, 32]
-    codes = low.reshape(num_blocks, 256).astype(np.int8) - (4 * (1 - high)).reshape(num_blocks, 256).astype(np.int8)
+    codes = _k_crumbs(qs).astype(np.int8) - (4 * (1 - _k_bit_planes(hmask))).astype(np.int8)           # [B, 256]
     # scale j: its low 4 bits in byte j % 8 (low nibble for j < 8, high after), its high 2 in byte 8 + j % 4
     low_sc = (packed[:, None, :8] >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F          # [B, 2, 8]
     high_sc = (packed[:, None, 8:] >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & 0x03   # [B, 4, 4]
@@ -194,23 +210,17 @@ def _decode_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
 def _decode_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[B, 144]: fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of codes:
     byte l of each run of 32 holds weight l (low nibble) and l + 32 (high) of its 64."""
-    num_blocks = blocks.shape[0]
     d, dmin, packed, qs = np.split(blocks, [2, 4, 16], axis=1)
-    codes = (qs.reshape(num_blocks, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
     scales, offsets = _k_scales(d, dmin, packed)
-    return codes.reshape(num_blocks, 256).astype(np.int8), scales, offsets
+    return _k_nibbles(qs).astype(np.int8), scales, offsets
 
 
 def _decode_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[B, 176]: Q4_K's d, dmin and scales, then 32 bytes of fifth bits (bit j of byte l: weight
     32 j + l), then Q4_K's 128 bytes of low nibbles."""
-    num_blocks = blocks.shape[0]
     d, dmin, packed, qh, qs = np.split(blocks, [2, 4, 16, 48], axis=1)
-    low = (qs.reshape(num_blocks, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
-    high = (qh.reshape(num_blocks, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01
-    codes = low.reshape(num_blocks, 256) | (high.reshape(num_blocks, 256) << 4)
     scales, offsets = _k_scales(d, dmin, packed)
-    return codes.astype(np.int8), scales, offsets
+    return (_k_nibbles(qs) | (_k_bit_planes(qh) << 4)).astype(np.int8), scales, offsets
 
 
 def _k_scales(d: np.ndarray, dmin: np.ndarray, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
