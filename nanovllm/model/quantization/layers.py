@@ -59,6 +59,12 @@ class Fp8Linear(nn.Module):
         return f"fp8, in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _in_group_order(x: torch.Tensor, input_perm: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K], its inputs gathered in the order GPTQ's act order sorted the weight's into (input_perm);
+    x itself without one."""
+    return x if input_perm is None else x[:, input_perm]                       # [M, K] in group order
+
+
 class W4A16Linear(nn.Module):
     """x [M, K] -> [M, N]: 4-bit weight codes with a scale and a zero per group of `group_size`
     along K, dequantized inside the matmul (ops/quant_linear.py). offsets=True: the zeros are
@@ -81,15 +87,12 @@ class W4A16Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_perm is not None:
-            x = x[:, self.input_perm]                                             # [M, K] in group order
-        return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias)
+        return w4a16_linear(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.zeros, self.bias)
 
     def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
-        if self.input_perm is not None:
-            x = x[:, self.input_perm]
-        return w4a16_linear_or_partials(x, self.qweight, self.scales, self.zeros, self.bias)
+        return w4a16_linear_or_partials(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.zeros,
+                                        self.bias)
 
     def extra_repr(self) -> str:
         return (f"w4a16, in_features={self.in_features}, out_features={self.out_features}, "
@@ -121,15 +124,12 @@ class W8A16Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_perm is not None:
-            x = x[:, self.input_perm]
-        return w8a16_linear(x, self.qweight, self.scales, self.offsets, self.bias)
+        return w8a16_linear(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.offsets, self.bias)
 
     def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
-        if self.input_perm is not None:
-            x = x[:, self.input_perm]
-        return w8a16_linear_or_partials(x, self.qweight, self.scales, self.offsets, self.bias)
+        return w8a16_linear_or_partials(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.offsets,
+                                        self.bias)
 
     def extra_repr(self) -> str:
         return (f"w8a16, in_features={self.in_features}, out_features={self.out_features}, "
