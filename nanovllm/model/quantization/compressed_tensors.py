@@ -121,20 +121,19 @@ class CompressedTensors(QuantizationMethod):
     def convert(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.block is not None:
             return block_scaled_weight(module, tensors["weight"], tensors["weight_scale"], self.block)
-        if self.fmt == "float-quantized":
+        if self.fmt in ("float-quantized", "int-quantized"):     # [N, K] as stored, a scale per tensor or channel
             weight, scale = tensors["weight"], tensors["weight_scale"].float()
-            if weight.dtype != FP8_DTYPE:
-                raise ModelLoadError(f"{module}.weight is {weight.dtype}; an FP8 checkpoint stores float8_e4m3fn")
+            fp8 = self.fmt == "float-quantized"
+            if weight.dtype != (FP8_DTYPE if fp8 else torch.int8):
+                raise ModelLoadError(f"{module}.weight is {weight.dtype}; an {'FP8' if fp8 else 'int8'} checkpoint "
+                                     f"stores {'float8_e4m3fn' if fp8 else 'int8'}")
             if scale.numel() not in (1, weight.shape[0]):
                 raise ModelLoadError(f"{module}.weight_scale has {scale.numel()} values; expected 1 (per tensor) "
                                      f"or {weight.shape[0]} (per channel)")
-            return {"weight": weight, "weight_scale": scale.reshape(-1).expand(weight.shape[0]).contiguous()}
-        if self.fmt == "int-quantized":
-            weight, scale = tensors["weight"], tensors["weight_scale"].float()
-            if weight.dtype != torch.int8 or scale.numel() not in (1, weight.shape[0]):
-                raise ModelLoadError(f"{module}: weight {weight.dtype} with {scale.numel()} scales; an int8 "
-                                     f"checkpoint stores int8 codes and 1 or {weight.shape[0]} scales")
-            return {"qweight": weight, "scales": scale.reshape(-1, 1).expand(weight.shape[0], 1).contiguous()}
+            per_channel = scale.reshape(-1).expand(weight.shape[0]).contiguous()                   # [N]
+            if fp8:
+                return {"weight": weight, "weight_scale": per_channel}
+            return {"qweight": weight, "scales": per_channel[:, None].contiguous()}                # one group a row
         if self.num_bits != 4:
             return self._convert_dense(module, tensors)
         out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
