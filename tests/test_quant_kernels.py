@@ -342,17 +342,14 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                       w4, **gemv).asm["cubin"]
         w8 = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32", "x_ptr": "*bf16",
               "out_ptr": out_type}
-        for rows, use_dot in ((gemv_rows, False), (block_m, True)):
-            assert compile_for_hopper(kernels._w8a16_kernel,
-                                      dict(GROUP_SIZE=16, HAS_OFFSETS=offsets, HAS_BIAS=True, USE_DOT=use_dot,
-                                           BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
-                                      w8, **(tile if use_dot else gemv)).asm["cubin"]
+        for kernel, rows, block_n_k, options in ((kernels._w8a16_gemv_kernel, gemv_rows, (8, 256), gemv),
+                                                 (kernels._w8a16_kernel, block_m, (block_n, 64), tile)):
+            constexprs = dict(GROUP_SIZE=16, RUN=16, HAS_OFFSETS=offsets, HAS_BIAS=True, BLOCK_M=rows,
+                              BLOCK_N=block_n_k[0], BLOCK_K=block_n_k[1])
+            assert compile_for_hopper(kernel, constexprs, w8, **options).asm["cubin"]
             if not offsets:   # e4m3 codes with a scale per 128 (block-scaled FP8 checkpoints)
-                assert compile_for_hopper(kernels._w8a16_kernel,
-                                          dict(GROUP_SIZE=128, HAS_OFFSETS=False, HAS_BIAS=True, USE_DOT=use_dot,
-                                               BLOCK_M=rows, BLOCK_N=block_n if use_dot else 64, BLOCK_K=128),
-                                          {**w8, "qweight_ptr": "*fp8e4nv"}, **(tile if use_dot else gemv)
-                                          ).asm["cubin"]
+                constexprs.update(GROUP_SIZE=128, RUN=min(128, block_n_k[1]) if kernel is kernels._w8a16_kernel else 16)
+                assert compile_for_hopper(kernel, constexprs, {**w8, "qweight_ptr": "*fp8e4nv"}, **options).asm["cubin"]
     if block_m == 16:
         for block_n, block_k in ((8, 512), (8, 1024), (4, 1024)):     # the FP8 GEMV's tiles
             assert compile_for_hopper(kernels._fp8_gemv_kernel,
@@ -386,8 +383,9 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_fp8_gemm_kernel/k256", 64, 64, 4, 4),      # 33 to 64 rows, 64 outputs: steps of 256 along K
     ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k1024", 1, 8, 4, 1),
     ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1), ("_fp8_gemv_kernel/gated-k512", 1, 4, 4, 1),   # gate_up_proj + SiLU
-    ("_w8a16_kernel", 1, 64, 4, 3), ("_w8a16_kernel", 4, 32, 4, 3), ("_w8a16_kernel", 16, 32, 4, 4),
-    ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
+    ("_w8a16_gemv_kernel/k512", 1, 8, 4, 1), ("_w8a16_gemv_kernel/k1024", 1, 4, 4, 1),
+    ("_w8a16_gemv_kernel/k256", 4, 8, 4, 1), ("_w8a16_gemv_kernel/k512", 4, 4, 4, 1),
+    ("_w8a16_kernel", 16, 32, 4, 4), ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
 ]
 
 
@@ -410,8 +408,10 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     elif name == "_fp8_gemm_kernel":
         constexprs.update(QUANTIZE_A=False, BLOCK_K=256 if variant == "k256" else 128)
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
-    elif name == "_w8a16_kernel":     # Q6_K's groups of 16, with the offsets of a mixed layer
-        constexprs.update(GROUP_SIZE=16, HAS_OFFSETS=True, USE_DOT=block_m > kernels.GEMV_MAX_ROWS)
+    elif name.startswith("_w8a16"):     # Q6_K's groups of 16, with the offsets of a mixed layer
+        constexprs.update(GROUP_SIZE=16, RUN=16, HAS_OFFSETS=True, BLOCK_K=int(variant[1:]) if variant else 64)
+        if name == "_w8a16_gemv_kernel":
+            constexprs.update(USE_PDL=True)
         types = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32"}
     elif variant == "gguf":           # Q4_K: a scale and an offset a word
         constexprs.update(GROUP_SIZE=32, ZERO_IS_OFFSET=True)

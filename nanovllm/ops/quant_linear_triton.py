@@ -34,11 +34,15 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   moves no data), dequantized, and handed to `tl.dot`. Either way the weight crosses memory
   at half a byte a weight (Marlin's idea, in Triton), in the layout the checkpoint loaders
   produce ([N, K / 8], K contiguous: no repacking). GGUF's 4-bit blocks (w = q s - m) take the
-  same kernels with a float offset in place of the integer zero point.
-- **W8A16** (`_w8a16_kernel`, GGUF's Q8_0, Q6_K and the other non-4-bit types, 8-bit GPTQ and
-  compressed-tensors, block-scaled FP8): int8 or e4m3 codes, one byte a weight, scaled (and
-  offset) per group (16, 32, 128 or a whole row) in registers, then multiplied on the FMA units at
-  a few rows or by `tl.dot` at more.
+  same kernels with a float offset in place of the integer zero point; the GEMV holds a step's
+  words as runs within one group (four words for GGUF's groups of 32), each run loading its scale
+  and offset once.
+- **W8A16** (GGUF's Q8_0, Q6_K and the other non-4-bit types, 8-bit GPTQ and compressed-tensors,
+  block-scaled FP8): int8 or e4m3 codes, one byte a weight, a scale (and offset) per group of 16,
+  32, 128 or a whole row. At a few rows `_w8a16_gemv_kernel` multiplies the codes by x on the FMA
+  units, as the FP8 GEMV does, and each run of 16 codes (a thread's load) meets its scale once,
+  as a sum; at more rows `_w8a16_kernel` scales each run of codes in registers and hands the tile
+  to `tl.dot`.
 
 Tile shapes follow the row count: a decode step (M <= 16) is bound by reading W, so it takes
 narrow tiles and splits K over several programs (SPLIT_K) until there are a few programs per
@@ -425,19 +429,15 @@ def _w4_fma(products, x, words, j: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3, offs_word, k0,
+def _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run, k0,
                       GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The W4A16 GEMV's weights at step k0: words [1, BN, W], their scales and zeros (a word's own
-    where a step spans several groups, else the row's [1, BN, 1]), as stored: converted where they
-    are used, so that a prefetch does not wait for its data."""
-    WORDS: tl.constexpr = BLOCK_K // 8
-    words = tl.load(w_rows + tl.multiple_of(k0 // 8, WORDS), mask=mask_n3, other=0)               # [1, BN, W]
-    if GROUP_SIZE < BLOCK_K:    # several groups a step: each word's own scale and zero
-        groups = group_rows + ((k0 + 8 * offs_word) // GROUP_SIZE)[None, None, :]                  # [1, BN, W]
-    else:
-        groups = group_rows + k0 // GROUP_SIZE                                                     # [1, BN, 1]
-    scale = tl.load(scales_ptr + groups, mask=mask_n3, other=0.0)
-    zero = tl.load(zeros_ptr + groups, mask=mask_n3, other=0)
+    """The W4A16 GEMV's weights at step k0: words [1, BN, R, RW] and their runs' scales and zeros
+    [1, BN, R, 1], as stored: converted where they are used, so that a prefetch does not wait
+    for its data."""
+    words = tl.load(w_rows + tl.multiple_of(k0 // 8, BLOCK_K // 8), mask=mask_n4, other=0)       # [1, BN, R, RW]
+    groups = group_rows + (k0 + offs_run) // GROUP_SIZE                                            # [1, BN, R, 1]
+    scale = tl.load(scales_ptr + groups, mask=mask_n4, other=0.0)
+    zero = tl.load(zeros_ptr + groups, mask=mask_n4, other=0)
     return words, scale, zero
 
 
@@ -455,28 +455,32 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     j - 5 from 5 on), times 2^(EXP_X - 4 j') so that each product is x q 2^(EXP_X - 149), a
     normal number. The zero point is taken out per word: sum_k x_k (q_k - z) s =
     s (sum_k x_k q_k - z sum_k x_k), so a word's products and its sum of x meet its group's
-    scale once ([BLOCK_M, BLOCK_N, W] accumulators, reduced over W after the loop). With
-    ZERO_IS_OFFSET (GGUF's w = q s - m) zeros holds the float offsets m:
-    sum_k x_k (q_k s - m) = s sum_k x_k q_k - m sum_k x_k. With PREFETCH the loads of step k + 1
-    are issued before step k's multiplications, so that they are in flight meanwhile. USE_PDL
-    (launched with launch_pdl): the kernel waits for the one before it (which wrote x) only after
-    loading its first step's weights (with PREFETCH; else at once)."""
-    WORDS: tl.constexpr = BLOCK_K // 8
+    scale once. A step's words are held as R runs of RW words, a run within one group (the whole
+    step where it lies in one group; GGUF's groups of 32: four words, a thread's 16-byte load),
+    so that each run loads its scale and zero once ([BLOCK_M, BLOCK_N, R, RW] accumulators,
+    reduced after the loop). With ZERO_IS_OFFSET (GGUF's w = q s - m) zeros holds the float
+    offsets m: sum_k x_k (q_k s - m) = s sum_k x_k q_k - m sum_k x_k. With PREFETCH the loads of
+    step k + 1 are issued before step k's multiplications, so that they are in flight meanwhile.
+    USE_PDL (launched with launch_pdl): the kernel waits for the one before it (which wrote x)
+    only after loading its first step's weights (with PREFETCH; else at once)."""
+    RUN_WORDS: tl.constexpr = (GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K) // 8
+    RUNS: tl.constexpr = BLOCK_K // 8 // RUN_WORDS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_word = tl.arange(0, WORDS)
+    offs_word = (RUN_WORDS * tl.arange(0, RUNS)[:, None] + tl.arange(0, RUN_WORDS)[None, :])[None, None, :, :]
+    offs_run = 8 * RUN_WORDS * tl.arange(0, RUNS)[None, None, :, None]                            # [1, 1, R, 1]
     mask_m, mask_n = offs_m < M, offs_n < N
     num_groups = K // GROUP_SIZE
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + tl.arange(0, BLOCK_K)[None, :]     # [BM, BK]
-    w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None] * stride_w + offs_word[None, None, :]  # [1, BN, W]
-    group_rows = offs_n.to(tl.int64)[None, :, None] * num_groups                                 # [1, BN, 1]
-    mask_n3 = mask_n[None, :, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None, None] * stride_w + offs_word        # [1, BN, R, RW]
+    group_rows = offs_n.to(tl.int64)[None, :, None, None] * num_groups                           # [1, BN, 1, 1]
+    mask_n4 = mask_n[None, :, None, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, RUNS, RUN_WORDS], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     k_first = tl.minimum(k_start, K - BLOCK_K)      # (a split past K loads the last step, and uses nothing)
     if PREFETCH:
-        words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3, offs_word,
+        words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run,
                                                k_first, GROUP_SIZE, BLOCK_K)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
@@ -487,20 +491,20 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         if PREFETCH:    # the next step's words are in flight while this step's are multiplied (the last step
             # loads itself again rather than read past its split: no mask along K, so the loads stay 16 bytes wide)
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            words_next, scale_next, zero_next = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3,
-                                                                  offs_word, k_next, GROUP_SIZE, BLOCK_K)
+            words_next, scale_next, zero_next = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4,
+                                                                  offs_run, k_next, GROUP_SIZE, BLOCK_K)
             x_next = tl.load(x_rows + k_next, mask=mask_m[:, None], other=0.0)
         else:
-            words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n3, offs_word, k0,
+            words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run, k0,
                                                    GROUP_SIZE, BLOCK_K)
             x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
-        products = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.float32)
-        # x[k0 + 8 w + j] for each j: [BM, 1, W] each, split off the last axis (4 a + 2 b + c)
-        x_a0, x_a1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_M, 1, WORDS, 2, 4], can_reorder=False)
-                              .permute(0, 1, 2, 4, 3))
-        x_a0b0, x_a0b1 = tl.split(tl.reshape(x_a0, [BLOCK_M, 1, WORDS, 2, 2]).permute(0, 1, 2, 4, 3))
-        x_a1b0, x_a1b1 = tl.split(tl.reshape(x_a1, [BLOCK_M, 1, WORDS, 2, 2]).permute(0, 1, 2, 4, 3))
+        products = tl.zeros([BLOCK_M, BLOCK_N, RUNS, RUN_WORDS], dtype=tl.float32)
+        # x[k0 + 8 w + j] for each j: [BM, 1, R, RW] each, split off the last axis (4 a + 2 b + c)
+        x_a0, x_a1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 4], can_reorder=False)
+                              .permute(0, 1, 2, 3, 5, 4))
+        x_a0b0, x_a0b1 = tl.split(tl.reshape(x_a0, [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 2]).permute(0, 1, 2, 3, 5, 4))
+        x_a1b0, x_a1b1 = tl.split(tl.reshape(x_a1, [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 2]).permute(0, 1, 2, 3, 5, 4))
         x0, x1 = tl.split(x_a0b0)
         x2, x3 = tl.split(x_a0b1)
         x4, x5 = tl.split(x_a1b0)
@@ -519,7 +523,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         acc -= x_sum * (zero_f if ZERO_IS_OFFSET else zero_f * scale_f)
         if PREFETCH:
             words, scale, zero, x = words_next, scale_next, zero_next, x_next
-    _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+    _store_tile(tl.sum(tl.sum(acc, axis=3), axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
 def _planes_asm(magic: str, sub: str) -> str:
@@ -802,16 +806,18 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 @triton.jit
 def _w8a16_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
-                  K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Each step loads a [BLOCK_N, BLOCK_K] tile of int8 codes (one byte a weight, contiguous
-    along K), dequantizes it in registers with each weight's group scale (and offset), and
-    multiplies: by tl.dot in x's dtype (USE_DOT, more rows), or for a few rows on the FMA units
-    in float32. A step may span several groups (of 16 or 32) and K need not be a multiple of
-    BLOCK_K: the loads are masked along K."""
+                  K_PER_SPLIT, GROUP_SIZE: tl.constexpr, RUN: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """More rows, on the tensor cores: each step loads a [BLOCK_N, BLOCK_K] tile of codes (int8 or
+    e4m3, one byte a weight, contiguous along K), dequantizes it in registers and hands it to
+    tl.dot in x's dtype. The scales (and offsets) are loaded a run of RUN codes at a time (RUN
+    divides the group, or there is one group a row) and broadcast over the run, so a step loads
+    BLOCK_K / RUN of them a row. K need not be a multiple of BLOCK_K: the loads are masked along K."""
+    RUNS: tl.constexpr = BLOCK_K // RUN
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_run = RUN * tl.arange(0, RUNS)
     mask_m, mask_n = offs_m < M, offs_n < N
     num_groups = K // GROUP_SIZE
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + offs_k[None, :]                   # [BM, BK]
@@ -822,23 +828,89 @@ def _w8a16_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, out_ptr
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         mask_k = (k0 + offs_k < K)[None, :]                                                      # [1, BK]
         x = tl.load(x_rows + k0, mask=mask_m[:, None] & mask_k, other=0.0)                       # [BM, BK]
-        w_mask = mask_n[:, None] & mask_k
-        codes = tl.load(w_rows + k0, mask=w_mask, other=0.0)                                     # [BN, BK] int8 or e4m3
-        groups = group_rows + ((k0 + offs_k) // GROUP_SIZE)[None, :]                             # [BN, BK]
-        w = codes.to(tl.float32) * tl.load(scales_ptr + groups, mask=w_mask, other=0.0)
+        codes = tl.load(w_rows + k0, mask=mask_n[:, None] & mask_k, other=0.0)                   # [BN, BK] int8 or e4m3
+        run_k = (k0 + offs_run)[None, :]                                                         # [1, R]
+        groups = group_rows + run_k // GROUP_SIZE                                                # [BN, R]
+        mask_r = mask_n[:, None] & (run_k < K)
+        w = tl.reshape(codes.to(tl.float32), [BLOCK_N, RUNS, RUN])
+        w = w * tl.load(scales_ptr + groups, mask=mask_r, other=0.0)[:, :, None]
         if HAS_OFFSETS:
-            w -= tl.load(offsets_ptr + groups, mask=w_mask, other=0.0)
-        if USE_DOT:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)                                       # 16 bits -> float32
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)                  # [BM, BN]
+            w -= tl.load(offsets_ptr + groups, mask=mask_r, other=0.0)[:, :, None]
+        acc = tl.dot(x, tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x.dtype)), acc)          # 16 bits -> float32
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
-W8A16_BLOCK_K = 128     # 128 bytes of a weight row a step
-# tl.dot tiles take half that: at 128 their pipelined stages need 288 to 416 KB of shared memory
+@triton.jit
+def _w8a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
+                       K_PER_SPLIT, GROUP_SIZE: tl.constexpr, RUN: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
+    """A few rows on the FMA units, as the FP8 GEMV: each step loads a [BLOCK_N, BLOCK_K] tile of
+    codes (int8 or e4m3), 16 contiguous bytes a thread along K, widens them to float32 and
+    multiplies them by x. The products of each run of RUN codes (16: a thread's load, where the
+    group is a multiple of 16 or a whole row) add up in the thread that holds them, and the run's
+    sum meets its group's scale once: sum_k x_k (q_k s - m) = s sum_k x_k q_k - m sum_k x_k over
+    each run, so a weight costs its conversion and one fused multiply-add, and a run one scale.
+    The runs' sums add up in [BLOCK_M, BLOCK_N, BLOCK_K / RUN] accumulators, reduced once after
+    the loop. x is loaded as [BLOCK_M, BLOCK_N, R, RUN], each thread the x values of its own
+    codes (from L1), so that x and the codes share a layout: loaded as [BLOCK_M, 1, ...] it took
+    a trip through shared memory and shuffles at every step. K need not be a multiple of
+    BLOCK_K: the loads are masked along K. USE_PDL (launched with launch_pdl): the first step's
+    codes are loaded before waiting for the kernel that wrote x."""
+    RUNS: tl.constexpr = BLOCK_K // RUN
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # K as [RUNS, RUN], so that a run is a thread's own and its sum needs no other thread
+    offs_k = (RUN * tl.arange(0, RUNS)[:, None] + tl.arange(0, RUN)[None, :])[None, None, :, :]    # [1, 1, R, RUN]
+    offs_run = RUN * tl.arange(0, RUNS)[None, None, :]                                             # [1, 1, R]
+    mask_m, mask_n = offs_m < M, offs_n < N
+    mask_m4, mask_n4 = mask_m[:, None, None, None], mask_n[None, :, None, None]
+    num_groups = K // GROUP_SIZE
+    x_rows = tl.broadcast_to(x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_x + offs_k,
+                             [BLOCK_M, BLOCK_N, RUNS, RUN])                                       # [BM, BN, R, RUN]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None, None] * stride_w + offs_k         # [1, BN, R, RUN]
+    group_rows = offs_n.to(tl.int64)[None, :, None] * num_groups                                 # [1, BN, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, RUNS], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    codes = tl.load(w_rows + k_start, mask=mask_n4 & (k_start + offs_k < K), other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
+        tl.extra.cuda.gdc_launch_dependents()
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if k0 > k_start:
+            codes = tl.load(w_rows + k0, mask=mask_n4 & (k0 + offs_k < K), other=0.0)          # [1, BN, R, RUN]
+        x = tl.load(x_rows + k0, mask=mask_m4 & (k0 + offs_k < K), other=0.0).to(tl.float32)   # [BM, BN, R, RUN]
+        sums = tl.sum(x * codes.to(tl.float32), axis=3)                                         # [BM, BN, R]
+        run_k = k0 + offs_run
+        groups = group_rows + run_k // GROUP_SIZE                                                # [1, BN, R]
+        mask_r = mask_n[None, :, None] & (run_k < K)
+        acc += sums * tl.load(scales_ptr + groups, mask=mask_r, other=0.0)
+        if HAS_OFFSETS:
+            acc -= tl.sum(x, axis=3) * tl.load(offsets_ptr + groups, mask=mask_r, other=0.0)    # [BM, 1, R] sums of x
+    _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+# tl.dot tiles step 64 codes along K: at 128 their pipelined stages need 288 to 416 KB of shared memory
 # (an H200 has 227 KB a block)
 W8A16_DOT_BLOCK_K = 64
+W8A16_GEMV_RUN = 16     # the GEMV's codes a thread loads at once (16 bytes): its scale runs at most this long
+
+
+def scale_run(group_size: int, num_groups: int, longest: int) -> int:
+    """How many codes in a row one scale is loaded for: the longest power of two up to `longest`
+    that divides the group, or `longest` itself where one group covers the whole row."""
+    run = longest
+    while num_groups > 1 and group_size % run:
+        run //= 2
+    return run
+
+
+def choose_w8a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
+    """The W8A16 GEMV's tiles: the FP8 GEMV's (the same byte a weight, the same loads), with K's
+    step halved from three rows on, where each thread holds a product a row."""
+    tiles = choose_fp8_gemv_tiles(num_rows, out_features, in_features, device)
+    return replace(tiles, block_k=tiles.block_k // 2) if num_rows > 2 else tiles
 
 
 def w8a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -855,8 +927,11 @@ def w8a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     (num_rows, in_features), out_features = x.shape, qweight.shape[0]
     if num_rows == 0:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
-    block_k = W8A16_BLOCK_K if num_rows <= GEMV_MAX_ROWS else W8A16_DOT_BLOCK_K
-    tiles = choose_w4a16_tiles(num_rows, out_features, triton.cdiv(in_features, block_k), block_k, x.device)
+    if num_rows <= GEMV_MAX_ROWS:
+        tiles = choose_w8a16_gemv_tiles(num_rows, out_features, in_features, x.device)
+    else:
+        tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, W8A16_DOT_BLOCK_K), W8A16_DOT_BLOCK_K,
+                             x.device)
     return w8a16_linear_tiles(x, qweight, scales, offsets, bias, tiles)
 
 
@@ -869,10 +944,16 @@ def w8a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         x = x.contiguous()
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
-    _w8a16_kernel[_launch_grid(num_rows, out_features, tiles)](
+    group_size = in_features // num_groups
+    if tiles.block_m <= GEMV_MAX_ROWS:
+        kernel, options = _w8a16_gemv_kernel, _pdl_options(x)
+        run = scale_run(group_size, num_groups, min(W8A16_GEMV_RUN, tiles.block_k))
+    else:
+        kernel, options, run = _w8a16_kernel, {}, scale_run(group_size, num_groups, tiles.block_k)
+    kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, offsets if offsets is not None else scales, bias if bias is not None else scales, out,
-        num_rows, out_features, in_features, x.stride(0), qweight.stride(0), k_per_split,
-        GROUP_SIZE=in_features // num_groups, HAS_OFFSETS=offsets is not None, HAS_BIAS=bias is not None,
-        USE_DOT=tiles.block_m > GEMV_MAX_ROWS, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        num_rows, out_features, in_features, x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=group_size,
+        RUN=run, HAS_OFFSETS=offsets is not None, HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **options)
     return out
