@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Quantized weights on one GPU: the kernel tests, each decode linear of Llama-3.1-8B and -3.2-1B timed
 # against cuBLAS bf16 (tools/quant_gemv_probe.py, with a sweep of the one-row tiles), `nano-vllm bench
-# latency` for bf16, fp8 and w4a16 at both models and `throughput` for bf16 and fp8 at Llama-3.1-8B, in the
-# same run; each result as JSON under $OUT, and all of them in $OUT/gpu_quant.tar.gz.
+# latency` for bf16, fp8, w4a16 and GGUF's Q8_0 and Q4_K at both models and `throughput` for bf16, fp8 and
+# Q8_0 at Llama-3.1-8B, in the same run; each result as JSON under $OUT, and all of them in
+# $OUT/gpu_quant.tar.gz.
 # Usage, from the repository root on a machine with a CUDA GPU:  OUT=/some/dir bash tools/gpu_quant.sh
-# About 6 minutes on an H200 (at most 9.8, the sum of the steps' limits); each step has its own time limit
-# and a failed step does not stop the rest.
+# BASE=path/to/another/checkout times its kernels beside these, and its Llama-3.2-1B decode in Q8_0, Q4_K
+# and W4A16; GEMM_SWEEP=1 adds the FP8 W8A8 tile sweep; SWEEP_FORMATS narrows the one-row sweep
+# (fp8,w4a16,w8a16).
+# About 7 minutes on an H200; each step has its own time limit and a failed step does not stop the rest.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
@@ -30,16 +33,26 @@ step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_
 # each decode linear of Llama-3.1-8B and -3.2-1B at 1 and 4 rows against cuBLAS bf16, weights cycled past L2,
 # a sweep of the one-row tiles (FP8 GEMV widths / steps / splits, W4A16 GEMV widths / splits / prefetch) and of
 # FP8's W8A8 tiles at 8 to 64 rows (OLD=path/to/another/quant_linear_triton.py also times that file's kernels)
-step kernel-timing 160 $PY tools/quant_gemv_probe.py --sweep --gemm ${OLD:+--old "$OLD"} --json "$OUT/kernel-timing.json"
+# BASE=path/to/another/checkout: its kernels timed beside these, and its GGUF Q8_0 decode (W8A16) too
+OLD="${OLD:-${BASE:+$BASE/nanovllm/ops/quant_linear_triton.py}}"
+step kernel-timing 160 $PY tools/quant_gemv_probe.py --sweep --sweep-formats "${SWEEP_FORMATS:-fp8,w4a16,w8a16}" \
+    ${GEMM_SWEEP:+--gemm} ${OLD:+--old "$OLD"} --json "$OUT/kernel-timing.json"
 
+latency() {    # latency MODEL FORMAT [TREE NAME]: one bench latency run of the tree (this one by default)
+    local model=$1 q=$2 tree=${3:-$PWD} name=${4:-latency-$1-$2} flag=()
+    [ "$q" != bf16 ] && flag=(--quantization "$q")
+    (cd "$tree" && PYTHONPATH="$tree:$PYTHONPATH" step "$name" 40 $PY -m nanovllm.cli bench latency --dummy "$model" "${flag[@]}" \
+        --peer none --no-progress --num-runs 2 --json "$OUT/$name.json")
+}
 for model in llama-3.2-1b llama-3.1-8b; do
-    for q in bf16 fp8 w4a16; do
-        flag=(); [ "$q" != bf16 ] && flag=(--quantization "$q")
-        step "latency-$model-$q" 40 $PY -m nanovllm.cli bench latency --dummy "$model" "${flag[@]}" \
-            --peer none --no-progress --num-runs 2 --json "$OUT/latency-$model-$q.json"
+    for q in bf16 fp8 w4a16 gguf-q8_0 gguf-q4_k; do
+        latency "$model" "$q"
     done
 done
-for q in bf16 fp8; do
+if [ -n "${BASE:-}" ]; then
+    for q in gguf-q8_0 gguf-q4_k w4a16; do latency llama-3.2-1b $q "$BASE" "base-latency-llama-3.2-1b-$q"; done
+fi
+for q in bf16 fp8 gguf-q8_0; do
     flag=(); [ "$q" != bf16 ] && flag=(--quantization "$q")
     step "throughput-llama-3.1-8b-$q" 45 $PY -m nanovllm.cli bench throughput --dummy llama-3.1-8b "${flag[@]}" \
         --peer none --no-progress --num-prompts 64 --json "$OUT/throughput-llama-3.1-8b-$q.json"

@@ -71,7 +71,9 @@ def main() -> None:
                    torch.rand(n, k // 32, device="cuda") * 0.01)]
             w8_e4m3 = [(bf16[0].float().mul(100).clamp(-448, 448).to(torch.float8_e4m3fn),
                         torch.rand(n, k // 128, device="cuda") * 0.01)]
-            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5), (w8, 1), (w8_e4m3, 1)):   # distinct copies: L2 holds none
+            # W4A16 as GGUF's 4-bit types load (Q4_K: a float32 scale and offset per 32)
+            w4_gguf = [(w4[0][0], torch.rand(n, k // 32, device="cuda") * 0.01, torch.rand(n, k // 32, device="cuda"))]
+            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5), (w8, 1), (w8_e4m3, 1), (w4_gguf, 0.75)):   # distinct copies: L2 holds none
                 while len(copies) < math.ceil(L2_BYTES / (n * k * nbytes)):
                     first = copies[0]
                     copies.append(first.clone() if isinstance(first, torch.Tensor) else tuple(t.clone() for t in first))
@@ -82,6 +84,7 @@ def main() -> None:
                 row["bf16_us"] = cycled_us(lambda i: (lambda w=bf16[i % len(bf16)]: F.linear(x, w)), 2 * n * k)
                 row["fp8_us"] = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: fp8_op(x, *w)), n * k)
                 row["w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: w4a16_op(x, *w)), n * k / 2)
+                row["w4a16_gguf_us"] = cycled_us(lambda i: (lambda w=w4_gguf[i % len(w4_gguf)]: w4a16_op(x, *w)), n * k / 2)
                 w8a16_op = kernels.w8a16_linear_triton
                 row["w8a16_us"] = cycled_us(lambda i: (lambda w=w8[i % len(w8)]: w8a16_op(x, *w)), n * k)
                 row["w8a16_e4m3_us"] = cycled_us(lambda i: (lambda w=w8_e4m3[i % len(w8_e4m3)]: w8a16_op(x, *w)), n * k)
@@ -89,24 +92,30 @@ def main() -> None:
                     old_fp8, old_w4a16 = old.fp8_linear_triton, old.w4a16_linear_triton
                     row["old_fp8_us"] = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: old_fp8(x, *w)), n * k)
                     row["old_w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: old_w4a16(x, *w)), n * k / 2)
+                    row["old_w4a16_gguf_us"] = cycled_us(
+                        lambda i: (lambda w=w4_gguf[i % len(w4_gguf)]: old_w4a16(x, *w)), n * k / 2)
+                    old_w8a16 = old.w8a16_linear_triton
+                    row["old_w8a16_us"] = cycled_us(lambda i: (lambda w=w8[i % len(w8)]: old_w8a16(x, *w)), n * k)
                 for key, nbytes in (("bf16", 2), ("fp8", 1), ("w4a16", 0.5 + 5 / 128), ("w8a16", 1 + 4 / 32),
-                                    ("w8a16_e4m3", 1 + 4 / 128), ("old_fp8", 1), ("old_w4a16", 0.5 + 5 / 128)):
+                                    ("w8a16_e4m3", 1 + 4 / 128), ("old_fp8", 1), ("old_w4a16", 0.5 + 5 / 128),
+                                    ("old_w8a16", 1 + 4 / 32), ("w4a16_gguf", 0.5 + 8 / 32),
+                                    ("old_w4a16_gguf", 0.5 + 8 / 32)):
                     if f"{key}_us" in row:
                         row[f"{key}_TBps"] = round(n * k * nbytes / row[f"{key}_us"] / 1e6, 3)
                 rows.append(row)
                 print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                                for key, value in row.items()), flush=True)
                 if args.sweep and m == 1:
-                    sweep(rows, model, name, n, k, m, x, fp8, w4, args.sweep_formats)
+                    sweep(rows, model, name, n, k, m, x, fp8, w4, w8, args.sweep_formats)
             if args.gemm and model == "llama-3.1-8b" and name != "lm_head":
                 sweep_fp8_gemm(rows, model, name, n, k, fp8, bf16)
     if args.json:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
 
 
-def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4, formats: str) -> None:
-    """One row: the FP8 GEMV's tiles, and the W4A16 GEMV's with and without the prefetch of the next
-    step's words, each timed with the sum of its partials."""
+def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4, w8, formats: str) -> None:
+    """One row: the FP8 GEMV's tiles, the W4A16 GEMV's with and without the prefetch of the next
+    step's words, and the W8A16 GEMV's (int8, a scale per 32), each timed with the sum of its partials."""
     Tiles, sms, block_m = kernels.Tiles, kernels.sm_count(x.device), 1
     for block_n, block_k, warps in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 512, 8),
                                     (8, 1024, 4), (8, 1024, 8), (4, 1024, 4)) if "fp8" in formats else ():
@@ -131,6 +140,18 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
                 rows.append({"model": model, "layer": name, "m": m, "w4a16_tiles": str(tiles), "w4a16_us": us})
                 print(f"  sweep w4a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 0.539 / us / 1e6:.2f} TB/s",
                       flush=True)
+
+
+    for block_n, block_k, warps in ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 4), (16, 512, 4),
+                                    (32, 128, 4)) if "w8a16" in formats else ():
+        for split_k in (1, 2, 4, 8):
+            if split_k > 1 and math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
+                continue
+            tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
+            us = cycled_us(lambda i: (lambda w=w8[i % len(w8)]: kernels.sum_partials(
+                kernels.w8a16_linear_tiles(x, *w, None, None, tiles), x.dtype)), n * k)
+            rows.append({"model": model, "layer": name, "m": m, "w8a16_tiles": str(tiles), "w8a16_us": us})
+            print(f"  sweep w8a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 1.125 / us / 1e6:.2f} TB/s", flush=True)
 
 
 def sweep_fp8_gemm(rows: list, model: str, name: str, n: int, k: int, fp8, bf16) -> None:
