@@ -59,6 +59,7 @@ def poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,bias", [
     (1, 37, 256, 128, False), (3, 37, 256, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
     (70, 45, 64, 64, True), (9, 21, 384, 128, True),
+    (1, 37, 1024, 32, False), (1, 19, 512, 128, True),     # one row of a narrow layer: [16, 512] steps
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias, offsets,
                                         poisoned_outputs):
@@ -85,7 +86,7 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
         assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
         torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
-    if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a word
+    if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a run
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3, prefetch=True))
         torch.testing.assert_close(partials.sum(0).to(dtype), by_gemv, **TOLERANCE[dtype])
     if dtype == torch.float16 and not offsets and group_size % 128 == 0:   # the tensor-core GEMV, up to 16 rows

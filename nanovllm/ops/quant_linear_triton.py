@@ -711,6 +711,32 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
                  prefetch=GEMV_PREFETCH)
 
 
+# One row of a narrow layer (at most 4,096 outputs, at most 16 steps of 512 along K) takes a [16, 512]
+# GEMV tile: fewer, longer steps, as the FP8 GEMV's narrow tiles. On an H200, microseconds
+# (tools/quant_gemv_probe.py --sweep), against choose_w4a16_tiles' [64, 128] split 2 to 8: Llama-3.2-1B
+# qkv_proj 3.7 against 6.4, o_proj 3.2 against 5.8, down_proj 9.0 (split 2) against 10.3;
+# Llama-3.1-8B o_proj 6.9 against 9.1. Wider layers (qkv_proj of 6,144) and longer K (8B's down_proj)
+# measured slower in it.
+NARROW_GEMV_MAX_OUTPUTS = 4096
+NARROW_GEMV_BLOCK_K = 512
+NARROW_GEMV_MAX_STEPS = 16
+
+
+def takes_narrow_w4a16_gemv(num_rows: int, out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether a product takes narrow_w4a16_gemv_tiles: one row, a narrow layer whose K is whole steps
+    of 512, and groups that lie within a step or span whole steps."""
+    block_k = NARROW_GEMV_BLOCK_K
+    return (num_rows == 1 and out_features <= NARROW_GEMV_MAX_OUTPUTS and in_features % block_k == 0
+            and in_features // block_k <= NARROW_GEMV_MAX_STEPS
+            and (block_k % group_size == 0 or group_size % block_k == 0))
+
+
+def narrow_w4a16_gemv_tiles(in_features: int) -> Tiles:
+    """[16, 512] a step, K split in two past 8 steps (Llama-3.2-1B's down_proj: 9.0 against 10.3 us)."""
+    split_k = 2 if in_features // NARROW_GEMV_BLOCK_K > 8 else 1
+    return Tiles(1, 16, NARROW_GEMV_BLOCK_K, split_k, num_warps=4, num_stages=1, prefetch=GEMV_PREFETCH)
+
+
 def choose_w4a16_dot_tiles(num_rows: int, out_features: int, k_steps: int, device: torch.device) -> Tiles:
     """The tiles of _w4a16_dot_gemv_kernel: the rows padded to 16, DOT_GEMV_BLOCK_N outputs, steps
     of 128 along K, K split up to 8 ways while the programs stay within GEMV_PROGRAMS_PER_SM an SM
@@ -770,6 +796,8 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
     if num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0:
         block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (group_size is a multiple of 16)
+    if takes_narrow_w4a16_gemv(num_rows, out_features, in_features, group_size):
+        return w4a16_linear_tiles(x, qweight, scales, zeros, bias, narrow_w4a16_gemv_tiles(in_features))
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
@@ -907,10 +935,19 @@ def scale_run(group_size: int, num_groups: int, longest: int) -> int:
 
 
 def choose_w8a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
-    """The W8A16 GEMV's tiles: the FP8 GEMV's (the same byte a weight, the same loads), with K's
-    step halved from three rows on, where each thread holds a product a row."""
-    tiles = choose_fp8_gemv_tiles(num_rows, out_features, in_features, device)
-    return replace(tiles, block_k=tiles.block_k // 2) if num_rows > 2 else tiles
+    """The W8A16 GEMV's tiles: [4, 1024] codes a step at any width (512 from three rows on, where
+    each thread holds a product a row), K split in two while each split keeps 4 steps and there
+    are at most GEMV_PROGRAMS_PER_SM programs an SM. On an H200 at one row (int8, a scale per 32;
+    tools/quant_gemv_probe.py --sweep, microseconds) [4, 1024] beat the FP8 GEMV's [8, 512] on every
+    layer of Llama-3.1-8B: qkv_proj 13.9 against 18.0, o_proj 9.6 against 14.1, gate_up_proj 44.6
+    against 53.9, down_proj 30.3 against 44.6, the LM head 181 against 220; Llama-3.2-1B's down_proj
+    took 11.0 split in two."""
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    block_n, block_k = 4, 1024 if num_rows <= 2 else 512
+    programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
+    while k_steps >= 4 * split_k * 2 and programs * split_k * 2 <= GEMV_PROGRAMS_PER_SM * sms:
+        split_k *= 2
+    return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=1)
 
 
 def w8a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
