@@ -935,19 +935,21 @@ def scale_run(group_size: int, num_groups: int, longest: int) -> int:
 
 
 def choose_w8a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
-    """The W8A16 GEMV's tiles: [4, 1024] codes a step at any width (512 from three rows on, where
-    each thread holds a product a row), K split in two while each split keeps 4 steps and there
-    are at most GEMV_PROGRAMS_PER_SM programs an SM. On an H200 at one row (int8, a scale per 32;
-    tools/quant_gemv_probe.py --sweep, microseconds) [4, 1024] beat the FP8 GEMV's [8, 512] on every
-    layer of Llama-3.1-8B: qkv_proj 13.9 against 18.0, o_proj 9.6 against 14.1, gate_up_proj 44.6
-    against 53.9, down_proj 30.3 against 44.6, the LM head 181 against 220; Llama-3.2-1B's down_proj
-    took 11.0 split in two."""
+    """The W8A16 GEMV's tiles: one row a program (more rows are more programs, which read the same
+    codes from L2 at about the same time), [4, 1024] codes a step at any width, K split in two
+    while each split keeps 4 steps and there are at most GEMV_PROGRAMS_PER_SM programs an SM. On an
+    H200 at one row (int8, a scale per 32; tools/quant_gemv_probe.py --sweep, microseconds)
+    [4, 1024] beat the FP8 GEMV's [8, 512] on every layer of Llama-3.1-8B: qkv_proj 13.9 against
+    18.0, o_proj 9.6 against 14.1, gate_up_proj 44.6 against 53.9, down_proj 30.3 against 44.6, the
+    LM head 181 against 220; Llama-3.2-1B's down_proj took 11.0 split in two. Four rows in one
+    program ([4, 4, 512]) took 274 us on 8B's gate_up_proj: x [4, BLOCK_N, ...] no longer shares
+    the codes' layout."""
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
-    block_n, block_k = 4, 1024 if num_rows <= 2 else 512
-    programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
+    block_n, block_k = 4, 1024
+    programs, k_steps, split_k = num_rows * triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
     while k_steps >= 4 * split_k * 2 and programs * split_k * 2 <= GEMV_PROGRAMS_PER_SM * sms:
         split_k *= 2
-    return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=1)
+    return Tiles(1, block_n, block_k, split_k, num_warps=4, num_stages=1)
 
 
 def w8a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
