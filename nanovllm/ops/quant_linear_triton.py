@@ -711,13 +711,14 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
                  prefetch=GEMV_PREFETCH)
 
 
-# One row of a narrow layer (at most 4,096 outputs, at most 16 steps of 512 along K) takes a [16, 512]
+# One row of a narrow layer (at most 3,072 outputs, at most 16 steps of 512 along K) takes a [16, 512]
 # GEMV tile: fewer, longer steps, as the FP8 GEMV's narrow tiles. On an H200, microseconds
 # (tools/quant_gemv_probe.py --sweep), against choose_w4a16_tiles' [64, 128] split 2 to 8: Llama-3.2-1B
-# qkv_proj 3.7 against 6.4, o_proj 3.2 against 5.8, down_proj 9.0 (split 2) against 10.3;
-# Llama-3.1-8B o_proj 6.9 against 9.1. Wider layers (qkv_proj of 6,144) and longer K (8B's down_proj)
-# measured slower in it.
-NARROW_GEMV_MAX_OUTPUTS = 4096
+# qkv_proj 3.7 against 6.3, o_proj 3.2 against 5.8, down_proj 9.0 (split 2) against 10.3, and its
+# batch-1 decode 1,416 against 1,347 tok/s. Llama-3.1-8B's o_proj (4,096 outputs) took 6.9 against
+# 9.1 us alone, yet the 8B decode with it fell from 377 to 370 tok/s (not traced), so it keeps the
+# wider tile; wider layers (qkv_proj of 6,144) and longer K (8B's down_proj) measured slower in it.
+NARROW_GEMV_MAX_OUTPUTS = 3072
 NARROW_GEMV_BLOCK_K = 512
 NARROW_GEMV_MAX_STEPS = 16
 
