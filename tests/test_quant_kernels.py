@@ -60,6 +60,7 @@ def poisoned_outputs(monkeypatch):
     (1, 37, 256, 128, False), (3, 37, 256, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
     (70, 45, 64, 64, True), (9, 21, 384, 128, True),
     (1, 37, 1024, 32, False), (1, 19, 512, 128, True),     # one row of a narrow layer: [16, 512] steps
+    (2, 21, 384, 48, False),    # a group that 128 does not divide: the GEMV steps 16
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias, offsets,
                                         poisoned_outputs):
@@ -86,7 +87,7 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, split)
         assert partials.shape == (3, num_rows, out_features) and partials.dtype == torch.float32
         torch.testing.assert_close(partials.sum(0).to(dtype), expected, **TOLERANCE[dtype])
-    if group_size < 64 and in_features % 64 == 0:     # the GEMV with two groups a step: a scale a run
+    if 64 % group_size == 0 and group_size < 64 and in_features % 64 == 0:     # two groups a step: a scale a run
         partials = w4a16_linear_tiles(x, qweight, scales, zeros, b, Tiles(4, 16, 64, split_k=3, prefetch=True))
         torch.testing.assert_close(partials.sum(0).to(dtype), by_gemv, **TOLERANCE[dtype])
     if dtype == torch.float16 and not offsets and group_size % 128 == 0:   # the tensor-core GEMV, up to 16 rows
@@ -432,3 +433,14 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
 
 
 test_quant_kernels_do_not_spill_registers_on_hopper.__test__ = not IN_INTERPRETER
+
+
+def test_w4a16_tiles_whose_step_splits_a_group_are_refused():
+    """A GEMV step must hold whole groups or lie in one (its runs of words share a scale): a step of
+    64 over groups of 48 would mix two groups' codes under one scale, so it stops with an error."""
+    pytest.importorskip("triton")
+    from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_tiles
+
+    qweight, scales, zeros = four_bit_weight(21, 384, 48)
+    with pytest.raises(ValueError, match="step of 64 neither holds whole groups of 48"):
+        w4a16_linear_tiles(torch.zeros(1, 384), qweight, scales, zeros, None, Tiles(1, 16, 64))

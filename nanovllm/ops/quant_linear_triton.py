@@ -795,8 +795,9 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     if takes_w4a16_dot_gemv(x, zeros, group_size):
         tiles = choose_w4a16_dot_tiles(num_rows, out_features, in_features // GEMV_BLOCK_K, x.device)
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
-    if num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0:
-        block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (group_size is a multiple of 16)
+    if (num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0
+            and GEMV_BLOCK_K % group_size == 0):
+        block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (runs of a group's words)
     if takes_narrow_w4a16_gemv(num_rows, out_features, in_features, group_size):
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, narrow_w4a16_gemv_tiles(in_features))
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
@@ -811,6 +812,9 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
+    group_size = in_features // num_groups
+    if tiles.block_k % group_size and group_size % tiles.block_k:
+        raise ValueError(f"a step of {tiles.block_k} neither holds whole groups of {group_size} nor lies in one")
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
     zero_is_offset = {"ZERO_IS_OFFSET": zeros.is_floating_point()}
@@ -824,7 +828,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         kernel, options = _w4a16_gemm_kernel, zero_is_offset
     kernel[_launch_grid(num_rows, out_features, tiles)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, num_rows, out_features, in_features,
-        x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=in_features // num_groups,
+        x.stride(0), qweight.stride(0), k_per_split, GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **options)
@@ -916,7 +920,7 @@ def _w8a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, offsets_ptr, bias_ptr, ou
         mask_r = mask_n[None, :, None] & (run_k < K)
         acc += sums * tl.load(scales_ptr + groups, mask=mask_r, other=0.0)
         if HAS_OFFSETS:
-            acc -= tl.sum(x, axis=3) * tl.load(offsets_ptr + groups, mask=mask_r, other=0.0)    # [BM, 1, R] sums of x
+            acc -= tl.sum(x, axis=3) * tl.load(offsets_ptr + groups, mask=mask_r, other=0.0)    # the runs' sums of x
     _store_tile(tl.sum(acc, axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
