@@ -50,9 +50,20 @@ def quantize_fp8_rows_torch(x: torch.Tensor) -> Fp8Rows:
     return Fp8Rows(*quantize_fp8_per_token_torch(x), x.dtype)
 
 
+def power_of_two_dividing(n: int, at_most: int) -> int:
+    """The largest power of two up to `at_most` (a power of two) that divides n."""
+    power = at_most
+    while n % power:
+        power //= 2
+    return power
+
+
+def step_holds_groups(step: int, group_size: int) -> bool:
+    """Whether a K step of a grouped layout holds whole groups or lies inside one."""
+    return step % group_size == 0 or group_size % step == 0
+
+
 def w4a16_block_k(group_size: int) -> int:
     """The largest power of two up to 128 that divides the group (0: none of at least 16, tl.dot's minimum)."""
-    block = 128
-    while block >= 16 and group_size % block:
-        block //= 2
+    block = power_of_two_dividing(group_size, 128)
     return block if block >= 16 else 0

@@ -64,7 +64,8 @@ import triton.language as tl
 from nanovllm.ops import sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
 from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
-from nanovllm.ops.quant_format import FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, w4a16_block_k
+from nanovllm.ops.quant_format import (FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, power_of_two_dividing, step_holds_groups,
+                                      w4a16_block_k)
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
 GEMV_PROGRAMS_PER_SM = 8    # the weight-only GEMVs (FP8, W4A16) split K up to this many programs per SM
@@ -729,7 +730,7 @@ def takes_narrow_w4a16_gemv(num_rows: int, out_features: int, in_features: int, 
     block_k = NARROW_GEMV_BLOCK_K
     return (num_rows == 1 and out_features <= NARROW_GEMV_MAX_OUTPUTS and in_features % block_k == 0
             and in_features // block_k <= NARROW_GEMV_MAX_STEPS
-            and (block_k % group_size == 0 or group_size % block_k == 0))
+            and step_holds_groups(block_k, group_size))
 
 
 def narrow_w4a16_gemv_tiles(in_features: int) -> Tiles:
@@ -796,7 +797,7 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
         tiles = choose_w4a16_dot_tiles(num_rows, out_features, in_features // GEMV_BLOCK_K, x.device)
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
     if (num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0
-            and GEMV_BLOCK_K % group_size == 0):
+            and step_holds_groups(GEMV_BLOCK_K, group_size)):
         block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (runs of a group's words)
     if takes_narrow_w4a16_gemv(num_rows, out_features, in_features, group_size):
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, narrow_w4a16_gemv_tiles(in_features))
@@ -813,7 +814,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if x.stride(-1) != 1:
         x = x.contiguous()
     group_size = in_features // num_groups
-    if tiles.block_k % group_size and group_size % tiles.block_k:
+    if not step_holds_groups(tiles.block_k, group_size):
         raise ValueError(f"a step of {tiles.block_k} neither holds whole groups of {group_size} nor lies in one")
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
@@ -933,10 +934,7 @@ W8A16_GEMV_RUN = 16     # the GEMV's codes a thread loads at once (16 bytes): it
 def scale_run(group_size: int, num_groups: int, longest: int) -> int:
     """How many codes in a row one scale is loaded for: the longest power of two up to `longest`
     that divides the group, or `longest` itself where one group covers the whole row."""
-    run = longest
-    while num_groups > 1 and group_size % run:
-        run //= 2
-    return run
+    return longest if num_groups == 1 else power_of_two_dividing(group_size, longest)
 
 
 def choose_w8a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
