@@ -34,7 +34,7 @@ from torch import nn
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.fp8_block import block_scaled_weight
 from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear, W8A16Linear
-from nanovllm.model.quantization.method import QUANTIZED_MODULES, QuantizationMethod
+from nanovllm.model.quantization.method import QUANTIZED_MODULES, QuantizationMethod, grouped_bytes_per_weight
 from nanovllm.ops.quant_linear import FP8_DTYPE, unpack_int4
 
 
@@ -52,10 +52,10 @@ class CompressedTensors(QuantizationMethod):
     @property
     def bytes_per_weight(self) -> float:
         if self.block is not None:
-            return 1.0 + 4 / self.block[1]
+            return grouped_bytes_per_weight(1.0, self.block[1], 0)
         if self.fmt == "float-quantized" or self.num_bits == 4:
             return super().bytes_per_weight
-        return 1.0 + (4 + 4 * (not self.symmetric)) / self.group_size if self.group_size > 0 else 1.0
+        return grouped_bytes_per_weight(1.0, self.group_size, 0 if self.symmetric else 4)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str) -> "CompressedTensors":

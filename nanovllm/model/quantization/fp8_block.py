@@ -24,7 +24,7 @@ from torch import nn
 
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.layers import W8A16Linear
-from nanovllm.model.quantization.method import QUANTIZED_MODULES, QuantizationMethod
+from nanovllm.model.quantization.method import QUANTIZED_MODULES, QuantizationMethod, grouped_bytes_per_weight
 from nanovllm.ops.quant_linear import FP8_DTYPE
 
 
@@ -54,7 +54,7 @@ class Fp8Block(QuantizationMethod):
 
     @property
     def bytes_per_weight(self) -> float:
-        return 1.0 + 4 / self.group_size
+        return grouped_bytes_per_weight(1.0, self.group_size, 0)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str) -> "Fp8Block":

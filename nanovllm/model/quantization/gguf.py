@@ -57,7 +57,7 @@ from torch import nn
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.layers import W4A16Linear, W8A16Linear
-from nanovllm.model.quantization.method import _copy_into_layer, _split_name
+from nanovllm.model.quantization.method import _copy_into_layer, _split_name, grouped_bytes_per_weight
 from nanovllm.ops.quant_linear import pack_int4
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"
@@ -292,9 +292,8 @@ class Layout:
     @property
     def bytes_per_weight(self) -> float:
         """Codes, plus a float32 scale per group and a float32 offset (or, 4-bit, a byte's zero point)."""
-        code_bytes = 0.5 if self.kind == "w4a16" else 1.0
         zero_bytes = 4 if self.offsets else (1 if self.kind == "w4a16" else 0)
-        return code_bytes + (4 + zero_bytes) / self.group_size
+        return grouped_bytes_per_weight(0.5 if self.kind == "w4a16" else 1.0, self.group_size, zero_bytes)
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if self.kind == "w4a16":

@@ -34,13 +34,16 @@ from torch import nn
 
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.layers import W4A16Linear, W8A16Linear
-from nanovllm.model.quantization.method import QuantizationMethod
+from nanovllm.model.quantization.method import QuantizationMethod, grouped_bytes_per_weight
 from nanovllm.ops.quant_linear import PACK_FACTOR, pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)      # output 8 c + AWQ_ORDER[j] sits in nibble j of word c
 
 
-class _FourBit(QuantizationMethod):
+class _GptqAwq(QuantizationMethod):
+    """What GPTQ and AWQ share: codes in groups along K (4-bit; GPTQ also 8-bit), built into
+    W4A16Linear or W8A16Linear."""
+
     bits = 4
 
     def __init__(self, group_size: int):
@@ -50,7 +53,7 @@ class _FourBit(QuantizationMethod):
     def bytes_per_weight(self) -> float:
         if self.bits == 4:
             return super().bytes_per_weight
-        return 1.0 + 8 / self.group_size if self.group_size > 0 else 1.0     # int8 codes, a scale and an offset
+        return grouped_bytes_per_weight(1.0, self.group_size, 4)     # int8 codes, a scale and an offset
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         group_size = in_features if self.group_size == -1 else self.group_size
@@ -73,7 +76,7 @@ def _bits_and_group(config: dict[str, Any], method: str, source: str, allowed: t
     return bits, int(config.get("group_size", config.get("q_group_size", 128)))
 
 
-class Gptq(_FourBit):
+class Gptq(_GptqAwq):
     name = "gptq"
 
     def __init__(self, group_size: int, desc_act: bool, zero_offset: int, bits: int = 4):
@@ -125,7 +128,7 @@ class Gptq(_FourBit):
         return out
 
 
-class Awq(_FourBit):
+class Awq(_GptqAwq):
     name = "awq"
 
     def __init__(self, group_size: int, zero_point: bool):

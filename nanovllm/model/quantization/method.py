@@ -12,6 +12,13 @@ from nanovllm.model.errors import ModelLoadError
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def grouped_bytes_per_weight(code_bytes: float, group_size: int, zero_bytes: int) -> float:
+    """What one weight of a grouped layout costs: its code (0.5 bytes in W4A16Linear, 1 in
+    W8A16Linear), plus its share of a float32 scale and a zero (zero_bytes: a uint8 zero point 1, a
+    float32 offset 4, none 0) per group; group_size <= 0 (one group a row): the code alone."""
+    return code_bytes + (4 + zero_bytes) / group_size if group_size > 0 else code_bytes
+
+
 class QuantizationMethod:
     """One way a checkpoint stores its linear weights. Subclasses set `name` and define the three
     methods below; `required` and `ignored` are suffixes of a HF module's tensors
@@ -29,7 +36,7 @@ class QuantizationMethod:
         group_size = getattr(self, "group_size", None)
         if group_size is None:
             return 1.0                                   # e4m3
-        return 0.5 + 5 / group_size if group_size > 0 else 0.5   # codes, a float32 scale and a uint8 zero a group
+        return grouped_bytes_per_weight(0.5, group_size, 1)   # 4-bit codes, a float32 scale and a uint8 zero a group
 
     def lm_head_method(self) -> QuantizationMethod | None:
         """The method that quantizes the LM head (an online method's quantize_loaded_model), or None

@@ -28,7 +28,7 @@ from torch import nn
 
 from nanovllm.model.errors import ModelLoadError
 from nanovllm.model.quantization.layers import Fp8Linear, W4A16Linear, W8A16Linear
-from nanovllm.model.quantization.method import QuantizationMethod
+from nanovllm.model.quantization.method import QuantizationMethod, grouped_bytes_per_weight
 from nanovllm.ops.quant_linear import pack_int4, quantize_fp8_per_channel
 
 W4_GROUP_SIZE = 128
@@ -91,7 +91,7 @@ GGUF_GROUP_SIZE = 32
 class OnlineQ8_0(QuantizationMethod):
     name = "gguf-q8_0"
     online = True
-    bytes_per_weight = 1 + 4 / GGUF_GROUP_SIZE           # int8 codes and a float32 scale per 32
+    bytes_per_weight = grouped_bytes_per_weight(1.0, GGUF_GROUP_SIZE, 0)     # int8 codes, a float32 scale per 32
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return W8A16Linear(in_features, out_features, GGUF_GROUP_SIZE, bias)
@@ -106,7 +106,7 @@ class OnlineQ8_0(QuantizationMethod):
 class OnlineQ4_K(QuantizationMethod):
     name = "gguf-q4_k"
     online = True
-    bytes_per_weight = 0.5 + 8 / GGUF_GROUP_SIZE         # 4-bit codes, a float32 scale and offset per 32
+    bytes_per_weight = grouped_bytes_per_weight(0.5, GGUF_GROUP_SIZE, 4)     # 4-bit codes, a scale and offset per 32
 
     def make_layer(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return W4A16Linear(in_features, out_features, GGUF_GROUP_SIZE, bias, offsets=True)
