@@ -127,7 +127,7 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
                 kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
             rows.append({"model": model, "layer": name, "m": m, "fp8_tiles": str(tiles), "fp8_us": us})
             print(f"  sweep fp8 {name} m={m} {tiles}: {us:.2f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
-    # K steps past the group size (256, 512) load a scale and a zero a word, as GGUF's groups of 32 do
+    # K steps past the group size (256, 512) hold runs of whole groups, each loading its scale and zero once
     for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8),
                                     (32, 256, 4), (64, 256, 4), (16, 512, 4), (32, 512, 4)) if "w4a16" in formats else ():
         for split_k in (1, 2, 4, 8):
@@ -140,8 +140,6 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
                 rows.append({"model": model, "layer": name, "m": m, "w4a16_tiles": str(tiles), "w4a16_us": us})
                 print(f"  sweep w4a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 0.539 / us / 1e6:.2f} TB/s",
                       flush=True)
-
-
     for block_n, block_k, warps in ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 4), (16, 512, 4),
                                     (32, 128, 4)) if "w8a16" in formats else ():
         for split_k in (1, 2, 4, 8):
