@@ -59,7 +59,8 @@ def poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,bias", [
     (1, 37, 256, 128, False), (3, 37, 256, 32, False), (7, 50, 96, 32, True), (33, 19, 128, 64, False),
     (70, 45, 64, 64, True), (9, 21, 384, 128, True),
-    (1, 37, 1024, 32, False), (1, 19, 512, 128, True),     # one row of a narrow layer: [16, 512] steps
+    (1, 37, 1024, 32, False), (1, 19, 2048, 128, True),    # one row: [8, 512], [16, 512] steps
+    (1, 13, 4608, 32, False),   # one row, groups of 32, 9 steps of 512: K split in two
     (2, 21, 384, 48, False),    # a group that 128 does not divide: the GEMV steps 16
 ])
 def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_features, group_size, bias, offsets,
@@ -353,7 +354,7 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                 constexprs.update(GROUP_SIZE=128, RUN=min(128, block_n_k[1]) if kernel is kernels._w8a16_kernel else 16)
                 assert compile_for_hopper(kernel, constexprs, {**w8, "qweight_ptr": "*fp8e4nv"}, **options).asm["cubin"]
     if block_m == 16:
-        for block_n, block_k in ((8, 512), (8, 1024), (4, 1024)):     # the FP8 GEMV's tiles
+        for block_n, block_k in ((8, 512), (8, 1024), (4, 1024), (4, 2048)):     # the FP8 GEMV's tiles
             assert compile_for_hopper(kernels._fp8_gemv_kernel,
                                       dict(HAS_BIAS=True, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k),
                                       {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32", "out_ptr": out_type},
@@ -377,6 +378,8 @@ test_quant_kernels_compile_for_hopper.__test__ = not IN_INTERPRETER
 LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the engine launches them
     ("_w4a16_gemv_kernel", 1, 64, 4, 3), ("_w4a16_gemv_kernel", 4, 32, 4, 3),
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
+    ("_w4a16_gemv_kernel/k512", 1, 16, 4, 1),                                              # one row, long steps
+    ("_w4a16_gemv_kernel/gguf-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-k512", 1, 16, 4, 1),
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
@@ -384,7 +387,8 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_fp8_gemm_kernel", 32, 128, 4, 3), ("_fp8_gemm_kernel", 64, 128, 4, 3), ("_fp8_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel/k256", 64, 64, 4, 4),      # 33 to 64 rows, 64 outputs: steps of 256 along K
     ("_fp8_gemv_kernel/k512", 1, 8, 4, 1), ("_fp8_gemv_kernel/k1024", 1, 8, 4, 1),
-    ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1), ("_fp8_gemv_kernel/gated-k512", 1, 4, 4, 1),   # gate_up_proj + SiLU
+    ("_fp8_gemv_kernel/k1024", 1, 4, 4, 1), ("_fp8_gemv_kernel/k2048", 1, 4, 4, 1),
+    ("_fp8_gemv_kernel/gated-k512", 1, 4, 4, 1),   # gate_up_proj + SiLU
     ("_w8a16_gemv_kernel/k512", 1, 8, 4, 1), ("_w8a16_gemv_kernel/k1024", 1, 4, 4, 1),
     ("_w8a16_gemv_kernel/k256", 4, 8, 4, 1), ("_w8a16_gemv_kernel/k512", 4, 4, 4, 1),
     ("_w8a16_kernel", 16, 32, 4, 4), ("_w8a16_kernel", 64, 64, 4, 4), ("_w8a16_kernel", 128, 128, 8, 3),
@@ -415,7 +419,7 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         if name == "_w8a16_gemv_kernel":
             constexprs.update(USE_PDL=True)
         types = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32"}
-    elif variant == "gguf":           # Q4_K: a scale and an offset a word
+    elif variant.startswith("gguf"):  # Q4_K: a scale and an offset a word
         constexprs.update(GROUP_SIZE=32, ZERO_IS_OFFSET=True)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*fp32", "scales_ptr": "*fp32"}
     elif name == "_w4a16_dot_gemv_kernel":
@@ -426,6 +430,8 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
+        if variant.rpartition("k")[2].isdigit():                            # long steps: k512
+            constexprs.update(BLOCK_K=int(variant.rpartition("k")[2]))
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
     usage = resource_usage(compiled, tmp_path)

@@ -368,16 +368,18 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stri
 
 def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
     """The FP8 GEMV's tile (one row): 16 contiguous bytes of weight a thread, [8, 512] bytes a step,
-    or for layers of at most 4,096 outputs (fewer programs) [8, 1024], and [4, 1024] at most 3,072:
-    fewer, longer steps. K is split only while a program would take more than 16 steps. Measured on
-    an H200 at Llama's shapes (tools/quant_gemv_probe.py --sweep, microseconds): Llama-3.1-8B
-    o_proj 9.1 -> 7.5, down_proj 19.9 -> 18.5; Llama-3.2-1B qkv_proj 5.3 -> 4.4, o_proj
-    4.9 -> 3.9, down_proj 10.5 -> 8.8. On the widest layers (gate_up_proj, the LM head) [8, 512]
-    and the [32, 256] tile before are within a few percent of each other, one or the other ahead
-    from one run to the next. Splitting K or loading the next step ahead measured slower."""
+    or for layers of at most 4,096 outputs (fewer programs) [8, 1024], [4, 1024] at most 3,072 and
+    [4, 2048] at most 2,048: fewer, longer steps. K is split only while a program would take more
+    than 16 steps. Measured on an H200 at Llama's shapes (tools/quant_gemv_probe.py --sweep,
+    microseconds): Llama-3.1-8B o_proj 9.1 -> 7.5, down_proj 19.9 -> 18.5; Llama-3.2-1B qkv_proj
+    5.3 -> 4.4, o_proj 4.9 -> 3.9 -> 2.5 ([4, 2048]), down_proj 10.5 -> 8.8 -> 6.3 ([4, 2048]), and
+    its batch-1 decode 1,499 -> 1,553 tok/s with [4, 2048]. On the widest layers (gate_up_proj, the
+    LM head) [8, 512] and the [32, 256] tile before are within a few percent of each other, one or
+    the other ahead from one run to the next. Splitting K or loading the next step ahead measured
+    slower."""
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_n = 4 if out_features <= 3072 else 8
-    block_k = 1024 if out_features <= 4096 else 512
+    block_k = 2048 if out_features <= 2048 else 1024 if out_features <= 4096 else 512
     programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
     while k_steps > 16 * split_k and programs * split_k * 2 <= GEMV_PROGRAMS_PER_SM * sms:
         split_k *= 2
@@ -712,31 +714,35 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
                  prefetch=GEMV_PREFETCH)
 
 
-# One row of a narrow layer (at most 3,072 outputs, at most 16 steps of 512 along K) takes a [16, 512]
-# GEMV tile: fewer, longer steps, as the FP8 GEMV's narrow tiles. On an H200, microseconds
-# (tools/quant_gemv_probe.py --sweep), against choose_w4a16_tiles' [64, 128] split 2 to 8: Llama-3.2-1B
-# qkv_proj 3.7 against 6.3, o_proj 3.2 against 5.8, down_proj 9.0 (split 2) against 10.3, and its
-# batch-1 decode 1,416 against 1,347 tok/s. Llama-3.1-8B's o_proj (4,096 outputs) took 6.9 against
-# 9.1 us alone, yet the 8B decode with it fell from 377 to 370 tok/s (not traced), so it keeps the
-# wider tile; wider layers (qkv_proj of 6,144) and longer K (8B's down_proj) measured slower in it.
-NARROW_GEMV_MAX_OUTPUTS = 3072
-NARROW_GEMV_BLOCK_K = 512
-NARROW_GEMV_MAX_STEPS = 16
+# One row of a layer steps [8, 512] or [16, 512] where that measured faster than choose_w4a16_tiles'
+# [64, 128] (tools/quant_gemv_probe.py; on an H200, microseconds, against the tiles before), K split in
+# two past 8 steps. Longer runs of a row's words a step keep more bytes in flight: a kernel that only
+# loaded the words read Llama-3.1-8B's down_proj at 1.9 TB/s in [64, 128] steps, 3.0 in [16, 512].
+# - Groups smaller than a step (GGUF's 32: runs of four words, each with its scale and offset), every
+#   layer: [8, 512], [16, 512] past 6,144 outputs. Llama-3.1-8B qkv_proj 20.0 -> 12.1, o_proj 15.0 -> 7.8,
+#   gate_up_proj 75.5 -> 48.6, down_proj 36.9 -> 23.3, LM head 264 -> 203; Llama-3.2-1B qkv_proj 5.4 -> 4.2,
+#   gate_up_proj 27.5 -> 17.1, down_proj 11.9 -> 9.6. (The sweep timed [8, 512] on the wide layers
+#   faster still, gate_up_proj 38.4 and the LM head 159, but no decode has run with it yet.)
+# - Groups of 128 and more: layers of at most 3,072 outputs and 16 steps, [16, 512]. Llama-3.2-1B
+#   qkv_proj 6.3 -> 3.7, o_proj 5.8 -> 3.2, and its batch-1 decode 1,347 -> 1,416 tok/s. Llama-3.1-8B's
+#   o_proj took 6.9 against 9.1 us alone, yet its decode fell from 377 to 370 tok/s (not traced), so it
+#   keeps the wider tile, as wider layers and longer K do.
+LONG_GEMV_BLOCK_K = 512
+LONG_GEMV_NARROW_OUTPUTS = 6144     # groups smaller than a step: 8 outputs a program up to here, 16 beyond
+LONG_GEMV_MAX_OUTPUTS = 3072        # groups of 128 and more: the widest layer that steps [16, 512]
+LONG_GEMV_MAX_STEPS = 16            # groups of 128 and more: the most steps a layer may take
 
 
-def takes_narrow_w4a16_gemv(num_rows: int, out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether a product takes narrow_w4a16_gemv_tiles: one row, a narrow layer whose K is whole steps
-    of 512, and groups that lie within a step or span whole steps."""
-    block_k = NARROW_GEMV_BLOCK_K
-    return (num_rows == 1 and out_features <= NARROW_GEMV_MAX_OUTPUTS and in_features % block_k == 0
-            and in_features // block_k <= NARROW_GEMV_MAX_STEPS
-            and step_holds_groups(block_k, group_size))
-
-
-def narrow_w4a16_gemv_tiles(in_features: int) -> Tiles:
-    """[16, 512] a step, K split in two past 8 steps (Llama-3.2-1B's down_proj: 9.0 against 10.3 us)."""
-    split_k = 2 if in_features // NARROW_GEMV_BLOCK_K > 8 else 1
-    return Tiles(1, 16, NARROW_GEMV_BLOCK_K, split_k, num_warps=4, num_stages=1, prefetch=GEMV_PREFETCH)
+def long_w4a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, group_size: int) -> Tiles | None:
+    """The long-step tiles above for one row, or None where the layer keeps choose_w4a16_tiles'."""
+    block_k = LONG_GEMV_BLOCK_K
+    steps = in_features // block_k
+    small_groups = group_size < GEMV_BLOCK_K
+    if (num_rows != 1 or in_features % block_k or not step_holds_groups(block_k, group_size)
+            or not small_groups and (out_features > LONG_GEMV_MAX_OUTPUTS or steps > LONG_GEMV_MAX_STEPS)):
+        return None
+    block_n = 8 if small_groups and out_features <= LONG_GEMV_NARROW_OUTPUTS else 16
+    return Tiles(1, block_n, block_k, 2 if steps > 8 else 1, num_warps=4, num_stages=1, prefetch=GEMV_PREFETCH)
 
 
 def choose_w4a16_dot_tiles(num_rows: int, out_features: int, k_steps: int, device: torch.device) -> Tiles:
@@ -799,8 +805,9 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     if (num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0
             and step_holds_groups(GEMV_BLOCK_K, group_size)):
         block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (runs of a group's words)
-    if takes_narrow_w4a16_gemv(num_rows, out_features, in_features, group_size):
-        return w4a16_linear_tiles(x, qweight, scales, zeros, bias, narrow_w4a16_gemv_tiles(in_features))
+    long_tiles = long_w4a16_gemv_tiles(num_rows, out_features, in_features, group_size)
+    if long_tiles is not None:
+        return w4a16_linear_tiles(x, qweight, scales, zeros, bias, long_tiles)
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
