@@ -717,7 +717,8 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
 # One row of a layer steps [8, 512] or [16, 512] where that measured faster than choose_w4a16_tiles'
 # [64, 128] (tools/quant_gemv_probe.py; on an H200, microseconds, against the tiles before), K split in
 # two past 8 steps. Longer runs of a row's words a step keep more bytes in flight: a kernel that only
-# loaded the words read Llama-3.1-8B's down_proj at 1.9 TB/s in [64, 128] steps, 3.0 in [16, 512].
+# loaded the words (tools/gemv_loads_probe.py) read Llama-3.1-8B's down_proj at 1.9 TB/s in [64, 128]
+# steps, 3.0 in [16, 512].
 # - Groups smaller than a step (GGUF's 32: runs of four words, each with its scale and offset), every
 #   layer: [8, 512], [16, 512] past 6,144 outputs. Llama-3.1-8B qkv_proj 20.0 -> 12.1, o_proj 15.0 -> 7.8,
 #   gate_up_proj 75.5 -> 48.6, down_proj 36.9 -> 23.3, LM head 264 -> 203; Llama-3.2-1B qkv_proj 5.4 -> 4.2,
