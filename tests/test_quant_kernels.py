@@ -406,16 +406,18 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     from nanovllm.ops import quant_linear_triton as kernels
 
     name, _, variant = name.partition("/")
+    step = variant.rpartition("k")[2]           # a variant ending in kNNN steps NNN along K
     kernel = getattr(kernels, name)
-    constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
+    block_k = int(step) if step.isdigit() else 64 if name == "_w8a16_kernel" else 128
+    constexprs = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     if name == "_fp8_gemv_kernel":
-        constexprs.update(BLOCK_K=int(variant.rpartition("k")[2]), GATED=variant.startswith("gated"), USE_PDL=True)
+        constexprs.update(GATED=variant.startswith("gated"), USE_PDL=True)
         types = {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}
     elif name == "_fp8_gemm_kernel":
-        constexprs.update(QUANTIZE_A=False, BLOCK_K=256 if variant == "k256" else 128)
+        constexprs.update(QUANTIZE_A=False)
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
     elif name.startswith("_w8a16"):     # Q6_K's groups of 16, with the offsets of a mixed layer
-        constexprs.update(GROUP_SIZE=16, RUN=16, HAS_OFFSETS=True, BLOCK_K=int(variant[1:]) if variant else 64)
+        constexprs.update(GROUP_SIZE=16, RUN=16, HAS_OFFSETS=True)
         if name == "_w8a16_gemv_kernel":
             constexprs.update(USE_PDL=True)
         types = {"qweight_ptr": "*i8", "scales_ptr": "*fp32", "offsets_ptr": "*fp32"}
@@ -430,8 +432,6 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
-        if variant.rpartition("k")[2].isdigit():                            # long steps: k512
-            constexprs.update(BLOCK_K=int(variant.rpartition("k")[2]))
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
     usage = resource_usage(compiled, tmp_path)
