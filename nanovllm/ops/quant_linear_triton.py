@@ -803,12 +803,12 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     if takes_w4a16_dot_gemv(x, zeros, group_size):
         tiles = choose_w4a16_dot_tiles(num_rows, out_features, in_features // GEMV_BLOCK_K, x.device)
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
-    if (num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0
-            and step_holds_groups(GEMV_BLOCK_K, group_size)):
-        block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (runs of a group's words)
     long_tiles = long_w4a16_gemv_tiles(num_rows, out_features, in_features, group_size)
     if long_tiles is not None:
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, long_tiles)
+    if (num_rows <= GEMV_MAX_ROWS and block_k < GEMV_BLOCK_K and in_features % GEMV_BLOCK_K == 0
+            and step_holds_groups(GEMV_BLOCK_K, group_size)):
+        block_k = GEMV_BLOCK_K      # the GEMV spans several small groups a step (runs of a group's words)
     tiles = choose_w4a16_tiles(num_rows, out_features, in_features // block_k, block_k, x.device)
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
