@@ -97,6 +97,34 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
             torch.testing.assert_close(out.sum(0).to(dtype) if split_k > 1 else out, by_gemv, **TOLERANCE[dtype])
 
 
+@in_interpreter
+@pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
+@pytest.mark.parametrize("num_rows,out_features,in_features,group_size,tile", [
+    (1, 37, 256, 128, (1, 16, 128, 1)), (1, 37, 1024, 32, (1, 8, 512, 2)), (1, 19, 2048, 128, (1, 16, 512, 1)),
+    (2, 21, 384, 128, (2, 16, 128, 3)),     # two rows, K split unevenly
+    (3, 13, 512, 32, (4, 16, 128, 2)),      # a row past M in the tile
+])
+def test_w4a16_gemv_given_w4_rows_is_the_product_of_the_rows(num_rows, out_features, in_features, group_size, tile,
+                                                             offsets, poisoned_outputs):
+    """W4Rows hold x times powers of two in the planes the GEMV reads (ops/quant_format.py), and each
+    word's sum of x added in the order the GEMV adds it: from them the GEMV's output is the same bits
+    as from the 16-bit rows, with each step's words loaded ahead or not, and the reference's product."""
+    from nanovllm.ops.quant_format import w4_rows_torch
+    from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_partials_triton, w4a16_linear_tiles
+
+    x = torch.randn(num_rows, in_features, generator=torch.Generator().manual_seed(in_features)).to(torch.float16)
+    qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
+    rows = w4_rows_torch(x)
+    expected = w4a16_linear_torch(x.float(), qweight, scales, zeros)                  # [M, N] float32
+    for prefetch in (False, True):
+        tiles = Tiles(*tile, prefetch=prefetch)
+        out = w4a16_linear_tiles(rows, qweight, scales, zeros, None, tiles)
+        assert torch.equal(out, w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles))
+        torch.testing.assert_close(out.sum(0) if tiles.split_k > 1 else out.float(), expected, rtol=2e-3, atol=2e-3)
+    assert torch.equal(w4a16_linear_partials_triton(rows, qweight, scales, zeros),
+                       w4a16_linear_partials_triton(x, qweight, scales, zeros))
+
+
 def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: bool, seed: int = 0):
     """Random (qweight [N, K] int8, scales [N, G] float32, offsets [N, G] float32 or None)."""
     generator = torch.Generator().manual_seed(seed)
@@ -380,6 +408,8 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
     ("_w4a16_gemv_kernel/k512", 1, 16, 4, 1),                                              # one row, long steps
     ("_w4a16_gemv_kernel/gguf-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-k512", 1, 16, 4, 1),
+    ("_w4a16_gemv_kernel/planes", 1, 64, 4, 3), ("_w4a16_gemv_kernel/planes-k512", 1, 16, 4, 1),   # x as W4Rows
+    ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 16, 4, 1),
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
@@ -432,6 +462,9 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
+        if "planes" in variant:     # W4Rows of Llama-3.1-8B's 4,096 features: planes of 512 values
+            constexprs.update(X_PLANES=512)
+            types["x_ptr"] = "*fp32"
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
     usage = resource_usage(compiled, tmp_path)
