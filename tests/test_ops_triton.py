@@ -57,7 +57,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = list({id(value): value for module in vars(kernels).values() for value in vars(module).values()
                   if isinstance(value, (InterpretedFunction, JITFunction))}.values())   # once each, if imported
-    assert len(found) == 20
+    assert len(found) == 21
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -530,6 +530,36 @@ def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, feat
     assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
     monkeypatch.setattr(kernels.activation_triton, "FP8_MAX_FEATURES", 32)
     assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("features", [40, 1096])
+def test_norms_and_silu_and_mul_write_the_w4_rows_of_their_output(kernels, features, dtype):
+    """w4=True: the kernel writes the W4Rows of its output (the planes and word sums of
+    w4_rows_torch, tested against their definition in test_quant_references.py), the same bits; 1,096
+    features take SiLU-and-mul two programs a row, the second one part masked."""
+    from nanovllm.ops.quant_format import w4_rows_torch
+
+    def assert_same_rows(rows, plain):
+        assert rows.dtype == plain.dtype and rows.shape == plain.shape
+        assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
+
+    generator = torch.Generator().manual_seed(features)
+    x = (torch.randn(5, features, generator=generator) * torch.linspace(0.5, 8, 5)[:, None]).to(dtype)
+    weight = torch.randn(features, generator=generator).to(dtype)
+    norms = kernels.rmsnorm_triton
+    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, w4=True), norms.rms_norm_triton(x, weight, 1e-6))
+    partials = torch.randn(3, 5, features, generator=generator)                     # float32 partial sums of x
+    residual = torch.randn(5, features, generator=generator).to(dtype)
+    for given in (x, partials):
+        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, w4=True)
+        plain, plain_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6)
+        assert_same_rows(rows, plain)
+        assert torch.equal(new_residual, plain_residual)
+    gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
+    silu = kernels.activation_triton.silu_and_mul_triton
+    assert_same_rows(silu(gate_up, w4=True), silu(gate_up))
 
 
 @in_interpreter

@@ -405,6 +405,36 @@ def test_fp8_products_take_their_rows_quantized_by_the_kernel_before(tiny_llama,
         assert torch.equal(fused, unfused)
 
 
+def test_w4a16_gemvs_take_their_rows_laid_out_by_the_kernel_before(tiny_llama, monkeypatch):
+    """With W4_ROWS_FROM_PRODUCER on, a decode step's norms hand qkv_proj and gate_up_proj their rows
+    as W4Rows, and SiLU-and-mul hands down_proj its; o_proj, after the attention, and a prompt's
+    many rows take 16-bit rows. W4Rows hold the rows exactly, so the logits are the same bits with
+    and without them (here on the CPU, which the layers otherwise keep out of this path)."""
+    from nanovllm.model.quantization import layers
+    from nanovllm.ops import quant_linear
+    from nanovllm.ops.quant_format import W4Rows
+
+    model = _load(tiny_llama, quantization="w4a16")
+    monkeypatch.setattr(layers.W4A16Linear, "takes_w4_rows", lambda self, num_rows: num_rows <= 2)
+    taken = []      # whether each product was given W4Rows, in the order of the calls
+    for name in ("w4a16_linear", "w4a16_linear_or_partials"):
+        product = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda x, *args, product=product: taken.append(isinstance(x, W4Rows))
+                            or product(x, *args))
+    runs = []
+    for laid_out in (True, False):
+        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", laid_out)
+        sequence = PagedSequence(model)
+        taken.clear()
+        prompt = sequence.step(PROMPT)
+        assert not any(taken)
+        taken.clear()
+        runs.append((prompt, sequence.step([11])))
+        assert taken[:4] == ([True, False, True, True] if laid_out else [False] * 4)   # qkv, o, gate_up, down
+    for laid_out, as_rows in zip(*runs):
+        assert torch.equal(laid_out, as_rows)
+
+
 def test_unknown_quantization_method_is_named_in_the_error(tiny_llama, tmp_path):
     from nanovllm.model.errors import ModelLoadError
 

@@ -101,28 +101,37 @@ def test_prefill_attention_compiles(fp8_kv):
                               {"out_ptr": "*bf16", **(FP8_CACHE if fp8_kv else {})}).asm["cubin"]
 
 
-ROWS_OUT = {False: {"out_ptr": "*bf16"}, True: {"out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}}   # by FP8_OUT
+ROWS_OUT = {"plain": {"out_ptr": "*bf16"}, "fp8": {"out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+            "w4": {"out_ptr": "*fp32", "scale_ptr": "*fp32"}}      # by the rows a kernel writes
+ROWS_FLAGS = {"plain": {}, "fp8": {"FP8_OUT": True}, "w4": {"W4_OUT": True}}
 
 
-@pytest.mark.parametrize("fp8_out", [False, True])
+@pytest.mark.parametrize("rows", ["plain", "fp8", "w4"])
 @pytest.mark.parametrize("num_partials", [1, 4])
-def test_norm_kernels_compile(num_partials, fp8_out):
+def test_norm_kernels_compile(num_partials, rows):
     compile_for_hopper(rmsnorm_triton._rms_norm_kernel,
-                       dict(HIDDEN=4096, BLOCK_H=4096, ROUND_TO=tl.bfloat16, FP8_OUT=fp8_out), ROWS_OUT[fp8_out])
+                       dict(HIDDEN=4096, BLOCK_H=4096, ROUND_TO=tl.bfloat16, **ROWS_FLAGS[rows]), ROWS_OUT[rows])
     compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
                        dict(NUM_PARTIALS=num_partials, HIDDEN=4096, BLOCK_H=4096, ROUND_TO=tl.bfloat16,
-                            FP8_OUT=fp8_out),
-                       {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", **ROWS_OUT[fp8_out]})
+                            **ROWS_FLAGS[rows]),
+                       {"x_ptr": "*fp32" if num_partials > 1 else "*bf16", **ROWS_OUT[rows]})
 
 
 def test_silu_and_mul_writing_fp8_rows_compiles_without_spills(tmp_path):
     """One program a row of Llama-3.1-8B's 14,336 features (BLOCK 16,384, 16 warps, as the engine
     launches it): the row's gate and up stay in registers for its amax."""
     kernel = compile_for_hopper(activation_triton._silu_and_mul_kernel,
-                                dict(INTERMEDIATE=14336, BLOCK=16384, FP8_OUT=True, PDL=True), ROWS_OUT[True],
+                                dict(INTERMEDIATE=14336, BLOCK=16384, FP8_OUT=True, PDL=True), ROWS_OUT["fp8"],
                                 aligned=True, num_warps=16)
     usage = resource_usage(kernel, tmp_path)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
+
+
+def test_silu_and_mul_writing_w4_rows_compiles():
+    """W4Rows for Llama-3.1-8B's down_proj, in programs of 1,024 features as the engine launches them."""
+    assert compile_for_hopper(activation_triton._silu_and_mul_kernel,
+                              dict(INTERMEDIATE=14336, BLOCK=1024, W4_OUT=True, PDL=True), ROWS_OUT["w4"],
+                              aligned=True, num_warps=4).asm["cubin"]
 
 
 def test_kernels_before_a_gemv_let_it_launch_early():

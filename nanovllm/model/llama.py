@@ -33,8 +33,8 @@ from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check
 from nanovllm.ops.activation import linear_silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.linear import BatchInvariantLinear, linear_or_partials
-from nanovllm.ops.quant_format import Fp8Rows
-from nanovllm.ops.quant_linear import takes_fp8_rows
+from nanovllm.ops.quant_format import Fp8Rows, W4Rows
+from nanovllm.ops.quant_linear import takes_fp8_rows, takes_w4_rows
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend
 
@@ -47,12 +47,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False, w4: bool = False):
         """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual).
-        fp8: the normalized rows quantized for the FP8 product after the norm (Fp8Rows)."""
+        fp8: the normalized rows quantized for the FP8 product after the norm (Fp8Rows); w4: laid out
+        for its W4A16 GEMV (W4Rows)."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps, fp8)
-        return add_rms_norm(x, residual, self.weight, self.eps, fp8)
+            return rms_norm(x, self.weight, self.eps, fp8, w4)
+        return add_rms_norm(x, residual, self.weight, self.eps, fp8, w4)
 
 
 class LlamaAttention(nn.Module):
@@ -79,7 +80,7 @@ class LlamaAttention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Rows, metadata: AttentionMetadata,
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Rows | W4Rows, metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, -1, self.head_dim)                       # [T, Hq + 2 Hkv, D]
@@ -108,9 +109,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate_size, bias=False)   # column-parallel
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)          # row-parallel
 
-    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        # [T, 2I] -> [T, I], quantized already where down_proj is an FP8 product (ops/quant_linear.py)
-        x = linear_silu_and_mul(x, self.gate_up_proj, takes_fp8_rows(self.down_proj, x.shape[0]))
+    def forward(self, x: torch.Tensor | Fp8Rows | W4Rows) -> torch.Tensor:
+        # [T, 2I] -> [T, I], quantized already where down_proj is an FP8 product, laid out for the GEMV
+        # where it is a W4A16 one (ops/quant_linear.py)
+        num_tokens = x.shape[0]
+        x = linear_silu_and_mul(x, self.gate_up_proj, takes_fp8_rows(self.down_proj, num_tokens),
+                                takes_w4_rows(self.down_proj, num_tokens))
         x = linear_or_partials(x, self.down_proj, self.parallel.world_size == 1)   # [T, H] or [S, T, H]
         return self.parallel.all_reduce(x)                                      # ranks' partial sums -> their sum
 
@@ -125,16 +129,18 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 metadata: AttentionMetadata, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        # An FP8 product's input comes quantized from the norm before it (ops/quant_linear.py)
+        # An FP8 product's input comes quantized from the norm before it, a W4A16 GEMV's laid out for
+        # it (ops/quant_linear.py)
         num_tokens = positions.shape[0]
-        fp8 = takes_fp8_rows(self.self_attn.qkv_proj, num_tokens)
+        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        fp8, w4 = takes_fp8_rows(qkv_proj, num_tokens), takes_w4_rows(qkv_proj, num_tokens)
         if residual is None:
-            residual, x = x, self.input_layernorm(x, fp8=fp8)
+            residual, x = x, self.input_layernorm(x, fp8=fp8, w4=w4)
         else:
-            x, residual = self.input_layernorm(x, residual, fp8=fp8)
+            x, residual = self.input_layernorm(x, residual, fp8=fp8, w4=w4)
         x = self.self_attn(positions, x, metadata, kv_cache)
-        fp8 = takes_fp8_rows(self.mlp.gate_up_proj, num_tokens)
-        x, residual = self.post_attention_layernorm(x, residual, fp8=fp8)
+        fp8, w4 = takes_fp8_rows(gate_up_proj, num_tokens), takes_w4_rows(gate_up_proj, num_tokens)
+        x, residual = self.post_attention_layernorm(x, residual, fp8=fp8, w4=w4)
         return self.mlp(x), residual
 
 

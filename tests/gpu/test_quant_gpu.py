@@ -361,3 +361,87 @@ def test_a_batch_decodes_the_same_with_its_rows_quantized_by_the_norms(tiny_llam
         assert fused.token_ids == unfused.token_ids
         assert fused.logprobs == unfused.logprobs
     assert len({token for run in runs[0] for token in run.token_ids}) > 8      # neither constant nor one loop
+
+
+@pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
+@pytest.mark.parametrize("num_rows", (1, 2))
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+def test_w4a16_gemv_given_w4_rows_gives_the_bits_of_the_rows(num_rows, out_features, in_features, offsets):
+    """The one- and two-row W4A16 GEMV at the engine's tiles, compiled for the GPU: from W4Rows (x
+    laid out for it, ops/quant_format.py) the same float32 partials as from the 16-bit rows, on
+    groups of 128 with zero points and groups of 32 with GGUF's offsets."""
+    from nanovllm.ops.quant_format import w4_rows_torch
+    from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
+
+    generator = torch.Generator(device=DEVICE).manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    group = 32 if offsets else 128
+    codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
+    scales = torch.rand(out_features, in_features // group, device=DEVICE, generator=generator) * 0.01
+    zeros = (scales * 8 if offsets else torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator)
+             .to(torch.uint8))
+    qweight = pack_int4(codes)
+    plain = w4a16_linear_partials_triton(x, qweight, scales, zeros)
+    assert torch.equal(w4a16_linear_partials_triton(w4_rows_torch(x), qweight, scales, zeros), plain)
+    total = plain.sum(0) if plain.dim() == 3 else plain
+    assert relative_error(total, w4a16_linear_torch(x, qweight, scales, zeros)) < 1e-2
+
+
+@pytest.mark.parametrize("hidden,intermediate", [(2048, 8192), (4096, 14336)])   # Llama-3.2-1B, Llama-3.1-8B
+@pytest.mark.parametrize("num_rows", (1, 2, 7))
+def test_norms_and_silu_and_mul_write_the_w4_rows_of_their_output(num_rows, hidden, intermediate):
+    """On the GPU, in bfloat16: the w4=True norms and SiLU-and-mul write w4_rows_torch of their plain
+    output, bit for bit."""
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+    from nanovllm.ops.quant_format import w4_rows_torch
+    from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton, rms_norm_triton
+
+    def assert_same_rows(rows, plain):
+        assert rows.shape == plain.shape and rows.dtype == plain.dtype
+        assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
+
+    torch.manual_seed(num_rows)
+    x = torch.randn(num_rows, hidden, device=DEVICE, dtype=torch.bfloat16) * 3
+    residual = torch.randn_like(x)
+    weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
+    assert_same_rows(rms_norm_triton(x, weight, 1e-5, w4=True), rms_norm_triton(x, weight, 1e-5))
+    partials = torch.randn(4, num_rows, hidden, device=DEVICE)
+    for given in (x, partials):
+        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, w4=True)
+        plain, plain_residual = add_rms_norm_triton(given, residual, weight, 1e-5)
+        assert_same_rows(rows, plain)
+        assert torch.equal(new_residual, plain_residual)
+    gate_up = torch.randn(num_rows, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 4
+    assert_same_rows(silu_and_mul_triton(gate_up, w4=True), silu_and_mul_triton(gate_up))
+
+
+def test_w4a16_layers_on_the_gpu_take_w4_rows_where_their_gemv_runs():
+    """A CUDA W4A16Linear asks for W4Rows at one and two rows (the FMA GEMV), not at three (the
+    tensor-core GEMV) nor with GPTQ's act order (x is gathered first)."""
+    from nanovllm.model.quantization.layers import W4A16Linear
+
+    layer = W4A16Linear(256, 64, 128).to(DEVICE)
+    assert layer.takes_w4_rows(1) and layer.takes_w4_rows(2) and not layer.takes_w4_rows(3)
+    assert not W4A16Linear(256, 64, 128, act_order=True).to(DEVICE).takes_w4_rows(1)
+    assert not W4A16Linear(256, 64, 128).takes_w4_rows(1)          # on the CPU
+
+
+def test_one_sequence_decodes_the_same_with_its_rows_laid_out_by_the_norms(tiny_llama, monkeypatch):
+    """One sequence through the CUDA graphs, its W4A16 GEMVs given W4Rows by the norms and
+    SiLU-and-mul, or 16-bit rows: the GEMV's products are the same bits, so the same tokens and
+    log-probabilities."""
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.ops import quant_linear
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    runs = []
+    for laid_out in (True, False):
+        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", laid_out)
+        llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization="w4a16", max_num_seqs=4,
+                  num_kv_blocks=64)
+        assert llm.engine.runner.decode_graphs is not None
+        runs.append(llm.generate([list(range(5, 30))], params, use_tqdm=False)[0].outputs[0])
+        del llm
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].logprobs == runs[1].logprobs
+    assert len(set(runs[0].token_ids)) > 4        # neither constant nor a short loop
