@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One-row W4A16 and GGUF 4-bit GEMVs given x laid out for them by the kernel before (W4Rows; the switch
+# W4_ROWS_FROM_PRODUCER in nanovllm/ops/quant_linear.py) against 16-bit rows, on one GPU in one run:
+#   1. the quantization GPU tests (every kernel compiled and checked before anything is timed);
+#   2. `bench latency` at batch 1 for bf16, w4a16 and gguf-q4_k at Llama-3.2-1B and -3.1-8B, each 4-bit
+#      format with the switch off and on (the order alternating), and gguf-q4_k with it on and [8, 512]
+#      steps on the widest layers too (LONG_GEMV_NARROW_OUTPUTS);
+#   3. each one-row linear given either, and a sweep of the GEMV's tiles (tools/quant_gemv_probe.py).
+# The results and logs land in one file, $OUT/gpu_w4_rows.tar.gz, and the summary in $OUT/gpu_w4_rows.log
+# (a GPU machine may return only a few files).
+#   OUT=/some/dir bash tools/gpu_w4_rows.sh        (from the repository root; about 9 minutes on an H200)
+set -u
+OUT="${OUT:?set OUT to a directory for the results}"
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+log="$OUT/gpu_w4_rows.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
+git rev-parse HEAD 2>/dev/null | tee -a "$log"
+
+step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$WORK/$name.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
+    tail -2 "$WORK/$name.txt" | tee -a "$log"
+}
+
+step tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
+
+ROWS=nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER
+WIDE=nanovllm.ops.quant_linear_triton.LONG_GEMV_NARROW_OUTPUTS
+latency() {    # latency NAME MODEL FORMAT [SETTING...]: one `bench latency` run with those module settings
+    local name=$1 model=$2 q=$3 flag=(); shift 3
+    [ "$q" != bf16 ] && flag=(--quantization "$q")
+    step "$name" 45 $PY tools/bench_with.py "$@" -- bench latency --dummy "$model" "${flag[@]}" \
+        --peer none --no-progress --num-runs 2 --json "$WORK/$name.json"
+}
+for model in llama-3.2-1b llama-3.1-8b; do
+    latency "latency-$model-bf16" "$model" bf16
+    latency "latency-$model-w4a16-rows" "$model" w4a16
+    latency "latency-$model-w4a16-w4rows" "$model" w4a16 "$ROWS=True"
+    latency "latency-$model-gguf-q4_k-w4rows" "$model" gguf-q4_k "$ROWS=True"
+    latency "latency-$model-gguf-q4_k-rows" "$model" gguf-q4_k
+    latency "latency-$model-gguf-q4_k-w4rows-wide8" "$model" gguf-q4_k "$ROWS=True" "$WIDE=1000000"
+done
+
+step kernel-timing "${PROBE_S:-130}" $PY tools/quant_gemv_probe.py --sweep --sweep-formats w4rows \
+    --json "$WORK/kernel-timing.json"
+
+$PY - "$WORK" <<'PYEOF' | tee -a "$log"
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "latency-*.json"))):    # the headline figure of each run
+    for figure in json.load(open(path)).get("figures", []):
+        if figure.get("headline"):
+            print(f"{os.path.basename(path)[:-5]:46} {figure['device']} {figure['figure']} {figure['measured']:.1f} "
+                  f"roofline {figure['roofline']:.1f} ({100 * figure['fraction_of_roofline']:.1f}%)")
+PYEOF
+echo "done in ${SECONDS}s" | tee -a "$log"
+cp "$log" "$WORK/"
+(cd "$WORK" && tar czf "$OUT/gpu_w4_rows.tar.gz" -- *)
