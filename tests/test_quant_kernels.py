@@ -108,7 +108,8 @@ def test_w4a16_gemv_given_w4_rows_is_the_product_of_the_rows(num_rows, out_featu
                                                              offsets, poisoned_outputs):
     """W4Rows hold x times powers of two in the planes the GEMV reads (ops/quant_format.py), and each
     word's sum of x added in the order the GEMV adds it: from them the GEMV's output is the same bits
-    as from the 16-bit rows, with each step's words loaded ahead or not, and the reference's product."""
+    as from the 16-bit rows, with each step's words loaded ahead or not (or pipelined, which the
+    interpreter runs as a plain loop), and the reference's product."""
     from nanovllm.ops.quant_format import w4_rows_torch
     from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_partials_triton, w4a16_linear_tiles
 
@@ -116,8 +117,8 @@ def test_w4a16_gemv_given_w4_rows_is_the_product_of_the_rows(num_rows, out_featu
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
     rows = w4_rows_torch(x)
     expected = w4a16_linear_torch(x.float(), qweight, scales, zeros)                  # [M, N] float32
-    for prefetch in (False, True):
-        tiles = Tiles(*tile, prefetch=prefetch)
+    for prefetch, stages in ((False, 1), (True, 1), (False, 3)):
+        tiles = Tiles(*tile, prefetch=prefetch, stages=stages)
         out = w4a16_linear_tiles(rows, qweight, scales, zeros, None, tiles)
         assert torch.equal(out, w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles))
         torch.testing.assert_close(out.sum(0) if tiles.split_k > 1 else out.float(), expected, rtol=2e-3, atol=2e-3)
@@ -410,6 +411,7 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-k512", 1, 16, 4, 1),
     ("_w4a16_gemv_kernel/planes", 1, 64, 4, 3), ("_w4a16_gemv_kernel/planes-k512", 1, 16, 4, 1),   # x as W4Rows
     ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 16, 4, 1),
+    ("_w4a16_gemv_kernel/planes-pipelined", 1, 64, 4, 4),     # the loads pipelined (STAGES), not prefetched
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
@@ -465,6 +467,8 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         if "planes" in variant:     # W4Rows of Llama-3.1-8B's 4,096 features: planes of 512 values
             constexprs.update(X_PLANES=512)
             types["x_ptr"] = "*fp32"
+        if "pipelined" in variant:
+            constexprs.update(PREFETCH=False, STAGES=num_stages)
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
     usage = resource_usage(compiled, tmp_path)

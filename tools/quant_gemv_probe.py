@@ -167,15 +167,18 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
 
 def sweep_w4_rows(rows: list, model: str, name: str, n: int, k: int, x, w4, w4_gguf) -> None:
     """One row of W4A16 (groups of 128, zero points) and GGUF's 4-bit layout (groups of 32, offsets):
-    the GEMV's tiles given x as 16-bit rows and as W4Rows, each with the sum of its partials."""
+    the GEMV's tiles given x as 16-bit rows and as W4Rows, each with the sum of its partials; the
+    next step's words loaded ahead in registers (stages 1), or the loads pipelined 3 or 4 steps deep."""
     Tiles, sms, rows_x = kernels.Tiles, kernels.sm_count(x.device), w4_rows_torch(x)
     for layout, weights, nbytes in (("w4a16", w4, 0.5 + 5 / 128), ("w4a16_gguf", w4_gguf, 0.5 + 8 / 32)):
-        for block_n, block_k, warps in ((64, 128, 4), (128, 128, 4), (32, 256, 4), (8, 512, 4), (16, 512, 4),
-                                        (32, 512, 4), (8, 1024, 4)):
+        for block_n, block_k, warps, stages in ((64, 128, 4, 1), (128, 128, 4, 1), (32, 256, 4, 1), (8, 512, 4, 1),
+                                                (16, 512, 4, 1), (32, 512, 4, 1), (8, 1024, 4, 1), (64, 128, 4, 3),
+                                                (64, 128, 4, 4), (8, 512, 4, 3), (16, 512, 4, 3)):
             for split_k in (1, 2, 4, 8):
                 if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
                     continue
-                tiles = Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=1, prefetch=True)
+                tiles = Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, prefetch=stages == 1,
+                              stages=stages)
                 timed = {}
                 for given, given_x in (("rows", x), ("w4rows", rows_x)):
                     timed[given] = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.sum_partials(

@@ -87,6 +87,7 @@ class Tiles:
     num_stages: int = 4
     quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
     prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
+    stages: int = 1             # the W4A16 GEMV without prefetch: its loads pipelined this many steps deep (cp.async)
     planes: bool = False        # W4A16 at a few rows on the tensor cores, a nibble plane a tl.dot (_w4a16_dot_gemv_kernel)
 
 
@@ -478,7 +479,7 @@ def _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_r
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
                        K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                       X_PLANES: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+                       X_PLANES: tl.constexpr = 0, STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
     """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
     loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
     on the FMA units: two instructions a weight, an AND and a fused multiply-add. The AND leaves
@@ -498,8 +499,10 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     x 2^(EXP_X - 4 j') for its words' code j from plane j, 16 contiguous bytes a thread as the words
     are, and each word's sum of x from plane 8, where rows as they are take a shuffle, a conversion,
     a scaling and a share of a sum of every x value in every thread that uses it. The products are
-    the same bits. USE_PDL (launched with launch_pdl): the kernel waits for the one before it
-    (which wrote x) only after loading its first step's weights (with PREFETCH; else at once)."""
+    the same bits. STAGES > 1 (without PREFETCH): Triton pipelines the loop's loads through shared
+    memory, STAGES - 1 steps ahead. USE_PDL (launched with launch_pdl): the kernel waits for the
+    one before it (which wrote x) only after loading its first step's weights (with PREFETCH; with
+    STAGES, asking L2 for them; else at once)."""
     RUN_WORDS: tl.constexpr = (GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K) // 8
     RUNS: tl.constexpr = BLOCK_K // 8 // RUN_WORDS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -521,11 +524,16 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run,
                                                k_first, GROUP_SIZE, BLOCK_K)
     if USE_PDL:
+        if STAGES > 1:      # the first step's words: a 128-byte line a row for every 256 weights (two steps of 128)
+            LINES: tl.constexpr = BLOCK_K // 256 if BLOCK_K >= 256 else 1
+            lines = (qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + k_first // 8
+                     + 32 * tl.arange(0, LINES)[None, :])                                          # [BN, LINES]
+            _prefetch_l2(tl.where(mask_n[:, None], lines, qweight_ptr))
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and not X_PLANES:
         x = tl.load(x_rows + k_first, mask=mask_m[:, None], other=0.0)                             # [BM, BK]
-    for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):       # K % BLOCK_K == 0
         if PREFETCH:    # the next step's words are in flight while this step's are multiplied (the last step
             # loads itself again rather than read past its split: no mask along K, so the loads stay 16 bytes wide)
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
@@ -884,8 +892,8 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         plane = 0
         if isinstance(x, W4Rows):
             x, plane = x.planes, x.planes.stride(1)                        # [M, 9, K / 8]: plane j at j * plane
-        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "X_PLANES": plane, **zero_is_offset,
-                                               **_pdl_options(x)}
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "X_PLANES": plane, "STAGES": tiles.stages,
+                                               **zero_is_offset, **_pdl_options(x)}
     else:
         kernel, options = _w4a16_gemm_kernel, zero_is_offset
     kernel[_launch_grid(num_rows, out_features, tiles)](
