@@ -8,7 +8,9 @@
 #   3. each one-row linear given either, and a sweep of the GEMV's tiles (tools/quant_gemv_probe.py).
 # The results and logs land in one file, $OUT/gpu_w4_rows.tar.gz, and the summary in $OUT/gpu_w4_rows.log
 # (a GPU machine may return only a few files).
-#   OUT=/some/dir bash tools/gpu_w4_rows.sh        (from the repository root; about 9 minutes on an H200)
+#   OUT=/some/dir bash tools/gpu_w4_rows.sh        (from the repository root; about 10 minutes on an H200)
+# PARTS picks the parts (default "tests latency probe"): where one command may run 10 minutes at most,
+# run PARTS="tests latency" and then PARTS=probe.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
@@ -29,7 +31,10 @@ step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit
     tail -2 "$WORK/$name.txt" | tee -a "$log"
 }
 
-step tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
+PARTS=" ${PARTS:-tests latency probe} "
+if [[ $PARTS == *" tests "* ]]; then
+    step tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
+fi
 
 ROWS=nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER
 WIDE=nanovllm.ops.quant_linear_triton.LONG_GEMV_NARROW_OUTPUTS
@@ -39,7 +44,7 @@ latency() {    # latency NAME MODEL FORMAT [SETTING...]: one `bench latency` run
     step "$name" 45 $PY tools/bench_with.py "$@" -- bench latency --dummy "$model" "${flag[@]}" \
         --peer none --no-progress --num-runs 2 --json "$WORK/$name.json"
 }
-for model in llama-3.2-1b llama-3.1-8b; do
+for model in $([[ $PARTS == *" latency "* ]] && echo llama-3.2-1b llama-3.1-8b); do
     latency "latency-$model-bf16" "$model" bf16
     latency "latency-$model-w4a16-rows" "$model" w4a16
     latency "latency-$model-w4a16-w4rows" "$model" w4a16 "$ROWS=True"
@@ -48,8 +53,10 @@ for model in llama-3.2-1b llama-3.1-8b; do
     latency "latency-$model-gguf-q4_k-w4rows-wide8" "$model" gguf-q4_k "$ROWS=True" "$WIDE=1000000"
 done
 
-step kernel-timing "${PROBE_S:-130}" $PY tools/quant_gemv_probe.py --sweep --sweep-formats w4rows \
-    --json "$WORK/kernel-timing.json"
+if [[ $PARTS == *" probe "* ]]; then
+    step kernel-timing "${PROBE_S:-240}" $PY tools/quant_gemv_probe.py --sweep --sweep-formats w4rows \
+        --json "$WORK/kernel-timing.json"
+fi
 
 $PY - "$WORK" <<'PYEOF' | tee -a "$log"
 import glob, json, os, sys
