@@ -3,8 +3,9 @@
 # W4_ROWS_FROM_PRODUCER in nanovllm/ops/quant_linear.py) against 16-bit rows, on one GPU in one run:
 #   1. the quantization GPU tests (every kernel compiled and checked before anything is timed);
 #   2. `bench latency` at batch 1 for bf16, w4a16 and gguf-q4_k at Llama-3.2-1B and -3.1-8B, each 4-bit
-#      format with the switch off and on (the order alternating), and gguf-q4_k with it on and [8, 512]
-#      steps on the widest layers too (LONG_GEMV_NARROW_OUTPUTS);
+#      format with the switch off and on (the order alternating); with it on, also w4a16 in [16, 512]
+#      steps on every layer (LONG_GEMV_MAX_OUTPUTS, LONG_GEMV_MAX_STEPS) and gguf-q4_k in [8, 512] steps
+#      on the widest layers too (LONG_GEMV_NARROW_OUTPUTS);
 #   3. each one-row linear given either, and a sweep of the GEMV's tiles (tools/quant_gemv_probe.py).
 # The results and logs land in one file, $OUT/gpu_w4_rows.tar.gz, and the summary in $OUT/gpu_w4_rows.log
 # (a GPU machine may return only a few files).
@@ -37,7 +38,9 @@ if [[ $PARTS == *" tests "* ]]; then
 fi
 
 ROWS=nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER
-WIDE=nanovllm.ops.quant_linear_triton.LONG_GEMV_NARROW_OUTPUTS
+KERNELS=nanovllm.ops.quant_linear_triton
+WIDE=$KERNELS.LONG_GEMV_NARROW_OUTPUTS
+LONG=("$KERNELS.LONG_GEMV_MAX_OUTPUTS=1000000" "$KERNELS.LONG_GEMV_MAX_STEPS=1000000")
 latency() {    # latency NAME MODEL FORMAT [SETTING...]: one `bench latency` run with those module settings
     local name=$1 model=$2 q=$3 flag=(); shift 3
     [ "$q" != bf16 ] && flag=(--quantization "$q")
@@ -48,6 +51,7 @@ for model in $([[ $PARTS == *" latency "* ]] && echo llama-3.2-1b llama-3.1-8b);
     latency "latency-$model-bf16" "$model" bf16
     latency "latency-$model-w4a16-rows" "$model" w4a16
     latency "latency-$model-w4a16-w4rows" "$model" w4a16 "$ROWS=True"
+    latency "latency-$model-w4a16-w4rows-long" "$model" w4a16 "$ROWS=True" "${LONG[@]}"
     latency "latency-$model-gguf-q4_k-w4rows" "$model" gguf-q4_k "$ROWS=True"
     latency "latency-$model-gguf-q4_k-rows" "$model" gguf-q4_k
     latency "latency-$model-gguf-q4_k-w4rows-wide8" "$model" gguf-q4_k "$ROWS=True" "$WIDE=1000000"
