@@ -562,6 +562,22 @@ def test_norms_and_silu_and_mul_write_the_w4_rows_of_their_output(kernels, featu
     assert_same_rows(silu(gate_up, w4=True), silu(gate_up))
 
 
+def test_rows_for_a_product_are_refused_where_they_cannot_be_laid_out():
+    """Fp8Rows and W4Rows are [T, K]; W4Rows hold whole words of eight features: anything else is
+    refused with the reason, before a kernel writes out of bounds."""
+    pytest.importorskip("triton")
+    from nanovllm.ops.fp8_rows_triton import empty_rows
+
+    with pytest.raises(ValueError, match=r"fp8 rows are \[T, K\]; got a \(2, 3, 8\) output"):
+        empty_rows((2, 3, 8), torch.float16, torch.device("cpu"), fp8=True)
+    with pytest.raises(ValueError, match=r"w4 rows are \[T, K\]"):
+        empty_rows((2, 3, 8), torch.float16, torch.device("cpu"), fp8=False, w4=True)
+    with pytest.raises(ValueError, match="w4 rows hold whole words of 8 features; got 12"):
+        empty_rows((2, 12), torch.float16, torch.device("cpu"), fp8=False, w4=True)
+    rows, planes, _ = empty_rows((2, 16), torch.float16, torch.device("cpu"), fp8=False, w4=True)
+    assert rows.shape == (2, 16) and planes.shape == (2, 9, 2) and planes.dtype == torch.float32
+
+
 @in_interpreter
 @pytest.mark.parametrize("vocab_size", [7, 2048, 5001])
 def test_exponential_race_kernel_draws_the_reference_tokens(kernels, vocab_size):

@@ -7,6 +7,10 @@ one read and write of x fewer for each). The RMSNorms and SiLU-and-mul do this w
 after them asks for `Fp8Rows` (model/llama.py); `quantize_fp8_rows_triton` quantizes rows that
 some other kernel wrote (o_proj's, from the attention). All of them round as `quantize_fp8_per_token_torch`:
 the row as its 16-bit output would hold it, divided by its scale, clamped to +-448.
+
+`store_row` also writes rows laid out for the one-row W4A16 GEMV (`W4Rows`, ops/quant_format.py):
+each value, rounded to the 16-bit dtype, times its plane's power of two into its plane, and each
+word's sum of eight into plane 8.
 """
 from __future__ import annotations
 
