@@ -497,6 +497,24 @@ def test_silu_and_mul_kernel_matches_reference(kernels, intermediate, dtype):
 
 @in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("intermediate", [40, 1096])
+def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(kernels, intermediate, dtype):
+    """Given gate_up_proj's float32 partial products over K, SiLU-and-mul adds them up in the order
+    sum_partials does and rounds them as its output: the bits of sum_partials then SiLU-and-mul,
+    written as 16-bit rows or as W4Rows; and the torch reference's (the CPU's) add up to the same."""
+    from nanovllm.ops.activation import silu_and_mul
+    from nanovllm.ops.quant_linear_triton import sum_partials
+
+    partials = torch.randn(3, 5, 2 * intermediate, generator=torch.Generator().manual_seed(intermediate)) * 4
+    silu = kernels.activation_triton.silu_and_mul_triton
+    summed = sum_partials(partials, dtype)                                            # [5, 2 I] in dtype
+    assert torch.equal(silu(partials, partials_dtype=dtype), silu(summed))
+    assert torch.equal(silu(partials, w4=True, partials_dtype=dtype).planes, silu(summed, w4=True).planes)
+    assert torch.equal(silu_and_mul(partials, partials_dtype=dtype), silu_and_mul_torch(summed))
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("features", [37, 1100])
 def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, features, dtype, monkeypatch):
     """fp8=True: the kernel writes the e4m3 codes and row scales that quantizing its 16-bit output

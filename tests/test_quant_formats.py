@@ -435,6 +435,32 @@ def test_w4a16_gemvs_take_their_rows_laid_out_by_the_kernel_before(tiny_llama, m
         assert torch.equal(laid_out, as_rows)
 
 
+def test_a_split_gate_up_proj_hands_silu_and_mul_its_partial_products(tiny_llama, monkeypatch):
+    """With PARTIALS_INTO_SILU on, a quantized gate_up_proj whose product splits K hands SiLU-and-mul
+    the float32 partials, which it adds up itself: here the CPU's product stands in for the GPU's
+    split (its output halved, twice: their sum is the output exactly), and the logits are the same bits."""
+    from nanovllm.model.quantization import layers
+    from nanovllm.ops import activation
+
+    model = _load(tiny_llama, quantization="w4a16")
+    split = layers.W4A16Linear.forward_or_partials
+    monkeypatch.setattr(layers.W4A16Linear, "forward_or_partials",
+                        lambda self, x: (split(self, x).float() * 0.5).expand(2, -1, -1))
+    given = []       # the partials' dtype of each SiLU-and-mul call
+    silu = activation.silu_and_mul
+    monkeypatch.setattr(activation, "silu_and_mul", lambda x, *args, partials_dtype=None:
+                        given.append(partials_dtype) or silu(x, *args, partials_dtype=partials_dtype))
+    runs = []
+    for into_silu in (True, False):
+        monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", into_silu)
+        given.clear()
+        sequence = PagedSequence(model)
+        runs.append((sequence.step(PROMPT), sequence.step([11])))
+        assert given and all(dtype == (torch.float32 if into_silu else None) for dtype in given)
+    for into_silu, summed in zip(*runs):
+        assert torch.equal(into_silu, summed)
+
+
 def test_unknown_quantization_method_is_named_in_the_error(tiny_llama, tmp_path):
     from nanovllm.model.errors import ModelLoadError
 

@@ -121,16 +121,21 @@ def test_silu_and_mul_writing_fp8_rows_compiles_without_spills(tmp_path):
     """One program a row of Llama-3.1-8B's 14,336 features (BLOCK 16,384, 16 warps, as the engine
     launches it): the row's gate and up stay in registers for its amax."""
     kernel = compile_for_hopper(activation_triton._silu_and_mul_kernel,
-                                dict(INTERMEDIATE=14336, BLOCK=16384, FP8_OUT=True, PDL=True), ROWS_OUT["fp8"],
+                                dict(INTERMEDIATE=14336, BLOCK=16384, ROUND_TO=tl.bfloat16, FP8_OUT=True, PDL=True),
+                                ROWS_OUT["fp8"],
                                 aligned=True, num_warps=16)
     usage = resource_usage(kernel, tmp_path)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
 
 
-def test_silu_and_mul_writing_w4_rows_compiles():
-    """W4Rows for Llama-3.1-8B's down_proj, in programs of 1,024 features as the engine launches them."""
+@pytest.mark.parametrize("num_partials", [1, 4])
+def test_silu_and_mul_writing_w4_rows_compiles(num_partials):
+    """W4Rows for Llama-3.1-8B's down_proj, in programs of 1,024 features as the engine launches them,
+    from gate_up_proj's output or its four partial products."""
     assert compile_for_hopper(activation_triton._silu_and_mul_kernel,
-                              dict(INTERMEDIATE=14336, BLOCK=1024, W4_OUT=True, PDL=True), ROWS_OUT["w4"],
+                              dict(INTERMEDIATE=14336, BLOCK=1024, ROUND_TO=tl.bfloat16, NUM_PARTIALS=num_partials,
+                                   W4_OUT=True, PDL=True),
+                              {**ROWS_OUT["w4"], "x_ptr": "*fp32" if num_partials > 1 else "*bf16"},
                               aligned=True, num_warps=4).asm["cubin"]
 
 
@@ -143,7 +148,8 @@ def test_kernels_before_a_gemv_let_it_launch_early():
                                   dict(NUM_PARTIALS=2, HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, PDL=True),
                                   {"x_ptr": "*fp32", "out_ptr": "*bf16"}),
                compile_for_hopper(activation_triton._silu_and_mul_kernel,
-                                  dict(INTERMEDIATE=8192, BLOCK=1024, PDL=True), {"out_ptr": "*bf16"}),
+                                  dict(INTERMEDIATE=8192, BLOCK=1024, ROUND_TO=tl.bfloat16, PDL=True),
+                                  {"out_ptr": "*bf16"}),
                compile_for_hopper(attention_triton._merge_splits_kernel,
                                   dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=64, HEAD_DIM_PAD=64, PDL=True),
                                   {"out_ptr": "*bf16"})]
@@ -164,8 +170,10 @@ def test_rotary_kernel_compiles(has_norm, store_kv, fp8_kv):
 
 
 def test_activation_and_sampling_kernels_compile():
-    compile_for_hopper(activation_triton._silu_and_mul_kernel, dict(INTERMEDIATE=8192, BLOCK=1024),
-                       {"out_ptr": "*bf16"})
+    for num_partials in (1, 4):     # gate_up_proj's output, or its partial products over K
+        compile_for_hopper(activation_triton._silu_and_mul_kernel,
+                           dict(INTERMEDIATE=8192, BLOCK=1024, ROUND_TO=tl.bfloat16, NUM_PARTIALS=num_partials),
+                           {"out_ptr": "*bf16", "x_ptr": "*fp32" if num_partials > 1 else "*bf16"})
     for greedy, scaled in [(True, False), (False, True), (False, False)]:
         compile_for_hopper(sampling_triton._sample_from_logits_kernel,
                            dict(GREEDY=greedy, SCALED=scaled, BLOCK=sampling_triton.BLOCK))

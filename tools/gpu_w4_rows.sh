@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One-row W4A16 and GGUF 4-bit GEMVs given x laid out for them by the kernel before (W4Rows; the switch
-# W4_ROWS_FROM_PRODUCER in nanovllm/ops/quant_linear.py) against 16-bit rows, on one GPU in one run:
+# W4_ROWS_FROM_PRODUCER in nanovllm/ops/quant_linear.py), and gate_up_proj's partial products added up by
+# SiLU-and-mul (PARTIALS_INTO_SILU in nanovllm/ops/activation.py), against the engine as it is, on one GPU:
 #   1. the quantization GPU tests (every kernel compiled and checked before anything is timed);
-#   2. `bench latency` at batch 1 for bf16, w4a16 and gguf-q4_k at Llama-3.2-1B and -3.1-8B, each 4-bit
-#      format with the switch off and on (the order alternating); with it on, also w4a16 in [16, 512]
-#      steps on every layer (LONG_GEMV_MAX_OUTPUTS, LONG_GEMV_MAX_STEPS) and gguf-q4_k in [8, 512] steps
-#      on the widest layers too (LONG_GEMV_NARROW_OUTPUTS);
-#   3. each one-row linear given either, and a sweep of the GEMV's tiles (tools/quant_gemv_probe.py).
+#   2. `bench latency` at batch 1 for bf16, and for w4a16 and gguf-q4_k with each change added to the
+#      one before: as it is; W4Rows; (w4a16) W4Rows and the partials into SiLU (GGUF's one-row gate_up_proj
+#      does not split K); those and longer steps (w4a16: [16, 512] on every layer, LONG_GEMV_MAX_OUTPUTS
+#      and LONG_GEMV_MAX_STEPS; gguf-q4_k: [8, 512] on the widest layers too, LONG_GEMV_NARROW_OUTPUTS);
+#   3. each one-row linear given rows or W4Rows, and a sweep of the GEMV's tiles (tools/quant_gemv_probe.py).
 # The results and logs land in one file, $OUT/gpu_w4_rows.tar.gz, and the summary in $OUT/gpu_w4_rows.log
 # (a GPU machine may return only a few files).
-#   OUT=/some/dir bash tools/gpu_w4_rows.sh        (from the repository root; about 10 minutes on an H200)
-# PARTS picks the parts (default "tests latency probe"): where one command may run 10 minutes at most,
-# run PARTS="tests latency" and then PARTS=probe.
+#   OUT=/some/dir bash tools/gpu_w4_rows.sh        (from the repository root)
+# PARTS picks the parts (default "tests latency probe") and MODELS the models of part 2 (default
+# "llama-3.2-1b llama-3.1-8b"). On an H200 the tests take about 2 minutes, each model's benches about 4
+# and the probe about 4: where one command may run 10 minutes, run PARTS="tests latency"
+# MODELS=llama-3.2-1b, then PARTS="latency probe" MODELS=llama-3.1-8b.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
@@ -37,9 +40,10 @@ if [[ $PARTS == *" tests "* ]]; then
     step tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
 fi
 
-ROWS=nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER
+ROWS=nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER=True
+SILU=nanovllm.ops.activation.PARTIALS_INTO_SILU=True
 KERNELS=nanovllm.ops.quant_linear_triton
-WIDE=$KERNELS.LONG_GEMV_NARROW_OUTPUTS
+WIDE=$KERNELS.LONG_GEMV_NARROW_OUTPUTS=1000000
 LONG=("$KERNELS.LONG_GEMV_MAX_OUTPUTS=1000000" "$KERNELS.LONG_GEMV_MAX_STEPS=1000000")
 latency() {    # latency NAME MODEL FORMAT [SETTING...]: one `bench latency` run with those module settings
     local name=$1 model=$2 q=$3 flag=(); shift 3
@@ -47,14 +51,15 @@ latency() {    # latency NAME MODEL FORMAT [SETTING...]: one `bench latency` run
     step "$name" 45 $PY tools/bench_with.py "$@" -- bench latency --dummy "$model" "${flag[@]}" \
         --peer none --no-progress --num-runs 2 --json "$WORK/$name.json"
 }
-for model in $([[ $PARTS == *" latency "* ]] && echo llama-3.2-1b llama-3.1-8b); do
+for model in $([[ $PARTS == *" latency "* ]] && echo ${MODELS:-llama-3.2-1b llama-3.1-8b}); do
     latency "latency-$model-bf16" "$model" bf16
-    latency "latency-$model-w4a16-rows" "$model" w4a16
-    latency "latency-$model-w4a16-w4rows" "$model" w4a16 "$ROWS=True"
-    latency "latency-$model-w4a16-w4rows-long" "$model" w4a16 "$ROWS=True" "${LONG[@]}"
-    latency "latency-$model-gguf-q4_k-w4rows" "$model" gguf-q4_k "$ROWS=True"
-    latency "latency-$model-gguf-q4_k-rows" "$model" gguf-q4_k
-    latency "latency-$model-gguf-q4_k-w4rows-wide8" "$model" gguf-q4_k "$ROWS=True" "$WIDE=1000000"
+    latency "latency-$model-w4a16-1-rows" "$model" w4a16
+    latency "latency-$model-w4a16-2-w4rows" "$model" w4a16 "$ROWS"
+    latency "latency-$model-w4a16-3-w4rows-silu" "$model" w4a16 "$ROWS" "$SILU"
+    latency "latency-$model-w4a16-4-w4rows-silu-long" "$model" w4a16 "$ROWS" "$SILU" "${LONG[@]}"
+    latency "latency-$model-gguf-q4_k-3-w4rows-wide8" "$model" gguf-q4_k "$ROWS" "$WIDE"
+    latency "latency-$model-gguf-q4_k-2-w4rows" "$model" gguf-q4_k "$ROWS"
+    latency "latency-$model-gguf-q4_k-1-rows" "$model" gguf-q4_k
 done
 
 if [[ $PARTS == *" probe "* ]]; then

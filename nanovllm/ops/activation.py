@@ -22,16 +22,35 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
-def silu_and_mul(x: torch.Tensor, fp8: bool = False, w4: bool = False) -> torch.Tensor | Fp8Rows | W4Rows:
+def silu_and_mul(x: torch.Tensor, fp8: bool = False, w4: bool = False,
+                 partials_dtype: torch.dtype | None = None) -> torch.Tensor | Fp8Rows | W4Rows:
+    """x [T, 2 I] -> [T, I]; or with partials_dtype, x is the float32 partial products [S, T, 2 I] of a
+    product split along K, added up in order and rounded to partials_dtype first (sum_partials' bits)."""
     if use_triton(x):
         from nanovllm.ops.activation_triton import silu_and_mul_triton
-        return silu_and_mul_triton(x, fp8, w4)
+        return silu_and_mul_triton(x, fp8, w4, partials_dtype)
+    if partials_dtype is not None:
+        x = sum(x.unbind(0), torch.zeros_like(x[0])).to(partials_dtype)
     return as_product_rows(silu_and_mul_torch(x), fp8, w4)
+
+
+# A quantized gate_up_proj whose one-row product splits K (W4A16, W8A16) hands SiLU-and-mul its float32
+# partial products, which it adds up as it loads them: one launch and one pass fewer than summing them
+# in a kernel of their own (sum_partials), the same bits. Off until a GPU has timed it
+# (tools/gpu_w4_rows.sh).
+PARTIALS_INTO_SILU = False
 
 
 def linear_silu_and_mul(x: torch.Tensor | Fp8Rows | W4Rows, layer: nn.Module, fp8: bool = False,
                         w4: bool = False) -> torch.Tensor | Fp8Rows | W4Rows:
     """silu_and_mul(layer(x), fp8, w4) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
-    (Fp8Linear: one kernel at one row) computes both, where down_proj takes no W4Rows."""
+    (Fp8Linear: one kernel at one row) computes both, where down_proj takes no W4Rows; a quantized layer
+    with `forward_or_partials` may hand over K's partial products (PARTIALS_INTO_SILU, not for Fp8Rows)."""
     fused = getattr(layer, "forward_silu_and_mul", None)
-    return fused(x, fp8) if fused is not None and not w4 else silu_and_mul(layer(x), fp8, w4)
+    if fused is not None and not w4:
+        return fused(x, fp8)
+    or_partials = getattr(layer, "forward_or_partials", None)
+    if not PARTIALS_INTO_SILU or or_partials is None or fp8:
+        return silu_and_mul(layer(x), fp8, w4)
+    out = or_partials(x)                                                 # [T, 2 I], or [S, T, 2 I] float32
+    return silu_and_mul(out, fp8, w4, partials_dtype=x.dtype if out.dim() == 3 else None)

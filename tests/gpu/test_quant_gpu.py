@@ -428,15 +428,16 @@ def test_w4a16_layers_on_the_gpu_take_w4_rows_where_their_gemv_runs():
 
 def test_one_sequence_decodes_the_same_with_its_rows_laid_out_by_the_norms(tiny_llama, monkeypatch):
     """One sequence through the CUDA graphs, its W4A16 GEMVs given W4Rows by the norms and
-    SiLU-and-mul, or 16-bit rows: the GEMV's products are the same bits, so the same tokens and
-    log-probabilities."""
+    SiLU-and-mul (and gate_up_proj's partials added up by SiLU-and-mul), or 16-bit rows (and
+    sum_partials): the same bits either way, so the same tokens and log-probabilities."""
     from nanovllm import LLM, SamplingParams
-    from nanovllm.ops import quant_linear
+    from nanovllm.ops import activation, quant_linear
 
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
     runs = []
     for laid_out in (True, False):
         monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", laid_out)
+        monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", laid_out)
         llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization="w4a16", max_num_seqs=4,
                   num_kv_blocks=64)
         assert llm.engine.runner.decode_graphs is not None
@@ -445,3 +446,19 @@ def test_one_sequence_decodes_the_same_with_its_rows_laid_out_by_the_norms(tiny_
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].logprobs == runs[1].logprobs
     assert len(set(runs[0].token_ids)) > 4        # neither constant nor a short loop
+
+
+@pytest.mark.parametrize("intermediate", [8192, 14336])      # Llama-3.2-1B, Llama-3.1-8B
+@pytest.mark.parametrize("num_partials,num_rows", [(4, 1), (2, 1), (8, 2)])
+def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(intermediate, num_partials, num_rows):
+    """On the GPU, in bfloat16: SiLU-and-mul given gate_up_proj's float32 partial products writes the
+    bits of sum_partials followed by SiLU-and-mul, as 16-bit rows and as W4Rows."""
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+    from nanovllm.ops.quant_linear_triton import sum_partials
+
+    torch.manual_seed(num_partials)
+    partials = torch.randn(num_partials, num_rows, 2 * intermediate, device=DEVICE) * 4
+    summed = sum_partials(partials, torch.bfloat16)
+    assert torch.equal(silu_and_mul_triton(partials, partials_dtype=torch.bfloat16), silu_and_mul_triton(summed))
+    assert torch.equal(silu_and_mul_triton(partials, w4=True, partials_dtype=torch.bfloat16).planes,
+                       silu_and_mul_triton(summed, w4=True).planes)
