@@ -13,18 +13,9 @@ RESULTS="$(mktemp -d)"     # the steps' files, tarred into $OUT at the end
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 log="$RESULTS/gpu_gguf.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
-git rev-parse HEAD 2>/dev/null | tee -a "$log"
-
-step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$RESULTS/$name.txt" 2>&1
-    local rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
-    tail -3 "$RESULTS/$name.txt" | tee -a "$log"
-}
+STEPS_DIR="$RESULTS"
+source "$(dirname "$0")/gpu_steps.sh"
+gpu_header
 
 step tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py -k gguf
 

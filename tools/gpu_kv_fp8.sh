@@ -14,22 +14,13 @@ mkdir -p "$RUNS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 log="$OUT/gpu_kv_fp8.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
-git rev-parse HEAD 2>/dev/null | tee -a "$log"
+STEPS_DIR="$RUNS"
+source "$(dirname "$0")/gpu_steps.sh"
+gpu_header
 WHEELS=${WHEELS:-.whl}   # the engine's serving dependencies (pyzmq, msgspec, ...), installed if missing
 if ! $PY -c "import zmq, msgspec" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl >> "$log" 2>&1
 fi
-
-step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$RUNS/$name.txt" 2>&1
-    local rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
-    tail -3 "$RUNS/$name.txt" | tee -a "$log"
-}
 
 step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/gpu/test_kv_fp8_gpu.py
 

@@ -15,18 +15,9 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 log="$OUT/gpu_quant.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
-git rev-parse HEAD 2>/dev/null | tee -a "$log"
-
-step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-    local rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
-    tail -3 "$OUT/$name.txt" | tee -a "$log"
-}
+STEPS_DIR="$OUT"
+source "$(dirname "$0")/gpu_steps.sh"
+gpu_header
 
 step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
 
@@ -57,13 +48,6 @@ for q in bf16 fp8 gguf-q8_0; do
     step "throughput-llama-3.1-8b-$q" 45 $PY -m nanovllm.cli bench throughput --dummy llama-3.1-8b "${flag[@]}" \
         --peer none --no-progress --num-prompts 64 --json "$OUT/throughput-llama-3.1-8b-$q.json"
 done
-$PY - "$OUT" <<'PYEOF' | tee -a "$log"
-import glob, json, os, sys
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*-llama-*.json"))):    # the headline figure of each bench
-    for figure in json.load(open(path)).get("figures", []):
-        if figure.get("headline"):
-            print(f"{os.path.basename(path)[:-5]:34} {figure['device']} {figure['figure']} {figure['measured']:.1f} "
-                  f"roofline {figure['roofline']:.1f} ({100 * figure['fraction_of_roofline']:.1f}%)")
-PYEOF
+headlines "$OUT" "*-llama-*.json"
 echo "done in ${SECONDS}s" | tee -a "$log"
 (cd "$OUT" && tar czf gpu_quant.tar.gz --exclude gpu_quant.tar.gz -- *)   # every result in one file

@@ -22,18 +22,9 @@ WORK=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 log="$OUT/gpu_w4_rows.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
-git rev-parse HEAD 2>/dev/null | tee -a "$log"
-
-step() {   # step NAME SECONDS COMMAND...: run, keep its output, record its exit status
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$WORK/$name.txt" 2>&1
-    local rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
-    tail -2 "$WORK/$name.txt" | tee -a "$log"
-}
+STEPS_DIR="$WORK"
+source "$(dirname "$0")/gpu_steps.sh"
+gpu_header
 
 PARTS=" ${PARTS:-tests latency probe} "
 if [[ $PARTS == *" tests "* ]]; then
@@ -67,14 +58,7 @@ if [[ $PARTS == *" probe "* ]]; then
         --json "$WORK/kernel-timing.json"
 fi
 
-$PY - "$WORK" <<'PYEOF' | tee -a "$log"
-import glob, json, os, sys
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "latency-*.json"))):    # the headline figure of each run
-    for figure in json.load(open(path)).get("figures", []):
-        if figure.get("headline"):
-            print(f"{os.path.basename(path)[:-5]:46} {figure['device']} {figure['figure']} {figure['measured']:.1f} "
-                  f"roofline {figure['roofline']:.1f} ({100 * figure['fraction_of_roofline']:.1f}%)")
-PYEOF
+headlines "$WORK" "latency-*.json"
 echo "done in ${SECONDS}s" | tee -a "$log"
 cp "$log" "$WORK/"
 (cd "$WORK" && tar czf "$OUT/gpu_w4_rows.tar.gz" -- *)

@@ -1,0 +1,30 @@
+# Sourced by the tools/gpu_*.sh scripts: the head of their log; `step`, each part of a run with a time
+# limit of its own, so that one that fails or hangs does not stop the rest; and `headlines`, the figures
+# of their benches. The script sets PY (its python), log (its log file) and STEPS_DIR (where each step's
+# output goes) first.
+
+gpu_header() {   # the card, torch and Triton, and the commit, into $log (and the terminal)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
+    git rev-parse HEAD 2>/dev/null | tee -a "$log"
+}
+
+step() {   # step NAME SECONDS COMMAND...: run, keep its output in $STEPS_DIR/NAME.txt, record its exit status
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$STEPS_DIR/$name.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$log"
+    tail -3 "$STEPS_DIR/$name.txt" | tee -a "$log"
+}
+
+headlines() {   # headlines DIR PATTERN: the headline figure of each bench result DIR/PATTERN (JSON), into $log
+    $PY - "$1" "$2" <<'PYEOF' | tee -a "$log"
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], sys.argv[2]))):
+    for figure in json.load(open(path)).get("figures", []):
+        if figure.get("headline"):
+            print(f"{os.path.basename(path)[:-5]:46} {figure['device']} {figure['figure']} {figure['measured']:.1f} "
+                  f"roofline {figure['roofline']:.1f} ({100 * figure['fraction_of_roofline']:.1f}%)")
+PYEOF
+}
