@@ -515,69 +515,47 @@ def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(kernels, int
 
 @in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("features", [37, 1100])
-def test_norms_and_silu_and_mul_write_the_fp8_rows_of_their_output(kernels, features, dtype, monkeypatch):
+@pytest.mark.parametrize("rows_kind,features", [("fp8", 37), ("fp8", 1100), ("w4", 40), ("w4", 1096)])
+def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(kernels, rows_kind, features,
+                                                                               dtype, monkeypatch):
     """fp8=True: the kernel writes the e4m3 codes and row scales that quantizing its 16-bit output
     would give (quantize_fp8_rows_triton, itself tested against the torch reference in
     test_quant_kernels.py): the same bits, a row of zeros included; SiLU-and-mul's rows wider than
-    one program takes go through the two kernels."""
+    one program takes go through the two kernels. w4=True: the W4Rows of its output (w4_rows_torch,
+    tested against their definition in test_quant_references.py), the same bits; 1,096 features take
+    SiLU-and-mul two programs a row, the second one part masked."""
+    from nanovllm.ops.quant_format import w4_rows_torch
     from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
 
     def assert_same_rows(rows, plain):
+        assert rows.dtype == plain.dtype and rows.shape == plain.shape
+        if rows_kind == "w4":
+            assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
+            return
         expected = quantize_fp8_rows_triton(plain)
-        assert rows.dtype == plain.dtype and rows.codes.shape == plain.shape
         assert torch.equal(rows.scale, expected.scale)
         assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
 
+    ask = {rows_kind: True}
     generator = torch.Generator().manual_seed(features)
     x = (torch.randn(5, features, generator=generator) * torch.linspace(0.5, 8, 5)[:, None]).to(dtype)
     x[2] = 0.0
     weight = torch.randn(features, generator=generator).to(dtype)
     norms = kernels.rmsnorm_triton
-    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, fp8=True), norms.rms_norm_triton(x, weight, 1e-6))
+    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, **ask), norms.rms_norm_triton(x, weight, 1e-6))
     partials = torch.randn(3, 5, features, generator=generator)                     # float32 partial sums of x
     residual = torch.randn(5, features, generator=generator).to(dtype)
     for given in (x, partials):
-        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, fp8=True)
+        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, **ask)
         plain, plain_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6)
         assert_same_rows(rows, plain)
         assert torch.equal(new_residual, plain_residual)
     gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
     gate_up[4] = 0.0
     silu = kernels.activation_triton.silu_and_mul_triton
-    assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
+    assert_same_rows(silu(gate_up, **ask), silu(gate_up))
     monkeypatch.setattr(kernels.activation_triton, "FP8_MAX_FEATURES", 32)
-    assert_same_rows(silu(gate_up, fp8=True), silu(gate_up))
-
-
-@in_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("features", [40, 1096])
-def test_norms_and_silu_and_mul_write_the_w4_rows_of_their_output(kernels, features, dtype):
-    """w4=True: the kernel writes the W4Rows of its output (the planes and word sums of
-    w4_rows_torch, tested against their definition in test_quant_references.py), the same bits; 1,096
-    features take SiLU-and-mul two programs a row, the second one part masked."""
-    from nanovllm.ops.quant_format import w4_rows_torch
-
-    def assert_same_rows(rows, plain):
-        assert rows.dtype == plain.dtype and rows.shape == plain.shape
-        assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
-
-    generator = torch.Generator().manual_seed(features)
-    x = (torch.randn(5, features, generator=generator) * torch.linspace(0.5, 8, 5)[:, None]).to(dtype)
-    weight = torch.randn(features, generator=generator).to(dtype)
-    norms = kernels.rmsnorm_triton
-    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, w4=True), norms.rms_norm_triton(x, weight, 1e-6))
-    partials = torch.randn(3, 5, features, generator=generator)                     # float32 partial sums of x
-    residual = torch.randn(5, features, generator=generator).to(dtype)
-    for given in (x, partials):
-        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, w4=True)
-        plain, plain_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6)
-        assert_same_rows(rows, plain)
-        assert torch.equal(new_residual, plain_residual)
-    gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
-    silu = kernels.activation_triton.silu_and_mul_triton
-    assert_same_rows(silu(gate_up, w4=True), silu(gate_up))
+    assert_same_rows(silu(gate_up, **ask), silu(gate_up))
 
 
 def test_rows_for_a_product_are_refused_where_they_cannot_be_laid_out():

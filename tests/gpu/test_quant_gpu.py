@@ -287,19 +287,23 @@ def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, metho
 
 @pytest.mark.parametrize("method", ["fp8", "w4a16"])
 def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama, method, monkeypatch):
-    """A decode step of one sequence through the CUDA graphs: its GEMVs launched early (PDL) and
-    gate_up_proj's FP8 GEMV with the SiLU in it, or neither. The kernels multiply alike either way,
-    so tokens and log-probabilities must be the same bits; an early GEMV that read its input before
-    the kernel writing it had finished would part from the other run."""
+    """A decode step of one sequence through the CUDA graphs: its GEMVs launched early (PDL),
+    gate_up_proj's FP8 GEMV with the SiLU in it, the W4A16 GEMVs given W4Rows by the norms and
+    SiLU-and-mul, and gate_up_proj's partials added up by SiLU-and-mul; or none of these. The
+    kernels multiply alike either way, so tokens and log-probabilities must be the same bits; an
+    early GEMV that read its input before the kernel writing it had finished would part from the
+    other run."""
     import nanovllm.ops as ops
     from nanovllm import LLM, SamplingParams
-    from nanovllm.ops import quant_linear_triton
+    from nanovllm.ops import activation, quant_linear, quant_linear_triton
 
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
     runs = []
     for early in (True, False):
         monkeypatch.setattr(ops, "PDL", early)
         monkeypatch.setattr(quant_linear_triton, "FUSED_SILU", early)
+        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", early)
+        monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", early)
         llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization=method, max_num_seqs=4,
                   num_kv_blocks=64)
         assert llm.engine.runner.decode_graphs is not None
@@ -311,32 +315,41 @@ def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama,
 
 
 @pytest.mark.parametrize("hidden,intermediate", [(2048, 8192), (4096, 14336)])   # Llama-3.2-1B, Llama-3.1-8B
-@pytest.mark.parametrize("num_rows", (2, 7, 64, 256))
-def test_norms_and_silu_and_mul_write_the_fp8_rows_the_row_quantization_would(num_rows, hidden, intermediate):
+@pytest.mark.parametrize("rows_kind,num_rows", [("fp8", 2), ("fp8", 7), ("fp8", 64), ("fp8", 256),
+                                                ("w4", 1), ("w4", 2), ("w4", 7)])
+def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(rows_kind, num_rows, hidden,
+                                                                               intermediate):
     """On the GPU's own e4m3 cast, in bfloat16: the fp8=True norms and SiLU-and-mul write the codes
-    and scales of quantize_fp8_rows_triton on their plain output, bit for bit."""
+    and scales of quantize_fp8_rows_triton on their plain output, bit for bit; the w4=True ones
+    w4_rows_torch of it."""
     from nanovllm.ops.activation_triton import silu_and_mul_triton
+    from nanovllm.ops.quant_format import w4_rows_torch
     from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
     from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton, rms_norm_triton
 
     def assert_same_rows(rows, plain):
+        assert rows.shape == plain.shape and rows.dtype == plain.dtype
+        if rows_kind == "w4":
+            assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
+            return
         expected = quantize_fp8_rows_triton(plain)
         assert torch.equal(rows.scale, expected.scale)
         assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
 
+    ask = {rows_kind: True}
     torch.manual_seed(num_rows)
     x = torch.randn(num_rows, hidden, device=DEVICE, dtype=torch.bfloat16) * 3
     residual = torch.randn_like(x)
     weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
-    assert_same_rows(rms_norm_triton(x, weight, 1e-5, fp8=True), rms_norm_triton(x, weight, 1e-5))
+    assert_same_rows(rms_norm_triton(x, weight, 1e-5, **ask), rms_norm_triton(x, weight, 1e-5))
     partials = torch.randn(4, num_rows, hidden, device=DEVICE)
     for given in (x, partials):
-        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, fp8=True)
+        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, **ask)
         plain, plain_residual = add_rms_norm_triton(given, residual, weight, 1e-5)
         assert_same_rows(rows, plain)
         assert torch.equal(new_residual, plain_residual)
     gate_up = torch.randn(num_rows, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 4
-    assert_same_rows(silu_and_mul_triton(gate_up, fp8=True), silu_and_mul_triton(gate_up))
+    assert_same_rows(silu_and_mul_triton(gate_up, **ask), silu_and_mul_triton(gate_up))
 
 
 @pytest.mark.parametrize("method", ["fp8"])
@@ -387,34 +400,6 @@ def test_w4a16_gemv_given_w4_rows_gives_the_bits_of_the_rows(num_rows, out_featu
     assert relative_error(total, w4a16_linear_torch(x, qweight, scales, zeros)) < 1e-2
 
 
-@pytest.mark.parametrize("hidden,intermediate", [(2048, 8192), (4096, 14336)])   # Llama-3.2-1B, Llama-3.1-8B
-@pytest.mark.parametrize("num_rows", (1, 2, 7))
-def test_norms_and_silu_and_mul_write_the_w4_rows_of_their_output(num_rows, hidden, intermediate):
-    """On the GPU, in bfloat16: the w4=True norms and SiLU-and-mul write w4_rows_torch of their plain
-    output, bit for bit."""
-    from nanovllm.ops.activation_triton import silu_and_mul_triton
-    from nanovllm.ops.quant_format import w4_rows_torch
-    from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton, rms_norm_triton
-
-    def assert_same_rows(rows, plain):
-        assert rows.shape == plain.shape and rows.dtype == plain.dtype
-        assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
-
-    torch.manual_seed(num_rows)
-    x = torch.randn(num_rows, hidden, device=DEVICE, dtype=torch.bfloat16) * 3
-    residual = torch.randn_like(x)
-    weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
-    assert_same_rows(rms_norm_triton(x, weight, 1e-5, w4=True), rms_norm_triton(x, weight, 1e-5))
-    partials = torch.randn(4, num_rows, hidden, device=DEVICE)
-    for given in (x, partials):
-        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, w4=True)
-        plain, plain_residual = add_rms_norm_triton(given, residual, weight, 1e-5)
-        assert_same_rows(rows, plain)
-        assert torch.equal(new_residual, plain_residual)
-    gate_up = torch.randn(num_rows, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 4
-    assert_same_rows(silu_and_mul_triton(gate_up, w4=True), silu_and_mul_triton(gate_up))
-
-
 def test_w4a16_layers_on_the_gpu_take_w4_rows_where_their_gemv_runs():
     """A CUDA W4A16Linear asks for W4Rows at one and two rows (the FMA GEMV), not at three (the
     tensor-core GEMV) nor with GPTQ's act order (x is gathered first)."""
@@ -424,28 +409,6 @@ def test_w4a16_layers_on_the_gpu_take_w4_rows_where_their_gemv_runs():
     assert layer.takes_w4_rows(1) and layer.takes_w4_rows(2) and not layer.takes_w4_rows(3)
     assert not W4A16Linear(256, 64, 128, act_order=True).to(DEVICE).takes_w4_rows(1)
     assert not W4A16Linear(256, 64, 128).takes_w4_rows(1)          # on the CPU
-
-
-def test_one_sequence_decodes_the_same_with_its_rows_laid_out_by_the_norms(tiny_llama, monkeypatch):
-    """One sequence through the CUDA graphs, its W4A16 GEMVs given W4Rows by the norms and
-    SiLU-and-mul (and gate_up_proj's partials added up by SiLU-and-mul), or 16-bit rows (and
-    sum_partials): the same bits either way, so the same tokens and log-probabilities."""
-    from nanovllm import LLM, SamplingParams
-    from nanovllm.ops import activation, quant_linear
-
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
-    runs = []
-    for laid_out in (True, False):
-        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", laid_out)
-        monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", laid_out)
-        llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization="w4a16", max_num_seqs=4,
-                  num_kv_blocks=64)
-        assert llm.engine.runner.decode_graphs is not None
-        runs.append(llm.generate([list(range(5, 30))], params, use_tqdm=False)[0].outputs[0])
-        del llm
-    assert runs[0].token_ids == runs[1].token_ids
-    assert runs[0].logprobs == runs[1].logprobs
-    assert len(set(runs[0].token_ids)) > 4        # neither constant nor a short loop
 
 
 @pytest.mark.parametrize("intermediate", [8192, 14336])      # Llama-3.2-1B, Llama-3.1-8B
