@@ -52,8 +52,8 @@ def silu_and_mul_triton(x: torch.Tensor, fp8: bool = False, w4: bool = False,
     sum_partials would, the same bits) rather than by a kernel of their own."""
     partials = x if partials_dtype is not None else x[None]                       # [S, ..., 2 I]
     intermediate, dtype = x.shape[-1] // 2, partials_dtype or x.dtype
-    if fp8 and intermediate > FP8_MAX_FEATURES and partials.dim() == 3:
-        return quantize_fp8_rows_triton(silu_and_mul_triton(x, partials_dtype=partials_dtype))   # wider rows: two kernels
+    if fp8 and intermediate > FP8_MAX_FEATURES and partials.dim() == 3:      # wider rows: two kernels
+        return quantize_fp8_rows_triton(silu_and_mul_triton(x, partials_dtype=partials_dtype))
     out, out_arg, scale_arg = empty_rows((*partials.shape[1:-1], intermediate), dtype, x.device, fp8, w4)   # [T, I]
     if out_arg.numel() == 0:
         return out
