@@ -6,10 +6,11 @@ host can bind `throughput`. This times the same code the GPU path runs, on any C
 .schedule / .advance / .complete, the CUDA-graph input filling (HostInputs.fill, unpinned here)
 and SamplingBatch.build (CPU tensors here), medians over 250 decode steps.
 
-    python tools/host_python_probe.py
+    python tools/host_python_probe.py [--batch 256]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from types import SimpleNamespace
@@ -21,10 +22,13 @@ from nanovllm.runner.cuda_graph import HostInputs
 from nanovllm.runner.sampler import SamplingBatch
 from nanovllm.sampling_params import SamplingParams
 
-BATCH, PROMPT_LEN, BLOCK_SIZE, MAX_MODEL_LEN = 256, 128, 16, 4096
+PROMPT_LEN, BLOCK_SIZE, MAX_MODEL_LEN = 128, 16, 4096
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=256, help="the sequences of each decode step")
+    BATCH = parser.parse_args().batch
     block_manager = BlockManager(num_blocks=BATCH * 80, block_size=BLOCK_SIZE)
     scheduler = Scheduler(block_manager, max_num_seqs=BATCH, max_num_batched_tokens=8192,
                           max_model_len=MAX_MODEL_LEN, eos_token_ids=[2])
