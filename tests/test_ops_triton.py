@@ -262,9 +262,9 @@ def test_only_decodes_that_split_their_contexts_take_the_fused_kernel(kernels, m
     fused = []
     attention = kernels.attention_triton._attention
 
-    def recording_attention(*args):
+    def recording_attention(*args, **kwargs):
         fused.append(args[-1] is not None)                      # the decode's un-rotated k, v given
-        return attention(*args)
+        return attention(*args, **kwargs)
 
     monkeypatch.setattr(kernels.attention_triton, "_attention", recording_attention)
     qkv, positions, _, _, k_clean, v_clean, metadata = decode_step_before_rope(2, 2, 32, 4, torch.float32, [3, 9], 7)
@@ -278,6 +278,32 @@ def test_only_decodes_that_split_their_contexts_take_the_fused_kernel(kernels, m
         kernels.attention_triton.rotary_store_and_attend_triton(
             *qkv.split([4, 2, 2], dim=1), positions, cos_sin_cache, k_clean, v_clean, metadata, 0.2, fused=True)
     assert fused == [False, True]
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize("group,num_kv_heads,head_dim", [(2, 2, 32), (3, 1, 40)])   # 40: programs of 64 lanes
+def test_decode_attention_writes_the_w4_rows_of_its_output(kernels, group, num_kv_heads, head_dim, num_kv_splits):
+    """w4=True: the attention's output [T, Hq D] as W4Rows for o_proj's GEMV, the bits of w4_rows_torch
+    on the output it writes otherwise: from the merge of the splits (a decode of one split takes two),
+    each head's words and sums in place; and with batch_invariant's one split, converted."""
+    from nanovllm.ops.quant_format import w4_rows_torch
+
+    qkv, positions, k_cache, v_cache, _, _, metadata = decode_step_before_rope(
+        group, num_kv_heads, head_dim, 16, torch.float16, [9, 30, 70], seed=head_dim)
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 128, 10000.0, None)
+    attend = kernels.attention_triton.rotary_store_and_attend_triton
+
+    def run(**options):     # (on copies: the unfused path rotates q and k in place)
+        return attend(*qkv.clone().split([group * num_kv_heads, num_kv_heads, num_kv_heads], dim=1), positions,
+                      cos_sin_cache, k_cache.clone(), v_cache.clone(), metadata, head_dim ** -0.5, **options)
+
+    plain = run(num_kv_splits=max(num_kv_splits, 2))                                   # [T, Hq, D]
+    rows = run(num_kv_splits=num_kv_splits, w4=True)
+    assert rows.shape == (3, group * num_kv_heads * head_dim) and rows.dtype == torch.float16
+    assert torch.equal(rows.planes, w4_rows_torch(plain.reshape(3, -1)).planes)
+    invariant = run(batch_invariant=True, w4=True)
+    assert torch.equal(invariant.planes, w4_rows_torch(run(batch_invariant=True).reshape(3, -1)).planes)
 
 
 @in_interpreter
@@ -556,6 +582,36 @@ def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(k
     assert_same_rows(silu(gate_up, **ask), silu(gate_up))
     monkeypatch.setattr(kernels.activation_triton, "FP8_MAX_FEATURES", 32)
     assert_same_rows(silu(gate_up, **ask), silu(gate_up))
+
+
+@in_interpreter
+def test_w4_rows_of_part_of_a_row_leave_the_words_past_its_mask_alone(kernels):
+    """store_row writing W4Rows from a block wider than its values (a head of 40 in 64 lanes, as the
+    attention's merge does): each word whose values all lie in the mask gets its planes and sum, and
+    no other word is written (their sums belong to the next block's program)."""
+    import triton
+    import triton.language as tl
+
+    from nanovllm.ops.quant_format import w4_rows_torch
+    global store_row        # a kernel reaches the functions it calls through its module's globals
+    store_row = kernels.fp8_rows_triton.store_row
+
+    @triton.jit
+    def write(y_ptr, planes_ptr, START: tl.constexpr, VALUES: tl.constexpr, FEATURES: tl.constexpr):
+        offs = tl.arange(0, 64)
+        y = tl.load(y_ptr + offs, mask=offs < VALUES, other=0.0)
+        store_row(y, planes_ptr, planes_ptr, 0, START + offs, offs < VALUES, FEATURES, False, tl.float32, True)
+
+    values = torch.randn(40, generator=torch.Generator().manual_seed(40))
+    planes = torch.full((1, 9, 16), float("nan"))                  # a row of 128 features, written 40 from 48
+    write[(1,)](values, planes, START=48, VALUES=40, FEATURES=128)
+    row = torch.zeros(1, 128)
+    row[0, 48:88] = values
+    expected = w4_rows_torch(row).planes
+    written = torch.zeros(16, dtype=torch.bool)
+    written[6:11] = True                                           # words 6 to 10: features 48 to 87
+    assert torch.equal(planes[:, :, written], expected[:, :, written])
+    assert planes[:, :, ~written].isnan().all()
 
 
 def test_rows_for_a_product_are_refused_where_they_cannot_be_laid_out():

@@ -407,9 +407,9 @@ def test_fp8_products_take_their_rows_quantized_by_the_kernel_before(tiny_llama,
 
 def test_w4a16_gemvs_take_their_rows_laid_out_by_the_kernel_before(tiny_llama, monkeypatch):
     """With W4_ROWS_FROM_PRODUCER on, a decode step's norms hand qkv_proj and gate_up_proj their rows
-    as W4Rows, and SiLU-and-mul hands down_proj its; o_proj, after the attention, and a prompt's
-    many rows take 16-bit rows. W4Rows hold the rows exactly, so the logits are the same bits with
-    and without them (here on the CPU, which the layers otherwise keep out of this path)."""
+    as W4Rows, the attention hands o_proj its and SiLU-and-mul down_proj its; a prompt's many rows
+    take 16-bit rows. W4Rows hold the rows exactly, so the logits are the same bits with and without
+    them (here on the CPU, which the layers otherwise keep out of this path)."""
     from nanovllm.model.quantization import layers
     from nanovllm.ops import quant_linear
     from nanovllm.ops.quant_format import W4Rows
@@ -430,7 +430,7 @@ def test_w4a16_gemvs_take_their_rows_laid_out_by_the_kernel_before(tiny_llama, m
         assert not any(taken)
         taken.clear()
         runs.append((prompt, sequence.step([11])))
-        assert taken[:4] == ([True, False, True, True] if laid_out else [False] * 4)   # qkv, o, gate_up, down
+        assert taken[:4] == [laid_out] * 4                                            # qkv, o, gate_up, down
     for laid_out, as_rows in zip(*runs):
         assert torch.equal(laid_out, as_rows)
 

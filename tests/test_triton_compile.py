@@ -139,6 +139,15 @@ def test_silu_and_mul_writing_w4_rows_compiles(num_partials):
                               aligned=True, num_warps=4).asm["cubin"]
 
 
+def test_attention_merge_writing_w4_rows_compiles():
+    """The merge of a decode's splits writing o_proj's W4Rows (Llama-3.1-8B: 32 heads of 128)."""
+    assert compile_for_hopper(attention_triton._merge_splits_kernel,
+                              dict(NUM_SPLITS=32, SPLITS_PAD=32, HEAD_DIM=128, HEAD_DIM_PAD=128, PDL=True,
+                                   W4_OUT=True, FEATURES=4096, ROUND_TO=tl.bfloat16),
+                              {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32"},
+                              num_warps=1).asm["cubin"]
+
+
 def test_kernels_before_a_gemv_let_it_launch_early():
     """With PDL the norms, SiLU-and-mul and the attention's merge let the next kernel launch from
     their first instruction (the FP8 GEMV after them waits for their outputs itself)."""

@@ -92,12 +92,14 @@ class LlamaAttention(nn.Module):
                                              if self.qk_norm else (None, None, 0.0))
         # RoPE on q and k, the new tokens' k and v into their cache slots, attention over the cache;
         # on CUDA one kernel for a decode step (two for a step with prefill chunks).
+        # [T, Hq, D], or laid out for o_proj's W4A16 GEMV as W4Rows [T, Hq D] (ops/quant_linear.py)
+        w4 = takes_w4_rows(self.o_proj, T)
         o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
                                     self.scale, q_norm_weight, k_norm_weight, eps,
                                     batch_invariant=self.batch_invariant, k_scale=self.k_scale,
-                                    v_scale=self.v_scale)                              # [T, Hq, D]
+                                    v_scale=self.v_scale, w4=w4)
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
-        o = linear_or_partials(o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
+        o = linear_or_partials(o if w4 else o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
         return self.parallel.all_reduce(o)
 
 

@@ -57,7 +57,8 @@ def store_row(y, out_ptr, scale_ptr, row, offs, mask, FEATURES: tl.constexpr, FP
     FEATURES values make up the whole row: rounded to ROUND_TO, the dtype the row has unquantized,
     then as it is (out_ptr of that dtype, rows of FEATURES) or, with FP8_OUT, as e4m3 codes at out_ptr
     and the row's scale at scale_ptr + row (y must then be the whole row), or with W4_OUT as W4Rows'
-    planes at out_ptr (float32 rows of 9 FEATURES / 8; BLOCK a multiple of 8 and y whole words)."""
+    planes at out_ptr (float32 rows of 9 FEATURES / 8; BLOCK a multiple of 8, offs consecutive from a
+    word's first value, and mask whole words)."""
     y = y.to(ROUND_TO)
     if FP8_OUT:
         yf = y.to(tl.float32)
@@ -71,8 +72,9 @@ def store_row(y, out_ptr, scale_ptr, row, offs, mask, FEATURES: tl.constexpr, FP
         j = offs % 8                      # x[8 w + j] goes to plane j, times 2^(W4_EXP_X - 4 (j % 5)) (exact)
         two_to = (((j % 5) * -4 + (127 + W4_EXP_X_C)) << 23).to(tl.float32, bitcast=True)     # the float's bits
         tl.store(planes + j * WORDS + offs // 8, yf * two_to, mask=mask)
-        words = tl.min(offs, axis=0) // 8 + tl.arange(0, y.shape[0] // 8)
-        tl.store(planes + 8 * WORDS + words, _w4_word_sums(yf, y.shape[0]), mask=words < WORDS)
+        words = tl.min(offs, axis=0) // 8 + tl.arange(0, y.shape[0] // 8)     # (offs: ascending from a word's start)
+        whole = tl.min(tl.reshape(mask.to(tl.int32), [y.shape[0] // 8, 8]), axis=1) > 0   # words all in mask
+        tl.store(planes + 8 * WORDS + words, _w4_word_sums(yf, y.shape[0]), mask=whole)
     else:
         tl.store(out_ptr + row * FEATURES + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 

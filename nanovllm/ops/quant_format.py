@@ -42,9 +42,11 @@ class Fp8Rows(NamedTuple):
 W4_EXP_X = 88
 
 
-def w4_plane_scales() -> torch.Tensor:
-    """[8] float32: the power of two that code j's x is multiplied by, 2^(W4_EXP_X - 4 (j % 5))."""
-    return torch.tensor([2.0 ** (W4_EXP_X - 4 * (j % 5)) for j in range(PACK_FACTOR)])
+def w4_plane_scales(device: torch.device | None = None) -> torch.Tensor:
+    """[8] float32 on device: the power of two that code j's x is multiplied by, 2^(W4_EXP_X - 4 (j % 5)),
+    made from its bits there (no copy from the host, which a CUDA graph being captured refuses)."""
+    j = torch.arange(PACK_FACTOR, dtype=torch.int32, device=device)
+    return ((127 + W4_EXP_X - 4 * (j % 5)) << 23).view(torch.float32)
 
 
 class W4Rows(NamedTuple):
@@ -68,7 +70,7 @@ class W4Rows(NamedTuple):
 
     def rows(self) -> torch.Tensor:
         """x [M, K] in dtype, exactly (the planes are x times powers of two)."""
-        scales = w4_plane_scales().to(self.planes.device)[None, :, None]                   # [1, 8, 1]
+        scales = w4_plane_scales(self.planes.device)[None, :, None]                        # [1, 8, 1]
         return (self.planes[:, :PACK_FACTOR] / scales).transpose(1, 2).reshape(self.shape).to(self.dtype)
 
 
@@ -82,7 +84,7 @@ def w4_rows_torch(x: torch.Tensor) -> W4Rows:
     """x [M, K] (K a multiple of 8) -> its W4Rows."""
     num_rows, features = x.shape
     xf = x.float().reshape(num_rows, features // PACK_FACTOR, PACK_FACTOR)                  # [M, K / 8, 8]
-    planes = (xf * w4_plane_scales().to(x.device)).transpose(1, 2)                         # [M, 8, K / 8]
+    planes = (xf * w4_plane_scales(x.device)).transpose(1, 2)                              # [M, 8, K / 8]
     return W4Rows(torch.cat([planes, w4_word_sums(xf)[:, None]], dim=1), x.dtype)          # [M, 9, K / 8]
 
 
