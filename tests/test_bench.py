@@ -494,3 +494,38 @@ def test_an_ab_baseline_run_is_listed_but_never_the_latest_of_its_workload():
     rows = [row("2026-12-03T12:00", 339.0, False), row("2026-12-03T12:01", 322.0, True)]
     assert [r.measured for r in report.latest_rows(rows)] == [339.0]
     assert [r.measured for r in report.latest_rows(rows + [row("2026-12-03T12:02", 341.0, False)])] == [341.0]
+
+
+def test_bench_with_sets_module_switches_and_records_them_in_the_result(tmp_path, monkeypatch):
+    """tools/bench_with.py sets each MODULE.NAME=VALUE before the command runs, refuses a name the
+    module lacks, and writes the settings and its own command line (no machine's paths) into the
+    result, where the bench would have recorded "called from Python"."""
+    import importlib.util
+
+    import nanovllm.cli
+    from nanovllm.ops import quant_linear
+
+    spec = importlib.util.spec_from_file_location("bench_with", Path(__file__).parents[1] / "tools" / "bench_with.py")
+    bench_with = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_with)
+    seen = []
+
+    def fake_cli(argv):      # the switch as the command sees it; a result as the bench writes one
+        seen.append(quant_linear.W4_ROWS_FROM_PRODUCER)
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"command": "nano-vllm bench latency (called "
+                                                                               "from Python)", "figures": []}))
+        return 0
+
+    monkeypatch.setattr(nanovllm.cli, "main", fake_cli)
+    monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", False)
+    out = tmp_path / "on.json"
+    assert bench_with.main(["nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER=True", "--", "bench", "latency",
+                            "--json", str(out)]) == 0
+    assert seen == [True]
+    result = json.loads(out.read_text())
+    assert result["settings"] == {"nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER": True}
+    assert result["command"].startswith("python tools/bench_with.py nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER"
+                                        "=True -- bench latency --json ")
+    assert str(tmp_path) not in result["command"]
+    with pytest.raises(SystemExit, match="nanovllm.ops.quant_linear has no NO_SUCH_SWITCH"):
+        bench_with.main(["nanovllm.ops.quant_linear.NO_SUCH_SWITCH=1", "--", "bench"])

@@ -4,15 +4,21 @@
         bench latency --dummy llama-3.2-1b --quantization w4a16 --json on.json
 
 Each setting is MODULE.NAME=VALUE with VALUE a Python literal; the module must already have NAME.
+A result written with --json records the settings ("settings") and this command line ("command"), so
+that a saved run says what it ran with.
 """
 from __future__ import annotations
 
 import ast
 import importlib
+import json
+import shlex
 import sys
+from pathlib import Path
 
 
-def apply(setting: str) -> None:
+def apply(setting: str) -> tuple[str, object]:
+    """Set MODULE.NAME to VALUE -> ("MODULE.NAME", the value)."""
     target, equals, value = setting.partition("=")
     module_name, _, name = target.rpartition(".")
     if not equals or not module_name:
@@ -21,17 +27,31 @@ def apply(setting: str) -> None:
     if not hasattr(module, name):
         raise SystemExit(f"{module_name} has no {name}")
     setattr(module, name, ast.literal_eval(value))
-    print(f"{module_name}.{name} = {getattr(module, name)!r}", file=sys.stderr)
+    print(f"{target} = {getattr(module, name)!r}", file=sys.stderr)
+    return target, getattr(module, name)
+
+
+def record_settings(json_path: Path, settings: dict[str, object], command: str) -> None:
+    """Add the settings and the command line to the bench result at json_path."""
+    result = json.loads(json_path.read_text(encoding="utf-8"))
+    result["settings"] = settings
+    result["command"] = command
+    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str]) -> int:
     if "--" not in argv:
         raise SystemExit(__doc__)
     split = argv.index("--")
-    for setting in argv[:split]:
-        apply(setting)
+    settings = dict(apply(setting) for setting in argv[:split])
+    from nanovllm.bench.cli import portable_arguments
     from nanovllm.cli import main as cli
-    return cli(argv[split + 1:])
+    status = cli(argv[split + 1:])
+    rest = argv[split + 1:]
+    if "--json" in rest and rest.index("--json") + 1 < len(rest) and Path(rest[rest.index("--json") + 1]).exists():
+        record_settings(Path(rest[rest.index("--json") + 1]), settings,      # (no machine's paths in a result)
+                        "python tools/bench_with.py " + shlex.join(portable_arguments(argv)))
+    return status
 
 
 if __name__ == "__main__":
