@@ -51,7 +51,7 @@ def w4_plane_scales(device: torch.device | None = None) -> torch.Tensor:
 
 class W4Rows(NamedTuple):
     """Activations laid out for the W4A16 GEMV by the kernel that computed them (an RMSNorm,
-    SiLU-and-mul), so that the GEMV neither shuffles nor scales x. planes [M, 9, K / 8] float32:
+    SiLU-and-mul, the attention's merge), so that the GEMV neither shuffles nor scales x. planes [M, 9, K / 8] float32:
     planes[m, j, w] = x[m, 8 w + j] 2^(W4_EXP_X - 4 (j % 5)) for j < 8 (plane j holds the x values
     that code j of each word meets, contiguous along the words), and plane 8 each word's sum of x,
     ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), for its zero point; dtype, the rows' own (x is
