@@ -524,11 +524,9 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run,
                                                k_first, GROUP_SIZE, BLOCK_K)
     if USE_PDL:
-        if STAGES > 1:      # the first step's words: a 128-byte line a row for every 256 weights (two steps of 128)
-            LINES: tl.constexpr = BLOCK_K // 256 if BLOCK_K >= 256 else 1
-            lines = (qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + k_first // 8
-                     + 32 * tl.arange(0, LINES)[None, :])                                          # [BN, LINES]
-            _prefetch_l2(tl.where(mask_n[:, None], lines, qweight_ptr))
+        if STAGES > 1:      # the first step's words (two steps of 128 to a line)
+            _prefetch_lines_l2(qweight_ptr, offs_n, mask_n, stride_w, k_first, K,
+                               BLOCK_K // 256 if BLOCK_K >= 256 else 1)
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH and not X_PLANES:
@@ -654,6 +652,15 @@ def _prefetch_l2(pointers):
 
 
 @triton.jit
+def _prefetch_lines_l2(qweight_ptr, offs_n, mask_n, stride_w, k0, k_end, LINES: tl.constexpr):
+    """Ask L2 for LINES 128-byte lines of 4-bit words of each row n (mask_n) from K position k0 on,
+    256 weights a line, those that start before k_end."""
+    line = tl.arange(0, LINES)[None, :]
+    lines = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + k0 // 8 + 32 * line                # [BN, LINES]
+    _prefetch_l2(tl.where(mask_n[:, None] & (k0 + 256 * line < k_end), lines, qweight_ptr))
+
+
+@triton.jit
 def _w4a16_dot_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
                            stride_w, K_PER_SPLIT, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -681,10 +688,7 @@ def _w4a16_dot_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, 
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if USE_PDL:     # the first four steps' words: a 128-byte line a row for two steps
-        lines = (qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + k_start // 8
-                 + 2 * WORDS * tl.arange(0, 2)[None, :])                                          # [BN, 2]
-        _prefetch_l2(tl.where(mask_n[:, None] & (k_start + 2 * BLOCK_K * tl.arange(0, 2)[None, :] < k_end),
-                              lines, qweight_ptr))
+        _prefetch_lines_l2(qweight_ptr, offs_n, mask_n, stride_w, k_start, k_end, 2)
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
         tl.extra.cuda.gdc_launch_dependents()
     for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
