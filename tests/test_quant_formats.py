@@ -378,21 +378,30 @@ def test_online_quantization_stays_near_the_float_model(tiny_llama, method, laye
     assert_logits_close(PagedSequence(quantized).step(PROMPT), PagedSequence(float_model).step(PROMPT), rel=rel)
 
 
+def record_rows_given(monkeypatch, products: tuple[str, ...], rows_type: type) -> list[bool]:
+    """Wrap the quantized layers' product functions `products` (model/quantization/layers.py) so that
+    each call appends to the returned list whether its x came as rows_type, in the order of the calls."""
+    from nanovllm.model.quantization import layers
+
+    taken = []
+    for name in products:
+        product = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda x, *args, product=product: taken.append(isinstance(x, rows_type))
+                            or product(x, *args))
+    return taken
+
+
 def test_fp8_products_take_their_rows_quantized_by_the_kernel_before(tiny_llama, monkeypatch):
     """In an FP8 model the norms hand qkv_proj and gate_up_proj their rows already quantized
     (Fp8Rows), and SiLU-and-mul hands down_proj its; o_proj, after the attention, quantizes its
     own. Quantizing where the rows are computed is the same rounding as in the product, so the
     prompt's and a decode step's logits are the same bits with and without it."""
-    from nanovllm.model.quantization import layers
     from nanovllm.ops import quant_linear
     from nanovllm.ops.quant_format import Fp8Rows
 
     model = _load(tiny_llama, quantization="fp8")
-    taken = []      # whether each product was given Fp8Rows, in the order of the calls
-    for name in ("fp8_linear", "fp8_linear_or_partials", "fp8_linear_silu_and_mul"):
-        product = getattr(layers, name)
-        monkeypatch.setattr(layers, name, lambda x, *args, product=product: taken.append(isinstance(x, Fp8Rows))
-                            or product(x, *args))
+    taken = record_rows_given(monkeypatch, ("fp8_linear", "fp8_linear_or_partials", "fp8_linear_silu_and_mul"),
+                              Fp8Rows)
     runs = []
     for fused in (True, False):
         monkeypatch.setattr(quant_linear, "FP8_ROWS_FROM_PRODUCER", fused)
@@ -416,11 +425,7 @@ def test_w4a16_gemvs_take_their_rows_laid_out_by_the_kernel_before(tiny_llama, m
 
     model = _load(tiny_llama, quantization="w4a16")
     monkeypatch.setattr(layers.W4A16Linear, "takes_w4_rows", lambda self, num_rows: num_rows <= 2)
-    taken = []      # whether each product was given W4Rows, in the order of the calls
-    for name in ("w4a16_linear", "w4a16_linear_or_partials"):
-        product = getattr(layers, name)
-        monkeypatch.setattr(layers, name, lambda x, *args, product=product: taken.append(isinstance(x, W4Rows))
-                            or product(x, *args))
+    taken = record_rows_given(monkeypatch, ("w4a16_linear", "w4a16_linear_or_partials"), W4Rows)
     runs = []
     for laid_out in (True, False):
         monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", laid_out)
