@@ -20,7 +20,7 @@ import triton.language as tl
 
 from nanovllm.ops import sm_count
 
-from quant_gemv_probe import SHAPES, cycled_us     # tools/, the script's own directory
+from quant_gemv_probe import SHAPES, cycled_us, sweep_splits     # tools/, the script's own directory
 
 
 @triton.jit
@@ -61,9 +61,7 @@ def main() -> None:
             copies = [torch.randint(-2**31, 2**31 - 1, (n, k // weights_per_word), device="cuda", dtype=torch.int32)
                       for _ in range(math.ceil(200e6 / nbytes))]
             for block_n, block_k in ((64, 128), (128, 128), (32, 256), (16, 512), (8, 512), (8, 1024), (16, 1024)):
-                for split_k in (1, 2, 4, 8):
-                    if split_k > 1 and (math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k):
-                        continue
+                for split_k in sweep_splits(n, k, block_n, block_k, sms, unsplit_at_any_width=True):
                     step = block_k // weights_per_word
                     us = cycled_us(lambda i: (lambda w=copies[i % len(copies)]: load_rows(w, block_n, step, split_k)),
                                    nbytes)

@@ -35,6 +35,15 @@ SHAPES = {"llama-3.1-8b": {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "ga
 L2_BYTES = 200e6          # weights cycled through copies of at least this many bytes
 
 
+def sweep_splits(n: int, k: int, block_n: int, block_k: int, sms: int, unsplit_at_any_width: bool) -> list[int]:
+    """The splits of K (1, 2, 4, 8) a sweep times at an [n, k] layer's [block_n, block_k] tile: no more
+    than K's steps, and at most 8 programs an SM (the unsplit product at any width where
+    unsplit_at_any_width, as the LM head's)."""
+    programs = math.ceil(n / block_n)
+    return [split_k for split_k in (1, 2, 4, 8)
+            if k // block_k >= split_k and (split_k == 1 and unsplit_at_any_width or programs * split_k <= 8 * sms)]
+
+
 def cycled_us(make_call, bytes_per_copy: float) -> float:
     """Mean microseconds of one call, each call on its own copy of the weight (make_call(i) -> fn)."""
     copies = max(1, math.ceil(L2_BYTES / bytes_per_copy))
@@ -132,9 +141,7 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
     Tiles, sms, block_m = kernels.Tiles, kernels.sm_count(x.device), 1
     for block_n, block_k, warps in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 512, 8),
                                     (8, 1024, 4), (8, 1024, 8), (4, 1024, 4)) if "fp8" in formats else ():
-        for split_k in (1, 2, 4, 8):     # any width unsplit (the LM head's too), splits up to 8 programs an SM
-            if split_k > 1 and math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
-                continue
+        for split_k in sweep_splits(n, k, block_n, block_k, sms, unsplit_at_any_width=True):
             tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
             us = cycled_us(lambda i: (lambda w=fp8[i % len(fp8)]: kernels.sum_partials(
                 kernels.fp8_linear_tiles(x, *w, None, tiles), x.dtype)), n * k)
@@ -143,9 +150,7 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
     # K steps past the group size (256, 512) hold runs of whole groups, each loading its scale and zero once
     for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 128, 8),
                                     (32, 256, 4), (64, 256, 4), (16, 512, 4), (32, 512, 4)) if "w4a16" in formats else ():
-        for split_k in (1, 2, 4, 8):
-            if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
-                continue
+        for split_k in sweep_splits(n, k, block_n, block_k, sms, unsplit_at_any_width=False):
             for prefetch in (False, True) if block_k == 128 else (True,):
                 tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1, prefetch=prefetch)
                 us = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: kernels.sum_partials(
@@ -155,9 +160,7 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
                       flush=True)
     for block_n, block_k, warps in ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 4), (16, 512, 4),
                                     (32, 128, 4)) if "w8a16" in formats else ():
-        for split_k in (1, 2, 4, 8):
-            if split_k > 1 and math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
-                continue
+        for split_k in sweep_splits(n, k, block_n, block_k, sms, unsplit_at_any_width=True):
             tiles = Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=1)
             us = cycled_us(lambda i: (lambda w=w8[i % len(w8)]: kernels.sum_partials(
                 kernels.w8a16_linear_tiles(x, *w, None, None, tiles), x.dtype)), n * k)
@@ -173,9 +176,7 @@ def sweep_w4_rows(rows: list, model: str, name: str, n: int, k: int, x, w4, w4_g
     for layout, weights, nbytes in (("w4a16", w4, 0.5 + 5 / 128), ("w4a16_gguf", w4_gguf, 0.5 + 8 / 32)):
         for block_n, block_k, warps, stages in ((64, 128, 4, 1), (128, 128, 4, 1), (32, 256, 4, 1), (8, 512, 4, 1),
                                                 (16, 512, 4, 1), (64, 128, 4, 4), (16, 512, 4, 3)):
-            for split_k in (1, 2, 4, 8):
-                if math.ceil(n / block_n) * split_k > 8 * sms or k // block_k < split_k:
-                    continue
+            for split_k in sweep_splits(n, k, block_n, block_k, sms, unsplit_at_any_width=False):
                 tiles = Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, prefetch=stages == 1,
                               stages=stages)
                 timed = {}
