@@ -65,6 +65,9 @@ QUANTIZED_DTYPES = {"int8": torch.float32, "int4": torch.float32}
 CPU_AUTO_DTYPE_EMBEDDED = "int4"
 DEVICES = ("auto", "cpu", "cuda")
 KV_POLICIES = ("paged", "naive")
+# How tensor-parallel ranks sum their partial outputs. "auto" is torch.distributed's all_reduce until the
+# peer kernel has been measured against NCCL on GPUs (docs/reference/tensor-parallel.md).
+ALL_REDUCES = ("auto", "peer")
 # kv_cache_dtype -> what the cache stores (None: the model's dtype). vLLM's spellings, and two float
 # caches for the CPU, whose activations are float32 (the numba attention reads float32 and float16).
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
@@ -109,6 +112,8 @@ class EngineConfig:
     enforce_eager: bool = False           # cuda: never capture CUDA graphs
     seed: int = 0                         # seeds the per-request seeds of requests that give none
     tensor_parallel_size: int = 1         # ranks that split the model (gloo on cpu, NCCL on cuda)
+    all_reduce: str = "auto"              # "auto" (torch.distributed: NCCL on cuda, gloo on cpu) | "peer" (cuda:
+                                          # one Triton kernel reads the other GPUs' memory, ops/all_reduce_triton.py)
     async_scheduling: bool | None = None  # schedule step n+1 while the GPU runs step n; None: on for one CUDA GPU
     quantization: str | None = None       # "fp8" | "w4a16" | "gguf-q8_0" | "gguf-q4_k": quantize a float
                                           # checkpoint's linear layers at load; "gguf" | "none": keep a GGUF's
@@ -166,6 +171,11 @@ class EngineConfig:
                 and self.kv_cache_torch_dtype != self.torch_dtype):
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is a CPU cache format; on the GPU the cache "
                              f"stores the model's dtype ({self.dtype}) or fp8: pass 'auto' or 'fp8'")
+        if self.all_reduce not in ALL_REDUCES:
+            raise ValueError(f"all_reduce must be one of {', '.join(ALL_REDUCES)}, got {self.all_reduce!r}")
+        if self.all_reduce == "peer" and not on_cuda:
+            raise ValueError("all_reduce='peer' reads the other GPUs' memory, so it needs device='cuda'; on the CPU "
+                             "the ranks sum through gloo: pass all_reduce='auto'")
         if self.async_scheduling is None:   # where it pays (engine.py): one GPU; a CPU step has nothing to overlap
             # (several GPUs: not measured yet, so off unless asked for)
             self.async_scheduling = on_cuda and self.tensor_parallel_size == 1

@@ -33,6 +33,8 @@ _HELP = {
     "enforce_eager": "never capture CUDA graphs",
     "seed": "seed for requests that bring none",
     "tensor_parallel_size": "split the model over this many processes (GPUs, or CPU processes over gloo)",
+    "all_reduce": ("auto: torch.distributed (NCCL on cuda, gloo on cpu) | peer: with several CUDA GPUs of one "
+                   "host, the sums of up to 2 MiB in one Triton kernel that reads the other GPUs' memory"),
     "quantization": ("fp8 | w4a16 | gguf-q8_0 | gguf-q4_k: quantize a float checkpoint's linear layers as it "
                      "loads (GPU kernels; quantized checkpoints, compressed-tensors, GPTQ, AWQ, load quantized "
                      "without it); gguf | none: keep a GGUF's Q4_0..Q8_0, Q2_K..Q6_K and IQ4 blocks quantized "

@@ -28,7 +28,7 @@ from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotar
 from conftest import IN_INTERPRETER, PoisonedTorch, in_interpreter, run_in_interpreter
 
 KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton",
-                  "matmul_triton", "fp8_rows_triton")
+                  "matmul_triton", "fp8_rows_triton", "all_reduce_triton")
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
@@ -57,7 +57,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = list({id(value): value for module in vars(kernels).values() for value in vars(module).values()
                   if isinstance(value, (InterpretedFunction, JITFunction))}.values())   # once each, if imported
-    assert len(found) == 21
+    assert len(found) == 24
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -373,6 +373,85 @@ def test_split_kv_matches_reference_on_mixed_batches(kernels, group, num_kv_head
                                                               num_kv_splits=2, config=small_tiles(kernels))
     torch.testing.assert_close(out, reference_attention(q, k_clean, v_clean, metadata, scale),
                                **TOLERANCE[torch.float32])
+
+
+# ---- the peer all-reduce -------------------------------------------------------------------
+# The interpreter runs one rank's kernel, and its programs one after another, so the other ranks are
+# simulated: their buffers hold their chunks and their signals to this rank before the kernel starts.
+
+SENTINEL = 0xA5     # every byte of a slot the kernel must not write
+
+
+def simulated_ranks(xs: list[torch.Tensor], rank: int, slot: int, programs: int, slot_bytes: int):
+    """Every rank's buffer (ops/all_reduce_triton.py's layout) with the other ranks' chunks in `slot`
+    and their signals to `rank` set for `programs` programs -> (buffers, flags(r), chunks(r))."""
+    from nanovllm.ops.all_reduce_triton import FLAGS_BYTES, MAX_PROGRAMS, NUM_SLOTS
+    world_size = len(xs)
+    buffers = [torch.full((FLAGS_BYTES + NUM_SLOTS * slot_bytes,), SENTINEL, dtype=torch.uint8)
+               for _ in range(world_size)]
+    for buffer in buffers:
+        buffer[:FLAGS_BYTES] = 0
+
+    def flags(r: int) -> torch.Tensor:         # [MAX_PROGRAMS, WORLD] int32
+        return buffers[r][:FLAGS_BYTES].view(torch.int32)[:MAX_PROGRAMS * world_size].view(-1, world_size)
+
+    def slot_bytes_of(r: int, s: int = slot) -> torch.Tensor:   # [slot_bytes] uint8
+        start = FLAGS_BYTES + s * slot_bytes
+        return buffers[r][start:start + slot_bytes]
+
+    for r, x in enumerate(xs):
+        if r != rank:
+            slot_bytes_of(r)[:x.numel() * x.element_size()] = x.view(-1).view(torch.uint8)
+            flags(rank)[:programs, r] = 1
+    return tuple(buffers), flags, slot_bytes_of
+
+
+@in_interpreter
+@pytest.mark.parametrize("world_size, rank", [(2, 0), (2, 1), (4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("numel, max_programs", [(1, 64), (37, 64), (3001, 2)])   # 3001: 2 programs, 2 chunks each
+def test_peer_all_reduce_adds_every_ranks_chunks_in_rank_order_and_leaves_the_flags_zero(kernels, world_size, rank,
+                                                                                          dtype, numel, max_programs):
+    from nanovllm.ops.all_reduce_triton import BLOCK, NUM_SLOTS, peer_all_reduce_torch
+    slot, slot_bytes = 1, 16384
+    generator = torch.Generator().manual_seed(numel + rank)
+    xs = [torch.randn(numel, generator=generator).to(dtype) * 10 ** r for r in range(world_size)]
+    programs = min(-(-numel // BLOCK), max_programs)
+    buffers, flags, slot_bytes_of = simulated_ranks(xs, rank, slot, programs, slot_bytes)
+    x = xs[rank].clone()
+    kernels.all_reduce_triton.peer_all_reduce_triton(x, buffers, rank, slot, torch.zeros(1, dtype=torch.int32),
+                                                     slot_bytes, max_programs)
+    assert torch.equal(x, peer_all_reduce_torch(xs))
+    written = numel * x.element_size()
+    assert torch.equal(slot_bytes_of(rank)[:written], xs[rank].view(torch.uint8))     # this rank's chunks, shared
+    assert (slot_bytes_of(rank)[written:] == SENTINEL).all()
+    assert all((slot_bytes_of(r, s) == SENTINEL).all() for r in range(world_size) for s in range(NUM_SLOTS)
+               if s != slot)
+    assert (flags(rank) == 0).all()                                   # every peer's signal taken
+    for r in range(world_size):                                       # and this rank's signal sent, once a program
+        if r != rank:
+            assert (flags(r)[:programs, rank] == 1).all() and (flags(r)[programs:] == 0).all()
+            assert (flags(r)[:, [c for c in range(world_size) if c != rank]] == 0).all()
+
+
+@in_interpreter
+def test_an_aborted_peer_all_reduce_ends_without_its_peers_and_leaves_x_as_it_was(kernels):
+    xs = [torch.randn(100), torch.randn(100)]
+    buffers, flags, _ = simulated_ranks(xs, 0, 0, programs=0, slot_bytes=1024)      # no peer has signalled
+    x = xs[0].clone()
+    kernels.all_reduce_triton.peer_all_reduce_triton(x, buffers, 0, 0, torch.ones(1, dtype=torch.int32), 1024)
+    assert torch.equal(x, xs[0])
+
+
+@in_interpreter
+def test_the_peer_all_reduce_refuses_what_its_slots_cannot_hold(kernels):
+    buffers, _, _ = simulated_ranks([torch.zeros(1), torch.zeros(1)], 0, 0, 0, slot_bytes=1024)
+    abort_flag = torch.zeros(1, dtype=torch.int32)
+    for x in (torch.zeros(257), torch.zeros(8, 2)[:, 0], torch.zeros(4, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="peer all-reduce takes"):
+            kernels.all_reduce_triton.peer_all_reduce_triton(x, buffers, 0, 0, abort_flag, 1024)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.all_reduce_triton.peer_all_reduce_triton(torch.zeros(4), buffers, 0, 3, abort_flag, 1024)
 
 
 # ---- norms, rotary, activation -------------------------------------------------------------

@@ -185,6 +185,68 @@ def test_each_rank_holds_its_heads_features_and_vocabulary_rows(tiny_model_facto
     assert shards[1].lm_head.weight is shards[1].embed_tokens.weight
 
 
+class RecordingPeerAllReduce:
+    """Stands in for ops/all_reduce_triton.PeerAllReduce: takes every all-reduce, records its slot, sums nothing."""
+
+    def __init__(self):
+        self.slots: list[int] = []
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return True
+
+    def all_reduce(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        self.slots.append(slot)
+        return x
+
+
+def test_no_two_all_reduces_in_a_row_share_a_peer_slot_within_or_across_forwards(tiny_model_factory):
+    """The peer all-reduce may reuse a slot only after an all-reduce in another one: a fast rank would
+    otherwise overwrite what a slow one still reads. Forwards run back to back (a decode graph replayed),
+    so the last all-reduce of one and the first of the next count too."""
+    from nanovllm.ops.attention import AttentionMetadata
+
+    shard, config = load_model(str(tiny_model_factory("qwen3", vocab_size=321)), tp_rank=0, tp_size=2)
+    shard.parallel.peer = peer = RecordingPeerAllReduce()
+    kv_heads = config.num_key_value_heads // 2
+    kv_caches = [(torch.zeros(4, 16, kv_heads, config.head_dim), torch.zeros(4, 16, kv_heads, config.head_dim))
+                 for _ in range(config.num_hidden_layers)]
+    for start, num_new in [(0, 5), (5, 1), (6, 1)]:          # a prefill, then two decode steps
+        end = start + num_new
+        metadata = AttentionMetadata(query_start_loc=torch.tensor([0, num_new], dtype=torch.int32),
+                                     seq_lens=torch.tensor([end], dtype=torch.int32),
+                                     slot_mapping=torch.arange(start, end), block_tables=torch.tensor([[0]], dtype=torch.int32),
+                                     max_query_len=num_new, max_seq_len=end)
+        with torch.inference_mode():
+            shard(torch.arange(start, end), torch.arange(start, end), metadata, kv_caches)
+    assert len(peer.slots) == 3 * (1 + 2 * config.num_hidden_layers)    # the embedding's, then two a layer
+    assert all(a != b for a, b in zip(peer.slots, peer.slots[1:])), peer.slots
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_failed_group_ends_the_peer_all_reduces_waiting_for_a_dead_rank(failed):
+    """A kernel waiting for a dead worker's signal would spin forever: rank 0 aborts it on a failure
+    (and only then, since the sums of an aborted all-reduce are wrong)."""
+    from nanovllm.runner.tp_worker import WorkerGroup
+
+    class Peer(RecordingPeerAllReduce):
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Steps:    # the shared-memory queue, which takes the SHUTDOWN message of a clean stop
+        def write(self, messages, timeout_s: float) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    group = WorkerGroup(torch.device("cpu"), None, owns_process_group=False, peer=Peer(), steps=Steps(),
+                        error="worker rank 1 exited" if failed else None)
+    group.shutdown()
+    assert group.peer.aborted == failed
+
+
 def test_safetensors_are_read_as_lazy_slices(tiny_llama):
     from nanovllm.model.loader import _hf_weights
 
@@ -202,6 +264,26 @@ def test_kv_heads_that_do_not_split_evenly_raise_before_any_worker_starts(tiny_l
 def test_tensor_parallel_size_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
         EngineConfig(tensor_parallel_size=0)
+
+
+def test_the_peer_all_reduce_is_refused_on_the_cpu_and_an_unknown_all_reduce_named():
+    with pytest.raises(ValueError, match="all_reduce='peer' reads the other GPUs' memory, so it needs device='cuda'"):
+        EngineConfig(device="cpu", tensor_parallel_size=2, all_reduce="peer")
+    with pytest.raises(ValueError, match="all_reduce must be one of auto, peer, got 'nccl'"):
+        EngineConfig(device="cpu", all_reduce="nccl")
+
+
+def test_ranks_that_cannot_map_each_others_memory_all_raise_a_sentence_naming_the_way_out():
+    from nanovllm.model.parallel import ParallelState
+    from nanovllm.runner.tp_worker import start_peer_all_reduce
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:    # the CPU has no peer memory: torch refuses to map it, and every rank (here one) says so
+        with pytest.raises(RuntimeError, match="all_reduce='peer' could not map .* pass all_reduce='auto'"):
+            start_peer_all_reduce(ParallelState(0, 1, torch.distributed.group.WORLD), torch.device("cpu"))
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -10,13 +10,14 @@ and Qwen3-0.6B's shapes).
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from nanovllm.ops import (activation_triton, attention_triton, rmsnorm_triton,  # noqa: E402
+from nanovllm.ops import (activation_triton, all_reduce_triton, attention_triton, rmsnorm_triton,  # noqa: E402
                           rotary_triton, sampling_triton)
 
 POINTER_TYPES = {   # pointer arguments that are not bfloat16 tensors
@@ -33,9 +34,10 @@ FP8_CACHE = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_
 def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = None, aligned: bool = False,
                        **options):
     """triton.compile `kernel` with these constexprs for sm_90 -> the compiled kernel (its cubin).
-    aligned: the pointers, the strides, K and K_PER_SPLIT are multiples of 16, as a launch at Llama's
-    shapes specializes them. options: num_warps and num_stages as the engine launches the kernel
-    (Triton's defaults otherwise)."""
+    pointer_types: the types of arguments that are not bfloat16 pointers named `*_ptr` (a tuple of
+    types for a tuple argument). aligned: the pointers, the strides, K, K_PER_SPLIT, `numel` and `slot_offset` are
+    multiples of 16, as a launch at Llama's shapes specializes them. options: num_warps and num_stages
+    as the engine launches the kernel (Triton's defaults otherwise)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -48,13 +50,17 @@ def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = No
     for name in params:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name.endswith("_ptr") or name in types:
             signature[name] = types.get(name, "*bf16")
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     multiples_of_16 = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(params)
                        if aligned and name not in constexprs
-                       and (name.endswith("_ptr") or name.startswith("stride") or name in ("K", "K_PER_SPLIT"))}
+                       and (name.endswith("_ptr") or name.startswith("stride") or name in ("K", "K_PER_SPLIT", "numel", "slot_offset"))}
+    for index, name in enumerate(params):      # the pointers of a tuple argument
+        if aligned and isinstance(signature[name], tuple):
+            multiples_of_16.update({(index, element): [["tt.divisibility", 16]]
+                                    for element in range(len(signature[name]))})
     source = ASTSource(fn=kernel, signature=signature, attrs=multiples_of_16,
                        constexprs={(params.index(name),): value for name, value in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -188,3 +194,18 @@ def test_activation_and_sampling_kernels_compile():
                            dict(GREEDY=greedy, SCALED=scaled, BLOCK=sampling_triton.BLOCK))
     compile_for_hopper(sampling_triton._combine_splits_kernel, dict(MAX_SPLITS=sampling_triton.MAX_SPLITS),
                        {"out_ptr": "*i64"})
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_peer_all_reduce_compiles_to_128_bit_loads_and_system_scope_signals(world_size):
+    """The buffers come as pointers of their own (a tuple), not as addresses in a tensor: only then does
+    the compiler know their alignment and load 16 bytes a thread. The signals must be system-scope
+    atomics (another GPU reads them), the release one behind a system-wide fence."""
+    compiled = compile_for_hopper(all_reduce_triton._peer_all_reduce_kernel,
+                                  dict(RANK=1, WORLD=world_size, BLOCK=all_reduce_triton.BLOCK),
+                                  {"x_ptr": "*bf16", "buffers": ("*u8",) * world_size, "abort_ptr": "*i32",
+                                   "slot_offset": "i32"}, aligned=True, num_warps=4)
+    ptx = compiled.asm["ptx"]
+    assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
+    loads = set(re.findall(r"ld\.global[\w.]*", ptx))                  # e.g. ld.global.v4.b32
+    assert "ld.global.v4.b32" in loads and not any(load.endswith("b16") for load in loads), loads

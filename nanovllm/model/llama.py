@@ -29,7 +29,8 @@ from torch.nn.modules import module as torch_module
 
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.errors import ModelLoadError
-from nanovllm.model.parallel import ParallelState, VocabParallelEmbedding, check_tensor_parallel
+from nanovllm.model.parallel import (ATTENTION_SLOT, MLP_SLOT, ParallelState, VocabParallelEmbedding,
+                                     check_tensor_parallel)
 from nanovllm.ops.activation import linear_silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.linear import BatchInvariantLinear, linear_or_partials
@@ -100,7 +101,7 @@ class LlamaAttention(nn.Module):
                                     v_scale=self.v_scale, w4=w4)
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
         o = linear_or_partials(o if w4 else o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
-        return self.parallel.all_reduce(o)
+        return self.parallel.all_reduce(o, ATTENTION_SLOT)
 
 
 class LlamaMLP(nn.Module):
@@ -118,7 +119,7 @@ class LlamaMLP(nn.Module):
         x = linear_silu_and_mul(x, self.gate_up_proj, takes_fp8_rows(self.down_proj, num_tokens),
                                 takes_w4_rows(self.down_proj, num_tokens))
         x = linear_or_partials(x, self.down_proj, self.parallel.world_size == 1)   # [T, H] or [S, T, H]
-        return self.parallel.all_reduce(x)                                      # ranks' partial sums -> their sum
+        return self.parallel.all_reduce(x, MLP_SLOT)                            # ranks' partial sums -> their sum
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -21,10 +21,15 @@ nn.Linear of its shard's shape; the collectives live in the model's forward.
 
 `ParallelState` is this process's place in the group; with world_size 1 every
 collective below is a no-op, so the single-process model is the same code.
+
+With `all_reduce="peer"` (CUDA GPUs of one host) the all-reduces that fit go through one Triton kernel
+that reads the other GPUs' memory (ops/all_reduce_triton.py) instead of NCCL. That kernel needs
+consecutive all-reduces to use different buffers, so each call site names its own slot below.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,17 +38,28 @@ from torch import nn
 
 from nanovllm.model.config import ModelConfig
 
+if TYPE_CHECKING:   # the kernel's module imports Triton, which the CPU never loads
+    from nanovllm.ops.all_reduce_triton import PeerAllReduce
+
+# The slot of the peer all-reduce's buffer each all-reduce of a forward uses. A forward runs the
+# embedding's, then every layer's attention and MLP in turn: no slot comes twice in a row.
+EMBEDDING_SLOT, ATTENTION_SLOT, MLP_SLOT = 0, 1, 2
+
 
 @dataclass
 class ParallelState:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None   # set when the ranks have joined (see runner/tp_worker.py)
+    peer: PeerAllReduce | None = None         # all_reduce="peer": set once every rank has mapped the others'
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place; x itself when world_size is 1."""
+    def all_reduce(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """Sum x over the ranks, in place; x itself when world_size is 1. `slot`: the call site's
+        (EMBEDDING_SLOT, ATTENTION_SLOT, MLP_SLOT), for the peer all-reduce."""
         if self.world_size == 1:
             return x
+        if self.peer is not None and self.peer.takes(x):
+            return self.peer.all_reduce(x, slot)
         dist.all_reduce(x, group=self._joined_group())
         return x
 
@@ -104,4 +120,4 @@ class VocabParallelEmbedding(nn.Embedding):
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)          # [T]
         local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)                # [T]
         x = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0)     # [T, H]
-        return self.parallel.all_reduce(x)
+        return self.parallel.all_reduce(x, EMBEDDING_SLOT)

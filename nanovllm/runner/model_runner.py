@@ -60,7 +60,7 @@ from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
                                      host_to_device)
 from nanovllm.runner.tp_worker import (HostStep, Step, WorkerGroup, all_ranks_agree, join_launched_group,
-                                      min_over_ranks, receive_step, stop_with)
+                                      min_over_ranks, receive_step, start_peer_all_reduce, stop_with)
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import PENDING, GrammarCompiler, GrammarState
 from nanovllm.structured.grammar_process import GrammarBitmask
@@ -117,6 +117,10 @@ class ModelRunner:
 
     def _allocate(self, config: EngineConfig, model: LlamaForCausalLM, model_config: ModelConfig) -> None:
         """Size and allocate the KV cache, capture CUDA graphs; collectives on every rank alike."""
+        if self.parallel.world_size > 1 and config.all_reduce == "peer":
+            self.parallel.peer = start_peer_all_reduce(self.parallel, self.device)
+            if self.workers is not None:
+                self.workers.peer = self.parallel.peer
         # On a GPU, measure what a full step needs before handing the rest to the KV cache.
         activation_bytes = self._profile_activation_bytes() if self.device.type == "cuda" else 0
         self.num_blocks = self._num_kv_blocks(activation_bytes)

@@ -81,6 +81,7 @@ from nanovllm.runner.sampler import host_to_device
 from nanovllm.runner.shm_queue import QueueTimeoutError, ReaderDiedError, ShmQueueReader, ShmQueueWriter
 
 if TYPE_CHECKING:
+    from nanovllm.ops.all_reduce_triton import PeerAllReduce
     from nanovllm.runner.cuda_graph import DecodeGraphs
 
 STEP, SHUTDOWN = 1, 0
@@ -187,6 +188,23 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
+def start_peer_all_reduce(parallel: ParallelState, device: torch.device) -> PeerAllReduce:
+    """all_reduce="peer", on every rank at start-up: map every rank's buffer (a collective) -> this rank's
+    PeerAllReduce. If any rank cannot, every rank raises RuntimeError, rather than one rank summing
+    through NCCL while another waits in the kernel."""
+    from nanovllm.ops.all_reduce_triton import PeerAllReduce
+    peer, error = None, None
+    try:
+        peer = PeerAllReduce.start(parallel.group, device)
+    except Exception as e:   # no symmetric memory in this torch, GPUs that cannot reach each other, ...
+        error = e
+    if all_ranks_agree(peer is not None, device):
+        return peer
+    raise RuntimeError(f"all_reduce='peer' could not map the GPUs' memory ({error or 'on another rank'}); it needs "
+                       "torch's symmetric memory and GPUs of one host that reach each other's memory (NVLink or "
+                       "PCIe peer access): pass all_reduce='auto' to sum through NCCL")
+
+
 # ---- rank 0 ----------------------------------------------------------------------------------
 
 @dataclass
@@ -198,6 +216,7 @@ class WorkerGroup:
     error: str | None = None                   # why the group stopped, once it has
     closed: bool = False                       # shut down (a later call must not touch a newer group)
     graphs: "DecodeGraphs | None" = None       # rank 0's CUDA graphs, released before the group goes
+    peer: "PeerAllReduce | None" = None        # all_reduce="peer": aborted when a worker dies, so nothing waits
     steps: ShmQueueWriter | None = None        # spawned workers read their steps here; None: broadcasts
 
     @classmethod
@@ -309,6 +328,8 @@ class WorkerGroup:
         # Release the graphs, then leave the group, before waiting for the workers, which do the same as soon
         # as they read SHUTDOWN. NCCL's teardown of a communicator waits until every graph that captured one
         # of its collectives is gone: with the graphs alive, destroy and abort hung on two H200s.
+        if self.peer is not None and not clean:   # a kernel may be waiting for the dead worker: end it
+            self.peer.abort()
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
