@@ -225,14 +225,18 @@ def test_no_two_all_reduces_in_a_row_share_a_peer_slot_within_or_across_forwards
 @pytest.mark.parametrize("failed", [False, True])
 def test_a_failed_group_ends_the_peer_all_reduces_waiting_for_a_dead_rank(failed):
     """A kernel waiting for a dead worker's signal would spin forever: rank 0 aborts it on a failure
-    (and only then, since the sums of an aborted all-reduce are wrong)."""
+    (and only then, since the sums of an aborted all-reduce are wrong). A clean stop frees the buffers
+    instead; after a failure a kernel may still be reading them."""
     from nanovllm.runner.tp_worker import WorkerGroup
 
     class Peer(RecordingPeerAllReduce):
-        aborted = False
+        aborted = closed = False
 
         def abort(self) -> None:
             self.aborted = True
+
+        def close(self) -> None:
+            self.closed = True
 
     class Steps:    # the shared-memory queue, which takes the SHUTDOWN message of a clean stop
         def write(self, messages, timeout_s: float) -> None:
@@ -244,7 +248,7 @@ def test_a_failed_group_ends_the_peer_all_reduces_waiting_for_a_dead_rank(failed
     group = WorkerGroup(torch.device("cpu"), None, owns_process_group=False, peer=Peer(), steps=Steps(),
                         error="worker rank 1 exited" if failed else None)
     group.shutdown()
-    assert group.peer.aborted == failed
+    assert group.peer.aborted == failed and group.peer.closed != failed   # a clean stop unmaps the buffers
 
 
 def test_safetensors_are_read_as_lazy_slices(tiny_llama):

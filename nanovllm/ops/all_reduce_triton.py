@@ -145,7 +145,8 @@ class PeerAllReduce:
     buffers: tuple[torch.Tensor, ...]   # [WORLD] uint8 views of every rank's buffer, as this GPU addresses them
     rank: int
     abort_flag: torch.Tensor            # [1] int32 in pinned host memory: non-zero ends every wait
-    handle: object                      # torch's symmetric-memory handle: the mappings live while it does
+    memory: tuple                       # this rank's allocation and torch's handle of the mappings: the views
+                                        # above own neither, so both live as long as this does (`close`)
     slot_bytes: int = SLOT_BYTES
 
     @classmethod
@@ -163,10 +164,10 @@ class PeerAllReduce:
         buffers = tuple(handle.get_buffer(rank, [nbytes], torch.uint8, 0)
                         for rank in range(dist.get_world_size(group)))
         abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        return cls(buffers, dist.get_rank(group), abort_flag, handle, slot_bytes)
+        return cls(buffers, dist.get_rank(group), abort_flag, (buffer, handle), slot_bytes)
 
     def takes(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dtype in DTYPES and x.is_contiguous()
+        return (bool(self.buffers) and x.is_cuda and x.dtype in DTYPES and x.is_contiguous()
                 and x.numel() * x.element_size() <= self.slot_bytes)
 
     def all_reduce(self, x: torch.Tensor, slot: int) -> torch.Tensor:
@@ -176,3 +177,8 @@ class PeerAllReduce:
     def abort(self) -> None:
         """End every kernel waiting for a peer (a dead one): after this, the sums are wrong."""
         self.abort_flag[0] = 1
+
+    def close(self) -> None:
+        """Unmap the buffers and free this rank's, once no graph holds the kernel (before the process
+        group goes); every all-reduce after this goes through the group's."""
+        self.buffers, self.memory = (), ()

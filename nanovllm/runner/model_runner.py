@@ -547,3 +547,5 @@ def serve_rank(config: EngineConfig, rank: int) -> None:
     finally:
         if runner.decode_graphs is not None:   # before the group goes: NCCL waits for graphs that use it
             runner.decode_graphs.release()
+    if model.parallel.peer is not None:        # after the graphs that hold its kernel, before the group goes
+        model.parallel.peer.close()

@@ -216,7 +216,8 @@ class WorkerGroup:
     error: str | None = None                   # why the group stopped, once it has
     closed: bool = False                       # shut down (a later call must not touch a newer group)
     graphs: "DecodeGraphs | None" = None       # rank 0's CUDA graphs, released before the group goes
-    peer: "PeerAllReduce | None" = None        # all_reduce="peer": aborted when a worker dies, so nothing waits
+    peer: "PeerAllReduce | None" = None        # all_reduce="peer": aborted when a worker dies, so nothing waits;
+                                               # closed after the graphs on a clean stop
     steps: ShmQueueWriter | None = None        # spawned workers read their steps here; None: broadcasts
 
     @classmethod
@@ -333,6 +334,8 @@ class WorkerGroup:
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        if self.peer is not None and clean:       # (after a failure a kernel may still run: left mapped)
+            self.peer.close()
         if self.owns_process_group and dist.is_initialized():
             _leave_group(clean, cuda=self.device.type == "cuda")
         for process in processes:
