@@ -9,7 +9,8 @@ an abort ends a kernel whose peer never comes. The exit status is non-zero if a 
     python3 tools/all_reduce_probe.py --check --json all-reduce.json
 
 A timing is a graph of 64 all-reduces of one tensor (the peer kernel alternating two slots),
-replayed 20 times by both GPUs at once after a barrier: microseconds per all-reduce, on rank 0.
+replayed 20 times by both GPUs at once after a barrier: microseconds per all-reduce on rank 0's GPU,
+and its host's microseconds to launch the graph (the `launch` columns).
 """
 from __future__ import annotations
 
@@ -116,8 +117,10 @@ def all_reduce_methods(peer: PeerAllReduce, group, device: torch.device, max_num
     return {**methods, "torch one-shot": one_shot, "torch two-shot": two_shot}
 
 
-def time_in_graph(all_reduce, x: torch.Tensor) -> float:
-    """Microseconds per all-reduce: a graph of GRAPH_ALL_REDUCES of them, replayed REPLAYS times."""
+def time_in_graph(all_reduce, x: torch.Tensor) -> tuple[float, float]:
+    """A graph of GRAPH_ALL_REDUCES all-reduces, replayed REPLAYS times -> (GPU microseconds per all-reduce,
+    host microseconds per replay call: the launch alone, which the profile of a TP=2 step found slow
+    for graphs holding NCCL's kernels)."""
     all_reduce(x, 1)                           # compiles, warms NCCL; position 1: the graph's first takes slot 0
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -128,12 +131,15 @@ def time_in_graph(all_reduce, x: torch.Tensor) -> float:
     torch.cuda.synchronize()
     dist.barrier()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    launch_s = 0.0
     start.record()
     for _ in range(REPLAYS):
+        began = time.perf_counter()
         graph.replay()
+        launch_s += time.perf_counter() - began
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1000 / (REPLAYS * GRAPH_ALL_REDUCES)
+    return start.elapsed_time(end) * 1000 / (REPLAYS * GRAPH_ALL_REDUCES), launch_s * 1e6 / REPLAYS
 
 
 def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
@@ -155,7 +161,8 @@ def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
             if name == "peer" and not peer.takes(x):
                 continue
             try:
-                row[name] = round(time_in_graph(all_reduce, x), 2)
+                gpu_us, launch_us = time_in_graph(all_reduce, x)
+                row[name], row[f"{name} launch"] = round(gpu_us, 2), round(launch_us, 1)
             except Exception as error:  # noqa: BLE001 (reported in the table)
                 row[name] = f"failed: {str(error).splitlines()[0][:120]}"
         rows.append(row)
@@ -169,10 +176,11 @@ def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
-    names = [name for name in ("nccl", "peer", "torch one-shot", "torch two-shot") if any(name in r for r in rows)]
+    methods = [name for name in ("nccl", "peer", "torch one-shot", "torch two-shot") if any(name in r for r in rows)]
+    names = methods + [f"{name} launch" for name in methods]
     print(f"{torch.cuda.get_device_name()} x {WORLD_SIZE}, torch {torch.__version__}, NCCL "
           f"{'.'.join(map(str, torch.cuda.nccl.version()))}; one all-reduce of [T, {args.hidden}] bfloat16 in a "
-          f"CUDA graph of {GRAPH_ALL_REDUCES}, us")
+          f"CUDA graph of {GRAPH_ALL_REDUCES}, us on the GPU; then the host's us to launch that graph")
     print("| T | bytes | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for row in rows:
