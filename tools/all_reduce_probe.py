@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,7 +144,19 @@ def time_in_graph(all_reduce, x: torch.Tensor) -> tuple[float, float]:
     return start.elapsed_time(end) * 1000 / (REPLAYS * GRAPH_ALL_REDUCES), launch_s * 1e6 / REPLAYS
 
 
+def exit_at_deadline(rank: int, seconds: float) -> None:
+    """A kernel that never gets its peer's signal spins for good, and so would its process: end it
+    after `seconds` (the other rank goes with it: mp.spawn stops the rest when one fails)."""
+    def expire() -> None:
+        print(f"rank {rank}: not done after {seconds:.0f} s; exiting (a kernel waiting for its peer?)", flush=True)
+        os._exit(3)
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
 def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
+    exit_at_deadline(rank, args.deadline)
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
@@ -198,6 +212,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--check", action="store_true", help="check the peer kernel's sums and abort first")
     parser.add_argument("--json", help="write the timings here")
+    parser.add_argument("--deadline", type=float, default=120.0, help="seconds before each rank gives up and exits")
     args = parser.parse_args()
     if torch.cuda.device_count() < WORLD_SIZE:
         sys.exit(f"needs {WORLD_SIZE} CUDA GPUs; this machine has {torch.cuda.device_count()}")
