@@ -200,12 +200,15 @@ def test_activation_and_sampling_kernels_compile():
 def test_peer_all_reduce_compiles_to_128_bit_loads_and_system_scope_signals(world_size):
     """The buffers come as pointers of their own (a tuple), not as addresses in a tensor: only then does
     the compiler know their alignment and load 16 bytes a thread. The signals must be system-scope
-    atomics (another GPU reads them), the release one behind a system-wide fence."""
+    atomics (another GPU reads them), sent after a barrier of the program's threads. (The interpreter
+    runs a program as one thread, so only the compiled kernel shows that barrier.)"""
     compiled = compile_for_hopper(all_reduce_triton._peer_all_reduce_kernel,
                                   dict(RANK=1, WORLD=world_size, BLOCK=all_reduce_triton.BLOCK),
                                   {"x_ptr": "*bf16", "buffers": ("*u8",) * world_size, "abort_ptr": "*i32",
                                    "slot_offset": "i32"}, aligned=True, num_warps=4)
     ptx = compiled.asm["ptx"]
     assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
+    # every thread's copy into the buffer is done (a barrier) before one thread signals it out
+    assert -1 < ptx.find("bar.sync") < ptx.find("atom.global.release")
     loads = set(re.findall(r"ld\.global[\w.]*", ptx))                  # e.g. ld.global.v4.b32
     assert "ld.global.v4.b32" in loads and not any(load.endswith("b16") for load in loads), loads

@@ -2,7 +2,9 @@
 # One-row W4A16 and GGUF 4-bit GEMVs given x laid out for them by the kernel before (W4Rows; the switch
 # W4_ROWS_FROM_PRODUCER in nanovllm/ops/quant_linear.py), and gate_up_proj's partial products added up by
 # SiLU-and-mul (PARTIALS_INTO_SILU in nanovllm/ops/activation.py), against the engine as it is, on one GPU:
-#   1. the quantization GPU tests (every kernel compiled and checked before anything is timed);
+#   1. the quantization GPU tests (every kernel compiled and checked before anything is timed), and the
+#      peer all-reduce's kernel with its ranks simulated on streams of this GPU (tensor parallelism's, which
+#      needs no second GPU for that check);
 #   2. `bench latency` at batch 1 for bf16, and for w4a16 and gguf-q4_k with each change added to the
 #      one before: as it is; W4Rows; (w4a16) W4Rows and the partials into SiLU (GGUF's one-row gate_up_proj
 #      does not split K); those and longer steps (w4a16: [16, 512] on every layer, LONG_GEMV_MAX_OUTPUTS
@@ -28,7 +30,8 @@ gpu_header
 
 PARTS=" ${PARTS:-tests latency probe} "
 if [[ $PARTS == *" tests "* ]]; then
-    step tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
+    step tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py \
+        tests/gpu/test_peer_all_reduce_gpu.py
 fi
 
 ROWS=nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER=True
