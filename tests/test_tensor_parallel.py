@@ -222,58 +222,17 @@ def test_no_two_all_reduces_in_a_row_share_a_peer_slot_within_or_across_forwards
     assert all(a != b for a, b in zip(peer.slots, peer.slots[1:])), peer.slots
 
 
-# One rank of the peer all-reduce in a process of its own, under Triton's interpreter: every rank's buffer
-# is a slice of one shared-memory segment, which each process maps at its own addresses, as symmetric
-# memory maps GPUs' buffers. argv: segment, rank, world size, slot bytes.
-PEER_RANK = """
-import sys, torch
-from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
-from nanovllm.ops.all_reduce_triton import FLAGS_BYTES, NUM_SLOTS, peer_all_reduce_torch, peer_all_reduce_triton
-name, rank, world_size, slot_bytes = sys.argv[1], *map(int, sys.argv[2:])
-segment = SharedMemory(name)
-resource_tracker.unregister(segment._name, "shared_memory")     # the test's process owns it
-size = FLAGS_BYTES + NUM_SLOTS * slot_bytes
-memory = torch.frombuffer(segment.buf, dtype=torch.uint8)
-buffers = tuple(memory[r * size:(r + 1) * size] for r in range(world_size))
-for round_, numel in enumerate([3001, 1, 37, 2500, 3001, 5, 999]):   # grids of 2, 1 and 1 programs
-    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 * round_ + r)) for r in range(world_size)]
-    x = xs[rank].clone()
-    peer_all_reduce_triton(x, buffers, rank, round_ % NUM_SLOTS, torch.zeros(1, dtype=torch.int32), slot_bytes,
-                           max_programs=2)
-    assert torch.equal(x, peer_all_reduce_torch(xs)), f"rank {rank}, round {round_}"
-assert not memory[rank * size:rank * size + FLAGS_BYTES].any(), f"rank {rank}: flags left set"
-print("rank", rank, "summed every round", flush=True)
-del memory, buffers
-segment.close()
-"""
-
-
 def test_ranks_in_processes_sum_through_each_others_buffers_round_after_round():
-    """The peer all-reduce's signals for real, between processes: each runs one rank's kernel (the
-    interpreter), sends its signals into the others' memory and spins until theirs arrive, over rounds
-    of several sizes and every slot in turn. A wrong flag, slot or order hangs or fails it."""
+    """The peer all-reduce's signals for real, between processes (tools/peer_all_reduce_cpu.py): each
+    runs one rank's kernel under the interpreter, sends its signals into the others' memory and spins
+    until theirs arrive, over rounds of several sizes and every slot in turn. A wrong flag, slot or
+    order hangs or fails it."""
     pytest.importorskip("triton")
-    from nanovllm.ops.all_reduce_triton import FLAGS_BYTES, NUM_SLOTS
-
-    world_size, slot_bytes = 3, 16384
-    segment = SharedMemory(create=True, size=world_size * (FLAGS_BYTES + NUM_SLOTS * slot_bytes))
-    try:
-        segment.buf[:] = bytes(segment.size)
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        ranks = [subprocess.Popen([sys.executable, "-c", PEER_RANK, segment.name, str(rank), str(world_size),
-                                   str(slot_bytes)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for rank in range(world_size)]
-        try:
-            outputs = [rank.communicate(timeout=240) for rank in ranks]
-        finally:
-            for rank in ranks:
-                rank.kill()
-        for rank, (stdout, stderr) in zip(ranks, outputs):
-            assert rank.returncode == 0 and "summed every round" in stdout, stdout + stderr[-3000:]
-    finally:
-        segment.close()
-        segment.unlink()
+    tool = Path(__file__).resolve().parents[1] / "tools" / "peer_all_reduce_cpu.py"
+    result = subprocess.run([sys.executable, str(tool), "--ranks", "3", "--rounds", "7", "--timeout", "240"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(": the reference sum") == 3 * 7 and result.stdout.count("flags all zero again") == 3
 
 
 @pytest.mark.parametrize("failed", [False, True])
