@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm.ops.all_reduce_triton import FLAGS_BYTES, PeerAllReduce, peer_all_reduce_torch  # noqa: E402
 
 WORLD_SIZE = 2
+METHODS = ("nccl", "peer", "torch one-shot", "torch two-shot")
 GRAPH_ALL_REDUCES = 64
 REPLAYS = 20
 
@@ -168,7 +169,9 @@ def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
     if args.check:
         check_peer(peer, rank, device, args.batches, args.hidden)
         print(f"rank {rank}: checked: the peer all-reduce gives the reference's bits", flush=True)
-    methods = all_reduce_methods(peer, group, device, max(args.batches) * args.hidden)
+    methods = {name: method for name, method in all_reduce_methods(peer, group, device,
+                                                                    max(args.batches) * args.hidden).items()
+               if name in args.methods}
     rows = []
     for num_tokens in args.batches:
         row = {"batch": num_tokens, "bytes": num_tokens * args.hidden * 2}
@@ -192,7 +195,7 @@ def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
-    methods = [name for name in ("nccl", "peer", "torch one-shot", "torch two-shot") if any(name in r for r in rows)]
+    methods = [name for name in METHODS if any(name in r for r in rows)]
     names = methods + [f"{name} launch" for name in methods]
     print(f"{torch.cuda.get_device_name()} x {WORLD_SIZE}, torch {torch.__version__}, NCCL "
           f"{'.'.join(map(str, torch.cuda.nccl.version()))}; one all-reduce of [T, {args.hidden}] bfloat16 in a "
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096, help="H (Llama-3.1-8B: 4096)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--check", action="store_true", help="check the peer kernel's sums and abort first")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="the all-reduces timed")
     parser.add_argument("--json", help="write the timings here")
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds before each rank gives up and exits")
     args = parser.parse_args()
