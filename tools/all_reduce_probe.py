@@ -98,17 +98,19 @@ def check_abort(peer: PeerAllReduce, rank: int, device: torch.device, hidden: in
     dist.barrier()
 
 
-def all_reduce_methods(peer: PeerAllReduce, group, device: torch.device, max_numel: int) -> dict:
-    """name -> (x [T, H], graph position) -> None: one all-reduce of x, in place."""
+def all_reduce_methods(peer: PeerAllReduce, group, device: torch.device, max_numel: int, wanted: list[str]) -> dict:
+    """name -> (x [T, H], graph position) -> None: one all-reduce of x, in place; of the names wanted."""
     methods = {"nccl": lambda x, i: dist.all_reduce(x),
                "peer": lambda x, i: peer.all_reduce(x, i % 2)}
+    if not any(name.startswith("torch") for name in wanted):
+        return {name: methods[name] for name in wanted}
     try:
         from torch.distributed import _symmetric_memory as symmetric_memory
         staging = symmetric_memory.empty(max_numel, dtype=torch.bfloat16, device=device)     # [max_numel]
         symmetric_memory.rendezvous(staging, group)
     except Exception as error:   # noqa: BLE001 (reported in the table)
         print(f"torch symmetric memory: {error}", file=sys.stderr)
-        return methods
+        return {name: methods[name] for name in wanted if name in methods}
 
     def one_shot(x: torch.Tensor, i: int) -> None:
         staging[:x.numel()].copy_(x.view(-1))
@@ -119,7 +121,8 @@ def all_reduce_methods(peer: PeerAllReduce, group, device: torch.device, max_num
         torch.ops.symm_mem.two_shot_all_reduce_(staging[:x.numel()], "sum", group.group_name)
         x.view(-1).copy_(staging[:x.numel()])
 
-    return {**methods, "torch one-shot": one_shot, "torch two-shot": two_shot}
+    methods.update({"torch one-shot": one_shot, "torch two-shot": two_shot})
+    return {name: methods[name] for name in wanted}
 
 
 def time_in_graph(all_reduce, x: torch.Tensor) -> tuple[float, float]:
@@ -169,9 +172,7 @@ def run_rank(rank: int, port: int, args: argparse.Namespace) -> None:
     if args.check:
         check_peer(peer, rank, device, args.batches, args.hidden)
         print(f"rank {rank}: checked: the peer all-reduce gives the reference's bits", flush=True)
-    methods = {name: method for name, method in all_reduce_methods(peer, group, device,
-                                                                    max(args.batches) * args.hidden).items()
-               if name in args.methods}
+    methods = all_reduce_methods(peer, group, device, max(args.batches) * args.hidden, args.methods)
     rows = []
     for num_tokens in args.batches:
         row = {"batch": num_tokens, "bytes": num_tokens * args.hidden * 2}
