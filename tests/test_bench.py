@@ -204,13 +204,16 @@ def test_a_structured_output_ratio_puts_that_share_under_the_schema_and_names_th
     assert row.model.endswith("50% under a JSON schema")
 
 
-def test_a_result_label_names_the_quantization_and_kv_cache_its_engine_ran():
+def test_a_result_label_names_the_quantization_kv_cache_and_all_reduce_its_engine_ran():
     model = {"name": "llama-3.2-1b", "load_format": "dummy", "dtype": "bfloat16"}
     assert report.model_label(model, engine_config={"quantization": "gguf-q4_k", "kv_cache_dtype": "fp8"}) == \
         "llama-3.2-1b, dummy weights, bfloat16, gguf-q4_k weights, fp8 KV cache"
     named = {**model, "dtype": "bfloat16, fp8 weights (quantized at load)"}       # the dtype names it already
     assert report.model_label(named, engine_config={"quantization": "fp8", "kv_cache_dtype": "auto"}) == \
         "llama-3.2-1b, dummy weights, bfloat16, fp8 weights"
+    assert report.model_label(model, engine_config={"all_reduce": "peer"}) == \
+        "llama-3.2-1b, dummy weights, bfloat16, peer all-reduce"           # a row apart from NCCL's
+    assert report.model_label(model, engine_config={"all_reduce": "auto"}) == "llama-3.2-1b, dummy weights, bfloat16"
 
 
 def test_a_structured_output_ratio_spreads_its_share_evenly_and_is_checked(tiny_llama, capsys):

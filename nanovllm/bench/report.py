@@ -238,7 +238,7 @@ def model_label(model: dict, batch_invariant: bool = False, structured_output_ra
     """"llama-3.2-1b, dummy weights, bfloat16": the name and, where known, the weights and their dtype
     (and "batch-invariant" for a run with --batch-invariant, "50% under a JSON schema" for a run with
     --structured-output-ratio 0.5, the quantization and the KV cache's dtype where the engine's
-    configuration names them and the dtype does not)."""
+    configuration names them and the dtype does not, and "peer all-reduce" for --all-reduce peer)."""
     load_format, dtype = model.get("load_format"), model.get("dtype") or ""
     dtype = dtype.replace(" (quantized at load)", "")   # how earlier results wrote "fp8 weights"
     quantization = (engine_config or {}).get("quantization")
@@ -247,6 +247,7 @@ def model_label(model: dict, batch_invariant: bool = False, structured_output_ra
                f"{quantization} weights" if quantization not in (None, "none") and quantization not in dtype else None,
                f"{kv_cache_dtype} KV cache" if kv_cache_dtype not in (None, "auto") else None,
                "batch-invariant" if batch_invariant else None,
+               "peer all-reduce" if (engine_config or {}).get("all_reduce") == "peer" else None,
                f"{structured_output_ratio:.0%} under a JSON schema" if structured_output_ratio else None]
     return ", ".join([model["name"]] + [detail for detail in details if detail not in (None, "auto")])
 
