@@ -12,6 +12,7 @@
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)      # absolute: the BASE runs below work from another tree
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 log="$OUT/gpu_quant.log"
