@@ -8,11 +8,11 @@
 #     benches  latency and throughput at each TP in TPS (default "1 2")
 #     peer     the all-reduce probe (NCCL against the peer kernel and torch's symmetric memory, in graphs),
 #              then latency and throughput at TP=2 with --all-reduce peer
-#     async    latency and throughput at TP=2 with async scheduling
+#     async    latency and throughput at TP=2 with async scheduling, NCCL's all-reduce and the peer one
 #     profile  the host/GPU profile of a TP=2 decode step
-#   Within a 10-minute call: PARTS="tests", then PARTS="benches peer".
-# Writes at most 8 files to $OUT (logs, and one JSON a bench: with "benches peer" that is 8; "async" is two
-# more, so run it apart). A command that outlives its limit gets SIGABRT, so that Python's faulthandler
+#   Within a 10-minute call each: PARTS="tests", PARTS="benches peer", then PARTS="async profile".
+# Writes at most 8 files to $OUT (logs, and one JSON a bench: "benches peer" makes 8, "async profile" 7,
+# so run those apart). A command that outlives its limit gets SIGABRT, so that Python's faulthandler
 # prints where it hung into the log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,8 +52,12 @@ if has peer; then echo "== all-reduce probe (t=$((SECONDS - START))s)" >> "$LOG"
   bench "throughput-llama-3.1-8b-tp2-peer" throughput --dummy llama-3.1-8b --tensor-parallel-size 2 --all-reduce peer
 fi
 if has async; then
-  bench "latency-llama-3.1-8b-tp2-async" latency --dummy llama-3.1-8b --tensor-parallel-size 2 --async-scheduling
-  bench "throughput-llama-3.1-8b-tp2-async" throughput --dummy llama-3.1-8b --tensor-parallel-size 2 --async-scheduling
+  for all_reduce in auto peer; do suffix=$([ $all_reduce = peer ] && echo -peer)
+    bench "latency-llama-3.1-8b-tp2-async$suffix" latency --dummy llama-3.1-8b --tensor-parallel-size 2 \
+      --async-scheduling --all-reduce $all_reduce
+    bench "throughput-llama-3.1-8b-tp2-async$suffix" throughput --dummy llama-3.1-8b --tensor-parallel-size 2 \
+      --async-scheduling --all-reduce $all_reduce
+  done
 fi
 [ -f "$OUT/bench-tp.txt" ] && grep -v Warning "$OUT/bench-tp.txt" | grep "^|\|Latency\|Throughput\|x 2, torch"
 if has profile; then echo "== profile (t=$((SECONDS - START))s)" >> "$LOG"
