@@ -214,7 +214,8 @@ def test_no_two_all_reduces_in_a_row_share_a_peer_slot_within_or_across_forwards
         end = start + num_new
         metadata = AttentionMetadata(query_start_loc=torch.tensor([0, num_new], dtype=torch.int32),
                                      seq_lens=torch.tensor([end], dtype=torch.int32),
-                                     slot_mapping=torch.arange(start, end), block_tables=torch.tensor([[0]], dtype=torch.int32),
+                                     slot_mapping=torch.arange(start, end),
+                                     block_tables=torch.tensor([[0]], dtype=torch.int32),
                                      max_query_len=num_new, max_seq_len=end)
         with torch.inference_mode():
             shard(torch.arange(start, end), torch.arange(start, end), metadata, kv_caches)

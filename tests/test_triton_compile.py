@@ -28,6 +28,7 @@ POINTER_TYPES = {   # pointer arguments that are not bfloat16 tensors
     "sum_ptr": "*fp32", "logprob_ptr": "*fp32",
 }
 FLOAT_ARGS = {"scale_log2", "eps", "k_scale", "v_scale"}
+ALIGNED_SCALARS = ("K", "K_PER_SPLIT", "numel", "slot_offset")   # multiples of 16 at Llama's shapes
 FP8_CACHE = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype="fp8"
 
 
@@ -56,7 +57,7 @@ def compile_for_hopper(kernel, constexprs: dict, pointer_types: dict | None = No
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     multiples_of_16 = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(params)
                        if aligned and name not in constexprs
-                       and (name.endswith("_ptr") or name.startswith("stride") or name in ("K", "K_PER_SPLIT", "numel", "slot_offset"))}
+                       and (name.endswith("_ptr") or name.startswith("stride") or name in ALIGNED_SCALARS)}
     for index, name in enumerate(params):      # the pointers of a tuple argument
         if aligned and isinstance(signature[name], tuple):
             multiples_of_16.update({(index, element): [["tt.divisibility", 16]]
