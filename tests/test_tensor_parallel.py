@@ -240,8 +240,15 @@ def test_ranks_in_processes_sum_through_each_others_buffers_round_after_round():
 def test_a_failed_group_ends_the_peer_all_reduces_waiting_for_a_dead_rank(failed):
     """A kernel waiting for a dead worker's signal would spin forever: rank 0 aborts it on a failure
     (and only then, since the sums of an aborted all-reduce are wrong). A clean stop frees the buffers
-    instead; after a failure a kernel may still be reading them."""
+    instead; after a failure a kernel may still be reading them. Either way every CUDA graph (decode
+    and mixed steps) is released before the group goes: NCCL's teardown waits for graphs that hold it."""
     from nanovllm.runner.tp_worker import WorkerGroup
+
+    class Graphs:
+        released = False
+
+        def release(self) -> None:
+            self.released = True
 
     class Peer(RecordingPeerAllReduce):
         aborted = closed = False
@@ -259,10 +266,12 @@ def test_a_failed_group_ends_the_peer_all_reduces_waiting_for_a_dead_rank(failed
         def close(self) -> None:
             pass
 
+    graphs = [Graphs(), Graphs()]
     group = WorkerGroup(torch.device("cpu"), None, owns_process_group=False, peer=Peer(), steps=Steps(),
-                        error="worker rank 1 exited" if failed else None)
+                        graphs=list(graphs), error="worker rank 1 exited" if failed else None)
     group.shutdown()
     assert group.peer.aborted == failed and group.peer.closed != failed   # a clean stop unmaps the buffers
+    assert all(g.released for g in graphs) and group.graphs == []
 
 
 def test_safetensors_are_read_as_lazy_slices(tiny_llama):

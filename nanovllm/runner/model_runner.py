@@ -71,6 +71,10 @@ if TYPE_CHECKING:   # the engine's batch, read here by its fields
 
 CPU_KV_CACHE_MEMORY = 1 << 30   # the default KV pool on the CPU: 1 GiB
 PROMPT_LOGPROBS_ROWS = 256      # prompt rows whose logits are computed at once for prompt_logprobs
+# Tensor parallelism captures graphs of steps with prefill chunks too, as one GPU does (their eager
+# launches cost a step several decode steps' time). Not yet run on GPUs: False runs them eagerly, as
+# before; every rank reads it (a spawned worker imports this module afresh), so change it here.
+TENSOR_PARALLEL_MIXED_GRAPHS = True
 
 
 def kv_cache_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -139,12 +143,14 @@ class ModelRunner:
             samples = self.samples if self.parallel.world_size == 1 else None
             self.decode_graphs = DecodeGraphs(model, self.kv_caches, config.max_num_seqs, config.max_model_len,
                                               config.block_size, self.device, samples)
-            if self.parallel.world_size == 1:   # steps with prefill chunks too (the ranks' collectives: eager)
+            # Steps with prefill chunks too; with tensor parallelism their all-reduces are captured as the
+            # decode graphs' are (every rank captures the same buckets in the same order).
+            if self.parallel.world_size == 1 or TENSOR_PARALLEL_MIXED_GRAPHS:
                 self.mixed_graphs = MixedGraphs(model, self.kv_caches, config.max_num_seqs,
                                                 config.max_num_batched_tokens, config.max_model_len,
                                                 config.block_size, self.device, self.decode_graphs.pool)
             if self.workers is not None:
-                self.workers.graphs = self.decode_graphs
+                self.workers.graphs = [g for g in (self.decode_graphs, self.mixed_graphs) if g is not None]
 
     def _num_kv_blocks(self, activation_bytes: int) -> int:
         config = self.config
@@ -375,6 +381,8 @@ class ModelRunner:
         """One tensor-parallel step, the same on every rank -> logits [N, V] (None when N = 0)."""
         if self.decode_graphs is not None and self.decode_graphs.can_replay(metadata):
             hidden = self.decode_graphs.replay(input_ids, positions, metadata)     # [B, H]
+        elif self.mixed_graphs is not None and self.mixed_graphs.can_replay(metadata):
+            hidden = self.mixed_graphs.replay(input_ids, positions, metadata)      # [T, H]
         else:
             hidden = self.model(input_ids, positions, metadata, self.kv_caches)    # [T, H]
         if logits_indices.shape[0] == 0:
@@ -545,7 +553,8 @@ def serve_rank(config: EngineConfig, rank: int) -> None:
     try:
         runner.serve_steps()
     finally:
-        if runner.decode_graphs is not None:   # before the group goes: NCCL waits for graphs that use it
-            runner.decode_graphs.release()
+        for graphs in (runner.decode_graphs, runner.mixed_graphs):   # before the group goes: NCCL waits
+            if graphs is not None:                                    # for the graphs that use it
+                graphs.release()
     if model.parallel.peer is not None:        # after the graphs that hold its kernel, before the group goes
         model.parallel.peer.close()

@@ -65,7 +65,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
@@ -82,7 +82,7 @@ from nanovllm.runner.shm_queue import QueueTimeoutError, ReaderDiedError, ShmQue
 
 if TYPE_CHECKING:
     from nanovllm.ops.all_reduce_triton import PeerAllReduce
-    from nanovllm.runner.cuda_graph import DecodeGraphs
+    from nanovllm.runner.cuda_graph import DecodeGraphs, MixedGraphs
 
 STEP, SHUTDOWN = 1, 0
 HEADER_SIZE = 8
@@ -215,7 +215,8 @@ class WorkerGroup:
     owns_process_group: bool
     error: str | None = None                   # why the group stopped, once it has
     closed: bool = False                       # shut down (a later call must not touch a newer group)
-    graphs: "DecodeGraphs | None" = None       # rank 0's CUDA graphs, released before the group goes
+    graphs: "list[DecodeGraphs | MixedGraphs]" = field(default_factory=list)   # rank 0's CUDA graphs,
+                                               # released before the group goes
     peer: "PeerAllReduce | None" = None        # all_reduce="peer": aborted when a worker dies, so nothing waits;
                                                # closed after the graphs on a clean stop
     steps: ShmQueueWriter | None = None        # spawned workers read their steps here; None: broadcasts
@@ -331,9 +332,9 @@ class WorkerGroup:
         # of its collectives is gone: with the graphs alive, destroy and abort hung on two H200s.
         if self.peer is not None and not clean:   # a kernel may be waiting for the dead worker: end it
             self.peer.abort()
-        if self.graphs is not None:
-            self.graphs.release()
-            self.graphs = None
+        for graphs in self.graphs:
+            graphs.release()
+        self.graphs = []
         if self.peer is not None and clean:       # (after a failure a kernel may still run: left mapped)
             self.peer.close()
         if self.owns_process_group and dist.is_initialized():

@@ -1,6 +1,6 @@
-"""Tensor parallelism on two CUDA GPUs over NCCL: the greedy tokens of one GPU, with CUDA graphs
-(each graph holds the NCCL all-reduces) and without, with async scheduling; quantized models;
-torchrun; a worker that dies.
+"""Tensor parallelism on two CUDA GPUs over NCCL: the greedy tokens of one GPU, with CUDA graphs (of
+decode steps and of steps with prefill chunks, each holding the NCCL all-reduces) and without, with
+async scheduling; quantized models; torchrun; a worker that dies; the peer all-reduce.
 Run on a machine with two GPUs: `python3 -m pytest -q -m gpu tests/gpu/test_tensor_parallel_gpu.py`.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ def test_two_gpus_give_the_greedy_tokens_of_one(tiny_model_factory, model, enfor
     try:
         runner = llm.engine.runner
         assert (runner.decode_graphs is None) == enforce_eager
+        assert (runner.mixed_graphs is None) == enforce_eager       # the prompts' steps replay graphs too
         assert runner.kv_cache.shape[4] == 1 and runner.kv_cache.device == torch.device("cuda", 0)
         assert greedy_tokens(llm) == expected
         assert_logprobs_close(greedy_logprobs(llm), expected_logprobs, atol=1e-3)   # the caches stay consistent
