@@ -23,13 +23,29 @@ WAIT_S = 10.0
 
 
 class SimulatedRanks:
-    """world_size ranks on this GPU: a buffer, a stream and an x each, and one abort flag."""
+    """world_size ranks on this GPU: a buffer, a stream and an x each, and one abort flag.
 
-    def __init__(self, world_size: int):
+    Each rank's kernel is compiled and loaded before any runs beside another: loading a module waits
+    for the GPU to be idle, so loading rank 1's while rank 0's waits for it on the same GPU would never
+    end. (Ranks of their own GPUs and processes never wait so.) Warming up, each runs once alone with
+    the abort set, and the flags it left are cleared."""
+
+    def __init__(self, world_size: int, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)):
         self.buffers = tuple(torch.zeros(FLAGS_BYTES + NUM_SLOTS * SLOT_BYTES, dtype=torch.uint8, device="cuda")
                              for _ in range(world_size))
         self.streams = [torch.cuda.Stream() for _ in range(world_size)]
-        self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.abort_flag = torch.ones(1, dtype=torch.int32, pin_memory=True)
+        for dtype in dtypes:
+            for rank in range(world_size):
+                for numel in (HIDDEN, HIDDEN * 7):      # numel's divisibility by 16 compiles apart from 1's
+                    peer_all_reduce_triton(torch.zeros(numel, dtype=dtype, device="cuda"), self.buffers, rank, 0,
+                                           self.abort_flag)
+                peer_all_reduce_triton(torch.zeros(1, dtype=dtype, device="cuda"), self.buffers, rank, 0,
+                                       self.abort_flag)
+        torch.cuda.synchronize()
+        for buffer in self.buffers:
+            buffer[:FLAGS_BYTES].zero_()
+        self.abort_flag[0] = 0
 
     def all_reduce(self, xs: list[torch.Tensor], slot: int, ranks: list[int] | None = None,
                    **options) -> list[torch.cuda.Event]:
