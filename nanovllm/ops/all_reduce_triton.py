@@ -111,6 +111,11 @@ def _peer_all_reduce_kernel(x_ptr, numel, buffers, slot_offset, abort_ptr, RANK:
             tl.store(x_ptr + offs, total.to(dtype), mask=mask)
 
 
+def fits_a_slot(x: torch.Tensor, slot_bytes: int) -> bool:
+    """Whether the kernel can sum x through slots of slot_bytes: contiguous, of a dtype it adds, small enough."""
+    return x.dtype in DTYPES and x.is_contiguous() and x.numel() * x.element_size() <= slot_bytes
+
+
 def peer_all_reduce_triton(x: torch.Tensor, buffers: tuple[torch.Tensor, ...], rank: int, slot: int,
                            abort_flag: torch.Tensor, slot_bytes: int = SLOT_BYTES,
                            max_programs: int = MAX_PROGRAMS) -> torch.Tensor:
@@ -118,7 +123,7 @@ def peer_all_reduce_triton(x: torch.Tensor, buffers: tuple[torch.Tensor, ...], r
     FLAGS_BYTES + NUM_SLOTS * slot_bytes), through slot `slot` of each -> x, the sum written over it. Every
     rank calls it with its own x, the same slot and the same x.numel()."""
     world_size = len(buffers)
-    if x.dtype not in DTYPES or not x.is_contiguous() or x.numel() * x.element_size() > slot_bytes:
+    if not fits_a_slot(x, slot_bytes):
         raise ValueError(f"the peer all-reduce takes contiguous {', '.join(map(str, DTYPES))} tensors of at most "
                          f"{slot_bytes} bytes, got {x.dtype} {tuple(x.shape)}")
     if not 0 <= slot < NUM_SLOTS or not 0 <= rank < world_size or max_programs * world_size * 4 > FLAGS_BYTES:
@@ -167,8 +172,7 @@ class PeerAllReduce:
         return cls(buffers, dist.get_rank(group), abort_flag, (buffer, handle), slot_bytes)
 
     def takes(self, x: torch.Tensor) -> bool:
-        return (bool(self.buffers) and x.is_cuda and x.dtype in DTYPES and x.is_contiguous()
-                and x.numel() * x.element_size() <= self.slot_bytes)
+        return bool(self.buffers) and x.is_cuda and fits_a_slot(x, self.slot_bytes)
 
     def all_reduce(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """x summed over the ranks, in place, through `slot` (never the slot of the all-reduce before)."""

@@ -150,7 +150,11 @@ class ModelRunner:
                                                 config.max_num_batched_tokens, config.max_model_len,
                                                 config.block_size, self.device, self.decode_graphs.pool)
             if self.workers is not None:
-                self.workers.graphs = [g for g in (self.decode_graphs, self.mixed_graphs) if g is not None]
+                self.workers.graphs = self.cuda_graphs()
+
+    def cuda_graphs(self) -> list[DecodeGraphs | MixedGraphs]:
+        """The graphs this rank captured, which tensor parallelism releases before its group goes."""
+        return [graphs for graphs in (self.decode_graphs, self.mixed_graphs) if graphs is not None]
 
     def _num_kv_blocks(self, activation_bytes: int) -> int:
         config = self.config
@@ -553,8 +557,7 @@ def serve_rank(config: EngineConfig, rank: int) -> None:
     try:
         runner.serve_steps()
     finally:
-        for graphs in (runner.decode_graphs, runner.mixed_graphs):   # before the group goes: NCCL waits
-            if graphs is not None:                                    # for the graphs that use it
-                graphs.release()
+        for graphs in runner.cuda_graphs():   # before the group goes: NCCL waits for the graphs that use it
+            graphs.release()
     if model.parallel.peer is not None:        # after the graphs that hold its kernel, before the group goes
         model.parallel.peer.close()
