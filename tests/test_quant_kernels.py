@@ -98,6 +98,45 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
 
 
 @in_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_features,in_features,group_size,bias,offsets", [
+    (37, 256, 128, False, False), (130, 512, 256, True, False), (8, 384, 128, True, False),
+    (37, 256, 32, False, True), (19, 384, 32, True, False),      # GGUF's groups of 32: a group a thread
+])
+def test_w4a16_row_gemv_matches_reference(dtype, out_features, in_features, group_size, bias, offsets,
+                                          poisoned_outputs, monkeypatch):
+    """The one-row GEMV with many rows' words a thread multiplies as the reference does given float32 x:
+    unsplit, with K split unevenly (the last split has fewer steps, or none) and with the bias; widths
+    its tiles do not divide; and w4a16_linear_triton takes it at one row when ROW_GEMV is on (integer
+    zero points and groups its steps divide, or GGUF's groups of 32 with offsets or zero points), and
+    not at two rows, nor with float offsets in larger groups."""
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    x = torch.randn(1, in_features, dtype=dtype, generator=torch.Generator().manual_seed(out_features))
+    qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
+    b = torch.randn(out_features, dtype=dtype) if bias else None
+    expected = w4a16_linear_torch(x.float(), qweight, scales, zeros, b)                # [1, N] float32
+    tolerance = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), **TOLERANCE}[dtype]      # the output's rounding
+    for rows, warps, split_k in ((1, 1, 1), (2, 1, 3), (1, 2, 2)):
+        tiles = kernels.Tiles(1, 8 * rows * warps, 128, split_k, num_warps=warps, num_stages=1, row_gemv=True)
+        out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, b, tiles)
+        if split_k > 1:        # float32 partials [S, 1, N]
+            torch.testing.assert_close(out.sum(0), expected, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(out, expected.to(dtype), **tolerance)
+    monkeypatch.setattr(kernels, "ROW_GEMV", True)
+    assert kernels.takes_w4a16_row_gemv(x, zeros, group_size)
+    assert not kernels.takes_w4a16_row_gemv(torch.cat([x, x]), zeros, group_size)
+    assert kernels.takes_w4a16_row_gemv(x, scales.float(), group_size) == (group_size == 32)   # offsets
+    assert not kernels.takes_w4a16_row_gemv(x[:, :in_features - 64], zeros, 64)
+    chosen, choose = [], kernels.choose_w4a16_row_tiles
+    monkeypatch.setattr(kernels, "choose_w4a16_row_tiles", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    torch.testing.assert_close(kernels.w4a16_linear_triton(x, qweight, scales, zeros, b), expected.to(dtype),
+                               **tolerance)
+    assert chosen and chosen[0].row_gemv
+
+
+@in_interpreter
 @pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,tile", [
     (1, 37, 256, 128, (1, 16, 128, 1)), (1, 37, 1024, 32, (1, 8, 512, 2)), (1, 19, 2048, 128, (1, 16, 512, 1)),
@@ -413,6 +452,8 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 16, 4, 1),
     ("_w4a16_gemv_kernel/planes-pipelined", 1, 64, 4, 4),     # the loads pipelined (STAGES), not prefetched
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
+    ("_w4a16_row_gemv_kernel", 1, 64, 1, 1), ("_w4a16_row_gemv_kernel", 1, 64, 2, 1),    # 8 and 4 rows a thread
+    ("_w4a16_row_gemv_kernel/gguf", 1, 64, 1, 1),
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),
@@ -462,6 +503,9 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
     else:
         constexprs.update(GROUP_SIZE=128, ZERO_IS_OFFSET=False)
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
+    if name == "_w4a16_row_gemv_kernel":     # one row: no BLOCK_M; x loaded as pairs in PTX
+        del constexprs["BLOCK_M"]
+        constexprs.update(X_PAIRS=True, USE_PDL=True)
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
         if "planes" in variant:     # W4Rows of Llama-3.1-8B's 4,096 features: planes of 512 values

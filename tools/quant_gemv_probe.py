@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--sweep-formats", default="fp8,w4a16",
                         help="the formats --sweep covers (fp8, w4a16, w8a16, w4rows: W4A16 given W4Rows)")
     parser.add_argument("--gemm", action="store_true", help="also a sweep of FP8 W8A8 tiles at 8 to 64 rows (8B)")
+    parser.add_argument("--row-gemv", action="store_true",
+                        help="only W4A16 at one row: the GEMV as chosen against the row GEMV's tiles")
     args = parser.parse_args()
     old = None
     if args.old:
@@ -72,6 +74,11 @@ def main() -> None:
         spec.loader.exec_module(old)
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows = []
+    if args.row_gemv:
+        sweep_row_gemv(rows)
+        if args.json:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
+        return
     for model, shapes in SHAPES.items():
         for name, (n, k) in shapes.items():
             bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02]
@@ -187,6 +194,43 @@ def sweep_w4_rows(rows: list, model: str, name: str, n: int, k: int, x, w4, w4_g
                              f"{layout}_us": timed["rows"], f"{layout}_w4rows_us": timed["w4rows"]})
                 print(f"  sweep {layout} {name} {tiles}: rows {timed['rows']:.2f} us, W4Rows {timed['w4rows']:.2f} us "
                       f"({n * k * nbytes / timed['w4rows'] / 1e6:.2f} TB/s)", flush=True)
+
+
+def sweep_row_gemv(rows: list) -> None:
+    """One row, layer by layer, W4A16 (groups of 128, zero points) and GGUF's 4-bit layout (groups of 32,
+    float32 scales and offsets): the GEMV as the engine chose it before the row GEMV (kernels.ROW_GEMV
+    off), against _w4a16_row_gemv_kernel at rows a thread x warps and programs an SM (the split of K that
+    follows), each with the sum of its partials."""
+    for model, shapes in SHAPES.items():
+        for name, (n, k) in shapes.items():
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            codes = pack_int4(torch.randint(0, 16, (n, k), device="cuda"))
+            layouts = {"w4a16": ((codes, (torch.rand(n, k // 128, device="cuda") * 0.01).to(torch.bfloat16),
+                                  torch.randint(0, 16, (n, k // 128), device="cuda").to(torch.uint8)), 0.5 + 3 / 128),
+                       "gguf": ((codes, torch.rand(n, k // 32, device="cuda") * 0.01,
+                                 torch.rand(n, k // 32, device="cuda")), 0.5 + 8 / 32)}
+            for layout, (first, per_weight) in layouts.items():
+                if name == "lm_head" and layout == "gguf":
+                    continue                  # (GGUF's head is 6- or 8-bit)
+                weights = [first]
+                while len(weights) < math.ceil(L2_BYTES / (n * k / 2)):
+                    weights.append(tuple(t.clone() for t in first))
+                nbytes = n * k * per_weight
+                kernels.ROW_GEMV = False
+                before = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.w4a16_linear_triton(x, *w)),
+                                   n * k / 2)
+                print(f"row-gemv {model} {name} {layout} [{n}, {k}] before: {before:.2f} us "
+                      f"{nbytes / before / 1e6:.2f} TB/s", flush=True)
+                rows.append({"model": model, "layer": name, "layout": layout, "n": n, "k": k, "before_us": before})
+                for per_thread, warps, per_sm in ((8, 1, 16), (8, 1, 32), (4, 1, 32), (8, 2, 16), (4, 2, 16),
+                                                  (8, 4, 8)):
+                    tiles = kernels.choose_w4a16_row_tiles(n, k // 128, x.device, per_thread, warps, per_sm)
+                    us = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.sum_partials(
+                        kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
+                    rows.append({"model": model, "layer": name, "layout": layout, "row_tiles": str(tiles),
+                                 "rows_a_thread": per_thread, "programs_per_sm": per_sm, "row_us": us})
+                    print(f"  row-gemv {name} {layout} {per_thread} rows x {warps} warps, {per_sm}/SM, split "
+                          f"{tiles.split_k}: {us:.2f} us {nbytes / us / 1e6:.2f} TB/s ({before / us:.2f}x)", flush=True)
 
 
 def sweep_fp8_gemm(rows: list, model: str, name: str, n: int, k: int, fp8, bf16) -> None:

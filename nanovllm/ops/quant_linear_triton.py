@@ -89,6 +89,7 @@ class Tiles:
     prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
     stages: int = 1             # the W4A16 GEMV without prefetch: its loads pipelined this many steps deep (cp.async)
     planes: bool = False        # W4A16 at a few rows on the tensor cores, a nibble plane a tl.dot (_w4a16_dot_gemv_kernel)
+    row_gemv: bool = False      # W4A16 at one row, many rows' words a thread (_w4a16_row_gemv_kernel)
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -580,6 +581,110 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     _store_tile(tl.sum(tl.sum(acc, axis=3), axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
+@triton.jit
+def _x_word_pairs(pointers):
+    """The eight 16-bit values at each of pointers (16 bytes, aligned) as four int32 pairs, loaded by every
+    thread that holds the pointer: a [1, T, 4] tensor takes the layout of the words it meets, where a
+    tl.load of so few values would spread them one a thread, to be moved through shared memory."""
+    return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [pointers],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
+
+
+@triton.jit
+def _bf16_pair(pair):
+    """The two bfloat16 values of an int32 pair as float32 (exactly): the low half, then the high half."""
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_gemv_x(x_words, k0, X_PAIRS: tl.constexpr):
+    """x[k0 + 8 w + j], j = 0..7, float32 [1, T, 4] each, for the words w of x_words (x + 8 w)."""
+    if X_PAIRS:
+        p0, p1, p2, p3 = _x_word_pairs(x_words + k0)
+        x0, x1 = _bf16_pair(p0)
+        x2, x3 = _bf16_pair(p1)
+        x4, x5 = _bf16_pair(p2)
+        x6, x7 = _bf16_pair(p3)
+    else:
+        x0 = tl.load(x_words + k0).to(tl.float32)
+        x1 = tl.load(x_words + k0 + 1).to(tl.float32)
+        x2 = tl.load(x_words + k0 + 2).to(tl.float32)
+        x3 = tl.load(x_words + k0 + 3).to(tl.float32)
+        x4 = tl.load(x_words + k0 + 4).to(tl.float32)
+        x5 = tl.load(x_words + k0 + 5).to(tl.float32)
+        x6 = tl.load(x_words + k0 + 6).to(tl.float32)
+        x7 = tl.load(x_words + k0 + 7).to(tl.float32)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w, k0, GROUP_SIZE: tl.constexpr):
+    """Step k0's words [BN, W] and their groups' scales and zero points (or offsets), as stored: [BN, 1],
+    or [BN, T] where each thread's four words have a group of their own (groups of 32)."""
+    words = tl.load(w_rows + tl.multiple_of(k0 // 8, 16), mask=mask_w, other=0)                   # [BN, W]
+    scale = tl.load(scales_ptr + group_ptrs + k0 // GROUP_SIZE, mask=mask_w, other=0.0)
+    zero = tl.load(zeros_ptr + group_ptrs + k0 // GROUP_SIZE, mask=mask_w, other=0)
+    return words, scale, zero
+
+
+@triton.jit
+def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, N, K, stride_w, K_PER_SPLIT,
+                           GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """One row of x, a step within one group or a group of 32 a thread: _w4a16_gemv_kernel's arithmetic
+    (an AND and a fused multiply-add a weight), laid out so that x costs little. A step loads
+    [BLOCK_N, BLOCK_K / 8] words as [BN, T, 4]: T = BLOCK_K / 32 threads along K, four words (16 bytes)
+    each, and each thread holds the same four words of many rows (BLOCK_N / (32 / T) / num_warps), so the
+    x values of its words, their scaling and their sum are made once a step for all those rows. The
+    products of a row's four words are added up in the thread before they meet the group's scale and
+    zero point (or GGUF's offset, ZERO_IS_OFFSET), once a row. With X_PAIRS (bfloat16 x on a GPU) each thread loads its words' x as
+    16-byte pairs itself (_x_word_pairs). USE_PDL: the first step's weights are loaded before waiting
+    for the kernel that writes x."""
+    T: tl.constexpr = BLOCK_K // 32
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_w = (offs_n < N)[:, None]
+    w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + tl.arange(0, BLOCK_K // 8)[None, :]   # [BN, W]
+    group_ptrs = (offs_n.to(tl.int64) * (K // GROUP_SIZE))[:, None]                                # [BN, 1]
+    if GROUP_SIZE < BLOCK_K:        # each thread's four words: a group of 32 (GGUF's), [BN, T]
+        group_ptrs += tl.arange(0, T)[None, :] * 32 // GROUP_SIZE
+    offs_word = (4 * tl.arange(0, T)[:, None] + tl.arange(0, 4)[None, :])[None, :, :]              # [1, T, 4]
+    x_words = x_ptr + 8 * offs_word                                                                # [1, T, 4]
+    acc = tl.zeros([BLOCK_N, T, 1], dtype=tl.float32)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    k_first = tl.minimum(k_start, K - BLOCK_K)      # (a split past K loads the last step, and uses nothing)
+    words, scale, zero = _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w, k_first, GROUP_SIZE)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
+        tl.extra.cuda.gdc_launch_dependents()
+    x0, x1, x2, x3, x4, x5, x6, x7 = _row_gemv_x(x_words, k_first, X_PAIRS)
+    for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
+        # the next step's loads are in flight while this step's are multiplied (the last loads itself again)
+        k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+        words_next, scale_next, zero_next = _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w,
+                                                            k_next, GROUP_SIZE)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _row_gemv_x(x_words, k_next, X_PAIRS)
+        words = tl.reshape(words, [BLOCK_N, T, 4])
+        high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
+        products = _w4_fma(tl.zeros([BLOCK_N, T, 4], dtype=tl.float32), _x_scaled(x0, 0), words, 0)
+        products = _w4_fma(products, _x_scaled(x1, 1), words, 1)
+        products = _w4_fma(products, _x_scaled(x2, 2), words, 2)
+        products = _w4_fma(products, _x_scaled(x3, 3), words, 3)
+        products = _w4_fma(products, _x_scaled(x4, 4), words, 4)
+        products = _w4_fma(products, _x_scaled(x5, 5), high, 5)
+        products = _w4_fma(products, _x_scaled(x6, 6), high, 6)
+        products = _w4_fma(products, _x_scaled(x7, 7), high, 7)
+        x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=2, keep_dims=True)   # [1, T, 1]
+        scale_f = scale.to(tl.float32)[:, :, None]                                                # [BN, 1, 1]
+        acc += tl.sum(products, axis=2, keep_dims=True) * (scale_f * PRODUCT_SCALE)
+        acc -= x_sum * (zero.to(tl.float32)[:, :, None] * (1.0 if ZERO_IS_OFFSET else scale_f))
+        words, scale, zero = words_next, scale_next, zero_next
+        x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]                                             # [1, BN]
+    _store_tile(out, bias_ptr, out_ptr, tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, offs_n < N, 1, N, HAS_BIAS)
+
+
 def _planes_asm(magic: str, sub: str) -> str:
     """PTX for _w4a16_planes: two words a and b ($8, $9) -> the eight registers (m + q_j(a) - o,
     m + q_j(b) - o) as 16-bit pairs ($0..$7, nibble j of both words), o = m + z the pair $10."""
@@ -841,6 +946,40 @@ GEMV_MAX_SPLITS = 8
 GEMV_PREFETCH = True
 
 
+# One row of W4A16 with groups that its steps divide: _w4a16_row_gemv_kernel, ROW_GEMV_WARPS warps of
+# ROW_GEMV_ROWS rows a thread (8 lanes along N, 4 along K), K split while the programs stay within
+# ROW_GEMV_PROGRAMS_PER_SM an SM.
+ROW_GEMV = False
+ROW_GEMV_BLOCK_K = 128
+ROW_GEMV_ROWS = 8
+ROW_GEMV_WARPS = 1
+ROW_GEMV_PROGRAMS_PER_SM = 16
+
+
+def takes_w4a16_row_gemv(x: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
+    """Whether a product takes _w4a16_row_gemv_kernel: one row of 16-bit x (bfloat16 on a GPU, where
+    each thread loads its x in 16 bytes), groups that its steps divide with integer zero points, or
+    groups of 32 (GGUF's 4-bit layouts, with offsets or zero points)."""
+    return (ROW_GEMV and isinstance(x, torch.Tensor) and x.shape[0] == 1 and x.shape[1] % ROW_GEMV_BLOCK_K == 0
+            and (group_size % ROW_GEMV_BLOCK_K == 0 and not zeros.is_floating_point() or group_size == 32)
+            and (x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0 if x.is_cuda
+                 else x.dtype in (torch.bfloat16, torch.float16, torch.float32)))
+
+
+def choose_w4a16_row_tiles(out_features: int, k_steps: int, device: torch.device, rows: int = ROW_GEMV_ROWS,
+                           warps: int = ROW_GEMV_WARPS, programs_per_sm: int = ROW_GEMV_PROGRAMS_PER_SM) -> Tiles:
+    """The tiles of _w4a16_row_gemv_kernel: 8 rows of lanes times `rows` a thread times `warps` outputs a
+    program, steps of ROW_GEMV_BLOCK_K, K split up to GEMV_MAX_SPLITS ways while the programs stay within
+    programs_per_sm an SM."""
+    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    block_n = 8 * rows * warps
+    programs, target = triton.cdiv(out_features, block_n), programs_per_sm * sms
+    split_k = 1
+    while split_k * 2 <= min(k_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
+        split_k *= 2
+    return Tiles(1, block_n, ROW_GEMV_BLOCK_K, split_k, num_warps=warps, num_stages=1, row_gemv=True)
+
+
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K], qweight [N, K / 8] int32, scales [N, G], zeros [N, G] uint8 (or float32 offsets),
@@ -861,6 +1000,9 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
         return torch.empty(0, out_features, dtype=x.dtype, device=x.device)
     if takes_w4a16_dot_gemv(x, zeros, group_size):
         tiles = choose_w4a16_dot_tiles(num_rows, out_features, in_features // GEMV_BLOCK_K, x.device)
+        return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
+    if takes_w4a16_row_gemv(x, zeros, group_size):
+        tiles = choose_w4a16_row_tiles(out_features, in_features // ROW_GEMV_BLOCK_K, x.device)
         return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
     long_tiles = long_w4a16_gemv_tiles(num_rows, out_features, in_features, group_size)
     if long_tiles is not None:
@@ -890,6 +1032,16 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
     zero_is_offset = {"ZERO_IS_OFFSET": zeros.is_floating_point()}
+    if tiles.row_gemv:
+        if num_rows != 1 or not (group_size % tiles.block_k == 0 or group_size == 32):
+            raise ValueError("the one-row GEMV takes one row and groups of 32 or that its steps divide")
+        x_pairs = x.is_cuda and x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0
+        _w4a16_row_gemv_kernel[_launch_grid(1, out_features, tiles)](
+            x, qweight, scales, zeros, bias if bias is not None else scales, out, out_features, in_features,
+            qweight.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, **zero_is_offset,
+            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, X_PAIRS=x_pairs, num_warps=tiles.num_warps,
+            num_stages=1, **_pdl_options(x))
+        return out
     if tiles.planes:
         if zeros.is_floating_point():
             raise ValueError("the tensor-core GEMV takes integer zero points, not float offsets")

@@ -164,6 +164,39 @@ def test_w4a16_tensor_core_gemv_matches_the_reference_given_float32_x(num_rows, 
     assert relative_error(out.sum(0), w4a16_linear_torch(x.float(), qweight, scales, zeros)) < 1e-5
 
 
+@pytest.mark.parametrize("group_size", [128, 32], ids=["w4a16", "gguf-4-bit"])
+@pytest.mark.parametrize("rows,warps", [(8, 1), (4, 2), (8, 4)])
+@pytest.mark.parametrize("out_features,in_features", SHAPES + ((200, 384),))
+def test_w4a16_row_gemv_matches_the_reference_given_float32_x(rows, warps, out_features, in_features, group_size,
+                                                               monkeypatch):
+    """The one-row GEMV that keeps many rows' words in a thread (each thread loading its x as 16-byte
+    pairs in PTX): its products are exact in float32 and meet the scale once a row and step, so its
+    float32 partials are the reference's given float32 x to float32 rounding; every partial written
+    (the outputs start as NaN), a width that no tile divides, and the dispatch at one row."""
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    generator = torch.Generator(device=DEVICE).manual_seed(in_features)
+    x = torch.randn(1, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
+    scales = torch.rand(out_features, in_features // group_size, device=DEVICE, generator=generator) * 0.01
+    if group_size == 32:        # GGUF's Q4_K: float32 offsets, w = q s - m
+        zeros = torch.rand(scales.shape, device=DEVICE, generator=generator) * 0.1
+    else:
+        zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
+    qweight = pack_int4(codes)
+    monkeypatch.setattr(kernels, "ROW_GEMV", True)
+    assert kernels.takes_w4a16_row_gemv(x, zeros, group_size)
+    tiles = replace(kernels.choose_w4a16_row_tiles(out_features, in_features // 128, x.device, rows, warps),
+                    split_k=3)
+    make = kernels._output
+    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
+    out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles)                    # [3, 1, N]
+    reference = w4a16_linear_torch(x.float(), qweight, scales, zeros)
+    assert relative_error(out.sum(0), reference) < 1e-5
+    chosen = kernels.w4a16_linear_triton(x, qweight, scales, zeros)
+    assert relative_error(chosen, reference) < 1e-2
+
+
 GGUF_SHAPES = SHAPES[:4]     # Llama-3.2-1B's
 
 
