@@ -597,6 +597,14 @@ def _bf16_pair(pair):
 
 
 @triton.jit
+def _row_fma(products, x, words, plane: tl.constexpr):
+    """products + x q for the code q at bits plane..plane + 3 of words (plane < 20): _w4_fma's subnormal
+    product, x scaled here by 2^(EXP_X - plane)."""
+    w = (words & (0xF << plane)).to(tl.float32, bitcast=True)             # q 2^(plane - 149), exact
+    return products + (x * (X_SCALE / (1 << plane))) * w                 # x q 2^(EXP_X - 149)
+
+
+@triton.jit
 def _row_gemv_x(x_words, k0, X_PAIRS: tl.constexpr):
     """x[k0 + 8 w + j], j = 0..7, float32 [1, T, 4] each, for the words w of x_words (x + 8 w)."""
     if X_PAIRS:
@@ -666,15 +674,15 @@ def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, 
                                                             k_next, GROUP_SIZE)
         n0, n1, n2, n3, n4, n5, n6, n7 = _row_gemv_x(x_words, k_next, X_PAIRS)
         words = tl.reshape(words, [BLOCK_N, T, 4])
-        high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
-        products = _w4_fma(tl.zeros([BLOCK_N, T, 4], dtype=tl.float32), _x_scaled(x0, 0), words, 0)
-        products = _w4_fma(products, _x_scaled(x1, 1), words, 1)
-        products = _w4_fma(products, _x_scaled(x2, 2), words, 2)
-        products = _w4_fma(products, _x_scaled(x3, 3), words, 3)
-        products = _w4_fma(products, _x_scaled(x4, 4), words, 4)
-        products = _w4_fma(products, _x_scaled(x5, 5), high, 5)
-        products = _w4_fma(products, _x_scaled(x6, 6), high, 6)
-        products = _w4_fma(products, _x_scaled(x7, 7), high, 7)
+        high = words >> 12                          # nibbles 5, 6, 7 at bits 8, 12, 16: none at bit 0, so one AND each
+        products = _row_fma(tl.zeros([BLOCK_N, T, 4], dtype=tl.float32), x0, words, 0)
+        products = _row_fma(products, x1, words, 4)
+        products = _row_fma(products, x2, words, 8)
+        products = _row_fma(products, x3, words, 12)
+        products = _row_fma(products, x4, words, 16)
+        products = _row_fma(products, x5, high, 8)
+        products = _row_fma(products, x6, high, 12)
+        products = _row_fma(products, x7, high, 16)
         x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=2, keep_dims=True)   # [1, T, 1]
         scale_f = scale.to(tl.float32)[:, :, None]                                                # [BN, 1, 1]
         acc += tl.sum(products, axis=2, keep_dims=True) * (scale_f * PRODUCT_SCALE)
