@@ -222,8 +222,7 @@ def sweep_row_gemv(rows: list) -> None:
                 print(f"row-gemv {model} {name} {layout} [{n}, {k}] before: {before:.2f} us "
                       f"{nbytes / before / 1e6:.2f} TB/s", flush=True)
                 rows.append({"model": model, "layer": name, "layout": layout, "n": n, "k": k, "before_us": before})
-                for per_thread, warps, per_sm in ((8, 1, 16), (8, 1, 32), (4, 1, 32), (8, 2, 16), (4, 2, 16),
-                                                  (8, 4, 8)):
+                for per_thread, warps, per_sm in ((8, 1, 16), (8, 1, 32), (4, 1, 32), (8, 2, 16)):
                     tiles = kernels.choose_w4a16_row_tiles(n, k // 128, x.device, per_thread, warps, per_sm)
                     us = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.sum_partials(
                         kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
