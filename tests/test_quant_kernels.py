@@ -106,8 +106,9 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
 def test_w4a16_row_gemv_matches_reference(dtype, out_features, in_features, group_size, bias, offsets,
                                           poisoned_outputs, monkeypatch):
     """The one-row GEMV with many rows' words a thread multiplies as the reference does given float32 x:
-    unsplit, with K split unevenly (the last split has fewer steps, or none) and with the bias; widths
-    its tiles do not divide; and w4a16_linear_triton takes it at one row when ROW_GEMV is on (integer
+    unsplit, with K split unevenly (the last split has fewer steps, or none) and with the bias; steps
+    of 128 to 512 (several groups a step: a group a thread); widths its tiles do not divide; and
+    w4a16_linear_triton takes it at one row on a layer of more than ROW_GEMV_MIN_WEIGHTS (integer
     zero points and groups its steps divide, or GGUF's groups of 32 with offsets or zero points), and
     not at two rows, nor with float offsets in larger groups."""
     from nanovllm.ops import quant_linear_triton as kernels
@@ -117,14 +118,22 @@ def test_w4a16_row_gemv_matches_reference(dtype, out_features, in_features, grou
     b = torch.randn(out_features, dtype=dtype) if bias else None
     expected = w4a16_linear_torch(x.float(), qweight, scales, zeros, b)                # [1, N] float32
     tolerance = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), **TOLERANCE}[dtype]      # the output's rounding
-    for rows, warps, split_k in ((1, 1, 1), (2, 1, 3), (1, 2, 2)):
-        tiles = kernels.Tiles(1, 8 * rows * warps, 128, split_k, num_warps=warps, num_stages=1, row_gemv=True)
+    for block_k, rows, warps, split_k in ((128, 1, 1, 1), (128, 2, 1, 3), (128, 1, 2, 2), (256, 1, 1, 3), (512, 2, 1, 1)):
+        if in_features % block_k:
+            continue
+        lanes_along_n = 32 // (block_k // 32)     # a thread's four words are 32 weights along K
+        tiles = kernels.Tiles(1, lanes_along_n * rows * warps, block_k, split_k, num_warps=warps, num_stages=1,
+                              row_gemv=True)
         out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, b, tiles)
         if split_k > 1:        # float32 partials [S, 1, N]
             torch.testing.assert_close(out.sum(0), expected, rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(out, expected.to(dtype), **tolerance)
     monkeypatch.setattr(kernels, "ROW_GEMV", True)
+    monkeypatch.setattr(kernels, "ROW_GEMV_BLOCK_K", 128)
+    monkeypatch.setattr(kernels, "ROW_GEMV_MIN_WEIGHTS", out_features * in_features)
+    assert not kernels.takes_w4a16_row_gemv(x, zeros, group_size)          # a layer too small for it
+    monkeypatch.setattr(kernels, "ROW_GEMV_MIN_WEIGHTS", out_features * in_features - 1)
     assert kernels.takes_w4a16_row_gemv(x, zeros, group_size)
     assert not kernels.takes_w4a16_row_gemv(torch.cat([x, x]), zeros, group_size)
     assert kernels.takes_w4a16_row_gemv(x, scales.float(), group_size) == (group_size == 32)   # offsets
@@ -452,8 +461,8 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 16, 4, 1),
     ("_w4a16_gemv_kernel/planes-pipelined", 1, 64, 4, 4),     # the loads pipelined (STAGES), not prefetched
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
-    ("_w4a16_row_gemv_kernel", 1, 64, 1, 1), ("_w4a16_row_gemv_kernel", 1, 64, 2, 1),    # 8 and 4 rows a thread
-    ("_w4a16_row_gemv_kernel/gguf", 1, 64, 1, 1),
+    ("_w4a16_row_gemv_kernel/k512", 1, 8, 1, 1), ("_w4a16_row_gemv_kernel/gguf-k512", 1, 8, 1, 1),  # 4 rows a thread
+    ("_w4a16_row_gemv_kernel/k512", 1, 32, 2, 1), ("_w4a16_row_gemv_kernel", 1, 64, 1, 1),     # 8 rows a thread
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),

@@ -222,13 +222,15 @@ def sweep_row_gemv(rows: list) -> None:
                 print(f"row-gemv {model} {name} {layout} [{n}, {k}] before: {before:.2f} us "
                       f"{nbytes / before / 1e6:.2f} TB/s", flush=True)
                 rows.append({"model": model, "layer": name, "layout": layout, "n": n, "k": k, "before_us": before})
-                for per_thread, warps, per_sm in ((8, 1, 16), (8, 1, 32), (4, 1, 32), (8, 2, 16)):
-                    tiles = kernels.choose_w4a16_row_tiles(n, k // 128, x.device, per_thread, warps, per_sm)
+                for per_thread, warps, per_sm, block_k in ((4, 1, 32, 128), (8, 1, 16, 256), (8, 1, 16, 512),
+                                                           (4, 1, 32, 512), (4, 2, 16, 512), (8, 2, 8, 512)):
+                    tiles = kernels.choose_w4a16_row_tiles(n, k // block_k, x.device, per_thread, warps, per_sm,
+                                                           block_k)
                     us = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.sum_partials(
                         kernels.w4a16_linear_tiles(x, *w, None, tiles), x.dtype)), n * k / 2)
                     rows.append({"model": model, "layer": name, "layout": layout, "row_tiles": str(tiles),
                                  "rows_a_thread": per_thread, "programs_per_sm": per_sm, "row_us": us})
-                    print(f"  row-gemv {name} {layout} {per_thread} rows x {warps} warps, {per_sm}/SM, split "
+                    print(f"  row-gemv {name} {layout} k{block_k} {per_thread} rows x {warps} warps, {per_sm}/SM, split "
                           f"{tiles.split_k}: {us:.2f} us {nbytes / us / 1e6:.2f} TB/s ({before / us:.2f}x)", flush=True)
 
 

@@ -954,38 +954,46 @@ GEMV_MAX_SPLITS = 8
 GEMV_PREFETCH = True
 
 
-# One row of W4A16 with groups that its steps divide: _w4a16_row_gemv_kernel, ROW_GEMV_WARPS warps of
-# ROW_GEMV_ROWS rows a thread (8 lanes along N, 4 along K), K split while the programs stay within
-# ROW_GEMV_PROGRAMS_PER_SM an SM.
+# One row of W4A16 on a layer of more than ROW_GEMV_MIN_WEIGHTS weights: _w4a16_row_gemv_kernel, steps of
+# ROW_GEMV_BLOCK_K (16 threads along K at 512, two rows of lanes), ROW_GEMV_ROWS rows a thread, ROW_GEMV_WARPS
+# warps, K split while the programs stay within ROW_GEMV_PROGRAMS_PER_SM an SM.
 ROW_GEMV = False
-ROW_GEMV_BLOCK_K = 128
-ROW_GEMV_ROWS = 8
+ROW_GEMV_BLOCK_K = 512
+ROW_GEMV_ROWS = 4
 ROW_GEMV_WARPS = 1
-ROW_GEMV_PROGRAMS_PER_SM = 16
+ROW_GEMV_PROGRAMS_PER_SM = 32
+ROW_GEMV_MIN_WEIGHTS = 1 << 24
 
 
 def takes_w4a16_row_gemv(x: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
     """Whether a product takes _w4a16_row_gemv_kernel: one row of 16-bit x (bfloat16 on a GPU, where
-    each thread loads its x in 16 bytes), groups that its steps divide with integer zero points, or
-    groups of 32 (GGUF's 4-bit layouts, with offsets or zero points)."""
-    return (ROW_GEMV and isinstance(x, torch.Tensor) and x.shape[0] == 1 and x.shape[1] % ROW_GEMV_BLOCK_K == 0
-            and (group_size % ROW_GEMV_BLOCK_K == 0 and not zeros.is_floating_point() or group_size == 32)
+    each thread loads its x in 16 bytes) on a layer of more than ROW_GEMV_MIN_WEIGHTS weights, with
+    integer zero points in groups that its steps divide or that divide them, or groups of 32 (GGUF's
+    4-bit layouts, with offsets or zero points)."""
+    block_k = ROW_GEMV_BLOCK_K
+    return (ROW_GEMV and isinstance(x, torch.Tensor) and x.shape[0] == 1 and x.shape[1] % block_k == 0
+            and zeros.shape[0] * x.shape[1] > ROW_GEMV_MIN_WEIGHTS
+            and (not zeros.is_floating_point() and (group_size % block_k == 0 or block_k % group_size == 0 == group_size % 32)
+                 or group_size == 32)
             and (x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0 if x.is_cuda
                  else x.dtype in (torch.bfloat16, torch.float16, torch.float32)))
 
 
-def choose_w4a16_row_tiles(out_features: int, k_steps: int, device: torch.device, rows: int = ROW_GEMV_ROWS,
-                           warps: int = ROW_GEMV_WARPS, programs_per_sm: int = ROW_GEMV_PROGRAMS_PER_SM) -> Tiles:
-    """The tiles of _w4a16_row_gemv_kernel: 8 rows of lanes times `rows` a thread times `warps` outputs a
-    program, steps of ROW_GEMV_BLOCK_K, K split up to GEMV_MAX_SPLITS ways while the programs stay within
-    programs_per_sm an SM."""
+def choose_w4a16_row_tiles(out_features: int, k_steps: int, device: torch.device, rows: int | None = None,
+                           warps: int | None = None, programs_per_sm: int | None = None,
+                           block_k: int | None = None) -> Tiles:
+    """The tiles of _w4a16_row_gemv_kernel: (32 / (block_k / 32)) lanes along N times `rows` a thread
+    times `warps` outputs a program, K split up to GEMV_MAX_SPLITS ways while the programs stay within
+    programs_per_sm an SM (the ROW_GEMV_ settings where not given)."""
+    rows, warps = rows or ROW_GEMV_ROWS, warps or ROW_GEMV_WARPS
+    programs_per_sm, block_k = programs_per_sm or ROW_GEMV_PROGRAMS_PER_SM, block_k or ROW_GEMV_BLOCK_K
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
-    block_n = 8 * rows * warps
+    block_n = 32 * 32 // block_k * rows * warps
     programs, target = triton.cdiv(out_features, block_n), programs_per_sm * sms
     split_k = 1
     while split_k * 2 <= min(k_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
         split_k *= 2
-    return Tiles(1, block_n, ROW_GEMV_BLOCK_K, split_k, num_warps=warps, num_stages=1, row_gemv=True)
+    return Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=1, row_gemv=True)
 
 
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -1041,8 +1049,9 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     k_per_split = _k_per_split(in_features, tiles)
     zero_is_offset = {"ZERO_IS_OFFSET": zeros.is_floating_point()}
     if tiles.row_gemv:
-        if num_rows != 1 or not (group_size % tiles.block_k == 0 or group_size == 32):
-            raise ValueError("the one-row GEMV takes one row and groups of 32 or that its steps divide")
+        if num_rows != 1 or not (group_size % tiles.block_k == 0 or tiles.block_k % group_size == 0 == group_size % 32):
+            raise ValueError("the one-row GEMV takes one row and groups that its steps divide or that divide its "
+                             "steps in whole threads (32 weights)")
         x_pairs = x.is_cuda and x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0
         _w4a16_row_gemv_kernel[_launch_grid(1, out_features, tiles)](
             x, qweight, scales, zeros, bias if bias is not None else scales, out, out_features, in_features,

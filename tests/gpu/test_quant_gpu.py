@@ -165,10 +165,10 @@ def test_w4a16_tensor_core_gemv_matches_the_reference_given_float32_x(num_rows, 
 
 
 @pytest.mark.parametrize("group_size", [128, 32], ids=["w4a16", "gguf-4-bit"])
-@pytest.mark.parametrize("rows,warps", [(8, 1), (4, 2), (8, 4)])
-@pytest.mark.parametrize("out_features,in_features", SHAPES + ((200, 384),))
-def test_w4a16_row_gemv_matches_the_reference_given_float32_x(rows, warps, out_features, in_features, group_size,
-                                                               monkeypatch):
+@pytest.mark.parametrize("block_k,rows,warps", [(512, 4, 1), (512, 8, 2), (128, 8, 1)])
+@pytest.mark.parametrize("out_features,in_features", SHAPES + ((200, 1024),))
+def test_w4a16_row_gemv_matches_the_reference_given_float32_x(block_k, rows, warps, out_features, in_features,
+                                                               group_size, monkeypatch):
     """The one-row GEMV that keeps many rows' words in a thread (each thread loading its x as 16-byte
     pairs in PTX): its products are exact in float32 and meet the scale once a row and step, so its
     float32 partials are the reference's given float32 x to float32 rounding; every partial written
@@ -185,9 +185,10 @@ def test_w4a16_row_gemv_matches_the_reference_given_float32_x(rows, warps, out_f
         zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
     qweight = pack_int4(codes)
     monkeypatch.setattr(kernels, "ROW_GEMV", True)
+    monkeypatch.setattr(kernels, "ROW_GEMV_MIN_WEIGHTS", 0)
     assert kernels.takes_w4a16_row_gemv(x, zeros, group_size)
-    tiles = replace(kernels.choose_w4a16_row_tiles(out_features, in_features // 128, x.device, rows, warps),
-                    split_k=3)
+    tiles = replace(kernels.choose_w4a16_row_tiles(out_features, in_features // block_k, x.device, rows, warps,
+                                                   block_k=block_k), split_k=3)
     make = kernels._output
     monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
     out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles)                    # [3, 1, N]
@@ -412,12 +413,17 @@ def test_a_batch_decodes_the_same_with_its_rows_quantized_by_the_norms(tiny_llam
 @pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
 @pytest.mark.parametrize("num_rows", (1, 2))
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
-def test_w4a16_gemv_given_w4_rows_gives_the_bits_of_the_rows(num_rows, out_features, in_features, offsets):
+def test_w4a16_gemv_given_w4_rows_gives_the_bits_of_the_rows(num_rows, out_features, in_features, offsets,
+                                                             monkeypatch):
     """The one- and two-row W4A16 GEMV at the engine's tiles, compiled for the GPU: from W4Rows (x
     laid out for it, ops/quant_format.py) the same float32 partials as from the 16-bit rows, on
-    groups of 128 with zero points and groups of 32 with GGUF's offsets."""
+    groups of 128 with zero points and groups of 32 with GGUF's offsets (the row GEMV, which takes
+    16-bit rows only, off)."""
+    from nanovllm.ops import quant_linear_triton
     from nanovllm.ops.quant_format import w4_rows_torch
     from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
+
+    monkeypatch.setattr(quant_linear_triton, "ROW_GEMV", False)
 
     generator = torch.Generator(device=DEVICE).manual_seed(num_rows)
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
