@@ -201,6 +201,7 @@ def sweep_row_gemv(rows: list) -> None:
     float32 scales and offsets): the GEMV as the engine chose it before the row GEMV (kernels.ROW_GEMV
     off), against _w4a16_row_gemv_kernel at rows a thread x warps and programs an SM (the split of K that
     follows), each with the sum of its partials."""
+    row_gemv = kernels.ROW_GEMV
     for model, shapes in SHAPES.items():
         for name, (n, k) in shapes.items():
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -232,6 +233,7 @@ def sweep_row_gemv(rows: list) -> None:
                                  "rows_a_thread": per_thread, "programs_per_sm": per_sm, "row_us": us})
                     print(f"  row-gemv {name} {layout} k{block_k} {per_thread} rows x {warps} warps, {per_sm}/SM, split "
                           f"{tiles.split_k}: {us:.2f} us {nbytes / us / 1e6:.2f} TB/s ({before / us:.2f}x)", flush=True)
+    kernels.ROW_GEMV = row_gemv
 
 
 def sweep_fp8_gemm(rows: list, model: str, name: str, n: int, k: int, fp8, bf16) -> None:
