@@ -628,7 +628,7 @@ def _row_gemv_x(x_words, k0, X_PAIRS: tl.constexpr):
 @triton.jit
 def _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w, k0, GROUP_SIZE: tl.constexpr):
     """Step k0's words [BN, W] and their groups' scales and zero points (or offsets), as stored: [BN, 1],
-    or [BN, T] where each thread's four words have a group of their own (groups of 32)."""
+    or [BN, T] for groups smaller than a step (each thread's four words lie in one)."""
     words = tl.load(w_rows + tl.multiple_of(k0 // 8, 16), mask=mask_w, other=0)                   # [BN, W]
     scale = tl.load(scales_ptr + group_ptrs + k0 // GROUP_SIZE, mask=mask_w, other=0.0)
     zero = tl.load(zeros_ptr + group_ptrs + k0 // GROUP_SIZE, mask=mask_w, other=0)
@@ -638,23 +638,23 @@ def _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w, k0, GROUP
 @triton.jit
 def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, N, K, stride_w, K_PER_SPLIT,
                            GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """One row of x, a step within one group or a group of 32 a thread: _w4a16_gemv_kernel's arithmetic
-    (an AND and a fused multiply-add a weight), laid out so that x costs little. A step loads
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
+    """One row of x, groups that a step lies in or that a thread's 32 weights lie in: _w4a16_gemv_kernel's
+    arithmetic (an AND and a fused multiply-add a weight), laid out so that x costs little. A step loads
     [BLOCK_N, BLOCK_K / 8] words as [BN, T, 4]: T = BLOCK_K / 32 threads along K, four words (16 bytes)
     each, and each thread holds the same four words of many rows (BLOCK_N / (32 / T) / num_warps), so the
     x values of its words, their scaling and their sum are made once a step for all those rows. The
-    products of a row's four words are added up in the thread before they meet the group's scale and
-    zero point (or GGUF's offset, ZERO_IS_OFFSET), once a row. With X_PAIRS (bfloat16 x on a GPU) each thread loads its words' x as
-    16-byte pairs itself (_x_word_pairs). USE_PDL: the first step's weights are loaded before waiting
-    for the kernel that writes x."""
+    products of a row's four words are added up in the thread before they meet their group's scale and
+    zero point (or GGUF's offset, ZERO_IS_OFFSET), once a row. With X_PAIRS (bfloat16 x on a GPU) each
+    thread loads its words' x as 16-byte pairs itself (_x_word_pairs). USE_PDL: the first step's weights
+    are loaded before waiting for the kernel that writes x."""
     T: tl.constexpr = BLOCK_K // 32
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_w = (offs_n < N)[:, None]
     w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + tl.arange(0, BLOCK_K // 8)[None, :]   # [BN, W]
     group_ptrs = (offs_n.to(tl.int64) * (K // GROUP_SIZE))[:, None]                                # [BN, 1]
-    if GROUP_SIZE < BLOCK_K:        # each thread's four words: a group of 32 (GGUF's), [BN, T]
+    if GROUP_SIZE < BLOCK_K:        # groups smaller than a step: thread t's 32 weights lie in one, [BN, T]
         group_ptrs += tl.arange(0, T)[None, :] * 32 // GROUP_SIZE
     offs_word = (4 * tl.arange(0, T)[:, None] + tl.arange(0, 4)[None, :])[None, :, :]              # [1, T, 4]
     x_words = x_ptr + 8 * offs_word                                                                # [1, T, 4]
