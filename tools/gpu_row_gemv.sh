@@ -11,16 +11,8 @@
 # probe") picks the parts.
 #   OUT=/some/dir bash tools/gpu_row_gemv.sh        (from the repository root)
 set -u
-OUT="${OUT:?set OUT to a directory for the results}"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
-log="$OUT/gpu_row_gemv.log"
-STEPS_DIR="$WORK"
 source "$(dirname "$0")/gpu_steps.sh"
-gpu_header
+gpu_setup gpu_row_gemv
 
 PARTS=" ${PARTS:-tests latency probe} "
 if [[ $PARTS == *" tests "* ]]; then
@@ -48,6 +40,4 @@ if [[ $PARTS == *" probe "* ]]; then
 fi
 
 headlines "$WORK" "latency-*.json"
-echo "done in ${SECONDS}s" | tee -a "$log"
-cp "$log" "$WORK/"
-(cd "$WORK" && tar czf "$OUT/gpu_row_gemv.tar.gz" -- *)
+gpu_finish gpu_row_gemv

@@ -1,7 +1,26 @@
-# Sourced by the tools/gpu_*.sh scripts: the head of their log; `step`, each part of a run with a time
-# limit of its own, so that one that fails or hangs does not stop the rest; and `headlines`, the figures
-# of their benches. The script sets PY (its python), log (its log file) and STEPS_DIR (where each step's
-# output goes) first.
+# Sourced by the tools/gpu_*.sh scripts: `gpu_setup`, their start (the directories, the python, the head of
+# their log); `step`, each part of a run with a time limit of its own, so that one that fails or hangs does
+# not stop the rest; `headlines`, the figures of their benches; and `gpu_finish`, the one archive that
+# comes back (a GPU machine may return only a few files).
+
+gpu_setup() {   # gpu_setup NAME: OUT made absolute, WORK (= STEPS_DIR, each step's output), PY, PYTHONPATH,
+                # log = $OUT/NAME.log begun with gpu_header
+    OUT="${OUT:?set OUT to a directory for the results}"
+    mkdir -p "$OUT"
+    OUT=$(cd "$OUT" && pwd)
+    WORK=$(mktemp -d)
+    STEPS_DIR="$WORK"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    PY="${PYTHON:-python3}"
+    log="$OUT/$1.log"
+    gpu_header
+}
+
+gpu_finish() {   # gpu_finish NAME: the run's time into the log, and WORK with the log as $OUT/NAME.tar.gz
+    echo "done in ${SECONDS}s" | tee -a "$log"
+    cp "$log" "$WORK/"
+    (cd "$WORK" && tar czf "$OUT/$1.tar.gz" -- *)
+}
 
 gpu_header() {   # the card, torch and Triton, and the commit, into $log (and the terminal)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"

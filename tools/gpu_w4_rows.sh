@@ -18,15 +18,8 @@
 # and the probe about 4: where one command may run 10 minutes, run PARTS="tests latency"
 # MODELS=llama-3.2-1b, then PARTS="latency probe" MODELS=llama-3.1-8b.
 set -u
-OUT="${OUT:?set OUT to a directory for the results}"
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
-log="$OUT/gpu_w4_rows.log"
-STEPS_DIR="$WORK"
 source "$(dirname "$0")/gpu_steps.sh"
-gpu_header
+gpu_setup gpu_w4_rows
 
 PARTS=" ${PARTS:-tests latency probe} "
 if [[ $PARTS == *" tests "* ]]; then
@@ -62,6 +55,4 @@ if [[ $PARTS == *" probe "* ]]; then
 fi
 
 headlines "$WORK" "latency-*.json"
-echo "done in ${SECONDS}s" | tee -a "$log"
-cp "$log" "$WORK/"
-(cd "$WORK" && tar czf "$OUT/gpu_w4_rows.tar.gz" -- *)
+gpu_finish gpu_w4_rows
