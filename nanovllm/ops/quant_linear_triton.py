@@ -426,12 +426,17 @@ PRODUCT_SCALE = tl.constexpr(2.0 ** (149 - EXP_X))    # back from x q 2^(EXP_X -
 
 
 @triton.jit
-def _w4_fma(products, x_scaled, words, j: tl.constexpr):
-    """products + x q_j for nibble j of words (j >= 5: of words >> 20), given x_scaled = x 2^(EXP_X - 4 (j % 5)):
-    see _w4a16_gemv_kernel."""
-    plane: tl.constexpr = 4 * (j % 5)
+def _code_fma(products, x_scaled, words, plane: tl.constexpr):
+    """products + x q for the code q at bits plane..plane + 3 of words (plane < 20), given
+    x_scaled = x 2^(EXP_X - plane): see _w4a16_gemv_kernel."""
     w = (words & (0xF << plane)).to(tl.float32, bitcast=True)             # q 2^(plane - 149), exact
     return products + x_scaled * w                                        # x q 2^(EXP_X - 149)
+
+
+@triton.jit
+def _w4_fma(products, x_scaled, words, j: tl.constexpr):
+    """products + x q_j for nibble j of words (j >= 5: of words >> 20), given x_scaled = x 2^(EXP_X - 4 (j % 5))."""
+    return _code_fma(products, x_scaled, words, 4 * (j % 5))
 
 
 @triton.jit
@@ -598,10 +603,8 @@ def _bf16_pair(pair):
 
 @triton.jit
 def _row_fma(products, x, words, plane: tl.constexpr):
-    """products + x q for the code q at bits plane..plane + 3 of words (plane < 20): _w4_fma's subnormal
-    product, x scaled here by 2^(EXP_X - plane)."""
-    w = (words & (0xF << plane)).to(tl.float32, bitcast=True)             # q 2^(plane - 149), exact
-    return products + (x * (X_SCALE / (1 << plane))) * w                 # x q 2^(EXP_X - 149)
+    """_code_fma with x scaled here by 2^(EXP_X - plane)."""
+    return _code_fma(products, x * (X_SCALE / (1 << plane)), words, plane)
 
 
 @triton.jit
@@ -970,6 +973,17 @@ ROW_GEMV_PROGRAMS_PER_SM = 32
 ROW_GEMV_MIN_WEIGHTS = 1 << 24
 
 
+def row_gemv_holds_groups(block_k: int, group_size: int) -> bool:
+    """Whether _w4a16_row_gemv_kernel's steps of block_k hold these groups: whole groups a step, or a step
+    inside one, with a thread's 32 weights never across two (groups smaller than a step: multiples of 32)."""
+    return step_holds_groups(block_k, group_size) and (group_size >= block_k or group_size % 32 == 0)
+
+
+def loads_x_pairs(x: torch.Tensor) -> bool:
+    """Whether the row GEMV's threads load x as 16-byte pairs in PTX: bfloat16 on a GPU, 16-byte aligned."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0
+
+
 def takes_w4a16_row_gemv(x: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
     """Whether a product takes _w4a16_row_gemv_kernel: one row of 16-bit x (bfloat16 on a GPU, where
     each thread loads its x in 16 bytes) on a layer of more than ROW_GEMV_MIN_WEIGHTS weights, with
@@ -978,10 +992,8 @@ def takes_w4a16_row_gemv(x: torch.Tensor, zeros: torch.Tensor, group_size: int) 
     block_k = ROW_GEMV_BLOCK_K
     return (ROW_GEMV and isinstance(x, torch.Tensor) and x.shape[0] == 1 and x.shape[1] % block_k == 0
             and zeros.shape[0] * x.shape[1] > ROW_GEMV_MIN_WEIGHTS
-            and (not zeros.is_floating_point() and (group_size % block_k == 0 or block_k % group_size == 0 == group_size % 32)
-                 or group_size == 32)
-            and (x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0 if x.is_cuda
-                 else x.dtype in (torch.bfloat16, torch.float16, torch.float32)))
+            and row_gemv_holds_groups(block_k, group_size) and (not zeros.is_floating_point() or group_size == 32)
+            and (loads_x_pairs(x) if x.is_cuda else x.dtype in (torch.bfloat16, torch.float16, torch.float32)))
 
 
 def choose_w4a16_row_tiles(out_features: int, k_steps: int, device: torch.device, rows: int | None = None,
@@ -1054,14 +1066,13 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     k_per_split = _k_per_split(in_features, tiles)
     zero_is_offset = {"ZERO_IS_OFFSET": zeros.is_floating_point()}
     if tiles.row_gemv:
-        if num_rows != 1 or not (group_size % tiles.block_k == 0 or tiles.block_k % group_size == 0 == group_size % 32):
+        if num_rows != 1 or not row_gemv_holds_groups(tiles.block_k, group_size):
             raise ValueError("the one-row GEMV takes one row and groups that its steps divide or that divide its "
                              "steps in whole threads (32 weights)")
-        x_pairs = x.is_cuda and x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0
         _w4a16_row_gemv_kernel[_launch_grid(1, out_features, tiles)](
             x, qweight, scales, zeros, bias if bias is not None else scales, out, out_features, in_features,
             qweight.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, **zero_is_offset,
-            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, X_PAIRS=x_pairs, num_warps=tiles.num_warps,
+            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, X_PAIRS=loads_x_pairs(x), num_warps=tiles.num_warps,
             num_stages=1, **_pdl_options(x))
         return out
     if tiles.planes:
