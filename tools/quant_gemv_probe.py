@@ -44,6 +44,14 @@ def sweep_splits(n: int, k: int, block_n: int, block_k: int, sms: int, unsplit_a
             if k // block_k >= split_k and (split_k == 1 and unsplit_at_any_width or programs * split_k <= 8 * sms)]
 
 
+def copy_past_l2(copies: list, nbytes: float) -> None:
+    """Append clones of copies[0] (a tensor or a tuple of them, nbytes a copy) until they hold at least
+    L2_BYTES: distinct copies, of which L2 holds none by the time a cycle returns to one."""
+    while len(copies) < math.ceil(L2_BYTES / nbytes):
+        first = copies[0]
+        copies.append(first.clone() if isinstance(first, torch.Tensor) else tuple(t.clone() for t in first))
+
+
 def cycled_us(make_call, bytes_per_copy: float) -> float:
     """Mean microseconds of one call, each call on its own copy of the weight (make_call(i) -> fn)."""
     copies = max(1, math.ceil(L2_BYTES / bytes_per_copy))
@@ -93,10 +101,8 @@ def main() -> None:
                         torch.rand(n, k // 128, device="cuda") * 0.01)]
             # W4A16 as GGUF's 4-bit types load (Q4_K: a float32 scale and offset per 32)
             w4_gguf = [(w4[0][0], torch.rand(n, k // 32, device="cuda") * 0.01, torch.rand(n, k // 32, device="cuda"))]
-            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5), (w8, 1), (w8_e4m3, 1), (w4_gguf, 0.75)):   # distinct copies: L2 holds none
-                while len(copies) < math.ceil(L2_BYTES / (n * k * nbytes)):
-                    first = copies[0]
-                    copies.append(first.clone() if isinstance(first, torch.Tensor) else tuple(t.clone() for t in first))
+            for copies, nbytes in ((bf16, 2), (fp8, 1), (w4, 0.5), (w8, 1), (w8_e4m3, 1), (w4_gguf, 0.75)):
+                copy_past_l2(copies, n * k * nbytes)
             for m in (1, 4):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 row = {"model": model, "layer": name, "n": n, "k": k, "m": m}
@@ -214,8 +220,7 @@ def sweep_row_gemv(rows: list) -> None:
                 if name == "lm_head" and layout == "gguf":
                     continue                  # (GGUF's head is 6- or 8-bit)
                 weights = [first]
-                while len(weights) < math.ceil(L2_BYTES / (n * k / 2)):
-                    weights.append(tuple(t.clone() for t in first))
+                copy_past_l2(weights, n * k / 2)
                 nbytes = n * k * per_weight
                 kernels.ROW_GEMV = False
                 before = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.w4a16_linear_triton(x, *w)),

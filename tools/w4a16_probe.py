@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from nanovllm.ops import quant_linear_triton as kernels
 from nanovllm.ops.quant_linear import pack_int4, w4a16_linear_torch
-from quant_gemv_probe import L2_BYTES, cycled_us
+from quant_gemv_probe import copy_past_l2, cycled_us
 
 SHAPES = {"llama-3.1-8b": {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
                            "down_proj": (4096, 14336)},
@@ -81,10 +81,8 @@ def main() -> None:
         for name, (n, k) in shapes.items():
             bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02]
             w4 = [four_bit(n, k)]
-            for copies, nbytes in ((bf16, 2), (w4, 0.5)):      # distinct copies, so that L2 holds none
-                while len(copies) < math.ceil(L2_BYTES / (n * k * nbytes)):
-                    first = copies[0]
-                    copies.append(first.clone() if isinstance(first, torch.Tensor) else tuple(t.clone() for t in first))
+            for copies, nbytes in ((bf16, 2), (w4, 0.5)):
+                copy_past_l2(copies, n * k * nbytes)
             for m in map(int, args.rows.split(",")):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 row = {"model": model, "layer": name, "n": n, "k": k, "m": m}
