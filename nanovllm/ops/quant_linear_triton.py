@@ -965,11 +965,15 @@ GEMV_PREFETCH = True
 # half again slower (hence the threshold); GGUF's layout 8B gate_up_proj 38.5 -> 32.1. Batch-1 decode in one
 # call: Llama-3.1-8B w4a16 382 -> 392 tok/s, gguf-q4_k 304 -> 325, Llama-3.2-1B w4a16 1,429 -> 1,488. At steps
 # of 128 it was slower (8B w4a16 382 -> 334): fewer instructions alone did not pay, longer runs of a row did.
+# K is split to 16 programs an SM, not 32 (fewer splits: Llama-3.1-8B's qkv_proj in 2, down_proj in 4;
+# Llama-3.2-1B's gate_up_proj not at all): a decode step's GPU time on an H100 (tools/decode_ab_probe.py)
+# 2,697 -> 2,520 us at 8B w4a16, 3,272 -> 3,124 at 8B gguf-q4_k, 678 -> 665 at 1B w4a16 (12 and 24 an SM:
+# between), and `bench latency` in one call 368 -> 392 tok/s, 292 -> 305 and 1,422 -> 1,464.
 ROW_GEMV = True
 ROW_GEMV_BLOCK_K = 512
 ROW_GEMV_ROWS = 4
 ROW_GEMV_WARPS = 1
-ROW_GEMV_PROGRAMS_PER_SM = 32
+ROW_GEMV_PROGRAMS_PER_SM = 16
 ROW_GEMV_MIN_WEIGHTS = 1 << 24
 
 
