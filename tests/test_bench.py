@@ -114,6 +114,33 @@ def test_best_ceilings_take_the_higher_bandwidth_and_flops_of_two_measurements()
     assert (best.memory_bandwidth, best.peak_flops) == (10.0, 70.0)
 
 
+def test_cpu_ceilings_stop_timing_once_their_budget_is_spent(monkeypatch):
+    """On the CPU a measurement stops after three timed calls once they have taken CPU_TIMING_SECONDS
+    (bfloat16 on a CPU without bfloat16 instructions would take minutes); CUDA takes every repeat."""
+    from nanovllm.bench import roofline
+
+    calls = []
+    monkeypatch.setattr(roofline, "CPU_TIMING_SECONDS", 0.0)
+    roofline._best_time(lambda: calls.append(1), "cpu", repeats=30)
+    assert len(calls) == 1 + 3
+    calls.clear()
+    monkeypatch.setattr(roofline, "CPU_TIMING_SECONDS", 1e9)
+    roofline._best_time(lambda: calls.append(1), "cpu", repeats=30)
+    assert len(calls) == 1 + 30
+
+
+def test_cpu_matmul_ceiling_halves_a_product_too_slow_to_time(monkeypatch):
+    from nanovllm.bench import roofline
+
+    monkeypatch.setattr(roofline, "CPU_TIMING_SECONDS", 0.0)
+    monkeypatch.setattr(roofline, "CPU_MATMUL_SECONDS", 0.0)      # every product too slow: down to 256
+    slow = roofline.measure_ceilings("cpu", torch.float32, copy_bytes=1 << 20, matmul_size=1024, repeats=3)
+    assert slow.matmul_size == 256 and slow.peak_flops > 0
+    monkeypatch.setattr(roofline, "CPU_MATMUL_SECONDS", 1e9)
+    fast = roofline.measure_ceilings("cpu", torch.float32, copy_bytes=1 << 20, matmul_size=1024, repeats=3)
+    assert fast.matmul_size == 1024
+
+
 def test_lockstep_schedule_decodes_each_request_until_its_output_is_complete():
     steps = lockstep_schedule([(3, 2), (2, 1), (5, 4)])
     assert len(steps) == 4

@@ -127,7 +127,11 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     each destination line before writing it (write-allocate), traffic its
     read + written count does not see, so reads alone go faster.
     Defaults: on CUDA 1 GiB buffers and an 8192^3 product; on the CPU 256 MiB
-    (past the caches) and a 1536^3 product over torch's threads.
+    (past the caches) and a 1536^3 product over torch's threads, halved while one
+    product takes more than CPU_MATMUL_SECONDS (bfloat16 on a CPU without bfloat16
+    instructions runs at about a gigaflop a second: 1536^3 would take 6 s a product).
+    On the CPU each measurement also stops once its timed calls have taken
+    CPU_TIMING_SECONDS, after three at least.
     """
     on_cuda = device == "cuda"
     repeats = repeats or (10 if on_cuda else 30)
@@ -147,6 +151,9 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     del matrix, vector
     a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
     b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)      # [n, n]
+    while not on_cuda and matmul_size > 256 and _seconds(lambda: torch.mm(a, b)) > CPU_MATMUL_SECONDS:
+        matmul_size //= 2
+        a, b = a[:matmul_size, :matmul_size].contiguous(), b[:matmul_size, :matmul_size].contiguous()
     matmul_time = _best_time(lambda: torch.mm(a, b), device, repeats)
     copy_bandwidth = 2 * copy_bytes / copy_time
     gemv_bandwidth = rows * cols * element_size / gemv_time
@@ -160,18 +167,33 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     )
 
 
-def _best_time(fn, device: str, repeats: int) -> float:
-    """The shortest of `repeats` timings of fn() (seconds), after one untimed call."""
+CPU_MATMUL_SECONDS = 0.5     # the CPU's matmul ceiling halves its product's size until one takes at most this
+CPU_TIMING_SECONDS = 3.0     # and each CPU measurement stops after this many seconds of timed calls (3 at least)
+
+
+def _seconds(fn) -> float:
+    """Seconds of one call of fn() (on the CPU)."""
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
+    return time.perf_counter() - start
+
+
+def _best_time(fn, device: str, repeats: int) -> float:
+    """The shortest of `repeats` timings of fn() (seconds), after one untimed call; on the CPU, fewer
+    once the timed calls add up to CPU_TIMING_SECONDS (three at least)."""
+    fn()
+    best, spent = float("inf"), 0.0
+    for done in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if device != "cuda" and done >= 2 and spent >= CPU_TIMING_SECONDS:
+            break
     return best
 
 
