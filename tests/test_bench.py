@@ -72,13 +72,19 @@ def test_model_cost_counts_the_parameters_of_the_config_by_hand():
     assert cost.attention_flops_per_context_token == 4 * 4 * 2 * 1
 
 
-def test_packed_int4_weights_count_half_a_byte_plus_a_scale_and_zero_per_32():
+def test_packed_int4_weights_count_half_a_byte_plus_a_scale_and_zero_per_32(monkeypatch):
     from nanovllm.bench.roofline import WEIGHT_FORMAT_BYTES, matmul_dtype
+    from nanovllm.ops import quant
 
     cost = ModelCost.from_config(HAND_CONFIG, dtype_bytes=4, matmul_weight_bytes=WEIGHT_FORMAT_BYTES["int4"])
     assert cost.weight_bytes == (576 + 256) * (0.5 + 4 / 32) + 24 * 4   # matmul weights packed, norms float32
     assert cost.kv_bytes_per_token == 2 * 1 * 1 * 4 * 4                  # the KV cache stays float32
-    assert matmul_dtype("int4") == torch.bfloat16 and matmul_dtype("float32") == torch.float32
+    assert matmul_dtype("float32") == torch.float32
+    # the packed formats' peak: bfloat16's where the CPU multiplies it itself, else float32's
+    monkeypatch.setattr(quant, "onednn_bfloat16_supported", lambda: True)
+    assert matmul_dtype("int4") == torch.bfloat16 and matmul_dtype("int8") == torch.bfloat16
+    monkeypatch.setattr(quant, "onednn_bfloat16_supported", lambda: False)
+    assert matmul_dtype("int4") == torch.float32 and matmul_dtype("float32") == torch.float32
 
 
 def test_roofline_of_a_tiny_workload_matches_the_hand_computation():

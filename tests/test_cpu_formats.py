@@ -152,12 +152,12 @@ def test_the_references_return_the_inputs_dtype():
 
 
 def test_int8_large_steps_use_onednns_layout_exactly_where_torch_supports_it():
-    from nanovllm.ops.quant import _onednn_bfloat16_supported
+    from nanovllm.ops.quant import onednn_bfloat16_supported
     layer = PackedLinear.from_weight(torch.randn(32, 64), "int8", max_packed_rows=2)
     layer(torch.randn(2, 64))
     assert layer._onednn_dense is None, "a packed step needs no dense layout"
     layer(torch.randn(3, 64))
-    assert (layer._onednn_dense is not None) == _onednn_bfloat16_supported()
+    assert (layer._onednn_dense is not None) == onednn_bfloat16_supported()
 
 
 def test_the_refined_lm_head_recomputes_each_rows_top_k_logits_in_float32():

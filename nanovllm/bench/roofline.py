@@ -202,15 +202,20 @@ def _best_time(fn, device: str, repeats: int) -> float:
 # Bytes per weight of the CPU's packed formats (nanovllm/ops/quant.py): int8 one byte (its per-row
 # scale left out); int4 half a byte plus a bfloat16 scale and zero per group of 32. The engine also
 # keeps a bfloat16 copy for steps of many rows; a step that reads it reads more, so counting the
-# packed bytes keeps the bound a bound. Their matmuls run in bfloat16 (see `matmul_dtype`).
+# packed bytes keeps the bound a bound. Their matmuls run in bfloat16 where the CPU has it (see `matmul_dtype`).
 WEIGHT_FORMAT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 def matmul_dtype(engine_dtype: str) -> torch.dtype:
-    """The dtype the engine's matmuls run in, whose peak the roofline uses: the engine's dtype, or
-    bfloat16 for the packed CPU formats (their kernels and their prefill copy are bfloat16)."""
+    """The dtype the engine's matmuls run in, whose peak the roofline uses: the engine's dtype; for the
+    packed CPU formats bfloat16 (their kernels and their prefill copy take bfloat16) where the CPU
+    multiplies it with its own instructions, else float32. Without them a bfloat16 product is emulated
+    at about a gigaflop a second, while the packed kernels widen their codes and multiply in float32, so
+    bfloat16's peak would be no bound on them: on an AVX2 AMD EPYC it put the decode's roofline at 3 tok/s
+    against 44 measured."""
     if engine_dtype in WEIGHT_FORMAT_BYTES:
-        return torch.bfloat16
+        from nanovllm.ops.quant import onednn_bfloat16_supported
+        return torch.bfloat16 if onednn_bfloat16_supported() else torch.float32
     return DTYPES[engine_dtype]
 
 
