@@ -129,7 +129,7 @@ def measure_ceilings(device: str, dtype: torch.dtype, copy_bytes: int | None = N
     Defaults: on CUDA 1 GiB buffers and an 8192^3 product; on the CPU 256 MiB
     (past the caches) and a 1536^3 product over torch's threads, halved while one
     product takes more than CPU_MATMUL_SECONDS (bfloat16 on a CPU without bfloat16
-    instructions runs at about a gigaflop a second: 1536^3 would take 6 s a product).
+    instructions runs at a few gigaflops a second: 1536^3 took 6 s a product).
     On the CPU each measurement also stops once its timed calls have taken
     CPU_TIMING_SECONDS, after three at least.
     """
@@ -209,10 +209,10 @@ WEIGHT_FORMAT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32}
 def matmul_dtype(engine_dtype: str) -> torch.dtype:
     """The dtype the engine's matmuls run in, whose peak the roofline uses: the engine's dtype; for the
     packed CPU formats bfloat16 (their kernels and their prefill copy take bfloat16) where the CPU
-    multiplies it with its own instructions, else float32. Without them a bfloat16 product is emulated
-    at about a gigaflop a second, while the packed kernels widen their codes and multiply in float32, so
-    bfloat16's peak would be no bound on them: on an AVX2 AMD EPYC it put the decode's roofline at 3 tok/s
-    against 44 measured."""
+    multiplies it with its own instructions, else float32's, the higher peak there. Without them a
+    bfloat16 product is emulated at a few gigaflops a second, while the packed kernels widen their codes
+    and multiply in float32, so bfloat16's peak would be no bound on them: on an AVX2 AMD EPYC it put the
+    decode's roofline at 3 tok/s against 44 measured."""
     if engine_dtype in WEIGHT_FORMAT_BYTES:
         from nanovllm.ops.quant import onednn_bfloat16_supported
         return torch.bfloat16 if onednn_bfloat16_supported() else torch.float32
