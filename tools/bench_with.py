@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 
-def apply(setting: str) -> tuple[str, object]:
-    """Set MODULE.NAME to VALUE -> ("MODULE.NAME", the value)."""
+def parse_setting(setting: str) -> tuple[object, str, object]:
+    """MODULE.NAME=VALUE -> (the module, NAME, the value), checking that the module has NAME."""
     target, equals, value = setting.partition("=")
     module_name, _, name = target.rpartition(".")
     if not equals or not module_name:
@@ -26,7 +26,14 @@ def apply(setting: str) -> tuple[str, object]:
     module = importlib.import_module(module_name)
     if not hasattr(module, name):
         raise SystemExit(f"{module_name} has no {name}")
-    setattr(module, name, ast.literal_eval(value))
+    return module, name, ast.literal_eval(value)
+
+
+def apply(setting: str) -> tuple[str, object]:
+    """Set MODULE.NAME to VALUE -> ("MODULE.NAME", the value)."""
+    module, name, value = parse_setting(setting)
+    setattr(module, name, value)
+    target = f"{module.__name__}.{name}"
     print(f"{target} = {getattr(module, name)!r}", file=sys.stderr)
     return target, getattr(module, name)
 

@@ -8,20 +8,19 @@ the sets, so that drift meets them all; the median of the rounds is printed, wit
 tokens a second.
 
     python tools/decode_ab_probe.py --dummy llama-3.2-1b --quantization fp8 --set as-is \\
-        --set ahead2=nanovllm.ops.quant_linear_triton.FP8_GEMV_L2_AHEAD=2 [--json out.json]
+        --set split-32=nanovllm.ops.quant_linear_triton.ROW_GEMV_PROGRAMS_PER_SM=32 [--json out.json]
 
 A set is NAME, or NAME=SETTING[,SETTING...].
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
 import statistics
 
 import torch
 
+from bench_with import parse_setting        # tools/, beside this file
 from nanovllm.bench.harness import make_engine
 from nanovllm.config import EngineConfig
 from nanovllm.sampling_params import SamplingParams
@@ -30,15 +29,7 @@ from nanovllm.sampling_params import SamplingParams
 def parse_set(text: str) -> tuple[str, list[tuple[object, str, object]]]:
     """'NAME=MODULE.X=1,MODULE.Y=2' -> (NAME, [(module, X, 1), (module, Y, 2)])."""
     name, _, rest = text.partition("=")
-    settings = []
-    for setting in filter(None, rest.split(",")):
-        target, _, value = setting.partition("=")
-        module_name, _, attribute = target.rpartition(".")
-        module = importlib.import_module(module_name)
-        if not hasattr(module, attribute):
-            raise SystemExit(f"{module_name} has no {attribute}")
-        settings.append((module, attribute, ast.literal_eval(value)))
-    return name, settings
+    return name, [parse_setting(setting) for setting in filter(None, rest.split(","))]
 
 
 def main() -> None:
@@ -90,8 +81,9 @@ def main() -> None:
         result.append({"set": name, "settings": {f"{m.__name__}.{a}": v for m, a, v in settings}, "us": us,
                        "rounds_us": times[name]})
     if args.json:
-        json.dump({"device": torch.cuda.get_device_name(), "model": args.dummy, "quantization": args.quantization,
-                   "sets": result}, open(args.json, "w"), indent=1)
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "model": args.dummy,
+                       "quantization": args.quantization, "sets": result}, f, indent=1)
     graphs.max_batch = graphs.sizes[-1]         # (release() set it to 0)
     engine.abort_request("ab")
     while engine.has_unfinished_requests():
