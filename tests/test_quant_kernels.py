@@ -10,6 +10,7 @@ on codes quantized by torch; tests/gpu/test_quant_gpu.py checks the whole op.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 
 import pytest
 import torch
@@ -255,6 +256,34 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
 
 
 @in_interpreter
+@pytest.mark.parametrize("num_rows,out_features,in_features,bias", [
+    (130, 200, 256, False), (77, 70, 96, True),    # tiles past M, N and K: the descriptors' zeros
+    (65, 37, 40, True),                            # K of 40 bytes cannot back a descriptor: the pointer kernel
+])
+def test_fp8_descriptor_gemm_at_prefill_rows_is_the_pointer_gemm(num_rows, out_features, in_features, bias,
+                                                                 poisoned_outputs, monkeypatch):
+    """Past 64 rows with FP8_TMA_GEMM the W8A8 GEMM loads its tiles through tensor descriptors and
+    walks its programs in groups of row tiles: the same products, bit for bit, as the pointer-load
+    kernel's tiles (and the reference's within float32's rounding of the sums)."""
+    from nanovllm.ops import quant_linear_triton as kernels
+    from nanovllm.ops.quant_format import quantize_fp8_rows_torch
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, generator=generator)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    b = torch.randn(out_features, generator=generator) if bias else None
+    rows = quantize_fp8_rows_torch(x)        # the interpreter's own cast to e4m3 rounds otherwise
+    monkeypatch.setattr(kernels, "FP8_TMA_GEMM", True)
+    monkeypatch.setattr(kernels, "FP8_TMA_GROUP_M", 2)       # groups end part-full at 130 and 77 rows of tiles of 32
+    chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
+    assert chosen.tma and chosen.block_m == 128
+    for tiles in (kernels.Tiles(32, 32, 32, num_stages=2, tma=True), chosen):
+        out = kernels.fp8_linear_tiles(rows, weight, weight_scale, b, tiles)
+        assert torch.equal(out, kernels.fp8_linear_tiles(rows, weight, weight_scale, b, replace(tiles, tma=False)))
+        torch.testing.assert_close(out, fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
+
+
+@in_interpreter
 @pytest.mark.parametrize("num_rows,out_features,in_features", [(2, 37, 200), (5, 50, 300), (33, 19, 520)])
 def test_fp8_products_given_fp8_rows_are_the_products_of_x(num_rows, out_features, in_features, poisoned_outputs):
     """fp8_linear_triton and its partials given x's Fp8Rows (as a norm hands them over) are the
@@ -406,6 +435,16 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                       dict(HAS_BIAS=False, QUANTIZE_A=quantize,
                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8, **tile)
         assert compiled.asm["cubin"]
+    if block_m == 128:      # prefill rows through tensor descriptors, at the engine's tiles
+        block_n, block_k, warps, stages = kernels.FP8_TMA_TILES
+        compiled = compile_for_hopper(
+            kernels._fp8_tma_gemm_kernel,
+            dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=kernels.FP8_TMA_GROUP_M,
+                 NUM_STAGES=stages),
+            {**fp8, "a_desc": f"tensordesc<fp8e4nv[128, {block_k}]>",
+             "b_desc": f"tensordesc<fp8e4nv[{block_n}, {block_k}]>"},
+            num_warps=warps, num_stages=stages)
+        assert "cp.async.bulk.tensor" in compiled.asm["ptx"] and "wgmma.mma_async" in compiled.asm["ptx"]
     gemv_rows = 1 if block_m == 16 else kernels.GEMV_MAX_ROWS
     for offsets in (False, True):     # integer zero points; GGUF's float offsets
         w4 = {"qweight_ptr": "*i32", "zeros_ptr": "*fp32" if offsets else "*u8", "scales_ptr": "*fp32",

@@ -16,7 +16,9 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   row (amax / 448, then e4m3 codes) by the kernel that computed them (x given as `Fp8Rows`: the
   norms, SiLU-and-mul; fp8_rows_triton.py), else by `quantize_fp8_rows_triton` first, or by the
   GEMM itself: its prologue reads the program's rows over all of K for their amax, and each step
-  quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower).
+  quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower). Past 64
+  rows (prefill) `_fp8_tma_gemm_kernel` may load the tiles through tensor descriptors instead
+  (TMA on Hopper; FP8_TMA_GEMM, off until timed on a GPU).
 - **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
   bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
   words, 16 contiguous bytes a thread along K, and multiplies nibble j of each word by
@@ -61,6 +63,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:      # a Triton without host-side tensor descriptors: the pointer-load kernels only
+    TensorDescriptor = None
+
 from nanovllm.ops import sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
 from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
@@ -75,6 +82,12 @@ FP8_GEMM_PROGRAMS_PER_SM = 3    # FP8's W8A8 GEMM at a decode batch's rows (2 to
 # slower than the separate quantization kernel it saves (Llama-3.2-1B batch-1 decode 688 against
 # 1,099 tok/s); tools/gpu_fp8_fusion.sh measures both.
 FUSED_QUANTIZATION_BYTES = 0
+# FP8's W8A8 GEMM past 64 rows (prefill chunks): (block_n, block_k, warps, stages) of a 128-row tile,
+# loaded through tensor descriptors (TMA on Hopper) with the programs in groups of FP8_TMA_GROUP_M
+# row tiles, or with FP8_TMA_GEMM off the pointer-load kernel's [128, 128] tiles.
+FP8_TMA_GEMM = False
+FP8_TMA_TILES = (256, 128, 8, 3)
+FP8_TMA_GROUP_M = 8
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class Tiles:
     stages: int = 1             # the W4A16 GEMV without prefetch: its loads pipelined this many steps deep (cp.async)
     planes: bool = False        # W4A16 at a few rows on the tensor cores, a nibble plane a tl.dot (_w4a16_dot_gemv_kernel)
     row_gemv: bool = False      # W4A16 at one row, many rows' words a thread (_w4a16_row_gemv_kernel)
+    tma: bool = False           # FP8's W8A8 GEMM at prefill rows through tensor descriptors (_fp8_tma_gemm_kernel)
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -193,6 +207,40 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, 
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
+def _descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor can back a tensor descriptor: rows contiguous, its start and row stride
+    multiples of 16 bytes (a tiny model's K of 40, say, is not)."""
+    return (t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+@triton.jit
+def _fp8_tma_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """_fp8_gemm_kernel's product at prefill rows (e4m3 rows given, K unsplit), its tiles loaded
+    through tensor descriptors (TMA on Hopper; the descriptors fill what lies past M, N or K with
+    zeros). One axis of programs, walked GROUP_M row tiles at a time: the programs running together
+    share their weight tiles and a few row tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    tile_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        a = a_desc.load([tile_m * BLOCK_M, k * BLOCK_K])
+        b = b_desc.load([tile_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)                                                    # e4m3 x e4m3 -> float32
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = acc * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] \
+        * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
 @triton.jit
 def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS: tl.constexpr):
     """Write a float32 output tile (plus the bias) in out's dtype; with K split, as this split's
@@ -290,6 +338,19 @@ def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, b
     """The W8A8 GEMM of rows quantized already (or with tiles.quantize_x, of 16-bit rows)."""
     (num_rows, in_features), out_features = rows.shape, weight.shape[0]
     out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
+    if tiles.tma and (TensorDescriptor is None or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
+        tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, weight.device)
+    if tiles.tma:
+        if tiles.split_k > 1 or tiles.quantize_x:
+            raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
+        a = TensorDescriptor.from_tensor(rows.codes, [tiles.block_m, tiles.block_k])
+        b = TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k])
+        grid = (triton.cdiv(num_rows, tiles.block_m) * triton.cdiv(out_features, tiles.block_n),)
+        _fp8_tma_gemm_kernel[grid](a, rows.scale, b, weight_scale, bias if bias is not None else weight_scale, out,
+                                   num_rows, out_features, in_features, HAS_BIAS=bias is not None,
+                                   BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                                   GROUP_M=FP8_TMA_GROUP_M, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps)
+        return out
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         rows.codes, rows.scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows,
         out_features, in_features, rows.codes.stride(0), _k_per_split(in_features, tiles),
@@ -398,6 +459,9 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     instead, split to about one program per SM (tools/fp8_gemm_probe.py, 64 rows: qkv_proj 12.0
     -> 10.9, o_proj 10.1 -> 9.5, down_proj 21.8 -> 20.5)."""
     if num_rows > 64:
+        if FP8_TMA_GEMM:
+            block_n, block_k, num_warps, num_stages = FP8_TMA_TILES
+            return Tiles(128, block_n, block_k, num_warps=num_warps, num_stages=num_stages, tma=True)
         return choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, device)
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))

@@ -52,6 +52,22 @@ def test_fp8_kernel_matches_reference_and_scaled_mm(num_rows, out_features, in_f
     assert relative_error(out, scaled_mm) < 1e-2
 
 
+@pytest.mark.parametrize("num_rows", [65, 256, 8192 + 7])      # prefill chunks; rows that end a tile part-full
+@pytest.mark.parametrize("out_features,in_features", SHAPES + ((28672, 4096), (200, 40)))   # K of 40: no descriptor
+def test_fp8_prefill_rows_through_descriptors_match_the_pointer_gemm(num_rows, out_features, in_features,
+                                                                      monkeypatch):
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, device=DEVICE) * 0.02)
+    rows = kernels.quantize_fp8_rows_triton(x)
+    by_pointers = kernels.fp8_linear_triton(rows, weight, weight_scale)
+    monkeypatch.setattr(kernels, "FP8_TMA_GEMM", True)
+    out = kernels.fp8_linear_triton(rows, weight, weight_scale)       # torch.empty: a tile left unwritten shows
+    assert relative_error(out, by_pointers) < 1e-3
+    assert relative_error(out, fp8_linear_torch(x, weight, weight_scale)) < 1e-2
+
+
 @pytest.mark.parametrize("intermediate,hidden", [(8192, 2048), (14336, 4096)])    # Llama-3.2-1B, Llama-3.1-8B
 def test_fp8_gated_gemv_is_the_gemv_then_silu_and_mul(intermediate, hidden):
     """gate_up_proj's one-row GEMV with the SiLU in its epilogue gives the bits of the plain GEMV
