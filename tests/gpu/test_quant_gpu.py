@@ -61,6 +61,7 @@ def test_fp8_prefill_rows_through_descriptors_match_the_pointer_gemm(num_rows, o
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16)
     weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, device=DEVICE) * 0.02)
     rows = kernels.quantize_fp8_rows_triton(x)
+    monkeypatch.setattr(kernels, "FP8_TMA_GEMM", False)
     by_pointers = kernels.fp8_linear_triton(rows, weight, weight_scale)
     monkeypatch.setattr(kernels, "FP8_TMA_GEMM", True)
     out = kernels.fp8_linear_triton(rows, weight, weight_scale)       # torch.empty: a tile left unwritten shows
