@@ -340,7 +340,7 @@ def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, b
     (num_rows, in_features), out_features = rows.shape, weight.shape[0]
     out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
     if tiles.tma and (TensorDescriptor is None or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
-        tiles = choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, weight.device)
+        tiles = replace(tiles, tma=False)          # the same tiles by pointer loads
     if tiles.tma:
         if tiles.split_k > 1 or tiles.quantize_x:
             raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
