@@ -26,21 +26,24 @@ GROUP_M = 8          # row tiles that walk the columns together, so a slice of W
 NUM_WARPS, NUM_STAGES = 4, 4
 
 
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program pid's output tile (row tile, column tile) on one axis of programs: groups of GROUP_M
+    row tiles take the column tiles in turn, so the programs running together share a slice of W
+    (the order changes which program computes a tile, never how)."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
 @triton.jit(do_not_specialize=["M"])   # one compiled kernel for any number of rows
 def _matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
-    # Which tile: groups of GROUP_M row tiles take the column tiles in turn (the order changes which
-    # program computes a tile, never how).
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

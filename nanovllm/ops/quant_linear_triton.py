@@ -71,6 +71,7 @@ except ImportError:      # a Triton without host-side tensor descriptors: the po
 from nanovllm.ops import sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
 from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
+from nanovllm.ops.matmul_triton import grouped_tile
 from nanovllm.ops.quant_format import (FP8_WEIGHT_ONLY_MAX_ROWS, W4_EXP_X, Fp8Rows, W4Rows, power_of_two_dividing,
                                       step_holds_groups, w4a16_block_k)
 
@@ -220,15 +221,9 @@ def _fp8_tma_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, out
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
     """_fp8_gemm_kernel's product at prefill rows (e4m3 rows given, K unsplit), its tiles loaded
     through tensor descriptors (TMA on Hopper; the descriptors fill what lies past M, N or K with
-    zeros). One axis of programs, walked GROUP_M row tiles at a time: the programs running together
-    share their weight tiles and a few row tiles in L2."""
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-    tile_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    zeros). One axis of programs in groups of GROUP_M row tiles (grouped_tile, matmul_triton.py), so
+    the programs running together share their weight tiles in L2."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
         a = a_desc.load([tile_m * BLOCK_M, k * BLOCK_K])
