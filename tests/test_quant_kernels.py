@@ -284,6 +284,40 @@ def test_fp8_descriptor_gemm_at_prefill_rows_is_the_pointer_gemm(num_rows, out_f
 
 
 @in_interpreter
+@pytest.mark.parametrize("num_rows,out_features,in_features,bias,split_k", [
+    (2, 37, 96, False, 1), (7, 70, 96, True, 3),   # tiles past M, N and K: the descriptors' zeros; a split past K
+    (33, 50, 256, True, 2), (64, 19, 208, False, 1),
+    (5, 37, 40, True, 1),                          # K of 40 bytes cannot back a descriptor: the pointer kernel
+])
+def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_features, in_features, bias, split_k,
+                                                                 poisoned_outputs, monkeypatch):
+    """At a decode batch's rows with FP8_SWAP_GEMM the W8A8 GEMM computes out^T = W x^T, its tiles
+    loaded through tensor descriptors: the pointer-load kernel's products at the same tiles, up to
+    float32's rounding of the sums (the transposed dot adds in another order), and the reference's."""
+    from nanovllm.ops import quant_linear_triton as kernels
+    from nanovllm.ops.quant_format import quantize_fp8_rows_torch
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, generator=generator)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    b = torch.randn(out_features, generator=generator) if bias else None
+    rows = quantize_fp8_rows_torch(x)        # the interpreter's own cast to e4m3 rounds otherwise
+    monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", True)
+    chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
+    assert chosen.swap and chosen.block_m >= num_rows
+    expected = fp8_w8a8_linear_torch(x, weight, weight_scale, b)
+    for tiles in (replace(chosen, block_n=32, block_k=32, split_k=split_k, num_stages=2), chosen):
+        out = kernels.fp8_linear_tiles(rows, weight, weight_scale, b, tiles)
+        assert out.shape == ((tiles.split_k,) if tiles.split_k > 1 else ()) + (num_rows, out_features)
+        by_pointers = kernels.fp8_linear_tiles(rows, weight, weight_scale, b, replace(tiles, swap=False))
+        torch.testing.assert_close(out, by_pointers, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kernels.sum_partials(out, x.dtype), expected, rtol=1e-5, atol=1e-5)
+    if num_rows > 16 and in_features % 16 == 0:    # rows past the one tile are refused, not left unwritten
+        with pytest.raises(ValueError, match="all of them in one tile"):
+            kernels.fp8_linear_tiles(rows, weight, weight_scale, b, replace(chosen, block_m=16))
+
+
+@in_interpreter
 @pytest.mark.parametrize("num_rows,out_features,in_features", [(2, 37, 200), (5, 50, 300), (33, 19, 520)])
 def test_fp8_products_given_fp8_rows_are_the_products_of_x(num_rows, out_features, in_features, poisoned_outputs):
     """fp8_linear_triton and its partials given x's Fp8Rows (as a norm hands them over) are the
@@ -435,6 +469,17 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                       dict(HAS_BIAS=False, QUANTIZE_A=quantize,
                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8, **tile)
         assert compiled.asm["cubin"]
+    if block_m == 16:       # a decode batch's rows, transposed, through tensor descriptors, at the engine's tiles
+        block_n, block_k, warps, stages = kernels.FP8_SWAP_TILES
+        for rows in (16, 64):
+            compiled = compile_for_hopper(
+                kernels._fp8_swap_gemm_kernel,
+                dict(HAS_BIAS=True, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages),
+                {**fp8, "a_desc": f"tensordesc<fp8e4nv[{rows}, {block_k}]>",
+                 "b_desc": f"tensordesc<fp8e4nv[{block_n}, {block_k}]>"},
+                num_warps=warps, num_stages=stages)
+            assert "cp.async.bulk.tensor" in compiled.asm["ptx"]
+            assert f"wgmma.mma_async.sync.aligned.m64n{rows}k32.f32.e4m3.e4m3" in compiled.asm["ptx"]
     if block_m == 128:      # prefill rows through tensor descriptors, at the engine's tiles
         block_n, block_k, warps, stages = kernels.FP8_TMA_TILES
         compiled = compile_for_hopper(

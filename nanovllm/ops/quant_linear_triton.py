@@ -19,6 +19,9 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower). Past 64
   rows (prefill) `_fp8_tma_gemm_kernel` loads the tiles through tensor descriptors instead (TMA
   on Hopper), [128, 256] outputs a program, the programs in groups of row tiles (FP8_TMA_GEMM).
+  At a decode batch's 2 to 64 rows `_fp8_swap_gemm_kernel` computes the product transposed,
+  out^T = W x^T, so that the weight's rows take the tensor cores' long side and the few rows of
+  x the short one, its tiles through tensor descriptors too (FP8_SWAP_GEMM, off until timed).
 - **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
   bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
   words, 16 contiguous bytes a thread along K, and multiplies nibble j of each word by
@@ -90,6 +93,13 @@ FUSED_QUANTIZATION_BYTES = 0
 FP8_TMA_GEMM = True
 FP8_TMA_TILES = (256, 128, 8, 3)
 FP8_TMA_GROUP_M = 8
+# FP8's W8A8 GEMM at a decode batch's rows (2 to 64), transposed so that the weight's rows fill the tensor
+# cores' long side (_fp8_swap_gemm_kernel): (block_n, block_k, warps, stages), K split while the programs stay
+# within FP8_SWAP_PROGRAMS_PER_SM an SM; off, the pointer-load kernel's tiles (choose_fp8_gemm_tiles). Off
+# until a GPU has timed it against those (tools/fp8_gemm_probe.py --swap, and `bench throughput`).
+FP8_SWAP_GEMM = False
+FP8_SWAP_TILES = (128, 128, 4, 4)
+FP8_SWAP_PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class Tiles:
     planes: bool = False        # W4A16 at a few rows on the tensor cores, a nibble plane a tl.dot (_w4a16_dot_gemv_kernel)
     row_gemv: bool = False      # W4A16 at one row, many rows' words a thread (_w4a16_row_gemv_kernel)
     tma: bool = False           # FP8's W8A8 GEMM at prefill rows through tensor descriptors (_fp8_tma_gemm_kernel)
+    swap: bool = False          # FP8's W8A8 GEMM at a decode batch's rows, transposed (_fp8_swap_gemm_kernel)
 
 
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
@@ -238,6 +249,31 @@ def _fp8_tma_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, out
 
 
 @triton.jit
+def _fp8_swap_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """_fp8_gemm_kernel's product at a decode batch's rows (e4m3 rows given), computed transposed: a
+    program's tile is out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] x^T, so the weight's rows fill the
+    tensor cores' long side (64 rows a warpgroup on Hopper) and the batch's few rows the short one,
+    which may be as small as 8 (all of M in one tile). Both tiles come through tensor descriptors
+    (zeros past M, N and K) in a pipeline NUM_STAGES deep; K split over the third axis of programs,
+    as the pointer kernel's."""
+    tile_n = tl.program_id(1)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K, num_stages=NUM_STAGES):
+        w = b_desc.load([tile_n * BLOCK_N, k0])                                     # [BLOCK_N, BLOCK_K]
+        a = a_desc.load([0, k0])                                                    # [BLOCK_M, BLOCK_K]
+        acc = tl.dot(w, a.T, acc)                                                   # e4m3 x e4m3 -> float32
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.trans(acc) * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] \
+        * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+
+
+@triton.jit
 def _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS: tl.constexpr):
     """Write a float32 output tile (plus the bias) in out's dtype; with K split, as this split's
     partial in float32 (the first split adds the bias)."""
@@ -271,7 +307,7 @@ def fp8_linear_partials_triton(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, 
     tiles = choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
     programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
     if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
-        tiles = replace(tiles, quantize_x=True)
+        tiles = replace(tiles, quantize_x=True, swap=False)
     return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
 
 
@@ -334,8 +370,19 @@ def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, b
     """The W8A8 GEMM of rows quantized already (or with tiles.quantize_x, of 16-bit rows)."""
     (num_rows, in_features), out_features = rows.shape, weight.shape[0]
     out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
-    if tiles.tma and (TensorDescriptor is None or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
-        tiles = replace(tiles, tma=False)          # the same tiles by pointer loads
+    if (tiles.tma or tiles.swap) and (TensorDescriptor is None
+                                      or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
+        tiles = replace(tiles, tma=False, swap=False)      # the same tiles by pointer loads
+    if tiles.swap:
+        if tiles.quantize_x or num_rows > tiles.block_m:
+            raise ValueError("the transposed GEMM takes quantized rows, all of them in one tile")
+        a = TensorDescriptor.from_tensor(rows.codes, [tiles.block_m, tiles.block_k])
+        b = TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k])
+        _fp8_swap_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
+            a, rows.scale, b, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
+            in_features, _k_per_split(in_features, tiles), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps)
+        return out
     if tiles.tma:
         if tiles.split_k > 1 or tiles.quantize_x:
             raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
@@ -461,6 +508,12 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
         return choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, device)
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    if FP8_SWAP_GEMM:
+        block_n, block_k, num_warps, num_stages = FP8_SWAP_TILES
+        programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
+        while split_k * 2 <= k_steps and programs * split_k * 2 <= FP8_SWAP_PROGRAMS_PER_SM * sms:
+            split_k *= 2
+        return Tiles(block_m, block_n, block_k, split_k, num_warps=num_warps, num_stages=num_stages, swap=True)
     block_n, block_k, num_stages, programs_per_sm = 64, 128, 4, FP8_GEMM_PROGRAMS_PER_SM
     if block_m >= 32 and triton.cdiv(out_features, 64) >= 2 * sms:
         block_n, num_stages = 128, 3
