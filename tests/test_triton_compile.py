@@ -97,14 +97,6 @@ def test_decode_attention_compiles(model, rope, num_splits, fp8_kv):
     compile_for_hopper(attention_triton._merge_splits_kernel,
                        dict(NUM_SPLITS=num_splits, SPLITS_PAD=num_splits, HEAD_DIM=model["HEAD_DIM"],
                             HEAD_DIM_PAD=model["HEAD_DIM_PAD"]), {"out_ptr": "*bf16"})
-    if num_splits > 1:     # the splits merged by the last split program of each (token, KV head) instead
-        merging = compile_for_hopper(attention_triton._paged_attention_kernel,
-                                     dict(**model, **DECODE, NUM_SPLITS=num_splits, ROPE=rope,
-                                          HAS_NORM=rope and model is QWEN3, FP8_KV=fp8_kv, MERGE=True,
-                                          SPLITS_PAD=num_splits, PDL=True),
-                                     {"counter_ptr": "*i32", **(FP8_CACHE if fp8_kv else {})})
-        ptx = merging.asm["ptx"]
-        assert "atom.global.gpu.acq_rel.add" in ptx and "bar.sync" in ptx and "griddepcontrol.launch_dependents" in ptx
 
 
 @pytest.mark.parametrize("fp8_kv", [False, True])

@@ -25,9 +25,7 @@ the kernels already compiled instead of stopping to compile new ones.
 Split-KV: with few sequences and long contexts, B * Hkv programs cannot fill the
 GPU. Each (tile, kv_head) then runs NUM_SPLITS programs over equal slices of its
 context, each writing an output normalized by its own sum plus log2(sum) + max;
-`_merge_splits_kernel` weights the slices by exp2(lse - max lse). With FUSED_MERGE a decode's
-split programs merge the slices themselves instead: each counts itself in on a device counter
-once its slice is stored, and the last of a (token, KV head) to arrive does the weighting.
+`_merge_splits_kernel` weights the slices by exp2(lse - max lse).
 
 A decode of a few sequences (the split-KV case) can hand the kernel its token's q, k and v
 before RoPE (`rotary_store_and_attend_triton`, ROPE): each program rotates its q heads as it
@@ -109,18 +107,14 @@ def _paged_attention_kernel(
         stride_bt,
         k_new_ptr, v_new_ptr, positions_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, slot_mapping_ptr, eps,
         stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
-        merged_ptr, counter_ptr, stride_mt, stride_mh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
         ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        FP8_KV: tl.constexpr, MERGE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 1,
-        PDL: tl.constexpr = False):
+        FP8_KV: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
-        tl.extra.cuda.gdc_launch_dependents()
 
     if DECODE:
         # A decode step: every sequence has exactly one new token, so tile = token = sequence. Nothing
@@ -258,43 +252,8 @@ def _paged_attention_kernel(
     else:
         tl.store(out_ptr + (out_rows + split * stride_os)[:, None] + offs_d[None, :], out, mask=out_mask)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        lse_rows = (q_start + q_idx).to(tl.int64) * stride_lt + head * stride_lh
-        tl.store(lse_ptr + lse_rows + split, lse, mask=row_valid)
-        if MERGE:
-            _last_split_merges(out_ptr, lse_ptr, merged_ptr, counter_ptr + tile * tl.num_programs(1) + kv_head,
-                               out_rows, lse_rows, (q_start + q_idx).to(tl.int64) * stride_mt + head * stride_mh,
-                               offs_d, out_mask, row_valid, stride_os, NUM_SPLITS, SPLITS_PAD, BLOCK_M, HEAD_DIM_PAD)
-
-
-@triton.jit
-def _last_split_merges(partial_ptr, lse_ptr, merged_ptr, counter_ptr, partial_rows, lse_rows, merged_rows, offs_d,
-                       mask, row_valid, stride_ps, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                       BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """The merge of the splits inside the attention kernel: each split program of a (tile, kv head)
-    counts itself in at counter_ptr once its partial output and lse are stored, and the last to
-    arrive weights the NUM_SPLITS partials of its rows by exp2(lse - max lse), as
-    _merge_splits_kernel does, writes them to merged_ptr and sets the counter back to 0 for the next
-    step. The count is an acquire-release atomic after a barrier of the program's threads, so the
-    last program sees every split's stores; it reads them from L2 (.cg), where they were written."""
-    tl.debug_barrier()                      # every thread of this program has stored its share
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == NUM_SPLITS - 1:
-        offs_s = tl.arange(0, SPLITS_PAD)
-        lse = tl.load(lse_ptr + lse_rows[:, None] + offs_s[None, :],
-                      mask=row_valid[:, None] & (offs_s < NUM_SPLITS)[None, :], other=float("-inf"),
-                      cache_modifier=".cg")                                      # [BLOCK_M, S]
-        lse_max = tl.max(lse, axis=1)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)               # a row with no keys
-        weight = tl.exp2(lse - lse_max[:, None])
-        weight = weight / tl.maximum(tl.sum(weight, axis=1), 1.0e-30)[:, None]
-        merged = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        for s in tl.static_range(NUM_SPLITS):
-            partial = tl.load(partial_ptr + (partial_rows + s * stride_ps)[:, None] + offs_d[None, :], mask=mask,
-                              other=0.0, cache_modifier=".cg")                   # [BLOCK_M, D]
-            merged += partial * tl.sum(tl.where(offs_s[None, :] == s, weight, 0.0), axis=1)[:, None]
-        tl.store(merged_ptr + merged_rows[:, None] + offs_d[None, :], merged.to(merged_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.atomic_xchg(counter_ptr, 0)     # (no program of this step counts here any more)
+        lse_rows = (q_start + q_idx).to(tl.int64) * stride_lt + head * stride_lh + split
+        tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
 
 
 @triton.jit
@@ -330,26 +289,6 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr,
     else:
         tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=offs_d < HEAD_DIM)
-
-
-# A decode with its context split merges the splits in the attention kernel itself (the last split
-# program of each token and KV head to finish, counted on a device counter), instead of in
-# _merge_splits_kernel after it: a launch fewer a layer. MERGE_COUNTERS counters a device (a split
-# decode has fewer than two programs per SM for each split); a step that needs more, or W4Rows out,
-# takes the merge kernel. Off until a GPU has timed it (tools/decode_ab_probe.py).
-FUSED_MERGE = False
-MERGE_COUNTERS = 4096
-_merge_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's int32 counters for the in-kernel merge, zeros between kernels (each kernel leaves
-    them so); None where more are needed than there are."""
-    if needed > MERGE_COUNTERS:
-        return None
-    if device not in _merge_counters:
-        _merge_counters[device] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return _merge_counters[device]
 
 
 @dataclass(frozen=True)
@@ -537,8 +476,6 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     grid = (num_tiles, num_kv_heads, num_kv_splits)
-    counters = (merge_counters(q.device, num_tiles * num_kv_heads)
-                if FUSED_MERGE and num_kv_splits > 1 and not w4 else None)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, partial, lse,
         metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
@@ -549,17 +486,13 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         *partial_strides, *lse_strides,
         metadata.block_tables.stride(0),
         *rope_args,
-        out, counters if counters is not None else lse, out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages, FP8_KV=k_cache.dtype == FP8_DTYPE,
-        MERGE=counters is not None, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
-        PDL=counters is not None and use_pdl(out), num_warps=config.num_warps)
+        num_warps=config.num_warps)
     if num_kv_splits == 1:
         return w4_rows_torch(out.reshape(num_tokens, -1)) if w4 else out
-    if counters is not None:                 # merged by the kernel's last split programs
-        return out
     rows, merged = out, out                  # what the merge writes: out, or W4Rows' planes
     if w4:
         rows, merged, _ = empty_rows((num_tokens, num_heads * head_dim), q.dtype, q.device, False, True)

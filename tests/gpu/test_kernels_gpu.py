@@ -89,24 +89,6 @@ def test_long_context_decodes_split_the_context_and_match_reference(shape):
     assert relative_error(out, reference(q, k_cache, v_cache, metadata, scale)) < 1e-2
 
 
-@pytest.mark.parametrize("splits", [2, 32])
-@pytest.mark.parametrize("batch", [1, 5])
-def test_splits_merged_in_the_kernel_are_the_merge_kernels_every_time(batch, splits, monkeypatch):
-    """The split decode's in-kernel merge (the last split program of a token and KV head to finish
-    merges them) against the separate merge kernel, 200 times over, so that a program that merged
-    before every split had stored its share, or a counter left unreset, would show."""
-    torch.manual_seed(batch)
-    q, k_cache, v_cache, metadata = make_batch([1] * batch, [300 + 977 * i for i in range(batch)], LLAMA_3_2_1B, 16)
-    monkeypatch.setattr(attention_triton, "FUSED_MERGE", False)
-    expected = attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.125, num_kv_splits=splits)
-    monkeypatch.setattr(attention_triton, "FUSED_MERGE", True)
-    outs = [attention_triton.paged_attention_triton(q, k_cache, v_cache, metadata, 0.125, num_kv_splits=splits)
-            for _ in range(200)]
-    for out in outs:
-        assert relative_error(out, expected) < 4e-3       # bfloat16 outputs, summed in another order
-    assert not attention_triton.merge_counters(q.device, 1).any()
-
-
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("shape", [LLAMA_3_2_1B, QWEN3_0_6B, HEAD_DIM_80, GQA_7])
 def test_mixed_prefill_and_decode_attention_matches_reference(shape, block_size):
