@@ -21,7 +21,7 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   on Hopper), [128, 256] outputs a program, the programs in groups of row tiles (FP8_TMA_GEMM).
   At a decode batch's 2 to 64 rows `_fp8_swap_gemm_kernel` computes the product transposed,
   out^T = W x^T, so that the weight's rows take the tensor cores' long side and the few rows of
-  x the short one, its tiles through tensor descriptors too (FP8_SWAP_GEMM, off until timed).
+  x the short one, its tiles through tensor descriptors too (FP8_SWAP_GEMM).
 - **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
   bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
   words, 16 contiguous bytes a thread along K, and multiplies nibble j of each word by
@@ -95,11 +95,13 @@ FP8_TMA_TILES = (256, 128, 8, 3)
 FP8_TMA_GROUP_M = 8
 # FP8's W8A8 GEMM at a decode batch's rows (2 to 64), transposed so that the weight's rows fill the tensor
 # cores' long side (_fp8_swap_gemm_kernel): (block_n, block_k, warps, stages), K split while the programs stay
-# within FP8_SWAP_PROGRAMS_PER_SM an SM; off, the pointer-load kernel's tiles (choose_fp8_gemm_tiles). Off
-# until a GPU has timed it against those (tools/fp8_gemm_probe.py --swap, and `bench throughput`).
-FP8_SWAP_GEMM = False
-FP8_SWAP_TILES = (128, 128, 4, 4)
-FP8_SWAP_PROGRAMS_PER_SM = 2
+# within FP8_SWAP_PROGRAMS_PER_SM an SM (0: never, as every split timed slower); off, the pointer-load
+# kernel's tiles (choose_fp8_gemm_tiles). On an H100 at 8 to 64 rows of Llama-3.1-8B's layers 3-18% faster
+# than those (tools/fp8_gemm_probe.py --swap), and `bench throughput` on 64 requests, fp8, 6,230 -> 6,326
+# output tok/s (docs/reference/quantization.md).
+FP8_SWAP_GEMM = True
+FP8_SWAP_TILES = (64, 256, 4, 5)
+FP8_SWAP_PROGRAMS_PER_SM = 0
 
 
 @dataclass(frozen=True)
@@ -500,7 +502,8 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     unsplit [64, 64] tile before): qkv_proj 15.6 -> 14.3, o_proj 14.6 -> 12.1, gate_up_proj
     43.1 -> 37.3, down_proj 42.2 -> 27.6. A tile of 64 rows and 64 outputs steps 256 along K
     instead, split to about one program per SM (tools/fp8_gemm_probe.py, 64 rows: qkv_proj 12.0
-    -> 10.9, o_proj 10.1 -> 9.5, down_proj 21.8 -> 20.5)."""
+    -> 10.9, o_proj 10.1 -> 9.5, down_proj 21.8 -> 20.5). With FP8_SWAP_GEMM (on) the same rows take
+    the transposed kernel instead, at FP8_SWAP_TILES."""
     if num_rows > 64:
         if FP8_TMA_GEMM:
             block_n, block_k, num_warps, num_stages = FP8_TMA_TILES

@@ -83,7 +83,7 @@ def test_fp8_decode_rows_transposed_match_the_pointer_gemm(num_rows, out_feature
     by_pointers = kernels.fp8_linear_triton(rows, weight, weight_scale)
     monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", True)
     out = kernels.fp8_linear_triton(rows, weight, weight_scale)       # torch.empty: a tile left unwritten shows
-    assert relative_error(out, by_pointers) < 1e-3
+    assert relative_error(out, by_pointers) < 4e-3      # bfloat16 outputs of float32 sums in another order
     assert relative_error(out, fp8_linear_torch(x, weight, weight_scale)) < 1e-2
 
 
