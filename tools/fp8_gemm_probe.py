@@ -31,6 +31,8 @@ POINTER_TILES = ((64, 128, 4, 4), (64, 128, 4, 5), (64, 128, 4, 6), (64, 256, 4,
 SWAP_TILES = ((64, 128, 4, 3), (64, 128, 4, 5), (64, 256, 4, 3), (64, 256, 4, 5), (64, 256, 4, 6),
               (64, 512, 4, 3), (32, 256, 4, 6), (128, 128, 4, 3), (128, 128, 4, 5), (128, 256, 4, 3),
               (128, 256, 4, 4), (256, 128, 4, 3), (256, 128, 8, 4), (256, 256, 8, 3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="64", help="comma-separated row counts (2 to 64)")
@@ -59,11 +61,12 @@ def main() -> None:
                 return cycled_us(lambda i: (lambda w=fp8[i]: kernels.sum_partials(
                     kernels.fp8_linear_tiles(rows, *w, None, tiles), x.dtype)), n * k)
 
-            chosen = {}
+            chosen, engine_default = {}, kernels.FP8_SWAP_GEMM
             for swap in (False, True):
                 kernels.FP8_SWAP_GEMM = swap
                 tiles = kernels.choose_fp8_gemm_tiles(m, n, k, x.device)
                 chosen[swap] = (timed(tiles), tiles)
+            kernels.FP8_SWAP_GEMM = engine_default
             print(f"{name} [{n}, {k}] at {m} rows: cuBLAS bf16 {bf16_us:.1f} us; pointer tiles {chosen[False][1]} "
                   f"{chosen[False][0]:.1f} us; transposed {chosen[True][1]} {chosen[True][0]:.1f} us "
                   f"{n * k / chosen[True][0] / 1e6:.2f} TB/s", flush=True)

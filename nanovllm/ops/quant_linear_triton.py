@@ -256,8 +256,8 @@ def _fp8_swap_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, ou
                           BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """_fp8_gemm_kernel's product at a decode batch's rows (e4m3 rows given), computed transposed: a
     program's tile is out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] x^T, so the weight's rows fill the
-    tensor cores' long side (64 rows a warpgroup on Hopper) and the batch's few rows the short one,
-    which may be as small as 8 (all of M in one tile). Both tiles come through tensor descriptors
+    tensor cores' long side (64 rows a warpgroup on Hopper) and the batch's few rows the short one
+    (16 to 64: all of M in one tile). Both tiles come through tensor descriptors
     (zeros past M, N and K) in a pipeline NUM_STAGES deep; K split over the third axis of programs,
     as the pointer kernel's."""
     tile_n = tl.program_id(1)
