@@ -242,12 +242,8 @@ def _fp8_tma_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, out
         a = a_desc.load([tile_m * BLOCK_M, k * BLOCK_K])
         b = b_desc.load([tile_n * BLOCK_N, k * BLOCK_K])
         acc = tl.dot(a, b.T, acc)                                                    # e4m3 x e4m3 -> float32
-    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = acc * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] \
-        * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
+    _store_scaled_tile(acc, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, tile_m * BLOCK_M + tl.arange(0, BLOCK_M),
+                       tile_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, HAS_BIAS)
 
 
 @triton.jit
@@ -267,10 +263,16 @@ def _fp8_swap_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, ou
         w = b_desc.load([tile_n * BLOCK_N, k0])                                     # [BLOCK_N, BLOCK_K]
         a = a_desc.load([0, k0])                                                    # [BLOCK_M, BLOCK_K]
         acc = tl.dot(w, a.T, acc)                                                   # e4m3 x e4m3 -> float32
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _store_scaled_tile(tl.trans(acc), a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, tl.arange(0, BLOCK_M),
+                       tile_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, HAS_BIAS)
+
+
+@triton.jit
+def _store_scaled_tile(acc, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr):
+    """The descriptor kernels' epilogue: the float32 tile [len(offs_m), len(offs_n)] times the rows'
+    scales, then the channels' (that order, as _fp8_gemm_kernel's), written by _store_tile."""
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.trans(acc) * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] \
+    acc = acc * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None] \
         * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     _store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
@@ -375,21 +377,20 @@ def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, b
     if (tiles.tma or tiles.swap) and (TensorDescriptor is None
                                       or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
         tiles = replace(tiles, tma=False, swap=False)      # the same tiles by pointer loads
-    if tiles.swap:
-        if tiles.quantize_x or num_rows > tiles.block_m:
-            raise ValueError("the transposed GEMM takes quantized rows, all of them in one tile")
+    if tiles.swap and (tiles.quantize_x or num_rows > tiles.block_m):
+        raise ValueError("the transposed GEMM takes quantized rows, all of them in one tile")
+    if tiles.tma and (tiles.split_k > 1 or tiles.quantize_x):
+        raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
+    if tiles.tma or tiles.swap:
         a = TensorDescriptor.from_tensor(rows.codes, [tiles.block_m, tiles.block_k])
         b = TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k])
+    if tiles.swap:
         _fp8_swap_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
             a, rows.scale, b, weight_scale, bias if bias is not None else weight_scale, out, num_rows, out_features,
             in_features, _k_per_split(in_features, tiles), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps)
         return out
     if tiles.tma:
-        if tiles.split_k > 1 or tiles.quantize_x:
-            raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
-        a = TensorDescriptor.from_tensor(rows.codes, [tiles.block_m, tiles.block_k])
-        b = TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k])
         grid = (triton.cdiv(num_rows, tiles.block_m) * triton.cdiv(out_features, tiles.block_n),)
         _fp8_tma_gemm_kernel[grid](a, rows.scale, b, weight_scale, bias if bias is not None else weight_scale, out,
                                    num_rows, out_features, in_features, HAS_BIAS=bias is not None,
