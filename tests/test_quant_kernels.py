@@ -255,6 +255,18 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
     torch.testing.assert_close(out.sum(0), fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
 
 
+def fp8_case(num_rows: int, out_features: int, in_features: int, bias: bool):
+    """Random x [M, K] float32, an e4m3 weight [N, K] with its channel scales, a bias or None, and x's
+    Fp8Rows quantized by torch (the interpreter's own cast to e4m3 rounds otherwise), seeded by M."""
+    from nanovllm.ops.quant_format import quantize_fp8_rows_torch
+
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, in_features, generator=generator)
+    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
+    b = torch.randn(out_features, generator=generator) if bias else None
+    return x, weight, weight_scale, b, quantize_fp8_rows_torch(x)
+
+
 @in_interpreter
 @pytest.mark.parametrize("num_rows,out_features,in_features,bias", [
     (130, 200, 256, False), (77, 70, 96, True),    # tiles past M, N and K: the descriptors' zeros
@@ -266,13 +278,8 @@ def test_fp8_descriptor_gemm_at_prefill_rows_is_the_pointer_gemm(num_rows, out_f
     walks its programs in groups of row tiles: the same products, bit for bit, as the pointer-load
     kernel's tiles (and the reference's within float32's rounding of the sums)."""
     from nanovllm.ops import quant_linear_triton as kernels
-    from nanovllm.ops.quant_format import quantize_fp8_rows_torch
 
-    generator = torch.Generator().manual_seed(num_rows)
-    x = torch.randn(num_rows, in_features, generator=generator)
-    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
-    b = torch.randn(out_features, generator=generator) if bias else None
-    rows = quantize_fp8_rows_torch(x)        # the interpreter's own cast to e4m3 rounds otherwise
+    x, weight, weight_scale, b, rows = fp8_case(num_rows, out_features, in_features, bias)
     monkeypatch.setattr(kernels, "FP8_TMA_GEMM", True)
     monkeypatch.setattr(kernels, "FP8_TMA_GROUP_M", 2)       # groups end part-full at 130 and 77 rows of tiles of 32
     chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
@@ -295,13 +302,8 @@ def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_fe
     loaded through tensor descriptors: the pointer-load kernel's products at the same tiles, up to
     float32's rounding of the sums (the transposed dot adds in another order), and the reference's."""
     from nanovllm.ops import quant_linear_triton as kernels
-    from nanovllm.ops.quant_format import quantize_fp8_rows_torch
 
-    generator = torch.Generator().manual_seed(num_rows)
-    x = torch.randn(num_rows, in_features, generator=generator)
-    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
-    b = torch.randn(out_features, generator=generator) if bias else None
-    rows = quantize_fp8_rows_torch(x)        # the interpreter's own cast to e4m3 rounds otherwise
+    x, weight, weight_scale, b, rows = fp8_case(num_rows, out_features, in_features, bias)
     monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", True)
     chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
     assert chosen.swap and chosen.block_m >= num_rows

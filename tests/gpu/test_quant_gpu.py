@@ -52,39 +52,37 @@ def test_fp8_kernel_matches_reference_and_scaled_mm(num_rows, out_features, in_f
     assert relative_error(out, scaled_mm) < 1e-2
 
 
-@pytest.mark.parametrize("num_rows", [65, 256, 8192 + 7])      # prefill chunks; rows that end a tile part-full
-@pytest.mark.parametrize("out_features,in_features", SHAPES + ((28672, 4096), (200, 40)))   # K of 40: no descriptor
-def test_fp8_prefill_rows_through_descriptors_match_the_pointer_gemm(num_rows, out_features, in_features,
-                                                                      monkeypatch):
+def descriptor_kernel_against_pointers(switch: str, num_rows: int, out_features: int, in_features: int,
+                                       bound: float, monkeypatch) -> None:
+    """The W8A8 GEMM of bf16 rows with the descriptor kernel that `switch` (a module setting) turns on,
+    against the pointer kernel (relative error under bound) and the torch reference (under 1e-2)."""
     from nanovllm.ops import quant_linear_triton as kernels
 
     x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16)
     weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, device=DEVICE) * 0.02)
     rows = kernels.quantize_fp8_rows_triton(x)
-    monkeypatch.setattr(kernels, "FP8_TMA_GEMM", False)
+    monkeypatch.setattr(kernels, switch, False)
     by_pointers = kernels.fp8_linear_triton(rows, weight, weight_scale)
-    monkeypatch.setattr(kernels, "FP8_TMA_GEMM", True)
+    monkeypatch.setattr(kernels, switch, True)
     out = kernels.fp8_linear_triton(rows, weight, weight_scale)       # torch.empty: a tile left unwritten shows
-    assert relative_error(out, by_pointers) < 1e-3
+    assert relative_error(out, by_pointers) < bound
     assert relative_error(out, fp8_linear_torch(x, weight, weight_scale)) < 1e-2
+
+
+@pytest.mark.parametrize("num_rows", [65, 256, 8192 + 7])      # prefill chunks; rows that end a tile part-full
+@pytest.mark.parametrize("out_features,in_features", SHAPES + ((28672, 4096), (200, 40)))   # K of 40: no descriptor
+def test_fp8_prefill_rows_through_descriptors_match_the_pointer_gemm(num_rows, out_features, in_features,
+                                                                      monkeypatch):
+    descriptor_kernel_against_pointers("FP8_TMA_GEMM", num_rows, out_features, in_features, 1e-3, monkeypatch)
 
 
 @pytest.mark.parametrize("num_rows", [2, 7, 16, 17, 32, 64])      # a decode batch's rows, tiles of 16 to 64
 @pytest.mark.parametrize("out_features,in_features", SHAPES + ((28672, 4096), (128256, 2048), (200, 40)))
 def test_fp8_decode_rows_transposed_match_the_pointer_gemm(num_rows, out_features, in_features, monkeypatch):
     """The transposed W8A8 GEMM (FP8_SWAP_GEMM, tensor descriptors) against the pointer kernel at the
-    engine's tiles and the torch reference; K of 40 cannot back a descriptor (the pointer kernel)."""
-    from nanovllm.ops import quant_linear_triton as kernels
-
-    x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16)
-    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, device=DEVICE) * 0.02)
-    rows = kernels.quantize_fp8_rows_triton(x)
-    monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", False)
-    by_pointers = kernels.fp8_linear_triton(rows, weight, weight_scale)
-    monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", True)
-    out = kernels.fp8_linear_triton(rows, weight, weight_scale)       # torch.empty: a tile left unwritten shows
-    assert relative_error(out, by_pointers) < 4e-3      # bfloat16 outputs of float32 sums in another order
-    assert relative_error(out, fp8_linear_torch(x, weight, weight_scale)) < 1e-2
+    engine's tiles and the torch reference; K of 40 cannot back a descriptor (the pointer kernel).
+    4e-3 against the pointer kernel: a bfloat16 output flipped by the float32 sums' other order."""
+    descriptor_kernel_against_pointers("FP8_SWAP_GEMM", num_rows, out_features, in_features, 4e-3, monkeypatch)
 
 
 @pytest.mark.parametrize("intermediate,hidden", [(8192, 2048), (14336, 4096)])    # Llama-3.2-1B, Llama-3.1-8B
