@@ -97,8 +97,9 @@ def test_reference_attention_on_an_fp8_cache_is_attention_on_its_dequantized_cop
 # ---- the Triton kernels, in the interpreter ----------------------------------------------------
 
 def reference_fp8(q, k8, v8, metadata, scale):
-    """The torch reference on FP8 caches, which dequantizes them to q's dtype, then computes in float32."""
-    k, v = dequantize_kv(k8, K_SCALE, q.dtype).float(), dequantize_kv(v8, V_SCALE, q.dtype).float()
+    """Attention in float32 over FP8 caches dequantized in float32: what the kernels compute, which
+    multiply the codes' dot products by the scales and never round K and V to q's dtype."""
+    k, v = dequantize_kv(k8, K_SCALE, torch.float32), dequantize_kv(v8, V_SCALE, torch.float32)
     return paged_attention_torch(q.float(), k, v, metadata, scale)
 
 
@@ -133,6 +134,23 @@ def test_split_decode_kernel_reads_an_fp8_cache_as_the_reference_does(kernels, g
                                                           k_scale=K_SCALE, v_scale=V_SCALE)
     torch.testing.assert_close(out, reference_fp8(q, *fp8_caches(k_clean, v_clean), metadata, scale),
                                **TOLERANCE[torch.float32])
+
+
+@in_interpreter
+@pytest.mark.parametrize("magnitude", [1e6, 1e-6, 1.0])
+def test_bfloat16_queries_past_float16s_range_meet_the_codes_scaled_into_it(kernels, magnitude):
+    """16-bit q goes to the tensor cores as float16 against the codes, scaled by a power of two that
+    puts its largest value at 2^14 to 2^15: bfloat16 queries of 1e6 (past float16's 65,504) or 1e-6
+    (float16 subnormals, 4 bits left) keep their bits and their scores."""
+    q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
+        MIXED_Q_LENS, MIXED_CONTEXTS, 8, 2, 64, 4, torch.float32, seed=21)
+    q = (q * magnitude).to(torch.bfloat16)
+    scale = 64 ** -0.5 / magnitude                   # the scores as at 1.0, so that q's every bit counts
+    out = kernels.attention_triton.paged_attention_triton(q, *fp8_caches(k_cache, v_cache), metadata, scale,
+                                                          k_scale=K_SCALE, v_scale=V_SCALE)
+    expected = reference_fp8(q, *fp8_caches(k_clean, v_clean), metadata, scale)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
 @in_interpreter

@@ -8,10 +8,12 @@ block 16) at batch B and context L for each split count (the merge kernel includ
     python tools/attention_probe.py
     python tools/attention_probe.py --configs     # tile configurations of a decode batch (below)
 
---configs: Llama-3.1-8B's shapes (32 query heads, 8 KV heads, head_dim 128, block 16) at batch 64
-and 256 and contexts of 128 to 2048 keys, one split, for several tile configurations (keys a
-step, pipeline stages, warps); each call reads another layer's cache, so that the keys come from
-HBM and not from the 60 MB L2. Prints microseconds per call and the KV bytes read per second.
+--configs: Llama-3.1-8B's shapes (32 query heads, 8 KV heads, head_dim 128, block 16; --head-dim 64:
+Llama-3.2-1B's) at batch 64 and 256 and contexts of 128 to 2048 keys (--contexts), one split, for
+several tile configurations (keys a step, pipeline stages, warps; --tiles 128x2x4,256x2x4 to choose);
+each call reads another layer's cache, so that the keys come from HBM and not from the 60 MB L2.
+--kv-dtype fp8: an FP8 cache (scales 0.37 and 0.021). Prints microseconds per call and the KV bytes
+read per second.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import torch
 
 from nanovllm.bench.graph_timing import graph_time_us
 from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.attention import quantize_kv
 from nanovllm.ops.attention_triton import AttentionKernelConfig, decode_config, paged_attention_triton
+from nanovllm.ops.quant_format import FP8_DTYPE
 
 CONFIGS = ((128, 2, 4), (64, 2, 4), (64, 3, 4), (32, 2, 4), (32, 3, 4), (128, 1, 4), (64, 1, 4), (64, 2, 8),
            (128, 2, 8))     # (keys a step, stages, warps)
@@ -37,27 +41,34 @@ def decode_metadata(batch: int, context: int, tables: torch.Tensor, max_seq_len:
         block_tables=tables, max_query_len=1, max_seq_len=max_seq_len or context)
 
 
-def decode_configs() -> None:
-    heads, kv_heads, dim, block = 32, 8, 128, 16
-    print(f"card: {torch.cuda.get_device_name()}; the engine's decode tile now: {decode_config(heads // kv_heads, dim)}")
-    print("| batch | context | " + " | ".join(f"{n} keys, {s} stages, {w} warps" for n, s, w in CONFIGS) + " |")
+def decode_configs(dim: int = 128, kv_dtype: str = "bf16", contexts=(128, 512, 1024, 2048),
+                   configs=CONFIGS) -> None:
+    heads, kv_heads, block = 32, 8, 16
+    fp8 = kv_dtype == "fp8"
+    element_bytes = 1 if fp8 else 2
+    scales = dict(k_scale=0.37, v_scale=0.021) if fp8 else {}
+    print(f"card: {torch.cuda.get_device_name()}; head_dim {dim}, {kv_dtype} cache; the engine's decode tile "
+          f"now: {decode_config(heads // kv_heads, dim)}")
+    print("| batch | context | " + " | ".join(f"{n} keys, {s} stages, {w} warps" for n, s, w in configs) + " |")
     for batch in (64, 256):
-        for context in (128, 512, 1024, 2048):
+        for context in contexts:
             width = context // block
-            kv_bytes = 2 * batch * context * kv_heads * dim * 2
+            kv_bytes = 2 * batch * context * kv_heads * dim * element_bytes
             layers = max(1, math.ceil(200e6 / kv_bytes))             # caches cycled past the L2
-            caches = [(torch.randn(batch * width, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16),
-                       torch.randn(batch * width, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16))
-                      for _ in range(layers)]
+
+            def cache():
+                values = torch.randn(batch * width, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+                return quantize_kv(values, FP8_DTYPE, 0.37) if fp8 else values
+            caches = [(cache(), cache()) for _ in range(layers)]
             tables = torch.randperm(batch * width, dtype=torch.int32, device="cuda").view(batch, width)
             q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
             metadata = decode_metadata(batch, context, tables)
             cells = []
-            for block_n, stages, warps in CONFIGS:
+            for block_n, stages, warps in configs:
                 config = AttentionKernelConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
                 try:
                     us = graph_time_us(lambda: [paged_attention_triton(q, k, v, metadata, 0.088, num_kv_splits=1,
-                                                                       config=config) for k, v in caches],
+                                                                       config=config, **scales) for k, v in caches],
                                        replays=20) / layers
                     cells.append(f"{us:.1f} us {kv_bytes / us / 1e6:.2f} TB/s")
                 except Exception as error:    # over shared memory
@@ -68,9 +79,16 @@ def decode_configs() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", action="store_true", help="tile configurations of a decode batch")
+    parser.add_argument("--head-dim", type=int, default=128, help="--configs: 128 (Llama-3.1-8B) or 64")
+    parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="--configs: the cache's dtype")
+    parser.add_argument("--contexts", default="128,512,1024,2048", help="--configs: keys a sequence")
+    parser.add_argument("--tiles", help="--configs: KEYSxSTAGESxWARPS,... (default: a fixed list)")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    if parser.parse_args().configs:
-        decode_configs()
+    if args.configs:
+        tiles = (tuple(tuple(int(n) for n in tile.split("x")) for tile in args.tiles.split(","))
+                 if args.tiles else CONFIGS)
+        decode_configs(args.head_dim, args.kv_dtype, tuple(int(c) for c in args.contexts.split(",")), tiles)
         return
     heads, kv_heads, dim, block = 32, 8, 64, 16
     width = 4096 // block

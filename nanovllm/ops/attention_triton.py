@@ -42,11 +42,16 @@ table, and each split covers ceil(seq_len / NUM_SPLITS) keys read on the device.
 To pad a decode batch up to a captured size, add dummy sequences with seq_len 0,
 a block-table row of -1 and slot -1: their output rows come out as zeros.
 
-An FP8 cache (float8 e4m3, FP8_KV): each K and V tile is multiplied by its layer's scale
-in fp32 as it is loaded and rounded to q's dtype, as the torch reference's `dequantize_kv`
-does, so the dot products and the softmax run as with a float cache on half the bytes.
-The ROPE path quantizes the token's k and v as it writes them (`to_cache`) and takes
-them from registers dequantized the same way, as a later step would read them back.
+An FP8 cache (float8 e4m3, FP8_KV): the tensor cores take the stored codes as they are,
+converted to float16 (exact, one instruction for two values; float32 for float32 q), and
+the layer's scales multiply what the dot products give instead of every value loaded:
+k_scale the scores (with the softmax scale, once a program), v_scale the output. 16-bit q
+goes in as float16 scaled by a power of two that puts its largest magnitude in
+[2^14, 2^15) (`_query_for_codes`), so that float16's range holds it; the scores undo that
+power. This is the torch reference's attention over the dequantized cache with K and V
+unrounded to q's dtype, so it differs from it by that rounding. The ROPE path quantizes
+the token's k and v as it writes them (`to_cache`) and attends to them from registers,
+dequantized as a later step would read them back.
 """
 from __future__ import annotations
 
@@ -87,6 +92,45 @@ def _rope_rows(row_ptrs, offs_d, partner, mask, cos, sin, norm_ptr, eps,
 
 
 @triton.jit
+def _power_of_two(exponent):
+    """2^exponent, exactly, for integer exponents in [-126, 127]."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _query_for_codes(q, IEEE: tl.constexpr):
+    """q [BLOCK_M, D] for dot products with an FP8 cache's codes -> (q as the tensor cores take it,
+    what its products are multiplied by to undo its scaling). float32 q (IEEE): as it is, against
+    float32 codes. 16-bit q: float16, times the power of two 2^p that puts its largest magnitude in
+    [2^14, 2^15) (the products are then multiplied by 2^-p): every value within 2^28 of the
+    largest keeps all its bits, as float16 holds a bfloat16 value's 8 and its exponent from 2^-14 up."""
+    if IEEE:
+        q_dot, undo = q, 1.0
+    else:
+        q_max = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+        exponent = ((q_max.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127           # floor(log2 q_max)
+        power = tl.minimum(tl.maximum(14 - exponent, -126), 126)
+        q_dot = (q.to(tl.float32) * _power_of_two(power)).to(tl.float16)
+        undo = _power_of_two(-power)
+    return q_dot, undo
+
+
+@triton.jit
+def _codes_to_float16(x, ASM: tl.constexpr):
+    """A tile of e4m3 codes -> float16, exactly. ASM (on a GPU): two PTX conversions for four codes,
+    in an asm that the compiler keeps where it is, so that the tile is converted as it was loaded and
+    then laid out for the tensor cores as 16-bit values (V's transposed operand by ldmatrix); a cast
+    would be moved past that layout change, and V's codes read from shared memory a byte at a time."""
+    if ASM:
+        y = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x.to(tl.int8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+    else:
+        y = x.to(tl.float16)
+    return y
+
+
+@triton.jit
 def _from_cache(x, scale, dtype: tl.constexpr, FP8: tl.constexpr):
     """Stored K or V -> dtype: with FP8, times its scale in fp32 first (attention.py's dequantize_kv)."""
     if FP8:   # one return: the compiler types every return of a function alike, taken or not
@@ -111,7 +155,7 @@ def _paged_attention_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
         ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        FP8_KV: tl.constexpr):
+        FP8_KV: tl.constexpr, CODES_ASM: tl.constexpr = False):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -200,6 +244,11 @@ def _paged_attention_kernel(
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
                     mask=row_valid[:, None] & d_valid[None, :], other=0.0)   # [BLOCK_M, D]
 
+    if FP8_KV:    # the codes as they are stored, the scales on the scores and the output (module docstring)
+        q_dot, undo = _query_for_codes(q, IEEE)
+        score_scale = scale_log2 * k_scale * undo
+    else:
+        q_dot, score_scale = q, scale_log2
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)          # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running sum of exp2
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -215,13 +264,16 @@ def _paged_attention_kernel(
                     + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
         v = tl.load(v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None]
                     + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
-        k = _from_cache(k, k_scale, q_ptr.dtype.element_ty, FP8_KV)
-        v = _from_cache(v, v_scale, q_ptr.dtype.element_ty, FP8_KV)
+        if FP8_KV:
+            if IEEE:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            else:
+                k, v = _codes_to_float16(k, CODES_ASM), _codes_to_float16(v, CODES_ASM)
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q_dot, tl.trans(k), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2                                               # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q_dot, tl.trans(k))
+        s = s * score_scale                                              # [BLOCK_M, BLOCK_N]
         visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -233,6 +285,8 @@ def _paged_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if FP8_KV:
+        acc = acc * v_scale
     if ROPE:   # the token's own key, last (exp2(-inf) = 0 leaves a split without it unchanged)
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale_log2           # [BLOCK_M]
         s_new = tl.where(has_new, s_new, float("-inf"))
@@ -300,7 +354,11 @@ class AttentionKernelConfig:
     num_stages: int
 
 
-def decode_config(group: int, head_dim: int = 128) -> AttentionKernelConfig:
+# An FP8 cache's decode tiles by head_dim: (keys a step, pipeline stages), 4 warps
+FP8_DECODE_TILES = {64: (128, 2), 128: (128, 2)}
+
+
+def decode_config(group: int, head_dim: int = 128, fp8_kv: bool = False) -> AttentionKernelConfig:
     """One token per tile: the rows are the query heads of one KV head.
 
     Head_dim 128 (Llama-3.1-8B): 64 keys per step, 4 warps, 3 stages (96 KB of shared memory: two
@@ -312,6 +370,9 @@ def decode_config(group: int, head_dim: int = 128) -> AttentionKernelConfig:
     workload. (docs/reference/gpu-kernels.md)
     """
     block_m = max(16, triton.next_power_of_2(group))
+    if fp8_kv:
+        block_n, stages = FP8_DECODE_TILES[64 if head_dim <= 64 else 128]
+        return AttentionKernelConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=stages)
     if head_dim > 64:
         return AttentionKernelConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
     return AttentionKernelConfig(block_m=block_m, block_n=128, num_warps=4, num_stages=2)
@@ -442,7 +503,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
 
     decode = metadata.max_query_len == 1 and not batch_invariant
     if config is None:
-        config = decode_config(group, head_dim) if decode else prefill_config(group)
+        config = decode_config(group, head_dim, k_cache.dtype == FP8_DTYPE) if decode else prefill_config(group)
     # Every compile-time constant below comes from the model's shapes and the config, never from the
     # step's (number of sequences, chunk lengths): a step of a new shape must not stop to compile a kernel.
     block_q = 1 if decode else max(1, config.block_m // group)
@@ -490,7 +551,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages, FP8_KV=k_cache.dtype == FP8_DTYPE,
-        num_warps=config.num_warps)
+        CODES_ASM=k_cache.is_cuda, num_warps=config.num_warps)
     if num_kv_splits == 1:
         return w4_rows_torch(out.reshape(num_tokens, -1)) if w4 else out
     rows, merged = out, out                  # what the merge writes: out, or W4Rows' planes

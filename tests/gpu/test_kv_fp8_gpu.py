@@ -43,8 +43,9 @@ def fp8(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def reference(q, k_fp8, v_fp8, metadata, scale):
-    """float32 attention over the FP8 cache dequantized as the kernel does (to q's dtype)."""
-    k, v = dequantize_kv(k_fp8, K_SCALE, q.dtype).float(), dequantize_kv(v_fp8, V_SCALE, q.dtype).float()
+    """float32 attention over the FP8 cache dequantized in float32, as the kernels read it (the codes'
+    dot products times the scales, K and V never rounded to q's dtype)."""
+    k, v = dequantize_kv(k_fp8, K_SCALE, torch.float32), dequantize_kv(v_fp8, V_SCALE, torch.float32)
     return paged_attention_torch(q.float(), k, v, metadata, scale)
 
 
