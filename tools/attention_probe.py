@@ -48,7 +48,7 @@ def decode_configs(dim: int = 128, kv_dtype: str = "bf16", contexts=(128, 512, 1
     element_bytes = 1 if fp8 else 2
     scales = dict(k_scale=0.37, v_scale=0.021) if fp8 else {}
     print(f"card: {torch.cuda.get_device_name()}; head_dim {dim}, {kv_dtype} cache; the engine's decode tile "
-          f"now: {decode_config(heads // kv_heads, dim)}")
+          f"now: {decode_config(heads // kv_heads, dim, fp8)}")
     print("| batch | context | " + " | ".join(f"{n} keys, {s} stages, {w} warps" for n, s, w in configs) + " |")
     for batch in (64, 256):
         for context in contexts:

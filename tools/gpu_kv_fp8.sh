@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The FP8 KV cache on one GPU: its GPU tests, then `nano-vllm bench throughput` on Llama-3.2-1B (random
-# weights) with the model-dtype cache (bf16) and with --kv-cache-dtype fp8 in the same run: the default
-# workload, a long-context one (4096-token prompts, 256 outputs), and the long-context one again with the
-# pool held to 1 GiB, where the cache's capacity, not its bandwidth, limits the batch. Each run's JSON
-# (figures and kv_pool: dtype, blocks, token capacity) and output, in $OUT/gpu_kv_fp8.tar.gz; a table of
-# them in $OUT/summary.txt and the steps' tails in $OUT/gpu_kv_fp8.log (three files in all).
+# The FP8 KV cache on one GPU: its GPU tests; one decode attention call on bf16 and FP8 caches at
+# head_dim 64 and 128 (tools/attention_probe.py --configs, the engine's tiles); then `nano-vllm bench
+# throughput` (random weights) with the model-dtype cache (bf16) and with --kv-cache-dtype fp8 in the same
+# run: on Llama-3.2-1B the default workload, a long-context one (4096-token prompts, 256 outputs), and the
+# long-context one again with the pool held to 1 GiB, where the cache's capacity, not its bandwidth, limits
+# the batch; on Llama-3.1-8B 4096-token prompts with 512 outputs. Each run's JSON (figures and kv_pool:
+# dtype, blocks, token capacity) and output, in $OUT/gpu_kv_fp8.tar.gz; a table of them in
+# $OUT/summary.txt and the steps' tails in $OUT/gpu_kv_fp8.log (three files in all).
 # Usage, from the repository root on a machine with a CUDA GPU:  OUT=/some/dir bash tools/gpu_kv_fp8.sh
-# Expected under 4 minutes on an H200 (the steps' time limits add up to 320 s); a failed step does not stop the rest.
+# About 7 minutes on an H100 (the steps' time limits add up to 680 s); a failed step does not stop the rest.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 RUNS="$OUT/runs"
@@ -24,17 +26,26 @@ fi
 
 step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/gpu/test_kv_fp8_gpu.py
 
-bench() {   # bench NAME SECONDS FLAGS...: both caches, one JSON each
-    local name=$1 limit=$2; shift 2
+for head_dim in 64 128; do
+    for kv in bf16 fp8; do
+        step "attention-$head_dim-$kv" 60 $PY tools/attention_probe.py --configs --head-dim "$head_dim" --kv-dtype "$kv" \
+            --contexts 1024,4096 --tiles "$($PY -c "from nanovllm.ops.attention_triton import decode_config as c
+t = c(4, $head_dim, '$kv' == 'fp8'); print(f'{t.block_n}x{t.num_stages}x{t.num_warps}')")"
+    done
+done
+
+bench() {   # bench NAME SECONDS MODEL FLAGS...: both caches, one JSON each
+    local name=$1 limit=$2 model=$3; shift 3
     for kv in auto fp8; do
-        step "$name-$kv" "$limit" $PY -m nanovllm.cli bench throughput --dummy llama-3.2-1b --kv-cache-dtype "$kv" \
+        step "$name-$kv" "$limit" $PY -m nanovllm.cli bench throughput --dummy "$model" --kv-cache-dtype "$kv" \
             --peer none --no-progress --ceiling-repeats 3 "$@" --json "$RUNS/$name-$kv.json"
     done
 }
-bench throughput 40
-bench long-context 35 --dataset random --input-len 4096 --output-len 256 --num-prompts 64 --max-model-len 8192
-bench long-context-1gib 35 --dataset random --input-len 4096 --output-len 256 --num-prompts 64 --max-model-len 8192 \
-    --kv-cache-memory $((1 << 30))
+bench throughput 40 llama-3.2-1b
+bench long-context 35 llama-3.2-1b --dataset random --input-len 4096 --output-len 256 --num-prompts 64 --max-model-len 8192
+bench long-context-1gib 35 llama-3.2-1b --dataset random --input-len 4096 --output-len 256 --num-prompts 64 \
+    --max-model-len 8192 --kv-cache-memory $((1 << 30))
+bench long-context-8b 60 llama-3.1-8b --dataset random --input-len 4096 --output-len 512 --num-prompts 64 --max-model-len 8192
 
 $PY - "$RUNS" > "$OUT/summary.txt" 2>&1 <<'PYEOF'
 import json, pathlib, sys
