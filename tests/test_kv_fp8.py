@@ -4,8 +4,9 @@ What it must do, checked here on the CPU:
 - a write stores x / scale clamped to +-448 and rounded to e4m3; a read gives the stored value times
   the scale, so attention over an FP8 cache is attention over its dequantized float copy, exactly;
 - the Triton kernels (RoPE + write, paged attention in its prefill, decode, split and fused
-  configurations) compute what the torch reference computes on the same FP8 cache, under Triton's
-  interpreter (a subprocess, as in test_ops_triton.py);
+  configurations) write the reference's bytes and compute attention over the same FP8 cache
+  dequantized in float32 (they put the scales on the scores and the output, never rounding K and V
+  to q's dtype), under Triton's interpreter (a subprocess, as in test_ops_triton.py);
 - an engine with an FP8 cache gives the greedy tokens of a float engine whose KV writes round
   through FP8 (prefix caching and preemption included), and stays within a measured bound of
   plain float KV;
