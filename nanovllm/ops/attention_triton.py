@@ -358,12 +358,15 @@ class AttentionKernelConfig:
     num_stages: int
 
 
-# An FP8 cache's decode tiles by head_dim: (keys a step, pipeline stages), 4 warps. On an NVIDIA H100
+# An FP8 cache's decode tiles by head_dim: (keys a step, pipeline stages, warps). On an NVIDIA H100
 # (tools/attention_probe.py --configs --kv-dtype fp8, batch 64 and 256, contexts 1,024 and 4,096): head_dim
-# 64 keeps bf16's 128 keys and 2 stages (35.8 us at batch 64, context 1,024; 64 keys 44.4, 8 warps 52.1);
-# head_dim 128 takes 64 keys in 2 stages, not bf16's 3 (68.6 against 100.3 us; 128 keys 74.0), and
-# `bench throughput` of Llama-3.1-8B on 64 prompts of 4,096 tokens gave 2,297 against 2,255 output tok/s.
-FP8_DECODE_TILES = {64: (128, 2), 128: (64, 2)}
+# 64 keeps bf16's 128 keys and 2 stages (33.7 us at batch 64, context 1,024; 64 keys 39.4, 256 keys 40.0);
+# head_dim 128 takes 64 keys in 2 stages, not bf16's 3 (58.4 against 85.2 us; 128 keys 64.5). Both run 2
+# warps, not 4: at head_dim 128 faster everywhere (209 against 232 us at context 4,096), at 64 faster from
+# context 4,096 or batch 256 on (127 against 139 us) and slower at batch 64, context 1,024 (35.2 against
+# 33.7). `bench throughput` on 64 prompts of 4,096 tokens: Llama-3.2-1B 7,764 / 7,781 against 7,682 / 7,679
+# output tok/s with 4 warps, Llama-3.1-8B (512 out) 2,379 against 2,362.
+FP8_DECODE_TILES = {64: (128, 2, 2), 128: (64, 2, 2)}
 
 
 def decode_config(group: int, head_dim: int = 128, fp8_kv: bool = False) -> AttentionKernelConfig:
@@ -379,8 +382,8 @@ def decode_config(group: int, head_dim: int = 128, fp8_kv: bool = False) -> Atte
     """
     block_m = max(16, triton.next_power_of_2(group))
     if fp8_kv:
-        block_n, stages = FP8_DECODE_TILES[64 if head_dim <= 64 else 128]
-        return AttentionKernelConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=stages)
+        block_n, stages, warps = FP8_DECODE_TILES[64 if head_dim <= 64 else 128]
+        return AttentionKernelConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
     if head_dim > 64:
         return AttentionKernelConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
     return AttentionKernelConfig(block_m=block_m, block_n=128, num_warps=4, num_stages=2)
