@@ -121,6 +121,14 @@ class Tiles:
     swap: bool = False          # FP8's W8A8 GEMM at a decode batch's rows, transposed (_fp8_swap_gemm_kernel)
 
 
+def _doubling_split(max_splits: int, programs: int, target: int) -> int:
+    """K's split: doubled from 1 while it stays within max_splits and programs x split within target."""
+    split_k = 1
+    while split_k * 2 <= max_splits and programs * split_k * 2 <= target:
+        split_k *= 2
+    return split_k
+
+
 def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, device: torch.device) -> Tiles:
     """The tiles of an [M, K] x [K, N] product whose K is k_steps steps of block_k."""
     if num_rows > 64:
@@ -128,10 +136,7 @@ def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, d
     if num_rows > 16:
         return Tiles(64, 64, block_k)
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
-    programs, target = triton.cdiv(out_features, 32), PROGRAMS_PER_SM * sms
-    split_k = 1
-    while split_k * 2 <= k_steps and programs * split_k * 2 <= target:
-        split_k *= 2
+    split_k = _doubling_split(k_steps, triton.cdiv(out_features, 32), PROGRAMS_PER_SM * sms)
     return Tiles(16, 32, block_k, split_k)
 
 
@@ -514,18 +519,16 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
     if FP8_SWAP_GEMM:
         block_n, block_k, num_warps, num_stages = FP8_SWAP_TILES
-        programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
-        while split_k * 2 <= k_steps and programs * split_k * 2 <= FP8_SWAP_PROGRAMS_PER_SM * sms:
-            split_k *= 2
+        split_k = _doubling_split(triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n),
+                                  FP8_SWAP_PROGRAMS_PER_SM * sms)
         return Tiles(block_m, block_n, block_k, split_k, num_warps=num_warps, num_stages=num_stages, swap=True)
     block_n, block_k, num_stages, programs_per_sm = 64, 128, 4, FP8_GEMM_PROGRAMS_PER_SM
     if block_m >= 32 and triton.cdiv(out_features, 64) >= 2 * sms:
         block_n, num_stages = 128, 3
     elif block_m == 64:
         block_k, programs_per_sm = 256, 1
-    programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
-    while split_k * 2 <= k_steps and programs * split_k * 2 <= programs_per_sm * sms:
-        split_k *= 2
+    split_k = _doubling_split(triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n),
+                              programs_per_sm * sms)
     return Tiles(block_m, block_n, block_k, split_k, num_warps=4, num_stages=num_stages)
 
 
@@ -996,10 +999,8 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
         return choose_tiles(num_rows, out_features, k_steps, block_k, device)
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_n = 64 if num_rows <= 2 else 32
-    programs, target = triton.cdiv(out_features, block_n), GEMV_PROGRAMS_PER_SM * sms
-    split_k = 1
-    while split_k * 2 <= min(k_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
-        split_k *= 2
+    split_k = _doubling_split(min(k_steps, GEMV_MAX_SPLITS), triton.cdiv(out_features, block_n),
+                              GEMV_PROGRAMS_PER_SM * sms)
     return Tiles(triton.next_power_of_2(num_rows), block_n, block_k, split_k, num_warps=4, num_stages=3,
                  prefetch=GEMV_PREFETCH)
 
@@ -1048,9 +1049,7 @@ def choose_w4a16_dot_tiles(num_rows: int, out_features: int, k_steps: int, devic
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     programs, target = triton.cdiv(out_features, DOT_GEMV_BLOCK_N), GEMV_PROGRAMS_PER_SM * sms
     min_steps = DOT_GEMV_MIN_STEPS * (2 if 2 * programs >= sms else 1)
-    split_k = 1
-    while split_k * 2 <= min(k_steps // min_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
-        split_k *= 2
+    split_k = _doubling_split(min(k_steps // min_steps, GEMV_MAX_SPLITS), programs, target)
     return Tiles(16, DOT_GEMV_BLOCK_N, GEMV_BLOCK_K, split_k, num_warps=4, num_stages=3, planes=True)
 
 
@@ -1127,10 +1126,7 @@ def choose_w4a16_row_tiles(out_features: int, k_steps: int, device: torch.device
     programs_per_sm, block_k = programs_per_sm or ROW_GEMV_PROGRAMS_PER_SM, block_k or ROW_GEMV_BLOCK_K
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_n = 32 * 32 // block_k * rows * warps
-    programs, target = triton.cdiv(out_features, block_n), programs_per_sm * sms
-    split_k = 1
-    while split_k * 2 <= min(k_steps, GEMV_MAX_SPLITS) and programs * split_k * 2 <= target:
-        split_k *= 2
+    split_k = _doubling_split(min(k_steps, GEMV_MAX_SPLITS), triton.cdiv(out_features, block_n), programs_per_sm * sms)
     return Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=1, row_gemv=True)
 
 
