@@ -72,8 +72,8 @@ def main() -> None:
                   f"{n * k / chosen[True][0] / 1e6:.2f} TB/s", flush=True)
             fastest = min(chosen.values(), key=lambda t: t[0])
             sweep = [(False, t) for t in POINTER_TILES if args.pointer] + [(True, t) for t in SWAP_TILES if args.swap]
+            block_m = chosen[True][1].block_m           # the engine's tile of m rows
             for swap, (block_n, block_k, warps, stages) in sweep:
-                block_m = min(64, max(16, 1 << (m - 1).bit_length()))
                 if swap and (block_m + block_n) * block_k * stages > 200 * 1024:
                     continue                   # past the shared memory of a Hopper SM
                 for split_k in (1, 2, 4, 8):
