@@ -10,7 +10,8 @@ block 16) at batch B and context L for each split count (the merge kernel includ
 
 --configs: Llama-3.1-8B's shapes (32 query heads, 8 KV heads, head_dim 128, block 16; --head-dim 64:
 Llama-3.2-1B's) at batch 64 and 256 and contexts of 128 to 2048 keys (--contexts), one split, for
-several tile configurations (keys a step, pipeline stages, warps; --tiles 128x2x4,256x2x4 to choose);
+several tile configurations (keys a step, pipeline stages, warps; --tiles 128x2x4,256x2x4 to choose,
+--tiles engine for the engine's own);
 each call reads another layer's cache, so that the keys come from HBM and not from the 60 MB L2.
 --kv-dtype fp8: an FP8 cache (scales 0.37 and 0.021). Prints microseconds per call and the KV bytes
 read per second.
@@ -82,12 +83,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128, help="--configs: 128 (Llama-3.1-8B) or 64")
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="--configs: the cache's dtype")
     parser.add_argument("--contexts", default="128,512,1024,2048", help="--configs: keys a sequence")
-    parser.add_argument("--tiles", help="--configs: KEYSxSTAGESxWARPS,... (default: a fixed list)")
+    parser.add_argument("--tiles", help="--configs: KEYSxSTAGESxWARPS,... or engine (default: a fixed list)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.configs:
-        tiles = (tuple(tuple(int(n) for n in tile.split("x")) for tile in args.tiles.split(","))
-                 if args.tiles else CONFIGS)
+        if args.tiles == "engine":
+            engine = decode_config(4, args.head_dim, args.kv_dtype == "fp8")
+            tiles = ((engine.block_n, engine.num_stages, engine.num_warps),)
+        else:
+            tiles = (tuple(tuple(int(n) for n in tile.split("x")) for tile in args.tiles.split(","))
+                     if args.tiles else CONFIGS)
         decode_configs(args.head_dim, args.kv_dtype, tuple(int(c) for c in args.contexts.split(",")), tiles)
         return
     heads, kv_heads, dim, block = 32, 8, 64, 16

@@ -29,8 +29,7 @@ step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/gpu/test_kv
 for head_dim in 64 128; do
     for kv in bf16 fp8; do
         step "attention-$head_dim-$kv" 60 $PY tools/attention_probe.py --configs --head-dim "$head_dim" --kv-dtype "$kv" \
-            --contexts 1024,4096 --tiles "$($PY -c "from nanovllm.ops.attention_triton import decode_config as c
-t = c(4, $head_dim, '$kv' == 'fp8'); print(f'{t.block_n}x{t.num_stages}x{t.num_warps}')")"
+            --contexts 1024,4096 --tiles engine
     done
 done
 
