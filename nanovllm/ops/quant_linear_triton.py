@@ -1326,9 +1326,8 @@ def choose_w8a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, 
     the codes' layout."""
     sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
     block_n, block_k = 4, 1024
-    programs, k_steps, split_k = num_rows * triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
-    while k_steps >= 4 * split_k * 2 and programs * split_k * 2 <= GEMV_PROGRAMS_PER_SM * sms:
-        split_k *= 2
+    split_k = _doubling_split(triton.cdiv(in_features, block_k) // 4, num_rows * triton.cdiv(out_features, block_n),
+                              GEMV_PROGRAMS_PER_SM * sms)        # at least 4 steps a split
     return Tiles(1, block_n, block_k, split_k, num_warps=4, num_stages=1)
 
 
