@@ -17,8 +17,8 @@ import pytest
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from nanovllm.ops import (activation_triton, all_reduce_triton, attention_triton, rmsnorm_triton,  # noqa: E402
-                          rotary_triton, sampling_triton)
+from nanovllm.ops import (activation_triton, all_reduce_triton, attention_triton, quant_linear_triton,  # noqa: E402
+                          rmsnorm_triton, rotary_triton, sampling_triton)
 
 POINTER_TYPES = {   # pointer arguments that are not bfloat16 tensors
     "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32",
@@ -159,22 +159,31 @@ def test_attention_merge_writing_w4_rows_compiles():
                               num_warps=1).asm["cubin"]
 
 
-def test_kernels_before_a_gemv_let_it_launch_early():
-    """With PDL the norms, SiLU-and-mul and the attention's merge let the next kernel launch from
-    their first instruction (the FP8 GEMV after them waits for their outputs itself)."""
+@pytest.mark.parametrize("wait", [False, True])
+def test_kernels_between_gemvs_let_the_next_launch_early(wait):
+    """With PDL the norms, SiLU-and-mul, the attention and its merge and the sum of partials let the next
+    kernel launch from their first instruction; with WAIT (launched early themselves, PDL_BETWEEN) they
+    wait for the kernel before them in the kernel."""
+    flags = dict(PDL=True, WAIT=wait)
     kernels = [compile_for_hopper(rmsnorm_triton._rms_norm_kernel,
-                                  dict(HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, PDL=True), {"out_ptr": "*bf16"}),
+                                  dict(HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, **flags), {"out_ptr": "*bf16"}),
                compile_for_hopper(rmsnorm_triton._add_rms_norm_kernel,
-                                  dict(NUM_PARTIALS=2, HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, PDL=True),
+                                  dict(NUM_PARTIALS=2, HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16, **flags),
                                   {"x_ptr": "*fp32", "out_ptr": "*bf16"}),
                compile_for_hopper(activation_triton._silu_and_mul_kernel,
-                                  dict(INTERMEDIATE=8192, BLOCK=1024, ROUND_TO=tl.bfloat16, PDL=True),
+                                  dict(INTERMEDIATE=8192, BLOCK=1024, ROUND_TO=tl.bfloat16, **flags),
                                   {"out_ptr": "*bf16"}),
                compile_for_hopper(attention_triton._merge_splits_kernel,
-                                  dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=64, HEAD_DIM_PAD=64, PDL=True),
-                                  {"out_ptr": "*bf16"})]
+                                  dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=64, HEAD_DIM_PAD=64, **flags),
+                                  {"out_ptr": "*bf16"}),
+               compile_for_hopper(quant_linear_triton._sum_partials_kernel, dict(NUM_PARTIALS=2, BLOCK=1024, **flags),
+                                  {"partial_ptr": "*fp32", "out_ptr": "*bf16"})]
+    kernels += [compile_for_hopper(attention_triton._paged_attention_kernel,
+                                   dict(**LLAMA, **DECODE, NUM_SPLITS=4, ROPE=rope, HAS_NORM=False, FP8_KV=False,
+                                        **flags)) for rope in (True, False)]
     for kernel in kernels:
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
+        assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == wait
     plain = compile_for_hopper(rmsnorm_triton._rms_norm_kernel, dict(HIDDEN=2048, BLOCK_H=2048, ROUND_TO=tl.bfloat16),
                                {"out_ptr": "*bf16"})
     assert "griddepcontrol" not in plain.asm["ptx"]

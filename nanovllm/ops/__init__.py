@@ -66,9 +66,9 @@ def sm_count(device: torch.device) -> int:
 
 # Programmatic dependent launch (Hopper and later): the FP8 and W4A16 GEMVs of a one-sequence decode
 # step are launched while the kernel before them still runs, load their first weight step (which no
-# kernel writes), and only then wait (`gdc_wait`) for that kernel's outputs; the kernels before GEMVs
-# (the norms, SiLU-and-mul, the attention's merge) let them launch from their first instruction
-# (`gdc_launch_dependents`). Figures: docs/reference/gpu-kernels.md.
+# kernel writes), and only then wait (`gdc_wait`) for that kernel's outputs; the kernels between GEMVs
+# (the norms, SiLU-and-mul, the attention and its merge, the sum of partials) let the kernel after them
+# launch from their first instruction (`gdc_launch_dependents`). Figures: docs/reference/gpu-kernels.md.
 PDL = True
 
 
@@ -77,8 +77,28 @@ def _pdl_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+# The kernels between the GEMVs of the kinds in PDL_BETWEEN are launched early as well: each lets the
+# kernel after it launch from its first instruction, loads what no kernel of the step writes (a norm's
+# weight), and waits (`gdc_wait`) before it reads anything the kernels before it wrote, and before it
+# writes anything, so that its launch and its first instructions overlap the end of the kernel before.
+# The kinds: "norm", "partials" (the sum of a split product's partials), "merge" (of a split attention's
+# splits), "attention", "silu". The first two pay at batch 1 on an NVIDIA H100; the merge launched early
+# made Llama-3.1-8B bf16 slower, the attention Llama-3.1-8B w4a16, SiLU-and-mul Llama-3.2-1B w4a16
+# (figures: docs/reference/gpu-kernels.md).
+PDL_BETWEEN = frozenset({"norm", "partials"})
+
+
 def use_pdl(x: torch.Tensor) -> bool:
     """Whether kernels on x's device take part in programmatic dependent launch: PDL is on and the
     device is a CUDA GPU of compute capability 9 or later (the interpreter's CPU tensors never)."""
     return PDL and x.is_cuda and _pdl_capable(x.device.index if x.device.index is not None
                                               else torch.cuda.current_device())
+
+
+def pdl_between(x: torch.Tensor, kind: str) -> dict:
+    """The launch options of a kernel of this kind between GEMVs: PDL (it lets the kernel after it launch
+    at once), and where PDL_BETWEEN holds the kind, WAIT with launch_pdl (it is launched early itself and
+    waits in the kernel); none where use_pdl(x) is False."""
+    if not use_pdl(x):
+        return {}
+    return {"PDL": True, "WAIT": True, "launch_pdl": True} if kind in PDL_BETWEEN else {"PDL": True}

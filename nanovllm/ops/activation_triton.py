@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops import use_pdl
+from nanovllm.ops import pdl_between
 from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_rows, quantize_fp8_rows_triton, store_row
 from nanovllm.ops.quant_format import Fp8Rows, W4Rows
 
@@ -21,9 +21,12 @@ FP8_MAX_FEATURES = 16384     # the widest row one program quantizes (16 warps, 3
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_xs, INTERMEDIATE: tl.constexpr,
                          BLOCK: tl.constexpr, ROUND_TO: tl.constexpr, NUM_PARTIALS: tl.constexpr = 1,
-                         FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
+                         FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False,
+                         WAIT: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
+    if WAIT:    # launched early (PDL_BETWEEN): the kernel before has written x once this returns
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTERMEDIATE
@@ -64,6 +67,6 @@ def silu_and_mul_triton(x: torch.Tensor, fp8: bool = False, w4: bool = False,
     grid = (partials.shape[1], triton.cdiv(intermediate, block))
     _silu_and_mul_kernel[grid](partials, out_arg, scale_arg, partials.stride(1), partials.stride(0),
                                INTERMEDIATE=intermediate, BLOCK=block, ROUND_TO=TL_DTYPES[dtype],
-                               NUM_PARTIALS=partials.shape[0], FP8_OUT=fp8, W4_OUT=w4, PDL=use_pdl(x),
+                               NUM_PARTIALS=partials.shape[0], FP8_OUT=fp8, W4_OUT=w4, **pdl_between(x, "silu"),
                                num_warps=min(16, max(1, block // 256)))
     return out

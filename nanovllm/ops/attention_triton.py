@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops import sm_count, use_pdl
+from nanovllm.ops import pdl_between, sm_count
 from nanovllm.ops.attention_metadata import AttentionMetadata
 from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_rows, store_row
 from nanovllm.ops.quant_format import FP8_DTYPE, W4Rows, w4_rows_torch
@@ -157,7 +157,10 @@ def _paged_attention_kernel(
         BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
         ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
-        FP8_KV: tl.constexpr, CODES_ASM: tl.constexpr = False):
+        FP8_KV: tl.constexpr, CODES_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
+        WAIT: tl.constexpr = False):
+    if PDL:     # the kernel after this one may launch now (ops/__init__.py)
+        tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -221,6 +224,8 @@ def _paged_attention_kernel(
         cos = tl.load(cos_sin_ptr + position * stride_cs + offs_d % half, mask=d_valid, other=0.0)
         sin = tl.load(cos_sin_ptr + position * stride_cs + half + offs_d % half, mask=d_valid, other=0.0)
         sin = tl.where(offs_d < half, -sin, sin)                              # x1 cos - x2 sin | x2 cos + x1 sin
+        if WAIT:    # launched early (PDL_BETWEEN): what came before this came from the host; q, k, v
+            tl.extra.cuda.gdc_wait()    # are written once this returns
         new_mask = offs_d[None, :] < tl.where(has_new, HEAD_DIM, 0)          # [1, D]: all of d, or none
         new_row = tl.zeros([1], dtype=tl.int64) + q_start.to(tl.int64) * stride_knt + kv_head * stride_knh
         k_new = _rope_rows(k_new_ptr + new_row, offs_d, partner, new_mask, cos, sin, k_norm_ptr, eps,
@@ -243,6 +248,8 @@ def _paged_attention_kernel(
         tl.store(v_cache_ptr + v_slot + offs_d[None, :], v_stored, mask=store_mask)
     else:
         loop_hi = kv_hi
+        if WAIT:    # launched early (PDL_BETWEEN): q and the cache are written once this returns
+            tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
                     mask=row_valid[:, None] & d_valid[None, :], other=0.0)   # [BLOCK_M, D]
 
@@ -320,12 +327,14 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
                          W4_OUT: tl.constexpr = False, FEATURES: tl.constexpr = 0,
-                         ROUND_TO: tl.constexpr = tl.float32):
+                         ROUND_TO: tl.constexpr = tl.float32, WAIT: tl.constexpr = False):
     """One (token, head): the splits' outputs weighted by exp2(lse - max lse). W4_OUT: out_ptr is the
     W4Rows planes of the token rows (FEATURES = heads x HEAD_DIM values a row), written with the
     head's values rounded to ROUND_TO (store_row), for o_proj's W4A16 GEMV."""
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
+    if WAIT:    # launched early (PDL_BETWEEN): the attention's splits are written once this returns
+        tl.extra.cuda.gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -562,7 +571,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages, FP8_KV=k_cache.dtype == FP8_DTYPE,
-        CODES_ASM=k_cache.is_cuda, num_warps=config.num_warps)
+        CODES_ASM=k_cache.is_cuda, **pdl_between(q, "attention"), num_warps=config.num_warps)
     if num_kv_splits == 1:
         return w4_rows_torch(out.reshape(num_tokens, -1)) if w4 else out
     rows, merged = out, out                  # what the merge writes: out, or W4Rows' planes
@@ -573,6 +582,6 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PDL=use_pdl(out), W4_OUT=w4,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **pdl_between(out, "merge"), W4_OUT=w4,
         FEATURES=num_heads * head_dim, ROUND_TO=TL_DTYPES[q.dtype], num_warps=1)
     return rows

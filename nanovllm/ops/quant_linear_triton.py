@@ -71,7 +71,7 @@ try:
 except ImportError:      # a Triton without host-side tensor descriptors: the pointer-load kernels only
     TensorDescriptor = None
 
-from nanovllm.ops import sm_count, use_pdl
+from nanovllm.ops import pdl_between, sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
 from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
 from nanovllm.ops.matmul_triton import grouped_tile
@@ -164,7 +164,12 @@ def _output(num_rows: int, out_features: int, x: torch.Tensor | Fp8Rows, tiles: 
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, size, NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_partials_kernel(partial_ptr, out_ptr, size, NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False, WAIT: tl.constexpr = False):
+    if PDL:     # the kernel after this one may launch now (ops/__init__.py)
+        tl.extra.cuda.gdc_launch_dependents()
+    if WAIT:    # launched early (PDL_BETWEEN): the partials are written once this returns
+        tl.extra.cuda.gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -180,7 +185,8 @@ def sum_partials(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     summed = torch.empty(out.shape[1:], dtype=dtype, device=out.device)                 # [M, N]
     block = 1024
     _sum_partials_kernel[(triton.cdiv(summed.numel(), block),)](out, summed, summed.numel(),
-                                                                NUM_PARTIALS=out.shape[0], BLOCK=block)
+                                                                NUM_PARTIALS=out.shape[0], BLOCK=block,
+                                                                **pdl_between(out, "partials"))
     return summed
 
 

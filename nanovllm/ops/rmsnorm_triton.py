@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops import use_pdl
+from nanovllm.ops import pdl_between
 from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_rows, store_row
 from nanovllm.ops.quant_format import Fp8Rows, W4Rows
 
@@ -25,7 +25,8 @@ from nanovllm.ops.quant_format import Fp8Rows, W4Rows
 @triton.jit
 def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, scale_ptr, eps, inner, stride_x0, stride_x1,
                      HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_TO: tl.constexpr,
-                     FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
+                     FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False,
+                     WAIT: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
@@ -33,6 +34,8 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, scale_ptr, eps, inner, stride_x
     offs = tl.arange(0, BLOCK_H)
     mask = offs < HIDDEN
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)   # in flight with x's load
+    if WAIT:    # launched early (PDL_BETWEEN): the kernel before has written x once this returns
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + x_row + offs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
@@ -44,7 +47,8 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, scale_ptr, eps, inner, stride_x
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, residual_out_ptr, eps,
                          stride_xs, stride_x, stride_r, NUM_PARTIALS: tl.constexpr,
                          HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_TO: tl.constexpr,
-                         FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False):
+                         FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False,
+                         WAIT: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -53,6 +57,8 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, re
     # Every load first: the weight loaded after the reduction would cost a second trip to memory,
     # a visible share of this kernel's ~2 us at batch 1.
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if WAIT:    # launched early (PDL_BETWEEN): the kernels before have written x and the residual
+        tl.extra.cuda.gdc_wait()
     r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
     xf = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     for s in tl.static_range(1, NUM_PARTIALS):     # unrolled: every partial's load in flight at once
@@ -89,7 +95,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool
     _rms_norm_kernel[(out_arg.numel() // hidden,)](x, weight, out_arg, scale_arg, eps, inner,
                                                   stride_x0, stride_x1, HIDDEN=hidden, BLOCK_H=block_h,
                                                   ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8, W4_OUT=w4,
-                                                  PDL=use_pdl(x),
+                                                  **pdl_between(x, "norm"),
                                                   num_warps=_num_warps(block_h))
     return out
 
@@ -116,5 +122,5 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
                                         partials.stride(0), partials.stride(1), residual.stride(0),
                                         NUM_PARTIALS=partials.shape[0], HIDDEN=hidden,
                                         BLOCK_H=block_h, ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8, W4_OUT=w4,
-                                        PDL=use_pdl(x), num_warps=_num_warps(block_h))
+                                        **pdl_between(x, "norm"), num_warps=_num_warps(block_h))
     return out, residual_out

@@ -352,19 +352,22 @@ def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, metho
                 f"sequence {index} step {step}"
 
 
-@pytest.mark.parametrize("method", ["fp8", "w4a16"])
-def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama, method, monkeypatch):
-    """A decode step of one sequence through the CUDA graphs: its GEMVs launched early (PDL),
-    gate_up_proj's FP8 GEMV with the SiLU in it, the W4A16 GEMVs given W4Rows by the norms and
-    SiLU-and-mul, and gate_up_proj's partials added up by SiLU-and-mul; or none of these. The
-    kernels multiply alike either way, so tokens and log-probabilities must be the same bits; an
-    early GEMV that read its input before the kernel writing it had finished would part from the
-    other run."""
+@pytest.mark.parametrize("between", ["as set", "every kind"])
+@pytest.mark.parametrize("method", [None, "fp8", "w4a16"])
+def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama, method, between, monkeypatch):
+    """A decode step of one sequence through the CUDA graphs: its GEMVs and the kernels between them
+    launched early (PDL; PDL_BETWEEN as set, or every kind of kernel between GEMVs), gate_up_proj's FP8
+    GEMV with the SiLU in it, the W4A16 GEMVs given W4Rows by the norms and SiLU-and-mul, and
+    gate_up_proj's partials added up by SiLU-and-mul; or none of these. The kernels multiply alike
+    either way, so tokens and log-probabilities must be the same bits; a kernel launched early that
+    read its input before the kernel writing it had finished would part from the other run."""
     import nanovllm.ops as ops
     from nanovllm import LLM, SamplingParams
     from nanovllm.ops import activation, quant_linear, quant_linear_triton
 
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    if between == "every kind":
+        monkeypatch.setattr(ops, "PDL_BETWEEN", frozenset({"norm", "partials", "merge", "attention", "silu"}))
     runs = []
     for early in (True, False):
         monkeypatch.setattr(ops, "PDL", early)
