@@ -10,7 +10,7 @@ tokens a second.
     python tools/decode_ab_probe.py --dummy llama-3.2-1b --quantization fp8 --set as-is \\
         --set split-32=nanovllm.ops.quant_linear_triton.ROW_GEMV_PROGRAMS_PER_SM=32 [--json out.json]
 
-A set is NAME, or NAME=SETTING[,SETTING...].
+A set is NAME, or NAME=SETTING[,SETTING...]; a setting's value may be a set, as PDL_BETWEEN's is.
 """
 from __future__ import annotations
 
@@ -26,10 +26,31 @@ from nanovllm.config import EngineConfig
 from nanovllm.sampling_params import SamplingParams
 
 
+def split_settings(text: str) -> list[str]:
+    """'MODULE.X=1,MODULE.Y={"a", "b"}' -> ['MODULE.X=1', 'MODULE.Y={"a", "b"}']: the commas outside
+    brackets and quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part for part in parts if part]
+
+
 def parse_set(text: str) -> tuple[str, list[tuple[object, str, object]]]:
-    """'NAME=MODULE.X=1,MODULE.Y=2' -> (NAME, [(module, X, 1), (module, Y, 2)])."""
+    """'NAME=MODULE.X=1,MODULE.Y=2' -> (NAME, [(module, X, 1), (module, Y, 2)]); a value may be a set
+    or a tuple ('NAME=nanovllm.ops.PDL_BETWEEN={"norm", "partials"}')."""
     name, _, rest = text.partition("=")
-    return name, [parse_setting(setting) for setting in filter(None, rest.split(","))]
+    return name, [parse_setting(setting) for setting in split_settings(rest)]
 
 
 def main() -> None:
@@ -83,7 +104,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "model": args.dummy,
-                       "quantization": args.quantization, "sets": result}, f, indent=1)
+                       "quantization": args.quantization, "sets": result}, f, indent=1,
+                      default=lambda value: sorted(value) if isinstance(value, (set, frozenset)) else str(value))
     graphs.max_batch = graphs.sizes[-1]         # (release() set it to 0)
     engine.abort_request("ab")
     while engine.has_unfinished_requests():

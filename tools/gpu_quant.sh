@@ -8,7 +8,8 @@
 # BASE=path/to/another/checkout times its kernels beside these, and its Llama-3.2-1B decode in Q8_0, Q4_K
 # and W4A16; GEMM_SWEEP=1 adds the FP8 W8A8 tile sweep; SWEEP_FORMATS narrows the one-row sweep
 # (fp8,w4a16,w8a16).
-# About 7 minutes on an H200; each step has its own time limit and a failed step does not stop the rest.
+# Then a decode step's GPU time with the kernels between the GEMVs launched early as set, with none and with
+# every kind (tools/decode_ab_probe.py). About 9 minutes on an H200; each step has its own time limit and a failed step does not stop the rest.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
@@ -48,6 +49,17 @@ for q in bf16 fp8 gguf-q8_0; do
     flag=(); [ "$q" != bf16 ] && flag=(--quantization "$q")
     step "throughput-llama-3.1-8b-$q" 45 $PY -m nanovllm.cli bench throughput --dummy llama-3.1-8b "${flag[@]}" \
         --peer none --no-progress --num-prompts 64 --json "$OUT/throughput-llama-3.1-8b-$q.json"
+done
+# GPU time of a batch-1 decode step with the kernels between the GEMVs launched early (PDL_BETWEEN, ops/__init__.py)
+# as set, with none of them and with the other kinds too (the kinds' costs differ by model and format)
+early_sets=(--set as-set --set none='nanovllm.ops.PDL_BETWEEN=()'
+            --set and-merge='nanovllm.ops.PDL_BETWEEN={"norm", "partials", "merge"}'
+            --set every-kind='nanovllm.ops.PDL_BETWEEN={"norm", "partials", "merge", "attention", "silu"}')
+for spec in llama-3.1-8b:w4a16 llama-3.1-8b:bf16 llama-3.2-1b:fp8; do
+    model=${spec%%:*} q=${spec##*:} flag=()
+    [ "$q" != bf16 ] && flag=(--quantization "$q")
+    step "early-launch-$model-$q" 60 $PY tools/decode_ab_probe.py --dummy "$model" "${flag[@]}" "${early_sets[@]}" \
+        --json "$OUT/early-launch-$model-$q.json"
 done
 headlines "$OUT" "*-llama-*.json"
 echo "done in ${SECONDS}s" | tee -a "$log"
