@@ -24,8 +24,7 @@ import math
 import torch
 
 from nanovllm.bench.graph_timing import graph_time_us
-from nanovllm.ops.attention import AttentionMetadata
-from nanovllm.ops.attention import quantize_kv
+from nanovllm.ops.attention import AttentionMetadata, quantize_kv
 from nanovllm.ops.attention_triton import AttentionKernelConfig, decode_config, paged_attention_triton
 from nanovllm.ops.quant_format import FP8_DTYPE
 

@@ -81,10 +81,11 @@ def _pdl_capable(index: int) -> bool:
 # kernel after it launch from its first instruction, loads what no kernel of the step writes (a norm's
 # weight), and waits (`gdc_wait`) before it reads anything the kernels before it wrote, and before it
 # writes anything, so that its launch and its first instructions overlap the end of the kernel before.
-# The kinds: "norm", "partials" (the sum of a split product's partials), "merge" (of a split attention's
-# splits), "attention", "silu". The first two pay at batch 1 on an NVIDIA H100; the merge launched early
-# made Llama-3.1-8B bf16 slower, the attention Llama-3.1-8B w4a16, SiLU-and-mul Llama-3.2-1B w4a16
-# (figures: docs/reference/gpu-kernels.md).
+# The kinds (PDL_KINDS): "norm", "partials" (the sum of a split product's partials), "merge" (of a split
+# attention's splits), "attention", "silu". The first two pay at batch 1 on an NVIDIA H100; the merge
+# launched early made Llama-3.1-8B bf16 slower, the attention Llama-3.1-8B w4a16, SiLU-and-mul
+# Llama-3.2-1B w4a16 (figures: docs/reference/gpu-kernels.md).
+PDL_KINDS = frozenset({"norm", "partials", "merge", "attention", "silu"})
 PDL_BETWEEN = frozenset({"norm", "partials"})
 
 
@@ -99,6 +100,7 @@ def pdl_between(x: torch.Tensor, kind: str) -> dict:
     """The launch options of a kernel of this kind between GEMVs: PDL (it lets the kernel after it launch
     at once), and where PDL_BETWEEN holds the kind, WAIT with launch_pdl (it is launched early itself and
     waits in the kernel); none where use_pdl(x) is False."""
+    assert kind in PDL_KINDS, kind
     if not use_pdl(x):
         return {}
     return {"PDL": True, "WAIT": True, "launch_pdl": True} if kind in PDL_BETWEEN else {"PDL": True}

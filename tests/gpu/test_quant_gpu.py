@@ -367,7 +367,7 @@ def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama,
 
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
     if between == "every kind":
-        monkeypatch.setattr(ops, "PDL_BETWEEN", frozenset({"norm", "partials", "merge", "attention", "silu"}))
+        monkeypatch.setattr(ops, "PDL_BETWEEN", ops.PDL_KINDS)
     runs = []
     for early in (True, False):
         monkeypatch.setattr(ops, "PDL", early)
