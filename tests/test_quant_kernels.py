@@ -151,6 +151,52 @@ def test_w4a16_row_gemv_matches_reference(dtype, out_features, in_features, grou
 
 
 @in_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("intermediate,in_features,group_size,offsets", [
+    (37, 256, 128, False), (21, 512, 256, False), (13, 256, 32, True),     # GGUF's groups of 32, offsets
+])
+def test_w4a16_gated_row_gemv_is_silu_and_mul_of_the_row_gemv(dtype, intermediate, in_features, group_size, offsets,
+                                                              poisoned_outputs, monkeypatch):
+    """gate_up_proj's one-row W4A16 GEMV with silu(gate) * up in its epilogue: the same bits as the row
+    GEMV followed by the SiLU-and-mul kernel (each rounding where the two kernels round), and close to
+    the torch reference. The gate reaches both signs and a few units, where silu bends; outputs past the
+    last full tile (37, 21, 13) are masked, and each up row sits `intermediate` rows below its gate row.
+    w4a16_linear_silu_and_mul_triton takes it where the row GEMV takes the layer unsplit, and answers
+    None (the caller runs the two kernels) with a bias or at two rows."""
+    from nanovllm.ops import quant_linear_triton as kernels
+    from nanovllm.ops.activation import silu_and_mul_torch
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+
+    x = (torch.randn(1, in_features, generator=torch.Generator().manual_seed(intermediate)) * 0.3).to(dtype)
+    qweight, scales, zeros = four_bit_weight(2 * intermediate, in_features, group_size, offsets=offsets)
+    expected = silu_and_mul_torch(w4a16_linear_torch(x, qweight, scales, zeros))
+    assert (expected < -0.01).any() and (expected > 0.01).any()
+    for block_k, rows, warps in ((128, 1, 1), (256, 2, 1), (128, 1, 2)):
+        lanes_along_n = 32 // (block_k // 32)
+        tiles = kernels.Tiles(1, lanes_along_n * rows * warps, block_k, num_warps=warps, num_stages=1, row_gemv=True)
+        gated = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles, gated=True)
+        assert gated.shape == (1, intermediate) and gated.dtype == dtype
+        plain = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles)
+        assert torch.equal(gated, silu_and_mul_triton(plain))
+        torch.testing.assert_close(gated, expected, rtol=2e-2, atol=2e-2)    # x and the weight rounded to dtype
+    split = kernels.Tiles(1, 4, 128, split_k=2, num_warps=1, num_stages=1, row_gemv=True)
+    with pytest.raises(ValueError, match="unsplit"):
+        kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, split, gated=True)
+    monkeypatch.setattr(kernels, "ROW_GEMV_BLOCK_K", 128)
+    monkeypatch.setattr(kernels, "ROW_GEMV_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(kernels, "GEMV_MAX_SPLITS", 1)
+    fused = kernels.w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros)
+    assert fused is not None and torch.equal(fused, gated)
+    bias = torch.randn(2 * intermediate).to(dtype)
+    assert kernels.w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros, bias) is None
+    assert kernels.w4a16_linear_silu_and_mul_triton(torch.cat([x, x]), qweight, scales, zeros) is None
+    monkeypatch.setattr(kernels, "FUSED_SILU", False)
+    assert kernels.w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros) is None
+    monkeypatch.setattr(kernels, "ROW_GEMV_PROGRAMS_PER_SM", 16)     # the interpreter counts 2 SMs
+    assert kernels._one_wave((1, 16, 2), x.device) and not kernels._one_wave((1, 33, 1), x.device)
+
+
+@in_interpreter
 @pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
 @pytest.mark.parametrize("num_rows,out_features,in_features,group_size,tile", [
     (1, 37, 256, 128, (1, 16, 128, 1)), (1, 37, 1024, 32, (1, 8, 512, 2)), (1, 19, 2048, 128, (1, 16, 512, 1)),
@@ -553,6 +599,7 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_row_gemv_kernel/k512", 1, 8, 1, 1), ("_w4a16_row_gemv_kernel/gguf-k512", 1, 8, 1, 1),  # 4 rows a thread
     ("_w4a16_row_gemv_kernel/k512", 1, 32, 2, 1), ("_w4a16_row_gemv_kernel", 1, 64, 1, 1),     # 8 rows a thread
+    ("_w4a16_row_gemv_kernel/gated-k512", 1, 8, 1, 1),        # gate_up_proj + SiLU
     ("_w4a16_gemm_kernel", 16, 32, 4, 4),
     ("_w4a16_gemm_kernel", 64, 64, 4, 4), ("_w4a16_gemm_kernel", 128, 128, 8, 3),
     ("_fp8_gemm_kernel", 16, 64, 4, 4), ("_fp8_gemm_kernel", 32, 64, 4, 4), ("_fp8_gemm_kernel", 64, 64, 4, 4),
@@ -604,7 +651,8 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         types = {"qweight_ptr": "*i32", "zeros_ptr": "*u8", "scales_ptr": "*fp32"}
     if name == "_w4a16_row_gemv_kernel":     # one row: no BLOCK_M; x loaded as pairs in PTX
         del constexprs["BLOCK_M"]
-        constexprs.update(X_PAIRS=True, USE_PDL=True)
+        gated = variant.startswith("gated")     # as Llama-3.2-1B's gate_up_proj: the next launch once the loop ends
+        constexprs.update(X_PAIRS=True, USE_PDL=True, GATED=gated, LATE_DEPENDENTS=gated, HAS_BIAS=not gated)
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
         if "planes" in variant:     # W4Rows of Llama-3.1-8B's 4,096 features: planes of 512 values

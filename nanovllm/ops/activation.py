@@ -44,11 +44,14 @@ PARTIALS_INTO_SILU = True
 def linear_silu_and_mul(x: torch.Tensor | Fp8Rows | W4Rows, layer: nn.Module, fp8: bool = False,
                         w4: bool = False) -> torch.Tensor | Fp8Rows | W4Rows:
     """silu_and_mul(layer(x), fp8, w4) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
-    (Fp8Linear: one kernel at one row) computes both, where down_proj takes no W4Rows; a quantized layer
-    with `forward_or_partials` may hand over K's partial products (PARTIALS_INTO_SILU, not for Fp8Rows)."""
+    computes both where down_proj takes no W4Rows (Fp8Linear: one kernel at one row; W4A16Linear: one
+    kernel where its one-row GEMV takes the layer unsplit, else None); a quantized layer with
+    `forward_or_partials` may hand over K's partial products (PARTIALS_INTO_SILU, not for Fp8Rows)."""
     fused = getattr(layer, "forward_silu_and_mul", None)
     if fused is not None and not w4:
-        return fused(x, fp8)
+        out = fused(x, fp8)
+        if out is not None:
+            return out
     or_partials = getattr(layer, "forward_or_partials", None)
     if not PARTIALS_INTO_SILU or or_partials is None or fp8:
         return silu_and_mul(layer(x), fp8, w4)

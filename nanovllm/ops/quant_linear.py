@@ -213,6 +213,16 @@ def w4a16_linear_or_partials(x: torch.Tensor | W4Rows, qweight: torch.Tensor, sc
     return w4a16_linear_torch(x.rows() if isinstance(x, W4Rows) else x, qweight, scales, zeros, bias)
 
 
+def w4a16_linear_silu_and_mul(x: torch.Tensor | W4Rows, qweight: torch.Tensor, scales: torch.Tensor,
+                              zeros: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu_and_mul(w4a16_linear(x, ...)) for gate_up_proj's [gate | up] weight in one kernel: [1, I] on
+    the GPU where the one-row GEMV takes x and the layer unsplit (quant_linear_triton.py); else None."""
+    if not (isinstance(x, torch.Tensor) and use_triton(x) and _w4a16_tiles_fit(x, scales)):
+        return None
+    from nanovllm.ops.quant_linear_triton import w4a16_linear_silu_and_mul_triton
+    return w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros, bias)
+
+
 # ---- W8A16 -----------------------------------------------------------------------------------
 
 def dequantize_w8(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:

@@ -326,8 +326,9 @@ def fp8_linear_partials_triton(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, 
     return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
 
 
-# gate_up_proj's one-row FP8 GEMV writes silu(gate) * up itself, instead of [gate | up] for a
-# SiLU-and-mul kernel after it (fp8_linear_silu_and_mul_triton).
+# gate_up_proj's one-row GEMVs (FP8, and W4A16's row GEMV) write silu(gate) * up themselves, instead of
+# [gate | up] for a SiLU-and-mul kernel after them (fp8_linear_silu_and_mul_triton,
+# w4a16_linear_silu_and_mul_triton).
 FUSED_SILU = True
 
 
@@ -768,7 +769,8 @@ def _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w, k0, GROUP
 def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, N, K, stride_w, K_PER_SPLIT,
                            GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr,
-                           USE_PDL: tl.constexpr = False):
+                           GATED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+                           LATE_DEPENDENTS: tl.constexpr = False):
     """One row of x, groups that a step lies in or that a thread's 32 weights lie in: _w4a16_gemv_kernel's
     arithmetic (an AND and a fused multiply-add a weight), laid out so that x costs little. A step loads
     [BLOCK_N, BLOCK_K / 8] words as [BN, T, 4]: T = BLOCK_K / 32 threads along K, four words (16 bytes)
@@ -776,11 +778,20 @@ def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, 
     x values of its words, their scaling and their sum are made once a step for all those rows. The
     products of a row's four words are added up in the thread before they meet their group's scale and
     zero point (or GGUF's offset, ZERO_IS_OFFSET), once a row. With X_PAIRS (bfloat16 x on a GPU) each
-    thread loads its words' x as 16-byte pairs itself (_x_word_pairs). USE_PDL: the first step's weights
-    are loaded before waiting for the kernel that writes x."""
+    thread loads its words' x as 16-byte pairs itself (_x_word_pairs). GATED (gate_up_proj, unsplit, no
+    bias): the weight is [gate | up], 2 N rows; the program's rows pair gate row n with up row N + n, and
+    it writes silu(gate) * up [1, N], each rounded to out's dtype where silu_and_mul would round it, so
+    no SiLU-and-mul kernel follows. USE_PDL: the first step's weights are loaded before waiting for the
+    kernel that writes x; the next kernel may launch from then on, or with LATE_DEPENDENTS once the
+    loop is done."""
     T: tl.constexpr = BLOCK_K // 32
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_w = (offs_n < N)[:, None]
+    if GATED:       # rows 2 j and 2 j + 1: gate row n_j and up row N + n_j, n_j = the program's output j
+        offs_out = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        offs_n = offs_out + (tl.arange(0, BLOCK_N) % 2) * N
+    else:
+        offs_out = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = offs_out
+    mask_w = (offs_out < N)[:, None]
     w_rows = qweight_ptr + offs_n.to(tl.int64)[:, None] * stride_w + tl.arange(0, BLOCK_K // 8)[None, :]   # [BN, W]
     group_ptrs = (offs_n.to(tl.int64) * (K // GROUP_SIZE))[:, None]                                # [BN, 1]
     if GROUP_SIZE < BLOCK_K:        # groups smaller than a step: thread t's 32 weights lie in one, [BN, T]
@@ -794,7 +805,8 @@ def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, 
     words, scale, zero = _row_gemv_loads(w_rows, group_ptrs, scales_ptr, zeros_ptr, mask_w, k_first, GROUP_SIZE)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE_DEPENDENTS:
+            tl.extra.cuda.gdc_launch_dependents()
     x0, x1, x2, x3, x4, x5, x6, x7 = _row_gemv_x(x_words, k_first, X_PAIRS)
     for k0 in range(k_start, k_end, BLOCK_K):       # K % BLOCK_K == 0
         # the next step's loads are in flight while this step's are multiplied (the last loads itself again)
@@ -818,8 +830,17 @@ def _w4a16_row_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, 
         acc -= x_sum * (zero.to(tl.float32)[:, :, None] * (1.0 if ZERO_IS_OFFSET else scale_f))
         words, scale, zero = words_next, scale_next, zero_next
         x0, x1, x2, x3, x4, x5, x6, x7 = n0, n1, n2, n3, n4, n5, n6, n7
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]                                             # [1, BN]
-    _store_tile(out, bias_ptr, out_ptr, tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, offs_n < N, 1, N, HAS_BIAS)
+    if USE_PDL and LATE_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)                                                      # [BN]
+    if GATED:
+        gate, up = tl.split(tl.reshape(out, [BLOCK_N // 2, 2]))                                      # [BN / 2] each
+        gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        offs_out = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32) * up
+    _store_tile(out[None, :], bias_ptr, out_ptr, tl.arange(0, 1), offs_out, tl.arange(0, 1) < 1, offs_out < N, 1, N,
+                HAS_BIAS)
 
 
 def _planes_asm(magic: str, sub: str) -> str:
@@ -1097,6 +1118,19 @@ ROW_GEMV_ROWS = 4
 ROW_GEMV_WARPS = 1
 ROW_GEMV_PROGRAMS_PER_SM = 16
 ROW_GEMV_MIN_WEIGHTS = 1 << 24
+# gate_up_proj's gated row GEMV lets down_proj's GEMV launch (PDL) once its loop is done, not at its
+# start, where its grid fits in one wave (ROW_GEMV_PROGRAMS_PER_SM an SM): launched at the start, the
+# next grid's programs arrive while all of this one's still run, and Llama-3.2-1B w4a16's batch-1 step
+# took 730 us against 620 (NVIDIA H100). Over more than one wave the start is better: the next grid
+# arrives with the last wave (Llama-3.1-8B w4a16 2,354 against 2,387 us). tools/decode_ab_probe.py.
+GATED_LATE_IN_ONE_WAVE = True
+
+
+def _one_wave(grid: tuple[int, int, int], device: torch.device) -> bool:
+    """Whether a row GEMV's grid fits in one wave of ROW_GEMV_PROGRAMS_PER_SM programs an SM (and
+    GATED_LATE_IN_ONE_WAVE is on)."""
+    sms = sm_count(device) if device.type == "cuda" else 2
+    return GATED_LATE_IN_ONE_WAVE and grid[0] * grid[1] * grid[2] <= ROW_GEMV_PROGRAMS_PER_SM * sms
 
 
 def row_gemv_holds_groups(block_k: int, group_size: int) -> bool:
@@ -1170,13 +1204,31 @@ def w4a16_linear_partials_triton(x: torch.Tensor, qweight: torch.Tensor, scales:
     return w4a16_linear_tiles(x, qweight, scales, zeros, bias, tiles)
 
 
+def w4a16_linear_silu_and_mul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                     zeros: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu_and_mul(w4a16_linear_triton(x, ...)) in one kernel, for gate_up_proj's [gate | up] weight
+    [2 I, K / 8] -> [1, I]: the one-row GEMV with the SiLU in its epilogue, where that GEMV takes x and
+    the layer unsplit (FUSED_SILU); else None, and the caller runs the product and SiLU-and-mul."""
+    in_features, (out_features, num_groups) = x.shape[1], scales.shape
+    if not (FUSED_SILU and bias is None and takes_w4a16_row_gemv(x, zeros, in_features // num_groups)):
+        return None
+    tiles = choose_w4a16_row_tiles(out_features, in_features // ROW_GEMV_BLOCK_K, x.device)
+    if tiles.split_k > 1:
+        return None
+    return w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles, gated=True)
+
+
 def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                       bias: torch.Tensor | None, tiles: Tiles) -> torch.Tensor:
+                       bias: torch.Tensor | None, tiles: Tiles, gated: bool = False) -> torch.Tensor:
     """The product with the tiles given (tiles.block_k must divide the group, or for the GEMV be a
     multiple of it; tiles.planes takes the tensor-core GEMV, else a block_m up to GEMV_MAX_ROWS the
     GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32. x may be
-    W4Rows, which the GEMV reads as they are (the other kernels: as the rows they hold)."""
+    W4Rows, which the GEMV reads as they are (the other kernels: as the rows they hold). gated (the
+    one-row GEMV's tiles, unsplit, no bias): the weight is gate_up_proj's [gate | up], and the output
+    silu(gate) * up [1, N / 2], a program's tiles.block_n rows half gate, half up."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
+    if gated and not (tiles.row_gemv and tiles.split_k == 1 and bias is None and out_features % 2 == 0):
+        raise ValueError("only the one-row W4A16 GEMV is gated, unsplit, without a bias, on [gate | up]")
     gemv = not tiles.planes and tiles.block_m <= GEMV_MAX_ROWS
     if isinstance(x, W4Rows) and not gemv:
         x = x.rows()
@@ -1185,18 +1237,21 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     group_size = in_features // num_groups
     if not step_holds_groups(tiles.block_k, group_size):
         raise ValueError(f"a step of {tiles.block_k} neither holds whole groups of {group_size} nor lies in one")
-    out = _output(num_rows, out_features, x, tiles)                     # [M, N], or [S, M, N] float32
+    outputs = out_features // 2 if gated else out_features
+    out = _output(num_rows, outputs, x, tiles)                          # [M, N], or [S, M, N] float32
     k_per_split = _k_per_split(in_features, tiles)
     zero_is_offset = {"ZERO_IS_OFFSET": zeros.is_floating_point()}
     if tiles.row_gemv:
         if num_rows != 1 or not row_gemv_holds_groups(tiles.block_k, group_size):
             raise ValueError("the one-row GEMV takes one row and groups that its steps divide or that divide its "
                              "steps in whole threads (32 weights)")
-        _w4a16_row_gemv_kernel[_launch_grid(1, out_features, tiles)](
-            x, qweight, scales, zeros, bias if bias is not None else scales, out, out_features, in_features,
+        grid = (1, triton.cdiv(outputs, tiles.block_n // 2 if gated else tiles.block_n), tiles.split_k)
+        _w4a16_row_gemv_kernel[grid](
+            x, qweight, scales, zeros, bias if bias is not None else scales, out, outputs, in_features,
             qweight.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, **zero_is_offset,
-            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, X_PAIRS=loads_x_pairs(x), num_warps=tiles.num_warps,
-            num_stages=1, **_pdl_options(x))
+            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, X_PAIRS=loads_x_pairs(x), GATED=gated,
+            LATE_DEPENDENTS=gated and _one_wave(grid, x.device),
+            num_warps=tiles.num_warps, num_stages=1, **_pdl_options(x))
         return out
     if tiles.planes:
         if zeros.is_floating_point():

@@ -231,6 +231,31 @@ def test_w4a16_row_gemv_matches_the_reference_given_float32_x(block_k, rows, war
     assert relative_error(chosen, reference) < 1e-2
 
 
+@pytest.mark.parametrize("group_size", [128, 32], ids=["w4a16", "gguf-4-bit"])
+@pytest.mark.parametrize("intermediate,hidden", [(8192, 2048), (14336, 4096)])     # Llama-3.2-1B, Llama-3.1-8B
+def test_w4a16_gated_row_gemv_is_the_row_gemv_then_silu_and_mul(intermediate, hidden, group_size, monkeypatch):
+    """gate_up_proj's one-row GEMV with the SiLU in its epilogue, as the engine launches it (x loaded as
+    16-byte pairs, launched early): the bits of the row GEMV followed by the SiLU-and-mul kernel, every
+    output written (they start as NaN)."""
+    from nanovllm.ops import quant_linear_triton as kernels
+    from nanovllm.ops.activation_triton import silu_and_mul_triton
+
+    generator = torch.Generator(device=DEVICE).manual_seed(hidden + group_size)
+    x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    codes = torch.randint(0, 16, (2 * intermediate, hidden), device=DEVICE, generator=generator)
+    scales = torch.rand(2 * intermediate, hidden // group_size, device=DEVICE, generator=generator) * 0.01
+    if group_size == 32:
+        zeros = torch.rand(scales.shape, device=DEVICE, generator=generator) * 0.1
+    else:
+        zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
+    qweight = pack_int4(codes)
+    make = kernels._output
+    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
+    fused = kernels.w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros)
+    assert fused is not None and fused.shape == (1, intermediate)
+    assert torch.equal(fused, silu_and_mul_triton(kernels.w4a16_linear_triton(x, qweight, scales, zeros)))
+
+
 GGUF_SHAPES = SHAPES[:4]     # Llama-3.2-1B's
 
 
@@ -353,14 +378,15 @@ def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, metho
 
 
 @pytest.mark.parametrize("between", ["as set", "every kind"])
-@pytest.mark.parametrize("method", [None, "fp8", "w4a16"])
+@pytest.mark.parametrize("method", [None, "fp8", "w4a16", "w4a16-row"])
 def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama, method, between, monkeypatch):
     """A decode step of one sequence through the CUDA graphs: its GEMVs and the kernels between them
     launched early (PDL; PDL_BETWEEN as set, or every kind of kernel between GEMVs), gate_up_proj's FP8
-    GEMV with the SiLU in it, the W4A16 GEMVs given W4Rows by the norms and SiLU-and-mul, and
-    gate_up_proj's partials added up by SiLU-and-mul; or none of these. The kernels multiply alike
-    either way, so tokens and log-probabilities must be the same bits; a kernel launched early that
-    read its input before the kernel writing it had finished would part from the other run."""
+    and W4A16 GEMVs with the SiLU in them, the W4A16 GEMVs given W4Rows by the norms and SiLU-and-mul
+    (not for w4a16-row: the one-row GEMV taken by every layer, in steps of 256, which reads 16-bit x),
+    and gate_up_proj's partials added up by SiLU-and-mul; or none of these. The kernels multiply alike either way, so tokens and
+    log-probabilities must be the same bits; a kernel launched early that read its input before the
+    kernel writing it had finished would part from the other run."""
     import nanovllm.ops as ops
     from nanovllm import LLM, SamplingParams
     from nanovllm.ops import activation, quant_linear, quant_linear_triton
@@ -368,20 +394,29 @@ def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama,
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
     if between == "every kind":
         monkeypatch.setattr(ops, "PDL_BETWEEN", ops.PDL_KINDS)
+    fused = []
+    if method == "w4a16-row":       # the tiny model's 256 features: steps of 256, any layer
+        monkeypatch.setattr(quant_linear_triton, "ROW_GEMV_BLOCK_K", 256)
+        monkeypatch.setattr(quant_linear_triton, "ROW_GEMV_MIN_WEIGHTS", 0)
+        gated = quant_linear_triton.w4a16_linear_silu_and_mul_triton
+        monkeypatch.setattr(quant_linear_triton, "w4a16_linear_silu_and_mul_triton",
+                            lambda *args: fused.append(gated(*args)) or fused[-1])
     runs = []
     for early in (True, False):
         monkeypatch.setattr(ops, "PDL", early)
         monkeypatch.setattr(quant_linear_triton, "FUSED_SILU", early)
-        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", early)
+        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", early and method != "w4a16-row")
         monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", early)
-        llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16", quantization=method, max_num_seqs=4,
-                  num_kv_blocks=64)
+        llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16",
+                  quantization="w4a16" if method == "w4a16-row" else method, max_num_seqs=4, num_kv_blocks=64)
         assert llm.engine.runner.decode_graphs is not None
         runs.append(llm.generate([list(range(5, 30))], params, use_tqdm=False)[0].outputs[0])
         del llm
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].logprobs == runs[1].logprobs
     assert len(set(runs[0].token_ids)) > 4        # neither constant nor a short loop
+    if method == "w4a16-row":       # gate_up_proj's GEMV wrote silu(gate) * up in the first run, not the second
+        assert any(out is not None for out in fused) and fused[-1] is None
 
 
 @pytest.mark.parametrize("hidden,intermediate", [(2048, 8192), (4096, 14336)])   # Llama-3.2-1B, Llama-3.1-8B

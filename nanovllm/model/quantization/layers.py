@@ -23,8 +23,8 @@ from torch import nn
 
 from nanovllm.ops.quant_format import FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, W4Rows, w4a16_block_k
 from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, W4_ROWS_MAX_ROWS, fp8_linear, fp8_linear_or_partials,
-                                       fp8_linear_silu_and_mul, w4a16_linear,
-                                       w4a16_linear_or_partials, w8a16_linear, w8a16_linear_or_partials)
+                                       fp8_linear_silu_and_mul, w4a16_linear, w4a16_linear_or_partials,
+                                       w4a16_linear_silu_and_mul, w8a16_linear, w8a16_linear_or_partials)
 
 
 class Fp8Linear(nn.Module):
@@ -99,6 +99,14 @@ class W4A16Linear(nn.Module):
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
         return w4a16_linear_or_partials(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.zeros,
                                         self.bias)
+
+    def forward_silu_and_mul(self, x: torch.Tensor | W4Rows, fp8: bool = False) -> torch.Tensor | None:
+        """silu_and_mul(forward(x)) for gate_up_proj in one kernel where the GPU's one-row GEMV takes it
+        (ops/quant_linear.py); None otherwise (and for fp8 rows), and ops/activation.py runs the two."""
+        if fp8:
+            return None
+        return w4a16_linear_silu_and_mul(_in_group_order(x, self.input_perm), self.qweight, self.scales,
+                                         self.zeros, self.bias)
 
     def extra_repr(self) -> str:
         return (f"w4a16, in_features={self.in_features}, out_features={self.out_features}, "
