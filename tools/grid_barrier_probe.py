@@ -3,16 +3,18 @@
 A batch-1 decode step is a chain of small kernels, and at Llama-3.2-1B most of a step is the time
 between them rather than bytes. A persistent ("mega") kernel would replace each kernel boundary by
 a barrier across its programs (an atomic counter that every program adds to, then waits on). This
-probe times both on the same work, reading a Llama-3.2-1B decode's weight bytes at 4 bits (qkv_proj,
-o_proj, gate_up_proj, down_proj of 16 layers, each layer its own memory, 487 MB in all):
+probe times both on the same work, reading a decode's weight bytes at 4 bits (qkv_proj, o_proj,
+gate_up_proj, down_proj of every layer, each its own memory; Llama-3.2-1B's 487 MB by default):
 
 - persistent: one kernel, one or two programs an SM, a grid barrier after every layer's product;
-- kernels: 64 launches of one product each, in a CUDA graph, with and without PDL;
+- kernels: a launch a product, in a CUDA graph, with and without PDL;
 - and the bare costs: a grid barrier in a loop, an empty kernel in a graph.
 
-    python tools/grid_barrier_probe.py
+    python tools/grid_barrier_probe.py [--model llama-3.1-8b]
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 import triton
@@ -20,8 +22,9 @@ import triton.language as tl
 
 from nanovllm.bench.graph_timing import graph_time_us
 
-LAYERS = 16
-PRODUCT_BYTES = (3_145_728, 2_097_152, 16_777_216, 8_388_608)   # Llama-3.2-1B's four products at 4 bits
+# layers, and the bytes of qkv_proj, o_proj, gate_up_proj and down_proj at 4 bits
+SHAPES = {"llama-3.2-1b": (16, (3_145_728, 2_097_152, 16_777_216, 8_388_608)),
+          "llama-3.1-8b": (32, (12_582_912, 8_388_608, 58_720_256, 29_360_128))}
 BLOCK = 2048                                                      # int32 words a program reads a step
 
 
@@ -92,22 +95,25 @@ def _empty_kernel(out, PDL: tl.constexpr):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="llama-3.2-1b")
+    layers, product_bytes = SHAPES[parser.parse_args().model]
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    words = [size // 4 for size in PRODUCT_BYTES]
-    weights = [torch.randint(0, 1 << 30, (LAYERS * n,), dtype=torch.int32, device=device) for n in words]
+    words = [size // 4 for size in product_bytes]
+    weights = [torch.randint(0, 1 << 30, (layers * n,), dtype=torch.int32, device=device) for n in words]
     out = torch.zeros(8 * sms, dtype=torch.int32, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    total = LAYERS * sum(PRODUCT_BYTES)
-    print(f"card: {torch.cuda.get_device_name()}, {sms} SMs; {LAYERS} layers x 4 products, {total / 1e6:.0f} MB")
+    total = layers * sum(product_bytes)
+    print(f"card: {torch.cuda.get_device_name()}, {sms} SMs; {layers} layers x 4 products, {total / 1e6:.0f} MB")
 
     def persistent(grid: int, warps: int) -> None:
         counter.zero_()
         _persistent_kernel[(grid,)](weights[0], words[0], weights[1], words[1], weights[2], words[2], weights[3],
-                                    words[3], out, counter, LAYERS=LAYERS, BLOCK=BLOCK, num_warps=warps)
+                                    words[3], out, counter, LAYERS=layers, BLOCK=BLOCK, num_warps=warps)
 
     def kernels(grid: int, warps: int, pdl: bool) -> None:
-        for layer in range(LAYERS):
+        for layer in range(layers):
             for weight, n in zip(weights, words):
                 _product_kernel[(grid,)](weight[layer * n:], n, out, BLOCK=BLOCK, PDL=pdl, num_warps=warps,
                                          **({"launch_pdl": True} if pdl else {}))
@@ -116,8 +122,8 @@ def main() -> None:
         for per_sm in (1, 2):
             grid = per_sm * sms
             timings = {"persistent, a barrier a product": graph_time_us(lambda: persistent(grid, warps)),
-                       "64 kernels": graph_time_us(lambda: kernels(grid, warps, False)),
-                       "64 kernels, PDL": graph_time_us(lambda: kernels(grid, warps, True))}
+                       "a kernel a product": graph_time_us(lambda: kernels(grid, warps, False)),
+                       "a kernel a product, PDL": graph_time_us(lambda: kernels(grid, warps, True))}
             for name, us in timings.items():
                 print(f"  {warps} warps, {per_sm} an SM, {name:32} {us:7.1f} us  {total / us / 1e6:5.2f} TB/s")
     for per_sm in (1, 2):
