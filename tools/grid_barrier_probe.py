@@ -50,24 +50,29 @@ def _grid_barrier(counter, target):
 
 
 @triton.jit
+def _read_then_barrier(src, n_words, layer, counter, phase, pid, num_programs, BLOCK: tl.constexpr):
+    """Layer `layer`'s product of n_words words read, then the grid barrier that ends phase `phase`."""
+    folded = _read(src + layer * n_words, n_words, pid, num_programs, BLOCK)
+    phase += num_programs
+    _grid_barrier(counter, phase)
+    return folded, phase
+
+
+@triton.jit
 def _persistent_kernel(src0, n0, src1, n1, src2, n2, src3, n3, out, counter, LAYERS: tl.constexpr,
                        BLOCK: tl.constexpr):
     pid, num_programs = tl.program_id(0), tl.num_programs(0)
     folded = tl.full([], 0, tl.int32)
     phase = tl.full([], 0, tl.int32)
     for layer in range(LAYERS):
-        folded ^= _read(src0 + layer * n0, n0, pid, num_programs, BLOCK)
-        phase += num_programs
-        _grid_barrier(counter, phase)
-        folded ^= _read(src1 + layer * n1, n1, pid, num_programs, BLOCK)
-        phase += num_programs
-        _grid_barrier(counter, phase)
-        folded ^= _read(src2 + layer * n2, n2, pid, num_programs, BLOCK)
-        phase += num_programs
-        _grid_barrier(counter, phase)
-        folded ^= _read(src3 + layer * n3, n3, pid, num_programs, BLOCK)
-        phase += num_programs
-        _grid_barrier(counter, phase)
+        value, phase = _read_then_barrier(src0, n0, layer, counter, phase, pid, num_programs, BLOCK)
+        folded ^= value
+        value, phase = _read_then_barrier(src1, n1, layer, counter, phase, pid, num_programs, BLOCK)
+        folded ^= value
+        value, phase = _read_then_barrier(src2, n2, layer, counter, phase, pid, num_programs, BLOCK)
+        folded ^= value
+        value, phase = _read_then_barrier(src3, n3, layer, counter, phase, pid, num_programs, BLOCK)
+        folded ^= value
     tl.store(out + pid, folded)
 
 
