@@ -9,7 +9,8 @@
 # and W4A16; GEMM_SWEEP=1 adds the FP8 W8A8 tile sweep; SWEEP_FORMATS narrows the one-row sweep
 # (fp8,w4a16,w8a16).
 # Then a decode step's GPU time with the kernels between the GEMVs launched early as set, with none and with
-# every kind (tools/decode_ab_probe.py). About 9 minutes on an H200; each step has its own time limit and a failed step does not stop the rest.
+# every kind, and with gate_up_proj's W4A16 GEMV gated or not (tools/decode_ab_probe.py). About 10 minutes on
+# an H200; each step has its own time limit and a failed step does not stop the rest.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
 mkdir -p "$OUT"
@@ -20,6 +21,10 @@ log="$OUT/gpu_quant.log"
 STEPS_DIR="$OUT"
 source "$(dirname "$0")/gpu_steps.sh"
 gpu_header
+WHEELS=${WHEELS:-.whl}   # the gguf package (the GGUF files the GPU tests write), installed from here if missing
+if ! $PY -c "import gguf" 2>/dev/null && ls "$WHEELS"/gguf-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/gguf-*.whl >> "$log" 2>&1
+fi
 
 step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
 
@@ -60,6 +65,14 @@ for spec in llama-3.1-8b:w4a16 llama-3.1-8b:bf16 llama-3.2-1b:fp8; do
     [ "$q" != bf16 ] && flag=(--quantization "$q")
     step "early-launch-$model-$q" 60 $PY tools/decode_ab_probe.py --dummy "$model" "${flag[@]}" "${early_sets[@]}" \
         --json "$OUT/early-launch-$model-$q.json"
+done
+# gate_up_proj's gated W4A16 GEMV (FUSED_SILU, ops/quant_linear_triton.py) against the SiLU-and-mul kernel after
+# the GEMV, and its late launch of the next kernel in one wave (GATED_LATE_IN_ONE_WAVE) against the launch at its start
+gated_sets=(--set as-set --set unfused='nanovllm.ops.quant_linear_triton.FUSED_SILU=False'
+            --set start-launch='nanovllm.ops.quant_linear_triton.GATED_LATE_IN_ONE_WAVE=False')
+for model in llama-3.2-1b llama-3.1-8b; do
+    step "gated-$model-w4a16" 60 $PY tools/decode_ab_probe.py --dummy "$model" --quantization w4a16 "${gated_sets[@]}" \
+        --json "$OUT/gated-$model-w4a16.json"
 done
 headlines "$OUT" "*-llama-*.json"
 echo "done in ${SECONDS}s" | tee -a "$log"
