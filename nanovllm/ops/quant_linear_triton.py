@@ -121,6 +121,11 @@ class Tiles:
     swap: bool = False          # FP8's W8A8 GEMM at a decode batch's rows, transposed (_fp8_swap_gemm_kernel)
 
 
+def _sms(device: torch.device) -> int:
+    """The SMs a tile choice counts: the GPU's, or 2 for CPU tensors (the interpreter, in tests)."""
+    return sm_count(device) if device.type == "cuda" else 2
+
+
 def _doubling_split(max_splits: int, programs: int, target: int) -> int:
     """K's split: doubled from 1 while it stays within max_splits and programs x split within target."""
     split_k = 1
@@ -135,7 +140,7 @@ def choose_tiles(num_rows: int, out_features: int, k_steps: int, block_k: int, d
         return Tiles(128, 128, block_k, num_warps=8, num_stages=3)
     if num_rows > 16:
         return Tiles(64, 64, block_k)
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     split_k = _doubling_split(k_steps, triton.cdiv(out_features, 32), PROGRAMS_PER_SM * sms)
     return Tiles(16, 32, block_k, split_k)
 
@@ -498,7 +503,7 @@ def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, de
     LM head) [8, 512] and the [32, 256] tile before are within a few percent of each other, one or
     the other ahead from one run to the next. Splitting K or loading the next step ahead measured
     slower."""
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     block_n = 4 if out_features <= 3072 else 8
     block_k = 2048 if out_features <= 2048 else 1024 if out_features <= 4096 else 512
     programs, k_steps, split_k = triton.cdiv(out_features, block_n), triton.cdiv(in_features, block_k), 1
@@ -522,7 +527,7 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
             block_n, block_k, num_warps, num_stages = FP8_TMA_TILES
             return Tiles(128, block_n, block_k, num_warps=num_warps, num_stages=num_stages, tma=True)
         return choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, device)
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
     if FP8_SWAP_GEMM:
         block_n, block_k, num_warps, num_stages = FP8_SWAP_TILES
@@ -1024,7 +1029,7 @@ def choose_w4a16_tiles(num_rows: int, out_features: int, k_steps: int, block_k: 
     (tools/quant_gemv_probe.py --sweep): Llama-3.1-8B's down_proj 29.4 us at 4 splits, 21.4 at 8."""
     if num_rows > GEMV_MAX_ROWS:
         return choose_tiles(num_rows, out_features, k_steps, block_k, device)
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     block_n = 64 if num_rows <= 2 else 32
     split_k = _doubling_split(min(k_steps, GEMV_MAX_SPLITS), triton.cdiv(out_features, block_n),
                               GEMV_PROGRAMS_PER_SM * sms)
@@ -1073,7 +1078,7 @@ def choose_w4a16_dot_tiles(num_rows: int, out_features: int, k_steps: int, devic
     half as many programs as SMs). Measured on an H200 at 4 rows (tools/w4a16_probe.py): Llama-3.2-1B's
     gate_up_proj 15.4 us unsplit, 16.6 in 2, 19.3 in 4; Llama-3.1-8B's 64.3, 51.7, 48.3; its
     down_proj 97.7 unsplit, 26.9 in 8."""
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     programs, target = triton.cdiv(out_features, DOT_GEMV_BLOCK_N), GEMV_PROGRAMS_PER_SM * sms
     min_steps = DOT_GEMV_MIN_STEPS * (2 if 2 * programs >= sms else 1)
     split_k = _doubling_split(min(k_steps // min_steps, GEMV_MAX_SPLITS), programs, target)
@@ -1127,10 +1132,8 @@ GATED_LATE_IN_ONE_WAVE = True
 
 
 def _one_wave(grid: tuple[int, int, int], device: torch.device) -> bool:
-    """Whether a row GEMV's grid fits in one wave of ROW_GEMV_PROGRAMS_PER_SM programs an SM (and
-    GATED_LATE_IN_ONE_WAVE is on)."""
-    sms = sm_count(device) if device.type == "cuda" else 2
-    return GATED_LATE_IN_ONE_WAVE and grid[0] * grid[1] * grid[2] <= ROW_GEMV_PROGRAMS_PER_SM * sms
+    """Whether a row GEMV's grid fits in one wave of ROW_GEMV_PROGRAMS_PER_SM programs an SM."""
+    return grid[0] * grid[1] * grid[2] <= ROW_GEMV_PROGRAMS_PER_SM * _sms(device)
 
 
 def row_gemv_holds_groups(block_k: int, group_size: int) -> bool:
@@ -1164,7 +1167,7 @@ def choose_w4a16_row_tiles(out_features: int, k_steps: int, device: torch.device
     programs_per_sm an SM (the ROW_GEMV_ settings where not given)."""
     rows, warps = rows or ROW_GEMV_ROWS, warps or ROW_GEMV_WARPS
     programs_per_sm, block_k = programs_per_sm or ROW_GEMV_PROGRAMS_PER_SM, block_k or ROW_GEMV_BLOCK_K
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     block_n = 32 * 32 // block_k * rows * warps
     split_k = _doubling_split(min(k_steps, GEMV_MAX_SPLITS), triton.cdiv(out_features, block_n), programs_per_sm * sms)
     return Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=1, row_gemv=True)
@@ -1227,8 +1230,10 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     one-row GEMV's tiles, unsplit, no bias): the weight is gate_up_proj's [gate | up], and the output
     silu(gate) * up [1, N / 2], a program's tiles.block_n rows half gate, half up."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
-    if gated and not (tiles.row_gemv and tiles.split_k == 1 and bias is None and out_features % 2 == 0):
-        raise ValueError("only the one-row W4A16 GEMV is gated, unsplit, without a bias, on [gate | up]")
+    if gated and not (tiles.row_gemv and tiles.split_k == 1 and bias is None and out_features % 2 == 0
+                      and tiles.block_n % 2 == 0):
+        raise ValueError("only the one-row W4A16 GEMV is gated, unsplit, without a bias, on [gate | up], "
+                         "an even number of rows a program")
     gemv = not tiles.planes and tiles.block_m <= GEMV_MAX_ROWS
     if isinstance(x, W4Rows) and not gemv:
         x = x.rows()
@@ -1245,12 +1250,12 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         if num_rows != 1 or not row_gemv_holds_groups(tiles.block_k, group_size):
             raise ValueError("the one-row GEMV takes one row and groups that its steps divide or that divide its "
                              "steps in whole threads (32 weights)")
-        grid = (1, triton.cdiv(outputs, tiles.block_n // 2 if gated else tiles.block_n), tiles.split_k)
+        grid = _launch_grid(1, out_features, tiles)      # gated: block_n / 2 outputs a program, of N / 2
         _w4a16_row_gemv_kernel[grid](
             x, qweight, scales, zeros, bias if bias is not None else scales, out, outputs, in_features,
             qweight.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, **zero_is_offset,
             BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, X_PAIRS=loads_x_pairs(x), GATED=gated,
-            LATE_DEPENDENTS=gated and _one_wave(grid, x.device),
+            LATE_DEPENDENTS=gated and GATED_LATE_IN_ONE_WAVE and _one_wave(grid, x.device),
             num_warps=tiles.num_warps, num_stages=1, **_pdl_options(x))
         return out
     if tiles.planes:
@@ -1385,7 +1390,7 @@ def choose_w8a16_gemv_tiles(num_rows: int, out_features: int, in_features: int, 
     LM head 181 against 220; Llama-3.2-1B's down_proj took 11.0 split in two. Four rows in one
     program ([4, 4, 512]) took 274 us on 8B's gate_up_proj: x [4, BLOCK_N, ...] no longer shares
     the codes' layout."""
-    sms = sm_count(device) if device.type == "cuda" else 2     # CPU tensors: the interpreter (tests)
+    sms = _sms(device)
     block_n, block_k = 4, 1024
     split_k = _doubling_split(triton.cdiv(in_features, block_k) // 4, num_rows * triton.cdiv(out_features, block_n),
                               GEMV_PROGRAMS_PER_SM * sms)        # at least 4 steps a split
