@@ -274,6 +274,16 @@ def tiny_llama(tiny_model_factory) -> Path:
     return tiny_model_factory("llama-gqa4")
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """The quantized kernels' outputs (quant_linear_triton._output) start as NaN, so that an element no
+    program writes fails the comparison."""
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    make = kernels._output
+    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen3")

@@ -177,7 +177,7 @@ def test_w4a16_kernel_matches_reference(num_rows, out_features, in_features):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 def test_w4a16_tensor_core_gemv_matches_the_reference_given_float32_x(num_rows, dtype, out_features, in_features,
-                                                                       monkeypatch):
+                                                                       poisoned_outputs):
     """The tensor-core GEMV multiplies q - z exactly in 16 bits and applies each group's scale to the
     float32 sum, so its float32 partials are the reference's given float32 x to float32 rounding (1e-5),
     not to the weight's 16-bit rounding; every partial written (the outputs start as NaN)."""
@@ -191,39 +191,41 @@ def test_w4a16_tensor_core_gemv_matches_the_reference_given_float32_x(num_rows, 
     qweight = pack_int4(codes)
     assert kernels.takes_w4a16_dot_gemv(x, zeros, 128)
     tiles = replace(kernels.choose_w4a16_dot_tiles(num_rows, out_features, in_features // 128, x.device), split_k=4)
-    make = kernels._output
-    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
     out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles)                    # [4, M, N]
     assert relative_error(out.sum(0), w4a16_linear_torch(x.float(), qweight, scales, zeros)) < 1e-5
+
+
+def row_gemv_operands(out_features: int, in_features: int, group_size: int, seed: int):
+    """One bfloat16 row x [1, K] and a 4-bit weight (qweight, scales, zeros) on the GPU: integer zero
+    points, or for groups of 32 GGUF's Q4_K float32 offsets (w = q s - m)."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(1, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
+    scales = torch.rand(out_features, in_features // group_size, device=DEVICE, generator=generator) * 0.01
+    if group_size == 32:
+        zeros = torch.rand(scales.shape, device=DEVICE, generator=generator) * 0.1
+    else:
+        zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
+    return x, pack_int4(codes), scales, zeros
 
 
 @pytest.mark.parametrize("group_size", [128, 32], ids=["w4a16", "gguf-4-bit"])
 @pytest.mark.parametrize("block_k,rows,warps", [(512, 4, 1), (512, 8, 2), (128, 8, 1)])
 @pytest.mark.parametrize("out_features,in_features", SHAPES + ((200, 1024),))
 def test_w4a16_row_gemv_matches_the_reference_given_float32_x(block_k, rows, warps, out_features, in_features,
-                                                               group_size, monkeypatch):
+                                                               group_size, monkeypatch, poisoned_outputs):
     """The one-row GEMV that keeps many rows' words in a thread (each thread loading its x as 16-byte
     pairs in PTX): its products are exact in float32 and meet the scale once a row and step, so its
     float32 partials are the reference's given float32 x to float32 rounding; every partial written
     (the outputs start as NaN), a width that no tile divides, and the dispatch at one row."""
     from nanovllm.ops import quant_linear_triton as kernels
 
-    generator = torch.Generator(device=DEVICE).manual_seed(in_features)
-    x = torch.randn(1, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
-    codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
-    scales = torch.rand(out_features, in_features // group_size, device=DEVICE, generator=generator) * 0.01
-    if group_size == 32:        # GGUF's Q4_K: float32 offsets, w = q s - m
-        zeros = torch.rand(scales.shape, device=DEVICE, generator=generator) * 0.1
-    else:
-        zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
-    qweight = pack_int4(codes)
+    x, qweight, scales, zeros = row_gemv_operands(out_features, in_features, group_size, seed=in_features)
     monkeypatch.setattr(kernels, "ROW_GEMV", True)
     monkeypatch.setattr(kernels, "ROW_GEMV_MIN_WEIGHTS", 0)
     assert kernels.takes_w4a16_row_gemv(x, zeros, group_size)
     tiles = replace(kernels.choose_w4a16_row_tiles(out_features, in_features // block_k, x.device, rows, warps,
                                                    block_k=block_k), split_k=3)
-    make = kernels._output
-    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
     out = kernels.w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles)                    # [3, 1, N]
     reference = w4a16_linear_torch(x.float(), qweight, scales, zeros)
     assert relative_error(out.sum(0), reference) < 1e-5
@@ -233,24 +235,14 @@ def test_w4a16_row_gemv_matches_the_reference_given_float32_x(block_k, rows, war
 
 @pytest.mark.parametrize("group_size", [128, 32], ids=["w4a16", "gguf-4-bit"])
 @pytest.mark.parametrize("intermediate,hidden", [(8192, 2048), (14336, 4096)])     # Llama-3.2-1B, Llama-3.1-8B
-def test_w4a16_gated_row_gemv_is_the_row_gemv_then_silu_and_mul(intermediate, hidden, group_size, monkeypatch):
+def test_w4a16_gated_row_gemv_is_the_row_gemv_then_silu_and_mul(intermediate, hidden, group_size, poisoned_outputs):
     """gate_up_proj's one-row GEMV with the SiLU in its epilogue, as the engine launches it (x loaded as
     16-byte pairs, launched early): the bits of the row GEMV followed by the SiLU-and-mul kernel, every
     output written (they start as NaN)."""
     from nanovllm.ops import quant_linear_triton as kernels
     from nanovllm.ops.activation_triton import silu_and_mul_triton
 
-    generator = torch.Generator(device=DEVICE).manual_seed(hidden + group_size)
-    x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16, generator=generator)
-    codes = torch.randint(0, 16, (2 * intermediate, hidden), device=DEVICE, generator=generator)
-    scales = torch.rand(2 * intermediate, hidden // group_size, device=DEVICE, generator=generator) * 0.01
-    if group_size == 32:
-        zeros = torch.rand(scales.shape, device=DEVICE, generator=generator) * 0.1
-    else:
-        zeros = torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator).to(torch.uint8)
-    qweight = pack_int4(codes)
-    make = kernels._output
-    monkeypatch.setattr(kernels, "_output", lambda *args: make(*args).fill_(float("nan")))
+    x, qweight, scales, zeros = row_gemv_operands(2 * intermediate, hidden, group_size, seed=hidden + group_size)
     fused = kernels.w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros)
     assert fused is not None and fused.shape == (1, intermediate)
     assert torch.equal(fused, silu_and_mul_triton(kernels.w4a16_linear_triton(x, qweight, scales, zeros)))
