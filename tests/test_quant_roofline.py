@@ -71,6 +71,14 @@ def test_online_w4a16_keeps_its_head_in_e4m3_and_counts_it_at_one_byte():
     assert method.bytes_per_weight == 0.5 + 5 / 128
 
 
+def test_online_w4a16_with_its_head_in_4_bits_counts_the_head_as_a_4_bit_layer(monkeypatch):
+    from nanovllm.model.quantization import online
+
+    monkeypatch.setattr(online, "W4A16_HEAD_IN_4_BITS", True)
+    head = quantization_method(None, "w4a16").lm_head_method()
+    assert head is not None and head.name == "w4a16" and head.bytes_per_weight == 0.5 + 5 / 128
+
+
 def test_online_gguf_layouts_count_their_stored_bytes():
     """int8 codes and a float32 scale per 32 (Q8_0); 4-bit codes, a float32 scale and offset per 32 (Q4_K)."""
     assert quantization_method(None, "gguf-q8_0").bytes_per_weight == 1 + 4 / 32
