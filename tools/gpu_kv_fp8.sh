@@ -19,10 +19,7 @@ log="$OUT/gpu_kv_fp8.log"
 STEPS_DIR="$RUNS"
 source "$(dirname "$0")/gpu_steps.sh"
 gpu_header
-WHEELS=${WHEELS:-.whl}   # the engine's serving dependencies (pyzmq, msgspec, ...), installed if missing
-if ! $PY -c "import zmq, msgspec" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl >> "$log" 2>&1
-fi
+install_missing "zmq, msgspec" '*.whl'   # the engine's serving dependencies, from $WHEELS (default .whl/)
 
 step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/gpu/test_kv_fp8_gpu.py
 

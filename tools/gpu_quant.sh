@@ -21,10 +21,7 @@ log="$OUT/gpu_quant.log"
 STEPS_DIR="$OUT"
 source "$(dirname "$0")/gpu_steps.sh"
 gpu_header
-WHEELS=${WHEELS:-.whl}   # the gguf package (the GGUF files the GPU tests write), installed from here if missing
-if ! $PY -c "import gguf" 2>/dev/null && ls "$WHEELS"/gguf-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/gguf-*.whl >> "$log" 2>&1
-fi
+install_missing gguf 'gguf-*.whl'     # the GGUF files the GPU tests write, from $WHEELS (default .whl/)
 
 step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
 

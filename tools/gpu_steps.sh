@@ -28,6 +28,14 @@ gpu_header() {   # the card, torch and Triton, and the commit, into $log (and th
     git rev-parse HEAD 2>/dev/null | tee -a "$log"
 }
 
+install_missing() {   # install_missing "IMPORTS" GLOB: where `import IMPORTS` fails, pip-install the wheels
+                      # $WHEELS/GLOB (default .whl/; no index, no dependencies), pip's output into $log
+    local wheels=${WHEELS:-.whl}
+    if ! $PY -c "import $1" 2>/dev/null && ls "$wheels"/$2 >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$wheels"/$2 >> "$log" 2>&1
+    fi
+}
+
 step() {   # step NAME SECONDS COMMAND...: run, keep its output in $STEPS_DIR/NAME.txt, record its exit status
     local name=$1 limit=$2; shift 2
     local start=$SECONDS
