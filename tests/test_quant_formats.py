@@ -363,10 +363,13 @@ def test_block_fp8_settings_nano_vllm_cannot_run_are_refused():
 
 # ---- online quantization and errors -------------------------------------------------------
 
-@pytest.mark.parametrize("method,layer,head,rel", [("fp8", "Fp8Linear", "Fp8Linear", 0.25),
-                                                   ("w4a16", "W4A16Linear", "Fp8Linear", 0.55),
-                                                   ("w4a16+4-bit head", "W4A16Linear", "W4A16Linear", 0.55)])
-def test_online_quantization_stays_near_the_float_model(tiny_llama, method, layer, head, rel, monkeypatch):
+@pytest.mark.parametrize("method,head_in_4_bits,layer,head,rel", [
+    ("fp8", False, "Fp8Linear", "Fp8Linear", 0.25),
+    ("w4a16", False, "W4A16Linear", "Fp8Linear", 0.55),
+    ("w4a16", True, "W4A16Linear", "W4A16Linear", 0.55),     # W4A16_HEAD_IN_4_BITS
+])
+def test_online_quantization_stays_near_the_float_model(tiny_llama, method, head_in_4_bits, layer, head, rel,
+                                                        monkeypatch):
     """e4m3 rounds weights and activations to 3 mantissa bits (relative error up to 2^-4 each, partly
     averaging out over a dot product), the LM head's included; 4-bit round-to-nearest errs by up to
     half a step of a group's 16. The tiny models' sharp attention amplifies both: the bounds are twice
@@ -375,8 +378,7 @@ def test_online_quantization_stays_near_the_float_model(tiny_llama, method, laye
     moves the logits by several times the largest logit."""
     from nanovllm.model.quantization import online
 
-    method, _, head_in_4_bits = method.partition("+")
-    monkeypatch.setattr(online, "W4A16_HEAD_IN_4_BITS", bool(head_in_4_bits))
+    monkeypatch.setattr(online, "W4A16_HEAD_IN_4_BITS", head_in_4_bits)
     float_model, quantized = _load(tiny_llama), _load(tiny_llama, quantization=method)
     assert type(quantized.layers[1].mlp.gate_up_proj).__name__ == layer
     assert type(quantized.lm_head).__name__ == head
