@@ -332,6 +332,7 @@ def test_fp8_descriptor_gemm_at_prefill_rows_is_the_pointer_gemm(num_rows, out_f
     (2, 37, 96, False, 1), (7, 70, 96, True, 3),   # tiles past M, N and K: the descriptors' zeros; a split past K
     (33, 50, 256, True, 2), (64, 19, 208, False, 1),
     (5, 37, 40, True, 1),                          # K of 40 bytes cannot back a descriptor: the pointer kernel
+    (70, 37, 96, True, 2),                         # past 64 rows: the wide tiles (FP8_SWAP_WIDE_ROWS a tile)
 ])
 def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_features, in_features, bias, split_k,
                                                                  poisoned_outputs, monkeypatch):
@@ -343,17 +344,16 @@ def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_fe
     x, weight, weight_scale, b, rows = fp8_case(num_rows, out_features, in_features, bias)
     monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", True)
     chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
-    assert chosen.swap and chosen.block_m >= num_rows
+    assert chosen.swap and chosen.block_m == (kernels.FP8_SWAP_WIDE_ROWS if num_rows > 64 else
+                                              min(64, max(16, 1 << (num_rows - 1).bit_length())))
     expected = fp8_w8a8_linear_torch(x, weight, weight_scale, b)
-    for tiles in (replace(chosen, block_n=32, block_k=32, split_k=split_k, num_stages=2), chosen):
+    several = replace(chosen, block_m=16, block_n=32, block_k=32, num_stages=2)    # rows past one tile: several
+    for tiles in (replace(chosen, block_n=32, block_k=32, split_k=split_k, num_stages=2), chosen, several):
         out = kernels.fp8_linear_tiles(rows, weight, weight_scale, b, tiles)
         assert out.shape == ((tiles.split_k,) if tiles.split_k > 1 else ()) + (num_rows, out_features)
         by_pointers = kernels.fp8_linear_tiles(rows, weight, weight_scale, b, replace(tiles, swap=False))
         torch.testing.assert_close(out, by_pointers, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(kernels.sum_partials(out, x.dtype), expected, rtol=1e-5, atol=1e-5)
-    if num_rows > 16 and in_features % 16 == 0:    # rows past the one tile are refused, not left unwritten
-        with pytest.raises(ValueError, match="all of them in one tile"):
-            kernels.fp8_linear_tiles(rows, weight, weight_scale, b, replace(chosen, block_m=16))
 
 
 @in_interpreter
@@ -509,8 +509,8 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8, **tile)
         assert compiled.asm["cubin"]
     if block_m == 16:       # a decode batch's rows, transposed, through tensor descriptors, at the engine's tiles
-        block_n, block_k, warps, stages = kernels.FP8_SWAP_TILES
-        for rows in (16, 64):
+        for rows, (block_n, block_k, warps, stages) in ((16, kernels.FP8_SWAP_TILES), (64, kernels.FP8_SWAP_TILES),
+                                                        (kernels.FP8_SWAP_WIDE_ROWS, kernels.FP8_SWAP_WIDE_TILES)):
             compiled = compile_for_hopper(
                 kernels._fp8_swap_gemm_kernel,
                 dict(HAS_BIAS=True, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages),

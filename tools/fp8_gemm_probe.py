@@ -35,7 +35,7 @@ SWAP_TILES = ((64, 128, 4, 3), (64, 128, 4, 5), (64, 256, 4, 3), (64, 256, 4, 5)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="64", help="comma-separated row counts (2 to 64)")
+    parser.add_argument("--rows", default="64", help="comma-separated row counts (2 to 256)")
     parser.add_argument("--swap", action="store_true", help="sweep the transposed kernel's tiles")
     parser.add_argument("--pointer", action="store_true", help="sweep the pointer kernel's tiles")
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated layers of " + ", ".join(LAYERS))

@@ -8,6 +8,7 @@ order with the idle time before it, and sums busy and idle time per step, so tha
 waiting is seen where it happens rather than inferred.
 
     python tools/step_timeline_probe.py [--dummy llama-3.2-1b] [--steps 6] [--batch 1] [--quantization fp8]
+        [--kv-cache-dtype fp8]
 """
 from __future__ import annotations
 
@@ -52,11 +53,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens in each prompt")
     parser.add_argument("--quantization", default=None, help="fp8, w4a16, ...: quantize the dummy weights as they load")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     args = parser.parse_args()
     engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
                                       max_num_seqs=max(8, args.batch),
                                       num_kv_blocks=max(2048, (args.prompt_len // 16 + 40) * args.batch),
-                                      quantization=args.quantization))
+                                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
     params = SamplingParams(temperature=0.0 if args.batch == 1 else 0.6, max_tokens=10_000, ignore_eos=True)
     ids = [f"timeline-{i}" for i in range(args.batch)]
     engine.add_requests([(rid, [(7 * i + j) % 1000 for j in range(args.prompt_len)], params)
@@ -87,7 +89,7 @@ def main() -> None:
         steps[-1].append(event)
         previous = event[2]
     full = steps[1:-1]   # the first and last may be cut by the profiler's window
-    print(f"card: {torch.cuda.get_device_name()}, model: {args.dummy} ({args.quantization or 'bf16'}), batch {args.batch}, "
+    print(f"card: {torch.cuda.get_device_name()}, model: {args.dummy} ({args.quantization or 'bf16'}, KV {args.kv_cache_dtype}), batch {args.batch}, "
           f"temperature {params.temperature}, {len(full)} whole steps traced")
     for i, step in enumerate(full):
         busy = sum(event[1] for event in step)

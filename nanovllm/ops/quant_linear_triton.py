@@ -102,6 +102,14 @@ FP8_TMA_GROUP_M = 8
 FP8_SWAP_GEMM = True
 FP8_SWAP_TILES = (64, 256, 4, 5)
 FP8_SWAP_PROGRAMS_PER_SM = 0
+# A decode batch of 65 to FP8_SWAP_MAX_ROWS rows takes the transposed kernel too, in tiles of FP8_SWAP_WIDE_ROWS
+# rows at FP8_SWAP_WIDE_TILES, K split while the programs stay within FP8_SWAP_WIDE_PROGRAMS_PER_SM an SM. The
+# prefill tiles above gave such a batch one 128-row tile and 256 outputs a program: Llama-3.1-8B's o_proj and
+# down_proj 16 programs (32 at 256 rows) for 132 SMs, each program's tensor cores the bound.
+FP8_SWAP_MAX_ROWS = 256
+FP8_SWAP_WIDE_ROWS = 128
+FP8_SWAP_WIDE_TILES = (64, 256, 4, 3)
+FP8_SWAP_WIDE_PROGRAMS_PER_SM = 1
 
 
 @dataclass(frozen=True)
@@ -268,19 +276,20 @@ def _fp8_swap_gemm_kernel(a_desc, a_scale_ptr, b_desc, b_scale_ptr, bias_ptr, ou
                           BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     """_fp8_gemm_kernel's product at a decode batch's rows (e4m3 rows given), computed transposed: a
     program's tile is out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] x^T, so the weight's rows fill the
-    tensor cores' long side (64 rows a warpgroup on Hopper) and the batch's few rows the short one
-    (16 to 64: all of M in one tile). Both tiles come through tensor descriptors
-    (zeros past M, N and K) in a pipeline NUM_STAGES deep; K split over the third axis of programs,
-    as the pointer kernel's."""
-    tile_n = tl.program_id(1)
+    tensor cores' long side (64 rows a warpgroup on Hopper) and the batch's rows the short one (16 to
+    256 a tile; a batch of more rows than one tile takes several, on the first axis of programs).
+    Both tiles come through tensor descriptors (zeros past M, N and K) in a pipeline NUM_STAGES deep;
+    K split over the third axis of programs, as the pointer kernel's."""
+    tile_m, tile_n = tl.program_id(0), tl.program_id(1)
     k_start = tl.program_id(2) * K_PER_SPLIT
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K, num_stages=NUM_STAGES):
         w = b_desc.load([tile_n * BLOCK_N, k0])                                     # [BLOCK_N, BLOCK_K]
-        a = a_desc.load([0, k0])                                                    # [BLOCK_M, BLOCK_K]
+        a = a_desc.load([tile_m * BLOCK_M, k0])                                     # [BLOCK_M, BLOCK_K]
         acc = tl.dot(w, a.T, acc)                                                   # e4m3 x e4m3 -> float32
-    _store_scaled_tile(tl.trans(acc), a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, tl.arange(0, BLOCK_M),
-                       tile_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, HAS_BIAS)
+    _store_scaled_tile(tl.trans(acc), a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr,
+                       tile_m * BLOCK_M + tl.arange(0, BLOCK_M), tile_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N,
+                       HAS_BIAS)
 
 
 @triton.jit
@@ -394,8 +403,8 @@ def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, b
     if (tiles.tma or tiles.swap) and (TensorDescriptor is None
                                       or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
         tiles = replace(tiles, tma=False, swap=False)      # the same tiles by pointer loads
-    if tiles.swap and (tiles.quantize_x or num_rows > tiles.block_m):
-        raise ValueError("the transposed GEMM takes quantized rows, all of them in one tile")
+    if tiles.swap and tiles.quantize_x:
+        raise ValueError("the transposed GEMM takes quantized rows")
     if tiles.tma and (tiles.split_k > 1 or tiles.quantize_x):
         raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
     if tiles.tma or tiles.swap:
@@ -513,7 +522,8 @@ def choose_fp8_gemv_tiles(num_rows: int, out_features: int, in_features: int, de
 
 
 def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, device: torch.device) -> Tiles:
-    """The W8A8 GEMM's tiles at a decode batch's rows (2 to 64): all the rows in one tile of 16 to 64,
+    """The W8A8 GEMM's tiles at a decode batch's rows (2 to 64; to FP8_SWAP_MAX_ROWS transposed, in
+    tiles of FP8_SWAP_WIDE_ROWS): all the rows in one tile of 16 to 64,
     64 outputs (128 where there are many programs: gate_up_proj, the LM head), and K split until
     there are about 3 programs per SM; more rows take choose_tiles'. Measured on an H200 at
     Llama-3.1-8B's shapes and 32 rows (tools/quant_gemv_probe.py --gemm, microseconds, against the
@@ -522,17 +532,19 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     instead, split to about one program per SM (tools/fp8_gemm_probe.py, 64 rows: qkv_proj 12.0
     -> 10.9, o_proj 10.1 -> 9.5, down_proj 21.8 -> 20.5). With FP8_SWAP_GEMM (on) the same rows take
     the transposed kernel instead, at FP8_SWAP_TILES."""
-    if num_rows > 64:
+    wide = num_rows > 64
+    if wide and not (FP8_SWAP_GEMM and num_rows <= FP8_SWAP_MAX_ROWS):
         if FP8_TMA_GEMM:
             block_n, block_k, num_warps, num_stages = FP8_TMA_TILES
             return Tiles(128, block_n, block_k, num_warps=num_warps, num_stages=num_stages, tma=True)
         return choose_tiles(num_rows, out_features, triton.cdiv(in_features, 128), 128, device)
     sms = _sms(device)
-    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    block_m = FP8_SWAP_WIDE_ROWS if wide else min(64, max(16, triton.next_power_of_2(num_rows)))
     if FP8_SWAP_GEMM:
-        block_n, block_k, num_warps, num_stages = FP8_SWAP_TILES
-        split_k = _doubling_split(triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n),
-                                  FP8_SWAP_PROGRAMS_PER_SM * sms)
+        block_n, block_k, num_warps, num_stages = FP8_SWAP_WIDE_TILES if wide else FP8_SWAP_TILES
+        programs = triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, block_n)
+        split_k = _doubling_split(triton.cdiv(in_features, block_k), programs,
+                                  (FP8_SWAP_WIDE_PROGRAMS_PER_SM if wide else FP8_SWAP_PROGRAMS_PER_SM) * sms)
         return Tiles(block_m, block_n, block_k, split_k, num_warps=num_warps, num_stages=num_stages, swap=True)
     block_n, block_k, num_stages, programs_per_sm = 64, 128, 4, FP8_GEMM_PROGRAMS_PER_SM
     if block_m >= 32 and triton.cdiv(out_features, 64) >= 2 * sms:

@@ -62,6 +62,8 @@ def descriptor_kernel_against_pointers(switch: str, num_rows: int, out_features:
     weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, device=DEVICE) * 0.02)
     rows = kernels.quantize_fp8_rows_triton(x)
     monkeypatch.setattr(kernels, switch, False)
+    if switch == "FP8_SWAP_GEMM":       # past 64 rows the pointer kernel, not the prefill rows' descriptor kernel
+        monkeypatch.setattr(kernels, "FP8_TMA_GEMM", False)
     by_pointers = kernels.fp8_linear_triton(rows, weight, weight_scale)
     monkeypatch.setattr(kernels, switch, True)
     out = kernels.fp8_linear_triton(rows, weight, weight_scale)       # torch.empty: a tile left unwritten shows
@@ -69,14 +71,15 @@ def descriptor_kernel_against_pointers(switch: str, num_rows: int, out_features:
     assert relative_error(out, fp8_linear_torch(x, weight, weight_scale)) < 1e-2
 
 
-@pytest.mark.parametrize("num_rows", [65, 256, 8192 + 7])      # prefill chunks; rows that end a tile part-full
+@pytest.mark.parametrize("num_rows", [257, 1000, 8192 + 7])     # prefill chunks; rows that end a tile part-full
 @pytest.mark.parametrize("out_features,in_features", SHAPES + ((28672, 4096), (200, 40)))   # K of 40: no descriptor
 def test_fp8_prefill_rows_through_descriptors_match_the_pointer_gemm(num_rows, out_features, in_features,
                                                                       monkeypatch):
     descriptor_kernel_against_pointers("FP8_TMA_GEMM", num_rows, out_features, in_features, 1e-3, monkeypatch)
 
 
-@pytest.mark.parametrize("num_rows", [2, 7, 16, 17, 32, 64])      # a decode batch's rows, tiles of 16 to 64
+@pytest.mark.parametrize("num_rows", [2, 7, 16, 17, 32, 64, 65, 200, 256])   # a decode batch's rows: tiles of
+                                                                                # 16 to 64, then of 128
 @pytest.mark.parametrize("out_features,in_features", SHAPES + ((28672, 4096), (128256, 2048), (200, 40)))
 def test_fp8_decode_rows_transposed_match_the_pointer_gemm(num_rows, out_features, in_features, monkeypatch):
     """The transposed W8A8 GEMM (FP8_SWAP_GEMM, tensor descriptors) against the pointer kernel at the
