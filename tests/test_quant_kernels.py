@@ -311,13 +311,15 @@ def fp8_case(num_rows: int, out_features: int, in_features: int, bias: bool):
 ])
 def test_fp8_descriptor_gemm_at_prefill_rows_is_the_pointer_gemm(num_rows, out_features, in_features, bias,
                                                                  poisoned_outputs, monkeypatch):
-    """Past 64 rows with FP8_TMA_GEMM the W8A8 GEMM loads its tiles through tensor descriptors and
-    walks its programs in groups of row tiles: the same products, bit for bit, as the pointer-load
-    kernel's tiles (and the reference's within float32's rounding of the sums)."""
+    """Past FP8_SWAP_MAX_ROWS rows (64 here, to keep the interpreter's cases small) with FP8_TMA_GEMM the
+    W8A8 GEMM loads its tiles through tensor descriptors and walks its programs in groups of row tiles:
+    the same products, bit for bit, as the pointer-load kernel's tiles (and the reference's within
+    float32's rounding of the sums)."""
     from nanovllm.ops import quant_linear_triton as kernels
 
     x, weight, weight_scale, b, rows = fp8_case(num_rows, out_features, in_features, bias)
     monkeypatch.setattr(kernels, "FP8_TMA_GEMM", True)
+    monkeypatch.setattr(kernels, "FP8_SWAP_MAX_ROWS", 64)
     monkeypatch.setattr(kernels, "FP8_TMA_GROUP_M", 2)       # groups end part-full at 130 and 77 rows of tiles of 32
     chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
     assert chosen.tma and chosen.block_m == 128
