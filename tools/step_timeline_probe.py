@@ -8,7 +8,7 @@ order with the idle time before it, and sums busy and idle time per step, so tha
 waiting is seen where it happens rather than inferred.
 
     python tools/step_timeline_probe.py [--dummy llama-3.2-1b] [--steps 6] [--batch 1] [--quantization fp8]
-        [--kv-cache-dtype fp8]
+        [--kv-cache-dtype fp8] [--set MODULE.NAME=VALUE ...]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import os
 import tempfile
 
 import torch
+from bench_with import apply         # tools/, beside this file
 
 from nanovllm.bench.harness import make_engine
 from nanovllm.config import EngineConfig
@@ -54,7 +55,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens in each prompt")
     parser.add_argument("--quantization", default=None, help="fp8, w4a16, ...: quantize the dummy weights as they load")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="a module setting for the run, as tools/bench_with.py takes (repeatable)")
     args = parser.parse_args()
+    for setting in args.set:
+        apply(setting)
     engine = make_engine(EngineConfig(model=args.dummy, load_format="dummy", device="cuda",
                                       max_num_seqs=max(8, args.batch),
                                       num_kv_blocks=max(2048, (args.prompt_len // 16 + 40) * args.batch),
