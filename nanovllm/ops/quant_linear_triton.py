@@ -16,12 +16,13 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   row (amax / 448, then e4m3 codes) by the kernel that computed them (x given as `Fp8Rows`: the
   norms, SiLU-and-mul; fp8_rows_triton.py), else by `quantize_fp8_rows_triton` first, or by the
   GEMM itself: its prologue reads the program's rows over all of K for their amax, and each step
-  quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower). Past 64
+  quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower). Past 256
   rows (prefill) `_fp8_tma_gemm_kernel` loads the tiles through tensor descriptors instead (TMA
   on Hopper), [128, 256] outputs a program, the programs in groups of row tiles (FP8_TMA_GEMM).
-  At a decode batch's 2 to 64 rows `_fp8_swap_gemm_kernel` computes the product transposed,
-  out^T = W x^T, so that the weight's rows take the tensor cores' long side and the few rows of
-  x the short one, its tiles through tensor descriptors too (FP8_SWAP_GEMM).
+  At a decode batch's 2 to 256 rows `_fp8_swap_gemm_kernel` computes the product transposed,
+  out^T = W x^T, so that the weight's rows take the tensor cores' long side and the batch's rows
+  the short one (all of them in one tile up to 64, tiles of 128 beyond), its tiles through
+  tensor descriptors too (FP8_SWAP_GEMM, FP8_SWAP_MAX_ROWS).
 - **W4A16, a few rows** (`_w4a16_gemv_kernel`, M <= GEMV_MAX_ROWS): a matrix-vector product
   bound by reading the codes, on the FMA units. A step loads [BLOCK_N, BLOCK_K / 8] int32
   words, 16 contiguous bytes a thread along K, and multiplies nibble j of each word by
