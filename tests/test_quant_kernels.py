@@ -358,6 +358,48 @@ def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_fe
         torch.testing.assert_close(kernels.sum_partials(out, x.dtype), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_rows", [65, 128, 200, 256])
+def test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel(num_rows, monkeypatch):
+    """Llama-3.1-8B's layers at 65 to FP8_SWAP_MAX_ROWS rows, on 132 SMs: the transposed GEMM in tiles of
+    FP8_SWAP_WIDE_ROWS rows, at least half as many programs as SMs, and K split only while the programs
+    stay within one an SM; one row more than FP8_SWAP_MAX_ROWS takes the prefill tiles."""
+    pytest.importorskip("triton")
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    monkeypatch.setattr(kernels, "_sms", lambda device: 132)
+    cdiv = lambda a, b: -(-a // b)      # noqa: E731
+    for out_features, in_features in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        tiles = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, torch.device("cpu"))
+        assert tiles.swap and tiles.block_m == kernels.FP8_SWAP_WIDE_ROWS
+        programs = cdiv(num_rows, tiles.block_m) * cdiv(out_features, tiles.block_n)
+        assert programs * tiles.split_k >= 132 // 2, (out_features, in_features, tiles)
+        assert tiles.split_k == 1 or programs * tiles.split_k <= 132, (out_features, in_features, tiles)
+    past = kernels.choose_fp8_gemm_tiles(kernels.FP8_SWAP_MAX_ROWS + 1, 4096, 4096, torch.device("cpu"))
+    assert past.tma and not past.swap
+
+
+def test_fp8_wide_decode_tiles_are_the_ones_measured_fastest(monkeypatch):
+    """(outputs a program, K's split) of Llama-3.1-8B's qkv_proj, o_proj, gate_up_proj and down_proj at 128
+    and 256 rows on 132 SMs: the fastest of tools/fp8_gemm_probe.py's sweep on an H100, or within 1% of it
+    (gate_up_proj at 256 rows: the best at 4 warps; docs/reference/quantization.md)."""
+    pytest.importorskip("triton")
+    from nanovllm.ops import quant_linear_triton as kernels
+
+    monkeypatch.setattr(kernels, "_sms", lambda device: 132)
+    layers = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+    measured = {128: [(64, 1), (64, 2), (128, 1), (64, 2)], 256: [(128, 1), (64, 1), (128, 1), (64, 1)]}
+    for num_rows, fastest in measured.items():
+        tiles = [kernels.choose_fp8_gemm_tiles(num_rows, n, k, torch.device("cpu")) for n, k in layers]
+        assert [(t.block_n, t.split_k) for t in tiles] == fastest, num_rows
+        assert all((t.block_k, t.num_warps, t.num_stages) == (128, 4, 5) for t in tiles)
+
+
+test_fp8_wide_decode_tiles_are_the_ones_measured_fastest.__test__ = not IN_INTERPRETER
+
+
+test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel.__test__ = not IN_INTERPRETER
+
+
 @in_interpreter
 @pytest.mark.parametrize("num_rows,out_features,in_features", [(2, 37, 200), (5, 50, 300), (33, 19, 520)])
 def test_fp8_products_given_fp8_rows_are_the_products_of_x(num_rows, out_features, in_features, poisoned_outputs):
