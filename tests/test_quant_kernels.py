@@ -358,6 +358,9 @@ def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_fe
         torch.testing.assert_close(kernels.sum_partials(out, x.dtype), expected, rtol=1e-5, atol=1e-5)
 
 
+LLAMA_8B_LAYERS = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))   # qkv, o, gate_up, down: (N, K)
+
+
 @pytest.mark.parametrize("num_rows", [65, 128, 200, 256])
 def test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel(num_rows, monkeypatch):
     """Llama-3.1-8B's layers at 65 to FP8_SWAP_MAX_ROWS rows, on 132 SMs: the transposed GEMM in tiles of
@@ -367,15 +370,17 @@ def test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel(n
     from nanovllm.ops import quant_linear_triton as kernels
 
     monkeypatch.setattr(kernels, "_sms", lambda device: 132)
-    cdiv = lambda a, b: -(-a // b)      # noqa: E731
-    for out_features, in_features in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+    for out_features, in_features in LLAMA_8B_LAYERS:
         tiles = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, torch.device("cpu"))
         assert tiles.swap and tiles.block_m == kernels.FP8_SWAP_WIDE_ROWS
-        programs = cdiv(num_rows, tiles.block_m) * cdiv(out_features, tiles.block_n)
-        assert programs * tiles.split_k >= 132 // 2, (out_features, in_features, tiles)
-        assert tiles.split_k == 1 or programs * tiles.split_k <= 132, (out_features, in_features, tiles)
+        row_tiles, out_tiles, split_k = kernels._launch_grid(num_rows, out_features, tiles)
+        assert row_tiles * out_tiles * split_k >= 132 // 2, (out_features, in_features, tiles)
+        assert split_k == 1 or row_tiles * out_tiles * split_k <= 132, (out_features, in_features, tiles)
     past = kernels.choose_fp8_gemm_tiles(kernels.FP8_SWAP_MAX_ROWS + 1, 4096, 4096, torch.device("cpu"))
     assert past.tma and not past.swap
+
+
+test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel.__test__ = not IN_INTERPRETER
 
 
 def test_fp8_wide_decode_tiles_are_the_ones_measured_fastest(monkeypatch):
@@ -386,18 +391,14 @@ def test_fp8_wide_decode_tiles_are_the_ones_measured_fastest(monkeypatch):
     from nanovllm.ops import quant_linear_triton as kernels
 
     monkeypatch.setattr(kernels, "_sms", lambda device: 132)
-    layers = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
     measured = {128: [(64, 1), (64, 2), (128, 1), (64, 2)], 256: [(128, 1), (64, 1), (128, 1), (64, 1)]}
     for num_rows, fastest in measured.items():
-        tiles = [kernels.choose_fp8_gemm_tiles(num_rows, n, k, torch.device("cpu")) for n, k in layers]
+        tiles = [kernels.choose_fp8_gemm_tiles(num_rows, n, k, torch.device("cpu")) for n, k in LLAMA_8B_LAYERS]
         assert [(t.block_n, t.split_k) for t in tiles] == fastest, num_rows
         assert all((t.block_k, t.num_warps, t.num_stages) == (128, 4, 5) for t in tiles)
 
 
 test_fp8_wide_decode_tiles_are_the_ones_measured_fastest.__test__ = not IN_INTERPRETER
-
-
-test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel.__test__ = not IN_INTERPRETER
 
 
 @in_interpreter

@@ -548,9 +548,10 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     block_m = FP8_SWAP_WIDE_ROWS if wide else min(64, max(16, triton.next_power_of_2(num_rows)))
     if FP8_SWAP_GEMM:
         block_n, block_k, num_warps, num_stages = FP8_SWAP_WIDE_TILES if wide else FP8_SWAP_TILES
-        programs = triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, block_n)
-        if wide and programs > sms:                 # more than a wave: twice the outputs a program
-            block_n, programs = 2 * block_n, triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, 2 * block_n)
+        row_tiles = triton.cdiv(num_rows, block_m)
+        if wide and row_tiles * triton.cdiv(out_features, block_n) > sms:   # more than a wave: twice the outputs
+            block_n *= 2
+        programs = row_tiles * triton.cdiv(out_features, block_n)
         split_k = _doubling_split(triton.cdiv(in_features, block_k), programs,
                                   (FP8_SWAP_WIDE_PROGRAMS_PER_SM if wide else FP8_SWAP_PROGRAMS_PER_SM) * sms)
         return Tiles(block_m, block_n, block_k, split_k, num_warps=num_warps, num_stages=num_stages, swap=True)
