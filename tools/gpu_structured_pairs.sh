@@ -20,9 +20,9 @@ TOKENIZER=${TOKENIZER:?set TOKENIZER to a HuggingFace tokenizer directory}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 START=$SECONDS
 
-if ! "$PYTHON" -c "import xgrammar" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl >"$OUT/pip.txt" 2>&1
-fi
+PY=$PYTHON log="$OUT/pip.txt"
+source tools/gpu_steps.sh
+install_missing xgrammar '*.whl'       # pip's output into $OUT/pip.txt
 "$PYTHON" -c "import xgrammar" || { echo "xgrammar is missing: put its wheel in $WHEELS"; exit 1; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; uptime; git log -1 --oneline; } \
     >"$OUT/machine.txt" 2>&1
