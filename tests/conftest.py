@@ -619,6 +619,35 @@ def make_engine(tiny_llama_loaded):
     return make
 
 
+@pytest.fixture(scope="module")
+def make_app(tiny_llama_loaded):
+    """make_app(**server_args) -> the server's app over a new engine on the tiny Llama (weights loaded
+    once), max_model_len 128, served as "m" unless given."""
+    from nanovllm.server.app import ServerConfig, build_app
+
+    def make(**server_args):
+        server_args.setdefault("served_model_name", "m")
+        return build_app(server_config=ServerConfig(**server_args),
+                         engine=engine_over(tiny_llama_loaded, max_model_len=128))
+
+    return make
+
+
+def assert_same_rows(rows, plain: torch.Tensor, rows_kind: str) -> None:
+    """rows, the Fp8Rows (rows_kind "fp8") or W4Rows ("w4") a kernel wrote beside its 16-bit output
+    plain, hold the bits that quantizing plain gives: quantize_fp8_rows_triton's codes and scales,
+    or w4_rows_torch's planes."""
+    from nanovllm.ops.quant_format import w4_rows_torch
+    from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
+    assert rows.shape == plain.shape and rows.dtype == plain.dtype
+    if rows_kind == "w4":
+        assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
+        return
+    expected = quantize_fp8_rows_triton(plain)
+    assert torch.equal(rows.scale, expected.scale)
+    assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
+
+
 class PoisonedTorch:
     """torch, except that `empty` fills floating-point buffers with NaN, so an element a
     kernel forgets to write shows up (monkeypatched into the kernel modules by tests)."""

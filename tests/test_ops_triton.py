@@ -25,7 +25,7 @@ from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms
 from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache,
                                  rotary_and_store_kv, rotary_and_store_kv_torch, rotary_store_and_attend,
                                  rotary_store_and_attend_torch)
-from conftest import IN_INTERPRETER, PoisonedTorch, in_interpreter, run_in_interpreter
+from conftest import IN_INTERPRETER, PoisonedTorch, assert_same_rows, in_interpreter, run_in_interpreter
 
 KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton",
                   "matmul_triton", "fp8_rows_triton", "all_reduce_triton")
@@ -629,17 +629,6 @@ def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(k
     one program takes go through the two kernels. w4=True: the W4Rows of its output (w4_rows_torch,
     tested against their definition in test_quant_references.py), the same bits; 1,096 features take
     SiLU-and-mul two programs a row, the second one part masked."""
-    from nanovllm.ops.quant_format import w4_rows_torch
-    from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
-
-    def assert_same_rows(rows, plain):
-        assert rows.dtype == plain.dtype and rows.shape == plain.shape
-        if rows_kind == "w4":
-            assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
-            return
-        expected = quantize_fp8_rows_triton(plain)
-        assert torch.equal(rows.scale, expected.scale)
-        assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
 
     ask = {rows_kind: True}
     generator = torch.Generator().manual_seed(features)
@@ -647,20 +636,20 @@ def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(k
     x[2] = 0.0
     weight = torch.randn(features, generator=generator).to(dtype)
     norms = kernels.rmsnorm_triton
-    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, **ask), norms.rms_norm_triton(x, weight, 1e-6))
+    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, **ask), norms.rms_norm_triton(x, weight, 1e-6), rows_kind)
     partials = torch.randn(3, 5, features, generator=generator)                     # float32 partial sums of x
     residual = torch.randn(5, features, generator=generator).to(dtype)
     for given in (x, partials):
         rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, **ask)
         plain, plain_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6)
-        assert_same_rows(rows, plain)
+        assert_same_rows(rows, plain, rows_kind)
         assert torch.equal(new_residual, plain_residual)
     gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
     gate_up[4] = 0.0
     silu = kernels.activation_triton.silu_and_mul_triton
-    assert_same_rows(silu(gate_up, **ask), silu(gate_up))
+    assert_same_rows(silu(gate_up, **ask), silu(gate_up), rows_kind)
     monkeypatch.setattr(kernels.activation_triton, "FP8_MAX_FEATURES", 32)
-    assert_same_rows(silu(gate_up, **ask), silu(gate_up))
+    assert_same_rows(silu(gate_up, **ask), silu(gate_up), rows_kind)
 
 
 @in_interpreter

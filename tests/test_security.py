@@ -12,29 +12,11 @@ from typing import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from nanovllm.config import EngineConfig
-from nanovllm.engine.engine import LLMEngine
-from nanovllm.model.loader import load_model
 from nanovllm.server import security
-from nanovllm.server.app import ServerConfig, build_app
 from nanovllm.server.security import SecurityConfig, default_allowed_hosts, uvicorn_settings
-from nanovllm.tokenizer import Tokenizer
 from conftest import serving
 
 KEY = "s3cret-key"
-
-
-@pytest.fixture(scope="module")
-def make_app(tiny_llama):
-    model, _ = load_model(str(tiny_llama))
-    tokenizer = Tokenizer.load(str(tiny_llama))
-
-    def make(**server_args):
-        engine = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", max_model_len=128), model=model,
-                           tokenizer=tokenizer)
-        return build_app(server_config=ServerConfig(served_model_name="m", **server_args), engine=engine)
-
-    return make
 
 
 COMPLETION = {"model": "m", "prompt": "Hi", "max_tokens": 2}

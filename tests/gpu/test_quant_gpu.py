@@ -16,6 +16,7 @@ import torch
 from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
+from conftest import assert_same_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton = pytest.importorskip("triton")
@@ -423,33 +424,22 @@ def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(r
     and scales of quantize_fp8_rows_triton on their plain output, bit for bit; the w4=True ones
     w4_rows_torch of it."""
     from nanovllm.ops.activation_triton import silu_and_mul_triton
-    from nanovllm.ops.quant_format import w4_rows_torch
-    from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
     from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton, rms_norm_triton
-
-    def assert_same_rows(rows, plain):
-        assert rows.shape == plain.shape and rows.dtype == plain.dtype
-        if rows_kind == "w4":
-            assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
-            return
-        expected = quantize_fp8_rows_triton(plain)
-        assert torch.equal(rows.scale, expected.scale)
-        assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))
 
     ask = {rows_kind: True}
     torch.manual_seed(num_rows)
     x = torch.randn(num_rows, hidden, device=DEVICE, dtype=torch.bfloat16) * 3
     residual = torch.randn_like(x)
     weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
-    assert_same_rows(rms_norm_triton(x, weight, 1e-5, **ask), rms_norm_triton(x, weight, 1e-5))
+    assert_same_rows(rms_norm_triton(x, weight, 1e-5, **ask), rms_norm_triton(x, weight, 1e-5), rows_kind)
     partials = torch.randn(4, num_rows, hidden, device=DEVICE)
     for given in (x, partials):
         rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, **ask)
         plain, plain_residual = add_rms_norm_triton(given, residual, weight, 1e-5)
-        assert_same_rows(rows, plain)
+        assert_same_rows(rows, plain, rows_kind)
         assert torch.equal(new_residual, plain_residual)
     gate_up = torch.randn(num_rows, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 4
-    assert_same_rows(silu_and_mul_triton(gate_up, **ask), silu_and_mul_triton(gate_up))
+    assert_same_rows(silu_and_mul_triton(gate_up, **ask), silu_and_mul_triton(gate_up), rows_kind)
 
 
 @pytest.mark.parametrize("method", ["fp8"])
