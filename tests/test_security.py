@@ -47,6 +47,7 @@ def test_the_bearer_scheme_is_read_in_any_case(make_app, scheme):
         assert client.get("/v1/models", headers=headers).status_code == 200
         assert client.get("/metrics", headers=headers).status_code == 200
         assert client.post("/v1/completions", json=COMPLETION, headers=headers).status_code == 200
+        assert client.post("/tokenize", json={"prompt": "hi"}, headers=headers).status_code == 200
 
 
 def test_the_key_is_compared_in_constant_time(make_app, monkeypatch):
