@@ -257,6 +257,38 @@ def test_fused_decode_rotary_store_and_attention_matches_the_steps_in_turn(kerne
 
 
 @in_interpreter
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_a_decode_grid_with_a_sequences_kv_heads_together_gives_the_same_bits(kernels, monkeypatch, num_kv_splits,
+                                                                               fused):
+    """DECODE_HEADS_TOGETHER lays a decode step's programs out sequence by sequence, a sequence's KV heads
+    side by side: each program still attends its own (sequence, KV head), so the output and the cache
+    writes are those of the head-major grid, bit for bit (3 KV heads: a program p is p // 3, p % 3)."""
+    group, num_kv_heads, head_dim, block_size = 2, 3, 32, 4
+    qkv, positions, k_cache, v_cache, *_, metadata = decode_step_before_rope(
+        group, num_kv_heads, head_dim, block_size, torch.float32, [0, 12, 70, 5], seed=44)
+    cos_sin_cache = rope_cos_sin_cache(head_dim, 128, 10000.0, None)
+    q, k, v = qkv.split([group * num_kv_heads, num_kv_heads, num_kv_heads], dim=1)
+    results = []
+    for together in (False, True):
+        monkeypatch.setattr(kernels.attention_triton, "DECODE_HEADS_TOGETHER", together)
+        caches = (k_cache.clone(), v_cache.clone())
+        if not fused:       # attention alone reads the new token's slot: give it a key and a value
+            caches = tuple(cache.nan_to_num(0.5) for cache in caches)
+        if fused:
+            out = kernels.attention_triton.rotary_store_and_attend_triton(
+                q, k, v, positions, cos_sin_cache, *caches, metadata, head_dim ** -0.5,
+                num_kv_splits=num_kv_splits, fused=True)
+        else:
+            out = kernels.attention_triton.paged_attention_triton(q, *caches, metadata, head_dim ** -0.5,
+                                                                  num_kv_splits=num_kv_splits)
+        results.append((out, *(cache.nan_to_num(7.0) for cache in caches)))
+    assert not results[0][0].isnan().any()
+    for apart, together in zip(*results):
+        assert torch.equal(apart, together)
+
+
+@in_interpreter
 def test_only_decodes_that_split_their_contexts_take_the_fused_kernel(kernels, monkeypatch):
     """Few sequences (split contexts): one kernel; a full grid, or prefill chunks: RoPE, then attention."""
     fused = []

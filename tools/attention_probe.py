@@ -13,8 +13,9 @@ Llama-3.2-1B's) at batch 64 and 256 and contexts of 128 to 2048 keys (--contexts
 several tile configurations (keys a step, pipeline stages, warps; --tiles 128x2x4,256x2x4 to choose,
 --tiles engine for the engine's own);
 each call reads another layer's cache, so that the keys come from HBM and not from the 60 MB L2.
---kv-dtype fp8: an FP8 cache (scales 0.37 and 0.021). Prints microseconds per call and the KV bytes
-read per second.
+--kv-dtype fp8: an FP8 cache (scales 0.37 and 0.021). --grids: each tile also with the grid of
+DECODE_HEADS_TOGETHER (a sequence's KV heads as neighbouring programs), "apart" then "together". Prints
+microseconds per call and the KV bytes read per second.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import math
 import torch
 
 from nanovllm.bench.graph_timing import graph_time_us
+from nanovllm.ops import attention_triton
 from nanovllm.ops.attention import AttentionMetadata, quantize_kv
 from nanovllm.ops.attention_triton import AttentionKernelConfig, decode_config, paged_attention_triton
 from nanovllm.ops.quant_format import FP8_DTYPE
@@ -42,14 +44,16 @@ def decode_metadata(batch: int, context: int, tables: torch.Tensor, max_seq_len:
 
 
 def decode_configs(dim: int = 128, kv_dtype: str = "bf16", contexts=(128, 512, 1024, 2048),
-                   configs=CONFIGS) -> None:
+                   configs=CONFIGS, grids=(None,)) -> None:
     heads, kv_heads, block = 32, 8, 16
     fp8 = kv_dtype == "fp8"
     element_bytes = 1 if fp8 else 2
     scales = dict(k_scale=0.37, v_scale=0.021) if fp8 else {}
     print(f"card: {torch.cuda.get_device_name()}; head_dim {dim}, {kv_dtype} cache; the engine's decode tile "
           f"now: {decode_config(heads // kv_heads, dim, fp8)}")
-    print("| batch | context | " + " | ".join(f"{n} keys, {s} stages, {w} warps" for n, s, w in configs) + " |")
+    grid_names = {None: "", False: ", apart", True: ", together"}
+    print("| batch | context | " + " | ".join(f"{n} keys, {s} stages, {w} warps{grid_names[g]}"
+                                             for n, s, w in configs for g in grids) + " |")
     for batch in (64, 256):
         for context in contexts:
             width = context // block
@@ -64,8 +68,10 @@ def decode_configs(dim: int = 128, kv_dtype: str = "bf16", contexts=(128, 512, 1
             q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
             metadata = decode_metadata(batch, context, tables)
             cells = []
-            for block_n, stages, warps in configs:
+            for (block_n, stages, warps), together in ((c, g) for c in configs for g in grids):
                 config = AttentionKernelConfig(block_m=16, block_n=block_n, num_warps=warps, num_stages=stages)
+                if together is not None:
+                    attention_triton.DECODE_HEADS_TOGETHER = together
                 try:
                     us = graph_time_us(lambda: [paged_attention_triton(q, k, v, metadata, 0.088, num_kv_splits=1,
                                                                        config=config, **scales) for k, v in caches],
@@ -83,6 +89,8 @@ def main() -> None:
     parser.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16", help="--configs: the cache's dtype")
     parser.add_argument("--contexts", default="128,512,1024,2048", help="--configs: keys a sequence")
     parser.add_argument("--tiles", help="--configs: KEYSxSTAGESxWARPS,... or engine (default: a fixed list)")
+    parser.add_argument("--grids", action="store_true", help="--configs: each tile with the KV heads of a "
+                        "sequence apart and together in the grid")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.configs:
@@ -92,7 +100,8 @@ def main() -> None:
         else:
             tiles = (tuple(tuple(int(n) for n in tile.split("x")) for tile in args.tiles.split(","))
                      if args.tiles else CONFIGS)
-        decode_configs(args.head_dim, args.kv_dtype, tuple(int(c) for c in args.contexts.split(",")), tiles)
+        decode_configs(args.head_dim, args.kv_dtype, tuple(int(c) for c in args.contexts.split(",")), tiles,
+                       (False, True) if args.grids else (None,))
         return
     heads, kv_heads, dim, block = 32, 8, 64, 16
     width = 4096 // block

@@ -5,7 +5,7 @@ The work is cut into *tiles*. A tile is up to BLOCK_Q consecutive new tokens of 
 sequence times the GROUP query heads that share one KV head (GQA), so a program
 loads each K/V tile once and uses it for BLOCK_Q * GROUP query rows:
 
-    program (tile, kv_head, split):
+    program (tile, kv_head, split):     (DECODE_HEADS_TOGETHER: (tile * Hkv + kv_head, 1, split))
         rows    = BLOCK_Q tokens x GROUP heads          (BLOCK_M rows, padded)
         for each BLOCK_N keys of the context in its split, through the block table:
             S = Q K^T * scale, causal mask          [BLOCK_M, BLOCK_N]
@@ -158,11 +158,15 @@ def _paged_attention_kernel(
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
         ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
         FP8_KV: tl.constexpr, CODES_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
-        WAIT: tl.constexpr = False):
+        WAIT: tl.constexpr = False, HEADS_TOGETHER: tl.constexpr = 0):
     if PDL:     # the kernel after this one may launch now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_TOGETHER:      # the KV heads (HEADS_TOGETHER of them) of a tile are neighbouring programs
+        tile = tl.program_id(0) // HEADS_TOGETHER
+        kv_head = tl.program_id(0) % HEADS_TOGETHER
+    else:
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     if DECODE:
@@ -376,6 +380,10 @@ class AttentionKernelConfig:
 # 33.7). `bench throughput` on 64 prompts of 4,096 tokens: Llama-3.2-1B 7,764 / 7,781 against 7,682 / 7,679
 # output tok/s with 4 warps, Llama-3.1-8B (512 out) 2,379 against 2,362.
 FP8_DECODE_TILES = {64: (128, 2, 2), 128: (64, 2, 2)}
+# A decode step's grid with the KV heads of a sequence as neighbouring programs (sequence-major), so that
+# they run at the same time and read one token's rows of K and V (the heads lie side by side in a cache
+# block) together; off: head-major, the grid (sequences, KV heads, splits).
+DECODE_HEADS_TOGETHER = False
 
 
 def decode_config(group: int, head_dim: int = 128, fp8_kv: bool = False) -> AttentionKernelConfig:
@@ -556,7 +564,8 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         rope_args = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0)
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    grid = (num_tiles, num_kv_heads, num_kv_splits)
+    heads_together = num_kv_heads if decode and DECODE_HEADS_TOGETHER else 0
+    grid = (num_tiles * num_kv_heads, 1, num_kv_splits) if heads_together else (num_tiles, num_kv_heads, num_kv_splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, partial, lse,
         metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
@@ -571,7 +580,8 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages, FP8_KV=k_cache.dtype == FP8_DTYPE,
-        CODES_ASM=k_cache.is_cuda, **pdl_between(q, "attention"), num_warps=config.num_warps)
+        CODES_ASM=k_cache.is_cuda, HEADS_TOGETHER=heads_together, **pdl_between(q, "attention"),
+        num_warps=config.num_warps)
     if num_kv_splits == 1:
         return w4_rows_torch(out.reshape(num_tokens, -1)) if w4 else out
     rows, merged = out, out                  # what the merge writes: out, or W4Rows' planes
