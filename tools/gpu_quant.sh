@@ -24,7 +24,7 @@ source "$(dirname "$0")/gpu_steps.sh"
 gpu_header
 install_missing gguf 'gguf-*.whl'     # the GGUF files the GPU tests write, from $WHEELS (default .whl/)
 
-step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
+step tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_quant_gpu.py
 
 # each decode linear of Llama-3.1-8B and -3.2-1B at 1 and 4 rows against cuBLAS bf16, weights cycled past L2,
 # a sweep of the one-row tiles (FP8 GEMV widths / steps / splits, W4A16 GEMV widths / splits / prefetch) and of
