@@ -83,7 +83,8 @@ def resource_usage(compiled, tmp_path) -> str:
 
 LLAMA = dict(GROUP=4, HEAD_DIM=64, HEAD_DIM_PAD=64)      # Llama-3.2-1B: 32 query heads on 8 KV heads
 QWEN3 = dict(GROUP=2, HEAD_DIM=128, HEAD_DIM_PAD=128)    # Qwen3-0.6B: 16 on 8, per-head q/k norm
-DECODE = dict(BLOCK_SIZE=16, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=128, BLOCK_B=64, DECODE=True, IEEE=False, NUM_STAGES=2)
+DECODE = dict(BLOCK_SIZE=16, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=128, BLOCK_B=64, DECODE=True, IEEE=False, NUM_STAGES=2,
+              HEADS_TOGETHER=8)     # 8 KV heads, launched side by side as the engine does (DECODE_HEADS_TOGETHER)
 
 
 @pytest.mark.parametrize("fp8_kv", [False, True])
