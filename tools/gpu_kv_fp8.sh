@@ -8,6 +8,7 @@
 # dtype, blocks, token capacity) and output, in $OUT/gpu_kv_fp8.tar.gz; a table of them in
 # $OUT/summary.txt and the steps' tails in $OUT/gpu_kv_fp8.log (three files in all).
 # Usage, from the repository root on a machine with a CUDA GPU:  OUT=/some/dir bash tools/gpu_kv_fp8.sh
+# ATTENTION_TILES=64x3x2,64x4x2,... times those decode tiles (keys x stages x warps) instead of the engine's.
 # About 7 minutes on an H100 (the steps' time limits add up to 680 s); a failed step does not stop the rest.
 set -u
 OUT="${OUT:?set OUT to a directory for the results}"
@@ -26,7 +27,7 @@ step tests 100 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/gpu/test_kv
 for head_dim in 64 128; do
     for kv in bf16 fp8; do
         step "attention-$head_dim-$kv" 60 $PY tools/attention_probe.py --configs --head-dim "$head_dim" --kv-dtype "$kv" \
-            --contexts 1024,4096 --tiles engine
+            --contexts 1024,4096 --tiles "${ATTENTION_TILES:-engine}"
     done
 done
 
