@@ -371,20 +371,18 @@ class AttentionKernelConfig:
     num_stages: int
 
 
-# An FP8 cache's decode tiles by head_dim: (keys a step, pipeline stages, warps). On an NVIDIA H100
-# (tools/attention_probe.py --configs --kv-dtype fp8, batch 64 and 256, contexts 1,024 and 4,096): head_dim
-# 64 keeps bf16's 128 keys and 2 stages (33.7 us at batch 64, context 1,024; 64 keys 39.4, 256 keys 40.0);
-# head_dim 128 takes 64 keys in 2 stages, not bf16's 3 (58.4 against 85.2 us; 128 keys 64.5). Both run 2
-# warps, not 4: at head_dim 128 faster everywhere (209 against 232 us at context 4,096), at 64 faster from
-# context 4,096 or batch 256 on (127 against 139 us) and slower at batch 64, context 1,024 (35.2 against
-# 33.7). `bench throughput` on 64 prompts of 4,096 tokens: Llama-3.2-1B 7,764 / 7,781 against 7,682 / 7,679
-# output tok/s with 4 warps, Llama-3.1-8B (512 out) 2,379 against 2,362. With the sequence-major grid
-# (DECODE_HEADS_TOGETHER) swept again on an H100 at batch 64 and 256, contexts 512 to 2,048: head_dim 64
-# reads fastest with 4 warps at every size (batch 256, context 512: 2.08 against 2.01 TB/s; batch 64,
-# context 1,024: 2.02 against 1.94), head_dim 128 in 3 stages (2.36 against 2.27 and 2.62 against 2.50 TB/s
-# at batch 256; 128 keys a step 1.79 and 1.96). `bench throughput` with the FP8 cache, two runs each way in
-# one call: Llama-3.2-1B 41,160 / 41,207 -> 42,227 / 41,965 output tok/s, Llama-3.1-8B with FP8 weights
-# 11,870 / 11,856 -> 11,945 / 11,951.
+# An FP8 cache's decode tiles by head_dim: (keys a step, pipeline stages, warps). Head_dim 64 takes 128 keys
+# in 2 stages and 4 warps, head_dim 128 64 keys in 3 stages and 2 warps. Measured on an NVIDIA H100
+# (tools/attention_probe.py --configs --kv-dtype fp8): first on the head-major grid, where head_dim 64 kept
+# bf16's 128 keys and 2 stages (33.7 us at batch 64, context 1,024; 64 keys 39.4, 256 keys 40.0), head_dim
+# 128 ran 64 keys (58.4 against 85.2 us with bf16's 3 stages and 4 warps; 128 keys 64.5) and both ran 2
+# warps (head_dim 128: 209 against 232 us at context 4,096). Then on the sequence-major grid
+# (DECODE_HEADS_TOGETHER), batch 64 and 256, contexts 512 to 2,048: head_dim 64 reads fastest with 4 warps
+# at every size (batch 256, context 512: 2.08 against 2.01 TB/s; batch 64, context 1,024: 2.02 against
+# 1.94), head_dim 128 in 3 stages (2.36 against 2.27 and 2.62 against 2.50 TB/s at batch 256; 128 keys a
+# step 1.79 and 1.96). `bench throughput` with the FP8 cache, two runs each way in one call: Llama-3.2-1B
+# 41,160 / 41,207 -> 42,227 / 41,965 output tok/s, Llama-3.1-8B with FP8 weights 11,870 / 11,856 ->
+# 11,945 / 11,951.
 FP8_DECODE_TILES = {64: (128, 2, 4), 128: (64, 3, 2)}
 # A decode step's grid with the KV heads of a sequence as neighbouring programs (sequence-major), so that
 # they run at the same time and read one token's rows of K and V (the heads lie side by side in a cache
