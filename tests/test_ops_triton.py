@@ -272,14 +272,13 @@ def test_a_decode_grid_with_a_sequences_kv_heads_together_gives_the_same_bits(ke
     results = []
     for together in (False, True):
         monkeypatch.setattr(kernels.attention_triton, "DECODE_HEADS_TOGETHER", together)
-        caches = (k_cache.clone(), v_cache.clone())
-        if not fused:       # attention alone reads the new token's slot: give it a key and a value
-            caches = tuple(cache.nan_to_num(0.5) for cache in caches)
         if fused:
+            caches = (k_cache.clone(), v_cache.clone())
             out = kernels.attention_triton.rotary_store_and_attend_triton(
                 q, k, v, positions, cos_sin_cache, *caches, metadata, head_dim ** -0.5,
                 num_kv_splits=num_kv_splits, fused=True)
-        else:
+        else:               # attention alone reads the new token's slot: give it a key and a value
+            caches = (k_cache.nan_to_num(0.5), v_cache.nan_to_num(0.5))
             out = kernels.attention_triton.paged_attention_triton(q, *caches, metadata, head_dim ** -0.5,
                                                                   num_kv_splits=num_kv_splits)
         results.append((out, *(cache.nan_to_num(7.0) for cache in caches)))
