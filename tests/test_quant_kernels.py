@@ -78,7 +78,7 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
     # along K are slow in the interpreter, so these take at most 9 rows (tiles of 4 and 16 still end
     # part-full) and none of the long one-row K's, which are there for the engine's tiles above
     rows = min(num_rows, 9)
-    small_tiles = ((4, by_gemv, False), (4, by_gemv, True), (16, by_dot, False)) if in_features <= 1024 else ()
+    small_tiles = ((4, by_gemv, False), (4, by_gemv, True), (16, by_dot, False)) if in_features < 1024 else ()
     for block_m, expected, prefetch in small_tiles:
         split = Tiles(block_m, 16, 16, split_k=3, prefetch=prefetch)   # K split unevenly: the last split has fewer steps, or none
         partials = w4a16_linear_tiles(x[:rows], qweight, scales, zeros, b, split)
