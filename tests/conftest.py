@@ -57,6 +57,8 @@ def in_interpreter(test):
 # (waiting on servers, spawned engines and subprocesses); the test that asked for one then waits for
 # its result. Idle priority (SCHED_IDLE), not a nice value: a niced process still takes turns beside the
 # main run's torch threads, and each of their parallel regions then waits for the thread it displaced.
+# Those tests run last: asked for midway, a run not yet done stopped the main run while it finished,
+# and the rest of the main run then left a core idle that the runs would have used.
 _INTERPRETER_RUNS: dict[tuple[str, ...], tuple[subprocess.Popen, Path]] = {}
 
 
@@ -106,6 +108,7 @@ def pytest_collection_modifyitems(items):
         key = (str(item.path.resolve()), *marker.args) if marker else None
         if marker and key not in _INTERPRETER_RUNS and importlib.util.find_spec("triton") is not None:
             _INTERPRETER_RUNS[key] = _start_interpreter_run(str(item.path), *marker.args, idle=True)
+    items.sort(key=lambda item: item.get_closest_marker("interpreter_run") is not None)   # stable: those last
 
 
 def pytest_sessionfinish():
