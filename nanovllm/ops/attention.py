@@ -105,12 +105,12 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         # Four dimensions, [1, heads, tokens, D]: torch's CPU flash-attention kernel takes those (and
         # GQA's shared KV heads, enable_gqa); three send it to the unfused path, 5x slower at 2,000 tokens.
         qb, kb, vb = q[start:end].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        if q_len == seq_len:    # a whole prompt: the plain causal mask, which the kernel applies itself
-            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=group > 1)
-        else:                   # a chunk after cached context: query at position p sees keys 0..p
+        mask = None             # a whole prompt: the plain causal mask, which the kernel applies itself
+        if q_len < seq_len:     # a chunk after cached context: query at position p sees keys 0..p
             query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]   # [q_len, L]
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=group > 1)
         out[start:end] = o[0].transpose(0, 1)
     return out
 
