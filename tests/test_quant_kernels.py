@@ -79,9 +79,8 @@ def test_w4a16_kernel_matches_reference(dtype, num_rows, out_features, in_featur
     # part-full), none of the long one-row K's, which are there for the engine's tiles above, and float32
     # x only (float16 x takes the same code, through the engine's tiles above)
     rows = min(num_rows, 9)
-    small_tiles = ((4, by_gemv, False), (4, by_gemv, True), (16, by_dot, False))
-    if in_features >= 1024 or dtype != torch.float32:
-        small_tiles = ()
+    small_tiles = (((4, by_gemv, False), (4, by_gemv, True), (16, by_dot, False))
+                   if in_features < 1024 and dtype == torch.float32 else ())
     for block_m, expected, prefetch in small_tiles:
         split = Tiles(block_m, 16, 16, split_k=3, prefetch=prefetch)   # K split unevenly: the last split has fewer steps, or none
         partials = w4a16_linear_tiles(x[:rows], qweight, scales, zeros, b, split)
