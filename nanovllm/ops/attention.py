@@ -83,8 +83,7 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]. GQA: query head h reads KV head h // (Hq // Hkv).
     An FP8 cache's keys and values are read as stored x k_scale, v_scale (`dequantize_kv`)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_heads, (block_size, num_kv_heads) = q.shape[1], k_cache.shape[1:3]
     group = num_heads // num_kv_heads
     num_blocks = -(-metadata.max_seq_len // block_size)
     if metadata.max_query_len == 1:
