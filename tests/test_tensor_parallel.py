@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -360,6 +361,29 @@ def test_a_worker_killed_during_a_step_is_named_in_the_error(tiny_model_factory,
     assert_no_children_left()
 
 
+def test_a_worker_that_raises_is_named_with_its_error_and_leaves_no_file_behind(tiny_model_factory, tmp_path,
+                                                                              monkeypatch):
+    from nanovllm.runner.tp_worker import HEADER_SIZE, STEP
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where a spawned worker's error file goes
+    llm = LLM(str(tiny_model_factory("qwen3")), tensor_parallel_size=2, **ENGINE_ARGS)
+    workers = llm.engine.runner.workers
+    [worker] = workers.processes
+    try:
+        header = torch.tensor([STEP, 5] + [1] * (HEADER_SIZE - 2))   # a step whose payload is missing
+        workers.steps.write([header])
+        worker.join(timeout=30)
+        assert worker.exitcode == 1
+        assert list(tmp_path.glob("pytorch-errorfile-*")), "the worker left no error file to read"
+        with pytest.raises(RuntimeError, match=r"worker rank 1 .* code 1 after raising RuntimeError: a step "
+                                               r"message of 8 int64s does not match its header"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    assert not list(tmp_path.glob("pytorch-errorfile-*"))
+    assert_no_children_left()
+
+
 def test_spawned_workers_read_their_steps_from_shared_memory_which_goes_with_them(tiny_model_factory, monkeypatch):
     path = str(tiny_model_factory("qwen3"))
     llm = LLM(path, tensor_parallel_size=2, **ENGINE_ARGS)
@@ -411,8 +435,22 @@ def test_a_worker_that_fails_to_load_its_shard_stops_the_start_with_its_tracebac
         return start(*args)
 
     monkeypatch.setattr(model_runner.WorkerGroup, "start", start_after_damaging_the_weights)
-    with pytest.raises(RuntimeError, match=r"(?s)failed to load its shard.*ModelLoadError.*truncated"):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where a spawned worker's error file goes
+    with pytest.raises(RuntimeError, match=r"(?s)failed to load its shard:\nrank 1: .*ModelLoadError.*truncated"):
         LLM(str(path), tensor_parallel_size=2, **ENGINE_ARGS)
+    assert not list(tmp_path.glob("pytorch-errorfile-*")), "the worker's error file was left behind"
+    assert_no_children_left()
+
+
+def test_a_worker_that_fails_to_start_raises_its_error_and_leaves_no_file_behind(tmp_path, monkeypatch):
+    from nanovllm.runner.model_runner import serve_rank
+    from nanovllm.runner.tp_worker import _spawn_workers
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where a spawned worker's error file goes
+    config = EngineConfig(device="cpu", tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match="(?s)worker failed to start.*FileNotFoundError"):
+        _spawn_workers(config, serve_rank, "nano-vllm-no-such-queue")   # the worker cannot attach the step queue
+    assert not list(tmp_path.glob("pytorch-errorfile-*")), "the worker's error file was left behind"
     assert_no_children_left()
 
 

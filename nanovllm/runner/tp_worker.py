@@ -51,8 +51,10 @@ How they travel depends on where the ranks are:
 Start and stop are checked: a rank that fails to load its shard makes every
 rank give up at the first collective (an agreement on "loaded"), and rank 0
 raises with the worker's traceback; a worker found dead before or during a
-step ends the engine's requests with `WorkerDiedError` and shuts the others
-down; a worker whose engine process is gone exits by itself.
+step ends the engine's requests with `WorkerDiedError` (naming the error it
+raised, if it raised one) and shuts the others down; a worker whose engine
+process is gone exits by itself. A spawned worker that raises leaves its
+traceback in a file of the temporary folder, which rank 0 reads and removes.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ import itertools
 import math
 import multiprocessing.connection
 import os
+import pickle
 import sys
 import threading
 import time
@@ -220,6 +223,8 @@ class WorkerGroup:
     peer: "PeerAllReduce | None" = None        # all_reduce="peer": aborted when a worker dies, so nothing waits;
                                                # closed after the graphs on a clean stop
     steps: ShmQueueWriter | None = None        # spawned workers read their steps here; None: broadcasts
+    worker_errors: dict[int, str] = field(default_factory=dict)   # rank -> the traceback of a spawned worker
+                                               # that raised (_take_worker_error)
 
     @classmethod
     def start(cls, config: EngineConfig, parallel: ParallelState, serve_rank: ServeRank) -> "WorkerGroup":
@@ -249,13 +254,23 @@ class WorkerGroup:
         return group
 
     def _failure_details(self) -> str:
-        """The failed worker's traceback (spawned workers), or where to look for it."""
-        if self.context is not None:
-            try:
-                self.context.join(timeout=1.0)
-            except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-                return f":\n{e}"
+        """The failed worker's traceback (spawned workers, once shut down), or where to look for it."""
+        if self.worker_errors:
+            rank = min(self.worker_errors)
+            return f":\nrank {rank}: {self.worker_errors[rank]}"
         return "; see that rank's log"
+
+    def _take_worker_error(self, rank: int) -> str | None:
+        """The traceback spawned worker `rank` left when it raised, if it did, kept in worker_errors. A worker
+        that raises writes it to its error file in the temporary folder (torch.multiprocessing), which torch
+        never removes: it is removed here."""
+        if self.context is not None and rank not in self.worker_errors:
+            path = self.context.error_files[rank - 1]
+            if os.path.exists(path):
+                with open(path, "rb") as file:
+                    self.worker_errors[rank] = pickle.load(file)
+                os.unlink(path)
+        return self.worker_errors.get(rank)
 
     @property
     def processes(self) -> list[mp.Process]:
@@ -283,8 +298,11 @@ class WorkerGroup:
             multiprocessing.connection.wait([p.sentinel for p in processes], timeout=wait_s)
         for rank, process in enumerate(processes, start=1):
             if not process.is_alive():
+                process.join()    # reaped: its error file, if any, is whole
+                traceback = self._take_worker_error(rank)
+                raised = f" after raising {traceback.strip().splitlines()[-1]}" if traceback else ""
                 self.error = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
-                              f"{process.exitcode}; the engine cannot run without it, start a new one")
+                              f"{process.exitcode}{raised}; the engine cannot run without it, start a new one")
                 self.shutdown()
                 raise WorkerDiedError(self.error)
 
@@ -339,11 +357,12 @@ class WorkerGroup:
             self.peer.close()
         if self.owns_process_group and dist.is_initialized():
             _leave_group(clean, cuda=self.device.type == "cuda")
-        for process in processes:
+        for rank, process in enumerate(processes, start=1):
             process.join(timeout=max(deadline - time.monotonic(), 0.1))
             if process.is_alive():
                 process.kill()
                 process.join()
+            self._take_worker_error(rank)
         if self.steps is not None:
             self.steps.close()
 
@@ -414,10 +433,13 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str)
         try:
             context.join(timeout=0.05)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            _remove_error_files(context)
             raise RuntimeError(f"a tensor-parallel worker failed to start: {e}") from None
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
+                process.join()
+            _remove_error_files(context)
             raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
     if config.device == "cuda":
         torch.cuda.set_device(0)
@@ -427,6 +449,14 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str)
     dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     return context
+
+
+def _remove_error_files(context: mp.ProcessContext) -> None:
+    """Remove the error files the workers of `context` (all exited) left in the temporary folder: torch
+    reads a failed worker's traceback from its file but never removes it."""
+    for path in context.error_files:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 @contextmanager
