@@ -413,8 +413,8 @@ def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_mo
                "--max-num-batched-tokens", "32", "--max-tokens", str(GREEDY.max_tokens)]
     for prompt in PROMPTS:
         command += ["--prompt", prompt]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path,   # torchrun's
+                            env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))  # logs: tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     printed = [[int(t) for t in re.findall(r"\d+", line.split("]")[0])]
                for line in result.stdout.splitlines() if line.startswith("[")]
