@@ -361,11 +361,16 @@ def test_a_worker_killed_during_a_step_is_named_in_the_error(tiny_model_factory,
     assert_no_children_left()
 
 
-def test_a_worker_that_raises_is_named_with_its_error_and_leaves_no_file_behind(tiny_model_factory, tmp_path,
-                                                                              monkeypatch):
+@pytest.fixture
+def error_files(tmp_path, monkeypatch):
+    """-> a function listing the spawned workers' torch error files, which go to tmp_path here."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # torch makes them in the parent's temporary folder
+    return lambda: list(tmp_path.glob("pytorch-errorfile-*"))
+
+
+def test_a_worker_that_raises_is_named_with_its_error_and_leaves_no_file_behind(tiny_model_factory, error_files):
     from nanovllm.runner.tp_worker import HEADER_SIZE, STEP
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where a spawned worker's error file goes
     llm = LLM(str(tiny_model_factory("qwen3")), tensor_parallel_size=2, **ENGINE_ARGS)
     workers = llm.engine.runner.workers
     [worker] = workers.processes
@@ -374,13 +379,13 @@ def test_a_worker_that_raises_is_named_with_its_error_and_leaves_no_file_behind(
         workers.steps.write([header])
         worker.join(timeout=30)
         assert worker.exitcode == 1
-        assert list(tmp_path.glob("pytorch-errorfile-*")), "the worker left no error file to read"
+        assert error_files(), "the worker left no error file to read"
         with pytest.raises(RuntimeError, match=r"worker rank 1 .* code 1 after raising RuntimeError: a step "
                                                r"message of 8 int64s does not match its header"):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         llm.engine.shutdown()
-    assert not list(tmp_path.glob("pytorch-errorfile-*"))
+    assert not error_files()
     assert_no_children_left()
 
 
@@ -422,7 +427,7 @@ def test_torchrun_with_two_processes_gives_the_greedy_tokens_of_one_rank(tiny_mo
 
 
 def test_a_worker_that_fails_to_load_its_shard_stops_the_start_with_its_traceback(tiny_model_factory, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, error_files):
     from nanovllm.runner import model_runner
 
     path = tmp_path / "model"
@@ -435,22 +440,20 @@ def test_a_worker_that_fails_to_load_its_shard_stops_the_start_with_its_tracebac
         return start(*args)
 
     monkeypatch.setattr(model_runner.WorkerGroup, "start", start_after_damaging_the_weights)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where a spawned worker's error file goes
     with pytest.raises(RuntimeError, match=r"(?s)failed to load its shard:\nrank 1: .*ModelLoadError.*truncated"):
         LLM(str(path), tensor_parallel_size=2, **ENGINE_ARGS)
-    assert not list(tmp_path.glob("pytorch-errorfile-*")), "the worker's error file was left behind"
+    assert not error_files(), "the worker's error file was left behind"
     assert_no_children_left()
 
 
-def test_a_worker_that_fails_to_start_raises_its_error_and_leaves_no_file_behind(tmp_path, monkeypatch):
+def test_a_worker_that_fails_to_start_raises_its_error_and_leaves_no_file_behind(error_files):
     from nanovllm.runner.model_runner import serve_rank
     from nanovllm.runner.tp_worker import _spawn_workers
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where a spawned worker's error file goes
     config = EngineConfig(device="cpu", tensor_parallel_size=2)
     with pytest.raises(RuntimeError, match="(?s)worker failed to start.*FileNotFoundError"):
         _spawn_workers(config, serve_rank, "nano-vllm-no-such-queue")   # the worker cannot attach the step queue
-    assert not list(tmp_path.glob("pytorch-errorfile-*")), "the worker's error file was left behind"
+    assert not error_files(), "the worker's error file was left behind"
     assert_no_children_left()
 
 

@@ -261,15 +261,12 @@ class WorkerGroup:
         return "; see that rank's log"
 
     def _take_worker_error(self, rank: int) -> str | None:
-        """The traceback spawned worker `rank` left when it raised, if it did, kept in worker_errors. A worker
-        that raises writes it to its error file in the temporary folder (torch.multiprocessing), which torch
-        never removes: it is removed here."""
+        """The traceback spawned worker `rank` (exited) left when it raised, if it did, kept in worker_errors;
+        its error file is removed (_take_error_file)."""
         if self.context is not None and rank not in self.worker_errors:
-            path = self.context.error_files[rank - 1]
-            if os.path.exists(path):
-                with open(path, "rb") as file:
-                    self.worker_errors[rank] = pickle.load(file)
-                os.unlink(path)
+            traceback = _take_error_file(self.context.error_files[rank - 1])
+            if traceback is not None:
+                self.worker_errors[rank] = traceback
         return self.worker_errors.get(rank)
 
     @property
@@ -433,13 +430,15 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str)
         try:
             context.join(timeout=0.05)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            _remove_error_files(context)
+            for path in context.error_files:
+                _take_error_file(path)
             raise RuntimeError(f"a tensor-parallel worker failed to start: {e}") from None
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
                 process.join()
-            _remove_error_files(context)
+            for path in context.error_files:
+                _take_error_file(path)
             raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
     if config.device == "cuda":
         torch.cuda.set_device(0)
@@ -451,12 +450,16 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str)
     return context
 
 
-def _remove_error_files(context: mp.ProcessContext) -> None:
-    """Remove the error files the workers of `context` (all exited) left in the temporary folder: torch
-    reads a failed worker's traceback from its file but never removes it."""
-    for path in context.error_files:
-        if os.path.exists(path):
-            os.unlink(path)
+def _take_error_file(path: str) -> str | None:
+    """The traceback in a spawned worker's error file, if the worker (exited) wrote one, and the file removed.
+    torch.multiprocessing gives each worker a file in the temporary folder, which the worker writes when it
+    raises; torch reads it (ProcessContext.join) but never removes it."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as file:
+        traceback = pickle.load(file)
+    os.unlink(path)
+    return traceback
 
 
 @contextmanager
