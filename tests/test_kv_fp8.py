@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.ops.attention import dequantize_kv, paged_attention_torch, quantize_kv, store_kvcache_torch
+from nanovllm.ops.attention import dequantize_kv, layer_caches, paged_attention_torch, quantize_kv, store_kvcache_torch
 from nanovllm.ops.quant_format import FP8_DTYPE
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_and_store_kv_torch
 from nanovllm.runner.model_runner import kv_cache_bytes_per_block
@@ -30,6 +30,8 @@ from test_ops_triton import (GQA_SHAPES, MIXED_CONTEXTS, MIXED_Q_LENS, TOLERANCE
                              kernels, make_batch, rotary_and_store_inputs, small_tiles)
 
 K_SCALE, V_SCALE = 0.02, 0.011   # not powers of two, and small enough that values of 3 sigma clamp at 448
+NAN_CODE, MAX_CODE = 0x7F, 0x7E   # e4m3fn's NaN and its 448
+LAYOUTS = ["row-major", "keys-innermost"]
 
 
 def outside_interpreter(test):
@@ -45,8 +47,34 @@ def test_fp8_kernels_match_the_reference_in_the_interpreter():
 
 
 def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float caches (std 1) -> FP8 caches at K_SCALE, V_SCALE, spread to std 3 so that some values clamp."""
-    return quantize_kv(3 * k_cache, FP8_DTYPE, K_SCALE), quantize_kv(3 * v_cache, FP8_DTYPE, V_SCALE)
+    """Float caches (std 1) -> FP8 caches at K_SCALE, V_SCALE, spread to std 3 so that some values clamp.
+    A NaN slot keeps NaN's code (quantize_kv itself stores NaN as 0)."""
+    caches = []
+    for cache, scale in ((k_cache, K_SCALE), (v_cache, V_SCALE)):
+        stored = quantize_kv(3 * cache.nan_to_num(0.0), FP8_DTYPE, scale)
+        stored.view(torch.uint8)[cache.isnan()] = NAN_CODE
+        caches.append(stored)
+    return caches[0], caches[1]
+
+
+def in_layout(k8: torch.Tensor, v8: torch.Tensor, metadata, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 caches -> the same caches as `layout` keeps them: row-major, or V keys-innermost as the engine
+    stores it (`layer_caches`). There the kernels read whole blocks, the slots past a sequence's end in
+    its last block times a probability of 0, so those slots hold 448 rather than NaN (an engine's FP8
+    cache holds no NaN: quantize_kv); a kernel that gave them weight would be far off."""
+    if layout == "row-major":
+        return k8, v8
+    v8 = v8.clone()
+    block_size = v8.shape[1]
+    for b, seq_len in enumerate(metadata.seq_lens.tolist()):
+        if seq_len:
+            last = v8.view(torch.uint8)[int(metadata.block_tables[b, (seq_len - 1) // block_size])]
+            last[last == NAN_CODE] = MAX_CODE
+    k_cache, v_cache = layer_caches(torch.empty((2, *k8.shape), dtype=FP8_DTYPE), True)
+    k_cache.view(torch.uint8).copy_(k8.view(torch.uint8))
+    v_cache.view(torch.uint8).copy_(v8.view(torch.uint8))
+    assert v_cache.stride(1) == 1 and k_cache.stride(1) > 1                # slots of a block side by side
+    return k_cache, v_cache
 
 
 # ---- the torch reference -----------------------------------------------------------------------
@@ -59,6 +87,8 @@ def test_quantize_kv_divides_by_the_scale_clamps_at_448_and_rounds_to_e4m3():
     # x / 0.5 = 0, 2, -5, 0.6 (-> 0.625, e4m3's nearest), 2000 and -2000 (clamped), 34 (-> 32, ties to even),
     # 0.002 (-> 0.001953125, a subnormal)
     assert stored.float().tolist() == [0.0, 2.0, -5.0, 0.625, 448.0, -448.0, 32.0, 0.001953125]
+    special = quantize_kv(torch.tensor([float("nan"), float("inf"), -float("inf")]), FP8_DTYPE, 0.5)
+    assert special.float().tolist() == [0.0, 448.0, -448.0]           # an FP8 cache never holds NaN
     assert dequantize_kv(stored, 0.5, torch.float32).tolist() == [0.0, 1.0, -2.5, 0.3125, 224.0, -224.0, 16.0,
                                                                    0.0009765625]
     assert torch.equal(quantize_kv(x, torch.float16, 0.5), x.half())   # a float cache ignores the scale
@@ -105,15 +135,17 @@ def reference_fp8(q, k8, v8, metadata, scale):
 
 
 @in_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tiles", ["default", "small"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
 def test_paged_attention_kernel_reads_an_fp8_cache_as_the_reference_does(kernels, group, num_kv_heads, head_dim,
-                                                                        dtype, tiles):
-    """Mixed prefill chunks and decodes over an FP8 pool whose unowned slots hold NaN; poisoned outputs."""
+                                                                        dtype, tiles, layout):
+    """Mixed prefill chunks and decodes over an FP8 pool whose unowned slots hold NaN (448 past a
+    sequence's end in its last block, keys-innermost: `in_layout`); poisoned outputs."""
     q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
         MIXED_Q_LENS, MIXED_CONTEXTS, group * num_kv_heads, num_kv_heads, head_dim, 4, dtype, seed=group)
-    k8, v8 = fp8_caches(k_cache.float(), v_cache.float())          # NaN stays NaN in e4m3fn
+    k8, v8 = in_layout(*fp8_caches(k_cache.float(), v_cache.float()), metadata, layout)
     scale = head_dim ** -0.5
     out = kernels.attention_triton.paged_attention_triton(
         q, k8, v8, metadata, scale, config=small_tiles(kernels) if tiles == "small" else None,
@@ -123,14 +155,16 @@ def test_paged_attention_kernel_reads_an_fp8_cache_as_the_reference_does(kernels
 
 
 @in_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("num_kv_splits", [1, 3])
 @pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
 def test_split_decode_kernel_reads_an_fp8_cache_as_the_reference_does(kernels, group, num_kv_heads, head_dim,
-                                                                     num_kv_splits):
+                                                                     num_kv_splits, layout):
     q, k_cache, v_cache, k_clean, v_clean, metadata = make_batch(
         [1, 1, 1], [0, 12, 70], group * num_kv_heads, num_kv_heads, head_dim, 16, torch.float32, seed=10 + group)
     scale = head_dim ** -0.5
-    out = kernels.attention_triton.paged_attention_triton(q, *fp8_caches(k_cache, v_cache), metadata, scale,
+    caches = in_layout(*fp8_caches(k_cache, v_cache), metadata, layout)
+    out = kernels.attention_triton.paged_attention_triton(q, *caches, metadata, scale,
                                                           num_kv_splits=num_kv_splits, config=small_tiles(kernels),
                                                           k_scale=K_SCALE, v_scale=V_SCALE)
     torch.testing.assert_close(out, reference_fp8(q, *fp8_caches(k_clean, v_clean), metadata, scale),
@@ -155,35 +189,48 @@ def test_bfloat16_queries_past_float16s_range_meet_the_codes_scaled_into_it(kern
 
 
 @in_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(7, 1, 64), (3, 3, 80)])
 def test_rotary_and_store_kernel_writes_what_the_reference_writes_into_an_fp8_cache(kernels, num_heads, num_kv_heads,
-                                                                                   head_dim, dtype):
+                                                                                   head_dim, dtype, layout):
     """The rotated k and the v quantized by their scales at their slots, the same bytes as the reference
-    (k may differ where its rotation rounds one float ulp apart: then by one e4m3 step at most); padding
-    rows (-1) and every other slot untouched."""
+    (k may differ where its rotation rounds one float ulp apart: then by one e4m3 step at most; a NaN
+    stored as 0); padding rows (-1) and every other slot untouched, V row-major or keys-innermost."""
     qkv, positions, cos_sin_cache, slot_mapping, cache_buffers = rotary_and_store_inputs(
         num_heads, num_kv_heads, head_dim, 4, dtype, seed=num_heads)
     qkv = 3 * qkv
+    qkv[0, num_heads + num_kv_heads, 5] = float("nan")                 # one value of v
     cache_buffers = quantize_kv(cache_buffers, FP8_DTYPE, 1.0)
+    before = cache_buffers.clone()
     qkv_ref, cache_buffers_ref = qkv.clone(), cache_buffers.clone()
+    views = []
     for buffer, caches, op in [(qkv, cache_buffers, kernels.rotary_triton.rotary_and_store_kv_triton),
                                (qkv_ref, cache_buffers_ref, rotary_and_store_kv_torch)]:
         q, k, v = buffer.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-        k_cache, v_cache = caches[:, 1:]                                        # behind the guard block
+        k_cache, v_cache = layer_caches(caches, True) if layout == "keys-innermost" else caches
+        assert (v_cache.stride(1) == 1) == (layout == "keys-innermost")
+        k_cache, v_cache = k_cache[1:], v_cache[1:]                             # behind the guard block
         op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=K_SCALE, v_scale=V_SCALE)
+        views.append((k_cache, v_cache))
     assert torch.equal(cache_buffers.view(torch.uint8), cache_buffers_ref.view(torch.uint8))
+    token = int(slot_mapping[0])
+    assert float(views[0][1][token // 4, token % 4, 0, 5]) == 0.0        # the NaN, stored as 0
     written = torch.zeros(cache_buffers.shape[1:3], dtype=torch.bool)
     written[1:].view(-1)[slot_mapping[slot_mapping >= 0]] = True
     assert written.sum() < written.numel()
-    assert torch.equal(cache_buffers[:, ~written].view(torch.uint8), cache_buffers_ref[:, ~written].view(torch.uint8))
+    k_before, v_before = layer_caches(before, True) if layout == "keys-innermost" else before
+    for cache, cache_before in zip(views[0], (k_before[1:], v_before[1:])):
+        assert torch.equal(cache[~written[1:]].view(torch.uint8), cache_before[~written[1:]].view(torch.uint8))
+    assert torch.equal(cache_buffers[:, 0].view(torch.uint8), before[:, 0].view(torch.uint8))   # the guard block
 
 
 @in_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("num_kv_splits", [1, 3])
 @pytest.mark.parametrize("group,num_kv_heads,head_dim", GQA_SHAPES)
 def test_fused_decode_quantizes_its_token_and_attends_to_it_as_stored(kernels, group, num_kv_heads, head_dim,
-                                                                      num_kv_splits):
+                                                                      num_kv_splits, layout):
     """The fused decode kernel (RoPE, write, attention) on an FP8 cache: the reference's output, which
     reads the new token back from the cache, so the kernel must use the quantized k and v of its
     registers; the new slots hold the reference's bytes (k's may be one e4m3 step apart where the kernel's
@@ -192,7 +239,8 @@ def test_fused_decode_quantizes_its_token_and_attends_to_it_as_stored(kernels, g
     qkv, positions, k_cache, v_cache, k_clean, v_clean, metadata = decode_step_before_rope(
         group, num_kv_heads, head_dim, block_size, torch.float32, [0, 12, 70, 5], seed=30 + group)
     qkv = 3 * qkv
-    (k8, v8), (k8_ref, v8_ref) = fp8_caches(k_cache, v_cache), fp8_caches(k_clean, v_clean)
+    k8, v8 = in_layout(*fp8_caches(k_cache, v_cache), metadata, layout)
+    k8_ref, v8_ref = in_layout(*fp8_caches(k_clean, v_clean), metadata, layout)
     cos_sin_cache = rope_cos_sin_cache(head_dim, 128, 10000.0, None)
     split = [group * num_kv_heads, num_kv_heads, num_kv_heads]
     scale = head_dim ** -0.5
@@ -202,12 +250,11 @@ def test_fused_decode_quantizes_its_token_and_attends_to_it_as_stored(kernels, g
     q_ref, k_ref, v_ref = qkv.clone().split(split, dim=1)
     rotary_and_store_kv_torch(q_ref, k_ref, v_ref, positions, cos_sin_cache, k8_ref, v8_ref, metadata.slot_mapping,
                               k_scale=K_SCALE, v_scale=V_SCALE)
-    slots = metadata.slot_mapping
-    k_new, k_new_ref, v_new, v_new_ref = (c.view(-1, num_kv_heads, head_dim).view(torch.uint8)[slots]
-                                          for c in (k8, k8_ref, v8, v8_ref))
+    blocks, in_block = metadata.slot_mapping // block_size, metadata.slot_mapping % block_size
+    k_new, k_new_ref, v_new, v_new_ref = (c.view(torch.uint8)[blocks, in_block] for c in (k8, k8_ref, v8, v8_ref))
     assert (k_new.int() - k_new_ref.int()).abs().max() <= 1 and torch.equal(v_new, v_new_ref)
     # The reference over the cache as the kernel wrote it: the new token read back as stored.
-    k8_ref.view(-1, num_kv_heads, head_dim).view(torch.uint8)[slots] = k_new
+    k8_ref.view(torch.uint8)[blocks, in_block] = k_new
     # q rotated in the kernel may round one ulp from the reference's; scores of 3-sigma inputs magnify it.
     torch.testing.assert_close(out, reference_fp8(q_ref, k8_ref, v8_ref, metadata, scale), rtol=1e-4, atol=1e-4)
 
@@ -249,10 +296,15 @@ PROMPTS = [SHARED + [7, 9, 11], SHARED + [200, 3], SHARED[:16] + [5] * 9, [90, 9
 
 
 @outside_interpreter
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_fp8_engine_gives_the_tokens_of_float_kv_rounded_through_fp8_with_prefix_caching_and_preemption(
-        tiny_llama_loaded, monkeypatch, request):
+        tiny_llama_loaded, monkeypatch, request, layout):
     """Exact, over every step: the same model with its K and V rounded to e4m3 at scales that are not 1.
-    The pool is small (preemptions) and the prompts share blocks (prefix-cache hits)."""
+    The pool is small (preemptions) and the prompts share blocks (prefix-cache hits). The tiny model's
+    heads are narrow enough for V row-major; keys-innermost, as wider heads store it, is asked for."""
+    import nanovllm.ops.attention as attention
+    if layout == "keys-innermost":
+        monkeypatch.setattr(attention, "stores_v_keys_innermost", lambda dtype, block_size, head_dim: dtype == FP8_DTYPE)
     _, model, _ = tiny_llama_loaded
     for layer in model.layers:
         monkeypatch.setattr(layer.self_attn, "k_scale", ENGINE_K_SCALE)
@@ -260,12 +312,27 @@ def test_fp8_engine_gives_the_tokens_of_float_kv_rounded_through_fp8_with_prefix
     settings = dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=24, max_model_len=96)
     engine = engine_over(tiny_llama_loaded, kv_cache_dtype="fp8", **settings)
     assert engine.runner.kv_cache.dtype == FP8_DTYPE
+    assert all((v.stride(1) == 1) == (layout == "keys-innermost") for _, v in engine.runner.kv_caches)
     fp8_tokens = run_greedy(engine, PROMPTS, 24)
     stats = engine.get_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hit_rate > 0
     request.getfixturevalue("fp8_rounded_float_kv")
     float_tokens = run_greedy(engine_over(tiny_llama_loaded, **settings), PROMPTS, 24)
     assert fp8_tokens == float_tokens
+
+
+@outside_interpreter
+def test_v_is_stored_keys_innermost_in_an_fp8_cache_of_wide_heads_and_whole_blocks_a_tile():
+    from nanovllm.ops.attention import stores_v_keys_innermost
+    assert stores_v_keys_innermost(FP8_DTYPE, 16, 128) and stores_v_keys_innermost(FP8_DTYPE, 4, 80)
+    assert not stores_v_keys_innermost(FP8_DTYPE, 16, 64)            # Llama-3.2-1B's heads: read slower so
+    assert not stores_v_keys_innermost(torch.bfloat16, 16, 128)
+    assert not any(stores_v_keys_innermost(FP8_DTYPE, size, 128) for size in (1, 12, 32))
+    storage = torch.arange(2 * 3 * 4 * 2 * 80, dtype=torch.int32).view(2, 3, 4, 2, 80).to(torch.uint8).view(FP8_DTYPE)
+    k_cache, v_cache = layer_caches(storage)
+    assert k_cache.shape == v_cache.shape == (3, 4, 2, 80) and k_cache.is_contiguous()
+    # V's half of the storage is [blocks, heads, D, slots]: slot s of block b, head h, d at b, h, d, s.
+    assert torch.equal(v_cache.view(torch.uint8)[2, 3, 1, 5], storage[1].view(torch.uint8).view(3, 2, 80, 4)[2, 1, 5, 3])
 
 
 def prompt_logprobs(engine, tokens: list[int]) -> torch.Tensor:

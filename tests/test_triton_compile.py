@@ -87,14 +87,17 @@ DECODE = dict(BLOCK_SIZE=16, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=128, BLOCK_B=64, DEC
               HEADS_TOGETHER=8)     # 8 KV heads, launched side by side as the engine does (DECODE_HEADS_TOGETHER)
 
 
-@pytest.mark.parametrize("fp8_kv", [False, True])
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "fp8, V keys-innermost"])
 @pytest.mark.parametrize("model,rope,num_splits", [(LLAMA, True, 32), (LLAMA, False, 1), (QWEN3, True, 8)])
-def test_decode_attention_compiles(model, rope, num_splits, fp8_kv):
+def test_decode_attention_compiles(model, rope, num_splits, kv):
     """An FP8 cache as a GPU reads it: V's codes converted by the asm (two e4m3 pairs a
-    register), K's by the compiler's cast, both to float16 for the tensor cores."""
+    register) or, stored keys-innermost, by the compiler's cast as K's are, both to float16 for
+    the tensor cores."""
+    fp8_kv = kv != "bf16"
     kernel = compile_for_hopper(attention_triton._paged_attention_kernel,
                                 dict(**model, **DECODE, NUM_SPLITS=num_splits, ROPE=rope,
-                                     HAS_NORM=rope and model is QWEN3, FP8_KV=fp8_kv, CODES_ASM=fp8_kv),
+                                     HAS_NORM=rope and model is QWEN3, FP8_KV=fp8_kv, CODES_ASM=fp8_kv,
+                                     V_KEYS_INNER=kv.endswith("keys-innermost")),
                                 FP8_CACHE if fp8_kv else None)
     assert kernel.asm["cubin"]
     assert ("cvt.rn.f16x2.e4m3x2" in kernel.asm["ptx"]) == fp8_kv
@@ -104,12 +107,14 @@ def test_decode_attention_compiles(model, rope, num_splits, fp8_kv):
                             HEAD_DIM_PAD=model["HEAD_DIM_PAD"]), {"out_ptr": "*bf16"})
 
 
-@pytest.mark.parametrize("fp8_kv", [False, True])
-def test_prefill_attention_compiles(fp8_kv):
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "fp8, V keys-innermost"])
+def test_prefill_attention_compiles(kv):
+    fp8_kv = kv != "bf16"
     assert compile_for_hopper(attention_triton._paged_attention_kernel,
                               dict(**LLAMA, BLOCK_SIZE=16, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=64, BLOCK_B=64,
                                    NUM_SPLITS=1, DECODE=False, ROPE=False, HAS_NORM=False, IEEE=False,
-                                   NUM_STAGES=2, FP8_KV=fp8_kv, CODES_ASM=fp8_kv),
+                                   NUM_STAGES=2, FP8_KV=fp8_kv, CODES_ASM=fp8_kv,
+                                   V_KEYS_INNER=kv.endswith("keys-innermost")),
                               {"out_ptr": "*bf16", **(FP8_CACHE if fp8_kv else {})}).asm["cubin"]
 
 

@@ -27,6 +27,9 @@ An FP8 cache (`kv_cache_dtype="fp8"`) stores K and V as float8 e4m3 with one sca
 per layer and tensor, as vLLM does: a write stores x / scale, clamped to the format's
 largest value (448) and rounded to e4m3 (`quantize_kv`); a read multiplies the stored
 value by the scale in float32 (`dequantize_kv`). A float cache ignores the scales.
+Its V is stored keys-innermost (`layer_caches`): each block as [Hkv, D, block_size],
+seen through a permuted view as [num_blocks, block_size, Hkv, D] like every other
+cache, so that the GPU kernels read V as they read K (attention_triton.py).
 """
 from __future__ import annotations
 
@@ -44,10 +47,37 @@ def is_fp8_cache(cache: torch.Tensor) -> bool:
 
 def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
     """x [..., D] -> what a cache of cache_dtype stores: for FP8, x / scale in float32, clamped to
-    +-448 and rounded to e4m3; for a float cache, x cast to its dtype (the scale unused)."""
+    +-448 and rounded to e4m3, NaN stored as 0 (so an FP8 cache never holds NaN: the kernels read
+    slots past a sequence's end in its last block, times a probability of 0); for a float cache, x
+    cast to its dtype (the scale unused)."""
     if cache_dtype != FP8_DTYPE:
         return x.to(cache_dtype)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (x.float() / scale).nan_to_num(nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+FP8_V_KEYS_INNERMOST = True     # off: an FP8 cache's V row-major like K (for timing against it)
+
+
+def stores_v_keys_innermost(cache_dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Whether a cache stores V keys-innermost: an FP8 cache of heads wider than 64 (at 64, Llama-3.2-1B's,
+    its decode read slower so: docs/reference/quantization.md) whose block size is a power of two up to
+    16 (every tile of the attention kernels holds whole blocks then)."""
+    return (FP8_V_KEYS_INNERMOST and cache_dtype == FP8_DTYPE and head_dim > 64 and 2 <= block_size <= 16
+            and block_size & (block_size - 1) == 0)
+
+
+def layer_caches(storage: torch.Tensor, v_keys_innermost: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's cache storage [2, num_blocks, block_size, Hkv, D] -> (k_cache, v_cache), each seen as
+    [num_blocks, block_size, Hkv, D]. Where `stores_v_keys_innermost`, V's half of the storage holds each
+    block as [Hkv, D, block_size] (a head's values of one d for the block's keys side by side), and
+    v_cache is that memory permuted to the common shape: stride 1 along the block's slots."""
+    k_cache, v_cache = storage[0], storage[1]
+    num_blocks, block_size, num_kv_heads, head_dim = v_cache.shape
+    if v_keys_innermost is None:      # as the engine stores it; tests choose
+        v_keys_innermost = stores_v_keys_innermost(v_cache.dtype, block_size, head_dim)
+    if v_keys_innermost:
+        v_cache = v_cache.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+    return k_cache, v_cache
 
 
 def dequantize_kv(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -70,7 +100,11 @@ def store_kvcache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         stored = quantize_kv(x, cache.dtype, scale)                              # [T, Hkv, D]
         if is_fp8_cache(cache):   # torch's CPU index_copy_ has no float8: copy the bytes
             cache, stored = cache.view(torch.uint8), stored.view(torch.uint8)
-        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, stored)
+        if cache.is_contiguous():
+            cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, stored)
+        else:                     # V keys-innermost (`layer_caches`): by block and slot in it
+            block_size = cache.shape[1]
+            cache[slot_mapping // block_size, slot_mapping % block_size] = stored
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -124,7 +158,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     shape = (batch, num_blocks * block_size, num_kv_heads, head_dim)
     if context.first_block is not None:   # one sequence, consecutive blocks: a slice of the cache, no copy
         blocks = slice(context.first_block, context.first_block + num_blocks)
-        k, v = k_cache[blocks].view(shape), v_cache[blocks].view(shape)
+        k, v = k_cache[blocks].view(shape), v_cache[blocks].reshape(shape)   # V keys-innermost: a copy
     else:
         k = k_cache.index_select(0, context.block_ids).view(shape)
         v = v_cache.index_select(0, context.block_ids).view(shape)

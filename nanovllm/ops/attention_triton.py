@@ -51,7 +51,10 @@ goes in as float16 scaled by a power of two that puts its largest magnitude in
 power. This is the torch reference's attention over the dequantized cache with K and V
 unrounded to q's dtype, so it differs from it by that rounding. The ROPE path quantizes
 the token's k and v as it writes them (`to_cache`) and attends to them from registers,
-dequantized as a later step would read them back.
+dequantized as a later step would read them back. V stored keys-innermost (attention.py's
+`layer_caches`: an FP8 cache of heads wider than 64) is loaded a block at a time as [D, keys]
+runs and taken by the tensor cores as K is (V_KEYS_INNER), where row-major V is converted and
+laid out again through shared memory.
 """
 from __future__ import annotations
 
@@ -140,6 +143,26 @@ def _from_cache(x, scale, dtype: tl.constexpr, FP8: tl.constexpr):
     return x
 
 
+@triton.jit
+def _load_v_keys_inner(v_cache_ptr, table_row, start, loop_hi, kv_head, offs_d, d_valid,
+                       stride_vb, stride_vh, stride_vd, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys start .. start + BLOCK_N of a cache that stores V keys-innermost ([blocks, Hkv, D, BLOCK_SIZE]:
+    for each d, a block's BLOCK_SIZE values side by side) -> [BLOCK_N, D], as the row-major load gives
+    them. Loaded as [D, blocks, BLOCK_SIZE] runs, masked by whole blocks so that a run stays one
+    wide load: keys past loop_hi in the last block are read, their probabilities are 0 and their
+    values finite (a zeroed or written slot; the GPU's writers clamp every value, NaN included)."""
+    tl.static_assert(BLOCK_N % BLOCK_SIZE == 0, "a tile of keys must hold whole blocks")
+    NUM_BLOCKS: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    offs_j = start // BLOCK_SIZE + tl.arange(0, NUM_BLOCKS)
+    j_valid = offs_j * BLOCK_SIZE < loop_hi
+    block = tl.maximum(tl.load(table_row + offs_j, mask=j_valid, other=0), 0).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_SIZE)
+    ptrs = (v_cache_ptr + kv_head * stride_vh + (block * stride_vb)[None, :, None]
+            + (offs_d * stride_vd)[:, None, None] + offs_i[None, None, :])          # [D, blocks, BLOCK_SIZE]
+    vt = tl.load(ptrs, mask=d_valid[:, None, None] & j_valid[None, :, None], other=0.0)
+    return tl.trans(tl.reshape(vt, [offs_d.shape[0], BLOCK_N]))
+
+
 @triton.jit(do_not_specialize=["num_seqs"])   # one compiled kernel for any number of sequences
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
@@ -147,7 +170,7 @@ def _paged_attention_kernel(
         scale_log2, num_seqs, k_scale, v_scale,
         stride_qt, stride_qh,
         stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
+        stride_vb, stride_vs, stride_vh, stride_vd,
         stride_ot, stride_oh, stride_os,
         stride_lt, stride_lh,
         stride_bt,
@@ -158,7 +181,7 @@ def _paged_attention_kernel(
         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr,
         ROPE: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
         FP8_KV: tl.constexpr, CODES_ASM: tl.constexpr = False, PDL: tl.constexpr = False,
-        WAIT: tl.constexpr = False, HEADS_TOGETHER: tl.constexpr = 0):
+        WAIT: tl.constexpr = False, HEADS_TOGETHER: tl.constexpr = 0, V_KEYS_INNER: tl.constexpr = False):
     if PDL:     # the kernel after this one may launch now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     if HEADS_TOGETHER:      # the KV heads (HEADS_TOGETHER of them) of a tile are neighbouring programs
@@ -249,7 +272,7 @@ def _paged_attention_kernel(
         k_slot = block_of_slot * stride_kb + slot_in_block * stride_ks + kv_head * stride_kh
         v_slot = block_of_slot * stride_vb + slot_in_block * stride_vs + kv_head * stride_vh
         tl.store(k_cache_ptr + k_slot + offs_d[None, :], k_stored, mask=store_mask)
-        tl.store(v_cache_ptr + v_slot + offs_d[None, :], v_stored, mask=store_mask)
+        tl.store(v_cache_ptr + v_slot + offs_d[None, :] * stride_vd, v_stored, mask=store_mask)
     else:
         loop_hi = kv_hi
         if WAIT:    # launched early (PDL_BETWEEN): q and the cache are written once this returns
@@ -275,15 +298,20 @@ def _paged_attention_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None]
                     + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
-        v = tl.load(v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
+        if V_KEYS_INNER:
+            v = _load_v_keys_inner(v_cache_ptr, table_row, start, loop_hi, kv_head, offs_d, d_valid,
+                                   stride_vb, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N)   # [BLOCK_N, D]
+        else:
+            v = tl.load(v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None]
+                        + offs_d[None, :], mask=kv_mask, other=0.0)          # [BLOCK_N, D]
         if FP8_KV:
             if IEEE:
                 k, v = k.to(tl.float32), v.to(tl.float32)
             else:
                 # K's cast is moved past the layout change: its codes are read as the operand straight from
-                # shared memory. V's operand is transposed, which 16-bit values take by ldmatrix.
-                k, v = k.to(tl.float16), _codes_to_float16(v, CODES_ASM)
+                # shared memory. V's operand is transposed, which 16-bit values take by ldmatrix; V stored
+                # keys-innermost is read as K is.
+                k, v = k.to(tl.float16), _codes_to_float16(v, CODES_ASM and not V_KEYS_INNER)
         if IEEE:
             s = tl.dot(q_dot, tl.trans(k), input_precision="ieee")
         else:
@@ -574,6 +602,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         rope_args = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0)
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    v_keys_inner = block_size > 1 and v_cache.stride(1) == 1     # an FP8 cache's V (attention.layer_caches)
     heads_together = num_kv_heads if decode and DECODE_HEADS_TOGETHER else 0
     grid = (num_tiles * num_kv_heads, 1, num_kv_splits) if heads_together else (num_tiles, num_kv_heads, num_kv_splits)
     _paged_attention_kernel[grid](
@@ -582,7 +611,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         scale * LOG2_E, num_seqs, *kv_scales,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *v_cache.stride(),
         *partial_strides, *lse_strides,
         metadata.block_tables.stride(0),
         *rope_args,
@@ -590,7 +619,8 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=config.block_n,
         BLOCK_B=SEQUENCE_SEARCH_BLOCK, NUM_SPLITS=num_kv_splits, DECODE=decode, ROPE=rope, HAS_NORM=has_norm,
         IEEE=q.dtype == torch.float32, NUM_STAGES=config.num_stages, FP8_KV=k_cache.dtype == FP8_DTYPE,
-        CODES_ASM=k_cache.is_cuda, HEADS_TOGETHER=heads_together, **pdl_between(q, "attention"),
+        CODES_ASM=k_cache.is_cuda, HEADS_TOGETHER=heads_together,
+        V_KEYS_INNER=v_keys_inner, **pdl_between(q, "attention"),
         num_warps=config.num_warps)
     if num_kv_splits == 1:
         return w4_rows_torch(out.reshape(num_tokens, -1)) if w4 else out

@@ -46,10 +46,10 @@ def _round_to_e4m3(x):
 def to_cache(x, scale, cache_ptr, FP8: tl.constexpr):
     """K or V values x (any float dtype) -> what the cache at cache_ptr stores: x in the cache's dtype,
     or with FP8 x / scale in fp32 (IEEE division, as torch's), clamped to the e4m3 range and rounded
-    to nearest even (attention.py's quantize_kv, bit for bit)."""
+    to nearest even, NaN stored as 0 (attention.py's quantize_kv, bit for bit)."""
     if FP8:
         xs = tl.math.div_rn(x.to(tl.float32), scale)
-        xs = tl.minimum(tl.maximum(xs, -_FP8_MAX), _FP8_MAX)
+        xs = tl.minimum(tl.maximum(tl.where(xs == xs, xs, 0.0), -_FP8_MAX), _FP8_MAX)
         return _round_to_e4m3(xs).to(cache_ptr.dtype.element_ty)
     return x.to(cache_ptr.dtype.element_ty)
 
@@ -88,7 +88,7 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, weight_ptr, eps,
 def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
                    v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, stride_vt, stride_vh,
-                   stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                   stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
                    NUM_Q_HEADS: tl.constexpr, Q_HEADS_PAD: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -116,11 +116,11 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_wei
             k_dst = (k_cache_ptr + block * stride_kcb + in_block * stride_kcs
                      + offs_h[:, None] * stride_kch + offs_d[None, :])
             v_dst = (v_cache_ptr + block * stride_vcb + in_block * stride_vcs
-                     + offs_h[:, None] * stride_vch + offs_d[None, :])
+                     + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd)
             tl.store(k_dst, to_cache(k1, k_scale, k_cache_ptr, FP8_KV), mask=mask)
             tl.store(k_dst + HALF, to_cache(k2, k_scale, k_cache_ptr, FP8_KV), mask=mask)
             tl.store(v_dst, to_cache(v1, v_scale, v_cache_ptr, FP8_KV), mask=mask)
-            tl.store(v_dst + HALF, to_cache(v2, v_scale, v_cache_ptr, FP8_KV), mask=mask)
+            tl.store(v_dst + HALF * stride_vcd, to_cache(v2, v_scale, v_cache_ptr, FP8_KV), mask=mask)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -145,13 +145,13 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
         if v.stride(2) != 1:
             v = v.contiguous()
         slot_mapping = slot_mapping.contiguous()
-        if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-            raise ValueError("the KV caches need a unit stride along head_dim")
-        cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+        if k_cache.stride(3) != 1:
+            raise ValueError("the K cache needs a unit stride along head_dim")
+        cache_strides = (*k_cache.stride()[:3], *v_cache.stride())     # V may be keys-innermost (attention.py)
         block_size = k_cache.shape[1]
     else:   # the store's arguments are unused: any valid pointer and stride will do
         v, k_cache, v_cache, slot_mapping = k, k, k, positions
-        cache_strides = (0,) * 6
+        cache_strides = (0,) * 7
         block_size = 1
     _rotary_kernel[(num_tokens,)](
         q, k, positions, cos_sin_cache,

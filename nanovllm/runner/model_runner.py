@@ -6,7 +6,8 @@ The cache is one tensor
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
 
 and layer l reads it as (k_cache, v_cache) = (kv_cache[l, 0], kv_cache[l, 1]),
-each [num_blocks, block_size, num_kv_heads, head_dim]. Its size is the one
+each [num_blocks, block_size, num_kv_heads, head_dim] (an FP8 cache's V is a
+permuted view of its half: stored keys-innermost, `layer_caches` in ops/attention.py). Its size is the one
 number that decides how many tokens the engine can keep in flight: blocks are
 counted from the bytes a token takes at the stored size, so an FP8 cache
 (`kv_cache_dtype="fp8"`, one byte an element) holds twice the tokens of a
@@ -54,7 +55,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.model.config import ModelConfig
 from nanovllm.model.llama import LlamaForCausalLM
 from nanovllm.model.loader import load_model
-from nanovllm.ops.attention import AttentionMetadata
+from nanovllm.ops.attention import AttentionMetadata, layer_caches
 from nanovllm.ops.huge_pages import advise_huge_pages
 from nanovllm.runner.cuda_graph import DecodeGraphs, DecodeStep, MixedGraphs
 from nanovllm.runner.sampler import (DeferredSamples, DeviceSamples, SampleBuffers, Sampler, SamplingBatch,
@@ -135,7 +136,7 @@ class ModelRunner:
                                     dtype=config.kv_cache_torch_dtype, device=self.device)
         advise_huge_pages(self.kv_cache)   # CPU: 2 MB pages from its first write on (ops/huge_pages.py)
         self.kv_cache.zero_()
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
+        self.kv_caches = [layer_caches(layer) for layer in self.kv_cache]   # per layer (k_cache, v_cache)
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -207,7 +208,7 @@ class ModelRunner:
                                      slot_mapping=slots.to(self.device), block_tables=tables.to(self.device),
                                      max_query_len=max(lengths), max_seq_len=max(lengths))
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        kv_caches = [(layer[0], layer[1]) for layer in scratch]
+        kv_caches = [layer_caches(layer) for layer in scratch]
         hidden = self.model(input_ids, positions, metadata, kv_caches)                                # [T, H]
         num_rows = min(config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:num_rows])                                          # [N, V]
