@@ -27,9 +27,9 @@ An FP8 cache (`kv_cache_dtype="fp8"`) stores K and V as float8 e4m3 with one sca
 per layer and tensor, as vLLM does: a write stores x / scale, clamped to the format's
 largest value (448) and rounded to e4m3 (`quantize_kv`); a read multiplies the stored
 value by the scale in float32 (`dequantize_kv`). A float cache ignores the scales.
-Its V is stored keys-innermost (`layer_caches`): each block as [Hkv, D, block_size],
-seen through a permuted view as [num_blocks, block_size, Hkv, D] like every other
-cache, so that the GPU kernels read V as they read K (attention_triton.py).
+At head_dim above 64 its V is stored keys-innermost (`layer_caches`): each block as
+[Hkv, D, block_size], seen through a permuted view as [num_blocks, block_size, Hkv, D]
+like every other cache, so that the GPU kernels read V as they read K (attention_triton.py).
 """
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def _load_v_keys_inner(v_cache_ptr, table_row, start, loop_hi, kv_head, offs_d, 
     for each d, a block's BLOCK_SIZE values side by side) -> [BLOCK_N, D], as the row-major load gives
     them. Loaded as [D, blocks, BLOCK_SIZE] runs, masked by whole blocks so that a run stays one
     wide load: keys past loop_hi in the last block are read, their probabilities are 0 and their
-    values finite (a zeroed or written slot; the GPU's writers clamp every value, NaN included)."""
+    values finite (a zeroed or written slot: a write stores NaN as 0, attention.quantize_kv)."""
     tl.static_assert(BLOCK_N % BLOCK_SIZE == 0, "a tile of keys must hold whole blocks")
     NUM_BLOCKS: tl.constexpr = BLOCK_N // BLOCK_SIZE
     offs_j = start // BLOCK_SIZE + tl.arange(0, NUM_BLOCKS)
