@@ -208,7 +208,7 @@ def test_rotary_and_store_kernel_writes_what_the_reference_writes_into_an_fp8_ca
     for buffer, caches, op in [(qkv, cache_buffers, kernels.rotary_triton.rotary_and_store_kv_triton),
                                (qkv_ref, cache_buffers_ref, rotary_and_store_kv_torch)]:
         q, k, v = buffer.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-        k_cache, v_cache = layer_caches(caches, True) if layout == "keys-innermost" else caches
+        k_cache, v_cache = layer_caches(caches, layout == "keys-innermost")
         assert (v_cache.stride(1) == 1) == (layout == "keys-innermost")
         k_cache, v_cache = k_cache[1:], v_cache[1:]                             # behind the guard block
         op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=K_SCALE, v_scale=V_SCALE)
@@ -219,7 +219,7 @@ def test_rotary_and_store_kernel_writes_what_the_reference_writes_into_an_fp8_ca
     written = torch.zeros(cache_buffers.shape[1:3], dtype=torch.bool)
     written[1:].view(-1)[slot_mapping[slot_mapping >= 0]] = True
     assert written.sum() < written.numel()
-    k_before, v_before = layer_caches(before, True) if layout == "keys-innermost" else before
+    k_before, v_before = layer_caches(before, layout == "keys-innermost")
     for cache, cache_before in zip(views[0], (k_before[1:], v_before[1:])):
         assert torch.equal(cache[~written[1:]].view(torch.uint8), cache_before[~written[1:]].view(torch.uint8))
     assert torch.equal(cache_buffers[:, 0].view(torch.uint8), before[:, 0].view(torch.uint8))   # the guard block

@@ -7,9 +7,10 @@ The cache is one tensor
 
 and layer l reads it as (k_cache, v_cache) = (kv_cache[l, 0], kv_cache[l, 1]),
 each [num_blocks, block_size, num_kv_heads, head_dim] (an FP8 cache's V is a
-permuted view of its half: stored keys-innermost, `layer_caches` in ops/attention.py). Its size is the one
-number that decides how many tokens the engine can keep in flight: blocks are
-counted from the bytes a token takes at the stored size, so an FP8 cache
+permuted view of its half, stored keys-innermost: `layer_caches` in
+ops/attention.py). Its size is the one number that decides how many tokens the
+engine can keep in flight: blocks are counted from the bytes a token takes at
+the stored size, so an FP8 cache
 (`kv_cache_dtype="fp8"`, one byte an element) holds twice the tokens of a
 bfloat16 one in the same memory.
 
