@@ -636,16 +636,11 @@ def make_app(tiny_llama_loaded):
     return make
 
 
-def assert_same_rows(rows, plain: torch.Tensor, rows_kind: str) -> None:
-    """rows, the Fp8Rows (rows_kind "fp8") or W4Rows ("w4") a kernel wrote beside its 16-bit output
-    plain, hold the bits that quantizing plain gives: quantize_fp8_rows_triton's codes and scales,
-    or w4_rows_torch's planes."""
-    from nanovllm.ops.quant_format import w4_rows_torch
+def assert_same_fp8_rows(rows, plain: torch.Tensor) -> None:
+    """rows, the Fp8Rows a kernel wrote beside its 16-bit output plain, hold the bits that quantizing
+    plain gives: quantize_fp8_rows_triton's codes and scales."""
     from nanovllm.ops.quant_linear_triton import quantize_fp8_rows_triton
     assert rows.shape == plain.shape and rows.dtype == plain.dtype
-    if rows_kind == "w4":
-        assert torch.equal(rows.planes, w4_rows_torch(plain).planes)
-        return
     expected = quantize_fp8_rows_triton(plain)
     assert torch.equal(rows.scale, expected.scale)
     assert torch.equal(rows.codes.view(torch.uint8), expected.codes.view(torch.uint8))

@@ -539,7 +539,7 @@ def test_bench_with_sets_module_switches_and_records_them_in_the_result(tmp_path
     import importlib.util
 
     import nanovllm.cli
-    from nanovllm.ops import quant_linear
+    from nanovllm.ops import activation
 
     spec = importlib.util.spec_from_file_location("bench_with", Path(__file__).parents[1] / "tools" / "bench_with.py")
     bench_with = importlib.util.module_from_spec(spec)
@@ -547,21 +547,21 @@ def test_bench_with_sets_module_switches_and_records_them_in_the_result(tmp_path
     seen = []
 
     def fake_cli(argv):      # the switch as the command sees it; a result as the bench writes one
-        seen.append(quant_linear.W4_ROWS_FROM_PRODUCER)
+        seen.append(activation.PARTIALS_INTO_SILU)
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"command": "nano-vllm bench latency (called "
                                                                                "from Python)", "figures": []}))
         return 0
 
     monkeypatch.setattr(nanovllm.cli, "main", fake_cli)
-    monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", False)
-    out = tmp_path / "on.json"
-    assert bench_with.main(["nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER=True", "--", "bench", "latency",
+    monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", True)
+    out = tmp_path / "off.json"
+    assert bench_with.main(["nanovllm.ops.activation.PARTIALS_INTO_SILU=False", "--", "bench", "latency",
                             "--json", str(out)]) == 0
-    assert seen == [True]
+    assert seen == [False]
     result = json.loads(out.read_text())
-    assert result["settings"] == {"nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER": True}
-    assert result["command"].startswith("python tools/bench_with.py nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER"
-                                        "=True -- bench latency --json ")
+    assert result["settings"] == {"nanovllm.ops.activation.PARTIALS_INTO_SILU": False}
+    assert result["command"].startswith("python tools/bench_with.py nanovllm.ops.activation.PARTIALS_INTO_SILU"
+                                        "=False -- bench latency --json ")
     assert str(tmp_path) not in result["command"]
     with pytest.raises(SystemExit, match="nanovllm.ops.quant_linear has no NO_SUCH_SWITCH"):
         bench_with.main(["nanovllm.ops.quant_linear.NO_SUCH_SWITCH=1", "--", "bench"])

@@ -25,7 +25,7 @@ from nanovllm.ops.rmsnorm import add_rms_norm, add_rms_norm_torch, rms_norm, rms
 from nanovllm.ops.rotary import (apply_rotary, apply_rotary_torch, qk_norm_rotary_torch, rope_cos_sin_cache,
                                  rotary_and_store_kv, rotary_and_store_kv_torch, rotary_store_and_attend,
                                  rotary_store_and_attend_torch)
-from conftest import IN_INTERPRETER, PoisonedTorch, assert_same_rows, in_interpreter, run_in_interpreter
+from conftest import IN_INTERPRETER, PoisonedTorch, assert_same_fp8_rows, in_interpreter, run_in_interpreter
 
 KERNEL_MODULES = ("attention_triton", "rmsnorm_triton", "rotary_triton", "activation_triton", "sampling_triton",
                   "matmul_triton", "fp8_rows_triton", "all_reduce_triton")
@@ -57,7 +57,7 @@ def test_every_kernel_runs_in_the_interpreter(kernels):
     from triton.runtime.jit import JITFunction
     found = list({id(value): value for module in vars(kernels).values() for value in vars(module).values()
                   if isinstance(value, (InterpretedFunction, JITFunction))}.values())   # once each, if imported
-    assert len(found) == 29
+    assert len(found) == 28
     assert all(isinstance(kernel, InterpretedFunction) for kernel in found)
 
 
@@ -309,32 +309,6 @@ def test_only_decodes_that_split_their_contexts_take_the_fused_kernel(kernels, m
         kernels.attention_triton.rotary_store_and_attend_triton(
             *qkv.split([4, 2, 2], dim=1), positions, cos_sin_cache, k_clean, v_clean, metadata, 0.2, fused=True)
     assert fused == [False, True]
-
-
-@in_interpreter
-@pytest.mark.parametrize("num_kv_splits", [1, 3])
-@pytest.mark.parametrize("group,num_kv_heads,head_dim", [(2, 2, 32), (3, 1, 40)])   # 40: programs of 64 lanes
-def test_decode_attention_writes_the_w4_rows_of_its_output(kernels, group, num_kv_heads, head_dim, num_kv_splits):
-    """w4=True: the attention's output [T, Hq D] as W4Rows for o_proj's GEMV, the bits of w4_rows_torch
-    on the output it writes otherwise: from the merge of the splits (a decode of one split takes two),
-    each head's words and sums in place; and with batch_invariant's one split, converted."""
-    from nanovllm.ops.quant_format import w4_rows_torch
-
-    qkv, positions, k_cache, v_cache, _, _, metadata = decode_step_before_rope(
-        group, num_kv_heads, head_dim, 16, torch.float16, [9, 30, 70], seed=head_dim)
-    cos_sin_cache = rope_cos_sin_cache(head_dim, 128, 10000.0, None)
-    attend = kernels.attention_triton.rotary_store_and_attend_triton
-
-    def run(**options):     # (on copies: the unfused path rotates q and k in place)
-        return attend(*qkv.clone().split([group * num_kv_heads, num_kv_heads, num_kv_heads], dim=1), positions,
-                      cos_sin_cache, k_cache.clone(), v_cache.clone(), metadata, head_dim ** -0.5, **options)
-
-    plain = run(num_kv_splits=max(num_kv_splits, 2))                                   # [T, Hq, D]
-    rows = run(num_kv_splits=num_kv_splits, w4=True)
-    assert rows.shape == (3, group * num_kv_heads * head_dim) and rows.dtype == torch.float16
-    assert torch.equal(rows.planes, w4_rows_torch(plain.reshape(3, -1)).planes)
-    invariant = run(batch_invariant=True, w4=True)
-    assert torch.equal(invariant.planes, w4_rows_torch(run(batch_invariant=True).reshape(3, -1)).planes)
 
 
 @in_interpreter
@@ -636,8 +610,8 @@ def test_silu_and_mul_kernel_matches_reference(kernels, intermediate, dtype):
 @pytest.mark.parametrize("intermediate", [40, 1096])
 def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(kernels, intermediate, dtype):
     """Given gate_up_proj's float32 partial products over K, SiLU-and-mul adds them up in the order
-    sum_partials does and rounds them as its output: the bits of sum_partials then SiLU-and-mul,
-    written as 16-bit rows or as W4Rows; and the torch reference's (the CPU's) add up to the same."""
+    sum_partials does and rounds them as its output: the bits of sum_partials then SiLU-and-mul; and
+    the torch reference's (the CPU's) add up to the same."""
     from nanovllm.ops.activation import silu_and_mul
     from nanovllm.ops.quant_linear_triton import sum_partials
 
@@ -645,88 +619,47 @@ def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(kernels, int
     silu = kernels.activation_triton.silu_and_mul_triton
     summed = sum_partials(partials, dtype)                                            # [5, 2 I] in dtype
     assert torch.equal(silu(partials, partials_dtype=dtype), silu(summed))
-    assert torch.equal(silu(partials, w4=True, partials_dtype=dtype).planes, silu(summed, w4=True).planes)
     assert torch.equal(silu_and_mul(partials, partials_dtype=dtype), silu_and_mul_torch(summed))
 
 
 @in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows_kind,features", [("fp8", 37), ("fp8", 1100), ("w4", 40), ("w4", 1096)])
-def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(kernels, rows_kind, features,
-                                                                               dtype, monkeypatch):
+@pytest.mark.parametrize("features", [37, 1100])
+def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(kernels, features, dtype,
+                                                                               monkeypatch):
     """fp8=True: the kernel writes the e4m3 codes and row scales that quantizing its 16-bit output
     would give (quantize_fp8_rows_triton, itself tested against the torch reference in
     test_quant_kernels.py): the same bits, a row of zeros included; SiLU-and-mul's rows wider than
-    one program takes go through the two kernels. w4=True: the W4Rows of its output (w4_rows_torch,
-    tested against their definition in test_quant_references.py), the same bits; 1,096 features take
-    SiLU-and-mul two programs a row, the second one part masked."""
-
-    ask = {rows_kind: True}
+    one program takes go through the two kernels."""
     generator = torch.Generator().manual_seed(features)
     x = (torch.randn(5, features, generator=generator) * torch.linspace(0.5, 8, 5)[:, None]).to(dtype)
     x[2] = 0.0
     weight = torch.randn(features, generator=generator).to(dtype)
     norms = kernels.rmsnorm_triton
-    assert_same_rows(norms.rms_norm_triton(x, weight, 1e-6, **ask), norms.rms_norm_triton(x, weight, 1e-6), rows_kind)
+    assert_same_fp8_rows(norms.rms_norm_triton(x, weight, 1e-6, fp8=True), norms.rms_norm_triton(x, weight, 1e-6))
     partials = torch.randn(3, 5, features, generator=generator)                     # float32 partial sums of x
     residual = torch.randn(5, features, generator=generator).to(dtype)
     for given in (x, partials):
-        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, **ask)
+        rows, new_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6, fp8=True)
         plain, plain_residual = norms.add_rms_norm_triton(given, residual, weight, 1e-6)
-        assert_same_rows(rows, plain, rows_kind)
+        assert_same_fp8_rows(rows, plain)
         assert torch.equal(new_residual, plain_residual)
     gate_up = (torch.randn(5, 2 * features, generator=generator) * 4).to(dtype)
     gate_up[4] = 0.0
     silu = kernels.activation_triton.silu_and_mul_triton
-    assert_same_rows(silu(gate_up, **ask), silu(gate_up), rows_kind)
+    assert_same_fp8_rows(silu(gate_up, fp8=True), silu(gate_up))
     monkeypatch.setattr(kernels.activation_triton, "FP8_MAX_FEATURES", 32)
-    assert_same_rows(silu(gate_up, **ask), silu(gate_up), rows_kind)
-
-
-@in_interpreter
-def test_w4_rows_of_part_of_a_row_leave_the_words_past_its_mask_alone(kernels):
-    """store_row writing W4Rows from a block wider than its values (a head of 40 in 64 lanes, as the
-    attention's merge does): each word whose values all lie in the mask gets its planes and sum, and
-    no other word is written (their sums belong to the next block's program)."""
-    import triton
-    import triton.language as tl
-
-    from nanovllm.ops.quant_format import w4_rows_torch
-    global store_row        # a kernel reaches the functions it calls through its module's globals
-    store_row = kernels.fp8_rows_triton.store_row
-
-    @triton.jit
-    def write(y_ptr, planes_ptr, START: tl.constexpr, VALUES: tl.constexpr, FEATURES: tl.constexpr):
-        offs = tl.arange(0, 64)
-        y = tl.load(y_ptr + offs, mask=offs < VALUES, other=0.0)
-        store_row(y, planes_ptr, planes_ptr, 0, START + offs, offs < VALUES, FEATURES, False, tl.float32, True)
-
-    values = torch.randn(40, generator=torch.Generator().manual_seed(40))
-    planes = torch.full((1, 9, 16), float("nan"))                  # a row of 128 features, written 40 from 48
-    write[(1,)](values, planes, START=48, VALUES=40, FEATURES=128)
-    row = torch.zeros(1, 128)
-    row[0, 48:88] = values
-    expected = w4_rows_torch(row).planes
-    written = torch.zeros(16, dtype=torch.bool)
-    written[6:11] = True                                           # words 6 to 10: features 48 to 87
-    assert torch.equal(planes[:, :, written], expected[:, :, written])
-    assert planes[:, :, ~written].isnan().all()
+    assert_same_fp8_rows(silu(gate_up, fp8=True), silu(gate_up))
 
 
 def test_rows_for_a_product_are_refused_where_they_cannot_be_laid_out():
-    """Fp8Rows and W4Rows are [T, K]; W4Rows hold whole words of eight features: anything else is
-    refused with the reason, before a kernel writes out of bounds."""
+    """Fp8Rows are [T, K]: anything else is refused with the reason, before a kernel writes out of
+    bounds."""
     pytest.importorskip("triton")
     from nanovllm.ops.fp8_rows_triton import empty_rows
 
     with pytest.raises(ValueError, match=r"fp8 rows are \[T, K\]; got a \(2, 3, 8\) output"):
         empty_rows((2, 3, 8), torch.float16, torch.device("cpu"), fp8=True)
-    with pytest.raises(ValueError, match=r"w4 rows are \[T, K\]"):
-        empty_rows((2, 3, 8), torch.float16, torch.device("cpu"), fp8=False, w4=True)
-    with pytest.raises(ValueError, match="w4 rows hold whole words of 8 features; got 12"):
-        empty_rows((2, 12), torch.float16, torch.device("cpu"), fp8=False, w4=True)
-    rows, planes, _ = empty_rows((2, 16), torch.float16, torch.device("cpu"), fp8=False, w4=True)
-    assert rows.shape == (2, 16) and planes.shape == (2, 9, 2) and planes.dtype == torch.float32
 
 
 @in_interpreter

@@ -421,32 +421,6 @@ def test_fp8_products_take_their_rows_quantized_by_the_kernel_before(tiny_llama,
         assert torch.equal(fused, unfused)
 
 
-def test_w4a16_gemvs_take_their_rows_laid_out_by_the_kernel_before(tiny_llama, monkeypatch):
-    """With W4_ROWS_FROM_PRODUCER on, a decode step's norms hand qkv_proj and gate_up_proj their rows
-    as W4Rows, the attention hands o_proj its and SiLU-and-mul down_proj its; a prompt's many rows
-    take 16-bit rows. W4Rows hold the rows exactly, so the logits are the same bits with and without
-    them (here on the CPU, which the layers otherwise keep out of this path)."""
-    from nanovllm.model.quantization import layers
-    from nanovllm.ops import quant_linear
-    from nanovllm.ops.quant_format import W4Rows
-
-    model = _load(tiny_llama, quantization="w4a16")
-    monkeypatch.setattr(layers.W4A16Linear, "takes_w4_rows", lambda self, num_rows: num_rows <= 2)
-    taken = record_rows_given(monkeypatch, ("w4a16_linear", "w4a16_linear_or_partials"), W4Rows)
-    runs = []
-    for laid_out in (True, False):
-        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", laid_out)
-        sequence = PagedSequence(model)
-        taken.clear()
-        prompt = sequence.step(PROMPT)
-        assert not any(taken)
-        taken.clear()
-        runs.append((prompt, sequence.step([11])))
-        assert taken[:4] == [laid_out] * 4                                            # qkv, o, gate_up, down
-    for laid_out, as_rows in zip(*runs):
-        assert torch.equal(laid_out, as_rows)
-
-
 def test_a_split_gate_up_proj_hands_silu_and_mul_its_partial_products(tiny_llama, monkeypatch):
     """With PARTIALS_INTO_SILU on, a quantized gate_up_proj whose product splits K hands SiLU-and-mul
     the float32 partials, which it adds up itself: here the CPU's product stands in for the GPU's

@@ -196,26 +196,22 @@ def test_w4a16_gated_row_gemv_is_silu_and_mul_of_the_row_gemv(dtype, intermediat
     (2, 21, 384, 128, (2, 16, 128, 3)),     # two rows, K split unevenly
     (3, 13, 512, 32, (4, 16, 128, 2)),      # a row past M in the tile
 ])
-def test_w4a16_gemv_given_w4_rows_is_the_product_of_the_rows(num_rows, out_features, in_features, group_size, tile,
-                                                             offsets, poisoned_outputs):
-    """W4Rows hold x times powers of two in the planes the GEMV reads (ops/quant_format.py), and each
-    word's sum of x added in the order the GEMV adds it: from them the GEMV's output is the same bits
-    as from the 16-bit rows, with each step's words loaded ahead or not (or pipelined, which the
-    interpreter runs as a plain loop), and the reference's product."""
-    from nanovllm.ops.quant_format import w4_rows_torch
-    from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_partials_triton, w4a16_linear_tiles
+def test_w4a16_gemv_loads_ahead_or_not_to_the_same_bits(num_rows, out_features, in_features, group_size, tile,
+                                                        offsets, poisoned_outputs):
+    """The GEMV with each step's words loaded ahead (PREFETCH), loaded in the step, or pipelined
+    (STAGES, which the interpreter runs as a plain loop) multiplies the same values in the same order:
+    the same bits, and the reference's product."""
+    from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_tiles
 
     x = torch.randn(num_rows, in_features, generator=torch.Generator().manual_seed(in_features)).to(torch.float16)
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
-    rows = w4_rows_torch(x)
     expected = w4a16_linear_torch(x.float(), qweight, scales, zeros)                  # [M, N] float32
-    for prefetch, stages in ((False, 1), (True, 1), (False, 3)):
-        tiles = Tiles(*tile, prefetch=prefetch, stages=stages)
-        out = w4a16_linear_tiles(rows, qweight, scales, zeros, None, tiles)
-        assert torch.equal(out, w4a16_linear_tiles(x, qweight, scales, zeros, None, tiles))
-        torch.testing.assert_close(out.sum(0) if tiles.split_k > 1 else out.float(), expected, rtol=2e-3, atol=2e-3)
-    assert torch.equal(w4a16_linear_partials_triton(rows, qweight, scales, zeros),
-                       w4a16_linear_partials_triton(x, qweight, scales, zeros))
+    outs = [w4a16_linear_tiles(x, qweight, scales, zeros, None, Tiles(*tile, prefetch=prefetch, stages=stages))
+            for prefetch, stages in ((False, 1), (True, 1), (False, 3))]
+    for out in outs:
+        assert torch.equal(out, outs[0])
+    total = outs[0].sum(0) if outs[0].dim() == 3 else outs[0].float()
+    torch.testing.assert_close(total, expected, rtol=2e-3, atol=2e-3)
 
 
 def eight_bit_weight(num_rows: int, in_features: int, group_size: int, offsets: bool, seed: int = 0):
@@ -631,9 +627,7 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
     ("_w4a16_gemv_kernel/k512", 1, 16, 4, 1),                                              # one row, long steps
     ("_w4a16_gemv_kernel/gguf-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-k512", 1, 16, 4, 1),
-    ("_w4a16_gemv_kernel/planes", 1, 64, 4, 3), ("_w4a16_gemv_kernel/planes-k512", 1, 16, 4, 1),   # x as W4Rows
-    ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-planes-k512", 1, 16, 4, 1),
-    ("_w4a16_gemv_kernel/planes-pipelined", 1, 64, 4, 4),     # the loads pipelined (STAGES), not prefetched
+    ("_w4a16_gemv_kernel/pipelined", 1, 64, 4, 4),     # the loads pipelined (STAGES), not prefetched
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_row_gemv_kernel/k512", 1, 8, 1, 1), ("_w4a16_row_gemv_kernel/gguf-k512", 1, 8, 1, 1),  # 4 rows a thread
     ("_w4a16_row_gemv_kernel/k512", 1, 32, 2, 1), ("_w4a16_row_gemv_kernel", 1, 64, 1, 1),     # 8 rows a thread
@@ -693,9 +687,6 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         constexprs.update(X_PAIRS=True, USE_PDL=True, GATED=gated, LATE_DEPENDENTS=gated, HAS_BIAS=not gated)
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
-        if "planes" in variant:     # W4Rows of Llama-3.1-8B's 4,096 features: planes of 512 values
-            constexprs.update(X_PLANES=512)
-            types["x_ptr"] = "*fp32"
         if "pipelined" in variant:
             constexprs.update(PREFETCH=False, STAGES=num_stages)
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"

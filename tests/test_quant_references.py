@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, W4Rows, w4_rows_torch
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from nanovllm.ops.quant_linear import (_w4a16_tiles_fit, dequantize_w4, fp8_linear, fp8_linear_or_partials,
                                        fp8_linear_torch, fp8_w8a8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, unpack_int4, w4a16_linear,
@@ -21,38 +21,6 @@ from nanovllm.ops.quant_linear import (_w4a16_tiles_fit, dequantize_w4, fp8_line
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------
-
-def test_w4_rows_hold_x_scaled_by_plane_and_each_words_sum_in_the_gemvs_order():
-    """W4Rows, written out: planes[m, j, w] = x[m, 8 w + j] 2^(88 - 4 (j % 5)), and plane 8 each word's
-    ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) in float32. The first word's sum is 1 in that
-    order (2^24 + 1 rounds to 2^24) and 2 in the order (x0 + x2) + (x1 + x3)."""
-    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    x[0, :8] = torch.tensor([2.0 ** 24, 1, -2.0 ** 24, 1, 0, 0, 0, 0])
-    rows = w4_rows_torch(x)
-    assert rows.planes.shape == (2, 9, 3) and rows.planes.dtype == torch.float32
-    assert rows.shape == x.shape and rows.dtype == torch.bfloat16 and rows.device == x.device
-    for m in range(2):
-        for w in range(3):
-            values = [torch.tensor(float(x[m, 8 * w + j]), dtype=torch.float32) for j in range(8)]
-            for j in range(8):
-                assert rows.planes[m, j, w] == values[j] * 2.0 ** (88 - 4 * (j % 5))
-            v = values
-            assert rows.planes[m, 8, w] == ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
-    assert rows.planes[0, 8, 0] == 1.0
-    assert torch.equal(rows.rows(), x)
-
-
-def test_w4a16_products_on_the_cpu_take_w4_rows_as_the_rows_they_hold():
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    codes = torch.randint(0, 16, (5, 256), generator=torch.Generator().manual_seed(2))
-    qweight, scales = pack_int4(codes), torch.rand(5, 2) * 0.1 + 0.01
-    zeros = torch.randint(0, 16, (5, 2)).to(torch.uint8)
-    rows = w4_rows_torch(x)
-    assert isinstance(rows, W4Rows)
-    expected = w4a16_linear_torch(x, qweight, scales, zeros)
-    assert torch.equal(w4a16_linear(rows, qweight, scales, zeros), expected)
-    assert torch.equal(w4a16_linear_or_partials(rows, qweight, scales, zeros), expected)
-
 
 def test_pack_int4_puts_code_k_in_bits_4k_low_nibble_first_as_a_signed_int32():
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8],        # 0x87654321: the top bit set

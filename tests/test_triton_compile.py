@@ -118,12 +118,11 @@ def test_prefill_attention_compiles(kv):
                               {"out_ptr": "*bf16", **(FP8_CACHE if fp8_kv else {})}).asm["cubin"]
 
 
-ROWS_OUT = {"plain": {"out_ptr": "*bf16"}, "fp8": {"out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
-            "w4": {"out_ptr": "*fp32", "scale_ptr": "*fp32"}}      # by the rows a kernel writes
-ROWS_FLAGS = {"plain": {}, "fp8": {"FP8_OUT": True}, "w4": {"W4_OUT": True}}
+ROWS_OUT = {"plain": {"out_ptr": "*bf16"}, "fp8": {"out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}}  # by the rows written
+ROWS_FLAGS = {"plain": {}, "fp8": {"FP8_OUT": True}}
 
 
-@pytest.mark.parametrize("rows", ["plain", "fp8", "w4"])
+@pytest.mark.parametrize("rows", ["plain", "fp8"])
 @pytest.mark.parametrize("num_partials", [1, 4])
 def test_norm_kernels_compile(num_partials, rows):
     compile_for_hopper(rmsnorm_triton._rms_norm_kernel,
@@ -143,26 +142,6 @@ def test_silu_and_mul_writing_fp8_rows_compiles_without_spills(tmp_path):
                                 aligned=True, num_warps=16)
     usage = resource_usage(kernel, tmp_path)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
-
-
-@pytest.mark.parametrize("num_partials", [1, 4])
-def test_silu_and_mul_writing_w4_rows_compiles(num_partials):
-    """W4Rows for Llama-3.1-8B's down_proj, in programs of 1,024 features as the engine launches them,
-    from gate_up_proj's output or its four partial products."""
-    assert compile_for_hopper(activation_triton._silu_and_mul_kernel,
-                              dict(INTERMEDIATE=14336, BLOCK=1024, ROUND_TO=tl.bfloat16, NUM_PARTIALS=num_partials,
-                                   W4_OUT=True, PDL=True),
-                              {**ROWS_OUT["w4"], "x_ptr": "*fp32" if num_partials > 1 else "*bf16"},
-                              aligned=True, num_warps=4).asm["cubin"]
-
-
-def test_attention_merge_writing_w4_rows_compiles():
-    """The merge of a decode's splits writing o_proj's W4Rows (Llama-3.1-8B: 32 heads of 128)."""
-    assert compile_for_hopper(attention_triton._merge_splits_kernel,
-                              dict(NUM_SPLITS=32, SPLITS_PAD=32, HEAD_DIM=128, HEAD_DIM_PAD=128, PDL=True,
-                                   W4_OUT=True, FEATURES=4096, ROUND_TO=tl.bfloat16),
-                              {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32"},
-                              num_warps=1).asm["cubin"]
 
 
 @pytest.mark.parametrize("wait", [False, True])

@@ -1,7 +1,7 @@
 """Run a `nano-vllm` command with module constants set first: an A/B run of a switch in one process.
 
-    python tools/bench_with.py nanovllm.ops.quant_linear.W4_ROWS_FROM_PRODUCER=True -- \\
-        bench latency --dummy llama-3.2-1b --quantization w4a16 --json on.json
+    python tools/bench_with.py nanovllm.ops.activation.PARTIALS_INTO_SILU=False -- \\
+        bench latency --dummy llama-3.2-1b --quantization w4a16 --json off.json
 
 Each setting is MODULE.NAME=VALUE with VALUE a Python literal; the module must already have NAME.
 A result written with --json records the settings ("settings") and this command line ("command"), so

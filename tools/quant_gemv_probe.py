@@ -5,9 +5,7 @@ whole op: FP8's activation quantization and the sum of K's partial products incl
 CUDA graphs (no launch overhead between the calls of one replay), each call on another copy of
 the weight so that it comes from HBM and not from the 60 MB L2; against cuBLAS bfloat16, and
 with a sweep of the few-row tiles; W8A16 with int8 codes (GGUF's Q8_0) and e4m3 codes (block-scaled
-FP8) beside them, and the one-row W4A16 GEMV given x as W4Rows (laid out for it by the kernel
-before, ops/quant_format.py) as well as 16-bit rows. Prints microseconds and the weight bytes read
-per second.
+FP8) beside them. Prints microseconds and the weight bytes read per second.
 `--old PATH` also times the kernels of another checkout's quant_linear_triton.py (before/after).
 
     python tools/quant_gemv_probe.py [--old ../nanovllm/ops/quant_linear_triton.py] [--json out.json]
@@ -25,7 +23,6 @@ import torch.nn.functional as F
 
 from nanovllm.bench.graph_timing import graph_time_us
 from nanovllm.ops import quant_linear_triton as kernels
-from nanovllm.ops.quant_format import w4_rows_torch
 from nanovllm.ops.quant_linear import pack_int4, quantize_fp8_per_channel
 
 SHAPES = {"llama-3.1-8b": {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
@@ -69,7 +66,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true", help="also a sweep of the one-row GEMV tiles")
     parser.add_argument("--sweep-formats", default="fp8,w4a16",
-                        help="the formats --sweep covers (fp8, w4a16, w8a16, w4rows: W4A16 given W4Rows)")
+                        help="the formats --sweep covers (fp8, w4a16, w8a16)")
     parser.add_argument("--gemm", action="store_true", help="also a sweep of FP8 W8A8 tiles at 8 to 64 rows (8B)")
     parser.add_argument("--row-gemv", action="store_true",
                         help="only W4A16 at one row: the GEMV as chosen against the row GEMV's tiles")
@@ -112,12 +109,6 @@ def main() -> None:
                 row["w4a16_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: w4a16_op(x, *w)), n * k / 2)
                 row["w4a16_gguf_us"] = cycled_us(lambda i: (lambda w=w4_gguf[i % len(w4_gguf)]: w4a16_op(x, *w)), n * k / 2)
                 w8a16_op = kernels.w8a16_linear_triton
-                if m == 1:      # x as W4Rows (the norms and SiLU-and-mul write them for a one-row GEMV)
-                    rows_x = w4_rows_torch(x)
-                    row["w4a16_rows_us"] = cycled_us(lambda i: (lambda w=w4[i % len(w4)]: w4a16_op(rows_x, *w)),
-                                                     n * k / 2)
-                    row["w4a16_gguf_rows_us"] = cycled_us(
-                        lambda i: (lambda w=w4_gguf[i % len(w4_gguf)]: w4a16_op(rows_x, *w)), n * k / 2)
                 row["w8a16_us"] = cycled_us(lambda i: (lambda w=w8[i % len(w8)]: w8a16_op(x, *w)), n * k)
                 row["w8a16_e4m3_us"] = cycled_us(lambda i: (lambda w=w8_e4m3[i % len(w8_e4m3)]: w8a16_op(x, *w)), n * k)
                 if old is not None:
@@ -131,8 +122,7 @@ def main() -> None:
                 for key, nbytes in (("bf16", 2), ("fp8", 1), ("w4a16", 0.5 + 5 / 128), ("w8a16", 1 + 4 / 32),
                                     ("w8a16_e4m3", 1 + 4 / 128), ("old_fp8", 1), ("old_w4a16", 0.5 + 5 / 128),
                                     ("old_w8a16", 1 + 4 / 32), ("w4a16_gguf", 0.5 + 8 / 32),
-                                    ("old_w4a16_gguf", 0.5 + 8 / 32), ("w4a16_rows", 0.5 + 5 / 128),
-                                    ("w4a16_gguf_rows", 0.5 + 8 / 32)):
+                                    ("old_w4a16_gguf", 0.5 + 8 / 32)):
                     if f"{key}_us" in row:
                         row[f"{key}_TBps"] = round(n * k * nbytes / row[f"{key}_us"] / 1e6, 3)
                 rows.append(row)
@@ -140,8 +130,6 @@ def main() -> None:
                                for key, value in row.items()), flush=True)
                 if args.sweep and m == 1:
                     sweep(rows, model, name, n, k, m, x, fp8, w4, w8, args.sweep_formats)
-                    if "w4rows" in args.sweep_formats and name != "lm_head":   # (GGUF's head is 6- or 8-bit)
-                        sweep_w4_rows(rows, model, name, n, k, x, w4, w4_gguf)
             if args.gemm and model == "llama-3.1-8b" and name != "lm_head":
                 sweep_fp8_gemm(rows, model, name, n, k, fp8, bf16)
     if args.json:
@@ -179,27 +167,6 @@ def sweep(rows: list, model: str, name: str, n: int, k: int, m: int, x, fp8, w4,
                 kernels.w8a16_linear_tiles(x, *w, None, None, tiles), x.dtype)), n * k)
             rows.append({"model": model, "layer": name, "m": m, "w8a16_tiles": str(tiles), "w8a16_us": us})
             print(f"  sweep w8a16 {name} m={m} {tiles}: {us:.2f} us {n * k * 1.125 / us / 1e6:.2f} TB/s", flush=True)
-
-
-def sweep_w4_rows(rows: list, model: str, name: str, n: int, k: int, x, w4, w4_gguf) -> None:
-    """One row of W4A16 (groups of 128, zero points) and GGUF's 4-bit layout (groups of 32, offsets):
-    the GEMV's tiles given x as 16-bit rows and as W4Rows, each with the sum of its partials; the
-    next step's words loaded ahead in registers (stages 1), or the loads pipelined 3 or 4 steps deep."""
-    Tiles, sms, rows_x = kernels.Tiles, kernels.sm_count(x.device), w4_rows_torch(x)
-    for layout, weights, nbytes in (("w4a16", w4, 0.5 + 5 / 128), ("w4a16_gguf", w4_gguf, 0.5 + 8 / 32)):
-        for block_n, block_k, warps, stages in ((64, 128, 4, 1), (128, 128, 4, 1), (32, 256, 4, 1), (8, 512, 4, 1),
-                                                (16, 512, 4, 1), (64, 128, 4, 4), (16, 512, 4, 3)):
-            for split_k in sweep_splits(n, k, block_n, block_k, sms, unsplit_at_any_width=False):
-                tiles = Tiles(1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, prefetch=stages == 1,
-                              stages=stages)
-                timed = {}
-                for given, given_x in (("rows", x), ("w4rows", rows_x)):
-                    timed[given] = cycled_us(lambda i: (lambda w=weights[i % len(weights)]: kernels.sum_partials(
-                        kernels.w4a16_linear_tiles(given_x, *w, None, tiles), x.dtype)), n * k / 2)
-                rows.append({"model": model, "layer": name, "m": 1, f"{layout}_tiles": str(tiles),
-                             f"{layout}_us": timed["rows"], f"{layout}_w4rows_us": timed["w4rows"]})
-                print(f"  sweep {layout} {name} {tiles}: rows {timed['rows']:.2f} us, W4Rows {timed['w4rows']:.2f} us "
-                      f"({n * k * nbytes / timed['w4rows'] / 1e6:.2f} TB/s)", flush=True)
 
 
 def sweep_row_gemv(rows: list) -> None:

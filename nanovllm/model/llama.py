@@ -34,8 +34,8 @@ from nanovllm.model.parallel import (ATTENTION_SLOT, MLP_SLOT, ParallelState, Vo
 from nanovllm.ops.activation import linear_silu_and_mul
 from nanovllm.ops.attention import AttentionMetadata
 from nanovllm.ops.linear import BatchInvariantLinear, linear_or_partials
-from nanovllm.ops.quant_format import Fp8Rows, W4Rows
-from nanovllm.ops.quant_linear import takes_fp8_rows, takes_w4_rows
+from nanovllm.ops.quant_format import Fp8Rows
+from nanovllm.ops.quant_linear import takes_fp8_rows
 from nanovllm.ops.rmsnorm import add_rms_norm, rms_norm
 from nanovllm.ops.rotary import rope_cos_sin_cache, rotary_store_and_attend
 
@@ -48,13 +48,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False, w4: bool = False):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False):
         """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual).
-        fp8: the normalized rows quantized for the FP8 product after the norm (Fp8Rows); w4: laid out
-        for its W4A16 GEMV (W4Rows)."""
+        fp8: the normalized rows quantized for the FP8 product after the norm (Fp8Rows)."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps, fp8, w4)
-        return add_rms_norm(x, residual, self.weight, self.eps, fp8, w4)
+            return rms_norm(x, self.weight, self.eps, fp8)
+        return add_rms_norm(x, residual, self.weight, self.eps, fp8)
 
 
 class LlamaAttention(nn.Module):
@@ -81,7 +80,7 @@ class LlamaAttention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Rows | W4Rows, metadata: AttentionMetadata,
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Rows, metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, -1, self.head_dim)                       # [T, Hq + 2 Hkv, D]
@@ -92,15 +91,13 @@ class LlamaAttention(nn.Module):
         q_norm_weight, k_norm_weight, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
                                              if self.qk_norm else (None, None, 0.0))
         # RoPE on q and k, the new tokens' k and v into their cache slots, attention over the cache;
-        # on CUDA one kernel for a decode step (two for a step with prefill chunks).
-        # [T, Hq, D], or laid out for o_proj's W4A16 GEMV as W4Rows [T, Hq D] (ops/quant_linear.py)
-        w4 = takes_w4_rows(self.o_proj, T)
+        # on CUDA one kernel for a decode step (two for a step with prefill chunks). [T, Hq, D]
         o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
                                     self.scale, q_norm_weight, k_norm_weight, eps,
                                     batch_invariant=self.batch_invariant, k_scale=self.k_scale,
-                                    v_scale=self.v_scale, w4=w4)
+                                    v_scale=self.v_scale)
         # [T, H], or at a few rows its partial sums [S, T, H] that the next add_rms_norm adds up
-        o = linear_or_partials(o if w4 else o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
+        o = linear_or_partials(o.reshape(T, self.q_size), self.o_proj, self.parallel.world_size == 1)
         return self.parallel.all_reduce(o, ATTENTION_SLOT)
 
 
@@ -112,12 +109,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate_size, bias=False)   # column-parallel
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)          # row-parallel
 
-    def forward(self, x: torch.Tensor | Fp8Rows | W4Rows) -> torch.Tensor:
-        # [T, 2I] -> [T, I], quantized already where down_proj is an FP8 product, laid out for the GEMV
-        # where it is a W4A16 one (ops/quant_linear.py)
-        num_tokens = x.shape[0]
-        x = linear_silu_and_mul(x, self.gate_up_proj, takes_fp8_rows(self.down_proj, num_tokens),
-                                takes_w4_rows(self.down_proj, num_tokens))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        # [T, 2I] -> [T, I], quantized already where down_proj is an FP8 product (ops/quant_linear.py)
+        x = linear_silu_and_mul(x, self.gate_up_proj, takes_fp8_rows(self.down_proj, x.shape[0]))
         x = linear_or_partials(x, self.down_proj, self.parallel.world_size == 1)   # [T, H] or [S, T, H]
         return self.parallel.all_reduce(x, MLP_SLOT)                            # ranks' partial sums -> their sum
 
@@ -132,18 +126,16 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 metadata: AttentionMetadata, kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        # An FP8 product's input comes quantized from the norm before it, a W4A16 GEMV's laid out for
-        # it (ops/quant_linear.py)
+        # An FP8 product's input comes quantized from the norm before it (ops/quant_linear.py)
         num_tokens = positions.shape[0]
         qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
-        fp8, w4 = takes_fp8_rows(qkv_proj, num_tokens), takes_w4_rows(qkv_proj, num_tokens)
+        fp8 = takes_fp8_rows(qkv_proj, num_tokens)
         if residual is None:
-            residual, x = x, self.input_layernorm(x, fp8=fp8, w4=w4)
+            residual, x = x, self.input_layernorm(x, fp8=fp8)
         else:
-            x, residual = self.input_layernorm(x, residual, fp8=fp8, w4=w4)
+            x, residual = self.input_layernorm(x, residual, fp8=fp8)
         x = self.self_attn(positions, x, metadata, kv_cache)
-        fp8, w4 = takes_fp8_rows(gate_up_proj, num_tokens), takes_w4_rows(gate_up_proj, num_tokens)
-        x, residual = self.post_attention_layernorm(x, residual, fp8=fp8, w4=w4)
+        x, residual = self.post_attention_layernorm(x, residual, fp8=takes_fp8_rows(gate_up_proj, num_tokens))
         return self.mlp(x), residual
 
 

@@ -3,8 +3,7 @@
 The gate and up projections are one fused matmul whose output holds
 [gate | up] side by side; this op splits it and combines the halves.
 fp8=True returns the result quantized per row (`Fp8Rows`) for down_proj's FP8 W8A8
-product, w4=True laid out for its W4A16 GEMV (`W4Rows`): on the GPU the kernel writes them
-itself (activation_triton.py).
+product: on the GPU the kernel writes them itself (activation_triton.py).
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.ops import use_triton
-from nanovllm.ops.quant_format import Fp8Rows, W4Rows, as_product_rows
+from nanovllm.ops.quant_format import Fp8Rows, as_product_rows
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
@@ -22,16 +21,16 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
-def silu_and_mul(x: torch.Tensor, fp8: bool = False, w4: bool = False,
-                 partials_dtype: torch.dtype | None = None) -> torch.Tensor | Fp8Rows | W4Rows:
+def silu_and_mul(x: torch.Tensor, fp8: bool = False,
+                 partials_dtype: torch.dtype | None = None) -> torch.Tensor | Fp8Rows:
     """x [T, 2 I] -> [T, I]; or with partials_dtype, x is the float32 partial products [S, T, 2 I] of a
     product split along K, added up in order and rounded to partials_dtype first (sum_partials' bits)."""
     if use_triton(x):
         from nanovllm.ops.activation_triton import silu_and_mul_triton
-        return silu_and_mul_triton(x, fp8, w4, partials_dtype)
+        return silu_and_mul_triton(x, fp8, partials_dtype)
     if partials_dtype is not None:
         x = sum(x.unbind(0), torch.zeros_like(x[0])).to(partials_dtype)
-    return as_product_rows(silu_and_mul_torch(x), fp8, w4)
+    return as_product_rows(silu_and_mul_torch(x), fp8)
 
 
 # A quantized gate_up_proj whose one-row product splits K (W4A16, W8A16) hands SiLU-and-mul its float32
@@ -41,19 +40,18 @@ def silu_and_mul(x: torch.Tensor, fp8: bool = False, w4: bool = False,
 PARTIALS_INTO_SILU = True
 
 
-def linear_silu_and_mul(x: torch.Tensor | Fp8Rows | W4Rows, layer: nn.Module, fp8: bool = False,
-                        w4: bool = False) -> torch.Tensor | Fp8Rows | W4Rows:
-    """silu_and_mul(layer(x), fp8, w4) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
-    computes both where down_proj takes no W4Rows (Fp8Linear: one kernel at one row; W4A16Linear: one
-    kernel where its one-row GEMV takes the layer unsplit, else None); a quantized layer with
-    `forward_or_partials` may hand over K's partial products (PARTIALS_INTO_SILU, not for Fp8Rows)."""
+def linear_silu_and_mul(x: torch.Tensor | Fp8Rows, layer: nn.Module, fp8: bool = False) -> torch.Tensor | Fp8Rows:
+    """silu_and_mul(layer(x), fp8) for gate_up_proj; a layer with a `forward_silu_and_mul` of its own
+    computes both where it can (Fp8Linear: one kernel at one row; W4A16Linear: one kernel where its
+    one-row GEMV takes the layer unsplit, else None); a quantized layer with `forward_or_partials` may
+    hand over K's partial products (PARTIALS_INTO_SILU, not for Fp8Rows)."""
     fused = getattr(layer, "forward_silu_and_mul", None)
-    if fused is not None and not w4:
+    if fused is not None:
         out = fused(x, fp8)
         if out is not None:
             return out
     or_partials = getattr(layer, "forward_or_partials", None)
     if not PARTIALS_INTO_SILU or or_partials is None or fp8:
-        return silu_and_mul(layer(x), fp8, w4)
+        return silu_and_mul(layer(x), fp8)
     out = or_partials(x)                                                 # [T, 2 I], or [S, T, 2 I] float32
-    return silu_and_mul(out, fp8, w4, partials_dtype=x.dtype if out.dim() == 3 else None)
+    return silu_and_mul(out, fp8, partials_dtype=x.dtype if out.dim() == 3 else None)

@@ -66,8 +66,7 @@ import triton.language as tl
 
 from nanovllm.ops import pdl_between, sm_count
 from nanovllm.ops.attention_metadata import AttentionMetadata
-from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_rows, store_row
-from nanovllm.ops.quant_format import FP8_DTYPE, W4Rows, w4_rows_torch
+from nanovllm.ops.quant_format import FP8_DTYPE
 from nanovllm.ops.rotary_triton import rotary_and_store_kv_triton, to_cache
 
 LOG2_E = 1.4426950408889634
@@ -358,11 +357,8 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr,
                          stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PDL: tl.constexpr = False,
-                         W4_OUT: tl.constexpr = False, FEATURES: tl.constexpr = 0,
-                         ROUND_TO: tl.constexpr = tl.float32, WAIT: tl.constexpr = False):
-    """One (token, head): the splits' outputs weighted by exp2(lse - max lse). W4_OUT: out_ptr is the
-    W4Rows planes of the token rows (FEATURES = heads x HEAD_DIM values a row), written with the
-    head's values rounded to ROUND_TO (store_row), for o_proj's W4A16 GEMV."""
+                         WAIT: tl.constexpr = False):
+    """One (token, head): the splits' outputs weighted by exp2(lse - max lse)."""
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     if WAIT:    # launched early (PDL_BETWEEN): the attention's splits are written once this returns
@@ -382,12 +378,8 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr,
     partial = tl.load(partial_ptr + token * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
                       + offs_d[None, :], mask=mask, other=0.0)            # [S, D]
     out = tl.sum(partial * weight[:, None], axis=0)
-    if W4_OUT:
-        store_row(out, out_ptr, out_ptr, token, head * HEAD_DIM + offs_d, offs_d < HEAD_DIM, FEATURES, False,
-                  ROUND_TO, True)
-    else:
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-                 mask=offs_d < HEAD_DIM)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -497,7 +489,7 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    k_norm_weight: torch.Tensor | None = None, eps: float = 0.0, *,
                                    num_kv_splits: int | None = None, fused: bool | None = None,
                                    batch_invariant: bool = False, k_scale: float = 1.0,
-                                   v_scale: float = 1.0, w4: bool = False) -> torch.Tensor | W4Rows:
+                                   v_scale: float = 1.0) -> torch.Tensor:
     """`rotary_store_and_attend_torch` (ops/rotary.py). A decode step of few sequences runs as one
     kernel, which rotates q and k, writes k and v into the cache and attends, leaving q, k and v as
     they were; any other step as the RoPE + cache-write kernel, then attention.
@@ -514,46 +506,39 @@ def rotary_store_and_attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     one split. Keys past a row's position add exact zeros to its sums, so a token gets the same bits
     in a decode step, in a prefill chunk of any length or beside any other sequences.
 
-    k_scale, v_scale: an FP8 cache's scales; every path quantizes the new k and v by them.
-
-    w4: the output [T, Hq D] as W4Rows for o_proj's W4A16 GEMV, written by the merge of the splits
-    (a decode step takes at least two splits then; one split, as batch_invariant's, converts its
-    output)."""
+    k_scale, v_scale: an FP8 cache's scales; every path quantizes the new k and v by them."""
     scales = (k_scale, v_scale)
     if batch_invariant:
         q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
                                           metadata.slot_mapping, q_norm_weight, k_norm_weight, eps,
                                           k_scale=k_scale, v_scale=v_scale)
-        return _attention(q, k_cache, v_cache, metadata, scale, scales, 1, None, None, batch_invariant=True, w4=w4)
+        return _attention(q, k_cache, v_cache, metadata, scale, scales, 1, None, None, batch_invariant=True)
     decode = metadata.max_query_len == 1 and not batch_invariant
     if num_kv_splits is None:
         num_kv_splits = _step_kv_splits(metadata, k_cache, q.device)
-    if w4 and decode:
-        num_kv_splits = max(num_kv_splits, 2)
     if fused is None:
         fused = decode and num_kv_splits > 1
     if not fused:
         q, _ = rotary_and_store_kv_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache,
                                           metadata.slot_mapping, q_norm_weight, k_norm_weight, eps,
                                           k_scale=k_scale, v_scale=v_scale)
-        return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, None, None, w4=w4)
+        return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, None, None)
     if not decode:
         raise ValueError("the fused kernel takes decode steps only (one new token per sequence)")
     if k.stride(2) != 1 or v.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     new_token = (k, v, positions.contiguous(), cos_sin_cache, q_norm_weight, k_norm_weight, eps)
-    return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, None, new_token, w4=w4)
+    return _attention(q, k_cache, v_cache, metadata, scale, scales, num_kv_splits, None, new_token)
 
 
 def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
                scale: float, kv_scales: tuple[float, float], num_kv_splits: int | None,
                config: AttentionKernelConfig | None, new_token: tuple | None,
-               batch_invariant: bool = False, w4: bool = False) -> torch.Tensor | W4Rows:
+               batch_invariant: bool = False) -> torch.Tensor:
     """Launch the attention kernel (and the merge of its splits). kv_scales: (k_scale, v_scale), an FP8
     cache's. new_token: a decode's un-rotated
     (k, v, positions, cos_sin_cache, q_norm_weight, k_norm_weight, eps), for the kernel's ROPE path.
-    batch_invariant: the prefill configuration for decode steps too. w4: the output as W4Rows
-    [T, Hq D], written by the merge (with one split, converted from the output)."""
+    batch_invariant: the prefill configuration for decode steps too."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads != 0:
@@ -623,15 +608,11 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, me
         V_KEYS_INNER=v_keys_inner, **pdl_between(q, "attention"),
         num_warps=config.num_warps)
     if num_kv_splits == 1:
-        return w4_rows_torch(out.reshape(num_tokens, -1)) if w4 else out
-    rows, merged = out, out                  # what the merge writes: out, or W4Rows' planes
-    if w4:
-        rows, merged, _ = empty_rows((num_tokens, num_heads * head_dim), q.dtype, q.device, False, True)
+        return out
     _merge_splits_kernel[(num_tokens, num_heads)](
-        partial, lse, merged,
+        partial, lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         NUM_SPLITS=num_kv_splits, SPLITS_PAD=triton.next_power_of_2(num_kv_splits),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **pdl_between(out, "merge"), W4_OUT=w4,
-        FEATURES=num_heads * head_dim, ROUND_TO=TL_DTYPES[q.dtype], num_warps=1)
-    return rows
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **pdl_between(out, "merge"), num_warps=1)
+    return out

@@ -7,10 +7,6 @@ one read and write of x fewer for each). The RMSNorms and SiLU-and-mul do this w
 after them asks for `Fp8Rows` (model/llama.py); `quantize_fp8_rows_triton` quantizes rows that
 some other kernel wrote (o_proj's, from the attention). All of them round as `quantize_fp8_per_token_torch`:
 the row as its 16-bit output would hold it, divided by its scale, clamped to +-448.
-
-`store_row` also writes rows laid out for the one-row W4A16 GEMV (`W4Rows`, ops/quant_format.py):
-each value, rounded to the 16-bit dtype, times its plane's power of two into its plane, and each
-word's sum of eight into plane 8.
 """
 from __future__ import annotations
 
@@ -18,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, PACK_FACTOR, W4_EXP_X, Fp8Rows, W4Rows
+from nanovllm.ops.quant_format import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Rows
 
 FP8_MAX_C = tl.constexpr(FP8_MAX)
-W4_EXP_X_C = tl.constexpr(W4_EXP_X)
 FP8_MIN_SCALE_C = tl.constexpr(FP8_MIN_SCALE)
 
 # tl's dtype of each torch dtype a row may be rounded to before it is quantized
@@ -41,40 +36,18 @@ def fp8_codes(y, scale, code_dtype: tl.constexpr):
 
 
 @triton.jit
-def _w4_word_sums(y, BLOCK: tl.constexpr):
-    """y [BLOCK] float32 -> [BLOCK / 8]: each word's eight values summed in the W4A16 GEMV's order,
-    ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))."""
-    even, odd = tl.split(tl.reshape(y, [BLOCK // 8, 4, 2]))             # x0 x2 x4 x6, x1 x3 x5 x7
-    first, second = tl.split(tl.reshape(even + odd, [BLOCK // 8, 2, 2]))   # x0+x1 x4+x5, x2+x3 x6+x7
-    low, high = tl.split(first + second)
-    return low + high
-
-
-@triton.jit
 def store_row(y, out_ptr, scale_ptr, row, offs, mask, FEATURES: tl.constexpr, FP8_OUT: tl.constexpr,
-              ROUND_TO: tl.constexpr, W4_OUT: tl.constexpr = False):
+              ROUND_TO: tl.constexpr):
     """Write y [BLOCK] (float32; lanes outside mask are 0), the values offs of row `row`, whose
     FEATURES values make up the whole row: rounded to ROUND_TO, the dtype the row has unquantized,
     then as it is (out_ptr of that dtype, rows of FEATURES) or, with FP8_OUT, as e4m3 codes at out_ptr
-    and the row's scale at scale_ptr + row (y must then be the whole row), or with W4_OUT as W4Rows'
-    planes at out_ptr (float32 rows of 9 FEATURES / 8; BLOCK a multiple of 8, offs consecutive from a
-    word's first value, and mask whole words)."""
+    and the row's scale at scale_ptr + row (y must then be the whole row)."""
     y = y.to(ROUND_TO)
     if FP8_OUT:
         yf = y.to(tl.float32)
         scale = fp8_row_scale(tl.max(tl.abs(yf), axis=0))
         tl.store(scale_ptr + row, scale)
         tl.store(out_ptr + row * FEATURES + offs, fp8_codes(yf, scale, out_ptr.dtype.element_ty), mask=mask)
-    elif W4_OUT:
-        WORDS: tl.constexpr = FEATURES // 8
-        planes = out_ptr + row * (9 * WORDS)
-        yf = y.to(tl.float32)
-        j = offs % 8                      # x[8 w + j] goes to plane j, times 2^(W4_EXP_X - 4 (j % 5)) (exact)
-        two_to = (((j % 5) * -4 + (127 + W4_EXP_X_C)) << 23).to(tl.float32, bitcast=True)     # the float's bits
-        tl.store(planes + j * WORDS + offs // 8, yf * two_to, mask=mask)
-        words = tl.min(offs, axis=0) // 8 + tl.arange(0, y.shape[0] // 8)     # (offs: ascending from a word's start)
-        whole = tl.min(tl.reshape(mask.to(tl.int32), [y.shape[0] // 8, 8]), axis=1) > 0   # words all in mask
-        tl.store(planes + 8 * WORDS + words, _w4_word_sums(yf, y.shape[0]), mask=whole)
     else:
         tl.store(out_ptr + row * FEATURES + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -85,21 +58,16 @@ def empty_fp8_rows(num_rows: int, features: int, dtype: torch.dtype, device: tor
                    torch.empty(num_rows, dtype=torch.float32, device=device), dtype)
 
 
-def empty_rows(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fp8: bool,
-               w4: bool = False) -> tuple[torch.Tensor | Fp8Rows | W4Rows, torch.Tensor, torch.Tensor]:
+def empty_rows(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               fp8: bool) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor, torch.Tensor]:
     """The output of a kernel that writes rows of dtype (store_row): a tensor of shape, or with fp8
-    its Fp8Rows, with w4 its W4Rows (shape [T, K]); and the two pointers the kernel takes for it,
-    out_ptr and scale_ptr (out_ptr again where no scale is written)."""
-    if not (fp8 or w4):
+    its Fp8Rows (shape [T, K]); and the two pointers the kernel takes for it, out_ptr and scale_ptr
+    (out_ptr again where no scale is written)."""
+    if not fp8:
         out = torch.empty(shape, dtype=dtype, device=device)
         return out, out, out
     if len(shape) != 2:
-        raise ValueError(f"{'fp8' if fp8 else 'w4'} rows are [T, K]; got a {tuple(shape)} output")
-    if w4:
-        if shape[1] % PACK_FACTOR:
-            raise ValueError(f"w4 rows hold whole words of {PACK_FACTOR} features; got {shape[1]}")
-        planes = torch.empty(shape[0], PACK_FACTOR + 1, shape[1] // PACK_FACTOR, dtype=torch.float32, device=device)
-        return W4Rows(planes, dtype), planes, planes
+        raise ValueError(f"fp8 rows are [T, K]; got a {tuple(shape)} output")
     rows = empty_fp8_rows(*shape, dtype, device)
     return rows, rows.codes, rows.scale
 

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from nanovllm.ops import use_triton
 from nanovllm.ops.activation import silu_and_mul
 from nanovllm.ops.quant_format import (FP8_DTYPE, FP8_WEIGHT_ONLY_MAX_ROWS, PACK_FACTOR, Fp8Rows,  # noqa: F401
-                                       W4Rows, quantize_fp8_per_token_torch, quantize_fp8_rows_torch,
-                                       w4a16_block_k)
+                                       quantize_fp8_per_token_torch, quantize_fp8_rows_torch, w4a16_block_k)
 
 
 
@@ -101,9 +100,9 @@ def fp8_weight_only_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_s
     return out.to(x.dtype)
 
 
-def _rows_data(x: torch.Tensor | Fp8Rows | W4Rows) -> torch.Tensor:
-    """The tensor whose device picks the kernel: x, an Fp8Rows' codes or W4Rows' planes."""
-    return x.codes if isinstance(x, Fp8Rows) else x.planes if isinstance(x, W4Rows) else x
+def _rows_data(x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    """The tensor whose device picks the kernel: x, or an Fp8Rows' codes."""
+    return x.codes if isinstance(x, Fp8Rows) else x
 
 
 def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -175,49 +174,34 @@ def w4a16_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return out.to(x.dtype)
 
 
-# The kernel that writes a one-row W4A16 GEMV's input (RMSNorm, SiLU-and-mul, the attention's merge)
-# lays it out for the GEMV when the layer asks for W4Rows (takes_w4_rows): the GEMV then loads each x
-# value it multiplies ready, where from 16-bit rows each of its threads shuffles, widens, scales and
-# sums every x value it uses. Off until a GPU has measured it (tools/gpu_w4_rows.sh).
-W4_ROWS_FROM_PRODUCER = False
-W4_ROWS_MAX_ROWS = 2        # the rows the GEMV takes (from 3 the tensor-core GEMV, which takes 16-bit x)
-
-
-def takes_w4_rows(layer, num_rows: int) -> bool:
-    """Whether `layer` at num_rows rows runs the W4A16 GEMV, so that the kernel before it should hand
-    it W4Rows instead of 16-bit rows."""
-    wants = getattr(layer, "takes_w4_rows", None)
-    return W4_ROWS_FROM_PRODUCER and wants is not None and wants(num_rows)
-
-
 def _w4a16_tiles_fit(x: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether the Triton kernels take this weight: its group splits into tiles of at least 16 along K
     (a group of an odd size, one group a row with K not a multiple of 16, stays on the reference)."""
     return w4a16_block_k(x.shape[-1] // scales.shape[-1]) > 0
 
 
-def w4a16_linear(x: torch.Tensor | W4Rows, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    if use_triton(_rows_data(x)) and _w4a16_tiles_fit(x, scales):
+    if use_triton(x) and _w4a16_tiles_fit(x, scales):
         from nanovllm.ops.quant_linear_triton import w4a16_linear_triton
         return w4a16_linear_triton(x, qweight, scales, zeros, bias)
-    return w4a16_linear_torch(x.rows() if isinstance(x, W4Rows) else x, qweight, scales, zeros, bias)
+    return w4a16_linear_torch(x, qweight, scales, zeros, bias)
 
 
-def w4a16_linear_or_partials(x: torch.Tensor | W4Rows, qweight: torch.Tensor, scales: torch.Tensor,
+def w4a16_linear_or_partials(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                              zeros: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """w4a16_linear [M, N], or on the GPU at a few rows its float32 partials [S, M, N]."""
-    if use_triton(_rows_data(x)) and _w4a16_tiles_fit(x, scales):
+    if use_triton(x) and _w4a16_tiles_fit(x, scales):
         from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
         return w4a16_linear_partials_triton(x, qweight, scales, zeros, bias)
-    return w4a16_linear_torch(x.rows() if isinstance(x, W4Rows) else x, qweight, scales, zeros, bias)
+    return w4a16_linear_torch(x, qweight, scales, zeros, bias)
 
 
-def w4a16_linear_silu_and_mul(x: torch.Tensor | W4Rows, qweight: torch.Tensor, scales: torch.Tensor,
+def w4a16_linear_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                               zeros: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """silu_and_mul(w4a16_linear(x, ...)) for gate_up_proj's [gate | up] weight in one kernel: [1, I] on
     the GPU where the one-row GEMV takes x and the layer unsplit (quant_linear_triton.py); else None."""
-    if not (isinstance(x, torch.Tensor) and use_triton(x) and _w4a16_tiles_fit(x, scales)):
+    if not (use_triton(x) and _w4a16_tiles_fit(x, scales)):
         return None
     from nanovllm.ops.quant_linear_triton import w4a16_linear_silu_and_mul_triton
     return w4a16_linear_silu_and_mul_triton(x, qweight, scales, zeros, bias)

@@ -76,7 +76,7 @@ from nanovllm.ops import pdl_between, sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
 from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
 from nanovllm.ops.matmul_triton import grouped_tile
-from nanovllm.ops.quant_format import (FP8_WEIGHT_ONLY_MAX_ROWS, W4_EXP_X, Fp8Rows, W4Rows, power_of_two_dividing,
+from nanovllm.ops.quant_format import (FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, power_of_two_dividing,
                                       step_holds_groups, w4a16_block_k)
 
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
@@ -573,7 +573,7 @@ GEMV_BLOCK_K = 128      # the GEMV's K step for groups smaller than that (a scal
 MAGIC = tl.constexpr(0x4B000000)      # float32 2^23: OR-ing a code q < 2^23 into its mantissa gives the float 2^23 + q
 # The W4A16 GEMV's products x q are formed as x 2^(EXP_X - 4 j) times the subnormal q 2^(4 j - 149): each
 # is x q 2^(EXP_X - 149), in float32's normal range for |x| from 2^-60 to 2^40 (and exact, as x q is)
-EXP_X = W4_EXP_X
+EXP_X = 88
 X_SCALE = tl.constexpr(2.0 ** EXP_X)
 PRODUCT_SCALE = tl.constexpr(2.0 ** (149 - EXP_X))    # back from x q 2^(EXP_X - 149) to x q
 
@@ -594,31 +594,8 @@ def _w4_fma(products, x_scaled, words, j: tl.constexpr):
 
 @triton.jit
 def _x_scaled(x, j: tl.constexpr):
-    """x 2^(EXP_X - 4 (j % 5)), the x that code j of a word meets in _w4_fma (a W4Rows plane holds it)."""
+    """x 2^(EXP_X - 4 (j % 5)), the x that code j of a word meets in _w4_fma."""
     return x * (X_SCALE / (1 << (4 * (j % 5))))
-
-
-@triton.jit
-def _w4_plane(plane_ptrs, mask, j: tl.constexpr, PLANE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Plane j of W4Rows at plane_ptrs (plane 0's values of a step's words), PLANE values a plane: a
-    constant offset, so that the load needs no address of its own. One row (BLOCK_M 1, as a decode step
-    of one sequence) loads unmasked: a masked load zeroes its registers first."""
-    if BLOCK_M == 1:
-        return tl.load(plane_ptrs + j * PLANE)
-    return tl.load(plane_ptrs + j * PLANE, mask=mask)
-
-
-@triton.jit
-def _w4_planes_fma(products, plane_ptrs, mask, words, high, PLANE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """products + every code of words times x, its x from W4Rows' planes 0 to 7: see _w4a16_gemv_kernel."""
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 0, PLANE, BLOCK_M), words, 0)
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 1, PLANE, BLOCK_M), words, 1)
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 2, PLANE, BLOCK_M), words, 2)
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 3, PLANE, BLOCK_M), words, 3)
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 4, PLANE, BLOCK_M), words, 4)
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 5, PLANE, BLOCK_M), high, 5)
-    products = _w4_fma(products, _w4_plane(plane_ptrs, mask, 6, PLANE, BLOCK_M), high, 6)
-    return _w4_fma(products, _w4_plane(plane_ptrs, mask, 7, PLANE, BLOCK_M), high, 7)
 
 
 @triton.jit
@@ -638,7 +615,7 @@ def _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_r
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
                        K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                       X_PLANES: tl.constexpr = 0, STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                       STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
     """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
     loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
     on the FMA units: two instructions a weight, an AND and a fused multiply-add. The AND leaves
@@ -654,11 +631,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     reduced after the loop). With ZERO_IS_OFFSET (GGUF's w = q s - m) zeros holds the float
     offsets m: sum_k x_k (q_k s - m) = s sum_k x_k q_k - m sum_k x_k. With PREFETCH the loads of
     step k + 1 are issued before step k's multiplications, so that they are in flight meanwhile.
-    X_PLANES (non-zero: the values a plane, K / 8): x comes as W4Rows' planes, and each step loads
-    x 2^(EXP_X - 4 j') for its words' code j from plane j, 16 contiguous bytes a thread as the words
-    are, and each word's sum of x from plane 8, where rows as they are take a shuffle, a conversion,
-    a scaling and a share of a sum of every x value in every thread that uses it. The products are
-    the same bits. STAGES > 1 (without PREFETCH): Triton pipelines the loop's loads through shared
+    STAGES > 1 (without PREFETCH): Triton pipelines the loop's loads through shared
     memory, STAGES - 1 steps ahead. USE_PDL (launched with launch_pdl): the kernel waits for the
     one before it (which wrote x) only after loading its first step's weights (with PREFETCH; with
     STAGES, asking L2 for them; else at once)."""
@@ -671,10 +644,9 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     mask_m, mask_n = offs_m < M, offs_n < N
     num_groups = K // GROUP_SIZE
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + tl.arange(0, BLOCK_K)[None, :]     # [BM, BK]
-    x_words = x_ptr + offs_m.to(tl.int64)[:, None, None, None] * stride_x + offs_word    # X_PLANES: [BM, 1, R, RW]
     w_rows = qweight_ptr + offs_n.to(tl.int64)[None, :, None, None] * stride_w + offs_word        # [1, BN, R, RW]
     group_rows = offs_n.to(tl.int64)[None, :, None, None] * num_groups                           # [1, BN, 1, 1]
-    mask_n4, mask_m4 = mask_n[None, :, None, None], mask_m[:, None, None, None]
+    mask_n4 = mask_n[None, :, None, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, RUNS, RUN_WORDS], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
@@ -688,7 +660,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
                                BLOCK_K // 256 if BLOCK_K >= 256 else 1)
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
         tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH and not X_PLANES:
+    if PREFETCH:
         x = tl.load(x_rows + k_first, mask=mask_m[:, None], other=0.0)                             # [BM, BK]
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):       # K % BLOCK_K == 0
         if PREFETCH:    # the next step's words are in flight while this step's are multiplied (the last step
@@ -696,46 +668,37 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
             words_next, scale_next, zero_next = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4,
                                                                   offs_run, k_next, GROUP_SIZE, BLOCK_K)
-            if not X_PLANES:
-                x_next = tl.load(x_rows + k_next, mask=mask_m[:, None], other=0.0)
+            x_next = tl.load(x_rows + k_next, mask=mask_m[:, None], other=0.0)
         else:
             words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run, k0,
                                                    GROUP_SIZE, BLOCK_K)
-            if not X_PLANES:
-                x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)
+            x = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)
         high = words >> 20                                                 # nibbles 5, 6, 7 at bits 0, 4, 8
         products = tl.zeros([BLOCK_M, BLOCK_N, RUNS, RUN_WORDS], dtype=tl.float32)
-        if X_PLANES:
-            # (rows past M load nothing: their sums are never stored)
-            plane_ptrs = x_words + tl.multiple_of(k0 // 8, BLOCK_K // 8)
-            products = _w4_planes_fma(products, plane_ptrs, mask_m4, words, high, X_PLANES, BLOCK_M)
-            x_sum = _w4_plane(plane_ptrs, mask_m4, 8, X_PLANES, BLOCK_M)                            # [BM, 1, R, RW]
-        else:
-            # x[k0 + 8 w + j] for each j: [BM, 1, R, RW] each, split off the last axis (4 a + 2 b + c)
-            x_a0, x_a1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 4],
-                                             can_reorder=False).permute(0, 1, 2, 3, 5, 4))
-            x_a0b0, x_a0b1 = tl.split(tl.reshape(x_a0, [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 2]).permute(0, 1, 2, 3, 5, 4))
-            x_a1b0, x_a1b1 = tl.split(tl.reshape(x_a1, [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 2]).permute(0, 1, 2, 3, 5, 4))
-            x0, x1 = tl.split(x_a0b0)
-            x2, x3 = tl.split(x_a0b1)
-            x4, x5 = tl.split(x_a1b0)
-            x6, x7 = tl.split(x_a1b1)
-            products = _w4_fma(products, _x_scaled(x0, 0), words, 0)
-            products = _w4_fma(products, _x_scaled(x1, 1), words, 1)
-            products = _w4_fma(products, _x_scaled(x2, 2), words, 2)
-            products = _w4_fma(products, _x_scaled(x3, 3), words, 3)
-            products = _w4_fma(products, _x_scaled(x4, 4), words, 4)
-            products = _w4_fma(products, _x_scaled(x5, 5), high, 5)
-            products = _w4_fma(products, _x_scaled(x6, 6), high, 6)
-            products = _w4_fma(products, _x_scaled(x7, 7), high, 7)
-            x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        # x[k0 + 8 w + j] for each j: [BM, 1, R, RW] each, split off the last axis (4 a + 2 b + c)
+        x_a0, x_a1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 4],
+                                         can_reorder=False).permute(0, 1, 2, 3, 5, 4))
+        x_a0b0, x_a0b1 = tl.split(tl.reshape(x_a0, [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 2]).permute(0, 1, 2, 3, 5, 4))
+        x_a1b0, x_a1b1 = tl.split(tl.reshape(x_a1, [BLOCK_M, 1, RUNS, RUN_WORDS, 2, 2]).permute(0, 1, 2, 3, 5, 4))
+        x0, x1 = tl.split(x_a0b0)
+        x2, x3 = tl.split(x_a0b1)
+        x4, x5 = tl.split(x_a1b0)
+        x6, x7 = tl.split(x_a1b1)
+        products = _w4_fma(products, _x_scaled(x0, 0), words, 0)
+        products = _w4_fma(products, _x_scaled(x1, 1), words, 1)
+        products = _w4_fma(products, _x_scaled(x2, 2), words, 2)
+        products = _w4_fma(products, _x_scaled(x3, 3), words, 3)
+        products = _w4_fma(products, _x_scaled(x4, 4), words, 4)
+        products = _w4_fma(products, _x_scaled(x5, 5), high, 5)
+        products = _w4_fma(products, _x_scaled(x6, 6), high, 6)
+        products = _w4_fma(products, _x_scaled(x7, 7), high, 7)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         scale_f, zero_f = scale.to(tl.float32), zero.to(tl.float32)
         acc += products * (scale_f * PRODUCT_SCALE)
         acc -= x_sum * (zero_f if ZERO_IS_OFFSET else zero_f * scale_f)
         if PREFETCH:
             words, scale, zero = words_next, scale_next, zero_next
-            if not X_PLANES:
-                x = x_next
+            x = x_next
     _store_tile(tl.sum(tl.sum(acc, axis=3), axis=2), bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, M, N, HAS_BIAS)
 
 
@@ -1174,7 +1137,7 @@ def takes_w4a16_row_gemv(x: torch.Tensor, zeros: torch.Tensor, group_size: int) 
     integer zero points in groups that its steps divide or that divide them, or groups of 32 (GGUF's
     4-bit layouts, with offsets or zero points)."""
     block_k = ROW_GEMV_BLOCK_K
-    return (ROW_GEMV and isinstance(x, torch.Tensor) and x.shape[0] == 1 and x.shape[1] % block_k == 0
+    return (ROW_GEMV and x.shape[0] == 1 and x.shape[1] % block_k == 0
             and zeros.shape[0] * x.shape[1] > ROW_GEMV_MIN_WEIGHTS
             and row_gemv_holds_groups(block_k, group_size) and (not zeros.is_floating_point() or group_size == 32)
             and (loads_x_pairs(x) if x.is_cuda else x.dtype in (torch.bfloat16, torch.float16, torch.float32)))
@@ -1246,8 +1209,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        bias: torch.Tensor | None, tiles: Tiles, gated: bool = False) -> torch.Tensor:
     """The product with the tiles given (tiles.block_k must divide the group, or for the GEMV be a
     multiple of it; tiles.planes takes the tensor-core GEMV, else a block_m up to GEMV_MAX_ROWS the
-    GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32. x may be
-    W4Rows, which the GEMV reads as they are (the other kernels: as the rows they hold). gated (the
+    GEMV kernel): [M, N] in x's dtype, or with K split the partials [S, M, N] float32. gated (the
     one-row GEMV's tiles, unsplit, no bias): the weight is gate_up_proj's [gate | up], and the output
     silu(gate) * up [1, N / 2], a program's tiles.block_n rows half gate, half up."""
     (num_rows, in_features), (out_features, num_groups) = x.shape, scales.shape
@@ -1256,9 +1218,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError("only the one-row W4A16 GEMV is gated, unsplit, without a bias, on [gate | up], "
                          "an even number of rows a program")
     gemv = not tiles.planes and tiles.block_m <= GEMV_MAX_ROWS
-    if isinstance(x, W4Rows) and not gemv:
-        x = x.rows()
-    if isinstance(x, torch.Tensor) and x.stride(-1) != 1:
+    if x.stride(-1) != 1:
         x = x.contiguous()
     group_size = in_features // num_groups
     if not step_holds_groups(tiles.block_k, group_size):
@@ -1284,11 +1244,8 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             raise ValueError("the tensor-core GEMV takes integer zero points, not float offsets")
         kernel, options = _w4a16_dot_gemv_kernel, {"USE_ASM": x.is_cuda, **_pdl_options(x)}  # CPU: the interpreter
     elif gemv:
-        plane = 0
-        if isinstance(x, W4Rows):
-            x, plane = x.planes, x.planes.stride(1)                        # [M, 9, K / 8]: plane j at j * plane
-        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "X_PLANES": plane, "STAGES": tiles.stages,
-                                               **zero_is_offset, **_pdl_options(x)}
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "STAGES": tiles.stages, **zero_is_offset,
+                                               **_pdl_options(x)}
     else:
         kernel, options = _w4a16_gemm_kernel, zero_is_offset
     kernel[_launch_grid(num_rows, out_features, tiles)](

@@ -8,8 +8,7 @@ ops/linear.py): they are added in float32 with the residual, and rounded once.
 For float32 inputs the reference calls torch's `F.rms_norm`, which computes
 exactly this formula in fewer dispatched ops (the CPU backend's hot path).
 fp8=True returns the normalized rows quantized per row (`Fp8Rows`) for the FP8 W8A8 product
-after the norm, w4=True laid out for the W4A16 GEMV (`W4Rows`): on the GPU the norm's kernel
-writes them itself (rmsnorm_triton.py).
+after the norm: on the GPU the norm's kernel writes them itself (rmsnorm_triton.py).
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.ops import use_triton
-from nanovllm.ops.quant_format import Fp8Rows, W4Rows, as_product_rows
+from nanovllm.ops.quant_format import Fp8Rows, as_product_rows
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,18 +39,17 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm_torch(residual, weight, eps), residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False,
-             w4: bool = False) -> torch.Tensor | Fp8Rows | W4Rows:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     if use_triton(x):
         from nanovllm.ops.rmsnorm_triton import rms_norm_triton
-        return rms_norm_triton(x, weight, eps, fp8, w4)
-    return as_product_rows(rms_norm_torch(x, weight, eps), fp8, w4)
+        return rms_norm_triton(x, weight, eps, fp8)
+    return as_product_rows(rms_norm_torch(x, weight, eps), fp8)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 fp8: bool = False, w4: bool = False) -> tuple[torch.Tensor | Fp8Rows | W4Rows, torch.Tensor]:
+                 fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
     if use_triton(x):
         from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton
-        return add_rms_norm_triton(x, residual, weight, eps, fp8, w4)
+        return add_rms_norm_triton(x, residual, weight, eps, fp8)
     out, residual = add_rms_norm_torch(x, residual, weight, eps)
-    return as_product_rows(out, fp8, w4), residual
+    return as_product_rows(out, fp8), residual

@@ -9,7 +9,7 @@ dtype, then multiply by the weight), so both backends agree to the last bit in
 float32 and within one rounding in half precision.
 With fp8=True a norm writes its rows as e4m3 codes and a scale a row (`Fp8Rows`) for the FP8
 W8A8 product after it, the codes `quantize_fp8_per_token` would give of its 16-bit output
-(ops/fp8_rows_triton.py); with w4=True as the W4A16 GEMV reads them (`W4Rows`).
+(ops/fp8_rows_triton.py).
 """
 from __future__ import annotations
 
@@ -19,14 +19,13 @@ import triton.language as tl
 
 from nanovllm.ops import pdl_between
 from nanovllm.ops.fp8_rows_triton import TL_DTYPES, empty_rows, store_row
-from nanovllm.ops.quant_format import Fp8Rows, W4Rows
+from nanovllm.ops.quant_format import Fp8Rows
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, scale_ptr, eps, inner, stride_x0, stride_x1,
                      HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_TO: tl.constexpr,
-                     FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False,
-                     WAIT: tl.constexpr = False):
+                     FP8_OUT: tl.constexpr = False, PDL: tl.constexpr = False, WAIT: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
@@ -40,15 +39,14 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, scale_ptr, eps, inner, stride_x
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    store_row(normed * w, out_ptr, scale_ptr, row.to(tl.int64), offs, mask, HIDDEN, FP8_OUT, ROUND_TO, W4_OUT)
+    store_row(normed * w, out_ptr, scale_ptr, row.to(tl.int64), offs, mask, HIDDEN, FP8_OUT, ROUND_TO)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, residual_out_ptr, eps,
                          stride_xs, stride_x, stride_r, NUM_PARTIALS: tl.constexpr,
                          HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_TO: tl.constexpr,
-                         FP8_OUT: tl.constexpr = False, W4_OUT: tl.constexpr = False, PDL: tl.constexpr = False,
-                         WAIT: tl.constexpr = False):
+                         FP8_OUT: tl.constexpr = False, PDL: tl.constexpr = False, WAIT: tl.constexpr = False):
     if PDL:     # a GEMV launched with PDL after this kernel may start now (ops/__init__.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -68,20 +66,19 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, re
     sf = summed.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / HIDDEN + eps)
     normed = (sf * rstd).to(summed.dtype).to(tl.float32)
-    store_row(normed * w, out_ptr, scale_ptr, row, offs, mask, HIDDEN, FP8_OUT, ROUND_TO, W4_OUT)
+    store_row(normed * w, out_ptr, scale_ptr, row, offs, mask, HIDDEN, FP8_OUT, ROUND_TO)
 
 
 def _num_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False,
-                    w4: bool = False) -> torch.Tensor | Fp8Rows | W4Rows:
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool = False) -> torch.Tensor | Fp8Rows:
     """x: [..., H], weight: [H] -> [..., H]; x may be a strided view (e.g. q heads of a fused qkv).
-    fp8 (x [T, H]): the rows as Fp8Rows instead; w4: as W4Rows."""
+    fp8 (x [T, H]): the rows as Fp8Rows instead."""
     hidden = x.shape[-1]
     dtype = torch.promote_types(x.dtype, weight.dtype)
-    out, out_arg, scale_arg = empty_rows(x.shape, dtype, x.device, fp8, w4)
+    out, out_arg, scale_arg = empty_rows(x.shape, dtype, x.device, fp8)
     if x.numel() == 0:
         return out
     if x.dim() > 3 or x.stride(-1) != 1:
@@ -94,23 +91,23 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8: bool
     block_h = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(out_arg.numel() // hidden,)](x, weight, out_arg, scale_arg, eps, inner,
                                                   stride_x0, stride_x1, HIDDEN=hidden, BLOCK_H=block_h,
-                                                  ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8, W4_OUT=w4,
+                                                  ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8,
                                                   **pdl_between(x, "norm"),
                                                   num_warps=_num_warps(block_h))
     return out
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        fp8: bool = False, w4: bool = False) -> tuple[torch.Tensor | Fp8Rows | W4Rows, torch.Tensor]:
+                        fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual); x, residual: [T, H]. x may also be
     float32 partial sums [S, T, H]: then x + residual is their sum plus residual, in residual's dtype.
-    fp8: the normalized rows as Fp8Rows; w4: as W4Rows."""
+    fp8: the normalized rows as Fp8Rows."""
     partials = x if x.dim() == 3 else x[None]                         # [S, T, H]
     num_tokens, hidden = residual.shape
     res_dtype = residual.dtype if x.dim() == 3 else torch.promote_types(x.dtype, residual.dtype)
     residual_out = torch.empty((num_tokens, hidden), dtype=res_dtype, device=x.device)
     dtype = torch.promote_types(res_dtype, weight.dtype)
-    out, out_arg, scale_arg = empty_rows((num_tokens, hidden), dtype, x.device, fp8, w4)
+    out, out_arg, scale_arg = empty_rows((num_tokens, hidden), dtype, x.device, fp8)
     if num_tokens == 0:
         return out, residual_out
     if partials.stride(2) != 1:
@@ -121,6 +118,6 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _add_rms_norm_kernel[(num_tokens,)](partials, residual, weight, out_arg, scale_arg, residual_out, eps,
                                         partials.stride(0), partials.stride(1), residual.stride(0),
                                         NUM_PARTIALS=partials.shape[0], HIDDEN=hidden,
-                                        BLOCK_H=block_h, ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8, W4_OUT=w4,
+                                        BLOCK_H=block_h, ROUND_TO=TL_DTYPES[dtype], FP8_OUT=fp8,
                                         **pdl_between(x, "norm"), num_warps=_num_warps(block_h))
     return out, residual_out

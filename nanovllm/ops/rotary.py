@@ -26,7 +26,6 @@ import torch
 
 from nanovllm.ops import NUMBA_CACHE_DTYPES, use_numba, use_triton
 from nanovllm.ops.attention import AttentionMetadata, paged_attention_torch, store_kvcache_torch
-from nanovllm.ops.quant_format import W4Rows, w4_rows_torch
 from nanovllm.ops.rmsnorm import rms_norm_torch
 
 
@@ -183,7 +182,7 @@ def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             metadata: AttentionMetadata, scale: float, q_norm_weight: torch.Tensor | None = None,
                             k_norm_weight: torch.Tensor | None = None, eps: float = 0.0,
                             batch_invariant: bool = False, *, k_scale: float = 1.0,
-                            v_scale: float = 1.0, w4: bool = False) -> torch.Tensor | W4Rows:
+                            v_scale: float = 1.0) -> torch.Tensor:
     """(Norm and) RoPE, the cache write of the new tokens' K and V, and paged attention. On CUDA a
     decode step runs it as one kernel (the attention kernel rotates the token's q and k itself and
     takes its own key from registers), a step with prefill chunks as two; the torch reference runs
@@ -193,19 +192,15 @@ def rotary_store_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     batch_invariant: on CUDA, always two kernels, and attention in the one configuration of
     `rotary_store_and_attend_triton` whose result for a query does not depend on the batch either.
     An FP8 cache (k_scale, v_scale: its scales) runs the Triton kernels on CUDA and the torch reference
-    on the CPU: the numba kernel reads float32 and float16 caches only.
-    w4: the output [T, Hq D] as W4Rows for o_proj's W4A16 GEMV (on CUDA written by the attention's
-    merge of its splits)."""
+    on the CPU: the numba kernel reads float32 and float16 caches only."""
     if use_triton(q):
         from nanovllm.ops.attention_triton import rotary_store_and_attend_triton
         return rotary_store_and_attend_triton(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
                                               q_norm_weight, k_norm_weight, eps, batch_invariant=batch_invariant,
-                                              k_scale=k_scale, v_scale=v_scale, w4=w4)
+                                              k_scale=k_scale, v_scale=v_scale)
     if use_numba(q) and k_cache.dtype in NUMBA_CACHE_DTYPES:   # batch-invariant attention (attention_numba.py)
         from nanovllm.ops.attention_numba import rotary_store_and_attend_numba
-        out = rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
-                                            q_norm_weight, k_norm_weight, eps)
-    else:
-        out = rotary_store_and_attend_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
-                                            q_norm_weight, k_norm_weight, eps, k_scale=k_scale, v_scale=v_scale)
-    return w4_rows_torch(out.reshape(out.shape[0], -1)) if w4 else out
+        return rotary_store_and_attend_numba(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
+                                             q_norm_weight, k_norm_weight, eps)
+    return rotary_store_and_attend_torch(q, k, v, positions, cos_sin_cache, k_cache, v_cache, metadata, scale,
+                                         q_norm_weight, k_norm_weight, eps, k_scale=k_scale, v_scale=v_scale)

@@ -16,7 +16,7 @@ import torch
 from nanovllm.ops.activation import silu_and_mul_torch
 from nanovllm.ops.quant_linear import (fp8_linear_torch, pack_int4, quantize_fp8_per_channel,
                                        quantize_fp8_per_token_torch, w4a16_linear_torch, w8a16_linear_torch)
-from conftest import assert_same_rows
+from conftest import assert_same_fp8_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 triton = pytest.importorskip("triton")
@@ -378,14 +378,13 @@ def test_quantized_engine_decodes_the_same_through_cuda_graphs(tiny_llama, metho
 def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama, method, between, monkeypatch):
     """A decode step of one sequence through the CUDA graphs: its GEMVs and the kernels between them
     launched early (PDL; PDL_BETWEEN as set, or every kind of kernel between GEMVs), gate_up_proj's FP8
-    and W4A16 GEMVs with the SiLU in them, the W4A16 GEMVs given W4Rows by the norms and SiLU-and-mul
-    (not for w4a16-row: the one-row GEMV taken by every layer, in steps of 256, which reads 16-bit x),
-    and gate_up_proj's partials added up by SiLU-and-mul; or none of these. The kernels multiply alike either way, so tokens and
+    and W4A16 GEMVs with the SiLU in them (w4a16-row: the one-row GEMV taken by every layer, in steps
+    of 256), and gate_up_proj's partials added up by SiLU-and-mul; or none of these. The kernels multiply alike either way, so tokens and
     log-probabilities must be the same bits; a kernel launched early that read its input before the
     kernel writing it had finished would part from the other run."""
     import nanovllm.ops as ops
     from nanovllm import LLM, SamplingParams
-    from nanovllm.ops import activation, quant_linear, quant_linear_triton
+    from nanovllm.ops import activation, quant_linear_triton
 
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
     if between == "every kind":
@@ -401,7 +400,6 @@ def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama,
     for early in (True, False):
         monkeypatch.setattr(ops, "PDL", early)
         monkeypatch.setattr(quant_linear_triton, "FUSED_SILU", early)
-        monkeypatch.setattr(quant_linear, "W4_ROWS_FROM_PRODUCER", early and method != "w4a16-row")
         monkeypatch.setattr(activation, "PARTIALS_INTO_SILU", early)
         llm = LLM(str(tiny_llama), device=DEVICE, dtype="bfloat16",
                   quantization="w4a16" if method == "w4a16-row" else method, max_num_seqs=4, num_kv_blocks=64)
@@ -416,30 +414,26 @@ def test_one_sequence_decodes_the_same_with_its_gemvs_launched_early(tiny_llama,
 
 
 @pytest.mark.parametrize("hidden,intermediate", [(2048, 8192), (4096, 14336)])   # Llama-3.2-1B, Llama-3.1-8B
-@pytest.mark.parametrize("rows_kind,num_rows", [("fp8", 2), ("fp8", 7), ("fp8", 64), ("fp8", 256),
-                                                ("w4", 1), ("w4", 2), ("w4", 7)])
-def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(rows_kind, num_rows, hidden,
-                                                                               intermediate):
+@pytest.mark.parametrize("num_rows", [2, 7, 64, 256])
+def test_norms_and_silu_and_mul_write_the_rows_the_product_after_them_asks_for(num_rows, hidden, intermediate):
     """On the GPU's own e4m3 cast, in bfloat16: the fp8=True norms and SiLU-and-mul write the codes
-    and scales of quantize_fp8_rows_triton on their plain output, bit for bit; the w4=True ones
-    w4_rows_torch of it."""
+    and scales of quantize_fp8_rows_triton on their plain output, bit for bit."""
     from nanovllm.ops.activation_triton import silu_and_mul_triton
     from nanovllm.ops.rmsnorm_triton import add_rms_norm_triton, rms_norm_triton
 
-    ask = {rows_kind: True}
     torch.manual_seed(num_rows)
     x = torch.randn(num_rows, hidden, device=DEVICE, dtype=torch.bfloat16) * 3
     residual = torch.randn_like(x)
     weight = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
-    assert_same_rows(rms_norm_triton(x, weight, 1e-5, **ask), rms_norm_triton(x, weight, 1e-5), rows_kind)
+    assert_same_fp8_rows(rms_norm_triton(x, weight, 1e-5, fp8=True), rms_norm_triton(x, weight, 1e-5))
     partials = torch.randn(4, num_rows, hidden, device=DEVICE)
     for given in (x, partials):
-        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, **ask)
+        rows, new_residual = add_rms_norm_triton(given, residual, weight, 1e-5, fp8=True)
         plain, plain_residual = add_rms_norm_triton(given, residual, weight, 1e-5)
-        assert_same_rows(rows, plain, rows_kind)
+        assert_same_fp8_rows(rows, plain)
         assert torch.equal(new_residual, plain_residual)
     gate_up = torch.randn(num_rows, 2 * intermediate, device=DEVICE, dtype=torch.bfloat16) * 4
-    assert_same_rows(silu_and_mul_triton(gate_up, **ask), silu_and_mul_triton(gate_up), rows_kind)
+    assert_same_fp8_rows(silu_and_mul_triton(gate_up, fp8=True), silu_and_mul_triton(gate_up))
 
 
 @pytest.mark.parametrize("method", ["fp8"])
@@ -466,51 +460,11 @@ def test_a_batch_decodes_the_same_with_its_rows_quantized_by_the_norms(tiny_llam
     assert len({token for run in runs[0] for token in run.token_ids}) > 8      # neither constant nor one loop
 
 
-@pytest.mark.parametrize("offsets", [False, True], ids=["zero-points", "offsets"])
-@pytest.mark.parametrize("num_rows", (1, 2))
-@pytest.mark.parametrize("out_features,in_features", SHAPES)
-def test_w4a16_gemv_given_w4_rows_gives_the_bits_of_the_rows(num_rows, out_features, in_features, offsets,
-                                                             monkeypatch):
-    """The one- and two-row W4A16 GEMV at the engine's tiles, compiled for the GPU: from W4Rows (x
-    laid out for it, ops/quant_format.py) the same float32 partials as from the 16-bit rows, on
-    groups of 128 with zero points and groups of 32 with GGUF's offsets (the row GEMV, which takes
-    16-bit rows only, off)."""
-    from nanovllm.ops import quant_linear_triton
-    from nanovllm.ops.quant_format import w4_rows_torch
-    from nanovllm.ops.quant_linear_triton import w4a16_linear_partials_triton
-
-    monkeypatch.setattr(quant_linear_triton, "ROW_GEMV", False)
-
-    generator = torch.Generator(device=DEVICE).manual_seed(num_rows)
-    x = torch.randn(num_rows, in_features, device=DEVICE, dtype=torch.bfloat16, generator=generator)
-    group = 32 if offsets else 128
-    codes = torch.randint(0, 16, (out_features, in_features), device=DEVICE, generator=generator)
-    scales = torch.rand(out_features, in_features // group, device=DEVICE, generator=generator) * 0.01
-    zeros = (scales * 8 if offsets else torch.randint(0, 16, scales.shape, device=DEVICE, generator=generator)
-             .to(torch.uint8))
-    qweight = pack_int4(codes)
-    plain = w4a16_linear_partials_triton(x, qweight, scales, zeros)
-    assert torch.equal(w4a16_linear_partials_triton(w4_rows_torch(x), qweight, scales, zeros), plain)
-    total = plain.sum(0) if plain.dim() == 3 else plain
-    assert relative_error(total, w4a16_linear_torch(x, qweight, scales, zeros)) < 1e-2
-
-
-def test_w4a16_layers_on_the_gpu_take_w4_rows_where_their_gemv_runs():
-    """A CUDA W4A16Linear asks for W4Rows at one and two rows (the FMA GEMV), not at three (the
-    tensor-core GEMV) nor with GPTQ's act order (x is gathered first)."""
-    from nanovllm.model.quantization.layers import W4A16Linear
-
-    layer = W4A16Linear(256, 64, 128).to(DEVICE)
-    assert layer.takes_w4_rows(1) and layer.takes_w4_rows(2) and not layer.takes_w4_rows(3)
-    assert not W4A16Linear(256, 64, 128, act_order=True).to(DEVICE).takes_w4_rows(1)
-    assert not W4A16Linear(256, 64, 128).takes_w4_rows(1)          # on the CPU
-
-
 @pytest.mark.parametrize("intermediate", [8192, 14336])      # Llama-3.2-1B, Llama-3.1-8B
 @pytest.mark.parametrize("num_partials,num_rows", [(4, 1), (2, 1), (8, 2)])
 def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(intermediate, num_partials, num_rows):
     """On the GPU, in bfloat16: SiLU-and-mul given gate_up_proj's float32 partial products writes the
-    bits of sum_partials followed by SiLU-and-mul, as 16-bit rows and as W4Rows."""
+    bits of sum_partials followed by SiLU-and-mul."""
     from nanovllm.ops.activation_triton import silu_and_mul_triton
     from nanovllm.ops.quant_linear_triton import sum_partials
 
@@ -518,5 +472,3 @@ def test_silu_and_mul_adds_up_partial_products_as_sum_partials_does(intermediate
     partials = torch.randn(num_partials, num_rows, 2 * intermediate, device=DEVICE) * 4
     summed = sum_partials(partials, torch.bfloat16)
     assert torch.equal(silu_and_mul_triton(partials, partials_dtype=torch.bfloat16), silu_and_mul_triton(summed))
-    assert torch.equal(silu_and_mul_triton(partials, w4=True, partials_dtype=torch.bfloat16).planes,
-                       silu_and_mul_triton(summed, w4=True).planes)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.ops.quant_format import FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, W4Rows, w4a16_block_k
-from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, W4_ROWS_MAX_ROWS, fp8_linear, fp8_linear_or_partials,
+from nanovllm.ops.quant_format import FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows
+from nanovllm.ops.quant_linear import (FP8_DTYPE, PACK_FACTOR, fp8_linear, fp8_linear_or_partials,
                                        fp8_linear_silu_and_mul, w4a16_linear, w4a16_linear_or_partials,
                                        w4a16_linear_silu_and_mul, w8a16_linear, w8a16_linear_or_partials)
 
@@ -86,21 +86,15 @@ class W4A16Linear(nn.Module):
         self.register_buffer("input_perm", torch.empty(in_features, dtype=torch.int64) if act_order else None)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def takes_w4_rows(self, num_rows: int) -> bool:
-        """Whether forward runs the GPU's W4A16 GEMV at this many rows on x as it is (no act-order
-        gather), so that the kernel writing x may lay it out for it instead (W4Rows, ops/quant_linear.py)."""
-        return (self.qweight.is_cuda and self.input_perm is None and num_rows <= W4_ROWS_MAX_ROWS
-                and w4a16_block_k(self.group_size) > 0)
-
-    def forward(self, x: torch.Tensor | W4Rows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_linear(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.zeros, self.bias)
 
-    def forward_or_partials(self, x: torch.Tensor | W4Rows) -> torch.Tensor:
+    def forward_or_partials(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) [M, N], or its float32 partial products [S, M, N] (ops/linear.py)."""
         return w4a16_linear_or_partials(_in_group_order(x, self.input_perm), self.qweight, self.scales, self.zeros,
                                         self.bias)
 
-    def forward_silu_and_mul(self, x: torch.Tensor | W4Rows, fp8: bool = False) -> torch.Tensor | None:
+    def forward_silu_and_mul(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor | None:
         """silu_and_mul(forward(x)) for gate_up_proj in one kernel where the GPU's one-row GEMV takes it
         (ops/quant_linear.py); None otherwise (and for fp8 rows), and ops/activation.py runs the two."""
         if fp8:
