@@ -198,16 +198,15 @@ def test_w4a16_gated_row_gemv_is_silu_and_mul_of_the_row_gemv(dtype, intermediat
 ])
 def test_w4a16_gemv_loads_ahead_or_not_to_the_same_bits(num_rows, out_features, in_features, group_size, tile,
                                                         offsets, poisoned_outputs):
-    """The GEMV with each step's words loaded ahead (PREFETCH), loaded in the step, or pipelined
-    (STAGES, which the interpreter runs as a plain loop) multiplies the same values in the same order:
-    the same bits, and the reference's product."""
+    """The GEMV with each step's words loaded ahead (PREFETCH) or loaded in the step multiplies the
+    same values in the same order: the same bits, and the reference's product."""
     from nanovllm.ops.quant_linear_triton import Tiles, w4a16_linear_tiles
 
     x = torch.randn(num_rows, in_features, generator=torch.Generator().manual_seed(in_features)).to(torch.float16)
     qweight, scales, zeros = four_bit_weight(out_features, in_features, group_size, offsets=offsets)
     expected = w4a16_linear_torch(x.float(), qweight, scales, zeros)                  # [M, N] float32
-    outs = [w4a16_linear_tiles(x, qweight, scales, zeros, None, Tiles(*tile, prefetch=prefetch, stages=stages))
-            for prefetch, stages in ((False, 1), (True, 1), (False, 3))]
+    outs = [w4a16_linear_tiles(x, qweight, scales, zeros, None, Tiles(*tile, prefetch=prefetch))
+            for prefetch in (False, True)]
     for out in outs:
         assert torch.equal(out, outs[0])
     total = outs[0].sum(0) if outs[0].dim() == 3 else outs[0].float()
@@ -285,8 +284,7 @@ def test_fp8_gemm_kernel_matches_reference(num_rows, out_features, in_features, 
     k_per_split = triton.cdiv(triton.cdiv(in_features, 32), split_k) * 32
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         xq, x_scale, weight, weight_scale, b if bias else weight_scale, out, num_rows, out_features, in_features,
-        xq.stride(0), k_per_split, HAS_BIAS=bias, QUANTIZE_A=False,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
+        xq.stride(0), k_per_split, HAS_BIAS=bias, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=32)
     torch.testing.assert_close(out.sum(0), fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
 
 
@@ -419,25 +417,6 @@ def test_fp8_products_given_fp8_rows_are_the_products_of_x(num_rows, out_feature
 
 
 @in_interpreter
-@pytest.mark.parametrize("num_rows,out_features,in_features,split_k", [(1, 37, 200, 2), (5, 50, 300, 3)])
-def test_fp8_gemm_quantizes_activations_in_its_prologue(num_rows, out_features, in_features, split_k):
-    """The fused path, on activations whose quantization is exact (each row: e4m3 values times a power
-    of two, one of them 448), so the interpreter's cast is not in question."""
-    from nanovllm.ops.quant_linear_triton import Tiles, fp8_linear_tiles, sum_partials
-
-    generator = torch.Generator().manual_seed(num_rows)
-    codes = (torch.randn(num_rows, in_features, generator=generator) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    codes[:, -1] = 448.0          # in the last split of K: every split must see the whole row
-    x = codes.float() * 2.0 ** torch.arange(-6, -6 + num_rows)[:, None]
-    x[0, 7:11] = 0.0
-    weight, weight_scale = quantize_fp8_per_channel(torch.randn(out_features, in_features, generator=generator))
-    b = torch.randn(out_features, generator=generator)
-    tiles = Tiles(16, 32, 32, split_k, quantize_x=True)
-    out = sum_partials(fp8_linear_tiles(x, weight, weight_scale, b, tiles), x.dtype)
-    torch.testing.assert_close(out, fp8_w8a8_linear_torch(x, weight, weight_scale, b), rtol=1e-5, atol=1e-5)
-
-
-@in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_rows,out_features,in_features,bias", [
     (1, 37, 200, False), (1, 50, 1100, True), (3, 19, 96, True),    # 3 rows: a program each
@@ -545,12 +524,8 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
     fp8["out_ptr"] = out_type = "*fp32" if block_m == 16 else "*bf16"   # decode tiles write float32 partials
     tile = dict(num_warps=4, num_stages=4) if block_m == 16 else dict(num_warps=8, num_stages=3)   # as launched
     gemv = dict(num_warps=4, num_stages=3)
-    for quantize in (False, True) if block_m == 16 else (False,):     # decode tiles may quantize x themselves
-        fp8["a_ptr"] = "*bf16" if quantize else "*fp8e4nv"
-        compiled = compile_for_hopper(kernels._fp8_gemm_kernel,
-                                      dict(HAS_BIAS=False, QUANTIZE_A=quantize,
-                                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128), fp8, **tile)
-        assert compiled.asm["cubin"]
+    assert compile_for_hopper(kernels._fp8_gemm_kernel, dict(HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                             BLOCK_K=128), fp8, **tile).asm["cubin"]
     if block_m == 16:       # a decode batch's rows, transposed, through tensor descriptors, at the engine's tiles
         for rows, (block_n, block_k, warps, stages) in ((16, kernels.FP8_SWAP_TILES), (64, kernels.FP8_SWAP_TILES),
                                                         (kernels.FP8_SWAP_WIDE_ROWS, kernels.FP8_SWAP_WIDE_TILES)):
@@ -627,7 +602,6 @@ LAUNCHED_TILES = [   # (kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) as the 
     ("_w4a16_gemv_kernel/gguf", 1, 64, 4, 3), ("_w4a16_gemv_kernel/gguf", 4, 32, 4, 3),   # groups of 32, offsets
     ("_w4a16_gemv_kernel/k512", 1, 16, 4, 1),                                              # one row, long steps
     ("_w4a16_gemv_kernel/gguf-k512", 1, 8, 4, 1), ("_w4a16_gemv_kernel/gguf-k512", 1, 16, 4, 1),
-    ("_w4a16_gemv_kernel/pipelined", 1, 64, 4, 4),     # the loads pipelined (STAGES), not prefetched
     ("_w4a16_dot_gemv_kernel", 16, 128, 4, 3),
     ("_w4a16_row_gemv_kernel/k512", 1, 8, 1, 1), ("_w4a16_row_gemv_kernel/gguf-k512", 1, 8, 1, 1),  # 4 rows a thread
     ("_w4a16_row_gemv_kernel/k512", 1, 32, 2, 1), ("_w4a16_row_gemv_kernel", 1, 64, 1, 1),     # 8 rows a thread
@@ -665,7 +639,6 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         constexprs.update(GATED=variant.startswith("gated"), USE_PDL=True)
         types = {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"}
     elif name == "_fp8_gemm_kernel":
-        constexprs.update(QUANTIZE_A=False)
         types = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32"}
     elif name.startswith("_w8a16"):     # Q6_K's groups of 16, with the offsets of a mixed layer
         constexprs.update(GROUP_SIZE=16, RUN=16, HAS_OFFSETS=True)
@@ -687,8 +660,6 @@ def test_quant_kernels_do_not_spill_registers_on_hopper(name, block_m, block_n, 
         constexprs.update(X_PAIRS=True, USE_PDL=True, GATED=gated, LATE_DEPENDENTS=gated, HAS_BIAS=not gated)
     if name == "_w4a16_gemv_kernel":
         constexprs.update(PREFETCH=kernels.GEMV_PREFETCH, USE_PDL=True)     # as launched on Hopper
-        if "pipelined" in variant:
-            constexprs.update(PREFETCH=False, STAGES=num_stages)
     types["out_ptr"] = "*fp32" if block_m <= 16 else "*bf16"
     compiled = compile_for_hopper(kernel, constexprs, types, aligned=True, num_warps=num_warps, num_stages=num_stages)
     usage = resource_usage(compiled, tmp_path)

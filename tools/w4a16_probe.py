@@ -117,7 +117,7 @@ def main() -> None:
     for row in rows:
         if "bf16_us" in row:
             tiles = row["best_dot_tiles"]
-            tiles = tiles[tiles.index("block_n"):tiles.index(", quantize_x")] if tiles != "None" else ""
+            tiles = tiles[tiles.index("block_n"):tiles.index(", prefetch")] if tiles != "None" else ""
             print(f"| {row['model']} | {row['layer']} | {row['m']} | {row['bf16_us']:.1f} | {row['before_us']:.1f} | "
                   f"{row['engine_us']:.1f} | {row['best_dot_us']:.1f} ({tiles}) |")
     if args.json:

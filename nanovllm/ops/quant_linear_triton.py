@@ -14,9 +14,7 @@ output walking K in BLOCK_K steps; what differs is what a step loads and who mul
   float32 accumulators) and applies scale_x[m] * scale_w[n] (and the bias) once, in the
   epilogue. The weight is read as stored: one byte a weight. The activations are quantized per
   row (amax / 448, then e4m3 codes) by the kernel that computed them (x given as `Fp8Rows`: the
-  norms, SiLU-and-mul; fp8_rows_triton.py), else by `quantize_fp8_rows_triton` first, or by the
-  GEMM itself: its prologue reads the program's rows over all of K for their amax, and each step
-  quantizes its x tile in registers (FUSED_QUANTIZATION_BYTES, off: measured slower). Past 256
+  norms, SiLU-and-mul; fp8_rows_triton.py), else by `quantize_fp8_rows_triton` first. Past 256
   rows (prefill) `_fp8_tma_gemm_kernel` loads the tiles through tensor descriptors instead (TMA
   on Hopper), [128, 256] outputs a program, the programs in groups of row tiles (FP8_TMA_GEMM).
   At a decode batch's 2 to 256 rows `_fp8_swap_gemm_kernel` computes the product transposed,
@@ -74,7 +72,7 @@ except ImportError:      # a Triton without host-side tensor descriptors: the po
 
 from nanovllm.ops import pdl_between, sm_count, use_pdl
 from nanovllm.ops.activation_triton import silu_and_mul_triton
-from nanovllm.ops.fp8_rows_triton import fp8_codes, fp8_row_scale, quantize_fp8_rows_triton
+from nanovllm.ops.fp8_rows_triton import quantize_fp8_rows_triton
 from nanovllm.ops.matmul_triton import grouped_tile
 from nanovllm.ops.quant_format import (FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, power_of_two_dividing,
                                       step_holds_groups, w4a16_block_k)
@@ -82,11 +80,6 @@ from nanovllm.ops.quant_format import (FP8_WEIGHT_ONLY_MAX_ROWS, Fp8Rows, power_
 PROGRAMS_PER_SM = 4     # a decode product splits K until it has about this many programs per SM
 GEMV_PROGRAMS_PER_SM = 8    # the weight-only GEMVs (FP8, W4A16) split K up to this many programs per SM
 FP8_GEMM_PROGRAMS_PER_SM = 3    # FP8's W8A8 GEMM at a decode batch's rows (2 to 64) splits K up to about this many
-# FP8 may quantize the activations inside the GEMM (each program reads its rows' amax over all of K
-# first) when that costs at most this many bytes in all. Off: on an H200 the fused form measured
-# slower than the separate quantization kernel it saves (Llama-3.2-1B batch-1 decode 688 against
-# 1,099 tok/s); tools/gpu_fp8_fusion.sh measures both.
-FUSED_QUANTIZATION_BYTES = 0
 # FP8's W8A8 GEMM past 64 rows (prefill chunks): (block_n, block_k, warps, stages) of a 128-row tile,
 # loaded through tensor descriptors (TMA on Hopper) with the programs in groups of FP8_TMA_GROUP_M
 # row tiles, or with FP8_TMA_GEMM off the pointer-load kernel's [128, 128] tiles. On an H100 at
@@ -126,9 +119,7 @@ class Tiles:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    quantize_x: bool = False    # FP8: quantize the activations in the GEMM's prologue, not in a kernel of their own
     prefetch: bool = False      # the W4A16 GEMV: load step k + 1's words before multiplying step k's
-    stages: int = 1             # the W4A16 GEMV without prefetch: its loads pipelined this many steps deep (cp.async)
     planes: bool = False        # W4A16 at a few rows on the tensor cores, a nibble plane a tl.dot (_w4a16_dot_gemv_kernel)
     row_gemv: bool = False      # W4A16 at one row, many rows' words a thread (_w4a16_row_gemv_kernel)
     tma: bool = False           # FP8's W8A8 GEMM at prefill rows through tensor descriptors (_fp8_tma_gemm_kernel)
@@ -219,32 +210,21 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a, K_PER_SPLIT,
-                     HAS_BIAS: tl.constexpr, QUANTIZE_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a is e4m3 with its row scales, or with QUANTIZE_A the 16-bit activations themselves: the
-    prologue then reads the program's rows over all of K for their amax, and each step quantizes
-    its tile in registers (x / scale_x, clamped, to e4m3), as _quantize_fp8_rows_kernel would."""
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a is e4m3 codes [M, K] with a scale a row, the weight's e4m3 rows b [N, K] with a scale each:
+    the tiles meet on the tensor cores in float32, and the two scales in the epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a                        # [BLOCK_M, 1]
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * K                               # [BLOCK_N, 1]
-    if QUANTIZE_A:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        a_scale = fp8_row_scale(amax)                                               # [BLOCK_M]
-    else:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = tl.program_id(2) * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         mask_k = k0 + offs_k < K
         a = tl.load(a_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if QUANTIZE_A:
-            a = fp8_codes(a.to(tl.float32), a_scale[:, None], b_ptr.dtype.element_ty)   # e4m3 codes
         b = tl.load(b_rows + k0 + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)                                            # e4m3 x e4m3 -> float32
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -339,11 +319,8 @@ def fp8_linear_partials_triton(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, 
     if num_rows <= FP8_WEIGHT_ONLY_MAX_ROWS:       # weight-only, as fp8_linear_torch at this many rows
         return fp8_linear_tiles(x, weight, weight_scale, bias, choose_fp8_gemv_tiles(num_rows, out_features,
                                                                                      in_features, x.device))
-    tiles = choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
-    programs_per_row = triton.cdiv(out_features, tiles.block_n) * tiles.split_k      # each reads the row's K
-    if programs_per_row * num_rows * in_features * x.element_size() <= FUSED_QUANTIZATION_BYTES:
-        tiles = replace(tiles, quantize_x=True, swap=False)
-    return fp8_linear_tiles(x, weight, weight_scale, bias, tiles)
+    return fp8_linear_tiles(x, weight, weight_scale, bias,
+                            choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device))
 
 
 # gate_up_proj's one-row GEMVs (FP8, and W4A16's row GEMV) write silu(gate) * up themselves, instead of
@@ -375,7 +352,7 @@ def fp8_linear_tiles(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_sca
     weight is gate_up_proj's [gate | up], and the result silu(gate) * up [M, N / 2]. x may be
     Fp8Rows (the W8A8 GEMM's tiles only)."""
     if isinstance(x, Fp8Rows):
-        if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS or tiles.quantize_x or gated:
+        if tiles.block_m <= FP8_WEIGHT_ONLY_MAX_ROWS or gated:
             raise ValueError("Fp8Rows go to the W8A8 GEMM, which quantizes nothing itself")
         return _fp8_gemm(x, weight, weight_scale, bias, tiles)
     (num_rows, in_features), out_features = x.shape, weight.shape[0]
@@ -384,9 +361,7 @@ def fp8_linear_tiles(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_sca
     if tiles.block_m > FP8_WEIGHT_ONLY_MAX_ROWS:
         if gated:
             raise ValueError("only the FP8 GEMV (one row) is gated")
-        # with quantize_x the GEMM reads x itself (its scale argument is then not read)
-        return _fp8_gemm(Fp8Rows(x, weight_scale, x.dtype) if tiles.quantize_x else quantize_fp8_rows_triton(x),
-                         weight, weight_scale, bias, tiles)
+        return _fp8_gemm(quantize_fp8_rows_triton(x), weight, weight_scale, bias, tiles)
     if gated:                                           # the weight-only GEMV: x as it is
         if tiles.split_k > 1 or bias is not None:
             raise ValueError("the gated FP8 GEMV takes an unsplit product without a bias")
@@ -403,16 +378,14 @@ def fp8_linear_tiles(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_sca
 
 def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
               tiles: Tiles) -> torch.Tensor:
-    """The W8A8 GEMM of rows quantized already (or with tiles.quantize_x, of 16-bit rows)."""
+    """The W8A8 GEMM of rows quantized already."""
     (num_rows, in_features), out_features = rows.shape, weight.shape[0]
     out = _output(num_rows, out_features, rows, tiles)                   # [M, N], or [S, M, N] float32
     if (tiles.tma or tiles.swap) and (TensorDescriptor is None
                                       or not all(_descriptor_ready(t) for t in (rows.codes, weight))):
         tiles = replace(tiles, tma=False, swap=False)      # the same tiles by pointer loads
-    if tiles.swap and tiles.quantize_x:
-        raise ValueError("the transposed GEMM takes quantized rows")
-    if tiles.tma and (tiles.split_k > 1 or tiles.quantize_x):
-        raise ValueError("the descriptor GEMM takes quantized rows and an unsplit K")
+    if tiles.tma and tiles.split_k > 1:
+        raise ValueError("the descriptor GEMM takes an unsplit K")
     if tiles.tma or tiles.swap:
         a = TensorDescriptor.from_tensor(rows.codes, [tiles.block_m, tiles.block_k])
         b = TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k])
@@ -432,7 +405,7 @@ def _fp8_gemm(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, b
     _fp8_gemm_kernel[_launch_grid(num_rows, out_features, tiles)](
         rows.codes, rows.scale, weight, weight_scale, bias if bias is not None else weight_scale, out, num_rows,
         out_features, in_features, rows.codes.stride(0), _k_per_split(in_features, tiles),
-        HAS_BIAS=bias is not None, QUANTIZE_A=tiles.quantize_x, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
@@ -615,7 +588,7 @@ def _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_r
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w,
                        K_PER_SPLIT, GROUP_SIZE: tl.constexpr, ZERO_IS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                       STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                       USE_PDL: tl.constexpr = False):
     """A few rows: each step loads [BLOCK_N, BLOCK_K / 8] words, contiguous along K (16-byte
     loads), and for each nibble j multiplies code j of every word by x[k0 + 8 w + j] in float32
     on the FMA units: two instructions a weight, an AND and a fused multiply-add. The AND leaves
@@ -630,11 +603,10 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     so that each run loads its scale and zero once ([BLOCK_M, BLOCK_N, R, RW] accumulators,
     reduced after the loop). With ZERO_IS_OFFSET (GGUF's w = q s - m) zeros holds the float
     offsets m: sum_k x_k (q_k s - m) = s sum_k x_k q_k - m sum_k x_k. With PREFETCH the loads of
-    step k + 1 are issued before step k's multiplications, so that they are in flight meanwhile.
-    STAGES > 1 (without PREFETCH): Triton pipelines the loop's loads through shared
-    memory, STAGES - 1 steps ahead. USE_PDL (launched with launch_pdl): the kernel waits for the
-    one before it (which wrote x) only after loading its first step's weights (with PREFETCH; with
-    STAGES, asking L2 for them; else at once)."""
+    step k + 1 are issued before step k's multiplications, so that they are in flight meanwhile
+    (the loop itself is not pipelined through shared memory: that measured slower). USE_PDL
+    (launched with launch_pdl): the kernel waits for the one before it (which wrote x) only after
+    loading its first step's weights (with PREFETCH; else at once)."""
     RUN_WORDS: tl.constexpr = (GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K) // 8
     RUNS: tl.constexpr = BLOCK_K // 8 // RUN_WORDS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -655,14 +627,11 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
         words, scale, zero = _w4a16_gemv_loads(w_rows, scales_ptr, zeros_ptr, group_rows, mask_n4, offs_run,
                                                k_first, GROUP_SIZE, BLOCK_K)
     if USE_PDL:
-        if STAGES > 1:      # the first step's words (two steps of 128 to a line)
-            _prefetch_lines_l2(qweight_ptr, offs_n, mask_n, stride_w, k_first, K,
-                               BLOCK_K // 256 if BLOCK_K >= 256 else 1)
         tl.extra.cuda.gdc_wait()                   # the kernel before has finished: x is written
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         x = tl.load(x_rows + k_first, mask=mask_m[:, None], other=0.0)                             # [BM, BK]
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):       # K % BLOCK_K == 0
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=1):       # K % BLOCK_K == 0
         if PREFETCH:    # the next step's words are in flight while this step's are multiplied (the last step
             # loads itself again rather than read past its split: no mask along K, so the loads stay 16 bytes wide)
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
@@ -1244,8 +1213,7 @@ def w4a16_linear_tiles(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             raise ValueError("the tensor-core GEMV takes integer zero points, not float offsets")
         kernel, options = _w4a16_dot_gemv_kernel, {"USE_ASM": x.is_cuda, **_pdl_options(x)}  # CPU: the interpreter
     elif gemv:
-        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, "STAGES": tiles.stages, **zero_is_offset,
-                                               **_pdl_options(x)}
+        kernel, options = _w4a16_gemv_kernel, {"PREFETCH": tiles.prefetch, **zero_is_offset, **_pdl_options(x)}
     else:
         kernel, options = _w4a16_gemm_kernel, zero_is_offset
     kernel[_launch_grid(num_rows, out_features, tiles)](
