@@ -90,8 +90,8 @@ class LlamaAttention(nn.Module):
         # Qwen3 RMSNorms each head of q and k before RoPE; the other models have no norm weights.
         q_norm_weight, k_norm_weight, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
                                              if self.qk_norm else (None, None, 0.0))
-        # RoPE on q and k, the new tokens' k and v into their cache slots, attention over the cache;
-        # on CUDA one kernel for a decode step (two for a step with prefill chunks). [T, Hq, D]
+        # RoPE on q and k, the new tokens' k and v into their cache slots, attention over the cache
+        # -> [T, Hq, D]; on CUDA one kernel for a decode step (two for a step with prefill chunks).
         o = rotary_store_and_attend(q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, metadata,
                                     self.scale, q_norm_weight, k_norm_weight, eps,
                                     batch_invariant=self.batch_invariant, k_scale=self.k_scale,
