@@ -430,16 +430,12 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str)
         try:
             context.join(timeout=0.05)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            for path in context.error_files:
-                _take_error_file(path)
-            raise RuntimeError(f"a tensor-parallel worker failed to start: {e}") from None
+            raise _start_failed(context, f"a tensor-parallel worker failed to start: {e}") from None
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
                 process.join()
-            for path in context.error_files:
-                _take_error_file(path)
-            raise RuntimeError(f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
+            raise _start_failed(context, f"the tensor-parallel workers did not start within {STARTUP_TIMEOUT}")
     if config.device == "cuda":
         torch.cuda.set_device(0)
         # Rank 0 handles a dead peer itself (wait_for_device, _leave_group); NCCL's watchdog must
@@ -448,6 +444,13 @@ def _spawn_workers(config: EngineConfig, serve_rank: ServeRank, steps_name: str)
     dist.init_process_group(backend_for(config.device), store=store, rank=0, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     return context
+
+
+def _start_failed(context: mp.ProcessContext, message: str) -> RuntimeError:
+    """The error to raise when the workers did not start, their error files removed first."""
+    for path in context.error_files:
+        _take_error_file(path)
+    return RuntimeError(message)
 
 
 def _take_error_file(path: str) -> str | None:
