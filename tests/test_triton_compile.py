@@ -10,7 +10,10 @@ and Qwen3-0.6B's shapes).
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -211,3 +214,15 @@ def test_peer_all_reduce_compiles_to_128_bit_loads_and_system_scope_signals(worl
     assert -1 < ptx.find("bar.sync") < ptx.find("atom.global.release")
     loads = set(re.findall(r"ld\.global[\w.]*", ptx))                  # e.g. ld.global.v4.b32
     assert "ld.global.v4.b32" in loads and not any(load.endswith("b16") for load in loads), loads
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_importing_the_ops_keeps_triton_fusing_multiply_adds_unless_the_environment_chose(preset):
+    """Triton 3.10 stops fusing a multiply and an add into one FMA by default; the kernels are timed with
+    it. Importing nanovllm.ops asks for it, and a value already set stays."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    if preset is not None:
+        env["TRITON_DEFAULT_FP_FUSION"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, nanovllm.ops; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (preset or "1")
