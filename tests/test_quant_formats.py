@@ -19,6 +19,7 @@ left.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -142,13 +143,20 @@ def _assert_matches_reference(ours, reference, decode_reference=None) -> None:
 def _prefill_then_decode(prefill, decode) -> list[int]:
     """NUM_GREEDY_STEPS greedy tokens: the prompt through `prefill`, each later token through `decode`,
     which reads and extends the KV cache that `prefill` left."""
+    name = _cache_name(decode)
     out = prefill(torch.tensor([PROMPT]), use_cache=True)
-    cache, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+    cache, tokens = getattr(out, name), [int(out.logits[0, -1].argmax())]
     while len(tokens) < NUM_GREEDY_STEPS:
-        out = decode(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = decode(torch.tensor([[tokens[-1]]]), use_cache=True, **{name: cache})
+        cache = getattr(out, name)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
+
+
+def _cache_name(model) -> str:
+    """What transformers calls the KV cache among a model's forward arguments and outputs: `cache` in
+    recent releases (where `past_key_values` is deprecated, to go in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @pytest.mark.parametrize("num_bits", [2, 3, 5, 6, 7, 8])
