@@ -2,13 +2,16 @@
 
 Times `fp8_linear_tiles` on rows already quantized (Fp8Rows, as the norms and SiLU-and-mul hand
 them over), the sum of K's partial products included, against the tiles `choose_fp8_gemm_tiles`
-picks with the transposed kernel off and on (FP8_SWAP_GEMM) and cuBLAS bfloat16; then a sweep of
+picks with the transposed kernel off and on (FP8_SWAP_GEMM), cuBLAS bfloat16 and torch._scaled_mm
+(row-wise scales, the FP8 baseline to beat); then a sweep of
 the pointer kernel's tiles (--pointer) or of the transposed kernel's (--swap) over widths, K steps,
 stages, warps and splits of K; each call on another copy of the weight, so that it comes from HBM
 and not from the 60 MB L2. Prints microseconds and weight bytes read per second; `--json PATH`
 writes every timing and the fastest tiles of each layer and row count.
 
-    python tools/fp8_gemm_probe.py [--rows 16,32,64] [--swap] [--pointer] [--json out.json]
+    python tools/fp8_gemm_probe.py [--rows 16,32,64] [--swap] [--pointer] [--block-m 128,256] [--json out.json]
+
+--block-m sweeps the transposed kernel's row tile too (the engine's alone by default).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ POINTER_TILES = ((64, 128, 4, 4), (64, 128, 4, 5), (64, 128, 4, 6), (64, 256, 4,
                  (256, 128, 8, 4), (32, 128, 4, 4), (32, 256, 4, 4))      # (block_n, block_k, warps, stages)
 SWAP_TILES = ((64, 128, 4, 3), (64, 128, 4, 5), (64, 256, 4, 3), (64, 256, 4, 5), (64, 256, 4, 6),
               (64, 512, 4, 3), (32, 256, 4, 6), (128, 128, 4, 3), (128, 128, 4, 5), (128, 256, 4, 3),
-              (128, 256, 4, 4), (256, 128, 4, 3), (256, 128, 8, 4), (256, 256, 8, 3))
+              (128, 256, 4, 4), (256, 128, 4, 3), (256, 128, 8, 4), (256, 256, 8, 3), (128, 128, 8, 3),
+              (128, 128, 8, 4), (64, 128, 8, 4), (128, 64, 8, 6), (256, 64, 8, 5))
 
 
 def main() -> None:
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", default="64", help="comma-separated row counts (2 to 256)")
     parser.add_argument("--swap", action="store_true", help="sweep the transposed kernel's tiles")
     parser.add_argument("--pointer", action="store_true", help="sweep the pointer kernel's tiles")
+    parser.add_argument("--block-m", default="", help="comma-separated row tiles of the transposed sweep")
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated layers of " + ", ".join(LAYERS))
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -56,6 +61,9 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             rows = quantize_fp8_rows_torch(x)
             bf16_us = cycled_us(lambda i: (lambda w=bf16[i]: F.linear(x, w)), 2 * n * k)
+            row_scale = rows.scale.reshape(m, 1)
+            scaled_mm_us = cycled_us(lambda i: (lambda w=fp8[i]: torch._scaled_mm(
+                rows.codes, w[0].t(), row_scale, w[1].reshape(1, n), out_dtype=torch.bfloat16)), n * k)
 
             def timed(tiles) -> float:         # microseconds a call of the product with these tiles
                 return cycled_us(lambda i: (lambda w=fp8[i]: kernels.sum_partials(
@@ -69,30 +77,32 @@ def main() -> None:
             kernels.FP8_SWAP_GEMM = engine_default
             print(f"{name} [{n}, {k}] at {m} rows: cuBLAS bf16 {bf16_us:.1f} us; pointer tiles {chosen[False][1]} "
                   f"{chosen[False][0]:.1f} us; transposed {chosen[True][1]} {chosen[True][0]:.1f} us "
-                  f"{n * k / chosen[True][0] / 1e6:.2f} TB/s", flush=True)
+                  f"{n * k / chosen[True][0] / 1e6:.2f} TB/s; _scaled_mm {scaled_mm_us:.1f} us", flush=True)
             fastest = min(chosen.values(), key=lambda t: t[0])
             sweep = [(False, t) for t in POINTER_TILES if args.pointer] + [(True, t) for t in SWAP_TILES if args.swap]
-            block_m = chosen[True][1].block_m           # the engine's tile of m rows
-            for swap, (block_n, block_k, warps, stages) in sweep:
+            block_ms = [int(b) for b in args.block_m.split(",") if b] or [chosen[True][1].block_m]  # the engine's
+            for block_m, (swap, (block_n, block_k, warps, stages)) in ((b, t) for b in block_ms for t in sweep):
                 if swap and (block_m + block_n) * block_k * stages > 200 * 1024:
                     continue                   # past the shared memory of a Hopper SM
+                if not swap and block_m != block_ms[0]:
+                    continue                   # the pointer tiles once
                 for split_k in (1, 2, 4, 8):
-                    programs = math.ceil(n / block_n) * split_k
+                    programs = math.ceil(n / block_n) * math.ceil(m / block_m) * split_k
                     if split_k > 1 and (programs > 8 * sms or k // block_k < 2 * split_k):
                         continue
-                    tiles = kernels.Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=stages,
-                                          swap=swap)
+                    tiles = kernels.Tiles(block_m if swap else chosen[True][1].block_m, block_n, block_k, split_k,
+                                          num_warps=warps, num_stages=stages, swap=swap)
                     us = timed(tiles)
                     timings.append({"layer": name, "n": n, "k": k, "m": m, "tiles": str(tiles), "us": us})
                     print(f"  {tiles}: {us:.1f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
                     if us < fastest[0]:
                         fastest = (us, tiles)
             best[f"{m},{n},{k}"] = {"layer": name, "m": m, "us": fastest[0], "pointer_us": chosen[False][0],
-                                    "swap_us": chosen[True][0], "bf16_us": bf16_us,
+                                    "swap_us": chosen[True][0], "bf16_us": bf16_us, "scaled_mm_us": scaled_mm_us,
                                     **{f: getattr(fastest[1], f) for f in ("block_m", "block_n", "block_k", "split_k",
                                                                            "num_warps", "num_stages", "swap")}}
             print(f"  fastest: {fastest[1]} {fastest[0]:.1f} us (pointer {chosen[False][0]:.1f}, transposed "
-                  f"{chosen[True][0]:.1f}, cuBLAS bf16 {bf16_us:.1f})", flush=True)
+                  f"{chosen[True][0]:.1f}, cuBLAS bf16 {bf16_us:.1f}, _scaled_mm {scaled_mm_us:.1f})", flush=True)
     if args.json:
         json.dump({"device": torch.cuda.get_device_name(), "timings": timings, "best": best},
                   open(args.json, "w"), indent=1)
