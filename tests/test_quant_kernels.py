@@ -330,6 +330,7 @@ def test_fp8_descriptor_gemm_at_prefill_rows_is_the_pointer_gemm(num_rows, out_f
     (33, 50, 256, True, 2), (64, 19, 208, False, 1),
     (5, 37, 40, True, 1),                          # K of 40 bytes cannot back a descriptor: the pointer kernel
     (70, 37, 96, True, 2),                         # past 64 rows: the wide tiles (FP8_SWAP_WIDE_ROWS a tile)
+    (150, 300, 64, False, 1),                      # past 128 rows, more than two waves on 2 SMs: one tall tile
 ])
 def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_features, in_features, bias, split_k,
                                                                  poisoned_outputs, monkeypatch):
@@ -341,7 +342,8 @@ def test_fp8_transposed_gemm_at_decode_rows_is_the_pointer_gemm(num_rows, out_fe
     x, weight, weight_scale, b, rows = fp8_case(num_rows, out_features, in_features, bias)
     monkeypatch.setattr(kernels, "FP8_SWAP_GEMM", True)
     chosen = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, x.device)
-    assert chosen.swap and chosen.block_m == (kernels.FP8_SWAP_WIDE_ROWS if num_rows > 64 else
+    assert chosen.swap and chosen.block_m == (kernels.FP8_SWAP_TALL_ROWS if num_rows > 128 else
+                                              kernels.FP8_SWAP_WIDE_ROWS if num_rows > 64 else
                                               min(64, max(16, 1 << (num_rows - 1).bit_length())))
     expected = fp8_w8a8_linear_torch(x, weight, weight_scale, b)
     several = replace(chosen, block_m=16, block_n=32, block_k=32, num_stages=2)    # rows past one tile: several
@@ -359,15 +361,19 @@ LLAMA_8B_LAYERS = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))   #
 @pytest.mark.parametrize("num_rows", [65, 128, 200, 256])
 def test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel(num_rows, monkeypatch):
     """Llama-3.1-8B's layers at 65 to FP8_SWAP_MAX_ROWS rows, on 132 SMs: the transposed GEMM in tiles of
-    FP8_SWAP_WIDE_ROWS rows, at least half as many programs as SMs, and K split only while the programs
-    stay within one an SM; one row more than FP8_SWAP_MAX_ROWS takes the prefill tiles."""
+    FP8_SWAP_WIDE_ROWS rows (past them, gate_up_proj and the LM head in one tile of FP8_SWAP_TALL_ROWS), at
+    least half as many programs as SMs, and K split only while the programs stay within one an SM; one row
+    more than FP8_SWAP_MAX_ROWS takes the prefill tiles."""
     pytest.importorskip("triton")
     from nanovllm.ops import quant_linear_triton as kernels
 
     monkeypatch.setattr(kernels, "_sms", lambda device: 132)
-    for out_features, in_features in LLAMA_8B_LAYERS:
+    for out_features, in_features in LLAMA_8B_LAYERS + ((128256, 4096),):
         tiles = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, torch.device("cpu"))
-        assert tiles.swap and tiles.block_m == kernels.FP8_SWAP_WIDE_ROWS
+        tall = num_rows > kernels.FP8_SWAP_WIDE_ROWS and out_features in (28672, 128256)
+        assert tiles.swap and tiles.block_m == (kernels.FP8_SWAP_TALL_ROWS if tall else kernels.FP8_SWAP_WIDE_ROWS)
+        assert (tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages) != kernels.FP8_SWAP_TALL_TILES \
+            or tall
         row_tiles, out_tiles, split_k = kernels._launch_grid(num_rows, out_features, tiles)
         assert row_tiles * out_tiles * split_k >= 132 // 2, (out_features, in_features, tiles)
         assert split_k == 1 or row_tiles * out_tiles * split_k <= 132, (out_features, in_features, tiles)
@@ -379,18 +385,21 @@ test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel.__tes
 
 
 def test_fp8_wide_decode_tiles_are_the_ones_measured_fastest(monkeypatch):
-    """(outputs a program, K's split) of Llama-3.1-8B's qkv_proj, o_proj, gate_up_proj and down_proj at 128
-    and 256 rows on 132 SMs: the fastest of tools/fp8_gemm_probe.py's sweep on an H100, or within 1% of it
-    (gate_up_proj at 256 rows: the best at 4 warps; docs/reference/quantization.md)."""
+    """(rows a program, outputs a program, K's split) of Llama-3.1-8B's qkv_proj, o_proj, gate_up_proj and
+    down_proj at 128 and 256 rows on 132 SMs: the fastest of tools/fp8_gemm_probe.py's sweep on an H100, or
+    within 1% of it (gate_up_proj at 128 rows: 4% behind three stages in a later sweep;
+    docs/reference/quantization.md). At 256 rows gate_up_proj takes one tile of every row (the tall tiles)."""
     pytest.importorskip("triton")
     from nanovllm.ops import quant_linear_triton as kernels
 
     monkeypatch.setattr(kernels, "_sms", lambda device: 132)
-    measured = {128: [(64, 1), (64, 2), (128, 1), (64, 2)], 256: [(128, 1), (64, 1), (128, 1), (64, 1)]}
+    measured = {128: [(128, 64, 1), (128, 64, 2), (128, 128, 1), (128, 64, 2)],
+                256: [(128, 128, 1), (128, 64, 1), (256, 128, 1), (128, 64, 1)]}
     for num_rows, fastest in measured.items():
         tiles = [kernels.choose_fp8_gemm_tiles(num_rows, n, k, torch.device("cpu")) for n, k in LLAMA_8B_LAYERS]
-        assert [(t.block_n, t.split_k) for t in tiles] == fastest, num_rows
-        assert all((t.block_k, t.num_warps, t.num_stages) == (128, 4, 5) for t in tiles)
+        assert [(t.block_m, t.block_n, t.split_k) for t in tiles] == fastest, num_rows
+        assert all((t.block_k, t.num_warps, t.num_stages) == ((128, 8, 4) if t.block_m == 256 else (128, 4, 5))
+                   for t in tiles)
 
 
 test_fp8_wide_decode_tiles_are_the_ones_measured_fastest.__test__ = not IN_INTERPRETER
@@ -527,7 +536,8 @@ def test_quant_kernels_compile_for_hopper(block_m, block_n):
                                                              BLOCK_K=128), fp8, **tile).asm["cubin"]
     if block_m == 16:       # a decode batch's rows, transposed, through tensor descriptors, at the engine's tiles
         for rows, (block_n, block_k, warps, stages) in ((16, kernels.FP8_SWAP_TILES), (64, kernels.FP8_SWAP_TILES),
-                                                        (kernels.FP8_SWAP_WIDE_ROWS, kernels.FP8_SWAP_WIDE_TILES)):
+                                                        (kernels.FP8_SWAP_WIDE_ROWS, kernels.FP8_SWAP_WIDE_TILES),
+                                                        (kernels.FP8_SWAP_TALL_ROWS, kernels.FP8_SWAP_TALL_TILES)):
             compiled = compile_for_hopper(
                 kernels._fp8_swap_gemm_kernel,
                 dict(HAS_BIAS=True, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages),

@@ -109,6 +109,14 @@ FP8_SWAP_MAX_ROWS = 256
 FP8_SWAP_WIDE_ROWS = 128
 FP8_SWAP_WIDE_TILES = (64, 128, 4, 5)
 FP8_SWAP_WIDE_PROGRAMS_PER_SM = 1
+# A batch of more rows than FP8_SWAP_WIDE_ROWS in a layer whose twice-as-wide tiles would still make more than
+# two waves of programs (gate_up_proj, the LM head: the products bound by the tensor cores, not by HBM) takes
+# one tile of FP8_SWAP_TALL_ROWS rows at FP8_SWAP_TALL_TILES, two warpgroups: each weight tile fetched once for
+# every row, and 256 rows a wgmma. On an H100 at 256 rows (tools/fp8_gemm_probe.py --rows 256 --swap --block-m
+# 128,256, microseconds): Llama-3.1-8B's gate_up_proj 64.7 -> 59.0, its LM head 268.2 -> 247.0 (torch._scaled_mm
+# 60.7 and 261.5); the narrower layers were fastest on the tiles above.
+FP8_SWAP_TALL_ROWS = 256
+FP8_SWAP_TALL_TILES = (128, 128, 8, 4)
 
 
 @dataclass(frozen=True)
@@ -510,7 +518,8 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
     43.1 -> 37.3, down_proj 42.2 -> 27.6. A tile of 64 rows and 64 outputs steps 256 along K
     instead, split to about one program per SM (tools/fp8_gemm_probe.py, 64 rows: qkv_proj 12.0
     -> 10.9, o_proj 10.1 -> 9.5, down_proj 21.8 -> 20.5). With FP8_SWAP_GEMM (on) the same rows take
-    the transposed kernel instead, at FP8_SWAP_TILES."""
+    the transposed kernel instead, at FP8_SWAP_TILES (past 64 rows FP8_SWAP_WIDE_TILES, and on the
+    widest layers past 128 rows FP8_SWAP_TALL_TILES)."""
     wide = num_rows > 64
     if wide and not (FP8_SWAP_GEMM and num_rows <= FP8_SWAP_MAX_ROWS):
         if FP8_TMA_GEMM:
@@ -524,6 +533,9 @@ def choose_fp8_gemm_tiles(num_rows: int, out_features: int, in_features: int, de
         row_tiles = triton.cdiv(num_rows, block_m)
         if wide and row_tiles * triton.cdiv(out_features, block_n) > sms:   # more than a wave: twice the outputs
             block_n *= 2
+        if wide and row_tiles > 1 and row_tiles * triton.cdiv(out_features, block_n) > 2 * sms:  # bound by the
+            block_m, row_tiles = FP8_SWAP_TALL_ROWS, triton.cdiv(num_rows, FP8_SWAP_TALL_ROWS)  # tensor cores: tall
+            block_n, block_k, num_warps, num_stages = FP8_SWAP_TALL_TILES
         programs = row_tiles * triton.cdiv(out_features, block_n)
         split_k = _doubling_split(triton.cdiv(in_features, block_k), programs,
                                   (FP8_SWAP_WIDE_PROGRAMS_PER_SM if wide else FP8_SWAP_PROGRAMS_PER_SM) * sms)
