@@ -372,8 +372,8 @@ def test_fp8_decode_batches_past_64_rows_fill_the_gpu_on_the_transposed_kernel(n
         tiles = kernels.choose_fp8_gemm_tiles(num_rows, out_features, in_features, torch.device("cpu"))
         tall = num_rows > kernels.FP8_SWAP_WIDE_ROWS and out_features in (28672, 128256)
         assert tiles.swap and tiles.block_m == (kernels.FP8_SWAP_TALL_ROWS if tall else kernels.FP8_SWAP_WIDE_ROWS)
-        assert (tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages) != kernels.FP8_SWAP_TALL_TILES \
-            or tall
+        tall_tiles = (tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages) == kernels.FP8_SWAP_TALL_TILES
+        assert tall_tiles == tall
         row_tiles, out_tiles, split_k = kernels._launch_grid(num_rows, out_features, tiles)
         assert row_tiles * out_tiles * split_k >= 132 // 2, (out_features, in_features, tiles)
         assert split_k == 1 or row_tiles * out_tiles * split_k <= 132, (out_features, in_features, tiles)

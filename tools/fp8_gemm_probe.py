@@ -79,19 +79,19 @@ def main() -> None:
                   f"{chosen[False][0]:.1f} us; transposed {chosen[True][1]} {chosen[True][0]:.1f} us "
                   f"{n * k / chosen[True][0] / 1e6:.2f} TB/s; _scaled_mm {scaled_mm_us:.1f} us", flush=True)
             fastest = min(chosen.values(), key=lambda t: t[0])
-            sweep = [(False, t) for t in POINTER_TILES if args.pointer] + [(True, t) for t in SWAP_TILES if args.swap]
-            block_ms = [int(b) for b in args.block_m.split(",") if b] or [chosen[True][1].block_m]  # the engine's
-            for block_m, (swap, (block_n, block_k, warps, stages)) in ((b, t) for b in block_ms for t in sweep):
+            engine_m = chosen[True][1].block_m           # the engine's tile of m rows
+            swap_ms = [int(b) for b in args.block_m.split(",") if b] or [engine_m]
+            sweep = ([(False, engine_m, t) for t in POINTER_TILES if args.pointer]
+                     + [(True, b, t) for b in swap_ms for t in SWAP_TILES if args.swap])
+            for swap, block_m, (block_n, block_k, warps, stages) in sweep:
                 if swap and (block_m + block_n) * block_k * stages > 200 * 1024:
                     continue                   # past the shared memory of a Hopper SM
-                if not swap and block_m != block_ms[0]:
-                    continue                   # the pointer tiles once
                 for split_k in (1, 2, 4, 8):
                     programs = math.ceil(n / block_n) * math.ceil(m / block_m) * split_k
                     if split_k > 1 and (programs > 8 * sms or k // block_k < 2 * split_k):
                         continue
-                    tiles = kernels.Tiles(block_m if swap else chosen[True][1].block_m, block_n, block_k, split_k,
-                                          num_warps=warps, num_stages=stages, swap=swap)
+                    tiles = kernels.Tiles(block_m, block_n, block_k, split_k, num_warps=warps, num_stages=stages,
+                                          swap=swap)
                     us = timed(tiles)
                     timings.append({"layer": name, "n": n, "k": k, "m": m, "tiles": str(tiles), "us": us})
                     print(f"  {tiles}: {us:.1f} us {n * k / us / 1e6:.2f} TB/s", flush=True)
