@@ -109,11 +109,14 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout nano-vllm runs from, "+dirty" if it has uncommitted changes; outside a git
-    checkout (a copy sent to another machine) $NANO_VLLM_GIT_COMMIT, else None."""
+    """$NANO_VLLM_GIT_COMMIT where it is set: a working tree copied to another machine names the commit it
+    was copied from, which the copy's own git metadata, if it has any, need not know. Else HEAD of the
+    checkout nano-vllm runs from, "+dirty" if it has uncommitted changes; None outside a git checkout."""
+    if os.environ.get("NANO_VLLM_GIT_COMMIT"):
+        return os.environ["NANO_VLLM_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
-        return os.environ.get("NANO_VLLM_GIT_COMMIT")
+        return None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
