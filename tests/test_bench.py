@@ -390,13 +390,13 @@ def test_source_digest_names_the_package_code_and_changes_with_it(tmp_path):
     assert report.source_digest(copy) != report.source_digest()
 
 
-
 def test_git_commit_is_the_named_one_where_a_copy_names_it(monkeypatch):
     """A tree copied to another machine names the commit it came from: that, not the copy's git metadata."""
     monkeypatch.delenv("NANO_VLLM_GIT_COMMIT", raising=False)
     here = report.git_commit()
     monkeypatch.setenv("NANO_VLLM_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
     assert report.git_commit() == "0123456789abcdef0123456789abcdef01234567" != here
+
 
 # ---- the tables generated from benchmarks/results/ -------------------------------------------
 
