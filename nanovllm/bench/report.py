@@ -112,8 +112,8 @@ def git_commit() -> str | None:
     """$NANO_VLLM_GIT_COMMIT where it is set: a working tree copied to another machine names the commit it
     was copied from, which the copy's own git metadata, if it has any, need not know. Else HEAD of the
     checkout nano-vllm runs from, "+dirty" if it has uncommitted changes; None outside a git checkout."""
-    if os.environ.get("NANO_VLLM_GIT_COMMIT"):
-        return os.environ["NANO_VLLM_GIT_COMMIT"]
+    if named := os.environ.get("NANO_VLLM_GIT_COMMIT"):
+        return named
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
