@@ -22,11 +22,11 @@ gpu_finish() {   # gpu_finish NAME: the run's time into the log, and WORK with t
     (cd "$WORK" && tar czf "$OUT/$1.tar.gz" -- *)
 }
 
-gpu_header() {   # the card, torch and Triton, and the commit, into $log (and the terminal); a tree copied to
-                 # the GPU machine names its commit by NANO_VLLM_GIT_COMMIT, which the results record too
+gpu_header() {   # the card, torch and Triton, and the commit the results record (bench.report.git_commit:
+                 # NANO_VLLM_GIT_COMMIT for a tree copied to the GPU machine), into $log (and the terminal)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$log"
-    echo "${NANO_VLLM_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}" | tee -a "$log"
+    $PY -c "import torch, triton; from nanovllm.bench.report import git_commit
+print('torch', torch.__version__, 'triton', triton.__version__); print(git_commit() or '')" | tee -a "$log"
 }
 
 install_missing() {   # install_missing "IMPORTS" GLOB: where `import IMPORTS` fails, pip-install the wheels
